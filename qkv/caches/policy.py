@@ -1,0 +1,234 @@
+"""Policies: stateless descriptions of how to compress K and V, composed from components.
+
+A :class:`TensorPolicy` chains, for one tensor: grouping -> smoothing (x stages) -> quantizer ->
+packing, with an optional full-precision window of the newest tokens. A :class:`Policy` holds one
+for keys and one for values. All policies run through the same kernels (:mod:`qkv.kernels`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from einops import rearrange
+
+from qkv import kernels
+from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
+from qkv.component import check_int
+from qkv.errors import ConfigError, ShapeError
+from qkv.grouping import Grouper, NoGrouping
+from qkv.kernels import QuantizedRows
+from qkv.quantizers import AffineQuantizer, BitPacker, CastQuantizer, Smoother, Staging
+from qkv.quantizers.packing import U8MSBPacker
+from qkv.quantizers.smoothing import NoSmoothing
+from qkv.quantizers.staging import SingleStage
+from qkv.validation import check_kv_pair, check_kv_tensor
+
+
+def flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    """[B, H, ...] -> [B*H, ...] (None passes through)."""
+    return None if t is None else rearrange(t, "b h ... -> (b h) ...")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPolicy:
+    """How one tensor (K or V) is compressed.
+
+    quantizer: an :class:`AffineQuantizer` (needs ``packing``) or a :class:`CastQuantizer`
+    (no packing, no smoothing). ``window``: the newest tokens kept in full precision.
+    """
+
+    quantizer: AffineQuantizer | CastQuantizer
+    grouping: Grouper = NoGrouping()
+    smoothing: Smoother = NoSmoothing()
+    staging: Staging = SingleStage()
+    packing: BitPacker | None = U8MSBPacker()
+    window: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("policy", "window", self.window, 0)
+        cast = isinstance(self.quantizer, CastQuantizer)
+        if cast and self.packing is not None:
+            object.__setattr__(self, "packing", None)
+        if not cast and self.packing is None:
+            raise ConfigError(f"{self.quantizer.token} needs a packing format (u8msb or i32lsb)")
+        if cast and (self.smoothing.name != "none" or self.staging.count != 1):
+            raise ConfigError(f"{self.quantizer.token} stores floats: it takes no smoothing or staging")
+        grouped = self.grouping.name != "none"
+        if self.smoothing.needs_groups and not grouped:
+            raise ConfigError(f"{self.smoothing.name} smoothing needs a grouping (kmeans, faiss, blocks)")
+        if grouped and not self.smoothing.needs_groups:
+            raise ConfigError(
+                f"grouping {self.grouping.name} has no effect with {self.smoothing.name} smoothing; "
+                "use centroid smoothing or drop the grouping"
+            )
+        if self.staging.count > 1 and not self.smoothing.needs_groups:
+            raise ConfigError(f"{self.staging.token} repeats grouping + smoothing: it needs centroid smoothing")
+
+    # -- spec ----------------------------------------------------------------------------------
+    @property
+    def spec(self) -> str:
+        """Spec string of this tensor policy (defaults omitted), e.g. ``kmeans,centroid,int2``."""
+        parts = []
+        if self.grouping.name != "none":
+            parts.append(self.grouping.token)
+        if self.smoothing.name != "none":
+            parts.append(self.smoothing.token)
+        if self.staging.name != "single":
+            parts.append(self.staging.token)
+        parts.append(self.quantizer.token)
+        if self.packing is not None and self.packing != U8MSBPacker():
+            parts.append(self.packing.token)
+        if self.window:
+            parts.append(f"window(tokens={self.window})")
+        return ",".join(parts)
+
+    # -- compression ---------------------------------------------------------------------------
+    def quantized_length(self, tokens: int) -> int:
+        """How many of ``tokens`` are quantized (the rest stay full precision)."""
+        n = max(tokens - self.window, 0)
+        if isinstance(self.quantizer, AffineQuantizer) and self.quantizer.axis == "channel":
+            n -= n % self.quantizer.block
+        return n
+
+    def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
+        """Raise :class:`ShapeError` if this policy cannot compress a [B, H, S, D] tensor."""
+        d = shape[-1]
+        q = self.quantizer
+        if isinstance(q, AffineQuantizer) and q.axis == "token" and d % q.block:
+            raise ShapeError(f"{name}: {q.token} block size {q.block} does not divide head_dim D={d}")
+        if self.smoothing.name == "hadamard" and d & (d - 1):
+            raise ShapeError(f"{name}: hadamard smoothing needs head_dim D a power of two, got {d}")
+
+    def compress(
+        self,
+        x: torch.Tensor,
+        *,
+        warm_start: CompressedTensor | None = None,
+        backend: str = "auto",
+        name: str = "x",
+    ) -> CompressedTensor:
+        """Compress ``x`` [B, H, S, D] (fp32/fp16/bf16).
+
+        ``warm_start``: a previous :class:`CompressedTensor` of this policy whose centroids seed
+        the clustering of every stage (k-means warm start across chunks).
+        """
+        check_kv_tensor(name, x)
+        self.check_shape(name, tuple(x.shape))
+        b, h, s, d = x.shape
+        s_q = self.quantized_length(s)
+        fp_tokens = x[:, :, s_q:].clone() if s_q < s else None
+        codes = scales = zeros = mult = None
+        stages: tuple[StageData, ...] = ()
+        if s_q and isinstance(self.quantizer, CastQuantizer):
+            codes = x[:, :, :s_q].to(self.quantizer.storage_dtype)
+        elif s_q:
+            flat = rearrange(x[:, :, :s_q].float(), "b h s d -> (b h) s d")
+            residual, stored = self.staging.run(
+                flat, self.grouping, self.smoothing, self._warm(warm_start, b * h), backend=backend
+            )
+            stages = tuple(
+                StageData(
+                    None if c is None else rearrange(c, "(b h) c d -> b h c d", b=b),
+                    None if a is None else rearrange(a, "(b h) s -> b h s", b=b),
+                )
+                for c, a in stored
+            )
+            rows = residual if self.quantizer.axis == "token" else residual.transpose(1, 2)
+            q = kernels.quantize_pack(rows.contiguous(), self.quantizer, self.packing, backend=backend)
+            codes = rearrange(q.codes, "(b h) r p -> b h r p", b=b)
+            scales = rearrange(q.scales, "(b h) r g -> b h r g", b=b)
+            zeros = None if q.zeros is None else rearrange(q.zeros, "(b h) r g -> b h r g", b=b)
+            mult = None if q.mult is None else rearrange(q.mult, "(b h) -> b h", b=b)
+        return CompressedTensor((b, h, s, d), x.dtype, s_q, codes, scales, zeros, mult, stages, fp_tokens)
+
+    def _warm(self, previous: CompressedTensor | None, rows: int) -> list[torch.Tensor] | None:
+        if previous is None or not self.smoothing.needs_groups or not previous.stages:
+            return None
+        if len(previous.stages) != self.staging.count:
+            raise ConfigError(
+                f"warm start has {len(previous.stages)} stages, this policy has {self.staging.count}"
+            )
+        out = [rearrange(st.centroids.float(), "b h c d -> (b h) c d") for st in previous.stages]
+        if out[0].shape[0] != rows:
+            raise ShapeError(f"warm start covers {out[0].shape[0]} (batch, head) rows, input has {rows}")
+        return out
+
+    def decompress(self, ct: CompressedTensor, *, backend: str = "auto") -> torch.Tensor:
+        """Reconstruct [B, H, S, D] in the dtype the tensor was compressed from."""
+        b, h, s, d = ct.shape
+        parts = []
+        if ct.quantized_tokens and isinstance(self.quantizer, CastQuantizer):
+            parts.append(ct.codes.to(ct.dtype))
+        elif ct.quantized_tokens:
+            parts.append(rearrange(self._dequantize(ct, backend), "(b h) s d -> b h s d", b=b).to(ct.dtype))
+        if ct.fp_tokens is not None:
+            parts.append(ct.fp_tokens)
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+
+    def _dequantize(self, ct: CompressedTensor, backend: str) -> torch.Tensor:
+        """fp32 [B*H, S_q, D]: dequantized residual with every stage undone."""
+        b, h, _, _ = ct.shape
+        rows = QuantizedRows(flat(ct.codes), flat(ct.scales), flat(ct.zeros), flat(ct.scale_mult))
+        centroids, assignments = [], []
+        if self.smoothing.additive:
+            for stage in ct.stages:
+                centroids.append(flat(stage.centroids))
+                assign = flat(stage.assignments)
+                if assign is None:
+                    assign = self.grouping.implicit_assignments(b * h, ct.quantized_tokens, ct.codes.device)
+                assignments.append(assign)
+        out = kernels.dequantize(
+            rows, self.quantizer, self.packing, ct.quantized_tokens, centroids, assignments, backend=backend
+        )
+        if not self.smoothing.additive:
+            for _ in ct.stages:
+                out = self.smoothing.inverse(out, backend=backend)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Policy:
+    """A K policy and a V policy. ``name`` is the preset it came from (display only)."""
+
+    k: TensorPolicy
+    v: TensorPolicy
+    name: str | None = dataclasses.field(default=None, compare=False)
+
+    @property
+    def spec(self) -> str:
+        """Spec string; ``qkv.build_policy(policy.spec)`` rebuilds an equal policy."""
+        if self.k == self.v:
+            return self.k.spec
+        return f"k:{self.k.spec};v:{self.v.spec}"
+
+    def __str__(self) -> str:
+        return self.spec if self.name is None else f"{self.name} ({self.spec})"
+
+    def compress(
+        self,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        warm_start: CompressedKV | None = None,
+        backend: str = "auto",
+    ) -> CompressedKV:
+        """Compress keys and values [B, H, S, D] (same shape, device; fp32/fp16/bf16).
+
+        ``warm_start``: the previous span's :class:`CompressedKV` (seeds the clustering).
+        """
+        check_kv_pair(k, v)
+        self.k.check_shape("k", tuple(k.shape))
+        self.v.check_shape("v", tuple(v.shape))
+        return CompressedKV(
+            self.k.compress(k, warm_start=None if warm_start is None else warm_start.k, backend=backend, name="k"),
+            self.v.compress(v, warm_start=None if warm_start is None else warm_start.v, backend=backend, name="v"),
+            self.spec,
+        )
+
+    def decompress(self, ckv: CompressedKV, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """(k_hat, v_hat) with the shapes and dtypes of the compressed inputs."""
+        if ckv.spec != self.spec:
+            raise ConfigError(f"data was compressed by {ckv.spec!r}, not by this policy {self.spec!r}")
+        return self.k.decompress(ckv.k, backend=backend), self.v.decompress(ckv.v, backend=backend)
+

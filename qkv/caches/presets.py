@@ -1,0 +1,108 @@
+"""Named presets and ``build_policy``: a preset name (with overrides) or a spec string."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from qkv.caches.policy import Policy, TensorPolicy
+from qkv.errors import ConfigError
+from qkv.quantizers import AffineQuantizer, ProgressiveResidual, SingleStage
+
+# name -> (spec, one-line description)
+PRESETS: dict[str, tuple[str, str]] = {
+    "qvg": (
+        "kmeans(clusters=256,iters=10),centroid,int2(block=64)",
+        "QVG: k-means smoothing (C=256), one stage, INT2 mid-rise, blocks of 64, E4M3 scales",
+    ),
+    "qvg-pro": (
+        "kmeans(clusters=256,iters=10),centroid,progressive(stages=4),int2(block=16)",
+        "QVG-Pro: four progressive residual stages, INT2 blocks of 16",
+    ),
+    "qvg-int4": (
+        "kmeans(clusters=256,iters=10),centroid,int4(block=64)",
+        "QVG with INT4 codes",
+    ),
+    "qvg-ref": (
+        "kmeans(clusters=256,iters=2,init=random),centroid,int2(block=64,mode=sym)",
+        "the reference implementation's choices: 3-level symmetric INT2, E4M3 scales, "
+        "2 k-means iterations from random init",
+    ),
+    "rtn": (
+        "int2(block=16)",
+        "round-to-nearest per token, INT2 mid-rise, blocks of 16 along D",
+    ),
+    "kivi": (
+        "k:int2(block=32,mode=asym,axis=channel,scale=fp16),i32lsb,window(tokens=128);"
+        "v:int2(block=32,mode=asym,scale=fp16),i32lsb,window(tokens=128)",
+        "KIVI: keys per channel, values per token, asymmetric INT2, group 32, fp16 scale and "
+        "zero, 128 newest tokens in full precision, int32 LSB-first packing",
+    ),
+    "quarot": (
+        "hadamard,int2(block=16)",
+        "QuaRot (KV part): Hadamard rotation along D, then INT2 per token, blocks of 16",
+    ),
+    "bf16": ("bf16", "no compression: K and V stored as bfloat16"),
+}
+
+# override -> what it changes
+OVERRIDES = {
+    "bits": "quantizer code width (1-8)",
+    "block": "quantizer block size",
+    "mode": "quantizer mode: sym, midrise or asym",
+    "scale": "scale format: fp32, fp16, bf16, fp8",
+    "clusters": "clusters per stage (kmeans, faiss)",
+    "iters": "k-means iterations (kmeans, faiss)",
+    "seed": "clustering seed (kmeans, faiss)",
+    "stages": "number of grouping + smoothing stages (1 = single)",
+    "window": "newest tokens kept in full precision",
+}
+
+
+def list_policies() -> list[str]:
+    """Names of the preset policies."""
+    return list(PRESETS)
+
+
+def _override_tensor(policy: TensorPolicy, key: str, value: object) -> TensorPolicy | None:
+    """``policy`` with one override applied, or None if it does not apply to this policy."""
+    if key in ("bits", "block", "mode", "scale"):
+        if not isinstance(policy.quantizer, AffineQuantizer):
+            return None
+        return dataclasses.replace(policy, quantizer=policy.quantizer.replace(**{key: value}))
+    if key in ("clusters", "iters", "seed"):
+        if not policy.grouping.has_param(key):
+            return None
+        return dataclasses.replace(policy, grouping=policy.grouping.replace(**{key: value}))
+    if key == "stages":
+        if not policy.smoothing.needs_groups:
+            return None
+        staging = SingleStage() if value == 1 else ProgressiveResidual(stages=value)
+        return dataclasses.replace(policy, staging=staging)
+    if key == "window":
+        return dataclasses.replace(policy, window=value)
+    raise ConfigError(f"unknown override {key!r}; valid overrides: {', '.join(OVERRIDES)}")
+
+
+def build_policy(name_or_spec: str, **overrides: object) -> Policy:
+    """A policy from a preset name (see :func:`list_policies`) or a spec string.
+
+    Keyword overrides (see ``OVERRIDES``) change the documented parameters of both the K and the
+    V policy, e.g. ``build_policy("qvg", clusters=64, bits=4)``. An override that applies to
+    neither raises :class:`ConfigError`.
+    """
+    from qkv.spec import parse_policy_spec
+
+    if not isinstance(name_or_spec, str):
+        raise ConfigError(f"build_policy takes a preset name or spec string, got {type(name_or_spec).__name__}")
+    preset = PRESETS.get(name_or_spec)
+    policy = parse_policy_spec(preset[0] if preset else name_or_spec)
+    k, v = policy.k, policy.v
+    for key, value in overrides.items():
+        new_k, new_v = _override_tensor(k, key, value), _override_tensor(v, key, value)
+        if new_k is None and new_v is None:
+            raise ConfigError(f"override {key}={value!r} does not apply to {name_or_spec!r} ({policy.spec})")
+        k, v = new_k or k, new_v or v
+    name = name_or_spec if preset else None
+    if overrides and name:
+        name += "(" + ",".join(f"{key}={value}" for key, value in overrides.items()) + ")"
+    return Policy(k, v, name=name)

@@ -1,0 +1,52 @@
+"""Every error qkv raises on purpose.
+
+Each class also derives from the built-in exception a caller would expect (``ValueError`` for bad
+values, ``TypeError`` for bad dtypes, ``KeyError``-free lookups), so ``except ValueError`` keeps
+working for code that does not know qkv.
+"""
+
+from __future__ import annotations
+
+
+class QKVError(Exception):
+    """Base class of every error raised by qkv."""
+
+
+class ShapeError(QKVError, ValueError):
+    """A tensor has the wrong rank or shape for the operation (names the tensor and the shapes)."""
+
+
+class DTypeError(QKVError, TypeError):
+    """A tensor has an integer or otherwise unsupported dtype."""
+
+
+class NonFiniteError(QKVError, ValueError):
+    """A tensor holds NaN or Inf values."""
+
+
+class ValueRangeError(QKVError, ValueError):
+    """A tensor holds finite values too large to process without overflow (above 2**120)."""
+
+
+class DeviceError(QKVError, ValueError):
+    """Tensors that must live on one device do not."""
+
+
+class ConfigError(QKVError, ValueError):
+    """A component or policy was configured with invalid or incompatible parameters."""
+
+
+class UnknownComponentError(ConfigError):
+    """A registry lookup used a name that is not registered; the message lists the valid names."""
+
+
+class SpecError(ConfigError):
+    """A spec string could not be parsed."""
+
+
+class CorruptDataError(QKVError, ValueError):
+    """A stored compressed object is truncated, tampered with or inconsistent."""
+
+
+class BackendError(QKVError, ValueError):
+    """A kernel backend was requested that does not exist or cannot run here."""

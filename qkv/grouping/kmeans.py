@@ -1,0 +1,165 @@
+"""Batched Lloyd k-means over [N, S, D] in torch, and the ``kmeans`` grouper.
+
+- Init: k-means++ (D^2 sampling, seeded) or uniform random tokens (the reference QVG's choice).
+- Warm start from given centroids (e.g. the previous chunk's).
+- Deterministic for a given seed: sums are fixed-order matmuls, sampling uses a seeded generator.
+- Each row stops on its own once its objective improves by less than ``tol`` (relative); frozen
+  rows keep their result, so a row's outcome does not depend on the other rows of the batch. The
+  host checks for "all rows done" only every ``CHECK_EVERY`` iterations.
+- Empty clusters are re-seeded with the tokens farthest from their centroid.
+- Fewer tokens than clusters: every token gets its own cluster (C = S, exact).
+- Works on a power-of-two-normalized copy of each row, so distances never overflow.
+The objective never increases, and every token ends assigned to its nearest centroid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from qkv import kernels
+from qkv.component import check_choice, check_int
+from qkv.errors import ConfigError
+from qkv.grouping.base import GROUPING, Grouper, Groups
+
+CHECK_EVERY = 4
+INITS = ("kmeans++", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class KMeansResult:
+    """centroids [N, C, D] fp32, assignments [N, S] int64 (nearest centroid), objective
+    [iterations + 1, N]: sum of squared distances after each assignment step (last = final)."""
+
+    centroids: torch.Tensor
+    assignments: torch.Tensor
+    objective: torch.Tensor
+
+
+def _row_scale(x: torch.Tensor) -> torch.Tensor:
+    """Power of two per row n so that x / scale has max-abs in [0.5, 1): [N, 1, 1]."""
+    peak = x.abs().flatten(1).amax(-1)
+    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)) + 1, torch.zeros_like(peak))
+    return torch.exp2(exponent).view(-1, 1, 1)
+
+
+def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
+    n, s, _ = x.shape
+    idx = torch.randint(s, (n, clusters), generator=gen, device=x.device)
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
+    n, s, d = x.shape
+    rows = torch.arange(n, device=x.device)
+    first = torch.randint(s, (n,), generator=gen, device=x.device)
+    centroids = torch.empty(n, clusters, d, device=x.device, dtype=x.dtype)
+    centroids[:, 0] = x[rows, first]
+    nearest = (x - centroids[:, :1]).square().sum(-1)  # [N, S]
+    for j in range(1, clusters):
+        total = nearest.sum(-1, keepdim=True)
+        weights = torch.where(total > 0, nearest, torch.ones_like(nearest))
+        pick = torch.multinomial(weights, 1, generator=gen).squeeze(-1)
+        centroids[:, j] = x[rows, pick]
+        nearest = torch.minimum(nearest, (x - centroids[:, j : j + 1]).square().sum(-1))
+    return centroids
+
+
+def _reseed_empty(
+    x: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor, dist: torch.Tensor
+) -> torch.Tensor:
+    """Move empty clusters onto the tokens farthest from their centroids (no host sync)."""
+    empty = counts == 0  # [N, C]
+    k = min(centroids.shape[1], x.shape[1])
+    far = dist.topk(k, dim=-1).indices  # [N, k] token indices, farthest first
+    rank = (empty.long().cumsum(-1) - 1).clamp(0, k - 1)  # j-th empty cluster -> j-th farthest
+    tokens = torch.gather(far, 1, rank)
+    candidates = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.where(empty.unsqueeze(-1), candidates, centroids)
+
+
+def kmeans(
+    x: torch.Tensor,
+    clusters: int,
+    iters: int,
+    *,
+    tol: float = 1e-4,
+    init: str = "kmeans++",
+    seed: int = 0,
+    init_centroids: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> KMeansResult:
+    """Batched k-means of ``x`` [N, S, D] into ``min(clusters, S)`` clusters per row.
+
+    ``iters`` Lloyd iterations at most (0: only the initial assignment); ``init_centroids``
+    [N, C, D] replaces the seeded init (warm start).
+    """
+    x = x.float()
+    n, s, d = x.shape
+    scale = _row_scale(x)
+    xs = x / scale
+    if init_centroids is not None:
+        if init_centroids.shape[0] != n or init_centroids.shape[2] != d:
+            raise ConfigError(
+                f"kmeans: warm-start centroids {tuple(init_centroids.shape)} do not match "
+                f"tokens {tuple(x.shape)}"
+            )
+        centroids = init_centroids.float().to(x.device) / scale
+    else:
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        k = min(clusters, s)
+        centroids = (_init_kmeanspp if init == "kmeans++" else _init_random)(xs, k, gen)
+    done = torch.zeros(n, dtype=torch.bool, device=x.device)
+    previous = torch.full((n,), float("inf"), device=x.device)
+    history = []
+    for it in range(iters):
+        assign, dist = kernels.kmeans_assign(xs, centroids, backend=backend)
+        objective = dist.sum(-1)
+        history.append(objective)
+        done = done | ((previous - objective) <= tol * objective)
+        previous = objective
+        means, counts = kernels.kmeans_update(xs, assign, centroids, backend=backend)
+        means = _reseed_empty(xs, means, counts, dist)
+        centroids = torch.where(done.view(-1, 1, 1), centroids, means)
+        if (it + 1) % CHECK_EVERY == 0 and bool(done.all()):
+            break
+    assign, dist = kernels.kmeans_assign(xs, centroids, backend=backend)
+    history.append(dist.sum(-1))
+    scale_sq = scale.view(1, -1).square()
+    return KMeansResult(centroids * scale, assign, torch.stack(history) * scale_sq)
+
+
+@GROUPING.register("kmeans")
+@dataclasses.dataclass(frozen=True)
+class KMeansGrouper(Grouper):
+    """k-means in torch (see module docstring). Spec: ``kmeans(clusters=256,iters=20)``."""
+
+    name: ClassVar[str] = "kmeans"
+    clusters: int = 256
+    iters: int = 20
+    tol: float = 1e-4
+    init: str = "kmeans++"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_int("kmeans", "clusters", self.clusters, 1)
+        check_int("kmeans", "iters", self.iters, 0)
+        check_int("kmeans", "seed", self.seed, 0)
+        check_choice("kmeans", "init", self.init, INITS)
+        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or self.tol < 0:
+            raise ConfigError(f"kmeans: tol must be a number >= 0, got {self.tol!r}")
+
+    def group(self, x, init=None, *, backend="auto") -> Groups:
+        result = kmeans(
+            x,
+            self.clusters,
+            self.iters,
+            tol=self.tol,
+            init=self.init,
+            seed=self.seed,
+            init_centroids=init,
+            backend=backend,
+        )
+        return Groups(result.centroids, result.assignments)

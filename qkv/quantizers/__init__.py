@@ -1,0 +1,22 @@
+"""Quantizers, smoothers, residual staging and packing formats, each with its own registry."""
+
+from qkv.quantizers.affine import QUANTIZERS, AffineQuantizer, CastQuantizer
+from qkv.quantizers.packing import PACKING, BitPacker
+from qkv.quantizers.smoothing import SMOOTHING, CentroidSmoother, HadamardSmoother, Smoother
+from qkv.quantizers.staging import STAGING, ProgressiveResidual, SingleStage, Staging
+
+__all__ = [
+    "PACKING",
+    "QUANTIZERS",
+    "SMOOTHING",
+    "STAGING",
+    "AffineQuantizer",
+    "BitPacker",
+    "CastQuantizer",
+    "CentroidSmoother",
+    "HadamardSmoother",
+    "ProgressiveResidual",
+    "SingleStage",
+    "Smoother",
+    "Staging",
+]

@@ -1,0 +1,96 @@
+"""Smoothing: reversible transforms that shrink what the quantizer sees.
+
+- ``centroid``: subtract each token's group centroid (stored in ``dtype``, bf16 by default, and
+  subtracted *as stored*, so decoding adds back exactly what was removed). Additive: decoding
+  fuses the add-back of every stage into the dequantize kernel.
+- ``hadamard``: rotate along D by the normalized Hadamard matrix (spreads channel outliers);
+  inverted after dequantization. Needs D a power of two; takes no grouping.
+- ``none``: identity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+
+from qkv import kernels
+from qkv.component import Component, check_choice
+from qkv.dtypes import FLOAT_FORMATS
+from qkv.grouping.base import Groups
+from qkv.registry import Registry
+
+SMOOTHING: Registry["Smoother"] = Registry("smoothing")
+
+
+@dataclasses.dataclass(frozen=True)
+class Smoother(Component):
+    """Base class.
+
+    ``needs_groups``: requires a grouping other than ``none``; ``additive``: the inverse adds
+    stored centroids (so decoding can fuse it into the dequantize kernel).
+    """
+
+    needs_groups: ClassVar[bool] = False
+    additive: ClassVar[bool] = False
+
+    def forward(
+        self, x: torch.Tensor, groups: Groups | None, *, backend: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x [N, S, D] fp32 -> (residual fp32, centroids to store [N, C, D] or None)."""
+        raise NotImplementedError
+
+    def inverse(self, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+        """Undo a non-additive transform on fp32 [N, S, D]."""
+        raise NotImplementedError
+
+
+def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
+    """centroids [N, C, D], assignments [N, S] -> [N, S, D] fp32."""
+    index = assignments.long().unsqueeze(-1).expand(-1, -1, centroids.shape[-1])
+    return torch.gather(centroids.float(), 1, index)
+
+
+@SMOOTHING.register("centroid")
+@dataclasses.dataclass(frozen=True)
+class CentroidSmoother(Smoother):
+    """Spec: ``centroid`` or ``centroid(dtype=fp16)`` (centroid storage format)."""
+
+    name: ClassVar[str] = "centroid"
+    needs_groups: ClassVar[bool] = True
+    additive: ClassVar[bool] = True
+    dtype: str = "bf16"
+
+    def __post_init__(self) -> None:
+        check_choice("centroid", "dtype", self.dtype, ("fp32", "fp16", "bf16"))
+
+    def forward(self, x, groups, *, backend="auto"):
+        stored = groups.centroids.to(FLOAT_FORMATS[self.dtype])
+        return x - gather_centroids(stored, groups.assignments), stored
+
+
+@SMOOTHING.register("hadamard")
+@dataclasses.dataclass(frozen=True)
+class HadamardSmoother(Smoother):
+    """Spec: ``hadamard`` (QuaRot's rotation of keys and values)."""
+
+    name: ClassVar[str] = "hadamard"
+
+    def forward(self, x, groups, *, backend="auto"):
+        return kernels.hadamard(x, backend=backend), None
+
+    def inverse(self, x, *, backend="auto"):
+        return kernels.hadamard(x, backend=backend)
+
+
+@SMOOTHING.register("none")
+@dataclasses.dataclass(frozen=True)
+class NoSmoothing(Smoother):
+    name: ClassVar[str] = "none"
+
+    def forward(self, x, groups, *, backend="auto"):
+        return x, None
+
+    def inverse(self, x, *, backend="auto"):
+        return x

