@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 
 from qkv.caches.policy import Policy, TensorPolicy
-from qkv.errors import SpecError
+from qkv.errors import SpecError, UnknownComponentError
 from qkv.grouping import GROUPING
 from qkv.quantizers import PACKING, QUANTIZERS, SMOOTHING, STAGING
 from qkv.registry import parse_token
@@ -58,7 +58,9 @@ def _kind_of(name: str, token: str) -> str:
     kinds = [kind for kind, registry in KINDS.items() if name in registry]
     if not kinds:
         valid = sorted({n for r in KINDS.values() for n in r.list()} | {"window"})
-        raise SpecError(f"unknown component {name!r} in {token!r}; valid names: {', '.join(valid)}")
+        raise UnknownComponentError(
+            f"unknown component {name!r} in {token!r}; valid names: {', '.join(valid)}"
+        )
     return kinds[0]
 
 

@@ -11,8 +11,8 @@ from qkv.errors import DeviceError, DTypeError, NonFiniteError, ShapeError, Valu
 MAX_MAGNITUDE = 2.0**120
 
 
-def check_kv_tensor(name: str, x: object) -> torch.Tensor:
-    """Validate one K or V tensor: [B, H, S, D], fp32/fp16/bf16, S > 0, finite, |x| <= 2**120."""
+def check_kv_layout(name: str, x: object) -> torch.Tensor:
+    """Type, rank, dtype and non-empty checks (no data access)."""
     if not isinstance(x, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4:
@@ -22,21 +22,37 @@ def check_kv_tensor(name: str, x: object) -> torch.Tensor:
     if 0 in x.shape:
         axis = ("batch", "heads", "tokens (S)", "head_dim")[list(x.shape).index(0)]
         raise ShapeError(f"{name} is empty along {axis}: shape {tuple(x.shape)}")
+    return x
+
+
+def check_kv_values(name: str, x: torch.Tensor) -> None:
+    """Finite, and |x| <= 2**120."""
     finite = torch.isfinite(x)
     if not bool(finite.all()):
         bad = int((~finite).sum())
-        raise NonFiniteError(f"{name} holds {bad} NaN/Inf values (first at index {tuple(torch.nonzero(~finite)[0].tolist())})")
+        first = tuple(torch.nonzero(~finite)[0].tolist())
+        raise NonFiniteError(f"{name} holds {bad} NaN/Inf values (first at index {first})")
     peak = float(x.abs().max())
     if peak > MAX_MAGNITUDE:
-        raise ValueRangeError(f"{name} has magnitude {peak:.3g} > 2**120, beyond what qkv can process without overflow")
+        raise ValueRangeError(
+            f"{name} has magnitude {peak:.3g} > 2**120, beyond what qkv can process without overflow"
+        )
+
+
+def check_kv_tensor(name: str, x: object) -> torch.Tensor:
+    """Validate one K or V tensor: [B, H, S, D], fp32/fp16/bf16, S > 0, finite, |x| <= 2**120."""
+    check_kv_layout(name, x)
+    check_kv_values(name, x)
     return x
 
 
 def check_kv_pair(k: object, v: object) -> None:
     """Validate K and V together: each valid, same shape, same device."""
-    check_kv_tensor("k", k)
-    check_kv_tensor("v", v)
+    check_kv_layout("k", k)
+    check_kv_layout("v", v)
     if k.shape != v.shape:
         raise ShapeError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.device != v.device:
         raise DeviceError(f"k is on {k.device} but v is on {v.device}")
+    check_kv_values("k", k)
+    check_kv_values("v", v)

@@ -74,6 +74,22 @@ class CompressedTensor:
     def bits_per_element(self) -> float:
         return 8 * self.nbytes / self.numel
 
+    def to(self, device: str | torch.device) -> "CompressedTensor":
+        """A copy with every stored tensor on ``device``."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        return dataclasses.replace(
+            self,
+            codes=move(self.codes),
+            scales=move(self.scales),
+            zeros=move(self.zeros),
+            scale_mult=move(self.scale_mult),
+            stages=tuple(StageData(move(s.centroids), move(s.assignments)) for s in self.stages),
+            fp_tokens=move(self.fp_tokens),
+        )
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every stored tensor by a stable name (``codes``, ``stage0.centroids``, ...)."""
         out = {
@@ -116,6 +132,10 @@ class CompressedKV:
     @property
     def bits_per_element(self) -> float:
         return 8 * self.nbytes / (self.k.numel + self.v.numel)
+
+    def to(self, device: str | torch.device) -> "CompressedKV":
+        """A copy with every stored tensor on ``device``."""
+        return CompressedKV(self.k.to(device), self.v.to(device), self.spec)
 
     def save(self, path) -> None:
         """Write to a safetensors file (see :mod:`qkv.caches.storage`)."""

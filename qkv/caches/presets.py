@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from qkv.caches.policy import Policy, TensorPolicy
-from qkv.errors import ConfigError
+from qkv.errors import ConfigError, UnknownComponentError
 from qkv.quantizers import AffineQuantizer, ProgressiveResidual, SingleStage
 
 # name -> (spec, one-line description)
@@ -83,6 +83,16 @@ def _override_tensor(policy: TensorPolicy, key: str, value: object) -> TensorPol
     raise ConfigError(f"unknown override {key!r}; valid overrides: {', '.join(OVERRIDES)}")
 
 
+def _check_bare_name(name: str) -> None:
+    """A bare word that is neither a preset nor a component: list the presets."""
+    from qkv.spec import KINDS
+
+    if not any(name in registry for registry in KINDS.values()):
+        raise UnknownComponentError(
+            f"unknown policy {name!r}; presets: {', '.join(PRESETS)} (or pass a spec string)"
+        )
+
+
 def build_policy(name_or_spec: str, **overrides: object) -> Policy:
     """A policy from a preset name (see :func:`list_policies`) or a spec string.
 
@@ -95,6 +105,8 @@ def build_policy(name_or_spec: str, **overrides: object) -> Policy:
     if not isinstance(name_or_spec, str):
         raise ConfigError(f"build_policy takes a preset name or spec string, got {type(name_or_spec).__name__}")
     preset = PRESETS.get(name_or_spec)
+    if preset is None and name_or_spec.replace("-", "").isalnum():
+        _check_bare_name(name_or_spec)
     policy = parse_policy_spec(preset[0] if preset else name_or_spec)
     k, v = policy.k, policy.v
     for key, value in overrides.items():

@@ -31,7 +31,7 @@ INITS = ("kmeans++", "random")
 @dataclasses.dataclass(frozen=True)
 class KMeansResult:
     """centroids [N, C, D] fp32, assignments [N, S] int64 (nearest centroid), objective
-    [iterations + 1, N]: sum of squared distances after each assignment step (last = final)."""
+    [iterations + 1, N] fp64: sum of squared distances after each assignment step (last = final)."""
 
     centroids: torch.Tensor
     assignments: torch.Tensor
@@ -127,8 +127,8 @@ def kmeans(
             break
     assign, dist = kernels.kmeans_assign(xs, centroids, backend=backend)
     history.append(dist.sum(-1))
-    scale_sq = scale.view(1, -1).square()
-    return KMeansResult(centroids * scale, assign, torch.stack(history) * scale_sq)
+    scale_sq = scale.view(1, -1).double().square()  # fp64: squared distances of huge inputs
+    return KMeansResult(centroids * scale, assign, torch.stack(history).double() * scale_sq)
 
 
 @GROUPING.register("kmeans")

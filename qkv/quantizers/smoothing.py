@@ -65,8 +65,12 @@ class CentroidSmoother(Smoother):
     def __post_init__(self) -> None:
         check_choice("centroid", "dtype", self.dtype, ("fp32", "fp16", "bf16"))
 
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return FLOAT_FORMATS[self.dtype]
+
     def forward(self, x, groups, *, backend="auto"):
-        stored = groups.centroids.to(FLOAT_FORMATS[self.dtype])
+        stored = groups.centroids.to(self.storage_dtype)
         return x - gather_centroids(stored, groups.assignments), stored
 
 

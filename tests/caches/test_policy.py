@@ -1,0 +1,135 @@
+import pytest
+import torch
+
+import qkv
+from qkv import errors
+
+
+def kv(shape=(1, 2, 300, 64), dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(shape[0], shape[1], 8, shape[3], generator=gen) * 4
+    labels = torch.randint(0, 8, shape[:3], generator=gen)
+    k = torch.gather(centres, 2, labels.unsqueeze(-1).expand(*shape)) + torch.randn(shape, generator=gen)
+    return k.to(dtype), torch.randn(shape, generator=gen).to(dtype)
+
+
+@pytest.mark.parametrize("name", qkv.list_policies())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_every_preset_roundtrips_shape_dtype(name, dtype):
+    policy = qkv.build_policy(name, **({"clusters": 16, "iters": 3} if "qvg" in name else {}))
+    k, v = kv(dtype=dtype)
+    ckv = policy.compress(k, v)
+    k_hat, v_hat = policy.decompress(ckv)
+    assert k_hat.shape == k.shape and k_hat.dtype == dtype and v_hat.dtype == dtype
+    assert bool(torch.isfinite(k_hat).all()) and bool(torch.isfinite(v_hat).all())
+    assert ckv.nbytes == sum(ckv.component_nbytes().values())
+    if name == "bf16":
+        assert torch.equal(k_hat, k.bfloat16().to(dtype))
+
+
+def test_compression_is_deterministic():
+    k, v = kv()
+    policy = qkv.build_policy("qvg-pro", clusters=16)
+    a, b = policy.compress(k, v), policy.compress(k, v)
+    for (name, x), y in zip(a.k.tensors().items(), b.k.tensors().values()):
+        assert torch.equal(x, y), name
+
+
+def test_nbytes_matches_the_paper_formula():
+    """bits/element = bits + 8/B + 8T/D + 16 T C / S for QVG (fp8 scales, uint8 assignments)."""
+    k, v = kv(shape=(1, 2, 4096, 128))
+    for preset, t, block in (("qvg", 1, 64), ("qvg-pro", 4, 16)):
+        ckv = qkv.build_policy(preset, iters=1).compress(k, v)
+        bpe = 2 + 8 / block + 8 * t / 128 + 16 * t * 256 / 4096
+        mult_bits = 32 / (4096 * 128)  # one fp32 power-of-two multiplier per (batch, head)
+        assert ckv.k.bits_per_element == pytest.approx(bpe + mult_bits)
+
+
+def test_kivi_window_and_channel_groups():
+    k, v = kv(shape=(1, 2, 300, 64))
+    policy = qkv.build_policy("kivi")
+    ckv = policy.compress(k, v)
+    assert ckv.k.quantized_tokens == 160 and ckv.k.fp_tokens.shape[2] == 140  # (300-128)//32*32
+    assert ckv.v.quantized_tokens == 172
+    k_hat, v_hat = policy.decompress(ckv)
+    assert torch.equal(k_hat[:, :, 160:], k[:, :, 160:]) and torch.equal(v_hat[:, :, 172:], v[:, :, 172:])
+    short = policy.compress(k[:, :, :100], v[:, :, :100])
+    assert short.k.codes is None and torch.equal(policy.decompress(short)[0], k[:, :, :100])
+
+
+def test_warm_start_uses_previous_centroids():
+    k, v = kv(seed=1)
+    policy = qkv.build_policy("qvg", clusters=8, iters=0)
+    first = policy.compress(k, v)
+    warm = policy.compress(k, v, warm_start=first)
+    cold = policy.compress(k, v)
+    k_first = (policy.decompress(first)[0] - k).square().sum()
+    k_warm = (policy.decompress(warm)[0] - k).square().sum()
+    assert torch.equal(cold.k.codes, first.k.codes)
+    assert not torch.equal(warm.k.stages[0].centroids, first.k.stages[0].centroids) or k_warm <= k_first
+
+
+@pytest.mark.parametrize(
+    "k_v, error, match",
+    [
+        (lambda k, v: (k.clone().index_put_((torch.tensor([0]),) * 4, torch.tensor(float("nan"))), v), errors.NonFiniteError, "NaN"),
+        (lambda k, v: (k, v.clone().fill_(float("inf"))), errors.NonFiniteError, "v holds"),
+        (lambda k, v: (k[0], v[0]), errors.ShapeError, "rank 4"),
+        (lambda k, v: (k, v[:, :, :10]), errors.ShapeError, "differ"),
+        (lambda k, v: (k.int(), v.int()), errors.DTypeError, "int32"),
+        (lambda k, v: (k.double(), v.double()), errors.DTypeError, "float64"),
+        (lambda k, v: (k[:, :, :0], v[:, :, :0]), errors.ShapeError, "tokens"),
+        (lambda k, v: (k, v.to("meta")), errors.DeviceError, "meta"),
+        (lambda k, v: (k / k.abs().max() * 2.0**122, v), errors.ValueRangeError, "2\\*\\*120"),
+        (lambda k, v: (k.numpy(), v), errors.DTypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_input_raises_typed_errors(k_v, error, match):
+    k, v = k_v(*kv())
+    with pytest.raises(error, match=match):
+        qkv.build_policy("qvg").compress(k, v)
+
+
+def test_block_that_does_not_divide_d():
+    k, v = kv(shape=(1, 1, 64, 48))
+    with pytest.raises(errors.ShapeError, match="does not divide head_dim D=48"):
+        qkv.build_policy("qvg").compress(k, v)
+    with pytest.raises(errors.ShapeError, match="power of two"):
+        qkv.build_policy("quarot").compress(k, v)
+    qkv.build_policy("qvg", block=16, clusters=4).compress(k, v)
+
+
+@pytest.mark.parametrize("name", qkv.list_policies())
+def test_magnitudes_far_beyond_the_fp8_range_scale_exactly(name):
+    """Scales live relative to a power-of-two multiplier per row, so compressing x * 2**e gives
+    exactly the reconstruction of x times 2**e, even where x * 2**e is far outside E4M3's range."""
+    k, v = kv(shape=(1, 2, 160, 64))
+    policy = qkv.build_policy(name, **({"clusters": 8} if "qvg" in name else {}))
+    base_k, base_v = policy.decompress(policy.compress(k, v))
+    for e in (-100, -40, 40, 110):
+        k_hat, v_hat = policy.decompress(policy.compress(k * 2.0**e, v * 2.0**e))
+        assert torch.equal(k_hat, base_k * 2.0**e) and torch.equal(v_hat, base_v * 2.0**e), e
+
+
+@pytest.mark.parametrize("name", qkv.list_policies())
+def test_all_zero_input_is_exact(name):
+    zeros = torch.zeros(1, 2, 160, 64, dtype=torch.bfloat16)
+    policy = qkv.build_policy(name)
+    k_hat, v_hat = policy.decompress(policy.compress(zeros, zeros))
+    assert torch.equal(k_hat, zeros) and torch.equal(v_hat, zeros)
+
+
+def test_fewer_tokens_than_clusters_is_exact_up_to_centroid_rounding():
+    k, v = kv(shape=(1, 2, 10, 64))
+    policy = qkv.build_policy("qvg")
+    ckv = policy.compress(k, v)
+    assert ckv.k.stages[0].centroids.shape == (1, 2, 10, 64)
+    k_hat, _ = policy.decompress(ckv)
+    assert (k_hat - k).abs().max() <= k.abs().max() * 2**-7
+
+
+def test_decompress_rejects_data_of_another_policy():
+    k, v = kv()
+    ckv = qkv.build_policy("rtn").compress(k, v)
+    with pytest.raises(errors.ConfigError, match="compressed by"):
+        qkv.build_policy("quarot").decompress(ckv)

@@ -1,0 +1,97 @@
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from qkv.errors import ConfigError, UnknownComponentError
+from qkv.grouping import GROUPING, KMeansGrouper, kmeans
+from qkv.kernels.kmeans import assign_torch
+
+
+def clustered(n=2, s=300, d=8, true_k=6, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n, true_k, d, generator=gen) * 5
+    labels = torch.randint(0, true_k, (n, s), generator=gen)
+    return torch.gather(centres, 1, labels.unsqueeze(-1).expand(-1, -1, d)) + 0.3 * torch.randn(n, s, d, generator=gen)
+
+
+@given(
+    s=st.integers(1, 200),
+    c=st.integers(1, 40),
+    init=st.sampled_from(["kmeans++", "random"]),
+    seed=st.integers(0, 1000),
+)
+def test_objective_never_increases_and_final_assignment_is_nearest(s, c, init, seed):
+    x = clustered(s=s, seed=seed)
+    res = kmeans(x, c, iters=8, tol=0.0, init=init, seed=seed)
+    obj = res.objective
+    assert bool((obj[1:] <= obj[:-1] * (1 + 1e-5) + 1e-6).all())
+    dist = (x.unsqueeze(2) - res.centroids.unsqueeze(1)).square().sum(-1)  # [N, S, C]
+    chosen = torch.gather(dist, 2, res.assignments.unsqueeze(-1)).squeeze(-1)
+    assert bool((chosen <= dist.min(-1).values * (1 + 1e-5) + 1e-5).all())
+    assert res.centroids.shape[1] == min(c, s)
+
+
+def test_deterministic_and_seed_dependent():
+    x = clustered(s=500)
+    a, b = kmeans(x, 16, 10, seed=3), kmeans(x, 16, 10, seed=3)
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.assignments, b.assignments)
+    assert not torch.equal(a.centroids, kmeans(x, 16, 10, seed=4).centroids)
+
+
+def test_rows_are_independent_of_the_batch():
+    x = clustered(n=3, s=400)
+    both = kmeans(x, 8, 20, tol=1e-3)
+    alone = kmeans(x[1:2], 8, 20, tol=1e-3, seed=0)
+    # the init draws differ per batch, so compare a warm-started run: same init -> same result
+    warm_all = kmeans(x, 8, 20, tol=1e-3, init_centroids=both.centroids)
+    warm_one = kmeans(x[1:2], 8, 20, tol=1e-3, init_centroids=both.centroids[1:2])
+    assert torch.equal(warm_all.centroids[1:2], warm_one.centroids)
+    assert alone.centroids.shape == (1, 8, 8)
+
+
+def test_warm_start_needs_fewer_iterations():
+    x = clustered(s=2000, true_k=12)
+    cold = kmeans(x, 12, 30, tol=0.0)
+    warm = kmeans(x + 0.01, 12, 0, init_centroids=cold.centroids)  # 0 iterations: assign only
+    assert warm.objective[-1].sum() <= cold.objective[0].sum()
+
+
+def test_empty_clusters_and_degenerate_input():
+    zeros = torch.zeros(1, 50, 4)
+    res = kmeans(zeros, 8, 5)
+    assert torch.equal(res.centroids, torch.zeros(1, 8, 4))
+    dup = torch.tensor([[[1.0, 0], [1.0, 0], [2.0, 0]]])
+    res = kmeans(dup, 3, 5)
+    assert res.objective[-1].item() == 0.0
+    few = kmeans(torch.randn(2, 3, 4), 256, 5)
+    assert few.centroids.shape == (2, 3, 4) and few.objective[-1].abs().max() < 1e-6
+
+
+def test_huge_magnitudes_do_not_overflow():
+    x = clustered(s=100) * 1e35
+    res = kmeans(x, 4, 5)
+    assert bool(torch.isfinite(res.centroids).all()) and bool(torch.isfinite(res.objective).all())
+
+
+def test_grouper_spec_and_errors():
+    g = GROUPING.build("kmeans(clusters=8,iters=3,seed=2)")
+    assert g == KMeansGrouper(clusters=8, iters=3, seed=2) and g.token == "kmeans(clusters=8,iters=3,seed=2)"
+    groups = g.group(clustered(s=64))
+    assert groups.centroids.shape == (2, 8, 8) and groups.assignments.shape == (2, 64)
+    with pytest.raises(ConfigError, match="kmeans\\+\\+, random"):
+        KMeansGrouper(init="forgy")
+    with pytest.raises(UnknownComponentError, match="blocks, faiss, kmeans, none"):
+        GROUPING.build("kmedoids")
+
+
+def test_chunked_assignment_matches_direct():
+    from qkv.kernels import kmeans as km
+
+    x, c = torch.randn(2, 9000, 16), torch.randn(2, 40, 16)
+    idx, dist = assign_torch(x, c)
+    direct = torch.cdist(x, c).square()
+    assert km.CHUNK < 9000
+    chosen = torch.gather(direct, 2, idx.unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(chosen, direct.min(-1).values, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(dist, chosen, rtol=1e-4, atol=1e-3)

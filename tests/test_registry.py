@@ -1,0 +1,40 @@
+import subprocess
+import sys
+
+import pytest
+
+from qkv.errors import SpecError, UnknownComponentError
+from qkv.registry import Registry, format_token, parse_token
+
+
+def test_registry_register_get_list_build():
+    reg: Registry = Registry("widget")
+
+    @reg.register("square")
+    def square(side: int = 1):
+        return ("square", side)
+
+    assert reg.list() == ["square"] and "square" in reg
+    assert reg.build("square(side=3)") == ("square", 3)
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("square")(square)
+    with pytest.raises(UnknownComponentError, match="unknown widget 'circle'; valid widget names: square"):
+        reg.get("circle")
+    with pytest.raises(SpecError, match="bad arguments"):
+        reg.build("square(radius=2)")
+
+
+@pytest.mark.parametrize("token", ["a", "a(x=1)", "a(x=1.5,y=true,z=fp8)", "int2(block=16,mode=asym)"])
+def test_token_round_trip(token):
+    name, kwargs = parse_token(token)
+    assert format_token(name, kwargs) == token
+
+
+def test_import_is_light():
+    """import qkv must not import triton or faiss, nor initialize CUDA."""
+    code = (
+        "import sys, qkv, torch; qkv.build_policy('qvg');"
+        "assert 'triton' not in sys.modules, 'triton'; assert 'faiss' not in sys.modules, 'faiss';"
+        "assert not torch.cuda.is_initialized()"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
