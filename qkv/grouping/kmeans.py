@@ -1,6 +1,8 @@
 """Batched Lloyd k-means over [N, S, D] in torch, and the ``kmeans`` grouper.
 
-- Init: k-means++ (D^2 sampling, seeded) or uniform random tokens (the reference QVG's choice).
+- Init: k-means++ (D^2 sampling, seeded; drawn from a random subsample of ``INIT_SAMPLE`` tokens
+  per cluster on long spans, since its C sequential passes dominate otherwise) or uniform random
+  tokens (the reference QVG's choice). The Lloyd iterations always use every token.
 - Warm start from given centroids (e.g. the previous chunk's).
 - Deterministic for a given seed: sums are fixed-order matmuls, sampling uses a seeded generator.
 - Each row stops on its own once its objective improves by less than ``tol`` (relative); frozen
@@ -25,6 +27,7 @@ from qkv.errors import ConfigError
 from qkv.grouping.base import GROUPING, Grouper, Groups
 
 CHECK_EVERY = 4
+INIT_SAMPLE = 16  # k-means++ seeds from at most this many tokens per cluster (a random subsample)
 INITS = ("kmeans++", "random")
 
 
@@ -53,6 +56,10 @@ def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.
 
 def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
     n, s, d = x.shape
+    if s > INIT_SAMPLE * clusters:  # seed from a random subsample; Lloyd then uses every token
+        keep = torch.rand(n, s, generator=gen, device=x.device).argsort(-1)[:, : INIT_SAMPLE * clusters]
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, d))
+        s = x.shape[1]
     rows = torch.arange(n, device=x.device)
     first = torch.randint(s, (n,), generator=gen, device=x.device)
     centroids = torch.empty(n, clusters, d, device=x.device, dtype=x.dtype)

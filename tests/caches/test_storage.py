@@ -95,3 +95,15 @@ def test_no_pickle_in_file(tmp_path):
     header_len = int.from_bytes(path.read_bytes()[:8], "little")
     header = json.loads(path.read_bytes()[8 : 8 + header_len])
     assert header["__metadata__"]["format"] == "qkv.compressed_kv"
+
+
+@pytest.mark.parametrize("name", qkv.list_policies())
+@pytest.mark.parametrize("tokens", [5, 100, 333])
+def test_predicted_nbytes_is_exact(name, tokens):
+    from qkv.caches.layout import predicted_nbytes
+
+    policy = qkv.build_policy(name, **({"clusters": 16, "iters": 1} if "qvg" in name else {}))
+    k = torch.randn(1, 2, tokens, 64, dtype=torch.float16)
+    ckv = policy.compress(k, k)
+    assert predicted_nbytes(policy.k, tuple(k.shape), k.dtype) == ckv.k.nbytes
+    assert predicted_nbytes(policy.v, tuple(k.shape), k.dtype) == ckv.v.nbytes
