@@ -1,7 +1,7 @@
 """Quantizers, smoothers, residual staging and packing formats, each with its own registry."""
 
 from qkv.quantizers.affine import QUANTIZERS, AffineQuantizer, CastQuantizer
-from qkv.quantizers.packing import PACKING, BitPacker
+from qkv.quantizers.packing import PACKING, BitPacker, I32LSBPacker, U8MSBPacker
 from qkv.quantizers.smoothing import SMOOTHING, CentroidSmoother, HadamardSmoother, Smoother
 from qkv.quantizers.staging import STAGING, ProgressiveResidual, SingleStage, Staging
 
@@ -15,8 +15,10 @@ __all__ = [
     "CastQuantizer",
     "CentroidSmoother",
     "HadamardSmoother",
+    "I32LSBPacker",
     "ProgressiveResidual",
     "SingleStage",
     "Smoother",
     "Staging",
+    "U8MSBPacker",
 ]
