@@ -9,15 +9,16 @@ import torch
 
 from qkv.caches import Policy, build_policy, list_policies
 from qkv.caches.layout import predicted_nbytes
+from qkv.quantizers import AffineQuantizer
 
 CLUSTER_CHOICES = (256, 128, 64, 32, 16, 8, 4, 2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    name: str
-    family: str
-    group: str
+    name: str  # preset plus overrides, e.g. "qvg(clusters=64)"
+    family: str  # the preset
+    group: str  # "preset", "matched" or "sweep"
     policy: Policy
 
 
@@ -28,12 +29,26 @@ def predicted_bits(policy: Policy, shapes: list[tuple[int, int, int, int]], dtyp
     return 8 * total / elements
 
 
-def fit_clusters(preset: str, shapes, dtype, budget: float) -> tuple[int, Policy] | None:
-    """Most clusters (from ``CLUSTER_CHOICES``) that keep ``preset`` within ``budget`` bits."""
+def entry(preset: str, group: str, head_dim: int, **overrides: object) -> Entry:
+    """``preset`` with ``overrides``; where its per-token block does not divide D (small heads
+    such as MiniLM's 32), the block becomes D."""
+    policy = build_policy(preset, **overrides)
+    for tensor in (policy.k, policy.v):
+        q = tensor.quantizer
+        if isinstance(q, AffineQuantizer) and q.axis == "token" and head_dim % q.block:
+            overrides = {**overrides, "block": head_dim}
+            policy = build_policy(preset, **overrides)
+            break
+    args = ",".join(f"{k}={v}" for k, v in overrides.items())
+    return Entry(f"{preset}({args})" if args else preset, preset, group, policy)
+
+
+def fit_clusters(preset: str, shapes, dtype, budget: float, group: str = "matched") -> Entry | None:
+    """``preset`` with the most clusters (from ``CLUSTER_CHOICES``) within ``budget`` bits."""
     for clusters in CLUSTER_CHOICES:
-        policy = build_policy(preset, clusters=clusters)
-        if predicted_bits(policy, shapes, dtype) <= budget + 1e-9:
-            return clusters, policy
+        candidate = entry(preset, group, shapes[0][3], clusters=clusters)
+        if predicted_bits(candidate.policy, shapes, dtype) <= budget + 1e-9:
+            return candidate
     return None
 
 
@@ -46,20 +61,18 @@ def build_suite(
     sweep: bool = True,
 ) -> list[Entry]:
     """The policies to run on a dataset whose layers have ``shapes``."""
-    entries = [Entry(p, p, "preset", build_policy(p)) for p in presets or list_policies()]
+    d = shapes[0][3]
+    entries = [entry(p, "preset", d) for p in presets or list_policies()]
     if matched:
-        budget = predicted_bits(build_policy("rtn"), shapes, dtype)
+        budget = predicted_bits(entry("rtn", "matched", d).policy, shapes, dtype)
         for preset in ("qvg", "qvg-ref"):
-            fitted = fit_clusters(preset, shapes, dtype, budget)
-            if fitted:
-                clusters, policy = fitted
-                entries.append(Entry(f"{preset}(clusters={clusters})", preset, "matched", policy))
-        entries.append(Entry("kivi(scale=fp8)", "kivi", "matched", build_policy("kivi", scale="fp8")))
+            fit = fit_clusters(preset, shapes, dtype, budget)
+            if fit and all(fit.policy != e.policy for e in entries):
+                entries.append(fit)
+        entries.append(entry("kivi", "matched", d, scale="fp8"))
     if sweep:
         for bits in (3, 4):
-            for family, base in (("rtn", {}), ("quarot", {}), ("kivi", {"scale": "fp8"})):
-                overrides = {**base, "bits": bits}
-                label = f"{family}({','.join(f'{k}={v}' for k, v in overrides.items())})"
-                entries.append(Entry(label, family, "sweep", build_policy(family, **overrides)))
-        entries.append(Entry("qvg(bits=3)", "qvg", "sweep", build_policy("qvg", bits=3)))
+            entries += [entry("rtn", "sweep", d, bits=bits), entry("quarot", "sweep", d, bits=bits)]
+            entries.append(entry("kivi", "sweep", d, scale="fp8", bits=bits))
+        entries.append(entry("qvg", "sweep", d, bits=3))
     return entries
