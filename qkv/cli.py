@@ -40,6 +40,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         suite = build_suite(
             [tuple(s.k.shape) for s in samples], torch.bfloat16,
             presets=presets, matched=not args.no_matched, sweep=not args.no_sweep,
+            ablation=not args.no_ablation,
         )
         for entry in tqdm(suite, desc=f"{dataset} ({tokens} tokens)", disable=args.quiet, file=sys.stderr):
             results.append(
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--layers", type=int, default=0, help="only the first N layers of each dataset")
     ev.add_argument("--no-matched", action="store_true", help="skip the matched-bits runs")
     ev.add_argument("--no-sweep", action="store_true", help="skip the bit-width sweeps")
+    ev.add_argument("--no-ablation", action="store_true", help="skip the qvg-ref -> qvg steps")
     ev.add_argument("--device", default="auto", help="auto, cpu or cuda[:i]")
     ev.add_argument("--out", default=os.path.join("results", "eval"), help="output folder")
     ev.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -74,7 +74,7 @@ def plot_frontier(path: str, results: list[Result], labels: dict[str, str]) -> N
     fig, axes = plt.subplots(2, len(datasets), figsize=(4.6 * len(datasets), 7.5), squeeze=False)
     families = sorted({r.family for r in results if r.family != "bf16"})
     colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
-    markers = {"preset": "o", "matched": "s", "sweep": "^"}
+    markers = {"preset": "o", "matched": "s", "sweep": "^", "ablation": "x"}
     for col, dataset in enumerate(datasets):
         rows = [r for r in results if r.dataset == dataset and r.family != "bf16"]
         for row, (tensor, key) in enumerate((("K", "snr_k_db"), ("V", "snr_v_db"))):
@@ -95,7 +95,7 @@ def plot_frontier(path: str, results: list[Result], labels: dict[str, str]) -> N
         axes[1][col].text(
             0.02, 0.02, labels.get(dataset, "")[:70], transform=axes[1][col].transAxes, fontsize=6
         )
-    axes[0][0].legend(fontsize=8, title="o preset  s matched  ^ sweep", title_fontsize=7)
+    axes[0][0].legend(fontsize=8, title="o preset  s matched  ^ sweep  x ablation", title_fontsize=7)
     fig.suptitle("qkv: quality-memory frontier on real K/V (higher and further left is better)")
     fig.tight_layout()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -52,6 +52,22 @@ def fit_clusters(preset: str, shapes, dtype, budget: float, group: str = "matche
     return None
 
 
+# From the reference's choices (qvg-ref) to qvg, one change at a time.
+ABLATION = (
+    ("qvg-ref+midrise", "kmeans(iters=2,init=random),centroid,int2(block={b})"),
+    ("qvg-ref+midrise+kmeans++", "kmeans(iters=2),centroid,int2(block={b})"),
+)
+
+
+def ablation_steps(head_dim: int) -> list[Entry]:
+    """qvg-ref -> qvg one step at a time (the last step, 2 -> 5 iterations, is qvg itself)."""
+    block = min(64, head_dim)
+    return [
+        Entry(name, "qvg-ref", "ablation", build_policy(spec.format(b=block)))
+        for name, spec in ABLATION
+    ]
+
+
 def build_suite(
     shapes: list[tuple[int, int, int, int]],
     dtype: torch.dtype,
@@ -59,6 +75,7 @@ def build_suite(
     presets: list[str] | None = None,
     matched: bool = True,
     sweep: bool = True,
+    ablation: bool = True,
 ) -> list[Entry]:
     """The policies to run on a dataset whose layers have ``shapes``."""
     d = shapes[0][3]
@@ -70,6 +87,8 @@ def build_suite(
             if fit and all(fit.policy != e.policy for e in entries):
                 entries.append(fit)
         entries.append(entry("kivi", "matched", d, scale="fp8"))
+    if ablation:
+        entries += ablation_steps(d)
     if sweep:
         for bits in (3, 4):
             entries += [entry("rtn", "sweep", d, bits=bits), entry("quarot", "sweep", d, bits=bits)]
