@@ -12,6 +12,7 @@ from qkv.caches.layout import predicted_nbytes
 from qkv.quantizers import AffineQuantizer
 
 CLUSTER_CHOICES = (256, 128, 64, 32, 16, 8, 4, 2)
+FAMILY = {"qvg-int4": "qvg"}  # presets that are points of another preset's curve
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +41,7 @@ def entry(preset: str, group: str, head_dim: int, **overrides: object) -> Entry:
             policy = build_policy(preset, **overrides)
             break
     args = ",".join(f"{k}={v}" for k, v in overrides.items())
-    return Entry(f"{preset}({args})" if args else preset, preset, group, policy)
+    return Entry(f"{preset}({args})" if args else preset, FAMILY.get(preset, preset), group, policy)
 
 
 def fit_clusters(preset: str, shapes, dtype, budget: float, group: str = "matched") -> Entry | None:
