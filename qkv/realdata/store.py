@@ -74,6 +74,7 @@ def save(
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; the cache may be shared (CI)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -108,7 +109,13 @@ def load(path: Path, name: str, config: dict[str, Any]) -> list[KVSample] | None
     entries = json.loads(meta["samples"])
     with safe_open(path, framework="pt") as f:
         return [
-            KVSample(source=e["source"], layer=int(e["layer"]), k=f.get_tensor(f"{i}.k"), v=f.get_tensor(f"{i}.v"), label=e["label"])
+            KVSample(
+                source=e["source"],
+                layer=int(e["layer"]),
+                k=f.get_tensor(f"{i}.k"),
+                v=f.get_tensor(f"{i}.v"),
+                label=e["label"],
+            )
             for i, e in enumerate(entries)
         ]
 

@@ -22,14 +22,14 @@ LICENCE_FILES = (
 _SENTENCE_END = re.compile(r"(?<=[.!?;:])\s+(?=[\"'(A-Z0-9])")
 
 
-def licence_text() -> tuple[str, str]:
-    """``(name, text)`` of the first licence found, paragraphs joined by blank lines, whitespace
+def licence_text() -> tuple[Path, str]:
+    """``(path, text)`` of the first licence found, paragraphs joined by blank lines, whitespace
     inside each paragraph collapsed (the files are hard-wrapped at ~72 columns)."""
     for path in LICENCE_FILES:
         if path.is_file():
             raw = path.read_text(encoding="utf-8")
             paras = [" ".join(p.split()) for p in re.split(r"\n\s*\n", raw)]
-            return path.name, "\n\n".join(p for p in paras if p)
+            return path, "\n\n".join(p for p in paras if p)
     names = ", ".join(str(p) for p in LICENCE_FILES)
     raise FileNotFoundError(f"no licence text found (looked for {names}); on Debian they come with base-files")
 

