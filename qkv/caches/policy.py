@@ -167,7 +167,7 @@ class TensorPolicy:
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
     def _dequantize(self, ct: CompressedTensor, backend: str) -> torch.Tensor:
-        """fp32 [B*H, S_q, D]: dequantized residual with every stage undone."""
+        """[B*H, S_q, D]: dequantized residual with every stage undone."""
         b, h, _, _ = ct.shape
         rows = QuantizedRows(flat(ct.codes), flat(ct.scales), flat(ct.zeros), flat(ct.scale_mult))
         centroids, assignments = [], []
@@ -178,8 +178,11 @@ class TensorPolicy:
                 if assign is None:
                     assign = self.grouping.implicit_assignments(b * h, ct.quantized_tokens, ct.codes.device)
                 assignments.append(assign)
+        # additive smoothing is undone inside the kernel: write the output dtype directly
+        out_dtype = ct.dtype if self.smoothing.additive or self.smoothing.name == "none" else torch.float32
         out = kernels.dequantize(
-            rows, self.quantizer, self.packing, ct.quantized_tokens, centroids, assignments, backend=backend
+            rows, self.quantizer, self.packing, ct.quantized_tokens, centroids, assignments,
+            out_dtype=out_dtype, backend=backend,
         )
         if not self.smoothing.additive:
             for _ in ct.stages:

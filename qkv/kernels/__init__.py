@@ -1,14 +1,16 @@
 """Hot-path operations, each with a plain-PyTorch reference and one dispatcher.
 
 Every policy calls these functions; none has a private copy. ``backend`` picks the
-implementation: ``"torch"`` (the reference, runs anywhere), ``"triton"`` (GPU kernels, where
-registered) or ``"auto"`` (Triton for CUDA tensors when an implementation is registered and Triton
-imports, the reference otherwise).
+implementation: ``"torch"`` (the reference, runs anywhere), ``"triton"`` (the kernels in
+:mod:`qkv.kernels.triton`, on CUDA, or on the CPU under ``TRITON_INTERPRET=1``) or ``"auto"``
+(Triton for CUDA tensors when Triton imports and the kernel supports the case, the reference
+otherwise). Triton is imported only when a Triton implementation is asked for.
 """
 
 from __future__ import annotations
 
 import enum
+import importlib
 from collections.abc import Callable
 
 import torch
@@ -25,79 +27,91 @@ class Backend(str, enum.Enum):
     TRITON = "triton"
 
 
-_IMPLS: dict[str, dict[Backend, Callable]] = {
-    "quantize_pack": {Backend.TORCH: quantize_pack_torch},
-    "dequantize": {Backend.TORCH: dequantize_torch},
-    "kmeans_assign": {Backend.TORCH: assign_torch},
-    "kmeans_update": {Backend.TORCH: update_torch},
-    "hadamard": {Backend.TORCH: hadamard_torch},
+OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard")
+
+_TORCH: dict[str, Callable] = {
+    "quantize_pack": quantize_pack_torch,
+    "dequantize": dequantize_torch,
+    "kmeans_assign": assign_torch,
+    "kmeans_update": update_torch,
+    "hadamard": hadamard_torch,
 }
 
 
-def register_impl(op: str, backend: Backend | str, fn: Callable) -> None:
-    """Register ``fn`` as the ``backend`` implementation of ``op`` (used by kernel modules)."""
-    _IMPLS[op][Backend(backend)] = fn
+def triton_impl(op: str) -> tuple[Callable, Callable | None]:
+    """(kernel wrapper, supports-check) of ``op``; imports Triton. Raises BackendError if absent."""
+    try:
+        module = importlib.import_module("qkv.kernels.triton")
+    except ImportError as exc:
+        raise BackendError(f"the triton backend needs the triton package ({exc})") from None
+    return module.IMPLS[op]
 
 
-def implementations(op: str) -> list[str]:
-    """Backends that implement ``op``."""
-    return [b.value for b in _IMPLS[op]]
+def _triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda":
+        return False
+    try:
+        importlib.import_module("qkv.kernels.triton")
+    except ImportError:
+        return False
+    return True
 
 
-def resolve(op: str, backend: Backend | str, device: torch.device) -> Callable:
-    """The implementation of ``op`` for ``backend`` on ``device``."""
+def resolve(op: str, backend: Backend | str, device: torch.device, *args) -> Callable:
+    """The implementation of ``op`` for ``backend``; ``args`` are the call's arguments, used to
+    check that a Triton kernel supports the case."""
     try:
         choice = Backend(backend)
     except ValueError:
         valid = ", ".join(b.value for b in Backend)
         raise BackendError(f"unknown backend {backend!r}; valid backends: {valid}") from None
-    impls = _IMPLS[op]
-    if choice is Backend.AUTO:
-        return impls.get(Backend.TRITON) if device.type == "cuda" and Backend.TRITON in impls else impls[Backend.TORCH]
-    if choice not in impls:
-        raise BackendError(
-            f"operation {op!r} has no {choice.value} implementation; available: "
-            f"{', '.join(implementations(op))}"
-        )
-    return impls[choice]
+    if choice is Backend.TORCH or (choice is Backend.AUTO and not _triton_usable(device)):
+        return _TORCH[op]
+    fn, supports = triton_impl(op)
+    reason = supports(*args) if supports is not None else None
+    if reason is None:
+        return fn
+    if choice is Backend.TRITON:
+        raise BackendError(f"the triton {op} kernel does not support this case: {reason}")
+    return _TORCH[op]
 
 
 def quantize_pack(x, quantizer, packer, *, backend: Backend | str = "auto") -> QuantizedRows:
     """Quantize rows [N, R, L] in blocks along L and pack the codes (see kernels.quantize)."""
-    return resolve("quantize_pack", backend, x.device)(x, quantizer, packer)
+    args = (x, quantizer, packer)
+    return resolve("quantize_pack", backend, x.device, *args)(*args)
 
 
-def dequantize(rows, quantizer, packer, tokens, centroids, assignments, *, backend="auto"):
-    """Unpack + dequantize + add every stage's centroids -> fp32 [N, tokens, D]."""
-    return resolve("dequantize", backend, rows.codes.device)(
-        rows, quantizer, packer, tokens, centroids, assignments
-    )
+def dequantize(rows, quantizer, packer, tokens, centroids, assignments, *, out_dtype=torch.float32, backend="auto"):
+    """Unpack + dequantize + add every stage's centroids -> [N, tokens, D] in ``out_dtype``."""
+    args = (rows, quantizer, packer, tokens, centroids, assignments, out_dtype)
+    return resolve("dequantize", backend, rows.codes.device, *args)(*args)
 
 
 def kmeans_assign(x, centroids, *, backend="auto"):
     """Nearest centroid: ([N, S] int64, squared distances [N, S])."""
-    return resolve("kmeans_assign", backend, x.device)(x, centroids)
+    return resolve("kmeans_assign", backend, x.device, x, centroids)(x, centroids)
 
 
 def kmeans_update(x, assignments, centroids, *, backend="auto"):
     """Deterministic cluster means (empty clusters keep ``centroids``): ([N, C, D], counts)."""
-    return resolve("kmeans_update", backend, x.device)(x, assignments, centroids)
+    args = (x, assignments, centroids)
+    return resolve("kmeans_update", backend, x.device, *args)(*args)
 
 
 def hadamard(x, *, backend="auto"):
     """Normalized Walsh-Hadamard transform along the last dim (self-inverse)."""
-    return resolve("hadamard", backend, x.device)(x)
+    return resolve("hadamard", backend, x.device, x)(x)
 
 
 __all__ = [
+    "OPS",
     "Backend",
     "QuantizedRows",
     "dequantize",
     "hadamard",
-    "implementations",
     "kmeans_assign",
     "kmeans_update",
     "quantize_pack",
-    "register_impl",
     "resolve",
 ]

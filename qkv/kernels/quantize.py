@@ -49,23 +49,27 @@ def row_multiplier(peak: torch.Tensor, q: AffineQuantizer) -> torch.Tensor | Non
     return torch.exp2(exponent)
 
 
+def block_peaks(blocks: torch.Tensor, q: AffineQuantizer) -> torch.Tensor:
+    """Largest value each block needs in the scale format (its scale or |zero point|): [N, R, G]."""
+    if q.has_zero:
+        low, high = blocks.amin(-1), blocks.amax(-1)
+        return torch.maximum((high - low) / q.steps, low.abs())
+    return blocks.abs().amax(-1) / q.steps
+
+
 def block_params(blocks: torch.Tensor, q: AffineQuantizer):
     """Stored scales and zeros of ``blocks`` [N, R, G, B] fp32, and their fp32 values.
 
     Returns (scales_stored, zeros_stored | None, mult | None, scale_f32, zero_f32), where the fp32
     values are the exact numbers the decoder will use: ``scale_f32 = scales_stored * mult``.
     """
-    if q.has_zero:
-        low, high = blocks.amin(-1), blocks.amax(-1)
-        peak = torch.maximum((high - low) / q.steps, low.abs())
-    else:
-        low = high = None
-        peak = blocks.abs().amax(-1) / q.steps
+    peak = block_peaks(blocks, q)
     mult = row_multiplier(peak.flatten(1).amax(-1), q)
     m = mult.view(-1, 1, 1) if mult is not None else torch.ones((), device=blocks.device)
     zeros = None
     zero_f32 = torch.zeros((), device=blocks.device)
     if q.has_zero:
+        low, high = blocks.amin(-1), blocks.amax(-1)
         zeros = round_down(low / m, q.scale_dtype)
         zero_f32 = zeros.float() * m
         raw = (high - zero_f32) / q.steps
@@ -110,8 +114,10 @@ def dequantize_torch(
     tokens: int,
     centroids: list[torch.Tensor],
     assignments: list[torch.Tensor],
+    out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Unpack, dequantize and add back every stage's centroids: fp32 [N, tokens, D].
+    """Unpack, dequantize and add back every stage's centroids: [N, tokens, D] in ``out_dtype``
+    (computed in fp32, rounded once at the end).
 
     centroids[t]: [N, C_t, D] (stored format); assignments[t]: [N, tokens] integer.
     """
@@ -123,4 +129,4 @@ def dequantize_torch(
         out = out + torch.gather(
             cents.float(), 1, assign.long().unsqueeze(-1).expand(-1, -1, cents.shape[-1])
         )
-    return out
+    return out.to(out_dtype)

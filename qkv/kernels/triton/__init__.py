@@ -1,0 +1,23 @@
+"""Triton kernels for every hot path; each op's plain-torch twin lives in qkv/kernels/.
+
+``IMPLS[op] = (kernel wrapper, supports-check)``: the check returns why a case is not supported
+(the dispatcher then uses the reference under ``backend="auto"`` and raises under
+``backend="triton"``), or None.
+"""
+
+from qkv.kernels.triton.hadamard import hadamard_supports, hadamard_triton
+from qkv.kernels.triton.kmeans import assign_supports, assign_triton, update_triton
+from qkv.kernels.triton.quantize import (
+    dequantize_supports,
+    dequantize_triton,
+    quantize_pack_supports,
+    quantize_pack_triton,
+)
+
+IMPLS = {
+    "quantize_pack": (quantize_pack_triton, quantize_pack_supports),
+    "dequantize": (dequantize_triton, dequantize_supports),
+    "kmeans_assign": (assign_triton, assign_supports),
+    "kmeans_update": (update_triton, None),
+    "hadamard": (hadamard_triton, hadamard_supports),
+}

@@ -1,0 +1,107 @@
+"""@triton.jit helpers shared by the kernels: bit-packing and directed float rounding.
+
+Everything here mirrors a plain-torch function exactly (same results bit for bit):
+``pack_word``/``unpack_code`` mirror :class:`qkv.quantizers.packing.BitPacker`, ``round_up`` /
+``round_down`` mirror :mod:`qkv.dtypes`, ``round_half_even`` mirrors ``torch.round``.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def pack_word(codes, K: tl.constexpr, BITS: tl.constexpr, WORD: tl.constexpr, MSB: tl.constexpr):
+    """Word ``K`` of each group: ``codes`` [R, NG, WORD] int64 (a group of WORD codes fills BITS
+    words); returns [R, NG] int64 holding the word's WORD bits."""
+    j = tl.arange(0, WORD)
+    if MSB:
+        shift = WORD * (K + 1) - (j + 1) * BITS  # code j's LSB lands at this bit of word K
+    else:
+        shift = j * BITS - WORD * K
+    left = tl.where(shift > 0, shift, 0)
+    right = tl.where(shift < 0, -shift, 0)
+    part = ((codes << left[None, None, :]) >> right[None, None, :]) & ((1 << WORD) - 1)
+    return tl.sum(part, axis=2)  # fields do not overlap: the sum is their OR
+
+
+@triton.jit
+def unpack_code(row_ptr, col, mask, BITS: tl.constexpr, WORD: tl.constexpr, MSB: tl.constexpr):
+    """Code number ``col`` (any shape) of the packed row starting at ``row_ptr`` (int64 result)."""
+    bit = col * BITS
+    k0 = bit // WORD
+    off = bit % WORD
+    wmask = (1 << WORD) - 1
+    w0 = tl.load(row_ptr + k0, mask=mask, other=0).to(tl.int64) & wmask
+    w1 = tl.load(row_ptr + k0 + 1, mask=mask & (off + BITS > WORD), other=0).to(tl.int64) & wmask
+    if MSB:
+        code = (((w0 << WORD) | w1) >> (2 * WORD - off - BITS)) & ((1 << BITS) - 1)
+    else:
+        code = ((w0 | (w1 << WORD)) >> off) & ((1 << BITS) - 1)
+    return code
+
+
+@triton.jit
+def _bits_of(y, FMT: tl.constexpr):
+    if FMT == 3:
+        return y.to(tl.uint8, bitcast=True).to(tl.int32)
+    return y.to(tl.int16, bitcast=True).to(tl.int32)
+
+
+@triton.jit
+def _from_bits(b, FMT: tl.constexpr):
+    if FMT == 1:
+        return b.to(tl.int16).to(tl.float16, bitcast=True)
+    if FMT == 2:
+        return b.to(tl.int16).to(tl.bfloat16, bitcast=True)
+    return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+
+
+@triton.jit
+def _truncate(v, FMT: tl.constexpr):
+    if FMT == 1:
+        return v.to(tl.float16, fp_downcast_rounding="rtz")
+    if FMT == 2:
+        return v.to(tl.bfloat16, fp_downcast_rounding="rtz")
+    return v.to(tl.float8e4nv, fp_downcast_rounding="rtz")
+
+
+@triton.jit
+def round_up(v, FMT: tl.constexpr):
+    """Smallest value of format FMT (0 fp32, 1 fp16, 2 bf16, 3 fp8 E4M3) >= v (v >= 0), as fp32."""
+    if FMT == 0:
+        return v
+    y = _truncate(v, FMT)
+    b = _bits_of(y, FMT)
+    b = tl.where(y.to(tl.float32) < v, b + 1, b)  # magnitude bits are monotonic for v >= 0
+    return _from_bits(b, FMT).to(tl.float32)
+
+
+@triton.jit
+def round_down(v, FMT: tl.constexpr):
+    """Largest value of format FMT <= v, as fp32 (truncation is already the floor for v >= 0;
+    for v < 0 it rounds toward zero, so step one code away from zero)."""
+    if FMT == 0:
+        return v
+    y = _truncate(v, FMT)
+    b = _bits_of(y, FMT)
+    b = tl.where(y.to(tl.float32) > v, b + 1, b)
+    return _from_bits(b, FMT).to(tl.float32)
+
+
+@triton.jit
+def round_half_even(v):
+    """Round to the nearest integer, ties to even (torch.round)."""
+    f = tl.floor(v)
+    diff = v - f
+    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
+    up = (diff > 0.5) | ((diff == 0.5) & odd)
+    return tl.where(up, f + 1.0, f)
+
+
+@triton.jit
+def round_to_bf16(v):
+    """fp32 -> nearest bf16 value (ties to even), still as fp32. Done on the bits, so the result
+    does not depend on how a backend (or Triton's interpreter) converts fp32 to bf16."""
+    b = v.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)

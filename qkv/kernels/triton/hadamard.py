@@ -1,0 +1,54 @@
+"""Triton normalized Walsh-Hadamard transform, twin of qkv/kernels/hadamard.py.
+
+A tile of rows is multiplied by the +-1 Sylvester matrix, generated in registers
+(H[i, j] = (-1)^popcount(i & j)), on tensor cores (3xTF32 on GPU), then divided by sqrt(D).
+Differs from the butterfly reference only by fp32 summation order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from qkv.kernels.triton.kmeans import _dot_precision
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
+                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    m_ok = (m < M)[:, None]
+    x = tl.load(x_ptr + m[:, None].to(tl.int64) * D + d[None, :], mask=m_ok, other=0.0).to(tl.float32)
+    parity = d[:, None] & d[None, :]
+    parity ^= parity >> 16
+    parity ^= parity >> 8
+    parity ^= parity >> 4
+    parity ^= parity >> 2
+    parity ^= parity >> 1
+    h = tl.where((parity & 1) == 1, -1.0, 1.0)
+    y = tl.math.div_rn(tl.dot(x, h, input_precision=PRECISION), SQRT_D)
+    tl.store(out_ptr + m[:, None].to(tl.int64) * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=m_ok)
+
+
+def hadamard_supports(x) -> str | None:
+    d = x.shape[-1]
+    if d < 16 or d > 512 or d & (d - 1):
+        return f"D={d}: the kernel needs a power of two in [16, 512]"
+    return None
+
+
+def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
+    """Triton twin of :func:`qkv.kernels.hadamard.hadamard_torch` (fp32 in, same dtype out)."""
+    d = x.shape[-1]
+    flat = x.reshape(-1, d).contiguous()
+    out = torch.empty_like(flat)
+    block_m = 64 if d <= 128 else 32
+    _hadamard_kernel[(triton.cdiv(flat.shape[0], block_m),)](
+        flat, out, flat.shape[0], SQRT_D=math.sqrt(d), D=d,
+        PRECISION=_dot_precision(x.device), BLOCK_M=block_m,
+    )
+    return out.reshape(x.shape)

@@ -1,0 +1,218 @@
+"""Triton quantize+pack and unpack+dequantize(+centroids), twins of qkv/kernels/quantize.py.
+
+Results equal the plain-torch reference bit for bit: same fp32 operation order, IEEE division
+(``div_rn``), no fused multiply-add (kernels are launched with ``enable_fp_fusion=False``), ties
+rounded to even, scales and zero points rounded up/down into their format exactly as the
+reference does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from einops import rearrange
+
+from qkv.kernels.quantize import QuantizedRows, block_peaks, row_multiplier
+from qkv.kernels.triton.bits import (
+    pack_word,
+    round_down,
+    round_half_even,
+    round_to_bf16,
+    round_up,
+    unpack_code,
+)
+from qkv.quantizers.affine import AffineQuantizer
+from qkv.quantizers.packing import BitPacker
+
+FORMAT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
+MODE_CODE = {"sym": 0, "midrise": 1, "asym": 2}
+MAX_STAGES = 4  # stages added back by one dequantize launch
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+@triton.jit
+def _quantize_pack_kernel(
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, mult_ptr,
+    R, L, P, G,
+    BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
+    STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, HAS_MULT: tl.constexpr,
+    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    r_ok = r < R
+    mask = r_ok[:, None] & (l < L)[None, :]
+    row = pid_n.to(tl.int64) * R + r
+    x = tl.load(x_ptr + row[:, None] * L + l[None, :], mask=mask, other=0.0).to(tl.float32)
+    xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
+    m = 1.0
+    if HAS_MULT:
+        m = tl.load(mult_ptr + pid_n)
+    if MODE == 2:
+        low = tl.min(xb, axis=2)
+        high = tl.max(xb, axis=2)
+        zero = round_down(tl.math.div_rn(low, m), FMT) * m
+        scale = round_up(tl.math.div_rn(tl.math.div_rn(high - zero, STEPS), m), FMT) * m
+    else:
+        zero = tl.zeros((BLOCK_R, BLOCK_L // QBLOCK), tl.float32)
+        peak = tl.math.div_rn(tl.max(tl.abs(xb), axis=2), STEPS)
+        scale = round_up(tl.math.div_rn(peak, m), FMT) * m
+    # stored scale / zero (relative to m; m is a power of two, so the division is exact)
+    g = tl.program_id(2) * (BLOCK_L // QBLOCK) + tl.arange(0, BLOCK_L // QBLOCK)
+    g_mask = r_ok[:, None] & (g < G)[None, :]
+    sidx = row[:, None] * G + g[None, :]
+    tl.store(scales_ptr + sidx, (scale / m).to(scales_ptr.dtype.element_ty), mask=g_mask)
+    if MODE == 2:
+        tl.store(zeros_ptr + sidx, (zero / m).to(zeros_ptr.dtype.element_ty), mask=g_mask)
+    s3 = scale[:, :, None]
+    safe = tl.where(s3 > 0, s3, 1.0)
+    v = tl.math.div_rn(xb - zero[:, :, None], safe) + OFFSET
+    code = tl.minimum(tl.maximum(round_half_even(v), 0.0), LEVELS - 1.0)
+    code = tl.where(s3 > 0, code, ZERO_CODE)
+    code = tl.where(mask, tl.reshape(code, (BLOCK_R, BLOCK_L)), 0.0).to(tl.int64)
+    groups = tl.reshape(code, (BLOCK_R, BLOCK_L // WORD, WORD))
+    w = tl.program_id(2) * (BLOCK_L // WORD) + tl.arange(0, BLOCK_L // WORD)
+    for k in tl.static_range(BITS):
+        word = pack_word(groups, k, BITS, WORD, MSB)
+        widx = w * BITS + k
+        wmask = r_ok[:, None] & (widx < P)[None, :]
+        if WORD == 32:
+            word = tl.where(word >= 2147483648, word - 4294967296, word)
+        tl.store(codes_ptr + row[:, None] * P + widx[None, :], word.to(codes_ptr.dtype.element_ty), mask=wmask)
+
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr, scales_ptr, zeros_ptr, mult_ptr, out_ptr,
+    c0, a0, c1, a1, c2, a2, c3, a3,
+    cs0, cs1, cs2, cs3, as0, as1, as2, as3,
+    S, D, R, P, G,
+    BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr,
+    HAS_MULT: tl.constexpr, TOKEN_AXIS: tl.constexpr, STAGES: tl.constexpr,
+    WORD: tl.constexpr, MSB: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    mask = (s < S)[:, None] & (d < D)[None, :]
+    if TOKEN_AXIS:
+        row = s[:, None] + 0 * d[None, :]
+        col = d[None, :] + 0 * s[:, None]
+    else:
+        row = d[None, :] + 0 * s[:, None]
+        col = s[:, None] + 0 * d[None, :]
+    row = pid_n * R + row
+    code = unpack_code(codes_ptr + row * P, col, mask, BITS, WORD, MSB)
+    sidx = row * G + col // QBLOCK
+    scale = tl.load(scales_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+    if HAS_MULT:
+        m = tl.load(mult_ptr + pid_n)
+        scale = scale * m
+    out = (code.to(tl.float32) - OFFSET) * scale
+    if HAS_ZERO:
+        zero = tl.load(zeros_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+        if HAS_MULT:
+            zero = zero * m
+        out = out + zero
+    s_ok = s < S
+    if STAGES > 0:
+        a = tl.load(a0 + pid_n * as0 + s, mask=s_ok, other=0).to(tl.int64)
+        out += tl.load(c0 + pid_n * cs0 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STAGES > 1:
+        a = tl.load(a1 + pid_n * as1 + s, mask=s_ok, other=0).to(tl.int64)
+        out += tl.load(c1 + pid_n * cs1 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STAGES > 2:
+        a = tl.load(a2 + pid_n * as2 + s, mask=s_ok, other=0).to(tl.int64)
+        out += tl.load(c2 + pid_n * cs2 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if STAGES > 3:
+        a = tl.load(a3 + pid_n * as3 + s, mask=s_ok, other=0).to(tl.int64)
+        out += tl.load(c3 + pid_n * cs3 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if OUT_BF16:
+        out = round_to_bf16(out)
+    tl.store(out_ptr + (pid_n * S + s[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def quantize_pack_supports(x, q: AffineQuantizer, packer: BitPacker) -> str | None:
+    """Why the Triton kernel cannot run this case (None if it can)."""
+    if not _is_pow2(q.block):
+        return f"block {q.block} is not a power of two"
+    if q.block > 1024:
+        return f"block {q.block} is larger than 1024"
+    return None
+
+
+def quantize_pack_triton(x: torch.Tensor, q: AffineQuantizer, packer: BitPacker) -> QuantizedRows:
+    """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`."""
+    n, r, length = x.shape
+    x = x.contiguous()
+    peaks = block_peaks(rearrange(x.float(), "n r (g b) -> n r g b", b=q.block), q)
+    mult = row_multiplier(peaks.flatten(1).amax(-1), q)
+    groups = length // q.block
+    p = packer.packed_len(length, q.bits)
+    codes = torch.empty(n, r, p, dtype=packer.container, device=x.device)
+    scales = torch.empty(n, r, groups, dtype=q.scale_dtype, device=x.device)
+    zeros = torch.empty_like(scales) if q.has_zero else None
+    block_l = max(min(triton.next_power_of_2(length), 512), q.block, packer.word_bits)
+    block_r = max(1, min(64, 4096 // block_l))
+    grid = (n, triton.cdiv(r, block_r), triton.cdiv(length, block_l))
+    _quantize_pack_kernel[grid](
+        x, codes, scales, scales if zeros is None else zeros, x if mult is None else mult,
+        r, length, p, groups,
+        BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
+        LEVELS=q.levels, ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], HAS_MULT=mult is not None,
+        WORD=packer.word_bits, MSB=packer.msb_first, BLOCK_R=block_r, BLOCK_L=block_l,
+        enable_fp_fusion=False,
+    )
+    return QuantizedRows(codes, scales, zeros, mult)
+
+
+def dequantize_supports(rows, q, packer, tokens, centroids, assignments, out_dtype=torch.float32):
+    if len(centroids) > MAX_STAGES:
+        return f"{len(centroids)} stages (at most {MAX_STAGES} per launch)"
+    d = rows.codes.shape[1] if q.axis == "channel" else rows.scales.shape[-1] * q.block
+    if d > 1024:
+        return f"head_dim {d} is larger than 1024"
+    return None
+
+
+def dequantize_triton(rows, q, packer, tokens, centroids, assignments, out_dtype=torch.float32):
+    """Triton twin of :func:`qkv.kernels.quantize.dequantize_torch` (one pass, all stages)."""
+    n = rows.codes.shape[0]
+    if q.axis == "token":
+        d, r = rows.scales.shape[-1] * q.block, tokens
+    else:
+        d, r = rows.codes.shape[1], rows.codes.shape[1]
+    out = torch.empty(n, tokens, d, dtype=out_dtype, device=rows.codes.device)
+    stages = len(centroids)
+    dummy = rows.codes
+    cents = [c.contiguous() for c in centroids] + [dummy] * (MAX_STAGES - stages)
+    assigns = list(assignments) + [dummy] * (MAX_STAGES - stages)
+    c_strides = [c.stride(0) for c in cents]
+    a_strides = [a.stride(0) for a in assigns]
+    for a in assigns[:stages]:
+        if a.stride(1) != 1:
+            raise ValueError("assignments must be contiguous along tokens")
+    block_d = triton.next_power_of_2(d)
+    block_s = max(1, min(128, 8192 // block_d))
+    grid = (n, triton.cdiv(tokens, block_s))
+    _dequantize_kernel[grid](
+        rows.codes, rows.scales, rows.scales if rows.zeros is None else rows.zeros,
+        rows.codes if rows.mult is None else rows.mult, out,
+        cents[0], assigns[0], cents[1], assigns[1], cents[2], assigns[2], cents[3], assigns[3],
+        *c_strides, *a_strides,
+        tokens, d, r, rows.codes.shape[-1], rows.scales.shape[-1],
+        BITS=q.bits, QBLOCK=q.block, OFFSET=q.offset, HAS_ZERO=rows.zeros is not None,
+        HAS_MULT=rows.mult is not None, TOKEN_AXIS=q.axis == "token", STAGES=stages,
+        WORD=packer.word_bits, MSB=packer.msb_first, OUT_BF16=out_dtype == torch.bfloat16,
+        BLOCK_S=block_s, BLOCK_D=block_d,
+        enable_fp_fusion=False,
+    )
+    return out
