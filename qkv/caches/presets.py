@@ -11,15 +11,15 @@ from qkv.quantizers import AffineQuantizer, ProgressiveResidual, SingleStage
 # name -> (spec, one-line description)
 PRESETS: dict[str, tuple[str, str]] = {
     "qvg": (
-        "kmeans(clusters=256,iters=5),centroid,int2(block=64)",
+        "kmeans(clusters=256,iters=5,init=random),centroid,int2(block=64)",
         "QVG: k-means smoothing (C=256), one stage, INT2 mid-rise, blocks of 64, E4M3 scales",
     ),
     "qvg-pro": (
-        "kmeans(clusters=256,iters=5),centroid,progressive(stages=4),int2(block=16)",
+        "kmeans(clusters=256,iters=5,init=random),centroid,progressive(stages=4),int2(block=16)",
         "QVG-Pro: four progressive residual stages, INT2 blocks of 16",
     ),
     "qvg-int4": (
-        "kmeans(clusters=256,iters=5),centroid,int4(block=64)",
+        "kmeans(clusters=256,iters=5,init=random),centroid,int4(block=64)",
         "QVG with INT4 codes",
     ),
     "qvg-ref": (

@@ -41,10 +41,19 @@ class KMeansResult:
     objective: torch.Tensor
 
 
-def _row_scale(x: torch.Tensor) -> torch.Tensor:
-    """Power of two per row n so that x / scale has max-abs in [0.5, 1): [N, 1, 1]."""
+# Rows whose max-abs lies in [2**SAFE_LOW, 2**SAFE_HIGH] are clustered as they are: scaling by a
+# power of two commutes exactly with every operation that neither overflows nor underflows, so
+# the result is the same as on the normalized copy, without the copy.
+SAFE_LOW, SAFE_HIGH = -20, 40
+
+
+def _row_scale(x: torch.Tensor) -> torch.Tensor | None:
+    """Power of two per row so that x / scale has max-abs in [0.5, 1): [N, 1, 1]; None when every
+    row is in the safe range (no scaling needed)."""
     peak = x.abs().flatten(1).amax(-1)
     exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)) + 1, torch.zeros_like(peak))
+    if bool(((exponent >= SAFE_LOW) & (exponent <= SAFE_HIGH)).all()):
+        return None
     return torch.exp2(exponent).view(-1, 1, 1)
 
 
@@ -106,14 +115,15 @@ def kmeans(
     x = x.float()
     n, s, d = x.shape
     scale = _row_scale(x)
-    xs = x / scale
+    xs = x if scale is None else x / scale
     if init_centroids is not None:
         if init_centroids.shape[0] != n or init_centroids.shape[2] != d:
             raise ConfigError(
                 f"kmeans: warm-start centroids {tuple(init_centroids.shape)} do not match "
                 f"tokens {tuple(x.shape)}"
             )
-        centroids = init_centroids.float().to(x.device) / scale
+        centroids = init_centroids.float().to(x.device)
+        centroids = centroids if scale is None else centroids / scale
     else:
         gen = torch.Generator(device=x.device).manual_seed(seed)
         k = min(clusters, s)
@@ -134,8 +144,10 @@ def kmeans(
             break
     assign, dist = kernels.kmeans_assign(xs, centroids, backend=backend)
     history.append(dist.sum(-1))
-    scale_sq = scale.view(1, -1).double().square()  # fp64: squared distances of huge inputs
-    return KMeansResult(centroids * scale, assign, torch.stack(history).double() * scale_sq)
+    objective = torch.stack(history).double()  # fp64: squared distances of huge inputs
+    if scale is None:
+        return KMeansResult(centroids, assign, objective)
+    return KMeansResult(centroids * scale, assign, objective * scale.view(1, -1).double().square())
 
 
 @GROUPING.register("kmeans")

@@ -95,9 +95,9 @@ def test_three_ways_build_the_same_policy():
     from qkv.quantizers import AffineQuantizer, CentroidSmoother
 
     tensor = TensorPolicy(
-        grouping=KMeansGrouper(clusters=256, iters=5),
+        grouping=KMeansGrouper(clusters=256, iters=5, init="random"),
         smoothing=CentroidSmoother(),
         quantizer=AffineQuantizer(bits=2, block=64),
     )
     assert Policy(tensor, tensor) == qkv.build_policy("qvg") == qkv.build_policy(qkv.build_policy("qvg").spec)
-    assert parse_tensor_spec("int2,kmeans(iters=5),centroid") == tensor
+    assert parse_tensor_spec("int2,kmeans(iters=5,init=random),centroid") == tensor

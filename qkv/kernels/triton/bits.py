@@ -41,51 +41,55 @@ def unpack_code(row_ptr, col, mask, BITS: tl.constexpr, WORD: tl.constexpr, MSB:
 
 
 @triton.jit
-def _bits_of(y, FMT: tl.constexpr):
-    if FMT == 3:
-        return y.to(tl.uint8, bitcast=True).to(tl.int32)
-    return y.to(tl.int16, bitcast=True).to(tl.int32)
+def _exp2_int(k):
+    """2**k as fp32 for integer k in [-149, 127] (built from the bits: exact, no libm)."""
+    normal = (k + 127).to(tl.int32) << 23
+    sub = (1 << tl.maximum(k + 149, 0).to(tl.int32))
+    return tl.where(k >= -126, normal, sub).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _from_bits(b, FMT: tl.constexpr):
+def _quantum(a, FMT: tl.constexpr):
+    """Spacing of format FMT (1 fp16, 2 bf16, 3 fp8 E4M3) around a >= 0."""
     if FMT == 1:
-        return b.to(tl.int16).to(tl.float16, bitcast=True)
-    if FMT == 2:
-        return b.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    return b.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        MANT: tl.constexpr = 10
+        EMIN: tl.constexpr = -14
+    elif FMT == 2:
+        MANT: tl.constexpr = 7
+        EMIN: tl.constexpr = -126
+    else:
+        MANT: tl.constexpr = 3
+        EMIN: tl.constexpr = -6
+    e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    return _exp2_int(tl.maximum(e, EMIN) - MANT)
 
 
-@triton.jit
-def _truncate(v, FMT: tl.constexpr):
-    if FMT == 1:
-        return v.to(tl.float16, fp_downcast_rounding="rtz")
-    if FMT == 2:
-        return v.to(tl.bfloat16, fp_downcast_rounding="rtz")
-    return v.to(tl.float8e4nv, fp_downcast_rounding="rtz")
-
-
+# Directed rounding computed in fp32 arithmetic (a multiple of the format's spacing, which is
+# exact), so it does not depend on how a backend converts floats; storing the result in the
+# format is then exact.
 @triton.jit
 def round_up(v, FMT: tl.constexpr):
     """Smallest value of format FMT (0 fp32, 1 fp16, 2 bf16, 3 fp8 E4M3) >= v (v >= 0), as fp32."""
     if FMT == 0:
-        return v
-    y = _truncate(v, FMT)
-    b = _bits_of(y, FMT)
-    b = tl.where(y.to(tl.float32) < v, b + 1, b)  # magnitude bits are monotonic for v >= 0
-    return _from_bits(b, FMT).to(tl.float32)
+        out = v
+    else:
+        q = _quantum(v, FMT)
+        out = tl.math.ceil(tl.math.div_rn(v, q)) * q
+    return out
 
 
 @triton.jit
 def round_down(v, FMT: tl.constexpr):
-    """Largest value of format FMT <= v, as fp32 (truncation is already the floor for v >= 0;
-    for v < 0 it rounds toward zero, so step one code away from zero)."""
+    """Largest value of format FMT <= v, as fp32."""
     if FMT == 0:
-        return v
-    y = _truncate(v, FMT)
-    b = _bits_of(y, FMT)
-    b = tl.where(y.to(tl.float32) > v, b + 1, b)
-    return _from_bits(b, FMT).to(tl.float32)
+        out = v
+    else:
+        a = tl.abs(v)
+        q = _quantum(a, FMT)
+        down = tl.math.floor(tl.math.div_rn(a, q)) * q
+        up = tl.math.ceil(tl.math.div_rn(a, q)) * q
+        out = tl.where(v >= 0, down, -up)
+    return out
 
 
 @triton.jit

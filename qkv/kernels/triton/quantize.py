@@ -96,8 +96,8 @@ def _dequantize_kernel(
     S, D, R, P, G,
     BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_MULT: tl.constexpr, TOKEN_AXIS: tl.constexpr, STAGES: tl.constexpr,
-    WORD: tl.constexpr, MSB: tl.constexpr, OUT_BF16: tl.constexpr, BLOCK_S: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    WORD: tl.constexpr, MSB: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -110,19 +110,40 @@ def _dequantize_kernel(
         row = d[None, :] + 0 * s[:, None]
         col = s[:, None] + 0 * d[None, :]
     row = pid_n * R + row
-    code = unpack_code(codes_ptr + row * P, col, mask, BITS, WORD, MSB)
-    sidx = row * G + col // QBLOCK
-    scale = tl.load(scales_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
+    s_ok = s < S
+    m = 1.0
     if HAS_MULT:
         m = tl.load(mult_ptr + pid_n)
-        scale = scale * m
-    out = (code.to(tl.float32) - OFFSET) * scale
-    if HAS_ZERO:
-        zero = tl.load(zeros_ptr + sidx, mask=mask, other=0.0).to(tl.float32)
-        if HAS_MULT:
-            zero = zero * m
-        out = out + zero
-    s_ok = s < S
+    if FAST:
+        # token axis, D a power of two, whole codes per word: load the packed row once, coalesced,
+        # and expand every word into its codes by shifts
+        PER: tl.constexpr = WORD // BITS
+        w = tl.arange(0, BLOCK_D // PER)
+        tok = pid_n * R + s
+        words = tl.load(codes_ptr + tok[:, None] * P + w[None, :], mask=s_ok[:, None], other=0).to(tl.int32)
+        j = tl.arange(0, PER)
+        if MSB:
+            shift = (PER - 1 - j) * BITS
+        else:
+            shift = j * BITS
+        code = tl.reshape((words[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1), (BLOCK_S, BLOCK_D))
+        g = tl.arange(0, BLOCK_D // QBLOCK)
+        sidx = tok[:, None] * G + g[None, :]
+        scale = tl.load(scales_ptr + sidx, mask=s_ok[:, None], other=0.0).to(tl.float32) * m
+        code3 = tl.reshape(code.to(tl.float32), (BLOCK_S, BLOCK_D // QBLOCK, QBLOCK))
+        out3 = (code3 - OFFSET) * scale[:, :, None]
+        if HAS_ZERO:
+            zero = tl.load(zeros_ptr + sidx, mask=s_ok[:, None], other=0.0).to(tl.float32) * m
+            out3 = out3 + zero[:, :, None]
+        out = tl.reshape(out3, (BLOCK_S, BLOCK_D))
+    else:
+        code = unpack_code(codes_ptr + row * P, col, mask, BITS, WORD, MSB)
+        sidx = row * G + col // QBLOCK
+        scale = tl.load(scales_ptr + sidx, mask=mask, other=0.0).to(tl.float32) * m
+        out = (code.to(tl.float32) - OFFSET) * scale
+        if HAS_ZERO:
+            zero = tl.load(zeros_ptr + sidx, mask=mask, other=0.0).to(tl.float32) * m
+            out = out + zero
     if STAGES > 0:
         a = tl.load(a0 + pid_n * as0 + s, mask=s_ok, other=0).to(tl.int64)
         out += tl.load(c0 + pid_n * cs0 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -202,6 +223,11 @@ def dequantize_triton(rows, q, packer, tokens, centroids, assignments, out_dtype
             raise ValueError("assignments must be contiguous along tokens")
     block_d = triton.next_power_of_2(d)
     block_s = max(1, min(128, 8192 // block_d))
+    per_word = packer.word_bits // q.bits
+    fast = (  # whole power-of-two rows of whole words: see the kernel's FAST branch
+        q.axis == "token" and d == block_d and packer.word_bits % q.bits == 0
+        and d % per_word == 0 and _is_pow2(q.block) and d % q.block == 0
+    )
     grid = (n, triton.cdiv(tokens, block_s))
     _dequantize_kernel[grid](
         rows.codes, rows.scales, rows.scales if rows.zeros is None else rows.zeros,
@@ -212,7 +238,7 @@ def dequantize_triton(rows, q, packer, tokens, centroids, assignments, out_dtype
         BITS=q.bits, QBLOCK=q.block, OFFSET=q.offset, HAS_ZERO=rows.zeros is not None,
         HAS_MULT=rows.mult is not None, TOKEN_AXIS=q.axis == "token", STAGES=stages,
         WORD=packer.word_bits, MSB=packer.msb_first, OUT_BF16=out_dtype == torch.bfloat16,
-        BLOCK_S=block_s, BLOCK_D=block_d,
+        FAST=fast, BLOCK_S=block_s, BLOCK_D=block_d,
         enable_fp_fusion=False,
     )
     return out

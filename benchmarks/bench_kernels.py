@@ -1,0 +1,139 @@
+"""GPU kernel benchmark: qkv vs the reference QVG implementation (PyPI quant-videogen 0.1.0).
+
+At the paper's shapes (Self-Forcing span [1, 12, 37440, 128], LongCat span [1, 32, 29640, 128],
+bf16), on data with cluster structure and on real K/V tiled to those shapes, measured side by
+side in one run: decode time and achieved bandwidth vs the device's copy bandwidth, encode time
+at equal k-means iterations and at equal error, and relative MSE on the same tensors.
+
+    python benchmarks/bench_kernels.py --out benchmarks/results/bench_kernels.json [--real PATH]
+
+``--real`` is a safetensors file with ``k``/``v`` [H, S, D] bf16 (real K/V, tiled to the shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+
+import torch
+import triton
+from safetensors.torch import load_file
+from triton.testing import do_bench
+
+import qkv
+from qkv.evaluation.metrics import relative_mse
+
+SHAPES = {"self-forcing": (1, 12, 37440, 128), "longcat": (1, 32, 29640, 128)}
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=50, rep=200, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth, bytes read + written per second."""
+    src = torch.randn(512 * 2**20, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+    dst = torch.empty_like(src)
+    t = ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (t * 1e-3)
+
+
+def clustered(shape, seed=0) -> torch.Tensor:
+    b, h, s, d = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    centres = torch.randn(b * h, 256, d, generator=g, device="cuda") * 2
+    labels = torch.randint(0, 256, (b * h, s), generator=g, device="cuda")
+    x = torch.gather(centres, 1, labels.unsqueeze(-1).expand(-1, -1, d))
+    x = x + 0.5 * torch.randn(b * h, s, d, generator=g, device="cuda")
+    return x.view(shape).bfloat16()
+
+
+def real_tiled(shape, path, key="k") -> torch.Tensor:
+    src = load_file(path)[key].cuda()  # [H0, S0, D]
+    b, h, s, d = shape
+    reps_h = -(-h // src.shape[0])
+    reps_s = -(-s // src.shape[1])
+    return src.repeat(reps_h, reps_s, 1)[:h, :s].reshape(shape).contiguous()
+
+
+def nbytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, (list, tuple)):
+        return sum(nbytes(o) for o in obj)
+    return 0
+
+
+def reference(x, iters):
+    from quant_videogen.functions import triton_prq_dequantize_tensor, triton_prq_quantize_tensor
+
+    def enc():
+        return triton_prq_quantize_tensor(x, 1, 256, 64, max_iters=iters, quantize_fn=lambda t: 2)
+
+    state = enc()
+    dec = lambda: triton_prq_dequantize_tensor(state, 64, 2)  # noqa: E731
+    stored = sum(nbytes(state[k]) for k in ("centroids_list", "cluster_ids_list", "residual_quant", "scales"))
+    return enc, dec, stored, relative_mse(x, dec())
+
+
+def ours(x, spec):
+    tp = qkv.build_policy(spec).k
+    ct = tp.compress(x)
+    return (lambda: tp.compress(x)), (lambda: tp.decompress(ct)), ct.nbytes, relative_mse(x, tp.decompress(ct))
+
+
+def run(args) -> dict:
+    results = {"environment": {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }}
+    bw = copy_bandwidth()
+    results["copy_bandwidth_TBps"] = bw / 1e12
+    rows = []
+    datasets = ["clustered"] + (["real"] if args.real else [])
+    for shape_name, shape in SHAPES.items():
+        for data in datasets:
+            x = clustered(shape) if data == "clustered" else real_tiled(shape, args.real)
+            out_bytes = x.numel() * 2
+            cases = [
+                ("reference (2 it)", *reference(x, 2)),
+                ("reference (20 it)", *reference(x, 20)),
+                ("qkv qvg-ref (2 it)", *ours(x, "kmeans(iters=2,init=random),centroid,int2(mode=sym)")),
+                ("qkv random init (2 it)", *ours(x, "kmeans(iters=2,init=random),centroid,int2")),
+                ("qkv random init (20 it)", *ours(x, "kmeans(iters=20,init=random,tol=0),centroid,int2")),
+                ("qkv qvg (2 it)", *ours(x, "kmeans(iters=2),centroid,int2")),
+            ]
+            for name, enc, dec, stored, err in cases:
+                t_enc, t_dec = ms(enc), ms(dec)
+                rows.append({
+                    "shape": shape_name, "data": data, "impl": name, "encode_ms": t_enc,
+                    "decode_ms": t_dec, "decode_TBps": (stored + out_bytes) / (t_dec * 1e-3) / 1e12,
+                    "decode_frac_of_copy": (stored + out_bytes) / (t_dec * 1e-3) / bw,
+                    "stored_bytes": stored, "rel_mse": err,
+                })
+                r = rows[-1]
+                print(f"{shape_name:12s} {data:9s} {name:26s} enc {t_enc:8.3f} ms  dec {t_dec:7.3f} ms "
+                      f"({r['decode_TBps']:.2f} TB/s, {100 * r['decode_frac_of_copy']:.0f}% of copy)  relMSE {err:.5f}",
+                      flush=True)
+            del x
+            torch.cuda.empty_cache()
+    results["rows"] = rows
+    return results
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="benchmarks/results/bench_kernels.json")
+    parser.add_argument("--real", help="safetensors with real k/v [H, S, D] bf16")
+    args = parser.parse_args()
+    results = run(args)
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
