@@ -101,10 +101,10 @@ def run(args) -> dict:
             cases = [
                 ("reference (2 it)", *reference(x, 2)),
                 ("reference (20 it)", *reference(x, 20)),
-                ("qkv qvg-ref (2 it)", *ours(x, "kmeans(iters=2,init=random),centroid,int2(mode=sym)")),
-                ("qkv random init (2 it)", *ours(x, "kmeans(iters=2,init=random),centroid,int2")),
-                ("qkv random init (20 it)", *ours(x, "kmeans(iters=20,init=random,tol=0),centroid,int2")),
-                ("qkv qvg (2 it)", *ours(x, "kmeans(iters=2),centroid,int2")),
+                ("qkv qvg-ref (2 it)", *ours(x, qkv.build_policy("qvg-ref").spec)),
+                ("qkv qvg, 2 it", *ours(x, qkv.build_policy("qvg", iters=2).spec)),
+                ("qkv qvg, 20 it", *ours(x, "kmeans(iters=20,init=random,tol=0),centroid,int2")),
+                ("qkv qvg preset (5 it)", *ours(x, qkv.build_policy("qvg").spec)),
             ]
             for name, enc, dec, stored, err in cases:
                 t_enc, t_dec = ms(enc), ms(dec)
@@ -121,7 +121,29 @@ def run(args) -> dict:
             del x
             torch.cuda.empty_cache()
     results["rows"] = rows
+    results["encode_breakdown"] = encode_breakdown(real_tiled(SHAPES["longcat"], args.real) if args.real else clustered(SHAPES["longcat"]))
     return results
+
+
+def encode_breakdown(x) -> list[dict]:
+    """GPU time per kernel of one qvg (2 iterations) encode, from the profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    tp = qkv.build_policy("qvg", iters=2).k
+    tp.compress(x)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        tp.compress(x)
+        torch.cuda.synchronize()
+    rows = [
+        {"kernel": e.key[:70], "calls": e.count, "cuda_ms": e.device_time_total / 1000}
+        for e in prof.key_averages()
+        if e.device_time_total > 0
+    ]
+    rows.sort(key=lambda r: -r["cuda_ms"])
+    for r in rows[:12]:
+        print(f"  {r['cuda_ms']:8.3f} ms  x{r['calls']:<3d} {r['kernel']}")
+    return rows
 
 
 def main():

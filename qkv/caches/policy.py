@@ -13,6 +13,7 @@ import torch
 from einops import rearrange
 
 from qkv import kernels
+from qkv.bounds import Bound, ErrorState, KVBound, holds, output_cast
 from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.component import check_int
 from qkv.errors import ConfigError, ShapeError
@@ -20,7 +21,7 @@ from qkv.grouping import Grouper, NoGrouping
 from qkv.kernels import QuantizedRows
 from qkv.quantizers import AffineQuantizer, BitPacker, CastQuantizer, Smoother, Staging
 from qkv.quantizers.packing import U8MSBPacker
-from qkv.quantizers.smoothing import NoSmoothing
+from qkv.quantizers.smoothing import NoSmoothing, gather_centroids
 from qkv.quantizers.staging import SingleStage
 from qkv.validation import check_kv_pair, check_kv_tensor
 
@@ -123,7 +124,7 @@ class TensorPolicy:
         if s_q and isinstance(self.quantizer, CastQuantizer):
             codes = x[:, :, :s_q].to(self.quantizer.storage_dtype)
         elif s_q:
-            flat = rearrange(x[:, :, :s_q].float(), "b h s d -> (b h) s d")
+            flat = rearrange(x[:, :, :s_q], "b h s d -> (b h) s d")  # stages read it as it is
             residual, stored = self.staging.run(
                 flat, self.grouping, self.smoothing, self._warm(warm_start, b * h), backend=backend
             )
@@ -134,6 +135,7 @@ class TensorPolicy:
                 )
                 for c, a in stored
             )
+            residual = residual.float()  # no-op after centroid smoothing; input dtype otherwise
             rows = residual if self.quantizer.axis == "token" else residual.transpose(1, 2)
             q = kernels.quantize_pack(rows.contiguous(), self.quantizer, self.packing, backend=backend)
             codes = rearrange(q.codes, "(b h) r p -> b h r p", b=b)
@@ -174,10 +176,7 @@ class TensorPolicy:
         if self.smoothing.additive:
             for stage in ct.stages:
                 centroids.append(flat(stage.centroids))
-                assign = flat(stage.assignments)
-                if assign is None:
-                    assign = self.grouping.implicit_assignments(b * h, ct.quantized_tokens, ct.codes.device)
-                assignments.append(assign)
+                assignments.append(self._assignments(stage, b * h, ct.quantized_tokens, ct.codes.device))
         # additive smoothing is undone inside the kernel: write the output dtype directly
         out_dtype = ct.dtype if self.smoothing.additive or self.smoothing.name == "none" else torch.float32
         out = kernels.dequantize(
@@ -188,6 +187,70 @@ class TensorPolicy:
             for _ in ct.stages:
                 out = self.smoothing.inverse(out, backend=backend)
         return out
+
+    def _assignments(self, stage: StageData, rows: int, tokens: int, device: torch.device) -> torch.Tensor:
+        """[B*H, S_q] group of every token in one stage: stored, implied by the grouper, or - for an
+        additive smoother that needs no grouping and stores one row [B, H, 1, D] - row 0 for all."""
+        assign = flat(stage.assignments)
+        if assign is not None:
+            return assign
+        if isinstance(self.grouping, NoGrouping):
+            if stage.centroids.shape[2] != 1:
+                raise ConfigError(
+                    f"{self.smoothing.name} stored {stage.centroids.shape[2]} rows of offsets without "
+                    "assignments or a grouping; store one row, or assignments"
+                )
+            return torch.zeros(rows, tokens, dtype=torch.long, device=device)
+        return self.grouping.implicit_assignments(rows, tokens, device)
+
+    # -- error bound ---------------------------------------------------------------------------
+    def error_bound(self, ct: CompressedTensor, x_hat: torch.Tensor | None = None) -> Bound:
+        """A guaranteed bound on ``|decompress(ct) - x|`` computed from ``ct`` alone (see
+        :mod:`qkv.bounds`): element [B, H, S, D] or, after a rotation, token_l2 [B, H, S]; ``none``
+        if a component declares no error propagation.
+
+        The quantizer bounds its stored residual, the staging undoes every smoothing stage through
+        the smoother's ``propagate``, and the rounding to the output dtype is added last, from
+        ``x_hat`` (this tensor's decompressed output, tighter) when given. Window tokens: 0.
+        """
+        b, h, s, d = ct.shape
+        s_q = ct.quantized_tokens
+        if x_hat is not None and tuple(x_hat.shape) != tuple(ct.shape):
+            raise ShapeError(f"x_hat has shape {tuple(x_hat.shape)}, the compressed tensor {tuple(ct.shape)}")
+        parts = []
+        if s_q:
+            if isinstance(self.quantizer, CastQuantizer):
+                state = self.quantizer.error_bound(flat(ct.codes), ct.dtype)
+                source = self.quantizer.storage_dtype
+                if holds(source, ct.dtype):  # stored exactly as input: they cast back exactly
+                    source = ct.dtype
+            else:
+                state = self._residual_bound(ct)
+                source = torch.float32
+            decoded = None if x_hat is None else flat(x_hat[:, :, :s_q])
+            bound = output_cast(state, source, decoded, ct.dtype)
+            split = "(b h) s d -> b h s d" if bound.kind.value == "element" else "(b h) s -> b h s"
+            parts.append(bound.map(lambda v: rearrange(v, split, b=b)))
+        if s_q < s:
+            device = ct.fp_tokens.device
+            parts.append(Bound.element(torch.zeros(b, h, s - s_q, d, dtype=torch.float64, device=device)))
+        return Bound.cat(parts, d).widened()
+
+    def _residual_bound(self, ct: CompressedTensor) -> ErrorState:
+        """fp32 bound [B*H, S_q, D] of the quantized tokens with every stage undone."""
+        b = ct.shape[0]
+        q = self.quantizer
+        state = q.error_bound(flat(ct.scales), flat(ct.zeros), flat(ct.scale_mult))
+        if q.axis == "token" and state.magnitude.shape[1] != ct.quantized_tokens:
+            raise ShapeError(f"scales cover {state.magnitude.shape[1]} tokens, expected {ct.quantized_tokens}")
+        added: list[torch.Tensor | None] = []
+        for stage in ct.stages:
+            if self.smoothing.additive and stage.centroids is not None:
+                assign = self._assignments(stage, b * ct.shape[1], ct.quantized_tokens, ct.codes.device)
+                added.append(gather_centroids(flat(stage.centroids), assign))
+            else:
+                added.append(None)
+        return self.staging.propagate(state, self.smoothing, added)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,4 +297,14 @@ class Policy:
         if ckv.spec != self.spec:
             raise ConfigError(f"data was compressed by {ckv.spec!r}, not by this policy {self.spec!r}")
         return self.k.decompress(ckv.k, backend=backend), self.v.decompress(ckv.v, backend=backend)
+
+    def error_bound(
+        self, ckv: CompressedKV, k_hat: torch.Tensor | None = None, v_hat: torch.Tensor | None = None
+    ) -> KVBound:
+        """Guaranteed bounds on the reconstruction error of keys and values, from ``ckv`` alone
+        (see :meth:`TensorPolicy.error_bound`); ``k_hat`` / ``v_hat``: the decompressed outputs, if
+        at hand (tighter output-dtype rounding)."""
+        if ckv.spec != self.spec:
+            raise ConfigError(f"data was compressed by {ckv.spec!r}, not by this policy {self.spec!r}")
+        return KVBound(self.k.error_bound(ckv.k, k_hat), self.v.error_bound(ckv.v, v_hat))
 

@@ -60,7 +60,7 @@ def _row_scale(x: torch.Tensor) -> torch.Tensor | None:
 def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
     n, s, _ = x.shape
     idx = torch.randint(s, (n, clusters), generator=gen, device=x.device)
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])).float()
 
 
 def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
@@ -69,6 +69,7 @@ def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torc
         keep = torch.rand(n, s, generator=gen, device=x.device).argsort(-1)[:, : INIT_SAMPLE * clusters]
         x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, d))
         s = x.shape[1]
+    x = x.float()
     rows = torch.arange(n, device=x.device)
     first = torch.randint(s, (n,), generator=gen, device=x.device)
     centroids = torch.empty(n, clusters, d, device=x.device, dtype=x.dtype)
@@ -92,7 +93,7 @@ def _reseed_empty(
     far = dist.topk(k, dim=-1).indices  # [N, k] token indices, farthest first
     rank = (empty.long().cumsum(-1) - 1).clamp(0, k - 1)  # j-th empty cluster -> j-th farthest
     tokens = torch.gather(far, 1, rank)
-    candidates = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    candidates = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1])).float()
     return torch.where(empty.unsqueeze(-1), candidates, centroids)
 
 
@@ -107,12 +108,12 @@ def kmeans(
     init_centroids: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> KMeansResult:
-    """Batched k-means of ``x`` [N, S, D] into ``min(clusters, S)`` clusters per row.
+    """Batched k-means of ``x`` [N, S, D] (any float dtype; computed in fp32, read in place)
+    into ``min(clusters, S)`` clusters per row.
 
     ``iters`` Lloyd iterations at most (0: only the initial assignment); ``init_centroids``
     [N, C, D] replaces the seeded init (warm start).
     """
-    x = x.float()
     n, s, d = x.shape
     scale = _row_scale(x)
     xs = x if scale is None else x / scale

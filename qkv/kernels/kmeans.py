@@ -13,14 +13,14 @@ CHUNK = 4096
 def assign_torch(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every token.
 
-    x: [N, S, D] fp32; centroids: [N, C, D] fp32.
+    x: [N, S, D] (any float dtype, computed in fp32); centroids: [N, C, D] fp32.
     Returns (assignments [N, S] int64, squared distance to the chosen centroid [N, S] fp32).
     Ties go to the lowest centroid index.
     """
     c_sq = centroids.square().sum(-1).unsqueeze(1)  # [N, 1, C]
     idx, dist = [], []
     for start in range(0, x.shape[1], CHUNK):
-        xs = x[:, start : start + CHUNK]
+        xs = x[:, start : start + CHUNK].float()
         d = c_sq - 2 * torch.bmm(xs, centroids.transpose(1, 2))  # [N, s, C], minus |x|^2
         best, arg = d.min(-1)
         idx.append(arg)
@@ -33,7 +33,8 @@ def update_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each cluster; empty clusters keep their previous centroid.
 
-    x: [N, S, D] fp32; assignments: [N, S] int; centroids: [N, C, D] fp32 (previous).
+    x: [N, S, D] (any float dtype, summed in fp32); assignments: [N, S] int; centroids: [N, C, D]
+    fp32 (previous).
     Returns (new centroids [N, C, D] fp32, counts [N, C] fp32).
     """
     n, c, d = centroids.shape
@@ -41,7 +42,7 @@ def update_torch(
     counts = torch.zeros(n, c, device=x.device, dtype=torch.float32)
     for start in range(0, x.shape[1], CHUNK):
         onehot = F.one_hot(assignments[:, start : start + CHUNK].long(), c).float()  # [N, s, C]
-        sums += torch.bmm(onehot.transpose(1, 2), x[:, start : start + CHUNK])
+        sums += torch.bmm(onehot.transpose(1, 2), x[:, start : start + CHUNK].float())
         counts += onehot.sum(1)
     means = sums / counts.clamp_min(1).unsqueeze(-1)
     return torch.where(counts.unsqueeze(-1) > 0, means, centroids), counts

@@ -49,12 +49,18 @@ def row_multiplier(peak: torch.Tensor, q: AffineQuantizer) -> torch.Tensor | Non
     return torch.exp2(exponent)
 
 
+def exact_div(x: torch.Tensor, value: float) -> torch.Tensor:
+    """``x / value`` correctly rounded on every device (on CUDA, dividing by a Python scalar
+    multiplies by its rounded reciprocal instead)."""
+    return x / torch.full((), value, dtype=x.dtype, device=x.device)
+
+
 def block_peaks(blocks: torch.Tensor, q: AffineQuantizer) -> torch.Tensor:
     """Largest value each block needs in the scale format (its scale or |zero point|): [N, R, G]."""
     if q.has_zero:
         low, high = blocks.amin(-1), blocks.amax(-1)
-        return torch.maximum((high - low) / q.steps, low.abs())
-    return blocks.abs().amax(-1) / q.steps
+        return torch.maximum(exact_div(high - low, q.steps), low.abs())
+    return exact_div(blocks.abs().amax(-1), q.steps)
 
 
 def block_params(blocks: torch.Tensor, q: AffineQuantizer):
@@ -72,7 +78,7 @@ def block_params(blocks: torch.Tensor, q: AffineQuantizer):
         low, high = blocks.amin(-1), blocks.amax(-1)
         zeros = round_down(low / m, q.scale_dtype)
         zero_f32 = zeros.float() * m
-        raw = (high - zero_f32) / q.steps
+        raw = exact_div(high - zero_f32, q.steps)
     else:
         raw = peak
     scales = round_up(raw / m, q.scale_dtype)

@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 
 from qkv import kernels
+from qkv.bounds import ErrorState, additive_propagate, rotation_propagate
 from qkv.component import Component, check_choice
 from qkv.dtypes import FLOAT_FORMATS
 from qkv.grouping.base import Groups
@@ -38,12 +39,26 @@ class Smoother(Component):
     def forward(
         self, x: torch.Tensor, groups: Groups | None, *, backend: str = "auto"
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [N, S, D] fp32 -> (residual fp32, centroids to store [N, C, D] or None)."""
+        """x [N, S, D] (input dtype at the first stage, fp32 after) -> (residual, centroids to
+        store [N, C, D] or None); the residual is fp32 except for ``none``, which passes x."""
         raise NotImplementedError
 
     def inverse(self, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         """Undo a non-additive transform on fp32 [N, S, D]."""
         raise NotImplementedError
+
+    def propagate(self, state: ErrorState, added: torch.Tensor | None) -> ErrorState:
+        """The error bound after decoding undoes this stage, given the bound before it.
+
+        ``added``: for an additive smoother, the values decoding adds back for this stage
+        ([N, S, D], centroids gathered by assignment), else None. The default declares nothing:
+        the policy then reports no bound (see :mod:`qkv.bounds` for the rules to reuse, e.g.
+        :func:`~qkv.bounds.additive_propagate`).
+        """
+        return state.with_none(
+            f"smoothing {self.name!r} ({type(self).__name__}) declares no error propagation; "
+            "define propagate() (see docs/testing.md)"
+        )
 
 
 def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
@@ -73,6 +88,11 @@ class CentroidSmoother(Smoother):
         stored = groups.centroids.to(self.storage_dtype)
         return x - gather_centroids(stored, groups.assignments), stored
 
+    def propagate(self, state, added):
+        """Passes the bound through plus two fp32 roundings (centroids are subtracted as stored):
+        see :func:`qkv.bounds.additive_propagate`."""
+        return additive_propagate(state)
+
 
 @SMOOTHING.register("hadamard")
 @dataclasses.dataclass(frozen=True)
@@ -82,10 +102,14 @@ class HadamardSmoother(Smoother):
     name: ClassVar[str] = "hadamard"
 
     def forward(self, x, groups, *, backend="auto"):
-        return kernels.hadamard(x, backend=backend), None
+        return kernels.hadamard(x.float(), backend=backend), None
 
     def inverse(self, x, *, backend="auto"):
         return kernels.hadamard(x, backend=backend)
+
+    def propagate(self, state, added):
+        """Per-element bound in, per-token L2 bound out: see :func:`qkv.bounds.rotation_propagate`."""
+        return rotation_propagate(state)
 
 
 @SMOOTHING.register("none")
@@ -98,3 +122,6 @@ class NoSmoothing(Smoother):
 
     def inverse(self, x, *, backend="auto"):
         return x
+
+    def propagate(self, state, added):
+        return state

@@ -90,20 +90,21 @@ def test_dequantize_with_implicit_assignments_view():
 
 
 @pytest.mark.parametrize("d, c", [(16, 5), (64, 70), (128, 33)])
-def test_kmeans_assign_picks_the_nearest_centroid(d, c):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kmeans_assign_picks_the_nearest_centroid(d, c, dtype):
     g = gen(d + c)
-    x = torch.randn(2, 150, d, generator=g, device=DEVICE)
+    x = torch.randn(2, 150, d, generator=g, device=DEVICE).to(dtype).float()
     cents = torch.randn(2, c, d, generator=g, device=DEVICE)
     ref_idx, ref_dist = kernels.kmeans_assign(x, cents, backend="torch")
-    idx, dist = kernels.kmeans_assign(x, cents, backend="triton")
+    idx, dist = kernels.kmeans_assign(x.to(dtype), cents, backend="triton")  # read in its dtype
     exact = torch.cdist(x.double(), cents.double()).square()
     chosen = torch.gather(exact, 2, idx.unsqueeze(-1)).squeeze(-1)
     best = exact.min(-1).values
-    # fp32 rounding of ||c||^2 - 2 x.c: a near-tie may resolve differently than in the reference
-    tol = 1e-5 * (x.square().sum(-1) + cents.square().sum(-1).max(-1, keepdim=True).values).double()
+    # x.c with ~16 significant bits (split bf16 products): near-ties may resolve differently
+    tol = 1e-4 * (x.square().sum(-1) + cents.square().sum(-1).max(-1, keepdim=True).values).double()
     assert bool((chosen - best <= tol).all())
     assert (idx == ref_idx).float().mean() > 0.99
-    assert torch.allclose(dist.double(), chosen, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(dist.double(), chosen, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("d, c", [(16, 4), (64, 40)])
@@ -127,8 +128,8 @@ def test_hadamard_matches_reference(d):
     x = torch.randn(3, 37, d, generator=gen(d), device=DEVICE)
     ref = kernels.hadamard(x, backend="torch")
     out = kernels.hadamard(x, backend="triton")
-    # a dot product of D terms in another order: ~sqrt(D) fp32 ulps of the row norm
-    assert torch.allclose(out, ref, rtol=0, atol=1e-5 * x.norm(dim=-1).max().item())
+    # split bf16 products (~2^-16 relative) and another summation order, relative to the row norm
+    assert torch.allclose(out, ref, rtol=0, atol=3e-5 * x.norm(dim=-1).max().item())
 
 
 def test_unsupported_cases_raise_or_fall_back():

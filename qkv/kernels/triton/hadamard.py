@@ -1,8 +1,9 @@
 """Triton normalized Walsh-Hadamard transform, twin of qkv/kernels/hadamard.py.
 
 A tile of rows is multiplied by the +-1 Sylvester matrix, generated in registers
-(H[i, j] = (-1)^popcount(i & j)), on tensor cores (3xTF32 on GPU), then divided by sqrt(D).
-Differs from the butterfly reference only by fp32 summation order.
+(H[i, j] = (-1)^popcount(i & j)), on bf16 tensor cores with the rows split into high and low
+bf16 parts (H is exact in bf16), then divided by sqrt(D). Differs from the butterfly reference by
+the split's ~2^-16 relative rounding and the summation order.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.kmeans import _dot_precision
+from qkv.kernels.triton.kmeans import split_dot
 
 
 @triton.jit
 def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
-                     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr):
+                     EMULATE: tl.constexpr, BLOCK_M: tl.constexpr):
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     m_ok = (m < M)[:, None]
@@ -30,7 +31,7 @@ def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
     parity ^= parity >> 2
     parity ^= parity >> 1
     h = tl.where((parity & 1) == 1, -1.0, 1.0)
-    y = tl.math.div_rn(tl.dot(x, h, input_precision=PRECISION), SQRT_D)
+    y = tl.math.div_rn(split_dot(x, h, EMULATE), SQRT_D)
     tl.store(out_ptr + m[:, None].to(tl.int64) * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=m_ok)
 
 
@@ -49,6 +50,6 @@ def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
     block_m = 64 if d <= 128 else 32
     _hadamard_kernel[(triton.cdiv(flat.shape[0], block_m),)](
         flat, out, flat.shape[0], SQRT_D=math.sqrt(d), D=d,
-        PRECISION=_dot_precision(x.device), BLOCK_M=block_m,
+        EMULATE=x.device.type != "cuda", BLOCK_M=block_m,
     )
     return out.reshape(x.shape)

@@ -1,9 +1,10 @@
 """Triton k-means kernels, twins of qkv/kernels/kmeans.py.
 
 - assignment: nearest centroid without materializing the [S, C] distance matrix (tiles of
-  centroids stream through; ||c||^2 - 2 x.c on tensor cores, 3xTF32 on GPU for fp32 accuracy).
-  Ties and near-ties (distances equal within fp32 rounding) may pick a different centroid than
-  the reference; the chosen distance is the minimum within that rounding.
+  centroids stream through; ||c||^2 - 2 x.c on bf16 tensor cores with x and c each split into a
+  high and a low bf16 part, three products: about 16 significant bits, ~1e-5 relative error in
+  x.c). Near-ties (distances equal within that error) may pick another centroid than the fp32
+  reference; the chosen distance is the minimum within that error. x is read in its own dtype.
 - update: deterministic, no floating-point atomics: tokens are ordered by cluster (a stable sort)
   and each cluster's tokens are summed in that fixed order; results can differ from the
   reference's one-hot matmul only by fp32 summation order.
@@ -11,21 +12,38 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from qkv.kernels.triton.bits import round_to_bf16
 
-def _dot_precision(device: torch.device) -> str:
-    return "ieee" if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1" else "tf32x3"
+
+@triton.jit
+def split_dot(a, b, EMULATE: tl.constexpr):
+    """a @ b for fp32 tiles in three bf16 tensor-core products: (ah + al) @ (bh + bl) less al @ bl.
+
+    EMULATE (no GPU: Triton's interpreter has no bf16 dot) runs the same three products as exact
+    fp32 dots of the bf16-valued parts, which is what the tensor cores compute.
+    """
+    ah = round_to_bf16(a)
+    al = round_to_bf16(a - ah)
+    bh = round_to_bf16(b)
+    bl = round_to_bf16(b - bh)
+    if EMULATE:
+        out = tl.dot(ah, bh, input_precision="ieee") + (
+            tl.dot(ah, bl, input_precision="ieee") + tl.dot(al, bh, input_precision="ieee")
+        )
+    else:
+        ah, al, bh, bl = ah.to(tl.bfloat16), al.to(tl.bfloat16), bh.to(tl.bfloat16), bl.to(tl.bfloat16)
+        out = tl.dot(ah, bh) + (tl.dot(ah, bl) + tl.dot(al, bh))
+    return out
 
 
 @triton.jit
 def _assign_kernel(
     x_ptr, c_ptr, idx_ptr, dist_ptr, S, C, D,
-    PRECISION: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    EMULATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -33,6 +51,7 @@ def _assign_kernel(
     s_ok = s < S
     d_ok = d < D
     x = tl.load(x_ptr + (n * S + s[:, None]) * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    x = x.to(tl.float32)
     x_sq = tl.sum(x * x, axis=1)
     best = tl.full((BLOCK_S,), float("inf"), tl.float32)
     best_i = tl.zeros((BLOCK_S,), tl.int64)
@@ -41,7 +60,7 @@ def _assign_kernel(
         c_ok = c < C
         cent = tl.load(c_ptr + (n * C + c[:, None]) * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         c_sq = tl.sum(cent * cent, axis=1)
-        dot = tl.dot(x, tl.trans(cent), input_precision=PRECISION)
+        dot = split_dot(x, tl.trans(cent), EMULATE)
         dist = c_sq[None, :] - 2.0 * dot
         dist = tl.where(c_ok[None, :], dist, float("inf"))
         tile_best = tl.min(dist, axis=1)
@@ -69,7 +88,8 @@ def _update_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < count
         tok = tl.load(order_ptr + n * S + start + t, mask=t_ok, other=0)
-        acc += tl.load(x_ptr + (n * S + tok[:, None]) * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        xs = tl.load(x_ptr + (n * S + tok[:, None]) * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += xs.to(tl.float32)
     total = tl.sum(acc, axis=0)
     mean = tl.math.div_rn(total, tl.maximum(count, 1).to(tl.float32))
     old = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
@@ -84,7 +104,7 @@ def assign_supports(x, centroids) -> str | None:
 
 def assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`."""
-    x, centroids = x.float().contiguous(), centroids.float().contiguous()
+    x, centroids = x.contiguous(), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
     idx = torch.empty(n, s, dtype=torch.int64, device=x.device)
@@ -94,7 +114,7 @@ def assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tenso
     block_s = 64
     _assign_kernel[(n, triton.cdiv(s, block_s))](
         x, centroids, idx, dist, s, c, d,
-        PRECISION=_dot_precision(x.device), BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d,
+        EMULATE=x.device.type != "cuda", BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d,
     )
     return idx, dist
 
@@ -103,7 +123,7 @@ def update_triton(
     x: torch.Tensor, assignments: torch.Tensor, centroids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`qkv.kernels.kmeans.update_torch` (deterministic)."""
-    x, centroids = x.float().contiguous(), centroids.float().contiguous()
+    x, centroids = x.contiguous(), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
     assign = assignments.long()
