@@ -50,7 +50,8 @@ SAFE_LOW, SAFE_HIGH = -20, 40
 def _row_scale(x: torch.Tensor) -> torch.Tensor | None:
     """Power of two per row so that x / scale has max-abs in [0.5, 1): [N, 1, 1]; None when every
     row is in the safe range (no scaling needed)."""
-    peak = x.abs().flatten(1).amax(-1)
+    low, high = torch.aminmax(x.flatten(1), dim=-1)  # one pass, no |x| temporary
+    peak = torch.maximum(-low, high).float()
     exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)) + 1, torch.zeros_like(peak))
     if bool(((exponent >= SAFE_LOW) & (exponent <= SAFE_HIGH)).all()):
         return None

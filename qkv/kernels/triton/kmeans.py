@@ -20,30 +20,35 @@ from qkv.kernels.triton.bits import round_to_bf16
 
 
 @triton.jit
-def split_dot(a, b, EMULATE: tl.constexpr):
-    """a @ b for fp32 tiles in three bf16 tensor-core products: (ah + al) @ (bh + bl) less al @ bl.
+def split(a):
+    """fp32 tile -> (high, low) bf16-valued fp32 tiles with high + low == a to ~16 bits."""
+    hi = round_to_bf16(a)
+    return hi, round_to_bf16(a - hi)
 
-    EMULATE (no GPU: Triton's interpreter has no bf16 dot) runs the same three products as exact
-    fp32 dots of the bf16-valued parts, which is what the tensor cores compute.
-    """
-    ah = round_to_bf16(a)
-    al = round_to_bf16(a - ah)
-    bh = round_to_bf16(b)
-    bl = round_to_bf16(b - bh)
+
+@triton.jit
+def split_dot(ah, al, bh, bl, A_EXACT: tl.constexpr, EMULATE: tl.constexpr):
+    """(ah + al) @ (bh + bl) less al @ bl, as bf16 tensor-core products accumulated in fp32
+    (al is skipped when A_EXACT: a was bf16 already). EMULATE (no GPU: Triton's interpreter has
+    no bf16 dot) runs the same products as exact fp32 dots of the bf16-valued parts."""
     if EMULATE:
-        out = tl.dot(ah, bh, input_precision="ieee") + (
-            tl.dot(ah, bl, input_precision="ieee") + tl.dot(al, bh, input_precision="ieee")
-        )
+        out = tl.dot(ah, bh, input_precision="ieee") + tl.dot(ah, bl, input_precision="ieee")
+        if not A_EXACT:
+            out += tl.dot(al, bh, input_precision="ieee")
     else:
-        ah, al, bh, bl = ah.to(tl.bfloat16), al.to(tl.bfloat16), bh.to(tl.bfloat16), bl.to(tl.bfloat16)
-        out = tl.dot(ah, bh) + (tl.dot(ah, bl) + tl.dot(al, bh))
+        ah16 = ah.to(tl.bfloat16)
+        bh16 = bh.to(tl.bfloat16)
+        out = tl.dot(ah16, bh16) + tl.dot(ah16, bl.to(tl.bfloat16))
+        if not A_EXACT:
+            out += tl.dot(al.to(tl.bfloat16), bh16)
     return out
 
 
 @triton.jit
 def _assign_kernel(
     x_ptr, c_ptr, idx_ptr, dist_ptr, S, C, D,
-    EMULATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    X_EXACT: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -53,6 +58,7 @@ def _assign_kernel(
     x = tl.load(x_ptr + (n * S + s[:, None]) * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     x = x.to(tl.float32)
     x_sq = tl.sum(x * x, axis=1)
+    xh, xl = split(x)
     best = tl.full((BLOCK_S,), float("inf"), tl.float32)
     best_i = tl.zeros((BLOCK_S,), tl.int64)
     for c0 in range(0, C, BLOCK_C):
@@ -60,8 +66,8 @@ def _assign_kernel(
         c_ok = c < C
         cent = tl.load(c_ptr + (n * C + c[:, None]) * D + d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
         c_sq = tl.sum(cent * cent, axis=1)
-        dot = split_dot(x, tl.trans(cent), EMULATE)
-        dist = c_sq[None, :] - 2.0 * dot
+        ch, cl = split(tl.trans(cent))
+        dist = c_sq[None, :] - 2.0 * split_dot(xh, xl, ch, cl, X_EXACT, EMULATE)
         dist = tl.where(c_ok[None, :], dist, float("inf"))
         tile_best = tl.min(dist, axis=1)
         tile_i = tl.argmin(dist, axis=1).to(tl.int64) + c0
@@ -111,10 +117,11 @@ def assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tenso
     dist = torch.empty(n, s, dtype=torch.float32, device=x.device)
     block_d = max(16, triton.next_power_of_2(d))
     block_c = 64 if block_d <= 128 else 32
-    block_s = 64
+    block_s = 128 if block_d <= 128 else 64
     _assign_kernel[(n, triton.cdiv(s, block_s))](
         x, centroids, idx, dist, s, c, d,
-        EMULATE=x.device.type != "cuda", BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d,
+        X_EXACT=x.dtype == torch.bfloat16, EMULATE=x.device.type != "cuda",
+        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8,
     )
     return idx, dist
 

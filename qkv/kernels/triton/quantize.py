@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from einops import rearrange
 
-from qkv.kernels.quantize import QuantizedRows, block_peaks, row_multiplier
+from qkv.kernels.quantize import QuantizedRows, block_peaks, exact_div, row_multiplier
 from qkv.kernels.triton.bits import (
     pack_word,
     round_down,
@@ -174,8 +174,12 @@ def quantize_pack_triton(x: torch.Tensor, q: AffineQuantizer, packer: BitPacker)
     """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`."""
     n, r, length = x.shape
     x = x.contiguous()
-    peaks = block_peaks(rearrange(x.float(), "n r (g b) -> n r g b", b=q.block), q)
-    mult = row_multiplier(peaks.flatten(1).amax(-1), q)
+    if q.has_zero:
+        peaks = block_peaks(rearrange(x.float(), "n r (g b) -> n r g b", b=q.block), q).flatten(1).amax(-1)
+    else:  # the largest block peak is the row's |x| maximum over steps (division is monotonic)
+        low, high = torch.aminmax(x.flatten(1), dim=-1)
+        peaks = exact_div(torch.maximum(-low, high).float(), q.steps)
+    mult = row_multiplier(peaks, q)
     groups = length // q.block
     p = packer.packed_len(length, q.bits)
     codes = torch.empty(n, r, p, dtype=packer.container, device=x.device)
