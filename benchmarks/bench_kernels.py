@@ -121,8 +121,37 @@ def run(args) -> dict:
             del x
             torch.cuda.empty_cache()
     results["rows"] = rows
-    results["encode_breakdown"] = encode_breakdown(real_tiled(SHAPES["longcat"], args.real) if args.real else clustered(SHAPES["longcat"]))
+    x = real_tiled(SHAPES["longcat"], args.real) if args.real else clustered(SHAPES["longcat"])
+    results["encode_breakdown"] = encode_breakdown(x)
+    results["assign_sweep"] = assign_sweep(x)
     return results
+
+
+def assign_sweep(x) -> list[dict]:
+    """Time the assignment kernel alone at a few tile shapes (LongCat span, 256 centroids)."""
+    from qkv.kernels.triton.kmeans import _assign_kernel
+
+    n, s, d = x.shape[0] * x.shape[1], x.shape[2], x.shape[3]
+    flat = x.reshape(n, s, d)
+    cents = flat[:, :256].float().contiguous()
+    idx = torch.empty(n, s, dtype=torch.int64, device="cuda")
+    dist = torch.empty(n, s, device="cuda")
+    rows = []
+    for bs, bc, warps, stages in [(64, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (256, 64, 8, 2), (64, 128, 4, 3)]:
+        def launch():
+            _assign_kernel[(n, triton.cdiv(s, bs))](
+                flat, cents, idx, dist, s, 256, d, X_EXACT=True, EMULATE=False,
+                BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=d, num_warps=warps, num_stages=stages,
+            )
+        try:
+            t = ms(launch)
+        except Exception as exc:  # a tile too large for shared memory
+            print(f"  assign BLOCK_S={bs} BLOCK_C={bc} warps={warps} stages={stages}: {type(exc).__name__}")
+            continue
+        flops = 2 * n * s * 256 * d * 2  # two bf16 products (exact bf16 input)
+        rows.append({"block_s": bs, "block_c": bc, "warps": warps, "stages": stages, "ms": t, "TFLOPs": flops / t / 1e9})
+        print(f"  assign BLOCK_S={bs} BLOCK_C={bc} warps={warps} stages={stages}: {t:.3f} ms ({rows[-1]['TFLOPs']:.0f} TFLOP/s)")
+    return rows
 
 
 def encode_breakdown(x) -> list[dict]:
