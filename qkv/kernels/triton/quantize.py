@@ -89,6 +89,13 @@ def _quantize_pack_kernel(
 
 
 @triton.jit
+def _add_centroids(out, c_ptr, a_ptr, c_stride, a_stride, pid_n, s, d, s_ok, mask, D):
+    """out [BLOCK_S, BLOCK_D] + the centroid of each token's group (one stage)."""
+    a = tl.load(a_ptr + pid_n * a_stride + s, mask=s_ok, other=0).to(tl.int64)
+    return out + tl.load(c_ptr + pid_n * c_stride + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def _dequantize_kernel(
     codes_ptr, scales_ptr, zeros_ptr, mult_ptr, out_ptr,
     c0, a0, c1, a1, c2, a2, c3, a3,
@@ -145,17 +152,13 @@ def _dequantize_kernel(
             zero = tl.load(zeros_ptr + sidx, mask=mask, other=0.0).to(tl.float32) * m
             out = out + zero
     if STAGES > 0:
-        a = tl.load(a0 + pid_n * as0 + s, mask=s_ok, other=0).to(tl.int64)
-        out += tl.load(c0 + pid_n * cs0 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = _add_centroids(out, c0, a0, cs0, as0, pid_n, s, d, s_ok, mask, D)
     if STAGES > 1:
-        a = tl.load(a1 + pid_n * as1 + s, mask=s_ok, other=0).to(tl.int64)
-        out += tl.load(c1 + pid_n * cs1 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = _add_centroids(out, c1, a1, cs1, as1, pid_n, s, d, s_ok, mask, D)
     if STAGES > 2:
-        a = tl.load(a2 + pid_n * as2 + s, mask=s_ok, other=0).to(tl.int64)
-        out += tl.load(c2 + pid_n * cs2 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = _add_centroids(out, c2, a2, cs2, as2, pid_n, s, d, s_ok, mask, D)
     if STAGES > 3:
-        a = tl.load(a3 + pid_n * as3 + s, mask=s_ok, other=0).to(tl.int64)
-        out += tl.load(c3 + pid_n * cs3 + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+        out = _add_centroids(out, c3, a3, cs3, as3, pid_n, s, d, s_ok, mask, D)
     if OUT_BF16:
         out = round_to_bf16(out)
     tl.store(out_ptr + (pid_n * S + s[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
