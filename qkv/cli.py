@@ -19,7 +19,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from qkv.evaluation import evaluate
-    from qkv.evaluation.report import environment, format_table, plot_frontier, write_json
+    from qkv.evaluation.report import (
+        environment,
+        format_markdown,
+        format_table,
+        plot_frontier,
+        write_json,
+    )
     from qkv.evaluation.suite import build_suite
     from qkv.realdata import list_datasets, load_dataset
 
@@ -51,9 +57,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, "eval.json")
     png_path = os.path.join(args.out, "frontier.png")
+    md_path = os.path.join(args.out, "eval.md")
     write_json(json_path, results, labels, environment(device))
     plot_frontier(png_path, results, labels)
-    print(f"\nwrote {json_path} and {png_path}")
+    with open(md_path, "w") as f:
+        f.write(format_markdown(results, labels))
+    print(f"\nwrote {json_path}, {md_path} and {png_path}")
     return 0
 
 

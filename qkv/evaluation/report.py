@@ -38,6 +38,20 @@ def format_table(results: list[Result], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(results: list[Result], labels: dict[str, str]) -> str:
+    """The same table as :func:`format_table`, one Markdown table per dataset."""
+    lines = []
+    for dataset in dict.fromkeys(r.dataset for r in results):
+        lines += [f"\n### {dataset}\n", f"{labels.get(dataset, '')}\n"]
+        lines.append("| " + " | ".join(t for t, _, _, _ in COLUMNS) + " |")
+        lines.append("|" + "---|" * len(COLUMNS))
+        for r in results:
+            if r.dataset == dataset:
+                cells = [format(getattr(r, key), fmt.lstrip("<>0123456789")) for _, _, fmt, key in COLUMNS]
+                lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def environment(device: torch.device) -> dict[str, str]:
     env = {
         "torch": torch.__version__,
