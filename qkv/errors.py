@@ -50,3 +50,18 @@ class CorruptDataError(QKVError, ValueError):
 
 class BackendError(QKVError, ValueError):
     """A kernel backend was requested that does not exist or cannot run here."""
+
+
+class NoBoundError(QKVError, ValueError):
+    """An error bound was asked of a policy with a component that declares none (the message names
+    the component)."""
+
+
+class BoundViolation(QKVError, AssertionError):
+    """A reconstruction is farther from its original than the bound its compressed data reports."""
+
+
+class CacheError(QKVError, ValueError):
+    """A streaming-cache operation does not fit the cache's state (reading a layer that holds
+    nothing, evicting more than it holds, a slice write that is neither an append, a rewrite of the
+    newest chunk nor an eviction, or a saved cache that does not match its files)."""

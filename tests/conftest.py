@@ -1,5 +1,4 @@
 import os
-import sys
 
 import torch
 from hypothesis import HealthCheck, settings
@@ -7,8 +6,6 @@ from hypothesis import HealthCheck, settings
 # Without a GPU, Triton kernels run in Triton's interpreter (numpy) so CI checks them too.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-sys.path.insert(0, os.path.dirname(__file__))  # tests/strategies.py
 
 settings.register_profile(
     "ci",

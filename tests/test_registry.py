@@ -31,10 +31,13 @@ def test_token_round_trip(token):
 
 
 def test_import_is_light():
-    """import qkv must not import triton or faiss, nor initialize CUDA."""
+    """import qkv must not import triton, faiss or hypothesis (only qkv.testing needs it), nor
+    initialize CUDA; computing an error bound imports nothing more."""
     code = (
-        "import sys, qkv, torch; qkv.build_policy('qvg');"
+        "import sys, qkv, torch; p = qkv.build_policy('qvg', clusters=4);"
+        "x = torch.randn(1, 1, 64, 64); p.error_bound(p.compress(x, x));"
         "assert 'triton' not in sys.modules, 'triton'; assert 'faiss' not in sys.modules, 'faiss';"
+        "assert 'hypothesis' not in sys.modules, 'hypothesis';"
         "assert not torch.cuda.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,14 +1,19 @@
-"""Policy composition, presets and compressed data."""
+"""Policy composition, presets, compressed data and the streaming cache."""
 
 from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
+from qkv.caches.kvcache import CacheConfig, CacheMemory, KVCache, LayerCache
 from qkv.caches.policy import Policy, TensorPolicy
 from qkv.caches.presets import OVERRIDES, PRESETS, build_policy, list_policies
 
 __all__ = [
     "OVERRIDES",
     "PRESETS",
+    "CacheConfig",
+    "CacheMemory",
     "CompressedKV",
     "CompressedTensor",
+    "KVCache",
+    "LayerCache",
     "Policy",
     "StageData",
     "TensorPolicy",

@@ -137,6 +137,16 @@ class CompressedKV:
         """A copy with every stored tensor on ``device``."""
         return CompressedKV(self.k.to(device), self.v.to(device), self.spec)
 
+    def error_bound(self, policy=None, k_hat: torch.Tensor | None = None, v_hat: torch.Tensor | None = None):
+        """Guaranteed bounds (:class:`qkv.bounds.KVBound`) on the reconstruction error of keys and
+        values, computed from this data alone. ``policy``: the policy that compressed it (default:
+        rebuilt from ``spec``, which needs every component registered)."""
+        if policy is None:
+            from qkv.caches.presets import build_policy
+
+            policy = build_policy(self.spec)
+        return policy.error_bound(self, k_hat, v_hat)
+
     def save(self, path) -> None:
         """Write to a safetensors file (see :mod:`qkv.caches.storage`)."""
         from qkv.caches.storage import save_compressed

@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 
 from qkv import kernels
-from qkv.bounds import Bound, ErrorState, KVBound, holds, output_cast
+from qkv.bounds import Bound, BoundKind, ErrorState, KVBound, holds, output_cast
 from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.component import check_int
 from qkv.errors import ConfigError, ShapeError
@@ -65,6 +65,9 @@ class TensorPolicy:
             )
         if self.staging.count > 1 and not self.smoothing.needs_groups:
             raise ConfigError(f"{self.staging.token} repeats grouping + smoothing: it needs centroid smoothing")
+
+    def __repr__(self) -> str:
+        return f"TensorPolicy({self.spec!r})"  # the spec names it completely
 
     # -- spec ----------------------------------------------------------------------------------
     @property
@@ -229,12 +232,12 @@ class TensorPolicy:
                 source = torch.float32
             decoded = None if x_hat is None else flat(x_hat[:, :, :s_q])
             bound = output_cast(state, source, decoded, ct.dtype)
-            split = "(b h) s d -> b h s d" if bound.kind.value == "element" else "(b h) s -> b h s"
+            split = "(b h) s d -> b h s d" if bound.kind is BoundKind.ELEMENT else "(b h) s -> b h s"
             parts.append(bound.map(lambda v: rearrange(v, split, b=b)))
         if s_q < s:
             device = ct.fp_tokens.device
             parts.append(Bound.element(torch.zeros(b, h, s - s_q, d, dtype=torch.float64, device=device)))
-        return Bound.cat(parts, d).widened()
+        return Bound.cat(parts).widened()
 
     def _residual_bound(self, ct: CompressedTensor) -> ErrorState:
         """fp32 bound [B*H, S_q, D] of the quantized tokens with every stage undone."""
@@ -260,6 +263,9 @@ class Policy:
     k: TensorPolicy
     v: TensorPolicy
     name: str | None = dataclasses.field(default=None, compare=False)
+
+    def __repr__(self) -> str:
+        return f"Policy({self.spec!r})" if self.name is None else f"Policy({self.spec!r}, name={self.name!r})"
 
     @property
     def spec(self) -> str:

@@ -24,6 +24,7 @@ from typing import ClassVar
 
 import torch
 
+from qkv.bounds import FLUSH, U32, Bound, ErrorState, rounding_error
 from qkv.component import Component, check_choice, check_int
 from qkv.dtypes import FLOAT_FORMATS
 from qkv.errors import ConfigError
@@ -96,6 +97,39 @@ class AffineQuantizer(Component):
     def scale_dtype(self) -> torch.dtype:
         return FLOAT_FORMATS[self.scale]
 
+    def error_bound(
+        self, scales: torch.Tensor, zeros: torch.Tensor | None, mult: torch.Tensor | None
+    ) -> ErrorState:
+        """Guaranteed error of the dequantized values, from the stored block parameters alone.
+
+        scales / zeros: [N, R, G] as stored (rows as quantized: R = tokens for ``axis="token"``,
+        R = D for ``axis="channel"``); mult: [N] fp32 powers of two, or None. With ``s`` and ``z``
+        the fp32 scale and zero point the decoder uses (stored value times ``mult``), ``L = levels
+        - 1`` and ``u = 2**-24``, every element of a block satisfies::
+
+            |x_hat - x| <= s / 2 + 16 u ((L + 1) s + |z|) + (L + 4) 2**-126 max(1, mult)
+
+        ``s / 2``: round to nearest on the stored grid. The scale's own rounding is already in
+        ``s``: it is stored rounded up and the zero point rounded down, so the grid covers the
+        block. ``16 u (...)``: the fp32 arithmetic of ``(x - z) / s + offset``, the clamp, and
+        ``(code - offset) * s + z`` (fewer than 16 roundings of values at most ``(L + 1) s + |z|``).
+        The last term covers fp32 underflow of tiny scales (gradual, or flushed to zero by a GPU
+        kernel; ``2**-126`` is the smallest normal fp32). Returns the bound and the magnitude
+        ``(L s + |z|)(1 + 4u)`` of the decoded values, per element in token layout [N, S_q, D].
+        """
+        m = mult.view(-1, 1, 1) if mult is not None else torch.ones((), device=scales.device)
+        s = (scales.float() * m).double()  # exactly the decoder's fp32 scale
+        z = (zeros.float() * m).double().abs() if zeros is not None else torch.zeros((), dtype=torch.float64)
+        z = z.to(s.device)
+        top = self.levels - 1
+        tiny = (top + 4) * FLUSH * m.double().clamp_min(1)
+        bound = s / 2 + 16 * U32 * ((top + 1) * s + z) + tiny
+        magnitude = (top * s + z) * (1 + 4 * U32)
+        bound, magnitude = (t.repeat_interleave(self.block, dim=-1) for t in (bound, magnitude))
+        if self.axis == "channel":
+            bound, magnitude = bound.transpose(1, 2), magnitude.transpose(1, 2)
+        return ErrorState(Bound.element(bound), magnitude)
+
 
 @dataclasses.dataclass(frozen=True)
 class CastQuantizer(Component):
@@ -115,6 +149,12 @@ class CastQuantizer(Component):
     @property
     def storage_dtype(self) -> torch.dtype:
         return FLOAT_FORMATS[self.dtype]
+
+    def error_bound(self, stored: torch.Tensor, input_dtype: torch.dtype) -> ErrorState:
+        """Guaranteed error of the stored values [..., S, D] (this format) against the input of
+        ``input_dtype`` they were rounded from: 0 when the format holds every input value, else
+        half an ulp, ``u(format) * |stored| + tiny / 2`` per element (inf where it overflowed)."""
+        return ErrorState(Bound.element(rounding_error(stored, input_dtype)), stored.double().abs())
 
 
 def _affine_factory(bits: int):

@@ -1,0 +1,113 @@
+"""What a :class:`qkv.KVCache` is configured with, and what it reports about its memory."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+from qkv.caches.policy import Policy
+from qkv.component import check_choice, check_int
+from qkv.errors import ConfigError
+from qkv.kernels import Backend
+
+__all__ = ["CacheConfig", "CacheMemory"]
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """How a :class:`KVCache` streams. A span is ``span_chunks`` chunks (8 when neither is given,
+    as in the paper) or ``span_tokens`` tokens; not both."""
+
+    policy: Policy
+    span_chunks: int | None = None
+    span_tokens: int | None = None
+    sink_chunks: int = 0
+    recent_chunks: int = 0
+    max_spans: int | None = None
+    warm_start: bool = True
+    head_independent: bool = True
+    validate: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.policy, Policy):
+            raise ConfigError(f"cache: policy must be a qkv Policy, got {type(self.policy).__name__}")
+        if self.span_chunks is None and self.span_tokens is None:
+            object.__setattr__(self, "span_chunks", 8)
+        if self.span_chunks is not None and self.span_tokens is not None:
+            raise ConfigError("cache: set span_chunks or span_tokens, not both")
+        if self.span_chunks is not None:
+            check_int("cache", "span_chunks", self.span_chunks, 1)
+        if self.span_tokens is not None:
+            check_int("cache", "span_tokens", self.span_tokens, 1)
+        check_int("cache", "sink_chunks", self.sink_chunks, 0)
+        check_int("cache", "recent_chunks", self.recent_chunks, 0)
+        if self.max_spans is not None:
+            check_int("cache", "max_spans", self.max_spans, 1)
+        for key in ("warm_start", "head_independent", "validate"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"cache: {key} must be True or False, got {getattr(self, key)!r}")
+        check_choice("cache", "backend", self.backend, tuple(b.value for b in Backend))
+
+    @functools.cached_property
+    def span_policy(self) -> Policy:
+        """The policy spans are compressed with: ``policy`` with its windows stripped."""
+        p = self.policy
+        return Policy(dataclasses.replace(p.k, window=0), dataclasses.replace(p.v, window=0), name=p.name)
+
+    @property
+    def fp_window(self) -> int:
+        """Newest tokens that always stay in full precision (the policy's window)."""
+        return max(self.policy.k.window, self.policy.v.window)
+
+    @property
+    def clusters(self) -> bool:
+        """Whether K or V compression runs a seeded clustering (k-means, FAISS)."""
+        return any(
+            tp.smoothing.needs_groups and tp.grouping.has_param("clusters") for tp in (self.policy.k, self.policy.v)
+        )
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["policy"] = self.policy.spec
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CacheConfig":
+        from qkv.caches.presets import build_policy
+
+        return cls(**{**data, "policy": build_policy(data["policy"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheMemory:
+    """Exact bytes a cache (or one layer) stores, by part.
+
+    compressed: every stored span (all its components, including full-precision tokens a policy
+        keeps inside a span); sink / tail: the full-precision first and newest chunks; warm_start:
+        centroids kept for the next span's warm start that no stored span shares.
+    tokens: retained tokens (summed over layers); elements: K and V values they represent.
+    """
+
+    compressed: int = 0
+    sink: int = 0
+    tail: int = 0
+    warm_start: int = 0
+    tokens: int = 0
+    elements: int = 0
+
+    @property
+    def full_precision(self) -> int:
+        return self.sink + self.tail
+
+    @property
+    def total(self) -> int:
+        return self.compressed + self.sink + self.tail + self.warm_start
+
+    @property
+    def bits_per_element(self) -> float:
+        """Stored bits per retained K/V value (16 for an uncompressed bf16 cache)."""
+        return 8 * self.total / self.elements if self.elements else 0.0
+
+    def __add__(self, other: "CacheMemory") -> "CacheMemory":
+        return CacheMemory(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))

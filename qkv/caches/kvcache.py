@@ -1,0 +1,452 @@
+"""The streaming compressed KV cache: append chunks, compress complete spans once, read the history.
+
+A video generator (Self-Forcing, LongCat-Video, HY-WorldPlay) or an LLM decoder appends one chunk
+of K/V per layer at a time and attends to everything cached. Per layer, :class:`LayerCache` keeps
+
+- the **sink**: the first ``sink_chunks`` chunks, in full precision, never compressed nor evicted;
+- the **spans**: a list of :class:`CompressedKV`, one per completed span (``span_chunks`` chunks, or
+  ``span_tokens`` tokens), each compressed exactly once and never re-quantized;
+- the **tail**: the newest chunks in full precision, until they complete a span (and, with
+  ``recent_chunks=R``, until R newer chunks exist, so the newest R chunks are always exact). A policy's
+  ``window(tokens=N)`` (KIVI's residual window) is honoured here: a span is only compressed when at
+  least N newer tokens stay in the tail, and spans are compressed with the window stripped (a window
+  inside every span would keep N tokens of every span in full precision forever).
+
+``max_spans`` evicts the oldest spans (a sliding window over the compressed history);
+:meth:`LayerCache.evict` drops any number of the oldest non-sink tokens (a span whose first tokens
+are evicted stays stored until all of its tokens are gone, and reports its full size).
+
+State lives here, never in the policy (policies are stateless). With ``warm_start=True`` (default)
+every span's k-means starts from the previous span's centroids of the same layer, head and tensor
+(the first span, and a span whose cluster count differs, start cold). ``benchmarks/warm_start_kmeans.py``
+measured it on real K/V against the qvg presets' cold start (random seeding, as the reference): on
+Wan video K/V warm reaches the cold error in 2.4x / 4.0x / 7.1x fewer iterations (cold 5 / 10 / 20),
+and at the presets' 5 iterations its objective is 4.6% (video) / 1.0% (speech encoder) lower. With
+``head_independent=True`` (default) a cold clustering runs head by head, so a head's result never
+depends on which other heads share the call: that is what lets ranks that each hold some heads
+(``qkv.caches.sharding``) produce exactly the unsharded cache.
+
+:meth:`LayerCache.read` is the one read path: it decompresses span by span (nothing decompressed is
+kept) and concatenates sink, spans and tail; a fused attention over compressed spans can replace it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from qkv.caches.cache_config import CacheConfig, CacheMemory
+from qkv.caches.compressed import CompressedKV, StageData
+from qkv.caches.heads import cat_heads, index_batch
+from qkv.caches.layout import predicted_groups
+from qkv.caches.policy import Policy
+from qkv.component import check_int
+from qkv.errors import CacheError, DeviceError, DTypeError, ShapeError
+from qkv.validation import check_kv_layout, check_kv_values
+
+__all__ = ["CacheConfig", "CacheMemory", "KVCache", "LayerCache"]
+
+
+def _nbytes(*tensors: torch.Tensor | None) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Full-precision K/V ``[B, H, n, D]`` whose first token has absolute position ``start``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
+
+    @property
+    def tokens(self) -> int:
+        return self.k.shape[2]
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """One compressed span (tokens ``start .. start + S``); its first ``skip`` tokens are evicted."""
+
+    ckv: CompressedKV
+    start: int
+    skip: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.ckv.k.shape[2] - self.skip
+
+
+def centroids_only(ckv: CompressedKV) -> CompressedKV:
+    """What a warm start needs of a span: its centroids (shared, not copied), nothing else."""
+
+    def strip(ct):
+        stages = tuple(StageData(s.centroids, None) for s in ct.stages)
+        return dataclasses.replace(
+            ct, codes=None, scales=None, zeros=None, scale_mult=None, fp_tokens=None, stages=stages
+        )
+
+    return CompressedKV(strip(ckv.k), strip(ckv.v), ckv.spec)
+
+
+def _take(chunks: list[Chunk], n: int) -> tuple[list[Chunk], list[Chunk]]:
+    """Split ``chunks`` after ``n`` tokens (cutting at most one chunk in two): (front, rest)."""
+    front, rest, need = [], [], n
+    for c in chunks:
+        if need >= c.tokens:
+            front.append(c)
+            need -= c.tokens
+        elif need > 0:
+            front.append(Chunk(c.k[:, :, :need].clone(), c.v[:, :, :need].clone(), c.start))
+            rest.append(Chunk(c.k[:, :, need:].clone(), c.v[:, :, need:].clone(), c.start + need))
+            need = 0
+        else:
+            rest.append(c)
+    return front, rest
+
+
+def _cat(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
+    if len(chunks) == 1:
+        return chunks[0].k, chunks[0].v
+    return torch.cat([c.k for c in chunks], 2), torch.cat([c.v for c in chunks], 2)
+
+
+class LayerCache:
+    """One layer's streaming cache (see the module docstring). Tensors are ``[B, H, S, D]``."""
+
+    def __init__(self, config: CacheConfig, index: int = 0) -> None:
+        self.config = config
+        self.index = index
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything (the layer takes a new batch/head layout on its next append)."""
+        self.sink: list[Chunk] = []
+        self.spans: list[Span] = []
+        self.tail: list[Chunk] = []
+        self.warm: CompressedKV | None = None
+        self.seen = 0  # tokens ever appended (absolute position of the next token)
+        self.chunks_seen = 0
+        self.evicted = 0
+        self.layout: tuple[int, int, int, torch.dtype, torch.device] | None = None  # B, H, D, dtype, device
+
+    # -- sizes ---------------------------------------------------------------------------------
+    @property
+    def tokens(self) -> int:
+        """Retained tokens (what :meth:`read` returns along S)."""
+        return sum(c.tokens for c in self.sink) + sum(s.tokens for s in self.spans) + sum(c.tokens for c in self.tail)
+
+    def memory(self) -> CacheMemory:
+        """Exact stored bytes of this layer, by part."""
+        shared = {id(s.centroids) for sp in self.spans for ct in (sp.ckv.k, sp.ckv.v) for s in ct.stages}
+        warm = 0
+        if self.warm is not None:
+            warm = sum(
+                _nbytes(s.centroids)
+                for ct in (self.warm.k, self.warm.v)
+                for s in ct.stages
+                if id(s.centroids) not in shared
+            )
+        b, h, d = self.layout[:3] if self.layout else (0, 0, 0)
+        return CacheMemory(
+            compressed=sum(sp.ckv.nbytes for sp in self.spans),
+            sink=sum(_nbytes(c.k, c.v) for c in self.sink),
+            tail=sum(_nbytes(c.k, c.v) for c in self.tail),
+            warm_start=warm,
+            tokens=self.tokens,
+            elements=2 * b * h * d * self.tokens,
+        )
+
+    # -- writing -------------------------------------------------------------------------------
+    def check(self, k: object, v: object) -> None:
+        """Raise a typed error (naming the problem) unless ``k``/``v`` can be appended; no side effects."""
+        check_kv_layout("k", k)
+        check_kv_layout("v", v)
+        if k.shape != v.shape:
+            raise ShapeError(f"layer {self.index}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+        if k.dtype != v.dtype:
+            raise DTypeError(f"layer {self.index}: k is {k.dtype} but v is {v.dtype}")
+        if k.device != v.device:
+            raise DeviceError(f"layer {self.index}: k is on {k.device} but v is on {v.device}")
+        b, h, _, d = k.shape
+        if self.layout is not None:
+            lb, lh, ld, dtype, device = self.layout
+            if (b, h, d) != (lb, lh, ld):
+                raise ShapeError(
+                    f"layer {self.index}: chunk has [B, H, D] = [{b}, {h}, {d}], the cache holds [{lb}, {lh}, {ld}]"
+                )
+            if k.dtype != dtype:
+                raise DTypeError(f"layer {self.index}: chunk is {k.dtype}, the cache holds {dtype}")
+            if k.device != device:
+                raise DeviceError(f"layer {self.index}: chunk is on {k.device}, the cache is on {device}")
+        else:
+            self.config.policy.k.check_shape("k", tuple(k.shape))
+            self.config.policy.v.check_shape("v", tuple(v.shape))
+        if self.config.validate:
+            check_kv_values("k", k)
+            check_kv_values("v", v)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one chunk ``k``, ``v`` [B, H, S_chunk, D] (fp32/fp16/bf16, copied).
+
+        Bad chunks (rank, shape, dtype or device unlike the cache's, NaN/Inf) raise a typed error
+        and leave the layer unchanged. Spans completed by this chunk are compressed now, once.
+        """
+        self.check(k, v)
+        chunk = Chunk(k.detach().clone(), v.detach().clone(), self.seen)
+        layout = self.layout or (k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
+        if self.chunks_seen < self.config.sink_chunks:
+            self.sink.append(chunk)
+        else:
+            new_spans, tail, warm = self._complete_spans([*self.tail, chunk])
+            self.tail, self.warm = tail, warm
+            self.spans.extend(new_spans)
+            self._slide()
+        self.layout = layout
+        self.seen += chunk.tokens
+        self.chunks_seen += 1
+
+    def _next_span(self, tail: list[Chunk]) -> int:
+        """Tokens of the span to compress now at the front of ``tail`` (0: none is complete)."""
+        cfg = self.config
+        have = sum(c.tokens for c in tail)
+        if cfg.span_chunks is not None:
+            if len(tail) < cfg.span_chunks:
+                return 0
+            n = sum(c.tokens for c in tail[: cfg.span_chunks])
+        else:
+            n = cfg.span_tokens
+        recent = sum(c.tokens for c in tail[len(tail) - cfg.recent_chunks :]) if cfg.recent_chunks else 0
+        return n if have >= n and have - n >= max(cfg.fp_window, recent) else 0
+
+    def _complete_spans(self, tail: list[Chunk]) -> tuple[list[Span], list[Chunk], CompressedKV | None]:
+        """Compress every complete span at the front of ``tail``: (new spans, remaining tail, warm)."""
+        spans, warm = [], self.warm
+        while n := self._next_span(tail):
+            head, tail = _take(tail, n)
+            k, v = _cat(head)
+            ckv = self._compress(k, v, warm)
+            spans.append(Span(ckv, head[0].start))
+            if self.config.warm_start and self.config.clusters:
+                warm = centroids_only(ckv)
+        return spans, tail, warm
+
+    def _warm_fits(self, warm: CompressedKV, tokens: int) -> bool:
+        """A warm start only if it has the groups a fresh clustering of ``tokens`` tokens would."""
+        for tp, ct in ((self.config.policy.k, warm.k), (self.config.policy.v, warm.v)):
+            want = predicted_groups(tp, tp.quantized_length(tokens))
+            if any(s.centroids is not None and s.centroids.shape[2] != want for s in ct.stages):
+                return False
+            if self.layout is not None and ct.shape[:2] != self.layout[:2]:
+                return False
+        return True
+
+    def _compress(self, k: torch.Tensor, v: torch.Tensor, warm: CompressedKV | None) -> CompressedKV:
+        cfg = self.config
+        policy = cfg.span_policy
+        if warm is not None and self._warm_fits(warm, k.shape[2]):
+            return policy.compress(k, v, warm_start=warm, backend=cfg.backend)
+        if cfg.head_independent and cfg.clusters and k.shape[1] > 1:
+            parts = [
+                policy.compress(k[:, h : h + 1], v[:, h : h + 1], backend=cfg.backend) for h in range(k.shape[1])
+            ]
+            return cat_heads(parts)
+        return policy.compress(k, v, backend=cfg.backend)
+
+    def _slide(self) -> None:
+        limit = self.config.max_spans
+        while limit is not None and len(self.spans) > limit:
+            self.evicted += self.spans.pop(0).tokens
+
+    def evict(self, tokens: int) -> None:
+        """Drop the ``tokens`` oldest retained tokens after the sink (spans first, then the tail)."""
+        check_int("evict", "tokens", tokens, 0)
+        available = sum(s.tokens for s in self.spans) + sum(c.tokens for c in self.tail)
+        if tokens > available:
+            raise CacheError(f"layer {self.index}: cannot evict {tokens} tokens, {available} are evictable")
+        left = tokens
+        spans = []
+        for sp in self.spans:
+            if left >= sp.tokens:
+                left -= sp.tokens
+                continue
+            spans.append(dataclasses.replace(sp, skip=sp.skip + left) if left else sp)
+            left = 0
+        tail = []
+        for c in self.tail:
+            if left >= c.tokens:
+                left -= c.tokens
+                continue
+            tail.append(Chunk(c.k[:, :, left:].clone(), c.v[:, :, left:].clone(), c.start + left) if left else c)
+            left = 0
+        self.spans, self.tail = spans, tail
+        self.evicted += tokens
+
+    # -- reading -------------------------------------------------------------------------------
+    def read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The retained history ``(k, v)``, each [B, H, tokens, D] in the appended dtype.
+
+        Sink, then every span decompressed on its own (no decompressed span is kept), then the
+        tail. The single read path: a fused attention over compressed spans can replace it.
+        """
+        if self.layout is None:
+            raise CacheError(f"layer {self.index} holds nothing yet: append a chunk first")
+        ks, vs = [], []
+        for c in self.sink:
+            ks.append(c.k)
+            vs.append(c.v)
+        policy = self.config.span_policy
+        for sp in self.spans:
+            k, v = policy.decompress(sp.ckv, backend=self.config.backend)
+            ks.append(k[:, :, sp.skip :])
+            vs.append(v[:, :, sp.skip :])
+        for c in self.tail:
+            ks.append(c.k)
+            vs.append(c.v)
+        if not ks:
+            b, h, d, dtype, device = self.layout
+            empty = torch.empty(b, h, 0, d, dtype=dtype, device=device)
+            return empty, empty.clone()
+        return torch.cat(ks, 2), torch.cat(vs, 2)
+
+    def positions(self) -> torch.Tensor:
+        """Absolute position of every retained token, in :meth:`read` order: int64 [tokens] (CPU)."""
+        parts = [torch.arange(c.start, c.start + c.tokens) for c in self.sink]
+        parts += [torch.arange(s.start + s.skip, s.start + s.skip + s.tokens) for s in self.spans]
+        parts += [torch.arange(c.start, c.start + c.tokens) for c in self.tail]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    # -- batch / device ------------------------------------------------------------------------
+    def warm_shares_newest_span(self) -> bool:
+        """Whether the warm-start centroids are those of the newest stored span (shared storage)."""
+        if self.warm is None or not self.spans:
+            return False
+        newest = self.spans[-1].ckv
+        return all(
+            w.centroids is s.centroids
+            for a, b in ((self.warm.k, newest.k), (self.warm.v, newest.v))
+            for w, s in zip(a.stages, b.stages)
+        )
+
+    def index_batch(self, index: torch.Tensor) -> None:
+        """Keep batch rows ``index`` (1-D int64; beam search reorders, repeats or selects rows)."""
+        if self.layout is None:
+            return
+        index = index.to(torch.long)
+
+        def rows(c: Chunk) -> Chunk:
+            return Chunk(c.k.index_select(0, index.to(c.k.device)), c.v.index_select(0, index.to(c.v.device)), c.start)
+
+        shared = self.warm_shares_newest_span()
+        self.sink = [rows(c) for c in self.sink]
+        self.tail = [rows(c) for c in self.tail]
+        self.spans = [dataclasses.replace(s, ckv=index_batch(s.ckv, index)) for s in self.spans]
+        if self.warm is not None:
+            self.warm = centroids_only(self.spans[-1].ckv) if shared else index_batch(self.warm, index)
+        self.layout = (len(index), *self.layout[1:])
+
+    def to(self, device: str | torch.device) -> None:
+        """Move everything stored to ``device`` (in place)."""
+        device = torch.device(device)
+
+        def move(c: Chunk) -> Chunk:
+            return Chunk(c.k.to(device), c.v.to(device), c.start)
+
+        shared = self.warm_shares_newest_span()
+        self.sink = [move(c) for c in self.sink]
+        self.tail = [move(c) for c in self.tail]
+        self.spans = [dataclasses.replace(s, ckv=s.ckv.to(device)) for s in self.spans]
+        if self.warm is not None:
+            self.warm = centroids_only(self.spans[-1].ckv) if shared else self.warm.to(device)
+        if self.layout is not None:
+            self.layout = (*self.layout[:4], device)
+
+
+class KVCache:
+    """A streaming compressed KV cache: one :class:`LayerCache` per layer.
+
+    ``policy``: a :class:`Policy` or a preset name / spec string (``qkv.build_policy``). Other
+    arguments: see :class:`CacheConfig` and the module docstring. ``num_layers=None`` grows the
+    layer list on first use of a layer index.
+
+        cache = qkv.KVCache("qvg", span_chunks=8, sink_chunks=1)
+        cache.append(layer, k_chunk, v_chunk)     # [B, H, S_chunk, D]
+        k, v = cache.read(layer)                  # [B, H, S_retained, D]
+        cache.memory().total                      # exact bytes
+    """
+
+    def __init__(self, policy: Policy | str, *, num_layers: int | None = None, **options) -> None:
+        if isinstance(policy, str):
+            from qkv.caches.presets import build_policy
+
+            policy = build_policy(policy)
+        self.config = CacheConfig(policy, **options)
+        if num_layers is not None:
+            check_int("cache", "num_layers", num_layers, 1)
+        self.num_layers = num_layers
+        self.layers: list[LayerCache] = [LayerCache(self.config, i) for i in range(num_layers or 0)]
+
+    @property
+    def policy(self) -> Policy:
+        return self.config.policy
+
+    def layer(self, index: int) -> LayerCache:
+        """The cache of layer ``index`` (created on first use when ``num_layers`` is None)."""
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise CacheError(f"layer index must be an int >= 0, got {index!r}")
+        if index >= len(self.layers):
+            if self.num_layers is not None:
+                raise CacheError(f"layer {index} outside this cache's {self.num_layers} layers")
+            self.layers.extend(LayerCache(self.config, i) for i in range(len(self.layers), index + 1))
+        return self.layers[index]
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append a chunk [B, H, S_chunk, D] to ``layer`` (see :meth:`LayerCache.append`)."""
+        self.layer(layer).append(k, v)
+
+    def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Retained history of ``layer``: (k, v) [B, H, S, D]."""
+        return self.layer(layer).read()
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append, then read (the transformers ``Cache.update`` contract)."""
+        self.append(layer, k, v)
+        return self.read(layer)
+
+    def memory(self) -> CacheMemory:
+        """Exact stored bytes, all layers together (``layer(i).memory()`` for one)."""
+        total = CacheMemory()
+        for layer in self.layers:
+            total = total + layer.memory()
+        return total
+
+    def reset(self) -> None:
+        for layer in self.layers:
+            layer.reset()
+
+    def to(self, device: str | torch.device) -> "KVCache":
+        for layer in self.layers:
+            layer.to(device)
+        return self
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole state to the folder ``path`` (see :mod:`qkv.caches.cache_io`)."""
+        from qkv.caches.cache_io import save_cache
+
+        save_cache(self, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "KVCache":
+        """Read a cache written by :meth:`save`; streaming resumes bit-exactly."""
+        from qkv.caches.cache_io import load_cache
+
+        return load_cache(path, device=device)
+
+    def __repr__(self) -> str:
+        mem = self.memory()
+        return (
+            f"KVCache({self.policy}, layers={len(self.layers)}, tokens={mem.tokens}, "
+            f"bytes={mem.total:,}, bits/element={mem.bits_per_element:.3f})"
+        )

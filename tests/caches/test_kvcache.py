@@ -1,0 +1,268 @@
+"""qkv.KVCache: streaming appends, spans compressed once, sink/tail/eviction, exact memory, bad chunks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import qkv
+from qkv.caches.kvcache import CacheMemory, KVCache
+from qkv.errors import CacheError, ConfigError, DTypeError, NonFiniteError, ShapeError
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+QVG = qkv.build_policy("qvg", clusters=4)  # small spans: few clusters
+
+
+def stream(seed: int, sizes: list[int], b: int = 1, h: int = 2, d: int = 64, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(b, h, n, d, generator=gen).to(dtype), torch.randn(b, h, n, d, generator=gen).to(dtype))
+        for n in sizes
+    ]
+
+
+def full(chunks):
+    return torch.cat([k for k, _ in chunks], 2), torch.cat([v for _, v in chunks], 2)
+
+
+@given(data=st.data())
+def test_lossless_policy_reads_back_the_retained_stream(data):
+    """bf16 policy on bf16 chunks: read() is exactly sink + retained history, in order, any config."""
+    sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=14))
+    span = data.draw(st.sampled_from([{"span_chunks": 1}, {"span_chunks": 3}, {"span_tokens": 4}, {"span_tokens": 7}]))
+    sink = data.draw(st.integers(0, 2))
+    max_spans = data.draw(st.sampled_from([None, 1, 2]))
+    chunks = stream(data.draw(st.integers(0, 99)), sizes, d=16, dtype=torch.bfloat16)
+    cache = KVCache("bf16", sink_chunks=sink, max_spans=max_spans, **span)
+    for i, (k, v) in enumerate(chunks):
+        cache.append(0, k, v)
+        layer = cache.layer(0)
+        k_all, v_all = full(chunks[: i + 1])
+        pos = layer.positions()
+        got_k, got_v = cache.read(0)
+        assert torch.equal(got_k, k_all[:, :, pos]) and torch.equal(got_v, v_all[:, :, pos])
+        n_sink = sum(sizes[: min(sink, i + 1)])
+        assert pos[:n_sink].tolist() == list(range(n_sink))  # the sink is never evicted
+        assert torch.equal(pos[n_sink:], torch.arange(layer.seen - len(pos) + n_sink, layer.seen))  # newest, contiguous
+        assert layer.seen == sum(sizes[: i + 1]) and layer.tokens == len(pos)
+        assert max_spans is None or len(layer.spans) <= max_spans
+        assert cache.memory().bits_per_element == 16.0
+
+
+def test_spans_compressed_once_and_equal_to_the_policy_on_that_span(monkeypatch):
+    calls = []
+    original = qkv.Policy.compress
+
+    def counting(self, k, v, **kw):
+        calls.append(k.shape[2])
+        return original(self, k, v, **kw)
+
+    monkeypatch.setattr(qkv.Policy, "compress", counting)
+    chunks = stream(1, [8] * 9, h=3)
+    cache = KVCache(QVG, span_chunks=2, sink_chunks=1, head_independent=False, warm_start=False)
+    seen_spans = []
+    for k, v in chunks:
+        cache.append(0, k, v)
+        layer = cache.layer(0)
+        assert [id(s) for s in layer.spans[: len(seen_spans)]] == seen_spans  # never replaced
+        seen_spans = [id(s) for s in layer.spans]
+    assert calls == [16, 16, 16, 16]  # 8 non-sink chunks -> 4 spans, one compress call each
+    k_all, v_all = full(chunks)
+    layer = cache.layer(0)
+    got_k, got_v = cache.read(0)
+    for i, span in enumerate(layer.spans):
+        ref = original(QVG, k_all[:, :, 8 + 16 * i : 24 + 16 * i], v_all[:, :, 8 + 16 * i : 24 + 16 * i])
+        rk, rv = QVG.decompress(ref)
+        assert torch.equal(got_k[:, :, 8 + 16 * i : 24 + 16 * i], rk)
+        assert torch.equal(got_v[:, :, 8 + 16 * i : 24 + 16 * i], rv)
+        for name, t in ref.k.tensors().items():
+            assert torch.equal(span.ckv.k.tensors()[name], t), name
+    assert torch.equal(got_k[:, :, :8], chunks[0][0])  # sink exact
+
+
+def test_head_independent_cold_start_equals_per_head_compression():
+    """Clustering head by head: a head's span does not depend on the other heads of the call."""
+    chunks = stream(2, [16, 16], h=4)
+    cache = KVCache(QVG, span_chunks=2, warm_start=False)
+    for k, v in chunks:
+        cache.append(0, k, v)
+    k_all, v_all = full(chunks)
+    got_k, _ = cache.read(0)
+    for h in range(4):
+        ref_k, _ = QVG.decompress(QVG.compress(k_all[:, h : h + 1], v_all[:, h : h + 1]))
+        assert torch.equal(got_k[:, h : h + 1], ref_k)
+
+
+def test_memory_is_exact_and_compression_pays():
+    chunks = stream(3, [32] * 10, h=2, dtype=torch.bfloat16)
+    cache = KVCache("rtn", span_chunks=4, sink_chunks=1, num_layers=2)
+    for k, v in chunks:
+        for layer in range(2):
+            cache.append(layer, k, v)
+    layer = cache.layer(0)
+    mem = layer.memory()
+    assert mem.compressed == sum(s.ckv.nbytes for s in layer.spans) > 0
+    assert mem.sink == 2 * 32 * 2 * 64 * 2  # K and V, 32 tokens, 2 heads, D=64, bf16
+    assert mem.tail == sum(c.k.numel() * 2 * 2 for c in layer.tail) and len(layer.tail) == 1
+    assert mem.total == mem.compressed + mem.full_precision and mem.warm_start == 0
+    assert cache.memory() == mem + cache.layer(1).memory()
+    assert mem.tokens == 320 and mem.elements == 2 * 2 * 64 * 320
+    span_bits = 8 * mem.compressed / (2 * 2 * 64 * 256)
+    assert span_bits == pytest.approx(2.5, abs=0.01) and mem.compressed == 20512  # rtn: INT2 + 8-bit scale / 16 values
+    # 256 tokens at 2.5 bits, 64 in the sink and the tail at 16 bits
+    assert mem.bits_per_element == 8 * (20512 + 2 * 16384) / (2 * 2 * 64 * 320) == pytest.approx((256 * 2.5 + 64 * 16) / 320, rel=1e-3)
+
+
+def test_policy_window_is_a_minimum_tail_and_spans_are_compressed_without_it():
+    policy = qkv.build_policy("kivi")  # window(tokens=128), keys per channel in groups of 32
+    chunks = stream(4, [32] * 12)
+    cache = KVCache(policy, span_chunks=2)
+    for i, (k, v) in enumerate(chunks):
+        cache.append(0, k, v)
+        tail = sum(c.tokens for c in cache.layer(0).tail)
+        assert tail >= min(128, 32 * (i + 1))
+    layer = cache.layer(0)
+    assert len(layer.spans) == 4 and tail == 128
+    for span in layer.spans:
+        assert span.ckv.spec == cache.config.span_policy.spec and "window" not in span.ckv.spec
+        assert span.ckv.k.fp_tokens is None and span.ckv.v.fp_tokens is None  # all 64 tokens quantized
+
+
+def test_recent_chunks_stay_exact():
+    chunks = stream(5, [4] * 10)
+    cache = KVCache(QVG, span_chunks=2, recent_chunks=3)
+    for k, v in chunks:
+        cache.append(0, k, v)
+    layer = cache.layer(0)
+    assert len(layer.tail) == 4 and len(layer.spans) == 3
+    got_k, _ = cache.read(0)
+    assert torch.equal(got_k[:, :, -12:], full(chunks[-3:])[0])
+
+
+def test_evict_tokens_inside_a_span_keeps_it_until_its_last_token_goes():
+    chunks = stream(6, [8] * 7, dtype=torch.bfloat16)
+    cache = KVCache("bf16", span_chunks=2, sink_chunks=1)
+    for k, v in chunks:
+        cache.append(0, k, v)
+    layer = cache.layer(0)
+    before = layer.memory()
+    k_all, _ = full(chunks)
+    layer.evict(5)
+    assert layer.memory().compressed == before.compressed  # span still stored
+    assert torch.equal(cache.read(0)[0], torch.cat([k_all[:, :, :8], k_all[:, :, 13:]], 2))
+    layer.evict(11)
+    assert len(layer.spans) == 2 and layer.memory().compressed < before.compressed
+    assert layer.positions().tolist() == list(range(8)) + list(range(24, 56))
+    with pytest.raises(CacheError, match="cannot evict"):
+        layer.evict(33)
+
+
+def test_warm_start_seeds_each_span_with_the_previous_centroids():
+    chunks = stream(7, [16] * 6)
+    warm = KVCache(QVG, span_chunks=2)  # warm_start is the default
+    cold = KVCache(QVG, span_chunks=2, warm_start=False)
+    for k, v in chunks:
+        warm.append(0, k, v)
+        cold.append(0, k, v)
+    k_all, v_all = full(chunks)
+    spans = warm.layer(0).spans
+    for i in (1, 2):
+        s = slice(32 * i, 32 * i + 32)
+        expected = QVG.compress(k_all[:, :, s], v_all[:, :, s], warm_start=spans[i - 1].ckv)
+        assert torch.equal(spans[i].ckv.k.codes, expected.k.codes)
+        assert torch.equal(spans[i].ckv.v.stages[0].centroids, expected.v.stages[0].centroids)
+    assert not torch.equal(spans[2].ckv.k.codes, cold.layer(0).spans[2].ckv.k.codes)
+    layer = warm.layer(0)
+    assert layer.warm.k.codes is None and layer.warm.k.stages[0].centroids is spans[-1].ckv.k.stages[0].centroids
+    assert layer.memory().warm_start == 0  # shared with the newest span
+    assert cold.layer(0).warm is None
+
+
+def test_index_batch_reorders_every_part():
+    chunks = stream(8, [8] * 5, b=3)
+    cache = KVCache(QVG, span_chunks=2, sink_chunks=1)
+    for k, v in chunks:
+        cache.append(0, k, v)
+    before = cache.read(0)
+    idx = torch.tensor([2, 0, 0, 1])
+    cache.layer(0).index_batch(idx)
+    after = cache.read(0)
+    assert torch.equal(after[0], before[0][idx]) and torch.equal(after[1], before[1][idx])
+    assert cache.layer(0).warm_shares_newest_span() and cache.memory().warm_start == 0  # no extra copy
+    k, v = stream(9, [8], b=4)[0]
+    cache.append(0, k, v)  # the next chunk has the new batch size
+
+
+def snapshot(cache: KVCache):
+    layer = cache.layer(0)
+    return (layer.seen, layer.tokens, layer.chunks_seen, cache.memory(), *cache.read(0))
+
+
+@pytest.mark.parametrize(
+    "bad, error, message",
+    [
+        (lambda k, v: (k[0], v[0]), ShapeError, "rank 4"),
+        (lambda k, v: (k[:, :1], v[:, :1]), ShapeError, r"\[B, H, D\]"),
+        (lambda k, v: (k[..., :32], v[..., :32]), ShapeError, r"\[B, H, D\]"),
+        (lambda k, v: (k, v[:, :, :2]), ShapeError, "shapes differ"),
+        (lambda k, v: (k[:, :, :0], v[:, :, :0]), ShapeError, "empty"),
+        (lambda k, v: (k.double(), v.double()), DTypeError, "float64"),
+        (lambda k, v: (k.to(torch.int32), v.to(torch.int32)), DTypeError, "int32"),
+        (lambda k, v: (k.half(), v.half()), DTypeError, "the cache holds torch.float32"),
+        (lambda k, v: (k, v.half()), DTypeError, "k is torch.float32 but v is torch.float16"),
+        (lambda k, v: (k.index_fill(2, torch.tensor([1]), float("nan")), v), NonFiniteError, "NaN/Inf"),
+        (lambda k, v: (k, v.index_fill(3, torch.tensor([5]), float("inf"))), NonFiniteError, "NaN/Inf"),
+        (lambda k, v: ("k", v), DTypeError, "torch.Tensor"),
+    ],
+)
+def test_bad_chunks_raise_and_leave_the_cache_unchanged(bad, error, message):
+    chunks = stream(10, [4] * 5)
+    cache = KVCache(QVG, span_chunks=2, sink_chunks=1)
+    for k, v in chunks[:4]:
+        cache.append(0, k, v)
+    before = snapshot(cache)
+    with pytest.raises(error, match=message):
+        cache.append(0, *bad(*chunks[4]))
+    after = snapshot(cache)
+    assert before[:4] == after[:4] and torch.equal(before[4], after[4]) and torch.equal(before[5], after[5])
+    cache.append(0, *chunks[4])  # still streams
+    assert len(cache.layer(0).spans) == 2
+
+
+def test_a_chunk_the_policy_cannot_take_is_rejected_before_anything_is_stored():
+    cache = KVCache("rtn")  # blocks of 16 along D
+    k = torch.randn(1, 2, 4, 24)
+    with pytest.raises(ShapeError, match="does not divide head_dim"):
+        cache.append(0, k, k)
+    assert cache.layer(0).layout is None and cache.layer(0).seen == 0
+    with pytest.raises(CacheError, match="holds nothing"):
+        cache.read(0)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"span_chunks": 2, "span_tokens": 8}, "not both"),
+        ({"span_chunks": 0}, "span_chunks"),
+        ({"sink_chunks": -1}, "sink_chunks"),
+        ({"max_spans": 0}, "max_spans"),
+        ({"warm_start": 1}, "warm_start"),
+    ],
+)
+def test_bad_configs_raise(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        KVCache("qvg", **kwargs)
+
+
+def test_layers_grow_unless_fixed_and_defaults():
+    cache = KVCache("qvg")
+    assert cache.config.span_chunks == 8 and cache.config.span_tokens is None and cache.config.warm_start
+    cache.layer(3)
+    assert len(cache.layers) == 4
+    fixed = KVCache("qvg", num_layers=2)
+    with pytest.raises(CacheError, match="outside"):
+        fixed.layer(2)
+    assert isinstance(CacheMemory() + CacheMemory(), CacheMemory)

@@ -1,0 +1,272 @@
+"""qkv.testing: its strategies, its assertion helper, and the property tests it gives the project.
+
+Every registered component and every preset is property-tested here against the bound its
+compressed data reports; a component registered in qkv (or by a conftest/plugin before collection)
+gets its own test case without a new test being written.
+"""
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+from typing import ClassVar
+
+import pytest
+import torch
+from hypothesis import Phase, find, given, settings
+from hypothesis import strategies as st
+
+import qkv
+from qkv.bounds import ErrorState
+from qkv.errors import BoundViolation
+from qkv.grouping import FaissGrouper
+from qkv.quantizers import AffineQuantizer, CentroidSmoother
+from qkv.registry import Registry
+from qkv.spec import KINDS
+from qkv.testing import (
+    DTYPES,
+    assert_within_bound,
+    available,
+    components,
+    kv_pairs,
+    kv_shapes,
+    kv_tensors,
+    policies,
+    tensor_policies,
+)
+
+# Small shapes: the CI profile's 40 examples per test keep these under a minute on two cores.
+SMALL = {"max_tokens": 96, "head_dims": (16, 32, 64), "max_batch": 2, "max_heads": 2}
+# existence checks: generate until found, no shrinking
+SEARCH = settings(max_examples=3000, database=None, derandomize=True, phases=[Phase.generate])
+
+
+def safe_magnitude(policy) -> float | None:
+    """Peak input magnitude that avoids two known defects the kit found (see the xfail tests
+    below): FaissGrouper aborts the process on |x| > ~2**62, and raises on the infinite residual an
+    fp16 centroid overflow leaves. Everything else is drawn up to the dtype's largest value."""
+    tensors = (policy.k, policy.v)
+    if not any(isinstance(t.grouping, FaissGrouper) for t in tensors):
+        return None
+    fp16 = any(isinstance(t.smoothing, CentroidSmoother) and t.smoothing.dtype == "fp16" for t in tensors)
+    return 2.0**15 if fp16 else 2.0**60
+
+
+def uses(policy, kind: str, name: str) -> bool:
+    tensors = (policy.k, policy.v) if isinstance(policy, qkv.Policy) else (policy,)
+    for tensor in tensors:
+        component = getattr(tensor, kind)
+        if component is None:
+            continue
+        token = component.token.split("(")[0]
+        if name in (component.name, token):
+            return True
+    return False
+
+
+# -- the strategies -------------------------------------------------------------------------------
+@given(data=st.data())
+def test_kv_tensors_are_valid_cache_tensors(data):
+    shape = data.draw(kv_shapes())
+    dtype = data.draw(st.sampled_from(DTYPES))
+    x = data.draw(kv_tensors(shape, dtype))
+    assert tuple(x.shape) == shape and x.dtype == dtype and 1 <= shape[2] <= 4096
+    assert bool(torch.isfinite(x).all())
+    assert float(x.abs().max()) <= min(torch.finfo(dtype).max, 2.0**120)
+
+
+@pytest.mark.parametrize(
+    "what, predicate",
+    [
+        ("a long span", lambda x: x.shape[2] > 2000),
+        ("an fp16 tensor at its largest value", lambda x: x.abs().max() == 65504),
+        ("fp32 beyond 2**100", lambda x: x.abs().max() > 2.0**100),
+        ("subnormal values", lambda x: bool(((x != 0) & (x.abs() < torch.finfo(x.dtype).smallest_normal)).any())),
+        ("an all-zero tensor", lambda x: not bool(x.any())),
+        ("all-zero tokens among others", lambda x: x.any() and bool((x == 0).all(-1).any())),
+        ("a channel outlier", lambda x: bool(
+            (x.float().abs().amax((0, 1, 2)) > 50 * x.float().abs().amax((0, 1, 2)).median()).any())),
+        ("clustered tokens (exact repeats)", lambda x: x.shape[2] >= 8 and x.any()
+         and torch.unique(x[0, 0], dim=0).shape[0] <= x.shape[2] // 4),
+    ],
+)
+def test_kv_tensors_cover_what_real_caches_have(what, predicate):
+    dtype = torch.float16 if "fp16" in what else torch.float32 if "fp32" in what else None
+    small = {} if "long" in what else {"max_tokens": 64, "head_dims": (16, 32)}
+    find(kv_tensors(dtype=dtype, **small), predicate, settings=SEARCH)
+
+
+@pytest.mark.parametrize("kind, name", [(k, n) for k, r in KINDS.items() for n in r.list()])
+def test_random_policies_reach_every_registered_component(kind, name):
+    if not available(kind, name):
+        pytest.skip(f"{kind} {name} needs an optional package")
+    find(policies(shape=(1, 2, 64, 64)), lambda p: uses(p, kind, name), settings=SEARCH)
+
+
+def test_a_newly_registered_component_is_drawn():
+    """Strategies read the registries when they draw: a component registered later is covered."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Negate(qkv.quantizers.Smoother):
+        name: ClassVar[str] = "negate"
+
+        def forward(self, x, groups, *, backend="auto"):
+            return -x, None
+
+        def inverse(self, x, *, backend="auto"):
+            return -x
+
+        def propagate(self, state, added):
+            return state  # negation is exact
+
+    registry = Registry("smoothing")
+    for existing in KINDS["smoothing"].list():
+        registry.register(existing)(KINDS["smoothing"].get(existing))
+    registry.register("negate")(Negate)
+    policy = find(
+        tensor_policies(shape=(1, 1, 32, 32), registries={"smoothing": registry}),
+        lambda p: p.smoothing.name == "negate",
+        settings=SEARCH,
+    )
+    x = torch.randn(1, 1, 32, 32)
+    assert_within_bound(qkv.Policy(policy, policy), x)
+
+
+@given(data=st.data())
+def test_drawn_policies_accept_their_shape(data):
+    shape = data.draw(kv_shapes(max_tokens=300))
+    policy = data.draw(policies(shape=shape))
+    assert qkv.build_policy(policy.spec) == policy  # every drawn component is a registered one
+    policy.k.check_shape("k", shape)
+    q = data.draw(components("quantizer", names=["int3"], shape=shape))
+    assert isinstance(q, AffineQuantizer) and q.bits == 3
+
+
+# -- the property tests of the project ------------------------------------------------------------
+@pytest.mark.parametrize("kind, name", [(k, n) for k, r in KINDS.items() for n in r.list()])
+def test_every_registered_component_keeps_its_bound(kind, name):
+    if not available(kind, name):
+        pytest.skip(f"{kind} {name} needs an optional package")
+
+    @given(data=st.data())
+    def keeps_bound(data):
+        shape = data.draw(kv_shapes(**SMALL))
+        policy = data.draw(policies(shape=shape, fixed={kind: name}))
+        k, v = data.draw(kv_pairs(shape, max_magnitude=safe_magnitude(policy)))
+        assert_within_bound(policy, k, v, allow_unbounded=True)
+
+    keeps_bound()
+
+
+@pytest.mark.parametrize("preset", qkv.list_policies())
+@given(data=st.data())
+def test_every_preset_keeps_its_bound(preset, data):
+    policy = qkv.build_policy(preset)
+    if policy.k.grouping.has_param("clusters"):  # fewer clusters than tokens, on short spans
+        policy = qkv.build_policy(preset, clusters=data.draw(st.sampled_from([16, 4])))
+    shape = data.draw(kv_shapes(max_tokens=256, head_dims=(64, 128), max_batch=1, max_heads=2))
+    k, v = data.draw(kv_pairs(shape))
+    assert_within_bound(policy, k, v, allow_unbounded=True)
+
+
+@given(data=st.data())
+def test_random_policies_keep_their_bound_on_long_spans(data):
+    shape = data.draw(kv_shapes(max_tokens=2048, max_batch=1, max_heads=2))
+    policy = data.draw(policies(shape=shape))
+    k, v = data.draw(kv_pairs(shape, max_magnitude=safe_magnitude(policy)))
+    assert_within_bound(policy, k, v, allow_unbounded=True)
+
+
+# -- a wrong component is caught ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class UnderstatedInt2(AffineQuantizer):
+    """INT2 that claims a quarter step where half a step is the truth."""
+
+    bits: int = 2
+
+    @property
+    def token(self) -> str:
+        return "int2-understated"
+
+    def error_bound(self, scales, zeros, mult):
+        state = super().error_bound(scales, zeros, mult)
+        return ErrorState(state.bound.map(lambda b: b / 2), state.magnitude)
+
+
+def test_an_understated_bound_is_caught():
+    only = Registry("quantizer")
+    only.register("int2-understated")(UnderstatedInt2)
+
+    @settings(database=None, phases=[Phase.generate])  # found at once; the helper minimizes
+    @given(data=st.data())
+    def keeps_bound(data):
+        shape = data.draw(kv_shapes(**SMALL))
+        policy = data.draw(policies(shape=shape, registries={"quantizer": only}))
+        k, v = data.draw(kv_pairs(shape))
+        assert_within_bound(policy, k, v)
+
+    with pytest.raises(BoundViolation, match="exceed the (element|token_l2) bound") as info:
+        keeps_bound()
+    message = str(info.value)
+    assert "minimal failing example" in message and "int2-understated" in message
+
+
+def test_failure_prints_a_minimal_reproducer(monkeypatch):
+    """The message cuts the input to the failing (batch, head) and few tokens, and its code
+    reproduces the failure as printed."""
+    honest = AffineQuantizer.error_bound
+
+    def understated(self, scales, zeros, mult):
+        state = honest(self, scales, zeros, mult)
+        return ErrorState(state.bound.map(lambda b: b * 0.4), state.magnitude)
+
+    monkeypatch.setattr(AffineQuantizer, "error_bound", understated)
+    policy = qkv.build_policy("int2(block=16,mode=sym)")  # levels -1, 0, 1 (x the block's max)
+    k = torch.zeros(2, 3, 64, 32)
+    k[1, 2, 37, 5] = 1.0
+    k[1, 2, 37, 6] = 0.1  # error 0.1: inside 0.4 * half a step (0.2)
+    k[1, 2, 37, 7] = 0.4  # error 0.4: outside, the worst
+    with pytest.raises(BoundViolation) as info:
+        assert_within_bound(policy, k, torch.zeros_like(k))
+    message = str(info.value)
+    assert "worst at [1, 2, 37, 7]" in message and "x = 0.400000006" in message
+    assert "to the failing (batch, head) and 1 token)" in message
+    code = textwrap.dedent(message.split("minimal failing example")[1].split(":\n", 1)[1])
+    with pytest.raises(BoundViolation, match="worst at \\[0, 0, 0, 7\\]"):
+        exec(code, {})  # noqa: S102
+
+
+def test_unbounded_reconstructions_fail_by_default():
+    x = torch.full((1, 1, 4, 16), 65504.0, dtype=torch.float16)
+    policy = qkv.build_policy("rtn")
+    with pytest.raises(BoundViolation, match="no guarantee"):
+        assert_within_bound(policy, x)
+    assert bool(assert_within_bound(policy, x, allow_unbounded=True).k.unbounded.any())
+
+
+# -- known defects the kit found (strict: fixing one turns its test into a failure to remove) ------
+@pytest.mark.xfail(strict=True, reason="defect: fp8 scales round up past 65504, so fp16 inputs at "
+                   "their largest value reconstruct as inf")
+def test_fp16_inputs_at_their_largest_value_reconstruct_finite():
+    x = torch.full((1, 1, 4, 16), 65504.0, dtype=torch.float16)
+    policy = qkv.build_policy("rtn")
+    assert bool(torch.isfinite(policy.decompress(policy.compress(x, x))[0]).all())
+
+
+@pytest.mark.xfail(strict=True, reason="defect: centroid(dtype=fp16) stores inf past 65504 and the "
+                   "reconstruction is NaN (should raise ValueRangeError or fall back)")
+def test_fp16_centroids_of_large_inputs_stay_finite():
+    policy = qkv.build_policy("kmeans(clusters=2,iters=1),centroid(dtype=fp16),int2(block=16)")
+    x = torch.randn(1, 1, 32, 16) * 1e6
+    assert bool(torch.isfinite(policy.decompress(policy.compress(x, x))[0]).all())
+
+
+@pytest.mark.skipif(not available("grouping", "faiss"), reason="needs faiss")
+@pytest.mark.xfail(strict=True, reason="defect: FaissGrouper does not normalize rows (kmeans does); "
+                   "FAISS aborts the process on |x| > ~2**62")
+def test_faiss_grouper_survives_large_inputs():
+    code = (
+        "import torch, qkv; x = torch.randn(1, 1, 64, 16) * 2.0**100;"
+        "p = qkv.build_policy('faiss(clusters=8,iters=3),centroid,int2(block=16)'); p.compress(x, x)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
