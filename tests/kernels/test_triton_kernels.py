@@ -62,6 +62,18 @@ def test_quantize_pack_matches_reference_exactly(bits, mode, scale, packer, leng
     assert (out.mult is None) == (ref.mult is None) and (ref.mult is None or torch.equal(out.mult, ref.mult))
 
 
+def test_quantize_pack_short_rows_far_from_later_words():
+    """16 five-bit codes in int32 words: the third word must not pick up code 0 (a shift by 64
+    bits, undefined on GPUs, once leaked it into that word)."""
+    q = AffineQuantizer(bits=5, block=1, mode="midrise")
+    p = PACKING.build("i32lsb")
+    x = torch.tensor([-1.0, -0.1616, -0.4591, 0.4326, -0.3826, -0.5521, -0.2697, -0.3750, -0.5608,
+                      0.6595, 0.1401, 0.8733, 0.4916, -0.5310, 0.0309, 0.1463], device=DEVICE).view(1, 1, 16)
+    ref = kernels.quantize_pack(x, q, p, backend="torch")
+    out = kernels.quantize_pack(x, q, p, backend="triton")
+    assert torch.equal(out.codes, ref.codes)
+
+
 @pytest.mark.parametrize("bits, mode, scale, packer", QUANT_CASES)
 @pytest.mark.parametrize("axis", ["token", "channel"])
 @pytest.mark.parametrize("stages", [0, 1, 3])

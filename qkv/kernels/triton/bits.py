@@ -18,9 +18,13 @@ def pack_word(codes, K: tl.constexpr, BITS: tl.constexpr, WORD: tl.constexpr, MS
         shift = WORD * (K + 1) - (j + 1) * BITS  # code j's LSB lands at this bit of word K
     else:
         shift = j * BITS - WORD * K
-    left = tl.where(shift > 0, shift, 0)
-    right = tl.where(shift < 0, -shift, 0)
+    # codes that do not reach this word contribute nothing; their shifts are never applied (a
+    # 64-bit shift by 64 or more is undefined on GPUs)
+    reach = (shift > -BITS) & (shift < WORD)
+    left = tl.where(reach & (shift > 0), shift, 0)
+    right = tl.where(reach & (shift < 0), -shift, 0)
     part = ((codes << left[None, None, :]) >> right[None, None, :]) & ((1 << WORD) - 1)
+    part = tl.where(reach[None, None, :], part, 0)
     return tl.sum(part, axis=2)  # fields do not overlap: the sum is their OR
 
 
