@@ -34,17 +34,6 @@ _SIGN_BIT = {
 }
 
 
-def format_dtype(name: str) -> torch.dtype:
-    return FLOAT_FORMATS[name]
-
-
-def format_name(dtype: torch.dtype) -> str:
-    for name, value in FLOAT_FORMATS.items():
-        if value == dtype:
-            return name
-    raise KeyError(dtype)
-
-
 def max_finite(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
