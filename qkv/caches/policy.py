@@ -119,6 +119,10 @@ class TensorPolicy:
         """
         check_kv_tensor(name, x)
         self.check_shape(name, tuple(x.shape))
+        return self._compress(x, warm_start, backend)
+
+    def _compress(self, x: torch.Tensor, warm_start: CompressedTensor | None, backend: str) -> CompressedTensor:
+        """:meth:`compress` of an already validated ``x``."""
         b, h, s, d = x.shape
         s_q = self.quantized_length(s)
         fp_tokens = x[:, :, s_q:].clone() if s_q < s else None
@@ -128,9 +132,16 @@ class TensorPolicy:
             codes = x[:, :, :s_q].to(self.quantizer.storage_dtype)
         elif s_q:
             flat = rearrange(x[:, :, :s_q], "b h s d -> (b h) s d")  # stages read it as it is
-            residual, stored = self.staging.run(
-                flat, self.grouping, self.smoothing, self._warm(warm_start, b * h), backend=backend
-            )
+            warm = self._warm(warm_start, b * h)
+            # the last stage's centroid subtraction, if any, is fused into quantize+pack: the
+            # residual it leaves is never written out (for one stage the kernel reads x itself)
+            pending = None
+            if self.staging.defers_last:
+                residual, stored, pending = self.staging.run(
+                    flat, self.grouping, self.smoothing, warm, backend=backend, defer_last=True
+                )
+            else:
+                residual, stored = self.staging.run(flat, self.grouping, self.smoothing, warm, backend=backend)
             stages = tuple(
                 StageData(
                     None if c is None else rearrange(c, "(b h) c d -> b h c d", b=b),
@@ -138,9 +149,14 @@ class TensorPolicy:
                 )
                 for c, a in stored
             )
-            residual = residual.float()  # no-op after centroid smoothing; input dtype otherwise
+            # quantize_pack computes in fp32 from any input dtype
             rows = residual if self.quantizer.axis == "token" else residual.transpose(1, 2)
-            q = kernels.quantize_pack(rows.contiguous(), self.quantizer, self.packing, backend=backend)
+            q = kernels.quantize_pack(
+                rows, self.quantizer, self.packing,
+                centroids=() if pending is None else (pending[0],),
+                assignments=() if pending is None else (pending[1],),
+                backend=backend,
+            )
             codes = rearrange(q.codes, "(b h) r p -> b h r p", b=b)
             scales = rearrange(q.scales, "(b h) r g -> b h r g", b=b)
             zeros = None if q.zeros is None else rearrange(q.zeros, "(b h) r g -> b h r g", b=b)
@@ -292,9 +308,10 @@ class Policy:
         check_kv_pair(k, v)
         self.k.check_shape("k", tuple(k.shape))
         self.v.check_shape("v", tuple(v.shape))
+        # check_kv_pair validated both values: compress them without a second pass over each
         return CompressedKV(
-            self.k.compress(k, warm_start=None if warm_start is None else warm_start.k, backend=backend, name="k"),
-            self.v.compress(v, warm_start=None if warm_start is None else warm_start.v, backend=backend, name="v"),
+            self.k._compress(k, None if warm_start is None else warm_start.k, backend),
+            self.v._compress(v, None if warm_start is None else warm_start.v, backend),
             self.spec,
         )
 

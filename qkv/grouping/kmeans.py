@@ -27,6 +27,7 @@ from qkv.errors import ConfigError
 from qkv.grouping.base import GROUPING, Grouper, Groups
 
 CHECK_EVERY = 4
+FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x clusters span segments
 INIT_SAMPLE = 16  # k-means++ seeds from at most this many tokens per cluster (a random subsample)
 INITS = ("kmeans++", "random")
 
@@ -85,17 +86,18 @@ def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torc
     return centroids
 
 
-def _reseed_empty(
-    x: torch.Tensor, centroids: torch.Tensor, counts: torch.Tensor, dist: torch.Tensor
-) -> torch.Tensor:
-    """Move empty clusters onto the tokens farthest from their centroids (no host sync)."""
-    empty = counts == 0  # [N, C]
-    k = min(centroids.shape[1], x.shape[1])
-    far = dist.topk(k, dim=-1).indices  # [N, k] token indices, farthest first
-    rank = (empty.long().cumsum(-1) - 1).clamp(0, k - 1)  # j-th empty cluster -> j-th farthest
-    tokens = torch.gather(far, 1, rank)
-    candidates = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, x.shape[-1])).float()
-    return torch.where(empty.unsqueeze(-1), candidates, centroids)
+def _far_tokens(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] distinct token indices, farthest first: the farthest token of each of the k
+    farthest of ``FAR_SEGMENTS * k`` equal segments of the span (exactly the k farthest tokens
+    when the span has no more tokens than segments; a few tail tokens beyond the last whole
+    segment are not considered). One pass over ``dist`` instead of a top-k over every token."""
+    n, s = dist.shape
+    size = s // (FAR_SEGMENTS * k)
+    if size <= 1:
+        return dist.topk(k, dim=-1).indices
+    heads, where = dist[:, : s - s % size].view(n, -1, size).max(-1)  # [N, segments]
+    top = heads.topk(k, dim=-1).indices
+    return top * size + torch.gather(where, 1, top)
 
 
 def kmeans(
@@ -139,8 +141,9 @@ def kmeans(
         history.append(objective)
         done = done | ((previous - objective) <= tol * objective)
         previous = objective
-        means, counts = kernels.kmeans_update(xs, assign, centroids, backend=backend)
-        means = _reseed_empty(xs, means, counts, dist)
+        # empty clusters move onto far tokens (no host sync)
+        far = _far_tokens(dist, min(centroids.shape[1], s))
+        means, _ = kernels.kmeans_update(xs, assign, centroids, far, backend=backend)
         centroids = torch.where(done.view(-1, 1, 1), centroids, means)
         if (it + 1) % CHECK_EVERY == 0 and bool(done.all()):
             break

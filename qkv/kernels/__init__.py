@@ -76,9 +76,13 @@ def resolve(op: str, backend: Backend | str, device: torch.device, *args) -> Cal
     return _TORCH[op]
 
 
-def quantize_pack(x, quantizer, packer, *, backend: Backend | str = "auto") -> QuantizedRows:
-    """Quantize rows [N, R, L] in blocks along L and pack the codes (see kernels.quantize)."""
-    args = (x, quantizer, packer)
+def quantize_pack(
+    x, quantizer, packer, *, centroids=(), assignments=(), backend: Backend | str = "auto"
+) -> QuantizedRows:
+    """Quantize rows ``x - sum_t centroids[t][assignments[t]]`` [N, R, L] in blocks along L and pack
+    the codes, without materializing the difference (see kernels.quantize; the mirror image of
+    :func:`dequantize`). x: fp32/fp16/bf16; centroids[t] [N, C_t, D], assignments[t] [N, S]."""
+    args = (x, quantizer, packer, tuple(centroids), tuple(assignments))
     return resolve("quantize_pack", backend, x.device, *args)(*args)
 
 
@@ -93,9 +97,10 @@ def kmeans_assign(x, centroids, *, backend="auto"):
     return resolve("kmeans_assign", backend, x.device, x, centroids)(x, centroids)
 
 
-def kmeans_update(x, assignments, centroids, *, backend="auto"):
-    """Deterministic cluster means (empty clusters keep ``centroids``): ([N, C, D], counts)."""
-    args = (x, assignments, centroids)
+def kmeans_update(x, assignments, centroids, reseed=None, *, backend="auto"):
+    """Deterministic cluster means; empty clusters move onto the ``reseed`` tokens [N, K] in
+    order, or keep ``centroids`` when it is None: ([N, C, D], counts)."""
+    args = (x, assignments, centroids, reseed)
     return resolve("kmeans_update", backend, x.device, *args)(*args)
 
 

@@ -29,12 +29,17 @@ def assign_torch(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor
 
 
 def update_torch(
-    x: torch.Tensor, assignments: torch.Tensor, centroids: torch.Tensor
+    x: torch.Tensor,
+    assignments: torch.Tensor,
+    centroids: torch.Tensor,
+    reseed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of each cluster; empty clusters keep their previous centroid.
+    """Mean of each cluster; empty clusters take a re-seed token or keep their centroid.
 
     x: [N, S, D] (any float dtype, summed in fp32); assignments: [N, S] int; centroids: [N, C, D]
-    fp32 (previous).
+    fp32 (previous); reseed: [N, K] token indices (K >= 1) or None: the j-th empty cluster of a
+    row (in cluster order) moves onto token ``reseed[n, min(j, K - 1)]``; without it, empty
+    clusters keep their previous centroid.
     Returns (new centroids [N, C, D] fp32, counts [N, C] fp32).
     """
     n, c, d = centroids.shape
@@ -44,5 +49,11 @@ def update_torch(
         onehot = F.one_hot(assignments[:, start : start + CHUNK].long(), c).float()  # [N, s, C]
         sums += torch.bmm(onehot.transpose(1, 2), x[:, start : start + CHUNK].float())
         counts += onehot.sum(1)
+    fallback = centroids.float()
+    if reseed is not None:
+        empty = counts == 0
+        rank = (empty.long().cumsum(-1) - 1).clamp(0, reseed.shape[1] - 1)  # j-th empty -> j-th token
+        tokens = torch.gather(reseed.long(), 1, rank)
+        fallback = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)).float()
     means = sums / counts.clamp_min(1).unsqueeze(-1)
-    return torch.where(counts.unsqueeze(-1) > 0, means, centroids), counts
+    return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts

@@ -1,20 +1,27 @@
-"""Plain-PyTorch reference of the quantize+pack and unpack+dequantize(+centroids) hot paths.
+"""Plain-PyTorch reference of the (centroids+)quantize+pack and unpack+dequantize(+centroids)
+hot paths.
 
 Layout: the quantizer sees *rows* ``[N, R, L]`` with blocks of ``block`` consecutive values along
 L. For per-token quantization a row is a token (R = S, L = D); for per-channel quantization a row
 is a channel (R = D, L = tokens). N is batch x heads.
+
+Centroids are the two ops' mirror images: ``quantize_pack`` can subtract every stage's stored
+centroids (gathered by assignment) from its input before quantizing, ``dequantize`` adds them back
+after; both work in fp32 and take them as lists ``centroids[t]`` [N, C_t, D] (stored format) and
+``assignments[t]`` [N, S] (integer), one entry per stage, in encoding order.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
 
-from qkv.dtypes import max_finite, round_down, round_up
-from qkv.errors import ShapeError
+from qkv.dtypes import INPUT_DTYPES, max_finite, round_down, round_up
+from qkv.errors import DeviceError, DTypeError, ShapeError
 from qkv.quantizers.affine import AffineQuantizer
 from qkv.quantizers.packing import BitPacker
 
@@ -85,10 +92,77 @@ def block_params(blocks: torch.Tensor, q: AffineQuantizer):
     return scales, zeros, mult, scales.float() * m, zero_f32
 
 
-def quantize_pack_torch(x: torch.Tensor, q: AffineQuantizer, packer: BitPacker) -> QuantizedRows:
-    """Quantize rows ``x`` [N, R, L] (fp32) in blocks along L and pack the codes."""
-    if x.shape[-1] % q.block:
-        raise ShapeError(f"int{q.bits}: block {q.block} does not divide row length {x.shape[-1]}")
+def check_quantize_args(x: torch.Tensor, q: AffineQuantizer, centroids, assignments) -> None:
+    """Raise a typed error unless rows ``x`` [N, R, L] and the stages' ``centroids`` /
+    ``assignments`` fit ``q``.
+
+    x: fp32/fp16/bf16, L a multiple of the block. Token axis: x is [N, S, D]; channel axis: x is
+    [N, D, S]. Every stage needs centroids [N, C, D] (fp32/fp16/bf16) and assignments [N, S]
+    (integer) on x's device. Shapes and dtypes only: assignments are not range-checked (that
+    would read them).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 3:
+        raise ShapeError(f"quantize_pack: x must be rows [N, R, L], got {getattr(x, 'shape', type(x).__name__)}")
+    if x.dtype not in INPUT_DTYPES:
+        raise DTypeError(f"quantize_pack: x has dtype {x.dtype}; supported: float32, float16, bfloat16")
+    if len(centroids) != len(assignments):
+        raise ShapeError(
+            f"quantize_pack: {len(centroids)} stages of centroids but {len(assignments)} of assignments"
+        )
+    n, r, length = x.shape
+    if length % q.block:
+        raise ShapeError(f"int{q.bits}: block {q.block} does not divide row length {length}")
+    s, d = (r, length) if q.axis == "token" else (length, r)
+    for t, (c, a) in enumerate(zip(centroids, assignments)):
+        if c.dim() != 3 or c.shape[0] != n or c.shape[2] != d or c.shape[1] == 0:
+            raise ShapeError(
+                f"quantize_pack: stage {t} centroids have shape {tuple(c.shape)}, expected [{n}, C, {d}] "
+                f"(C >= 1) for {q.axis}-axis rows of shape {tuple(x.shape)}"
+            )
+        if tuple(a.shape) != (n, s):
+            raise ShapeError(
+                f"quantize_pack: stage {t} assignments have shape {tuple(a.shape)}, expected [{n}, {s}] "
+                f"for {q.axis}-axis rows of shape {tuple(x.shape)}"
+            )
+        if c.dtype not in INPUT_DTYPES:
+            raise DTypeError(f"quantize_pack: stage {t} centroids have dtype {c.dtype}; supported: "
+                             "float32, float16, bfloat16")
+        if a.dtype.is_floating_point or a.dtype.is_complex or a.dtype == torch.bool:
+            raise DTypeError(f"quantize_pack: stage {t} assignments have dtype {a.dtype}; expected an integer dtype")
+        if c.device != x.device or a.device != x.device:
+            raise DeviceError(
+                f"quantize_pack: x is on {x.device}, stage {t} centroids on {c.device} and assignments "
+                f"on {a.device}"
+            )
+
+
+def residual_rows(x: torch.Tensor, q: AffineQuantizer, centroids, assignments) -> torch.Tensor:
+    """fp32 rows ``x - sum_t centroids[t][assignments[t]]``: x promoted to fp32, then each stage's
+    centroids (their fp32 values) subtracted in order (rows are tokens or, for the channel axis,
+    channels)."""
+    out = x.float()
+    for cents, assign in zip(centroids, assignments, strict=True):
+        index = assign.long().unsqueeze(-1).expand(-1, -1, cents.shape[-1])
+        gathered = torch.gather(cents.float(), 1, index)  # [N, S, D]
+        out = out - (gathered if q.axis == "token" else gathered.transpose(1, 2))
+    return out
+
+
+def quantize_pack_torch(
+    x: torch.Tensor,
+    q: AffineQuantizer,
+    packer: BitPacker,
+    centroids: Sequence[torch.Tensor] = (),
+    assignments: Sequence[torch.Tensor] = (),
+) -> QuantizedRows:
+    """Quantize rows ``x - sum_t centroids[t][assignments[t]]`` in blocks along L and pack the codes.
+
+    x: rows [N, R, L] (fp32/fp16/bf16; computed in fp32). centroids[t]: [N, C_t, D] (stored format),
+    assignments[t]: [N, S] integer, one pair per stage (see :func:`residual_rows`); none by
+    default, so x itself is quantized.
+    """
+    check_quantize_args(x, q, centroids, assignments)
+    x = residual_rows(x, q, centroids, assignments)
     blocks = rearrange(x, "n r (g b) -> n r g b", b=q.block)
     scales, zeros, mult, scale_f, zero_f = block_params(blocks, q)
     scale_f, zero_f = scale_f.unsqueeze(-1), zero_f.unsqueeze(-1) if q.has_zero else zero_f

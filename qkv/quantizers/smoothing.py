@@ -2,7 +2,8 @@
 
 - ``centroid``: subtract each token's group centroid (stored in ``dtype``, bf16 by default, and
   subtracted *as stored*, so decoding adds back exactly what was removed). Additive: decoding
-  fuses the add-back of every stage into the dequantize kernel.
+  fuses the add-back of every stage into the dequantize kernel, and encoding can leave the last
+  stage's subtraction to the quantize+pack kernel (see :meth:`Smoother.offsets`).
 - ``hadamard``: rotate along D by the normalized Hadamard matrix (spreads channel outliers);
   inverted after dequantization. Needs D a power of two; takes no grouping.
 - ``none``: identity.
@@ -30,7 +31,9 @@ class Smoother(Component):
     """Base class.
 
     ``needs_groups``: requires a grouping other than ``none``; ``additive``: the inverse adds
-    stored centroids (so decoding can fuse it into the dequantize kernel).
+    stored centroids (so decoding can fuse it into the dequantize kernel). A smoother whose
+    forward *is* "subtract stored centroids" also says so through :meth:`offsets`, which lets
+    encoding fuse that subtraction into the quantize kernel.
     """
 
     needs_groups: ClassVar[bool] = False
@@ -42,6 +45,20 @@ class Smoother(Component):
         """x [N, S, D] (input dtype at the first stage, fp32 after) -> (residual, centroids to
         store [N, C, D] or None); the residual is fp32 except for ``none``, which passes x."""
         raise NotImplementedError
+
+    def offsets(
+        self, x: torch.Tensor, groups: Groups | None, *, backend: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """What :meth:`forward` subtracts, without subtracting it: ``(stored, assignments)``,
+        stored centroids [N, C, D] and assignments [N, S] (integer) such that ``forward(x, groups)``
+        returns ``(subtract_centroids(x, stored, assignments), stored)`` bit for bit; or None (the
+        default) when forward is not such a subtraction.
+
+        When a smoother returns them, the staging can hand the last stage's subtraction to
+        ``kernels.quantize_pack(..., centroids=[stored], assignments=[assignments])``, which
+        computes the residual in registers instead of writing it out (see docs/kernels.md).
+        """
+        return None
 
     def inverse(self, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         """Undo a non-additive transform on fp32 [N, S, D]."""
@@ -67,6 +84,14 @@ def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torc
     return torch.gather(centroids.float(), 1, index)
 
 
+def subtract_centroids(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
+    """x [N, S, D] (fp32/fp16/bf16) minus each token's centroid: fp32 [N, S, D], computed as
+    ``x.float() - gather_centroids(centroids, assignments)`` (the fp32 value of the stored
+    centroid), exactly what ``kernels.quantize_pack(x, ..., centroids=[c], assignments=[a])``
+    quantizes."""
+    return x - gather_centroids(centroids, assignments)
+
+
 @SMOOTHING.register("centroid")
 @dataclasses.dataclass(frozen=True)
 class CentroidSmoother(Smoother):
@@ -84,9 +109,12 @@ class CentroidSmoother(Smoother):
     def storage_dtype(self) -> torch.dtype:
         return FLOAT_FORMATS[self.dtype]
 
+    def offsets(self, x, groups, *, backend="auto"):
+        return groups.centroids.to(self.storage_dtype), groups.assignments
+
     def forward(self, x, groups, *, backend="auto"):
-        stored = groups.centroids.to(self.storage_dtype)
-        return x - gather_centroids(stored, groups.assignments), stored
+        stored, assignments = self.offsets(x, groups, backend=backend)
+        return subtract_centroids(x, stored, assignments), stored
 
     def propagate(self, state, added):
         """Passes the bound through plus two fp32 roundings (centroids are subtracted as stored):

@@ -4,6 +4,11 @@
 - ``progressive(stages=T)``, T >= 2: stage t groups and smooths the residual left by stage t-1,
   coarse to fine (QVG-Pro uses T = 4). Only intermediate residuals are dropped; every stage's
   centroids and assignments are stored, and decoding adds them all back.
+
+The last stage's subtraction can be deferred to the quantize+pack kernel
+(``run(..., defer_last=True)``) when the smoother subtracts stored centroids
+(:meth:`~qkv.quantizers.smoothing.Smoother.offsets`): the final residual is then never written
+out; for one stage, the kernel reads the input itself in its own dtype.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from qkv.registry import Registry
 
 STAGING: Registry["Staging"] = Registry("staging")
 
+# per stage: (stored centroids [N, C, D] or None, assignments to store [N, S] or None)
+Stored = list[tuple[torch.Tensor | None, torch.Tensor | None]]
+# the last stage's deferred subtraction: (stored centroids [N, C, D], assignments [N, S]) or None
+Pending = tuple[torch.Tensor, torch.Tensor] | None
+
 
 def compact_index_dtype(groups: int) -> torch.dtype:
     """Smallest integer dtype that holds group indices < ``groups``."""
@@ -38,6 +48,13 @@ class Staging(Component):
         """Number of grouping + smoothing stages."""
         return 1
 
+    @property
+    def defers_last(self) -> bool:
+        """Whether :meth:`run` accepts ``defer_last``: True for this loop; a subclass that
+        overrides ``run`` keeps the unfused path unless it overrides this too (and honours
+        ``defer_last``)."""
+        return type(self).run is Staging.run
+
     def run(
         self,
         x: torch.Tensor,
@@ -46,27 +63,43 @@ class Staging(Component):
         warm: Sequence[torch.Tensor] | None = None,
         *,
         backend: str = "auto",
-    ) -> tuple[torch.Tensor, list[tuple[torch.Tensor | None, torch.Tensor | None]]]:
-        """Run every stage on ``x`` [N, S, D] fp32.
+        defer_last: bool = False,
+    ) -> tuple[torch.Tensor, Stored] | tuple[torch.Tensor, Stored, Pending]:
+        """Run every stage on ``x`` [N, S, D] (fp32/fp16/bf16; the first stage reads it as it is).
 
         ``warm``: per-stage initial centroids [N, C, D] (warm start), or None.
-        Returns (final residual fp32 [N, S, D], per stage (stored centroids, assignments to
-        store or None)).
+        Returns (final residual [N, S, D], per stage (stored centroids, assignments to store or
+        None)); the residual is fp32 after any smoothing but ``none``, which passes x through.
+
+        ``defer_last=True``: if the smoother reports its last subtraction (``offsets`` is not
+        None), it is not done; returns (residual *before* the last stage's subtraction, stored,
+        pending) with ``pending = (stored centroids [N, C, D], assignments [N, S])`` of the last
+        stage, for ``kernels.quantize_pack(residual, ..., centroids=[c], assignments=[a])``, which
+        quantizes exactly the residual the unfused path would have produced. Otherwise ``pending``
+        is None and the residual is final. Earlier stages always materialize their residuals (the
+        next grouping reads them).
         """
         if warm is not None and len(warm) != self.count:
             raise ConfigError(f"{self.token}: warm start has {len(warm)} stages, expected {self.count}")
-        residual, stored = x, []
+        residual, stored, pending = x, [], None
         for t in range(self.count):
             groups = None
             if smoother.needs_groups:
                 groups = grouper.group(residual, None if warm is None else warm[t], backend=backend)
-            residual, centroids = smoother.forward(residual, groups, backend=backend)
+            if defer_last and t == self.count - 1:
+                pending = smoother.offsets(residual, groups, backend=backend)
+            if pending is None:
+                residual, centroids = smoother.forward(residual, groups, backend=backend)
+            else:
+                centroids = pending[0]
             keep = groups is not None and grouper.stores_assignments
             assign = None
             if keep:
                 assign = groups.assignments.to(compact_index_dtype(groups.centroids.shape[1]))
             stored.append((centroids, assign))
-        return residual, stored
+            if pending is not None and assign is not None and pending[1] is groups.assignments:
+                pending = (centroids, assign)  # same values, 1-2 bytes a token for the kernel to read
+        return (residual, stored, pending) if defer_last else (residual, stored)
 
     def propagate(
         self, state: ErrorState, smoother: Smoother, added: Sequence[torch.Tensor | None]

@@ -133,3 +133,49 @@ def test_decompress_rejects_data_of_another_policy():
     ckv = qkv.build_policy("rtn").compress(k, v)
     with pytest.raises(errors.ConfigError, match="compressed by"):
         qkv.build_policy("quarot").decompress(ckv)
+
+
+def unfused_compress(tp, x, backend):
+    """TensorPolicy.compress before the fused path: the staging writes the final residual in fp32,
+    then quantize_pack reads it back. Returns (rows, per-stage stored data) as [B*H, ...]."""
+    from einops import rearrange
+
+    from qkv import kernels
+
+    s_q = tp.quantized_length(x.shape[2])
+    flat = rearrange(x[:, :, :s_q], "b h s d -> (b h) s d")
+    residual, stored = tp.staging.run(flat, tp.grouping, tp.smoothing, backend=backend)
+    residual = residual.float()
+    rows = residual if tp.quantizer.axis == "token" else residual.transpose(1, 2)
+    return kernels.quantize_pack(rows.contiguous(), tp.quantizer, tp.packing, backend=backend), stored
+
+
+FUSION_SPECS = [
+    *[(name, {"clusters": 8, "iters": 2} if "qvg" in name else {}) for name in
+      ("qvg", "qvg-pro", "qvg-ref", "rtn", "kivi", "quarot")],
+    ("blocks(t=1,h=2,w=2,height=4,width=5),centroid,int2(block=16)", {}),  # implicit assignments
+    ("kmeans(clusters=4,iters=1),centroid,int3(block=32,axis=channel,mode=asym,scale=bf16),window(tokens=40)", {}),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("spec, overrides", FUSION_SPECS)
+def test_fused_compress_is_bit_identical_to_the_unfused_path(spec, overrides, backend):
+    """The last centroid subtraction deferred into quantize+pack changes no stored bit."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    k, v = (t.bfloat16().to(device) for t in kv(shape=(1, 2, 160, 64), seed=3))
+    policy = qkv.build_policy(spec, **overrides)
+    for tp, x in ((policy.k, k), (policy.v, v)):
+        ct = tp.compress(x, backend=backend)
+        rows, stored = unfused_compress(tp, x, backend)
+        fused = [ct.codes, ct.scales, ct.zeros, ct.scale_mult]
+        for a, b in zip(fused, [rows.codes, rows.scales, rows.zeros, rows.mult]):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert torch.equal(a.flatten(0, 1).view(torch.uint8), b.view(torch.uint8))
+        assert len(ct.stages) == len(stored)
+        for st, pair in zip(ct.stages, stored):
+            for a, b in zip((st.centroids, st.assignments), pair):
+                assert (a is None and b is None) or torch.equal(a.flatten(0, 1), b)

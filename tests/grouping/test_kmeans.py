@@ -95,3 +95,18 @@ def test_chunked_assignment_matches_direct():
     chosen = torch.gather(direct, 2, idx.unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(chosen, direct.min(-1).values, rtol=1e-4, atol=1e-4)
     assert torch.allclose(dist, chosen, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("s, k", [(10, 4), (1000, 8), (1003, 5)])
+def test_far_tokens_are_distinct_and_start_with_the_farthest(s, k):
+    from qkv.grouping.kmeans import _far_tokens
+
+    dist = torch.rand(3, s, generator=torch.Generator().manual_seed(s))
+    far = _far_tokens(dist, k)
+    assert far.shape == (3, k)
+    size = s // (4 * k)
+    searched = s - s % size if size > 1 else s  # a tail shorter than one segment is not searched
+    assert torch.equal(far[:, 0], dist[:, :searched].argmax(-1))
+    assert all(len(set(row.tolist())) == k for row in far)
+    picked = torch.gather(dist, 1, far)
+    assert bool((picked[:, :-1] >= picked[:, 1:]).all())  # farthest first

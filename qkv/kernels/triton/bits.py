@@ -1,4 +1,5 @@
-"""@triton.jit helpers shared by the kernels: bit-packing and directed float rounding.
+"""@triton.jit helpers shared by the kernels: bit-packing, directed float rounding and exact
+bf16 tensor-core products.
 
 Everything here mirrors a plain-torch function exactly (same results bit for bit):
 ``pack_word``/``unpack_code`` mirror :class:`qkv.quantizers.packing.BitPacker`, ``round_up`` /
@@ -113,3 +114,27 @@ def round_to_bf16(v):
     b = v.to(tl.int32, bitcast=True)
     b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
     return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_bf16(x, EXACT: tl.constexpr):
+    """fp32 tile -> (high, low) bf16-valued parts with high + low == x to ~16 bits (low = 0 when
+    EXACT: x holds bf16 values already)."""
+    if EXACT:
+        hi = x
+        lo = x * 0.0
+    else:
+        hi = round_to_bf16(x)
+        lo = round_to_bf16(x - hi)
+    return hi, lo
+
+
+@triton.jit
+def bf16_dot(a, b, EMULATE: tl.constexpr):
+    """a @ b for bf16-valued fp32 tiles: a bf16 tensor-core product with fp32 accumulation, or
+    (EMULATE: Triton's interpreter has no bf16 dot) the same exact products as an IEEE fp32 dot."""
+    if EMULATE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+    return out

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.kmeans import split, split_dot
+from qkv.kernels.triton.bits import bf16_dot, split_bf16
 
 
 @triton.jit
@@ -31,8 +31,8 @@ def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
     parity ^= parity >> 2
     parity ^= parity >> 1
     h = tl.where((parity & 1) == 1, -1.0, 1.0)
-    xh, xl = split(x)
-    y = tl.math.div_rn(split_dot(xh, xl, h, tl.zeros_like(h), False, EMULATE), SQRT_D)
+    xh, xl = split_bf16(x, False)
+    y = tl.math.div_rn(bf16_dot(xh, h, EMULATE) + bf16_dot(xl, h, EMULATE), SQRT_D)
     tl.store(out_ptr + m[:, None].to(tl.int64) * D + d[None, :], y.to(out_ptr.dtype.element_ty), mask=m_ok)
 
 

@@ -1,4 +1,5 @@
-"""Triton quantize+pack and unpack+dequantize(+centroids), twins of qkv/kernels/quantize.py.
+"""Triton (centroids+)quantize+pack and unpack+dequantize(+centroids), twins of
+qkv/kernels/quantize.py.
 
 Results equal the plain-torch reference bit for bit: same fp32 operation order, IEEE division
 (``div_rn``), no fused multiply-add (kernels are launched with ``enable_fp_fusion=False``), ties
@@ -13,9 +14,8 @@ import math
 import torch
 import triton
 import triton.language as tl
-from einops import rearrange
 
-from qkv.kernels.quantize import QuantizedRows, block_peaks, exact_div, row_multiplier
+from qkv.kernels.quantize import QuantizedRows, check_quantize_args, row_multiplier
 from qkv.kernels.triton.bits import (
     pack_word,
     round_down,
@@ -29,7 +29,7 @@ from qkv.quantizers.packing import BitPacker
 
 FORMAT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
 MODE_CODE = {"sym": 0, "midrise": 1, "asym": 2}
-MAX_STAGES = 4  # stages added back by one dequantize launch
+MAX_STAGES = 4  # stages subtracted by one quantize_pack launch, added back by one dequantize launch
 
 
 def _is_pow2(n: int) -> bool:
@@ -37,20 +37,99 @@ def _is_pow2(n: int) -> bool:
 
 
 @triton.jit
-def _quantize_pack_kernel(
-    x_ptr, codes_ptr, scales_ptr, zeros_ptr, mult_ptr,
-    R, L, P, G,
-    BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
-    STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, HAS_MULT: tl.constexpr,
-    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+def _stage_centroids(c_ptr, a_ptr, c_sn, a_sn, a_ss, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS: tl.constexpr):
+    """fp32 [BLOCK_R, BLOCK_L]: the centroid value (one stage) under every element of a tile of
+    rows r x columns l; rows are tokens (TOKEN_AXIS) or channels."""
+    if TOKEN_AXIS:
+        a = tl.load(a_ptr + pid_n * a_sn + r * a_ss, mask=r_ok, other=0).to(tl.int64)
+        off = a[:, None] * D + l[None, :]
+    else:
+        a = tl.load(a_ptr + pid_n * a_sn + l * a_ss, mask=l_ok, other=0).to(tl.int64)
+        off = a[None, :] * D + r[:, None]
+    return tl.load(c_ptr + pid_n * c_sn + off, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _residual_tile(
+    x_ptr, x_sn, x_sr, pid_n, r, l, r_ok, l_ok, mask, D,
+    c0, a0, c1, a1, c2, a2, c3, a3,
+    cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
+    STAGES: tl.constexpr, TOKEN_AXIS: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    """fp32 tile of ``x - sum_t centroids[t][assignments[t]]`` (x read in its own dtype, stages
+    subtracted in order: the twin's fp32 operations); 0 where masked."""
+    x = tl.load(x_ptr + pid_n * x_sn + r.to(tl.int64)[:, None] * x_sr + l[None, :], mask=mask, other=0.0)
+    x = x.to(tl.float32)
+    if STAGES > 0:
+        x = x - _stage_centroids(c0, a0, cs0, an0, as0, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS)
+    if STAGES > 1:
+        x = x - _stage_centroids(c1, a1, cs1, an1, as1, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS)
+    if STAGES > 2:
+        x = x - _stage_centroids(c2, a2, cs2, an2, as2, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS)
+    if STAGES > 3:
+        x = x - _stage_centroids(c3, a3, cs3, an3, as3, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS)
+    return x
+
+
+@triton.jit
+def _block_peak_kernel(
+    x_ptr, part_ptr,
+    c0, a0, c1, a1, c2, a2, c3, a3,
+    cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
+    x_sn, x_sr, R, L, D,
+    QBLOCK: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
+    TOKEN_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Largest block peak (scale, or |zero point| for asym; see ``block_peaks``) of one tile of
+    the residual, written to ``part[n, tile]``; the row's peak is the max over its tiles."""
+    pid_n = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
     r_ok = r < R
-    mask = r_ok[:, None] & (l < L)[None, :]
-    row = pid_n.to(tl.int64) * R + r
-    x = tl.load(x_ptr + row[:, None] * L + l[None, :], mask=mask, other=0.0).to(tl.float32)
+    l_ok = l < L
+    mask = r_ok[:, None] & l_ok[None, :]
+    x = _residual_tile(
+        x_ptr, x_sn, x_sr, pid_n, r, l, r_ok, l_ok, mask, D,
+        c0, a0, c1, a1, c2, a2, c3, a3,
+        cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
+        STAGES, TOKEN_AXIS,
+    )
+    # masked elements are 0 and whole blocks (the block divides L), so their peaks are 0
+    xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
+    if MODE == 2:
+        low = tl.min(xb, axis=2)
+        peak = tl.maximum(tl.math.div_rn(tl.max(xb, axis=2) - low, STEPS), tl.abs(low))
+    else:
+        peak = tl.math.div_rn(tl.max(tl.abs(xb), axis=2), STEPS)
+    tiles = tl.num_programs(0) * tl.num_programs(2)
+    tile = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(part_ptr + pid_n * tiles + tile, tl.max(tl.max(peak, axis=1), axis=0))
+
+
+@triton.jit
+def _quantize_pack_kernel(
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, mult_ptr,
+    c0, a0, c1, a1, c2, a2, c3, a3,
+    cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
+    x_sn, x_sr, R, L, P, G, D,
+    BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
+    STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, HAS_MULT: tl.constexpr,
+    STAGES: tl.constexpr, TOKEN_AXIS: tl.constexpr,
+    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_n = tl.program_id(1).to(tl.int64)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    r_ok = r < R
+    l_ok = l < L
+    mask = r_ok[:, None] & l_ok[None, :]
+    row = pid_n * R + r  # outputs are contiguous [N, R, ...]
+    x = _residual_tile(
+        x_ptr, x_sn, x_sr, pid_n, r, l, r_ok, l_ok, mask, D,
+        c0, a0, c1, a1, c2, a2, c3, a3,
+        cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
+        STAGES, TOKEN_AXIS,
+    )
     xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
     m = 1.0
     if HAS_MULT:
@@ -76,7 +155,11 @@ def _quantize_pack_kernel(
     v = tl.math.div_rn(xb - zero[:, :, None], safe) + OFFSET
     code = tl.minimum(tl.maximum(round_half_even(v), 0.0), LEVELS - 1.0)
     code = tl.where(s3 > 0, code, ZERO_CODE)
-    code = tl.where(mask, tl.reshape(code, (BLOCK_R, BLOCK_L)), 0.0).to(tl.int64)
+    code = tl.where(mask, tl.reshape(code, (BLOCK_R, BLOCK_L)), 0.0)
+    if WORD == 8:  # byte words: every shifted field fits 32 bits
+        code = code.to(tl.int32)
+    else:
+        code = code.to(tl.int64)
     groups = tl.reshape(code, (BLOCK_R, BLOCK_L // WORD, WORD))
     w = tl.program_id(2) * (BLOCK_L // WORD) + tl.arange(0, BLOCK_L // WORD)
     for k in tl.static_range(BITS):
@@ -164,40 +247,69 @@ def _dequantize_kernel(
     tl.store(out_ptr + (pid_n * S + s[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def quantize_pack_supports(x, q: AffineQuantizer, packer: BitPacker) -> str | None:
-    """Why the Triton kernel cannot run this case (None if it can)."""
+def quantize_pack_supports(x, q: AffineQuantizer, packer: BitPacker, centroids=(), assignments=()) -> str | None:
+    """Why the Triton kernel cannot run this case (None if it can); raises on malformed inputs."""
+    check_quantize_args(x, q, centroids, assignments)
     if not _is_pow2(q.block):
         return f"block {q.block} is not a power of two"
     if q.block > 1024:
         return f"block {q.block} is larger than 1024"
+    if len(centroids) > MAX_STAGES:
+        return f"{len(centroids)} stages (at most {MAX_STAGES} per launch)"
     return None
 
 
-def quantize_pack_triton(x: torch.Tensor, q: AffineQuantizer, packer: BitPacker) -> QuantizedRows:
-    """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`."""
+def _stage_args(dummy: torch.Tensor, centroids, assignments) -> list:
+    """Kernel arguments of up to MAX_STAGES stages: (c, a) x 4, centroid N strides, assignment N
+    and S strides (unused stages: ``dummy`` pointers, zero strides)."""
+    cents = [c.contiguous() for c in centroids]
+    assigns = list(assignments)
+    pad = MAX_STAGES - len(cents)
+    ptrs = [t for pair in zip(cents + [dummy] * pad, assigns + [dummy] * pad) for t in pair]
+    c_n = [c.stride(0) for c in cents] + [0] * pad
+    a_n = [a.stride(0) for a in assigns] + [0] * pad
+    a_s = [a.stride(1) for a in assigns] + [0] * pad
+    return ptrs + c_n + a_n + a_s
+
+
+def quantize_pack_triton(
+    x: torch.Tensor, q: AffineQuantizer, packer: BitPacker, centroids=(), assignments=()
+) -> QuantizedRows:
+    """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`: x (any float dtype, rows
+    with unit stride) is read as it is and the stages' centroids are gathered and subtracted in
+    registers; only codes, scales and zeros are written. Two launches: the block-peak pass (only
+    for scale formats with a row multiplier), then quantize+pack."""
+    check_quantize_args(x, q, centroids, assignments)
     n, r, length = x.shape
-    x = x.contiguous()
-    if q.has_zero:
-        peaks = block_peaks(rearrange(x.float(), "n r (g b) -> n r g b", b=q.block), q).flatten(1).amax(-1)
-    else:  # the largest block peak is the row's |x| maximum over steps (division is monotonic)
-        low, high = torch.aminmax(x.flatten(1), dim=-1)
-        peaks = exact_div(torch.maximum(-low, high).float(), q.steps)
-    mult = row_multiplier(peaks, q)
+    if x.stride(2) != 1:
+        x = x.contiguous()
+    d = length if q.axis == "token" else r
+    stage = _stage_args(x, centroids, assignments)
+    common = dict(STAGES=len(centroids), TOKEN_AXIS=q.axis == "token", enable_fp_fusion=False)
+    block_l = max(min(triton.next_power_of_2(length), 512), q.block, packer.word_bits)
+    mult = None
+    if q.scale != "fp32":
+        peak_r = max(1, min(128, 8192 // block_l))
+        grid = (triton.cdiv(r, peak_r), n, triton.cdiv(length, block_l))
+        part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
+        _block_peak_kernel[grid](
+            x, part, *stage, x.stride(0), x.stride(1), r, length, d,
+            QBLOCK=q.block, MODE=MODE_CODE[q.mode], STEPS=q.steps, BLOCK_R=peak_r, BLOCK_L=block_l, **common,
+        )
+        mult = row_multiplier(part.amax(-1), q)
     groups = length // q.block
     p = packer.packed_len(length, q.bits)
     codes = torch.empty(n, r, p, dtype=packer.container, device=x.device)
     scales = torch.empty(n, r, groups, dtype=q.scale_dtype, device=x.device)
     zeros = torch.empty_like(scales) if q.has_zero else None
-    block_l = max(min(triton.next_power_of_2(length), 512), q.block, packer.word_bits)
     block_r = max(1, min(64, 4096 // block_l))
-    grid = (n, triton.cdiv(r, block_r), triton.cdiv(length, block_l))
+    grid = (triton.cdiv(r, block_r), n, triton.cdiv(length, block_l))
     _quantize_pack_kernel[grid](
         x, codes, scales, scales if zeros is None else zeros, x if mult is None else mult,
-        r, length, p, groups,
+        *stage, x.stride(0), x.stride(1), r, length, p, groups, d,
         BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
         LEVELS=q.levels, ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], HAS_MULT=mult is not None,
-        WORD=packer.word_bits, MSB=packer.msb_first, BLOCK_R=block_r, BLOCK_L=block_l,
-        enable_fp_fusion=False,
+        WORD=packer.word_bits, MSB=packer.msb_first, BLOCK_R=block_r, BLOCK_L=block_l, **common,
     )
     return QuantizedRows(codes, scales, zeros, mult)
 
