@@ -61,3 +61,10 @@ def round_down(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     zero_case = torch.full_like(bits, _SIGN_BIT[dtype] | 1)
     stepped = torch.where(positive, bits - 1, torch.where(y.float() < 0, bits + 1, zero_case))
     return torch.where(high, stepped, bits).view(dtype)
+
+
+def compact_index_dtype(groups: int) -> torch.dtype:
+    """Smallest integer dtype that holds group indices < ``groups``."""
+    if groups <= 256:
+        return torch.uint8
+    return torch.int16 if groups <= 2**15 else torch.int32

@@ -15,7 +15,7 @@ from qkv.caches.compressed import CompressedTensor
 from qkv.caches.policy import TensorPolicy
 from qkv.errors import CorruptDataError
 from qkv.quantizers import AffineQuantizer, CastQuantizer
-from qkv.quantizers.staging import compact_index_dtype
+from qkv.dtypes import compact_index_dtype
 
 Field = tuple[tuple[int, ...], torch.dtype]
 

@@ -51,12 +51,12 @@ SAFE_LOW, SAFE_HIGH = -20, 40
 def _row_scale(x: torch.Tensor) -> torch.Tensor | None:
     """Power of two per row so that x / scale has max-abs in [0.5, 1): [N, 1, 1]; None when every
     row is in the safe range (no scaling needed)."""
-    low, high = torch.aminmax(x.flatten(1), dim=-1)  # one pass, no |x| temporary
-    peak = torch.maximum(-low, high).float()
-    exponent = torch.where(peak > 0, torch.floor(torch.log2(peak)) + 1, torch.zeros_like(peak))
-    if bool(((exponent >= SAFE_LOW) & (exponent <= SAFE_HIGH)).all()):
+    peak = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1).float()  # max |x|, one pass
+    exponent = torch.frexp(peak).exponent  # peak = m * 2**exponent, m in [0.5, 1); 0 for peak 0
+    low, high = torch.stack(torch.aminmax(exponent)).tolist() if exponent.numel() else (0, 0)
+    if SAFE_LOW <= low and high <= SAFE_HIGH:
         return None
-    return torch.exp2(exponent).view(-1, 1, 1)
+    return torch.exp2(exponent.float()).view(-1, 1, 1)
 
 
 def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 
 from qkv.bounds import ErrorState, widen_for_add_back
 from qkv.component import Component, check_int
+from qkv.dtypes import compact_index_dtype
 from qkv.errors import ConfigError
 from qkv.grouping.base import Grouper
 from qkv.quantizers.smoothing import Smoother
@@ -32,13 +33,6 @@ STAGING: Registry["Staging"] = Registry("staging")
 Stored = list[tuple[torch.Tensor | None, torch.Tensor | None]]
 # the last stage's deferred subtraction: (stored centroids [N, C, D], assignments [N, S]) or None
 Pending = tuple[torch.Tensor, torch.Tensor] | None
-
-
-def compact_index_dtype(groups: int) -> torch.dtype:
-    """Smallest integer dtype that holds group indices < ``groups``."""
-    if groups <= 256:
-        return torch.uint8
-    return torch.int16 if groups <= 2**15 else torch.int32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,10 +21,25 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.bits import bf16_dot, split_bf16
-from qkv.quantizers.staging import compact_index_dtype
+from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
+from qkv.dtypes import compact_index_dtype
 
 UPDATE_TOKENS = 32  # tokens summed per step of a cluster (fixed: the summation order depends on it)
+
+
+@triton.jit
+def _prepare_kernel(c_ptr, neg2_ptr, csq_ptr, M, D, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Centroid rows -> -2 * (rounded to bf16) and the rounded rows' squared norms (fp32)."""
+    m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, BLOCK_D)
+    mask = (m < M)[:, None] & (d < D)[None, :]
+    c = tl.load(c_ptr + m[:, None].to(tl.int64) * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    if EMULATE:
+        c = round_to_bf16(c)  # the interpreter's conversion truncates
+    else:
+        c = c.to(tl.bfloat16).to(tl.float32)
+    tl.store(neg2_ptr + m[:, None].to(tl.int64) * D + d[None, :], (c * -2.0).to(tl.bfloat16), mask=mask)
+    tl.store(csq_ptr + m, tl.sum(c * c, axis=1), mask=m < M)
 
 
 @triton.jit
@@ -63,8 +78,24 @@ def _assign_kernel(
 
 
 @triton.jit
+def first_at_least(keys, S, value, STEPS):
+    """First position p in the sorted keys[0:S] with keys[p] >= value (S if none), for a scalar or
+    a vector of values: a binary search of STEPS >= bit_length(S) halvings."""
+    lo = value * 0
+    hi = lo + S
+    for _ in range(STEPS):
+        go = lo < hi
+        mid = (lo + hi) // 2
+        k = tl.load(keys + mid, mask=go, other=0).to(tl.int32)
+        right = go & (k < value)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(go & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
 def _update_kernel(
-    x_ptr, order_ptr, start_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, S, C, D, K,
+    x_ptr, order_ptr, key_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, S, C, D, K, STEPS,
     HAS_RESEED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One cluster: sum its tokens (in sorted order) and write the mean, or - empty - the re-seed
@@ -73,10 +104,8 @@ def _update_kernel(
     c = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    # starts[n, c] = first sorted position of cluster c; cluster c ends where c + 1 starts
-    start = tl.load(start_ptr + n * C + c)
-    end = tl.where(c + 1 < C, tl.load(start_ptr + n * C + tl.minimum(c + 1, C - 1)), S)
-    count = end - start
+    start = first_at_least(key_ptr + n * S, S, c, STEPS)  # cluster c's sorted tokens
+    count = first_at_least(key_ptr + n * S, S, c + 1, STEPS) - start
     acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
     for t0 in range(0, count, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -88,10 +117,9 @@ def _update_kernel(
     if count > 0:
         out = mean
     elif HAS_RESEED:
-        j = tl.arange(0, BLOCK_C)  # empty clusters before c: its rank among the empty ones
-        first = tl.load(start_ptr + n * C + j, mask=j < C, other=S)
-        last = tl.load(start_ptr + n * C + j + 1, mask=j + 1 < C, other=S)
-        rank = tl.minimum(tl.sum((((last - first) == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
+        j = tl.arange(0, BLOCK_C)  # its rank among the empty clusters: the empty ones below c
+        size = first_at_least(key_ptr + n * S, S, j + 1, STEPS) - first_at_least(key_ptr + n * S, S, j, STEPS)
+        rank = tl.minimum(tl.sum(((size == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
         tok = tl.load(reseed_ptr + n * K + rank)
         out = tl.load(x_ptr + (n * S + tok) * D + d, mask=d_ok, other=0.0).to(tl.float32)
     else:
@@ -109,15 +137,17 @@ def assign_supports(x, centroids) -> str | None:
 def assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
     to bf16 (see the module docstring)."""
-    x = x.contiguous()
-    rounded = centroids.to(torch.bfloat16)
-    neg2 = (rounded * -2).contiguous()  # exact: a power-of-two scaling
-    c_sq = rounded.float().square().sum(-1).contiguous()
+    x, centroids = x.contiguous(), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
+    block_d = max(16, triton.next_power_of_2(d))
+    neg2 = torch.empty(n, c, d, dtype=torch.bfloat16, device=x.device)  # exact: a power-of-two scaling
+    c_sq = torch.empty(n, c, dtype=torch.float32, device=x.device)
+    _prepare_kernel[(triton.cdiv(n * c, 32),)](
+        centroids, neg2, c_sq, n * c, d, EMULATE=x.device.type != "cuda", BLOCK_M=32, BLOCK_D=block_d,
+    )
     idx = torch.empty(n, s, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, s, dtype=torch.float32, device=x.device)
-    block_d = max(16, triton.next_power_of_2(d))
     block_c = min(64, max(16, triton.next_power_of_2(c)))
     block_s = 256 if block_d <= 128 else 128
     _assign_kernel[(n, triton.cdiv(s, block_s))](
@@ -139,16 +169,14 @@ def update_triton(
     n, s, d = x.shape
     c = centroids.shape[1]
     # a stable sort on the narrowest integer type that holds the cluster ids (fewer radix passes);
-    # each cluster's first sorted position by binary search
+    # the kernel finds each cluster's sorted run by binary search
     keys, order = torch.sort(assignments.to(compact_index_dtype(c)), dim=1, stable=True)
-    ids = torch.arange(c, device=x.device, dtype=keys.dtype).repeat(n, 1)
-    starts = torch.searchsorted(keys, ids).contiguous()
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
     old = centroids.float().contiguous()
     _update_kernel[(n, c)](
-        x, order, starts, old if reseed is None else reseed.contiguous(), old, new, counts,
-        s, c, d, 1 if reseed is None else reseed.shape[1], HAS_RESEED=reseed is not None,
+        x, order, keys, old if reseed is None else reseed.contiguous(), old, new, counts,
+        s, c, d, 1 if reseed is None else reseed.shape[1], s.bit_length(), HAS_RESEED=reseed is not None,
         BLOCK_T=UPDATE_TOKENS, BLOCK_D=triton.next_power_of_2(d), BLOCK_C=triton.next_power_of_2(c),
         num_warps=4,
     )
