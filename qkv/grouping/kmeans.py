@@ -97,7 +97,7 @@ def _far_tokens(dist: torch.Tensor, k: int) -> torch.Tensor:
         return dist.topk(k, dim=-1).indices
     heads, where = dist[:, : s - s % size].view(n, -1, size).max(-1)  # [N, segments]
     top = heads.topk(k, dim=-1).indices
-    return top * size + torch.gather(where, 1, top)
+    return torch.gather(where, 1, top).add_(top, alpha=size)
 
 
 def kmeans(
@@ -133,14 +133,13 @@ def kmeans(
         k = min(clusters, s)
         centroids = (_init_kmeanspp if init == "kmeans++" else _init_random)(xs, k, gen)
     done = torch.zeros(n, dtype=torch.bool, device=x.device)
-    previous = torch.full((n,), float("inf"), device=x.device)
     history = []
     for it in range(iters):
         assign, dist = kernels.kmeans_assign(xs, centroids, backend=backend)
         objective = dist.sum(-1)
+        if history:  # improved by less than tol (relative) since the last step: done
+            done |= history[-1] <= objective * (1 + tol)
         history.append(objective)
-        done = done | ((previous - objective) <= tol * objective)
-        previous = objective
         # empty clusters move onto far tokens (no host sync)
         far = _far_tokens(dist, min(centroids.shape[1], s))
         means, _ = kernels.kmeans_update(xs, assign, centroids, far, backend=backend)
