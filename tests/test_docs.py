@@ -18,6 +18,7 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
         "extending.md",
         "testing.md",
         "cache.md",
+        "attention.md",
         "adapters/self_forcing.md",
         pytest.param("adapters/wan.md", marks=pytest.mark.realdata),  # real video frames
         pytest.param("adapters/transformers.md", marks=pytest.mark.realdata),  # Whisper, real speech

@@ -16,7 +16,9 @@ __all__ = ["CacheConfig", "CacheMemory"]
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """How a :class:`KVCache` streams. A span is ``span_chunks`` chunks (8 when neither is given,
-    as in the paper) or ``span_tokens`` tokens; not both."""
+    as in the paper) or ``span_tokens`` tokens; not both. ``fused_attention``: :meth:`KVCache.attend`
+    reads compressed spans directly (``qkv.kernels.attention``) instead of decompressing the history
+    and calling ``scaled_dot_product_attention``."""
 
     policy: Policy
     span_chunks: int | None = None
@@ -28,6 +30,7 @@ class CacheConfig:
     head_independent: bool = True
     validate: bool = True
     backend: str = "auto"
+    fused_attention: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
@@ -44,7 +47,7 @@ class CacheConfig:
         check_int("cache", "recent_chunks", self.recent_chunks, 0)
         if self.max_spans is not None:
             check_int("cache", "max_spans", self.max_spans, 1)
-        for key in ("warm_start", "head_independent", "validate"):
+        for key in ("warm_start", "head_independent", "validate", "fused_attention"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"cache: {key} must be True or False, got {getattr(self, key)!r}")
         check_choice("cache", "backend", self.backend, tuple(b.value for b in Backend))

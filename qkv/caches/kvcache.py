@@ -26,8 +26,11 @@ and at the presets' 5 iterations its objective is 4.6% (video) / 1.0% (speech en
 depends on which other heads share the call: that is what lets ranks that each hold some heads
 (``qkv.caches.sharding``) produce exactly the unsharded cache.
 
-:meth:`LayerCache.read` is the one read path: it decompresses span by span (nothing decompressed is
-kept) and concatenates sink, spans and tail; a fused attention over compressed spans can replace it.
+:meth:`LayerCache.read` decompresses span by span (nothing decompressed is kept) and concatenates sink,
+spans and tail. :meth:`LayerCache.attend` computes attention over the history without that: with
+``fused_attention=True`` (default) the Triton kernel of :func:`qkv.kernels.attention` reads the
+compressed spans directly (see docs/attention.md); with False it reads, then calls
+``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ import dataclasses
 import os
 
 import torch
+import torch.nn.functional as F
 
+from qkv import kernels
 from qkv.caches.cache_config import CacheConfig, CacheMemory
 from qkv.caches.compressed import CompressedKV, StageData
 from qkv.caches.heads import cat_heads, index_batch
@@ -289,7 +294,7 @@ class LayerCache:
         """The retained history ``(k, v)``, each [B, H, tokens, D] in the appended dtype.
 
         Sink, then every span decompressed on its own (no decompressed span is kept), then the
-        tail. The single read path: a fused attention over compressed spans can replace it.
+        tail. For attention, :meth:`attend` avoids materializing this.
         """
         if self.layout is None:
             raise CacheError(f"layer {self.index} holds nothing yet: append a chunk first")
@@ -310,6 +315,48 @@ class LayerCache:
             empty = torch.empty(b, h, 0, d, dtype=dtype, device=device)
             return empty, empty.clone()
         return torch.cat(ks, 2), torch.cat(vs, 2)
+
+    def segments(self) -> list:
+        """The retained history as attention segments, in :meth:`read` order: a ``DenseKV`` per sink
+        and tail chunk, a ``CompressedSpan`` per span (with its evicted ``skip`` tokens)."""
+        policy = self.config.span_policy
+        return (
+            [kernels.DenseKV(c.k, c.v) for c in self.sink]
+            + [kernels.CompressedSpan(sp.ckv, policy, sp.skip) for sp in self.spans]
+            + [kernels.DenseKV(c.k, c.v) for c in self.tail]
+        )
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        *,
+        extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Attention of ``q`` [B, H, Sq, D] to every retained token, and to ``extra`` (k, v)
+        [B, H_kv, S_e, D] (e.g. the current chunk, not stored) if given: [B, H, Sq, D] in q's dtype.
+
+        Not causal: every query sees every key (the chunk-wise video pattern; for token-by-token
+        decoding append first, then attend). H must be a multiple of the cache's heads (GQA).
+        ``scale`` defaults to 1 / sqrt(D). With ``fused_attention`` the compressed spans are read
+        directly by :func:`qkv.kernels.attention` (nothing is decompressed into global memory when
+        the kernel supports the layout); otherwise the history is decompressed (:meth:`read`) and
+        attended to with ``scaled_dot_product_attention``.
+        """
+        if self.layout is None and extra is None:
+            raise CacheError(f"layer {self.index} holds nothing yet: append a chunk or pass extra")
+        if self.config.fused_attention:
+            segments = self.segments() if self.layout is not None else []
+            if extra is not None:
+                segments.append(kernels.DenseKV(*extra))
+            return kernels.attention(q, segments, scale=scale, backend=self.config.backend)
+        if self.layout is None:
+            k, v = extra
+        else:
+            k, v = self.read()
+            if extra is not None:
+                k, v = torch.cat([k, extra[0]], 2), torch.cat([v, extra[1]], 2)
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
     def positions(self) -> torch.Tensor:
         """Absolute position of every retained token, in :meth:`read` order: int64 [tokens] (CPU)."""
@@ -374,6 +421,7 @@ class KVCache:
         cache = qkv.KVCache("qvg", span_chunks=8, sink_chunks=1)
         cache.append(layer, k_chunk, v_chunk)     # [B, H, S_chunk, D]
         k, v = cache.read(layer)                  # [B, H, S_retained, D]
+        out = cache.attend(layer, q)              # q [B, H_q, S_q, D] -> [B, H_q, S_q, D]
         cache.memory().total                      # exact bytes
     """
 
@@ -409,6 +457,18 @@ class KVCache:
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Retained history of ``layer``: (k, v) [B, H, S, D]."""
         return self.layer(layer).read()
+
+    def attend(
+        self,
+        layer: int,
+        q: torch.Tensor,
+        *,
+        extra: tuple[torch.Tensor, torch.Tensor] | None = None,
+        scale: float | None = None,
+    ) -> torch.Tensor:
+        """Attention of q [B, H, Sq, D] to the history of ``layer`` (+ ``extra`` (k, v)):
+        [B, H, Sq, D] (see :meth:`LayerCache.attend`)."""
+        return self.layer(layer).attend(q, extra=extra, scale=scale)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append, then read (the transformers ``Cache.update`` contract)."""

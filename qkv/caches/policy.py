@@ -195,7 +195,7 @@ class TensorPolicy:
         if self.smoothing.additive:
             for stage in ct.stages:
                 centroids.append(flat(stage.centroids))
-                assignments.append(self._assignments(stage, b * h, ct.quantized_tokens, ct.codes.device))
+                assignments.append(self.stage_assignments(stage, b * h, ct.quantized_tokens, ct.codes.device))
         # additive smoothing is undone inside the kernel: write the output dtype directly
         out_dtype = ct.dtype if self.smoothing.additive or self.smoothing.name == "none" else torch.float32
         out = kernels.dequantize(
@@ -207,7 +207,7 @@ class TensorPolicy:
                 out = self.smoothing.inverse(out, backend=backend)
         return out
 
-    def _assignments(self, stage: StageData, rows: int, tokens: int, device: torch.device) -> torch.Tensor:
+    def stage_assignments(self, stage: StageData, rows: int, tokens: int, device: torch.device) -> torch.Tensor:
         """[B*H, S_q] group of every token in one stage: stored, implied by the grouper, or - for an
         additive smoother that needs no grouping and stores one row [B, H, 1, D] - row 0 for all."""
         assign = flat(stage.assignments)
@@ -265,7 +265,7 @@ class TensorPolicy:
         added: list[torch.Tensor | None] = []
         for stage in ct.stages:
             if self.smoothing.additive and stage.centroids is not None:
-                assign = self._assignments(stage, b * ct.shape[1], ct.quantized_tokens, ct.codes.device)
+                assign = self.stage_assignments(stage, b * ct.shape[1], ct.quantized_tokens, ct.codes.device)
                 added.append(gather_centroids(flat(stage.centroids), assign))
             else:
                 added.append(None)

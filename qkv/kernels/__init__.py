@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from qkv.errors import BackendError
+from qkv.kernels.attention import CompressedSpan, DenseKV, attention_torch, check_attention
 from qkv.kernels.hadamard import hadamard_torch
 from qkv.kernels.kmeans import assign_torch, update_torch
 from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch
@@ -27,7 +28,7 @@ class Backend(str, enum.Enum):
     TRITON = "triton"
 
 
-OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard")
+OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard", "attention")
 
 _TORCH: dict[str, Callable] = {
     "quantize_pack": quantize_pack_torch,
@@ -35,6 +36,7 @@ _TORCH: dict[str, Callable] = {
     "kmeans_assign": assign_torch,
     "kmeans_update": update_torch,
     "hadamard": hadamard_torch,
+    "attention": attention_torch,
 }
 
 
@@ -109,10 +111,22 @@ def hadamard(x, *, backend="auto"):
     return resolve("hadamard", backend, x.device, x)(x)
 
 
+def attention(q, segments, *, scale=None, backend="auto"):
+    """softmax(q k^T * scale) v of q [B, H, Sq, D] over every key of ``segments`` (DenseKV and
+    CompressedSpan, [B, H_kv, S, D] each; not causal): [B, H, Sq, D] in q's dtype (see
+    kernels.attention; the Triton kernel reads compressed spans without decompressing them)."""
+    check_attention(q, segments)
+    args = (q, segments, scale)
+    return resolve("attention", backend, q.device, *args)(*args)
+
+
 __all__ = [
     "OPS",
     "Backend",
+    "CompressedSpan",
+    "DenseKV",
     "QuantizedRows",
+    "attention",
     "dequantize",
     "hadamard",
     "kmeans_assign",

@@ -16,7 +16,11 @@ everything cached. diffusers' ``WanRotaryPosEmbed`` always starts at frame 0 and
 applies RoPE with the frames offset by ``start_frame``, stores K before RoPE (``key_rope="before"``, as
 the QVG Self-Forcing integration; RoPE is applied to the read history from each token's absolute
 position, so sinks and evictions keep their positions) or after it (``"after"``, as Self-Forcing's
-own cache), and attends the chunk's queries to [history, chunk]. With a lossless policy
+own cache), and attends the chunk's queries to [history, chunk]. With ``"after"`` the attention is
+:meth:`LayerCache.attend`, which reads compressed spans directly through the fused kernel
+(``fused_attention=True``, the cache's default; see docs/attention.md). With ``"before"`` every read key
+needs RoPE at its absolute position, which the kernel does not apply, so that path decompresses the
+history (``read``), rotates it and calls ``scaled_dot_product_attention``. With a lossless policy
 (``"bf16"`` on a bf16 model) the rollout equals one full pass with a block-causal mask exactly.
 """
 
@@ -88,22 +92,29 @@ class WanCacheProcessor:
         key, value = (rearrange(t, "b s h d -> b h s d") for t in (key, value))
 
         cache = run.cache.layer(self.layer)
-        if run.append:
-            cache.append(key, value)
-            keys, values = cache.read()
-            key_pos = cache.positions()
-        elif cache.layout is None:
-            keys, values, key_pos = key, value, positions
+        query = rearrange(query, "b s h d -> b h s d")
+        if run.key_rope == "after":
+            # keys are cached with RoPE applied: attention reads the cache as it is (the fused kernel
+            # over the compressed spans when the cache's fused_attention is on)
+            if run.append:
+                cache.append(key, value)
+            out = cache.attend(query, extra=None if run.append else (key, value))
         else:
-            keys, values = cache.read()
-            keys, values = torch.cat([keys, key], 2), torch.cat([values, value], 2)
-            key_pos = torch.cat([cache.positions(), positions])
-        if run.key_rope == "before":
+            # RoPE goes on every read key at its absolute position, so the keys must be decompressed
+            # and rotated first: read, rotate, then scaled_dot_product_attention
+            if run.append:
+                cache.append(key, value)
+                keys, values = cache.read()
+                key_pos = cache.positions()
+            elif cache.layout is None:
+                keys, values, key_pos = key, value, positions
+            else:
+                keys, values = cache.read()
+                keys, values = torch.cat([keys, key], 2), torch.cat([values, value], 2)
+                key_pos = torch.cat([cache.positions(), positions])
             k_cos, k_sin = rope_at(run.rope, key_pos, run.grid)
             keys = rearrange(apply_rope(rearrange(keys, "b h s d -> b s h d"), k_cos, k_sin), "b s h d -> b h s d")
-
-        query = rearrange(query, "b s h d -> b h s d")
-        out = F.scaled_dot_product_attention(query, keys, values)
+            out = F.scaled_dot_product_attention(query, keys, values)
         out = rearrange(out, "b h s d -> b s (h d)").type_as(hidden_states)
         return attn.to_out[1](attn.to_out[0](out))
 

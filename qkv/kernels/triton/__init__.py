@@ -5,6 +5,7 @@
 ``backend="triton"``), or None.
 """
 
+from qkv.kernels.triton.attention import attention_supports, attention_triton
 from qkv.kernels.triton.hadamard import hadamard_supports, hadamard_triton
 from qkv.kernels.triton.kmeans import assign_supports, assign_triton, update_triton
 from qkv.kernels.triton.quantize import (
@@ -20,4 +21,5 @@ IMPLS = {
     "kmeans_assign": (assign_triton, assign_supports),
     "kmeans_update": (update_triton, None),
     "hadamard": (hadamard_triton, hadamard_supports),
+    "attention": (attention_triton, attention_supports),
 }

@@ -1,0 +1,150 @@
+"""Attention over a KV history of full-precision and compressed segments: the plain-PyTorch reference.
+
+A history is a sequence of segments: :class:`DenseKV` (keys and values in full precision) and
+:class:`CompressedSpan` (a :class:`~qkv.caches.compressed.CompressedKV`, the policy that decompresses
+it, and how many of its leading tokens were evicted). The attention is not causal: every query sees
+every key of every segment (the Wan / Self-Forcing pattern, where a chunk's queries attend to
+[history, chunk]), so the order of the segments does not matter.
+
+:func:`attention_torch` decompresses one segment at a time with the policy's own path, attends to it
+in fp32 and merges the partial results by their log-sum-exp, so the whole history is never
+materialized at once. The Triton twin (:mod:`qkv.kernels.triton.attention`) reads the compressed
+spans directly instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from einops import repeat
+
+from qkv.errors import DeviceError, DTypeError, ShapeError
+
+if TYPE_CHECKING:
+    from qkv.caches.compressed import CompressedKV
+    from qkv.caches.policy import Policy
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseKV:
+    """Full-precision keys and values, each [B, H_kv, S, D]."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    @property
+    def tokens(self) -> int:
+        return self.k.shape[2]
+
+    def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressedSpan:
+    """A compressed span [B, H_kv, S, D], of which the first ``skip`` tokens are evicted.
+    ``policy``: the :class:`~qkv.caches.policy.Policy` that compressed ``ckv`` (it decompresses it)."""
+
+    ckv: CompressedKV
+    policy: Policy
+    skip: int = 0
+
+    @property
+    def tokens(self) -> int:
+        return self.ckv.k.shape[2] - self.skip
+
+    def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """The decompressed (k, v) [B, H_kv, tokens, D] in the dtype they were compressed from."""
+        k, v = self.policy.decompress(self.ckv, backend=backend)
+        return k[:, :, self.skip :], v[:, :, self.skip :]
+
+
+Segment = DenseKV | CompressedSpan
+
+
+def _kv_meta(seg: Segment) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
+    if isinstance(seg, DenseKV):
+        if seg.k.shape != seg.v.shape:
+            raise ShapeError(f"attention: dense k {tuple(seg.k.shape)} and v {tuple(seg.v.shape)} differ")
+        return tuple(seg.k.shape), seg.k.dtype, seg.k.device
+    ct = seg.ckv.k
+    if tuple(seg.ckv.v.shape) != tuple(ct.shape):
+        raise ShapeError(f"attention: compressed k {ct.shape} and v {seg.ckv.v.shape} differ")
+    if not 0 <= seg.skip < ct.shape[2]:
+        raise ShapeError(f"attention: skip={seg.skip} outside a span of {ct.shape[2]} tokens")
+    stored = next(iter(ct.tensors().values()))
+    return tuple(ct.shape), ct.dtype, stored.device
+
+
+def check_attention(q: torch.Tensor, segments: Sequence[Segment]) -> None:
+    """Raise a typed error unless ``q`` [B, H, Sq, D] can attend to ``segments`` ([B, H_kv, S, D]
+    each, one H_kv for all, H a multiple of it, same device, at least one key)."""
+    if not torch.is_tensor(q) or q.dim() != 4:
+        raise ShapeError(f"attention: q must be a [B, H, Sq, D] tensor, got {getattr(q, 'shape', type(q))}")
+    if q.dtype not in FLOATS:
+        raise DTypeError(f"attention: q must be fp32/fp16/bf16, got {q.dtype}")
+    if not segments or sum(s.tokens for s in segments) == 0:
+        raise ShapeError("attention: the history holds no keys")
+    b, h, _, d = q.shape
+    h_kv = _kv_meta(segments[0])[0][1]
+    for i, seg in enumerate(segments):
+        shape, dtype, device = _kv_meta(seg)
+        if shape[0] != b or shape[3] != d or shape[1] != h_kv or h % h_kv:
+            raise ShapeError(
+                f"attention: segment {i} has [B, H_kv, S, D] = {list(shape)}, q has [B, H, Sq, D] = "
+                f"{list(q.shape)} (needs the same B and D, one H_kv for every segment, and H a multiple of it)"
+            )
+        if dtype not in FLOATS:
+            raise DTypeError(f"attention: segment {i} holds {dtype}, not a float format")
+        if device != q.device:
+            raise DeviceError(f"attention: segment {i} is on {device}, q on {q.device}")
+
+
+def default_scale(q: torch.Tensor, scale: float | None) -> float:
+    return 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+def partial_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of q [B, H, Sq, D] to k, v [B, H_kv, S, D] in fp32: (out [B, H, Sq, D], log-sum-exp
+    of the scaled scores [B, H, Sq])."""
+    group = q.shape[1] // k.shape[1]
+    k, v = (repeat(t.float(), "b h s d -> b (h g) s d", g=group) for t in (k, v))
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), k) * scale
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse.unsqueeze(-1)), v), lse
+
+
+def merge_partials(
+    a: tuple[torch.Tensor, torch.Tensor] | None, b: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions (out fp32, lse) over disjoint keys into one."""
+    if a is None:
+        return b
+    (out_a, lse_a), (out_b, lse_b) = a, b
+    lse = torch.logaddexp(lse_a, lse_b)
+    out = out_a * torch.exp(lse_a - lse).unsqueeze(-1) + out_b * torch.exp(lse_b - lse).unsqueeze(-1)
+    return out, lse
+
+
+def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v over every key of ``segments``: [B, H, Sq, D] in q's dtype.
+
+    Each segment is decompressed on its own (plain-torch kernels), attended to in fp32 and merged by
+    log-sum-exp. ``scale`` defaults to 1 / sqrt(D).
+    """
+    check_attention(q, segments)
+    scale = default_scale(q, scale)
+    state = None
+    for seg in segments:
+        if seg.tokens:
+            k, v = seg.materialize(backend="torch")
+            state = merge_partials(state, partial_attention(q, k, v, scale))
+    return state[0].to(q.dtype)

@@ -1,0 +1,291 @@
+"""The @triton.jit code of the attention over compressed spans (host side: attention.py).
+
+``attention_kernel`` runs, for a block of queries of one (batch, head), a FlashAttention-style loop
+(online softmax in the log2 domain, fp32 accumulators, tensor-core products in the queries' dtype)
+over every compressed span of a table (decoding each key and value tile in registers right before
+its product) and then over every full-precision segment of a second table. Field offsets in the
+tables follow ``TENSOR_FIELDS`` / ``SPAN_FIELDS`` / ``DENSE_FIELDS`` of attention.py.
+"""
+
+import triton
+import triton.language as tl
+
+from qkv.kernels.triton.bits import round_to_bf16, unpack_code
+
+
+@triton.jit
+def _as_dot(x, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 tile -> the tensor-core operand: bf16/fp16, or (EMULATE) fp32 holding those values."""
+    if EMULATE:
+        if DOT_BF16:
+            out = round_to_bf16(x)  # the interpreter's own conversion truncates
+        else:
+            out = x.to(tl.float16).to(tl.float32)
+    else:
+        if DOT_BF16:
+            out = x.to(tl.bfloat16)
+        else:
+            out = x.to(tl.float16)
+    return out
+
+
+@triton.jit
+def _dot(a, b, EMULATE: tl.constexpr):
+    """a @ b in fp32 (see _mma)."""
+    if EMULATE:
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+@triton.jit
+def _mma(a, b, acc, EMULATE: tl.constexpr):
+    """acc + a @ b with fp32 accumulation (IEEE fp32 products of the same values when EMULATE:
+    Triton's interpreter has no bf16 dot)."""
+    if EMULATE:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _tensor_fields(rec, n, D: tl.constexpr, TOKEN_AXIS: tl.constexpr, HAS_MULT: tl.constexpr,
+                   CODE_T: tl.constexpr, SCALE_T: tl.constexpr, FP_T: tl.constexpr, CENT_T: tl.constexpr,
+                   A0_T: tl.constexpr, A1_T: tl.constexpr, A2_T: tl.constexpr, A3_T: tl.constexpr,
+                   VEC: tl.constexpr, WORDS_MULT: tl.constexpr):
+    """Base pointers for (batch, head) row ``n`` and sizes of one compressed tensor, read from its
+    record in the span table (field order: TENSOR_FIELDS). VEC: the host checked that every base
+    address and row stride is a multiple of 16 bytes, so the hints let tiles load as vectors."""
+    quantized = tl.load(rec + 5).to(tl.int32)
+    words = tl.load(rec + 6).to(tl.int32)
+    groups = tl.load(rec + 7).to(tl.int32)
+    fp_len = tl.load(rec + 8)
+    if TOKEN_AXIS:
+        rows = n * quantized
+    else:
+        rows = n * D
+    codes = tl.load(rec + 0).to(tl.pointer_type(CODE_T)) + rows * words
+    scales = tl.load(rec + 1).to(tl.pointer_type(SCALE_T)) + rows * groups
+    zeros = tl.load(rec + 2).to(tl.pointer_type(SCALE_T)) + rows * groups
+    m = 1.0
+    if HAS_MULT:
+        m = tl.load(tl.load(rec + 3).to(tl.pointer_type(tl.float32)) + n)
+    fp = tl.load(rec + 4).to(tl.pointer_type(FP_T)) + n * fp_len * D
+    c0 = tl.load(rec + 9).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + 13)
+    c1 = tl.load(rec + 10).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + 14)
+    c2 = tl.load(rec + 11).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + 15)
+    c3 = tl.load(rec + 12).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + 16)
+    a0 = tl.load(rec + 17).to(tl.pointer_type(A0_T)) + n * tl.load(rec + 21)
+    a1 = tl.load(rec + 18).to(tl.pointer_type(A1_T)) + n * tl.load(rec + 22)
+    a2 = tl.load(rec + 19).to(tl.pointer_type(A2_T)) + n * tl.load(rec + 23)
+    a3 = tl.load(rec + 20).to(tl.pointer_type(A3_T)) + n * tl.load(rec + 24)
+    if VEC:
+        words = tl.multiple_of(words, WORDS_MULT)
+        codes = tl.multiple_of(codes, 16)
+        fp = tl.multiple_of(fp, 16)
+        c0 = tl.multiple_of(c0, 16)
+        c1 = tl.multiple_of(c1, 16)
+        c2 = tl.multiple_of(c2, 16)
+        c3 = tl.multiple_of(c3, 16)
+        a0 = tl.multiple_of(a0, 16)
+        a1 = tl.multiple_of(a1, 16)
+        a2 = tl.multiple_of(a2, 16)
+        a3 = tl.multiple_of(a3, 16)
+    return codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2, c3, a0, a1, a2, a3
+
+
+@triton.jit
+def _add_stage(x, c, a, tok, ok, d, D: tl.constexpr):
+    """x [BLOCK_N, D] + each token's centroid row of one smoothing stage."""
+    idx = tl.load(a + tok, mask=ok, other=0).to(tl.int32)
+    return x + tl.load(c + idx[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2, c3, a0, a1, a2, a3,
+               t0, S, D: tl.constexpr, BLOCK_N: tl.constexpr,
+               CAST: tl.constexpr, BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr,
+               HAS_ZERO: tl.constexpr, TOKEN_AXIS: tl.constexpr, FAST: tl.constexpr, WORD: tl.constexpr,
+               MSB: tl.constexpr, STAGES: tl.constexpr, HAS_FP: tl.constexpr):
+    """Decoded values [BLOCK_N, D] fp32 of tokens t0 .. t0 + BLOCK_N of one compressed tensor
+    (the reference's decompressed values before their rounding to the output dtype). HAS_FP: the
+    tensor keeps full-precision tokens after its quantized ones (such spans get their own launch:
+    with this runtime branch, ptxas 13.4 serializes the tensor-core products of the whole kernel)."""
+    tok = t0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    q_ok = tok < quantized
+    if CAST:  # float-cast spans store the values themselves
+        x = tl.load(codes + tok[:, None] * D + d[None, :], mask=q_ok[:, None], other=0.0).to(tl.float32)
+    elif FAST:
+        # per-token blocks, whole codes per word: load the packed rows coalesced, expand each word
+        PER: tl.constexpr = WORD // BITS
+        w = tl.arange(0, D // PER)
+        word = tl.load(codes + tok[:, None] * words + w[None, :], mask=q_ok[:, None], other=0).to(tl.int32)
+        j = tl.arange(0, PER)
+        if MSB:
+            shift = (PER - 1 - j) * BITS
+        else:
+            shift = j * BITS
+        code = (word[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+        # the code as a float without an int -> float conversion (a quarter-rate instruction): with
+        # the code as the top mantissa bits of 2.0, val = 2 + code * 2**(1 - BITS), and one fused
+        # multiply-add gives (code - OFFSET) * scale = val * (scale * 2**(BITS - 1)) - (2**BITS + OFFSET) * scale
+        val = ((code << (23 - BITS)) | 0x40000000).to(tl.float32, bitcast=True)
+        val = tl.reshape(val, (BLOCK_N, D // QBLOCK, QBLOCK))
+        g = tl.arange(0, D // QBLOCK)
+        sidx = tok[:, None] * groups + g[None, :]
+        scale = tl.load(scales + sidx, mask=q_ok[:, None], other=0.0).to(tl.float32) * m
+        bias = -((1 << BITS) + OFFSET) * scale
+        scale = scale * (1 << (BITS - 1))
+        if HAS_ZERO:
+            bias += tl.load(zeros + sidx, mask=q_ok[:, None], other=0.0).to(tl.float32) * m
+        x = tl.reshape(val * scale[:, :, None] + bias[:, :, None], (BLOCK_N, D))
+    else:
+        mask = q_ok[:, None] & (d < D)[None, :]
+        if TOKEN_AXIS:
+            row = tok[:, None] + 0 * d[None, :]
+            col = d[None, :] + 0 * tok[:, None]
+        else:
+            row = d[None, :] + 0 * tok[:, None]
+            col = tok[:, None] + 0 * d[None, :]
+        code = unpack_code(codes + row * words, col, mask, BITS, WORD, MSB)
+        sidx = row * groups + col // QBLOCK
+        x = (code.to(tl.float32) - OFFSET) * (tl.load(scales + sidx, mask=mask, other=0.0).to(tl.float32) * m)
+        if HAS_ZERO:
+            x += tl.load(zeros + sidx, mask=mask, other=0.0).to(tl.float32) * m
+    if STAGES > 0:
+        x = _add_stage(x, c0, a0, tok, q_ok, d, D)
+    if STAGES > 1:
+        x = _add_stage(x, c1, a1, tok, q_ok, d, D)
+    if STAGES > 2:
+        x = _add_stage(x, c2, a2, tok, q_ok, d, D)
+    if STAGES > 3:
+        x = _add_stage(x, c3, a3, tok, q_ok, d, D)
+    if HAS_FP:
+        if t0 + BLOCK_N > quantized:  # the tile reaches the full-precision tokens
+            f_ok = (tok >= quantized) & (tok < S)
+            xf = tl.load(fp + (tok - quantized)[:, None] * D + d[None, :], mask=f_ok[:, None], other=0.0)
+            x = tl.where(f_ok[:, None], xf.to(tl.float32), x)
+    return x
+
+
+@triton.jit
+def _scores(q, q_lo, k, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
+    """q @ k^T [BLOCK_M, BLOCK_N] fp32 for a key tile k [BLOCK_N, D]; SPLIT: the queries are
+    q + q_lo (an fp32 query in two tensor-core operands)."""
+    s = _dot(q, tl.trans(k), EMULATE)
+    if SPLIT:
+        s = _mma(q_lo, tl.trans(k), s, EMULATE)
+    return s
+
+
+@triton.jit
+def _softmax_update(s, m_i, l_i, t_ok, partial, qk_scale):
+    """Online-softmax update (log2 domain) for scores s: (p fp32, alpha, new max, new sum); the
+    caller adds p @ v to acc * alpha. ``partial``: the tile holds keys outside the segment (masked
+    by t_ok)."""
+    if partial:
+        s = tl.where(t_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def attention_kernel(
+    q_ptr, ql_ptr, out_ptr, lse_ptr, dense_ptr, span_ptr,
+    n_dense, n_spans, H, HKV, SQ,
+    q_sb, q_sh, q_ss, o_sb, o_sh, o_ss, qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPAN_STAGES: tl.constexpr, DENSE_STAGES: tl.constexpr, SPLIT_Q: tl.constexpr,
+    KV_T: tl.constexpr, DENSE_MULT: tl.constexpr, DOT_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
+    EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr, WRITE_LSE: tl.constexpr,
+    K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
+    K_HAS_ZERO: tl.constexpr, K_HAS_MULT: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr,
+    K_WORD: tl.constexpr, K_MSB: tl.constexpr, K_STAGES: tl.constexpr,
+    K_CODE_T: tl.constexpr, K_SCALE_T: tl.constexpr, K_CENT_T: tl.constexpr,
+    K_A0_T: tl.constexpr, K_A1_T: tl.constexpr, K_A2_T: tl.constexpr, K_A3_T: tl.constexpr,
+    K_VEC: tl.constexpr, K_WORDS_MULT: tl.constexpr, K_HAS_FP: tl.constexpr,
+    V_CAST: tl.constexpr, V_BITS: tl.constexpr, V_QBLOCK: tl.constexpr, V_OFFSET: tl.constexpr,
+    V_HAS_ZERO: tl.constexpr, V_HAS_MULT: tl.constexpr, V_TOKEN_AXIS: tl.constexpr, V_FAST: tl.constexpr,
+    V_WORD: tl.constexpr, V_MSB: tl.constexpr, V_STAGES: tl.constexpr,
+    V_CODE_T: tl.constexpr, V_SCALE_T: tl.constexpr, V_CENT_T: tl.constexpr,
+    V_A0_T: tl.constexpr, V_A1_T: tl.constexpr, V_A2_T: tl.constexpr, V_A3_T: tl.constexpr,
+    V_VEC: tl.constexpr, V_WORDS_MULT: tl.constexpr, V_HAS_FP: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hkv = h // (H // HKV)
+    n = (b * HKV + hkv).to(tl.int64)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    r_ok = rows < SQ
+    q_off = b.to(tl.int64) * q_sb + h * q_sh + rows[:, None] * q_ss + d[None, :]
+    q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)
+    q_lo = q
+    if SPLIT_Q:  # the queries are q + ql (an fp32 query in two tensor-core operands)
+        q_lo = tl.load(ql_ptr + q_off, mask=r_ok[:, None], other=0.0)
+    if EMULATE:
+        q = q.to(tl.float32)
+        q_lo = q_lo.to(tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    if HAS_SPANS:
+        for i in range(n_spans):
+            rec = span_ptr + i * 52  # len(SPAN_FIELDS)
+            S = tl.load(rec).to(tl.int32)
+            skip = tl.load(rec + 1).to(tl.int32)
+            (kc, ks, kz, km, kf, kq, kw, kg, kc0, kc1, kc2, kc3, ka0, ka1, ka2, ka3) = _tensor_fields(
+                rec + 2, n, D, K_TOKEN_AXIS, K_HAS_MULT, K_CODE_T, K_SCALE_T, KV_T, K_CENT_T,
+                K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT)
+            (vc, vs, vz, vm, vf, vq, vw, vg, vc0, vc1, vc2, vc3, va0, va1, va2, va3) = _tensor_fields(
+                rec + 27, n, D, V_TOKEN_AXIS, V_HAS_MULT, V_CODE_T, V_SCALE_T, KV_T, V_CENT_T,
+                V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT)
+            # aligned tiles (vector loads); SPAN_STAGES: software-pipelining depth of this loop
+            for t0 in tl.range(skip // BLOCK_N * BLOCK_N, S, BLOCK_N, num_stages=SPAN_STAGES):
+                k = _span_tile(kc, ks, kz, km, kf, kq, kw, kg, kc0, kc1, kc2, kc3, ka0, ka1, ka2, ka3,
+                               t0, S, D, BLOCK_N, K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO,
+                               K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_HAS_FP)
+                tok = t0 + tl.arange(0, BLOCK_N)
+                t_ok = (tok >= skip) & (tok < S)
+                # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
+                s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
+                v = _span_tile(vc, vs, vz, vm, vf, vq, vw, vg, vc0, vc1, vc2, vc3, va0, va1, va2, va3,
+                               t0, S, D, BLOCK_N, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO,
+                               V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_HAS_FP)
+                p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
+                acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
+    for i in range(n_dense):
+        rec = dense_ptr + i * 9  # len(DENSE_FIELDS)
+        S = tl.load(rec + 2).to(tl.int32)
+        k_base = tl.load(rec).to(tl.pointer_type(KV_T)) + b * tl.load(rec + 3) + hkv * tl.load(rec + 4)
+        v_base = tl.load(rec + 1).to(tl.pointer_type(KV_T)) + b * tl.load(rec + 6) + hkv * tl.load(rec + 7)
+        # the host made every address and stride a multiple of 16 bytes (see _dense_record)
+        k_base = tl.multiple_of(k_base, 16)
+        v_base = tl.multiple_of(v_base, 16)
+        k_ss = tl.multiple_of(tl.load(rec + 5).to(tl.int32), DENSE_MULT)
+        v_ss = tl.multiple_of(tl.load(rec + 8).to(tl.int32), DENSE_MULT)
+        for t0 in tl.range(0, S, BLOCK_N, num_stages=DENSE_STAGES):
+            tok = t0 + tl.arange(0, BLOCK_N)
+            t_ok = tok < S
+            k = tl.load(k_base + tok[:, None] * k_ss + d[None, :], mask=t_ok[:, None], other=0.0)
+            v = tl.load(v_base + tok[:, None] * v_ss + d[None, :], mask=t_ok[:, None], other=0.0)
+            if EMULATE:
+                k = k.to(tl.float32)
+                v = v.to(tl.float32)
+            s = _dot(q, tl.trans(k), EMULATE)
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, t0 + BLOCK_N > S, qk_scale)
+            acc = _mma(_as_dot(p, DOT_BF16, EMULATE), v, acc * alpha[:, None], EMULATE)
+    out = acc / l_i[:, None]
+    if EMULATE and OUT_BF16:
+        out = round_to_bf16(out)
+    o_ptr = out_ptr + b.to(tl.int64) * o_sb + h * o_sh + rows[:, None] * o_ss + d[None, :]
+    tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+    if WRITE_LSE:  # natural log-sum-exp of the scaled scores
+        tl.store(lse_ptr + bh.to(tl.int64) * SQ + rows, (m_i + tl.math.log2(l_i)) * 0.6931471805599453, mask=r_ok)

@@ -1,0 +1,153 @@
+"""Attention over compressed spans: the Triton kernel against decompress-then-SDPA.
+
+Tolerance (as flash-attention's tests): against an fp32 attention over the keys and values the
+compressed data encodes, decompressed in fp32, the kernel's error must be at most twice that of the
+plain-torch path (decompress to the cache dtype, then ``scaled_dot_product_attention`` in that
+dtype), in max and in mean. Without a GPU the kernel runs in Triton's interpreter (small shapes);
+on a GPU the same tests run compiled, plus one at full Wan-1.3B head shapes.
+"""
+
+import dataclasses
+
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import qkv  # noqa: E402
+from qkv import kernels  # noqa: E402
+from qkv.errors import BackendError, DTypeError, ShapeError  # noqa: E402
+from qkv.kernels import CompressedSpan, DenseKV  # noqa: E402
+from qkv.kernels.attention import attention_torch  # noqa: E402
+from qkv.kernels.triton.attention import span_support  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+PRESETS = ["qvg", "qvg-pro", "qvg-int4", "qvg-ref", "rtn", "kivi", "quarot", "bf16"]
+
+
+def gen(seed):
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def randn(seed, *shape, dtype=torch.bfloat16, scale=1.0):
+    return (torch.randn(*shape, generator=gen(seed), device=DEVICE) * scale).to(dtype)
+
+
+def policy(name, d):
+    if name.startswith("qvg"):
+        return qkv.build_policy(name, clusters=8, block=min(d, 64) if name != "qvg-pro" else 16)
+    return qkv.build_policy(name)
+
+
+def materialized(segments, fp32=False):
+    """The history decompressed (plain-torch kernels) to the cache dtype, or with fp32=True to fp32
+    (no rounding of the decoded values: what the compressed data encodes)."""
+    parts = []
+    for seg in segments:
+        if fp32 and isinstance(seg, CompressedSpan):
+            ckv = seg.ckv
+            wide = dataclasses.replace(ckv, k=dataclasses.replace(ckv.k, dtype=torch.float32),
+                                       v=dataclasses.replace(ckv.v, dtype=torch.float32))
+            seg = CompressedSpan(wide, seg.policy, seg.skip)
+        parts.append([t.float() if fp32 else t for t in seg.materialize(backend="torch")])
+    k, v = zip(*parts)
+    return torch.cat(k, 2), torch.cat(v, 2)
+
+
+def assert_within_twice_the_torch_error(out, q, segments):
+    """out vs an fp32 attention over the history decompressed in fp32: at most 2x the error of
+    decompress + scaled_dot_product_attention in q's dtype."""
+    k, v = materialized(segments)
+    gqa = q.shape[1] != k.shape[1]
+    plain = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa).float()
+    ref = F.scaled_dot_product_attention(q.float(), *materialized(segments, fp32=True), enable_gqa=gqa)
+    err, base = (out.float() - ref).abs(), (plain - ref).abs()
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert err.max() <= 2 * base.max(), (err.max().item(), base.max().item())
+    assert err.mean() <= 2 * base.mean(), (err.mean().item(), base.mean().item())
+
+
+def history(name, *, seed=0, b=1, h=2, d=64, span=250, skip=7, dtype=torch.bfloat16):
+    """A sink chunk, one compressed span (its first ``skip`` tokens evicted) and a tail chunk."""
+    pol = policy(name, d)
+    k, v = randn(seed, b, h, span, d, dtype=dtype, scale=2.0), randn(seed + 1, b, h, span, d, dtype=dtype)
+    ckv = pol.compress(k, v)
+    sink = DenseKV(randn(seed + 2, b, h, 24, d, dtype=dtype), randn(seed + 3, b, h, 24, d, dtype=dtype))
+    tail = DenseKV(randn(seed + 4, b, h, 40, d, dtype=dtype), randn(seed + 5, b, h, 40, d, dtype=dtype))
+    return [sink, CompressedSpan(ckv, pol, skip), tail]
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_kernel_matches_decompress_then_sdpa(name):
+    segments = history(name, seed=PRESETS.index(name))
+    assert span_support(segments[1], segments[0].k) is None  # read directly, no fallback
+    q = randn(99, 1, 2, 48, 64)
+    out = kernels.attention(q, segments, backend="triton")
+    assert_within_twice_the_torch_error(out, q, segments)
+
+
+def test_gqa_head_dim_128_and_a_query_view():
+    segments = history("qvg", h=2, d=128, span=200, skip=0)
+    q = randn(5, 1, 30, 4, 128).transpose(1, 2)  # [B, H, Sq, D] view of [B, Sq, H, D], 4 heads on 2
+    out = kernels.attention(q, segments, backend="triton")
+    assert_within_twice_the_torch_error(out, q, segments)
+
+
+def test_fp16_cache_and_queries():
+    segments = history("rtn", dtype=torch.float16, span=100)
+    q = randn(6, 1, 2, 20, 64, dtype=torch.float16)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+
+
+def test_layouts_in_one_call_and_an_unsupported_span_fall_back():
+    """Spans of two layouts (two launches) and one the kernel cannot read (5 smoothing stages:
+    decompressed on its own, attended to as full-precision keys), merged by log-sum-exp."""
+    segments = history("qvg", seed=1, span=120)
+    deep = qkv.build_policy("kmeans(clusters=4,iters=2),centroid,progressive(stages=5),int2(block=16)")
+    k, v = randn(11, 1, 2, 64, 64), randn(12, 1, 2, 64, 64)
+    segments += [CompressedSpan(policy("rtn", 64).compress(k, v), policy("rtn", 64), 3),
+                 CompressedSpan(deep.compress(k, v), deep)]
+    q = randn(13, 1, 2, 33, 64)
+    assert "5 smoothing stages" in span_support(segments[-1], q)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+
+
+def test_the_torch_twin_is_the_fp32_attention():
+    segments = history("qvg-pro", seed=3, span=90)
+    q = randn(14, 1, 2, 17, 64)
+    out = attention_torch(q, segments, scale=0.05)
+    k, v = materialized(segments)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.05)
+    assert torch.equal(out, ref.to(q.dtype)) or (out.float() - ref).abs().max() <= 2**-8 * ref.abs().max()
+    assert torch.equal(kernels.attention(q, segments, scale=0.05, backend="torch"), out)
+
+
+def test_dispatch_and_bad_inputs():
+    segments = history("rtn", span=64)
+    with pytest.raises(BackendError, match="float32"):
+        kernels.attention(randn(1, 1, 2, 8, 64, dtype=torch.float32), segments, backend="triton")
+    q = randn(1, 1, 2, 8, 64)
+    if DEVICE == "cpu":  # auto uses the reference off the GPU
+        assert torch.equal(kernels.attention(q, segments), kernels.attention(q, segments, backend="torch"))
+    with pytest.raises(ShapeError, match="no keys"):
+        kernels.attention(q, [])
+    with pytest.raises(ShapeError, match="multiple"):
+        kernels.attention(randn(1, 1, 3, 8, 64), segments)
+    with pytest.raises(ShapeError, match=r"\[1, 2, 24, 64\]"):
+        kernels.attention(randn(1, 1, 2, 8, 32), segments)
+    with pytest.raises(DTypeError):
+        kernels.attention(q.to(torch.int32), segments)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="full shapes need a GPU")
+@pytest.mark.parametrize("name", PRESETS)
+def test_full_wan_shapes_on_the_gpu(name):
+    """12 heads x 128, a 9,360-token span (2 chunks of 1,560 x 3), a 4,680-token query chunk."""
+    pol = qkv.build_policy(name)
+    k, v = randn(20, 1, 12, 9360, 128, scale=2.0), randn(21, 1, 12, 9360, 128)
+    tail = DenseKV(randn(22, 1, 12, 4680, 128), randn(23, 1, 12, 4680, 128))
+    segments = [CompressedSpan(pol.compress(k, v), pol, 100), tail]
+    q = randn(24, 1, 12, 4680, 128)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
