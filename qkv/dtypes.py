@@ -38,6 +38,17 @@ def max_finite(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).max)
 
 
+def saturate(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` in ``dtype``, values beyond its finite range set to its largest finite value (same
+    sign) instead of overflowing to inf. For reconstructions of finite inputs (a quantized value
+    may overshoot the input by up to its error bound) and for offsets whose exact value does not
+    matter as long as the same value is added back."""
+    if dtype == torch.float32 or x.dtype == dtype:
+        return x.to(dtype)
+    limit = max_finite(dtype)
+    return x.float().clamp(-limit, limit).to(dtype)  # clamp in fp32: the limit is exact there
+
+
 def round_up(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Smallest value of ``dtype`` that is >= ``x`` (``x`` fp32, >= 0 and <= the dtype's max)."""
     y = x.to(dtype)

@@ -131,15 +131,30 @@ def test_centroid_stages_pass_the_residual_bound_through():
     bound.check(k, v, k_hat, v_hat)
 
 
-def test_overflow_gives_inf_never_nan():
-    """Centroids stored as fp16 overflow past 65504: the reconstruction is NaN and the bound says
-    "no guarantee" (inf) rather than a number."""
-    policy = qkv.build_policy("kmeans(clusters=2,iters=1),centroid(dtype=fp16),int2(block=16)")
-    x = torch.randn(1, 1, 32, 16) * 1e6
-    _, x_hat, _, bound = roundtrip(policy, x, x)
-    assert not bool(torch.isfinite(x_hat).all())
-    assert not bool(torch.isnan(bound.k.value).any()) and bool(bound.k.unbounded.any())
-    bound.k.check(x, x_hat)  # inf accepts anything, NaN included
+def test_an_overflowed_value_gives_inf_never_nan():
+    """A value that overflowed its format (built-in paths saturate instead; a custom component's
+    may not) reads as "no guarantee" (inf), never NaN, and inf accepts any reconstruction."""
+    from qkv.bounds import rounding_error
+
+    rounded = torch.tensor([65504.0, float("inf"), -float("inf")], dtype=torch.float16)
+    term = rounding_error(rounded, torch.float32)
+    bound = Bound.element(torch.zeros(3, dtype=torch.float64)).plus(term)
+    assert bound.unbounded.tolist() == [False, True, True]
+    assert not bool(torch.isnan(bound.value).any())
+    bound.check(torch.zeros(3), torch.tensor([0.0, float("nan"), 1.0]))
+
+
+def test_saturated_reconstructions_keep_their_bound():
+    """fp16 inputs at 65504 and fp16 centroids of inputs beyond it: the reconstruction and the
+    stored centroids saturate to the finite range, and the bound holds everywhere."""
+    for spec, x in (
+        ("rtn", torch.full((1, 1, 8, 16), 65504.0, dtype=torch.float16)),
+        ("kmeans(clusters=2,iters=1),centroid(dtype=fp16),int2(block=16)", torch.randn(1, 1, 32, 16) * 1e6),
+    ):
+        policy = qkv.build_policy(spec)
+        _, x_hat, _, bound = roundtrip(policy, x, x)
+        assert bool(torch.isfinite(x_hat).all()) and not bool(bound.k.unbounded.any())
+        bound.k.check(x, x_hat)
 
 
 @dataclasses.dataclass(frozen=True)

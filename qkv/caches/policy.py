@@ -16,6 +16,7 @@ from qkv import kernels
 from qkv.bounds import Bound, BoundKind, ErrorState, KVBound, holds, output_cast
 from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.component import check_int
+from qkv.dtypes import saturate
 from qkv.errors import ConfigError, ShapeError
 from qkv.grouping import Grouper, NoGrouping
 from qkv.kernels import QuantizedRows
@@ -180,9 +181,9 @@ class TensorPolicy:
         b, h, s, d = ct.shape
         parts = []
         if ct.quantized_tokens and isinstance(self.quantizer, CastQuantizer):
-            parts.append(ct.codes.to(ct.dtype))
+            parts.append(saturate(ct.codes, ct.dtype))
         elif ct.quantized_tokens:
-            parts.append(rearrange(self._dequantize(ct, backend), "(b h) s d -> b h s d", b=b).to(ct.dtype))
+            parts.append(saturate(rearrange(self._dequantize(ct, backend), "(b h) s d -> b h s d", b=b), ct.dtype))
         if ct.fp_tokens is not None:
             parts.append(ct.fp_tokens)
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]

@@ -37,3 +37,21 @@ class Grouper(Component):
     def implicit_assignments(self, n: int, tokens: int, device: torch.device) -> torch.Tensor:
         """[N, S] assignments of a grouper that does not store them."""
         raise NotImplementedError(f"{self.name} stores its assignments")
+
+
+# Rows whose max-abs lies in [2**SAFE_LOW, 2**SAFE_HIGH] are clustered as they are: scaling by a
+# power of two commutes exactly with every operation that neither overflows nor underflows, so
+# the result is the same as on the normalized copy, without the copy.
+SAFE_LOW, SAFE_HIGH = -20, 40
+
+
+def row_scale(x: torch.Tensor) -> torch.Tensor | None:
+    """Power of two per row of ``x`` [N, S, D] so that x / scale has max-abs in [0.5, 1): [N, 1, 1];
+    None when every row is in the safe range (no scaling needed). Groupers cluster x / scale, so
+    squared distances never overflow or underflow, and multiply the centroids back."""
+    peak = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1).float()  # max |x|, one pass
+    exponent = torch.frexp(peak).exponent  # peak = m * 2**exponent, m in [0.5, 1); 0 for peak 0
+    low, high = torch.stack(torch.aminmax(exponent)).tolist() if exponent.numel() else (0, 0)
+    if SAFE_LOW <= low and high <= SAFE_HIGH:
+        return None
+    return torch.exp2(exponent.float()).view(-1, 1, 1)

@@ -1,6 +1,7 @@
 """k-means through FAISS (``faiss.Kmeans``): faiss-cpu here, its GPU path when faiss-gpu is
 installed and a GPU is visible. FAISS is imported only when this grouper runs. Every token is used
-for training (no subsampling); fewer tokens than clusters gives every token its own cluster."""
+for training (no subsampling); fewer tokens than clusters gives every token its own cluster. Rows
+are normalized by a power of two first (as the kmeans grouper does), so any finite input works."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from qkv.component import check_int
 from qkv.errors import ConfigError
-from qkv.grouping.base import GROUPING, Grouper, Groups
+from qkv.grouping.base import GROUPING, Grouper, Groups, row_scale
 
 
 def _import_faiss():
@@ -43,6 +44,10 @@ class FaissGrouper(Grouper):
         faiss = _import_faiss()
         n, s, d = x.shape
         k = min(self.clusters, s) if init is None else init.shape[1]
+        scale = row_scale(x)  # FAISS works in fp32 on unscaled squares: normalize like kmeans does
+        if scale is not None:
+            x = x / scale
+            init = None if init is None else init / scale
         data = x.detach().float().cpu().numpy()
         use_gpu = bool(getattr(faiss, "get_num_gpus", lambda: 0)())
         centroids, assignments = [], []
@@ -61,6 +66,7 @@ class FaissGrouper(Grouper):
             _, label = km.index.search(data[row], 1)
             centroids.append(torch.from_numpy(km.centroids.copy()))
             assignments.append(torch.from_numpy(label[:, 0].astype("int64")))
-        return Groups(
-            torch.stack(centroids).to(x.device), torch.stack(assignments).to(x.device)
-        )
+        centroids = torch.stack(centroids).to(x.device)
+        if scale is not None:
+            centroids = centroids * scale
+        return Groups(centroids, torch.stack(assignments).to(x.device))

@@ -10,7 +10,8 @@
   host checks for "all rows done" only every ``CHECK_EVERY`` iterations.
 - Empty clusters are re-seeded with the tokens farthest from their centroid.
 - Fewer tokens than clusters: every token gets its own cluster (C = S, exact).
-- Works on a power-of-two-normalized copy of each row, so distances never overflow.
+- Works on a power-of-two-normalized copy of each row (:func:`qkv.grouping.base.row_scale`), so
+  distances never overflow.
 The objective never increases, and every token ends assigned to its nearest centroid.
 """
 
@@ -24,7 +25,7 @@ import torch
 from qkv import kernels
 from qkv.component import check_choice, check_int
 from qkv.errors import ConfigError
-from qkv.grouping.base import GROUPING, Grouper, Groups
+from qkv.grouping.base import GROUPING, Grouper, Groups, row_scale
 
 CHECK_EVERY = 4
 FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x clusters span segments
@@ -40,23 +41,6 @@ class KMeansResult:
     centroids: torch.Tensor
     assignments: torch.Tensor
     objective: torch.Tensor
-
-
-# Rows whose max-abs lies in [2**SAFE_LOW, 2**SAFE_HIGH] are clustered as they are: scaling by a
-# power of two commutes exactly with every operation that neither overflows nor underflows, so
-# the result is the same as on the normalized copy, without the copy.
-SAFE_LOW, SAFE_HIGH = -20, 40
-
-
-def _row_scale(x: torch.Tensor) -> torch.Tensor | None:
-    """Power of two per row so that x / scale has max-abs in [0.5, 1): [N, 1, 1]; None when every
-    row is in the safe range (no scaling needed)."""
-    peak = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1).float()  # max |x|, one pass
-    exponent = torch.frexp(peak).exponent  # peak = m * 2**exponent, m in [0.5, 1); 0 for peak 0
-    low, high = torch.stack(torch.aminmax(exponent)).tolist() if exponent.numel() else (0, 0)
-    if SAFE_LOW <= low and high <= SAFE_HIGH:
-        return None
-    return torch.exp2(exponent.float()).view(-1, 1, 1)
 
 
 def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
@@ -118,7 +102,7 @@ def kmeans(
     [N, C, D] replaces the seeded init (warm start).
     """
     n, s, d = x.shape
-    scale = _row_scale(x)
+    scale = row_scale(x)
     xs = x if scale is None else x / scale
     if init_centroids is not None:
         if init_centroids.shape[0] != n or init_centroids.shape[2] != d:

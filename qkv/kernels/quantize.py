@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from einops import rearrange
 
-from qkv.dtypes import INPUT_DTYPES, max_finite, round_down, round_up
+from qkv.dtypes import INPUT_DTYPES, max_finite, round_down, round_up, saturate
 from qkv.errors import DeviceError, DTypeError, ShapeError
 from qkv.quantizers.affine import AffineQuantizer
 from qkv.quantizers.packing import BitPacker
@@ -209,4 +209,4 @@ def dequantize_torch(
         out = out + torch.gather(
             cents.float(), 1, assign.long().unsqueeze(-1).expand(-1, -1, cents.shape[-1])
         )
-    return out.to(out_dtype)
+    return saturate(out, out_dtype)

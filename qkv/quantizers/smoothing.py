@@ -1,7 +1,7 @@
 """Smoothing: reversible transforms that shrink what the quantizer sees.
 
-- ``centroid``: subtract each token's group centroid (stored in ``dtype``, bf16 by default, and
-  subtracted *as stored*, so decoding adds back exactly what was removed). Additive: decoding
+- ``centroid``: subtract each token's group centroid (stored in ``dtype``, bf16 by default, saturated
+  to its finite range, and subtracted *as stored*, so decoding adds back exactly what was removed). Additive: decoding
   fuses the add-back of every stage into the dequantize kernel, and encoding can leave the last
   stage's subtraction to the quantize+pack kernel (see :meth:`Smoother.offsets`).
 - ``hadamard``: rotate along D by the normalized Hadamard matrix (spreads channel outliers);
@@ -19,7 +19,7 @@ import torch
 from qkv import kernels
 from qkv.bounds import ErrorState, additive_propagate, rotation_propagate
 from qkv.component import Component, check_choice
-from qkv.dtypes import FLOAT_FORMATS
+from qkv.dtypes import FLOAT_FORMATS, saturate
 from qkv.grouping.base import Groups
 from qkv.registry import Registry
 
@@ -110,7 +110,7 @@ class CentroidSmoother(Smoother):
         return FLOAT_FORMATS[self.dtype]
 
     def offsets(self, x, groups, *, backend="auto"):
-        return groups.centroids.to(self.storage_dtype), groups.assignments
+        return saturate(groups.centroids, self.storage_dtype), groups.assignments
 
     def forward(self, x, groups, *, backend="auto"):
         stored, assignments = self.offsets(x, groups, backend=backend)

@@ -15,7 +15,10 @@ from qkv.kernels.triton.bits import round_to_bf16, unpack_code
 
 @triton.jit
 def _as_dot(x, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 tile -> the tensor-core operand: bf16/fp16, or (EMULATE) fp32 holding those values."""
+    """fp32 tile -> the tensor-core operand: bf16/fp16, or (EMULATE) fp32 holding those values.
+    fp16 saturates at 65504 (qkv.dtypes.saturate: a reconstruction may overshoot its input)."""
+    if not DOT_BF16:
+        x = tl.minimum(tl.maximum(x, -65504.0), 65504.0)
     if EMULATE:
         if DOT_BF16:
             out = round_to_bf16(x)  # the interpreter's own conversion truncates

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.dtypes import max_finite
 from qkv.kernels.quantize import QuantizedRows, check_quantize_args, row_multiplier
 from qkv.kernels.triton.bits import (
     pack_word,
@@ -186,7 +187,7 @@ def _dequantize_kernel(
     S, D, R, P, G,
     BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_MULT: tl.constexpr, TOKEN_AXIS: tl.constexpr, STAGES: tl.constexpr,
-    WORD: tl.constexpr, MSB: tl.constexpr, OUT_BF16: tl.constexpr, FAST: tl.constexpr,
+    WORD: tl.constexpr, MSB: tl.constexpr, OUT_BF16: tl.constexpr, LIMIT: tl.constexpr, FAST: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0).to(tl.int64)
@@ -242,6 +243,8 @@ def _dequantize_kernel(
         out = _add_centroids(out, c2, a2, cs2, as2, pid_n, s, d, s_ok, mask, D)
     if STAGES > 3:
         out = _add_centroids(out, c3, a3, cs3, as3, pid_n, s, d, s_ok, mask, D)
+    if LIMIT > 0:  # saturate to the output format's finite range (qkv.dtypes.saturate)
+        out = tl.minimum(tl.maximum(out, -LIMIT), LIMIT)
     if OUT_BF16:
         out = round_to_bf16(out)
     tl.store(out_ptr + (pid_n * S + s[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -358,6 +361,7 @@ def dequantize_triton(rows, q, packer, tokens, centroids, assignments, out_dtype
         BITS=q.bits, QBLOCK=q.block, OFFSET=q.offset, HAS_ZERO=rows.zeros is not None,
         HAS_MULT=rows.mult is not None, TOKEN_AXIS=q.axis == "token", STAGES=stages,
         WORD=packer.word_bits, MSB=packer.msb_first, OUT_BF16=out_dtype == torch.bfloat16,
+        LIMIT=0.0 if out_dtype == torch.float32 else max_finite(out_dtype),
         FAST=fast, BLOCK_S=block_s, BLOCK_D=block_d,
         enable_fp_fusion=False, num_warps=4,
     )
