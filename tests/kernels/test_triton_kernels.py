@@ -260,6 +260,10 @@ def test_unsupported_cases_raise_or_fall_back():
     assert torch.equal(kernels.quantize_pack(x, q, p, backend="auto").codes, ref.codes)
     with pytest.raises(BackendError, match="valid backends"):
         kernels.hadamard(x, backend="cuda")
+    wide, cents = torch.randn(1, 8, 512, device=DEVICE), torch.randn(1, 2, 512, device=DEVICE)
+    with pytest.raises(BackendError, match="D=512 is larger than 256"):
+        kernels.kmeans_assign(wide, cents, backend="triton")
+    assert torch.equal(kernels.kmeans_assign(wide, cents)[0], kernels.kmeans_assign(wide, cents, backend="torch")[0])
 
 
 @pytest.mark.parametrize("preset", ["qvg", "qvg-pro", "kivi", "quarot", "rtn", "qvg-ref"])
