@@ -20,9 +20,10 @@ from qkv.dtypes import saturate
 from qkv.errors import ConfigError, ShapeError
 from qkv.grouping import Grouper, NoGrouping
 from qkv.kernels import QuantizedRows
+from qkv.kernels.kmeans import gather_centroids
 from qkv.quantizers import AffineQuantizer, BitPacker, CastQuantizer, Smoother, Staging
 from qkv.quantizers.packing import U8MSBPacker
-from qkv.quantizers.smoothing import NoSmoothing, gather_centroids
+from qkv.quantizers.smoothing import NoSmoothing
 from qkv.quantizers.staging import SingleStage
 from qkv.validation import check_kv_pair, check_kv_tensor
 

@@ -8,11 +8,13 @@
 - Each row stops on its own once its objective improves by less than ``tol`` (relative); frozen
   rows keep their result, so a row's outcome does not depend on the other rows of the batch. The
   host checks for "all rows done" only every ``CHECK_EVERY`` iterations.
-- Empty clusters are re-seeded with the tokens farthest from their centroid.
+- Empty clusters are re-seeded with far tokens: the farthest token of each of the farthest span
+  segments (distinct tokens, the span's farthest first; no host sync).
 - Fewer tokens than clusters: every token gets its own cluster (C = S, exact).
 - Works on a power-of-two-normalized copy of each row (:func:`qkv.grouping.base.row_scale`), so
   distances never overflow.
-The objective never increases, and every token ends assigned to its nearest centroid.
+The objective never increases, and every token ends assigned to its nearest centroid (with the
+Triton assignment: its nearest centroid rounded to bf16, see docs/kernels.md).
 """
 
 from __future__ import annotations

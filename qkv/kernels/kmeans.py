@@ -1,5 +1,6 @@
 """Plain-PyTorch reference of the k-means hot paths: nearest-centroid assignment and a
-deterministic centroid update (no floating-point atomics: sums are fixed-order matmuls)."""
+deterministic centroid update (no floating-point atomics: sums are fixed-order matmuls), and the
+gather of each token's centroid that smoothing, quantization and decoding share."""
 
 from __future__ import annotations
 
@@ -57,3 +58,9 @@ def update_torch(
         fallback = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)).float()
     means = sums / counts.clamp_min(1).unsqueeze(-1)
     return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts
+
+
+def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
+    """centroids [N, C, D], assignments [N, S] -> each token's centroid, [N, S, D] fp32."""
+    index = assignments.long().unsqueeze(-1).expand(-1, -1, centroids.shape[-1])
+    return torch.gather(centroids.float(), 1, index)

@@ -22,6 +22,7 @@ from einops import rearrange
 
 from qkv.dtypes import INPUT_DTYPES, max_finite, round_down, round_up, saturate
 from qkv.errors import DeviceError, DTypeError, ShapeError
+from qkv.kernels.kmeans import gather_centroids
 from qkv.quantizers.affine import AffineQuantizer
 from qkv.quantizers.packing import BitPacker
 
@@ -142,8 +143,7 @@ def residual_rows(x: torch.Tensor, q: AffineQuantizer, centroids, assignments) -
     channels)."""
     out = x.float()
     for cents, assign in zip(centroids, assignments, strict=True):
-        index = assign.long().unsqueeze(-1).expand(-1, -1, cents.shape[-1])
-        gathered = torch.gather(cents.float(), 1, index)  # [N, S, D]
+        gathered = gather_centroids(cents, assign)
         out = out - (gathered if q.axis == "token" else gathered.transpose(1, 2))
     return out
 
@@ -206,7 +206,5 @@ def dequantize_torch(
     else:
         out = rearrange(dequantize_rows_torch(rows, q, packer, tokens), "n d s -> n s d")
     for cents, assign in zip(centroids, assignments, strict=True):
-        out = out + torch.gather(
-            cents.float(), 1, assign.long().unsqueeze(-1).expand(-1, -1, cents.shape[-1])
-        )
+        out = out + gather_centroids(cents, assign)
     return saturate(out, out_dtype)

@@ -21,6 +21,7 @@ from qkv.bounds import ErrorState, additive_propagate, rotation_propagate
 from qkv.component import Component, check_choice
 from qkv.dtypes import FLOAT_FORMATS, saturate
 from qkv.grouping.base import Groups
+from qkv.kernels.kmeans import gather_centroids
 from qkv.registry import Registry
 
 SMOOTHING: Registry["Smoother"] = Registry("smoothing")
@@ -76,12 +77,6 @@ class Smoother(Component):
             f"smoothing {self.name!r} ({type(self).__name__}) declares no error propagation; "
             "define propagate() (see docs/testing.md)"
         )
-
-
-def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
-    """centroids [N, C, D], assignments [N, S] -> [N, S, D] fp32."""
-    index = assignments.long().unsqueeze(-1).expand(-1, -1, centroids.shape[-1])
-    return torch.gather(centroids.float(), 1, index)
 
 
 def subtract_centroids(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:

