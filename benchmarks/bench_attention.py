@@ -4,18 +4,22 @@ One self-attention layer: 12 heads x 128, chunks of 3 latent frames x 1,560 toke
 spans of 8 chunks, histories of 8 to 64 chunks (37,440 to 299,520 tokens); the current chunk's
 4,680 queries attend to [history, chunk] (not causal). Measured in one run:
 
-- ``attention``: time and peak memory of the fused kernel (``KVCache.attend``), of decompress +
-  ``scaled_dot_product_attention`` (``fused_attention=False``: ``read()``, concatenate the chunk,
-  SDPA) and of a bf16 cache + SDPA (contiguous bf16 buffers, as Self-Forcing keeps them). Peak
-  memory is ``max_memory_allocated`` during the call minus what was allocated before it (the cache,
-  the queries and the chunk), next to the cache's own bytes.
+- ``attention``: time and peak memory of ``KVCache.attend`` with each ``attention`` option: the
+  fused kernel (``"fused"``), one span decompressed at a time + torch's fused attention
+  (``"staged"``), the whole history decompressed + ``scaled_dot_product_attention`` (``"read"``),
+  and of a bf16 cache + SDPA (contiguous bf16 buffers, as Self-Forcing keeps them). Peak memory is
+  ``max_memory_allocated`` during the call minus what was allocated before it (the cache, the
+  queries and the chunk), next to the cache's own bytes.
 - ``policies``: the fused kernel's time for every preset at 16 chunks.
 - ``tiles``: the kernel's tile configurations tried at 16 chunks (the fastest is used throughout).
 - ``end_to_end``: one Wan-1.3B transformer block forward on a chunk (self-attention with the cache,
-  cross-attention to 512 text tokens, FFN 8,960; random bf16 weights) plus the span compression
-  amortized over its 8 chunks, vs the same block with a bf16 cache.
+  by the fused and the staged option, cross-attention to 512 text tokens, FFN 8,960; random bf16
+  weights) plus the span compression amortized over its 8 chunks, vs the same block with a bf16
+  cache.
 - ``capacity``: the longest history whose K/V cache (30 layers of Wan-1.3B) fits in 24 GiB, per
-  policy, from the bytes of spans actually compressed (``CompressedKV.nbytes``).
+  policy, from the bytes of spans actually compressed (``CompressedKV.nbytes``); and for qvg, per
+  attention option, with the option's measured attention-time memory (one layer at a time) in the
+  same budget.
 - ``roofline``: bytes and FLOPs of the fused attention against the device's measured copy bandwidth
   and its dense bf16 matmul rate.
 
@@ -43,7 +47,9 @@ SPAN_CHUNKS = 8
 LAYERS = 30
 HISTORIES = (8, 16, 32, 64)
 BUDGET = 24 * 2**30
-TILES = [(128, 64, 8, 1, 1), (128, 64, 8, 2, 2), (128, 32, 8, 1, 1), (64, 64, 4, 1, 1)]
+TILES = [(128, 64, 8, 1, 1), (128, 64, 8, 2, 2), (128, 64, 8, 3, 3), (128, 128, 8, 2, 2),
+         (128, 32, 8, 1, 1), (64, 64, 4, 1, 1)]
+MODES = ("fused", "staged", "read")
 DEVICE = "cuda"
 
 
@@ -134,9 +140,10 @@ class History:
         self.cache.append(0, k, v)
         self.chunks += 1
 
-    def unfused(self, q, extra):
+    def attend(self, q, extra, mode: str):
+        """``KVCache.attend`` with ``attention=mode``."""
         layer = self.cache.layer(0)
-        layer.config = dataclasses.replace(self.cache.config, fused_attention=False)
+        layer.config = dataclasses.replace(self.cache.config, attention=mode)
         try:
             return layer.attend(q, extra=extra)
         finally:
@@ -162,15 +169,14 @@ def attention_rows(q, chunk) -> list[dict]:
         kv = flops(CHUNK, (n + 1) * CHUNK)
         row = {"history_chunks": n, "history_tokens": n * CHUNK, "cache_bytes": cache_bytes,
                "bf16_cache_bytes": 2 * n * CHUNK * HEADS * HEAD_DIM * 2, "flops": kv}
-        for name, fn in (
-            ("fused", lambda: hist.cache.attend(0, q, extra=extra)),
-            ("decompress_sdpa", lambda: hist.unfused(q, extra)),
-            ("bf16_sdpa", lambda: hist.bf16(q, extra)),
-        ):
+        fns = {mode: (lambda mode=mode: hist.attend(q, extra, mode)) for mode in MODES}
+        fns["bf16_sdpa"] = lambda: hist.bf16(q, extra)
+        for name, fn in fns.items():
             ms = timed(fn)
             row[name] = {"ms": ms, "tflops": kv / (ms * 1e-3) / 1e12, "peak_extra_bytes": peak_extra(fn)}
-        row["fused"]["peak_over_cache"] = (cache_bytes + row["fused"]["peak_extra_bytes"]) / cache_bytes
-        row["fused_vs_bf16_sdpa"] = row["fused"]["ms"] / row["bf16_sdpa"]["ms"]
+        for mode in MODES:
+            row[mode]["peak_over_cache"] = (cache_bytes + row[mode]["peak_extra_bytes"]) / cache_bytes
+            row[mode]["vs_bf16_sdpa"] = row[mode]["ms"] / row["bf16_sdpa"]["ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -210,15 +216,15 @@ def tile_rows(q, chunk) -> list[dict]:
         policy = qkv.build_policy(name)
         segments = [CompressedSpan(span_of(policy, 20), policy), CompressedSpan(span_of(policy, 22), policy), extra]
         for tiles in TILES:
-            fused_kernel.GPU_TILES = tiles
+            fused_kernel.GPU_TILES = (tiles,)
             try:
                 ms = timed(lambda: qkv.kernels.attention(q, segments))
             except Exception as exc:  # a configuration the GPU cannot run (shared memory): recorded
                 ms = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
             rows.append({"policy": name, "tiles": tiles, "ms": ms})
             print(json.dumps(rows[-1]), flush=True)
-    timings = [r for r in rows if r["policy"] == "qvg" and isinstance(r["ms"], float)]
-    fused_kernel.GPU_TILES = min(timings, key=lambda r: r["ms"])["tiles"]
+    timings = sorted((r for r in rows if r["policy"] == "qvg" and isinstance(r["ms"], float)), key=lambda r: r["ms"])
+    fused_kernel.GPU_TILES = tuple(r["tiles"] for r in timings)  # fastest first, the others as fallbacks
     return rows
 
 
@@ -273,15 +279,36 @@ def end_to_end_rows(chunk) -> list[dict]:
             n = c + 1
             if n not in HISTORIES:
                 continue
-            fused = timed(lambda: block(x, text, lambda q, k, v: hist.cache.attend(0, q, extra=(k, v))))
             plain = timed(lambda: block(x, text, lambda q, k, v: hist.bf16(q, (k, v))))
-            ours = fused + compress_ms / SPAN_CHUNKS
-            row = {"history_chunks": n, "block_fused_ms": fused, "block_bf16_ms": plain,
-                   "span_compress_ms": compress_ms, "chunk_ms": ours, "overhead": ours / plain - 1,
-                   # Self-Forcing runs 4 denoising forwards and 1 clean forward per chunk
-                   "overhead_5_forwards": (5 * fused + compress_ms / SPAN_CHUNKS) / (5 * plain) - 1}
+            row = {"history_chunks": n, "block_bf16_ms": plain, "span_compress_ms": compress_ms}
+            for mode in ("fused", "staged"):
+                ms = timed(lambda: block(x, text, lambda q, k, v: hist.attend(q, (k, v), mode)))
+                ours = ms + compress_ms / SPAN_CHUNKS
+                # Self-Forcing runs 4 denoising forwards and 1 clean forward per chunk
+                row[mode] = {"block_ms": ms, "chunk_ms": ours, "overhead": ours / plain - 1,
+                             "overhead_5_forwards": (5 * ms + compress_ms / SPAN_CHUNKS) / (5 * plain) - 1}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+def mode_capacity_rows(span_bytes: dict, attention: list[dict]) -> list[dict]:
+    """Longest qvg history in BUDGET with each attention option's measured transient memory: the
+    largest peak extra measured for fused and staged (it does not grow with the history), and for
+    read the peak extra per history chunk at the longest history (the whole layer decompressed)."""
+    per_chunk = span_bytes["qvg"] / SPAN_CHUNKS * LAYERS
+    longest = attention[-1]
+    rows = []
+    for mode in MODES:
+        if mode == "read":
+            growth = longest[mode]["peak_extra_bytes"] / (longest["history_chunks"] + 1)
+            chunks = int(BUDGET // (per_chunk + growth))
+        else:
+            fixed = max(r[mode]["peak_extra_bytes"] for r in attention)
+            chunks = int((BUDGET - fixed) // per_chunk)
+        rows.append({"attention": mode, "chunks_in_budget": chunks})
+    bf16_chunk = 2 * CHUNK * HEADS * HEAD_DIM * 2 * LAYERS
+    rows.append({"attention": "bf16_sdpa", "chunks_in_budget": int(BUDGET // bf16_chunk)})
     return rows
 
 
@@ -309,7 +336,7 @@ def roofline(rows: list[dict], bandwidth: float, rate: float) -> list[dict]:
         moved = r["cache_bytes"] + 2 * CHUNK * HEADS * HEAD_DIM * 2 * 2  # cache + chunk K/V, q, out
         out.append({"history_chunks": n, "bytes": moved, "memory_floor_ms": moved / bandwidth * 1e3,
                     "flops": r["flops"], "compute_floor_ms": r["flops"] / rate * 1e3,
-                    "fused_ms": r["fused"]["ms"],
+                    "fused_ms": r["fused"]["ms"], "staged_ms": r["staged"]["ms"],
                     "fraction_of_compute_floor": r["flops"] / rate * 1e3 / r["fused"]["ms"]})
     return out
 
@@ -343,6 +370,7 @@ def main() -> None:
     result["policies"], span_bytes = policy_rows(q, chunk)
     result["end_to_end"] = end_to_end_rows(chunk)
     result["capacity"] = capacity_rows(span_bytes)
+    result["capacity_by_attention"] = mode_capacity_rows(span_bytes, result["attention"])
     result["roofline"] = roofline(result["attention"], bandwidth, rate)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

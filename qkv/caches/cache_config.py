@@ -10,15 +10,23 @@ from qkv.component import check_choice, check_int
 from qkv.errors import ConfigError
 from qkv.kernels import Backend
 
-__all__ = ["CacheConfig", "CacheMemory"]
+__all__ = ["ATTENTION", "CacheConfig", "CacheMemory"]
+
+# how KVCache.attend reads the history (docs/attention.md compares them)
+ATTENTION = {
+    "fused": "the Triton kernel reads the compressed spans directly (qkv.kernels.attention): no "
+    "decompressed K/V in memory",
+    "staged": "one span at a time is decompressed and attended to by torch's fused attention, merged by "
+    "log-sum-exp (qkv.kernels.attention_staged): one decompressed span in memory",
+    "read": "the whole history is decompressed (read()) and attended to by scaled_dot_product_attention",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """How a :class:`KVCache` streams. A span is ``span_chunks`` chunks (8 when neither is given,
-    as in the paper) or ``span_tokens`` tokens; not both. ``fused_attention``: :meth:`KVCache.attend`
-    reads compressed spans directly (``qkv.kernels.attention``) instead of decompressing the history
-    and calling ``scaled_dot_product_attention``."""
+    as in the paper) or ``span_tokens`` tokens; not both. ``attention``: how :meth:`KVCache.attend`
+    reads the history, one of :data:`ATTENTION` (see docs/attention.md)."""
 
     policy: Policy
     span_chunks: int | None = None
@@ -30,7 +38,7 @@ class CacheConfig:
     head_independent: bool = True
     validate: bool = True
     backend: str = "auto"
-    fused_attention: bool = True
+    attention: str = "fused"
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
@@ -47,10 +55,11 @@ class CacheConfig:
         check_int("cache", "recent_chunks", self.recent_chunks, 0)
         if self.max_spans is not None:
             check_int("cache", "max_spans", self.max_spans, 1)
-        for key in ("warm_start", "head_independent", "validate", "fused_attention"):
+        for key in ("warm_start", "head_independent", "validate"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"cache: {key} must be True or False, got {getattr(self, key)!r}")
         check_choice("cache", "backend", self.backend, tuple(b.value for b in Backend))
+        check_choice("cache", "attention", self.attention, tuple(ATTENTION))
 
     @functools.cached_property
     def span_policy(self) -> Policy:

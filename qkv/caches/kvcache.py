@@ -27,10 +27,11 @@ depends on which other heads share the call: that is what lets ranks that each h
 (``qkv.caches.sharding``) produce exactly the unsharded cache.
 
 :meth:`LayerCache.read` decompresses span by span (nothing decompressed is kept) and concatenates sink,
-spans and tail. :meth:`LayerCache.attend` computes attention over the history without that: with
-``fused_attention=True`` (default) the Triton kernel of :func:`qkv.kernels.attention` reads the
-compressed spans directly (see docs/attention.md); with False it reads, then calls
-``scaled_dot_product_attention``.
+spans and tail. :meth:`LayerCache.attend` computes attention over the history as ``attention`` says
+(``ATTENTION`` in cache_config.py, docs/attention.md): ``"fused"`` (default, the Triton kernel of
+:func:`qkv.kernels.attention` reads the compressed spans directly), ``"staged"`` (one span
+decompressed at a time, torch's fused attention) or ``"read"`` (:meth:`read`, then
+``scaled_dot_product_attention``).
 """
 
 from __future__ import annotations
@@ -338,17 +339,19 @@ class LayerCache:
 
         Not causal: every query sees every key (the chunk-wise video pattern; for token-by-token
         decoding append first, then attend). H must be a multiple of the cache's heads (GQA).
-        ``scale`` defaults to 1 / sqrt(D). With ``fused_attention`` the compressed spans are read
-        directly by :func:`qkv.kernels.attention` (nothing is decompressed into global memory when
-        the kernel supports the layout); otherwise the history is decompressed (:meth:`read`) and
-        attended to with ``scaled_dot_product_attention``.
+        ``scale`` defaults to 1 / sqrt(D). ``config.attention`` picks how (``qkv.caches.ATTENTION``):
+        ``"fused"`` reads the compressed spans directly (:func:`qkv.kernels.attention`),
+        ``"staged"`` decompresses one span at a time (:func:`qkv.kernels.attention_staged`),
+        ``"read"`` decompresses the whole history (:meth:`read`) for ``scaled_dot_product_attention``.
         """
         if self.layout is None and extra is None:
             raise CacheError(f"layer {self.index} holds nothing yet: append a chunk or pass extra")
-        if self.config.fused_attention:
+        if self.config.attention != "read":
             segments = self.segments() if self.layout is not None else []
             if extra is not None:
                 segments.append(kernels.DenseKV(*extra))
+            if self.config.attention == "staged":
+                return kernels.attention_staged(q, segments, scale=scale, backend=self.config.backend)
             return kernels.attention(q, segments, scale=scale, backend=self.config.backend)
         if self.layout is None:
             k, v = extra

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 
 from qkv.errors import BackendError
-from qkv.kernels.attention import CompressedSpan, DenseKV, attention_torch, check_attention
+from qkv.kernels.attention import CompressedSpan, DenseKV, attention_staged, attention_torch, check_attention
 from qkv.kernels.hadamard import hadamard_torch
 from qkv.kernels.kmeans import assign_torch, update_torch
 from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch
@@ -127,6 +127,7 @@ __all__ = [
     "DenseKV",
     "QuantizedRows",
     "attention",
+    "attention_staged",
     "dequantize",
     "hadamard",
     "kmeans_assign",

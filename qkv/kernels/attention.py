@@ -130,8 +130,8 @@ def merge_partials(
         return b
     (out_a, lse_a), (out_b, lse_b) = a, b
     lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a * torch.exp(lse_a - lse).unsqueeze(-1) + out_b * torch.exp(lse_b - lse).unsqueeze(-1)
-    return out, lse
+    out = out_a * torch.exp(lse_a - lse).unsqueeze(-1)  # fp32 (a new tensor: a's is not modified)
+    return out.addcmul_(out_b, torch.exp(lse_b - lse).unsqueeze(-1)), lse
 
 
 def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None) -> torch.Tensor:
@@ -142,9 +142,66 @@ def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float |
     """
     check_attention(q, segments)
     scale = default_scale(q, scale)
+    parts = ((partial_attention, seg, "torch") for seg in segments if seg.tokens)
+    return _merged(q, scale, parts)
+
+
+def _merged(q, scale, parts) -> torch.Tensor:
+    """Merge (attend, segment, backend) parts, each segment decompressed only when its turn comes."""
     state = None
-    for seg in segments:
-        if seg.tokens:
-            k, v = seg.materialize(backend="torch")
-            state = merge_partials(state, partial_attention(q, k, v, scale))
+    for attend, seg, backend in parts:
+        k, v = seg.materialize(backend=backend)
+        part = attend(q, k, v, scale)
+        del k, v  # before the next segment is decompressed
+        state = merge_partials(state, part)
     return state[0].to(q.dtype)
+
+
+# torch's fused attention kernels that also return the log-sum-exp, fastest first on an H100 at
+# video shapes (benchmarks/bench_attention.py, "sdpa_backends"): (op, its arguments after q, k, v)
+_LSE_OPS = (
+    ("_scaled_dot_product_cudnn_attention", (None, True)),
+    ("_scaled_dot_product_flash_attention", ()),
+    ("_scaled_dot_product_efficient_attention", (None, True)),
+)
+
+
+def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`partial_attention` with torch's fused kernels: (out [B, H, Sq, D] in q's dtype, lse
+    [B, H, Sq] fp32). On CUDA (fp16/bf16) the first of cuDNN, flash and memory-efficient attention
+    that accepts the inputs; on the CPU the flash kernel for CPU; the fp32 einsum otherwise (and for
+    queries and keys of different dtypes)."""
+    if q.dtype != k.dtype:
+        return partial_attention(q, k, v, scale)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = (repeat(t, "b h s d -> b (h g) s d", g=group) for t in (k, v))
+    if q.device.type == "cpu":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
+    if q.dtype in (torch.float16, torch.bfloat16):
+        for name, args in _LSE_OPS:
+            try:
+                result = getattr(torch.ops.aten, name)(q, k, v, *args, scale=scale)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError:  # this kernel does not take these inputs (dtype, head dim, layout)
+                continue
+            return result[0], result[1].flatten(2)[..., : q.shape[2]].float()
+    return partial_attention(q, k, v, scale)
+
+
+def attention_staged(
+    q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None, backend: str = "auto"
+) -> torch.Tensor:
+    """:func:`attention_torch` at the speed of torch's fused attention, in bounded memory: each
+    compressed span is decompressed on its own (the policy's path on ``backend``) and attended to by
+    :func:`sdpa_with_lse`; the full-precision segments are concatenated and attended to in one call;
+    the partial results are merged by log-sum-exp. At most one decompressed span (or the
+    concatenated full-precision keys) exists at a time. [B, H, Sq, D] in q's dtype."""
+    check_attention(q, segments)
+    scale = default_scale(q, scale)
+    dense = [s for s in segments if isinstance(s, DenseKV) and s.tokens]
+    parts = [(sdpa_with_lse, s, backend) for s in segments if isinstance(s, CompressedSpan)]
+    if len(dense) > 1:
+        dense = [DenseKV(torch.cat([s.k for s in dense], 2), torch.cat([s.v for s in dense], 2))]
+    return _merged(q, scale, parts + [(sdpa_with_lse, s, backend) for s in dense])

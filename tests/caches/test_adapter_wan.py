@@ -51,8 +51,8 @@ def test_bf16_rollout_equals_the_block_causal_pass(setup, key_rope):
     from qkv.caches.adapters.wan import rollout
 
     model, latents, text = setup
-    # exact: the unfused read + scaled_dot_product_attention does the block-causal pass's arithmetic
-    cache = qkv.KVCache("bf16", span_chunks=2, sink_chunks=1, fused_attention=False)
+    # exact: the read path (read + scaled_dot_product_attention) does the block-causal pass's arithmetic
+    cache = qkv.KVCache("bf16", span_chunks=2, sink_chunks=1, attention="read")
     out = rollout(model, cache, latents, text, frames_per_chunk=FPC, key_rope=key_rope)
     assert torch.equal(out, block_causal(model, latents, text))
     layer = cache.layer(1)
@@ -61,21 +61,22 @@ def test_bf16_rollout_equals_the_block_causal_pass(setup, key_rope):
 
 
 @pytest.mark.parametrize("policy", ["bf16", "qvg"])
-def test_fused_attention_rollout_matches_the_unfused_one(setup, policy):
+def test_fused_and_staged_rollouts_match_the_read_one(setup, policy):
     """key_rope="after" attends through LayerCache.attend: the fused path (kernels.attention over the
-    compressed spans, sink and tail) gives the unfused path's output up to bf16 rounding."""
+    compressed spans, sink and tail) and the staged one give the read path's output up to bf16
+    rounding."""
     from qkv.caches.adapters.wan import rollout
 
     model, latents, text = setup
     pol = qkv.build_policy(policy, clusters=8, block=32) if policy == "qvg" else qkv.build_policy(policy)
     outs = []
-    for fused in (True, False):
-        cache = qkv.KVCache(pol, span_chunks=2, sink_chunks=1, fused_attention=fused)
+    for mode in ("fused", "staged", "read"):
+        cache = qkv.KVCache(pol, span_chunks=2, sink_chunks=1, attention=mode)
         outs.append(rollout(model, cache, latents, text, frames_per_chunk=FPC, key_rope="after").float())
     assert cache.layer(1).spans
     # two bf16 blocks: a few bf16 ulps of the output after the rounding differences propagate
-    err = float((outs[0] - outs[1]).norm() / outs[1].norm())
-    assert err < 1e-2
+    for out in outs[:2]:
+        assert float((out - outs[2]).norm() / outs[2].norm()) < 1e-2
 
 
 def test_a_read_only_step_sees_the_history_and_stores_nothing(setup):
@@ -101,7 +102,7 @@ def test_keys_cached_before_rope_keep_their_positions_through_eviction(setup):
     model, latents, text = setup
     outs = {}
     for key_rope in ("before", "after"):
-        cache = qkv.KVCache("bf16", span_chunks=1, sink_chunks=1, max_spans=1, fused_attention=False)
+        cache = qkv.KVCache("bf16", span_chunks=1, sink_chunks=1, max_spans=1, attention="read")
         outs[key_rope] = rollout(model, cache, latents, text, frames_per_chunk=FPC, key_rope=key_rope)
         assert cache.layer(0).evicted == 3 * FPC * 12  # chunks 1-3 slid out; sink and chunk 4 stay
     assert torch.equal(outs["before"], outs["after"])

@@ -17,8 +17,8 @@ applies RoPE with the frames offset by ``start_frame``, stores K before RoPE (``
 the QVG Self-Forcing integration; RoPE is applied to the read history from each token's absolute
 position, so sinks and evictions keep their positions) or after it (``"after"``, as Self-Forcing's
 own cache), and attends the chunk's queries to [history, chunk]. With ``"after"`` the attention is
-:meth:`LayerCache.attend`, which reads compressed spans directly through the fused kernel
-(``fused_attention=True``, the cache's default; see docs/attention.md). With ``"before"`` every read key
+:meth:`LayerCache.attend`, which reads compressed spans as the cache's ``attention`` says (the fused
+kernel by default; see docs/attention.md). With ``"before"`` every read key
 needs RoPE at its absolute position, which the kernel does not apply, so that path decompresses the
 history (``read``), rotates it and calls ``scaled_dot_product_attention``. With a lossless policy
 (``"bf16"`` on a bf16 model) the rollout equals one full pass with a block-causal mask exactly.
@@ -94,8 +94,8 @@ class WanCacheProcessor:
         cache = run.cache.layer(self.layer)
         query = rearrange(query, "b s h d -> b h s d")
         if run.key_rope == "after":
-            # keys are cached with RoPE applied: attention reads the cache as it is (the fused kernel
-            # over the compressed spans when the cache's fused_attention is on)
+            # keys are cached with RoPE applied: attention reads the cache as it is (by default the
+            # fused kernel over the compressed spans; the cache's ``attention`` option)
             if run.append:
                 cache.append(key, value)
             out = cache.attend(query, extra=None if run.append else (key, value))
