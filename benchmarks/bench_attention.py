@@ -47,8 +47,9 @@ SPAN_CHUNKS = 8
 LAYERS = 30
 HISTORIES = (8, 16, 32, 64)
 BUDGET = 24 * 2**30
-TILES = [(128, 64, 8, 1, 1), (128, 64, 8, 2, 2), (128, 64, 8, 3, 3), (128, 128, 8, 2, 2),
-         (128, 32, 8, 1, 1), (64, 64, 4, 1, 1)]
+TILES = [(64, 64, 4, 1, 1), (128, 64, 8, 1, 1), (128, 64, 8, 2, 2), (128, 64, 8, 3, 3), (128, 128, 8, 2, 2),
+         (128, 128, 8, 3, 3), (256, 32, 8, 2, 2), (256, 64, 8, 2, 2), (256, 64, 8, 3, 3), (256, 128, 8, 2, 2),
+         (256, 64, 16, 2, 2), (256, 128, 16, 2, 2)]
 MODES = ("fused", "staged", "read")
 DEVICE = "cuda"
 
@@ -179,7 +180,25 @@ def attention_rows(q, chunk) -> list[dict]:
             row[mode]["vs_bf16_sdpa"] = row[mode]["ms"] / row["bf16_sdpa"]["ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
+    rows[-1]["staged_parts"] = staged_parts(hist, q)
     return rows
+
+
+def staged_parts(hist: History, q: torch.Tensor) -> dict:
+    """Where the staged option's time goes: per span, its decompression, the fused attention with
+    log-sum-exp over it, and one merge of two partial results."""
+    from qkv.kernels.attention import default_scale, merge_partials, sdpa_with_lse
+
+    span = next(s for s in hist.cache.layer(0).segments() if isinstance(s, qkv.kernels.CompressedSpan))
+    k, v = span.materialize()
+    scale = default_scale(q, None)
+    part = sdpa_with_lse(q, k, v, scale)
+    state = merge_partials(None, part)
+    row = {"span_tokens": span.tokens, "decompress_ms": timed(span.materialize),
+           "sdpa_with_lse_ms": timed(lambda: sdpa_with_lse(q, k, v, scale)),
+           "merge_ms": timed(lambda: merge_partials(state, part))}
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def span_of(policy: qkv.Policy, seed: int) -> qkv.caches.CompressedKV:

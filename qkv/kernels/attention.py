@@ -123,15 +123,18 @@ def partial_attention(
 
 
 def merge_partials(
-    a: tuple[torch.Tensor, torch.Tensor] | None, b: tuple[torch.Tensor, torch.Tensor]
+    state: tuple[torch.Tensor, torch.Tensor] | None, part: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two partial attentions (out fp32, lse) over disjoint keys into one."""
-    if a is None:
-        return b
-    (out_a, lse_a), (out_b, lse_b) = a, b
+    """Merge a partial attention ``part`` (out, lse) into the running ``state`` over disjoint keys:
+    the new state (out fp32, lse). ``state``'s out is updated in place (``part``'s never is): a
+    loop over segments starts from None and owns its state."""
+    out_b, lse_b = part
+    if state is None:
+        return (out_b.clone() if out_b.dtype == torch.float32 else out_b.float()), lse_b
+    out, lse_a = state
     lse = torch.logaddexp(lse_a, lse_b)
-    out = out_a * torch.exp(lse_a - lse).unsqueeze(-1)  # fp32 (a new tensor: a's is not modified)
-    return out.addcmul_(out_b, torch.exp(lse_b - lse).unsqueeze(-1)), lse
+    out.mul_(torch.exp(lse_a - lse).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - lse).unsqueeze(-1))
+    return out, lse
 
 
 def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None) -> torch.Tensor:

@@ -49,7 +49,7 @@ LOG2E = 1.4426950408889634
 # memory than the GPU has (deep smoothing, pipelined) takes the next. On a GPU, the fastest of
 # benchmarks/bench_attention.py's sweep on an H100 (its "tiles" rows) first; the interpreter (no
 # GPU) uses small tiles so that CPU tests stay fast.
-GPU_TILES = ((128, 128, 8, 2, 2), (128, 64, 8, 2, 2))
+GPU_TILES = ((256, 64, 8, 3, 3), (256, 64, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 8, 2, 2))
 INTERPRETER_TILES = ((16, 16, 4, 1, 1),)
 
 TL_DTYPES = {
