@@ -91,6 +91,26 @@ def test_kernel_matches_decompress_then_sdpa(name):
     assert_within_twice_the_torch_error(out, q, segments)
 
 
+@pytest.mark.parametrize("spec, fast", [
+    ("int4(block=16,axis=channel)", True),  # bytes, first code in the high bits, no zero point
+    ("int2(block=48,axis=channel,mode=asym),i32lsb", True),  # a scale block that straddles tiles
+    ("int1(block=32,axis=channel),i32lsb", False),  # 32 codes per word: more than a 16-key tile
+])
+def test_per_channel_layouts(spec, fast):
+    """Keys and values in per-channel blocks along the tokens (KIVI's key layout), with the
+    remainder in full precision: read a word per channel row at a time when a key tile holds whole
+    words, element by element otherwise."""
+    from qkv.kernels.triton.attention import _tensor_record
+
+    pol = qkv.build_policy(spec)
+    k, v = randn(60, 1, 2, 150, 64, scale=2.0), randn(61, 1, 2, 150, 64)
+    segments = [CompressedSpan(pol.compress(k, v), pol, 9), DenseKV(randn(62, 1, 2, 20, 64), randn(63, 1, 2, 20, 64))]
+    assert _tensor_record(pol.k, segments[0].ckv.k, [])[1].FAST is fast
+    assert segments[0].ckv.k.quantized_tokens < 150  # a full-precision remainder
+    q = randn(64, 1, 2, 40, 64)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+
+
 def test_gqa_head_dim_128_and_a_query_view():
     segments = history("qvg", h=2, d=128, span=200, skip=0)
     q = randn(5, 1, 30, 4, 128).transpose(1, 2)  # [B, H, Sq, D] view of [B, Sq, H, D], 4 heads on 2

@@ -158,9 +158,12 @@ def _tensor_record(tp, ct, keep: list) -> tuple[list[int], TensorLayout]:
         )
     packer = tp.packing
     per = packer.word_bits // quant.bits
-    fast = (
-        quant.axis == "token" and packer.word_bits % quant.bits == 0 and d % per == 0
-        and d % quant.block == 0 and quant.block & (quant.block - 1) == 0
+    # whole codes per word, and per-token blocks that tile the row in powers of two, or per-channel
+    # rows read a word at a time (every key tile, a power of two, then holds whole words)
+    min_tile = min(t[1] for t in GPU_TILES + INTERPRETER_TILES)
+    fast = packer.word_bits % quant.bits == 0 and (
+        (quant.axis == "token" and d % per == 0 and d % quant.block == 0 and quant.block & (quant.block - 1) == 0)
+        or (quant.axis == "channel" and per & (per - 1) == 0 and per <= min_tile)
     )
     cents, assigns = [], []
     if tp.smoothing.additive and s_q:

@@ -122,29 +122,41 @@ def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2
     if CAST:  # float-cast spans store the values themselves
         x = tl.load(codes + tok[:, None] * D + d[None, :], mask=q_ok[:, None], other=0.0).to(tl.float32)
     elif FAST:
-        # per-token blocks, whole codes per word: load the packed rows coalesced, expand each word
+        # whole codes per word: load the packed rows coalesced, expand each word by shifts; the code
+        # becomes a float without an int -> float conversion (a quarter-rate instruction): with the
+        # code as the top mantissa bits of 2.0, val = 2 + code * 2**(1 - BITS), and one fused
+        # multiply-add gives (code - OFFSET) * scale = val * (scale * 2**(BITS - 1)) - (2**BITS + OFFSET) * scale
         PER: tl.constexpr = WORD // BITS
-        w = tl.arange(0, D // PER)
-        word = tl.load(codes + tok[:, None] * words + w[None, :], mask=q_ok[:, None], other=0).to(tl.int32)
         j = tl.arange(0, PER)
         if MSB:
             shift = (PER - 1 - j) * BITS
         else:
             shift = j * BITS
-        code = (word[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
-        # the code as a float without an int -> float conversion (a quarter-rate instruction): with
-        # the code as the top mantissa bits of 2.0, val = 2 + code * 2**(1 - BITS), and one fused
-        # multiply-add gives (code - OFFSET) * scale = val * (scale * 2**(BITS - 1)) - (2**BITS + OFFSET) * scale
-        val = ((code << (23 - BITS)) | 0x40000000).to(tl.float32, bitcast=True)
-        val = tl.reshape(val, (BLOCK_N, D // QBLOCK, QBLOCK))
-        g = tl.arange(0, D // QBLOCK)
-        sidx = tok[:, None] * groups + g[None, :]
-        scale = tl.load(scales + sidx, mask=q_ok[:, None], other=0.0).to(tl.float32) * m
-        bias = -((1 << BITS) + OFFSET) * scale
-        scale = scale * (1 << (BITS - 1))
-        if HAS_ZERO:
-            bias += tl.load(zeros + sidx, mask=q_ok[:, None], other=0.0).to(tl.float32) * m
-        x = tl.reshape(val * scale[:, :, None] + bias[:, :, None], (BLOCK_N, D))
+        if TOKEN_AXIS:  # per-token blocks: a packed row per token
+            w = tl.arange(0, D // PER)
+            word = tl.load(codes + tok[:, None] * words + w[None, :], mask=q_ok[:, None], other=0).to(tl.int32)
+            code = (word[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+            val = ((code << (23 - BITS)) | 0x40000000).to(tl.float32, bitcast=True)
+            val = tl.reshape(val, (BLOCK_N, D // QBLOCK, QBLOCK))
+            g = tl.arange(0, D // QBLOCK)
+            sidx = tok[:, None] * groups + g[None, :]
+            scale = tl.load(scales + sidx, mask=q_ok[:, None], other=0.0).to(tl.float32) * m
+            bias = -((1 << BITS) + OFFSET) * scale
+            scale = scale * (1 << (BITS - 1))
+            if HAS_ZERO:
+                bias += tl.load(zeros + sidx, mask=q_ok[:, None], other=0.0).to(tl.float32) * m
+            x = tl.reshape(val * scale[:, :, None] + bias[:, :, None], (BLOCK_N, D))
+        else:  # per-channel blocks along the tokens: a packed row per channel (t0 is a multiple of PER)
+            w = t0 // PER + tl.arange(0, BLOCK_N // PER)
+            word = tl.load(codes + d[:, None] * words + w[None, :], mask=(w * PER < quantized)[None, :], other=0)
+            code = (word.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+            val = tl.reshape(((code << (23 - BITS)) | 0x40000000).to(tl.float32, bitcast=True), (D, BLOCK_N))
+            sidx = d[:, None] * groups + (tok // QBLOCK)[None, :]
+            scale = tl.load(scales + sidx, mask=q_ok[None, :], other=0.0).to(tl.float32) * m
+            bias = -((1 << BITS) + OFFSET) * scale
+            if HAS_ZERO:
+                bias += tl.load(zeros + sidx, mask=q_ok[None, :], other=0.0).to(tl.float32) * m
+            x = tl.trans(val * (scale * (1 << (BITS - 1))) + bias)
     else:
         mask = q_ok[:, None] & (d < D)[None, :]
         if TOKEN_AXIS:
