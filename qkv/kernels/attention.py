@@ -130,7 +130,7 @@ def merge_partials(
     loop over segments starts from None and owns its state."""
     out_b, lse_b = part
     if state is None:
-        return (out_b.clone() if out_b.dtype == torch.float32 else out_b.float()), lse_b
+        return out_b.to(torch.float32, copy=True), lse_b
     out, lse_a = state
     lse = torch.logaddexp(lse_a, lse_b)
     out.mul_(torch.exp(lse_a - lse).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - lse).unsqueeze(-1))
@@ -145,14 +145,14 @@ def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float |
     """
     check_attention(q, segments)
     scale = default_scale(q, scale)
-    parts = ((partial_attention, seg, "torch") for seg in segments if seg.tokens)
-    return _merged(q, scale, parts)
+    return _merged(q, scale, [seg for seg in segments if seg.tokens], partial_attention, "torch")
 
 
-def _merged(q, scale, parts) -> torch.Tensor:
-    """Merge (attend, segment, backend) parts, each segment decompressed only when its turn comes."""
+def _merged(q, scale, segments, attend, backend) -> torch.Tensor:
+    """``attend(q, k, v, scale)`` -> (out, lse) on each segment, decompressed on ``backend`` only when
+    its turn comes, merged by log-sum-exp."""
     state = None
-    for attend, seg, backend in parts:
+    for seg in segments:
         k, v = seg.materialize(backend=backend)
         part = attend(q, k, v, scale)
         del k, v  # before the next segment is decompressed
@@ -161,12 +161,12 @@ def _merged(q, scale, parts) -> torch.Tensor:
 
 
 # torch's fused attention kernels that also return the log-sum-exp, fastest first on an H100 at
-# video shapes (benchmarks/bench_attention.py, "sdpa_backends"): (op, its arguments after q, k, v)
-_LSE_OPS = (
-    ("_scaled_dot_product_cudnn_attention", (None, True)),
-    ("_scaled_dot_product_flash_attention", ()),
-    ("_scaled_dot_product_efficient_attention", (None, True)),
-)
+# video shapes (benchmarks/bench_attention.py, "sdpa_backends"): op -> its arguments after q, k, v
+_LSE_OPS = {
+    "_scaled_dot_product_cudnn_attention": (None, True),
+    "_scaled_dot_product_flash_attention": (),
+    "_scaled_dot_product_efficient_attention": (None, True),
+}
 
 
 def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,15 +182,22 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
     if q.dtype in (torch.float16, torch.bfloat16):
-        for name, args in _LSE_OPS:
+        for name in _LSE_OPS:
             try:
-                result = getattr(torch.ops.aten, name)(q, k, v, *args, scale=scale)
+                return lse_op(name, q, k, v, scale)
             except torch.OutOfMemoryError:
                 raise
             except RuntimeError:  # this kernel does not take these inputs (dtype, head dim, layout)
                 continue
-            return result[0], result[1].flatten(2)[..., : q.shape[2]].float()
     return partial_attention(q, k, v, scale)
+
+
+def lse_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse [B, H, Sq] fp32) of the torch op ``name`` of :data:`_LSE_OPS` (same heads for q,
+    k, v); each op returns its log-sum-exp in its own shape (cuDNN [B, H, Sq, 1], memory-efficient
+    padded along Sq)."""
+    result = getattr(torch.ops.aten, name)(q, k, v, *_LSE_OPS[name], scale=scale)
+    return result[0], result[1].flatten(2)[..., : q.shape[2]].float()
 
 
 def attention_staged(
@@ -204,7 +211,7 @@ def attention_staged(
     check_attention(q, segments)
     scale = default_scale(q, scale)
     dense = [s for s in segments if isinstance(s, DenseKV) and s.tokens]
-    parts = [(sdpa_with_lse, s, backend) for s in segments if isinstance(s, CompressedSpan)]
     if len(dense) > 1:
         dense = [DenseKV(torch.cat([s.k for s in dense], 2), torch.cat([s.v for s in dense], 2))]
-    return _merged(q, scale, parts + [(sdpa_with_lse, s, backend) for s in dense])
+    spans = [s for s in segments if isinstance(s, CompressedSpan)]
+    return _merged(q, scale, spans + dense, sdpa_with_lse, backend)

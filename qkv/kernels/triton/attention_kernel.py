@@ -107,6 +107,27 @@ def _add_stage(x, c, a, tok, ok, d, D: tl.constexpr):
 
 
 @triton.jit
+def _code_values(word, shift, BITS: tl.constexpr):
+    """The codes of packed words [R, W] (int32), code j of a word at bit ``shift[j]``, as floats
+    [R, W, PER] without an int -> float conversion (a quarter-rate instruction): with the code as the
+    top mantissa bits of 2.0, each value is 2 + code * 2**(1 - BITS) (see _affine)."""
+    code = (word[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
+    return ((code << (23 - BITS)) | 0x40000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _affine(scales, zeros, sidx, mask, m, BITS: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr):
+    """(mult, bias) of the blocks at ``sidx`` such that one fused multiply-add of a _code_values
+    value gives its decoded value: (code - OFFSET) * scale (+ zero) =
+    val * (scale * 2**(BITS - 1)) - (2**BITS + OFFSET) * scale (+ zero)."""
+    scale = tl.load(scales + sidx, mask=mask, other=0.0).to(tl.float32) * m
+    bias = -((1 << BITS) + OFFSET) * scale
+    if HAS_ZERO:
+        bias += tl.load(zeros + sidx, mask=mask, other=0.0).to(tl.float32) * m
+    return scale * (1 << (BITS - 1)), bias
+
+
+@triton.jit
 def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2, c3, a0, a1, a2, a3,
                t0, S, D: tl.constexpr, BLOCK_N: tl.constexpr,
                CAST: tl.constexpr, BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr,
@@ -122,10 +143,7 @@ def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2
     if CAST:  # float-cast spans store the values themselves
         x = tl.load(codes + tok[:, None] * D + d[None, :], mask=q_ok[:, None], other=0.0).to(tl.float32)
     elif FAST:
-        # whole codes per word: load the packed rows coalesced, expand each word by shifts; the code
-        # becomes a float without an int -> float conversion (a quarter-rate instruction): with the
-        # code as the top mantissa bits of 2.0, val = 2 + code * 2**(1 - BITS), and one fused
-        # multiply-add gives (code - OFFSET) * scale = val * (scale * 2**(BITS - 1)) - (2**BITS + OFFSET) * scale
+        # whole codes per word: load the packed rows coalesced and expand each word by shifts
         PER: tl.constexpr = WORD // BITS
         j = tl.arange(0, PER)
         if MSB:
@@ -134,29 +152,19 @@ def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2
             shift = j * BITS
         if TOKEN_AXIS:  # per-token blocks: a packed row per token
             w = tl.arange(0, D // PER)
-            word = tl.load(codes + tok[:, None] * words + w[None, :], mask=q_ok[:, None], other=0).to(tl.int32)
-            code = (word[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
-            val = ((code << (23 - BITS)) | 0x40000000).to(tl.float32, bitcast=True)
-            val = tl.reshape(val, (BLOCK_N, D // QBLOCK, QBLOCK))
+            word = tl.load(codes + tok[:, None] * words + w[None, :], mask=q_ok[:, None], other=0)
+            val = tl.reshape(_code_values(word.to(tl.int32), shift, BITS), (BLOCK_N, D // QBLOCK, QBLOCK))
             g = tl.arange(0, D // QBLOCK)
-            sidx = tok[:, None] * groups + g[None, :]
-            scale = tl.load(scales + sidx, mask=q_ok[:, None], other=0.0).to(tl.float32) * m
-            bias = -((1 << BITS) + OFFSET) * scale
-            scale = scale * (1 << (BITS - 1))
-            if HAS_ZERO:
-                bias += tl.load(zeros + sidx, mask=q_ok[:, None], other=0.0).to(tl.float32) * m
-            x = tl.reshape(val * scale[:, :, None] + bias[:, :, None], (BLOCK_N, D))
+            mult, bias = _affine(scales, zeros, tok[:, None] * groups + g[None, :], q_ok[:, None], m,
+                                 BITS, OFFSET, HAS_ZERO)
+            x = tl.reshape(val * mult[:, :, None] + bias[:, :, None], (BLOCK_N, D))
         else:  # per-channel blocks along the tokens: a packed row per channel (t0 is a multiple of PER)
             w = t0 // PER + tl.arange(0, BLOCK_N // PER)
             word = tl.load(codes + d[:, None] * words + w[None, :], mask=(w * PER < quantized)[None, :], other=0)
-            code = (word.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
-            val = tl.reshape(((code << (23 - BITS)) | 0x40000000).to(tl.float32, bitcast=True), (D, BLOCK_N))
-            sidx = d[:, None] * groups + (tok // QBLOCK)[None, :]
-            scale = tl.load(scales + sidx, mask=q_ok[None, :], other=0.0).to(tl.float32) * m
-            bias = -((1 << BITS) + OFFSET) * scale
-            if HAS_ZERO:
-                bias += tl.load(zeros + sidx, mask=q_ok[None, :], other=0.0).to(tl.float32) * m
-            x = tl.trans(val * (scale * (1 << (BITS - 1))) + bias)
+            val = tl.reshape(_code_values(word.to(tl.int32), shift, BITS), (D, BLOCK_N))
+            mult, bias = _affine(scales, zeros, d[:, None] * groups + (tok // QBLOCK)[None, :], q_ok[None, :], m,
+                                 BITS, OFFSET, HAS_ZERO)
+            x = tl.trans(val * mult + bias)
     else:
         mask = q_ok[:, None] & (d < D)[None, :]
         if TOKEN_AXIS:
