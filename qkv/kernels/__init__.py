@@ -16,7 +16,14 @@ from collections.abc import Callable
 import torch
 
 from qkv.errors import BackendError
-from qkv.kernels.attention import CompressedSpan, DenseKV, attention_staged, attention_torch, check_attention
+from qkv.kernels.attention import (
+    CompressedSpan,
+    DenseKV,
+    attention_staged,
+    attention_torch,
+    check_attention,
+    merge_torch,
+)
 from qkv.kernels.hadamard import hadamard_torch
 from qkv.kernels.kmeans import assign_torch, update_torch
 from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch
@@ -28,7 +35,7 @@ class Backend(str, enum.Enum):
     TRITON = "triton"
 
 
-OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard", "attention")
+OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard", "attention", "merge")
 
 _TORCH: dict[str, Callable] = {
     "quantize_pack": quantize_pack_torch,
@@ -37,6 +44,7 @@ _TORCH: dict[str, Callable] = {
     "kmeans_update": update_torch,
     "hadamard": hadamard_torch,
     "attention": attention_torch,
+    "merge": merge_torch,
 }
 
 
@@ -135,3 +143,14 @@ __all__ = [
     "quantize_pack",
     "resolve",
 ]
+
+
+def merge_partials(state, part, *, backend="auto"):
+    """Merge a partial attention ``part`` (out [B, H, Sq, D], lse [B, H, Sq]: the log-sum-exp of
+    its scaled scores) into the running ``state`` over disjoint keys: softmax over the union. A
+    loop over segments starts from None (the first part is copied to fp32) and owns its state:
+    ``state``'s tensors are updated in place and returned; ``part``'s are never written."""
+    out, lse = part
+    if state is None:
+        return out.to(torch.float32, memory_format=torch.contiguous_format, copy=True), lse.to(torch.float32, copy=True)
+    return resolve("merge", backend, out.device, state, part)(state, part)

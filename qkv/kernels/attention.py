@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from einops import repeat
+from einops import rearrange, repeat
 
+from qkv import kernels
 from qkv.errors import DeviceError, DTypeError, ShapeError
 
 if TYPE_CHECKING:
@@ -122,19 +123,17 @@ def partial_attention(
     return torch.einsum("bhqk,bhkd->bhqd", torch.exp(scores - lse.unsqueeze(-1)), v), lse
 
 
-def merge_partials(
-    state: tuple[torch.Tensor, torch.Tensor] | None, part: tuple[torch.Tensor, torch.Tensor]
+def merge_torch(
+    state: tuple[torch.Tensor, torch.Tensor], part: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge a partial attention ``part`` (out, lse) into the running ``state`` over disjoint keys:
-    the new state (out fp32, lse). ``state``'s out is updated in place (``part``'s never is): a
-    loop over segments starts from None and owns its state."""
+    """Merge a partial attention ``part`` (out [B, H, Sq, D], lse [B, H, Sq]) into the running
+    ``state`` (out fp32, lse fp32) over disjoint keys: ``state``'s tensors are updated in place and
+    returned (``part``'s never are). See :func:`qkv.kernels.merge_partials`."""
     out_b, lse_b = part
-    if state is None:
-        return out_b.to(torch.float32, copy=True), lse_b
     out, lse_a = state
     lse = torch.logaddexp(lse_a, lse_b)
     out.mul_(torch.exp(lse_a - lse).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - lse).unsqueeze(-1))
-    return out, lse
+    return out, lse_a.copy_(lse)
 
 
 def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None) -> torch.Tensor:
@@ -145,18 +144,20 @@ def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float |
     """
     check_attention(q, segments)
     scale = default_scale(q, scale)
-    return _merged(q, scale, [seg for seg in segments if seg.tokens], partial_attention, "torch")
+    segments = [seg for seg in segments if seg.tokens]
+    return _merged(q, scale, segments, lambda *args: [partial_attention(*args)], "torch")
 
 
 def _merged(q, scale, segments, attend, backend) -> torch.Tensor:
-    """``attend(q, k, v, scale)`` -> (out, lse) on each segment, decompressed on ``backend`` only when
-    its turn comes, merged by log-sum-exp."""
+    """``attend(q, k, v, scale)`` -> the partial results (out, lse) of each segment, decompressed on
+    ``backend`` only when its turn comes, merged by log-sum-exp."""
     state = None
     for seg in segments:
         k, v = seg.materialize(backend=backend)
-        part = attend(q, k, v, scale)
+        parts = attend(q, k, v, scale)
         del k, v  # before the next segment is decompressed
-        state = merge_partials(state, part)
+        for part in parts:
+            state = kernels.merge_partials(state, part, backend=backend)
     return state[0].to(q.dtype)
 
 
@@ -200,18 +201,38 @@ def lse_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return result[0], result[1].flatten(2)[..., : q.shape[2]].float()
 
 
+# Keys cut into this many equal pieces, attended to in one fused call as separate batch entries
+# (the queries broadcast): as many thread blocks again, so the last wave of a chunk's 4,680 x 12
+# query tiles leaves fewer multiprocessors idle (on an H100: 0.89x the time of one piece,
+# benchmarks/bench_attention.py "key_split")
+KEY_SPLIT = 2
+
+
+def sdpa_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sdpa_with_lse` over ``k``, ``v`` cut into ``KEY_SPLIT`` equal pieces along the keys,
+    in one call: the partial result (out, lse) of each piece (one piece when the keys do not
+    divide)."""
+    n = KEY_SPLIT if k.shape[2] % KEY_SPLIT == 0 else 1
+    if n == 1:
+        return [sdpa_with_lse(q, k, v, scale)]
+    k, v = (rearrange(t, "b h (n s) d -> (b n) h s d", n=n) for t in (k, v))  # views
+    out, lse = sdpa_with_lse(repeat(q, "b h s d -> (b n) h s d", n=n), k, v, scale)
+    return list(zip(rearrange(out, "(b n) h s d -> n b h s d", n=n), rearrange(lse, "(b n) h s -> n b h s", n=n)))
+
+
 def attention_staged(
     q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None, backend: str = "auto"
 ) -> torch.Tensor:
     """:func:`attention_torch` at the speed of torch's fused attention, in bounded memory: each
     compressed span is decompressed on its own (the policy's path on ``backend``) and attended to by
-    :func:`sdpa_with_lse`; the full-precision segments are concatenated and attended to in one call;
+    :func:`sdpa_split`; the full-precision segments are concatenated and attended to in one call;
     the partial results are merged by log-sum-exp. At most one decompressed span (or the
-    concatenated full-precision keys) exists at a time. [B, H, Sq, D] in q's dtype."""
+    concatenated full-precision keys) exists at a time. The full-precision keys come first: the
+    GPU starts on them while the host prepares the first span. [B, H, Sq, D] in q's dtype."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
     dense = [s for s in segments if isinstance(s, DenseKV) and s.tokens]
     if len(dense) > 1:
         dense = [DenseKV(torch.cat([s.k for s in dense], 2), torch.cat([s.v for s in dense], 2))]
     spans = [s for s in segments if isinstance(s, CompressedSpan)]
-    return _merged(q, scale, spans + dense, sdpa_with_lse, backend)
+    return _merged(q, scale, dense + spans, sdpa_split, backend)

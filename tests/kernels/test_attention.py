@@ -20,7 +20,15 @@ import qkv  # noqa: E402
 from qkv import kernels  # noqa: E402
 from qkv.errors import BackendError, DTypeError, ShapeError  # noqa: E402
 from qkv.kernels import CompressedSpan, DenseKV  # noqa: E402
-from qkv.kernels.attention import _LSE_OPS, attention_torch, lse_op, partial_attention, sdpa_with_lse  # noqa: E402
+from qkv.kernels.attention import (  # noqa: E402
+    _LSE_OPS,
+    KEY_SPLIT,
+    attention_torch,
+    lse_op,
+    partial_attention,
+    sdpa_split,
+    sdpa_with_lse,
+)
 from qkv.kernels.triton.attention import span_support  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -183,6 +191,63 @@ def test_sdpa_with_lse_is_the_fp32_partial_attention(dtype):
         assert (out.float() - ref_out).abs().max() <= tol * ref_out.abs().max()
     mixed = sdpa_with_lse(q.float(), k, v, 0.2)  # queries in another dtype: the fp32 einsum
     assert torch.allclose(mixed[1], partial_attention(q.float(), k, v, 0.2)[1])
+
+
+@pytest.mark.parametrize("part_dtype", [torch.bfloat16, torch.float32])
+def test_merge_kernel_is_the_torch_merge(part_dtype):
+    """The Triton merge vs the torch one on fresh inputs: a part in [B, Sq, H, D] memory (as torch's
+    fused kernels return it) with a strided log-sum-exp, log-sum-exps far apart and equal, D not a
+    power of two; both update the state in place and agree to fp32 rounding."""
+    b, h, sq, d = 2, 3, 37, 48
+    out = randn(60, b, h, sq, d, dtype=torch.float32)
+    lse = randn(61, b, h, sq, dtype=torch.float32, scale=20.0)
+    part_out = randn(62, b, sq, h, d, dtype=part_dtype).transpose(1, 2)
+    part_lse = randn(63, b, h, sq, 2, dtype=torch.float32, scale=20.0)[..., 0]
+    part_lse[0, 0, :5] = lse[0, 0, :5]  # equal weights
+    part_lse[1, 2, :5] = -float("inf")  # a part that adds nothing
+    parts = (part_out.clone(), part_lse.clone())
+    ref = kernels.merge_partials((out.clone(), lse.clone()), (part_out, part_lse), backend="torch")
+    state = (out.clone(), lse.clone())
+    got = kernels.merge_partials(state, (part_out, part_lse), backend="triton")
+    assert got[0].data_ptr() == state[0].data_ptr() and got[1].data_ptr() == state[1].data_ptr()
+    assert torch.equal(parts[0], part_out) and torch.equal(parts[1], part_lse)
+    torch.testing.assert_close(got[1], ref[1], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got[0], ref[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(got[0][1, 2, :5], out[1, 2, :5])
+
+
+def test_merged_partials_are_the_attention_over_all_keys():
+    """Merging attention over two disjoint key sets (first state copied, never aliased) gives the
+    attention over their union, on both backends."""
+    q, k, v = randn(70, 1, 2, 9, 16, dtype=torch.float32), randn(71, 1, 2, 30, 16, dtype=torch.float32), randn(72, 1, 2, 30, 16, dtype=torch.float32)
+    whole = partial_attention(q, k, v, 0.3)
+    for backend in ("torch", "triton"):
+        first = partial_attention(q, k[:, :, :11], v[:, :, :11], 0.3)
+        state = kernels.merge_partials(None, first)
+        assert state[0].data_ptr() != first[0].data_ptr() and state[1].data_ptr() != first[1].data_ptr()
+        state = kernels.merge_partials(state, partial_attention(q, k[:, :, 11:], v[:, :, 11:], 0.3), backend=backend)
+        torch.testing.assert_close(state[0], whole[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state[1], whole[1], rtol=1e-6, atol=1e-5)
+    with pytest.raises(BackendError, match="not fp32"):
+        kernels.merge_partials((whole[0].half(), whole[1]), whole, backend="triton")
+
+
+@pytest.mark.parametrize("keys", [50, 51])
+def test_split_keys_merge_to_the_attention_over_all_keys(keys):
+    """sdpa_split's pieces (KEY_SPLIT batch entries in one call; one piece for keys that do not
+    divide), merged, are the fp32 attention over every key: two batch rows, 4 query heads on 2."""
+    q = randn(80, 2, 4, 33, 64)
+    k, v = randn(81, 2, 2, keys, 64, dtype=q.dtype), randn(82, 2, 2, keys, 64, dtype=q.dtype)
+    parts = sdpa_split(q, k, v, 0.2)
+    assert len(parts) == (KEY_SPLIT if keys % KEY_SPLIT == 0 else 1)
+    state = None
+    for part in parts:
+        assert part[0].shape == q.shape and part[1].shape == q.shape[:3]
+        state = kernels.merge_partials(state, part)
+    ref_out, ref_lse = partial_attention(q, k, v, 0.2)
+    tol = 2**-7
+    assert (state[1] - ref_lse).abs().max() <= tol * ref_lse.abs().max()
+    assert (state[0] - ref_out).abs().max() <= tol * ref_out.abs().max()
 
 
 def test_dispatch_and_bad_inputs():

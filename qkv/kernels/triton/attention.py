@@ -29,7 +29,7 @@ from triton.runtime.errors import OutOfResources
 
 from qkv import kernels
 from qkv.errors import ShapeError
-from qkv.kernels.attention import CompressedSpan, DenseKV, check_attention, default_scale, merge_partials
+from qkv.kernels.attention import CompressedSpan, DenseKV, check_attention, default_scale
 from qkv.kernels.triton.attention_kernel import attention_kernel
 from qkv.quantizers.affine import AffineQuantizer, CastQuantizer
 
@@ -310,12 +310,18 @@ def attention_triton(q: torch.Tensor, segments, scale: float | None = None) -> t
         layouts, rows, dense_rows = parts[0]
         return _launch(q, scale, h_kv, rows, dense_rows, layouts, q.dtype, False)[0]
     state = None
-    for layouts, rows, dense_rows in parts:
-        state = merge_partials(state, _launch(q, scale, h_kv, rows, dense_rows, layouts, torch.float32, True))
-    for layouts, rows in rotated:
-        state = merge_partials(state, _rotated_launch(q, scale, h_kv, rows, layouts))
-    for sp in fallback:  # decompressed one at a time: never the whole history at once
-        part = []
-        row = _dense_record(DenseKV(*sp.materialize()), part)
-        state = merge_partials(state, _launch(q, scale, h_kv, [], [row], None, torch.float32, True))
+    for part in _partials(q, scale, h_kv, parts, rotated, fallback):
+        state = kernels.merge_partials(state, part, backend="triton")
     return state[0].to(q.dtype)
+
+
+def _partials(q, scale, h_kv, parts, rotated, fallback):
+    """The partial results (out fp32, lse) of :func:`attention_triton`'s launches, one at a time."""
+    for layouts, rows, dense_rows in parts:
+        yield _launch(q, scale, h_kv, rows, dense_rows, layouts, torch.float32, True)
+    for layouts, rows in rotated:
+        yield _rotated_launch(q, scale, h_kv, rows, layouts)
+    for sp in fallback:  # decompressed one at a time: never the whole history at once
+        keep = []
+        row = _dense_record(DenseKV(*sp.materialize()), keep)
+        yield _launch(q, scale, h_kv, [], [row], None, torch.float32, True)
