@@ -7,7 +7,8 @@ spans of 8 chunks, histories of 8 to 64 chunks (37,440 to 299,520 tokens); the c
 - ``attention``: time and peak memory of ``KVCache.attend`` with each ``attention`` option: the
   fused kernel (``"fused"``), one span decompressed at a time + torch's fused attention
   (``"staged"``), the whole history decompressed + ``scaled_dot_product_attention`` (``"read"``),
-  and of a bf16 cache + SDPA (contiguous bf16 buffers, as Self-Forcing keeps them). Peak memory is
+  and of a bf16 cache + SDPA (contiguous bf16 buffers, as Self-Forcing keeps them; plain, and with
+  the staged option's key split, ``bf16_sdpa_split``). Peak memory is
   ``max_memory_allocated`` during the call minus what was allocated before it (the cache, the
   queries and the chunk), next to the cache's own bytes.
 - ``policies``: the fused kernel's time for every preset at 16 chunks.
@@ -16,6 +17,11 @@ spans of 8 chunks, histories of 8 to 64 chunks (37,440 to 299,520 tokens); the c
   by the fused and the staged option, cross-attention to 512 text tokens, FFN 8,960; random bf16
   weights) plus the span compression amortized over its 8 chunks, vs the same block with a bf16
   cache.
+- ``self_forcing``: end to end as Self-Forcing runs each block: per chunk 4 denoising forwards
+  and the clean forward that appends to the cache, queued back to back, over the 8 chunks of a
+  span (one span compression), vs the same with a bf16 cache.
+- ``key_split``: torch's fused attention with the keys cut into 1-4 pieces attended to in one call
+  as batch entries (what the staged option does, ``kernels.attention.KEY_SPLIT``).
 - ``capacity``: the longest history whose K/V cache (30 layers of Wan-1.3B) fits in 24 GiB, per
   policy, from the bytes of spans actually compressed (``CompressedKV.nbytes``); and for qvg, per
   attention option, with the option's measured attention-time memory (one layer at a time) in the
@@ -135,10 +141,13 @@ class History:
         self.v_buf = torch.empty_like(self.k_buf)
         self.chunks = 0
 
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def append(self, k: torch.Tensor, v: torch.Tensor, cache: bool = True, bf16: bool = True) -> None:
+        """Append a chunk to the compressed cache and / or the bf16 buffers."""
         a, b = self.chunks * CHUNK, (self.chunks + 1) * CHUNK
-        self.k_buf[:, :, a:b], self.v_buf[:, :, a:b] = k, v
-        self.cache.append(0, k, v)
+        if bf16:
+            self.k_buf[:, :, a:b], self.v_buf[:, :, a:b] = k, v
+        if cache:
+            self.cache.append(0, k, v)
         self.chunks += 1
 
     def attend(self, q, extra, mode: str):
@@ -150,11 +159,15 @@ class History:
         finally:
             layer.config = self.cache.config
 
-    def bf16(self, q, extra):
-        """SDPA over the bf16 buffers, the chunk written in place after the history."""
+    def bf16(self, q, extra, split: bool = False):
+        """SDPA over the bf16 buffers, the chunk written in place after the history; ``split``: with
+        the staged option's key split (kernels.attention.sdpa_split) instead of one plain call."""
         end = (self.chunks + 1) * CHUNK
         self.k_buf[:, :, end - CHUNK : end], self.v_buf[:, :, end - CHUNK : end] = extra
-        return F.scaled_dot_product_attention(q, self.k_buf[:, :, :end], self.v_buf[:, :, :end])
+        k, v = self.k_buf[:, :, :end], self.v_buf[:, :, :end]
+        if split:
+            return qkv.kernels.attention_staged(q, [qkv.kernels.DenseKV(k, v)])
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def attention_rows(q, chunk) -> list[dict]:
@@ -172,12 +185,17 @@ def attention_rows(q, chunk) -> list[dict]:
                "bf16_cache_bytes": 2 * n * CHUNK * HEADS * HEAD_DIM * 2, "flops": kv}
         fns = {mode: (lambda mode=mode: hist.attend(q, extra, mode)) for mode in MODES}
         fns["bf16_sdpa"] = lambda: hist.bf16(q, extra)
+        fns["bf16_sdpa_split"] = lambda: hist.bf16(q, extra, split=True)
         for name, fn in fns.items():
             ms = timed(fn)
             row[name] = {"ms": ms, "tflops": kv / (ms * 1e-3) / 1e12, "peak_extra_bytes": peak_extra(fn)}
         for mode in MODES:
             row[mode]["peak_over_cache"] = (cache_bytes + row[mode]["peak_extra_bytes"]) / cache_bytes
+            # the output, which every option returns, left out
+            row[mode]["peak_over_cache_without_output"] = (
+                cache_bytes + row[mode]["peak_extra_bytes"] - q.numel() * q.element_size()) / cache_bytes
             row[mode]["vs_bf16_sdpa"] = row[mode]["ms"] / row["bf16_sdpa"]["ms"]
+            row[mode]["vs_bf16_sdpa_split"] = row[mode]["ms"] / row["bf16_sdpa_split"]["ms"]
         rows.append(row)
         print(json.dumps(row), flush=True)
     rows[-1]["staged_parts"] = staged_parts(hist, q)
@@ -186,19 +204,41 @@ def attention_rows(q, chunk) -> list[dict]:
 
 def staged_parts(hist: History, q: torch.Tensor) -> dict:
     """Where the staged option's time goes: per span, its decompression, the fused attention with
-    log-sum-exp over it, and one merge of two partial results."""
-    from qkv.kernels.attention import default_scale, merge_partials, sdpa_with_lse
+    log-sum-exp over it (in one piece and cut into KEY_SPLIT), and one merge of two partial results
+    (the kernel the dispatcher picks, and the torch reference)."""
+    from qkv.kernels.attention import default_scale, sdpa_split, sdpa_with_lse
 
     span = next(s for s in hist.cache.layer(0).segments() if isinstance(s, qkv.kernels.CompressedSpan))
     k, v = span.materialize()
     scale = default_scale(q, None)
     part = sdpa_with_lse(q, k, v, scale)
-    state = merge_partials(None, part)
+    state = qkv.kernels.merge_partials(None, part)
     row = {"span_tokens": span.tokens, "decompress_ms": timed(span.materialize),
            "sdpa_with_lse_ms": timed(lambda: sdpa_with_lse(q, k, v, scale)),
-           "merge_ms": timed(lambda: merge_partials(state, part))}
+           "sdpa_split_ms": timed(lambda: sdpa_split(q, k, v, scale)),
+           "merge_ms": timed(lambda: qkv.kernels.merge_partials(state, part)),
+           "merge_torch_ms": timed(lambda: qkv.kernels.merge_partials(state, part, backend="torch"))}
     print(json.dumps(row), flush=True)
     return row
+
+
+def key_split_rows(q) -> list[dict]:
+    """Fused attention time with the keys cut into n equal pieces, attended to in one call as
+    separate batch entries (kernels.attention.sdpa_split with KEY_SPLIT = n): one span, and a
+    64-chunk bf16 history."""
+    from qkv.kernels.attention import sdpa_with_lse
+
+    rows = []
+    for tokens in (SPAN_CHUNKS * CHUNK, 65 * CHUNK):
+        k = torch.randn(1, HEADS, tokens, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
+        v = torch.randn_like(k)
+        for n in (1, 2, 3, 4):
+            ks, vs = (t.view(1, HEADS, n, tokens // n, HEAD_DIM).transpose(1, 2).flatten(0, 1) for t in (k, v))
+            qs = q.expand(n, -1, -1, -1)
+            rows.append({"keys": tokens, "pieces": n, "ms": timed(lambda: sdpa_with_lse(qs, ks, vs, HEAD_DIM**-0.5))})
+            print(json.dumps(rows[-1]), flush=True)
+        del k, v
+    return rows
 
 
 def span_of(policy: qkv.Policy, seed: int) -> qkv.caches.CompressedKV:
@@ -311,6 +351,62 @@ def end_to_end_rows(chunk) -> list[dict]:
     return rows
 
 
+def self_forcing_chunk(block, x, text, hist: History, mode: str) -> float:
+    """Milliseconds of one chunk of Self-Forcing's loop on this block: 4 denoising forwards that
+    attend to [history, chunk], then the clean forward that appends the chunk's K/V (the cache
+    compresses a span every SPAN_CHUNKS chunks), queued back to back and timed as one region.
+    One denoising forward runs first, untimed, so that every call has run once at this length
+    (torch builds a cuDNN plan per new key length)."""
+
+    def attend(q, k, v):
+        return hist.bf16(q, (k, v)) if mode == "bf16" else hist.attend(q, (k, v), mode)
+
+    def attend_and_append(q, k, v):
+        out = attend(q, k, v)
+        hist.append(k, v, cache=mode != "bf16", bf16=mode == "bf16")
+        return out
+
+    block(x, text, attend)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(4):
+        block(x, text, attend)
+    block(x, text, attend_and_append)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def self_forcing_rows(chunk) -> list[dict]:
+    """End to end as Self-Forcing runs a block: from each history length, the next SPAN_CHUNKS
+    chunks (one span compression among them), per chunk 5 forwards of the block; ms per chunk with
+    the compressed cache (fused / staged attention) vs the bf16 cache, growing side by side."""
+    block = WanBlock().to(DEVICE).bfloat16()
+    g = torch.Generator(device=DEVICE).manual_seed(6)
+    text = torch.randn(1, TEXT, DIM, generator=g, device=DEVICE).bfloat16()
+    modes = ("bf16", "fused", "staged")
+    hists = {mode: History("qvg", max(HISTORIES) + SPAN_CHUNKS) for mode in modes}
+    xs = [torch.randn(1, CHUNK, DIM, generator=g, device=DEVICE).bfloat16() for _ in range(SPAN_CHUNKS)]
+    rows = []
+    with torch.no_grad():
+        for n in HISTORIES:
+            for mode, hist in hists.items():
+                while hist.chunks < n:
+                    hist.append(*chunk(hist.chunks), cache=mode != "bf16", bf16=mode == "bf16")
+            row = {"history_chunks": n}
+            for mode, hist in hists.items():
+                total = 0.0
+                for x in xs:
+                    total += self_forcing_chunk(block, x, text, hist, mode)
+                row[mode] = {"chunk_ms": total / SPAN_CHUNKS}
+            for mode in ("fused", "staged"):
+                row[mode]["overhead"] = row[mode]["chunk_ms"] / row["bf16"]["chunk_ms"] - 1
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
 def mode_capacity_rows(span_bytes: dict, attention: list[dict]) -> list[dict]:
     """Longest qvg history in BUDGET with each attention option's measured transient memory: the
     largest peak extra measured for fused and staged (it does not grow with the history), and for
@@ -388,6 +484,8 @@ def main() -> None:
     result["attention"] = attention_rows(q, chunk)
     result["policies"], span_bytes = policy_rows(q, chunk)
     result["end_to_end"] = end_to_end_rows(chunk)
+    result["self_forcing"] = self_forcing_rows(chunk)
+    result["key_split"] = key_split_rows(q)
     result["capacity"] = capacity_rows(span_bytes)
     result["capacity_by_attention"] = mode_capacity_rows(span_bytes, result["attention"])
     result["roofline"] = roofline(result["attention"], bandwidth, rate)

@@ -25,18 +25,21 @@ def check_kv_layout(name: str, x: object) -> torch.Tensor:
     return x
 
 
-def check_kv_values(name: str, x: torch.Tensor) -> None:
-    """Finite, and |x| <= 2**120 (one reduction; details are computed only on failure)."""
-    peak = float(torch.linalg.vector_norm(x, ord=float("inf")))  # max |x|, one pass; NaN, Inf propagate
-    if not (peak < float("inf")):  # NaN compares false
-        finite = torch.isfinite(x)
-        bad = int((~finite).sum())
-        first = tuple(torch.nonzero(~finite)[0].tolist())
-        raise NonFiniteError(f"{name} holds {bad} NaN/Inf values (first at index {first})")
-    if peak > MAX_MAGNITUDE:
-        raise ValueRangeError(
-            f"{name} has magnitude {peak:.3g} > 2**120, beyond what qkv can process without overflow"
-        )
+def check_kv_values(name: str, x: torch.Tensor, *more: tuple[str, torch.Tensor]) -> None:
+    """Finite, and |x| <= 2**120; ``more``: further (name, tensor) pairs checked with the same
+    single read-back to the host (one reduction per tensor; details computed only on failure)."""
+    named = [(name, x), *more]
+    peaks = torch.stack([torch.linalg.vector_norm(t, ord=float("inf")).float() for _, t in named])
+    for (label, t), peak in zip(named, peaks.tolist()):  # max |x|; NaN, Inf propagate
+        if not (peak < float("inf")):  # NaN compares false
+            finite = torch.isfinite(t)
+            bad = int((~finite).sum())
+            first = tuple(torch.nonzero(~finite)[0].tolist())
+            raise NonFiniteError(f"{label} holds {bad} NaN/Inf values (first at index {first})")
+        if peak > MAX_MAGNITUDE:
+            raise ValueRangeError(
+                f"{label} has magnitude {peak:.3g} > 2**120, beyond what qkv can process without overflow"
+            )
 
 
 def check_kv_tensor(name: str, x: object) -> torch.Tensor:
@@ -46,13 +49,14 @@ def check_kv_tensor(name: str, x: object) -> torch.Tensor:
     return x
 
 
-def check_kv_pair(k: object, v: object) -> None:
-    """Validate K and V together: each valid, same shape, same device."""
+def check_kv_pair(k: object, v: object, values: bool = True) -> None:
+    """Validate K and V together: each valid, same shape, same device; ``values``: also finite and
+    in range (one read-back for both)."""
     check_kv_layout("k", k)
     check_kv_layout("v", v)
     if k.shape != v.shape:
         raise ShapeError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.device != v.device:
         raise DeviceError(f"k is on {k.device} but v is on {v.device}")
-    check_kv_values("k", k)
-    check_kv_values("v", v)
+    if values:
+        check_kv_values("k", k, ("v", v))

@@ -85,3 +85,10 @@ def index_batch(ckv: CompressedKV, index: torch.Tensor) -> CompressedKV:
         _, h, s, d = ct.shape
         out.append(_combine([ct], lambda ts: ts[0].index_select(0, index.to(ts[0].device)), (len(index), h, s, d)))
     return CompressedKV(out[0], out[1], ckv.spec)
+
+
+def batch_rows(ct: CompressedTensor, start: int, stop: int) -> CompressedTensor:
+    """Batch rows ``start:stop`` of one compressed tensor: [B, H, S, D] -> [stop - start, H, S, D]
+    (copies: the result owns its storage)."""
+    _, h, s, d = ct.shape
+    return _combine([ct], lambda ts: ts[0][start:stop].clone(), (stop - start, h, s, d))

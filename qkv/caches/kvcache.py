@@ -191,8 +191,7 @@ class LayerCache:
             self.config.policy.k.check_shape("k", tuple(k.shape))
             self.config.policy.v.check_shape("v", tuple(v.shape))
         if self.config.validate:
-            check_kv_values("k", k)
-            check_kv_values("v", v)
+            check_kv_values("k", k, ("v", v))
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one chunk ``k``, ``v`` [B, H, S_chunk, D] (fp32/fp16/bf16, copied).
@@ -252,14 +251,16 @@ class LayerCache:
     def _compress(self, k: torch.Tensor, v: torch.Tensor, warm: CompressedKV | None) -> CompressedKV:
         cfg = self.config
         policy = cfg.span_policy
+        # every chunk was checked as it came (or the config says not to check)
         if warm is not None and self._warm_fits(warm, k.shape[2]):
-            return policy.compress(k, v, warm_start=warm, backend=cfg.backend)
+            return policy.compress(k, v, warm_start=warm, backend=cfg.backend, validate=False)
         if cfg.head_independent and cfg.clusters and k.shape[1] > 1:
             parts = [
-                policy.compress(k[:, h : h + 1], v[:, h : h + 1], backend=cfg.backend) for h in range(k.shape[1])
+                policy.compress(k[:, h : h + 1], v[:, h : h + 1], backend=cfg.backend, validate=False)
+                for h in range(k.shape[1])
             ]
             return cat_heads(parts)
-        return policy.compress(k, v, backend=cfg.backend)
+        return policy.compress(k, v, backend=cfg.backend, validate=False)
 
     def _slide(self) -> None:
         limit = self.config.max_spans

@@ -15,6 +15,7 @@ from einops import rearrange
 from qkv import kernels
 from qkv.bounds import Bound, BoundKind, ErrorState, KVBound, holds, output_cast
 from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
+from qkv.caches.heads import batch_rows
 from qkv.component import check_int
 from qkv.dtypes import saturate
 from qkv.errors import ConfigError, ShapeError
@@ -121,10 +122,10 @@ class TensorPolicy:
         """
         check_kv_tensor(name, x)
         self.check_shape(name, tuple(x.shape))
-        return self._compress(x, warm_start, backend)
+        return self._compress(x, self._warm(warm_start, x.shape[0] * x.shape[1]), backend)
 
-    def _compress(self, x: torch.Tensor, warm_start: CompressedTensor | None, backend: str) -> CompressedTensor:
-        """:meth:`compress` of an already validated ``x``."""
+    def _compress(self, x: torch.Tensor, warm: list[torch.Tensor] | None, backend: str) -> CompressedTensor:
+        """:meth:`compress` of an already validated ``x``; ``warm``: :meth:`_warm`'s centroids."""
         b, h, s, d = x.shape
         s_q = self.quantized_length(s)
         fp_tokens = x[:, :, s_q:].clone() if s_q < s else None
@@ -134,7 +135,6 @@ class TensorPolicy:
             codes = x[:, :, :s_q].to(self.quantizer.storage_dtype)
         elif s_q:
             flat = rearrange(x[:, :, :s_q], "b h s d -> (b h) s d")  # stages read it as it is
-            warm = self._warm(warm_start, b * h)
             # the last stage's centroid subtraction, if any, is fused into quantize+pack: the
             # residual it leaves is never written out (for one stage the kernel reads x itself)
             pending = None
@@ -302,20 +302,31 @@ class Policy:
         *,
         warm_start: CompressedKV | None = None,
         backend: str = "auto",
+        validate: bool = True,
     ) -> CompressedKV:
         """Compress keys and values [B, H, S, D] (same shape, device; fp32/fp16/bf16).
 
         ``warm_start``: the previous span's :class:`CompressedKV` (seeds the clustering).
+        ``validate``: check that the values are finite and in range (one read-back for both);
+        False for data already checked (:class:`~qkv.KVCache` checks each chunk as it comes).
+
+        When keys and values share one tensor policy (and dtype), they are compressed in one pass,
+        stacked along the batch: every (batch, head) row is clustered and quantized on its own, so
+        the result is the same as two passes (except a random k-means init, drawn for all rows at
+        once), with half the kernel launches.
         """
-        check_kv_pair(k, v)
+        check_kv_pair(k, v, values=validate)
         self.k.check_shape("k", tuple(k.shape))
         self.v.check_shape("v", tuple(v.shape))
-        # check_kv_pair validated both values: compress them without a second pass over each
-        return CompressedKV(
-            self.k._compress(k, None if warm_start is None else warm_start.k, backend),
-            self.v._compress(v, None if warm_start is None else warm_start.v, backend),
-            self.spec,
-        )
+        rows = k.shape[0] * k.shape[1]
+        warm_k = self.k._warm(None if warm_start is None else warm_start.k, rows)
+        warm_v = self.v._warm(None if warm_start is None else warm_start.v, rows)
+        if self.k == self.v and k.dtype == v.dtype:
+            warm = None if warm_k is None else [torch.cat(pair) for pair in zip(warm_k, warm_v)]
+            both = self.k._compress(torch.cat([k, v]), warm, backend)
+            b = k.shape[0]
+            return CompressedKV(batch_rows(both, 0, b), batch_rows(both, b, 2 * b), self.spec)
+        return CompressedKV(self.k._compress(k, warm_k, backend), self.v._compress(v, warm_v, backend), self.spec)
 
     def decompress(self, ckv: CompressedKV, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """(k_hat, v_hat) with the shapes and dtypes of the compressed inputs."""

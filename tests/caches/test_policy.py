@@ -90,6 +90,40 @@ def test_bad_input_raises_typed_errors(k_v, error, match):
         qkv.build_policy("qvg").compress(k, v)
 
 
+@pytest.mark.parametrize("name", ["qvg-pro", "rtn", "quarot", "bf16"])
+def test_keys_and_values_in_one_pass_equal_two_passes(name, tmp_path):
+    """A policy whose keys and values share one tensor policy compresses them stacked along the
+    batch; every stored tensor equals that of compressing each on its own (k-means warm-started, so
+    no random init is drawn), owns its storage, and the span saves."""
+    k, v = kv(shape=(2, 3, 200, 64), seed=4)
+    policy = qkv.build_policy(name, **({"clusters": 8} if "qvg" in name else {}))
+    assert policy.k == policy.v
+    warm = policy.compress(k * 0.9, v * 0.9)
+    joint = policy.compress(k, v, warm_start=warm)
+    rows = k.shape[0] * k.shape[1]
+    for name_, x, ct, prev in (("k", k, joint.k, warm.k), ("v", v, joint.v, warm.v)):
+        alone = policy.k._compress(x, policy.k._warm(prev, rows), "auto")
+        assert ct.shape == alone.shape and ct.quantized_tokens == alone.quantized_tokens
+        assert ct.tensors().keys() == alone.tensors().keys()
+        for field, t in ct.tensors().items():
+            assert torch.equal(t, alone.tensors()[field]), (name_, field)
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (name_, field)
+    joint.save(tmp_path / "span.safetensors")
+    assert torch.equal(policy.decompress(qkv.caches.CompressedKV.load(tmp_path / "span.safetensors"))[1], policy.decompress(joint)[1])
+
+
+def test_validate_false_skips_only_the_value_checks():
+    """``validate=False`` (data already checked) skips the finite / range read-back, not the layout checks."""
+    k, v = kv()
+    policy = qkv.build_policy("rtn")
+    bad = v.clone().fill_(float("inf"))
+    with pytest.raises(errors.NonFiniteError, match="v holds"):
+        policy.compress(k, bad)
+    policy.compress(k, bad, validate=False)
+    with pytest.raises(errors.ShapeError, match="differ"):
+        policy.compress(k, v[:, :, :10], validate=False)
+
+
 def test_block_that_does_not_divide_d():
     k, v = kv(shape=(1, 1, 64, 48))
     with pytest.raises(errors.ShapeError, match="does not divide head_dim D=48"):
