@@ -203,8 +203,9 @@ def lse_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
 # Keys cut into this many equal pieces, attended to in one fused call as separate batch entries
 # (the queries broadcast): as many thread blocks again, so the last wave of a chunk's 4,680 x 12
-# query tiles leaves fewer multiprocessors idle (on an H100: 0.89x the time of one piece,
-# benchmarks/bench_attention.py "key_split")
+# query tiles leaves fewer multiprocessors idle (on an H100, one 37,440-token span: 0.85-0.89x the
+# time of one piece; 3 or 4 pieces gain little more and cost more merges: benchmarks/
+# bench_attention.py "key_split")
 KEY_SPLIT = 2
 
 
