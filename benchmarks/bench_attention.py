@@ -226,16 +226,14 @@ def key_split_rows(q) -> list[dict]:
     """Fused attention time with the keys cut into n equal pieces, attended to in one call as
     separate batch entries (kernels.attention.sdpa_split with KEY_SPLIT = n): one span, and a
     64-chunk bf16 history."""
-    from qkv.kernels.attention import sdpa_with_lse
+    from qkv.kernels.attention import sdpa_split
 
     rows = []
     for tokens in (SPAN_CHUNKS * CHUNK, 65 * CHUNK):
         k = torch.randn(1, HEADS, tokens, HEAD_DIM, device=DEVICE, dtype=torch.bfloat16)
         v = torch.randn_like(k)
         for n in (1, 2, 3, 4):
-            ks, vs = (t.view(1, HEADS, n, tokens // n, HEAD_DIM).transpose(1, 2).flatten(0, 1) for t in (k, v))
-            qs = q.expand(n, -1, -1, -1)
-            rows.append({"keys": tokens, "pieces": n, "ms": timed(lambda: sdpa_with_lse(qs, ks, vs, HEAD_DIM**-0.5))})
+            rows.append({"keys": tokens, "pieces": n, "ms": timed(lambda: sdpa_split(q, k, v, HEAD_DIM**-0.5, n))})
             print(json.dumps(rows[-1]), flush=True)
         del k, v
     return rows

@@ -209,11 +209,12 @@ def lse_op(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 KEY_SPLIT = 2
 
 
-def sdpa_split(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`sdpa_with_lse` over ``k``, ``v`` cut into ``KEY_SPLIT`` equal pieces along the keys,
-    in one call: the partial result (out, lse) of each piece (one piece when the keys do not
-    divide)."""
-    n = KEY_SPLIT if k.shape[2] % KEY_SPLIT == 0 else 1
+def sdpa_split(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, pieces: int = KEY_SPLIT
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`sdpa_with_lse` over ``k``, ``v`` cut into ``pieces`` equal pieces along the keys, in
+    one call: the partial result (out, lse) of each piece (one piece when the keys do not divide)."""
+    n = pieces if k.shape[2] % pieces == 0 else 1
     if n == 1:
         return [sdpa_with_lse(q, k, v, scale)]
     k, v = (rearrange(t, "b h (n s) d -> (b n) h s d", n=n) for t in (k, v))  # views
