@@ -99,6 +99,8 @@ class CacheMemory:
         keeps inside a span); sink / tail: the full-precision first and newest chunks; warm_start:
         centroids kept for the next span's warm start that no stored span shares.
     tokens: retained tokens (summed over layers); elements: K and V values they represent.
+    reserved: the free room of the tail buffers (allocated, holding no token: the next chunks are
+        written there, see :mod:`qkv.caches.tail`); not part of ``total``, part of ``allocated``.
     """
 
     compressed: int = 0
@@ -107,6 +109,7 @@ class CacheMemory:
     warm_start: int = 0
     tokens: int = 0
     elements: int = 0
+    reserved: int = 0
 
     @property
     def full_precision(self) -> int:
@@ -115,6 +118,11 @@ class CacheMemory:
     @property
     def total(self) -> int:
         return self.compressed + self.sink + self.tail + self.warm_start
+
+    @property
+    def allocated(self) -> int:
+        """Bytes the cache holds on its device: what it stores and the tail buffers' free room."""
+        return self.total + self.reserved
 
     @property
     def bits_per_element(self) -> float:

@@ -75,8 +75,9 @@ def save_cache(cache: KVCache, path: str | os.PathLike) -> None:
             entry["layout"] = [b, h, d, str(dtype)]
         for part in ("sink", "tail"):
             for j, c in enumerate(getattr(layer, part)):
-                tensors[f"L{i}.{part}{j}.k"] = c.k.detach().contiguous().cpu()
-                tensors[f"L{i}.{part}{j}.v"] = c.v.detach().contiguous().cpu()
+                # copies: tail chunks are views of one buffer (safetensors refuses shared storage)
+                tensors[f"L{i}.{part}{j}.k"] = c.k.detach().to("cpu", copy=True).contiguous()
+                tensors[f"L{i}.{part}{j}.v"] = c.v.detach().to("cpu", copy=True).contiguous()
                 entry[part].append(c.start)
         for j, sp in enumerate(layer.spans):
             name = f"L{i}.S{j}.safetensors"

@@ -48,6 +48,7 @@ from qkv.caches.compressed import CompressedKV, StageData
 from qkv.caches.heads import cat_heads, index_batch
 from qkv.caches.layout import predicted_groups
 from qkv.caches.policy import Policy
+from qkv.caches.tail import TailBuffer, joined
 from qkv.component import check_int
 from qkv.errors import CacheError, DeviceError, DTypeError, ShapeError
 from qkv.validation import check_kv_layout, check_kv_values
@@ -114,9 +115,18 @@ def _take(chunks: list[Chunk], n: int) -> tuple[list[Chunk], list[Chunk]]:
 
 
 def _cat(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
-    if len(chunks) == 1:
-        return chunks[0].k, chunks[0].v
-    return torch.cat([c.k for c in chunks], 2), torch.cat([c.v for c in chunks], 2)
+    """Keys and values of ``chunks`` as one tensor each: a view when they are adjacent views of
+    the tail buffer (the usual case), a concatenated copy otherwise."""
+    ks, vs = joined([c.k for c in chunks]), joined([c.v for c in chunks])
+    return (ks[0] if len(ks) == 1 else torch.cat(ks, 2)), (vs[0] if len(vs) == 1 else torch.cat(vs, 2))
+
+
+def _dense(chunks: list[Chunk]) -> list[kernels.DenseKV]:
+    """``chunks`` as attention segments, adjacent views joined (one segment for a whole tail)."""
+    ks, vs = joined([c.k for c in chunks]), joined([c.v for c in chunks])
+    if len(ks) != len(vs):
+        return [kernels.DenseKV(c.k, c.v) for c in chunks]
+    return [kernels.DenseKV(k, v) for k, v in zip(ks, vs)]
 
 
 class LayerCache:
@@ -131,7 +141,8 @@ class LayerCache:
         """Forget everything (the layer takes a new batch/head layout on its next append)."""
         self.sink: list[Chunk] = []
         self.spans: list[Span] = []
-        self.tail: list[Chunk] = []
+        self.tail: list[Chunk] = []  # views of self.buffer, as a rule (see qkv.caches.tail)
+        self.buffer = TailBuffer()
         self.warm: CompressedKV | None = None
         self.seen = 0  # tokens ever appended (absolute position of the next token)
         self.chunks_seen = 0
@@ -156,11 +167,14 @@ class LayerCache:
                 if id(s.centroids) not in shared
             )
         b, h, d = self.layout[:3] if self.layout else (0, 0, 0)
+        tail = sum(_nbytes(c.k, c.v) for c in self.tail)
+        in_buffer = sum(_nbytes(c.k, c.v) for c in self.tail if self.buffer.holds(c.k))
         return CacheMemory(
             compressed=sum(sp.ckv.nbytes for sp in self.spans),
             sink=sum(_nbytes(c.k, c.v) for c in self.sink),
-            tail=sum(_nbytes(c.k, c.v) for c in self.tail),
+            tail=tail,
             warm_start=warm,
+            reserved=self.buffer.nbytes - in_buffer,
             tokens=self.tokens,
             elements=2 * b * h * d * self.tokens,
         )
@@ -200,18 +214,26 @@ class LayerCache:
         and leave the layer unchanged. Spans completed by this chunk are compressed now, once.
         """
         self.check(k, v)
-        chunk = Chunk(k.detach().clone(), v.detach().clone(), self.seen)
         layout = self.layout or (k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
         if self.chunks_seen < self.config.sink_chunks:
-            self.sink.append(chunk)
+            self.sink.append(Chunk(k.detach().clone(), v.detach().clone(), self.seen))
         else:
-            new_spans, tail, warm = self._complete_spans([*self.tail, chunk])
+            tail = self.buffer.append(self.tail, k.detach(), v.detach(), self.seen, self._planned(k.shape[2]))
+            self.tail = tail[:-1]  # possibly moved, same values: unchanged if a compression fails
+            new_spans, tail, warm = self._complete_spans(tail)
             self.tail, self.warm = tail, warm
             self.spans.extend(new_spans)
             self._slide()
         self.layout = layout
-        self.seen += chunk.tokens
+        self.seen += k.shape[2]
         self.chunks_seen += 1
+
+    def _planned(self, tokens: int) -> int:
+        """Tail buffer capacity for chunks of ``tokens``: a span, the tokens kept in full precision
+        after it, and one chunk more (the next append, or the current chunk :meth:`attend` stages)."""
+        cfg = self.config
+        span = cfg.span_chunks * tokens if cfg.span_chunks is not None else cfg.span_tokens
+        return span + max(cfg.recent_chunks * tokens, cfg.fp_window) + tokens
 
     def _next_span(self, tail: list[Chunk]) -> int:
         """Tokens of the span to compress now at the front of ``tail`` (0: none is complete)."""
@@ -325,8 +347,21 @@ class LayerCache:
         return (
             [kernels.DenseKV(c.k, c.v) for c in self.sink]
             + [kernels.CompressedSpan(sp.ckv, policy, sp.skip) for sp in self.spans]
-            + [kernels.DenseKV(c.k, c.v) for c in self.tail]
+            + _dense(self.tail)
         )
+
+    def _segments_with(self, extra: tuple[torch.Tensor, torch.Tensor] | None) -> list:
+        """:meth:`segments` plus ``extra`` (k, v) last; written into the tail buffer's free room
+        right after the tail when it fits there (the tail and extra then form one segment)."""
+        segments = self.segments() if self.layout is not None else []
+        if extra is None:
+            return segments
+        k, v = extra
+        if torch.is_tensor(k) and torch.is_tensor(v) and k.dim() == 4 and k.shape == v.shape and k.dtype == v.dtype:
+            staged = self.buffer.stage(self.tail, k.detach(), v.detach())
+            if staged is not None:
+                return segments[: len(segments) - (1 if self.tail else 0)] + [kernels.DenseKV(*staged)]
+        return [*segments, kernels.DenseKV(k, v)]
 
     def attend(
         self,
@@ -348,9 +383,7 @@ class LayerCache:
         if self.layout is None and extra is None:
             raise CacheError(f"layer {self.index} holds nothing yet: append a chunk or pass extra")
         if self.config.attention != "read":
-            segments = self.segments() if self.layout is not None else []
-            if extra is not None:
-                segments.append(kernels.DenseKV(*extra))
+            segments = self._segments_with(extra)
             if self.config.attention == "staged":
                 return kernels.attention_staged(q, segments, scale=scale, backend=self.config.backend)
             return kernels.attention(q, segments, scale=scale, backend=self.config.backend)
@@ -393,6 +426,7 @@ class LayerCache:
         shared = self.warm_shares_newest_span()
         self.sink = [rows(c) for c in self.sink]
         self.tail = [rows(c) for c in self.tail]
+        self.buffer = TailBuffer()  # the next append copies the new tail into a new buffer
         self.spans = [dataclasses.replace(s, ckv=index_batch(s.ckv, index)) for s in self.spans]
         if self.warm is not None:
             self.warm = centroids_only(self.spans[-1].ckv) if shared else index_batch(self.warm, index)
@@ -408,6 +442,7 @@ class LayerCache:
         shared = self.warm_shares_newest_span()
         self.sink = [move(c) for c in self.sink]
         self.tail = [move(c) for c in self.tail]
+        self.buffer = TailBuffer()  # the next append copies the tail into a buffer on ``device``
         self.spans = [dataclasses.replace(s, ckv=s.ckv.to(device)) for s in self.spans]
         if self.warm is not None:
             self.warm = centroids_only(self.spans[-1].ckv) if shared else self.warm.to(device)

@@ -75,7 +75,7 @@ class HeadShardedKVCache(KVCache):
     def total_memory(self) -> CacheMemory:
         """Memory summed over the ranks (an all-reduce); :meth:`memory` is this rank's."""
         mem = self.memory()
-        fields = ("compressed", "sink", "tail", "warm_start", "elements")
+        fields = ("compressed", "sink", "tail", "warm_start", "elements", "reserved")
         t = torch.tensor([getattr(mem, f) for f in fields], dtype=torch.long)
         dist.all_reduce(t, group=self.group)
         return CacheMemory(**{f: int(x) for f, x in zip(fields, t.tolist())}, tokens=mem.tokens)

@@ -10,6 +10,7 @@ otherwise). Triton is imported only when a Triton implementation is asked for.
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
 from collections.abc import Callable
 
@@ -48,23 +49,26 @@ _TORCH: dict[str, Callable] = {
 }
 
 
+@functools.cache
+def _triton_module():
+    """qkv.kernels.triton, imported on first use (once: every kernel call resolves through here);
+    the ImportError if Triton is absent."""
+    try:
+        return importlib.import_module("qkv.kernels.triton")
+    except ImportError as exc:
+        return exc
+
+
 def triton_impl(op: str) -> tuple[Callable, Callable | None]:
     """(kernel wrapper, supports-check) of ``op``; imports Triton. Raises BackendError if absent."""
-    try:
-        module = importlib.import_module("qkv.kernels.triton")
-    except ImportError as exc:
-        raise BackendError(f"the triton backend needs the triton package ({exc})") from None
+    module = _triton_module()
+    if isinstance(module, ImportError):
+        raise BackendError(f"the triton backend needs the triton package ({module})") from None
     return module.IMPLS[op]
 
 
 def _triton_usable(device: torch.device) -> bool:
-    if device.type != "cuda":
-        return False
-    try:
-        importlib.import_module("qkv.kernels.triton")
-    except ImportError:
-        return False
-    return True
+    return device.type == "cuda" and not isinstance(_triton_module(), ImportError)
 
 
 def resolve(op: str, backend: Backend | str, device: torch.device, *args) -> Callable:

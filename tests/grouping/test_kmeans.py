@@ -1,3 +1,5 @@
+import importlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -48,6 +50,23 @@ def test_rows_are_independent_of_the_batch():
     warm_one = kmeans(x[1:2], 8, 20, tol=1e-3, init_centroids=both.centroids[1:2])
     assert torch.equal(warm_all.centroids[1:2], warm_one.centroids)
     assert alone.centroids.shape == (1, 8, 8)
+
+
+@pytest.mark.parametrize("iters", [5, 9, 20])
+def test_stopping_early_only_saves_time(monkeypatch, iters):
+    """The host's "all rows done" check (every CHECK_EVERY iterations while enough remain) ends
+    the loop early, but done rows are frozen: the result equals that of a run without checks."""
+    km = importlib.import_module("qkv.grouping.kmeans")  # the module (the package exports the function)
+    x = clustered(n=3, s=600, true_k=6)
+    runs = []
+    for every in (1, 1000):
+        monkeypatch.setattr(km, "CHECK_EVERY", every)
+        runs.append(kmeans(x, 6, iters, tol=1e-2, seed=1))
+    checked, unchecked = runs
+    assert torch.equal(checked.centroids, unchecked.centroids)
+    assert torch.equal(checked.assignments, unchecked.assignments)
+    assert torch.equal(checked.objective[-1], unchecked.objective[-1])
+    assert len(checked.objective) < len(unchecked.objective) == iters + 1  # it did stop early
 
 
 def test_warm_start_needs_fewer_iterations():

@@ -1,0 +1,142 @@
+"""One contiguous buffer for a layer's full-precision tail, so the tail is never concatenated.
+
+Every chunk appended to a layer's tail is written right after the previous one into one
+preallocated [B, H, capacity, D] pair of tensors, and the tail's chunks are views of it. Where the
+cache needs the tail as one tensor, :func:`joined` turns adjacent views back into one view instead
+of copying them: the span to compress (8 chunks of Wan K/V: 224 MB that ``torch.cat`` copied once
+per span), and the tail plus the current chunk to attend to (:meth:`TailBuffer.stage`: the current
+chunk is written into the free room after the tail, as a bf16 cache does; the concatenation copied
+the whole tail on every forward).
+
+The buffer is placed in front again (the tail copied to offset 0) only when a chunk does not fit
+after the tail; it grows to the room the cache's configuration needs (a span, the tokens kept after
+it, one chunk to attend to), or by half when chunk sizes vary. Chunks that are not views of the
+buffer (cut by an eviction, moved by ``to`` or ``index_batch``, loaded from a file) stay correct:
+they are joined with nothing, and the next append copies them into the buffer.
+
+Views of the buffer stay valid until the next append (which may move the tail) and hold no
+reference that keeps a compressed span alive: a policy's compression copies what it stores.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from qkv.caches.kvcache import Chunk
+
+GROWTH = 1.5  # capacity factor when a chunk does not fit the planned room (varying chunk sizes)
+
+
+def adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``b`` [B, H, n, D] continues ``a`` along the tokens in the same storage."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.stride() == b.stride()
+        and a.shape[:2] == b.shape[:2]
+        and a.shape[3] == b.shape[3]
+        and b.storage_offset() == a.storage_offset() + a.shape[2] * a.stride(2)
+    )
+
+
+def joined(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``parts`` [B, H, n_i, D] in order, each run of adjacent views replaced by one view."""
+    out: list[torch.Tensor] = []
+    for t in parts:
+        if out and adjacent(out[-1], t):
+            a = out[-1]
+            out[-1] = a.as_strided((*a.shape[:2], a.shape[2] + t.shape[2], a.shape[3]), a.stride(), a.storage_offset())
+        else:
+            out.append(t)
+    return out
+
+
+class TailBuffer:
+    """The storage of one layer's tail (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.k is None else 2 * self.k.numel() * self.k.element_size()
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` is a view of this buffer's keys or values."""
+        ptr = t.untyped_storage().data_ptr()
+        return self.k is not None and ptr in (self.k.untyped_storage().data_ptr(), self.v.untyped_storage().data_ptr())
+
+    def _end(self, tail: list[Chunk]) -> int | None:
+        """Offset right after ``tail`` when the whole tail is one run of views of this buffer (0
+        for an empty tail), else None."""
+        if not tail:
+            return 0 if self.k is not None else None
+        ks, vs = joined([c.k for c in tail]), joined([c.v for c in tail])
+        if len(ks) != 1 or len(vs) != 1 or not self.holds(ks[0]) or ks[0].stride() != self.k.stride():
+            return None
+        return ks[0].storage_offset() // self.k.stride(2) + ks[0].shape[2]
+
+    def _fits(self, like: torch.Tensor) -> bool:
+        k = self.k
+        return k is not None and (k.shape[:2], k.shape[3], k.dtype, k.device) == (
+            like.shape[:2], like.shape[3], like.dtype, like.device)
+
+    def _place(self, tail: list[Chunk], tokens: int, planned: int, like: torch.Tensor) -> list[Chunk]:
+        """The tail copied to the front of the buffer (grown if it cannot also take ``tokens``
+        more), as views; ``planned``: the capacity to grow to, ``like``: a chunk's tensor."""
+        from qkv.caches.kvcache import Chunk
+
+        live = sum(c.tokens for c in tail)
+        need = live + tokens
+        old_k = torch.cat([c.k for c in tail], 2) if tail else None  # a copy: the tail may live here
+        old_v = torch.cat([c.v for c in tail], 2) if tail else None
+        if not self._fits(like) or need > self.capacity:
+            cap = max(need, planned, int(GROWTH * self.capacity) if self._fits(like) else 0)
+            b, h, _, d = like.shape
+            self.k = self.v = None  # free the old buffer first (its tail is copied above)
+            self.k = torch.empty(b, h, cap, d, dtype=like.dtype, device=like.device)
+            self.v = torch.empty_like(self.k)
+        placed, at = [], 0
+        if old_k is not None:
+            self.k[:, :, :live].copy_(old_k)
+            self.v[:, :, :live].copy_(old_v)
+        for c in tail:
+            placed.append(Chunk(self.k[:, :, at : at + c.tokens], self.v[:, :, at : at + c.tokens], c.start))
+            at += c.tokens
+        return placed
+
+    def append(self, tail: list[Chunk], k: torch.Tensor, v: torch.Tensor, start: int, planned: int) -> list[Chunk]:
+        """``tail`` (its chunks possibly moved within the buffer, same values) and, last, the chunk
+        ``k``, ``v`` [B, H, n, D] (copied into the buffer) starting at absolute position ``start``."""
+        from qkv.caches.kvcache import Chunk
+
+        n = k.shape[2]
+        end = self._end(tail) if self._fits(k) else None
+        if end is None or end + n > self.capacity:
+            tail = self._place(tail, n, planned, k)
+            end = sum(c.tokens for c in tail)
+        self.k[:, :, end : end + n].copy_(k)
+        self.v[:, :, end : end + n].copy_(v)
+        return [*tail, Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)]
+
+    def stage(self, tail: list[Chunk], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keys, values) of ``tail`` followed by ``k``, ``v`` as one view each, ``k``/``v`` written
+        into the free room after the tail (which holds no token: the tail is unchanged); None when
+        the tail is not one run of this buffer or the room is too small."""
+        end = self._end(tail) if self._fits(k) else None
+        n = k.shape[2]
+        if end is None or end + n > self.capacity:
+            return None
+        self.k[:, :, end : end + n].copy_(k)
+        self.v[:, :, end : end + n].copy_(v)
+        start = end - sum(c.tokens for c in tail)
+        return self.k[:, :, start : end + n], self.v[:, :, start : end + n]

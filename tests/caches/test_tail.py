@@ -1,0 +1,137 @@
+"""The tail buffer: chunks are adjacent views of one buffer, joined instead of concatenated."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import qkv
+from qkv.caches.kvcache import Chunk
+from qkv.caches.tail import TailBuffer, adjacent, joined
+from qkv.kernels import attention_torch
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def chunk(gen: torch.Generator, tokens: int, b: int = 2, h: int = 3, d: int = 64, dtype=torch.float32):
+    return torch.randn(b, h, tokens, d, generator=gen).to(dtype), torch.randn(b, h, tokens, d, generator=gen).to(dtype)
+
+
+def test_joined_merges_adjacent_views_only():
+    buf = torch.randn(2, 3, 20, 4)
+    a, b, c = buf[:, :, :5], buf[:, :, 5:9], buf[:, :, 10:12]
+    assert adjacent(a, b) and not adjacent(b, c) and not adjacent(b, a)
+    out = joined([a, b, c])
+    assert len(out) == 2 and torch.equal(out[0], buf[:, :, :9]) and out[1] is c
+    assert out[0].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # a view, no copy
+    other = torch.randn(2, 3, 4, 4)
+    assert len(joined([a, other])) == 2 and len(joined([buf[:1, :, :5], buf[:1, :, 5:9]])) == 1
+
+
+@pytest.mark.parametrize("sizes", [[4, 4, 4, 4, 4], [3, 7, 1, 9, 2, 6], [1] * 12])
+def test_append_keeps_every_chunk_and_one_run(sizes):
+    gen = torch.Generator().manual_seed(len(sizes))
+    buf, tail, expect, start = TailBuffer(), [], [], 0
+    for i, n in enumerate(sizes):
+        k, v = chunk(gen, n)
+        tail = buf.append(tail, k, v, start, planned=8)
+        expect.append((k, v, start))
+        start += n
+        if i % 3 == 2:  # the cache compresses the front away now and then: drop it
+            tail, expect = tail[2:], expect[2:]
+        assert [c.start for c in tail] == [s for _, _, s in expect]
+        for c, (k, v, _) in zip(tail, expect):
+            assert torch.equal(c.k, k) and torch.equal(c.v, v) and buf.holds(c.k) and buf.holds(c.v)
+        assert len(joined([c.k for c in tail])) == (1 if tail else 0)
+    assert buf.capacity >= sum(c.tokens for c in tail)
+
+
+def test_stage_writes_after_the_tail_and_leaves_it_unchanged():
+    gen = torch.Generator().manual_seed(1)
+    buf, tail = TailBuffer(), []
+    for i in range(3):
+        tail = buf.append(tail, *chunk(gen, 4), start=4 * i, planned=16)
+    before = [(c.k.clone(), c.v.clone()) for c in tail]
+    ek, ev = chunk(gen, 4)
+    k, v = buf.stage(tail, ek, ev)
+    assert torch.equal(k, torch.cat([*(c.k for c in tail), ek], 2)) and torch.equal(v, torch.cat([*(c.v for c in tail), ev], 2))
+    assert buf.holds(k) and all(torch.equal(c.k, bk) and torch.equal(c.v, bv) for c, (bk, bv) in zip(tail, before))
+    assert buf.stage(tail, *chunk(gen, 5)) is None  # 12 + 5 > 16: no room
+    assert buf.stage(tail, *chunk(gen, 4, dtype=torch.float16)) is None  # another dtype
+    cut = [Chunk(tail[0].k.clone(), tail[0].v.clone(), 0), *tail[1:]]  # not one run of the buffer
+    assert buf.stage(cut, ek, ev) is None
+
+
+def test_cache_tail_lives_in_one_buffer_and_reports_its_room():
+    cache = qkv.KVCache(qkv.build_policy("qvg", clusters=4), span_chunks=3, num_layers=1)
+    gen = torch.Generator().manual_seed(2)
+    layer = cache.layer(0)
+    for i in range(5):
+        cache.append(0, *chunk(gen, 8))
+        assert len(joined([c.k for c in layer.tail])) == (1 if layer.tail else 0)
+        mem = layer.memory()
+        assert mem.reserved + mem.tail == layer.buffer.nbytes and mem.allocated == mem.total + mem.reserved
+    assert layer.buffer.capacity == (3 + 1) * 8  # a span and one chunk: the planned room, no growth
+
+
+@pytest.mark.parametrize("name", qkv.list_policies())
+def test_spans_share_no_storage_with_the_tail_buffer(name):
+    """Compression copies what it stores (a cast policy's codes too): later appends overwrite the
+    buffer a span was compressed from, and the span must not change."""
+    cache = qkv.KVCache(qkv.build_policy(name), span_chunks=2, num_layers=1)
+    gen = torch.Generator().manual_seed(3)
+    layer = cache.layer(0)
+    while not layer.spans:  # KIVI keeps its window of newer tokens before it compresses
+        cache.append(0, *chunk(gen, 64, b=1, h=2, d=64, dtype=torch.bfloat16))
+    span = layer.spans[0]
+    first = [t.clone() for t in span.ckv.k.tensors().values()]
+    buffers = {layer.buffer.k.untyped_storage().data_ptr(), layer.buffer.v.untyped_storage().data_ptr()}
+    for ct in (span.ckv.k, span.ckv.v):
+        assert not {t.untyped_storage().data_ptr() for t in ct.tensors().values()} & buffers
+    for _ in range(3):
+        cache.append(0, *chunk(gen, 64, b=1, h=2, d=64, dtype=torch.bfloat16))
+    assert all(torch.equal(a, b) for a, b in zip(first, span.ckv.k.tensors().values()))
+
+
+@pytest.mark.parametrize("attention", ["staged", "fused", "read"])
+def test_attend_with_the_current_chunk_staged_in_the_buffer(attention):
+    config = dict(span_chunks=3, sink_chunks=1, backend="torch", attention=attention)
+    cache = qkv.KVCache(qkv.build_policy("qvg", clusters=4), num_layers=1, **config)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(6):  # sink, one span, two tail chunks
+        cache.append(0, *chunk(gen, 8))
+    layer = cache.layer(0)
+    q = torch.randn(2, 6, 5, 64, generator=gen)
+    extra = chunk(gen, 8)
+    k, v = layer.read()
+    expect = attention_torch(q, [qkv.kernels.DenseKV(torch.cat([k, extra[0]], 2), torch.cat([v, extra[1]], 2))])
+    tail = [(c.k.clone(), c.v.clone()) for c in layer.tail]
+    segments = layer._segments_with(extra)
+    assert len(segments) == 3  # sink, span, tail + current chunk in one view
+    torch.testing.assert_close(layer.attend(q, extra=extra), expect, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(c.k, a) and torch.equal(c.v, b) for c, (a, b) in zip(layer.tail, tail))
+    # a chunk too big for the room is attended to as a segment of its own
+    big = chunk(gen, 40)
+    assert len(layer._segments_with(big)) == 4
+    full_k, full_v = torch.cat([k, big[0]], 2), torch.cat([v, big[1]], 2)
+    torch.testing.assert_close(
+        layer.attend(q, extra=big), attention_torch(q, [qkv.kernels.DenseKV(full_k, full_v)]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_tail_moved_by_index_batch_and_evict_is_copied_back_on_append():
+    cache = qkv.KVCache("rtn", span_chunks=8, num_layers=1)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        cache.append(0, *chunk(gen, 8))
+    layer = cache.layer(0)
+    layer.evict(4)  # cuts the first tail chunk: a copy outside the buffer
+    layer.index_batch(torch.tensor([1, 0]))
+    before = layer.read()
+    cache.append(0, *chunk(gen, 8))
+    after = layer.read()
+    assert torch.equal(after[0][:, :, : before[0].shape[2]], before[0])
+    assert all(layer.buffer.holds(c.k) for c in layer.tail) and len(joined([c.k for c in layer.tail])) == 1
+    assert dataclasses.replace(layer.memory(), reserved=0).tail == sum(2 * c.k.numel() * 4 for c in layer.tail)
