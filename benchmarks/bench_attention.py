@@ -19,7 +19,10 @@ spans of 8 chunks, histories of 8 to 64 chunks (37,440 to 299,520 tokens); the c
   cache.
 - ``self_forcing``: end to end as Self-Forcing runs each block: per chunk 4 denoising forwards
   and the clean forward that appends to the cache, queued back to back, over the 8 chunks of a
-  span (one span compression), vs the same with a bf16 cache.
+  span (one span compression), vs the same with a bf16 cache. Run twice on fresh histories:
+  ``self_forcing_first_pass`` includes one-time costs (Triton kernels loaded for new
+  specializations, cuDNN plans for new key lengths, the allocator's growth), which a long rollout
+  pays once; ``self_forcing`` is the second pass.
 - ``key_split``: torch's fused attention with the keys cut into 1-4 pieces attended to in one call
   as batch entries (what the staged option does, ``kernels.attention.KEY_SPLIT``).
 - ``capacity``: the longest history whose K/V cache (30 layers of Wan-1.3B) fits in 24 GiB, per
@@ -482,6 +485,7 @@ def main() -> None:
     result["attention"] = attention_rows(q, chunk)
     result["policies"], span_bytes = policy_rows(q, chunk)
     result["end_to_end"] = end_to_end_rows(chunk)
+    result["self_forcing_first_pass"] = self_forcing_rows(chunk)
     result["self_forcing"] = self_forcing_rows(chunk)
     result["key_split"] = key_split_rows(q)
     result["capacity"] = capacity_rows(span_bytes)
