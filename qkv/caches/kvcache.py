@@ -48,7 +48,7 @@ from qkv.caches.compressed import CompressedKV, StageData
 from qkv.caches.heads import cat_heads, index_batch
 from qkv.caches.layout import predicted_groups
 from qkv.caches.policy import Policy
-from qkv.caches.tail import TailBuffer, joined
+from qkv.caches.tail import Chunk, TailBuffer, joined_kv
 from qkv.component import check_int
 from qkv.errors import CacheError, DeviceError, DTypeError, ShapeError
 from qkv.validation import check_kv_layout, check_kv_values
@@ -58,19 +58,6 @@ __all__ = ["CacheConfig", "CacheMemory", "KVCache", "LayerCache"]
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-    """Full-precision K/V ``[B, H, n, D]`` whose first token has absolute position ``start``."""
-
-    k: torch.Tensor
-    v: torch.Tensor
-    start: int
-
-    @property
-    def tokens(self) -> int:
-        return self.k.shape[2]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,13 +104,13 @@ def _take(chunks: list[Chunk], n: int) -> tuple[list[Chunk], list[Chunk]]:
 def _cat(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of ``chunks`` as one tensor each: a view when they are adjacent views of
     the tail buffer (the usual case), a concatenated copy otherwise."""
-    ks, vs = joined([c.k for c in chunks]), joined([c.v for c in chunks])
+    ks, vs = joined_kv(chunks)
     return (ks[0] if len(ks) == 1 else torch.cat(ks, 2)), (vs[0] if len(vs) == 1 else torch.cat(vs, 2))
 
 
 def _dense(chunks: list[Chunk]) -> list[kernels.DenseKV]:
     """``chunks`` as attention segments, adjacent views joined (one segment for a whole tail)."""
-    ks, vs = joined([c.k for c in chunks]), joined([c.v for c in chunks])
+    ks, vs = joined_kv(chunks)
     if len(ks) != len(vs):
         return [kernels.DenseKV(c.k, c.v) for c in chunks]
     return [kernels.DenseKV(k, v) for k, v in zip(ks, vs)]

@@ -20,14 +20,24 @@ reference that keeps a compressed span alive: a policy's compression copies what
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import dataclasses
 
 import torch
 
-if TYPE_CHECKING:
-    from qkv.caches.kvcache import Chunk
-
 GROWTH = 1.5  # capacity factor when a chunk does not fit the planned room (varying chunk sizes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+    """Full-precision K/V ``[B, H, n, D]`` whose first token has absolute position ``start``."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    start: int
+
+    @property
+    def tokens(self) -> int:
+        return self.k.shape[2]
 
 
 def adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -55,6 +65,11 @@ def joined(parts: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def joined_kv(chunks: list[Chunk]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """:func:`joined` of the chunks' keys and of their values."""
+    return joined([c.k for c in chunks]), joined([c.v for c in chunks])
+
+
 class TailBuffer:
     """The storage of one layer's tail (see the module docstring)."""
 
@@ -80,7 +95,7 @@ class TailBuffer:
         for an empty tail), else None."""
         if not tail:
             return 0 if self.k is not None else None
-        ks, vs = joined([c.k for c in tail]), joined([c.v for c in tail])
+        ks, vs = joined_kv(tail)
         if len(ks) != 1 or len(vs) != 1 or not self.holds(ks[0]) or ks[0].stride() != self.k.stride():
             return None
         return ks[0].storage_offset() // self.k.stride(2) + ks[0].shape[2]
@@ -93,8 +108,6 @@ class TailBuffer:
     def _place(self, tail: list[Chunk], tokens: int, planned: int, like: torch.Tensor) -> list[Chunk]:
         """The tail copied to the front of the buffer (grown if it cannot also take ``tokens``
         more), as views; ``planned``: the capacity to grow to, ``like``: a chunk's tensor."""
-        from qkv.caches.kvcache import Chunk
-
         live = sum(c.tokens for c in tail)
         need = live + tokens
         old_k = torch.cat([c.k for c in tail], 2) if tail else None  # a copy: the tail may live here
@@ -117,8 +130,6 @@ class TailBuffer:
     def append(self, tail: list[Chunk], k: torch.Tensor, v: torch.Tensor, start: int, planned: int) -> list[Chunk]:
         """``tail`` (its chunks possibly moved within the buffer, same values) and, last, the chunk
         ``k``, ``v`` [B, H, n, D] (copied into the buffer) starting at absolute position ``start``."""
-        from qkv.caches.kvcache import Chunk
-
         n = k.shape[2]
         end = self._end(tail) if self._fits(k) else None
         if end is None or end + n > self.capacity:
