@@ -241,6 +241,25 @@ def test_kmeans_update_matches_reference(d, c, dtype):
     assert torch.equal(out[:, -1], x[rows, reseed[:, 1]].float())  # later ones share the last token
 
 
+def test_kmeans_update_unbalanced_clusters():
+    """One cluster holds most tokens (summed in every part, the last one shorter), others hold
+    fewer tokens than there are parts, one none: same means and counts as the reference."""
+    from qkv.kernels.triton.kmeans import UPDATE_PIECES, UPDATE_TOKENS
+
+    g = gen(5)
+    s = UPDATE_PIECES * UPDATE_TOKENS * 3 + 17
+    x = torch.randn(2, s, 32, generator=g, device=DEVICE).bfloat16()
+    assign = torch.randint(1, 6, (2, s), generator=g, device=DEVICE)
+    assign[:, : s - 12] = 0
+    assign = assign[:, torch.randperm(s, generator=torch.Generator().manual_seed(1)).to(DEVICE)]
+    old = torch.randn(2, 7, 32, generator=g, device=DEVICE)
+    ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch")
+    out, counts = kernels.kmeans_update(x, assign, old, backend="triton")
+    assert torch.equal(counts, ref_counts)
+    assert int(counts[:, 0].min()) == s - 12 and bool((counts[:, 6] == 0).all())
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("d", [16, 64, 128])
 def test_hadamard_matches_reference(d):
     x = torch.randn(3, 37, d, generator=gen(d), device=DEVICE)
