@@ -27,9 +27,9 @@ from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 
 # A cluster's sorted tokens are summed in up to UPDATE_PIECES equal parts at once (whole steps of
 # UPDATE_TOKENS tokens), then the parts in order (both fixed: the summation order depends on them).
-# The time of an update follows its largest cluster: on an H100, for 24 rows of 37,440 tokens and
-# 256 clusters, half of the tokens in one cluster took 1.0 ms with one part per cluster (0.14 ms
-# with 12 balanced rows), and 0.49 ms with 8 parts (0.39 ms balanced).
+# The time of an update follows its largest cluster, which a warm start can make many times the
+# average; splitting it bounds that cost (benchmarks/results/bench_kernels_h100.json has the
+# update's share of an encode on balanced clusters).
 UPDATE_TOKENS = 32
 UPDATE_PIECES = 8
 
