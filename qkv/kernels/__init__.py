@@ -132,6 +132,17 @@ def attention(q, segments, *, scale=None, backend="auto"):
     return resolve("attention", backend, q.device, *args)(*args)
 
 
+def merge_partials(state, part, *, backend="auto"):
+    """Merge a partial attention ``part`` (out [B, H, Sq, D], lse [B, H, Sq]: the log-sum-exp of
+    its scaled scores) into the running ``state`` over disjoint keys: softmax over the union. A
+    loop over segments starts from None (the first part is copied to fp32) and owns its state:
+    ``state``'s tensors are updated in place and returned; ``part``'s are never written."""
+    out, lse = part
+    if state is None:
+        return out.to(torch.float32, memory_format=torch.contiguous_format, copy=True), lse.to(torch.float32, copy=True)
+    return resolve("merge", backend, out.device, state, part)(state, part)
+
+
 __all__ = [
     "OPS",
     "Backend",
@@ -144,17 +155,8 @@ __all__ = [
     "hadamard",
     "kmeans_assign",
     "kmeans_update",
+    "merge_partials",
     "quantize_pack",
     "resolve",
 ]
 
-
-def merge_partials(state, part, *, backend="auto"):
-    """Merge a partial attention ``part`` (out [B, H, Sq, D], lse [B, H, Sq]: the log-sum-exp of
-    its scaled scores) into the running ``state`` over disjoint keys: softmax over the union. A
-    loop over segments starts from None (the first part is copied to fp32) and owns its state:
-    ``state``'s tensors are updated in place and returned; ``part``'s are never written."""
-    out, lse = part
-    if state is None:
-        return out.to(torch.float32, memory_format=torch.contiguous_format, copy=True), lse.to(torch.float32, copy=True)
-    return resolve("merge", backend, out.device, state, part)(state, part)

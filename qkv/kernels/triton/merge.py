@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def _merge_kernel(out_ptr, lse_ptr, part_ptr, part_lse_ptr, H, S, D,
                   o_b, o_h, o_s, l_b, l_h, l_s, p_b, p_h, p_s, pl_b, pl_h, pl_s,
