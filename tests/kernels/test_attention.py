@@ -155,6 +155,19 @@ def test_the_torch_twin_is_the_fp32_attention():
     assert torch.equal(kernels.attention(q, segments, scale=0.05, backend="torch"), out)
 
 
+@pytest.mark.parametrize("tokens, skip", [(150, 140), (150, 147), (12, 3)])
+def test_evictions_reaching_the_full_precision_remainder(tokens, skip):
+    """The span's last tiles, which may hold full-precision tokens, run in a loop of their own: an
+    eviction ending inside the last quantized tile, inside the remainder, or a span too short for
+    one quantized block."""
+    pol = qkv.build_policy("int4(block=16,axis=channel)")
+    k, v = randn(70, 1, 2, tokens, 64, scale=2.0), randn(71, 1, 2, tokens, 64)
+    segments = [CompressedSpan(pol.compress(k, v), pol, skip), DenseKV(randn(72, 1, 2, 20, 64), randn(73, 1, 2, 20, 64))]
+    assert segments[0].ckv.k.quantized_tokens == tokens // 16 * 16
+    q = randn(74, 1, 2, 40, 64)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+
+
 @pytest.mark.parametrize("name", ["qvg", "kivi", "quarot"])
 def test_staged_matches_decompress_then_sdpa(name):
     segments = history(name, seed=30 + PRESETS.index(name))

@@ -135,8 +135,9 @@ def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2
                MSB: tl.constexpr, STAGES: tl.constexpr, HAS_FP: tl.constexpr):
     """Decoded values [BLOCK_N, D] fp32 of tokens t0 .. t0 + BLOCK_N of one compressed tensor
     (the reference's decompressed values before their rounding to the output dtype). HAS_FP: the
-    tensor keeps full-precision tokens after its quantized ones (such spans get their own launch:
-    with this runtime branch, ptxas 13.4 serializes the tensor-core products of the whole kernel)."""
+    tile may reach the full-precision tokens kept after the quantized ones (only the span's last
+    tiles are decoded so: a runtime branch in the main tile loop made ptxas 13.4 serialize the
+    tensor-core products of the whole kernel)."""
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     q_ok = tok < quantized
@@ -187,10 +188,9 @@ def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2
     if STAGES > 3:
         x = _add_stage(x, c3, a3, tok, q_ok, d, D)
     if HAS_FP:
-        if t0 + BLOCK_N > quantized:  # the tile reaches the full-precision tokens
-            f_ok = (tok >= quantized) & (tok < S)
-            xf = tl.load(fp + (tok - quantized)[:, None] * D + d[None, :], mask=f_ok[:, None], other=0.0)
-            x = tl.where(f_ok[:, None], xf.to(tl.float32), x)
+        f_ok = (tok >= quantized) & (tok < S)
+        xf = tl.load(fp + (tok - quantized)[:, None] * D + d[None, :], mask=f_ok[:, None], other=0.0)
+        x = tl.where(f_ok[:, None], xf.to(tl.float32), x)
     return x
 
 
@@ -215,6 +215,37 @@ def _softmax_update(s, m_i, l_i, t_ok, partial, qk_scale):
     alpha = tl.math.exp2(m_i - m_new)
     p = tl.math.exp2(s * qk_scale - m_new[:, None])
     return p, alpha, m_new, l_i * alpha + tl.sum(p, axis=1)
+
+
+@triton.jit
+def _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr, SPLIT_Q: tl.constexpr,
+                DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
+                K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
+                K_HAS_ZERO: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr, K_WORD: tl.constexpr,
+                K_MSB: tl.constexpr, K_STAGES: tl.constexpr, K_HAS_FP: tl.constexpr,
+                V_CAST: tl.constexpr, V_BITS: tl.constexpr, V_QBLOCK: tl.constexpr, V_OFFSET: tl.constexpr,
+                V_HAS_ZERO: tl.constexpr, V_TOKEN_AXIS: tl.constexpr, V_FAST: tl.constexpr, V_WORD: tl.constexpr,
+                V_MSB: tl.constexpr, V_STAGES: tl.constexpr, V_HAS_FP: tl.constexpr):
+    """The online softmax over the key tiles lo .. hi (multiples of BLOCK_N) of one span whose key
+    and value fields (_tensor_fields' order) are ``kt`` and ``vt``: (m_i, l_i, acc). PIPE: the
+    software-pipelining depth of the loop."""
+    (kc, ks, kz, km, kf, kq, kw, kg, kc0, kc1, kc2, kc3, ka0, ka1, ka2, ka3) = kt
+    (vc, vs, vz, vm, vf, vq, vw, vg, vc0, vc1, vc2, vc3, va0, va1, va2, va3) = vt
+    for t0 in tl.range(lo, hi, BLOCK_N, num_stages=PIPE):
+        k = _span_tile(kc, ks, kz, km, kf, kq, kw, kg, kc0, kc1, kc2, kc3, ka0, ka1, ka2, ka3,
+                       t0, S, D, BLOCK_N, K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO,
+                       K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_HAS_FP)
+        tok = t0 + tl.arange(0, BLOCK_N)
+        t_ok = (tok >= skip) & (tok < S)
+        # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
+        s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
+        v = _span_tile(vc, vs, vz, vm, vf, vq, vw, vg, vc0, vc1, vc2, vc3, va0, va1, va2, va3,
+                       t0, S, D, BLOCK_N, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO,
+                       V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_HAS_FP)
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
+        acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
+    return m_i, l_i, acc
 
 
 @triton.jit
@@ -264,26 +295,33 @@ def attention_kernel(
             rec = span_ptr + i * 52  # len(SPAN_FIELDS)
             S = tl.load(rec).to(tl.int32)
             skip = tl.load(rec + 1).to(tl.int32)
-            (kc, ks, kz, km, kf, kq, kw, kg, kc0, kc1, kc2, kc3, ka0, ka1, ka2, ka3) = _tensor_fields(
+            kt = _tensor_fields(
                 rec + 2, n, D, K_TOKEN_AXIS, K_HAS_MULT, K_CODE_T, K_SCALE_T, KV_T, K_CENT_T,
                 K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT)
-            (vc, vs, vz, vm, vf, vq, vw, vg, vc0, vc1, vc2, vc3, va0, va1, va2, va3) = _tensor_fields(
+            vt = _tensor_fields(
                 rec + 27, n, D, V_TOKEN_AXIS, V_HAS_MULT, V_CODE_T, V_SCALE_T, KV_T, V_CENT_T,
                 V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT)
-            # aligned tiles (vector loads); SPAN_STAGES: software-pipelining depth of this loop
-            for t0 in tl.range(skip // BLOCK_N * BLOCK_N, S, BLOCK_N, num_stages=SPAN_STAGES):
-                k = _span_tile(kc, ks, kz, km, kf, kq, kw, kg, kc0, kc1, kc2, kc3, ka0, ka1, ka2, ka3,
-                               t0, S, D, BLOCK_N, K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO,
-                               K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_HAS_FP)
-                tok = t0 + tl.arange(0, BLOCK_N)
-                t_ok = (tok >= skip) & (tok < S)
-                # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
-                s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
-                v = _span_tile(vc, vs, vz, vm, vf, vq, vw, vg, vc0, vc1, vc2, vc3, va0, va1, va2, va3,
-                               t0, S, D, BLOCK_N, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO,
-                               V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_HAS_FP)
-                p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
-                acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
+            # aligned tiles (vector loads); the tiles that may reach full-precision tokens last, in
+            # a loop of their own (a branch in the main loop would serialize the products)
+            lo = skip // BLOCK_N * BLOCK_N
+            hi = S
+            if K_HAS_FP or V_HAS_FP:
+                hi = tl.maximum(tl.minimum(kt[5], vt[5]) // BLOCK_N * BLOCK_N, lo)  # quantized tokens
+            m_i, l_i, acc = _span_tiles(
+                q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale,
+                kt, vt,
+                D, BLOCK_N, SPAN_STAGES, SPLIT_Q, DOT_BF16, EMULATE,
+                K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO, K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, False,
+                V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO, V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, False)
+            if K_HAS_FP or V_HAS_FP:
+                m_i, l_i, acc = _span_tiles(
+                    q, q_lo, m_i, l_i, acc, hi, S, skip, S, qk_scale,
+                    kt, vt,
+                    D, BLOCK_N, 1, SPLIT_Q, DOT_BF16, EMULATE,
+                    K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO, K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES,
+                    K_HAS_FP,
+                    V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO, V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES,
+                    V_HAS_FP)
     for i in range(n_dense):
         rec = dense_ptr + i * 9  # len(DENSE_FIELDS)
         S = tl.load(rec + 2).to(tl.int32)
