@@ -163,9 +163,17 @@ def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2
             w = t0 // PER + tl.arange(0, BLOCK_N // PER)
             word = tl.load(codes + d[:, None] * words + w[None, :], mask=(w * PER < quantized)[None, :], other=0)
             val = tl.reshape(_code_values(word.to(tl.int32), shift, BITS), (D, BLOCK_N))
-            mult, bias = _affine(scales, zeros, d[:, None] * groups + (tok // QBLOCK)[None, :], q_ok[None, :], m,
-                                 BITS, OFFSET, HAS_ZERO)
-            x = tl.trans(val * mult + bias)
+            if BLOCK_N % QBLOCK == 0:  # whole scale blocks per tile (t0 is a multiple of BLOCK_N)
+                G: tl.constexpr = BLOCK_N // QBLOCK
+                g = t0 // QBLOCK + tl.arange(0, G)
+                mult, bias = _affine(scales, zeros, d[:, None] * groups + g[None, :], (g * QBLOCK < quantized)[None, :],
+                                     m, BITS, OFFSET, HAS_ZERO)
+                val = tl.reshape(tl.reshape(val, (D, G, QBLOCK)) * mult[:, :, None] + bias[:, :, None], (D, BLOCK_N))
+            else:  # a scale per code
+                mult, bias = _affine(scales, zeros, d[:, None] * groups + (tok // QBLOCK)[None, :], q_ok[None, :],
+                                     m, BITS, OFFSET, HAS_ZERO)
+                val = val * mult + bias
+            x = tl.trans(val)
     else:
         mask = q_ok[:, None] & (d < D)[None, :]
         if TOKEN_AXIS:
