@@ -45,11 +45,14 @@ def variant(name: str, loop: str, workdir: pathlib.Path):
 
 
 def compiled_kernels(kernel) -> list[dict]:
-    """Registers, spills and shared memory of every specialization compiled so far."""
+    """Registers, spills and shared memory of every specialization compiled and loaded so far (one
+    that did not fit the GPU's shared memory was compiled but never loaded: it has no registers)."""
     rows = []
     for entry in kernel.device_caches.values():
         cache = entry[0] if isinstance(entry, tuple) else entry
         for compiled in cache.values():
+            if not hasattr(compiled, "n_regs"):
+                continue
             rows.append({"registers": compiled.n_regs, "spills": compiled.n_spills,
                          "shared_bytes": compiled.metadata.shared, "warps": compiled.metadata.num_warps})
     return rows
