@@ -159,4 +159,3 @@ __all__ = [
     "quantize_pack",
     "resolve",
 ]
-

@@ -128,16 +128,16 @@ def _affine(scales, zeros, sidx, mask, m, BITS: tl.constexpr, OFFSET: tl.constex
 
 
 @triton.jit
-def _span_tile(codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2, c3, a0, a1, a2, a3,
-               t0, S, D: tl.constexpr, BLOCK_N: tl.constexpr,
+def _span_tile(fields, t0, S, D: tl.constexpr, BLOCK_N: tl.constexpr,
                CAST: tl.constexpr, BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr,
                HAS_ZERO: tl.constexpr, TOKEN_AXIS: tl.constexpr, FAST: tl.constexpr, WORD: tl.constexpr,
                MSB: tl.constexpr, STAGES: tl.constexpr, HAS_FP: tl.constexpr):
     """Decoded values [BLOCK_N, D] fp32 of tokens t0 .. t0 + BLOCK_N of one compressed tensor
-    (the reference's decompressed values before their rounding to the output dtype). HAS_FP: the
-    tile may reach the full-precision tokens kept after the quantized ones (only the span's last
-    tiles are decoded so: a runtime branch in the main tile loop made ptxas 13.4 serialize the
-    tensor-core products of the whole kernel)."""
+    (the reference's decompressed values before their rounding to the output dtype); ``fields``:
+    its pointers and sizes (_tensor_fields). HAS_FP: the tile may reach the full-precision tokens
+    kept after the quantized ones (only the span's last tiles are decoded so: a runtime branch in
+    the main tile loop made ptxas 13.4 serialize the tensor-core products of the whole kernel)."""
+    codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2, c3, a0, a1, a2, a3 = fields
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     q_ok = tok < quantized
@@ -238,18 +238,14 @@ def _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt,
     """The online softmax over the key tiles lo .. hi (multiples of BLOCK_N) of one span whose key
     and value fields (_tensor_fields' order) are ``kt`` and ``vt``: (m_i, l_i, acc). PIPE: the
     software-pipelining depth of the loop."""
-    (kc, ks, kz, km, kf, kq, kw, kg, kc0, kc1, kc2, kc3, ka0, ka1, ka2, ka3) = kt
-    (vc, vs, vz, vm, vf, vq, vw, vg, vc0, vc1, vc2, vc3, va0, va1, va2, va3) = vt
     for t0 in tl.range(lo, hi, BLOCK_N, num_stages=PIPE):
-        k = _span_tile(kc, ks, kz, km, kf, kq, kw, kg, kc0, kc1, kc2, kc3, ka0, ka1, ka2, ka3,
-                       t0, S, D, BLOCK_N, K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO,
+        k = _span_tile(kt, t0, S, D, BLOCK_N, K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO,
                        K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_HAS_FP)
         tok = t0 + tl.arange(0, BLOCK_N)
         t_ok = (tok >= skip) & (tok < S)
         # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
         s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
-        v = _span_tile(vc, vs, vz, vm, vf, vq, vw, vg, vc0, vc1, vc2, vc3, va0, va1, va2, va3,
-                       t0, S, D, BLOCK_N, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO,
+        v = _span_tile(vt, t0, S, D, BLOCK_N, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO,
                        V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_HAS_FP)
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
         acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
