@@ -9,7 +9,7 @@ are passed as a table of addresses and sizes (one row per span, ``SPAN_FIELDS``)
 of spans is a runtime value and one compiled kernel serves every history length.
 
 Layouts read directly: per-token or per-channel blocks, 1-8 bit codes in either packing, any scale
-format, up to ``MAX_STAGES`` additive smoothing stages, float-cast spans, and Hadamard-rotated
+format, up to ``LAUNCH_STAGES`` additive smoothing stages, float-cast spans, and Hadamard-rotated
 spans: H is symmetric and orthonormal, so ``q . (H r) = (H q) . r`` and
 ``sum_j p_j H r_j = H sum_j p_j r_j``; the host rotates the queries once (H q in two bf16 parts)
 and the spans' output once instead of every key and value. A span of another layout is
@@ -31,9 +31,10 @@ from qkv import kernels
 from qkv.errors import ShapeError
 from qkv.kernels.attention import CompressedSpan, DenseKV, check_attention, default_scale
 from qkv.kernels.triton.attention_kernel import attention_kernel
-from qkv.quantizers.affine import AffineQuantizer, CastQuantizer
+from qkv.kernels.triton.bits import LAUNCH_STAGES
+from qkv.format import Undo
 
-MAX_STAGES = 4
+
 # one row of the span table: the span's size, then these fields for its keys, then for its values
 TENSOR_FIELDS = (
     "codes", "scales", "zeros", "mult", "fp", "quantized", "words", "groups", "fp_len",
@@ -81,7 +82,7 @@ class TensorLayout:
     CODE_T: torch.dtype = torch.bfloat16
     SCALE_T: torch.dtype = torch.float32
     CENT_T: torch.dtype = torch.bfloat16
-    A_T: tuple[torch.dtype, ...] = (torch.uint8,) * MAX_STAGES
+    A_T: tuple[torch.dtype, ...] = (torch.uint8,) * LAUNCH_STAGES
     VEC: bool = False
     WORDS_MULT: int = 1
     HAS_FP: bool = False
@@ -99,31 +100,22 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return rearrange(t, "b h ... -> (b h) ...")
 
 
-def tensor_support(name: str, tp, ct, q: torch.Tensor) -> str | None:
+def tensor_support(name: str, ct, q: torch.Tensor) -> str | None:
     """Why the kernel cannot decode this compressed tensor (None if it can)."""
     if ct.dtype != q.dtype:
         return f"{name} was compressed from {ct.dtype}, the queries are {q.dtype}"
-    if isinstance(tp.quantizer, CastQuantizer):
-        return None
-    if not isinstance(tp.quantizer, AffineQuantizer):
-        return f"{name}: quantizer {tp.quantizer.token!r} is neither affine nor a float cast"
-    smoothing = tp.smoothing
-    if smoothing.additive:
-        if len(ct.stages) > MAX_STAGES:
-            return f"{name}: {len(ct.stages)} smoothing stages (the kernel adds at most {MAX_STAGES})"
-    elif smoothing.name == "hadamard":
-        if len(ct.stages) != 1:
-            return f"{name}: {len(ct.stages)} Hadamard stages (the kernel undoes one)"
-    elif smoothing.name != "none":
-        return f"{name}: smoothing {smoothing.name!r} is neither additive nor a Hadamard rotation"
+    if ct.format.undo is Undo.ADD and len(ct.stages) > LAUNCH_STAGES:
+        return f"{name}: {len(ct.stages)} smoothing stages (the kernel adds at most {LAUNCH_STAGES})"
+    if ct.format.undo is Undo.ROTATE and len(ct.stages) != 1:
+        return f"{name}: {len(ct.stages)} Hadamard stages (the kernel undoes one)"
     return None
 
 
 def span_support(span: CompressedSpan, q: torch.Tensor) -> str | None:
     """Why the kernel cannot read ``span`` directly (None if it can); such a span is decompressed
     on its own and attended to by a separate launch."""
-    for name, tp, ct in (("k", span.policy.k, span.ckv.k), ("v", span.policy.v, span.ckv.v)):
-        reason = tensor_support(name, tp, ct, q)
+    for name, ct in (("k", span.ckv.k), ("v", span.ckv.v)):
+        reason = tensor_support(name, ct, q)
         if reason is not None:
             return reason
     return None
@@ -134,7 +126,7 @@ def _aligned(*byte_values: int) -> bool:
     return all(v % 16 == 0 for v in byte_values)
 
 
-def _tensor_record(tp, ct, keep: list) -> tuple[list[int], TensorLayout]:
+def _tensor_record(ct, keep: list) -> tuple[list[int], TensorLayout]:
     """(fields in TENSOR_FIELDS order, layout) of one compressed tensor; ``keep`` holds every tensor
     whose address is recorded until the launch is queued."""
 
@@ -146,17 +138,18 @@ def _tensor_record(tp, ct, keep: list) -> tuple[list[int], TensorLayout]:
         return t.data_ptr()
 
     b, h, s, d = ct.shape
-    quant = tp.quantizer
+    fmt = ct.format
+    quant = fmt.codes
     s_q = ct.quantized_tokens
     fp = addr(ct.fp_tokens)
-    if isinstance(quant, CastQuantizer):
+    if fmt.cast is not None:
         fields = [addr(ct.codes), 0, 0, 0, fp, s_q, d, 0, s - s_q] + [0] * 16
-        size = quant.storage_dtype.itemsize
+        size = fmt.cast_dtype.itemsize
         vec = _aligned(fields[0], fp, d * size)
         return fields, TensorLayout(
-            CAST=True, CODE_T=quant.storage_dtype, VEC=vec, WORDS_MULT=16 // size, HAS_FP=s_q < s
+            CAST=True, CODE_T=fmt.cast_dtype, VEC=vec, WORDS_MULT=16 // size, HAS_FP=s_q < s
         )
-    packer = tp.packing
+    packer = quant.pack
     per = packer.word_bits // quant.bits
     # whole codes per word, and per-token blocks that tile the row in powers of two, or per-channel
     # rows read a word at a time (every key tile, a power of two, then holds whole words)
@@ -166,13 +159,13 @@ def _tensor_record(tp, ct, keep: list) -> tuple[list[int], TensorLayout]:
         or (quant.axis == "channel" and per & (per - 1) == 0 and per <= min_tile)
     )
     cents, assigns = [], []
-    if tp.smoothing.additive and s_q:
-        for stage in ct.stages:
+    if fmt.undo is Undo.ADD and s_q:
+        for i, stage in enumerate(ct.stages):
             cents.append(_flat(stage.centroids).contiguous())
-            a = tp.stage_assignments(stage, b * h, s_q, ct.codes.device)
+            a = ct.stage_assignments(i)
             assigns.append(a if a.stride(1) == 1 else a.contiguous())
     keep.extend(cents + assigns)
-    pad = [0] * (MAX_STAGES - len(cents))
+    pad = [0] * (LAUNCH_STAGES - len(cents))
     fields = [
         addr(ct.codes), addr(ct.scales), addr(ct.zeros), addr(ct.scale_mult), fp, s_q,
         ct.codes.shape[-1] if s_q else 0, ct.scales.shape[-1] if s_q else 0, s - s_q,
@@ -187,7 +180,7 @@ def _tensor_record(tp, ct, keep: list) -> tuple[list[int], TensorLayout]:
         QBLOCK=quant.block, OFFSET=quant.offset, HAS_ZERO=quant.has_zero,
         HAS_MULT=ct.scale_mult is not None, TOKEN_AXIS=quant.axis == "token", FAST=fast,
         WORD=packer.word_bits, MSB=packer.msb_first, STAGES=len(cents),
-        ROT=tp.smoothing.name == "hadamard", CODE_T=packer.container, SCALE_T=quant.scale_dtype,
+        ROT=fmt.undo is Undo.ROTATE, CODE_T=packer.container, SCALE_T=quant.scale_dtype,
         CENT_T=cents[0].dtype if cents else torch.bfloat16,
         A_T=tuple(a.dtype for a in assigns) + (torch.uint8,) * len(pad),
     )
@@ -195,8 +188,8 @@ def _tensor_record(tp, ct, keep: list) -> tuple[list[int], TensorLayout]:
 
 
 def _span_record(span: CompressedSpan, keep: list) -> tuple[list[int], tuple[TensorLayout, TensorLayout]]:
-    k_fields, k_layout = _tensor_record(span.policy.k, span.ckv.k, keep)
-    v_fields, v_layout = _tensor_record(span.policy.v, span.ckv.v, keep)
+    k_fields, k_layout = _tensor_record(span.ckv.k, keep)
+    v_fields, v_layout = _tensor_record(span.ckv.v, keep)
     return [span.ckv.k.shape[2], span.skip, *k_fields, *v_fields], (k_layout, v_layout)
 
 
