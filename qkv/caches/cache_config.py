@@ -6,6 +6,7 @@ import dataclasses
 import functools
 
 from qkv.caches.policy import Policy
+from qkv.caches.presets import build_policy
 from qkv.component import check_choice, check_int
 from qkv.errors import ConfigError
 from qkv.kernels import Backend
@@ -86,8 +87,6 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CacheConfig":
-        from qkv.caches.presets import build_policy
-
         return cls(**{**data, "policy": build_policy(data["policy"])})
 
 

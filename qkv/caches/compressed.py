@@ -148,14 +148,15 @@ class CompressedKV:
         return policy.error_bound(self, k_hat, v_hat)
 
     def save(self, path) -> None:
-        """Write to a safetensors file (see :mod:`qkv.caches.storage`)."""
+        """Write to a signed safetensors file (see :mod:`qkv.caches.storage`); the folder must exist."""
         from qkv.caches.storage import save_compressed
 
         save_compressed(self, path)
 
     @classmethod
     def load(cls, path, device: str | torch.device = "cpu") -> "CompressedKV":
-        """Read a file written by :meth:`save`; corrupt or tampered files raise CorruptDataError."""
+        """Read a file written by :meth:`save`; damaged, edited or mismatched files raise
+        CorruptDataError (what is checked: :mod:`qkv.caches.storage`)."""
         from qkv.caches.storage import load_compressed
 
-        return load_compressed(path, device=device)
+        return load_compressed(path, device=device)[0]
