@@ -16,9 +16,9 @@ from __future__ import annotations
 import re
 
 from qkv.caches.policy import Policy, TensorPolicy
-from qkv.errors import SpecError, UnknownComponentError
+from qkv.errors import SpecError, UnknownComponentError, shown
 from qkv.grouping import GROUPING
-from qkv.quantizers import PACKING, QUANTIZERS, SMOOTHING, STAGING
+from qkv.quantizers import PACKING, QUANTIZERS, SMOOTHING, STAGING, CastQuantizer
 from qkv.registry import parse_token
 
 # kind -> (registry, TensorPolicy field)
@@ -40,17 +40,17 @@ def split_tokens(spec: str) -> list[str]:
         elif ch == ")":
             depth -= 1
             if depth < 0:
-                raise SpecError(f"unbalanced ')' in spec {spec!r}")
+                raise SpecError(f"unbalanced ')' in spec {shown(spec)}")
         if ch == "," and depth == 0:
             tokens.append("".join(current).strip())
             current = []
         else:
             current.append(ch)
     if depth:
-        raise SpecError(f"unbalanced '(' in spec {spec!r}")
+        raise SpecError(f"unbalanced '(' in spec {shown(spec)}")
     tokens.append("".join(current).strip())
     if any(not t for t in tokens):
-        raise SpecError(f"empty component in spec {spec!r}")
+        raise SpecError(f"empty component in spec {shown(spec)}")
     return tokens
 
 
@@ -59,7 +59,7 @@ def _kind_of(name: str, token: str) -> str:
     if not kinds:
         valid = sorted({n for r in KINDS.values() for n in r.list()} | {"window"})
         raise UnknownComponentError(
-            f"unknown component {name!r} in {token!r}; valid names: {', '.join(valid)}"
+            f"unknown component {shown(name)} in {shown(token)}; valid names: {', '.join(valid)}"
         )
     return kinds[0]
 
@@ -71,7 +71,7 @@ def parse_tensor_spec(spec: str) -> TensorPolicy:
         name, kwargs = parse_token(token)
         if name == "none":
             if kwargs:
-                raise SpecError(f"'none' takes no arguments: {token!r}")
+                raise SpecError(f"'none' takes no arguments: {shown(token)}")
             continue
         if name == "window":
             kind, value = "window", _window(kwargs, token)
@@ -79,18 +79,23 @@ def parse_tensor_spec(spec: str) -> TensorPolicy:
             kind = _kind_of(name, token)
             value = KINDS[kind].build(token)
         if kind in fields:
-            raise SpecError(f"spec {spec!r} has two {kind} components")
+            raise SpecError(f"spec {shown(spec)} has two {kind} components")
         fields[kind] = value
     if "quantizer" not in fields:
         raise SpecError(
-            f"spec {spec!r} has no quantizer; add one of: {', '.join(QUANTIZERS.list())}"
+            f"spec {shown(spec)} has no quantizer; add one of: {', '.join(QUANTIZERS.list())}"
+        )
+    if isinstance(fields["quantizer"], CastQuantizer) and "packing" in fields:
+        raise SpecError(
+            f"spec {shown(spec)}: {fields['quantizer'].token} stores floats, it takes no packing "
+            f"({fields['packing'].token})"
         )
     return TensorPolicy(**fields)
 
 
 def _window(kwargs: dict[str, object], token: str) -> int:
     if set(kwargs) != {"tokens"}:
-        raise SpecError(f"window takes one argument, tokens=N: {token!r}")
+        raise SpecError(f"window takes one argument, tokens=N: {shown(token)}")
     return kwargs["tokens"]  # type: ignore[return-value]
 
 
@@ -100,11 +105,11 @@ _SPLIT_KV = re.compile(r"^\s*k\s*:(?P<k>.*);\s*v\s*:(?P<v>.*)$", re.S)
 def parse_policy_spec(spec: str) -> Policy:
     """Build a :class:`Policy` from ``<tensor spec>`` or ``k:<tensor spec>;v:<tensor spec>``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise SpecError(f"a spec must be a non-empty string, got {spec!r}")
+        raise SpecError(f"a spec must be a non-empty string, got {shown(spec)}")
     match = _SPLIT_KV.match(spec)
     if match:
         return Policy(parse_tensor_spec(match["k"]), parse_tensor_spec(match["v"]))
     if ";" in spec or ":" in spec:
-        raise SpecError(f"cannot parse {spec!r}: separate keys and values as 'k:<spec>;v:<spec>'")
+        raise SpecError(f"cannot parse {shown(spec)}: separate keys and values as 'k:<spec>;v:<spec>'")
     tensor = parse_tensor_spec(spec)
     return Policy(tensor, tensor)
