@@ -61,7 +61,7 @@ def save_cache(path: str | os.PathLike, state: dict) -> None:
     tensors: dict[str, torch.Tensor] = {}
     layers, files = [], set()
     for i, layer in enumerate(state["layers"]):
-        entry = {key: layer[key] for key in ("seen", "chunks_seen", "evicted", "layout")}
+        entry = {key: layer[key] for key in ("seen", "evicted", "layout")}
         for part in ("sink", "tail"):
             for j, (k, v) in enumerate(layer[part]):
                 tensors[f"L{i}.{part}{j}.k"], tensors[f"L{i}.{part}{j}.v"] = k, v
@@ -106,7 +106,7 @@ def _load_layer(folder: pathlib.Path, i: int, entry: object, tensors: dict, devi
     where = f"{STATE}: layer {i}"
     if not isinstance(entry, dict):
         raise CorruptDataError(f"{where}: expected a JSON object, found {shown(entry)}")
-    out = {key: entry.get(key) for key in ("seen", "chunks_seen", "evicted", "layout")}
+    out = {key: entry.get(key) for key in ("seen", "evicted", "layout")}
     for part in ("sink", "tail"):
         count = int_field(entry, part, 0, len(tensors), where)
         out[part] = [

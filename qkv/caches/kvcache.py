@@ -178,7 +178,7 @@ class LayerCache(LayerState):
         """
         self.check(k, v)
         layout = self.layout or Layout.of(k)
-        if self.chunks_seen < self.config.sink_chunks:
+        if len(self.sink) < self.config.sink_chunks and self.seen == sum(c.tokens for c in self.sink):
             self.sink.append(Chunk(k.detach().clone(), v.detach().clone(), self.seen))
         else:
             tail = self.buffer.append(self.tail, k.detach(), v.detach(), self.seen, self._planned(k.shape[2]))
@@ -189,7 +189,6 @@ class LayerCache(LayerState):
             self._slide()
         self.layout = layout
         self.seen += k.shape[2]
-        self.chunks_seen += 1
 
     def _planned(self, tokens: int) -> int:
         """Tail buffer capacity for chunks of ``tokens``: a span, the tokens kept in full precision

@@ -46,15 +46,15 @@ class Layout(NamedTuple):
 @dataclasses.dataclass(eq=False)
 class LayerState:
     """A layer's sink, spans and tail (in read order), the warm-start centroids and its counters:
-    ``seen`` tokens ever appended (the position of the next), ``chunks_seen`` chunks appended,
-    ``evicted`` non-sink tokens dropped, and the ``layout`` (None until the first append)."""
+    ``seen`` tokens ever appended (the position of the next), ``evicted`` non-sink tokens dropped,
+    and the ``layout`` (None until the first append). The sink takes chunks while nothing came
+    after it (``seen`` is the sink's tokens) and it holds fewer than ``sink_chunks``."""
 
     sink: list[Chunk] = dataclasses.field(default_factory=list)
     spans: list[CompressedSpan] = dataclasses.field(default_factory=list)
     tail: list[Chunk] = dataclasses.field(default_factory=list)
     warm: CompressedKV | None = None
     seen: int = 0
-    chunks_seen: int = 0
     evicted: int = 0
     layout: Layout | None = None
 
@@ -95,7 +95,6 @@ def state_dict(state: LayerState) -> dict:
         warm = "last_span"
     return {
         "seen": state.seen,
-        "chunks_seen": state.chunks_seen,
         "evicted": state.evicted,
         "layout": layout,
         "sink": [(c.k, c.v) for c in state.sink],
@@ -197,6 +196,8 @@ def _warm(config: CacheConfig, layout: Layout, spans: list[CompressedSpan], warm
         if not spans:
             raise CorruptDataError(f"{where}: warm start from the last span, but the layer holds no span")
         return centroids_only(spans[-1].ckv)
+    if spans:  # each compression keeps the newest span's centroids, and the newest span is never evicted alone
+        raise CorruptDataError(f"{where}: spans are stored, so the warm start is the newest span's centroids")
     if not isinstance(warm, CompressedKV):
         raise CorruptDataError(f"{where}: warm start must be 'last_span' or centroids, found {shown(warm)}")
     policy = config.span_policy
@@ -226,10 +227,10 @@ def from_state_dict(config: CacheConfig, data: object, device: torch.device, whe
     layout, and the counters against each other and the tensors. Raises :class:`CorruptDataError`."""
     if not isinstance(data, dict):
         raise CorruptDataError(f"{where}: expected a dict, found {type(data).__name__}")
-    seen, chunks_seen, evicted = (_count(data, key, where) for key in ("seen", "chunks_seen", "evicted"))
+    seen, evicted = (_count(data, key, where) for key in ("seen", "evicted"))
     layout = _layout(data.get("layout"), device, where)
     if layout is None:
-        if seen or chunks_seen or evicted or any(data.get(key) for key in ("sink", "tail", "spans", "warm")):
+        if seen or evicted or any(data.get(key) for key in ("sink", "tail", "spans", "warm")):
             raise CorruptDataError(f"{where}: holds data or counts tokens but has no layout")
         return LayerState()
     sink = _chunks(config, layout, data.get("sink"), 0, f"{where} sink")
@@ -243,20 +244,18 @@ def from_state_dict(config: CacheConfig, data: object, device: torch.device, whe
     tail_tokens = sum(c.tokens for c in tail)
     if config.max_spans is not None and len(spans) > config.max_spans:
         raise CorruptDataError(f"{where}: {len(spans)} spans, the cache keeps at most {config.max_spans}")
-    if len(sink) > config.sink_chunks or (chunks_seen > len(sink) and len(sink) < config.sink_chunks):
+    if len(sink) > config.sink_chunks or (len(sink) < config.sink_chunks and (spans or tail or evicted)):
         raise CorruptDataError(
-            f"{where}: {len(sink)} sink chunks after {chunks_seen} chunks, the sink holds the first {config.sink_chunks}"
+            f"{where}: {len(sink)} sink chunks and tokens after them; the sink holds the first {config.sink_chunks} chunks"
         )
-    after_sink = bool(spans or tail or evicted)
-    if chunks_seen < len(sink) + len(tail) or chunks_seen > seen or (chunks_seen > len(sink)) != after_sink:
-        raise CorruptDataError(
-            f"{where}: {chunks_seen} chunks seen does not fit {len(sink)} sink chunks, {len(spans)} spans, "
-            f"{len(tail)} tail chunks and {seen} tokens seen"
-        )
+    if not sink and not (spans or tail or evicted):
+        raise CorruptDataError(f"{where}: a layout but no tokens ever appended")
     if seen != sink_tokens + evicted + span_tokens + tail_tokens:
         raise CorruptDataError(
             f"{where}: {seen} tokens seen, but sink {sink_tokens} + evicted {evicted} + spans {span_tokens} + "
             f"tail {tail_tokens} = {sink_tokens + evicted + span_tokens + tail_tokens}"
         )
     warm = _warm(config, layout, spans, data.get("warm"), where)
-    return LayerState(sink, spans, tail, warm, seen, chunks_seen, evicted, layout)
+    if spans and warm is None and config.warm_start and config.clusters:
+        raise CorruptDataError(f"{where}: spans are stored but the warm start the cache keeps from them is not")
+    return LayerState(sink, spans, tail, warm, seen, evicted, layout)
