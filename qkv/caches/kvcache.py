@@ -406,10 +406,10 @@ class LayerCache(LayerState):
             rows = torch.as_tensor(index)
         except (TypeError, ValueError, RuntimeError):
             raise DTypeError(f"{where}: index must be a 1-D integer tensor or sequence, got {shown(index)}") from None
-        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
-            raise DTypeError(f"{where}: index must hold integers, got {rows.dtype}")
         if rows.dim() != 1 or not rows.numel():
             raise ShapeError(f"{where}: index must be 1-D and keep at least one row, got shape {tuple(rows.shape)}")
+        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+            raise DTypeError(f"{where}: index must hold integers, got {rows.dtype}")
         rows = rows.to(torch.long)
         if self.layout is not None:
             bad = rows[(rows < 0) | (rows >= self.layout.batch)]
