@@ -20,7 +20,7 @@ from qkv.caches.cache_config import CacheConfig
 from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.caches.tail import Chunk
 from qkv.dtypes import INPUT_DTYPES
-from qkv.errors import CacheError, CorruptDataError, DeviceError, DTypeError, QKVError, ShapeError, shown
+from qkv.errors import CorruptDataError, DeviceError, DTypeError, QKVError, ShapeError, shown
 from qkv.kernels import CompressedSpan
 from qkv.validation import check_kv_pair, check_kv_values
 
