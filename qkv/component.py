@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from qkv.errors import ConfigError
+from qkv.errors import ConfigError, shown
 from qkv.registry import format_token
 
 
@@ -40,7 +40,7 @@ def check_choice(kind: str, key: str, value: object, choices: tuple) -> None:
     """Raise :class:`ConfigError` unless ``value`` is one of ``choices``."""
     if value not in choices:
         valid = ", ".join(str(c) for c in choices)
-        raise ConfigError(f"{kind}: {key}={value!r} is not supported; valid values: {valid}")
+        raise ConfigError(f"{kind}: {key}={shown(value)} is not supported; valid values: {valid}")
 
 
 def check_int(kind: str, key: str, value: object, low: int, high: int | None = None) -> None:
@@ -49,4 +49,4 @@ def check_int(kind: str, key: str, value: object, low: int, high: int | None = N
         high is not None and value > high
     ):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ConfigError(f"{kind}: {key} must be an integer {bound}, got {value!r}")
+        raise ConfigError(f"{kind}: {key} must be an integer {bound}, got {shown(value)}")

@@ -11,7 +11,7 @@ import torch
 
 from qkv import io
 from qkv.dtypes import INPUT_DTYPES
-from qkv.errors import CorruptDataError, QKVError
+from qkv.errors import ConfigError, CorruptDataError, QKVError, shown
 from qkv.format import TensorFormat
 
 # The components every compressed tensor reports, in this order.
@@ -205,41 +205,28 @@ class CompressedKV:
         """A copy with every stored tensor on ``device``."""
         return CompressedKV(self.k.to(device), self.v.to(device), self.spec)
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write to a signed safetensors file (:mod:`qkv.io`): every stored tensor, and each
-        tensor's shape, dtype and format."""
+    def save(self, path: str | os.PathLike) -> str:
+        """Write to a signed safetensors file (:mod:`qkv.io`; the folder must exist): every stored
+        tensor, and each tensor's shape, dtype, quantized tokens and format. Returns the file's
+        digest."""
         tensors = {f"{side}.{name}": t for side, ct in (("k", self.k), ("v", self.v)) for name, t in ct.tensors().items()}
-        header = {"spec": self.spec, "k": _header(self.k), "v": _header(self.v)}
-        io.write(path, FILE_KIND, FILE_VERSION, tensors, header)
+        header = {"spec": self.spec, "k": tensor_header(self.k), "v": tensor_header(self.v)}
+        return io.write(path, FILE_KIND, FILE_VERSION, tensors, header)
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "CompressedKV":
-        """Read a file written by :meth:`save`. Its checksum, its header and every stored tensor
-        are checked against the stored formats (no policy is needed); a damaged, edited or
-        mismatched file raises :class:`CorruptDataError`."""
-        tensors, header, _ = io.read(path, FILE_KIND, FILE_VERSION)
-        where = os.fspath(path)
-        try:
-            k = _tensor_from("k", header["k"], tensors)
-            v = _tensor_from("v", header["v"], tensors)
-            spec = header["spec"]
-            if not isinstance(spec, str):
-                raise TypeError("spec is not a string")
-        except (QKVError, KeyError, ValueError, TypeError) as exc:
-            if isinstance(exc, CorruptDataError):
-                raise CorruptDataError(f"{where}: {exc}") from None
-            raise CorruptDataError(f"{where}: inconsistent header ({type(exc).__name__}: {exc})") from None
-        if tensors:
-            raise CorruptDataError(f"{where}: unexpected tensors {sorted(tensors)[:5]}")
-        return CompressedKV(k.to(device), v.to(device), spec)
+        """Read a file written by :meth:`save` onto ``device`` (see :func:`load_compressed` for
+        what is checked; no policy is needed)."""
+        return load_compressed(path, device)[0]
 
 
 FILE_KIND = "qkv.compressed_kv"
-FILE_VERSION = "2"
-_DTYPES = {str(d): d for d in INPUT_DTYPES}
+FILE_VERSION = "3"
+DTYPES = {str(d): d for d in INPUT_DTYPES}
 
 
-def _header(ct: CompressedTensor) -> dict:
+def tensor_header(ct: CompressedTensor) -> dict:
+    """What a file records of ``ct`` besides its tensors."""
     return {
         "shape": list(ct.shape),
         "dtype": str(ct.dtype),
@@ -249,17 +236,29 @@ def _header(ct: CompressedTensor) -> dict:
     }
 
 
-def _tensor_from(side: str, header: dict, tensors: dict[str, torch.Tensor]) -> CompressedTensor:
-    """The :class:`CompressedTensor` ``side`` ("k" / "v") of a loaded file, checked (pops its tensors)."""
-    fmt = TensorFormat.from_dict(header["format"])
-    shape = tuple(header["shape"])
-    if len(shape) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) for x in shape):
-        raise CorruptDataError(f"{side}: invalid shape {shape!r}")
-    if header["dtype"] not in _DTYPES:
-        raise CorruptDataError(f"{side}: unknown original dtype {header['dtype']!r}")
-    stages = header["stages"]
-    if stages not in (0, len(fmt.stages)):
-        raise CorruptDataError(f"{side}: {stages!r} stages stored, the format has {len(fmt.stages)}")
+def read_tensor_header(header: object, where: str) -> tuple[TensorFormat, tuple[int, int, int, int], torch.dtype, int, int]:
+    """(format, shape, dtype, quantized tokens, stages) of a :func:`tensor_header`, every field
+    checked for type and range before anything is built from it."""
+    try:
+        fmt = TensorFormat.from_dict(io.field(header, "format", dict, where))
+    except ConfigError as exc:
+        raise CorruptDataError(f"{where}.format: {exc}") from None
+    shape = io.field(header, "shape", list, where)
+    if len(shape) != 4 or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in shape):
+        raise CorruptDataError(f"{where}.shape: expected 4 positive integers, found {shown(shape)}")
+    dtype = io.field(header, "dtype", str, where)
+    if dtype not in DTYPES:
+        raise CorruptDataError(f"{where}.dtype: {shown(dtype)} is not one of {', '.join(DTYPES)}")
+    tokens = io.int_field(header, "quantized_tokens", 0, shape[2], where)
+    stages = io.int_field(header, "stages", 0, len(fmt.stages), where)
+    return fmt, tuple(shape), DTYPES[dtype], tokens, stages
+
+
+def _tensor_from(side: str, header: object, tensors: dict[str, torch.Tensor], where: str) -> CompressedTensor:
+    """The :class:`CompressedTensor` ``side`` ("k" / "v") of a loaded file (pops its tensors),
+    checked against its format, with no NaN stored (nor Inf, but in values cast to a narrower
+    float format, where an overflow to Inf is what compression stored)."""
+    fmt, shape, dtype, tokens, stages = read_tensor_header(header, f"{where}: {side}")
 
     def get(name: str) -> torch.Tensor | None:
         return tensors.pop(f"{side}.{name}", None)
@@ -267,8 +266,8 @@ def _tensor_from(side: str, header: dict, tensors: dict[str, torch.Tensor]) -> C
     ct = CompressedTensor(
         format=fmt,
         shape=shape,
-        dtype=_DTYPES[header["dtype"]],
-        quantized_tokens=header["quantized_tokens"],
+        dtype=dtype,
+        quantized_tokens=tokens,
         codes=get("codes"),
         scales=get("scales"),
         zeros=get("zeros"),
@@ -276,5 +275,32 @@ def _tensor_from(side: str, header: dict, tensors: dict[str, torch.Tensor]) -> C
         stages=tuple(StageData(get(f"stage{i}.centroids"), get(f"stage{i}.assignments")) for i in range(stages)),
         fp_tokens=get("fp_tokens"),
     )
-    ct.check(side)
+    try:
+        ct.check(f"{where}: {side}")
+    except CorruptDataError:
+        raise
+    except QKVError as exc:  # e.g. a block grid that the stored token count does not fit
+        raise CorruptDataError(f"{where}: {side}: {exc}") from None
+    for name, t in ct.tensors().items():
+        io.check_stored(f"{where}: {side}.{name}", t, inf_ok=name == "codes" and fmt.cast is not None)
     return ct
+
+
+def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[CompressedKV, str]:
+    """Read and verify a file written by :meth:`CompressedKV.save`: (data on ``device``, digest).
+
+    Checked: the digest; every header field (type and range, before anything is built from it);
+    that every tensor has exactly the shape and dtype its stored format gives for that header
+    (assignments in range); that no stored float is NaN or Inf (Inf allowed in cast values). A
+    truncated, damaged, edited (even re-signed) or mismatched file raises
+    :class:`CorruptDataError`; the spec is a label and builds nothing.
+    """
+    device = io.load_device(device)
+    tensors, header, sha = io.read(path, FILE_KIND, FILE_VERSION)
+    where = shown(os.fspath(path))
+    spec = io.field(header, "spec", str, where)
+    k = _tensor_from("k", header.get("k"), tensors, where)
+    v = _tensor_from("v", header.get("v"), tensors, where)
+    if tensors:
+        raise CorruptDataError(f"{where}: unexpected tensors {shown(sorted(tensors)[:5])}")
+    return CompressedKV(k.to(device), v.to(device), spec), sha

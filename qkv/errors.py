@@ -65,3 +65,16 @@ class CacheError(QKVError, ValueError):
     """A streaming-cache operation does not fit the cache's state (reading a layer that holds
     nothing, evicting more than it holds, a slice write that is neither an append, a rewrite of the
     newest chunk nor an eviction, or a saved cache that does not match its files)."""
+
+
+# Longest repr of an input an error message quotes: a message names the problem, it does not echo
+# a 1 MB spec back.
+SHOWN = 80
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for an error message, cut to :data:`SHOWN` characters (saying how long it was)."""
+    text = repr(value)
+    if len(text) <= SHOWN:
+        return text
+    return f"{text[: SHOWN - 20]}...{text[-10:]} ({len(text):,} characters)"

@@ -12,11 +12,13 @@ import re
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from qkv.errors import SpecError, UnknownComponentError
+from qkv.errors import SpecError, UnknownComponentError, shown
 
 T = TypeVar("T")
 
-_TOKEN = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_\-]*)\s*(?:\((.*)\))?\s*$")
+# Matched against a stripped token, with one run of blanks at most (name, blanks, arguments): two
+# adjacent ``\s*`` would backtrack quadratically in a long run of blanks.
+_TOKEN = re.compile(r"([A-Za-z][A-Za-z0-9_\-]*)\s*(?:\((.*)\))?", re.S)
 
 
 def parse_value(text: str) -> int | float | bool | str:
@@ -34,19 +36,19 @@ def parse_value(text: str) -> int | float | bool | str:
 
 def parse_token(token: str) -> tuple[str, dict[str, object]]:
     """Split ``name(a=1,b=x)`` into ``("name", {"a": 1, "b": "x"})``."""
-    match = _TOKEN.match(token)
+    match = _TOKEN.fullmatch(token.strip())
     if match is None:
-        raise SpecError(f"cannot parse spec token {token!r}: expected name or name(key=value,...)")
+        raise SpecError(f"cannot parse spec token {shown(token)}: expected name or name(key=value,...)")
     name, body = match.group(1), match.group(2)
     kwargs: dict[str, object] = {}
     if body is not None and body.strip():
         for part in body.split(","):
             key, sep, value = part.partition("=")
             if not sep or not key.strip() or not value.strip():
-                raise SpecError(f"argument {part!r} in spec token {token!r} is not key=value")
+                raise SpecError(f"argument {shown(part)} in spec token {shown(token)} is not key=value")
             key = key.strip()
             if key in kwargs:
-                raise SpecError(f"argument {key!r} given twice in spec token {token!r}")
+                raise SpecError(f"argument {shown(key)} given twice in spec token {shown(token)}")
             kwargs[key] = parse_value(value.strip())
     return name, kwargs
 
@@ -71,7 +73,7 @@ class Registry(Generic[T]):
 
     def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """Decorator: ``@GROUPING.register("kmeans")`` on a class or factory function."""
-        if not _TOKEN.match(name) or "(" in name:
+        if not _TOKEN.fullmatch(name) or "(" in name or " " in name:
             raise ValueError(f"invalid {self.kind} name {name!r}")
 
         def decorator(factory: Callable[..., T]) -> Callable[..., T]:
@@ -95,7 +97,7 @@ class Registry(Generic[T]):
             return self._factories[name]
         except KeyError:
             raise UnknownComponentError(
-                f"unknown {self.kind} {name!r}; valid {self.kind} names: {', '.join(self.list())}"
+                f"unknown {self.kind} {shown(name)}; valid {self.kind} names: {', '.join(self.list())}"
             ) from None
 
     def build(self, token: str) -> T:
@@ -105,5 +107,5 @@ class Registry(Generic[T]):
         try:
             inspect.signature(factory).bind(**kwargs)
         except TypeError as exc:
-            raise SpecError(f"bad arguments in {self.kind} spec token {token!r}: {exc}") from None
+            raise SpecError(f"bad arguments in {self.kind} spec token {shown(token)}: {shown(str(exc))}") from None
         return factory(**kwargs)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 
-from qkv.errors import SpecError, UnknownComponentError
+from qkv.errors import SpecError, UnknownComponentError, shown
 from qkv.grouping import GROUPING
 from qkv.quantizers import PACKING, QUANTIZERS, SMOOTHING, STAGING
 from qkv.registry import parse_token
@@ -42,17 +42,17 @@ def split_tokens(spec: str) -> list[str]:
         elif ch == ")":
             depth -= 1
             if depth < 0:
-                raise SpecError(f"unbalanced ')' in spec {spec!r}")
+                raise SpecError(f"unbalanced ')' in spec {shown(spec)}")
         if ch == "," and depth == 0:
             tokens.append("".join(current).strip())
             current = []
         else:
             current.append(ch)
     if depth:
-        raise SpecError(f"unbalanced '(' in spec {spec!r}")
+        raise SpecError(f"unbalanced '(' in spec {shown(spec)}")
     tokens.append("".join(current).strip())
     if any(not t for t in tokens):
-        raise SpecError(f"empty component in spec {spec!r}")
+        raise SpecError(f"empty component in spec {shown(spec)}")
     return tokens
 
 
@@ -61,7 +61,7 @@ def _kind_of(name: str, token: str) -> str:
     if not kinds:
         valid = sorted({n for r in KINDS.values() for n in r.list()} | {"window"})
         raise UnknownComponentError(
-            f"unknown component {name!r} in {token!r}; valid names: {', '.join(valid)}"
+            f"unknown component {shown(name)} in {shown(token)}; valid names: {', '.join(valid)}"
         )
     return kinds[0]
 
@@ -74,7 +74,7 @@ def parse_tensor_spec(spec: str) -> dict[str, object]:
         name, kwargs = parse_token(token)
         if name == "none":
             if kwargs:
-                raise SpecError(f"'none' takes no arguments: {token!r}")
+                raise SpecError(f"'none' takes no arguments: {shown(token)}")
             continue
         if name == "window":
             kind, value = "window", _window(kwargs, token)
@@ -82,18 +82,23 @@ def parse_tensor_spec(spec: str) -> dict[str, object]:
             kind = _kind_of(name, token)
             value = KINDS[kind].build(token)
         if kind in fields:
-            raise SpecError(f"spec {spec!r} has two {kind} components")
+            raise SpecError(f"spec {shown(spec)} has two {kind} components")
         fields[kind] = value
     if "quantizer" not in fields:
         raise SpecError(
-            f"spec {spec!r} has no quantizer; add one of: {', '.join(QUANTIZERS.list())}"
+            f"spec {shown(spec)} has no quantizer; add one of: {', '.join(QUANTIZERS.list())}"
+        )
+    if not fields["quantizer"].packed and "packing" in fields:
+        raise SpecError(
+            f"spec {shown(spec)}: {fields['quantizer'].token} stores floats, it takes no packing "
+            f"({fields['packing'].token})"
         )
     return fields
 
 
 def _window(kwargs: dict[str, object], token: str) -> int:
     if set(kwargs) != {"tokens"}:
-        raise SpecError(f"window takes one argument, tokens=N: {token!r}")
+        raise SpecError(f"window takes one argument, tokens=N: {shown(token)}")
     return kwargs["tokens"]  # type: ignore[return-value]
 
 
@@ -104,11 +109,11 @@ def parse_policy_spec(spec: str) -> tuple[dict[str, object], dict[str, object]]:
     """The components of K and of V (:func:`parse_tensor_spec`) of ``<tensor spec>`` or
     ``k:<tensor spec>;v:<tensor spec>``."""
     if not isinstance(spec, str) or not spec.strip():
-        raise SpecError(f"a spec must be a non-empty string, got {spec!r}")
+        raise SpecError(f"a spec must be a non-empty string, got {shown(spec)}")
     match = _SPLIT_KV.match(spec)
     if match:
         return parse_tensor_spec(match["k"]), parse_tensor_spec(match["v"])
     if ";" in spec or ":" in spec:
-        raise SpecError(f"cannot parse {spec!r}: separate keys and values as 'k:<spec>;v:<spec>'")
+        raise SpecError(f"cannot parse {shown(spec)}: separate keys and values as 'k:<spec>;v:<spec>'")
     tensor = parse_tensor_spec(spec)
     return tensor, tensor

@@ -15,6 +15,10 @@ def check_kv_layout(name: str, x: object) -> torch.Tensor:
     """Type, rank, dtype and non-empty checks (no data access)."""
     if not isinstance(x, torch.Tensor):
         raise DTypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise DTypeError(f"{name} is a {x.layout} tensor; qkv takes dense (strided) tensors: call .to_dense()")
+    if x.is_meta:
+        raise DeviceError(f"{name} is on the meta device: it holds no values to compress")
     if x.dim() != 4:
         raise ShapeError(f"{name} must have rank 4 [batch, heads, tokens, head_dim], got shape {tuple(x.shape)}")
     if x.dtype not in INPUT_DTYPES:

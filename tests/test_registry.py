@@ -41,3 +41,16 @@ def test_import_is_light():
         "assert not torch.cuda.is_initialized()"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_long_run_of_blanks_parses_in_linear_time():
+    import time
+
+    import qkv
+
+    start = time.perf_counter()
+    with pytest.raises(SpecError) as err:  # did not return in 60 s: the token regex was quadratic
+        qkv.build_policy("int2" + " " * 10**6 + "x")
+    assert time.perf_counter() - start < 2
+    assert len(str(err.value)) < 300 and "1,000,007 characters" in str(err.value)  # not a 1 MB message
+    assert parse_token("  int2 (block=16)  ") == ("int2", {"block": 16})

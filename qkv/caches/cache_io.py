@@ -1,166 +1,150 @@
-"""Saving and restoring a :class:`KVCache` mid-stream (safetensors, no pickle).
+"""Saving and restoring a :class:`~qkv.KVCache`'s state dict as a folder of signed files
+(:mod:`qkv.io`; safetensors, no pickle).
 
 A saved cache is a folder:
 
-- ``cache.safetensors``: every full-precision chunk (``L<i>.sink<j>.k`` ...), warm-start centroids
-  that no stored span shares, and in the metadata the cache config (policy spec included), each
-  layer's counters and chunk positions, and a SHA-256 over all of it;
-- ``L<i>.S<j>.safetensors``: stored span j of layer i, written by :meth:`CompressedKV.save` (its
-  own checksum and layout check on load).
+- ``L<i>.S<j>.safetensors``: stored span j of layer i, written as :meth:`CompressedKV.save` writes
+  it (:func:`qkv.compressed.load_compressed` says what loading checks);
+- ``cache.safetensors``: every full-precision chunk (``L<i>.sink<j>.k`` ...) and the warm-start
+  centroids no stored span shares, and in its header the cache config (policy spec included),
+  ``num_layers``, each layer's counters and layout, and for every span its skip and **the digest
+  of its file**. The file's own digest covers all of it, so the set of span files belongs to
+  this one save.
 
-Loading rebuilds the identical state, so appending the same chunks afterwards gives bit-identical
-reads and spans (k-means is seeded and deterministic). Damaged or mismatched files raise
-:class:`CorruptDataError`.
+Loading never takes a path from a file (span files are named by their layer and index), reads
+each span file and requires exactly the digest the cache recorded for it (a span file swapped
+with another, copied from another layer or another save, or a ``cache.safetensors`` from another
+save, is rejected; so is a missing one), checks every header field for type and range before using
+it, and returns the state dict for :meth:`KVCache.load_state_dict`, which checks that the counters
+and tensors add up (:mod:`qkv.caches.layer_state`). Anything wrong raises :class:`CorruptDataError`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import pathlib
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
-from qkv.compressed import CompressedKV, CompressedTensor, StageData
-from qkv.caches.cache_config import CacheConfig
-from qkv.caches.kvcache import Chunk, KVCache, LayerCache, Span, centroids_only
-from qkv.dtypes import INPUT_DTYPES
-from qkv.errors import CorruptDataError, QKVError
-from qkv.format import TensorFormat
+from qkv import io
+from qkv.compressed import CompressedKV, CompressedTensor, StageData, load_compressed, read_tensor_header, tensor_header
+from qkv.errors import CorruptDataError, shown
+from qkv.io import field, int_field
 
-FORMAT = "qkv.kvcache"
-VERSION = "2"
+KIND = "qkv.kvcache"
+VERSION = "3"
 STATE = "cache.safetensors"
-_DTYPES = {str(d): d for d in INPUT_DTYPES}
 
 
-def _digest(tensors: dict[str, torch.Tensor], meta: str) -> str:
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    h.update(meta.encode())
-    return h.hexdigest()
+def span_file(layer: int, index: int) -> str:
+    return f"L{layer}.S{index}.safetensors"
 
 
-def _warm_state(layer: LayerCache, prefix: str, tensors: dict[str, torch.Tensor]) -> dict | None:
-    warm = layer.warm
-    if warm is None:
-        return None
-    if layer.warm_shares_newest_span():
-        return {"from": "last_span"}
-    headers = {}
+def _warm_header(warm: object, prefix: str, tensors: dict[str, torch.Tensor]) -> object:
+    """How a layer's warm start is saved: None, "last_span", or its centroids (into ``tensors``)."""
+    if not isinstance(warm, CompressedKV):
+        return warm
+    out = {"spec": warm.spec}
     for name, ct in (("k", warm.k), ("v", warm.v)):
-        headers[name] = {"shape": list(ct.shape), "dtype": str(ct.dtype), "quantized_tokens": ct.quantized_tokens,
-                         "stages": len(ct.stages), "format": ct.format.to_dict()}
+        out[name] = tensor_header(ct)
         for t, stage in enumerate(ct.stages):
-            tensors[f"{prefix}.warm.{name}.stage{t}"] = stage.centroids.detach().contiguous().cpu()
-    return {"from": "tensors", "spec": warm.spec, **headers}
+            tensors[f"{prefix}.warm.{name}.stage{t}"] = stage.centroids
+    return out
 
 
-def save_cache(cache: KVCache, path: str | os.PathLike) -> None:
-    """Write ``cache`` into the folder ``path`` (created; older span files there are removed)."""
+def save_cache(path: str | os.PathLike, state: dict) -> None:
+    """Write a :meth:`KVCache.state_dict` into the folder ``path`` (created; span files of an
+    older save there that this one does not write are removed)."""
     folder = pathlib.Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     layers, files = [], set()
-    for i, layer in enumerate(cache.layers):
-        entry = {"seen": layer.seen, "chunks_seen": layer.chunks_seen, "evicted": layer.evicted, "layout": None,
-                 "sink": [], "tail": [], "spans": []}
-        if layer.layout is not None:
-            b, h, d, dtype, _ = layer.layout
-            entry["layout"] = [b, h, d, str(dtype)]
+    for i, layer in enumerate(state["layers"]):
+        entry = {key: layer[key] for key in ("seen", "evicted", "layout")}
         for part in ("sink", "tail"):
-            for j, c in enumerate(getattr(layer, part)):
-                # copies: tail chunks are views of one buffer (safetensors refuses shared storage)
-                tensors[f"L{i}.{part}{j}.k"] = c.k.detach().to("cpu", copy=True).contiguous()
-                tensors[f"L{i}.{part}{j}.v"] = c.v.detach().to("cpu", copy=True).contiguous()
-                entry[part].append(c.start)
-        for j, sp in enumerate(layer.spans):
-            name = f"L{i}.S{j}.safetensors"
-            sp.ckv.save(folder / name)
+            for j, (k, v) in enumerate(layer[part]):
+                tensors[f"L{i}.{part}{j}.k"], tensors[f"L{i}.{part}{j}.v"] = k, v
+            entry[part] = len(layer[part])
+        entry["spans"] = []
+        for j, (ckv, skip) in enumerate(layer["spans"]):
+            name = span_file(i, j)
+            entry["spans"].append({"sha256": ckv.save(folder / name), "skip": skip})
             files.add(name)
-            entry["spans"].append({"file": name, "start": sp.start, "skip": sp.skip})
-        entry["warm"] = _warm_state(layer, f"L{i}", tensors)
+        entry["warm"] = _warm_header(layer["warm"], f"L{i}", tensors)
         layers.append(entry)
-    meta = json.dumps({"config": cache.config.to_dict(), "num_layers": cache.num_layers, "layers": layers})
-    save_file(tensors, os.fspath(folder / STATE),
-              metadata={"format": FORMAT, "version": VERSION, "state": meta, "sha256": _digest(tensors, meta)})
+    header = {"config": state["config"], "num_layers": state["num_layers"], "layers": layers}
+    io.write(folder / STATE, KIND, VERSION, tensors, header)
     for stale in folder.glob("L*.S*.safetensors"):
         if stale.name not in files:
             stale.unlink()
 
 
-def _read_state(folder: pathlib.Path) -> tuple[dict[str, torch.Tensor], dict]:
-    from safetensors import safe_open
-
-    where = folder / STATE
-    try:
-        with safe_open(os.fspath(where), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-        tensors = load_file(os.fspath(where))
-    except (SafetensorError, ValueError, RuntimeError) as exc:
-        raise CorruptDataError(f"{where}: not a readable safetensors file ({exc})") from None
-    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
-        raise CorruptDataError(f"{where}: not a qkv cache of version {VERSION} (format={meta.get('format')!r})")
-    if meta.get("sha256") != _digest(tensors, meta.get("state", "")):
-        raise CorruptDataError(f"{where}: checksum mismatch: the file was modified or damaged")
-    return tensors, json.loads(meta["state"])
+def _pop(tensors: dict[str, torch.Tensor], name: str, device: torch.device, where: str) -> torch.Tensor:
+    if name not in tensors:
+        raise CorruptDataError(f"{where}: tensor {name} is missing")
+    return tensors.pop(name).to(device)
 
 
-def _restore_layer(layer: LayerCache, i: int, entry: dict, tensors: dict, folder: pathlib.Path, device) -> None:
-    spec = layer.config.span_policy.spec
-    layer.seen, layer.chunks_seen, layer.evicted = int(entry["seen"]), int(entry["chunks_seen"]), int(entry["evicted"])
-    if entry["layout"] is not None:
-        b, h, d, dtype = entry["layout"]
-        layer.layout = (int(b), int(h), int(d), _DTYPES[dtype], torch.device(device))
+def _load_warm(data: object, prefix: str, tensors: dict, device: torch.device, where: str) -> object:
+    if data is None or data == "last_span":
+        return data
+    spec = field(data, "spec", str, where)
+    parts = []
+    for name in ("k", "v"):
+        fmt, shape, dtype, tokens, stages = read_tensor_header(data.get(name), f"{where}.{name}")
+        cents = tuple(
+            StageData(_pop(tensors, f"{prefix}.warm.{name}.stage{t}", device, where), None) for t in range(stages)
+        )
+        parts.append(CompressedTensor(format=fmt, shape=shape, dtype=dtype, quantized_tokens=tokens, codes=None,
+                                      scales=None, zeros=None, scale_mult=None, stages=cents, fp_tokens=None))
+    return CompressedKV(parts[0], parts[1], spec)
+
+
+def _load_layer(folder: pathlib.Path, i: int, entry: object, tensors: dict, device: torch.device) -> dict:
+    """Layer ``i``'s state dict (tensors on ``device``), its structure and span files checked."""
+    where = f"{STATE}: layer {i}"
+    if not isinstance(entry, dict):
+        raise CorruptDataError(f"{where}: expected a JSON object, found {shown(entry)}")
+    out = {key: entry.get(key) for key in ("seen", "evicted", "layout")}
     for part in ("sink", "tail"):
-        chunks = [
-            Chunk(tensors.pop(f"L{i}.{part}{j}.k").to(device), tensors.pop(f"L{i}.{part}{j}.v").to(device), int(start))
-            for j, start in enumerate(entry[part])
+        count = int_field(entry, part, 0, len(tensors), where)
+        out[part] = [
+            (_pop(tensors, f"L{i}.{part}{j}.k", device, where), _pop(tensors, f"L{i}.{part}{j}.v", device, where))
+            for j in range(count)
         ]
-        setattr(layer, part, chunks)
-    for sp in entry["spans"]:
-        ckv = CompressedKV.load(folder / sp["file"], device=device)
-        if ckv.spec != spec:
-            raise CorruptDataError(f"{sp['file']}: compressed by {ckv.spec!r}, the cache compresses with {spec!r}")
-        layer.spans.append(Span(ckv, int(sp["start"]), int(sp["skip"])))
-    warm = entry["warm"]
-    if warm is not None and warm["from"] == "last_span":
-        layer.warm = centroids_only(layer.spans[-1].ckv)
-    elif warm is not None:
-        parts = []
-        for name in ("k", "v"):
-            hd = warm[name]
-            stages = tuple(
-                StageData(tensors.pop(f"L{i}.warm.{name}.stage{t}").to(device), None) for t in range(int(hd["stages"]))
-            )
-            parts.append(CompressedTensor(TensorFormat.from_dict(hd["format"]), tuple(hd["shape"]),
-                                          _DTYPES[hd["dtype"]], int(hd["quantized_tokens"]),
-                                          None, None, None, None, stages, None))
-        layer.warm = CompressedKV(parts[0], parts[1], warm["spec"])
+    spans = field(entry, "spans", list, where)
+    out["spans"] = []
+    for j, span in enumerate(spans):
+        name = span_file(i, j)
+        sha = field(span, "sha256", str, f"{where} span {j}")
+        if not (folder / name).is_file():
+            raise CorruptDataError(f"{folder / name}: span file missing (the cache lists {len(spans)} spans for layer {i})")
+        ckv, found = load_compressed(folder / name, device)
+        if found != sha:
+            raise CorruptDataError(f"{folder / name}: not the span file this cache saved (its digest differs)")
+        out["spans"].append((ckv, span.get("skip")))
+    out["warm"] = _load_warm(entry.get("warm"), f"L{i}", tensors, device, f"{where} warm")
+    return out
 
 
-def load_cache(path: str | os.PathLike, device: str | torch.device = "cpu") -> KVCache:
-    """Read a cache written by :func:`save_cache`, every tensor placed on ``device``."""
+def load_cache(path: str | os.PathLike, device: torch.device) -> dict:
+    """The state dict saved in the folder ``path`` by :func:`save_cache`, tensors on ``device``
+    (see the module docstring for what is checked here; the counters are checked by
+    :meth:`KVCache.load_state_dict`)."""
     folder = pathlib.Path(path)
-    tensors, state = _read_state(folder)
-    try:
-        config = CacheConfig.from_dict(state["config"])
-        cache = KVCache(config.policy, num_layers=state["num_layers"],
-                        **{k: v for k, v in state["config"].items() if k != "policy"})
-        for i, entry in enumerate(state["layers"]):
-            _restore_layer(cache.layer(i), i, entry, tensors, folder, device)
-    except FileNotFoundError:
-        raise
-    except CorruptDataError:
-        raise
-    except (QKVError, KeyError, ValueError, TypeError, IndexError) as exc:
-        raise CorruptDataError(f"{folder}: inconsistent cache state ({type(exc).__name__}: {exc})") from None
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{shown(str(path))} is not a folder (a saved KVCache is one)")
+    tensors, header, _ = io.read(folder / STATE, KIND, VERSION)
+    config = field(header, "config", dict, STATE)
+    layers = field(header, "layers", list, STATE)
+    num_layers = header.get("num_layers")
+    if num_layers is not None and (isinstance(num_layers, bool) or num_layers != len(layers)):
+        raise CorruptDataError(f"{STATE}: num_layers={shown(num_layers)}, but {len(layers)} layers are stored")
+    state = {
+        "config": config,
+        "num_layers": num_layers,
+        "layers": [_load_layer(folder, i, entry, tensors, device) for i, entry in enumerate(layers)],
+    }
     if tensors:
-        raise CorruptDataError(f"{folder / STATE}: unexpected tensors {sorted(tensors)[:5]}")
-    return cache
+        raise CorruptDataError(f"{STATE}: unexpected tensors {shown(sorted(tensors)[:5])}")
+    return state

@@ -37,52 +37,41 @@ decompressed at a time, torch's fused attention) or ``"read"`` (:meth:`read`, th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
 import torch.nn.functional as F
 
 from qkv import kernels
+from qkv.caches import cache_io
 from qkv.caches.cache_config import CacheConfig, CacheMemory
-from qkv.compressed import CompressedKV, StageData
 from qkv.caches.heads import cat_heads, index_batch
+from qkv.caches.layer_state import (
+    LayerState,
+    Layout,
+    centroids_only,
+    check_chunk,
+    from_state_dict,
+    shares_centroids,
+    state_dict,
+)
 from qkv.caches.policy import Policy
 from qkv.caches.presets import build_policy
 from qkv.caches.tail import Chunk, TailBuffer, joined_kv
 from qkv.component import check_int
-from qkv.errors import CacheError, DeviceError, DTypeError, ShapeError
+from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, QKVError, ShapeError, shown
+from qkv.io import load_device
 from qkv.validation import check_kv_layout, check_kv_values
 
 __all__ = ["CacheConfig", "CacheMemory", "KVCache", "LayerCache"]
 
+# KVCache's options besides the policy and num_layers
+OPTIONS = tuple(f.name for f in dataclasses.fields(CacheConfig) if f.name != "policy")
+
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
-
-@dataclasses.dataclass(frozen=True)
-class Span:
-    """One compressed span (tokens ``start .. start + S``); its first ``skip`` tokens are evicted."""
-
-    ckv: CompressedKV
-    start: int
-    skip: int = 0
-
-    @property
-    def tokens(self) -> int:
-        return self.ckv.k.shape[2] - self.skip
-
-
-def centroids_only(ckv: CompressedKV) -> CompressedKV:
-    """What a warm start needs of a span: its centroids (shared, not copied), nothing else."""
-
-    def strip(ct):
-        stages = tuple(StageData(s.centroids, None) for s in ct.stages)
-        return dataclasses.replace(
-            ct, codes=None, scales=None, zeros=None, scale_mult=None, fp_tokens=None, stages=stages
-        )
-
-    return CompressedKV(strip(ckv.k), strip(ckv.v), ckv.spec)
 
 
 def _take(chunks: list[Chunk], n: int) -> tuple[list[Chunk], list[Chunk]]:
@@ -116,8 +105,10 @@ def _dense(chunks: list[Chunk]) -> list[kernels.DenseKV]:
     return [kernels.DenseKV(k, v) for k, v in zip(ks, vs)]
 
 
-class LayerCache:
-    """One layer's streaming cache (see the module docstring). Tensors are ``[B, H, S, D]``."""
+class LayerCache(LayerState):
+    """One layer's streaming cache (see the module docstring): its :class:`LayerState` (sink,
+    spans, tail, warm start, counters, layout) and the tail buffer the tail's chunks are views of.
+    Tensors are ``[B, H, S, D]``."""
 
     def __init__(self, config: CacheConfig, index: int = 0) -> None:
         self.config = config
@@ -126,15 +117,21 @@ class LayerCache:
 
     def reset(self) -> None:
         """Forget everything (the layer takes a new batch/head layout on its next append)."""
-        self.sink: list[Chunk] = []
-        self.spans: list[Span] = []
-        self.tail: list[Chunk] = []  # views of self.buffer, as a rule (see qkv.caches.tail)
+        LayerState.__init__(self)
         self.buffer = TailBuffer()
-        self.warm: CompressedKV | None = None
-        self.seen = 0  # tokens ever appended (absolute position of the next token)
-        self.chunks_seen = 0
-        self.evicted = 0
-        self.layout: tuple[int, int, int, torch.dtype, torch.device] | None = None  # B, H, D, dtype, device
+
+    def state_dict(self) -> dict:
+        """The layer's state as plain data (see :mod:`qkv.caches.layer_state`; tensors shared)."""
+        return state_dict(self)
+
+    def load_state_dict(self, data: dict, device: str | torch.device = "cpu") -> None:
+        """Replace the state by ``data`` (a :meth:`state_dict`, tensors on ``device``), after
+        checking that it adds up (:func:`~qkv.caches.layer_state.from_state_dict`); raises
+        :class:`CorruptDataError` and leaves the layer unchanged if not."""
+        state = from_state_dict(self.config, data, load_device(device), f"layer {self.index}")
+        for f in dataclasses.fields(LayerState):
+            setattr(self, f.name, getattr(state, f.name))
+        self.buffer = TailBuffer()  # the next append copies the tail into a buffer
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -169,30 +166,7 @@ class LayerCache:
     # -- writing -------------------------------------------------------------------------------
     def check(self, k: object, v: object) -> None:
         """Raise a typed error (naming the problem) unless ``k``/``v`` can be appended; no side effects."""
-        check_kv_layout("k", k)
-        check_kv_layout("v", v)
-        if k.shape != v.shape:
-            raise ShapeError(f"layer {self.index}: k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
-        if k.dtype != v.dtype:
-            raise DTypeError(f"layer {self.index}: k is {k.dtype} but v is {v.dtype}")
-        if k.device != v.device:
-            raise DeviceError(f"layer {self.index}: k is on {k.device} but v is on {v.device}")
-        b, h, _, d = k.shape
-        if self.layout is not None:
-            lb, lh, ld, dtype, device = self.layout
-            if (b, h, d) != (lb, lh, ld):
-                raise ShapeError(
-                    f"layer {self.index}: chunk has [B, H, D] = [{b}, {h}, {d}], the cache holds [{lb}, {lh}, {ld}]"
-                )
-            if k.dtype != dtype:
-                raise DTypeError(f"layer {self.index}: chunk is {k.dtype}, the cache holds {dtype}")
-            if k.device != device:
-                raise DeviceError(f"layer {self.index}: chunk is on {k.device}, the cache is on {device}")
-        else:
-            self.config.policy.k.check_shape("k", tuple(k.shape))
-            self.config.policy.v.check_shape("v", tuple(v.shape))
-        if self.config.validate:
-            check_kv_values("k", k, ("v", v))
+        check_chunk(self.config, self.layout, k, v, f"layer {self.index}", values=self.config.validate)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one chunk ``k``, ``v`` [B, H, S_chunk, D] (fp32/fp16/bf16, copied).
@@ -201,8 +175,8 @@ class LayerCache:
         and leave the layer unchanged. Spans completed by this chunk are compressed now, once.
         """
         self.check(k, v)
-        layout = self.layout or (k.shape[0], k.shape[1], k.shape[3], k.dtype, k.device)
-        if self.chunks_seen < self.config.sink_chunks:
+        layout = self.layout or Layout.of(k)
+        if len(self.sink) < self.config.sink_chunks and self.seen == sum(c.tokens for c in self.sink):
             self.sink.append(Chunk(k.detach().clone(), v.detach().clone(), self.seen))
         else:
             tail = self.buffer.append(self.tail, k.detach(), v.detach(), self.seen, self._planned(k.shape[2]))
@@ -213,7 +187,6 @@ class LayerCache:
             self._slide()
         self.layout = layout
         self.seen += k.shape[2]
-        self.chunks_seen += 1
 
     def _planned(self, tokens: int) -> int:
         """Tail buffer capacity for chunks of ``tokens``: a span, the tokens kept in full precision
@@ -235,14 +208,14 @@ class LayerCache:
         recent = sum(c.tokens for c in tail[len(tail) - cfg.recent_chunks :]) if cfg.recent_chunks else 0
         return n if have >= n and have - n >= max(cfg.fp_window, recent) else 0
 
-    def _complete_spans(self, tail: list[Chunk]) -> tuple[list[Span], list[Chunk], CompressedKV | None]:
+    def _complete_spans(self, tail: list[Chunk]) -> tuple[list[kernels.CompressedSpan], list[Chunk], CompressedKV | None]:
         """Compress every complete span at the front of ``tail``: (new spans, remaining tail, warm)."""
         spans, warm = [], self.warm
         while n := self._next_span(tail):
             head, tail = _take(tail, n)
             k, v = _cat(head)
             ckv = self._compress(k, v, warm)
-            spans.append(Span(ckv, head[0].start))
+            spans.append(kernels.CompressedSpan(ckv))
             if self.config.warm_start and self.config.clusters:
                 warm = centroids_only(ckv)
         return spans, tail, warm
@@ -313,11 +286,10 @@ class LayerCache:
         for c in self.sink:
             ks.append(c.k)
             vs.append(c.v)
-        policy = self.config.span_policy
         for sp in self.spans:
-            k, v = policy.decompress(sp.ckv, backend=self.config.backend)
-            ks.append(k[:, :, sp.skip :])
-            vs.append(v[:, :, sp.skip :])
+            k, v = sp.materialize(backend=self.config.backend)
+            ks.append(k)
+            vs.append(v)
         for c in self.tail:
             ks.append(c.k)
             vs.append(c.v)
@@ -330,11 +302,7 @@ class LayerCache:
     def segments(self) -> list:
         """The retained history as attention segments, in :meth:`read` order: a ``DenseKV`` per sink
         and tail chunk, a ``CompressedSpan`` per span (with its evicted ``skip`` tokens)."""
-        return (
-            [kernels.DenseKV(c.k, c.v) for c in self.sink]
-            + [kernels.CompressedSpan(sp.ckv, sp.skip) for sp in self.spans]
-            + _dense(self.tail)
-        )
+        return [kernels.DenseKV(c.k, c.v) for c in self.sink] + list(self.spans) + _dense(self.tail)
 
     def _segments_with(self, extra: tuple[torch.Tensor, torch.Tensor] | None) -> list:
         """:meth:`segments` plus ``extra`` (k, v) last; written into the tail buffer's free room
@@ -366,8 +334,7 @@ class LayerCache:
         ``"staged"`` decompresses one span at a time (:func:`qkv.kernels.attention_staged`),
         ``"read"`` decompresses the whole history (:meth:`read`) for ``scaled_dot_product_attention``.
         """
-        if self.layout is None and extra is None:
-            raise CacheError(f"layer {self.index} holds nothing yet: append a chunk or pass extra")
+        self._check_attend(q, extra, scale)
         if self.config.attention != "read":
             segments = self._segments_with(extra)
             if self.config.attention == "staged":
@@ -379,32 +346,44 @@ class LayerCache:
             k, v = self.read()
             if extra is not None:
                 k, v = torch.cat([k, extra[0]], 2), torch.cat([v, extra[1]], 2)
+        # in q's dtype, as the other modes compute in fp32 and return q's dtype
+        k, v = k.to(q.dtype), v.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
+    def _check_attend(self, q: object, extra: object, scale: object) -> None:
+        """Typed errors for what :meth:`attend` cannot take: an empty layer without ``extra``, a
+        ``q`` that is no float [B, H, Sq, D] tensor (or, with ``validate``, holds NaN/Inf), an
+        ``extra`` that is no (k, v) pair the layer could append, a non-finite ``scale``."""
+        if self.layout is None and extra is None:
+            raise CacheError(f"layer {self.index} holds nothing yet: append a chunk or pass extra")
+        check_kv_layout("q", q)
+        if self.config.validate:
+            check_kv_values("q", q)
+        if extra is not None:
+            if not isinstance(extra, tuple) or len(extra) != 2:
+                raise ShapeError(f"layer {self.index}: extra must be a (k, v) tuple, got {type(extra).__name__}")
+            check_chunk(self.config, self.layout, *extra, f"layer {self.index}: extra", values=self.config.validate)
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+            raise ConfigError(f"layer {self.index}: scale must be a finite number or None, got {shown(scale)}")
+
     def positions(self) -> torch.Tensor:
-        """Absolute position of every retained token, in :meth:`read` order: int64 [tokens] (CPU)."""
-        parts = [torch.arange(c.start, c.start + c.tokens) for c in self.sink]
-        parts += [torch.arange(s.start + s.skip, s.start + s.skip + s.tokens) for s in self.spans]
-        parts += [torch.arange(c.start, c.start + c.tokens) for c in self.tail]
-        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+        """Absolute position of every retained token, in :meth:`read` order: int64 [tokens] (CPU).
+        The sink holds positions from 0; after it, the ``evicted`` oldest are gone and the rest run
+        up to ``seen``."""
+        sink = sum(c.tokens for c in self.sink)
+        return torch.cat([torch.arange(sink), torch.arange(sink + self.evicted, self.seen)])
 
     # -- batch / device ------------------------------------------------------------------------
     def warm_shares_newest_span(self) -> bool:
         """Whether the warm-start centroids are those of the newest stored span (shared storage)."""
-        if self.warm is None or not self.spans:
-            return False
-        newest = self.spans[-1].ckv
-        return all(
-            w.centroids is s.centroids
-            for a, b in ((self.warm.k, newest.k), (self.warm.v, newest.v))
-            for w, s in zip(a.stages, b.stages)
-        )
+        return self.warm is not None and bool(self.spans) and shares_centroids(self.warm, self.spans[-1].ckv)
 
     def index_batch(self, index: torch.Tensor) -> None:
-        """Keep batch rows ``index`` (1-D int64; beam search reorders, repeats or selects rows)."""
+        """Keep batch rows ``index`` (1-D integer tensor or sequence, each in [0, B); beam search
+        reorders, repeats or selects rows)."""
+        index = self._rows(index)
         if self.layout is None:
             return
-        index = index.to(torch.long)
 
         def rows(c: Chunk) -> Chunk:
             return Chunk(c.k.index_select(0, index.to(c.k.device)), c.v.index_select(0, index.to(c.v.device)), c.start)
@@ -416,7 +395,25 @@ class LayerCache:
         self.spans = [dataclasses.replace(s, ckv=index_batch(s.ckv, index)) for s in self.spans]
         if self.warm is not None:
             self.warm = centroids_only(self.spans[-1].ckv) if shared else index_batch(self.warm, index)
-        self.layout = (len(index), *self.layout[1:])
+        self.layout = self.layout._replace(batch=len(index))
+
+    def _rows(self, index: object) -> torch.Tensor:
+        """``index`` as a 1-D int64 tensor of batch rows of this layer, else a typed error."""
+        where = f"layer {self.index}: index_batch"
+        try:
+            rows = torch.as_tensor(index)
+        except (TypeError, ValueError, RuntimeError):
+            raise DTypeError(f"{where}: index must be a 1-D integer tensor or sequence, got {shown(index)}") from None
+        if rows.dim() != 1 or not rows.numel():
+            raise ShapeError(f"{where}: index must be 1-D and keep at least one row, got shape {tuple(rows.shape)}")
+        if rows.dtype.is_floating_point or rows.dtype.is_complex or rows.dtype == torch.bool:
+            raise DTypeError(f"{where}: index must hold integers, got {rows.dtype}")
+        rows = rows.to(torch.long)
+        if self.layout is not None:
+            bad = rows[(rows < 0) | (rows >= self.layout.batch)]
+            if bad.numel():
+                raise CacheError(f"{where}: row {int(bad[0])} outside the layer's {self.layout.batch} batch rows")
+        return rows
 
     def to(self, device: str | torch.device) -> None:
         """Move everything stored to ``device`` (in place)."""
@@ -433,7 +430,7 @@ class LayerCache:
         if self.warm is not None:
             self.warm = centroids_only(self.spans[-1].ckv) if shared else self.warm.to(device)
         if self.layout is not None:
-            self.layout = (*self.layout[:4], device)
+            self.layout = self.layout._replace(device=device)
 
 
 class KVCache:
@@ -453,6 +450,11 @@ class KVCache:
     def __init__(self, policy: Policy | str, *, num_layers: int | None = None, **options) -> None:
         if isinstance(policy, str):
             policy = build_policy(policy)
+        unknown = sorted(set(options) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"KVCache: unknown option(s) {shown(unknown)}; valid options: num_layers, {', '.join(OPTIONS)}"
+            )
         self.config = CacheConfig(policy, **options)
         if num_layers is not None:
             check_int("cache", "num_layers", num_layers, 1)
@@ -477,9 +479,16 @@ class KVCache:
         """Append a chunk [B, H, S_chunk, D] to ``layer`` (see :meth:`LayerCache.append`)."""
         self.layer(layer).append(k, v)
 
+    def _held(self, index: int, extra: object = None) -> LayerCache:
+        """:meth:`layer` for reading: a layer never appended to (without ``extra`` to attend to)
+        raises instead of creating every layer up to ``index``."""
+        if isinstance(index, int) and index >= len(self.layers) and extra is None:
+            raise CacheError(f"layer {shown(index)} holds nothing yet (the cache has {len(self.layers)} layers)")
+        return self.layer(index)
+
     def read(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Retained history of ``layer``: (k, v) [B, H, S, D]."""
-        return self.layer(layer).read()
+        return self._held(layer).read()
 
     def attend(
         self,
@@ -491,7 +500,7 @@ class KVCache:
     ) -> torch.Tensor:
         """Attention of q [B, H, Sq, D] to the history of ``layer`` (+ ``extra`` (k, v)):
         [B, H, Sq, D] (see :meth:`LayerCache.attend`)."""
-        return self.layer(layer).attend(q, extra=extra, scale=scale)
+        return self._held(layer, extra).attend(q, extra=extra, scale=scale)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append, then read (the transformers ``Cache.update`` contract)."""
@@ -514,18 +523,50 @@ class KVCache:
             layer.to(device)
         return self
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the whole state to the folder ``path`` (see :mod:`qkv.caches.cache_io`)."""
-        from qkv.caches.cache_io import save_cache
+    def state_dict(self) -> dict:
+        """The whole state as plain data: ``config`` (:meth:`CacheConfig.to_dict`), ``num_layers``
+        and each layer's :meth:`LayerCache.state_dict` (tensors shared, not copied)."""
+        return {
+            "config": self.config.to_dict(),
+            "num_layers": self.num_layers,
+            "layers": [layer.state_dict() for layer in self.layers],
+        }
 
-        save_cache(self, path)
+    def load_state_dict(self, state: dict, device: str | torch.device = "cpu") -> None:
+        """Replace every layer's state by ``state`` (a :meth:`state_dict` of a cache configured
+        alike, tensors on ``device``), after checking all of it; raises :class:`CorruptDataError`
+        and leaves the cache unchanged if it does not add up."""
+        if not isinstance(state, dict) or not isinstance(state.get("layers"), list):
+            raise CorruptDataError("cache state: expected a dict with a list of layers")
+        if state.get("config") != self.config.to_dict() or state.get("num_layers") != self.num_layers:
+            raise CorruptDataError("cache state: saved from a cache configured otherwise than this one")
+        layers = state["layers"]
+        if self.num_layers is not None and len(layers) != self.num_layers:
+            raise CorruptDataError(f"cache state: {len(layers)} layers, the cache has {self.num_layers}")
+        fresh = [LayerCache(self.config, i) for i in range(len(layers))]
+        for layer, data in zip(fresh, layers):
+            layer.load_state_dict(data, device)
+        self.layers = fresh
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the whole state to the folder ``path`` (created; see :mod:`qkv.caches.cache_io`)."""
+        cache_io.save_cache(path, self.state_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "KVCache":
-        """Read a cache written by :meth:`save`; streaming resumes bit-exactly."""
-        from qkv.caches.cache_io import load_cache
-
-        return load_cache(path, device=device)
+        """Read a cache written by :meth:`save`; streaming resumes bit-exactly. Every file and every
+        value in them is checked (:mod:`qkv.caches.cache_io`, :mod:`qkv.caches.layer_state`): a
+        damaged, edited, incomplete or mixed-up save raises :class:`CorruptDataError`."""
+        device = load_device(device)
+        state = cache_io.load_cache(path, device)
+        try:
+            config = CacheConfig.from_dict(state["config"])
+            options = {k: v for k, v in state["config"].items() if k != "policy"}
+            cache = cls(config.policy, num_layers=state["num_layers"], **options)
+        except (QKVError, TypeError) as exc:
+            raise CorruptDataError(f"{shown(str(path))}: the stored cache config is invalid ({exc})") from None
+        cache.load_state_dict(state, device)
+        return cache
 
     def __repr__(self) -> str:
         mem = self.memory()

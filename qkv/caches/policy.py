@@ -31,6 +31,17 @@ from qkv.quantizers.staging import SingleStage
 from qkv.validation import check_kv_pair, check_kv_tensor
 
 
+def _names(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
+
+
+def _check_type(where: str, value: object, kind: type | tuple[type, ...]) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a ``kind``."""
+    if not isinstance(value, kind):
+        raise ConfigError(f"{where} must be {_names(kind)}, got {type(value).__name__}")
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorPolicy:
     """How one tensor (K or V) is compressed.
@@ -47,8 +58,14 @@ class TensorPolicy:
     window: int = 0
 
     def __post_init__(self) -> None:
+        for key, kind in (("quantizer", Quantizer), ("grouping", Grouper),
+                          ("smoothing", Smoother), ("staging", Staging), ("packing", (BitPacker, type(None)))):
+            if not isinstance(getattr(self, key), kind):
+                raise ConfigError(f"TensorPolicy: {key} must be {_names(kind)}, got {type(getattr(self, key)).__name__}")
         check_int("policy", "window", self.window, 0)
         packed = self.quantizer.packed
+        if not packed and self.packing not in (None, U8MSBPacker()):  # U8MSBPacker(): the field's default
+            raise ConfigError(f"{self.quantizer.token} stores floats: it takes no packing ({self.packing.token})")
         if not packed and self.packing is not None:
             object.__setattr__(self, "packing", None)
         if packed and self.packing is None:
@@ -134,12 +151,15 @@ class TensorPolicy:
         """Compress ``x`` [B, H, S, D] (fp32/fp16/bf16).
 
         ``warm_start``: a previous :class:`CompressedTensor` of this policy whose centroids seed
-        the clustering of every stage (k-means warm start across chunks).
+        the clustering of every stage (k-means warm start across chunks). Runs without autograd:
+        what is stored never holds a graph.
         """
+        _check_type("compress: warm_start", warm_start, (CompressedTensor, type(None)))
         check_kv_tensor(name, x)
         self.check_shape(name, tuple(x.shape))
         return self._compress(x, self._warm(warm_start, x.shape[0] * x.shape[1]), backend)
 
+    @torch.no_grad()
     def _compress(self, x: torch.Tensor, warm: list[torch.Tensor] | None, backend: str) -> CompressedTensor:
         """:meth:`compress` of an already validated ``x``; ``warm``: :meth:`_warm`'s centroids."""
         b, h, s, d = x.shape
@@ -196,6 +216,7 @@ class TensorPolicy:
         return out
 
     def _check_data(self, ct: CompressedTensor) -> None:
+        _check_type("the data", ct, CompressedTensor)
         if ct.format != self.format(ct.shape[3]):
             raise ConfigError(f"data stored as {ct.format} was not compressed by this policy {self.spec!r}")
 
@@ -222,6 +243,10 @@ class Policy:
     v: TensorPolicy
     name: str | None = dataclasses.field(default=None, compare=False)
 
+    def __post_init__(self) -> None:
+        _check_type("Policy: k", self.k, TensorPolicy)
+        _check_type("Policy: v", self.v, TensorPolicy)
+
     def __repr__(self) -> str:
         return f"Policy({self.spec!r})" if self.name is None else f"Policy({self.spec!r}, name={self.name!r})"
 
@@ -235,6 +260,7 @@ class Policy:
     def __str__(self) -> str:
         return self.spec if self.name is None else f"{self.name} ({self.spec})"
 
+    @torch.no_grad()
     def compress(
         self,
         k: torch.Tensor,
@@ -253,8 +279,10 @@ class Policy:
         When keys and values share one tensor policy (and dtype), they are compressed in one pass,
         stacked along the batch: every (batch, head) row is clustered and quantized on its own, so
         the result is the same as two passes (except a random k-means init, drawn for all rows at
-        once), with half the kernel launches.
+        once), with half the kernel launches. Runs without autograd: what is stored never holds a
+        graph.
         """
+        _check_type("compress: warm_start", warm_start, (CompressedKV, type(None)))
         check_kv_pair(k, v, values=validate)
         self.k.check_shape("k", tuple(k.shape))
         self.v.check_shape("v", tuple(v.shape))
@@ -270,6 +298,7 @@ class Policy:
 
     def decompress(self, ckv: CompressedKV, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """(k_hat, v_hat) with the shapes and dtypes of the compressed inputs."""
+        _check_type("decompress: the data", ckv, CompressedKV)
         if ckv.spec != self.spec:
             raise ConfigError(f"data was compressed by {ckv.spec!r}, not by this policy {self.spec!r}")
         return self.k.decompress(ckv.k, backend=backend), self.v.decompress(ckv.v, backend=backend)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 
 from qkv.caches.policy import Policy, TensorPolicy
-from qkv.errors import ConfigError, UnknownComponentError
+from qkv.component import check_int
+from qkv.errors import ConfigError, UnknownComponentError, shown
 from qkv.quantizers import ProgressiveResidual, SingleStage
 from qkv.spec import KINDS, parse_policy_spec
 
@@ -75,21 +78,33 @@ def _override_tensor(policy: TensorPolicy, key: str, value: object) -> TensorPol
             return None
         return dataclasses.replace(policy, grouping=policy.grouping.replace(**{key: value}))
     if key == "stages":
+        check_int("override", "stages", value, 1)
         if not policy.smoothing.needs_groups:
             return None
         staging = SingleStage() if value == 1 else ProgressiveResidual(stages=value)
         return dataclasses.replace(policy, staging=staging)
     if key == "window":
         return dataclasses.replace(policy, window=value)
-    raise ConfigError(f"unknown override {key!r}; valid overrides: {', '.join(OVERRIDES)}")
+    raise ConfigError(f"unknown override {shown(key)}; valid overrides: {', '.join(OVERRIDES)}")
+
+
+# What a preset name looks like (no arguments, commas or k:/v: parts, unlike a spec)
+_WORD = re.compile(r"\s*[A-Za-z0-9_.\-]+\s*")
 
 
 def _check_bare_name(name: str) -> None:
-    """A bare word that is neither a preset nor a component: list the presets."""
-    if not any(name in registry for registry in KINDS.values()):
-        raise UnknownComponentError(
-            f"unknown policy {name!r}; presets: {', '.join(PRESETS)} (or pass a spec string)"
-        )
+    """A bare word that is neither a preset nor a component: name the preset it was probably
+    meant to be (a blank around it, ``_`` for ``-``, another case) and list the presets."""
+    word = name.strip()
+    if not _WORD.fullmatch(name) or any(word in registry for registry in KINDS.values()):
+        return
+    if word in PRESETS:
+        raise UnknownComponentError(f"unknown policy {shown(name)}: remove the blanks around the preset {word!r}")
+    close = difflib.get_close_matches(word.lower().replace("_", "-"), PRESETS, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise UnknownComponentError(
+        f"unknown policy {shown(name)}{hint} presets: {', '.join(PRESETS)} (or pass a spec string)"
+    )
 
 
 def build_policy(name_or_spec: str, **overrides: object) -> Policy:
@@ -102,7 +117,7 @@ def build_policy(name_or_spec: str, **overrides: object) -> Policy:
     if not isinstance(name_or_spec, str):
         raise ConfigError(f"build_policy takes a preset name or spec string, got {type(name_or_spec).__name__}")
     preset = PRESETS.get(name_or_spec)
-    if preset is None and name_or_spec.replace("-", "").isalnum():
+    if preset is None:
         _check_bare_name(name_or_spec)
     k_fields, v_fields = parse_policy_spec(preset[0] if preset else name_or_spec)
     policy = Policy(TensorPolicy(**k_fields), TensorPolicy(**v_fields))
@@ -110,7 +125,7 @@ def build_policy(name_or_spec: str, **overrides: object) -> Policy:
     for key, value in overrides.items():
         new_k, new_v = _override_tensor(k, key, value), _override_tensor(v, key, value)
         if new_k is None and new_v is None:
-            raise ConfigError(f"override {key}={value!r} does not apply to {name_or_spec!r} ({policy.spec})")
+            raise ConfigError(f"override {key}={shown(value)} does not apply to {shown(name_or_spec)} ({policy.spec})")
         k, v = new_k or k, new_v or v
     name = name_or_spec if preset else None
     if overrides and name:

@@ -37,7 +37,7 @@ class FaissGrouper(ClusteringGrouper):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("faiss", "iters", self.iters, 1)
-        check_int("faiss", "seed", self.seed, 0)
+        check_int("faiss", "seed", self.seed, 0, 2**31 - 1)  # faiss's seed is a C int
 
     def group(self, x, init=None, *, backend="auto") -> Groups:
         faiss = _import_faiss()

@@ -22,19 +22,21 @@ Triton assignment: its nearest centroid rounded to bf16, see docs/kernels.md).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import ClassVar
 
 import torch
 
 from qkv import kernels
 from qkv.component import check_choice, check_int
-from qkv.errors import ConfigError
+from qkv.errors import ConfigError, shown
 from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_scale
 
 CHECK_EVERY = 4
 FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x clusters span segments
 INIT_SAMPLE = 16  # k-means++ seeds from at most this many tokens per cluster (a random subsample)
 INITS = ("kmeans++", "random")
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,10 +159,10 @@ class KMeansGrouper(ClusteringGrouper):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("kmeans", "iters", self.iters, 0)
-        check_int("kmeans", "seed", self.seed, 0)
+        check_int("kmeans", "seed", self.seed, 0, SEED_MAX)
         check_choice("kmeans", "init", self.init, INITS)
-        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or self.tol < 0:
-            raise ConfigError(f"kmeans: tol must be a number >= 0, got {self.tol!r}")
+        if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not 0 <= self.tol < math.inf:
+            raise ConfigError(f"kmeans: tol must be a finite number >= 0, got {shown(self.tol)}")
 
     def group(self, x, init=None, *, backend="auto") -> Groups:
         result = kmeans(

@@ -198,7 +198,7 @@ def test_index_batch_reorders_every_part():
 
 def snapshot(cache: KVCache):
     layer = cache.layer(0)
-    return (layer.seen, layer.tokens, layer.chunks_seen, cache.memory(), *cache.read(0))
+    return (layer.seen, layer.tokens, cache.memory(), *cache.read(0))
 
 
 @pytest.mark.parametrize(
@@ -227,7 +227,7 @@ def test_bad_chunks_raise_and_leave_the_cache_unchanged(bad, error, message):
     with pytest.raises(error, match=message):
         cache.append(0, *bad(*chunks[4]))
     after = snapshot(cache)
-    assert before[:4] == after[:4] and torch.equal(before[4], after[4]) and torch.equal(before[5], after[5])
+    assert before[:3] == after[:3] and torch.equal(before[3], after[3]) and torch.equal(before[4], after[4])
     cache.append(0, *chunks[4])  # still streams
     assert len(cache.layer(0).spans) == 2
 
@@ -266,3 +266,70 @@ def test_layers_grow_unless_fixed_and_defaults():
     with pytest.raises(CacheError, match="outside"):
         fixed.layer(2)
     assert isinstance(CacheMemory() + CacheMemory(), CacheMemory)
+
+
+def test_reading_a_layer_never_appended_to_creates_nothing():
+    cache = KVCache("rtn")  # no num_layers: layers grow on append
+    cache.append(0, *stream(0, [4])[0])
+    for index in (1, 100_000, 10**9):  # 10**9 hung, creating every layer up to it
+        with pytest.raises(CacheError, match=f"layer {index} holds nothing"):
+            cache.read(index)
+        with pytest.raises(CacheError, match="holds nothing"):
+            cache.attend(index, torch.randn(1, 2, 1, 64))
+    assert len(cache.layers) == 1
+
+
+def test_unknown_cache_options_list_the_valid_ones():
+    with pytest.raises(ConfigError, match="unknown option.*bogus.*valid options: num_layers, span_chunks"):
+        KVCache("rtn", bogus=1)
+
+
+@pytest.mark.parametrize(
+    "index, error, message",
+    [
+        ([5], CacheError, "row 5 outside the layer's 2 batch rows"),
+        ([-1], CacheError, "row -1 outside"),
+        ([], ShapeError, "at least one row"),
+        ([[0]], ShapeError, "1-D"),
+        ([0.0], DTypeError, "integers"),
+        (torch.tensor([True, False]), DTypeError, "integers"),
+        ("a", DTypeError, "integer tensor"),
+    ],
+)
+def test_index_batch_rejects_rows_it_does_not_have(index, error, message):
+    cache = KVCache(QVG, span_chunks=1)
+    for k, v in stream(0, [4, 4], b=2):
+        cache.append(0, k, v)
+    before = cache.read(0)
+    with pytest.raises(error, match=message):
+        cache.layer(0).index_batch(index)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.read(0)))
+    cache.layer(0).index_batch([1, 1, 0])
+    assert torch.equal(cache.read(0)[0], before[0][[1, 1, 0]])
+
+
+@pytest.mark.parametrize("attention", ["fused", "staged", "read"])
+def test_attend_checks_its_inputs(attention):
+    cache = KVCache(QVG, span_chunks=1, attention=attention)
+    for k, v in stream(0, [4, 4]):
+        cache.append(0, k.bfloat16(), v.bfloat16())
+    q = torch.randn(1, 2, 3, 64)
+    bad = q.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="q holds 1 NaN"):
+        cache.attend(0, bad)
+    for scale in (float("nan"), float("inf"), "a", True):
+        with pytest.raises(ConfigError, match="scale must be a finite number"):
+            cache.attend(0, q, scale=scale)
+    k, v = stream(1, [2])[0]
+    with pytest.raises(ShapeError, match="extra must be a \\(k, v\\) tuple"):
+        cache.attend(0, q, extra=[k.bfloat16(), v.bfloat16()])
+    with pytest.raises(DTypeError, match="extra: chunk is torch.float32, the cache holds torch.bfloat16"):
+        cache.attend(0, q, extra=(k, v))
+    # an fp32 query on a bf16 cache: every mode takes it (read failed) and returns fp32
+    out = cache.attend(0, q, extra=(k.bfloat16(), v.bfloat16()))
+    ref = KVCache(QVG, span_chunks=1, attention="staged")
+    for k2, v2 in stream(0, [4, 4]):
+        ref.append(0, k2.bfloat16(), v2.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.attend(0, q, extra=(k.bfloat16(), v.bfloat16())), atol=2e-2, rtol=0)

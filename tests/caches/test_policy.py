@@ -3,6 +3,7 @@ import torch
 
 import qkv
 from qkv import errors
+from qkv.quantizers import AffineQuantizer, CastQuantizer, I32LSBPacker
 
 
 def kv(shape=(1, 2, 300, 64), dtype=torch.float32, seed=0):
@@ -214,3 +215,79 @@ def test_fused_compress_is_bit_identical_to_the_unfused_path(spec, overrides, ba
         for st, pair in zip(ct.stages, stored):
             for a, b in zip((st.centroids, st.assignments), pair):
                 assert (a is None and b is None) or torch.equal(a.flatten(0, 1), b)
+
+
+# -- errors that name the problem ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("qvg ", "remove the blanks around the preset 'qvg'"),
+        ("qvg_pro", "did you mean 'qvg-pro'\\? presets: qvg, qvg-pro"),
+        ("QVG", "did you mean 'qvg'"),
+    ],
+)
+def test_a_misspelt_preset_names_the_preset(name, message):
+    with pytest.raises(errors.UnknownComponentError, match=message):
+        qkv.build_policy(name)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda: qkv.build_policy("qvg", seed=2**64), "seed must be an integer \\[0, 9223372036854775807\\]"),
+        (lambda: qkv.build_policy("faiss,centroid,int2", seed=2**40), "seed must be an integer \\[0, 2147483647\\]"),
+        (lambda: qkv.build_policy("qvg", stages=True), "stages must be an integer"),
+        (lambda: qkv.build_policy("qvg", stages=1.0), "stages must be an integer"),
+        (lambda: qkv.build_policy("bf16,i32lsb"), "bf16 stores floats, it takes no packing \\(i32lsb\\)"),
+        (lambda: qkv.build_policy("kmeans(tol=nan),centroid,int2"), "tol must be a finite number"),
+        (lambda: qkv.build_policy("kmeans(tol=inf),centroid,int2"), "tol must be a finite number"),
+        (lambda: qkv.Policy("int2", "int2"), "Policy: k must be TensorPolicy, got str"),
+        (lambda: qkv.TensorPolicy("int2"), "quantizer must be Quantizer, got str"),
+        (lambda: qkv.TensorPolicy(AffineQuantizer(bits=2), grouping="kmeans"), "grouping must be Grouper"),
+        (lambda: qkv.TensorPolicy(CastQuantizer(), packing=I32LSBPacker()), "takes no packing"),
+    ],
+)
+def test_bad_configurations_fail_at_build_time(build, message):
+    with pytest.raises(errors.ConfigError, match=message):
+        build()
+
+
+def test_bad_arguments_to_compress_and_decompress_are_typed_errors():
+    policy = qkv.build_policy("rtn")
+    k = torch.randn(1, 2, 16, 64)
+    ckv = policy.compress(k, k)
+    with pytest.raises(errors.ConfigError, match="warm_start must be CompressedKV or None, got CompressedTensor"):
+        policy.compress(k, k, warm_start=ckv.k)
+    with pytest.raises(errors.ConfigError, match="warm_start must be CompressedTensor or None"):
+        policy.k.compress(k, warm_start=ckv)
+    with pytest.raises(errors.ConfigError, match="decompress: the data must be CompressedKV, got tuple"):
+        policy.decompress((ckv.k, ckv.v))
+    with pytest.raises(errors.ConfigError, match="must be CompressedTensor, got CompressedKV"):
+        policy.k.decompress(ckv)
+
+
+def test_compression_keeps_no_autograd_history():
+    policy = qkv.build_policy("kivi", window=8)  # stores full-precision tokens too
+    k = torch.randn(1, 2, 80, 64, requires_grad=True)
+    v = k * 2
+    ckv = policy.compress(k, v)
+    stored = [t for ct in (ckv.k, ckv.v) for t in ct.tensors().values()]
+    assert not any(t.requires_grad or t.grad_fn is not None for t in stored)
+    assert not any(t.requires_grad for t in policy.decompress(ckv))
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (lambda: torch.empty(1, 2, 8, 64, device="meta"), errors.DeviceError, "meta device"),
+        (lambda: torch.randn(1, 2, 8, 64).to_sparse(), errors.DTypeError, "sparse_coo tensor; qkv takes dense"),
+    ],
+)
+def test_meta_and_sparse_tensors_are_typed_errors(make, error, message):
+    x = make()
+    with pytest.raises(error, match=message):
+        qkv.build_policy("rtn").compress(x, x)
+    with pytest.raises(error, match=message):
+        qkv.KVCache("rtn").append(0, x, x)
