@@ -13,49 +13,16 @@ at equal k-means iterations and at equal error, and relative MSE on the same ten
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 
 import torch
 import triton
+from common import clustered, copy_bandwidth, gpu_ms, ms, write_json
 from safetensors.torch import load_file
-from triton.testing import do_bench, do_bench_cudagraph
 
 import qkv
 from qkv.evaluation.metrics import relative_mse
 
 SHAPES = {"self-forcing": (1, 12, 37440, 128), "longcat": (1, 32, 29640, 128)}
-
-
-def ms(fn) -> float:
-    return do_bench(fn, warmup=50, rep=200, return_mode="median")
-
-
-def gpu_ms(fn) -> float | None:
-    """GPU time alone (the call replayed from a CUDA graph: no Python or launch overhead), or None
-    if the call cannot be captured."""
-    try:
-        return do_bench_cudagraph(fn, rep=200, return_mode="median")
-    except Exception:  # e.g. a host sync inside the call
-        return None
-
-
-def copy_bandwidth() -> float:
-    """Device copy bandwidth, bytes read + written per second."""
-    src = torch.randn(512 * 2**20, device="cuda", dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    t = ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (t * 1e-3)
-
-
-def clustered(shape, seed=0) -> torch.Tensor:
-    b, h, s, d = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    centres = torch.randn(b * h, 256, d, generator=g, device="cuda") * 2
-    labels = torch.randint(0, 256, (b * h, s), generator=g, device="cuda")
-    x = torch.gather(centres, 1, labels.unsqueeze(-1).expand(-1, -1, d))
-    x = x + 0.5 * torch.randn(b * h, s, d, generator=g, device="cuda")
-    return x.view(shape).bfloat16()
 
 
 def real_tiled(shape, path, key="k") -> torch.Tensor:
@@ -93,12 +60,7 @@ def ours(x, spec):
 
 
 def run(args) -> dict:
-    results = {"environment": {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-    }}
+    results = {}
     bw = copy_bandwidth()
     results["copy_bandwidth_TBps"] = bw / 1e12
     rows = []
@@ -215,8 +177,7 @@ def main():
     parser.add_argument("--real", help="safetensors with real k/v [H, S, D] bf16")
     args = parser.parse_args()
     results = run(args)
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=1)
+    write_json(args.out, results)
     print(f"copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s; wrote {args.out}")
 
 

@@ -1,0 +1,91 @@
+"""What every GPU benchmark here shares: device facts, timing, memory and test data.
+
+    from common import clustered, copy_bandwidth, environment, gpu_ms, ms, peak_extra
+
+Run the benchmarks from the repository root (``python benchmarks/bench_<op>.py``): this folder is
+then on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import platform
+
+import torch
+
+
+def environment() -> dict:
+    """What the numbers were measured on: GPU, CUDA, torch, triton and Python versions."""
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def ms(fn, *, warmup: int = 50, rep: int = 200) -> float:
+    """Median wall time of ``fn`` per call on the GPU stream, in milliseconds (what a caller
+    waits for, launches and host work included)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def gpu_ms(fn, *, rep: int = 200) -> float | None:
+    """GPU time alone (the call replayed from a CUDA graph: no Python or launch overhead), or None
+    if the call cannot be captured (e.g. a host sync inside it)."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        return do_bench_cudagraph(fn, rep=rep, return_mode="median")
+    except Exception:  # noqa: BLE001 - any capture failure means "not capturable"
+        return None
+
+
+def copy_bandwidth() -> float:
+    """Device copy bandwidth, bytes read + written per second (1 GiB bf16 copy)."""
+    src = torch.empty(512 * 2**20, device="cuda", dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * src.element_size() / (ms(lambda: dst.copy_(src)) * 1e-3)
+
+
+def matmul_rate() -> float:
+    """Dense bf16 matmul FLOP/s (8192^3)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    return 2 * 8192**3 / (ms(lambda: a @ a) * 1e-3)
+
+
+def peak_extra(fn) -> int:
+    """Bytes ``fn`` allocates at its peak beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak
+
+
+def clustered(shape: tuple[int, int, int, int], *, clusters: int = 256, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
+    """[B, H, S, D] bf16 on the GPU with cluster structure (what k-means smoothing exploits):
+    ``clusters`` centres per head, unit-variance centres times 2 plus noise of 0.5."""
+    b, h, s, d = shape
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    centres = torch.randn(b * h, clusters, d, generator=g, device="cuda") * 2
+    labels = torch.randint(0, clusters, (b * h, s), generator=g, device="cuda")
+    x = torch.gather(centres, 1, labels.unsqueeze(-1).expand(-1, -1, d))
+    x = x + 0.5 * torch.randn(b * h, s, d, generator=g, device="cuda")
+    return (x * scale).view(shape).bfloat16()
+
+
+def write_json(path: str | pathlib.Path, results: dict) -> None:
+    """Write ``results`` (with :func:`environment` added) to ``path``, creating its folder."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"environment": environment(), **results}, indent=1))
