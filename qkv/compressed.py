@@ -5,6 +5,7 @@ bounds, loading - needs the data alone, never the policy that made it."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 
 import torch
@@ -304,3 +305,61 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu")
     if tensors:
         raise CorruptDataError(f"{where}: unexpected tensors {shown(sorted(tensors)[:5])}")
     return CompressedKV(k.to(device), v.to(device), spec), sha
+
+
+# Every tensor of a packed buffer starts at a multiple of this many bytes (any dtype's alignment).
+PACK_ALIGN = 16
+
+
+def pack(ckv: CompressedKV) -> tuple[torch.Tensor, dict]:
+    """``ckv`` as one contiguous uint8 buffer on its device (every stored tensor back to back,
+    each :data:`PACK_ALIGN`-aligned) and a JSON-able header saying what is where: the form to send
+    between ranks or copy to host memory in one transfer. :func:`unpack` is its exact inverse."""
+    parts, entries, offset = [], [], 0
+    for side, ct in (("k", ckv.k), ("v", ckv.v)):
+        for name, t in ct.tensors().items():
+            raw = t.contiguous().view(torch.uint8).view(-1) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+            pad = -offset % PACK_ALIGN
+            if pad:
+                parts.append(raw.new_zeros(pad))
+                offset += pad
+            entries.append([f"{side}.{name}", str(t.dtype), list(t.shape), offset])
+            parts.append(raw)
+            offset += raw.numel()
+    device = next(iter(ckv.k.tensors().values())).device
+    buffer = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device)
+    header = {"spec": ckv.spec, "k": tensor_header(ckv.k), "v": tensor_header(ckv.v), "tensors": entries}
+    return buffer, header
+
+
+_STORED_DTYPES = {
+    str(d): d
+    for d in (torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.uint8, torch.int16, torch.int32, torch.int64)
+}
+
+
+def unpack(buffer: torch.Tensor, header: dict) -> CompressedKV:
+    """The :class:`CompressedKV` a :func:`pack` made (its own copies of the bytes, on the buffer's
+    device), checked like a loaded file: every header field, every tensor against its format, no
+    NaN stored; a buffer or header that does not fit raises :class:`CorruptDataError`."""
+    where = "packed span"
+    if not isinstance(buffer, torch.Tensor) or buffer.dtype != torch.uint8 or buffer.dim() != 1:
+        raise CorruptDataError(f"{where}: the buffer must be a 1-d uint8 tensor, got {shown(getattr(buffer, 'shape', buffer))}")
+    tensors = {}
+    for entry in io.field(header, "tensors", list, where):
+        if not (isinstance(entry, list) and len(entry) == 4 and isinstance(entry[0], str) and entry[1] in _STORED_DTYPES
+                and isinstance(entry[2], list) and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in entry[2])
+                and isinstance(entry[3], int) and not isinstance(entry[3], bool) and entry[3] >= 0):
+            raise CorruptDataError(f"{where}: invalid tensor entry {shown(entry)}")
+        name, dtype, shape, offset = entry
+        dtype = _STORED_DTYPES[dtype]
+        size = math.prod(shape) * dtype.itemsize
+        if offset % PACK_ALIGN or offset + size > buffer.numel() or name in tensors:
+            raise CorruptDataError(f"{where}: {shown(name)} at bytes {offset}..{offset + size} does not fit a buffer of {buffer.numel()}")
+        tensors[name] = buffer[offset : offset + size].clone().view(dtype).view(shape)
+    spec = io.field(header, "spec", str, where)
+    k = _tensor_from("k", header.get("k"), tensors, where)
+    v = _tensor_from("v", header.get("v"), tensors, where)
+    if tensors:
+        raise CorruptDataError(f"{where}: unexpected tensors {shown(sorted(tensors)[:5])}")
+    return CompressedKV(k, v, spec)
