@@ -28,10 +28,12 @@ depends on which other heads share the call: that is what lets ranks that each h
 
 :meth:`LayerCache.read` decompresses span by span (nothing decompressed is kept) and concatenates sink,
 spans and tail. :meth:`LayerCache.attend` computes attention over the history as ``attention`` says
-(``ATTENTION`` in cache_config.py, docs/attention.md): ``"fused"`` (default, the Triton kernel of
-:func:`qkv.kernels.attention` reads the compressed spans directly), ``"staged"`` (one span
-decompressed at a time, torch's fused attention) or ``"read"`` (:meth:`read`, then
-``scaled_dot_product_attention``).
+(``ATTENTION`` in cache_config.py, docs/attention.md): ``"auto"`` (default: the fastest path for the
+call's query count), ``"decode"`` (flash-decoding over the compressed spans), ``"fused"`` (the
+prefill kernel reads the compressed spans directly), ``"staged"`` (one span decompressed at a
+time, torch's fused attention) or ``"read"`` (:meth:`read`, then ``scaled_dot_product_attention``).
+The spans are handed to the kernels as one :class:`~qkv.kernels.SpanPlan`, made when the spans
+change and kept: what the kernels need to read a span is built once, not on every call.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class LayerCache:
         self.chunks_seen = 0
         self.evicted = 0
         self.layout: tuple[int, int, int, torch.dtype, torch.device] | None = None  # B, H, D, dtype, device
+        self._plan: kernels.SpanPlan | None = None
+        self._plan_stale = True  # the spans changed since the plan was made
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -211,6 +215,8 @@ class LayerCache:
             self.tail, self.warm = tail, warm
             self.spans.extend(new_spans)
             self._slide()
+            if new_spans:
+                self._plan_stale = True
         self.layout = layout
         self.seen += k.shape[2]
         self.chunks_seen += 1
@@ -299,6 +305,7 @@ class LayerCache:
             left = 0
         self.spans, self.tail = spans, tail
         self.evicted += tokens
+        self._plan_stale = True
 
     # -- reading -------------------------------------------------------------------------------
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -337,10 +344,23 @@ class LayerCache:
             + _dense(self.tail)
         )
 
+    def span_plan(self) -> kernels.SpanPlan:
+        """The spans as one :class:`~qkv.kernels.SpanPlan` segment, made when the spans change (a
+        new plan takes over the kernels' records of the spans it shares with the last one)."""
+        if self._plan_stale:
+            policy = self.config.span_policy
+            spans = [kernels.CompressedSpan(sp.ckv, policy, sp.skip) for sp in self.spans]
+            self._plan = kernels.SpanPlan(spans, previous=self._plan)
+            self._plan_stale = False
+        return self._plan
+
     def _segments_with(self, extra: tuple[torch.Tensor, torch.Tensor] | None) -> list:
-        """:meth:`segments` plus ``extra`` (k, v) last; written into the tail buffer's free room
-        right after the tail when it fits there (the tail and extra then form one segment)."""
-        segments = self.segments() if self.layout is not None else []
+        """The history as attention segments (sink, the span plan, tail) plus ``extra`` (k, v)
+        last; written into the tail buffer's free room right after the tail when it fits there
+        (the tail and extra then form one segment)."""
+        segments = []
+        if self.layout is not None:
+            segments = [kernels.DenseKV(c.k, c.v) for c in self.sink] + [self.span_plan()] + _dense(self.tail)
         if extra is None:
             return segments
         k, v = extra
@@ -363,17 +383,15 @@ class LayerCache:
         Not causal: every query sees every key (the chunk-wise video pattern; for token-by-token
         decoding append first, then attend). H must be a multiple of the cache's heads (GQA).
         ``scale`` defaults to 1 / sqrt(D). ``config.attention`` picks how (``qkv.caches.ATTENTION``):
-        ``"fused"`` reads the compressed spans directly (:func:`qkv.kernels.attention`),
-        ``"staged"`` decompresses one span at a time (:func:`qkv.kernels.attention_staged`),
-        ``"read"`` decompresses the whole history (:meth:`read`) for ``scaled_dot_product_attention``.
+        ``"auto"``, ``"decode"``, ``"fused"`` and ``"staged"`` are :func:`qkv.kernels.attention`'s
+        methods; ``"read"`` decompresses the whole history (:meth:`read`) for
+        ``scaled_dot_product_attention``.
         """
         if self.layout is None and extra is None:
             raise CacheError(f"layer {self.index} holds nothing yet: append a chunk or pass extra")
         if self.config.attention != "read":
             segments = self._segments_with(extra)
-            if self.config.attention == "staged":
-                return kernels.attention_staged(q, segments, scale=scale, backend=self.config.backend)
-            return kernels.attention(q, segments, scale=scale, backend=self.config.backend)
+            return kernels.attention(q, segments, scale=scale, backend=self.config.backend, method=self.config.attention)
         if self.layout is None:
             k, v = extra
         else:
@@ -415,6 +433,7 @@ class LayerCache:
         self.tail = [rows(c) for c in self.tail]
         self.buffer = TailBuffer()  # the next append copies the new tail into a new buffer
         self.spans = [dataclasses.replace(s, ckv=index_batch(s.ckv, index)) for s in self.spans]
+        self._plan_stale = True
         if self.warm is not None:
             self.warm = centroids_only(self.spans[-1].ckv) if shared else index_batch(self.warm, index)
         self.layout = (len(index), *self.layout[1:])
@@ -431,6 +450,7 @@ class LayerCache:
         self.tail = [move(c) for c in self.tail]
         self.buffer = TailBuffer()  # the next append copies the tail into a buffer on ``device``
         self.spans = [dataclasses.replace(s, ckv=s.ckv.to(device)) for s in self.spans]
+        self._plan_stale = True
         if self.warm is not None:
             self.warm = centroids_only(self.spans[-1].ckv) if shared else self.warm.to(device)
         if self.layout is not None:

@@ -220,7 +220,7 @@ def merge_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, n_parts, ROWS_TOTAL, H, SQ, o
                        mask=r_ok[:, None] & (w > 0.0)[:, None], other=0.0)
         acc += w[:, None] * part
         total += w
-    out = acc / total[:, None]
+    out = acc / tl.where(r_ok, total, 1.0)[:, None]
     if EMULATE_BF16:
         out = round_to_bf16(out)
     bh = r // SQ
