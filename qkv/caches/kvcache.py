@@ -307,6 +307,28 @@ class LayerCache:
         self.evicted += tokens
         self._plan_stale = True
 
+    def drop_newest(self, tokens: int) -> None:
+        """Forget the ``tokens`` newest tokens (assisted decoding's rejected candidates). They must
+        all be in the full-precision tail: compressed spans are never rolled back (``recent_chunks``
+        keeps the newest chunks there)."""
+        check_int("drop_newest", "tokens", tokens, 0)
+        in_tail = sum(c.tokens for c in self.tail)
+        if tokens > in_tail:
+            raise CacheError(
+                f"layer {self.index}: cannot drop the {tokens} newest tokens, only {in_tail} are in the "
+                "full-precision tail (compressed spans are never rolled back; keep recent_chunks >= 1)"
+            )
+        tail, left = list(self.tail), tokens
+        while left:
+            c = tail.pop()
+            if c.tokens > left:
+                tail.append(Chunk(c.k[:, :, : c.tokens - left], c.v[:, :, : c.tokens - left], c.start))
+            else:
+                self.chunks_seen -= 1
+            left -= min(left, c.tokens)
+        self.tail = tail
+        self.seen -= tokens
+
     # -- reading -------------------------------------------------------------------------------
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The retained history ``(k, v)``, each [B, H, tokens, D] in the appended dtype.
