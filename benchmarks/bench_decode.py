@@ -18,6 +18,12 @@ default (``attention="auto"``: the decode kernel for these query counts) against
 qvg at batch 1, 32k is also timed with ``attention="fused"`` and ``"staged"`` (the paths a call took
 before the decode kernel).
 
+``generate``: a Llama-3-8B-shaped model (random bf16 weights, ``--generate-layers`` of its 32 layers),
+a 32k-token prompt and 256 greedy new tokens: tokens/s of the new tokens (prompt excluded: the
+time of generating 1 token is subtracted), peak GPU memory and the K/V bytes, with
+``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``) and
+transformers' ``DynamicCache``.
+
     PYTHONPATH=. python3 benchmarks/bench_decode.py --out benchmarks/results/bench_decode_h200.json
 """
 
@@ -163,9 +169,59 @@ def rows(bandwidth: float, rate: float) -> list[dict]:
     return out
 
 
+def generate_rows(layers: int) -> list[dict]:
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=HEADS,
+                         num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=40000)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 32 * 1024), device=DEVICE)
+    caches = {
+        "dynamic": ("sdpa", lambda: DynamicCache()),
+        "kivi": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True)),
+        "qvg": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN, direct=True)),
+    }
+    rows = []
+    for name, (attention, make) in caches.items():
+        model.set_attn_implementation(attention)
+
+        def run(new):
+            cache = make()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end), cache
+
+        run(2)  # warm-up (kernels compiled, cuDNN plans)
+        first, _ = run(1)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        total, cache = run(256)
+        peak = torch.cuda.max_memory_allocated() - before
+        if name == "dynamic":
+            kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        else:
+            kv = cache.memory().total
+        rows.append({"cache": name, "tokens_per_s": 255 / ((total - first) * 1e-3), "total_ms": total,
+                     "prompt_ms": first, "peak_extra_bytes": peak, "kv_bytes": kv})
+        print(json.dumps(rows[-1]), flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--generate-layers", type=int, default=8)
+    parser.add_argument("--skip-generate", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -175,6 +231,8 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     result = {"env": env, "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "span": SPAN,
                                      "tail": TAIL}, "decode": rows(bandwidth, rate)}
+    if not args.skip_generate:
+        result["generate"] = {"layers": args.generate_layers, "rows": generate_rows(args.generate_layers)}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
