@@ -50,7 +50,7 @@ from qkv.caches.compressed import CompressedKV, StageData
 from qkv.caches.heads import cat_heads, index_batch
 from qkv.caches.layout import predicted_groups
 from qkv.caches.policy import Policy
-from qkv.caches.tail import Chunk, TailBuffer, joined_kv
+from qkv.caches.tail import Chunk, TailBuffer, adjacent, joined_kv
 from qkv.component import check_int
 from qkv.errors import CacheError, DeviceError, DTypeError, ShapeError
 from qkv.validation import check_kv_layout, check_kv_values
@@ -139,6 +139,7 @@ class LayerCache:
         self.layout: tuple[int, int, int, torch.dtype, torch.device] | None = None  # B, H, D, dtype, device
         self._plan: kernels.SpanPlan | None = None
         self._plan_stale = True  # the spans changed since the plan was made
+        self._tail_join: tuple[int, Chunk, Chunk, list[kernels.DenseKV]] | None = None
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -376,13 +377,30 @@ class LayerCache:
             self._plan_stale = False
         return self._plan
 
+    def _tail_segments(self) -> list[kernels.DenseKV]:
+        """:func:`_dense` of the tail, joining only the chunks appended since the last call (token
+        by token decoding appends a chunk a step: joining the whole tail every step is quadratic)."""
+        memo, tail = self._tail_join, self.tail
+        if memo is not None and tail and len(tail) >= memo[0] and tail[0] is memo[1] and tail[memo[0] - 1] is memo[2]:
+            n, segments = memo[0], memo[3]
+            new = _dense(tail[n:])
+            if new and segments and adjacent(segments[-1].k, new[0].k) and adjacent(segments[-1].v, new[0].v):
+                last = _dense([Chunk(segments[-1].k, segments[-1].v, 0), Chunk(new[0].k, new[0].v, 0)])
+                segments = segments[:-1] + last + new[1:]
+            else:
+                segments = segments + new
+        else:
+            segments = _dense(tail)
+        self._tail_join = (len(tail), tail[0], tail[-1], segments) if tail else None
+        return segments
+
     def _segments_with(self, extra: tuple[torch.Tensor, torch.Tensor] | None) -> list:
         """The history as attention segments (sink, the span plan, tail) plus ``extra`` (k, v)
         last; written into the tail buffer's free room right after the tail when it fits there
         (the tail and extra then form one segment)."""
         segments = []
         if self.layout is not None:
-            segments = [kernels.DenseKV(c.k, c.v) for c in self.sink] + [self.span_plan()] + _dense(self.tail)
+            segments = [kernels.DenseKV(c.k, c.v) for c in self.sink] + [self.span_plan()] + self._tail_segments()
         if extra is None:
             return segments
         k, v = extra
