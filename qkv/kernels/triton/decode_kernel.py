@@ -56,9 +56,10 @@ def _dense_piece(q, m_i, l_i, acc, k_ptr, v_ptr, k_ss, v_ss, lo, hi, qk_scale,
 
 
 @triton.jit
-def _hadamard_rows(x, D: tl.constexpr, EMULATE: tl.constexpr):
+def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constexpr):
     """x [M, D] fp32 times the normalized Hadamard matrix (x H = H x per row: H is symmetric),
-    as two bf16 products with the +-1 matrix (x split into high and low parts: ~2^-16 relative)."""
+    as two bf16 products with the +-1 matrix (x split into high and low parts: ~2^-16 relative),
+    times H_NORM = 1 / sqrt(D)."""
     i = tl.arange(0, D)
     bits = i[:, None] & i[None, :]
     parity = bits ^ (bits >> 4)
@@ -71,14 +72,14 @@ def _hadamard_rows(x, D: tl.constexpr, EMULATE: tl.constexpr):
     else:
         sign = sign.to(tl.bfloat16)
         out = tl.dot(hi.to(tl.bfloat16), sign) + tl.dot(lo.to(tl.bfloat16), sign)
-    return out * (1.0 / tl.sqrt(D * 1.0))
+    return out * H_NORM
 
 
 @triton.jit
 def _span_pieces(
     qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
-    SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr,
+    SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
     K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
     K_HAS_ZERO: tl.constexpr, K_HAS_MULT: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr,
     K_WORD: tl.constexpr, K_MSB: tl.constexpr, K_STAGES: tl.constexpr,
@@ -126,7 +127,7 @@ def _span_pieces(
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if V_ROT:
-        acc = _hadamard_rows(acc, D, EMULATE)
+        acc = _hadamard_rows(acc, D, H_NORM, EMULATE)
     return m_i, l_i, acc
 
 
@@ -139,7 +140,7 @@ def decode_kernel(
     H, HKV, SQ, ROWS_TOTAL, q_sb, q_sh, q_ss, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
-    HAS_DENSE: tl.constexpr, SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr,
+    HAS_DENSE: tl.constexpr, SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
     K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
     K_HAS_ZERO: tl.constexpr, K_HAS_MULT: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr,
     K_WORD: tl.constexpr, K_MSB: tl.constexpr, K_STAGES: tl.constexpr,
@@ -172,7 +173,7 @@ def decode_kernel(
             m_i, l_i, acc = _span_pieces(
                 qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
                 tl.minimum(pid * per_prog + per_prog, n_items), n.to(tl.int64), qk_scale,
-                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, SPLIT_Q, V_ROT,
+                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, SPLIT_Q, V_ROT, H_NORM,
                 K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO, K_HAS_MULT, K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_CODE_T, K_SCALE_T, K_CENT_T, K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT, K_HAS_FP, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO, V_HAS_MULT, V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_CODE_T, V_SCALE_T, V_CENT_T, V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT, V_HAS_FP)
     else:
         if HAS_DENSE:
@@ -181,12 +182,12 @@ def decode_kernel(
                 q = q.to(tl.float32)
             lo = (pid - n_span_progs) * dense_piece
             hi = lo + dense_piece
-            k0 = dk0 + b * dk0_sb + hkv * dk0_sh
-            v0 = dv0 + b * dv0_sb + hkv * dv0_sh
+            k0 = dk0 + b.to(tl.int64) * dk0_sb + hkv * dk0_sh
+            v0 = dv0 + b.to(tl.int64) * dv0_sb + hkv * dv0_sh
             m_i, l_i, acc = _dense_piece(q, m_i, l_i, acc, k0, v0, dk0_ss, dv0_ss, tl.minimum(lo, dn0),
                                          tl.minimum(hi, dn0), qk_scale, D, BLOCK_N, DOT_BF16, EMULATE)
-            k1 = dk1 + b * dk1_sb + hkv * dk1_sh
-            v1 = dv1 + b * dv1_sb + hkv * dv1_sh
+            k1 = dk1 + b.to(tl.int64) * dk1_sb + hkv * dk1_sh
+            v1 = dv1 + b.to(tl.int64) * dv1_sb + hkv * dv1_sh
             m_i, l_i, acc = _dense_piece(q, m_i, l_i, acc, k1, v1, dk1_ss, dv1_ss, tl.maximum(lo - dn0, 0),
                                          tl.minimum(tl.maximum(hi - dn0, 0), dn1), qk_scale, D, BLOCK_N,
                                          DOT_BF16, EMULATE)
