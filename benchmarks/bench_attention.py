@@ -259,7 +259,7 @@ def policy_rows(q, chunk) -> tuple[list[dict], dict]:
         policy = qkv.build_policy(name)
         span = span_of(policy, 10)
         spans[name] = span.nbytes
-        segments = [CompressedSpan(span, policy), CompressedSpan(span_of(policy, 12), policy), extra]
+        segments = [CompressedSpan(span), CompressedSpan(span_of(policy, 12)), extra]
         ms = timed(lambda: qkv.kernels.attention(q, segments))
         rows.append({"policy": name, "ms": ms, "tflops": flops(CHUNK, 17 * CHUNK) / (ms * 1e-3) / 1e12,
                      "read_directly": fused_kernel.span_support(segments[0], q) is None, "span_bytes": span.nbytes})
@@ -275,7 +275,7 @@ def tile_rows(q, chunk) -> list[dict]:
     rows = []
     for name in ("qvg", "bf16"):
         policy = qkv.build_policy(name)
-        segments = [CompressedSpan(span_of(policy, 20), policy), CompressedSpan(span_of(policy, 22), policy), extra]
+        segments = [CompressedSpan(span_of(policy, 20)), CompressedSpan(span_of(policy, 22)), extra]
         for tiles in TILES:
             fused_kernel.GPU_TILES = (tiles,)
             try:

@@ -38,8 +38,8 @@ def policy_for(preset: str, head_dim: int) -> qkv.Policy:
     """The preset; where its per-token block does not divide D (MiniLM's 32), the block becomes D."""
     policy = qkv.build_policy(preset)
     for tensor in (policy.k, policy.v):
-        q = tensor.quantizer
-        if isinstance(q, qkv.caches.policy.AffineQuantizer) and q.axis == "token" and head_dim % q.block:
+        codes = tensor.quantizer.code_format()
+        if codes is not None and codes.axis == "token" and head_dim % codes.block:
             return qkv.build_policy(preset, block=head_dim)
     return policy
 

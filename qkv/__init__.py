@@ -1,6 +1,7 @@
 """qkv: composable 2-4 bit KV-cache compression (Quant VideoGen and the LLM baselines).
 
-Importing qkv imports neither triton nor faiss and does not touch CUDA.
+Importing qkv imports neither triton nor faiss and does not touch CUDA; the names below are
+loaded on first use, so ``import qkv.format`` (or any lower layer) loads only what it needs.
 
     import qkv
     policy = qkv.build_policy("qvg")
@@ -13,30 +14,38 @@ Importing qkv imports neither triton nor faiss and does not touch CUDA.
     k_all, v_all = cache.read(layer)
 """
 
-from qkv import errors
-from qkv.bounds import Bound, BoundKind, KVBound
-from qkv.caches import (
-    CompressedKV,
-    CompressedTensor,
-    KVCache,
-    Policy,
-    TensorPolicy,
-    build_policy,
-    list_policies,
-)
+import importlib
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Bound",
-    "BoundKind",
-    "CompressedKV",
-    "CompressedTensor",
-    "KVBound",
-    "KVCache",
-    "Policy",
-    "TensorPolicy",
-    "build_policy",
-    "errors",
-    "list_policies",
-]
+# public name -> module that defines it
+_EXPORTS = {
+    "Bound": "qkv.bounds",
+    "BoundKind": "qkv.bounds",
+    "KVBound": "qkv.bounds",
+    "CompressedKV": "qkv.compressed",
+    "CompressedTensor": "qkv.compressed",
+    "KVCache": "qkv.caches.kvcache",
+    "Policy": "qkv.caches.policy",
+    "TensorPolicy": "qkv.caches.policy",
+    "build_policy": "qkv.caches.presets",
+    "list_policies": "qkv.caches.presets",
+}
+_SUBMODULES = ("bounds", "caches", "compressed", "errors", "format", "io", "kernels", "quantizers", "grouping", "spec")
+
+__all__ = sorted([*_EXPORTS, "errors"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"qkv.{name}")
+    else:
+        raise AttributeError(f"module 'qkv' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})

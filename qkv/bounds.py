@@ -32,7 +32,10 @@ import math
 
 import torch
 
+from qkv.compressed import CompressedKV, CompressedTensor
 from qkv.errors import BoundViolation, NoBoundError, ShapeError
+from qkv.format import AffineFormat, Undo
+from qkv.kernels.kmeans import gather_centroids
 
 U32 = 2.0**-24  # unit roundoff of fp32, the arithmetic of every reference kernel
 FLUSH = 2.0**-126  # smallest normal fp32: the most one fp32 operation loses to underflow, gradual
@@ -341,6 +344,103 @@ class KVBound:
         self.v.check(v, v_hat, "v")
 
 
+def affine_error(fmt: AffineFormat, scales: torch.Tensor, zeros: torch.Tensor | None, mult: torch.Tensor | None) -> ErrorState:
+    """Guaranteed error of dequantized affine codes, from the stored block parameters alone.
+
+    scales / zeros: [N, R, G] as stored (rows as quantized: R = tokens for ``axis="token"``,
+    R = D for ``axis="channel"``); mult: [N] fp32 powers of two, or None. With ``s`` and ``z``
+    the fp32 scale and zero point the decoder uses (stored value times ``mult``), ``L = levels
+    - 1`` and ``u = 2**-24``, every element of a block satisfies::
+
+        |x_hat - x| <= s / 2 + 16 u ((L + 1) s + |z|) + (L + 4) 2**-126 max(1, mult)
+
+    ``s / 2``: round to nearest on the stored grid. The scale's own rounding is already in
+    ``s``: it is stored rounded up and the zero point rounded down, so the grid covers the
+    block. ``16 u (...)``: the fp32 arithmetic of ``(x - z) / s + offset``, the clamp, and
+    ``(code - offset) * s + z`` (fewer than 16 roundings of values at most ``(L + 1) s + |z|``).
+    The last term covers fp32 underflow of tiny scales (gradual, or flushed to zero by a GPU
+    kernel; ``2**-126`` is the smallest normal fp32). Returns the bound and the magnitude
+    ``(L s + |z|)(1 + 4u)`` of the decoded values, per element in token layout [N, S_q, D].
+    """
+    m = mult.view(-1, 1, 1) if mult is not None else torch.ones((), device=scales.device)
+    s = (scales.float() * m).double()  # exactly the decoder's fp32 scale
+    z = (zeros.float() * m).double().abs() if zeros is not None else torch.zeros((), dtype=torch.float64)
+    z = z.to(s.device)
+    top = fmt.levels - 1
+    tiny = (top + 4) * FLUSH * m.double().clamp_min(1)
+    bound = s / 2 + 16 * U32 * ((top + 1) * s + z) + tiny
+    magnitude = (top * s + z) * (1 + 4 * U32)
+    bound, magnitude = (t.repeat_interleave(fmt.block, dim=-1) for t in (bound, magnitude))
+    if fmt.axis == "channel":
+        bound, magnitude = bound.transpose(1, 2), magnitude.transpose(1, 2)
+    return ErrorState(Bound.element(bound), magnitude)
+
+
+def cast_error(stored: torch.Tensor, input_dtype: torch.dtype) -> ErrorState:
+    """Guaranteed error of values stored cast [..., S, D] against the input of ``input_dtype``
+    they were rounded from: 0 when the format holds every input value, else half an ulp,
+    ``u(format) * |stored| + tiny / 2`` per element (inf where it overflowed)."""
+    return ErrorState(Bound.element(rounding_error(stored, input_dtype)), stored.double().abs())
+
+
+def residual_error(ct: CompressedTensor) -> ErrorState:
+    """fp32 bound [B*H, S_q, D] of the quantized tokens of ``ct`` with every stage undone: the
+    codes' error, then each stage undone last to first (for add-backs, the magnitude first
+    becomes the envelope of every partial sum: decoding may add the stages in any order)."""
+    fmt = ct.format
+    state = affine_error(fmt.codes, ct.scales.flatten(0, 1), _flat(ct.zeros), _flat(ct.scale_mult))
+    if fmt.codes.axis == "token" and state.magnitude.shape[1] != ct.quantized_tokens:
+        raise ShapeError(f"scales cover {state.magnitude.shape[1]} tokens, expected {ct.quantized_tokens}")
+    if fmt.undo is Undo.ADD:
+        added = [gather_centroids(s.centroids.flatten(0, 1), ct.stage_assignments(i)) for i, s in enumerate(ct.stages)]
+        state = widen_for_add_back(state, added)
+        for _ in added:
+            state = additive_propagate(state)
+    elif fmt.undo is Undo.ROTATE:
+        for _ in ct.stages:
+            state = rotation_propagate(state)
+    return state
+
+
+def _flat(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.flatten(0, 1)
+
+
+def tensor_bound(ct: CompressedTensor, x_hat: torch.Tensor | None = None) -> Bound:
+    """A guaranteed bound on ``|decompress(ct) - x|`` computed from ``ct`` alone: element
+    [B, H, S, D] or, after a rotation, token_l2 [B, H, S]. The codes' error is carried through
+    every stage, and the rounding to the output dtype is added last, from ``x_hat`` (the
+    decompressed output, tighter) when given. Full-precision tokens: 0."""
+    b, h, s, d = ct.shape
+    s_q = ct.quantized_tokens
+    if x_hat is not None and tuple(x_hat.shape) != tuple(ct.shape):
+        raise ShapeError(f"x_hat has shape {tuple(x_hat.shape)}, the compressed tensor {tuple(ct.shape)}")
+    parts = []
+    if s_q:
+        if ct.format.cast is not None:
+            state = cast_error(ct.codes.flatten(0, 1), ct.dtype)
+            source = ct.format.cast_dtype
+            if holds(source, ct.dtype):  # stored exactly as input: they cast back exactly
+                source = ct.dtype
+        else:
+            state = residual_error(ct)
+            source = torch.float32
+        decoded = None if x_hat is None else x_hat[:, :, :s_q].flatten(0, 1)
+        bound = output_cast(state, source, decoded, ct.dtype)
+        parts.append(bound.map(lambda v: v.unflatten(0, (b, h))))
+    if s_q < s:
+        device = ct.fp_tokens.device
+        parts.append(Bound.element(torch.zeros(b, h, s - s_q, d, dtype=torch.float64, device=device)))
+    return Bound.cat(parts).widened()
+
+
+def kv_bound(ckv: CompressedKV, k_hat: torch.Tensor | None = None, v_hat: torch.Tensor | None = None) -> "KVBound":
+    """Guaranteed bounds on the reconstruction error of a span's keys and values, from the data
+    alone (:func:`tensor_bound` of each); ``k_hat`` / ``v_hat``: the decompressed outputs, if at
+    hand (tighter output-dtype rounding)."""
+    return KVBound(tensor_bound(ckv.k, k_hat), tensor_bound(ckv.v, v_hat))
+
+
 __all__ = [
     "FLUSH",
     "SAFETY",
@@ -350,12 +450,16 @@ __all__ = [
     "ErrorState",
     "KVBound",
     "additive_propagate",
+    "affine_error",
+    "cast_error",
     "describe_violation",
     "holds",
+    "kv_bound",
     "output_cast",
     "rotation_kappa",
     "rotation_propagate",
     "rounding_error",
+    "tensor_bound",
     "unit_roundoff",
     "widen_for_add_back",
     "worst_index",

@@ -20,14 +20,14 @@ import math
 import torch
 
 from qkv.dtypes import FLOAT_FORMATS, compact_index_dtype
-from qkv.errors import ConfigError
+from qkv.errors import ConfigError, ShapeError
 
 MODES = ("sym", "midrise", "asym")
 AXES = ("token", "channel")
 CAST_FORMATS = ("fp32", "fp16", "bf16")
 WORD_BITS = (8, 32)
-# The most smoothing stages a format may describe (the kernels unroll up to this many add-backs).
-MAX_STAGES = 4
+# The most smoothing stages a format may describe.
+MAX_STAGES = 8
 
 Field = tuple[tuple[int, ...], torch.dtype]
 
@@ -148,7 +148,7 @@ class BlockGrid:
     def num_groups(self, tokens: int) -> int:
         frames = self.frames(tokens)
         if frames is None:
-            raise ConfigError(f"blocks: S={tokens} is not a whole number of {self.height}x{self.width} frames")
+            raise ShapeError(f"blocks: S={tokens} is not a whole number of {self.height}x{self.width} frames")
         return -(-frames // self.t) * -(-self.height // self.h) * -(-self.width // self.w)
 
     def assignments(self, n: int, tokens: int, device: torch.device) -> torch.Tensor:
@@ -240,7 +240,7 @@ class TensorFormat:
                 f"format: int{self.codes.bits} block size {self.codes.block} does not divide head_dim D={self.head_dim}"
             )
         if self.undo is Undo.ROTATE and self.head_dim & (self.head_dim - 1):
-            raise ConfigError(f"format: a rotation needs head_dim D a power of two, got {self.head_dim}")
+            raise ConfigError(f"format: the hadamard rotation needs head_dim D a power of two, got {self.head_dim}")
 
     @property
     def undo(self) -> Undo:
@@ -253,10 +253,7 @@ class TensorFormat:
 
     def quantized_length(self, tokens: int) -> int:
         """How many of ``tokens`` are stored as codes (or cast); the rest stay full precision."""
-        n = max(tokens - self.window, 0)
-        if self.codes is not None and self.codes.axis == "channel":
-            n -= n % self.codes.block
-        return n
+        return quantized_length(tokens, self.window, self.codes)
 
     def layout(self, shape: tuple[int, int, int, int], dtype: torch.dtype, groups: list[int]) -> dict[str, Field]:
         """Shape and dtype of every tensor stored for an input of ``shape`` / ``dtype``, by name
@@ -310,6 +307,15 @@ class TensorFormat:
             return cls(codes=codes, stages=tuple(built), **rest)
         except TypeError as exc:
             raise ConfigError(f"format: {exc}") from None
+
+
+def quantized_length(tokens: int, window: int, codes: AffineFormat | None) -> int:
+    """How many of ``tokens`` are stored as codes (or cast) with a full-precision ``window``:
+    per-channel codes also keep the tokens that do not fill a block in full precision."""
+    n = max(tokens - window, 0)
+    if codes is not None and codes.axis == "channel":
+        n -= n % codes.block
+    return n
 
 
 def _fields(data: object, cls: type) -> dict:

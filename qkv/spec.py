@@ -7,21 +7,23 @@ A tensor spec is a comma-separated list of component tokens, at most one per kin
 e.g. ``kmeans(clusters=256,iters=20),centroid,int2(block=64)``. Omitted kinds take their
 defaults: no grouping, no smoothing, ``single`` staging, ``u8msb`` packing, no window. The token
 ``none`` may be written and is the default. A policy spec is one tensor spec for both K and V, or
-``k:<spec>;v:<spec>``. ``Policy.spec`` prints the canonical form, which parses back to an equal
-policy.
+``k:<spec>;v:<spec>``.
+
+This module parses specs into components (one dict of fields per tensor);
+:func:`qkv.caches.presets.build_policy` assembles them into policies, whose ``spec`` prints the
+canonical form back.
 """
 
 from __future__ import annotations
 
 import re
 
-from qkv.caches.policy import Policy, TensorPolicy
 from qkv.errors import SpecError, UnknownComponentError
 from qkv.grouping import GROUPING
 from qkv.quantizers import PACKING, QUANTIZERS, SMOOTHING, STAGING
 from qkv.registry import parse_token
 
-# kind -> (registry, TensorPolicy field)
+# kind (the TensorPolicy field it fills) -> registry
 KINDS = {
     "grouping": GROUPING,
     "smoothing": SMOOTHING,
@@ -64,8 +66,9 @@ def _kind_of(name: str, token: str) -> str:
     return kinds[0]
 
 
-def parse_tensor_spec(spec: str) -> TensorPolicy:
-    """Build a :class:`TensorPolicy` from a tensor spec string."""
+def parse_tensor_spec(spec: str) -> dict[str, object]:
+    """The components of a tensor spec string: ``{kind: component}`` (``window``: an int), for
+    ``TensorPolicy(**fields)``."""
     fields: dict[str, object] = {}
     for token in split_tokens(spec):
         name, kwargs = parse_token(token)
@@ -85,7 +88,7 @@ def parse_tensor_spec(spec: str) -> TensorPolicy:
         raise SpecError(
             f"spec {spec!r} has no quantizer; add one of: {', '.join(QUANTIZERS.list())}"
         )
-    return TensorPolicy(**fields)
+    return fields
 
 
 def _window(kwargs: dict[str, object], token: str) -> int:
@@ -97,14 +100,15 @@ def _window(kwargs: dict[str, object], token: str) -> int:
 _SPLIT_KV = re.compile(r"^\s*k\s*:(?P<k>.*);\s*v\s*:(?P<v>.*)$", re.S)
 
 
-def parse_policy_spec(spec: str) -> Policy:
-    """Build a :class:`Policy` from ``<tensor spec>`` or ``k:<tensor spec>;v:<tensor spec>``."""
+def parse_policy_spec(spec: str) -> tuple[dict[str, object], dict[str, object]]:
+    """The components of K and of V (:func:`parse_tensor_spec`) of ``<tensor spec>`` or
+    ``k:<tensor spec>;v:<tensor spec>``."""
     if not isinstance(spec, str) or not spec.strip():
         raise SpecError(f"a spec must be a non-empty string, got {spec!r}")
     match = _SPLIT_KV.match(spec)
     if match:
-        return Policy(parse_tensor_spec(match["k"]), parse_tensor_spec(match["v"]))
+        return parse_tensor_spec(match["k"]), parse_tensor_spec(match["v"])
     if ";" in spec or ":" in spec:
         raise SpecError(f"cannot parse {spec!r}: separate keys and values as 'k:<spec>;v:<spec>'")
     tensor = parse_tensor_spec(spec)
-    return Policy(tensor, tensor)
+    return tensor, tensor

@@ -17,7 +17,9 @@ from hypothesis import Phase, find, given, settings
 from hypothesis import strategies as st
 
 import qkv
+import qkv.bounds
 from qkv.bounds import ErrorState
+from qkv.format import Undo
 from qkv.errors import BoundViolation
 from qkv.caches import TensorPolicy
 from qkv.quantizers import AffineQuantizer
@@ -97,25 +99,23 @@ def test_a_newly_registered_component_is_drawn():
     """Strategies read the registries when they draw: a component registered later is covered."""
 
     @dataclasses.dataclass(frozen=True)
-    class Negate(qkv.quantizers.Smoother):
-        name: ClassVar[str] = "negate"
+    class SpanMean(qkv.quantizers.Smoother):
+        """Subtracts each channel's mean over the span, stored as bf16 (one row, added back)."""
+
+        name: ClassVar[str] = "spanmean"
+        undo: ClassVar[Undo] = Undo.ADD
 
         def forward(self, x, groups, *, backend="auto"):
-            return -x, None
-
-        def inverse(self, x, *, backend="auto"):
-            return -x
-
-        def propagate(self, state, added):
-            return state  # negation is exact
+            mean = x.float().mean(dim=1, keepdim=True).bfloat16()
+            return x.float() - mean.float(), mean
 
     registry = Registry("smoothing")
     for existing in KINDS["smoothing"].list():
         registry.register(existing)(KINDS["smoothing"].get(existing))
-    registry.register("negate")(Negate)
+    registry.register("spanmean")(SpanMean)
     policy = find(
         tensor_policies(shape=(1, 1, 32, 32), registries={"smoothing": registry}),
-        lambda p: p.smoothing.name == "negate",
+        lambda p: p.smoothing.name == "spanmean",
         settings=SEARCH,
     )
     x = torch.randn(1, 1, 32, 32)
@@ -170,7 +170,7 @@ def test_random_policies_keep_their_bound_on_long_spans(data):
 # -- a wrong component is caught ------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class UnderstatedInt2(AffineQuantizer):
-    """INT2 that claims a quarter step where half a step is the truth."""
+    """INT2 under its own name (the bound rule below claims a quarter step for every code)."""
 
     bits: int = 2
 
@@ -178,12 +178,20 @@ class UnderstatedInt2(AffineQuantizer):
     def token(self) -> str:
         return "int2-understated"
 
-    def error_bound(self, scales, zeros, mult):
-        state = super().error_bound(scales, zeros, mult)
-        return ErrorState(state.bound.map(lambda b: b / 2), state.magnitude)
+
+def understate(monkeypatch, factor):
+    """Make the affine bound rule claim ``factor`` times the truth."""
+    honest = qkv.bounds.affine_error
+
+    def understated(fmt, scales, zeros, mult):
+        state = honest(fmt, scales, zeros, mult)
+        return ErrorState(state.bound.map(lambda b: b * factor), state.magnitude)
+
+    monkeypatch.setattr(qkv.bounds, "affine_error", understated)
 
 
-def test_an_understated_bound_is_caught():
+def test_an_understated_bound_is_caught(monkeypatch):
+    understate(monkeypatch, 0.5)
     only = Registry("quantizer")
     only.register("int2-understated")(UnderstatedInt2)
 
@@ -204,13 +212,7 @@ def test_an_understated_bound_is_caught():
 def test_failure_prints_a_minimal_reproducer(monkeypatch):
     """The message cuts the input to the failing (batch, head) and few tokens, and its code
     reproduces the failure as printed."""
-    honest = AffineQuantizer.error_bound
-
-    def understated(self, scales, zeros, mult):
-        state = honest(self, scales, zeros, mult)
-        return ErrorState(state.bound.map(lambda b: b * 0.4), state.magnitude)
-
-    monkeypatch.setattr(AffineQuantizer, "error_bound", understated)
+    understate(monkeypatch, 0.4)
     policy = qkv.build_policy("int2(block=16,mode=sym)")  # levels -1, 0, 1 (x the block's max)
     k = torch.zeros(2, 3, 64, 32)
     k[1, 2, 37, 5] = 1.0
@@ -226,18 +228,18 @@ def test_failure_prints_a_minimal_reproducer(monkeypatch):
         exec(code, {})  # noqa: S102
 
 
-@dataclasses.dataclass(frozen=True)
-class GivesUpOnPeaks(NoSmoothing):
-    """Identity whose bound declares no guarantee (inf) for each row's largest elements."""
+def test_unbounded_reconstructions_fail_by_default(monkeypatch):
+    """A bound rule that gives no guarantee (inf) for each row's largest elements."""
+    honest = qkv.bounds.affine_error
 
-    def propagate(self, state, added):
+    def gives_up_on_peaks(fmt, scales, zeros, mult):
+        state = honest(fmt, scales, zeros, mult)
         peak = state.magnitude >= state.magnitude.amax(dim=(1, 2), keepdim=True)
         return ErrorState(state.bound.plus(torch.where(peak, float("inf"), 0.0).double()), state.magnitude)
 
-
-def test_unbounded_reconstructions_fail_by_default():
+    monkeypatch.setattr(qkv.bounds, "affine_error", gives_up_on_peaks)
     x = torch.randn(1, 1, 4, 16)
-    tensor = TensorPolicy(AffineQuantizer(bits=2, block=16), smoothing=GivesUpOnPeaks())
+    tensor = TensorPolicy(AffineQuantizer(bits=2, block=16))
     policy = qkv.Policy(tensor, tensor)
     with pytest.raises(BoundViolation, match="no guarantee"):
         assert_within_bound(policy, x)

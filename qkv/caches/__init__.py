@@ -1,7 +1,7 @@
 """Policy composition, presets, compressed data and the streaming cache."""
 
 from qkv.caches.cache_config import ATTENTION
-from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
+from qkv.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.caches.kvcache import CacheConfig, CacheMemory, KVCache, LayerCache
 from qkv.caches.policy import Policy, TensorPolicy
 from qkv.caches.presets import OVERRIDES, PRESETS, build_policy, list_policies

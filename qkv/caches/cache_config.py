@@ -6,8 +6,10 @@ import dataclasses
 import functools
 
 from qkv.caches.policy import Policy
+from qkv.caches.presets import build_policy
 from qkv.component import check_choice, check_int
 from qkv.errors import ConfigError
+from qkv.grouping import ClusteringGrouper
 from qkv.kernels import Backend
 
 __all__ = ["ATTENTION", "CacheConfig", "CacheMemory"]
@@ -80,7 +82,7 @@ class CacheConfig:
     def clusters(self) -> bool:
         """Whether K or V compression runs a seeded clustering (k-means, FAISS)."""
         return any(
-            tp.smoothing.needs_groups and tp.grouping.has_param("clusters") for tp in (self.policy.k, self.policy.v)
+            tp.smoothing.needs_groups and isinstance(tp.grouping, ClusteringGrouper) for tp in (self.policy.k, self.policy.v)
         )
 
     def to_dict(self) -> dict:
@@ -90,8 +92,6 @@ class CacheConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CacheConfig":
-        from qkv.caches.presets import build_policy
-
         return cls(**{**data, "policy": build_policy(data["policy"])})
 
 

@@ -24,14 +24,15 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
+from qkv.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.caches.cache_config import CacheConfig
 from qkv.caches.kvcache import Chunk, KVCache, LayerCache, Span, centroids_only
 from qkv.dtypes import INPUT_DTYPES
 from qkv.errors import CorruptDataError, QKVError
+from qkv.format import TensorFormat
 
 FORMAT = "qkv.kvcache"
-VERSION = "1"
+VERSION = "2"
 STATE = "cache.safetensors"
 _DTYPES = {str(d): d for d in INPUT_DTYPES}
 
@@ -55,7 +56,7 @@ def _warm_state(layer: LayerCache, prefix: str, tensors: dict[str, torch.Tensor]
     headers = {}
     for name, ct in (("k", warm.k), ("v", warm.v)):
         headers[name] = {"shape": list(ct.shape), "dtype": str(ct.dtype), "quantized_tokens": ct.quantized_tokens,
-                         "stages": len(ct.stages)}
+                         "stages": len(ct.stages), "format": ct.format.to_dict()}
         for t, stage in enumerate(ct.stages):
             tensors[f"{prefix}.warm.{name}.stage{t}"] = stage.centroids.detach().contiguous().cpu()
     return {"from": "tensors", "spec": warm.spec, **headers}
@@ -138,7 +139,8 @@ def _restore_layer(layer: LayerCache, i: int, entry: dict, tensors: dict, folder
             stages = tuple(
                 StageData(tensors.pop(f"L{i}.warm.{name}.stage{t}").to(device), None) for t in range(int(hd["stages"]))
             )
-            parts.append(CompressedTensor(tuple(hd["shape"]), _DTYPES[hd["dtype"]], int(hd["quantized_tokens"]),
+            parts.append(CompressedTensor(TensorFormat.from_dict(hd["format"]), tuple(hd["shape"]),
+                                          _DTYPES[hd["dtype"]], int(hd["quantized_tokens"]),
                                           None, None, None, None, stages, None))
         layer.warm = CompressedKV(parts[0], parts[1], warm["spec"])
 

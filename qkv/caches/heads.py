@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
+from qkv.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.errors import ShapeError
 
 _FIELDS = ("codes", "scales", "zeros", "scale_mult", "fp_tokens")

@@ -46,10 +46,10 @@ import torch.nn.functional as F
 
 from qkv import kernels
 from qkv.caches.cache_config import CacheConfig, CacheMemory
-from qkv.caches.compressed import CompressedKV, StageData
+from qkv.compressed import CompressedKV, StageData
 from qkv.caches.heads import cat_heads, index_batch
-from qkv.caches.layout import predicted_groups
 from qkv.caches.policy import Policy
+from qkv.caches.presets import build_policy
 from qkv.caches.tail import Chunk, TailBuffer, adjacent, joined_kv
 from qkv.component import check_int
 from qkv.errors import CacheError, DeviceError, DTypeError, ShapeError
@@ -257,7 +257,7 @@ class LayerCache:
     def _warm_fits(self, warm: CompressedKV, tokens: int) -> bool:
         """A warm start only if it has the groups a fresh clustering of ``tokens`` tokens would."""
         for tp, ct in ((self.config.policy.k, warm.k), (self.config.policy.v, warm.v)):
-            want = predicted_groups(tp, tp.quantized_length(tokens))
+            want = tp.predicted_groups(tp.quantized_length(tokens))
             if any(s.centroids is not None and s.centroids.shape[2] != want for s in ct.stages):
                 return False
             if self.layout is not None and ct.shape[:2] != self.layout[:2]:
@@ -360,10 +360,9 @@ class LayerCache:
     def segments(self) -> list:
         """The retained history as attention segments, in :meth:`read` order: a ``DenseKV`` per sink
         and tail chunk, a ``CompressedSpan`` per span (with its evicted ``skip`` tokens)."""
-        policy = self.config.span_policy
         return (
             [kernels.DenseKV(c.k, c.v) for c in self.sink]
-            + [kernels.CompressedSpan(sp.ckv, policy, sp.skip) for sp in self.spans]
+            + [kernels.CompressedSpan(sp.ckv, sp.skip) for sp in self.spans]
             + _dense(self.tail)
         )
 
@@ -371,8 +370,7 @@ class LayerCache:
         """The spans as one :class:`~qkv.kernels.SpanPlan` segment, made when the spans change (a
         new plan takes over the kernels' records of the spans it shares with the last one)."""
         if self._plan_stale:
-            policy = self.config.span_policy
-            spans = [kernels.CompressedSpan(sp.ckv, policy, sp.skip) for sp in self.spans]
+            spans = [kernels.CompressedSpan(sp.ckv, sp.skip) for sp in self.spans]
             self._plan = kernels.SpanPlan(spans, previous=self._plan)
             self._plan_stale = False
         return self._plan
@@ -513,8 +511,6 @@ class KVCache:
 
     def __init__(self, policy: Policy | str, *, num_layers: int | None = None, **options) -> None:
         if isinstance(policy, str):
-            from qkv.caches.presets import build_policy
-
             policy = build_policy(policy)
         self.config = CacheConfig(policy, **options)
         if num_layers is not None:

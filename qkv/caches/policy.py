@@ -3,48 +3,43 @@
 A :class:`TensorPolicy` chains, for one tensor: grouping -> smoothing (x stages) -> quantizer ->
 packing, with an optional full-precision window of the newest tokens. A :class:`Policy` holds one
 for keys and one for values. All policies run through the same kernels (:mod:`qkv.kernels`).
+What a policy stores is described by its :meth:`TensorPolicy.format`, which the data carries:
+decoding, bounds and loading read the data alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import torch
 from einops import rearrange
 
 from qkv import kernels
-from qkv.bounds import Bound, BoundKind, ErrorState, KVBound, holds, output_cast
-from qkv.caches.compressed import CompressedKV, CompressedTensor, StageData
+from qkv.bounds import Bound, KVBound, tensor_bound
 from qkv.caches.heads import batch_rows
 from qkv.component import check_int
-from qkv.dtypes import saturate
+from qkv.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.errors import ConfigError, ShapeError
+from qkv.format import TensorFormat, Undo, quantized_length
 from qkv.grouping import Grouper, NoGrouping
-from qkv.kernels import QuantizedRows
-from qkv.kernels.kmeans import gather_centroids
-from qkv.quantizers import AffineQuantizer, BitPacker, CastQuantizer, Smoother, Staging
+from qkv.quantizers import BitPacker, Quantizer, Smoother, Staging
 from qkv.quantizers.packing import U8MSBPacker
 from qkv.quantizers.smoothing import NoSmoothing
 from qkv.quantizers.staging import SingleStage
 from qkv.validation import check_kv_pair, check_kv_tensor
 
 
-def flat(t: torch.Tensor | None) -> torch.Tensor | None:
-    """[B, H, ...] -> [B*H, ...] (None passes through). On every decompression's host path:
-    torch's flatten costs a fraction of an einops pattern's parse and lookup."""
-    return None if t is None else t.flatten(0, 1)
-
-
 @dataclasses.dataclass(frozen=True)
 class TensorPolicy:
     """How one tensor (K or V) is compressed.
 
-    quantizer: an :class:`AffineQuantizer` (needs ``packing``) or a :class:`CastQuantizer`
-    (no packing, no smoothing). ``window``: the newest tokens kept in full precision.
+    quantizer: integer codes (``packed``: needs ``packing``) or a float cast (no packing, no
+    smoothing). ``window``: the newest tokens kept in full precision.
     """
 
-    quantizer: AffineQuantizer | CastQuantizer
+    quantizer: Quantizer
     grouping: Grouper = NoGrouping()
     smoothing: Smoother = NoSmoothing()
     staging: Staging = SingleStage()
@@ -53,14 +48,14 @@ class TensorPolicy:
 
     def __post_init__(self) -> None:
         check_int("policy", "window", self.window, 0)
-        cast = isinstance(self.quantizer, CastQuantizer)
-        if cast and self.packing is not None:
+        packed = self.quantizer.packed
+        if not packed and self.packing is not None:
             object.__setattr__(self, "packing", None)
-        if not cast and self.packing is None:
+        if packed and self.packing is None:
             raise ConfigError(f"{self.quantizer.token} needs a packing format (u8msb or i32lsb)")
-        if cast and (self.smoothing.name != "none" or self.staging.count != 1):
+        if not packed and (self.smoothing != NoSmoothing() or self.staging.count != 1):
             raise ConfigError(f"{self.quantizer.token} stores floats: it takes no smoothing or staging")
-        grouped = self.grouping.name != "none"
+        grouped = self.grouping.grouped
         if self.smoothing.needs_groups and not grouped:
             raise ConfigError(f"{self.smoothing.name} smoothing needs a grouping (kmeans, faiss, blocks)")
         if grouped and not self.smoothing.needs_groups:
@@ -70,6 +65,7 @@ class TensorPolicy:
             )
         if self.staging.count > 1 and not self.smoothing.needs_groups:
             raise ConfigError(f"{self.staging.token} repeats grouping + smoothing: it needs centroid smoothing")
+        self.smoothing.stage_format(self.grouping)  # the smoother declares how it is undone
 
     def __repr__(self) -> str:
         return f"TensorPolicy({self.spec!r})"  # the spec names it completely
@@ -79,11 +75,11 @@ class TensorPolicy:
     def spec(self) -> str:
         """Spec string of this tensor policy (defaults omitted), e.g. ``kmeans,centroid,int2``."""
         parts = []
-        if self.grouping.name != "none":
+        if self.grouping != NoGrouping():
             parts.append(self.grouping.token)
-        if self.smoothing.name != "none":
+        if self.smoothing != NoSmoothing():
             parts.append(self.smoothing.token)
-        if self.staging.name != "single":
+        if self.staging != SingleStage():
             parts.append(self.staging.token)
         parts.append(self.quantizer.token)
         if self.packing is not None and self.packing != U8MSBPacker():
@@ -92,23 +88,41 @@ class TensorPolicy:
             parts.append(f"window(tokens={self.window})")
         return ",".join(parts)
 
-    # -- compression ---------------------------------------------------------------------------
+    # -- what it stores ------------------------------------------------------------------------
+    @functools.lru_cache(maxsize=16)  # noqa: B019 (frozen, hashable: one format per head dim)
+    def format(self, head_dim: int) -> TensorFormat:
+        """How a [B, H, S, ``head_dim``] tensor compressed by this policy is stored; raises
+        :class:`ConfigError` if it cannot be (a block that does not divide D, a rotation of a D
+        that is not a power of two)."""
+        pack = None if self.packing is None else self.packing.format
+        stages = (self.smoothing.stage_format(self.grouping),) * self.staging.count if self.quantizer.packed else ()
+        return self.quantizer.tensor_format(head_dim, pack=pack, window=self.window, stages=stages)
+
     def quantized_length(self, tokens: int) -> int:
         """How many of ``tokens`` are quantized (the rest stay full precision)."""
-        n = max(tokens - self.window, 0)
-        if isinstance(self.quantizer, AffineQuantizer) and self.quantizer.axis == "channel":
-            n -= n % self.quantizer.block
-        return n
+        return quantized_length(tokens, self.window, self.quantizer.code_format())
+
+    def predicted_groups(self, tokens: int) -> int:
+        """Rows per stage a fresh (not warm-started) compression of ``tokens`` quantized tokens stores."""
+        if not tokens or not self.quantizer.packed or self.smoothing.stage_format(self.grouping).undo is not Undo.ADD:
+            return 0
+        return self.grouping.predicted_groups(tokens)
+
+    def predicted_nbytes(self, shape: tuple[int, int, int, int], dtype: torch.dtype) -> int:
+        """Exact bytes :meth:`compress` stores for a tensor of ``shape`` (without warm start)."""
+        fmt = self.format(shape[3])
+        groups = [self.predicted_groups(fmt.quantized_length(shape[2]))] * len(fmt.stages)
+        layout = fmt.layout(shape, dtype, groups)
+        return sum(math.prod(size) * dt.itemsize for size, dt in layout.values())
 
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise :class:`ShapeError` if this policy cannot compress a [B, H, S, D] tensor."""
-        d = shape[-1]
-        q = self.quantizer
-        if isinstance(q, AffineQuantizer) and q.axis == "token" and d % q.block:
-            raise ShapeError(f"{name}: {q.token} block size {q.block} does not divide head_dim D={d}")
-        if self.smoothing.name == "hadamard" and d & (d - 1):
-            raise ShapeError(f"{name}: hadamard smoothing needs head_dim D a power of two, got {d}")
+        try:
+            self.format(shape[-1])
+        except ConfigError as exc:
+            raise ShapeError(f"{name}: {str(exc).removeprefix('format: ')}") from None
 
+    # -- compression ---------------------------------------------------------------------------
     def compress(
         self,
         x: torch.Tensor,
@@ -129,13 +143,14 @@ class TensorPolicy:
     def _compress(self, x: torch.Tensor, warm: list[torch.Tensor] | None, backend: str) -> CompressedTensor:
         """:meth:`compress` of an already validated ``x``; ``warm``: :meth:`_warm`'s centroids."""
         b, h, s, d = x.shape
-        s_q = self.quantized_length(s)
+        fmt = self.format(d)
+        s_q = fmt.quantized_length(s)
         fp_tokens = x[:, :, s_q:].clone() if s_q < s else None
         codes = scales = zeros = mult = None
         stages: tuple[StageData, ...] = ()
-        if s_q and isinstance(self.quantizer, CastQuantizer):
+        if s_q and fmt.cast is not None:
             # a copy even in the input's dtype: nothing compressed shares the caller's storage
-            codes = x[:, :, :s_q].to(self.quantizer.storage_dtype, copy=True)
+            codes = x[:, :, :s_q].to(fmt.cast_dtype, copy=True)
         elif s_q:
             flat = rearrange(x[:, :, :s_q], "b h s d -> (b h) s d")  # stages read it as it is
             # the last stage's centroid subtraction, if any, is fused into quantize+pack: the
@@ -155,9 +170,9 @@ class TensorPolicy:
                 for c, a in stored
             )
             # quantize_pack computes in fp32 from any input dtype
-            rows = residual if self.quantizer.axis == "token" else residual.transpose(1, 2)
+            rows = residual if fmt.codes.axis == "token" else residual.transpose(1, 2)
             q = kernels.quantize_pack(
-                rows, self.quantizer, self.packing,
+                rows, fmt.codes,
                 centroids=() if pending is None else (pending[0],),
                 assignments=() if pending is None else (pending[1],),
                 backend=backend,
@@ -166,7 +181,7 @@ class TensorPolicy:
             scales = rearrange(q.scales, "(b h) r g -> b h r g", b=b)
             zeros = None if q.zeros is None else rearrange(q.zeros, "(b h) r g -> b h r g", b=b)
             mult = None if q.mult is None else rearrange(q.mult, "(b h) -> b h", b=b)
-        return CompressedTensor((b, h, s, d), x.dtype, s_q, codes, scales, zeros, mult, stages, fp_tokens)
+        return CompressedTensor(fmt, (b, h, s, d), x.dtype, s_q, codes, scales, zeros, mult, stages, fp_tokens)
 
     def _warm(self, previous: CompressedTensor | None, rows: int) -> list[torch.Tensor] | None:
         if previous is None or not self.smoothing.needs_groups or not previous.stages:
@@ -180,101 +195,23 @@ class TensorPolicy:
             raise ShapeError(f"warm start covers {out[0].shape[0]} (batch, head) rows, input has {rows}")
         return out
 
+    def _check_data(self, ct: CompressedTensor) -> None:
+        if ct.format != self.format(ct.shape[3]):
+            raise ConfigError(f"data stored as {ct.format} was not compressed by this policy {self.spec!r}")
+
     def decompress(self, ct: CompressedTensor, *, backend: str = "auto") -> torch.Tensor:
-        """Reconstruct [B, H, S, D] in the dtype the tensor was compressed from."""
-        b, h, s, d = ct.shape
-        parts = []
-        if ct.quantized_tokens and isinstance(self.quantizer, CastQuantizer):
-            parts.append(saturate(ct.codes, ct.dtype))
-        elif ct.quantized_tokens:
-            parts.append(saturate(rearrange(self._dequantize(ct, backend), "(b h) s d -> b h s d", b=b), ct.dtype))
-        if ct.fp_tokens is not None:
-            parts.append(ct.fp_tokens)
-        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-
-    def _dequantize(self, ct: CompressedTensor, backend: str) -> torch.Tensor:
-        """[B*H, S_q, D]: dequantized residual with every stage undone."""
-        b, h, _, _ = ct.shape
-        rows = QuantizedRows(flat(ct.codes), flat(ct.scales), flat(ct.zeros), flat(ct.scale_mult))
-        centroids, assignments = [], []
-        if self.smoothing.additive:
-            for stage in ct.stages:
-                centroids.append(flat(stage.centroids))
-                assignments.append(self.stage_assignments(stage, b * h, ct.quantized_tokens, ct.codes.device))
-        # additive smoothing is undone inside the kernel: write the output dtype directly
-        out_dtype = ct.dtype if self.smoothing.additive or self.smoothing.name == "none" else torch.float32
-        out = kernels.dequantize(
-            rows, self.quantizer, self.packing, ct.quantized_tokens, centroids, assignments,
-            out_dtype=out_dtype, backend=backend,
-        )
-        if not self.smoothing.additive:
-            for _ in ct.stages:
-                out = self.smoothing.inverse(out, backend=backend)
-        return out
-
-    def stage_assignments(self, stage: StageData, rows: int, tokens: int, device: torch.device) -> torch.Tensor:
-        """[B*H, S_q] group of every token in one stage: stored, implied by the grouper, or - for an
-        additive smoother that needs no grouping and stores one row [B, H, 1, D] - row 0 for all."""
-        assign = flat(stage.assignments)
-        if assign is not None:
-            return assign
-        if isinstance(self.grouping, NoGrouping):
-            if stage.centroids.shape[2] != 1:
-                raise ConfigError(
-                    f"{self.smoothing.name} stored {stage.centroids.shape[2]} rows of offsets without "
-                    "assignments or a grouping; store one row, or assignments"
-                )
-            return torch.zeros(rows, tokens, dtype=torch.long, device=device)
-        return self.grouping.implicit_assignments(rows, tokens, device)
+        """Reconstruct [B, H, S, D] in the dtype the tensor was compressed from
+        (:func:`qkv.kernels.decompress`: the data describes itself)."""
+        self._check_data(ct)
+        return kernels.decompress(ct, backend=backend)
 
     # -- error bound ---------------------------------------------------------------------------
     def error_bound(self, ct: CompressedTensor, x_hat: torch.Tensor | None = None) -> Bound:
-        """A guaranteed bound on ``|decompress(ct) - x|`` computed from ``ct`` alone (see
-        :mod:`qkv.bounds`): element [B, H, S, D] or, after a rotation, token_l2 [B, H, S]; ``none``
-        if a component declares no error propagation.
-
-        The quantizer bounds its stored residual, the staging undoes every smoothing stage through
-        the smoother's ``propagate``, and the rounding to the output dtype is added last, from
-        ``x_hat`` (this tensor's decompressed output, tighter) when given. Window tokens: 0.
-        """
-        b, h, s, d = ct.shape
-        s_q = ct.quantized_tokens
-        if x_hat is not None and tuple(x_hat.shape) != tuple(ct.shape):
-            raise ShapeError(f"x_hat has shape {tuple(x_hat.shape)}, the compressed tensor {tuple(ct.shape)}")
-        parts = []
-        if s_q:
-            if isinstance(self.quantizer, CastQuantizer):
-                state = self.quantizer.error_bound(flat(ct.codes), ct.dtype)
-                source = self.quantizer.storage_dtype
-                if holds(source, ct.dtype):  # stored exactly as input: they cast back exactly
-                    source = ct.dtype
-            else:
-                state = self._residual_bound(ct)
-                source = torch.float32
-            decoded = None if x_hat is None else flat(x_hat[:, :, :s_q])
-            bound = output_cast(state, source, decoded, ct.dtype)
-            split = "(b h) s d -> b h s d" if bound.kind is BoundKind.ELEMENT else "(b h) s -> b h s"
-            parts.append(bound.map(lambda v: rearrange(v, split, b=b)))
-        if s_q < s:
-            device = ct.fp_tokens.device
-            parts.append(Bound.element(torch.zeros(b, h, s - s_q, d, dtype=torch.float64, device=device)))
-        return Bound.cat(parts).widened()
-
-    def _residual_bound(self, ct: CompressedTensor) -> ErrorState:
-        """fp32 bound [B*H, S_q, D] of the quantized tokens with every stage undone."""
-        b = ct.shape[0]
-        q = self.quantizer
-        state = q.error_bound(flat(ct.scales), flat(ct.zeros), flat(ct.scale_mult))
-        if q.axis == "token" and state.magnitude.shape[1] != ct.quantized_tokens:
-            raise ShapeError(f"scales cover {state.magnitude.shape[1]} tokens, expected {ct.quantized_tokens}")
-        added: list[torch.Tensor | None] = []
-        for stage in ct.stages:
-            if self.smoothing.additive and stage.centroids is not None:
-                assign = self.stage_assignments(stage, b * ct.shape[1], ct.quantized_tokens, ct.codes.device)
-                added.append(gather_centroids(flat(stage.centroids), assign))
-            else:
-                added.append(None)
-        return self.staging.propagate(state, self.smoothing, added)
+        """A guaranteed bound on ``|decompress(ct) - x|`` computed from ``ct`` alone
+        (:func:`qkv.bounds.tensor_bound`): element [B, H, S, D] or, after a rotation, token_l2
+        [B, H, S]. ``x_hat``: this tensor's decompressed output (tighter output rounding)."""
+        self._check_data(ct)
+        return tensor_bound(ct, x_hat)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,8 @@ import dataclasses
 
 from qkv.caches.policy import Policy, TensorPolicy
 from qkv.errors import ConfigError, UnknownComponentError
-from qkv.quantizers import AffineQuantizer, ProgressiveResidual, SingleStage
+from qkv.quantizers import ProgressiveResidual, SingleStage
+from qkv.spec import KINDS, parse_policy_spec
 
 # name -> (spec, one-line description)
 PRESETS: dict[str, tuple[str, str]] = {
@@ -66,7 +67,7 @@ def list_policies() -> list[str]:
 def _override_tensor(policy: TensorPolicy, key: str, value: object) -> TensorPolicy | None:
     """``policy`` with one override applied, or None if it does not apply to this policy."""
     if key in ("bits", "block", "mode", "scale"):
-        if not isinstance(policy.quantizer, AffineQuantizer):
+        if not policy.quantizer.has_param(key):
             return None
         return dataclasses.replace(policy, quantizer=policy.quantizer.replace(**{key: value}))
     if key in ("clusters", "iters", "seed"):
@@ -85,8 +86,6 @@ def _override_tensor(policy: TensorPolicy, key: str, value: object) -> TensorPol
 
 def _check_bare_name(name: str) -> None:
     """A bare word that is neither a preset nor a component: list the presets."""
-    from qkv.spec import KINDS
-
     if not any(name in registry for registry in KINDS.values()):
         raise UnknownComponentError(
             f"unknown policy {name!r}; presets: {', '.join(PRESETS)} (or pass a spec string)"
@@ -100,14 +99,13 @@ def build_policy(name_or_spec: str, **overrides: object) -> Policy:
     V policy, e.g. ``build_policy("qvg", clusters=64, bits=4)``. An override that applies to
     neither raises :class:`ConfigError`.
     """
-    from qkv.spec import parse_policy_spec
-
     if not isinstance(name_or_spec, str):
         raise ConfigError(f"build_policy takes a preset name or spec string, got {type(name_or_spec).__name__}")
     preset = PRESETS.get(name_or_spec)
     if preset is None and name_or_spec.replace("-", "").isalnum():
         _check_bare_name(name_or_spec)
-    policy = parse_policy_spec(preset[0] if preset else name_or_spec)
+    k_fields, v_fields = parse_policy_spec(preset[0] if preset else name_or_spec)
+    policy = Policy(TensorPolicy(**k_fields), TensorPolicy(**v_fields))
     k, v = policy.k, policy.v
     for key, value in overrides.items():
         new_k, new_v = _override_tensor(k, key, value), _override_tensor(v, key, value)

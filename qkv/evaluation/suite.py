@@ -8,8 +8,6 @@ import dataclasses
 import torch
 
 from qkv.caches import Policy, build_policy, list_policies
-from qkv.caches.layout import predicted_nbytes
-from qkv.quantizers import AffineQuantizer
 
 CLUSTER_CHOICES = (256, 128, 64, 32, 16, 8, 4, 2)
 FAMILY = {"qvg-int4": "qvg"}  # presets that are points of another preset's curve
@@ -25,7 +23,7 @@ class Entry:
 
 def predicted_bits(policy: Policy, shapes: list[tuple[int, int, int, int]], dtype: torch.dtype) -> float:
     """Exact bits per element of K and V together over tensors of ``shapes``."""
-    total = sum(predicted_nbytes(p, s, dtype) for s in shapes for p in (policy.k, policy.v))
+    total = sum(p.predicted_nbytes(s, dtype) for s in shapes for p in (policy.k, policy.v))
     elements = 2 * sum(b * h * n * d for b, h, n, d in shapes)
     return 8 * total / elements
 
@@ -35,8 +33,8 @@ def entry(preset: str, group: str, head_dim: int, **overrides: object) -> Entry:
     such as MiniLM's 32), the block becomes D."""
     policy = build_policy(preset, **overrides)
     for tensor in (policy.k, policy.v):
-        q = tensor.quantizer
-        if isinstance(q, AffineQuantizer) and q.axis == "token" and head_dim % q.block:
+        codes = tensor.quantizer.code_format()
+        if codes is not None and codes.axis == "token" and head_dim % codes.block:
             overrides = {**overrides, "block": head_dim}
             policy = build_policy(preset, **overrides)
             break

@@ -1,6 +1,6 @@
 """Grouping strategies (registry ``GROUPING``): ``kmeans``, ``faiss``, ``blocks``, ``none``."""
 
-from qkv.grouping.base import GROUPING, Grouper, Groups
+from qkv.grouping.base import GROUPING, ClusteringGrouper, Grouper, Groups
 from qkv.grouping.blocks import BlockGrouper
 from qkv.grouping.faiss_kmeans import FaissGrouper
 from qkv.grouping.kmeans import KMeansGrouper, KMeansResult, kmeans
@@ -9,6 +9,7 @@ from qkv.grouping.none import NoGrouping
 __all__ = [
     "GROUPING",
     "BlockGrouper",
+    "ClusteringGrouper",
     "FaissGrouper",
     "Grouper",
     "Groups",

@@ -8,7 +8,8 @@ from typing import ClassVar
 
 import torch
 
-from qkv.component import Component
+from qkv.component import Component, check_int
+from qkv.format import BlockGrid
 from qkv.registry import Registry
 
 GROUPING: Registry["Grouper"] = Registry("grouping")
@@ -24,9 +25,24 @@ class Groups:
 
 @dataclasses.dataclass(frozen=True)
 class Grouper(Component):
-    """Base class. ``stores_assignments`` is False when assignments follow from S alone."""
+    """Base class.
 
+    ``grouped``: it partitions tokens (False only for ``none``); ``stores_assignments``: the
+    assignments are stored (False when they follow from S alone: then :attr:`grid` describes them,
+    or there is one group for every token).
+    """
+
+    grouped: ClassVar[bool] = True
     stores_assignments: ClassVar[bool] = True
+
+    @property
+    def grid(self) -> BlockGrid | None:
+        """The grid that implies the assignments of a grouper that does not store them."""
+        return None
+
+    def predicted_groups(self, tokens: int) -> int:
+        """Groups a fresh (not warm-started) grouping of ``tokens`` tokens makes."""
+        raise NotImplementedError
 
     def group(
         self, x: torch.Tensor, init: torch.Tensor | None = None, *, backend: str = "auto"
@@ -34,9 +50,19 @@ class Grouper(Component):
         """Group the tokens of ``x`` [N, S, D] (fp32); ``init`` [N, C, D] warm-starts centroids."""
         raise NotImplementedError
 
-    def implicit_assignments(self, n: int, tokens: int, device: torch.device) -> torch.Tensor:
-        """[N, S] assignments of a grouper that does not store them."""
-        raise NotImplementedError(f"{self.name} stores its assignments")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusteringGrouper(Grouper):
+    """Base of the groupers that cluster into at most ``clusters`` groups (k-means, FAISS)."""
+
+    clusters: int = 256
+
+    def __post_init__(self) -> None:
+        check_int(self.name, "clusters", self.clusters, 1)
+
+    def predicted_groups(self, tokens: int) -> int:
+        return min(self.clusters, tokens)
 
 
 # Rows whose max-abs lies in [2**SAFE_LOW, 2**SAFE_HIGH] are clustered as they are: scaling by a

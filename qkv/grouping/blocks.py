@@ -14,8 +14,7 @@ from typing import ClassVar
 import torch
 
 from qkv import kernels
-from qkv.component import check_int
-from qkv.errors import ShapeError
+from qkv.format import BlockGrid
 from qkv.grouping.base import GROUPING, Grouper, Groups
 
 
@@ -33,32 +32,18 @@ class BlockGrouper(Grouper):
     width: int = 52
 
     def __post_init__(self) -> None:
-        for key in ("t", "h", "w", "height", "width"):
-            check_int("blocks", key, getattr(self, key), 1)
+        self.grid  # validates every field (ConfigError naming it)
 
-    def _frames(self, tokens: int) -> int:
-        per_frame = self.height * self.width
-        if tokens % per_frame:
-            raise ShapeError(
-                f"blocks: S={tokens} is not a whole number of {self.height}x{self.width} frames"
-            )
-        return tokens // per_frame
+    @property
+    def grid(self) -> BlockGrid:
+        return BlockGrid(self.t, self.h, self.w, self.height, self.width)
 
-    def implicit_assignments(self, n: int, tokens: int, device: torch.device) -> torch.Tensor:
-        self._frames(tokens)
-        s = torch.arange(tokens, device=device)
-        f, r, c = s // (self.height * self.width), (s // self.width) % self.height, s % self.width
-        nh, nw = -(-self.height // self.h), -(-self.width // self.w)
-        group = (f // self.t) * (nh * nw) + (r // self.h) * nw + (c // self.w)
-        return group.unsqueeze(0).expand(n, -1)
-
-    def num_groups(self, tokens: int) -> int:
-        nf = -(-self._frames(tokens) // self.t)
-        return nf * -(-self.height // self.h) * -(-self.width // self.w)
+    def predicted_groups(self, tokens: int) -> int:
+        return self.grid.num_groups(tokens)
 
     def group(self, x, init=None, *, backend="auto") -> Groups:
         n, s, d = x.shape
-        assign = self.implicit_assignments(n, s, x.device)
-        start = torch.zeros(n, self.num_groups(s), d, device=x.device)
+        start = torch.zeros(n, self.predicted_groups(s), d, device=x.device)
+        assign = self.grid.assignments(n, s, x.device)
         centroids, _ = kernels.kmeans_update(x.float(), assign, start, backend=backend)
         return Groups(centroids, assign)

@@ -12,7 +12,7 @@ import torch
 
 from qkv.component import check_int
 from qkv.errors import ConfigError
-from qkv.grouping.base import GROUPING, Grouper, Groups, row_scale
+from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_scale
 
 
 def _import_faiss():
@@ -27,16 +27,15 @@ def _import_faiss():
 
 @GROUPING.register("faiss")
 @dataclasses.dataclass(frozen=True)
-class FaissGrouper(Grouper):
+class FaissGrouper(ClusteringGrouper):
     """Spec: ``faiss(clusters=256,iters=20,seed=0)``."""
 
     name: ClassVar[str] = "faiss"
-    clusters: int = 256
     iters: int = 20
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_int("faiss", "clusters", self.clusters, 1)
+        super().__post_init__()
         check_int("faiss", "iters", self.iters, 1)
         check_int("faiss", "seed", self.seed, 0)
 

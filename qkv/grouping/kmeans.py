@@ -29,7 +29,7 @@ import torch
 from qkv import kernels
 from qkv.component import check_choice, check_int
 from qkv.errors import ConfigError
-from qkv.grouping.base import GROUPING, Grouper, Groups, row_scale
+from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_scale
 
 CHECK_EVERY = 4
 FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x clusters span segments
@@ -145,18 +145,17 @@ def kmeans(
 
 @GROUPING.register("kmeans")
 @dataclasses.dataclass(frozen=True)
-class KMeansGrouper(Grouper):
+class KMeansGrouper(ClusteringGrouper):
     """k-means in torch (see module docstring). Spec: ``kmeans(clusters=256,iters=20)``."""
 
     name: ClassVar[str] = "kmeans"
-    clusters: int = 256
     iters: int = 20
     tol: float = 1e-4
     init: str = "kmeans++"
     seed: int = 0
 
     def __post_init__(self) -> None:
-        check_int("kmeans", "clusters", self.clusters, 1)
+        super().__post_init__()
         check_int("kmeans", "iters", self.iters, 0)
         check_int("kmeans", "seed", self.seed, 0)
         check_choice("kmeans", "init", self.init, INITS)

@@ -12,7 +12,12 @@ from qkv.grouping.base import GROUPING, Grouper
 @dataclasses.dataclass(frozen=True)
 class NoGrouping(Grouper):
     name: ClassVar[str] = "none"
+    grouped: ClassVar[bool] = False
     stores_assignments: ClassVar[bool] = False
+
+    def predicted_groups(self, tokens: int) -> int:
+        """One row for every token (what an additive smoother without grouping stores)."""
+        return 1
 
     def group(self, x, init=None, *, backend="auto"):
         return None

@@ -16,7 +16,10 @@ from collections.abc import Callable
 
 import torch
 
+from qkv.compressed import CompressedTensor
+from qkv.dtypes import saturate
 from qkv.errors import BackendError
+from qkv.format import AffineFormat, Undo
 from qkv.kernels.attention import (
     CompressedSpan,
     DenseKV,
@@ -108,19 +111,46 @@ def resolve(op: str, backend: Backend | str, device: torch.device, *args) -> Cal
 
 
 def quantize_pack(
-    x, quantizer, packer, *, centroids=(), assignments=(), backend: Backend | str = "auto"
+    x, fmt: AffineFormat, *, centroids=(), assignments=(), backend: Backend | str = "auto"
 ) -> QuantizedRows:
-    """Quantize rows ``x - sum_t centroids[t][assignments[t]]`` [N, R, L] in blocks along L and pack
-    the codes, without materializing the difference (see kernels.quantize; the mirror image of
-    :func:`dequantize`). x: fp32/fp16/bf16; centroids[t] [N, C_t, D], assignments[t] [N, S]."""
-    args = (x, quantizer, packer, tuple(centroids), tuple(assignments))
+    """Quantize rows ``x - sum_t centroids[t][assignments[t]]`` [N, R, L] in blocks along L as
+    ``fmt`` says and pack the codes, without materializing the difference (see kernels.quantize;
+    the mirror image of :func:`dequantize`). x: fp32/fp16/bf16; centroids[t] [N, C_t, D],
+    assignments[t] [N, S]."""
+    args = (x, fmt, tuple(centroids), tuple(assignments))
     return resolve("quantize_pack", backend, x.device, *args)(*args)
 
 
-def dequantize(rows, quantizer, packer, tokens, centroids, assignments, *, out_dtype=torch.float32, backend="auto"):
+def dequantize(rows, fmt: AffineFormat, tokens, centroids, assignments, *, out_dtype=torch.float32, backend="auto"):
     """Unpack + dequantize + add every stage's centroids -> [N, tokens, D] in ``out_dtype``."""
-    args = (rows, quantizer, packer, tokens, centroids, assignments, out_dtype)
+    args = (rows, fmt, tokens, centroids, assignments, out_dtype)
     return resolve("dequantize", backend, rows.codes.device, *args)(*args)
+
+
+def decompress(ct: CompressedTensor, *, backend: Backend | str = "auto") -> torch.Tensor:
+    """Reconstruct a compressed tensor [B, H, S, D] in the dtype it was compressed from, from its
+    data and format alone: codes dequantized with every add-back stage fused in (or rotations
+    undone after), then the full-precision tokens."""
+    b = ct.shape[0]
+    fmt = ct.format
+    parts = []
+    if ct.quantized_tokens and fmt.cast is not None:
+        parts.append(saturate(ct.codes, ct.dtype))
+    elif ct.quantized_tokens:
+        rows = QuantizedRows(*(None if t is None else t.flatten(0, 1) for t in (ct.codes, ct.scales, ct.zeros, ct.scale_mult)))
+        add = fmt.undo is Undo.ADD
+        centroids = [s.centroids.flatten(0, 1) for s in ct.stages] if add else []
+        assignments = [ct.stage_assignments(i) for i in range(len(ct.stages))] if add else []
+        # add-backs are undone inside the kernel, which then writes the output dtype directly
+        out_dtype = torch.float32 if fmt.undo is Undo.ROTATE else ct.dtype
+        out = dequantize(rows, fmt.codes, ct.quantized_tokens, centroids, assignments, out_dtype=out_dtype, backend=backend)
+        if fmt.undo is Undo.ROTATE:
+            for _ in ct.stages:
+                out = hadamard(out, backend=backend)
+        parts.append(saturate(out.unflatten(0, (b, -1)), ct.dtype))
+    if ct.fp_tokens is not None:
+        parts.append(ct.fp_tokens)
+    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
 
 
 def kmeans_assign(x, centroids, *, backend="auto"):
@@ -202,6 +232,7 @@ __all__ = [
     "attention",
     "attention_staged",
     "choose_method",
+    "decompress",
     "dequantize",
     "hadamard",
     "kmeans_assign",

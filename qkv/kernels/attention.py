@@ -1,12 +1,12 @@
 """Attention over a KV history of full-precision and compressed segments: the plain-PyTorch reference.
 
 A history is a sequence of segments: :class:`DenseKV` (keys and values in full precision) and
-:class:`CompressedSpan` (a :class:`~qkv.caches.compressed.CompressedKV`, the policy that decompresses
-it, and how many of its leading tokens were evicted). The attention is not causal: every query sees
+:class:`CompressedSpan` (a :class:`~qkv.compressed.CompressedKV`, which describes itself, and how
+many of its leading tokens were evicted). The attention is not causal: every query sees
 every key of every segment (the Wan / Self-Forcing pattern, where a chunk's queries attend to
 [history, chunk]), so the order of the segments does not matter.
 
-:func:`attention_torch` decompresses one segment at a time with the policy's own path, attends to it
+:func:`attention_torch` decompresses one segment at a time with :func:`qkv.kernels.decompress`, attends to it
 in fp32 and merges the partial results by their log-sum-exp, so the whole history is never
 materialized at once. The Triton twin (:mod:`qkv.kernels.triton.attention`) reads the compressed
 spans directly instead.
@@ -17,17 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from einops import rearrange, repeat
 
 from qkv import kernels
+from qkv.compressed import CompressedKV
 from qkv.errors import DeviceError, DTypeError, ShapeError
-
-if TYPE_CHECKING:
-    from qkv.caches.compressed import CompressedKV
-    from qkv.caches.policy import Policy
 
 FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -49,11 +45,9 @@ class DenseKV:
 
 @dataclasses.dataclass(frozen=True)
 class CompressedSpan:
-    """A compressed span [B, H_kv, S, D], of which the first ``skip`` tokens are evicted.
-    ``policy``: the :class:`~qkv.caches.policy.Policy` that compressed ``ckv`` (it decompresses it)."""
+    """A compressed span [B, H_kv, S, D], of which the first ``skip`` tokens are evicted."""
 
     ckv: CompressedKV
-    policy: Policy
     skip: int = 0
 
     @property
@@ -62,7 +56,7 @@ class CompressedSpan:
 
     def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """The decompressed (k, v) [B, H_kv, tokens, D] in the dtype they were compressed from."""
-        k, v = self.policy.decompress(self.ckv, backend=backend)
+        k, v = (kernels.decompress(ct, backend=backend) for ct in (self.ckv.k, self.ckv.v))
         return k[:, :, self.skip :], v[:, :, self.skip :]
 
 
@@ -297,7 +291,7 @@ def attention_staged(
     q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None, backend: str = "auto"
 ) -> torch.Tensor:
     """:func:`attention_torch` at the speed of torch's fused attention, in bounded memory: each
-    compressed span is decompressed on its own (the policy's path on ``backend``) and attended to by
+    compressed span is decompressed on its own (:func:`qkv.kernels.decompress` on ``backend``) and attended to by
     :func:`sdpa_split`; the full-precision segments are concatenated and attended to in one call;
     the partial results are merged by log-sum-exp. At most one decompressed span (or the
     concatenated full-precision keys) exists at a time. The full-precision keys come first: the

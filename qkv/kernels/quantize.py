@@ -23,8 +23,8 @@ from einops import rearrange
 from qkv.dtypes import INPUT_DTYPES, max_finite, round_down, round_up, saturate
 from qkv.errors import DeviceError, DTypeError, ShapeError
 from qkv.kernels.kmeans import gather_centroids
-from qkv.quantizers.affine import AffineQuantizer
-from qkv.quantizers.packing import BitPacker
+from qkv.format import AffineFormat
+from qkv.kernels.packing import pack_codes, unpack_codes
 
 # Scales and zero points use at most half of their format's range (one exponent of headroom), so
 # rounding the zero point down can widen the scale without overflowing.
@@ -47,7 +47,7 @@ class QuantizedRows:
     mult: torch.Tensor | None
 
 
-def row_multiplier(peak: torch.Tensor, q: AffineQuantizer) -> torch.Tensor | None:
+def row_multiplier(peak: torch.Tensor, q: AffineFormat) -> torch.Tensor | None:
     """Power of two per row N that brings ``peak`` [N] (largest scale or |zero|) into range."""
     if q.scale == "fp32":
         return None
@@ -63,7 +63,7 @@ def exact_div(x: torch.Tensor, value: float) -> torch.Tensor:
     return x / torch.full((), value, dtype=x.dtype, device=x.device)
 
 
-def block_peaks(blocks: torch.Tensor, q: AffineQuantizer) -> torch.Tensor:
+def block_peaks(blocks: torch.Tensor, q: AffineFormat) -> torch.Tensor:
     """Largest value each block needs in the scale format (its scale or |zero point|): [N, R, G]."""
     if q.has_zero:
         low, high = blocks.amin(-1), blocks.amax(-1)
@@ -71,7 +71,7 @@ def block_peaks(blocks: torch.Tensor, q: AffineQuantizer) -> torch.Tensor:
     return exact_div(blocks.abs().amax(-1), q.steps)
 
 
-def block_params(blocks: torch.Tensor, q: AffineQuantizer):
+def block_params(blocks: torch.Tensor, q: AffineFormat):
     """Stored scales and zeros of ``blocks`` [N, R, G, B] fp32, and their fp32 values.
 
     Returns (scales_stored, zeros_stored | None, mult | None, scale_f32, zero_f32), where the fp32
@@ -93,7 +93,7 @@ def block_params(blocks: torch.Tensor, q: AffineQuantizer):
     return scales, zeros, mult, scales.float() * m, zero_f32
 
 
-def check_quantize_args(x: torch.Tensor, q: AffineQuantizer, centroids, assignments) -> None:
+def check_quantize_args(x: torch.Tensor, q: AffineFormat, centroids, assignments) -> None:
     """Raise a typed error unless rows ``x`` [N, R, L] and the stages' ``centroids`` /
     ``assignments`` fit ``q``.
 
@@ -137,7 +137,7 @@ def check_quantize_args(x: torch.Tensor, q: AffineQuantizer, centroids, assignme
             )
 
 
-def residual_rows(x: torch.Tensor, q: AffineQuantizer, centroids, assignments) -> torch.Tensor:
+def residual_rows(x: torch.Tensor, q: AffineFormat, centroids, assignments) -> torch.Tensor:
     """fp32 rows ``x - sum_t centroids[t][assignments[t]]``: x promoted to fp32, then each stage's
     centroids (their fp32 values) subtracted in order (rows are tokens or, for the channel axis,
     channels)."""
@@ -150,8 +150,7 @@ def residual_rows(x: torch.Tensor, q: AffineQuantizer, centroids, assignments) -
 
 def quantize_pack_torch(
     x: torch.Tensor,
-    q: AffineQuantizer,
-    packer: BitPacker,
+    q: AffineFormat,
     centroids: Sequence[torch.Tensor] = (),
     assignments: Sequence[torch.Tensor] = (),
 ) -> QuantizedRows:
@@ -171,14 +170,14 @@ def quantize_pack_torch(
     codes = torch.round((blocks - zero_f) / safe + q.offset).clamp(0, q.levels - 1)
     codes = torch.where(scale_f > 0, codes, torch.full_like(codes, math.floor(q.offset)))
     codes = rearrange(codes.to(torch.uint8), "n r g b -> n r (g b)")
-    return QuantizedRows(packer.pack(codes, q.bits), scales, zeros, mult)
+    return QuantizedRows(pack_codes(codes, q.bits, q.pack), scales, zeros, mult)
 
 
 def dequantize_rows_torch(
-    rows: QuantizedRows, q: AffineQuantizer, packer: BitPacker, length: int
+    rows: QuantizedRows, q: AffineFormat, length: int
 ) -> torch.Tensor:
     """Unpack and dequantize to fp32 rows [N, R, length]."""
-    codes = packer.unpack(rows.codes, q.bits, length).float()
+    codes = unpack_codes(rows.codes, q.bits, length, q.pack).float()
     m = rows.mult.view(-1, 1, 1) if rows.mult is not None else 1.0
     scale = (rows.scales.float() * m).repeat_interleave(q.block, dim=-1)
     out = (codes - q.offset) * scale
@@ -189,8 +188,7 @@ def dequantize_rows_torch(
 
 def dequantize_torch(
     rows: QuantizedRows,
-    q: AffineQuantizer,
-    packer: BitPacker,
+    q: AffineFormat,
     tokens: int,
     centroids: list[torch.Tensor],
     assignments: list[torch.Tensor],
@@ -202,9 +200,9 @@ def dequantize_torch(
     centroids[t]: [N, C_t, D] (stored format); assignments[t]: [N, tokens] integer.
     """
     if q.axis == "token":
-        out = dequantize_rows_torch(rows, q, packer, rows.scales.shape[-1] * q.block)
+        out = dequantize_rows_torch(rows, q, rows.scales.shape[-1] * q.block)
     else:
-        out = rearrange(dequantize_rows_torch(rows, q, packer, tokens), "n d s -> n s d")
+        out = rearrange(dequantize_rows_torch(rows, q, tokens), "n d s -> n s d")
     for cents, assign in zip(centroids, assignments, strict=True):
         out = out + gather_centroids(cents, assign)
     return saturate(out, out_dtype)

@@ -22,22 +22,38 @@ import dataclasses
 import inspect
 from typing import ClassVar
 
-import torch
-
-from qkv.bounds import FLUSH, U32, Bound, ErrorState, rounding_error
-from qkv.component import Component, check_choice, check_int
-from qkv.dtypes import FLOAT_FORMATS
-from qkv.errors import ConfigError
+from qkv.component import Component, check_choice
+from qkv.format import AffineFormat, PackFormat, StageFormat, TensorFormat
 from qkv.registry import Registry, format_token
 
-QUANTIZERS: Registry[Component] = Registry("quantizer")
-
-MODES = ("sym", "midrise", "asym")
-AXES = ("token", "channel")
+QUANTIZERS: Registry["Quantizer"] = Registry("quantizer")
 
 
 @dataclasses.dataclass(frozen=True)
-class AffineQuantizer(Component):
+class Quantizer(Component):
+    """What every quantizer declares.
+
+    ``packed``: it stores integer codes and needs a packing format (else it stores floats and
+    takes no packing, smoothing or staging). :meth:`tensor_format` describes what it stores; the
+    kernels read that description (a new quantizer whose data the :class:`~qkv.format.TensorFormat`
+    cannot describe needs its own kernels and format first).
+    """
+
+    packed: ClassVar[bool] = True
+
+    def code_format(self, pack: PackFormat = PackFormat()) -> AffineFormat | None:
+        """The format of the integer codes, or None for a quantizer that stores floats."""
+        return None
+
+    def tensor_format(
+        self, head_dim: int, *, pack: PackFormat | None, window: int, stages: tuple[StageFormat, ...]
+    ) -> TensorFormat:
+        """The format of a [B, H, S, ``head_dim``] tensor this quantizer stores."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class AffineQuantizer(Quantizer):
     """Affine integer quantizer; registered as ``int1`` ... ``int8``.
 
     Args:
@@ -56,14 +72,7 @@ class AffineQuantizer(Component):
     scale: str = "fp8"
 
     def __post_init__(self) -> None:
-        kind = f"int{self.bits}"
-        check_int("quantizer", "bits", self.bits, 1, 8)
-        check_int(kind, "block", self.block, 1)
-        check_choice(kind, "mode", self.mode, MODES)
-        check_choice(kind, "axis", self.axis, AXES)
-        check_choice(kind, "scale", self.scale, tuple(FLOAT_FORMATS))
-        if self.mode == "sym" and self.bits < 2:
-            raise ConfigError("int1: mode=sym has no level besides zero; use midrise or asym")
+        self.code_format()  # validates every field (ConfigError naming it)
 
     @property
     def token(self) -> str:
@@ -71,72 +80,21 @@ class AffineQuantizer(Component):
         args = {k: getattr(self, k) for k in ("block", "mode", "axis", "scale")}
         return format_token(f"int{self.bits}", {k: v for k, v in args.items() if v != defaults[k]})
 
-    @property
-    def levels(self) -> int:
-        return 2 * (2 ** (self.bits - 1) - 1) + 1 if self.mode == "sym" else 2**self.bits
+    def code_format(self, pack: PackFormat = PackFormat()) -> AffineFormat:
+        """The codes' format (levels, offset, steps, scale format: see :class:`~qkv.format.AffineFormat`)."""
+        return AffineFormat(self.bits, self.block, self.mode, self.axis, self.scale, pack)
 
-    @property
-    def offset(self) -> float:
-        """Code of the zero level (half-integer for midrise, 0 for asym)."""
-        if self.mode == "sym":
-            return float(2 ** (self.bits - 1) - 1)
-        if self.mode == "midrise":
-            return (2**self.bits - 1) / 2
-        return 0.0
-
-    @property
-    def steps(self) -> float:
-        """Scale = range / steps: the block's value range spans this many steps."""
-        return float(self.levels - 1) if self.mode == "asym" else self.offset
-
-    @property
-    def has_zero(self) -> bool:
-        return self.mode == "asym"
-
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        return FLOAT_FORMATS[self.scale]
-
-    def error_bound(
-        self, scales: torch.Tensor, zeros: torch.Tensor | None, mult: torch.Tensor | None
-    ) -> ErrorState:
-        """Guaranteed error of the dequantized values, from the stored block parameters alone.
-
-        scales / zeros: [N, R, G] as stored (rows as quantized: R = tokens for ``axis="token"``,
-        R = D for ``axis="channel"``); mult: [N] fp32 powers of two, or None. With ``s`` and ``z``
-        the fp32 scale and zero point the decoder uses (stored value times ``mult``), ``L = levels
-        - 1`` and ``u = 2**-24``, every element of a block satisfies::
-
-            |x_hat - x| <= s / 2 + 16 u ((L + 1) s + |z|) + (L + 4) 2**-126 max(1, mult)
-
-        ``s / 2``: round to nearest on the stored grid. The scale's own rounding is already in
-        ``s``: it is stored rounded up and the zero point rounded down, so the grid covers the
-        block. ``16 u (...)``: the fp32 arithmetic of ``(x - z) / s + offset``, the clamp, and
-        ``(code - offset) * s + z`` (fewer than 16 roundings of values at most ``(L + 1) s + |z|``).
-        The last term covers fp32 underflow of tiny scales (gradual, or flushed to zero by a GPU
-        kernel; ``2**-126`` is the smallest normal fp32). Returns the bound and the magnitude
-        ``(L s + |z|)(1 + 4u)`` of the decoded values, per element in token layout [N, S_q, D].
-        """
-        m = mult.view(-1, 1, 1) if mult is not None else torch.ones((), device=scales.device)
-        s = (scales.float() * m).double()  # exactly the decoder's fp32 scale
-        z = (zeros.float() * m).double().abs() if zeros is not None else torch.zeros((), dtype=torch.float64)
-        z = z.to(s.device)
-        top = self.levels - 1
-        tiny = (top + 4) * FLUSH * m.double().clamp_min(1)
-        bound = s / 2 + 16 * U32 * ((top + 1) * s + z) + tiny
-        magnitude = (top * s + z) * (1 + 4 * U32)
-        bound, magnitude = (t.repeat_interleave(self.block, dim=-1) for t in (bound, magnitude))
-        if self.axis == "channel":
-            bound, magnitude = bound.transpose(1, 2), magnitude.transpose(1, 2)
-        return ErrorState(Bound.element(bound), magnitude)
+    def tensor_format(self, head_dim, *, pack, window, stages):
+        return TensorFormat(head_dim, codes=self.code_format(pack), window=window, stages=stages)
 
 
 @dataclasses.dataclass(frozen=True)
-class CastQuantizer(Component):
+class CastQuantizer(Quantizer):
     """Stores values as a float format (registered as ``fp32``, ``fp16``, ``bf16``): no codes,
     no scales, no packing. ``bf16`` is the uncompressed baseline."""
 
     name: ClassVar[str] = "cast"
+    packed: ClassVar[bool] = False
     dtype: str = "bf16"
 
     def __post_init__(self) -> None:
@@ -146,15 +104,8 @@ class CastQuantizer(Component):
     def token(self) -> str:
         return self.dtype
 
-    @property
-    def storage_dtype(self) -> torch.dtype:
-        return FLOAT_FORMATS[self.dtype]
-
-    def error_bound(self, stored: torch.Tensor, input_dtype: torch.dtype) -> ErrorState:
-        """Guaranteed error of the stored values [..., S, D] (this format) against the input of
-        ``input_dtype`` they were rounded from: 0 when the format holds every input value, else
-        half an ulp, ``u(format) * |stored| + tiny / 2`` per element (inf where it overflowed)."""
-        return ErrorState(Bound.element(rounding_error(stored, input_dtype)), stored.double().abs())
+    def tensor_format(self, head_dim, *, pack, window, stages):
+        return TensorFormat(head_dim, cast=self.dtype, window=window)
 
 
 def _affine_factory(bits: int):

@@ -9,19 +9,20 @@ zero bits to a whole container word:
 - ``i32lsb``: int32 words, first element in the low bits (KIVI's layout: 16 INT2 codes per word,
   little-endian); widths that do not divide 32 straddle words LSB-first.
 
-Every width 1..8 packs and unpacks exactly.
+Every width 1..8 packs and unpacks exactly. A packer produces a :class:`~qkv.format.PackFormat`;
+the bit operations themselves live in :mod:`qkv.kernels.packing`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import ClassVar
 
 import torch
 
 from qkv.component import Component
-from qkv.errors import ConfigError, DTypeError, ShapeError
+from qkv.format import PackFormat
+from qkv.kernels.packing import pack_codes, unpack_codes
 from qkv.registry import Registry
 
 PACKING: Registry["BitPacker"] = Registry("packing")
@@ -29,62 +30,30 @@ PACKING: Registry["BitPacker"] = Registry("packing")
 
 @dataclasses.dataclass(frozen=True)
 class BitPacker(Component):
-    """A packing layout: ``word_bits`` bits per container element, MSB- or LSB-first."""
+    """A packing layout: ``word_bits`` bits per container element (8 or 32), MSB- or LSB-first."""
 
     word_bits: ClassVar[int] = 8
-    container: ClassVar[torch.dtype] = torch.uint8
     msb_first: ClassVar[bool] = True
+
+    @property
+    def format(self) -> PackFormat:
+        return PackFormat(self.word_bits, self.msb_first)
+
+    @property
+    def container(self) -> torch.dtype:
+        return self.format.container
 
     def packed_len(self, n: int, bits: int) -> int:
         """Container elements needed for ``n`` codes of ``bits`` bits."""
-        return math.ceil(n * bits / self.word_bits)
+        return self.format.packed_len(n, bits)
 
     def pack(self, codes: torch.Tensor, bits: int) -> torch.Tensor:
         """``codes``: uint8 [..., n] with values < 2**bits -> container [..., packed_len(n)]."""
-        _check_bits(bits)
-        if codes.dtype != torch.uint8:
-            raise DTypeError(f"{self.name}: codes must be uint8, got {codes.dtype}")
-        n = codes.shape[-1]
-        shifts = torch.arange(bits, device=codes.device, dtype=torch.uint8)
-        if self.msb_first:
-            shifts = shifts.flip(0)
-        stream = ((codes.unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., n*bits] of 0/1
-        pad = self.packed_len(n, bits) * self.word_bits - n * bits
-        stream = torch.nn.functional.pad(stream, (0, pad))
-        words = stream.unflatten(-1, (-1, self.word_bits)).to(torch.int64)
-        place = torch.arange(self.word_bits, device=codes.device, dtype=torch.int64)
-        if self.msb_first:
-            place = place.flip(0)
-        packed = (words << place).sum(-1)
-        if self.container == torch.int32:
-            packed = torch.where(packed >= 2**31, packed - 2**32, packed)
-        return packed.to(self.container)
+        return pack_codes(codes, bits, self.format)
 
     def unpack(self, packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
         """Inverse of :meth:`pack`: container [..., m] -> uint8 codes [..., n]."""
-        _check_bits(bits)
-        if packed.dtype != self.container:
-            raise DTypeError(f"{self.name}: packed data must be {self.container}, got {packed.dtype}")
-        if packed.shape[-1] != self.packed_len(n, bits):
-            raise ShapeError(
-                f"{self.name}: {n} codes of {bits} bits need {self.packed_len(n, bits)} words, "
-                f"got {packed.shape[-1]}"
-            )
-        place = torch.arange(self.word_bits, device=packed.device, dtype=torch.int64)
-        if self.msb_first:
-            place = place.flip(0)
-        words = packed.to(torch.int64) & (2**self.word_bits - 1)
-        stream = ((words.unsqueeze(-1) >> place) & 1).flatten(-2)[..., : n * bits]
-        shifts = torch.arange(bits, device=packed.device, dtype=torch.int64)
-        if self.msb_first:
-            shifts = shifts.flip(0)
-        codes = (stream.unflatten(-1, (n, bits)) << shifts).sum(-1)
-        return codes.to(torch.uint8)
-
-
-def _check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 1 <= bits <= 8:
-        raise ConfigError(f"packing: bits must be an integer in [1, 8], got {bits!r}")
+        return unpack_codes(packed, bits, n, self.format)
 
 
 @PACKING.register("u8msb")
@@ -102,5 +71,4 @@ class I32LSBPacker(BitPacker):
 
     name: ClassVar[str] = "i32lsb"
     word_bits: ClassVar[int] = 32
-    container: ClassVar[torch.dtype] = torch.int32
     msb_first: ClassVar[bool] = False

@@ -1,12 +1,17 @@
 """Smoothing: reversible transforms that shrink what the quantizer sees.
 
 - ``centroid``: subtract each token's group centroid (stored in ``dtype``, bf16 by default, saturated
-  to its finite range, and subtracted *as stored*, so decoding adds back exactly what was removed). Additive: decoding
-  fuses the add-back of every stage into the dequantize kernel, and encoding can leave the last
-  stage's subtraction to the quantize+pack kernel (see :meth:`Smoother.offsets`).
+  to its finite range, and subtracted *as stored*, so decoding adds back exactly what was removed).
+  Undone by adding back (``Undo.ADD``): decoding fuses the add-back of every stage into the
+  dequantize kernel, and encoding can leave the last stage's subtraction to the quantize+pack
+  kernel (see :meth:`Smoother.offsets`).
 - ``hadamard``: rotate along D by the normalized Hadamard matrix (spreads channel outliers);
-  inverted after dequantization. Needs D a power of two; takes no grouping.
+  undone by the same rotation (``Undo.ROTATE``). Needs D a power of two; takes no grouping.
 - ``none``: identity.
+
+Decoding reads how a stage is undone from the data's format (:class:`~qkv.format.StageFormat`), so
+a smoother declares it (``undo``) instead of implementing an inverse; so do the error bounds
+(:mod:`qkv.bounds`).
 """
 
 from __future__ import annotations
@@ -17,10 +22,11 @@ from typing import ClassVar
 import torch
 
 from qkv import kernels
-from qkv.bounds import ErrorState, additive_propagate, rotation_propagate
 from qkv.component import Component, check_choice
 from qkv.dtypes import FLOAT_FORMATS, saturate
-from qkv.grouping.base import Groups
+from qkv.errors import ConfigError
+from qkv.format import StageFormat, Undo
+from qkv.grouping.base import Grouper, Groups
 from qkv.kernels.kmeans import gather_centroids
 from qkv.registry import Registry
 
@@ -31,20 +37,23 @@ SMOOTHING: Registry["Smoother"] = Registry("smoothing")
 class Smoother(Component):
     """Base class.
 
-    ``needs_groups``: requires a grouping other than ``none``; ``additive``: the inverse adds
-    stored centroids (so decoding can fuse it into the dequantize kernel). A smoother whose
-    forward *is* "subtract stored centroids" also says so through :meth:`offsets`, which lets
-    encoding fuse that subtraction into the quantize kernel.
+    ``undo``: how decoding undoes it: ``Undo.ADD`` (add the stored rows back, gathered by
+    assignment; decoding fuses it into the dequantize kernel), ``Undo.ROTATE`` (the normalized
+    Hadamard transform) or ``Undo.NONE`` (identity). ``needs_groups``: requires a grouping
+    other than ``none``. ``rows``: storage format of the rows an add-back stores. A smoother
+    whose forward *is* "subtract stored centroids" also says so through :meth:`offsets`, which
+    lets encoding fuse that subtraction into the quantize kernel.
     """
 
+    undo: ClassVar[Undo | None] = None
     needs_groups: ClassVar[bool] = False
-    additive: ClassVar[bool] = False
+    rows: ClassVar[str] = "bf16"
 
     def forward(
         self, x: torch.Tensor, groups: Groups | None, *, backend: str = "auto"
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x [N, S, D] (input dtype at the first stage, fp32 after) -> (residual, centroids to
-        store [N, C, D] or None); the residual is fp32 except for ``none``, which passes x."""
+        """x [N, S, D] (input dtype at the first stage, fp32 after) -> (residual, rows to store
+        [N, C, D] or None); the residual is fp32 except for ``none``, which passes x."""
         raise NotImplementedError
 
     def offsets(
@@ -61,22 +70,16 @@ class Smoother(Component):
         """
         return None
 
-    def inverse(self, x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-        """Undo a non-additive transform on fp32 [N, S, D]."""
-        raise NotImplementedError
-
-    def propagate(self, state: ErrorState, added: torch.Tensor | None) -> ErrorState:
-        """The error bound after decoding undoes this stage, given the bound before it.
-
-        ``added``: for an additive smoother, the values decoding adds back for this stage
-        ([N, S, D], centroids gathered by assignment), else None. The default declares nothing:
-        the policy then reports no bound (see :mod:`qkv.bounds` for the rules to reuse, e.g.
-        :func:`~qkv.bounds.additive_propagate`).
-        """
-        return state.with_none(
-            f"smoothing {self.name!r} ({type(self).__name__}) declares no error propagation; "
-            "define propagate() (see docs/testing.md)"
-        )
+    def stage_format(self, grouping: Grouper) -> StageFormat:
+        """How one stage of this smoother, after ``grouping``, is stored and undone."""
+        if not isinstance(self.undo, Undo):
+            raise ConfigError(
+                f"smoothing {self.name!r} ({type(self).__name__}) declares no undo; set undo = Undo.ADD "
+                "(decoding adds the stored rows back) or Undo.ROTATE (the Hadamard rotation)"
+            )
+        if self.undo is not Undo.ADD:
+            return StageFormat(self.undo)
+        return StageFormat(Undo.ADD, self.rows, assignments=grouping.stores_assignments, grid=grouping.grid)
 
 
 def subtract_centroids(x: torch.Tensor, centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:
@@ -93,28 +96,23 @@ class CentroidSmoother(Smoother):
     """Spec: ``centroid`` or ``centroid(dtype=fp16)`` (centroid storage format)."""
 
     name: ClassVar[str] = "centroid"
+    undo: ClassVar[Undo] = Undo.ADD
     needs_groups: ClassVar[bool] = True
-    additive: ClassVar[bool] = True
     dtype: str = "bf16"
 
     def __post_init__(self) -> None:
         check_choice("centroid", "dtype", self.dtype, ("fp32", "fp16", "bf16"))
 
     @property
-    def storage_dtype(self) -> torch.dtype:
-        return FLOAT_FORMATS[self.dtype]
+    def rows(self) -> str:
+        return self.dtype
 
     def offsets(self, x, groups, *, backend="auto"):
-        return saturate(groups.centroids, self.storage_dtype), groups.assignments
+        return saturate(groups.centroids, FLOAT_FORMATS[self.dtype]), groups.assignments
 
     def forward(self, x, groups, *, backend="auto"):
         stored, assignments = self.offsets(x, groups, backend=backend)
         return subtract_centroids(x, stored, assignments), stored
-
-    def propagate(self, state, added):
-        """Passes the bound through plus two fp32 roundings (centroids are subtracted as stored):
-        see :func:`qkv.bounds.additive_propagate`."""
-        return additive_propagate(state)
 
 
 @SMOOTHING.register("hadamard")
@@ -123,28 +121,17 @@ class HadamardSmoother(Smoother):
     """Spec: ``hadamard`` (QuaRot's rotation of keys and values)."""
 
     name: ClassVar[str] = "hadamard"
+    undo: ClassVar[Undo] = Undo.ROTATE
 
     def forward(self, x, groups, *, backend="auto"):
         return kernels.hadamard(x.float(), backend=backend), None
-
-    def inverse(self, x, *, backend="auto"):
-        return kernels.hadamard(x, backend=backend)
-
-    def propagate(self, state, added):
-        """Per-element bound in, per-token L2 bound out: see :func:`qkv.bounds.rotation_propagate`."""
-        return rotation_propagate(state)
 
 
 @SMOOTHING.register("none")
 @dataclasses.dataclass(frozen=True)
 class NoSmoothing(Smoother):
     name: ClassVar[str] = "none"
+    undo: ClassVar[Undo] = Undo.NONE
 
     def forward(self, x, groups, *, backend="auto"):
         return x, None
-
-    def inverse(self, x, *, backend="auto"):
-        return x
-
-    def propagate(self, state, added):
-        return state

@@ -19,10 +19,10 @@ from typing import ClassVar
 
 import torch
 
-from qkv.bounds import ErrorState, widen_for_add_back
 from qkv.component import Component, check_int
 from qkv.dtypes import compact_index_dtype
 from qkv.errors import ConfigError
+from qkv.format import MAX_STAGES
 from qkv.grouping.base import Grouper
 from qkv.quantizers.smoothing import Smoother
 from qkv.registry import Registry
@@ -95,32 +95,6 @@ class Staging(Component):
                 pending = (centroids, assign)  # same values, 1-2 bytes a token for the kernel to read
         return (residual, stored, pending) if defer_last else (residual, stored)
 
-    def propagate(
-        self, state: ErrorState, smoother: Smoother, added: Sequence[torch.Tensor | None]
-    ) -> ErrorState:
-        """The error bound after decoding undoes every stage, given the final residual's.
-
-        ``added``: per stage (in encoding order), what decoding adds back ([N, S, D]) or None. The
-        stages are undone last to first through ``smoother.propagate``; for an add-back, the
-        magnitude first becomes the envelope of every partial sum (decoding may add the stages in
-        any order). A subclass that changes :meth:`run` must declare its own propagate.
-        """
-        if type(self).run is not Staging.run and type(self).propagate is Staging.propagate:
-            return state.with_none(
-                f"staging {self.name!r} ({type(self).__name__}) overrides run() but declares no "
-                "propagate()"
-            )
-        if len(added) != self.count:
-            raise ConfigError(f"{self.token}: {len(added)} stages of data, expected {self.count}")
-        offsets = [a for a in added if a is not None]
-        if offsets:
-            state = widen_for_add_back(state, offsets)
-        for stage in reversed(added):
-            if state.bound.is_none:
-                break
-            state = smoother.propagate(state, stage)
-        return state
-
 
 @STAGING.register("single")
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +113,7 @@ class ProgressiveResidual(Staging):
     def __post_init__(self) -> None:
         if self.stages == 1:
             raise ConfigError("progressive: stages must be >= 2; one stage is the 'single' staging")
-        check_int("progressive", "stages", self.stages, 2)
+        check_int("progressive", "stages", self.stages, 2, MAX_STAGES)
 
     @property
     def count(self) -> int:

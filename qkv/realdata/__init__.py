@@ -29,30 +29,11 @@ from __future__ import annotations
 import importlib
 import os
 import time
-from dataclasses import dataclass
 
-import torch
+from qkv.realdata import store
+from qkv.realdata.sample import KVSample
 
 __all__ = ["KVSample", "list_datasets", "load_dataset"]
-
-
-@dataclass(frozen=True)
-class KVSample:
-    """One layer's cached keys and values from a real (or, for ``wan``, real-input) model run.
-
-    Attributes:
-        source: dataset name, e.g. ``"whisper-encoder"``.
-        layer: layer index inside the model (0-based).
-        k: keys, ``[1, H, S, D]`` float32 on the CPU.
-        v: values, ``[1, H, S, D]`` float32 on the CPU.
-        label: human-readable description for tables and plots; says "random weights" for ``wan``.
-    """
-
-    source: str
-    layer: int
-    k: torch.Tensor
-    v: torch.Tensor
-    label: str
 
 
 # name -> module that builds it. Each module defines ``CONFIG`` (the constants that decide the content;
@@ -87,8 +68,6 @@ def load_dataset(
     Raises:
         ValueError: ``name`` is not one of :func:`list_datasets`.
     """
-    from qkv.realdata import store
-
     if name not in _BUILDERS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(list_datasets())}")
     builder = importlib.import_module(_BUILDERS[name])

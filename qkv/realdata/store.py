@@ -25,7 +25,7 @@ from typing import Any
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from qkv.realdata import KVSample
+from qkv.realdata.sample import KVSample
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "cache_path", "default_cache_dir", "load", "read_info", "save"]
 

@@ -9,6 +9,7 @@ import torch
 
 from qkv.bounds import Bound, KVBound, describe_violation, worst_index
 from qkv.caches.policy import Policy, TensorPolicy
+from qkv.caches.presets import build_policy
 from qkv.errors import BoundViolation, NoBoundError, QKVError
 
 INLINE_VALUES = 1024  # larger minimal examples are saved to a file instead of printed
@@ -132,8 +133,6 @@ def _report(policy, tensor, name, x, x_hat, bound, bad, backend, allow_unbounded
 
 def _rebuilds(tensor: TensorPolicy) -> bool:
     """Whether the tensor policy's spec rebuilds it (every component registered under its name)."""
-    from qkv.caches.presets import build_policy
-
     try:
         return build_policy(tensor.spec).k == tensor
     except QKVError:

@@ -20,14 +20,13 @@ from qkv.caches.policy import Policy, TensorPolicy
 from qkv.component import Component
 from qkv.errors import ConfigError, ShapeError
 from qkv.registry import Registry
+from qkv.spec import KINDS
 from qkv.testing.params import Shape, available, params_for
 
 KIND_ORDER = ("quantizer", "grouping", "smoothing", "staging", "packing")
 
 
 def default_registries() -> dict[str, Registry]:
-    from qkv.spec import KINDS
-
     return dict(KINDS)
 
 

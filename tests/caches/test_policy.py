@@ -180,8 +180,9 @@ def unfused_compress(tp, x, backend):
     flat = rearrange(x[:, :, :s_q], "b h s d -> (b h) s d")
     residual, stored = tp.staging.run(flat, tp.grouping, tp.smoothing, backend=backend)
     residual = residual.float()
-    rows = residual if tp.quantizer.axis == "token" else residual.transpose(1, 2)
-    return kernels.quantize_pack(rows.contiguous(), tp.quantizer, tp.packing, backend=backend), stored
+    fmt = tp.format(x.shape[3]).codes
+    rows = residual if fmt.axis == "token" else residual.transpose(1, 2)
+    return kernels.quantize_pack(rows.contiguous(), fmt, backend=backend), stored
 
 
 FUSION_SPECS = [

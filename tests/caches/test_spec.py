@@ -100,4 +100,4 @@ def test_three_ways_build_the_same_policy():
         quantizer=AffineQuantizer(bits=2, block=64),
     )
     assert Policy(tensor, tensor) == qkv.build_policy("qvg") == qkv.build_policy(qkv.build_policy("qvg").spec)
-    assert parse_tensor_spec("int2,kmeans(iters=5,init=random),centroid") == tensor
+    assert TensorPolicy(**parse_tensor_spec("int2,kmeans(iters=5,init=random),centroid")) == tensor

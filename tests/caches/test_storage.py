@@ -55,16 +55,19 @@ def test_flipped_bit_is_detected(tmp_path):
 
 
 def _rewrite(path, edit):
-    """Re-save with edited tensors/metadata and a recomputed checksum (a deliberate forgery)."""
-    from qkv.caches.storage import _digest
-
+    """Re-save with edited tensors/header and a recomputed checksum (a deliberate forgery)."""
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata())
         tensors = {n: f.get_tensor(n) for n in f.keys()}
-    edit(tensors, meta)
-    meta.pop("sha256")
-    meta["sha256"] = _digest(tensors, meta)
+    header = json.loads(meta["header"])
+    edit(tensors, header)
+    meta["header"] = json.dumps(header, sort_keys=True)
+    meta["sha256"] = qkv.io.digest(tensors, meta["header"])
     save_file(tensors, str(path), metadata=meta)
+
+
+def _rtn_format(m):
+    m["k"]["format"] = qkv.build_policy("rtn").k.format(64).to_dict()
 
 
 @pytest.mark.parametrize(
@@ -73,9 +76,9 @@ def _rewrite(path, edit):
         (lambda t, m: t.__setitem__("k.codes", t["k.codes"][:, :, :-1].contiguous()), "k.codes: expected shape"),
         (lambda t, m: t.__setitem__("v.stage0.assignments", t["v.stage0.assignments"].fill_(200)), "outside"),
         (lambda t, m: t.pop("k.scales"), "k.scales: missing"),
-        (lambda t, m: m.__setitem__("spec", "int2"), "k.stage|stages|present"),
-        (lambda t, m: m.__setitem__("k", json.dumps({"shape": [2, 3, 200], "dtype": "torch.bfloat16", "quantized_tokens": 200, "stages": 1})), "invalid shape"),
-        (lambda t, m: m.__setitem__("version", "9"), "version"),
+        (lambda t, m: _rtn_format(m), r"k\.(stage|scales)|stages|present"),
+        (lambda t, m: m["k"].__setitem__("shape", [2, 3, 200]), "invalid shape"),
+        (lambda t, m: m["k"]["format"].__setitem__("head_dim", 128), "invalid shape"),
         (lambda t, m: t.__setitem__("k.extra", torch.zeros(1)), "unexpected"),
     ],
 )
@@ -97,13 +100,30 @@ def test_no_pickle_in_file(tmp_path):
     assert header["__metadata__"]["format"] == "qkv.compressed_kv"
 
 
+def test_a_file_of_another_version_is_refused(tmp_path):
+    _, ckv = sample("rtn")
+    path = tmp_path / "span.safetensors"
+    qkv.io.write(path, "qkv.compressed_kv", "1", {}, {})
+    with pytest.raises(CorruptDataError, match="version"):
+        qkv.CompressedKV.load(path)
+
+
+def test_loading_needs_no_policy(tmp_path):
+    """A file decodes from its stored formats alone: here the spec is not even a valid spec."""
+    _, ckv = sample("qvg")
+    path = tmp_path / "span.safetensors"
+    ckv.save(path)
+    _rewrite(path, lambda t, m: m.__setitem__("spec", "made by hand"))
+    loaded = qkv.CompressedKV.load(path)
+    for a, b in ((ckv.k, loaded.k), (ckv.v, loaded.v)):
+        assert a.format == b.format and torch.equal(qkv.kernels.decompress(a), qkv.kernels.decompress(b))
+
+
 @pytest.mark.parametrize("name", qkv.list_policies())
 @pytest.mark.parametrize("tokens", [5, 100, 333])
 def test_predicted_nbytes_is_exact(name, tokens):
-    from qkv.caches.layout import predicted_nbytes
-
     policy = qkv.build_policy(name, **({"clusters": 16, "iters": 1} if "qvg" in name else {}))
     k = torch.randn(1, 2, tokens, 64, dtype=torch.float16)
     ckv = policy.compress(k, k)
-    assert predicted_nbytes(policy.k, tuple(k.shape), k.dtype) == ckv.k.nbytes
-    assert predicted_nbytes(policy.v, tuple(k.shape), k.dtype) == ckv.v.nbytes
+    assert policy.k.predicted_nbytes(tuple(k.shape), k.dtype) == ckv.k.nbytes
+    assert policy.v.predicted_nbytes(tuple(k.shape), k.dtype) == ckv.v.nbytes

@@ -9,7 +9,7 @@ def test_blocks_are_grid_means():
     g = BlockGrouper(t=2, h=2, w=3, height=4, width=6)
     x = torch.randn(3, 4 * 4 * 6, 5)  # 4 frames of 4x6 tokens
     groups = g.group(x)
-    assert groups.centroids.shape == (3, g.num_groups(x.shape[1]), 5) == (3, 2 * 2 * 2, 5)
+    assert groups.centroids.shape == (3, g.predicted_groups(x.shape[1]), 5) == (3, 2 * 2 * 2, 5)
     grid = x.view(3, 2, 2, 2, 2, 2, 3, 5)  # n, ft, t, hb, h, wb, w, d
     expected = grid.mean(dim=(2, 4, 6)).reshape(3, 8, 5)
     assert torch.allclose(groups.centroids, expected, atol=1e-6)

@@ -58,7 +58,7 @@ def materialized(segments, fp32=False):
             ckv = seg.ckv
             wide = dataclasses.replace(ckv, k=dataclasses.replace(ckv.k, dtype=torch.float32),
                                        v=dataclasses.replace(ckv.v, dtype=torch.float32))
-            seg = CompressedSpan(wide, seg.policy, seg.skip)
+            seg = CompressedSpan(wide, seg.skip)
         parts.append([t.float() if fp32 else t for t in seg.materialize(backend="torch")])
     k, v = zip(*parts)
     return torch.cat(k, 2), torch.cat(v, 2)
@@ -87,7 +87,7 @@ def history(name, *, seed=0, b=1, h=2, d=64, span=250, skip=7, dtype=torch.bfloa
     ckv = pol.compress(k, v)
     sink = DenseKV(randn(seed + 2, b, h, 24, d, dtype=dtype), randn(seed + 3, b, h, 24, d, dtype=dtype))
     tail = DenseKV(randn(seed + 4, b, h, 40, d, dtype=dtype), randn(seed + 5, b, h, 40, d, dtype=dtype))
-    return [sink, CompressedSpan(ckv, pol, skip), tail]
+    return [sink, CompressedSpan(ckv, skip), tail]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -110,12 +110,12 @@ def test_per_channel_layouts(spec, fast):
     remainder in full precision: read a word per channel row at a time when a key tile holds whole
     words, element by element otherwise; a scale per block when a tile holds whole blocks, per code
     otherwise."""
-    from qkv.kernels.triton.records import tensor_format, tensor_record
+    from qkv.kernels.triton.records import tensor_record
 
     pol = qkv.build_policy(spec)
     k, v = randn(60, 1, 2, 150, 64, scale=2.0), randn(61, 1, 2, 150, 64)
-    segments = [CompressedSpan(pol.compress(k, v), pol, 9), DenseKV(randn(62, 1, 2, 20, 64), randn(63, 1, 2, 20, 64))]
-    assert tensor_record(tensor_format(pol.k, segments[0].ckv.k), segments[0].ckv.k)[1].FAST is fast
+    segments = [CompressedSpan(pol.compress(k, v), 9), DenseKV(randn(62, 1, 2, 20, 64), randn(63, 1, 2, 20, 64))]
+    assert tensor_record(segments[0].ckv.k)[1].FAST is fast
     assert segments[0].ckv.k.quantized_tokens < 150  # a full-precision remainder
     q = randn(64, 1, 2, 40, 64)
     assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
@@ -140,8 +140,8 @@ def test_layouts_in_one_call_and_an_unsupported_span_fall_back():
     segments = history("qvg", seed=1, span=120)
     deep = qkv.build_policy("kmeans(clusters=4,iters=2),centroid,progressive(stages=5),int2(block=16)")
     k, v = randn(11, 1, 2, 64, 64), randn(12, 1, 2, 64, 64)
-    segments += [CompressedSpan(policy("rtn", 64).compress(k, v), policy("rtn", 64), 3),
-                 CompressedSpan(deep.compress(k, v), deep)]
+    segments += [CompressedSpan(policy("rtn", 64).compress(k, v), 3),
+                 CompressedSpan(deep.compress(k, v))]
     q = randn(13, 1, 2, 33, 64)
     assert "5 smoothing stages" in span_support(segments[-1], q)
     assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
@@ -164,7 +164,7 @@ def test_evictions_reaching_the_full_precision_remainder(tokens, skip):
     one quantized block."""
     pol = qkv.build_policy("int4(block=16,axis=channel)")
     k, v = randn(70, 1, 2, tokens, 64, scale=2.0), randn(71, 1, 2, tokens, 64)
-    segments = [CompressedSpan(pol.compress(k, v), pol, skip), DenseKV(randn(72, 1, 2, 20, 64), randn(73, 1, 2, 20, 64))]
+    segments = [CompressedSpan(pol.compress(k, v), skip), DenseKV(randn(72, 1, 2, 20, 64), randn(73, 1, 2, 20, 64))]
     assert segments[0].ckv.k.quantized_tokens == tokens // 16 * 16
     q = randn(74, 1, 2, 40, 64)
     assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
@@ -181,7 +181,7 @@ def test_staged_gqa_fp16_and_a_span_of_another_policy():
     segments = history("rtn", h=2, dtype=torch.float16, span=100)
     pol = policy("qvg", 64)
     k, v = randn(32, 1, 2, 70, 64, dtype=torch.float16), randn(33, 1, 2, 70, 64, dtype=torch.float16)
-    segments.insert(1, CompressedSpan(pol.compress(k, v), pol, 5))
+    segments.insert(1, CompressedSpan(pol.compress(k, v), 5))
     q = randn(34, 1, 20, 4, 64, dtype=torch.float16).transpose(1, 2)  # 4 heads on 2, a view
     assert_within_twice_the_torch_error(kernels.attention_staged(q, segments, backend="torch"), q, segments, True)
 
@@ -289,7 +289,7 @@ def test_full_wan_shapes_on_the_gpu(name):
     pol = qkv.build_policy(name)
     k, v = randn(20, 1, 12, 9360, 128, scale=2.0), randn(21, 1, 12, 9360, 128)
     tail = DenseKV(randn(22, 1, 12, 4680, 128), randn(23, 1, 12, 4680, 128))
-    segments = [CompressedSpan(pol.compress(k, v), pol, 100), tail]
+    segments = [CompressedSpan(pol.compress(k, v), 100), tail]
     q = randn(24, 1, 12, 4680, 128)
     assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
     if name == "qvg":

@@ -52,7 +52,7 @@ def test_every_preset_with_gqa(name):
 def test_per_channel_and_unaligned_layouts(spec):
     pol = qkv.build_policy(spec)
     k, v = randn(60, 1, 2, 150, 64, scale=2.0), randn(61, 1, 2, 150, 64)
-    segments = [CompressedSpan(pol.compress(k, v), pol, 9), DenseKV(randn(62, 1, 2, 20, 64), randn(63, 1, 2, 20, 64))]
+    segments = [CompressedSpan(pol.compress(k, v), 9), DenseKV(randn(62, 1, 2, 20, 64), randn(63, 1, 2, 20, 64))]
     q = randn(64, 1, 2, 2, 64)
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
 
@@ -64,7 +64,7 @@ def test_many_pieces_several_spans_and_dense_segments_fp16():
     segments = []
     for i, pol in enumerate(pols):
         k = randn(90 + i, 2, 2, 100, 64, dtype=torch.float16, scale=2.0)
-        segments.append(CompressedSpan(pol.compress(k, randn(95 + i, 2, 2, 100, 64, dtype=torch.float16)), pol, 3 * i))
+        segments.append(CompressedSpan(pol.compress(k, randn(95 + i, 2, 2, 100, 64, dtype=torch.float16)), 3 * i))
     for i in range(3):
         segments.append(DenseKV(randn(100 + i, 2, 2, 30, 64, dtype=torch.float16),
                                 randn(110 + i, 2, 2, 30, 64, dtype=torch.float16)))
@@ -92,8 +92,7 @@ def test_a_plan_builds_its_records_and_tables_once():
     tables = dict(plan._tables)
     assert torch.equal(decode(q, [segments[0], plan, segments[2]]), first)
     assert plan._tables == tables and all(plan._tables[key] is tables[key] for key in tables)
-    pol = segments[1].policy
-    more = CompressedSpan(pol.compress(randn(10, 1, 2, 64, 64), randn(11, 1, 2, 64, 64)), pol)
+    more = CompressedSpan(policy("qvg", 64).compress(randn(10, 1, 2, 64, 64), randn(11, 1, 2, 64, 64)))
     grown = SpanPlan([segments[1], more], previous=plan)
     assert grown._records[id(segments[1].ckv)] is plan._records[id(segments[1].ckv)]
     assert_within_twice_the_torch_error(decode(q, [grown, segments[2]]), q, [segments[1], more, segments[2]])
@@ -109,7 +108,7 @@ def test_the_method_choice():
         kernels.choose_method(q1, "flash")
     # a span the decode kernel cannot read (5 stages): "auto" takes the fused op, "decode" raises
     deep = qkv.build_policy("kmeans(clusters=4,iters=2),centroid,progressive(stages=5),int2(block=16)")
-    segments = [CompressedSpan(deep.compress(randn(11, 1, 2, 64, 64), randn(12, 1, 2, 64, 64)), deep)]
+    segments = [CompressedSpan(deep.compress(randn(11, 1, 2, 64, 64), randn(12, 1, 2, 64, 64)))]
     with pytest.raises(BackendError, match="5 smoothing stages"):
         decode(q1, segments)
     assert_within_twice_the_torch_error(kernels.attention(q1, segments, backend="triton"), q1, segments)
@@ -124,7 +123,7 @@ def test_llama_shapes_on_the_gpu(name, sq):
     segments = []
     for i in range(2):
         k, v = randn(30 + i, 1, 8, 4096, 128, scale=2.0), randn(40 + i, 1, 8, 4096, 128)
-        segments.append(CompressedSpan(pol.compress(k, v), pol, 17 * i))
+        segments.append(CompressedSpan(pol.compress(k, v), 17 * i))
     segments.append(DenseKV(randn(50, 1, 8, 300, 128), randn(51, 1, 8, 300, 128)))
     q = randn(52, 1, 32, sq, 128)
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)

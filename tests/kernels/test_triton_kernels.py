@@ -50,11 +50,10 @@ def random_rows(seed, n=2, r=5, length=64):
 @pytest.mark.parametrize("bits, mode, scale, packer", QUANT_CASES)
 @pytest.mark.parametrize("length, block", [(64, 16), (96, 32)])
 def test_quantize_pack_matches_reference_exactly(bits, mode, scale, packer, length, block):
-    q = AffineQuantizer(bits=bits, block=block, mode=mode, scale=scale)
-    p = PACKING.build(packer)
+    q = AffineQuantizer(bits=bits, block=block, mode=mode, scale=scale).code_format(PACKING.build(packer).format)
     x = random_rows(bits * 100 + length, length=length)
-    ref = kernels.quantize_pack(x, q, p, backend="torch")
-    out = kernels.quantize_pack(x, q, p, backend="triton")
+    ref = kernels.quantize_pack(x, q, backend="torch")
+    out = kernels.quantize_pack(x, q, backend="triton")
     assert torch.equal(out.codes, ref.codes)
     assert torch.equal(out.scales.view(torch.uint8), ref.scales.view(torch.uint8))
     if ref.zeros is not None:
@@ -65,12 +64,11 @@ def test_quantize_pack_matches_reference_exactly(bits, mode, scale, packer, leng
 def test_quantize_pack_short_rows_far_from_later_words():
     """16 five-bit codes in int32 words: the third word must not pick up code 0 (a shift by 64
     bits, undefined on GPUs, once leaked it into that word)."""
-    q = AffineQuantizer(bits=5, block=1, mode="midrise")
-    p = PACKING.build("i32lsb")
+    q = AffineQuantizer(bits=5, block=1, mode="midrise").code_format(PACKING.build("i32lsb").format)
     x = torch.tensor([-1.0, -0.1616, -0.4591, 0.4326, -0.3826, -0.5521, -0.2697, -0.3750, -0.5608,
                       0.6595, 0.1401, 0.8733, 0.4916, -0.5310, 0.0309, 0.1463], device=DEVICE).view(1, 1, 16)
-    ref = kernels.quantize_pack(x, q, p, backend="torch")
-    out = kernels.quantize_pack(x, q, p, backend="triton")
+    ref = kernels.quantize_pack(x, q, backend="torch")
+    out = kernels.quantize_pack(x, q, backend="triton")
     assert torch.equal(out.codes, ref.codes)
 
 
@@ -122,41 +120,39 @@ def test_fused_centroid_quantize_pack_matches_reference_exactly(stages, dtype, q
     from qkv.quantizers.smoothing import subtract_centroids
 
     bits, mode, scale, packer = quant
-    q = AffineQuantizer(bits=bits, block=16, mode=mode, scale=scale, axis=axis)
-    p = PACKING.build(packer)
+    q = AffineQuantizer(bits=bits, block=16, mode=mode, scale=scale, axis=axis).code_format(PACKING.build(packer).format)
     rows, cents, assigns = fused_inputs(stages * 10 + bits, stages, dtype, axis)
-    ref = kernels.quantize_pack(rows, q, p, centroids=cents, assignments=assigns, backend="torch")
-    out = kernels.quantize_pack(rows, q, p, centroids=cents, assignments=assigns, backend="triton")
+    ref = kernels.quantize_pack(rows, q, centroids=cents, assignments=assigns, backend="torch")
+    out = kernels.quantize_pack(rows, q, centroids=cents, assignments=assigns, backend="triton")
     assert_same_rows(out, ref)
     residual = rows if axis == "token" else rows.transpose(1, 2)  # token layout
     for c, a in zip(cents, assigns):
         residual = subtract_centroids(residual, c, a)  # what CentroidSmoother.forward does
     residual = residual.float() if axis == "token" else residual.float().transpose(1, 2).contiguous()
-    assert_same_rows(ref, kernels.quantize_pack(residual, q, p, backend="torch"))
+    assert_same_rows(ref, kernels.quantize_pack(residual, q, backend="torch"))
 
 
 def test_fused_quantize_pack_rejects_bad_centroids():
-    q = AffineQuantizer(bits=2, block=16)
-    p = PACKING.build("u8msb")
+    q = AffineQuantizer(bits=2, block=16).code_format(PACKING.build("u8msb").format)
     x, cents, assigns = fused_inputs(0, 2, torch.bfloat16, "token")
     for backend in ("torch", "triton"):
         with pytest.raises(ShapeError, match="2 stages of centroids but 1 of assignments"):
-            kernels.quantize_pack(x, q, p, centroids=cents, assignments=assigns[:1], backend=backend)
+            kernels.quantize_pack(x, q, centroids=cents, assignments=assigns[:1], backend=backend)
         with pytest.raises(ShapeError, match=r"stage 0 centroids have shape \(2, 5, 32\), expected \[2, C, 64\]"):
-            kernels.quantize_pack(x, q, p, centroids=[cents[0][..., :32]], assignments=assigns[:1], backend=backend)
+            kernels.quantize_pack(x, q, centroids=[cents[0][..., :32]], assignments=assigns[:1], backend=backend)
         with pytest.raises(ShapeError, match=r"stage 1 assignments have shape \(2, 47\), expected \[2, 48\]"):
             short = [assigns[0], assigns[1][:, 1:]]
-            kernels.quantize_pack(x, q, p, centroids=cents, assignments=short, backend=backend)
+            kernels.quantize_pack(x, q, centroids=cents, assignments=short, backend=backend)
         with pytest.raises(DTypeError, match="integer"):
-            kernels.quantize_pack(x, q, p, centroids=cents[:1], assignments=[assigns[0].float()], backend=backend)
+            kernels.quantize_pack(x, q, centroids=cents[:1], assignments=[assigns[0].float()], backend=backend)
         with pytest.raises(DTypeError, match="x has dtype torch.int32"):
-            kernels.quantize_pack(x.int(), q, p, backend=backend)
+            kernels.quantize_pack(x.int(), q, backend=backend)
     # more stages than one launch takes: the reference does them, the kernel says why not
     many = [cents[0]] * 5, [assigns[0]] * 5
-    ref = kernels.quantize_pack(x, q, p, centroids=many[0], assignments=many[1], backend="torch")
+    ref = kernels.quantize_pack(x, q, centroids=many[0], assignments=many[1], backend="torch")
     with pytest.raises(BackendError, match="5 stages"):
-        kernels.quantize_pack(x, q, p, centroids=many[0], assignments=many[1], backend="triton")
-    auto = kernels.quantize_pack(x, q, p, centroids=many[0], assignments=many[1], backend="auto")
+        kernels.quantize_pack(x, q, centroids=many[0], assignments=many[1], backend="triton")
+    auto = kernels.quantize_pack(x, q, centroids=many[0], assignments=many[1], backend="auto")
     assert_same_rows(auto, ref)
 
 
@@ -164,28 +160,26 @@ def test_fused_quantize_pack_rejects_bad_centroids():
 @pytest.mark.parametrize("axis", ["token", "channel"])
 @pytest.mark.parametrize("stages", [0, 1, 3])
 def test_dequantize_matches_reference_exactly(bits, mode, scale, packer, axis, stages):
-    q = AffineQuantizer(bits=bits, block=16, mode=mode, scale=scale, axis=axis)
-    p = PACKING.build(packer)
+    q = AffineQuantizer(bits=bits, block=16, mode=mode, scale=scale, axis=axis).code_format(PACKING.build(packer).format)
     n, s, d = 2, 48, 32
     x = random_rows(bits + stages, n=n, r=s if axis == "token" else d, length=d if axis == "token" else s)
-    rows = kernels.quantize_pack(x, q, p, backend="torch")
+    rows = kernels.quantize_pack(x, q, backend="torch")
     g = gen(stages)
     cents = [torch.randn(n, 7, d, generator=g, device=DEVICE).bfloat16() for _ in range(stages)]
     assigns = [torch.randint(0, 7, (n, s), generator=g, device=DEVICE).to(torch.uint8) for _ in range(stages)]
     for out_dtype in (torch.float32, torch.bfloat16):
-        ref = kernels.dequantize(rows, q, p, s, cents, assigns, out_dtype=out_dtype, backend="torch")
-        out = kernels.dequantize(rows, q, p, s, cents, assigns, out_dtype=out_dtype, backend="triton")
+        ref = kernels.dequantize(rows, q, s, cents, assigns, out_dtype=out_dtype, backend="torch")
+        out = kernels.dequantize(rows, q, s, cents, assigns, out_dtype=out_dtype, backend="triton")
         assert out.dtype == out_dtype and torch.equal(out, ref)
 
 
 def test_dequantize_with_implicit_assignments_view():
-    q = AffineQuantizer(bits=2, block=32)
-    p = PACKING.build("u8msb")
-    rows = kernels.quantize_pack(random_rows(3, r=40), q, p, backend="torch")
+    q = AffineQuantizer(bits=2, block=32).code_format(PACKING.build("u8msb").format)
+    rows = kernels.quantize_pack(random_rows(3, r=40), q, backend="torch")
     cents = [torch.randn(2, 4, 64, device=DEVICE)]
     assign = (torch.arange(40, device=DEVICE) // 10).unsqueeze(0).expand(2, -1)  # stride 0 over rows
-    ref = kernels.dequantize(rows, q, p, 40, cents, [assign], backend="torch")
-    assert torch.equal(kernels.dequantize(rows, q, p, 40, cents, [assign], backend="triton"), ref)
+    ref = kernels.dequantize(rows, q, 40, cents, [assign], backend="torch")
+    assert torch.equal(kernels.dequantize(rows, q, 40, cents, [assign], backend="triton"), ref)
 
 
 @pytest.mark.parametrize("d, c", [(16, 5), (64, 70), (128, 33)])
@@ -271,12 +265,11 @@ def test_hadamard_matches_reference(d):
 
 def test_unsupported_cases_raise_or_fall_back():
     x = torch.randn(1, 4, 48, device=DEVICE)
-    q = AffineQuantizer(bits=2, block=48)
-    p = PACKING.build("u8msb")
+    q = AffineQuantizer(bits=2, block=48).code_format(PACKING.build("u8msb").format)
     with pytest.raises(BackendError, match="not a power of two"):
-        kernels.quantize_pack(x, q, p, backend="triton")
-    ref = kernels.quantize_pack(x, q, p, backend="torch")
-    assert torch.equal(kernels.quantize_pack(x, q, p, backend="auto").codes, ref.codes)
+        kernels.quantize_pack(x, q, backend="triton")
+    ref = kernels.quantize_pack(x, q, backend="torch")
+    assert torch.equal(kernels.quantize_pack(x, q, backend="auto").codes, ref.codes)
     with pytest.raises(BackendError, match="valid backends"):
         kernels.hadamard(x, backend="cuda")
     wide, cents = torch.randn(1, 8, 512, device=DEVICE), torch.randn(1, 2, 512, device=DEVICE)

@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from qkv import kernels
+from qkv.bounds import affine_error
 from qkv.errors import ConfigError, ShapeError
 from qkv.kernels.quantize import block_params, dequantize_rows_torch
 from qkv.quantizers import PACKING, QUANTIZERS, AffineQuantizer
@@ -14,9 +15,9 @@ from qkv.testing import components, kv_tensors
 
 
 def roundtrip(x, q, packer_name="u8msb"):
-    packer = PACKING.build(packer_name)
-    rows = kernels.quantize_pack(x, q, packer, backend="torch")
-    return rows, dequantize_rows_torch(rows, q, packer, x.shape[-1])
+    fmt = q.code_format(PACKING.build(packer_name).format)
+    rows = kernels.quantize_pack(x, fmt, backend="torch")
+    return rows, dequantize_rows_torch(rows, fmt, x.shape[-1])
 
 
 def stored_step(rows, q):
@@ -42,7 +43,7 @@ def test_roundtrip_within_half_step(data):
     rows, x_hat = roundtrip(x, q, data.draw(st.sampled_from(["u8msb", "i32lsb"])))
     step = stored_step(rows, q).double()
     zero = 0.0 if rows.zeros is None else stored_step(dataclasses.replace(rows, scales=rows.zeros), q).double().abs()
-    bound = q.error_bound(rows.scales, rows.zeros, rows.mult).bound.value
+    bound = affine_error(q.code_format(), rows.scales, rows.zeros, rows.mult).bound.value
     # half a step of the stored scale, plus fp32 rounding of the arithmetic (and of underflow)
     mult = 1.0 if rows.mult is None else rows.mult.double().clamp_min(1).view(-1, 1, 1)
     assert bool((bound - step / 2 <= 2**-19 * (2**q.bits * step + zero) + 2**-117 * mult).all())
@@ -56,14 +57,15 @@ def test_stored_scale_rounding_is_bounded(data):
     q, x = token_rows(data)
     x = x[:1, :3]
     blocks = rearrange(x, "n r (g b) -> n r g b", b=q.block)
-    _, _, _, scale, zero = block_params(blocks, q)
-    if q.has_zero:
-        exact = (blocks.amax(-1) - blocks.amin(-1)) / q.steps
+    fmt = q.code_format()
+    _, _, _, scale, zero = block_params(blocks, fmt)
+    if fmt.has_zero:
+        exact = (blocks.amax(-1) - blocks.amin(-1)) / fmt.steps
     else:
-        exact = blocks.abs().amax(-1) / q.steps
+        exact = blocks.abs().amax(-1) / fmt.steps
     rel = {"fp32": 2**-23, "fp16": 2**-10, "bf16": 2**-7, "fp8": 2**-3}[q.scale]
     assert bool((scale >= exact * (1 - 1e-6)).all())
-    if not q.has_zero:  # asym also widens by the zero point's rounding (checked by the bound)
+    if not fmt.has_zero:  # asym also widens by the zero point's rounding (checked by the bound)
         # blocks whose scale is a normal number of the format relative to the row's largest
         peak = exact.flatten(1).amax(-1).view(-1, 1, 1)
         normal = (exact >= peak * 2**-13) & (exact > 2**-120)
@@ -100,5 +102,5 @@ def test_quantizer_config_errors():
     with pytest.raises(ConfigError, match="valid values"):
         AffineQuantizer(bits=2, scale="fp4")
     with pytest.raises(ShapeError, match="does not divide"):
-        kernels.quantize_pack(torch.zeros(1, 1, 48), AffineQuantizer(bits=2, block=32), PACKING.build("u8msb"))
+        kernels.quantize_pack(torch.zeros(1, 1, 48), AffineQuantizer(bits=2, block=32).code_format())
     assert QUANTIZERS.build("int3(block=16,mode=asym)") == AffineQuantizer(bits=3, block=16, mode="asym")

@@ -39,8 +39,9 @@ def test_policy_error_equals_final_residual_quantization_error(preset):
     ct = tp.compress(x)
     flat = x.view(2, 128, 64)
     residual, _ = tp.staging.run(flat, tp.grouping, tp.smoothing)
-    rows = kernels.quantize_pack(residual, tp.quantizer, tp.packing)
-    quant_error = dequantize_rows_torch(rows, tp.quantizer, tp.packing, 64) - residual
+    fmt = tp.format(64).codes
+    rows = kernels.quantize_pack(residual, fmt)
+    quant_error = dequantize_rows_torch(rows, fmt, 64) - residual
     policy_error = (tp.decompress(ct) - x).view(2, 128, 64)
     assert torch.allclose(policy_error, quant_error, atol=1e-5)
     assert quant_error.abs().max() > 0  # the comparison is not vacuous
@@ -85,10 +86,9 @@ def test_defer_last_leaves_the_last_subtraction_to_quantize_pack(stages):
     assert pending[0] is deferred_stored[-1][0] and pending[1] is deferred_stored[-1][1]  # compact
     for (c, a), (c2, a2) in zip(stored, deferred_stored):
         assert torch.equal(c, c2) and torch.equal(a, a2)
-    q = AffineQuantizer(bits=2, block=16)
-    p = PACKING.build("u8msb")
-    fused = kernels.quantize_pack(before, q, p, centroids=[pending[0]], assignments=[pending[1]])
-    plain = kernels.quantize_pack(residual, q, p)
+    q = AffineQuantizer(bits=2, block=16).code_format(PACKING.build("u8msb").format)
+    fused = kernels.quantize_pack(before, q, centroids=[pending[0]], assignments=[pending[1]])
+    plain = kernels.quantize_pack(residual, q)
     assert torch.equal(fused.codes, plain.codes)
     assert torch.equal(fused.scales.view(torch.uint8), plain.scales.view(torch.uint8))
 

@@ -10,7 +10,7 @@ each span's record is built once and kept in its :class:`SpanPlan`), so the numb
 runtime value and one compiled kernel serves every history length.
 
 Layouts read directly: per-token or per-channel blocks, 1-8 bit codes in either packing, any scale
-format, up to ``MAX_STAGES`` additive smoothing stages, float-cast spans, and Hadamard-rotated
+format, up to ``LAUNCH_STAGES`` additive smoothing stages, float-cast spans, and Hadamard-rotated
 spans: H is symmetric and orthonormal, so ``q . (H r) = (H q) . r`` and
 ``sum_j p_j H r_j = H sum_j p_j r_j``; the host rotates the queries once (H q in two bf16 parts)
 and the spans' output once instead of every key and value. A span of another layout is
@@ -37,7 +37,6 @@ from qkv.kernels.triton.records import (
     TensorLayout,
     _aligned,
     span_record,
-    tensor_format,
 )
 
 LOG2E = 1.4426950408889634
@@ -64,12 +63,8 @@ def span_support(span: CompressedSpan, q: torch.Tensor) -> str | None:
 
 
 def span_record_of(span: CompressedSpan) -> SpanRecord:
-    """The kernels' record of a span, from its data and format (see records.py)."""
-    try:
-        formats = (tensor_format(span.policy.k, span.ckv.k), tensor_format(span.policy.v, span.ckv.v))
-    except ValueError as exc:
-        return SpanRecord(unsupported=str(exc))
-    return span_record(span.ckv, formats)
+    """The kernels' record of a span, from its data and formats (see records.py)."""
+    return span_record(span.ckv)
 
 
 def _dense_record(seg: DenseKV, keep: list) -> list[int]:

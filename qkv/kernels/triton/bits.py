@@ -2,12 +2,16 @@
 bf16 tensor-core products.
 
 Everything here mirrors a plain-torch function exactly (same results bit for bit):
-``pack_word``/``unpack_code`` mirror :class:`qkv.quantizers.packing.BitPacker`, ``round_up`` /
+``pack_word``/``unpack_code`` mirror :mod:`qkv.kernels.packing`, ``round_up`` /
 ``round_down`` mirror :mod:`qkv.dtypes`, ``round_half_even`` mirrors ``torch.round``.
 """
 
 import triton
 import triton.language as tl
+
+# Smoothing stages one launch subtracts (quantize+pack) or adds back (dequantize, attention);
+# deeper formats take the plain-torch path.
+LAUNCH_STAGES = 4
 
 
 @triton.jit

@@ -18,6 +18,7 @@ import triton.language as tl
 from qkv.dtypes import max_finite
 from qkv.kernels.quantize import QuantizedRows, check_quantize_args, row_multiplier
 from qkv.kernels.triton.bits import (
+    LAUNCH_STAGES,
     pack_word,
     round_down,
     round_half_even,
@@ -25,12 +26,10 @@ from qkv.kernels.triton.bits import (
     round_up,
     unpack_code,
 )
-from qkv.quantizers.affine import AffineQuantizer
-from qkv.quantizers.packing import BitPacker
+from qkv.format import AffineFormat
 
 FORMAT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
 MODE_CODE = {"sym": 0, "midrise": 1, "asym": 2}
-MAX_STAGES = 4  # stages subtracted by one quantize_pack launch, added back by one dequantize launch
 
 
 def _is_pow2(n: int) -> bool:
@@ -250,24 +249,24 @@ def _dequantize_kernel(
     tl.store(out_ptr + (pid_n * S + s[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def quantize_pack_supports(x, q: AffineQuantizer, packer: BitPacker, centroids=(), assignments=()) -> str | None:
+def quantize_pack_supports(x, q: AffineFormat, centroids=(), assignments=()) -> str | None:
     """Why the Triton kernel cannot run this case (None if it can); raises on malformed inputs."""
     check_quantize_args(x, q, centroids, assignments)
     if not _is_pow2(q.block):
         return f"block {q.block} is not a power of two"
     if q.block > 1024:
         return f"block {q.block} is larger than 1024"
-    if len(centroids) > MAX_STAGES:
-        return f"{len(centroids)} stages (at most {MAX_STAGES} per launch)"
+    if len(centroids) > LAUNCH_STAGES:
+        return f"{len(centroids)} stages (at most {LAUNCH_STAGES} per launch)"
     return None
 
 
 def _stage_args(dummy: torch.Tensor, centroids, assignments) -> list:
-    """Kernel arguments of up to MAX_STAGES stages: (c, a) x 4, centroid N strides, assignment N
+    """Kernel arguments of up to LAUNCH_STAGES stages: (c, a) x 4, centroid N strides, assignment N
     and S strides (unused stages: ``dummy`` pointers, zero strides)."""
     cents = [c.contiguous() for c in centroids]
     assigns = list(assignments)
-    pad = MAX_STAGES - len(cents)
+    pad = LAUNCH_STAGES - len(cents)
     ptrs = [t for pair in zip(cents + [dummy] * pad, assigns + [dummy] * pad) for t in pair]
     c_n = [c.stride(0) for c in cents] + [0] * pad
     a_n = [a.stride(0) for a in assigns] + [0] * pad
@@ -276,7 +275,7 @@ def _stage_args(dummy: torch.Tensor, centroids, assignments) -> list:
 
 
 def quantize_pack_triton(
-    x: torch.Tensor, q: AffineQuantizer, packer: BitPacker, centroids=(), assignments=()
+    x: torch.Tensor, q: AffineFormat, centroids=(), assignments=()
 ) -> QuantizedRows:
     """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`: x (any float dtype, rows
     with unit stride) is read as it is and the stages' centroids are gathered and subtracted in
@@ -289,7 +288,7 @@ def quantize_pack_triton(
     d = length if q.axis == "token" else r
     stage = _stage_args(x, centroids, assignments)
     common = dict(STAGES=len(centroids), TOKEN_AXIS=q.axis == "token", enable_fp_fusion=False)
-    block_l = max(min(triton.next_power_of_2(length), 512), q.block, packer.word_bits)
+    block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
     mult = None
     if q.scale != "fp32":
         peak_r = max(1, min(128, 8192 // block_l))
@@ -301,8 +300,8 @@ def quantize_pack_triton(
         )
         mult = row_multiplier(part.amax(-1), q)
     groups = length // q.block
-    p = packer.packed_len(length, q.bits)
-    codes = torch.empty(n, r, p, dtype=packer.container, device=x.device)
+    p = q.pack.packed_len(length, q.bits)
+    codes = torch.empty(n, r, p, dtype=q.pack.container, device=x.device)
     scales = torch.empty(n, r, groups, dtype=q.scale_dtype, device=x.device)
     zeros = torch.empty_like(scales) if q.has_zero else None
     block_r = max(1, min(64, 4096 // block_l))
@@ -312,21 +311,21 @@ def quantize_pack_triton(
         *stage, x.stride(0), x.stride(1), r, length, p, groups, d,
         BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
         LEVELS=q.levels, ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], HAS_MULT=mult is not None,
-        WORD=packer.word_bits, MSB=packer.msb_first, BLOCK_R=block_r, BLOCK_L=block_l, **common,
+        WORD=q.pack.word_bits, MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l, **common,
     )
     return QuantizedRows(codes, scales, zeros, mult)
 
 
-def dequantize_supports(rows, q, packer, tokens, centroids, assignments, out_dtype=torch.float32):
-    if len(centroids) > MAX_STAGES:
-        return f"{len(centroids)} stages (at most {MAX_STAGES} per launch)"
+def dequantize_supports(rows, q, tokens, centroids, assignments, out_dtype=torch.float32):
+    if len(centroids) > LAUNCH_STAGES:
+        return f"{len(centroids)} stages (at most {LAUNCH_STAGES} per launch)"
     d = rows.codes.shape[1] if q.axis == "channel" else rows.scales.shape[-1] * q.block
     if d > 1024:
         return f"head_dim {d} is larger than 1024"
     return None
 
 
-def dequantize_triton(rows, q, packer, tokens, centroids, assignments, out_dtype=torch.float32):
+def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.float32):
     """Triton twin of :func:`qkv.kernels.quantize.dequantize_torch` (one pass, all stages)."""
     n = rows.codes.shape[0]
     if q.axis == "token":
@@ -336,17 +335,17 @@ def dequantize_triton(rows, q, packer, tokens, centroids, assignments, out_dtype
     out = torch.empty(n, tokens, d, dtype=out_dtype, device=rows.codes.device)
     stages = len(centroids)
     dummy = rows.codes
-    cents = [c.contiguous() for c in centroids] + [dummy] * (MAX_STAGES - stages)
-    assigns = list(assignments) + [dummy] * (MAX_STAGES - stages)
+    cents = [c.contiguous() for c in centroids] + [dummy] * (LAUNCH_STAGES - stages)
+    assigns = list(assignments) + [dummy] * (LAUNCH_STAGES - stages)
     c_strides = [c.stride(0) for c in cents]
     a_strides = [a.stride(0) for a in assigns]
     for a in assigns[:stages]:
         if a.stride(1) != 1:
             raise ValueError("assignments must be contiguous along tokens")
     block_d = triton.next_power_of_2(d)
-    per_word = packer.word_bits // q.bits
+    per_word = q.pack.word_bits // q.bits
     fast = (  # whole power-of-two rows of whole words: see the kernel's FAST branch
-        q.axis == "token" and d == block_d and packer.word_bits % q.bits == 0
+        q.axis == "token" and d == block_d and q.pack.word_bits % q.bits == 0
         and d % per_word == 0 and _is_pow2(q.block) and d % q.block == 0
     )
     # 4096-value tiles on the fast path (32 tokens of D = 128, 4 warps): with them the LongCat decode of
@@ -361,7 +360,7 @@ def dequantize_triton(rows, q, packer, tokens, centroids, assignments, out_dtype
         tokens, d, r, rows.codes.shape[-1], rows.scales.shape[-1],
         BITS=q.bits, QBLOCK=q.block, OFFSET=q.offset, HAS_ZERO=rows.zeros is not None,
         HAS_MULT=rows.mult is not None, TOKEN_AXIS=q.axis == "token", STAGES=stages,
-        WORD=packer.word_bits, MSB=packer.msb_first, OUT_BF16=out_dtype == torch.bfloat16,
+        WORD=q.pack.word_bits, MSB=q.pack.msb_first, OUT_BF16=out_dtype == torch.bfloat16,
         LIMIT=0.0 if out_dtype == torch.float32 else max_finite(out_dtype),
         FAST=fast, BLOCK_S=block_s, BLOCK_D=block_d,
         enable_fp_fusion=False, num_warps=4,

@@ -7,10 +7,10 @@ by the same names (``attention_kernel.py``'s ``F_*`` constants are built from th
 no offset is written twice. A record says nothing the kernels must compile: that is the
 :class:`TensorLayout` (their ``K_*`` / ``V_*`` constants).
 
-:func:`span_record` builds a span's record from its format (:class:`qkv.format.TensorFormat`)
-and tensors alone; :class:`SpanTable` holds the records of a whole history on the device with
-the decode kernel's work items (pieces of ``piece`` keys), so a call over the same spans does no
-host-to-device copy and no per-span Python work.
+:func:`span_record` builds a span's record from its tensors' formats
+(:class:`qkv.format.TensorFormat`) and tensors alone; :class:`SpanTable` holds the records of a
+whole history on the device with the decode kernel's work items (pieces of ``piece`` keys), so a
+call over the same spans does no host-to-device copy and no per-span Python work.
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ import torch
 import triton.language as tl
 from einops import rearrange
 
-from qkv.format import MAX_STAGES, AffineFormat, BlockGrid, PackFormat, StageFormat, TensorFormat, Undo
+from qkv.format import Undo
+from qkv.kernels.triton.bits import LAUNCH_STAGES
 
 TENSOR_FIELDS = (
     "codes", "scales", "zeros", "mult", "fp", "quantized", "words", "groups", "fp_len",
-    *(f"c{i}" for i in range(MAX_STAGES)), *(f"c_stride{i}" for i in range(MAX_STAGES)),
-    *(f"a{i}" for i in range(MAX_STAGES)), *(f"a_stride{i}" for i in range(MAX_STAGES)),
+    *(f"c{i}" for i in range(LAUNCH_STAGES)), *(f"c_stride{i}" for i in range(LAUNCH_STAGES)),
+    *(f"a{i}" for i in range(LAUNCH_STAGES)), *(f"a_stride{i}" for i in range(LAUNCH_STAGES)),
 )
 SPAN_FIELDS = ("tokens", "skip", *(f"k.{f}" for f in TENSOR_FIELDS), *(f"v.{f}" for f in TENSOR_FIELDS))
 DENSE_FIELDS = ("k", "v", "tokens", "k_stride_b", "k_stride_h", "k_stride_s", "v_stride_b", "v_stride_h", "v_stride_s")
@@ -67,7 +68,7 @@ class TensorLayout:
     CODE_T: torch.dtype = torch.bfloat16
     SCALE_T: torch.dtype = torch.float32
     CENT_T: torch.dtype = torch.bfloat16
-    A_T: tuple[torch.dtype, ...] = (torch.uint8,) * MAX_STAGES
+    A_T: tuple[torch.dtype, ...] = (torch.uint8,) * LAUNCH_STAGES
     VEC: bool = False
     WORDS_MULT: int = 1
     HAS_FP: bool = False
@@ -91,46 +92,11 @@ class TensorLayout:
         return dataclasses.replace(self, VEC=False, HAS_FP=False)
 
 
-def tensor_format(tp, ct) -> TensorFormat:
-    """The :class:`TensorFormat` of a compressed tensor, from the policy that made it (``tp``,
-    read by its attributes only). Raises ValueError naming what no format describes."""
-    quant = tp.quantizer
-    d = ct.shape[3]
-    if not hasattr(quant, "bits"):
-        return TensorFormat(d, cast=quant.dtype, window=tp.window)
-    smoothing = tp.smoothing
-    if smoothing.additive:
-        undo = Undo.ADD
-    elif smoothing.name == "hadamard":
-        undo = Undo.ROTATE
-    elif smoothing.name == "none":
-        undo = Undo.NONE
-    else:
-        raise ValueError(f"smoothing {smoothing.name!r} is neither additive nor a Hadamard rotation")
-    if len(ct.stages) > MAX_STAGES:
-        raise ValueError(f"{len(ct.stages)} smoothing stages (the kernels undo at most {MAX_STAGES})")
-    grouping = tp.grouping
-    grid = None
-    if all(hasattr(grouping, f) for f in ("t", "h", "w", "height", "width")):
-        grid = BlockGrid(grouping.t, grouping.h, grouping.w, grouping.height, grouping.width)
-    stages = []
-    for stage in ct.stages or (None,):
-        if undo is not Undo.ADD:
-            stages.append(StageFormat(undo))
-            continue
-        rows = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[stage.centroids.dtype]
-        stored = stage.assignments is not None
-        stages.append(StageFormat(undo, rows, stored, None if stored else grid))
-    codes = AffineFormat(quant.bits, quant.block, quant.mode, quant.axis, quant.scale,
-                         PackFormat(tp.packing.word_bits, tp.packing.msb_first))
-    return TensorFormat(d, codes=codes, window=tp.window, stages=tuple(stages))
-
-
-def tensor_support(name: str, fmt: TensorFormat, ct, dtype: torch.dtype) -> str | None:
-    """Why the kernels cannot decode this compressed tensor for queries of ``dtype`` (None if
-    they can)."""
-    if ct.dtype != dtype:
-        return f"{name} was compressed from {ct.dtype}, the queries are {dtype}"
+def tensor_support(name: str, ct) -> str | None:
+    """Why the kernels cannot decode this compressed tensor (None if they can)."""
+    fmt = ct.format
+    if fmt.undo is Undo.ADD and len(fmt.stages) > LAUNCH_STAGES:
+        return f"{name}: {len(fmt.stages)} smoothing stages (the kernels add at most {LAUNCH_STAGES})"
     if fmt.undo is Undo.ROTATE and len(fmt.stages) != 1:
         return f"{name}: {len(fmt.stages)} Hadamard stages (the kernels undo one)"
     return None
@@ -145,20 +111,9 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return rearrange(t, "b h ... -> (b h) ...")
 
 
-def _assignments(stage: StageFormat, data, rows: int, tokens: int, device) -> torch.Tensor:
-    """[rows, tokens] group of every token of one add-back stage: stored, implied by the grid,
-    or row 0 (one stored row)."""
-    if stage.assignments:
-        a = _flat(data.assignments)
-        return a if a.stride(1) == 1 else a.contiguous()
-    if stage.grid is not None:
-        return stage.grid.assignments(rows, tokens, device)
-    return torch.zeros(1, tokens, dtype=torch.uint8, device=device).expand(rows, tokens)
-
-
-def tensor_record(fmt: TensorFormat, ct) -> tuple[list[int], TensorLayout, list[torch.Tensor]]:
+def tensor_record(ct) -> tuple[list[int], TensorLayout, list[torch.Tensor]]:
     """(fields in TENSOR_FIELDS order, layout, the tensors whose addresses the fields hold) of one
-    compressed tensor."""
+    compressed tensor (a :class:`qkv.compressed.CompressedTensor`: its format and tensors)."""
     keep: list[torch.Tensor] = []
 
     def addr(t: torch.Tensor | None) -> int:
@@ -168,11 +123,12 @@ def tensor_record(fmt: TensorFormat, ct) -> tuple[list[int], TensorLayout, list[
         keep.append(t)
         return t.data_ptr()
 
+    fmt = ct.format
     b, h, s, d = ct.shape
     s_q = ct.quantized_tokens
     fp = addr(ct.fp_tokens)
     if fmt.codes is None:
-        fields = [addr(ct.codes), 0, 0, 0, fp, s_q, d, 0, s - s_q] + [0] * (4 * MAX_STAGES)
+        fields = [addr(ct.codes), 0, 0, 0, fp, s_q, d, 0, s - s_q] + [0] * (4 * LAUNCH_STAGES)
         size = fmt.cast_dtype.itemsize
         layout = TensorLayout(CAST=True, CODE_T=fmt.cast_dtype, VEC=_aligned(fields[0], fp, d * size),
                               WORDS_MULT=16 // size, HAS_FP=s_q < s)
@@ -187,11 +143,12 @@ def tensor_record(fmt: TensorFormat, ct) -> tuple[list[int], TensorLayout, list[
     )
     cents, assigns = [], []
     if fmt.undo is Undo.ADD and s_q:
-        for stage, data in zip(fmt.stages, ct.stages):
+        for i, data in enumerate(ct.stages):
             cents.append(_flat(data.centroids).contiguous())
-            assigns.append(_assignments(stage, data, b * h, s_q, ct.codes.device))
+            a = ct.stage_assignments(i)
+            assigns.append(a if a.stride(1) == 1 else a.contiguous())
     keep.extend(cents + assigns)
-    pad = [0] * (MAX_STAGES - len(cents))
+    pad = [0] * (LAUNCH_STAGES - len(cents))
     words = ct.codes.shape[-1] if s_q else 0
     fields = [
         addr(ct.codes), addr(ct.scales), addr(ct.zeros), addr(ct.scale_mult), fp, s_q,
@@ -229,15 +186,14 @@ class SpanRecord:
     unsupported: str | None = None
 
 
-def span_record(ckv, formats: tuple[TensorFormat, TensorFormat]) -> SpanRecord:
-    """The :class:`SpanRecord` of a compressed span ``ckv`` whose keys and values are stored as
-    ``formats``."""
-    for name, fmt, ct in (("k", formats[0], ckv.k), ("v", formats[1], ckv.v)):
-        reason = tensor_support(name, fmt, ct, ct.dtype)
+def span_record(ckv) -> SpanRecord:
+    """The :class:`SpanRecord` of a compressed span ``ckv`` (from its data and formats alone)."""
+    for name, ct in (("k", ckv.k), ("v", ckv.v)):
+        reason = tensor_support(name, ct)
         if reason is not None:
             return SpanRecord(unsupported=reason)
-    k_fields, k_layout, k_keep = tensor_record(formats[0], ckv.k)
-    v_fields, v_layout, v_keep = tensor_record(formats[1], ckv.v)
+    k_fields, k_layout, k_keep = tensor_record(ckv.k)
+    v_fields, v_layout, v_keep = tensor_record(ckv.v)
     return SpanRecord(tuple(k_fields + v_fields), (k_layout, v_layout), tuple(k_keep + v_keep),
                       ckv.k.shape[2], ckv.k.dtype, ckv.nbytes)
 
