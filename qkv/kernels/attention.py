@@ -95,7 +95,8 @@ class SpanPlan:
         return self._records[key]
 
     def table(self, key, build):
-        """A table of the kernels for these spans under ``key``: ``build()`` on first use."""
+        """What the kernels derive from these spans under ``key`` (a device table, a support
+        check): ``build()`` on first use, then kept."""
         if key not in self._tables:
             self._tables[key] = build()
         return self._tables[key]

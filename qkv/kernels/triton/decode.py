@@ -56,14 +56,19 @@ def plan_table(plan: SpanPlan, device: torch.device, piece: int):
 
 
 def plan_support(plan: SpanPlan, q: torch.Tensor) -> str | None:
-    """Why the decode kernel cannot read every span of ``plan`` for queries ``q`` (None if it can)."""
-    for sp in plan.spans:
-        rec = plan.record(sp, span_record_of)
-        if rec.unsupported:
-            return rec.unsupported
-        if rec.dtype != q.dtype:
-            return f"a span was compressed from {rec.dtype}, the queries are {q.dtype}"
-    return None
+    """Why the decode kernel cannot read every span of ``plan`` for queries ``q`` (None if it can;
+    worked out once per plan and query dtype)."""
+
+    def check():
+        for sp in plan.spans:
+            rec = plan.record(sp, span_record_of)
+            if rec.unsupported:
+                return rec.unsupported
+            if rec.dtype != q.dtype:
+                return f"a span was compressed from {rec.dtype}, the queries are {q.dtype}"
+        return None
+
+    return plan.table(("decode support", q.dtype), check)
 
 
 def _split(segments) -> tuple[list[SpanPlan], list[DenseKV]]:
