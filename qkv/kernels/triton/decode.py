@@ -19,6 +19,7 @@ import functools
 
 import torch
 import triton
+from triton.runtime.errors import OutOfResources
 
 from qkv import kernels
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, check_attention, default_scale
@@ -26,8 +27,12 @@ from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_
 from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
 from qkv.kernels.triton.records import TL_DTYPES, TensorLayout, span_table
 
-# (BLOCK_N keys per tile, keys per work item, most query rows per program, warps)
+# (BLOCK_N keys per tile, keys per work item, most query rows per program, warps), and the
+# software-pipelining depths to try in order: a layout whose kernel needs more shared memory than
+# the GPU has takes the next (compiled for sm_90: qvg 59 KB at depth 2, qvg-pro's four centroid
+# stages 158 KB at depth 2 and 293 KB at 3, every layout 22-49 KB at 1)
 GPU_TILE = (64, 256, 64, 4)
+GPU_PIPELINE = (2, 1)
 INTERPRETER_TILE = (16, 32, 16, 4)
 # The partial outputs of all programs take at most this share of the bytes they read (the
 # compressed spans and the full-precision keys), so decoding needs almost no memory beyond the
@@ -111,6 +116,17 @@ def _dense_args(dense: list[DenseKV], q: torch.Tensor) -> list:
     return [x for a in args for x in a]
 
 
+def _launch_decode(grid, pipelines, *args, **kwargs) -> None:
+    """``decode_kernel`` at the first pipelining depth whose shared memory fits the GPU."""
+    for i, stages in enumerate(pipelines):
+        try:
+            decode_kernel[grid](*args, **kwargs, num_stages=stages)
+            return
+        except OutOfResources:  # raised before the launch: nothing ran
+            if i == len(pipelines) - 1:
+                raise
+
+
 def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.attention.attention_decode_torch`: [B, H, Sq, D] in q's
     dtype. ``segments``: DenseKV, CompressedSpan and at most one SpanPlan (whose span table is
@@ -158,7 +174,8 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torc
         if n_span + n_dense == 0:
             continue
         k_layout, v_layout = g.layouts if g is not None else (TensorLayout(), TensorLayout())
-        decode_kernel[(n_span + n_dense, b * h_kv, row_blocks)](
+        _launch_decode(
+            (n_span + n_dense, b * h_kv, row_blocks), (1,) if emulate else GPU_PIPELINE,
             q, qh if k_layout.ROT else q, ql, po, pl,
             g.table if g is not None else po, g.items if g is not None else po,
             g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
