@@ -59,7 +59,8 @@ BUDGET = 24 * 2**30
 TILES = [(64, 64, 4, 1, 1), (128, 64, 8, 1, 1), (128, 64, 8, 2, 2), (128, 64, 8, 3, 3), (128, 128, 8, 2, 2),
          (128, 128, 8, 3, 3), (256, 32, 8, 2, 2), (256, 64, 8, 2, 2), (256, 64, 8, 3, 3), (256, 128, 8, 2, 2),
          (256, 64, 16, 2, 2), (256, 128, 16, 2, 2)]
-MODES = ("fused", "staged", "read")
+MODES = ("auto", "fused", "staged", "read")
+PARTS = ("tiles", "attention", "policies", "end_to_end", "self_forcing", "key_split")
 DEVICE = "cuda"
 
 
@@ -386,7 +387,7 @@ def self_forcing_rows(chunk) -> list[dict]:
     block = WanBlock().to(DEVICE).bfloat16()
     g = torch.Generator(device=DEVICE).manual_seed(6)
     text = torch.randn(1, TEXT, DIM, generator=g, device=DEVICE).bfloat16()
-    modes = ("bf16", "fused", "staged")
+    modes = ("bf16", "auto", "fused", "staged")
     hists = {mode: History("qvg", max(HISTORIES) + SPAN_CHUNKS) for mode in modes}
     xs = [torch.randn(1, CHUNK, DIM, generator=g, device=DEVICE).bfloat16() for _ in range(SPAN_CHUNKS)]
     rows = []
@@ -401,7 +402,7 @@ def self_forcing_rows(chunk) -> list[dict]:
                 for x in xs:
                     total += self_forcing_chunk(block, x, text, hist, mode)
                 row[mode] = {"chunk_ms": total / SPAN_CHUNKS}
-            for mode in ("fused", "staged"):
+            for mode in modes[1:]:
                 row[mode]["overhead"] = row[mode]["chunk_ms"] / row["bf16"]["chunk_ms"] - 1
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -460,7 +461,9 @@ def roofline(rows: list[dict], bandwidth: float, rate: float) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
     torch.manual_seed(0)
     chunks = {}
 
@@ -480,17 +483,25 @@ def main() -> None:
     print(json.dumps(env), flush=True)
     result = {"env": env, "shapes": {"heads": HEADS, "head_dim": HEAD_DIM, "chunk_tokens": CHUNK,
                                      "span_chunks": SPAN_CHUNKS, "layers": LAYERS, "budget_bytes": BUDGET}}
-    result["tiles"] = tile_rows(q, chunk)
+    result["parts"] = sorted(parts)
+    if "tiles" in parts:
+        result["tiles"] = tile_rows(q, chunk)
     result["gpu_tiles"] = fused_kernel.GPU_TILES
-    result["attention"] = attention_rows(q, chunk)
-    result["policies"], span_bytes = policy_rows(q, chunk)
-    result["end_to_end"] = end_to_end_rows(chunk)
-    result["self_forcing_first_pass"] = self_forcing_rows(chunk)
-    result["self_forcing"] = self_forcing_rows(chunk)
-    result["key_split"] = key_split_rows(q)
-    result["capacity"] = capacity_rows(span_bytes)
-    result["capacity_by_attention"] = mode_capacity_rows(span_bytes, result["attention"])
-    result["roofline"] = roofline(result["attention"], bandwidth, rate)
+    if "attention" in parts:
+        result["attention"] = attention_rows(q, chunk)
+        result["roofline"] = roofline(result["attention"], bandwidth, rate)
+    if "policies" in parts:
+        result["policies"], span_bytes = policy_rows(q, chunk)
+        result["capacity"] = capacity_rows(span_bytes)
+        if "attention" in parts:
+            result["capacity_by_attention"] = mode_capacity_rows(span_bytes, result["attention"])
+    if "end_to_end" in parts:
+        result["end_to_end"] = end_to_end_rows(chunk)
+    if "self_forcing" in parts:
+        result["self_forcing_first_pass"] = self_forcing_rows(chunk)
+        result["self_forcing"] = self_forcing_rows(chunk)
+    if "key_split" in parts:
+        result["key_split"] = key_split_rows(q)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 

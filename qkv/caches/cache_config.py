@@ -16,6 +16,10 @@ __all__ = ["ATTENTION", "CacheConfig", "CacheMemory"]
 
 # how KVCache.attend reads the history (docs/attention.md compares them)
 ATTENTION = {
+    "auto": "the fastest correct path for the call (qkv.kernels.choose_method): decode for up to 64 "
+    "queries per head, staged for more on a GPU",
+    "decode": "flash-decoding over the compressed spans (qkv.kernels.triton.decode): keys split across "
+    "programs, each tile decoded once per KV head; no decompressed K/V in memory",
     "fused": "the Triton kernel reads the compressed spans directly (qkv.kernels.attention): no "
     "decompressed K/V in memory",
     "staged": "one span at a time is decompressed and attended to by torch's fused attention, merged by "
@@ -40,7 +44,7 @@ class CacheConfig:
     head_independent: bool = True
     validate: bool = True
     backend: str = "auto"
-    attention: str = "fused"
+    attention: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):

@@ -28,10 +28,12 @@ depends on which other heads share the call: that is what lets ranks that each h
 
 :meth:`LayerCache.read` decompresses span by span (nothing decompressed is kept) and concatenates sink,
 spans and tail. :meth:`LayerCache.attend` computes attention over the history as ``attention`` says
-(``ATTENTION`` in cache_config.py, docs/attention.md): ``"fused"`` (default, the Triton kernel of
-:func:`qkv.kernels.attention` reads the compressed spans directly), ``"staged"`` (one span
-decompressed at a time, torch's fused attention) or ``"read"`` (:meth:`read`, then
-``scaled_dot_product_attention``).
+(``ATTENTION`` in cache_config.py, docs/attention.md): ``"auto"`` (default: the fastest path for the
+call's query count), ``"decode"`` (flash-decoding over the compressed spans), ``"fused"`` (the
+prefill kernel reads the compressed spans directly), ``"staged"`` (one span decompressed at a
+time, torch's fused attention) or ``"read"`` (:meth:`read`, then ``scaled_dot_product_attention``).
+The spans are handed to the kernels as one :class:`~qkv.kernels.SpanPlan`, made when the spans
+change and kept: what the kernels need to read a span is built once, not on every call.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ from qkv.caches.layer_state import (
 )
 from qkv.caches.policy import Policy
 from qkv.caches.presets import build_policy
-from qkv.caches.tail import Chunk, TailBuffer, joined_kv
+from qkv.caches.tail import Chunk, TailBuffer, adjacent, joined_kv
 from qkv.component import check_int
 from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, QKVError, ShapeError, shown
 from qkv.io import load_device
@@ -119,6 +121,13 @@ class LayerCache(LayerState):
         """Forget everything (the layer takes a new batch/head layout on its next append)."""
         LayerState.__init__(self)
         self.buffer = TailBuffer()
+        self._forget_plan()
+
+    def _forget_plan(self) -> None:
+        """Drop what attention derived from the spans and tail (made again on the next attend)."""
+        self._plan: kernels.SpanPlan | None = None
+        self._plan_stale = True  # the spans changed since the plan was made
+        self._tail_join: tuple[int, Chunk, Chunk, list[kernels.DenseKV]] | None = None
 
     def state_dict(self) -> dict:
         """The layer's state as plain data (see :mod:`qkv.caches.layer_state`; tensors shared)."""
@@ -132,6 +141,7 @@ class LayerCache(LayerState):
         for f in dataclasses.fields(LayerState):
             setattr(self, f.name, getattr(state, f.name))
         self.buffer = TailBuffer()  # the next append copies the tail into a buffer
+        self._forget_plan()
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -185,6 +195,8 @@ class LayerCache(LayerState):
             self.tail, self.warm = tail, warm
             self.spans.extend(new_spans)
             self._slide()
+            if new_spans:
+                self._plan_stale = True
         self.layout = layout
         self.seen += k.shape[2]
 
@@ -272,6 +284,29 @@ class LayerCache(LayerState):
             left = 0
         self.spans, self.tail = spans, tail
         self.evicted += tokens
+        self._plan_stale = True
+
+    def drop_newest(self, tokens: int) -> None:
+        """Forget the ``tokens`` newest tokens (assisted decoding's rejected candidates). They must
+        all be in the full-precision tail: compressed spans are never rolled back (``recent_chunks``
+        keeps the newest chunks there)."""
+        check_int("drop_newest", "tokens", tokens, 0)
+        in_tail = sum(c.tokens for c in self.tail)
+        if tokens > in_tail:
+            raise CacheError(
+                f"layer {self.index}: cannot drop the {tokens} newest tokens, only {in_tail} are in the "
+                "full-precision tail (compressed spans are never rolled back; keep recent_chunks >= 1)"
+            )
+        tail, left = list(self.tail), tokens
+        while left:
+            c = tail.pop()
+            if c.tokens > left:
+                tail.append(Chunk(c.k[:, :, : c.tokens - left], c.v[:, :, : c.tokens - left], c.start))
+            else:
+                self.chunks_seen -= 1
+            left -= min(left, c.tokens)
+        self.tail = tail
+        self.seen -= tokens
 
     # -- reading -------------------------------------------------------------------------------
     def read(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -304,10 +339,38 @@ class LayerCache(LayerState):
         and tail chunk, a ``CompressedSpan`` per span (with its evicted ``skip`` tokens)."""
         return [kernels.DenseKV(c.k, c.v) for c in self.sink] + list(self.spans) + _dense(self.tail)
 
+    def span_plan(self) -> kernels.SpanPlan:
+        """The spans as one :class:`~qkv.kernels.SpanPlan` segment, made when the spans change (a
+        new plan takes over the kernels' records of the spans it shares with the last one)."""
+        if self._plan_stale:
+            self._plan = kernels.SpanPlan(list(self.spans), previous=self._plan)
+            self._plan_stale = False
+        return self._plan
+
+    def _tail_segments(self) -> list[kernels.DenseKV]:
+        """:func:`_dense` of the tail, joining only the chunks appended since the last call (token
+        by token decoding appends a chunk a step: joining the whole tail every step is quadratic)."""
+        memo, tail = self._tail_join, self.tail
+        if memo is not None and tail and len(tail) >= memo[0] and tail[0] is memo[1] and tail[memo[0] - 1] is memo[2]:
+            n, segments = memo[0], memo[3]
+            new = _dense(tail[n:])
+            if new and segments and adjacent(segments[-1].k, new[0].k) and adjacent(segments[-1].v, new[0].v):
+                last = _dense([Chunk(segments[-1].k, segments[-1].v, 0), Chunk(new[0].k, new[0].v, 0)])
+                segments = segments[:-1] + last + new[1:]
+            else:
+                segments = segments + new
+        else:
+            segments = _dense(tail)
+        self._tail_join = (len(tail), tail[0], tail[-1], segments) if tail else None
+        return segments
+
     def _segments_with(self, extra: tuple[torch.Tensor, torch.Tensor] | None) -> list:
-        """:meth:`segments` plus ``extra`` (k, v) last; written into the tail buffer's free room
-        right after the tail when it fits there (the tail and extra then form one segment)."""
-        segments = self.segments() if self.layout is not None else []
+        """The history as attention segments (sink, the span plan, tail) plus ``extra`` (k, v)
+        last; written into the tail buffer's free room right after the tail when it fits there
+        (the tail and extra then form one segment)."""
+        segments = []
+        if self.layout is not None:
+            segments = [kernels.DenseKV(c.k, c.v) for c in self.sink] + [self.span_plan()] + self._tail_segments()
         if extra is None:
             return segments
         k, v = extra
@@ -330,16 +393,14 @@ class LayerCache(LayerState):
         Not causal: every query sees every key (the chunk-wise video pattern; for token-by-token
         decoding append first, then attend). H must be a multiple of the cache's heads (GQA).
         ``scale`` defaults to 1 / sqrt(D). ``config.attention`` picks how (``qkv.caches.ATTENTION``):
-        ``"fused"`` reads the compressed spans directly (:func:`qkv.kernels.attention`),
-        ``"staged"`` decompresses one span at a time (:func:`qkv.kernels.attention_staged`),
-        ``"read"`` decompresses the whole history (:meth:`read`) for ``scaled_dot_product_attention``.
+        ``"auto"``, ``"decode"``, ``"fused"`` and ``"staged"`` are :func:`qkv.kernels.attention`'s
+        methods; ``"read"`` decompresses the whole history (:meth:`read`) for
+        ``scaled_dot_product_attention``.
         """
         self._check_attend(q, extra, scale)
         if self.config.attention != "read":
             segments = self._segments_with(extra)
-            if self.config.attention == "staged":
-                return kernels.attention_staged(q, segments, scale=scale, backend=self.config.backend)
-            return kernels.attention(q, segments, scale=scale, backend=self.config.backend)
+            return kernels.attention(q, segments, scale=scale, backend=self.config.backend, method=self.config.attention)
         if self.layout is None:
             k, v = extra
         else:
@@ -393,6 +454,7 @@ class LayerCache(LayerState):
         self.tail = [rows(c) for c in self.tail]
         self.buffer = TailBuffer()  # the next append copies the new tail into a new buffer
         self.spans = [dataclasses.replace(s, ckv=index_batch(s.ckv, index)) for s in self.spans]
+        self._plan_stale = True
         if self.warm is not None:
             self.warm = centroids_only(self.spans[-1].ckv) if shared else index_batch(self.warm, index)
         self.layout = self.layout._replace(batch=len(index))
@@ -427,6 +489,7 @@ class LayerCache(LayerState):
         self.tail = [move(c) for c in self.tail]
         self.buffer = TailBuffer()  # the next append copies the tail into a buffer on ``device``
         self.spans = [dataclasses.replace(s, ckv=s.ckv.to(device)) for s in self.spans]
+        self._plan_stale = True
         if self.warm is not None:
             self.warm = centroids_only(self.spans[-1].ckv) if shared else self.warm.to(device)
         if self.layout is not None:

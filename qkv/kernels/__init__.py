@@ -23,6 +23,8 @@ from qkv.format import AffineFormat, Undo
 from qkv.kernels.attention import (
     CompressedSpan,
     DenseKV,
+    SpanPlan,
+    attention_decode_torch,
     attention_staged,
     attention_torch,
     check_attention,
@@ -39,7 +41,21 @@ class Backend(str, enum.Enum):
     TRITON = "triton"
 
 
-OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard", "attention", "merge")
+class Method(str, enum.Enum):
+    """How :func:`attention` reads a history (docs/attention.md says which case takes which)."""
+
+    AUTO = "auto"
+    DECODE = "decode"
+    FUSED = "fused"
+    STAGED = "staged"
+
+
+# The most queries per head that "auto" gives the decode kernel: few queries read the cache once
+# for all of them (memory-bound); more share a key tile the way the prefill paths do
+DECODE_MAX_QUERIES = 64
+
+OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard", "attention",
+       "attention_decode", "merge")
 
 _TORCH: dict[str, Callable] = {
     "quantize_pack": quantize_pack_torch,
@@ -48,6 +64,7 @@ _TORCH: dict[str, Callable] = {
     "kmeans_update": update_torch,
     "hadamard": hadamard_torch,
     "attention": attention_torch,
+    "attention_decode": attention_decode_torch,
     "merge": merge_torch,
 }
 
@@ -153,12 +170,43 @@ def hadamard(x, *, backend="auto"):
     return resolve("hadamard", backend, x.device, x)(x)
 
 
-def attention(q, segments, *, scale=None, backend="auto"):
-    """softmax(q k^T * scale) v of q [B, H, Sq, D] over every key of ``segments`` (DenseKV and
-    CompressedSpan, [B, H_kv, S, D] each; not causal): [B, H, Sq, D] in q's dtype (see
-    kernels.attention; the Triton kernel reads compressed spans without decompressing them)."""
+def choose_method(q, method: Method | str = "auto") -> Method:
+    """The path :func:`attention` takes for queries ``q`` [B, H, Sq, D]: ``method`` unless it is
+    ``"auto"``; then the decode kernel for at most :data:`DECODE_MAX_QUERIES` queries per head
+    (memory-bound: it reads the compressed cache once, split across the GPU), the staged path for
+    more on a GPU (compute-bound: torch's fused attention over one decompressed span at a time runs
+    at bf16 speed, the fused kernel at a third of it), the fused op otherwise (on a CPU: its
+    plain-torch twin). Raises BackendError naming the valid methods."""
+    try:
+        choice = Method(method)
+    except ValueError:
+        valid = ", ".join(m.value for m in Method)
+        raise BackendError(f"unknown attention method {method!r}; valid methods: {valid}") from None
+    if choice is not Method.AUTO:
+        return choice
+    if q.shape[2] <= DECODE_MAX_QUERIES:
+        return Method.DECODE
+    return Method.STAGED if q.device.type == "cuda" else Method.FUSED
+
+
+def attention(q, segments, *, scale=None, backend="auto", method: Method | str = "auto"):
+    """softmax(q k^T * scale) v of q [B, H, Sq, D] over every key of ``segments`` (DenseKV,
+    CompressedSpan and SpanPlan, [B, H_kv, S, D] each; not causal): [B, H, Sq, D] in q's dtype.
+    ``method`` (:func:`choose_method`): ``"decode"`` (flash-decoding over the compressed spans,
+    kernels.triton.decode), ``"fused"`` (the prefill kernel decodes tiles in registers,
+    kernels.triton.attention), ``"staged"`` (:func:`attention_staged`) or ``"auto"``."""
     check_attention(q, segments)
+    chosen = choose_method(q, method)
+    if chosen is Method.STAGED:
+        return attention_staged(q, segments, scale=scale, backend=backend)
     args = (q, segments, scale)
+    if chosen is Method.DECODE:
+        try:
+            return resolve("attention_decode", backend, q.device, *args)(*args)
+        except BackendError:
+            if Method(method) is not Method.AUTO:
+                raise
+            # a span the decode kernel cannot read: the fused op decompresses it on its own
     return resolve("attention", backend, q.device, *args)(*args)
 
 
@@ -178,9 +226,12 @@ __all__ = [
     "Backend",
     "CompressedSpan",
     "DenseKV",
+    "Method",
     "QuantizedRows",
+    "SpanPlan",
     "attention",
     "attention_staged",
+    "choose_method",
     "decompress",
     "dequantize",
     "hadamard",

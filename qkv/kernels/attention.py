@@ -60,10 +60,62 @@ class CompressedSpan:
         return k[:, :, self.skip :], v[:, :, self.skip :]
 
 
-Segment = DenseKV | CompressedSpan
+class SpanPlan:
+    """Compressed spans prepared once for the kernels, reused by every call over them (plan once,
+    run many): a segment that stands for ``spans`` ([B, H_kv, S_i, D] each, one B, H_kv, D,
+    dtype and device for all, checked here once). The kernels keep what they need to read the spans
+    (each span's record, the device tables) in the plan, built on first use; a plan made with
+    ``previous`` takes over the records of the spans they share, so adding a span builds one.
+    A plan must not outlive a change of its spans (a cache makes a new one when its spans change)."""
+
+    def __init__(self, spans: Sequence[CompressedSpan], previous: SpanPlan | None = None) -> None:
+        self.spans = tuple(spans)
+        self._records: dict[int, object] = {}
+        if previous is not None:
+            kept = {id(sp.ckv) for sp in self.spans}
+            self._records = {key: rec for key, rec in previous._records.items() if key in kept}
+        self._tables: dict = {}
+        metas = [_kv_meta(sp) for sp in self.spans]
+        for i, (shape, dtype, device) in enumerate(metas[1:], 1):
+            if shape[0] != metas[0][0][0] or shape[1] != metas[0][0][1] or shape[3] != metas[0][0][3]:
+                raise ShapeError(f"attention: span {i} has [B, H_kv, S, D] = {list(shape)}, span 0 {list(metas[0][0])}")
+            if dtype != metas[0][1] or device != metas[0][2]:
+                raise DTypeError(f"attention: span {i} is {dtype} on {device}, span 0 {metas[0][1]} on {metas[0][2]}")
+        self.tokens = sum(sp.tokens for sp in self.spans)
+        self.meta = None
+        if metas:
+            b, h, _, d = metas[0][0]
+            self.meta = ((b, h, self.tokens, d), metas[0][1], metas[0][2])
+
+    def record(self, span: CompressedSpan, build):
+        """The kernels' record of ``span`` (one of :attr:`spans`): ``build(span)`` on first use."""
+        key = id(span.ckv)
+        if key not in self._records:
+            self._records[key] = build(span)
+        return self._records[key]
+
+    def table(self, key, build):
+        """What the kernels derive from these spans under ``key`` (a device table, a support
+        check): ``build()`` on first use, then kept."""
+        if key not in self._tables:
+            self._tables[key] = build()
+        return self._tables[key]
+
+
+Segment = DenseKV | CompressedSpan | SpanPlan
+
+
+def expand(segments: Sequence[Segment]) -> list[DenseKV | CompressedSpan]:
+    """``segments`` with every :class:`SpanPlan` replaced by its spans."""
+    out: list = []
+    for seg in segments:
+        out.extend(seg.spans if isinstance(seg, SpanPlan) else (seg,))
+    return out
 
 
 def _kv_meta(seg: Segment) -> tuple[tuple[int, ...], torch.dtype, torch.device]:
+    if isinstance(seg, SpanPlan):
+        return seg.meta
     if isinstance(seg, DenseKV):
         if seg.k.shape != seg.v.shape:
             raise ShapeError(f"attention: dense k {tuple(seg.k.shape)} and v {tuple(seg.v.shape)} differ")
@@ -87,6 +139,7 @@ def check_attention(q: torch.Tensor, segments: Sequence[Segment]) -> None:
     if not segments or sum(s.tokens for s in segments) == 0:
         raise ShapeError("attention: the history holds no keys")
     b, h, _, d = q.shape
+    segments = [s for s in segments if not isinstance(s, SpanPlan) or s.spans]
     h_kv = _kv_meta(segments[0])[0][1]
     for i, seg in enumerate(segments):
         shape, dtype, device = _kv_meta(seg)
@@ -138,8 +191,27 @@ def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float |
     """
     check_attention(q, segments)
     scale = default_scale(q, scale)
-    segments = [seg for seg in segments if seg.tokens]
+    segments = [seg for seg in expand(segments) if seg.tokens]
     return _merged(q, scale, segments, lambda *args: [partial_attention(*args)], "torch")
+
+
+# Keys per piece of the decode path (the Triton kernel's work item on a GPU)
+DECODE_PIECE = 256
+
+
+def attention_decode_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None) -> torch.Tensor:
+    """Flash-decoding, the plain-torch twin of the decode kernel: every segment's keys cut into
+    pieces of :data:`DECODE_PIECE`, each piece attended to in fp32 (all query heads of a KV head
+    at once) and the partial results merged by log-sum-exp. [B, H, Sq, D] in q's dtype."""
+    check_attention(q, segments)
+    scale = default_scale(q, scale)
+    segments = [seg for seg in expand(segments) if seg.tokens]
+
+    def pieces(q, k, v, scale):
+        return [partial_attention(q, k[:, :, i : i + DECODE_PIECE], v[:, :, i : i + DECODE_PIECE], scale)
+                for i in range(0, k.shape[2], DECODE_PIECE)]
+
+    return _merged(q, scale, segments, pieces, "torch")
 
 
 def _merged(q, scale, segments, attend, backend) -> torch.Tensor:
@@ -227,6 +299,7 @@ def attention_staged(
     GPU starts on them while the host prepares the first span. [B, H, Sq, D] in q's dtype."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
+    segments = expand(segments)
     dense = [s for s in segments if isinstance(s, DenseKV) and s.tokens]
     if len(dense) > 1:
         dense = [DenseKV(torch.cat([s.k for s in dense], 2), torch.cat([s.v for s in dense], 2))]

@@ -87,5 +87,7 @@ def test_positions_and_mask_sizes_stay_absolute_when_tokens_are_evicted(whisper)
     assert cache.get_seq_length() == 20 and layer.layer.positions().tolist() == [0, 1, *range(10, 20)]
     assert layer.get_mask_sizes(1) == (12 + 1, 20 - 12)
     assert torch.isfinite(out.logits).all()
-    with pytest.raises(qkv.errors.CacheError, match="cropped"):
-        cache.crop(-1)
+    cache.crop(-1)  # the newest token, from the full-precision tail
+    assert cache.get_seq_length() == 19 and layer.layer.positions().tolist() == [0, 1, *range(10, 19)]
+    with pytest.raises(qkv.errors.CacheError, match="never rolled back"):
+        cache.crop(-2)  # one token is left in the tail

@@ -34,11 +34,12 @@ def filled(policy, chunks=8, **options):
 
 
 def attend_all(cache, q, extra=None):
-    """Outputs of the same cache state by option: fused through the Triton kernel (Triton's
-    interpreter on a CPU), fused with the cache's backend ("auto": the plain-torch twin on a CPU, the
-    kernel on a GPU), staged (one span decompressed at a time, torch's fused attention), read."""
+    """Outputs of the same cache state by option: the decode and fused Triton kernels (Triton's
+    interpreter on a CPU), the default ("auto" method and backend: the plain-torch twin on a CPU),
+    staged (one span decompressed at a time, torch's fused attention), read."""
     out = {}
-    for name, options in (("triton", {"backend": "triton"}), ("fused", {}),
+    for name, options in (("decode", {"backend": "triton", "attention": "decode"}),
+                          ("fused", {"backend": "triton", "attention": "fused"}), ("auto", {}),
                           ("staged", {"attention": "staged"}), ("read", {"attention": "read"})):
         cache.layer(0).config = dataclasses.replace(cache.config, **options)
         out[name] = cache.attend(0, q, extra=extra)

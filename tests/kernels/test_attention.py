@@ -95,7 +95,7 @@ def test_kernel_matches_decompress_then_sdpa(name):
     segments = history(name, seed=PRESETS.index(name))
     assert span_support(segments[1], segments[0].k) is None  # read directly, no fallback
     q = randn(99, 1, 2, 48, 64)
-    out = kernels.attention(q, segments, backend="triton")
+    out = kernels.attention(q, segments, backend="triton", method="fused")
     assert_within_twice_the_torch_error(out, q, segments)
 
 
@@ -110,28 +110,28 @@ def test_per_channel_layouts(spec, fast):
     remainder in full precision: read a word per channel row at a time when a key tile holds whole
     words, element by element otherwise; a scale per block when a tile holds whole blocks, per code
     otherwise."""
-    from qkv.kernels.triton.attention import _tensor_record
+    from qkv.kernels.triton.records import tensor_record
 
     pol = qkv.build_policy(spec)
     k, v = randn(60, 1, 2, 150, 64, scale=2.0), randn(61, 1, 2, 150, 64)
     segments = [CompressedSpan(pol.compress(k, v), 9), DenseKV(randn(62, 1, 2, 20, 64), randn(63, 1, 2, 20, 64))]
-    assert _tensor_record(segments[0].ckv.k, [])[1].FAST is fast
+    assert tensor_record(segments[0].ckv.k)[1].FAST is fast
     assert segments[0].ckv.k.quantized_tokens < 150  # a full-precision remainder
     q = randn(64, 1, 2, 40, 64)
-    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
 
 
 def test_gqa_head_dim_128_and_a_query_view():
     segments = history("qvg", h=2, d=128, span=200, skip=0)
     q = randn(5, 1, 30, 4, 128).transpose(1, 2)  # [B, H, Sq, D] view of [B, Sq, H, D], 4 heads on 2
-    out = kernels.attention(q, segments, backend="triton")
+    out = kernels.attention(q, segments, backend="triton", method="fused")
     assert_within_twice_the_torch_error(out, q, segments)
 
 
 def test_fp16_cache_and_queries():
     segments = history("rtn", dtype=torch.float16, span=100)
     q = randn(6, 1, 2, 20, 64, dtype=torch.float16)
-    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
 
 
 def test_layouts_in_one_call_and_an_unsupported_span_fall_back():
@@ -144,7 +144,7 @@ def test_layouts_in_one_call_and_an_unsupported_span_fall_back():
                  CompressedSpan(deep.compress(k, v))]
     q = randn(13, 1, 2, 33, 64)
     assert "5 smoothing stages" in span_support(segments[-1], q)
-    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
 
 
 def test_the_torch_twin_is_the_fp32_attention():
@@ -167,7 +167,7 @@ def test_evictions_reaching_the_full_precision_remainder(tokens, skip):
     segments = [CompressedSpan(pol.compress(k, v), skip), DenseKV(randn(72, 1, 2, 20, 64), randn(73, 1, 2, 20, 64))]
     assert segments[0].ckv.k.quantized_tokens == tokens // 16 * 16
     q = randn(74, 1, 2, 40, 64)
-    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
 
 
 @pytest.mark.parametrize("name", ["qvg", "kivi", "quarot"])
@@ -268,7 +268,7 @@ def test_split_keys_merge_to_the_attention_over_all_keys(keys):
 def test_dispatch_and_bad_inputs():
     segments = history("rtn", span=64)
     with pytest.raises(BackendError, match="float32"):
-        kernels.attention(randn(1, 1, 2, 8, 64, dtype=torch.float32), segments, backend="triton")
+        kernels.attention(randn(1, 1, 2, 8, 64, dtype=torch.float32), segments, backend="triton", method="fused")
     q = randn(1, 1, 2, 8, 64)
     if DEVICE == "cpu":  # auto uses the reference off the GPU
         assert torch.equal(kernels.attention(q, segments), kernels.attention(q, segments, backend="torch"))
@@ -291,7 +291,7 @@ def test_full_wan_shapes_on_the_gpu(name):
     tail = DenseKV(randn(22, 1, 12, 4680, 128), randn(23, 1, 12, 4680, 128))
     segments = [CompressedSpan(pol.compress(k, v), 100), tail]
     q = randn(24, 1, 12, 4680, 128)
-    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
     if name == "qvg":
         assert_within_twice_the_torch_error(kernels.attention_staged(q, segments), q, segments, True)
 
@@ -304,4 +304,4 @@ def test_a_layout_too_big_for_the_first_tiles_takes_the_next(monkeypatch):
     monkeypatch.setattr(fused, "GPU_TILES", ((128, 256, 8, 6, 6), (128, 64, 8, 2, 2)))
     segments = history("qvg-pro", seed=50, d=128)
     q = randn(51, 1, 2, 48, 128)
-    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton"), q, segments)
+    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)

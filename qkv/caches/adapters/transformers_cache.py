@@ -12,21 +12,38 @@ never re-quantized; the fp tail holds the newest tokens (a policy's ``window`` i
 
 ``get_seq_length()`` counts every token ever appended (positions stay absolute when a sink and a
 sliding window evict tokens); ``get_mask_sizes`` gives the retained length with the matching offset,
-which is exact for causal attention without padding. ``crop`` is not supported (no rollback of
-compressed spans), so assisted decoding is not either; beam search reorders batch rows of the
-compressed data directly.
+which is exact for causal attention without padding. ``crop`` drops the newest tokens from the
+full-precision tail (assisted decoding's rejected candidates; compressed spans are never rolled
+back, so keep ``recent_chunks=1``); beam search reorders batch rows of the compressed data directly.
+
+**Attending to the compressed spans directly.** Importing this module registers the attention
+function :func:`qkv_attention` as ``attn_implementation="qkv"`` (transformers 5.x
+``AttentionInterface``). With it and ``QKVCache(..., direct=True)``, a one-token step appends its
+K/V and hands the model the layer itself (:class:`QKVLayer` marks the step's tensors), and
+:func:`qkv_attention` calls :meth:`KVCache.attend` (the decode kernel on a GPU): the history is
+never decompressed per token. Steps of several tokens (the prompt, assisted decoding's candidates)
+and padded batches (a mask) get the decompressed history and transformers' SDPA, as without it::
+
+    model.set_attn_implementation("qkv")
+    out = model.generate(**inputs, past_key_values=QKVCache("kivi", direct=True))
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import AttentionInterface
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, EncoderDecoderCache
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from qkv.caches.kvcache import KVCache, LayerCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError
 
-__all__ = ["QKVCache", "QKVLayer", "encoder_decoder_cache"]
+__all__ = ["ATTENTION", "QKVCache", "QKVLayer", "encoder_decoder_cache", "qkv_attention"]
+
+# the attn_implementation name under which qkv_attention is registered
+ATTENTION = "qkv"
 
 
 class QKVLayer(CacheLayerMixin):
@@ -34,11 +51,13 @@ class QKVLayer(CacheLayerMixin):
 
     is_compileable = False
     is_sliding = False
-    is_croppable = False
+    is_croppable = True
 
-    def __init__(self, layer: LayerCache) -> None:
+    def __init__(self, layer: LayerCache, direct: bool = False) -> None:
         super().__init__()
         self.layer = layer
+        self.direct = direct
+        self.pending = False  # a step's tensors were handed out and not yet attended through qkv_attention
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
@@ -47,10 +66,22 @@ class QKVLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append ``key_states``/``value_states`` [B, H, S_new, D]; return the history [B, H, S, D]."""
+        """Append ``key_states``/``value_states`` [B, H, S_new, D]; return the history [B, H, S, D],
+        or with ``direct`` and one new token the step's own tensors marked with this layer (for
+        :func:`qkv_attention`, which attends to the compressed history itself)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        if self.pending:
+            raise CacheError(
+                f"QKVCache(direct=True) needs the model to attend through qkv's attention: "
+                f"model.set_attn_implementation({ATTENTION!r})"
+            )
         self.layer.append(key_states, value_states)
+        if self.direct and key_states.shape[2] == 1:
+            key_states, value_states = key_states.detach(), value_states.detach()
+            key_states.qkv_layer = self
+            self.pending = True
+            return key_states, value_states
         return self.layer.read()
 
     def get_seq_length(self) -> int:
@@ -78,7 +109,11 @@ class QKVLayer(CacheLayerMixin):
             self.layer.index_batch(torch.arange(self.layer.layout[0]).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
-        raise CacheError("a compressed cache cannot be cropped (compressed spans are never rolled back)")
+        """Drop the ``-tokens_to_remove`` newest tokens (transformers >= 5.2x; a positive value,
+        the older API, is the length to keep). Only full-precision tail tokens can go."""
+        drop = -tokens_to_remove if tokens_to_remove <= 0 else self.layer.seen - tokens_to_remove
+        if drop and self.is_initialized:
+            self.layer.drop_newest(drop)
 
     def offload(self) -> None:
         if self.is_initialized:
@@ -95,25 +130,48 @@ class QKVCache(Cache):
     ``span_tokens=32``, ``sink_chunks=1``, ``max_spans=8``). Pass an existing ``KVCache`` as
     ``policy`` to wrap it. Layers are created as the model first uses them."""
 
-    def __init__(self, policy: Policy | str | KVCache, **options) -> None:
+    def __init__(self, policy: Policy | str | KVCache, *, direct: bool = False, **options) -> None:
         if isinstance(policy, KVCache):
             if options:
                 raise CacheError("options apply to a new KVCache, not to an existing one")
             self.kv = policy
         else:
             self.kv = KVCache(policy, **options)
-        super().__init__(layers=[QKVLayer(layer) for layer in self.kv.layers])
+        self.direct = direct
+        super().__init__(layers=[QKVLayer(layer, direct) for layer in self.kv.layers])
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
         while len(self.layers) <= layer_idx:
-            self.layers.append(QKVLayer(self.kv.layer(len(self.layers))))
+            self.layers.append(QKVLayer(self.kv.layer(len(self.layers)), self.direct))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def memory(self):
         """Exact stored bytes (:class:`qkv.caches.kvcache.CacheMemory`)."""
         return self.kv.memory()
+
+
+def qkv_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention function (``attn_implementation="qkv"``): query [B, H, S_q, D];
+    ``key``/``value`` the history, or a one-token step marked by a direct :class:`QKVLayer`, whose
+    compressed history is attended to by :meth:`KVCache.attend`. Returns (out [B, S_q, H, D], None).
+    A marked step with a mask (padding) reads the history back and takes transformers' SDPA."""
+    layer = getattr(key, "qkv_layer", None)
+    if layer is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    layer.pending = False
+    if attention_mask is not None or dropout:
+        key, value = layer.layer.read()
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # one new query per head, already appended: attending to every retained token is causal
+    return layer.layer.attend(query, scale=scaling).transpose(1, 2), None
+
+
+AttentionInterface.register(ATTENTION, qkv_attention)
+AttentionMaskInterface.register(ATTENTION, sdpa_mask)
 
 
 def encoder_decoder_cache(policy: Policy | str | KVCache, **options) -> EncoderDecoderCache:

@@ -5,8 +5,9 @@ One launch (attention_kernel.py) runs a FlashAttention-style loop for a block of
 full-precision segments (sink, tail, current chunk). A span's key and value tiles are decoded in
 registers (codes unpacked, scaled, every stage's centroid row added, full-precision tokens
 selected) right before the products; no decompressed K or V is written to global memory. Spans
-are passed as a table of addresses and sizes (one row per span, ``SPAN_FIELDS``), so the number
-of spans is a runtime value and one compiled kernel serves every history length.
+are passed as a table of addresses and sizes (one row per span, records.py's ``SPAN_FIELDS``;
+each span's record is built once and kept in its :class:`SpanPlan`), so the number of spans is a
+runtime value and one compiled kernel serves every history length.
 
 Layouts read directly: per-token or per-channel blocks, 1-8 bit codes in either packing, any scale
 format, up to ``LAUNCH_STAGES`` additive smoothing stages, float-cast spans, and Hadamard-rotated
@@ -19,30 +20,25 @@ log-sum-exp (:func:`attention_triton`).
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 import triton
 import triton.language as tl
-from einops import rearrange
 from triton.runtime.errors import OutOfResources
 
 from qkv import kernels
 from qkv.errors import ShapeError
-from qkv.kernels.attention import CompressedSpan, DenseKV, check_attention, default_scale
+from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, _kv_meta, check_attention, default_scale
 from qkv.kernels.triton.attention_kernel import attention_kernel
-from qkv.kernels.triton.bits import LAUNCH_STAGES
-from qkv.format import Undo
-
-
-# one row of the span table: the span's size, then these fields for its keys, then for its values
-TENSOR_FIELDS = (
-    "codes", "scales", "zeros", "mult", "fp", "quantized", "words", "groups", "fp_len",
-    "c0", "c1", "c2", "c3", "c_stride0", "c_stride1", "c_stride2", "c_stride3",
-    "a0", "a1", "a2", "a3", "a_stride0", "a_stride1", "a_stride2", "a_stride3",
+from qkv.kernels.triton.records import (
+    DENSE_FIELDS,
+    SPAN_FIELDS,
+    TL_DTYPES,
+    SpanRecord,
+    TensorLayout,
+    _aligned,
+    span_record,
 )
-SPAN_FIELDS = ("tokens", "skip", *(f"k.{f}" for f in TENSOR_FIELDS), *(f"v.{f}" for f in TENSOR_FIELDS))
-DENSE_FIELDS = ("k", "v", "tokens", "k_stride_b", "k_stride_h", "k_stride_s", "v_stride_b", "v_stride_h", "v_stride_s")
+
 LOG2E = 1.4426950408889634
 
 # Tile sizes: (BLOCK_M queries, BLOCK_N keys, warps, software-pipelining stages of the span loop
@@ -53,144 +49,22 @@ LOG2E = 1.4426950408889634
 GPU_TILES = ((256, 64, 8, 3, 3), (256, 64, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 8, 2, 2))
 INTERPRETER_TILES = ((16, 16, 4, 1, 1),)
 
-TL_DTYPES = {
-    torch.uint8: tl.uint8, torch.int8: tl.int8, torch.int16: tl.int16, torch.int32: tl.int32,
-    torch.int64: tl.int64, torch.float32: tl.float32, torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16, torch.float8_e4m3fn: tl.float8e4nv,
-}
-
 
 # -- host side ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorLayout:
-    """The compile-time description of one compressed tensor (the kernel's K_* / V_* constants)."""
-
-    CAST: bool = True
-    BITS: int = 2
-    QBLOCK: int = 16
-    OFFSET: float = 0.0
-    HAS_ZERO: bool = False
-    HAS_MULT: bool = False
-    TOKEN_AXIS: bool = True
-    FAST: bool = False
-    WORD: int = 8
-    MSB: bool = True
-    STAGES: int = 0
-    ROT: bool = False
-    CODE_T: torch.dtype = torch.bfloat16
-    SCALE_T: torch.dtype = torch.float32
-    CENT_T: torch.dtype = torch.bfloat16
-    A_T: tuple[torch.dtype, ...] = (torch.uint8,) * LAUNCH_STAGES
-    VEC: bool = False
-    WORDS_MULT: int = 1
-    HAS_FP: bool = False
-
-    def constexprs(self, prefix: str) -> dict:
-        skip = ("A_T", "ROT")  # the host undoes rotations (attention_triton)
-        out = {f"{prefix}_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        for key in ("CODE_T", "SCALE_T", "CENT_T"):
-            out[f"{prefix}_{key}"] = TL_DTYPES[out[f"{prefix}_{key}"]]
-        out.update({f"{prefix}_A{i}_T": TL_DTYPES[t] for i, t in enumerate(self.A_T)})
-        return out
-
-
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    return rearrange(t, "b h ... -> (b h) ...")
-
-
-def tensor_support(name: str, ct, q: torch.Tensor) -> str | None:
-    """Why the kernel cannot decode this compressed tensor (None if it can)."""
-    if ct.dtype != q.dtype:
-        return f"{name} was compressed from {ct.dtype}, the queries are {q.dtype}"
-    if ct.format.undo is Undo.ADD and len(ct.stages) > LAUNCH_STAGES:
-        return f"{name}: {len(ct.stages)} smoothing stages (the kernel adds at most {LAUNCH_STAGES})"
-    if ct.format.undo is Undo.ROTATE and len(ct.stages) != 1:
-        return f"{name}: {len(ct.stages)} Hadamard stages (the kernel undoes one)"
-    return None
 
 
 def span_support(span: CompressedSpan, q: torch.Tensor) -> str | None:
     """Why the kernel cannot read ``span`` directly (None if it can); such a span is decompressed
     on its own and attended to by a separate launch."""
-    for name, ct in (("k", span.ckv.k), ("v", span.ckv.v)):
-        reason = tensor_support(name, ct, q)
-        if reason is not None:
-            return reason
-    return None
+    rec = span_record_of(span)
+    if rec.unsupported:
+        return rec.unsupported
+    return None if rec.dtype == q.dtype else f"the span was compressed from {rec.dtype}, the queries are {q.dtype}"
 
 
-def _aligned(*byte_values: int) -> bool:
-    """Whether every address / byte stride is a multiple of 16 (0: absent or a broadcast)."""
-    return all(v % 16 == 0 for v in byte_values)
-
-
-def _tensor_record(ct, keep: list) -> tuple[list[int], TensorLayout]:
-    """(fields in TENSOR_FIELDS order, layout) of one compressed tensor; ``keep`` holds every tensor
-    whose address is recorded until the launch is queued."""
-
-    def addr(t: torch.Tensor | None) -> int:
-        if t is None:
-            return 0
-        t = t.contiguous()
-        keep.append(t)
-        return t.data_ptr()
-
-    b, h, s, d = ct.shape
-    fmt = ct.format
-    quant = fmt.codes
-    s_q = ct.quantized_tokens
-    fp = addr(ct.fp_tokens)
-    if fmt.cast is not None:
-        fields = [addr(ct.codes), 0, 0, 0, fp, s_q, d, 0, s - s_q] + [0] * 16
-        size = fmt.cast_dtype.itemsize
-        vec = _aligned(fields[0], fp, d * size)
-        return fields, TensorLayout(
-            CAST=True, CODE_T=fmt.cast_dtype, VEC=vec, WORDS_MULT=16 // size, HAS_FP=s_q < s
-        )
-    packer = quant.pack
-    per = packer.word_bits // quant.bits
-    # whole codes per word, and per-token blocks that tile the row in powers of two, or per-channel
-    # rows read a word at a time (every key tile, a power of two, then holds whole words)
-    min_tile = min(t[1] for t in GPU_TILES + INTERPRETER_TILES)
-    fast = packer.word_bits % quant.bits == 0 and (
-        (quant.axis == "token" and d % per == 0 and d % quant.block == 0 and quant.block & (quant.block - 1) == 0)
-        or (quant.axis == "channel" and per & (per - 1) == 0 and per <= min_tile)
-    )
-    cents, assigns = [], []
-    if fmt.undo is Undo.ADD and s_q:
-        for i, stage in enumerate(ct.stages):
-            cents.append(_flat(stage.centroids).contiguous())
-            a = ct.stage_assignments(i)
-            assigns.append(a if a.stride(1) == 1 else a.contiguous())
-    keep.extend(cents + assigns)
-    pad = [0] * (LAUNCH_STAGES - len(cents))
-    fields = [
-        addr(ct.codes), addr(ct.scales), addr(ct.zeros), addr(ct.scale_mult), fp, s_q,
-        ct.codes.shape[-1] if s_q else 0, ct.scales.shape[-1] if s_q else 0, s - s_q,
-        *(c.data_ptr() for c in cents), *pad, *(c.shape[1] * d for c in cents), *pad,
-        *(a.data_ptr() for a in assigns), *pad, *(a.stride(0) for a in assigns), *pad,
-    ]
-    words = fields[6] * packer.container.itemsize
-    vec = _aligned(fields[0], fp, words, *fields[9:13], *(c.stride(0) * c.itemsize for c in cents),
-                   *fields[17:21], *(a.stride(0) * a.itemsize for a in assigns))
-    layout = TensorLayout(
-        VEC=vec, WORDS_MULT=16 // packer.container.itemsize, HAS_FP=s_q < s, CAST=False, BITS=quant.bits,
-        QBLOCK=quant.block, OFFSET=quant.offset, HAS_ZERO=quant.has_zero,
-        HAS_MULT=ct.scale_mult is not None, TOKEN_AXIS=quant.axis == "token", FAST=fast,
-        WORD=packer.word_bits, MSB=packer.msb_first, STAGES=len(cents),
-        ROT=fmt.undo is Undo.ROTATE, CODE_T=packer.container, SCALE_T=quant.scale_dtype,
-        CENT_T=cents[0].dtype if cents else torch.bfloat16,
-        A_T=tuple(a.dtype for a in assigns) + (torch.uint8,) * len(pad),
-    )
-    return fields, layout
-
-
-def _span_record(span: CompressedSpan, keep: list) -> tuple[list[int], tuple[TensorLayout, TensorLayout]]:
-    k_fields, k_layout = _tensor_record(span.ckv.k, keep)
-    v_fields, v_layout = _tensor_record(span.ckv.v, keep)
-    return [span.ckv.k.shape[2], span.skip, *k_fields, *v_fields], (k_layout, v_layout)
+def span_record_of(span: CompressedSpan) -> SpanRecord:
+    """The kernels' record of a span, from its data and formats (see records.py)."""
+    return span_record(span.ckv)
 
 
 def _dense_record(seg: DenseKV, keep: list) -> list[int]:
@@ -282,18 +156,21 @@ def attention_triton(q: torch.Tensor, segments, scale: float | None = None) -> t
     """
     check_attention(q, segments)
     scale = default_scale(q, scale)
-    h_kv = segments[0].k.shape[1] if isinstance(segments[0], DenseKV) else segments[0].ckv.k.shape[1]
+    segments = [seg for seg in segments if not isinstance(seg, SpanPlan) or seg.spans]
+    h_kv = _kv_meta(segments[0])[0][1]
     keep: list = []  # every tensor whose address is in a table, alive until the launches are queued
     dense = [_dense_record(s, keep) for s in segments if isinstance(s, DenseKV) and s.tokens]
     groups: dict[tuple[TensorLayout, TensorLayout], list[list[int]]] = {}
     fallback = []
-    for sp in segments:
-        if isinstance(sp, CompressedSpan):
-            if span_support(sp, q) is None:
-                row, layouts = _span_record(sp, keep)
-                groups.setdefault(layouts, []).append(row)
-            else:
+    for seg in segments:
+        plan = seg if isinstance(seg, SpanPlan) else SpanPlan([seg]) if isinstance(seg, CompressedSpan) else None
+        for sp in plan.spans if plan is not None else ():
+            rec = plan.record(sp, span_record_of)
+            if rec.unsupported or rec.dtype != q.dtype:
                 fallback.append(sp)
+                continue
+            keep.append(rec)
+            groups.setdefault(rec.layouts, []).append([rec.tokens, sp.skip, *rec.fields])
     rotated = [(layouts, rows) for layouts, rows in groups.items() if layouts[0].ROT or layouts[1].ROT]
     plain = [(layouts, rows) for layouts, rows in groups.items() if not (layouts[0].ROT or layouts[1].ROT)]
     parts = [(layouts, rows, dense if i == 0 else []) for i, (layouts, rows) in enumerate(plain)]

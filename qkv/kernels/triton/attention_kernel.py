@@ -4,13 +4,43 @@
 (online softmax in the log2 domain, fp32 accumulators, tensor-core products in the queries' dtype)
 over every compressed span of a table (decoding each key and value tile in registers right before
 its product) and then over every full-precision segment of a second table. Field offsets in the
-tables follow ``TENSOR_FIELDS`` / ``SPAN_FIELDS`` / ``DENSE_FIELDS`` of attention.py.
+tables are read by name: the ``F_*`` / ``S_*`` / ``DN_*`` constants below are built from the field tables of
+records.py (``TENSOR_FIELDS`` / ``SPAN_FIELDS`` / ``DENSE_FIELDS``), which the host fills.
 """
 
 import triton
 import triton.language as tl
 
 from qkv.kernels.triton.bits import round_to_bf16, unpack_code
+from qkv.kernels.triton.records import DENSE_FIELDS, SPAN_FIELDS, TENSOR_FIELDS, offsets
+
+_T = offsets(TENSOR_FIELDS)
+_S = offsets(SPAN_FIELDS)
+_DN = offsets(DENSE_FIELDS)
+F_CODES = tl.constexpr(_T["codes"])
+F_SCALES = tl.constexpr(_T["scales"])
+F_ZEROS = tl.constexpr(_T["zeros"])
+F_MULT = tl.constexpr(_T["mult"])
+F_FP = tl.constexpr(_T["fp"])
+F_QUANTIZED = tl.constexpr(_T["quantized"])
+F_WORDS = tl.constexpr(_T["words"])
+F_GROUPS = tl.constexpr(_T["groups"])
+F_FP_LEN = tl.constexpr(_T["fp_len"])
+F_C = tl.constexpr(_T["c0"])  # stage i's centroid rows at F_C + i, their stride at F_C_STRIDE + i
+F_C_STRIDE = tl.constexpr(_T["c_stride0"])
+F_A = tl.constexpr(_T["a0"])
+F_A_STRIDE = tl.constexpr(_T["a_stride0"])
+S_LEN = tl.constexpr(len(SPAN_FIELDS))
+S_TOKENS = tl.constexpr(_S["tokens"])
+S_SKIP = tl.constexpr(_S["skip"])
+S_K = tl.constexpr(_S["k.codes"])  # the key record starts here
+S_V = tl.constexpr(_S["v.codes"])
+DN_LEN = tl.constexpr(len(DENSE_FIELDS))
+DN_K = tl.constexpr(_DN["k"])
+DN_V = tl.constexpr(_DN["v"])
+DN_TOKENS = tl.constexpr(_DN["tokens"])
+DN_K_STRIDE = tl.constexpr(_DN["k_stride_b"])  # b, h, s strides follow
+DN_V_STRIDE = tl.constexpr(_DN["v_stride_b"])
 
 
 @triton.jit
@@ -61,29 +91,29 @@ def _tensor_fields(rec, n, D: tl.constexpr, TOKEN_AXIS: tl.constexpr, HAS_MULT: 
     """Base pointers for (batch, head) row ``n`` and sizes of one compressed tensor, read from its
     record in the span table (field order: TENSOR_FIELDS). VEC: the host checked that every base
     address and row stride is a multiple of 16 bytes, so the hints let tiles load as vectors."""
-    quantized = tl.load(rec + 5).to(tl.int32)
-    words = tl.load(rec + 6).to(tl.int32)
-    groups = tl.load(rec + 7).to(tl.int32)
-    fp_len = tl.load(rec + 8)
+    quantized = tl.load(rec + F_QUANTIZED).to(tl.int32)
+    words = tl.load(rec + F_WORDS).to(tl.int32)
+    groups = tl.load(rec + F_GROUPS).to(tl.int32)
+    fp_len = tl.load(rec + F_FP_LEN)
     if TOKEN_AXIS:
         rows = n * quantized
     else:
         rows = n * D
-    codes = tl.load(rec + 0).to(tl.pointer_type(CODE_T)) + rows * words
-    scales = tl.load(rec + 1).to(tl.pointer_type(SCALE_T)) + rows * groups
-    zeros = tl.load(rec + 2).to(tl.pointer_type(SCALE_T)) + rows * groups
+    codes = tl.load(rec + F_CODES).to(tl.pointer_type(CODE_T)) + rows * words
+    scales = tl.load(rec + F_SCALES).to(tl.pointer_type(SCALE_T)) + rows * groups
+    zeros = tl.load(rec + F_ZEROS).to(tl.pointer_type(SCALE_T)) + rows * groups
     m = 1.0
     if HAS_MULT:
-        m = tl.load(tl.load(rec + 3).to(tl.pointer_type(tl.float32)) + n)
-    fp = tl.load(rec + 4).to(tl.pointer_type(FP_T)) + n * fp_len * D
-    c0 = tl.load(rec + 9).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + 13)
-    c1 = tl.load(rec + 10).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + 14)
-    c2 = tl.load(rec + 11).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + 15)
-    c3 = tl.load(rec + 12).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + 16)
-    a0 = tl.load(rec + 17).to(tl.pointer_type(A0_T)) + n * tl.load(rec + 21)
-    a1 = tl.load(rec + 18).to(tl.pointer_type(A1_T)) + n * tl.load(rec + 22)
-    a2 = tl.load(rec + 19).to(tl.pointer_type(A2_T)) + n * tl.load(rec + 23)
-    a3 = tl.load(rec + 20).to(tl.pointer_type(A3_T)) + n * tl.load(rec + 24)
+        m = tl.load(tl.load(rec + F_MULT).to(tl.pointer_type(tl.float32)) + n)
+    fp = tl.load(rec + F_FP).to(tl.pointer_type(FP_T)) + n * fp_len * D
+    c0 = tl.load(rec + F_C).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + F_C_STRIDE)
+    c1 = tl.load(rec + F_C + 1).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + F_C_STRIDE + 1)
+    c2 = tl.load(rec + F_C + 2).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + F_C_STRIDE + 2)
+    c3 = tl.load(rec + F_C + 3).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + F_C_STRIDE + 3)
+    a0 = tl.load(rec + F_A).to(tl.pointer_type(A0_T)) + n * tl.load(rec + F_A_STRIDE)
+    a1 = tl.load(rec + F_A + 1).to(tl.pointer_type(A1_T)) + n * tl.load(rec + F_A_STRIDE + 1)
+    a2 = tl.load(rec + F_A + 2).to(tl.pointer_type(A2_T)) + n * tl.load(rec + F_A_STRIDE + 2)
+    a3 = tl.load(rec + F_A + 3).to(tl.pointer_type(A3_T)) + n * tl.load(rec + F_A_STRIDE + 3)
     if VEC:
         words = tl.multiple_of(words, WORDS_MULT)
         codes = tl.multiple_of(codes, 16)
@@ -296,14 +326,14 @@ def attention_kernel(
     acc = tl.zeros((BLOCK_M, D), tl.float32)
     if HAS_SPANS:
         for i in range(n_spans):
-            rec = span_ptr + i * 52  # len(SPAN_FIELDS)
-            S = tl.load(rec).to(tl.int32)
-            skip = tl.load(rec + 1).to(tl.int32)
+            rec = span_ptr + i * S_LEN
+            S = tl.load(rec + S_TOKENS).to(tl.int32)
+            skip = tl.load(rec + S_SKIP).to(tl.int32)
             kt = _tensor_fields(
-                rec + 2, n, D, K_TOKEN_AXIS, K_HAS_MULT, K_CODE_T, K_SCALE_T, KV_T, K_CENT_T,
+                rec + S_K, n, D, K_TOKEN_AXIS, K_HAS_MULT, K_CODE_T, K_SCALE_T, KV_T, K_CENT_T,
                 K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT)
             vt = _tensor_fields(
-                rec + 27, n, D, V_TOKEN_AXIS, V_HAS_MULT, V_CODE_T, V_SCALE_T, KV_T, V_CENT_T,
+                rec + S_V, n, D, V_TOKEN_AXIS, V_HAS_MULT, V_CODE_T, V_SCALE_T, KV_T, V_CENT_T,
                 V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT)
             # aligned tiles (vector loads); the tiles that may reach full-precision tokens last, in
             # a loop of their own (a branch in the main loop would serialize the products)
@@ -327,15 +357,15 @@ def attention_kernel(
                     V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO, V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES,
                     V_HAS_FP)
     for i in range(n_dense):
-        rec = dense_ptr + i * 9  # len(DENSE_FIELDS)
-        S = tl.load(rec + 2).to(tl.int32)
-        k_base = tl.load(rec).to(tl.pointer_type(KV_T)) + b * tl.load(rec + 3) + hkv * tl.load(rec + 4)
-        v_base = tl.load(rec + 1).to(tl.pointer_type(KV_T)) + b * tl.load(rec + 6) + hkv * tl.load(rec + 7)
+        rec = dense_ptr + i * DN_LEN
+        S = tl.load(rec + DN_TOKENS).to(tl.int32)
+        k_base = tl.load(rec + DN_K).to(tl.pointer_type(KV_T)) + b * tl.load(rec + DN_K_STRIDE) + hkv * tl.load(rec + DN_K_STRIDE + 1)
+        v_base = tl.load(rec + DN_V).to(tl.pointer_type(KV_T)) + b * tl.load(rec + DN_V_STRIDE) + hkv * tl.load(rec + DN_V_STRIDE + 1)
         # the host made every address and stride a multiple of 16 bytes (see _dense_record)
         k_base = tl.multiple_of(k_base, 16)
         v_base = tl.multiple_of(v_base, 16)
-        k_ss = tl.multiple_of(tl.load(rec + 5).to(tl.int32), DENSE_MULT)
-        v_ss = tl.multiple_of(tl.load(rec + 8).to(tl.int32), DENSE_MULT)
+        k_ss = tl.multiple_of(tl.load(rec + DN_K_STRIDE + 2).to(tl.int32), DENSE_MULT)
+        v_ss = tl.multiple_of(tl.load(rec + DN_V_STRIDE + 2).to(tl.int32), DENSE_MULT)
         for t0 in tl.range(0, S, BLOCK_N, num_stages=DENSE_STAGES):
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = tok < S

@@ -1,0 +1,241 @@
+"""LLM decoding over the compressed cache vs a bf16 cache, at Llama-3-8B attention shapes, on one GPU.
+
+One attention layer: 32 query heads, 8 KV heads, head dim 128; the history is built by appending
+spans of 4,096 tokens (each compressed once) plus a 1,000-token full-precision tail; cases: batch
+1 at 32k and 128k history, batch 8 at 32k; 1 and 16 queries per head. For each policy (qvg, kivi,
+rtn, quarot, and bf16 spans read through the same kernel) it measures ``KVCache.attend`` with the
+default (``attention="auto"``: the decode kernel for these query counts) against
+``scaled_dot_product_attention(enable_gqa=True)`` over the same tokens held as one bf16 tensor:
+
+- ``ms``: median time of a call issued from Python (CUDA events around 50 back-to-back calls);
+- ``graph_ms``: the same call replayed from a CUDA graph (no host work: the GPU's own time, as a
+  decoder captured in a graph sees it), for both;
+- ``peak_extra``: ``max_memory_allocated`` during the call minus what was allocated before it,
+  next to the compressed cache's bytes (the spans; the tail is full precision in both);
+- floors: bytes read (compressed spans + tail + queries) over the measured copy bandwidth, and
+  the FLOPs (4 B H S_q S D) over the dense bf16 matmul rate.
+
+qvg at batch 1, 32k is also timed with ``attention="fused"`` and ``"staged"`` (the paths a call took
+before the decode kernel).
+
+``generate``: a Llama-3-8B-shaped model (random bf16 weights, ``--generate-layers`` of its 32 layers),
+a 32k-token prompt and 256 greedy new tokens: tokens/s of the new tokens (prompt excluded: the
+time of generating 1 token is subtracted), peak GPU memory and the K/V bytes, with
+``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``) and
+transformers' ``DynamicCache``.
+
+    PYTHONPATH=. python3 benchmarks/bench_decode.py --out benchmarks/results/bench_decode_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import qkv
+
+HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+SPAN = 4096
+TAIL = 1000
+CASES = ((1, 32 * 1024), (1, 128 * 1024), (8, 32 * 1024))
+QUERIES = (1, 16)
+POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")
+DEVICE = "cuda"
+
+
+def timed(fn, reps: int = 50, rounds: int = 5) -> float:
+    """Median over ``rounds`` of the mean milliseconds of ``reps`` back-to-back calls."""
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(reps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def graph_timed(fn) -> float:
+    """``timed`` of ``fn`` replayed from a CUDA graph (captured after a warm-up on a side stream)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timed(graph.replay)
+
+
+def peak_extra(fn) -> int:
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    return peak
+
+
+def copy_bandwidth() -> float:
+    src = torch.empty(512 * 2**20, device=DEVICE, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    return 2 * src.numel() * 2 / (timed(lambda: dst.copy_(src), reps=5) * 1e-3)
+
+
+def matmul_rate() -> float:
+    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
+    return 2 * 8192**3 / (timed(lambda: a @ a, reps=5) * 1e-3)
+
+
+def history(batch: int, tokens: int, seed: int = 0):
+    """bf16 keys and values [B, 8, tokens + TAIL, 128] (keys with a per-channel offset, as RoPE'd
+    keys have outlier channels)."""
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    shape = (batch, KV_HEADS, tokens + TAIL, HEAD_DIM)
+    offset = torch.randn(1, KV_HEADS, 1, HEAD_DIM, generator=g, device=DEVICE) * 2
+    k = (torch.randn(shape, generator=g, device=DEVICE) + offset).bfloat16()
+    v = torch.randn(shape, generator=g, device=DEVICE).bfloat16()
+    return k, v
+
+
+def build(policy: str, k: torch.Tensor, v: torch.Tensor) -> qkv.KVCache:
+    cache = qkv.KVCache(qkv.build_policy(policy, clusters=256) if policy == "qvg" else policy,
+                        span_tokens=SPAN, num_layers=1)
+    for start in range(0, k.shape[2], SPAN):
+        cache.append(0, k[:, :, start : start + SPAN], v[:, :, start : start + SPAN])
+    return cache
+
+
+def rows(bandwidth: float, rate: float) -> list[dict]:
+    out = []
+    for batch, tokens in CASES:
+        k, v = history(batch, tokens)
+        for sq in QUERIES:
+            q = (torch.randn(batch, HEADS, sq, HEAD_DIM, device=DEVICE) * 0.5).bfloat16()
+
+            def bf16():
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+            base = {"ms": timed(bf16), "graph_ms": graph_timed(bf16), "peak_extra": peak_extra(bf16),
+                    "cache_bytes": 2 * k.numel() * k.element_size()}
+            flops = 4.0 * batch * HEADS * sq * k.shape[2] * HEAD_DIM
+            row = {"batch": batch, "history": tokens + TAIL, "queries": sq, "bf16_sdpa": base,
+                   "bf16_floor_ms": (base["cache_bytes"] / bandwidth) * 1e3, "compute_floor_ms": flops / rate * 1e3}
+            print(json.dumps({"batch": batch, "history": tokens, "queries": sq, "bf16": base}), flush=True)
+            for policy in POLICIES:
+                cache = build(policy, k, v)
+                layer = cache.layer(0)
+                mem = layer.memory()
+
+                def attend():
+                    return cache.attend(0, q)
+
+                ref = bf16().float()
+                out = attend()
+                res = {"ms": timed(attend), "graph_ms": graph_timed(attend), "peak_extra": peak_extra(attend),
+                       "compressed_bytes": mem.compressed, "tail_bytes": mem.tail,
+                       "method": qkv.kernels.choose_method(q).value,
+                       "max_abs_diff_vs_bf16": (out.float() - ref).abs().max().item()}
+                read = mem.compressed + mem.tail + 2 * q.numel() * q.element_size()
+                res["bytes_floor_ms"] = read / bandwidth * 1e3
+                res["ratio"] = res["ms"] / base["ms"]
+                res["graph_ratio"] = res["graph_ms"] / base["graph_ms"]
+                res["peak_extra_over_compressed"] = res["peak_extra"] / mem.compressed
+                if policy == "qvg" and batch == 1 and tokens == 32 * 1024:
+                    for mode in ("fused", "staged"):
+                        layer.config = dataclasses.replace(cache.config, attention=mode)
+                        res[f"{mode}_ms"] = timed(attend, reps=5)
+                        res[f"{mode}_peak_extra"] = peak_extra(attend)
+                    layer.config = cache.config
+                row[policy] = res
+                print(json.dumps({policy: res}), flush=True)
+                del cache, layer
+            out.append(row)
+        del k, v
+        torch.cuda.empty_cache()
+    return out
+
+
+def generate_rows(layers: int) -> list[dict]:
+    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+    from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=HEADS,
+                         num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=40000)
+    with torch.device(DEVICE):
+        model = LlamaForCausalLM._from_config(config, torch_dtype=torch.bfloat16).eval()
+    prompt = torch.randint(0, config.vocab_size, (1, 32 * 1024), device=DEVICE)
+    caches = {
+        "dynamic": ("sdpa", lambda: DynamicCache()),
+        "kivi": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True)),
+        "qvg": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN, direct=True)),
+    }
+    rows = []
+    for name, (attention, make) in caches.items():
+        model.set_attn_implementation(attention)
+
+        def run(new):
+            cache = make()
+            torch.cuda.synchronize()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            with torch.no_grad():
+                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end), cache
+
+        run(2)  # warm-up (kernels compiled, cuDNN plans)
+        first, _ = run(1)
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        total, cache = run(256)
+        peak = torch.cuda.max_memory_allocated() - before
+        if name == "dynamic":
+            kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        else:
+            kv = cache.memory().total
+        rows.append({"cache": name, "tokens_per_s": 255 / ((total - first) * 1e-3), "total_ms": total,
+                     "prompt_ms": first, "peak_extra_bytes": peak, "kv_bytes": kv})
+        print(json.dumps(rows[-1]), flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--generate-layers", type=int, default=8)
+    parser.add_argument("--skip-generate", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version()}
+    bandwidth, rate = copy_bandwidth(), matmul_rate()
+    env.update({"copy_bandwidth_bytes_per_s": bandwidth, "bf16_matmul_flops_per_s": rate})
+    print(json.dumps(env), flush=True)
+    result = {"env": env, "shapes": {"heads": HEADS, "kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "span": SPAN,
+                                     "tail": TAIL}, "decode": rows(bandwidth, rate)}
+    if not args.skip_generate:
+        result["generate"] = {"layers": args.generate_layers, "rows": generate_rows(args.generate_layers)}
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

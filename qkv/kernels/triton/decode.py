@@ -1,0 +1,195 @@
+"""Attention for few queries over compressed spans (flash-decoding), twin of
+:func:`qkv.kernels.attention.attention_decode_torch`.
+
+Token-by-token decoding reads the whole history for one query per head: the work is the bytes of
+the cache, so the compressed spans should be read once, by many programs at a time. The keys are
+cut into pieces (work items of the span table, built once per set of spans: records.py) and every
+program attends to a run of pieces for all the query heads that share one KV head (GQA: a key
+tile is decoded once for all of them), writing a partial output and log-sum-exp; one merge
+launch combines them exactly. Every layout the prefill kernel reads is read here: per-token and
+per-channel codes, 1-8 bits, both packings, up to four additive stages, float-cast spans,
+full-precision tokens, and Hadamard-rotated spans (the queries are rotated once on the host and
+each program's output rotated back once). The full-precision segments (sink, tail, current chunk)
+are split into pieces the same way, by address: the per-call path copies nothing to the device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+from triton.runtime.errors import OutOfResources
+
+from qkv import kernels
+from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, check_attention, default_scale
+from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_of
+from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
+from qkv.kernels.triton.records import TL_DTYPES, TensorLayout, span_table
+
+# (BLOCK_N keys per tile, keys per work item, most query rows per program, warps), and the
+# software-pipelining depths to try in order: a layout whose kernel needs more shared memory than
+# the GPU has takes the next (compiled for sm_90: qvg 59 KB at depth 2, qvg-pro's four centroid
+# stages 158 KB at depth 2 and 293 KB at 3, every layout 22-49 KB at 1)
+GPU_TILE = (64, 256, 64, 4)
+GPU_PIPELINE = (2, 1)
+INTERPRETER_TILE = (16, 32, 16, 4)
+# The partial outputs of all programs take at most this share of the bytes they read (the
+# compressed spans and the full-precision keys), so decoding needs almost no memory beyond the
+# cache; within that, enough programs for a few waves on the GPU.
+PARTIAL_SHARE = 0.05
+WAVES = 4
+MERGE_ROWS = 16
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def plan_table(plan: SpanPlan, device: torch.device, piece: int):
+    """The plan's span table on ``device`` for work items of ``piece`` keys (built on first use,
+    then reused); None when a span cannot be read directly (see :func:`plan_support`)."""
+
+    def build():
+        records = [(plan.record(sp, span_record_of), sp.skip) for sp in plan.spans]
+        if any(rec.unsupported for rec, _ in records):
+            return None
+        return span_table(records, device, piece)
+
+    return plan.table(("decode", device, piece), build)
+
+
+def plan_support(plan: SpanPlan, q: torch.Tensor) -> str | None:
+    """Why the decode kernel cannot read every span of ``plan`` for queries ``q`` (None if it can;
+    worked out once per plan and query dtype)."""
+
+    def check():
+        for sp in plan.spans:
+            rec = plan.record(sp, span_record_of)
+            if rec.unsupported:
+                return rec.unsupported
+            if rec.dtype != q.dtype:
+                return f"a span was compressed from {rec.dtype}, the queries are {q.dtype}"
+        return None
+
+    return plan.table(("decode support", q.dtype), check)
+
+
+def _split(segments) -> tuple[list[SpanPlan], list[DenseKV]]:
+    plans, loose, dense = [], [], []
+    for seg in segments:
+        if isinstance(seg, SpanPlan):
+            plans.append(seg)
+        elif isinstance(seg, CompressedSpan):
+            loose.append(seg)
+        elif seg.tokens:
+            dense.append(seg)
+    if loose:
+        plans.append(SpanPlan(loose))
+    return plans, dense
+
+
+def decode_supports(q, segments, scale=None) -> str | None:
+    """Why the decode kernel cannot run this call (None if it can)."""
+    reason = attention_supports(q, [s for s in segments if isinstance(s, DenseKV)])
+    if reason is not None:
+        return reason
+    plans, _ = _split(segments)
+    if len(plans) > 1:
+        return "the spans are in more than one plan"
+    return plan_support(plans[0], q) if plans else None
+
+
+def _dense_args(dense: list[DenseKV], q: torch.Tensor) -> list:
+    """Kernel arguments of two full-precision segments (more are joined into two; an absent one
+    is ``q`` with no tokens)."""
+    if len(dense) > 2:
+        first = DenseKV(torch.cat([s.k for s in dense[:-1]], 2), torch.cat([s.v for s in dense[:-1]], 2))
+        dense = [first, dense[-1]]
+    args = []
+    for i in range(2):
+        k, v = (dense[i].k, dense[i].v) if i < len(dense) else (q, q)
+        k = k if k.stride(-1) == 1 else k.contiguous()
+        v = v if v.stride(-1) == 1 else v.contiguous()
+        args.append((k, v, k.shape[2] if i < len(dense) else 0, *k.stride()[:3], *v.stride()[:3]))
+    return [x for a in args for x in a]
+
+
+def _launch_decode(grid, pipelines, *args, **kwargs) -> None:
+    """``decode_kernel`` at the first pipelining depth whose shared memory fits the GPU."""
+    for i, stages in enumerate(pipelines):
+        try:
+            decode_kernel[grid](*args, **kwargs, num_stages=stages)
+            return
+        except OutOfResources:  # raised before the launch: nothing ran
+            if i == len(pipelines) - 1:
+                raise
+
+
+def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torch.Tensor:
+    """Triton twin of :func:`qkv.kernels.attention.attention_decode_torch`: [B, H, Sq, D] in q's
+    dtype. ``segments``: DenseKV, CompressedSpan and at most one SpanPlan (whose span table is
+    built once and reused by every call)."""
+    check_attention(q, segments)
+    scale = default_scale(q, scale)
+    plans, dense = _split(segments)
+    b, h, sq, d = q.shape
+    h_kv = (dense[0].k if dense else plans[0].spans[0].ckv.k).shape[1]
+    device = q.device
+    emulate = device.type != "cuda"
+    block_n, piece, max_rows, warps = INTERPRETER_TILE if emulate else GPU_TILE
+    table = plan_table(plans[0], device, piece) if plans else None
+    groups = table.groups if table is not None else ()
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    group = h // h_kv
+    rows = group * sq
+    block_m = min(max(16, triton.next_power_of_2(rows)), max_rows)
+    row_blocks = triton.cdiv(rows, block_m)
+    dense_args = _dense_args(dense, q)
+    dense_tokens = dense_args[2] + dense_args[11]
+    span_tokens = sum(g.n_items for g in groups) * piece
+    # programs per (batch, KV head, row block): a few waves, partials within their byte budget
+    rows_total = b * h * sq
+    read = (table.nbytes if table is not None else 0) + 2 * dense_tokens * b * h_kv * d * q.itemsize
+    budget = max(1, int(PARTIAL_SHARE * read) // (rows_total * (d + 1) * 4))
+    wave = WAVES * (4 if emulate else _multiprocessors(device.index or 0))
+    parts = max(1, min(budget, triton.cdiv(wave, b * h_kv * row_blocks)))
+    per_prog = max(1, triton.cdiv(triton.cdiv(span_tokens + dense_tokens, parts), piece))
+    dense_piece = per_prog * piece
+    span_progs = [triton.cdiv(g.n_items, per_prog) for g in groups]
+    dense_progs = triton.cdiv(dense_tokens, dense_piece)
+    n_parts = sum(span_progs) + dense_progs
+    po = torch.empty(n_parts, rows_total, d, dtype=torch.float32, device=device)
+    pl = torch.empty(n_parts, rows_total, dtype=torch.float32, device=device)
+    qh, ql = q, q
+    if any(g.layouts[0].ROT for g in groups):  # H q in two parts, so that the scores are as exact as q . k
+        rotated = kernels.hadamard(q.float())
+        qh = rotated.to(q.dtype)
+        ql = (rotated - qh.float()).to(q.dtype)
+    launches = [(g, n) for g, n in zip(groups, span_progs)] or [(None, 0)]
+    base = 0
+    for i, (g, n_span) in enumerate(launches):
+        n_dense = dense_progs if i == 0 else 0
+        if n_span + n_dense == 0:
+            continue
+        k_layout, v_layout = g.layouts if g is not None else (TensorLayout(), TensorLayout())
+        _launch_decode(
+            (n_span + n_dense, b * h_kv, row_blocks), (1,) if emulate else GPU_PIPELINE,
+            q, qh if k_layout.ROT else q, ql, po, pl,
+            g.table if g is not None else po, g.items if g is not None else po,
+            g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
+            *dense_args, h, h_kv, sq, rows_total, *q.stride()[:3], scale * LOG2E,
+            D=d, BLOCK_M=block_m, BLOCK_N=block_n, KV_T=TL_DTYPES[q.dtype],
+            DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, HAS_SPANS=g is not None,
+            HAS_DENSE=n_dense > 0, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=d**-0.5,
+            **k_layout.constexprs("K"), **v_layout.constexprs("V"),
+            num_warps=warps,
+        )
+        base += n_span + n_dense
+    out = torch.empty(b, h, sq, d, dtype=q.dtype, device=device)
+    merge_kernel[(triton.cdiv(rows_total, MERGE_ROWS),)](
+        po, pl, out, out, n_parts, rows_total, h, sq, *out.stride()[:3],
+        D=d, BLOCK_R=MERGE_ROWS, WRITE_LSE=False, EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4,
+    )
+    return out

@@ -1,0 +1,231 @@
+"""The @triton.jit code of attention for few queries over compressed spans (host side: decode.py).
+
+Flash-decoding: the keys are cut into pieces and each program attends to one run of pieces for
+every query of every query head that shares one KV head (rows = query heads x queries), so each
+key and value tile is decoded once per KV head; the program writes its normalized partial output
+and log-sum-exp, and ``merge_kernel`` combines the partials of every row exactly (log-sum-exp
+weights). Programs ``0 .. n_span_progs`` read span pieces (work items of the span table, see
+records.py), the rest read the full-precision keys (up to two segments, by address). Tiles are
+decoded by ``_span_tile``, the function the prefill kernel uses.
+"""
+
+import triton
+import triton.language as tl
+
+from qkv.kernels.triton.attention_kernel import (
+    S_K,
+    S_LEN,
+    S_TOKENS,
+    S_V,
+    _as_dot,
+    _dot,
+    _mma,
+    _scores,
+    _softmax_update,
+    _span_tile,
+    _tensor_fields,
+)
+from qkv.kernels.triton.bits import round_to_bf16, split_bf16
+from qkv.kernels.triton.records import ITEM_FIELDS, offsets
+
+_I = offsets(ITEM_FIELDS)
+I_LEN = tl.constexpr(len(ITEM_FIELDS))
+I_SPAN = tl.constexpr(_I["span"])
+I_LO = tl.constexpr(_I["lo"])
+I_HI = tl.constexpr(_I["hi"])
+
+
+@triton.jit
+def _dense_piece(q, m_i, l_i, acc, k_ptr, v_ptr, k_ss, v_ss, lo, hi, qk_scale,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """The online softmax over full-precision keys lo .. hi of one segment (k_ptr, v_ptr: its row
+    for this (batch, KV head))."""
+    d = tl.arange(0, D)
+    for t0 in range(lo, hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        t_ok = tok < hi
+        k = tl.load(k_ptr + tok[:, None] * k_ss + d[None, :], mask=t_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + tok[:, None] * v_ss + d[None, :], mask=t_ok[:, None], other=0.0)
+        if EMULATE:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = _dot(q, tl.trans(k), EMULATE)
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
+        acc = _mma(_as_dot(p, DOT_BF16, EMULATE), v, acc * alpha[:, None], EMULATE)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constexpr):
+    """x [M, D] fp32 times the normalized Hadamard matrix (x H = H x per row: H is symmetric),
+    as two bf16 products with the +-1 matrix (x split into high and low parts: ~2^-16 relative),
+    times H_NORM = 1 / sqrt(D)."""
+    i = tl.arange(0, D)
+    bits = i[:, None] & i[None, :]
+    parity = bits ^ (bits >> 4)
+    parity = parity ^ (parity >> 2)
+    parity = (parity ^ (parity >> 1)) & 1
+    sign = tl.where(parity == 0, 1.0, -1.0)
+    hi, lo = split_bf16(x, False)
+    if EMULATE:
+        out = tl.dot(hi, sign, input_precision="ieee") + tl.dot(lo, sign, input_precision="ieee")
+    else:
+        sign = sign.to(tl.bfloat16)
+        out = tl.dot(hi.to(tl.bfloat16), sign) + tl.dot(lo.to(tl.bfloat16), sign)
+    return out * H_NORM
+
+
+@triton.jit
+def _span_pieces(
+    qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
+    SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
+    K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
+    K_HAS_ZERO: tl.constexpr, K_HAS_MULT: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr,
+    K_WORD: tl.constexpr, K_MSB: tl.constexpr, K_STAGES: tl.constexpr,
+    K_CODE_T: tl.constexpr, K_SCALE_T: tl.constexpr, K_CENT_T: tl.constexpr,
+    K_A0_T: tl.constexpr, K_A1_T: tl.constexpr, K_A2_T: tl.constexpr, K_A3_T: tl.constexpr,
+    K_VEC: tl.constexpr, K_WORDS_MULT: tl.constexpr, K_HAS_FP: tl.constexpr,
+    V_CAST: tl.constexpr, V_BITS: tl.constexpr, V_QBLOCK: tl.constexpr, V_OFFSET: tl.constexpr,
+    V_HAS_ZERO: tl.constexpr, V_HAS_MULT: tl.constexpr, V_TOKEN_AXIS: tl.constexpr, V_FAST: tl.constexpr,
+    V_WORD: tl.constexpr, V_MSB: tl.constexpr, V_STAGES: tl.constexpr,
+    V_CODE_T: tl.constexpr, V_SCALE_T: tl.constexpr, V_CENT_T: tl.constexpr,
+    V_A0_T: tl.constexpr, V_A1_T: tl.constexpr, V_A2_T: tl.constexpr, V_A3_T: tl.constexpr,
+    V_VEC: tl.constexpr, V_WORDS_MULT: tl.constexpr, V_HAS_FP: tl.constexpr,
+):
+    """The online softmax over the span work items first .. last: (m_i, l_i, acc). The queries
+    are qh (+ ql: SPLIT_Q, an fp32 query in two tensor-core operands, for rotated keys); with
+    V_ROT the values are read in the rotated basis and acc is rotated back once:
+    H (sum p v') = sum p v."""
+    q = tl.load(qh_ptr + q_off, mask=r_ok[:, None], other=0.0)
+    q_lo = q
+    if SPLIT_Q:
+        q_lo = tl.load(ql_ptr + q_off, mask=r_ok[:, None], other=0.0)
+    if EMULATE:
+        q = q.to(tl.float32)
+        q_lo = q_lo.to(tl.float32)
+    for it in range(first, last):
+        item = item_ptr + it * I_LEN
+        rec = span_ptr + tl.load(item + I_SPAN) * S_LEN
+        lo = tl.load(item + I_LO).to(tl.int32)
+        hi = tl.load(item + I_HI).to(tl.int32)
+        S = tl.load(rec + S_TOKENS).to(tl.int32)
+        kt = _tensor_fields(
+            rec + S_K, n, D, K_TOKEN_AXIS, K_HAS_MULT, K_CODE_T, K_SCALE_T, KV_T, K_CENT_T,
+            K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT)
+        vt = _tensor_fields(
+            rec + S_V, n, D, V_TOKEN_AXIS, V_HAS_MULT, V_CODE_T, V_SCALE_T, KV_T, V_CENT_T,
+            V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT)
+        for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+            k = _span_tile(kt, t0, S, D, BLOCK_N, K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO,
+                           K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_HAS_FP)
+            tok = t0 + tl.arange(0, BLOCK_N)
+            t_ok = (tok >= lo) & (tok < hi)
+            s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
+            v = _span_tile(vt, t0, S, D, BLOCK_N, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO,
+                           V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_HAS_FP)
+            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
+            acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
+    if V_ROT:
+        acc = _hadamard_rows(acc, D, H_NORM, EMULATE)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def decode_kernel(
+    q_ptr, qh_ptr, ql_ptr, po_ptr, pl_ptr, span_ptr, item_ptr,
+    n_items, per_prog, n_span_progs, prog_base, dense_piece,
+    dk0, dv0, dn0, dk0_sb, dk0_sh, dk0_ss, dv0_sb, dv0_sh, dv0_ss,
+    dk1, dv1, dn1, dk1_sb, dk1_sh, dk1_ss, dv1_sb, dv1_sh, dv1_ss,
+    H, HKV, SQ, ROWS_TOTAL, q_sb, q_sh, q_ss, qk_scale,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
+    HAS_DENSE: tl.constexpr, SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
+    K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
+    K_HAS_ZERO: tl.constexpr, K_HAS_MULT: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr,
+    K_WORD: tl.constexpr, K_MSB: tl.constexpr, K_STAGES: tl.constexpr,
+    K_CODE_T: tl.constexpr, K_SCALE_T: tl.constexpr, K_CENT_T: tl.constexpr,
+    K_A0_T: tl.constexpr, K_A1_T: tl.constexpr, K_A2_T: tl.constexpr, K_A3_T: tl.constexpr,
+    K_VEC: tl.constexpr, K_WORDS_MULT: tl.constexpr, K_HAS_FP: tl.constexpr,
+    V_CAST: tl.constexpr, V_BITS: tl.constexpr, V_QBLOCK: tl.constexpr, V_OFFSET: tl.constexpr,
+    V_HAS_ZERO: tl.constexpr, V_HAS_MULT: tl.constexpr, V_TOKEN_AXIS: tl.constexpr, V_FAST: tl.constexpr,
+    V_WORD: tl.constexpr, V_MSB: tl.constexpr, V_STAGES: tl.constexpr,
+    V_CODE_T: tl.constexpr, V_SCALE_T: tl.constexpr, V_CENT_T: tl.constexpr,
+    V_A0_T: tl.constexpr, V_A1_T: tl.constexpr, V_A2_T: tl.constexpr, V_A3_T: tl.constexpr,
+    V_VEC: tl.constexpr, V_WORDS_MULT: tl.constexpr, V_HAS_FP: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = tl.program_id(1)  # b * HKV + kv head
+    b = n // HKV
+    hkv = n % HKV
+    group = H // HKV
+    r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows: (query head in the group, query)
+    r_ok = r < group * SQ
+    head = hkv * group + r // SQ
+    s_row = r % SQ
+    d = tl.arange(0, D)
+    q_off = b.to(tl.int64) * q_sb + head[:, None] * q_sh + s_row[:, None] * q_ss + d[None, :]
+    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_M,), tl.float32)
+    acc = tl.zeros((BLOCK_M, D), tl.float32)
+    if pid < n_span_progs:
+        if HAS_SPANS:
+            m_i, l_i, acc = _span_pieces(
+                qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
+                tl.minimum(pid * per_prog + per_prog, n_items), n.to(tl.int64), qk_scale,
+                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, SPLIT_Q, V_ROT, H_NORM,
+                K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO, K_HAS_MULT, K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_CODE_T, K_SCALE_T, K_CENT_T, K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT, K_HAS_FP, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO, V_HAS_MULT, V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_CODE_T, V_SCALE_T, V_CENT_T, V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT, V_HAS_FP)
+    else:
+        if HAS_DENSE:
+            q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)
+            if EMULATE:
+                q = q.to(tl.float32)
+            lo = (pid - n_span_progs) * dense_piece
+            hi = lo + dense_piece
+            k0 = dk0 + b.to(tl.int64) * dk0_sb + hkv * dk0_sh
+            v0 = dv0 + b.to(tl.int64) * dv0_sb + hkv * dv0_sh
+            m_i, l_i, acc = _dense_piece(q, m_i, l_i, acc, k0, v0, dk0_ss, dv0_ss, tl.minimum(lo, dn0),
+                                         tl.minimum(hi, dn0), qk_scale, D, BLOCK_N, DOT_BF16, EMULATE)
+            k1 = dk1 + b.to(tl.int64) * dk1_sb + hkv * dk1_sh
+            v1 = dv1 + b.to(tl.int64) * dv1_sb + hkv * dv1_sh
+            m_i, l_i, acc = _dense_piece(q, m_i, l_i, acc, k1, v1, dk1_ss, dv1_ss, tl.maximum(lo - dn0, 0),
+                                         tl.minimum(tl.maximum(hi - dn0, 0), dn1), qk_scale, D, BLOCK_N,
+                                         DOT_BF16, EMULATE)
+    empty = l_i == 0.0  # no key of this piece for the row: weight 0 in the merge
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 domain
+    row = (b * H + head).to(tl.int64) * SQ + s_row  # row of [B, H, SQ]
+    slot = (prog_base + pid).to(tl.int64) * ROWS_TOTAL
+    tl.store(po_ptr + (slot + row)[:, None] * D + d[None, :], out, mask=r_ok[:, None])
+    tl.store(pl_ptr + slot + row, lse, mask=r_ok)
+
+
+@triton.jit
+def merge_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
+                 D: tl.constexpr, BLOCK_R: tl.constexpr, WRITE_LSE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Combine the partials [n_parts, ROWS_TOTAL, D] (log2-domain lse) of BLOCK_R rows of
+    [B, H, SQ] into out (q's dtype, strides o_*), and the natural log-sum-exp if WRITE_LSE.
+    EMULATE_BF16: round to bf16 by the bits (the interpreter's own conversion truncates)."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < ROWS_TOTAL
+    d = tl.arange(0, D)
+    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    for p in range(n_parts):
+        m = tl.maximum(m, tl.load(pl_ptr + p * ROWS_TOTAL + r, mask=r_ok, other=float("-inf")))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, D), tl.float32)
+    for p in range(n_parts):
+        w = tl.math.exp2(tl.load(pl_ptr + p * ROWS_TOTAL + r, mask=r_ok, other=float("-inf")) - m_safe)
+        part = tl.load(po_ptr + (p * ROWS_TOTAL + r.to(tl.int64))[:, None] * D + d[None, :],
+                       mask=r_ok[:, None] & (w > 0.0)[:, None], other=0.0)
+        acc += w[:, None] * part
+        total += w
+    out = acc / tl.where(r_ok, total, 1.0)[:, None]
+    if EMULATE_BF16:
+        out = round_to_bf16(out)
+    bh = r // SQ
+    o = out_ptr + (bh // H).to(tl.int64) * o_sb + (bh % H) * o_sh + (r % SQ) * o_ss
+    tl.store(o[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
+    if WRITE_LSE:
+        tl.store(lse_ptr + r, (m_safe + tl.math.log2(total)) * 0.6931471805599453, mask=r_ok)

@@ -1,0 +1,249 @@
+"""The kernels' view of stored spans, built once when a span is stored and reused by every call.
+
+A compressed tensor is read by the attention kernels through a *record*: a row of int64 fields
+(addresses, sizes, strides) named by :data:`TENSOR_FIELDS`; a span's row is :data:`SPAN_FIELDS`
+(its size, its evicted tokens, then the key and value records). The @triton.jit code reads fields
+by the same names (``attention_kernel.py``'s ``F_*`` constants are built from these tables), so
+no offset is written twice. A record says nothing the kernels must compile: that is the
+:class:`TensorLayout` (their ``K_*`` / ``V_*`` constants).
+
+:func:`span_record` builds a span's record from its tensors' formats
+(:class:`qkv.format.TensorFormat`) and tensors alone; :class:`SpanTable` holds the records of a
+whole history on the device with the decode kernel's work items (pieces of ``piece`` keys), so a
+call over the same spans does no host-to-device copy and no per-span Python work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton.language as tl
+from einops import rearrange
+
+from qkv.format import Undo
+from qkv.kernels.triton.bits import LAUNCH_STAGES
+
+TENSOR_FIELDS = (
+    "codes", "scales", "zeros", "mult", "fp", "quantized", "words", "groups", "fp_len",
+    *(f"c{i}" for i in range(LAUNCH_STAGES)), *(f"c_stride{i}" for i in range(LAUNCH_STAGES)),
+    *(f"a{i}" for i in range(LAUNCH_STAGES)), *(f"a_stride{i}" for i in range(LAUNCH_STAGES)),
+)
+SPAN_FIELDS = ("tokens", "skip", *(f"k.{f}" for f in TENSOR_FIELDS), *(f"v.{f}" for f in TENSOR_FIELDS))
+DENSE_FIELDS = ("k", "v", "tokens", "k_stride_b", "k_stride_h", "k_stride_s", "v_stride_b", "v_stride_h", "v_stride_s")
+# a decode work item: keys lo .. hi of one span (a row of the span table)
+ITEM_FIELDS = ("span", "lo", "hi")
+
+
+def offsets(fields: tuple[str, ...]) -> dict[str, int]:
+    """Field name -> its position in a record."""
+    return {name: i for i, name in enumerate(fields)}
+
+
+TL_DTYPES = {
+    torch.uint8: tl.uint8, torch.int8: tl.int8, torch.int16: tl.int16, torch.int32: tl.int32,
+    torch.int64: tl.int64, torch.float32: tl.float32, torch.float16: tl.float16,
+    torch.bfloat16: tl.bfloat16, torch.float8_e4m3fn: tl.float8e4nv,
+}
+# the smallest key tile any attention kernel uses (a per-channel tile must hold whole words)
+MIN_KEY_TILE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+    """The compile-time description of one compressed tensor (the kernels' K_* / V_* constants)."""
+
+    CAST: bool = True
+    BITS: int = 2
+    QBLOCK: int = 16
+    OFFSET: float = 0.0
+    HAS_ZERO: bool = False
+    HAS_MULT: bool = False
+    TOKEN_AXIS: bool = True
+    FAST: bool = False
+    WORD: int = 8
+    MSB: bool = True
+    STAGES: int = 0
+    ROT: bool = False
+    CODE_T: torch.dtype = torch.bfloat16
+    SCALE_T: torch.dtype = torch.float32
+    CENT_T: torch.dtype = torch.bfloat16
+    A_T: tuple[torch.dtype, ...] = (torch.uint8,) * LAUNCH_STAGES
+    VEC: bool = False
+    WORDS_MULT: int = 1
+    HAS_FP: bool = False
+
+    def constexprs(self, prefix: str) -> dict:
+        skip = ("A_T", "ROT")  # rotations are undone around the tile loop, not per tile
+        out = {f"{prefix}_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        for key in ("CODE_T", "SCALE_T", "CENT_T"):
+            out[f"{prefix}_{key}"] = TL_DTYPES[out[f"{prefix}_{key}"]]
+        out.update({f"{prefix}_A{i}_T": TL_DTYPES[t] for i, t in enumerate(self.A_T)})
+        return out
+
+    def joined(self, other: "TensorLayout") -> "TensorLayout":
+        """One layout that reads spans of both (same codes): vector loads only if both allow
+        them, the full-precision tail check if either needs it."""
+        return dataclasses.replace(self, VEC=self.VEC and other.VEC, HAS_FP=self.HAS_FP or other.HAS_FP)
+
+    @property
+    def code_key(self) -> "TensorLayout":
+        """The layout without the per-span flags (spans with equal keys share a launch)."""
+        return dataclasses.replace(self, VEC=False, HAS_FP=False)
+
+
+def tensor_support(name: str, ct) -> str | None:
+    """Why the kernels cannot decode this compressed tensor (None if they can)."""
+    fmt = ct.format
+    if fmt.undo is Undo.ADD and len(fmt.stages) > LAUNCH_STAGES:
+        return f"{name}: {len(fmt.stages)} smoothing stages (the kernels add at most {LAUNCH_STAGES})"
+    if fmt.undo is Undo.ROTATE and len(fmt.stages) != 1:
+        return f"{name}: {len(fmt.stages)} Hadamard stages (the kernels undo one)"
+    return None
+
+
+def _aligned(*byte_values: int) -> bool:
+    """Whether every address / byte stride is a multiple of 16 (0: absent or a broadcast)."""
+    return all(v % 16 == 0 for v in byte_values)
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return rearrange(t, "b h ... -> (b h) ...")
+
+
+def tensor_record(ct) -> tuple[list[int], TensorLayout, list[torch.Tensor]]:
+    """(fields in TENSOR_FIELDS order, layout, the tensors whose addresses the fields hold) of one
+    compressed tensor (a :class:`qkv.compressed.CompressedTensor`: its format and tensors)."""
+    keep: list[torch.Tensor] = []
+
+    def addr(t: torch.Tensor | None) -> int:
+        if t is None:
+            return 0
+        t = t.contiguous()
+        keep.append(t)
+        return t.data_ptr()
+
+    fmt = ct.format
+    b, h, s, d = ct.shape
+    s_q = ct.quantized_tokens
+    fp = addr(ct.fp_tokens)
+    if fmt.codes is None:
+        fields = [addr(ct.codes), 0, 0, 0, fp, s_q, d, 0, s - s_q] + [0] * (4 * LAUNCH_STAGES)
+        size = fmt.cast_dtype.itemsize
+        layout = TensorLayout(CAST=True, CODE_T=fmt.cast_dtype, VEC=_aligned(fields[0], fp, d * size),
+                              WORDS_MULT=16 // size, HAS_FP=s_q < s)
+        return fields, layout, keep
+    quant, pack = fmt.codes, fmt.codes.pack
+    per = pack.word_bits // quant.bits
+    # whole codes per word, and per-token blocks that tile the row in powers of two, or per-channel
+    # rows read a word at a time (every key tile, a power of two, then holds whole words)
+    fast = pack.word_bits % quant.bits == 0 and (
+        (quant.axis == "token" and d % per == 0 and d % quant.block == 0 and quant.block & (quant.block - 1) == 0)
+        or (quant.axis == "channel" and per & (per - 1) == 0 and per <= MIN_KEY_TILE)
+    )
+    cents, assigns = [], []
+    if fmt.undo is Undo.ADD and s_q:
+        for i, data in enumerate(ct.stages):
+            cents.append(_flat(data.centroids).contiguous())
+            a = ct.stage_assignments(i)
+            assigns.append(a if a.stride(1) == 1 else a.contiguous())
+    keep.extend(cents + assigns)
+    pad = [0] * (LAUNCH_STAGES - len(cents))
+    words = ct.codes.shape[-1] if s_q else 0
+    fields = [
+        addr(ct.codes), addr(ct.scales), addr(ct.zeros), addr(ct.scale_mult), fp, s_q,
+        words, ct.scales.shape[-1] if s_q else 0, s - s_q,
+        *(c.data_ptr() for c in cents), *pad, *(c.shape[1] * d for c in cents), *pad,
+        *(a.data_ptr() for a in assigns), *pad, *(a.stride(0) for a in assigns), *pad,
+    ]
+    vec = _aligned(fields[0], fp, words * pack.container.itemsize,
+                   *(c.data_ptr() for c in cents), *(c.stride(0) * c.itemsize for c in cents),
+                   *(a.data_ptr() for a in assigns), *(a.stride(0) * a.itemsize for a in assigns))
+    layout = TensorLayout(
+        VEC=vec, WORDS_MULT=16 // pack.container.itemsize, HAS_FP=s_q < s, CAST=False, BITS=quant.bits,
+        QBLOCK=quant.block, OFFSET=quant.offset, HAS_ZERO=quant.has_zero,
+        HAS_MULT=ct.scale_mult is not None, TOKEN_AXIS=quant.axis == "token", FAST=fast,
+        WORD=pack.word_bits, MSB=pack.msb_first, STAGES=len(cents), ROT=fmt.undo is Undo.ROTATE,
+        CODE_T=pack.container, SCALE_T=quant.scale_dtype,
+        CENT_T=cents[0].dtype if cents else torch.bfloat16,
+        A_T=tuple(a.dtype for a in assigns) + (torch.uint8,) * len(pad),
+    )
+    return fields, layout, keep
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpanRecord:
+    """What the kernels need to read one stored span (built once, when it is stored): its key
+    and value fields, their layouts, the tensors those fields point into, its size, dtype and
+    stored bytes; ``unsupported``: why the kernels cannot read it (then only that is set)."""
+
+    fields: tuple[int, ...] = ()
+    layouts: tuple[TensorLayout, TensorLayout] | None = None
+    keep: tuple[torch.Tensor, ...] = ()
+    tokens: int = 0
+    dtype: torch.dtype | None = None
+    nbytes: int = 0
+    unsupported: str | None = None
+
+
+def span_record(ckv) -> SpanRecord:
+    """The :class:`SpanRecord` of a compressed span ``ckv`` (from its data and formats alone)."""
+    for name, ct in (("k", ckv.k), ("v", ckv.v)):
+        reason = tensor_support(name, ct)
+        if reason is not None:
+            return SpanRecord(unsupported=reason)
+    k_fields, k_layout, k_keep = tensor_record(ckv.k)
+    v_fields, v_layout, v_keep = tensor_record(ckv.v)
+    return SpanRecord(tuple(k_fields + v_fields), (k_layout, v_layout), tuple(k_keep + v_keep),
+                      ckv.k.shape[2], ckv.k.dtype, ckv.nbytes)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpanGroup:
+    """Spans of one layout on the device: ``table`` [n, len(SPAN_FIELDS)] int64 and the decode
+    kernel's work items ``items`` [n_items, len(ITEM_FIELDS)] int64 (pieces of at most ``piece``
+    keys, each inside one span, aligned to ``piece`` but for a span's first retained key)."""
+
+    layouts: tuple[TensorLayout, TensorLayout]
+    table: torch.Tensor
+    items: torch.Tensor
+    n_items: int
+    nbytes: int
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SpanTable:
+    """The records of a history's spans on the device, grouped by layout (usually one group),
+    built once per set of spans and reused by every call; ``records`` keeps the tensors alive."""
+
+    groups: tuple[SpanGroup, ...]
+    records: tuple[SpanRecord, ...]
+    dtype: torch.dtype | None
+    nbytes: int
+
+
+def span_table(spans: list[tuple[SpanRecord, int]], device: torch.device, piece: int) -> SpanTable:
+    """A :class:`SpanTable` of readable spans ``(record, skip)`` (one host-to-device copy per
+    group); ``piece``: keys per decode work item."""
+    by_key: dict = {}
+    for rec, skip in spans:
+        key = tuple(lay.code_key for lay in rec.layouts)
+        by_key.setdefault(key, []).append((rec, skip))
+    groups = []
+    for members in by_key.values():
+        k_layout, v_layout = members[0][0].layouts
+        rows, items = [], []
+        for i, (rec, skip) in enumerate(members):
+            k_layout, v_layout = k_layout.joined(rec.layouts[0]), v_layout.joined(rec.layouts[1])
+            rows.append([rec.tokens, skip, *rec.fields])
+            lo = skip
+            while lo < rec.tokens:
+                hi = min((lo // piece + 1) * piece, rec.tokens)
+                items.append([i, lo, hi])
+                lo = hi
+        table = torch.tensor(rows, dtype=torch.int64).to(device)
+        item_t = torch.tensor(items or [[0, 0, 0]], dtype=torch.int64).to(device)
+        groups.append(SpanGroup((k_layout, v_layout), table, item_t, len(items), sum(r.nbytes for r, _ in members)))
+    records = tuple(rec for rec, _ in spans)
+    dtype = records[0].dtype if records else None
+    return SpanTable(tuple(groups), records, dtype, sum(g.nbytes for g in groups))

@@ -1,0 +1,62 @@
+"""transformers models attending to the compressed spans directly (attn_implementation="qkv").
+
+A tiny Llama with random weights (the mechanics, not the quality): greedy output with
+``QKVCache(direct=True)`` equals the decompress-then-SDPA path (``direct=False``) and, on a lossless
+policy, transformers' own cache; assisted decoding crops rejected candidates from the tail.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import qkv  # noqa: E402
+from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache  # noqa: E402
+from qkv.errors import CacheError  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    return LlamaForCausalLM(config).eval(), LlamaForCausalLM(config).eval(), torch.randint(0, 256, (1, 16))
+
+
+def generate(model, prompt, attention, cache, **kwargs):
+    model.set_attn_implementation(attention)
+    with torch.no_grad():
+        return model.generate(prompt, max_new_tokens=40, do_sample=False, past_key_values=cache, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["fp32", "rtn", "kivi"])
+def test_direct_attention_equals_decompress_then_sdpa(llama, name):
+    model, _, prompt = llama
+    options = {"fp32": {}, "rtn": {"bits": 4}, "kivi": {"bits": 4, "block": 16, "window": 4}}[name]
+    policy = qkv.build_policy(name, **options)
+    direct = QKVCache(policy, span_tokens=16, direct=True)
+    out = generate(model, prompt, ATTENTION, direct)
+    assert all(layer.spans for layer in direct.kv.layers)  # the history really was compressed
+    assert torch.equal(out, generate(model, prompt, "sdpa", QKVCache(policy, span_tokens=16)))
+    if name == "fp32":
+        assert torch.equal(out, generate(model, prompt, "sdpa", None))
+
+
+def test_assisted_decoding_crops_the_tail(llama):
+    model, assistant, prompt = llama
+    reference = generate(model, prompt, "sdpa", None)
+    cache = QKVCache("fp32", span_tokens=16, recent_chunks=1, direct=True)
+    assert torch.equal(generate(model, prompt, ATTENTION, cache, assistant_model=assistant), reference)
+    layer = cache.kv.layer(0)
+    with pytest.raises(CacheError, match="never rolled back"):
+        layer.drop_newest(sum(c.tokens for c in layer.tail) + 1)
+
+
+def test_direct_needs_the_qkv_attention(llama):
+    model, _, prompt = llama
+    with pytest.raises(CacheError, match="set_attn_implementation"):
+        generate(model, prompt, "sdpa", QKVCache("fp32", span_tokens=16, direct=True))

@@ -1,0 +1,152 @@
+"""The decode path (flash-decoding over compressed spans) against decompress-then-SDPA.
+
+Same tolerance as tests/kernels/test_attention.py: against an fp32 attention over the history
+decompressed in fp32, the kernel's error is at most twice that of decompress + SDPA in the
+queries' dtype, in max and in mean. Shapes stay small: without a GPU the kernel runs in Triton's
+interpreter. Also: the plain-torch twin, the plan reused across calls, the method choice, and on a
+GPU Llama-3-8B attention shapes and a CUDA graph of ``KVCache.attend``.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+
+import qkv  # noqa: E402
+from qkv import kernels  # noqa: E402
+from qkv.errors import BackendError  # noqa: E402
+from qkv.kernels import CompressedSpan, DenseKV, SpanPlan  # noqa: E402
+from qkv.kernels.attention import attention_decode_torch  # noqa: E402
+
+from test_attention import (  # noqa: E402
+    DEVICE,
+    PRESETS,
+    assert_within_twice_the_torch_error,
+    history,
+    materialized,
+    policy,
+    randn,
+)
+
+
+def decode(q, segments):
+    return kernels.attention(q, segments, backend="triton", method="decode")
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_with_gqa(name):
+    """Sink, a span with evicted tokens, a tail; 4 query heads on 2 KV heads, 1 and 5 queries."""
+    segments = history(name, seed=PRESETS.index(name) + 40)
+    for sq in (1, 5):
+        q = randn(77 + sq, 1, 4, sq, 64)
+        assert_within_twice_the_torch_error(decode(q, segments), q, segments)
+
+
+@pytest.mark.parametrize("spec", [
+    "int4(block=16,axis=channel)",
+    "int2(block=48,axis=channel,mode=asym),i32lsb",  # a scale block that straddles tiles
+    "int1(block=32,axis=channel),i32lsb",  # 32 codes per word: more than a key tile
+    "int3(block=16)",  # codes across word boundaries
+])
+def test_per_channel_and_unaligned_layouts(spec):
+    pol = qkv.build_policy(spec)
+    k, v = randn(60, 1, 2, 150, 64, scale=2.0), randn(61, 1, 2, 150, 64)
+    segments = [CompressedSpan(pol.compress(k, v), 9), DenseKV(randn(62, 1, 2, 20, 64), randn(63, 1, 2, 20, 64))]
+    q = randn(64, 1, 2, 2, 64)
+    assert_within_twice_the_torch_error(decode(q, segments), q, segments)
+
+
+def test_many_pieces_several_spans_and_dense_segments_fp16():
+    """Three spans of two layouts (two launches into one set of partials), three full-precision
+    segments (two joined), a batch of 2, fp16."""
+    pols = [policy("qvg", 64), policy("rtn", 64), policy("qvg", 64)]
+    segments = []
+    for i, pol in enumerate(pols):
+        k = randn(90 + i, 2, 2, 100, 64, dtype=torch.float16, scale=2.0)
+        segments.append(CompressedSpan(pol.compress(k, randn(95 + i, 2, 2, 100, 64, dtype=torch.float16)), 3 * i))
+    for i in range(3):
+        segments.append(DenseKV(randn(100 + i, 2, 2, 30, 64, dtype=torch.float16),
+                                randn(110 + i, 2, 2, 30, 64, dtype=torch.float16)))
+    q = randn(120, 2, 4, 3, 64, dtype=torch.float16)
+    assert_within_twice_the_torch_error(decode(q, segments), q, segments)
+
+
+def test_the_torch_twin_is_the_fp32_attention():
+    segments = history("qvg", seed=5, span=600, skip=30)  # several pieces of DECODE_PIECE keys
+    q = randn(14, 1, 4, 3, 64)
+    out = attention_decode_torch(q, segments, scale=0.07)
+    k, v = materialized(segments)
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.07, enable_gqa=True)
+    assert (out.float() - ref).abs().max() <= 2**-8 * ref.abs().max()
+    assert torch.equal(kernels.attention(q, segments, scale=0.07, backend="torch", method="decode"), out)
+
+
+def test_a_plan_builds_its_records_and_tables_once():
+    """A SpanPlan keeps the kernels' records and device tables: a second call builds nothing, and a
+    plan for one span more takes over the records of the spans it shares."""
+    segments = history("qvg", seed=8, span=120)
+    plan = SpanPlan([segments[1]])
+    q = randn(9, 1, 2, 1, 64)
+    first = decode(q, [segments[0], plan, segments[2]])
+    tables = dict(plan._tables)
+    assert torch.equal(decode(q, [segments[0], plan, segments[2]]), first)
+    assert plan._tables == tables and all(plan._tables[key] is tables[key] for key in tables)
+    more = CompressedSpan(policy("qvg", 64).compress(randn(10, 1, 2, 64, 64), randn(11, 1, 2, 64, 64)))
+    grown = SpanPlan([segments[1], more], previous=plan)
+    assert grown._records[id(segments[1].ckv)] is plan._records[id(segments[1].ckv)]
+    assert_within_twice_the_torch_error(decode(q, [grown, segments[2]]), q, [segments[1], more, segments[2]])
+
+
+def test_the_method_choice():
+    q1 = randn(1, 1, 2, 1, 64)
+    assert kernels.choose_method(q1) is kernels.Method.DECODE
+    assert kernels.choose_method(randn(1, 1, 2, kernels.DECODE_MAX_QUERIES + 1, 64)) is (
+        kernels.Method.STAGED if DEVICE == "cuda" else kernels.Method.FUSED)
+    assert kernels.choose_method(q1, "staged") is kernels.Method.STAGED
+    with pytest.raises(BackendError, match="valid methods: auto, decode, fused, staged"):
+        kernels.choose_method(q1, "flash")
+    # a span the decode kernel cannot read (5 stages): "auto" takes the fused op, "decode" raises
+    deep = qkv.build_policy("kmeans(clusters=4,iters=2),centroid,progressive(stages=5),int2(block=16)")
+    segments = [CompressedSpan(deep.compress(randn(11, 1, 2, 64, 64), randn(12, 1, 2, 64, 64)))]
+    with pytest.raises(BackendError, match="5 smoothing stages"):
+        decode(q1, segments)
+    assert_within_twice_the_torch_error(kernels.attention(q1, segments, backend="triton"), q1, segments)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="full shapes need a GPU")
+@pytest.mark.parametrize("name", ["qvg", "kivi", "rtn", "quarot", "bf16"])
+@pytest.mark.parametrize("sq", [1, 16])
+def test_llama_shapes_on_the_gpu(name, sq):
+    """Llama-3-8B attention: 32 query heads on 8 KV heads x 128, two 4,096-token spans, a tail."""
+    pol = qkv.build_policy(name, clusters=256) if name == "qvg" else qkv.build_policy(name)
+    segments = []
+    for i in range(2):
+        k, v = randn(30 + i, 1, 8, 4096, 128, scale=2.0), randn(40 + i, 1, 8, 4096, 128)
+        segments.append(CompressedSpan(pol.compress(k, v), 17 * i))
+    segments.append(DenseKV(randn(50, 1, 8, 300, 128), randn(51, 1, 8, 300, 128)))
+    q = randn(52, 1, 32, sq, 128)
+    assert_within_twice_the_torch_error(decode(q, segments), q, segments)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("name", ["qvg", "quarot"])
+def test_attend_is_captured_in_a_cuda_graph(name):
+    """Fixed shapes: KVCache.attend (decode path) replayed from a CUDA graph gives the eager result;
+    nothing on its path copies to the device or waits for it."""
+    cache = qkv.KVCache(name, span_tokens=1024)
+    for i in range(5):
+        cache.append(0, randn(60 + i, 1, 8, 512, 128), randn(70 + i, 1, 8, 512, 128))
+    q = randn(80, 1, 32, 1, 128)
+    eager = cache.attend(0, q)  # the plan and its tables are built here
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        cache.attend(0, q)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = cache.attend(0, q)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
