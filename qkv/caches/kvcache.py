@@ -302,8 +302,6 @@ class LayerCache(LayerState):
             c = tail.pop()
             if c.tokens > left:
                 tail.append(Chunk(c.k[:, :, : c.tokens - left], c.v[:, :, : c.tokens - left], c.start))
-            else:
-                self.chunks_seen -= 1
             left -= min(left, c.tokens)
         self.tail = tail
         self.seen -= tokens
