@@ -47,6 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import triton
 
+from common import copy_bandwidth, matmul_rate, peak_extra
+
 import qkv
 from qkv.kernels.triton import attention as fused_kernel
 
@@ -79,18 +81,6 @@ def timed(fn, reps: int = 5, warmup: int = 2) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def peak_extra(fn) -> int:
-    """Bytes ``fn`` allocates at its peak beyond what is allocated before it."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak
-
-
 def clustered(seed: int, tokens: int | None = None, scale: float = 1.0) -> torch.Tensor:
     """[1, H, tokens (default: a chunk), D] bf16 with cluster structure (what k-means smoothing exploits)."""
     tokens = tokens or CHUNK
@@ -104,19 +94,6 @@ def clustered(seed: int, tokens: int | None = None, scale: float = 1.0) -> torch
 
 def flops(q_tokens: int, kv_tokens: int) -> float:
     return 4.0 * q_tokens * kv_tokens * HEAD_DIM * HEADS
-
-
-def copy_bandwidth() -> float:
-    """Device copy bandwidth, bytes read + written per second."""
-    src = torch.empty(512 * 2**20, device=DEVICE, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / (timed(lambda: dst.copy_(src), reps=10) * 1e-3)
-
-
-def matmul_rate() -> float:
-    """Dense bf16 matmul FLOP/s (8192^3)."""
-    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-    return 2 * 8192**3 / (timed(lambda: a @ a, reps=10) * 1e-3)
 
 
 def sdpa_backends(q, k, v) -> dict:
@@ -268,7 +245,9 @@ def policy_rows(q, chunk) -> tuple[list[dict], dict]:
 
 
 def tile_rows(q, chunk) -> list[dict]:
-    """Time of each tile configuration at 16 chunks (qvg and bf16 spans); sets the fastest for qvg."""
+    """Time of each tile configuration at 16 chunks (qvg and bf16 spans), passed to the kernel one
+    at a time (the library's own choice, ``GPU_TILES``, is not changed: the result lists the order
+    the sweep found, for that table)."""
     from qkv.kernels import CompressedSpan, DenseKV
 
     extra = DenseKV(*chunk(7))
@@ -277,15 +256,12 @@ def tile_rows(q, chunk) -> list[dict]:
         policy = qkv.build_policy(name)
         segments = [CompressedSpan(span_of(policy, 20)), CompressedSpan(span_of(policy, 22)), extra]
         for tiles in TILES:
-            fused_kernel.GPU_TILES = (tiles,)
             try:
-                ms = timed(lambda: qkv.kernels.attention(q, segments))
+                ms = timed(lambda: fused_kernel.attention_triton(q, segments, tiles=(tiles,)))
             except Exception as exc:  # a configuration the GPU cannot run (shared memory): recorded
                 ms = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}"
             rows.append({"policy": name, "tiles": tiles, "ms": ms})
             print(json.dumps(rows[-1]), flush=True)
-    timings = sorted((r for r in rows if r["policy"] == "qvg" and isinstance(r["ms"], float)), key=lambda r: r["ms"])
-    fused_kernel.GPU_TILES = tuple(r["tiles"] for r in timings)  # fastest first, the others as fallbacks
     return rows
 
 
@@ -487,6 +463,9 @@ def main() -> None:
     if "tiles" in parts:
         result["tiles"] = tile_rows(q, chunk)
     result["gpu_tiles"] = fused_kernel.GPU_TILES
+    if "tiles" in result:
+        qvg = sorted((r for r in result["tiles"] if r["policy"] == "qvg" and isinstance(r["ms"], float)), key=lambda r: r["ms"])
+        result["fastest_tiles_qvg"] = [r["tiles"] for r in qvg]
     if "attention" in parts:
         result["attention"] = attention_rows(q, chunk)
         result["roofline"] = roofline(result["attention"], bandwidth, rate)

@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from common import copy_bandwidth, matmul_rate, peak_extra
+
 import qkv
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
@@ -76,28 +78,6 @@ def graph_timed(fn) -> float:
     with torch.cuda.graph(graph):
         fn()
     return timed(graph.replay)
-
-
-def peak_extra(fn) -> int:
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak
-
-
-def copy_bandwidth() -> float:
-    src = torch.empty(512 * 2**20, device=DEVICE, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / (timed(lambda: dst.copy_(src), reps=5) * 1e-3)
-
-
-def matmul_rate() -> float:
-    a = torch.randn(8192, 8192, device=DEVICE, dtype=torch.bfloat16)
-    return 2 * 8192**3 / (timed(lambda: a @ a, reps=5) * 1e-3)
 
 
 def history(batch: int, tokens: int, seed: int = 0):

@@ -80,10 +80,11 @@ def _dense_record(seg: DenseKV, keep: list) -> list[int]:
     return [k.data_ptr(), v.data_ptr(), k.shape[2], *k.stride()[:3], *v.stride()[:3]]
 
 
-def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse, q_lo=None):
+def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse, q_lo=None, tiles=None):
     """One kernel launch over the spans of ``span_rows`` (all of ``layouts``) and the full-precision
     segments of ``dense_rows``: (out [B, H, Sq, D] in ``out_dtype``, lse [B, H, Sq] or None).
-    ``q_lo``: the low part of the queries (q + q_lo, same strides as q)."""
+    ``q_lo``: the low part of the queries (q + q_lo, same strides as q). ``tiles``: the tile
+    configurations to try in order (default :data:`GPU_TILES`, or :data:`INTERPRETER_TILES`)."""
     b, h, sq, d = q.shape
     device = q.device
     span_table = torch.tensor(span_rows or [[0] * len(SPAN_FIELDS)], dtype=torch.int64).to(device)
@@ -95,7 +96,8 @@ def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse,
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=device) if want_lse else out
     emulate = device.type != "cuda"
     k_layout, v_layout = layouts if layouts is not None else (TensorLayout(), TensorLayout())
-    tiles = INTERPRETER_TILES if emulate else GPU_TILES
+    if tiles is None:
+        tiles = INTERPRETER_TILES if emulate else GPU_TILES
     for i, (block_m, block_n, warps, span_stages, dense_stages) in enumerate(tiles):
         try:
             attention_kernel[(triton.cdiv(sq, block_m), b * h)](
@@ -131,7 +133,7 @@ def attention_supports(q, segments, scale=None) -> str | None:
     return None
 
 
-def _rotated_launch(q, scale, h_kv, span_rows, layouts):
+def _rotated_launch(q, scale, h_kv, span_rows, layouts, tiles=None):
     """(out fp32, lse) over Hadamard-rotated spans: H is symmetric and orthonormal, so
     q . (H r) = (H q) . r and sum_j p_j H r_j = H sum_j p_j r_j. The kernel reads the stored
     (rotated) codes with the rotated queries H q, passed in two parts so that the scores are as
@@ -142,12 +144,14 @@ def _rotated_launch(q, scale, h_kv, span_rows, layouts):
         rotated = kernels.hadamard(q.float())
         q = rotated.to(q.dtype)
         q_lo = (rotated - q.float()).to(q.dtype)
-    out, lse = _launch(q, scale, h_kv, span_rows, [], layouts, torch.float32, True, q_lo)
+    out, lse = _launch(q, scale, h_kv, span_rows, [], layouts, torch.float32, True, q_lo, tiles)
     return (kernels.hadamard(out) if v_layout.ROT else out), lse
 
 
-def attention_triton(q: torch.Tensor, segments, scale: float | None = None) -> torch.Tensor:
+def attention_triton(q: torch.Tensor, segments, scale: float | None = None, *, tiles=None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.attention.attention_torch`: [B, H, Sq, D] in q's dtype.
+    ``tiles``: (BLOCK_M, BLOCK_N, warps, span stages, dense stages) configurations to try in order
+    (default :data:`GPU_TILES`; a benchmark sweep passes one at a time).
 
     The spans of the first layout and the full-precision segments go through one launch; spans of
     another layout each get their own launch (Hadamard-rotated ones with rotated queries, see
@@ -178,20 +182,20 @@ def attention_triton(q: torch.Tensor, segments, scale: float | None = None) -> t
         parts = [(None, [], dense)]
     if len(parts) == 1 and not rotated and not fallback:
         layouts, rows, dense_rows = parts[0]
-        return _launch(q, scale, h_kv, rows, dense_rows, layouts, q.dtype, False)[0]
+        return _launch(q, scale, h_kv, rows, dense_rows, layouts, q.dtype, False, tiles=tiles)[0]
     state = None
-    for part in _partials(q, scale, h_kv, parts, rotated, fallback):
+    for part in _partials(q, scale, h_kv, parts, rotated, fallback, tiles):
         state = kernels.merge_partials(state, part, backend="triton")
     return state[0].to(q.dtype)
 
 
-def _partials(q, scale, h_kv, parts, rotated, fallback):
+def _partials(q, scale, h_kv, parts, rotated, fallback, tiles):
     """The partial results (out fp32, lse) of :func:`attention_triton`'s launches, one at a time."""
     for layouts, rows, dense_rows in parts:
-        yield _launch(q, scale, h_kv, rows, dense_rows, layouts, torch.float32, True)
+        yield _launch(q, scale, h_kv, rows, dense_rows, layouts, torch.float32, True, tiles=tiles)
     for layouts, rows in rotated:
-        yield _rotated_launch(q, scale, h_kv, rows, layouts)
+        yield _rotated_launch(q, scale, h_kv, rows, layouts, tiles)
     for sp in fallback:  # decompressed one at a time: never the whole history at once
         keep = []
         row = _dense_record(DenseKV(*sp.materialize()), keep)
-        yield _launch(q, scale, h_kv, [], [row], None, torch.float32, True)
+        yield _launch(q, scale, h_kv, [], [row], None, torch.float32, True, tiles=tiles)
