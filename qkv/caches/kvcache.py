@@ -64,7 +64,7 @@ from qkv.caches.tail import Chunk, TailBuffer, adjacent, joined_kv
 from qkv.component import check_int
 from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, QKVError, ShapeError, shown
 from qkv.io import load_device
-from qkv.validation import check_kv_layout, check_kv_values
+from qkv.validation import check_kv_layout
 
 __all__ = ["CacheConfig", "CacheMemory", "KVCache", "LayerCache"]
 
@@ -411,17 +411,18 @@ class LayerCache(LayerState):
 
     def _check_attend(self, q: object, extra: object, scale: object) -> None:
         """Typed errors for what :meth:`attend` cannot take: an empty layer without ``extra``, a
-        ``q`` that is no float [B, H, Sq, D] tensor (or, with ``validate``, holds NaN/Inf), an
-        ``extra`` that is no (k, v) pair the layer could append, a non-finite ``scale``."""
+        ``q`` that is no float [B, H, Sq, D] tensor, an ``extra`` that is no (k, v) pair the layer
+        could append, a non-finite ``scale``. Shapes, dtypes and devices only: the values of ``q``
+        and ``extra`` are not read back (that would stall every call on the host and keep it out
+        of a CUDA graph); a NaN query gives NaN outputs, and ``extra``'s values are checked when
+        they are appended."""
         if self.layout is None and extra is None:
             raise CacheError(f"layer {self.index} holds nothing yet: append a chunk or pass extra")
         check_kv_layout("q", q)
-        if self.config.validate:
-            check_kv_values("q", q)
         if extra is not None:
             if not isinstance(extra, tuple) or len(extra) != 2:
                 raise ShapeError(f"layer {self.index}: extra must be a (k, v) tuple, got {type(extra).__name__}")
-            check_chunk(self.config, self.layout, *extra, f"layer {self.index}: extra", values=self.config.validate)
+            check_chunk(self.config, self.layout, *extra, f"layer {self.index}: extra", values=False)
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
             raise ConfigError(f"layer {self.index}: scale must be a finite number or None, got {shown(scale)}")
 

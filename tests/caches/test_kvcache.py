@@ -315,9 +315,9 @@ def test_attend_checks_its_inputs(attention):
         cache.append(0, k.bfloat16(), v.bfloat16())
     q = torch.randn(1, 2, 3, 64)
     bad = q.clone()
-    bad[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteError, match="q holds 1 NaN"):
-        cache.attend(0, bad)
+    bad[0, 0, 0, 0] = float("nan")  # not read back (no host sync per call): NaN in, NaN out, only there
+    out = cache.attend(0, bad)
+    assert bool(out[0, 0, 0].isnan().all()) and bool(out[0, 0, 1:].isfinite().all()) and bool(out[0, 1].isfinite().all())
     for scale in (float("nan"), float("inf"), "a", True):
         with pytest.raises(ConfigError, match="scale must be a finite number"):
             cache.attend(0, q, scale=scale)
