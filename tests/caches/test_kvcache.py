@@ -315,9 +315,8 @@ def test_attend_checks_its_inputs(attention):
         cache.append(0, k.bfloat16(), v.bfloat16())
     q = torch.randn(1, 2, 3, 64)
     bad = q.clone()
-    bad[0, 0, 0, 0] = float("nan")  # not read back (no host sync per call): NaN in, NaN out, only there
-    out = cache.attend(0, bad)
-    assert bool(out[0, 0, 0].isnan().all()) and bool(out[0, 0, 1:].isfinite().all()) and bool(out[0, 1].isfinite().all())
+    bad[0, 0, 0, 0] = float("nan")  # not read back (no host sync per call): only that query is affected
+    torch.testing.assert_close(cache.attend(0, bad)[:, :, 1:], cache.attend(0, q)[:, :, 1:], atol=0, rtol=0)
     for scale in (float("nan"), float("inf"), "a", True):
         with pytest.raises(ConfigError, match="scale must be a finite number"):
             cache.attend(0, q, scale=scale)
