@@ -476,8 +476,9 @@ class LayerCache(LayerState):
                 raise CacheError(f"{where}: row {int(bad[0])} outside the layer's {self.layout.batch} batch rows")
         return rows
 
-    def to(self, device: str | torch.device) -> None:
-        """Move everything stored to ``device`` (in place)."""
+    def to(self, device: str | torch.device) -> "LayerCache":
+        """Move everything stored to ``device`` (in place) and return this layer, as
+        ``torch.nn.Module.to`` does (so ``layer.to(device)`` can stand where a tensor's would)."""
         device = torch.device(device)
 
         def move(c: Chunk) -> Chunk:
@@ -493,6 +494,7 @@ class LayerCache(LayerState):
             self.warm = centroids_only(self.spans[-1].ckv) if shared else self.warm.to(device)
         if self.layout is not None:
             self.layout = self.layout._replace(device=device)
+        return self
 
 
 class KVCache:
@@ -581,6 +583,7 @@ class KVCache:
             layer.reset()
 
     def to(self, device: str | torch.device) -> "KVCache":
+        """Move every layer to ``device`` (in place) and return this cache."""
         for layer in self.layers:
             layer.to(device)
         return self

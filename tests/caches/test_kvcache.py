@@ -332,3 +332,12 @@ def test_attend_checks_its_inputs(attention):
         ref.append(0, k2.bfloat16(), v2.bfloat16())
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, ref.attend(0, q, extra=(k.bfloat16(), v.bfloat16())), atol=2e-2, rtol=0)
+
+
+def test_to_returns_the_moved_object_as_torch_does():
+    cache = KVCache(QVG, span_chunks=1)
+    for k, v in stream(0, [4, 4, 4]):
+        cache.append(0, k, v)
+    layer = cache.layer(0)
+    assert layer.to("cpu") is layer and cache.to("cpu") is cache
+    assert torch.equal(layer.to(torch.device("cpu")).read()[0], cache.read(0)[0])
