@@ -1,0 +1,118 @@
+"""What every pipeline adapter's ``install`` returns: the cache, its memory, and a way back.
+
+Every client adapter (``qkv.adapters.<client>``) has the same entry point::
+
+    handle = qkv.adapters.<client>.install(model_or_pipeline, "qvg", **cache_options)
+    ...                                  # the client's own code runs unchanged
+    handle.memory()                      # exact bytes held for K/V (CacheMemory)
+    handle.remove()                      # the model is exactly as before install
+
+``install`` patches attributes of the client's objects (a module's ``forward``, a pipeline's
+cache allocator) on the instances only; :class:`Patches` records each old value (or its absence)
+and puts it back on :meth:`AdapterHandle.remove`, newest first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qkv.caches.cache_config import CacheMemory
+from qkv.caches.kvcache import KVCache
+from qkv.caches.policy import Policy
+from qkv.errors import CacheError, ConfigError
+
+__all__ = ["AdapterHandle", "Patches", "pending_memory"]
+
+_ABSENT = object()
+
+
+class Patches:
+    """Instance attributes set by an adapter, each restorable to what it was."""
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[object, str, object]] = []
+
+    def set(self, obj: object, name: str, value: object) -> None:
+        """``obj.name = value`` (on the instance), remembering the old instance attribute."""
+        self._undo.append((obj, name, vars(obj).get(name, _ABSENT)))
+        setattr(obj, name, value)
+
+    def undo(self) -> None:
+        """Restore every attribute, newest first."""
+        while self._undo:
+            obj, name, old = self._undo.pop()
+            if old is _ABSENT:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+
+def pending_memory(chunks: list[tuple[torch.Tensor, torch.Tensor] | None]) -> CacheMemory:
+    """The full-precision chunks an adapter holds outside the cache (the chunk being denoised,
+    k and v [B, H, S, D] each) as a :class:`CacheMemory` (counted as tail)."""
+    total = CacheMemory()
+    for kv in chunks:
+        if kv is None:
+            continue
+        k, v = kv
+        b, h, s, d = k.shape
+        total = total + CacheMemory(tail=2 * k.numel() * k.element_size(), tokens=s, elements=2 * b * h * s * d)
+    return total
+
+
+class AdapterHandle:
+    """An installed adapter: ``cache`` (the :class:`KVCache`, None until the first forward when
+    the client's chunk size decides its sink), :meth:`memory`, :meth:`reset`, :meth:`remove`; a
+    context manager that removes itself on exit."""
+
+    def __init__(self, client: str, policy: Policy | str, cache_options: dict, *, fixed: tuple[str, ...] = ()) -> None:
+        clash = sorted(set(cache_options) & set(fixed))
+        if clash:
+            raise ConfigError(f"{client}: {', '.join(clash)} follow(s) from the client's own settings; do not pass them")
+        self.client = client
+        self.policy = policy
+        self.cache_options = dict(cache_options)
+        self.cache: KVCache | None = None
+        self.patches = Patches()
+        self.removed = False
+        self._pending: Callable[[], list] = list
+
+    def build_cache(self, num_layers: int, **derived) -> KVCache:
+        """The :class:`KVCache` (created once, with the options the client's settings fix)."""
+        if self.cache is None:
+            self.cache = KVCache(self.policy, num_layers=num_layers, **self.cache_options, **derived)
+        return self.cache
+
+    def check_installed(self) -> None:
+        if self.removed:
+            raise CacheError(f"{self.client}: this adapter was removed")
+
+    def memory(self) -> CacheMemory:
+        """Exact K/V bytes held: the cache (all layers) plus the full-precision chunk each layer
+        holds while it is being denoised (what a bf16 cache would hold in its slots too)."""
+        held = self.cache.memory() if self.cache is not None else CacheMemory()
+        return held + pending_memory(self._pending())
+
+    def reset(self) -> None:
+        """Forget the cached video (the next forward starts a new one)."""
+        if self.cache is not None:
+            self.cache.reset()
+
+    def remove(self) -> None:
+        """Put the client's objects back as they were; the cache is dropped."""
+        if not self.removed:
+            self.patches.undo()
+            self.removed = True
+            self.cache = None
+
+    def __enter__(self) -> "AdapterHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else repr(self.cache)
+        return f"{type(self).__name__}({self.client}, {state})"
