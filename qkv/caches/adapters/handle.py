@@ -14,8 +14,6 @@ and puts it back on :meth:`AdapterHandle.remove`, newest first.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
 from qkv.caches.cache_config import CacheMemory
@@ -49,14 +47,11 @@ class Patches:
                 setattr(obj, name, old)
 
 
-def pending_memory(chunks: list[tuple[torch.Tensor, torch.Tensor] | None]) -> CacheMemory:
+def pending_memory(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> CacheMemory:
     """The full-precision chunks an adapter holds outside the cache (the chunk being denoised,
     k and v [B, H, S, D] each) as a :class:`CacheMemory` (counted as tail)."""
     total = CacheMemory()
-    for kv in chunks:
-        if kv is None:
-            continue
-        k, v = kv
+    for k, v in chunks:
         b, h, s, d = k.shape
         total = total + CacheMemory(tail=2 * k.numel() * k.element_size(), tokens=s, elements=2 * b * h * s * d)
     return total
@@ -77,7 +72,6 @@ class AdapterHandle:
         self.cache: KVCache | None = None
         self.patches = Patches()
         self.removed = False
-        self._pending: Callable[[], list] = list
 
     def build_cache(self, num_layers: int, **derived) -> KVCache:
         """The :class:`KVCache` (created once, with the options the client's settings fix)."""
@@ -89,16 +83,26 @@ class AdapterHandle:
         if self.removed:
             raise CacheError(f"{self.client}: this adapter was removed")
 
+    def caches(self) -> list[KVCache]:
+        """Every :class:`KVCache` this adapter holds (built so far)."""
+        return [self.cache] if self.cache is not None else []
+
     def memory(self) -> CacheMemory:
-        """Exact K/V bytes held: the cache (all layers) plus the full-precision chunk each layer
+        """Exact K/V bytes held: the caches (all layers) plus the full-precision chunk each layer
         holds while it is being denoised (what a bf16 cache would hold in its slots too)."""
-        held = self.cache.memory() if self.cache is not None else CacheMemory()
-        return held + pending_memory(self._pending())
+        held = CacheMemory()
+        for cache in self.caches():
+            held = held + cache.memory()
+        return held + pending_memory(self.pending())
+
+    def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The full-precision (k, v) [B, H, S, D] held outside the caches (none by default)."""
+        return []
 
     def reset(self) -> None:
         """Forget the cached video (the next forward starts a new one)."""
-        if self.cache is not None:
-            self.cache.reset()
+        for cache in self.caches():
+            cache.reset()
 
     def remove(self) -> None:
         """Put the client's objects back as they were; the cache is dropped."""

@@ -81,7 +81,9 @@ class StreamDiffusionV2Handle(AdapterHandle):
         self.num_blocks = len(model.blocks)
         # per block: (first token, k, v [B, H, n, D]) of the chunk being denoised, not yet appended
         self.chunk: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * self.num_blocks
-        self._pending = lambda: [c[1:] if c is not None else None for c in self.chunk]
+
+    def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [c[1:] for c in self.chunk if c is not None]
 
     def reset(self) -> None:
         super().reset()
