@@ -7,8 +7,10 @@ Each lives in its own module and imports its library only when imported itself:
   and a chunk-wise (Self-Forcing style) rollout;
 - :mod:`qkv.caches.adapters.self_forcing`: a drop-in for the Self-Forcing code's per-block
   ``{"k", "v", "global_end_index", "local_end_index"}`` cache dicts (the GitHub layout);
-- :mod:`qkv.caches.adapters.streamdiffusionv2`: ``install(model_or_pipeline, policy, **options)``
-  for streamdiffusionv2's causal Wan (Self-Forcing / CausVid), attending to the compressed spans.
+- :mod:`qkv.caches.adapters.streamdiffusionv2`: streamdiffusionv2's causal Wan (Self-Forcing /
+  CausVid);
+- :mod:`qkv.caches.adapters.anyflow_far`: diffusers' AnyFlow-FAR (frame-autoregressive Wan);
+- :mod:`qkv.caches.adapters.sana_wm`: diffusers' SANA-WM refiner (sink + recent history);
 
 Pipeline adapters share one shape (:mod:`qkv.caches.adapters.handle`): ``install(...)`` returns a
 handle with ``memory()``, ``reset()`` and ``remove()``. ``qkv.adapters.<client>`` names these
@@ -18,7 +20,7 @@ modules (loaded on first use; ``import qkv`` loads none of them).
 import importlib
 
 # client name -> module, for ``qkv.adapters.<client>``
-CLIENTS = {"streamdiffusionv2": "qkv.caches.adapters.streamdiffusionv2"}
+CLIENTS = {name: f"qkv.caches.adapters.{name}" for name in ("streamdiffusionv2", "anyflow_far", "sana_wm")}
 
 
 def __getattr__(name: str):

@@ -39,10 +39,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
-from qkv import kernels
-from qkv.caches.adapters.handle import AdapterHandle
+from qkv.caches.adapters.handle import AdapterHandle, attend_parts
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError, ConfigError
@@ -121,16 +119,7 @@ class FARHandle(AdapterHandle):
         if held != want:
             raise CacheError(f"anyflow_far block {index}: the step expects {want} cached (coarse, full) tokens, "
                              f"the caches hold {held}; run the cache-prefill step first")
-        segments = [*(context.segments() if context.layout else []), *(recent.segments() if recent.layout else []),
-                    kernels.DenseKV(k, v)]
-        cfg = self.cache.config
-        if cfg.attention == "staged":
-            return kernels.attention_staged(q, segments, backend=cfg.backend)
-        if cfg.attention == "read":
-            parts = [layer.read() for layer in (context, recent) if layer.layout] + [(k, v)]
-            keys, values = (torch.cat([p[i].to(q.dtype) for p in parts], 2) for i in (0, 1))
-            return F.scaled_dot_product_attention(q, keys, values)
-        return kernels.attention(q, segments, backend=cfg.backend)
+        return attend_parts(self.cache.config, q, [context, recent, (k, v)])
 
 
 class FARCacheProcessor:

@@ -15,13 +15,15 @@ and puts it back on :meth:`AdapterHandle.remove`, newest first.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-from qkv.caches.cache_config import CacheMemory
-from qkv.caches.kvcache import KVCache
+from qkv import kernels
+from qkv.caches.cache_config import CacheConfig, CacheMemory
+from qkv.caches.kvcache import KVCache, LayerCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError, ConfigError
 
-__all__ = ["AdapterHandle", "Patches", "pending_memory"]
+__all__ = ["AdapterHandle", "Patches", "attend_parts", "pending_memory"]
 
 _ABSENT = object()
 
@@ -45,6 +47,25 @@ class Patches:
                 delattr(obj, name)
             else:
                 setattr(obj, name, old)
+
+
+def attend_parts(config: CacheConfig, q: torch.Tensor, parts: list) -> torch.Tensor:
+    """Attention of ``q`` [B, H, Sq, D] to the keys of ``parts`` together: each a
+    :class:`LayerCache` (its retained history; skipped while empty) or a dense ``(k, v)``
+    [B, H_kv, S, D] pair. ``config.attention`` picks how, as in :meth:`LayerCache.attend`:
+    ``"staged"`` one span decompressed at a time, ``"read"`` every layer decompressed
+    (``read()``) for ``scaled_dot_product_attention``, otherwise the compressed spans read
+    directly (:func:`qkv.kernels.attention`). Returns [B, H, Sq, D] in q's dtype."""
+    layers = [p for p in parts if not isinstance(p, LayerCache) or p.layout is not None]
+    if config.attention == "read":
+        kv = [p.read() if isinstance(p, LayerCache) else p for p in layers]
+        k, v = (torch.cat([x[i].to(q.dtype) for x in kv], 2) for i in (0, 1))
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
+    segments = []
+    for p in layers:
+        segments.extend(p.segments() if isinstance(p, LayerCache) else [kernels.DenseKV(*p)])
+    attend = kernels.attention_staged if config.attention == "staged" else kernels.attention
+    return attend(q, segments, backend=config.backend)
 
 
 def pending_memory(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> CacheMemory:
