@@ -24,4 +24,4 @@ fi
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[$extra]"
 # the pipeline adapters' tests run the client's own code; its pins (old torch, CUDA) are not wanted
-if [ "$extra" = test ]; then "$PY" -m pip install -q --no-deps "streamdiffusionv2==0.1.1"; fi
+if [ "$extra" = test ]; then "$PY" -m pip install -q --no-deps "streamdiffusionv2==0.1.1" "flashdreams==0.1.0"; fi
