@@ -116,7 +116,8 @@ def test_the_coarse_context_only_grows(reference):
 def test_lossless_rollout_matches_the_upstream_cache(model, reference, no_history_read, recent_full_precision):
     ref, _ = reference
     with adapter.install(model, "fp32", span_chunks=2, recent_full_precision=recent_full_precision) as handle:
-        ours = rollout(model, handle.kv_cache())
+        rollout(model, handle.kv_cache())
+        ours = rollout(model, handle.kv_cache())  # a second video on the same handle starts afresh
         context, recent = handle.cache.layer(0), handle.recent.layer(0)
         assert len(context.spans) == 1 and context.tokens == sum(PART[:3]) * COARSE
         assert recent.tokens == sum(PART[3:5]) * FULL and len(recent.spans) == (0 if recent_full_precision else 1)

@@ -115,6 +115,9 @@ class FARHandle(AdapterHandle):
         """The read step's attention: q [B, H, Sq, D] to [context, recent, (k, v)]."""
         context, recent = self.cache.layer(index), self.recent.layer(index)
         want = (flag["num_cached_compressed_tokens"], flag["num_cached_full_tokens"])
+        if flag["num_cached_chunks"] == 0:  # the first chunk of a new video
+            context.reset()
+            recent.reset()
         held = (context.tokens if context.layout else 0, recent.tokens if recent.layout else 0)
         if held != want:
             raise CacheError(f"anyflow_far block {index}: the step expects {want} cached (coarse, full) tokens, "
