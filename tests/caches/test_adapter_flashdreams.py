@@ -113,11 +113,11 @@ def test_qvg_stays_close_and_stores_less(network, bounded_spans):
     with adapter.install(network, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2) as handle:
         ours, cache = rollout(network, 8, 3 * N, N)
         mem = handle.memory()
+        spans = [sp for i in range(2) for sp in cache[i].self_attn.layer.spans]
     assert bounded_spans  # every compressed span within its guaranteed error bound
     drift = [float((b - a).norm() / a.norm()) for a, b in zip(ref, ours)]
     assert max(drift[: 3 * 3]) <= 1e-5  # chunks 0-2 see the sink and the tail only (the first span forms at 3)
     assert 0 < max(drift) < 0.02  # measured 5.7e-3 (4 clusters, blocks of 16)
-    spans = [sp for i in range(2) for sp in cache[i].self_attn.layer.spans]
     fp32 = sum(sp.ckv.k.shape[2] for sp in spans) * 2 * 2 * 32 * 4  # K and V, 2 heads of 32, 4 bytes
     assert spans and 0 < mem.compressed * 6 < fp32  # measured 3.8 bits per value (4 clusters on 64-token spans)
 

@@ -10,7 +10,7 @@ import torch
 
 import qkv
 from qkv.caches.kvcache import LayerCache
-from qkv.errors import CacheError
+from qkv.errors import CacheError, ConfigError
 
 refiner = pytest.importorskip("diffusers.pipelines.sana_wm.refiner", reason="needs diffusers >= 0.42 (SANA-WM)")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
@@ -92,6 +92,8 @@ def test_qvg_stays_close_and_stores_less(pipe, reference, bounded_spans):
 
 def test_a_history_the_cache_does_not_hold_raises(pipe):
     transformer = pipe.transformer
+    with pytest.raises(ConfigError, match="max_spans, sink_chunks"):  # the pipeline's window decides
+        adapter.install(pipe, "fp32", sink_chunks=1, max_spans=2)
     with adapter.install(transformer, "fp32"):
         cache = refiner.SanaWMRefinerKVCache(len(transformer.transformer_blocks))
         for i in range(len(cache)):

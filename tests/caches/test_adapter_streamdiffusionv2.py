@@ -117,8 +117,8 @@ def test_the_upstream_ring_buffer_and_stream_batching_raise(model):
             rollout(model, 1, capacity=8 * N, batch=2, starts=lambda c: torch.tensor([N * c, N * c + N]))
         with pytest.raises(CacheError, match="expected 32"):
             rollout(model, 2, capacity=8 * N, starts=lambda c: torch.tensor([2 * N * c]))
-    with pytest.raises(ConfigError, match="num_layers"):
-        adapter.install(model, "fp32", num_layers=2)
+    with pytest.raises(ConfigError, match="max_spans, num_layers"):
+        adapter.install(model, "fp32", num_layers=2, max_spans=4)
 
 
 def test_the_pipeline_allocates_no_kv_buffers(model):

@@ -80,7 +80,7 @@ class FARHandle(AdapterHandle):
     context, grows) and ``recent`` (the full-resolution context, replaced at every prefill)."""
 
     def __init__(self, model, policy: Policy | str, cache_options: dict, recent_full_precision: bool) -> None:
-        super().__init__("anyflow_far", policy, cache_options, fixed=("num_layers",))
+        super().__init__("anyflow_far", policy, cache_options, fixed=("num_layers", "max_spans"))
         self.model = model
         blocks = len(model.blocks)
         self.cache = KVCache(policy, num_layers=blocks, **cache_options)
@@ -166,7 +166,7 @@ def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool
     """Run ``target`` (an ``AnyFlowFARTransformer3DModel`` or a pipeline with ``.transformer``)
     on compressed caches. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
     coarse context cache's :class:`~qkv.KVCache` options (``span_chunks``: FAR chunks per span,
-    ...); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
+    ...; not ``num_layers`` nor ``max_spans``); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
     compressing it at each prefill. Returns the handle (``memory()``, ``remove()``)."""
     model = getattr(target, "transformer", target)
     if type(model).__name__ != "AnyFlowFARTransformer3DModel":

@@ -111,7 +111,7 @@ class FlashDreamsHandle(AdapterHandle):
     handle counts those still in use (``cache``: the newest)."""
 
     def __init__(self, network, policy: Policy | str, cache_options: dict) -> None:
-        super().__init__("flashdreams", policy, cache_options, fixed=("num_layers", "sink_chunks"))
+        super().__init__("flashdreams", policy, cache_options, fixed=("num_layers", "max_spans", "sink_chunks"))
         self.network = network
         self._live: weakref.WeakSet[QKVBlockCache] = weakref.WeakSet()
 
@@ -120,6 +120,10 @@ class FlashDreamsHandle(AdapterHandle):
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [c.chunk for c in self._live if c.chunk is not None]
+
+    def reset(self) -> None:
+        for block in list(self._live):
+            block.reset()
 
     def initialize(self, index: int, chunk_size: int, window_size: int, sink_size: int) -> QKVBlockCache:
         """Block ``index``'s cache of a new ``initialize_cache`` (a new video)."""
@@ -155,7 +159,8 @@ def _apply_kv(attn):
 def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDreamsHandle:
     """Run ``target`` (a flashdreams ``WanDiTNetwork``, or an object with ``.network``) on a
     compressed cache. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
-    :class:`~qkv.KVCache` options except ``sink_chunks`` (from ``sink_size``) and ``num_layers``.
+    :class:`~qkv.KVCache` options except ``sink_chunks`` (from ``sink_size``), ``max_spans`` (the
+    window) and ``num_layers``.
     Returns the handle (``memory()``, ``remove()``)."""
     network = getattr(target, "network", target)
     if not hasattr(network, "blocks") or not all(hasattr(b, "self_attn") for b in network.blocks):

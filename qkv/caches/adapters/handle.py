@@ -86,7 +86,8 @@ class AdapterHandle:
     def __init__(self, client: str, policy: Policy | str, cache_options: dict, *, fixed: tuple[str, ...] = ()) -> None:
         clash = sorted(set(cache_options) & set(fixed))
         if clash:
-            raise ConfigError(f"{client}: {', '.join(clash)} follow(s) from the client's own settings; do not pass them")
+            raise ConfigError(f"{client}: {', '.join(clash)} follow(s) from the client's own cache (its layers, "
+                              "window and sink); do not pass them")
         self.client = client
         self.policy = policy
         self.cache_options = dict(cache_options)
@@ -126,9 +127,10 @@ class AdapterHandle:
             cache.reset()
 
     def remove(self) -> None:
-        """Put the client's objects back as they were; the cache is dropped."""
+        """Put the client's objects back as they were; the caches are emptied and dropped."""
         if not self.removed:
             self.patches.undo()
+            self.reset()
             self.removed = True
             self.cache = None
 

@@ -62,7 +62,7 @@ class SanaWMHandle(AdapterHandle):
     block); ``sinks[i]`` the sink K/V of block i (pre-RoPE, [B, H, S, D])."""
 
     def __init__(self, model, policy: Policy | str, cache_options: dict, sink_full_precision: bool) -> None:
-        super().__init__("sana_wm", policy, cache_options, fixed=("num_layers",))
+        super().__init__("sana_wm", policy, cache_options, fixed=("num_layers", "max_spans", "sink_chunks"))
         if "span_chunks" not in cache_options and "span_tokens" not in cache_options:
             cache_options = {**cache_options, "span_chunks": 1}  # the window is ~3 blocks: a span per block
         self.model = model
@@ -166,7 +166,8 @@ def install(target, policy: Policy | str = "qvg", *, sink_full_precision: bool =
     """Run ``target`` (a ``SanaWMLTX2RefinerTransformer3DModel`` or a pipeline with
     ``.transformer``) on a compressed cache. ``policy``: a :class:`Policy` or preset/spec;
     ``cache_options``: the history's :class:`~qkv.KVCache` options (``span_chunks`` defaults to 1
-    here: a span per refined block); ``sink_full_precision``: keep the sink exact instead of
+    here: a span per refined block; not ``num_layers``, ``max_spans`` nor ``sink_chunks``: the
+    pipeline's window decides); ``sink_full_precision``: keep the sink exact instead of
     compressed. Returns the handle (``memory()``, ``remove()``)."""
     model = getattr(target, "transformer", target)
     if type(model).__name__ != "SanaWMLTX2RefinerTransformer3DModel":

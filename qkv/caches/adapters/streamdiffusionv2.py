@@ -76,7 +76,7 @@ class StreamDiffusionV2Handle(AdapterHandle):
     """:class:`AdapterHandle` of a ``CausalWanModel``; per block, the chunk being denoised."""
 
     def __init__(self, model, policy: Policy | str, cache_options: dict) -> None:
-        super().__init__("streamdiffusionv2", policy, cache_options, fixed=("num_layers",))
+        super().__init__("streamdiffusionv2", policy, cache_options, fixed=("num_layers", "max_spans"))
         self.model = model
         self.num_blocks = len(model.blocks)
         # per block: (first token, k, v [B, H, n, D]) of the chunk being denoised, not yet appended
@@ -180,8 +180,8 @@ def meta_kv_cache(pipeline, batch_size: int, dtype: torch.dtype, device) -> None
 def install(target, policy: Policy | str = "qvg", **cache_options) -> StreamDiffusionV2Handle:
     """Run ``target`` (a ``CausalWanModel`` or a ``CausalStreamInferencePipeline``) on a
     compressed cache. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
-    :class:`~qkv.KVCache` options (``span_chunks``, ``attention``, ...) except ``sink_chunks``
-    and ``num_layers``, which follow from the model. Returns the handle (``memory()``,
+    :class:`~qkv.KVCache` options (``span_chunks``, ``sink_chunks``, ``attention``, ...) except
+    ``num_layers`` and ``max_spans``, which follow from the model and its cache. Returns the handle (``memory()``,
     ``remove()``)."""
     model, pipeline = _model_of(target)
     handle = StreamDiffusionV2Handle(model, policy, cache_options)
