@@ -241,7 +241,9 @@ def anyflow_far(args, device, dtype) -> dict:
         return run
 
     up_run = twice(lambda: rollout(upstream_cache))
-    coarse_tokens, full_tokens = sum(part[: len(part) - limit + 1]) * coarse, sum(part[-(limit - 1) - 1 : -1]) * full
+    # what the last chunk's read steps attend to besides the chunk: the coarse context and the
+    # limit - 1 full-resolution chunks before it
+    coarse_tokens, full_tokens = sum(part[: len(part) - limit]) * coarse, sum(part[len(part) - limit : -1]) * full
     per_token = 2 * blocks * heads * head_dim * torch.finfo(dtype).bits // 8  # K and V, all blocks
     up_bytes = (coarse_tokens + full_tokens) * per_token  # what the upstream holds at the last chunk
     span = 8
