@@ -39,6 +39,8 @@ __all__ = sorted([*_EXPORTS, "errors"])
 def __getattr__(name: str):
     if name in _EXPORTS:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name == "adapters":  # qkv.adapters.<client>: the pipeline adapters, loaded on first use
+        value = importlib.import_module("qkv.caches.adapters")
     elif name in _SUBMODULES:
         value = importlib.import_module(f"qkv.{name}")
     else:
@@ -48,4 +50,4 @@ def __getattr__(name: str):
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, *_SUBMODULES})
+    return sorted({*globals(), *_EXPORTS, *_SUBMODULES, "adapters"})

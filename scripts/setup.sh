@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs qkv and what it needs on a fresh machine with Python 3.11 and pip.
 #   bash scripts/setup.sh eval   # the evaluation (real K/V from Whisper, MiniLM, a Wan DiT)
-#   bash scripts/setup.sh test   # the evaluation's needs plus pytest, hypothesis and triton
+#   bash scripts/setup.sh test   # the evaluation's needs plus pytest, hypothesis, triton and the
+#                                # pipeline clients the adapter tests run (without their pins)
 # Debian packages (espeak-ng speaks the long real-speech input, alsa-utils ships real recordings)
 # are installed with apt-get when it is available and we are root; otherwise install them yourself.
 set -euo pipefail
@@ -22,3 +23,5 @@ fi
 # torch first, pinned: an unpinned torch would pull several GB of CUDA packages on a CPU machine.
 "$PY" -c "import torch" 2>/dev/null || "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q -e ".[$extra]"
+# the pipeline adapters' tests run the client's own code; its pins (old torch, CUDA) are not wanted
+if [ "$extra" = test ]; then "$PY" -m pip install -q --no-deps "streamdiffusionv2==0.1.1" "flashdreams==0.1.0"; fi

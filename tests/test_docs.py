@@ -20,6 +20,10 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
         "cache.md",
         "attention.md",
         "adapters/self_forcing.md",
+        "adapters/streamdiffusionv2.md",
+        "adapters/anyflow_far.md",
+        "adapters/sana_wm.md",
+        "adapters/flashdreams.md",
         pytest.param("adapters/wan.md", marks=pytest.mark.realdata),  # real video frames
         pytest.param("adapters/transformers.md", marks=pytest.mark.realdata),  # Whisper, real speech
     ],

@@ -10,3 +10,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def bounded_spans(monkeypatch):
+    """Every span a ``LayerCache`` compresses is checked against its policy's guaranteed error
+    bound (``Policy.error_bound(...).check`` raises if one fails); returns the list of them."""
+    from qkv.caches.kvcache import LayerCache
+
+    compress = LayerCache._compress
+    checked = []
+
+    def checked_compress(self, k, v, warm):
+        ckv = compress(self, k, v, warm)
+        policy = self.config.span_policy
+        k_hat, v_hat = policy.decompress(ckv)
+        policy.error_bound(ckv, k_hat, v_hat).check(k, v, k_hat, v_hat)
+        checked.append(ckv)
+        return ckv
+
+    monkeypatch.setattr(LayerCache, "_compress", checked_compress)
+    return checked

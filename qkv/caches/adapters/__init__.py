@@ -6,5 +6,25 @@ Each lives in its own module and imports its library only when imported itself:
 - :mod:`qkv.caches.adapters.wan`: a ``diffusers`` attention processor for ``WanTransformer3DModel``
   and a chunk-wise (Self-Forcing style) rollout;
 - :mod:`qkv.caches.adapters.self_forcing`: a drop-in for the Self-Forcing code's per-block
-  ``{"k", "v", "global_end_index", "local_end_index"}`` cache dicts.
+  ``{"k", "v", "global_end_index", "local_end_index"}`` cache dicts (the GitHub layout);
+- :mod:`qkv.caches.adapters.streamdiffusionv2`: streamdiffusionv2's causal Wan (Self-Forcing /
+  CausVid);
+- :mod:`qkv.caches.adapters.anyflow_far`: diffusers' AnyFlow-FAR (frame-autoregressive Wan);
+- :mod:`qkv.caches.adapters.sana_wm`: diffusers' SANA-WM refiner (sink + recent history);
+- :mod:`qkv.caches.adapters.flashdreams`: flashdreams' streaming Wan (its ``BlockKVCache``).
+
+Pipeline adapters share one shape (:mod:`qkv.caches.adapters.handle`): ``install(...)`` returns a
+handle with ``memory()``, ``reset()`` and ``remove()``. ``qkv.adapters.<client>`` names these
+modules (loaded on first use; ``import qkv`` loads none of them).
 """
+
+import importlib
+
+# client name -> module, for ``qkv.adapters.<client>``
+CLIENTS = {name: f"qkv.caches.adapters.{name}" for name in ("streamdiffusionv2", "anyflow_far", "sana_wm", "flashdreams")}
+
+
+def __getattr__(name: str):
+    if name not in CLIENTS:
+        raise AttributeError(f"module 'qkv.adapters' has no attribute {name!r}; clients: {', '.join(CLIENTS)}")
+    return importlib.import_module(CLIENTS[name])

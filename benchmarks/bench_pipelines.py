@@ -1,0 +1,359 @@
+"""The pipeline adapters at real sizes, side by side with each client's own cache, on one GPU.
+
+Random weights (no registry carries the real ones), bf16, batch 1, every rollout twice per cache
+(the second timed: Triton kernels, cuDNN plans and compiled flex-attention shapes are then warm):
+
+- ``self_forcing``: streamdiffusionv2's ``CausalWanModel`` at Wan2.1-1.3B (30 blocks, 12 x 128,
+  FFN 8,960, text 512 x 4,096), chunks of 3 latent frames x 1,560 tokens (480 x 832 video), per
+  chunk 4 denoising forwards (t = 1000, 750, 500, 250) and the clean forward at t = 0 that fills
+  the cache (``CausalStreamInferencePipeline.inference_wo_batch``'s loop), global attention (the
+  buffer holds the whole rollout). Upstream: its bf16 ``kv_cache`` dicts; qkv:
+  ``qkv.adapters.streamdiffusionv2.install(model, policy)`` with meta-device dicts.
+- ``anyflow_far``: diffusers' ``AnyFlowFARTransformer3DModel`` as
+  ``nvidia/AnyFlow-FAR-Wan2.1-1.3B-Diffusers`` (Wan2.1-1.3B sizes, full_chunk_limit 3), chunk
+  partition 1 + 3 x (chunks - 1) latent frames at 480 x 832, 4 read steps per chunk and the
+  cache-prefill after it (``AnyFlowFARPipeline.__call__``'s loop); flex attention compiled, as
+  diffusers expects. Upstream: the cache tensors ``__call__`` allocates; qkv:
+  ``qkv.adapters.anyflow_far.install``.
+- ``sana_wm``: diffusers' ``SanaWMLTX2Refiner.__call__`` itself (prompt encoding replaced by
+  random embeddings, no VAE) on a ``SanaWMLTX2RefinerTransformer3DModel`` with the class defaults
+  (LTX-2's sizes: 48 blocks, 32 x 128), 720 x 1280 video (22 x 40 latent tokens per frame),
+  sink 1 + blocks of 3 frames, ``kv_max_frames`` 11, its 3-step distilled schedule. The window
+  bounds the cache; qkv: ``qkv.adapters.sana_wm.install``.
+
+Per client and cache: per-chunk wall time (synchronized; the clean/prefill/capture forward
+included), the KV bytes at the end (upstream: the tensors holding K/V; qkv: ``handle.memory()``),
+the rollout's peak GPU memory beyond the weights, and the output drift per chunk (relative L2 of
+the last denoising output against the upstream's, free-running). ``capacity``: the longest
+rollout whose K/V fit in 24 GiB (global-attention clients), from the measured bytes per chunk.
+
+    bash scripts/setup.sh test
+    for c in self_forcing anyflow_far sana_wm; do
+      PYTHONPATH=. python3 benchmarks/bench_pipelines.py --clients $c --out benchmarks/results/bench_pipelines_h200.json
+    done
+
+``--clients`` picks some (results merge into ``--out``), ``--chunks`` the rollout length (32),
+``--policy`` the compressed policy (qvg), ``--tiny`` a CPU smoke run at toy sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import pathlib
+import time
+import warnings
+
+import torch
+
+import qkv
+
+GiB = 2**30
+BUDGET = 24 * GiB
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class Run:
+    """One rollout's measurements: wall time per chunk, peak memory beyond the start, the last
+    denoising output per chunk (CPU fp32, for the drift)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times, self.outputs = device, [], []
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        self.t0 = time.perf_counter()
+
+    def chunk_done(self, output: torch.Tensor) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.times.append(now - self.t0)
+        self.outputs.append(output.detach().float().cpu())
+        self.t0 = time.perf_counter()  # the copy to the CPU is not timed
+
+    def peak(self) -> int | None:
+        return torch.cuda.max_memory_allocated() - self.base if self.device.type == "cuda" else None
+
+
+def twice(rollout):
+    """Run ``rollout`` twice (the first warms every kernel and compiled shape), keep the second."""
+    rollout()
+    return rollout()
+
+
+def compare(upstream: dict, ours: dict, up_run: Run, our_run: Run) -> dict:
+    drift = [float((b - a).norm() / a.norm()) for a, b in zip(up_run.outputs, our_run.outputs)]
+    t_up, t_ours = sum(up_run.times), sum(our_run.times)
+    return {
+        "upstream": {**upstream, "chunk_s": up_run.times, "peak_bytes": up_run.peak()},
+        "qkv": {**ours, "chunk_s": our_run.times, "peak_bytes": our_run.peak()},
+        "kv_ratio": upstream["kv_bytes"] / ours["kv_bytes"],
+        "peak_ratio": (up_run.peak() / our_run.peak()) if up_run.peak() else None,
+        "latency_overhead": t_ours / t_up - 1,
+        "latency_overhead_last_8": sum(our_run.times[-8:]) / sum(up_run.times[-8:]) - 1,
+        "drift": drift,
+    }
+
+
+def capacity(fixed: float, per_chunk: float) -> int | None:
+    """Chunks whose K/V fit in the budget: ``fixed`` bytes plus ``per_chunk`` bytes per chunk
+    (None when nothing was measured: a rollout too short to compress a span)."""
+    return max(0, math.floor((BUDGET - fixed) / per_chunk)) if per_chunk > 0 else None
+
+
+# -- Self-Forcing (streamdiffusionv2's CausalWanModel) ---------------------------------------------
+def self_forcing(args, device, dtype) -> dict:
+    from models.wan.causal_model import CausalWanModel
+
+    if args.tiny:
+        cfg = dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, text_len=8)
+        lat_h, lat_w, text = 8, 8, (8, 32)
+    else:
+        cfg = dict(dim=1536, ffn_dim=8960, freq_dim=256, text_dim=4096, num_heads=12, num_layers=30, text_len=512)
+        lat_h, lat_w, text = 60, 104, (512, 4096)
+    frames, steps, chunks = 3, (1000, 750, 500, 250, 0), args.chunks
+    n = frames * (lat_h // 2) * (lat_w // 2)
+    with torch.device(device):
+        model = CausalWanModel(in_dim=16, out_dim=16, **cfg).to(dtype).eval()
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)  # upstream zero-initialises the head
+    heads, head_dim, blocks = cfg["num_heads"], cfg["dim"] // cfg["num_heads"], cfg["num_layers"]
+    capacity_tokens = (chunks + 1) * n  # above the rollout: global attention, no ring buffer
+
+    def dicts(meta: bool) -> tuple[list, list]:
+        where = "meta" if meta else device
+        kv = [{"k": torch.zeros(1, capacity_tokens, heads, head_dim, dtype=dtype, device=where),
+               "v": torch.zeros(1, capacity_tokens, heads, head_dim, dtype=dtype, device=where),
+               "global_end_index": torch.tensor([0], device=device), "local_end_index": torch.tensor([0], device=device),
+               "total_steps": len(steps), "current_step": len(steps)} for _ in range(blocks)]
+        cross = [{"k": None, "v": None, "is_init": False} for _ in range(blocks)]
+        return kv, cross
+
+    def rollout(meta: bool) -> tuple[Run, list]:
+        gen = torch.Generator(device).manual_seed(0)
+        context = [torch.randn(*text, generator=gen, device=device, dtype=dtype)]
+        run = Run(device)  # before the cache is allocated: the rollout's peak includes it
+        kv, cross = dicts(meta)
+        with torch.no_grad():
+            for c in range(chunks):
+                x = torch.randn(1, 16, frames, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
+                start = torch.tensor([c * n], device=device)
+                for i, t in enumerate(steps):
+                    out = model(list(x), torch.full((1, frames), t, device=device), context, seq_len=10**7,
+                                kv_cache=kv, crossattn_cache=cross, current_start=start, current_end=start + n)
+                    if i == len(steps) - 2:
+                        last_denoised = out
+                    sigma = steps[i + 1] / 1000 if i + 1 < len(steps) else 0.0
+                    noise = torch.randn(out.shape, generator=gen, device=device, dtype=dtype)
+                    x = ((1 - sigma) * out + sigma * noise).to(dtype)
+                run.chunk_done(last_denoised)
+        return run, kv
+
+    up_run, kv = twice(lambda: rollout(False))
+    up_bytes = sum(d[name][:, : chunks * n].numel() * d[name].element_size() for d in kv for name in ("k", "v"))
+    del kv
+    span = 8
+    with qkv.adapters.streamdiffusionv2.install(model, args.policy, span_chunks=span) as handle:
+        our_run, _ = twice(lambda: rollout(True))
+        mem = handle.memory()
+        compressed_chunks = len(handle.cache.layer(0).spans) * span
+    bf16_chunk = up_bytes / chunks
+    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    # qkv: up to a span of chunks waits in bf16 (the tail) plus the chunk being denoised
+    result["capacity"] = {
+        "chunk_tokens": n,
+        "upstream_chunks": capacity(0, bf16_chunk),
+        "qkv_chunks": span + 1 + capacity((span + 1) * bf16_chunk, mem.compressed / max(compressed_chunks, 1)),
+    }
+    return result
+
+
+def memory_dict(mem) -> dict:
+    return {k: getattr(mem, k) for k in ("compressed", "sink", "tail", "warm_start", "tokens", "total",
+                                         "bits_per_element")}
+
+
+# -- AnyFlow-FAR (diffusers) ---------------------------------------------------------------------------
+def anyflow_far(args, device, dtype) -> dict:
+    from diffusers import AnyFlowFARTransformer3DModel
+
+    if args.tiny:
+        cfg = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32)
+        lat_h, lat_w, text = 8, 8, (8, 32)
+    else:
+        import torch.nn.attention.flex_attention as fa
+
+        # compiled, as diffusers expects (eager flex attention materializes the scores); the
+        # default recompiles once with dynamic shapes when the key length changes
+        fa.flex_attention = torch.compile(fa.flex_attention)
+        cfg = dict(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30, text_dim=4096,
+                   freq_dim=256)
+        lat_h, lat_w, text = 60, 104, (512, 4096)
+    part = (1,) + (3,) * (args.chunks - 1)
+    limit, steps = 3, (1000, 750, 500, 250)
+    with torch.device(device):
+        model = AnyFlowFARTransformer3DModel(in_channels=16, out_channels=16, full_chunk_limit=limit,
+                                             chunk_partition=part, **cfg).to(dtype).eval()
+    heads, head_dim, blocks = cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["num_layers"]
+    full, coarse = (lat_h // 2) * (lat_w // 2), (lat_h // 4) * (lat_w // 4)
+
+    def upstream_cache() -> dict:  # as AnyFlowFARPipeline.__call__ allocates it
+        return {i: {"full_cache": torch.zeros(2, 1, heads, limit * max(part) * full, head_dim, dtype=dtype, device=device),
+                    "compressed_cache": torch.zeros(2, 1, heads, (len(part) - limit + 1) * max(part) * coarse, head_dim,
+                                                    dtype=dtype, device=device)} for i in range(blocks)}
+
+    def rollout(kv_cache) -> Run:
+        gen = torch.Generator(device).manual_seed(0)
+        prompt = torch.randn(1, *text, generator=gen, device=device, dtype=dtype)
+        run = Run(device)  # before the cache is allocated: the rollout's peak includes it
+        kv = kv_cache()
+        output = torch.zeros(1, sum(part), 16, lat_h, lat_w, device=device, dtype=dtype)
+        flag = {"num_cached_chunks": 0, "is_cache_step": False}
+        with torch.no_grad():
+            for c, frames in enumerate(part):
+                f0, f1 = sum(part[:c]), sum(part[: c + 1])
+                x = torch.randn(1, frames, 16, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
+                for i, t in enumerate(steps):
+                    r = steps[i + 1] if i + 1 < len(steps) else 0
+                    pred, _ = model(hidden_states=x, timestep=torch.full((1, frames), t, device=device),
+                                    r_timestep=torch.full((1, frames), r, device=device), encoder_hidden_states=prompt,
+                                    return_dict=False, chunk_partition=list(part[: c + 1]), kv_cache=kv,
+                                    kv_cache_flag=copy.deepcopy(flag))
+                    x = (x - (t - r) / 1000 * pred).to(dtype)
+                output[:, f0:f1] = x
+                if c < len(part) - 1:  # encode_kv_cache: re-encode the clean context
+                    flag["is_cache_step"] = True
+                    zero = torch.zeros(1, f1, dtype=torch.long, device=device)
+                    mask = model.build_attention_mask(chunk_partition=list(part[: c + 1]), height=lat_h, width=lat_w,
+                                                      device=device, mode="cache")
+                    model(hidden_states=output[:, :f1], chunk_partition=list(part[: c + 1]), timestep=zero,
+                          r_timestep=zero, encoder_hidden_states=prompt, attention_mask=mask, return_dict=False,
+                          kv_cache=kv, kv_cache_flag=copy.deepcopy(flag))
+                    flag["num_cached_chunks"] += 1
+                    flag["is_cache_step"] = False
+                run.chunk_done(pred)
+        return run
+
+    up_run = twice(lambda: rollout(upstream_cache))
+    # what the last chunk's read steps attend to besides the chunk: the coarse context and the
+    # limit - 1 full-resolution chunks before it
+    coarse_tokens, full_tokens = sum(part[: len(part) - limit]) * coarse, sum(part[len(part) - limit : -1]) * full
+    per_token = 2 * blocks * heads * head_dim * torch.finfo(dtype).bits // 8  # K and V, all blocks
+    up_bytes = (coarse_tokens + full_tokens) * per_token  # what the upstream holds at the last chunk
+    span = 8
+    with qkv.adapters.anyflow_far.install(model, args.policy, span_chunks=span) as handle:
+        our_run = twice(lambda: rollout(handle.kv_cache))
+        mem = handle.memory()
+        context = handle.cache.layer(0)
+        compressed_context = sum(sp.ckv.nbytes for sp in context.spans) * blocks
+        context_chunks = len(context.spans) * span
+    allocated = (limit * max(part) * full + (len(part) - limit + 1) * max(part) * coarse) * per_token
+    result = compare({"kv_bytes": up_bytes, "allocated_bytes": allocated},
+                     {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    coarse_chunk, full_region = 3 * coarse * per_token, (limit - 1) * 3 * full * per_token
+    result["capacity"] = {
+        "upstream_chunks": limit - 1 + capacity(full_region, coarse_chunk),
+        # qkv: the full-resolution context as compressed now, up to a span of coarse chunks in bf16
+        "qkv_chunks": limit - 1 + span + capacity(mem.compressed - compressed_context + span * coarse_chunk,
+                                                  compressed_context / max(context_chunks, 1)),
+    }
+    return result
+
+
+# -- SANA-WM refiner (diffusers) -------------------------------------------------------------------------
+def sana_wm(args, device, dtype) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.models.transformers.transformer_sana_wm_refiner import SanaWMLTX2RefinerTransformer3DModel
+    from diffusers.pipelines.sana_wm.refiner import SanaWMLTX2Refiner
+
+    if args.tiny:
+        cfg = dict(in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=32,
+                   cross_attention_dim=64, num_layers=2, caption_channels=16, audio_in_channels=8,
+                   audio_num_attention_heads=2, audio_attention_head_dim=16, audio_cross_attention_dim=32)
+        lat_h, lat_w, text, channels = 4, 4, (6, 16), 8
+    else:
+        cfg = {}  # the class defaults: LTX-2's sizes
+        lat_h, lat_w, text, channels = 22, 40, (256, 3840), 128
+    with torch.device(device):
+        transformer = SanaWMLTX2RefinerTransformer3DModel(**cfg).to(dtype).eval()
+    pipe = SanaWMLTX2Refiner(transformer=transformer, connectors=None, tokenizer=None, text_encoder=None,
+                             scheduler=FlowMatchEulerDiscreteScheduler(), vae=None)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator(device).manual_seed(0)
+    embeds = torch.randn(1, *text, generator=gen, device=device, dtype=dtype)
+    pipe._encode_prompt = lambda prompt, device, dtype: (embeds, torch.ones(1, text[0], dtype=torch.long, device=device))
+    sink, block, window = 1, 3, 11
+    stage1 = torch.randn(1, channels, sink + block * args.chunks, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
+    forwards_per_block = 4  # 3 denoising steps + the capture of the refined block
+
+    def rollout() -> tuple[Run, torch.Tensor]:
+        run, calls = Run(device), []
+
+        def hook(module, inputs, kwargs, output):
+            if kwargs.get("kv_cache_mode") != "capture_pre_rope":
+                calls.append(output[0] if isinstance(output, tuple) else output.sample)
+                if len(calls) % forwards_per_block == 0:
+                    run.chunk_done(calls[-2])  # the last denoising step's output
+        remove = transformer.register_forward_hook(hook, with_kwargs=True)
+        try:
+            latents = pipe(stage1, "a prompt", fps=24.0, generator=torch.Generator(device).manual_seed(1),
+                           sink_size=sink, block_size=block, kv_max_frames=window, output_type="latent")
+        finally:
+            remove.remove()
+        return run, latents
+
+    up_run, _ = twice(rollout)
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    per_token = 2 * len(transformer.transformer_blocks) * inner * torch.finfo(dtype).bits // 8
+    up_bytes = window * lat_h * lat_w * per_token  # sink + full history, what upstream holds at the end
+    with qkv.adapters.sana_wm.install(pipe, args.policy) as handle:
+        our_run, _ = twice(rollout)
+        mem = handle.memory()
+    return compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+
+
+CLIENTS = {"self_forcing": self_forcing, "anyflow_far": anyflow_far, "sana_wm": sana_wm}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", default=",".join(CLIENTS))
+    parser.add_argument("--chunks", type=int, default=32)
+    parser.add_argument("--policy", default="qvg")
+    parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (a smoke run)")
+    parser.add_argument("--out", default="benchmarks/results/bench_pipelines_h200.json")
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    device = torch.device("cpu" if args.tiny else "cuda")
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    out = pathlib.Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    if args.tiny:  # head_dim 32 at toy sizes: smaller quantizer blocks and fewer clusters
+        args.policy = qkv.build_policy(args.policy, block=16, clusters=8)
+    for name in args.clients.split(","):
+        torch.manual_seed(0)
+        results[name] = {"chunks": args.chunks, "policy": str(args.policy), **CLIENTS[name](args, device, dtype)}
+        r = results[name]
+        print(f"{name}: KV {r['kv_ratio']:.2f}x smaller, peak {r['peak_ratio'] or float('nan'):.2f}x, "
+              f"latency {100 * r['latency_overhead']:+.1f}% (last 8 chunks {100 * r['latency_overhead_last_8']:+.1f}%), "
+              f"drift max {max(r['drift']):.2e}, capacity {r.get('capacity')}", flush=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    results.pop("environment", None)
+    if args.tiny:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=1))
+    else:
+        from common import write_json
+
+        write_json(out, results)
+
+
+if __name__ == "__main__":
+    main()

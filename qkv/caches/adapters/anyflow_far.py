@@ -1,0 +1,178 @@
+"""diffusers' AnyFlow-FAR (frame-autoregressive Wan) on qkv caches.
+
+``AnyFlowFARTransformer3DModel`` (diffusers >= 0.42, ``transformer_anyflow_far.py``) keeps, per
+block, ``kv_cache[i] = {"compressed_cache", "full_cache"}`` ([2, B, H, L, D] each, keys before
+RoPE): ``pipeline_anyflow_far.py`` re-encodes the whole clean context after every chunk (the
+cache-prefill step, ``kv_cache_flag["is_cache_step"]``: a flex-attention pass with a chunk-causal
+mask over the context, the oldest chunks at a 4x coarser patch size ("compressed" frames), the
+newest ``full_chunk_limit - 1`` chunks at full resolution) and writes its K/V there; each
+denoising step of the next chunk (the cache-read step) attends its queries to [compressed
+context, full context, chunk], roped together.
+
+:func:`install` sets each ``attn1``'s processor to :class:`FARCacheProcessor`:
+
+- a cache-prefill step runs the upstream processor itself (its output is the prefill's
+  attention, unchanged) on a stand-in cache that hands over the K/V it writes; the keys are roped
+  at their positions (the positions the read step gives the same tokens), then the coarse context
+  goes to one :class:`~qkv.KVCache` and the full-resolution context to another. The coarse
+  context only grows (under the chunk-causal mask a coarse chunk sees only older coarse chunks, so
+  its K/V do not change when the context is re-encoded): only its new chunks are appended, and
+  spans are compressed once. The full-resolution context is re-encoded by every prefill and
+  replaces the previous one (the ``recent`` cache: compressed at once, or kept exact with
+  ``recent_full_precision=True``).
+- a cache-read step computes q/k/v as the upstream processor does, ropes the queries and the
+  chunk's keys, and attends with ``qkv.kernels.attention`` over the compressed spans of both
+  caches plus the chunk (and the zero keys the upstream adds: it pads q, k and v to a multiple
+  of 128 tokens and, with no mask at that step, its queries attend to the padding too).
+
+    handle = qkv.adapters.anyflow_far.install(pipe, "qvg")    # pipe.transformer, or the model
+    video = pipe(prompt, ...)                                # unchanged
+    handle.memory(); handle.remove()
+
+``pipeline_anyflow_far.py`` still allocates its zero-filled cache tensors in ``__call__`` (they
+are never written or read once installed); running the transformer directly, pass
+``handle.kv_cache()`` (per-block placeholders, no tensors) as ``kv_cache``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from qkv.caches.adapters.handle import AdapterHandle, attend_parts
+from qkv.caches.kvcache import KVCache
+from qkv.caches.policy import Policy
+from qkv.errors import CacheError, ConfigError
+
+__all__ = ["FARCacheProcessor", "FARHandle", "install"]
+
+
+def _upstream():
+    from diffusers.models.transformers import transformer_anyflow_far  # imported on first use only
+
+    return transformer_anyflow_far
+
+
+class _Capture(dict):
+    """A stand-in ``kv_cache[i]``: the upstream processor's prefill writes
+    ``cache[name][0 or 1, :, :, :n, :] = x`` are recorded as ``{name: (k, v)}``."""
+
+    class _Slot:
+        def __init__(self, store: dict, name: str) -> None:
+            self.store, self.name = store, name
+
+        def __setitem__(self, index, value: torch.Tensor) -> None:
+            if not (isinstance(index, tuple) and index[0] in (0, 1)):
+                raise CacheError(f"anyflow_far: unexpected cache write {self.name}[{index!r}]")
+            self.store.setdefault(self.name, [None, None])[index[0]] = value
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: dict[str, list] = {}
+
+    def __missing__(self, name: str):
+        return self._Slot(self.written, name)
+
+
+class FARHandle(AdapterHandle):
+    """:class:`AdapterHandle` of an ``AnyFlowFARTransformer3DModel``: ``context`` (the coarse
+    context, grows) and ``recent`` (the full-resolution context, replaced at every prefill)."""
+
+    def __init__(self, model, policy: Policy | str, cache_options: dict, recent_full_precision: bool) -> None:
+        super().__init__("anyflow_far", policy, cache_options, fixed=("num_layers", "max_spans"))
+        self.model = model
+        blocks = len(model.blocks)
+        self.cache = KVCache(policy, num_layers=blocks, **cache_options)
+        shared = {k: v for k, v in cache_options.items() if k in ("warm_start", "head_independent", "validate",
+                                                                  "backend", "attention")}
+        # one chunk per prefill: span_chunks=1 compresses it at once, 2 keeps it in the tail (exact)
+        self.recent = KVCache(self.cache.policy, num_layers=blocks, span_chunks=2 if recent_full_precision else 1,
+                              **shared)
+
+    def caches(self) -> list[KVCache]:
+        return [] if self.removed else [self.cache, self.recent]
+
+    def kv_cache(self) -> list[dict]:
+        """What to pass as the transformer's ``kv_cache`` when calling it directly."""
+        return [{} for _ in self.model.blocks]
+
+    def prefill(self, index: int, written: dict, rope_key: torch.Tensor, flag: dict) -> None:
+        """Store the K/V a prefill wrote for block ``index`` (keys roped with ``rope_key``)."""
+        nc, nf = flag["num_compressed_tokens"], flag["num_full_tokens"]
+        (kc, vc), (kf, vf) = written["compressed_cache"], written["full_cache"]
+        keys = _upstream().apply_rotary_emb(torch.cat([kc, kf], 2), rope_key)
+        kc, kf = keys[:, :, :nc], keys[:, :, nc:]
+        context, recent = self.cache.layer(index), self.recent.layer(index)
+        if flag["num_cached_chunks"] == 0 or nc < context.tokens:
+            context.reset()  # a new video
+        if nc > context.tokens:
+            context.append(kc[:, :, context.tokens :].contiguous(), vc[:, :, context.tokens :].contiguous())
+        recent.reset()
+        recent.append(kf.contiguous(), vf.contiguous())  # one chunk: a span at once, or the tail
+
+    def attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flag: dict) -> torch.Tensor:
+        """The read step's attention: q [B, H, Sq, D] to [context, recent, (k, v)]."""
+        context, recent = self.cache.layer(index), self.recent.layer(index)
+        want = (flag["num_cached_compressed_tokens"], flag["num_cached_full_tokens"])
+        if flag["num_cached_chunks"] == 0:  # the first chunk of a new video
+            context.reset()
+            recent.reset()
+        held = (context.tokens if context.layout else 0, recent.tokens if recent.layout else 0)
+        if held != want:
+            raise CacheError(f"anyflow_far block {index}: the step expects {want} cached (coarse, full) tokens, "
+                             f"the caches hold {held}; run the cache-prefill step first")
+        return attend_parts(self.cache.config, q, [context, recent, (k, v)])
+
+
+class FARCacheProcessor:
+    """``attn1`` processor: prefill through the upstream processor, reads from the qkv caches."""
+
+    def __init__(self, handle: FARHandle, index: int, upstream) -> None:
+        self.handle, self.index, self.upstream = handle, index, upstream
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None,
+                 kv_cache=None, kv_cache_flag=None):
+        if kv_cache is None:  # the training rollout: upstream's own
+            return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        self.handle.check_installed()
+        if kv_cache_flag["is_cache_step"]:
+            capture = _Capture()
+            out = self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
+                                kv_cache=capture, kv_cache_flag=kv_cache_flag)
+            self.handle.prefill(self.index, capture.written, rotary_emb["key"], kv_cache_flag)
+            return out
+        # the upstream processor's read step, with the history from the qkv caches
+        target = hidden_states.dtype
+        query = attn.norm_q(attn.to_q(hidden_states)).to(target)
+        key = attn.norm_k(attn.to_k(hidden_states)).to(target)
+        value = attn.to_v(hidden_states)
+        query, key, value = (x.unflatten(2, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value))
+        apply = _upstream().apply_rotary_emb
+        seq = query.shape[2]
+        query = apply(query, rotary_emb["query"])
+        key = apply(key, rotary_emb["key"][:, :, -key.shape[2] :])
+        pad = math.ceil(seq / 128) * 128 - seq  # upstream's zero padding, attended to at this step
+        if pad:
+            zeros = key.new_zeros(*key.shape[:2], pad, key.shape[3])
+            key, value = torch.cat([key, zeros], 2), torch.cat([value, zeros.to(value.dtype)], 2)
+        out = self.handle.attend(self.index, query, key, value, kv_cache_flag)
+        out = out.transpose(1, 2).flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool = False,
+            **cache_options) -> FARHandle:
+    """Run ``target`` (an ``AnyFlowFARTransformer3DModel`` or a pipeline with ``.transformer``)
+    on compressed caches. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
+    coarse context cache's :class:`~qkv.KVCache` options (``span_chunks``: FAR chunks per span,
+    ...; not ``num_layers`` nor ``max_spans``); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
+    compressing it at each prefill. Returns the handle (``memory()``, ``remove()``)."""
+    model = getattr(target, "transformer", target)
+    if type(model).__name__ != "AnyFlowFARTransformer3DModel":
+        raise ConfigError(f"anyflow_far: expected an AnyFlowFARTransformer3DModel or a pipeline holding one, "
+                          f"got {type(model).__name__}")
+    handle = FARHandle(model, policy, cache_options, recent_full_precision)
+    for index, block in enumerate(model.blocks):
+        handle.patches.set(block.attn1, "processor", FARCacheProcessor(handle, index, block.attn1.processor))
+    return handle

@@ -1,0 +1,182 @@
+"""flashdreams' streaming Wan (``recipes/wan``) on a qkv cache.
+
+flashdreams 0.1.0 builds each transformer block's self-attention cache with
+``SelfAttention.initialize_cache`` (a ``BlockKVCache``, ``core/attention/kvcache.py``: [sink |
+rolling window] buffers of ``[B, S, H, D]``, ``before_update(chunk_idx)`` / ``update(k, v)`` /
+``after_update(chunk_idx)``; the same ``chunk_idx`` again rewrites the chunk, the next one rolls
+the window left by a chunk once it is full) and attends with ``apply_kv``: queries against the
+whole ``cached_k()`` / ``cached_v()`` buffer.
+
+:func:`install` keeps that protocol and replaces the two pieces on each block's ``self_attn``
+instance: ``initialize_cache`` returns a :class:`QKVBlockCache` (same protocol, backed by a
+:class:`~qkv.KVCache` layer: the chunk being denoised is kept in full precision, appended once
+when the next chunk starts, the window slides by ``LayerCache.evict`` after a sink of whole
+chunks), and ``apply_kv`` attends with ``cache.attend(layer, q, extra=chunk)`` over the compressed
+spans instead of reading the buffer. Everything else (q/k/v, RMS norms, RoPE before caching, the
+network's ``before_update`` / ``after_update`` calls, cross-attention) is flashdreams' own.
+
+    handle = qkv.adapters.flashdreams.install(network, "qvg")   # a WanDiTNetwork (or .network)
+    cache = network.initialize_cache(chunk_size, window_size, sink_size, text)   # unchanged
+
+Not supported (typed errors at install or first use): keys roped relative to the cache
+(``apply_rope_before_kvcache=False``: every read would need the history decompressed to re-rope
+it), context parallelism (each rank would attend its own compressed shard and merge by
+log-sum-exp; not done here), a sink that is not whole chunks, and CUDA-graph capture of the
+forward (the cache's tensors change shape as it grows).
+"""
+
+from __future__ import annotations
+
+import math
+import types
+import weakref
+
+import torch
+
+from qkv.caches.adapters.handle import AdapterHandle
+from qkv.caches.kvcache import KVCache
+from qkv.caches.policy import Policy
+from qkv.errors import CacheError, ConfigError
+
+__all__ = ["FlashDreamsHandle", "QKVBlockCache", "install"]
+
+
+class QKVBlockCache:
+    """``BlockKVCache``'s protocol over layer ``index`` of ``owner``; K/V arrive as [B, S, H, D]."""
+
+    def __init__(self, owner: KVCache, index: int, *, chunk_size: int, window_size: int, sink_size: int) -> None:
+        if sink_size % chunk_size or (sink_size + window_size) % chunk_size:
+            raise ConfigError(f"flashdreams: sink_size ({sink_size}) and sink_size + window_size "
+                              f"({sink_size + window_size}) must be whole chunks of {chunk_size} tokens")
+        self.owner, self.layer = owner, owner.layer(index)
+        self.chunk_size, self.window_size, self.sink_size = chunk_size, window_size, sink_size
+        self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, H, S, D] being denoised
+        self._prev_chunk_idx, self._curr_chunk_idx = -1, None
+
+    def before_update(self, chunk_idx: int) -> None:
+        """A rewrite of the current chunk (same index) or the next chunk: the held chunk joins
+        the history, which is cut to the window (sink + window - chunk tokens before the chunk)."""
+        if self._curr_chunk_idx is not None:
+            raise CacheError("flashdreams: before_update() twice without after_update()")
+        if chunk_idx not in (self._prev_chunk_idx, self._prev_chunk_idx + 1):
+            raise CacheError(f"flashdreams: chunk {chunk_idx} after chunk {self._prev_chunk_idx} "
+                             f"(expected {self._prev_chunk_idx} or {self._prev_chunk_idx + 1})")
+        if chunk_idx == self._prev_chunk_idx + 1 and self.chunk is not None:
+            self.layer.append(*self.chunk)
+            self.chunk = None
+            over = self.layer.tokens + self.chunk_size - (self.sink_size + self.window_size)
+            if over > 0:
+                self.layer.evict(over)
+        self._curr_chunk_idx = chunk_idx
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The current chunk's K/V [B, chunk_size, H, D] (RoPE applied)."""
+        if self._curr_chunk_idx is None:
+            raise CacheError("flashdreams: update() before before_update()")
+        if k.shape[1] != self.chunk_size or v.shape[1] != self.chunk_size:
+            raise CacheError(f"flashdreams: expected chunks of {self.chunk_size} tokens, got {k.shape[1]}")
+        self.chunk = (k.transpose(1, 2), v.transpose(1, 2))
+
+    def after_update(self, chunk_idx: int) -> None:
+        if chunk_idx != self._curr_chunk_idx:
+            raise CacheError(f"flashdreams: after_update({chunk_idx}) for chunk {self._curr_chunk_idx}")
+        self._prev_chunk_idx, self._curr_chunk_idx = chunk_idx, None
+
+    def attend(self, q: torch.Tensor) -> torch.Tensor:
+        """Attention of q [B, H, Sq, D] to the history and the current chunk: [B, H, Sq, D]."""
+        if self.chunk is None:
+            raise CacheError("flashdreams: attention before the chunk's update()")
+        return self.layer.attend(q, extra=self.chunk)
+
+    def cached_k(self) -> torch.Tensor:
+        """``BlockKVCache.cached_k``: history and chunk as [B, S, H, D] (decompressed: a copy)."""
+        return self._cached(0)
+
+    def cached_v(self) -> torch.Tensor:
+        return self._cached(1)
+
+    def _cached(self, i: int) -> torch.Tensor:
+        parts = [self.layer.read()[i]] if self.layer.layout is not None else []
+        return torch.cat([*parts, self.chunk[i]], 2).transpose(1, 2)
+
+    def reset(self) -> None:
+        self.layer.reset()
+        self.chunk, self._prev_chunk_idx, self._curr_chunk_idx = None, -1, None
+
+
+class FlashDreamsHandle(AdapterHandle):
+    """:class:`AdapterHandle` of a flashdreams ``WanDiTNetwork``. Every
+    ``network.initialize_cache`` (it initializes block 0 first) gets a :class:`KVCache` of its
+    own, so caches built side by side (flashdreams builds one per CFG branch) stay apart; the
+    handle counts those still in use (``cache``: the newest)."""
+
+    def __init__(self, network, policy: Policy | str, cache_options: dict) -> None:
+        super().__init__("flashdreams", policy, cache_options, fixed=("num_layers", "max_spans", "sink_chunks"))
+        self.network = network
+        self._live: weakref.WeakSet[QKVBlockCache] = weakref.WeakSet()
+
+    def caches(self) -> list[KVCache]:
+        return list({id(c.owner): c.owner for c in self._live}.values())
+
+    def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [c.chunk for c in self._live if c.chunk is not None]
+
+    def reset(self) -> None:
+        for block in list(self._live):
+            block.reset()
+
+    def initialize(self, index: int, chunk_size: int, window_size: int, sink_size: int) -> QKVBlockCache:
+        """Block ``index``'s cache of a new ``initialize_cache`` (a new video)."""
+        self.check_installed()
+        if index == 0 or self.cache is None:
+            self.cache = KVCache(self.policy, num_layers=len(self.network.blocks), sink_chunks=sink_size // chunk_size,
+                                 **self.cache_options)
+        block = QKVBlockCache(self.cache, index, chunk_size=chunk_size, window_size=window_size, sink_size=sink_size)
+        self._live.add(block)
+        return block
+
+
+def _apply_kv(attn):
+    """``MultiHeadAttention.apply_kv`` with the attention over a :class:`QKVBlockCache`."""
+
+    def apply_kv(self, x, kv_cache, rope_freqs_q=None, rope_freqs_k=None):
+        from flashdreams.core.attention.rope import apply_rope_freqs
+
+        if not isinstance(kv_cache, QKVBlockCache):
+            raise CacheError(f"flashdreams: the cache must come from the installed initialize_cache, got "
+                             f"{type(kv_cache).__name__}")
+        batch_shape = x.shape[:-2]
+        length, n, d = x.shape[-2], self.n_heads, self.head_dim
+        q = self.norm_q(self.q(x)).reshape(math.prod(batch_shape), length, n, d)
+        if rope_freqs_q is not None:
+            q = apply_rope_freqs(q, rope_freqs_q, interleaved=True)
+        out = kv_cache.attend(q.transpose(1, 2)).transpose(1, 2)
+        return self.o(out.reshape(batch_shape + (length, n * d)))
+
+    return types.MethodType(apply_kv, attn)
+
+
+def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDreamsHandle:
+    """Run ``target`` (a flashdreams ``WanDiTNetwork``, or an object with ``.network``) on a
+    compressed cache. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
+    :class:`~qkv.KVCache` options except ``sink_chunks`` (from ``sink_size``), ``max_spans`` (the
+    window) and ``num_layers``.
+    Returns the handle (``memory()``, ``remove()``)."""
+    network = getattr(target, "network", target)
+    if not hasattr(network, "blocks") or not all(hasattr(b, "self_attn") for b in network.blocks):
+        raise ConfigError(f"flashdreams: expected a WanDiTNetwork, got {type(network).__name__}")
+    handle = FlashDreamsHandle(network, policy, cache_options)
+    for index, block in enumerate(network.blocks):
+        attn = block.self_attn
+        if not attn.apply_rope_before_kvcache:
+            raise ConfigError("flashdreams: keys roped relative to the cache (apply_rope_before_kvcache=False) "
+                              "need the whole history decompressed at every read; use apply_rope_before_kvcache=True")
+        if attn.is_context_parallel_enabled():
+            raise ConfigError("flashdreams: context parallelism is not supported by this adapter")
+
+        def initialize_cache(self, batch_size, chunk_size, window_size, sink_size, device, dtype, _index=index):
+            return handle.initialize(_index, chunk_size, window_size, sink_size)
+
+        handle.patches.set(attn, "initialize_cache", types.MethodType(initialize_cache, attn))
+        handle.patches.set(attn, "apply_kv", _apply_kv(attn))
+    return handle

@@ -1,0 +1,179 @@
+"""diffusers' SANA-WM refiner (chunk-causal LTX-2 with an attention sink) on a qkv cache.
+
+``SanaWMLTX2RefinerTransformer3DModel`` (diffusers >= 0.42, ``transformer_sana_wm_refiner.py``)
+attends each active block's queries to ``[sink, recent history, active block]``;
+``pipelines/sana_wm/refiner.py`` drives its ``SanaWMRefinerKVCache``: the sink's K/V are captured
+once **before** RoPE (``kv_cache_mode="capture_pre_rope"``) and re-roped in every window at a
+sliding offset (``sink_pe``); each refined block's K/V are captured **after** RoPE
+(``"inject_and_capture_post_rope"``), concatenated to the history, and the history is cut to its
+newest ``kv_max_frames - sink_size`` frames; the denoising steps (``"inject"``) only read.
+
+:func:`install` sets each ``attn1``'s processor to :class:`SanaWMCacheProcessor`, which keeps the
+K/V itself and leaves in the pipeline's ``SanaWMRefinerKVCache`` zero-width stand-ins
+([B, tokens, 0]: no memory) that the pipeline's own bookkeeping (``torch.cat``, the
+``[:, -keep:]`` cut) runs on unchanged, so their token counts say what upstream would hold:
+
+- ``"capture_pre_rope"`` runs the upstream processor (its output unchanged) and keeps the captured
+  pre-RoPE sink K/V compressed by the policy (one frame by default; ``sink_full_precision=True``
+  keeps them exact); a new sink starts a new video;
+- ``"inject"`` / ``"inject_and_capture_post_rope"`` compute q/k/v and RoPE as the upstream
+  processor does, decompress and re-rope the sink at the window's ``sink_pe``, trim the history
+  layer to the stand-in's token count (``LayerCache.evict``) and attend over [sink, compressed
+  history spans, block]; the capture mode then appends the block's post-RoPE K/V to the history
+  layer (one span per block unless ``span_chunks`` says otherwise).
+
+    handle = qkv.adapters.sana_wm.install(refiner, "qvg")   # the refiner pipeline, or its transformer
+    latents = refiner(...)                                  # unchanged
+    handle.memory(); handle.remove()
+"""
+
+from __future__ import annotations
+
+import torch
+
+from qkv.caches.adapters.handle import AdapterHandle, attend_parts
+from qkv.caches.cache_config import CacheMemory
+from qkv.caches.kvcache import KVCache
+from qkv.caches.policy import Policy
+from qkv.compressed import CompressedKV
+from qkv.errors import CacheError, ConfigError
+
+__all__ = ["SanaWMCacheProcessor", "SanaWMHandle", "install"]
+
+
+def _upstream():
+    from diffusers.models.transformers import transformer_sana_wm_refiner  # imported on first use only
+
+    return transformer_sana_wm_refiner
+
+
+def _stand_in(x: torch.Tensor) -> torch.Tensor:
+    """A [B, tokens, 0] tensor: ``x``'s token count, no data."""
+    return x.new_empty(x.shape[0], x.shape[1], 0)
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, S, H * D] -> [B, H, S, D]."""
+    return x.unflatten(2, (heads, -1)).transpose(1, 2)
+
+
+class SanaWMHandle(AdapterHandle):
+    """:class:`AdapterHandle` of a SANA-WM refiner: ``cache`` holds the history (one layer per
+    block); ``sinks[i]`` the sink K/V of block i (pre-RoPE, [B, H, S, D])."""
+
+    def __init__(self, model, policy: Policy | str, cache_options: dict, sink_full_precision: bool) -> None:
+        super().__init__("sana_wm", policy, cache_options, fixed=("num_layers", "max_spans", "sink_chunks"))
+        if "span_chunks" not in cache_options and "span_tokens" not in cache_options:
+            cache_options = {**cache_options, "span_chunks": 1}  # the window is ~3 blocks: a span per block
+        self.model = model
+        self.cache = KVCache(policy, num_layers=len(model.transformer_blocks), **cache_options)
+        self.sink_full_precision = sink_full_precision
+        self.sinks: list[CompressedKV | tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.transformer_blocks)
+
+    def reset(self) -> None:
+        super().reset()
+        self.sinks = [None] * len(self.sinks)
+
+    def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [s for s in self.sinks if isinstance(s, tuple)]
+
+    def memory(self) -> CacheMemory:
+        """The history cache, plus every block's sink (compressed, or exact as ``tail``)."""
+        mem = super().memory()
+        for s in self.sinks:
+            if isinstance(s, CompressedKV):
+                b, h, n, d = s.k.shape
+                mem = mem + CacheMemory(compressed=s.nbytes, tokens=n, elements=2 * b * h * n * d)
+        return mem
+
+    def set_sink(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Block ``index``'s sink (pre-RoPE [B, H, S, D]); its history starts over."""
+        cfg = self.cache.config
+        if self.sink_full_precision:
+            self.sinks[index] = (k.contiguous(), v.contiguous())
+        else:
+            self.sinks[index] = cfg.span_policy.compress(k.contiguous(), v.contiguous(), backend=cfg.backend,
+                                                         validate=cfg.validate)
+        self.cache.layer(index).reset()
+
+    def sink(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block ``index``'s sink K/V, pre-RoPE [B, H, S, D] (the sink alone is decompressed)."""
+        s = self.sinks[index]
+        if s is None:
+            raise CacheError(f"sana_wm block {index}: no sink captured (run capture_pre_rope first)")
+        if isinstance(s, tuple):
+            return s
+        return self.cache.config.span_policy.decompress(s, backend=self.cache.config.backend)
+
+
+class SanaWMCacheProcessor:
+    """``attn1`` processor: the sink and history from the qkv cache, stand-ins for the pipeline."""
+
+    def __init__(self, handle: SanaWMHandle, index: int, upstream) -> None:
+        self.handle, self.index, self.upstream = handle, index, upstream
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
+                 key_rotary_emb=None, sink_rotary_emb=None, kv_cache=None, kv_cache_mode=None):
+        if kv_cache_mode is None or kv_cache_mode == "capture_pre_rope":
+            capture = _upstream().SanaWMRefinerKVLayerCache() if kv_cache_mode else None
+            out = self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
+                                key_rotary_emb, sink_rotary_emb, capture, kv_cache_mode)
+            if kv_cache_mode:
+                self.handle.check_installed()
+                k, v = capture.get_captured_pre_rope()
+                self.handle.set_sink(self.index, _heads(k, attn.heads), _heads(v, attn.heads))
+                kv_cache.store_captured_pre_rope(_stand_in(k), _stand_in(v))
+            return out
+        self.handle.check_installed()
+        up = _upstream()
+        if attn.rope_type not in ("interleaved", "split"):
+            raise ValueError(f"Unsupported LTX-2 RoPE type: {attn.rope_type}")
+        rope = up.apply_interleaved_rotary_emb if attn.rope_type == "interleaved" else up.apply_split_rotary_emb
+        gate_logits = attn.to_gate_logits(hidden_states) if attn.to_gate_logits is not None else None
+        query = attn.norm_q(attn.to_q(hidden_states))
+        key = attn.norm_k(attn.to_k(hidden_states))
+        value = attn.to_v(hidden_states)
+        query, key = rope(query, query_rotary_emb), rope(key, query_rotary_emb)
+        parts = []
+        if kv_cache.get_sink() is not None:
+            if sink_rotary_emb is None:
+                raise ValueError("Injecting the attention sink requires the `sink_pe` RoPE tuple on the KV cache.")
+            sink_k, sink_v = self.handle.sink(self.index)
+            sink_k = rope(sink_k.transpose(1, 2).flatten(2).to(key.dtype), sink_rotary_emb)  # roped as [B, S, H * D]
+            parts.append((_heads(sink_k, attn.heads), sink_v.to(value.dtype)))
+        history = kv_cache.get_history()
+        layer = self.handle.cache.layer(self.index)
+        keep = history[0].shape[1] if history is not None else 0
+        held = layer.tokens if layer.layout is not None else 0
+        if held < keep:
+            raise CacheError(f"sana_wm block {self.index}: the pipeline's history has {keep} tokens, the cache {held}")
+        if held > keep:
+            layer.evict(held - keep)  # the pipeline cut its history to the window
+        k, v = _heads(key, attn.heads), _heads(value, attn.heads)
+        out = attend_parts(self.handle.cache.config, _heads(query, attn.heads), [*parts, layer, (k, v)])
+        if kv_cache_mode == "inject_and_capture_post_rope":
+            layer.append(k, v)
+            kv_cache.store_captured_post_rope(_stand_in(key), _stand_in(value))
+        hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
+        if gate_logits is not None:
+            gates = 2.0 * torch.sigmoid(gate_logits)
+            hidden_states = (hidden_states.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
+        return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+def install(target, policy: Policy | str = "qvg", *, sink_full_precision: bool = False,
+            **cache_options) -> SanaWMHandle:
+    """Run ``target`` (a ``SanaWMLTX2RefinerTransformer3DModel`` or a pipeline with
+    ``.transformer``) on a compressed cache. ``policy``: a :class:`Policy` or preset/spec;
+    ``cache_options``: the history's :class:`~qkv.KVCache` options (``span_chunks`` defaults to 1
+    here: a span per refined block; not ``num_layers``, ``max_spans`` nor ``sink_chunks``: the
+    pipeline's window decides); ``sink_full_precision``: keep the sink exact instead of
+    compressed. Returns the handle (``memory()``, ``remove()``)."""
+    model = getattr(target, "transformer", target)
+    if type(model).__name__ != "SanaWMLTX2RefinerTransformer3DModel":
+        raise ConfigError(f"sana_wm: expected a SanaWMLTX2RefinerTransformer3DModel or a pipeline holding one, "
+                          f"got {type(model).__name__}")
+    handle = SanaWMHandle(model, policy, cache_options, sink_full_precision)
+    for index, block in enumerate(model.transformer_blocks):
+        handle.patches.set(block.attn1, "processor", SanaWMCacheProcessor(handle, index, block.attn1.processor))
+    return handle

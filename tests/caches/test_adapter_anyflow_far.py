@@ -1,0 +1,156 @@
+"""qkv.adapters.anyflow_far against diffusers' own AnyFlowFARTransformer3DModel (tiny config,
+random weights, its flex-attention prefill on the CPU).
+
+``rollout`` restates the loop of ``AnyFlowFARPipeline.__call__`` and ``encode_kv_cache``
+(diffusers/pipelines/anyflow/pipeline_anyflow_far.py) without the text encoder, VAE and scheduler:
+per chunk, the denoising steps read the cache (a plain Euler update stands in for the flow-map
+scheduler), then the cache-prefill step re-encodes the whole clean context; the upstream cache is
+allocated as ``__call__`` does.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import qkv
+from qkv.caches.kvcache import LayerCache
+from qkv.errors import CacheError
+
+far = pytest.importorskip("diffusers.models.transformers.transformer_anyflow_far",
+                          reason="needs diffusers >= 0.42 (AnyFlow-FAR)")
+from qkv.caches.adapters import anyflow_far as adapter  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
+
+PART = (1, 2, 2, 2, 2, 2)  # frames per chunk
+B, C, H, W, HEADS, HEAD_DIM, LIMIT = 1, 4, 8, 8, 2, 32, 3
+FULL, COARSE = (H // 2) * (W // 2), (H // 4) * (W // 4)  # tokens per frame: patch 2x2, coarse patch 4x4
+STEPS = (900, 500, 200)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return far.AnyFlowFARTransformer3DModel(
+        num_attention_heads=HEADS, attention_head_dim=HEAD_DIM, in_channels=C, out_channels=C, text_dim=32,
+        freq_dim=32, ffn_dim=128, num_layers=2, full_chunk_limit=LIMIT, rope_max_seq_len=64, chunk_partition=PART,
+    ).eval()
+
+
+def upstream_cache(model):
+    """The per-block cache ``AnyFlowFARPipeline.__call__`` allocates."""
+    return {i: {"full_cache": torch.zeros(2, B, HEADS, LIMIT * max(PART) * FULL, HEAD_DIM),
+                "compressed_cache": torch.zeros(2, B, HEADS, (len(PART) - LIMIT + 1) * max(PART) * COARSE, HEAD_DIM)}
+            for i in range(len(model.blocks))}
+
+
+def rollout(model, kv, snapshots=None):
+    """Every read step's prediction; ``snapshots`` collects block 0's coarse cache after each prefill."""
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randn(B, 8, 32, generator=gen)
+    output = torch.zeros(B, sum(PART), C, H, W)
+    flag = {"num_cached_chunks": 0, "is_cache_step": False}
+    preds = []
+    for c, frames in enumerate(PART):
+        f0, f1 = sum(PART[:c]), sum(PART[: c + 1])
+        x = torch.randn(B, frames, C, H, W, generator=gen)
+        for i, t in enumerate(STEPS):
+            r = STEPS[i + 1] if i + 1 < len(STEPS) else 0
+            with torch.no_grad():
+                pred, _ = model(hidden_states=x, timestep=torch.full((B, frames), t),
+                                r_timestep=torch.full((B, frames), r), encoder_hidden_states=text, return_dict=False,
+                                chunk_partition=list(PART[: c + 1]), kv_cache=kv, kv_cache_flag=copy.deepcopy(flag))
+            preds.append(pred)
+            x = x - (t - r) / 1000 * pred
+        output[:, f0:f1] = x
+        if c < len(PART) - 1:  # encode_kv_cache
+            flag["is_cache_step"] = True
+            zero = torch.zeros(B, f1, dtype=torch.long)
+            mask = model.build_attention_mask(chunk_partition=list(PART[: c + 1]), height=H, width=W, device="cpu",
+                                              mode="cache")
+            with torch.no_grad():
+                model(hidden_states=output[:, :f1], chunk_partition=list(PART[: c + 1]), timestep=zero,
+                      r_timestep=zero, encoder_hidden_states=text, attention_mask=mask, return_dict=False,
+                      kv_cache=kv, kv_cache_flag=copy.deepcopy(flag))
+            flag["num_cached_chunks"] += 1
+            flag["is_cache_step"] = False
+            if snapshots is not None:
+                snapshots.append(kv[0]["compressed_cache"].clone())
+    return preds
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    snapshots = []
+    return rollout(model, upstream_cache(model), snapshots), snapshots
+
+
+@pytest.fixture
+def no_history_read(monkeypatch):
+    def read(self):
+        raise AssertionError("the forward path decompressed the whole history")
+
+    monkeypatch.setattr(LayerCache, "read", read)
+
+
+def test_the_coarse_context_only_grows(reference):
+    """What the adapter relies on to append the coarse context once: a re-encoding leaves the
+    coarse chunks already cached unchanged (the prefill mask is chunk-causal) up to fp32 rounding
+    (the prefill recomputes them in longer matrix products, which round differently)."""
+    _, snapshots = reference
+    sizes = [max(0, c + 1 - (LIMIT - 1)) for c in range(len(snapshots))]  # coarse chunks after prefill c
+    compared = 0
+    for before, after, n in zip(snapshots, snapshots[1:], sizes):
+        tokens = sum(PART[:n]) * COARSE
+        if tokens:
+            old, new = before[..., :tokens, :], after[..., :tokens, :]
+            assert (old - new).abs().max() <= 1e-5 * old.abs().max()
+            compared += 1
+    assert compared == 2
+
+
+@pytest.mark.parametrize("recent_full_precision", [True, False])
+def test_lossless_rollout_matches_the_upstream_cache(model, reference, no_history_read, recent_full_precision):
+    ref, _ = reference
+    with adapter.install(model, "fp32", span_chunks=2, recent_full_precision=recent_full_precision) as handle:
+        rollout(model, handle.kv_cache())
+        ours = rollout(model, handle.kv_cache())  # a second video on the same handle starts afresh
+        context, recent = handle.cache.layer(0), handle.recent.layer(0)
+        assert len(context.spans) == 1 and context.tokens == sum(PART[:3]) * COARSE
+        assert recent.tokens == sum(PART[3:5]) * FULL and len(recent.spans) == (0 if recent_full_precision else 1)
+    # fp32 rounding only: attention summed per segment (log-sum-exp merge) instead of one flex call
+    for a, b in zip(ref, ours, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert not any("processor" in vars(b.attn1) and isinstance(b.attn1.processor, adapter.FARCacheProcessor)
+                   for b in model.blocks)
+
+
+def test_the_guard_catches_a_path_that_reads_the_history(model, no_history_read):
+    with adapter.install(model, "fp32", span_chunks=2, attention="read") as handle:
+        with pytest.raises(AssertionError, match="decompressed the whole history"):
+            rollout(model, handle.kv_cache())
+
+
+def test_qvg_stays_close_and_stores_less(model, reference, bounded_spans):
+    ref, _ = reference
+    with adapter.install(model, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2) as handle:
+        ours = rollout(model, handle.kv_cache())
+        mem = handle.memory()
+    assert bounded_spans  # every compressed span within its guaranteed error bound
+    drift = [float((b - a).norm() / a.norm()) for a, b in zip(ref, ours)]
+    assert max(drift[:3]) <= 1e-5  # chunk 0 attends to nothing cached
+    assert 0 < max(drift) < 0.02  # measured 4.5e-3 (4 clusters, blocks of 16)
+    assert mem.bits_per_element < 8  # of 32 (an fp32 model); the newest coarse chunk waits in fp32 for its span
+
+
+def test_a_read_step_before_the_prefill_raises(model):
+    with adapter.install(model, "fp32") as handle:
+        flag = {"num_cached_chunks": 1, "is_cache_step": False}
+        x = torch.randn(B, 2, C, H, W)
+        with pytest.raises(CacheError, match="cache-prefill"), torch.no_grad():
+            model(hidden_states=x, timestep=torch.full((B, 2), 500), r_timestep=torch.full((B, 2), 0),
+                  encoder_hidden_states=torch.randn(B, 8, 32), chunk_partition=[1, 2], kv_cache=handle.kv_cache(),
+                  kv_cache_flag=flag)

@@ -1,0 +1,138 @@
+"""qkv.adapters.flashdreams against flashdreams' own ``WanDiTNetwork`` (recipes/wan, tiny config,
+random weights): ``network.initialize_cache`` and ``network(...)`` run unchanged, chunk by chunk,
+with several denoising calls per chunk at the same ``current_chunk_idx``, as
+``Wan21Transformer.predict_flow`` drives it.
+
+Two flashdreams kernels are CUDA-only, so their math is restated here on the CPU: the fused
+Triton RoPE (``core/attention/rope_kernel.py``, ``apply_rotary_pos_emb``: pairs (2k, 2k+1) rotated
+by cos/sin of the first D/2 frequencies) and the cuDNN SDPA behind ``ContextParallelAttention``
+without context parallelism (``core/attention/cp.py``: plain softmax attention).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import qkv
+from qkv.caches.kvcache import LayerCache
+from qkv.errors import CacheError, ConfigError
+
+network_mod = pytest.importorskip(
+    "flashdreams.recipes.wan.transformer.impl.network",
+    reason="needs flashdreams (pip install --no-deps flashdreams==0.1.0 loguru tyro nvidia-ml-py)",
+)
+rope_mod = pytest.importorskip("flashdreams.core.attention.rope")
+from qkv.caches.adapters import flashdreams as adapter  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
+
+N = 32  # tokens per chunk: 2 latent frames of 4 x 4 patches
+
+
+def rope_torch(x, freqs, interleaved=False, inplace=True):
+    """``rope_kernel.apply_rotary_pos_emb`` (interleaved, in place) in plain torch."""
+    assert interleaved and inplace
+    f = freqs[:, 0, 0, : x.shape[-1] // 2].float()
+    cos, sin = f.cos().to(x.dtype)[None, :, None], f.sin().to(x.dtype)[None, :, None]
+    a, b = x[..., 0::2].clone(), x[..., 1::2].clone()
+    x[..., 0::2], x[..., 1::2] = a * cos - b * sin, b * cos + a * sin
+    return x
+
+
+def sdpa(query, key, value):
+    return F.scaled_dot_product_attention(query, key, value)
+
+
+@pytest.fixture(scope="module")
+def network():
+    mp = pytest.MonkeyPatch()
+    mp.setattr(rope_mod, "apply_rotary_pos_emb", rope_torch)
+    torch.manual_seed(0)
+    net = network_mod.WanDiTNetworkConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=8, text_dim=32,
+                                          freq_dim=32, in_dim=4, out_dim=4).setup().eval()
+    net.update_parameters_after_loading_checkpoint()
+    for block in net.blocks:
+        mp.setattr(block.self_attn.attn_op, "_impl", sdpa)
+        mp.setattr(block.cross_attn.attn_op, "_impl", sdpa)
+    net.rope = rope_mod.RotaryPositionEmbedding3D(len_t=2, len_h=4, len_w=4, head_dim=32, h_extrapolation_ratio=1.0,
+                                                  w_extrapolation_ratio=1.0, interleaved=True, device="cpu")
+    yield net
+    mp.undo()
+
+
+def rollout(net, chunks, window, sink, steps=3):
+    """(every call's output, the network cache)."""
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randn(1, 8, 32, generator=gen)
+    outs = []
+    with torch.no_grad():
+        cache = net.initialize_cache(chunk_size=N, window_size=window, sink_size=sink, text_embeddings=text)
+        for c in range(chunks):
+            x = torch.randn(1, N, 16, generator=gen)
+            freqs = net.rope.shift_t(c)
+            for t in (700.0, 300.0, 0.0)[:steps]:
+                out = net(x, torch.tensor([t]), cache, freqs, current_chunk_idx=c)
+                outs.append(out)
+                x = x + 0.3 * out
+    return outs, cache
+
+
+@pytest.fixture
+def no_history_read(monkeypatch):
+    def read(self):
+        raise AssertionError("the forward path decompressed the whole history")
+
+    monkeypatch.setattr(LayerCache, "read", read)
+
+
+@pytest.mark.parametrize("window, sink", [(8 * N, 0), (3 * N, N)], ids=["global", "sink+window"])
+def test_lossless_rollout_matches_the_upstream_cache(network, no_history_read, window, sink):
+    ref, _ = rollout(network, 8, window, sink)
+    with adapter.install(network, "fp32", span_chunks=2) as handle:
+        ours, cache = rollout(network, 8, window, sink)
+        layer = cache[0].self_attn.layer
+        assert len(layer.spans) >= 1
+        assert layer.evicted == (0 if sink == 0 else (8 - 4) * N)  # 4 chunks fit: the sink and 3 newest
+        assert handle.memory().tokens == 2 * min(8 * N, window + sink)
+    # fp32 rounding only: the attention is summed per segment (log-sum-exp merge) instead of at once
+    for a, b in zip(ref, ours, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert "apply_kv" not in vars(network.blocks[0].self_attn)
+
+
+def test_the_guard_catches_a_path_that_reads_the_history(network, no_history_read):
+    with adapter.install(network, "fp32", span_chunks=2, attention="read"):
+        with pytest.raises(AssertionError, match="decompressed the whole history"):
+            rollout(network, 4, 8 * N, 0)
+
+
+def test_qvg_stays_close_and_stores_less(network, bounded_spans):
+    ref, _ = rollout(network, 8, 3 * N, N)
+    with adapter.install(network, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2) as handle:
+        ours, cache = rollout(network, 8, 3 * N, N)
+        mem = handle.memory()
+        spans = [sp for i in range(2) for sp in cache[i].self_attn.layer.spans]
+    assert bounded_spans  # every compressed span within its guaranteed error bound
+    drift = [float((b - a).norm() / a.norm()) for a, b in zip(ref, ours)]
+    assert max(drift[: 3 * 3]) <= 1e-5  # chunks 0-2 see the sink and the tail only (the first span forms at 3)
+    assert 0 < max(drift) < 0.02  # measured 5.7e-3 (4 clusters, blocks of 16)
+    fp32 = sum(sp.ckv.k.shape[2] for sp in spans) * 2 * 2 * 32 * 4  # K and V, 2 heads of 32, 4 bytes
+    assert spans and 0 < mem.compressed * 6 < fp32  # measured 3.8 bits per value (4 clusters on 64-token spans)
+
+
+def test_unsupported_settings_raise(network):
+    with adapter.install(network, "fp32"):
+        with pytest.raises(ConfigError, match="whole chunks"):
+            rollout(network, 1, 3 * N, N // 2)
+        _, cache = rollout(network, 1, 8 * N, 0)
+        with pytest.raises(CacheError, match="expected 0 or 1"):
+            cache.before_update(2)
+    network.blocks[0].self_attn.apply_rope_before_kvcache = False
+    try:
+        with pytest.raises(ConfigError, match="apply_rope_before_kvcache"):
+            adapter.install(network, "fp32")
+    finally:
+        network.blocks[0].self_attn.apply_rope_before_kvcache = True
+    assert "initialize_cache" not in vars(network.blocks[1].self_attn)  # a failed install leaves nothing behind
