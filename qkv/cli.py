@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from pathlib import Path
 
 EVAL_DESCRIPTION = """\
@@ -21,6 +22,13 @@ First use builds the real K/V offline into ~/.cache/qkv/realdata ($QKV_CACHE_DIR
 QUICK_COST = "About 1 minute on an idle 2-core CPU, 2 GB of memory."
 FULL_COST = "About 10 minutes on an idle 2-core CPU, 3 GB of memory."
 BUILD_COST = "about 1.5 minutes, 1.4 GB on disk."
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps option help without breaking names such as whisper-encoder at their hyphen."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -146,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser(
         "eval", help="compare every policy on real K/V (table, JSON, Markdown, PNG)",
         description=EVAL_DESCRIPTION.format(quick=QUICK_COST, full=FULL_COST, build=BUILD_COST),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     ev.add_argument("--full", action="store_true", help="every layer and head (default: the quick subset)")
     ev.add_argument("--datasets", type=_names("dataset", datasets), default=tuple(datasets),

@@ -1,8 +1,9 @@
 """``eval.json`` and ``eval.md``, rewritten after every row: an interrupted or crashed run keeps
 every row it finished, and the next run with the same settings resumes from them.
 
-``eval.json`` holds ``run`` (the settings rows depend on, whether the run completed, its phases
-and process times), ``environment``, ``datasets`` (a label per dataset) and ``results`` (one
+``eval.json`` holds ``run`` (the settings rows depend on, whether the run completed, and one
+``sessions`` entry per invocation that finished: its phases, process times and how many rows it
+computed or reused), ``environment``, ``datasets`` (a label per dataset) and ``results`` (one
 object per :class:`Result`, infinite SNRs as null).
 """
 
@@ -58,7 +59,7 @@ class ResultsFile:
         self.folder = Path(folder)
         self.json_path = self.folder / "eval.json"
         self.md_path = self.folder / "eval.md"
-        self.run = {**run, "complete": False}
+        self.run = {**run, "complete": False, "sessions": []}
         self.environment = environment
         self.labels: dict[str, str] = {}
         self.results: list[Result] = []
@@ -82,6 +83,7 @@ class ResultsFile:
             self.ignored = f"{self.json_path} holds {len(rows)} rows made with {theirs}; starting over"
             return
         self._saved = {(r.dataset, r.policy, r.spec): r for r in rows}
+        self.run["sessions"] = payload["run"].get("sessions", [])
 
     def saved(self, dataset: str, policy: str, spec: str) -> Result | None:
         """The row saved by an earlier run with the same settings, if any."""
@@ -100,9 +102,10 @@ class ResultsFile:
         self.results.append(result)
         self.write()
 
-    def finish(self, **summary: Any) -> None:
-        """Mark the run complete, record ``summary`` (phases, process times) and rewrite."""
-        self.run.update(summary, complete=True)
+    def finish(self, **session: Any) -> None:
+        """Mark the run complete, append ``session`` (phases, process times) and rewrite."""
+        self.run["sessions"].append(session)
+        self.run["complete"] = True
         self.write()
 
     def write(self) -> None:

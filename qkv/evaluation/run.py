@@ -122,5 +122,8 @@ def run_eval(config: EvalConfig, log=print) -> EvalRun:
     plot_frontier(png, store.results, store.labels, run["description"])
     phases["plot"] = time.perf_counter() - t2
     process = _process()
-    store.finish(phases_s={k: round(v, 1) for k, v in phases.items()}, reused_rows=reused, process=process)
+    store.finish(
+        phases_s={k: round(v, 1) for k, v in phases.items()}, computed_rows=len(store.results) - reused,
+        reused_rows=reused, process=process,
+    )
     return EvalRun(store.results, store.labels, phases, reused, process)
