@@ -93,7 +93,7 @@ def test_a_run_prints_the_table_and_where_time_went(capsys, fake_realdata, tmp_p
             "--device", "cpu", "--quiet", "--out", str(tmp_path)]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "== minilm: fake minilm; 1 of 2 layers x 2 of 3 heads x 96 tokens x 64" in out
+    assert "== minilm: fake minilm; 1 of 2 layers, 2 of 3 heads, 96 tokens, D = 64" in out
     assert "2 rows (0 reused from an earlier run) on cpu: load" in out and "minor page faults" in out
     assert cli.main(argv) == 0
     assert "2 rows (2 reused from an earlier run)" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The Python examples in docs/ run as written."""
+"""The Python examples in README.md and docs/ run as written."""
 
 import os
 import pathlib
@@ -14,6 +14,7 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 @pytest.mark.parametrize(
     "page",
     [
+        "../README.md",
         "policies.md",
         "extending.md",
         "testing.md",

@@ -20,14 +20,36 @@ OFF_SCALE = ">"
 
 def _title(label: str) -> str:
     """A dataset label ``"<model>; <shape>"`` as a wrapped two-part panel title."""
-    parts = [textwrap.fill(p, 42) for p in label.split("; ")]
+    parts = [textwrap.fill(p, 50) for p in label.split("; ")]
     return "\n".join(parts)
 
 
+def _label_edge(ax, points: list[tuple[float, float, tuple]]) -> None:
+    """Write each off-scale point's bits left of its edge marker, labels at least 5% of the
+    axis height apart (points close in SNR would print on top of each other)."""
+    bottom, top = ax.get_ylim()
+    right = ax.get_xlim()[1]
+    gap, last = 0.05 * (top - bottom), -math.inf
+    for y, bits, colour in sorted(points):
+        last = max(y, last + gap)
+        ax.annotate(f"{bits:.1f}", (right, last), xytext=(-7, 0), textcoords="offset points",
+                    ha="right", va="center", fontsize=8, color=colour)
+
+
 def plot_frontier(path: str | Path, results: list[Result], labels: dict[str, str], subtitle: str = "") -> None:
-    """SNR vs bits per element: keys on top, values below, one column per dataset; a curve per
-    family (bf16 left out). Points above ``BITS_SHOWN`` are drawn on the right edge as ``>``
-    with their bits written next to them."""
+    """Write :func:`frontier_figure` to ``path`` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = frontier_figure(results, labels, subtitle)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frontier_figure(results: list[Result], labels: dict[str, str], subtitle: str = ""):
+    """SNR vs bits per element: keys on top, values below, one column per dataset titled with
+    its label; a curve per family (bf16 left out); the legend outside the panels. Points above
+    ``BITS_SHOWN`` are drawn on the right edge as ``>`` with their bits written next to them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,6 +67,7 @@ def plot_frontier(path: str | Path, results: list[Result], labels: dict[str, str
         rows = [r for r in results if r.dataset == dataset and r.family != "bf16"]
         for row, (tensor, key) in enumerate((("K", "snr_k_db"), ("V", "snr_v_db"))):
             ax = axes[row][col]
+            off_scale = []  # (snr, bits, colour) of the points drawn on the right edge
             for family in families:
                 pts = sorted((r.bits, getattr(r, key), r.group) for r in rows if r.family == family)
                 pts = [p for p in pts if math.isfinite(p[1])]
@@ -54,9 +77,9 @@ def plot_frontier(path: str | Path, results: list[Result], labels: dict[str, str
                     ax.plot(x, y, MARKERS[group][0], color=colours[family], ms=6)
                 for x, y, _ in (p for p in pts if p[0] > hi):
                     ax.plot(hi, y, OFF_SCALE, color=colours[family], ms=8, clip_on=False)
-                    ax.annotate(f"{x:.1f}", (hi, y), xytext=(-4, 0), textcoords="offset points",
-                                ha="right", va="center", fontsize=8, color=colours[family])
+                    off_scale.append((y, x, colours[family]))
             ax.set_xlim(lo, hi)
+            _label_edge(ax, off_scale)
             ax.set_xlabel("bits per element (everything stored)", fontsize=9)
             ax.set_ylabel(f"{tensor} SNR (dB)", fontsize=10)
             ax.grid(alpha=0.3)
@@ -68,6 +91,4 @@ def plot_frontier(path: str | Path, results: list[Result], labels: dict[str, str
     fig.legend(handles=handles, loc="outside right center", fontsize=9, frameon=False)
     title = "qkv: quality vs memory on real K/V (higher and further left is better)"
     fig.suptitle(f"{title}\n{subtitle}" if subtitle else title, fontsize=12)
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    return fig

@@ -34,13 +34,13 @@ class Selection:
         ]
 
     def describe(self, samples: list[KVSample]) -> str:
-        """What the selection keeps of ``samples``, e.g. ``1 of 2 layers x 4 of 12 heads x 37,440 tokens x 128``."""
+        """What the selection keeps of ``samples``, e.g. ``1 of 2 layers, 2 of 12 heads, 37,440 tokens, D = 128``."""
         _, h, s, d = samples[0].k.shape
         kept = self.apply(samples)
         layers = f"{len(kept)} of {len(samples)} layers" if len(kept) < len(samples) else f"{len(samples)} layers"
         k = kept[0].k.shape[1]
         heads = f"{k} of {h} heads" if k < h else f"{h} heads"
-        return f"{layers} x {heads} x {s:,} tokens x {d}"
+        return f"{layers}, {heads}, {s:,} tokens, D = {d}"
 
 
 QUICK = Selection(layers=1, heads=2)

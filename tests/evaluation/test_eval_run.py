@@ -30,7 +30,7 @@ def test_rows_are_saved_and_a_second_run_reuses_them(config):
     payload = saved(config)
     assert payload["run"]["complete"] and first.reused == 0
     assert [(r["dataset"], r["policy"]) for r in payload["results"]] == [(d, p) for d in "ab" for p in POLICIES]
-    assert payload["datasets"]["a"] == "fake a; 1 of 2 layers x 2 of 3 heads x 96 tokens x 64"
+    assert payload["datasets"]["a"] == "fake a; 1 of 2 layers, 2 of 3 heads, 96 tokens, D = 64"
     assert (config.out / "frontier.png").stat().st_size > 10_000
     assert "| rtn | preset |" in (config.out / "eval.md").read_text()
     lines = []
