@@ -17,7 +17,7 @@ from qkv.evaluation.plot import plot_frontier
 from qkv.evaluation.report import environment, format_duration
 from qkv.evaluation.results import ResultsFile
 from qkv.evaluation.runner import Result, evaluate
-from qkv.evaluation.selection import Selection
+from qkv.evaluation.selection import FULL, QUICK, Selection
 from qkv.evaluation.suite import build_suite
 from qkv.realdata import load_dataset
 
@@ -67,9 +67,10 @@ def _first(n: int | None, what: str) -> str:
 
 def describe(selection: Selection) -> str:
     """The selection in words, for the plot and the summary."""
-    if selection == Selection():
+    if selection == FULL:
         return "full run: every layer and head"
-    return f"quick run: {_first(selection.layers, 'layer')} and {_first(selection.heads, 'head')} of each dataset"
+    kind = "quick run" if selection == QUICK else "subset"
+    return f"{kind}: {_first(selection.layers, 'layer')} and {_first(selection.heads, 'head')} of each dataset"
 
 
 def run_eval(config: EvalConfig, log=print) -> EvalRun:

@@ -94,3 +94,15 @@ def test_positions_and_mask_sizes_stay_absolute_when_tokens_are_evicted(whisper)
     assert torch.isfinite(out.logits).all()
     with pytest.raises(qkv.errors.CacheError, match="cropped"):
         cache.crop(-1)
+
+
+def test_the_installed_transformers_is_in_the_supported_range():
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    (spec,) = [Requirement(r) for r in project["optional-dependencies"]["eval"] if r.startswith("transformers")]
+    assert version("transformers") in spec.specifier, (version("transformers"), str(spec))
