@@ -18,10 +18,10 @@ quick (default): the first layer and first 2 heads of each dataset, spans at ful
 --full: every layer and head. {full}
 First use builds the real K/V offline into ~/.cache/qkv/realdata ($QKV_CACHE_DIR): {build}
 """
-# measured with /usr/bin/time on a 2-core x86-64 CPU (docs/eval.md says how)
-QUICK_COST = "About 1 minute on an idle 2-core CPU, 2 GB of memory."
-FULL_COST = "About 10 minutes on an idle 2-core CPU, 3 GB of memory."
-BUILD_COST = "about 1.5 minutes, 1.4 GB on disk."
+# measured with /usr/bin/time on a 2-core x86-64 CPU shared with other jobs (docs/eval.md, "Cost")
+QUICK_COST = "Measured: 33 s with one other job on a 2-core CPU (62 s CPU time), 1.1 GB of memory."
+FULL_COST = "Measured: 30 min on a busy 2-core CPU, one thread (850 s CPU time), 1.7 GB of memory."
+BUILD_COST = "1 min 20 s, 5.3 GB of memory, 1.4 GB on disk."
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
