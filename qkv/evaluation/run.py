@@ -75,7 +75,10 @@ def describe(selection: Selection) -> str:
 
 def run_eval(config: EvalConfig, log=print) -> EvalRun:
     """Run ``config``; ``log`` gets one line per phase. Rows are saved to ``config.out`` as they
-    finish, so an interrupted run keeps them; running the same config again resumes."""
+    finish, so an interrupted run keeps them; running the same config again resumes.
+
+    Calls :func:`~qkv.evaluation.memory.keep_freed_memory`: for the rest of the process, glibc
+    keeps freed memory instead of returning it to the system."""
     keep_freed_memory()
     run = {
         "selection": dataclasses.asdict(config.selection),
