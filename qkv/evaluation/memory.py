@@ -5,7 +5,8 @@ frees temporaries of tens of MB. With glibc's defaults those go back to the oper
 soon as they are freed (blocks above the mmap threshold are unmapped; a free heap top above the
 trim threshold is trimmed), so the next call faults every page in again, zeroed by the kernel:
 the full evaluation at a1162fe spent more time in the kernel than in torch (sys 1964 s vs user
-1748 s, 686 M minor page faults; docs/eval.md, "Cost"). ``mallopt`` is glibc's interface for exactly this.
+1748 s, 686 M minor page faults; docs/eval.md, "Cost"). ``mallopt`` is glibc's interface for
+exactly this.
 """
 
 from __future__ import annotations
