@@ -74,12 +74,13 @@ def describe(selection: Selection) -> str:
 
 
 def run_eval(config: EvalConfig, log=print) -> EvalRun:
-    """Run ``config``; ``log`` gets one line per phase. Rows are saved to ``config.out`` as they
-    finish, so an interrupted run keeps them; running the same config again resumes.
+    """Run ``config``; ``log`` gets one line per phase. Every dataset is loaded (built on first
+    use) before any policy runs, so a failing build stops the run before it spends time. Rows are
+    saved to ``config.out`` as they finish, so an interrupted run keeps them; running the same
+    config again resumes.
 
-    Calls :func:`~qkv.evaluation.memory.keep_freed_memory`: for the rest of the process, glibc
-    keeps freed memory instead of returning it to the system."""
-    keep_freed_memory()
+    Once the data is loaded, calls :func:`~qkv.evaluation.memory.keep_freed_memory`: for the rest
+    of the process, glibc keeps freed memory instead of returning it to the system."""
     run = {
         "selection": dataclasses.asdict(config.selection),
         "device": config.device.type,
@@ -91,24 +92,26 @@ def run_eval(config: EvalConfig, log=print) -> EvalRun:
         log(store.ignored)
     elif store.resumable:
         log(f"resuming: {store.resumable} rows saved in {store.json_path} are reused")
-    phases = {"load": 0.0, "evaluate": 0.0, "plot": 0.0}
-    reused = 0
+    t0 = time.perf_counter()
+    data = {}
     for dataset in config.datasets:
-        t0 = time.perf_counter()
         log(f"{dataset}: loading (built offline and cached on first use)")
         everything = load_dataset(dataset, progress=config.progress)
-        samples = [
-            dataclasses.replace(s, k=s.k.to(config.device, DTYPE), v=s.v.to(config.device, DTYPE))
+        data[dataset] = [  # copies: the unselected layers and heads are freed
+            dataclasses.replace(s, k=s.k.to(config.device, DTYPE, copy=True), v=s.v.to(config.device, DTYPE, copy=True))
             for s in config.selection.apply(everything)
         ]
         store.set_label(dataset, f"{everything[0].label.split(' L')[0]}; {config.selection.describe(everything)}")
         del everything
+    keep_freed_memory()
+    phases = {"load": time.perf_counter() - t0, "evaluate": 0.0, "plot": 0.0}
+    reused = 0
+    for dataset, samples in data.items():
+        t1 = time.perf_counter()
         suite = build_suite(
             [tuple(s.k.shape) for s in samples], DTYPE, presets=list(config.policies) if config.policies else None,
             matched=config.matched, sweep=config.sweep, ablation=config.ablation,
         )
-        t1 = time.perf_counter()
-        phases["load"] += t1 - t0
         bar = tqdm(suite, desc=dataset, unit="policy", disable=not config.progress, file=sys.stderr)
         for entry in bar:
             bar.set_postfix_str(entry.name)
@@ -122,8 +125,7 @@ def run_eval(config: EvalConfig, log=print) -> EvalRun:
         phases["evaluate"] += time.perf_counter() - t1
         log(f"{dataset}: {len(suite)} policies in {format_duration(time.perf_counter() - t1)}")
     t2 = time.perf_counter()
-    png = store.folder / "frontier.png"
-    plot_frontier(png, store.results, store.labels, run["description"])
+    plot_frontier(store.folder / "frontier.png", store.results, store.labels, run["description"])
     phases["plot"] = time.perf_counter() - t2
     process = _process()
     store.finish(

@@ -94,3 +94,18 @@ def test_a_head_subset_keeps_every_presets_bits_per_element(fake_realdata):
         quick = evaluate(policy, name, "y", Selection(layers=1, heads=1).apply(samples), device=torch.device("cpu"))
         full = evaluate(policy, name, "y", samples, device=torch.device("cpu"))
         assert quick.bits == full.bits, name
+
+
+def test_every_dataset_is_loaded_before_any_policy_runs(config, monkeypatch, fake_realdata):
+    def load(name, progress=True):
+        if name == "b":
+            raise OSError("espeak-ng not found")
+        return fake_realdata(name)
+
+    def evaluate_nothing(*args, **kwargs):
+        raise AssertionError("a policy ran before every dataset was loaded")
+
+    monkeypatch.setattr(run_module, "load_dataset", load)
+    monkeypatch.setattr(run_module, "evaluate", evaluate_nothing)
+    with pytest.raises(OSError, match="espeak-ng"):
+        run_eval(config, log=lambda line: None)
