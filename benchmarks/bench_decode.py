@@ -174,7 +174,7 @@ def generate_rows(layers: int) -> list[dict]:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             with torch.no_grad():
-                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache)
+                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache)
             end.record()
             torch.cuda.synchronize()
             return start.elapsed_time(end), cache

@@ -3,7 +3,7 @@
 Real model (Whisper tiny.en, real weights) on real synthesized speech: espeak-ng reads the GNU GPL-3
 (as ``qkv.realdata.whisper_kv``), cut into 30 s windows. Per window the decoder is teacher-forced,
 one token per step, on ``[<|startoftranscript|>, <|notimestamps|>]`` + the words spoken in it,
-through ``model(...)`` with ``past_key_values=EncoderDecoderCache(QKVCache(policy), DynamicCache())``
+through ``model(...)`` with ``cache=EncoderDecoderCache(QKVCache(policy), DynamicCache())``
 (the transformers adapter; cross-attention K/V are not streamed). The reference is the same decode
 with transformers' uncompressed ``DynamicCache`` (fp32).
 
@@ -56,10 +56,10 @@ def decode(model, encoded: torch.Tensor, ids: list[int], self_cache) -> tuple[to
     pkv = EncoderDecoderCache(self_cache, DynamicCache())
     ids_t = torch.tensor([ids])
     n_prompt = len(PROMPT)
-    out = model(encoder_outputs=(encoded,), decoder_input_ids=ids_t[:, :n_prompt], past_key_values=pkv, use_cache=True)
+    out = model(encoder_outputs=(encoded,), decoder_input_ids=ids_t[:, :n_prompt], cache=pkv, use_cache=True)
     logits = [out.logits[0]]
     for t in range(n_prompt, len(ids) - 1):
-        out = model(encoder_outputs=(encoded,), decoder_input_ids=ids_t[:, t : t + 1], past_key_values=pkv, use_cache=True)
+        out = model(encoder_outputs=(encoded,), decoder_input_ids=ids_t[:, t : t + 1], cache=pkv, use_cache=True)
         logits.append(out.logits[0])
     return torch.cat(logits).float().log_softmax(-1), self_cache
 

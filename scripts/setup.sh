@@ -11,6 +11,21 @@ case "$extra" in eval|test) ;; *) echo "usage: $0 eval|test" >&2; exit 2 ;; esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 
+# Debian's and Ubuntu's own Python refuse pip installs outside a virtual environment (PEP 668):
+# say so now rather than fail in pip with "externally-managed-environment".
+if "$PY" - <<'CHECK'
+import os, sys, sysconfig
+in_venv = sys.prefix != sys.base_prefix
+managed = os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))
+sys.exit(0 if managed and not in_venv else 1)
+CHECK
+then
+  echo "error: $PY is managed by the system and pip will not install into it; make a virtual" >&2
+  echo "environment first, then run this again inside it:" >&2
+  echo "  python3 -m venv .venv && . .venv/bin/activate" >&2
+  exit 1
+fi
+
 if ! command -v espeak-ng >/dev/null || [ ! -e /usr/share/sounds/alsa/Front_Center.wav ]; then
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq

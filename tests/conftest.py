@@ -1,5 +1,6 @@
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -16,3 +17,25 @@ settings.register_profile(
 )
 settings.register_profile("dev", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def _fake_dataset(name, progress=True):
+    """Two random layers [1, 3, 96, 64] labelled like the real datasets."""
+    from qkv.realdata import KVSample
+
+    gen = torch.Generator().manual_seed(len(name))
+    return [
+        KVSample(name, layer, torch.randn(1, 3, 96, 64, generator=gen), torch.randn(1, 3, 96, 64, generator=gen),
+                 f"fake {name} L{layer} (random)")
+        for layer in range(2)
+    ]
+
+
+@pytest.fixture
+def fake_realdata(monkeypatch):
+    """``qkv eval`` on :func:`_fake_dataset` instead of the real K/V; the process's malloc left alone."""
+    from qkv.evaluation import run
+
+    monkeypatch.setattr(run, "load_dataset", _fake_dataset)
+    monkeypatch.setattr(run, "keep_freed_memory", lambda: False)
+    return _fake_dataset

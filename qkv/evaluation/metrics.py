@@ -7,6 +7,10 @@ import math
 
 import torch
 
+# Elements per fp64 slice: the sums never materialize a whole tensor in fp64 (8 MB temporaries,
+# which the allocator reuses, instead of a fresh multi-GB copy per tensor on Wan's layers).
+SLICE = 1 << 20
+
 
 def relative_mse(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     """||x_hat - x||^2 / ||x||^2 (fp64)."""
@@ -26,9 +30,12 @@ class ErrorSum:
     signal: float = 0.0
 
     def add(self, x: torch.Tensor, x_hat: torch.Tensor) -> "ErrorSum":
-        x64 = x.double()
-        self.error += float((x_hat.double() - x64).square().sum())
-        self.signal += float(x64.square().sum())
+        """Add ``x`` and its reconstruction ``x_hat`` (same shape, any float dtypes), in fp64."""
+        x, x_hat = x.reshape(-1), x_hat.reshape(-1)
+        for start in range(0, x.numel(), SLICE):
+            x64 = x[start : start + SLICE].double()
+            self.error += float((x_hat[start : start + SLICE].double() - x64).square().sum())
+            self.signal += float(x64.square().sum())
         return self
 
     @property

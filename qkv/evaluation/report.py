@@ -1,29 +1,47 @@
-"""The evaluation's outputs: a text table, a JSON file and the quality-memory frontier (PNG)."""
+"""The evaluation's tables: text for the terminal, Markdown for eval.md, times in human units."""
 
 from __future__ import annotations
 
-import json
-import math
-import os
 import platform
 
 import torch
 
 from qkv.evaluation.runner import Result
 
-# title, width, format, Result field
+
+def format_duration(seconds: float) -> str:
+    """``0.43`` -> ``430 ms``, ``4.3`` -> ``4.3 s``, ``430.4`` -> ``7 min 10 s``, ``4290`` -> ``1 h 11 min``."""
+    if seconds < 1:
+        return f"{1000 * seconds:.0f} ms" if seconds >= 0.0095 else f"{1000 * seconds:.1f} ms"
+    if seconds < 59.95:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    return f"{minutes // 60} h {minutes % 60} min"
+
+
+# title, width, format of the value (a format spec, or a function for times in ms)
 COLUMNS = (
     ("policy", 26, "<26", "policy"),
-    ("group", 7, "<7", "group"),
+    ("group", 8, "<8", "group"),
     ("bits/el", 7, ">7.3f", "bits"),
     ("x bf16", 6, ">6.2f", "ratio_vs_bf16"),
     ("K relMSE", 9, ">9.5f", "rel_mse_k"),
     ("K SNR dB", 8, ">8.2f", "snr_k_db"),
     ("V relMSE", 9, ">9.5f", "rel_mse_v"),
     ("V SNR dB", 8, ">8.2f", "snr_v_db"),
-    ("enc ms", 9, ">9.1f", "encode_ms"),
-    ("dec ms", 8, ">8.1f", "decode_ms"),
+    ("encode", 10, "time", "encode_ms"),
+    ("decode", 10, "time", "decode_ms"),
 )
+
+
+def _cell(result: Result, fmt: str, key: str, width: int | None) -> str:
+    value = getattr(result, key)
+    if fmt == "time":
+        text = format_duration(value / 1000)
+        return text if width is None else text.rjust(width)
+    return format(value, fmt if width is not None else fmt.lstrip("<>0123456789"))
 
 
 def format_table(results: list[Result], labels: dict[str, str]) -> str:
@@ -34,7 +52,7 @@ def format_table(results: list[Result], labels: dict[str, str]) -> str:
         lines += [f"\n== {dataset}: {labels.get(dataset, '')}", header]
         for r in results:
             if r.dataset == dataset:
-                lines.append(" ".join(format(getattr(r, key), fmt) for _, _, fmt, key in COLUMNS))
+                lines.append(" ".join(_cell(r, fmt, key, w) for _, w, fmt, key in COLUMNS))
     return "\n".join(lines)
 
 
@@ -47,8 +65,7 @@ def format_markdown(results: list[Result], labels: dict[str, str]) -> str:
         lines.append("|" + "---|" * len(COLUMNS))
         for r in results:
             if r.dataset == dataset:
-                cells = [format(getattr(r, key), fmt.lstrip("<>0123456789")) for _, _, fmt, key in COLUMNS]
-                lines.append("| " + " | ".join(cells) + " |")
+                lines.append("| " + " | ".join(_cell(r, fmt, key, None) for _, _, fmt, key in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -62,56 +79,3 @@ def environment(device: torch.device) -> dict[str, str]:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
-
-
-def write_json(path: str, results: list[Result], labels: dict[str, str], env: dict[str, str]) -> None:
-    def clean(value):
-        return None if isinstance(value, float) and math.isinf(value) else value
-
-    payload = {
-        "environment": env,
-        "datasets": labels,
-        "results": [{k: clean(v) for k, v in vars(r).items()} for r in results],
-    }
-    with open(path, "w") as f:
-        json.dump(payload, f, indent=1)
-
-
-def plot_frontier(path: str, results: list[Result], labels: dict[str, str]) -> None:
-    """SNR vs bits per element, one column per dataset, keys on top, values below."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    datasets = list(dict.fromkeys(r.dataset for r in results))
-    fig, axes = plt.subplots(2, len(datasets), figsize=(4.6 * len(datasets), 7.5), squeeze=False)
-    families = sorted({r.family for r in results if r.family != "bf16"})
-    colours = {f: plt.cm.tab10(i % 10) for i, f in enumerate(families)}
-    markers = {"preset": "o", "matched": "s", "sweep": "^", "ablation": "x"}
-    for col, dataset in enumerate(datasets):
-        rows = [r for r in results if r.dataset == dataset and r.family != "bf16"]
-        for row, (tensor, key) in enumerate((("K", "snr_k_db"), ("V", "snr_v_db"))):
-            ax = axes[row][col]
-            for family in families:
-                pts = sorted((r.bits, getattr(r, key), r.group) for r in rows if r.family == family)
-                pts = [p for p in pts if math.isfinite(p[1])]
-                if not pts:
-                    continue
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=colours[family], alpha=0.5)
-                for x, y, group in pts:
-                    ax.plot(x, y, markers[group], color=colours[family])
-                ax.plot([], [], "-o", color=colours[family], label=family)
-            ax.set_xlabel("bits per element (true, all stored data)")
-            ax.set_ylabel(f"{tensor} SNR (dB)")
-            ax.set_title(f"{dataset} - {tensor}", fontsize=10)
-            ax.grid(alpha=0.3)
-        axes[1][col].text(
-            0.02, 0.02, labels.get(dataset, "")[:70], transform=axes[1][col].transAxes, fontsize=6
-        )
-    axes[0][0].legend(fontsize=8, title="o preset  s matched  ^ sweep  x ablation", title_fontsize=7)
-    fig.suptitle("qkv: quality-memory frontier on real K/V (higher and further left is better)")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)

@@ -54,8 +54,8 @@ def fit_clusters(preset: str, shapes, dtype, budget: float, group: str = "matche
 # From the reference's choices (qvg-ref) to qvg, one change at a time; the last step (2 -> 5
 # k-means iterations) is qvg itself. k-means++ seeding is measured as a variant of qvg.
 ABLATION = (
-    ("qvg-ref+midrise", "kmeans(iters=2,init=random),centroid,int2(block={b})"),
-    ("qvg+kmeans++", "kmeans(iters=5),centroid,int2(block={b})"),
+    ("qvg-ref+midrise", "kmeans(iters=2),centroid,int2(block={b})"),
+    ("qvg+kmeans++", "kmeans(init=kmeans++),centroid,int2(block={b})"),
 )
 
 

@@ -239,8 +239,8 @@ def transcribe(
     ids = torch.tensor([PROMPT])
     out: list[int] = []
     for _ in range(max_new_tokens):
-        step = model(encoder_outputs=(encoder_out,), decoder_input_ids=ids, past_key_values=cache, use_cache=True)
-        cache = step.past_key_values
+        step = model(encoder_outputs=(encoder_out,), decoder_input_ids=ids, cache=cache, use_cache=True)
+        cache = step.cache
         nxt = int(step.logits[0, -1].argmax())
         if nxt == EOT:
             break

@@ -12,7 +12,12 @@ import torch
 
 import qkv
 
-pytestmark = [pytest.mark.realdata, pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.realdata,
+    pytest.mark.usefixtures("one_thread"),
+    # transformers >= 5.24 takes the cache as `cache`; the old name warns until it is removed
+    pytest.mark.filterwarnings("error:.*past_key_values. is deprecated:FutureWarning"),
+]
 
 NAMES = ["Front_Center", "Front_Left", "Front_Right", "Rear_Center", "Rear_Left", "Rear_Right", "Side_Left", "Side_Right"]
 TEXT = " Front, center, front, left, front, right, rear, center, rear, left, rear, right, side, left, side, right."
@@ -47,7 +52,7 @@ def test_4bit_transcription_equals_the_uncompressed_cache(whisper, policy, span_
     model, features, reference = whisper
     cache = encoder_decoder_cache(policy, span_tokens=span_tokens)
     with torch.no_grad():
-        out = model.generate(features, past_key_values=cache)
+        out = model.generate(features, cache=cache)
     assert torch.equal(out, reference)
     kv = cache.self_attention_cache.kv
     assert len(kv.layers) == 4 and all(layer.spans for layer in kv.layers)  # compression really happened
@@ -63,7 +68,7 @@ def test_lossless_policy_beam_search_equals_the_uncompressed_cache(whisper):
     with torch.no_grad():
         expected = model.generate(features, num_beams=3, max_new_tokens=20)
         cache = encoder_decoder_cache("fp32", span_tokens=4, sink_chunks=1)
-        got = model.generate(features, num_beams=3, max_new_tokens=20, past_key_values=cache)
+        got = model.generate(features, num_beams=3, max_new_tokens=20, cache=cache)
     assert torch.equal(got, expected)
     assert cache.self_attention_cache.kv.layer(0).layout[0] == 3  # three beams
 
@@ -79,9 +84,9 @@ def test_positions_and_mask_sizes_stay_absolute_when_tokens_are_evicted(whisper)
     ids = reference[:, :20]
     with torch.no_grad():
         encoded = model.model.encoder(features).last_hidden_state
-        out = model(encoder_outputs=(encoded,), decoder_input_ids=ids[:, :2], past_key_values=pkv, use_cache=True)
+        out = model(encoder_outputs=(encoded,), decoder_input_ids=ids[:, :2], cache=pkv, use_cache=True)
         for t in range(2, 20):
-            out = model(encoder_outputs=(encoded,), decoder_input_ids=ids[:, t : t + 1], past_key_values=pkv, use_cache=True)
+            out = model(encoder_outputs=(encoded,), decoder_input_ids=ids[:, t : t + 1], cache=pkv, use_cache=True)
     layer = cache.layers[0]
     # sink: the 2-token prompt; 18 steps -> 4 spans of 4 (2 retained) + 2 tail tokens
     assert cache.get_seq_length() == 20 and layer.layer.positions().tolist() == [0, 1, *range(10, 20)]
@@ -91,3 +96,15 @@ def test_positions_and_mask_sizes_stay_absolute_when_tokens_are_evicted(whisper)
     assert cache.get_seq_length() == 19 and layer.layer.positions().tolist() == [0, 1, *range(10, 19)]
     with pytest.raises(qkv.errors.CacheError, match="never rolled back"):
         cache.crop(-2)  # one token is left in the tail
+
+
+def test_the_installed_transformers_is_in_the_supported_range():
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())["project"]
+    (spec,) = [Requirement(r) for r in project["optional-dependencies"]["eval"] if r.startswith("transformers")]
+    assert version("transformers") in spec.specifier, (version("transformers"), str(spec))

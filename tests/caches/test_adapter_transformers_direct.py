@@ -30,7 +30,7 @@ def llama():
 def generate(model, prompt, attention, cache, **kwargs):
     model.set_attn_implementation(attention)
     with torch.no_grad():
-        return model.generate(prompt, max_new_tokens=40, do_sample=False, past_key_values=cache, **kwargs)
+        return model.generate(prompt, max_new_tokens=40, do_sample=False, cache=cache, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["fp32", "rtn", "kivi"])

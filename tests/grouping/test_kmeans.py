@@ -5,6 +5,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import qkv
 from qkv.errors import ConfigError, UnknownComponentError
 from qkv.grouping import GROUPING, KMeansGrouper, kmeans
 from qkv.kernels.kmeans import assign_torch
@@ -129,3 +130,10 @@ def test_far_tokens_are_distinct_and_start_with_the_farthest(s, k):
     assert all(len(set(row.tolist())) == k for row in far)
     picked = torch.gather(dist, 1, far)
     assert bool((picked[:, :-1] >= picked[:, 1:]).all())  # farthest first
+
+
+def test_defaults_are_the_qvg_presets():
+    # a spec that names only the clusters costs what a preset costs (5 iterations, random seeding)
+    preset = qkv.build_policy("qvg").k.grouping
+    assert KMeansGrouper() == preset
+    assert qkv.build_policy("kmeans(clusters=128),centroid,int2").k.grouping == preset.replace(clusters=128)

@@ -1,9 +1,9 @@
-"""A ``transformers`` Cache (5.x ``cache_utils`` API) backed by a :class:`qkv.KVCache`.
+"""A ``transformers`` Cache (``cache_utils`` API of transformers >= 5.24, < 6) backed by a :class:`qkv.KVCache`.
 
     from qkv.caches.adapters.transformers_cache import QKVCache, encoder_decoder_cache
     cache = QKVCache("qvg-int4", span_tokens=32)
-    out = model.generate(**inputs, past_key_values=cache)                      # decoder-only
-    out = whisper.generate(features, past_key_values=encoder_decoder_cache("rtn", span_tokens=32))
+    out = model.generate(**inputs, cache=cache)                                 # decoder-only
+    out = whisper.generate(features, cache=encoder_decoder_cache("rtn", span_tokens=32))
 
 Each model layer gets a :class:`QKVLayer` around the cache's :class:`LayerCache`: ``update(k, v)``
 appends the step's K/V ``[B, H, S_new, D]`` as one chunk and returns the retained history (spans
@@ -25,7 +25,7 @@ never decompressed per token. Steps of several tokens (the prompt, assisted deco
 and padded batches (a mask) get the decompressed history and transformers' SDPA, as without it::
 
     model.set_attn_implementation("qkv")
-    out = model.generate(**inputs, past_key_values=QKVCache("kivi", direct=True))
+    out = model.generate(**inputs, cache=QKVCache("kivi", direct=True))
 """
 
 from __future__ import annotations
