@@ -124,11 +124,11 @@ def rows(bandwidth: float, rate: float) -> list[dict]:
                     return cache.attend(0, q)
 
                 ref = bf16().float()
-                out = attend()
+                got = attend()
                 res = {"ms": timed(attend), "graph_ms": graph_timed(attend), "peak_extra": peak_extra(attend),
                        "compressed_bytes": mem.compressed, "tail_bytes": mem.tail,
                        "method": qkv.kernels.choose_method(q).value,
-                       "max_abs_diff_vs_bf16": (out.float() - ref).abs().max().item()}
+                       "max_abs_diff_vs_bf16": (got.float() - ref).abs().max().item()}
                 read = mem.compressed + mem.tail + 2 * q.numel() * q.element_size()
                 res["bytes_floor_ms"] = read / bandwidth * 1e3
                 res["ratio"] = res["ms"] / base["ms"]
