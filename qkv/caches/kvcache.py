@@ -62,6 +62,7 @@ from qkv.caches.policy import Policy
 from qkv.caches.presets import build_policy
 from qkv.caches.tail import Chunk, TailBuffer, adjacent, joined_kv
 from qkv.component import check_int
+from qkv.compressed import CompressedKV
 from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, QKVError, ShapeError, shown
 from qkv.io import load_device
 from qkv.validation import check_kv_layout

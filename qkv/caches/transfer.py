@@ -13,6 +13,7 @@ receiving side checks everything it loads as a saved cache is checked (:func:`un
 from __future__ import annotations
 
 import json
+import math
 
 import torch
 import torch.distributed as dist
@@ -86,10 +87,7 @@ def unpack_layer(layer: LayerCache, buffer: torch.Tensor, header: dict) -> None:
         shape = field(entry, "shape", list, where)
         if dtype is None or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape):
             raise CorruptDataError(f"{where}: invalid tensor entry {shown(entry)}")
-        size = dtype.itemsize
-        for x in shape:
-            size *= x
-        return piece(entry.get("at"), size).clone().view(dtype).view(shape)
+        return piece(entry.get("at"), math.prod(shape) * dtype.itemsize).clone().view(dtype).view(shape)
 
     def compressed(entry: object) -> CompressedKV:
         size = field(entry, "bytes", int, where)

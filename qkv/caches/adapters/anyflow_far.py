@@ -40,10 +40,10 @@ import math
 
 import torch
 
-from qkv.caches.adapters.handle import AdapterHandle, attend_parts
+from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
-from qkv.errors import CacheError, ConfigError
+from qkv.errors import CacheError
 
 __all__ = ["FARCacheProcessor", "FARHandle", "install"]
 
@@ -99,7 +99,7 @@ class FARHandle(AdapterHandle):
 
     def prefill(self, index: int, written: dict, rope_key: torch.Tensor, flag: dict) -> None:
         """Store the K/V a prefill wrote for block ``index`` (keys roped with ``rope_key``)."""
-        nc, nf = flag["num_compressed_tokens"], flag["num_full_tokens"]
+        nc = flag["num_compressed_tokens"]
         (kc, vc), (kf, vf) = written["compressed_cache"], written["full_cache"]
         keys = _upstream().apply_rotary_emb(torch.cat([kc, kf], 2), rope_key)
         kc, kf = keys[:, :, :nc], keys[:, :, nc:]
@@ -168,10 +168,7 @@ def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool
     coarse context cache's :class:`~qkv.KVCache` options (``span_chunks``: FAR chunks per span,
     ...; not ``num_layers`` nor ``max_spans``); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
     compressing it at each prefill. Returns the handle (``memory()``, ``remove()``)."""
-    model = getattr(target, "transformer", target)
-    if type(model).__name__ != "AnyFlowFARTransformer3DModel":
-        raise ConfigError(f"anyflow_far: expected an AnyFlowFARTransformer3DModel or a pipeline holding one, "
-                          f"got {type(model).__name__}")
+    model = diffusers_transformer(target, "AnyFlowFARTransformer3DModel", "anyflow_far")
     handle = FARHandle(model, policy, cache_options, recent_full_precision)
     for index, block in enumerate(model.blocks):
         handle.patches.set(block.attn1, "processor", FARCacheProcessor(handle, index, block.attn1.processor))

@@ -28,6 +28,15 @@ __all__ = ["AdapterHandle", "Patches", "attend_parts", "pending_memory"]
 _ABSENT = object()
 
 
+def diffusers_transformer(target, class_name: str, client: str):
+    """The transformer ``target`` is or holds (a diffusers pipeline's ``.transformer``), which must
+    be a ``class_name``; else :class:`ConfigError` naming the client."""
+    model = getattr(target, "transformer", target)
+    if type(model).__name__ != class_name:
+        raise ConfigError(f"{client}: expected a {class_name} or a pipeline holding one, got {type(model).__name__}")
+    return model
+
+
 class Patches:
     """Instance attributes set by an adapter, each restorable to what it was."""
 

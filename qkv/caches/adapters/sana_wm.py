@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import torch
 
-from qkv.caches.adapters.handle import AdapterHandle, attend_parts
+from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
 from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
 from qkv.compressed import CompressedKV
-from qkv.errors import CacheError, ConfigError
+from qkv.errors import CacheError
 
 __all__ = ["SanaWMCacheProcessor", "SanaWMHandle", "install"]
 
@@ -169,10 +169,7 @@ def install(target, policy: Policy | str = "qvg", *, sink_full_precision: bool =
     here: a span per refined block; not ``num_layers``, ``max_spans`` nor ``sink_chunks``: the
     pipeline's window decides); ``sink_full_precision``: keep the sink exact instead of
     compressed. Returns the handle (``memory()``, ``remove()``)."""
-    model = getattr(target, "transformer", target)
-    if type(model).__name__ != "SanaWMLTX2RefinerTransformer3DModel":
-        raise ConfigError(f"sana_wm: expected a SanaWMLTX2RefinerTransformer3DModel or a pipeline holding one, "
-                          f"got {type(model).__name__}")
+    model = diffusers_transformer(target, "SanaWMLTX2RefinerTransformer3DModel", "sana_wm")
     handle = SanaWMHandle(model, policy, cache_options, sink_full_precision)
     for index, block in enumerate(model.transformer_blocks):
         handle.patches.set(block.attn1, "processor", SanaWMCacheProcessor(handle, index, block.attn1.processor))

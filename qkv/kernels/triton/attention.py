@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 import triton
-import triton.language as tl
 from triton.runtime.errors import OutOfResources
 
 from qkv import kernels
