@@ -311,25 +311,43 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu")
 PACK_ALIGN = 16
 
 
+class PackedBytes:
+    """Byte pieces appended back to back, each starting at a multiple of :data:`PACK_ALIGN`."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.size = 0
+
+    def add(self, raw: torch.Tensor) -> int:
+        """Append the uint8 bytes ``raw``; returns the offset they start at."""
+        pad = -self.size % PACK_ALIGN
+        if pad:
+            self.parts.append(raw.new_zeros(pad))
+            self.size += pad
+        self.parts.append(raw)
+        self.size += raw.numel()
+        return self.size - raw.numel()
+
+    def add_tensor(self, t: torch.Tensor) -> int:
+        """Append ``t``'s bytes (contiguous); returns the offset they start at."""
+        return self.add(t.contiguous().view(torch.uint8).view(-1) if t.numel() else t.new_empty(0, dtype=torch.uint8))
+
+    def buffer(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Every piece as one uint8 tensor (empty, on ``device``, when nothing was added)."""
+        return torch.cat(self.parts) if self.parts else torch.empty(0, dtype=torch.uint8, device=device)
+
+
 def pack(ckv: CompressedKV) -> tuple[torch.Tensor, dict]:
     """``ckv`` as one contiguous uint8 buffer on its device (every stored tensor back to back,
     each :data:`PACK_ALIGN`-aligned) and a JSON-able header saying what is where: the form to send
     between ranks or copy to host memory in one transfer. :func:`unpack` is its exact inverse."""
-    parts, entries, offset = [], [], 0
+    data, entries = PackedBytes(), []
     for side, ct in (("k", ckv.k), ("v", ckv.v)):
         for name, t in ct.tensors().items():
-            raw = t.contiguous().view(torch.uint8).view(-1) if t.numel() else t.new_empty(0, dtype=torch.uint8)
-            pad = -offset % PACK_ALIGN
-            if pad:
-                parts.append(raw.new_zeros(pad))
-                offset += pad
-            entries.append([f"{side}.{name}", str(t.dtype), list(t.shape), offset])
-            parts.append(raw)
-            offset += raw.numel()
+            entries.append([f"{side}.{name}", str(t.dtype), list(t.shape), data.add_tensor(t)])
     device = next(iter(ckv.k.tensors().values())).device
-    buffer = torch.cat(parts) if parts else torch.empty(0, dtype=torch.uint8, device=device)
     header = {"spec": ckv.spec, "k": tensor_header(ckv.k), "v": tensor_header(ckv.v), "tensors": entries}
-    return buffer, header
+    return data.buffer(device), header
 
 
 _STORED_DTYPES = {

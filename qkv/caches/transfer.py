@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 from qkv.caches.kvcache import KVCache, LayerCache
-from qkv.compressed import PACK_ALIGN, CompressedKV, pack, unpack
+from qkv.compressed import PACK_ALIGN, CompressedKV, PackedBytes, pack, unpack
 from qkv.errors import CorruptDataError, shown
 from qkv.io import field, load_device
 
@@ -28,31 +28,13 @@ __all__ = ["broadcast_layer", "pack_layer", "recv_layer", "send_layer", "unpack_
 _DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
-class _Buffer:
-    """Byte pieces appended back to back, each :data:`PACK_ALIGN`-aligned."""
-
-    def __init__(self) -> None:
-        self.parts: list[torch.Tensor] = []
-        self.size = 0
-
-    def add(self, raw: torch.Tensor) -> int:
-        pad = -self.size % PACK_ALIGN
-        if pad:
-            self.parts.append(raw.new_zeros(pad))
-            self.size += pad
-        self.parts.append(raw)
-        self.size += raw.numel()
-        return self.size - raw.numel()
-
-
 def pack_layer(layer: LayerCache) -> tuple[torch.Tensor, dict]:
     """(uint8 buffer on the layer's device, JSON-able header) holding ``layer``'s whole state."""
     state = layer.state_dict()
-    buf = _Buffer()
+    buf = PackedBytes()
 
     def tensor(t: torch.Tensor) -> dict:
-        t = t.contiguous()
-        return {"dtype": str(t.dtype), "shape": list(t.shape), "at": buf.add(t.view(torch.uint8).view(-1))}
+        return {"dtype": str(t.dtype), "shape": list(t.shape), "at": buf.add_tensor(t)}
 
     def compressed(ckv: CompressedKV) -> dict:
         data, header = pack(ckv)
@@ -64,9 +46,7 @@ def pack_layer(layer: LayerCache) -> tuple[torch.Tensor, dict]:
     header["spans"] = [[compressed(ckv), skip] for ckv, skip in state["spans"]]
     warm = state["warm"]
     header["warm"] = compressed(warm) if isinstance(warm, CompressedKV) else warm
-    if not buf.parts:
-        return torch.empty(0, dtype=torch.uint8), header
-    return torch.cat(buf.parts), header
+    return buf.buffer(), header
 
 
 def unpack_layer(layer: LayerCache, buffer: torch.Tensor, header: dict) -> None:
