@@ -33,6 +33,8 @@ rollout whose K/V fit in 24 GiB (global-attention clients), from the measured by
     done
 
 ``--clients`` picks some (results merge into ``--out``), ``--chunks`` the rollout length (32),
+``--span-chunks`` the chunks per compressed span (8; each span carries its own centroids, so short
+spans cost bytes: at Self-Forcing sizes 165 MB per chunk with 1-chunk spans, 124 MB with 8),
 ``--policy`` the compressed policy (qvg), ``--tiny`` a CPU smoke run at toy sizes.
 """
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
 import pathlib
@@ -60,11 +63,12 @@ def sync(device: torch.device) -> None:
 
 
 class Run:
-    """One rollout's measurements: wall time per chunk, peak memory beyond the start, the last
-    denoising output per chunk (CPU fp32, for the drift)."""
+    """One rollout's measurements: wall time per chunk, peak memory beyond the start (read after
+    every chunk, before any later rollout resets the peak), the last denoising output per chunk
+    (CPU fp32, for the drift)."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self.outputs = device, [], []
+        self.device, self.times, self.outputs, self.peak_bytes = device, [], [], None
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -75,16 +79,23 @@ class Run:
         sync(self.device)
         now = time.perf_counter()
         self.times.append(now - self.t0)
+        if self.device.type == "cuda":
+            self.peak_bytes = torch.cuda.max_memory_allocated() - self.base
         self.outputs.append(output.detach().float().cpu())
         self.t0 = time.perf_counter()  # the copy to the CPU is not timed
 
-    def peak(self) -> int | None:
-        return torch.cuda.max_memory_allocated() - self.base if self.device.type == "cuda" else None
 
 
-def twice(rollout):
-    """Run ``rollout`` twice (the first warms every kernel and compiled shape), keep the second."""
+def twice(rollout, reset=None):
+    """Run ``rollout`` twice (the first warms every kernel and compiled shape), keep the second;
+    ``reset`` frees the first rollout's cache before the second starts, so that the second's peak
+    is measured from the weights alone."""
     rollout()
+    if reset is not None:
+        reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     return rollout()
 
 
@@ -92,20 +103,20 @@ def compare(upstream: dict, ours: dict, up_run: Run, our_run: Run) -> dict:
     drift = [float((b - a).norm() / a.norm()) for a, b in zip(up_run.outputs, our_run.outputs)]
     t_up, t_ours = sum(up_run.times), sum(our_run.times)
     return {
-        "upstream": {**upstream, "chunk_s": up_run.times, "peak_bytes": up_run.peak()},
-        "qkv": {**ours, "chunk_s": our_run.times, "peak_bytes": our_run.peak()},
+        "upstream": {**upstream, "chunk_s": up_run.times, "peak_bytes": up_run.peak_bytes},
+        "qkv": {**ours, "chunk_s": our_run.times, "peak_bytes": our_run.peak_bytes},
         "kv_ratio": upstream["kv_bytes"] / ours["kv_bytes"],
-        "peak_ratio": (up_run.peak() / our_run.peak()) if up_run.peak() else None,
+        "peak_ratio": (up_run.peak_bytes / our_run.peak_bytes) if up_run.peak_bytes else None,
         "latency_overhead": t_ours / t_up - 1,
         "latency_overhead_last_8": sum(our_run.times[-8:]) / sum(up_run.times[-8:]) - 1,
         "drift": drift,
     }
 
 
-def capacity(fixed: float, per_chunk: float) -> int | None:
-    """Chunks whose K/V fit in the budget: ``fixed`` bytes plus ``per_chunk`` bytes per chunk
-    (None when nothing was measured: a rollout too short to compress a span)."""
-    return max(0, math.floor((BUDGET - fixed) / per_chunk)) if per_chunk > 0 else None
+def capacity(fixed: float, per_chunk: float, held: int = 0) -> int | None:
+    """Chunks whose K/V fit in the budget: ``held`` chunks in ``fixed`` bytes plus ``per_chunk``
+    bytes per further chunk (None when nothing was measured: a rollout too short to compress a span)."""
+    return held + max(0, math.floor((BUDGET - fixed) / per_chunk)) if per_chunk > 0 else None
 
 
 # -- Self-Forcing (streamdiffusionv2's CausalWanModel) ---------------------------------------------
@@ -158,9 +169,9 @@ def self_forcing(args, device, dtype) -> dict:
     up_run, kv = twice(lambda: rollout(False))
     up_bytes = sum(d[name][:, : chunks * n].numel() * d[name].element_size() for d in kv for name in ("k", "v"))
     del kv
-    span = 8
+    span = args.span_chunks
     with qkv.adapters.streamdiffusionv2.install(model, args.policy, span_chunks=span) as handle:
-        our_run, _ = twice(lambda: rollout(True))
+        our_run, _ = twice(lambda: rollout(True), handle.reset)
         mem = handle.memory()
         compressed_chunks = len(handle.cache.layer(0).spans) * span
     bf16_chunk = up_bytes / chunks
@@ -169,7 +180,7 @@ def self_forcing(args, device, dtype) -> dict:
     result["capacity"] = {
         "chunk_tokens": n,
         "upstream_chunks": capacity(0, bf16_chunk),
-        "qkv_chunks": span + 1 + capacity((span + 1) * bf16_chunk, mem.compressed / max(compressed_chunks, 1)),
+        "qkv_chunks": capacity((span + 1) * bf16_chunk, mem.compressed / max(compressed_chunks, 1), span + 1),
     }
     return result
 
@@ -246,9 +257,9 @@ def anyflow_far(args, device, dtype) -> dict:
     coarse_tokens, full_tokens = sum(part[: len(part) - limit]) * coarse, sum(part[len(part) - limit : -1]) * full
     per_token = 2 * blocks * heads * head_dim * torch.finfo(dtype).bits // 8  # K and V, all blocks
     up_bytes = (coarse_tokens + full_tokens) * per_token  # what the upstream holds at the last chunk
-    span = 8
+    span = args.span_chunks
     with qkv.adapters.anyflow_far.install(model, args.policy, span_chunks=span) as handle:
-        our_run = twice(lambda: rollout(handle.kv_cache))
+        our_run = twice(lambda: rollout(handle.kv_cache), handle.reset)
         mem = handle.memory()
         context = handle.cache.layer(0)
         compressed_context = sum(sp.ckv.nbytes for sp in context.spans) * blocks
@@ -258,10 +269,10 @@ def anyflow_far(args, device, dtype) -> dict:
                      {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
     coarse_chunk, full_region = 3 * coarse * per_token, (limit - 1) * 3 * full * per_token
     result["capacity"] = {
-        "upstream_chunks": limit - 1 + capacity(full_region, coarse_chunk),
+        "upstream_chunks": capacity(full_region, coarse_chunk, limit - 1),
         # qkv: the full-resolution context as compressed now, up to a span of coarse chunks in bf16
-        "qkv_chunks": limit - 1 + span + capacity(mem.compressed - compressed_context + span * coarse_chunk,
-                                                  compressed_context / max(context_chunks, 1)),
+        "qkv_chunks": capacity(mem.compressed - compressed_context + span * coarse_chunk,
+                               compressed_context / max(context_chunks, 1), limit - 1 + span),
     }
     return result
 
@@ -313,7 +324,7 @@ def sana_wm(args, device, dtype) -> dict:
     per_token = 2 * len(transformer.transformer_blocks) * inner * torch.finfo(dtype).bits // 8
     up_bytes = window * lat_h * lat_w * per_token  # sink + full history, what upstream holds at the end
     with qkv.adapters.sana_wm.install(pipe, args.policy) as handle:
-        our_run, _ = twice(rollout)
+        our_run, _ = twice(rollout, handle.reset)
         mem = handle.memory()
     return compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
 
@@ -326,6 +337,8 @@ def main() -> None:
     parser.add_argument("--clients", default=",".join(CLIENTS))
     parser.add_argument("--chunks", type=int, default=32)
     parser.add_argument("--policy", default="qvg")
+    parser.add_argument("--span-chunks", type=int, default=8,
+                        help="chunks per compressed span (Self-Forcing, AnyFlow-FAR)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/bench_pipelines_h200.json")
     args = parser.parse_args()
@@ -338,7 +351,8 @@ def main() -> None:
         args.policy = qkv.build_policy(args.policy, block=16, clusters=8)
     for name in args.clients.split(","):
         torch.manual_seed(0)
-        results[name] = {"chunks": args.chunks, "policy": str(args.policy), **CLIENTS[name](args, device, dtype)}
+        results[name] = {"chunks": args.chunks, "policy": str(args.policy), "span_chunks": args.span_chunks,
+                         **CLIENTS[name](args, device, dtype)}
         r = results[name]
         print(f"{name}: KV {r['kv_ratio']:.2f}x smaller, peak {r['peak_ratio'] or float('nan'):.2f}x, "
               f"latency {100 * r['latency_overhead']:+.1f}% (last 8 chunks {100 * r['latency_overhead_last_8']:+.1f}%), "

@@ -84,6 +84,11 @@ class CompressedTensor:
     def bits_per_element(self) -> float:
         return 8 * self.nbytes / self.numel
 
+    @property
+    def device(self) -> torch.device:
+        """Where the stored tensors are."""
+        return (self.codes if self.codes is not None else self.fp_tokens).device
+
     def to(self, device: str | torch.device) -> "CompressedTensor":
         """A copy with every stored tensor on ``device``."""
 

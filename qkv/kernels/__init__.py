@@ -18,7 +18,7 @@ import torch
 
 from qkv.compressed import CompressedTensor
 from qkv.dtypes import saturate
-from qkv.errors import BackendError
+from qkv.errors import BackendError, DeviceError, DTypeError, ShapeError
 from qkv.format import AffineFormat, Undo
 from qkv.kernels.attention import (
     CompressedSpan,
@@ -32,7 +32,7 @@ from qkv.kernels.attention import (
 )
 from qkv.kernels.hadamard import hadamard_torch
 from qkv.kernels.kmeans import assign_torch, update_torch
-from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch
+from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch, rows_dim
 
 
 class Backend(str, enum.Enum):
@@ -121,36 +121,69 @@ def quantize_pack(
     return resolve("quantize_pack", backend, x.device, *args)(*args)
 
 
-def dequantize(rows, fmt: AffineFormat, tokens, centroids, assignments, *, out_dtype=torch.float32, backend="auto"):
-    """Unpack + dequantize + add every stage's centroids -> [N, tokens, D] in ``out_dtype``."""
-    args = (rows, fmt, tokens, centroids, assignments, out_dtype)
+def dequantize(
+    rows, fmt: AffineFormat, tokens, centroids, assignments, *, out_dtype=torch.float32, out=None, backend="auto"
+):
+    """Unpack + dequantize + add every stage's centroids -> [N, tokens, D] in ``out_dtype``,
+    written into ``out`` when given (a tensor of that shape and dtype, unit stride along D)."""
+    if out is not None:
+        _check_out(out, (rows.codes.shape[0], tokens, rows_dim(rows, fmt)), out_dtype, rows.codes.device)
+    args = (rows, fmt, tokens, centroids, assignments, out_dtype, out)
     return resolve("dequantize", backend, rows.codes.device, *args)(*args)
 
 
-def decompress(ct: CompressedTensor, *, backend: Backend | str = "auto") -> torch.Tensor:
+def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, device: torch.device) -> None:
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if tuple(out.shape) != tuple(shape):
+        raise ShapeError(f"out has shape {tuple(out.shape)}, expected {tuple(shape)}")
+    if out.dtype != dtype:
+        raise DTypeError(f"out has dtype {out.dtype}, expected {dtype}")
+    if out.device != device:
+        raise DeviceError(f"out is on {out.device}, the compressed data on {device}")
+    if out.stride(-1) != 1:
+        raise ShapeError(f"out must have unit stride along its last dimension (strides {out.stride()})")
+
+
+def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend: Backend | str = "auto") -> torch.Tensor:
     """Reconstruct a compressed tensor [B, H, S, D] in the dtype it was compressed from, from its
     data and format alone: codes dequantized with every add-back stage fused in (or rotations
-    undone after), then the full-precision tokens."""
+    undone after), then the full-precision tokens. With ``out`` (a [B, H, S, D] tensor of that
+    dtype, unit stride along D, e.g. a slice of a longer buffer along S) the result is written
+    there: the add-back kernels write it directly, without an intermediate copy."""
     b = ct.shape[0]
     fmt = ct.format
+    if out is not None:
+        _check_out(out, ct.shape, ct.dtype, ct.device)
+    q = ct.quantized_tokens
     parts = []
-    if ct.quantized_tokens and fmt.cast is not None:
+    if q and fmt.cast is not None:
         parts.append(saturate(ct.codes, ct.dtype))
-    elif ct.quantized_tokens:
+    elif q:
         rows = QuantizedRows(*(None if t is None else t.flatten(0, 1) for t in (ct.codes, ct.scales, ct.zeros, ct.scale_mult)))
         add = fmt.undo is Undo.ADD
         centroids = [s.centroids.flatten(0, 1) for s in ct.stages] if add else []
         assignments = [ct.stage_assignments(i) for i in range(len(ct.stages))] if add else []
         # add-backs are undone inside the kernel, which then writes the output dtype directly
         out_dtype = torch.float32 if fmt.undo is Undo.ROTATE else ct.dtype
-        out = dequantize(rows, fmt.codes, ct.quantized_tokens, centroids, assignments, out_dtype=out_dtype, backend=backend)
+        target = None
+        if out is not None and fmt.undo is not Undo.ROTATE and out.stride(0) == out.shape[1] * out.stride(1):
+            target = out[:, :, :q].flatten(0, 1)  # a view: the kernel writes into out
+        rec = dequantize(rows, fmt.codes, q, centroids, assignments, out_dtype=out_dtype, out=target, backend=backend)
         if fmt.undo is Undo.ROTATE:
             for _ in ct.stages:
-                out = hadamard(out, backend=backend)
-        parts.append(saturate(out.unflatten(0, (b, -1)), ct.dtype))
+                rec = hadamard(rec, backend=backend)
+        parts.append(None if target is not None else saturate(rec.unflatten(0, (b, -1)), ct.dtype))
     if ct.fp_tokens is not None:
         parts.append(ct.fp_tokens)
-    return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    if out is None:
+        return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+    at = 0
+    for part in parts:
+        if part is not None:
+            out[:, :, at : at + part.shape[2]].copy_(part)
+        at += q if part is None else part.shape[2]
+    return out
 
 
 def kmeans_assign(x, centroids, *, backend="auto"):

@@ -60,6 +60,55 @@ class CompressedSpan:
         return k[:, :, self.skip :], v[:, :, self.skip :]
 
 
+@dataclasses.dataclass(frozen=True)
+class SpanGroup:
+    """Consecutive compressed spans (one B, H_kv, D and dtype) attended to as one segment: each is
+    decompressed into its slice of one buffer (:func:`qkv.kernels.decompress` with ``out``), so a
+    history of many short spans costs one attention call and one merge per group, not per span."""
+
+    spans: tuple[CompressedSpan, ...]
+
+    @property
+    def tokens(self) -> int:
+        return sum(sp.tokens for sp in self.spans)
+
+    def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        if len(self.spans) == 1:
+            return self.spans[0].materialize(backend)
+        first = self.spans[0].ckv
+        b, h, _, d = first.k.shape
+        k, v = (torch.empty(b, h, self.tokens, d, dtype=ct.dtype, device=ct.device) for ct in (first.k, first.v))
+        at = 0
+        for sp in self.spans:
+            if sp.skip:  # partly evicted: decompressed whole, the live tokens copied
+                for buf, part in zip((k, v), sp.materialize(backend)):
+                    buf[:, :, at : at + sp.tokens].copy_(part)
+            else:
+                for buf, ct in ((k, sp.ckv.k), (v, sp.ckv.v)):
+                    kernels.decompress(ct, out=buf[:, :, at : at + sp.tokens], backend=backend)
+            at += sp.tokens
+        return k, v
+
+
+# The most keys per head that the staged path decompresses at once (a longer span alone): groups
+# of short spans (a chunk per span) then cost as few attention calls and merges as long ones
+STAGE_TOKENS = 32768
+
+
+def span_groups(spans: Sequence[CompressedSpan], limit: int) -> list[SpanGroup]:
+    """``spans`` in order, cut into consecutive groups of at most ``limit`` tokens each (a span
+    longer than that is a group of its own)."""
+    groups: list[list[CompressedSpan]] = []
+    total = 0
+    for sp in spans:
+        if not groups or total + sp.tokens > limit:
+            groups.append([])
+            total = 0
+        groups[-1].append(sp)
+        total += sp.tokens
+    return [SpanGroup(tuple(g)) for g in groups]
+
+
 class SpanPlan:
     """Compressed spans prepared once for the kernels, reused by every call over them (plan once,
     run many): a segment that stands for ``spans`` ([B, H_kv, S_i, D] each, one B, H_kv, D,
@@ -291,17 +340,19 @@ def sdpa_split(
 def attention_staged(
     q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None, backend: str = "auto"
 ) -> torch.Tensor:
-    """:func:`attention_torch` at the speed of torch's fused attention, in bounded memory: each
-    compressed span is decompressed on its own (:func:`qkv.kernels.decompress` on ``backend``) and attended to by
-    :func:`sdpa_split`; the full-precision segments are concatenated and attended to in one call;
-    the partial results are merged by log-sum-exp. At most one decompressed span (or the
-    concatenated full-precision keys) exists at a time. The full-precision keys come first: the
-    GPU starts on them while the host prepares the first span. [B, H, Sq, D] in q's dtype."""
+    """:func:`attention_torch` at the speed of torch's fused attention, in bounded memory: the
+    compressed spans are decompressed (:func:`qkv.kernels.decompress` on ``backend``) a group of
+    consecutive spans at a time, up to :data:`STAGE_TOKENS` keys (:func:`span_groups`), and each
+    group is attended to by :func:`sdpa_split`; the full-precision segments are concatenated and
+    attended to in one call; the partial results are merged by log-sum-exp. At most one
+    decompressed group (or the concatenated full-precision keys) exists at a time. The
+    full-precision keys come first: the GPU starts on them while the host prepares the first
+    group. [B, H, Sq, D] in q's dtype."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
     segments = expand(segments)
     dense = [s for s in segments if isinstance(s, DenseKV) and s.tokens]
     if len(dense) > 1:
         dense = [DenseKV(torch.cat([s.k for s in dense], 2), torch.cat([s.v for s in dense], 2))]
-    spans = [s for s in segments if isinstance(s, CompressedSpan)]
+    spans = span_groups([s for s in segments if isinstance(s, CompressedSpan)], STAGE_TOKENS)
     return _merged(q, scale, dense + spans, sdpa_split, backend)

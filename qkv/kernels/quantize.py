@@ -193,16 +193,22 @@ def dequantize_torch(
     centroids: list[torch.Tensor],
     assignments: list[torch.Tensor],
     out_dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Unpack, dequantize and add back every stage's centroids: [N, tokens, D] in ``out_dtype``
-    (computed in fp32, rounded once at the end).
+    (computed in fp32, rounded once at the end), written into ``out`` when given.
 
     centroids[t]: [N, C_t, D] (stored format); assignments[t]: [N, tokens] integer.
     """
     if q.axis == "token":
-        out = dequantize_rows_torch(rows, q, rows.scales.shape[-1] * q.block)
+        rec = dequantize_rows_torch(rows, q, rows_dim(rows, q))
     else:
-        out = rearrange(dequantize_rows_torch(rows, q, tokens), "n d s -> n s d")
+        rec = rearrange(dequantize_rows_torch(rows, q, tokens), "n d s -> n s d")
     for cents, assign in zip(centroids, assignments, strict=True):
-        out = out + gather_centroids(cents, assign)
-    return saturate(out, out_dtype)
+        rec = rec + gather_centroids(cents, assign)
+    return saturate(rec, out_dtype) if out is None else out.copy_(saturate(rec, out_dtype))
+
+
+def rows_dim(rows: QuantizedRows, q: AffineFormat) -> int:
+    """D, the length of a dequantized row (the head dimension)."""
+    return rows.scales.shape[-1] * q.block if q.axis == "token" else rows.codes.shape[1]

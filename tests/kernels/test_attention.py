@@ -8,6 +8,7 @@ on a GPU the same tests run compiled, plus one at full Wan-1.3B head shapes.
 """
 
 import dataclasses
+import importlib
 
 
 import pytest
@@ -28,7 +29,9 @@ from qkv.kernels.attention import (  # noqa: E402
     partial_attention,
     sdpa_split,
     sdpa_with_lse,
+    span_groups,
 )
+attention_module = importlib.import_module("qkv.kernels.attention")  # the package's attention() shadows it
 from qkv.kernels.triton.attention import span_support  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -305,3 +308,54 @@ def test_a_layout_too_big_for_the_first_tiles_takes_the_next(monkeypatch):
     segments = history("qvg-pro", seed=50, d=128)
     q = randn(51, 1, 2, 48, 128)
     assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decompress_into_a_slice_of_a_longer_buffer(name, backend):
+    pol = policy(name, 64)
+    ckv = pol.compress(randn(40, 2, 2, 70, 64, scale=2.0), randn(41, 2, 2, 70, 64))
+    buf = randn(42, 2, 2, 100, 64)
+    before = buf.clone()
+    got = kernels.decompress(ckv.k, out=buf[:, :, 20:90], backend=backend)
+    assert got.data_ptr() == buf[:, :, 20:90].data_ptr()
+    assert torch.equal(buf[:, :, 20:90], kernels.decompress(ckv.k, backend=backend))
+    assert torch.equal(buf[:, :, :20], before[:, :, :20]) and torch.equal(buf[:, :, 90:], before[:, :, 90:])
+
+
+def test_decompress_rejects_a_wrong_out():
+    ckv = policy("qvg", 64).compress(randn(43, 1, 2, 70, 64), randn(44, 1, 2, 70, 64))
+    with pytest.raises(ShapeError, match="shape"):
+        kernels.decompress(ckv.k, out=torch.empty(1, 2, 69, 64, dtype=torch.bfloat16, device=DEVICE))
+    with pytest.raises(DTypeError, match="dtype"):
+        kernels.decompress(ckv.k, out=torch.empty(1, 2, 70, 64, device=DEVICE))
+    with pytest.raises(ShapeError, match="unit stride"):
+        kernels.decompress(ckv.k, out=torch.empty(1, 2, 64, 70, dtype=torch.bfloat16, device=DEVICE).transpose(2, 3))
+
+
+def test_span_groups_cut_consecutive_spans_at_the_limit():
+    pol = policy("qvg", 64)
+    spans = [CompressedSpan(pol.compress(randn(s, 1, 2, n, 64), randn(s + 1, 1, 2, n, 64)), skip)
+             for s, (n, skip) in enumerate([(30, 0), (30, 5), (40, 0), (90, 0), (10, 0)])]
+    groups = span_groups(spans, limit=60)
+    index = {id(sp): i for i, sp in enumerate(spans)}
+    assert [[index[id(sp)] for sp in g.spans] for g in groups] == [[0, 1], [2], [3], [4]]
+    assert [g.tokens for g in groups] == [55, 40, 90, 10]
+    k, v = groups[0].materialize()
+    ref = materialized(spans[:2])
+    assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
+
+
+def test_staged_over_many_short_spans_groups_them(monkeypatch):
+    pol = policy("qvg", 64)
+    spans = [CompressedSpan(pol.compress(randn(50 + s, 1, 2, 24, 64, scale=2.0), randn(60 + s, 1, 2, 24, 64)),
+                            3 if s == 2 else 0) for s in range(6)]
+    segments = [DenseKV(randn(70, 1, 2, 16, 64), randn(71, 1, 2, 16, 64)), *spans]
+    q = randn(72, 1, 2, 20, 64)
+    calls = []
+    original = attention_module.sdpa_split
+    monkeypatch.setattr(attention_module, "STAGE_TOKENS", 50)
+    monkeypatch.setattr(attention_module, "sdpa_split", lambda q, k, v, s: calls.append(k.shape[2]) or original(q, k, v, s))
+    out = kernels.attention_staged(q, segments)
+    assert calls == [16, 48, 45, 48]  # the dense keys, then groups of at most 50 keys
+    assert_within_twice_the_torch_error(out, q, segments, True)

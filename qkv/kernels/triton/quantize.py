@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from qkv.dtypes import max_finite
-from qkv.kernels.quantize import QuantizedRows, check_quantize_args, row_multiplier
+from qkv.kernels.quantize import QuantizedRows, check_quantize_args, row_multiplier, rows_dim
 from qkv.kernels.triton.bits import (
     LAUNCH_STAGES,
     pack_word,
@@ -183,7 +183,7 @@ def _dequantize_kernel(
     codes_ptr, scales_ptr, zeros_ptr, mult_ptr, out_ptr,
     c0, a0, c1, a1, c2, a2, c3, a3,
     cs0, cs1, cs2, cs3, as0, as1, as2, as3,
-    S, D, R, P, G,
+    S, D, R, P, G, OUT_N,
     BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr,
     HAS_MULT: tl.constexpr, TOKEN_AXIS: tl.constexpr, STAGES: tl.constexpr,
     WORD: tl.constexpr, MSB: tl.constexpr, OUT_BF16: tl.constexpr, LIMIT: tl.constexpr, FAST: tl.constexpr,
@@ -246,7 +246,7 @@ def _dequantize_kernel(
         out = tl.minimum(tl.maximum(out, -LIMIT), LIMIT)
     if OUT_BF16:
         out = round_to_bf16(out)
-    tl.store(out_ptr + (pid_n * S + s[:, None]) * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + pid_n * OUT_N + s[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_pack_supports(x, q: AffineFormat, centroids=(), assignments=()) -> str | None:
@@ -316,23 +316,24 @@ def quantize_pack_triton(
     return QuantizedRows(codes, scales, zeros, mult)
 
 
-def dequantize_supports(rows, q, tokens, centroids, assignments, out_dtype=torch.float32):
+def dequantize_supports(rows, q, tokens, centroids, assignments, out_dtype=torch.float32, out=None):
     if len(centroids) > LAUNCH_STAGES:
         return f"{len(centroids)} stages (at most {LAUNCH_STAGES} per launch)"
-    d = rows.codes.shape[1] if q.axis == "channel" else rows.scales.shape[-1] * q.block
+    d = rows_dim(rows, q)
+    if out is not None and (out.stride(2) != 1 or out.stride(1) != d):
+        return "out's rows are not contiguous"
     if d > 1024:
         return f"head_dim {d} is larger than 1024"
     return None
 
 
-def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.float32):
-    """Triton twin of :func:`qkv.kernels.quantize.dequantize_torch` (one pass, all stages)."""
-    n = rows.codes.shape[0]
-    if q.axis == "token":
-        d, r = rows.scales.shape[-1] * q.block, tokens
-    else:
-        d, r = rows.codes.shape[1], rows.codes.shape[1]
-    out = torch.empty(n, tokens, d, dtype=out_dtype, device=rows.codes.device)
+def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.float32, out=None):
+    """Triton twin of :func:`qkv.kernels.quantize.dequantize_torch` (one pass, all stages); ``out``
+    may be a view whose rows are contiguous (a slice of a longer buffer along the tokens)."""
+    n, d = rows.codes.shape[0], rows_dim(rows, q)
+    r = tokens if q.axis == "token" else d
+    if out is None:
+        out = torch.empty(n, tokens, d, dtype=out_dtype, device=rows.codes.device)
     stages = len(centroids)
     dummy = rows.codes
     cents = [c.contiguous() for c in centroids] + [dummy] * (LAUNCH_STAGES - stages)
@@ -357,7 +358,7 @@ def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.f
         rows.codes if rows.mult is None else rows.mult, out,
         cents[0], assigns[0], cents[1], assigns[1], cents[2], assigns[2], cents[3], assigns[3],
         *c_strides, *a_strides,
-        tokens, d, r, rows.codes.shape[-1], rows.scales.shape[-1],
+        tokens, d, r, rows.codes.shape[-1], rows.scales.shape[-1], out.stride(0),
         BITS=q.bits, QBLOCK=q.block, OFFSET=q.offset, HAS_ZERO=rows.zeros is not None,
         HAS_MULT=rows.mult is not None, TOKEN_AXIS=q.axis == "token", STAGES=stages,
         WORD=q.pack.word_bits, MSB=q.pack.msb_first, OUT_BF16=out_dtype == torch.bfloat16,
