@@ -46,6 +46,16 @@ def test_direct_attention_equals_decompress_then_sdpa(llama, name):
         assert torch.equal(out, generate(model, prompt, "sdpa", None))
 
 
+@pytest.mark.parametrize("name", qkv.list_policies())
+def test_every_preset_runs_on_a_head_dim_of_32(llama, name):
+    """The tiny Llama's heads are 32 wide: presets whose blocks are 64 quantize in blocks of 32."""
+    model, _, prompt = llama
+    cache = QKVCache(name, span_tokens=16, direct=True)
+    out = generate(model, prompt, ATTENTION, cache, min_new_tokens=40)
+    assert out.shape == (1, 56) and cache.kv.layer(0).layout.head_dim == 32
+    assert all(layer.spans for layer in cache.kv.layers) or cache.kv.config.fp_window > 56  # kivi's 128
+
+
 def test_assisted_decoding_crops_the_tail(llama):
     model, assistant, prompt = llama
     reference = generate(model, prompt, "sdpa", None)

@@ -233,9 +233,9 @@ def test_bad_chunks_raise_and_leave_the_cache_unchanged(bad, error, message):
 
 
 def test_a_chunk_the_policy_cannot_take_is_rejected_before_anything_is_stored():
-    cache = KVCache("rtn")  # blocks of 16 along D
+    cache = KVCache("quarot")  # a Hadamard rotation along D
     k = torch.randn(1, 2, 4, 24)
-    with pytest.raises(ShapeError, match="does not divide head_dim"):
+    with pytest.raises(ShapeError, match="power of two"):
         cache.append(0, k, k)
     assert cache.layer(0).layout is None and cache.layer(0).seen == 0
     with pytest.raises(CacheError, match="holds nothing"):
