@@ -79,6 +79,14 @@ class CacheConfig:
         return max(self.policy.k.window, self.policy.v.window)
 
     @property
+    def residual_group(self) -> int | None:
+        """For a policy with a window whose compression is local along the tokens
+        (:attr:`Policy.token_group` is not None): the group in which tokens leaving the window are
+        compressed, as soon as one is complete (KIVI's residual); None otherwise (spans are
+        compressed whole, once complete, with at least the window after them)."""
+        return self.policy.token_group if self.fp_window else None
+
+    @property
     def clusters(self) -> bool:
         """Whether K or V compression runs a seeded clustering (k-means, FAISS)."""
         return any(

@@ -8,9 +8,12 @@ of K/V per layer at a time and attends to everything cached. Per layer, :class:`
   ``span_tokens`` tokens), each compressed exactly once and never re-quantized;
 - the **tail**: the newest chunks in full precision, until they complete a span (and, with
   ``recent_chunks=R``, until R newer chunks exist, so the newest R chunks are always exact). A policy's
-  ``window(tokens=N)`` (KIVI's residual window) is honoured here: a span is only compressed when at
-  least N newer tokens stay in the tail, and spans are compressed with the window stripped (a window
-  inside every span would keep N tokens of every span in full precision forever).
+  ``window(tokens=N)`` (KIVI's residual window) is honoured here: the newest N tokens stay in the
+  tail, and spans are compressed with the window stripped (a window inside every span would keep N
+  tokens of every span in full precision forever). Where the policy compresses groups of tokens
+  on their own (``Policy.token_group``: KIVI's per-channel blocks of keys, per-token values), the
+  window is a residual as in KIVI: every whole group that left it is compressed at once (spans of
+  up to ``span_tokens`` in whole groups); otherwise a span waits until it is complete.
 
 ``max_spans`` evicts the oldest spans (a sliding window over the compressed history);
 :meth:`LayerCache.evict` drops any number of the oldest non-sink tokens (a span whose first tokens
@@ -209,17 +212,25 @@ class LayerCache(LayerState):
         return span + max(cfg.recent_chunks * tokens, cfg.fp_window) + tokens
 
     def _next_span(self, tail: list[Chunk]) -> int:
-        """Tokens of the span to compress now at the front of ``tail`` (0: none is complete)."""
+        """Tokens of the span to compress now at the front of ``tail`` (0: none is complete).
+
+        A span is ``span_chunks`` chunks or ``span_tokens`` tokens, compressed once complete with
+        at least the policy's window (and the ``recent_chunks``) after it; a window that is a
+        residual (``config.residual_group``) instead lets every whole group of tokens that left it
+        go at once, up to a span's length in whole groups (at least one group)."""
         cfg = self.config
         have = sum(c.tokens for c in tail)
-        if cfg.span_chunks is not None:
-            if len(tail) < cfg.span_chunks:
-                return 0
-            n = sum(c.tokens for c in tail[: cfg.span_chunks])
-        else:
-            n = cfg.span_tokens
         recent = sum(c.tokens for c in tail[len(tail) - cfg.recent_chunks :]) if cfg.recent_chunks else 0
-        return n if have >= n and have - n >= max(cfg.fp_window, recent) else 0
+        keep = max(cfg.fp_window, recent)
+        if cfg.span_chunks is not None:
+            n, complete = sum(c.tokens for c in tail[: cfg.span_chunks]), len(tail) >= cfg.span_chunks
+        else:
+            n, complete = cfg.span_tokens, have >= cfg.span_tokens
+        group = cfg.residual_group
+        if group is None:
+            return n if complete and have - n >= keep else 0
+        n = min(max(group, n - n % group), max(have - keep, 0))
+        return n - n % group
 
     def _complete_spans(self, tail: list[Chunk]) -> tuple[list[kernels.CompressedSpan], list[Chunk], CompressedKV | None]:
         """Compress every complete span at the front of ``tail``: (new spans, remaining tail, warm)."""

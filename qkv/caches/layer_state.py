@@ -178,8 +178,8 @@ def _span(config: CacheConfig, layout: Layout, item: object, where: str) -> Comp
     if ckv.k.shape != ckv.v.shape:
         raise CorruptDataError(f"{where}: k {ckv.k.shape} and v {ckv.v.shape} differ")
     tokens = ckv.k.shape[2]
-    if config.span_tokens is not None and tokens != config.span_tokens:
-        raise CorruptDataError(f"{where}: {tokens} tokens, the cache's spans hold {config.span_tokens}")
+    if config.span_tokens is not None and tokens > config.span_tokens:
+        raise CorruptDataError(f"{where}: {tokens} tokens, the cache's spans hold at most {config.span_tokens}")
     if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < tokens:
         raise CorruptDataError(f"{where}: skip must be an integer in [0, {tokens}), found {shown(skip)}")
     for name, tp, ct in (("k", policy.k, ckv.k), ("v", policy.v, ckv.v)):

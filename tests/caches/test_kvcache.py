@@ -116,19 +116,34 @@ def test_memory_is_exact_and_compression_pays():
     assert mem.bits_per_element == 8 * (20512 + 2 * 16384) / (2 * 2 * 64 * 320) == pytest.approx((256 * 2.5 + 64 * 16) / 320, rel=1e-3)
 
 
-def test_policy_window_is_a_minimum_tail_and_spans_are_compressed_without_it():
-    policy = qkv.build_policy("kivi")  # window(tokens=128), keys per channel in groups of 32
-    chunks = stream(4, [32] * 12)
-    cache = KVCache(policy, span_chunks=2)
-    for i, (k, v) in enumerate(chunks):
-        cache.append(0, k, v)
-        tail = sum(c.tokens for c in cache.layer(0).tail)
-        assert tail >= min(128, 32 * (i + 1))
+@pytest.mark.parametrize("span", [{}, {"span_chunks": 2}, {"span_tokens": 256}])
+def test_kivi_keeps_its_residual_window_and_compresses_each_group_that_leaves_it(span):
+    """KIVI (arXiv 2402.02750): the newest R = 128 tokens stay in full precision, and as soon as a
+    group of G = 32 tokens (its per-channel key block) has left that window it is quantized, keys
+    per channel and values per token, whatever the span options (the default, 8 chunks, is 8
+    tokens when decoding token by token). A 300-token prompt, then 100 tokens one at a time."""
+    cache = KVCache("kivi", **span)
     layer = cache.layer(0)
-    assert len(layer.spans) == 4 and tail == 128
-    for span in layer.spans:
-        assert span.ckv.spec == cache.config.span_policy.spec and "window" not in span.ckv.spec
-        assert span.ckv.k.fp_tokens is None and span.ckv.v.fp_tokens is None  # all 64 tokens quantized
+    for k, v in stream(3, [300] + [1] * 100):
+        cache.append(0, k, v)
+        stored = sum(sp.tokens for sp in layer.spans)
+        assert stored == (layer.seen - 128) // 32 * 32
+        assert 128 <= sum(c.tokens for c in layer.tail) < 128 + 32
+    assert len(layer.spans) > 1 and stored == 256
+    for sp in layer.spans:
+        assert sp.tokens % 32 == 0 and sp.tokens <= span.get("span_tokens", sp.tokens)
+        assert "window" not in sp.ckv.spec  # compressed with the window stripped
+        assert sp.ckv.k.fp_tokens is None and sp.ckv.v.fp_tokens is None  # every token quantized
+
+
+def test_a_window_of_a_policy_that_reads_whole_spans_is_a_minimum_tail():
+    """With clustering (qvg) a span is only compressed whole, with the window after it."""
+    cache = KVCache(qkv.build_policy("qvg", clusters=4, window=48), span_tokens=32)
+    layer = cache.layer(0)
+    for k, v in stream(4, [16] * 12):
+        cache.append(0, k, v)
+        assert all(sp.tokens == 32 for sp in layer.spans)
+        assert 48 <= sum(c.tokens for c in layer.tail) < 48 + 32 or layer.seen < 48
 
 
 def test_recent_chunks_stay_exact():

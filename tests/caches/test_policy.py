@@ -319,3 +319,15 @@ def test_meta_and_sparse_tensors_are_typed_errors(make, error, message):
         qkv.build_policy("rtn").compress(x, x)
     with pytest.raises(error, match=message):
         qkv.KVCache("rtn").append(0, x, x)
+
+
+def test_token_group_is_what_a_policy_compresses_on_its_own():
+    """Per-channel blocks (KIVI's keys) go in groups of their block, per-token codes, rotations and
+    casts token by token; clustering reads a whole span."""
+    assert qkv.build_policy("kivi").token_group == 32 and qkv.build_policy("kivi").k.token_group == 32
+    assert qkv.build_policy("kivi").v.token_group == 1
+    for name in ("rtn", "quarot", "bf16"):
+        assert qkv.build_policy(name).token_group == 1
+    for name in ("qvg", "qvg-pro"):
+        assert qkv.build_policy(name).token_group is None
+    assert qkv.build_policy("k:int2(block=16,axis=channel);v:int2(block=24,axis=channel)").token_group == 48

@@ -8,7 +8,8 @@
 Each model layer gets a :class:`QKVLayer` around the cache's :class:`LayerCache`: ``update(k, v)``
 appends the step's K/V ``[B, H, S_new, D]`` as one chunk and returns the retained history (spans
 decompressed one by one, nothing decompressed kept). Spans are compressed once, when complete, and
-never re-quantized; the fp tail holds the newest tokens (a policy's ``window`` is a minimum tail).
+never re-quantized; the fp tail holds the newest tokens (a policy's ``window`` stays there:
+KIVI's residual, see :mod:`qkv.caches.kvcache`).
 
 ``get_seq_length()`` counts every token ever appended (positions stay absolute when a sink and a
 sliding window evict tokens); ``get_mask_sizes`` gives the retained length with the matching offset,
