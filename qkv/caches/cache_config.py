@@ -113,6 +113,9 @@ class CacheMemory:
     tokens: retained tokens (summed over layers); elements: K and V values they represent.
     reserved: the free room of the tail buffers (allocated, holding no token: the next chunks are
         written there, see :mod:`qkv.caches.tail`); not part of ``total``, part of ``allocated``.
+    dead_tokens: evicted tokens still stored inside a span (those its format cannot drop: fewer
+        than a per-channel block, or groups implied by a block grid); their bytes are part of
+        ``compressed``, they are not part of ``tokens``.
     """
 
     compressed: int = 0
@@ -122,6 +125,7 @@ class CacheMemory:
     tokens: int = 0
     elements: int = 0
     reserved: int = 0
+    dead_tokens: int = 0
 
     @property
     def full_precision(self) -> int:

@@ -16,8 +16,9 @@ of K/V per layer at a time and attends to everything cached. Per layer, :class:`
   up to ``span_tokens`` in whole groups); otherwise a span waits until it is complete.
 
 ``max_spans`` evicts the oldest spans (a sliding window over the compressed history);
-:meth:`LayerCache.evict` drops any number of the oldest non-sink tokens (a span whose first tokens
-are evicted stays stored until all of its tokens are gone, and reports its full size).
+:meth:`LayerCache.evict` drops any number of the oldest non-sink tokens: a span whose first tokens
+are evicted drops them from its data where its format stores tokens on their own, and keeps (and
+reports, ``CacheMemory.dead_tokens``) only those it cannot drop until all of its tokens are gone.
 
 State lives here, never in the policy (policies are stateless). With ``warm_start=True`` (default)
 every span's k-means starts from the previous span's centroids of the same layer, head and tensor
@@ -175,6 +176,7 @@ class LayerCache(LayerState):
             reserved=self.buffer.nbytes - in_buffer,
             tokens=self.tokens,
             elements=2 * b * h * d * self.tokens,
+            dead_tokens=sum(sp.skip for sp in self.spans),
         )
 
     # -- writing -------------------------------------------------------------------------------
@@ -274,7 +276,11 @@ class LayerCache(LayerState):
             self.evicted += self.spans.pop(0).tokens
 
     def evict(self, tokens: int) -> None:
-        """Drop the ``tokens`` oldest retained tokens after the sink (spans first, then the tail)."""
+        """Drop the ``tokens`` oldest retained tokens after the sink (spans first, then the tail).
+
+        A span whose first tokens go drops them from its data where its format stores tokens on
+        their own (per-token codes, casts, whole per-channel blocks: new, smaller storage) and
+        skips the rest, which stay stored (``memory().dead_tokens``) until the span goes."""
         check_int("evict", "tokens", tokens, 0)
         available = sum(s.tokens for s in self.spans) + sum(c.tokens for c in self.tail)
         if tokens > available:
@@ -285,18 +291,34 @@ class LayerCache(LayerState):
             if left >= sp.tokens:
                 left -= sp.tokens
                 continue
-            spans.append(dataclasses.replace(sp, skip=sp.skip + left) if left else sp)
+            spans.append(self._cut(sp, left) if left else sp)
             left = 0
         tail = []
         for c in self.tail:
             if left >= c.tokens:
                 left -= c.tokens
                 continue
-            tail.append(Chunk(c.k[:, :, left:].clone(), c.v[:, :, left:].clone(), c.start + left) if left else c)
+            tail.append(self._cut_chunk(c, left) if left else c)
             left = 0
         self.spans, self.tail = spans, tail
         self.evicted += tokens
         self._plan_stale = True
+
+    @staticmethod
+    def _cut(span: kernels.CompressedSpan, tokens: int) -> kernels.CompressedSpan:
+        """``span`` without its ``tokens`` oldest retained tokens: dropped from its data where the
+        format can drop them (:meth:`CompressedKV.drop_leading`), skipped otherwise."""
+        skip = span.skip + tokens
+        ckv, dropped = span.ckv.drop_leading(skip)
+        return kernels.CompressedSpan(ckv, skip - dropped)
+
+    def _cut_chunk(self, c: Chunk, tokens: int) -> Chunk:
+        """``c`` without its ``tokens`` oldest tokens: a view where it lives in the tail buffer
+        (whose freed room the next placement reuses), a copy otherwise (a view would keep the
+        evicted tokens' storage alive)."""
+        if self.buffer.holds(c.k):
+            return Chunk(c.k[:, :, tokens:], c.v[:, :, tokens:], c.start + tokens)
+        return Chunk(c.k[:, :, tokens:].clone(), c.v[:, :, tokens:].clone(), c.start + tokens)
 
     def drop_newest(self, tokens: int) -> None:
         """Forget the ``tokens`` newest tokens (assisted decoding's rejected candidates). They must

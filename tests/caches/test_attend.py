@@ -68,8 +68,9 @@ def assert_within_twice_the_read_error(cache, q, extra=None):
 def test_sink_spans_eviction_tail_and_extra():
     cache = filled(qkv.build_policy("qvg", clusters=8, block=32), span_chunks=2, sink_chunks=1)
     layer = cache.layer(0)
-    layer.evict(40)  # inside the first span: it is read from token 40 on
-    assert len(layer.sink) == 1 and len(layer.spans) == 3 and layer.spans[0].skip == 40 and layer.tail
+    layer.evict(40)  # inside the first span: per-token codes, its first 40 tokens are dropped
+    assert len(layer.sink) == 1 and len(layer.spans) == 3 and layer.tail
+    assert layer.spans[0].skip == 0 and layer.spans[0].tokens == 64 - 40
     q = chunk(100, n=24)[0]
     assert_within_twice_the_read_error(cache, q)
     assert_within_twice_the_read_error(cache, q, extra=chunk(101))
@@ -78,6 +79,8 @@ def test_sink_spans_eviction_tail_and_extra():
 def test_policy_window_and_gqa():
     cache = filled(qkv.build_policy("kivi"), chunks=9, span_chunks=2)
     layer = cache.layer(0)
+    layer.evict(40)  # the first 32-token span goes; the next one's keys share a 32-token block
+    assert layer.spans[0].skip == 8 and layer.spans[0].ckv.k.shape[2] == 32 and layer.memory().dead_tokens == 8
     assert layer.spans and sum(c.tokens for c in layer.tail) >= 128  # KIVI's full-precision window
     q = torch.randn(1, 4, 16, 64, generator=torch.Generator().manual_seed(7)).bfloat16().to(DEVICE)  # 4 heads on 2
     assert_within_twice_the_read_error(cache, q)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -157,7 +159,7 @@ def test_recent_chunks_stay_exact():
     assert torch.equal(got_k[:, :, -12:], full(chunks[-3:])[0])
 
 
-def test_evict_tokens_inside_a_span_keeps_it_until_its_last_token_goes():
+def test_evict_tokens_inside_a_span_drops_them_from_its_data():
     chunks = stream(6, [8] * 7, dtype=torch.bfloat16)
     cache = KVCache("bf16", span_chunks=2, sink_chunks=1)
     for k, v in chunks:
@@ -166,13 +168,49 @@ def test_evict_tokens_inside_a_span_keeps_it_until_its_last_token_goes():
     before = layer.memory()
     k_all, _ = full(chunks)
     layer.evict(5)
-    assert layer.memory().compressed == before.compressed  # span still stored
+    per_token = 2 * 2 * 64 * 2  # K and V, 2 heads x 64, bf16
+    assert layer.spans[0].skip == 0 and layer.spans[0].tokens == 11 and layer.memory().dead_tokens == 0
+    assert layer.memory().compressed == before.compressed - 5 * per_token  # the evicted tokens are freed
     assert torch.equal(cache.read(0)[0], torch.cat([k_all[:, :, :8], k_all[:, :, 13:]], 2))
     layer.evict(11)
-    assert len(layer.spans) == 2 and layer.memory().compressed < before.compressed
+    assert len(layer.spans) == 2 and layer.memory().compressed == before.compressed - 16 * per_token
     assert layer.positions().tolist() == list(range(8)) + list(range(24, 56))
     with pytest.raises(CacheError, match="cannot evict"):
         layer.evict(33)
+
+
+@pytest.mark.parametrize(
+    "spec, dead",
+    [
+        ("rtn", 0),  # per-token codes: every evicted token is dropped
+        ("quarot", 0),
+        ("kmeans(clusters=4),centroid,int2(block=32)", 0),  # assignments per token, centroids kept
+        ("k:int2(block=16,mode=asym,axis=channel),i32lsb;v:int2(block=32)", 21 % 16),  # whole key blocks only
+        ("k:int2(block=4,mode=asym,axis=channel),i32lsb;v:int2(block=32)", 21 % 16),  # 16 tokens fill an int32 word
+        ("blocks(t=1,h=2,w=2,height=4,width=4),centroid,int2(block=32)", 21),  # groups implied by positions
+    ],
+)
+def test_evict_inside_a_span_keeps_only_what_its_format_cannot_drop(spec, dead):
+    """A span partly evicted keeps the tokens its format cannot drop (reported as dead tokens);
+    what it keeps is exactly a span of the kept tokens (same bytes as the policy predicts), and
+    reads back as before for the retained tokens."""
+    policy = qkv.build_policy(spec)
+    cache = KVCache(policy, span_tokens=64)
+    for k, v in stream(8, [32] * 3):
+        cache.append(0, k, v)
+    layer = cache.layer(0)
+    before = cache.read(0)
+    layer.evict(21)
+    span = layer.spans[0]
+    assert span.skip == dead and span.tokens == 64 - 21 and layer.memory().dead_tokens == dead
+    assert span.ckv.k.shape[2] == 64 - 21 + dead
+    for tp, ct in ((policy.k, span.ckv.k), (policy.v, span.ckv.v)):
+        ct.check()  # the data of a span of its tokens, its centroids kept whole
+        fresh = tp.format(64).layout(ct.shape, ct.dtype, ct.groups)
+        assert ct.nbytes == sum(math.prod(size) * dt.itemsize for size, dt in fresh.values())
+    assert layer.memory().compressed == span.ckv.nbytes
+    after = cache.read(0)
+    assert torch.equal(after[0], before[0][:, :, 21:]) and torch.equal(after[1], before[1][:, :, 21:])
 
 
 def test_warm_start_seeds_each_span_with_the_previous_centroids():
