@@ -86,6 +86,19 @@ def test_policy_window_and_gqa():
     assert_within_twice_the_read_error(cache, q)
 
 
+@pytest.mark.parametrize("evict", [40, 64 + 32])
+def test_per_channel_spans_cut_by_an_eviction(evict):
+    """KIVI's keys without a window, spans of 64 tokens (two key blocks): an eviction drops whole
+    blocks from the first span (new, shorter codes and scales) and skips the rest of a block."""
+    cache = filled(qkv.build_policy("kivi", window=0), chunks=7, span_chunks=2)
+    layer = cache.layer(0)
+    layer.evict(evict)
+    span = layer.spans[0]
+    assert span.ckv.k.shape[2] == 32 and span.skip == evict % 32 and span.tokens == 32 - evict % 32
+    q = chunk(102, n=16)[0]
+    assert_within_twice_the_read_error(cache, q)
+
+
 def test_an_empty_layer_attends_to_extra_only():
     cache = qkv.KVCache("rtn")
     q, extra = chunk(3, n=8)[0], chunk(4)
