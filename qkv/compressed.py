@@ -12,7 +12,7 @@ import torch
 
 from qkv import io
 from qkv.dtypes import INPUT_DTYPES
-from qkv.errors import ConfigError, CorruptDataError, QKVError, shown
+from qkv.errors import ConfigError, CorruptDataError, QKVError, ShapeError, shown
 from qkv.format import TensorFormat
 
 # The components every compressed tensor reports, in this order.
@@ -137,6 +137,67 @@ class CompressedTensor:
             return stage.grid.assignments(n, self.quantized_tokens, device)
         return torch.zeros(n, self.quantized_tokens, dtype=torch.long, device=device)
 
+    def droppable(self, tokens: int) -> int:
+        """How many of the first ``tokens`` tokens (at most S) :meth:`drop_leading` can drop without
+        touching the others: all of them where each token is stored on its own (per-token codes,
+        cast values, per-token assignments, full-precision tokens); per-channel blocks (KIVI's keys)
+        only whole blocks whose codes fill whole words (the rest share scales and words with kept
+        tokens); none where a block grid implies the groups from the tokens' positions."""
+        fmt = self.format
+        if tokens >= self.quantized_tokens:
+            return tokens
+        if any(st.grid is not None for st in fmt.stages):
+            return 0
+        if fmt.codes is None or fmt.codes.axis == "token":
+            return tokens
+        q = fmt.codes
+        unit = q.block * q.pack.word_bits // math.gcd(q.block * q.bits, q.pack.word_bits)
+        return tokens - tokens % unit
+
+    def drop_leading(self, tokens: int) -> "CompressedTensor":
+        """This tensor without its first ``tokens`` tokens, in storage of its own (what is dropped
+        is freed once the old tensor goes); ``tokens`` must be :meth:`droppable`. Centroids are
+        kept whole (the same tensors): every kept token may refer to any of them."""
+        if not 0 <= tokens < self.shape[2] or self.droppable(tokens) != tokens:
+            raise ShapeError(f"cannot drop the first {tokens} of {self.shape[2]} tokens of {self.format}")
+        b, h, s, d = self.shape
+        fmt = self.format
+        kept_q = fmt.quantized_length(s - tokens)
+        gone = self.quantized_tokens - kept_q  # quantized tokens dropped; the rest of ``tokens`` are fp
+
+        def rows(t: torch.Tensor | None, start: int) -> torch.Tensor | None:
+            return None if t is None or not kept_q else t[..., start:, :].clone()
+
+        codes = scales = zeros = None
+        if kept_q and (fmt.cast is not None or fmt.codes.axis == "token"):
+            codes, scales, zeros = rows(self.codes, gone), rows(self.scales, gone), rows(self.zeros, gone)
+        elif kept_q:  # per-channel: [B, H, D, words] codes, [B, H, D, blocks] scales and zeros
+            q = fmt.codes
+            words, blocks = gone * q.bits // q.pack.word_bits, gone // q.block
+            codes = self.codes[..., words:].clone()
+            scales = self.scales[..., blocks:].clone()
+            zeros = None if self.zeros is None else self.zeros[..., blocks:].clone()
+        stages = ()
+        if kept_q:
+            stages = tuple(
+                StageData(st.centroids, None if st.assignments is None else st.assignments[..., gone:].clone())
+                for st in self.stages
+            )
+        fp = self.fp_tokens
+        if fp is not None:
+            fp = fp[:, :, tokens - gone :].clone() if fp.shape[2] > tokens - gone else None
+        return dataclasses.replace(
+            self,
+            shape=(b, h, s - tokens, d),
+            quantized_tokens=kept_q,
+            codes=codes,
+            scales=scales,
+            zeros=zeros,
+            scale_mult=self.scale_mult if kept_q else None,
+            stages=stages,
+            fp_tokens=fp,
+        )
+
     @property
     def groups(self) -> list[int]:
         """Stored rows (centroids) per stage."""
@@ -157,7 +218,8 @@ class CompressedTensor:
         groups = self.groups
         for i, (stage, c) in enumerate(zip(fmt.stages, groups)):
             cents = self.stages[i].centroids
-            if cents is not None and (cents.dim() != 4 or not 1 <= c <= max(s_q, 1)):
+            # at most one row per token when compressed, more once leading tokens were dropped
+            if cents is not None and (cents.dim() != 4 or c < 1):
                 raise CorruptDataError(f"{name}.stage{i}.centroids: invalid shape {tuple(cents.shape)}")
             if stage.grid is not None and cents is not None:
                 frames = stage.grid.frames(s_q)
@@ -210,6 +272,17 @@ class CompressedKV:
     def to(self, device: str | torch.device) -> "CompressedKV":
         """A copy with every stored tensor on ``device``."""
         return CompressedKV(self.k.to(device), self.v.to(device), self.spec)
+
+    def drop_leading(self, tokens: int) -> tuple["CompressedKV", int]:
+        """Keys and values without as many of their first ``tokens`` tokens as both can drop
+        (:meth:`CompressedTensor.droppable`): (the data, tokens dropped); the data itself when
+        none can be."""
+        n = tokens
+        while (m := min(self.k.droppable(n), self.v.droppable(n))) != n:
+            n = m
+        if not n:
+            return self, 0
+        return CompressedKV(self.k.drop_leading(n), self.v.drop_leading(n), self.spec), n
 
     def save(self, path: str | os.PathLike) -> str:
         """Write to a signed safetensors file (:mod:`qkv.io`; the folder must exist): every stored

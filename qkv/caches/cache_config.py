@@ -79,6 +79,14 @@ class CacheConfig:
         return max(self.policy.k.window, self.policy.v.window)
 
     @property
+    def residual_group(self) -> int | None:
+        """For a policy with a window whose compression is local along the tokens
+        (:attr:`Policy.token_group` is not None): the group in which tokens leaving the window are
+        compressed, as soon as one is complete (KIVI's residual); None otherwise (spans are
+        compressed whole, once complete, with at least the window after them)."""
+        return self.policy.token_group if self.fp_window else None
+
+    @property
     def clusters(self) -> bool:
         """Whether K or V compression runs a seeded clustering (k-means, FAISS)."""
         return any(
@@ -105,6 +113,9 @@ class CacheMemory:
     tokens: retained tokens (summed over layers); elements: K and V values they represent.
     reserved: the free room of the tail buffers (allocated, holding no token: the next chunks are
         written there, see :mod:`qkv.caches.tail`); not part of ``total``, part of ``allocated``.
+    dead_tokens: evicted tokens still stored inside a span (those its format cannot drop: fewer
+        than a per-channel block, or groups implied by a block grid); their bytes are part of
+        ``compressed``, they are not part of ``tokens``.
     """
 
     compressed: int = 0
@@ -114,6 +125,7 @@ class CacheMemory:
     tokens: int = 0
     elements: int = 0
     reserved: int = 0
+    dead_tokens: int = 0
 
     @property
     def full_precision(self) -> int:

@@ -8,13 +8,17 @@ of K/V per layer at a time and attends to everything cached. Per layer, :class:`
   ``span_tokens`` tokens), each compressed exactly once and never re-quantized;
 - the **tail**: the newest chunks in full precision, until they complete a span (and, with
   ``recent_chunks=R``, until R newer chunks exist, so the newest R chunks are always exact). A policy's
-  ``window(tokens=N)`` (KIVI's residual window) is honoured here: a span is only compressed when at
-  least N newer tokens stay in the tail, and spans are compressed with the window stripped (a window
-  inside every span would keep N tokens of every span in full precision forever).
+  ``window(tokens=N)`` (KIVI's residual window) is honoured here: the newest N tokens stay in the
+  tail, and spans are compressed with the window stripped (a window inside every span would keep N
+  tokens of every span in full precision forever). Where the policy compresses groups of tokens
+  on their own (``Policy.token_group``: KIVI's per-channel blocks of keys, per-token values), the
+  window is a residual as in KIVI: every whole group that left it is compressed at once (spans of
+  up to ``span_tokens`` in whole groups); otherwise a span waits until it is complete.
 
 ``max_spans`` evicts the oldest spans (a sliding window over the compressed history);
-:meth:`LayerCache.evict` drops any number of the oldest non-sink tokens (a span whose first tokens
-are evicted stays stored until all of its tokens are gone, and reports its full size).
+:meth:`LayerCache.evict` drops any number of the oldest non-sink tokens: a span whose first tokens
+are evicted drops them from its data where its format stores tokens on their own, and keeps (and
+reports, ``CacheMemory.dead_tokens``) only those it cannot drop until all of its tokens are gone.
 
 State lives here, never in the policy (policies are stateless). With ``warm_start=True`` (default)
 every span's k-means starts from the previous span's centroids of the same layer, head and tensor
@@ -172,6 +176,7 @@ class LayerCache(LayerState):
             reserved=self.buffer.nbytes - in_buffer,
             tokens=self.tokens,
             elements=2 * b * h * d * self.tokens,
+            dead_tokens=sum(sp.skip for sp in self.spans),
         )
 
     # -- writing -------------------------------------------------------------------------------
@@ -209,17 +214,25 @@ class LayerCache(LayerState):
         return span + max(cfg.recent_chunks * tokens, cfg.fp_window) + tokens
 
     def _next_span(self, tail: list[Chunk]) -> int:
-        """Tokens of the span to compress now at the front of ``tail`` (0: none is complete)."""
+        """Tokens of the span to compress now at the front of ``tail`` (0: none is complete).
+
+        A span is ``span_chunks`` chunks or ``span_tokens`` tokens, compressed once complete with
+        at least the policy's window (and the ``recent_chunks``) after it; a window that is a
+        residual (``config.residual_group``) instead lets every whole group of tokens that left it
+        go at once, up to a span's length in whole groups (at least one group)."""
         cfg = self.config
         have = sum(c.tokens for c in tail)
-        if cfg.span_chunks is not None:
-            if len(tail) < cfg.span_chunks:
-                return 0
-            n = sum(c.tokens for c in tail[: cfg.span_chunks])
-        else:
-            n = cfg.span_tokens
         recent = sum(c.tokens for c in tail[len(tail) - cfg.recent_chunks :]) if cfg.recent_chunks else 0
-        return n if have >= n and have - n >= max(cfg.fp_window, recent) else 0
+        keep = max(cfg.fp_window, recent)
+        if cfg.span_chunks is not None:
+            n, complete = sum(c.tokens for c in tail[: cfg.span_chunks]), len(tail) >= cfg.span_chunks
+        else:
+            n, complete = cfg.span_tokens, have >= cfg.span_tokens
+        group = cfg.residual_group
+        if group is None:
+            return n if complete and have - n >= keep else 0
+        n = min(max(group, n - n % group), max(have - keep, 0))
+        return n - n % group
 
     def _complete_spans(self, tail: list[Chunk]) -> tuple[list[kernels.CompressedSpan], list[Chunk], CompressedKV | None]:
         """Compress every complete span at the front of ``tail``: (new spans, remaining tail, warm)."""
@@ -263,7 +276,11 @@ class LayerCache(LayerState):
             self.evicted += self.spans.pop(0).tokens
 
     def evict(self, tokens: int) -> None:
-        """Drop the ``tokens`` oldest retained tokens after the sink (spans first, then the tail)."""
+        """Drop the ``tokens`` oldest retained tokens after the sink (spans first, then the tail).
+
+        A span whose first tokens go drops them from its data where its format stores tokens on
+        their own (per-token codes, casts, whole per-channel blocks: new, smaller storage) and
+        skips the rest, which stay stored (``memory().dead_tokens``) until the span goes."""
         check_int("evict", "tokens", tokens, 0)
         available = sum(s.tokens for s in self.spans) + sum(c.tokens for c in self.tail)
         if tokens > available:
@@ -274,18 +291,34 @@ class LayerCache(LayerState):
             if left >= sp.tokens:
                 left -= sp.tokens
                 continue
-            spans.append(dataclasses.replace(sp, skip=sp.skip + left) if left else sp)
+            spans.append(self._cut(sp, left) if left else sp)
             left = 0
         tail = []
         for c in self.tail:
             if left >= c.tokens:
                 left -= c.tokens
                 continue
-            tail.append(Chunk(c.k[:, :, left:].clone(), c.v[:, :, left:].clone(), c.start + left) if left else c)
+            tail.append(self._cut_chunk(c, left) if left else c)
             left = 0
         self.spans, self.tail = spans, tail
         self.evicted += tokens
         self._plan_stale = True
+
+    @staticmethod
+    def _cut(span: kernels.CompressedSpan, tokens: int) -> kernels.CompressedSpan:
+        """``span`` without its ``tokens`` oldest retained tokens: dropped from its data where the
+        format can drop them (:meth:`CompressedKV.drop_leading`), skipped otherwise."""
+        skip = span.skip + tokens
+        ckv, dropped = span.ckv.drop_leading(skip)
+        return kernels.CompressedSpan(ckv, skip - dropped)
+
+    def _cut_chunk(self, c: Chunk, tokens: int) -> Chunk:
+        """``c`` without its ``tokens`` oldest tokens: a view where it lives in the tail buffer
+        (whose freed room the next placement reuses), a copy otherwise (a view would keep the
+        evicted tokens' storage alive)."""
+        if self.buffer.holds(c.k):
+            return Chunk(c.k[:, :, tokens:], c.v[:, :, tokens:], c.start + tokens)
+        return Chunk(c.k[:, :, tokens:].clone(), c.v[:, :, tokens:].clone(), c.start + tokens)
 
     def drop_newest(self, tokens: int) -> None:
         """Forget the ``tokens`` newest tokens (assisted decoding's rejected candidates). They must

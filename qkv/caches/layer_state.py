@@ -178,8 +178,9 @@ def _span(config: CacheConfig, layout: Layout, item: object, where: str) -> Comp
     if ckv.k.shape != ckv.v.shape:
         raise CorruptDataError(f"{where}: k {ckv.k.shape} and v {ckv.v.shape} differ")
     tokens = ckv.k.shape[2]
-    if config.span_tokens is not None and tokens != config.span_tokens:
-        raise CorruptDataError(f"{where}: {tokens} tokens, the cache's spans hold {config.span_tokens}")
+    longest = None if config.span_tokens is None else max(config.span_tokens, config.residual_group or 0)
+    if longest is not None and tokens > longest:
+        raise CorruptDataError(f"{where}: {tokens} tokens, the cache's spans hold at most {longest}")
     if isinstance(skip, bool) or not isinstance(skip, int) or not 0 <= skip < tokens:
         raise CorruptDataError(f"{where}: skip must be an integer in [0, {tokens}), found {shown(skip)}")
     for name, tp, ct in (("k", policy.k, ckv.k), ("v", policy.v, ckv.v)):

@@ -115,6 +115,17 @@ class TensorPolicy:
         stages = (self.smoothing.stage_format(self.grouping),) * self.staging.count if self.quantizer.packed else ()
         return self.quantizer.tensor_format(head_dim, pack=pack, window=self.window, stages=stages)
 
+    @property
+    def token_group(self) -> int | None:
+        """The fewest consecutive tokens this policy compresses on their own, as it would inside any
+        longer span: its per-channel block (KIVI's keys), 1 for per-token codes, rotations and
+        casts; None when it reads a whole span at once (add-back smoothing: the span's tokens share
+        its centroids)."""
+        if self.smoothing.stage_format(self.grouping).undo is Undo.ADD:
+            return None
+        codes = self.quantizer.code_format()
+        return codes.block if codes is not None and codes.axis == "channel" else 1
+
     def quantized_length(self, tokens: int) -> int:
         """How many of ``tokens`` are quantized (the rest stay full precision)."""
         return quantized_length(tokens, self.window, self.quantizer.code_format())
@@ -259,6 +270,14 @@ class Policy:
 
     def __str__(self) -> str:
         return self.spec if self.name is None else f"{self.name} ({self.spec})"
+
+    @property
+    def token_group(self) -> int | None:
+        """The fewest consecutive tokens keys and values are both compressed in on their own (the
+        least common multiple of :attr:`TensorPolicy.token_group`), or None if either reads a whole
+        span at once."""
+        k, v = self.k.token_group, self.v.token_group
+        return None if k is None or v is None else math.lcm(k, v)
 
     @torch.no_grad()
     def compress(

@@ -78,4 +78,5 @@ class HeadShardedKVCache(KVCache):
         fields = ("compressed", "sink", "tail", "warm_start", "elements", "reserved")
         t = torch.tensor([getattr(mem, f) for f in fields], dtype=torch.long)
         dist.all_reduce(t, group=self.group)
-        return CacheMemory(**{f: int(x) for f, x in zip(fields, t.tolist())}, tokens=mem.tokens)
+        return CacheMemory(**{f: int(x) for f, x in zip(fields, t.tolist())}, tokens=mem.tokens,
+                           dead_tokens=mem.dead_tokens)

@@ -28,24 +28,18 @@ def predicted_bits(policy: Policy, shapes: list[tuple[int, int, int, int]], dtyp
     return 8 * total / elements
 
 
-def entry(preset: str, group: str, head_dim: int, **overrides: object) -> Entry:
-    """``preset`` with ``overrides``; where its per-token block does not divide D (small heads
-    such as MiniLM's 32), the block becomes D."""
-    policy = build_policy(preset, **overrides)
-    for tensor in (policy.k, policy.v):
-        codes = tensor.quantizer.code_format()
-        if codes is not None and codes.axis == "token" and head_dim % codes.block:
-            overrides = {**overrides, "block": head_dim}
-            policy = build_policy(preset, **overrides)
-            break
+def entry(preset: str, group: str, **overrides: object) -> Entry:
+    """``preset`` with ``overrides`` (a per-token block that does not divide a dataset's D, as 64
+    for MiniLM's 32, is fitted to it by the quantizer: ``AffineQuantizer.block_for``)."""
     args = ",".join(f"{k}={v}" for k, v in overrides.items())
-    return Entry(f"{preset}({args})" if args else preset, FAMILY.get(preset, preset), group, policy)
+    return Entry(f"{preset}({args})" if args else preset, FAMILY.get(preset, preset), group,
+                 build_policy(preset, **overrides))
 
 
 def fit_clusters(preset: str, shapes, dtype, budget: float, group: str = "matched") -> Entry | None:
     """``preset`` with the most clusters (from ``CLUSTER_CHOICES``) within ``budget`` bits."""
     for clusters in CLUSTER_CHOICES:
-        candidate = entry(preset, group, shapes[0][3], clusters=clusters)
+        candidate = entry(preset, group, clusters=clusters)
         if predicted_bits(candidate.policy, shapes, dtype) <= budget + 1e-9:
             return candidate
     return None
@@ -54,18 +48,14 @@ def fit_clusters(preset: str, shapes, dtype, budget: float, group: str = "matche
 # From the reference's choices (qvg-ref) to qvg, one change at a time; the last step (2 -> 5
 # k-means iterations) is qvg itself. k-means++ seeding is measured as a variant of qvg.
 ABLATION = (
-    ("qvg-ref+midrise", "kmeans(iters=2),centroid,int2(block={b})"),
-    ("qvg+kmeans++", "kmeans(init=kmeans++),centroid,int2(block={b})"),
+    ("qvg-ref+midrise", "kmeans(iters=2),centroid,int2(block=64)"),
+    ("qvg+kmeans++", "kmeans(init=kmeans++),centroid,int2(block=64)"),
 )
 
 
-def ablation_steps(head_dim: int) -> list[Entry]:
+def ablation_steps() -> list[Entry]:
     """qvg-ref -> qvg one step at a time, and qvg with k-means++ seeding."""
-    block = min(64, head_dim)
-    return [
-        Entry(name, "qvg-ref", "ablation", build_policy(spec.format(b=block)))
-        for name, spec in ABLATION
-    ]
+    return [Entry(name, "qvg-ref", "ablation", build_policy(spec)) for name, spec in ABLATION]
 
 
 def build_suite(
@@ -78,20 +68,19 @@ def build_suite(
     ablation: bool = True,
 ) -> list[Entry]:
     """The policies to run on a dataset whose layers have ``shapes``."""
-    d = shapes[0][3]
-    entries = [entry(p, "preset", d) for p in presets or list_policies()]
+    entries = [entry(p, "preset") for p in presets or list_policies()]
     if matched:
-        budget = predicted_bits(entry("rtn", "matched", d).policy, shapes, dtype)
+        budget = predicted_bits(entry("rtn", "matched").policy, shapes, dtype)
         for preset in ("qvg", "qvg-ref"):
             fit = fit_clusters(preset, shapes, dtype, budget)
             if fit and all(fit.policy != e.policy for e in entries):
                 entries.append(fit)
-        entries.append(entry("kivi", "matched", d, scale="fp8"))
+        entries.append(entry("kivi", "matched", scale="fp8"))
     if ablation:
-        entries += ablation_steps(d)
+        entries += ablation_steps()
     if sweep:
         for bits in (3, 4):
-            entries += [entry("rtn", "sweep", d, bits=bits), entry("quarot", "sweep", d, bits=bits)]
-            entries.append(entry("kivi", "sweep", d, scale="fp8", bits=bits))
-        entries.append(entry("qvg", "sweep", d, bits=3))
+            entries += [entry("rtn", "sweep", bits=bits), entry("quarot", "sweep", bits=bits)]
+            entries.append(entry("kivi", "sweep", scale="fp8", bits=bits))
+        entries.append(entry("qvg", "sweep", bits=3))
     return entries

@@ -289,12 +289,15 @@ def sdpa_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     """:func:`partial_attention` with torch's fused kernels: (out [B, H, Sq, D] in q's dtype, lse
     [B, H, Sq] fp32). On CUDA (fp16/bf16) the first of cuDNN, flash and memory-efficient attention
     that accepts the inputs; on the CPU the flash kernel for CPU; the fp32 einsum otherwise (and for
-    queries and keys of different dtypes)."""
+    queries and keys of different dtypes). Inputs whose D is not contiguous are copied first."""
     if q.dtype != k.dtype:
         return partial_attention(q, k, v, scale)
     group = q.shape[1] // k.shape[1]
     if group > 1:
         k, v = (repeat(t, "b h s d -> b (h g) s d", g=group) for t in (k, v))
+    # the fused kernels read rows of D contiguous values (the CPU one silently misreads others:
+    # per-channel keys decompress as a transposed view)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     if q.device.type == "cpu":
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, scale=scale)
     if q.dtype in (torch.float16, torch.bfloat16):

@@ -58,7 +58,9 @@ class AffineQuantizer(Quantizer):
 
     Args:
         bits: code width, 1..8 (``sym`` needs >= 2: it has ``2**(bits-1)-1`` levels per side).
-        block: values per block (one scale, one zero point per block).
+        block: values per block (one scale, one zero point per block). Along D (``axis="token"``)
+            it is the largest block: a head dim it does not divide is quantized in blocks of its
+            largest divisor below ``block`` (:meth:`block_for`), so any head dim can be stored.
         mode: ``sym``, ``midrise`` or ``asym`` (see the module docstring).
         axis: ``token`` (blocks along D) or ``channel`` (blocks along tokens).
         scale: storage format of scales and zero points: fp32, fp16, bf16 or fp8 (E4M3).
@@ -80,12 +82,22 @@ class AffineQuantizer(Quantizer):
         args = {k: getattr(self, k) for k in ("block", "mode", "axis", "scale")}
         return format_token(f"int{self.bits}", {k: v for k, v in args.items() if v != defaults[k]})
 
-    def code_format(self, pack: PackFormat = PackFormat()) -> AffineFormat:
-        """The codes' format (levels, offset, steps, scale format: see :class:`~qkv.format.AffineFormat`)."""
-        return AffineFormat(self.bits, self.block, self.mode, self.axis, self.scale, pack)
+    def code_format(self, pack: PackFormat = PackFormat(), head_dim: int | None = None) -> AffineFormat:
+        """The codes' format (levels, offset, steps, scale format: see :class:`~qkv.format.AffineFormat`);
+        with ``head_dim``, in the block :meth:`block_for` gives for it."""
+        block = self.block if head_dim is None else self.block_for(head_dim)
+        return AffineFormat(self.bits, block, self.mode, self.axis, self.scale, pack)
+
+    def block_for(self, head_dim: int) -> int:
+        """The block a [B, H, S, ``head_dim``] tensor is quantized in: ``block`` along tokens
+        (``axis="channel"``) and where it divides D, else the largest divisor of D below ``block``
+        (D itself when D < ``block``: a head of 32 takes blocks of 32 under ``block=64``; 96 takes 48)."""
+        if self.axis == "channel" or head_dim < 1 or head_dim % self.block == 0:
+            return self.block
+        return max(b for b in range(1, min(self.block, head_dim + 1)) if head_dim % b == 0)
 
     def tensor_format(self, head_dim, *, pack, window, stages):
-        return TensorFormat(head_dim, codes=self.code_format(pack), window=window, stages=stages)
+        return TensorFormat(head_dim, codes=self.code_format(pack, head_dim), window=window, stages=stages)
 
 
 @dataclasses.dataclass(frozen=True)

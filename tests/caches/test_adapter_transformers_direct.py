@@ -46,6 +46,28 @@ def test_direct_attention_equals_decompress_then_sdpa(llama, name):
         assert torch.equal(out, generate(model, prompt, "sdpa", None))
 
 
+@pytest.mark.parametrize("name", qkv.list_policies())
+def test_every_preset_runs_on_a_head_dim_of_32(llama, name):
+    """The tiny Llama's heads are 32 wide: presets whose blocks are 64 quantize in blocks of 32."""
+    model, _, prompt = llama
+    cache = QKVCache(name, span_tokens=16, direct=True)
+    out = generate(model, prompt, ATTENTION, cache, min_new_tokens=40)
+    assert out.shape == (1, 56) and cache.kv.layer(0).layout.head_dim == 32
+    assert all(layer.spans for layer in cache.kv.layers) or cache.kv.config.fp_window > 56  # kivi's 128
+
+
+def test_kivi_keeps_its_residual_window_while_generating(llama):
+    """KIVI's preset with the cache's default options: the newest 128 tokens stay in full
+    precision, every whole group of 32 older tokens is quantized (keys per channel)."""
+    model, _, _ = llama
+    prompt = torch.randint(0, 256, (1, 150), generator=torch.Generator().manual_seed(1))
+    cache = QKVCache("kivi", direct=True)
+    generate(model, prompt, ATTENTION, cache, min_new_tokens=40)
+    for layer in cache.kv.layers:
+        assert sum(sp.tokens for sp in layer.spans) == (layer.seen - 128) // 32 * 32 == 32
+        assert all(sp.ckv.k.quantized_tokens == sp.tokens for sp in layer.spans)
+
+
 def test_assisted_decoding_crops_the_tail(llama):
     model, assistant, prompt = llama
     reference = generate(model, prompt, "sdpa", None)

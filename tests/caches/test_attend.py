@@ -68,8 +68,9 @@ def assert_within_twice_the_read_error(cache, q, extra=None):
 def test_sink_spans_eviction_tail_and_extra():
     cache = filled(qkv.build_policy("qvg", clusters=8, block=32), span_chunks=2, sink_chunks=1)
     layer = cache.layer(0)
-    layer.evict(40)  # inside the first span: it is read from token 40 on
-    assert len(layer.sink) == 1 and len(layer.spans) == 3 and layer.spans[0].skip == 40 and layer.tail
+    layer.evict(40)  # inside the first span: per-token codes, its first 40 tokens are dropped
+    assert len(layer.sink) == 1 and len(layer.spans) == 3 and layer.tail
+    assert layer.spans[0].skip == 0 and layer.spans[0].tokens == 64 - 40
     q = chunk(100, n=24)[0]
     assert_within_twice_the_read_error(cache, q)
     assert_within_twice_the_read_error(cache, q, extra=chunk(101))
@@ -78,8 +79,23 @@ def test_sink_spans_eviction_tail_and_extra():
 def test_policy_window_and_gqa():
     cache = filled(qkv.build_policy("kivi"), chunks=9, span_chunks=2)
     layer = cache.layer(0)
+    layer.evict(40)  # the first 32-token span goes; the next one's keys share a 32-token block
+    assert layer.spans[0].skip == 8 and layer.spans[0].ckv.k.shape[2] == 32 and layer.memory().dead_tokens == 8
     assert layer.spans and sum(c.tokens for c in layer.tail) >= 128  # KIVI's full-precision window
     q = torch.randn(1, 4, 16, 64, generator=torch.Generator().manual_seed(7)).bfloat16().to(DEVICE)  # 4 heads on 2
+    assert_within_twice_the_read_error(cache, q)
+
+
+@pytest.mark.parametrize("evict", [40, 64 + 32])
+def test_per_channel_spans_cut_by_an_eviction(evict):
+    """KIVI's keys without a window, spans of 64 tokens (two key blocks): an eviction drops whole
+    blocks from the first span (new, shorter codes and scales) and skips the rest of a block."""
+    cache = filled(qkv.build_policy("kivi", window=0), chunks=7, span_chunks=2)
+    layer = cache.layer(0)
+    layer.evict(evict)
+    span = layer.spans[0]
+    assert span.ckv.k.shape[2] == 32 and span.skip == evict % 32 and span.tokens == 32 - evict % 32
+    q = chunk(102, n=16)[0]
     assert_within_twice_the_read_error(cache, q)
 
 

@@ -71,6 +71,27 @@ def test_save_restore_mid_stream_resumes_bit_exactly(tmp_path, policy, options):
     assert any(layer.spans for layer in a.layers)
 
 
+@pytest.mark.parametrize("spec", ["qvg", "kivi"])
+def test_spans_cut_by_an_eviction_are_saved_and_resume(tmp_path, spec):
+    """A span whose first tokens were dropped (qvg: 5 tokens left of 16, with 16 centroids) or
+    skipped (kivi: a span of one 32-token key block, longer than span_tokens) saves, loads and
+    streams on exactly."""
+    policy = qkv.build_policy(spec, **({"clusters": 16} if spec == "qvg" else {"window": 8}))
+    a = KVCache(policy, span_tokens=16)
+    for k, v in chunks(2, 6):
+        a.append(0, k, v)
+    a.layer(0).evict(11)
+    span = a.layer(0).spans[0]
+    assert (span.tokens, span.skip) == ((5, 0) if spec == "qvg" else (21, 11))
+    a.save(tmp_path / "cache")
+    b = KVCache.load(tmp_path / "cache")
+    assert_same_state(a, b)
+    for k, v in chunks(3, 3):
+        a.append(0, k, v)
+        b.append(0, k, v)
+    assert_same_state(a, b)
+
+
 def test_warm_centroids_of_an_evicted_span_are_saved(tmp_path):
     policy = qkv.build_policy("qvg", clusters=4)
     a = KVCache(policy, span_chunks=2, warm_start=True)

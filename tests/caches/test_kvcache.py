@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from hypothesis import given
@@ -116,19 +118,34 @@ def test_memory_is_exact_and_compression_pays():
     assert mem.bits_per_element == 8 * (20512 + 2 * 16384) / (2 * 2 * 64 * 320) == pytest.approx((256 * 2.5 + 64 * 16) / 320, rel=1e-3)
 
 
-def test_policy_window_is_a_minimum_tail_and_spans_are_compressed_without_it():
-    policy = qkv.build_policy("kivi")  # window(tokens=128), keys per channel in groups of 32
-    chunks = stream(4, [32] * 12)
-    cache = KVCache(policy, span_chunks=2)
-    for i, (k, v) in enumerate(chunks):
-        cache.append(0, k, v)
-        tail = sum(c.tokens for c in cache.layer(0).tail)
-        assert tail >= min(128, 32 * (i + 1))
+@pytest.mark.parametrize("span", [{}, {"span_chunks": 2}, {"span_tokens": 256}])
+def test_kivi_keeps_its_residual_window_and_compresses_each_group_that_leaves_it(span):
+    """KIVI (arXiv 2402.02750): the newest R = 128 tokens stay in full precision, and as soon as a
+    group of G = 32 tokens (its per-channel key block) has left that window it is quantized, keys
+    per channel and values per token, whatever the span options (the default, 8 chunks, is 8
+    tokens when decoding token by token). A 300-token prompt, then 100 tokens one at a time."""
+    cache = KVCache("kivi", **span)
     layer = cache.layer(0)
-    assert len(layer.spans) == 4 and tail == 128
-    for span in layer.spans:
-        assert span.ckv.spec == cache.config.span_policy.spec and "window" not in span.ckv.spec
-        assert span.ckv.k.fp_tokens is None and span.ckv.v.fp_tokens is None  # all 64 tokens quantized
+    for k, v in stream(3, [300] + [1] * 100):
+        cache.append(0, k, v)
+        stored = sum(sp.tokens for sp in layer.spans)
+        assert stored == (layer.seen - 128) // 32 * 32
+        assert 128 <= sum(c.tokens for c in layer.tail) < 128 + 32
+    assert len(layer.spans) > 1 and stored == 256
+    for sp in layer.spans:
+        assert sp.tokens % 32 == 0 and sp.tokens <= span.get("span_tokens", sp.tokens)
+        assert "window" not in sp.ckv.spec  # compressed with the window stripped
+        assert sp.ckv.k.fp_tokens is None and sp.ckv.v.fp_tokens is None  # every token quantized
+
+
+def test_a_window_of_a_policy_that_reads_whole_spans_is_a_minimum_tail():
+    """With clustering (qvg) a span is only compressed whole, with the window after it."""
+    cache = KVCache(qkv.build_policy("qvg", clusters=4, window=48), span_tokens=32)
+    layer = cache.layer(0)
+    for k, v in stream(4, [16] * 12):
+        cache.append(0, k, v)
+        assert all(sp.tokens == 32 for sp in layer.spans)
+        assert 48 <= sum(c.tokens for c in layer.tail) < 48 + 32 or layer.seen < 48
 
 
 def test_recent_chunks_stay_exact():
@@ -142,7 +159,7 @@ def test_recent_chunks_stay_exact():
     assert torch.equal(got_k[:, :, -12:], full(chunks[-3:])[0])
 
 
-def test_evict_tokens_inside_a_span_keeps_it_until_its_last_token_goes():
+def test_evict_tokens_inside_a_span_drops_them_from_its_data():
     chunks = stream(6, [8] * 7, dtype=torch.bfloat16)
     cache = KVCache("bf16", span_chunks=2, sink_chunks=1)
     for k, v in chunks:
@@ -151,13 +168,49 @@ def test_evict_tokens_inside_a_span_keeps_it_until_its_last_token_goes():
     before = layer.memory()
     k_all, _ = full(chunks)
     layer.evict(5)
-    assert layer.memory().compressed == before.compressed  # span still stored
+    per_token = 2 * 2 * 64 * 2  # K and V, 2 heads x 64, bf16
+    assert layer.spans[0].skip == 0 and layer.spans[0].tokens == 11 and layer.memory().dead_tokens == 0
+    assert layer.memory().compressed == before.compressed - 5 * per_token  # the evicted tokens are freed
     assert torch.equal(cache.read(0)[0], torch.cat([k_all[:, :, :8], k_all[:, :, 13:]], 2))
     layer.evict(11)
-    assert len(layer.spans) == 2 and layer.memory().compressed < before.compressed
+    assert len(layer.spans) == 2 and layer.memory().compressed == before.compressed - 16 * per_token
     assert layer.positions().tolist() == list(range(8)) + list(range(24, 56))
     with pytest.raises(CacheError, match="cannot evict"):
         layer.evict(33)
+
+
+@pytest.mark.parametrize(
+    "spec, dead",
+    [
+        ("rtn", 0),  # per-token codes: every evicted token is dropped
+        ("quarot", 0),
+        ("kmeans(clusters=4),centroid,int2(block=32)", 0),  # assignments per token, centroids kept
+        ("k:int2(block=16,mode=asym,axis=channel),i32lsb;v:int2(block=32)", 21 % 16),  # whole key blocks only
+        ("k:int2(block=4,mode=asym,axis=channel),i32lsb;v:int2(block=32)", 21 % 16),  # 16 tokens fill an int32 word
+        ("blocks(t=1,h=2,w=2,height=4,width=4),centroid,int2(block=32)", 21),  # groups implied by positions
+    ],
+)
+def test_evict_inside_a_span_keeps_only_what_its_format_cannot_drop(spec, dead):
+    """A span partly evicted keeps the tokens its format cannot drop (reported as dead tokens);
+    what it keeps is exactly a span of the kept tokens (same bytes as the policy predicts), and
+    reads back as before for the retained tokens."""
+    policy = qkv.build_policy(spec)
+    cache = KVCache(policy, span_tokens=64)
+    for k, v in stream(8, [32] * 3):
+        cache.append(0, k, v)
+    layer = cache.layer(0)
+    before = cache.read(0)
+    layer.evict(21)
+    span = layer.spans[0]
+    assert span.skip == dead and span.tokens == 64 - 21 and layer.memory().dead_tokens == dead
+    assert span.ckv.k.shape[2] == 64 - 21 + dead
+    for tp, ct in ((policy.k, span.ckv.k), (policy.v, span.ckv.v)):
+        ct.check()  # the data of a span of its tokens, its centroids kept whole
+        fresh = tp.format(64).layout(ct.shape, ct.dtype, ct.groups)
+        assert ct.nbytes == sum(math.prod(size) * dt.itemsize for size, dt in fresh.values())
+    assert layer.memory().compressed == span.ckv.nbytes
+    after = cache.read(0)
+    assert torch.equal(after[0], before[0][:, :, 21:]) and torch.equal(after[1], before[1][:, :, 21:])
 
 
 def test_warm_start_seeds_each_span_with_the_previous_centroids():
@@ -233,9 +286,9 @@ def test_bad_chunks_raise_and_leave_the_cache_unchanged(bad, error, message):
 
 
 def test_a_chunk_the_policy_cannot_take_is_rejected_before_anything_is_stored():
-    cache = KVCache("rtn")  # blocks of 16 along D
+    cache = KVCache("quarot")  # a Hadamard rotation along D
     k = torch.randn(1, 2, 4, 24)
-    with pytest.raises(ShapeError, match="does not divide head_dim"):
+    with pytest.raises(ShapeError, match="power of two"):
         cache.append(0, k, k)
     assert cache.layer(0).layout is None and cache.layer(0).seen == 0
     with pytest.raises(CacheError, match="holds nothing"):

@@ -125,13 +125,41 @@ def test_validate_false_skips_only_the_value_checks():
         policy.compress(k, v[:, :, :10], validate=False)
 
 
-def test_block_that_does_not_divide_d():
-    k, v = kv(shape=(1, 1, 64, 48))
-    with pytest.raises(errors.ShapeError, match="does not divide head_dim D=48"):
-        qkv.build_policy("qvg").compress(k, v)
-    with pytest.raises(errors.ShapeError, match="power of two"):
-        qkv.build_policy("quarot").compress(k, v)
-    qkv.build_policy("qvg", block=16, clusters=4).compress(k, v)
+# head dims of real models the preset blocks (64, 32, 16) do not all divide: MiniLM and tiny
+# Llamas 32, Phi-2 80, Phi-3 96, DeepSeek-V2's keys 192
+HEAD_DIMS = (32, 48, 80, 96, 192)
+
+
+@pytest.mark.parametrize("name", qkv.list_policies())
+@pytest.mark.parametrize("d", HEAD_DIMS)
+def test_presets_take_any_head_dim_in_the_largest_block_that_divides_it(name, d):
+    """A per-token block that does not divide D becomes D's largest divisor below it (64 -> 32 at
+    D = 32, 48 at 96); blocks along tokens (KIVI's keys) stay. The rotation still needs a power of two."""
+    policy = qkv.build_policy(name, **({"clusters": 4, "iters": 2} if "qvg" in name else {}))
+    k, v = kv(shape=(1, 2, 64, d))
+    if name == "quarot" and d & (d - 1):
+        with pytest.raises(errors.ShapeError, match="power of two"):
+            policy.compress(k, v)
+        return
+    ckv = policy.compress(k, v)
+    for tp, ct in ((policy.k, ckv.k), (policy.v, ckv.v)):
+        q = tp.quantizer
+        if ct.format.codes is not None:
+            want = q.block if q.axis == "channel" else max(b for b in range(1, q.block + 1) if d % b == 0)
+            assert ct.format.codes.block == want
+    k_hat, v_hat = policy.decompress(ckv)
+    assert k_hat.shape == k.shape and bool(torch.isfinite(k_hat).all()) and bool(torch.isfinite(v_hat).all())
+    assert ckv.nbytes == policy.k.predicted_nbytes(k.shape, k.dtype) + policy.v.predicted_nbytes(v.shape, v.dtype)
+
+
+def test_a_block_that_divides_d_is_kept():
+    """Where the block divides D nothing changes (tests/test_stored_bytes.py pins the bytes at D = 64)."""
+    for d in (64, 128, 256):
+        assert qkv.build_policy("qvg").k.format(d).codes.block == 64
+        assert qkv.build_policy("rtn").k.format(d).codes.block == 16
+    assert AffineQuantizer(bits=2, block=64).block_for(32) == 32
+    assert AffineQuantizer(bits=2, block=64).block_for(96) == 48
+    assert AffineQuantizer(bits=2, block=32, axis="channel").block_for(48) == 32
 
 
 @pytest.mark.parametrize("name", qkv.list_policies())
@@ -291,3 +319,15 @@ def test_meta_and_sparse_tensors_are_typed_errors(make, error, message):
         qkv.build_policy("rtn").compress(x, x)
     with pytest.raises(error, match=message):
         qkv.KVCache("rtn").append(0, x, x)
+
+
+def test_token_group_is_what_a_policy_compresses_on_its_own():
+    """Per-channel blocks (KIVI's keys) go in groups of their block, per-token codes, rotations and
+    casts token by token; clustering reads a whole span."""
+    assert qkv.build_policy("kivi").token_group == 32 and qkv.build_policy("kivi").k.token_group == 32
+    assert qkv.build_policy("kivi").v.token_group == 1
+    for name in ("rtn", "quarot", "bf16"):
+        assert qkv.build_policy(name).token_group == 1
+    for name in ("qvg", "qvg-pro"):
+        assert qkv.build_policy(name).token_group is None
+    assert qkv.build_policy("k:int2(block=16,axis=channel);v:int2(block=24,axis=channel)").token_group == 48

@@ -16,11 +16,10 @@ def test_qvg_beats_rtn_at_no_more_bits(dataset):
     samples = load_dataset(dataset, progress=False)
     pairs = [(s.k[:, :HEADS].bfloat16(), s.v[:, :HEADS].bfloat16()) for s in samples]
     shapes = [tuple(k.shape) for k, _ in pairs]
-    d = shapes[0][3]
     # RTN at its preset (2.5 bits); where QVG's fixed costs exceed that (D = 32: assignments alone
     # cost 0.25 bits), RTN with twice as many scales (3 bits).
     for block in (16, 8):
-        rtn = entry("rtn", "matched", d, block=block)
+        rtn = entry("rtn", "matched", block=block)
         budget = predicted_bits(rtn.policy, shapes, torch.bfloat16)
         qvg = fit_clusters("qvg", shapes, torch.bfloat16, budget)
         if qvg is not None:

@@ -121,14 +121,33 @@ def test_attend_with_the_current_chunk_staged_in_the_buffer(attention):
     )
 
 
+def test_evicting_tail_tokens_keeps_the_tail_in_the_buffer():
+    """Tokens evicted from the front of the tail leave the rest as views of the buffer (no copy);
+    their room counts as reserved and the next placement reuses it."""
+    cache = qkv.KVCache("rtn", span_chunks=8, num_layers=1)
+    gen = torch.Generator().manual_seed(6)
+    for _ in range(3):
+        cache.append(0, *chunk(gen, 8))
+    layer = cache.layer(0)
+    before, storage = layer.memory(), layer.buffer.k.untyped_storage().data_ptr()
+    kept = [t[:, :, 10:].clone() for t in layer.read()]
+    layer.evict(10)
+    assert all(layer.buffer.holds(c.k) for c in layer.tail) and len(joined([c.k for c in layer.tail])) == 1
+    mem = layer.memory()
+    assert mem.tail == before.tail - 10 * 2 * 2 * 3 * 64 * 4 and mem.allocated == before.allocated
+    cache.append(0, *chunk(gen, 8))
+    assert layer.buffer.k.untyped_storage().data_ptr() == storage
+    assert all(torch.equal(a[:, :, :14], b) for a, b in zip(layer.read(), kept))
+
+
 def test_tail_moved_by_index_batch_and_evict_is_copied_back_on_append():
     cache = qkv.KVCache("rtn", span_chunks=8, num_layers=1)
     gen = torch.Generator().manual_seed(5)
     for _ in range(3):
         cache.append(0, *chunk(gen, 8))
     layer = cache.layer(0)
-    layer.evict(4)  # cuts the first tail chunk: a copy outside the buffer
-    layer.index_batch(torch.tensor([1, 0]))
+    layer.evict(4)  # cuts the first tail chunk
+    layer.index_batch(torch.tensor([1, 0]))  # moves the tail out of the buffer
     before = layer.read()
     cache.append(0, *chunk(gen, 8))
     after = layer.read()

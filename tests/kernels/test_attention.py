@@ -211,6 +211,19 @@ def test_sdpa_with_lse_is_the_fp32_partial_attention(dtype):
     assert torch.allclose(mixed[1], partial_attention(q.float(), k, v, 0.2)[1])
 
 
+def test_sdpa_with_lse_reads_keys_whose_d_is_not_contiguous():
+    """Per-channel keys decompress as a transposed view (D strided): the fused kernel gets rows of
+    contiguous D (torch's CPU kernel misreads the view), same heads for q and k (no GQA copy)."""
+    q = randn(43, 1, 2, 12, 64, dtype=torch.bfloat16)
+    k = randn(44, 1, 2, 64, 24, dtype=torch.bfloat16).transpose(2, 3)  # [1, 2, 24, 64], D strided
+    v = randn(45, 1, 2, 24, 64, dtype=torch.bfloat16)
+    assert k.stride(-1) != 1
+    out, lse = sdpa_with_lse(q, k, v, 0.2)
+    ref_out, ref_lse = partial_attention(q, k, v, 0.2)
+    assert (lse - ref_lse).abs().max() <= 2**-7 * ref_lse.abs().max()
+    assert (out.float() - ref_out).abs().max() <= 2**-7 * ref_out.abs().max()
+
+
 @pytest.mark.parametrize("part_dtype", [torch.bfloat16, torch.float32])
 def test_merge_kernel_is_the_torch_merge(part_dtype):
     """The Triton merge vs the torch one on fresh inputs: a part in [B, Sq, H, D] memory (as torch's
