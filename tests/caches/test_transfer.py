@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.distributed as dist
 
 import qkv
 from qkv.caches.transfer import broadcast_layer, pack_layer, recv_layer, send_layer, unpack_layer
@@ -104,6 +105,14 @@ def _worker(rank: int, world: int) -> None:
             shared = source
         broadcast_layer(shared, 0, src=0)
         assert same_reads(source, shared), (name, rank)
+    # ranks are numbered within the group: world ranks 1 and 2 are ranks 0 and 1 of ``pair``
+    pair = dist.new_group([1, 2])  # every rank creates it
+    if rank > 0:
+        name, overrides, options = CASES[0]
+        source = filled(name, overrides, options)
+        target = source if rank == 1 else qkv.KVCache(qkv.build_policy(name, **overrides), **options)
+        broadcast_layer(target, 0, src=0, group=pair)
+        assert same_reads(source, target)
 
 
 def test_gloo_ranks_send_and_broadcast_layers_exactly():
