@@ -241,7 +241,7 @@ def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float |
     check_attention(q, segments)
     scale = default_scale(q, scale)
     segments = [seg for seg in expand(segments) if seg.tokens]
-    return _merged(q, scale, segments, lambda *args: [partial_attention(*args)], "torch")
+    return _merged(q, scale, segments, lambda *args: [partial_attention(*args)], "torch")[0].to(q.dtype)
 
 
 # Keys per piece of the decode path (the Triton kernel's work item on a GPU)
@@ -260,12 +260,12 @@ def attention_decode_torch(q: torch.Tensor, segments: Sequence[Segment], scale: 
         return [partial_attention(q, k[:, :, i : i + DECODE_PIECE], v[:, :, i : i + DECODE_PIECE], scale)
                 for i in range(0, k.shape[2], DECODE_PIECE)]
 
-    return _merged(q, scale, segments, pieces, "torch")
+    return _merged(q, scale, segments, pieces, "torch")[0].to(q.dtype)
 
 
-def _merged(q, scale, segments, attend, backend) -> torch.Tensor:
+def _merged(q, scale, segments, attend, backend) -> tuple[torch.Tensor, torch.Tensor]:
     """``attend(q, k, v, scale)`` -> the partial results (out, lse) of each segment, decompressed on
-    ``backend`` only when its turn comes, merged by log-sum-exp."""
+    ``backend`` only when its turn comes, merged by log-sum-exp: (out, lse), both fp32."""
     state = None
     for seg in segments:
         k, v = seg.materialize(backend=backend)
@@ -273,7 +273,9 @@ def _merged(q, scale, segments, attend, backend) -> torch.Tensor:
         del k, v  # before the next segment is decompressed
         for part in parts:
             state = kernels.merge_partials(state, part, backend=backend)
-    return state[0].to(q.dtype)
+    if state is None:
+        raise ShapeError("attention over no keys: the segments hold no token")
+    return state
 
 
 # torch's fused attention kernels that also return the log-sum-exp, fastest first on an H100 at
@@ -351,6 +353,16 @@ def attention_staged(
     decompressed group (or the concatenated full-precision keys) exists at a time. The
     full-precision keys come first: the GPU starts on them while the host prepares the first
     group. [B, H, Sq, D] in q's dtype."""
+    return attention_partial(q, segments, scale, backend)[0].to(q.dtype)
+
+
+def attention_partial(
+    q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None, backend: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_staged` before its result is cast: (out [B, H, Sq, D] fp32, lse [B, H, Sq]
+    fp32, the log-sum-exp of the scaled scores over every key of ``segments``), a partial result
+    that :func:`qkv.kernels.merge_partials` merges with others over disjoint keys (ring attention:
+    every rank attends to its own keys). ``segments`` must hold at least one key."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
     segments = expand(segments)

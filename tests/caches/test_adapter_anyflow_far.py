@@ -17,7 +17,7 @@ import torch
 
 import qkv
 from qkv.caches.kvcache import LayerCache
-from qkv.errors import CacheError
+from qkv.errors import CacheError, ConfigError
 
 far = pytest.importorskip("diffusers.models.transformers.transformer_anyflow_far",
                           reason="needs diffusers >= 0.42 (AnyFlow-FAR)")
@@ -154,3 +154,17 @@ def test_a_read_step_before_the_prefill_raises(model):
             model(hidden_states=x, timestep=torch.full((B, 2), 500), r_timestep=torch.full((B, 2), 0),
                   encoder_hidden_states=torch.randn(B, 8, 32), chunk_partition=[1, 2], kv_cache=handle.kv_cache(),
                   kv_cache_flag=flag)
+
+
+def test_context_parallelism_is_refused(model, monkeypatch):
+    """diffusers has no context-parallel plan for this model; one given by hand is refused at
+    install and at the first cached forward (enable_parallelism after install)."""
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    with adapter.install(model, "fp32") as handle:
+        monkeypatch.setattr(model, "_parallel_config",
+                            ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2)))
+        with pytest.raises(ConfigError, match="no context-parallel plan"):
+            rollout(model, handle.kv_cache())
+        with pytest.raises(ConfigError, match="no context-parallel plan"):
+            adapter.install(model, "fp32")

@@ -103,3 +103,17 @@ def test_a_history_the_cache_does_not_hold_raises(pipe):
         with pytest.raises(CacheError, match="history has 16 tokens"), torch.no_grad():
             transformer(hidden_states=torch.randn(1, TOKENS, 8), encoder_hidden_states=torch.randn(1, 6, 16),
                         timestep=torch.zeros(1, TOKENS), video_rotary_emb=rope, kv_cache=cache, kv_cache_mode="inject")
+
+
+def test_context_parallelism_is_refused(pipe, monkeypatch):
+    """diffusers has no context-parallel plan for the refiner; one given by hand is refused at
+    install and at the first cached forward (enable_parallelism after install)."""
+    from diffusers import ContextParallelConfig, ParallelConfig
+
+    with adapter.install(pipe, "fp32"):
+        monkeypatch.setattr(pipe.transformer, "_parallel_config",
+                            ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=2)))
+        with pytest.raises(ConfigError, match="no context-parallel plan"):
+            refine(pipe)
+        with pytest.raises(ConfigError, match="no context-parallel plan"):
+            adapter.install(pipe, "fp32")

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import qkv
 from qkv.caches.sharding import HeadShardedKVCache, head_range
 from qkv.errors import ConfigError, ShapeError
+from ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -22,32 +22,27 @@ POLICIES = [
 ]
 
 
-def _worker(rank: int, world: int, init: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        for policy, options in POLICIES:
-            sharded = HeadShardedKVCache(policy, heads=HEADS, num_layers=2, **options)
-            full = qkv.KVCache(policy, num_layers=2, **options)
-            gen = torch.Generator().manual_seed(0)  # every rank sees the same full-head chunks
-            for step in range(7):
-                for layer in range(2):
-                    k = torch.randn(1, HEADS, 8, 64, generator=gen) * (1 + layer)
-                    v = torch.randn(1, HEADS, 8, 64, generator=gen)
-                    sharded.append(layer, k, v)
-                    full.append(layer, k, v)
-                    got, want = sharded.read_gathered(layer), full.read(layer)
-                    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (policy.spec, step, layer)
-            assert sharded.layer(0).layout[1] == HEADS // world
-            assert any(layer.spans for layer in full.layers)
-            assert sharded.total_memory() == full.memory(), policy.spec
-            assert sharded.memory().total * world == full.memory().total
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> None:
+    for policy, options in POLICIES:
+        sharded = HeadShardedKVCache(policy, heads=HEADS, num_layers=2, **options)
+        full = qkv.KVCache(policy, num_layers=2, **options)
+        gen = torch.Generator().manual_seed(0)  # every rank sees the same full-head chunks
+        for step in range(7):
+            for layer in range(2):
+                k = torch.randn(1, HEADS, 8, 64, generator=gen) * (1 + layer)
+                v = torch.randn(1, HEADS, 8, 64, generator=gen)
+                sharded.append(layer, k, v)
+                full.append(layer, k, v)
+                got, want = sharded.read_gathered(layer), full.read(layer)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (policy.spec, step, layer)
+        assert sharded.layer(0).layout[1] == HEADS // world
+        assert any(layer.spans for layer in full.layers)
+        assert sharded.total_memory() == full.memory(), policy.spec
+        assert sharded.memory().total * world == full.memory().total
 
 
-def test_two_gloo_ranks_equal_the_unsharded_cache(tmp_path):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}"), nprocs=2, join=True)
+def test_two_gloo_ranks_equal_the_unsharded_cache():
+    run_ranks(_worker, 2)
 
 
 def test_head_ranges_and_errors():

@@ -8,12 +8,12 @@ import dataclasses
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import qkv
 from qkv.caches.transfer import broadcast_layer, pack_layer, recv_layer, send_layer, unpack_layer
 from qkv.compressed import pack, unpack
 from qkv.errors import CorruptDataError
+from ranks import run_ranks
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -91,26 +91,29 @@ def test_a_damaged_package_is_refused_and_changes_nothing():
     assert all(torch.equal(x, y) for x, y in zip(before, target.read(0)))
 
 
-def _worker(rank: int, world: int, init: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    try:
-        for name, overrides, options in CASES:
-            source = filled(name, overrides, options)
-            moved = qkv.KVCache(qkv.build_policy(name, **overrides), **options)
-            if rank == 0:
-                send_layer(source, 0, dst=1)
-            elif rank == 1:
-                recv_layer(moved, 0, src=0)
-                assert same_reads(source, moved), name
-            shared = qkv.KVCache(qkv.build_policy(name, **overrides), **options)
-            if rank == 0:
-                shared = source
-            broadcast_layer(shared, 0, src=0)
-            assert same_reads(source, shared), (name, rank)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int) -> None:
+    for name, overrides, options in CASES:
+        source = filled(name, overrides, options)
+        moved = qkv.KVCache(qkv.build_policy(name, **overrides), **options)
+        if rank == 0:
+            send_layer(source, 0, dst=1)
+        elif rank == 1:
+            recv_layer(moved, 0, src=0)
+            assert same_reads(source, moved), name
+        shared = qkv.KVCache(qkv.build_policy(name, **overrides), **options)
+        if rank == 0:
+            shared = source
+        broadcast_layer(shared, 0, src=0)
+        assert same_reads(source, shared), (name, rank)
+    # ranks are numbered within the group: world ranks 1 and 2 are ranks 0 and 1 of ``pair``
+    pair = dist.new_group([1, 2])  # every rank creates it
+    if rank > 0:
+        name, overrides, options = CASES[0]
+        source = filled(name, overrides, options)
+        target = source if rank == 1 else qkv.KVCache(qkv.build_policy(name, **overrides), **options)
+        broadcast_layer(target, 0, src=0, group=pair)
+        assert same_reads(source, target)
 
 
-def test_gloo_ranks_send_and_broadcast_layers_exactly(tmp_path):
-    mp.spawn(_worker, args=(3, f"file://{tmp_path / 'rendezvous'}"), nprocs=3, join=True)
+def test_gloo_ranks_send_and_broadcast_layers_exactly():
+    run_ranks(_worker, 3)

@@ -263,6 +263,24 @@ def test_merged_partials_are_the_attention_over_all_keys():
         kernels.merge_partials((whole[0].half(), whole[1]), whole, backend="triton")
 
 
+def test_partials_over_split_histories_merge_to_the_whole():
+    """attention_partial over two parts of a history (as two ring ranks hold it), merged, is the
+    partial over all of it, and cast, the staged attention; a history without keys is refused."""
+    segments = history("qvg", seed=90, dtype=torch.float32)  # fp32 partials: the grouping only reorders fp32 sums
+    q = randn(91, 1, 2, 24, 64, dtype=torch.float32)
+    state = None
+    for part in (segments[:1], segments[1:]):
+        state = kernels.merge_partials(state, kernels.attention_partial(q, part))
+    whole = kernels.attention_partial(q, segments)
+    assert whole[0].dtype == whole[1].dtype == torch.float32 and whole[1].shape == q.shape[:3]
+    torch.testing.assert_close(state[0], whole[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(state[1], whole[1], rtol=1e-6, atol=1e-5)
+    assert torch.equal(whole[0].to(q.dtype), kernels.attention_staged(q, segments))
+    empty = randn(92, 1, 2, 0, 64, dtype=torch.float32)
+    with pytest.raises(ShapeError, match="no keys"):
+        kernels.attention_partial(q, [DenseKV(empty, empty)])
+
+
 @pytest.mark.parametrize("keys", [50, 51])
 def test_split_keys_merge_to_the_attention_over_all_keys(keys):
     """sdpa_split's pieces (KEY_SPLIT batch entries in one call; one piece for keys that do not

@@ -13,8 +13,11 @@ Each lives in its own module and imports its library only when imported itself:
 - :mod:`qkv.caches.adapters.sana_wm`: diffusers' SANA-WM refiner (sink + recent history);
 - :mod:`qkv.caches.adapters.flashdreams`: flashdreams' streaming Wan (its ``BlockKVCache``).
 
-Pipeline adapters share one shape (:mod:`qkv.caches.adapters.handle`): ``install(...)`` returns a
-handle with ``memory()``, ``reset()`` and ``remove()``. ``qkv.adapters.<client>`` names these
+:mod:`qkv.caches.adapters.context_parallel`: what the Wan processor exchanges under diffusers'
+context parallelism (each rank caches its heads or its token shard), and the refusal of the
+adapters of models diffusers has no plan for. Pipeline adapters share one shape
+(:mod:`qkv.caches.adapters.handle`): ``install(...)`` returns a handle with ``memory()``,
+``reset()`` and ``remove()``. ``qkv.adapters.<client>`` names these
 modules (loaded on first use; ``import qkv`` loads none of them).
 """
 

@@ -40,6 +40,7 @@ import math
 
 import torch
 
+from qkv.caches.adapters.context_parallel import refuse_context_parallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
@@ -52,6 +53,11 @@ def _upstream():
     from diffusers.models.transformers import transformer_anyflow_far  # imported on first use only
 
     return transformer_anyflow_far
+
+
+# why diffusers' context parallelism cannot run here (docs/adapters/anyflow_far.md, "Several GPUs")
+NO_CONTEXT_PARALLEL = ("diffusers has no context-parallel plan for AnyFlowFARTransformer3DModel, and its prefill's "
+                       "flex-attention backend has no context-parallel path")
 
 
 class _Capture(dict):
@@ -92,6 +98,10 @@ class FARHandle(AdapterHandle):
 
     def caches(self) -> list[KVCache]:
         return [] if self.removed else [self.cache, self.recent]
+
+    def check_installed(self) -> None:
+        super().check_installed()
+        refuse_context_parallel(self.model, self.client, NO_CONTEXT_PARALLEL)
 
     def kv_cache(self) -> list[dict]:
         """What to pass as the transformer's ``kv_cache`` when calling it directly."""
@@ -169,6 +179,7 @@ def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool
     ...; not ``num_layers`` nor ``max_spans``); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
     compressing it at each prefill. Returns the handle (``memory()``, ``remove()``)."""
     model = diffusers_transformer(target, "AnyFlowFARTransformer3DModel", "anyflow_far")
+    refuse_context_parallel(model, "anyflow_far", NO_CONTEXT_PARALLEL)
     handle = FARHandle(model, policy, cache_options, recent_full_precision)
     for index, block in enumerate(model.blocks):
         handle.patches.set(block.attn1, "processor", FARCacheProcessor(handle, index, block.attn1.processor))

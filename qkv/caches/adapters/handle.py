@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv import kernels
+from qkv.caches.adapters.context_parallel import ContextParallel
 from qkv.caches.cache_config import CacheConfig, CacheMemory
 from qkv.caches.kvcache import KVCache, LayerCache
 from qkv.caches.policy import Policy
@@ -58,21 +59,28 @@ class Patches:
                 setattr(obj, name, old)
 
 
-def attend_parts(config: CacheConfig, q: torch.Tensor, parts: list) -> torch.Tensor:
+def attend_parts(
+    config: CacheConfig, q: torch.Tensor, parts: list, parallel: ContextParallel | None = None
+) -> torch.Tensor:
     """Attention of ``q`` [B, H, Sq, D] to the keys of ``parts`` together: each a
     :class:`LayerCache` (its retained history; skipped while empty) or a dense ``(k, v)``
     [B, H_kv, S, D] pair. ``config.attention`` picks how, as in :meth:`LayerCache.attend`:
     ``"staged"`` one span decompressed at a time, ``"read"`` every layer decompressed
     (``read()``) for ``scaled_dot_product_attention``, otherwise the compressed spans read
-    directly (:func:`qkv.kernels.attention`). Returns [B, H, Sq, D] in q's dtype."""
+    directly (:func:`qkv.kernels.attention`). With a ring (``parallel``: the parts hold this
+    rank's keys) every ring rank's queries attend to them as in the staged path and the partial
+    results are merged (:meth:`ContextParallel.attend`). Returns [B, H, Sq, D] in q's dtype."""
     layers = [p for p in parts if not isinstance(p, LayerCache) or p.layout is not None]
-    if config.attention == "read":
+    if config.attention == "read" and not (parallel and parallel.ring):
         kv = [p.read() if isinstance(p, LayerCache) else p for p in layers]
         k, v = (torch.cat([x[i].to(q.dtype) for x in kv], 2) for i in (0, 1))
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
     segments = []
     for p in layers:
         segments.extend(p.segments() if isinstance(p, LayerCache) else [kernels.DenseKV(*p)])
+    if parallel and parallel.ring:
+        return parallel.attend(q, lambda qs: kernels.attention_partial(qs, segments, backend=config.backend),
+                               backend=config.backend)
     attend = kernels.attention_staged if config.attention == "staged" else kernels.attention
     return attend(q, segments, backend=config.backend)
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from qkv.caches.adapters.context_parallel import refuse_context_parallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
 from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache
@@ -39,6 +40,10 @@ from qkv.compressed import CompressedKV
 from qkv.errors import CacheError
 
 __all__ = ["SanaWMCacheProcessor", "SanaWMHandle", "install"]
+
+# why diffusers' context parallelism cannot run here (docs/adapters/sana_wm.md, "Several GPUs")
+NO_CONTEXT_PARALLEL = ("diffusers has no context-parallel plan for SanaWMLTX2RefinerTransformer3DModel (its pipeline "
+                       "keeps the sink and history of whole sequences)")
 
 
 def _upstream():
@@ -76,6 +81,10 @@ class SanaWMHandle(AdapterHandle):
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [s for s in self.sinks if isinstance(s, tuple)]
+
+    def check_installed(self) -> None:
+        super().check_installed()
+        refuse_context_parallel(self.model, self.client, NO_CONTEXT_PARALLEL)
 
     def memory(self) -> CacheMemory:
         """The history cache, plus every block's sink (compressed, or exact as ``tail``)."""
@@ -170,6 +179,7 @@ def install(target, policy: Policy | str = "qvg", *, sink_full_precision: bool =
     pipeline's window decides); ``sink_full_precision``: keep the sink exact instead of
     compressed. Returns the handle (``memory()``, ``remove()``)."""
     model = diffusers_transformer(target, "SanaWMLTX2RefinerTransformer3DModel", "sana_wm")
+    refuse_context_parallel(model, "sana_wm", NO_CONTEXT_PARALLEL)
     handle = SanaWMHandle(model, policy, cache_options, sink_full_precision)
     for index, block in enumerate(model.transformer_blocks):
         handle.patches.set(block.attn1, "processor", SanaWMCacheProcessor(handle, index, block.attn1.processor))

@@ -19,6 +19,10 @@ makes ``_initialize_kv_cache`` allocate those buffers on the meta device (shape 
     ...                                   # pipeline.prepare / inference_wo_batch, unchanged
     handle.memory(); handle.remove()
 
+Several GPUs: :class:`KVCacheManager` stands in for upstream's ``streamv2v.communication.KVCacheManager``
+(the same calls): when blocks change owner, each moved block's state (:meth:`StreamDiffusionV2Handle.pack_block`:
+its cache layer as compressed bytes and the chunk being denoised) is broadcast from its old owner.
+
 Not reproduced, with a typed error where it would matter: rows of one batch at different positions
 (the stream-batch ``inference_stream``, each row a chunk at another denoising step), and the
 upstream's in-place ring buffer once a chunk reaches the capacity (its slot bookkeeping, made for
@@ -32,12 +36,16 @@ import math
 import types
 
 import torch
+import torch.distributed as dist
 
 from qkv.caches.adapters.handle import AdapterHandle
 from qkv.caches.policy import Policy
-from qkv.errors import CacheError, ConfigError
+from qkv.caches.transfer import PackedReader, broadcast_packed, pack_layer, tensor_entry, unpack_layer
+from qkv.compressed import PackedBytes
+from qkv.errors import CacheError, ConfigError, CorruptDataError
+from qkv.io import field, load_device
 
-__all__ = ["StreamDiffusionV2Handle", "install", "meta_kv_cache"]
+__all__ = ["KVCacheManager", "StreamDiffusionV2Handle", "install", "meta_kv_cache"]
 
 
 def _upstream():
@@ -123,6 +131,99 @@ class StreamDiffusionV2Handle(AdapterHandle):
         """Attention of the chunk's queries [B, H, n, D] to block ``index``'s history and chunk."""
         _, k, v = self.chunk[index]
         return self.cache.attend(index, q, extra=(k, v))
+
+    def pack_block(self, index: int) -> tuple[torch.Tensor, dict]:
+        """Block ``index``'s whole state as (uint8 buffer, JSON-able header): its cache layer as
+        compressed bytes (:func:`~qkv.caches.transfer.pack_layer`) and the chunk being denoised
+        (full precision, as held)."""
+        self.check_installed()
+        buffer, header = pack_layer(self.build_cache(self.num_blocks).layer(index))
+        buf = PackedBytes()
+        buf.add(buffer)  # at 0: the layer's offsets stand
+        held = self.chunk[index]
+        chunk = None if held is None else {"start": held[0], "k": tensor_entry(buf, held[1]),
+                                           "v": tensor_entry(buf, held[2])}
+        return buf.buffer(buffer.device), {"layer": header, "chunk": chunk}
+
+    def unpack_block(self, index: int, buffer: torch.Tensor, header: dict) -> None:
+        """Replace block ``index``'s state by what :meth:`pack_block` packed (tensors on the
+        buffer's device); a buffer or header that does not fit raises :class:`CorruptDataError`
+        and changes nothing."""
+        self.check_installed()
+        where = f"streamdiffusionv2 block {index}"
+        read = PackedReader(buffer, where)
+        chunk = header.get("chunk") if isinstance(header, dict) else None
+        if chunk is not None:
+            start, k, v = field(chunk, "start", int, where), read.tensor(chunk.get("k")), read.tensor(chunk.get("v"))
+            if start < 0 or k.dim() != 4 or k.shape != v.shape:
+                raise CorruptDataError(f"{where}: a chunk at {start} of k {list(k.shape)}, v {list(v.shape)}")
+            chunk = (start, k, v)
+        unpack_layer(self.build_cache(self.num_blocks).layer(index), buffer, field(header, "layer", dict, where))
+        self.chunk[index] = chunk
+
+    def drop_block(self, index: int) -> None:
+        """Forget block ``index``'s history and chunk (another rank runs it now)."""
+        if self.cache is not None:
+            self.cache.layer(index).reset()
+        self.chunk[index] = None
+
+
+class KVCacheManager:
+    """``streamv2v.communication.KVCacheManager`` for a pipeline on the qkv cache: when blocks
+    change owner, their caches move between ranks as compressed bytes instead of bf16 buffers.
+
+    The same calls as upstream (``broadcast_kv_blocks``, ``compute_block_owners``,
+    ``rebalance_kv_cache_by_diff``, ``cleanup_kv_cache``), so it stands in for upstream's manager
+    where ``ModelDataTransfer`` takes one. ``handle``: this rank's :func:`install` handle;
+    ``device``: where received blocks go (default where messages live: the CPU on gloo, the current
+    GPU on NCCL); ``group``: the process group (default the world; ranks are numbered within it).
+    A moved block keeps its positions (upstream shifts ``global_end_index`` for its stream
+    batching, which the adapter does not run)."""
+
+    def __init__(self, handle: StreamDiffusionV2Handle, device=None, group=None) -> None:
+        self.handle, self.device, self.group = handle, device, group
+
+    def broadcast_kv_blocks(self, block_indices: list[int], donor_rank: int) -> int:
+        """Give every rank ``donor_rank``'s state of blocks ``block_indices`` (every rank calls
+        it); returns the bytes broadcast."""
+        sent = 0
+        mine = dist.get_rank(self.group) == donor_rank
+        for index in block_indices:
+            packed = self.handle.pack_block(index) if mine else None
+            buffer, header, n = broadcast_packed(packed, donor_rank, self.group, f"streamdiffusionv2 block {index}")
+            if not mine:
+                self.handle.unpack_block(index, buffer.to(load_device(self.device or buffer.device)), header)
+            sent += n
+        return sent
+
+    @staticmethod
+    def compute_block_owners(block_intervals: torch.Tensor, total_blocks: int) -> torch.Tensor:
+        """The owner rank of every block (-1: none) from each rank's ``[start, end)`` interval
+        (``block_intervals`` [world, 2])."""
+        owners = torch.full((total_blocks,), -1, dtype=torch.int64)
+        for rank, (start, end) in enumerate(block_intervals.tolist()):
+            owners[start:end] = rank
+        return owners
+
+    def rebalance_kv_cache_by_diff(self, old_block_intervals: torch.Tensor, new_block_intervals: torch.Tensor,
+                                   total_blocks: int) -> int:
+        """Broadcast every block whose owner changes from its old owner (every rank calls it);
+        returns the bytes broadcast."""
+        old = self.compute_block_owners(old_block_intervals, total_blocks).tolist()
+        new = self.compute_block_owners(new_block_intervals, total_blocks).tolist()
+        moved: dict[int, list[int]] = {}
+        for index, (before, after) in enumerate(zip(old, new)):
+            if before != after and before >= 0:
+                moved.setdefault(before, []).append(index)
+        return sum(self.broadcast_kv_blocks(blocks, donor) for donor, blocks in sorted(moved.items()))
+
+    def cleanup_kv_cache(self, block_intervals: torch.Tensor, total_blocks: int) -> None:
+        """Drop the state of every block this rank does not own (upstream zeroes their buffers;
+        here their memory is freed)."""
+        rank = dist.get_rank(self.group)
+        for index, owner in enumerate(self.compute_block_owners(block_intervals, total_blocks).tolist()):
+            if owner != rank:
+                self.handle.drop_block(index)
 
 
 def _forward(handle: StreamDiffusionV2Handle, index: int, original):

@@ -30,9 +30,11 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from qkv.caches.kvcache import KVCache
+from qkv.caches.adapters.context_parallel import ContextParallel
+from qkv.caches.adapters.handle import attend_parts
+from qkv.caches.kvcache import KVCache, LayerCache
 from qkv.component import check_choice
-from qkv.errors import CacheError
+from qkv.errors import CacheError, ConfigError
 
 __all__ = ["WanCacheProcessor", "WanRollout", "apply_rope", "rope_at", "rollout"]
 
@@ -77,12 +79,15 @@ class WanCacheProcessor:
         if encoder_hidden_states is not None or attention_mask is not None:
             raise CacheError("WanCacheProcessor is for unmasked self-attention (attn1) only")
         run = self.rollout
+        parallel = run.parallel
         if getattr(attn, "fused_projections", False):
             query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
         else:
             query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         query, key = attn.norm_q(query), attn.norm_k(key)
         query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))  # [B, S, H, D]
+        if parallel is not None:  # this rank's tokens of every head -> the ring rank's tokens of this rank's heads
+            query, key, value = (parallel.to_heads(t) for t in (query, key, value))
 
         positions = run.chunk_positions(query.shape[1])
         cos, sin = rope_at(run.rope, positions, run.grid)
@@ -93,50 +98,97 @@ class WanCacheProcessor:
 
         cache = run.cache.layer(self.layer)
         query = rearrange(query, "b s h d -> b h s d")
+        ring = parallel if parallel is not None and parallel.ring else None
         if run.key_rope == "after":
             # keys are cached with RoPE applied: attention reads the cache as it is (by default the
             # fused kernel over the compressed spans; the cache's ``attention`` option)
             if run.append:
                 cache.append(key, value)
-            out = cache.attend(query, extra=None if run.append else (key, value))
+            if ring is None:
+                out = cache.attend(query, extra=None if run.append else (key, value))
+            else:
+                out = attend_parts(cache.config, query, [cache] if run.append else [cache, (key, value)], ring)
         else:
             # RoPE goes on every read key at its absolute position, so the keys must be decompressed
             # and rotated first: read, rotate, then scaled_dot_product_attention
             if run.append:
                 cache.append(key, value)
                 keys, values = cache.read()
-                key_pos = cache.positions()
+                key_pos = run.held_positions(cache)
             elif cache.layout is None:
                 keys, values, key_pos = key, value, positions
             else:
                 keys, values = cache.read()
                 keys, values = torch.cat([keys, key], 2), torch.cat([values, value], 2)
-                key_pos = torch.cat([cache.positions(), positions])
+                key_pos = torch.cat([run.held_positions(cache), positions])
             k_cos, k_sin = rope_at(run.rope, key_pos, run.grid)
             keys = rearrange(apply_rope(rearrange(keys, "b h s d -> b s h d"), k_cos, k_sin), "b s h d -> b h s d")
-            out = F.scaled_dot_product_attention(query, keys, values)
-        out = rearrange(out, "b h s d -> b s (h d)").type_as(hidden_states)
-        return attn.to_out[1](attn.to_out[0](out))
+            if ring is None:
+                out = F.scaled_dot_product_attention(query, keys, values)
+            else:
+                out = attend_parts(cache.config, query, [(keys, values)], ring)
+        out = rearrange(out, "b h s d -> b s h d")
+        if parallel is not None:
+            out = parallel.to_tokens(out)
+        return attn.to_out[1](attn.to_out[0](out.flatten(2).type_as(hidden_states)))
 
 
 class WanRollout:
     """Installs :class:`WanCacheProcessor` on every ``blocks[i].attn1`` of a diffusers
     ``WanTransformer3DModel`` and runs it chunk by chunk with ``cache`` (a :class:`KVCache`, layer i
-    = block i). Use as a context manager (restores the previous processors) or call :meth:`close`."""
+    = block i). Use as a context manager (restores the previous processors) or call :meth:`close`.
+
+    Under diffusers' context parallelism (``model.enable_parallelism(...)``, before or after
+    this) every rank runs the rollout with its own ``cache``: with Ulysses it holds the rank's
+    heads, with a ring its shard of every chunk's tokens (:mod:`~qkv.caches.adapters.context_parallel`)."""
 
     def __init__(self, model, cache: KVCache, *, key_rope: str = "before") -> None:
         check_choice("WanRollout", "key_rope", key_rope, ("before", "after"))
         self.model, self.cache, self.key_rope = model, cache, key_rope
         self.rope = model.rope
         self.start_frame, self.append, self.grid = 0, True, (1, 1)
+        self.parallel: ContextParallel | None = None
+        self._held: list[torch.Tensor] = []  # under a ring: positions of the tokens this rank appended
         self._saved = [block.attn1.processor for block in model.blocks]
         for i, block in enumerate(model.blocks):
             block.attn1.set_processor(WanCacheProcessor(self, i))
 
     def chunk_positions(self, tokens: int) -> torch.Tensor:
-        """Absolute positions [tokens] of the current chunk's tokens."""
+        """Absolute positions [tokens] of the current chunk's tokens this rank holds (all of them
+        unless a ring splits the chunk)."""
         first = self.start_frame * self.grid[0] * self.grid[1]
+        if self.parallel is not None:
+            first += self.parallel.first_token(tokens)
         return torch.arange(first, first + tokens)
+
+    def held_positions(self, layer: LayerCache) -> torch.Tensor:
+        """Absolute positions of ``layer``'s retained tokens, in read order (under a ring, of
+        the shards this rank appended)."""
+        local = layer.positions()
+        if self.parallel is None or not self.parallel.ring:
+            return local
+        held = sum(p.numel() for p in self._held)
+        if held != layer.seen:
+            raise CacheError(f"wan: under a ring the rollout knows the positions of {held} of this rank's tokens, "
+                             f"the cache holds {layer.seen}: give a ring rollout an empty cache")
+        return torch.cat(self._held)[local]
+
+    def _enter_call(self, frames: int, append: bool) -> None:
+        """Read the model's context parallelism for this forward; under a ring, note the
+        positions of the shard an appending forward stores."""
+        self.parallel = ContextParallel.of(self.model, "wan")
+        if self.parallel is None:
+            return
+        cfg = self.cache.config
+        if self.parallel.ulysses_world > 1 and cfg.clusters and not cfg.head_independent:
+            raise ConfigError("wan: under Ulysses a rank holds some of the heads; head_independent=False would make "
+                              "its compressed bytes depend on which heads it holds (use head_independent=True)")
+        if self.parallel.ring and append:
+            if self.cache.layer(0).seen == 0:  # a new video
+                self._held = []
+            tokens = frames * self.grid[0] * self.grid[1] // self.parallel.ring_world
+            first = self.start_frame * self.grid[0] * self.grid[1] + self.parallel.first_token(tokens)
+            self._held.append(torch.arange(first, first + tokens))
 
     @torch.no_grad()
     def __call__(
@@ -152,9 +204,10 @@ class WanRollout:
         ``start_frame``; ``append`` stores its K/V in the cache (the clean pass), otherwise it only
         reads (a denoising step). ``text``: encoder hidden states [B, L, text_dim]. Returns the
         model output [B, C_out, F, H, W]."""
-        _, p_h, p_w = self.model.config.patch_size
+        p_t, p_h, p_w = self.model.config.patch_size
         self.grid = (latents.shape[3] // p_h, latents.shape[4] // p_w)
         self.start_frame, self.append = start_frame, append
+        self._enter_call(latents.shape[2] // p_t, append)
         if not torch.is_tensor(timestep):
             timestep = torch.full((latents.shape[0],), timestep, device=latents.device)
         return self.model(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)[0]
