@@ -19,7 +19,7 @@ def test_qkv_adapters_names_the_clients_and_loads_none_on_import():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
     assert qkv.adapters.sana_wm.install is not None
-    with pytest.raises(AttributeError, match="clients: streamdiffusionv2, anyflow_far, sana_wm, flashdreams"):
+    with pytest.raises(AttributeError, match="clients: streamdiffusionv2, anyflow_far, sana_wm, flashdreams, longcat_video"):
         qkv.adapters.nope  # noqa: B018
 
 
