@@ -12,7 +12,9 @@ Each lives in its own module and imports its library only when imported itself:
 - :mod:`qkv.caches.adapters.anyflow_far`: diffusers' AnyFlow-FAR (frame-autoregressive Wan);
 - :mod:`qkv.caches.adapters.sana_wm`: diffusers' SANA-WM refiner (sink + recent history);
 - :mod:`qkv.caches.adapters.flashdreams`: flashdreams' streaming Wan (its ``BlockKVCache``);
-- :mod:`qkv.caches.adapters.longcat_video`: LongCat-Video's condition-frame cache (``kv_cache_dict``).
+- :mod:`qkv.caches.adapters.longcat_video`: LongCat-Video's condition-frame cache (``kv_cache_dict``);
+- :mod:`qkv.caches.adapters.hy_worldplay`: HY-WorldPlay's retrieved-memory vision cache (each frame
+  compressed once, in a store keyed by frame index).
 
 Pipeline adapters share one shape (:mod:`qkv.caches.adapters.handle`): ``install(...)`` returns a
 handle with ``memory()``, ``reset()`` and ``remove()``. ``qkv.adapters.<client>`` names these
@@ -24,7 +26,7 @@ import importlib
 # client name -> module, for ``qkv.adapters.<client>``
 CLIENTS = {
     name: f"qkv.caches.adapters.{name}"
-    for name in ("streamdiffusionv2", "anyflow_far", "sana_wm", "flashdreams", "longcat_video")
+    for name in ("streamdiffusionv2", "anyflow_far", "sana_wm", "flashdreams", "longcat_video", "hy_worldplay")
 }
 
 
