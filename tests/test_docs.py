@@ -25,6 +25,8 @@ DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
         "adapters/anyflow_far.md",
         "adapters/sana_wm.md",
         "adapters/flashdreams.md",
+        "adapters/longcat_video.md",
+        "adapters/hy_worldplay.md",
         pytest.param("adapters/wan.md", marks=pytest.mark.realdata),  # real video frames
         pytest.param("adapters/transformers.md", marks=pytest.mark.realdata),  # Whisper, real speech
     ],

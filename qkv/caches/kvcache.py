@@ -270,6 +270,14 @@ class LayerCache(LayerState):
             return cat_heads(parts)
         return policy.compress(k, v, backend=cfg.backend, validate=False)
 
+    def trim(self) -> None:
+        """Free the tail buffer (its room is ``memory().reserved``) for a layer appended to once or
+        rarely, such as a one-shot condition or a store of frames: tail chunks held there are
+        copied out first, and the next append allocates a buffer again."""
+        self.tail = [Chunk(c.k.clone(), c.v.clone(), c.start) if self.buffer.holds(c.k) else c for c in self.tail]
+        self.buffer = TailBuffer()
+        self._tail_join = None
+
     def _slide(self) -> None:
         limit = self.config.max_spans
         while limit is not None and len(self.spans) > limit:

@@ -14,12 +14,14 @@ from qkv.errors import CacheError, ConfigError
 
 
 def test_qkv_adapters_names_the_clients_and_loads_none_on_import():
+    roots = ("diffusers", "models", "flashdreams", "longcat_video", "hyvideo")
     code = ("import sys, qkv; a = qkv.adapters; assert 'qkv.caches.adapters.sana_wm' not in sys.modules; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('diffusers', 'models', 'flashdreams')))")
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {roots}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert qkv.adapters.sana_wm.install is not None
-    with pytest.raises(AttributeError, match="clients: streamdiffusionv2, anyflow_far, sana_wm, flashdreams"):
+    assert qkv.adapters.sana_wm.install is not None and qkv.adapters.hy_worldplay.install is not None
+    clients = "streamdiffusionv2, anyflow_far, sana_wm, flashdreams, longcat_video, hy_worldplay"
+    with pytest.raises(AttributeError, match=f"clients: {clients}"):
         qkv.adapters.nope  # noqa: B018
 
 

@@ -394,3 +394,22 @@ def test_to_returns_the_moved_object_as_torch_does():
     layer = cache.layer(0)
     assert layer.to("cpu") is layer and cache.to("cpu") is cache
     assert torch.equal(layer.to(torch.device("cpu")).read()[0], cache.read(0)[0])
+
+
+def test_trim_frees_the_tail_buffer_and_keeps_the_tail():
+    chunks = stream(6, [8] * 5)
+    cache = KVCache(QVG, span_chunks=2)
+    for k, v in chunks:
+        cache.append(0, k, v)
+    layer = cache.layer(0)
+    before, q = cache.read(0), torch.randn(1, 2, 3, 64)
+    out = cache.attend(0, q, extra=chunks[0])
+    assert layer.memory().reserved > 0 and len(layer.tail) == 1
+    layer.trim()
+    assert layer.memory().reserved == 0 and not layer.buffer.holds(layer.tail[0].k)
+    assert all(torch.equal(a, b) for a, b in zip(before, cache.read(0)))
+    # the tail and extra now two segments instead of one: merged by log-sum-exp, fp32 rounding apart
+    torch.testing.assert_close(out, cache.attend(0, q, extra=chunks[0]), atol=1e-6, rtol=1e-5)
+    assert layer.memory().reserved == 0  # attend allocated no buffer
+    cache.append(0, *chunks[1])  # the next append makes a buffer again and completes a span
+    assert len(layer.spans) == 3 and layer.memory().reserved > 0

@@ -11,7 +11,10 @@ Each lives in its own module and imports its library only when imported itself:
   CausVid);
 - :mod:`qkv.caches.adapters.anyflow_far`: diffusers' AnyFlow-FAR (frame-autoregressive Wan);
 - :mod:`qkv.caches.adapters.sana_wm`: diffusers' SANA-WM refiner (sink + recent history);
-- :mod:`qkv.caches.adapters.flashdreams`: flashdreams' streaming Wan (its ``BlockKVCache``).
+- :mod:`qkv.caches.adapters.flashdreams`: flashdreams' streaming Wan (its ``BlockKVCache``);
+- :mod:`qkv.caches.adapters.longcat_video`: LongCat-Video's condition-frame cache (``kv_cache_dict``);
+- :mod:`qkv.caches.adapters.hy_worldplay`: HY-WorldPlay's retrieved-memory vision cache (each frame
+  compressed once, in a store keyed by frame index).
 
 :mod:`qkv.caches.adapters.context_parallel`: what the Wan processor exchanges under diffusers'
 context parallelism (each rank caches its heads or its token shard), and the refusal of the
@@ -24,7 +27,10 @@ modules (loaded on first use; ``import qkv`` loads none of them).
 import importlib
 
 # client name -> module, for ``qkv.adapters.<client>``
-CLIENTS = {name: f"qkv.caches.adapters.{name}" for name in ("streamdiffusionv2", "anyflow_far", "sana_wm", "flashdreams")}
+CLIENTS = {
+    name: f"qkv.caches.adapters.{name}"
+    for name in ("streamdiffusionv2", "anyflow_far", "sana_wm", "flashdreams", "longcat_video", "hy_worldplay")
+}
 
 
 def __getattr__(name: str):
