@@ -67,6 +67,11 @@ class CacheError(QKVError, ValueError):
     newest chunk nor an eviction, or a saved cache that does not match its files)."""
 
 
+class GradientError(QKVError, RuntimeError):
+    """A tensor that requires grad would be stored where no gradient flows back (the cache keeps
+    detached, possibly compressed copies): storing it would silently drop its gradient."""
+
+
 # Longest repr of an input an error message quotes: a message names the problem, it does not echo
 # a 1 MB spec back.
 SHOWN = 80

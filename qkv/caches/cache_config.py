@@ -31,13 +31,16 @@ ATTENTION = {
 @dataclasses.dataclass(frozen=True)
 class CacheConfig:
     """How a :class:`KVCache` streams. A span is ``span_chunks`` chunks (8 when neither is given,
-    as in the paper) or ``span_tokens`` tokens; not both. ``attention``: how :meth:`KVCache.attend`
+    as in the paper) or ``span_tokens`` tokens; not both. The sink is the first ``sink_chunks``
+    chunks or the first ``sink_tokens`` tokens (a chunk that crosses it is cut there: a sink of
+    frames with chunks of several frames); not both. ``attention``: how :meth:`KVCache.attend`
     reads the history, one of :data:`ATTENTION` (see docs/attention.md)."""
 
     policy: Policy
     span_chunks: int | None = None
     span_tokens: int | None = None
     sink_chunks: int = 0
+    sink_tokens: int = 0
     recent_chunks: int = 0
     max_spans: int | None = None
     warm_start: bool = True
@@ -58,6 +61,9 @@ class CacheConfig:
         if self.span_tokens is not None:
             check_int("cache", "span_tokens", self.span_tokens, 1)
         check_int("cache", "sink_chunks", self.sink_chunks, 0)
+        check_int("cache", "sink_tokens", self.sink_tokens, 0)
+        if self.sink_chunks and self.sink_tokens:
+            raise ConfigError("cache: set sink_chunks or sink_tokens, not both")
         check_int("cache", "recent_chunks", self.recent_chunks, 0)
         if self.max_spans is not None:
             check_int("cache", "max_spans", self.max_spans, 1)

@@ -3,7 +3,8 @@
 A video generator (Self-Forcing, LongCat-Video, HY-WorldPlay) or an LLM decoder appends one chunk
 of K/V per layer at a time and attends to everything cached. Per layer, :class:`LayerCache` keeps
 
-- the **sink**: the first ``sink_chunks`` chunks, in full precision, never compressed nor evicted;
+- the **sink**: the first ``sink_chunks`` chunks (or ``sink_tokens`` tokens, cutting the chunk that
+  crosses it), in full precision, never compressed nor evicted;
 - the **spans**: a list of :class:`CompressedKV`, one per completed span (``span_chunks`` chunks, or
   ``span_tokens`` tokens), each compressed exactly once and never re-quantized;
 - the **tail**: the newest chunks in full precision, until they complete a span (and, with
@@ -13,7 +14,10 @@ of K/V per layer at a time and attends to everything cached. Per layer, :class:`
   tokens of every span in full precision forever). Where the policy compresses groups of tokens
   on their own (``Policy.token_group``: KIVI's per-channel blocks of keys, per-token values), the
   window is a residual as in KIVI: every whole group that left it is compressed at once (spans of
-  up to ``span_tokens`` in whole groups); otherwise a span waits until it is complete.
+  up to ``span_tokens`` in whole groups); otherwise a span waits until it is complete. Where every
+  chunk completes a span on its own (spans no longer than a chunk: a rolling window evicting one
+  chunk's tokens per chunk), the tail is no buffer but the few tokens left over, cut off and copied:
+  nothing is allocated ahead.
 
 ``max_spans`` evicts the oldest spans (a sliding window over the compressed history);
 :meth:`LayerCache.evict` drops any number of the oldest non-sink tokens: a span whose first tokens
@@ -67,7 +71,7 @@ from qkv.caches.presets import build_policy
 from qkv.caches.tail import Chunk, TailBuffer, adjacent, joined_kv
 from qkv.component import check_int
 from qkv.compressed import CompressedKV
-from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, QKVError, ShapeError, shown
+from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, GradientError, QKVError, ShapeError, shown
 from qkv.io import load_device
 from qkv.validation import check_kv_layout
 
@@ -188,23 +192,48 @@ class LayerCache(LayerState):
         """Append one chunk ``k``, ``v`` [B, H, S_chunk, D] (fp32/fp16/bf16, copied).
 
         Bad chunks (rank, shape, dtype or device unlike the cache's, NaN/Inf) raise a typed error
-        and leave the layer unchanged. Spans completed by this chunk are compressed now, once.
+        and leave the layer unchanged, as does a chunk that requires grad while grad is enabled
+        (:class:`GradientError`: what is stored is detached, its gradient would be lost). Spans
+        completed by this chunk are compressed now, once.
         """
         self.check(k, v)
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise GradientError(
+                f"layer {self.index}: the chunk requires grad, but the cache stores detached (compressed) copies; "
+                "append it under torch.no_grad() or detach it to store it without its gradient"
+            )
         layout = self.layout or Layout.of(k)
-        if len(self.sink) < self.config.sink_chunks and self.seen == sum(c.tokens for c in self.sink):
-            self.sink.append(Chunk(k.detach().clone(), v.detach().clone(), self.seen))
+        k, v, start = k.detach(), v.detach(), self.seen
+        held = sum(c.tokens for c in self.sink)
+        if len(self.sink) < self.config.sink_chunks and self.seen == held:
+            self.sink.append(Chunk(k.clone(), v.clone(), start))
         else:
-            tail = self.buffer.append(self.tail, k.detach(), v.detach(), self.seen, self._planned(k.shape[2]))
-            self.tail = tail[:-1]  # possibly moved, same values: unchanged if a compression fails
-            new_spans, tail, warm = self._complete_spans(tail)
-            self.tail, self.warm = tail, warm
-            self.spans.extend(new_spans)
-            self._slide()
-            if new_spans:
-                self._plan_stale = True
+            take = min(k.shape[2], max(self.config.sink_tokens - self.seen, 0))
+            if take:
+                self.sink.append(Chunk(k[:, :, :take].clone(), v[:, :, :take].clone(), start))
+            if take < k.shape[2]:
+                self._append_tail(k[:, :, take:], v[:, :, take:], start + take, k.shape[2])
         self.layout = layout
         self.seen += k.shape[2]
+
+    def _append_tail(self, k: torch.Tensor, v: torch.Tensor, start: int, chunk: int) -> None:
+        """Add ``k``, ``v`` (the chunk of ``chunk`` tokens, or what the sink left of it) to the tail
+        and compress the spans it completes; the layer is unchanged if a compression fails."""
+        fresh = Chunk(k, v, start)
+        if self.config.residual_group is None and self._next_span([fresh]):  # a span per chunk: no buffer
+            new_spans, tail, warm = self._complete_spans([*self.tail, fresh])
+            tail = [Chunk(c.k.clone(), c.v.clone(), c.start) if c.k is k else c for c in tail]
+            if not any(self.buffer.holds(c.k) for c in tail):
+                self.buffer = TailBuffer()
+        else:
+            tail = self.buffer.append(self.tail, k, v, start, self._planned(chunk))
+            self.tail = tail[:-1]  # possibly moved, same values: unchanged if a compression fails
+            new_spans, tail, warm = self._complete_spans(tail)
+        self.tail, self.warm = tail, warm
+        self.spans.extend(new_spans)
+        self._slide()
+        if new_spans:
+            self._plan_stale = True
 
     def _planned(self, tokens: int) -> int:
         """Tail buffer capacity for chunks of ``tokens``: a span, the tokens kept in full precision

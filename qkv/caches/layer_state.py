@@ -48,7 +48,8 @@ class LayerState:
     """A layer's sink, spans and tail (in read order), the warm-start centroids and its counters:
     ``seen`` tokens ever appended (the position of the next), ``evicted`` non-sink tokens dropped,
     and the ``layout`` (None until the first append). The sink takes chunks while nothing came
-    after it (``seen`` is the sink's tokens) and it holds fewer than ``sink_chunks``."""
+    after it (``seen`` is the sink's tokens) and it holds fewer than ``sink_chunks``, or the first
+    ``sink_tokens`` tokens (cutting the chunk that crosses it)."""
 
     sink: list[Chunk] = dataclasses.field(default_factory=list)
     spans: list[CompressedSpan] = dataclasses.field(default_factory=list)
@@ -248,7 +249,14 @@ def from_state_dict(config: CacheConfig, data: object, device: torch.device, whe
     tail_tokens = sum(c.tokens for c in tail)
     if config.max_spans is not None and len(spans) > config.max_spans:
         raise CorruptDataError(f"{where}: {len(spans)} spans, the cache keeps at most {config.max_spans}")
-    if len(sink) > config.sink_chunks or (len(sink) < config.sink_chunks and (spans or tail or evicted)):
+    after = bool(spans or tail or evicted)
+    if config.sink_tokens:
+        if sink_tokens > config.sink_tokens or (sink_tokens < config.sink_tokens and after):
+            raise CorruptDataError(
+                f"{where}: {sink_tokens} sink tokens and {'tokens' if after else 'none'} after them; the sink holds "
+                f"the first {config.sink_tokens} tokens"
+            )
+    elif len(sink) > config.sink_chunks or (len(sink) < config.sink_chunks and after):
         raise CorruptDataError(
             f"{where}: {len(sink)} sink chunks and tokens after them; the sink holds the first {config.sink_chunks} chunks"
         )

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import qkv
 from qkv.caches.kvcache import CacheMemory, KVCache
-from qkv.errors import CacheError, ConfigError, DTypeError, NonFiniteError, ShapeError
+from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, GradientError, NonFiniteError, ShapeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -36,9 +36,11 @@ def test_lossless_policy_reads_back_the_retained_stream(data):
     sizes = data.draw(st.lists(st.integers(1, 5), min_size=1, max_size=14))
     span = data.draw(st.sampled_from([{"span_chunks": 1}, {"span_chunks": 3}, {"span_tokens": 4}, {"span_tokens": 7}]))
     sink = data.draw(st.integers(0, 2))
+    in_tokens = data.draw(st.booleans())  # a sink of ``sink * 3`` tokens, cutting chunks where it ends
     max_spans = data.draw(st.sampled_from([None, 1, 2]))
     chunks = stream(data.draw(st.integers(0, 99)), sizes, d=16, dtype=torch.bfloat16)
-    cache = KVCache("bf16", sink_chunks=sink, max_spans=max_spans, **span)
+    sink_option = {"sink_tokens": 3 * sink} if in_tokens else {"sink_chunks": sink}
+    cache = KVCache("bf16", max_spans=max_spans, **sink_option, **span)
     for i, (k, v) in enumerate(chunks):
         cache.append(0, k, v)
         layer = cache.layer(0)
@@ -46,7 +48,7 @@ def test_lossless_policy_reads_back_the_retained_stream(data):
         pos = layer.positions()
         got_k, got_v = cache.read(0)
         assert torch.equal(got_k, k_all[:, :, pos]) and torch.equal(got_v, v_all[:, :, pos])
-        n_sink = sum(sizes[: min(sink, i + 1)])
+        n_sink = min(3 * sink, sum(sizes[: i + 1])) if in_tokens else sum(sizes[: min(sink, i + 1)])
         assert pos[:n_sink].tolist() == list(range(n_sink))  # the sink is never evicted
         assert torch.equal(pos[n_sink:], torch.arange(layer.seen - len(pos) + n_sink, layer.seen))  # newest, contiguous
         assert layer.seen == sum(sizes[: i + 1]) and layer.tokens == len(pos)
@@ -301,6 +303,8 @@ def test_a_chunk_the_policy_cannot_take_is_rejected_before_anything_is_stored():
         ({"span_chunks": 2, "span_tokens": 8}, "not both"),
         ({"span_chunks": 0}, "span_chunks"),
         ({"sink_chunks": -1}, "sink_chunks"),
+        ({"sink_chunks": 1, "sink_tokens": 4}, "not both"),
+        ({"sink_tokens": -1}, "sink_tokens"),
         ({"max_spans": 0}, "max_spans"),
         ({"warm_start": 1}, "warm_start"),
     ],
@@ -413,3 +417,38 @@ def test_trim_frees_the_tail_buffer_and_keeps_the_tail():
     assert layer.memory().reserved == 0  # attend allocated no buffer
     cache.append(0, *chunks[1])  # the next append makes a buffer again and completes a span
     assert len(layer.spans) == 3 and layer.memory().reserved > 0
+
+
+def test_a_sink_of_tokens_cuts_the_chunk_it_ends_in():
+    """``sink_tokens``: a sink of one 6-token frame with chunks of three frames keeps exactly the
+    first frame; the rest of that chunk starts the spans."""
+    chunks = stream(3, [18] * 4, d=16, dtype=torch.bfloat16)
+    cache = KVCache("bf16", span_tokens=18, sink_tokens=6)
+    for k, v in chunks:
+        cache.append(0, k, v)
+    layer = cache.layer(0)
+    assert sum(c.tokens for c in layer.sink) == 6 and [sp.tokens for sp in layer.spans] == [18, 18, 18]
+    assert sum(c.tokens for c in layer.tail) == 12 and layer.memory().reserved == 0  # no buffer: a span per chunk
+    layer.evict(18)  # a window after the sink evicts whole spans: nothing dead
+    assert layer.memory().dead_tokens == 0 and len(layer.spans) == 2
+    assert torch.equal(cache.read(0)[0], full(chunks)[0][:, :, layer.positions()])
+    saved = KVCache("bf16", span_tokens=18, sink_tokens=6)
+    saved.load_state_dict(cache.state_dict())
+    assert torch.equal(saved.read(0)[0], cache.read(0)[0])
+    state = cache.state_dict()
+    state["layers"][0]["sink"] = state["layers"][0]["sink"][:0]
+    with pytest.raises(CorruptDataError, match="0 sink tokens"):
+        saved.load_state_dict(state)
+
+
+def test_a_chunk_that_requires_grad_is_refused_not_detached():
+    """What is stored is detached (and compressed): a chunk that requires grad under grad mode
+    raises instead of silently losing its gradient; under no_grad it is stored."""
+    k = torch.randn(1, 2, 8, 16, requires_grad=True)
+    cache = KVCache("bf16", span_chunks=2)
+    with pytest.raises(GradientError, match="requires grad"):
+        cache.append(0, k, k.detach())
+    assert cache.layer(0).layout is None
+    with torch.no_grad():
+        cache.append(0, k, k)
+    assert cache.layer(0).tokens == 8

@@ -9,13 +9,17 @@ rewrite the chunk's slots, then a clean call, with ``current_start`` in tokens.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import qkv
-from qkv.caches.adapters.self_forcing import self_forcing_kv_cache
-from qkv.errors import CacheError, NonFiniteError, ShapeError
+from qkv.caches.adapters import self_forcing
+from qkv.caches.adapters.self_forcing import cache_options, self_forcing_kv_cache
+from qkv.caches.cache_config import CacheMemory
+from qkv.errors import CacheError, GradientError, NonFiniteError, ShapeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -56,17 +60,17 @@ def causal_attention_step(q, k, v, kv_cache, current_start, *, local_attn_size, 
     return out.transpose(1, 2)
 
 
-def plain_cache(capacity: int, dtype) -> dict:
+def plain_cache(capacity: int, dtype, batch: int = B) -> dict:
     """What Self-Forcing's ``_initialize_kv_cache`` allocates for one block."""
     return {
-        "k": torch.zeros(B, capacity, H, D, dtype=dtype),
-        "v": torch.zeros(B, capacity, H, D, dtype=dtype),
+        "k": torch.zeros(batch, capacity, H, D, dtype=dtype),
+        "v": torch.zeros(batch, capacity, H, D, dtype=dtype),
         "global_end_index": torch.tensor([0], dtype=torch.long),
         "local_end_index": torch.tensor([0], dtype=torch.long),
     }
 
 
-def rollout(caches, *, chunks, frames_per_chunk, steps, dtype, seed=0, **attn):
+def rollout(caches, *, chunks, frames_per_chunk, steps, dtype, seed=0, batch=B, **attn):
     """Per chunk: ``steps`` denoising calls (noisy q/k/v) and a clean call, over every block."""
     gen = torch.Generator().manual_seed(seed)
     outs = []
@@ -74,7 +78,7 @@ def rollout(caches, *, chunks, frames_per_chunk, steps, dtype, seed=0, **attn):
         n = frames_per_chunk * FRAME
         start = c * n
         for _ in range(steps + 1):  # the last call is the clean context pass
-            q, k, v = (torch.randn(B, n, H, D, generator=gen).to(dtype) for _ in range(3))
+            q, k, v = (torch.randn(batch, n, H, D, generator=gen).to(dtype) for _ in range(3))
             for cache in caches:
                 outs.append(causal_attention_step(q, k, v, cache, start, **attn))
     return outs
@@ -92,7 +96,7 @@ def rollout(caches, *, chunks, frames_per_chunk, steps, dtype, seed=0, **attn):
 def test_lossless_drop_in_matches_the_plain_buffers_exactly(attn, sink_chunks):
     capacity = 10_000 if attn["local_attn_size"] == -1 else attn["local_attn_size"] * FRAME
     plain = [plain_cache(capacity, torch.bfloat16) for _ in range(2)]
-    cache = qkv.KVCache("bf16", span_chunks=2, sink_chunks=sink_chunks)
+    cache = qkv.KVCache("bf16", span_chunks=2, sink_tokens=sink_chunks * 3 * FRAME)
     ours = self_forcing_kv_cache(cache, num_blocks=2, batch_size=B, capacity=capacity, heads=H, head_dim=D,
                                  dtype=torch.bfloat16, device="cpu")
     run = dict(chunks=10, frames_per_chunk=3, steps=2, dtype=torch.bfloat16, **attn)
@@ -114,7 +118,7 @@ def test_lossless_drop_in_matches_the_plain_buffers_exactly(attn, sink_chunks):
 def test_compressed_drop_in_stays_close_and_smaller():
     attn = {"local_attn_size": 12, "sink_size": 3, "max_attention_size": 12 * FRAME}
     plain = [plain_cache(12 * FRAME, torch.float32)]
-    cache = qkv.KVCache(qkv.build_policy("qvg", bits=8, clusters=8, block=32), span_chunks=2, sink_chunks=1)
+    cache = qkv.KVCache(qkv.build_policy("qvg", bits=8, clusters=8, block=32), span_chunks=2, sink_tokens=3 * FRAME)
     ours = self_forcing_kv_cache(cache, num_blocks=1, batch_size=B, capacity=12 * FRAME, heads=H, head_dim=D,
                                  dtype=torch.float32, device="cpu")
     run = dict(chunks=8, frames_per_chunk=3, steps=1, dtype=torch.float32, **attn)
@@ -149,3 +153,153 @@ def test_unsupported_writes_raise():
     with pytest.raises(NonFiniteError, match="NaN"):
         block["k"][:, 12:18] = x.index_fill(1, torch.tensor([2]), float("nan"))
     assert block.filled == 12 and cache.layer(0).tokens == 6  # nothing stored by the failed writes
+
+
+def window_caches(attn, *, chunks, batch=B, blocks=2, policy="bf16", dtype=torch.bfloat16, reset_after=None):
+    """``rollout`` over the plain buffers and over drop-ins made with :func:`cache_options` for the
+    same window and sink; with ``reset_after``, the indices are replaced by zeros after that many
+    chunks and a second video runs (the pipelines' reset). Returns (plain outputs, ours, cache, blocks)."""
+    capacity = attn["local_attn_size"] * FRAME
+    options = cache_options(frame_tokens=FRAME, chunk_frames=3, sink_size=attn["sink_size"],
+                            local_attn_size=attn["local_attn_size"])
+    cache = qkv.KVCache(policy, **options)
+    ours = self_forcing_kv_cache(cache, num_blocks=blocks, batch_size=batch, capacity=capacity, heads=H, head_dim=D,
+                                 dtype=dtype, device="cpu")
+    plain = [plain_cache(capacity, dtype, batch) for _ in range(blocks)]
+    run = dict(frames_per_chunk=3, steps=2, dtype=dtype, batch=batch, **attn)
+    expected, got = [], []
+    for video, n in enumerate([chunks] if reset_after is None else [reset_after, chunks]):
+        if video:
+            for d in (*plain, *ours):
+                d["global_end_index"] = torch.tensor([0], dtype=torch.long)
+                d["local_end_index"] = torch.tensor([0], dtype=torch.long)
+        expected += rollout(plain, chunks=n, seed=video, **run)
+        got += rollout(ours, chunks=n, seed=video, **run)
+    return expected, got, cache, ours
+
+
+@pytest.mark.parametrize(
+    "attn",
+    [
+        {"local_attn_size": 10, "sink_size": 1, "max_attention_size": 10 * FRAME},  # first eviction 2 frames
+        {"local_attn_size": 13, "sink_size": 1, "max_attention_size": 13 * FRAME},  # sink + 4 chunks
+        {"local_attn_size": 9, "sink_size": 0, "max_attention_size": 9 * FRAME},  # a 9-frame window
+    ],
+)
+def test_frame_sinks_and_windows_shorter_than_spans_match_the_plain_buffers(attn):
+    """A sink of one frame with chunks of three (``sink_tokens``), windows of a few chunks over 12
+    chunks, batch 2, and a second video after a reset: exact with the bf16 policy."""
+    expected, got, cache, ours = window_caches(attn, chunks=12, batch=2, reset_after=5)
+    assert len(got) == len(expected) and all(torch.equal(e, g) for e, g in zip(expected, got))
+    layer = cache.layer(0)
+    assert sum(c.tokens for c in layer.sink) == attn["sink_size"] * FRAME
+    assert layer.evicted > 0 and layer.memory().dead_tokens == 0 and layer.memory().reserved == 0
+    assert ours[0].filled <= attn["local_attn_size"] * FRAME
+
+
+@pytest.mark.parametrize("sink_size, most", [(0, 0.5), (1, 0.8)])
+def test_with_a_window_the_compressed_cache_holds_less_than_the_plain_buffer(sink_size, most):
+    """Everything held (spans, sink, the tokens left over, the chunk being written; nothing
+    allocated ahead) against the plain buffers of a 9-frame window, at 64 tokens a frame: the
+    chunk being written stays in full precision, and with a sink of one frame so do the sink and
+    the two frames after it that wait for the next chunk to complete a span."""
+    global FRAME
+    frame, FRAME = FRAME, 64
+    try:
+        attn = {"local_attn_size": 9, "sink_size": sink_size, "max_attention_size": 9 * FRAME}
+        policy = qkv.build_policy("qvg", clusters=16, bits=4)
+        expected, got, cache, ours = window_caches(attn, chunks=8, policy=policy, dtype=torch.float32, blocks=1)
+        held = sum((block.memory() for block in ours), CacheMemory())
+        plain = 2 * B * 9 * FRAME * H * D * 4  # K and V buffers of one block, fp32
+        assert held.allocated == held.total < most * plain  # measured 0.46 / 0.75 (4-bit spans)
+        assert held.tokens == 9 * FRAME  # the window, the chunk being written included
+        errors = [float((g - e).norm() / e.norm()) for e, g in zip(expected, got)]
+        assert max(errors) < 0.15  # measured 0.11: 4 bits on Gaussian noise
+    finally:
+        FRAME = frame
+
+
+def test_gradients_flow_through_the_chunk_being_written_and_are_never_dropped():
+    """Self-Forcing's training rollout: the exit step runs with grad (its chunk's slots are read
+    back differentiably), the clean context pass rewrites them under no_grad; the gradient equals
+    the plain buffers'. A chunk still requiring grad when the next one starts raises."""
+    attn = {"local_attn_size": -1, "sink_size": 0, "max_attention_size": 10_000}
+    grads = []
+    for caches in ([plain_cache(10_000, torch.float32)],
+                   self_forcing_kv_cache(qkv.KVCache("fp32", span_chunks=1), num_blocks=1, batch_size=B,
+                                         capacity=10_000, heads=H, head_dim=D, dtype=torch.float32, device="cpu")):
+        gen = torch.Generator().manual_seed(0)
+        w = torch.ones(1, requires_grad=True)
+        for c in range(3):  # the gradient is taken at the last chunk's exit step, as upstream's last frames
+            q, k, v = (torch.randn(B, 3 * FRAME, H, D, generator=gen) for _ in range(3))
+            with torch.set_grad_enabled(c == 2):
+                out = causal_attention_step(q, k * w, v * w, caches[0], c * 3 * FRAME, **attn)
+            if c == 2:
+                (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            with torch.no_grad():
+                causal_attention_step(q, k, v, caches[0], c * 3 * FRAME, **attn)
+        grads.append(w.grad.clone())
+    assert grads[0].abs() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5)
+    (block,) = self_forcing_kv_cache(qkv.KVCache("fp32", span_chunks=1), num_blocks=1, batch_size=B, capacity=64,
+                                     heads=H, head_dim=D, dtype=torch.float32, device="cpu")
+    x = torch.randn(B, 6, H, D, requires_grad=True)
+    block["k"][:, 0:6], block["v"][:, 0:6] = x, x
+    block["global_end_index"].fill_(6)
+    with pytest.raises(GradientError, match="requires grad"):
+        block["k"][:, 6:12] = x.detach()
+    assert block.layer.tokens == 0
+
+
+class Pipeline(torch.nn.Module):
+    """The three Self-Forcing pipelines' ``_initialize_kv_cache``, restated: ``causal`` and
+    ``training`` make ``kv_cache1`` (window or 32760 tokens / ``num_max_frames`` frames), ``cfg``
+    (``CausalDiffusionInferencePipeline``) makes ``kv_cache_pos`` and ``kv_cache_neg``; 12 x 128
+    and 30 blocks hard-coded there, as upstream."""
+
+    def __init__(self, kind, model):
+        super().__init__()
+        self.kind, self.generator = kind, types.SimpleNamespace(model=model)
+        self.num_transformer_blocks, self.frame_seq_length, self.num_frame_per_block = 30, FRAME, 3
+        self.local_attn_size = model.blocks[0].self_attn.local_attn_size
+
+    def _initialize_kv_cache(self, batch_size, dtype, device):
+        if self.kind == "training":
+            size = 21 * self.frame_seq_length
+        else:
+            size = self.local_attn_size * self.frame_seq_length if self.local_attn_size != -1 else 32760
+
+        def block():
+            return {"k": torch.zeros([batch_size, size, 12, 128], dtype=dtype, device=device),
+                    "v": torch.zeros([batch_size, size, 12, 128], dtype=dtype, device=device),
+                    "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+                    "local_end_index": torch.tensor([0], dtype=torch.long, device=device)}
+
+        names = ("kv_cache_pos", "kv_cache_neg") if self.kind == "cfg" else ("kv_cache1",)
+        for name in names:
+            setattr(self, name, [block() for _ in range(self.num_transformer_blocks)])
+
+
+def tiny_model(local_attn_size, sink_size):
+    attn = types.SimpleNamespace(local_attn_size=local_attn_size, sink_size=sink_size)
+    return types.SimpleNamespace(blocks=[types.SimpleNamespace(self_attn=attn)] * 2, num_heads=H, dim=H * D)
+
+
+@pytest.mark.parametrize("kind, local_attn_size", [("causal", 9), ("causal", -1), ("cfg", 10), ("training", -1)])
+def test_install_covers_every_pipeline_with_shapes_from_the_model(kind, local_attn_size):
+    attn = {"local_attn_size": local_attn_size, "sink_size": 1,
+            "max_attention_size": 32760 if local_attn_size == -1 else local_attn_size * FRAME}
+    pipe = Pipeline(kind, tiny_model(local_attn_size, 1))
+    with self_forcing.install(pipe, "bf16") as handle:
+        for _ in range(2):  # demo.py initialises again before every video
+            pipe._initialize_kv_cache(batch_size=2, dtype=torch.bfloat16, device="cpu")
+            lists = [pipe.kv_cache_pos, pipe.kv_cache_neg] if kind == "cfg" else [pipe.kv_cache1]
+            assert all(len(blocks) == 2 and blocks[0]["k"].shape[2:] == (H, D) for blocks in lists)
+            run = dict(chunks=5, frames_per_chunk=3, steps=1, dtype=torch.bfloat16, batch=2, **attn)
+            for blocks in lists:
+                plain = [plain_cache(blocks[0]["k"].shape[1], torch.bfloat16, 2) for _ in blocks]
+                assert all(torch.equal(a, b) for a, b in zip(rollout(plain, **run), rollout(blocks, **run)))
+        assert len(handle.caches()) == len(lists)
+        assert handle.caches()[0].config.sink_tokens == FRAME
+        assert (handle.caches()[0].config.span_tokens == 3 * FRAME) == (local_attn_size != -1)
+        assert handle.memory().tokens == len(lists) * 2 * blocks[0].filled
+    assert "_initialize_kv_cache" not in vars(pipe)

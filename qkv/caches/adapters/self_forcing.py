@@ -1,24 +1,38 @@
 """A drop-in for the Self-Forcing code's per-block KV cache dicts, backed by a :class:`KVCache`.
 
-Self-Forcing (``pipeline/causal_inference.py``) allocates, per transformer block,
+Self-Forcing (guandeh17/Self-Forcing) allocates, per transformer block,
 ``{"k": zeros[B, L, H, D], "v": zeros[B, L, H, D], "global_end_index": tensor([0]),
 "local_end_index": tensor([0])}``, and its attention (``CausalWanSelfAttention``) writes and reads
 that buffer by slice:
 
 - ``cache["k"][:, start:end] = k`` writes the current chunk (repeatedly: every denoising step
   rewrites the same slots, the final clean pass last);
-- when the buffer is full, ``cache["k"][:, sink:sink + n] = cache["k"][:, sink + e:sink + e + n].clone()``
-  shifts the history left by ``e`` tokens (eviction after a ``sink``), then the chunk is written;
+- when the buffer is full (a ``local_attn_size`` window of frames), ``cache["k"][:, sink:sink + n] =
+  cache["k"][:, sink + e:sink + e + n].clone()`` shifts the history left by ``e`` tokens after the
+  ``sink_size`` frames of the sink, then the chunk is written;
 - ``cache["k"][:, lo:end]`` is read for attention; ``global_end_index`` / ``local_end_index`` are
-  read with ``.item()`` and updated with ``.fill_()``.
+  read with ``.item()`` and updated with ``.fill_()`` (or replaced by new tensors to restart).
 
 :func:`self_forcing_kv_cache` returns one :class:`SelfForcingBlockCache` per block that supports
 exactly these operations, so the pipeline takes it in place of its list of dicts with no change to
 its attention code. A written chunk stays pending (full precision) while it is being rewritten;
 the first write of the next chunk appends it to the :class:`LayerCache` (once), which compresses
 spans as they complete. A shift is recognised (its values are checked against the cache content)
-and becomes :meth:`LayerCache.evict`; its ``sink`` must equal the cache's sink (``sink_chunks``
-whole chunks). A write to a slice that is none of these raises :class:`CacheError`.
+and becomes :meth:`LayerCache.evict`; its ``sink`` must equal the cache's sink (``sink_tokens``:
+the sink's frames in tokens). A write to a slice that is none of these raises :class:`CacheError`.
+
+Gradients: the pending chunk is kept as written, so a read of its slots is differentiable (the
+exit step of Self-Forcing's training rollout backpropagates through the chunk being denoised);
+the history is stored detached, so committing a pending chunk that requires grad raises
+:class:`GradientError` instead of dropping its gradient (the training rollout rewrites it under
+``torch.no_grad()`` first, with its clean context pass).
+
+:func:`install` covers the pipelines that allocate these dicts (``CausalInferencePipeline``,
+``CausalDiffusionInferencePipeline`` with its two caches, ``SelfForcingTrainingPipeline``, and
+``demo.py``, which calls ``_initialize_kv_cache`` itself): it replaces the pipeline's
+``_initialize_kv_cache`` by one that runs the original on the meta device (so the buffer length
+is what upstream computes, allocating nothing) and puts drop-ins in every cache list it made,
+shaped from the model (its blocks, heads and head size) rather than the pipeline's constants.
 """
 
 from __future__ import annotations
@@ -28,11 +42,14 @@ from collections.abc import Iterator, MutableMapping
 import torch
 from einops import rearrange
 
+from qkv.caches.adapters.handle import AdapterHandle, pending_memory
+from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache, LayerCache
-from qkv.errors import CacheError, ShapeError
+from qkv.caches.policy import Policy
+from qkv.errors import CacheError, ConfigError, GradientError, ShapeError
 from qkv.validation import check_kv_values
 
-__all__ = ["SelfForcingBlockCache", "SlotView", "self_forcing_kv_cache"]
+__all__ = ["SelfForcingBlockCache", "SelfForcingHandle", "SlotView", "cache_options", "install", "self_forcing_kv_cache"]
 
 
 def _token_slice(key: object, capacity: int) -> tuple[int, int]:
@@ -43,6 +60,12 @@ def _token_slice(key: object, capacity: int) -> tuple[int, int]:
     if step != 1:
         raise CacheError(f"token slices must have step 1, got {key[1]!r}")
     return start, max(start, stop)
+
+
+def _held(value: torch.Tensor) -> torch.Tensor:
+    """A written chunk as held while pending: a copy that keeps its autograd history when grad is
+    enabled (reads of its slots stay differentiable), a detached copy otherwise."""
+    return value.clone() if torch.is_grad_enabled() else value.detach().clone()
 
 
 class SlotView:
@@ -124,14 +147,34 @@ class SelfForcingBlockCache(MutableMapping):
         """Slots holding data: the stored tokens, then the pending chunk."""
         return self.layer.tokens + (self._pending_at[1] - self._pending_at[0])
 
+    def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The chunk being written, held outside the layer: [(k, v)] [B, H, n, D] (K for V where
+        only K is written yet), or []."""
+        if not self._pending:
+            return []
+        k = self._pending.get("k", self._pending.get("v"))
+        v = self._pending.get("v", k)
+        return [(rearrange(k, "b s h d -> b h s d"), rearrange(v, "b s h d -> b h s d"))]
+
+    def memory(self) -> CacheMemory:
+        """Exact bytes held for this block: the layer's and the pending chunk's."""
+        return self.layer.memory() + pending_memory(self.pending())
+
     def _commit(self) -> None:
         """Append the pending chunk to the layer (once both K and V were written)."""
         if not self._pending:
             return
         if set(self._pending) != {"k", "v"}:
             raise CacheError(f"slots {self._pending_at} were written for {sorted(self._pending)} only, not k and v")
+        if any(t.requires_grad for t in self._pending.values()):
+            raise GradientError(
+                f"slots {self._pending_at} hold a chunk that requires grad, and the next chunk would store it in the "
+                "history, which keeps no gradient: rewrite it under torch.no_grad() first (as Self-Forcing's clean "
+                "context pass does) or detach it"
+            )
         k, v = (rearrange(self._pending[n], "b s h d -> b h s d") for n in ("k", "v"))
-        self.layer.append(k, v)
+        with torch.no_grad():
+            self.layer.append(k, v)
         self._pending, self._pending_at = {}, (self.layer.tokens, self.layer.tokens)
 
     def _content(self, name: str) -> torch.Tensor:
@@ -167,17 +210,17 @@ class SelfForcingBlockCache(MutableMapping):
         if self.layer.config.validate:
             check_kv_values(f"cache[{name!r}][:, {a}:{b}]", value)  # fail here, not when the chunk is committed
         if self.layer.seen and int(self._indices["global_end_index"].item()) == 0 and a == 0:
-            self._restart()  # the pipeline reset its indices: a new video starts
+            self.restart()  # the pipeline reset its indices: a new video starts
         p0, p1 = self._pending_at
         if self._shift is not None or (b < self.filled and (a, b) != (p0, p1)):
             self._write_shift(name, a, b, value)
         elif (a, b) == (p0, p1) and p1 > p0:
-            self._pending[name] = value.detach().clone()  # a rewrite of the pending chunk
+            self._pending[name] = _held(value)  # a rewrite of the pending chunk
         elif a == self.filled and self._pending_at[0] != a:
             self._commit()
-            self._pending, self._pending_at = {name: value.detach().clone()}, (a, b)
+            self._pending, self._pending_at = {name: _held(value)}, (a, b)
         elif a == p0 and p1 == p0:
-            self._pending, self._pending_at = {name: value.detach().clone()}, (a, b)
+            self._pending, self._pending_at = {name: _held(value)}, (a, b)
         else:
             raise CacheError(
                 f"cache[{name!r}][:, {a}:{b}] = ... is neither the next chunk (at {self.filled}), a rewrite of "
@@ -192,13 +235,13 @@ class SelfForcingBlockCache(MutableMapping):
             if a != sink:
                 raise CacheError(
                     f"a shift after slot {a} needs the cache's sink to hold exactly {a} tokens (it holds {sink}): "
-                    "set KVCache(sink_chunks=...) to the chunks covering the pipeline's sink frames"
+                    "set KVCache(sink_tokens=...) to the pipeline's sink frames times the tokens per frame"
                 )
             if name != "k":
                 raise CacheError("a shift must move k before v (as Self-Forcing does)")
         elif self._shift != (a, b, e) or name != "v":
             raise CacheError(f"the v half of a shift must match its k half {self._shift}, got {(a, b, e)} for {name}")
-        if not torch.equal(value, self._content(name)[:, a + e : b + e]):
+        if not torch.equal(value.detach(), self._content(name)[:, a + e : b + e].detach()):
             raise CacheError(f"cache[{name!r}][:, {a}:{b}] is written with data that is not the history shifted by {e}")
         if name == "k":
             self._shift = (a, b, e)
@@ -208,7 +251,8 @@ class SelfForcingBlockCache(MutableMapping):
         self.layer.evict(e)
         self._pending_at = (self.layer.tokens, self.layer.tokens)
 
-    def _restart(self) -> None:
+    def restart(self) -> None:
+        """Forget the video: the layer and the chunk being written (the pipeline restarts)."""
         self.layer.reset()
         self._pending, self._pending_at, self._shift = {}, (0, 0), None
 
@@ -224,14 +268,121 @@ def self_forcing_kv_cache(
     dtype: torch.dtype,
     device: str | torch.device,
 ) -> list[SelfForcingBlockCache]:
-    """Per-block cache dicts for Self-Forcing's ``kv_cache1`` (block i -> ``cache.layer(i)``).
-
-    In ``CausalInferencePipeline._initialize_kv_cache``, replace the list of zero-filled dicts by
-    ``self_forcing_kv_cache(qkv.KVCache("qvg", sink_chunks=...), num_blocks=30, batch_size=...,
-    capacity=kv_cache_size, heads=12, head_dim=128, dtype=dtype, device=device)``.
-    """
+    """Per-block cache dicts standing in for one of Self-Forcing's cache lists (block i ->
+    ``cache.layer(i)``), K/V slots [B, capacity, heads, head_dim]. ``cache`` should be made with
+    :func:`cache_options` (its sink and, with a window, its spans); :func:`install` does all of it
+    from the pipeline and its model."""
     return [
         SelfForcingBlockCache(cache.layer(i), batch_size=batch_size, capacity=capacity, heads=heads,
                               head_dim=head_dim, dtype=dtype, device=device)
         for i in range(num_blocks)
     ]
+
+
+def cache_options(*, frame_tokens: int, chunk_frames: int, sink_size: int = 0, local_attn_size: int = -1) -> dict:
+    """The :class:`KVCache` options Self-Forcing's attention settings fix: ``sink_tokens`` (its
+    ``sink_size`` frames in tokens) and, with a rolling window (``local_attn_size`` frames, not
+    -1), spans of one chunk (``span_tokens``: ``chunk_frames`` frames). The window evicts one
+    chunk's tokens per chunk, right after the sink, so spans cut there leave with whole evictions
+    (no dead tokens) and every chunk completes one span (no tail buffer ahead of the window); a
+    span of several chunks would stay in full precision for most of a short window. Without a
+    window the spans are the cache's default (``span_chunks=8``)."""
+    options = {"sink_tokens": sink_size * frame_tokens}
+    if local_attn_size != -1:
+        options["span_tokens"] = chunk_frames * frame_tokens
+    return options
+
+
+class SelfForcingHandle(AdapterHandle):
+    """:class:`AdapterHandle` of a Self-Forcing pipeline: one :class:`KVCache` per cache list the
+    pipeline allocates (by attribute name: ``kv_cache1``, or ``kv_cache_pos`` and
+    ``kv_cache_neg``), and the drop-in dicts in them."""
+
+    def __init__(self, pipeline, policy: Policy | str, options: dict) -> None:
+        super().__init__("self_forcing", policy, options, fixed=("num_layers", "max_spans", "sink_chunks", "sink_tokens"))
+        self.pipeline = pipeline
+        self.model = pipeline.generator.model
+        self.named: dict[str, KVCache] = {}
+        self.blocks: dict[str, list[SelfForcingBlockCache]] = {}
+
+    def caches(self) -> list[KVCache]:
+        return list(self.named.values())
+
+    def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [p for blocks in self.blocks.values() for block in blocks for p in block.pending()]
+
+    def reset(self) -> None:
+        super().reset()
+        for blocks in self.blocks.values():
+            for block in blocks:
+                block.restart()
+
+    def derived_options(self) -> dict:
+        """:func:`cache_options` from the model's attention (``sink_size``, ``local_attn_size`` of
+        its first block) and the pipeline's frame tokens and frames per chunk; spans passed to
+        :func:`install` win over the window's."""
+        attn = self.model.blocks[0].self_attn
+        options = cache_options(
+            frame_tokens=self.pipeline.frame_seq_length,
+            chunk_frames=getattr(self.pipeline, "num_frame_per_block", 1),
+            sink_size=getattr(attn, "sink_size", 0),
+            local_attn_size=getattr(attn, "local_attn_size", -1),
+        )
+        if {"span_chunks", "span_tokens"} & set(self.cache_options):
+            options.pop("span_tokens", None)
+        return options
+
+    def allocate(self, name: str, meta: list[dict], device) -> list[SelfForcingBlockCache]:
+        """Drop-ins for the cache list ``name`` that upstream's ``_initialize_kv_cache`` made as
+        ``meta`` (on the meta device): its batch and buffer length, the model's blocks, heads and
+        head size; the cache of ``name`` is made once and reset on every later allocation."""
+        model = self.model
+        batch, capacity, _, _ = meta[0]["k"].shape
+        cache = self.named.get(name)
+        if cache is None:
+            cache = self.named[name] = KVCache(self.policy, num_layers=len(model.blocks), **self.cache_options,
+                                               **self.derived_options())
+        cache.reset()
+        blocks = self_forcing_kv_cache(cache, num_blocks=len(model.blocks), batch_size=batch, capacity=capacity,
+                                       heads=model.num_heads, head_dim=model.dim // model.num_heads,
+                                       dtype=meta[0]["k"].dtype, device=device)
+        self.blocks[name] = blocks
+        return blocks
+
+
+def _meta_lists(pipeline) -> dict[str, list[dict]]:
+    """The pipeline's attributes that are lists of cache dicts with K on the meta device."""
+    return {
+        name: value
+        for name, value in vars(pipeline).items()
+        if isinstance(value, list) and value and isinstance(value[0], dict)
+        and torch.is_tensor(value[0].get("k")) and value[0]["k"].is_meta and "global_end_index" in value[0]
+    }
+
+
+def install(pipeline, policy: Policy | str = "qvg", **options) -> SelfForcingHandle:
+    """Give a Self-Forcing pipeline (anything with ``generator.model``, ``frame_seq_length`` and
+    ``_initialize_kv_cache(batch_size, dtype, device)``) drop-in caches on a compressed
+    :class:`KVCache`. ``policy``: a :class:`Policy` or preset/spec; ``options``: the KVCache
+    options except ``num_layers``, ``max_spans`` and the sink, which follow from the model
+    (:meth:`SelfForcingHandle.derived_options`; with a window, spans of one chunk unless given).
+    Returns the handle (``memory()``: every cache and the chunks being written; ``remove()``)."""
+    model = getattr(getattr(pipeline, "generator", None), "model", None)
+    if model is None or not hasattr(model, "blocks") or not hasattr(pipeline, "_initialize_kv_cache"):
+        raise ConfigError(
+            f"self_forcing: expected a pipeline with .generator.model and _initialize_kv_cache, got {type(pipeline).__name__}"
+        )
+    handle = SelfForcingHandle(pipeline, policy, options)
+    original = pipeline._initialize_kv_cache
+
+    def initialize(batch_size, dtype, device):
+        handle.check_installed()
+        original(batch_size=batch_size, dtype=dtype, device="meta")
+        made = _meta_lists(pipeline)
+        if not made:
+            raise ConfigError("self_forcing: _initialize_kv_cache made no list of per-block cache dicts")
+        for name, meta in made.items():
+            setattr(pipeline, name, handle.allocate(name, meta, device))
+
+    handle.patches.set(pipeline, "_initialize_kv_cache", initialize)
+    return handle
