@@ -12,7 +12,7 @@ import qkv
 from qkv.caches.adapters import longcat_video as adapter
 from qkv.caches.adapters.longcat_video import CondKV
 from qkv.caches.kvcache import LayerCache
-from qkv.errors import CacheError, ConfigError
+from qkv.errors import CacheError, ConfigError, GradientError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -44,6 +44,12 @@ def continuation(dit, batch=1, cfg=True, **kwargs):
     return upstream.generate_vc(dit, latents, COND, embeds, mask, SIGMAS, guidance_scale=4.0 if cfg else 1.0, **kwargs)
 
 
+def condition(dit, latents, *args, **kwargs):
+    """The condition pass as upstream's pipeline runs it (``generate_vc`` is under ``torch.no_grad``)."""
+    with torch.no_grad():
+        return upstream.cache_clean_latents(dit, latents, *args, **kwargs)
+
+
 def close(a, b, tol=1e-5):
     return (a - b).abs().max() <= tol * a.abs().max()
 
@@ -62,7 +68,7 @@ def no_history_read(monkeypatch):
 def test_lossless_continuation_matches_the_upstream_cache(dit, no_history_read, batch, cfg):
     ref_preds, ref = continuation(dit, batch, cfg)
     with adapter.install(dit, "fp32") as handle:
-        kv = upstream.cache_clean_latents(dit, inputs(batch, cfg)[0][:, :, :COND], TEXT, CAPTION)
+        kv = condition(dit, inputs(batch, cfg)[0][:, :, :COND], TEXT, CAPTION)
         assert isinstance(kv[0][0], CondKV) and kv[0][0].shape == (batch, 4, COND * TOKENS, 16)
         layer = kv[0][0].cache.layer(0)
         assert handle.cache is None  # the pass is over: its dict alone holds its cache
@@ -94,7 +100,7 @@ def test_the_guard_catches_a_path_that_reads_the_history(dit, no_history_read):
 def test_qvg_stays_close_and_stores_less(dit, bounded_spans):
     ref_preds, ref = continuation(dit)
     with adapter.install(dit, qkv.build_policy("qvg", clusters=4, block=16)) as handle:
-        kv = upstream.cache_clean_latents(dit, inputs()[0][:, :, :COND], TEXT, CAPTION)
+        kv = condition(dit, inputs()[0][:, :, :COND], TEXT, CAPTION)
         preds, ours = continuation(dit, kv_cache_dict=kv)
         mem = handle.memory()
     assert len(bounded_spans) == 2  # one span per block, each within its guaranteed error bound
@@ -106,14 +112,14 @@ def test_qvg_stays_close_and_stores_less(dit, bounded_spans):
 
 def test_a_dict_made_before_install_stays_upstreams_and_dicts_stay_apart(dit):
     latents = inputs()[0]
-    plain = upstream.cache_clean_latents(dit, latents[:, :, :COND], TEXT, CAPTION)
+    plain = condition(dit, latents[:, :, :COND], TEXT, CAPTION)
     ref_preds, _ = continuation(dit, kv_cache_dict=plain)
     with adapter.install(dit, "fp32", span_tokens=TOKENS) as handle:
         preds, _ = continuation(dit, kv_cache_dict=plain)  # plain tensors: upstream's own read
         assert all(torch.equal(a, b) for a, b in zip(ref_preds, preds)) and handle.memory().tokens == 0
-        first = upstream.cache_clean_latents(dit, latents[:, :, :COND], TEXT, CAPTION)
+        first = condition(dit, latents[:, :, :COND], TEXT, CAPTION)
         other = torch.randn_like(latents[:, :, :COND])
-        second = upstream.cache_clean_latents(dit, other, TEXT, CAPTION, offload_kv_cache=True)
+        second = condition(dit, other, TEXT, CAPTION, offload_kv_cache=True)
         assert first[1][0].cache is not second[1][0].cache
         assert len(second[1][0].cache.layer(1).spans) == COND  # span_tokens: a span per frame
         assert handle.memory().tokens == 2 * 2 * COND * TOKENS  # both dicts alive
@@ -132,7 +138,7 @@ def test_what_upstream_cannot_do_or_this_adapter_does_not_reproduce_raises(dit):
         with pytest.raises(CacheError, match="batch of 4"):  # upstream: an AssertionError
             continuation(dit, batch=2, cfg=True)
         latents, embeds, mask = inputs()
-        kv = upstream.cache_clean_latents(dit, latents[:, :, :COND], TEXT, CAPTION)
+        kv = condition(dit, latents[:, :, :COND], TEXT, CAPTION)
         with pytest.raises(CacheError, match="covers 16 tokens"):
             upstream.generate_vc(dit, latents[:, :, 1:], 1, embeds, mask, SIGMAS, kv_cache_dict=kv)
         dit.enable_bsa()
@@ -152,3 +158,8 @@ def test_what_upstream_cannot_do_or_this_adapter_does_not_reproduce_raises(dit):
     finally:
         dit.cp_split_hw = [1, 1]
     assert "forward" not in vars(dit.blocks[0].attn)
+
+
+def test_a_condition_pass_with_gradients_is_refused(dit):
+    with adapter.install(dit, "fp32"), pytest.raises(GradientError, match="requires grad"):
+        upstream.cache_clean_latents(dit, inputs()[0][:, :, :COND], TEXT, CAPTION)
