@@ -108,7 +108,7 @@ def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse,
                 DENSE_MULT=16 // q.itemsize,
                 DOT_BF16=q.dtype == torch.bfloat16, OUT_BF16=out_dtype == torch.bfloat16,
                 EMULATE=emulate, HAS_SPANS=bool(span_rows), WRITE_LSE=want_lse,
-                **k_layout.constexprs("K"), **v_layout.constexprs("V"),
+                K=k_layout, V=v_layout,
                 num_warps=warps,
             )
         except OutOfResources:  # raised before the launch: nothing ran

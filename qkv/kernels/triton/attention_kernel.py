@@ -3,33 +3,22 @@
 ``attention_kernel`` runs, for a block of queries of one (batch, head), a FlashAttention-style loop
 (online softmax in the log2 domain, fp32 accumulators, tensor-core products in the queries' dtype)
 over every compressed span of a table (decoding each key and value tile in registers right before
-its product) and then over every full-precision segment of a second table. Field offsets in the
-tables are read by name: the ``F_*`` / ``S_*`` / ``DN_*`` constants below are built from the field tables of
-records.py (``TENSOR_FIELDS`` / ``SPAN_FIELDS`` / ``DENSE_FIELDS``), which the host fills.
+its product, with ``tile.decode_tile``) and then over every full-precision segment of a second
+table. Field offsets in the tables are read by name: the ``S_*`` / ``DN_*`` constants below (and
+``tile.py``'s ``F_*``) are built from the field tables of records.py (``SPAN_FIELDS`` /
+``DENSE_FIELDS`` / ``TENSOR_FIELDS``), which the host fills. The key and value layouts are the
+constexprs ``K`` and ``V`` (records.TensorLayout, read by field name).
 """
 
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.bits import round_to_bf16, unpack_code
-from qkv.kernels.triton.records import DENSE_FIELDS, SPAN_FIELDS, TENSOR_FIELDS, offsets
+from qkv.kernels.triton.bits import round_to_bf16
+from qkv.kernels.triton.records import DENSE_FIELDS, SPAN_FIELDS, offsets
+from qkv.kernels.triton.tile import decode_tile, record_source
 
-_T = offsets(TENSOR_FIELDS)
 _S = offsets(SPAN_FIELDS)
 _DN = offsets(DENSE_FIELDS)
-F_CODES = tl.constexpr(_T["codes"])
-F_SCALES = tl.constexpr(_T["scales"])
-F_ZEROS = tl.constexpr(_T["zeros"])
-F_MULT = tl.constexpr(_T["mult"])
-F_FP = tl.constexpr(_T["fp"])
-F_QUANTIZED = tl.constexpr(_T["quantized"])
-F_WORDS = tl.constexpr(_T["words"])
-F_GROUPS = tl.constexpr(_T["groups"])
-F_FP_LEN = tl.constexpr(_T["fp_len"])
-F_C = tl.constexpr(_T["c0"])  # stage i's centroid rows at F_C + i, their stride at F_C_STRIDE + i
-F_C_STRIDE = tl.constexpr(_T["c_stride0"])
-F_A = tl.constexpr(_T["a0"])
-F_A_STRIDE = tl.constexpr(_T["a_stride0"])
 S_LEN = tl.constexpr(len(SPAN_FIELDS))
 S_TOKENS = tl.constexpr(_S["tokens"])
 S_SKIP = tl.constexpr(_S["skip"])
@@ -84,155 +73,6 @@ def _mma(a, b, acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _tensor_fields(rec, n, D: tl.constexpr, TOKEN_AXIS: tl.constexpr, HAS_MULT: tl.constexpr,
-                   CODE_T: tl.constexpr, SCALE_T: tl.constexpr, FP_T: tl.constexpr, CENT_T: tl.constexpr,
-                   A0_T: tl.constexpr, A1_T: tl.constexpr, A2_T: tl.constexpr, A3_T: tl.constexpr,
-                   VEC: tl.constexpr, WORDS_MULT: tl.constexpr):
-    """Base pointers for (batch, head) row ``n`` and sizes of one compressed tensor, read from its
-    record in the span table (field order: TENSOR_FIELDS). VEC: the host checked that every base
-    address and row stride is a multiple of 16 bytes, so the hints let tiles load as vectors."""
-    quantized = tl.load(rec + F_QUANTIZED).to(tl.int32)
-    words = tl.load(rec + F_WORDS).to(tl.int32)
-    groups = tl.load(rec + F_GROUPS).to(tl.int32)
-    fp_len = tl.load(rec + F_FP_LEN)
-    if TOKEN_AXIS:
-        rows = n * quantized
-    else:
-        rows = n * D
-    codes = tl.load(rec + F_CODES).to(tl.pointer_type(CODE_T)) + rows * words
-    scales = tl.load(rec + F_SCALES).to(tl.pointer_type(SCALE_T)) + rows * groups
-    zeros = tl.load(rec + F_ZEROS).to(tl.pointer_type(SCALE_T)) + rows * groups
-    m = 1.0
-    if HAS_MULT:
-        m = tl.load(tl.load(rec + F_MULT).to(tl.pointer_type(tl.float32)) + n)
-    fp = tl.load(rec + F_FP).to(tl.pointer_type(FP_T)) + n * fp_len * D
-    c0 = tl.load(rec + F_C).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + F_C_STRIDE)
-    c1 = tl.load(rec + F_C + 1).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + F_C_STRIDE + 1)
-    c2 = tl.load(rec + F_C + 2).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + F_C_STRIDE + 2)
-    c3 = tl.load(rec + F_C + 3).to(tl.pointer_type(CENT_T)) + n * tl.load(rec + F_C_STRIDE + 3)
-    a0 = tl.load(rec + F_A).to(tl.pointer_type(A0_T)) + n * tl.load(rec + F_A_STRIDE)
-    a1 = tl.load(rec + F_A + 1).to(tl.pointer_type(A1_T)) + n * tl.load(rec + F_A_STRIDE + 1)
-    a2 = tl.load(rec + F_A + 2).to(tl.pointer_type(A2_T)) + n * tl.load(rec + F_A_STRIDE + 2)
-    a3 = tl.load(rec + F_A + 3).to(tl.pointer_type(A3_T)) + n * tl.load(rec + F_A_STRIDE + 3)
-    if VEC:
-        words = tl.multiple_of(words, WORDS_MULT)
-        codes = tl.multiple_of(codes, 16)
-        fp = tl.multiple_of(fp, 16)
-        c0 = tl.multiple_of(c0, 16)
-        c1 = tl.multiple_of(c1, 16)
-        c2 = tl.multiple_of(c2, 16)
-        c3 = tl.multiple_of(c3, 16)
-        a0 = tl.multiple_of(a0, 16)
-        a1 = tl.multiple_of(a1, 16)
-        a2 = tl.multiple_of(a2, 16)
-        a3 = tl.multiple_of(a3, 16)
-    return codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2, c3, a0, a1, a2, a3
-
-
-@triton.jit
-def _add_stage(x, c, a, tok, ok, d, D: tl.constexpr):
-    """x [BLOCK_N, D] + each token's centroid row of one smoothing stage."""
-    idx = tl.load(a + tok, mask=ok, other=0).to(tl.int32)
-    return x + tl.load(c + idx[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _code_values(word, shift, BITS: tl.constexpr):
-    """The codes of packed words [R, W] (int32), code j of a word at bit ``shift[j]``, as floats
-    [R, W, PER] without an int -> float conversion (a quarter-rate instruction): with the code as the
-    top mantissa bits of 2.0, each value is 2 + code * 2**(1 - BITS) (see _affine)."""
-    code = (word[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1)
-    return ((code << (23 - BITS)) | 0x40000000).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _affine(scales, zeros, sidx, mask, m, BITS: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr):
-    """(mult, bias) of the blocks at ``sidx`` such that one fused multiply-add of a _code_values
-    value gives its decoded value: (code - OFFSET) * scale (+ zero) =
-    val * (scale * 2**(BITS - 1)) - (2**BITS + OFFSET) * scale (+ zero)."""
-    scale = tl.load(scales + sidx, mask=mask, other=0.0).to(tl.float32) * m
-    bias = -((1 << BITS) + OFFSET) * scale
-    if HAS_ZERO:
-        bias += tl.load(zeros + sidx, mask=mask, other=0.0).to(tl.float32) * m
-    return scale * (1 << (BITS - 1)), bias
-
-
-@triton.jit
-def _span_tile(fields, t0, S, D: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAST: tl.constexpr, BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr,
-               HAS_ZERO: tl.constexpr, TOKEN_AXIS: tl.constexpr, FAST: tl.constexpr, WORD: tl.constexpr,
-               MSB: tl.constexpr, STAGES: tl.constexpr, HAS_FP: tl.constexpr):
-    """Decoded values [BLOCK_N, D] fp32 of tokens t0 .. t0 + BLOCK_N of one compressed tensor
-    (the reference's decompressed values before their rounding to the output dtype); ``fields``:
-    its pointers and sizes (_tensor_fields). HAS_FP: the tile may reach the full-precision tokens
-    kept after the quantized ones (only the span's last tiles are decoded so: a runtime branch in
-    the main tile loop made ptxas 13.4 serialize the tensor-core products of the whole kernel)."""
-    codes, scales, zeros, m, fp, quantized, words, groups, c0, c1, c2, c3, a0, a1, a2, a3 = fields
-    tok = t0 + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
-    q_ok = tok < quantized
-    if CAST:  # float-cast spans store the values themselves
-        x = tl.load(codes + tok[:, None] * D + d[None, :], mask=q_ok[:, None], other=0.0).to(tl.float32)
-    elif FAST:
-        # whole codes per word: load the packed rows coalesced and expand each word by shifts
-        PER: tl.constexpr = WORD // BITS
-        j = tl.arange(0, PER)
-        if MSB:
-            shift = (PER - 1 - j) * BITS
-        else:
-            shift = j * BITS
-        if TOKEN_AXIS:  # per-token blocks: a packed row per token
-            w = tl.arange(0, D // PER)
-            word = tl.load(codes + tok[:, None] * words + w[None, :], mask=q_ok[:, None], other=0)
-            val = tl.reshape(_code_values(word.to(tl.int32), shift, BITS), (BLOCK_N, D // QBLOCK, QBLOCK))
-            g = tl.arange(0, D // QBLOCK)
-            mult, bias = _affine(scales, zeros, tok[:, None] * groups + g[None, :], q_ok[:, None], m,
-                                 BITS, OFFSET, HAS_ZERO)
-            x = tl.reshape(val * mult[:, :, None] + bias[:, :, None], (BLOCK_N, D))
-        else:  # per-channel blocks along the tokens: a packed row per channel (t0 is a multiple of PER)
-            w = t0 // PER + tl.arange(0, BLOCK_N // PER)
-            word = tl.load(codes + d[:, None] * words + w[None, :], mask=(w * PER < quantized)[None, :], other=0)
-            val = tl.reshape(_code_values(word.to(tl.int32), shift, BITS), (D, BLOCK_N))
-            if BLOCK_N % QBLOCK == 0:  # whole scale blocks per tile (t0 is a multiple of BLOCK_N)
-                G: tl.constexpr = BLOCK_N // QBLOCK
-                g = t0 // QBLOCK + tl.arange(0, G)
-                mult, bias = _affine(scales, zeros, d[:, None] * groups + g[None, :], (g * QBLOCK < quantized)[None, :],
-                                     m, BITS, OFFSET, HAS_ZERO)
-                val = tl.reshape(tl.reshape(val, (D, G, QBLOCK)) * mult[:, :, None] + bias[:, :, None], (D, BLOCK_N))
-            else:  # a scale per code
-                mult, bias = _affine(scales, zeros, d[:, None] * groups + (tok // QBLOCK)[None, :], q_ok[None, :],
-                                     m, BITS, OFFSET, HAS_ZERO)
-                val = val * mult + bias
-            x = tl.trans(val)
-    else:
-        mask = q_ok[:, None] & (d < D)[None, :]
-        if TOKEN_AXIS:
-            row = tok[:, None] + 0 * d[None, :]
-            col = d[None, :] + 0 * tok[:, None]
-        else:
-            row = d[None, :] + 0 * tok[:, None]
-            col = tok[:, None] + 0 * d[None, :]
-        code = unpack_code(codes + row * words, col, mask, BITS, WORD, MSB)
-        sidx = row * groups + col // QBLOCK
-        x = (code.to(tl.float32) - OFFSET) * (tl.load(scales + sidx, mask=mask, other=0.0).to(tl.float32) * m)
-        if HAS_ZERO:
-            x += tl.load(zeros + sidx, mask=mask, other=0.0).to(tl.float32) * m
-    if STAGES > 0:
-        x = _add_stage(x, c0, a0, tok, q_ok, d, D)
-    if STAGES > 1:
-        x = _add_stage(x, c1, a1, tok, q_ok, d, D)
-    if STAGES > 2:
-        x = _add_stage(x, c2, a2, tok, q_ok, d, D)
-    if STAGES > 3:
-        x = _add_stage(x, c3, a3, tok, q_ok, d, D)
-    if HAS_FP:
-        f_ok = (tok >= quantized) & (tok < S)
-        xf = tl.load(fp + (tok - quantized)[:, None] * D + d[None, :], mask=f_ok[:, None], other=0.0)
-        x = tl.where(f_ok[:, None], xf.to(tl.float32), x)
-    return x
-
-
-@triton.jit
 def _scores(q, q_lo, k, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
     """q @ k^T [BLOCK_M, BLOCK_N] fp32 for a key tile k [BLOCK_N, D]; SPLIT: the queries are
     q + q_lo (an fp32 query in two tensor-core operands)."""
@@ -256,27 +96,19 @@ def _softmax_update(s, m_i, l_i, t_ok, partial, qk_scale):
 
 
 @triton.jit
-def _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt,
+def _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl.constexpr, V: tl.constexpr,
                 D: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr, SPLIT_Q: tl.constexpr,
-                DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
-                K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
-                K_HAS_ZERO: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr, K_WORD: tl.constexpr,
-                K_MSB: tl.constexpr, K_STAGES: tl.constexpr, K_HAS_FP: tl.constexpr,
-                V_CAST: tl.constexpr, V_BITS: tl.constexpr, V_QBLOCK: tl.constexpr, V_OFFSET: tl.constexpr,
-                V_HAS_ZERO: tl.constexpr, V_TOKEN_AXIS: tl.constexpr, V_FAST: tl.constexpr, V_WORD: tl.constexpr,
-                V_MSB: tl.constexpr, V_STAGES: tl.constexpr, V_HAS_FP: tl.constexpr):
-    """The online softmax over the key tiles lo .. hi (multiples of BLOCK_N) of one span whose key
-    and value fields (_tensor_fields' order) are ``kt`` and ``vt``: (m_i, l_i, acc). PIPE: the
-    software-pipelining depth of the loop."""
+                DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, TAIL: tl.constexpr):
+    """The online softmax over the key tiles lo .. hi (multiples of BLOCK_N) of one span whose keys
+    and values are ``kt`` and ``vt`` (tile.Source): (m_i, l_i, acc). PIPE: the software-pipelining
+    depth of the loop. TAIL: the tiles may reach the span's full-precision tokens."""
     for t0 in tl.range(lo, hi, BLOCK_N, num_stages=PIPE):
-        k = _span_tile(kt, t0, S, D, BLOCK_N, K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO,
-                       K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_HAS_FP)
+        k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, TAIL and K.HAS_FP)
         tok = t0 + tl.arange(0, BLOCK_N)
         t_ok = (tok >= skip) & (tok < S)
         # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
         s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
-        v = _span_tile(vt, t0, S, D, BLOCK_N, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO,
-                       V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_HAS_FP)
+        v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, TAIL and V.HAS_FP)
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
         acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     return m_i, l_i, acc
@@ -290,19 +122,7 @@ def attention_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPAN_STAGES: tl.constexpr, DENSE_STAGES: tl.constexpr, SPLIT_Q: tl.constexpr,
     KV_T: tl.constexpr, DENSE_MULT: tl.constexpr, DOT_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
-    EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr, WRITE_LSE: tl.constexpr,
-    K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
-    K_HAS_ZERO: tl.constexpr, K_HAS_MULT: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr,
-    K_WORD: tl.constexpr, K_MSB: tl.constexpr, K_STAGES: tl.constexpr,
-    K_CODE_T: tl.constexpr, K_SCALE_T: tl.constexpr, K_CENT_T: tl.constexpr,
-    K_A0_T: tl.constexpr, K_A1_T: tl.constexpr, K_A2_T: tl.constexpr, K_A3_T: tl.constexpr,
-    K_VEC: tl.constexpr, K_WORDS_MULT: tl.constexpr, K_HAS_FP: tl.constexpr,
-    V_CAST: tl.constexpr, V_BITS: tl.constexpr, V_QBLOCK: tl.constexpr, V_OFFSET: tl.constexpr,
-    V_HAS_ZERO: tl.constexpr, V_HAS_MULT: tl.constexpr, V_TOKEN_AXIS: tl.constexpr, V_FAST: tl.constexpr,
-    V_WORD: tl.constexpr, V_MSB: tl.constexpr, V_STAGES: tl.constexpr,
-    V_CODE_T: tl.constexpr, V_SCALE_T: tl.constexpr, V_CENT_T: tl.constexpr,
-    V_A0_T: tl.constexpr, V_A1_T: tl.constexpr, V_A2_T: tl.constexpr, V_A3_T: tl.constexpr,
-    V_VEC: tl.constexpr, V_WORDS_MULT: tl.constexpr, V_HAS_FP: tl.constexpr,
+    EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr, WRITE_LSE: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -329,33 +149,19 @@ def attention_kernel(
             rec = span_ptr + i * S_LEN
             S = tl.load(rec + S_TOKENS).to(tl.int32)
             skip = tl.load(rec + S_SKIP).to(tl.int32)
-            kt = _tensor_fields(
-                rec + S_K, n, D, K_TOKEN_AXIS, K_HAS_MULT, K_CODE_T, K_SCALE_T, KV_T, K_CENT_T,
-                K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT)
-            vt = _tensor_fields(
-                rec + S_V, n, D, V_TOKEN_AXIS, V_HAS_MULT, V_CODE_T, V_SCALE_T, KV_T, V_CENT_T,
-                V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT)
+            kt = record_source(rec + S_K, n, D, K, KV_T)
+            vt = record_source(rec + S_V, n, D, V, KV_T)
             # aligned tiles (vector loads); the tiles that may reach full-precision tokens last, in
             # a loop of their own (a branch in the main loop would serialize the products)
             lo = skip // BLOCK_N * BLOCK_N
             hi = S
-            if K_HAS_FP or V_HAS_FP:
-                hi = tl.maximum(tl.minimum(kt[5], vt[5]) // BLOCK_N * BLOCK_N, lo)  # quantized tokens
-            m_i, l_i, acc = _span_tiles(
-                q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale,
-                kt, vt,
-                D, BLOCK_N, SPAN_STAGES, SPLIT_Q, DOT_BF16, EMULATE,
-                K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO, K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, False,
-                V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO, V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, False)
-            if K_HAS_FP or V_HAS_FP:
-                m_i, l_i, acc = _span_tiles(
-                    q, q_lo, m_i, l_i, acc, hi, S, skip, S, qk_scale,
-                    kt, vt,
-                    D, BLOCK_N, 1, SPLIT_Q, DOT_BF16, EMULATE,
-                    K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO, K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES,
-                    K_HAS_FP,
-                    V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO, V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES,
-                    V_HAS_FP)
+            if K.HAS_FP or V.HAS_FP:
+                hi = tl.maximum(tl.minimum(kt.quantized, vt.quantized) // BLOCK_N * BLOCK_N, lo)
+            m_i, l_i, acc = _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K, V,
+                                        D, BLOCK_N, SPAN_STAGES, SPLIT_Q, DOT_BF16, EMULATE, False)
+            if K.HAS_FP or V.HAS_FP:
+                m_i, l_i, acc = _span_tiles(q, q_lo, m_i, l_i, acc, hi, S, skip, S, qk_scale, kt, vt, K, V,
+                                            D, BLOCK_N, 1, SPLIT_Q, DOT_BF16, EMULATE, True)
     for i in range(n_dense):
         rec = dense_ptr + i * DN_LEN
         S = tl.load(rec + DN_TOKENS).to(tl.int32)

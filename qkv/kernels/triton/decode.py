@@ -183,7 +183,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torc
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, KV_T=TL_DTYPES[q.dtype],
             DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, HAS_SPANS=g is not None,
             HAS_DENSE=n_dense > 0, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=d**-0.5,
-            **k_layout.constexprs("K"), **v_layout.constexprs("V"),
+            K=k_layout, V=v_layout,
             num_warps=warps,
         )
         base += n_span + n_dense

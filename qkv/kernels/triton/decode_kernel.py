@@ -6,7 +6,8 @@ key and value tile is decoded once per KV head; the program writes its normalize
 and log-sum-exp, and ``merge_kernel`` combines the partials of every row exactly (log-sum-exp
 weights). Programs ``0 .. n_span_progs`` read span pieces (work items of the span table, see
 records.py), the rest read the full-precision keys (up to two segments, by address). Tiles are
-decoded by ``_span_tile``, the function the prefill kernel uses.
+decoded by ``tile.decode_tile``, as in the prefill kernel; the key and value layouts are the
+constexprs ``K`` and ``V`` (records.TensorLayout).
 """
 
 import triton
@@ -22,11 +23,10 @@ from qkv.kernels.triton.attention_kernel import (
     _mma,
     _scores,
     _softmax_update,
-    _span_tile,
-    _tensor_fields,
 )
 from qkv.kernels.triton.bits import round_to_bf16, split_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
+from qkv.kernels.triton.tile import decode_tile, record_source
 
 _I = offsets(ITEM_FIELDS)
 I_LEN = tl.constexpr(len(ITEM_FIELDS))
@@ -79,19 +79,7 @@ def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constex
 def _span_pieces(
     qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
-    SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
-    K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
-    K_HAS_ZERO: tl.constexpr, K_HAS_MULT: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr,
-    K_WORD: tl.constexpr, K_MSB: tl.constexpr, K_STAGES: tl.constexpr,
-    K_CODE_T: tl.constexpr, K_SCALE_T: tl.constexpr, K_CENT_T: tl.constexpr,
-    K_A0_T: tl.constexpr, K_A1_T: tl.constexpr, K_A2_T: tl.constexpr, K_A3_T: tl.constexpr,
-    K_VEC: tl.constexpr, K_WORDS_MULT: tl.constexpr, K_HAS_FP: tl.constexpr,
-    V_CAST: tl.constexpr, V_BITS: tl.constexpr, V_QBLOCK: tl.constexpr, V_OFFSET: tl.constexpr,
-    V_HAS_ZERO: tl.constexpr, V_HAS_MULT: tl.constexpr, V_TOKEN_AXIS: tl.constexpr, V_FAST: tl.constexpr,
-    V_WORD: tl.constexpr, V_MSB: tl.constexpr, V_STAGES: tl.constexpr,
-    V_CODE_T: tl.constexpr, V_SCALE_T: tl.constexpr, V_CENT_T: tl.constexpr,
-    V_A0_T: tl.constexpr, V_A1_T: tl.constexpr, V_A2_T: tl.constexpr, V_A3_T: tl.constexpr,
-    V_VEC: tl.constexpr, V_WORDS_MULT: tl.constexpr, V_HAS_FP: tl.constexpr,
+    SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
 ):
     """The online softmax over the span work items first .. last: (m_i, l_i, acc). The queries
     are qh (+ ql: SPLIT_Q, an fp32 query in two tensor-core operands, for rotated keys); with
@@ -110,20 +98,14 @@ def _span_pieces(
         lo = tl.load(item + I_LO).to(tl.int32)
         hi = tl.load(item + I_HI).to(tl.int32)
         S = tl.load(rec + S_TOKENS).to(tl.int32)
-        kt = _tensor_fields(
-            rec + S_K, n, D, K_TOKEN_AXIS, K_HAS_MULT, K_CODE_T, K_SCALE_T, KV_T, K_CENT_T,
-            K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT)
-        vt = _tensor_fields(
-            rec + S_V, n, D, V_TOKEN_AXIS, V_HAS_MULT, V_CODE_T, V_SCALE_T, KV_T, V_CENT_T,
-            V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT)
+        kt = record_source(rec + S_K, n, D, K, KV_T)
+        vt = record_source(rec + S_V, n, D, V, KV_T)
         for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            k = _span_tile(kt, t0, S, D, BLOCK_N, K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO,
-                           K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_HAS_FP)
+            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP)
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = (tok >= lo) & (tok < hi)
             s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
-            v = _span_tile(vt, t0, S, D, BLOCK_N, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO,
-                           V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_HAS_FP)
+            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if V_ROT:
@@ -141,18 +123,7 @@ def decode_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
     HAS_DENSE: tl.constexpr, SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
-    K_CAST: tl.constexpr, K_BITS: tl.constexpr, K_QBLOCK: tl.constexpr, K_OFFSET: tl.constexpr,
-    K_HAS_ZERO: tl.constexpr, K_HAS_MULT: tl.constexpr, K_TOKEN_AXIS: tl.constexpr, K_FAST: tl.constexpr,
-    K_WORD: tl.constexpr, K_MSB: tl.constexpr, K_STAGES: tl.constexpr,
-    K_CODE_T: tl.constexpr, K_SCALE_T: tl.constexpr, K_CENT_T: tl.constexpr,
-    K_A0_T: tl.constexpr, K_A1_T: tl.constexpr, K_A2_T: tl.constexpr, K_A3_T: tl.constexpr,
-    K_VEC: tl.constexpr, K_WORDS_MULT: tl.constexpr, K_HAS_FP: tl.constexpr,
-    V_CAST: tl.constexpr, V_BITS: tl.constexpr, V_QBLOCK: tl.constexpr, V_OFFSET: tl.constexpr,
-    V_HAS_ZERO: tl.constexpr, V_HAS_MULT: tl.constexpr, V_TOKEN_AXIS: tl.constexpr, V_FAST: tl.constexpr,
-    V_WORD: tl.constexpr, V_MSB: tl.constexpr, V_STAGES: tl.constexpr,
-    V_CODE_T: tl.constexpr, V_SCALE_T: tl.constexpr, V_CENT_T: tl.constexpr,
-    V_A0_T: tl.constexpr, V_A1_T: tl.constexpr, V_A2_T: tl.constexpr, V_A3_T: tl.constexpr,
-    V_VEC: tl.constexpr, V_WORDS_MULT: tl.constexpr, V_HAS_FP: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = tl.program_id(1)  # b * HKV + kv head
@@ -173,8 +144,7 @@ def decode_kernel(
             m_i, l_i, acc = _span_pieces(
                 qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
                 tl.minimum(pid * per_prog + per_prog, n_items), n.to(tl.int64), qk_scale,
-                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, SPLIT_Q, V_ROT, H_NORM,
-                K_CAST, K_BITS, K_QBLOCK, K_OFFSET, K_HAS_ZERO, K_HAS_MULT, K_TOKEN_AXIS, K_FAST, K_WORD, K_MSB, K_STAGES, K_CODE_T, K_SCALE_T, K_CENT_T, K_A0_T, K_A1_T, K_A2_T, K_A3_T, K_VEC, K_WORDS_MULT, K_HAS_FP, V_CAST, V_BITS, V_QBLOCK, V_OFFSET, V_HAS_ZERO, V_HAS_MULT, V_TOKEN_AXIS, V_FAST, V_WORD, V_MSB, V_STAGES, V_CODE_T, V_SCALE_T, V_CENT_T, V_A0_T, V_A1_T, V_A2_T, V_A3_T, V_VEC, V_WORDS_MULT, V_HAS_FP)
+                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, SPLIT_Q, V_ROT, H_NORM, K, V)
     else:
         if HAS_DENSE:
             q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)

@@ -17,83 +17,46 @@ import triton.language as tl
 
 from qkv.dtypes import max_finite
 from qkv.kernels.quantize import QuantizedRows, check_quantize_args, row_multiplier, rows_dim
-from qkv.kernels.triton.bits import (
-    LAUNCH_STAGES,
-    pack_word,
-    round_down,
-    round_half_even,
-    round_to_bf16,
-    round_up,
-    unpack_code,
-)
+from qkv.kernels.triton.bits import LAUNCH_STAGES, pack_word, round_down, round_half_even, round_to_bf16, round_up
+from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
+from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
 from qkv.format import AffineFormat
 
 FORMAT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
 MODE_CODE = {"sym": 0, "midrise": 1, "asym": 2}
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
 @triton.jit
-def _stage_centroids(c_ptr, a_ptr, c_sn, a_sn, a_ss, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS: tl.constexpr):
-    """fp32 [BLOCK_R, BLOCK_L]: the centroid value (one stage) under every element of a tile of
-    rows r x columns l; rows are tokens (TOKEN_AXIS) or channels."""
-    if TOKEN_AXIS:
-        a = tl.load(a_ptr + pid_n * a_sn + r * a_ss, mask=r_ok, other=0).to(tl.int64)
-        off = a[:, None] * D + l[None, :]
-    else:
-        a = tl.load(a_ptr + pid_n * a_sn + l * a_ss, mask=l_ok, other=0).to(tl.int64)
-        off = a[None, :] * D + r[:, None]
-    return tl.load(c_ptr + pid_n * c_sn + off, mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
-def _residual_tile(
-    x_ptr, x_sn, x_sr, pid_n, r, l, r_ok, l_ok, mask, D,
-    c0, a0, c1, a1, c2, a2, c3, a3,
-    cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
-    STAGES: tl.constexpr, TOKEN_AXIS: tl.constexpr,
-):
-    """fp32 tile of ``x - sum_t centroids[t][assignments[t]]`` (x read in its own dtype, stages
-    subtracted in order: the twin's fp32 operations); 0 where masked."""
-    x = tl.load(x_ptr + pid_n * x_sn + r.to(tl.int64)[:, None] * x_sr + l[None, :], mask=mask, other=0.0)
-    x = x.to(tl.float32)
-    if STAGES > 0:
-        x = x - _stage_centroids(c0, a0, cs0, an0, as0, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS)
-    if STAGES > 1:
-        x = x - _stage_centroids(c1, a1, cs1, an1, as1, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS)
-    if STAGES > 2:
-        x = x - _stage_centroids(c2, a2, cs2, an2, as2, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS)
-    if STAGES > 3:
-        x = x - _stage_centroids(c3, a3, cs3, an3, as3, pid_n, r, l, r_ok, l_ok, mask, D, TOKEN_AXIS)
-    return x
-
-
-@triton.jit
-def _block_peak_kernel(
-    x_ptr, part_ptr,
-    c0, a0, c1, a1, c2, a2, c3, a3,
-    cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
-    x_sn, x_sr, R, L, D,
-    QBLOCK: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr, STAGES: tl.constexpr,
-    TOKEN_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """Largest block peak (scale, or |zero point| for asym; see ``block_peaks``) of one tile of
-    the residual, written to ``part[n, tile]``; the row's peak is the max over its tiles."""
-    pid_n = tl.program_id(1).to(tl.int64)
+def _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS: tl.constexpr, BLOCK_R: tl.constexpr,
+                   BLOCK_L: tl.constexpr):
+    """This program's tile of rows [N, R, L] (rows: tokens if TOKEN_AXIS, else channels): (batch,
+    head) row n, its row indices r and r_ok, the tile's mask, and the fp32 residual
+    ``x - sum_t centroids[t][assignments[t]]`` there (x read in its own dtype, stages subtracted
+    in order: the twin's fp32 operations; 0 where masked)."""
+    n = tl.program_id(1).to(tl.int64)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
     r_ok = r < R
     l_ok = l < L
     mask = r_ok[:, None] & l_ok[None, :]
-    x = _residual_tile(
-        x_ptr, x_sn, x_sr, pid_n, r, l, r_ok, l_ok, mask, D,
-        c0, a0, c1, a1, c2, a2, c3, a3,
-        cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
-        STAGES, TOKEN_AXIS,
-    )
+    x = tl.load(x_ptr + n * x_sn + r.to(tl.int64)[:, None] * x_sr + l[None, :], mask=mask, other=0.0)
+    if TOKEN_AXIS:
+        tok, tok_ok, ch = r, r_ok, l
+    else:
+        tok, tok_ok, ch = l, l_ok, r
+    x = add_stages(x.to(tl.float32), stage_rows(stages, n), tok, tok_ok, ch, mask, D, TOKEN_AXIS, True)
+    return n, r, r_ok, mask, x
+
+
+@triton.jit
+def _block_peak_kernel(
+    x_ptr, part_ptr, stages, x_sn, x_sr, R, L, D,
+    QBLOCK: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr,
+    TOKEN_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Largest block peak (scale, or |zero point| for asym; see ``block_peaks``) of one tile of
+    the residual, written to ``part[n, tile]``; the row's peak is the max over its tiles."""
+    pid_n, _, _, _, x = _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS, BLOCK_R, BLOCK_L)
     # masked elements are 0 and whole blocks (the block divides L), so their peaks are 0
     xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
     if MODE == 2:
@@ -108,28 +71,14 @@ def _block_peak_kernel(
 
 @triton.jit
 def _quantize_pack_kernel(
-    x_ptr, codes_ptr, scales_ptr, zeros_ptr, mult_ptr,
-    c0, a0, c1, a1, c2, a2, c3, a3,
-    cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
-    x_sn, x_sr, R, L, P, G, D,
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, mult_ptr, stages, x_sn, x_sr, R, L, P, G, D,
     BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
     STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, HAS_MULT: tl.constexpr,
-    STAGES: tl.constexpr, TOKEN_AXIS: tl.constexpr,
+    TOKEN_AXIS: tl.constexpr,
     WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_n = tl.program_id(1).to(tl.int64)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
-    r_ok = r < R
-    l_ok = l < L
-    mask = r_ok[:, None] & l_ok[None, :]
+    pid_n, r, r_ok, mask, x = _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS, BLOCK_R, BLOCK_L)
     row = pid_n * R + r  # outputs are contiguous [N, R, ...]
-    x = _residual_tile(
-        x_ptr, x_sn, x_sr, pid_n, r, l, r_ok, l_ok, mask, D,
-        c0, a0, c1, a1, c2, a2, c3, a3,
-        cs0, cs1, cs2, cs3, an0, an1, an2, an3, as0, as1, as2, as3,
-        STAGES, TOKEN_AXIS,
-    )
     xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
     m = 1.0
     if HAS_MULT:
@@ -172,87 +121,35 @@ def _quantize_pack_kernel(
 
 
 @triton.jit
-def _add_centroids(out, c_ptr, a_ptr, c_stride, a_stride, pid_n, s, d, s_ok, mask, D):
-    """out [BLOCK_S, BLOCK_D] + the centroid of each token's group (one stage)."""
-    a = tl.load(a_ptr + pid_n * a_stride + s, mask=s_ok, other=0).to(tl.int64)
-    return out + tl.load(c_ptr + pid_n * c_stride + a[:, None] * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _dequantize_kernel(
-    codes_ptr, scales_ptr, zeros_ptr, mult_ptr, out_ptr,
-    c0, a0, c1, a1, c2, a2, c3, a3,
-    cs0, cs1, cs2, cs3, as0, as1, as2, as3,
-    S, D, R, P, G, OUT_N,
-    BITS: tl.constexpr, QBLOCK: tl.constexpr, OFFSET: tl.constexpr, HAS_ZERO: tl.constexpr,
-    HAS_MULT: tl.constexpr, TOKEN_AXIS: tl.constexpr, STAGES: tl.constexpr,
-    WORD: tl.constexpr, MSB: tl.constexpr, OUT_BF16: tl.constexpr, LIMIT: tl.constexpr, FAST: tl.constexpr,
+    codes_ptr, scales_ptr, zeros_ptr, mult_ptr, out_ptr, stages, S, R, P, G, OUT_N,
+    LAYOUT: tl.constexpr, D: tl.constexpr, OUT_BF16: tl.constexpr, LIMIT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_n = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    mask = (s < S)[:, None] & (d < D)[None, :]
-    if TOKEN_AXIS:
-        row = s[:, None] + 0 * d[None, :]
-        col = d[None, :] + 0 * s[:, None]
-    else:
-        row = d[None, :] + 0 * s[:, None]
-        col = s[:, None] + 0 * d[None, :]
-    row = pid_n * R + row
-    s_ok = s < S
+    """Tokens of one (batch, head) row n: codes [N, R, P], scales / zeros [N, R, G] (R: tokens or
+    channels), decoded by tile.decode_tile, saturated and rounded once into out (rows OUT_N apart)."""
+    n = tl.program_id(0).to(tl.int64)
     m = 1.0
-    if HAS_MULT:
-        m = tl.load(mult_ptr + pid_n)
-    if FAST:
-        # token axis, D a power of two, whole codes per word: load the packed row once, coalesced,
-        # and expand every word into its codes by shifts
-        PER: tl.constexpr = WORD // BITS
-        w = tl.arange(0, BLOCK_D // PER)
-        tok = pid_n * R + s
-        words = tl.load(codes_ptr + tok[:, None] * P + w[None, :], mask=s_ok[:, None], other=0).to(tl.int32)
-        j = tl.arange(0, PER)
-        if MSB:
-            shift = (PER - 1 - j) * BITS
-        else:
-            shift = j * BITS
-        code = tl.reshape((words[:, :, None] >> shift[None, None, :]) & ((1 << BITS) - 1), (BLOCK_S, BLOCK_D))
-        g = tl.arange(0, BLOCK_D // QBLOCK)
-        sidx = tok[:, None] * G + g[None, :]
-        scale = tl.load(scales_ptr + sidx, mask=s_ok[:, None], other=0.0).to(tl.float32) * m
-        code3 = tl.reshape(code.to(tl.float32), (BLOCK_S, BLOCK_D // QBLOCK, QBLOCK))
-        out3 = (code3 - OFFSET) * scale[:, :, None]
-        if HAS_ZERO:
-            zero = tl.load(zeros_ptr + sidx, mask=s_ok[:, None], other=0.0).to(tl.float32) * m
-            out3 = out3 + zero[:, :, None]
-        out = tl.reshape(out3, (BLOCK_S, BLOCK_D))
-    else:
-        code = unpack_code(codes_ptr + row * P, col, mask, BITS, WORD, MSB)
-        sidx = row * G + col // QBLOCK
-        scale = tl.load(scales_ptr + sidx, mask=mask, other=0.0).to(tl.float32) * m
-        out = (code.to(tl.float32) - OFFSET) * scale
-        if HAS_ZERO:
-            zero = tl.load(zeros_ptr + sidx, mask=mask, other=0.0).to(tl.float32) * m
-            out = out + zero
-    if STAGES > 0:
-        out = _add_centroids(out, c0, a0, cs0, as0, pid_n, s, d, s_ok, mask, D)
-    if STAGES > 1:
-        out = _add_centroids(out, c1, a1, cs1, as1, pid_n, s, d, s_ok, mask, D)
-    if STAGES > 2:
-        out = _add_centroids(out, c2, a2, cs2, as2, pid_n, s, d, s_ok, mask, D)
-    if STAGES > 3:
-        out = _add_centroids(out, c3, a3, cs3, as3, pid_n, s, d, s_ok, mask, D)
+    if LAYOUT.HAS_MULT:
+        m = tl.load(mult_ptr + n)
+    src = Source(codes_ptr + n * R * P, scales_ptr + n * R * G, zeros_ptr + n * R * G, m, None, S, P, G,
+                 stage_rows(stages, n))
+    s0 = tl.program_id(1) * BLOCK_S
+    out = decode_tile(src, s0, S, LAYOUT, D, BLOCK_S, BLOCK_D, False)
     if LIMIT > 0:  # saturate to the output format's finite range (qkv.dtypes.saturate)
         out = tl.minimum(tl.maximum(out, -LIMIT), LIMIT)
     if OUT_BF16:
         out = round_to_bf16(out)
-    tl.store(out_ptr + pid_n * OUT_N + s[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    s = s0 + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    mask = (s < S)[:, None] & (d < D)[None, :]
+    tl.store(out_ptr + n * OUT_N + s[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def quantize_pack_supports(x, q: AffineFormat, centroids=(), assignments=()) -> str | None:
     """Why the Triton kernel cannot run this case (None if it can); raises on malformed inputs."""
     check_quantize_args(x, q, centroids, assignments)
-    if not _is_pow2(q.block):
+    if not is_pow2(q.block):
         return f"block {q.block} is not a power of two"
     if q.block > 1024:
         return f"block {q.block} is larger than 1024"
@@ -261,17 +158,11 @@ def quantize_pack_supports(x, q: AffineFormat, centroids=(), assignments=()) -> 
     return None
 
 
-def _stage_args(dummy: torch.Tensor, centroids, assignments) -> list:
-    """Kernel arguments of up to LAUNCH_STAGES stages: (c, a) x 4, centroid N strides, assignment N
-    and S strides (unused stages: ``dummy`` pointers, zero strides)."""
+def _stage_args(centroids, assignments) -> tuple:
+    """The kernels' ``stages`` argument (see tile.stage_rows): per stage the centroids (made
+    contiguous), the assignments, their strides along N and the assignments' along S."""
     cents = [c.contiguous() for c in centroids]
-    assigns = list(assignments)
-    pad = LAUNCH_STAGES - len(cents)
-    ptrs = [t for pair in zip(cents + [dummy] * pad, assigns + [dummy] * pad) for t in pair]
-    c_n = [c.stride(0) for c in cents] + [0] * pad
-    a_n = [a.stride(0) for a in assigns] + [0] * pad
-    a_s = [a.stride(1) for a in assigns] + [0] * pad
-    return ptrs + c_n + a_n + a_s
+    return tuple((c, a, c.stride(0), a.stride(0), a.stride(1)) for c, a in zip(cents, assignments))
 
 
 def quantize_pack_triton(
@@ -286,8 +177,8 @@ def quantize_pack_triton(
     if x.stride(2) != 1:
         x = x.contiguous()
     d = length if q.axis == "token" else r
-    stage = _stage_args(x, centroids, assignments)
-    common = dict(STAGES=len(centroids), TOKEN_AXIS=q.axis == "token", enable_fp_fusion=False)
+    stages = _stage_args(centroids, assignments)
+    common = dict(TOKEN_AXIS=q.axis == "token", enable_fp_fusion=False)
     block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
     mult = None
     if q.scale != "fp32":
@@ -295,7 +186,7 @@ def quantize_pack_triton(
         grid = (triton.cdiv(r, peak_r), n, triton.cdiv(length, block_l))
         part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
         _block_peak_kernel[grid](
-            x, part, *stage, x.stride(0), x.stride(1), r, length, d,
+            x, part, stages, x.stride(0), x.stride(1), r, length, d,
             QBLOCK=q.block, MODE=MODE_CODE[q.mode], STEPS=q.steps, BLOCK_R=peak_r, BLOCK_L=block_l, **common,
         )
         mult = row_multiplier(part.amax(-1), q)
@@ -308,7 +199,7 @@ def quantize_pack_triton(
     grid = (triton.cdiv(r, block_r), n, triton.cdiv(length, block_l))
     _quantize_pack_kernel[grid](
         x, codes, scales, scales if zeros is None else zeros, x if mult is None else mult,
-        *stage, x.stride(0), x.stride(1), r, length, p, groups, d,
+        stages, x.stride(0), x.stride(1), r, length, p, groups, d,
         BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
         LEVELS=q.levels, ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], HAS_MULT=mult is not None,
         WORD=q.pack.word_bits, MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l, **common,
@@ -331,39 +222,21 @@ def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.f
     """Triton twin of :func:`qkv.kernels.quantize.dequantize_torch` (one pass, all stages); ``out``
     may be a view whose rows are contiguous (a slice of a longer buffer along the tokens)."""
     n, d = rows.codes.shape[0], rows_dim(rows, q)
-    r = tokens if q.axis == "token" else d
     if out is None:
         out = torch.empty(n, tokens, d, dtype=out_dtype, device=rows.codes.device)
-    stages = len(centroids)
-    dummy = rows.codes
-    cents = [c.contiguous() for c in centroids] + [dummy] * (LAUNCH_STAGES - stages)
-    assigns = list(assignments) + [dummy] * (LAUNCH_STAGES - stages)
-    c_strides = [c.stride(0) for c in cents]
-    a_strides = [a.stride(0) for a in assigns]
-    for a in assigns[:stages]:
-        if a.stride(1) != 1:
-            raise ValueError("assignments must be contiguous along tokens")
+    layout = code_layout(q, d, rows.mult, centroids, assignments)
     block_d = triton.next_power_of_2(d)
-    per_word = q.pack.word_bits // q.bits
-    fast = (  # whole power-of-two rows of whole words: see the kernel's FAST branch
-        q.axis == "token" and d == block_d and q.pack.word_bits % q.bits == 0
-        and d % per_word == 0 and _is_pow2(q.block) and d % q.block == 0
-    )
-    # 4096-value tiles on the fast path (32 tokens of D = 128, 4 warps): with them the LongCat decode of
-    # benchmarks/bench_kernels.py went from 0.139 ms (8192-value tiles) to 0.114 ms on an H100
-    block_s = max(1, min(128, (4096 if fast else 8192) // block_d))
-    grid = (n, triton.cdiv(tokens, block_s))
-    _dequantize_kernel[grid](
+    # 4096-value tiles on the per-token fast path (32 tokens of D = 128, 4 warps): with them the LongCat
+    # decode of benchmarks/bench_kernels.py went from 0.139 ms (8192-value tiles) to 0.114 ms on an H100
+    block_s = max(1, min(128, (4096 if layout.FAST and layout.TOKEN_AXIS else 8192) // block_d))
+    if layout.FAST and not layout.TOKEN_AXIS:
+        block_s = max(block_s, MIN_TOKEN_TILE)  # whole packed words of every channel per tile
+    _dequantize_kernel[(n, triton.cdiv(tokens, block_s))](
         rows.codes, rows.scales, rows.scales if rows.zeros is None else rows.zeros,
-        rows.codes if rows.mult is None else rows.mult, out,
-        cents[0], assigns[0], cents[1], assigns[1], cents[2], assigns[2], cents[3], assigns[3],
-        *c_strides, *a_strides,
-        tokens, d, r, rows.codes.shape[-1], rows.scales.shape[-1], out.stride(0),
-        BITS=q.bits, QBLOCK=q.block, OFFSET=q.offset, HAS_ZERO=rows.zeros is not None,
-        HAS_MULT=rows.mult is not None, TOKEN_AXIS=q.axis == "token", STAGES=stages,
-        WORD=q.pack.word_bits, MSB=q.pack.msb_first, OUT_BF16=out_dtype == torch.bfloat16,
+        rows.codes if rows.mult is None else rows.mult, out, _stage_args(centroids, assignments),
+        tokens, tokens if q.axis == "token" else d, rows.codes.shape[-1], rows.scales.shape[-1], out.stride(0),
+        LAYOUT=layout, D=d, OUT_BF16=out_dtype == torch.bfloat16,
         LIMIT=0.0 if out_dtype == torch.float32 else max_finite(out_dtype),
-        FAST=fast, BLOCK_S=block_s, BLOCK_D=block_d,
-        enable_fp_fusion=False, num_warps=4,
+        BLOCK_S=block_s, BLOCK_D=block_d, enable_fp_fusion=False, num_warps=4,
     )
     return out

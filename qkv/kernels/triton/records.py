@@ -3,9 +3,10 @@
 A compressed tensor is read by the attention kernels through a *record*: a row of int64 fields
 (addresses, sizes, strides) named by :data:`TENSOR_FIELDS`; a span's row is :data:`SPAN_FIELDS`
 (its size, its evicted tokens, then the key and value records). The @triton.jit code reads fields
-by the same names (``attention_kernel.py``'s ``F_*`` constants are built from these tables), so
-no offset is written twice. A record says nothing the kernels must compile: that is the
-:class:`TensorLayout` (their ``K_*`` / ``V_*`` constants).
+by the same names (the ``F_*`` constants of ``tile.py`` and ``S_*`` of ``attention_kernel.py`` are
+built from these tables), so no offset is written twice. A record says nothing the kernels must
+compile: that is the :class:`TensorLayout`, which every kernel that decodes codes (dequantize,
+attention, decode) takes whole as one constexpr and reads by field name.
 
 :func:`span_record` builds a span's record from its tensors' formats
 (:class:`qkv.format.TensorFormat`) and tensors alone; :class:`SpanTable` holds the records of a
@@ -21,7 +22,7 @@ import torch
 import triton.language as tl
 from einops import rearrange
 
-from qkv.format import Undo
+from qkv.format import AffineFormat, Undo
 from qkv.kernels.triton.bits import LAUNCH_STAGES
 
 TENSOR_FIELDS = (
@@ -45,13 +46,15 @@ TL_DTYPES = {
     torch.int64: tl.int64, torch.float32: tl.float32, torch.float16: tl.float16,
     torch.bfloat16: tl.bfloat16, torch.float8_e4m3fn: tl.float8e4nv,
 }
-# the smallest key tile any attention kernel uses (a per-channel tile must hold whole words)
-MIN_KEY_TILE = 16
+# the smallest token tile a kernel decodes (a per-channel tile must hold whole words)
+MIN_TOKEN_TILE = 16
 
 
 @dataclasses.dataclass(frozen=True)
 class TensorLayout:
-    """The compile-time description of one compressed tensor (the kernels' K_* / V_* constants)."""
+    """The compile-time description of one compressed tensor. Kernels take it whole as a constexpr
+    (``K`` / ``V`` in the attention kernels, ``LAYOUT`` in dequantize) and read fields by name
+    (``L.BITS``); dtypes are Triton's. ``A_T``: each stage's assignment dtype."""
 
     CAST: bool = True
     BITS: int = 2
@@ -63,23 +66,18 @@ class TensorLayout:
     FAST: bool = False
     WORD: int = 8
     MSB: bool = True
-    STAGES: int = 0
     ROT: bool = False
-    CODE_T: torch.dtype = torch.bfloat16
-    SCALE_T: torch.dtype = torch.float32
-    CENT_T: torch.dtype = torch.bfloat16
-    A_T: tuple[torch.dtype, ...] = (torch.uint8,) * LAUNCH_STAGES
+    CODE_T: tl.dtype = tl.bfloat16
+    SCALE_T: tl.dtype = tl.float32
+    CENT_T: tl.dtype = tl.bfloat16
+    A_T: tuple[tl.dtype, ...] = ()
     VEC: bool = False
     WORDS_MULT: int = 1
     HAS_FP: bool = False
 
-    def constexprs(self, prefix: str) -> dict:
-        skip = ("A_T", "ROT")  # rotations are undone around the tile loop, not per tile
-        out = {f"{prefix}_{f.name}": getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
-        for key in ("CODE_T", "SCALE_T", "CENT_T"):
-            out[f"{prefix}_{key}"] = TL_DTYPES[out[f"{prefix}_{key}"]]
-        out.update({f"{prefix}_A{i}_T": TL_DTYPES[t] for i, t in enumerate(self.A_T)})
-        return out
+    @property
+    def STAGES(self) -> int:
+        return len(self.A_T)
 
     def joined(self, other: "TensorLayout") -> "TensorLayout":
         """One layout that reads spans of both (same codes): vector loads only if both allow
@@ -90,6 +88,32 @@ class TensorLayout:
     def code_key(self) -> "TensorLayout":
         """The layout without the per-span flags (spans with equal keys share a launch)."""
         return dataclasses.replace(self, VEC=False, HAS_FP=False)
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def code_layout(quant: AffineFormat, d: int, mult, centroids, assignments, **fields) -> TensorLayout:
+    """The layout of codes in format ``quant`` for head dim ``d``, stored with row multipliers
+    ``mult`` (None: none, e.g. no quantized token) and stages of these ``centroids`` /
+    ``assignments`` (their dtypes); ``fields``: the rest (record flags). The dequantize and
+    attention kernels decide their tile decoding from it alike. FAST: whole codes per word and a
+    power-of-two D, with per-token blocks that tile the row in powers of two, or per-channel rows
+    read a word at a time (every token tile, at least :data:`MIN_TOKEN_TILE`, then holds whole
+    words): see ``tile.decode_tile``."""
+    per = quant.pack.word_bits // quant.bits
+    fast = quant.pack.word_bits % quant.bits == 0 and is_pow2(d) and (
+        (quant.axis == "token" and d % per == 0 and d % quant.block == 0 and is_pow2(quant.block))
+        or (quant.axis == "channel" and is_pow2(per) and per <= MIN_TOKEN_TILE)
+    )
+    return TensorLayout(
+        CAST=False, BITS=quant.bits, QBLOCK=quant.block, OFFSET=quant.offset, HAS_ZERO=quant.has_zero,
+        HAS_MULT=mult is not None, TOKEN_AXIS=quant.axis == "token", FAST=fast, WORD=quant.pack.word_bits,
+        MSB=quant.pack.msb_first, CODE_T=TL_DTYPES[quant.pack.container], SCALE_T=TL_DTYPES[quant.scale_dtype],
+        CENT_T=TL_DTYPES[centroids[0].dtype] if centroids else tl.bfloat16,
+        A_T=tuple(TL_DTYPES[a.dtype] for a in assignments), **fields,
+    )
 
 
 def tensor_support(name: str, ct) -> str | None:
@@ -130,17 +154,9 @@ def tensor_record(ct) -> tuple[list[int], TensorLayout, list[torch.Tensor]]:
     if fmt.codes is None:
         fields = [addr(ct.codes), 0, 0, 0, fp, s_q, d, 0, s - s_q] + [0] * (4 * LAUNCH_STAGES)
         size = fmt.cast_dtype.itemsize
-        layout = TensorLayout(CAST=True, CODE_T=fmt.cast_dtype, VEC=_aligned(fields[0], fp, d * size),
+        layout = TensorLayout(CAST=True, CODE_T=TL_DTYPES[fmt.cast_dtype], VEC=_aligned(fields[0], fp, d * size),
                               WORDS_MULT=16 // size, HAS_FP=s_q < s)
         return fields, layout, keep
-    quant, pack = fmt.codes, fmt.codes.pack
-    per = pack.word_bits // quant.bits
-    # whole codes per word, and per-token blocks that tile the row in powers of two, or per-channel
-    # rows read a word at a time (every key tile, a power of two, then holds whole words)
-    fast = pack.word_bits % quant.bits == 0 and (
-        (quant.axis == "token" and d % per == 0 and d % quant.block == 0 and quant.block & (quant.block - 1) == 0)
-        or (quant.axis == "channel" and per & (per - 1) == 0 and per <= MIN_KEY_TILE)
-    )
     cents, assigns = [], []
     if fmt.undo is Undo.ADD and s_q:
         for i, data in enumerate(ct.stages):
@@ -156,18 +172,12 @@ def tensor_record(ct) -> tuple[list[int], TensorLayout, list[torch.Tensor]]:
         *(c.data_ptr() for c in cents), *pad, *(c.shape[1] * d for c in cents), *pad,
         *(a.data_ptr() for a in assigns), *pad, *(a.stride(0) for a in assigns), *pad,
     ]
-    vec = _aligned(fields[0], fp, words * pack.container.itemsize,
+    container = fmt.codes.pack.container
+    vec = _aligned(fields[0], fp, words * container.itemsize,
                    *(c.data_ptr() for c in cents), *(c.stride(0) * c.itemsize for c in cents),
                    *(a.data_ptr() for a in assigns), *(a.stride(0) * a.itemsize for a in assigns))
-    layout = TensorLayout(
-        VEC=vec, WORDS_MULT=16 // pack.container.itemsize, HAS_FP=s_q < s, CAST=False, BITS=quant.bits,
-        QBLOCK=quant.block, OFFSET=quant.offset, HAS_ZERO=quant.has_zero,
-        HAS_MULT=ct.scale_mult is not None, TOKEN_AXIS=quant.axis == "token", FAST=fast,
-        WORD=pack.word_bits, MSB=pack.msb_first, STAGES=len(cents), ROT=fmt.undo is Undo.ROTATE,
-        CODE_T=pack.container, SCALE_T=quant.scale_dtype,
-        CENT_T=cents[0].dtype if cents else torch.bfloat16,
-        A_T=tuple(a.dtype for a in assigns) + (torch.uint8,) * len(pad),
-    )
+    layout = code_layout(fmt.codes, d, ct.scale_mult, cents, assigns, VEC=vec, WORDS_MULT=16 // container.itemsize,
+                         HAS_FP=s_q < s, ROT=fmt.undo is Undo.ROTATE)
     return fields, layout, keep
 
 

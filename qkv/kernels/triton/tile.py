@@ -1,0 +1,226 @@
+"""@triton.jit decoding of compressed tiles, shared by every kernel that reads codes.
+
+:func:`decode_tile` turns a tile of tokens of one compressed tensor into fp32 values: the
+dequantize kernel (quantize.py) calls it on its arguments, the attention kernels
+(attention_kernel.py, decode_kernel.py) on span records. Its input is a :class:`Source`, the
+tensor's pointers and sizes for one (batch, head) row, built by :func:`record_source` from a
+record or by the dequantize kernel from its arguments; its layout ``L`` is a
+:class:`qkv.kernels.triton.records.TensorLayout` passed whole as a constexpr.
+
+Stages are one tuple, one entry a stage: (centroid rows, assignment row, assignment stride along
+the tokens) of the (batch, head) row, built by :func:`record_source` or, from the ``stages``
+kernel argument of the quantize and dequantize kernels, by :func:`stage_rows`; :func:`add_stages`
+adds (or subtracts) them in stage order.
+
+The arithmetic is the reference's (:func:`qkv.kernels.quantize.dequantize_torch`) in its order: fp32
+``(code - offset) * scale``, ``+ zero``, then each stage's centroid added in stage order, so a
+kernel compiled without FMA contraction (dequantize) reproduces it bit for bit.
+"""
+
+from typing import NamedTuple
+
+import triton
+import triton.language as tl
+
+from qkv.kernels.triton.bits import unpack_code
+from qkv.kernels.triton.records import TENSOR_FIELDS, offsets
+
+_T = offsets(TENSOR_FIELDS)
+F_CODES = tl.constexpr(_T["codes"])
+F_SCALES = tl.constexpr(_T["scales"])
+F_ZEROS = tl.constexpr(_T["zeros"])
+F_MULT = tl.constexpr(_T["mult"])
+F_FP = tl.constexpr(_T["fp"])
+F_QUANTIZED = tl.constexpr(_T["quantized"])
+F_WORDS = tl.constexpr(_T["words"])
+F_GROUPS = tl.constexpr(_T["groups"])
+F_FP_LEN = tl.constexpr(_T["fp_len"])
+F_C = tl.constexpr(_T["c0"])  # stage i's centroid rows at F_C + i, their stride at F_C_STRIDE + i
+F_C_STRIDE = tl.constexpr(_T["c_stride0"])
+F_A = tl.constexpr(_T["a0"])
+F_A_STRIDE = tl.constexpr(_T["a_stride0"])
+
+
+class Source(NamedTuple):
+    """One compressed tensor's data for one (batch, head) row: pointers to its first packed row,
+    scale row, zero-point row and full-precision token (each unread where the layout has none);
+    its row multiplier ``m``; its quantized tokens, words per packed row, blocks per scale row;
+    its stages (see :func:`add_stages`)."""
+
+    codes: object
+    scales: object
+    zeros: object
+    m: object
+    fp: object
+    quantized: object
+    words: object
+    groups: object
+    stages: tuple
+
+
+@triton.jit
+def stage_rows(stages, n):
+    """The stages of (batch, head) row ``n`` from the kernel argument ``stages``: per stage
+    (centroids [N, C, D] contiguous, assignments [N, S], their strides along N, the assignments'
+    along S)."""
+    rows = ()
+    for i in tl.static_range(len(stages)):
+        c, a, c_n, a_n, a_s = stages[i]
+        rows = rows + ((c + n * c_n, a + n * a_n, a_s),)
+    return rows
+
+
+@triton.jit
+def add_stages(x, stages, tok, tok_ok, ch, mask, D, TOKEN_ROWS: tl.constexpr, SUBTRACT: tl.constexpr):
+    """x plus (SUBTRACT: minus) each stage's centroid value under every element, stage by stage
+    in fp32. x's rows are tokens ``tok`` and its columns channels ``ch`` (TOKEN_ROWS), or the
+    other way round; ``tok_ok``: the tokens that exist, ``mask``: the elements."""
+    for i in tl.static_range(len(stages)):
+        c, a, a_s = stages[i]
+        idx = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int64)
+        if TOKEN_ROWS:
+            off = idx[:, None] * D + ch[None, :]
+        else:
+            off = idx[None, :] * D + ch[:, None]
+        cent = tl.load(c + off, mask=mask, other=0.0).to(tl.float32)
+        if SUBTRACT:
+            x = x - cent
+        else:
+            x = x + cent
+    return x
+
+
+@triton.jit
+def record_source(rec, n, D: tl.constexpr, L: tl.constexpr, FP_T: tl.constexpr):
+    """The :class:`Source` of (batch, head) row ``n`` of the compressed tensor whose record (field
+    order: TENSOR_FIELDS) is at ``rec``. L.VEC: the host checked that every base address and row
+    stride is a multiple of 16 bytes, so the hints let tiles load as vectors."""
+    quantized = tl.load(rec + F_QUANTIZED).to(tl.int32)
+    words = tl.load(rec + F_WORDS).to(tl.int32)
+    groups = tl.load(rec + F_GROUPS).to(tl.int32)
+    fp_len = tl.load(rec + F_FP_LEN)
+    if L.TOKEN_AXIS:
+        rows = n * quantized
+    else:
+        rows = n * D
+    codes = tl.load(rec + F_CODES).to(tl.pointer_type(L.CODE_T)) + rows * words
+    scales = tl.load(rec + F_SCALES).to(tl.pointer_type(L.SCALE_T)) + rows * groups
+    zeros = tl.load(rec + F_ZEROS).to(tl.pointer_type(L.SCALE_T)) + rows * groups
+    m = 1.0
+    if L.HAS_MULT:
+        m = tl.load(tl.load(rec + F_MULT).to(tl.pointer_type(tl.float32)) + n)
+    fp = tl.load(rec + F_FP).to(tl.pointer_type(FP_T)) + n * fp_len * D
+    # fields read through L are plain Python values: bound as constexprs where Triton wants them
+    WORDS_MULT: tl.constexpr = L.WORDS_MULT
+    STAGES: tl.constexpr = L.STAGES
+    if L.VEC:
+        words = tl.multiple_of(words, WORDS_MULT)
+        codes = tl.multiple_of(codes, 16)
+        fp = tl.multiple_of(fp, 16)
+    stages = ()
+    for i in tl.static_range(STAGES):
+        c = tl.load(rec + F_C + i).to(tl.pointer_type(L.CENT_T)) + n * tl.load(rec + F_C_STRIDE + i)
+        a = tl.load(rec + F_A + i).to(tl.pointer_type(L.A_T[i])) + n * tl.load(rec + F_A_STRIDE + i)
+        if L.VEC:
+            c = tl.multiple_of(c, 16)
+            a = tl.multiple_of(a, 16)
+        stages = stages + ((c, a, 1),)
+    return Source(codes, scales, zeros, m, fp, quantized, words, groups, stages)
+
+
+@triton.jit
+def _block_params(src, idx, mask, HAS_ZERO: tl.constexpr):
+    """fp32 scales and zero points (scales again when there are none) of the blocks at ``idx``."""
+    scale = tl.load(src.scales + idx, mask=mask, other=0.0).to(tl.float32) * src.m
+    zero = scale
+    if HAS_ZERO:
+        zero = tl.load(src.zeros + idx, mask=mask, other=0.0).to(tl.float32) * src.m
+    return scale, zero
+
+
+@triton.jit
+def _word_codes(word, L: tl.constexpr):
+    """``code - L.OFFSET`` (fp32, exact) of every code of packed words [R, W]: [R, W, PER], code j
+    of a word first in the word's bit order. No int -> float conversion (a quarter-rate
+    instruction): with the code as the top mantissa bits of 2.0 the float is
+    2 + code * 2**(1 - BITS), and times 2**(BITS - 1) minus (2**BITS + OFFSET) is exact whether the
+    two operations are fused or not."""
+    PER: tl.constexpr = L.WORD // L.BITS
+    j = tl.arange(0, PER)
+    if L.MSB:
+        shift = (PER - 1 - j) * L.BITS
+    else:
+        shift = j * L.BITS
+    code = (word.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << L.BITS) - 1)
+    val = ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
+    return val * (1 << (L.BITS - 1)) - ((1 << L.BITS) + L.OFFSET)
+
+
+@triton.jit
+def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                HAS_FP: tl.constexpr):
+    """Decoded values [BLOCK_N, BLOCK_D] fp32 of tokens t0 .. t0 + BLOCK_N (t0 a multiple of BLOCK_N)
+    of the compressed tensor ``src`` (:class:`Source`) of layout ``L``: the reference's values
+    before their rounding to the output dtype, 0 past D and at tokens it does not hold. HAS_FP:
+    the tile may reach the full-precision tokens kept after the quantized ones, up to S (the
+    attention kernels decode only a span's last tiles so: a runtime branch in their main tile
+    loop made ptxas 13.4 serialize the tensor-core products of the whole kernel)."""
+    tok = t0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, BLOCK_D)
+    q_ok = tok < src.quantized
+    ok = q_ok[:, None]
+    if BLOCK_D > D:
+        ok = ok & (d < D)[None, :]
+    if L.CAST:  # float-cast spans store the values themselves
+        x = tl.load(src.codes + tok[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
+    elif L.FAST:  # whole codes per word (D == BLOCK_D): load packed rows coalesced, expand by shifts
+        PER: tl.constexpr = L.WORD // L.BITS
+        if L.TOKEN_AXIS:  # per-token blocks: a packed row per token
+            w = tl.arange(0, D // PER)
+            word = tl.load(src.codes + tok[:, None] * src.words + w[None, :], mask=ok, other=0)
+            val = tl.reshape(_word_codes(word, L), (BLOCK_N, D // L.QBLOCK, L.QBLOCK))
+            g = tl.arange(0, D // L.QBLOCK)
+            scale, zero = _block_params(src, tok[:, None] * src.groups + g[None, :], ok, L.HAS_ZERO)
+            val = val * scale[:, :, None]
+            if L.HAS_ZERO:
+                val = val + zero[:, :, None]
+            x = tl.reshape(val, (BLOCK_N, D))
+        else:  # per-channel blocks along the tokens: a packed row per channel (t0 is a multiple of PER)
+            w = t0 // PER + tl.arange(0, BLOCK_N // PER)
+            word = tl.load(src.codes + d[:, None] * src.words + w[None, :], mask=(w * PER < src.quantized)[None, :],
+                           other=0)
+            val = tl.reshape(_word_codes(word, L), (D, BLOCK_N))
+            if BLOCK_N % L.QBLOCK == 0:  # whole scale blocks per tile
+                G: tl.constexpr = BLOCK_N // L.QBLOCK
+                g = t0 // L.QBLOCK + tl.arange(0, G)
+                scale, zero = _block_params(src, d[:, None] * src.groups + g[None, :],
+                                            (g * L.QBLOCK < src.quantized)[None, :], L.HAS_ZERO)
+                val = tl.reshape(val, (D, G, L.QBLOCK)) * scale[:, :, None]
+                if L.HAS_ZERO:
+                    val = val + zero[:, :, None]
+                val = tl.reshape(val, (D, BLOCK_N))
+            else:  # a scale per code
+                scale, zero = _block_params(src, d[:, None] * src.groups + (tok // L.QBLOCK)[None, :], q_ok[None, :],
+                                            L.HAS_ZERO)
+                val = val * scale
+                if L.HAS_ZERO:
+                    val = val + zero
+            x = tl.trans(val)
+    else:  # any other layout (codes across words, D or blocks not powers of two): code by code
+        if L.TOKEN_AXIS:
+            row = tok[:, None] + 0 * d[None, :]
+            col = d[None, :] + 0 * tok[:, None]
+        else:
+            row = d[None, :] + 0 * tok[:, None]
+            col = tok[:, None] + 0 * d[None, :]
+        code = unpack_code(src.codes + row * src.words, col, ok, L.BITS, L.WORD, L.MSB)
+        scale, zero = _block_params(src, row * src.groups + col // L.QBLOCK, ok, L.HAS_ZERO)
+        x = (code.to(tl.float32) - L.OFFSET) * scale
+        if L.HAS_ZERO:
+            x = x + zero
+    x = add_stages(x, src.stages, tok, q_ok, d, ok, D, True, False)
+    if HAS_FP:
+        f_ok = (tok >= src.quantized) & (tok < S)
+        xf = tl.load(src.fp + (tok - src.quantized)[:, None] * D + d[None, :], mask=f_ok[:, None], other=0.0)
+        x = tl.where(f_ok[:, None], xf.to(tl.float32), x)
+    return x
