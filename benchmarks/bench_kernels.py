@@ -6,13 +6,19 @@ side in one run: decode time and achieved bandwidth vs the device's copy bandwid
 at equal k-means iterations and at equal error, and relative MSE on the same tensors.
 
     python benchmarks/bench_kernels.py --out benchmarks/results/bench_kernels.json [--real PATH]
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py --seeding [--small] [--out PATH]
 
 ``--real`` is a safetensors file with ``k``/``v`` [H, S, D] bf16 (real K/V, tiled to the shapes).
+``--seeding`` measures only the k-means seedings (random / kmeans++ / kmeans||, 256 clusters):
+time per span and the error after the presets' 5 Lloyd iterations; with ``--small`` at a small
+shape, on the GPU if there is one and on the CPU otherwise (wall time, torch assignment).
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import time
 
 import torch
 import triton
@@ -23,6 +29,7 @@ import qkv
 from qkv.evaluation.metrics import relative_mse
 
 SHAPES = {"self-forcing": (1, 12, 37440, 128), "longcat": (1, 32, 29640, 128)}
+SMALL_SHAPES = {"small": (1, 4, 4096, 64)}
 
 
 def real_tiled(shape, path, key="k") -> torch.Tensor:
@@ -100,6 +107,7 @@ def run(args) -> dict:
     x = real_tiled(SHAPES["longcat"], args.real) if args.real else clustered(SHAPES["longcat"])
     results["encode_breakdown"] = encode_breakdown(x)
     results["assign_sweep"] = assign_sweep(x)
+    results["seeding"] = seeding({k: SHAPES[k] for k in ("longcat", "self-forcing")}, "cuda")
     return results
 
 
@@ -171,11 +179,48 @@ def encode_breakdown(x) -> list[dict]:
     return rows
 
 
+def seeding(shapes: dict, device: str) -> list[dict]:
+    """Per shape and seeding: the seeding's time per span (256 clusters, all heads in one call),
+    whether it can be captured in a CUDA graph, and the k-means objective after the presets' 5
+    Lloyd iterations relative to sum |x|^2 (the same data and seed for every seeding)."""
+    from qkv.grouping.kmeans import SEEDINGS, kmeans
+
+    rows = []
+    for shape_name, shape in shapes.items():
+        x = clustered(shape, device=device).flatten(0, 1)  # [B*H, S, D]: one row per head
+        energy = x.float().square().sum().item()
+        for init, fn in SEEDINGS.items():
+            gen = torch.Generator(device=device).manual_seed(0)
+            seed_once = lambda: fn(x, 256, gen, "auto")  # noqa: E731
+            if device == "cuda":
+                t, graph = ms(seed_once, warmup=5, rep=50), gpu_ms(seed_once, rep=20)
+            else:
+                times = []
+                for _ in range(3):
+                    start = time.perf_counter()
+                    seed_once()
+                    times.append(1e3 * (time.perf_counter() - start))
+                t, graph = statistics.median(times), None
+            rel = kmeans(x, 256, 5, init=init, seed=0).objective[-1].sum().item() / energy
+            rows.append({"shape": shape_name, "init": init, "seed_ms": t, "seed_graph_ms": graph, "rel_objective": rel})
+            print(f"{shape_name:12s} seeding {init:9s} {t:9.3f} ms per span (CUDA graph: {graph} ms)  "
+                  f"objective after 5 iterations / |x|^2 {rel:.5f}", flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results/bench_kernels.json")
     parser.add_argument("--real", help="safetensors with real k/v [H, S, D] bf16")
+    parser.add_argument("--seeding", action="store_true", help="time only the k-means seedings")
+    parser.add_argument("--small", action="store_true", help="with --seeding: a small shape, CPU if no GPU")
     args = parser.parse_args()
+    if args.seeding:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        rows = seeding(SMALL_SHAPES if args.small else {k: SHAPES[k] for k in ("longcat", "self-forcing")}, device)
+        write_json(args.out, {"seeding": rows})
+        print(f"wrote {args.out}")
+        return
     results = run(args)
     write_json(args.out, results)
     print(f"copy bandwidth {results['copy_bandwidth_TBps']:.2f} TB/s; wrote {args.out}")

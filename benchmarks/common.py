@@ -72,15 +72,17 @@ def peak_extra(fn) -> int:
     return peak
 
 
-def clustered(shape: tuple[int, int, int, int], *, clusters: int = 256, seed: int = 0, scale: float = 1.0) -> torch.Tensor:
-    """[B, H, S, D] bf16 on the GPU with cluster structure (what k-means smoothing exploits):
+def clustered(
+    shape: tuple[int, int, int, int], *, clusters: int = 256, seed: int = 0, scale: float = 1.0, device: str = "cuda"
+) -> torch.Tensor:
+    """[B, H, S, D] bf16 on ``device`` with cluster structure (what k-means smoothing exploits):
     ``clusters`` centres per head, unit-variance centres times 2 plus noise of 0.5."""
     b, h, s, d = shape
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    centres = torch.randn(b * h, clusters, d, generator=g, device="cuda") * 2
-    labels = torch.randint(0, clusters, (b * h, s), generator=g, device="cuda")
+    g = torch.Generator(device=device).manual_seed(seed)
+    centres = torch.randn(b * h, clusters, d, generator=g, device=device) * 2
+    labels = torch.randint(0, clusters, (b * h, s), generator=g, device=device)
     x = torch.gather(centres, 1, labels.unsqueeze(-1).expand(-1, -1, d))
-    x = x + 0.5 * torch.randn(b * h, s, d, generator=g, device="cuda")
+    x = x + 0.5 * torch.randn(b * h, s, d, generator=g, device=device)
     return (x * scale).view(shape).bfloat16()
 
 

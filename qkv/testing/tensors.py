@@ -5,7 +5,8 @@ small, structure-free inputs: a base (Gaussian, tokens clustered around a few ce
 redundant video patches, or smooth along tokens), channel outliers, an attention-sink token,
 heads of very different scale, all-zero token/channel blocks, and an overall peak magnitude drawn
 from just above the dtype's smallest subnormal up to its largest finite value (capped at 2**120,
-what qkv accepts).
+what qkv accepts). :func:`clustered_tokens` is the one fixed (non-hypothesis) input: seeded
+clustered tokens for comparisons that average over inputs.
 """
 
 from __future__ import annotations
@@ -125,3 +126,17 @@ def kv_pairs(
     dtype = dtype if dtype is not None else draw(st.sampled_from(DTYPES))
     one = kv_tensors(shape, dtype, max_magnitude=max_magnitude, device=device)
     return draw(one), draw(one)
+
+
+def clustered_tokens(
+    shape: tuple[int, int, int, int], *, clusters: int = 64, spread: float = 0.25, seed: int = 0
+) -> torch.Tensor:
+    """[B, H, S, D] fp32 tokens, each one of ``clusters`` random centres per head (standard
+    normal) plus Gaussian noise of standard deviation ``spread``; the same tensor for the same
+    arguments. The structure k-means smoothing exploits, for comparisons averaged over several
+    fixed inputs (which a hypothesis strategy, shrinking toward plain inputs, does not give)."""
+    b, h, s, d = shape
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(b, h, clusters, d, generator=gen)
+    labels = torch.randint(clusters, (b, h, s, 1), generator=gen).expand(b, h, s, d)
+    return torch.gather(centres, 2, labels) + spread * torch.randn(shape, generator=gen)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 import qkv
 from qkv.errors import ConfigError, UnknownComponentError
 from qkv.grouping import GROUPING, KMeansGrouper, kmeans
+from qkv.grouping.kmeans import INITS
 from qkv.kernels.kmeans import assign_torch
 
 
@@ -21,7 +22,7 @@ def clustered(n=2, s=300, d=8, true_k=6, seed=0):
 @given(
     s=st.integers(1, 200),
     c=st.integers(1, 40),
-    init=st.sampled_from(["kmeans++", "random"]),
+    init=st.sampled_from(INITS),
     seed=st.integers(0, 1000),
 )
 def test_objective_never_increases_and_final_assignment_is_nearest(s, c, init, seed):
@@ -99,7 +100,7 @@ def test_grouper_spec_and_errors():
     assert g == KMeansGrouper(clusters=8, iters=3, seed=2) and g.token == "kmeans(clusters=8,iters=3,seed=2)"
     groups = g.group(clustered(s=64))
     assert groups.centroids.shape == (2, 8, 8) and groups.assignments.shape == (2, 64)
-    with pytest.raises(ConfigError, match="kmeans\\+\\+, random"):
+    with pytest.raises(ConfigError, match="kmeans\\+\\+, kmeans\\|\\|, random"):
         KMeansGrouper(init="forgy")
     with pytest.raises(UnknownComponentError, match="blocks, faiss, kmeans, none"):
         GROUPING.build("kmedoids")

@@ -207,6 +207,24 @@ def test_kmeans_assign_picks_the_nearest_bf16_rounded_centroid(d, c, dtype):
     assert bool((excess <= 2**-7 * c_norm * (x_norm + c_norm) + tol).all())
 
 
+@pytest.mark.parametrize("s", [40, 300])  # every token a candidate / candidates drawn by D^2
+def test_kmeans_parallel_seeding_on_the_assign_kernel(s):
+    """k-means|| seeding with its distances from the Triton assignment (bf16-rounded candidates):
+    still min(C, S) distinct tokens of each row, and about as good a start as with the torch twin
+    (the same draws; a near-tie that rounds the other way can change a later pick)."""
+    from qkv.grouping.kmeans import _init_parallel
+
+    x = torch.randn(2, s, 32, generator=gen(s), device=DEVICE)
+    starts = {
+        backend: _init_parallel(x, 16, torch.Generator(device=DEVICE).manual_seed(0), backend)
+        for backend in ("triton", "torch")
+    }
+    same = (starts["triton"].unsqueeze(2) == x.unsqueeze(1)).all(-1)  # [N, C, S]
+    assert bool((same.sum(-1) == 1).all()) and bool((same.sum(1) <= 1).all())
+    cost = {b: kernels.kmeans_assign(x, c, backend="torch")[1].sum() for b, c in starts.items()}
+    assert cost["triton"] <= 1.1 * cost["torch"]
+
+
 @pytest.mark.parametrize("d, c", [(16, 4), (64, 40), (128, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kmeans_update_matches_reference(d, c, dtype):
