@@ -26,7 +26,8 @@ from qkv.caches.adapters import streamdiffusionv2 as adapter  # noqa: E402
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 C, F, H, W = 4, 2, 8, 8  # latent chunk: 2 frames of 4 x 4 patches
-N = F * (H // 2) * (W // 2)  # 32 tokens per chunk
+FRAME = (H // 2) * (W // 2)  # 16 tokens per frame
+N = F * FRAME  # 32 tokens per chunk
 HEADS, HEAD_DIM, TEXT = 2, 32, 8
 TIMESTEPS = (700, 300, 0)
 
@@ -53,19 +54,20 @@ def kv_dicts(model, capacity, batch=1):
     return kv, cross
 
 
-def rollout(model, chunks, capacity, batch=1, kv=None, starts=None):
-    """Outputs [B, C, F, H, W] of every call (chunks x denoising steps), fp32."""
+def rollout(model, chunks, capacity, batch=1, kv=None, starts=None, frames=F):
+    """Outputs [B, C, F, H, W] of every call (chunks x denoising steps), fp32; chunks of ``frames``."""
     gen = torch.Generator().manual_seed(1)
     context = [torch.randn(TEXT, 32, generator=gen) for _ in range(batch)]
     kv, cross = kv if kv is not None else kv_dicts(model, capacity, batch)
     outs = []
     for c in range(chunks):
-        x = torch.randn(batch, C, F, H, W, generator=gen)
-        start = torch.full((batch,), c * N) if starts is None else starts(c)
+        n = frames * FRAME
+        x = torch.randn(batch, C, frames, H, W, generator=gen)
+        start = torch.full((batch,), c * n) if starts is None else starts(c)
         for t in TIMESTEPS:
             with torch.no_grad():
-                out = model(list(x), torch.full((batch, F), t), context, seq_len=10**6, kv_cache=kv,
-                            crossattn_cache=cross, current_start=start, current_end=start + N)
+                out = model(list(x), torch.full((batch, frames), t), context, seq_len=10**6, kv_cache=kv,
+                            crossattn_cache=cross, current_start=start, current_end=start + n)
             outs.append(out)
             x = 0.6 * out + 0.4 * torch.randn(out.shape, generator=gen)
     return outs
@@ -86,7 +88,8 @@ def test_lossless_rollout_matches_the_upstream_cache(model, no_history_read):
     with adapter.install(model, "fp32", span_chunks=2) as handle:
         ours = rollout(model, 5, capacity=8 * N)
         layer = handle.cache.layer(0)
-        assert len(layer.spans) == 2 and layer.tokens == 4 * N  # chunk 4 is the one being denoised
+        # chunk 0 is the sink (upstream's ring never overwrites it), chunks 1-2 a span, 3 the tail, 4 being denoised
+        assert len(layer.spans) == 1 and layer.tokens == 4 * N
         assert handle.memory().tokens == 2 * 5 * N  # 2 blocks, 5 chunks held
     # fp32 rounding only: the attention is summed span by span (log-sum-exp merge) instead of at once
     for a, b in zip(ref, ours, strict=True):
@@ -113,14 +116,64 @@ def test_qvg_spans_hold_their_bounds_and_the_output_stays_close(model, bounded_s
     assert 0 < max(drift) < 0.15  # measured 0.032 (4 clusters, blocks of 16, 64-token spans)
 
 
-def test_the_upstream_ring_buffer_and_stream_batching_raise(model):
-    with adapter.install(model, "fp32", span_chunks=2):
-        with pytest.raises(CacheError, match="capacity"):
-            rollout(model, 3, capacity=3 * N)  # chunk 2 fills the buffer: its second step would ring
-        with pytest.raises(CacheError, match="stream batching"):
-            rollout(model, 1, capacity=8 * N, batch=2, starts=lambda c: torch.tensor([N * c, N * c + N]))
-        with pytest.raises(CacheError, match="expected 32"):
-            rollout(model, 2, capacity=8 * N, starts=lambda c: torch.tensor([2 * N * c]))
+def fresh_ring(model, sink_size=3):
+    """Upstream keeps its ring queue on the attention modules across videos: start each run empty."""
+    for block in model.blocks:
+        block.self_attn.evict_idx, block.self_attn.sink_size = None, sink_size
+
+
+def ring_dicts(model, capacity, batch):
+    kv, cross = kv_dicts(model, capacity, batch)
+    for d in kv:  # one end index per row, as upstream's row loop indexes them
+        d["global_end_index"], d["local_end_index"] = torch.zeros(batch, dtype=torch.long), torch.zeros(batch, dtype=torch.long)
+    return kv, cross
+
+
+@pytest.mark.parametrize("sink_size, batch", [(0, 1), (1, 1), (0, 2), (7, 1)])
+def test_the_upstream_window_and_sink_are_reproduced(model, sink_size, batch):
+    """Upstream's ring once the chunks reach its buffer (9 frames, chunks of 3): its queue of slots to
+    overwrite, its step counter (one row: a chunk's later steps overwrite the oldest chunk, its first
+    step's K/V stay in the window; two rows: every step advances the ring), its sink of
+    ``sink_size`` frames; 12 chunks, lossless policy: fp32 rounding, memory within the window."""
+    frames, capacity = 3, 9 * FRAME
+    try:
+        fresh_ring(model, sink_size)
+        ref = rollout(model, 12, None, batch=batch, kv=ring_dicts(model, capacity, batch), frames=frames)
+        fresh_ring(model, sink_size)
+        with adapter.install(model, "fp32") as handle:
+            ours = rollout(model, 12, None, batch=batch, kv=ring_dicts(model, capacity, batch), frames=frames)
+            layer = handle.cache.layer(0)
+            kept = max(1, sink_size // frames) * frames * FRAME
+            # a sink of 7 frames keeps chunks 0-1: upstream's ring rewrites the last 3 slots only
+            assert (layer.evicted > 0) == (sink_size < 6) and handle.cache.config.span_tokens == frames * FRAME
+            assert handle.cache.config.sink_tokens == kept
+            assert handle.memory().tokens == 2 * capacity  # the buffer's slots, per block
+    finally:
+        fresh_ring(model)
+    for a, b in zip(ref, ours, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+
+
+def test_what_upstream_does_not_define_raises(model):
+    try:
+        fresh_ring(model)
+        with adapter.install(model, "fp32", span_chunks=2):
+            with pytest.raises(CacheError, match="stream batching"):
+                rollout(model, 1, capacity=8 * N, batch=2, starts=lambda c: torch.tensor([N * c, N * c + N]))
+            with pytest.raises(CacheError, match="0:96, of which only 64 were written"):
+                rollout(model, 2, capacity=8 * N, starts=lambda c: torch.tensor([2 * N * c]))
+        fresh_ring(model)
+        with adapter.install(model, "fp32"):  # 8 frames, chunks of 3: the ring reads a slot never written
+            with pytest.raises(CacheError, match="buffer's zeros"):
+                rollout(model, 4, capacity=8 * FRAME, frames=3)
+        fresh_ring(model)
+        model.blocks[0].self_attn.adapt_sink_thr = 0.2
+        with adapter.install(model, "fp32"):
+            with pytest.raises(ConfigError, match="adapt_sink_thr"):
+                rollout(model, 1, capacity=8 * FRAME, frames=1)
+    finally:
+        model.blocks[0].self_attn.adapt_sink_thr = -1
+        fresh_ring(model)
     with pytest.raises(ConfigError, match="max_spans, num_layers"):
         adapter.install(model, "fp32", num_layers=2, max_spans=4)
 
@@ -179,7 +232,7 @@ def test_a_block_packs_exactly_in_a_seventh_of_its_bf16_bytes(model):
     with adapter.install(model, policy, span_chunks=4) as source, adapter.install(tiny_model(), policy,
                                                                                   span_chunks=4) as target:
         for c, (k, v) in enumerate(chunks):
-            source.store(0, c * 1024, k, v, capacity=10**6)  # chunks 0-7 form two spans, chunk 8 is pending
+            source.store(0, c * 1024, k, v)  # chunks 0-7 form two spans, chunk 8 is pending
         buffer, header = source.pack_block(0)
         target.unpack_block(0, buffer, header)
         assert all(torch.equal(a, b) for a, b in zip(source.cache.read(0), target.cache.read(0)))
@@ -203,13 +256,13 @@ def _moving_blocks(rank: int, world: int) -> None:
     handle = adapter.install(model, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2)
     manager = adapter.KVCacheManager(handle)
     if rank == 0:
-        chunk_steps(model, kv, range(3))
+        chunk_steps(model, kv, range(5))
     before, after = torch.tensor([[0, 2], [2, 2]]), torch.tensor([[0, 0], [0, 2]])
     assert manager.compute_block_owners(before, 2).tolist() == [0, 0]
     sent = manager.rebalance_kv_cache_by_diff(before, after, 2)
-    held = 2 * 2 * 3 * N * HEADS * HEAD_DIM * 4  # blocks x (k, v) x chunks x tokens x heads x dim x fp32
-    assert 0 < sent < held / 2, sent
-    outs = torch.stack(chunk_steps(model, kv, range(3, 5)))
+    held = 2 * 2 * 5 * N * HEADS * HEAD_DIM * 4  # blocks x (k, v) x chunks x tokens x heads x dim x fp32
+    assert 0 < sent < held * 0.7, sent  # the sink, the tail and the chunk being denoised in fp32, a span compressed
+    outs = torch.stack(chunk_steps(model, kv, range(5, 7)))
     both = [torch.empty_like(outs) for _ in range(world)]
     dist.all_gather(both, outs)
     assert torch.equal(both[0], both[1])

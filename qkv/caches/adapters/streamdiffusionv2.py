@@ -39,6 +39,8 @@ import torch
 import torch.distributed as dist
 
 from qkv.caches.adapters.handle import AdapterHandle
+from qkv.caches.adapters.self_forcing import cache_options
+from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
 from qkv.caches.transfer import PackedReader, broadcast_packed, pack_layer, tensor_entry, unpack_layer
 from qkv.compressed import PackedBytes
@@ -81,14 +83,22 @@ def _starts(current_start) -> int:
 
 
 class StreamDiffusionV2Handle(AdapterHandle):
-    """:class:`AdapterHandle` of a ``CausalWanModel``; per block, the chunk being denoised."""
+    """:class:`AdapterHandle` of a ``CausalWanModel``; per block, the chunk being denoised, the
+    buffer slots of every chunk the cache holds, and upstream's slot bookkeeping (its end indices,
+    ring queue and step counter), so that the cache holds exactly the slots upstream attends to."""
 
     def __init__(self, model, policy: Policy | str, cache_options: dict) -> None:
-        super().__init__("streamdiffusionv2", policy, cache_options, fixed=("num_layers", "max_spans"))
+        super().__init__("streamdiffusionv2", policy, cache_options,
+                         fixed=("num_layers", "max_spans", "sink_chunks", "sink_tokens"))
         self.model = model
         self.num_blocks = len(model.blocks)
-        # per block: (first token, k, v [B, H, n, D]) of the chunk being denoised, not yet appended
+        # per block: (first slot, k, v [B, H, n, D]) of the chunk being denoised, not yet appended
         self.chunk: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * self.num_blocks
+        # per block: the slots (start, end) of the chunks the cache holds after its sink, oldest first
+        self.settled: list[list[tuple[int, int]]] = [[] for _ in range(self.num_blocks)]
+        # per block: upstream's global/local end index, step counter and ring queue of slot ends
+        self.ring: list[dict | None] = [None] * self.num_blocks
+        self.derived: dict = {}  # the cache options the first forward fixed (sink, spans)
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [c[1:] for c in self.chunk if c is not None]
@@ -96,36 +106,116 @@ class StreamDiffusionV2Handle(AdapterHandle):
     def reset(self) -> None:
         super().reset()
         self.chunk = [None] * self.num_blocks
+        self.settled = [[] for _ in range(self.num_blocks)]
+        self.ring = [None] * self.num_blocks
 
-    def store(self, index: int, start: int, k: torch.Tensor, v: torch.Tensor, capacity: int) -> None:
-        """Record the chunk at ``start`` (k, v [B, H, n, D]) for block ``index``: a rewrite of the
-        chunk being denoised replaces it; the next chunk appends it to the cache first; position
-        0 on a used block starts a new video. Raises where upstream would start its ring buffer."""
+    def configure(self, attn, n: int, capacity: int, frame_tokens: int) -> KVCache:
+        """The cache, built on the first forward: its sink holds the slots upstream's ring never
+        overwrites (the first chunk and the chunks inside ``sink_size`` frames); with a window of
+        fewer than two default spans after it, spans of one chunk (:func:`cache_options`)."""
+        if self.cache is None:
+            sink = attn.sink_size * frame_tokens
+            kept = max(1, sink // n) * n
+            window = capacity if capacity - kept < 16 * n else -1
+            derived = cache_options(frame_tokens=n, chunk_frames=1, sink_size=kept // n, local_attn_size=window)
+            if {"span_chunks", "span_tokens"} & set(self.cache_options):
+                derived.pop("span_tokens", None)
+            self.derived = derived
+        return self.build_cache(self.num_blocks, **self.derived)
+
+    def place(self, index: int, attn, kv_cache: dict, start: int, n: int, frame_tokens: int) -> tuple[int, int]:
+        """Upstream's slot bookkeeping for one call of block ``index`` (``CausalWanSelfAttention.forward``,
+        every row at ``start``, ``n`` tokens): returns (first slot written, slots read), updated
+        as upstream updates its end indices, ring queue (``evict_idx``) and step counter."""
+        capacity, batch = kv_cache["k"].shape[1], kv_cache["k"].shape[0]
+        sink = attn.sink_size * frame_tokens
+        if sink > 0 and attn.adapt_sink_thr > -1 and n <= frame_tokens:
+            raise ConfigError(
+                f"streamdiffusionv2 block {index}: the adaptive sink refresh (adapt_sink_thr={attn.adapt_sink_thr} > -1, "
+                "chunks of one frame) re-targets upstream's ring by the similarity of the buffer's bf16 keys, which "
+                "this adapter does not reproduce; set adapt_sink_threshold to -1"
+            )
+        state = self.ring[index]
+        if state is not None and start == 0 and state["global"] != n:
+            self.restart(index)  # position 0 after another chunk: a new video (upstream's fresh dicts)
+            state.update({"global": 0, "local": 0, "step": kv_cache["total_steps"]})
+        if state is None:
+            queue = list(attn.evict_idx[0]) if attn.evict_idx else []  # upstream keeps its queue on the module
+            state = self.ring[index] = {"global": 0, "local": 0, "step": kv_cache["total_steps"], "queue": queue}
+        end, queue = start + n, state["queue"]
+        if end > capacity or state["local"] >= capacity:  # upstream's ring: overwrite the queue's first slots
+            if not queue:
+                raise CacheError(f"streamdiffusionv2 block {index}: upstream's ring queue is empty (a buffer of "
+                                 f"{capacity} slots below two chunks of {n})")
+            target = queue[0]
+            if batch == 1 and state["step"] > 1:
+                state["step"] -= 1
+            else:
+                evicted = queue.pop(0)
+                if evicted > sink:
+                    queue.append(evicted)
+                state["step"] = kv_cache["total_steps"]
+            local = capacity
+        else:
+            local = state["local"] + end - state["global"]
+            rolling = end + n
+            if sink < rolling <= capacity and (not queue or queue[-1] != rolling):
+                queue.append(rolling)
+            target = local
+        state["global"], state["local"] = end, local
+        kv_cache["current_step"] = state["step"]
+        for name, value in (("global_end_index", end), ("local_end_index", local)):
+            if name in kv_cache:
+                kv_cache[name].fill_(value)
+        return target - n, local
+
+    def restart(self, index: int) -> None:
+        """Forget block ``index``'s video (its ring queue stays, as upstream's stays on the module)."""
+        if self.cache is not None:
+            self.cache.layer(index).reset()
+        self.chunk[index] = None
+        self.settled[index] = []
+
+    def store(self, index: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Record the chunk k, v [B, H, n, D] upstream writes at slots ``slot:slot + n`` of block
+        ``index``: a rewrite of the chunk being denoised's slots replaces it (upstream overwrites
+        them, whichever chunk writes); a write elsewhere appends the held chunk to the cache first,
+        and one over slots the cache holds must cover exactly the oldest chunk after the sink,
+        which is evicted. Anything else (the sink, part of a chunk, a chunk not the oldest) raises."""
         n = k.shape[2]
         layer = self.build_cache(self.num_blocks).layer(index)
-        held = self.chunk[index]
-        rewrite = held is not None and start == held[0]
-        if start + n > capacity or (rewrite and start + n == capacity):
-            # upstream enters its ring when the chunk passes the buffer's end, and also on the
-            # second call of the chunk that exactly fills it (local_end_index >= L)
+        held, settled = self.chunk[index], self.settled[index]
+        if held is None or held[0] != slot:
+            if held is not None:
+                if held[0] < slot + n and slot < held[0] + held[1].shape[2]:
+                    raise CacheError(f"streamdiffusionv2 block {index}: slots {slot}:{slot + n} overlap part of the "
+                                     f"chunk being denoised at {held[0]}:{held[0] + held[1].shape[2]}")
+                layer.append(held[1], held[2])
+                sink = layer.config.sink_tokens
+                if held[0] + held[1].shape[2] > sink:
+                    settled.append((max(held[0], sink), held[0] + held[1].shape[2]))
+            hit = [r for r in settled if r[0] < slot + n and slot < r[1]]
+            sunk = sum(c.tokens for c in layer.sink)
+            if slot < sunk or hit not in ([], [(slot, slot + n)]) or (hit and settled[0] != hit[0]):
+                raise CacheError(
+                    f"streamdiffusionv2 block {index}: upstream writes slots {slot}:{slot + n} over the sink "
+                    f"(0:{sunk}), part of a chunk or a chunk other than the oldest "
+                    f"(held: {settled[:3]}...), which this adapter does not reproduce; use chunks of one size"
+                )
+            if hit:
+                layer.evict(n)
+                settled.pop(0)
+        self.chunk[index] = (slot, k, v)
+
+    def check_read(self, index: int, read: int) -> None:
+        """Upstream attends to slots 0:``read``: they must be exactly the chunks held."""
+        held = self.cache.layer(index).tokens + self.chunk[index][1].shape[2]
+        if held != read:
             raise CacheError(
-                f"streamdiffusionv2 block {index}: tokens {start}:{start + n} reach the cache capacity {capacity}, "
-                "where upstream starts overwriting its buffer in place (a ring meant for stream batching), which "
-                "this adapter does not reproduce; size the capacity above the rollout (global attention)"
+                f"streamdiffusionv2 block {index}: upstream attends to slots 0:{read}, of which only {held} were "
+                "written (the others hold the buffer's zeros), which this adapter does not reproduce; run chunks "
+                "of one size, consecutive, in a buffer a whole number of chunks long"
             )
-        if rewrite:
-            pass  # another denoising step of the same chunk
-        elif held is not None and start == held[0] + held[1].shape[2]:
-            layer.append(held[1], held[2])
-        elif start == 0:
-            layer.reset()
-        else:
-            expected = held[0] + held[1].shape[2] if held is not None else 0
-            raise CacheError(
-                f"streamdiffusionv2 block {index}: a chunk at token {start}, expected {expected} (the next chunk), "
-                f"{held[0] if held is not None else 0} (the chunk being denoised) or 0 (a new video)"
-            )
-        self.chunk[index] = (start, k, v)
 
     def attend(self, index: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of the chunk's queries [B, H, n, D] to block ``index``'s history and chunk."""
@@ -143,7 +233,8 @@ class StreamDiffusionV2Handle(AdapterHandle):
         held = self.chunk[index]
         chunk = None if held is None else {"start": held[0], "k": tensor_entry(buf, held[1]),
                                            "v": tensor_entry(buf, held[2])}
-        return buf.buffer(buffer.device), {"layer": header, "chunk": chunk}
+        return buf.buffer(buffer.device), {"layer": header, "chunk": chunk, "settled": self.settled[index],
+                                           "ring": self.ring[index], "derived": self.derived}
 
     def unpack_block(self, index: int, buffer: torch.Tensor, header: dict) -> None:
         """Replace block ``index``'s state by what :meth:`pack_block` packed (tensors on the
@@ -158,14 +249,26 @@ class StreamDiffusionV2Handle(AdapterHandle):
             if start < 0 or k.dim() != 4 or k.shape != v.shape:
                 raise CorruptDataError(f"{where}: a chunk at {start} of k {list(k.shape)}, v {list(v.shape)}")
             chunk = (start, k, v)
-        unpack_layer(self.build_cache(self.num_blocks).layer(index), buffer, field(header, "layer", dict, where))
+        settled = header.get("settled") if isinstance(header, dict) else None
+        if not isinstance(settled, list) or not all(
+            isinstance(r, list | tuple) and len(r) == 2 and all(isinstance(x, int) for x in r) for r in settled
+        ):
+            raise CorruptDataError(f"{where}: settled must be a list of (start, end) slots, found {settled!r:.80}")
+        ring = header.get("ring")
+        if ring is not None and (not isinstance(ring, dict) or sorted(ring) != ["global", "local", "queue", "step"]):
+            raise CorruptDataError(f"{where}: ring must hold global, local, step and queue, found {ring!r:.80}")
+        if self.cache is None:
+            self.derived = field(header, "derived", dict, where)
+        unpack_layer(self.build_cache(self.num_blocks, **self.derived).layer(index), buffer,
+                     field(header, "layer", dict, where))
         self.chunk[index] = chunk
+        self.settled[index] = [tuple(r) for r in settled]
+        self.ring[index] = None if ring is None else {**ring, "queue": list(ring["queue"])}
 
     def drop_block(self, index: int) -> None:
-        """Forget block ``index``'s history and chunk (another rank runs it now)."""
-        if self.cache is not None:
-            self.cache.layer(index).reset()
-        self.chunk[index] = None
+        """Forget block ``index``'s history, chunk and slot bookkeeping (another rank runs it now)."""
+        self.restart(index)
+        self.ring[index] = None
 
 
 class KVCacheManager:
@@ -245,13 +348,11 @@ def _forward(handle: StreamDiffusionV2Handle, index: int, original):
         rope = dict(grid_sizes=grid_sizes, freqs=freqs, start_frame=start // frame_tokens, rope_cache=causal_rope_cache)
         roped_q = causal_model.causal_rope_apply(q, **rope).type_as(v)
         roped_k = causal_model.causal_rope_apply(k, **rope).type_as(v)
-        capacity = kv_cache["k"].shape[1]
-        handle.store(index, start, roped_k.transpose(1, 2), v.transpose(1, 2), capacity)
+        handle.configure(self, s, kv_cache["k"].shape[1], frame_tokens)
+        slot, read = handle.place(index, self, kv_cache, start, s, frame_tokens)
+        handle.store(index, slot, roped_k.transpose(1, 2), v.transpose(1, 2))
+        handle.check_read(index, read)
         out = handle.attend(index, roped_q.transpose(1, 2))  # [B, H, s, D]
-        held = handle.cache.layer(index).tokens
-        for name, value in (("global_end_index", start + s), ("local_end_index", held + s)):
-            if name in kv_cache:
-                kv_cache[name].fill_(value)
         return self.o(out.transpose(1, 2).flatten(2))
 
     return forward
