@@ -23,11 +23,13 @@ Several GPUs: :class:`KVCacheManager` stands in for upstream's ``streamv2v.commu
 (the same calls): when blocks change owner, each moved block's state (:meth:`StreamDiffusionV2Handle.pack_block`:
 its cache layer as compressed bytes and the chunk being denoised) is broadcast from its old owner.
 
-Not reproduced, with a typed error where it would matter: rows of one batch at different positions
-(the stream-batch ``inference_stream``, each row a chunk at another denoising step), and the
-upstream's in-place ring buffer once a chunk reaches the capacity (its slot bookkeeping, made for
-stream batching, re-targets the rewrites of a chunk's denoising steps); with global attention
-(capacity above the rollout, what the compressed cache makes affordable) neither arises.
+Upstream's local window is reproduced: the adapter runs its slot bookkeeping (end indices, ring
+queue ``evict_idx``, step counter) and holds exactly the slots upstream attends to; the slots its
+ring never overwrites (the first chunk, the chunks inside ``sink_size`` frames) are the cache's
+sink, a ring write evicts the oldest chunk after it. Not reproduced, with a typed error: rows of
+one batch at different positions (the stream-batch ``inference_stream``), the adaptive sink
+refresh (``adapt_sink_thr > -1``), reads of slots upstream never wrote (its zeros), and ring
+writes over the sink or over part of a chunk (chunks of different sizes).
 """
 
 from __future__ import annotations
@@ -135,15 +137,18 @@ class StreamDiffusionV2Handle(AdapterHandle):
                 "chunks of one frame) re-targets upstream's ring by the similarity of the buffer's bf16 keys, which "
                 "this adapter does not reproduce; set adapt_sink_threshold to -1"
             )
-        state = self.ring[index]
+        total, state = kv_cache.get("total_steps"), self.ring[index]
         if state is not None and start == 0 and state["global"] != n:
             self.restart(index)  # position 0 after another chunk: a new video (upstream's fresh dicts)
-            state.update({"global": 0, "local": 0, "step": kv_cache["total_steps"]})
+            state.update({"global": 0, "local": 0, "step": total})
         if state is None:
             queue = list(attn.evict_idx[0]) if attn.evict_idx else []  # upstream keeps its queue on the module
-            state = self.ring[index] = {"global": 0, "local": 0, "step": kv_cache["total_steps"], "queue": queue}
+            state = self.ring[index] = {"global": 0, "local": 0, "step": total, "queue": queue}
         end, queue = start + n, state["queue"]
         if end > capacity or state["local"] >= capacity:  # upstream's ring: overwrite the queue's first slots
+            if total is None:
+                raise ConfigError(f"streamdiffusionv2 block {index}: upstream's ring needs kv_cache['total_steps'] "
+                                  "(the denoising steps per chunk), as _initialize_kv_cache sets it")
             if not queue:
                 raise CacheError(f"streamdiffusionv2 block {index}: upstream's ring queue is empty (a buffer of "
                                  f"{capacity} slots below two chunks of {n})")
@@ -154,7 +159,7 @@ class StreamDiffusionV2Handle(AdapterHandle):
                 evicted = queue.pop(0)
                 if evicted > sink:
                     queue.append(evicted)
-                state["step"] = kv_cache["total_steps"]
+                state["step"] = total
             local = capacity
         else:
             local = state["local"] + end - state["global"]
@@ -163,7 +168,8 @@ class StreamDiffusionV2Handle(AdapterHandle):
                 queue.append(rolling)
             target = local
         state["global"], state["local"] = end, local
-        kv_cache["current_step"] = state["step"]
+        if "current_step" in kv_cache:
+            kv_cache["current_step"] = state["step"]
         for name, value in (("global_end_index", end), ("local_end_index", local)):
             if name in kv_cache:
                 kv_cache[name].fill_(value)
@@ -382,8 +388,8 @@ def meta_kv_cache(pipeline, batch_size: int, dtype: torch.dtype, device) -> None
 def install(target, policy: Policy | str = "qvg", **cache_options) -> StreamDiffusionV2Handle:
     """Run ``target`` (a ``CausalWanModel`` or a ``CausalStreamInferencePipeline``) on a
     compressed cache. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
-    :class:`~qkv.KVCache` options (``span_chunks``, ``sink_chunks``, ``attention``, ...) except
-    ``num_layers`` and ``max_spans``, which follow from the model and its cache. Returns the handle (``memory()``,
+    :class:`~qkv.KVCache` options (``span_chunks``, ``attention``, ...) except ``num_layers``,
+    ``max_spans``, ``sink_chunks`` and ``sink_tokens``, which follow from the model and its buffer. Returns the handle (``memory()``,
     ``remove()``)."""
     model, pipeline = _model_of(target)
     handle = StreamDiffusionV2Handle(model, policy, cache_options)
