@@ -274,3 +274,18 @@ def test_blocks_move_between_gloo_ranks_as_compressed_bytes():
     from ranks import run_ranks
 
     run_ranks(_moving_blocks, 2)
+
+
+def test_a_buffer_above_the_rollout_compresses_the_first_chunk_and_refuses_a_ring(model):
+    fresh_ring(model, sink_size=0)
+    ref = rollout(model, 5, capacity=20 * N)
+    with adapter.install(model, "fp32", span_chunks=2) as handle:
+        fresh_ring(model, sink_size=0)
+        ours = rollout(model, 5, capacity=20 * N)
+        layer = handle.cache.layer(0)
+        assert handle.memory().sink == 0 and len(layer.spans) == 2  # chunks 0-1 and 2-3; 4 being denoised
+        for a, b in zip(ref, ours, strict=True):
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+        fresh_ring(model, sink_size=0)
+        with pytest.raises(CacheError, match="sized for global attention"):  # 17 chunks: no window
+            rollout(model, 18, capacity=17 * N)

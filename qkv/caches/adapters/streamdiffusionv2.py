@@ -112,13 +112,17 @@ class StreamDiffusionV2Handle(AdapterHandle):
         self.ring = [None] * self.num_blocks
 
     def configure(self, attn, n: int, capacity: int, frame_tokens: int) -> KVCache:
-        """The cache, built on the first forward: its sink holds the slots upstream's ring never
-        overwrites (the first chunk and the chunks inside ``sink_size`` frames); with a window of
-        fewer than two default spans after it, spans of one chunk (:func:`cache_options`)."""
+        """The cache, built on the first forward: with a window of fewer than two default spans
+        after its sink, the sink holds the slots upstream's ring never overwrites (the first chunk
+        and the chunks inside ``sink_size`` frames) and spans are one chunk (:func:`cache_options`);
+        with a longer buffer (global attention: sized above the rollout) the first chunk is
+        compressed like the others unless ``sink_size`` asks for a sink, and a ring that starts
+        anyway raises :class:`CacheError` at its first write."""
         if self.cache is None:
             sink = attn.sink_size * frame_tokens
-            kept = max(1, sink // n) * n
-            window = capacity if capacity - kept < 16 * n else -1
+            windowed = capacity - max(1, sink // n) * n < 16 * n
+            kept = max(1, sink // n) * n if windowed or sink else 0
+            window = capacity if windowed else -1
             derived = cache_options(frame_tokens=n, chunk_frames=1, sink_size=kept // n, local_attn_size=window)
             if {"span_chunks", "span_tokens"} & set(self.cache_options):
                 derived.pop("span_tokens", None)
@@ -202,6 +206,13 @@ class StreamDiffusionV2Handle(AdapterHandle):
                     settled.append((max(held[0], sink), held[0] + held[1].shape[2]))
             hit = [r for r in settled if r[0] < slot + n and slot < r[1]]
             sunk = sum(c.tokens for c in layer.sink)
+            if hit and not sunk and layer.config.sink_tokens == 0:
+                raise CacheError(
+                    f"streamdiffusionv2 block {index}: upstream's ring starts at slot {slot} of a "
+                    "buffer sized for global attention (16 chunks or more), where the first chunk, which the ring "
+                    "keeps, was compressed with the others; size the buffer above the rollout, or below 16 chunks "
+                    "for a rolling window"
+                )
             if slot < sunk or hit not in ([], [(slot, slot + n)]) or (hit and settled[0] != hit[0]):
                 raise CacheError(
                     f"streamdiffusionv2 block {index}: upstream writes slots {slot}:{slot + n} over the sink "
