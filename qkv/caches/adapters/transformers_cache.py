@@ -182,7 +182,10 @@ class QKVSlidingLayer(QKVLayer):
         self.window = window
         self.record_past = False
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
+        """Keep evicted tokens until the next ``crop`` (assisted decoding). ``Cache`` passes its
+        arguments to every layer (transformers >= 5.25); ``recurrent_states_to_keep`` is for
+        recurrent (linear-attention) layers and has nothing to act on here."""
         self.record_past = True
 
     def visible(self, new: int) -> int:
