@@ -157,9 +157,9 @@ def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend
     if out is not None:
         _check_out(out, ct.shape, ct.dtype, ct.device)
     q = ct.quantized_tokens
-    parts = []
+    quantized = None  # the quantized tokens [B, H, q, D], unless the kernel wrote them into out
     if q and fmt.cast is not None:
-        parts.append(saturate(ct.codes, ct.dtype))
+        quantized = saturate(ct.codes, ct.dtype)
     elif q:
         rows = QuantizedRows(*(None if t is None else t.flatten(0, 1) for t in (ct.codes, ct.scales, ct.zeros, ct.scale_mult)))
         add = fmt.undo is Undo.ADD
@@ -174,16 +174,15 @@ def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend
         if fmt.undo is Undo.ROTATE:
             for _ in ct.stages:
                 rec = hadamard(rec, backend=backend)
-        parts.append(None if target is not None else saturate(rec.unflatten(0, (b, -1)), ct.dtype))
-    if ct.fp_tokens is not None:
-        parts.append(ct.fp_tokens)
+        if target is None:
+            quantized = saturate(rec.unflatten(0, (b, -1)), ct.dtype)
     if out is None:
+        parts = [p for p in (quantized, ct.fp_tokens) if p is not None]
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
-    at = 0
-    for part in parts:
-        if part is not None:
-            out[:, :, at : at + part.shape[2]].copy_(part)
-        at += q if part is None else part.shape[2]
+    if quantized is not None:
+        out[:, :, :q].copy_(quantized)
+    if ct.fp_tokens is not None:
+        out[:, :, q:].copy_(ct.fp_tokens)
     return out
 
 

@@ -1,0 +1,54 @@
+"""Reconstruction error of k-means smoothing per seeding, on real K/V.
+
+Relative MSE (sum |x - x_hat|^2 / sum |x|^2) of ``kmeans(init=..., seed=s),centroid,int2(block=64)``
+(256 clusters, 5 Lloyd iterations, the kmeans defaults) for each seeding (random, kmeans++,
+kmeans||), on the first 2 layers of ``qkv.realdata``'s ``wan`` (a Wan2.1-1.3B-shaped DiT with
+random weights over real video frames; the first 8,192 tokens) and ``minilm`` (all 6,144 tokens;
+D = 32, so the block becomes 32), the first 4 heads, K and V apart, averaged over seeds 0 and 1.
+Torch path on the CPU (a few minutes with the data built).
+
+    PYTHONPATH=. python3 benchmarks/seeding_quality.py   # writes benchmarks/results/seeding_quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from common import write_json
+
+import qkv
+from qkv.realdata import load_dataset
+
+INITS = ("random", "kmeans++", "kmeans||")
+DATA = {"wan": 8192, "minilm": 6144}  # dataset -> tokens used
+LAYERS, HEADS, SEEDS = 2, 4, (0, 1)
+
+
+def relative_mse(spec: str, x: torch.Tensor) -> float:
+    policy = qkv.build_policy(spec)
+    k_hat, _ = policy.decompress(policy.compress(x, x), backend="torch")
+    return float((k_hat.float() - x).pow(2).sum() / x.pow(2).sum())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="benchmarks/results/seeding_quality.json")
+    args = parser.parse_args()
+    rows = []
+    for name, tokens in DATA.items():
+        samples = load_dataset(name)[:LAYERS]
+        for tensor in ("k", "v"):
+            xs = [getattr(s, tensor)[:, :HEADS, :tokens].float().contiguous() for s in samples]
+            row = {"data": name, "tensor": tensor, "tokens": tokens}
+            for init in INITS:
+                row[init] = statistics.mean(relative_mse(f"kmeans(init={init},seed={seed}),centroid,int2(block=64)", x)
+                                            for x in xs for seed in SEEDS)
+            rows.append(row)
+            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    write_json(args.out, {"layers": LAYERS, "heads": HEADS, "seeds": list(SEEDS), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
