@@ -26,20 +26,14 @@ from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, check_atten
 from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_of
 from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
 from qkv.kernels.triton.records import TL_DTYPES, TensorLayout, span_table
+from qkv.kernels.triton.tiles import DecodeTile, tile_for
 
-# (BLOCK_N keys per tile, keys per work item, most query rows per program, warps), and the
-# software-pipelining depths to try in order: a layout whose kernel needs more shared memory than
-# the GPU has takes the next (compiled for sm_90: qvg 59 KB at depth 2, qvg-pro's four centroid
-# stages 158 KB at depth 2 and 293 KB at 3, every layout 22-49 KB at 1)
-GPU_TILE = (64, 256, 64, 4)
-GPU_PIPELINE = (2, 1)
-INTERPRETER_TILE = (16, 32, 16, 4)
 # The partial outputs of all programs take at most this share of the bytes they read (the
 # compressed spans and the full-precision keys), so decoding needs almost no memory beyond the
-# cache; within that, enough programs for a few waves on the GPU.
+# cache; within that, enough programs for the tile's waves on the GPU.
 PARTIAL_SHARE = 0.05
-WAVES = 4
-MERGE_ROWS = 16
+# partials per load of the merge
+MERGE_PARTS = 64
 
 
 @functools.cache
@@ -127,10 +121,11 @@ def _launch_decode(grid, pipelines, *args, **kwargs) -> None:
                 raise
 
 
-def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torch.Tensor:
+def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile: DecodeTile | None = None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.attention.attention_decode_torch`: [B, H, Sq, D] in q's
     dtype. ``segments``: DenseKV, CompressedSpan and at most one SpanPlan (whose span table is
-    built once and reused by every call)."""
+    built once and reused by every call). ``tile``: the launch (default: the device's, see
+    :mod:`qkv.kernels.triton.tiles`)."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
     plans, dense = _split(segments)
@@ -138,7 +133,8 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torc
     h_kv = (dense[0].k if dense else plans[0].spans[0].ckv.k).shape[1]
     device = q.device
     emulate = device.type != "cuda"
-    block_n, piece, max_rows, warps = INTERPRETER_TILE if emulate else GPU_TILE
+    tile = tile or tile_for("decode", device)
+    block_n, piece, max_rows = tile.block_n, tile.piece, tile.max_rows
     table = plan_table(plans[0], device, piece) if plans else None
     groups = table.groups if table is not None else ()
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -153,7 +149,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torc
     rows_total = b * h * sq
     read = (table.nbytes if table is not None else 0) + 2 * dense_tokens * b * h_kv * d * q.itemsize
     budget = max(1, int(PARTIAL_SHARE * read) // (rows_total * (d + 1) * 4))
-    wave = WAVES * (4 if emulate else _multiprocessors(device.index or 0))
+    wave = tile.waves * (4 if emulate else _multiprocessors(device.index or 0))
     parts = max(1, min(budget, triton.cdiv(wave, b * h_kv * row_blocks)))
     per_prog = max(1, triton.cdiv(triton.cdiv(span_tokens + dense_tokens, parts), piece))
     dense_piece = per_prog * piece
@@ -175,7 +171,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torc
             continue
         k_layout, v_layout = g.layouts if g is not None else (TensorLayout(), TensorLayout())
         _launch_decode(
-            (n_span + n_dense, b * h_kv, row_blocks), (1,) if emulate else GPU_PIPELINE,
+            (n_span + n_dense, b * h_kv, row_blocks), tile.stages,
             q, qh if k_layout.ROT else q, ql, po, pl,
             g.table if g is not None else po, g.items if g is not None else po,
             g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
@@ -184,12 +180,13 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None) -> torc
             DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, HAS_SPANS=g is not None,
             HAS_DENSE=n_dense > 0, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=d**-0.5,
             K=k_layout, V=v_layout,
-            num_warps=warps,
+            num_warps=tile.warps,
         )
         base += n_span + n_dense
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=device)
-    merge_kernel[(triton.cdiv(rows_total, MERGE_ROWS),)](
-        po, pl, out, out, n_parts, rows_total, h, sq, *out.stride()[:3],
-        D=d, BLOCK_R=MERGE_ROWS, WRITE_LSE=False, EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4,
+    merge_kernel[(rows_total,)](
+        po, pl, out, n_parts, rows_total, h, sq, *out.stride()[:3],
+        D=d, BLOCK_P=min(MERGE_PARTS, triton.next_power_of_2(n_parts)),
+        EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4,
     )
     return out

@@ -171,31 +171,33 @@ def decode_kernel(
 
 
 @triton.jit
-def merge_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
-                 D: tl.constexpr, BLOCK_R: tl.constexpr, WRITE_LSE: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """Combine the partials [n_parts, ROWS_TOTAL, D] (log2-domain lse) of BLOCK_R rows of
-    [B, H, SQ] into out (q's dtype, strides o_*), and the natural log-sum-exp if WRITE_LSE.
-    EMULATE_BF16: round to bf16 by the bits (the interpreter's own conversion truncates)."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_ok = r < ROWS_TOTAL
+def merge_kernel(po_ptr, pl_ptr, out_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
+                 D: tl.constexpr, BLOCK_P: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Combine the partials [n_parts, ROWS_TOTAL, D] (log2-domain lse) of one row of [B, H, SQ]
+    (a program per row, BLOCK_P partials per load, so every part of a row is in flight at once)
+    into out (q's dtype, strides o_*). EMULATE_BF16:
+    round to bf16 by the bits (the interpreter's own conversion truncates)."""
+    r = tl.program_id(0).to(tl.int64)
+    p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, D)
-    m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
-    for p in range(n_parts):
-        m = tl.maximum(m, tl.load(pl_ptr + p * ROWS_TOTAL + r, mask=r_ok, other=float("-inf")))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    total = tl.zeros((BLOCK_R,), tl.float32)
-    acc = tl.zeros((BLOCK_R, D), tl.float32)
-    for p in range(n_parts):
-        w = tl.math.exp2(tl.load(pl_ptr + p * ROWS_TOTAL + r, mask=r_ok, other=float("-inf")) - m_safe)
-        part = tl.load(po_ptr + (p * ROWS_TOTAL + r.to(tl.int64))[:, None] * D + d[None, :],
-                       mask=r_ok[:, None] & (w > 0.0)[:, None], other=0.0)
+    m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        m = tl.maximum(m, tl.load(pl_ptr + (p0 + p) * ROWS_TOTAL + r, mask=p0 + p < n_parts, other=float("-inf")))
+    top = tl.max(m, 0)
+    top = tl.where(top == float("-inf"), 0.0, top)
+    total = tl.zeros((BLOCK_P,), tl.float32)
+    acc = tl.zeros((BLOCK_P, D), tl.float32)
+    for p0 in range(0, n_parts, BLOCK_P):
+        at = p0 + p
+        w = tl.math.exp2(tl.load(pl_ptr + at * ROWS_TOTAL + r, mask=at < n_parts, other=float("-inf")) - top)
+        part = tl.load(po_ptr + (at.to(tl.int64) * ROWS_TOTAL + r)[:, None] * D + d[None, :],
+                       mask=(w > 0.0)[:, None], other=0.0)
         acc += w[:, None] * part
         total += w
-    out = acc / tl.where(r_ok, total, 1.0)[:, None]
+    whole = tl.sum(total, 0)
+    out = tl.sum(acc, 0) / whole
     if EMULATE_BF16:
         out = round_to_bf16(out)
     bh = r // SQ
-    o = out_ptr + (bh // H).to(tl.int64) * o_sb + (bh % H) * o_sh + (r % SQ) * o_ss
-    tl.store(o[:, None] + d[None, :], out.to(out_ptr.dtype.element_ty), mask=r_ok[:, None])
-    if WRITE_LSE:
-        tl.store(lse_ptr + r, (m_safe + tl.math.log2(total)) * 0.6931471805599453, mask=r_ok)
+    o = out_ptr + (bh // H) * o_sb + (bh % H) * o_sh + (r % SQ) * o_ss
+    tl.store(o + d, out.to(out_ptr.dtype.element_ty))

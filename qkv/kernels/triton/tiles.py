@@ -1,0 +1,60 @@
+"""Per-device tile and launch choices of the Triton kernels.
+
+A kernel's choices on a GPU are looked up by the device's name (``torch.cuda.get_device_name``)
+in ``tiles.json`` next to this module, which ``benchmarks/tune_tiles.py`` writes from a sweep on
+that GPU (``--write``); a GPU the table does not name gets the kernel's defaults, the interpreter
+its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import pathlib
+
+import torch
+
+TABLE = pathlib.Path(__file__).with_name("tiles.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTile:
+    """The decode kernel's launch: ``block_n`` keys per tile, ``piece`` keys per work item, at most
+    ``max_rows`` query rows per program, ``warps`` per program, the software-pipelining depths to
+    try in order (a layout whose shared memory does not fit takes the next), and ``waves``:
+    programs per multiprocessor to aim for (the keys are split until the GPU holds that many)."""
+
+    block_n: int = 64
+    piece: int = 256
+    max_rows: int = 64
+    warps: int = 4
+    stages: tuple[int, ...] = (2, 1)
+    waves: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stages", tuple(self.stages))
+
+
+DEFAULTS = {"decode": DecodeTile()}
+INTERPRETER = {"decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4)}
+
+
+@functools.cache
+def _table() -> dict:
+    return json.loads(TABLE.read_text()) if TABLE.exists() else {}
+
+
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def tile_for(kernel: str, device: torch.device):
+    """The tile of ``kernel`` (a key of :data:`DEFAULTS`) on ``device``: the table's entry for the
+    GPU's name, else the default; the interpreter's tile off a GPU."""
+    if device.type != "cuda":
+        return INTERPRETER[kernel]
+    default = DEFAULTS[kernel]
+    entry = _table().get(_device_name(device.index or 0), {}).get(kernel)
+    return default if entry is None else type(default)(**entry)

@@ -1,0 +1,49 @@
+"""Per-device tiles: the table's entry for a GPU's name wins over the default, the interpreter
+gets its own tile, and a tile passed explicitly is the one the decode kernel runs."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from qkv.kernels.triton import tiles  # noqa: E402
+from qkv.kernels.triton.decode import decode_triton  # noqa: E402
+
+from test_attention import assert_within_twice_the_torch_error, history, randn  # noqa: E402
+
+
+def test_interpreter_tile_off_the_gpu():
+    assert tiles.tile_for("decode", torch.device("cpu")) == tiles.INTERPRETER["decode"]
+
+
+def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
+    table = tmp_path / "tiles.json"
+    table.write_text(json.dumps({"Some GPU": {"decode": {"block_n": 128, "piece": 512, "max_rows": 64, "warps": 8,
+                                                         "stages": [3, 2, 1], "waves": 8}}}))
+    monkeypatch.setattr(tiles, "TABLE", table)
+    monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
+    monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
+    got = tiles.tile_for("decode", torch.device("cuda", 0))
+    assert got == tiles.DecodeTile(block_n=128, piece=512, max_rows=64, warps=8, stages=(3, 2, 1), waves=8)
+    monkeypatch.setattr(tiles, "_device_name", lambda index: "Another GPU")
+    assert tiles.tile_for("decode", torch.device("cuda", 0)) == tiles.DEFAULTS["decode"]
+
+
+def test_the_shipped_table_names_known_fields():
+    if not tiles.TABLE.exists():
+        pytest.skip("no per-device table shipped")
+    for gpu, kernels in json.loads(tiles.TABLE.read_text()).items():
+        for kernel, entry in kernels.items():
+            assert type(tiles.DEFAULTS[kernel])(**entry), gpu
+
+
+@pytest.mark.parametrize("tile", [
+    tiles.DecodeTile(block_n=16, piece=16, max_rows=16, warps=2, stages=(1,), waves=1),
+    tiles.DecodeTile(block_n=32, piece=64, max_rows=16, warps=4, stages=(1,), waves=8),
+])
+def test_explicit_tile_is_run(tile):
+    segments = history("qvg", seed=5)
+    q = randn(6, 1, 4, 3, 64)
+    assert_within_twice_the_torch_error(decode_triton(q, segments, tile=tile), q, segments)
