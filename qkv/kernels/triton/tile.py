@@ -12,9 +12,11 @@ the tokens) of the (batch, head) row, built by :func:`record_source` or, from th
 kernel argument of the quantize and dequantize kernels, by :func:`stage_rows`; :func:`add_stages`
 adds (or subtracts) them in stage order.
 
-The arithmetic is the reference's (:func:`qkv.kernels.quantize.dequantize_torch`) in its order: fp32
-``(code - offset) * scale``, ``+ zero``, then each stage's centroid added in stage order, so a
-kernel compiled without FMA contraction (dequantize) reproduces it bit for bit.
+With ``EXACT`` the arithmetic is the reference's (:func:`qkv.kernels.quantize.dequantize_torch`) in
+its order: fp32 ``(code - offset) * scale``, ``+ zero``, then each stage's centroid added in stage
+order, so a kernel compiled without FMA contraction (dequantize) reproduces it bit for bit. The
+attention kernels, whose results are compared within rounding anyway, take one fused multiply-add
+per packed code instead (the per-element work is what bounds them at few queries).
 """
 
 from typing import NamedTuple
@@ -139,12 +141,10 @@ def _block_params(src, idx, mask, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
-def _word_codes(word, L: tl.constexpr):
-    """``code - L.OFFSET`` (fp32, exact) of every code of packed words [R, W]: [R, W, PER], code j
-    of a word first in the word's bit order. No int -> float conversion (a quarter-rate
-    instruction): with the code as the top mantissa bits of 2.0 the float is
-    2 + code * 2**(1 - BITS), and times 2**(BITS - 1) minus (2**BITS + OFFSET) is exact whether the
-    two operations are fused or not."""
+def _word_floats(word, L: tl.constexpr):
+    """``2 + code * 2**(1 - BITS)`` (fp32, exact) of every code of packed words [R, W]: [R, W, PER],
+    code j of a word first in the word's bit order: the code as the top mantissa bits of 2.0, so
+    no int -> float conversion (a quarter-rate instruction) is needed."""
     PER: tl.constexpr = L.WORD // L.BITS
     j = tl.arange(0, PER)
     if L.MSB:
@@ -152,19 +152,39 @@ def _word_codes(word, L: tl.constexpr):
     else:
         shift = j * L.BITS
     code = (word.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << L.BITS) - 1)
-    val = ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
-    return val * (1 << (L.BITS - 1)) - ((1 << L.BITS) + L.OFFSET)
+    return ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _affine(raw, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
+    """Values of codes given as :func:`_word_floats` ``raw`` with their blocks' ``scale`` and
+    ``zero`` (broadcast to raw). EXACT: the reference's order, ``(code - OFFSET) * scale + zero``
+    (raw times 2**(BITS - 1) minus (2**BITS + OFFSET) is exact, fused or not); otherwise one
+    fused multiply-add per value, raw * (scale * 2**(BITS - 1)) + (zero - scale * (2**BITS +
+    OFFSET)), with the two factors computed per block (within fp32 rounding of the reference)."""
+    if EXACT:
+        val = (raw * (1 << (L.BITS - 1)) - ((1 << L.BITS) + L.OFFSET)) * scale
+        if L.HAS_ZERO:
+            val = val + zero
+    else:
+        bias = scale * -((1 << L.BITS) + L.OFFSET)
+        if L.HAS_ZERO:
+            bias = bias + zero
+        val = raw * (scale * (1 << (L.BITS - 1))) + bias
+    return val
 
 
 @triton.jit
 def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_FP: tl.constexpr):
+                HAS_FP: tl.constexpr, EXACT: tl.constexpr):
     """Decoded values [BLOCK_N, BLOCK_D] fp32 of tokens t0 .. t0 + BLOCK_N (t0 a multiple of BLOCK_N)
     of the compressed tensor ``src`` (:class:`Source`) of layout ``L``: the reference's values
     before their rounding to the output dtype, 0 past D and at tokens it does not hold. HAS_FP:
     the tile may reach the full-precision tokens kept after the quantized ones, up to S (the
     attention kernels decode only a span's last tiles so: a runtime branch in their main tile
-    loop made ptxas 13.4 serialize the tensor-core products of the whole kernel)."""
+    loop made ptxas 13.4 serialize the tensor-core products of the whole kernel). EXACT: the
+    reference's arithmetic order (dequantize); otherwise (attention) a fused multiply-add per
+    value for packed codes, see :func:`_affine`."""
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     q_ok = tok < src.quantized
@@ -178,33 +198,26 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
         if L.TOKEN_AXIS:  # per-token blocks: a packed row per token
             w = tl.arange(0, D // PER)
             word = tl.load(src.codes + tok[:, None] * src.words + w[None, :], mask=ok, other=0)
-            val = tl.reshape(_word_codes(word, L), (BLOCK_N, D // L.QBLOCK, L.QBLOCK))
+            raw = tl.reshape(_word_floats(word, L), (BLOCK_N, D // L.QBLOCK, L.QBLOCK))
             g = tl.arange(0, D // L.QBLOCK)
             scale, zero = _block_params(src, tok[:, None] * src.groups + g[None, :], ok, L.HAS_ZERO)
-            val = val * scale[:, :, None]
-            if L.HAS_ZERO:
-                val = val + zero[:, :, None]
-            x = tl.reshape(val, (BLOCK_N, D))
+            x = tl.reshape(_affine(raw, scale[:, :, None], zero[:, :, None], L, EXACT), (BLOCK_N, D))
         else:  # per-channel blocks along the tokens: a packed row per channel (t0 is a multiple of PER)
             w = t0 // PER + tl.arange(0, BLOCK_N // PER)
             word = tl.load(src.codes + d[:, None] * src.words + w[None, :], mask=(w * PER < src.quantized)[None, :],
                            other=0)
-            val = tl.reshape(_word_codes(word, L), (D, BLOCK_N))
+            raw = tl.reshape(_word_floats(word, L), (D, BLOCK_N))
             if BLOCK_N % L.QBLOCK == 0:  # whole scale blocks per tile
                 G: tl.constexpr = BLOCK_N // L.QBLOCK
                 g = t0 // L.QBLOCK + tl.arange(0, G)
                 scale, zero = _block_params(src, d[:, None] * src.groups + g[None, :],
                                             (g * L.QBLOCK < src.quantized)[None, :], L.HAS_ZERO)
-                val = tl.reshape(val, (D, G, L.QBLOCK)) * scale[:, :, None]
-                if L.HAS_ZERO:
-                    val = val + zero[:, :, None]
+                val = _affine(tl.reshape(raw, (D, G, L.QBLOCK)), scale[:, :, None], zero[:, :, None], L, EXACT)
                 val = tl.reshape(val, (D, BLOCK_N))
             else:  # a scale per code
                 scale, zero = _block_params(src, d[:, None] * src.groups + (tok // L.QBLOCK)[None, :], q_ok[None, :],
                                             L.HAS_ZERO)
-                val = val * scale
-                if L.HAS_ZERO:
-                    val = val + zero
+                val = _affine(raw, scale, zero, L, EXACT)
             x = tl.trans(val)
     else:  # any other layout (codes across words, D or blocks not powers of two): code by code
         if L.TOKEN_AXIS:
