@@ -141,23 +141,54 @@ def _block_params(src, idx, mask, HAS_ZERO: tl.constexpr):
 
 
 @triton.jit
-def _word_floats(word, L: tl.constexpr):
-    """``2 + code * 2**(1 - BITS)`` (fp32, exact) of every code of packed words [R, W]: [R, W, PER],
-    code j of a word first in the word's bit order: the code as the top mantissa bits of 2.0, so
-    no int -> float conversion (a quarter-rate instruction) is needed."""
+def _spread(parts, PER: tl.constexpr):
+    """[R, W * PER] from a tuple of PER tensors [R, W] (part j at columns w * PER + j): pairs are
+    joined into a trailing axis that each thread holds, so the final reshape moves no data
+    (PER a power of two)."""
+    x = parts
+    for _ in tl.static_range(PER.bit_length() - 1):
+        n: tl.constexpr = len(x) // 2
+        joined = ()
+        for i in tl.static_range(n):
+            joined = joined + (tl.join(x[i], x[i + n]),)
+        x = joined
+    out = x[0]
+    return tl.reshape(out, (out.shape[0], out.shape[1] * PER))
+
+
+@triton.jit
+def _unpack_rows(word, row, pos, row_ok, limit, src, L: tl.constexpr, EXACT: tl.constexpr):
+    """Values [R, W * PER] fp32 of packed words ``word`` [R, W] (whole codes per word): code j of
+    word w of row r sits at position ``pos[r, w] + j`` along its row, its scale block is
+    ``row * groups + position // QBLOCK``; a code exists where ``row_ok`` and its position is below
+    ``limit``. Each code is decoded in the words' own layout (its scale loaded once per word when
+    a word's codes share a block) and the codes are spread along the row by :func:`_spread`.
+
+    A code becomes a float without an int -> float conversion (a quarter-rate instruction): as the
+    top mantissa bits of 2.0 it reads ``2 + code * 2**(1 - BITS)`` (``raw``), then :func:`_affine`."""
     PER: tl.constexpr = L.WORD // L.BITS
-    j = tl.arange(0, PER)
-    if L.MSB:
-        shift = (PER - 1 - j) * L.BITS
-    else:
-        shift = j * L.BITS
-    code = (word.to(tl.int32)[:, :, None] >> shift[None, None, :]) & ((1 << L.BITS) - 1)
-    return ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
+    SHARED: tl.constexpr = L.QBLOCK % PER == 0
+    w32 = word.to(tl.int32)
+    vals = ()
+    scale = 0.0
+    zero = 0.0
+    for j in tl.static_range(PER):
+        if L.MSB:
+            shift: tl.constexpr = (PER - 1 - j) * L.BITS
+        else:
+            shift: tl.constexpr = j * L.BITS
+        code = (w32 >> shift) & ((1 << L.BITS) - 1)
+        raw = ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
+        if j == 0 or not SHARED:
+            scale, zero = _block_params(src, row * src.groups + (pos + j) // L.QBLOCK, row_ok & (pos + j < limit),
+                                        L.HAS_ZERO)
+        vals = vals + (_affine(raw, scale, zero, L, EXACT),)
+    return _spread(vals, PER)
 
 
 @triton.jit
 def _affine(raw, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
-    """Values of codes given as :func:`_word_floats` ``raw`` with their blocks' ``scale`` and
+    """Values of codes given as ``raw`` (see :func:`_unpack_rows`) with their blocks' ``scale`` and
     ``zero`` (broadcast to raw). EXACT: the reference's order, ``(code - OFFSET) * scale + zero``
     (raw times 2**(BITS - 1) minus (2**BITS + OFFSET) is exact, fused or not); otherwise one
     fused multiply-add per value, raw * (scale * 2**(BITS - 1)) + (zero - scale * (2**BITS +
@@ -198,27 +229,12 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
         if L.TOKEN_AXIS:  # per-token blocks: a packed row per token
             w = tl.arange(0, D // PER)
             word = tl.load(src.codes + tok[:, None] * src.words + w[None, :], mask=ok, other=0)
-            raw = tl.reshape(_word_floats(word, L), (BLOCK_N, D // L.QBLOCK, L.QBLOCK))
-            g = tl.arange(0, D // L.QBLOCK)
-            scale, zero = _block_params(src, tok[:, None] * src.groups + g[None, :], ok, L.HAS_ZERO)
-            x = tl.reshape(_affine(raw, scale[:, :, None], zero[:, :, None], L, EXACT), (BLOCK_N, D))
+            x = _unpack_rows(word, tok[:, None], w[None, :] * PER, ok, D, src, L, EXACT)
         else:  # per-channel blocks along the tokens: a packed row per channel (t0 is a multiple of PER)
             w = t0 // PER + tl.arange(0, BLOCK_N // PER)
             word = tl.load(src.codes + d[:, None] * src.words + w[None, :], mask=(w * PER < src.quantized)[None, :],
                            other=0)
-            raw = tl.reshape(_word_floats(word, L), (D, BLOCK_N))
-            if BLOCK_N % L.QBLOCK == 0:  # whole scale blocks per tile
-                G: tl.constexpr = BLOCK_N // L.QBLOCK
-                g = t0 // L.QBLOCK + tl.arange(0, G)
-                scale, zero = _block_params(src, d[:, None] * src.groups + g[None, :],
-                                            (g * L.QBLOCK < src.quantized)[None, :], L.HAS_ZERO)
-                val = _affine(tl.reshape(raw, (D, G, L.QBLOCK)), scale[:, :, None], zero[:, :, None], L, EXACT)
-                val = tl.reshape(val, (D, BLOCK_N))
-            else:  # a scale per code
-                scale, zero = _block_params(src, d[:, None] * src.groups + (tok // L.QBLOCK)[None, :], q_ok[None, :],
-                                            L.HAS_ZERO)
-                val = _affine(raw, scale, zero, L, EXACT)
-            x = tl.trans(val)
+            x = tl.trans(_unpack_rows(word, d[:, None], w[None, :] * PER, d[:, None] < D, src.quantized, src, L, EXACT))
     else:  # any other layout (codes across words, D or blocks not powers of two): code by code
         if L.TOKEN_AXIS:
             row = tok[:, None] + 0 * d[None, :]
