@@ -98,15 +98,15 @@ def code_layout(quant: AffineFormat, d: int, mult, centroids, assignments, **fie
     """The layout of codes in format ``quant`` for head dim ``d``, stored with row multipliers
     ``mult`` (None: none, e.g. no quantized token) and stages of these ``centroids`` /
     ``assignments`` (their dtypes); ``fields``: the rest (record flags). The dequantize and
-    attention kernels decide their tile decoding from it alike. FAST: whole codes per word and a
-    power-of-two D, with per-token blocks that tile the row in powers of two, or per-channel rows
-    read a word at a time (every token tile, at least :data:`MIN_TOKEN_TILE`, then holds whole
-    words): see ``tile.decode_tile``."""
+    attention kernels decide their tile decoding from it alike. FAST: whole codes per word, powers
+    of two for D, the codes per word and the block, and whole words per block, with per-token
+    blocks that tile the row, or per-channel rows read a word at a time (every token tile, at
+    least :data:`MIN_TOKEN_TILE`, then holds whole words and whole blocks or part of one): see
+    ``tile.decode_tile``."""
     per = quant.pack.word_bits // quant.bits
-    fast = quant.pack.word_bits % quant.bits == 0 and is_pow2(d) and (
-        (quant.axis == "token" and d % per == 0 and d % quant.block == 0 and is_pow2(quant.block))
-        or (quant.axis == "channel" and is_pow2(per) and per <= MIN_TOKEN_TILE)
-    )
+    fast = (quant.pack.word_bits % quant.bits == 0 and is_pow2(d) and is_pow2(per) and is_pow2(quant.block)
+            and quant.block % per == 0 and (quant.axis == "token" and d % quant.block == 0
+                                            or quant.axis == "channel" and per <= MIN_TOKEN_TILE))
     return TensorLayout(
         CAST=False, BITS=quant.bits, QBLOCK=quant.block, OFFSET=quant.offset, HAS_ZERO=quant.has_zero,
         HAS_MULT=mult is not None, TOKEN_AXIS=quant.axis == "token", FAST=fast, WORD=quant.pack.word_bits,

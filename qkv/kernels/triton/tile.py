@@ -79,11 +79,11 @@ def add_stages(x, stages, tok, tok_ok, ch, mask, D, TOKEN_ROWS: tl.constexpr, SU
     other way round; ``tok_ok``: the tokens that exist, ``mask``: the elements."""
     for i in tl.static_range(len(stages)):
         c, a, a_s = stages[i]
-        idx = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int64)
+        row = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32) * D  # int32: C * D < 2**31
         if TOKEN_ROWS:
-            off = idx[:, None] * D + ch[None, :]
+            off = row[:, None] + ch[None, :]
         else:
-            off = idx[None, :] * D + ch[:, None]
+            off = row[None, :] + ch[:, None]
         cent = tl.load(c + off, mask=mask, other=0.0).to(tl.float32)
         if SUBTRACT:
             x = x - cent
@@ -142,46 +142,33 @@ def _block_params(src, idx, mask, HAS_ZERO: tl.constexpr):
 
 @triton.jit
 def _spread(parts, PER: tl.constexpr):
-    """[R, W * PER] from a tuple of PER tensors [R, W] (part j at columns w * PER + j): pairs are
-    joined into a trailing axis that each thread holds, so the final reshape moves no data
-    (PER a power of two)."""
+    """[R, C * PER] from a tuple of PER tensors [R, ...] of C elements a row (part j of element
+    c at column c * PER + j): pairs are joined into a trailing axis that each thread holds, so the
+    final reshape moves no data (PER a power of two)."""
     x = parts
-    for _ in tl.static_range(PER.bit_length() - 1):
-        n: tl.constexpr = len(x) // 2
-        joined = ()
-        for i in tl.static_range(n):
-            joined = joined + (tl.join(x[i], x[i + n]),)
-        x = joined
+    for _ in tl.static_range(5):  # up to 32 codes per word
+        if len(x) > 1:
+            joined = ()
+            for i in tl.static_range(len(x) // 2):
+                joined = joined + (tl.join(x[i], x[i + len(x) // 2]),)
+            x = joined
     out = x[0]
-    return tl.reshape(out, (out.shape[0], out.shape[1] * PER))
+    return tl.reshape(out, (out.shape[0], out.numel // out.shape[0]))
 
 
 @triton.jit
-def _unpack_rows(word, row, pos, row_ok, limit, src, L: tl.constexpr, EXACT: tl.constexpr):
-    """Values [R, W * PER] fp32 of packed words ``word`` [R, W] (whole codes per word): code j of
-    word w of row r sits at position ``pos[r, w] + j`` along its row, its scale block is
-    ``row * groups + position // QBLOCK``; a code exists where ``row_ok`` and its position is below
-    ``limit``. Each code is decoded in the words' own layout (its scale loaded once per word when
-    a word's codes share a block) and the codes are spread along the row by :func:`_spread`.
-
-    A code becomes a float without an int -> float conversion (a quarter-rate instruction): as the
-    top mantissa bits of 2.0 it reads ``2 + code * 2**(1 - BITS)`` (``raw``), then :func:`_affine`."""
+def _unpack(word, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
+    """Values [R, G * W * PER] fp32 of packed words ``word`` [R, G, W] whose codes share a block
+    per (row, g): ``scale`` and ``zero`` [R, G, 1]. Each code is decoded in the words' own layout
+    and the codes are spread along the row by :func:`_spread`. A code becomes a float without an
+    int -> float conversion (a quarter-rate instruction): as the top mantissa bits of 2.0 it reads
+    ``2 + code * 2**(1 - BITS)`` (``raw``), then :func:`_affine`."""
     PER: tl.constexpr = L.WORD // L.BITS
-    SHARED: tl.constexpr = L.QBLOCK % PER == 0
     w32 = word.to(tl.int32)
     vals = ()
-    scale = 0.0
-    zero = 0.0
     for j in tl.static_range(PER):
-        if L.MSB:
-            shift: tl.constexpr = (PER - 1 - j) * L.BITS
-        else:
-            shift: tl.constexpr = j * L.BITS
-        code = (w32 >> shift) & ((1 << L.BITS) - 1)
+        code = (w32 >> ((PER - 1 - j) * L.BITS if L.MSB else j * L.BITS)) & ((1 << L.BITS) - 1)
         raw = ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
-        if j == 0 or not SHARED:
-            scale, zero = _block_params(src, row * src.groups + (pos + j) // L.QBLOCK, row_ok & (pos + j < limit),
-                                        L.HAS_ZERO)
         vals = vals + (_affine(raw, scale, zero, L, EXACT),)
     return _spread(vals, PER)
 
@@ -224,17 +211,25 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
         ok = ok & (d < D)[None, :]
     if L.CAST:  # float-cast spans store the values themselves
         x = tl.load(src.codes + tok[:, None] * D + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    elif L.FAST:  # whole codes per word (D == BLOCK_D): load packed rows coalesced, expand by shifts
+    elif L.FAST:  # whole codes per word, a block's codes in whole words (D == BLOCK_D): see code_layout
         PER: tl.constexpr = L.WORD // L.BITS
-        if L.TOKEN_AXIS:  # per-token blocks: a packed row per token
-            w = tl.arange(0, D // PER)
-            word = tl.load(src.codes + tok[:, None] * src.words + w[None, :], mask=ok, other=0)
-            x = _unpack_rows(word, tok[:, None], w[None, :] * PER, ok, D, src, L, EXACT)
-        else:  # per-channel blocks along the tokens: a packed row per channel (t0 is a multiple of PER)
-            w = t0 // PER + tl.arange(0, BLOCK_N // PER)
-            word = tl.load(src.codes + d[:, None] * src.words + w[None, :], mask=(w * PER < src.quantized)[None, :],
-                           other=0)
-            x = tl.trans(_unpack_rows(word, d[:, None], w[None, :] * PER, d[:, None] < D, src.quantized, src, L, EXACT))
+        if L.TOKEN_AXIS:  # per-token blocks: a packed row per token, [tokens, blocks, words of a block]
+            G: tl.constexpr = D // L.QBLOCK
+            WG: tl.constexpr = L.QBLOCK // PER
+            g = tl.arange(0, G)
+            w = g[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
+            word = tl.load(src.codes + tok[:, None, None] * src.words + w, mask=q_ok[:, None, None], other=0)
+            scale, zero = _block_params(src, tok[:, None] * src.groups + g[None, :], ok, L.HAS_ZERO)
+            x = _unpack(word, scale[:, :, None], zero[:, :, None], L, EXACT)
+        else:  # per-channel blocks along the tokens: a packed row per channel, [channels, blocks, words]
+            GT: tl.constexpr = BLOCK_N // L.QBLOCK if BLOCK_N > L.QBLOCK else 1
+            WG: tl.constexpr = BLOCK_N // PER // GT
+            g = t0 // L.QBLOCK + tl.arange(0, GT)  # the tile's blocks (t0 is a multiple of PER)
+            w = t0 // PER + tl.arange(0, GT)[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
+            word = tl.load(src.codes + d[:, None, None] * src.words + w, mask=w * PER < src.quantized, other=0)
+            scale, zero = _block_params(src, d[:, None] * src.groups + g[None, :],
+                                        (g * L.QBLOCK < src.quantized)[None, :], L.HAS_ZERO)
+            x = tl.trans(_unpack(word, scale[:, :, None], zero[:, :, None], L, EXACT))
     else:  # any other layout (codes across words, D or blocks not powers of two): code by code
         if L.TOKEN_AXIS:
             row = tok[:, None] + 0 * d[None, :]
