@@ -15,28 +15,33 @@ from test_attention import assert_within_twice_the_torch_error, history, randn  
 
 
 def test_interpreter_tile_off_the_gpu():
-    assert tiles.tile_for("decode", torch.device("cpu")) == tiles.INTERPRETER["decode"]
+    assert tiles.tile_for("decode", torch.device("cpu"), 4) == tiles.INTERPRETER["decode"]
 
 
 def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     table = tmp_path / "tiles.json"
-    table.write_text(json.dumps({"Some GPU": {"decode": {"block_n": 128, "piece": 512, "max_rows": 64, "warps": 8,
-                                                         "stages": [3, 2, 1], "waves": 8}}}))
+    few = {"up_to": 16, "block_n": 128, "piece": 512, "max_rows": 64, "warps": 8, "stages": [3, 2, 1], "waves": 8}
+    many = {"up_to": None, "block_n": 32, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 2}
+    table.write_text(json.dumps({"Some GPU": {"decode": [few, many]}}))
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
-    got = tiles.tile_for("decode", torch.device("cuda", 0))
-    assert got == tiles.DecodeTile(block_n=128, piece=512, max_rows=64, warps=8, stages=(3, 2, 1), waves=8)
+    cuda = torch.device("cuda", 0)
+    assert tiles.tile_for("decode", cuda, 4) == tiles.DecodeTile(128, 512, 64, 8, (3, 2, 1), 8)
+    assert tiles.tile_for("decode", cuda, 16) == tiles.tile_for("decode", cuda, 4)
+    assert tiles.tile_for("decode", cuda, 17) == tiles.DecodeTile(32, 256, 64, 4, (1,), 2)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Another GPU")
-    assert tiles.tile_for("decode", torch.device("cuda", 0)) == tiles.DEFAULTS["decode"]
+    assert tiles.tile_for("decode", cuda, 4) == tiles.DEFAULTS["decode"]
 
 
 def test_the_shipped_table_names_known_fields():
     if not tiles.TABLE.exists():
         pytest.skip("no per-device table shipped")
     for gpu, kernels in json.loads(tiles.TABLE.read_text()).items():
-        for kernel, entry in kernels.items():
-            assert type(tiles.DEFAULTS[kernel])(**entry), gpu
+        for kernel, entries in kernels.items():
+            assert entries[-1]["up_to"] is None, gpu  # a tile for any call
+            for entry in entries:
+                assert type(tiles.DEFAULTS[kernel])(**{k: v for k, v in entry.items() if k != "up_to"}), gpu
 
 
 @pytest.mark.parametrize("tile", [

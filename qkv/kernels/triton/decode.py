@@ -133,7 +133,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     h_kv = (dense[0].k if dense else plans[0].spans[0].ckv.k).shape[1]
     device = q.device
     emulate = device.type != "cuda"
-    tile = tile or tile_for("decode", device)
+    tile = tile or tile_for("decode", device, h // h_kv * sq)
     block_n, piece, max_rows = tile.block_n, tile.piece, tile.max_rows
     table = plan_table(plans[0], device, piece) if plans else None
     groups = table.groups if table is not None else ()

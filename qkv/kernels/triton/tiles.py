@@ -4,6 +4,10 @@ A kernel's choices on a GPU are looked up by the device's name (``torch.cuda.get
 in ``tiles.json`` next to this module, which ``benchmarks/tune_tiles.py`` writes from a sweep on
 that GPU (``--write``); a GPU the table does not name gets the kernel's defaults, the interpreter
 its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly instead.
+
+An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
+kernel: query rows per KV head, query heads of a group x queries), the last for any; the best
+tile for one query per head is not the best for sixteen.
 """
 
 from __future__ import annotations
@@ -50,11 +54,15 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def tile_for(kernel: str, device: torch.device):
-    """The tile of ``kernel`` (a key of :data:`DEFAULTS`) on ``device``: the table's entry for the
-    GPU's name, else the default; the interpreter's tile off a GPU."""
+def tile_for(kernel: str, device: torch.device, rows: int):
+    """The tile of ``kernel`` (a key of :data:`DEFAULTS`) on ``device`` for ``rows`` work rows: the
+    first tile of the table's entry for the GPU's name whose ``up_to`` holds them (the last
+    tile otherwise), else the default; the interpreter's tile off a GPU."""
     if device.type != "cuda":
         return INTERPRETER[kernel]
     default = DEFAULTS[kernel]
     entry = _table().get(_device_name(device.index or 0), {}).get(kernel)
-    return default if entry is None else type(default)(**entry)
+    if not entry:
+        return default
+    chosen = next((e for e in entry if e.get("up_to") is not None and rows <= e["up_to"]), entry[-1])
+    return type(default)(**{k: v for k, v in chosen.items() if k != "up_to"})

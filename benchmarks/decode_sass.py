@@ -1,0 +1,106 @@
+"""What the decode kernel's main loop costs per decoded value, compiled for a GPU without one.
+
+Compiles ``decode_kernel`` (kernels/triton/decode_kernel.py) for an sm_90 target with the installed
+Triton, for each preset's layouts (head dim 128, 16 query rows, ``--block-n`` keys a tile, 4 warps,
+no pipelining), disassembles it with the ``nvdisasm`` that ships with Triton, and reports the
+registers a thread, the instructions of the innermost loop (one key and value tile) by opcode and
+per decoded value (2 x block_n x 128 values over 128 threads).
+
+    PYTHONPATH=. python3 benchmarks/decode_sass.py --out benchmarks/results/decode_sass_triton36.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import qkv
+from qkv.kernels.triton.decode_kernel import decode_kernel
+from qkv.kernels.triton.records import span_record
+
+POINTERS = {"q_ptr": "*bf16", "qh_ptr": "*bf16", "ql_ptr": "*bf16", "po_ptr": "*fp32", "pl_ptr": "*fp32",
+            "span_ptr": "*i64", "item_ptr": "*i64", "dk0": "*bf16", "dv0": "*bf16", "dk1": "*bf16", "dv1": "*bf16"}
+WARPS = 4
+LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")
+
+
+def tool(name: str) -> str:
+    return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def compile_layouts(name: str, block_n: int) -> bytes:
+    k = torch.randn(1, 2, 256, 128).bfloat16()
+    k_layout, v_layout = span_record(qkv.build_policy(name).compress(k, k.clone())).layouts
+    const = dict(D=128, BLOCK_M=16, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
+                 HAS_DENSE=False, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout)
+    signature = {a: "constexpr" if a in const else POINTERS.get(a, "fp32" if a == "qk_scale" else "i32")
+                 for a in decode_kernel.arg_names}
+    compiled = triton.compile(ASTSource(decode_kernel, signature, const), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": WARPS, "num_stages": 1})
+    return compiled.asm["cubin"]
+
+
+def inner_loop(sass: str) -> collections.Counter:
+    """Opcodes of the shortest backward branch's body (the innermost loop)."""
+    labels, code = {}, []
+    pending = []
+    for line in sass.splitlines():
+        label = re.match(r"\s*(\.L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+            continue
+        m = LINE.match(line)
+        if m:
+            addr = int(m.group(1), 16)
+            for name in pending:
+                labels[name] = addr
+            pending = []
+            code.append((addr, m.group(2), m.group(3)))
+    loops = []
+    for addr, op, rest in code:
+        target = re.search(r"(\.L_x_\d+)", rest)
+        if op.startswith("BRA") and target and labels.get(target.group(1), addr + 1) < addr:
+            loops.append((labels[target.group(1)], addr))
+    start, end = min(loops, key=lambda span: span[1] - span[0])
+    return collections.Counter(op for addr, op, _ in code if start <= addr < end)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("presets", nargs="*", default=["qvg", "kivi", "rtn", "quarot", "bf16"])
+    parser.add_argument("--block-n", type=int, default=64)
+    parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
+    args = parser.parse_args()
+    rows = []
+    values = 2 * args.block_n * 128 / (32 * WARPS)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.presets:
+            cubin = pathlib.Path(tmp) / f"{name}.cubin"
+            cubin.write_bytes(compile_layouts(name, args.block_n))
+            sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+            usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                                   check=True).stdout
+            regs = int(re.search(r"REG:(\d+)", usage).group(1))
+            ops = inner_loop(sass)
+            total = sum(ops.values())
+            rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "block_n": args.block_n,
+                         "warps": WARPS, "registers": regs, "loop_instructions": total,
+                         "per_value": round(total / values, 2), "opcodes": dict(ops.most_common())})
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "opcodes"}), flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
