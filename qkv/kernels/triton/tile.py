@@ -175,7 +175,7 @@ def _unpack(word, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
 
 @triton.jit
 def _affine(raw, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
-    """Values of codes given as ``raw`` (see :func:`_unpack_rows`) with their blocks' ``scale`` and
+    """Values of codes given as ``raw`` (see :func:`_unpack`) with their blocks' ``scale`` and
     ``zero`` (broadcast to raw). EXACT: the reference's order, ``(code - OFFSET) * scale + zero``
     (raw times 2**(BITS - 1) minus (2**BITS + OFFSET) is exact, fused or not); otherwise one
     fused multiply-add per value, raw * (scale * 2**(BITS - 1)) + (zero - scale * (2**BITS +
