@@ -44,7 +44,6 @@ class CacheConfig:
     recent_chunks: int = 0
     max_spans: int | None = None
     warm_start: bool = True
-    head_independent: bool = True
     validate: bool = True
     backend: str = "auto"
     attention: str = "auto"
@@ -67,7 +66,7 @@ class CacheConfig:
         check_int("cache", "recent_chunks", self.recent_chunks, 0)
         if self.max_spans is not None:
             check_int("cache", "max_spans", self.max_spans, 1)
-        for key in ("warm_start", "head_independent", "validate"):
+        for key in ("warm_start", "validate"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"cache: {key} must be True or False, got {getattr(self, key)!r}")
         check_choice("cache", "backend", self.backend, tuple(b.value for b in Backend))

@@ -29,9 +29,9 @@ every span's k-means starts from the previous span's centroids of the same layer
 (the first span, and a span whose cluster count differs, start cold). ``benchmarks/warm_start_kmeans.py``
 measured it on real K/V against the qvg presets' cold start (random seeding, as the reference): on
 Wan video K/V warm reaches the cold error in 2.4x / 4.0x / 7.1x fewer iterations (cold 5 / 10 / 20),
-and at the presets' 5 iterations its objective is 4.6% (video) / 1.0% (speech encoder) lower. With
-``head_independent=True`` (default) a cold clustering runs head by head, so a head's result never
-depends on which other heads share the call: that is what lets ranks that each hold some heads
+and at the presets' 5 iterations its objective is 4.6% (video) / 1.0% (speech encoder) lower. A span's
+heads are compressed in one call, and a head's result never depends on which other heads share it
+(k-means's random draws are shared by all rows): that is what lets ranks that each hold some heads
 (``qkv.caches.sharding``) produce exactly the unsharded cache.
 
 :meth:`LayerCache.read` decompresses span by span (nothing decompressed is kept) and concatenates sink,
@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from qkv import kernels
 from qkv.caches import cache_io
 from qkv.caches.cache_config import CacheConfig, CacheMemory
-from qkv.caches.heads import cat_heads, index_batch
+from qkv.caches.heads import index_batch
 from qkv.caches.layer_state import (
     LayerState,
     Layout,
@@ -291,12 +291,6 @@ class LayerCache(LayerState):
         # every chunk was checked as it came (or the config says not to check)
         if warm is not None and self._warm_fits(warm, k.shape[2]):
             return policy.compress(k, v, warm_start=warm, backend=cfg.backend, validate=False)
-        if cfg.head_independent and cfg.clusters and k.shape[1] > 1:
-            parts = [
-                policy.compress(k[:, h : h + 1], v[:, h : h + 1], backend=cfg.backend, validate=False)
-                for h in range(k.shape[1])
-            ]
-            return cat_heads(parts)
         return policy.compress(k, v, backend=cfg.backend, validate=False)
 
     def trim(self) -> None:

@@ -5,9 +5,9 @@ holds those heads' K/V. :class:`HeadShardedKVCache` is a :class:`KVCache` over t
 (contiguous blocks: rank r holds heads ``r*H/world .. (r+1)*H/world``) that also accepts full-head
 chunks (it keeps its slice), gathers full-head reads when asked, and sums memory over ranks.
 
-Compression treats every (batch, head) row on its own, and the cache clusters head by head when it
-starts k-means cold (``head_independent=True``, forced here), so the gathered cache equals, bit for
-bit, an unsharded :class:`KVCache` with the same options fed the full chunks.
+Compression treats every (batch, head) row on its own (k-means's random draws are shared by all
+rows, so a head's clustering does not depend on the heads beside it), so the gathered cache
+equals, bit for bit, an unsharded :class:`KVCache` with the same options fed the full chunks.
 """
 
 from __future__ import annotations
@@ -40,8 +40,6 @@ class HeadShardedKVCache(KVCache):
     def __init__(self, policy: Policy | str, *, heads: int, group=None, **options) -> None:
         if not dist.is_available() or not dist.is_initialized():
             raise ConfigError("HeadShardedKVCache needs an initialized torch.distributed process group")
-        if options.get("head_independent") is False:
-            raise ConfigError("a head-sharded cache clusters head by head (head_independent=True)")
         super().__init__(policy, **options)
         self.group = group
         self.rank = dist.get_rank(group)

@@ -53,10 +53,10 @@ def evaluate(
     """Compress and decompress every layer of ``samples`` (``KVSample`` list, K and V
     [1, H, S, D]) in ``dtype``, one head at a time.
 
-    Each head is compressed on its own, as :class:`qkv.KVCache` compresses a span
-    (``head_independent``): a head's result does not depend on the other heads, so a subset of
-    the heads gives exactly those heads' rows of the full run, and every call's temporaries are
-    1/H of the layer's size. Errors are measured against the ``dtype`` tensors (what a bf16 cache
+    Each head is compressed on its own. A head's result does not depend on the other heads
+    (k-means's random draws are shared by all rows, as when :class:`qkv.KVCache` compresses a
+    span's heads in one call), so a subset of the heads gives exactly those heads' rows of the
+    full run, and every call's temporaries are 1/H of the layer's size. Errors are measured against the ``dtype`` tensors (what a bf16 cache
     holds); sizes are the exact stored bytes; times are wall-clock on ``device`` (synchronized on
     CUDA), summed over the heads.
     """

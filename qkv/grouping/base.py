@@ -72,12 +72,14 @@ SAFE_LOW, SAFE_HIGH = -20, 40
 
 
 def row_scale(x: torch.Tensor) -> torch.Tensor | None:
-    """Power of two per row of ``x`` [N, S, D] so that x / scale has max-abs in [0.5, 1): [N, 1, 1];
-    None when every row is in the safe range (no scaling needed). Groupers cluster x / scale, so
-    squared distances never overflow or underflow, and multiply the centroids back."""
+    """Power of two per row of ``x`` [N, S, D] that its values are divided by: [N, 1, 1], 1 for a
+    row in the safe range and, for a row outside it, the one that brings its max-abs into
+    [0.5, 1); None when every row is in the safe range (no scaling needed: one read-back decides).
+    A row's scale depends on that row alone. Groupers cluster x / scale, so squared distances
+    never overflow or underflow, and multiply the centroids back."""
     peak = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1).float()  # max |x|, one pass
     exponent = torch.frexp(peak).exponent  # peak = m * 2**exponent, m in [0.5, 1); 0 for peak 0
-    low, high = torch.stack(torch.aminmax(exponent)).tolist() if exponent.numel() else (0, 0)
-    if SAFE_LOW <= low and high <= SAFE_HIGH:
+    safe = (exponent >= SAFE_LOW) & (exponent <= SAFE_HIGH)
+    if bool(safe.all()):
         return None
-    return torch.exp2(exponent.float()).view(-1, 1, 1)
+    return torch.where(safe, 0, exponent).float().exp2().view(-1, 1, 1)

@@ -7,7 +7,9 @@
   candidates for C = 256, each batched over rows; no host sync) or uniform random tokens (the reference QVG's choice). The Lloyd iterations always
   use every token.
 - Warm start from given centroids (e.g. the previous chunk's).
-- Deterministic for a given seed: sums are fixed-order matmuls, sampling uses a seeded generator.
+- Deterministic for a given seed: sums are fixed-order matmuls, sampling uses a seeded generator
+  whose every draw is shared by all rows, so a row's result depends only on its own tokens and the
+  seed: heads clustered in one call get what each would get alone (one call per span, not per head).
 - Each row stops on its own once its objective improves by less than ``tol`` (relative); frozen
   rows keep their result, so a row's outcome does not depend on the other rows of the batch. The
   host checks for "all rows done" only every ``CHECK_EVERY`` iterations, and only while at least
@@ -57,7 +59,7 @@ class KMeansResult:
 
 def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str) -> torch.Tensor:
     n, s, _ = x.shape
-    idx = torch.randint(s, (n, clusters), generator=gen, device=x.device)
+    idx = torch.randint(s, (1, clusters), generator=gen, device=x.device).expand(n, -1)
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])).float()
 
 
@@ -67,7 +69,7 @@ def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Te
     n, s, d = x.shape
     if s <= INIT_SAMPLE * clusters:
         return x
-    keep = torch.rand(n, s, generator=gen, device=x.device).argsort(-1)[:, : INIT_SAMPLE * clusters]
+    keep = torch.rand(1, s, generator=gen, device=x.device).argsort(-1)[:, : INIT_SAMPLE * clusters].expand(n, -1)
     return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, d))
 
 
@@ -75,24 +77,36 @@ def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
     x = _subsample(x, clusters, gen).float()
     n, s, d = x.shape
     rows = torch.arange(n, device=x.device)
-    first = torch.randint(s, (n,), generator=gen, device=x.device)
+    first = torch.randint(s, (1,), generator=gen, device=x.device).expand(n)
     centroids = torch.empty(n, clusters, d, device=x.device, dtype=x.dtype)
     centroids[:, 0] = x[rows, first]
     nearest = (x - centroids[:, :1]).square().sum(-1)  # [N, S]
     for j in range(1, clusters):
         total = nearest.sum(-1, keepdim=True)
         weights = torch.where(total > 0, nearest, torch.ones_like(nearest))
-        pick = torch.multinomial(weights, 1, generator=gen).squeeze(-1)
+        pick = _inverse_draw(weights, gen)
         centroids[:, j] = x[rows, pick]
         nearest = torch.minimum(nearest, (x - centroids[:, j : j + 1]).square().sum(-1))
     return centroids
 
 
+def _inverse_draw(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """[N] indices into ``weights`` [N, M] (>= 0, a positive sum per row), each drawn with
+    probability proportional to its weight by inverting the row's cumulative sum at one uniform
+    number shared by every row (so a row's draw does not depend on the other rows)."""
+    cdf = weights.double().cumsum(-1)
+    at = torch.rand(1, 1, generator=gen, device=weights.device, dtype=torch.float64) * cdf[:, -1:]
+    # the first index whose cumulative weight exceeds the point (never a weight of 0); the product
+    # of a uniform below 1 and the sum may round up to the sum itself: the last index then
+    return torch.searchsorted(cdf, at, right=True).squeeze(-1).clamp_max_(weights.shape[-1] - 1)
+
+
 def _weighted_draw(weights: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
     """[N, k] distinct indices into ``weights`` [N, M] (k <= M), drawn without replacement with
     probability proportional to the weights (Efraimidis-Spirakis: the k largest ``w / E``,
-    E ~ Exp(1)). Weights of 0 come after every positive one, negative ones last."""
-    wait = torch.empty_like(weights).exponential_(generator=gen).clamp_min_(torch.finfo(weights.dtype).tiny)
+    E ~ Exp(1), one E per column shared by every row, so a row's draw does not depend on the other
+    rows). Weights of 0 come after every positive one, negative ones last."""
+    wait = torch.empty_like(weights[:1]).exponential_(generator=gen).clamp_min_(torch.finfo(weights.dtype).tiny)
     return (weights / wait).topk(k, dim=-1).indices
 
 
@@ -115,7 +129,7 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
     per_round = PARALLEL_OVERSAMPLE * clusters
     if m <= 1 + PARALLEL_ROUNDS * per_round:  # no more tokens than candidates: all are candidates
         return _reduce(x, torch.ones(n, m, device=x.device), clusters, gen, backend)
-    first = torch.randint(m, (n, 1), generator=gen, device=x.device)
+    first = torch.randint(m, (1, 1), generator=gen, device=x.device).expand(n, 1)
     candidates = [_gather_rows(x, first)]
     owner, nearest = kernels.kmeans_assign(x, candidates[0], backend=backend)
     taken = torch.zeros(n, m, dtype=torch.bool, device=x.device).scatter_(1, first, True)

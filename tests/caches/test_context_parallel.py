@@ -19,12 +19,10 @@ from __future__ import annotations
 
 from unittest import mock
 
-import pytest
 import torch
 
 import qkv
 from qkv.caches.heads import select_heads
-from qkv.errors import ConfigError
 from ranks import run_ranks
 
 HEADS, FPC, FRAMES = 4, 2, 10  # 5 chunks of 2 latent frames, 12 tokens per frame: a sink, 2 spans
@@ -128,16 +126,3 @@ def test_ulysses_times_ring_on_four_ranks_equals_one_process():
     run_ranks(_worker, 4, [(2, 2)])
 
 
-def _refusals(rank: int, world: int) -> None:
-    from qkv.caches.adapters.wan import rollout
-
-    model = _model()
-    _parallel(model, 2, 1)
-    latents, _, text = _inputs()
-    cache = qkv.KVCache(POLICIES["qvg"], head_independent=False, **OPTIONS)
-    with pytest.raises(ConfigError, match="head_independent"):
-        rollout(model, cache, latents, text, frames_per_chunk=FPC)
-
-
-def test_ulysses_refuses_heads_clustered_together():
-    run_ranks(_refusals, 2)

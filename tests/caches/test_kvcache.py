@@ -66,7 +66,7 @@ def test_spans_compressed_once_and_equal_to_the_policy_on_that_span(monkeypatch)
 
     monkeypatch.setattr(qkv.Policy, "compress", counting)
     chunks = stream(1, [8] * 9, h=3)
-    cache = KVCache(QVG, span_chunks=2, sink_chunks=1, head_independent=False, warm_start=False)
+    cache = KVCache(QVG, span_chunks=2, sink_chunks=1, warm_start=False)
     seen_spans = []
     for k, v in chunks:
         cache.append(0, k, v)
@@ -87,17 +87,31 @@ def test_spans_compressed_once_and_equal_to_the_policy_on_that_span(monkeypatch)
     assert torch.equal(got_k[:, :, :8], chunks[0][0])  # sink exact
 
 
-def test_head_independent_cold_start_equals_per_head_compression():
-    """Clustering head by head: a head's span does not depend on the other heads of the call."""
-    chunks = stream(2, [16, 16], h=4)
-    cache = KVCache(QVG, span_chunks=2, warm_start=False)
+@pytest.mark.parametrize("init", ["random", "kmeans++", "kmeans||"])
+def test_cold_start_heads_together_equal_each_head_alone(init, monkeypatch):
+    """A span's heads are clustered in one call, and a head's span is what compressing that head
+    alone gives (k-means's draws are shared by all rows), bit for bit; one call per span."""
+    policy = qkv.build_policy(f"kmeans(clusters=8,iters=3,init={init}),centroid,int2(block=16)")
+    calls = []
+    original = qkv.Policy.compress
+
+    def counting(self, k, v, **kw):
+        calls.append(k.shape[1])
+        return original(self, k, v, **kw)
+
+    monkeypatch.setattr(qkv.Policy, "compress", counting)
+    chunks = stream(2, [160, 160], h=4)
+    cache = KVCache(policy, span_chunks=2, warm_start=False)
     for k, v in chunks:
         cache.append(0, k, v)
+    assert calls == [4]
     k_all, v_all = full(chunks)
-    got_k, _ = cache.read(0)
+    span = cache.layer(0).spans[0].ckv
     for h in range(4):
-        ref_k, _ = QVG.decompress(QVG.compress(k_all[:, h : h + 1], v_all[:, h : h + 1]))
-        assert torch.equal(got_k[:, h : h + 1], ref_k)
+        ref = original(policy, k_all[:, h : h + 1], v_all[:, h : h + 1])
+        for got, want in ((span.k, ref.k), (span.v, ref.v)):
+            for name, t in want.tensors().items():
+                assert torch.equal(got.tensors()[name][:, h : h + 1], t), (h, name)
 
 
 def test_memory_is_exact_and_compression_pays():

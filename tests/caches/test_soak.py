@@ -11,7 +11,6 @@ import pytest
 import torch
 
 import qkv
-from qkv.caches.heads import cat_heads
 from qkv.caches.kvcache import KVCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -40,11 +39,8 @@ def test_soak_memory_bounded_reads_correct():
         layer = cache.layer(0)
         if i >= 1 and i % SPAN == 0:  # chunks 1..4, 5..8, ... complete a span at i = 4, 8, ...
             ks, vs = zip(*(chunk(j) for j in range(i - SPAN + 1, i + 1)))
-            if previous is None:  # the cache clusters a cold span head by head
-                k_span, v_span = torch.cat(ks, 2), torch.cat(vs, 2)
-                previous = cat_heads([POLICY.compress(k_span[:, h : h + 1], v_span[:, h : h + 1]) for h in range(2)])
-            else:
-                previous = POLICY.compress(torch.cat(ks, 2), torch.cat(vs, 2), warm_start=previous)
+            warm = {} if previous is None else {"warm_start": previous}
+            previous = POLICY.compress(torch.cat(ks, 2), torch.cat(vs, 2), **warm)
             reference.append(previous)
         totals.append(layer.memory().total)
         if i % 7 == 0 or i == CHUNKS - 1:  # every phase of the span cycle (7 and 4 coprime)

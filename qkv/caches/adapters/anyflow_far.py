@@ -90,7 +90,7 @@ class FARHandle(AdapterHandle):
         self.model = model
         blocks = len(model.blocks)
         self.cache = KVCache(policy, num_layers=blocks, **cache_options)
-        shared = {k: v for k, v in cache_options.items() if k in ("warm_start", "head_independent", "validate",
+        shared = {k: v for k, v in cache_options.items() if k in ("warm_start", "validate",
                                                                   "backend", "attention")}
         # one chunk per prefill: span_chunks=1 compresses it at once, 2 keeps it in the tail (exact)
         self.recent = KVCache(self.cache.policy, num_layers=blocks, span_chunks=2 if recent_full_precision else 1,

@@ -11,9 +11,9 @@ replaces that attention, so it moves the tokens itself, with the cache in the mi
   all-to-all to [B, S/r, H/u, D], all of the ring rank's tokens of ``H/u`` heads (rank ``i`` of
   the Ulysses group holds heads ``i*H/u .. (i+1)*H/u``: diffusers' layout), and the attention
   output comes back by the inverse all-to-all. A rank's cache holds, compresses and attends to
-  its heads only. Compression treats every (batch, head) row on its own and a cold k-means seeds
-  every head alike (``head_independent=True``), so head ``h`` of a rank stores the same bytes as
-  head ``h`` of a one-process cache.
+  its heads only. Compression treats every (batch, head) row on its own and k-means's random draws
+  are shared by all rows, so head ``h`` of a rank stores the same bytes as head ``h`` of a
+  one-process cache.
 - **Ring** (over the ``r`` ring ranks): a rank's cache holds its token shard of every chunk. The
   queries of all ring ranks are gathered, every rank attends all of them to its own keys (history
   and chunk) as a partial result (out, log-sum-exp), and one all-to-all hands each rank the ``r``

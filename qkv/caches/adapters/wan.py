@@ -34,7 +34,7 @@ from qkv.caches.adapters.context_parallel import ContextParallel
 from qkv.caches.adapters.handle import attend_parts
 from qkv.caches.kvcache import KVCache, LayerCache
 from qkv.component import check_choice
-from qkv.errors import CacheError, ConfigError
+from qkv.errors import CacheError
 
 __all__ = ["WanCacheProcessor", "WanRollout", "apply_rope", "rope_at", "rollout"]
 
@@ -179,10 +179,6 @@ class WanRollout:
         self.parallel = ContextParallel.of(self.model, "wan")
         if self.parallel is None:
             return
-        cfg = self.cache.config
-        if self.parallel.ulysses_world > 1 and cfg.clusters and not cfg.head_independent:
-            raise ConfigError("wan: under Ulysses a rank holds some of the heads; head_independent=False would make "
-                              "its compressed bytes depend on which heads it holds (use head_independent=True)")
         if self.parallel.ring and append:
             if self.cache.layer(0).seen == 0:  # a new video
                 self._held = []
