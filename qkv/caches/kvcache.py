@@ -132,6 +132,20 @@ class LayerCache(LayerState):
         self.buffer = TailBuffer()
         self._forget_plan()
 
+    def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Replace everything the layer holds by the chunk ``k``, ``v`` (:meth:`reset`, then
+        :meth:`append`), keeping the warm-start centroids: the chunk's k-means starts from those
+        of the spans it replaces (with ``warm_start``, and where batch, heads and cluster count
+        match). For a window that is re-encoded as a whole and overlaps the last one, such as
+        AnyFlow-FAR's full-resolution context. A chunk :meth:`append` would refuse leaves the
+        layer unchanged."""
+        check_chunk(self.config, None, k, v, f"layer {self.index}", values=self.config.validate)
+        self._refuse_grad(k, v)
+        warm = self.warm
+        self.reset()
+        self.warm = warm
+        self.append(k, v)
+
     def _forget_plan(self) -> None:
         """Drop what attention derived from the spans and tail (made again on the next attend)."""
         self._plan: kernels.SpanPlan | None = None
@@ -197,11 +211,7 @@ class LayerCache(LayerState):
         completed by this chunk are compressed now, once.
         """
         self.check(k, v)
-        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
-            raise GradientError(
-                f"layer {self.index}: the chunk requires grad, but the cache stores detached (compressed) copies; "
-                "append it under torch.no_grad() or detach it to store it without its gradient"
-            )
+        self._refuse_grad(k, v)
         layout = self.layout or Layout.of(k)
         k, v, start = k.detach(), v.detach(), self.seen
         held = sum(c.tokens for c in self.sink)
@@ -215,6 +225,13 @@ class LayerCache(LayerState):
                 self._append_tail(k[:, :, take:], v[:, :, take:], start + take, k.shape[2])
         self.layout = layout
         self.seen += k.shape[2]
+
+    def _refuse_grad(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            raise GradientError(
+                f"layer {self.index}: the chunk requires grad, but the cache stores detached (compressed) copies; "
+                "append it under torch.no_grad() or detach it to store it without its gradient"
+            )
 
     def _append_tail(self, k: torch.Tensor, v: torch.Tensor, start: int, chunk: int) -> None:
         """Add ``k``, ``v`` (the chunk of ``chunk`` tokens, or what the sink left of it) to the tail
@@ -275,13 +292,14 @@ class LayerCache(LayerState):
                 warm = centroids_only(ckv)
         return spans, tail, warm
 
-    def _warm_fits(self, warm: CompressedKV, tokens: int) -> bool:
-        """A warm start only if it has the groups a fresh clustering of ``tokens`` tokens would."""
+    def _warm_fits(self, warm: CompressedKV, shape: torch.Size) -> bool:
+        """A warm start only for the batch and heads of a span of ``shape`` [B, H, S, D], with the
+        groups a fresh clustering of its S tokens would have."""
         for tp, ct in ((self.config.policy.k, warm.k), (self.config.policy.v, warm.v)):
-            want = tp.predicted_groups(tp.quantized_length(tokens))
+            want = tp.predicted_groups(tp.quantized_length(shape[2]))
             if any(s.centroids is not None and s.centroids.shape[2] != want for s in ct.stages):
                 return False
-            if self.layout is not None and ct.shape[:2] != self.layout[:2]:
+            if ct.shape[:2] != shape[:2]:
                 return False
         return True
 
@@ -289,7 +307,7 @@ class LayerCache(LayerState):
         cfg = self.config
         policy = cfg.span_policy
         # every chunk was checked as it came (or the config says not to check)
-        if warm is not None and self._warm_fits(warm, k.shape[2]):
+        if warm is not None and self._warm_fits(warm, k.shape):
             return policy.compress(k, v, warm_start=warm, backend=cfg.backend, validate=False)
         return policy.compress(k, v, backend=cfg.backend, validate=False)
 

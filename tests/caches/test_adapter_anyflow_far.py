@@ -146,6 +146,26 @@ def test_qvg_stays_close_and_stores_less(model, reference, bounded_spans):
     assert mem.bits_per_element < 8  # of 32 (an fp32 model); the newest coarse chunk waits in fp32 for its span
 
 
+def test_the_recent_context_starts_from_the_centroids_it_replaces(model, monkeypatch):
+    """Every prefill re-encodes the full-resolution context, which overlaps the last one in all but
+    a chunk: its k-means is warm-started from the centroids of the context it replaces, except at
+    a video's first prefill (nothing of the last video carries over)."""
+    with adapter.install(model, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2) as handle:
+        layer = handle.recent.layer(0)
+        warm = []
+        compress = layer._compress
+
+        def recording(k, v, start):
+            warm.append(start is not None and layer._warm_fits(start, k.shape))
+            return compress(k, v, start)
+
+        monkeypatch.setattr(layer, "_compress", recording)
+        rollout(model, handle.kv_cache())
+        rollout(model, handle.kv_cache())
+    prefills = len(PART) - 1
+    assert warm == ([False] + [True] * (prefills - 1)) * 2
+
+
 def test_a_read_step_before_the_prefill_raises(model):
     with adapter.install(model, "fp32") as handle:
         flag = {"num_cached_chunks": 1, "is_cache_step": False}

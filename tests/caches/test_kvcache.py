@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import qkv
 from qkv.caches.kvcache import CacheMemory, KVCache
+from qkv.caches.layer_state import centroids_only
 from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, GradientError, NonFiniteError, ShapeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -112,6 +113,30 @@ def test_cold_start_heads_together_equal_each_head_alone(init, monkeypatch):
         for got, want in ((span.k, ref.k), (span.v, ref.v)):
             for name, t in want.tensors().items():
                 assert torch.equal(got.tensors()[name][:, h : h + 1], t), (h, name)
+
+
+def test_replace_keeps_the_warm_start_and_refuses_like_append():
+    """``replace`` = reset + append, but the new span's k-means starts from the centroids of what
+    it replaces; a chunk of another batch size starts cold; a chunk append would refuse changes
+    nothing."""
+    cache = KVCache(QVG, span_chunks=1)
+    layer = cache.layer(0)
+    (k0, v0), (k1, v1) = stream(5, [32, 32], h=2)
+    layer.append(k0, v0)
+    before = layer.spans[0].ckv
+    layer.replace(k1, v1)
+    assert layer.tokens == 32 and len(layer.spans) == 1 and layer.seen == 32
+    warmed = QVG.compress(k1, v1, warm_start=centroids_only(before), validate=False)
+    assert torch.equal(layer.spans[0].ckv.k.tensors()["codes"], warmed.k.tensors()["codes"])
+    nan = k1.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteError):
+        layer.replace(nan, v1)
+    assert layer.spans[0].ckv is not before and layer.tokens == 32
+    k2, v2 = (torch.cat([t, t], 0) for t in (k1, v1))  # batch 2: the warm start does not fit
+    layer.replace(k2, v2)
+    cold = QVG.compress(k2, v2, validate=False)
+    assert torch.equal(layer.spans[0].ckv.k.tensors()["codes"], cold.k.tensors()["codes"])
 
 
 def test_memory_is_exact_and_compression_pays():

@@ -19,7 +19,8 @@ context, full context, chunk], roped together.
   its K/V do not change when the context is re-encoded): only its new chunks are appended, and
   spans are compressed once. The full-resolution context is re-encoded by every prefill and
   replaces the previous one (the ``recent`` cache: compressed at once, or kept exact with
-  ``recent_full_precision=True``).
+  ``recent_full_precision=True``); its k-means starts from the centroids of the context it
+  replaces (the two overlap in all but one chunk).
 - a cache-read step computes q/k/v as the upstream processor does, ropes the queries and the
   chunk's keys, and attends with ``qkv.kernels.attention`` over the compressed spans of both
   caches plus the chunk (and the zero keys the upstream adds: it pads q, k and v to a multiple
@@ -115,11 +116,12 @@ class FARHandle(AdapterHandle):
         kc, kf = keys[:, :, :nc], keys[:, :, nc:]
         context, recent = self.cache.layer(index), self.recent.layer(index)
         if flag["num_cached_chunks"] == 0 or nc < context.tokens:
-            context.reset()  # a new video
+            context.reset()  # a new video: nothing of the last one carries over
+            recent.reset()
         if nc > context.tokens:
             context.append(kc[:, :, context.tokens :].contiguous(), vc[:, :, context.tokens :].contiguous())
-        recent.reset()
-        recent.append(kf.contiguous(), vf.contiguous())  # one chunk: a span at once, or the tail
+        # one chunk: a span at once (its k-means warm-started from the context it replaces), or the tail
+        recent.replace(kf.contiguous(), vf.contiguous())
 
     def attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flag: dict) -> torch.Tensor:
         """The read step's attention: q [B, H, Sq, D] to [context, recent, (k, v)]."""
