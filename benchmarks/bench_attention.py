@@ -51,6 +51,7 @@ from common import copy_bandwidth, matmul_rate, peak_extra
 
 import qkv
 from qkv.kernels.triton import attention as fused_kernel
+from qkv.kernels.triton.tiles import tile_for
 
 HEADS, HEAD_DIM, DIM, FFN, TEXT = 12, 128, 1536, 8960, 512
 CHUNK = 3 * 1560
@@ -246,7 +247,7 @@ def policy_rows(q, chunk) -> tuple[list[dict], dict]:
 
 def tile_rows(q, chunk) -> list[dict]:
     """Time of each tile configuration at 16 chunks (qvg and bf16 spans), passed to the kernel one
-    at a time (the library's own choice, ``GPU_TILES``, is not changed: the result lists the order
+    at a time (the library's own choice, ``qkv.kernels.triton.tiles``, is not changed: the result lists the order
     the sweep found, for that table)."""
     from qkv.kernels import CompressedSpan, DenseKV
 
@@ -462,7 +463,7 @@ def main() -> None:
     result["parts"] = sorted(parts)
     if "tiles" in parts:
         result["tiles"] = tile_rows(q, chunk)
-    result["gpu_tiles"] = fused_kernel.GPU_TILES
+    result["gpu_tiles"] = tile_for("attention", torch.device("cuda"), 1).order
     if "tiles" in result:
         qvg = sorted((r for r in result["tiles"] if r["policy"] == "qvg" and isinstance(r["ms"], float)), key=lambda r: r["ms"])
         result["fastest_tiles_qvg"] = [r["tiles"] for r in qvg]

@@ -331,14 +331,14 @@ def test_full_wan_shapes_on_the_gpu(name):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="shared-memory limits are a GPU's")
-def test_a_layout_too_big_for_the_first_tiles_takes_the_next(monkeypatch):
+def test_a_layout_too_big_for_the_first_tiles_takes_the_next():
     """Tiles that need more shared memory than any GPU has are skipped for the next configuration."""
-    from qkv.kernels.triton import attention as fused
+    from qkv.kernels.triton.attention import attention_triton
 
-    monkeypatch.setattr(fused, "GPU_TILES", ((128, 256, 8, 6, 6), (128, 64, 8, 2, 2)))
     segments = history("qvg-pro", seed=50, d=128)
     q = randn(51, 1, 2, 48, 128)
-    assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
+    out = attention_triton(q, segments, tiles=((128, 256, 8, 6, 6), (128, 64, 8, 2, 2)))
+    assert_within_twice_the_torch_error(out, q, segments)
 
 
 @pytest.mark.parametrize("name", PRESETS)

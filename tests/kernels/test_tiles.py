@@ -1,5 +1,6 @@
-"""Per-device tiles: the table's entry for a GPU's name wins over the default, the interpreter
-gets its own tile, and a tile passed explicitly is the one the decode kernel runs."""
+"""Per-device tiles (decode and fused attention kernels): the table's entry for a GPU's name wins
+over the default, the interpreter gets its own tile, and a tile passed explicitly is the one the
+decode kernel runs."""
 
 import json
 
@@ -15,14 +16,16 @@ from test_attention import assert_within_twice_the_torch_error, history, randn  
 
 
 def test_interpreter_tile_off_the_gpu():
-    assert tiles.tile_for("decode", torch.device("cpu"), 4) == tiles.INTERPRETER["decode"]
+    for kernel in ("decode", "attention"):
+        assert tiles.tile_for(kernel, torch.device("cpu"), 4) == tiles.INTERPRETER[kernel]
 
 
 def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     table = tmp_path / "tiles.json"
     few = {"up_to": 16, "block_n": 128, "piece": 512, "max_rows": 64, "warps": 8, "stages": [3, 2, 1], "waves": 8}
     many = {"up_to": None, "block_n": 32, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 2}
-    table.write_text(json.dumps({"Some GPU": {"decode": [few, many]}}))
+    prefill = {"up_to": None, "order": [[128, 64, 8, 2, 2]]}
+    table.write_text(json.dumps({"Some GPU": {"decode": [few, many], "attention": [prefill]}}))
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
@@ -30,6 +33,7 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     assert tiles.tile_for("decode", cuda, 4) == tiles.DecodeTile(128, 512, 64, 8, (3, 2, 1), 8)
     assert tiles.tile_for("decode", cuda, 16) == tiles.tile_for("decode", cuda, 4)
     assert tiles.tile_for("decode", cuda, 17) == tiles.DecodeTile(32, 256, 64, 4, (1,), 2)
+    assert tiles.tile_for("attention", cuda, 4680).order == ((128, 64, 8, 2, 2),)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Another GPU")
     assert tiles.tile_for("decode", cuda, 4) == tiles.DEFAULTS["decode"]
 

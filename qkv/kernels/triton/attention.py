@@ -37,16 +37,10 @@ from qkv.kernels.triton.records import (
     _aligned,
     span_record,
 )
+from qkv.kernels.triton.tiles import tile_for
 
 LOG2E = 1.4426950408889634
 
-# Tile sizes: (BLOCK_M queries, BLOCK_N keys, warps, software-pipelining stages of the span loop
-# and of the full-precision loop), in order of preference: a layout whose kernel needs more shared
-# memory than the GPU has (deep smoothing, pipelined) takes the next. On a GPU, the fastest of
-# benchmarks/bench_attention.py's sweep on an H100 (its "tiles" rows) first; the interpreter (no
-# GPU) uses small tiles so that CPU tests stay fast.
-GPU_TILES = ((256, 64, 8, 3, 3), (256, 64, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 8, 2, 2))
-INTERPRETER_TILES = ((16, 16, 4, 1, 1),)
 
 
 # -- host side ---------------------------------------------------------------------------------
@@ -83,7 +77,7 @@ def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse,
     """One kernel launch over the spans of ``span_rows`` (all of ``layouts``) and the full-precision
     segments of ``dense_rows``: (out [B, H, Sq, D] in ``out_dtype``, lse [B, H, Sq] or None).
     ``q_lo``: the low part of the queries (q + q_lo, same strides as q). ``tiles``: the tile
-    configurations to try in order (default :data:`GPU_TILES`, or :data:`INTERPRETER_TILES`)."""
+    configurations to try in order (default: the device's, :mod:`qkv.kernels.triton.tiles`)."""
     b, h, sq, d = q.shape
     device = q.device
     span_table = torch.tensor(span_rows or [[0] * len(SPAN_FIELDS)], dtype=torch.int64).to(device)
@@ -96,7 +90,7 @@ def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse,
     emulate = device.type != "cuda"
     k_layout, v_layout = layouts if layouts is not None else (TensorLayout(), TensorLayout())
     if tiles is None:
-        tiles = INTERPRETER_TILES if emulate else GPU_TILES
+        tiles = tile_for("attention", device, sq).order
     for i, (block_m, block_n, warps, span_stages, dense_stages) in enumerate(tiles):
         try:
             attention_kernel[(triton.cdiv(sq, block_m), b * h)](
@@ -150,7 +144,7 @@ def _rotated_launch(q, scale, h_kv, span_rows, layouts, tiles=None):
 def attention_triton(q: torch.Tensor, segments, scale: float | None = None, *, tiles=None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.attention.attention_torch`: [B, H, Sq, D] in q's dtype.
     ``tiles``: (BLOCK_M, BLOCK_N, warps, span stages, dense stages) configurations to try in order
-    (default :data:`GPU_TILES`; a benchmark sweep passes one at a time).
+    (default: the device's, :mod:`qkv.kernels.triton.tiles`; a benchmark sweep passes one at a time).
 
     The spans of the first layout and the full-precision segments go through one launch; spans of
     another layout each get their own launch (Hadamard-rotated ones with rotated queries, see

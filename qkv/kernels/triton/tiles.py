@@ -6,8 +6,9 @@ that GPU (``--write``); a GPU the table does not name gets the kernel's defaults
 its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly instead.
 
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
-kernel: query rows per KV head, query heads of a group x queries), the last for any; the best
-tile for one query per head is not the best for sixteen.
+kernel: query rows per KV head, query heads of a group x queries; for the fused attention
+kernel: queries per head), the last for any; the best tile for one query per head is not the
+best for sixteen.
 """
 
 from __future__ import annotations
@@ -40,8 +41,28 @@ class DecodeTile:
         object.__setattr__(self, "stages", tuple(self.stages))
 
 
-DEFAULTS = {"decode": DecodeTile()}
-INTERPRETER = {"decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4)}
+@dataclasses.dataclass(frozen=True)
+class PrefillTiles:
+    """The fused attention kernel's launches, tried in ``order`` until one fits the GPU's shared
+    memory (a layout with deep smoothing, pipelined, needs more): each (BLOCK_M queries, BLOCK_N
+    keys, warps, software-pipelining depth of the span loop and of the full-precision loop)."""
+
+    order: tuple[tuple[int, int, int, int, int], ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "order", tuple(tuple(t) for t in self.order))
+
+
+DEFAULTS = {
+    "decode": DecodeTile(),
+    # the fastest of benchmarks/bench_attention.py's sweep on an H100 first (its "tiles" rows)
+    "attention": PrefillTiles(((256, 64, 8, 3, 3), (256, 64, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 8, 2, 2))),
+}
+# small tiles, so that tests in the interpreter stay fast
+INTERPRETER = {
+    "decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4),
+    "attention": PrefillTiles(((16, 16, 4, 1, 1),)),
+}
 
 
 @functools.cache
