@@ -144,7 +144,7 @@ class LayerCache(LayerState):
         warm = self.warm
         self.reset()
         self.warm = warm
-        self.append(k, v)
+        self._store(k, v)
 
     def _forget_plan(self) -> None:
         """Drop what attention derived from the spans and tail (made again on the next attend)."""
@@ -212,6 +212,10 @@ class LayerCache(LayerState):
         """
         self.check(k, v)
         self._refuse_grad(k, v)
+        self._store(k, v)
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """:meth:`append` of a chunk already checked."""
         layout = self.layout or Layout.of(k)
         k, v, start = k.detach(), v.detach(), self.seen
         held = sum(c.tokens for c in self.sink)

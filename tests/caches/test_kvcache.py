@@ -57,15 +57,25 @@ def test_lossless_policy_reads_back_the_retained_stream(data):
         assert cache.memory().bits_per_element == 16.0
 
 
-def test_spans_compressed_once_and_equal_to_the_policy_on_that_span(monkeypatch):
+ORIGINAL_COMPRESS = qkv.Policy.compress
+
+
+@pytest.fixture
+def compress_calls(monkeypatch):
+    """The shape of K in every ``Policy.compress`` call."""
     calls = []
-    original = qkv.Policy.compress
 
     def counting(self, k, v, **kw):
-        calls.append(k.shape[2])
-        return original(self, k, v, **kw)
+        calls.append(tuple(k.shape))
+        return ORIGINAL_COMPRESS(self, k, v, **kw)
 
     monkeypatch.setattr(qkv.Policy, "compress", counting)
+    return calls
+
+
+def test_spans_compressed_once_and_equal_to_the_policy_on_that_span(compress_calls):
+    calls = compress_calls
+    original = ORIGINAL_COMPRESS
     chunks = stream(1, [8] * 9, h=3)
     cache = KVCache(QVG, span_chunks=2, sink_chunks=1, warm_start=False)
     seen_spans = []
@@ -74,7 +84,7 @@ def test_spans_compressed_once_and_equal_to_the_policy_on_that_span(monkeypatch)
         layer = cache.layer(0)
         assert [id(s) for s in layer.spans[: len(seen_spans)]] == seen_spans  # never replaced
         seen_spans = [id(s) for s in layer.spans]
-    assert calls == [16, 16, 16, 16]  # 8 non-sink chunks -> 4 spans, one compress call each
+    assert [s[2] for s in calls] == [16, 16, 16, 16]  # 8 non-sink chunks -> 4 spans, one compress call each
     k_all, v_all = full(chunks)
     layer = cache.layer(0)
     got_k, got_v = cache.read(0)
@@ -89,23 +99,16 @@ def test_spans_compressed_once_and_equal_to_the_policy_on_that_span(monkeypatch)
 
 
 @pytest.mark.parametrize("init", ["random", "kmeans++", "kmeans||"])
-def test_cold_start_heads_together_equal_each_head_alone(init, monkeypatch):
+def test_cold_start_heads_together_equal_each_head_alone(init, compress_calls):
     """A span's heads are clustered in one call, and a head's span is what compressing that head
     alone gives (k-means's draws are shared by all rows), bit for bit; one call per span."""
     policy = qkv.build_policy(f"kmeans(clusters=8,iters=3,init={init}),centroid,int2(block=16)")
-    calls = []
-    original = qkv.Policy.compress
-
-    def counting(self, k, v, **kw):
-        calls.append(k.shape[1])
-        return original(self, k, v, **kw)
-
-    monkeypatch.setattr(qkv.Policy, "compress", counting)
+    original = ORIGINAL_COMPRESS
     chunks = stream(2, [160, 160], h=4)
     cache = KVCache(policy, span_chunks=2, warm_start=False)
     for k, v in chunks:
         cache.append(0, k, v)
-    assert calls == [4]
+    assert [s[1] for s in compress_calls] == [4]
     k_all, v_all = full(chunks)
     span = cache.layer(0).spans[0].ckv
     for h in range(4):
@@ -130,9 +133,10 @@ def test_replace_keeps_the_warm_start_and_refuses_like_append():
     assert torch.equal(layer.spans[0].ckv.k.tensors()["codes"], warmed.k.tensors()["codes"])
     nan = k1.clone()
     nan[0, 0, 0, 0] = float("nan")
+    kept = layer.spans[0].ckv
     with pytest.raises(NonFiniteError):
         layer.replace(nan, v1)
-    assert layer.spans[0].ckv is not before and layer.tokens == 32
+    assert layer.spans[0].ckv is kept and kept is not before and layer.tokens == 32
     k2, v2 = (torch.cat([t, t], 0) for t in (k1, v1))  # batch 2: the warm start does not fit
     layer.replace(k2, v2)
     cold = QVG.compress(k2, v2, validate=False)

@@ -28,6 +28,7 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     table.write_text(json.dumps({"Some GPU": {"decode": [few, many], "attention": [prefill]}}))
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
+    monkeypatch.setattr(tiles, "_gpu_tile", tiles._gpu_tile.__wrapped__)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
     cuda = torch.device("cuda", 0)
     assert tiles.tile_for("decode", cuda, 4) == tiles.DecodeTile(128, 512, 64, 8, (3, 2, 1), 8)

@@ -133,13 +133,12 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     h_kv = (dense[0].k if dense else plans[0].spans[0].ckv.k).shape[1]
     device = q.device
     emulate = device.type != "cuda"
-    tile = tile or tile_for("decode", device, h // h_kv * sq)
+    rows = h // h_kv * sq  # query rows per KV head
+    tile = tile or tile_for("decode", device, rows)
     block_n, piece, max_rows = tile.block_n, tile.piece, tile.max_rows
     table = plan_table(plans[0], device, piece) if plans else None
     groups = table.groups if table is not None else ()
     q = q if q.stride(-1) == 1 else q.contiguous()
-    group = h // h_kv
-    rows = group * sq
     block_m = min(max(16, triton.next_power_of_2(rows)), max_rows)
     row_blocks = triton.cdiv(rows, block_m)
     dense_args = _dense_args(dense, q)

@@ -81,8 +81,14 @@ def tile_for(kernel: str, device: torch.device, rows: int):
     tile otherwise), else the default; the interpreter's tile off a GPU."""
     if device.type != "cuda":
         return INTERPRETER[kernel]
+    return _gpu_tile(kernel, _device_name(device.index or 0), rows)
+
+
+@functools.cache
+def _gpu_tile(kernel: str, gpu: str, rows: int):
+    """:func:`tile_for` on the GPU named ``gpu`` (worked out once per call shape, not per call)."""
     default = DEFAULTS[kernel]
-    entry = _table().get(_device_name(device.index or 0), {}).get(kernel)
+    entry = _table().get(gpu, {}).get(kernel)
     if not entry:
         return default
     chosen = next((e for e in entry if e.get("up_to") is not None and rows <= e["up_to"]), entry[-1])
