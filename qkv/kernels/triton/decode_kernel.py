@@ -26,7 +26,7 @@ from qkv.kernels.triton.attention_kernel import (
 )
 from qkv.kernels.triton.bits import round_to_bf16, split_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
-from qkv.kernels.triton.tile import decode_tile, record_source
+from qkv.kernels.triton.tile import arith, decode_tile, record_source
 
 _I = offsets(ITEM_FIELDS)
 I_LEN = tl.constexpr(len(ITEM_FIELDS))
@@ -101,11 +101,11 @@ def _span_pieces(
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
         for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, False)
+            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, arith(DOT_BF16, EMULATE))
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = (tok >= lo) & (tok < hi)
             s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
-            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, False)
+            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, arith(DOT_BF16, EMULATE))
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if V_ROT:

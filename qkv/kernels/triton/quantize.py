@@ -135,7 +135,7 @@ def _dequantize_kernel(
     src = Source(codes_ptr + n * R * P, scales_ptr + n * R * G, zeros_ptr + n * R * G, m, None, S, P, G,
                  stage_rows(stages, n))
     s0 = tl.program_id(1) * BLOCK_S
-    out = decode_tile(src, s0, S, LAYOUT, D, BLOCK_S, BLOCK_D, False, True)
+    out = decode_tile(src, s0, S, LAYOUT, D, BLOCK_S, BLOCK_D, False, "exact")
     if LIMIT > 0:  # saturate to the output format's finite range (qkv.dtypes.saturate)
         out = tl.minimum(tl.maximum(out, -LIMIT), LIMIT)
     if OUT_BF16:

@@ -12,11 +12,13 @@ the tokens) of the (batch, head) row, built by :func:`record_source` or, from th
 kernel argument of the quantize and dequantize kernels, by :func:`stage_rows`; :func:`add_stages`
 adds (or subtracts) them in stage order.
 
-With ``EXACT`` the arithmetic is the reference's (:func:`qkv.kernels.quantize.dequantize_torch`) in
-its order: fp32 ``(code - offset) * scale``, ``+ zero``, then each stage's centroid added in stage
-order, so a kernel compiled without FMA contraction (dequantize) reproduces it bit for bit. The
-attention kernels, whose results are compared within rounding anyway, take one fused multiply-add
-per packed code instead (the per-element work is what bounds them at few queries).
+How values are computed is ``ARITH``: "exact" is the reference's arithmetic
+(:func:`qkv.kernels.quantize.dequantize_torch`) in its order: fp32 ``(code - offset) * scale``,
+``+ zero``, then each stage's centroid added in stage order, so a kernel compiled without FMA
+contraction (dequantize) reproduces it bit for bit. The attention kernels, whose results are
+compared within rounding anyway, take one fused multiply-add per packed code instead ("fma", fp32),
+and on the GPU with bf16 operands decode straight to bf16, two values an instruction ("bf16x2",
+:func:`arith`): the per-element work is what bounds them at few queries.
 """
 
 from typing import NamedTuple
@@ -192,17 +194,164 @@ def _affine(raw, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
     return val
 
 
+@triton.constexpr_function
+def arith(dot_bf16: bool, emulate: bool) -> str:
+    """The attention kernels' ``ARITH`` for :func:`decode_tile`: "bf16x2" where the products take
+    bf16 operands on the GPU, else "fma" (the interpreter runs no PTX)."""
+    return "bf16x2" if dot_bf16 and not emulate else "fma"
+
+
+@triton.constexpr_function
+def _code_pairs(word_bits: int, bits: int, msb: bool, offset: float) -> list | None:
+    """Per pair k of neighbouring codes 2k, 2k + 1 of a word (see :func:`bf16x2_unpack_asm`): the
+    byte holding both, the right shift (negative: left) that puts the lower of the two at bit 1,
+    the low and high masks, the bf16 pair 2**-a : 2**-b (a, b: the codes' bits after the shift),
+    and the pair -(128 + offset * 2**a) : -(128 + offset * 2**b). None where the codes do not fit
+    the mantissa (more than 3 bits) or an offset times 2**a is not a whole number below 128."""
+    per = word_bits // bits
+    if bits > 3:
+        return None
+    pairs = []
+    for k in range(per // 2):
+        lo, hi = (per - 1 - 2 * k) * bits if msb else 2 * k * bits, (per - 2 - 2 * k) * bits if msb else (2 * k + 1) * bits
+        shift = min(lo, hi) % 8 - 1
+        lo_at, hi_at = lo % 8 - shift, hi % 8 - shift
+        code = (1 << bits) - 1
+        lo_off, hi_off = offset * 2**lo_at, offset * 2**hi_at  # -(128 + these) is bf16 0xC300 | these
+        if not all(x == int(x) and 0 <= x < 128 for x in (lo_off, hi_off)):
+            return None
+        pairs.append((lo // 8, shift, code << lo_at | code << hi_at << 16,
+                      (127 - hi_at) << 23 | (127 - lo_at) << 7, (0xC300 | int(hi_off)) << 16 | 0xC300 | int(lo_off)))
+    return pairs
+
+
+@triton.constexpr_function
+def bf16x2_fits(word_bits: int, bits: int, msb: bool, offset: float) -> bool:
+    """Whether :func:`bf16x2_unpack_asm` decodes this packing (codes of at most 3 bits)."""
+    return _code_pairs(word_bits, bits, msb, offset) is not None
+
+
+@triton.constexpr_function
+def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float, has_zero: bool) -> str:
+    """PTX that turns packed words into bf16 values ``(code - offset) * scale (+ zero)``, two
+    neighbouring codes a 32-bit result. Operands (see :func:`_unpack_bf16`): one output per pair of
+    codes of a word, then the words, the scale pairs and (has_zero) the zero's high and low pairs
+    (int32 holding a bf16 twice; the zero as the sum of two bf16 values, so that it adds almost no
+    rounding of its own). A uint8 word tile is packed 4 words to a register (``pack=4``), an int32
+    one a word (``pack=1``). The byte holding codes 2k and 2k + 1 is copied to bits 0 and 16 (PRMT) and
+    shifted so that both codes fall in the mantissa of bf16 128.0, at bits a and b (a or b is 1),
+    then masked into it (LOP3: 128 + code * 2**a, exact); taking 128 + offset * 2**a off is exact
+    ((code - offset) * 2**a: offsets are multiples of 1/2), and one bf16x2 fused multiply-add with
+    the scale times 2**-a, 2**-b (exact) gives both values, rounded once; with a zero, that
+    multiply-add takes its low part and one more adds its high part."""
+    pack = 4 if word_bits == 8 else 1
+    pairs = _code_pairs(word_bits, bits, msb, offset)
+    w = len(pairs) * pack  # the word operand; then the scales and the zeros
+    lines = ["{", ".reg .b32 t, u, s, one, nz, f, base;", "mov.b32 one, 0x3F803F80;", "mov.b32 nz, 0x80008000;"]
+    for k in range(len(pairs)):
+        byte, shift, mask, factor, base = pairs[k]
+        lines.append(f"mov.b32 f, {factor:#x};")
+        lines.append(f"mov.b32 base, {base:#x};")
+        for e in range(pack):
+            src = byte if word_bits != 8 else e
+            lines.append(f"prmt.b32 t, ${w}, 0, {src | 4 << 4 | src << 8 | 4 << 12};")
+            if shift > 0:
+                lines.append(f"shr.b32 t, t, {shift};")
+            elif shift < 0:
+                lines.append(f"shl.b32 t, t, {-shift};")
+            lines.append(f"lop3.b32 u, t, {mask:#x}, 0x43004300, 0xEA;")  # (t & mask) | 128.0
+            lines.append("fma.rn.bf16x2 u, u, one, base;")
+            lines.append(f"fma.rn.bf16x2 s, ${w + 1 + e}, f, nz;")
+            if has_zero:
+                lines.append(f"fma.rn.bf16x2 u, u, s, ${w + 1 + 2 * pack + e};")
+                lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, one, ${w + 1 + pack + e};")
+            else:
+                lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, s, nz;")
+    lines.append("}")
+    return "\n".join(lines)
+
+
+@triton.constexpr_function
+def bf16x2_constraints(word_bits: int, bits: int, has_zero: bool) -> str:
+    """The operand constraints of :func:`bf16x2_unpack_asm`."""
+    pack = 4 if word_bits == 8 else 1
+    return ",".join(["=r"] * (word_bits // bits // 2 * pack) + ["r"] * (1 + (3 if has_zero else 1) * pack))
+
+
+@triton.jit
+def _bf16_twice(x):
+    """int32 holding bf16(x) in both halves."""
+    h = x.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
+
+
+@triton.jit
+def _unpack_bf16(word, scale, zero, L: tl.constexpr):
+    """bf16 values [R, G * W * PER] of packed words ``word`` [R, G, W] (uint8 or int32) with their
+    blocks' ``scale`` and ``zero`` [R, G, 1] (fp32): ``(code - OFFSET) * scale (+ zero)`` with
+    bf16 operands, two neighbouring codes an instruction
+    (:func:`bf16x2_unpack_asm`), spread as in :func:`_unpack`: each pair stays one register. GPU
+    only (PTX)."""
+    PER: tl.constexpr = L.WORD // L.BITS
+    args = [word, tl.broadcast_to(_bf16_twice(scale), word.shape)]
+    if L.HAS_ZERO:
+        hi = zero.to(tl.bfloat16).to(tl.float32)
+        args = args + [tl.broadcast_to(_bf16_twice(hi), word.shape), tl.broadcast_to(_bf16_twice(zero - hi), word.shape)]
+    pairs = tl.inline_asm_elementwise(
+        bf16x2_unpack_asm(L.WORD, L.BITS, L.MSB, L.OFFSET, L.HAS_ZERO), bf16x2_constraints(L.WORD, L.BITS, L.HAS_ZERO),
+        args, dtype=(tl.int32,) * (PER // 2), is_pure=True, pack=4 if L.WORD == 8 else 1)
+    vals = ()
+    for k in tl.static_range(PER // 2):
+        vals = vals + ((pairs[k] & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True),
+                       (pairs[k] >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True))
+    return _spread(vals, PER)
+
+
+@triton.jit
+def _unpack_as(word, scale, zero, L: tl.constexpr, ARITH: tl.constexpr):
+    """:func:`_unpack` (fp32) or, for ARITH "bf16x2" where :func:`bf16x2_fits`,
+    :func:`_unpack_bf16` (bf16)."""
+    if ARITH == "bf16x2" and bf16x2_fits(L.WORD, L.BITS, L.MSB, L.OFFSET):
+        x = _unpack_bf16(word, scale, zero, L)
+    else:
+        x = _unpack(word, scale, zero, L, ARITH == "exact")
+    return x
+
+
+@triton.jit
+def _add_bf16(a, b):
+    """a + b for bf16 tensors of one shape, two values an instruction (GPU only: inline PTX)."""
+    return tl.inline_asm_elementwise(
+        "{\n.reg .b32 one;\nmov.b32 one, 0x3F803F80;\nfma.rn.bf16x2 $0, $1, one, $2;\n}", "=r,r,r", [a, b], dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _stage_sum(stages, tok, tok_ok, ch, mask, D):
+    """The sum of every stage's centroid value under the elements of a [tokens, channels] tile:
+    the first stage's in its own dtype, more summed in fp32."""
+    c, a, a_s = stages[0]
+    row = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32) * D  # int32: C * D < 2**31
+    total = tl.load(c + row[:, None] + ch[None, :], mask=mask, other=0.0)
+    if len(stages) > 1:
+        total = add_stages(total.to(tl.float32), stages[1:], tok, tok_ok, ch, mask, D, True, False)
+    return total
+
+
 @triton.jit
 def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_FP: tl.constexpr, EXACT: tl.constexpr):
-    """Decoded values [BLOCK_N, BLOCK_D] fp32 of tokens t0 .. t0 + BLOCK_N (t0 a multiple of BLOCK_N)
-    of the compressed tensor ``src`` (:class:`Source`) of layout ``L``: the reference's values
-    before their rounding to the output dtype, 0 past D and at tokens it does not hold. HAS_FP:
-    the tile may reach the full-precision tokens kept after the quantized ones, up to S (the
-    attention kernels decode only a span's last tiles so: a runtime branch in their main tile
-    loop made ptxas 13.4 serialize the tensor-core products of the whole kernel). EXACT: the
-    reference's arithmetic order (dequantize); otherwise (attention) a fused multiply-add per
-    value for packed codes, see :func:`_affine`."""
+                HAS_FP: tl.constexpr, ARITH: tl.constexpr):
+    """Decoded values [BLOCK_N, BLOCK_D] of tokens t0 .. t0 + BLOCK_N (t0 a multiple of BLOCK_N) of
+    the compressed tensor ``src`` (:class:`Source`) of layout ``L``: the reference's values before
+    their rounding to the output dtype, 0 past D and at tokens it does not hold. HAS_FP: the tile
+    may reach the full-precision tokens kept after the quantized ones, up to S (the attention
+    kernels decode only a span's last tiles so: a runtime branch in their main tile loop made
+    ptxas 13.4 serialize the tensor-core products of the whole kernel). ARITH: "exact", the
+    reference's arithmetic order in fp32 (dequantize); "fma", fp32 with a fused multiply-add per
+    value for packed codes (see :func:`_affine`); "bf16x2" (attention with bf16 operands on the
+    GPU), bf16 values: packed codes of at most 4 bits decoded two an instruction
+    (:func:`_unpack_bf16`), the stages' centroids (summed in fp32 if more than one) added in
+    bf16, so each value is rounded to bf16 twice where the reference rounds it once."""
+    BF16: tl.constexpr = ARITH == "bf16x2"
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     q_ok = tok < src.quantized
@@ -220,7 +369,7 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
             w = g[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
             word = tl.load(src.codes + tok[:, None, None] * src.words + w, mask=q_ok[:, None, None], other=0)
             scale, zero = _block_params(src, tok[:, None] * src.groups + g[None, :], ok, L.HAS_ZERO)
-            x = _unpack(word, scale[:, :, None], zero[:, :, None], L, EXACT)
+            x = _unpack_as(word, scale[:, :, None], zero[:, :, None], L, ARITH)
         else:  # per-channel blocks along the tokens: a packed row per channel, [channels, blocks, words]
             GT: tl.constexpr = BLOCK_N // L.QBLOCK if BLOCK_N > L.QBLOCK else 1
             WG: tl.constexpr = BLOCK_N // PER // GT
@@ -229,7 +378,7 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
             word = tl.load(src.codes + d[:, None, None] * src.words + w, mask=w * PER < src.quantized, other=0)
             scale, zero = _block_params(src, d[:, None] * src.groups + g[None, :],
                                         (g * L.QBLOCK < src.quantized)[None, :], L.HAS_ZERO)
-            x = tl.trans(_unpack(word, scale[:, :, None], zero[:, :, None], L, EXACT))
+            x = tl.trans(_unpack_as(word, scale[:, :, None], zero[:, :, None], L, ARITH))
     else:  # any other layout (codes across words, D or blocks not powers of two): code by code
         if L.TOKEN_AXIS:
             row = tok[:, None] + 0 * d[None, :]
@@ -242,9 +391,14 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
         x = (code.to(tl.float32) - L.OFFSET) * scale
         if L.HAS_ZERO:
             x = x + zero
-    x = add_stages(x, src.stages, tok, q_ok, d, ok, D, True, False)
+    if BF16:
+        x = x.to(tl.bfloat16)  # the packed path's values already are
+        if len(src.stages) > 0:
+            x = _add_bf16(x, _stage_sum(src.stages, tok, q_ok, d, ok, D).to(tl.bfloat16))
+    else:
+        x = add_stages(x, src.stages, tok, q_ok, d, ok, D, True, False)
     if HAS_FP:
         f_ok = (tok >= src.quantized) & (tok < S)
         xf = tl.load(src.fp + (tok - src.quantized)[:, None] * D + d[None, :], mask=f_ok[:, None], other=0.0)
-        x = tl.where(f_ok[:, None], xf.to(tl.float32), x)
+        x = tl.where(f_ok[:, None], xf.to(x.dtype), x)
     return x
