@@ -106,14 +106,15 @@ def test_every_value_is_the_reference_rounded_once(bits, mode, word_bits, msb):
     rng = np.random.default_rng(bits * 100 + word_bits + msb)
     for _ in range(20):
         words = [int(w) for w in rng.integers(0, 2**word_bits, pack)]
-        scales = [bf16_round(float(rng.uniform(0.01, 3.0))) for _ in range(pack)]
+        scales = [float(np.float32(rng.uniform(0.01, 3.0))) for _ in range(pack)]  # split in two with a zero
         zeros = [float(np.float32(rng.normal(0, 20))) for _ in range(pack)]  # fp32: split into two bf16
         ops = {}
         i = n_out  # outputs come first, then the words
         ops[i] = int.from_bytes(bytes(words), "little") if word_bits == 8 else words[0]
         for e in range(pack):
-            ops[i + 1 + e] = bf16_bits(scales[e]) * 0x10001
+            ops[i + 1 + e] = bf16_bits(bf16_round(scales[e])) * 0x10001
             if has_zero:
+                ops[i + 1 + 3 * pack + e] = bf16_bits(bf16_round(scales[e] - bf16_round(scales[e]))) * 0x10001
                 hi = bf16_round(zeros[e])
                 ops[i + 1 + pack + e] = bf16_bits(hi) * 0x10001
                 ops[i + 1 + 2 * pack + e] = bf16_bits(bf16_round(zeros[e] - hi)) * 0x10001
@@ -123,13 +124,13 @@ def test_every_value_is_the_reference_rounded_once(bits, mode, word_bits, msb):
             got = []
             for k in range(per // 2):
                 got.extend(halves(regs[f"${k * pack + e}"]))
-            if has_zero:  # two roundings: the scaled code plus the zero's low part, then its high part
+            if has_zero:  # two roundings of about the value's size, and tiny ones
                 scaled = [(c - offset) * scales[e] for c in codes]
-                bound = [2**-8 * (abs(x + zeros[e]) + abs(x) + 2**-8 * abs(zeros[e])) for x in scaled]
+                bound = [2**-8 * (2 * abs(x + zeros[e]) + 2**-7 * (abs(zeros[e]) + abs(x))) for x in scaled]
                 err = [abs(g - x - zeros[e]) for g, x in zip(got, scaled)]
                 assert all(d <= b for d, b in zip(err, bound)), (spec, err, bound)
-            else:  # one rounding of the exact value
-                assert got == [bf16_round((c - offset) * scales[e]) for c in codes], (spec, words[e], codes)
+            else:  # one rounding of the exact value with the scale in bf16
+                assert got == [bf16_round((c - offset) * bf16_round(scales[e])) for c in codes], (spec, words[e], codes)
 
 
 def test_codes_that_do_not_fit_fall_back():

@@ -92,6 +92,7 @@ def _span_pieces(
     if EMULATE:
         q = q.to(tl.float32)
         q_lo = q_lo.to(tl.float32)
+    ARITH: tl.constexpr = arith(DOT_BF16, EMULATE, q.shape[0])
     for it in range(first, last):
         item = item_ptr + it * I_LEN
         rec = span_ptr + tl.load(item + I_SPAN) * S_LEN
@@ -101,11 +102,11 @@ def _span_pieces(
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
         for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, arith(DOT_BF16, EMULATE))
+            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = (tok >= lo) & (tok < hi)
             s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
-            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, arith(DOT_BF16, EMULATE))
+            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if V_ROT:

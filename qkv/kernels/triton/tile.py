@@ -195,10 +195,12 @@ def _affine(raw, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.constexpr_function
-def arith(dot_bf16: bool, emulate: bool) -> str:
-    """The attention kernels' ``ARITH`` for :func:`decode_tile`: "bf16x2" where the products take
-    bf16 operands on the GPU, else "fma" (the interpreter runs no PTX)."""
-    return "bf16x2" if dot_bf16 and not emulate else "fma"
+def arith(dot_bf16: bool, emulate: bool, block_m: int) -> str:
+    """The decode kernel's ``ARITH`` for :func:`decode_tile`: "bf16x2" where the products take bf16
+    operands on the GPU in tiles of at most 16 query rows, else "fma" (the interpreter runs no
+    PTX; at 64 rows and more the products go to Hopper's warpgroup MMA, whose operand layout pass
+    fails to compile the bf16x2 tile in Triton 3.6 for some layouts)."""
+    return "bf16x2" if dot_bf16 and not emulate and block_m <= 16 else "fma"
 
 
 @triton.constexpr_function
@@ -236,18 +238,20 @@ def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float, has_z
     """PTX that turns packed words into bf16 values ``(code - offset) * scale (+ zero)``, two
     neighbouring codes a 32-bit result. Operands (see :func:`_unpack_bf16`): one output per pair of
     codes of a word, then the words, the scale pairs and (has_zero) the zero's high and low pairs
-    (int32 holding a bf16 twice; the zero as the sum of two bf16 values, so that it adds almost no
-    rounding of its own). A uint8 word tile is packed 4 words to a register (``pack=4``), an int32
+    and the scale's low pairs (int32 holding a bf16 twice; zero and scale as sums of two bf16
+    values, so that they add almost no rounding of their own: asymmetric codes do not straddle 0,
+    so the value can be small against code * scale and zero). A uint8 word tile is packed 4 words to a register (``pack=4``), an int32
     one a word (``pack=1``). The byte holding codes 2k and 2k + 1 is copied to bits 0 and 16 (PRMT) and
     shifted so that both codes fall in the mantissa of bf16 128.0, at bits a and b (a or b is 1),
     then masked into it (LOP3: 128 + code * 2**a, exact); taking 128 + offset * 2**a off is exact
     ((code - offset) * 2**a: offsets are multiples of 1/2), and one bf16x2 fused multiply-add with
-    the scale times 2**-a, 2**-b (exact) gives both values, rounded once; with a zero, that
-    multiply-add takes its low part and one more adds its high part."""
+    the scale times 2**-a, 2**-b (exact) gives both values, rounded once; with a zero, code times
+    the scale's high part plus the zero's high part (one rounding, of about the value's size)
+    plus code times the low parts (tiny)."""
     pack = 4 if word_bits == 8 else 1
     pairs = _code_pairs(word_bits, bits, msb, offset)
     w = len(pairs) * pack  # the word operand; then the scales and the zeros
-    lines = ["{", ".reg .b32 t, u, s, one, nz, f, base;", "mov.b32 one, 0x3F803F80;", "mov.b32 nz, 0x80008000;"]
+    lines = ["{", ".reg .b32 t, u, s, slo, one, nz, f, base;", "mov.b32 one, 0x3F803F80;", "mov.b32 nz, 0x80008000;"]
     for k in range(len(pairs)):
         byte, shift, mask, factor, base = pairs[k]
         lines.append(f"mov.b32 f, {factor:#x};")
@@ -262,9 +266,11 @@ def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float, has_z
             lines.append(f"lop3.b32 u, t, {mask:#x}, 0x43004300, 0xEA;")  # (t & mask) | 128.0
             lines.append("fma.rn.bf16x2 u, u, one, base;")
             lines.append(f"fma.rn.bf16x2 s, ${w + 1 + e}, f, nz;")
-            if has_zero:
-                lines.append(f"fma.rn.bf16x2 u, u, s, ${w + 1 + 2 * pack + e};")
-                lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, one, ${w + 1 + pack + e};")
+            if has_zero:  # the scale's low part too: codes of asymmetric blocks do not straddle 0
+                lines.append(f"fma.rn.bf16x2 slo, ${w + 1 + 3 * pack + e}, f, nz;")
+                lines.append(f"fma.rn.bf16x2 t, u, slo, ${w + 1 + 2 * pack + e};")  # the low parts
+                lines.append(f"fma.rn.bf16x2 u, u, s, ${w + 1 + pack + e};")  # the high parts, fused
+                lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, one, t;")
             else:
                 lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, s, nz;")
     lines.append("}")
@@ -275,7 +281,7 @@ def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float, has_z
 def bf16x2_constraints(word_bits: int, bits: int, has_zero: bool) -> str:
     """The operand constraints of :func:`bf16x2_unpack_asm`."""
     pack = 4 if word_bits == 8 else 1
-    return ",".join(["=r"] * (word_bits // bits // 2 * pack) + ["r"] * (1 + (3 if has_zero else 1) * pack))
+    return ",".join(["=r"] * (word_bits // bits // 2 * pack) + ["r"] * (1 + (4 if has_zero else 1) * pack))
 
 
 @triton.jit
@@ -295,8 +301,10 @@ def _unpack_bf16(word, scale, zero, L: tl.constexpr):
     PER: tl.constexpr = L.WORD // L.BITS
     args = [word, tl.broadcast_to(_bf16_twice(scale), word.shape)]
     if L.HAS_ZERO:
-        hi = zero.to(tl.bfloat16).to(tl.float32)
-        args = args + [tl.broadcast_to(_bf16_twice(hi), word.shape), tl.broadcast_to(_bf16_twice(zero - hi), word.shape)]
+        z_hi = zero.to(tl.bfloat16).to(tl.float32)
+        s_hi = scale.to(tl.bfloat16).to(tl.float32)
+        args = args + [tl.broadcast_to(_bf16_twice(z_hi), word.shape), tl.broadcast_to(_bf16_twice(zero - z_hi), word.shape),
+                       tl.broadcast_to(_bf16_twice(scale - s_hi), word.shape)]
     pairs = tl.inline_asm_elementwise(
         bf16x2_unpack_asm(L.WORD, L.BITS, L.MSB, L.OFFSET, L.HAS_ZERO), bf16x2_constraints(L.WORD, L.BITS, L.HAS_ZERO),
         args, dtype=(tl.int32,) * (PER // 2), is_pure=True, pack=4 if L.WORD == 8 else 1)
