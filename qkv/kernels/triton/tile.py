@@ -234,24 +234,19 @@ def bf16x2_fits(word_bits: int, bits: int, msb: bool, offset: float) -> bool:
 
 
 @triton.constexpr_function
-def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float, has_zero: bool) -> str:
-    """PTX that turns packed words into bf16 values ``(code - offset) * scale (+ zero)``, two
-    neighbouring codes a 32-bit result. Operands (see :func:`_unpack_bf16`): one output per pair of
-    codes of a word, then the words, the scale pairs and (has_zero) the zero's high and low pairs
-    and the scale's low pairs (int32 holding a bf16 twice; zero and scale as sums of two bf16
-    values, so that they add almost no rounding of their own: asymmetric codes do not straddle 0,
-    so the value can be small against code * scale and zero). A uint8 word tile is packed 4 words to a register (``pack=4``), an int32
+def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float) -> str:
+    """PTX that turns packed words into bf16 values ``(code - offset) * scale``, two neighbouring
+    codes a 32-bit result. Operands (see :func:`_unpack_bf16`): one output per pair of codes of a
+    word, then the words and the scale pairs (int32 holding a bf16 twice). A uint8 word tile is packed 4 words to a register (``pack=4``), an int32
     one a word (``pack=1``). The byte holding codes 2k and 2k + 1 is copied to bits 0 and 16 (PRMT) and
     shifted so that both codes fall in the mantissa of bf16 128.0, at bits a and b (a or b is 1),
     then masked into it (LOP3: 128 + code * 2**a, exact); taking 128 + offset * 2**a off is exact
     ((code - offset) * 2**a: offsets are multiples of 1/2), and one bf16x2 fused multiply-add with
-    the scale times 2**-a, 2**-b (exact) gives both values, rounded once; with a zero, code times
-    the scale's high part plus the zero's high part (one rounding, of about the value's size)
-    plus code times the low parts (tiny)."""
+    the scale times 2**-a, 2**-b (exact) gives both values, rounded once."""
     pack = 4 if word_bits == 8 else 1
     pairs = _code_pairs(word_bits, bits, msb, offset)
-    w = len(pairs) * pack  # the word operand; then the scales and the zeros
-    lines = ["{", ".reg .b32 t, u, s, slo, one, nz, f, base;", "mov.b32 one, 0x3F803F80;", "mov.b32 nz, 0x80008000;"]
+    w = len(pairs) * pack  # the word operand; then the scales
+    lines = ["{", ".reg .b32 t, u, s, one, nz, f, base;", "mov.b32 one, 0x3F803F80;", "mov.b32 nz, 0x80008000;"]
     for k in range(len(pairs)):
         byte, shift, mask, factor, base = pairs[k]
         lines.append(f"mov.b32 f, {factor:#x};")
@@ -266,22 +261,16 @@ def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float, has_z
             lines.append(f"lop3.b32 u, t, {mask:#x}, 0x43004300, 0xEA;")  # (t & mask) | 128.0
             lines.append("fma.rn.bf16x2 u, u, one, base;")
             lines.append(f"fma.rn.bf16x2 s, ${w + 1 + e}, f, nz;")
-            if has_zero:  # the scale's low part too: codes of asymmetric blocks do not straddle 0
-                lines.append(f"fma.rn.bf16x2 slo, ${w + 1 + 3 * pack + e}, f, nz;")
-                lines.append(f"fma.rn.bf16x2 t, u, slo, ${w + 1 + 2 * pack + e};")  # the low parts
-                lines.append(f"fma.rn.bf16x2 u, u, s, ${w + 1 + pack + e};")  # the high parts, fused
-                lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, one, t;")
-            else:
-                lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, s, nz;")
+            lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, s, nz;")
     lines.append("}")
     return "\n".join(lines)
 
 
 @triton.constexpr_function
-def bf16x2_constraints(word_bits: int, bits: int, has_zero: bool) -> str:
+def bf16x2_constraints(word_bits: int, bits: int) -> str:
     """The operand constraints of :func:`bf16x2_unpack_asm`."""
     pack = 4 if word_bits == 8 else 1
-    return ",".join(["=r"] * (word_bits // bits // 2 * pack) + ["r"] * (1 + (4 if has_zero else 1) * pack))
+    return ",".join(["=r"] * (word_bits // bits // 2 * pack) + ["r"] * (1 + pack))
 
 
 @triton.jit
@@ -292,22 +281,16 @@ def _bf16_twice(x):
 
 
 @triton.jit
-def _unpack_bf16(word, scale, zero, L: tl.constexpr):
+def _unpack_bf16(word, scale, L: tl.constexpr):
     """bf16 values [R, G * W * PER] of packed words ``word`` [R, G, W] (uint8 or int32) with their
-    blocks' ``scale`` and ``zero`` [R, G, 1] (fp32): ``(code - OFFSET) * scale (+ zero)`` with
-    bf16 operands, two neighbouring codes an instruction
-    (:func:`bf16x2_unpack_asm`), spread as in :func:`_unpack`: each pair stays one register. GPU
-    only (PTX)."""
+    blocks' ``scale`` [R, G, 1] (fp32): ``(code - OFFSET) * scale`` with a bf16 scale, two
+    neighbouring codes an instruction (:func:`bf16x2_unpack_asm`), spread as in :func:`_unpack`:
+    each pair stays one register. GPU only (PTX)."""
     PER: tl.constexpr = L.WORD // L.BITS
-    args = [word, tl.broadcast_to(_bf16_twice(scale), word.shape)]
-    if L.HAS_ZERO:
-        z_hi = zero.to(tl.bfloat16).to(tl.float32)
-        s_hi = scale.to(tl.bfloat16).to(tl.float32)
-        args = args + [tl.broadcast_to(_bf16_twice(z_hi), word.shape), tl.broadcast_to(_bf16_twice(zero - z_hi), word.shape),
-                       tl.broadcast_to(_bf16_twice(scale - s_hi), word.shape)]
     pairs = tl.inline_asm_elementwise(
-        bf16x2_unpack_asm(L.WORD, L.BITS, L.MSB, L.OFFSET, L.HAS_ZERO), bf16x2_constraints(L.WORD, L.BITS, L.HAS_ZERO),
-        args, dtype=(tl.int32,) * (PER // 2), is_pure=True, pack=4 if L.WORD == 8 else 1)
+        bf16x2_unpack_asm(L.WORD, L.BITS, L.MSB, L.OFFSET), bf16x2_constraints(L.WORD, L.BITS),
+        [word, tl.broadcast_to(_bf16_twice(scale), word.shape)], dtype=(tl.int32,) * (PER // 2), is_pure=True,
+        pack=4 if L.WORD == 8 else 1)
     vals = ()
     for k in tl.static_range(PER // 2):
         vals = vals + ((pairs[k] & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True),
@@ -317,10 +300,12 @@ def _unpack_bf16(word, scale, zero, L: tl.constexpr):
 
 @triton.jit
 def _unpack_as(word, scale, zero, L: tl.constexpr, ARITH: tl.constexpr):
-    """:func:`_unpack` (fp32) or, for ARITH "bf16x2" where :func:`bf16x2_fits`,
-    :func:`_unpack_bf16` (bf16)."""
-    if ARITH == "bf16x2" and bf16x2_fits(L.WORD, L.BITS, L.MSB, L.OFFSET):
-        x = _unpack_bf16(word, scale, zero, L)
+    """:func:`_unpack` (fp32) or, for ARITH "bf16x2", codes without zero points (with one, a bf16
+    zero point and scale shift a value's rounding: its two roundings differed from the
+    reference's by an ulp often enough to double the attention's error) where
+    :func:`bf16x2_fits`, :func:`_unpack_bf16` (bf16)."""
+    if ARITH == "bf16x2" and not L.HAS_ZERO and bf16x2_fits(L.WORD, L.BITS, L.MSB, L.OFFSET):
+        x = _unpack_bf16(word, scale, L)
     else:
         x = _unpack(word, scale, zero, L, ARITH == "exact")
     return x
