@@ -215,7 +215,7 @@ def _code_pairs(word_bits: int, bits: int, msb: bool, offset: float) -> list | N
         return None
     pairs = []
     for k in range(per // 2):
-        lo, hi = (per - 1 - 2 * k) * bits if msb else 2 * k * bits, (per - 2 - 2 * k) * bits if msb else (2 * k + 1) * bits
+        lo, hi = ((per - 1 - j) * bits if msb else j * bits for j in (2 * k, 2 * k + 1))  # bit offsets
         shift = min(lo, hi) % 8 - 1
         lo_at, hi_at = lo % 8 - shift, hi % 8 - shift
         code = (1 << bits) - 1
@@ -237,9 +237,10 @@ def bf16x2_fits(word_bits: int, bits: int, msb: bool, offset: float) -> bool:
 def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float) -> str:
     """PTX that turns packed words into bf16 values ``(code - offset) * scale``, two neighbouring
     codes a 32-bit result. Operands (see :func:`_unpack_bf16`): one output per pair of codes of a
-    word, then the words and the scale pairs (int32 holding a bf16 twice). A uint8 word tile is packed 4 words to a register (``pack=4``), an int32
-    one a word (``pack=1``). The byte holding codes 2k and 2k + 1 is copied to bits 0 and 16 (PRMT) and
-    shifted so that both codes fall in the mantissa of bf16 128.0, at bits a and b (a or b is 1),
+    word, then the words and the scale pairs (int32 holding a bf16 twice). A uint8 word tile is
+    packed 4 words to a register (``pack=4``), an int32 one a word (``pack=1``). The byte holding
+    codes 2k and 2k + 1 is copied to bits 0 and 16 (PRMT) and shifted so that both codes fall in
+    the mantissa of bf16 128.0, at bits a and b (a or b is 1),
     then masked into it (LOP3: 128 + code * 2**a, exact); taking 128 + offset * 2**a off is exact
     ((code - offset) * 2**a: offsets are multiples of 1/2), and one bf16x2 fused multiply-add with
     the scale times 2**-a, 2**-b (exact) gives both values, rounded once."""
@@ -315,7 +316,8 @@ def _unpack_as(word, scale, zero, L: tl.constexpr, ARITH: tl.constexpr):
 def _add_bf16(a, b):
     """a + b for bf16 tensors of one shape, two values an instruction (GPU only: inline PTX)."""
     return tl.inline_asm_elementwise(
-        "{\n.reg .b32 one;\nmov.b32 one, 0x3F803F80;\nfma.rn.bf16x2 $0, $1, one, $2;\n}", "=r,r,r", [a, b], dtype=tl.bfloat16, is_pure=True, pack=2)
+        "{\n.reg .b32 one;\nmov.b32 one, 0x3F803F80;\nfma.rn.bf16x2 $0, $1, one, $2;\n}", "=r,r,r", [a, b],
+        dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
 @triton.jit
