@@ -29,6 +29,7 @@ from qkv.kernels.attention import (
     attention_staged,
     attention_torch,
     check_attention,
+    decompress_spans_torch,
     merge_torch,
 )
 from qkv.kernels.hadamard import hadamard_torch
@@ -56,7 +57,7 @@ class Method(str, enum.Enum):
 DECODE_MAX_QUERIES = 64
 
 OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard", "attention",
-       "attention_decode", "merge")
+       "attention_decode", "merge", "decompress_spans")
 
 _TORCH: dict[str, Callable] = {
     "quantize_pack": quantize_pack_torch,
@@ -67,6 +68,7 @@ _TORCH: dict[str, Callable] = {
     "attention": attention_torch,
     "attention_decode": attention_decode_torch,
     "merge": merge_torch,
+    "decompress_spans": decompress_spans_torch,
 }
 
 
@@ -186,6 +188,20 @@ def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend
     return out
 
 
+def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *, backend: Backend | str = "auto") -> None:
+    """Write the live keys and values of every span of ``plan``, in order, into ``k_out`` and
+    ``v_out`` ([B, H_kv, plan.tokens, D] in the spans' dtype, unit stride along D): the Triton
+    kernel reads the plan's span table (built once, kept in the plan) in one launch for K and V,
+    where decompressing span by span costs launches and host work per span."""
+    if plan.meta is None:
+        raise ShapeError("decompress_spans: the plan holds no span")
+    shape, dtype, device = plan.meta
+    for out in (k_out, v_out):
+        _check_out(out, shape, dtype, device)
+    args = (plan, k_out, v_out)
+    resolve("decompress_spans", backend, device, *args)(*args)
+
+
 def kmeans_assign(x, centroids, *, backend="auto"):
     """Nearest centroid: ([N, S] int64, squared distances [N, S])."""
     return resolve("kmeans_assign", backend, x.device, x, centroids)(x, centroids)
@@ -267,6 +283,7 @@ __all__ = [
     "attention_staged",
     "choose_method",
     "decompress",
+    "decompress_spans",
     "dequantize",
     "hadamard",
     "kmeans_assign",

@@ -60,44 +60,16 @@ class CompressedSpan:
         return k[:, :, self.skip :], v[:, :, self.skip :]
 
 
-@dataclasses.dataclass(frozen=True)
-class SpanGroup:
-    """Consecutive compressed spans (one B, H_kv, D and dtype) attended to as one segment: each is
-    decompressed into its slice of one buffer (:func:`qkv.kernels.decompress` with ``out``), so a
-    history of many short spans costs one attention call and one merge per group, not per span."""
-
-    spans: tuple[CompressedSpan, ...]
-
-    @property
-    def tokens(self) -> int:
-        return sum(sp.tokens for sp in self.spans)
-
-    def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
-        if len(self.spans) == 1:
-            return self.spans[0].materialize(backend)
-        first = self.spans[0].ckv
-        b, h, _, d = first.k.shape
-        k, v = (torch.empty(b, h, self.tokens, d, dtype=ct.dtype, device=ct.device) for ct in (first.k, first.v))
-        at = 0
-        for sp in self.spans:
-            if sp.skip:  # partly evicted: decompressed whole, the live tokens copied
-                for buf, part in zip((k, v), sp.materialize(backend)):
-                    buf[:, :, at : at + sp.tokens].copy_(part)
-            else:
-                for buf, ct in ((k, sp.ckv.k), (v, sp.ckv.v)):
-                    kernels.decompress(ct, out=buf[:, :, at : at + sp.tokens], backend=backend)
-            at += sp.tokens
-        return k, v
-
-
 # The most keys per head that the staged path decompresses at once (a longer span alone): groups
 # of short spans (a chunk per span) then cost as few attention calls and merges as long ones
 STAGE_TOKENS = 32768
 
 
-def span_groups(spans: Sequence[CompressedSpan], limit: int) -> list[SpanGroup]:
+def span_groups(spans: Sequence[CompressedSpan], limit: int, previous: SpanPlan | None = None) -> list[SpanPlan]:
     """``spans`` in order, cut into consecutive groups of at most ``limit`` tokens each (a span
-    longer than that is a group of its own)."""
+    longer than that is a group of its own), each a :class:`SpanPlan` (taking over the records of
+    ``previous``, the plan they come from): the staged path decompresses a group into one buffer
+    (:meth:`SpanPlan.materialize`)."""
     groups: list[list[CompressedSpan]] = []
     total = 0
     for sp in spans:
@@ -106,7 +78,7 @@ def span_groups(spans: Sequence[CompressedSpan], limit: int) -> list[SpanGroup]:
             total = 0
         groups[-1].append(sp)
         total += sp.tokens
-    return [SpanGroup(tuple(g)) for g in groups]
+    return [SpanPlan(g, previous=previous) for g in groups]
 
 
 class SpanPlan:
@@ -149,6 +121,34 @@ class SpanPlan:
         if key not in self._tables:
             self._tables[key] = build()
         return self._tables[key]
+
+    def staged(self, limit: int) -> list[SpanPlan]:
+        """The staged path's groups of these spans (:func:`span_groups`), made once."""
+        return self.table(("staged", limit), lambda: span_groups(self.spans, limit, self))
+
+    def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        """The live keys and values of every span, in order, in one buffer each
+        ([B, H_kv, tokens, D], the spans' dtype): :func:`qkv.kernels.decompress_spans`."""
+        (b, h, tokens, d), dtype, device = self.meta
+        k, v = (torch.empty(b, h, tokens, d, dtype=dtype, device=device) for _ in range(2))
+        kernels.decompress_spans(self, k, v, backend=backend)
+        return k, v
+
+
+def decompress_spans_torch(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+    """The live keys and values of every span of ``plan``, in order, written into ``k_out`` /
+    ``v_out`` [B, H_kv, plan.tokens, D] (checked by :func:`qkv.kernels.decompress_spans`): span by
+    span with :func:`qkv.kernels.decompress` (a partly evicted span decompressed whole, its live
+    tokens copied)."""
+    at = 0
+    for sp in plan.spans:
+        if sp.skip:
+            for buf, part in zip((k_out, v_out), sp.materialize("torch")):
+                buf[:, :, at : at + sp.tokens].copy_(part)
+        else:
+            for buf, ct in ((k_out, sp.ckv.k), (v_out, sp.ckv.v)):
+                kernels.decompress(ct, out=buf[:, :, at : at + sp.tokens], backend="torch")
+        at += sp.tokens
 
 
 Segment = DenseKV | CompressedSpan | SpanPlan
@@ -365,9 +365,12 @@ def attention_partial(
     every rank attends to its own keys). ``segments`` must hold at least one key."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
-    segments = expand(segments)
     dense = [s for s in segments if isinstance(s, DenseKV) and s.tokens]
     if len(dense) > 1:
         dense = [DenseKV(torch.cat([s.k for s in dense], 2), torch.cat([s.v for s in dense], 2))]
-    spans = span_groups([s for s in segments if isinstance(s, CompressedSpan)], STAGE_TOKENS)
-    return _merged(q, scale, dense + spans, sdpa_split, backend)
+    plans = [s for s in segments if isinstance(s, SpanPlan)]
+    loose = [s for s in segments if isinstance(s, CompressedSpan)]
+    if loose:
+        plans.append(SpanPlan(loose))
+    groups = [g for plan in plans for g in plan.staged(STAGE_TOKENS)]
+    return _merged(q, scale, dense + groups, sdpa_split, backend)

@@ -20,7 +20,7 @@ pytest.importorskip("triton")
 import qkv  # noqa: E402
 from qkv import kernels  # noqa: E402
 from qkv.errors import BackendError, DTypeError, ShapeError  # noqa: E402
-from qkv.kernels import CompressedSpan, DenseKV  # noqa: E402
+from qkv.kernels import CompressedSpan, DenseKV, SpanPlan  # noqa: E402
 from qkv.kernels.attention import (  # noqa: E402
     _LSE_OPS,
     KEY_SPLIT,
@@ -375,6 +375,43 @@ def test_span_groups_cut_consecutive_spans_at_the_limit():
     k, v = groups[0].materialize()
     ref = materialized(spans[:2])
     assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_decompress_spans_kernel_is_bit_exact(dtype):
+    """One plan of spans of three layouts (two launches), per-token and per-channel codes, four
+    stages, full-precision tokens (kivi's window), partly evicted spans: the Triton kernel writes
+    exactly the reference's values where they belong, and builds its table once."""
+    specs = [("qvg", 100, 0), ("qvg-pro", 70, 9), ("kivi", 170, 33), ("qvg", 30, 0), ("rtn", 64, 63)]
+    spans = [CompressedSpan(policy(name, 64).compress(randn(120 + i, 2, 2, n, 64, dtype=dtype, scale=3.0),
+                                                      randn(130 + i, 2, 2, n, 64, dtype=dtype)), skip)
+             for i, (name, n, skip) in enumerate(specs)]
+    plan = SpanPlan(spans)
+    ref = plan.materialize("torch")
+    assert ref[0].shape == (2, 2, plan.tokens, 64)
+    assert all(torch.equal(r, m) for r, m in zip(ref, materialized(spans)))
+    k, v = torch.full_like(ref[0], float("nan")), torch.full_like(ref[1], float("nan"))
+    kernels.decompress_spans(plan, k, v, backend="triton")
+    assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
+    tables = dict(plan._tables)
+    kernels.decompress_spans(plan, k, v, backend="triton")
+    assert plan._tables == tables
+
+
+def test_decompress_spans_checks_and_falls_back():
+    spans = [CompressedSpan(policy("quarot", 64).compress(randn(140, 1, 2, 40, 64), randn(141, 1, 2, 40, 64)))]
+    plan = SpanPlan(spans)
+    k, v = torch.empty(1, 2, 40, 64, dtype=torch.bfloat16, device=DEVICE), torch.empty(1, 2, 40, 64, dtype=torch.bfloat16, device=DEVICE)
+    with pytest.raises(BackendError, match="Hadamard"):  # rotations are undone by the hadamard op
+        kernels.decompress_spans(plan, k, v, backend="triton")
+    kernels.decompress_spans(plan, k, v)  # "auto" takes the reference
+    assert all(torch.equal(a, b) for a, b in zip((k, v), materialized(spans)))
+    with pytest.raises(ShapeError, match="shape"):
+        kernels.decompress_spans(plan, k[:, :, :39], v)
+    with pytest.raises(DTypeError, match="dtype"):
+        kernels.decompress_spans(plan, k.half(), v)
+    with pytest.raises(ShapeError, match="no span"):
+        kernels.decompress_spans(SpanPlan([]), k, v)
 
 
 def test_staged_over_many_short_spans_groups_them(monkeypatch):

@@ -7,6 +7,7 @@
 
 from qkv.kernels.triton.attention import attention_supports, attention_triton
 from qkv.kernels.triton.decode import decode_supports, decode_triton
+from qkv.kernels.triton.decompress import decompress_spans_supports, decompress_spans_triton
 from qkv.kernels.triton.hadamard import hadamard_supports, hadamard_triton
 from qkv.kernels.triton.kmeans import assign_supports, assign_triton, update_triton
 from qkv.kernels.triton.merge import merge_supports, merge_triton
@@ -26,4 +27,5 @@ IMPLS = {
     "attention": (attention_triton, attention_supports),
     "attention_decode": (decode_triton, decode_supports),
     "merge": (merge_triton, merge_supports),
+    "decompress_spans": (decompress_spans_triton, decompress_spans_supports),
 }

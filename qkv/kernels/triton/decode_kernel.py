@@ -33,6 +33,7 @@ I_LEN = tl.constexpr(len(ITEM_FIELDS))
 I_SPAN = tl.constexpr(_I["span"])
 I_LO = tl.constexpr(_I["lo"])
 I_HI = tl.constexpr(_I["hi"])
+I_AT = tl.constexpr(_I["at"])
 
 
 @triton.jit

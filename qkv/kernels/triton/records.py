@@ -32,8 +32,9 @@ TENSOR_FIELDS = (
 )
 SPAN_FIELDS = ("tokens", "skip", *(f"k.{f}" for f in TENSOR_FIELDS), *(f"v.{f}" for f in TENSOR_FIELDS))
 DENSE_FIELDS = ("k", "v", "tokens", "k_stride_b", "k_stride_h", "k_stride_s", "v_stride_b", "v_stride_h", "v_stride_s")
-# a decode work item: keys lo .. hi of one span (a row of the span table)
-ITEM_FIELDS = ("span", "lo", "hi")
+# a work item: keys lo .. hi of one span (a row of the span table); "at": where key lo goes among
+# the live keys of all the table's spans, in the order they were given (decompression writes there)
+ITEM_FIELDS = ("span", "lo", "hi", "at")
 
 
 def offsets(fields: tuple[str, ...]) -> dict[str, int]:
@@ -210,9 +211,9 @@ def span_record(ckv) -> SpanRecord:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SpanGroup:
-    """Spans of one layout on the device: ``table`` [n, len(SPAN_FIELDS)] int64 and the decode
-    kernel's work items ``items`` [n_items, len(ITEM_FIELDS)] int64 (pieces of at most ``piece``
-    keys, each inside one span, aligned to ``piece`` but for a span's first retained key)."""
+    """Spans of one layout on the device: ``table`` [n, len(SPAN_FIELDS)] int64 and the kernels'
+    work items ``items`` [n_items, len(ITEM_FIELDS)] int64 (pieces of at most ``piece`` keys,
+    each inside one span, aligned to ``piece`` but for a span's first retained key)."""
 
     layouts: tuple[TensorLayout, TensorLayout]
     table: torch.Tensor
@@ -234,26 +235,28 @@ class SpanTable:
 
 def span_table(spans: list[tuple[SpanRecord, int]], device: torch.device, piece: int) -> SpanTable:
     """A :class:`SpanTable` of readable spans ``(record, skip)`` (one host-to-device copy per
-    group); ``piece``: keys per decode work item."""
+    group); ``piece``: keys per work item."""
     by_key: dict = {}
+    at = 0  # the first live key of each span among all the spans' live keys
     for rec, skip in spans:
         key = tuple(lay.code_key for lay in rec.layouts)
-        by_key.setdefault(key, []).append((rec, skip))
+        by_key.setdefault(key, []).append((rec, skip, at))
+        at += rec.tokens - skip
     groups = []
     for members in by_key.values():
         k_layout, v_layout = members[0][0].layouts
         rows, items = [], []
-        for i, (rec, skip) in enumerate(members):
+        for i, (rec, skip, first) in enumerate(members):
             k_layout, v_layout = k_layout.joined(rec.layouts[0]), v_layout.joined(rec.layouts[1])
             rows.append([rec.tokens, skip, *rec.fields])
             lo = skip
             while lo < rec.tokens:
                 hi = min((lo // piece + 1) * piece, rec.tokens)
-                items.append([i, lo, hi])
+                items.append([i, lo, hi, first + lo - skip])
                 lo = hi
         table = torch.tensor(rows, dtype=torch.int64).to(device)
-        item_t = torch.tensor(items or [[0, 0, 0]], dtype=torch.int64).to(device)
-        groups.append(SpanGroup((k_layout, v_layout), table, item_t, len(items), sum(r.nbytes for r, _ in members)))
+        item_t = torch.tensor(items or [[0] * len(ITEM_FIELDS)], dtype=torch.int64).to(device)
+        groups.append(SpanGroup((k_layout, v_layout), table, item_t, len(items), sum(m[0].nbytes for m in members)))
     records = tuple(rec for rec, _ in spans)
     dtype = records[0].dtype if records else None
     return SpanTable(tuple(groups), records, dtype, sum(g.nbytes for g in groups))

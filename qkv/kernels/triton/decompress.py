@@ -1,0 +1,116 @@
+"""Decompression of many stored spans in one launch, twin of
+:func:`qkv.kernels.attention.decompress_spans_torch`.
+
+The staged attention decompresses the history a group of consecutive spans at a time into one
+buffer. Span by span that is two launches and the host work of a call per span, in every layer and
+every forward: with a span per generated chunk, thousands per chunk. Here the spans' records (the
+span table of records.py, built once per set of spans and kept in its :class:`SpanPlan`) are read by
+one launch for K and V together: each program decodes one work item (a piece of one span) with
+``tile.decode_tile`` in the reference's arithmetic ("exact"), saturates and rounds it to the
+spans' dtype once, and writes it at the item's place among the spans' live keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from qkv.dtypes import max_finite
+from qkv.kernels.attention import SpanPlan
+from qkv.kernels.triton.attention import span_record_of
+from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
+from qkv.kernels.triton.bits import round_to_bf16
+from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
+from qkv.kernels.triton.records import TL_DTYPES, span_table
+from qkv.kernels.triton.tile import decode_tile, record_source
+
+# keys per work item (a program), keys per decoded tile
+PIECE = 512
+BLOCK_N = 64
+
+
+@triton.jit
+def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr):
+    """x [BLOCK_N, D] fp32 saturated to the output's finite range and rounded once into its rows."""
+    if LIMIT > 0:
+        x = tl.minimum(tl.maximum(x, -LIMIT), LIMIT)
+    if OUT_BF16:
+        x = round_to_bf16(x)
+    tl.store(out_ptr + rows[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+@triton.jit
+def decompress_kernel(
+    span_ptr, item_ptr, k_out, v_out, HKV, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr,
+):
+    """Work item ``program_id(0)`` of (batch, KV head) row ``program_id(1)``: its keys' K and V."""
+    item = item_ptr + tl.program_id(0) * I_LEN
+    n = tl.program_id(1).to(tl.int64)
+    b, h = n // HKV, n % HKV
+    rec = span_ptr + tl.load(item + I_SPAN) * S_LEN
+    lo = tl.load(item + I_LO).to(tl.int32)
+    hi = tl.load(item + I_HI).to(tl.int32)
+    at = tl.load(item + I_AT)
+    S = tl.load(rec + S_TOKENS).to(tl.int32)
+    kt = record_source(rec + S_K, n, D, K, KV_T)
+    vt = record_source(rec + S_V, n, D, V, KV_T)
+    d = tl.arange(0, D)
+    for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        ok = (tok >= lo) & (tok < hi)
+        row = at + (tok - lo)
+        k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, "exact")
+        _write(k_out + b * k_sb + h * k_sh, k, row * k_ss, ok, d, LIMIT, OUT_BF16)
+        v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, "exact")
+        _write(v_out + b * v_sb + h * v_sh, v, row * v_ss, ok, d, LIMIT, OUT_BF16)
+
+
+def _table(plan: SpanPlan, device: torch.device):
+    def build():
+        records = [(plan.record(sp, span_record_of), sp.skip) for sp in plan.spans]
+        if any(rec.unsupported for rec, _ in records):
+            return None
+        return span_table(records, device, PIECE)
+
+    return plan.table(("decompress", device, PIECE), build)
+
+
+def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> str | None:
+    """Why the kernel cannot decompress ``plan`` (None if it can)."""
+
+    def check():
+        for sp in plan.spans:
+            rec = plan.record(sp, span_record_of)
+            if rec.unsupported:
+                return rec.unsupported
+            if any(lay.ROT for lay in rec.layouts):
+                return "a span is Hadamard-rotated (undone by the hadamard op after decoding)"
+        d = plan.meta[0][3] if plan.meta else 0
+        if d & (d - 1):
+            return f"head_dim {d} is not a power of two"
+        return None
+
+    return plan.table(("decompress support",), check)
+
+
+def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+    """Triton twin of :func:`qkv.kernels.attention.decompress_spans_torch` (checked arguments):
+    one launch per layout among the spans (usually one), K and V together."""
+    if not plan.spans:
+        return
+    table = _table(plan, k_out.device)
+    b, h, _, d = k_out.shape
+    dtype = k_out.dtype
+    for g in table.groups:
+        if not g.n_items:
+            continue
+        k_layout, v_layout = g.layouts
+        decompress_kernel[(g.n_items, b * h)](
+            g.table, g.items, k_out, v_out, h, *k_out.stride()[:3], *v_out.stride()[:3],
+            D=d, BLOCK_N=BLOCK_N, KV_T=TL_DTYPES[dtype],
+            LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), OUT_BF16=dtype == torch.bfloat16,
+            K=k_layout, V=v_layout, enable_fp_fusion=False, num_warps=4,
+        )
