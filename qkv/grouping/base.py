@@ -65,21 +65,19 @@ class ClusteringGrouper(Grouper):
         return min(self.clusters, tokens)
 
 
-# Rows whose max-abs lies in [2**SAFE_LOW, 2**SAFE_HIGH] are clustered as they are: scaling by a
-# power of two commutes exactly with every operation that neither overflows nor underflows, so
-# the result is the same as on the normalized copy, without the copy.
+# Rows whose max-abs lies in [2**SAFE_LOW, 2**SAFE_HIGH] are clustered as they are (factor 1):
+# scaling by a power of two commutes exactly with every operation that neither overflows nor
+# underflows, so the result is the same as on a normalized copy.
 SAFE_LOW, SAFE_HIGH = -20, 40
 
 
-def row_scale(x: torch.Tensor) -> torch.Tensor | None:
-    """Power of two per row of ``x`` [N, S, D] that its values are divided by: [N, 1, 1], 1 for a
+def row_factor(x: torch.Tensor) -> torch.Tensor:
+    """Power of two per row of ``x`` [N, S, D] that its values are multiplied by: [N] fp32, 1 for a
     row in the safe range and, for a row outside it, the one that brings its max-abs into
-    [0.5, 1); None when every row is in the safe range (no scaling needed: one read-back decides).
-    A row's scale depends on that row alone. Groupers cluster x / scale, so squared distances
-    never overflow or underflow, and multiply the centroids back."""
+    [0.5, 1). A row's factor depends on that row alone, and nothing is read back to the host.
+    Groupers cluster x times its factor (the k-means ops take it as ``scale``, so no scaled copy
+    is made), so squared distances never overflow or underflow, and divide the centroids by it."""
     peak = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1).float()  # max |x|, one pass
     exponent = torch.frexp(peak).exponent  # peak = m * 2**exponent, m in [0.5, 1); 0 for peak 0
     safe = (exponent >= SAFE_LOW) & (exponent <= SAFE_HIGH)
-    if bool(safe.all()):
-        return None
-    return torch.where(safe, 0, exponent).float().exp2().view(-1, 1, 1)
+    return torch.where(safe, 0, -exponent).float().exp2()

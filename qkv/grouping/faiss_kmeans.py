@@ -12,7 +12,7 @@ import torch
 
 from qkv.component import check_int
 from qkv.errors import ConfigError
-from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_scale
+from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_factor
 
 
 def _import_faiss():
@@ -43,10 +43,9 @@ class FaissGrouper(ClusteringGrouper):
         faiss = _import_faiss()
         n, s, d = x.shape
         k = min(self.clusters, s) if init is None else init.shape[1]
-        scale = row_scale(x)  # FAISS works in fp32 on unscaled squares: normalize like kmeans does
-        if scale is not None:
-            x = x / scale
-            init = None if init is None else init / scale
+        factor = row_factor(x).view(-1, 1, 1)  # FAISS works in fp32 on unscaled squares: as kmeans does
+        x = x * factor
+        init = None if init is None else init * factor
         data = x.detach().float().cpu().numpy()
         use_gpu = bool(getattr(faiss, "get_num_gpus", lambda: 0)())
         centroids, assignments = [], []
@@ -65,7 +64,5 @@ class FaissGrouper(ClusteringGrouper):
             _, label = km.index.search(data[row], 1)
             centroids.append(torch.from_numpy(km.centroids.copy()))
             assignments.append(torch.from_numpy(label[:, 0].astype("int64")))
-        centroids = torch.stack(centroids).to(x.device)
-        if scale is not None:
-            centroids = centroids * scale
+        centroids = torch.stack(centroids).to(x.device) / factor
         return Groups(centroids, torch.stack(assignments).to(x.device))

@@ -18,8 +18,9 @@
 - Empty clusters are re-seeded with far tokens: the farthest token of each of the farthest span
   segments (distinct tokens, the span's farthest first; no host sync).
 - Fewer tokens than clusters: every token gets its own cluster (C = S, exact).
-- Works on a power-of-two-normalized copy of each row (:func:`qkv.grouping.base.row_scale`), so
-  distances never overflow.
+- Works on each row times a power of two (:func:`qkv.grouping.base.row_factor`: 1 for rows in
+  the safe range), applied as the k-means ops read the tokens (no scaled copy, no host read-back),
+  so distances never overflow.
 The objective never increases, and every token ends assigned to its nearest centroid (with the
 Triton assignment: its nearest centroid rounded to bf16, see docs/kernels.md).
 """
@@ -35,7 +36,7 @@ import torch
 from qkv import kernels
 from qkv.component import check_choice, check_int
 from qkv.errors import ConfigError, shown
-from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_scale
+from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_factor
 
 CHECK_EVERY = 4
 FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x clusters span segments
@@ -57,10 +58,17 @@ class KMeansResult:
     objective: torch.Tensor
 
 
-def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str) -> torch.Tensor:
+def _scaled(x: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
+    """x [N, M, D] in fp32, times ``factor`` [N] per row when given."""
+    return x.float() if factor is None else x.float() * factor.view(-1, 1, 1)
+
+
+def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
+                 factor: torch.Tensor | None = None) -> torch.Tensor:
+    """``clusters`` tokens of each row (the same positions in every row), times ``factor``."""
     n, s, _ = x.shape
     idx = torch.randint(s, (1, clusters), generator=gen, device=x.device).expand(n, -1)
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])).float()
+    return _scaled(torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), factor)
 
 
 def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
@@ -73,8 +81,10 @@ def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Te
     return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, d))
 
 
-def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str) -> torch.Tensor:
-    x = _subsample(x, clusters, gen).float()
+def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
+                   factor: torch.Tensor | None = None) -> torch.Tensor:
+    """k-means++ on a subsample of each row times ``factor``."""
+    x = _scaled(_subsample(x, clusters, gen), factor)
     n, s, d = x.shape
     rows = torch.arange(n, device=x.device)
     first = torch.randint(s, (1,), generator=gen, device=x.device).expand(n)
@@ -115,8 +125,10 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str) -> torch.Tensor:
-    """k-means|| (Bahmani et al. 2012) on a subsample of ``INIT_SAMPLE * clusters`` tokens per row.
+def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
+                   factor: torch.Tensor | None = None) -> torch.Tensor:
+    """k-means|| (Bahmani et al. 2012) on a subsample of ``INIT_SAMPLE * clusters`` tokens per row
+    (times ``factor``).
 
     One uniform token, then ``PARALLEL_ROUNDS`` rounds that each draw ``PARALLEL_OVERSAMPLE *
     clusters`` new distinct candidates at once with probability proportional to the squared
@@ -124,7 +136,7 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
     weighted by the subsample tokens nearest to it. :func:`_reduce` then draws the ``clusters``
     centroids from the candidates. Shapes depend only on the input's shape; no host syncs.
     """
-    x = _subsample(x, clusters, gen).float()
+    x = _scaled(_subsample(x, clusters, gen), factor)
     n, m, _ = x.shape
     per_round = PARALLEL_OVERSAMPLE * clusters
     if m <= 1 + PARALLEL_ROUNDS * per_round:  # no more tokens than candidates: all are candidates
@@ -212,41 +224,37 @@ def kmeans(
     """
     check_choice("kmeans", "init", init, INITS)
     n, s, d = x.shape
-    scale = row_scale(x)
-    xs = x if scale is None else x / scale
+    factor = row_factor(x)  # [N]; the k-means ops multiply each token by it as they read it
     if init_centroids is not None:
         if init_centroids.shape[0] != n or init_centroids.shape[2] != d:
             raise ConfigError(
                 f"kmeans: warm-start centroids {tuple(init_centroids.shape)} do not match "
                 f"tokens {tuple(x.shape)}"
             )
-        centroids = init_centroids.float().to(x.device)
-        centroids = centroids if scale is None else centroids / scale
+        centroids = init_centroids.float().to(x.device) * factor.view(-1, 1, 1)
     else:
         gen = torch.Generator(device=x.device).manual_seed(seed)
         k = min(clusters, s)
-        centroids = SEEDINGS[init](xs, k, gen, backend)
+        centroids = SEEDINGS[init](x, k, gen, backend, factor)
     done = torch.zeros(n, dtype=torch.bool, device=x.device)
     history = []
     for it in range(iters):
-        assign, dist = kernels.kmeans_assign(xs, centroids, backend=backend)
+        assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
         objective = dist.sum(-1)
         if history:  # improved by less than tol (relative) since the last step: done
             done |= history[-1] <= objective * (1 + tol)
         history.append(objective)
         # empty clusters move onto far tokens (no host sync)
         far = _far_tokens(dist, min(centroids.shape[1], s))
-        means, _ = kernels.kmeans_update(xs, assign, centroids, far, backend=backend)
+        means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, backend=backend)
         centroids = torch.where(done.view(-1, 1, 1), centroids, means)
         # a read-back stalls the GPU's queue: worth it only while it can skip CHECK_EVERY iterations
         if (it + 1) % CHECK_EVERY == 0 and iters - (it + 1) >= CHECK_EVERY and bool(done.all()):
             break
-    assign, dist = kernels.kmeans_assign(xs, centroids, backend=backend)
+    assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
     history.append(dist.sum(-1))
-    objective = torch.stack(history).double()  # fp64: squared distances of huge inputs
-    if scale is None:
-        return KMeansResult(centroids, assign, objective)
-    return KMeansResult(centroids * scale, assign, objective * scale.view(1, -1).double().square())
+    objective = torch.stack(history).double() / factor.view(1, -1).double().square()  # fp64: huge inputs
+    return KMeansResult(centroids / factor.view(-1, 1, 1), assign, objective)
 
 
 @GROUPING.register("kmeans")

@@ -202,15 +202,18 @@ def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *
     resolve("decompress_spans", backend, device, *args)(*args)
 
 
-def kmeans_assign(x, centroids, *, backend="auto"):
-    """Nearest centroid: ([N, S] int64, squared distances [N, S])."""
-    return resolve("kmeans_assign", backend, x.device, x, centroids)(x, centroids)
+def kmeans_assign(x, centroids, *, scale=None, backend="auto"):
+    """Nearest centroid of each token of ``x`` [N, S, D] times ``scale`` [N] (a power of two per
+    row, applied as it is read: no scaled copy): ([N, S] int64, squared distances [N, S])."""
+    args = (x, centroids, scale)
+    return resolve("kmeans_assign", backend, x.device, *args)(*args)
 
 
-def kmeans_update(x, assignments, centroids, reseed=None, *, backend="auto"):
-    """Deterministic cluster means; empty clusters move onto the ``reseed`` tokens [N, K] in
-    order, or keep ``centroids`` when it is None: ([N, C, D], counts)."""
-    args = (x, assignments, centroids, reseed)
+def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, backend="auto"):
+    """Deterministic cluster means of ``x`` times ``scale`` (as in :func:`kmeans_assign`); empty
+    clusters move onto the ``reseed`` tokens [N, K] in order, or keep ``centroids`` when it is
+    None: ([N, C, D], counts)."""
+    args = (x, assignments, centroids, reseed, scale)
     return resolve("kmeans_update", backend, x.device, *args)(*args)
 
 

@@ -11,17 +11,20 @@ import torch.nn.functional as F
 CHUNK = 4096
 
 
-def assign_torch(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assign_torch(
+    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Nearest centroid of every token.
 
-    x: [N, S, D] (any float dtype, computed in fp32); centroids: [N, C, D] fp32.
+    x: [N, S, D] (any float dtype, computed in fp32), times ``scale`` [N] (a power of two per row)
+    when given; centroids: [N, C, D] fp32.
     Returns (assignments [N, S] int64, squared distance to the chosen centroid [N, S] fp32).
     Ties go to the lowest centroid index.
     """
     c_sq = centroids.square().sum(-1).unsqueeze(1)  # [N, 1, C]
     idx, dist = [], []
     for start in range(0, x.shape[1], CHUNK):
-        xs = x[:, start : start + CHUNK].float()
+        xs = _scaled(x[:, start : start + CHUNK], scale)
         d = c_sq - 2 * torch.bmm(xs, centroids.transpose(1, 2))  # [N, s, C], minus |x|^2
         best, arg = d.min(-1)
         idx.append(arg)
@@ -29,15 +32,21 @@ def assign_torch(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor
     return torch.cat(idx, 1), torch.cat(dist, 1)
 
 
+def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """x in fp32, times ``scale`` [N] per row when given."""
+    return x.float() if scale is None else x.float() * scale.view(-1, 1, 1)
+
+
 def update_torch(
     x: torch.Tensor,
     assignments: torch.Tensor,
     centroids: torch.Tensor,
     reseed: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each cluster; empty clusters take a re-seed token or keep their centroid.
 
-    x: [N, S, D] (any float dtype, summed in fp32); assignments: [N, S] int; centroids: [N, C, D]
+    x: [N, S, D] (any float dtype, summed in fp32), times ``scale`` [N] when given; assignments: [N, S] int; centroids: [N, C, D]
     fp32 (previous); reseed: [N, K] token indices (K >= 1) or None: the j-th empty cluster of a
     row (in cluster order) moves onto token ``reseed[n, min(j, K - 1)]``; without it, empty
     clusters keep their previous centroid.
@@ -48,14 +57,14 @@ def update_torch(
     counts = torch.zeros(n, c, device=x.device, dtype=torch.float32)
     for start in range(0, x.shape[1], CHUNK):
         onehot = F.one_hot(assignments[:, start : start + CHUNK].long(), c).float()  # [N, s, C]
-        sums += torch.bmm(onehot.transpose(1, 2), x[:, start : start + CHUNK].float())
+        sums += torch.bmm(onehot.transpose(1, 2), _scaled(x[:, start : start + CHUNK], scale))
         counts += onehot.sum(1)
     fallback = centroids.float()
     if reseed is not None:
         empty = counts == 0
         rank = (empty.long().cumsum(-1) - 1).clamp(0, reseed.shape[1] - 1)  # j-th empty -> j-th token
         tokens = torch.gather(reseed.long(), 1, rank)
-        fallback = torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)).float()
+        fallback = _scaled(torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)), scale)
     means = sums / counts.clamp_min(1).unsqueeze(-1)
     return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts
 

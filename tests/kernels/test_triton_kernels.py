@@ -272,6 +272,29 @@ def test_kmeans_update_unbalanced_clusters():
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kmeans_ops_scale_each_row_as_they_read_it(dtype):
+    """``scale`` (a power of two per row) gives on both backends exactly what the same op gives on
+    the scaled copy, for rows far outside fp32's safe range for squares (2**70 and 2**-70)."""
+    g = gen(11)
+    base = torch.randn(3, 120, 32, generator=g, device=DEVICE)
+    x = (base * torch.tensor([2.0**70, 1.0, 2.0**-70], device=DEVICE).view(-1, 1, 1)).to(dtype)
+    scale = torch.tensor([2.0**-70, 1.0, 2.0**70], device=DEVICE)
+    scaled = x.float() * scale.view(-1, 1, 1)
+    cents = torch.randn(3, 9, 32, generator=g, device=DEVICE)
+    reseed = torch.randint(0, 120, (3, 2), generator=g, device=DEVICE)
+    for backend in ("torch", "triton"):
+        idx, dist = kernels.kmeans_assign(x, cents, scale=scale, backend=backend)
+        ref_idx, ref_dist = kernels.kmeans_assign(scaled, cents, backend=backend)
+        assert torch.equal(idx, ref_idx) and torch.equal(dist, ref_dist)
+        assert bool(dist.isfinite().all())
+        assign = idx.clone()
+        assign[assign == 3] = 0  # an empty cluster: re-seeded from a token, scaled too
+        out, counts = kernels.kmeans_update(x, assign, cents, reseed, scale=scale, backend=backend)
+        ref, ref_counts = kernels.kmeans_update(scaled, assign, cents, reseed, backend=backend)
+        assert torch.equal(out, ref) and torch.equal(counts, ref_counts)
+
+
 @pytest.mark.parametrize("d", [16, 64, 128])
 def test_hadamard_matches_reference(d):
     x = torch.randn(3, 37, d, generator=gen(d), device=DEVICE)

@@ -51,8 +51,8 @@ def _prepare_kernel(c_ptr, neg2_ptr, csq_ptr, M, D, EMULATE: tl.constexpr, BLOCK
 
 @triton.jit
 def _assign_kernel(
-    x_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, C, D,
-    X_EXACT: tl.constexpr, EMULATE: tl.constexpr,
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, C, D,
+    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -62,7 +62,12 @@ def _assign_kernel(
     d_ok = d < D
     x = tl.load(x_ptr + (n * S + s[:, None]) * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     x = x.to(tl.float32)
-    x_sq = tl.sum(x * x, axis=1)
+    # the row's factor (a power of two) scales the products after the tensor cores, so the tokens
+    # reach them as loaded: f (x . c) is (f x) . c exactly, barring overflow and underflow
+    f = 1.0
+    if HAS_SCALE:
+        f = tl.load(f_ptr + n)
+    x_sq = tl.sum((x * f) * (x * f), axis=1)
     xh, xl = split_bf16(x, X_EXACT)
     best = tl.full((BLOCK_S,), float("inf"), tl.float32)
     best_i = tl.zeros((BLOCK_S,), tl.int32)
@@ -75,7 +80,7 @@ def _assign_kernel(
         dist = bf16_dot(xh, cent, EMULATE)
         if not X_EXACT:
             dist += bf16_dot(xl, cent, EMULATE)
-        dist += tl.load(csq_ptr + n * C + c, mask=c_ok, other=float("inf"))[None, :]
+        dist = dist * f + tl.load(csq_ptr + n * C + c, mask=c_ok, other=float("inf"))[None, :]
         tile_best, tile_i = tl.min(dist, axis=1, return_indices=True)
         better = tile_best < best  # ties keep the earlier (lower-index) centroid
         best = tl.where(better, tile_best, best)
@@ -117,11 +122,12 @@ def _part_size(count, PIECES: tl.constexpr, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _partial_sum_kernel(
-    x_ptr, order_ptr, bound_ptr, part_ptr, S, C, D,
-    PIECES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, f_ptr, order_ptr, bound_ptr, part_ptr, S, C, D,
+    HAS_SCALE: tl.constexpr, PIECES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One part of one cluster's sorted tokens (see _part_size; the last part shorter, parts past
-    the cluster's end write nothing): their fp32 sum, in sorted order, into part[n, c, piece]."""
+    the cluster's end write nothing): their fp32 sum (each token times the row's factor:
+    HAS_SCALE), in sorted order, into part[n, c, piece]."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     p = tl.program_id(2)
@@ -138,14 +144,17 @@ def _partial_sum_kernel(
         t_ok = t < hi
         tok = tl.load(order_ptr + n * S + start + t, mask=t_ok, other=0)
         xs = tl.load(x_ptr + (n * S + tok[:, None]) * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += xs.to(tl.float32)
+        xs = xs.to(tl.float32)
+        if HAS_SCALE:
+            xs = xs * tl.load(f_ptr + n)
+        acc += xs
     tl.store(part_ptr + ((n * C + c) * PIECES + p) * D + d, tl.sum(acc, axis=0), mask=d_ok & (d * 0 + lo < count))
 
 
 @triton.jit
 def _update_kernel(
-    x_ptr, part_ptr, bound_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, S, C, D, K,
-    HAS_RESEED: tl.constexpr, PIECES: tl.constexpr, BLOCK_T: tl.constexpr,
+    x_ptr, f_ptr, part_ptr, bound_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, S, C, D, K,
+    HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr, PIECES: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """One cluster: the sum of its parts (in order) over its size, or - empty - the re-seed token
@@ -170,21 +179,25 @@ def _update_kernel(
         rank = tl.minimum(tl.sum(((size == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
         tok = tl.load(reseed_ptr + n * K + rank)
         out = tl.load(x_ptr + (n * S + tok) * D + d, mask=d_ok, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            out = out * tl.load(f_ptr + n)
     else:
         out = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
     tl.store(new_ptr + (n * C + c) * D + d, out, mask=d_ok)
     tl.store(count_ptr + n * C + c, count.to(tl.float32))
 
 
-def assign_supports(x, centroids) -> str | None:
+def assign_supports(x, centroids, scale=None) -> str | None:
     if x.shape[-1] > 256:
         return f"D={x.shape[-1]} is larger than 256"
     return None
 
 
-def assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def assign_triton(
+    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
-    to bf16 (see the module docstring)."""
+    to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded."""
     x, centroids = x.contiguous(), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
@@ -199,8 +212,8 @@ def assign_triton(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tenso
     block_c = min(64, max(16, triton.next_power_of_2(c)))
     block_s = 256 if block_d <= 128 else 128
     _assign_kernel[(n, triton.cdiv(s, block_s))](
-        x, neg2, c_sq, idx, dist, s, c, d,
-        X_EXACT=x.dtype == torch.bfloat16, EMULATE=x.device.type != "cuda",
+        x, x if scale is None else scale.float().contiguous(), neg2, c_sq, idx, dist, s, c, d,
+        X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda",
         BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8,
     )
     return idx, dist
@@ -211,9 +224,11 @@ def update_triton(
     assignments: torch.Tensor,
     centroids: torch.Tensor,
     reseed: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`qkv.kernels.kmeans.update_torch` (deterministic)."""
     x = x.contiguous()
+    f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
     # a stable sort on the narrowest integer type that holds the cluster ids (fewer radix passes);
@@ -227,13 +242,14 @@ def update_triton(
     pieces = min(UPDATE_PIECES, triton.next_power_of_2(triton.cdiv(s, c * UPDATE_TOKENS)))
     parts = torch.empty(n, c, pieces, d, dtype=torch.float32, device=x.device)
     sizes = dict(PIECES=pieces, BLOCK_T=UPDATE_TOKENS, BLOCK_D=block_d)
-    _partial_sum_kernel[(n, c, pieces)](x, order, bounds, parts, s, c, d, **sizes, num_warps=4)
+    _partial_sum_kernel[(n, c, pieces)](x, f, order, bounds, parts, s, c, d, HAS_SCALE=scale is not None, **sizes,
+                                        num_warps=4)
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
     old = centroids.float().contiguous()
     _update_kernel[(n, c)](
-        x, parts, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
-        s, c, d, 1 if reseed is None else reseed.shape[1], HAS_RESEED=reseed is not None,
+        x, f, parts, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
+        s, c, d, 1 if reseed is None else reseed.shape[1], HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None,
         **sizes, BLOCK_C=block_c, num_warps=4,
     )
     return new, counts
