@@ -449,10 +449,11 @@ class LayerCache(LayerState):
         self._tail_join = (len(tail), tail[0], tail[-1], segments) if tail else None
         return segments
 
-    def _segments_with(self, extra: tuple[torch.Tensor, torch.Tensor] | None) -> list:
-        """The history as attention segments (sink, the span plan, tail) plus ``extra`` (k, v)
-        last; written into the tail buffer's free room right after the tail when it fits there
-        (the tail and extra then form one segment)."""
+    def attention_segments(self, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
+        """The history as the attention kernels take it (sink, the span plan, tail) plus ``extra``
+        (k, v) last; written into the tail buffer's free room right after the tail when it fits
+        there (the tail and extra then form one segment). The plan is the layer's own
+        (:meth:`span_plan`), so every call over the same spans reuses its tables."""
         segments = []
         if self.layout is not None:
             segments = [kernels.DenseKV(c.k, c.v) for c in self.sink] + [self.span_plan()] + self._tail_segments()
@@ -484,7 +485,7 @@ class LayerCache(LayerState):
         """
         self._check_attend(q, extra, scale)
         if self.config.attention != "read":
-            segments = self._segments_with(extra)
+            segments = self.attention_segments(extra)
             return kernels.attention(q, segments, scale=scale, backend=self.config.backend, method=self.config.attention)
         if self.layout is None:
             k, v = extra

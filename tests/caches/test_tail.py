@@ -108,13 +108,13 @@ def test_attend_with_the_current_chunk_staged_in_the_buffer(attention):
     k, v = layer.read()
     expect = attention_torch(q, [qkv.kernels.DenseKV(torch.cat([k, extra[0]], 2), torch.cat([v, extra[1]], 2))])
     tail = [(c.k.clone(), c.v.clone()) for c in layer.tail]
-    segments = layer._segments_with(extra)
+    segments = layer.attention_segments(extra)
     assert len(segments) == 3  # sink, span, tail + current chunk in one view
     torch.testing.assert_close(layer.attend(q, extra=extra), expect, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(c.k, a) and torch.equal(c.v, b) for c, (a, b) in zip(layer.tail, tail))
     # a chunk too big for the room is attended to as a segment of its own
     big = chunk(gen, 40)
-    assert len(layer._segments_with(big)) == 4
+    assert len(layer.attention_segments(big)) == 4
     full_k, full_v = torch.cat([k, big[0]], 2), torch.cat([v, big[1]], 2)
     torch.testing.assert_close(
         layer.attend(q, extra=big), attention_torch(q, [qkv.kernels.DenseKV(full_k, full_v)]), rtol=1e-5, atol=1e-5

@@ -65,7 +65,7 @@ def attend_parts(
     """Attention of ``q`` [B, H, Sq, D] to the keys of ``parts`` together: each a
     :class:`LayerCache` (its retained history; skipped while empty) or a dense ``(k, v)``
     [B, H_kv, S, D] pair. ``config.attention`` picks how, as in :meth:`LayerCache.attend`:
-    ``"staged"`` one span decompressed at a time, ``"read"`` every layer decompressed
+    ``"staged"`` a group of spans decompressed at a time, ``"read"`` every layer decompressed
     (``read()``) for ``scaled_dot_product_attention``, otherwise the compressed spans read
     directly (:func:`qkv.kernels.attention`). With a ring (``parallel``: the parts hold this
     rank's keys) every ring rank's queries attend to them as in the staged path and the partial
@@ -76,8 +76,8 @@ def attend_parts(
         k, v = (torch.cat([x[i].to(q.dtype) for x in kv], 2) for i in (0, 1))
         return F.scaled_dot_product_attention(q, k, v, enable_gqa=q.shape[1] != k.shape[1])
     segments = []
-    for p in layers:
-        segments.extend(p.segments() if isinstance(p, LayerCache) else [kernels.DenseKV(*p)])
+    for p in layers:  # a layer's spans as its plan: its kernels' tables are built once, not per call
+        segments.extend(p.attention_segments() if isinstance(p, LayerCache) else [kernels.DenseKV(*p)])
     if parallel and parallel.ring:
         return parallel.attend(q, lambda qs: kernels.attention_partial(qs, segments, backend=config.backend),
                                backend=config.backend)
