@@ -25,9 +25,11 @@ from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
 from qkv.kernels.triton.records import TL_DTYPES, span_table
 from qkv.kernels.triton.tile import decode_tile, record_source
 
-# keys per work item (a program), keys per decoded tile
-PIECE = 512
-BLOCK_N = 64
+# keys per work item (a program) and per decoded tile: tiles of 32 x 128 values, as the
+# dequantize kernel's (docs/kernels.md), and 128 keys a program, so that a long span still spreads
+# over many programs (a 37,440-token span of 12 heads: 3,516)
+PIECE = 128
+BLOCK_N = 32
 
 
 @triton.jit
