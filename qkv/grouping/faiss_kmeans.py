@@ -44,7 +44,7 @@ class FaissGrouper(ClusteringGrouper):
         n, s, d = x.shape
         k = min(self.clusters, s) if init is None else init.shape[1]
         factor = row_factor(x).view(-1, 1, 1)  # FAISS works in fp32 on unscaled squares: as kmeans does
-        x = x * factor
+        x = x.float() * factor
         init = None if init is None else init * factor
         data = x.detach().float().cpu().numpy()
         use_gpu = bool(getattr(faiss, "get_num_gpus", lambda: 0)())
