@@ -34,6 +34,7 @@ from typing import ClassVar
 import torch
 
 from qkv import kernels
+from qkv.kernels.kmeans import scaled_rows
 from qkv.component import check_choice, check_int
 from qkv.errors import ConfigError, shown
 from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_factor
@@ -58,17 +59,12 @@ class KMeansResult:
     objective: torch.Tensor
 
 
-def _scaled(x: torch.Tensor, factor: torch.Tensor | None) -> torch.Tensor:
-    """x [N, M, D] in fp32, times ``factor`` [N] per row when given."""
-    return x.float() if factor is None else x.float() * factor.view(-1, 1, 1)
-
-
 def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
                  factor: torch.Tensor | None = None) -> torch.Tensor:
     """``clusters`` tokens of each row (the same positions in every row), times ``factor``."""
     n, s, _ = x.shape
     idx = torch.randint(s, (1, clusters), generator=gen, device=x.device).expand(n, -1)
-    return _scaled(torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), factor)
+    return scaled_rows(torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), factor)
 
 
 def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
@@ -84,7 +80,7 @@ def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Te
 def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
                    factor: torch.Tensor | None = None) -> torch.Tensor:
     """k-means++ on a subsample of each row times ``factor``."""
-    x = _scaled(_subsample(x, clusters, gen), factor)
+    x = scaled_rows(_subsample(x, clusters, gen), factor)
     n, s, d = x.shape
     rows = torch.arange(n, device=x.device)
     first = torch.randint(s, (1,), generator=gen, device=x.device).expand(n)
@@ -136,7 +132,7 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
     weighted by the subsample tokens nearest to it. :func:`_reduce` then draws the ``clusters``
     centroids from the candidates. Shapes depend only on the input's shape; no host syncs.
     """
-    x = _scaled(_subsample(x, clusters, gen), factor)
+    x = scaled_rows(_subsample(x, clusters, gen), factor)
     n, m, _ = x.shape
     per_round = PARALLEL_OVERSAMPLE * clusters
     if m <= 1 + PARALLEL_ROUNDS * per_round:  # no more tokens than candidates: all are candidates

@@ -24,7 +24,7 @@ def assign_torch(
     c_sq = centroids.square().sum(-1).unsqueeze(1)  # [N, 1, C]
     idx, dist = [], []
     for start in range(0, x.shape[1], CHUNK):
-        xs = _scaled(x[:, start : start + CHUNK], scale)
+        xs = scaled_rows(x[:, start : start + CHUNK], scale)
         d = c_sq - 2 * torch.bmm(xs, centroids.transpose(1, 2))  # [N, s, C], minus |x|^2
         best, arg = d.min(-1)
         idx.append(arg)
@@ -32,7 +32,7 @@ def assign_torch(
     return torch.cat(idx, 1), torch.cat(dist, 1)
 
 
-def _scaled(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+def scaled_rows(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     """x in fp32, times ``scale`` [N] per row when given."""
     return x.float() if scale is None else x.float() * scale.view(-1, 1, 1)
 
@@ -57,14 +57,14 @@ def update_torch(
     counts = torch.zeros(n, c, device=x.device, dtype=torch.float32)
     for start in range(0, x.shape[1], CHUNK):
         onehot = F.one_hot(assignments[:, start : start + CHUNK].long(), c).float()  # [N, s, C]
-        sums += torch.bmm(onehot.transpose(1, 2), _scaled(x[:, start : start + CHUNK], scale))
+        sums += torch.bmm(onehot.transpose(1, 2), scaled_rows(x[:, start : start + CHUNK], scale))
         counts += onehot.sum(1)
     fallback = centroids.float()
     if reseed is not None:
         empty = counts == 0
         rank = (empty.long().cumsum(-1) - 1).clamp(0, reseed.shape[1] - 1)  # j-th empty -> j-th token
         tokens = torch.gather(reseed.long(), 1, rank)
-        fallback = _scaled(torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)), scale)
+        fallback = scaled_rows(torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)), scale)
     means = sums / counts.clamp_min(1).unsqueeze(-1)
     return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts
 

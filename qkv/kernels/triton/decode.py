@@ -43,7 +43,8 @@ def _multiprocessors(index: int) -> int:
 
 def plan_table(plan: SpanPlan, device: torch.device, piece: int):
     """The plan's span table on ``device`` for work items of ``piece`` keys (built on first use,
-    then reused); None when a span cannot be read directly (see :func:`plan_support`)."""
+    then reused by the decode and decompress kernels); None when a span cannot be read directly
+    (see :func:`plan_support`)."""
 
     def build():
         records = [(plan.record(sp, span_record_of), sp.skip) for sp in plan.spans]
@@ -51,7 +52,7 @@ def plan_table(plan: SpanPlan, device: torch.device, piece: int):
             return None
         return span_table(records, device, piece)
 
-    return plan.table(("decode", device, piece), build)
+    return plan.table(("span table", device, piece), build)
 
 
 def plan_support(plan: SpanPlan, q: torch.Tensor) -> str | None:

@@ -21,8 +21,9 @@ from qkv.kernels.attention import SpanPlan
 from qkv.kernels.triton.attention import span_record_of
 from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
 from qkv.kernels.triton.bits import round_to_bf16
+from qkv.kernels.triton.decode import plan_table
 from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
-from qkv.kernels.triton.records import TL_DTYPES, span_table
+from qkv.kernels.triton.records import TL_DTYPES
 from qkv.kernels.triton.tile import decode_tile, record_source
 
 # keys per work item (a program) and per decoded tile: tiles of 32 x 128 values, as the
@@ -70,16 +71,6 @@ def decompress_kernel(
         _write(v_out + b * v_sb + h * v_sh, v, row * v_ss, ok, d, LIMIT, OUT_BF16)
 
 
-def _table(plan: SpanPlan, device: torch.device):
-    def build():
-        records = [(plan.record(sp, span_record_of), sp.skip) for sp in plan.spans]
-        if any(rec.unsupported for rec, _ in records):
-            return None
-        return span_table(records, device, PIECE)
-
-    return plan.table(("decompress", device, PIECE), build)
-
-
 def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> str | None:
     """Why the kernel cannot decompress ``plan`` (None if it can)."""
 
@@ -103,7 +94,7 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
     one launch per layout among the spans (usually one), K and V together."""
     if not plan.spans:
         return
-    table = _table(plan, k_out.device)
+    table = plan_table(plan, k_out.device, PIECE)
     b, h, _, d = k_out.shape
     dtype = k_out.dtype
     for g in table.groups:
