@@ -8,7 +8,11 @@ at equal k-means iterations and at equal error, and relative MSE on the same ten
     python benchmarks/bench_kernels.py --out benchmarks/results/bench_kernels.json [--real PATH]
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --seeding [--small] [--out PATH]
 
-``--real`` is a safetensors file with ``k``/``v`` [H, S, D] bf16 (real K/V, tiled to the shapes).
+``--real`` is a safetensors file with ``k``/``v`` [H, S, D] bf16 (real K/V, tiled to the shapes);
+``--write-real PATH`` writes one from real keys (no GPU needed): layer 2 of Whisper tiny.en's
+encoder over 30,000 tokens of speech (``qkv.realdata``'s ``whisper-encoder``), two 64-dim heads
+side by side as one 128-dim head, [3, 30000, 128] (the committed H200 run used it). k-means alone
+(random init, 256 clusters) is also timed against flash-kmeans 0.3.1, the reference's k-means.
 ``--seeding`` measures only the k-means seedings (random / kmeans++ / kmeans||, 256 clusters):
 time per span and the error after the presets' 5 Lloyd iterations; with ``--small`` at a small
 shape, on the GPU if there is one and on the CPU otherwise (wall time, torch assignment).
@@ -38,6 +42,18 @@ def real_tiled(shape, path, key="k") -> torch.Tensor:
     reps_h = -(-h // src.shape[0])
     reps_s = -(-s // src.shape[1])
     return src.repeat(reps_h, reps_s, 1)[:h, :s].reshape(shape).contiguous()
+
+
+def write_real(path: str) -> None:
+    """Whisper tiny.en encoder keys of layer 2 as [3, 30000, 128] bf16 (heads paired along D)."""
+    from einops import rearrange
+    from safetensors.torch import save_file
+
+    from qkv.realdata import load_dataset
+
+    k = load_dataset("whisper-encoder")[2].k[0]  # [6, 30000, 64]
+    save_file({"k": rearrange(k, "(h two) s d -> h s (two d)", two=2).bfloat16().contiguous()}, path)
+    print(f"wrote {path}")
 
 
 def nbytes(obj) -> int:
@@ -108,7 +124,29 @@ def run(args) -> dict:
     results["encode_breakdown"] = encode_breakdown(x)
     results["assign_sweep"] = assign_sweep(x)
     results["seeding"] = seeding({k: SHAPES[k] for k in ("longcat", "self-forcing")}, "cuda")
+    results["kmeans_alone"] = kmeans_alone(x)
     return results
+
+
+def kmeans_alone(x) -> list[dict]:
+    """k-means alone (random init, 256 clusters, no tolerance) at 2 and 5 Lloyd iterations, qkv vs
+    flash-kmeans 0.3.1 (``batch_kmeans_Euclid``, the reference's k-means library) on the same
+    tokens: time per call, and per further iteration (the 5- minus the 2-iteration time, over 3)."""
+    from flash_kmeans import batch_kmeans_Euclid
+
+    from qkv.grouping.kmeans import kmeans
+
+    flat = x.flatten(0, 1).contiguous()  # [B*H, S, D]: one row per head
+    impls = {
+        "qkv": lambda it: kmeans(flat, 256, it, tol=0.0, init="random"),
+        "flash-kmeans": lambda it: batch_kmeans_Euclid(flat, 256, max_iters=it, tol=0.0),
+    }
+    rows = []
+    for name, fn in impls.items():
+        t = {it: ms(lambda it=it: fn(it), warmup=10, rep=50) for it in (2, 5)}
+        rows.append({"impl": name, "ms_2_iters": t[2], "ms_5_iters": t[5], "ms_per_iter": (t[5] - t[2]) / 3})
+        print(f"  k-means alone {name:13s} 2 it {t[2]:.3f} ms, 5 it {t[5]:.3f} ms, per iteration {rows[-1]['ms_per_iter']:.3f} ms")
+    return rows
 
 
 def equal_error(rows) -> list[dict]:
@@ -143,7 +181,7 @@ def assign_sweep(x) -> list[dict]:
     for bs, bc, warps, stages in [(256, 64, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 128, 8, 2)]:
         def launch():
             _assign_kernel[(n, triton.cdiv(s, bs))](
-                flat, neg2, c_sq, idx, dist, s, 256, d, X_EXACT=True, EMULATE=False,
+                flat, flat, neg2, c_sq, idx, dist, s, 256, d, X_EXACT=True, HAS_SCALE=False, EMULATE=False,
                 BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=d, num_warps=warps, num_stages=stages,
             )
         try:
@@ -212,9 +250,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="benchmarks/results/bench_kernels.json")
     parser.add_argument("--real", help="safetensors with real k/v [H, S, D] bf16")
+    parser.add_argument("--write-real", metavar="PATH", help="write the real-keys file (see above) and stop")
     parser.add_argument("--seeding", action="store_true", help="time only the k-means seedings")
     parser.add_argument("--small", action="store_true", help="with --seeding: a small shape, CPU if no GPU")
     args = parser.parse_args()
+    if args.write_real:
+        write_real(args.write_real)
+        return
     if args.seeding:
         device = "cuda" if torch.cuda.is_available() else "cpu"
         rows = seeding(SMALL_SHAPES if args.small else {k: SHAPES[k] for k in ("longcat", "self-forcing")}, device)

@@ -41,6 +41,7 @@ spans cost bytes: at Self-Forcing sizes 165 MB per chunk with 1-chunk spans, 124
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import gc
 import json
@@ -69,11 +70,21 @@ class Run:
 
     def __init__(self, device: torch.device) -> None:
         self.device, self.times, self.outputs, self.peak_bytes = device, [], [], None
+        self.forwards: list[list[float]] = [[]]  # per chunk, each forward's wall time
         sync(device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         self.t0 = time.perf_counter()
+
+    @contextlib.contextmanager
+    def forward(self):
+        """Time one forward of the current chunk (synchronized before and after)."""
+        sync(self.device)
+        start = time.perf_counter()
+        yield
+        sync(self.device)
+        self.forwards[-1].append(time.perf_counter() - start)
 
     def chunk_done(self, output: torch.Tensor) -> None:
         sync(self.device)
@@ -82,8 +93,31 @@ class Run:
         if self.device.type == "cuda":
             self.peak_bytes = torch.cuda.max_memory_allocated() - self.base
         self.outputs.append(output.detach().float().cpu())
+        self.forwards.append([])
         self.t0 = time.perf_counter()  # the copy to the CPU is not timed
 
+
+
+@contextlib.contextmanager
+def profiled(on: bool, trace: str | None = None):
+    """Profile the block when ``on``: print the top operators by GPU and by host time, and write
+    a Chrome trace to ``trace`` if given."""
+    if not on:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+    if trace:
+        prof.export_chrome_trace(trace)
+    table = prof.key_averages()
+    if cuda:
+        print(table.table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
 def twice(rollout, reset=None):
@@ -103,8 +137,9 @@ def compare(upstream: dict, ours: dict, up_run: Run, our_run: Run) -> dict:
     drift = [float((b - a).norm() / a.norm()) for a, b in zip(up_run.outputs, our_run.outputs)]
     t_up, t_ours = sum(up_run.times), sum(our_run.times)
     return {
-        "upstream": {**upstream, "chunk_s": up_run.times, "peak_bytes": up_run.peak_bytes},
-        "qkv": {**ours, "chunk_s": our_run.times, "peak_bytes": our_run.peak_bytes},
+        "upstream": {**upstream, "chunk_s": up_run.times, "forward_s": up_run.forwards[:-1],
+                     "peak_bytes": up_run.peak_bytes},
+        "qkv": {**ours, "chunk_s": our_run.times, "forward_s": our_run.forwards[:-1], "peak_bytes": our_run.peak_bytes},
         "kv_ratio": upstream["kv_bytes"] / ours["kv_bytes"],
         "peak_ratio": (up_run.peak_bytes / our_run.peak_bytes) if up_run.peak_bytes else None,
         "latency_overhead": t_ours / t_up - 1,
@@ -147,6 +182,7 @@ def self_forcing(args, device, dtype) -> dict:
         return kv, cross
 
     def rollout(meta: bool) -> tuple[Run, list]:
+        name = "qkv" if meta else "upstream"
         gen = torch.Generator(device).manual_seed(0)
         context = [torch.randn(*text, generator=gen, device=device, dtype=dtype)]
         run = Run(device)  # before the cache is allocated: the rollout's peak includes it
@@ -156,8 +192,10 @@ def self_forcing(args, device, dtype) -> dict:
                 x = torch.randn(1, 16, frames, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
                 start = torch.tensor([c * n], device=device)
                 for i, t in enumerate(steps):
-                    out = model(list(x), torch.full((1, frames), t, device=device), context, seq_len=10**7,
-                                kv_cache=kv, crossattn_cache=cross, current_start=start, current_end=start + n)
+                    trace = f"{args.trace}/self_forcing_{name}_chunk{c}_step{i}.json" if args.trace else None
+                    with run.forward(), profiled(c == args.profile_chunk and i in (0, 1, len(steps) - 1), trace):
+                        out = model(list(x), torch.full((1, frames), t, device=device), context, seq_len=10**7,
+                                    kv_cache=kv, crossattn_cache=cross, current_start=start, current_end=start + n)
                     if i == len(steps) - 2:
                         last_denoised = out
                     sigma = steps[i + 1] / 1000 if i + 1 < len(steps) else 0.0
@@ -232,10 +270,12 @@ def anyflow_far(args, device, dtype) -> dict:
                 x = torch.randn(1, frames, 16, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
                 for i, t in enumerate(steps):
                     r = steps[i + 1] if i + 1 < len(steps) else 0
-                    pred, _ = model(hidden_states=x, timestep=torch.full((1, frames), t, device=device),
-                                    r_timestep=torch.full((1, frames), r, device=device), encoder_hidden_states=prompt,
-                                    return_dict=False, chunk_partition=list(part[: c + 1]), kv_cache=kv,
-                                    kv_cache_flag=copy.deepcopy(flag))
+                    with run.forward(), profiled(c == args.profile_chunk and i == 0):
+                        pred, _ = model(hidden_states=x, timestep=torch.full((1, frames), t, device=device),
+                                        r_timestep=torch.full((1, frames), r, device=device),
+                                        encoder_hidden_states=prompt, return_dict=False,
+                                        chunk_partition=list(part[: c + 1]), kv_cache=kv,
+                                        kv_cache_flag=copy.deepcopy(flag))
                     x = (x - (t - r) / 1000 * pred).to(dtype)
                 output[:, f0:f1] = x
                 if c < len(part) - 1:  # encode_kv_cache: re-encode the clean context
@@ -243,9 +283,10 @@ def anyflow_far(args, device, dtype) -> dict:
                     zero = torch.zeros(1, f1, dtype=torch.long, device=device)
                     mask = model.build_attention_mask(chunk_partition=list(part[: c + 1]), height=lat_h, width=lat_w,
                                                       device=device, mode="cache")
-                    model(hidden_states=output[:, :f1], chunk_partition=list(part[: c + 1]), timestep=zero,
-                          r_timestep=zero, encoder_hidden_states=prompt, attention_mask=mask, return_dict=False,
-                          kv_cache=kv, kv_cache_flag=copy.deepcopy(flag))
+                    with run.forward(), profiled(c == args.profile_chunk):
+                        model(hidden_states=output[:, :f1], chunk_partition=list(part[: c + 1]), timestep=zero,
+                              r_timestep=zero, encoder_hidden_states=prompt, attention_mask=mask, return_dict=False,
+                              kv_cache=kv, kv_cache_flag=copy.deepcopy(flag))
                     flag["num_cached_chunks"] += 1
                     flag["is_cache_step"] = False
                 run.chunk_done(pred)
@@ -337,18 +378,27 @@ def main() -> None:
     parser.add_argument("--clients", default=",".join(CLIENTS))
     parser.add_argument("--chunks", type=int, default=32)
     parser.add_argument("--policy", default="qvg")
+    parser.add_argument("--clusters", type=int, help="k-means clusters per span (the policy's own if not given)")
+    parser.add_argument("--profile-chunk", type=int,
+                        help="print the profiler's top operators for this chunk of every rollout (slows that chunk)")
+    parser.add_argument("--trace", help="with --profile-chunk: a folder for the profiled forwards' Chrome traces")
     parser.add_argument("--span-chunks", type=int, default=8,
                         help="chunks per compressed span (Self-Forcing, AnyFlow-FAR)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/bench_pipelines_h200.json")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
+    if args.trace:
+        pathlib.Path(args.trace).mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
     out = pathlib.Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
+    overrides = {"clusters": args.clusters} if args.clusters is not None else {}
     if args.tiny:  # head_dim 32 at toy sizes: smaller quantizer blocks and fewer clusters
-        args.policy = qkv.build_policy(args.policy, block=16, clusters=8)
+        overrides = {"block": 16, "clusters": 8, **overrides}
+    if overrides:
+        args.policy = qkv.build_policy(args.policy, **overrides)
     for name in args.clients.split(","):
         torch.manual_seed(0)
         results[name] = {"chunks": args.chunks, "policy": str(args.policy), "span_chunks": args.span_chunks,
