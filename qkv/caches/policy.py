@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import torch
 from einops import rearrange
@@ -301,19 +302,66 @@ class Policy:
         once), with half the kernel launches. Runs without autograd: what is stored never holds a
         graph.
         """
-        _check_type("compress: warm_start", warm_start, (CompressedKV, type(None)))
-        check_kv_pair(k, v, values=validate)
-        self.k.check_shape("k", tuple(k.shape))
-        self.v.check_shape("v", tuple(v.shape))
-        rows = k.shape[0] * k.shape[1]
-        warm_k = self.k._warm(None if warm_start is None else warm_start.k, rows)
-        warm_v = self.v._warm(None if warm_start is None else warm_start.v, rows)
-        if self.k == self.v and k.dtype == v.dtype:
+        return self.compress_many([(k, v)], warm_starts=[warm_start], backend=backend, validate=validate)[0]
+
+    @torch.no_grad()
+    def compress_many(
+        self,
+        pairs: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        *,
+        warm_starts: Sequence[CompressedKV | None] | None = None,
+        backend: str = "auto",
+        validate: bool = True,
+    ) -> list[CompressedKV]:
+        """:meth:`compress` of every (k, v) of ``pairs`` (``warm_starts[i]`` for pair i), in as few
+        passes as the inputs allow: pairs of one [H, S, D], dtype and device, all with a warm start
+        or all without, are stacked along the batch and compressed in one pass, then split. Each
+        (batch, head) row is compressed on its own (k-means's random draws are shared by all rows),
+        so every result equals what :meth:`compress` gives for its pair, bit for bit; the spans of
+        all the layers of a model (one chunk each) then cost one pass instead of one per layer."""
+        warm_starts = [None] * len(pairs) if warm_starts is None else list(warm_starts)
+        if len(warm_starts) != len(pairs):
+            raise ConfigError(f"compress_many: {len(warm_starts)} warm starts for {len(pairs)} pairs")
+        passes: dict[tuple, list[int]] = {}
+        for i, ((k, v), warm) in enumerate(zip(pairs, warm_starts)):
+            _check_type("compress: warm_start", warm, (CompressedKV, type(None)))
+            check_kv_pair(k, v, values=validate)
+            self.k.check_shape("k", tuple(k.shape))
+            self.v.check_shape("v", tuple(v.shape))
+            passes.setdefault((tuple(k.shape[1:]), k.dtype, v.dtype, k.device, warm is None), []).append(i)
+        out: list[CompressedKV | None] = [None] * len(pairs)
+        for members in passes.values():
+            ks, vs = [pairs[i][0] for i in members], [pairs[i][1] for i in members]
+            warms = [warm_starts[i] for i in members]
+            warm_k, warm_v = self._warm_rows(self.k, "k", ks, warms), self._warm_rows(self.v, "v", vs, warms)
+            for i, (ct_k, ct_v) in zip(members, self._compress_stacked(ks, vs, warm_k, warm_v, backend)):
+                out[i] = CompressedKV(ct_k, ct_v, self.spec)
+        return out
+
+    @staticmethod
+    def _warm_rows(tp: TensorPolicy, which: str, xs: list[torch.Tensor], warm: list[CompressedKV | None]):
+        """The warm-start centroids of ``xs`` stacked along their rows (None without warm starts)."""
+        if warm[0] is None:
+            return None
+        per = [tp._warm(getattr(w, which), x.shape[0] * x.shape[1]) for w, x in zip(warm, xs)]
+        return None if per[0] is None else [torch.cat(stage) for stage in zip(*per)]
+
+    def _compress_stacked(self, ks, vs, warm_k, warm_v, backend) -> list[tuple[CompressedTensor, CompressedTensor]]:
+        """Compress ``ks`` and ``vs`` (one [H, S, D] and dtype each) stacked along the batch, in one
+        pass when K and V share a policy and dtype: (k, v) compressed per input."""
+        bounds = [0]
+        for k in ks:
+            bounds.append(bounds[-1] + k.shape[0])
+        k_all, v_all = (x[0] if len(x) == 1 else torch.cat(x) for x in (ks, vs))
+        if self.k == self.v and k_all.dtype == v_all.dtype:
             warm = None if warm_k is None else [torch.cat(pair) for pair in zip(warm_k, warm_v)]
-            both = self.k._compress(torch.cat([k, v]), warm, backend)
-            b = k.shape[0]
-            return CompressedKV(batch_rows(both, 0, b), batch_rows(both, b, 2 * b), self.spec)
-        return CompressedKV(self.k._compress(k, warm_k, backend), self.v._compress(v, warm_v, backend), self.spec)
+            both, shift = self.k._compress(torch.cat([k_all, v_all]), warm, backend), bounds[-1]
+            ct_k = ct_v = both
+        else:
+            ct_k, ct_v, shift = self.k._compress(k_all, warm_k, backend), self.v._compress(v_all, warm_v, backend), 0
+            if len(ks) == 1:
+                return [(ct_k, ct_v)]
+        return [(batch_rows(ct_k, a, b), batch_rows(ct_v, shift + a, shift + b)) for a, b in zip(bounds, bounds[1:])]
 
     def decompress(self, ckv: CompressedKV, *, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """(k_hat, v_hat) with the shapes and dtypes of the compressed inputs."""

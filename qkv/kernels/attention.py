@@ -67,9 +67,11 @@ STAGE_TOKENS = 32768
 
 def span_groups(spans: Sequence[CompressedSpan], limit: int, previous: SpanPlan | None = None) -> list[SpanPlan]:
     """``spans`` in order, cut into consecutive groups of at most ``limit`` tokens each (a span
-    longer than that is a group of its own), each a :class:`SpanPlan` (taking over the records of
-    ``previous``, the plan they come from): the staged path decompresses a group into one buffer
-    (:meth:`SpanPlan.materialize`)."""
+    longer than that is a group of its own), each a :class:`SpanPlan`: the staged path decompresses
+    a group into one buffer (:meth:`SpanPlan.materialize`). With ``previous``, the plan they come
+    from, the groups build their records into its store (so a later plan over these spans takes
+    them over), and a group of exactly the spans of one of the groups ``previous`` took over is
+    that group, tables and all."""
     groups: list[list[CompressedSpan]] = []
     total = 0
     for sp in spans:
@@ -78,7 +80,10 @@ def span_groups(spans: Sequence[CompressedSpan], limit: int, previous: SpanPlan 
             total = 0
         groups[-1].append(sp)
         total += sp.tokens
-    return [SpanPlan(g, previous=previous) for g in groups]
+    if previous is None:
+        return [SpanPlan(g) for g in groups]
+    inherited = previous._inherited.get(limit, {})
+    return [inherited.get(tuple(map(id, g))) or SpanPlan(g, records=previous._records) for g in groups]
 
 
 class SpanPlan:
@@ -89,12 +94,24 @@ class SpanPlan:
     ``previous`` takes over the records of the spans they share, so adding a span builds one.
     A plan must not outlive a change of its spans (a cache makes a new one when its spans change)."""
 
-    def __init__(self, spans: Sequence[CompressedSpan], previous: SpanPlan | None = None) -> None:
+    def __init__(
+        self, spans: Sequence[CompressedSpan], previous: SpanPlan | None = None, *, records: dict | None = None
+    ) -> None:
         self.spans = tuple(spans)
-        self._records: dict[int, object] = {}
+        # the kernels' records by id(span.ckv): ``records`` shares a parent plan's store (a staged
+        # group builds into its parent's); ``previous`` hands over those of the spans kept
+        self._records: dict[int, object] = {} if records is None else records
+        # previous's staged groups whose spans are all kept, by limit and span ids (span_groups)
+        self._inherited: dict[int, dict[tuple[int, ...], SpanPlan]] = {}
         if previous is not None:
             kept = {id(sp.ckv) for sp in self.spans}
             self._records = {key: rec for key, rec in previous._records.items() if key in kept}
+            alive = set(map(id, self.spans))
+            for key, groups in previous._tables.items():
+                if isinstance(key, tuple) and key[0] == "staged":
+                    self._inherited[key[1]] = {
+                        tuple(map(id, g.spans)): g for g in groups if alive.issuperset(map(id, g.spans))
+                    }
         self._tables: dict = {}
         metas = [_kv_meta(sp) for sp in self.spans]
         for i, (shape, dtype, device) in enumerate(metas[1:], 1):
@@ -123,8 +140,16 @@ class SpanPlan:
         return self._tables[key]
 
     def staged(self, limit: int) -> list[SpanPlan]:
-        """The staged path's groups of these spans (:func:`span_groups`), made once."""
-        return self.table(("staged", limit), lambda: span_groups(self.spans, limit, self))
+        """The staged path's groups of these spans (:func:`span_groups`), made once: the groups of
+        the plan this one was made from are reused where they hold the same spans (a cache that
+        adds a span a chunk rebuilds only its newest group)."""
+
+        def build():
+            groups = span_groups(self.spans, limit, self)
+            self._inherited.pop(limit, None)  # what was not reused is no longer needed
+            return groups
+
+        return self.table(("staged", limit), build)
 
     def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
         """The live keys and values of every span, in order, in one buffer each

@@ -113,6 +113,28 @@ def test_keys_and_values_in_one_pass_equal_two_passes(name, tmp_path):
     assert torch.equal(policy.decompress(qkv.caches.CompressedKV.load(tmp_path / "span.safetensors"))[1], policy.decompress(joint)[1])
 
 
+@pytest.mark.parametrize("name", ["qvg", "qvg-pro", "kivi", "quarot"])
+def test_many_pairs_in_one_pass_equal_each_compressed_alone(name):
+    """compress_many stacks the pairs of one shape (warm-started or not) into one pass: every
+    stored tensor equals compress() of its pair alone, random k-means init included, and owns its
+    storage; pairs of other shapes, dtypes or warm starts go in passes of their own."""
+    policy = qkv.build_policy(name, **({"clusters": 8} if "qvg" in name else {}))
+    pairs = [kv(shape=(1, 3, 200, 64), seed=s) for s in range(3)] + [kv(shape=(2, 3, 120, 64), seed=7),
+                                                                     kv(shape=(1, 3, 200, 64), dtype=torch.bfloat16, seed=8)]
+    warm = policy.compress(*kv(shape=(1, 3, 200, 64), seed=9))
+    warms = [None, warm, None, None, None] if "qvg" in name else None
+    many = policy.compress_many(pairs, warm_starts=warms)
+    for i, ((k, v), got) in enumerate(zip(pairs, many)):
+        alone = policy.compress(k, v, warm_start=None if warms is None else warms[i])
+        for ct, ref in ((got.k, alone.k), (got.v, alone.v)):
+            assert ct.shape == ref.shape and ct.tensors().keys() == ref.tensors().keys()
+            for field, t in ct.tensors().items():
+                assert torch.equal(t, ref.tensors()[field]), (i, field)
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size(), (i, field)
+    with pytest.raises(errors.ConfigError, match="2 warm starts for 5 pairs"):
+        policy.compress_many(pairs, warm_starts=[None, None])
+
+
 def test_validate_false_skips_only_the_value_checks():
     """``validate=False`` (data already checked) skips the finite / range read-back, not the layout checks."""
     k, v = kv()

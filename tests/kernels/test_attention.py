@@ -377,6 +377,30 @@ def test_span_groups_cut_consecutive_spans_at_the_limit():
     assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
 
 
+def test_a_grown_plan_reuses_the_staged_groups_it_shares():
+    """A cache adds a span a chunk: the plan made then keeps the staged groups whose spans did not
+    change (their tables too) and the records every group built, so only the newest group is new."""
+    pol = policy("qvg", 64)
+    spans = [CompressedSpan(pol.compress(randn(70 + s, 1, 2, 30, 64), randn(80 + s, 1, 2, 30, 64))) for s in range(5)]
+    plan = SpanPlan(spans[:3])
+    first = plan.staged(60)
+    assert [len(g.spans) for g in first] == [2, 1]
+    k, v = first[0].materialize()
+    kernels.decompress_spans(first[0], k, v, backend="triton")  # builds records and the span table
+    assert set(plan._records) == {id(sp.ckv) for sp in spans[:2]}
+    grown = SpanPlan(spans[:4], previous=plan)
+    assert set(grown._records) == set(plan._records)
+    groups = grown.staged(60)
+    assert groups[0] is first[0] and groups[1] is not first[1] and [len(g.spans) for g in groups] == [2, 2]
+    assert grown.staged(60) is groups and not grown._inherited
+    evicted = SpanPlan(spans[1:4], previous=grown)  # the oldest span left: nothing is kept whole
+    assert all(g is not h for g in evicted.staged(60) for h in groups)
+    assert set(evicted._records) == {id(spans[1].ckv)}
+    ref = materialized(spans[1:4])
+    out = [torch.cat(t, 2) for t in zip(*(g.materialize() for g in evicted.staged(60)))]
+    assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_decompress_spans_kernel_is_bit_exact(dtype):
     """One plan of spans of three layouts (two launches), per-token and per-channel codes, four
