@@ -47,6 +47,7 @@ change and kept: what the kernels need to read a span is built once, not on ever
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 import math
 import os
 
@@ -101,6 +102,12 @@ def _take(chunks: list[Chunk], n: int) -> tuple[list[Chunk], list[Chunk]]:
     return front, rest
 
 
+def _fingerprint(*tensors: torch.Tensor) -> tuple:
+    """Where and what ``tensors`` are (storage address, shape, strides, dtype, device, version
+    counter): equal only for views of the same unchanged data."""
+    return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version) for t in tensors)
+
+
 def _cat(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of ``chunks`` as one tensor each: a view when they are adjacent views of
     the tail buffer (the usual case), a concatenated copy otherwise."""
@@ -131,6 +138,7 @@ class LayerCache(LayerState):
         LayerState.__init__(self)
         self.buffer = TailBuffer()
         self._forget_plan()
+        self._ahead: tuple[tuple, CompressedKV | None, CompressedKV] | None = None  # compress_ahead's span
 
     def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace everything the layer holds by the chunk ``k``, ``v`` (:meth:`reset`, then
@@ -187,7 +195,7 @@ class LayerCache(LayerState):
         tail = sum(_nbytes(c.k, c.v) for c in self.tail)
         in_buffer = sum(_nbytes(c.k, c.v) for c in self.tail if self.buffer.holds(c.k))
         return CacheMemory(
-            compressed=sum(sp.ckv.nbytes for sp in self.spans),
+            compressed=sum(sp.ckv.nbytes for sp in self.spans) + (self._ahead[2].nbytes if self._ahead else 0),
             sink=sum(_nbytes(c.k, c.v) for c in self.sink),
             tail=tail,
             warm_start=warm,
@@ -229,6 +237,7 @@ class LayerCache(LayerState):
                 self._append_tail(k[:, :, take:], v[:, :, take:], start + take, k.shape[2])
         self.layout = layout
         self.seen += k.shape[2]
+        self._ahead = None  # made for this append (used by now) or for a chunk that did not come
 
     def _refuse_grad(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
@@ -308,12 +317,30 @@ class LayerCache(LayerState):
         return True
 
     def _compress(self, k: torch.Tensor, v: torch.Tensor, warm: CompressedKV | None) -> CompressedKV:
-        cfg = self.config
-        policy = cfg.span_policy
+        warm = warm if warm is not None and self._warm_fits(warm, k.shape) else None
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == _fingerprint(k, v) and ahead[1] is warm:
+            return ahead[2]  # compress_ahead made it from these very tensors and warm start
         # every chunk was checked as it came (or the config says not to check)
-        if warm is not None and self._warm_fits(warm, k.shape):
-            return policy.compress(k, v, warm_start=warm, backend=cfg.backend, validate=False)
-        return policy.compress(k, v, backend=cfg.backend, validate=False)
+        return self.config.span_policy.compress(k, v, warm_start=warm, backend=self.config.backend, validate=False)
+
+    def ahead_request(self, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple, CompressedKV | None] | None:
+        """What :meth:`append` of ``k``, ``v`` would compress, when the chunk alone is one span
+        compressed on arrival (a span per chunk, past the sink, nothing waiting in the tail) and
+        not compressed ahead yet: (the chunk's fingerprint, the warm start it would take); None
+        otherwise. See :meth:`KVCache.compress_ahead`."""
+        cfg = self.config
+        if cfg.residual_group is not None or self.tail or not torch.is_tensor(k) or not torch.is_tensor(v):
+            return None
+        sink = sum(c.tokens for c in self.sink)
+        if (len(self.sink) < cfg.sink_chunks and self.seen == sink) or self.seen < cfg.sink_tokens:
+            return None  # the sink takes (some of) it
+        if k.dim() != 4 or self._next_span([Chunk(k, v, self.seen)]) != k.shape[2]:
+            return None
+        key = _fingerprint(k, v)
+        if self._ahead is not None and self._ahead[0] == key:
+            return None
+        return key, self.warm if self.warm is not None and self._warm_fits(self.warm, k.shape) else None
 
     def trim(self) -> None:
         """Free the tail buffer (its room is ``memory().reserved``) for a layer appended to once or
@@ -630,6 +657,28 @@ class KVCache:
     def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append a chunk [B, H, S_chunk, D] to ``layer`` (see :meth:`LayerCache.append`)."""
         self.layer(layer).append(k, v)
+
+    def compress_ahead(self, chunks: Mapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Compress now, in one pass (:meth:`Policy.compress_many`), the span that appending
+        ``chunks[i]`` (k, v) to layer ``i`` will make, for every layer where that chunk alone is one
+        span (one-chunk spans, past the sink; see :meth:`LayerCache.ahead_request`); the next
+        :meth:`append` of that very chunk (the same tensors, unchanged) stores what was compressed
+        here instead of compressing it, bit for bit the same span. For a pipeline that learns that
+        every layer's chunk is final when its first layer moves on (Self-Forcing's clean pass): one
+        pass per chunk instead of one per layer. The result is held until that append (counted in
+        ``memory().compressed``); a chunk appended changed, or another append first, drops it."""
+        requests = {}
+        for index, (k, v) in chunks.items():
+            request = self.layer(index).ahead_request(k, v)
+            if request is not None:
+                requests[index] = request
+        if not requests:
+            return
+        cfg = self.config
+        done = cfg.span_policy.compress_many([chunks[i] for i in requests], warm_starts=[r[1] for r in requests.values()],
+                                             backend=cfg.backend, validate=False)
+        for (index, (key, warm)), ckv in zip(requests.items(), done):
+            self.layers[index]._ahead = (key, warm, ckv)
 
     def _held(self, index: int, extra: object = None) -> LayerCache:
         """:meth:`layer` for reading: a layer never appended to (without ``extra`` to attend to)

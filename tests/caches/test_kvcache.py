@@ -118,6 +118,60 @@ def test_cold_start_heads_together_equal_each_head_alone(init, compress_calls):
                 assert torch.equal(got.tensors()[name][:, h : h + 1], t), (h, name)
 
 
+def spans_equal(a: KVCache, b: KVCache, layers: int) -> bool:
+    return all(
+        torch.equal(t, y.tensors()[name])
+        for i in range(layers)
+        for sa, sb in zip(a.layer(i).spans, b.layer(i).spans, strict=True)
+        for x, y in ((sa.ckv.k, sb.ckv.k), (sa.ckv.v, sb.ckv.v))
+        for name, t in x.tensors().items()
+    )
+
+
+def test_compress_ahead_makes_every_layers_span_in_one_pass(monkeypatch, compress_calls):
+    """Every layer's chunk compressed ahead in one pass (warm starts included), then appended: the
+    spans are those of plain appends, bit for bit, and the appends compress nothing more."""
+    passes = []
+    original = qkv.Policy.compress_many
+
+    def counting(self, pairs, **kw):
+        passes.append(len(pairs))
+        return original(self, pairs, **kw)
+
+    monkeypatch.setattr(qkv.Policy, "compress_many", counting)
+    options = dict(num_layers=3, span_chunks=1, sink_chunks=1)
+    cache, ref = KVCache(QVG, **options), KVCache(QVG, **options)
+    for step, chunk in enumerate(stream(3, [24] * 4, h=2)):
+        chunks = {i: (chunk[0] + i, chunk[1] - i) for i in range(3)}
+        cache.compress_ahead(chunks)
+        held = cache.memory().compressed
+        if step:  # the first chunk goes to the sink: nothing to compress ahead
+            assert all(cache.layer(i)._ahead is not None for i in range(3)) and held > ref.memory().compressed
+        for i, (k, v) in chunks.items():
+            cache.append(i, k, v)
+            ref.append(i, k, v)
+        assert cache.memory().compressed == ref.memory().compressed
+    # per chunk after the sink: one pass of 3 pairs ahead, then the reference's 3 plain compressions
+    assert passes == [3, 1, 1, 1] * 3 and len(compress_calls) == 9
+    assert spans_equal(cache, ref, 3)
+
+
+def test_compress_ahead_of_a_chunk_that_changes_or_never_comes_is_dropped():
+    options = dict(num_layers=2, span_chunks=1)
+    cache, ref = KVCache(QVG, **options), KVCache(QVG, **options)
+    (k, v), (k2, v2) = stream(4, [24, 24])
+    cache.compress_ahead({0: (k, v), 1: (k, v)})
+    k.mul_(2)  # changed in place after it was compressed ahead: compressed again
+    cache.append(0, k, v)
+    ref.append(0, k, v)
+    cache.append(1, k2, v2)  # another chunk came: the one compressed ahead is dropped
+    ref.append(1, k2, v2)
+    assert spans_equal(cache, ref, 2) and cache.memory() == ref.memory()
+    spans = KVCache(QVG, num_layers=1, span_chunks=2)
+    spans.compress_ahead({0: (k, v)})  # two chunks a span: nothing to compress ahead
+    assert spans.layer(0)._ahead is None
+
+
 def test_replace_keeps_the_warm_start_and_refuses_like_append():
     """``replace`` = reset + append, but the new span's k-means starts from the centroids of what
     it replaces; a chunk of another batch size starts cold; a chunk append would refuse changes

@@ -200,6 +200,9 @@ class StreamDiffusionV2Handle(AdapterHandle):
                 if held[0] < slot + n and slot < held[0] + held[1].shape[2]:
                     raise CacheError(f"streamdiffusionv2 block {index}: slots {slot}:{slot + n} overlap part of the "
                                      f"chunk being denoised at {held[0]}:{held[0] + held[1].shape[2]}")
+                # the chunk is final in every block holding it (upstream moves all blocks on
+                # together): compress theirs with this one, in one pass
+                self.cache.compress_ahead({j: c[1:] for j, c in enumerate(self.chunk) if c is not None and c[0] == held[0]})
                 layer.append(held[1], held[2])
                 sink = layer.config.sink_tokens
                 if held[0] + held[1].shape[2] > sink:
