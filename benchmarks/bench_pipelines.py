@@ -4,7 +4,7 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
 (the second timed: Triton kernels, cuDNN plans and compiled flex-attention shapes are then warm):
 
 - ``self_forcing``: streamdiffusionv2's ``CausalWanModel`` at Wan2.1-1.3B (30 blocks, 12 x 128,
-  FFN 8,960, text 512 x 4,096), chunks of 3 latent frames x 1,560 tokens (480 x 832 video), per
+  FFN 8,960, text 512 x 4,096; no sink, as Self-Forcing), chunks of 3 latent frames x 1,560 tokens (480 x 832 video), per
   chunk 4 denoising forwards (t = 1000, 750, 500, 250) and the clean forward at t = 0 that fills
   the cache (``CausalStreamInferencePipeline.inference_wo_batch``'s loop), global attention (the
   buffer holds the whole rollout). Upstream: its bf16 ``kv_cache`` dicts; qkv:
@@ -169,6 +169,8 @@ def self_forcing(args, device, dtype) -> dict:
     with torch.device(device):
         model = CausalWanModel(in_dim=16, out_dim=16, **cfg).to(dtype).eval()
         torch.nn.init.normal_(model.head.head.weight, std=0.02)  # upstream zero-initialises the head
+    for block in model.blocks:  # Self-Forcing's default: no sink (streamdiffusionv2's 3 frames are for
+        block.self_attn.sink_size = 0  # its rolling window; with global attention upstream never uses it)
     heads, head_dim, blocks = cfg["num_heads"], cfg["dim"] // cfg["num_heads"], cfg["num_layers"]
     capacity_tokens = (chunks + 1) * n  # above the rollout: global attention, no ring buffer
 
