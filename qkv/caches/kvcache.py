@@ -72,9 +72,20 @@ from qkv.caches.presets import build_policy
 from qkv.caches.tail import Chunk, TailBuffer, adjacent, joined_kv
 from qkv.component import check_int
 from qkv.compressed import CompressedKV
-from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, GradientError, QKVError, ShapeError, shown
+from qkv.errors import (
+    CacheError,
+    ConfigError,
+    CorruptDataError,
+    DTypeError,
+    GradientError,
+    NonFiniteError,
+    QKVError,
+    ShapeError,
+    ValueRangeError,
+    shown,
+)
 from qkv.io import load_device
-from qkv.validation import check_kv_layout
+from qkv.validation import check_kv_layout, check_kv_values
 
 __all__ = ["CacheConfig", "CacheMemory", "KVCache", "LayerCache"]
 
@@ -207,8 +218,10 @@ class LayerCache(LayerState):
 
     # -- writing -------------------------------------------------------------------------------
     def check(self, k: object, v: object) -> None:
-        """Raise a typed error (naming the problem) unless ``k``/``v`` can be appended; no side effects."""
-        check_chunk(self.config, self.layout, k, v, f"layer {self.index}", values=self.config.validate)
+        """Raise a typed error (naming the problem) unless ``k``/``v`` can be appended; no side effects.
+        The values of a chunk compressed ahead were checked then (:meth:`KVCache.compress_ahead`)."""
+        ahead = self._ahead is not None and torch.is_tensor(k) and torch.is_tensor(v) and self._ahead[0] == _fingerprint(k, v)
+        check_chunk(self.config, self.layout, k, v, f"layer {self.index}", values=self.config.validate and not ahead)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one chunk ``k``, ``v`` [B, H, S_chunk, D] (fp32/fp16/bf16, copied).
@@ -665,8 +678,10 @@ class KVCache:
         :meth:`append` of that very chunk (the same tensors, unchanged) stores what was compressed
         here instead of compressing it, bit for bit the same span. For a pipeline that learns that
         every layer's chunk is final when its first layer moves on (Self-Forcing's clean pass): one
-        pass per chunk instead of one per layer. The result is held until that append (counted in
-        ``memory().compressed``); a chunk appended changed, or another append first, drops it."""
+        pass per chunk instead of one per layer, and one read-back for the value checks (with
+        ``validate``) instead of one per append. The result is held until that append (counted in
+        ``memory().compressed``); a chunk appended changed, or another append first, drops it. Bad
+        values compress nothing ahead: each append then raises for its own chunk."""
         requests = {}
         for index, (k, v) in chunks.items():
             request = self.layer(index).ahead_request(k, v)
@@ -675,6 +690,12 @@ class KVCache:
         if not requests:
             return
         cfg = self.config
+        if cfg.validate:  # the values of every chunk with one read-back (an append re-checks none of them)
+            named = [(f"layer {i}: {name}", t) for i in requests for name, t in zip("kv", chunks[i])]
+            try:
+                check_kv_values(named[0][0], named[0][1], *named[1:])
+            except (NonFiniteError, ValueRangeError):
+                return  # each append checks its own chunk and names the bad one
         done = cfg.span_policy.compress_many([chunks[i] for i in requests], warm_starts=[r[1] for r in requests.values()],
                                              backend=cfg.backend, validate=False)
         for (index, (key, warm)), ckv in zip(requests.items(), done):

@@ -172,6 +172,33 @@ def test_compress_ahead_of_a_chunk_that_changes_or_never_comes_is_dropped():
     assert spans.layer(0)._ahead is None
 
 
+def test_compress_ahead_checks_every_chunk_with_one_read_back(monkeypatch):
+    """The value check of every chunk compressed ahead is one read-back; their appends read back
+    nothing. A bad chunk compresses nothing ahead, and its own append names it."""
+    calls = []
+    original = torch.Tensor.tolist
+
+    def counting(self):
+        calls.append("tolist")
+        return original(self)
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting)
+    cache = KVCache(QVG, num_layers=3, span_chunks=1, warm_start=False)
+    chunks = {i: c for i, c in enumerate(stream(5, [24] * 3))}
+    cache.compress_ahead(chunks)
+    assert len(calls) == 1
+    for i, (k, v) in chunks.items():
+        cache.append(i, k, v)
+    assert len(calls) == 1
+    bad = {i: (k + 1, v) for i, (k, v) in chunks.items()}
+    bad[1][0][0, 0, 3, 5] = float("nan")
+    cache.compress_ahead(bad)
+    assert all(cache.layer(i)._ahead is None for i in range(3))
+    cache.append(0, *bad[0])
+    with pytest.raises(NonFiniteError, match="layer 1: k holds 1 NaN"):
+        cache.append(1, *bad[1])
+
+
 def test_replace_keeps_the_warm_start_and_refuses_like_append():
     """``replace`` = reset + append, but the new span's k-means starts from the centroids of what
     it replaces; a chunk of another batch size starts cold; a chunk append would refuse changes

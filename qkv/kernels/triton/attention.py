@@ -35,6 +35,7 @@ from qkv.kernels.triton.records import (
     SpanRecord,
     TensorLayout,
     _aligned,
+    device_rows,
     span_record,
 )
 from qkv.kernels.triton.tiles import tile_for
@@ -80,8 +81,8 @@ def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse,
     configurations to try in order (default: the device's, :mod:`qkv.kernels.triton.tiles`)."""
     b, h, sq, d = q.shape
     device = q.device
-    span_table = torch.tensor(span_rows or [[0] * len(SPAN_FIELDS)], dtype=torch.int64).to(device)
-    dense_table = torch.tensor(dense_rows or [[0] * len(DENSE_FIELDS)], dtype=torch.int64).to(device)
+    span_table = device_rows(span_rows or [[0] * len(SPAN_FIELDS)], device)
+    dense_table = device_rows(dense_rows or [[0] * len(DENSE_FIELDS)], device)
     q = q if q.stride(-1) == 1 else q.contiguous()
     if q_lo is not None and q_lo.stride() != q.stride():
         raise ShapeError(f"q_lo has strides {q_lo.stride()}, q has {q.stride()}")

@@ -233,6 +233,17 @@ class SpanTable:
     nbytes: int
 
 
+def device_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
+    """``rows`` as an int64 tensor on ``device``. To a GPU through pinned memory, without a host
+    sync (a copy from pageable memory waits for the queue to drain; torch keeps the pinned buffer
+    until the copy is done); not while a CUDA graph is being captured, where a replay would read
+    the freed buffer again (the plain copy refuses to be captured instead)."""
+    table = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda" and not torch.cuda.is_current_stream_capturing():
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
 def span_table(spans: list[tuple[SpanRecord, int]], device: torch.device, piece: int) -> SpanTable:
     """A :class:`SpanTable` of readable spans ``(record, skip)`` (one host-to-device copy per
     group); ``piece``: keys per work item."""
@@ -254,8 +265,8 @@ def span_table(spans: list[tuple[SpanRecord, int]], device: torch.device, piece:
                 hi = min((lo // piece + 1) * piece, rec.tokens)
                 items.append([i, lo, hi, first + lo - skip])
                 lo = hi
-        table = torch.tensor(rows, dtype=torch.int64).to(device)
-        item_t = torch.tensor(items or [[0] * len(ITEM_FIELDS)], dtype=torch.int64).to(device)
+        table = device_rows(rows, device)
+        item_t = device_rows(items or [[0] * len(ITEM_FIELDS)], device)
         groups.append(SpanGroup((k_layout, v_layout), table, item_t, len(items), sum(m[0].nbytes for m in members)))
     records = tuple(rec for rec, _ in spans)
     dtype = records[0].dtype if records else None
