@@ -329,8 +329,12 @@ class LayerCache(LayerState):
                 return False
         return True
 
+    def _fitting(self, warm: CompressedKV | None, shape: torch.Size) -> CompressedKV | None:
+        """``warm`` if a span of ``shape`` can start from it (:meth:`_warm_fits`), else None."""
+        return warm if warm is not None and self._warm_fits(warm, shape) else None
+
     def _compress(self, k: torch.Tensor, v: torch.Tensor, warm: CompressedKV | None) -> CompressedKV:
-        warm = warm if warm is not None and self._warm_fits(warm, k.shape) else None
+        warm = self._fitting(warm, k.shape)
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == _fingerprint(k, v) and ahead[1] is warm:
             return ahead[2]  # compress_ahead made it from these very tensors and warm start
@@ -353,7 +357,7 @@ class LayerCache(LayerState):
         key = _fingerprint(k, v)
         if self._ahead is not None and self._ahead[0] == key:
             return None
-        return key, self.warm if self.warm is not None and self._warm_fits(self.warm, k.shape) else None
+        return key, self._fitting(self.warm, k.shape)
 
     def trim(self) -> None:
         """Free the tail buffer (its room is ``memory().reserved``) for a layer appended to once or

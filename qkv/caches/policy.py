@@ -352,12 +352,12 @@ class Policy:
         bounds = [0]
         for k in ks:
             bounds.append(bounds[-1] + k.shape[0])
-        k_all, v_all = (x[0] if len(x) == 1 else torch.cat(x) for x in (ks, vs))
-        if self.k == self.v and k_all.dtype == v_all.dtype:
+        if self.k == self.v and ks[0].dtype == vs[0].dtype:  # keys then values, one copy
             warm = None if warm_k is None else [torch.cat(pair) for pair in zip(warm_k, warm_v)]
-            both, shift = self.k._compress(torch.cat([k_all, v_all]), warm, backend), bounds[-1]
-            ct_k = ct_v = both
+            ct_k = ct_v = self.k._compress(torch.cat([*ks, *vs]), warm, backend)
+            shift = bounds[-1]
         else:
+            k_all, v_all = (x[0] if len(x) == 1 else torch.cat(x) for x in (ks, vs))
             ct_k, ct_v, shift = self.k._compress(k_all, warm_k, backend), self.v._compress(v_all, warm_v, backend), 0
             if len(ks) == 1:
                 return [(ct_k, ct_v)]
