@@ -142,6 +142,26 @@ def test_one_chunk_spans_of_every_block_compress_in_one_pass(model, monkeypatch)
                     assert all(torch.equal(t, y.tensors()[name]) for name, t in x.tensors().items())
 
 
+def test_the_chunk_position_is_read_from_its_tensor_once(model, monkeypatch):
+    """Every block of every step gets the same ``current_start`` tensor: one read of it (a host
+    sync on the GPU) per chunk, not one per block; a tensor changed in place is read again."""
+    reads, original = [], adapter._starts
+
+    def counting(current_start):
+        reads.append(current_start)
+        return original(current_start)
+
+    monkeypatch.setattr(adapter, "_starts", counting)
+    with adapter.install(model, "fp32", span_chunks=1) as handle:
+        rollout(model, 3, capacity=8 * N)
+        assert len(reads) == 3  # one per chunk (2 blocks x 3 steps each)
+        start = torch.tensor([5])
+        assert handle.start_of(start) == 5 and handle.start_of(start) == 5 and len(reads) == 4
+        start.fill_(9)
+        assert handle.start_of(start) == 9 and len(reads) == 5
+        assert handle.start_of(torch.tensor([9])) == 9 and len(reads) == 6  # another tensor
+
+
 def fresh_ring(model, sink_size=3):
     """Upstream keeps its ring queue on the attention modules across videos: start each run empty."""
     for block in model.blocks:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import types
+import weakref
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,22 @@ class StreamDiffusionV2Handle(AdapterHandle):
         # per block: upstream's global/local end index, step counter and ring queue of slot ends
         self.ring: list[dict | None] = [None] * self.num_blocks
         self.derived: dict = {}  # the cache options the first forward fixed (sink, spans)
+        # the last ``current_start`` tensor read: (weak reference, version counter, value)
+        self.start_memo: tuple[weakref.ref, int, int] | None = None
+
+    def start_of(self, current_start) -> int:
+        """:func:`_starts` of ``current_start``, read from the GPU once per tensor: upstream passes one
+        tensor to every block of a forward, and a read per block would stall the host on each of them
+        (the GPU idles while the next block is launched). A tensor changed in place since (its
+        version counter moved) or a new one is read again."""
+        if not torch.is_tensor(current_start):
+            return _starts(current_start)
+        memo = self.start_memo
+        if memo is not None and memo[0]() is current_start and memo[1] == current_start._version:
+            return memo[2]
+        value = _starts(current_start)
+        self.start_memo = (weakref.ref(current_start), current_start._version, value)
+        return value
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [c[1:] for c in self.chunk if c is not None]
@@ -364,7 +381,7 @@ def _forward(handle: StreamDiffusionV2Handle, index: int, original):
         k = self.norm_k(self.k(x)).view(b, s, n, d)
         v = self.v(x).view(b, s, n, d)
         frame_tokens = math.prod(grid_sizes[0][1:]).item()
-        start = _starts(current_start)
+        start = handle.start_of(current_start)
         rope = dict(grid_sizes=grid_sizes, freqs=freqs, start_frame=start // frame_tokens, rope_cache=causal_rope_cache)
         roped_q = causal_model.causal_rope_apply(q, **rope).type_as(v)
         roped_k = causal_model.causal_rope_apply(k, **rope).type_as(v)
