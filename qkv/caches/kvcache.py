@@ -158,11 +158,12 @@ class LayerCache(LayerState):
         match). For a window that is re-encoded as a whole and overlaps the last one, such as
         AnyFlow-FAR's full-resolution context. A chunk :meth:`append` would refuse leaves the
         layer unchanged."""
-        check_chunk(self.config, None, k, v, f"layer {self.index}", values=self.config.validate)
+        ahead = self._ahead if self._is_ahead(k, v) else None
+        check_chunk(self.config, None, k, v, f"layer {self.index}", values=self.config.validate and ahead is None)
         self._refuse_grad(k, v)
         warm = self.warm
         self.reset()
-        self.warm = warm
+        self.warm, self._ahead = warm, ahead
         self._store(k, v)
 
     def _forget_plan(self) -> None:
@@ -220,8 +221,12 @@ class LayerCache(LayerState):
     def check(self, k: object, v: object) -> None:
         """Raise a typed error (naming the problem) unless ``k``/``v`` can be appended; no side effects.
         The values of a chunk compressed ahead were checked then (:meth:`KVCache.compress_ahead`)."""
-        ahead = self._ahead is not None and torch.is_tensor(k) and torch.is_tensor(v) and self._ahead[0] == _fingerprint(k, v)
-        check_chunk(self.config, self.layout, k, v, f"layer {self.index}", values=self.config.validate and not ahead)
+        check_chunk(self.config, self.layout, k, v, f"layer {self.index}",
+                    values=self.config.validate and not self._is_ahead(k, v))
+
+    def _is_ahead(self, k: object, v: object) -> bool:
+        """Whether :meth:`KVCache.compress_ahead` compressed (and checked) this very chunk."""
+        return self._ahead is not None and torch.is_tensor(k) and torch.is_tensor(v) and self._ahead[0] == _fingerprint(k, v)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append one chunk ``k``, ``v`` [B, H, S_chunk, D] (fp32/fp16/bf16, copied).
@@ -679,7 +684,7 @@ class KVCache:
         """Compress now, in one pass (:meth:`Policy.compress_many`), the span that appending
         ``chunks[i]`` (k, v) to layer ``i`` will make, for every layer where that chunk alone is one
         span (one-chunk spans, past the sink; see :meth:`LayerCache.ahead_request`); the next
-        :meth:`append` of that very chunk (the same tensors, unchanged) stores what was compressed
+        :meth:`append` (or :meth:`LayerCache.replace`) of that very chunk (the same tensors, unchanged) stores what was compressed
         here instead of compressing it, bit for bit the same span. For a pipeline that learns that
         every layer's chunk is final when its first layer moves on (Self-Forcing's clean pass): one
         pass per chunk instead of one per layer, and one read-back for the value checks (with

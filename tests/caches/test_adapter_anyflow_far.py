@@ -166,6 +166,40 @@ def test_the_recent_context_starts_from_the_centroids_it_replaces(model, monkeyp
     assert warm == ([False] + [True] * (prefills - 1)) * 2
 
 
+def test_a_prefill_compresses_its_blocks_in_passes(model, monkeypatch):
+    """A prefill's K/V wait until ``blocks_per_pass`` blocks (or the last block) wrote theirs, then
+    each cache compresses all of them in one pass; the caches equal those of block-by-block
+    passes bit for bit, and what waits is counted in ``memory()``."""
+    policy = qkv.build_policy("qvg", clusters=4, block=16)
+    passes, original = [], qkv.Policy.compress_many
+
+    def counting(self, pairs, **kw):
+        passes.append(len(pairs))
+        return original(self, pairs, **kw)
+
+    monkeypatch.setattr(qkv.Policy, "compress_many", counting)
+    runs = {}
+    for per_pass in (1, 2):
+        passes.clear()
+        with adapter.install(model, policy, span_chunks=1, blocks_per_pass=per_pass) as handle:
+            preds = rollout(model, handle.kv_cache())
+            runs[per_pass] = preds, list(passes), handle.memory()
+    # per prefill, both blocks at once: the full-resolution context (5 prefills), and the new coarse
+    # chunk (3 prefills: the first two have no coarse context yet)
+    assert runs[2][1] == [2] * 2 + [2, 2] * 3
+    assert runs[1][1] == [1] * 2 * 2 + [1, 1] * 2 * 3
+    assert all(torch.equal(a, b) for a, b in zip(runs[1][0], runs[2][0], strict=True)) and runs[1][2] == runs[2][2]
+    with adapter.install(model, policy, span_chunks=1, blocks_per_pass=8) as handle:
+        flag = {"num_cached_chunks": 0, "num_compressed_tokens": 0}
+        k = torch.randn(1, HEADS, 2 * FULL, HEAD_DIM)
+        rope = torch.ones(1, 1, 2 * FULL, HEAD_DIM // 2, dtype=torch.complex128)  # no rotation
+        empty = torch.zeros(1, HEADS, 0, HEAD_DIM)
+        handle.prefill(0, {"compressed_cache": (empty, empty), "full_cache": (k, k)}, rope, flag)
+        assert handle.memory().tail == 2 * k.numel() * k.element_size()  # block 0 waits for block 1
+    with pytest.raises(ConfigError, match="blocks_per_pass"):
+        adapter.install(model, policy, blocks_per_pass=0)
+
+
 def test_a_read_step_before_the_prefill_raises(model):
     with adapter.install(model, "fp32") as handle:
         flag = {"num_cached_chunks": 1, "is_cache_step": False}

@@ -199,6 +199,27 @@ def test_compress_ahead_checks_every_chunk_with_one_read_back(monkeypatch):
         cache.append(1, *bad[1])
 
 
+def test_a_replace_stores_the_span_compressed_ahead(monkeypatch):
+    """``replace`` of a chunk compressed ahead (warm-started from the span it replaces) stores
+    that span, the same bit for bit as a plain replace, without compressing or checking it again."""
+    cache, ref = KVCache(QVG, num_layers=2, span_chunks=1), KVCache(QVG, num_layers=2, span_chunks=1)
+    old, new = stream(6, [32] * 2), stream(7, [32] * 2)
+    for c in (cache, ref):
+        for i, (k, v) in enumerate(old):
+            c.append(i, k, v)
+    cache.compress_ahead(dict(enumerate(new)))
+    passes = []
+    monkeypatch.setattr(qkv.Policy, "compress_many", lambda self, pairs, **kw: passes.append(pairs))
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: passes.append("read-back"))
+    for i, (k, v) in enumerate(new):
+        cache.layer(i).replace(k, v)
+    assert passes == []
+    monkeypatch.undo()
+    for i, (k, v) in enumerate(new):
+        ref.layer(i).replace(k, v)
+    assert spans_equal(cache, ref, 2) and cache.memory() == ref.memory()
+
+
 def test_replace_keeps_the_warm_start_and_refuses_like_append():
     """``replace`` = reset + append, but the new span's k-means starts from the centroids of what
     it replaces; a chunk of another batch size starts cold; a chunk append would refuse changes

@@ -46,6 +46,7 @@ from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_tr
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError
+from qkv.component import check_int
 
 __all__ = ["FARCacheProcessor", "FARHandle", "install"]
 
@@ -86,8 +87,10 @@ class FARHandle(AdapterHandle):
     """:class:`AdapterHandle` of an ``AnyFlowFARTransformer3DModel``: ``context`` (the coarse
     context, grows) and ``recent`` (the full-resolution context, replaced at every prefill)."""
 
-    def __init__(self, model, policy: Policy | str, cache_options: dict, recent_full_precision: bool) -> None:
+    def __init__(self, model, policy: Policy | str, cache_options: dict, recent_full_precision: bool,
+                 blocks_per_pass: int) -> None:
         super().__init__("anyflow_far", policy, cache_options, fixed=("num_layers", "max_spans"))
+        check_int("anyflow_far", "blocks_per_pass", blocks_per_pass, 1)
         self.model = model
         blocks = len(model.blocks)
         self.cache = KVCache(policy, num_layers=blocks, **cache_options)
@@ -96,9 +99,20 @@ class FARHandle(AdapterHandle):
         # one chunk per prefill: span_chunks=1 compresses it at once, 2 keeps it in the tail (exact)
         self.recent = KVCache(self.cache.policy, num_layers=blocks, span_chunks=2 if recent_full_precision else 1,
                               **shared)
+        self.blocks_per_pass = blocks_per_pass
+        # per block, what its prefill wrote and the caches have not stored yet: (a new video,
+        # the new coarse context k, v or None, the full-resolution context k, v)
+        self.waiting: dict[int, tuple[bool, tuple | None, tuple]] = {}
 
     def caches(self) -> list[KVCache]:
         return [] if self.removed else [self.cache, self.recent]
+
+    def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [kv for new, coarse, full in self.waiting.values() for kv in ((coarse, full) if coarse else (full,))]
+
+    def reset(self) -> None:
+        super().reset()
+        self.waiting = {}
 
     def check_installed(self) -> None:
         super().check_installed()
@@ -109,22 +123,44 @@ class FARHandle(AdapterHandle):
         return [{} for _ in self.model.blocks]
 
     def prefill(self, index: int, written: dict, rope_key: torch.Tensor, flag: dict) -> None:
-        """Store the K/V a prefill wrote for block ``index`` (keys roped with ``rope_key``)."""
+        """Take the K/V a prefill wrote for block ``index`` (keys roped with ``rope_key``); they are
+        stored with those of the blocks before it, ``blocks_per_pass`` blocks in one compression
+        pass (:meth:`store`), at the last block, or at the next read, whichever comes first."""
+        if index in self.waiting:  # a second prefill before the last one was stored
+            self.store()
         nc = flag["num_compressed_tokens"]
         (kc, vc), (kf, vf) = written["compressed_cache"], written["full_cache"]
         keys = _upstream().apply_rotary_emb(torch.cat([kc, kf], 2), rope_key)
         kc, kf = keys[:, :, :nc], keys[:, :, nc:]
-        context, recent = self.cache.layer(index), self.recent.layer(index)
-        if flag["num_cached_chunks"] == 0 or nc < context.tokens:
-            context.reset()  # a new video: nothing of the last one carries over
-            recent.reset()
-        if nc > context.tokens:
-            context.append(kc[:, :, context.tokens :].contiguous(), vc[:, :, context.tokens :].contiguous())
-        # one chunk: a span at once (its k-means warm-started from the context it replaces), or the tail
-        recent.replace(kf.contiguous(), vf.contiguous())
+        context = self.cache.layer(index)
+        new = flag["num_cached_chunks"] == 0 or nc < context.tokens  # a new video: nothing carries over
+        have = 0 if new else context.tokens
+        coarse = (kc[:, :, have:].contiguous(), vc[:, :, have:].contiguous()) if nc > have else None
+        self.waiting[index] = (new, coarse, (kf.contiguous(), vf.contiguous()))
+        if len(self.waiting) >= self.blocks_per_pass or index == len(self.model.blocks) - 1:
+            self.store()
+
+    def store(self) -> None:
+        """Store what the prefills of the waiting blocks wrote: the new coarse context appended,
+        the full-resolution context replacing the last one (its k-means warm-started from the
+        context it replaces), each cache's chunks compressed in one pass for all those blocks
+        (:meth:`KVCache.compress_ahead`)."""
+        waiting, self.waiting = self.waiting, {}
+        for index, (new, _, _) in waiting.items():
+            if new:
+                self.cache.layer(index).reset()
+                self.recent.layer(index).reset()
+        self.cache.compress_ahead({i: coarse for i, (_, coarse, _) in waiting.items() if coarse is not None})
+        self.recent.compress_ahead({i: full for i, (_, _, full) in waiting.items()})
+        for index, (_, coarse, full) in waiting.items():
+            if coarse is not None:
+                self.cache.layer(index).append(*coarse)
+            self.recent.layer(index).replace(*full)
 
     def attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, flag: dict) -> torch.Tensor:
         """The read step's attention: q [B, H, Sq, D] to [context, recent, (k, v)]."""
+        if self.waiting:
+            self.store()
         context, recent = self.cache.layer(index), self.recent.layer(index)
         want = (flag["num_cached_compressed_tokens"], flag["num_cached_full_tokens"])
         if flag["num_cached_chunks"] == 0:  # the first chunk of a new video
@@ -173,16 +209,18 @@ class FARCacheProcessor:
         return attn.to_out[1](attn.to_out[0](out))
 
 
-def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool = False,
+def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool = False, blocks_per_pass: int = 8,
             **cache_options) -> FARHandle:
     """Run ``target`` (an ``AnyFlowFARTransformer3DModel`` or a pipeline with ``.transformer``)
     on compressed caches. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
     coarse context cache's :class:`~qkv.KVCache` options (``span_chunks``: FAR chunks per span,
     ...; not ``num_layers`` nor ``max_spans``); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
-    compressing it at each prefill. Returns the handle (``memory()``, ``remove()``)."""
+    compressing it at each prefill; ``blocks_per_pass``: the blocks whose prefill K/V are compressed
+    together, in one pass (more: fewer launches, more K/V held in bf16 meanwhile). Returns the
+    handle (``memory()``, ``remove()``)."""
     model = diffusers_transformer(target, "AnyFlowFARTransformer3DModel", "anyflow_far")
     refuse_context_parallel(model, "anyflow_far", NO_CONTEXT_PARALLEL)
-    handle = FARHandle(model, policy, cache_options, recent_full_precision)
+    handle = FARHandle(model, policy, cache_options, recent_full_precision, blocks_per_pass)
     for index, block in enumerate(model.blocks):
         handle.patches.set(block.attn1, "processor", FARCacheProcessor(handle, index, block.attn1.processor))
     return handle
