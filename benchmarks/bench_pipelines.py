@@ -347,19 +347,29 @@ def sana_wm(args, device, dtype) -> dict:
     forwards_per_block = 4  # 3 denoising steps + the capture of the refined block
 
     def rollout() -> tuple[Run, torch.Tensor]:
-        run, calls = Run(device), []
+        run, calls, profiling = Run(device), [], contextlib.ExitStack()
+
+        def pre_hook(module, inputs, kwargs):
+            chunk = len(calls) // forwards_per_block
+            if kwargs.get("kv_cache_mode") != "capture_pre_rope" and chunk == args.profile_chunk:
+                if len(calls) % forwards_per_block == 0:  # the chunk's forwards, profiled together
+                    profiling.enter_context(profiled(True))
 
         def hook(module, inputs, kwargs, output):
             if kwargs.get("kv_cache_mode") != "capture_pre_rope":
                 calls.append(output[0] if isinstance(output, tuple) else output.sample)
                 if len(calls) % forwards_per_block == 0:
+                    profiling.close()
                     run.chunk_done(calls[-2])  # the last denoising step's output
-        remove = transformer.register_forward_hook(hook, with_kwargs=True)
+        removes = [transformer.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                   transformer.register_forward_hook(hook, with_kwargs=True)]
         try:
             latents = pipe(stage1, "a prompt", fps=24.0, generator=torch.Generator(device).manual_seed(1),
                            sink_size=sink, block_size=block, kv_max_frames=window, output_type="latent")
         finally:
-            remove.remove()
+            profiling.close()
+            for remove in removes:
+                remove.remove()
         return run, latents
 
     up_run, _ = twice(rollout)
@@ -382,7 +392,8 @@ def main() -> None:
     parser.add_argument("--policy", default="qvg")
     parser.add_argument("--clusters", type=int, help="k-means clusters per span (the policy's own if not given)")
     parser.add_argument("--profile-chunk", type=int,
-                        help="print the profiler's top operators for this chunk of every rollout (slows that chunk)")
+                        help="print the profiler's top operators for this chunk of every rollout (slows that chunk; "
+                             "SANA-WM: its refined block's forwards together)")
     parser.add_argument("--trace", help="with --profile-chunk: a folder for the profiled forwards' Chrome traces")
     parser.add_argument("--span-chunks", type=int, default=8,
                         help="chunks per compressed span (Self-Forcing, AnyFlow-FAR)")

@@ -90,6 +90,31 @@ def test_qvg_stays_close_and_stores_less(pipe, reference, bounded_spans):
     assert mem.full_precision == 0 and mem.bits_per_element < 6  # of 32: spans and sinks all compressed
 
 
+def test_captured_blocks_are_compressed_in_passes(pipe, monkeypatch):
+    """A refined block's K/V wait until ``blocks_per_pass`` blocks (or the last block) captured
+    theirs, then are compressed in one pass; the refinement equals block-by-block passes bit for
+    bit."""
+    policy = qkv.build_policy("qvg", clusters=4, block=16)
+    passes, original = [], qkv.Policy.compress_many
+
+    def counting(self, pairs, **kw):
+        passes.append(len(pairs))
+        return original(self, pairs, **kw)
+
+    monkeypatch.setattr(qkv.Policy, "compress_many", counting)
+    runs = {}
+    for per_pass in (1, 2):
+        passes.clear()
+        with adapter.install(pipe, policy, blocks_per_pass=per_pass) as handle:
+            runs[per_pass] = refine(pipe), list(passes), handle.memory()
+    blocks = -(-(FRAMES - 1) // 3)  # refined blocks of 3 frames (the last one shorter)
+    assert runs[2][1] == [1, 1] + [2] * blocks  # each layer's sink, then both layers' block in one pass
+    assert runs[1][1] == [1, 1] + [1, 1] * blocks
+    assert torch.equal(runs[1][0], runs[2][0]) and runs[1][2] == runs[2][2]
+    with pytest.raises(ConfigError, match="blocks_per_pass"):
+        adapter.install(pipe, policy, blocks_per_pass=0)
+
+
 def test_a_history_the_cache_does_not_hold_raises(pipe):
     transformer = pipe.transformer
     with pytest.raises(ConfigError, match="max_spans, sink_chunks"):  # the pipeline's window decides

@@ -34,6 +34,7 @@ import torch
 from qkv.caches.adapters.context_parallel import refuse_context_parallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
 from qkv.caches.cache_config import CacheMemory
+from qkv.component import check_int
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
 from qkv.compressed import CompressedKV
@@ -66,21 +67,42 @@ class SanaWMHandle(AdapterHandle):
     """:class:`AdapterHandle` of a SANA-WM refiner: ``cache`` holds the history (one layer per
     block); ``sinks[i]`` the sink K/V of block i (pre-RoPE, [B, H, S, D])."""
 
-    def __init__(self, model, policy: Policy | str, cache_options: dict, sink_full_precision: bool) -> None:
+    def __init__(self, model, policy: Policy | str, cache_options: dict, sink_full_precision: bool,
+                 blocks_per_pass: int) -> None:
         super().__init__("sana_wm", policy, cache_options, fixed=("num_layers", "max_spans", "sink_chunks"))
+        check_int("sana_wm", "blocks_per_pass", blocks_per_pass, 1)
         if "span_chunks" not in cache_options and "span_tokens" not in cache_options:
             cache_options = {**cache_options, "span_chunks": 1}  # the window is ~3 blocks: a span per block
         self.model = model
         self.cache = KVCache(policy, num_layers=len(model.transformer_blocks), **cache_options)
         self.sink_full_precision = sink_full_precision
         self.sinks: list[CompressedKV | tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.transformer_blocks)
+        self.blocks_per_pass = blocks_per_pass
+        self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per block, a captured block not stored yet
 
     def reset(self) -> None:
         super().reset()
         self.sinks = [None] * len(self.sinks)
+        self.waiting = {}
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [s for s in self.sinks if isinstance(s, tuple)]
+        return [s for s in self.sinks if isinstance(s, tuple)] + list(self.waiting.values())
+
+    def hold(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Block ``index``'s captured post-RoPE K/V [B, H, S, D], stored with those of the blocks
+        before it: ``blocks_per_pass`` blocks in one compression pass (:meth:`store`), at the last
+        block, or before the block's next attention, whichever comes first."""
+        self.waiting[index] = (k, v)
+        if len(self.waiting) >= self.blocks_per_pass or index == len(self.sinks) - 1:
+            self.store()
+
+    def store(self) -> None:
+        """Append every waiting block's K/V to its history layer, compressed in one pass
+        (:meth:`KVCache.compress_ahead`: the same spans, bit for bit, as block by block)."""
+        waiting, self.waiting = self.waiting, {}
+        self.cache.compress_ahead(waiting)
+        for index, (k, v) in waiting.items():
+            self.cache.layer(index).append(k, v)
 
     def check_installed(self) -> None:
         super().check_installed()
@@ -123,6 +145,8 @@ class SanaWMCacheProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, query_rotary_emb=None,
                  key_rotary_emb=None, sink_rotary_emb=None, kv_cache=None, kv_cache_mode=None):
+        if self.index in self.handle.waiting:  # its last captured block, before anything reads or resets it
+            self.handle.store()
         if kv_cache_mode is None or kv_cache_mode == "capture_pre_rope":
             capture = _upstream().SanaWMRefinerKVLayerCache() if kv_cache_mode else None
             out = self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, query_rotary_emb,
@@ -161,7 +185,7 @@ class SanaWMCacheProcessor:
         k, v = _heads(key, attn.heads), _heads(value, attn.heads)
         out = attend_parts(self.handle.cache.config, _heads(query, attn.heads), [*parts, layer, (k, v)])
         if kv_cache_mode == "inject_and_capture_post_rope":
-            layer.append(k, v)
+            self.handle.hold(self.index, k, v)
             kv_cache.store_captured_post_rope(_stand_in(key), _stand_in(value))
         hidden_states = out.transpose(1, 2).flatten(2, 3).to(query.dtype)
         if gate_logits is not None:
@@ -170,17 +194,19 @@ class SanaWMCacheProcessor:
         return attn.to_out[1](attn.to_out[0](hidden_states))
 
 
-def install(target, policy: Policy | str = "qvg", *, sink_full_precision: bool = False,
+def install(target, policy: Policy | str = "qvg", *, sink_full_precision: bool = False, blocks_per_pass: int = 8,
             **cache_options) -> SanaWMHandle:
     """Run ``target`` (a ``SanaWMLTX2RefinerTransformer3DModel`` or a pipeline with
     ``.transformer``) on a compressed cache. ``policy``: a :class:`Policy` or preset/spec;
     ``cache_options``: the history's :class:`~qkv.KVCache` options (``span_chunks`` defaults to 1
     here: a span per refined block; not ``num_layers``, ``max_spans`` nor ``sink_chunks``: the
     pipeline's window decides); ``sink_full_precision``: keep the sink exact instead of
-    compressed. Returns the handle (``memory()``, ``remove()``)."""
+    compressed; ``blocks_per_pass``: the blocks whose captured K/V are compressed together, in one
+    pass (more: fewer launches, more K/V held in bf16 meanwhile). Returns the handle
+    (``memory()``, ``remove()``)."""
     model = diffusers_transformer(target, "SanaWMLTX2RefinerTransformer3DModel", "sana_wm")
     refuse_context_parallel(model, "sana_wm", NO_CONTEXT_PARALLEL)
-    handle = SanaWMHandle(model, policy, cache_options, sink_full_precision)
+    handle = SanaWMHandle(model, policy, cache_options, sink_full_precision, blocks_per_pass)
     for index, block in enumerate(model.transformer_blocks):
         handle.patches.set(block.attn1, "processor", SanaWMCacheProcessor(handle, index, block.attn1.processor))
     return handle
