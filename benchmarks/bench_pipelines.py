@@ -33,7 +33,8 @@ rollout whose K/V fit in 24 GiB (global-attention clients), from the measured by
     done
 
 ``--clients`` picks some (results merge into ``--out``), ``--chunks`` the rollout length (32),
-``--span-chunks`` the chunks per compressed span (8; each span carries its own centroids, so short
+``--span-chunks`` the chunks per compressed span (the adapter's default if not given: one chunk for
+Self-Forcing, 8 for AnyFlow-FAR's coarse context; each span carries its own centroids, so short
 spans cost bytes: at Self-Forcing sizes 165 MB per chunk with 1-chunk spans, 124 MB with 8),
 ``--policy`` the compressed policy (qvg), ``--tiny`` a CPU smoke run at toy sizes.
 """
@@ -148,6 +149,17 @@ def compare(upstream: dict, ours: dict, up_run: Run, our_run: Run) -> dict:
     }
 
 
+def span_option(args) -> dict:
+    """The adapter's span option: ``--span-chunks`` if given, else none (the adapter's default)."""
+    return {} if args.span_chunks is None else {"span_chunks": args.span_chunks}
+
+
+def span_chunks(cache: qkv.KVCache, chunk_tokens: int) -> int:
+    """Chunks of ``chunk_tokens`` per span of ``cache``."""
+    config = cache.layer(0).config
+    return config.span_chunks if config.span_chunks is not None else config.span_tokens // chunk_tokens
+
+
 def capacity(fixed: float, per_chunk: float, held: int = 0) -> int | None:
     """Chunks whose K/V fit in the budget: ``held`` chunks in ``fixed`` bytes plus ``per_chunk``
     bytes per further chunk (None when nothing was measured: a rollout too short to compress a span)."""
@@ -209,13 +221,14 @@ def self_forcing(args, device, dtype) -> dict:
     up_run, kv = twice(lambda: rollout(False))
     up_bytes = sum(d[name][:, : chunks * n].numel() * d[name].element_size() for d in kv for name in ("k", "v"))
     del kv
-    span = args.span_chunks
-    with qkv.adapters.streamdiffusionv2.install(model, args.policy, span_chunks=span) as handle:
+    with qkv.adapters.streamdiffusionv2.install(model, args.policy, **span_option(args)) as handle:
         our_run, _ = twice(lambda: rollout(True), handle.reset)
         mem = handle.memory()
+        span = span_chunks(handle.cache, n)
         compressed_chunks = len(handle.cache.layer(0).spans) * span
     bf16_chunk = up_bytes / chunks
     result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    result["span_chunks"] = span
     # qkv: up to a span of chunks waits in bf16 (the tail) plus the chunk being denoised
     result["capacity"] = {
         "chunk_tokens": n,
@@ -300,16 +313,17 @@ def anyflow_far(args, device, dtype) -> dict:
     coarse_tokens, full_tokens = sum(part[: len(part) - limit]) * coarse, sum(part[len(part) - limit : -1]) * full
     per_token = 2 * blocks * heads * head_dim * torch.finfo(dtype).bits // 8  # K and V, all blocks
     up_bytes = (coarse_tokens + full_tokens) * per_token  # what the upstream holds at the last chunk
-    span = args.span_chunks
-    with qkv.adapters.anyflow_far.install(model, args.policy, span_chunks=span) as handle:
+    with qkv.adapters.anyflow_far.install(model, args.policy, **span_option(args)) as handle:
         our_run = twice(lambda: rollout(handle.kv_cache), handle.reset)
         mem = handle.memory()
         context = handle.cache.layer(0)
+        span = span_chunks(handle.cache, 3 * coarse)
         compressed_context = sum(sp.ckv.nbytes for sp in context.spans) * blocks
         context_chunks = len(context.spans) * span
     allocated = (limit * max(part) * full + (len(part) - limit + 1) * max(part) * coarse) * per_token
     result = compare({"kv_bytes": up_bytes, "allocated_bytes": allocated},
                      {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    result["span_chunks"] = span
     coarse_chunk, full_region = 3 * coarse * per_token, (limit - 1) * 3 * full * per_token
     result["capacity"] = {
         "upstream_chunks": capacity(full_region, coarse_chunk, limit - 1),
@@ -395,8 +409,8 @@ def main() -> None:
                         help="print the profiler's top operators for this chunk of every rollout (slows that chunk; "
                              "SANA-WM: its refined block's forwards together)")
     parser.add_argument("--trace", help="with --profile-chunk: a folder for the profiled forwards' Chrome traces")
-    parser.add_argument("--span-chunks", type=int, default=8,
-                        help="chunks per compressed span (Self-Forcing, AnyFlow-FAR)")
+    parser.add_argument("--span-chunks", type=int,
+                        help="chunks per compressed span (Self-Forcing, AnyFlow-FAR; the adapter's default if not given)")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/bench_pipelines_h200.json")
     args = parser.parse_args()
@@ -414,8 +428,7 @@ def main() -> None:
         args.policy = qkv.build_policy(args.policy, **overrides)
     for name in args.clients.split(","):
         torch.manual_seed(0)
-        results[name] = {"chunks": args.chunks, "policy": str(args.policy), "span_chunks": args.span_chunks,
-                         **CLIENTS[name](args, device, dtype)}
+        results[name] = {"chunks": args.chunks, "policy": str(args.policy), **CLIENTS[name](args, device, dtype)}
         r = results[name]
         print(f"{name}: KV {r['kv_ratio']:.2f}x smaller, peak {r['peak_ratio'] or float('nan'):.2f}x, "
               f"latency {100 * r['latency_overhead']:+.1f}% (last 8 chunks {100 * r['latency_overhead_last_8']:+.1f}%), "

@@ -335,3 +335,8 @@ def test_a_buffer_above_the_rollout_compresses_the_first_chunk_and_refuses_a_rin
         fresh_ring(model, sink_size=0)
         with pytest.raises(CacheError, match="sized for global attention"):  # 17 chunks: no window
             rollout(model, 18, capacity=17 * N)
+    with adapter.install(model, "fp32") as handle:  # by default a span per chunk
+        fresh_ring(model, sink_size=0)
+        rollout(model, 5, capacity=20 * N)
+        layer = handle.cache.layer(0)
+        assert [sp.tokens for sp in layer.spans] == [N] * 4 and not layer.tail  # chunk 4 being denoised
