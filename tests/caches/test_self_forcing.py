@@ -9,6 +9,7 @@ rewrite the chunk's slots, then a clean call, with ``current_start`` in tokens.
 
 from __future__ import annotations
 
+import math
 import types
 
 import pytest
@@ -160,8 +161,7 @@ def window_caches(attn, *, chunks, batch=B, blocks=2, policy="bf16", dtype=torch
     same window and sink; with ``reset_after``, the indices are replaced by zeros after that many
     chunks and a second video runs (the pipelines' reset). Returns (plain outputs, ours, cache, blocks)."""
     capacity = attn["local_attn_size"] * FRAME
-    options = cache_options(frame_tokens=FRAME, chunk_frames=3, sink_size=attn["sink_size"],
-                            local_attn_size=attn["local_attn_size"])
+    options = cache_options(frame_tokens=FRAME, chunk_frames=3, sink_size=attn["sink_size"])
     cache = qkv.KVCache(policy, **options)
     ours = self_forcing_kv_cache(cache, num_blocks=blocks, batch_size=batch, capacity=capacity, heads=H, head_dim=D,
                                  dtype=dtype, device="cpu")
@@ -300,6 +300,110 @@ def test_install_covers_every_pipeline_with_shapes_from_the_model(kind, local_at
                 assert all(torch.equal(a, b) for a, b in zip(rollout(plain, **run), rollout(blocks, **run)))
         assert len(handle.caches()) == len(lists)
         assert handle.caches()[0].config.sink_tokens == FRAME
-        assert (handle.caches()[0].config.span_tokens == 3 * FRAME) == (local_attn_size != -1)
+        assert handle.caches()[0].config.span_tokens == 3 * FRAME  # a span per chunk, with a window or without
         assert handle.memory().tokens == len(lists) * 2 * blocks[0].filled
     assert "_initialize_kv_cache" not in vars(pipe)
+
+
+def causal_rope_apply(x, grid_sizes, freqs, start_frame=0):
+    """Self-Forcing's ``causal_rope_apply`` (RoPE over frames, rows and columns, frames counted from
+    ``start_frame``), restated: [B, S, H, D] -> the same."""
+    c = x.shape[3] // 2
+    parts = freqs.split([c - 2 * (c // 3), c // 3, c // 3], dim=1)
+    out = []
+    for i, (f, h, w) in enumerate(grid_sizes.tolist()):
+        n = f * h * w
+        rotation = torch.cat([parts[0][start_frame : start_frame + f].view(f, 1, 1, -1).expand(f, h, w, -1),
+                              parts[1][:h].view(1, h, 1, -1).expand(f, h, w, -1),
+                              parts[2][:w].view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1).reshape(n, 1, -1)
+        rotated = torch.view_as_real(torch.view_as_complex(x[i, :n].double().reshape(n, x.shape[2], -1, 2)) * rotation)
+        out.append(torch.cat([rotated.flatten(2), x[i, n:]]))
+    return torch.stack(out).type_as(x)
+
+
+def rope_frequencies(head_dim: int, positions: int = 64) -> torch.Tensor:
+    """Wan's RoPE table (``rope_params`` for the frame, row and column parts), complex [positions, D / 2]."""
+    def params(dim):
+        angles = torch.outer(torch.arange(positions), 1.0 / 10000 ** (torch.arange(0, dim, 2).double() / dim))
+        return torch.polar(torch.ones_like(angles), angles)
+
+    return torch.cat([params(head_dim - 4 * (head_dim // 6)), params(2 * (head_dim // 6)), params(2 * (head_dim // 6))], 1)
+
+
+class CausalWanSelfAttention(torch.nn.Module):
+    """Self-Forcing's ``CausalWanSelfAttention`` (wan/modules/causal_model.py), restated: its
+    projections, RMS norms, ``causal_rope_apply`` and cache branch (``causal_attention_step``);
+    ``max_attention_size`` with this test's tokens per frame where upstream has 1,560."""
+
+    def __init__(self, local_attn_size=-1, sink_size=0):
+        super().__init__()
+        self.num_heads, self.head_dim = H, D
+        self.local_attn_size, self.sink_size = local_attn_size, sink_size
+        self.max_attention_size = 32760 if local_attn_size == -1 else local_attn_size * FRAME
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(H * D, H * D) for _ in range(4))
+        self.norm_q, self.norm_k = torch.nn.RMSNorm(H * D, eps=1e-6), torch.nn.RMSNorm(H * D, eps=1e-6)
+
+    def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None):
+        b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        frame = math.prod(grid_sizes[0][1:]).item()
+        roped_q = causal_rope_apply(q, grid_sizes, freqs, start_frame=current_start // frame).type_as(v)
+        roped_k = causal_rope_apply(k, grid_sizes, freqs, start_frame=current_start // frame).type_as(v)
+        out = causal_attention_step(roped_q, roped_k, v, kv_cache, current_start, local_attn_size=self.local_attn_size,
+                                    sink_size=self.sink_size, max_attention_size=self.max_attention_size)
+        return self.o(out.flatten(2))
+
+
+def attention_rollout(pipe, chunks=8, steps=2):
+    """The pipeline's loop over the blocks' self-attention: per chunk (3 frames of 2 x 3 tokens),
+    ``steps`` denoising calls and the clean call, ``current_start`` in tokens."""
+    gen = torch.Generator().manual_seed(2)
+    blocks, freqs = pipe.generator.model.blocks, rope_frequencies(D)
+    grid = torch.tensor([[3, 2, 3]])
+    outs = []
+    for c in range(chunks):
+        for _ in range(steps + 1):
+            x = torch.randn(B, 3 * FRAME, H * D, generator=gen)
+            for block, cache in zip(blocks, pipe.kv_cache1):
+                with torch.no_grad():
+                    outs.append(block.self_attn(x, None, grid, freqs, None, kv_cache=cache, current_start=c * 3 * FRAME))
+    return outs
+
+
+@pytest.mark.parametrize("local_attn_size, sink_size, suffix", [(-1, 0, False), (9, 0, False), (12, 1, False),
+                                                                (12, 1, True)])
+def test_the_attention_runs_on_the_compressed_spans(monkeypatch, local_attn_size, sink_size, suffix):
+    """With ``install``, upstream's self-attention attends to the compressed spans and the chunk
+    being written (no slot read decompresses the history), matching the plain buffers within fp32
+    rounding (the segments are merged by log-sum-exp), windows and sinks included; the end indices
+    are read from their tensors once per video, not at every call. An attention window shorter
+    than the buffer (``suffix``: not how upstream sizes it) reads its slots instead."""
+    torch.manual_seed(0)
+    model = types.SimpleNamespace(blocks=[types.SimpleNamespace(self_attn=CausalWanSelfAttention(local_attn_size, sink_size))
+                                          for _ in range(2)], num_heads=H, dim=H * D)
+    for block in model.blocks:
+        block.self_attn.max_attention_size = 7 * FRAME if suffix else block.self_attn.max_attention_size
+    pipe = Pipeline("causal", model)
+    capacity = 32760 if local_attn_size == -1 else local_attn_size * FRAME  # as _initialize_kv_cache sizes it
+    pipe.kv_cache1 = [plain_cache(capacity, torch.float32) for _ in model.blocks]  # upstream's, at this H x D
+    expected = attention_rollout(pipe)
+    reads, item = [], torch.Tensor.item
+    with self_forcing.install(pipe, "fp32", span_chunks=1) as handle:
+        pipe._initialize_kv_cache(batch_size=B, dtype=torch.float32, device="cpu")
+
+        def guarded_read(self):
+            raise AssertionError("the forward path decompressed the whole history")
+
+        if not suffix:
+            monkeypatch.setattr(qkv.caches.kvcache.LayerCache, "read", guarded_read)
+        monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or item(t))
+        got = attention_rollout(pipe)
+        monkeypatch.undo()
+        layer = handle.caches()[0].layer(0)
+        assert layer.spans and (local_attn_size == -1 or layer.evicted > 0)
+    assert len(reads) == 2 * 2 + 3 * 8 * 2  # two indices per block once; the frame size per call (upstream's)
+    for e, g in zip(expected, got, strict=True):
+        assert (e - g).abs().max() <= 1e-5 * e.abs().max()
+    assert all("forward" not in vars(b.self_attn) for b in model.blocks)

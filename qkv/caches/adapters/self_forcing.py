@@ -37,9 +37,13 @@ shaped from the model (its blocks, heads and head size) rather than the pipeline
 
 from __future__ import annotations
 
+import math
+import sys
+import types
 from collections.abc import Iterator, MutableMapping
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from qkv.caches.adapters.handle import AdapterHandle, pending_memory
@@ -118,6 +122,7 @@ class SelfForcingBlockCache(MutableMapping):
         self._pending: dict[str, torch.Tensor] = {}  # name -> [B, n, H, D], the chunk being written
         self._pending_at = (0, 0)
         self._shift: tuple[int, int, int] | None = None  # (a, b, e) of a shift whose K half is done
+        self._known: dict[str, tuple[torch.Tensor, int, int]] = {}  # name -> (index tensor, its version, value)
 
     # -- mapping -------------------------------------------------------------------------------
     def __getitem__(self, key: str):
@@ -209,7 +214,7 @@ class SelfForcingBlockCache(MutableMapping):
         value = value.to(self.dtype)
         if self.layer.config.validate:
             check_kv_values(f"cache[{name!r}][:, {a}:{b}]", value)  # fail here, not when the chunk is committed
-        if self.layer.seen and int(self._indices["global_end_index"].item()) == 0 and a == 0:
+        if self.layer.seen and self.index("global_end_index") == 0 and a == 0:
             self.restart()  # the pipeline reset its indices: a new video starts
         p0, p1 = self._pending_at
         if self._shift is not None or (b < self.filled and (a, b) != (p0, p1)):
@@ -251,6 +256,78 @@ class SelfForcingBlockCache(MutableMapping):
         self.layer.evict(e)
         self._pending_at = (self.layer.tokens, self.layer.tokens)
 
+    # -- the attention step ----------------------------------------------------------------------
+    def index(self, name: str) -> int:
+        """``int(cache[name].item())``, read from the device only when the index tensor changed
+        since it was last read or written here (another tensor, or its version counter moved)."""
+        tensor, known = self._indices[name], self._known.get(name)
+        if known is not None and known[0] is tensor and known[1] == tensor._version:
+            return known[2]
+        value = int(tensor.item())
+        self._known[name] = (tensor, tensor._version, value)
+        return value
+
+    def set_index(self, name: str, value: int) -> None:
+        """``cache[name].fill_(value)``, remembered (no read-back needed for the next step)."""
+        tensor = self._indices[name]
+        tensor.fill_(value)
+        self._known[name] = (tensor, tensor._version, value)
+
+    def attention_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, current_start: int, *,
+                       local_attn_size: int, sink_tokens: int, max_attention_size: int) -> torch.Tensor:
+        """The cache branch of Self-Forcing's ``CausalWanSelfAttention.forward`` on this drop-in,
+        attending to the compressed spans: q, k (roped) and v [B, S, H, D] of a chunk starting at
+        token ``current_start``; returns the attention [B, S, H, D] in q's dtype. Upstream's index
+        arithmetic, its shift of the history after the sink when a window is full (here
+        :meth:`LayerCache.evict`, no copy), the chunk's slot writes and the end indices, as
+        upstream; its read of slots ``max(0, end - max_attention_size):end`` and attention over
+        them become :meth:`attend`."""
+        n = q.shape[1]
+        current_end = current_start + n
+        global_end, local_end = self.index("global_end_index"), self.index("local_end_index")
+        capacity = self.buffer_shape[1]
+        if local_attn_size != -1 and current_end > global_end and n + local_end > capacity:
+            evicted = n + local_end - capacity
+            self._evict_after(sink_tokens, evicted)
+            local_end = local_end + current_end - global_end - evicted
+        else:
+            local_end = local_end + current_end - global_end
+        self.write_slots("k", local_end - n, local_end, k)
+        self.write_slots("v", local_end - n, local_end, v)
+        out = self.attend(q, max(0, local_end - max_attention_size), local_end)
+        self.set_index("global_end_index", current_end)
+        self.set_index("local_end_index", local_end)
+        return out
+
+    def _evict_after(self, sink: int, tokens: int) -> None:
+        """Upstream's left shift by ``tokens`` slots after the first ``sink`` slots (what
+        :meth:`_write_shift` recognises from its slot writes), done directly."""
+        held = sum(c.tokens for c in self.layer.sink)
+        if sink != held:
+            raise CacheError(
+                f"a shift after slot {sink} needs the cache's sink to hold exactly {sink} tokens (it holds {held}): "
+                "set KVCache(sink_tokens=...) to the pipeline's sink frames times the tokens per frame"
+            )
+        self._commit()
+        self.layer.evict(tokens)
+        self._pending_at = (self.layer.tokens, self.layer.tokens)
+
+    def attend(self, q: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """Attention of q [B, S, H, D] to slots ``a:b``: [B, S, H, D] in q's dtype. Over every
+        slot held (upstream's read when its buffer is no longer than its attention window, as
+        its pipelines allocate it), the layer's spans attend compressed with the chunk being
+        written (:meth:`LayerCache.attend`); a read of fewer slots, or one that needs gradients
+        (the training rollout's exit step), reads the slots (:meth:`read_slots`) for
+        ``scaled_dot_product_attention``."""
+        pending = self.pending()
+        grad = torch.is_grad_enabled() and (q.requires_grad or any(t.requires_grad for t in self._pending.values()))
+        if a == 0 and b == self.filled and pending and not grad and self.layer.config.attention != "read":
+            out = self.layer.attend(rearrange(q, "b s h d -> b h s d"), extra=pending[0])
+            return rearrange(out, "b h s d -> b s h d")
+        keys, values = (rearrange(self.read_slots(name, a, b), "b s h d -> b h s d").to(q.dtype) for name in "kv")
+        return rearrange(F.scaled_dot_product_attention(rearrange(q, "b s h d -> b h s d"), keys, values),
+                         "b h s d -> b s h d")
+
     def restart(self) -> None:
         """Forget the video: the layer and the chunk being written (the pipeline restarts)."""
         self.layer.reset()
@@ -279,18 +356,15 @@ def self_forcing_kv_cache(
     ]
 
 
-def cache_options(*, frame_tokens: int, chunk_frames: int, sink_size: int = 0, local_attn_size: int = -1) -> dict:
+def cache_options(*, frame_tokens: int, chunk_frames: int, sink_size: int = 0) -> dict:
     """The :class:`KVCache` options Self-Forcing's attention settings fix: ``sink_tokens`` (its
-    ``sink_size`` frames in tokens) and, with a rolling window (``local_attn_size`` frames, not
-    -1), spans of one chunk (``span_tokens``: ``chunk_frames`` frames). The window evicts one
-    chunk's tokens per chunk, right after the sink, so spans cut there leave with whole evictions
-    (no dead tokens) and every chunk completes one span (no tail buffer ahead of the window); a
-    span of several chunks would stay in full precision for most of a short window. Without a
-    window the spans are the cache's default (``span_chunks=8``)."""
-    options = {"sink_tokens": sink_size * frame_tokens}
-    if local_attn_size != -1:
-        options["span_tokens"] = chunk_frames * frame_tokens
-    return options
+    ``sink_size`` frames in tokens) and spans of one chunk (``span_tokens``: ``chunk_frames``
+    frames). With a rolling window (``local_attn_size`` frames) the window evicts one chunk's
+    tokens per chunk, right after the sink, so spans cut there leave with whole evictions (no dead
+    tokens) and every chunk completes one span (no tail buffer ahead of the window); without one,
+    upstream's buffer holds 32,760 tokens (7 chunks of 3 frames), which spans of several chunks
+    would never fill."""
+    return {"sink_tokens": sink_size * frame_tokens, "span_tokens": chunk_frames * frame_tokens}
 
 
 class SelfForcingHandle(AdapterHandle):
@@ -318,15 +392,13 @@ class SelfForcingHandle(AdapterHandle):
                 block.restart()
 
     def derived_options(self) -> dict:
-        """:func:`cache_options` from the model's attention (``sink_size``, ``local_attn_size`` of
-        its first block) and the pipeline's frame tokens and frames per chunk; spans passed to
-        :func:`install` win over the window's."""
-        attn = self.model.blocks[0].self_attn
+        """:func:`cache_options` from the model's attention (``sink_size`` of its first block) and
+        the pipeline's frame tokens and frames per chunk; spans passed to :func:`install` win over
+        its one-chunk spans."""
         options = cache_options(
             frame_tokens=self.pipeline.frame_seq_length,
             chunk_frames=getattr(self.pipeline, "num_frame_per_block", 1),
-            sink_size=getattr(attn, "sink_size", 0),
-            local_attn_size=getattr(attn, "local_attn_size", -1),
+            sink_size=getattr(self.model.blocks[0].self_attn, "sink_size", 0),
         )
         if {"span_chunks", "span_tokens"} & set(self.cache_options):
             options.pop("span_tokens", None)
@@ -360,12 +432,45 @@ def _meta_lists(pipeline) -> dict[str, list[dict]]:
     }
 
 
+def _self_attention(original):
+    """``CausalWanSelfAttention.forward`` whose cache branch, given a drop-in, runs
+    :meth:`SelfForcingBlockCache.attention_step` (upstream's q/k/v projections, norms,
+    ``causal_rope_apply`` of the module that defines the class, and output projection around it);
+    anything else (no cache: training's flex attention; plain dicts) runs upstream's own."""
+
+    def forward(self, x, seq_lens, grid_sizes, freqs, block_mask, kv_cache=None, current_start=0, cache_start=None):
+        if not isinstance(kv_cache, SelfForcingBlockCache):
+            return original(x, seq_lens, grid_sizes, freqs, block_mask, kv_cache, current_start, cache_start)
+        b, s, n, d = *x.shape[:2], self.num_heads, self.head_dim
+        q = self.norm_q(self.q(x)).view(b, s, n, d)
+        k = self.norm_k(self.k(x)).view(b, s, n, d)
+        v = self.v(x).view(b, s, n, d)
+        frame_tokens = math.prod(grid_sizes[0][1:]).item()
+        start = int(current_start)
+        rope = sys.modules[type(self).__module__].causal_rope_apply
+        roped_q = rope(q, grid_sizes, freqs, start_frame=start // frame_tokens).type_as(v)
+        roped_k = rope(k, grid_sizes, freqs, start_frame=start // frame_tokens).type_as(v)
+        out = kv_cache.attention_step(roped_q, roped_k, v, start, local_attn_size=self.local_attn_size,
+                                      sink_tokens=self.sink_size * frame_tokens,
+                                      max_attention_size=self.max_attention_size)
+        return self.o(out.flatten(2))
+
+    return forward
+
+
+def _attention_modules(model) -> list:
+    """The blocks' ``CausalWanSelfAttention`` modules (those with upstream's projections)."""
+    return [b.self_attn for b in model.blocks if isinstance(b.self_attn, torch.nn.Module)
+            and all(hasattr(b.self_attn, name) for name in ("q", "k", "v", "o", "norm_q", "norm_k"))]
+
+
 def install(pipeline, policy: Policy | str = "qvg", **options) -> SelfForcingHandle:
     """Give a Self-Forcing pipeline (anything with ``generator.model``, ``frame_seq_length`` and
     ``_initialize_kv_cache(batch_size, dtype, device)``) drop-in caches on a compressed
     :class:`KVCache`. ``policy``: a :class:`Policy` or preset/spec; ``options``: the KVCache
     options except ``num_layers``, ``max_spans`` and the sink, which follow from the model
-    (:meth:`SelfForcingHandle.derived_options`; with a window, spans of one chunk unless given).
+    (:meth:`SelfForcingHandle.derived_options`; spans of one chunk unless given). The blocks'
+    ``CausalWanSelfAttention.forward`` attend to the compressed spans (:meth:`SelfForcingBlockCache.attention_step`).
     Returns the handle (``memory()``: every cache and the chunks being written; ``remove()``)."""
     model = getattr(getattr(pipeline, "generator", None), "model", None)
     if model is None or not hasattr(model, "blocks") or not hasattr(pipeline, "_initialize_kv_cache"):
@@ -385,4 +490,6 @@ def install(pipeline, policy: Policy | str = "qvg", **options) -> SelfForcingHan
             setattr(pipeline, name, handle.allocate(name, meta, device))
 
     handle.patches.set(pipeline, "_initialize_kv_cache", initialize)
+    for attn in _attention_modules(model):
+        handle.patches.set(attn, "forward", types.MethodType(_self_attention(attn.forward), attn))
     return handle

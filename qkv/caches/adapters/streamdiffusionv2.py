@@ -143,9 +143,7 @@ class StreamDiffusionV2Handle(AdapterHandle):
             sink = attn.sink_size * frame_tokens
             windowed = capacity - max(1, sink // n) * n < 16 * n
             kept = max(1, sink // n) * n if windowed or sink else 0
-            window = capacity if windowed else -1
-            derived = {"span_tokens": n, **cache_options(frame_tokens=n, chunk_frames=1, sink_size=kept // n,
-                                                           local_attn_size=window)}
+            derived = cache_options(frame_tokens=n, chunk_frames=1, sink_size=kept // n)
             if {"span_chunks", "span_tokens"} & set(self.cache_options):
                 derived.pop("span_tokens", None)
             self.derived = derived
