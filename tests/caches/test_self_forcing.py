@@ -407,3 +407,30 @@ def test_the_attention_runs_on_the_compressed_spans(monkeypatch, local_attn_size
     for e, g in zip(expected, got, strict=True):
         assert (e - g).abs().max() <= 1e-5 * e.abs().max()
     assert all("forward" not in vars(b.self_attn) for b in model.blocks)
+
+
+def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch):
+    """The first block to start a chunk compresses every block's finished chunk in one pass; the
+    attention outputs equal block-by-block compression bit for bit."""
+    torch.manual_seed(0)
+    model = types.SimpleNamespace(blocks=[types.SimpleNamespace(self_attn=CausalWanSelfAttention(9, 0))
+                                          for _ in range(2)], num_heads=H, dim=H * D)
+    pipe = Pipeline("causal", model)
+    policy = qkv.build_policy("qvg", clusters=4, block=16)
+    passes, original = [], qkv.Policy.compress_many
+
+    def counting(self, pairs, **kw):
+        passes.append(len(pairs))
+        return original(self, pairs, **kw)
+
+    runs = []
+    for one_pass in (False, True):
+        with monkeypatch.context() as m, self_forcing.install(pipe, policy) as handle:
+            m.setattr(qkv.Policy, "compress_many", counting)
+            if not one_pass:
+                m.setattr(self_forcing.SelfForcingBlockCache, "_compress_finished", lambda self: None)
+            passes.clear()
+            pipe._initialize_kv_cache(batch_size=B, dtype=torch.float32, device="cpu")
+            runs.append((attention_rollout(pipe), list(passes), handle.memory()))
+    assert runs[1][1] == [2] * 7 and runs[0][1] == [1] * 14  # 8 chunks, 7 committed
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0], strict=True)) and runs[0][2] == runs[1][2]

@@ -123,6 +123,9 @@ class SelfForcingBlockCache(MutableMapping):
         self._pending_at = (0, 0)
         self._shift: tuple[int, int, int] | None = None  # (a, b, e) of a shift whose K half is done
         self._known: dict[str, tuple[torch.Tensor, int, int]] = {}  # name -> (index tensor, its version, value)
+        # (the KVCache, every block of the list) when made by self_forcing_kv_cache: the blocks'
+        # finished chunks are compressed in one pass (see _commit)
+        self.group: tuple[KVCache, list[SelfForcingBlockCache]] | None = None
 
     # -- mapping -------------------------------------------------------------------------------
     def __getitem__(self, key: str):
@@ -179,8 +182,24 @@ class SelfForcingBlockCache(MutableMapping):
             )
         k, v = (rearrange(self._pending[n], "b s h d -> b h s d") for n in ("k", "v"))
         with torch.no_grad():
+            if self.group is not None and self.layer.ahead_request(k, v) is not None:
+                self._compress_finished()
             self.layer.append(k, v)
         self._pending, self._pending_at = {}, (self.layer.tokens, self.layer.tokens)
+
+    def _compress_finished(self) -> None:
+        """Compress the chunk of every block of the list that holds a finished chunk at the slots
+        of this block's, in one pass (:meth:`KVCache.compress_ahead`): upstream moves all blocks
+        on together, so the first block to start the next chunk finds every block's chunk final;
+        each block's commit then stores its own, bit for bit what compressing it alone gives."""
+        cache, blocks = self.group
+        chunks = {
+            b.layer.index: tuple(rearrange(b._pending[n], "b s h d -> b h s d") for n in ("k", "v"))
+            for b in blocks
+            if b._pending_at == self._pending_at and set(b._pending) == {"k", "v"}
+            and not any(t.requires_grad for t in b._pending.values())
+        }
+        cache.compress_ahead(chunks)
 
     def _content(self, name: str) -> torch.Tensor:
         """Everything held for ``name``: [B, filled, H, D]."""
@@ -349,11 +368,14 @@ def self_forcing_kv_cache(
     ``cache.layer(i)``), K/V slots [B, capacity, heads, head_dim]. ``cache`` should be made with
     :func:`cache_options` (its sink and, with a window, its spans); :func:`install` does all of it
     from the pipeline and its model."""
-    return [
+    blocks = [
         SelfForcingBlockCache(cache.layer(i), batch_size=batch_size, capacity=capacity, heads=heads,
                               head_dim=head_dim, dtype=dtype, device=device)
         for i in range(num_blocks)
     ]
+    for block in blocks:
+        block.group = (cache, blocks)
+    return blocks
 
 
 def cache_options(*, frame_tokens: int, chunk_frames: int, sink_size: int = 0) -> dict:
