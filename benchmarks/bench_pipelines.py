@@ -21,6 +21,15 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
   sink 1 + blocks of 3 frames, ``kv_max_frames`` 11, its 3-step distilled schedule. The window
   bounds the cache; qkv: ``qkv.adapters.sana_wm.install``.
 
+- ``longcat_video``: LongCat-Video's DiT as restated in ``tests/caches/upstream_longcat_video.py``
+  (the GitHub code is not pip-installable; its attention, RoPE and condition cache as upstream,
+  flash attention replaced by torch's) at LongCat-Video's sizes (48 blocks, 32 x 128, 4,096
+  hidden, umT5 captions; 13.6B parameters made in bf16, the timestep embedding and modulations in
+  fp32 as upstream's autocast regions compute them), 480 x 832 video: per chunk (a segment of the
+  long-video demo) the condition pass over the last 19 latent frames (29,640 tokens, the
+  ``kv_cache_dict``) and ``generate_vc``'s 4 denoising steps with CFG over 5 new latent frames.
+  Upstream: the dict's bf16 tensors; qkv: ``qkv.adapters.longcat_video.install``.
+
 Per client and cache: per-chunk wall time (synchronized; the clean/prefill/capture forward
 included), the KV bytes at the end (upstream: the tensors holding K/V; qkv: ``handle.memory()``),
 the rollout's peak GPU memory beyond the weights, and the output drift per chunk (relative L2 of
@@ -31,6 +40,8 @@ rollout whose K/V fit in 24 GiB (global-attention clients), from the measured by
     for c in self_forcing anyflow_far sana_wm; do
       PYTHONPATH=. python3 benchmarks/bench_pipelines.py --clients $c --out benchmarks/results/bench_pipelines_h200.json
     done
+    PYTHONPATH=. python3 benchmarks/bench_pipelines.py --clients longcat_video --chunks 3 \
+      --out benchmarks/results/bench_pipelines_h200.json
 
 ``--clients`` picks some (results merge into ``--out``), ``--chunks`` the rollout length (32),
 ``--span-chunks`` the chunks per compressed span (the adapter's default if not given: one chunk for
@@ -48,6 +59,7 @@ import gc
 import json
 import math
 import pathlib
+import sys
 import time
 import warnings
 
@@ -396,7 +408,68 @@ def sana_wm(args, device, dtype) -> dict:
     return compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
 
 
-CLIENTS = {"self_forcing": self_forcing, "anyflow_far": anyflow_far, "sana_wm": sana_wm}
+# -- LongCat-Video (GitHub; the DiT restated in tests/caches/upstream_longcat_video.py) --------------------
+def longcat_video(args, device, dtype) -> dict:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "caches"))
+    import upstream_longcat_video as upstream  # LongCat-Video is not pip-installable: its restatement
+
+    if args.tiny:
+        cfg = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32,
+                   frequency_embedding_size=32)
+        cond, noise, lat_h, lat_w, text = 2, 2, 8, 8, (6, 32)
+    else:  # LongCat-Video's DiT (13.6B: 48 blocks, 32 x 128, umT5 captions), 480 x 832 video
+        cfg = dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096, adaln_tembed_dim=512,
+                   frequency_embedding_size=256)
+        cond, noise, lat_h, lat_w, text = 19, 5, 60, 104, (512, 4096)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in bf16 (13.6B parameters: no fp32 copy first)
+    try:
+        with torch.device(device):
+            dit = upstream.LongCatVideoTransformer3DModel(in_channels=16, out_channels=16, **cfg).eval()
+    finally:
+        torch.set_default_dtype(default)
+    # upstream computes the timestep embedding and the modulations in fp32 (autocast regions)
+    for module in (dit.t_embedder, dit.final_layer.adaLN_modulation, *(b.adaLN_modulation for b in dit.blocks)):
+        module.float()
+    sigmas = torch.linspace(1.0, 0.0, 5, device=device)  # 4 denoising steps, CFG (guidance 4)
+    blocks, inner = cfg["depth"], cfg["hidden_size"]
+
+    def rollout(held: list) -> Run:
+        """``segments`` continuations, each conditioned on the last ``cond`` latent frames of the
+        video so far: the condition pass (``_cache_clean_latents``) and ``generate_vc``'s steps."""
+        gen = torch.Generator(device).manual_seed(0)
+        embeds = torch.randn(2, 1, *text, generator=gen, device=device, dtype=dtype)
+        mask = torch.ones(2, text[0], dtype=torch.long, device=device)
+        video = torch.randn(1, 16, cond, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
+        run = Run(device)
+        with torch.device(device), torch.no_grad():
+            for _ in range(args.chunks):
+                x = torch.randn(1, 16, noise, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
+                with run.forward():
+                    kv = upstream.cache_clean_latents(dit, video[:, :, -cond:], *text)
+                with run.forward():
+                    _, out = upstream.generate_vc(dit, torch.cat([video[:, :, -cond:], x], 2), cond, embeds, mask,
+                                                  sigmas, kv_cache_dict=kv)
+                held[:] = [kv]
+                video = torch.cat([video, out[:, :, cond:].to(dtype)], 2)
+                run.chunk_done(out[:, :, cond:])
+        return run
+
+    held = []
+    up_run = twice(lambda: rollout(held), held.clear)
+    up_bytes = sum(t.numel() * t.element_size() for pair in held[0].values() for t in pair)
+    held.clear()
+    with qkv.adapters.longcat_video.install(dit, args.policy) as handle:
+        our_run = twice(lambda: rollout(held), held.clear)
+        mem = handle.memory()
+    held.clear()
+    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    per_segment = 2 * blocks * inner * cond * lat_h * lat_w // 4 * torch.finfo(dtype).bits // 8
+    result["condition"] = {"latent_frames": cond, "tokens": cond * lat_h * lat_w // 4, "bf16_bytes": per_segment}
+    return result
+
+
+CLIENTS = {"self_forcing": self_forcing, "anyflow_far": anyflow_far, "sana_wm": sana_wm, "longcat_video": longcat_video}
 
 
 def main() -> None:
