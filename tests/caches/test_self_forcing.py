@@ -151,9 +151,12 @@ def test_unsupported_writes_raise():
         block["k"][:, 0:6] = x + 2  # looks like a shift, but the data is not the shifted history
     with pytest.raises(CacheError, match="compressed store"):
         block["k"] = x
-    with pytest.raises(NonFiniteError, match="NaN"):
-        block["k"][:, 12:18] = x.index_fill(1, torch.tensor([2]), float("nan"))
     assert block.filled == 12 and cache.layer(0).tokens == 6  # nothing stored by the failed writes
+    block["k"][:, 12:18] = x.index_fill(1, torch.tensor([2]), float("nan"))  # checked when stored, not per write
+    block["v"][:, 12:18] = x
+    with pytest.raises(NonFiniteError, match=r"layer 0: k holds 64 NaN/Inf values \(first at index \(0, 0, 2, 0\)\)"):
+        block["k"][:, 18:24] = x  # the next chunk stores this one
+    assert block.filled == 18 and cache.layer(0).tokens == 12  # the bad chunk stays pending, unstored
 
 
 def window_caches(attn, *, chunks, batch=B, blocks=2, policy="bf16", dtype=torch.bfloat16, reset_after=None):
@@ -410,8 +413,9 @@ def test_the_attention_runs_on_the_compressed_spans(monkeypatch, local_attn_size
 
 
 def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch):
-    """The first block to start a chunk compresses every block's finished chunk in one pass; the
-    attention outputs equal block-by-block compression bit for bit."""
+    """The first block to start a chunk compresses every block's finished chunk in one pass, and
+    checks their values with one read-back; the attention outputs equal block-by-block
+    compression bit for bit."""
     torch.manual_seed(0)
     model = types.SimpleNamespace(blocks=[types.SimpleNamespace(self_attn=CausalWanSelfAttention(9, 0))
                                           for _ in range(2)], num_heads=H, dim=H * D)
@@ -423,14 +427,28 @@ def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch):
         passes.append(len(pairs))
         return original(self, pairs, **kw)
 
+    checks, check = [], qkv.caches.kvcache.check_kv_values
+
+    def counting_checks(*args):
+        checks.append(len(args))
+        return check(*args)
+
     runs = []
     for one_pass in (False, True):
         with monkeypatch.context() as m, self_forcing.install(pipe, policy) as handle:
             m.setattr(qkv.Policy, "compress_many", counting)
+            m.setattr(qkv.caches.kvcache, "check_kv_values", counting_checks)
+            m.setattr(qkv.caches.layer_state, "check_kv_values", counting_checks)
             if not one_pass:
                 m.setattr(self_forcing.SelfForcingBlockCache, "_compress_finished", lambda self: None)
             passes.clear()
+            checks.clear()
             pipe._initialize_kv_cache(batch_size=B, dtype=torch.float32, device="cpu")
             runs.append((attention_rollout(pipe), list(passes), handle.memory()))
+            if not one_pass:
+                assert len(checks) == 14
     assert runs[1][1] == [2] * 7 and runs[0][1] == [1] * 14  # 8 chunks, 7 committed
+    # the values: one check (one read-back) per chunk for both blocks' K and V, not one per write
+    # (3 steps x 2 blocks x k, v); block by block, one per block's chunk
+    assert len(checks) == 7
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0], strict=True)) and runs[0][2] == runs[1][2]

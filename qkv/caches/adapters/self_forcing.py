@@ -51,7 +51,6 @@ from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache, LayerCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError, ConfigError, GradientError, ShapeError
-from qkv.validation import check_kv_values
 
 __all__ = ["SelfForcingBlockCache", "SelfForcingHandle", "SlotView", "cache_options", "install", "self_forcing_kv_cache"]
 
@@ -169,7 +168,10 @@ class SelfForcingBlockCache(MutableMapping):
         return self.layer.memory() + pending_memory(self.pending())
 
     def _commit(self) -> None:
-        """Append the pending chunk to the layer (once both K and V were written)."""
+        """Append the pending chunk to the layer (once both K and V were written). Its values are
+        checked here (with ``validate``), once, not at every write of the denoising steps (each
+        check is a read-back from the GPU): a chunk holding NaN/Inf raises
+        :class:`~qkv.errors.NonFiniteError` and stays pending, nothing stored."""
         if not self._pending:
             return
         if set(self._pending) != {"k", "v"}:
@@ -230,9 +232,7 @@ class SelfForcingBlockCache(MutableMapping):
         if not torch.is_tensor(value) or tuple(value.shape) != want:
             got = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
             raise ShapeError(f"cache[{name!r}][:, {a}:{b}] needs a tensor of shape {want}, got {got}")
-        value = value.to(self.dtype)
-        if self.layer.config.validate:
-            check_kv_values(f"cache[{name!r}][:, {a}:{b}]", value)  # fail here, not when the chunk is committed
+        value = value.to(self.dtype)  # its values are checked when the chunk is stored (:meth:`_commit`)
         if self.layer.seen and self.index("global_end_index") == 0 and a == 0:
             self.restart()  # the pipeline reset its indices: a new video starts
         p0, p1 = self._pending_at
