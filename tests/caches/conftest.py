@@ -31,3 +31,20 @@ def bounded_spans(monkeypatch):
 
     monkeypatch.setattr(LayerCache, "_compress", checked_compress)
     return checked
+
+
+@pytest.fixture
+def compress_passes(monkeypatch):
+    """The pairs of every ``Policy.compress_many`` call (one compression pass each), in order:
+    the list, which a test may clear between runs."""
+    from qkv.caches.policy import Policy
+
+    compress_many = Policy.compress_many
+    passes = []
+
+    def counting(self, pairs, **kwargs):
+        passes.append(len(pairs))
+        return compress_many(self, pairs, **kwargs)
+
+    monkeypatch.setattr(Policy, "compress_many", counting)
+    return passes

@@ -166,18 +166,12 @@ def test_the_recent_context_starts_from_the_centroids_it_replaces(model, monkeyp
     assert warm == ([False] + [True] * (prefills - 1)) * 2
 
 
-def test_a_prefill_compresses_its_blocks_in_passes(model, monkeypatch):
+def test_a_prefill_compresses_its_blocks_in_passes(model, compress_passes):
     """A prefill's K/V wait until ``blocks_per_pass`` blocks (or the last block) wrote theirs, then
     each cache compresses all of them in one pass; the caches equal those of block-by-block
     passes bit for bit, and what waits is counted in ``memory()``."""
     policy = qkv.build_policy("qvg", clusters=4, block=16)
-    passes, original = [], qkv.Policy.compress_many
-
-    def counting(self, pairs, **kw):
-        passes.append(len(pairs))
-        return original(self, pairs, **kw)
-
-    monkeypatch.setattr(qkv.Policy, "compress_many", counting)
+    passes = compress_passes
     runs = {}
     for per_pass in (1, 2):
         passes.clear()

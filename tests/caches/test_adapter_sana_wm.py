@@ -90,18 +90,12 @@ def test_qvg_stays_close_and_stores_less(pipe, reference, bounded_spans):
     assert mem.full_precision == 0 and mem.bits_per_element < 6  # of 32: spans and sinks all compressed
 
 
-def test_captured_blocks_are_compressed_in_passes(pipe, monkeypatch):
+def test_captured_blocks_are_compressed_in_passes(pipe, compress_passes):
     """A refined block's K/V wait until ``blocks_per_pass`` blocks (or the last block) captured
     theirs, then are compressed in one pass; the refinement equals block-by-block passes bit for
     bit."""
     policy = qkv.build_policy("qvg", clusters=4, block=16)
-    passes, original = [], qkv.Policy.compress_many
-
-    def counting(self, pairs, **kw):
-        passes.append(len(pairs))
-        return original(self, pairs, **kw)
-
-    monkeypatch.setattr(qkv.Policy, "compress_many", counting)
+    passes = compress_passes
     runs = {}
     for per_pass in (1, 2):
         passes.clear()

@@ -116,26 +116,20 @@ def test_qvg_spans_hold_their_bounds_and_the_output_stays_close(model, bounded_s
     assert 0 < max(drift) < 0.15  # measured 0.032 (4 clusters, blocks of 16, 64-token spans)
 
 
-def test_one_chunk_spans_of_every_block_compress_in_one_pass(model, monkeypatch):
+def test_one_chunk_spans_of_every_block_compress_in_one_pass(model, monkeypatch, compress_passes):
     """With a span per chunk, the first block to move on compresses every block's finished chunk
     in one pass; the spans equal those of block-by-block compression, bit for bit."""
     policy = qkv.build_policy("qvg", clusters=4, block=16)
-    passes, original = [], qkv.Policy.compress_many
-
-    def counting(self, pairs, **kw):
-        passes.append(len(pairs))
-        return original(self, pairs, **kw)
-
     with adapter.install(model, policy, span_chunks=1) as handle:
         with monkeypatch.context() as m:
             m.setattr(qkv.KVCache, "compress_ahead", lambda self, chunks: None)  # block by block
             rollout(model, 4, capacity=8 * N)
         spans = [[sp.ckv for sp in handle.cache.layer(i).spans] for i in range(2)]
         handle.reset()
-        monkeypatch.setattr(qkv.Policy, "compress_many", counting)
+        compress_passes.clear()
         rollout(model, 4, capacity=8 * N)
         # chunk 0 is the sink; chunks 1 and 2 are compressed as chunks 2 and 3 start
-        assert passes == [2, 2]
+        assert compress_passes == [2, 2]
         for i in range(2):
             for a, b in zip(spans[i], [sp.ckv for sp in handle.cache.layer(i).spans], strict=True):
                 for x, y in ((a.k, b.k), (a.v, b.v)):

@@ -128,17 +128,10 @@ def spans_equal(a: KVCache, b: KVCache, layers: int) -> bool:
     )
 
 
-def test_compress_ahead_makes_every_layers_span_in_one_pass(monkeypatch, compress_calls):
+def test_compress_ahead_makes_every_layers_span_in_one_pass(compress_passes, compress_calls):
     """Every layer's chunk compressed ahead in one pass (warm starts included), then appended: the
     spans are those of plain appends, bit for bit, and the appends compress nothing more."""
-    passes = []
-    original = qkv.Policy.compress_many
-
-    def counting(self, pairs, **kw):
-        passes.append(len(pairs))
-        return original(self, pairs, **kw)
-
-    monkeypatch.setattr(qkv.Policy, "compress_many", counting)
+    passes = compress_passes
     options = dict(num_layers=3, span_chunks=1, sink_chunks=1)
     cache, ref = KVCache(QVG, **options), KVCache(QVG, **options)
     for step, chunk in enumerate(stream(3, [24] * 4, h=2)):

@@ -412,7 +412,7 @@ def test_the_attention_runs_on_the_compressed_spans(monkeypatch, local_attn_size
     assert all("forward" not in vars(b.self_attn) for b in model.blocks)
 
 
-def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch):
+def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch, compress_passes):
     """The first block to start a chunk compresses every block's finished chunk in one pass, and
     checks their values with one read-back; the attention outputs equal block-by-block
     compression bit for bit."""
@@ -421,12 +421,7 @@ def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch):
                                           for _ in range(2)], num_heads=H, dim=H * D)
     pipe = Pipeline("causal", model)
     policy = qkv.build_policy("qvg", clusters=4, block=16)
-    passes, original = [], qkv.Policy.compress_many
-
-    def counting(self, pairs, **kw):
-        passes.append(len(pairs))
-        return original(self, pairs, **kw)
-
+    passes = compress_passes
     checks, check = [], qkv.caches.kvcache.check_kv_values
 
     def counting_checks(*args):
@@ -436,7 +431,6 @@ def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch):
     runs = []
     for one_pass in (False, True):
         with monkeypatch.context() as m, self_forcing.install(pipe, policy) as handle:
-            m.setattr(qkv.Policy, "compress_many", counting)
             m.setattr(qkv.caches.kvcache, "check_kv_values", counting_checks)
             m.setattr(qkv.caches.layer_state, "check_kv_values", counting_checks)
             if not one_pass:

@@ -45,8 +45,8 @@ from qkv.caches.adapters.context_parallel import refuse_context_parallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
-from qkv.errors import CacheError
 from qkv.component import check_int
+from qkv.errors import CacheError
 
 __all__ = ["FARCacheProcessor", "FARHandle", "install"]
 

@@ -14,6 +14,9 @@ and puts it back on :meth:`AdapterHandle.remove`, newest first.
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +27,7 @@ from qkv.caches.kvcache import KVCache, LayerCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError, ConfigError
 
-__all__ = ["AdapterHandle", "Patches", "attend_parts", "pending_memory"]
+__all__ = ["AdapterHandle", "HostValue", "Patches", "attend_parts", "pending_memory"]
 
 _ABSENT = object()
 
@@ -83,6 +86,29 @@ def attend_parts(
                                backend=config.backend)
     attend = kernels.attention_staged if config.attention == "staged" else kernels.attention
     return attend(q, segments, backend=config.backend)
+
+
+class HostValue:
+    """The host value of a small tensor the client keeps on its device (a position, an end index),
+    read once and remembered until the tensor changes: another tensor, or its version counter moved
+    (written in place). A read per block would stall the host on the GPU at every block, where
+    upstream passes one tensor to all of them."""
+
+    def __init__(self) -> None:
+        self.memo: tuple[weakref.ref, int, object] | None = None
+
+    def read(self, tensor: torch.Tensor, convert: Callable[[torch.Tensor], object]) -> object:
+        """``convert(tensor)`` (the read), or the remembered value if ``tensor`` is unchanged."""
+        memo = self.memo
+        if memo is not None and memo[0]() is tensor and memo[1] == tensor._version:
+            return memo[2]
+        value = convert(tensor)
+        self.wrote(tensor, value)
+        return value
+
+    def wrote(self, tensor: torch.Tensor, value: object) -> None:
+        """Remember that ``tensor`` holds ``value`` now (after writing it: no read needed)."""
+        self.memo = (weakref.ref(tensor), tensor._version, value)
 
 
 def pending_memory(chunks: list[tuple[torch.Tensor, torch.Tensor]]) -> CacheMemory:

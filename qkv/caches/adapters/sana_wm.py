@@ -34,9 +34,9 @@ import torch
 from qkv.caches.adapters.context_parallel import refuse_context_parallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
 from qkv.caches.cache_config import CacheMemory
-from qkv.component import check_int
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
+from qkv.component import check_int
 from qkv.compressed import CompressedKV
 from qkv.errors import CacheError
 

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
-from qkv.caches.adapters.handle import AdapterHandle, pending_memory
+from qkv.caches.adapters.handle import AdapterHandle, HostValue, pending_memory
 from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache, LayerCache
 from qkv.caches.policy import Policy
@@ -121,7 +121,7 @@ class SelfForcingBlockCache(MutableMapping):
         self._pending: dict[str, torch.Tensor] = {}  # name -> [B, n, H, D], the chunk being written
         self._pending_at = (0, 0)
         self._shift: tuple[int, int, int] | None = None  # (a, b, e) of a shift whose K half is done
-        self._known: dict[str, tuple[torch.Tensor, int, int]] = {}  # name -> (index tensor, its version, value)
+        self._known = {name: HostValue() for name in self._indices}  # the end indices' last values
         # (the KVCache, every block of the list) when made by self_forcing_kv_cache: the blocks'
         # finished chunks are compressed in one pass (see _commit)
         self.group: tuple[KVCache, list[SelfForcingBlockCache]] | None = None
@@ -182,12 +182,16 @@ class SelfForcingBlockCache(MutableMapping):
                 "history, which keeps no gradient: rewrite it under torch.no_grad() first (as Self-Forcing's clean "
                 "context pass does) or detach it"
             )
-        k, v = (rearrange(self._pending[n], "b s h d -> b h s d") for n in ("k", "v"))
+        k, v = self._finished()
         with torch.no_grad():
             if self.group is not None and self.layer.ahead_request(k, v) is not None:
                 self._compress_finished()
             self.layer.append(k, v)
         self._pending, self._pending_at = {}, (self.layer.tokens, self.layer.tokens)
+
+    def _finished(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pending chunk's k, v in the layer's layout [B, H, n, D] (views)."""
+        return tuple(rearrange(self._pending[n], "b s h d -> b h s d") for n in ("k", "v"))
 
     def _compress_finished(self) -> None:
         """Compress the chunk of every block of the list that holds a finished chunk at the slots
@@ -196,7 +200,7 @@ class SelfForcingBlockCache(MutableMapping):
         each block's commit then stores its own, bit for bit what compressing it alone gives."""
         cache, blocks = self.group
         chunks = {
-            b.layer.index: tuple(rearrange(b._pending[n], "b s h d -> b h s d") for n in ("k", "v"))
+            b.layer.index: b._finished()
             for b in blocks
             if b._pending_at == self._pending_at and set(b._pending) == {"k", "v"}
             and not any(t.requires_grad for t in b._pending.values())
@@ -255,12 +259,7 @@ class SelfForcingBlockCache(MutableMapping):
         """The history after slot ``a`` moves left by ``e = filled - b`` slots."""
         e = self.filled - b
         if self._shift is None:
-            sink = sum(c.tokens for c in self.layer.sink)
-            if a != sink:
-                raise CacheError(
-                    f"a shift after slot {a} needs the cache's sink to hold exactly {a} tokens (it holds {sink}): "
-                    "set KVCache(sink_tokens=...) to the pipeline's sink frames times the tokens per frame"
-                )
+            self._check_sink(a)
             if name != "k":
                 raise CacheError("a shift must move k before v (as Self-Forcing does)")
         elif self._shift != (a, b, e) or name != "v":
@@ -271,26 +270,19 @@ class SelfForcingBlockCache(MutableMapping):
             self._shift = (a, b, e)
             return
         self._shift = None
-        self._commit()
-        self.layer.evict(e)
-        self._pending_at = (self.layer.tokens, self.layer.tokens)
+        self._evict_after(a, e)
 
     # -- the attention step ----------------------------------------------------------------------
     def index(self, name: str) -> int:
         """``int(cache[name].item())``, read from the device only when the index tensor changed
-        since it was last read or written here (another tensor, or its version counter moved)."""
-        tensor, known = self._indices[name], self._known.get(name)
-        if known is not None and known[0] is tensor and known[1] == tensor._version:
-            return known[2]
-        value = int(tensor.item())
-        self._known[name] = (tensor, tensor._version, value)
-        return value
+        since it was last read or written here (:class:`HostValue`)."""
+        return self._known[name].read(self._indices[name], lambda t: int(t.item()))
 
     def set_index(self, name: str, value: int) -> None:
         """``cache[name].fill_(value)``, remembered (no read-back needed for the next step)."""
         tensor = self._indices[name]
         tensor.fill_(value)
-        self._known[name] = (tensor, tensor._version, value)
+        self._known[name].wrote(tensor, value)
 
     def attention_step(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, current_start: int, *,
                        local_attn_size: int, sink_tokens: int, max_attention_size: int) -> torch.Tensor:
@@ -318,15 +310,19 @@ class SelfForcingBlockCache(MutableMapping):
         self.set_index("local_end_index", local_end)
         return out
 
-    def _evict_after(self, sink: int, tokens: int) -> None:
-        """Upstream's left shift by ``tokens`` slots after the first ``sink`` slots (what
-        :meth:`_write_shift` recognises from its slot writes), done directly."""
+    def _check_sink(self, sink: int) -> None:
+        """A shift after slot ``sink`` keeps exactly the cache's sink."""
         held = sum(c.tokens for c in self.layer.sink)
         if sink != held:
             raise CacheError(
                 f"a shift after slot {sink} needs the cache's sink to hold exactly {sink} tokens (it holds {held}): "
                 "set KVCache(sink_tokens=...) to the pipeline's sink frames times the tokens per frame"
             )
+
+    def _evict_after(self, sink: int, tokens: int) -> None:
+        """Upstream's left shift by ``tokens`` slots after the first ``sink`` slots: the chunk being
+        written is stored first, then the oldest ``tokens`` after the sink leave the layer."""
+        self._check_sink(sink)
         self._commit()
         self.layer.evict(tokens)
         self._pending_at = (self.layer.tokens, self.layer.tokens)

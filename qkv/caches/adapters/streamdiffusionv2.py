@@ -36,12 +36,11 @@ from __future__ import annotations
 
 import math
 import types
-import weakref
 
 import torch
 import torch.distributed as dist
 
-from qkv.caches.adapters.handle import AdapterHandle
+from qkv.caches.adapters.handle import AdapterHandle, HostValue
 from qkv.caches.adapters.self_forcing import cache_options
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
@@ -102,22 +101,12 @@ class StreamDiffusionV2Handle(AdapterHandle):
         # per block: upstream's global/local end index, step counter and ring queue of slot ends
         self.ring: list[dict | None] = [None] * self.num_blocks
         self.derived: dict = {}  # the cache options the first forward fixed (sink, spans)
-        # the last ``current_start`` tensor read: (weak reference, version counter, value)
-        self.start_memo: tuple[weakref.ref, int, int] | None = None
+        self.start = HostValue()  # the chunk's position, read once per ``current_start`` tensor
 
     def start_of(self, current_start) -> int:
-        """:func:`_starts` of ``current_start``, read from the GPU once per tensor: upstream passes one
-        tensor to every block of a forward, and a read per block would stall the host on each of them
-        (the GPU idles while the next block is launched). A tensor changed in place since (its
-        version counter moved) or a new one is read again."""
-        if not torch.is_tensor(current_start):
-            return _starts(current_start)
-        memo = self.start_memo
-        if memo is not None and memo[0]() is current_start and memo[1] == current_start._version:
-            return memo[2]
-        value = _starts(current_start)
-        self.start_memo = (weakref.ref(current_start), current_start._version, value)
-        return value
+        """:func:`_starts` of ``current_start``, read from the GPU once per tensor (upstream passes one
+        tensor to every block of a forward; see :class:`HostValue`)."""
+        return self.start.read(current_start, _starts) if torch.is_tensor(current_start) else _starts(current_start)
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [c[1:] for c in self.chunk if c is not None]
