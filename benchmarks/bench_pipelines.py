@@ -442,7 +442,7 @@ def longcat_video(args, device, dtype) -> dict:
         mask = torch.ones(2, text[0], dtype=torch.long, device=device)
         video = torch.randn(1, 16, cond, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
         run = Run(device)
-        with torch.device(device), torch.no_grad():
+        with torch.no_grad():  # no default device: upstream puts its RoPE tables on q's device itself
             for _ in range(args.chunks):
                 x = torch.randn(1, 16, noise, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
                 with run.forward():

@@ -158,6 +158,7 @@ class TimestepEmbedder(nn.Module):
     def forward(self, t, dtype):
         half = self.frequency_embedding_size // 2
         freqs = torch.exp(-math.log(10000) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+        freqs = freqs.to(device=t.device)
         args = t[:, None].float() * freqs[None]
         return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1).to(dtype))
 
@@ -286,7 +287,7 @@ class MultiHeadCrossAttention(nn.Module):
         B, N, C = x.shape
         num_cond_latents_thw = num_cond_latents * (N // shape[0])
         output_noise = self._process_cross_attn(x[:, num_cond_latents_thw:], cond, kv_seqlen)
-        return torch.cat([torch.zeros((B, num_cond_latents_thw, C), dtype=output_noise.dtype), output_noise], dim=1)
+        return torch.cat([torch.zeros((B, num_cond_latents_thw, C), dtype=output_noise.dtype, device=output_noise.device), output_noise], dim=1)
 
 
 # -- modules/longcat_video_dit.py ----------------------------------------------------------------
@@ -411,8 +412,9 @@ def optimized_scale(positive_flat, negative_flat):
 
 def cache_clean_latents(dit, cond_latents, text_len, caption_channels, offload_kv_cache=False):
     """``LongCatVideoPipeline._cache_clean_latents``: the condition pass; returns ``kv_cache_dict``."""
-    timestep = torch.zeros(cond_latents.shape[0], cond_latents.shape[2])
-    empty_embeds = torch.zeros([cond_latents.shape[0], 1, text_len, caption_channels])
+    device, dtype = cond_latents.device, cond_latents.dtype
+    timestep = torch.zeros(cond_latents.shape[0], cond_latents.shape[2]).to(device=device, dtype=dtype)
+    empty_embeds = torch.zeros([cond_latents.shape[0], 1, text_len, caption_channels], device=device, dtype=dtype)
     _, kv_cache_dict = dit(hidden_states=cond_latents, timestep=timestep, encoder_hidden_states=empty_embeds,
                            return_kv=True, skip_crs_attn=True, offload_kv_cache=offload_kv_cache)
     return kv_cache_dict
