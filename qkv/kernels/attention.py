@@ -370,15 +370,43 @@ def sdpa_split(
 def attention_staged(
     q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None, backend: str = "auto"
 ) -> torch.Tensor:
-    """:func:`attention_torch` at the speed of torch's fused attention, in bounded memory: the
-    compressed spans are decompressed (:func:`qkv.kernels.decompress` on ``backend``) a group of
-    consecutive spans at a time, up to :data:`STAGE_TOKENS` keys (:func:`span_groups`), and each
-    group is attended to by :func:`sdpa_split`; the full-precision segments are concatenated and
-    attended to in one call; the partial results are merged by log-sum-exp. At most one
-    decompressed group (or the concatenated full-precision keys) exists at a time. The
-    full-precision keys come first: the GPU starts on them while the host prepares the first
-    group. [B, H, Sq, D] in q's dtype."""
+    """:func:`attention_torch` at the speed of torch's fused attention, in bounded memory. Keys of
+    one dtype with q, :data:`STAGE_TOKENS` or fewer in all (a window: a sink, a few spans, the
+    chunk being made), are gathered into one buffer (:func:`gather`) and attended to by one fused
+    call, as a bf16 cache is. Otherwise the compressed spans are decompressed
+    (:func:`qkv.kernels.decompress_spans` on ``backend``) a group of consecutive spans at a time,
+    up to :data:`STAGE_TOKENS` keys (:func:`span_groups`), and each group is attended to by
+    :func:`sdpa_split`; the full-precision segments are concatenated and attended to in one call;
+    the partial results are merged by log-sum-exp. At most one decompressed group (or the
+    concatenated full-precision keys) exists at a time. The full-precision keys come first: the
+    GPU starts on them while the host prepares the first group. [B, H, Sq, D] in q's dtype."""
+    check_attention(q, segments)
+    scale = default_scale(q, scale)
+    if sum(seg.tokens for seg in segments) <= STAGE_TOKENS and all(_kv_meta(s)[1] == q.dtype for s in segments if s.tokens):
+        k, v = gather(segments, backend)
+        return sdpa_with_lse(q, k, v, scale)[0]
     return attention_partial(q, segments, scale, backend)[0].to(q.dtype)
+
+
+def gather(segments: Sequence[Segment], backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The keys and values of every segment (one dtype), in order, in one buffer each
+    [B, H_kv, S, D]: full-precision segments copied, spans decompressed in place
+    (:func:`qkv.kernels.decompress_spans`, a plan's or loose spans' table in one launch)."""
+    segments = [seg for seg in segments if seg.tokens]
+    (b, h, _, d), dtype, device = _kv_meta(segments[0])
+    total = sum(seg.tokens for seg in segments)
+    k, v = (torch.empty(b, h, total, d, dtype=dtype, device=device) for _ in range(2))
+    at = 0
+    for seg in segments:
+        n = seg.tokens
+        if isinstance(seg, DenseKV):
+            k[:, :, at : at + n].copy_(seg.k)
+            v[:, :, at : at + n].copy_(seg.v)
+        else:
+            kernels.decompress_spans(seg if isinstance(seg, SpanPlan) else SpanPlan([seg]),
+                                     k[:, :, at : at + n], v[:, :, at : at + n], backend=backend)
+        at += n
+    return k, v
 
 
 def attention_partial(

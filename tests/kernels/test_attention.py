@@ -275,7 +275,8 @@ def test_partials_over_split_histories_merge_to_the_whole():
     assert whole[0].dtype == whole[1].dtype == torch.float32 and whole[1].shape == q.shape[:3]
     torch.testing.assert_close(state[0], whole[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state[1], whole[1], rtol=1e-6, atol=1e-5)
-    assert torch.equal(whole[0].to(q.dtype), kernels.attention_staged(q, segments))
+    # the staged path gathers these few keys into one buffer: one fused call, its own rounding
+    torch.testing.assert_close(kernels.attention_staged(q, segments), whole[0], rtol=1e-5, atol=1e-5)
     empty = randn(92, 1, 2, 0, 64, dtype=torch.float32)
     with pytest.raises(ShapeError, match="no keys"):
         kernels.attention_partial(q, [DenseKV(empty, empty)])
@@ -436,6 +437,32 @@ def test_decompress_spans_checks_and_falls_back():
         kernels.decompress_spans(plan, k.half(), v)
     with pytest.raises(ShapeError, match="no span"):
         kernels.decompress_spans(SpanPlan([]), k, v)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_staged_over_a_short_window_is_one_fused_call(monkeypatch, backend):
+    """Keys that fit STAGE_TOKENS (a sink, spans partly evicted, a chunk) are gathered into one
+    buffer, bit for bit the segments' own keys, and attended to by one fused call: no merge."""
+    pol = policy("qvg", 64)
+    spans = [CompressedSpan(pol.compress(randn(80 + s, 1, 2, 24, 64, scale=2.0), randn(90 + s, 1, 2, 24, 64)),
+                            5 if s == 1 else 0) for s in range(3)]
+    segments = [DenseKV(randn(73, 1, 2, 16, 64), randn(74, 1, 2, 16, 64)), SpanPlan(spans[:2]), spans[2],
+                DenseKV(randn(75, 1, 2, 0, 64), randn(76, 1, 2, 0, 64)), DenseKV(randn(77, 1, 2, 9, 64), randn(78, 1, 2, 9, 64))]
+    k, v = attention_module.gather(segments, backend)
+    for got, want in zip((k, v), (torch.cat(t, 2) for t in zip(*[s.materialize("torch") for s in segments]))):
+        assert torch.equal(got, want)
+    calls, merges = [], []
+    original = attention_module.sdpa_with_lse
+    monkeypatch.setattr(attention_module, "sdpa_with_lse", lambda q, k, v, s: calls.append(k.shape[2]) or original(q, k, v, s))
+    merge = kernels.merge_partials
+    monkeypatch.setattr(kernels, "merge_partials", lambda *a, **kw: merges.append(1) or merge(*a, **kw))
+    q = randn(79, 1, 4, 20, 64)  # two query heads a KV head
+    out = kernels.attention_staged(q, segments, backend=backend)
+    assert calls == [16 + 24 + 19 + 24 + 9] and not merges
+    assert_within_twice_the_torch_error(out, q, segments, True)
+    q32 = q.float()  # keys of another dtype than the queries: the staged groups, merged
+    kernels.attention_staged(q32, segments, backend=backend)
+    assert merges
 
 
 def test_staged_over_many_short_spans_groups_them(monkeypatch):
