@@ -69,7 +69,7 @@ from qkv.caches.layer_state import (
 )
 from qkv.caches.policy import Policy
 from qkv.caches.presets import build_policy
-from qkv.caches.tail import Chunk, TailBuffer, adjacent, joined_kv
+from qkv.caches.tail import Chunk, TailBuffer, adjacent, extent, joined_kv
 from qkv.component import check_int
 from qkv.compressed import CompressedKV
 from qkv.errors import (
@@ -298,7 +298,7 @@ class LayerCache(LayerState):
         residual (``config.residual_group``) instead lets every whole group of tokens that left it
         go at once, up to a span's length in whole groups (at least one group)."""
         cfg = self.config
-        have = sum(c.tokens for c in tail)
+        have = extent(tail)
         recent = sum(c.tokens for c in tail[len(tail) - cfg.recent_chunks :]) if cfg.recent_chunks else 0
         keep = max(cfg.fp_window, recent)
         if cfg.span_chunks is not None:

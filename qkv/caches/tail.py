@@ -40,6 +40,13 @@ class Chunk:
         return self.k.shape[2]
 
 
+def extent(chunks: list[Chunk]) -> int:
+    """The tokens of ``chunks``, consecutive pieces of the token stream (a layer's tail: chunks
+    appended in order, trimmed only at its two ends), from their positions alone: a decoding
+    tail of thousands of one-token chunks is not walked at every step."""
+    return chunks[-1].start + chunks[-1].tokens - chunks[0].start if chunks else 0
+
+
 def adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``b`` [B, H, n, D] continues ``a`` along the tokens in the same storage."""
     return (
@@ -76,6 +83,11 @@ class TailBuffer:
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
+        # the tail the last append laid out here, one run of views: (chunks, first, last, offset
+        # after it); a tail of that length, first and last chunk is that run (chunks are frozen
+        # and every change of a tail replaces its first or last), so token-by-token decoding,
+        # a chunk an append, does not join the whole tail again at every step
+        self._run: tuple[int, Chunk, Chunk, int] | None = None
 
     @property
     def capacity(self) -> int:
@@ -95,6 +107,9 @@ class TailBuffer:
         for an empty tail), else None."""
         if not tail:
             return 0 if self.k is not None else None
+        run = self._run
+        if run is not None and run[0] == len(tail) and tail[0] is run[1] and tail[-1] is run[2]:
+            return run[3]
         ks, vs = joined_kv(tail)
         if len(ks) != 1 or len(vs) != 1 or not self.holds(ks[0]) or ks[0].stride() != self.k.stride():
             return None
@@ -137,7 +152,9 @@ class TailBuffer:
             end = sum(c.tokens for c in tail)
         self.k[:, :, end : end + n].copy_(k)
         self.v[:, :, end : end + n].copy_(v)
-        return [*tail, Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)]
+        tail = [*tail, Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)]
+        self._run = (len(tail), tail[0], tail[-1], end + n)
+        return tail
 
     def stage(self, tail: list[Chunk], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(keys, values) of ``tail`` followed by ``k``, ``v`` as one view each, ``k``/``v`` written

@@ -154,3 +154,28 @@ def test_tail_moved_by_index_batch_and_evict_is_copied_back_on_append():
     assert torch.equal(after[0][:, :, : before[0].shape[2]], before[0])
     assert all(layer.buffer.holds(c.k) for c in layer.tail) and len(joined([c.k for c in layer.tail])) == 1
     assert dataclasses.replace(layer.memory(), reserved=0).tail == sum(2 * c.k.numel() * 4 for c in layer.tail)
+
+
+def test_token_by_token_appends_do_not_walk_the_tail(monkeypatch):
+    """Decoding appends a one-token chunk a step: an append finds the tail's end and counts its
+    tokens without visiting its chunks (the tail grew to thousands of chunks before a span), and
+    the count from positions matches the chunks through evictions, rollbacks and a cut sink."""
+    import qkv.caches.tail as tail_module
+
+    gen = torch.Generator().manual_seed(5)
+    cache = qkv.KVCache("bf16", span_tokens=512, sink_tokens=3)
+    layer = cache.layer(0)
+    layer.append(*chunk(gen, 5))  # the sink takes 3 of them
+    for _ in range(300):
+        layer.append(*chunk(gen, 1))
+    calls = []
+    monkeypatch.setattr(tail_module, "adjacent", lambda a, b: calls.append(1) or adjacent(a, b))
+    layer.append(*chunk(gen, 1))
+    assert len(layer.tail) > 300 and not calls
+    monkeypatch.undo()
+    for step in (lambda: layer.evict(7), lambda: layer.drop_newest(4), lambda: layer.append(*chunk(gen, 9)),
+                 lambda: layer.evict(1), lambda: layer.append(*chunk(gen, 1))):
+        step()
+        assert tail_module.extent(layer.tail) == sum(c.tokens for c in layer.tail)
+    k, v = layer.read()
+    assert k.shape[2] == layer.tokens == 5 + 301 - 7 - 4 + 9 - 1 + 1
