@@ -20,9 +20,12 @@ before the decode kernel).
 
 ``generate``: a Llama-3-8B-shaped model (random bf16 weights, ``--generate-layers`` of its 32 layers),
 a 32k-token prompt and 256 greedy new tokens: tokens/s of the new tokens (prompt excluded: the
-time of generating 1 token is subtracted), peak GPU memory and the K/V bytes, with
-``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``) and
-transformers' ``DynamicCache``.
+time of generating 1 token is subtracted; the median of ``ROUNDS`` runs, the caches taking
+turns), peak GPU memory and the K/V bytes, with
+``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``),
+qvg again with ``validate=False`` (no value check, and no read-back to the host, per appended
+token) and transformers' ``DynamicCache``; each timed after a full warm-up run (cuDNN makes a plan
+per key length once).
 
     PYTHONPATH=. python3 benchmarks/bench_decode.py --out benchmarks/results/bench_decode_h200.json
 """
@@ -33,6 +36,7 @@ import argparse
 import dataclasses
 import json
 import platform
+import statistics
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +52,7 @@ TAIL = 1000
 CASES = ((1, 32 * 1024), (1, 128 * 1024), (8, 32 * 1024))
 QUERIES = (1, 16)
 POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")
+ROUNDS = 3  # generate runs per cache, taking turns
 DEVICE = "cuda"
 
 
@@ -163,38 +168,50 @@ def generate_rows(layers: int) -> list[dict]:
         "dynamic": ("sdpa", lambda: DynamicCache()),
         "kivi": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True)),
         "qvg": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN, direct=True)),
+        # the same without the value check of every appended token (one read-back to the host a layer)
+        "qvg_unchecked": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
+                                                      direct=True, validate=False)),
     }
-    rows = []
-    for name, (attention, make) in caches.items():
+
+    def run(name, new):
+        """Wall time of ``generate`` (ms) for ``new`` tokens with a fresh cache ``name``, and the cache."""
+        attention, make = caches[name]
         model.set_attn_implementation(attention)
+        cache = make()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache)
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end), cache
 
-        def run(new):
-            cache = make()
-            torch.cuda.synchronize()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            with torch.no_grad():
-                model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache)
-            end.record()
-            torch.cuda.synchronize()
-            return start.elapsed_time(end), cache
-
-        run(256)  # warm-up: kernels compiled, and cuDNN's plans made for every key length the run sees
-        first, _ = run(1)
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        total, cache = run(256)
-        peak = torch.cuda.max_memory_allocated() - before
-        if name == "dynamic":
-            kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-        else:
-            kv = cache.memory().total
-        rows.append({"cache": name, "tokens_per_s": 255 / ((total - first) * 1e-3), "total_ms": total,
-                     "prompt_ms": first, "peak_extra_bytes": peak, "kv_bytes": kv})
-        print(json.dumps(rows[-1]), flush=True)
-        del cache
-        torch.cuda.empty_cache()
-    return rows
+    for name in caches:
+        run(name, 256)  # warm-up: kernels compiled, and cuDNN's plans made for every key length the run sees
+    # the caches take turns, ROUNDS times (the steps are host-bound: the host's pace drifts between runs)
+    times = {name: [] for name in caches}
+    rows = {}
+    for _ in range(ROUNDS):
+        for name in caches:
+            first, _ = run(name, 1)
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            total, cache = run(name, 256)
+            peak = torch.cuda.max_memory_allocated() - before
+            if name == "dynamic":
+                kv = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+            else:
+                kv = cache.memory().total
+            times[name].append(255 / ((total - first) * 1e-3))
+            rows[name] = {"cache": name, "tokens_per_s": statistics.median(times[name]),
+                          "tokens_per_s_rounds": times[name], "total_ms": total, "prompt_ms": first,
+                          "peak_extra_bytes": peak, "kv_bytes": kv}
+            del cache
+            torch.cuda.empty_cache()
+    for row in rows.values():
+        print(json.dumps(row), flush=True)
+    return list(rows.values())
 
 
 def main() -> None:
