@@ -29,6 +29,14 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
   long-video demo) the condition pass over the last 19 latent frames (29,640 tokens, the
   ``kv_cache_dict``) and ``generate_vc``'s 4 denoising steps with CFG over 5 new latent frames.
   Upstream: the dict's bf16 tensors; qkv: ``qkv.adapters.longcat_video.install``.
+- ``hy_worldplay``: HY-WorldPlay's DiT and AR rollout (``_ar_rollout_inner``: memory retrieval,
+  the selected frames re-encoded every chunk, 4 denoising steps with CFG) as restated in
+  ``tests/caches/upstream_hy_worldplay.py``, at HunyuanVideo-1.5's sizes (WorldPlay-8B's backbone;
+  diffusers' ``HunyuanVideo15Transformer3DModel`` defaults: 54 double-stream blocks, 16 x 128,
+  MLP ratio 4, text 3,584), 40 x 44 latent tokens per frame (7,040-token chunks of 4 frames), a
+  camera that walks forward while it turns away and back, run under bf16 autocast. Upstream: the
+  bf16 vision and text K/V its dicts hold at the end; qkv: ``qkv.adapters.hy_worldplay.install``
+  (every frame encoded once and kept compressed, so drift includes that change of method).
 
 Per client and cache: per-chunk wall time (synchronized; the clean/prefill/capture forward
 included), the KV bytes at the end (upstream: the tensors holding K/V; qkv: ``handle.memory()``),
@@ -469,7 +477,83 @@ def longcat_video(args, device, dtype) -> dict:
     return result
 
 
-CLIENTS = {"self_forcing": self_forcing, "anyflow_far": anyflow_far, "sana_wm": sana_wm, "longcat_video": longcat_video}
+# -- HY-WorldPlay (GitHub; the DiT and AR rollout restated in tests/caches/upstream_hy_worldplay.py) ----------
+def hy_worldplay(args, device, dtype) -> dict:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "caches"))
+    import upstream_hy_worldplay as upstream  # HY-WorldPlay is not pip-installable: its restatement
+
+    if args.tiny:
+        cfg = dict(in_channels=4, hidden_size=64, heads_num=2, mm_double_blocks_depth=2, rope_dim_list=(8, 12, 12),
+                   text_states_dim=24)
+        lat_h, lat_w, text = 2, 2, (6, 24)
+    else:  # HunyuanVideo-1.5's DiT (8.3B; diffusers' HunyuanVideo15Transformer3DModel defaults), 7,040-token chunks
+        cfg = dict(in_channels=32, hidden_size=2048, heads_num=16, mm_double_blocks_depth=54,
+                   rope_dim_list=(16, 56, 56), text_states_dim=3584, mlp_width_ratio=4.0)
+        lat_h, lat_w, text = 40, 44, (256, 3584)
+    channels, frames = cfg["in_channels"], 4 * args.chunks
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # made in the weights' dtype (no fp32 copy first)
+    try:
+        with torch.device(device):
+            model = upstream.HunyuanVideo_1_5_DiffusionTransformer(**cfg).eval()
+            model.add_action_parameters()
+    finally:
+        torch.set_default_dtype(default)
+    gen = torch.Generator().manual_seed(1)
+    timesteps = torch.tensor([1000.0, 750.0, 500.0, 250.0])  # 4 denoising steps, CFG
+    points = (torch.randn(300, 3, generator=gen) * 4).to(device)
+    yaw = torch.cat([torch.linspace(0, 1.6, frames // 2), torch.linspace(1.6, 0.2, frames - frames // 2)])
+    w2c = torch.eye(4).repeat(frames, 1, 1)  # a camera walking forward while it turns away and back
+    w2c[:, 0, 0], w2c[:, 0, 2], w2c[:, 2, 0], w2c[:, 2, 2] = yaw.cos(), -yaw.sin(), yaw.sin(), yaw.cos()
+    w2c[:, 2, 3] = -0.2 * torch.arange(frames) + 0.05 * torch.randn(frames, generator=gen)
+    inputs = dict(
+        timesteps=timesteps, prompt_embeds=torch.randn(2, *text, generator=gen).to(device, dtype),
+        prompt_mask=torch.ones(2, text[0], dtype=torch.long, device=device),
+        vision_states=torch.zeros(2, 1, 8, device=device, dtype=dtype),
+        cond_latents=torch.randn(1, channels + 1, frames, lat_h, lat_w, generator=gen).to(device, dtype),
+        task_type="i2v", extra_kwargs={"byt5_text_states": torch.zeros(2, 3, 8, device=device),
+                                       "byt5_text_mask": torch.ones(2, 3, device=device)},
+        viewmats=w2c[None].to(device), Ks=torch.tensor([[1.2, 0, 0.5], [0, 1.2, 0.5], [0, 0, 1.0]]).repeat(
+            1, frames, 1, 1).to(device), action=torch.randint(0, 4, (1, frames), generator=gen).float().to(device),
+        device=device)
+    latents = torch.randn(1, channels, frames, lat_h, lat_w, generator=gen).to(device, dtype)
+    pipe = upstream.HunyuanVideo_1_5_Pipeline(model, timesteps, args.chunks, points)
+    pipe.target_dtype, pipe.autocast_enabled = dtype, device.type == "cuda"  # upstream runs in bf16 under autocast
+    per_chunk = 2 * len(timesteps)  # denoising forwards a chunk: every step, both CFG branches
+
+    def rollout() -> Run:
+        run, calls = Run(device), []
+
+        def hook(module, inputs_, kwargs, output):  # a chunk ends with its last step's negative branch
+            if kwargs.get("ar_vision_inference") and not kwargs.get("cache_vision"):
+                calls.append(1)
+                if len(calls) % per_chunk == 0:
+                    run.chunk_done(output[0])
+        remove = model.register_forward_hook(hook, with_kwargs=True)
+        try:
+            with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                pipe._ar_rollout_inner(latents=latents.clone(), **inputs)
+        finally:
+            remove.remove()
+        return run
+
+    def held_bytes() -> int:
+        dicts = [d for name in ("_kv_cache", "_kv_cache_neg") for d in getattr(pipe, name) or []]
+        return sum(t.numel() * t.element_size() for d in dicts for t in d.values() if torch.is_tensor(t))
+
+    up_run = twice(rollout, pipe.init_kv_cache)
+    up_bytes = held_bytes()
+    pipe.init_kv_cache()
+    with qkv.adapters.hy_worldplay.install(pipe, args.policy) as handle:
+        our_run = twice(rollout, handle.reset)
+        mem = handle.memory()
+    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    result["frame_tokens"] = lat_h * lat_w
+    return result
+
+
+CLIENTS = {"self_forcing": self_forcing, "anyflow_far": anyflow_far, "sana_wm": sana_wm,
+           "longcat_video": longcat_video, "hy_worldplay": hy_worldplay}
 
 
 def main() -> None:

@@ -313,7 +313,7 @@ class TimestepEmbedder(nn.Module):
 
 class HunyuanVideo_1_5_DiffusionTransformer(nn.Module):
     def __init__(self, in_channels=4, hidden_size=64, heads_num=2, mm_double_blocks_depth=2, rope_dim_list=(8, 12, 12),
-                 rope_theta=256, text_states_dim=24, patch_size=(1, 1, 1)):
+                 rope_theta=256, text_states_dim=24, patch_size=(1, 1, 1), mlp_width_ratio=2.0):
         super().__init__()
         self.patch_size = list(patch_size)
         self.unpatchify_channels = in_channels
@@ -325,7 +325,7 @@ class HunyuanVideo_1_5_DiffusionTransformer(nn.Module):
         self.img_in = nn.Conv3d(in_channels * 2 + 1, hidden_size, kernel_size=patch_size, stride=patch_size)
         self.txt_in = nn.Linear(text_states_dim, hidden_size)
         self.time_in = TimestepEmbedder(hidden_size)
-        self.double_blocks = nn.ModuleList([MMDoubleStreamBlock(hidden_size, heads_num)
+        self.double_blocks = nn.ModuleList([MMDoubleStreamBlock(hidden_size, heads_num, mlp_width_ratio)
                                             for _ in range(mm_double_blocks_depth)])
         self.final_layer = nn.Linear(hidden_size, int(math.prod(patch_size)) * in_channels)
         self.attn_param = {}
