@@ -50,6 +50,8 @@ rollout whose K/V fit in 24 GiB (global-attention clients), from the measured by
     done
     PYTHONPATH=. python3 benchmarks/bench_pipelines.py --clients longcat_video --chunks 3 \
       --out benchmarks/results/bench_pipelines_h200.json
+    PYTHONPATH=. python3 benchmarks/bench_pipelines.py --clients hy_worldplay --chunks 6 \
+      --out benchmarks/results/bench_pipelines_h200.json
 
 ``--clients`` picks some (results merge into ``--out``), ``--chunks`` the rollout length (32),
 ``--span-chunks`` the chunks per compressed span (the adapter's default if not given: one chunk for
