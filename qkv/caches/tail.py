@@ -83,10 +83,10 @@ class TailBuffer:
     def __init__(self) -> None:
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        # the tail the last append laid out here, one run of views: (chunks, first, last, offset
-        # after it); a tail of that length, first and last chunk is that run (chunks are frozen
-        # and every change of a tail replaces its first or last), so token-by-token decoding,
-        # a chunk an append, does not join the whole tail again at every step
+        # the tail the last append laid out here, one run of views: (its number of chunks, its
+        # first and last chunk, the offset after it); a tail of that length, first and last chunk
+        # is that run (chunks are frozen and every change of a tail replaces its first or last),
+        # so token-by-token decoding, a chunk an append, does not join the whole tail at every step
         self._run: tuple[int, Chunk, Chunk, int] | None = None
 
     @property

@@ -382,8 +382,9 @@ def attention_staged(
     GPU starts on them while the host prepares the first group. [B, H, Sq, D] in q's dtype."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
-    if sum(seg.tokens for seg in segments) <= STAGE_TOKENS and all(_kv_meta(s)[1] == q.dtype for s in segments if s.tokens):
-        k, v = gather(segments, backend)
+    live = [seg for seg in segments if seg.tokens]
+    if sum(seg.tokens for seg in live) <= STAGE_TOKENS and all(_kv_meta(seg)[1] == q.dtype for seg in live):
+        k, v = gather(live, backend)
         return sdpa_with_lse(q, k, v, scale)[0]
     return attention_partial(q, segments, scale, backend)[0].to(q.dtype)
 
