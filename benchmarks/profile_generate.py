@@ -1,0 +1,79 @@
+"""Where a decoding step's time goes with ``QKVCache(direct=True)``: host (cProfile) and GPU (torch.profiler).
+
+A Llama-3-8B-shaped model (random bf16 weights, 8 of its 32 layers, as ``bench_decode.py``'s
+``generate``), a 32k-token prompt in one forward, then one-token forwards: the time of 16 of them,
+cProfile over 16 more (cumulative, top 40), and torch.profiler tables over 8 more (by GPU time and
+by host time). ``generate`` itself is timed for 1 and 33 new tokens after a 40-token warm-up.
+
+    PYTHONPATH=. python3 benchmarks/profile_generate.py qvg > benchmarks/results/profile_generate_qvg_h200.txt
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qkv
+from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
+
+PROMPT = 32 * 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("policy", help="a preset (qvg gets 256 clusters, as bench_decode)")
+    args = parser.parse_args()
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=40000)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    model.set_attn_implementation(ATTENTION)
+    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT), device="cuda")
+    policy = qkv.build_policy(args.policy, clusters=256) if args.policy == "qvg" else args.policy
+
+    def make():
+        return QKVCache(policy, span_tokens=4096, direct=True)
+
+    def step(cache, i):
+        model(prompt[:, -1:], past_key_values=cache, use_cache=True,
+              position_ids=torch.tensor([[PROMPT + i]], device="cuda"))
+
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, cache=make())
+        for n in (1, 33):
+            torch.cuda.synchronize()
+            start = time.time()
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache=make())
+            torch.cuda.synchronize()
+            print(n, "tokens", time.time() - start, flush=True)
+        cache = make()
+        model(prompt, past_key_values=cache, use_cache=True)
+        torch.cuda.synchronize()
+        start = time.time()
+        for i in range(16):
+            step(cache, i)
+        torch.cuda.synchronize()
+        print("16 bare forwards", time.time() - start, flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for i in range(16, 32):
+            step(cache, i)
+        torch.cuda.synchronize()
+        prof.disable()
+        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
+            for i in range(32, 40):
+                step(cache, i)
+            torch.cuda.synchronize()
+    print(tprof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    print(tprof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+
+
+if __name__ == "__main__":
+    main()
