@@ -57,12 +57,15 @@ rollout whose K/V fit in 24 GiB (global-attention clients), from the measured by
 ``--span-chunks`` the chunks per compressed span (the adapter's default if not given: one chunk for
 Self-Forcing, 8 for AnyFlow-FAR's coarse context; each span carries its own centroids, so short
 spans cost bytes: at Self-Forcing sizes 165 MB per chunk with 1-chunk spans, 124 MB with 8),
-``--policy`` the compressed policy (qvg), ``--tiny`` a CPU smoke run at toy sizes.
+``--policy`` the compressed policy (qvg), ``--option KEY=VALUE`` an option of the adapter's
+``install`` (repeatable; e.g. ``blocks_per_pass=16``, or ``validate=False``: the cache's value
+checks and their read-backs off), ``--tiny`` a CPU smoke run at toy sizes.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import copy
 import gc
@@ -171,9 +174,19 @@ def compare(upstream: dict, ours: dict, up_run: Run, our_run: Run) -> dict:
     }
 
 
-def span_option(args) -> dict:
-    """The adapter's span option: ``--span-chunks`` if given, else none (the adapter's default)."""
-    return {} if args.span_chunks is None else {"span_chunks": args.span_chunks}
+def install_options(args) -> dict:
+    """Options for the adapter's ``install``: ``--span-chunks`` if given (else the adapter's
+    default) and every ``--option KEY=VALUE`` (a Python literal, else a string)."""
+    options = {} if args.span_chunks is None else {"span_chunks": args.span_chunks}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--option takes KEY=VALUE, got {item!r}")
+        try:
+            options[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            options[key] = value
+    return options
 
 
 def span_chunks(cache: qkv.KVCache, chunk_tokens: int) -> int:
@@ -243,7 +256,7 @@ def self_forcing(args, device, dtype) -> dict:
     up_run, kv = twice(lambda: rollout(False))
     up_bytes = sum(d[name][:, : chunks * n].numel() * d[name].element_size() for d in kv for name in ("k", "v"))
     del kv
-    with qkv.adapters.streamdiffusionv2.install(model, args.policy, **span_option(args)) as handle:
+    with qkv.adapters.streamdiffusionv2.install(model, args.policy, **install_options(args)) as handle:
         our_run, _ = twice(lambda: rollout(True), handle.reset)
         mem = handle.memory()
         span = span_chunks(handle.cache, n)
@@ -335,7 +348,7 @@ def anyflow_far(args, device, dtype) -> dict:
     coarse_tokens, full_tokens = sum(part[: len(part) - limit]) * coarse, sum(part[len(part) - limit : -1]) * full
     per_token = 2 * blocks * heads * head_dim * torch.finfo(dtype).bits // 8  # K and V, all blocks
     up_bytes = (coarse_tokens + full_tokens) * per_token  # what the upstream holds at the last chunk
-    with qkv.adapters.anyflow_far.install(model, args.policy, **span_option(args)) as handle:
+    with qkv.adapters.anyflow_far.install(model, args.policy, **install_options(args)) as handle:
         our_run = twice(lambda: rollout(handle.kv_cache), handle.reset)
         mem = handle.memory()
         context = handle.cache.layer(0)
@@ -412,7 +425,7 @@ def sana_wm(args, device, dtype) -> dict:
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     per_token = 2 * len(transformer.transformer_blocks) * inner * torch.finfo(dtype).bits // 8
     up_bytes = window * lat_h * lat_w * per_token  # sink + full history, what upstream holds at the end
-    with qkv.adapters.sana_wm.install(pipe, args.policy) as handle:
+    with qkv.adapters.sana_wm.install(pipe, args.policy, **install_options(args)) as handle:
         our_run, _ = twice(rollout, handle.reset)
         mem = handle.memory()
     return compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
@@ -469,7 +482,7 @@ def longcat_video(args, device, dtype) -> dict:
     up_run = twice(lambda: rollout(held), held.clear)
     up_bytes = sum(t.numel() * t.element_size() for pair in held[0].values() for t in pair)
     held.clear()
-    with qkv.adapters.longcat_video.install(dit, args.policy) as handle:
+    with qkv.adapters.longcat_video.install(dit, args.policy, **install_options(args)) as handle:
         our_run = twice(lambda: rollout(held), held.clear)
         mem = handle.memory()
     held.clear()
@@ -546,7 +559,7 @@ def hy_worldplay(args, device, dtype) -> dict:
     up_run = twice(rollout, pipe.init_kv_cache)
     up_bytes = held_bytes()
     pipe.init_kv_cache()
-    with qkv.adapters.hy_worldplay.install(pipe, args.policy) as handle:
+    with qkv.adapters.hy_worldplay.install(pipe, args.policy, **install_options(args)) as handle:
         our_run = twice(rollout, handle.reset)
         mem = handle.memory()
     result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
@@ -570,6 +583,8 @@ def main() -> None:
     parser.add_argument("--trace", help="with --profile-chunk: a folder for the profiled forwards' Chrome traces")
     parser.add_argument("--span-chunks", type=int,
                         help="chunks per compressed span (Self-Forcing, AnyFlow-FAR; the adapter's default if not given)")
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="an option for the adapter's install (repeatable), e.g. blocks_per_pass=16 or validate=False")
     parser.add_argument("--tiny", action="store_true", help="toy sizes on the CPU (a smoke run)")
     parser.add_argument("--out", default="benchmarks/results/bench_pipelines_h200.json")
     args = parser.parse_args()
@@ -587,7 +602,8 @@ def main() -> None:
         args.policy = qkv.build_policy(args.policy, **overrides)
     for name in args.clients.split(","):
         torch.manual_seed(0)
-        results[name] = {"chunks": args.chunks, "policy": str(args.policy), **CLIENTS[name](args, device, dtype)}
+        results[name] = {"chunks": args.chunks, "policy": str(args.policy), "install_options": install_options(args),
+                         **CLIENTS[name](args, device, dtype)}
         r = results[name]
         print(f"{name}: KV {r['kv_ratio']:.2f}x smaller, peak {r['peak_ratio'] or float('nan'):.2f}x, "
               f"latency {100 * r['latency_overhead']:+.1f}% (last 8 chunks {100 * r['latency_overhead_last_8']:+.1f}%), "
