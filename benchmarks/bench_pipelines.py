@@ -146,6 +146,19 @@ def profiled(on: bool, trace: str | None = None):
     print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 
+@contextlib.contextmanager
+def made_in(device: torch.device, dtype: torch.dtype):
+    """Modules made in the block get their parameters on ``device`` in ``dtype`` directly (a model
+    of billions of parameters is never first made in fp32, or on the CPU)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(default)
+
+
 def twice(rollout, reset=None):
     """Run ``rollout`` twice (the first warms every kernel and compiled shape), keep the second;
     ``reset`` frees the first rollout's cache before the second starts, so that the second's peak
@@ -444,13 +457,8 @@ def longcat_video(args, device, dtype) -> dict:
         cfg = dict(hidden_size=4096, depth=48, num_heads=32, caption_channels=4096, adaln_tembed_dim=512,
                    frequency_embedding_size=256)
         cond, noise, lat_h, lat_w, text = 19, 5, 60, 104, (512, 4096)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # made in bf16 (13.6B parameters: no fp32 copy first)
-    try:
-        with torch.device(device):
-            dit = upstream.LongCatVideoTransformer3DModel(in_channels=16, out_channels=16, **cfg).eval()
-    finally:
-        torch.set_default_dtype(default)
+    with made_in(device, dtype):  # 13.6B parameters: no fp32 copy first
+        dit = upstream.LongCatVideoTransformer3DModel(in_channels=16, out_channels=16, **cfg).eval()
     # upstream computes the timestep embedding and the modulations in fp32 (autocast regions)
     for module in (dit.t_embedder, dit.final_layer.adaLN_modulation, *(b.adaLN_modulation for b in dit.blocks)):
         module.float()
@@ -506,14 +514,9 @@ def hy_worldplay(args, device, dtype) -> dict:
                    rope_dim_list=(16, 56, 56), text_states_dim=3584, mlp_width_ratio=4.0)
         lat_h, lat_w, text = 40, 44, (256, 3584)
     channels, frames = cfg["in_channels"], 4 * args.chunks
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # made in the weights' dtype (no fp32 copy first)
-    try:
-        with torch.device(device):
-            model = upstream.HunyuanVideo_1_5_DiffusionTransformer(**cfg).eval()
-            model.add_action_parameters()
-    finally:
-        torch.set_default_dtype(default)
+    with made_in(device, dtype):
+        model = upstream.HunyuanVideo_1_5_DiffusionTransformer(**cfg).eval()
+        model.add_action_parameters()
     gen = torch.Generator().manual_seed(1)
     timesteps = torch.tensor([1000.0, 750.0, 500.0, 250.0])  # 4 denoising steps, CFG
     points = (torch.randn(300, 3, generator=gen) * 4).to(device)
