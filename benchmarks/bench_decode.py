@@ -154,16 +154,24 @@ def rows(bandwidth: float, rate: float) -> list[dict]:
     return out
 
 
-def generate_rows(layers: int) -> list[dict]:
-    from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
-
-    from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
+def llama(layers: int):
+    """A Llama-3-8B-shaped ``LlamaForCausalLM`` with ``layers`` of its 32 layers, random bf16
+    weights, on the GPU."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=HEADS,
                          num_key_value_heads=KV_HEADS, vocab_size=128256, max_position_embeddings=40000)
     with torch.device(DEVICE):
-        model = LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
-    prompt = torch.randint(0, config.vocab_size, (1, 32 * 1024), device=DEVICE)
+        return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
+
+
+def generate_rows(layers: int) -> list[dict]:
+    from transformers import DynamicCache
+
+    from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
+
+    model = llama(layers)
+    prompt = torch.randint(0, model.config.vocab_size, (1, 32 * 1024), device=DEVICE)
     caches = {
         "dynamic": ("sdpa", lambda: DynamicCache()),
         "kivi": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True)),

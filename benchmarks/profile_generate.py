@@ -1,6 +1,6 @@
 """Where a decoding step's time goes with ``QKVCache(direct=True)``: host (cProfile) and GPU (torch.profiler).
 
-A Llama-3-8B-shaped model (random bf16 weights, 8 of its 32 layers, as ``bench_decode.py``'s
+``bench_decode.py``'s Llama-3-8B-shaped model (random bf16 weights, 8 of its 32 layers, as its
 ``generate``), a 32k-token prompt in one forward, then one-token forwards: the time of 16 of them,
 cProfile over 16 more (cumulative, top 40), and torch.profiler tables over 8 more (by GPU time and
 by host time). ``generate`` itself is timed for 1 and 33 new tokens after a 40-token warm-up.
@@ -17,7 +17,7 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
-from transformers import LlamaConfig, LlamaForCausalLM
+from bench_decode import SPAN, llama
 
 import qkv
 from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
@@ -29,16 +29,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("policy", help="a preset (qvg gets 256 clusters, as bench_decode)")
     args = parser.parse_args()
-    cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=8, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, max_position_embeddings=40000)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+    model = llama(8)
     model.set_attn_implementation(ATTENTION)
-    prompt = torch.randint(0, cfg.vocab_size, (1, PROMPT), device="cuda")
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda")
     policy = qkv.build_policy(args.policy, clusters=256) if args.policy == "qvg" else args.policy
 
     def make():
-        return QKVCache(policy, span_tokens=4096, direct=True)
+        return QKVCache(policy, span_tokens=SPAN, direct=True)
 
     def step(cache, i):
         model(prompt[:, -1:], past_key_values=cache, use_cache=True,

@@ -190,7 +190,7 @@ class LayerCache(LayerState):
     @property
     def tokens(self) -> int:
         """Retained tokens (what :meth:`read` returns along S)."""
-        return sum(c.tokens for c in self.sink) + sum(s.tokens for s in self.spans) + sum(c.tokens for c in self.tail)
+        return sum(c.tokens for c in self.sink) + sum(s.tokens for s in self.spans) + extent(self.tail)
 
     def memory(self) -> CacheMemory:
         """Exact stored bytes of this layer, by part."""
@@ -384,7 +384,7 @@ class LayerCache(LayerState):
         their own (per-token codes, casts, whole per-channel blocks: new, smaller storage) and
         skips the rest, which stay stored (``memory().dead_tokens``) until the span goes."""
         check_int("evict", "tokens", tokens, 0)
-        available = sum(s.tokens for s in self.spans) + sum(c.tokens for c in self.tail)
+        available = sum(s.tokens for s in self.spans) + extent(self.tail)
         if tokens > available:
             raise CacheError(f"layer {self.index}: cannot evict {tokens} tokens, {available} are evictable")
         left = tokens
@@ -427,7 +427,7 @@ class LayerCache(LayerState):
         all be in the full-precision tail: compressed spans are never rolled back (``recent_chunks``
         keeps the newest chunks there)."""
         check_int("drop_newest", "tokens", tokens, 0)
-        in_tail = sum(c.tokens for c in self.tail)
+        in_tail = extent(self.tail)
         if tokens > in_tail:
             raise CacheError(
                 f"layer {self.index}: cannot drop the {tokens} newest tokens, only {in_tail} are in the "
