@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from qkv.dtypes import INPUT_DTYPES
-from qkv.errors import DeviceError, DTypeError, NonFiniteError, ShapeError, ValueRangeError
+from qkv.errors import DeviceError, DTypeError, NonFiniteError, QKVError, ShapeError, ValueRangeError
 
 # Largest magnitude accepted: leaves room for sums, rotations and centroid differences in fp32.
 MAX_MAGNITUDE = 2.0**120
@@ -29,21 +31,80 @@ def check_kv_layout(name: str, x: object) -> torch.Tensor:
     return x
 
 
+def _peaks(named: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
+    """max |x| of each tensor of ``named``, fp32, on their device (NaN and Inf propagate)."""
+    return torch.stack([torch.linalg.vector_norm(t, ord=float("inf")).float() for _, t in named])
+
+
+def _verdict(label: str, peak: float, t: torch.Tensor | None) -> QKVError | None:
+    """The error for ``label``'s tensor of max |x| ``peak`` (None: fine); ``t``, the tensor if it
+    is still at hand, adds where its first bad value is."""
+    if not (peak < float("inf")):  # NaN compares false
+        if t is None:
+            return NonFiniteError(f"{label} holds NaN/Inf values")
+        finite = torch.isfinite(t)
+        first = tuple(torch.nonzero(~finite)[0].tolist())
+        return NonFiniteError(f"{label} holds {int((~finite).sum())} NaN/Inf values (first at index {first})")
+    if peak > MAX_MAGNITUDE:
+        return ValueRangeError(f"{label} has magnitude {peak:.3g} > 2**120, beyond what qkv can process without overflow")
+    return None
+
+
 def check_kv_values(name: str, x: torch.Tensor, *more: tuple[str, torch.Tensor]) -> None:
     """Finite, and |x| <= 2**120; ``more``: further (name, tensor) pairs checked with the same
     single read-back to the host (one reduction per tensor; details computed only on failure)."""
     named = [(name, x), *more]
-    peaks = torch.stack([torch.linalg.vector_norm(t, ord=float("inf")).float() for _, t in named])
-    for (label, t), peak in zip(named, peaks.tolist()):  # max |x|; NaN, Inf propagate
-        if not (peak < float("inf")):  # NaN compares false
-            finite = torch.isfinite(t)
-            bad = int((~finite).sum())
-            first = tuple(torch.nonzero(~finite)[0].tolist())
-            raise NonFiniteError(f"{label} holds {bad} NaN/Inf values (first at index {first})")
-        if peak > MAX_MAGNITUDE:
-            raise ValueRangeError(
-                f"{label} has magnitude {peak:.3g} > 2**120, beyond what qkv can process without overflow"
-            )
+    for (label, t), peak in zip(named, _peaks(named).tolist()):
+        error = _verdict(label, peak, t)
+        if error is not None:
+            raise error
+
+
+def deferred(t: torch.Tensor) -> bool:
+    """Whether the values of ``t`` are checked without waiting (:func:`check_kv_values_later`): on
+    a CUDA device (a read-back there waits for the queue to drain), outside graph capture."""
+    return t.is_cuda and not torch.cuda.is_current_stream_capturing()
+
+
+class PendingCheck:
+    """:func:`check_kv_values` of tensors on a GPU with its verdict still on the way: the peaks
+    are reduced on the device and copied to pinned host memory behind an event, so that nothing
+    waits for them; :meth:`error` reads them once the event has passed (or waits, with ``wait``)."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
+        self.labels = [label for label, _ in named]
+        peaks = _peaks(named)
+        self._event = None  # off a GPU (tests force the deferral there) the peaks are at hand
+        self._host = peaks
+        if peaks.is_cuda:
+            self._host = torch.empty(peaks.shape, dtype=peaks.dtype, pin_memory=True)
+            self._host.copy_(peaks, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._errors: list[QKVError | None] | None = None
+
+    def ready(self) -> bool:
+        """Whether the verdict has arrived (never waits)."""
+        return self._errors is not None or self._event is None or self._event.query()
+
+    def error(self, indices: Sequence[int] | None = None) -> QKVError | None:
+        """The first failure among the tensors at ``indices`` (all: None), or None; waits for the
+        verdict if it has not arrived."""
+        if self._errors is None:
+            if self._event is not None:
+                self._event.synchronize()
+            self._errors = [_verdict(label, peak, None) for label, peak in zip(self.labels, self._host.tolist())]
+        chosen = self._errors if indices is None else [self._errors[i] for i in indices]
+        return next((e for e in chosen if e is not None), None)
+
+
+def check_kv_values_later(name: str, x: torch.Tensor, *more: tuple[str, torch.Tensor]) -> PendingCheck | None:
+    """:func:`check_kv_values` without waiting for a GPU: a :class:`PendingCheck` when ``x`` is
+    :func:`deferred`, otherwise checked now (raising) and None."""
+    if deferred(x):
+        return PendingCheck([(name, x), *more])
+    check_kv_values(name, x, *more)
+    return None
 
 
 def check_kv_tensor(name: str, x: object) -> torch.Tensor:

@@ -85,12 +85,15 @@ from qkv.errors import (
     shown,
 )
 from qkv.io import load_device
-from qkv.validation import check_kv_layout, check_kv_values
+from qkv.validation import PendingCheck, check_kv_layout, check_kv_values_later
 
 __all__ = ["CacheConfig", "CacheMemory", "KVCache", "LayerCache"]
 
 # KVCache's options besides the policy and num_layers
 OPTIONS = tuple(f.name for f in dataclasses.fields(CacheConfig) if f.name != "policy")
+
+# a chunk's value check on its way: the check, the indices of the chunk's k and v in it, its tokens
+Pending = tuple[PendingCheck, tuple[int, ...], str]
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -149,7 +152,10 @@ class LayerCache(LayerState):
         LayerState.__init__(self)
         self.buffer = TailBuffer()
         self._forget_plan()
-        self._ahead: tuple[tuple, CompressedKV | None, CompressedKV] | None = None  # compress_ahead's span
+        # compress_ahead's span: (fingerprint, warm start, span, its chunk's value check)
+        self._ahead: tuple[tuple, CompressedKV | None, CompressedKV, Pending | None] | None = None
+        self._checks: list[Pending] = []  # value checks of appended chunks still on a GPU's way
+        self._refused: QKVError | None = None  # a failed one: every call raises it until reset()
 
     def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace everything the layer holds by the chunk ``k``, ``v`` (:meth:`reset`, then
@@ -158,13 +164,16 @@ class LayerCache(LayerState):
         match). For a window that is re-encoded as a whole and overlaps the last one, such as
         AnyFlow-FAR's full-resolution context. A chunk :meth:`append` would refuse leaves the
         layer unchanged."""
+        self.settle(wait=False)
         ahead = self._ahead if self._is_ahead(k, v) else None
-        check_chunk(self.config, None, k, v, f"layer {self.index}", values=self.config.validate and ahead is None)
+        check_chunk(self.config, None, k, v, f"layer {self.index}", values=False)
         self._refuse_grad(k, v)
+        pending = self._check_values(k, v, ahead, 0)
         warm = self.warm
         self.reset()
         self.warm, self._ahead = warm, ahead
         self._store(k, v)
+        self._checks += pending
 
     def _forget_plan(self) -> None:
         """Drop what attention derived from the spans and tail (made again on the next attend)."""
@@ -173,7 +182,9 @@ class LayerCache(LayerState):
         self._tail_join: tuple[int, Chunk, Chunk, list[kernels.DenseKV]] | None = None
 
     def state_dict(self) -> dict:
-        """The layer's state as plain data (see :mod:`qkv.caches.layer_state`; tensors shared)."""
+        """The layer's state as plain data (see :mod:`qkv.caches.layer_state`; tensors shared),
+        after every pending value check (:meth:`settle`): no state of unchecked chunks leaves."""
+        self.settle()
         return state_dict(self)
 
     def load_state_dict(self, data: dict, device: str | torch.device = "cpu") -> None:
@@ -234,11 +245,48 @@ class LayerCache(LayerState):
         Bad chunks (rank, shape, dtype or device unlike the cache's, NaN/Inf) raise a typed error
         and leave the layer unchanged, as does a chunk that requires grad while grad is enabled
         (:class:`GradientError`: what is stored is detached, its gradient would be lost). Spans
-        completed by this chunk are compressed now, once.
+        completed by this chunk are compressed now, once. On a GPU the values are checked without
+        waiting for the device: a NaN/Inf chunk is stored, and the layer raises its error from the
+        first call after the verdict arrives, and refuses every call until :meth:`reset`
+        (:meth:`settle`).
         """
-        self.check(k, v)
+        self.settle(wait=False)
+        ahead = self._ahead if self._is_ahead(k, v) else None
+        check_chunk(self.config, self.layout, k, v, f"layer {self.index}", values=False)
         self._refuse_grad(k, v)
+        pending = self._check_values(k, v, ahead, self.seen)
         self._store(k, v)
+        self._checks += pending
+
+    def _check_values(self, k: torch.Tensor, v: torch.Tensor, ahead: tuple | None, start: int) -> list[Pending]:
+        """The value check of a chunk about to be stored as tokens ``start`` on (with
+        ``validate``): done now, raising, off a GPU; on a GPU on its way (:class:`PendingCheck`,
+        or the one :meth:`KVCache.compress_ahead` made for it), returned for :meth:`settle`."""
+        if not self.config.validate:
+            return []
+        where = f"tokens {start}..{start + k.shape[2] - 1}"
+        if ahead is not None:
+            return [(*ahead[3], where)] if ahead[3] is not None else []
+        name = f"layer {self.index}"
+        check = check_kv_values_later(f"{name}: k", k, (f"{name}: v", v))
+        return [(check, (0, 1), where)] if check is not None else []
+
+    def settle(self, wait: bool = True) -> None:
+        """Raise the error of a chunk whose value check failed (appended on a GPU, where the
+        check runs without waiting: see ``validate`` in docs/cache.md), and refuse every later call
+        until :meth:`reset`. ``wait``: wait for the checks still on their way (False: look at those
+        that have arrived). Appending, attending and reading look without waiting; a state that
+        leaves the layer (:meth:`state_dict`, :meth:`to`) waits."""
+        if self._refused is not None:
+            raise self._refused
+        while self._checks and (wait or self._checks[0][0].ready()):
+            check, indices, where = self._checks.pop(0)
+            error = check.error(indices)
+            if error is not None:
+                self._refused = type(error)(
+                    f"{error}, appended as {where}: found on the GPU after the append returned, the layer "
+                    "holds them compressed; it refuses every call until reset()")
+                raise self._refused
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """:meth:`append` of a chunk already checked."""
@@ -449,6 +497,7 @@ class LayerCache(LayerState):
         Sink, then every span decompressed on its own (no decompressed span is kept), then the
         tail. For attention, :meth:`attend` avoids materializing this.
         """
+        self.settle(wait=False)
         if self.layout is None:
             raise CacheError(f"layer {self.index} holds nothing yet: append a chunk first")
         ks, vs = [], []
@@ -532,6 +581,7 @@ class LayerCache(LayerState):
         methods; ``"read"`` decompresses the whole history (:meth:`read`) for
         ``scaled_dot_product_attention``.
         """
+        self.settle(wait=False)
         self._check_attend(q, extra, scale)
         if self.config.attention != "read":
             segments = self.attention_segments(extra)
@@ -617,6 +667,7 @@ class LayerCache(LayerState):
         """Move everything stored to ``device`` (in place) and return this layer, as
         ``torch.nn.Module.to`` does (so ``layer.to(device)`` can stand where a tensor's would)."""
         device = torch.device(device)
+        self.settle()
 
         def move(c: Chunk) -> Chunk:
             return Chunk(c.k.to(device), c.v.to(device), c.start)
@@ -699,16 +750,23 @@ class KVCache:
         if not requests:
             return
         cfg = self.config
-        if cfg.validate:  # the values of every chunk with one read-back (an append re-checks none of them)
+        check = None
+        if cfg.validate:  # every chunk's values in one reduction (an append re-checks none of them)
             named = [(f"layer {i}: {name}", t) for i in requests for name, t in zip("kv", chunks[i])]
             try:
-                check_kv_values(named[0][0], named[0][1], *named[1:])
+                check = check_kv_values_later(named[0][0], named[0][1], *named[1:])
             except (NonFiniteError, ValueRangeError):
                 return  # each append checks its own chunk and names the bad one
         done = cfg.span_policy.compress_many([chunks[i] for i in requests], warm_starts=[r[1] for r in requests.values()],
                                              backend=cfg.backend, validate=False)
-        for (index, (key, warm)), ckv in zip(requests.items(), done):
-            self.layers[index]._ahead = (key, warm, ckv)
+        for j, ((index, (key, warm)), ckv) in enumerate(zip(requests.items(), done)):
+            self.layers[index]._ahead = (key, warm, ckv, None if check is None else (check, (2 * j, 2 * j + 1)))
+
+    def settle(self) -> None:
+        """Wait for every layer's pending value checks (:meth:`LayerCache.settle`), raising the
+        first failure."""
+        for layer in self.layers:
+            layer.settle()
 
     def _held(self, index: int, extra: object = None) -> LayerCache:
         """:meth:`layer` for reading: a layer never appended to (without ``extra`` to attend to)

@@ -590,3 +590,74 @@ def test_a_chunk_that_requires_grad_is_refused_not_detached():
     with torch.no_grad():
         cache.append(0, k, k)
     assert cache.layer(0).tokens == 8
+
+
+@pytest.fixture
+def deferred_checks(monkeypatch):
+    """Value checks deferred as on a GPU (:class:`qkv.validation.PendingCheck`), with verdicts
+    that arrive only when ``arrived[0]`` is set: what a CUDA device does, on the CPU."""
+    arrived = [False]
+    monkeypatch.setattr(qkv.validation, "deferred", lambda t: True)
+    ready = qkv.validation.PendingCheck.ready
+    monkeypatch.setattr(qkv.validation.PendingCheck, "ready", lambda self: arrived[0] and ready(self))
+    return arrived
+
+
+def test_a_deferred_value_check_refuses_the_layer_once_it_arrives(deferred_checks, monkeypatch):
+    """On a GPU an append does not wait for its chunk's value check: a bad chunk is stored, the
+    next call after the verdict has arrived raises the typed error naming the chunk's tokens, and
+    every later call raises it again until reset(); nothing is read back while it is on its way."""
+    cache = KVCache(QVG, num_layers=2, span_chunks=1)
+    chunks = stream(8, [16] * 3)
+    cache.append(0, *chunks[0])
+    k, v = (t.clone() for t in chunks[1])
+    k[0, 1, 2, 3] = float("inf")
+    reads = []
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", lambda self: reads.append(self) or [])
+        cache.append(0, k, v)  # stored: the verdict is on its way
+        cache.append(1, *chunks[0])
+    assert reads == [] and cache.layer(0).tokens == 32
+    cache.attend(0, torch.randn(1, 2, 4, 64))  # not arrived yet: nothing to raise
+    deferred_checks[0] = True
+    for call in (lambda: cache.attend(0, torch.randn(1, 2, 4, 64)), lambda: cache.append(0, *chunks[2]),
+                 lambda: cache.read(0), cache.state_dict):
+        with pytest.raises(NonFiniteError, match=r"layer 0: k holds NaN/Inf values, appended as tokens 16\.\.31.*reset\(\)"):
+            call()
+    cache.layer(1).settle()  # the other layer is fine
+    cache.layer(0).reset()
+    cache.append(0, *chunks[0])
+    cache.settle()
+
+
+def test_state_leaves_a_layer_only_after_its_value_checks(deferred_checks):
+    """``state_dict`` (and ``to``) wait for the checks still on their way: a bad chunk never
+    leaves in a saved state, even when its verdict had not arrived."""
+    cache = KVCache(QVG, num_layers=1, span_chunks=1)
+    k, v = (t.clone() for t in stream(9, [16])[0])
+    v[0, 0, 0, 0] = float("nan")
+    cache.append(0, k, v)
+    with pytest.raises(NonFiniteError, match="layer 0: v holds NaN/Inf values, appended as tokens 0..15"):
+        cache.state_dict()
+    with pytest.raises(NonFiniteError):
+        cache.to("cpu")
+
+
+def test_a_deferred_check_of_a_pass_compressed_ahead_blames_only_its_layer(deferred_checks):
+    """``compress_ahead`` checks every chunk of the pass in one reduction; when it is deferred,
+    each layer that stores its chunk takes its own part of the verdict: the bad chunk's layer is
+    refused, the others are not."""
+    cache = KVCache(QVG, num_layers=3, span_chunks=1, sink_chunks=1)
+    for i, (k, v) in enumerate(stream(10, [16] * 3)):
+        cache.append(i, k, v)
+    chunks = dict(enumerate(stream(11, [16] * 3)))
+    chunks[2][1][0, 1, 0, 0] = float("nan")
+    cache.compress_ahead(chunks)
+    assert all(cache.layer(i)._ahead is not None for i in range(3))
+    for i, (k, v) in chunks.items():
+        cache.append(i, k, v)
+    deferred_checks[0] = True
+    cache.layer(0).settle()
+    cache.layer(1).settle()
+    with pytest.raises(NonFiniteError, match="layer 2: v holds NaN/Inf values, appended as tokens 16..31"):
+        cache.settle()

@@ -422,7 +422,7 @@ def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch, comp
     pipe = Pipeline("causal", model)
     policy = qkv.build_policy("qvg", clusters=4, block=16)
     passes = compress_passes
-    checks, check = [], qkv.caches.kvcache.check_kv_values
+    checks, check = [], qkv.caches.kvcache.check_kv_values_later
 
     def counting_checks(*args):
         checks.append(len(args))
@@ -431,7 +431,7 @@ def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch, comp
     runs = []
     for one_pass in (False, True):
         with monkeypatch.context() as m, self_forcing.install(pipe, policy) as handle:
-            m.setattr(qkv.caches.kvcache, "check_kv_values", counting_checks)
+            m.setattr(qkv.caches.kvcache, "check_kv_values_later", counting_checks)
             m.setattr(qkv.caches.layer_state, "check_kv_values", counting_checks)
             if not one_pass:
                 m.setattr(self_forcing.SelfForcingBlockCache, "_compress_finished", lambda self: None)

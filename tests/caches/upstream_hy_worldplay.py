@@ -295,7 +295,7 @@ class MMDoubleStreamBlock(nn.Module):
 
 def timestep_embedding(t, dim, max_period=10000):
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half).to(device=t.device)
     args = t[:, None].float() * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -434,7 +434,7 @@ def calculate_fov_overlap_similarity(w2c_matrix_curr, w2c_matrix_hist, fov_h_deg
     P_w_curr, P_w_hist = -R_curr.T @ t_curr, -R_hist.T @ t_hist
     pitch_curr, yaw_curr = rotation_matrix_to_angles(R_curr)
     pitch_hist, yaw_hist = rotation_matrix_to_angles(R_hist)
-    fov_half_h, fov_half_v = torch.tensor(fov_h_deg / 2.0), torch.tensor(fov_v_deg / 2.0)
+    fov_half_h, fov_half_v = torch.tensor(fov_h_deg / 2.0, device=device), torch.tensor(fov_v_deg / 2.0, device=device)
     points_world = points_local + P_w_curr[None, :]
     in_fov_curr = is_inside_fov_3d_hv(points_world, P_w_curr[None, :], pitch_curr[None], yaw_curr[None], fov_half_h,
                                       fov_half_v)
