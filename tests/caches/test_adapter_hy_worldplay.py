@@ -222,10 +222,12 @@ def test_qvg_stays_close_and_stores_less(setup, reference):
     drift = [float((ours[:, :, c : c + 4] - reference[:, :, c : c + 4]).norm() / reference[:, :, c : c + 4].norm())
              for c in range(0, FRAMES, 4)]
     assert drift[0] < 1e-6  # chunk 0 reads no stored frame (fp32 rounding: the merge)
-    # 4 clusters, blocks of 16, 16-token clips: chunks 1-3 measured 0.32%, 0.36%, 0.83%; every chunk's
-    # latents feed the later chunks' memory, so the drift compounds (chunk 7: 16%, all: 6.3%)
-    assert 0 < max(drift[1:4]) < 0.02
-    assert float((ours - reference).norm() / reference.norm()) < 0.15
+    # 4 clusters, blocks of 16, 16-token clips: chunks 1-7 measured 0.20% ... 3.05% (all: 1.26%); every
+    # chunk's latents feed the later chunks' memory, so the drift compounds. The PRoPE stream is
+    # stored before its camera projection: stored projected, its error grew with the camera's
+    # distance from the origin (chunk 7: 16%, all: 6.3%)
+    assert 0 < max(drift[1:4]) < 0.01
+    assert max(drift) < 0.05 and float((ours - reference).norm() / reference.norm()) < 0.025
     fp32 = 2 * 2 * (FRAMES - 4) * TOKENS * 2 * 2 * HEADS * HEAD_DIM * 4  # branches, blocks, tokens, streams, K+V
     assert 0 < compressed * 2 < fp32
 
