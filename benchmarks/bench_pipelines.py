@@ -141,8 +141,8 @@ def profiled(on: bool, trace: str | None = None):
     if trace:
         prof.export_chrome_trace(trace)
     table = prof.key_averages()
-    if cuda:
-        print(table.table(sort_by="cuda_time_total", row_limit=25), flush=True)
+    if cuda:  # by own GPU time, deep enough to hold every kernel qkv adds
+        print(table.table(sort_by="self_cuda_time_total", row_limit=70, max_name_column_width=90), flush=True)
     print(table.table(sort_by="self_cpu_time_total", row_limit=25), flush=True)
 
 

@@ -9,7 +9,8 @@ start seeds span s with the centroids the cache kept for span s-1. This measures
            centroid) is <= the objective a cold k-means++ start reaches after n iterations,
 
 for n = 2, 5, 10, 20. The warm chain is what the cache does: span s-1 was itself warm-started and ran
-``CHAIN_ITERS`` iterations (the qvg preset's 5). All runs use tol=0 (no early stop), so every curve has
+``--chain-iters`` iterations (the qvg preset's 5 by default; ``kmeans(warm_iters=n)`` runs n), and
+``chain_rel`` is what the cache stores for span s: its objective after that many warm iterations. All runs use tol=0 (no early stop), so every curve has
 every iteration. C = 256 clusters (QVG). Cold starts: k-means++ (the kmeans default) and uniform
 random tokens (the reference's seeding, and the qvg presets' ``init=random``).
 
@@ -21,6 +22,7 @@ window = 1,500 tokens, the first 10 spans, all 6 heads). Sizes are cut to fit ~5
 (one thread: OMP_NUM_THREADS=1); ``--quick`` cuts further (stated in the output and JSON).
 
     python benchmarks/warm_start_kmeans.py            # writes benchmarks/results/warm_start_kmeans.json
+    python benchmarks/warm_start_kmeans.py --chain-iters 2   # ... warm_start_kmeans_chain2.json
 """
 
 from __future__ import annotations
@@ -78,14 +80,14 @@ def timed(fn):
     return result, time.perf_counter() - t0
 
 
-def measure(dataset: str, span: int, spans: int, heads: int) -> dict:
+def measure(dataset: str, span: int, spans: int, heads: int, chain_iters: int) -> dict:
     samples = load_dataset(dataset, progress=False)
     rows = []  # one dict per (layer, tensor, span >= 1, head)
     sec = {"init": 0.0, "inits": 0, "cold": 0.0, "cold_iters": 0, "warm": 0.0, "warm_iters": 0}
     for sample in samples:
         for name, t in (("k", sample.k), ("v", sample.v)):
             x = t[0, :heads, : span * spans].float()  # [N, S, D]
-            chain = run(x[:, :span].contiguous(), CHAIN_ITERS)[0]  # the cache's first span: cold
+            chain = run(x[:, :span].contiguous(), CHAIN_ITERS, init="random")[0]  # the first span: cold, as qvg
             for s in range(1, spans):
                 xs = x[:, s * span : (s + 1) * span].contiguous()
                 t0 = time.perf_counter()
@@ -118,10 +120,11 @@ def measure(dataset: str, span: int, spans: int, heads: int) -> dict:
                             "cold_rel": [round(float(cold[i, h] / energy[h]), 7) for i in REPORT_ITERS],
                             "warm_rel": [round(float(warm[i, h] / energy[h]), 7) for i in REPORT_ITERS],
                             "random_rel": [round(float(rand[i, h] / energy[h]), 7) for i in REPORT_ITERS],
+                            "chain_rel": round(float(warm[chain_iters, h] / energy[h]), 7),
                         }
                     )
-                # the chain continues as the cache would: CHAIN_ITERS warm iterations
-                chain = run(xs, CHAIN_ITERS, init_centroids=chain)[0]
+                # the chain continues as the cache would: chain_iters warm iterations
+                chain = run(xs, chain_iters, init_centroids=chain)[0]
     label = samples[0].label.split(" L0")[0]
     return {"dataset": dataset, "label": label, "tokens_per_span": span, "spans": spans, "heads": heads,
             "rows": rows, "seconds": sec}
@@ -155,6 +158,11 @@ def summarize(result: dict) -> dict:
     for key in ("cold_rel", "warm_rel", "random_rel"):
         cols = list(zip(*(r[key] for r in rows)))
         means[key] = {str(i): statistics.fmean(c) for i, c in zip(REPORT_ITERS, cols)}
+    # what the cache stores (chain_iters warm iterations) over the reference's 5 random-seeded ones
+    five = REPORT_ITERS.index(5)
+    chain = {"mean_rel": statistics.fmean(r["chain_rel"] for r in rows),
+             "over_random5": statistics.fmean(r["chain_rel"] / r["random_rel"][five] for r in rows),
+             "over_cold5": statistics.fmean(r["chain_rel"] / r["cold_rel"][five] for r in rows)}
     sec = result["seconds"]
     timing = {
         "cold_init_ms_per_run": 1e3 * sec["init"] / max(sec["inits"], 1),
@@ -162,7 +170,7 @@ def summarize(result: dict) -> dict:
         "warm_ms_per_iter": 1e3 * sec["warm"] / max(sec["warm_iters"], 1),
     }
     return {"by_target": out, "mean_relative_objective": means, "warm_over_cold_same_iters": same_iters,
-            "timing": timing}
+            "chain": chain, "timing": timing}
 
 
 def fmt(iters: float) -> str:
@@ -173,22 +181,27 @@ def fmt(iters: float) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer spans and heads")
-    parser.add_argument("--out", type=pathlib.Path, default=OUT)
+    parser.add_argument("--chain-iters", type=int, default=CHAIN_ITERS,
+                        help="warm iterations of every span after the first (kmeans warm_iters)")
+    parser.add_argument("--out", type=pathlib.Path,
+                        help="default: results/warm_start_kmeans.json, or ..._chain<N>.json for another --chain-iters")
     args = parser.parse_args()
+    if args.out is None:
+        args.out = OUT if args.chain_iters == CHAIN_ITERS else OUT.with_name(f"{OUT.stem}_chain{args.chain_iters}.json")
     torch.manual_seed(0)
     setups = QUICK if args.quick else SETUPS
-    report = {"clusters": CLUSTERS, "chain_iters": CHAIN_ITERS, "max_iters": MAX_ITERS, "quick": args.quick,
+    report = {"clusters": CLUSTERS, "chain_iters": args.chain_iters, "max_iters": MAX_ITERS, "quick": args.quick,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "datasets": {}}
     for dataset, (span, spans, heads) in setups.items():
         t0 = time.perf_counter()
-        result = measure(dataset, span, spans, heads)
+        result = measure(dataset, span, spans, heads, args.chain_iters)
         result["summary"] = summarize(result)
         result["wall_seconds"] = round(time.perf_counter() - t0, 1)
         report["datasets"][dataset] = result
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=1))
 
-    print(f"k-means C={CLUSTERS}: warm (chain of {CHAIN_ITERS}-iteration warm spans) vs cold; tol=0")
+    print(f"k-means C={CLUSTERS}: warm (chain of {args.chain_iters}-iteration warm spans) vs cold; tol=0")
     for dataset, result in report["datasets"].items():
         summ = result["summary"]
         print(f"\n{result['label']}: {result['spans']} spans x {result['tokens_per_span']:,} tokens, "
@@ -209,6 +222,9 @@ def main() -> None:
         for ref in ("cold", "random"):
             print(f"  vs {'k-means++' if ref == 'cold' else 'random':>9}: " + "  ".join(
                 f"{i} it {ratio[f'{ref}{i}']:.4f}" for i in REPORT_ITERS))
+        ch = summ["chain"]
+        print(f"stored ({args.chain_iters} warm iterations): objective / variance {ch['mean_rel']:.4f}, "
+              f"{ch['over_random5']:.4f}x the reference's (random, 5) and {ch['over_cold5']:.4f}x k-means++'s (5)")
         tm = summ["timing"]
         print(f"time: k-means++ init {tm['cold_init_ms_per_run']:.0f} ms/run, iteration {tm['cold_ms_per_iter']:.0f} ms "
               f"(cold) / {tm['warm_ms_per_iter']:.0f} ms (warm); wall {result['wall_seconds']} s")

@@ -56,6 +56,7 @@ OVERRIDES = {
     "scale": "scale format: fp32, fp16, bf16, fp8",
     "clusters": "clusters per stage (kmeans, faiss)",
     "iters": "k-means iterations (kmeans, faiss)",
+    "warm_iters": "k-means iterations of a span warm-started from the previous one's centroids (kmeans)",
     "seed": "clustering seed (kmeans, faiss)",
     "stages": "number of grouping + smoothing stages (1 = single)",
     "window": "newest tokens kept in full precision",
@@ -73,7 +74,7 @@ def _override_tensor(policy: TensorPolicy, key: str, value: object) -> TensorPol
         if not policy.quantizer.has_param(key):
             return None
         return dataclasses.replace(policy, quantizer=policy.quantizer.replace(**{key: value}))
-    if key in ("clusters", "iters", "seed"):
+    if key in ("clusters", "iters", "warm_iters", "seed"):
         if not policy.grouping.has_param(key):
             return None
         return dataclasses.replace(policy, grouping=policy.grouping.replace(**{key: value}))

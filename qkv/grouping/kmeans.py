@@ -263,6 +263,9 @@ class KMeansGrouper(ClusteringGrouper):
     (``init=kmeans++``) and more iterations lower the error by a few percent at several times the
     time (rows ``qvg+kmeans++`` and ``qvg-ref`` of ``qkv eval``, docs/eval.md); ``init=kmeans||``
     seeds about as well as k-means++ in ~26 batched passes instead of C sequential ones.
+    ``warm_iters``: the Lloyd iterations of a warm-started grouping (a streaming cache seeds each
+    span with the previous span's centroids; default ``iters``): warm centroids need fewer
+    iterations for the same error (``benchmarks/warm_start_kmeans.py``, docs/policies.md).
     """
 
     name: ClassVar[str] = "kmeans"
@@ -270,10 +273,13 @@ class KMeansGrouper(ClusteringGrouper):
     tol: float = 1e-4
     init: str = "random"
     seed: int = 0
+    warm_iters: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_int("kmeans", "iters", self.iters, 0)
+        if self.warm_iters is not None:
+            check_int("kmeans", "warm_iters", self.warm_iters, 0)
         check_int("kmeans", "seed", self.seed, 0, SEED_MAX)
         check_choice("kmeans", "init", self.init, INITS)
         if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not 0 <= self.tol < math.inf:
@@ -283,7 +289,7 @@ class KMeansGrouper(ClusteringGrouper):
         result = kmeans(
             x,
             self.clusters,
-            self.iters,
+            self.iters if init is None or self.warm_iters is None else self.warm_iters,
             tol=self.tol,
             init=self.init,
             seed=self.seed,

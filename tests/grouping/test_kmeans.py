@@ -78,6 +78,25 @@ def test_warm_start_needs_fewer_iterations():
     assert warm.objective[-1].sum() <= cold.objective[0].sum()
 
 
+def test_warm_iters_apply_to_warm_started_groupings_only(monkeypatch):
+    """``warm_iters`` sets the Lloyd iterations of a grouping seeded with centroids; a cold one
+    runs ``iters``; the spec keeps it and refuses a negative count."""
+    runs = []
+    module = importlib.import_module("qkv.grouping.kmeans")
+    real = module.kmeans
+    monkeypatch.setattr(module, "kmeans", lambda x, c, iters, **kw: runs.append(iters) or real(x, c, iters, **kw))
+    g = GROUPING.build("kmeans(clusters=8,warm_iters=2)")
+    assert g == KMeansGrouper(clusters=8, warm_iters=2) and g.token == "kmeans(clusters=8,warm_iters=2)"
+    x = clustered(s=64)
+    cold = g.group(x)
+    g.group(x, cold.centroids)
+    KMeansGrouper(clusters=8).group(x, cold.centroids)
+    assert runs == [5, 2, 5]
+    assert qkv.build_policy("qvg", warm_iters=3).k.grouping.warm_iters == 3
+    with pytest.raises(ConfigError, match="warm_iters"):
+        KMeansGrouper(warm_iters=-1)
+
+
 def test_empty_clusters_and_degenerate_input():
     zeros = torch.zeros(1, 50, 4)
     res = kmeans(zeros, 8, 5)
