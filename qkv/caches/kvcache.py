@@ -28,8 +28,8 @@ State lives here, never in the policy (policies are stateless). With ``warm_star
 every span's k-means starts from the previous span's centroids of the same layer, head and tensor
 (the first span, and a span whose cluster count differs, start cold). ``benchmarks/warm_start_kmeans.py``
 measured it on real K/V against the qvg presets' cold start (random seeding, as the reference): on
-Wan video K/V warm reaches the cold error in 2.4x / 4.0x / 7.1x fewer iterations (cold 5 / 10 / 20),
-and at the presets' 5 iterations its objective is 4.6% (video) / 1.0% (speech encoder) lower. A span's
+Wan video K/V warm reaches the cold error in 2.0x / 2.7x / 4.6x fewer iterations (cold 5 / 10 / 20),
+and at the presets' 5 iterations its objective is 3.6% (video) / 0.7% (speech encoder) lower. A span's
 heads are compressed in one call, and a head's result never depends on which other heads share it
 (k-means's random draws are shared by all rows): that is what lets ranks that each hold some heads
 (``qkv.caches.sharding``) produce exactly the unsharded cache.
