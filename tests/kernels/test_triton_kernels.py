@@ -272,6 +272,32 @@ def test_kmeans_update_unbalanced_clusters():
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, s, d, c", [(3, 200, 16, 4), (2, 300, 64, 40), (1, 520, 128, 300)])
+def test_onehot_kmeans_update_matches_reference(dtype, n, s, d, c):
+    """The one-hot tensor-core update: the reference's counts exactly, its means to fp32 summation
+    order (the tokens' bf16 parts add up to them exactly), re-seeds and scales as the reference,
+    the same bits on every run, a cluster holding most tokens included."""
+    from qkv.kernels.triton.kmeans import update_triton_onehot
+
+    g = gen(d + c)
+    x = torch.randn(n, s, d, generator=g, device=DEVICE).to(dtype)
+    assign = torch.randint(0, c - 1, (n, s), generator=g, device=DEVICE)  # cluster c-1 is empty
+    assign[:, : s // 2] = 0  # most tokens in one cluster
+    assign[(assign == 1) | (assign == 2)] = 0  # empty clusters 1 and 2 too
+    old = torch.randn(n, c, d, generator=g, device=DEVICE)
+    reseed = torch.randint(0, s, (n, 2), generator=g, device=DEVICE)
+    scale = torch.tensor([2.0**-40, 1.0, 2.0**30][:n], device=DEVICE)
+    for kw in ({}, {"reseed": reseed}, {"reseed": reseed, "scale": scale}):
+        ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch", **kw)
+        out, counts = update_triton_onehot(x, assign, old, **kw)
+        assert torch.equal(counts, ref_counts)
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+        assert torch.equal(update_triton_onehot(x, assign, old, **kw)[0], out)
+    rows = torch.arange(n, device=DEVICE)
+    assert torch.equal(out[:, 1], x[rows, reseed[:, 0]].float() * scale.view(-1, 1))  # the first empty cluster
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kmeans_ops_scale_each_row_as_they_read_it(dtype):
     """``scale`` (a power of two per row) gives on both backends exactly what the same op gives on

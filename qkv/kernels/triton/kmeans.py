@@ -14,9 +14,12 @@
   that fixed order in UPDATE_PIECES parts at once, and the parts are added in order; empty
   clusters are re-seeded by the kernel that adds the parts. Results differ from the
   reference only by fp32 summation order, and are bit-identical from run to run.
+  ``update_triton_onehot`` sums without the sort, as one-hot products on the tensor cores.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -32,6 +35,10 @@ from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 # update's share of an encode on balanced clusters).
 UPDATE_TOKENS = 32
 UPDATE_PIECES = 8
+# The one-hot update: tokens per tile, clusters per program, programs per multiprocessor to aim for
+SUM_TOKENS = 64
+SUM_CLUSTERS = 64
+SUM_WAVES = 4
 
 
 @triton.jit
@@ -251,5 +258,138 @@ def update_triton(
         x, f, parts, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
         s, c, d, 1 if reseed is None else reseed.shape[1], HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None,
         **sizes, BLOCK_C=block_c, num_warps=4,
+    )
+    return new, counts
+
+
+@triton.jit
+def _cluster_sum_kernel(
+    x_ptr, f_ptr, a_ptr, sum_ptr, cnt_ptr, S, C, D, per_split,
+    PARTS: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Tokens p * per_split .. of row n, clusters of block cb: each cluster's sum of its tokens
+    (times the row's factor: HAS_SCALE) and their count, into sums[n, p, c] and counts[n, p, c],
+    as one-hot products on the tensor cores. The tokens go in as PARTS bf16 parts that add up to
+    them exactly (1 for bf16, 2 for fp16, 3 for fp32 tokens), so every product is exact and only
+    the fp32 sums round, in an order fixed by the tiles."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.program_id(2)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    f = 1.0
+    if HAS_SCALE:
+        f = tl.load(f_ptr + n)
+    acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    cnt = tl.zeros((BLOCK_C,), tl.float32)
+    lo = p * per_split
+    hi = tl.minimum(lo + per_split, S)
+    for t0 in range(lo, hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < hi
+        a = tl.load(a_ptr + n * S + t, mask=t_ok, other=-1)
+        hot = (a[None, :] == c[:, None]).to(tl.float32)  # [BLOCK_C, BLOCK_T]
+        cnt += tl.sum(hot, axis=1)
+        x = tl.load(x_ptr + (n * S + t[:, None]) * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = x.to(tl.float32) * f
+        if EMULATE:  # the interpreter has no bf16 dot: the same exact products in fp32
+            acc += tl.dot(hot, x, input_precision="ieee")
+        else:
+            hot = hot.to(tl.bfloat16)
+            if PARTS == 1:
+                acc = tl.dot(hot, x.to(tl.bfloat16), acc)
+            else:
+                high = round_to_bf16(x)
+                acc = tl.dot(hot, high.to(tl.bfloat16), acc)
+                rest = x - high
+                if PARTS == 2:
+                    acc = tl.dot(hot, rest.to(tl.bfloat16), acc)
+                else:
+                    mid = round_to_bf16(rest)
+                    acc = tl.dot(hot, mid.to(tl.bfloat16), acc)
+                    acc = tl.dot(hot, (rest - mid).to(tl.bfloat16), acc)
+    row = (n * tl.num_programs(2) + p) * C + c
+    c_ok = c < C
+    tl.store(sum_ptr + row[:, None] * D + d[None, :], acc, mask=c_ok[:, None] & d_ok[None, :])
+    tl.store(cnt_ptr + row, cnt, mask=c_ok)
+
+
+@triton.jit
+def _means_kernel(
+    x_ptr, f_ptr, sum_ptr, cnt_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, S, C, D, K,
+    SPLITS: tl.constexpr, HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One cluster: the sum of its splits' sums over its size, or - empty - the re-seed token
+    (the j-th empty cluster of the row takes reseed[n, min(j, K - 1)]) or the old centroid."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    split = (n * SPLITS + tl.arange(0, SPLITS)) * C
+    sums = tl.load(sum_ptr + (split[:, None] + c) * D + d[None, :], mask=d_ok[None, :], other=0.0)
+    count = tl.sum(tl.load(cnt_ptr + split + c), axis=0)
+    mean = tl.math.div_rn(tl.sum(sums, axis=0), tl.maximum(count, 1.0))
+    if count > 0:
+        out = mean
+    elif HAS_RESEED:
+        j = tl.arange(0, BLOCK_C)  # its rank among the empty clusters: the empty ones below c
+        size = tl.sum(tl.load(cnt_ptr + split[:, None] + j[None, :], mask=(j < C)[None, :], other=1.0), axis=0)
+        rank = tl.minimum(tl.sum(((size == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
+        tok = tl.load(reseed_ptr + n * K + rank)
+        out = tl.load(x_ptr + (n * S + tok) * D + d, mask=d_ok, other=0.0).to(tl.float32)
+        if HAS_SCALE:
+            out = out * tl.load(f_ptr + n)
+    else:
+        out = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
+    tl.store(new_ptr + (n * C + c) * D + d, out, mask=d_ok)
+    tl.store(count_ptr + n * C + c, count)
+
+
+@functools.cache
+def _multiprocessors(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def update_triton_onehot(
+    x: torch.Tensor,
+    assignments: torch.Tensor,
+    centroids: torch.Tensor,
+    reseed: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`update_triton` without the sort (deterministic, as exact): per-cluster sums as
+    one-hot products on the tensor cores, the tokens cut into splits when the rows and cluster
+    blocks alone would not fill the GPU (SUM_WAVES programs per multiprocessor), then one program
+    per cluster adds its splits in order. Its cost does not depend on the cluster sizes; it is the
+    candidate to replace the sorted sums once ``benchmarks/bench_kmeans_update.py`` has measured
+    both on a GPU (docs/kernels.md)."""
+    x, assignments = x.contiguous(), assignments.contiguous()
+    f = x if scale is None else scale.float().contiguous()
+    n, s, d = x.shape
+    c = centroids.shape[1]
+    block_d = max(16, triton.next_power_of_2(d))
+    block_c = min(SUM_CLUSTERS, max(16, triton.next_power_of_2(c)))
+    c_blocks = triton.cdiv(c, block_c)
+    programs = SUM_WAVES * (_multiprocessors(x.device.index or 0) if x.is_cuda else 1)
+    splits = 1
+    while n * c_blocks * splits < programs and s > 2 * splits * SUM_TOKENS:
+        splits *= 2
+    per_split = triton.cdiv(triton.cdiv(s, splits), SUM_TOKENS) * SUM_TOKENS
+    sums = torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device)
+    cnts = torch.empty(n, splits, c, dtype=torch.float32, device=x.device)
+    parts = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
+    _cluster_sum_kernel[(n, c_blocks, splits)](
+        x, f, assignments, sums, cnts, s, c, d, per_split, PARTS=parts, HAS_SCALE=scale is not None,
+        EMULATE=not x.is_cuda, BLOCK_T=SUM_TOKENS, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+    )
+    new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
+    counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
+    old = centroids.float().contiguous()
+    _means_kernel[(n, c)](
+        x, f, sums, cnts, old if reseed is None else reseed.contiguous(), old, new, counts, s, c, d,
+        1 if reseed is None else reseed.shape[1], SPLITS=splits, HAS_RESEED=reseed is not None,
+        HAS_SCALE=scale is not None, BLOCK_D=block_d, BLOCK_C=triton.next_power_of_2(c), num_warps=4,
     )
     return new, counts
