@@ -190,12 +190,14 @@ class LayerCache(LayerState):
     def load_state_dict(self, data: dict, device: str | torch.device = "cpu") -> None:
         """Replace the state by ``data`` (a :meth:`state_dict`, tensors on ``device``), after
         checking that it adds up (:func:`~qkv.caches.layer_state.from_state_dict`); raises
-        :class:`CorruptDataError` and leaves the layer unchanged if not."""
+        :class:`CorruptDataError` and leaves the layer unchanged if not. What the layer held goes,
+        with its pending value checks and a refusal (:meth:`settle`), as with :meth:`reset`."""
         state = from_state_dict(self.config, data, load_device(device), f"layer {self.index}")
         for f in dataclasses.fields(LayerState):
             setattr(self, f.name, getattr(state, f.name))
         self.buffer = TailBuffer()  # the next append copies the tail into a buffer
         self._forget_plan()
+        self._ahead, self._checks, self._refused = None, [], None
 
     # -- sizes ---------------------------------------------------------------------------------
     @property

@@ -625,6 +625,10 @@ def test_a_deferred_value_check_refuses_the_layer_once_it_arrives(deferred_check
         with pytest.raises(NonFiniteError, match=r"layer 0: k holds NaN/Inf values, appended as tokens 16\.\.31.*reset\(\)"):
             call()
     cache.layer(1).settle()  # the other layer is fine
+    good = KVCache(QVG, num_layers=1, span_chunks=1)
+    good.append(0, *chunks[0])
+    cache.layer(0).load_state_dict(good.layer(0).state_dict())  # a loaded state replaces the refused one
+    cache.layer(0).settle()
     cache.layer(0).reset()
     cache.append(0, *chunks[0])
     cache.settle()
