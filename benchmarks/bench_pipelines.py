@@ -59,7 +59,8 @@ Self-Forcing, 8 for AnyFlow-FAR's coarse context; each span carries its own cent
 spans cost bytes: at Self-Forcing sizes 165 MB per chunk with 1-chunk spans, 124 MB with 8),
 ``--policy`` the compressed policy (qvg), ``--option KEY=VALUE`` an option of the adapter's
 ``install`` (repeatable; e.g. ``blocks_per_pass=16``, or ``validate=False``: the cache's value
-checks and their read-backs off), ``--tiny`` a CPU smoke run at toy sizes.
+checks off), ``--override KEY=VALUE`` an override of the policy (repeatable; e.g.
+``warm_iters=3``), ``--tiny`` a CPU smoke run at toy sizes.
 """
 
 from __future__ import annotations
@@ -187,19 +188,25 @@ def compare(upstream: dict, ours: dict, up_run: Run, our_run: Run) -> dict:
     }
 
 
-def install_options(args) -> dict:
-    """Options for the adapter's ``install``: ``--span-chunks`` if given (else the adapter's
-    default) and every ``--option KEY=VALUE`` (a Python literal, else a string)."""
-    options = {} if args.span_chunks is None else {"span_chunks": args.span_chunks}
-    for item in args.option:
+def key_values(items: list[str], flag: str) -> dict:
+    """``KEY=VALUE`` items as a dict (each value a Python literal, else a string)."""
+    out = {}
+    for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"--option takes KEY=VALUE, got {item!r}")
+            raise SystemExit(f"{flag} takes KEY=VALUE, got {item!r}")
         try:
-            options[key] = ast.literal_eval(value)
+            out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            options[key] = value
-    return options
+            out[key] = value
+    return out
+
+
+def install_options(args) -> dict:
+    """Options for the adapter's ``install``: ``--span-chunks`` if given (else the adapter's
+    default) and every ``--option KEY=VALUE``."""
+    return {**({} if args.span_chunks is None else {"span_chunks": args.span_chunks}),
+            **key_values(args.option, "--option")}
 
 
 def span_chunks(cache: qkv.KVCache, chunk_tokens: int) -> int:
@@ -580,6 +587,8 @@ def main() -> None:
     parser.add_argument("--chunks", type=int, default=32)
     parser.add_argument("--policy", default="qvg")
     parser.add_argument("--clusters", type=int, help="k-means clusters per span (the policy's own if not given)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="an override of the policy (repeatable; qkv.build_policy's: e.g. warm_iters=3)")
     parser.add_argument("--profile-chunk", type=int,
                         help="print the profiler's top operators for this chunk of every rollout (slows that chunk; "
                              "SANA-WM: its refined block's forwards together)")
@@ -598,7 +607,8 @@ def main() -> None:
     dtype = torch.float32 if args.tiny else torch.bfloat16
     out = pathlib.Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    overrides = {"clusters": args.clusters} if args.clusters is not None else {}
+    overrides = {**({"clusters": args.clusters} if args.clusters is not None else {}),
+                 **key_values(args.override, "--override")}
     if args.tiny:  # head_dim 32 at toy sizes: smaller quantizer blocks and fewer clusters
         overrides = {"block": 16, "clusters": 8, **overrides}
     if overrides:
