@@ -107,13 +107,6 @@ def check_kv_values_later(name: str, x: torch.Tensor, *more: tuple[str, torch.Te
     return None
 
 
-def check_kv_tensor(name: str, x: object) -> torch.Tensor:
-    """Validate one K or V tensor: [B, H, S, D], fp32/fp16/bf16, S > 0, finite, |x| <= 2**120."""
-    check_kv_layout(name, x)
-    check_kv_values(name, x)
-    return x
-
-
 def check_kv_pair(k: object, v: object, values: bool = True) -> None:
     """Validate K and V together: each valid, same shape, same device; ``values``: also finite and
     in range (one read-back for both)."""

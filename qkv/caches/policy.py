@@ -29,7 +29,7 @@ from qkv.quantizers import BitPacker, Quantizer, Smoother, Staging
 from qkv.quantizers.packing import U8MSBPacker
 from qkv.quantizers.smoothing import NoSmoothing
 from qkv.quantizers.staging import SingleStage
-from qkv.validation import check_kv_pair, check_kv_tensor
+from qkv.validation import check_kv_layout, check_kv_pair, check_kv_values
 
 
 def _names(kind: type | tuple[type, ...]) -> str:
@@ -159,15 +159,19 @@ class TensorPolicy:
         warm_start: CompressedTensor | None = None,
         backend: str = "auto",
         name: str = "x",
+        validate: bool = True,
     ) -> CompressedTensor:
         """Compress ``x`` [B, H, S, D] (fp32/fp16/bf16).
 
         ``warm_start``: a previous :class:`CompressedTensor` of this policy whose centroids seed
-        the clustering of every stage (k-means warm start across chunks). Runs without autograd:
-        what is stored never holds a graph.
+        the clustering of every stage (k-means warm start across chunks). ``validate``: check
+        that the values are finite and in range (one read-back to the host). Runs without
+        autograd: what is stored never holds a graph.
         """
         _check_type("compress: warm_start", warm_start, (CompressedTensor, type(None)))
-        check_kv_tensor(name, x)
+        check_kv_layout(name, x)
+        if validate:
+            check_kv_values(name, x)
         self.check_shape(name, tuple(x.shape))
         return self._compress(x, self._warm(warm_start, x.shape[0] * x.shape[1]), backend)
 

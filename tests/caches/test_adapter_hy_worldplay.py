@@ -194,7 +194,9 @@ def test_lossless_rollout_matches_the_store_in_upstreams_layout(setup, reference
         text = sum(d["k_txt"].shape[2] for d in pipe._kv_cache + pipe._kv_cache_neg)
         assert mem.tokens == 2 * 2 * (FRAMES - 4) * TOKENS + text  # 2 branches x 2 blocks, all but the last chunk
         assert mem.tail == 2 * text * HEADS * HEAD_DIM * 4 and mem.reserved == 0  # the text K/V, exact; no buffers
-        assert store.cache.layer(0).layout.batch == 2  # the RoPE and PRoPE streams of the one video
+        # the RoPE stream's keys and the values in the cache, the PRoPE keys beside it: 3 tensors, not 4
+        assert store.cache.layer(0).layout.batch == 1 and len(store.prope_keys[0]) == CHUNKS - 1
+        assert mem.compressed == 2 * 2 * (FRAMES - 4) * TOKENS * 3 * HEADS * HEAD_DIM * 4
         with pytest.raises(AssertionError, match="whole history"):
             store.cache.read(0)  # the guard is live
     assert {s for _, s in shifts} > {0}  # packed positions moved stored clips: queries were shifted
@@ -247,9 +249,11 @@ def test_the_store_reads_clips_whole():
     store = adapter.FrameStore(KVCache("fp32", num_layers=1, span_chunks=1), frames_per_span=4)
     clips = store.begin([8, 9, 10, 11, 20, 21], [4, 5, 6, 7, 8, 9])
     assert clips == [(8, 9, 10, 11), (20, 21)]  # cut at 4 frames and where the frames jump
-    k = torch.randn(2, 2, 6 * TOKENS, HEAD_DIM)
-    store.append(0, clips, k, k)
+    k = torch.randn(1, 2, 6 * TOKENS, HEAD_DIM)
+    store.append(0, clips, k, k, 2 * k)
     assert [sp.tokens for sp in store.cache.layer(0).spans] == [16, 8] and store.cache.layer(0).memory().reserved == 0
+    assert [ct.shape[2] for ct in store.prope_keys[0]] == [16, 8]
+    assert store.memory().compressed == 3 * k.numel() * 4 and store.memory().tokens == 6 * TOKENS
     assert store.reads({8: 0, 9: 1, 10: 2, 11: 3, 20: 6, 21: 7}) == [(0, 4), (1, 2)]
     with pytest.raises(CacheError, match="frames_per_span=1"):
         store.reads({8: 0, 9: 1})

@@ -55,9 +55,11 @@ import torch
 from einops import repeat
 
 from qkv import kernels
-from qkv.caches.adapters.handle import AdapterHandle
+from qkv.caches.adapters.handle import AdapterHandle, pending_memory
+from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache
-from qkv.caches.policy import Policy
+from qkv.caches.policy import Policy, TensorPolicy
+from qkv.compressed import CompressedTensor
 from qkv.component import check_int
 from qkv.errors import CacheError, ConfigError, ShapeError
 from qkv.kernels.attention import sdpa_with_lse
@@ -95,9 +97,11 @@ class FrameStore:
     """Compressed K/V of video frames for every double block, keyed by frame index.
 
     ``cache`` has a layer per block and a span per clip (consecutive frames, at most
-    ``frames_per_span``, stored by one pass; compressed once, when stored). K/V rows are the RoPE
-    stream, then the PRoPE stream before its camera projection: [2B, H, tokens, D]. ``clips[s]``: the frames of span s;
-    ``positions[f]``: the RoPE time position frame f's keys were roped at."""
+    ``frames_per_span``, stored by one pass; compressed once, when stored): the RoPE stream's
+    roped keys and the values [B, H, tokens, D]. ``prope_keys[block][s]``: span s's PRoPE keys
+    before their camera projection, compressed by the cache's policy for keys (the PRoPE stream's
+    values before the projection are the values: stored once). ``clips[s]``: the frames of span
+    s; ``positions[f]``: the RoPE time position frame f's keys were roped at."""
 
     def __init__(self, cache: KVCache, frames_per_span: int) -> None:
         self.cache, self.frames_per_span = cache, frames_per_span
@@ -108,6 +112,16 @@ class FrameStore:
         self.clips: list[tuple[int, ...]] = []
         self.span_of: dict[int, int] = {}
         self.positions: dict[int, int] = {}
+        self.prope_keys: dict[int, list[CompressedTensor]] = {}
+
+    def memory(self) -> CacheMemory:
+        """The cache's bytes plus the PRoPE keys' (their elements counted; their tokens are the
+        cache's)."""
+        mem = self.cache.memory()
+        for cts in self.prope_keys.values():
+            for ct in cts:
+                mem = mem + CacheMemory(compressed=ct.nbytes, elements=math.prod(ct.shape))
+        return mem
 
     def begin(self, frames: list[int], positions: list[int]) -> list[tuple[int, ...]]:
         """Register ``frames`` (one pass, roped at ``positions``) as new clips; returns them."""
@@ -123,16 +137,32 @@ class FrameStore:
         self.positions.update(zip(frames, positions))
         return [tuple(c) for c in clips]
 
-    def append(self, block: int, clips: list[tuple[int, ...]], k: torch.Tensor, v: torch.Tensor) -> None:
-        """Block ``block``'s K/V [2B, H, tokens, D] of the frames of ``clips``, a span per clip."""
+    def append(self, block: int, clips: list[tuple[int, ...]], k: torch.Tensor, v: torch.Tensor,
+               k_prope: torch.Tensor) -> None:
+        """Block ``block``'s RoPE keys, values and PRoPE keys before the projection [B, H, tokens, D]
+        of the frames of ``clips``, a span per clip. The PRoPE keys' values are not read back:
+        they come from the same pass as the keys the cache checks (``validate``)."""
         layer = self.cache.layer(block)
+        cfg = self.cache.config
+        keys = self.prope_keys.setdefault(block, [])
         per_frame = k.shape[2] // sum(len(c) for c in clips)
         at = 0
         for clip in clips:
             n = len(clip) * per_frame
             layer.append(k[:, :, at : at + n], v[:, :, at : at + n])
+            warm = keys[-1] if keys and cfg.warm_start else None
+            if warm is not None and warm.shape[:2] != k_prope.shape[:2]:
+                warm = None
+            keys.append(cfg.span_policy.k.compress(k_prope[:, :, at : at + n], warm_start=warm, backend=cfg.backend,
+                                                   name=f"block {block}: PRoPE keys", validate=False))
             at += n
         layer.trim()  # spans are compressed at once: no tail buffer kept
+
+    def clip(self, block: int, span: int, project) -> "_StoredClip":
+        """Stored span ``span`` of block ``block`` as :func:`_attend_each` reads it, its PRoPE
+        stream projected by ``project(k, v)``."""
+        return _StoredClip(self.cache.layer(block).spans[span], self.prope_keys[block][span],
+                           self.cache.config.span_policy.k, project)
 
     def reads(self, rank: dict[int, int]) -> list[tuple[int, int]]:
         """(span, RoPE shift) of every stored clip among the frames ``rank`` maps to their
@@ -151,17 +181,31 @@ class FrameStore:
         return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _StoredClip:
+    """A stored clip as an attention segment of both streams: ``materialize`` decompresses the
+    span (RoPE keys, values) and the PRoPE keys, projects the PRoPE keys and the values by
+    ``project(k, v)`` and returns [RoPE stream; PRoPE stream] K/V [2B, H, S, D]."""
+
+    span: kernels.CompressedSpan
+    prope_keys: CompressedTensor
+    policy: TensorPolicy
+    project: object
+
+    def materialize(self, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.span.materialize(backend)
+        k_prope, v_prope = self.project(self.policy.decompress(self.prope_keys, backend=backend), v)
+        return torch.cat([k, k_prope]), torch.cat([v, v_prope])
+
+
 @torch.compiler.disable
 def _attend_each(parts: list, backend: str) -> torch.Tensor:
-    """softmax attention over the keys of every (q [B, H, S, D], segment, project) of ``parts``
-    together, each segment with its own queries (the same rows and heads) and, unless ``project``
-    is None, its K/V replaced by ``project(k, v)`` once decompressed: one segment
-    decompressed at a time, the partial results merged by log-sum-exp. [B, H, S, D] fp32."""
+    """softmax attention over the keys of every (q [B, H, S, D], segment) of ``parts`` together,
+    each segment with its own queries (the same rows and heads): one segment decompressed at a
+    time, the partial results merged by log-sum-exp. [B, H, S, D] fp32."""
     state = None
-    for q, seg, project in parts:
+    for q, seg in parts:
         k, v = seg.materialize(backend)
-        if project is not None:
-            k, v = project(k, v)
         state = kernels.merge_partials(state, sdpa_with_lse(q, k, v, 1 / math.sqrt(q.shape[-1])), backend=backend)
         del k, v
     return state[0]
@@ -193,10 +237,10 @@ class ChunkReads:
                 theta=self.model.rope_theta, use_real=True, theta_rescale_factor=1)
         return self._freqs[shift]
 
-    def projection(self, span: int, rows: int):
-        """``project(k, v)`` for stored span ``span`` (:func:`_attend_each`): its K/V with the rows
-        from ``rows`` on (the PRoPE stream, stored before the projection) projected by upstream's ``prope_qkv`` with the cameras of the span's frames, as the pass that stored
-        them projected its own."""
+    def projection(self, span: int):
+        """``project(k, v)`` for stored span ``span``: its PRoPE keys and values [B, H, S, D],
+        stored before the projection, projected by upstream's ``prope_qkv`` with the cameras of
+        the span's frames, as the pass that stored them projected its own."""
         if span not in self._cameras:
             video, clip = self.video, list(self.store.clips[span])
             per_token = "B T M N->B (T H W) M N"
@@ -206,31 +250,30 @@ class ChunkReads:
         viewmats, ks = self._cameras[span]
 
         def project(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            _, k_prope, v_prope, _ = _module(self.model).prope_qkv(k[rows:], k[rows:], v[rows:], viewmats=viewmats, Ks=ks)
-            return torch.cat([k[:rows], k_prope]), torch.cat([v[:rows], v_prope])
+            _, k_prope, v_prope, _ = _module(self.model).prope_qkv(k, k, v, viewmats=viewmats, Ks=ks)
+            return k_prope, v_prope
 
         return project
 
     def attend(self, index: int, img_q, img_k, q, k, v, q_prope, k_prope, v_prope, store: bool):
         """``sequence_parallel_attention_vision`` for block ``index`` over [text, stored spans,
         own K/V]: q, k, v [B, S, H, D] roped (``img_q``, ``img_k`` before RoPE), the PRoPE ones
-        [B, H, S, D]; ``store``: keep the own K/V in the store (the PRoPE stream before its
-        projection: ``img_k``, ``v``). Returns (RoPE, PRoPE) outputs, [B, S, H * D] each."""
+        [B, H, S, D]; ``store``: keep the own K/V in the store (roped keys, values, and the PRoPE
+        keys before their projection: ``img_k``). Returns (RoPE, PRoPE) outputs, [B, S, H * D] each."""
         query, key, value = (torch.cat([a.transpose(1, 2), b], 0)  # [RoPE stream; PRoPE stream]
                              for a, b in ((q, q_prope), (k, k_prope), (v, v_prope)))
         b = q.shape[0]
         if store:
-            self.store.append(index, self.clips, torch.cat([key[:b], img_k.transpose(1, 2)], 0),
-                              torch.cat([value[:b], v.transpose(1, 2)], 0))
+            self.store.append(index, self.clips, key[:b], value[:b], img_k.transpose(1, 2))
         text = self.text[index]
         text_k, text_v = (repeat(text[name], "B H S D->(B R) H S D", R=2) for name in ("k_txt", "v_txt"))
-        parts = [(query, kernels.DenseKV(text_k, text_v), None), (query, kernels.DenseKV(key, value), None)]
-        layer, shifted = self.store.cache.layer(index), {0: query}
+        parts = [(query, kernels.DenseKV(text_k, text_v)), (query, kernels.DenseKV(key, value))]
+        shifted = {0: query}
         for span, shift in self.memory:
             if shift not in shifted:
                 moved = _module(self.model).apply_rotary_emb(img_q, img_q, self.freqs(shift), head_first=False)[0]
                 shifted[shift] = torch.cat([moved.transpose(1, 2), query[b:]], 0)
-            parts.append((shifted[shift], layer.spans[span], self.projection(span, b)))
+            parts.append((shifted[shift], self.store.clip(index, span, self.projection(span))))
         out = _attend_each(parts, self.store.cache.config.backend).to(query.dtype)
         out = out.transpose(1, 2).flatten(2)  # [2B, S, H * D]
         return out[:b], out[b:]
@@ -280,6 +323,13 @@ class WorldPlayHandle(AdapterHandle):
 
     def caches(self) -> list[KVCache]:
         return [] if self.removed else [s.cache for s in self.stores]
+
+    def memory(self) -> CacheMemory:
+        """Both stores (their caches and PRoPE keys) plus the text K/V upstream's dicts hold."""
+        held = CacheMemory()
+        for store in [] if self.removed else self.stores:
+            held = held + store.memory()
+        return held + pending_memory(self.pending())
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The text K/V upstream's dicts hold (exact)."""
