@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from qkv.dtypes import INPUT_DTYPES
-from qkv.errors import DeviceError, DTypeError, NonFiniteError, QKVError, ShapeError, ValueRangeError
+from qkv.errors import ConfigError, DeviceError, DTypeError, NonFiniteError, QKVError, ShapeError, ValueRangeError
 
 # Largest magnitude accepted: leaves room for sums, rotations and centroid differences in fp32.
 MAX_MAGNITUDE = 2.0**120
@@ -62,8 +62,8 @@ def check_kv_values(name: str, x: torch.Tensor, *more: tuple[str, torch.Tensor])
 
 def deferred(t: torch.Tensor) -> bool:
     """Whether the values of ``t`` are checked without waiting (:func:`check_kv_values_later`): on
-    a CUDA device (a read-back there waits for the queue to drain), outside graph capture."""
-    return t.is_cuda and not torch.cuda.is_current_stream_capturing()
+    a CUDA device, where a read-back waits for the queue to drain."""
+    return t.is_cuda
 
 
 class PendingCheck:
@@ -84,8 +84,11 @@ class PendingCheck:
         self._errors: list[QKVError | None] | None = None
 
     def ready(self) -> bool:
-        """Whether the verdict has arrived (never waits)."""
-        return self._errors is not None or self._event is None or self._event.query()
+        """Whether the verdict has arrived (never waits; while a CUDA graph is being captured,
+        where an event may not be queried, it has not)."""
+        if self._errors is not None or self._event is None:
+            return True
+        return not torch.cuda.is_current_stream_capturing() and self._event.query()
 
     def error(self, indices: Sequence[int] | None = None) -> QKVError | None:
         """The first failure among the tensors at ``indices`` (all: None), or None; waits for the
@@ -100,7 +103,11 @@ class PendingCheck:
 
 def check_kv_values_later(name: str, x: torch.Tensor, *more: tuple[str, torch.Tensor]) -> PendingCheck | None:
     """:func:`check_kv_values` without waiting for a GPU: a :class:`PendingCheck` when ``x`` is
-    :func:`deferred`, otherwise checked now (raising) and None."""
+    :func:`deferred`, otherwise checked now (raising) and None. Refused while a CUDA graph is being
+    captured: a replay would not check the values it is given."""
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ConfigError(f"{name}: a value check cannot be captured in a CUDA graph (a replay would not check "
+                          "the values it is given); capture with validate=False")
     if deferred(x):
         return PendingCheck([(name, x), *more])
     check_kv_values(name, x, *more)

@@ -665,3 +665,26 @@ def test_a_deferred_check_of_a_pass_compressed_ahead_blames_only_its_layer(defer
     cache.layer(1).settle()
     with pytest.raises(NonFiniteError, match="layer 2: v holds NaN/Inf values, appended as tokens 16..31"):
         cache.settle()
+
+
+def test_no_value_check_is_queried_or_made_while_a_graph_is_captured(deferred_checks, monkeypatch):
+    """While a CUDA graph is being captured (where an event may not be queried) a pending check
+    counts as not arrived, and an append that would check values is refused with a clear error."""
+    cache = KVCache(QVG, num_layers=1, span_chunks=1)
+    chunks = stream(12, [16] * 2)
+    cache.append(0, *chunks[0])
+    deferred_checks[0] = True
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    check = cache.layer(0)._checks[0][0]
+
+    class Event:  # what a CUDA event is to the check; querying it during capture is an error
+        def query(self):
+            raise AssertionError("an event was queried during capture")
+
+    check._event = Event()
+    assert not check.ready()
+    cache.attend(0, torch.randn(1, 2, 4, 64))  # looks at its checks without querying them
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    with pytest.raises(ConfigError, match="validate=False"):
+        cache.append(0, *chunks[1])
+
