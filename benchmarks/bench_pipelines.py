@@ -9,6 +9,11 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
   the cache (``CausalStreamInferencePipeline.inference_wo_batch``'s loop), global attention (the
   buffer holds the whole rollout). Upstream: its bf16 ``kv_cache`` dicts; qkv:
   ``qkv.adapters.streamdiffusionv2.install(model, policy)`` with meta-device dicts.
+- ``self_forcing_github``: Self-Forcing's own inference path (restated in
+  ``tests/caches/upstream_self_forcing.py``: its causal Wan model, wrapper, scheduler and
+  ``CausalInferencePipeline``) at the same sizes; its buffer holds 21 frames (7 chunks with global
+  attention, its rolling window of 21 frames beyond). Upstream: the pipeline's own dicts; qkv:
+  ``qkv.adapters.self_forcing.install(pipeline, policy)``.
 - ``anyflow_far``: diffusers' ``AnyFlowFARTransformer3DModel`` as
   ``nvidia/AnyFlow-FAR-Wan2.1-1.3B-Diffusers`` (Wan2.1-1.3B sizes, full_chunk_limit 3), chunk
   partition 1 + 3 x (chunks - 1) latent frames at 480 x 832, 4 read steps per chunk and the
@@ -290,6 +295,52 @@ def self_forcing(args, device, dtype) -> dict:
         "upstream_chunks": capacity(0, bf16_chunk),
         "qkv_chunks": capacity((span + 1) * bf16_chunk, mem.compressed / max(compressed_chunks, 1), span + 1),
     }
+    return result
+
+
+# -- Self-Forcing's GitHub pipeline (restated: tests/caches/upstream_self_forcing.py) -------------
+def self_forcing_github(args, device, dtype) -> dict:
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "caches"))
+    import upstream_self_forcing as upstream  # Self-Forcing is not pip-installable: its restatement
+
+    if args.tiny:
+        cfg = dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, text_len=8)
+        lat_h, lat_w = 8, 8
+    else:  # Wan2.1-1.3B, 480 x 832
+        cfg = dict(dim=1536, ffn_dim=8960, freq_dim=256, text_dim=4096, num_heads=12, num_layers=30, text_len=512)
+        lat_h, lat_w = 60, 104
+    frame, chunks = (lat_h // 2) * (lat_w // 2), args.chunks
+    # upstream's buffer holds 21 frames (32,760 tokens at 1.3B): 7 chunks with global attention; a
+    # longer rollout takes its rolling window of 21 frames
+    local = -1 if chunks <= 7 else 21
+    with made_in(device, dtype):
+        model = upstream.CausalWanModel(in_dim=16, out_dim=16, local_attn_size=local, **cfg).eval()
+        torch.nn.init.normal_(model.head.head.weight, std=0.02)  # upstream zero-initialises the head
+    pipe = upstream.CausalInferencePipeline(upstream.WanDiffusionWrapper(model))
+    pipe.num_transformer_blocks, pipe.frame_seq_length = cfg["num_layers"], frame
+    pipe.KV_HEADS, pipe.KV_HEAD_DIM = cfg["num_heads"], cfg["dim"] // cfg["num_heads"]
+    pipe.KV_TOKENS, pipe.TEXT_TOKENS = 21 * frame, cfg["text_len"]
+    gen = torch.Generator(device).manual_seed(0)
+    noise = torch.randn(1, 3 * chunks, 16, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
+    prompt = {"prompt_embeds": torch.randn(1, cfg["text_len"], cfg["text_dim"], generator=gen, device=device,
+                                           dtype=dtype)}
+
+    def rollout() -> Run:
+        run = Run(device)  # before the pipeline allocates its caches: the peak includes them
+        pipe.chunk_done, pipe.kv_cache1 = run.chunk_done, None
+        torch.manual_seed(1)  # the scheduler's re-noising draws: the same for both caches
+        with torch.no_grad():
+            pipe.inference(noise, prompt)
+        return run
+
+    up_run = twice(rollout)
+    up_bytes = sum(d[name].numel() * d[name].element_size() for d in pipe.kv_cache1 for name in ("k", "v"))
+    pipe.kv_cache1 = pipe.crossattn_cache = None
+    with qkv.adapters.self_forcing.install(pipe, args.policy, **install_options(args)) as handle:
+        our_run = twice(rollout, handle.reset)
+        mem = handle.memory()
+    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    result["local_attn_size"] = local
     return result
 
 
@@ -577,8 +628,8 @@ def hy_worldplay(args, device, dtype) -> dict:
     return result
 
 
-CLIENTS = {"self_forcing": self_forcing, "anyflow_far": anyflow_far, "sana_wm": sana_wm,
-           "longcat_video": longcat_video, "hy_worldplay": hy_worldplay}
+CLIENTS = {"self_forcing": self_forcing, "self_forcing_github": self_forcing_github, "anyflow_far": anyflow_far,
+           "sana_wm": sana_wm, "longcat_video": longcat_video, "hy_worldplay": hy_worldplay}
 
 
 def main() -> None:

@@ -19,8 +19,8 @@ def test_qkv_adapters_names_the_clients_and_loads_none_on_import():
             f"print(sorted(m for m in sys.modules if m.split('.')[0] in {roots}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
-    assert qkv.adapters.sana_wm.install is not None and qkv.adapters.hy_worldplay.install is not None
-    clients = "streamdiffusionv2, anyflow_far, sana_wm, flashdreams, longcat_video, hy_worldplay"
+    assert qkv.adapters.sana_wm.install is not None and qkv.adapters.self_forcing.install is not None
+    clients = "self_forcing, streamdiffusionv2, anyflow_far, sana_wm, flashdreams, longcat_video, hy_worldplay"
     with pytest.raises(AttributeError, match=f"clients: {clients}"):
         qkv.adapters.nope  # noqa: B018
 

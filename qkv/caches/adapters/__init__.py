@@ -29,7 +29,8 @@ import importlib
 # client name -> module, for ``qkv.adapters.<client>``
 CLIENTS = {
     name: f"qkv.caches.adapters.{name}"
-    for name in ("streamdiffusionv2", "anyflow_far", "sana_wm", "flashdreams", "longcat_video", "hy_worldplay")
+    for name in ("self_forcing", "streamdiffusionv2", "anyflow_far", "sana_wm", "flashdreams", "longcat_video",
+                 "hy_worldplay")
 }
 
 
