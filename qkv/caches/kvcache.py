@@ -286,8 +286,8 @@ class LayerCache(LayerState):
             error = check.error(indices)
             if error is not None:
                 self._refused = type(error)(
-                    f"{error}, appended as {where}: found on the GPU after the append returned, the layer "
-                    "holds them compressed; it refuses every call until reset()")
+                    f"{error}, appended as {where}: found on the GPU after the append returned, with the "
+                    "chunk stored; the layer refuses every call until reset()")
                 raise self._refused
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
