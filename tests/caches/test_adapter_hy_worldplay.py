@@ -245,6 +245,18 @@ def test_frames_per_span_reset_and_a_second_video(setup, reference):
         assert handle.memory().compressed == 0
 
 
+def test_prope_keys_start_warm_only_where_the_clusters_fit():
+    """A clip's PRoPE keys are clustered from the previous clip's centroids, unless the clip is
+    too short for as many clusters (then cold, as a cache span is)."""
+    store = adapter.FrameStore(KVCache(qkv.build_policy("qvg", clusters=8, block=16), num_layers=1, span_chunks=1),
+                               frames_per_span=4)
+    clips = store.begin([0, 1, 2, 3, 4, 6], [0, 1, 2, 3, 4, 5])
+    assert clips == [(0, 1, 2, 3), (4,), (6,)]
+    k = torch.randn(1, 2, 6 * TOKENS, HEAD_DIM)
+    store.append(0, clips, k, k, k + 1)  # 16 tokens, then 4 (fewer than 8 clusters), then 4
+    assert [ct.stages[0].centroids.shape[2] for ct in store.prope_keys[0]] == [8, 4, 4]
+
+
 def test_the_store_reads_clips_whole():
     store = adapter.FrameStore(KVCache("fp32", num_layers=1, span_chunks=1), frames_per_span=4)
     clips = store.begin([8, 9, 10, 11, 20, 21], [4, 5, 6, 7, 8, 9])

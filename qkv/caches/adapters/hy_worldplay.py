@@ -93,6 +93,13 @@ def _module(obj) -> types.ModuleType:
     return sys.modules[type(obj).__module__]
 
 
+def _warm_fits(tp: TensorPolicy, warm: CompressedTensor, shape: torch.Size) -> bool:
+    """Whether a span of ``shape`` [B, H, S, D] can start its clustering from ``warm``'s
+    centroids: the same batch and heads, and the groups a fresh clustering of S tokens makes."""
+    want = tp.predicted_groups(tp.quantized_length(shape[2]))
+    return warm.shape[:2] == shape[:2] and all(s.centroids is None or s.centroids.shape[2] == want for s in warm.stages)
+
+
 class FrameStore:
     """Compressed K/V of video frames for every double block, keyed by frame index.
 
@@ -144,17 +151,17 @@ class FrameStore:
         they come from the same pass as the keys the cache checks (``validate``)."""
         layer = self.cache.layer(block)
         cfg = self.cache.config
+        tp = cfg.span_policy.k
         keys = self.prope_keys.setdefault(block, [])
         per_frame = k.shape[2] // sum(len(c) for c in clips)
         at = 0
         for clip in clips:
             n = len(clip) * per_frame
             layer.append(k[:, :, at : at + n], v[:, :, at : at + n])
-            warm = keys[-1] if keys and cfg.warm_start else None
-            if warm is not None and warm.shape[:2] != k_prope.shape[:2]:
-                warm = None
-            keys.append(cfg.span_policy.k.compress(k_prope[:, :, at : at + n], warm_start=warm, backend=cfg.backend,
-                                                   name=f"block {block}: PRoPE keys", validate=False))
+            x = k_prope[:, :, at : at + n]
+            warm = keys[-1] if keys and cfg.warm_start and _warm_fits(tp, keys[-1], x.shape) else None
+            keys.append(tp.compress(x, warm_start=warm, backend=cfg.backend, name=f"block {block}: PRoPE keys",
+                                    validate=False))
             at += n
         layer.trim()  # spans are compressed at once: no tail buffer kept
 
