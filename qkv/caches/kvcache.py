@@ -376,13 +376,8 @@ class LayerCache(LayerState):
     def _warm_fits(self, warm: CompressedKV, shape: torch.Size) -> bool:
         """A warm start only for the batch and heads of a span of ``shape`` [B, H, S, D], with the
         groups a fresh clustering of its S tokens would have."""
-        for tp, ct in ((self.config.policy.k, warm.k), (self.config.policy.v, warm.v)):
-            want = tp.predicted_groups(tp.quantized_length(shape[2]))
-            if any(s.centroids is not None and s.centroids.shape[2] != want for s in ct.stages):
-                return False
-            if ct.shape[:2] != shape[:2]:
-                return False
-        return True
+        policy = self.config.policy
+        return policy.k.fits_warm_start(warm.k, shape) and policy.v.fits_warm_start(warm.v, shape)
 
     def _fitting(self, warm: CompressedKV | None, shape: torch.Size) -> CompressedKV | None:
         """``warm`` if a span of ``shape`` can start from it (:meth:`_warm_fits`), else None."""

@@ -144,6 +144,14 @@ class TensorPolicy:
         layout = fmt.layout(shape, dtype, groups)
         return sum(math.prod(size) * dt.itemsize for size, dt in layout.values())
 
+    def fits_warm_start(self, previous: CompressedTensor, shape: tuple[int, ...]) -> bool:
+        """Whether ``previous`` can warm-start the clustering of a tensor of ``shape``
+        [B, H, S, D]: the same batch and heads, and in every stage the groups a fresh clustering
+        of S tokens would make (fewer tokens than clusters make fewer groups)."""
+        want = self.predicted_groups(self.quantized_length(shape[2]))
+        return tuple(previous.shape[:2]) == tuple(shape[:2]) and all(
+            s.centroids is None or s.centroids.shape[2] == want for s in previous.stages)
+
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise :class:`ShapeError` if this policy cannot compress a [B, H, S, D] tensor."""
         try:

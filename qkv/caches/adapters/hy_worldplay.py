@@ -93,13 +93,6 @@ def _module(obj) -> types.ModuleType:
     return sys.modules[type(obj).__module__]
 
 
-def _warm_fits(tp: TensorPolicy, warm: CompressedTensor, shape: torch.Size) -> bool:
-    """Whether a span of ``shape`` [B, H, S, D] can start its clustering from ``warm``'s
-    centroids: the same batch and heads, and the groups a fresh clustering of S tokens makes."""
-    want = tp.predicted_groups(tp.quantized_length(shape[2]))
-    return warm.shape[:2] == shape[:2] and all(s.centroids is None or s.centroids.shape[2] == want for s in warm.stages)
-
-
 class FrameStore:
     """Compressed K/V of video frames for every double block, keyed by frame index.
 
@@ -159,7 +152,7 @@ class FrameStore:
             n = len(clip) * per_frame
             layer.append(k[:, :, at : at + n], v[:, :, at : at + n])
             x = k_prope[:, :, at : at + n]
-            warm = keys[-1] if keys and cfg.warm_start and _warm_fits(tp, keys[-1], x.shape) else None
+            warm = keys[-1] if keys and cfg.warm_start and tp.fits_warm_start(keys[-1], x.shape) else None
             keys.append(tp.compress(x, warm_start=warm, backend=cfg.backend, name=f"block {block}: PRoPE keys",
                                     validate=False))
             at += n
