@@ -80,7 +80,7 @@ class PendingCheck:
             self._host = torch.empty(peaks.shape, dtype=peaks.dtype, pin_memory=True)
             self._host.copy_(peaks, non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            self._event.record(torch.cuda.current_stream(peaks.device))  # the copy's stream, on its device
         self._errors: list[QKVError | None] | None = None
 
     def ready(self) -> bool:
