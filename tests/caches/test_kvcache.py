@@ -688,3 +688,22 @@ def test_no_value_check_is_queried_or_made_while_a_graph_is_captured(deferred_ch
     with pytest.raises(ConfigError, match="validate=False"):
         cache.append(0, *chunks[1])
 
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_an_append_makes_no_host_sync_and_a_bad_chunk_raises_later():
+    cache = KVCache("qvg", num_layers=1, span_chunks=1)
+    k = torch.randn(1, 8, 1024, 128, device="cuda", dtype=torch.bfloat16)
+    cache.append(0, k, k.clone())
+    bad = k.clone()
+    bad[0, 3, 5, 7] = float("nan")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        cache.append(0, bad, k.clone())  # a host sync here would raise
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(NonFiniteError, match="layer 0: k holds NaN/Inf values, appended as tokens 1024..2047"):
+        cache.settle()
+    cache.reset()
+    cache.append(0, k, k.clone())
+    cache.settle()
