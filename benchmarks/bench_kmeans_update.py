@@ -43,6 +43,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kmeans_update times kernels on a GPU: no CUDA device here")
     torch.manual_seed(0)
     rows = []
     for name, (n, s, d, c) in SHAPES.items():
