@@ -150,11 +150,11 @@ class FrameStore:
         at = 0
         for clip in clips:
             n = len(clip) * per_frame
-            layer.append(k[:, :, at : at + n], v[:, :, at : at + n])
             x = k_prope[:, :, at : at + n]
             warm = keys[-1] if keys and cfg.warm_start and tp.fits_warm_start(keys[-1], x.shape) else None
-            keys.append(tp.compress(x, warm_start=warm, backend=cfg.backend, name=f"block {block}: PRoPE keys",
-                                    validate=False))
+            ct = tp.compress(x, warm_start=warm, backend=cfg.backend, name=f"block {block}: PRoPE keys", validate=False)
+            layer.append(k[:, :, at : at + n], v[:, :, at : at + n])
+            keys.append(ct)  # once the layer took the clip: a span and its PRoPE keys, or neither
             at += n
         layer.trim()  # spans are compressed at once: no tail buffer kept
 
