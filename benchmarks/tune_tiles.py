@@ -1,4 +1,6 @@
-"""Find the decode kernel's tile on this GPU and (``--write``) record it in qkv's per-device table.
+"""Find a kernel's tile on this GPU and (``--write``) record it in qkv's per-device table.
+
+``--kernel decode`` (the default):
 
 Sweeps :class:`qkv.kernels.triton.tiles.DecodeTile` (keys per tile, warps, pipelining depths,
 keys per work item, waves) over the cases of ``bench_decode.py`` (Llama-3-8B attention: 32 query
@@ -15,6 +17,14 @@ sixteen):
         --out benchmarks/results/tune_tiles_h200.json --write
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --cases 1 4 --policies qvg kivi rtn \
         --out benchmarks/results/tune_tiles_many_rows_h200.json --write
+
+``--kernel dequantize`` sweeps :class:`qkv.kernels.triton.tiles.DequantizeTile` (values per
+program on the per-token fast path and on the others, warps) over the keys of ``SPANS``
+(LongCat-Video's condition span, a Self-Forcing history; bf16) compressed by qvg, qvg-pro and rtn
+(``--policies``), decompressed into a preallocated buffer, and writes one tile for any call:
+
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel dequantize \
+        --out benchmarks/results/tune_tiles_dequantize_h200.json --write
 """
 
 from __future__ import annotations
@@ -30,12 +40,18 @@ import torch
 from bench_decode import HEADS, HEAD_DIM, build, graph_timed, history
 from common import environment, write_json
 
+import qkv
 from qkv.kernels import CompressedSpan, SpanPlan
+from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
+from qkv.kernels.triton.quantize import dequantize_triton
 
 POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")
 CASES = ((1, 32 * 1024, 1), (1, 32 * 1024, 16), (1, 128 * 1024, 1), (8, 32 * 1024, 1), (8, 32 * 1024, 16))
+# the dequantize kernel's spans: LongCat-Video's condition span and a Self-Forcing history
+SPANS = {"longcat_video": (1, 32, 29640, 128), "self_forcing": (1, 12, 37440, 128)}
+DEQUANTIZE_POLICIES = ("qvg", "qvg-pro", "rtn")
 
 
 def planned(segments: list) -> list:
@@ -45,7 +61,7 @@ def planned(segments: list) -> list:
     return [SpanPlan(spans), *(s for s in segments if not isinstance(s, CompressedSpan))]
 
 
-def grid(quick: bool) -> list[tiles.DecodeTile]:
+def decode_grid(quick: bool) -> list[tiles.DecodeTile]:
     compiled = itertools.product((32, 64, 128), (4, 8), ((1,), (2, 1)))
     launch = itertools.product((256, 512), (2, 4, 8))
     if quick:
@@ -59,52 +75,91 @@ def grid(quick: bool) -> list[tiles.DecodeTile]:
     ]
 
 
+def dequantize_grid(quick: bool) -> list[tiles.DequantizeTile]:
+    fast, other, warps = (2048, 4096, 8192, 16384), (4096, 8192, 16384), (2, 4, 8)
+    if quick:
+        fast, other, warps = (4096, 8192), (8192,), (4, 8)
+    return [tiles.DequantizeTile(f, v, w) for f, v, w in itertools.product(fast, other, warps)]
+
+
+def decode_calls(args):
+    """(case, call(tile)) of the decode kernel over CASES x policies."""
+    for batch, tokens, sq in [CASES[i] for i in args.cases] if args.cases else CASES:
+        k, v = history(batch, tokens)
+        q = (torch.randn(batch, HEADS, sq, HEAD_DIM, device="cuda") * 0.5).bfloat16()
+        for policy in args.policies or POLICIES:
+            cache = build(policy, k, v)
+            segments = planned(cache.layer(0).segments())
+            yield (batch, tokens, sq, policy), lambda tile: decode_triton(q, segments, tile=tile)
+            del cache, segments
+        del k, v
+        torch.cuda.empty_cache()
+
+
+def dequantize_calls(args):
+    """(case, call(tile)) of the dequantize kernel: the keys of SPANS compressed by each policy,
+    decompressed into a preallocated buffer (what ``qkv.kernels.decompress`` launches)."""
+    for name, shape in SPANS.items():
+        x = (torch.randn(shape, device="cuda") + torch.randn(1, shape[1], 1, shape[3], device="cuda")).bfloat16()
+        for policy in args.policies or DEQUANTIZE_POLICIES:
+            ct = qkv.build_policy(policy).k.compress(x)
+            rows = QuantizedRows(*(None if t is None else t.flatten(0, 1) for t in (ct.codes, ct.scales, ct.zeros,
+                                                                                    ct.scale_mult)))
+            added = [i for i, st in enumerate(ct.stages) if st.centroids is not None]
+            centroids = [ct.stages[i].centroids.flatten(0, 1) for i in added]
+            assignments = [ct.stage_assignments(i) for i in added]
+            out = torch.empty(rows.codes.shape[0], ct.quantized_tokens, shape[3], dtype=ct.dtype, device="cuda")
+            yield (name, policy), lambda tile: dequantize_triton(
+                rows, ct.format.codes, ct.quantized_tokens, centroids, assignments, out_dtype=ct.dtype, out=out,
+                tile=tile)
+            del ct, rows, centroids, assignments, out
+        del x
+        torch.cuda.empty_cache()
+
+
+KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid, dequantize_calls)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=tuple(KERNELS), default="decode")
     parser.add_argument("--out", required=True)
     parser.add_argument("--write", nargs="?", const=str(tiles.TABLE), default=None, metavar="TABLE",
                         help="store the winner in this table (default qkv/kernels/triton/tiles.json)")
     parser.add_argument("--up-to", type=int, default=None,
-                        help="write the winner for calls of at most this many query rows per KV head")
-    parser.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (default all)")
+                        help="write the winner for calls of at most this many query rows per KV head (decode)")
+    parser.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (decode; default all)")
     parser.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
-    parser.add_argument("--policies", nargs="+", default=POLICIES)
+    parser.add_argument("--policies", nargs="+", default=None)
     args = parser.parse_args()
-    candidates = grid(args.quick)
-    default = tiles.DEFAULTS["decode"]
+    make_grid, calls = KERNELS[args.kernel]
+    candidates = make_grid(args.quick)
+    default = tiles.DEFAULTS[args.kernel]
     if default not in candidates:
         candidates.append(default)
     times: dict[tuple, list[float]] = {}
-    for batch, tokens, sq in [CASES[i] for i in args.cases] if args.cases else CASES:
-        k, v = history(batch, tokens)
-        q = (torch.randn(batch, HEADS, sq, HEAD_DIM, device="cuda") * 0.5).bfloat16()
-        for policy in args.policies:
-            cache = build(policy, k, v)
-            segments = planned(cache.layer(0).segments())
-            case = (batch, tokens, sq, policy)
-            times[case] = []
-            for tile in candidates:
-                try:
-                    t = graph_timed(lambda: decode_triton(q, segments, tile=tile))
-                except Exception as exc:  # noqa: BLE001 - a tile that does not compile or fit is skipped
-                    print(f"{case} {tile}: {type(exc).__name__}", flush=True)
-                    t = math.inf
-                times[case].append(t)
-            best = min(range(len(candidates)), key=lambda i: times[case][i])
-            print(json.dumps({"case": case, "best_ms": times[case][best], "best": dataclasses.asdict(candidates[best]),
-                              "default_ms": times[case][candidates.index(default)]}), flush=True)
-            del cache, segments
-        del k, v
-        torch.cuda.empty_cache()
+    for case, call in calls(args):
+        times[case] = []
+        for tile in candidates:
+            try:
+                t = graph_timed(lambda: call(tile))
+            except Exception as exc:  # noqa: BLE001 - a tile that does not compile or fit is skipped
+                print(f"{case} {tile}: {type(exc).__name__}", flush=True)
+                t = math.inf
+            times[case].append(t)
+        best = min(range(len(candidates)), key=lambda i: times[case][i])
+        print(json.dumps({"case": case, "best_ms": times[case][best], "best": dataclasses.asdict(candidates[best]),
+                          "default_ms": times[case][candidates.index(default)]}), flush=True)
     ratios = [sum(t[i] / min(t) for t in times.values()) / len(times) for i in range(len(candidates))]
     win = min(range(len(candidates)), key=ratios.__getitem__)
     result = {
-        "cases": [{"batch": b, "history": s, "queries": sq, "policy": p, "ms": t} for (b, s, sq, p), t in times.items()],
+        "kernel": args.kernel,
+        "cases": [{"case": list(case), "ms": t} for case, t in times.items()],
         "tiles": [dataclasses.asdict(c) for c in candidates],
         "mean_ratio_to_best": ratios,
         "winner": dataclasses.asdict(candidates[win]),
-        "winner_ms": {f"{b},{s},{sq},{p}": t[win] for (b, s, sq, p), t in times.items()},
-        "default_ms": {f"{b},{s},{sq},{p}": t[candidates.index(default)] for (b, s, sq, p), t in times.items()},
+        "winner_ms": {",".join(map(str, case)): t[win] for case, t in times.items()},
+        "default_ms": {",".join(map(str, case)): t[candidates.index(default)] for case, t in times.items()},
     }
     print(json.dumps({"winner": result["winner"], "mean_ratio": ratios[win],
                       "default_mean_ratio": ratios[candidates.index(default)]}), flush=True)
@@ -112,9 +167,10 @@ def main() -> None:
     if args.write:
         path = pathlib.Path(args.write)
         table = json.loads(path.read_text()) if path.exists() else {}
-        entries = [e for e in table.setdefault(environment()["gpu"], {}).get("decode", []) if e["up_to"] != args.up_to]
+        gpu = table.setdefault(environment()["gpu"], {})
+        entries = [e for e in gpu.get(args.kernel, []) if e["up_to"] != args.up_to]
         entries.append({"up_to": args.up_to, **result["winner"]})
-        table[environment()["gpu"]]["decode"] = sorted(entries, key=lambda e: math.inf if e["up_to"] is None else e["up_to"])
+        gpu[args.kernel] = sorted(entries, key=lambda e: math.inf if e["up_to"] is None else e["up_to"])
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 

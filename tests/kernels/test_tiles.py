@@ -1,4 +1,4 @@
-"""Per-device tiles (decode and fused attention kernels): the table's entry for a GPU's name wins
+"""Per-device tiles (decode, fused attention and dequantize kernels): the table's entry for a GPU's name wins
 over the default, the interpreter gets its own tile, and a tile passed explicitly is the one the
 decode kernel runs."""
 
@@ -16,7 +16,7 @@ from test_attention import assert_within_twice_the_torch_error, history, randn  
 
 
 def test_interpreter_tile_off_the_gpu():
-    for kernel in ("decode", "attention"):
+    for kernel in ("decode", "attention", "dequantize"):
         assert tiles.tile_for(kernel, torch.device("cpu"), 4) == tiles.INTERPRETER[kernel]
 
 
@@ -25,7 +25,8 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     few = {"up_to": 16, "block_n": 128, "piece": 512, "max_rows": 64, "warps": 8, "stages": [3, 2, 1], "waves": 8}
     many = {"up_to": None, "block_n": 32, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 2}
     prefill = {"up_to": None, "order": [[128, 64, 8, 2, 2]]}
-    table.write_text(json.dumps({"Some GPU": {"decode": [few, many], "attention": [prefill]}}))
+    dequantize = {"up_to": None, "fast_values": 8192, "values": 16384, "warps": 8}
+    table.write_text(json.dumps({"Some GPU": {"decode": [few, many], "attention": [prefill], "dequantize": [dequantize]}}))
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
     monkeypatch.setattr(tiles, "_gpu_tile", tiles._gpu_tile.__wrapped__)
@@ -35,6 +36,7 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     assert tiles.tile_for("decode", cuda, 16) == tiles.tile_for("decode", cuda, 4)
     assert tiles.tile_for("decode", cuda, 17) == tiles.DecodeTile(32, 256, 64, 4, (1,), 2)
     assert tiles.tile_for("attention", cuda, 4680).order == ((128, 64, 8, 2, 2),)
+    assert tiles.tile_for("dequantize", cuda, 0) == tiles.DequantizeTile(8192, 16384, 8)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Another GPU")
     assert tiles.tile_for("decode", cuda, 4) == tiles.DEFAULTS["decode"]
 
@@ -57,3 +59,25 @@ def test_explicit_tile_is_run(tile):
     segments = history("qvg", seed=5)
     q = randn(6, 1, 4, 3, 64)
     assert_within_twice_the_torch_error(decode_triton(q, segments, tile=tile), q, segments)
+
+
+@pytest.mark.parametrize("tile", [tiles.DequantizeTile(1024, 2048, 2), tiles.DequantizeTile(16384, 4096, 8)])
+@pytest.mark.parametrize("name", ["qvg", "qvg-pro", "kivi"])
+def test_explicit_dequantize_tile_decodes_the_same(tile, name):
+    """Any dequantize tile writes the same values as the device's (the tile only cuts the work)."""
+    import qkv
+    from qkv.kernels import quantize as kq
+    from qkv.kernels.triton.quantize import dequantize_triton
+
+    policy = qkv.build_policy(name, clusters=8) if name.startswith("qvg") else qkv.build_policy(name)
+    ct = policy.compress(randn(7, 1, 2, 320, 64), randn(8, 1, 2, 320, 64)).k  # past kivi's 128-token window
+    rows = kq.QuantizedRows(*(None if t is None else t.flatten(0, 1) for t in (ct.codes, ct.scales, ct.zeros,
+                                                                              ct.scale_mult)))
+    added = [i for i, s in enumerate(ct.stages) if s.centroids is not None]  # none for kivi
+    centroids = [ct.stages[i].centroids.flatten(0, 1) for i in added]
+    assignments = [ct.stage_assignments(i) for i in added]
+    q = ct.quantized_tokens
+    ours = dequantize_triton(rows, ct.format.codes, q, centroids, assignments, tile=tile)
+    default = dequantize_triton(rows, ct.format.codes, q, centroids, assignments)
+    assert torch.equal(ours, default)
+

@@ -20,6 +20,7 @@ from qkv.kernels.quantize import QuantizedRows, check_quantize_args, row_multipl
 from qkv.kernels.triton.bits import LAUNCH_STAGES, pack_word, round_down, round_half_even, round_to_bf16, round_up
 from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
 from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
+from qkv.kernels.triton.tiles import DequantizeTile, tile_for
 from qkv.format import AffineFormat
 
 FORMAT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
@@ -218,17 +219,18 @@ def dequantize_supports(rows, q, tokens, centroids, assignments, out_dtype=torch
     return None
 
 
-def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.float32, out=None):
+def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.float32, out=None, *,
+                      tile: DequantizeTile | None = None):
     """Triton twin of :func:`qkv.kernels.quantize.dequantize_torch` (one pass, all stages); ``out``
-    may be a view whose rows are contiguous (a slice of a longer buffer along the tokens)."""
+    may be a view whose rows are contiguous (a slice of a longer buffer along the tokens). ``tile``:
+    the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     n, d = rows.codes.shape[0], rows_dim(rows, q)
     if out is None:
         out = torch.empty(n, tokens, d, dtype=out_dtype, device=rows.codes.device)
     layout = code_layout(q, d, rows.mult, centroids, assignments)
+    tile = tile or tile_for("dequantize", out.device, 0)
     block_d = triton.next_power_of_2(d)
-    # 4096-value tiles on the per-token fast path (32 tokens of D = 128, 4 warps): with them the LongCat
-    # decode of benchmarks/bench_kernels.py went from 0.139 ms (8192-value tiles) to 0.114 ms on an H100
-    block_s = max(1, min(128, (4096 if layout.FAST and layout.TOKEN_AXIS else 8192) // block_d))
+    block_s = max(1, min(128, (tile.fast_values if layout.FAST and layout.TOKEN_AXIS else tile.values) // block_d))
     if layout.FAST and not layout.TOKEN_AXIS:
         block_s = max(block_s, MIN_TOKEN_TILE)  # whole packed words of every channel per tile
     _dequantize_kernel[(n, triton.cdiv(tokens, block_s))](
@@ -237,6 +239,6 @@ def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.f
         tokens, tokens if q.axis == "token" else d, rows.codes.shape[-1], rows.scales.shape[-1], out.stride(0),
         LAYOUT=layout, D=d, OUT_BF16=out_dtype == torch.bfloat16,
         LIMIT=0.0 if out_dtype == torch.float32 else max_finite(out_dtype),
-        BLOCK_S=block_s, BLOCK_D=block_d, enable_fp_fusion=False, num_warps=4,
+        BLOCK_S=block_s, BLOCK_D=block_d, enable_fp_fusion=False, num_warps=tile.warps,
     )
     return out

@@ -7,8 +7,8 @@ its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly ins
 
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
-kernel: queries per head), the last for any; the best tile for one query per head is not the
-best for sixteen.
+kernel: queries per head; the dequantize kernel has one tile for any call), the last for any;
+the best tile for one query per head is not the best for sixteen.
 """
 
 from __future__ import annotations
@@ -53,14 +53,29 @@ class PrefillTiles:
         object.__setattr__(self, "order", tuple(tuple(t) for t in self.order))
 
 
+@dataclasses.dataclass(frozen=True)
+class DequantizeTile:
+    """The dequantize kernel's launch: about ``fast_values`` output values per program on its
+    per-token fast path (``fast_values // D`` tokens), ``values`` on the others, ``warps`` per
+    program."""
+
+    fast_values: int = 4096
+    values: int = 8192
+    warps: int = 4
+
+
 DEFAULTS = {
     "decode": DecodeTile(),
+    # 4096-value tiles on the per-token fast path: the LongCat decode of benchmarks/bench_kernels.py
+    # went from 0.139 ms (8192-value tiles) to 0.114 ms with them on an H100
+    "dequantize": DequantizeTile(),
     # the fastest of benchmarks/bench_attention.py's sweep on an H100 first (its "tiles" rows)
     "attention": PrefillTiles(((256, 64, 8, 3, 3), (256, 64, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 8, 2, 2))),
 }
 # small tiles, so that tests in the interpreter stay fast
 INTERPRETER = {
     "decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4),
+    "dequantize": DequantizeTile(),
     "attention": PrefillTiles(((16, 16, 4, 1, 1),)),
 }
 
