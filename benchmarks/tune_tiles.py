@@ -25,6 +25,9 @@ program on the per-token fast path and on the others, warps) over the keys of ``
 
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel dequantize \
         --out benchmarks/results/tune_tiles_dequantize_h200.json --write
+
+``--kernel assign`` sweeps :class:`qkv.kernels.triton.tiles.AssignTile` (tokens per program,
+centroids per tile, warps) over ``ASSIGN_SHAPES`` and writes one tile for any call.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from qkv.kernels import CompressedSpan, SpanPlan
 from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
+from qkv.kernels.triton.kmeans import assign_triton
 from qkv.kernels.triton.quantize import dequantize_triton
 
 POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")
@@ -52,6 +56,10 @@ CASES = ((1, 32 * 1024, 1), (1, 32 * 1024, 16), (1, 128 * 1024, 1), (8, 32 * 102
 # the dequantize kernel's spans: LongCat-Video's condition span and a Self-Forcing history
 SPANS = {"longcat_video": (1, 32, 29640, 128), "self_forcing": (1, 12, 37440, 128)}
 DEQUANTIZE_POLICIES = ("qvg", "qvg-pro", "rtn")
+# the assignment's (rows, tokens, head dim, clusters): LongCat-Video's span, a Self-Forcing
+# history, a SANA-WM compression pass (8 blocks x 2 x 32 heads of 2,640 tokens)
+ASSIGN_SHAPES = {"longcat_video": (32, 29640, 128, 256), "self_forcing": (12, 37440, 128, 256),
+                 "sana_wm_pass": (512, 2640, 128, 64)}
 
 
 def planned(segments: list) -> list:
@@ -117,7 +125,25 @@ def dequantize_calls(args):
         torch.cuda.empty_cache()
 
 
-KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid, dequantize_calls)}
+def assign_grid(quick: bool) -> list[tiles.AssignTile]:
+    tokens, clusters, warps = (64, 128, 256), (32, 64, 128), (4, 8)
+    if quick:
+        tokens, clusters, warps = (128, 256), (64,), (8,)
+    return [tiles.AssignTile(t, c, w) for t, c, w in itertools.product(tokens, clusters, warps)]
+
+
+def assign_calls(args):
+    """(case, call(tile)) of the k-means assignment kernel over ASSIGN_SHAPES (bf16 tokens)."""
+    for name, (rows, tokens, d, clusters) in ASSIGN_SHAPES.items():
+        x = torch.randn(rows, tokens, d, device="cuda").bfloat16()
+        cents = torch.randn(rows, clusters, d, device="cuda")
+        yield (name,), lambda tile: assign_triton(x, cents, tile=tile)
+        del x, cents
+        torch.cuda.empty_cache()
+
+
+KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid, dequantize_calls),
+           "assign": (assign_grid, assign_calls)}
 
 
 def main() -> None:

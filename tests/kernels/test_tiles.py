@@ -1,4 +1,4 @@
-"""Per-device tiles (decode, fused attention and dequantize kernels): the table's entry for a GPU's name wins
+"""Per-device tiles (decode, fused attention, dequantize and k-means assignment kernels): the table's entry for a GPU's name wins
 over the default, the interpreter gets its own tile, and a tile passed explicitly is the one the
 decode kernel runs."""
 
@@ -16,7 +16,7 @@ from test_attention import assert_within_twice_the_torch_error, history, randn  
 
 
 def test_interpreter_tile_off_the_gpu():
-    for kernel in ("decode", "attention", "dequantize"):
+    for kernel in ("decode", "attention", "dequantize", "assign"):
         assert tiles.tile_for(kernel, torch.device("cpu"), 4) == tiles.INTERPRETER[kernel]
 
 
@@ -26,7 +26,9 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     many = {"up_to": None, "block_n": 32, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 2}
     prefill = {"up_to": None, "order": [[128, 64, 8, 2, 2]]}
     dequantize = {"up_to": None, "fast_values": 8192, "values": 16384, "warps": 8}
-    table.write_text(json.dumps({"Some GPU": {"decode": [few, many], "attention": [prefill], "dequantize": [dequantize]}}))
+    assign = {"up_to": None, "tokens": 128, "clusters": 32, "warps": 4}
+    table.write_text(json.dumps({"Some GPU": {"decode": [few, many], "attention": [prefill], "dequantize": [dequantize],
+                                              "assign": [assign]}}))
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
     monkeypatch.setattr(tiles, "_gpu_tile", tiles._gpu_tile.__wrapped__)
@@ -37,6 +39,7 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     assert tiles.tile_for("decode", cuda, 17) == tiles.DecodeTile(32, 256, 64, 4, (1,), 2)
     assert tiles.tile_for("attention", cuda, 4680).order == ((128, 64, 8, 2, 2),)
     assert tiles.tile_for("dequantize", cuda, 0) == tiles.DequantizeTile(8192, 16384, 8)
+    assert tiles.tile_for("assign", cuda, 0) == tiles.AssignTile(128, 32, 4)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Another GPU")
     assert tiles.tile_for("decode", cuda, 4) == tiles.DEFAULTS["decode"]
 
@@ -80,4 +83,16 @@ def test_explicit_dequantize_tile_decodes_the_same(tile, name):
     ours = dequantize_triton(rows, ct.format.codes, q, centroids, assignments, tile=tile)
     default = dequantize_triton(rows, ct.format.codes, q, centroids, assignments)
     assert torch.equal(ours, default)
+
+
+@pytest.mark.parametrize("tile", [tiles.AssignTile(64, 16, 4), tiles.AssignTile(128, 128, 8)])
+def test_explicit_assign_tile_finds_the_same_centroids(tile):
+    """Any assignment tile picks the same nearest centroids (ties to the lower index) at the same
+    distances as the device's."""
+    from qkv.kernels.triton.kmeans import assign_triton
+
+    x, cents = randn(9, 3, 300, 64).bfloat16(), randn(10, 3, 70, 64)
+    idx, dist = assign_triton(x, cents, tile=tile)
+    ref_idx, ref_dist = assign_triton(x, cents)
+    assert torch.equal(idx, ref_idx) and torch.allclose(dist, ref_dist, rtol=1e-6, atol=0)
 

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from qkv.dtypes import compact_index_dtype
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
+from qkv.kernels.triton.tiles import AssignTile, tile_for
 
 # A cluster's sorted tokens are summed in up to UPDATE_PIECES equal parts at once (whole steps of
 # UPDATE_TOKENS tokens), then the parts in order (both fixed: the summation order depends on them).
@@ -201,10 +202,11 @@ def assign_supports(x, centroids, scale=None) -> str | None:
 
 
 def assign_triton(
-    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None
+    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, *, tile: AssignTile | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
-    to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded."""
+    to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. ``tile``:
+    the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     x, centroids = x.contiguous(), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
@@ -216,12 +218,13 @@ def assign_triton(
     )
     idx = torch.empty(n, s, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, s, dtype=torch.float32, device=x.device)
-    block_c = min(64, max(16, triton.next_power_of_2(c)))
-    block_s = 256 if block_d <= 128 else 128
+    tile = tile or tile_for("assign", x.device, 0)
+    block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
+    block_s = tile.tokens if block_d <= 128 else tile.tokens // 2
     _assign_kernel[(n, triton.cdiv(s, block_s))](
         x, x if scale is None else scale.float().contiguous(), neg2, c_sq, idx, dist, s, c, d,
         X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda",
-        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=8,
+        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
     )
     return idx, dist
 

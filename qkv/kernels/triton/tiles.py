@@ -7,7 +7,8 @@ its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly ins
 
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
-kernel: queries per head; the dequantize kernel has one tile for any call), the last for any;
+kernel: queries per head; the dequantize and k-means assignment kernels have one tile for any
+call), the last for any;
 the best tile for one query per head is not the best for sixteen.
 """
 
@@ -64,8 +65,19 @@ class DequantizeTile:
     warps: int = 4
 
 
+@dataclasses.dataclass(frozen=True)
+class AssignTile:
+    """The k-means assignment kernel's launch: ``tokens`` tokens per program (half as many for
+    head dims above 128), centroid tiles of up to ``clusters``, ``warps`` per program."""
+
+    tokens: int = 256
+    clusters: int = 64
+    warps: int = 8
+
+
 DEFAULTS = {
     "decode": DecodeTile(),
+    "assign": AssignTile(),
     # 4096-value tiles on the per-token fast path: the LongCat decode of benchmarks/bench_kernels.py
     # went from 0.139 ms (8192-value tiles) to 0.114 ms with them on an H100
     "dequantize": DequantizeTile(),
@@ -75,6 +87,7 @@ DEFAULTS = {
 # small tiles, so that tests in the interpreter stay fast
 INTERPRETER = {
     "decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4),
+    "assign": AssignTile(),
     "dequantize": DequantizeTile(),
     "attention": PrefillTiles(((16, 16, 4, 1, 1),)),
 }
