@@ -548,7 +548,9 @@ class LayerCache(LayerState):
         """The history as the attention kernels take it (sink, the span plan, tail) plus ``extra``
         (k, v) last; written into the tail buffer's free room right after the tail when it fits
         there (the tail and extra then form one segment). The plan is the layer's own
-        (:meth:`span_plan`), so every call over the same spans reuses its tables."""
+        (:meth:`span_plan`), so every call over the same spans reuses its tables. A layer whose
+        value check failed raises here too (:meth:`settle`, without waiting)."""
+        self.settle(wait=False)
         segments = []
         if self.layout is not None:
             segments = [kernels.DenseKV(c.k, c.v) for c in self.sink] + [self.span_plan()] + self._tail_segments()

@@ -621,7 +621,7 @@ def test_a_deferred_value_check_refuses_the_layer_once_it_arrives(deferred_check
     cache.attend(0, torch.randn(1, 2, 4, 64))  # not arrived yet: nothing to raise
     deferred_checks[0] = True
     for call in (lambda: cache.attend(0, torch.randn(1, 2, 4, 64)), lambda: cache.append(0, *chunks[2]),
-                 lambda: cache.read(0), cache.state_dict):
+                 lambda: cache.read(0), cache.state_dict, cache.layer(0).attention_segments):
         with pytest.raises(NonFiniteError, match=r"layer 0: k holds NaN/Inf values, appended as tokens 16\.\.31.*reset\(\)"):
             call()
     cache.layer(1).settle()  # the other layer is fine

@@ -161,8 +161,9 @@ class FrameStore:
     def clip(self, block: int, span: int, project) -> "_StoredClip":
         """Stored span ``span`` of block ``block`` as :func:`_attend_each` reads it, its PRoPE
         stream projected by ``project(k, v)``."""
-        return _StoredClip(self.cache.layer(block).spans[span], self.prope_keys[block][span],
-                           self.cache.config.span_policy.k, project)
+        layer = self.cache.layer(block)
+        layer.settle(wait=False)  # a clip whose value check failed is not read as if it were fine
+        return _StoredClip(layer.spans[span], self.prope_keys[block][span], self.cache.config.span_policy.k, project)
 
     def reads(self, rank: dict[int, int]) -> list[tuple[int, int]]:
         """(span, RoPE shift) of every stored clip among the frames ``rank`` maps to their
