@@ -69,7 +69,8 @@ def deferred(t: torch.Tensor) -> bool:
 class PendingCheck:
     """:func:`check_kv_values` of tensors on a GPU with its verdict still on the way: the peaks
     are reduced on the device and copied to pinned host memory behind an event, so that nothing
-    waits for them; :meth:`error` reads them once the event has passed (or waits, with ``wait``)."""
+    waits for them; :meth:`ready` says whether the event has passed, :meth:`error` reads them
+    (waiting for the event if it has not)."""
 
     def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
         self.labels = [label for label, _ in named]

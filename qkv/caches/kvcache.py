@@ -231,12 +231,6 @@ class LayerCache(LayerState):
         )
 
     # -- writing -------------------------------------------------------------------------------
-    def check(self, k: object, v: object) -> None:
-        """Raise a typed error (naming the problem) unless ``k``/``v`` can be appended; no side effects.
-        The values of a chunk compressed ahead were checked then (:meth:`KVCache.compress_ahead`)."""
-        check_chunk(self.config, self.layout, k, v, f"layer {self.index}",
-                    values=self.config.validate and not self._is_ahead(k, v))
-
     def _is_ahead(self, k: object, v: object) -> bool:
         """Whether :meth:`KVCache.compress_ahead` compressed (and checked) this very chunk."""
         return self._ahead is not None and torch.is_tensor(k) and torch.is_tensor(v) and self._ahead[0] == _fingerprint(k, v)
@@ -580,7 +574,6 @@ class LayerCache(LayerState):
         methods; ``"read"`` decompresses the whole history (:meth:`read`) for
         ``scaled_dot_product_attention``.
         """
-        self.settle(wait=False)
         self._check_attend(q, extra, scale)
         if self.config.attention != "read":
             segments = self.attention_segments(extra)

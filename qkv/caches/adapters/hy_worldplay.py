@@ -73,7 +73,8 @@ STABILIZATION_LEVEL = 15  # upstream encodes the context at timestep STABILIZATI
 class _Video:
     """What a rollout's passes share: upstream's per-frame inputs (latents [1, C, T, H, W], their
     condition, cameras and actions [1, T, ...]), the task, the device, the timestep dtype, the
-    dtype the model takes cameras in (upstream's ``target_dtype``) and the latent grid (``th`` x ``tw`` patches a frame)."""
+    dtype the model takes cameras in (upstream's ``target_dtype``) and the latent grid (``th`` x
+    ``tw`` patches a frame)."""
 
     latents: torch.Tensor
     cond_latents: torch.Tensor

@@ -15,8 +15,6 @@ are split into pieces the same way, by address: the per-call path copies nothing
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from triton.runtime.errors import OutOfResources
@@ -26,7 +24,7 @@ from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, check_atten
 from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_of
 from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
 from qkv.kernels.triton.records import TL_DTYPES, TensorLayout, span_table
-from qkv.kernels.triton.tiles import DecodeTile, tile_for
+from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
 
 # The partial outputs of all programs take at most this share of the bytes they read (the
 # compressed spans and the full-precision keys), so decoding needs almost no memory beyond the
@@ -34,11 +32,6 @@ from qkv.kernels.triton.tiles import DecodeTile, tile_for
 PARTIAL_SHARE = 0.05
 # partials per load of the merge
 MERGE_PARTS = 64
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def plan_table(plan: SpanPlan, device: torch.device, piece: int):
@@ -149,7 +142,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     rows_total = b * h * sq
     read = (table.nbytes if table is not None else 0) + 2 * dense_tokens * b * h_kv * d * q.itemsize
     budget = max(1, int(PARTIAL_SHARE * read) // (rows_total * (d + 1) * 4))
-    wave = tile.waves * (4 if emulate else _multiprocessors(device.index or 0))
+    wave = tile.waves * (4 if emulate else multiprocessors(device.index or 0))
     parts = max(1, min(budget, triton.cdiv(wave, b * h_kv * row_blocks)))
     per_prog = max(1, triton.cdiv(triton.cdiv(span_tokens + dense_tokens, parts), piece))
     dense_piece = per_prog * piece

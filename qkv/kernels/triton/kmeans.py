@@ -19,15 +19,13 @@
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
 from qkv.dtypes import compact_index_dtype
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
-from qkv.kernels.triton.tiles import AssignTile, tile_for
+from qkv.kernels.triton.tiles import AssignTile, multiprocessors, tile_for
 
 # A cluster's sorted tokens are summed in up to UPDATE_PIECES equal parts at once (whole steps of
 # UPDATE_TOKENS tokens), then the parts in order (both fixed: the summation order depends on them).
@@ -160,6 +158,18 @@ def _partial_sum_kernel(
 
 
 @triton.jit
+def _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, S, C, K, D, d, d_ok, HAS_SCALE: tl.constexpr):
+    """Empty cluster ``c``'s new centroid: the j-th empty cluster of row n (``size``: the sizes of
+    clusters ``j``) takes the token reseed[n, min(j, K - 1)] (times the row's factor: HAS_SCALE)."""
+    rank = tl.minimum(tl.sum(((size == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
+    tok = tl.load(reseed_ptr + n * K + rank)
+    out = tl.load(x_ptr + (n * S + tok) * D + d, mask=d_ok, other=0.0).to(tl.float32)
+    if HAS_SCALE:
+        out = out * tl.load(f_ptr + n)
+    return out
+
+
+@triton.jit
 def _update_kernel(
     x_ptr, f_ptr, part_ptr, bound_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, S, C, D, K,
     HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr, PIECES: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -182,13 +192,9 @@ def _update_kernel(
     if count > 0:
         out = mean
     elif HAS_RESEED:
-        j = tl.arange(0, BLOCK_C)  # its rank among the empty clusters: the empty ones below c
+        j = tl.arange(0, BLOCK_C)
         size = tl.load(row + j + 1, mask=j < C, other=1) - tl.load(row + j, mask=j < C, other=0)
-        rank = tl.minimum(tl.sum(((size == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
-        tok = tl.load(reseed_ptr + n * K + rank)
-        out = tl.load(x_ptr + (n * S + tok) * D + d, mask=d_ok, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            out = out * tl.load(f_ptr + n)
+        out = _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, S, C, K, D, d, d_ok, HAS_SCALE)
     else:
         out = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
     tl.store(new_ptr + (n * C + c) * D + d, out, mask=d_ok)
@@ -337,22 +343,13 @@ def _means_kernel(
     if count > 0:
         out = mean
     elif HAS_RESEED:
-        j = tl.arange(0, BLOCK_C)  # its rank among the empty clusters: the empty ones below c
+        j = tl.arange(0, BLOCK_C)
         size = tl.sum(tl.load(cnt_ptr + split[:, None] + j[None, :], mask=(j < C)[None, :], other=1.0), axis=0)
-        rank = tl.minimum(tl.sum(((size == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
-        tok = tl.load(reseed_ptr + n * K + rank)
-        out = tl.load(x_ptr + (n * S + tok) * D + d, mask=d_ok, other=0.0).to(tl.float32)
-        if HAS_SCALE:
-            out = out * tl.load(f_ptr + n)
+        out = _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, S, C, K, D, d, d_ok, HAS_SCALE)
     else:
         out = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
     tl.store(new_ptr + (n * C + c) * D + d, out, mask=d_ok)
     tl.store(count_ptr + n * C + c, count)
-
-
-@functools.cache
-def _multiprocessors(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def update_triton_onehot(
@@ -375,7 +372,7 @@ def update_triton_onehot(
     block_d = max(16, triton.next_power_of_2(d))
     block_c = min(SUM_CLUSTERS, max(16, triton.next_power_of_2(c)))
     c_blocks = triton.cdiv(c, block_c)
-    programs = SUM_WAVES * (_multiprocessors(x.device.index or 0) if x.is_cuda else 1)
+    programs = SUM_WAVES * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
     splits = 1
     while n * c_blocks * splits < programs and s > 2 * splits * SUM_TOKENS:
         splits *= 2

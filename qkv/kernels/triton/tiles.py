@@ -8,8 +8,7 @@ its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly ins
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
 kernel: queries per head; the dequantize and k-means assignment kernels have one tile for any
-call), the last for any;
-the best tile for one query per head is not the best for sixteen.
+call), the last for any; the best tile for one query per head is not the best for sixteen.
 """
 
 from __future__ import annotations
@@ -101,6 +100,12 @@ def _table() -> dict:
 @functools.cache
 def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
+
+
+@functools.cache
+def multiprocessors(index: int) -> int:
+    """The streaming multiprocessors of GPU ``index`` (kernels size their grids by them)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def tile_for(kernel: str, device: torch.device, rows: int):
