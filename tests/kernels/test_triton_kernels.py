@@ -253,9 +253,12 @@ def test_kmeans_update_matches_reference(d, c, dtype):
     assert torch.equal(out[:, -1], x[rows, reseed[:, 1]].float())  # later ones share the last token
 
 
-def test_kmeans_update_unbalanced_clusters():
+@pytest.mark.parametrize("update", ["update_sorted", "update_onehot"])
+def test_kmeans_update_unbalanced_clusters(update):
     """One cluster holds most tokens (summed in every part, the last one shorter), others hold
-    fewer tokens than there are parts, one none: same means and counts as the reference."""
+    fewer tokens than there are parts, one none: same means and counts as the reference, by either
+    way of summing (the dispatcher picks by the number of clusters)."""
+    from qkv.kernels.triton import kmeans as tk
     from qkv.kernels.triton.kmeans import UPDATE_PIECES, UPDATE_TOKENS
 
     g = gen(5)
@@ -266,7 +269,7 @@ def test_kmeans_update_unbalanced_clusters():
     assign = assign[:, torch.randperm(s, generator=torch.Generator().manual_seed(1)).to(DEVICE)]
     old = torch.randn(2, 7, 32, generator=g, device=DEVICE)
     ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch")
-    out, counts = kernels.kmeans_update(x, assign, old, backend="triton")
+    out, counts = getattr(tk, update)(x, assign, old)
     assert torch.equal(counts, ref_counts)
     assert int(counts[:, 0].min()) == s - 12 and bool((counts[:, 6] == 0).all())
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
@@ -278,7 +281,7 @@ def test_onehot_kmeans_update_matches_reference(dtype, n, s, d, c):
     """The one-hot tensor-core update: the reference's counts exactly, its means to fp32 summation
     order (the tokens' bf16 parts add up to them exactly), re-seeds and scales as the reference,
     the same bits on every run, a cluster holding most tokens included."""
-    from qkv.kernels.triton.kmeans import update_triton_onehot
+    from qkv.kernels.triton.kmeans import update_onehot
 
     g = gen(d + c)
     x = torch.randn(n, s, d, generator=g, device=DEVICE).to(dtype)
@@ -290,10 +293,10 @@ def test_onehot_kmeans_update_matches_reference(dtype, n, s, d, c):
     scale = torch.tensor([2.0**-40, 1.0, 2.0**30][:n], device=DEVICE)
     for kw in ({}, {"reseed": reseed}, {"reseed": reseed, "scale": scale}):
         ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch", **kw)
-        out, counts = update_triton_onehot(x, assign, old, **kw)
+        out, counts = update_onehot(x, assign, old, **kw)
         assert torch.equal(counts, ref_counts)
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
-        assert torch.equal(update_triton_onehot(x, assign, old, **kw)[0], out)
+        assert torch.equal(update_onehot(x, assign, old, **kw)[0], out)
     rows = torch.arange(n, device=DEVICE)
     assert torch.equal(out[:, 1], x[rows, reseed[:, 0]].float() * scale.view(-1, 1))  # the first empty cluster
 

@@ -9,12 +9,14 @@
   Agreement with the fp32 reference: the kernel returns the nearest of the rounded centroids (up
   to fp32 summation order); its true distance exceeds the minimum by at most the rounding's
   effect, ``2^-7 * |c|max * (|x| + |c|max)`` (see docs/kernels.md).
-- update: deterministic, no floating-point atomics: tokens are ordered by cluster (a stable sort
-  on the narrowest integer type that holds the cluster ids), each cluster's tokens are summed in
-  that fixed order in UPDATE_PIECES parts at once, and the parts are added in order; empty
-  clusters are re-seeded by the kernel that adds the parts. Results differ from the
+- update: deterministic, no floating-point atomics, two ways to the same sums. Up to
+  ONEHOT_MAX_CLUSTERS clusters (two passes over the tokens), ``update_onehot`` sums each cluster's tokens
+  as one-hot products on the tensor cores. With more, ``update_sorted`` orders the tokens by
+  cluster (a stable sort on the narrowest integer type that holds the cluster ids) and sums each
+  cluster's tokens in that fixed order in UPDATE_PIECES parts at once, then the parts in order.
+  Empty clusters are re-seeded by the kernel that adds the parts. Results differ from the
   reference only by fp32 summation order, and are bit-identical from run to run.
-  ``update_triton_onehot`` sums without the sort, as one-hot products on the tensor cores.
+  benchmarks/results/bench_kmeans_update_h200.json has both at the shapes qkv's clients compress.
 """
 
 from __future__ import annotations
@@ -34,10 +36,13 @@ from qkv.kernels.triton.tiles import AssignTile, multiprocessors, tile_for
 # update's share of an encode on balanced clusters).
 UPDATE_TOKENS = 32
 UPDATE_PIECES = 8
-# The one-hot update: tokens per tile, clusters per program, programs per multiprocessor to aim for
+# The one-hot update: tokens per tile, clusters per program, programs per multiprocessor to aim
+# for, and the most clusters it is used for (it reads the tokens once per SUM_CLUSTERS clusters:
+# beyond two reads the sorted update is faster)
 SUM_TOKENS = 64
 SUM_CLUSTERS = 64
 SUM_WAVES = 4
+ONEHOT_MAX_CLUSTERS = 128
 
 
 @triton.jit
@@ -242,7 +247,23 @@ def update_triton(
     reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`qkv.kernels.kmeans.update_torch` (deterministic)."""
+    """Triton twin of :func:`qkv.kernels.kmeans.update_torch` (deterministic): the one-hot sums up
+    to ONEHOT_MAX_CLUSTERS clusters, the sorted sums beyond (on an H200, 1.9x faster at 64
+    clusters, 1.07x at 128, 1.2-1.8x slower at 256 with balanced clusters:
+    bench_kmeans_update_h200.json)."""
+    update = update_onehot if centroids.shape[1] <= ONEHOT_MAX_CLUSTERS else update_sorted
+    return update(x, assignments, centroids, reseed, scale)
+
+
+def update_sorted(
+    x: torch.Tensor,
+    assignments: torch.Tensor,
+    centroids: torch.Tensor,
+    reseed: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update with each cluster's tokens gathered by a stable sort and summed in that order
+    (its cost follows the largest cluster, bounded by summing it in UPDATE_PIECES parts)."""
     x = x.contiguous()
     f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
@@ -352,19 +373,17 @@ def _means_kernel(
     tl.store(count_ptr + n * C + c, count)
 
 
-def update_triton_onehot(
+def update_onehot(
     x: torch.Tensor,
     assignments: torch.Tensor,
     centroids: torch.Tensor,
     reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`update_triton` without the sort (deterministic, as exact): per-cluster sums as
-    one-hot products on the tensor cores, the tokens cut into splits when the rows and cluster
-    blocks alone would not fill the GPU (SUM_WAVES programs per multiprocessor), then one program
-    per cluster adds its splits in order. Its cost does not depend on the cluster sizes; it is the
-    candidate to replace the sorted sums once ``benchmarks/bench_kmeans_update.py`` has measured
-    both on a GPU (docs/kernels.md)."""
+    """The update without the sort: per-cluster sums as one-hot products on the tensor cores, the
+    tokens cut into splits when the rows and cluster blocks alone would not fill the GPU
+    (SUM_WAVES programs per multiprocessor), then one program per cluster adds its splits in
+    order. Its cost does not depend on the cluster sizes, but grows with their number."""
     x, assignments = x.contiguous(), assignments.contiguous()
     f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
