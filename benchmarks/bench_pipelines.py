@@ -326,8 +326,9 @@ def self_forcing_github(args, device, dtype) -> dict:
                                            dtype=dtype)}
 
     def rollout() -> Run:
+        pipe.kv_cache1 = pipe.crossattn_cache = None  # the last rollout's: freed before the start
         run = Run(device)  # before the pipeline allocates its caches: the peak includes them
-        pipe.chunk_done, pipe.kv_cache1 = run.chunk_done, None
+        pipe.chunk_done = run.chunk_done
         torch.manual_seed(1)  # the scheduler's re-noising draws: the same for both caches
         with torch.no_grad():
             pipe.inference(noise, prompt)
@@ -335,7 +336,6 @@ def self_forcing_github(args, device, dtype) -> dict:
 
     up_run = twice(rollout)
     up_bytes = sum(d[name].numel() * d[name].element_size() for d in pipe.kv_cache1 for name in ("k", "v"))
-    pipe.kv_cache1 = pipe.crossattn_cache = None
     with qkv.adapters.self_forcing.install(pipe, args.policy, **install_options(args)) as handle:
         our_run = twice(rollout, handle.reset)
         mem = handle.memory()
@@ -598,19 +598,30 @@ def hy_worldplay(args, device, dtype) -> dict:
     per_chunk = 2 * len(timesteps)  # denoising forwards a chunk: every step, both CFG branches
 
     def rollout() -> Run:
-        run, calls = Run(device), []
+        run, calls, profiling = Run(device), [], contextlib.ExitStack()
+
+        def denoising(kwargs) -> bool:
+            return bool(kwargs.get("ar_vision_inference")) and not kwargs.get("cache_vision")
+
+        def pre_hook(module, inputs_, kwargs):  # the chunk's denoising forwards, profiled together
+            if args.profile_chunk is not None and denoising(kwargs) and len(calls) == per_chunk * args.profile_chunk:
+                profiling.enter_context(profiled(True))
 
         def hook(module, inputs_, kwargs, output):  # a chunk ends with its last step's negative branch
-            if kwargs.get("ar_vision_inference") and not kwargs.get("cache_vision"):
+            if denoising(kwargs):
                 calls.append(1)
                 if len(calls) % per_chunk == 0:
+                    profiling.close()
                     run.chunk_done(output[0])
-        remove = model.register_forward_hook(hook, with_kwargs=True)
+        removes = [model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                   model.register_forward_hook(hook, with_kwargs=True)]
         try:
             with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
                 pipe._ar_rollout_inner(latents=latents.clone(), **inputs)
         finally:
-            remove.remove()
+            profiling.close()
+            for remove in removes:
+                remove.remove()
         return run
 
     def held_bytes() -> int:
