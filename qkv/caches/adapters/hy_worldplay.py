@@ -244,11 +244,11 @@ class ChunkReads:
         stored before the projection, projected by upstream's ``prope_qkv`` with the cameras of
         the span's frames, as the pass that stored them projected its own."""
         if span not in self._cameras:
+            # a camera per frame, where the model repeats it for every token: prope_qkv applies
+            # it to the frame's tokens alike (the same products, batched over frames, not tokens)
             video, clip = self.video, list(self.store.clips[span])
-            per_token = "B T M N->B (T H W) M N"
-            self._cameras[span] = tuple(
-                repeat(x[:, clip].to(video.device).to(video.camera_dtype), per_token, H=video.th, W=video.tw)
-                for x in (video.viewmats, video.Ks))
+            self._cameras[span] = tuple(x[:, clip].to(video.device).to(video.camera_dtype)
+                                        for x in (video.viewmats, video.Ks))
         viewmats, ks = self._cameras[span]
 
         def project(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
