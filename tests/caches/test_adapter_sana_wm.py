@@ -65,9 +65,10 @@ def test_lossless_refinement_matches_the_upstream_cache(pipe, reference, no_hist
     with adapter.install(pipe, "fp32", sink_full_precision=sink_full_precision) as handle:
         ours = refine(pipe)
         layer = handle.cache.layer(0)
-        # the last block was appended after the pipeline's final cut: 6 frames + the 1-frame last block
-        assert layer.tokens == (WINDOW - 1 + 1) * TOKENS and layer.evicted == (FRAMES - 1 - WINDOW) * TOKENS
-        assert len(layer.spans) == 3  # a span per block, the oldest partly evicted
+        # the pipeline's cut after the last block's capture left the cache at once: its 6 frames,
+        # as upstream's history (3 spans: a block per span, the oldest partly evicted)
+        assert layer.tokens == (WINDOW - 1) * TOKENS and layer.evicted == (FRAMES - WINDOW) * TOKENS
+        assert len(layer.spans) == 3
     # fp32 rounding only: the attention is summed per segment (log-sum-exp merge) instead of at once
     assert (ours - reference).abs().max() <= 1e-5 * reference.abs().max()
     assert all(type(b.attn1.processor).__name__ == "SanaWMLTX2RefinerAttnProcessor"
@@ -88,6 +89,9 @@ def test_qvg_stays_close_and_stores_less(pipe, reference, bounded_spans):
     drift = float((ours - reference)[:, :, 1:].norm() / reference[:, :, 1:].norm())
     assert 0 < drift < 0.02  # measured 3.3e-3 (4 clusters, blocks of 16)
     assert mem.full_precision == 0 and mem.bits_per_element < 6  # of 32: spans and sinks all compressed
+    # what upstream holds at the end, per layer: the sink frame and the 6-frame history, nothing dead
+    layers = len(pipe.transformer.transformer_blocks)
+    assert mem.tokens == layers * WINDOW * TOKENS and mem.dead_tokens == 0
 
 
 def test_captured_blocks_are_compressed_in_passes(pipe, compress_passes):

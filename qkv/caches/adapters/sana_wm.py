@@ -17,10 +17,11 @@ K/V itself and leaves in the pipeline's ``SanaWMRefinerKVCache`` zero-width stan
   pre-RoPE sink K/V compressed by the policy (one frame by default; ``sink_full_precision=True``
   keeps them exact); a new sink starts a new video;
 - ``"inject"`` / ``"inject_and_capture_post_rope"`` compute q/k/v and RoPE as the upstream
-  processor does, decompress and re-rope the sink at the window's ``sink_pe``, trim the history
-  layer to the stand-in's token count (``LayerCache.evict``) and attend over [sink, compressed
-  history spans, block]; the capture mode then appends the block's post-RoPE K/V to the history
-  layer (one span per block unless ``span_chunks`` says otherwise).
+  processor does, decompress and re-rope the sink at the window's ``sink_pe`` and attend over
+  [sink, compressed history spans, block]; the capture mode then appends the block's post-RoPE K/V
+  to the history layer (one span per block unless ``span_chunks`` says otherwise);
+- the pipeline's cut of a stand-in to its window (``store_history``, wrapped on the per-call layer
+  cache) cuts the history layer to the same token count at once (``LayerCache.evict``).
 
     handle = qkv.adapters.sana_wm.install(refiner, "qvg")   # the refiner pipeline, or its transformer
     latents = refiner(...)                                  # unchanged
@@ -180,6 +181,7 @@ class SanaWMCacheProcessor:
         held = layer.tokens if layer.layout is not None else 0
         if held < keep:
             raise CacheError(f"sana_wm block {self.index}: the pipeline's history has {keep} tokens, the cache {held}")
+        _follow_cuts(kv_cache, self.handle, self.index)
         if held > keep:
             layer.evict(held - keep)  # the pipeline cut its history to the window
         k, v = _heads(key, attn.heads), _heads(value, attn.heads)
@@ -192,6 +194,33 @@ class SanaWMCacheProcessor:
             gates = 2.0 * torch.sigmoid(gate_logits)
             hidden_states = (hidden_states.unflatten(2, (attn.heads, -1)) * gates.unsqueeze(-1)).flatten(2, 3)
         return attn.to_out[1](attn.to_out[0](hidden_states))
+
+
+class _CutFollower:
+    """A pipeline layer cache's ``store_history``, then the history layer cut to the stand-in's
+    token count: what the pipeline cuts after a block's capture leaves the cache at once, not at
+    the block's next forward (until which it would hold the cut frames as well)."""
+
+    def __init__(self, original, handle: SanaWMHandle, index: int) -> None:
+        self.original, self.handle, self.index = original, handle, index
+
+    def __call__(self, history_k: torch.Tensor, history_v: torch.Tensor) -> None:
+        self.original(history_k, history_v)
+        if self.handle.removed or self.handle.sinks[self.index] is None:
+            return
+        if self.index in self.handle.waiting:  # its captured block first: the cut counts it
+            self.handle.store()
+        layer = self.handle.cache.layer(self.index)
+        held = layer.tokens if layer.layout is not None else 0
+        if held > history_k.shape[1]:
+            layer.evict(held - history_k.shape[1])
+
+
+def _follow_cuts(kv_cache, handle: SanaWMHandle, index: int) -> None:
+    """Wrap ``kv_cache.store_history`` (the pipeline's layer cache, made per call) in a
+    :class:`_CutFollower`, once."""
+    if not isinstance(kv_cache.__dict__.get("store_history"), _CutFollower):
+        kv_cache.store_history = _CutFollower(kv_cache.store_history, handle, index)
 
 
 def install(target, policy: Policy | str = "qvg", *, sink_full_precision: bool = False, blocks_per_pass: int = 8,
