@@ -28,6 +28,10 @@ program on the per-token fast path and on the others, warps) over the keys of ``
 
 ``--kernel assign`` sweeps :class:`qkv.kernels.triton.tiles.AssignTile` (tokens per program,
 centroids per tile, warps) over ``ASSIGN_SHAPES`` and writes one tile for any call.
+
+``--kernel update`` sweeps :class:`qkv.kernels.triton.tiles.UpdateTile` (tokens per step,
+centroids per block, warps, waves) of the one-hot k-means update over ``UPDATE_SHAPES`` (the
+shapes it is used for: at most 128 clusters; balanced random assignments) and writes one tile.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from qkv.kernels import CompressedSpan, SpanPlan
 from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
-from qkv.kernels.triton.kmeans import assign_triton
+from qkv.kernels.triton.kmeans import assign_triton, update_onehot
 from qkv.kernels.triton.quantize import dequantize_triton
 
 POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")
@@ -60,6 +64,10 @@ DEQUANTIZE_POLICIES = ("qvg", "qvg-pro", "rtn")
 # history, a SANA-WM compression pass (8 blocks x 2 x 32 heads of 2,640 tokens)
 ASSIGN_SHAPES = {"longcat_video": (32, 29640, 128, 256), "self_forcing": (12, 37440, 128, 256),
                  "sana_wm_pass": (512, 2640, 128, 64)}
+# the one-hot update's (rows, tokens, head dim, clusters): a SANA-WM pass, a Self-Forcing history
+# at 64 and 128 clusters
+UPDATE_SHAPES = {"sana_wm_pass": (512, 2640, 128, 64), "self_forcing_64": (12, 37440, 128, 64),
+                 "self_forcing_128": (12, 37440, 128, 128)}
 
 
 def planned(segments: list) -> list:
@@ -142,8 +150,26 @@ def assign_calls(args):
         torch.cuda.empty_cache()
 
 
+def update_grid(quick: bool) -> list[tiles.UpdateTile]:
+    tokens, clusters, warps, waves = (32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8)
+    if quick:
+        tokens, clusters, warps, waves = (64,), (64,), (4, 8), (4,)
+    return [tiles.UpdateTile(t, c, w, v) for t, c, w, v in itertools.product(tokens, clusters, warps, waves)]
+
+
+def update_calls(args):
+    """(case, call(tile)) of the one-hot k-means update over UPDATE_SHAPES (bf16 tokens)."""
+    for name, (rows, tokens, d, clusters) in UPDATE_SHAPES.items():
+        x = torch.randn(rows, tokens, d, device="cuda").bfloat16()
+        assign = torch.randint(0, clusters, (rows, tokens), device="cuda")
+        old = torch.randn(rows, clusters, d, device="cuda")
+        yield (name,), lambda tile: update_onehot(x, assign, old, tile=tile)
+        del x, assign, old
+        torch.cuda.empty_cache()
+
+
 KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid, dequantize_calls),
-           "assign": (assign_grid, assign_calls)}
+           "assign": (assign_grid, assign_calls), "update": (update_grid, update_calls)}
 
 
 def main() -> None:

@@ -282,6 +282,7 @@ def test_onehot_kmeans_update_matches_reference(dtype, n, s, d, c):
     order (the tokens' bf16 parts add up to them exactly), re-seeds and scales as the reference,
     the same bits on every run, a cluster holding most tokens included."""
     from qkv.kernels.triton.kmeans import update_onehot
+    from qkv.kernels.triton.tiles import UpdateTile
 
     g = gen(d + c)
     x = torch.randn(n, s, d, generator=g, device=DEVICE).to(dtype)
@@ -299,6 +300,10 @@ def test_onehot_kmeans_update_matches_reference(dtype, n, s, d, c):
         assert torch.equal(update_onehot(x, assign, old, **kw)[0], out)
     rows = torch.arange(n, device=DEVICE)
     assert torch.equal(out[:, 1], x[rows, reseed[:, 0]].float() * scale.view(-1, 1))  # the first empty cluster
+    # another launch (blocks of 16 centroids, 32-token steps, the tokens split 8 ways): the same
+    out, counts = update_onehot(x, assign, old, **kw, tile=UpdateTile(tokens=32, clusters=16, warps=4, waves=8))
+    assert torch.equal(counts, ref_counts)
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

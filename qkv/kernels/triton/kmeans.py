@@ -27,7 +27,7 @@ import triton.language as tl
 
 from qkv.dtypes import compact_index_dtype
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
-from qkv.kernels.triton.tiles import AssignTile, multiprocessors, tile_for
+from qkv.kernels.triton.tiles import AssignTile, UpdateTile, multiprocessors, tile_for
 
 # A cluster's sorted tokens are summed in up to UPDATE_PIECES equal parts at once (whole steps of
 # UPDATE_TOKENS tokens), then the parts in order (both fixed: the summation order depends on them).
@@ -36,12 +36,8 @@ from qkv.kernels.triton.tiles import AssignTile, multiprocessors, tile_for
 # update's share of an encode on balanced clusters).
 UPDATE_TOKENS = 32
 UPDATE_PIECES = 8
-# The one-hot update: tokens per tile, clusters per program, programs per multiprocessor to aim
-# for, and the most clusters it is used for (it reads the tokens once per SUM_CLUSTERS clusters:
-# beyond two reads the sorted update is faster)
-SUM_TOKENS = 64
-SUM_CLUSTERS = 64
-SUM_WAVES = 4
+# The most clusters the one-hot update is used for: it reads the tokens once per block of
+# clusters (UpdateTile.clusters, 64 by default); beyond two reads the sorted update is faster
 ONEHOT_MAX_CLUSTERS = 128
 
 
@@ -379,29 +375,33 @@ def update_onehot(
     centroids: torch.Tensor,
     reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    *,
+    tile: UpdateTile | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The update without the sort: per-cluster sums as one-hot products on the tensor cores, the
     tokens cut into splits when the rows and cluster blocks alone would not fill the GPU
-    (SUM_WAVES programs per multiprocessor), then one program per cluster adds its splits in
-    order. Its cost does not depend on the cluster sizes, but grows with their number."""
+    (``tile.waves`` programs per multiprocessor), then one program per cluster adds its splits in
+    order. Its cost does not depend on the cluster sizes, but grows with their number. ``tile``:
+    the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     x, assignments = x.contiguous(), assignments.contiguous()
     f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
+    tile = tile or tile_for("update", x.device, 0)
     block_d = max(16, triton.next_power_of_2(d))
-    block_c = min(SUM_CLUSTERS, max(16, triton.next_power_of_2(c)))
+    block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
     c_blocks = triton.cdiv(c, block_c)
-    programs = SUM_WAVES * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
+    programs = tile.waves * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
     splits = 1
-    while n * c_blocks * splits < programs and s > 2 * splits * SUM_TOKENS:
+    while n * c_blocks * splits < programs and s > 2 * splits * tile.tokens:
         splits *= 2
-    per_split = triton.cdiv(triton.cdiv(s, splits), SUM_TOKENS) * SUM_TOKENS
+    per_split = triton.cdiv(triton.cdiv(s, splits), tile.tokens) * tile.tokens
     sums = torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device)
     cnts = torch.empty(n, splits, c, dtype=torch.float32, device=x.device)
     parts = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
     _cluster_sum_kernel[(n, c_blocks, splits)](
         x, f, assignments, sums, cnts, s, c, d, per_split, PARTS=parts, HAS_SCALE=scale is not None,
-        EMULATE=not x.is_cuda, BLOCK_T=SUM_TOKENS, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=4,
+        EMULATE=not x.is_cuda, BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
     )
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)

@@ -7,8 +7,8 @@ its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly ins
 
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
-kernel: queries per head; the dequantize and k-means assignment kernels have one tile for any
-call), the last for any; the best tile for one query per head is not the best for sixteen.
+kernel: queries per head; the dequantize and k-means kernels have one tile for any call), the
+last for any; the best tile for one query per head is not the best for sixteen.
 """
 
 from __future__ import annotations
@@ -74,9 +74,22 @@ class AssignTile:
     warps: int = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class UpdateTile:
+    """The one-hot k-means update's launch: ``tokens`` per step of a program, centroid blocks of
+    up to ``clusters``, ``warps`` per program, and ``waves``: programs per multiprocessor to aim
+    for (a row's tokens are split until the GPU holds that many)."""
+
+    tokens: int = 64
+    clusters: int = 64
+    warps: int = 4
+    waves: int = 4
+
+
 DEFAULTS = {
     "decode": DecodeTile(),
     "assign": AssignTile(),
+    "update": UpdateTile(),
     # 4096-value tiles on the per-token fast path: the LongCat decode of benchmarks/bench_kernels.py
     # went from 0.139 ms (8192-value tiles) to 0.114 ms with them on an H100
     "dequantize": DequantizeTile(),
@@ -87,6 +100,7 @@ DEFAULTS = {
 INTERPRETER = {
     "decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4),
     "assign": AssignTile(),
+    "update": UpdateTile(),
     "dequantize": DequantizeTile(),
     "attention": PrefillTiles(((16, 16, 4, 1, 1),)),
 }
