@@ -9,7 +9,7 @@ import torch
 import qkv
 from qkv.bounds import SAFETY, Bound, BoundKind, KVBound, affine_error, kv_bound
 from qkv.caches import TensorPolicy
-from qkv.errors import BoundViolation, ConfigError, NoBoundError
+from qkv.errors import BoundViolation, ConfigError
 from qkv.quantizers import AffineQuantizer, CastQuantizer, Smoother
 
 

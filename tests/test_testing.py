@@ -23,7 +23,6 @@ from qkv.format import Undo
 from qkv.errors import BoundViolation
 from qkv.caches import TensorPolicy
 from qkv.quantizers import AffineQuantizer
-from qkv.quantizers.smoothing import NoSmoothing
 from qkv.registry import Registry
 from qkv.spec import KINDS
 from qkv.testing import (

@@ -5,7 +5,6 @@ to bf16, in the codes' order. The GPU tests (test_decode.py, test_attention.py) 
 the same text on the device; this one checks its bit manipulation everywhere."""
 
 import math
-import re
 
 import numpy as np
 import pytest

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 import qkv
 from qkv import kernels
 from qkv.errors import ConfigError
-from qkv.grouping import BlockGrouper, KMeansGrouper, NoGrouping
+from qkv.grouping import KMeansGrouper, NoGrouping
 from qkv.kernels.quantize import dequantize_rows_torch
 from qkv.quantizers import PACKING, AffineQuantizer, CentroidSmoother, ProgressiveResidual, SingleStage
 from qkv.quantizers.smoothing import HadamardSmoother, NoSmoothing, gather_centroids, subtract_centroids
