@@ -3,7 +3,8 @@
 ``--kernel decode`` (the default):
 
 Sweeps :class:`qkv.kernels.triton.tiles.DecodeTile` (keys per tile, warps, pipelining depths,
-keys per work item, waves) over the cases of ``bench_decode.py`` (Llama-3-8B attention: 32 query
+keys per work item, waves, and whether centroid-smoothed keys are scored as q . c[pi] + q . r)
+over the cases of ``bench_decode.py`` (Llama-3-8B attention: 32 query
 heads, 8 KV heads x 128; batch 1 at 32k and 128k, batch 8 at 32k; 1 and 16 queries) for the
 policies qvg, kivi, rtn, quarot and bf16 spans, timing each call replayed from a CUDA graph.
 Each case's times are divided by that case's best, and the tile with the lowest mean ratio wins;
@@ -85,8 +86,8 @@ def decode_grid(quick: bool) -> list[tiles.DecodeTile]:
         launch = itertools.product((256,), (4, 8))
     launch = list(launch)
     return [
-        tiles.DecodeTile(block_n=n, piece=piece, warps=w, stages=st, waves=waves)
-        for (n, w, st), (piece, waves) in itertools.product(compiled, launch)
+        tiles.DecodeTile(block_n=n, piece=piece, warps=w, stages=st, waves=waves, centroid_scores=cs)
+        for (n, w, st), (piece, waves), cs in itertools.product(compiled, launch, (False, True))
         if piece % n == 0
     ]
 

@@ -27,8 +27,12 @@ TABLE = pathlib.Path(__file__).with_name("tiles.json")
 class DecodeTile:
     """The decode kernel's launch: ``block_n`` keys per tile, ``piece`` keys per work item, at most
     ``max_rows`` query rows per program, ``warps`` per program, the software-pipelining depths to
-    try in order (a layout whose shared memory does not fit takes the next), and ``waves``:
-    programs per multiprocessor to aim for (the keys are split until the GPU holds that many)."""
+    try in order (a layout whose shared memory does not fit takes the next), ``waves``:
+    programs per multiprocessor to aim for (the keys are split until the GPU holds that many),
+    and ``centroid_scores``: score centroid-smoothed keys as ``q . c[pi] + q . r`` (``q . c``
+    once per centroid and span, then gathered per key) instead of adding each key's centroid
+    row to its decoded residual (keys of one add-back stage, rows x centroids within
+    ``decode.CENTROID_SCORES``)."""
 
     block_n: int = 64
     piece: int = 256
@@ -36,6 +40,7 @@ class DecodeTile:
     warps: int = 4
     stages: tuple[int, ...] = (2, 1)
     waves: int = 4
+    centroid_scores: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
