@@ -218,8 +218,9 @@ class _CutFollower:
 
 def _follow_cuts(kv_cache, handle: SanaWMHandle, index: int) -> None:
     """Wrap ``kv_cache.store_history`` (the pipeline's layer cache, made per call) in a
-    :class:`_CutFollower`, once."""
-    if not isinstance(kv_cache.__dict__.get("store_history"), _CutFollower):
+    :class:`_CutFollower` of ``handle``, once (a follower of a removed handle passes through)."""
+    current = kv_cache.__dict__.get("store_history")
+    if not (isinstance(current, _CutFollower) and current.handle is handle and current.index == index):
         kv_cache.store_history = _CutFollower(kv_cache.store_history, handle, index)
 
 
