@@ -116,11 +116,15 @@ def _invert_K(Ks):
 def _apply_tiled_projmat(feats, matrix):
     batch, num_heads, seqlen, feat_dim = feats.shape
     cameras, D = matrix.shape[1], matrix.shape[-1]
+    assert seqlen >= cameras and seqlen % cameras == 0 and matrix.shape == (batch, cameras, D, D)
     return torch.einsum("bcij,bncpkj->bncpki", matrix,
                         feats.reshape((batch, num_heads, cameras, -1, feat_dim // D, D))).reshape(feats.shape)
 
 
 def prope_qkv(q, k, v, *, viewmats, Ks, **kwargs):
+    batch, cameras = q.shape[0], viewmats.shape[1]
+    assert q.shape == k.shape == v.shape  # upstream's asserts, kept: they bind callers too
+    assert viewmats.shape == (batch, cameras, 4, 4) and Ks.shape == (batch, cameras, 3, 3)
     Ks_norm = torch.zeros_like(Ks)
     Ks_norm[..., 0, 0] = Ks[..., 0, 0]
     Ks_norm[..., 1, 1] = Ks[..., 1, 1]

@@ -252,8 +252,8 @@ class ChunkReads:
         viewmats, ks = self._cameras[span]
 
         def project(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # prope_qkv projects a query too; one head of the keys stands in for it (discarded)
-            _, k_prope, v_prope, _ = _module(self.model).prope_qkv(k[:, :1], k, v, viewmats=viewmats, Ks=ks)
+            # prope_qkv projects a query too (of the keys' shape, which it asserts): discarded
+            _, k_prope, v_prope, _ = _module(self.model).prope_qkv(k, k, v, viewmats=viewmats, Ks=ks)
             return k_prope, v_prope
 
         return project
