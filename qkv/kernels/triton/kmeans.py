@@ -10,10 +10,11 @@
   to fp32 summation order); its true distance exceeds the minimum by at most the rounding's
   effect, ``2^-7 * |c|max * (|x| + |c|max)`` (see docs/kernels.md).
 - update: deterministic, no floating-point atomics, two ways to the same sums. Up to
-  ONEHOT_MAX_CLUSTERS clusters (two passes over the tokens), ``update_onehot`` sums each cluster's tokens
-  as one-hot products on the tensor cores. With more, ``update_sorted`` orders the tokens by
-  cluster (a stable sort on the narrowest integer type that holds the cluster ids) and sums each
-  cluster's tokens in that fixed order in UPDATE_PIECES parts at once, then the parts in order.
+  ONEHOT_MAX_CLUSTERS clusters (two passes over the tokens), ``update_onehot`` sums each
+  cluster's tokens as one-hot products on the tensor cores. With more, ``update_sorted`` orders
+  the tokens by cluster (a stable sort on the narrowest integer type that holds the cluster ids)
+  and sums each cluster's tokens in that fixed order in UPDATE_PIECES parts at once, then the
+  parts in order.
   Empty clusters are re-seeded by the kernel that adds the parts. Results differ from the
   reference only by fp32 summation order, and are bit-identical from run to run.
   benchmarks/results/bench_kmeans_update_h200.json has both at the shapes qkv's clients compress.
