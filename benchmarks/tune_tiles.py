@@ -30,6 +30,10 @@ program on the per-token fast path and on the others, warps) over the keys of ``
 ``--kernel assign`` sweeps :class:`qkv.kernels.triton.tiles.AssignTile` (tokens per program,
 centroids per tile, warps) over ``ASSIGN_SHAPES`` and writes one tile for any call.
 
+``--kernel decompress`` sweeps :class:`qkv.kernels.triton.tiles.DecompressTile` (keys per work
+item and per tile, warps) of the span decompression the staged attention runs (every span of a
+plan in one launch) over ``DECOMPRESS_WINDOWS`` (qvg with 64 clusters, bf16) and writes one tile.
+
 ``--kernel update`` sweeps :class:`qkv.kernels.triton.tiles.UpdateTile` (tokens per step,
 centroids per block, warps, waves) of the one-hot k-means update over ``UPDATE_SHAPES`` (the
 shapes it is used for: at most 128 clusters; balanced random assignments) and writes one tile.
@@ -53,6 +57,7 @@ from qkv.kernels import CompressedSpan, SpanPlan
 from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
+from qkv.kernels.triton.decompress import decompress_spans_triton
 from qkv.kernels.triton.kmeans import assign_triton, update_onehot
 from qkv.kernels.triton.quantize import dequantize_triton
 
@@ -65,6 +70,9 @@ DEQUANTIZE_POLICIES = ("qvg", "qvg-pro", "rtn")
 # history, a SANA-WM compression pass (8 blocks x 2 x 32 heads of 2,640 tokens)
 ASSIGN_SHAPES = {"longcat_video": (32, 29640, 128, 256), "self_forcing": (12, 37440, 128, 256),
                  "sana_wm_pass": (512, 2640, 128, 64)}
+# the span decompression's windows: (batch, KV heads, tokens per span, spans, head dim): a SANA-WM
+# window (4 spans of one 3-frame block each) and a Self-Forcing history (8 one-chunk spans)
+DECOMPRESS_WINDOWS = {"sana_wm_window": (1, 32, 2640, 4, 128), "self_forcing_history": (1, 12, 4680, 8, 128)}
 # the one-hot update's (rows, tokens, head dim, clusters): a SANA-WM pass, a Self-Forcing history
 # at 64 and 128 clusters
 UPDATE_SHAPES = {"sana_wm_pass": (512, 2640, 128, 64), "self_forcing_64": (12, 37440, 128, 64),
@@ -151,6 +159,25 @@ def assign_calls(args):
         torch.cuda.empty_cache()
 
 
+def decompress_grid(quick: bool) -> list[tiles.DecompressTile]:
+    pieces, blocks, warps = (64, 128, 256, 512), (16, 32, 64), (2, 4, 8)
+    if quick:
+        pieces, blocks, warps = (128, 256), (32,), (4,)
+    return [tiles.DecompressTile(p, n, w) for p, n, w in itertools.product(pieces, blocks, warps) if n <= p]
+
+
+def decompress_calls(args):
+    """(case, call(tile)) of the span decompression over DECOMPRESS_WINDOWS (qvg, 64 clusters)."""
+    policy = qkv.build_policy("qvg", clusters=64)
+    for name, (b, h, tokens, spans, d) in DECOMPRESS_WINDOWS.items():
+        plan = SpanPlan([CompressedSpan(policy.compress(
+            *(torch.randn(b, h, tokens, d, device="cuda").bfloat16() for _ in range(2)))) for _ in range(spans)])
+        k, v = (torch.empty(b, h, plan.tokens, d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        yield (name,), lambda tile: decompress_spans_triton(plan, k, v, tile=tile)
+        del plan, k, v
+        torch.cuda.empty_cache()
+
+
 def update_grid(quick: bool) -> list[tiles.UpdateTile]:
     tokens, clusters, warps, waves = (32, 64, 128), (32, 64, 128), (4, 8), (2, 4, 8)
     if quick:
@@ -170,7 +197,8 @@ def update_calls(args):
 
 
 KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid, dequantize_calls),
-           "assign": (assign_grid, assign_calls), "update": (update_grid, update_calls)}
+           "assign": (assign_grid, assign_calls), "update": (update_grid, update_calls),
+           "decompress": (decompress_grid, decompress_calls)}
 
 
 def main() -> None:

@@ -25,12 +25,8 @@ from qkv.kernels.triton.decode import plan_table
 from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
 from qkv.kernels.triton.records import TL_DTYPES
 from qkv.kernels.triton.tile import decode_tile, record_source
+from qkv.kernels.triton.tiles import DecompressTile, tile_for
 
-# keys per work item (a program) and per decoded tile: tiles of 32 x 128 values, as the
-# dequantize kernel's (docs/kernels.md), and 128 keys a program, so that a long span still spreads
-# over many programs (a 37,440-token span of 12 heads: 3,516)
-PIECE = 128
-BLOCK_N = 32
 
 
 @triton.jit
@@ -89,12 +85,15 @@ def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.
     return plan.table(("decompress support",), check)
 
 
-def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *,
+                            tile: DecompressTile | None = None) -> None:
     """Triton twin of :func:`qkv.kernels.attention.decompress_spans_torch` (checked arguments):
-    one launch per layout among the spans (usually one), K and V together."""
+    one launch per layout among the spans (usually one), K and V together. ``tile``: the launch
+    (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     if not plan.spans:
         return
-    table = plan_table(plan, k_out.device, PIECE)
+    tile = tile or tile_for("decompress", k_out.device, 0)
+    table = plan_table(plan, k_out.device, tile.piece)
     b, h, _, d = k_out.shape
     dtype = k_out.dtype
     for g in table.groups:
@@ -103,7 +102,7 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
         k_layout, v_layout = g.layouts
         decompress_kernel[(g.n_items, b * h)](
             g.table, g.items, k_out, v_out, h, *k_out.stride()[:3], *v_out.stride()[:3],
-            D=d, BLOCK_N=BLOCK_N, KV_T=TL_DTYPES[dtype],
+            D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
             LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), OUT_BF16=dtype == torch.bfloat16,
-            K=k_layout, V=v_layout, enable_fp_fusion=False, num_warps=4,
+            K=k_layout, V=v_layout, enable_fp_fusion=False, num_warps=tile.warps,
         )

@@ -7,8 +7,8 @@ its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly ins
 
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
-kernel: queries per head; the dequantize and k-means kernels have one tile for any call), the
-last for any; the best tile for one query per head is not the best for sixteen.
+kernel: queries per head; the dequantize, decompression and k-means kernels have one tile for
+any call), the last for any; the best tile for one query per head is not the best for sixteen.
 """
 
 from __future__ import annotations
@@ -80,6 +80,16 @@ class AssignTile:
 
 
 @dataclasses.dataclass(frozen=True)
+class DecompressTile:
+    """The span decompression kernel's launch: ``piece`` keys per work item (a program),
+    ``block_n`` keys per decoded tile, ``warps`` per program."""
+
+    piece: int = 128
+    block_n: int = 32
+    warps: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
 class UpdateTile:
     """The one-hot k-means update's launch: ``tokens`` per step of a program, centroid blocks of
     up to ``clusters``, ``warps`` per program, and ``waves``: programs per multiprocessor to aim
@@ -95,6 +105,9 @@ DEFAULTS = {
     "decode": DecodeTile(),
     "assign": AssignTile(),
     "update": UpdateTile(),
+    # 128-key work items of 32 x 128 tiles, as the dequantize kernel's: a long span still spreads
+    # over many programs (a 37,440-token span of 12 heads: 3,516)
+    "decompress": DecompressTile(),
     # 4096-value tiles on the per-token fast path: the LongCat decode of benchmarks/bench_kernels.py
     # went from 0.139 ms (8192-value tiles) to 0.114 ms with them on an H100
     "dequantize": DequantizeTile(),
@@ -106,6 +119,7 @@ INTERPRETER = {
     "decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4),
     "assign": AssignTile(),
     "update": UpdateTile(),
+    "decompress": DecompressTile(),
     "dequantize": DequantizeTile(),
     "attention": PrefillTiles(((16, 16, 4, 1, 1),)),
 }
