@@ -75,6 +75,7 @@ import ast
 import contextlib
 import copy
 import gc
+import importlib
 import json
 import math
 import pathlib
@@ -163,6 +164,14 @@ def made_in(device: torch.device, dtype: torch.dtype):
             yield
     finally:
         torch.set_default_dtype(default)
+
+
+def restated(module: str):
+    """A client's restatement in tests/caches (its GitHub code is not pip-installable)."""
+    path = str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "caches")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module(module)
 
 
 def twice(rollout, reset=None):
@@ -300,8 +309,7 @@ def self_forcing(args, device, dtype) -> dict:
 
 # -- Self-Forcing's GitHub pipeline (restated: tests/caches/upstream_self_forcing.py) -------------
 def self_forcing_github(args, device, dtype) -> dict:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "caches"))
-    import upstream_self_forcing as upstream  # Self-Forcing is not pip-installable: its restatement
+    upstream = restated("upstream_self_forcing")
 
     if args.tiny:
         cfg = dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, text_len=8)
@@ -504,8 +512,7 @@ def sana_wm(args, device, dtype) -> dict:
 
 # -- LongCat-Video (GitHub; the DiT restated in tests/caches/upstream_longcat_video.py) --------------------
 def longcat_video(args, device, dtype) -> dict:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "caches"))
-    import upstream_longcat_video as upstream  # LongCat-Video is not pip-installable: its restatement
+    upstream = restated("upstream_longcat_video")
 
     if args.tiny:
         cfg = dict(hidden_size=64, depth=2, num_heads=2, caption_channels=32, adaln_tembed_dim=32,
@@ -560,8 +567,7 @@ def longcat_video(args, device, dtype) -> dict:
 
 # -- HY-WorldPlay (GitHub; the DiT and AR rollout restated in tests/caches/upstream_hy_worldplay.py) ----------
 def hy_worldplay(args, device, dtype) -> dict:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests" / "caches"))
-    import upstream_hy_worldplay as upstream  # HY-WorldPlay is not pip-installable: its restatement
+    upstream = restated("upstream_hy_worldplay")
 
     if args.tiny:
         cfg = dict(in_channels=4, hidden_size=64, heads_num=2, mm_double_blocks_depth=2, rope_dim_list=(8, 12, 12),
