@@ -69,7 +69,7 @@ from qkv.caches.layer_state import (
 )
 from qkv.caches.policy import Policy
 from qkv.caches.presets import build_policy
-from qkv.caches.tail import Chunk, TailBuffer, adjacent, extent, joined_kv
+from qkv.caches.tail import GROWTH, Chunk, TailBuffer, adjacent, extent, joined_kv
 from qkv.component import check_int
 from qkv.compressed import CompressedKV
 from qkv.errors import (
@@ -145,7 +145,34 @@ class LayerCache(LayerState):
     def __init__(self, config: CacheConfig, index: int = 0) -> None:
         self.config = config
         self.index = index
+        self.window: int | None = None  # see bound_to
         self.reset()
+
+    def bound_to(self, window: int | None) -> None:
+        """Declare that the caller keeps at most ``window`` retained tokens after the sink between
+        calls (a rolling window it evicts to with :meth:`evict`; None: no bound). The tail buffer
+        is then never planned beyond the window (with room to slide: ``GROWTH`` times it) plus one
+        chunk, and an eviction that leaves it larger moves the tail into a buffer of that size, so
+        a long chunk (a prompt) does not keep its room once the window has cut it. Stays until
+        changed (not undone by :meth:`reset`)."""
+        if window is not None:
+            check_int("bound_to", "window", window, 1)
+        self.window = window
+        self._shrink_buffer()
+
+    def _room(self, tokens: int) -> int | None:
+        """The most tail-buffer room an append of ``tokens`` may plan (None: no bound)."""
+        return None if self.window is None else math.ceil(GROWTH * self.window) + tokens
+
+    def _shrink_buffer(self) -> None:
+        """Move the tail into a buffer of :meth:`_room` (or of what the last chunk's size plans,
+        if less) if the bound makes the current one too large (one copy of at most the window)."""
+        room = self._room(0)
+        if room is None:
+            return
+        room = min(room, self._planned(self.buffer.last_chunk)) if self.buffer.last_chunk else room
+        if self.buffer.capacity > room and extent(self.tail) <= room:
+            self.tail = self.buffer.moved(self.tail, room)
 
     def reset(self) -> None:
         """Forget everything (the layer takes a new batch/head layout on its next append)."""
@@ -318,7 +345,7 @@ class LayerCache(LayerState):
             if not any(self.buffer.holds(c.k) for c in tail):
                 self.buffer = TailBuffer()
         else:
-            tail = self.buffer.append(self.tail, k, v, start, self._planned(chunk))
+            tail = self.buffer.append(self.tail, k, v, start, self._planned(chunk), self._room(k.shape[2]))
             self.tail = tail[:-1]  # possibly moved, same values: unchanged if a compression fails
             new_spans, tail, warm = self._complete_spans(tail)
         self.tail, self.warm = tail, warm
@@ -329,10 +356,15 @@ class LayerCache(LayerState):
 
     def _planned(self, tokens: int) -> int:
         """Tail buffer capacity for chunks of ``tokens``: a span, the tokens kept in full precision
-        after it, and one chunk more (the next append, or the current chunk :meth:`attend` stages)."""
+        after it, and one chunk more (the next append, or the current chunk :meth:`attend` stages).
+        With a residual window every whole group that left the window goes at each append, so the
+        tail holds less than the window and a group before the next chunk."""
         cfg = self.config
+        keep = max(cfg.recent_chunks * tokens, cfg.fp_window)
+        if cfg.residual_group is not None:
+            return keep + cfg.residual_group + tokens
         span = cfg.span_chunks * tokens if cfg.span_chunks is not None else cfg.span_tokens
-        return span + max(cfg.recent_chunks * tokens, cfg.fp_window) + tokens
+        return span + keep + tokens
 
     def _next_span(self, tail: list[Chunk]) -> int:
         """Tokens of the span to compress now at the front of ``tail`` (0: none is complete).
@@ -444,6 +476,7 @@ class LayerCache(LayerState):
         self.spans, self.tail = spans, tail
         self.evicted += tokens
         self._plan_stale = True
+        self._shrink_buffer()
 
     @staticmethod
     def _cut(span: kernels.CompressedSpan, tokens: int) -> kernels.CompressedSpan:

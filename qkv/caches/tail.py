@@ -88,6 +88,7 @@ class TailBuffer:
         # is that run (chunks are frozen and every change of a tail replaces its first or last),
         # so token-by-token decoding, a chunk an append, does not join the whole tail at every step
         self._run: tuple[int, Chunk, Chunk, int] | None = None
+        self.last_chunk = 0  # the tokens of the last chunk appended
 
     @property
     def capacity(self) -> int:
@@ -120,15 +121,21 @@ class TailBuffer:
         return k is not None and (k.shape[:2], k.shape[3], k.dtype, k.device) == (
             like.shape[:2], like.shape[3], like.dtype, like.device)
 
-    def _place(self, tail: list[Chunk], tokens: int, planned: int, like: torch.Tensor) -> list[Chunk]:
+    def _place(self, tail: list[Chunk], tokens: int, planned: int, like: torch.Tensor,
+               limit: int | None = None) -> list[Chunk]:
         """The tail copied to the front of the buffer (grown if it cannot also take ``tokens``
-        more), as views; ``planned``: the capacity to grow to, ``like``: a chunk's tensor."""
+        more), as views; ``planned``: the capacity to grow to, ``limit``: the most it grows to
+        while the tail and chunk fit in it (None: no bound; beyond it, by ``GROWTH``), ``like``: a
+        chunk's tensor."""
         live = sum(c.tokens for c in tail)
         need = live + tokens
         old_k = torch.cat([c.k for c in tail], 2) if tail else None  # a copy: the tail may live here
         old_v = torch.cat([c.v for c in tail], 2) if tail else None
         if not self._fits(like) or need > self.capacity:
-            cap = max(need, planned, int(GROWTH * self.capacity) if self._fits(like) else 0)
+            cap = max(planned, int(GROWTH * self.capacity) if self._fits(like) else 0)
+            if limit is not None:  # beyond the limit (a long chunk, a tail kept past it): room to grow
+                cap = min(cap, limit if need <= limit else int(GROWTH * need))
+            cap = max(need, cap)
             b, h, _, d = like.shape
             self.k = self.v = None  # free the old buffer first (its tail is copied above)
             self.k = torch.empty(b, h, cap, d, dtype=like.dtype, device=like.device)
@@ -142,19 +149,33 @@ class TailBuffer:
             at += c.tokens
         return placed
 
-    def append(self, tail: list[Chunk], k: torch.Tensor, v: torch.Tensor, start: int, planned: int) -> list[Chunk]:
+    def append(self, tail: list[Chunk], k: torch.Tensor, v: torch.Tensor, start: int, planned: int,
+               limit: int | None = None) -> list[Chunk]:
         """``tail`` (its chunks possibly moved within the buffer, same values) and, last, the chunk
-        ``k``, ``v`` [B, H, n, D] (copied into the buffer) starting at absolute position ``start``."""
-        n = k.shape[2]
+        ``k``, ``v`` [B, H, n, D] (copied into the buffer) starting at absolute position ``start``;
+        ``planned`` and ``limit``: see :meth:`_place`."""
+        n = self.last_chunk = k.shape[2]
         end = self._end(tail) if self._fits(k) else None
         if end is None or end + n > self.capacity:
-            tail = self._place(tail, n, planned, k)
+            tail = self._place(tail, n, planned, k, limit)
             end = sum(c.tokens for c in tail)
         self.k[:, :, end : end + n].copy_(k)
         self.v[:, :, end : end + n].copy_(v)
         tail = [*tail, Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)]
         self._run = (len(tail), tail[0], tail[-1], end + n)
         return tail
+
+    def moved(self, tail: list[Chunk], capacity: int) -> list[Chunk]:
+        """``tail`` (views of this buffer, or not) copied to the front of new storage of
+        ``capacity`` tokens (at least the tail's), which replaces this buffer's; the old storage
+        is freed once nothing else views it."""
+        if not tail:
+            self.k = self.v = self._run = None
+            return tail
+        like, last = tail[0].k, self.last_chunk
+        self.__init__()
+        self.last_chunk = last
+        return self._place(tail, 0, capacity, like)
 
     def stage(self, tail: list[Chunk], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(keys, values) of ``tail`` followed by ``k``, ``v`` as one view each, ``k``/``v`` written

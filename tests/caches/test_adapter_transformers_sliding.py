@@ -127,6 +127,22 @@ def test_a_sliding_layer_holds_no_more_than_its_window(mistral):
     assert unbounded.memory().total * (WINDOW - 1) == bounded.memory().total * 55
 
 
+@pytest.mark.parametrize("policy", ["fp32", "rtn"])
+def test_a_prompt_longer_than_the_window_does_not_keep_its_room(mistral, policy):
+    """The tail buffer that took a 16-token prompt shrinks once the window has cut it, and
+    decoding keeps it within 1.5 windows plus a chunk: what is allocated stays close to what is
+    held (the bytes of transformers' default cache on a lossless policy)."""
+    model, _ = mistral
+    cache = QKVCache(policy, config=model.config)
+    generate(model, "sdpa", cache)
+    for layer in cache.kv.layers:
+        assert layer.tokens == WINDOW - 1 and layer.window == WINDOW
+        assert layer.buffer.capacity <= int(1.5 * WINDOW) + 1
+    mem = cache.memory()
+    per_token = 2 * 2 * 32 * 4  # K and V, 2 KV heads x 32, fp32
+    assert mem.reserved <= len(cache.kv.layers) * (int(1.5 * WINDOW) + 1) * per_token
+
+
 def test_lengths_and_mask_sizes_follow_transformers_sliding_layer(mistral):
     """Step by step (a 5-token prompt, one-token steps, a 3-token step) the cache reports what
     DynamicCache(config) reports: sequence length, mask sizes, maximum length."""

@@ -20,7 +20,7 @@ import qkv
 from qkv.caches.adapters import self_forcing
 from qkv.caches.adapters.self_forcing import cache_options, self_forcing_kv_cache
 from qkv.caches.cache_config import CacheMemory
-from qkv.errors import CacheError, GradientError, NonFiniteError, ShapeError
+from qkv.errors import CacheError, ConfigError, GradientError, NonFiniteError, ShapeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -159,12 +159,16 @@ def test_unsupported_writes_raise():
     assert block.filled == 18 and cache.layer(0).tokens == 12  # the bad chunk stays pending, unstored
 
 
-def window_caches(attn, *, chunks, batch=B, blocks=2, policy="bf16", dtype=torch.bfloat16, reset_after=None):
+def window_caches(attn, *, chunks, batch=B, blocks=2, policy="bf16", dtype=torch.bfloat16, reset_after=None,
+                  spans=None):
     """``rollout`` over the plain buffers and over drop-ins made with :func:`cache_options` for the
-    same window and sink; with ``reset_after``, the indices are replaced by zeros after that many
-    chunks and a second video runs (the pipelines' reset). Returns (plain outputs, ours, cache, blocks)."""
+    same window and sink (``spans``: span options instead of its one-chunk spans); with
+    ``reset_after``, the indices are replaced by zeros after that many chunks and a second video
+    runs (the pipelines' reset). Returns (plain outputs, ours, cache, blocks)."""
     capacity = attn["local_attn_size"] * FRAME
     options = cache_options(frame_tokens=FRAME, chunk_frames=3, sink_size=attn["sink_size"])
+    if spans is not None:
+        options = {**{k: x for k, x in options.items() if k != "span_tokens"}, **spans}
     cache = qkv.KVCache(policy, **options)
     ours = self_forcing_kv_cache(cache, num_blocks=blocks, batch_size=batch, capacity=capacity, heads=H, head_dim=D,
                                  dtype=dtype, device="cpu")
@@ -218,6 +222,40 @@ def test_with_a_window_the_compressed_cache_holds_less_than_the_plain_buffer(sin
         assert held.tokens == 9 * FRAME  # the window, the chunk being written included
         errors = [float((g - e).norm() / e.norm()) for e, g in zip(expected, got)]
         assert max(errors) < 0.15  # measured 0.11: 4 bits on Gaussian noise
+    finally:
+        FRAME = frame
+
+
+@pytest.mark.parametrize("spans", [{"span_chunks": 8}, {"span_chunks": 2}, {"span_tokens": 9 * FRAME}])
+def test_spans_that_cannot_complete_in_the_window_raise(spans):
+    """Spans longer than upstream's buffer after the sink (a 9-frame window holds 3 chunks; the
+    one-frame sink leaves 8 frames, fewer than two chunks) would never be compressed, the window
+    held in full precision: the first chunk stored raises instead."""
+    attn = {"local_attn_size": 9, "sink_size": 1, "max_attention_size": 9 * FRAME}
+    if spans == {"span_chunks": 2}:  # 6 frames fit in 8: it compresses
+        expected, got, cache, ours = window_caches(attn, chunks=6, spans=spans)
+        assert all(torch.equal(e, g) for e, g in zip(expected, got)) and cache.layer(0).spans
+        return
+    with pytest.raises(ConfigError, match="never completes"):
+        window_caches(attn, chunks=3, spans=spans)
+
+
+@pytest.mark.parametrize("sink_size", [0, 1])
+def test_kivi_in_a_window_compresses_and_allocates_less_than_the_plain_buffer(sink_size):
+    """KIVI's residual window inside Self-Forcing's rolling window (9 frames of 1,560 tokens):
+    the groups that leave its 128 full-precision tokens are compressed at every chunk, and the
+    tail buffer is planned for that window, a group and a chunk, not for a span ahead."""
+    global FRAME
+    frame, FRAME = FRAME, 1560
+    try:
+        attn = {"local_attn_size": 9, "sink_size": sink_size, "max_attention_size": 9 * FRAME}
+        expected, got, cache, ours = window_caches(attn, chunks=5, batch=1, blocks=1, policy="kivi")
+        held = ours[0].memory()
+        plain = 2 * 9 * FRAME * H * D * 2  # K and V buffers of one block, bf16
+        assert held.compressed > 0 and held.allocated < 0.95 * plain  # measured 0.81 / 0.90
+        assert ours[0].layer.buffer.capacity <= 128 + 32 + 3 * FRAME
+        errors = [float((g.float() - e.float()).norm() / e.float().norm()) for e, g in zip(expected, got)]
+        assert max(errors) < 0.6  # 2-bit KIVI on Gaussian noise
     finally:
         FRAME = frame
 

@@ -179,3 +179,45 @@ def test_token_by_token_appends_do_not_walk_the_tail(monkeypatch):
         assert tail_module.extent(layer.tail) == sum(c.tokens for c in layer.tail)
     k, v = layer.read()
     assert k.shape[2] == layer.tokens == 5 + 301 - 7 - 4 + 9 - 1 + 1
+
+
+def test_a_bounded_layer_gives_back_the_room_of_a_long_chunk():
+    """``LayerCache.bound_to``: a chunk longer than the window (a prompt) takes the room it needs;
+    the eviction that cuts it to the window moves the tail into a buffer of at most 1.5 windows,
+    and token-by-token appends, each followed by the window's eviction, stay within it and read
+    back exactly the window's tokens."""
+    window = 24
+    cache = qkv.KVCache("fp32", span_tokens=16, num_layers=1)
+    layer = cache.layer(0)
+    layer.bound_to(window)
+    gen = torch.Generator().manual_seed(7)
+    stream = [chunk(gen, 200)]
+    cache.append(0, *stream[0])
+    layer.evict(layer.tokens - window)
+    for _ in range(60):
+        stream.append(chunk(gen, 1))
+        cache.append(0, *stream[-1])
+        layer.evict(layer.tokens - window)
+        assert layer.buffer.capacity <= int(1.5 * window) + 1
+    k = torch.cat([c[0] for c in stream], 2)
+    v = torch.cat([c[1] for c in stream], 2)
+    assert all(torch.equal(a, b) for a, b in zip(layer.read(), (k[:, :, -window:], v[:, :, -window:])))
+    mem = layer.memory()
+    assert mem.reserved <= (int(1.5 * window) + 1) * 2 * 2 * 3 * 64 * 4
+
+
+def test_a_bounded_layer_shrinks_a_buffer_a_long_chunk_grew():
+    """A tail held in a buffer larger than the bound allows (a chunk longer than the window)
+    moves into one of 1.5 windows at the eviction that cuts it, values unchanged."""
+    cache = qkv.KVCache("fp32", span_chunks=8, num_layers=1)
+    layer = cache.layer(0)
+    layer.bound_to(10)
+    gen = torch.Generator().manual_seed(8)
+    k, v = chunk(gen, 40)
+    cache.append(0, k, v)
+    assert layer.buffer.capacity >= 40
+    layer.evict(32)
+    assert 8 <= layer.buffer.capacity <= 15 and all(layer.buffer.holds(c.k) for c in layer.tail)
+    assert all(torch.equal(a, b) for a, b in zip(layer.read(), (k[:, :, 32:], v[:, :, 32:])))
+    with pytest.raises(qkv.errors.ConfigError):
+        layer.bound_to(0)

@@ -183,11 +183,30 @@ class SelfForcingBlockCache(MutableMapping):
                 "context pass does) or detach it"
             )
         k, v = self._finished()
+        self._check_span_fits(k.shape[2])
         with torch.no_grad():
             if self.group is not None and self.layer.ahead_request(k, v) is not None:
                 self._compress_finished()
             self.layer.append(k, v)
         self._pending, self._pending_at = {}, (self.layer.tokens, self.layer.tokens)
+
+    def _check_span_fits(self, chunk: int) -> None:
+        """Raise :class:`ConfigError` if spans of chunks of ``chunk`` tokens (with what the
+        policy keeps in full precision after a span) cannot complete within the buffer after the
+        sink: nothing would ever be compressed, and the tail would hold the window in full
+        precision. Spans of a residual window (KIVI) compress whole groups as they leave it."""
+        cfg = self.layer.config
+        if cfg.residual_group is not None:
+            return
+        window = self.buffer_shape[1] - cfg.sink_tokens
+        span = cfg.span_tokens if cfg.span_chunks is None else cfg.span_chunks * chunk
+        keep = max(cfg.fp_window, cfg.recent_chunks * chunk)
+        if span + keep > window:
+            raise ConfigError(
+                f"layer {self.layer.index}: a span of {span} tokens{f' (+ {keep} kept in full precision)' if keep else ''} "
+                f"never completes in the {window} slots after the sink, so nothing would be compressed; use spans "
+                f"of at most {max(window - keep, 0)} tokens (span_chunks=1 fits any buffer of two chunks)"
+            )
 
     def _finished(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pending chunk's k, v in the layer's layout [B, H, n, D] (views)."""
@@ -371,6 +390,7 @@ def self_forcing_kv_cache(
     ]
     for block in blocks:
         block.group = (cache, blocks)
+        block.layer.bound_to(max(capacity - cache.config.sink_tokens, 1))  # upstream's buffer bounds what it holds
     return blocks
 
 

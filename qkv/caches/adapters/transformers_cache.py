@@ -181,6 +181,7 @@ class QKVSlidingLayer(QKVLayer):
         super().__init__(layer, direct)
         self.window = window
         self.record_past = False
+        layer.bound_to(window)  # the newest window - 1 tokens after a step, and the next one
 
     def activate_past_recording(self, recurrent_states_to_keep: int | None = None) -> None:
         """Keep evicted tokens until the next ``crop`` (assisted decoding). ``Cache`` passes its
