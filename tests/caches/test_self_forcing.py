@@ -484,3 +484,39 @@ def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch, comp
     # (3 steps x 2 blocks x k, v); block by block, one per block's chunk
     assert len(checks) == 7
     assert all(torch.equal(a, b) for a, b in zip(runs[0][0], runs[1][0], strict=True)) and runs[0][2] == runs[1][2]
+
+
+def test_gradients_through_installs_patched_attention_equal_the_plain_buffers():
+    """The training pipeline's grad-enabled exit step through ``install`` (the patched
+    ``CausalWanSelfAttention.forward``): the key projection's gradient equals the plain buffers'
+    on a lossless policy, and is kept with ``qvg`` (the chunk being written is full precision)."""
+
+    def make():
+        torch.manual_seed(0)
+        blocks = [types.SimpleNamespace(self_attn=CausalWanSelfAttention(-1, 0)) for _ in range(2)]
+        return Pipeline("training", types.SimpleNamespace(blocks=blocks, num_heads=H, dim=H * D))
+
+    def run(pipe):
+        freqs, grid, gen = rope_frequencies(D), torch.tensor([[3, 2, 3]]), torch.Generator().manual_seed(1)
+        for c in range(3):
+            x = torch.randn(B, 3 * FRAME, H * D, generator=gen)
+            for grad in ([True, False] if c == 2 else [False]):  # the exit step, then the clean pass
+                with torch.set_grad_enabled(grad):
+                    h = x
+                    for block, cache in zip(pipe.generator.model.blocks, pipe.kv_cache1):
+                        h = block.self_attn(h, None, grid, freqs, None, kv_cache=cache, current_start=c * 3 * FRAME)
+                    if grad:
+                        (h * torch.linspace(-1, 1, h.numel()).view_as(h)).sum().backward()
+        return [b.self_attn.k.weight.grad for b in pipe.generator.model.blocks]
+
+    plain = make()
+    plain.kv_cache1 = [plain_cache(21 * FRAME, torch.float32) for _ in range(2)]
+    expected = run(plain)
+    for policy in ("fp32", qkv.build_policy("qvg", clusters=4, block=16)):
+        pipe = make()
+        with self_forcing.install(pipe, policy):
+            pipe._initialize_kv_cache(batch_size=B, dtype=torch.float32, device="cpu")
+            got = run(pipe)
+        assert all(g is not None and g.norm() > 0 for g in got)
+        if policy == "fp32":
+            assert all(torch.allclose(g, e, rtol=1e-5, atol=1e-7) for g, e in zip(got, expected))
