@@ -520,3 +520,28 @@ def test_gradients_through_installs_patched_attention_equal_the_plain_buffers():
         assert all(g is not None and g.norm() > 0 for g in got)
         if policy == "fp32":
             assert all(torch.allclose(g, e, rtol=1e-5, atol=1e-7) for g, e in zip(got, expected))
+
+
+@pytest.mark.parametrize("sink_size", [0, 1])
+def test_a_one_frame_first_chunk_then_three_in_a_window_matches_the_plain_buffers(sink_size):
+    """Self-Forcing's 1-then-3-frame schedule (the first chunk one frame, every later chunk three)
+    in a 9-frame window, with and without a one-frame sink, over 10 chunks: exact on the fp32
+    policy, and nothing is stored as dead tokens (the window's evictions fall on span bounds)."""
+    attn = {"local_attn_size": 9, "sink_size": sink_size, "max_attention_size": 9 * FRAME}
+    capacity = 9 * FRAME
+    cache = qkv.KVCache("fp32", **cache_options(frame_tokens=FRAME, chunk_frames=3, sink_size=sink_size))
+    ours = self_forcing_kv_cache(cache, num_blocks=1, batch_size=B, capacity=capacity, heads=H, head_dim=D,
+                                 dtype=torch.float32, device="cpu")
+    plain = [plain_cache(capacity, torch.float32)]
+    outs = {"plain": [], "ours": []}
+    for name, caches in (("plain", plain), ("ours", ours)):
+        gen, start = torch.Generator().manual_seed(0), 0
+        for frames in [1] + [3] * 9:
+            n = frames * FRAME
+            for _ in range(2):  # a denoising step, then the clean pass
+                q, k, v = (torch.randn(B, n, H, D, generator=gen) for _ in range(3))
+                outs[name].append(causal_attention_step(q, k, v, caches[0], start, **attn))
+            start += n
+    assert all(torch.equal(a, b) for a, b in zip(outs["plain"], outs["ours"]))
+    layer = cache.layer(0)
+    assert layer.evicted > 0 and layer.memory().dead_tokens == 0 and ours[0].filled <= capacity
