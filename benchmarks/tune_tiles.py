@@ -19,6 +19,10 @@ sixteen):
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --cases 1 4 --policies qvg kivi rtn \
         --out benchmarks/results/tune_tiles_many_rows_h200.json --write
 
+``--grid FIELD=V1,V2 ...`` replaces the decode sweep's choices of those fields (the others keep
+theirs; the default tile is always timed too), for a narrower or a different grid, e.g.
+``--grid warps=1,2 stages=1 centroid_scores=False``.
+
 ``--kernel dequantize`` sweeps :class:`qkv.kernels.triton.tiles.DequantizeTile` (values per
 program on the per-token fast path and on the others, warps) over the keys of ``SPANS``
 (LongCat-Video's condition span, a Self-Forcing history; bf16) compressed by qvg, qvg-pro and rtn
@@ -86,18 +90,37 @@ def planned(segments: list) -> list:
     return [SpanPlan(spans), *(s for s in segments if not isinstance(s, CompressedSpan))]
 
 
-def decode_grid(quick: bool) -> list[tiles.DecodeTile]:
-    compiled = itertools.product((32, 64, 128), (4, 8), ((1,), (2, 1)))
-    launch = itertools.product((256, 512), (2, 4, 8))
-    if quick:
-        compiled = itertools.product((64, 128), (4, 8), ((2, 1),))
-        launch = itertools.product((256,), (4, 8))
-    launch = list(launch)
-    return [
-        tiles.DecodeTile(block_n=n, piece=piece, warps=w, stages=st, waves=waves, centroid_scores=cs)
-        for (n, w, st), (piece, waves), cs in itertools.product(compiled, launch, (False, True))
-        if piece % n == 0
-    ]
+# the decode sweep's choices per DecodeTile field (--quick narrows them, --grid replaces any)
+DECODE_CHOICES = {"block_n": (32, 64, 128), "warps": (4, 8), "stages": ((1,), (2, 1)), "piece": (256, 512),
+                  "waves": (2, 4, 8), "centroid_scores": (False, True)}
+DECODE_QUICK = {"block_n": (64, 128), "stages": ((2, 1),), "piece": (256,), "waves": (4, 8)}
+
+
+def grid_choices(items: list[str]) -> dict[str, tuple]:
+    """``--grid FIELD=V1,V2`` items as DecodeTile choices: integers, booleans, and pipelining
+    depths written ``2:1``."""
+    def value(field: str, text: str):
+        if field == "stages":
+            return tuple(int(x) for x in text.split(":"))
+        if field == "centroid_scores":
+            if text not in ("True", "False"):
+                raise SystemExit(f"--grid centroid_scores takes True or False, not {text!r}")
+            return text == "True"
+        return int(text)
+
+    out = {}
+    for item in items:
+        field, _, values = item.partition("=")
+        if field not in DECODE_CHOICES or not values:
+            raise SystemExit(f"--grid takes FIELD=V1,V2 with FIELD one of {', '.join(DECODE_CHOICES)}: got {item!r}")
+        out[field] = tuple(value(field, v) for v in values.split(","))
+    return out
+
+
+def decode_grid(quick: bool, grid: dict[str, tuple] | None = None) -> list[tiles.DecodeTile]:
+    choices = {**DECODE_CHOICES, **(DECODE_QUICK if quick else {}), **(grid or {})}
+    tiles_ = [tiles.DecodeTile(**dict(zip(choices, combo))) for combo in itertools.product(*choices.values())]
+    return [t for t in tiles_ if t.piece % t.block_n == 0]
 
 
 def dequantize_grid(quick: bool) -> list[tiles.DequantizeTile]:
@@ -212,9 +235,13 @@ def main() -> None:
     parser.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (decode; default all)")
     parser.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
     parser.add_argument("--policies", nargs="+", default=None)
+    parser.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
+                        help="decode: replace the choices of DecodeTile fields (stages as 2:1), e.g. warps=1,2")
     args = parser.parse_args()
     make_grid, calls = KERNELS[args.kernel]
-    candidates = make_grid(args.quick)
+    if args.grid and args.kernel != "decode":
+        raise SystemExit("--grid is for the decode sweep")
+    candidates = decode_grid(args.quick, grid_choices(args.grid)) if args.grid else make_grid(args.quick)
     default = tiles.DEFAULTS[args.kernel]
     if default not in candidates:
         candidates.append(default)
