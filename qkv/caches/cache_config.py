@@ -78,12 +78,12 @@ class CacheConfig:
         p = self.policy
         return Policy(dataclasses.replace(p.k, window=0), dataclasses.replace(p.v, window=0), name=p.name)
 
-    @property
+    @functools.cached_property  # read at every append: the policy's formats are not rebuilt each time
     def fp_window(self) -> int:
         """Newest tokens that always stay in full precision (the policy's window)."""
         return max(self.policy.k.window, self.policy.v.window)
 
-    @property
+    @functools.cached_property
     def residual_group(self) -> int | None:
         """For a policy with a window whose compression is local along the tokens
         (:attr:`Policy.token_group` is not None): the group in which tokens leaving the window are

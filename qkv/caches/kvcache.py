@@ -391,8 +391,11 @@ class LayerCache(LayerState):
         """Compress every complete span at the front of ``tail``: (new spans, remaining tail, warm)."""
         spans, warm = [], self.warm
         while n := self._next_span(tail):
-            head, tail = _take(tail, n)
-            k, v = _cat(head)
+            view = self.buffer.prefix(tail, n)  # the tail as laid out by the append: no walk
+            head, rest = _take(tail, n)
+            k, v = view if view is not None else _cat(head)
+            self.buffer.follow(tail, rest)
+            tail = rest
             ckv = self._compress(k, v, warm)
             spans.append(kernels.CompressedSpan(ckv))
             if self.config.warm_start and self.config.clusters:

@@ -103,6 +103,25 @@ class TailBuffer:
         ptr = t.untyped_storage().data_ptr()
         return self.k is not None and ptr in (self.k.untyped_storage().data_ptr(), self.v.untyped_storage().data_ptr())
 
+    def _is_run(self, tail: list[Chunk]) -> bool:
+        """Whether ``tail`` is the run the last append laid out (or :meth:`follow` kept)."""
+        run = self._run
+        return bool(tail) and run is not None and run[0] == len(tail) and tail[0] is run[1] and tail[-1] is run[2]
+
+    def prefix(self, tail: list[Chunk], n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The first ``n`` tokens of ``tail`` as one view each of keys and values when ``tail`` is
+        this buffer's run (found without walking its chunks), else None."""
+        if not self._is_run(tail):
+            return None
+        start = self._run[3] - extent(tail)
+        return self.k[:, :, start : start + n], self.v[:, :, start : start + n]
+
+    def follow(self, tail: list[Chunk], rest: list[Chunk]) -> None:
+        """Keep the run known when ``rest`` is what is left of the run ``tail`` after its first
+        chunks were taken whole (a cut chunk is a copy: then the next append finds the end anew)."""
+        if self._is_run(tail) and rest and rest[-1] is tail[-1] and rest[0] is tail[len(tail) - len(rest)]:
+            self._run = (len(rest), rest[0], rest[-1], self._run[3])
+
     def _end(self, tail: list[Chunk]) -> int | None:
         """Offset right after ``tail`` when the whole tail is one run of views of this buffer (0
         for an empty tail), else None."""

@@ -181,6 +181,34 @@ def test_token_by_token_appends_do_not_walk_the_tail(monkeypatch):
     assert k.shape[2] == layer.tokens == 5 + 301 - 7 - 4 + 9 - 1 + 1
 
 
+def test_a_residual_window_compresses_its_groups_without_walking_the_tail(monkeypatch):
+    """KIVI's residual window compresses each group that leaves its 128 tokens as tokens come one
+    by one: the group is taken as one view of the buffer, and the tail left after it stays the
+    buffer's known run, so no append visits the tail's ~130 one-token chunks; the values read
+    back are the tokens appended, and the spans equal those of the same stream appended at once."""
+    import qkv.caches.tail as tail_module
+
+    gen = torch.Generator().manual_seed(9)
+    stream = [chunk(gen, 1, dtype=torch.bfloat16) for _ in range(400)]
+    cache = qkv.KVCache("kivi", num_layers=1)
+    layer = cache.layer(0)
+    for c in stream[:200]:
+        layer.append(*c)
+    calls = []
+    monkeypatch.setattr(tail_module, "adjacent", lambda a, b: calls.append(1) or adjacent(a, b))
+    for c in stream[200:]:
+        layer.append(*c)
+    monkeypatch.undo()
+    assert not calls and len(layer.spans) > 5 and 128 <= len(layer.tail) < 160
+    whole = qkv.KVCache("kivi", num_layers=1).layer(0)
+    for i in range(0, 400, 100):
+        whole.append(torch.cat([c[0] for c in stream[i : i + 100]], 2), torch.cat([c[1] for c in stream[i : i + 100]], 2))
+    k, v = (torch.cat([c[i] for c in stream], 2) for i in (0, 1))
+    tail_k, tail_v = (torch.cat([getattr(c, x) for c in layer.tail], 2) for x in "kv")
+    assert torch.equal(tail_k, k[:, :, -tail_k.shape[2]:]) and torch.equal(tail_v, v[:, :, -tail_v.shape[2]:])
+    assert torch.equal(layer.read()[0], whole.read()[0]) and torch.equal(layer.read()[1], whole.read()[1])
+
+
 def test_a_bounded_layer_gives_back_the_room_of_a_long_chunk():
     """``LayerCache.bound_to``: a chunk longer than the window (a prompt) takes the room it needs;
     the eviction that cuts it to the window moves the tail into a buffer of at most 1.5 windows,
