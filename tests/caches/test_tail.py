@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import qkv
 from qkv.caches.kvcache import Chunk
@@ -249,3 +251,33 @@ def test_a_bounded_layer_shrinks_a_buffer_a_long_chunk_grew():
     assert all(torch.equal(a, b) for a, b in zip(layer.read(), (k[:, :, 32:], v[:, :, 32:])))
     with pytest.raises(qkv.errors.ConfigError):
         layer.bound_to(0)
+
+
+@given(data=st.data())
+def test_a_bounded_layer_holds_the_window_exactly_whatever_the_chunks(data):
+    """Random chunk sizes (a prompt longer than the window included), spans of any length or a
+    residual window, each append followed by the window's eviction: what the layer reads back is
+    always the newest tokens of the stream (lossless policies), and after an eviction the tail
+    buffer is never larger than the bound allows (1.5 windows, or what the last chunk plans)."""
+    window = data.draw(st.integers(4, 40), label="window")
+    policy, options = data.draw(st.sampled_from([
+        ("fp32", {"span_tokens": 8}), ("fp32", {"span_chunks": 2}), ("bf16", {"span_tokens": 64}),
+        ("k:fp32,window(tokens=4);v:fp32,window(tokens=4)", {"span_tokens": 16}),
+    ]), label="policy")
+    sizes = data.draw(st.lists(st.integers(1, 3 * window), min_size=1, max_size=12), label="chunks")
+    layer = qkv.KVCache(policy, num_layers=1, **options).layer(0)
+    layer.bound_to(window)
+    gen = torch.Generator().manual_seed(0)
+    stream_k, stream_v = [], []
+    for n in sizes:
+        k, v = chunk(gen, n, b=1, h=2, d=8, dtype=torch.bfloat16)  # every policy here stores bf16 exactly
+        stream_k.append(k)
+        stream_v.append(v)
+        layer.append(k, v)
+        layer.evict(max(layer.tokens - window, 0))
+        held = layer.tokens
+        assert held == min(window, sum(x.shape[2] for x in stream_k))
+        k_all, v_all = torch.cat(stream_k, 2), torch.cat(stream_v, 2)
+        got_k, got_v = layer.read()
+        assert torch.equal(got_k, k_all[:, :, -held:]) and torch.equal(got_v, v_all[:, :, -held:])
+        assert layer.buffer.capacity <= max(-(-3 * window // 2), layer._planned(n))
