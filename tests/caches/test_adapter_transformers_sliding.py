@@ -7,6 +7,8 @@ over 8 tokens, a Qwen2 with one sliding and one full-attention layer, a Llama 4 
 equal transformers' default cache, and the lengths it reports for masks are the same.
 """
 
+import warnings
+
 import pytest
 import torch
 
@@ -141,6 +143,17 @@ def test_a_prompt_longer_than_the_window_does_not_keep_its_room(mistral, policy)
     mem = cache.memory()
     per_token = 2 * 2 * 32 * 4  # K and V, 2 KV heads x 32, fp32
     assert mem.reserved <= len(cache.kv.layers) * (int(1.5 * WINDOW) + 1) * per_token
+
+
+def test_a_direct_cache_without_the_config_warns_of_the_window(mistral):
+    """qkv's attention sees the window transformers passes it: a direct cache made without the
+    config (every token kept) says so; one made with it does not."""
+    model, _ = mistral
+    with pytest.warns(UserWarning, match="sliding window of 8 tokens.*config=model.config"):
+        generate(model, ATTENTION, QKVCache("fp32", direct=True))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        generate(model, ATTENTION, QKVCache("fp32", config=model.config, direct=True))
 
 
 def test_lengths_and_mask_sizes_follow_transformers_sliding_layer(mistral):

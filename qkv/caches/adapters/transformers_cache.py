@@ -42,6 +42,8 @@ without it::
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from transformers import AttentionInterface
 from transformers.cache_utils import (
@@ -308,6 +310,12 @@ def qkv_attention(module, query, key, value, attention_mask, dropout: float = 0.
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     layer.pending = False
+    window = kwargs.get("sliding_window")
+    if isinstance(window, int) and not layer.is_sliding:
+        warnings.warn(
+            f"the model attends over a sliding window of {window} tokens, but its QKVCache keeps every token (the "
+            "outputs are the same, the memory is not bounded): make it with QKVCache(..., config=model.config)",
+            stacklevel=2)
     if dropout or (attention_mask is not None and not _unrestricted(attention_mask)):
         key, value = layer.history(1)
         out = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
