@@ -188,13 +188,8 @@ class TailBuffer:
         """``tail`` (views of this buffer, or not) copied to the front of new storage of
         ``capacity`` tokens (at least the tail's), which replaces this buffer's; the old storage
         is freed once nothing else views it."""
-        if not tail:
-            self.k = self.v = self._run = None
-            return tail
-        like, last = tail[0].k, self.last_chunk
-        self.__init__()
-        self.last_chunk = last
-        return self._place(tail, 0, capacity, like)
+        self.k = self.v = self._run = None
+        return self._place(tail, 0, capacity, tail[0].k) if tail else tail
 
     def stage(self, tail: list[Chunk], k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(keys, values) of ``tail`` followed by ``k``, ``v`` as one view each, ``k``/``v`` written
