@@ -17,6 +17,7 @@ import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
+from transformers import DynamicCache
 from bench_decode import SPAN, llama
 
 import qkv
@@ -27,14 +28,17 @@ PROMPT = 32 * 1024
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("policy", help="a preset (qvg gets 256 clusters, as bench_decode)")
+    parser.add_argument("policy", help="a preset (qvg gets 256 clusters, as bench_decode), or 'dynamic' for "
+                        "transformers' DynamicCache with its default attention (the baseline)")
     args = parser.parse_args()
     model = llama(8)
-    model.set_attn_implementation(ATTENTION)
+    model.set_attn_implementation("sdpa" if args.policy == "dynamic" else ATTENTION)
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda")
     policy = qkv.build_policy(args.policy, clusters=256) if args.policy == "qvg" else args.policy
 
     def make():
+        if args.policy == "dynamic":
+            return DynamicCache()
         return QKVCache(policy, span_tokens=SPAN, direct=True)
 
     def step(cache, i):
