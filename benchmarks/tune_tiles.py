@@ -92,14 +92,16 @@ def planned(segments: list) -> list:
 
 # the decode sweep's choices per DecodeTile field (--quick narrows them, --grid replaces any)
 DECODE_CHOICES = {"block_n": (32, 64, 128), "warps": (4, 8), "stages": ((1,), (2, 1)), "piece": (256, 512),
-                  "waves": (2, 4, 8), "centroid_scores": (False, True)}
+                  "waves": (2, 4, 8), "centroid_scores": (False, True), "maxnreg": (None,)}
 DECODE_QUICK = {"block_n": (64, 128), "stages": ((2, 1),), "piece": (256,), "waves": (4, 8)}
 
 
 def grid_choices(items: list[str]) -> dict[str, tuple]:
-    """``--grid FIELD=V1,V2`` items as DecodeTile choices: integers, booleans, and pipelining
-    depths written ``2:1``."""
+    """``--grid FIELD=V1,V2`` items as DecodeTile choices: integers, booleans, pipelining
+    depths written ``2:1``, and ``none`` for a register cap left to the compiler."""
     def value(field: str, text: str):
+        if field == "maxnreg" and text == "none":
+            return None
         if field == "stages":
             return tuple(int(x) for x in text.split(":"))
         if field == "centroid_scores":
@@ -224,23 +226,9 @@ KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid
            "decompress": (decompress_grid, decompress_calls)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kernel", choices=tuple(KERNELS), default="decode")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--write", nargs="?", const=str(tiles.TABLE), default=None, metavar="TABLE",
-                        help="store the winner in this table (default qkv/kernels/triton/tiles.json)")
-    parser.add_argument("--up-to", type=int, default=None,
-                        help="write the winner for calls of at most this many query rows per KV head (decode)")
-    parser.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (decode; default all)")
-    parser.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
-    parser.add_argument("--policies", nargs="+", default=None)
-    parser.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
-                        help="decode: replace the choices of DecodeTile fields (stages as 2:1), e.g. warps=1,2")
-    args = parser.parse_args()
+def measure(args) -> tuple[list, dict[tuple, list[float]], dict]:
+    """Time every candidate tile on every case of this GPU: (candidates, times by case, environment)."""
     make_grid, calls = KERNELS[args.kernel]
-    if args.grid and args.kernel != "decode":
-        raise SystemExit("--grid is for the decode sweep")
     candidates = decode_grid(args.quick, grid_choices(args.grid)) if args.grid else make_grid(args.quick)
     default = tiles.DEFAULTS[args.kernel]
     if default not in candidates:
@@ -258,29 +246,79 @@ def main() -> None:
         best = min(range(len(candidates)), key=lambda i: times[case][i])
         print(json.dumps({"case": case, "best_ms": times[case][best], "best": dataclasses.asdict(candidates[best]),
                           "default_ms": times[case][candidates.index(default)]}), flush=True)
+    return candidates, times, environment()
+
+
+def rescore(args) -> tuple[list, dict[tuple, list[float]], dict]:
+    """An earlier sweep's (``--rescore``) candidates, times of the cases of ``--policies`` (a
+    case's last field) and environment: a winner for a subset of its cases without a GPU."""
+    earlier = json.loads(pathlib.Path(args.rescore).read_text())
+    if earlier["kernel"] != args.kernel:
+        raise SystemExit(f"--rescore {args.rescore} is a {earlier['kernel']} sweep, not {args.kernel}")
+    kind = type(tiles.DEFAULTS[args.kernel])
+    candidates = [kind(**t) for t in earlier["tiles"]]
+    times = {tuple(c["case"]): c["ms"] for c in earlier["cases"]
+             if args.policies is None or c["case"][-1] in args.policies}
+    if not times:
+        raise SystemExit(f"--rescore {args.rescore} has no case of the policies {args.policies}")
+    return candidates, times, earlier["environment"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--kernel", choices=tuple(KERNELS), default="decode")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--write", nargs="?", const=str(tiles.TABLE), default=None, metavar="TABLE",
+                        help="store the winner in this table (default qkv/kernels/triton/tiles.json)")
+    parser.add_argument("--up-to", type=int, default=None,
+                        help="write the winner for calls of at most this many query rows per KV head (decode)")
+    parser.add_argument("--centroids", choices=("yes", "no"), default=None,
+                        help="decode: write the winner for keys that add centroids back (yes) or that do not (no); "
+                             "omitted: for both")
+    parser.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (decode; default all)")
+    parser.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
+    parser.add_argument("--policies", nargs="+", default=None)
+    parser.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
+                        help="decode: replace the choices of DecodeTile fields (stages as 2:1), e.g. warps=1,2")
+    parser.add_argument("--rescore", metavar="JSON",
+                        help="pick the winner from this earlier sweep's timings of --policies instead of timing "
+                             "(no GPU needed; the table row goes under the GPU that sweep ran on)")
+    args = parser.parse_args()
+    if args.grid and args.kernel != "decode":
+        raise SystemExit("--grid is for the decode sweep")
+    if args.centroids and args.kernel != "decode":
+        raise SystemExit("--centroids is for the decode table")
+    candidates, times, env = rescore(args) if args.rescore else measure(args)
+    default = tiles.DEFAULTS[args.kernel]
+    at_default = candidates.index(default) if default in candidates else None
     ratios = [sum(t[i] / min(t) for t in times.values()) / len(times) for i in range(len(candidates))]
     win = min(range(len(candidates)), key=ratios.__getitem__)
     result = {
+        "environment": env,
         "kernel": args.kernel,
+        **({"rescored_from": pathlib.Path(args.rescore).name} if args.rescore else {}),
         "cases": [{"case": list(case), "ms": t} for case, t in times.items()],
         "tiles": [dataclasses.asdict(c) for c in candidates],
         "mean_ratio_to_best": ratios,
         "winner": dataclasses.asdict(candidates[win]),
         "winner_ms": {",".join(map(str, case)): t[win] for case, t in times.items()},
-        "default_ms": {",".join(map(str, case)): t[candidates.index(default)] for case, t in times.items()},
+        "default_ms": {",".join(map(str, case)): None if at_default is None else t[at_default]
+                       for case, t in times.items()},
     }
     print(json.dumps({"winner": result["winner"], "mean_ratio": ratios[win],
-                      "default_mean_ratio": ratios[candidates.index(default)]}), flush=True)
+                      "default_mean_ratio": None if at_default is None else ratios[at_default]}), flush=True)
     write_json(args.out, result)
     if args.write:
         path = pathlib.Path(args.write)
         table = json.loads(path.read_text()) if path.exists() else {}
-        gpu = table.setdefault(environment()["gpu"], {})
-        entries = [e for e in gpu.get(args.kernel, []) if e["up_to"] != args.up_to]
-        entries.append({"up_to": args.up_to, **result["winner"]})
-        gpu[args.kernel] = sorted(entries, key=lambda e: math.inf if e["up_to"] is None else e["up_to"])
+        gpu = table.setdefault(env["gpu"], {})
+        keys = {"up_to": args.up_to, **({"centroids": args.centroids == "yes"} if args.centroids else {})}
+        entries = [e for e in gpu.get(args.kernel, [])
+                   if (e["up_to"], e.get("centroids")) != (keys["up_to"], keys.get("centroids"))]
+        entries.append({**keys, **result["winner"]})
+        gpu[args.kernel] = sorted(entries, key=lambda e: (math.inf if e["up_to"] is None else e["up_to"],
+                                                          e.get("centroids") is None))
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-
 
 if __name__ == "__main__":
     main()

@@ -1,6 +1,7 @@
 """``benchmarks/tune_tiles.py``'s decode grid (the sweep itself needs a GPU): ``--grid`` replaces
 the choices of the fields it names and keeps the others'."""
 
+import json
 import pathlib
 import sys
 
@@ -22,9 +23,41 @@ def test_grid_replaces_the_named_fields_only():
     assert {t.warps for t in grid} == {1, 2} and {t.stages for t in grid} == {(2, 1)}
     assert not any(t.centroid_scores for t in grid)
     assert {t.block_n for t in grid} == {32, 64, 128} and {t.waves for t in grid} == {2, 4, 8}
+    assert {t.maxnreg for t in grid} == {None}
+
+
+def test_a_register_cap_is_a_grid_field():
+    grid = tune_tiles.decode_grid(False, tune_tiles.grid_choices(["maxnreg=none,128", "block_n=64"]))
+    assert {t.maxnreg for t in grid} == {None, 128} and len(grid) == 2 * 144 // 3
 
 
 @pytest.mark.parametrize("item", ["heads=2", "warps=", "centroid_scores=yes"])
 def test_a_bad_grid_item_stops_with_a_message(item):
     with pytest.raises(SystemExit, match="--grid"):
         tune_tiles.grid_choices([item])
+
+
+def test_rescore_picks_a_winner_for_a_class_of_keys_without_a_gpu(monkeypatch, tmp_path):
+    """``--rescore`` re-picks the winner of an earlier sweep over the cases of ``--policies`` and
+    ``--centroids`` keys the table row it writes; other rows stay."""
+    fast_plain = {"block_n": 128, "piece": 512, "max_rows": 64, "warps": 4, "stages": [1], "waves": 16,
+                  "centroid_scores": False, "maxnreg": 128}
+    fast_smoothed = {**fast_plain, "warps": 2, "maxnreg": None}
+    earlier = {"environment": {"gpu": "Some GPU"}, "kernel": "decode", "tiles": [fast_plain, fast_smoothed],
+               "cases": [{"case": [1, 32768, 1, "qvg"], "ms": [0.06, 0.05]},
+                         {"case": [1, 32768, 1, "rtn"], "ms": [0.03, 0.04]}]}
+    sweep, table, out = tmp_path / "sweep.json", tmp_path / "tiles.json", tmp_path / "out.json"
+    sweep.write_text(json.dumps(earlier))
+    many = {"up_to": None, "block_n": 64, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 8}
+    table.write_text(json.dumps({"Some GPU": {"decode": [many]}}))
+    for policy, centroids in (("qvg", "yes"), ("rtn", "no")):
+        monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--policies", policy, "--up-to",
+                                          "16", "--centroids", centroids, "--write", str(table), "--out", str(out)])
+        tune_tiles.main()
+        assert json.loads(out.read_text())["environment"]["gpu"] == "Some GPU"
+    rows = json.loads(table.read_text())["Some GPU"]["decode"]
+    assert rows == [{"up_to": 16, "centroids": True, **fast_smoothed}, {"up_to": 16, "centroids": False, **fast_plain},
+                    many]
+    monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--policies", "kivi", "--out", str(out)])
+    with pytest.raises(SystemExit, match="no case"):
+        tune_tiles.main()

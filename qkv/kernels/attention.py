@@ -120,6 +120,8 @@ class SpanPlan:
             if dtype != metas[0][1] or device != metas[0][2]:
                 raise DTypeError(f"attention: span {i} is {dtype} on {device}, span 0 {metas[0][1]} on {metas[0][2]}")
         self.tokens = sum(sp.tokens for sp in self.spans)
+        # whether any span's keys add centroids back (the decode kernel's tiles differ: tiles.py)
+        self.centroids = any(st.centroids is not None for sp in self.spans for st in sp.ckv.k.stages)
         self.meta = None
         if metas:
             b, h, _, d = metas[0][0]

@@ -51,7 +51,29 @@ def test_the_shipped_table_names_known_fields():
         for kernel, entries in kernels.items():
             assert entries[-1]["up_to"] is None, gpu  # a tile for any call
             for entry in entries:
-                assert type(tiles.DEFAULTS[kernel])(**{k: v for k, v in entry.items() if k != "up_to"}), gpu
+                assert type(tiles.DEFAULTS[kernel])(**{k: v for k, v in entry.items()
+                                                       if k not in ("up_to", "centroids")}), gpu
+                assert entry.get("centroids") in (None, True, False) and (kernel == "decode" or "centroids" not in entry)
+
+
+def test_decode_tiles_per_class_of_keys(monkeypatch, tmp_path):
+    """A decode tile that names ``centroids`` is for that class of keys only; one that does not is
+    for both."""
+    table = tmp_path / "tiles.json"
+    smoothed = {"up_to": 16, "centroids": True, "block_n": 128, "piece": 512, "max_rows": 64, "warps": 2,
+                "stages": [1], "waves": 16}
+    plain = {**smoothed, "centroids": False, "warps": 4, "maxnreg": 128}
+    many = {"up_to": None, "block_n": 64, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 8}
+    table.write_text(json.dumps({"Some GPU": {"decode": [smoothed, plain, many]}}))
+    monkeypatch.setattr(tiles, "TABLE", table)
+    monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
+    monkeypatch.setattr(tiles, "_gpu_tile", tiles._gpu_tile.__wrapped__)
+    monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
+    cuda = torch.device("cuda", 0)
+    assert tiles.tile_for("decode", cuda, 4, True) == tiles.DecodeTile(128, 512, 64, 2, (1,), 16)
+    assert tiles.tile_for("decode", cuda, 4, False) == tiles.DecodeTile(128, 512, 64, 4, (1,), 16, maxnreg=128)
+    for centroids in (True, False):
+        assert tiles.tile_for("decode", cuda, 64, centroids) == tiles.DecodeTile(64, 256, 64, 4, (1,), 8)
 
 
 @pytest.mark.parametrize("tile", [

@@ -131,7 +131,8 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     device = q.device
     emulate = device.type != "cuda"
     rows = h // h_kv * sq  # query rows per KV head
-    tile = tile or tile_for("decode", device, rows)
+    if tile is None:
+        tile = tile_for("decode", device, rows, any(p.centroids for p in plans))
     block_n, piece, max_rows = tile.block_n, tile.piece, tile.max_rows
     table = plan_table(plans[0], device, piece) if plans else None
     groups = table.groups if table is not None else ()
@@ -180,7 +181,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
             DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, HAS_SPANS=g is not None,
             HAS_DENSE=n_dense > 0, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=d**-0.5,
             K=k_layout, V=v_layout, QC=qc,
-            num_warps=tile.warps,
+            num_warps=tile.warps, maxnreg=tile.maxnreg,
         )
         base += n_span + n_dense
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=device)

@@ -9,6 +9,10 @@ An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for 
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
 kernel: queries per head; the dequantize, decompression and k-means kernels have one tile for
 any call), the last for any; the best tile for one query per head is not the best for sixteen.
+A decode tile may also name the keys it is for: ``"centroids": true`` for spans whose keys add
+centroids back (qvg and the other smoothed presets), ``false`` for those that do not (rtn, kivi,
+quarot, bf16 spans); a tile without it is for both. At one query on an H200 the two classes want
+different launches (a register cap that speeds up plain codes makes the centroid gathers spill).
 """
 
 from __future__ import annotations
@@ -29,10 +33,12 @@ class DecodeTile:
     ``max_rows`` query rows per program, ``warps`` per program, the software-pipelining depths to
     try in order (a layout whose shared memory does not fit takes the next), ``waves``:
     programs per multiprocessor to aim for (the keys are split until the GPU holds that many),
-    and ``centroid_scores``: score centroid-smoothed keys as ``q . c[pi] + q . r`` (``q . c``
+    ``centroid_scores``: score centroid-smoothed keys as ``q . c[pi] + q . r`` (``q . c``
     once per centroid and span, then gathered per key) instead of adding each key's centroid
     row to its decoded residual (keys of one add-back stage, rows x centroids within
-    ``decode.CENTROID_SCORES``)."""
+    ``decode.CENTROID_SCORES``), and ``maxnreg``: the most registers a thread may take (None:
+    the compiler's choice; fewer let more programs share a multiprocessor, at the price of
+    spills)."""
 
     block_n: int = 64
     piece: int = 256
@@ -41,6 +47,7 @@ class DecodeTile:
     stages: tuple[int, ...] = (2, 1)
     waves: int = 4
     centroid_scores: bool = False
+    maxnreg: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
@@ -141,21 +148,22 @@ def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def tile_for(kernel: str, device: torch.device, rows: int):
-    """The tile of ``kernel`` (a key of :data:`DEFAULTS`) on ``device`` for ``rows`` work rows: the
-    first tile of the table's entry for the GPU's name whose ``up_to`` holds them (the last
-    tile otherwise), else the default; the interpreter's tile off a GPU."""
+def tile_for(kernel: str, device: torch.device, rows: int, centroids: bool | None = None):
+    """The tile of ``kernel`` (a key of :data:`DEFAULTS`) on ``device`` for ``rows`` work rows
+    (and, for the decode kernel, keys that add centroids back or not): the first tile of the
+    table's entry for the GPU's name whose ``up_to`` holds them, among the tiles for that class of
+    keys (the last such tile otherwise), else the default; the interpreter's tile off a GPU."""
     if device.type != "cuda":
         return INTERPRETER[kernel]
-    return _gpu_tile(kernel, _device_name(device.index or 0), rows)
+    return _gpu_tile(kernel, _device_name(device.index or 0), rows, centroids)
 
 
 @functools.cache
-def _gpu_tile(kernel: str, gpu: str, rows: int):
+def _gpu_tile(kernel: str, gpu: str, rows: int, centroids: bool | None):
     """:func:`tile_for` on the GPU named ``gpu`` (worked out once per call shape, not per call)."""
     default = DEFAULTS[kernel]
-    entry = _table().get(gpu, {}).get(kernel)
+    entry = [e for e in _table().get(gpu, {}).get(kernel, []) if e.get("centroids") in (None, centroids)]
     if not entry:
         return default
     chosen = next((e for e in entry if e.get("up_to") is not None and rows <= e["up_to"]), entry[-1])
-    return type(default)(**{k: v for k, v in chosen.items() if k != "up_to"})
+    return type(default)(**{k: v for k, v in chosen.items() if k not in ("up_to", "centroids")})
