@@ -3,7 +3,7 @@
 ``--kernel decode`` (the default):
 
 Sweeps :class:`qkv.kernels.triton.tiles.DecodeTile` (keys per tile, warps, pipelining depths,
-keys per work item, waves, and whether centroid-smoothed keys are scored as q . c[pi] + q . r)
+keys per work item, waves; a register cap with ``--grid``)
 over the cases of ``bench_decode.py`` (Llama-3-8B attention: 32 query
 heads, 8 KV heads x 128; batch 1 at 32k and 128k, batch 8 at 32k; 1 and 16 queries) for the
 policies qvg, kivi, rtn, quarot and bf16 spans, timing each call replayed from a CUDA graph.
@@ -21,7 +21,17 @@ sixteen):
 
 ``--grid FIELD=V1,V2 ...`` replaces the decode sweep's choices of those fields (the others keep
 theirs; the default tile is always timed too), for a narrower or a different grid, e.g.
-``--grid warps=1,2 stages=1 centroid_scores=False``.
+``--grid warps=1,2 stages=1 maxnreg=none,128``. ``--centroids yes|no`` writes the winner for one
+class of keys (those that add centroids back, or not); ``--rescore JSON`` picks a winner from an
+earlier sweep's timings of ``--policies`` without a GPU. The H200's one-query rows came so:
+
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --cases 0 2 3 --policies qvg rtn kivi --grid warps=2,4 \
+        block_n=64,128 waves=8,16 piece=512 stages=1 maxnreg=none,128,168 \
+        --out benchmarks/results/tune_tiles_maxnreg_h200.json
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --rescore benchmarks/results/tune_tiles_maxnreg_h200.json \
+        --policies qvg --up-to 16 --centroids yes --write --out benchmarks/results/tune_tiles_maxnreg_centroids_h200.json
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --rescore benchmarks/results/tune_tiles_maxnreg_h200.json \
+        --policies rtn kivi --up-to 16 --centroids no --write --out benchmarks/results/tune_tiles_maxnreg_plain_h200.json
 
 ``--kernel dequantize`` sweeps :class:`qkv.kernels.triton.tiles.DequantizeTile` (values per
 program on the per-token fast path and on the others, warps) over the keys of ``SPANS``
@@ -92,23 +102,21 @@ def planned(segments: list) -> list:
 
 # the decode sweep's choices per DecodeTile field (--quick narrows them, --grid replaces any)
 DECODE_CHOICES = {"block_n": (32, 64, 128), "warps": (4, 8), "stages": ((1,), (2, 1)), "piece": (256, 512),
-                  "waves": (2, 4, 8), "centroid_scores": (False, True), "maxnreg": (None,)}
+                  "waves": (2, 4, 8), "maxnreg": (None,)}
 DECODE_QUICK = {"block_n": (64, 128), "stages": ((2, 1),), "piece": (256,), "waves": (4, 8)}
 
 
 def grid_choices(items: list[str]) -> dict[str, tuple]:
-    """``--grid FIELD=V1,V2`` items as DecodeTile choices: integers, booleans, pipelining
-    depths written ``2:1``, and ``none`` for a register cap left to the compiler."""
+    """``--grid FIELD=V1,V2`` items as DecodeTile choices: integers, pipelining depths written
+    ``2:1``, and ``none`` for a register cap left to the compiler."""
     def value(field: str, text: str):
         if field == "maxnreg" and text == "none":
             return None
-        if field == "stages":
-            return tuple(int(x) for x in text.split(":"))
-        if field == "centroid_scores":
-            if text not in ("True", "False"):
-                raise SystemExit(f"--grid centroid_scores takes True or False, not {text!r}")
-            return text == "True"
-        return int(text)
+        try:
+            return tuple(int(x) for x in text.split(":")) if field == "stages" else int(text)
+        except ValueError:
+            raise SystemExit(f"--grid {field} takes whole numbers{' (or none)' * (field == 'maxnreg')}, "
+                             f"not {text!r}") from None
 
     out = {}
     for item in items:
@@ -256,8 +264,11 @@ def rescore(args) -> tuple[list, dict[tuple, list[float]], dict]:
     if earlier["kernel"] != args.kernel:
         raise SystemExit(f"--rescore {args.rescore} is a {earlier['kernel']} sweep, not {args.kernel}")
     kind = type(tiles.DEFAULTS[args.kernel])
-    candidates = [kind(**t) for t in earlier["tiles"]]
-    times = {tuple(c["case"]): c["ms"] for c in earlier["cases"]
+    fields = {f.name for f in dataclasses.fields(kind)}
+    # a tile that set an option qkv no longer has is left out; one that left it off is kept
+    kept = [i for i, t in enumerate(earlier["tiles"]) if not any(v for k, v in t.items() if k not in fields)]
+    candidates = [kind(**{k: v for k, v in earlier["tiles"][i].items() if k in fields}) for i in kept]
+    times = {tuple(c["case"]): [c["ms"][i] for i in kept] for c in earlier["cases"]
              if args.policies is None or c["case"][-1] in args.policies}
     if not times:
         raise SystemExit(f"--rescore {args.rescore} has no case of the policies {args.policies}")

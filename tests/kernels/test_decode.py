@@ -7,7 +7,6 @@ interpreter. Also: the plain-torch twin, the plan reused across calls, the metho
 GPU Llama-3-8B attention shapes and a CUDA graph of ``KVCache.attend``.
 """
 
-import dataclasses
 
 import pytest
 import torch
@@ -72,31 +71,6 @@ def test_many_pieces_several_spans_and_dense_segments_fp16():
                                 randn(110 + i, 2, 2, 30, 64, dtype=torch.float16)))
     q = randn(120, 2, 4, 3, 64, dtype=torch.float16)
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
-
-
-@pytest.mark.parametrize("name, dtype", [("qvg", torch.bfloat16), ("qvg", torch.float16), ("qvg-int4", torch.bfloat16),
-                                         ("qvg-ref", torch.bfloat16), ("qvg-pro", torch.bfloat16)])
-def test_centroid_scores(name, dtype):
-    """``DecodeTile(centroid_scores=True)``: keys of one add-back stage scored as q . r + q . c[pi]
-    (a table of q . c per span) within the same tolerance as the rows added; three spans in one
-    plan, one with fewer tokens than clusters (fewer centroids), programs that move from span to
-    span, 1 and 5 queries on 4 heads. qvg-pro's four stages keep the rows (the same bits)."""
-    from qkv.kernels.triton import tiles
-    from qkv.kernels.triton.decode import decode_triton
-
-    pol = policy(name, 64)
-    spans = []
-    for i, tokens in enumerate((150, 5, 90)):
-        k = randn(130 + i, 1, 2, tokens, 64, dtype=dtype, scale=2.0)
-        spans.append(CompressedSpan(pol.compress(k, randn(135 + i, 1, 2, tokens, 64, dtype=dtype)), 2 * (i != 1)))
-    tail = DenseKV(randn(140, 1, 2, 20, 64, dtype=dtype), randn(141, 1, 2, 20, 64, dtype=dtype))
-    rows, scored = tiles.INTERPRETER["decode"], dataclasses.replace(tiles.INTERPRETER["decode"], centroid_scores=True)
-    for sq in (1, 5):
-        q = randn(142 + sq, 1, 4, sq, 64, dtype=dtype)
-        segments = [SpanPlan(spans), tail]
-        out = decode_triton(q, segments, tile=scored)
-        assert_within_twice_the_torch_error(out, q, [*spans, tail])
-        assert torch.equal(out, decode_triton(q, segments, tile=rows)) == (name == "qvg-pro")
 
 
 def test_the_torch_twin_is_the_fp32_attention():

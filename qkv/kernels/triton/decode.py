@@ -32,9 +32,6 @@ from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
 PARTIAL_SHARE = 0.05
 # partials per load of the merge
 MERGE_PARTS = 64
-# DecodeTile.centroid_scores: the most (query rows x centroids) of a program's table of q . c
-# (fp32, held in registers: 16 rows x 256 centroids take 32 registers a thread at 4 warps)
-CENTROID_SCORES = 4096
 
 
 def plan_table(plan: SpanPlan, device: torch.device, piece: int):
@@ -167,10 +164,6 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
         if n_span + n_dense == 0:
             continue
         k_layout, v_layout = g.layouts if g is not None else (TensorLayout(), TensorLayout())
-        qc = 0  # centroids in the program's q . c table (0: keys get their centroid rows added)
-        if tile.centroid_scores and g is not None and k_layout.STAGES == 1 and not k_layout.ROT:
-            qc = max(16, triton.next_power_of_2(g.key_clusters))
-            qc = qc if block_m * qc <= CENTROID_SCORES else 0
         _launch_decode(
             (n_span + n_dense, b * h_kv, row_blocks), tile.stages,
             q, qh if k_layout.ROT else q, ql, po, pl,
@@ -180,7 +173,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, KV_T=TL_DTYPES[q.dtype],
             DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, HAS_SPANS=g is not None,
             HAS_DENSE=n_dense > 0, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=d**-0.5,
-            K=k_layout, V=v_layout, QC=qc,
+            K=k_layout, V=v_layout,
             num_warps=tile.warps, maxnreg=tile.maxnreg,
         )
         base += n_span + n_dense

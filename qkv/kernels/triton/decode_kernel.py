@@ -7,10 +7,7 @@ and log-sum-exp, and ``merge_kernel`` combines the partials of every row exactly
 weights). Programs ``0 .. n_span_progs`` read span pieces (work items of the span table, see
 records.py), the rest read the full-precision keys (up to two segments, by address). Tiles are
 decoded by ``tile.decode_tile``, as in the prefill kernel; the key and value layouts are the
-constexprs ``K`` and ``V`` (records.TensorLayout). With ``QC`` (DecodeTile.centroid_scores),
-keys of one add-back stage are scored as ``q . r + q . c[pi]``: the residual decoded alone, and
-``q . c`` gathered from a [rows, QC] table of the span's centroids, made once per span a program
-reaches, in place of adding a centroid row to every key.
+constexprs ``K`` and ``V`` (records.TensorLayout).
 """
 
 import triton
@@ -29,7 +26,7 @@ from qkv.kernels.triton.attention_kernel import (
 )
 from qkv.kernels.triton.bits import round_to_bf16, split_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
-from qkv.kernels.triton.tile import F_C_STRIDE, Source, arith, decode_tile, record_source
+from qkv.kernels.triton.tile import arith, decode_tile, record_source
 
 _I = offsets(ITEM_FIELDS)
 I_LEN = tl.constexpr(len(ITEM_FIELDS))
@@ -80,40 +77,16 @@ def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constex
 
 
 @triton.jit
-def _centroid_scores(q, src, n_clusters, D: tl.constexpr, QC: tl.constexpr, DOT_BF16: tl.constexpr,
-                     EMULATE: tl.constexpr):
-    """q . c for each centroid c of ``src``'s (one) add-back stage: [rows, QC] fp32, 0 from
-    ``n_clusters`` on (the centroids as stored, rounded to the products' dtype)."""
-    c, _, _ = src.stages[0]
-    j = tl.arange(0, QC)
-    d = tl.arange(0, D)
-    cent = tl.load(c + j[:, None] * D + d[None, :], mask=(j < n_clusters)[:, None], other=0.0).to(tl.float32)
-    return _dot(q, tl.trans(_as_dot(cent, DOT_BF16, EMULATE)), EMULATE)
-
-
-@triton.jit
-def _gathered_scores(qc, src, tok, tok_ok, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """The q . c of each token's centroid (``src``'s stage assignments), [BLOCK_M, BLOCK_N]; 0
-    where ``tok_ok`` is false (tokens past the quantized ones have no centroid)."""
-    _, a, a_s = src.stages[0]
-    pi = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32)
-    g = tl.gather(qc, tl.broadcast_to(pi[None, :], (BLOCK_M, BLOCK_N)), axis=1)
-    return tl.where(tok_ok[None, :], g, 0.0)
-
-
-@triton.jit
 def _span_pieces(
     qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
     SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BLOCK_M: tl.constexpr, QC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """The online softmax over the span work items first .. last: (m_i, l_i, acc). The queries
     are qh (+ ql: SPLIT_Q, an fp32 query in two tensor-core operands, for rotated keys); with
     V_ROT the values are read in the rotated basis and acc is rotated back once:
-    H (sum p v') = sum p v. QC > 0 (keys of one add-back stage): a key's score is
-    q . r + q . c[pi], its residual r decoded without the centroid and q . c taken from a table
-    of every centroid of the span (made when the program reaches a new span)."""
+    H (sum p v') = sum p v."""
     q = tl.load(qh_ptr + q_off, mask=r_ok[:, None], other=0.0)
     q_lo = q
     if SPLIT_Q:
@@ -122,9 +95,6 @@ def _span_pieces(
         q = q.to(tl.float32)
         q_lo = q_lo.to(tl.float32)
     ARITH: tl.constexpr = arith(DOT_BF16, EMULATE, q.shape[0])
-    QC_W: tl.constexpr = QC if QC > 0 else 16
-    qc = tl.zeros((BLOCK_M, QC_W), tl.float32)
-    table_of = -1  # the span whose centroids qc holds
     for it in range(first, last):
         item = item_ptr + it * I_LEN
         span = tl.load(item + I_SPAN).to(tl.int32)
@@ -134,19 +104,11 @@ def _span_pieces(
         S = tl.load(rec + S_TOKENS).to(tl.int32)
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
-        kr = kt
-        if QC > 0:
-            if span != table_of:
-                qc = _centroid_scores(q, kt, tl.load(rec + S_K + F_C_STRIDE) // D, D, QC_W, DOT_BF16, EMULATE)
-                table_of = span
-            kr = Source(kt.codes, kt.scales, kt.zeros, kt.m, kt.fp, kt.quantized, kt.words, kt.groups, ())
         for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
+            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = (tok >= lo) & (tok < hi)
             s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
-            if QC > 0:
-                s += _gathered_scores(qc, kt, tok, tok < kt.quantized, BLOCK_M, BLOCK_N)
             v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
@@ -165,7 +127,7 @@ def decode_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
     HAS_DENSE: tl.constexpr, SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, QC: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = tl.program_id(1)  # b * HKV + kv head
@@ -186,7 +148,7 @@ def decode_kernel(
             m_i, l_i, acc = _span_pieces(
                 qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
                 tl.minimum(pid * per_prog + per_prog, n_items), n.to(tl.int64), qk_scale,
-                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, SPLIT_Q, V_ROT, H_NORM, K, V, BLOCK_M, QC)
+                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, SPLIT_Q, V_ROT, H_NORM, K, V, BLOCK_M)
     else:
         if HAS_DENSE:
             q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)

@@ -186,8 +186,7 @@ def tensor_record(ct) -> tuple[list[int], TensorLayout, list[torch.Tensor]]:
 class SpanRecord:
     """What the kernels need to read one stored span (built once, when it is stored): its key
     and value fields, their layouts, the tensors those fields point into, its size, dtype and
-    stored bytes; ``unsupported``: why the kernels cannot read it (then only that is set);
-    ``key_clusters``: the centroids of the keys' first add-back stage (0: none)."""
+    stored bytes; ``unsupported``: why the kernels cannot read it (then only that is set)."""
 
     fields: tuple[int, ...] = ()
     layouts: tuple[TensorLayout, TensorLayout] | None = None
@@ -196,7 +195,6 @@ class SpanRecord:
     dtype: torch.dtype | None = None
     nbytes: int = 0
     unsupported: str | None = None
-    key_clusters: int = 0
 
 
 def span_record(ckv) -> SpanRecord:
@@ -207,24 +205,21 @@ def span_record(ckv) -> SpanRecord:
             return SpanRecord(unsupported=reason)
     k_fields, k_layout, k_keep = tensor_record(ckv.k)
     v_fields, v_layout, v_keep = tensor_record(ckv.v)
-    clusters = ckv.k.stages[0].centroids.shape[-2] if k_layout.STAGES else 0
     return SpanRecord(tuple(k_fields + v_fields), (k_layout, v_layout), tuple(k_keep + v_keep),
-                      ckv.k.shape[2], ckv.k.dtype, ckv.nbytes, key_clusters=clusters)
+                      ckv.k.shape[2], ckv.k.dtype, ckv.nbytes)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class SpanGroup:
     """Spans of one layout on the device: ``table`` [n, len(SPAN_FIELDS)] int64 and the kernels'
     work items ``items`` [n_items, len(ITEM_FIELDS)] int64 (pieces of at most ``piece`` keys,
-    each inside one span, aligned to ``piece`` but for a span's first retained key);
-    ``key_clusters``: the most centroids of any span's first key stage."""
+    each inside one span, aligned to ``piece`` but for a span's first retained key)."""
 
     layouts: tuple[TensorLayout, TensorLayout]
     table: torch.Tensor
     items: torch.Tensor
     n_items: int
     nbytes: int
-    key_clusters: int = 0
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -272,8 +267,7 @@ def span_table(spans: list[tuple[SpanRecord, int]], device: torch.device, piece:
                 lo = hi
         table = device_rows(rows, device)
         item_t = device_rows(items or [[0] * len(ITEM_FIELDS)], device)
-        groups.append(SpanGroup((k_layout, v_layout), table, item_t, len(items), sum(m[0].nbytes for m in members),
-                                max(m[0].key_clusters for m in members)))
+        groups.append(SpanGroup((k_layout, v_layout), table, item_t, len(items), sum(m[0].nbytes for m in members)))
     records = tuple(rec for rec, _ in spans)
     dtype = records[0].dtype if records else None
     return SpanTable(tuple(groups), records, dtype, sum(g.nbytes for g in groups))

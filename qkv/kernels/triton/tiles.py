@@ -33,12 +33,8 @@ class DecodeTile:
     ``max_rows`` query rows per program, ``warps`` per program, the software-pipelining depths to
     try in order (a layout whose shared memory does not fit takes the next), ``waves``:
     programs per multiprocessor to aim for (the keys are split until the GPU holds that many),
-    ``centroid_scores``: score centroid-smoothed keys as ``q . c[pi] + q . r`` (``q . c``
-    once per centroid and span, then gathered per key) instead of adding each key's centroid
-    row to its decoded residual (keys of one add-back stage, rows x centroids within
-    ``decode.CENTROID_SCORES``), and ``maxnreg``: the most registers a thread may take (None:
-    the compiler's choice; fewer let more programs share a multiprocessor, at the price of
-    spills)."""
+    and ``maxnreg``: the most registers a thread may take (None: the compiler's choice; fewer let
+    more programs share a multiprocessor, at the price of spills)."""
 
     block_n: int = 64
     piece: int = 256
@@ -46,7 +42,6 @@ class DecodeTile:
     warps: int = 4
     stages: tuple[int, ...] = (2, 1)
     waves: int = 4
-    centroid_scores: bool = False
     maxnreg: int | None = None
 
     def __post_init__(self) -> None:
