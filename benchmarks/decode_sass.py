@@ -1,10 +1,10 @@
 """What the decode kernel's main loop costs per decoded value, compiled for a GPU without one.
 
 Compiles ``decode_kernel`` (kernels/triton/decode_kernel.py) for an sm_90 target with the installed
-Triton, for each preset's layouts (head dim 128, 16 query rows, ``--block-n`` keys a tile, 4 warps,
-no pipelining), disassembles it with the ``nvdisasm`` that ships with Triton, and reports the
-registers a thread, the instructions of the innermost loop (one key and value tile) by opcode and
-per decoded value (2 x block_n x 128 values over 128 threads).
+Triton, for each preset's layouts (head dim 128, 16 query rows, ``--block-n`` keys a tile,
+``--warps`` warps, no pipelining, ``--maxnreg`` registers at most), disassembles it with the ``nvdisasm`` that ships with Triton, and reports the
+registers a thread, its stack frame (where spilled registers go), the instructions of the innermost loop (one key
+and value tile) by opcode and per decoded value (2 x block_n x 128 values over the threads).
 
     PYTHONPATH=. python3 benchmarks/decode_sass.py --out benchmarks/results/decode_sass_triton36.json
 """
@@ -31,7 +31,6 @@ from qkv.kernels.triton.records import span_record
 
 POINTERS = {"q_ptr": "*bf16", "qh_ptr": "*bf16", "ql_ptr": "*bf16", "po_ptr": "*fp32", "pl_ptr": "*fp32",
             "span_ptr": "*i64", "item_ptr": "*i64", "dk0": "*bf16", "dv0": "*bf16", "dk1": "*bf16", "dv1": "*bf16"}
-WARPS = 4
 LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")
 
 
@@ -39,7 +38,7 @@ def tool(name: str) -> str:
     return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_layouts(name: str, block_n: int) -> bytes:
+def compile_layouts(name: str, block_n: int, warps: int, maxnreg: int | None) -> bytes:
     k = torch.randn(1, 2, 256, 128).bfloat16()
     k_layout, v_layout = span_record(qkv.build_policy(name).compress(k, k.clone())).layouts
     const = dict(D=128, BLOCK_M=16, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
@@ -47,7 +46,7 @@ def compile_layouts(name: str, block_n: int) -> bytes:
     signature = {a: "constexpr" if a in const else POINTERS.get(a, "fp32" if a == "qk_scale" else "i32")
                  for a in decode_kernel.arg_names}
     compiled = triton.compile(ASTSource(decode_kernel, signature, const), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": WARPS, "num_stages": 1})
+                              options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
     return compiled.asm["cubin"]
 
 
@@ -80,22 +79,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=["qvg", "kivi", "rtn", "quarot", "bf16"])
     parser.add_argument("--block-n", type=int, default=64)
+    parser.add_argument("--warps", type=int, default=4)
+    parser.add_argument("--maxnreg", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
     rows = []
-    values = 2 * args.block_n * 128 / (32 * WARPS)
+    values = 2 * args.block_n * 128 / (32 * args.warps)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets:
             cubin = pathlib.Path(tmp) / f"{name}.cubin"
-            cubin.write_bytes(compile_layouts(name, args.block_n))
+            cubin.write_bytes(compile_layouts(name, args.block_n, args.warps, args.maxnreg))
             sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
             usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                    check=True).stdout
             regs = int(re.search(r"REG:(\d+)", usage).group(1))
+            stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # spilled registers live here
             ops = inner_loop(sass)
             total = sum(ops.values())
             rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "block_n": args.block_n,
-                         "warps": WARPS, "registers": regs, "loop_instructions": total,
+                         "warps": args.warps, "maxnreg": args.maxnreg, "registers": regs,
+                         "stack_bytes": stack, "loop_instructions": total,
+                         "loop_spill_loads": sum(n for op, n in ops.items() if op.startswith("LDL")),
+                         "loop_spill_stores": sum(n for op, n in ops.items() if op.startswith("STL")),
                          "per_value": round(total / values, 2), "opcodes": dict(ops.most_common())})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "opcodes"}), flush=True)
     if args.out:
