@@ -69,7 +69,7 @@ from qkv.caches.layer_state import (
 )
 from qkv.caches.policy import Policy
 from qkv.caches.presets import build_policy
-from qkv.caches.tail import GROWTH, Chunk, TailBuffer, adjacent, extent, joined_kv
+from qkv.caches.tail import GROWTH, Chunk, TailBuffer, extent, joined_kv
 from qkv.component import check_int
 from qkv.compressed import CompressedKV
 from qkv.errors import (
@@ -203,10 +203,9 @@ class LayerCache(LayerState):
         self._checks += pending
 
     def _forget_plan(self) -> None:
-        """Drop what attention derived from the spans and tail (made again on the next attend)."""
+        """Drop what attention derived from the spans (made again on the next attend)."""
         self._plan: kernels.SpanPlan | None = None
         self._plan_stale = True  # the spans changed since the plan was made
-        self._tail_join: tuple[int, Chunk, Chunk, list[kernels.DenseKV]] | None = None
 
     def state_dict(self) -> dict:
         """The layer's state as plain data (see :mod:`qkv.caches.layer_state`; tensors shared),
@@ -444,7 +443,6 @@ class LayerCache(LayerState):
         copied out first, and the next append allocates a buffer again."""
         self.tail = [Chunk(c.k.clone(), c.v.clone(), c.start) if self.buffer.holds(c.k) else c for c in self.tail]
         self.buffer = TailBuffer()
-        self._tail_join = None
 
     def _slide(self) -> None:
         limit = self.config.max_spans
@@ -558,21 +556,11 @@ class LayerCache(LayerState):
         return self._plan
 
     def _tail_segments(self) -> list[kernels.DenseKV]:
-        """:func:`_dense` of the tail, joining only the chunks appended since the last call (token
-        by token decoding appends a chunk a step: joining the whole tail every step is quadratic)."""
-        memo, tail = self._tail_join, self.tail
-        if memo is not None and tail and len(tail) >= memo[0] and tail[0] is memo[1] and tail[memo[0] - 1] is memo[2]:
-            n, segments = memo[0], memo[3]
-            new = _dense(tail[n:])
-            if new and segments and adjacent(segments[-1].k, new[0].k) and adjacent(segments[-1].v, new[0].v):
-                last = _dense([Chunk(segments[-1].k, segments[-1].v, 0), Chunk(new[0].k, new[0].v, 0)])
-                segments = segments[:-1] + last + new[1:]
-            else:
-                segments = segments + new
-        else:
-            segments = _dense(tail)
-        self._tail_join = (len(tail), tail[0], tail[-1], segments) if tail else None
-        return segments
+        """The tail as attention segments: one view of the tail buffer when the tail is the run the
+        last append laid out there (found without walking its chunks: token-by-token decoding
+        appends a chunk a step), else :func:`_dense` of its chunks."""
+        view = self.buffer.prefix(self.tail, extent(self.tail))
+        return [kernels.DenseKV(*view)] if view is not None else _dense(self.tail)
 
     def attention_segments(self, extra: tuple[torch.Tensor, torch.Tensor] | None = None) -> list:
         """The history as the attention kernels take it (sink, the span plan, tail) plus ``extra``

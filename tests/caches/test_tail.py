@@ -159,9 +159,10 @@ def test_tail_moved_by_index_batch_and_evict_is_copied_back_on_append():
 
 
 def test_token_by_token_appends_do_not_walk_the_tail(monkeypatch):
-    """Decoding appends a one-token chunk a step: an append finds the tail's end and counts its
-    tokens without visiting its chunks (the tail grew to thousands of chunks before a span), and
-    the count from positions matches the chunks through evictions, rollbacks and a cut sink."""
+    """Decoding appends a one-token chunk a step and attends: an append finds the tail's end and
+    counts its tokens, and the attention takes the tail as one segment, without visiting its
+    chunks (the tail grew to thousands of chunks before a span); the count from positions matches
+    the chunks through evictions, rollbacks and a cut sink."""
     import qkv.caches.tail as tail_module
 
     gen = torch.Generator().manual_seed(5)
@@ -173,7 +174,10 @@ def test_token_by_token_appends_do_not_walk_the_tail(monkeypatch):
     calls = []
     monkeypatch.setattr(tail_module, "adjacent", lambda a, b: calls.append(1) or adjacent(a, b))
     layer.append(*chunk(gen, 1))
+    sink, plan, tail = layer.attention_segments()
     assert len(layer.tail) > 300 and not calls
+    assert torch.equal(tail.k, torch.cat([c.k for c in layer.tail], 2)) and layer.buffer.holds(tail.k)
+    assert torch.equal(tail.v, torch.cat([c.v for c in layer.tail], 2)) and sink.k.shape[2] == 3
     monkeypatch.undo()
     for step in (lambda: layer.evict(7), lambda: layer.drop_newest(4), lambda: layer.append(*chunk(gen, 9)),
                  lambda: layer.evict(1), lambda: layer.append(*chunk(gen, 1))):

@@ -16,7 +16,6 @@ are split into pieces the same way, by address: the per-call path copies nothing
 from __future__ import annotations
 
 import torch
-import triton
 from triton.runtime.errors import OutOfResources
 
 from qkv import kernels
@@ -32,6 +31,17 @@ from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
 PARTIAL_SHARE = 0.05
 # partials per load of the merge
 MERGE_PARTS = 64
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` of host integers without its constexpr wrapper: the launch is sized on every
+    call, per layer and generated token, and the wrapper costs ~2 us a call."""
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """``triton.next_power_of_2`` of a positive host integer, as :func:`_cdiv`."""
+    return 1 << (n - 1).bit_length()
 
 
 def plan_table(plan: SpanPlan, device: torch.device, piece: int):
@@ -134,8 +144,8 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     table = plan_table(plans[0], device, piece) if plans else None
     groups = table.groups if table is not None else ()
     q = q if q.stride(-1) == 1 else q.contiguous()
-    block_m = min(max(16, triton.next_power_of_2(rows)), max_rows)
-    row_blocks = triton.cdiv(rows, block_m)
+    block_m = min(max(16, _pow2(rows)), max_rows)
+    row_blocks = _cdiv(rows, block_m)
     dense_args = _dense_args(dense, q)
     dense_tokens = dense_args[2] + dense_args[11]
     span_tokens = sum(g.n_items for g in groups) * piece
@@ -144,11 +154,11 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     read = (table.nbytes if table is not None else 0) + 2 * dense_tokens * b * h_kv * d * q.itemsize
     budget = max(1, int(PARTIAL_SHARE * read) // (rows_total * (d + 1) * 4))
     wave = tile.waves * (4 if emulate else multiprocessors(device.index or 0))
-    parts = max(1, min(budget, triton.cdiv(wave, b * h_kv * row_blocks)))
-    per_prog = max(1, triton.cdiv(triton.cdiv(span_tokens + dense_tokens, parts), piece))
+    parts = max(1, min(budget, _cdiv(wave, b * h_kv * row_blocks)))
+    per_prog = max(1, _cdiv(_cdiv(span_tokens + dense_tokens, parts), piece))
     dense_piece = per_prog * piece
-    span_progs = [triton.cdiv(g.n_items, per_prog) for g in groups]
-    dense_progs = triton.cdiv(dense_tokens, dense_piece)
+    span_progs = [_cdiv(g.n_items, per_prog) for g in groups]
+    dense_progs = _cdiv(dense_tokens, dense_piece)
     n_parts = sum(span_progs) + dense_progs
     po = torch.empty(n_parts, rows_total, d, dtype=torch.float32, device=device)
     pl = torch.empty(n_parts, rows_total, dtype=torch.float32, device=device)
@@ -180,7 +190,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=device)
     merge_kernel[(rows_total,)](
         po, pl, out, n_parts, rows_total, h, sq, *out.stride()[:3],
-        D=d, BLOCK_P=min(MERGE_PARTS, triton.next_power_of_2(n_parts)),
+        D=d, BLOCK_P=min(MERGE_PARTS, _pow2(n_parts)),
         EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4,
     )
     return out

@@ -17,6 +17,7 @@ call over the same spans does no host-to-device copy and no per-span Python work
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 import triton.language as tl
@@ -82,12 +83,15 @@ class TensorLayout:
 
     def joined(self, other: "TensorLayout") -> "TensorLayout":
         """One layout that reads spans of both (same codes): vector loads only if both allow
-        them, the full-precision tail check if either needs it."""
-        return dataclasses.replace(self, VEC=self.VEC and other.VEC, HAS_FP=self.HAS_FP or other.HAS_FP)
+        them, the full-precision tail check if either needs it (``self`` when that changes
+        nothing: a span table joins the layouts of every span)."""
+        vec, has_fp = self.VEC and other.VEC, self.HAS_FP or other.HAS_FP
+        return self if (vec, has_fp) == (self.VEC, self.HAS_FP) else dataclasses.replace(self, VEC=vec, HAS_FP=has_fp)
 
-    @property
+    @functools.cached_property
     def code_key(self) -> "TensorLayout":
-        """The layout without the per-span flags (spans with equal keys share a launch)."""
+        """The layout without the per-span flags (spans with equal keys share a launch); made once
+        per layout (a span table asks it of every span each time the spans change)."""
         return dataclasses.replace(self, VEC=False, HAS_FP=False)
 
 
