@@ -33,8 +33,8 @@ def check_kv_layout(name: str, x: object) -> torch.Tensor:
 
 def _peaks(named: list[tuple[str, torch.Tensor]]) -> torch.Tensor:
     """max |x| of each tensor of ``named``, fp32, on their device (NaN and Inf propagate): one
-    reduction for all of them (a GPU launches it once, not once per tensor)."""
-    return torch.stack(torch._foreach_norm([t for _, t in named], ord=float("inf"), dtype=torch.float32))
+    reduction per tensor that reads it in its dtype and writes fp32 (no separate cast)."""
+    return torch.stack([torch.linalg.vector_norm(t, ord=float("inf"), dtype=torch.float32) for _, t in named])
 
 
 def _verdict(label: str, peak: float, t: torch.Tensor | None) -> QKVError | None:
