@@ -285,3 +285,38 @@ def test_a_bounded_layer_holds_the_window_exactly_whatever_the_chunks(data):
         got_k, got_v = layer.read()
         assert torch.equal(got_k, k_all[:, :, -held:]) and torch.equal(got_v, v_all[:, :, -held:])
         assert layer.buffer.capacity <= max(-(-3 * window // 2), layer._planned(n))
+
+
+@given(data=st.data())
+def test_attention_segments_hold_exactly_the_history_whatever_the_steps(data):
+    """Random appends (one-token steps among them), evictions, rollbacks of the newest tokens, and
+    attention with or without a current chunk (staged in the buffer's free room): the attention
+    segments (sink, span plan, tail, extra), read in order, are always the retained history and
+    then the extra chunk (lossless policies), whether the tail is the buffer's known run or was
+    cut since."""
+    policy, options = data.draw(st.sampled_from([
+        ("fp32", {"span_tokens": 8}), ("bf16", {"span_chunks": 3, "sink_tokens": 3}),
+        ("k:fp32,window(tokens=4);v:fp32,window(tokens=4)", {"span_tokens": 16}),
+        ("bf16", {"span_tokens": 12, "recent_chunks": 1}),
+    ]), label="policy")
+    layer = qkv.KVCache(policy, num_layers=1, **options).layer(0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(data.draw(st.integers(1, 25), label="steps")):
+        step = data.draw(st.sampled_from(["append", "token", "evict", "drop"]), label="step")
+        if step in ("append", "token"):
+            layer.append(*chunk(gen, 1 if step == "token" else data.draw(st.integers(1, 7)), b=1, h=2, d=8,
+                                dtype=torch.bfloat16))
+        elif step == "evict" and layer.tokens:
+            layer.evict(data.draw(st.integers(0, sum(s.tokens for s in layer.spans) + sum(c.tokens for c in layer.tail))))
+        elif step == "drop" and layer.tail:
+            # within the newest chunk (cutting it) or across chunks
+            newest, held = layer.tail[-1].tokens, sum(c.tokens for c in layer.tail)
+            layer.drop_newest(data.draw(st.one_of(st.integers(0, newest), st.integers(0, held))))
+        extra = chunk(gen, data.draw(st.integers(0, 3), label="extra"), b=1, h=2, d=8, dtype=torch.bfloat16)
+        if layer.layout is None or not layer.tokens + extra[0].shape[2]:
+            continue
+        parts = [seg.materialize() for seg in layer.attention_segments(extra if extra[0].shape[2] else None)
+                 if seg.tokens]
+        k, v = layer.read()
+        assert torch.equal(torch.cat([p[0] for p in parts], 2), torch.cat([k, extra[0]], 2))
+        assert torch.equal(torch.cat([p[1] for p in parts], 2), torch.cat([v, extra[1]], 2))
