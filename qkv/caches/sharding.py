@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from qkv.caches.kvcache import CacheMemory, KVCache
+from qkv.caches.cache_config import CacheMemory
+from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
 from qkv.errors import ConfigError, ShapeError
 

@@ -2,7 +2,7 @@
 
 Pipelines that hand the KV cache of a block from one rank to another (StreamDiffusionV2 moves a
 block's cache when it rebalances blocks over GPUs) or park it in host memory would otherwise copy
-the full-precision history. Here a layer's state (its :meth:`~qkv.caches.kvcache.LayerCache.state_dict`:
+the full-precision history. Here a layer's state (its :meth:`~qkv.caches.layer_cache.LayerCache.state_dict`:
 compressed spans, full-precision sink and tail chunks, counters) becomes one contiguous uint8
 buffer plus a small JSON header (:func:`pack_layer`), sent in three messages over
 ``torch.distributed`` (:func:`send_layer` / :func:`recv_layer` / :func:`broadcast_layer`, any
@@ -23,7 +23,8 @@ import math
 import torch
 import torch.distributed as dist
 
-from qkv.caches.kvcache import KVCache, LayerCache
+from qkv.caches.kvcache import KVCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.compressed import PACK_ALIGN, CompressedKV, PackedBytes, pack, unpack
 from qkv.errors import CorruptDataError, shown
 from qkv.io import field, load_device

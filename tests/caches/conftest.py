@@ -16,7 +16,7 @@ def one_thread():
 def bounded_spans(monkeypatch):
     """Every span a ``LayerCache`` compresses is checked against its policy's guaranteed error
     bound (``Policy.error_bound(...).check`` raises if one fails); returns the list of them."""
-    from qkv.caches.kvcache import LayerCache
+    from qkv.caches.layer_cache import LayerCache
 
     compress = LayerCache._compress
     checked = []

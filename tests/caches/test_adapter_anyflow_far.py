@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.caches.kvcache import LayerCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.errors import CacheError, ConfigError
 
 far = pytest.importorskip("diffusers.models.transformers.transformer_anyflow_far",

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import qkv
-from qkv.caches.kvcache import LayerCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.errors import CacheError, ConfigError
 
 network_mod = pytest.importorskip(

@@ -21,7 +21,8 @@ import upstream_hy_worldplay as upstream
 import qkv
 from qkv import kernels
 from qkv.caches.adapters import hy_worldplay as adapter
-from qkv.caches.kvcache import KVCache, LayerCache
+from qkv.caches.kvcache import KVCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.errors import CacheError, ConfigError, ShapeError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -11,7 +11,7 @@ import upstream_longcat_video as upstream
 import qkv
 from qkv.caches.adapters import longcat_video as adapter
 from qkv.caches.adapters.longcat_video import CondKV
-from qkv.caches.kvcache import LayerCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.errors import CacheError, ConfigError, GradientError
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.caches.kvcache import LayerCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.errors import CacheError, ConfigError
 
 refiner = pytest.importorskip("diffusers.pipelines.sana_wm.refiner", reason="needs diffusers >= 0.42 (SANA-WM)")

@@ -15,7 +15,7 @@ import upstream_self_forcing as upstream  # noqa: E402
 
 import qkv  # noqa: E402
 from qkv.caches.adapters import self_forcing  # noqa: E402
-from qkv.caches.kvcache import LayerCache  # noqa: E402
+from qkv.caches.layer_cache import LayerCache  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

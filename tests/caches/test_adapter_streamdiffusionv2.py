@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import qkv
-from qkv.caches.kvcache import LayerCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.errors import CacheError, ConfigError, CorruptDataError
 
 causal_model = pytest.importorskip(

@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 import qkv  # noqa: E402
 from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache, QKVSlidingLayer  # noqa: E402
-from qkv.caches.kvcache import LayerCache  # noqa: E402
+from qkv.caches.layer_cache import LayerCache  # noqa: E402
 from qkv.errors import CacheError  # noqa: E402
 
 pytestmark = [

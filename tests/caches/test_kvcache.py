@@ -10,7 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qkv
-from qkv.caches.kvcache import CacheMemory, KVCache
+from qkv.caches.cache_config import CacheMemory
+from qkv.caches.kvcache import KVCache
 from qkv.caches.layer_state import centroids_only
 from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, GradientError, NonFiniteError, ShapeError
 

@@ -438,7 +438,7 @@ def test_the_attention_runs_on_the_compressed_spans(monkeypatch, local_attn_size
             raise AssertionError("the forward path decompressed the whole history")
 
         if not suffix:
-            monkeypatch.setattr(qkv.caches.kvcache.LayerCache, "read", guarded_read)
+            monkeypatch.setattr(qkv.caches.layer_cache.LayerCache, "read", guarded_read)
         monkeypatch.setattr(torch.Tensor, "item", lambda t: reads.append(t) or item(t))
         got = attention_rollout(pipe)
         monkeypatch.undo()
@@ -469,7 +469,8 @@ def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch, comp
     runs = []
     for one_pass in (False, True):
         with monkeypatch.context() as m, self_forcing.install(pipe, policy) as handle:
-            m.setattr(qkv.caches.kvcache, "check_kv_values_later", counting_checks)
+            m.setattr(qkv.caches.kvcache, "check_kv_values_later", counting_checks)  # compress_ahead's
+            m.setattr(qkv.caches.layer_cache, "check_kv_values_later", counting_checks)  # an append's
             m.setattr(qkv.caches.layer_state, "check_kv_values", counting_checks)
             if not one_pass:
                 m.setattr(self_forcing.SelfForcingBlockCache, "_compress_finished", lambda self: None)

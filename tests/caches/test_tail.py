@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import qkv
-from qkv.caches.kvcache import Chunk
+from qkv.caches.tail import Chunk
 from qkv.caches.tail import TailBuffer, adjacent, joined
 from qkv.kernels import attention_torch
 

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from qkv import kernels
 from qkv.caches.adapters.context_parallel import ContextParallel
 from qkv.caches.cache_config import CacheConfig, CacheMemory
-from qkv.caches.kvcache import KVCache, LayerCache
+from qkv.caches.kvcache import KVCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError, ConfigError
 

@@ -48,7 +48,8 @@ from einops import rearrange
 
 from qkv.caches.adapters.handle import AdapterHandle, HostValue, pending_memory
 from qkv.caches.cache_config import CacheMemory
-from qkv.caches.kvcache import KVCache, LayerCache
+from qkv.caches.kvcache import KVCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError, ConfigError, GradientError, ShapeError
 

@@ -9,7 +9,7 @@ Each model layer gets a :class:`QKVLayer` around the cache's :class:`LayerCache`
 appends the step's K/V ``[B, H, S_new, D]`` as one chunk and returns the retained history (spans
 decompressed one by one, nothing decompressed kept). Spans are compressed once, when complete, and
 never re-quantized; the fp tail holds the newest tokens (a policy's ``window`` stays there:
-KIVI's residual, see :mod:`qkv.caches.kvcache`).
+KIVI's residual, see :mod:`qkv.caches.layer_cache`).
 
 **Sliding windows.** ``QKVCache(policy, config=model.config)`` reads the model's layer types as
 transformers' ``DynamicCache(config=...)`` does: a ``"sliding_attention"`` (or
@@ -57,7 +57,8 @@ from transformers.configuration_utils import PreTrainedConfig
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from qkv.caches.kvcache import KVCache, LayerCache
+from qkv.caches.kvcache import KVCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError
 
@@ -283,7 +284,7 @@ class QKVCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def memory(self):
-        """Exact stored bytes (:class:`qkv.caches.kvcache.CacheMemory`)."""
+        """Exact stored bytes (:class:`qkv.caches.cache_config.CacheMemory`)."""
         return self.kv.memory()
 
 

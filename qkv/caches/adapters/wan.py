@@ -32,7 +32,8 @@ from einops import rearrange
 
 from qkv.caches.adapters.context_parallel import ContextParallel
 from qkv.caches.adapters.handle import attend_parts
-from qkv.caches.kvcache import KVCache, LayerCache
+from qkv.caches.kvcache import KVCache
+from qkv.caches.layer_cache import LayerCache
 from qkv.component import check_choice
 from qkv.errors import CacheError
 
