@@ -111,6 +111,20 @@ def _fingerprint(*tensors: torch.Tensor) -> tuple:
     return tuple((t.data_ptr(), t.shape, t.stride(), t.dtype, t.device, t._version) for t in tensors)
 
 
+def _drop_oldest(parts: list, tokens: int, cut) -> tuple[list, int]:
+    """``parts`` (spans or chunks, oldest first) without their ``tokens`` oldest tokens: the parts
+    they cover whole are dropped and the first one kept loses the rest (``cut(part, n)``);
+    returns the parts kept and the tokens they did not cover."""
+    kept = []
+    for part in parts:
+        if tokens >= part.tokens:
+            tokens -= part.tokens
+            continue
+        kept.append(cut(part, tokens) if tokens else part)
+        tokens = 0
+    return kept, tokens
+
+
 def _cat(chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values of ``chunks`` as one tensor each: a view when they are adjacent views of
     the tail buffer (the usual case), a concatenated copy otherwise."""
@@ -448,22 +462,8 @@ class LayerCache(LayerState):
         available = sum(s.tokens for s in self.spans) + extent(self.tail)
         if tokens > available:
             raise CacheError(f"layer {self.index}: cannot evict {tokens} tokens, {available} are evictable")
-        left = tokens
-        spans = []
-        for sp in self.spans:
-            if left >= sp.tokens:
-                left -= sp.tokens
-                continue
-            spans.append(self._cut(sp, left) if left else sp)
-            left = 0
-        tail = []
-        for c in self.tail:
-            if left >= c.tokens:
-                left -= c.tokens
-                continue
-            tail.append(self._cut_chunk(c, left) if left else c)
-            left = 0
-        self.spans, self.tail = spans, tail
+        spans, left = _drop_oldest(self.spans, tokens, self._cut)
+        self.spans, self.tail = spans, _drop_oldest(self.tail, left, self._cut_chunk)[0]
         self.evicted += tokens
         self._plan_stale = True
         self._shrink_buffer()
