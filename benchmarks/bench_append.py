@@ -11,6 +11,8 @@ steps trigger included:
 - ``us_per_append``: :meth:`LayerCache.append` of the token;
 - ``us_per_step``: the append and the attention of 32 query heads to the layer as
   :meth:`LayerCache.attend` computes it on a GPU (its segments, then the Triton decode path);
+- ``us_per_step_late``: the same once ``--late`` tokens were generated (8,192 by default: KIVI
+  has then made a span of every 32 of them, and the steps must not slow down with the count);
 - ``torch_ops_per_step`` and ``launches_per_step``: the torch operators and Triton kernels one
   step calls (on a GPU each op is a launch or a view).
 
@@ -70,9 +72,10 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(policy: str, options: dict, device: str, appends: int) -> dict:
-    """Mean seconds per one-token append, and per append and attend, on a prompted layer; the
-    torch ops and kernel launches of one step."""
+def measure(policy: str, options: dict, device: str, appends: int, late: int) -> dict:
+    """Mean seconds per one-token append, and per append and attend, on a prompted layer (also
+    once ``late`` tokens were generated); the torch ops of one step and the number of steps that
+    attended."""
     gen = torch.Generator(device=device).manual_seed(0)
     tokens = [(torch.randn(1, KV_HEADS, 1, HEAD_DIM, generator=gen, device=device).bfloat16(),) * 2
               for _ in range(appends)]
@@ -83,8 +86,21 @@ def measure(policy: str, options: dict, device: str, appends: int) -> dict:
     backend = "auto" if device == "cuda" else "triton"
     prompt = [torch.randn(1, KV_HEADS, PROMPT, HEAD_DIM, generator=gen, device=device).bfloat16() for _ in range(2)]
 
+    attended = 0
+
     def attend(layer):
+        nonlocal attended
+        attended += 1
         return kernels.attention(q, layer.attention_segments(), backend=backend, method="decode")
+
+    def timed(layer, attending):
+        start = time.perf_counter()
+        for one in tokens:
+            layer.append(*one)
+            if attending:
+                attend(layer)
+            sync()
+        return (time.perf_counter() - start) / appends
 
     for name, attending in (("append", False), ("step", True)):
         layer = qkv.KVCache(policy, num_layers=1, **options).layer(0)
@@ -94,18 +110,16 @@ def measure(policy: str, options: dict, device: str, appends: int) -> dict:
             if attending:
                 attend(layer)
         sync()
-        start = time.perf_counter()
-        for one in tokens:
-            layer.append(*one)
-            if attending:
-                attend(layer)
-            sync()
-        out[name] = (time.perf_counter() - start) / appends
+        out[name] = timed(layer, attending)
+    for i in range(late - appends - 64):  # the same layer, on to ``late`` generated tokens
+        layer.append(*tokens[i % appends])
+        attend(layer)
+    out["late"] = timed(layer, True)
     ops = CountOps()
     with ops:
         layer.append(*tokens[0])
         attend(layer)
-    out["torch_ops"] = ops.count
+    out["torch_ops"], out["attended"] = ops.count, attended
     return out
 
 
@@ -115,26 +129,31 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--appends", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--late", type=int, default=8192, help="generated tokens before the late steps are timed")
     args = parser.parse_args()
     launches = collections.Counter()
     rows = []
     with mock.patch.multiple(decode, decode_kernel=Recorded("decode", launches), merge_kernel=Recorded("merge", launches)) \
             if args.device != "cuda" else contextlib.nullcontext():
         for policy, options in CASES.items():
-            runs = [measure(policy, options, args.device, args.appends) for _ in range(args.repeats)]
-            steps = args.repeats * (args.appends + 64 + 1)  # the attending steps
+            runs = [measure(policy, options, args.device, args.appends, args.late) for _ in range(args.repeats)]
+            steps = sum(r["attended"] for r in runs)
             rows.append({
                 "policy": policy, "options": options,
                 "us_per_append": statistics.median(r["append"] for r in runs) * 1e6,
                 "us_per_append_repeats": [r["append"] * 1e6 for r in runs],
                 "us_per_step": statistics.median(r["step"] for r in runs) * 1e6,
                 "us_per_step_repeats": [r["step"] * 1e6 for r in runs],
+                "late_tokens": args.late,
+                "us_per_step_late": statistics.median(r["late"] for r in runs) * 1e6,
+                "us_per_step_late_repeats": [r["late"] * 1e6 for r in runs],
                 "torch_ops_per_step": runs[0]["torch_ops"],
                 "launches_per_step": {k: n / steps for k, n in launches.items()} if launches else None,
             })
             launches.clear()
             print(f"{policy} {options}: {rows[-1]['us_per_append']:.1f} us per append, {rows[-1]['us_per_step']:.1f} "
-                  f"us per step, {rows[-1]['torch_ops_per_step']} torch ops", flush=True)
+                  f"us per step ({rows[-1]['us_per_step_late']:.1f} after {args.late} tokens), "
+                  f"{rows[-1]['torch_ops_per_step']} torch ops", flush=True)
     write_json(args.out, {"environment": {**environment(), "device": args.device,
                                           "threads": torch.get_num_threads()}, "rows": rows})
 

@@ -91,7 +91,9 @@ class SpanPlan:
     run many): a segment that stands for ``spans`` ([B, H_kv, S_i, D] each, one B, H_kv, D,
     dtype and device for all, checked here once). The kernels keep what they need to read the spans
     (each span's record, the device tables) in the plan, built on first use; a plan made with
-    ``previous`` takes over the records of the spans they share, so adding a span builds one.
+    ``previous`` takes over the records of the spans they share, so adding a span builds one, and
+    where its spans are those of ``previous`` and then more (a cache that compressed a span), it
+    checks only the new ones and its tables may extend those of ``previous`` (:meth:`extends`).
     A plan must not outlive a change of its spans (a cache makes a new one when its spans change)."""
 
     def __init__(
@@ -103,6 +105,8 @@ class SpanPlan:
         self._records: dict[int, object] = {} if records is None else records
         # previous's staged groups whose spans are all kept, by limit and span ids (span_groups)
         self._inherited: dict[int, dict[tuple[int, ...], SpanPlan]] = {}
+        # previous's spans and tables when this plan's spans begin with all of previous's
+        self._base: tuple[int, dict] | None = None
         if previous is not None:
             kept = {id(sp.ckv) for sp in self.spans}
             self._records = {key: rec for key, rec in previous._records.items() if key in kept}
@@ -112,20 +116,35 @@ class SpanPlan:
                     self._inherited[key[1]] = {
                         tuple(map(id, g.spans)): g for g in groups if alive.issuperset(map(id, g.spans))
                     }
+            n = len(previous.spans)
+            if 0 < n <= len(self.spans) and all(a is b for a, b in zip(previous.spans, self.spans)):
+                self._base = (n, previous._tables)
         self._tables: dict = {}
-        metas = [_kv_meta(sp) for sp in self.spans]
-        for i, (shape, dtype, device) in enumerate(metas[1:], 1):
+        base = self._base is not None
+        known = self.spans[: self._base[0]] if base else ()
+        added = self.spans[len(known) :]
+        metas = ([previous.meta] if base else []) + [_kv_meta(sp) for sp in added]
+        for i, (shape, dtype, device) in enumerate(metas[1:], max(len(known), 1)):
             if shape[0] != metas[0][0][0] or shape[1] != metas[0][0][1] or shape[3] != metas[0][0][3]:
                 raise ShapeError(f"attention: span {i} has [B, H_kv, S, D] = {list(shape)}, span 0 {list(metas[0][0])}")
             if dtype != metas[0][1] or device != metas[0][2]:
                 raise DTypeError(f"attention: span {i} is {dtype} on {device}, span 0 {metas[0][1]} on {metas[0][2]}")
-        self.tokens = sum(sp.tokens for sp in self.spans)
+        self.tokens = (previous.tokens if base else 0) + sum(sp.tokens for sp in added)
         # whether any span's keys add centroids back (the decode kernel's tiles differ: tiles.py)
-        self.centroids = any(st.centroids is not None for sp in self.spans for st in sp.ckv.k.stages)
+        self.centroids = (base and previous.centroids) or any(
+            st.centroids is not None for sp in added for st in sp.ckv.k.stages)
         self.meta = None
         if metas:
             b, h, _, d = metas[0][0]
             self.meta = ((b, h, self.tokens, d), metas[0][1], metas[0][2])
+
+    def extends(self, key) -> tuple[object, tuple[CompressedSpan, ...]] | None:
+        """What the plan this one was made from built under ``key`` and the spans added since,
+        when this plan's spans are all of that plan's and then more (None otherwise, or if it
+        built nothing under ``key``): a table builder extends it instead of walking every span."""
+        if self._base is None or key not in self._base[1]:
+            return None
+        return self._base[1][key], self.spans[self._base[0] :]
 
     def record(self, span: CompressedSpan, build):
         """The kernels' record of ``span`` (one of :attr:`spans`): ``build(span)`` on first use."""

@@ -99,6 +99,34 @@ def test_a_plan_builds_its_records_and_tables_once():
     assert_within_twice_the_torch_error(decode(q, [grown, segments[2]]), q, [segments[1], more, segments[2]])
 
 
+def test_a_plan_that_adds_spans_extends_the_earlier_tables_to_those_built_anew():
+    """A plan whose spans are an earlier plan's and then more builds its span table by extending
+    the earlier one (the new spans' rows appended on the device): the same tables, work items and
+    layouts as a plan made from scratch, through spans of two layouts (a new group), spans with
+    evicted tokens and a plan that drops a span (then built anew); decoding reads the same."""
+    from qkv.kernels.triton.decode import plan_support, plan_table
+
+    pols = [policy("kivi", 64), policy("qvg", 64)]
+    spans = [CompressedSpan(pols[i % 3 == 2].compress(randn(20 + i, 1, 2, 40 + 7 * i, 64),
+                                                      randn(40 + i, 1, 2, 40 + 7 * i, 64)), skip=3 * (i == 0))
+             for i in range(6)]
+    q, piece = randn(12, 1, 4, 1, 64), 32
+    plan = None
+    for n in (1, 2, 3, 5, 6, 6):
+        kept = spans[:n] if plan is None or n > len(plan.spans) else spans[1:n]  # the last: one dropped
+        grown, fresh = SpanPlan(kept, previous=plan), SpanPlan(kept)
+        assert (grown._base is not None) == (plan is not None and kept[0] is plan.spans[0])
+        a, b = plan_table(grown, q.device, piece), plan_table(fresh, q.device, piece)
+        assert a.keys == b.keys == grown.tokens and a.nbytes == b.nbytes and len(a.groups) == len(b.groups)
+        for ga, gb in zip(a.groups, b.groups):
+            assert ga.layouts == gb.layouts and ga.n_items == gb.n_items and ga.nbytes == gb.nbytes
+            assert torch.equal(ga.table, gb.table) and torch.equal(ga.items[: ga.n_items], gb.items[: gb.n_items])
+        assert plan_support(grown, q) == plan_support(fresh, q) is None
+        assert torch.equal(decode(q, [grown]), decode(q, [fresh]))
+        plan = grown
+    assert len(a.groups) == 2
+
+
 def test_the_method_choice():
     q1 = randn(1, 1, 2, 1, 64)
     assert kernels.choose_method(q1) is kernels.Method.DECODE

@@ -46,24 +46,34 @@ def _pow2(n: int) -> int:
 
 def plan_table(plan: SpanPlan, device: torch.device, piece: int):
     """The plan's span table on ``device`` for work items of ``piece`` keys (built on first use,
-    then reused by the decode and decompress kernels); None when a span cannot be read directly
-    (see :func:`plan_support`)."""
+    then reused by the decode and decompress kernels; where the plan extends an earlier one, that
+    one's table extended by the spans added since); None when a span cannot be read directly (see
+    :func:`plan_support`)."""
+    key = ("span table", device, piece)
 
     def build():
-        records = [(plan.record(sp, span_record_of), sp.skip) for sp in plan.spans]
+        base = plan.extends(key)
+        if base is not None and base[0] is None:
+            return None
+        spans = plan.spans if base is None else base[1]
+        records = [(plan.record(sp, span_record_of), sp.skip) for sp in spans]
         if any(rec.unsupported for rec, _ in records):
             return None
-        return span_table(records, device, piece)
+        return span_table(records, device, piece, None if base is None else base[0])
 
-    return plan.table(("span table", device, piece), build)
+    return plan.table(key, build)
 
 
 def plan_support(plan: SpanPlan, q: torch.Tensor) -> str | None:
     """Why the decode kernel cannot read every span of ``plan`` for queries ``q`` (None if it can;
-    worked out once per plan and query dtype)."""
+    worked out once per plan and query dtype, for the spans added since the plan it extends)."""
+    key = ("decode support", q.dtype)
 
     def check():
-        for sp in plan.spans:
+        base = plan.extends(key)
+        if base is not None and base[0] is not None:
+            return base[0]
+        for sp in plan.spans if base is None else base[1]:
             rec = plan.record(sp, span_record_of)
             if rec.unsupported:
                 return rec.unsupported
@@ -71,7 +81,7 @@ def plan_support(plan: SpanPlan, q: torch.Tensor) -> str | None:
                 return f"a span was compressed from {rec.dtype}, the queries are {q.dtype}"
         return None
 
-    return plan.table(("decode support", q.dtype), check)
+    return plan.table(key, check)
 
 
 def _split(segments) -> tuple[list[SpanPlan], list[DenseKV]]:

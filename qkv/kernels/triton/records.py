@@ -81,6 +81,13 @@ class TensorLayout:
     def STAGES(self) -> int:
         return len(self.A_T)
 
+    def __hash__(self) -> int:  # of its fields, as the dataclass's, computed once: hashed at every
+        return self._hash  # launch (Triton's kernel key) and for every span of a span table
+
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash(tuple(getattr(self, f.name) for f in dataclasses.fields(self)))
+
     def joined(self, other: "TensorLayout") -> "TensorLayout":
         """One layout that reads spans of both (same codes): vector loads only if both allow
         them, the full-precision tail check if either needs it (``self`` when that changes
@@ -229,12 +236,14 @@ class SpanGroup:
 @dataclasses.dataclass(frozen=True, eq=False)
 class SpanTable:
     """The records of a history's spans on the device, grouped by layout (usually one group),
-    built once per set of spans and reused by every call; ``records`` keeps the tensors alive."""
+    built once per set of spans and reused by every call; ``records`` keeps the tensors alive;
+    ``keys``: the spans' live keys."""
 
     groups: tuple[SpanGroup, ...]
     records: tuple[SpanRecord, ...]
     dtype: torch.dtype | None
     nbytes: int
+    keys: int
 
 
 def device_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -248,30 +257,43 @@ def device_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
     return table.to(device)
 
 
-def span_table(spans: list[tuple[SpanRecord, int]], device: torch.device, piece: int) -> SpanTable:
+def span_table(spans: list[tuple[SpanRecord, int]], device: torch.device, piece: int,
+               previous: SpanTable | None = None) -> SpanTable:
     """A :class:`SpanTable` of readable spans ``(record, skip)`` (one host-to-device copy per
-    group); ``piece``: keys per work item."""
-    by_key: dict = {}
-    at = 0  # the first live key of each span among all the spans' live keys
+    group); ``piece``: keys per work item. ``previous``: the table of the spans before these
+    (made with the same ``piece`` on ``device``), which the result extends: only the new spans'
+    rows and items are built, each group's new rows copied and appended on the device, so a
+    history that gains a span a step (KIVI's residual groups) does not walk all of its spans."""
+    # per code key: [joined layouts, new table rows, new items, the group before (or None), new bytes]
+    groups: dict = {}
+    for g in previous.groups if previous is not None else ():
+        groups[tuple(lay.code_key for lay in g.layouts)] = [g.layouts, [], [], g, 0]
+    at = previous.keys if previous is not None else 0  # the first live key of each span among all
     for rec, skip in spans:
-        key = tuple(lay.code_key for lay in rec.layouts)
-        by_key.setdefault(key, []).append((rec, skip, at))
+        group = groups.setdefault(tuple(lay.code_key for lay in rec.layouts), [rec.layouts, [], [], None, 0])
+        group[0] = (group[0][0].joined(rec.layouts[0]), group[0][1].joined(rec.layouts[1]))
+        i = len(group[1]) + (group[3].table.shape[0] if group[3] is not None else 0)
+        group[1].append([rec.tokens, skip, *rec.fields])
+        lo = skip
+        while lo < rec.tokens:
+            hi = min((lo // piece + 1) * piece, rec.tokens)
+            group[2].append([i, lo, hi, at + lo - skip])
+            lo = hi
         at += rec.tokens - skip
-    groups = []
-    for members in by_key.values():
-        k_layout, v_layout = members[0][0].layouts
-        rows, items = [], []
-        for i, (rec, skip, first) in enumerate(members):
-            k_layout, v_layout = k_layout.joined(rec.layouts[0]), v_layout.joined(rec.layouts[1])
-            rows.append([rec.tokens, skip, *rec.fields])
-            lo = skip
-            while lo < rec.tokens:
-                hi = min((lo // piece + 1) * piece, rec.tokens)
-                items.append([i, lo, hi, first + lo - skip])
-                lo = hi
-        table = device_rows(rows, device)
-        item_t = device_rows(items or [[0] * len(ITEM_FIELDS)], device)
-        groups.append(SpanGroup((k_layout, v_layout), table, item_t, len(items), sum(m[0].nbytes for m in members)))
-    records = tuple(rec for rec, _ in spans)
+        group[4] += rec.nbytes
+    out = []
+    for layouts, rows, items, before, size in groups.values():
+        if not rows:  # a group of the earlier spans that gained none
+            out.append(before)
+            continue
+        table, item_t = device_rows(rows, device), device_rows(items or [[0] * len(ITEM_FIELDS)], device)
+        n_items = len(items)
+        if before is not None:
+            table = torch.cat([before.table, table])
+            if before.n_items:
+                item_t = torch.cat([before.items, item_t]) if items else before.items
+            n_items, size = before.n_items + n_items, before.nbytes + size
+        out.append(SpanGroup(layouts, table, item_t, n_items, size))
+    records = (previous.records if previous is not None else ()) + tuple(rec for rec, _ in spans)
     dtype = records[0].dtype if records else None
-    return SpanTable(tuple(groups), records, dtype, sum(g.nbytes for g in groups))
+    return SpanTable(tuple(out), records, dtype, sum(g.nbytes for g in out), at)
