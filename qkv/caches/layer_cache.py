@@ -231,8 +231,11 @@ class LayerCache(LayerState):
     # -- sizes ---------------------------------------------------------------------------------
     @property
     def tokens(self) -> int:
-        """Retained tokens (what :meth:`read` returns along S)."""
-        return sum(c.tokens for c in self.sink) + sum(s.tokens for s in self.spans) + extent(self.tail)
+        """Retained tokens (what :meth:`read` returns along S); the spans' count from the current
+        plan where there is one (decoding with KIVI makes a span every 32 tokens: no walk)."""
+        plan = self._plan if not self._plan_stale else None
+        spans = plan.tokens if plan is not None else sum(s.tokens for s in self.spans)
+        return sum(c.tokens for c in self.sink) + spans + extent(self.tail)
 
     def memory(self) -> CacheMemory:
         """Exact stored bytes of this layer, by part."""

@@ -318,5 +318,6 @@ def test_attention_segments_hold_exactly_the_history_whatever_the_steps(data):
         parts = [seg.materialize() for seg in layer.attention_segments(extra if extra[0].shape[2] else None)
                  if seg.tokens]
         k, v = layer.read()
+        assert layer.tokens == k.shape[2]
         assert torch.equal(torch.cat([p[0] for p in parts], 2), torch.cat([k, extra[0]], 2))
         assert torch.equal(torch.cat([p[1] for p in parts], 2), torch.cat([v, extra[1]], 2))
