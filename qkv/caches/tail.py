@@ -127,9 +127,8 @@ class TailBuffer:
         for an empty tail), else None."""
         if not tail:
             return 0 if self.k is not None else None
-        run = self._run
-        if run is not None and run[0] == len(tail) and tail[0] is run[1] and tail[-1] is run[2]:
-            return run[3]
+        if self._is_run(tail):
+            return self._run[3]
         ks, vs = joined_kv(tail)
         if len(ks) != 1 or len(vs) != 1 or not self.holds(ks[0]) or ks[0].stride() != self.k.stride():
             return None

@@ -121,10 +121,10 @@ class SpanPlan:
                 self._base = (n, previous._tables)
         self._tables: dict = {}
         base = self._base is not None
-        known = self.spans[: self._base[0]] if base else ()
-        added = self.spans[len(known) :]
+        known = self._base[0] if base else 0  # spans checked by previous
+        added = self.spans[known:]
         metas = ([previous.meta] if base else []) + [_kv_meta(sp) for sp in added]
-        for i, (shape, dtype, device) in enumerate(metas[1:], max(len(known), 1)):
+        for i, (shape, dtype, device) in enumerate(metas[1:], max(known, 1)):
             if shape[0] != metas[0][0][0] or shape[1] != metas[0][0][1] or shape[3] != metas[0][0][3]:
                 raise ShapeError(f"attention: span {i} has [B, H_kv, S, D] = {list(shape)}, span 0 {list(metas[0][0])}")
             if dtype != metas[0][1] or device != metas[0][2]:
