@@ -14,6 +14,8 @@ import argparse
 import cProfile
 import pstats
 import time
+import warnings
+from collections import Counter
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -68,8 +70,22 @@ def main() -> None:
         torch.cuda.synchronize()
         prof.disable()
         pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        # every operation that makes the host wait for the GPU, by where it was called from
+        syncs = Counter()
+        torch.cuda.set_sync_debug_mode("warn")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for i in range(40, 48):
+                step(cache, i)
+        torch.cuda.set_sync_debug_mode(0)
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                syncs[f"{w.filename}:{w.lineno}: {w.message}"] += 1
+        print("host syncs in 8 steps:", sum(syncs.values()))
+        for where, n in syncs.most_common(10):
+            print(f"  {n} x {where}")
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as tprof:
-            for i in range(32, 40):
+            for i in range(48, 56):
                 step(cache, i)
             torch.cuda.synchronize()
     print(tprof.key_averages().table(sort_by="cuda_time_total", row_limit=25))

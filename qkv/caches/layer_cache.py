@@ -77,12 +77,17 @@ from qkv.errors import (
     shown,
 )
 from qkv.io import load_device
+from qkv import validation
 from qkv.validation import PendingCheck, check_kv_layout, check_kv_values_later
 
 __all__ = ["LayerCache"]
 
 # a chunk's value check on its way: the check, the indices of the chunk's k and v in it, its tokens
 Pending = tuple[PendingCheck, tuple[int, ...], str]
+# On a GPU, chunks that go to the tail are checked together once this many of their tokens are
+# waiting (token-by-token decoding: one check every CHECK_BATCH steps instead of every step), and
+# before any of them is compressed, evicted, dropped or leaves the layer.
+CHECK_BATCH = 32
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -185,6 +190,7 @@ class LayerCache(LayerState):
         # compress_ahead's span: (fingerprint, warm start, span, its chunk's value check)
         self._ahead: tuple[tuple, CompressedKV | None, CompressedKV, Pending | None] | None = None
         self._checks: list[Pending] = []  # value checks of appended chunks still on a GPU's way
+        self._unchecked = 0  # the newest tail tokens whose check waits for CHECK_BATCH (on a GPU)
         self._refused: QKVError | None = None  # a failed one: every call raises it until reset()
 
     def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -226,7 +232,7 @@ class LayerCache(LayerState):
             setattr(self, f.name, getattr(state, f.name))
         self.buffer = TailBuffer()  # the next append copies the tail into a buffer
         self._forget_plan()
-        self._ahead, self._checks, self._refused = None, [], None
+        self._ahead, self._checks, self._refused, self._unchecked = None, [], None, 0
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -274,17 +280,65 @@ class LayerCache(LayerState):
         and leave the layer unchanged, as does a chunk that requires grad while grad is enabled
         (:class:`GradientError`: what is stored is detached, its gradient would be lost). Spans
         completed by this chunk are compressed now, once. On a GPU the values are checked without
-        waiting for the device: a NaN/Inf chunk is stored, and the layer raises its error from the
-        first call after the verdict arrives, and refuses every call until :meth:`reset`
-        (:meth:`settle`).
+        waiting for the device (chunks the tail takes, :data:`CHECK_BATCH` tokens at a time): a
+        NaN/Inf chunk is stored, and the layer raises its error from the first call after the
+        verdict arrives, and refuses every call until :meth:`reset` (:meth:`settle`).
         """
         self.settle(wait=False)
         ahead = self._ahead if self._is_ahead(k, v) else None
         check_chunk(self.config, self.layout, k, v, f"layer {self.index}", values=False)
         self._refuse_grad(k, v)
-        pending = self._check_values(k, v, ahead, self.seen)
-        self._store(k, v)
+        batched = ahead is None and self._batches(k)
+        pending = [] if batched else self._check_values(k, v, ahead, self.seen)
+        unchecked, checks = self._unchecked, len(self._checks)
+        self._unchecked += k.shape[2] if batched else 0
+        try:
+            self._store(k, v)
+        except BaseException:  # the chunk is not stored: neither are the checks made for it
+            self._unchecked = unchecked
+            del self._checks[checks:]
+            raise
         self._checks += pending
+        if self._unchecked >= CHECK_BATCH:
+            self._flush_checks(self.tail)
+
+    def _batches(self, k: torch.Tensor) -> bool:
+        """Whether the value check of chunk ``k`` waits for more tokens (:data:`CHECK_BATCH`): on a
+        GPU (:func:`qkv.validation.deferred`, not while a CUDA graph is captured, where a check is
+        refused), for a chunk the tail takes whole."""
+        return (
+            self.config.validate
+            and validation.deferred(k)
+            and not (k.is_cuda and torch.cuda.is_current_stream_capturing())
+            and self._sink_takes(k.shape[2]) == 0
+        )
+
+    def _flush_checks(self, tail: list[Chunk]) -> None:
+        """Queue the value check of the newest ``_unchecked`` tokens of ``tail`` (the layer's tail,
+        or the list about to become it), one reduction per run of adjacent chunks."""
+        n = self._unchecked
+        if not n:
+            return
+        newest, have = [], 0
+        for c in reversed(tail):
+            if have >= n:
+                break
+            newest.append(c)
+            have += c.tokens
+        newest.reverse()
+        self._unchecked, n = 0, min(n, have)
+        if not n:
+            return
+        if have > n:
+            first, cut = newest[0], have - n
+            newest[0] = Chunk(first.k[:, :, cut:], first.v[:, :, cut:], first.start + cut)
+        ks, vs = joined_kv(newest)
+        name = f"layer {self.index}"
+        named = [(f"{name}: k", t) for t in ks] + [(f"{name}: v", t) for t in vs]
+        check = check_kv_values_later(*named[0], *named[1:])
+        end = newest[-1].start + newest[-1].tokens
+        if check is not None:
+            self._checks.append((check, tuple(range(len(named))), f"tokens {end - n}..{end - 1}"))
 
     def _check_values(self, k: torch.Tensor, v: torch.Tensor, ahead: tuple | None, start: int) -> list[Pending]:
         """The value check of a chunk about to be stored as tokens ``start`` on (with
@@ -307,6 +361,8 @@ class LayerCache(LayerState):
         leaves the layer (:meth:`state_dict`, :meth:`to`) waits."""
         if self._refused is not None:
             raise self._refused
+        if wait:
+            self._flush_checks(self.tail)
         while self._checks and (wait or self._checks[0][0].ready()):
             check, indices, where = self._checks.pop(0)
             error = check.error(indices)
@@ -320,18 +376,21 @@ class LayerCache(LayerState):
         """:meth:`append` of a chunk already checked."""
         layout = self.layout or Layout.of(k)
         k, v, start = k.detach(), v.detach(), self.seen
-        held = sum(c.tokens for c in self.sink)
-        if len(self.sink) < self.config.sink_chunks and self.seen == held:
-            self.sink.append(Chunk(k.clone(), v.clone(), start))
-        else:
-            take = min(k.shape[2], max(self.config.sink_tokens - self.seen, 0))
-            if take:
-                self.sink.append(Chunk(k[:, :, :take].clone(), v[:, :, :take].clone(), start))
-            if take < k.shape[2]:
-                self._append_tail(k[:, :, take:], v[:, :, take:], start + take, k.shape[2])
+        take = self._sink_takes(k.shape[2])
+        if take:
+            self.sink.append(Chunk(k[:, :, :take].clone(), v[:, :, :take].clone(), start))
+        if take < k.shape[2]:
+            self._append_tail(k[:, :, take:], v[:, :, take:], start + take, k.shape[2])
         self.layout = layout
         self.seen += k.shape[2]
         self._ahead = None  # made for this append (used by now) or for a chunk that did not come
+
+    def _sink_takes(self, tokens: int) -> int:
+        """How many of the next chunk's ``tokens`` the sink keeps: all of a chunk while the sink
+        holds fewer than ``sink_chunks`` chunks and every token so far, else up to ``sink_tokens``."""
+        if len(self.sink) < self.config.sink_chunks and self.seen == sum(c.tokens for c in self.sink):
+            return tokens
+        return min(tokens, max(self.config.sink_tokens - self.seen, 0))
 
     def _refuse_grad(self, k: torch.Tensor, v: torch.Tensor) -> None:
         if torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
@@ -396,6 +455,8 @@ class LayerCache(LayerState):
         """Compress every complete span at the front of ``tail``: (new spans, remaining tail, warm)."""
         spans, warm = [], self.warm
         while n := self._next_span(tail):
+            if n > extent(tail) - self._unchecked:  # the span takes tokens still to be checked
+                self._flush_checks(tail)
             view = self.buffer.prefix(tail, n)  # the tail as laid out by the append: no walk
             head, rest = _take(tail, n)
             k, v = view if view is not None else _cat(head)
@@ -465,6 +526,8 @@ class LayerCache(LayerState):
         available = sum(s.tokens for s in self.spans) + extent(self.tail)
         if tokens > available:
             raise CacheError(f"layer {self.index}: cannot evict {tokens} tokens, {available} are evictable")
+        if tokens > available - self._unchecked:  # the eviction reaches tokens still to be checked
+            self._flush_checks(self.tail)
         spans, left = _drop_oldest(self.spans, tokens, self._cut)
         self.spans, self.tail = spans, _drop_oldest(self.tail, left, self._cut_chunk)[0]
         self.evicted += tokens
@@ -498,6 +561,7 @@ class LayerCache(LayerState):
                 f"layer {self.index}: cannot drop the {tokens} newest tokens, only {in_tail} are in the "
                 "full-precision tail (compressed spans are never rolled back; keep recent_chunks >= 1)"
             )
+        self._flush_checks(self.tail)  # the dropped tokens were appended: their verdict stands
         tail, left = list(self.tail), tokens
         while left:
             c = tail.pop()
@@ -639,6 +703,7 @@ class LayerCache(LayerState):
         index = self._rows(index)
         if self.layout is None:
             return
+        self._flush_checks(self.tail)  # rows may go
 
         def rows(c: Chunk) -> Chunk:
             return Chunk(c.k.index_select(0, index.to(c.k.device)), c.v.index_select(0, index.to(c.v.device)), c.start)

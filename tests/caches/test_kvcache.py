@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import qkv
 from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache
+from qkv.caches.layer_cache import CHECK_BATCH
 from qkv.caches.layer_state import centroids_only
 from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, GradientError, NonFiniteError, ShapeError
 
@@ -666,6 +667,63 @@ def test_a_deferred_check_of_a_pass_compressed_ahead_blames_only_its_layer(defer
     cache.layer(1).settle()
     with pytest.raises(NonFiniteError, match="layer 2: v holds NaN/Inf values, appended as tokens 16..31"):
         cache.settle()
+
+
+def test_on_a_gpu_small_appends_are_checked_together(deferred_checks, monkeypatch):
+    """Token-by-token appends on a GPU queue one value check per CHECK_BATCH tokens, one reduction
+    of K and one of V over the tail's newest tokens (one run of its buffer), whose verdict names
+    those tokens; ``settle()`` checks the tokens still waiting."""
+    made = []
+    init = qkv.validation.PendingCheck.__init__
+    monkeypatch.setattr(qkv.validation.PendingCheck, "__init__",
+                        lambda self, named: made.append([t.shape[2] for _, t in named]) or init(self, named))
+    cache = KVCache(QVG, num_layers=1, span_tokens=4096)
+    tokens = stream(13, [1] * (2 * CHECK_BATCH + 3))
+    tokens[CHECK_BATCH + 3][0][0, 1, 0, 5] = float("inf")
+    for k, v in tokens[: CHECK_BATCH - 1]:
+        cache.append(0, k, v)
+    assert made == []
+    cache.append(0, *tokens[CHECK_BATCH - 1])
+    assert made == [[CHECK_BATCH, CHECK_BATCH]]
+    for k, v in tokens[CHECK_BATCH:]:
+        cache.append(0, k, v)
+    assert made == [[CHECK_BATCH, CHECK_BATCH]] * 2
+    deferred_checks[0] = True
+    with pytest.raises(NonFiniteError, match=rf"layer 0: k holds NaN/Inf values, appended as tokens "
+                       rf"{CHECK_BATCH}\.\.{2 * CHECK_BATCH - 1}"):
+        cache.attend(0, torch.randn(1, 2, 1, 64))
+    waiting = KVCache(QVG, num_layers=1, span_tokens=4096)
+    for k, v in tokens[CHECK_BATCH + 1: CHECK_BATCH + 5]:
+        waiting.append(0, k, v)
+    with pytest.raises(NonFiniteError, match=r"appended as tokens 0\.\.3"):
+        waiting.settle()
+
+
+@pytest.mark.parametrize("action", ["compressed", "evicted", "dropped", "rows"])
+def test_tokens_waiting_for_their_check_are_checked_before_they_are_compressed_evicted_dropped_or_reordered(
+    deferred_checks, action
+):
+    """A token whose check waits for more tokens (on a GPU) is checked before it is compressed
+    into a span, evicted, dropped (assisted decoding's crop) or its batch rows reordered: a bad
+    value never leaves the tail unchecked."""
+    cache = KVCache(QVG, num_layers=1, span_tokens=8)
+    layer = cache.layer(0)
+    tokens = stream(14, [1] * 8)
+    tokens[2][1][0, 0, 0, 0] = float("inf")
+    for k, v in tokens[:5]:
+        cache.append(0, k, v)
+    assert layer._checks == [] and layer._unchecked == 5
+    actions = {
+        "compressed": lambda: [cache.append(0, k, v) for k, v in tokens[5:]],  # a span of tokens 0..7
+        "evicted": lambda: layer.evict(3),
+        "dropped": lambda: layer.drop_newest(3),
+        "rows": lambda: layer.index_batch([0]),
+    }
+    actions[action]()
+    assert len(layer._checks) == 1 and layer._unchecked == 0
+    deferred_checks[0] = True
+    with pytest.raises(NonFiniteError, match=r"layer 0: v holds NaN/Inf values, appended as tokens 0\.\."):
+        layer.settle(wait=False)
 
 
 def test_no_value_check_is_queried_or_made_while_a_graph_is_captured(deferred_checks, monkeypatch):
