@@ -25,7 +25,9 @@ turns), peak GPU memory and the K/V bytes, with
 ``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``),
 qvg again with ``validate=False`` (no value check, and no read-back to the host, per appended
 token) and transformers' ``DynamicCache``; each timed after a full warm-up run (cuDNN makes a plan
-per key length once).
+per key length once). The host's pace drifts between runs, so the same caches are also timed
+step by step, taking turns at every step (:func:`step_rows`: one-token forwards after the prompt,
+the median time of a step), with qvg also checking its values at every step.
 
     PYTHONPATH=. python3 benchmarks/bench_decode.py --out benchmarks/results/bench_decode_h200.json
 """
@@ -37,6 +39,7 @@ import dataclasses
 import json
 import platform
 import statistics
+import time
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +56,7 @@ CASES = ((1, 32 * 1024), (1, 128 * 1024), (8, 32 * 1024))
 QUERIES = (1, 16)
 POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")
 ROUNDS = 3  # generate runs per cache, taking turns
+STEPS = 256  # one-token forwards per cache in the interleaved step rows
 DEVICE = "cuda"
 
 
@@ -165,7 +169,8 @@ def llama(layers: int):
         return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
 
 
-def generate_rows(layers: int) -> list[dict]:
+def generate_rows(layers: int, runs: bool = True) -> tuple[list[dict], list[dict]]:
+    """The ``generate`` rows (none unless ``runs``) and :func:`step_rows` of a model of ``layers``."""
     from transformers import DynamicCache
 
     from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
@@ -176,7 +181,7 @@ def generate_rows(layers: int) -> list[dict]:
         "dynamic": ("sdpa", lambda: DynamicCache()),
         "kivi": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True)),
         "qvg": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN, direct=True)),
-        # the same without the value check of every appended token (one read-back to the host a layer)
+        # the same without the value check of the appended tokens (queued every CHECK_BATCH tokens)
         "qvg_unchecked": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
                                                       direct=True, validate=False)),
     }
@@ -196,11 +201,11 @@ def generate_rows(layers: int) -> list[dict]:
         return start.elapsed_time(end), cache
 
     for name in caches:
-        run(name, 256)  # warm-up: kernels compiled, and cuDNN's plans made for every key length the run sees
+        run(name, 256)  # warm-up: kernels compiled, and cuDNN's plans made for every key length the runs and steps see
     # the caches take turns, ROUNDS times (the steps are host-bound: the host's pace drifts between runs)
     times = {name: [] for name in caches}
     rows = {}
-    for _ in range(ROUNDS):
+    for _ in range(ROUNDS if runs else 0):
         for name in caches:
             first, _ = run(name, 1)
             torch.cuda.reset_peak_memory_stats()
@@ -219,7 +224,46 @@ def generate_rows(layers: int) -> list[dict]:
             torch.cuda.empty_cache()
     for row in rows.values():
         print(json.dumps(row), flush=True)
-    return list(rows.values())
+    return list(rows.values()), step_rows(model, prompt, caches)
+
+
+def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> list[dict]:
+    """The model's one-token forward with each cache, the caches taking turns at every step (a
+    host that speeds up or slows down during the run weighs on all of them alike): after one
+    forward of ``prompt`` into each cache, ``steps`` steps each, every step timed on its own
+    (synchronized before and after); ``qvg_check_every_step`` is qvg with its value check queued
+    at every step instead of every ``CHECK_BATCH`` tokens (``CHECK_BATCH = 1``)."""
+    from qkv.caches import layer_cache
+    from qkv.caches.adapters.transformers_cache import ATTENTION
+
+    variants = {**caches, "qvg_check_every_step": caches["qvg"]}
+    batch = {name: 1 if name == "qvg_check_every_step" else layer_cache.CHECK_BATCH for name in variants}
+    made, times = {}, {name: [] for name in variants}
+    positions = torch.arange(prompt.shape[1], prompt.shape[1] + steps, device=DEVICE)[None]
+    # qkv's attention for every cache: it hands a DynamicCache's steps to transformers' SDPA as
+    # "sdpa" does (switching the model's attention at every step costs more than a step)
+    model.set_attn_implementation(ATTENTION)
+    with torch.no_grad():
+        for name, (_, make) in variants.items():
+            made[name] = make()
+            model(prompt, past_key_values=made[name], use_cache=True)
+        for i in range(steps):
+            order = list(variants)[i % len(variants):] + list(variants)[: i % len(variants)]
+            for name in order:
+                layer_cache.CHECK_BATCH = batch[name]
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+                model(prompt[:, -1:], past_key_values=made[name], use_cache=True, position_ids=positions[:, i : i + 1])
+                torch.cuda.synchronize()
+                times[name].append((time.perf_counter() - start) * 1e3)
+    layer_cache.CHECK_BATCH = batch["qvg"]
+    rows = []
+    for name, ms in times.items():
+        q = statistics.quantiles(ms, n=10)
+        rows.append({"cache": name, "step_ms_median": statistics.median(ms), "step_ms_p10": q[0], "step_ms_p90": q[-1],
+                     "tokens_per_s": 1e3 / statistics.median(ms), "steps": steps})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 
 def main() -> None:
@@ -228,6 +272,7 @@ def main() -> None:
     parser.add_argument("--generate-layers", type=int, default=8)
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--skip-decode", action="store_true", help="only the generate rows")
+    parser.add_argument("--steps-only", action="store_true", help="of the generate rows, only the interleaved steps")
     args = parser.parse_args()
     torch.manual_seed(0)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -240,7 +285,8 @@ def main() -> None:
     if not args.skip_decode:
         result["decode"] = rows(bandwidth, rate)
     if not args.skip_generate:
-        result["generate"] = {"layers": args.generate_layers, "rows": generate_rows(args.generate_layers)}
+        runs, steps = generate_rows(args.generate_layers, not args.steps_only)
+        result["generate"] = {"layers": args.generate_layers, "rows": runs, "steps": steps}
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
