@@ -99,6 +99,49 @@ def test_a_plan_builds_its_records_and_tables_once():
     assert_within_twice_the_torch_error(decode(q, [grown, segments[2]]), q, [segments[1], more, segments[2]])
 
 
+@pytest.mark.parametrize("name, options", [("kivi", {}), ("rtn", {"span_tokens": 16})])
+def test_a_decoding_loop_needs_one_compiled_variant_of_the_decode_kernels(name, options, monkeypatch):
+    """Triton compiles a kernel again for every new class of an integer argument it specializes
+    (equal to 1, a multiple of 16, other). The decode and merge kernels' counts (tail length, work
+    items, partials) change at every step of a decoding loop, so each argument must keep one
+    specialization through it: a new one stalled a generation for seconds every few hundred steps
+    on a GPU (benchmarks/cold_start.py). The launches are recorded here, not run."""
+    libtriton = pytest.importorskip("triton._C.libtriton")
+    from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import JITFunction
+
+    from qkv.kernels.triton import decode as host
+
+    keys = {"decode": set(), "merge": set()}
+
+    def spy(label, kernel):
+        # the parameters as Triton's JIT sees them (the tests may run interpreted)
+        params = kernel.params if hasattr(kernel, "params") else JITFunction(kernel.fn, **kernel.kwargs).params
+
+        class Spy:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    values = [*args, *(kwargs[p.name] for p in params[len(args):])]
+                    keys[label].add(tuple(
+                        libtriton.native_specialize_impl(BaseBackend, v, False, not p.do_not_specialize,
+                                                         not p.do_not_specialize_on_alignment)
+                        for p, v in zip(params, values) if not p.is_constexpr))
+                return launch
+        return Spy()
+
+    monkeypatch.setattr(host, "decode_kernel", spy("decode", host.decode_kernel))
+    monkeypatch.setattr(host, "merge_kernel", spy("merge", host.merge_kernel))
+    gen = torch.Generator().manual_seed(7)
+    layer = qkv.KVCache(name, num_layers=1, **options).layer(0)
+    layer.append(*(torch.randn(1, 2, 256, 64, generator=gen).bfloat16() for _ in range(2)))
+    q = torch.randn(1, 4, 1, 64, generator=gen).bfloat16()
+    for _ in range(70):  # KIVI: a span every 32 steps; rtn: every 16, the tail 1 to 16 tokens
+        token = torch.randn(1, 2, 1, 64, generator=gen).bfloat16()
+        layer.append(token, token)
+        host.decode_triton(q, layer.attention_segments())
+    assert len(keys["decode"]) == 1 and len(keys["merge"]) == 1
+
+
 def test_a_plan_that_adds_spans_extends_the_earlier_tables_to_those_built_anew():
     """A plan whose spans are an earlier plan's and then more builds its span table by extending
     the earlier one (the new spans' rows appended on the device): the same tables, work items and

@@ -114,7 +114,7 @@ def _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl
     return m_i, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_dense", "n_spans"])  # counts that change per call (see decode_kernel)
 def attention_kernel(
     q_ptr, ql_ptr, out_ptr, lse_ptr, dense_ptr, span_ptr,
     n_dense, n_spans, H, HKV, SQ,

@@ -117,7 +117,11 @@ def _span_pieces(
     return m_i, l_i, acc
 
 
-@triton.jit
+# Token counts and work sizes change from call to call (the tail grows by a token a step): Triton
+# would compile a variant for each of their classes (equal to 1, a multiple of 16, other), every
+# few hundred steps a new one, seconds each, in the middle of a generation. They only bound loops
+# and masks, so they are passed unspecialized.
+@triton.jit(do_not_specialize=["n_items", "per_prog", "n_span_progs", "prog_base", "dense_piece", "dn0", "dn1"])
 def decode_kernel(
     q_ptr, qh_ptr, ql_ptr, po_ptr, pl_ptr, span_ptr, item_ptr,
     n_items, per_prog, n_span_progs, prog_base, dense_piece,
@@ -174,7 +178,7 @@ def decode_kernel(
     tl.store(pl_ptr + slot + row, lse, mask=r_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_parts"])
 def merge_kernel(po_ptr, pl_ptr, out_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
                  D: tl.constexpr, BLOCK_P: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """Combine the partials [n_parts, ROWS_TOTAL, D] (log2-domain lse) of one row of [B, H, SQ]
