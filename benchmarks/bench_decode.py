@@ -233,11 +233,11 @@ def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> 
     forward of ``prompt`` into each cache, ``steps`` steps each, every step timed on its own
     (synchronized before and after); ``qvg_check_every_step`` is qvg with its value check queued
     at every step instead of every ``CHECK_BATCH`` tokens (``CHECK_BATCH = 1``)."""
-    from qkv.caches import layer_cache
+    from qkv.caches import checks
     from qkv.caches.adapters.transformers_cache import ATTENTION
 
     variants = {**caches, "qvg_check_every_step": caches["qvg"]}
-    batch = {name: 1 if name == "qvg_check_every_step" else layer_cache.CHECK_BATCH for name in variants}
+    batch = {name: 1 if name == "qvg_check_every_step" else checks.CHECK_BATCH for name in variants}
     made, times = {}, {name: [] for name in variants}
     positions = torch.arange(prompt.shape[1], prompt.shape[1] + steps, device=DEVICE)[None]
     # qkv's attention for every cache: it hands a DynamicCache's steps to transformers' SDPA as
@@ -250,13 +250,13 @@ def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> 
         for i in range(steps):
             order = list(variants)[i % len(variants):] + list(variants)[: i % len(variants)]
             for name in order:
-                layer_cache.CHECK_BATCH = batch[name]
+                checks.CHECK_BATCH = batch[name]
                 torch.cuda.synchronize()
                 start = time.perf_counter()
                 model(prompt[:, -1:], past_key_values=made[name], use_cache=True, position_ids=positions[:, i : i + 1])
                 torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    layer_cache.CHECK_BATCH = batch["qvg"]
+    checks.CHECK_BATCH = batch["qvg"]
     rows = []
     for name, ms in times.items():
         q = statistics.quantiles(ms, n=10)

@@ -54,6 +54,7 @@ import torch.nn.functional as F
 
 from qkv import kernels
 from qkv.caches.cache_config import CacheConfig, CacheMemory
+from qkv.caches.checks import Pending, ValueChecks
 from qkv.caches.heads import index_batch
 from qkv.caches.layer_state import (
     LayerState,
@@ -72,22 +73,14 @@ from qkv.errors import (
     ConfigError,
     DTypeError,
     GradientError,
-    QKVError,
     ShapeError,
     shown,
 )
 from qkv.io import load_device
-from qkv import validation
-from qkv.validation import PendingCheck, check_kv_layout, check_kv_values_later
+from qkv.validation import check_kv_layout
 
 __all__ = ["LayerCache"]
 
-# a chunk's value check on its way: the check, the indices of the chunk's k and v in it, its tokens
-Pending = tuple[PendingCheck, tuple[int, ...], str]
-# On a GPU, chunks that go to the tail are checked together once this many of their tokens are
-# waiting (token-by-token decoding: one check every CHECK_BATCH steps instead of every step), and
-# before any of them is compressed, evicted, dropped or leaves the layer.
-CHECK_BATCH = 32
 
 
 def _nbytes(*tensors: torch.Tensor | None) -> int:
@@ -187,11 +180,10 @@ class LayerCache(LayerState):
         LayerState.__init__(self)
         self.buffer = TailBuffer()
         self._forget_plan()
-        # compress_ahead's span: (fingerprint, warm start, span, its chunk's value check)
-        self._ahead: tuple[tuple, CompressedKV | None, CompressedKV, Pending | None] | None = None
-        self._checks: list[Pending] = []  # value checks of appended chunks still on a GPU's way
-        self._unchecked = 0  # the newest tail tokens whose check waits for CHECK_BATCH (on a GPU)
-        self._refused: QKVError | None = None  # a failed one: every call raises it until reset()
+        # compress_ahead's span: (fingerprint, warm start, span, its chunk's value check and the
+        # chunk's tensors' indices in it)
+        self._ahead: tuple[tuple, CompressedKV | None, CompressedKV, tuple | None] | None = None
+        self.checks = ValueChecks(f"layer {self.index}")  # the appended chunks' (qkv.caches.checks)
 
     def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace everything the layer holds by the chunk ``k``, ``v`` (:meth:`reset`, then
@@ -209,7 +201,7 @@ class LayerCache(LayerState):
         self.reset()
         self.warm, self._ahead = warm, ahead
         self._store(k, v)
-        self._checks += pending
+        self.checks.pending += pending
 
     def _forget_plan(self) -> None:
         """Drop what attention derived from the spans (made again on the next attend)."""
@@ -232,7 +224,7 @@ class LayerCache(LayerState):
             setattr(self, f.name, getattr(state, f.name))
         self.buffer = TailBuffer()  # the next append copies the tail into a buffer
         self._forget_plan()
-        self._ahead, self._checks, self._refused, self._unchecked = None, [], None, 0
+        self._ahead, self.checks = None, ValueChecks(f"layer {self.index}")
 
     # -- sizes ---------------------------------------------------------------------------------
     @property
@@ -280,97 +272,43 @@ class LayerCache(LayerState):
         and leave the layer unchanged, as does a chunk that requires grad while grad is enabled
         (:class:`GradientError`: what is stored is detached, its gradient would be lost). Spans
         completed by this chunk are compressed now, once. On a GPU the values are checked without
-        waiting for the device (chunks the tail takes, :data:`CHECK_BATCH` tokens at a time): a
-        NaN/Inf chunk is stored, and the layer raises its error from the first call after the
-        verdict arrives, and refuses every call until :meth:`reset` (:meth:`settle`).
+        waiting for the device (:mod:`qkv.caches.checks`: chunks the tail takes, 32 tokens at a
+        time): a NaN/Inf chunk is stored, and the layer raises its error from the first call after
+        the verdict arrives, and refuses every call until :meth:`reset` (:meth:`settle`).
         """
         self.settle(wait=False)
         ahead = self._ahead if self._is_ahead(k, v) else None
         check_chunk(self.config, self.layout, k, v, f"layer {self.index}", values=False)
         self._refuse_grad(k, v)
-        batched = ahead is None and self._batches(k)
+        batched = (self.config.validate and ahead is None and self.checks.batches(k)
+                   and self._sink_takes(k.shape[2]) == 0)
         pending = [] if batched else self._check_values(k, v, ahead, self.seen)
-        unchecked, checks = self._unchecked, len(self._checks)
-        self._unchecked += k.shape[2] if batched else 0
+        mark = self.checks.mark()
+        self.checks.unchecked += k.shape[2] if batched else 0
         try:
             self._store(k, v)
         except BaseException:  # the chunk is not stored: neither are the checks made for it
-            self._unchecked = unchecked
-            del self._checks[checks:]
+            self.checks.restore(mark)
             raise
-        self._checks += pending
-        if self._unchecked >= CHECK_BATCH:
-            self._flush_checks(self.tail)
-
-    def _batches(self, k: torch.Tensor) -> bool:
-        """Whether the value check of chunk ``k`` waits for more tokens (:data:`CHECK_BATCH`): on a
-        GPU (:func:`qkv.validation.deferred`, not while a CUDA graph is captured, where a check is
-        refused), for a chunk the tail takes whole."""
-        return (
-            self.config.validate
-            and validation.deferred(k)
-            and not (k.is_cuda and torch.cuda.is_current_stream_capturing())
-            and self._sink_takes(k.shape[2]) == 0
-        )
-
-    def _flush_checks(self, tail: list[Chunk]) -> None:
-        """Queue the value check of the newest ``_unchecked`` tokens of ``tail`` (the layer's tail,
-        or the list about to become it), one reduction per run of adjacent chunks."""
-        n = self._unchecked
-        if not n:
-            return
-        newest, have = [], 0
-        for c in reversed(tail):
-            if have >= n:
-                break
-            newest.append(c)
-            have += c.tokens
-        newest.reverse()
-        self._unchecked, n = 0, min(n, have)
-        if not n:
-            return
-        if have > n:
-            first, cut = newest[0], have - n
-            newest[0] = Chunk(first.k[:, :, cut:], first.v[:, :, cut:], first.start + cut)
-        ks, vs = joined_kv(newest)
-        name = f"layer {self.index}"
-        named = [(f"{name}: k", t) for t in ks] + [(f"{name}: v", t) for t in vs]
-        check = check_kv_values_later(*named[0], *named[1:])
-        end = newest[-1].start + newest[-1].tokens
-        if check is not None:
-            self._checks.append((check, tuple(range(len(named))), f"tokens {end - n}..{end - 1}"))
+        self.checks.pending += pending
+        self.checks.flush_if_full(self.tail)
 
     def _check_values(self, k: torch.Tensor, v: torch.Tensor, ahead: tuple | None, start: int) -> list[Pending]:
-        """The value check of a chunk about to be stored as tokens ``start`` on (with
-        ``validate``): done now, raising, off a GPU; on a GPU on its way (:class:`PendingCheck`,
-        or the one :meth:`KVCache.compress_ahead` made for it), returned for :meth:`settle`."""
-        if not self.config.validate:
+        """The value check of a chunk about to be stored as tokens ``start`` on, with ``validate``
+        (:meth:`ValueChecks.chunk`: raising off a GPU; on a GPU queued, or the one
+        :meth:`KVCache.compress_ahead` made for it), for :attr:`checks` once it is stored."""
+        if not self.config.validate or (ahead is not None and ahead[3] is None):
             return []
-        where = f"tokens {start}..{start + k.shape[2] - 1}"
-        if ahead is not None:
-            return [(*ahead[3], where)] if ahead[3] is not None else []
-        name = f"layer {self.index}"
-        check = check_kv_values_later(f"{name}: k", k, (f"{name}: v", v))
-        return [(check, (0, 1), where)] if check is not None else []
+        return self.checks.chunk(k, v, start, None if ahead is None else ahead[3])
 
     def settle(self, wait: bool = True) -> None:
         """Raise the error of a chunk whose value check failed (appended on a GPU, where the
         check runs without waiting: see ``validate`` in docs/cache.md), and refuse every later call
-        until :meth:`reset`. ``wait``: wait for the checks still on their way (False: look at those
-        that have arrived). Appending, attending and reading look without waiting; a state that
-        leaves the layer (:meth:`state_dict`, :meth:`to`) waits."""
-        if self._refused is not None:
-            raise self._refused
-        if wait:
-            self._flush_checks(self.tail)
-        while self._checks and (wait or self._checks[0][0].ready()):
-            check, indices, where = self._checks.pop(0)
-            error = check.error(indices)
-            if error is not None:
-                self._refused = type(error)(
-                    f"{error}, appended as {where}: found on the GPU after the append returned, with the "
-                    "chunk stored; the layer refuses every call until reset()")
-                raise self._refused
+        until :meth:`reset`. ``wait``: check the tokens still waiting for a batch and wait for the
+        checks on their way (False: look at those that have arrived). Appending, attending and
+        reading look without waiting; a state that leaves the layer (:meth:`state_dict`, :meth:`to`)
+        waits."""
+        self.checks.settle(self.tail, wait)
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """:meth:`append` of a chunk already checked."""
@@ -455,8 +393,8 @@ class LayerCache(LayerState):
         """Compress every complete span at the front of ``tail``: (new spans, remaining tail, warm)."""
         spans, warm = [], self.warm
         while n := self._next_span(tail):
-            if n > extent(tail) - self._unchecked:  # the span takes tokens still to be checked
-                self._flush_checks(tail)
+            if n > extent(tail) - self.checks.unchecked:  # the span takes tokens still to be checked
+                self.checks.flush(tail)
             view = self.buffer.prefix(tail, n)  # the tail as laid out by the append: no walk
             head, rest = _take(tail, n)
             k, v = view if view is not None else _cat(head)
@@ -526,8 +464,8 @@ class LayerCache(LayerState):
         available = sum(s.tokens for s in self.spans) + extent(self.tail)
         if tokens > available:
             raise CacheError(f"layer {self.index}: cannot evict {tokens} tokens, {available} are evictable")
-        if tokens > available - self._unchecked:  # the eviction reaches tokens still to be checked
-            self._flush_checks(self.tail)
+        if tokens > available - self.checks.unchecked:  # the eviction reaches tokens still to be checked
+            self.checks.flush(self.tail)
         spans, left = _drop_oldest(self.spans, tokens, self._cut)
         self.spans, self.tail = spans, _drop_oldest(self.tail, left, self._cut_chunk)[0]
         self.evicted += tokens
@@ -561,7 +499,7 @@ class LayerCache(LayerState):
                 f"layer {self.index}: cannot drop the {tokens} newest tokens, only {in_tail} are in the "
                 "full-precision tail (compressed spans are never rolled back; keep recent_chunks >= 1)"
             )
-        self._flush_checks(self.tail)  # the dropped tokens were appended: their verdict stands
+        self.checks.flush(self.tail)  # the dropped tokens were appended: their verdict stands
         tail, left = list(self.tail), tokens
         while left:
             c = tail.pop()
@@ -703,7 +641,7 @@ class LayerCache(LayerState):
         index = self._rows(index)
         if self.layout is None:
             return
-        self._flush_checks(self.tail)  # rows may go
+        self.checks.flush(self.tail)  # rows may go
 
         def rows(c: Chunk) -> Chunk:
             return Chunk(c.k.index_select(0, index.to(c.k.device)), c.v.index_select(0, index.to(c.v.device)), c.start)

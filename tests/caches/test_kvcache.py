@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import qkv
 from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache
-from qkv.caches.layer_cache import CHECK_BATCH
+from qkv.caches.checks import CHECK_BATCH
 from qkv.caches.layer_state import centroids_only
 from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, GradientError, NonFiniteError, ShapeError
 
@@ -712,7 +712,7 @@ def test_tokens_waiting_for_their_check_are_checked_before_they_are_compressed_e
     tokens[2][1][0, 0, 0, 0] = float("inf")
     for k, v in tokens[:5]:
         cache.append(0, k, v)
-    assert layer._checks == [] and layer._unchecked == 5
+    assert layer.checks.pending == [] and layer.checks.unchecked == 5
     actions = {
         "compressed": lambda: [cache.append(0, k, v) for k, v in tokens[5:]],  # a span of tokens 0..7
         "evicted": lambda: layer.evict(3),
@@ -720,10 +720,32 @@ def test_tokens_waiting_for_their_check_are_checked_before_they_are_compressed_e
         "rows": lambda: layer.index_batch([0]),
     }
     actions[action]()
-    assert len(layer._checks) == 1 and layer._unchecked == 0
+    assert len(layer.checks.pending) == 1 and layer.checks.unchecked == 0
     deferred_checks[0] = True
     with pytest.raises(NonFiniteError, match=r"layer 0: v holds NaN/Inf values, appended as tokens 0\.\."):
         layer.settle(wait=False)
+
+
+def test_an_append_that_fails_leaves_no_check_of_its_chunk(deferred_checks, monkeypatch):
+    """An append whose span compression fails leaves the layer as it was: the tokens waiting for
+    their check still wait, and no check of the refused chunk is queued."""
+    cache = KVCache(QVG, num_layers=1, span_tokens=8)
+    layer = cache.layer(0)
+    tokens = stream(15, [1] * 8)
+    for k, v in tokens[:7]:
+        cache.append(0, k, v)
+    compress = layer._compress
+
+    def fails(*args):
+        raise RuntimeError("compression failed")
+
+    monkeypatch.setattr(layer, "_compress", fails)
+    with pytest.raises(RuntimeError, match="compression failed"):
+        cache.append(0, *tokens[7])  # completes a span: its tokens' check was queued, then refused
+    assert layer.tokens == 7 and layer.checks.unchecked == 7 and layer.checks.pending == []
+    monkeypatch.setattr(layer, "_compress", compress)
+    cache.append(0, *tokens[7])
+    assert layer.checks.unchecked == 0 and [where for _, _, where in layer.checks.pending] == ["tokens 0..7"]
 
 
 def test_no_value_check_is_queried_or_made_while_a_graph_is_captured(deferred_checks, monkeypatch):
@@ -734,7 +756,7 @@ def test_no_value_check_is_queried_or_made_while_a_graph_is_captured(deferred_ch
     cache.append(0, *chunks[0])
     deferred_checks[0] = True
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    check = cache.layer(0)._checks[0][0]
+    check = cache.layer(0).checks.pending[0][0]
 
     class Event:  # what a CUDA event is to the check; querying it during capture is an error
         def query(self):

@@ -470,7 +470,7 @@ def test_every_blocks_finished_chunk_is_compressed_in_one_pass(monkeypatch, comp
     for one_pass in (False, True):
         with monkeypatch.context() as m, self_forcing.install(pipe, policy) as handle:
             m.setattr(qkv.caches.kvcache, "check_kv_values_later", counting_checks)  # compress_ahead's
-            m.setattr(qkv.caches.layer_cache, "check_kv_values_later", counting_checks)  # an append's
+            m.setattr(qkv.caches.checks, "check_kv_values_later", counting_checks)  # an append's
             m.setattr(qkv.caches.layer_state, "check_kv_values", counting_checks)
             if not one_pass:
                 m.setattr(self_forcing.SelfForcingBlockCache, "_compress_finished", lambda self: None)
