@@ -29,8 +29,9 @@ from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
 # compressed spans and the full-precision keys), so decoding needs almost no memory beyond the
 # cache; within that, enough programs for the tile's waves on the GPU.
 PARTIAL_SHARE = 0.05
-# partials per load of the merge
-MERGE_PARTS = 64
+# partials per load of the merge: 16, or 64 beyond 16 partials (two compiled variants, not one per
+# power of two the partial count passes as the history grows)
+MERGE_PARTS = (16, 64)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -201,7 +202,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=device)
     merge_kernel[(rows_total,)](
         po, pl, out, n_parts, rows_total, h, sq, *out.stride()[:3],
-        D=d, BLOCK_P=min(MERGE_PARTS, _pow2(n_parts)),
+        D=d, BLOCK_P=MERGE_PARTS[n_parts > MERGE_PARTS[0]],
         EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4,
     )
     return out
