@@ -127,6 +127,14 @@ def attention_supports(q, segments, scale=None) -> str | None:
     return None
 
 
+def rotated_query(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """H q in two parts of q's dtype, high and low (their sum is H q to ~2^-16 relative), so that
+    scores against rotated codes are as exact as q . k; no fp32 copy beyond H q itself."""
+    rotated = kernels.hadamard(q.float())
+    high = rotated.to(q.dtype)
+    return high, rotated.sub_(high).to(q.dtype)
+
+
 def _rotated_launch(q, scale, h_kv, span_rows, layouts, tiles=None):
     """(out fp32, lse) over Hadamard-rotated spans: H is symmetric and orthonormal, so
     q . (H r) = (H q) . r and sum_j p_j H r_j = H sum_j p_j r_j. The kernel reads the stored
@@ -135,9 +143,7 @@ def _rotated_launch(q, scale, h_kv, span_rows, layouts, tiles=None):
     k_layout, v_layout = layouts
     q_lo = None
     if k_layout.ROT:
-        rotated = kernels.hadamard(q.float())
-        q = rotated.to(q.dtype)
-        q_lo = (rotated - q.float()).to(q.dtype)
+        q, q_lo = rotated_query(q)
     out, lse = _launch(q, scale, h_kv, span_rows, [], layouts, torch.float32, True, q_lo, tiles)
     return (kernels.hadamard(out) if v_layout.ROT else out), lse
 

@@ -18,9 +18,8 @@ from __future__ import annotations
 import torch
 from triton.runtime.errors import OutOfResources
 
-from qkv import kernels
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, check_attention, default_scale
-from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_of
+from qkv.kernels.triton.attention import LOG2E, attention_supports, rotated_query, span_record_of
 from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
 from qkv.kernels.triton.records import TL_DTYPES, TensorLayout, span_table
 from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
@@ -176,9 +175,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     pl = torch.empty(n_parts, rows_total, dtype=torch.float32, device=device)
     qh, ql = q, q
     if any(g.layouts[0].ROT for g in groups):  # H q in two parts, so that the scores are as exact as q . k
-        rotated = kernels.hadamard(q.float())
-        qh = rotated.to(q.dtype)
-        ql = (rotated - qh.float()).to(q.dtype)
+        qh, ql = rotated_query(q)
     launches = [(g, n) for g, n in zip(groups, span_progs)] or [(None, 0)]
     base = 0
     for i, (g, n_span) in enumerate(launches):
