@@ -177,9 +177,10 @@ class TailBuffer:
         if end is None or end + n > self.capacity:
             tail = self._place(tail, n, planned, k, limit)
             end = sum(c.tokens for c in tail)
-        self.k[:, :, end : end + n].copy_(k)
-        self.v[:, :, end : end + n].copy_(v)
-        tail = [*tail, Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)]
+        chunk = Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)
+        chunk.k.copy_(k)
+        chunk.v.copy_(v)
+        tail = [*tail, chunk]
         self._run = (len(tail), tail[0], tail[-1], end + n)
         return tail
 
