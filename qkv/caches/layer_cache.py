@@ -82,7 +82,6 @@ from qkv.validation import check_kv_layout
 __all__ = ["LayerCache"]
 
 
-
 def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
