@@ -2,8 +2,10 @@
 
 ``bench_decode.py``'s Llama-3-8B-shaped model (random bf16 weights, 8 of its 32 layers, as its
 ``generate``), a 32k-token prompt in one forward, then one-token forwards: the time of 16 of them,
-cProfile over 16 more (cumulative, top 40), and torch.profiler tables over 8 more (by GPU time and
-by host time). ``generate`` itself is timed for 1 and 33 new tokens after a 40-token warm-up.
+cProfile over 16 more (cumulative, top 40), the operations that make the host wait for the GPU
+in 8 more (``torch.cuda.set_sync_debug_mode``, counted by the line that called them), and
+torch.profiler tables over 8 more (by GPU time and by host time). ``generate`` itself is timed for
+1 and 33 new tokens after a 40-token warm-up.
 
     PYTHONPATH=. python3 benchmarks/profile_generate.py qvg > benchmarks/results/profile_generate_qvg_h200.txt
 """
