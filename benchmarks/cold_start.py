@@ -20,10 +20,12 @@ its own process with an empty Triton cache, as a user's first run has::
 from __future__ import annotations
 
 import ast
+import json
 import sys
 import time
 
 import torch
+from common import environment
 
 import qkv
 from qkv import kernels
@@ -31,6 +33,7 @@ from qkv.kernels.triton import decode_kernel as dk
 
 
 def main() -> None:
+    print(json.dumps(environment()), flush=True)  # what the numbers were measured on
     mode, policy, options = sys.argv[1], sys.argv[2], ast.literal_eval(sys.argv[3])
     if mode == "specialized":
         for fn in (dk.decode_kernel, dk.merge_kernel):

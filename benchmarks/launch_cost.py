@@ -14,9 +14,11 @@ launch); ``compiled[grid]`` and ``compiled.run`` launch the same compiled kernel
 
 from __future__ import annotations
 
+import json
 import time
 
 import torch
+from common import environment
 
 import qkv
 from qkv import kernels
@@ -55,6 +57,7 @@ def launch(q, segments) -> tuple:
 
 
 def main() -> None:
+    print(json.dumps(environment()), flush=True)  # what the numbers were measured on
     for policy, options in (("kivi", {}), ("qvg", {"span_tokens": 1024})):
         built = qkv.build_policy(policy, clusters=16) if policy == "qvg" else policy
         layer = qkv.KVCache(built, num_layers=1, **options).layer(0)

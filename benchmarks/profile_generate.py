@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import os
 import pstats
 import time
 import warnings
@@ -71,7 +72,7 @@ def main() -> None:
             step(cache, i)
         torch.cuda.synchronize()
         prof.disable()
-        pstats.Stats(prof).sort_stats("cumulative").print_stats(40)
+        pstats.Stats(prof).strip_dirs().sort_stats("cumulative").print_stats(40)  # no paths of this machine
         # every operation that makes the host wait for the GPU, by where it was called from
         syncs = Counter()
         torch.cuda.set_sync_debug_mode("warn")
@@ -82,7 +83,7 @@ def main() -> None:
         torch.cuda.set_sync_debug_mode(0)
         for w in caught:
             if "synchroniz" in str(w.message):
-                syncs[f"{w.filename}:{w.lineno}: {w.message}"] += 1
+                syncs[f"{os.path.basename(w.filename)}:{w.lineno}: {w.message}"] += 1
         print("host syncs in 8 steps:", sum(syncs.values()))
         for where, n in syncs.most_common(10):
             print(f"  {n} x {where}")

@@ -129,7 +129,8 @@ def attention_supports(q, segments, scale=None) -> str | None:
 
 def rotated_query(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """H q in two parts of q's dtype, high and low (their sum is H q to ~2^-16 relative), so that
-    scores against rotated codes are as exact as q . k; no fp32 copy beyond H q itself."""
+    scores against rotated codes are as exact as q . k; the low part is H q minus the high part,
+    computed in H q's storage."""
     rotated = kernels.hadamard(q.float())
     high = rotated.to(q.dtype)
     return high, rotated.sub_(high).to(q.dtype)
