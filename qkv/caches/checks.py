@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from qkv import validation
-from qkv.caches.tail import Chunk, joined_kv
+from qkv.caches.tail import Chunk, TailBuffer, extent, joined_kv
 from qkv.errors import QKVError
 from qkv.validation import PendingCheck, check_kv_values_later
 
@@ -65,16 +65,22 @@ class ValueChecks:
         self.unchecked = mark[0]
         del self.pending[mark[1]:]
 
-    def flush_if_full(self, tail: list[Chunk]) -> None:
+    def flush_if_full(self, tail: list[Chunk], buffer: TailBuffer) -> None:
         """:meth:`flush` once :data:`CHECK_BATCH` tokens wait (after an append)."""
         if self.unchecked >= CHECK_BATCH:
-            self.flush(tail)
+            self.flush(tail, buffer)
 
-    def flush(self, tail: list[Chunk]) -> None:
+    def flush(self, tail: list[Chunk], buffer: TailBuffer | None = None) -> None:
         """Queue the check of the ``unchecked`` newest tokens of ``tail`` (the layer's tail, or the
-        list about to become it), one reduction per run of adjacent chunks."""
+        list about to become it), one reduction per run of adjacent chunks: one view of ``buffer``
+        (the layer's tail buffer) when ``tail`` is its run, without walking the chunks."""
         n = self.unchecked
         if not n:
+            return
+        if buffer is not None and buffer.is_run(tail) and n <= extent(tail):
+            self.unchecked, end = 0, tail[-1].start + tail[-1].tokens
+            self._queue([buffer.k[:, :, buffer.end - n : buffer.end]], [buffer.v[:, :, buffer.end - n : buffer.end]],
+                        f"tokens {end - n}..{end - 1}")
             return
         newest, have = [], 0
         for c in reversed(tail):
@@ -89,21 +95,24 @@ class ValueChecks:
         if have > n:
             first, cut = newest[0], have - n
             newest[0] = Chunk(first.k[:, :, cut:], first.v[:, :, cut:], first.start + cut)
-        ks, vs = joined_kv(newest)
+        end = newest[-1].start + newest[-1].tokens
+        self._queue(*joined_kv(newest), f"tokens {end - n}..{end - 1}")
+
+    def _queue(self, ks: list[torch.Tensor], vs: list[torch.Tensor], where: str) -> None:
+        """Queue the check of keys ``ks`` and values ``vs``, the layer's tokens ``where``."""
         named = [(f"{self.name}: k", t) for t in ks] + [(f"{self.name}: v", t) for t in vs]
         check = check_kv_values_later(*named[0], *named[1:])
-        end = newest[-1].start + newest[-1].tokens
         if check is not None:
-            self.pending.append((check, tuple(range(len(named))), f"tokens {end - n}..{end - 1}"))
+            self.pending.append((check, tuple(range(len(named))), where))
 
-    def settle(self, tail: list[Chunk], wait: bool = True) -> None:
+    def settle(self, tail: list[Chunk], buffer: TailBuffer, wait: bool = True) -> None:
         """Raise the error of a chunk whose check failed and keep raising it (``refused``).
-        ``wait``: check the tokens of ``tail`` still waiting and wait for every verdict (False:
-        look at those that have arrived)."""
+        ``wait``: check the tokens of ``tail`` (in ``buffer``) still waiting and wait for every
+        verdict (False: look at those that have arrived)."""
         if self.refused is not None:
             raise self.refused
         if wait:
-            self.flush(tail)
+            self.flush(tail, buffer)
         while self.pending and (wait or self.pending[0][0].ready()):
             check, indices, where = self.pending.pop(0)
             error = check.error(indices)

@@ -192,6 +192,8 @@ class LayerCache(LayerState):
         AnyFlow-FAR's full-resolution context. A chunk :meth:`append` would refuse leaves the
         layer unchanged."""
         self.settle(wait=False)
+        if self._append_token(k, v):
+            return
         ahead = self._ahead if self._is_ahead(k, v) else None
         check_chunk(self.config, None, k, v, f"layer {self.index}", values=False)
         self._refuse_grad(k, v)
@@ -276,6 +278,8 @@ class LayerCache(LayerState):
         the verdict arrives, and refuses every call until :meth:`reset` (:meth:`settle`).
         """
         self.settle(wait=False)
+        if self._append_token(k, v):
+            return
         ahead = self._ahead if self._is_ahead(k, v) else None
         check_chunk(self.config, self.layout, k, v, f"layer {self.index}", values=False)
         self._refuse_grad(k, v)
@@ -290,7 +294,39 @@ class LayerCache(LayerState):
             self.checks.restore(mark)
             raise
         self.checks.pending += pending
-        self.checks.flush_if_full(self.tail)
+        self.checks.flush_if_full(self.tail, self.buffer)
+
+    def _append_token(self, k: object, v: object) -> bool:
+        """:meth:`append` of the chunk token-by-token decoding appends at every layer and step,
+        with the least host work: one token of the layer's layout, not needed by the sink, which
+        the tail buffer takes right after the tail, its value check batched (on a GPU) or off.
+        False, with nothing done, for any other chunk (:meth:`append` takes it the general way,
+        checks and errors included)."""
+        layout, tail, buf, cfg, checks = self.layout, self.tail, self.buffer, self.config, self.checks
+        if (layout is None or self._ahead is not None or type(k) is not torch.Tensor or type(v) is not torch.Tensor
+                or not buf.is_run(tail) or buf.end >= buf.capacity):
+            return False
+        b, h, d, dtype, device = layout
+        if (k.shape != (b, h, 1, d) or v.shape != k.shape or k.dtype != dtype or v.dtype != dtype
+                or k.device != device or v.device != device or ((k.requires_grad or v.requires_grad) and torch.is_grad_enabled())):
+            return False
+        batched = cfg.validate and checks.batches(k)
+        one_token_spans = cfg.residual_group is None and (cfg.span_tokens if cfg.span_chunks is None else cfg.span_chunks) == 1
+        if (cfg.validate and not batched) or one_token_spans or self._sink_takes(1):
+            return False
+        mark = checks.mark()
+        checks.unchecked += batched
+        tail.append(buf.put(tail, k, v, self.seen))
+        if self._next_span(tail):  # the token completes a span: compressed as append does
+            self.tail = tail[:-1]  # unchanged if the compression fails
+            try:
+                self._take_spans(*self._complete_spans(tail))
+            except BaseException:
+                checks.restore(mark)
+                raise
+        self.seen += 1
+        checks.flush_if_full(self.tail, self.buffer)
+        return True
 
     def _check_values(self, k: torch.Tensor, v: torch.Tensor, ahead: tuple | None, start: int) -> list[Pending]:
         """The value check of a chunk about to be stored as tokens ``start`` on, with ``validate``
@@ -307,7 +343,7 @@ class LayerCache(LayerState):
         checks on their way (False: look at those that have arrived). Appending, attending and
         reading look without waiting; a state that leaves the layer (:meth:`state_dict`, :meth:`to`)
         waits."""
-        self.checks.settle(self.tail, wait)
+        self.checks.settle(self.tail, self.buffer, wait)
 
     def _store(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """:meth:`append` of a chunk already checked."""
@@ -349,6 +385,10 @@ class LayerCache(LayerState):
             tail = self.buffer.append(self.tail, k, v, start, self._planned(chunk), self._room(k.shape[2]))
             self.tail = tail[:-1]  # possibly moved, same values: unchanged if a compression fails
             new_spans, tail, warm = self._complete_spans(tail)
+        self._take_spans(new_spans, tail, warm)
+
+    def _take_spans(self, new_spans: list[kernels.CompressedSpan], tail: list[Chunk], warm: CompressedKV | None) -> None:
+        """Keep what :meth:`_complete_spans` made: the spans, the tail after them, the warm start."""
         self.tail, self.warm = tail, warm
         self.spans.extend(new_spans)
         self._slide()
@@ -393,7 +433,7 @@ class LayerCache(LayerState):
         spans, warm = [], self.warm
         while n := self._next_span(tail):
             if n > extent(tail) - self.checks.unchecked:  # the span takes tokens still to be checked
-                self.checks.flush(tail)
+                self.checks.flush(tail, self.buffer)
             view = self.buffer.prefix(tail, n)  # the tail as laid out by the append: no walk
             head, rest = _take(tail, n)
             k, v = view if view is not None else _cat(head)
@@ -464,7 +504,7 @@ class LayerCache(LayerState):
         if tokens > available:
             raise CacheError(f"layer {self.index}: cannot evict {tokens} tokens, {available} are evictable")
         if tokens > available - self.checks.unchecked:  # the eviction reaches tokens still to be checked
-            self.checks.flush(self.tail)
+            self.checks.flush(self.tail, self.buffer)
         spans, left = _drop_oldest(self.spans, tokens, self._cut)
         self.spans, self.tail = spans, _drop_oldest(self.tail, left, self._cut_chunk)[0]
         self.evicted += tokens
@@ -498,7 +538,7 @@ class LayerCache(LayerState):
                 f"layer {self.index}: cannot drop the {tokens} newest tokens, only {in_tail} are in the "
                 "full-precision tail (compressed spans are never rolled back; keep recent_chunks >= 1)"
             )
-        self.checks.flush(self.tail)  # the dropped tokens were appended: their verdict stands
+        self.checks.flush(self.tail, self.buffer)  # the dropped tokens were appended: their verdict stands
         tail, left = list(self.tail), tokens
         while left:
             c = tail.pop()
@@ -640,7 +680,7 @@ class LayerCache(LayerState):
         index = self._rows(index)
         if self.layout is None:
             return
-        self.checks.flush(self.tail)  # rows may go
+        self.checks.flush(self.tail, self.buffer)  # rows may go
 
         def rows(c: Chunk) -> Chunk:
             return Chunk(c.k.index_select(0, index.to(c.k.device)), c.v.index_select(0, index.to(c.v.device)), c.start)

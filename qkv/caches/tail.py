@@ -103,15 +103,34 @@ class TailBuffer:
         ptr = t.untyped_storage().data_ptr()
         return self.k is not None and ptr in (self.k.untyped_storage().data_ptr(), self.v.untyped_storage().data_ptr())
 
-    def _is_run(self, tail: list[Chunk]) -> bool:
+    def is_run(self, tail: list[Chunk]) -> bool:
         """Whether ``tail`` is the run the last append laid out (or :meth:`follow` kept)."""
         run = self._run
         return bool(tail) and run is not None and run[0] == len(tail) and tail[0] is run[1] and tail[-1] is run[2]
 
+    @property
+    def end(self) -> int:
+        """The offset right after the run (see :meth:`is_run`)."""
+        return self._run[3]
+
+    def put(self, run: list[Chunk], k: torch.Tensor, v: torch.Tensor, start: int, end: int | None = None) -> Chunk:
+        """The chunk ``k``, ``v`` [B, H, n, D] (of this buffer's batch, heads, head dim, dtype and
+        device) starting at position ``start``, copied as views right after ``run``, which ends at
+        offset ``end`` (default: ``run`` is this buffer's run, :meth:`is_run`, :attr:`end`) with
+        room for it; the run then ends with the chunk (once the caller appends it to ``run``,
+        which this leaves alone)."""
+        end, n = self._run[3] if end is None else end, k.shape[2]
+        chunk = Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)
+        chunk.k.copy_(k)
+        chunk.v.copy_(v)
+        self.last_chunk = n
+        self._run = (len(run) + 1, run[0] if run else chunk, chunk, end + n)
+        return chunk
+
     def prefix(self, tail: list[Chunk], n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``n`` tokens of ``tail`` as one view each of keys and values when ``tail`` is
         this buffer's run (found without walking its chunks), else None."""
-        if not self._is_run(tail):
+        if not self.is_run(tail):
             return None
         start = self._run[3] - extent(tail)
         return self.k[:, :, start : start + n], self.v[:, :, start : start + n]
@@ -119,7 +138,7 @@ class TailBuffer:
     def follow(self, tail: list[Chunk], rest: list[Chunk]) -> None:
         """Keep the run known when ``rest`` is what is left of the run ``tail`` after its first
         chunks were taken whole (a cut chunk is a copy: then the next append finds the end anew)."""
-        if self._is_run(tail) and rest and rest[-1] is tail[-1] and rest[0] is tail[len(tail) - len(rest)]:
+        if self.is_run(tail) and rest and rest[-1] is tail[-1] and rest[0] is tail[len(tail) - len(rest)]:
             self._run = (len(rest), rest[0], rest[-1], self._run[3])
 
     def _end(self, tail: list[Chunk]) -> int | None:
@@ -127,7 +146,7 @@ class TailBuffer:
         for an empty tail), else None."""
         if not tail:
             return 0 if self.k is not None else None
-        if self._is_run(tail):
+        if self.is_run(tail):
             return self._run[3]
         ks, vs = joined_kv(tail)
         if len(ks) != 1 or len(vs) != 1 or not self.holds(ks[0]) or ks[0].stride() != self.k.stride():
@@ -172,17 +191,12 @@ class TailBuffer:
         """``tail`` (its chunks possibly moved within the buffer, same values) and, last, the chunk
         ``k``, ``v`` [B, H, n, D] (copied into the buffer) starting at absolute position ``start``;
         ``planned`` and ``limit``: see :meth:`_place`."""
-        n = self.last_chunk = k.shape[2]
+        n = k.shape[2]
         end = self._end(tail) if self._fits(k) else None
         if end is None or end + n > self.capacity:
             tail = self._place(tail, n, planned, k, limit)
             end = sum(c.tokens for c in tail)
-        chunk = Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)
-        chunk.k.copy_(k)
-        chunk.v.copy_(v)
-        tail = [*tail, chunk]
-        self._run = (len(tail), tail[0], tail[-1], end + n)
-        return tail
+        return [*tail, self.put(tail, k, v, start, end)]
 
     def moved(self, tail: list[Chunk], capacity: int) -> list[Chunk]:
         """``tail`` (views of this buffer, or not) copied to the front of new storage of

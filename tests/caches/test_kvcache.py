@@ -699,6 +699,66 @@ def test_on_a_gpu_small_appends_are_checked_together(deferred_checks, monkeypatc
         waiting.settle()
 
 
+@given(data=st.data())
+def test_a_one_token_append_takes_the_short_way_to_the_same_layer(data):
+    """Token-by-token decoding appends through ``LayerCache._append_token`` (the least host work):
+    after any mix of one-token and longer chunks, crops and evictions, in every tail configuration
+    (span sizes, KIVI's residual, sinks, recent chunks, a span limit), with value checks batched as
+    on a GPU or off, the layer holds what the general path makes of the same calls: the same
+    tokens, spans, checks and reads."""
+    policy = data.draw(st.sampled_from(["bf16", "kivi", "rtn", QVG]))
+    options = data.draw(st.sampled_from([{"span_tokens": 4}, {"span_tokens": 9}, {"span_chunks": 2}, {}]))
+    options |= data.draw(st.sampled_from([{}, {"sink_tokens": 3}, {"sink_chunks": 1}, {"recent_chunks": 2}]))
+    options |= data.draw(st.sampled_from([{}, {"max_spans": 2}, {"validate": False}]))
+    sizes = data.draw(st.lists(st.sampled_from([1, 1, 1, 1, 2, 5]), min_size=1, max_size=40))
+    actions = data.draw(st.lists(st.sampled_from(["drop", "evict"]), max_size=3))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(sizes) - 1), min_size=len(actions), max_size=len(actions))))
+    chunks = stream(data.draw(st.integers(0, 99)), sizes, d=32, dtype=torch.bfloat16)
+    short = KVCache(policy, num_layers=1, **options)
+    general = KVCache(policy, num_layers=1, **options)
+    general.layer(0)._append_token = lambda k, v: False
+    taken = []
+    take = short.layer(0)._append_token
+    short.layer(0)._append_token = lambda k, v: taken.append(take(k, v)) or taken[-1]
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(qkv.validation, "deferred", lambda t: True)
+        for i, (k, v) in enumerate(chunks):
+            for cache in (short, general):
+                cache.append(0, k, v)
+                layer = cache.layer(0)
+                for action in [a for a, at in zip(actions, cuts) if at == i]:
+                    if action == "drop" and extent_of_tail(layer) > 1:
+                        layer.drop_newest(1)
+                    if action == "evict" and layer.tokens - sum(c.tokens for c in layer.sink) > 1:
+                        layer.evict(1)
+            a, b = short.layer(0), general.layer(0)
+            assert (a.seen, a.tokens, a.evicted, len(a.spans)) == (b.seen, b.tokens, b.evicted, len(b.spans))
+            assert a.checks.unchecked == b.checks.unchecked
+            assert [w for _, _, w in a.checks.pending] == [w for _, _, w in b.checks.pending]
+            for x, y in zip(short.read(0), general.read(0)):
+                assert torch.equal(x, y)
+        short.settle()
+        general.settle()
+
+
+@pytest.mark.parametrize("policy", ["kivi", "rtn", "bf16"])
+def test_token_by_token_decoding_appends_the_short_way(policy, deferred_checks):
+    """After a prompt, every one-token append takes the short way but the few after which the tail
+    buffer is laid out anew (its room used up: at most one a span)."""
+    cache = KVCache(policy, num_layers=1, span_tokens=64)
+    cache.append(0, *stream(16, [100])[0])
+    layer, taken = cache.layer(0), []
+    take = layer._append_token
+    layer._append_token = lambda k, v: taken.append(take(k, v)) or taken[-1]
+    for k, v in stream(17, [1] * 256):
+        cache.append(0, k, v)
+    assert sum(taken) >= 256 - 256 // 32
+
+
+def extent_of_tail(layer) -> int:
+    return sum(c.tokens for c in layer.tail)
+
+
 @pytest.mark.parametrize("action", ["compressed", "evicted", "dropped", "rows"])
 def test_tokens_waiting_for_their_check_are_checked_before_they_are_compressed_evicted_dropped_or_reordered(
     deferred_checks, action

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from triton.runtime.errors import OutOfResources
 
-from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, check_attention, default_scale
+from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, default_scale
 from qkv.kernels.triton.attention import LOG2E, attention_supports, rotated_query, span_record_of
 from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
 from qkv.kernels.triton.records import TL_DTYPES, TensorLayout, span_table
@@ -110,19 +110,25 @@ def decode_supports(q, segments, scale=None) -> str | None:
     return plan_support(plans[0], q) if plans else None
 
 
-def _dense_args(dense: list[DenseKV], q: torch.Tensor) -> list:
+def _dense_args(dense: list[DenseKV], q: torch.Tensor) -> tuple[list, int]:
     """Kernel arguments of two full-precision segments (more are joined into two; an absent one
-    is ``q`` with no tokens)."""
+    is ``q`` with no tokens), and their tokens."""
     if len(dense) > 2:
         first = DenseKV(torch.cat([s.k for s in dense[:-1]], 2), torch.cat([s.v for s in dense[:-1]], 2))
         dense = [first, dense[-1]]
-    args = []
-    for i in range(2):
-        k, v = (dense[i].k, dense[i].v) if i < len(dense) else (q, q)
-        k = k if k.stride(-1) == 1 else k.contiguous()
-        v = v if v.stride(-1) == 1 else v.contiguous()
-        args.append((k, v, k.shape[2] if i < len(dense) else 0, *k.stride()[:3], *v.stride()[:3]))
-    return [x for a in args for x in a]
+    args, tokens = [], 0
+    for seg in dense:
+        k, v = seg.k, seg.v
+        k = k if k.stride(3) == 1 else k.contiguous()
+        v = v if v.stride(3) == 1 else v.contiguous()
+        ks, vs = k.stride(), v.stride()
+        n = k.shape[2]
+        args += (k, v, n, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])
+        tokens += n
+    for _ in range(2 - len(dense)):
+        qs = q.stride()
+        args += (q, q, 0, qs[0], qs[1], qs[2], qs[0], qs[1], qs[2])
+    return args, tokens
 
 
 def _launch_decode(grid, pipelines, *args, **kwargs) -> None:
@@ -139,9 +145,8 @@ def _launch_decode(grid, pipelines, *args, **kwargs) -> None:
 def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile: DecodeTile | None = None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.attention.attention_decode_torch`: [B, H, Sq, D] in q's
     dtype. ``segments``: DenseKV, CompressedSpan and at most one SpanPlan (whose span table is
-    built once and reused by every call). ``tile``: the launch (default: the device's, see
-    :mod:`qkv.kernels.triton.tiles`)."""
-    check_attention(q, segments)
+    built once and reused by every call), as :func:`qkv.kernels.attention` checks them.
+    ``tile``: the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     scale = default_scale(q, scale)
     plans, dense = _split(segments)
     b, h, sq, d = q.shape
@@ -150,16 +155,15 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     emulate = device.type != "cuda"
     rows = h // h_kv * sq  # query rows per KV head
     if tile is None:
-        tile = tile_for("decode", device, rows, any(p.centroids for p in plans))
+        tile = tile_for("decode", device, rows, bool(plans) and plans[0].centroids)
     block_n, piece, max_rows = tile.block_n, tile.piece, tile.max_rows
     table = plan_table(plans[0], device, piece) if plans else None
     groups = table.groups if table is not None else ()
     q = q if q.stride(-1) == 1 else q.contiguous()
     block_m = min(max(16, _pow2(rows)), max_rows)
     row_blocks = _cdiv(rows, block_m)
-    dense_args = _dense_args(dense, q)
-    dense_tokens = dense_args[2] + dense_args[11]
-    span_tokens = sum(g.n_items for g in groups) * piece
+    dense_args, dense_tokens = _dense_args(dense, q)
+    span_tokens = table.n_items * piece if table is not None else 0
     # programs per (batch, KV head, row block): a few waves, partials within their byte budget
     rows_total = b * h * sq
     read = (table.nbytes if table is not None else 0) + 2 * dense_tokens * b * h_kv * d * q.itemsize
@@ -174,7 +178,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     po = torch.empty(n_parts, rows_total, d, dtype=torch.float32, device=device)
     pl = torch.empty(n_parts, rows_total, dtype=torch.float32, device=device)
     qh, ql = q, q
-    if any(g.layouts[0].ROT for g in groups):  # H q in two parts, so that the scores are as exact as q . k
+    if table is not None and table.rotated:  # H q in two parts, so that the scores are as exact as q . k
         qh, ql = rotated_query(q)
     launches = [(g, n) for g, n in zip(groups, span_progs)] or [(None, 0)]
     base = 0

@@ -237,13 +237,16 @@ class SpanGroup:
 class SpanTable:
     """The records of a history's spans on the device, grouped by layout (usually one group),
     built once per set of spans and reused by every call; ``records`` keeps the tensors alive;
-    ``keys``: the spans' live keys."""
+    ``keys``: the spans' live keys; ``n_items``: the groups' work items; ``rotated``: whether a
+    group's keys are Hadamard-rotated."""
 
     groups: tuple[SpanGroup, ...]
     records: tuple[SpanRecord, ...]
     dtype: torch.dtype | None
     nbytes: int
     keys: int
+    n_items: int
+    rotated: bool
 
 
 def device_rows(rows: list[list[int]], device: torch.device) -> torch.Tensor:
@@ -296,4 +299,5 @@ def span_table(spans: list[tuple[SpanRecord, int]], device: torch.device, piece:
         out.append(SpanGroup(layouts, table, item_t, n_items, size))
     records = (previous.records if previous is not None else ()) + tuple(rec for rec, _ in spans)
     dtype = records[0].dtype if records else None
-    return SpanTable(tuple(out), records, dtype, sum(g.nbytes for g in out), at)
+    return SpanTable(tuple(out), records, dtype, sum(g.nbytes for g in out), at, sum(g.n_items for g in out),
+                     any(g.layouts[0].ROT for g in out))
