@@ -9,6 +9,9 @@ of 128, hidden 512: its matmuls cost little on a CPU), random bf16 weights, a ``
 prompt, then ``--steps`` one-token forwards with every cache taking turns at each step (a host
 that speeds up or slows down weighs on all alike), each step timed on its own; the median.
 
+Also the torch operators of one more step, counted with a dispatch mode, beyond ``dynamic``'s
+(on a GPU each is a launch or a view). Caches:
+
 - ``dynamic``: transformers' ``DynamicCache`` and SDPA;
 - ``kivi``, ``qvg``, ``rtn``: ``QKVCache(policy, direct=True)`` with ``attn_implementation="qkv"``
   (qvg and rtn with 4,096-token spans, as ``bench_decode.py``; KIVI compresses a group every 32
@@ -34,7 +37,7 @@ import warnings
 from unittest import mock
 
 import torch
-from bench_append import Recorded
+from bench_append import CountOps, Recorded
 from common import environment, write_json
 
 import qkv
@@ -96,13 +99,20 @@ def steps(layers: int, prompt_tokens: int, n: int) -> tuple[list[dict], dict]:
                 start = time.perf_counter()
                 llama(prompt[:, -1:], past_key_values=caches[name], use_cache=True, position_ids=positions[:, i : i + 1])
                 times[name].append((time.perf_counter() - start) * 1e3)
+        ops = {}
+        for name, cache in caches.items():  # one more step each, its torch operators counted
+            counted = CountOps()
+            with counted:
+                llama(prompt[:, -1:], past_key_values=cache, use_cache=True, position_ids=positions[:, -1:] + 1)
+            ops[name] = counted.count
     base = statistics.median(times["dynamic"])
     rows = []
     for name, ms in times.items():
         q = statistics.quantiles(ms, n=10)
         median = statistics.median(ms)
         rows.append({"cache": name, "step_ms_median": median, "step_ms_p10": q[0], "step_ms_p90": q[-1],
-                     "us_per_layer_over_dynamic": (median - base) * 1e3 / layers})
+                     "us_per_layer_over_dynamic": (median - base) * 1e3 / layers,
+                     "torch_ops_per_layer_over_dynamic": (ops[name] - ops["dynamic"]) / layers})
         print(rows[-1], flush=True)
     return rows
 
