@@ -28,7 +28,7 @@ from qkv.kernels.packing import pack_codes, unpack_codes
 
 # Scales and zero points use at most half of their format's range (one exponent of headroom), so
 # rounding the zero point down can widen the scale without overflowing.
-_HEADROOM = 0.5
+HEADROOM = 0.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,13 +48,17 @@ class QuantizedRows:
 
 
 def row_multiplier(peak: torch.Tensor, q: AffineFormat) -> torch.Tensor | None:
-    """Power of two per row N that brings ``peak`` [N] (largest scale or |zero|) into range."""
+    """Power of two per row N that brings ``peak`` [N] (largest scale or |zero|) into range: the
+    least 2**e >= peak / limit (``limit``: half the scale format's largest finite value), e in
+    [-126, 127], 1 for a zero row. Computed from the exponent bits (frexp), so every device and the
+    Triton kernel get the same e (a rounded log2 may not)."""
     if q.scale == "fp32":
         return None
-    limit = max_finite(q.scale_dtype) * _HEADROOM
-    exponent = torch.ceil(torch.log2(peak / limit)).clamp(-126, 127)
-    exponent = torch.where(peak > 0, exponent, torch.zeros_like(exponent))
-    return torch.exp2(exponent)
+    ratio = exact_div(peak, max_finite(q.scale_dtype) * HEADROOM)
+    mantissa, exponent = torch.frexp(ratio)
+    exponent = exponent - (mantissa == 0.5).int()  # an exact power of two is its own bound
+    exponent = torch.where(ratio > 0, exponent, -126).clamp(-126, 127)  # a quotient that underflowed: the least
+    return torch.where(peak > 0, exponent, 0).float().exp2()
 
 
 def exact_div(x: torch.Tensor, value: float) -> torch.Tensor:

@@ -13,7 +13,9 @@ import torch
 pytest.importorskip("triton")
 
 from qkv import kernels  # noqa: E402
+from qkv.dtypes import max_finite  # noqa: E402
 from qkv.errors import BackendError, DTypeError, ShapeError  # noqa: E402
+from qkv.kernels.quantize import HEADROOM, block_peaks  # noqa: E402
 from qkv.kernels.triton import IMPLS  # noqa: E402
 from qkv.quantizers import PACKING, AffineQuantizer  # noqa: E402
 
@@ -70,6 +72,28 @@ def test_quantize_pack_short_rows_far_from_later_words():
     ref = kernels.quantize_pack(x, q, backend="torch")
     out = kernels.quantize_pack(x, q, backend="triton")
     assert torch.equal(out.codes, ref.codes)
+
+
+@pytest.mark.parametrize("mode, scale", [("sym", "fp16"), ("asym", "bf16"), ("midrise", "fp8")])
+def test_row_multiplier_is_the_least_power_of_two_above_the_peak_in_both_twins(mode, scale):
+    """Each row's multiplier is the least 2**e (e in [-126, 127]) at or above its peak over half the
+    scale format's largest value, 1 for a zero row, alike in the Triton kernel and its twin: at an
+    exact power of two, just above and below one, for tiny (a subnormal quotient) and huge rows."""
+    q = AffineQuantizer(bits=4, block=16, mode=mode, scale=scale).code_format(PACKING.build("u8msb").format)
+    limit = max_finite(q.scale_dtype) * HEADROOM
+    x = torch.zeros(8, 2, 32, device=DEVICE)  # the multiplier is per (batch, head) row: one case each
+    for row, value in enumerate([limit * 2.0**-3 * q.steps, limit * 2.0**-3 * q.steps * (1 + 2**-20),
+                                 limit * 2.0**-3 * q.steps * (1 - 2**-20), 0.0, 3e-41, 2.0**120, 1.0, 5e-3]):
+        x[row, 0, 0] = value  # blocks of one positive value and zeros: peak = value / steps
+    ref = kernels.quantize_pack(x, q, backend="torch")
+    out = kernels.quantize_pack(x, q, backend="triton")
+    assert torch.equal(out.mult, ref.mult)
+    peaks = block_peaks(x.unflatten(-1, (-1, q.block)), q).flatten(1).amax(-1).double()
+    y = peaks / limit
+    assert y[0] == 2.0**-3 and 0 < y[4] < 2.0**-126  # on a power of two; a subnormal quotient
+    mult = ref.mult.double()
+    wanted = torch.where(y > 0, torch.exp2(torch.ceil(torch.log2(y)).clamp(-126, 127)), 1.0)
+    assert torch.equal(mult, wanted), (mult, wanted)
 
 
 def assert_same_rows(out, ref):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from qkv.dtypes import max_finite
-from qkv.kernels.quantize import QuantizedRows, check_quantize_args, row_multiplier, rows_dim
+from qkv.kernels.quantize import HEADROOM, QuantizedRows, check_quantize_args, rows_dim
 from qkv.kernels.triton.bits import LAUNCH_STAGES, pack_word, round_down, round_half_even, round_to_bf16, round_up
 from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
 from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
@@ -71,19 +71,35 @@ def _block_peak_kernel(
 
 
 @triton.jit
+def _row_multiplier(part_ptr, tiles, LIMIT: tl.constexpr):
+    """``row_multiplier`` of the row whose ``tiles`` block-peak maxima start at ``part_ptr``: the
+    least 2**e >= peak / LIMIT, e in [-126, 127] (from the quotient's exponent bits, as frexp),
+    1 for a zero row."""
+    peak = tl.full((), 0.0, tl.float32)
+    for t0 in range(0, tiles, 64):
+        t = t0 + tl.arange(0, 64)
+        peak = tl.maximum(peak, tl.max(tl.load(part_ptr + t, mask=t < tiles, other=0.0), axis=0))
+    bits = tl.math.div_rn(peak, LIMIT).to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 126 - ((bits & 0x7FFFFF) == 0).to(tl.int32)  # frexp's exponent, less one at 2**k
+    e = tl.where(peak > 0, tl.minimum(tl.maximum(e, -126), 127), 0)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _quantize_pack_kernel(
-    x_ptr, codes_ptr, scales_ptr, zeros_ptr, mult_ptr, stages, x_sn, x_sr, R, L, P, G, D,
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, part_ptr, mult_ptr, tiles, stages, x_sn, x_sr, R, L, P, G, D,
     BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
     STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, HAS_MULT: tl.constexpr,
-    TOKEN_AXIS: tl.constexpr,
+    LIMIT: tl.constexpr, TOKEN_AXIS: tl.constexpr,
     WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_n, r, r_ok, mask, x = _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS, BLOCK_R, BLOCK_L)
     row = pid_n * R + r  # outputs are contiguous [N, R, ...]
     xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
     m = 1.0
-    if HAS_MULT:
-        m = tl.load(mult_ptr + pid_n)
+    if HAS_MULT:  # every program of the row works it out from the block-peak pass; one stores it
+        m = _row_multiplier(part_ptr + pid_n * tiles, tiles, LIMIT)
+        tl.store(mult_ptr + pid_n, m, mask=(tl.program_id(0) == 0) & (tl.program_id(2) == 0))
     if MODE == 2:
         low = tl.min(xb, axis=2)
         high = tl.max(xb, axis=2)
@@ -172,7 +188,8 @@ def quantize_pack_triton(
     """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`: x (any float dtype, rows
     with unit stride) is read as it is and the stages' centroids are gathered and subtracted in
     registers; only codes, scales and zeros are written. Two launches: the block-peak pass (only
-    for scale formats with a row multiplier), then quantize+pack."""
+    for scale formats with a row multiplier), then quantize+pack, whose programs work out their
+    row's multiplier from the block peaks (no torch ops between the two)."""
     check_quantize_args(x, q, centroids, assignments)
     n, r, length = x.shape
     if x.stride(2) != 1:
@@ -181,7 +198,7 @@ def quantize_pack_triton(
     stages = _stage_args(centroids, assignments)
     common = dict(TOKEN_AXIS=q.axis == "token", enable_fp_fusion=False)
     block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
-    mult = None
+    mult = part = None
     if q.scale != "fp32":
         peak_r = max(1, min(128, 8192 // block_l))
         grid = (triton.cdiv(r, peak_r), n, triton.cdiv(length, block_l))
@@ -190,7 +207,7 @@ def quantize_pack_triton(
             x, part, stages, x.stride(0), x.stride(1), r, length, d,
             QBLOCK=q.block, MODE=MODE_CODE[q.mode], STEPS=q.steps, BLOCK_R=peak_r, BLOCK_L=block_l, **common,
         )
-        mult = row_multiplier(part.amax(-1), q)
+        mult = torch.empty(n, dtype=torch.float32, device=x.device)  # written by the quantize pass
     groups = length // q.block
     p = q.pack.packed_len(length, q.bits)
     codes = torch.empty(n, r, p, dtype=q.pack.container, device=x.device)
@@ -199,10 +216,11 @@ def quantize_pack_triton(
     block_r = max(1, min(64, 4096 // block_l))
     grid = (triton.cdiv(r, block_r), n, triton.cdiv(length, block_l))
     _quantize_pack_kernel[grid](
-        x, codes, scales, scales if zeros is None else zeros, x if mult is None else mult,
-        stages, x.stride(0), x.stride(1), r, length, p, groups, d,
+        x, codes, scales, scales if zeros is None else zeros, x if part is None else part, x if mult is None else mult,
+        0 if part is None else part.shape[1], stages, x.stride(0), x.stride(1), r, length, p, groups, d,
         BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
         LEVELS=q.levels, ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], HAS_MULT=mult is not None,
+        LIMIT=0.0 if mult is None else max_finite(q.scale_dtype) * HEADROOM,
         WORD=q.pack.word_bits, MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l, **common,
     )
     return QuantizedRows(codes, scales, zeros, mult)
