@@ -70,14 +70,14 @@ class ValueChecks:
         if self.unchecked >= CHECK_BATCH:
             self.flush(tail, buffer)
 
-    def flush(self, tail: list[Chunk], buffer: TailBuffer | None = None) -> None:
+    def flush(self, tail: list[Chunk], buffer: TailBuffer) -> None:
         """Queue the check of the ``unchecked`` newest tokens of ``tail`` (the layer's tail, or the
         list about to become it), one reduction per run of adjacent chunks: one view of ``buffer``
         (the layer's tail buffer) when ``tail`` is its run, without walking the chunks."""
         n = self.unchecked
         if not n:
             return
-        if buffer is not None and buffer.is_run(tail) and n <= extent(tail):
+        if buffer.is_run(tail) and n <= extent(tail):
             self.unchecked, end = 0, tail[-1].start + tail[-1].tokens
             self._queue([buffer.k[:, :, buffer.end - n : buffer.end]], [buffer.v[:, :, buffer.end - n : buffer.end]],
                         f"tokens {end - n}..{end - 1}")

@@ -13,6 +13,7 @@ import qkv
 from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache
 from qkv.caches.checks import CHECK_BATCH
+from qkv.caches.tail import extent
 from qkv.caches.layer_state import centroids_only
 from qkv.errors import CacheError, ConfigError, CorruptDataError, DTypeError, GradientError, NonFiniteError, ShapeError
 
@@ -727,7 +728,7 @@ def test_a_one_token_append_takes_the_short_way_to_the_same_layer(data):
                 cache.append(0, k, v)
                 layer = cache.layer(0)
                 for action in [a for a, at in zip(actions, cuts) if at == i]:
-                    if action == "drop" and extent_of_tail(layer) > 1:
+                    if action == "drop" and extent(layer.tail) > 1:
                         layer.drop_newest(1)
                     if action == "evict" and layer.tokens - sum(c.tokens for c in layer.sink) > 1:
                         layer.evict(1)
@@ -753,10 +754,6 @@ def test_token_by_token_decoding_appends_the_short_way(policy, deferred_checks):
     for k, v in stream(17, [1] * 256):
         cache.append(0, k, v)
     assert sum(taken) >= 256 - 256 // 32
-
-
-def extent_of_tail(layer) -> int:
-    return sum(c.tokens for c in layer.tail)
 
 
 @pytest.mark.parametrize("action", ["compressed", "evicted", "dropped", "rows"])
