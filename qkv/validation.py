@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -51,14 +52,18 @@ def _verdict(label: str, peak: float, t: torch.Tensor | None) -> QKVError | None
     return None
 
 
+def _first_error(named: list[tuple[str, torch.Tensor]]) -> QKVError | None:
+    """The first failure among ``named`` with where it is, or None (one read-back)."""
+    return next((e for (label, t), peak in zip(named, _peaks(named).tolist())
+                 if (e := _verdict(label, peak, t)) is not None), None)
+
+
 def check_kv_values(name: str, x: torch.Tensor, *more: tuple[str, torch.Tensor]) -> None:
     """Finite, and |x| <= 2**120; ``more``: further (name, tensor) pairs checked with the same
     single read-back to the host (one reduction per tensor; details computed only on failure)."""
-    named = [(name, x), *more]
-    for (label, t), peak in zip(named, _peaks(named).tolist()):
-        error = _verdict(label, peak, t)
-        if error is not None:
-            raise error
+    error = _first_error([(name, x), *more])
+    if error is not None:
+        raise error
 
 
 def deferred(t: torch.Tensor) -> bool:
@@ -127,3 +132,24 @@ def check_kv_pair(k: object, v: object, values: bool = True) -> None:
         raise DeviceError(f"k is on {k.device} but v is on {v.device}")
     if values:
         check_kv_values("k", k, ("v", v))
+
+
+@contextlib.contextmanager
+def values_checked(named: Sequence[tuple[str, torch.Tensor]]) -> Iterator[None]:
+    """:func:`check_kv_values` of the (name, tensor) pairs ``named`` (none: nothing is checked)
+    around the work of the ``with`` block, which reads them. Where a read-back would wait
+    (:func:`deferred`: a GPU) the reduction is queued before the work and its verdict read only
+    once the work is queued too, so the host never waits in the middle of it and the GPU never
+    idles while the host launches it; the work then runs on bad values too, harmlessly, and the
+    check's error (with where the first bad value is) replaces its result. Elsewhere the values are
+    checked before the work starts."""
+    named = list(named)
+    pending = check_kv_values_later(*named[0], *named[1:]) if named else None
+    try:
+        yield
+    except Exception as exc:  # work that failed on bad values: the values are to blame
+        if pending is not None and pending.error() is not None:
+            raise _first_error(named) or pending.error() from exc
+        raise
+    if pending is not None and pending.error() is not None:
+        raise _first_error(named) or pending.error()  # details: the tensors are at hand

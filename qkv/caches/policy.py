@@ -29,7 +29,7 @@ from qkv.quantizers import BitPacker, Quantizer, Smoother, Staging
 from qkv.quantizers.packing import U8MSBPacker
 from qkv.quantizers.smoothing import NoSmoothing
 from qkv.quantizers.staging import SingleStage
-from qkv.validation import check_kv_layout, check_kv_pair, check_kv_values
+from qkv.validation import check_kv_layout, check_kv_pair, values_checked
 
 
 def _names(kind: type | tuple[type, ...]) -> str:
@@ -173,15 +173,16 @@ class TensorPolicy:
 
         ``warm_start``: a previous :class:`CompressedTensor` of this policy whose centroids seed
         the clustering of every stage (k-means warm start across chunks). ``validate``: check
-        that the values are finite and in range (one read-back to the host). Runs without
-        autograd: what is stored never holds a graph.
+        that the values are finite and in range (one read-back to the host; on a GPU read once
+        the encode is queued: :func:`qkv.validation.values_checked`). Runs without autograd: what
+        is stored never holds a graph.
         """
         _check_type("compress: warm_start", warm_start, (CompressedTensor, type(None)))
         check_kv_layout(name, x)
-        if validate:
-            check_kv_values(name, x)
         self.check_shape(name, tuple(x.shape))
-        return self._compress(x, self._warm(warm_start, x.shape[0] * x.shape[1]), backend)
+        warm = self._warm(warm_start, x.shape[0] * x.shape[1])
+        with values_checked([(name, x)] if validate else []):
+            return self._compress(x, warm, backend)
 
     @torch.no_grad()
     def _compress(self, x: torch.Tensor, warm: list[torch.Tensor] | None, backend: str) -> CompressedTensor:
@@ -305,8 +306,9 @@ class Policy:
         """Compress keys and values [B, H, S, D] (same shape, device; fp32/fp16/bf16).
 
         ``warm_start``: the previous span's :class:`CompressedKV` (seeds the clustering).
-        ``validate``: check that the values are finite and in range (one read-back for both);
-        False for data already checked (:class:`~qkv.KVCache` checks each chunk as it comes).
+        ``validate``: check that the values are finite and in range (one read-back for both; on a
+        GPU read once the encode is queued, so the host does not wait before launching it); False
+        for data already checked (:class:`~qkv.KVCache` checks each chunk as it comes).
 
         When keys and values share one tensor policy (and dtype), they are compressed in one pass,
         stacked along the batch: every (batch, head) row is clustered and quantized on its own, so
@@ -335,19 +337,23 @@ class Policy:
         if len(warm_starts) != len(pairs):
             raise ConfigError(f"compress_many: {len(warm_starts)} warm starts for {len(pairs)} pairs")
         passes: dict[tuple, list[int]] = {}
+        named = []  # the values to check: every pair's, in one read-back
         for i, ((k, v), warm) in enumerate(zip(pairs, warm_starts)):
             _check_type("compress: warm_start", warm, (CompressedKV, type(None)))
-            check_kv_pair(k, v, values=validate)
+            check_kv_pair(k, v, values=False)
             self.k.check_shape("k", tuple(k.shape))
             self.v.check_shape("v", tuple(v.shape))
             passes.setdefault((tuple(k.shape[1:]), k.dtype, v.dtype, k.device, warm is None), []).append(i)
+            where = "" if len(pairs) == 1 else f"pairs[{i}]: "
+            named += [(f"{where}k", k), (f"{where}v", v)] if validate else []
         out: list[CompressedKV | None] = [None] * len(pairs)
-        for members in passes.values():
-            ks, vs = [pairs[i][0] for i in members], [pairs[i][1] for i in members]
-            warms = [warm_starts[i] for i in members]
-            warm_k, warm_v = self._warm_rows(self.k, "k", ks, warms), self._warm_rows(self.v, "v", vs, warms)
-            for i, (ct_k, ct_v) in zip(members, self._compress_stacked(ks, vs, warm_k, warm_v, backend)):
-                out[i] = CompressedKV(ct_k, ct_v, self.spec)
+        with values_checked(named):
+            for members in passes.values():
+                ks, vs = [pairs[i][0] for i in members], [pairs[i][1] for i in members]
+                warms = [warm_starts[i] for i in members]
+                warm_k, warm_v = self._warm_rows(self.k, "k", ks, warms), self._warm_rows(self.v, "v", vs, warms)
+                for i, (ct_k, ct_v) in zip(members, self._compress_stacked(ks, vs, warm_k, warm_v, backend)):
+                    out[i] = CompressedKV(ct_k, ct_v, self.spec)
         return out
 
     @staticmethod

@@ -147,6 +147,57 @@ def test_validate_false_skips_only_the_value_checks():
         policy.compress(k, v[:, :, :10], validate=False)
 
 
+@pytest.mark.parametrize("name, backend", [("qvg", "auto"), ("qvg", "triton"), ("qvg-pro", "auto"), ("kivi", "auto"),
+                                           ("kivi", "triton"), ("quarot", "auto"), ("bf16", "auto")])
+@pytest.mark.parametrize("bad", ["nan", "inf", "huge"])
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy, on the bad values
+def test_a_value_check_read_after_the_encode_still_refuses_bad_values(name, backend, bad, monkeypatch):
+    """Where a read-back waits (a GPU; forced here), ``compress`` queues the value check, then the
+    encode, and reads the verdict last: the encode (torch twins or Triton kernels) runs on the bad
+    values without failing, and the same typed error, with where the first bad value is, replaces
+    its result."""
+    monkeypatch.setattr(qkv.validation, "deferred", lambda t: True)
+    events = []
+    monkeypatch.setattr(qkv.validation.PendingCheck, "error",
+                        lambda self, *a, _error=qkv.validation.PendingCheck.error: events.append("verdict") or _error(self, *a))
+    monkeypatch.setattr(qkv.caches.policy.TensorPolicy, "_compress",
+                        lambda self, *a, _run=qkv.caches.policy.TensorPolicy._compress: events.append("encode") or _run(self, *a))
+    policy = qkv.build_policy(name, **({"clusters": 16} if "qvg" in name else {}))
+    k, v = kv()
+    v = v.clone()
+    v[0, 1, 7, 3] = {"nan": float("nan"), "inf": -float("inf"), "huge": 2.0**121}[bad]
+    error, match = (errors.ValueRangeError, "v has magnitude") if bad == "huge" else (errors.NonFiniteError, r"v holds 1 NaN/Inf values \(first at index \(0, 1, 7, 3\)\)")
+    with pytest.raises(error, match=match):
+        policy.compress(k, v, backend=backend)
+    assert events[0] == "encode" and "verdict" in events, events
+    events.clear()
+    with pytest.raises(error, match=match.replace("v ", "pairs\\[1\\]: v ", 1)):
+        policy.compress_many([kv(seed=1), (k, v)], backend=backend)
+    events.clear()
+    with pytest.raises(error, match="x "):
+        policy.k.compress(v, backend=backend)
+    assert events[0] == "encode", events
+    ckv = policy.compress(*kv(), backend=backend)  # good values: the verdict passes, the result is returned
+    assert ckv.k.shape == (1, 2, 300, 64)
+
+
+def test_work_that_fails_on_bad_values_blames_the_values(monkeypatch):
+    """An encode that raises on values its deferred check refuses raises the check's error, chained
+    to what the encode raised; on good values the encode's own error comes through."""
+    monkeypatch.setattr(qkv.validation, "deferred", lambda t: True)
+
+    def broken(self, *args):
+        raise RuntimeError("the encode broke")
+
+    monkeypatch.setattr(qkv.caches.policy.TensorPolicy, "_compress", broken)
+    k, v = kv()
+    with pytest.raises(errors.NonFiniteError, match="k holds") as info:
+        qkv.build_policy("rtn").compress(k.clone().fill_(float("nan")), v)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="the encode broke"):
+        qkv.build_policy("rtn").compress(k, v)
+
+
 # head dims of real models the preset blocks (64, 32, 16) do not all divide: MiniLM and tiny
 # Llamas 32, Phi-2 80, Phi-3 96, DeepSeek-V2's keys 192
 HEAD_DIMS = (32, 48, 80, 96, 192)
