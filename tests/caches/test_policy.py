@@ -150,7 +150,7 @@ def test_validate_false_skips_only_the_value_checks():
 @pytest.mark.parametrize("name, backend", [("qvg", "auto"), ("qvg", "triton"), ("qvg-pro", "auto"), ("kivi", "auto"),
                                            ("kivi", "triton"), ("quarot", "auto"), ("bf16", "auto")])
 @pytest.mark.parametrize("bad", ["nan", "inf", "huge"])
-@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")  # the interpreter's numpy, on the bad values
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy, on the bad values
 def test_a_value_check_read_after_the_encode_still_refuses_bad_values(name, backend, bad, monkeypatch):
     """Where a read-back waits (a GPU; forced here), ``compress`` queues the value check, then the
     encode, and reads the verdict last: the encode (torch twins or Triton kernels) runs on the bad
