@@ -20,6 +20,7 @@ from einops import rearrange
 from qkv import kernels
 from qkv.bounds import Bound, KVBound, tensor_bound
 from qkv.caches.heads import batch_rows
+from qkv.caches.tail import stacked
 from qkv.component import check_int
 from qkv.compressed import CompressedKV, CompressedTensor, StageData
 from qkv.errors import ConfigError, ShapeError
@@ -372,7 +373,7 @@ class Policy:
             bounds.append(bounds[-1] + k.shape[0])
         if self.k == self.v and ks[0].dtype == vs[0].dtype:  # keys then values, one copy
             warm = None if warm_k is None else [torch.cat(pair) for pair in zip(warm_k, warm_v)]
-            ct_k = ct_v = self.k._compress(torch.cat([*ks, *vs]), warm, backend)
+            ct_k = ct_v = self.k._compress(stacked([*ks, *vs]), warm, backend)
             shift = bounds[-1]
         else:
             k_all, v_all = (x[0] if len(x) == 1 else torch.cat(x) for x in (ks, vs))

@@ -1,10 +1,12 @@
 """One contiguous buffer for a layer's full-precision tail, so the tail is never concatenated.
 
 Every chunk appended to a layer's tail is written right after the previous one into one
-preallocated [B, H, capacity, D] pair of tensors, and the tail's chunks are views of it. Where the
+preallocated [2B, H, capacity, D] tensor (keys in the first B rows, values in the last), and the
+tail's chunks are views of it. Where the
 cache needs the tail as one tensor, :func:`joined` turns adjacent views back into one view instead
 of copying them: the span to compress (8 chunks of Wan K/V: 224 MB that ``torch.cat`` copied once
-per span), and the tail plus the current chunk to attend to (:meth:`TailBuffer.stage`: the current
+per span; its keys and values then stack along the batch as one view too, :func:`stacked`, for
+a policy that compresses them in one pass), and the tail plus the current chunk to attend to (:meth:`TailBuffer.stage`: the current
 chunk is written into the free room after the tail, as a bf16 cache does; the concatenation copied
 the whole tail on every forward).
 
@@ -47,29 +49,38 @@ def extent(chunks: list[Chunk]) -> int:
     return chunks[-1].start + chunks[-1].tokens - chunks[0].start if chunks else 0
 
 
-def adjacent(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``b`` [B, H, n, D] continues ``a`` along the tokens in the same storage."""
+def adjacent(a: torch.Tensor, b: torch.Tensor, dim: int = 2) -> bool:
+    """Whether ``b`` continues ``a`` along ``dim`` in the same storage (the tokens of [B, H, n, D]
+    by default; along the batch, the values right after the keys in a tail buffer)."""
     return (
         a.device == b.device
         and a.dtype == b.dtype
         and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
         and a.stride() == b.stride()
-        and a.shape[:2] == b.shape[:2]
-        and a.shape[3] == b.shape[3]
-        and b.storage_offset() == a.storage_offset() + a.shape[2] * a.stride(2)
+        and a.shape[:dim] + a.shape[dim + 1 :] == b.shape[:dim] + b.shape[dim + 1 :]
+        and b.storage_offset() == a.storage_offset() + a.shape[dim] * a.stride(dim)
     )
 
 
-def joined(parts: list[torch.Tensor]) -> list[torch.Tensor]:
-    """``parts`` [B, H, n_i, D] in order, each run of adjacent views replaced by one view."""
+def joined(parts: list[torch.Tensor], dim: int = 2) -> list[torch.Tensor]:
+    """``parts`` in order, each run of views adjacent along ``dim`` replaced by one view."""
     out: list[torch.Tensor] = []
     for t in parts:
-        if out and adjacent(out[-1], t):
+        if out and adjacent(out[-1], t, dim):
             a = out[-1]
-            out[-1] = a.as_strided((*a.shape[:2], a.shape[2] + t.shape[2], a.shape[3]), a.stride(), a.storage_offset())
+            shape = list(a.shape)
+            shape[dim] += t.shape[dim]
+            out[-1] = a.as_strided(shape, a.stride(), a.storage_offset())
         else:
             out.append(t)
     return out
+
+
+def stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)`` along the batch, as a view where they lie back to back in one storage
+    (the keys and values of a span in a tail buffer): nothing copied."""
+    runs = joined(parts, dim=0)
+    return runs[0] if len(runs) == 1 else torch.cat(runs)
 
 
 def joined_kv(chunks: list[Chunk]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -175,8 +186,10 @@ class TailBuffer:
             cap = max(need, cap)
             b, h, _, d = like.shape
             self.k = self.v = None  # free the old buffer first (its tail is copied above)
-            self.k = torch.empty(b, h, cap, d, dtype=like.dtype, device=like.device)
-            self.v = torch.empty_like(self.k)
+            # keys then values in one storage: a span's keys and values stacked along the batch
+            # are one view of it (:func:`stacked`), which compression reads without a copy
+            both = torch.empty(2 * b, h, cap, d, dtype=like.dtype, device=like.device)
+            self.k, self.v = both[:b], both[b:]
         placed, at = [], 0
         if old_k is not None:
             self.k[:, :, :live].copy_(old_k)

@@ -97,6 +97,33 @@ def test_spans_share_no_storage_with_the_tail_buffer(name):
     assert all(torch.equal(a, b) for a, b in zip(first, span.ckv.k.tensors().values()))
 
 
+@pytest.mark.parametrize("name", ["qvg", "rtn", "quarot", "bf16", "kivi"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_span_is_compressed_from_the_buffer_without_a_copy(name, batch, monkeypatch):
+    """Keys and values share one buffer, keys first: a policy that compresses both in one pass
+    reads them stacked along the batch as one view of it (no span-sized copy, no peak of a span's
+    bytes), and stores what it stores from a copy of the same values."""
+    policy = qkv.build_policy(name, **({"clusters": 8} if name == "qvg" else {}))
+    seen = []
+    compress = qkv.caches.policy.TensorPolicy._compress
+    monkeypatch.setattr(qkv.caches.policy.TensorPolicy, "_compress",
+                        lambda self, x, *a: seen.append((x.untyped_storage().data_ptr(), x.clone())) or compress(self, x, *a))
+    cache = qkv.KVCache(policy, span_chunks=2, num_layers=1)
+    layer, gen = cache.layer(0), torch.Generator().manual_seed(5)
+    while not layer.spans:
+        cache.append(0, *chunk(gen, 64, b=batch, h=2, d=64, dtype=torch.bfloat16))
+    buffer = layer.buffer.k.untyped_storage().data_ptr()
+    assert layer.buffer.v.untyped_storage().data_ptr() == buffer
+    assert [ptr == buffer for ptr, _ in seen] == [True] * (1 if policy.k == policy.v else 2)
+    if policy.k == policy.v:
+        x = seen[0][1]
+        assert x.shape[0] == 2 * batch  # keys, then values
+        again = policy.k._compress(x.contiguous(), None, "auto")
+        span = layer.spans[0].ckv
+        for field, t in again.tensors().items():
+            assert torch.equal(t[:batch], span.k.tensors()[field]) and torch.equal(t[batch:], span.v.tensors()[field])
+
+
 @pytest.mark.parametrize("attention", ["staged", "fused", "read"])
 def test_attend_with_the_current_chunk_staged_in_the_buffer(attention):
     config = dict(span_chunks=3, sink_chunks=1, backend="torch", attention=attention)

@@ -7,6 +7,8 @@ full shapes).
 
 import itertools
 
+from unittest import mock
+
 import pytest
 import torch
 
@@ -351,6 +353,36 @@ def test_kmeans_ops_scale_each_row_as_they_read_it(dtype):
         out, counts = kernels.kmeans_update(x, assign, cents, reseed, scale=scale, backend=backend)
         ref, ref_counts = kernels.kmeans_update(scaled, assign, cents, reseed, backend=backend)
         assert torch.equal(out, ref) and torch.equal(counts, ref_counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kmeans_kernels_read_strided_rows_in_place(dtype):
+    """The k-means kernels read tokens [N, S, D] with any strides along N and S (a slice of a
+    longer buffer, keys and values stacked as one view), nothing copied, and give bit for bit what
+    they give on a contiguous copy: assignment, both updates, re-seeds and row scales included."""
+    from qkv.kernels.triton import kmeans as tk
+
+    g = gen(13)
+    buffer = torch.randn(5, 2, 300, 32, generator=g, device=DEVICE).to(dtype)  # [2 x (b h), capacity, D]
+    x = buffer[1:4, :, 40:240].flatten(0, 1)  # [6, 200, 32]: rows 600 apart, tokens 32 apart
+    assert not x.is_contiguous() and x.stride() == (300 * 32, 32, 1)
+    dense = x.contiguous()
+    cents = torch.randn(6, 12, 32, generator=g, device=DEVICE)
+    reseed = torch.randint(0, 200, (6, 2), generator=g, device=DEVICE)
+    scale = torch.tensor([2.0**-40, 1.0, 2.0**30, 1.0, 1.0, 0.5], device=DEVICE)
+    copies = []
+    real_contiguous = torch.Tensor.contiguous
+    with mock.patch.object(torch.Tensor, "contiguous",
+                           lambda t, *a, **k: copies.append(t.data_ptr()) or real_contiguous(t, *a, **k)):
+        got = [tk.assign_triton(x, cents, scale)]
+        assign = got[0][0].clone()
+        assign[assign == 3] = 0  # an empty cluster, re-seeded
+        got += [update(x, assign, cents, reseed, scale) for update in (tk.update_sorted, tk.update_onehot)]
+    assert x.data_ptr() not in copies  # the tokens were read where they are
+    want = [tk.assign_triton(dense, cents, scale)]
+    want += [update(dense, assign, cents, reseed, scale) for update in (tk.update_sorted, tk.update_onehot)]
+    for a, b in zip(got, want):
+        assert all(torch.equal(s, t) for s, t in zip(a, b))
 
 
 @pytest.mark.parametrize("d", [16, 64, 128])

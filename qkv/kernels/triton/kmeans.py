@@ -59,7 +59,7 @@ def _prepare_kernel(c_ptr, neg2_ptr, csq_ptr, M, D, EMULATE: tl.constexpr, BLOCK
 
 @triton.jit
 def _assign_kernel(
-    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, C, D,
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, C, D, XN, XS,
     X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -68,7 +68,7 @@ def _assign_kernel(
     d = tl.arange(0, BLOCK_D)
     s_ok = s < S
     d_ok = d < D
-    x = tl.load(x_ptr + (n * S + s[:, None]) * D + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    x = tl.load(x_ptr + n * XN + s[:, None].to(tl.int64) * XS + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     x = x.to(tl.float32)
     # the row's factor (a power of two) scales the products after the tensor cores, so the tokens
     # reach them as loaded: f (x . c) is (f x) . c exactly, barring overflow and underflow
@@ -130,7 +130,7 @@ def _part_size(count, PIECES: tl.constexpr, BLOCK_T: tl.constexpr):
 
 @triton.jit
 def _partial_sum_kernel(
-    x_ptr, f_ptr, order_ptr, bound_ptr, part_ptr, S, C, D,
+    x_ptr, f_ptr, order_ptr, bound_ptr, part_ptr, S, C, D, XN, XS,
     HAS_SCALE: tl.constexpr, PIECES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One part of one cluster's sorted tokens (see _part_size; the last part shorter, parts past
@@ -151,7 +151,8 @@ def _partial_sum_kernel(
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < hi
         tok = tl.load(order_ptr + n * S + start + t, mask=t_ok, other=0)
-        xs = tl.load(x_ptr + (n * S + tok[:, None]) * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        xs = tl.load(x_ptr + n * XN + tok[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                     other=0.0)
         xs = xs.to(tl.float32)
         if HAS_SCALE:
             xs = xs * tl.load(f_ptr + n)
@@ -160,12 +161,12 @@ def _partial_sum_kernel(
 
 
 @triton.jit
-def _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, S, C, K, D, d, d_ok, HAS_SCALE: tl.constexpr):
+def _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, XN, XS, C, K, d, d_ok, HAS_SCALE: tl.constexpr):
     """Empty cluster ``c``'s new centroid: the j-th empty cluster of row n (``size``: the sizes of
     clusters ``j``) takes the token reseed[n, min(j, K - 1)] (times the row's factor: HAS_SCALE)."""
     rank = tl.minimum(tl.sum(((size == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
     tok = tl.load(reseed_ptr + n * K + rank)
-    out = tl.load(x_ptr + (n * S + tok) * D + d, mask=d_ok, other=0.0).to(tl.float32)
+    out = tl.load(x_ptr + n * XN + tok.to(tl.int64) * XS + d, mask=d_ok, other=0.0).to(tl.float32)
     if HAS_SCALE:
         out = out * tl.load(f_ptr + n)
     return out
@@ -173,7 +174,7 @@ def _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, S, C, K, D, d, d_ok, HAS_
 
 @triton.jit
 def _update_kernel(
-    x_ptr, f_ptr, part_ptr, bound_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, S, C, D, K,
+    x_ptr, f_ptr, part_ptr, bound_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, XN, XS, C, D, K,
     HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr, PIECES: tl.constexpr, BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -196,11 +197,18 @@ def _update_kernel(
     elif HAS_RESEED:
         j = tl.arange(0, BLOCK_C)
         size = tl.load(row + j + 1, mask=j < C, other=1) - tl.load(row + j, mask=j < C, other=0)
-        out = _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, S, C, K, D, d, d_ok, HAS_SCALE)
+        out = _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, XN, XS, C, K, d, d_ok, HAS_SCALE)
     else:
         out = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
     tl.store(new_ptr + (n * C + c) * D + d, out, mask=d_ok)
     tl.store(count_ptr + n * C + c, count.to(tl.float32))
+
+
+def unit_d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` [N, S, D] as the kernels read it, with any strides along N and S (a slice of a longer
+    buffer, keys and values stacked as one view: nothing copied) and unit stride along D (a copy
+    otherwise)."""
+    return x if x.stride(2) == 1 else x.contiguous()
 
 
 def assign_supports(x, centroids, scale=None) -> str | None:
@@ -215,7 +223,7 @@ def assign_triton(
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
     to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. ``tile``:
     the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
-    x, centroids = x.contiguous(), centroids.float().contiguous()
+    x, centroids = unit_d(x), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
     block_d = max(16, triton.next_power_of_2(d))
@@ -230,7 +238,7 @@ def assign_triton(
     block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
     block_s = tile.tokens if block_d <= 128 else tile.tokens // 2
     _assign_kernel[(n, triton.cdiv(s, block_s))](
-        x, x if scale is None else scale.float().contiguous(), neg2, c_sq, idx, dist, s, c, d,
+        x, x if scale is None else scale.float().contiguous(), neg2, c_sq, idx, dist, s, c, d, x.stride(0), x.stride(1),
         X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda",
         BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
     )
@@ -261,7 +269,7 @@ def update_sorted(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The update with each cluster's tokens gathered by a stable sort and summed in that order
     (its cost follows the largest cluster, bounded by summing it in UPDATE_PIECES parts)."""
-    x = x.contiguous()
+    x = unit_d(x)
     f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
@@ -276,14 +284,14 @@ def update_sorted(
     pieces = min(UPDATE_PIECES, triton.next_power_of_2(triton.cdiv(s, c * UPDATE_TOKENS)))
     parts = torch.empty(n, c, pieces, d, dtype=torch.float32, device=x.device)
     sizes = dict(PIECES=pieces, BLOCK_T=UPDATE_TOKENS, BLOCK_D=block_d)
-    _partial_sum_kernel[(n, c, pieces)](x, f, order, bounds, parts, s, c, d, HAS_SCALE=scale is not None, **sizes,
-                                        num_warps=4)
+    _partial_sum_kernel[(n, c, pieces)](x, f, order, bounds, parts, s, c, d, x.stride(0), x.stride(1),
+                                        HAS_SCALE=scale is not None, **sizes, num_warps=4)
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
     old = centroids.float().contiguous()
     _update_kernel[(n, c)](
         x, f, parts, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
-        s, c, d, 1 if reseed is None else reseed.shape[1], HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None,
+        x.stride(0), x.stride(1), c, d, 1 if reseed is None else reseed.shape[1], HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None,
         **sizes, BLOCK_C=block_c, num_warps=4,
     )
     return new, counts
@@ -291,7 +299,7 @@ def update_sorted(
 
 @triton.jit
 def _cluster_sum_kernel(
-    x_ptr, f_ptr, a_ptr, sum_ptr, cnt_ptr, S, C, D, per_split,
+    x_ptr, f_ptr, a_ptr, sum_ptr, cnt_ptr, S, C, D, XN, XS, per_split,
     PARTS: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -318,7 +326,8 @@ def _cluster_sum_kernel(
         a = tl.load(a_ptr + n * S + t, mask=t_ok, other=-1)
         hot = (a[None, :] == c[:, None]).to(tl.float32)  # [BLOCK_C, BLOCK_T]
         cnt += tl.sum(hot, axis=1)
-        x = tl.load(x_ptr + (n * S + t[:, None]) * D + d[None, :], mask=t_ok[:, None] & d_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + n * XN + t[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                    other=0.0)
         x = x.to(tl.float32) * f
         if EMULATE:  # the interpreter has no bf16 dot: the same exact products in fp32
             acc += tl.dot(hot, x, input_precision="ieee")
@@ -344,7 +353,7 @@ def _cluster_sum_kernel(
 
 @triton.jit
 def _means_kernel(
-    x_ptr, f_ptr, sum_ptr, cnt_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, S, C, D, K,
+    x_ptr, f_ptr, sum_ptr, cnt_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, XN, XS, C, D, K,
     SPLITS: tl.constexpr, HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -363,7 +372,7 @@ def _means_kernel(
     elif HAS_RESEED:
         j = tl.arange(0, BLOCK_C)
         size = tl.sum(tl.load(cnt_ptr + split[:, None] + j[None, :], mask=(j < C)[None, :], other=1.0), axis=0)
-        out = _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, S, C, K, D, d, d_ok, HAS_SCALE)
+        out = _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, XN, XS, C, K, d, d_ok, HAS_SCALE)
     else:
         out = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
     tl.store(new_ptr + (n * C + c) * D + d, out, mask=d_ok)
@@ -384,7 +393,7 @@ def update_onehot(
     (``tile.waves`` programs per multiprocessor), then one program per cluster adds its splits in
     order. Its cost does not depend on the cluster sizes, but grows with their number. ``tile``:
     the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
-    x, assignments = x.contiguous(), assignments.contiguous()
+    x, assignments = unit_d(x), assignments.contiguous()
     f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
@@ -401,15 +410,15 @@ def update_onehot(
     cnts = torch.empty(n, splits, c, dtype=torch.float32, device=x.device)
     parts = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
     _cluster_sum_kernel[(n, c_blocks, splits)](
-        x, f, assignments, sums, cnts, s, c, d, per_split, PARTS=parts, HAS_SCALE=scale is not None,
+        x, f, assignments, sums, cnts, s, c, d, x.stride(0), x.stride(1), per_split, PARTS=parts, HAS_SCALE=scale is not None,
         EMULATE=not x.is_cuda, BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
     )
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
     old = centroids.float().contiguous()
     _means_kernel[(n, c)](
-        x, f, sums, cnts, old if reseed is None else reseed.contiguous(), old, new, counts, s, c, d,
-        1 if reseed is None else reseed.shape[1], SPLITS=splits, HAS_RESEED=reseed is not None,
+        x, f, sums, cnts, old if reseed is None else reseed.contiguous(), old, new, counts, x.stride(0), x.stride(1),
+        c, d, 1 if reseed is None else reseed.shape[1], SPLITS=splits, HAS_RESEED=reseed is not None,
         HAS_SCALE=scale is not None, BLOCK_D=block_d, BLOCK_C=triton.next_power_of_2(c), num_warps=4,
     )
     return new, counts
