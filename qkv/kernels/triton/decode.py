@@ -175,11 +175,11 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     span_progs = [_cdiv(g.n_items, per_prog) for g in groups]
     dense_progs = _cdiv(dense_tokens, dense_piece)
     n_parts = sum(span_progs) + dense_progs
-    po = torch.empty(n_parts, rows_total, d, dtype=torch.float32, device=device)
-    pl = torch.empty(n_parts, rows_total, dtype=torch.float32, device=device)
     qh, ql = q, q
     if table is not None and table.rotated:  # H q in two parts, so that the scores are as exact as q . k
-        qh, ql = rotated_query(q)
+        qh, ql = rotated_query(q)  # before the partials: its fp32 temporaries are gone when they come
+    po = torch.empty(n_parts, rows_total, d, dtype=torch.float32, device=device)
+    pl = torch.empty(n_parts, rows_total, dtype=torch.float32, device=device)
     launches = [(g, n) for g, n in zip(groups, span_progs)] or [(None, 0)]
     base = 0
     for i, (g, n_span) in enumerate(launches):
