@@ -52,10 +52,18 @@ def _verdict(label: str, peak: float, t: torch.Tensor | None) -> QKVError | None
     return None
 
 
-def _first_error(named: list[tuple[str, torch.Tensor]]) -> QKVError | None:
-    """The first failure among ``named`` with where it is, or None (one read-back)."""
-    return next((e for (label, t), peak in zip(named, _peaks(named).tolist())
-                 if (e := _verdict(label, peak, t)) is not None), None)
+def _first_error(named: list[tuple[str, torch.Tensor]], peaks: torch.Tensor | None = None) -> QKVError | None:
+    """The first failure among ``named`` with where it is, or None (one read-back; ``peaks``:
+    their max |x| when already reduced)."""
+    peaks = _peaks(named) if peaks is None else peaks
+    return next((e for (label, t), peak in zip(named, peaks.tolist()) if (e := _verdict(label, peak, t)) is not None),
+                None)
+
+
+def row_peaks(x: torch.Tensor) -> torch.Tensor:
+    """max |x| of every (batch, head) row of ``x`` [B, H, S, D]: [B, H] fp32, NaN and Inf
+    propagating; one read of ``x`` in its dtype."""
+    return torch.linalg.vector_norm(x.flatten(2), ord=float("inf"), dim=-1, dtype=torch.float32)
 
 
 def check_kv_values(name: str, x: torch.Tensor, *more: tuple[str, torch.Tensor]) -> None:
@@ -78,9 +86,9 @@ class PendingCheck:
     waits for them; :meth:`ready` says whether the event has passed, :meth:`error` reads them
     (waiting for the event if it has not)."""
 
-    def __init__(self, named: list[tuple[str, torch.Tensor]]) -> None:
+    def __init__(self, named: list[tuple[str, torch.Tensor]], peaks: torch.Tensor | None = None) -> None:
         self.labels = [label for label, _ in named]
-        peaks = _peaks(named)
+        peaks = _peaks(named) if peaks is None else peaks  # [len(named)] fp32 on the device
         self._event = None  # off a GPU (tests force the deferral there) the peaks are at hand
         self._host = peaks
         if peaks.is_cuda:
@@ -108,13 +116,17 @@ class PendingCheck:
         return next((e for e in chosen if e is not None), None)
 
 
+def _refuse_capture(name: str, x: torch.Tensor) -> None:
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise ConfigError(f"{name}: a value check cannot be captured in a CUDA graph (a replay would not check "
+                          "the values it is given); capture with validate=False")
+
+
 def check_kv_values_later(name: str, x: torch.Tensor, *more: tuple[str, torch.Tensor]) -> PendingCheck | None:
     """:func:`check_kv_values` without waiting for a GPU: a :class:`PendingCheck` when ``x`` is
     :func:`deferred`, otherwise checked now (raising) and None. Refused while a CUDA graph is being
     captured: a replay would not check the values it is given."""
-    if x.is_cuda and torch.cuda.is_current_stream_capturing():
-        raise ConfigError(f"{name}: a value check cannot be captured in a CUDA graph (a replay would not check "
-                          "the values it is given); capture with validate=False")
+    _refuse_capture(name, x)
     if deferred(x):
         return PendingCheck([(name, x), *more])
     check_kv_values(name, x, *more)
@@ -135,18 +147,27 @@ def check_kv_pair(k: object, v: object, values: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def values_checked(named: Sequence[tuple[str, torch.Tensor]]) -> Iterator[None]:
-    """:func:`check_kv_values` of the (name, tensor) pairs ``named`` (none: nothing is checked)
-    around the work of the ``with`` block, which reads them. Where a read-back would wait
-    (:func:`deferred`: a GPU) the reduction is queued before the work and its verdict read only
-    once the work is queued too, so the host never waits in the middle of it and the GPU never
-    idles while the host launches it; the work then runs on bad values too, harmlessly, and the
-    check's error (with where the first bad value is) replaces its result. Elsewhere the values are
-    checked before the work starts."""
+def values_checked(named: Sequence[tuple[str, torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
+    """:func:`check_kv_values` of the (name, [B, H, S, D] tensor) pairs ``named`` (none: nothing is
+    checked) around the work of the ``with`` block, which reads them and is given their
+    :func:`row_peaks` (one read of each tensor serves the check and, for example, k-means's row
+    scale). Where a read-back would wait (:func:`deferred`: a GPU) the verdict is read only once
+    the work is queued too, so the host never waits in the middle of it and the GPU never idles
+    while the host launches it; the work then runs on bad values too, harmlessly, and the check's
+    error (with where the first bad value is) replaces its result. Elsewhere the values are checked
+    before the work starts."""
     named = list(named)
-    pending = check_kv_values_later(*named[0], *named[1:]) if named else None
+    if not named:
+        yield []
+        return
+    _refuse_capture(*named[0])
+    rows = [row_peaks(t) for _, t in named]
+    peaks = torch.stack([r.amax() for r in rows])  # NaN propagates
+    pending = PendingCheck(named, peaks) if deferred(named[0][1]) else None
+    if pending is None and (error := _first_error(named, peaks)) is not None:
+        raise error
     try:
-        yield
+        yield rows
     except Exception as exc:  # work that failed on bad values: the values are to blame
         if pending is not None and pending.error() is not None:
             raise _first_error(named) or pending.error() from exc

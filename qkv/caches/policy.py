@@ -182,12 +182,15 @@ class TensorPolicy:
         check_kv_layout(name, x)
         self.check_shape(name, tuple(x.shape))
         warm = self._warm(warm_start, x.shape[0] * x.shape[1])
-        with values_checked([(name, x)] if validate else []):
-            return self._compress(x, warm, backend)
+        with values_checked([(name, x)] if validate else []) as peaks:
+            return self._compress(x, warm, backend, *peaks)
 
     @torch.no_grad()
-    def _compress(self, x: torch.Tensor, warm: list[torch.Tensor] | None, backend: str) -> CompressedTensor:
-        """:meth:`compress` of an already validated ``x``; ``warm``: :meth:`_warm`'s centroids."""
+    def _compress(self, x: torch.Tensor, warm: list[torch.Tensor] | None, backend: str,
+                  peaks: torch.Tensor | None = None) -> CompressedTensor:
+        """:meth:`compress` of an already validated ``x``; ``warm``: :meth:`_warm`'s centroids;
+        ``peaks``: the max |x| of each (batch, head) row ([B, H] fp32) if the value check read
+        them (the first grouping then need not read ``x`` for them)."""
         b, h, s, d = x.shape
         fmt = self.format(d)
         s_q = fmt.quantized_length(s)
@@ -202,12 +205,13 @@ class TensorPolicy:
             # the last stage's centroid subtraction, if any, is fused into quantize+pack: the
             # residual it leaves is never written out (for one stage the kernel reads x itself)
             pending = None
+            known = {"peaks": peaks.flatten()} if peaks is not None and self.staging.takes_peaks else {}  # rows (b h)
             if self.staging.defers_last:
                 residual, stored, pending = self.staging.run(
-                    flat, self.grouping, self.smoothing, warm, backend=backend, defer_last=True
+                    flat, self.grouping, self.smoothing, warm, backend=backend, defer_last=True, **known
                 )
             else:
-                residual, stored = self.staging.run(flat, self.grouping, self.smoothing, warm, backend=backend)
+                residual, stored = self.staging.run(flat, self.grouping, self.smoothing, warm, backend=backend, **known)
             stages = tuple(
                 StageData(
                     None if c is None else rearrange(c, "(b h) c d -> b h c d", b=b),
@@ -348,12 +352,13 @@ class Policy:
             where = "" if len(pairs) == 1 else f"pairs[{i}]: "
             named += [(f"{where}k", k), (f"{where}v", v)] if validate else []
         out: list[CompressedKV | None] = [None] * len(pairs)
-        with values_checked(named):
+        with values_checked(named) as peaks:  # [B, H] per tensor, k and v of each pair in turn
             for members in passes.values():
                 ks, vs = [pairs[i][0] for i in members], [pairs[i][1] for i in members]
                 warms = [warm_starts[i] for i in members]
                 warm_k, warm_v = self._warm_rows(self.k, "k", ks, warms), self._warm_rows(self.v, "v", vs, warms)
-                for i, (ct_k, ct_v) in zip(members, self._compress_stacked(ks, vs, warm_k, warm_v, backend)):
+                known = None if not peaks else ([peaks[2 * i] for i in members], [peaks[2 * i + 1] for i in members])
+                for i, (ct_k, ct_v) in zip(members, self._compress_stacked(ks, vs, warm_k, warm_v, backend, known)):
                     out[i] = CompressedKV(ct_k, ct_v, self.spec)
         return out
 
@@ -365,19 +370,24 @@ class Policy:
         per = [tp._warm(getattr(w, which), x.shape[0] * x.shape[1]) for w, x in zip(warm, xs)]
         return None if per[0] is None else [torch.cat(stage) for stage in zip(*per)]
 
-    def _compress_stacked(self, ks, vs, warm_k, warm_v, backend) -> list[tuple[CompressedTensor, CompressedTensor]]:
+    def _compress_stacked(self, ks, vs, warm_k, warm_v, backend, peaks=None) -> list[tuple[CompressedTensor, CompressedTensor]]:
         """Compress ``ks`` and ``vs`` (one [H, S, D] and dtype each) stacked along the batch, in one
-        pass when K and V share a policy and dtype: (k, v) compressed per input."""
+        pass when K and V share a policy and dtype: (k, v) compressed per input. ``peaks``: the
+        value check's row peaks, ([B, H] of each of ``ks``, of each of ``vs``), or None."""
         bounds = [0]
         for k in ks:
             bounds.append(bounds[-1] + k.shape[0])
+        joined = (lambda x: x[0] if len(x) == 1 else torch.cat(x)) if peaks is not None else (lambda x: None)
+        k_peaks, v_peaks = (joined(p) for p in peaks) if peaks is not None else (None, None)
         if self.k == self.v and ks[0].dtype == vs[0].dtype:  # keys then values, one copy
             warm = None if warm_k is None else [torch.cat(pair) for pair in zip(warm_k, warm_v)]
-            ct_k = ct_v = self.k._compress(stacked([*ks, *vs]), warm, backend)
+            both = None if peaks is None else torch.cat([k_peaks, v_peaks])
+            ct_k = ct_v = self.k._compress(stacked([*ks, *vs]), warm, backend, both)
             shift = bounds[-1]
         else:
             k_all, v_all = (x[0] if len(x) == 1 else torch.cat(x) for x in (ks, vs))
-            ct_k, ct_v, shift = self.k._compress(k_all, warm_k, backend), self.v._compress(v_all, warm_v, backend), 0
+            ct_k, shift = self.k._compress(k_all, warm_k, backend, k_peaks), 0
+            ct_v = self.v._compress(v_all, warm_v, backend, v_peaks)
             if len(ks) == 1:
                 return [(ct_k, ct_v)]
         return [(batch_rows(ct_k, a, b), batch_rows(ct_v, shift + a, shift + b)) for a, b in zip(bounds, bounds[1:])]

@@ -34,6 +34,9 @@ class Grouper(Component):
 
     grouped: ClassVar[bool] = True
     stores_assignments: ClassVar[bool] = True
+    # whether :meth:`group` takes ``peaks=`` ([N] fp32 max |x| of each row, when the caller has
+    # read them already: a checked compression's value check), so that it need not read x for them
+    takes_peaks: ClassVar[bool] = False
 
     @property
     def grid(self) -> BlockGrid | None:
@@ -71,14 +74,15 @@ class ClusteringGrouper(Grouper):
 SAFE_LOW, SAFE_HIGH = -20, 40
 
 
-def row_factor(x: torch.Tensor) -> torch.Tensor:
+def row_factor(x: torch.Tensor, peaks: torch.Tensor | None = None) -> torch.Tensor:
     """Power of two per row of ``x`` [N, S, D] that its values are multiplied by: [N] fp32, 1 for a
     row in the safe range and, for a row outside it, the one that brings its max-abs into
     [0.5, 1) (at most 2**126: a subnormal row's max ends a little lower). A row's factor
-    depends on that row alone, and nothing is read back to the host.
+    depends on that row alone, and nothing is read back to the host. ``peaks``: the rows' max |x|
+    ([N] fp32) if the caller has them (then ``x`` is not read).
     Groupers cluster x times its factor (the k-means ops take it as ``scale``, so no scaled copy
     is made), so squared distances never overflow or underflow, and divide the centroids by it."""
-    peak = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1).float()  # max |x|, one pass
+    peak = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1).float() if peaks is None else peaks
     exponent = torch.frexp(peak).exponent  # peak = m * 2**exponent, m in [0.5, 1); 0 for peak 0
     safe = (exponent >= SAFE_LOW) & (exponent <= SAFE_HIGH)
     return torch.where(safe, 0, -exponent).clamp_max(126).float().exp2()  # 2**126: fp32's largest power below inf

@@ -211,16 +211,18 @@ def kmeans(
     seed: int = 0,
     init_centroids: torch.Tensor | None = None,
     backend: str = "auto",
+    peaks: torch.Tensor | None = None,
 ) -> KMeansResult:
     """Batched k-means of ``x`` [N, S, D] (any float dtype; computed in fp32, read in place)
     into ``min(clusters, S)`` clusters per row.
 
     ``iters`` Lloyd iterations at most (0: only the initial assignment); ``init_centroids``
-    [N, C, D] replaces the seeded init (warm start).
+    [N, C, D] replaces the seeded init (warm start); ``peaks``: each row's max |x| ([N] fp32), if
+    known (see :func:`row_factor`).
     """
     check_choice("kmeans", "init", init, INITS)
     n, s, d = x.shape
-    factor = row_factor(x)  # [N]; the k-means ops multiply each token by it as they read it
+    factor = row_factor(x, peaks)  # [N]; the k-means ops multiply each token by it as they read it
     if init_centroids is not None:
         if init_centroids.shape[0] != n or init_centroids.shape[2] != d:
             raise ConfigError(
@@ -269,6 +271,7 @@ class KMeansGrouper(ClusteringGrouper):
     """
 
     name: ClassVar[str] = "kmeans"
+    takes_peaks: ClassVar[bool] = True
     iters: int = 5
     tol: float = 1e-4
     init: str = "random"
@@ -285,7 +288,7 @@ class KMeansGrouper(ClusteringGrouper):
         if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not 0 <= self.tol < math.inf:
             raise ConfigError(f"kmeans: tol must be a finite number >= 0, got {shown(self.tol)}")
 
-    def group(self, x, init=None, *, backend="auto") -> Groups:
+    def group(self, x, init=None, *, backend="auto", peaks=None) -> Groups:
         result = kmeans(
             x,
             self.clusters,
@@ -295,5 +298,6 @@ class KMeansGrouper(ClusteringGrouper):
             seed=self.seed,
             init_centroids=init,
             backend=backend,
+            peaks=peaks,
         )
         return Groups(result.centroids, result.assignments)

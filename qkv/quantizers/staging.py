@@ -49,6 +49,12 @@ class Staging(Component):
         ``defer_last``)."""
         return type(self).run is Staging.run
 
+    @property
+    def takes_peaks(self) -> bool:
+        """Whether :meth:`run` accepts ``peaks`` (the rows' max |x|, known to the caller): as
+        :attr:`defers_last`, True for this loop and for a subclass that keeps it."""
+        return type(self).run is Staging.run
+
     def run(
         self,
         x: torch.Tensor,
@@ -58,10 +64,13 @@ class Staging(Component):
         *,
         backend: str = "auto",
         defer_last: bool = False,
+        peaks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, Stored] | tuple[torch.Tensor, Stored, Pending]:
         """Run every stage on ``x`` [N, S, D] (fp32/fp16/bf16; the first stage reads it as it is).
 
-        ``warm``: per-stage initial centroids [N, C, D] (warm start), or None.
+        ``warm``: per-stage initial centroids [N, C, D] (warm start), or None. ``peaks``: each
+        row's max |x| ([N] fp32) if known, for the first stage's grouper if it takes them
+        (:attr:`~qkv.grouping.base.Grouper.takes_peaks`).
         Returns (final residual [N, S, D], per stage (stored centroids, assignments to store or
         None)); the residual is fp32 after any smoothing but ``none``, which passes x through.
 
@@ -79,7 +88,8 @@ class Staging(Component):
         for t in range(self.count):
             groups = None
             if smoother.needs_groups:
-                groups = grouper.group(residual, None if warm is None else warm[t], backend=backend)
+                known = {"peaks": peaks} if t == 0 and peaks is not None and grouper.takes_peaks else {}
+                groups = grouper.group(residual, None if warm is None else warm[t], backend=backend, **known)
             if defer_last and t == self.count - 1:
                 pending = smoother.offsets(residual, groups, backend=backend)
             if pending is None:

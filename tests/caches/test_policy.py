@@ -181,6 +181,38 @@ def test_a_value_check_read_after_the_encode_still_refuses_bad_values(name, back
     assert ckv.k.shape == (1, 2, 300, 64)
 
 
+@pytest.mark.parametrize("name", ["qvg", "qvg-pro", "kivi", "k:kmeans(clusters=8),centroid,int2;v:int2(block=16)",
+                                  "kmeans(clusters=16,init=kmeans||),centroid,int2(block=64)"])
+def test_a_checked_compression_reads_each_input_once_for_its_peaks(name):
+    """The value check reduces each (batch, head) row of k and v to its max |x|, and the first
+    k-means takes those for its row scale instead of reading the input again: one max-|x| pass per
+    input tensor (and one per later stage's residual), and the same result as an unchecked
+    compression, rows far outside the safe range (scaled by k-means) included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reductions(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.linalg_vector_norm:  # max |x| (quantization's block peaks aside)
+                self.count += args[0].numel() >= self.numel  # over a whole input (or more)
+            return func(*args, **(kwargs or {}))
+
+    policy = qkv.build_policy(name, **({"clusters": 8} if name.startswith("qvg") else {}))
+    k, v = kv(shape=(2, 3, 256, 64), dtype=torch.bfloat16)
+    k[1, 2] *= 2.0**60  # a row the k-means scales
+    plain = policy.compress(k, v, validate=False)
+    counted = Reductions(k.numel())
+    with counted:
+        checked = policy.compress(k, v)
+    later_stages = sum(len(tp.format(64).stages) - 1 for tp in {policy.k: 0, policy.v: 0} if tp.format(64).stages)
+    assert counted.count == 2 + later_stages  # a later stage reads its residual, which nothing else did
+    for a, b in ((plain.k, checked.k), (plain.v, checked.v)):
+        assert all(torch.equal(t, b.tensors()[f]) for f, t in a.tensors().items())
+
+
 def test_work_that_fails_on_bad_values_blames_the_values(monkeypatch):
     """An encode that raises on values its deferred check refuses raises the check's error, chained
     to what the encode raised; on good values the encode's own error comes through."""
