@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import qkv
 from qkv.caches.tail import Chunk
-from qkv.caches.tail import TailBuffer, adjacent, joined
+from qkv.caches.tail import TailBuffer, adjacent, joined, stacked
 from qkv.kernels import attention_torch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,6 +30,26 @@ def test_joined_merges_adjacent_views_only():
     assert out[0].untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()  # a view, no copy
     other = torch.randn(2, 3, 4, 4)
     assert len(joined([a, other])) == 2 and len(joined([buf[:1, :, :5], buf[:1, :, 5:9]])) == 1
+
+
+@given(rows=st.lists(st.integers(1, 3), min_size=2, max_size=4), gap=st.integers(0, 1), tokens=st.integers(0, 5),
+       shuffle=st.booleans())
+def test_stacked_is_the_concatenation_and_a_view_only_of_back_to_back_rows(rows, gap, tokens, shuffle):
+    """``stacked`` equals ``torch.cat`` along the batch for any parts; it is one view of the
+    storage (no copy) exactly when the parts lie back to back in it, in order, with equal strides:
+    a gap between them, or parts out of order, give a concatenated copy."""
+    buf = torch.randn(sum(rows) + gap * len(rows), 3, 8, 4)
+    parts, at = [], 0
+    for r in rows:
+        parts.append(buf[at : at + r, :, tokens : tokens + 3])  # a token slice: rows stride over it
+        at += r + gap
+    if shuffle:
+        parts = parts[::-1]
+    out = stacked(parts)
+    assert torch.equal(out, torch.cat(parts))
+    one_view = gap == 0 and not shuffle
+    assert (out.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()) == one_view
+    assert adjacent(parts[0], parts[1], dim=0) == one_view
 
 
 @pytest.mark.parametrize("sizes", [[4, 4, 4, 4, 4], [3, 7, 1, 9, 2, 6], [1] * 12])
