@@ -11,6 +11,8 @@ without context parallelism (``core/attention/cp.py``: plain softmax attention).
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,86 @@ def test_unsupported_settings_raise(network):
     finally:
         network.blocks[0].self_attn.apply_rope_before_kvcache = True
     assert "initialize_cache" not in vars(network.blocks[1].self_attn)  # a failed install leaves nothing behind
+
+
+# -- context parallelism (gloo ranks) ----------------------------------------------------------------
+def _cp_network(group, method):
+    """The fixture's tiny network on this rank, its self-attention context-parallel over ``group``
+    as ``set_context_parallel_group`` makes it (the mesh on the CPU: upstream names "cuda"), and
+    flashdreams' cuDNN SDPA restated with its log-sum-exp ([B, H, S, 1], as cuDNN returns it)."""
+    from torch.distributed.device_mesh import DeviceMesh
+
+    from flashdreams.core.attention import cp as cp_mod
+
+    def sdpa_cudnn(query, key, value, return_lse=False):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, key, value)[:2]
+        return out, (lse.unsqueeze(-1) if return_lse else None)
+
+    cp_mod.torch_sdpa_cudnn = sdpa_cudnn
+    rope_mod.apply_rotary_pos_emb = rope_torch
+    torch.manual_seed(0)
+    net = network_mod.WanDiTNetworkConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=8, text_dim=32,
+                                          freq_dim=32, in_dim=4, out_dim=4, cp_method=method).setup().eval()
+    net.update_parameters_after_loading_checkpoint()
+    net.rope = rope_mod.RotaryPositionEmbedding3D(len_t=2, len_h=4, len_w=4, head_dim=32, h_extrapolation_ratio=1.0,
+                                                  w_extrapolation_ratio=1.0, interleaved=True, device="cpu")
+    mesh = DeviceMesh.from_group(group, device_type="cpu")
+    for block in net.blocks:
+        block.self_attn.attn_op.device_mesh = mesh
+    return net
+
+
+def _cp_rollout(net, rank, world, chunks, window, sink):
+    """``rollout`` on this rank's token shard of every chunk (and of its RoPE), per-rank sizes."""
+    gen = torch.Generator().manual_seed(1)
+    text = torch.randn(1, 8, 32, generator=gen)
+    n, outs = N // world, []
+    with torch.no_grad():
+        cache = net.initialize_cache(chunk_size=n, window_size=window // world, sink_size=sink // world,
+                                     text_embeddings=text)
+        for c in range(chunks):
+            x = torch.randn(1, N, 16, generator=gen)[:, rank * n : (rank + 1) * n]
+            freqs = net.rope.shift_t(c)[rank * n : (rank + 1) * n]
+            for t in (700.0, 300.0, 0.0):
+                out = net(x, torch.tensor([t]), cache, freqs, current_chunk_idx=c)
+                outs.append(out)
+                x = x + 0.3 * out
+    return outs, cache
+
+
+def _cp_worker(rank, world, method):
+    import torch.distributed as dist
+
+    net = _cp_network(dist.group.WORLD, method)
+    for window, sink in ((8 * N, 0), (3 * N, N)):
+        ref, upstream = _cp_rollout(net, rank, world, 8, window, sink)
+        with adapter.install(net, "fp32", span_chunks=2) as handle:
+            with mock.patch.object(LayerCache, "read", side_effect=AssertionError("the forward path read the history")):
+                ours, cache = _cp_rollout(net, rank, world, 8, window, sink)
+            layer = cache[0].self_attn.layer
+            assert cache[0].self_attn.parallel is not None and len(layer.spans) >= 1
+            # a rank holds 1/world of the K/V (2 layers x K, V x 2 heads x 32), as upstream's buffer
+            assert handle.memory().elements * world == 2 * 2 * 2 * 32 * min(8 * N, window + sink)
+            theirs = upstream[1].self_attn
+            theirs.before_update(7)  # a rewrite of the last chunk: its buffer as the forward read it
+            mine, want = cache[1].self_attn.cached_k(), theirs.cached_k()  # this rank's tokens, all heads
+            assert mine.shape == want.shape and (mine - want).abs().max() <= 1e-5 * want.abs().max()  # as the outputs
+            theirs.after_update(7)
+        for a, b in zip(ref, ours, strict=True):  # fp32 rounding: partial results merged in another order
+            assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (rank, method, window)
+        with adapter.install(net, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2):
+            lossy, _ = _cp_rollout(net, rank, world, 8, window, sink)
+        drift = max(float((b - a).norm() / a.norm()) for a, b in zip(ref, lossy))
+        assert 0 < drift < 0.03, (rank, method, drift)
+
+
+@pytest.mark.parametrize("method", ["ring", "ulysses"])
+def test_context_parallel_rollout_matches_upstreams_on_two_ranks(method):
+    """flashdreams' own context parallelism (``core/attention/cp.py``: ring all-gathers every rank's
+    buffer, Ulysses all-to-alls it by heads) against the adapter's (ring: queries gathered and
+    partial results merged; Ulysses: a rank's cache holds its heads), on two gloo ranks: a lossless
+    cache gives every rank upstream's outputs up to fp32 rounding, with a sink and rolling window
+    too; qvg stays close."""
+    from ranks import run_ranks
+
+    run_ranks(_cp_worker, 2, method, timeout=240.0)

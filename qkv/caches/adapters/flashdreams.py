@@ -18,11 +18,23 @@ network's ``before_update`` / ``after_update`` calls, cross-attention) is flashd
     handle = qkv.adapters.flashdreams.install(network, "qvg")   # a WanDiTNetwork (or .network)
     cache = network.initialize_cache(chunk_size, window_size, sink_size, text)   # unchanged
 
+Context parallelism (``network.set_context_parallel_group``, ``core/attention/cp.py``; each rank
+gets its token shard of every chunk) is kept, as :mod:`~qkv.caches.adapters.context_parallel`
+does it for diffusers:
+
+- **ring**: a rank's cache holds its token shard of every chunk (upstream's buffer holds the same).
+  Upstream all-gathers every rank's whole buffer for each attention; here the queries of all ranks
+  are gathered instead, every rank attends all of them to its own compressed shard and chunk, and
+  one all-to-all hands each rank its queries' partial results, merged by log-sum-exp.
+- **ulysses**: the chunk's K/V go through upstream's all-to-all once, when written: a rank's cache
+  holds all tokens of its ``H / cp`` heads (upstream holds the token shard of every head and
+  all-to-alls the whole buffer at each attention); the queries and the output take the same
+  all-to-alls as upstream's.
+
 Not supported (typed errors at install or first use): keys roped relative to the cache
 (``apply_rope_before_kvcache=False``: every read would need the history decompressed to re-rope
-it), context parallelism (each rank would attend its own compressed shard and merge by
-log-sum-exp; not done here), a sink that is not whole chunks, and CUDA-graph capture of the
-forward (the cache's tensors change shape as it grows).
+it), a sink that is not whole chunks, and CUDA-graph capture of the forward (the cache's tensors
+change shape as it grows).
 """
 
 from __future__ import annotations
@@ -33,7 +45,8 @@ import weakref
 
 import torch
 
-from qkv.caches.adapters.handle import AdapterHandle
+from qkv.caches.adapters.context_parallel import ContextParallel
+from qkv.caches.adapters.handle import AdapterHandle, attend_parts
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
 from qkv.errors import CacheError, ConfigError
@@ -41,15 +54,31 @@ from qkv.errors import CacheError, ConfigError
 __all__ = ["FlashDreamsHandle", "QKVBlockCache", "install"]
 
 
-class QKVBlockCache:
-    """``BlockKVCache``'s protocol over layer ``index`` of ``owner``; K/V arrive as [B, S, H, D]."""
+def parallel_of(attn) -> ContextParallel | None:
+    """The context parallelism flashdreams set on a block's attention (``set_context_parallel_group``),
+    as a :class:`ContextParallel` of one ring or one Ulysses group, or None."""
+    mesh = attn.attn_op.device_mesh
+    if mesh is None or mesh.size() == 1:
+        return None
+    group, world, rank = mesh.get_group(), mesh.size(), mesh.get_local_rank()
+    if attn.attn_op.method == "ring":
+        return ContextParallel(None, 1, 0, group, world, rank)
+    return ContextParallel(group, world, rank, None, 1, 0)
 
-    def __init__(self, owner: KVCache, index: int, *, chunk_size: int, window_size: int, sink_size: int) -> None:
+
+class QKVBlockCache:
+    """``BlockKVCache``'s protocol over layer ``index`` of ``owner``; K/V arrive as [B, S, H, D]
+    (this rank's tokens under context parallelism: sizes are per rank, as upstream's)."""
+
+    def __init__(self, owner: KVCache, index: int, *, chunk_size: int, window_size: int, sink_size: int,
+                 parallel: ContextParallel | None = None) -> None:
         if sink_size % chunk_size or (sink_size + window_size) % chunk_size:
             raise ConfigError(f"flashdreams: sink_size ({sink_size}) and sink_size + window_size "
                               f"({sink_size + window_size}) must be whole chunks of {chunk_size} tokens")
-        self.owner, self.layer = owner, owner.layer(index)
-        self.chunk_size, self.window_size, self.sink_size = chunk_size, window_size, sink_size
+        self.owner, self.layer, self.parallel = owner, owner.layer(index), parallel
+        # under Ulysses the layer holds every rank's tokens of this rank's heads
+        u = parallel.ulysses_world if parallel is not None else 1
+        self.chunk_size, self.window_size, self.sink_size = chunk_size * u, window_size * u, sink_size * u
         self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, H, S, D] being denoised
         self._prev_chunk_idx, self._curr_chunk_idx = -1, None
 
@@ -73,9 +102,16 @@ class QKVBlockCache:
         """The current chunk's K/V [B, chunk_size, H, D] (RoPE applied)."""
         if self._curr_chunk_idx is None:
             raise CacheError("flashdreams: update() before before_update()")
-        if k.shape[1] != self.chunk_size or v.shape[1] != self.chunk_size:
-            raise CacheError(f"flashdreams: expected chunks of {self.chunk_size} tokens, got {k.shape[1]}")
+        u = self._ulysses
+        if k.shape[1] * u != self.chunk_size or v.shape[1] * u != self.chunk_size:
+            raise CacheError(f"flashdreams: expected chunks of {self.chunk_size // u} tokens, got {k.shape[1]}")
+        if u > 1:  # every rank's tokens of this rank's heads
+            k, v = self.parallel.to_heads(k), self.parallel.to_heads(v)
         self.chunk = (k.transpose(1, 2), v.transpose(1, 2))
+
+    @property
+    def _ulysses(self) -> int:
+        return self.parallel.ulysses_world if self.parallel is not None else 1
 
     def after_update(self, chunk_idx: int) -> None:
         if chunk_idx != self._curr_chunk_idx:
@@ -83,13 +119,21 @@ class QKVBlockCache:
         self._prev_chunk_idx, self._curr_chunk_idx = chunk_idx, None
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
-        """Attention of q [B, H, Sq, D] to the history and the current chunk: [B, H, Sq, D]."""
+        """Attention of q [B, H, Sq, D] (this rank's queries) to the history and the current chunk
+        (of every rank, under context parallelism): [B, H, Sq, D]."""
         if self.chunk is None:
             raise CacheError("flashdreams: attention before the chunk's update()")
-        return self.layer.attend(q, extra=self.chunk)
+        parallel = self.parallel
+        if parallel is None:
+            return self.layer.attend(q, extra=self.chunk)
+        if parallel.ring:
+            return attend_parts(self.owner.config, q, [self.layer, self.chunk], parallel)
+        out = self.layer.attend(parallel.to_heads(q.transpose(1, 2)).transpose(1, 2), extra=self.chunk)
+        return parallel.to_tokens(out.transpose(1, 2)).transpose(1, 2)
 
     def cached_k(self) -> torch.Tensor:
-        """``BlockKVCache.cached_k``: history and chunk as [B, S, H, D] (decompressed: a copy)."""
+        """``BlockKVCache.cached_k``: history and chunk as [B, S, H, D] (decompressed: a copy; this
+        rank's tokens of every head under context parallelism, as upstream's buffer)."""
         return self._cached(0)
 
     def cached_v(self) -> torch.Tensor:
@@ -97,7 +141,14 @@ class QKVBlockCache:
 
     def _cached(self, i: int) -> torch.Tensor:
         parts = [self.layer.read()[i]] if self.layer.layout is not None else []
-        return torch.cat([*parts, self.chunk[i]], 2).transpose(1, 2)
+        x = torch.cat([*parts, self.chunk[i]], 2).transpose(1, 2)  # [B, S, H or H / u, D]
+        u = self._ulysses
+        if u == 1:
+            return x
+        # chunk by chunk, every rank's tokens of this rank's heads: rank-major for the all-to-all back
+        b, s, h, d = x.shape
+        per_rank = x.reshape(b, s // self.chunk_size, u, self.chunk_size // u, h, d).transpose(1, 2)
+        return self.parallel.to_tokens(per_rank.reshape(b, s, h, d))
 
     def reset(self) -> None:
         self.layer.reset()
@@ -131,7 +182,8 @@ class FlashDreamsHandle(AdapterHandle):
         if index == 0 or self.cache is None:
             self.cache = KVCache(self.policy, num_layers=len(self.network.blocks), sink_chunks=sink_size // chunk_size,
                                  **self.cache_options)
-        block = QKVBlockCache(self.cache, index, chunk_size=chunk_size, window_size=window_size, sink_size=sink_size)
+        block = QKVBlockCache(self.cache, index, chunk_size=chunk_size, window_size=window_size, sink_size=sink_size,
+                              parallel=parallel_of(self.network.blocks[index].self_attn))
         self._live.add(block)
         return block
 
@@ -171,8 +223,6 @@ def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDream
         if not attn.apply_rope_before_kvcache:
             raise ConfigError("flashdreams: keys roped relative to the cache (apply_rope_before_kvcache=False) "
                               "need the whole history decompressed at every read; use apply_rope_before_kvcache=True")
-        if attn.is_context_parallel_enabled():
-            raise ConfigError("flashdreams: context parallelism is not supported by this adapter")
 
         def initialize_cache(self, batch_size, chunk_size, window_size, sink_size, device, dtype, _index=index):
             return handle.initialize(_index, chunk_size, window_size, sink_size)
