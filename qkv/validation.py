@@ -9,6 +9,7 @@ import torch
 
 from qkv.dtypes import INPUT_DTYPES
 from qkv.errors import ConfigError, DeviceError, DTypeError, NonFiniteError, QKVError, ShapeError, ValueRangeError
+from qkv.readback import Arriving
 
 # Largest magnitude accepted: leaves room for sums, rotations and centroid differences in fp32.
 MAX_MAGNITUDE = 2.0**120
@@ -82,36 +83,25 @@ def deferred(t: torch.Tensor) -> bool:
 
 class PendingCheck:
     """:func:`check_kv_values` of tensors on a GPU with its verdict still on the way: the peaks
-    are reduced on the device and copied to pinned host memory behind an event, so that nothing
-    waits for them; :meth:`ready` says whether the event has passed, :meth:`error` reads them
-    (waiting for the event if it has not)."""
+    are reduced on the device and sent to the host without waiting (:class:`~qkv.readback.Arriving`;
+    off a GPU, where tests force the deferral, they are at hand); :meth:`ready` says whether they
+    have arrived, :meth:`error` reads them (waiting if they have not)."""
 
     def __init__(self, named: list[tuple[str, torch.Tensor]], peaks: torch.Tensor | None = None) -> None:
         self.labels = [label for label, _ in named]
-        peaks = _peaks(named) if peaks is None else peaks  # [len(named)] fp32 on the device
-        self._event = None  # off a GPU (tests force the deferral there) the peaks are at hand
-        self._host = peaks
-        if peaks.is_cuda:
-            self._host = torch.empty(peaks.shape, dtype=peaks.dtype, pin_memory=True)
-            self._host.copy_(peaks, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(peaks.device))  # the copy's stream, on its device
+        self._peaks = Arriving(_peaks(named) if peaks is None else peaks)  # [len(named)] fp32
         self._errors: list[QKVError | None] | None = None
 
     def ready(self) -> bool:
         """Whether the verdict has arrived (never waits; while a CUDA graph is being captured,
         where an event may not be queried, it has not)."""
-        if self._errors is not None or self._event is None:
-            return True
-        return not torch.cuda.is_current_stream_capturing() and self._event.query()
+        return self._errors is not None or self._peaks.ready()
 
     def error(self, indices: Sequence[int] | None = None) -> QKVError | None:
         """The first failure among the tensors at ``indices`` (all: None), or None; waits for the
         verdict if it has not arrived."""
         if self._errors is None:
-            if self._event is not None:
-                self._event.synchronize()
-            self._errors = [_verdict(label, peak, None) for label, peak in zip(self.labels, self._host.tolist())]
+            self._errors = [_verdict(label, peak, None) for label, peak in zip(self.labels, self._peaks.values())]
         chosen = self._errors if indices is None else [self._errors[i] for i in indices]
         return next((e for e in chosen if e is not None), None)
 

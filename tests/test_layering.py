@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1] / "qkv"
 
 # lowest first; a module belongs to the layer of its longest matching prefix
 LAYERS = [
-    ("base", ["qkv.errors", "qkv.dtypes", "qkv.registry", "qkv.validation", "qkv.component"]),
+    ("base", ["qkv.errors", "qkv.dtypes", "qkv.registry", "qkv.readback", "qkv.validation", "qkv.component"]),
     ("format", ["qkv.format"]),
     ("data", ["qkv.io", "qkv.compressed"]),
     ("kernels", ["qkv.kernels"]),

@@ -12,9 +12,11 @@
   seed: heads clustered in one call get what each would get alone (one call per span, not per head).
 - Each row stops on its own once its objective improves by less than ``tol`` (relative); frozen
   rows keep their result, so a row's outcome does not depend on the other rows of the batch. The
-  host checks for "all rows done" only every ``CHECK_EVERY`` iterations, and only while at least
-  ``CHECK_EVERY`` iterations remain (the presets' 5 iterations run without a check): stopping
-  early only saves time, the result is the same.
+  host asks whether all rows are done only every ``CHECK_EVERY`` iterations, and only while at
+  least ``CHECK_EVERY`` iterations remain (the presets' 5 iterations run without a check), and
+  never waits for the answer (:class:`~qkv.readback.Arriving`: on a GPU it stops at a later check
+  after the answer arrived; off one, at once): stopping early only saves time, the result is the
+  same, and an encode makes no host sync.
 - Empty clusters are re-seeded with far tokens: the farthest token of each of the farthest span
   segments (distinct tokens, the span's farthest first; no host sync).
 - Fewer tokens than clusters: every token gets its own cluster (C = S, exact).
@@ -38,6 +40,7 @@ from qkv.kernels.kmeans import scaled_rows
 from qkv.component import check_choice, check_int
 from qkv.errors import ConfigError, shown
 from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_factor
+from qkv.readback import Arriving
 
 CHECK_EVERY = 4
 FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x clusters span segments
@@ -235,6 +238,7 @@ def kmeans(
         k = min(clusters, s)
         centroids = SEEDINGS[init](x, k, gen, backend, factor)
     done = torch.zeros(n, dtype=torch.bool, device=x.device)
+    all_done = None  # the last "all rows done" on its way to the host
     history = []
     for it in range(iters):
         assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
@@ -246,9 +250,13 @@ def kmeans(
         far = _far_tokens(dist, min(centroids.shape[1], s))
         means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, backend=backend)
         centroids = torch.where(done.view(-1, 1, 1), centroids, means)
-        # a read-back stalls the GPU's queue: worth it only while it can skip CHECK_EVERY iterations
-        if (it + 1) % CHECK_EVERY == 0 and iters - (it + 1) >= CHECK_EVERY and bool(done.all()):
-            break
+        # worth asking only while an answer can skip CHECK_EVERY iterations; one question at a time
+        if (it + 1) % CHECK_EVERY == 0 and iters - (it + 1) >= CHECK_EVERY and (all_done is None or all_done.ready()):
+            if all_done is not None and all_done.values():  # done then: frozen since
+                break
+            all_done = Arriving(done.all())
+            if all_done.ready() and all_done.values():  # off a GPU the answer is at hand
+                break
     assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
     history.append(dist.sum(-1))
     objective = torch.stack(history).double() / factor.view(1, -1).double().square()  # fp64: huge inputs

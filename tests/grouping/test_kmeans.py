@@ -71,6 +71,36 @@ def test_stopping_early_only_saves_time(monkeypatch, iters):
     assert len(checked.objective) < len(unchecked.objective) == iters + 1  # it did stop early
 
 
+def test_the_early_stop_never_waits_for_its_answer(monkeypatch):
+    """On a GPU the "all rows done" answer reaches the host later (``qkv.readback.Arriving``):
+    k-means reads it only once it has arrived (no host sync), asks no new question meanwhile, and
+    stops at the first check after it, one check later than with the answer at hand, with the
+    same result as a run without checks."""
+    km = importlib.import_module("qkv.grouping.kmeans")
+
+    class Late:  # an answer that has arrived from the second look on
+        def __init__(self, t):
+            self.t, self.looks = t.clone(), 0
+
+        def ready(self):
+            self.looks += 1
+            return self.looks > 1
+
+        def values(self):
+            assert self.looks > 1, "waited for an answer that had not arrived"
+            return self.t.tolist()
+
+    x = clustered(n=3, s=600, true_k=6)
+    monkeypatch.setattr(km, "CHECK_EVERY", 1)
+    at_hand = kmeans(x, 6, 20, tol=1e-2, seed=1)
+    monkeypatch.setattr(km, "Arriving", Late)
+    late = kmeans(x, 6, 20, tol=1e-2, seed=1)
+    monkeypatch.setattr(km, "CHECK_EVERY", 1000)
+    unchecked = kmeans(x, 6, 20, tol=1e-2, seed=1)
+    assert torch.equal(late.centroids, unchecked.centroids) and torch.equal(late.assignments, unchecked.assignments)
+    assert len(at_hand.objective) < len(late.objective) < len(unchecked.objective)
+
+
 def test_warm_start_needs_fewer_iterations():
     x = clustered(s=2000, true_k=12)
     cold = kmeans(x, 12, 30, tol=0.0)
