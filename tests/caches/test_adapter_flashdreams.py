@@ -206,7 +206,14 @@ def _cp_worker(rank, world, method):
         for a, b in zip(ref, ours, strict=True):  # fp32 rounding: partial results merged in another order
             assert (a - b).abs().max() <= 1e-5 * a.abs().max(), (rank, method, window)
         with adapter.install(net, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2):
-            lossy, _ = _cp_rollout(net, rank, world, 8, window, sink)
+            lossy, cache = _cp_rollout(net, rank, world, 8, window, sink)
+            mesh = net.blocks[0].self_attn.attn_op.device_mesh
+            net.blocks[0].self_attn.attn_op.device_mesh = None  # context parallelism turned off under the cache
+            with pytest.raises(CacheError, match="changed after initialize_cache"):
+                with torch.no_grad():
+                    net(torch.randn(1, N // world, 16), torch.tensor([0.0]), cache, net.rope.shift_t(8)[: N // world],
+                        current_chunk_idx=8)
+            net.blocks[0].self_attn.attn_op.device_mesh = mesh
         drift = max(float((b - a).norm() / a.norm()) for a, b in zip(ref, lossy))
         assert 0 < drift < 0.03, (rank, method, drift)
 

@@ -71,11 +71,12 @@ class QKVBlockCache:
     (this rank's tokens under context parallelism: sizes are per rank, as upstream's)."""
 
     def __init__(self, owner: KVCache, index: int, *, chunk_size: int, window_size: int, sink_size: int,
-                 parallel: ContextParallel | None = None) -> None:
+                 parallel: ContextParallel | None = None, mesh=None) -> None:
         if sink_size % chunk_size or (sink_size + window_size) % chunk_size:
             raise ConfigError(f"flashdreams: sink_size ({sink_size}) and sink_size + window_size "
                               f"({sink_size + window_size}) must be whole chunks of {chunk_size} tokens")
         self.owner, self.layer, self.parallel = owner, owner.layer(index), parallel
+        self.mesh = mesh  # the block's context-parallel mesh when the cache was made (``parallel``'s)
         # under Ulysses the layer holds every rank's tokens of this rank's heads
         u = parallel.ulysses_world if parallel is not None else 1
         self.chunk_size, self.window_size, self.sink_size = chunk_size * u, window_size * u, sink_size * u
@@ -182,8 +183,9 @@ class FlashDreamsHandle(AdapterHandle):
         if index == 0 or self.cache is None:
             self.cache = KVCache(self.policy, num_layers=len(self.network.blocks), sink_chunks=sink_size // chunk_size,
                                  **self.cache_options)
+        attn = self.network.blocks[index].self_attn
         block = QKVBlockCache(self.cache, index, chunk_size=chunk_size, window_size=window_size, sink_size=sink_size,
-                              parallel=parallel_of(self.network.blocks[index].self_attn))
+                              parallel=parallel_of(attn), mesh=attn.attn_op.device_mesh)
         self._live.add(block)
         return block
 
@@ -197,6 +199,9 @@ def _apply_kv(attn):
         if not isinstance(kv_cache, QKVBlockCache):
             raise CacheError(f"flashdreams: the cache must come from the installed initialize_cache, got "
                              f"{type(kv_cache).__name__}")
+        if self.attn_op.device_mesh is not kv_cache.mesh:  # its tokens are split another way than the cache's
+            raise CacheError("flashdreams: the context-parallel group changed after initialize_cache "
+                             "(set_context_parallel_group comes first, as upstream requires); initialize the cache again")
         batch_shape = x.shape[:-2]
         length, n, d = x.shape[-2], self.n_heads, self.head_dim
         q = self.norm_q(self.q(x)).reshape(math.prod(batch_shape), length, n, d)
