@@ -250,8 +250,10 @@ def kmeans(
         far = _far_tokens(dist, min(centroids.shape[1], s))
         means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, backend=backend)
         centroids = torch.where(done.view(-1, 1, 1), centroids, means)
-        # worth asking only while an answer can skip CHECK_EVERY iterations; one question at a time
-        if (it + 1) % CHECK_EVERY == 0 and iters - (it + 1) >= CHECK_EVERY and (all_done is None or all_done.ready()):
+        # worth asking only while an answer can skip CHECK_EVERY iterations; one question at a time;
+        # none while a CUDA graph is captured (a replay would act on the capture's answer)
+        if ((it + 1) % CHECK_EVERY == 0 and iters - (it + 1) >= CHECK_EVERY and (all_done is None or all_done.ready())
+                and not (x.is_cuda and torch.cuda.is_current_stream_capturing())):
             if all_done is not None and all_done.values():  # done then: frozen since
                 break
             all_done = Arriving(done.all())

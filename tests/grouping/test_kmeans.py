@@ -101,6 +101,27 @@ def test_the_early_stop_never_waits_for_its_answer(monkeypatch):
     assert len(at_hand.objective) < len(late.objective) < len(unchecked.objective)
 
 
+def test_no_early_stop_question_while_a_graph_is_captured(monkeypatch):
+    """While a CUDA graph is captured (simulated: tensors that say they are on a GPU, a stream that
+    says it is capturing) k-means asks nothing about its rows (a replay could not act on the
+    answer) and runs every iteration, with the result of a run that stopped early."""
+    km = importlib.import_module("qkv.grouping.kmeans")
+    x = clustered(n=3, s=600, true_k=6)
+    monkeypatch.setattr(km, "CHECK_EVERY", 1)
+    checked = kmeans(x, 6, 20, tol=1e-2, seed=1, backend="torch")  # stops early
+
+    def asked(t):
+        raise AssertionError("asked whether all rows are done during a capture")
+
+    monkeypatch.setattr(km, "Arriving", asked)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    captured = kmeans(x, 6, 20, tol=1e-2, seed=1, backend="torch")
+    monkeypatch.undo()
+    assert torch.equal(captured.centroids, checked.centroids)
+    assert len(checked.objective) < len(captured.objective) == 21
+
+
 def test_warm_start_needs_fewer_iterations():
     x = clustered(s=2000, true_k=12)
     cold = kmeans(x, 12, 30, tol=0.0)
