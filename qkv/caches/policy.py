@@ -33,6 +33,11 @@ from qkv.quantizers.staging import SingleStage
 from qkv.validation import check_kv_layout, check_kv_pair, values_checked
 
 
+def _batch(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``parts`` concatenated along the batch (the one part itself, uncopied, if there is one)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def _names(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join("None" if k is type(None) else k.__name__ for k in kinds)
@@ -377,17 +382,15 @@ class Policy:
         bounds = [0]
         for k in ks:
             bounds.append(bounds[-1] + k.shape[0])
-        joined = (lambda x: x[0] if len(x) == 1 else torch.cat(x)) if peaks is not None else (lambda x: None)
-        k_peaks, v_peaks = (joined(p) for p in peaks) if peaks is not None else (None, None)
+        k_peaks, v_peaks = (None, None) if peaks is None else (_batch(peaks[0]), _batch(peaks[1]))
         if self.k == self.v and ks[0].dtype == vs[0].dtype:  # keys then values, one copy
             warm = None if warm_k is None else [torch.cat(pair) for pair in zip(warm_k, warm_v)]
             both = None if peaks is None else torch.cat([k_peaks, v_peaks])
             ct_k = ct_v = self.k._compress(stacked([*ks, *vs]), warm, backend, both)
             shift = bounds[-1]
         else:
-            k_all, v_all = (x[0] if len(x) == 1 else torch.cat(x) for x in (ks, vs))
-            ct_k, shift = self.k._compress(k_all, warm_k, backend, k_peaks), 0
-            ct_v = self.v._compress(v_all, warm_v, backend, v_peaks)
+            ct_k, shift = self.k._compress(_batch(ks), warm_k, backend, k_peaks), 0
+            ct_v = self.v._compress(_batch(vs), warm_v, backend, v_peaks)
             if len(ks) == 1:
                 return [(ct_k, ct_v)]
         return [(batch_rows(ct_k, a, b), batch_rows(ct_v, shift + a, shift + b)) for a, b in zip(bounds, bounds[1:])]
