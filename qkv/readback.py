@@ -12,17 +12,19 @@ import torch
 
 
 class Arriving:
-    """The values of the small tensor ``t``, on their way to the host: copied behind an event on a
-    GPU, at hand at once elsewhere."""
+    """The values the small tensor ``t`` holds now, on their way to the host: copied behind an
+    event on a GPU, at hand at once elsewhere (a copy either way: later writes to ``t`` do not
+    reach them)."""
 
     def __init__(self, t: torch.Tensor) -> None:
         self._event = None
-        self._host = t
-        if t.is_cuda:
-            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            self._host.copy_(t, non_blocking=True)
-            self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(t.device))  # the copy's stream, on its device
+        if not t.is_cuda:
+            self._host = t.detach().clone()
+            return
+        self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        self._host.copy_(t, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record(torch.cuda.current_stream(t.device))  # the copy's stream, on its device
 
     def ready(self) -> bool:
         """Whether the values have arrived (never waits; while a CUDA graph is being captured,
