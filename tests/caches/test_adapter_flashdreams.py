@@ -131,6 +131,9 @@ def test_unsupported_settings_raise(network):
         _, cache = rollout(network, 1, 8 * N, 0)
         with pytest.raises(CacheError, match="expected 0 or 1"):
             cache.before_update(2)
+        fresh = adapter.QKVBlockCache(qkv.KVCache("fp32"), 0, chunk_size=N, window_size=4 * N, sink_size=0)
+        with pytest.raises(CacheError, match="before the chunk's update"):
+            fresh.cached_k()  # upstream's buffer refuses a read outside an update too
     network.blocks[0].self_attn.apply_rope_before_kvcache = False
     try:
         with pytest.raises(ConfigError, match="apply_rope_before_kvcache"):

@@ -141,6 +141,8 @@ class QKVBlockCache:
         return self._cached(1)
 
     def _cached(self, i: int) -> torch.Tensor:
+        if self.chunk is None:
+            raise CacheError("flashdreams: the cache is read before the chunk's update()")
         parts = [self.layer.read()[i]] if self.layer.layout is not None else []
         x = torch.cat([*parts, self.chunk[i]], 2).transpose(1, 2)  # [B, S, H or H / u, D]
         u = self._ulysses
