@@ -123,17 +123,15 @@ def check_kv_values_later(name: str, x: torch.Tensor, *more: tuple[str, torch.Te
     return None
 
 
-def check_kv_pair(k: object, v: object, values: bool = True) -> None:
-    """Validate K and V together: each valid, same shape, same device; ``values``: also finite and
-    in range (one read-back for both)."""
+def check_kv_pair(k: object, v: object) -> None:
+    """Validate K and V together, without reading their values: each valid, same shape, same
+    device (their values: :func:`check_kv_values` or :func:`values_checked`)."""
     check_kv_layout("k", k)
     check_kv_layout("v", v)
     if k.shape != v.shape:
         raise ShapeError(f"k and v shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if k.device != v.device:
         raise DeviceError(f"k is on {k.device} but v is on {v.device}")
-    if values:
-        check_kv_values("k", k, ("v", v))
 
 
 @contextlib.contextmanager

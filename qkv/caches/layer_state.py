@@ -65,7 +65,7 @@ def check_chunk(config: CacheConfig, layout: Layout | None, k: object, v: object
     ``layout`` (None: the first chunk, checked against the policy); ``values``: also finite and in
     range. No side effects."""
     try:
-        check_kv_pair(k, v, values=False)
+        check_kv_pair(k, v)
     except QKVError as exc:
         raise type(exc)(f"{where}: {exc}") from None
     if k.dtype != v.dtype:

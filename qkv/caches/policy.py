@@ -350,7 +350,7 @@ class Policy:
         named = []  # the values to check: every pair's, in one read-back
         for i, ((k, v), warm) in enumerate(zip(pairs, warm_starts)):
             _check_type("compress: warm_start", warm, (CompressedKV, type(None)))
-            check_kv_pair(k, v, values=False)
+            check_kv_pair(k, v)
             self.k.check_shape("k", tuple(k.shape))
             self.v.check_shape("v", tuple(v.shape))
             passes.setdefault((tuple(k.shape[1:]), k.dtype, v.dtype, k.device, warm is None), []).append(i)

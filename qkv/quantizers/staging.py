@@ -49,11 +49,9 @@ class Staging(Component):
         ``defer_last``)."""
         return type(self).run is Staging.run
 
-    @property
-    def takes_peaks(self) -> bool:
-        """Whether :meth:`run` accepts ``peaks`` (the rows' max |x|, known to the caller): as
-        :attr:`defers_last`, True for this loop and for a subclass that keeps it."""
-        return type(self).run is Staging.run
+    # whether :meth:`run` accepts ``peaks`` (the rows' max |x|, known to the caller): as for
+    # ``defer_last``, this loop does and a subclass that overrides ``run`` does not
+    takes_peaks = defers_last
 
     def run(
         self,
