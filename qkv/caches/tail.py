@@ -2,13 +2,13 @@
 
 Every chunk appended to a layer's tail is written right after the previous one into one
 preallocated [2B, H, capacity, D] tensor (keys in the first B rows, values in the last), and the
-tail's chunks are views of it. Where the
-cache needs the tail as one tensor, :func:`joined` turns adjacent views back into one view instead
-of copying them: the span to compress (8 chunks of Wan K/V: 230 MB that ``torch.cat`` copied once
-per span; its keys and values then stack along the batch as one view too, :func:`stacked`, for
-a policy that compresses them in one pass), and the tail plus the current chunk to attend to (:meth:`TailBuffer.stage`: the current
-chunk is written into the free room after the tail, as a bf16 cache does; the concatenation copied
-the whole tail on every forward).
+tail's chunks are views of it. Where the cache needs the tail as one tensor, :func:`joined` turns
+adjacent views back into one view instead of copying them: the span to compress (8 chunks of Wan
+K/V: 230 MB that ``torch.cat`` copied once per span; its keys and values then stack along the
+batch as one view too, :func:`stacked`, for a policy that compresses them in one pass), and the
+tail plus the current chunk to attend to (:meth:`TailBuffer.stage`: the current chunk is written
+into the free room after the tail, as a bf16 cache does; the concatenation copied the whole tail
+on every forward).
 
 The buffer is placed in front again (the tail copied to offset 0) only when a chunk does not fit
 after the tail; it grows to the room the cache's configuration needs (a span, the tokens kept after
