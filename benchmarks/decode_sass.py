@@ -29,7 +29,7 @@ import qkv
 from qkv.kernels.triton.decode_kernel import decode_kernel
 from qkv.kernels.triton.records import span_record
 
-POINTERS = {"q_ptr": "*bf16", "qh_ptr": "*bf16", "ql_ptr": "*bf16", "po_ptr": "*fp32", "pl_ptr": "*fp32",
+POINTERS = {"q_ptr": "*bf16", "qh_ptr": "*bf16", "ql_ptr": "*bf16", "po_ptr": "*fp32",
             "span_ptr": "*i64", "item_ptr": "*i64", "dk0": "*bf16", "dv0": "*bf16", "dk1": "*bf16", "dv1": "*bf16"}
 LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")
 

@@ -8,8 +8,9 @@ runs the installed Triton's own binder (``create_function_from_signature``, as `
 builds it for the CUDA backend) and cache-key function on the arguments ``decode_triton`` passes
 for one token of a Llama-shaped layer (4 query heads, 1 KV head of 128, a 4,096-token ``qvg``
 span plan and a full-precision tail), so a change to the kernels' signatures can be judged where
-no GPU is: per call, the median, and the cost of one tensor and one integer argument alone. The
-launch itself and the driver calls are not in it.
+no GPU is: per call, the median, and the cost of one tensor and one integer argument alone; and
+what ``decode_triton`` pays instead, its launcher's own key and lookup (qkv.kernels.triton.launch),
+which then launches the compiled kernel. The launch itself and the driver calls are not in it.
 
     PYTHONPATH=benchmarks:. python3 benchmarks/launch_binder.py --out benchmarks/results/launch_binder_cpu.json
 """
@@ -28,6 +29,7 @@ from triton.runtime.jit import compute_cache_key, create_function_from_signature
 
 import qkv
 from qkv.kernels.triton import decode
+from qkv.kernels.triton.launch import Launcher
 
 
 class Captured:
@@ -85,7 +87,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    rows = {name: binder_cost(getattr(decode, f"{name}_kernel"), *call) for name, call in decode_launches().items()}
+    calls = decode_launches()
+    rows = {name: binder_cost(getattr(decode, f"{name}_kernel").jit, *call) for name, call in calls.items()}
+    for name, (call_args, call_kwargs) in calls.items():  # qkv's launcher instead: its key and lookup
+        launcher = Launcher(getattr(decode, f"{name}_kernel").jit)
+        launcher._pick(call_args)
+        kept = {launcher.key(call_args, call_kwargs): None}
+        rows[name]["launcher_key_and_lookup_us"] = median_us(lambda: kept.get(launcher.key(call_args, call_kwargs)))
     t = torch.empty(8, dtype=torch.bfloat16)
     rows["one_tensor_argument_us"] = median_us(lambda: native_specialize_impl(CUDABackend, t, False, True, True))
     rows["one_int_argument_us"] = median_us(lambda: native_specialize_impl(CUDABackend, 4096, False, True, True))

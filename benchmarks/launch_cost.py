@@ -7,7 +7,9 @@ A layer of 8 KV heads x 128 with a 2,048-token bf16 prompt (kivi; qvg with 16 cl
 GPU synchronized only around them (a call the GPU takes longer for than the host shows the GPU's
 time once its queue fills). ``decode_kernel[grid](...)`` is one launch through Triton's
 ``JITFunction.run`` (binding and specializing its ~50 arguments, the kernel-cache lookup, the
-launch); ``compiled[grid]`` and ``compiled.run`` launch the same compiled kernel without it.
+launch); ``compiled[grid]`` and ``compiled.run`` launch the same compiled kernel without it;
+``Launcher[grid]`` is how ``decode_triton`` launches it (qkv.kernels.triton.launch: its own key,
+then the compiled kernel).
 
     PYTHONPATH=. python3 benchmarks/launch_cost.py
 """
@@ -68,13 +70,15 @@ def main() -> None:
         segments = layer.attention_segments()
         kernels.attention(q, segments, method="decode")
         grid, args, kwargs, compiled = launch(q, segments)
-        real = decode.decode_kernel
+        launcher = decode.decode_kernel
+        real = launcher.jit
         bound = list(args) + [kwargs[p.name] for p in real.params[len(args):]]
         stream = torch.cuda.current_stream().cuda_stream
         rows = {
             "decode_triton (both launches + host)": per_call(lambda: decode.decode_triton(q, segments)),
             "kernels.attention(decode)": per_call(lambda: kernels.attention(q, segments, method="decode")),
             "decode_kernel[grid](...) jit run": per_call(lambda: real[grid](*args, **kwargs)),
+            "Launcher[grid](...) (qkv's: the compiled kernel, keyed)": per_call(lambda: launcher[grid](*args, **kwargs)),
             "compiled[grid](*all args)": per_call(lambda: compiled[grid](*bound)),
             "compiled.run(...) C launcher only": per_call(lambda: compiled.run(
                 grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, None, None, None, *bound)),

@@ -116,6 +116,7 @@ def test_a_decoding_loop_needs_one_compiled_variant_of_the_decode_kernels(name, 
 
     def spy(label, kernel):
         # the parameters as Triton's JIT sees them (the tests may run interpreted)
+        kernel = kernel.jit
         params = kernel.params if hasattr(kernel, "params") else JITFunction(kernel.fn, **kernel.kwargs).params
 
         class Spy:

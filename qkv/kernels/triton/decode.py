@@ -20,9 +20,14 @@ from triton.runtime.errors import OutOfResources
 
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, default_scale
 from qkv.kernels.triton.attention import LOG2E, attention_supports, rotated_query, span_record_of
-from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
+from qkv.kernels.triton import decode_kernel as jit
 from qkv.kernels.triton.records import TL_DTYPES, TensorLayout, span_table
+from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
+
+# launched once per layer and generated token: without Triton's per-launch binding (launch.py)
+decode_kernel = Launcher(jit.decode_kernel)
+merge_kernel = Launcher(jit.merge_kernel)
 
 # The partial outputs of all programs take at most this share of the bytes they read (the
 # compressed spans and the full-precision keys), so decoding needs almost no memory beyond the
@@ -178,8 +183,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     qh, ql = q, q
     if table is not None and table.rotated:  # H q in two parts, so that the scores are as exact as q . k
         qh, ql = rotated_query(q)  # before the partials: its fp32 temporaries are gone when they come
-    po = torch.empty(n_parts, rows_total, d, dtype=torch.float32, device=device)
-    pl = torch.empty(n_parts, rows_total, dtype=torch.float32, device=device)
+    partials = torch.empty(n_parts * rows_total * (d + 1), dtype=torch.float32, device=device)  # outputs, then lse
     launches = [(g, n) for g, n in zip(groups, span_progs)] or [(None, 0)]
     base = 0
     for i, (g, n_span) in enumerate(launches):
@@ -189,8 +193,8 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
         k_layout, v_layout = g.layouts if g is not None else (TensorLayout(), TensorLayout())
         _launch_decode(
             (n_span + n_dense, b * h_kv, row_blocks), tile.stages,
-            q, qh if k_layout.ROT else q, ql, po, pl,
-            g.table if g is not None else po, g.items if g is not None else po,
+            q, qh if k_layout.ROT else q, ql, partials, n_parts,
+            g.table if g is not None else partials, g.items if g is not None else partials,
             g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
             *dense_args, h, h_kv, sq, rows_total, *q.stride()[:3], scale * LOG2E,
             D=d, BLOCK_M=block_m, BLOCK_N=block_n, KV_T=TL_DTYPES[q.dtype],
@@ -202,7 +206,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
         base += n_span + n_dense
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=device)
     merge_kernel[(rows_total,)](
-        po, pl, out, n_parts, rows_total, h, sq, *out.stride()[:3],
+        partials, out, n_parts, rows_total, h, sq, *out.stride()[:3],
         D=d, BLOCK_P=MERGE_PARTS[n_parts > MERGE_PARTS[0]],
         EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4,
     )

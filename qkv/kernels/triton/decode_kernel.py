@@ -4,7 +4,8 @@ Flash-decoding: the keys are cut into pieces and each program attends to one run
 every query of every query head that shares one KV head (rows = query heads x queries), so each
 key and value tile is decoded once per KV head; the program writes its normalized partial output
 and log-sum-exp, and ``merge_kernel`` combines the partials of every row exactly (log-sum-exp
-weights). Programs ``0 .. n_span_progs`` read span pieces (work items of the span table, see
+weights). The partials are one fp32 buffer: the outputs [n_parts, rows, D], then the log-sum-exps
+[n_parts, rows] (one allocation a call). Programs ``0 .. n_span_progs`` read span pieces (work items of the span table, see
 records.py), the rest read the full-precision keys (up to two segments, by address). Tiles are
 decoded by ``tile.decode_tile``, as in the prefill kernel; the key and value layouts are the
 constexprs ``K`` and ``V`` (records.TensorLayout).
@@ -121,9 +122,10 @@ def _span_pieces(
 # would compile a variant for each of their classes (equal to 1, a multiple of 16, other), every
 # few hundred steps a new one, seconds each, in the middle of a generation. They only bound loops
 # and masks, so they are passed unspecialized.
-@triton.jit(do_not_specialize=["n_items", "per_prog", "n_span_progs", "prog_base", "dense_piece", "dn0", "dn1"])
+@triton.jit(do_not_specialize=["n_parts", "n_items", "per_prog", "n_span_progs", "prog_base", "dense_piece", "dn0",
+                               "dn1"])
 def decode_kernel(
-    q_ptr, qh_ptr, ql_ptr, po_ptr, pl_ptr, span_ptr, item_ptr,
+    q_ptr, qh_ptr, ql_ptr, po_ptr, n_parts, span_ptr, item_ptr,
     n_items, per_prog, n_span_progs, prog_base, dense_piece,
     dk0, dv0, dn0, dk0_sb, dk0_sh, dk0_ss, dv0_sb, dv0_sh, dv0_ss,
     dk1, dv1, dn1, dk1_sb, dk1_sh, dk1_ss, dv1_sb, dv1_sh, dv1_ss,
@@ -175,17 +177,19 @@ def decode_kernel(
     row = (b * H + head).to(tl.int64) * SQ + s_row  # row of [B, H, SQ]
     slot = (prog_base + pid).to(tl.int64) * ROWS_TOTAL
     tl.store(po_ptr + (slot + row)[:, None] * D + d[None, :], out, mask=r_ok[:, None])
+    pl_ptr = po_ptr + n_parts.to(tl.int64) * ROWS_TOTAL * D  # the log-sum-exps after the outputs
     tl.store(pl_ptr + slot + row, lse, mask=r_ok)
 
 
 @triton.jit(do_not_specialize=["n_parts"])
-def merge_kernel(po_ptr, pl_ptr, out_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
+def merge_kernel(po_ptr, out_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
                  D: tl.constexpr, BLOCK_P: tl.constexpr, EMULATE_BF16: tl.constexpr):
     """Combine the partials [n_parts, ROWS_TOTAL, D] (log2-domain lse) of one row of [B, H, SQ]
     (a program per row, BLOCK_P partials per load, so every part of a row is in flight at once)
     into out (q's dtype, strides o_*). EMULATE_BF16:
     round to bf16 by the bits (the interpreter's own conversion truncates)."""
     r = tl.program_id(0).to(tl.int64)
+    pl_ptr = po_ptr + n_parts.to(tl.int64) * ROWS_TOTAL * D  # the log-sum-exps after the outputs
     p = tl.arange(0, BLOCK_P)
     d = tl.arange(0, D)
     m = tl.full((BLOCK_P,), float("-inf"), tl.float32)
