@@ -48,6 +48,7 @@ import triton
 from common import copy_bandwidth, matmul_rate, peak_extra
 
 import qkv
+from qkv.caches.encode_graphs import cuda_capture
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SPAN = 4096
@@ -78,15 +79,8 @@ def timed(fn, reps: int = 50, rounds: int = 5) -> float:
 
 def graph_timed(fn) -> float:
     """``timed`` of ``fn`` replayed from a CUDA graph (captured after a warm-up on a side stream)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return timed(graph.replay)
+    replay, _ = cuda_capture(fn)
+    return timed(replay)
 
 
 def history(batch: int, tokens: int, seed: int = 0):

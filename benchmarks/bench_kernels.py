@@ -3,7 +3,8 @@
 At the paper's shapes (Self-Forcing span [1, 12, 37440, 128], LongCat span [1, 32, 29640, 128],
 bf16), on data with cluster structure and on real K/V tiled to those shapes, measured side by
 side in one run: decode time and achieved bandwidth vs the device's copy bandwidth, encode time
-at equal k-means iterations and at equal error, and relative MSE on the same tensors.
+at equal k-means iterations and at equal error, and relative MSE on the same tensors; and qkv's
+warm-started K+V encode (a streaming cache's steady state) eager and replayed from a CUDA graph.
 
     python benchmarks/bench_kernels.py --out benchmarks/results/bench_kernels.json [--real PATH]
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --seeding [--small] [--out PATH]
@@ -30,6 +31,7 @@ from common import clustered, copy_bandwidth, gpu_ms, ms, write_json
 from safetensors.torch import load_file
 
 import qkv
+from qkv.caches.encode_graphs import EncodeGraphs
 from qkv.evaluation.metrics import relative_mse
 
 SHAPES = {"self-forcing": (1, 12, 37440, 128), "longcat": (1, 32, 29640, 128)}
@@ -125,7 +127,33 @@ def run(args) -> dict:
     results["assign_sweep"] = assign_sweep(x)
     results["seeding"] = seeding({k: SHAPES[k] for k in ("longcat", "self-forcing")}, "cuda")
     results["kmeans_alone"] = kmeans_alone(x)
+    results["warm_encode"] = warm_encode({k: SHAPES[k] for k in ("longcat", "self-forcing")}, args.real)
     return results
+
+
+def warm_encode(shapes: dict, real: str | None) -> list[dict]:
+    """A streaming cache's steady-state encode: a span's K and V (here the same tensor twice, so K
+    and V are compressed in one pass) warm-started from the previous span, without the value check
+    (the cache checks chunks as they come), per call (host included), eagerly and replayed from a
+    CUDA graph (``KVCache(encode_graphs=True)``), for 2 and 5 k-means iterations; the eager
+    encode's GPU time alone; and both spans' error."""
+    rows = []
+    for shape_name, shape in shapes.items():
+        x = real_tiled(shape, real) if real else clustered(shape)
+        for iters in (2, 5):
+            policy = qkv.build_policy("qvg", iters=iters)
+            warm = policy.compress(x, x)
+            graphs = EncodeGraphs()
+            eager = lambda: policy.compress(x, x, warm_start=warm, validate=False)  # noqa: E731
+            graphed = lambda: policy.compress(x, x, warm_start=warm, validate=False, graphs=graphs)  # noqa: E731
+            err = {name: relative_mse(x, policy.decompress(fn())[0]) for name, fn in (("eager", eager), ("graphed", graphed))}
+            rows.append({"shape": shape_name, "iters": iters, "eager_ms": ms(eager), "graphed_ms": ms(graphed),
+                         "eager_gpu_ms": gpu_ms(eager), "graphs": len(graphs),
+                         "rel_mse_eager": err["eager"], "rel_mse_graphed": err["graphed"]})
+            print("warm encode", rows[-1], flush=True)
+        del x
+        torch.cuda.empty_cache()
+    return rows
 
 
 def kmeans_alone(x) -> list[dict]:

@@ -91,9 +91,13 @@ class CompressedTensor:
 
     def to(self, device: str | torch.device) -> "CompressedTensor":
         """A copy with every stored tensor on ``device``."""
+        return self.mapped(lambda t: t.to(device))
+
+    def mapped(self, fn) -> "CompressedTensor":
+        """This tensor with ``fn`` applied to every stored tensor (``torch.clone``: a copy)."""
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device)
+            return None if t is None else fn(t)
 
         return dataclasses.replace(
             self,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 
+from qkv.caches.encode_graphs import EncodeGraphs
 from qkv.caches.policy import Policy
 from qkv.caches.presets import build_policy
 from qkv.component import check_choice, check_int
@@ -34,7 +35,10 @@ class CacheConfig:
     as in the paper) or ``span_tokens`` tokens; not both. The sink is the first ``sink_chunks``
     chunks or the first ``sink_tokens`` tokens (a chunk that crosses it is cut there: a sink of
     frames with chunks of several frames); not both. ``attention``: how :meth:`KVCache.attend`
-    reads the history, one of :data:`ATTENTION` (see docs/attention.md)."""
+    reads the history, one of :data:`ATTENTION` (see docs/attention.md). ``encode_graphs``:
+    replay warm-started span encodes from CUDA graphs (:mod:`qkv.caches.encode_graphs`: fewer
+    host launches; k-means then runs all its iterations, and each span shape keeps its encode's
+    working memory)."""
 
     policy: Policy
     span_chunks: int | None = None
@@ -47,6 +51,7 @@ class CacheConfig:
     validate: bool = True
     backend: str = "auto"
     attention: str = "auto"
+    encode_graphs: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
@@ -66,7 +71,7 @@ class CacheConfig:
         check_int("cache", "recent_chunks", self.recent_chunks, 0)
         if self.max_spans is not None:
             check_int("cache", "max_spans", self.max_spans, 1)
-        for key in ("warm_start", "validate"):
+        for key in ("warm_start", "validate", "encode_graphs"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"cache: {key} must be True or False, got {getattr(self, key)!r}")
         check_choice("cache", "backend", self.backend, tuple(b.value for b in Backend))
@@ -77,6 +82,11 @@ class CacheConfig:
         """The policy spans are compressed with: ``policy`` with its windows stripped."""
         p = self.policy
         return Policy(dataclasses.replace(p.k, window=0), dataclasses.replace(p.v, window=0), name=p.name)
+
+    @functools.cached_property
+    def graphs(self) -> EncodeGraphs | None:
+        """The captured span encodes of the cache made with this config (``encode_graphs``), or None."""
+        return EncodeGraphs() if self.encode_graphs else None
 
     @functools.cached_property  # read at every append: the policy's formats are not rebuilt each time
     def fp_window(self) -> int:

@@ -13,21 +13,12 @@ from collections.abc import Callable
 
 import torch
 
-from qkv.compressed import CompressedKV, CompressedTensor, StageData
+from qkv.compressed import CompressedKV, CompressedTensor
 from qkv.errors import ShapeError
-
-_FIELDS = ("codes", "scales", "zeros", "scale_mult", "fp_tokens")
-
 
 def _map(ct: CompressedTensor, fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...]) -> CompressedTensor:
     """``ct`` with ``fn`` applied to every stored tensor (all laid out [B, H, ...]), of ``shape``."""
-
-    def apply(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else fn(t)
-
-    fields = {name: apply(getattr(ct, name)) for name in _FIELDS}
-    stages = tuple(StageData(apply(st.centroids), apply(st.assignments)) for st in ct.stages)
-    return dataclasses.replace(ct, shape=shape, stages=stages, **fields)
+    return dataclasses.replace(ct.mapped(fn), shape=shape)
 
 
 def select_heads(ckv: CompressedKV, start: int, stop: int) -> CompressedKV:

@@ -107,7 +107,7 @@ class KVCache:
             except (NonFiniteError, ValueRangeError):
                 return  # each append checks its own chunk and names the bad one
         done = cfg.span_policy.compress_many([chunks[i] for i in requests], warm_starts=[r[1] for r in requests.values()],
-                                             backend=cfg.backend, validate=False)
+                                             backend=cfg.backend, validate=False, graphs=cfg.graphs)
         for j, ((index, (key, warm)), ckv) in enumerate(zip(requests.items(), done)):
             self.layers[index]._ahead = (key, warm, ckv, None if check is None else (check, (2 * j, 2 * j + 1)))
 

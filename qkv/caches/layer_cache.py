@@ -461,7 +461,8 @@ class LayerCache(LayerState):
         if ahead is not None and ahead[0] == _fingerprint(k, v) and ahead[1] is warm:
             return ahead[2]  # compress_ahead made it from these very tensors and warm start
         # every chunk was checked as it came (or the config says not to check)
-        return self.config.span_policy.compress(k, v, warm_start=warm, backend=self.config.backend, validate=False)
+        return self.config.span_policy.compress(k, v, warm_start=warm, backend=self.config.backend, validate=False,
+                                                graphs=self.config.graphs)
 
     def ahead_request(self, k: torch.Tensor, v: torch.Tensor) -> tuple[tuple, CompressedKV | None] | None:
         """What :meth:`append` of ``k``, ``v`` would compress, when the chunk alone is one span

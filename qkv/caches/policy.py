@@ -19,6 +19,7 @@ from einops import rearrange
 
 from qkv import kernels
 from qkv.bounds import Bound, KVBound, tensor_bound
+from qkv.caches.encode_graphs import EncodeGraphs
 from qkv.caches.heads import batch_rows
 from qkv.caches.tail import stacked
 from qkv.component import check_int
@@ -312,6 +313,7 @@ class Policy:
         warm_start: CompressedKV | None = None,
         backend: str = "auto",
         validate: bool = True,
+        graphs: EncodeGraphs | None = None,
     ) -> CompressedKV:
         """Compress keys and values [B, H, S, D] (same shape, device; fp32/fp16/bf16).
 
@@ -319,6 +321,7 @@ class Policy:
         ``validate``: check that the values are finite and in range (one read-back for both; on a
         GPU read once the encode is queued, so the host does not wait before launching it); False
         for data already checked (:class:`~qkv.KVCache` checks each chunk as it comes).
+        ``graphs``: replay the warm-started encodes from CUDA graphs (:mod:`qkv.caches.encode_graphs`).
 
         When keys and values share one tensor policy (and dtype), they are compressed in one pass,
         stacked along the batch: every (batch, head) row is clustered and quantized on its own, so
@@ -326,7 +329,8 @@ class Policy:
         once), with half the kernel launches. Runs without autograd: what is stored never holds a
         graph.
         """
-        return self.compress_many([(k, v)], warm_starts=[warm_start], backend=backend, validate=validate)[0]
+        return self.compress_many([(k, v)], warm_starts=[warm_start], backend=backend, validate=validate,
+                                  graphs=graphs)[0]
 
     @torch.no_grad()
     def compress_many(
@@ -336,6 +340,7 @@ class Policy:
         warm_starts: Sequence[CompressedKV | None] | None = None,
         backend: str = "auto",
         validate: bool = True,
+        graphs: EncodeGraphs | None = None,
     ) -> list[CompressedKV]:
         """:meth:`compress` of every (k, v) of ``pairs`` (``warm_starts[i]`` for pair i), in as few
         passes as the inputs allow: pairs of one [H, S, D], dtype and device, all with a warm start
@@ -363,7 +368,8 @@ class Policy:
                 warms = [warm_starts[i] for i in members]
                 warm_k, warm_v = self._warm_rows(self.k, "k", ks, warms), self._warm_rows(self.v, "v", vs, warms)
                 known = None if not peaks else ([peaks[2 * i] for i in members], [peaks[2 * i + 1] for i in members])
-                for i, (ct_k, ct_v) in zip(members, self._compress_stacked(ks, vs, warm_k, warm_v, backend, known)):
+                stacked_pairs = self._compress_stacked(ks, vs, warm_k, warm_v, backend, known, graphs)
+                for i, (ct_k, ct_v) in zip(members, stacked_pairs):
                     out[i] = CompressedKV(ct_k, ct_v, self.spec)
         return out
 
@@ -375,22 +381,33 @@ class Policy:
         per = [tp._warm(getattr(w, which), x.shape[0] * x.shape[1]) for w, x in zip(warm, xs)]
         return None if per[0] is None else [torch.cat(stage) for stage in zip(*per)]
 
-    def _compress_stacked(self, ks, vs, warm_k, warm_v, backend, peaks=None) -> list[tuple[CompressedTensor, CompressedTensor]]:
+    def _compress_stacked(self, ks, vs, warm_k, warm_v, backend, peaks=None,
+                          graphs: EncodeGraphs | None = None) -> list[tuple[CompressedTensor, CompressedTensor]]:
         """Compress ``ks`` and ``vs`` (one [H, S, D] and dtype each) stacked along the batch, in one
         pass when K and V share a policy and dtype: (k, v) compressed per input. ``peaks``: the
-        value check's row peaks, ([B, H] of each of ``ks``, of each of ``vs``), or None."""
+        value check's row peaks, ([B, H] of each of ``ks``, of each of ``vs``), or None;
+        ``graphs``: where warm-started encodes replay (see :meth:`compress`)."""
+
+        one_pass = self.k == self.v and ks[0].dtype == vs[0].dtype
+        split = one_pass or len(ks) > 1  # batch_rows copies the parts
+
+        def encode(tp: TensorPolicy, x, warm, tp_peaks):
+            if graphs is None:
+                return tp._compress(x, warm, backend, tp_peaks)
+            return graphs.encode(tp, x, warm, backend, tp_peaks, copy=not split)
+
         bounds = [0]
         for k in ks:
             bounds.append(bounds[-1] + k.shape[0])
         k_peaks, v_peaks = (None, None) if peaks is None else (_batch(peaks[0]), _batch(peaks[1]))
-        if self.k == self.v and ks[0].dtype == vs[0].dtype:  # keys then values, one copy
+        if one_pass:  # keys then values, one copy
             warm = None if warm_k is None else [torch.cat(pair) for pair in zip(warm_k, warm_v)]
             both = None if peaks is None else torch.cat([k_peaks, v_peaks])
-            ct_k = ct_v = self.k._compress(stacked([*ks, *vs]), warm, backend, both)
+            ct_k = ct_v = encode(self.k, stacked([*ks, *vs]), warm, both)
             shift = bounds[-1]
         else:
-            ct_k, shift = self.k._compress(_batch(ks), warm_k, backend, k_peaks), 0
-            ct_v = self.v._compress(_batch(vs), warm_v, backend, v_peaks)
+            ct_k, shift = encode(self.k, _batch(ks), warm_k, k_peaks), 0
+            ct_v = encode(self.v, _batch(vs), warm_v, v_peaks)
             if len(ks) == 1:
                 return [(ct_k, ct_v)]
         return [(batch_rows(ct_k, a, b), batch_rows(ct_v, shift + a, shift + b)) for a, b in zip(bounds, bounds[1:])]
