@@ -99,10 +99,10 @@ def sync(device: torch.device) -> None:
 class Run:
     """One rollout's measurements: wall time per chunk, peak memory beyond the start (read after
     every chunk, before any later rollout resets the peak), the last denoising output per chunk
-    (CPU fp32, for the drift)."""
+    (CPU fp32, for the drift). ``watch``: called after every chunk, untimed."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.device, self.times, self.outputs, self.peak_bytes = device, [], [], None
+    def __init__(self, device: torch.device, watch=None) -> None:
+        self.device, self.times, self.outputs, self.peak_bytes, self.watch = device, [], [], None, watch
         self.forwards: list[list[float]] = [[]]  # per chunk, each forward's wall time
         sync(device)
         if device.type == "cuda":
@@ -127,8 +127,27 @@ class Run:
             self.peak_bytes = torch.cuda.max_memory_allocated() - self.base
         self.outputs.append(output.detach().float().cpu())
         self.forwards.append([])
-        self.t0 = time.perf_counter()  # the copy to the CPU is not timed
+        if self.watch is not None:
+            self.watch()
+        self.t0 = time.perf_counter()  # the copy to the CPU and the watch are not timed
 
+
+
+class MostHeld:
+    """The most an adapter's handle held after any chunk (``handle.memory().total``), as a
+    :class:`Run`'s watch."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+
+    def reset(self) -> None:
+        self.bytes = 0
+
+    def watch(self, handle):
+        """A :class:`Run` watch for ``handle`` (None: no watch)."""
+        if handle is None:
+            return None
+        return lambda: setattr(self, "bytes", max(self.bytes, handle.memory().total))
 
 
 @contextlib.contextmanager
@@ -264,11 +283,13 @@ def self_forcing(args, device, dtype) -> dict:
         cross = [{"k": None, "v": None, "is_init": False} for _ in range(blocks)]
         return kv, cross
 
-    def rollout(meta: bool) -> tuple[Run, list]:
+    held = MostHeld()
+
+    def rollout(meta: bool, handle=None) -> tuple[Run, list]:
         name = "qkv" if meta else "upstream"
         gen = torch.Generator(device).manual_seed(0)
         context = [torch.randn(*text, generator=gen, device=device, dtype=dtype)]
-        run = Run(device)  # before the cache is allocated: the rollout's peak includes it
+        run = Run(device, held.watch(handle))  # before the cache is allocated: the rollout's peak includes it
         kv, cross = dicts(meta)
         with torch.no_grad():
             for c in range(chunks):
@@ -291,18 +312,22 @@ def self_forcing(args, device, dtype) -> dict:
     up_bytes = sum(d[name][:, : chunks * n].numel() * d[name].element_size() for d in kv for name in ("k", "v"))
     del kv
     with qkv.adapters.streamdiffusionv2.install(model, args.policy, **install_options(args)) as handle:
-        our_run, _ = twice(lambda: rollout(True), handle.reset)
+        our_run, _ = twice(lambda: rollout(True, handle), lambda: (handle.reset(), held.reset()))
         mem = handle.memory()
         span = span_chunks(handle.cache, n)
         compressed_chunks = len(handle.cache.layer(0).spans) * span
+        per_pass = handle.blocks_per_pass
     bf16_chunk = up_bytes / chunks
-    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "kv_bytes_max_after_a_chunk": held.bytes,
+                                              "memory": memory_dict(mem)}, up_run, our_run)
     result["span_chunks"] = span
-    # qkv: up to a span of chunks waits in bf16 (the tail) plus the chunk being denoised
+    # qkv: up to a span less one chunk waits in bf16 (the tail), and within the chunk's last model
+    # call up to blocks_per_pass blocks' chunk wait for their compression pass
     result["capacity"] = {
         "chunk_tokens": n,
         "upstream_chunks": capacity(0, bf16_chunk),
-        "qkv_chunks": capacity((span + 1) * bf16_chunk, mem.compressed / max(compressed_chunks, 1), span + 1),
+        "qkv_chunks": capacity((span - 1 + per_pass / blocks) * bf16_chunk, mem.compressed / max(compressed_chunks, 1),
+                               span),
     }
     return result
 
@@ -333,9 +358,11 @@ def self_forcing_github(args, device, dtype) -> dict:
     prompt = {"prompt_embeds": torch.randn(1, cfg["text_len"], cfg["text_dim"], generator=gen, device=device,
                                            dtype=dtype)}
 
-    def rollout() -> Run:
+    held = MostHeld()
+
+    def rollout(handle=None) -> Run:
         pipe.kv_cache1 = pipe.crossattn_cache = None  # the last rollout's: freed before the start
-        run = Run(device)  # before the pipeline allocates its caches: the peak includes them
+        run = Run(device, held.watch(handle))  # before the pipeline allocates its caches: the peak includes them
         pipe.chunk_done = run.chunk_done
         torch.manual_seed(1)  # the scheduler's re-noising draws: the same for both caches
         with torch.no_grad():
@@ -345,9 +372,10 @@ def self_forcing_github(args, device, dtype) -> dict:
     up_run = twice(rollout)
     up_bytes = sum(d[name].numel() * d[name].element_size() for d in pipe.kv_cache1 for name in ("k", "v"))
     with qkv.adapters.self_forcing.install(pipe, args.policy, **install_options(args)) as handle:
-        our_run = twice(rollout, handle.reset)
+        our_run = twice(lambda: rollout(handle), lambda: (handle.reset(), held.reset()))
         mem = handle.memory()
-    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
+    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "kv_bytes_max_after_a_chunk": held.bytes,
+                                              "memory": memory_dict(mem)}, up_run, our_run)
     result["local_attn_size"] = local
     return result
 

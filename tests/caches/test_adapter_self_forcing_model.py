@@ -68,6 +68,7 @@ def test_the_adapter_runs_upstreams_pipeline_on_compressed_spans(local_attn_size
         lossless = rollout(pipe, chunks)
         layer = handle.caches()[0].layer(0)
         assert layer.spans  # compressed spans were attended to
+        assert handle.pending() == []  # the last chunk was stored at its context pass
         if local_attn_size != -1:
             assert layer.evicted > 0
     assert relative(reference, lossless) < 1e-6  # measured 1.6e-7
@@ -78,3 +79,61 @@ def test_the_adapter_runs_upstreams_pipeline_on_compressed_spans(local_attn_size
     # 4 clusters, blocks of 16: measured 0.28% (global) and 0.13% (window of 9 frames, 1 sink frame)
     assert 0 < relative(reference, compressed) < 0.01 and held < upstream_bytes / 2
     assert "_initialize_kv_cache" not in vars(pipe)
+
+
+@pytest.mark.parametrize("local_attn_size, sink_size", [(-1, 0), (9, 1)])
+def test_inference_holds_no_chunk_in_full_precision_between_model_calls(local_attn_size, sink_size, compress_passes):
+    """In the pipeline's own ``inference`` every chunk gets its denoising steps and the context
+    pass: each block's chunk is dropped after every call but the context pass and stored there,
+    ``blocks_per_pass`` blocks in one compression pass, so no block holds its chunk in full
+    precision between calls; the output is upstream's to fp32 rounding. Called by hand (as
+    ``demo.py`` does) the chunk is held until the next one starts, as before."""
+    chunks = 4
+    pipe = pipeline(chunks, local_attn_size, sink_size)
+    reference = rollout(pipe, chunks)
+    with self_forcing.install(pipe, "fp32", span_chunks=1, blocks_per_pass=1) as handle:
+        held = []
+        hook = pipe.generator.register_forward_hook(lambda *_: held.append(handle.pending()))
+        try:
+            ours = rollout(pipe, chunks)
+        finally:
+            hook.remove()
+        steps = len(pipe.denoising_step_list) + 1
+        assert len(held) == chunks * steps and all(p == [] for p in held)
+        # blocks_per_pass=1: one block's chunk per pass (with a sink frame, the spans after it are cut
+        # differently from the chunks, hence no fixed count)
+        assert set(compress_passes) == {1} and len(compress_passes) >= BLOCKS * (chunks - 1)
+        assert handle.writes_per_chunk is None  # only while inference runs
+    assert relative(reference, ours) < 1e-6
+
+
+def test_a_chunk_written_a_number_of_times_the_pipeline_does_not_make_raises():
+    """The writes a chunk gets come from the pipeline; a call beyond them raises, and a next
+    chunk before them raises, naming the chunk whose K/V were dropped."""
+    chunks = 2
+    pipe = pipeline(chunks)
+    with self_forcing.install(pipe, "fp32"):
+        rollout(pipe, 1)
+        wrapper, calls = pipe.generator, []
+        forward, steps = wrapper.forward, len(pipe.denoising_step_list) + 1
+
+        def twice_the_context_pass(*args, **kwargs):
+            calls.append(1)
+            out = forward(*args, **kwargs)
+            return forward(*args, **kwargs) if len(calls) == steps else out
+
+        wrapper.forward = twice_the_context_pass
+        try:
+            with pytest.raises(qkv.errors.CacheError, match="written again after the 5 writes"):
+                rollout(pipe, 1)
+            calls.clear()
+
+            def no_context_pass(*args, **kwargs):
+                calls.append(1)
+                return None if len(calls) % steps == 0 else forward(*args, **kwargs)
+
+            wrapper.forward = no_context_pass
+            with pytest.raises(qkv.errors.CacheError, match="written 4 times, not the 5"):
+                rollout(pipe, 2)
+        finally:
+            del wrapper.forward

@@ -276,8 +276,9 @@ def test_a_block_packs_exactly_in_a_seventh_of_its_bf16_bytes(model):
         buffer, header = source.pack_block(0)
         target.unpack_block(0, buffer, header)
         assert all(torch.equal(a, b) for a, b in zip(source.cache.read(0), target.cache.read(0)))
-        assert target.chunk[0][0] == 8 * 1024 and all(torch.equal(a, b) for a, b in zip(source.chunk[0][1:],
-                                                                                          target.chunk[0][1:]))
+        held, got = source.chunk[0], target.chunk[0]
+        assert (got.slot, got.tokens, got.writes) == (8 * 1024, 1024, 1)
+        assert torch.equal(got.k, held.k) and torch.equal(got.v, held.v)
         assert source.cache.layer(0).tail == [] and len(source.cache.layer(0).spans) == 2
         pending = 2 * chunks[8][0].numel() * 2
         assert (buffer.numel() - pending) * 6.5 < 8 * pending  # measured 6.9x
@@ -323,7 +324,8 @@ def test_a_buffer_above_the_rollout_compresses_the_first_chunk_and_refuses_a_rin
         fresh_ring(model, sink_size=0)
         ours = rollout(model, 5, capacity=20 * N)
         layer = handle.cache.layer(0)
-        assert handle.memory().sink == 0 and len(layer.spans) == 2  # chunks 0-1 and 2-3; 4 being denoised
+        # chunks 0-1 and 2-3, and 4 in the tail: stored at its last write (kv_cache["total_steps"])
+        assert handle.memory().sink == 0 and len(layer.spans) == 2 and layer.tokens == 5 * N and not handle.pending()
         for a, b in zip(ref, ours, strict=True):
             assert (a - b).abs().max() <= 1e-5 * a.abs().max()
         fresh_ring(model, sink_size=0)
@@ -333,4 +335,80 @@ def test_a_buffer_above_the_rollout_compresses_the_first_chunk_and_refuses_a_rin
         fresh_ring(model, sink_size=0)
         rollout(model, 5, capacity=20 * N)
         layer = handle.cache.layer(0)
-        assert [sp.tokens for sp in layer.spans] == [N] * 4 and not layer.tail  # chunk 4 being denoised
+        assert [sp.tokens for sp in layer.spans] == [N] * 5 and not layer.tail and not handle.pending()
+
+
+def test_a_global_buffer_holds_no_chunk_in_full_precision_between_model_calls(model, compress_passes):
+    """In a buffer sized for global attention, a chunk's K/V are dropped after each model call but
+    the last of its ``total_steps`` (the next call rewrites them before anything reads them), and
+    the last call's are compressed there, ``blocks_per_pass`` blocks in one pass: between calls
+    nothing waits in full precision, and the outputs are upstream's to fp32 rounding."""
+    fresh_ring(model, sink_size=0)
+    ref = rollout(model, 4, capacity=20 * N)
+    kv = kv_dicts(model, 20 * N)
+    held = []
+    with adapter.install(model, "fp32", blocks_per_pass=1) as handle:
+        hook = model.register_forward_hook(lambda *_: held.append((handle.pending(), handle.memory().tokens)))
+        try:
+            ours = rollout(model, 4, capacity=None, kv=kv)
+        finally:
+            hook.remove()
+    for a, b in zip(ref, ours, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    assert all(pending == [] for pending, _ in held)
+    steps = len(TIMESTEPS)
+    # two blocks: the stored tokens grow by a chunk each, at every chunk's last call only
+    assert [tokens for _, tokens in held] == [2 * N * (c // steps) for c in range(1, 4 * steps + 1)]
+    assert compress_passes == [1, 1] * 4  # blocks_per_pass=1: a pass per block
+
+
+@pytest.mark.parametrize("total, match", [(2, "written again after the 2 writes"), (4, "written 3 times, not the 4")])
+def test_total_steps_that_are_not_the_model_calls_per_chunk_raise(model, total, match):
+    """``total_steps`` below the calls per chunk: the extra write raises; above them: the next
+    chunk raises, naming the chunk whose K/V were not kept."""
+    fresh_ring(model, sink_size=0)
+    kv, cross = kv_dicts(model, 20 * N)
+    for d in kv:
+        d["total_steps"] = total
+    with adapter.install(model, "fp32"), pytest.raises(CacheError, match=match):
+        rollout(model, 2, capacity=None, kv=(kv, cross))
+    for bad in (0, "3", True):
+        kv, cross = kv_dicts(model, 20 * N)
+        kv[0]["total_steps"] = bad
+        with adapter.install(model, "fp32"), pytest.raises(ConfigError, match="total_steps"):
+            rollout(model, 1, capacity=None, kv=(kv, cross))
+    with pytest.raises(ConfigError, match="blocks_per_pass"):
+        adapter.install(model, "fp32", blocks_per_pass=0)
+
+
+def test_a_block_packs_its_chunk_between_calls(model):
+    """Between two denoising calls a block's chunk has no K/V (dropped) but its slots and write
+    count: they round-trip, and the receiving handle goes on with the chunk's next write."""
+    fresh_ring(model, sink_size=0)
+    kv = kv_dicts(model, 20 * N)
+    gen = torch.Generator().manual_seed(5)
+    context = [torch.randn(TEXT, 32, generator=gen)]
+    x = torch.randn(1, C, F, H, W, generator=gen)
+    start = torch.tensor([0])
+    with adapter.install(model, "fp32") as source, adapter.install(tiny_model(), "fp32") as target:
+        with torch.no_grad():
+            model(list(x), torch.full((1, F), TIMESTEPS[0]), context, seq_len=10**6, kv_cache=kv[0],
+                  crossattn_cache=kv[1], current_start=start, current_end=start + N)
+        buffer, header = source.pack_block(0)
+        assert "k" not in header["chunk"]
+        target.unpack_block(0, buffer, header)
+        got = target.chunk[0]
+        assert (got.slot, got.tokens, got.k, got.v, got.writes, got.stored) == (0, N, None, None, 1, False)
+        header["chunk"]["writes"] = 0
+        with pytest.raises(CorruptDataError, match="written 0 times"):
+            target.unpack_block(0, buffer, header)
+
+
+def test_final_chunks_left_short_of_a_pass_are_stored_when_the_forward_returns(model, compress_passes):
+    """With more ``blocks_per_pass`` than blocks the pass never fills: the waiting final chunks are
+    stored, in one pass, when the model's forward returns, whichever blocks it ran."""
+    fresh_ring(model, sink_size=0)
+    with adapter.install(model, "fp32", blocks_per_pass=8) as handle:
+        rollout(model, 3, capacity=20 * N)
+        assert handle.pending() == [] and handle.waiting == []
+    assert compress_passes == [2, 2, 2]

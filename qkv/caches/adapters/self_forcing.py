@@ -37,6 +37,8 @@ shaped from the model (its blocks, heads and head size) rather than the pipeline
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import sys
 import types
@@ -51,6 +53,7 @@ from qkv.caches.cache_config import CacheMemory
 from qkv.caches.kvcache import KVCache
 from qkv.caches.layer_cache import LayerCache
 from qkv.caches.policy import Policy
+from qkv.component import check_int
 from qkv.errors import CacheError, ConfigError, GradientError, ShapeError
 
 __all__ = ["SelfForcingBlockCache", "SelfForcingHandle", "SlotView", "cache_options", "install", "self_forcing_kv_cache"]
@@ -70,6 +73,28 @@ def _held(value: torch.Tensor) -> torch.Tensor:
     """A written chunk as held while pending: a copy that keeps its autograd history when grad is
     enabled (reads of its slots stay differentiable), a detached copy otherwise."""
     return value.clone() if torch.is_grad_enabled() else value.detach().clone()
+
+
+@dataclasses.dataclass(eq=False)
+class BlockGroup:
+    """The drop-ins of one cache list, over one :class:`KVCache`: their finished chunks are
+    compressed together (:meth:`KVCache.compress_ahead`). ``writes_per_chunk``: the attention
+    steps a chunk gets, when the pipeline running says (None: unknown); ``waiting``: the blocks
+    whose chunk had its last write, stored ``blocks_per_pass`` at a time."""
+
+    cache: KVCache
+    blocks: list
+    blocks_per_pass: int = 8
+    writes_per_chunk: int | None = None
+    waiting: list = dataclasses.field(default_factory=list)
+
+    def flush(self) -> None:
+        """Store the waiting blocks' final chunks, compressed in one pass."""
+        waiting, self.waiting = self.waiting, []
+        self.cache.compress_ahead({b.layer.index: b._finished() for b in waiting})
+        for b in waiting:
+            b._final_at = b._start, b._writes
+            b._commit()
 
 
 class SlotView:
@@ -123,9 +148,12 @@ class SelfForcingBlockCache(MutableMapping):
         self._pending_at = (0, 0)
         self._shift: tuple[int, int, int] | None = None  # (a, b, e) of a shift whose K half is done
         self._known = {name: HostValue() for name in self._indices}  # the end indices' last values
-        # (the KVCache, every block of the list) when made by self_forcing_kv_cache: the blocks'
-        # finished chunks are compressed in one pass (see _commit)
-        self.group: tuple[KVCache, list[SelfForcingBlockCache]] | None = None
+        # made by self_forcing_kv_cache: the blocks' finished chunks are compressed in one pass
+        self.group: BlockGroup | None = None
+        self._writes = 0  # attention steps that wrote the chunk being written (at token _start)
+        self._start: int | None = None
+        self._short_of: int | None = None  # the writes it needs, once its K/V were dropped after an earlier one
+        self._final_at: tuple[int, int] | None = None  # (first token, writes) of the chunk stored at its last
 
     # -- mapping -------------------------------------------------------------------------------
     def __getitem__(self, key: str):
@@ -173,6 +201,11 @@ class SelfForcingBlockCache(MutableMapping):
         checked here (with ``validate``), once, not at every write of the denoising steps (each
         check is a read-back from the GPU): a chunk holding NaN/Inf raises
         :class:`~qkv.errors.NonFiniteError` and stays pending, nothing stored."""
+        if self._short_of is not None:
+            raise CacheError(
+                f"slots {self._pending_at} hold a chunk written {self._writes} times, not the {self._short_of} "
+                "its pipeline makes, whose K/V were dropped after each write but the last"
+            )
         if not self._pending:
             return
         if set(self._pending) != {"k", "v"}:
@@ -218,17 +251,19 @@ class SelfForcingBlockCache(MutableMapping):
         of this block's, in one pass (:meth:`KVCache.compress_ahead`): upstream moves all blocks
         on together, so the first block to start the next chunk finds every block's chunk final;
         each block's commit then stores its own, bit for bit what compressing it alone gives."""
-        cache, blocks = self.group
         chunks = {
             b.layer.index: b._finished()
-            for b in blocks
+            for b in self.group.blocks
             if b._pending_at == self._pending_at and set(b._pending) == {"k", "v"}
             and not any(t.requires_grad for t in b._pending.values())
         }
-        cache.compress_ahead(chunks)
+        self.group.cache.compress_ahead(chunks)
 
     def _content(self, name: str) -> torch.Tensor:
         """Everything held for ``name``: [B, filled, H, D]."""
+        if self._short_of is not None:
+            raise CacheError(f"{name} slots {self._pending_at} are read after their K/V were dropped (a write that "
+                             "was not the chunk's last; see writes_per_chunk)")
         parts = []
         if self.layer.layout is not None and self.layer.tokens:
             k, v = self.layer.read()
@@ -264,6 +299,7 @@ class SelfForcingBlockCache(MutableMapping):
             self._write_shift(name, a, b, value)
         elif (a, b) == (p0, p1) and p1 > p0:
             self._pending[name] = _held(value)  # a rewrite of the pending chunk
+            self._short_of = None
         elif a == self.filled and self._pending_at[0] != a:
             self._commit()
             self._pending, self._pending_at = {name: _held(value)}, (a, b)
@@ -323,12 +359,37 @@ class SelfForcingBlockCache(MutableMapping):
             local_end = local_end + current_end - global_end - evicted
         else:
             local_end = local_end + current_end - global_end
+        again = current_end == global_end  # the chunk of the last step again (not a new one, nor a new video)
+        if again and self._final_at is not None and current_start == self._final_at[0]:
+            raise CacheError(f"the chunk at token {current_start} is written again after the {self._final_at[1]} "
+                             "writes its pipeline makes stored it")
+        rewrite = again and current_start == self._start and (self._pending or self._short_of is not None)
         self.write_slots("k", local_end - n, local_end, k)
         self.write_slots("v", local_end - n, local_end, v)
+        self._writes, self._start = (self._writes + 1 if rewrite else 1), current_start
         out = self.attend(q, max(0, local_end - max_attention_size), local_end)
         self.set_index("global_end_index", current_end)
         self.set_index("local_end_index", local_end)
+        self._settle()
         return out
+
+    def _settle(self) -> None:
+        """After an attention step: when the chunks' writes are known (the group's
+        ``writes_per_chunk``), a chunk short of them drops its K/V (the next step rewrites them
+        before anything reads them), and one at its last write waits to be stored with the
+        group's other final chunks, ``blocks_per_pass`` blocks per compression pass, or at the
+        last block. So between steps no block holds its chunk in full precision. A chunk that
+        needs gradients (the training rollout) is always held."""
+        group = self.group
+        total = None if group is None else group.writes_per_chunk
+        if total is None or any(t.requires_grad for t in self._pending.values()):
+            return
+        if self._writes < total:
+            self._pending, self._short_of = {}, total
+            return
+        group.waiting.append(self)
+        if len(group.waiting) >= group.blocks_per_pass or self is group.blocks[-1]:
+            group.flush()
 
     def _check_sink(self, sink: int) -> None:
         """A shift after slot ``sink`` keeps exactly the cache's sink."""
@@ -367,6 +428,9 @@ class SelfForcingBlockCache(MutableMapping):
         """Forget the video: the layer and the chunk being written (the pipeline restarts)."""
         self.layer.reset()
         self._pending, self._pending_at, self._shift = {}, (0, 0), None
+        self._writes, self._start, self._short_of, self._final_at = 0, None, None, None
+        if self.group is not None and self in self.group.waiting:
+            self.group.waiting.remove(self)
 
 
 def self_forcing_kv_cache(
@@ -379,18 +443,21 @@ def self_forcing_kv_cache(
     head_dim: int,
     dtype: torch.dtype,
     device: str | torch.device,
+    blocks_per_pass: int = 8,
 ) -> list[SelfForcingBlockCache]:
     """Per-block cache dicts standing in for one of Self-Forcing's cache lists (block i ->
     ``cache.layer(i)``), K/V slots [B, capacity, heads, head_dim]. ``cache`` should be made with
     :func:`cache_options` (its sink and, with a window, its spans); :func:`install` does all of it
-    from the pipeline and its model."""
+    from the pipeline and its model. ``blocks_per_pass``: the blocks whose final chunks are
+    compressed in one pass when the pipeline's writes per chunk are known (:meth:`install`)."""
     blocks = [
         SelfForcingBlockCache(cache.layer(i), batch_size=batch_size, capacity=capacity, heads=heads,
                               head_dim=head_dim, dtype=dtype, device=device)
         for i in range(num_blocks)
     ]
+    group = BlockGroup(cache, blocks, blocks_per_pass)
     for block in blocks:
-        block.group = (cache, blocks)
+        block.group = group
         block.layer.bound_to(max(capacity - cache.config.sink_tokens, 1))  # upstream's buffer bounds what it holds
     return blocks
 
@@ -411,8 +478,11 @@ class SelfForcingHandle(AdapterHandle):
     pipeline allocates (by attribute name: ``kv_cache1``, or ``kv_cache_pos`` and
     ``kv_cache_neg``), and the drop-in dicts in them."""
 
-    def __init__(self, pipeline, policy: Policy | str, options: dict) -> None:
+    def __init__(self, pipeline, policy: Policy | str, options: dict, blocks_per_pass: int = 8) -> None:
         super().__init__("self_forcing", policy, options, fixed=("num_layers", "max_spans", "sink_chunks", "sink_tokens"))
+        check_int("self_forcing", "blocks_per_pass", blocks_per_pass, 1)
+        self.blocks_per_pass = blocks_per_pass
+        self.writes_per_chunk: int | None = None  # while the pipeline's own inference runs (see install)
         self.pipeline = pipeline
         self.model = pipeline.generator.model
         self.named: dict[str, KVCache] = {}
@@ -456,9 +526,27 @@ class SelfForcingHandle(AdapterHandle):
         cache.reset()
         blocks = self_forcing_kv_cache(cache, num_blocks=len(model.blocks), batch_size=batch, capacity=capacity,
                                        heads=model.num_heads, head_dim=model.dim // model.num_heads,
-                                       dtype=meta[0]["k"].dtype, device=device)
+                                       dtype=meta[0]["k"].dtype, device=device, blocks_per_pass=self.blocks_per_pass)
+        blocks[0].group.writes_per_chunk = self.writes_per_chunk
         self.blocks[name] = blocks
         return blocks
+
+    def run_inference(self, original, *args, **kwargs):
+        """``CausalInferencePipeline.inference``: every chunk gets ``len(denoising_step_list)``
+        denoising steps and the clean context pass, so each block's chunk is stored at its last
+        write and dropped after the others (:meth:`SelfForcingBlockCache._settle`); not with an
+        ``initial_latent``, whose frames get the context pass alone."""
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        known = bound.arguments.get("initial_latent") is None
+        self.writes_per_chunk = len(self.pipeline.denoising_step_list) + 1 if known else None
+        try:
+            for blocks in self.blocks.values():
+                blocks[0].group.writes_per_chunk = self.writes_per_chunk
+            return original(*args, **kwargs)
+        finally:
+            self.writes_per_chunk = None
+            for blocks in self.blocks.values():
+                blocks[0].group.writes_per_chunk = None
 
 
 def _meta_lists(pipeline) -> dict[str, list[dict]]:
@@ -503,20 +591,25 @@ def _attention_modules(model) -> list:
             and all(hasattr(b.self_attn, name) for name in ("q", "k", "v", "o", "norm_q", "norm_k"))]
 
 
-def install(pipeline, policy: Policy | str = "qvg", **options) -> SelfForcingHandle:
+def install(pipeline, policy: Policy | str = "qvg", *, blocks_per_pass: int = 8, **options) -> SelfForcingHandle:
     """Give a Self-Forcing pipeline (anything with ``generator.model``, ``frame_seq_length`` and
     ``_initialize_kv_cache(batch_size, dtype, device)``) drop-in caches on a compressed
     :class:`KVCache`. ``policy``: a :class:`Policy` or preset/spec; ``options``: the KVCache
     options except ``num_layers``, ``max_spans`` and the sink, which follow from the model
     (:meth:`SelfForcingHandle.derived_options`; spans of one chunk unless given). The blocks'
     ``CausalWanSelfAttention.forward`` attend to the compressed spans (:meth:`SelfForcingBlockCache.attention_step`).
+    In a ``CausalInferencePipeline``'s own ``inference`` (which gives every chunk its denoising
+    steps and the clean context pass), a chunk is stored at its last write, ``blocks_per_pass``
+    blocks in one compression pass (more: fewer launches, more K/V held in bf16 meanwhile), and
+    no block holds its chunk in full precision between steps; elsewhere (``demo.py``'s loop, the
+    CFG and training pipelines) until the next chunk starts.
     Returns the handle (``memory()``: every cache and the chunks being written; ``remove()``)."""
     model = getattr(getattr(pipeline, "generator", None), "model", None)
     if model is None or not hasattr(model, "blocks") or not hasattr(pipeline, "_initialize_kv_cache"):
         raise ConfigError(
             f"self_forcing: expected a pipeline with .generator.model and _initialize_kv_cache, got {type(pipeline).__name__}"
         )
-    handle = SelfForcingHandle(pipeline, policy, options)
+    handle = SelfForcingHandle(pipeline, policy, options, blocks_per_pass)
     original = pipeline._initialize_kv_cache
 
     def initialize(batch_size, dtype, device):
@@ -529,6 +622,10 @@ def install(pipeline, policy: Policy | str = "qvg", **options) -> SelfForcingHan
             setattr(pipeline, name, handle.allocate(name, meta, device))
 
     handle.patches.set(pipeline, "_initialize_kv_cache", initialize)
+    if type(pipeline).__name__ == "CausalInferencePipeline" and hasattr(pipeline, "denoising_step_list"):
+        inference = pipeline.inference
+        handle.patches.set(pipeline, "inference",
+                           lambda *args, **kwargs: handle.run_inference(inference, *args, **kwargs))
     for attn in _attention_modules(model):
         handle.patches.set(attn, "forward", types.MethodType(_self_attention(attn.forward), attn))
     return handle

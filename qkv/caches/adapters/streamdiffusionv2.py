@@ -34,6 +34,7 @@ writes over the sink or over part of a chunk (chunks of different sizes).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 
@@ -45,6 +46,7 @@ from qkv.caches.adapters.self_forcing import cache_options
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
 from qkv.caches.transfer import PackedReader, broadcast_packed, pack_layer, tensor_entry, unpack_layer
+from qkv.component import check_int
 from qkv.compressed import PackedBytes
 from qkv.errors import CacheError, ConfigError, CorruptDataError
 from qkv.io import field, load_device
@@ -84,18 +86,34 @@ def _starts(current_start) -> int:
     return values[0]
 
 
+@dataclasses.dataclass
+class Chunk:
+    """A block's latest chunk: its first slot, tokens, the K/V [B, H, n, D] of its last write
+    while not appended to the layer (None once dropped or ``stored``: see
+    :meth:`StreamDiffusionV2Handle.settle`) and how many times it was written."""
+
+    slot: int
+    tokens: int
+    k: torch.Tensor | None
+    v: torch.Tensor | None
+    writes: int = 1
+    stored: bool = False
+
+
 class StreamDiffusionV2Handle(AdapterHandle):
     """:class:`AdapterHandle` of a ``CausalWanModel``; per block, the chunk being denoised, the
     buffer slots of every chunk the cache holds, and upstream's slot bookkeeping (its end indices,
     ring queue and step counter), so that the cache holds exactly the slots upstream attends to."""
 
-    def __init__(self, model, policy: Policy | str, cache_options: dict) -> None:
+    def __init__(self, model, policy: Policy | str, cache_options: dict, blocks_per_pass: int = 8) -> None:
         super().__init__("streamdiffusionv2", policy, cache_options,
                          fixed=("num_layers", "max_spans", "sink_chunks", "sink_tokens"))
+        check_int("streamdiffusionv2", "blocks_per_pass", blocks_per_pass, 1)
         self.model = model
         self.num_blocks = len(model.blocks)
-        # per block: (first slot, k, v [B, H, n, D]) of the chunk being denoised, not yet appended
-        self.chunk: list[tuple[int, torch.Tensor, torch.Tensor] | None] = [None] * self.num_blocks
+        self.blocks_per_pass = blocks_per_pass
+        self.chunk: list[Chunk | None] = [None] * self.num_blocks
+        self.waiting: list[int] = []  # blocks whose chunk had its last write, to be stored in one pass
         # per block: the slots (start, end) of the chunks the cache holds after its sink, oldest first
         self.settled: list[list[tuple[int, int]]] = [[] for _ in range(self.num_blocks)]
         # per block: upstream's global/local end index, step counter and ring queue of slot ends
@@ -109,11 +127,12 @@ class StreamDiffusionV2Handle(AdapterHandle):
         return self.start.read(current_start, _starts) if torch.is_tensor(current_start) else _starts(current_start)
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        return [c[1:] for c in self.chunk if c is not None]
+        return [(c.k, c.v) for c in self.chunk if c is not None and c.k is not None]
 
     def reset(self) -> None:
         super().reset()
         self.chunk = [None] * self.num_blocks
+        self.waiting = []
         self.settled = [[] for _ in range(self.num_blocks)]
         self.ring = [None] * self.num_blocks
 
@@ -130,8 +149,7 @@ class StreamDiffusionV2Handle(AdapterHandle):
         as fast, against 2.80x for 8-chunk spans; docs/adapters/streamdiffusionv2.md)."""
         if self.cache is None:
             sink = attn.sink_size * frame_tokens
-            windowed = capacity - max(1, sink // n) * n < 16 * n
-            kept = max(1, sink // n) * n if windowed or sink else 0
+            kept = max(1, sink // n) * n if _windowed(capacity, sink, n) or sink else 0
             derived = cache_options(frame_tokens=n, chunk_frames=1, sink_size=kept // n)
             if {"span_chunks", "span_tokens"} & set(self.cache_options):
                 derived.pop("span_tokens", None)
@@ -194,51 +212,110 @@ class StreamDiffusionV2Handle(AdapterHandle):
             self.cache.layer(index).reset()
         self.chunk[index] = None
         self.settled[index] = []
+        if index in self.waiting:
+            self.waiting.remove(index)
 
-    def store(self, index: int, slot: int, k: torch.Tensor, v: torch.Tensor) -> None:
+    def store(self, index: int, slot: int, k: torch.Tensor, v: torch.Tensor, total: int | None = None) -> None:
         """Record the chunk k, v [B, H, n, D] upstream writes at slots ``slot:slot + n`` of block
         ``index``: a rewrite of the chunk being denoised's slots replaces it (upstream overwrites
         them, whichever chunk writes); a write elsewhere appends the held chunk to the cache first,
         and one over slots the cache holds must cover exactly the oldest chunk after the sink,
-        which is evicted. Anything else (the sink, part of a chunk, a chunk not the oldest) raises."""
+        which is evicted. Anything else (the sink, part of a chunk, a chunk not the oldest) raises.
+        ``total``: the writes a chunk gets (upstream's ``kv_cache["total_steps"]``), if known: a
+        write beyond it, or a next chunk before it, raises (see :meth:`settle`)."""
         n = k.shape[2]
         layer = self.build_cache(self.num_blocks).layer(index)
         held, settled = self.chunk[index], self.settled[index]
-        if held is None or held[0] != slot:
-            if held is not None:
-                if held[0] < slot + n and slot < held[0] + held[1].shape[2]:
-                    raise CacheError(f"streamdiffusionv2 block {index}: slots {slot}:{slot + n} overlap part of the "
-                                     f"chunk being denoised at {held[0]}:{held[0] + held[1].shape[2]}")
+        if held is not None and held.slot == slot:
+            if held.stored or (total is not None and held.writes >= total):
+                raise CacheError(
+                    f"streamdiffusionv2 block {index}: slots {slot}:{slot + n} are written again after the "
+                    f"{held.writes} writes of kv_cache['total_steps'] made them final; set total_steps to the model "
+                    "calls per chunk"
+                )
+            self.chunk[index] = Chunk(slot, n, k, v, held.writes + 1)
+            return
+        if held is not None:
+            if held.slot < slot + n and slot < held.slot + held.tokens:
+                raise CacheError(f"streamdiffusionv2 block {index}: slots {slot}:{slot + n} overlap part of the "
+                                 f"chunk being denoised at {held.slot}:{held.slot + held.tokens}")
+            if held.stored:
+                pass
+            elif held.k is not None and index in self.waiting:
+                self.flush()
+            elif held.k is not None:
                 # the chunk is final in every block holding it (upstream moves all blocks on
                 # together): compress theirs with this one, in one pass
-                self.cache.compress_ahead({j: c[1:] for j, c in enumerate(self.chunk) if c is not None and c[0] == held[0]})
-                layer.append(held[1], held[2])
-                sink = layer.config.sink_tokens
-                if held[0] + held[1].shape[2] > sink:
-                    settled.append((max(held[0], sink), held[0] + held[1].shape[2]))
-            hit = [r for r in settled if r[0] < slot + n and slot < r[1]]
-            sunk = sum(c.tokens for c in layer.sink)
-            if hit and not sunk and layer.config.sink_tokens == 0:
-                raise CacheError(
-                    f"streamdiffusionv2 block {index}: upstream's ring starts at slot {slot} of a "
-                    "buffer sized for global attention (16 chunks or more), where the first chunk, which the ring "
-                    "keeps, was compressed with the others; size the buffer above the rollout, or below 16 chunks "
-                    "for a rolling window"
-                )
-            if slot < sunk or hit not in ([], [(slot, slot + n)]) or (hit and settled[0] != hit[0]):
-                raise CacheError(
-                    f"streamdiffusionv2 block {index}: upstream writes slots {slot}:{slot + n} over the sink "
-                    f"(0:{sunk}), part of a chunk or a chunk other than the oldest "
-                    f"(held: {settled[:3]}...), which this adapter does not reproduce; use chunks of one size"
-                )
-            if hit:
-                layer.evict(n)
-                settled.pop(0)
-        self.chunk[index] = (slot, k, v)
+                self.cache.compress_ahead({j: (c.k, c.v) for j, c in enumerate(self.chunk)
+                                           if c is not None and c.slot == held.slot and c.k is not None})
+                self.commit(index)
+            # a chunk whose earlier writes were dropped (held.k None) raises below, after the
+            # errors of a ring, which would explain it
+        hit = [r for r in settled if r[0] < slot + n and slot < r[1]]
+        sunk = sum(c.tokens for c in layer.sink)
+        if hit and not sunk and layer.config.sink_tokens == 0:
+            raise CacheError(
+                f"streamdiffusionv2 block {index}: upstream's ring starts at slot {slot} of a "
+                "buffer sized for global attention (16 chunks or more), where the first chunk, which the ring "
+                "keeps, was compressed with the others; size the buffer above the rollout, or below 16 chunks "
+                "for a rolling window"
+            )
+        if slot < sunk or hit not in ([], [(slot, slot + n)]) or (hit and settled[0] != hit[0]):
+            raise CacheError(
+                f"streamdiffusionv2 block {index}: upstream writes slots {slot}:{slot + n} over the sink "
+                f"(0:{sunk}), part of a chunk or a chunk other than the oldest "
+                f"(held: {settled[:3]}...), which this adapter does not reproduce; use chunks of one size"
+            )
+        if held is not None and held.k is None and not held.stored:
+            raise CacheError(
+                f"streamdiffusionv2 block {index}: the chunk at slots {held.slot}:{held.slot + held.tokens} was "
+                f"written {held.writes} times, not the {total} of kv_cache['total_steps'], and its earlier "
+                "writes were not kept; set total_steps to the model calls per chunk"
+            )
+        if hit:
+            layer.evict(n)
+            settled.pop(0)
+        self.chunk[index] = Chunk(slot, n, k, v)
+
+    def commit(self, index: int) -> None:
+        """Append block ``index``'s held chunk to its layer and record its slots."""
+        held, layer = self.chunk[index], self.cache.layer(index)
+        layer.append(held.k, held.v)
+        sink = layer.config.sink_tokens
+        if held.slot + held.tokens > sink:
+            self.settled[index].append((max(held.slot, sink), held.slot + held.tokens))
+        self.chunk[index] = Chunk(held.slot, held.tokens, None, None, held.writes, stored=True)
+
+    def settle(self, index: int, total: int | None) -> None:
+        """After block ``index`` attended: when the chunks' writes are known (``total``), a chunk
+        short of them drops its K/V (the next write replaces them before anything reads them:
+        only the last write's stay, as upstream's), and one at its last write waits to be stored,
+        ``blocks_per_pass`` blocks in one compression pass (:meth:`flush`), the rest when the
+        model's forward returns (whichever blocks it ran). So between model calls no block holds
+        its chunk in full precision; with ``total`` unknown the chunk is held until the next chunk
+        starts (:meth:`store`)."""
+        held = self.chunk[index]
+        if total is None:
+            return
+        if held.writes < total:
+            held.k = held.v = None
+            return
+        self.waiting.append(index)
+        if len(self.waiting) >= self.blocks_per_pass:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store the waiting blocks' final chunks, compressed in one pass (:meth:`KVCache.compress_ahead`)."""
+        waiting, self.waiting = self.waiting, []
+        if not waiting:
+            return
+        self.cache.compress_ahead({j: (self.chunk[j].k, self.chunk[j].v) for j in waiting})
+        for j in waiting:
+            self.commit(j)
 
     def check_read(self, index: int, read: int) -> None:
         """Upstream attends to slots 0:``read``: they must be exactly the chunks held."""
-        held = self.cache.layer(index).tokens + self.chunk[index][1].shape[2]
+        held = self.cache.layer(index).tokens + self.chunk[index].tokens
         if held != read:
             raise CacheError(
                 f"streamdiffusionv2 block {index}: upstream attends to slots 0:{read}, of which only {held} were "
@@ -248,8 +325,8 @@ class StreamDiffusionV2Handle(AdapterHandle):
 
     def attend(self, index: int, q: torch.Tensor) -> torch.Tensor:
         """Attention of the chunk's queries [B, H, n, D] to block ``index``'s history and chunk."""
-        _, k, v = self.chunk[index]
-        return self.cache.attend(index, q, extra=(k, v))
+        held = self.chunk[index]
+        return self.cache.attend(index, q, extra=(held.k, held.v))
 
     def pack_block(self, index: int) -> tuple[torch.Tensor, dict]:
         """Block ``index``'s whole state as (uint8 buffer, JSON-able header): its cache layer as
@@ -260,8 +337,10 @@ class StreamDiffusionV2Handle(AdapterHandle):
         buf = PackedBytes()
         buf.add(buffer)  # at 0: the layer's offsets stand
         held = self.chunk[index]
-        chunk = None if held is None else {"start": held[0], "k": tensor_entry(buf, held[1]),
-                                           "v": tensor_entry(buf, held[2])}
+        chunk = None if held is None else {"start": held.slot, "tokens": held.tokens, "writes": held.writes,
+                                           "stored": held.stored}
+        if held is not None and held.k is not None:
+            chunk.update(k=tensor_entry(buf, held.k), v=tensor_entry(buf, held.v))
         return buf.buffer(buffer.device), {"layer": header, "chunk": chunk, "settled": self.settled[index],
                                            "ring": self.ring[index], "derived": self.derived}
 
@@ -274,10 +353,17 @@ class StreamDiffusionV2Handle(AdapterHandle):
         read = PackedReader(buffer, where)
         chunk = header.get("chunk") if isinstance(header, dict) else None
         if chunk is not None:
-            start, k, v = field(chunk, "start", int, where), read.tensor(chunk.get("k")), read.tensor(chunk.get("v"))
-            if start < 0 or k.dim() != 4 or k.shape != v.shape:
-                raise CorruptDataError(f"{where}: a chunk at {start} of k {list(k.shape)}, v {list(v.shape)}")
-            chunk = (start, k, v)
+            start, tokens, writes = (field(chunk, name, int, where) for name in ("start", "tokens", "writes"))
+            k = v = None
+            if "k" in chunk or "v" in chunk:
+                k, v = read.tensor(chunk.get("k")), read.tensor(chunk.get("v"))
+                if k.dim() != 4 or k.shape != v.shape or k.shape[2] != tokens:
+                    raise CorruptDataError(f"{where}: a chunk of {tokens} tokens with k {list(k.shape)}, v {list(v.shape)}")
+            stored = field(chunk, "stored", bool, where)
+            if start < 0 or tokens < 1 or writes < 1 or (stored and k is not None):
+                raise CorruptDataError(f"{where}: a chunk at {start} of {tokens} tokens written {writes} times"
+                                       f"{', stored, with its K/V' if stored and k is not None else ''}")
+            chunk = Chunk(start, tokens, k, v, writes, stored)
         settled = header.get("settled") if isinstance(header, dict) else None
         if not isinstance(settled, list) or not all(
             isinstance(r, list | tuple) and len(r) == 2 and all(isinstance(x, int) for x in r) for r in settled
@@ -358,6 +444,21 @@ class KVCacheManager:
                 self.handle.drop_block(index)
 
 
+def _windowed(capacity: int, sink: int, n: int) -> bool:
+    """Whether a buffer of ``capacity`` slots is upstream's rolling window for chunks of ``n``
+    tokens after a sink of ``sink`` (fewer than 16 chunks after it), not sized for global attention."""
+    return capacity - max(1, sink // n) * n < 16 * n
+
+
+def _total_steps(kv_cache: dict, index: int) -> int | None:
+    """``kv_cache["total_steps"]``: the model calls per chunk (upstream's ring counts them too),
+    None where the dict has none."""
+    total = kv_cache.get("total_steps")
+    if total is not None and (isinstance(total, bool) or not isinstance(total, int) or total < 1):
+        raise ConfigError(f"streamdiffusionv2 block {index}: kv_cache['total_steps'] must be a positive int, got {total!r}")
+    return total
+
+
 def _forward(handle: StreamDiffusionV2Handle, index: int, original):
     """``CausalWanSelfAttention.forward`` for block ``index`` with the cache's attention."""
     causal_model = _upstream()
@@ -379,9 +480,14 @@ def _forward(handle: StreamDiffusionV2Handle, index: int, original):
         roped_k = causal_model.causal_rope_apply(k, **rope).type_as(v)
         handle.configure(self, s, kv_cache["k"].shape[1], frame_tokens)
         slot, read = handle.place(index, self, kv_cache, start, s, frame_tokens)
-        handle.store(index, slot, roped_k.transpose(1, 2), v.transpose(1, 2))
+        # upstream's ring puts a chunk's later writes elsewhere than its first (which stays): in a
+        # windowed buffer the chunk is held until the next one starts, as without total_steps
+        windowed = _windowed(kv_cache["k"].shape[1], self.sink_size * frame_tokens, s)
+        total = None if windowed else _total_steps(kv_cache, index)
+        handle.store(index, slot, roped_k.transpose(1, 2), v.transpose(1, 2), total)
         handle.check_read(index, read)
         out = handle.attend(index, roped_q.transpose(1, 2))  # [B, H, s, D]
+        handle.settle(index, total)
         return self.o(out.transpose(1, 2).flatten(2))
 
     return forward
@@ -408,17 +514,28 @@ def meta_kv_cache(pipeline, batch_size: int, dtype: torch.dtype, device) -> None
     ]
 
 
-def install(target, policy: Policy | str = "qvg", **cache_options) -> StreamDiffusionV2Handle:
+def install(target, policy: Policy | str = "qvg", *, blocks_per_pass: int = 8,
+            **cache_options) -> StreamDiffusionV2Handle:
     """Run ``target`` (a ``CausalWanModel`` or a ``CausalStreamInferencePipeline``) on a
-    compressed cache. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
-    :class:`~qkv.KVCache` options (``span_chunks``: one chunk by default, ``attention``, ...) except
-    ``num_layers``, ``max_spans``, ``sink_chunks`` and ``sink_tokens``, which follow from the model
-    and its buffer. Returns the handle (``memory()``, ``remove()``)."""
+    compressed cache. ``policy``: a :class:`Policy` or preset/spec; ``blocks_per_pass``: the
+    blocks whose final chunks are compressed together, in one pass (more: fewer launches, more
+    K/V held in bf16 meanwhile); ``cache_options``: the :class:`~qkv.KVCache` options
+    (``span_chunks``: one chunk by default, ``attention``, ...) except ``num_layers``,
+    ``max_spans``, ``sink_chunks`` and ``sink_tokens``, which follow from the model and its
+    buffer. Returns the handle (``memory()``, ``remove()``)."""
     model, pipeline = _model_of(target)
-    handle = StreamDiffusionV2Handle(model, policy, cache_options)
+    handle = StreamDiffusionV2Handle(model, policy, cache_options, blocks_per_pass)
     for index, block in enumerate(model.blocks):
         attn = block.self_attn
         handle.patches.set(attn, "forward", types.MethodType(_forward(handle, index, attn.forward), attn))
+    model_forward = model.forward
+
+    def forward(*args, **kwargs):
+        out = model_forward(*args, **kwargs)
+        handle.flush()  # the final chunks of the blocks this forward ran that still wait for a pass
+        return out
+
+    handle.patches.set(model, "forward", forward)
     if pipeline is not None and hasattr(pipeline, "_initialize_kv_cache"):
         handle.patches.set(pipeline, "_initialize_kv_cache",
                            lambda batch_size, dtype, device: meta_kv_cache(pipeline, batch_size, dtype, device))
