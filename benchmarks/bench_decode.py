@@ -278,10 +278,15 @@ def main() -> None:
                                      "tail": TAIL}}
     if not args.skip_decode:
         result["decode"] = rows(bandwidth, rate)
+        write(args.out, result)  # kept if the generate rows fail
     if not args.skip_generate:
         runs, steps = generate_rows(args.generate_layers, not args.steps_only)
         result["generate"] = {"layers": args.generate_layers, "rows": runs, "steps": steps}
-    with open(args.out, "w") as f:
+    write(args.out, result)
+
+
+def write(path: str, result: dict) -> None:
+    with open(path, "w") as f:
         json.dump(result, f, indent=1)
 
 
