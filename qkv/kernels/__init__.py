@@ -233,7 +233,8 @@ def choose_method(q, method: Method | str = "auto") -> Method:
         choice = Method(method)
     except ValueError:
         valid = ", ".join(m.value for m in Method)
-        raise BackendError(f"unknown attention method {method!r}; valid methods: {valid}") from None
+        given = repr(method) if isinstance(method, str) else f"of type {type(method).__name__}"
+        raise BackendError(f"unknown attention method {given}; valid methods: {valid}") from None
     if choice is not Method.AUTO:
         return choice
     if q.shape[2] <= DECODE_MAX_QUERIES:

@@ -179,6 +179,8 @@ def test_the_method_choice():
     assert kernels.choose_method(q1, "staged") is kernels.Method.STAGED
     with pytest.raises(BackendError, match="valid methods: auto, decode, fused, staged"):
         kernels.choose_method(q1, "flash")
+    with pytest.raises(BackendError, match="^unknown attention method of type list; valid methods"):
+        kernels.choose_method(q1, [q1])  # named by its type, not printed whole
     # a span the decode kernel cannot read (5 stages): "auto" takes the fused op, "decode" raises
     deep = qkv.build_policy("kmeans(clusters=4,iters=2),centroid,progressive(stages=5),int2(block=16)")
     segments = [CompressedSpan(deep.compress(randn(11, 1, 2, 64, 64), randn(12, 1, 2, 64, 64)))]
