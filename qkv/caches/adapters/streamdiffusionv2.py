@@ -239,9 +239,8 @@ class StreamDiffusionV2Handle(AdapterHandle):
             if held.slot < slot + n and slot < held.slot + held.tokens:
                 raise CacheError(f"streamdiffusionv2 block {index}: slots {slot}:{slot + n} overlap part of the "
                                  f"chunk being denoised at {held.slot}:{held.slot + held.tokens}")
-            if held.stored:
-                pass
-            elif held.k is not None and index in self.waiting:
+            # a stored chunk keeps no K/V (commit): nothing of it is left to store
+            if held.k is not None and index in self.waiting:
                 self.flush()
             elif held.k is not None:
                 # the chunk is final in every block holding it (upstream moves all blocks on
