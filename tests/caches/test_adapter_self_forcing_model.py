@@ -137,3 +137,51 @@ def test_a_chunk_written_a_number_of_times_the_pipeline_does_not_make_raises():
                 rollout(pipe, 2)
         finally:
             del wrapper.forward
+
+
+def cfg_pipeline(chunks: int, independent_first_frame: bool = False) -> upstream.CausalDiffusionInferencePipeline:
+    pipe = pipeline(chunks)  # the same tiny model and wrapper
+    cfg = upstream.CausalDiffusionInferencePipeline(pipe.generator, sampling_steps=3,
+                                                    independent_first_frame=independent_first_frame)
+    cfg.num_transformer_blocks, cfg.frame_seq_length = BLOCKS, FRAME
+    cfg.KV_HEADS, cfg.KV_HEAD_DIM, cfg.KV_TOKENS, cfg.TEXT_TOKENS = HEADS, HEAD_DIM, (3 * chunks + 1) * FRAME, TEXT
+    return cfg
+
+
+def cfg_rollout(pipe, frames: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    noise = torch.randn(1, frames, 4, HW, HW, generator=gen)
+    prompts = [{"prompt_embeds": torch.randn(1, TEXT, 16, generator=gen)} for _ in range(2)]
+    pipe.kv_cache_pos = pipe.kv_cache_neg = None
+    with torch.no_grad():
+        return pipe.inference(noise, *prompts)
+
+
+@pytest.mark.parametrize("independent_first_frame", [False, True])
+def test_the_cfg_pipeline_stores_each_chunk_at_its_last_write(independent_first_frame, compress_passes):
+    """``CausalDiffusionInferencePipeline`` (classifier-free guidance: every timestep runs the model
+    on both caches, then both take the context pass): in its own ``inference`` each cache's chunk
+    is stored at its last write, the scheduler's timesteps + 1, so no block of either cache holds
+    its chunk in full precision between model calls; the output is upstream's to fp32 rounding
+    (a first chunk of one frame included), and qvg stays close."""
+    chunks = 3
+    frames = 3 * chunks + independent_first_frame
+    pipe = cfg_pipeline(chunks, independent_first_frame)
+    reference = cfg_rollout(pipe, frames)
+    with self_forcing.install(pipe, "fp32", span_chunks=1, blocks_per_pass=1) as handle:
+        held = []
+        hook = pipe.generator.register_forward_hook(lambda *_: held.append(handle.pending()))
+        try:
+            ours = cfg_rollout(pipe, frames)
+        finally:
+            hook.remove()
+        assert sorted(handle.named) == ["kv_cache_neg", "kv_cache_pos"]
+        writes = 2 * (pipe.sampling_steps + 1)  # both caches, the timesteps and the context pass
+        assert len(held) == (chunks + independent_first_frame) * writes and all(p == [] for p in held)
+        assert set(compress_passes) == {1} and len(compress_passes) >= 2 * BLOCKS * chunks
+        assert handle.writes_per_chunk is None  # only while inference runs
+        assert all(c.layer(0).spans for c in handle.caches())
+    assert relative(reference, ours) < 1e-6
+    with self_forcing.install(pipe, qkv.build_policy("qvg", clusters=4, block=16)):
+        compressed = cfg_rollout(pipe, frames)
+    assert 0 < relative(reference, compressed) < 0.02

@@ -396,3 +396,123 @@ class CausalInferencePipeline(nn.Module):
                 "is_init": False,
             })
         self.crossattn_cache = crossattn_cache
+
+
+# -- pipeline/causal_diffusion_inference.py --------------------------------------------------------
+
+
+class CausalDiffusionInferencePipeline(nn.Module):
+    """Upstream's classifier-free-guidance pipeline (the many-step causal diffusion model): per
+    chunk, each of the sample scheduler's timesteps runs the model twice, on ``kv_cache_pos`` with
+    the prompt and on ``kv_cache_neg`` with the negative prompt, then both take the clean context
+    pass. Without the text encoder and VAE (``inference`` takes both encoded prompts and returns
+    the latents) and without the image-to-video branch; upstream's UniPC solver for flow matching
+    (``wan/utils/fm_solvers_unipc.py``) is diffusers' ``UniPCMultistepScheduler`` with flow sigmas
+    here, which takes as many steps. The cache shapes' literals are class attributes, as in
+    :class:`CausalInferencePipeline`."""
+
+    KV_HEADS, KV_HEAD_DIM, KV_TOKENS, TEXT_TOKENS = 12, 128, 32760, 512
+
+    def __init__(self, generator: WanDiffusionWrapper, sampling_steps=50, shift=5.0, guidance_scale=3.0,
+                 num_frame_per_block=3, independent_first_frame=False):
+        super().__init__()
+        self.generator = generator
+        self.num_train_timesteps = 1000
+        self.sampling_steps = sampling_steps
+        self.shift = shift
+        self.guidance_scale = guidance_scale
+        self.num_transformer_blocks = 30
+        self.frame_seq_length = 1560
+        self.kv_cache_pos = None
+        self.kv_cache_neg = None
+        self.num_frame_per_block = num_frame_per_block
+        self.independent_first_frame = independent_first_frame
+        self.local_attn_size = self.generator.model.local_attn_size
+        if self.num_frame_per_block > 1:
+            self.generator.model.num_frame_per_block = self.num_frame_per_block
+
+    def inference(self, noise, conditional_dict, unconditional_dict):
+        batch_size, num_frames, num_channels, height, width = noise.shape
+        if not self.independent_first_frame:
+            assert num_frames % self.num_frame_per_block == 0
+            num_blocks = num_frames // self.num_frame_per_block
+        else:
+            assert (num_frames - 1) % self.num_frame_per_block == 0
+            num_blocks = (num_frames - 1) // self.num_frame_per_block
+        output = torch.zeros([batch_size, num_frames, num_channels, height, width], device=noise.device,
+                             dtype=noise.dtype)
+        if self.kv_cache_pos is None:
+            self._initialize_kv_cache(batch_size=batch_size, dtype=noise.dtype, device=noise.device)
+            self._initialize_crossattn_cache(batch_size=batch_size, dtype=noise.dtype, device=noise.device)
+        else:
+            for block_index in range(self.num_transformer_blocks):
+                self.crossattn_cache_pos[block_index]["is_init"] = False
+                self.crossattn_cache_neg[block_index]["is_init"] = False
+            for block_index in range(len(self.kv_cache_pos)):
+                for cache in (self.kv_cache_pos, self.kv_cache_neg):
+                    cache[block_index]["global_end_index"] = torch.tensor([0], dtype=torch.long, device=noise.device)
+                    cache[block_index]["local_end_index"] = torch.tensor([0], dtype=torch.long, device=noise.device)
+        current_start_frame = 0
+        all_num_frames = [self.num_frame_per_block] * num_blocks
+        if self.independent_first_frame:
+            all_num_frames = [1] + all_num_frames
+        for current_num_frames in all_num_frames:
+            latents = noise[:, current_start_frame:current_start_frame + current_num_frames]
+            sample_scheduler = self._initialize_sample_scheduler(noise)
+            for t in sample_scheduler.timesteps:
+                timestep = t * torch.ones([batch_size, current_num_frames], device=noise.device, dtype=torch.float32)
+                flow_pred_cond, _ = self.generator(
+                    noisy_image_or_video=latents, conditional_dict=conditional_dict, timestep=timestep,
+                    kv_cache=self.kv_cache_pos, crossattn_cache=self.crossattn_cache_pos,
+                    current_start=current_start_frame * self.frame_seq_length,
+                    cache_start=current_start_frame * self.frame_seq_length)
+                flow_pred_uncond, _ = self.generator(
+                    noisy_image_or_video=latents, conditional_dict=unconditional_dict, timestep=timestep,
+                    kv_cache=self.kv_cache_neg, crossattn_cache=self.crossattn_cache_neg,
+                    current_start=current_start_frame * self.frame_seq_length,
+                    cache_start=current_start_frame * self.frame_seq_length)
+                flow_pred = flow_pred_uncond + self.guidance_scale * (flow_pred_cond - flow_pred_uncond)
+                latents = sample_scheduler.step(flow_pred, t, latents, return_dict=False)[0]
+            output[:, current_start_frame:current_start_frame + current_num_frames] = latents
+            for cache, cross, prompt in ((self.kv_cache_pos, self.crossattn_cache_pos, conditional_dict),
+                                         (self.kv_cache_neg, self.crossattn_cache_neg, unconditional_dict)):
+                self.generator(noisy_image_or_video=latents, conditional_dict=prompt, timestep=timestep * 0,
+                               kv_cache=cache, crossattn_cache=cross,
+                               current_start=current_start_frame * self.frame_seq_length,
+                               cache_start=current_start_frame * self.frame_seq_length)
+            current_start_frame += current_num_frames
+        return output
+
+    def _initialize_kv_cache(self, batch_size, dtype, device):
+        kv_cache_size = self.local_attn_size * self.frame_seq_length if self.local_attn_size != -1 else self.KV_TOKENS
+        caches = []
+        for _ in range(2):
+            caches.append([{
+                "k": torch.zeros([batch_size, kv_cache_size, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype, device=device),
+                "v": torch.zeros([batch_size, kv_cache_size, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype, device=device),
+                "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+                "local_end_index": torch.tensor([0], dtype=torch.long, device=device),
+            } for _ in range(self.num_transformer_blocks)])
+        self.kv_cache_pos, self.kv_cache_neg = caches
+
+    def _initialize_crossattn_cache(self, batch_size, dtype, device):
+        caches = []
+        for _ in range(2):
+            caches.append([{
+                "k": torch.zeros([batch_size, self.TEXT_TOKENS, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype,
+                                 device=device),
+                "v": torch.zeros([batch_size, self.TEXT_TOKENS, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype,
+                                 device=device),
+                "is_init": False,
+            } for _ in range(self.num_transformer_blocks)])
+        self.crossattn_cache_pos, self.crossattn_cache_neg = caches
+
+    def _initialize_sample_scheduler(self, noise):
+        from diffusers import UniPCMultistepScheduler
+
+        sample_scheduler = UniPCMultistepScheduler(num_train_timesteps=self.num_train_timesteps,
+                                                   prediction_type="flow_prediction", use_flow_sigmas=True,
+                                                   flow_shift=self.shift)
+        sample_scheduler.set_timesteps(self.sampling_steps, device=noise.device)
+        self.timesteps = sample_scheduler.timesteps
+        return sample_scheduler

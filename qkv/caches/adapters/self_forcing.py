@@ -483,6 +483,7 @@ class SelfForcingHandle(AdapterHandle):
         check_int("self_forcing", "blocks_per_pass", blocks_per_pass, 1)
         self.blocks_per_pass = blocks_per_pass
         self.writes_per_chunk: int | None = None  # while the pipeline's own inference runs (see install)
+        self.counting = False  # inside the pipeline's own inference, without an initial latent
         self.pipeline = pipeline
         self.model = pipeline.generator.model
         self.named: dict[str, KVCache] = {}
@@ -532,21 +533,37 @@ class SelfForcingHandle(AdapterHandle):
         return blocks
 
     def run_inference(self, original, *args, **kwargs):
-        """``CausalInferencePipeline.inference``: every chunk gets ``len(denoising_step_list)``
-        denoising steps and the clean context pass, so each block's chunk is stored at its last
-        write and dropped after the others (:meth:`SelfForcingBlockCache._settle`); not with an
-        ``initial_latent``, whose frames get the context pass alone."""
+        """The pipeline's own ``inference``, whose chunks each get the same number of attention
+        steps, so each block's chunk is stored at its last write and dropped after the others
+        (:meth:`SelfForcingBlockCache._settle`): ``CausalInferencePipeline``'s
+        ``len(denoising_step_list)`` denoising steps and the clean context pass;
+        ``CausalDiffusionInferencePipeline``'s sample scheduler's timesteps and the context pass,
+        in each of its two caches (counted when a chunk makes its scheduler:
+        :meth:`sample_scheduler`). Not with an ``initial_latent``, whose frames get the context
+        pass alone."""
         bound = inspect.signature(original).bind(*args, **kwargs)
-        known = bound.arguments.get("initial_latent") is None
-        self.writes_per_chunk = len(self.pipeline.denoising_step_list) + 1 if known else None
+        self.counting = bound.arguments.get("initial_latent") is None
+        steps = getattr(self.pipeline, "denoising_step_list", None)
+        self.set_writes(len(steps) + 1 if self.counting and steps is not None else None)
         try:
-            for blocks in self.blocks.values():
-                blocks[0].group.writes_per_chunk = self.writes_per_chunk
             return original(*args, **kwargs)
         finally:
-            self.writes_per_chunk = None
-            for blocks in self.blocks.values():
-                blocks[0].group.writes_per_chunk = None
+            self.counting = False
+            self.set_writes(None)
+
+    def sample_scheduler(self, original, *args, **kwargs):
+        """``CausalDiffusionInferencePipeline._initialize_sample_scheduler``, made once per chunk:
+        the chunk's writes are its timesteps and the context pass."""
+        scheduler = original(*args, **kwargs)
+        if self.counting:
+            self.set_writes(len(scheduler.timesteps) + 1)
+        return scheduler
+
+    def set_writes(self, writes: int | None) -> None:
+        """The attention steps each chunk gets from now on (None: unknown), in every cache list."""
+        self.writes_per_chunk = writes
+        for blocks in self.blocks.values():
+            blocks[0].group.writes_per_chunk = writes
 
 
 def _meta_lists(pipeline) -> dict[str, list[dict]]:
@@ -598,11 +615,12 @@ def install(pipeline, policy: Policy | str = "qvg", *, blocks_per_pass: int = 8,
     options except ``num_layers``, ``max_spans`` and the sink, which follow from the model
     (:meth:`SelfForcingHandle.derived_options`; spans of one chunk unless given). The blocks'
     ``CausalWanSelfAttention.forward`` attend to the compressed spans (:meth:`SelfForcingBlockCache.attention_step`).
-    In a ``CausalInferencePipeline``'s own ``inference`` (which gives every chunk its denoising
-    steps and the clean context pass), a chunk is stored at its last write, ``blocks_per_pass``
-    blocks in one compression pass (more: fewer launches, more K/V held in bf16 meanwhile), and
-    no block holds its chunk in full precision between steps; elsewhere (``demo.py``'s loop, the
-    CFG and training pipelines) until the next chunk starts.
+    In the own ``inference`` of a ``CausalInferencePipeline`` or a ``CausalDiffusionInferencePipeline``
+    (CFG; both give every chunk the same denoising steps and the clean context pass), a chunk is
+    stored at its last write, ``blocks_per_pass`` blocks in one compression pass (more: fewer
+    launches, more K/V held in bf16 meanwhile), and no block holds its chunk in full precision
+    between steps; elsewhere (``demo.py``'s loop, the training pipeline, an ``initial_latent``)
+    until the next chunk starts.
     Returns the handle (``memory()``: every cache and the chunks being written; ``remove()``)."""
     model = getattr(getattr(pipeline, "generator", None), "model", None)
     if model is None or not hasattr(model, "blocks") or not hasattr(pipeline, "_initialize_kv_cache"):
@@ -622,10 +640,16 @@ def install(pipeline, policy: Policy | str = "qvg", *, blocks_per_pass: int = 8,
             setattr(pipeline, name, handle.allocate(name, meta, device))
 
     handle.patches.set(pipeline, "_initialize_kv_cache", initialize)
-    if type(pipeline).__name__ == "CausalInferencePipeline" and hasattr(pipeline, "denoising_step_list"):
+    kind = type(pipeline).__name__
+    if (kind == "CausalInferencePipeline" and hasattr(pipeline, "denoising_step_list")) or (
+            kind == "CausalDiffusionInferencePipeline" and hasattr(pipeline, "_initialize_sample_scheduler")):
         inference = pipeline.inference
         handle.patches.set(pipeline, "inference",
                            lambda *args, **kwargs: handle.run_inference(inference, *args, **kwargs))
+    if kind == "CausalDiffusionInferencePipeline" and hasattr(pipeline, "_initialize_sample_scheduler"):
+        make = pipeline._initialize_sample_scheduler
+        handle.patches.set(pipeline, "_initialize_sample_scheduler",
+                           lambda *args, **kwargs: handle.sample_scheduler(make, *args, **kwargs))
     for attn in _attention_modules(model):
         handle.patches.set(attn, "forward", types.MethodType(_self_attention(attn.forward), attn))
     return handle
