@@ -52,6 +52,16 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / a.norm())
 
 
+def held_after_each_call(pipe, handle, run) -> tuple[torch.Tensor, list]:
+    """``run()``'s output, and what the handle held in full precision after each model call."""
+    held = []
+    hook = pipe.generator.register_forward_hook(lambda *_: held.append(handle.pending()))
+    try:
+        return run(), held
+    finally:
+        hook.remove()
+
+
 @pytest.mark.parametrize("local_attn_size, sink_size", [(-1, 0), (9, 1)])
 def test_the_adapter_runs_upstreams_pipeline_on_compressed_spans(local_attn_size, sink_size, monkeypatch):
     """Lossless: upstream's own output (fp32 rounding: attention computed another way); qvg:
@@ -92,12 +102,7 @@ def test_inference_holds_no_chunk_in_full_precision_between_model_calls(local_at
     pipe = pipeline(chunks, local_attn_size, sink_size)
     reference = rollout(pipe, chunks)
     with self_forcing.install(pipe, "fp32", span_chunks=1, blocks_per_pass=1) as handle:
-        held = []
-        hook = pipe.generator.register_forward_hook(lambda *_: held.append(handle.pending()))
-        try:
-            ours = rollout(pipe, chunks)
-        finally:
-            hook.remove()
+        ours, held = held_after_each_call(pipe, handle, lambda: rollout(pipe, chunks))
         steps = len(pipe.denoising_step_list) + 1
         assert len(held) == chunks * steps and all(p == [] for p in held)
         # blocks_per_pass=1: one block's chunk per pass (with a sink frame, the spans after it are cut
@@ -169,12 +174,7 @@ def test_the_cfg_pipeline_stores_each_chunk_at_its_last_write(independent_first_
     pipe = cfg_pipeline(chunks, independent_first_frame)
     reference = cfg_rollout(pipe, frames)
     with self_forcing.install(pipe, "fp32", span_chunks=1, blocks_per_pass=1) as handle:
-        held = []
-        hook = pipe.generator.register_forward_hook(lambda *_: held.append(handle.pending()))
-        try:
-            ours = cfg_rollout(pipe, frames)
-        finally:
-            hook.remove()
+        ours, held = held_after_each_call(pipe, handle, lambda: cfg_rollout(pipe, frames))
         assert sorted(handle.named) == ["kv_cache_neg", "kv_cache_pos"]
         writes = 2 * (pipe.sampling_steps + 1)  # both caches, the timesteps and the context pass
         assert len(held) == (chunks + independent_first_frame) * writes and all(p == [] for p in held)

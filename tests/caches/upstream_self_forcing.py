@@ -371,31 +371,31 @@ class CausalInferencePipeline(nn.Module):
         return output
 
     def _initialize_kv_cache(self, batch_size, dtype, device):
-        kv_cache1 = []
-        if self.local_attn_size != -1:
-            kv_cache_size = self.local_attn_size * self.frame_seq_length
-        else:
-            kv_cache_size = self.KV_TOKENS
-        for _ in range(self.num_transformer_blocks):
-            kv_cache1.append({
-                "k": torch.zeros([batch_size, kv_cache_size, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype, device=device),
-                "v": torch.zeros([batch_size, kv_cache_size, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype, device=device),
-                "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
-                "local_end_index": torch.tensor([0], dtype=torch.long, device=device),
-            })
-        self.kv_cache1 = kv_cache1
+        self.kv_cache1 = kv_cache_list(self, batch_size, dtype, device)
 
     def _initialize_crossattn_cache(self, batch_size, dtype, device):
-        crossattn_cache = []
-        for _ in range(self.num_transformer_blocks):
-            crossattn_cache.append({
-                "k": torch.zeros([batch_size, self.TEXT_TOKENS, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype,
-                                 device=device),
-                "v": torch.zeros([batch_size, self.TEXT_TOKENS, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype,
-                                 device=device),
-                "is_init": False,
-            })
-        self.crossattn_cache = crossattn_cache
+        self.crossattn_cache = crossattn_cache_list(self, batch_size, dtype, device)
+
+
+def kv_cache_list(pipe, batch_size, dtype, device) -> list[dict]:
+    """One per-block self-attention cache list as upstream's pipelines make it
+    (``_initialize_kv_cache``): a window of ``local_attn_size`` frames, or its literal size."""
+    size = pipe.local_attn_size * pipe.frame_seq_length if pipe.local_attn_size != -1 else pipe.KV_TOKENS
+    return [{
+        "k": torch.zeros([batch_size, size, pipe.KV_HEADS, pipe.KV_HEAD_DIM], dtype=dtype, device=device),
+        "v": torch.zeros([batch_size, size, pipe.KV_HEADS, pipe.KV_HEAD_DIM], dtype=dtype, device=device),
+        "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
+        "local_end_index": torch.tensor([0], dtype=torch.long, device=device),
+    } for _ in range(pipe.num_transformer_blocks)]
+
+
+def crossattn_cache_list(pipe, batch_size, dtype, device) -> list[dict]:
+    """One per-block cross-attention cache list (``_initialize_crossattn_cache``)."""
+    return [{
+        "k": torch.zeros([batch_size, pipe.TEXT_TOKENS, pipe.KV_HEADS, pipe.KV_HEAD_DIM], dtype=dtype, device=device),
+        "v": torch.zeros([batch_size, pipe.TEXT_TOKENS, pipe.KV_HEADS, pipe.KV_HEAD_DIM], dtype=dtype, device=device),
+        "is_init": False,
+    } for _ in range(pipe.num_transformer_blocks)]
 
 
 # -- pipeline/causal_diffusion_inference.py --------------------------------------------------------
@@ -484,28 +484,12 @@ class CausalDiffusionInferencePipeline(nn.Module):
         return output
 
     def _initialize_kv_cache(self, batch_size, dtype, device):
-        kv_cache_size = self.local_attn_size * self.frame_seq_length if self.local_attn_size != -1 else self.KV_TOKENS
-        caches = []
-        for _ in range(2):
-            caches.append([{
-                "k": torch.zeros([batch_size, kv_cache_size, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype, device=device),
-                "v": torch.zeros([batch_size, kv_cache_size, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype, device=device),
-                "global_end_index": torch.tensor([0], dtype=torch.long, device=device),
-                "local_end_index": torch.tensor([0], dtype=torch.long, device=device),
-            } for _ in range(self.num_transformer_blocks)])
-        self.kv_cache_pos, self.kv_cache_neg = caches
+        self.kv_cache_pos = kv_cache_list(self, batch_size, dtype, device)
+        self.kv_cache_neg = kv_cache_list(self, batch_size, dtype, device)
 
     def _initialize_crossattn_cache(self, batch_size, dtype, device):
-        caches = []
-        for _ in range(2):
-            caches.append([{
-                "k": torch.zeros([batch_size, self.TEXT_TOKENS, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype,
-                                 device=device),
-                "v": torch.zeros([batch_size, self.TEXT_TOKENS, self.KV_HEADS, self.KV_HEAD_DIM], dtype=dtype,
-                                 device=device),
-                "is_init": False,
-            } for _ in range(self.num_transformer_blocks)])
-        self.crossattn_cache_pos, self.crossattn_cache_neg = caches
+        self.crossattn_cache_pos = crossattn_cache_list(self, batch_size, dtype, device)
+        self.crossattn_cache_neg = crossattn_cache_list(self, batch_size, dtype, device)
 
     def _initialize_sample_scheduler(self, noise):
         from diffusers import UniPCMultistepScheduler
