@@ -96,17 +96,17 @@ class CompressedTensor:
     def mapped(self, fn) -> "CompressedTensor":
         """This tensor with ``fn`` applied to every stored tensor (``torch.clone``: a copy)."""
 
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        def apply(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else fn(t)
 
         return dataclasses.replace(
             self,
-            codes=move(self.codes),
-            scales=move(self.scales),
-            zeros=move(self.zeros),
-            scale_mult=move(self.scale_mult),
-            stages=tuple(StageData(move(s.centroids), move(s.assignments)) for s in self.stages),
-            fp_tokens=move(self.fp_tokens),
+            codes=apply(self.codes),
+            scales=apply(self.scales),
+            zeros=apply(self.zeros),
+            scale_mult=apply(self.scale_mult),
+            stages=tuple(StageData(apply(s.centroids), apply(s.assignments)) for s in self.stages),
+            fp_tokens=apply(self.fp_tokens),
         )
 
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -641,12 +641,12 @@ def install(pipeline, policy: Policy | str = "qvg", *, blocks_per_pass: int = 8,
 
     handle.patches.set(pipeline, "_initialize_kv_cache", initialize)
     kind = type(pipeline).__name__
-    if (kind == "CausalInferencePipeline" and hasattr(pipeline, "denoising_step_list")) or (
-            kind == "CausalDiffusionInferencePipeline" and hasattr(pipeline, "_initialize_sample_scheduler")):
+    cfg = kind == "CausalDiffusionInferencePipeline" and hasattr(pipeline, "_initialize_sample_scheduler")
+    if cfg or (kind == "CausalInferencePipeline" and hasattr(pipeline, "denoising_step_list")):
         inference = pipeline.inference
         handle.patches.set(pipeline, "inference",
                            lambda *args, **kwargs: handle.run_inference(inference, *args, **kwargs))
-    if kind == "CausalDiffusionInferencePipeline" and hasattr(pipeline, "_initialize_sample_scheduler"):
+    if cfg:
         make = pipeline._initialize_sample_scheduler
         handle.patches.set(pipeline, "_initialize_sample_scheduler",
                            lambda *args, **kwargs: handle.sample_scheduler(make, *args, **kwargs))
