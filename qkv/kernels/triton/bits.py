@@ -121,6 +121,20 @@ def round_to_bf16(v):
 
 
 @triton.jit
+def to_output(x, LIMIT: tl.constexpr, BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 x for an output of finite range +-LIMIT (0: fp32, unbounded), saturated to it, ready
+    for tl.store's cast, which rounds to nearest even on the GPU (cvt.rn). Under EMULATE (Triton's
+    interpreter, whose fp32 -> bf16 conversion may not round to nearest even) a bf16 output is
+    rounded here, on the bits (:func:`round_to_bf16`): the same values, four more instructions a
+    value where the GPU spends none."""
+    if LIMIT > 0:
+        x = tl.minimum(tl.maximum(x, -LIMIT), LIMIT)
+    if BF16 and EMULATE:
+        x = round_to_bf16(x)
+    return x
+
+
+@triton.jit
 def split_bf16(x, EXACT: tl.constexpr):
     """fp32 tile -> (high, low) bf16-valued parts with high + low == x to ~16 bits (low = 0 when
     EXACT: x holds bf16 values already)."""

@@ -20,7 +20,7 @@ from qkv.dtypes import max_finite
 from qkv.kernels.attention import SpanPlan
 from qkv.kernels.triton.attention import span_record_of
 from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
-from qkv.kernels.triton.bits import round_to_bf16
+from qkv.kernels.triton.bits import to_output
 from qkv.kernels.triton.decode import plan_table
 from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
 from qkv.kernels.triton.records import TL_DTYPES
@@ -30,12 +30,9 @@ from qkv.kernels.triton.tiles import DecompressTile, tile_for
 
 
 @triton.jit
-def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr):
+def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE: tl.constexpr):
     """x [BLOCK_N, D] fp32 saturated to the output's finite range and rounded once into its rows."""
-    if LIMIT > 0:
-        x = tl.minimum(tl.maximum(x, -LIMIT), LIMIT)
-    if OUT_BF16:
-        x = round_to_bf16(x)
+    x = to_output(x, LIMIT, OUT_BF16, EMULATE)
     tl.store(out_ptr + rows[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty), mask=ok[:, None])
 
 
@@ -43,7 +40,7 @@ def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr)
 def decompress_kernel(
     span_ptr, item_ptr, k_out, v_out, HKV, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr,
+    EMULATE: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
 ):
     """Work item ``program_id(0)`` of (batch, KV head) row ``program_id(1)``: its keys' K and V."""
     item = item_ptr + tl.program_id(0) * I_LEN
@@ -62,9 +59,9 @@ def decompress_kernel(
         ok = (tok >= lo) & (tok < hi)
         row = at + (tok - lo)
         k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, "exact")
-        _write(k_out + b * k_sb + h * k_sh, k, row * k_ss, ok, d, LIMIT, OUT_BF16)
+        _write(k_out + b * k_sb + h * k_sh, k, row * k_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
         v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, "exact")
-        _write(v_out + b * v_sb + h * v_sh, v, row * v_ss, ok, d, LIMIT, OUT_BF16)
+        _write(v_out + b * v_sb + h * v_sh, v, row * v_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
 
 
 def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> str | None:
@@ -104,5 +101,6 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
             g.table, g.items, k_out, v_out, h, *k_out.stride()[:3], *v_out.stride()[:3],
             D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
             LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), OUT_BF16=dtype == torch.bfloat16,
+            EMULATE=k_out.device.type != "cuda",
             K=k_layout, V=v_layout, enable_fp_fusion=False, num_warps=tile.warps,
         )

@@ -182,8 +182,8 @@ def _affine(raw, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
     (raw times 2**(BITS - 1) minus (2**BITS + OFFSET) is exact, fused or not); otherwise one
     fused multiply-add per value, raw * (scale * 2**(BITS - 1)) + (zero - scale * (2**BITS +
     OFFSET)), with the two factors computed per block (within fp32 rounding of the reference)."""
-    if EXACT:
-        val = (raw * (1 << (L.BITS - 1)) - ((1 << L.BITS) + L.OFFSET)) * scale
+    if EXACT:  # the first step as one fused multiply-add, exact as it stands
+        val = tl.fma(raw, float(1 << (L.BITS - 1)), -float((1 << L.BITS) + L.OFFSET)) * scale
         if L.HAS_ZERO:
             val = val + zero
     else:
