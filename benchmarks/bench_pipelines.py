@@ -25,6 +25,13 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
   (LTX-2's sizes: 48 blocks, 32 x 128), 720 x 1280 video (22 x 40 latent tokens per frame),
   sink 1 + blocks of 3 frames, ``kv_max_frames`` 11, its 3-step distilled schedule. The window
   bounds the cache; qkv: ``qkv.adapters.sana_wm.install``.
+- ``flashdreams``: flashdreams' ``WanDiTNetwork`` (``recipes/wan``, its config's defaults:
+  Wan2.1-1.3B) through ``initialize_cache`` and ``forward(..., current_chunk_idx=c)``, chunks of
+  3 latent frames x 1,560 tokens, 4 denoising forwards and the clean one per chunk (as
+  ``self_forcing``), global attention (a window of the whole rollout, no sink), its own RoPE
+  (``RotaryPositionEmbedding3D.shift_t``). Upstream: its ``BlockKVCache`` buffers; qkv:
+  ``qkv.adapters.flashdreams.install``. ``--tiny`` runs its two CUDA-only kernels restated in
+  torch (``tests/caches/upstream_flashdreams.py``).
 
 - ``longcat_video``: LongCat-Video's DiT as restated in ``tests/caches/upstream_longcat_video.py``
   (the GitHub code is not pip-installable; its attention, RoPE and condition cache as upstream,
@@ -50,7 +57,7 @@ the last denoising output against the upstream's, free-running). ``capacity``: t
 rollout whose K/V fit in 24 GiB (global-attention clients), from the measured bytes per chunk.
 
     bash scripts/setup.sh test
-    for c in self_forcing anyflow_far sana_wm; do
+    for c in self_forcing anyflow_far sana_wm flashdreams; do
       PYTHONPATH=. python3 benchmarks/bench_pipelines.py --clients $c --out benchmarks/results/bench_pipelines_h200.json
     done
     PYTHONPATH=. python3 benchmarks/bench_pipelines.py --clients longcat_video --chunks 3 \
@@ -254,6 +261,28 @@ def capacity(fixed: float, per_chunk: float, held: int = 0) -> int | None:
     return held + max(0, math.floor((BUDGET - fixed) / per_chunk)) if per_chunk > 0 else None
 
 
+# the Self-Forcing-style loop's timesteps per chunk: 4 denoising forwards, then the clean one that
+# fills the cache
+STEPS = (1000, 750, 500, 250, 0)
+
+
+def denoise_chunk(args, run: Run, label: str, c: int, x: torch.Tensor, forward, gen: torch.Generator) -> None:
+    """Chunk ``c`` of a Self-Forcing-style rollout: ``forward(x, t)`` at each of :data:`STEPS`
+    returns the denoised chunk, noised again to the next step's level (the clean forward's output
+    is not used); the last denoising output goes to ``run``. Each forward is timed, and profiled
+    (``--profile-chunk``, traces named after ``label``) for the chunk asked for."""
+    for i, t in enumerate(STEPS):
+        trace = f"{args.trace}/{label}_chunk{c}_step{i}.json" if args.trace else None
+        with run.forward(), profiled(c == args.profile_chunk and i in (0, 1, len(STEPS) - 1), trace):
+            out = forward(x, t)
+        if i == len(STEPS) - 2:
+            last_denoised = out
+        sigma = STEPS[i + 1] / 1000 if i + 1 < len(STEPS) else 0.0
+        noise = torch.randn(out.shape, generator=gen, device=out.device, dtype=out.dtype)
+        x = ((1 - sigma) * out + sigma * noise).to(x.dtype)
+    run.chunk_done(last_denoised)
+
+
 # -- Self-Forcing (streamdiffusionv2's CausalWanModel) ---------------------------------------------
 def self_forcing(args, device, dtype) -> dict:
     from models.wan.causal_model import CausalWanModel
@@ -264,7 +293,7 @@ def self_forcing(args, device, dtype) -> dict:
     else:
         cfg = dict(dim=1536, ffn_dim=8960, freq_dim=256, text_dim=4096, num_heads=12, num_layers=30, text_len=512)
         lat_h, lat_w, text = 60, 104, (512, 4096)
-    frames, steps, chunks = 3, (1000, 750, 500, 250, 0), args.chunks
+    frames, chunks = 3, args.chunks
     n = frames * (lat_h // 2) * (lat_w // 2)
     with torch.device(device):
         model = CausalWanModel(in_dim=16, out_dim=16, **cfg).to(dtype).eval()
@@ -279,7 +308,7 @@ def self_forcing(args, device, dtype) -> dict:
         kv = [{"k": torch.zeros(1, capacity_tokens, heads, head_dim, dtype=dtype, device=where),
                "v": torch.zeros(1, capacity_tokens, heads, head_dim, dtype=dtype, device=where),
                "global_end_index": torch.tensor([0], device=device), "local_end_index": torch.tensor([0], device=device),
-               "total_steps": len(steps), "current_step": len(steps)} for _ in range(blocks)]
+               "total_steps": len(STEPS), "current_step": len(STEPS)} for _ in range(blocks)]
         cross = [{"k": None, "v": None, "is_init": False} for _ in range(blocks)]
         return kv, cross
 
@@ -295,17 +324,9 @@ def self_forcing(args, device, dtype) -> dict:
             for c in range(chunks):
                 x = torch.randn(1, 16, frames, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
                 start = torch.tensor([c * n], device=device)
-                for i, t in enumerate(steps):
-                    trace = f"{args.trace}/self_forcing_{name}_chunk{c}_step{i}.json" if args.trace else None
-                    with run.forward(), profiled(c == args.profile_chunk and i in (0, 1, len(steps) - 1), trace):
-                        out = model(list(x), torch.full((1, frames), t, device=device), context, seq_len=10**7,
-                                    kv_cache=kv, crossattn_cache=cross, current_start=start, current_end=start + n)
-                    if i == len(steps) - 2:
-                        last_denoised = out
-                    sigma = steps[i + 1] / 1000 if i + 1 < len(steps) else 0.0
-                    noise = torch.randn(out.shape, generator=gen, device=device, dtype=dtype)
-                    x = ((1 - sigma) * out + sigma * noise).to(dtype)
-                run.chunk_done(last_denoised)
+                denoise_chunk(args, run, f"self_forcing_{name}", c, x, lambda x, t: model(
+                    list(x), torch.full((1, frames), t, device=device), context, seq_len=10**7, kv_cache=kv,
+                    crossattn_cache=cross, current_start=start, current_end=start + n), gen)
         return run, kv
 
     up_run, kv = twice(lambda: rollout(False))
@@ -673,8 +694,67 @@ def hy_worldplay(args, device, dtype) -> dict:
     return result
 
 
+# -- flashdreams (recipes/wan WanDiTNetwork) ---------------------------------------------------------
+def flashdreams(args, device, dtype) -> dict:
+    from flashdreams.core.attention import rope as rope_mod
+    from flashdreams.recipes.wan.transformer.impl.network import WanDiTNetworkConfig
+
+    if args.tiny:
+        cfg = dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, text_len=8)
+        lat_h, lat_w = 8, 8
+    else:
+        cfg = {}  # the config's defaults are Wan2.1-1.3B's
+        lat_h, lat_w = 60, 104
+    frames, chunks = 3, args.chunks
+    n = frames * (lat_h // 2) * (lat_w // 2)
+    with made_in(device, dtype):
+        net = WanDiTNetworkConfig(**cfg).setup().eval()
+    net.update_parameters_after_loading_checkpoint()
+    head_dim, tokens_in = net.dim // net.num_heads, net.patch_embedding.weight[0].numel()
+    rope = rope_mod.RotaryPositionEmbedding3D(len_t=frames, len_h=lat_h // 2, len_w=lat_w // 2, head_dim=head_dim,
+                                              interleaved=True, device=device)
+    held = MostHeld()
+
+    def rollout(handle=None) -> tuple[Run, object]:
+        name = "qkv" if handle is not None else "upstream"
+        gen = torch.Generator(device).manual_seed(0)
+        text = torch.randn(1, net.text_len, net.text_dim, generator=gen, device=device, dtype=dtype)
+        run = Run(device, held.watch(handle))  # before the cache is allocated: the rollout's peak includes it
+        with torch.no_grad():
+            cache = net.initialize_cache(chunk_size=n, window_size=chunks * n, sink_size=0, text_embeddings=text)
+            for c in range(chunks):
+                x = torch.randn(1, n, tokens_in, generator=gen, device=device, dtype=dtype)
+                freqs = rope.shift_t(c)
+                denoise_chunk(args, run, f"flashdreams_{name}", c, x, lambda x, t: net(
+                    x, torch.full((1,), float(t), device=device), cache, freqs, current_chunk_idx=c), gen)
+        return run, cache
+
+    with contextlib.ExitStack() as stack:
+        if args.tiny:  # flashdreams' RoPE and attention kernels are CUDA-only
+            stack.enter_context(restated("upstream_flashdreams").cpu_kernels(net))
+        up_run, cache = twice(rollout)
+        up_bytes = sum(t.numel() * t.element_size() for b in cache.block_caches for t in (b.self_attn._k, b.self_attn._v))
+        del cache
+        with qkv.adapters.flashdreams.install(net, args.policy, **install_options(args)) as handle:
+            our_run, _ = twice(lambda: rollout(handle), lambda: (handle.reset(), held.reset()))
+            mem = handle.memory()
+            span = span_chunks(handle.cache, n)
+            compressed_chunks = len(handle.cache.layer(0).spans) * span
+    result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "kv_bytes_max_after_a_chunk": held.bytes,
+                                              "memory": memory_dict(mem)}, up_run, our_run)
+    result["span_chunks"] = span
+    # qkv: up to a span less one chunk waits in bf16 (the tail), and the chunk being denoised
+    result["capacity"] = {
+        "chunk_tokens": n,
+        "upstream_chunks": capacity(0, up_bytes / chunks),
+        "qkv_chunks": capacity(span * up_bytes / chunks, mem.compressed / max(compressed_chunks, 1), span),
+    }
+    return result
+
+
 CLIENTS = {"self_forcing": self_forcing, "self_forcing_github": self_forcing_github, "anyflow_far": anyflow_far,
-           "sana_wm": sana_wm, "longcat_video": longcat_video, "hy_worldplay": hy_worldplay}
+           "sana_wm": sana_wm, "longcat_video": longcat_video, "hy_worldplay": hy_worldplay,
+           "flashdreams": flashdreams}
 
 
 def main() -> None:

@@ -3,10 +3,8 @@ random weights): ``network.initialize_cache`` and ``network(...)`` run unchanged
 with several denoising calls per chunk at the same ``current_chunk_idx``, as
 ``Wan21Transformer.predict_flow`` drives it.
 
-Two flashdreams kernels are CUDA-only, so their math is restated here on the CPU: the fused
-Triton RoPE (``core/attention/rope_kernel.py``, ``apply_rotary_pos_emb``: pairs (2k, 2k+1) rotated
-by cos/sin of the first D/2 frequencies) and the cuDNN SDPA behind ``ContextParallelAttention``
-without context parallelism (``core/attention/cp.py``: plain softmax attention).
+Two flashdreams kernels are CUDA-only, so their math is restated on the CPU
+(``upstream_flashdreams.py``: the fused Triton RoPE and the cuDNN SDPA).
 """
 
 from __future__ import annotations
@@ -15,7 +13,6 @@ from unittest import mock
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import qkv
 from qkv.caches.layer_cache import LayerCache
@@ -27,41 +24,23 @@ network_mod = pytest.importorskip(
 )
 rope_mod = pytest.importorskip("flashdreams.core.attention.rope")
 from qkv.caches.adapters import flashdreams as adapter  # noqa: E402
+from upstream_flashdreams import cpu_kernels, rope_torch  # noqa: E402
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::UserWarning")]
 
 N = 32  # tokens per chunk: 2 latent frames of 4 x 4 patches
 
 
-def rope_torch(x, freqs, interleaved=False, inplace=True):
-    """``rope_kernel.apply_rotary_pos_emb`` (interleaved, in place) in plain torch."""
-    assert interleaved and inplace
-    f = freqs[:, 0, 0, : x.shape[-1] // 2].float()
-    cos, sin = f.cos().to(x.dtype)[None, :, None], f.sin().to(x.dtype)[None, :, None]
-    a, b = x[..., 0::2].clone(), x[..., 1::2].clone()
-    x[..., 0::2], x[..., 1::2] = a * cos - b * sin, b * cos + a * sin
-    return x
-
-
-def sdpa(query, key, value):
-    return F.scaled_dot_product_attention(query, key, value)
-
-
 @pytest.fixture(scope="module")
 def network():
-    mp = pytest.MonkeyPatch()
-    mp.setattr(rope_mod, "apply_rotary_pos_emb", rope_torch)
     torch.manual_seed(0)
     net = network_mod.WanDiTNetworkConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=8, text_dim=32,
                                           freq_dim=32, in_dim=4, out_dim=4).setup().eval()
     net.update_parameters_after_loading_checkpoint()
-    for block in net.blocks:
-        mp.setattr(block.self_attn.attn_op, "_impl", sdpa)
-        mp.setattr(block.cross_attn.attn_op, "_impl", sdpa)
     net.rope = rope_mod.RotaryPositionEmbedding3D(len_t=2, len_h=4, len_w=4, head_dim=32, h_extrapolation_ratio=1.0,
                                                   w_extrapolation_ratio=1.0, interleaved=True, device="cpu")
-    yield net
-    mp.undo()
+    with cpu_kernels(net):
+        yield net
 
 
 def rollout(net, chunks, window, sink, steps=3):
@@ -102,6 +81,17 @@ def test_lossless_rollout_matches_the_upstream_cache(network, no_history_read, w
     for a, b in zip(ref, ours, strict=True):
         assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert "apply_kv" not in vars(network.blocks[0].self_attn)
+
+
+def test_spans_are_one_chunk_unless_the_options_say_otherwise(network):
+    """Each chunk is compressed as the next one starts (nothing waits in bf16 for a span to fill);
+    ``span_chunks`` or ``span_tokens`` still sets the span."""
+    for options, spans in (({}, [N] * 3), ({"span_chunks": 2}, [2 * N]), ({"span_tokens": 3 * N}, [3 * N])):
+        with adapter.install(network, "fp32", **options):
+            _, cache = rollout(network, 4, 8 * N, 0)
+            layer = cache[0].self_attn.layer
+            assert [sp.ckv.k.shape[2] for sp in layer.spans] == spans, options
+            assert layer.tokens == 3 * N  # the fourth chunk is held apart, being denoised
 
 
 def test_the_guard_catches_a_path_that_reads_the_history(network, no_history_read):
