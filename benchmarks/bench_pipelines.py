@@ -25,13 +25,15 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
   (LTX-2's sizes: 48 blocks, 32 x 128), 720 x 1280 video (22 x 40 latent tokens per frame),
   sink 1 + blocks of 3 frames, ``kv_max_frames`` 11, its 3-step distilled schedule. The window
   bounds the cache; qkv: ``qkv.adapters.sana_wm.install``.
-- ``flashdreams``: flashdreams' ``WanDiTNetwork`` (``recipes/wan``, its config's defaults:
-  Wan2.1-1.3B) through ``initialize_cache`` and ``forward(..., current_chunk_idx=c)``, chunks of
-  3 latent frames x 1,560 tokens, 4 denoising forwards and the clean one per chunk (as
-  ``self_forcing``), global attention (a window of the whole rollout, no sink), its own RoPE
-  (``RotaryPositionEmbedding3D.shift_t``). Upstream: its ``BlockKVCache`` buffers; qkv:
-  ``qkv.adapters.flashdreams.install``. ``--tiny`` runs its two CUDA-only kernels restated in
-  torch (``tests/caches/upstream_flashdreams.py``).
+- ``flashdreams``: flashdreams' ``Wan21Transformer`` (``recipes/wan``; its network config's
+  defaults: Wan2.1-1.3B) driven as ``DiffusionModel.generate`` / ``finalize`` drive it: per chunk
+  ``cache.start``, 4 denoising ``predict_flow`` calls, ``finalize_kv_cache`` with the clean
+  latent (context noise 0) and ``cache.finalize``; chunks of 3 latent frames x 1,560 tokens,
+  global attention (a window of the whole rollout, no sink), eager on both sides (no
+  ``torch.compile`` or CUDA graph: the adapter takes none). Upstream: its ``BlockKVCache``
+  buffers; qkv: ``qkv.adapters.flashdreams.install(transformer, policy)`` (each chunk stored at
+  its last write). ``--tiny`` runs its two CUDA-only kernels restated in torch
+  (``tests/caches/upstream_flashdreams.py``).
 
 - ``longcat_video``: LongCat-Video's DiT as restated in ``tests/caches/upstream_longcat_video.py``
   (the GitHub code is not pip-installable; its attention, RoPE and condition cache as upstream,
@@ -694,25 +696,23 @@ def hy_worldplay(args, device, dtype) -> dict:
     return result
 
 
-# -- flashdreams (recipes/wan WanDiTNetwork) ---------------------------------------------------------
+# -- flashdreams (recipes/wan Wan21Transformer) --------------------------------------------------------
 def flashdreams(args, device, dtype) -> dict:
-    from flashdreams.core.attention import rope as rope_mod
     from flashdreams.recipes.wan.transformer.impl.network import WanDiTNetworkConfig
+    from flashdreams.recipes.wan.transformer.wan21 import Wan21TransformerConfig
 
     if args.tiny:
-        cfg = dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, text_len=8)
+        net_cfg = dict(dim=64, ffn_dim=128, freq_dim=32, text_dim=32, num_heads=2, num_layers=2, text_len=8)
         lat_h, lat_w = 8, 8
     else:
-        cfg = {}  # the config's defaults are Wan2.1-1.3B's
+        net_cfg = {}  # the network config's defaults are Wan2.1-1.3B's
         lat_h, lat_w = 60, 104
     frames, chunks = 3, args.chunks
     n = frames * (lat_h // 2) * (lat_w // 2)
-    with made_in(device, dtype):
-        net = WanDiTNetworkConfig(**cfg).setup().eval()
-    net.update_parameters_after_loading_checkpoint()
-    head_dim, tokens_in = net.dim // net.num_heads, net.patch_embedding.weight[0].numel()
-    rope = rope_mod.RotaryPositionEmbedding3D(len_t=frames, len_h=lat_h // 2, len_w=lat_w // 2, head_dim=head_dim,
-                                              interleaved=True, device=device)
+    with made_in(device, dtype):  # eager on both sides: the adapter takes no CUDA graph, so neither does upstream
+        tr = Wan21TransformerConfig(network=WanDiTNetworkConfig(**net_cfg), dtype=dtype, len_t=frames,
+                                    window_size_t=frames * chunks, compile_network=False, use_cuda_graph=False).setup()
+    net = tr.network
     held = MostHeld()
 
     def rollout(handle=None) -> tuple[Run, object]:
@@ -721,21 +721,30 @@ def flashdreams(args, device, dtype) -> dict:
         text = torch.randn(1, net.text_len, net.text_dim, generator=gen, device=device, dtype=dtype)
         run = Run(device, held.watch(handle))  # before the cache is allocated: the rollout's peak includes it
         with torch.no_grad():
-            cache = net.initialize_cache(chunk_size=n, window_size=chunks * n, sink_size=0, text_embeddings=text)
+            cache = tr.initialize_autoregressive_cache(height=lat_h, width=lat_w, text_embeddings=text)
+
+            def forward(x, t):  # DiffusionModel.generate's predict_flow calls, then finalize's
+                timestep = torch.tensor(float(t), device=device)
+                if t > 0:
+                    return tr.predict_flow(x, timestep, cache)
+                tr.finalize_kv_cache(noisy_latent=x, timestep=timestep, cache=cache)
+                cache.finalize(c)
+                return x
+
             for c in range(chunks):
-                x = torch.randn(1, n, tokens_in, generator=gen, device=device, dtype=dtype)
-                freqs = rope.shift_t(c)
-                denoise_chunk(args, run, f"flashdreams_{name}", c, x, lambda x, t: net(
-                    x, torch.full((1,), float(t), device=device), cache, freqs, current_chunk_idx=c), gen)
+                cache.start(c)
+                x = torch.randn(tr.latent_shape, generator=gen, device=device, dtype=dtype)
+                denoise_chunk(args, run, f"flashdreams_{name}", c, x, forward, gen)
         return run, cache
 
     with contextlib.ExitStack() as stack:
         if args.tiny:  # flashdreams' RoPE and attention kernels are CUDA-only
             stack.enter_context(restated("upstream_flashdreams").cpu_kernels(net))
         up_run, cache = twice(rollout)
-        up_bytes = sum(t.numel() * t.element_size() for b in cache.block_caches for t in (b.self_attn._k, b.self_attn._v))
+        up_bytes = sum(t.numel() * t.element_size() for b in cache.network_cache.block_caches
+                       for t in (b.self_attn._k, b.self_attn._v))
         del cache
-        with qkv.adapters.flashdreams.install(net, args.policy, **install_options(args)) as handle:
+        with qkv.adapters.flashdreams.install(tr, args.policy, **install_options(args)) as handle:
             our_run, _ = twice(lambda: rollout(handle), lambda: (handle.reset(), held.reset()))
             mem = handle.memory()
             span = span_chunks(handle.cache, n)
@@ -743,11 +752,11 @@ def flashdreams(args, device, dtype) -> dict:
     result = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total, "kv_bytes_max_after_a_chunk": held.bytes,
                                               "memory": memory_dict(mem)}, up_run, our_run)
     result["span_chunks"] = span
-    # qkv: up to a span less one chunk waits in bf16 (the tail), and the chunk being denoised
+    # qkv: up to a span less one chunk waits in bf16 (the tail); each chunk is stored at its last write
     result["capacity"] = {
         "chunk_tokens": n,
         "upstream_chunks": capacity(0, up_bytes / chunks),
-        "qkv_chunks": capacity(span * up_bytes / chunks, mem.compressed / max(compressed_chunks, 1), span),
+        "qkv_chunks": capacity((span - 1) * up_bytes / chunks, mem.compressed / max(compressed_chunks, 1), span),
     }
     return result
 

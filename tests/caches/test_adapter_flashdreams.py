@@ -133,6 +133,71 @@ def test_unsupported_settings_raise(network):
     assert "initialize_cache" not in vars(network.blocks[1].self_attn)  # a failed install leaves nothing behind
 
 
+# -- the transformer (recipes/wan Wan21Transformer), as DiffusionModel.generate / finalize drive it --
+@pytest.fixture(scope="module")
+def transformer():
+    from flashdreams.recipes.wan.transformer.wan21 import Wan21TransformerConfig
+
+    torch.manual_seed(0)
+    net = network_mod.WanDiTNetworkConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_len=8, text_dim=32,
+                                          freq_dim=32, in_dim=4, out_dim=4)
+    tr = Wan21TransformerConfig(network=net, dtype=torch.float32, len_t=2, window_size_t=16, compile_network=False,
+                                use_cuda_graph=False).setup()
+    with cpu_kernels(tr.network):
+        yield tr
+
+
+def generate(tr, chunks, watch=None):
+    """Each chunk as ``DiffusionModel`` runs it: ``cache.start``, two denoising ``predict_flow``
+    calls, ``finalize_kv_cache`` at the context noise (0: the clean latent), ``cache.finalize``;
+    ``watch(cache)`` after each chunk. Every denoising output."""
+    gen = torch.Generator().manual_seed(1)
+    outs = []
+    with torch.no_grad():
+        cache = tr.initialize_autoregressive_cache(height=8, width=8, text_embeddings=torch.randn(1, 8, 32, generator=gen))
+        for c in range(chunks):
+            cache.start(c)
+            x = torch.randn(tr.latent_shape, generator=gen)
+            for t in (700.0, 300.0):
+                out = tr.predict_flow(x, torch.tensor(t), cache)
+                outs.append(out)
+                x = x + 0.3 * out
+            tr.finalize_kv_cache(noisy_latent=x, timestep=torch.tensor(0.0), cache=cache)
+            cache.finalize(c)
+            if watch is not None:
+                watch(cache, c)
+    return outs
+
+
+def test_the_transformer_stores_each_chunk_at_its_last_write(transformer, no_history_read):
+    """Installed on the transformer, every block stores its chunk when finalize_kv_cache has
+    written it for the last time: between chunks no block holds one in full precision, and the
+    outputs are upstream's; installed on the network alone, the chunk waits for the next one."""
+    ref = generate(transformer, 5)
+
+    def held(cache, c, stored):
+        blocks = [b.self_attn for b in cache.network_cache.block_caches]
+        assert all((b.chunk is None) == stored for b in blocks), c
+        assert all(b.layer.tokens == (c + stored) * N for b in blocks), c
+
+    with adapter.install(transformer, "fp32") as handle:
+        tokens = []
+        ours = generate(transformer, 5, lambda cache, c: (held(cache, c, True), tokens.append(handle.memory().tokens)))
+        assert tokens == [2 * (c + 1) * N for c in range(5)]  # 2 blocks, every chunk stored
+        assert "finalize_kv_cache" in vars(transformer)
+    assert "finalize_kv_cache" not in vars(transformer)
+    for a, b in zip(ref, ours, strict=True):
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max()
+    with adapter.install(transformer.network, "fp32"):
+        generate(transformer, 3, lambda cache, c: held(cache, c, False))
+
+
+def test_a_chunk_stored_at_its_last_write_is_not_written_again(transformer):
+    with adapter.install(transformer, "fp32"):
+        with pytest.raises(CacheError, match="stored at its last write"):
+            generate(transformer, 1, lambda cache, c: cache.start(c))
+
+
 # -- context parallelism (gloo ranks) ----------------------------------------------------------------
 def _cp_network(group, method):
     """The fixture's tiny network on this rank, its self-attention context-parallel over ``group``

@@ -82,22 +82,35 @@ class QKVBlockCache:
         self.chunk_size, self.window_size, self.sink_size = chunk_size * u, window_size * u, sink_size * u
         self.chunk: tuple[torch.Tensor, torch.Tensor] | None = None  # [B, H, S, D] being denoised
         self._prev_chunk_idx, self._curr_chunk_idx = -1, None
+        # set by the transformer's finalize_kv_cache (see install): the chunk's last write is under
+        # way, so the next after_update stores it; ``stored``: the last chunk was stored so
+        self.finishing = self.stored = False
 
     def before_update(self, chunk_idx: int) -> None:
         """A rewrite of the current chunk (same index) or the next chunk: the held chunk joins
-        the history, which is cut to the window (sink + window - chunk tokens before the chunk)."""
+        the history (unless it was stored at its last write), which is cut to the window (sink +
+        window - chunk tokens before the chunk)."""
         if self._curr_chunk_idx is not None:
             raise CacheError("flashdreams: before_update() twice without after_update()")
         if chunk_idx not in (self._prev_chunk_idx, self._prev_chunk_idx + 1):
             raise CacheError(f"flashdreams: chunk {chunk_idx} after chunk {self._prev_chunk_idx} "
                              f"(expected {self._prev_chunk_idx} or {self._prev_chunk_idx + 1})")
-        if chunk_idx == self._prev_chunk_idx + 1 and self.chunk is not None:
-            self.layer.append(*self.chunk)
-            self.chunk = None
+        if chunk_idx == self._prev_chunk_idx and self.stored:
+            raise CacheError(f"flashdreams: chunk {chunk_idx} was stored at its last write (the transformer's "
+                             "finalize_kv_cache); it cannot be written again")
+        if chunk_idx == self._prev_chunk_idx + 1:
+            if self.chunk is not None:
+                self._store()
+            self.stored = False
             over = self.layer.tokens + self.chunk_size - (self.sink_size + self.window_size)
             if over > 0:
                 self.layer.evict(over)
         self._curr_chunk_idx = chunk_idx
+
+    def _store(self) -> None:
+        """The held chunk joins the compressed history."""
+        self.layer.append(*self.chunk)
+        self.chunk = None
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """The current chunk's K/V [B, chunk_size, H, D] (RoPE applied)."""
@@ -115,8 +128,15 @@ class QKVBlockCache:
         return self.parallel.ulysses_world if self.parallel is not None else 1
 
     def after_update(self, chunk_idx: int) -> None:
+        """The chunk's update is done; during its last write (:attr:`finishing`) it is stored now,
+        so no chunk waits in bf16 between model calls."""
         if chunk_idx != self._curr_chunk_idx:
             raise CacheError(f"flashdreams: after_update({chunk_idx}) for chunk {self._curr_chunk_idx}")
+        if self.finishing:
+            self.finishing = False
+            if self.chunk is not None:
+                self._store()
+                self.stored = True
         self._prev_chunk_idx, self._curr_chunk_idx = chunk_idx, None
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
@@ -156,6 +176,7 @@ class QKVBlockCache:
     def reset(self) -> None:
         self.layer.reset()
         self.chunk, self._prev_chunk_idx, self._curr_chunk_idx = None, -1, None
+        self.finishing = self.stored = False
 
 
 class FlashDreamsHandle(AdapterHandle):
@@ -222,7 +243,9 @@ def _apply_kv(attn):
 
 def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDreamsHandle:
     """Run ``target`` (a flashdreams ``WanDiTNetwork``, or an object with ``.network``) on a
-    compressed cache. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
+    compressed cache. Given the transformer (``Wan21Transformer``: ``.network`` and
+    ``finalize_kv_cache``), each chunk is stored at its last write, the pass ``finalize_kv_cache``
+    runs after its denoising; given the network alone, when the next chunk starts. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
     :class:`~qkv.KVCache` options except ``sink_chunks`` (from ``sink_size``), ``max_spans`` (the
     window) and ``num_layers`` (spans are one chunk unless ``span_chunks`` or ``span_tokens`` is given).
     Returns the handle (``memory()``, ``remove()``)."""
@@ -241,4 +264,28 @@ def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDream
 
         handle.patches.set(attn, "initialize_cache", types.MethodType(initialize_cache, attn))
         handle.patches.set(attn, "apply_kv", _apply_kv(attn))
+    if target is not network and callable(getattr(target, "finalize_kv_cache", None)):
+        handle.patches.set(target, "finalize_kv_cache", _finalize_kv_cache(target))
     return handle
+
+
+def _finalize_kv_cache(transformer):
+    """``Wan21Transformer.finalize_kv_cache`` (``DiffusionModel.finalize`` runs it after a chunk's
+    denoising, then ``cache.finalize``, whose ``after_update`` ends the chunk's update): the
+    chunk's last write, so each self-attention cache of ``cache``'s branches stores it then."""
+    finalize = transformer.finalize_kv_cache
+
+    def finalize_kv_cache(self, noisy_latent, timestep, cache, input=None):
+        branches = (getattr(cache, "network_cache", None), getattr(cache, "network_cache_uncond", None))
+        blocks = [b.self_attn for branch in branches if branch is not None for b in branch.block_caches
+                  if isinstance(b.self_attn, QKVBlockCache)]
+        for block in blocks:
+            block.finishing = True
+        try:
+            return finalize(noisy_latent, timestep, cache, input)
+        except BaseException:
+            for block in blocks:
+                block.finishing = False
+            raise
+
+    return types.MethodType(finalize_kv_cache, transformer)
