@@ -198,6 +198,14 @@ def test_a_chunk_stored_at_its_last_write_is_not_written_again(transformer):
             generate(transformer, 1, lambda cache, c: cache.start(c))
 
 
+def test_a_transformer_that_replays_cuda_graphs_is_refused(transformer, monkeypatch):
+    monkeypatch.setattr(transformer.config, "use_cuda_graph", True)
+    with pytest.raises(ConfigError, match="use_cuda_graph=False"):
+        adapter.install(transformer, "fp32")
+    assert "finalize_kv_cache" not in vars(transformer)
+    assert "initialize_cache" not in vars(transformer.network.blocks[0].self_attn)
+
+
 # -- context parallelism (gloo ranks) ----------------------------------------------------------------
 def _cp_network(group, method):
     """The fixture's tiny network on this rank, its self-attention context-parallel over ``group``

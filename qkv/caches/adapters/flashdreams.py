@@ -34,7 +34,7 @@ does it for diffusers:
 Not supported (typed errors at install or first use): keys roped relative to the cache
 (``apply_rope_before_kvcache=False``: every read would need the history decompressed to re-rope
 it), a sink that is not whole chunks, and CUDA-graph capture of the forward (the cache's tensors
-change shape as it grows).
+change shape as it grows; a transformer built with ``use_cuda_graph=True`` is refused at install).
 """
 
 from __future__ import annotations
@@ -252,6 +252,10 @@ def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDream
     network = getattr(target, "network", target)
     if not hasattr(network, "blocks") or not all(hasattr(b, "self_attn") for b in network.blocks):
         raise ConfigError(f"flashdreams: expected a WanDiTNetwork, got {type(network).__name__}")
+    if getattr(getattr(target, "config", None), "use_cuda_graph", False):
+        raise ConfigError("flashdreams: the transformer replays its network from a CUDA graph once the window is "
+                          "full (use_cuda_graph=True), which would freeze the cache's work into the graph; build it "
+                          "with use_cuda_graph=False")
     handle = FlashDreamsHandle(network, policy, cache_options)
     for index, block in enumerate(network.blocks):
         attn = block.self_attn
