@@ -30,6 +30,7 @@ from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, _kv_meta, c
 from qkv.kernels.triton.attention_kernel import attention_kernel
 from qkv.kernels.triton.records import (
     DENSE_FIELDS,
+    NO_SPANS,
     SPAN_FIELDS,
     TL_DTYPES,
     SpanRecord,
@@ -89,7 +90,7 @@ def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse,
     out = torch.empty(b, sq, h, d, dtype=out_dtype, device=device).transpose(1, 2)  # [B, H, Sq, D] view
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=device) if want_lse else out
     emulate = device.type != "cuda"
-    k_layout, v_layout = layouts if layouts is not None else (TensorLayout(), TensorLayout())
+    k_layout, v_layout = layouts if layouts is not None else NO_SPANS
     if tiles is None:
         tiles = tile_for("attention", device, sq).order
     for i, (block_m, block_n, warps, span_stages, dense_stages) in enumerate(tiles):

@@ -21,7 +21,7 @@ from triton.runtime.errors import OutOfResources
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, default_scale
 from qkv.kernels.triton.attention import LOG2E, attention_supports, rotated_query, span_record_of
 from qkv.kernels.triton import decode_kernel as jit
-from qkv.kernels.triton.records import TL_DTYPES, TensorLayout, span_table
+from qkv.kernels.triton.records import NO_SPANS, TL_DTYPES, span_table
 from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
 
@@ -190,7 +190,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
         n_dense = dense_progs if i == 0 else 0
         if n_span + n_dense == 0:
             continue
-        k_layout, v_layout = g.layouts if g is not None else (TensorLayout(), TensorLayout())
+        k_layout, v_layout = g.layouts if g is not None else NO_SPANS
         _launch_decode(
             (n_span + n_dense, b * h_kv, row_blocks), tile.stages,
             q, qh if k_layout.ROT else q, ql, partials, n_parts,

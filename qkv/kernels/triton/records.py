@@ -102,6 +102,11 @@ class TensorLayout:
         return dataclasses.replace(self, VEC=False, HAS_FP=False)
 
 
+# the K and V layouts of a launch that reads no span (its spans' constexprs unused): one instance,
+# so that its hash, which Triton's kernel key takes at every launch, is computed once
+NO_SPANS = (TensorLayout(), TensorLayout())
+
+
 def is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
