@@ -184,8 +184,8 @@ class FlashDreamsHandle(AdapterHandle):
     ``network.initialize_cache`` (it initializes block 0 first) gets a :class:`KVCache` of its
     own, so caches built side by side (flashdreams builds one per CFG branch) stay apart; the
     handle counts those still in use (``cache``: the newest). Spans are one chunk unless
-    ``span_chunks`` or ``span_tokens`` says otherwise: each chunk is compressed when the next one
-    starts and no chunk waits in bf16 for a span to fill (the Self-Forcing model of
+    ``span_chunks`` or ``span_tokens`` says otherwise: each chunk is compressed at its last write
+    (or when the next one starts) and no chunk waits in bf16 for a span to fill (the Self-Forcing model of
     streamdiffusionv2, at the same sizes: 4.61x less KV than upstream with one-chunk spans, 2.80x
     with 8-chunk ones; docs/adapters/streamdiffusionv2.md)."""
 
@@ -245,10 +245,11 @@ def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDream
     """Run ``target`` (a flashdreams ``WanDiTNetwork``, or an object with ``.network``) on a
     compressed cache. Given the transformer (``Wan21Transformer``: ``.network`` and
     ``finalize_kv_cache``), each chunk is stored at its last write, the pass ``finalize_kv_cache``
-    runs after its denoising; given the network alone, when the next chunk starts. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
-    :class:`~qkv.KVCache` options except ``sink_chunks`` (from ``sink_size``), ``max_spans`` (the
-    window) and ``num_layers`` (spans are one chunk unless ``span_chunks`` or ``span_tokens`` is given).
-    Returns the handle (``memory()``, ``remove()``)."""
+    runs after its denoising; given the network alone, when the next chunk starts. ``policy``: a
+    :class:`Policy` or preset/spec; ``cache_options``: the :class:`~qkv.KVCache` options except
+    ``sink_chunks`` (from ``sink_size``), ``max_spans`` (the window) and ``num_layers`` (spans are
+    one chunk unless ``span_chunks`` or ``span_tokens`` is given). Returns the handle
+    (``memory()``, ``remove()``)."""
     network = getattr(target, "network", target)
     if not hasattr(network, "blocks") or not all(hasattr(b, "self_attn") for b in network.blocks):
         raise ConfigError(f"flashdreams: expected a WanDiTNetwork, got {type(network).__name__}")
