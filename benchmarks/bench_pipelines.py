@@ -728,7 +728,7 @@ def flashdreams(args, device, dtype) -> dict:
                 if t > 0:
                     return tr.predict_flow(x, timestep, cache)
                 tr.finalize_kv_cache(noisy_latent=x, timestep=timestep, cache=cache)
-                cache.finalize(c)
+                cache.finalize(cache.autoregressive_index)  # the chunk cache.start began
                 return x
 
             for c in range(chunks):

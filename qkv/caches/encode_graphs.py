@@ -4,10 +4,10 @@ A streaming cache compresses spans of one shape again and again, each seeded wit
 span's centroids, so every encode queues the same ~60 launches. :class:`EncodeGraphs` captures the
 encode of each (tensor policy, input shape and dtype, warm-start shape) once in a CUDA graph, after
 one eager warm-up call on a side stream, and from then on replays it: the input, the warm-start
-centroids (and the value check's row peaks, if it read them) are copied into the graph's own buffers, the graph replays, and the compressed fields
-are copied out (the next replay overwrites the graph's; a K and V compressed in one pass are
-split into copies anyway, so that split is the copy). So an encode costs the host a few
-launches instead of its ~60.
+centroids (and the value check's row peaks, if it read them) are copied into the graph's own
+buffers, the graph replays, and the compressed fields are copied out (the next replay overwrites
+the graph's; a K and V compressed in one pass are split into copies anyway, so that split is the
+copy). So an encode costs the host a few launches instead of its ~60.
 
 What a user gives up for it:
 
@@ -16,9 +16,10 @@ What a user gives up for it:
   eager one by those extra iterations;
 - each captured shape keeps the encode's working memory (the graph's pool) for the cache's life.
 
-Cold starts (random seeding) and inputs off a CUDA device are encoded eagerly. A warm-started encode makes no host sync and draws nothing
-(qkv.grouping.kmeans, qkv.validation), which is what lets it be captured; one that cannot be
-raises :class:`BackendError` naming the shape instead of running eagerly unnoticed.
+Cold starts (random seeding) and inputs off a CUDA device are encoded eagerly. A warm-started
+encode makes no host sync and draws nothing (qkv.grouping.kmeans, qkv.validation), which is what
+lets it be captured; one that cannot be raises :class:`BackendError` naming the shape instead of
+running eagerly unnoticed.
 """
 
 from __future__ import annotations

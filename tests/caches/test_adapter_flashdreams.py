@@ -150,7 +150,7 @@ def transformer():
 def generate(tr, chunks, watch=None):
     """Each chunk as ``DiffusionModel`` runs it: ``cache.start``, two denoising ``predict_flow``
     calls, ``finalize_kv_cache`` at the context noise (0: the clean latent), ``cache.finalize``;
-    ``watch(cache)`` after each chunk. Every denoising output."""
+    ``watch(cache, c)`` after chunk ``c``. Every denoising output."""
     gen = torch.Generator().manual_seed(1)
     outs = []
     with torch.no_grad():

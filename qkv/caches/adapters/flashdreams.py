@@ -185,9 +185,9 @@ class FlashDreamsHandle(AdapterHandle):
     own, so caches built side by side (flashdreams builds one per CFG branch) stay apart; the
     handle counts those still in use (``cache``: the newest). Spans are one chunk unless
     ``span_chunks`` or ``span_tokens`` says otherwise: each chunk is compressed at its last write
-    (or when the next one starts) and no chunk waits in bf16 for a span to fill (the Self-Forcing model of
-    streamdiffusionv2, at the same sizes: 4.61x less KV than upstream with one-chunk spans, 2.80x
-    with 8-chunk ones; docs/adapters/streamdiffusionv2.md)."""
+    (or when the next one starts) and no chunk waits in bf16 for a span to fill (the Self-Forcing
+    model of streamdiffusionv2, at the same sizes: 4.61x less KV than upstream with one-chunk
+    spans, 2.80x with 8-chunk ones; docs/adapters/streamdiffusionv2.md)."""
 
     def __init__(self, network, policy: Policy | str, cache_options: dict) -> None:
         super().__init__("flashdreams", policy, cache_options, fixed=("num_layers", "max_spans", "sink_chunks"))

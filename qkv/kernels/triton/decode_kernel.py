@@ -4,9 +4,10 @@ Flash-decoding: the keys are cut into pieces and each program attends to one run
 every query of every query head that shares one KV head (rows = query heads x queries), so each
 key and value tile is decoded once per KV head; the program writes its normalized partial output
 and log-sum-exp, and ``merge_kernel`` combines the partials of every row exactly (log-sum-exp
-weights). The partials are one fp32 buffer: the outputs [n_parts, rows, D], then the log-sum-exps
-[n_parts, rows] (one allocation a call). Programs ``0 .. n_span_progs`` read span pieces (work items of the span table, see
-records.py), the rest read the full-precision keys (up to two segments, by address). Tiles are
+weights). The partials are one fp32 buffer: the outputs [n_parts, rows, D], then the
+log-sum-exps [n_parts, rows] (one allocation a call). Programs ``0 .. n_span_progs`` read span
+pieces (work items of the span table, see records.py), the rest read the full-precision keys (up
+to two segments, by address). Tiles are
 decoded by ``tile.decode_tile``, as in the prefill kernel; the key and value layouts are the
 constexprs ``K`` and ``V`` (records.TensorLayout).
 """
