@@ -15,6 +15,8 @@ are split into pieces the same way, by address: the per-call path copies nothing
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from triton.runtime.errors import OutOfResources
 
@@ -147,67 +149,107 @@ def _launch_decode(grid, pipelines, *args, **kwargs) -> None:
                 raise
 
 
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """What every decode call at one query shape over one plan (or over full-precision keys
+    alone) shares, worked out on the first such call: the tile, the span table, the row blocks,
+    the sizes that split the work, and each launch's constexprs (without and with the
+    full-precision keys)."""
+
+    tile: DecodeTile
+    table: object
+    block_m: int
+    row_blocks: int
+    rows_total: int
+    programs: int  # (batch, KV head, row block) triples: the grid's last two axes
+    wave: int
+    span_bytes: int
+    token_bytes: int  # of a full-precision key and value over every (batch, KV head)
+    partial_bytes: int  # of one program's partials over every row
+    launches: tuple  # per span group (or one without spans): (group, constexprs, constexprs with dense keys)
+    merge: dict
+
+
+def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile | None) -> _Static:
+    """:class:`_Static` of a call of ``q`` over ``plan``: kept by the plan (every call over the
+    same spans reuses it), built anew without one."""
+    key = ("decode launch", q.shape, q.dtype, q.device, h_kv, tile)
+
+    def build() -> _Static:
+        b, h, sq, d = q.shape
+        device = q.device
+        emulate = device.type != "cuda"
+        rows = h // h_kv * sq  # query rows per KV head
+        chosen = tile or tile_for("decode", device, rows, plan is not None and plan.centroids)
+        table = plan_table(plan, device, chosen.piece) if plan is not None else None
+        block_m = min(max(16, _pow2(rows)), chosen.max_rows)
+        row_blocks = _cdiv(rows, block_m)
+        common = dict(D=d, BLOCK_M=block_m, BLOCK_N=chosen.block_n, KV_T=TL_DTYPES[q.dtype],
+                      DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, H_NORM=d**-0.5,
+                      num_warps=chosen.warps, maxnreg=chosen.maxnreg)
+        launches = []
+        for g in (table.groups if table is not None else ()) or (None,):
+            k_layout, v_layout = g.layouts if g is not None else NO_SPANS
+            kw = dict(common, HAS_SPANS=g is not None, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, K=k_layout, V=v_layout)
+            launches.append((g, dict(kw, HAS_DENSE=False), dict(kw, HAS_DENSE=True)))
+        rows_total = b * h * sq
+        return _Static(
+            tile=chosen, table=table, block_m=block_m, row_blocks=row_blocks, rows_total=rows_total,
+            programs=b * h_kv * row_blocks,
+            wave=chosen.waves * (4 if emulate else multiprocessors(device.index or 0)),
+            span_bytes=table.nbytes if table is not None else 0, token_bytes=2 * b * h_kv * d * q.itemsize,
+            partial_bytes=rows_total * (d + 1) * 4, launches=tuple(launches),
+            merge=dict(D=d, EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4),
+        )
+
+    return plan.table(key, build) if plan is not None else build()
+
+
 def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile: DecodeTile | None = None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.attention.attention_decode_torch`: [B, H, Sq, D] in q's
-    dtype. ``segments``: DenseKV, CompressedSpan and at most one SpanPlan (whose span table is
-    built once and reused by every call), as :func:`qkv.kernels.attention` checks them.
-    ``tile``: the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
+    dtype. ``segments``: DenseKV, CompressedSpan and at most one SpanPlan (whose span table and
+    launch constants are worked out once and reused by every call), as
+    :func:`qkv.kernels.attention` checks them. ``tile``: the launch (default: the device's, see
+    :mod:`qkv.kernels.triton.tiles`)."""
     scale = default_scale(q, scale)
     plans, dense = _split(segments)
     b, h, sq, d = q.shape
     h_kv = (dense[0].k if dense else plans[0].spans[0].ckv.k).shape[1]
-    device = q.device
-    emulate = device.type != "cuda"
-    rows = h // h_kv * sq  # query rows per KV head
-    if tile is None:
-        tile = tile_for("decode", device, rows, bool(plans) and plans[0].centroids)
-    block_n, piece, max_rows = tile.block_n, tile.piece, tile.max_rows
-    table = plan_table(plans[0], device, piece) if plans else None
-    groups = table.groups if table is not None else ()
+    st = _static(plans[0] if plans else None, q, h_kv, tile)
+    piece, table = st.tile.piece, st.table
     q = q if q.stride(-1) == 1 else q.contiguous()
-    block_m = min(max(16, _pow2(rows)), max_rows)
-    row_blocks = _cdiv(rows, block_m)
     dense_args, dense_tokens = _dense_args(dense, q)
     span_tokens = table.n_items * piece if table is not None else 0
     # programs per (batch, KV head, row block): a few waves, partials within their byte budget
-    rows_total = b * h * sq
-    read = (table.nbytes if table is not None else 0) + 2 * dense_tokens * b * h_kv * d * q.itemsize
-    budget = max(1, int(PARTIAL_SHARE * read) // (rows_total * (d + 1) * 4))
-    wave = tile.waves * (4 if emulate else multiprocessors(device.index or 0))
-    parts = max(1, min(budget, _cdiv(wave, b * h_kv * row_blocks)))
+    budget = max(1, int(PARTIAL_SHARE * (st.span_bytes + dense_tokens * st.token_bytes)) // st.partial_bytes)
+    parts = max(1, min(budget, _cdiv(st.wave, st.programs)))
     per_prog = max(1, _cdiv(_cdiv(span_tokens + dense_tokens, parts), piece))
     dense_piece = per_prog * piece
-    span_progs = [_cdiv(g.n_items, per_prog) for g in groups]
     dense_progs = _cdiv(dense_tokens, dense_piece)
+    span_progs = [_cdiv(g.n_items, per_prog) if g is not None else 0 for g, _, _ in st.launches]
     n_parts = sum(span_progs) + dense_progs
+    rows_total = st.rows_total
     qh, ql = q, q
     if table is not None and table.rotated:  # H q in two parts, so that the scores are as exact as q . k
         qh, ql = rotated_query(q)  # before the partials: its fp32 temporaries are gone when they come
-    partials = torch.empty(n_parts * rows_total * (d + 1), dtype=torch.float32, device=device)  # outputs, then lse
-    launches = [(g, n) for g, n in zip(groups, span_progs)] or [(None, 0)]
+    partials = torch.empty(n_parts * rows_total * (d + 1), dtype=torch.float32, device=q.device)  # outputs, then lse
     base = 0
-    for i, (g, n_span) in enumerate(launches):
-        n_dense = dense_progs if i == 0 else 0
+    for (g, plain, with_dense), n_span in zip(st.launches, span_progs):
+        n_dense = dense_progs if base == 0 else 0
         if n_span + n_dense == 0:
             continue
-        k_layout, v_layout = g.layouts if g is not None else NO_SPANS
         _launch_decode(
-            (n_span + n_dense, b * h_kv, row_blocks), tile.stages,
-            q, qh if k_layout.ROT else q, ql, partials, n_parts,
+            (n_span + n_dense, b * h_kv, st.row_blocks), st.tile.stages,
+            q, qh if plain["SPLIT_Q"] else q, ql, partials, n_parts,
             g.table if g is not None else partials, g.items if g is not None else partials,
             g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
             *dense_args, h, h_kv, sq, rows_total, *q.stride()[:3], scale * LOG2E,
-            D=d, BLOCK_M=block_m, BLOCK_N=block_n, KV_T=TL_DTYPES[q.dtype],
-            DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, HAS_SPANS=g is not None,
-            HAS_DENSE=n_dense > 0, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=d**-0.5,
-            K=k_layout, V=v_layout,
-            num_warps=tile.warps, maxnreg=tile.maxnreg,
+            **(with_dense if n_dense else plain),
         )
         base += n_span + n_dense
-    out = torch.empty(b, h, sq, d, dtype=q.dtype, device=device)
+    out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
     merge_kernel[(rows_total,)](
         partials, out, n_parts, rows_total, h, sq, *out.stride()[:3],
-        D=d, BLOCK_P=MERGE_PARTS[n_parts > MERGE_PARTS[0]],
-        EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4,
+        BLOCK_P=MERGE_PARTS[n_parts > MERGE_PARTS[0]], **st.merge,
     )
     return out
