@@ -51,6 +51,10 @@ plan in one launch) over ``DECOMPRESS_WINDOWS`` (qvg with 64 clusters, bf16) and
 ``--kernel update`` sweeps :class:`qkv.kernels.triton.tiles.UpdateTile` (tokens per step,
 centroids per block, warps, waves) of the one-hot k-means update over ``UPDATE_SHAPES`` (the
 shapes it is used for: at most 128 clusters; balanced random assignments) and writes one tile.
+
+``--kernel kmeanspp`` sweeps :class:`qkv.kernels.triton.tiles.SeedTile` (values per distance
+chunk, warps) of the weighted k-means++ kernel over ``SEED_SHAPES`` (the seedings' reductions at
+256 clusters: k-means|| candidates and the k-means++ subsample) and writes one tile.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
 from qkv.kernels.triton.decompress import decompress_spans_triton
-from qkv.kernels.triton.kmeans import assign_triton, update_onehot
+from qkv.kernels.triton.kmeans import assign_triton, kmeanspp_triton, update_onehot
 from qkv.kernels.triton.quantize import dequantize_triton
 
 POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")
@@ -91,6 +95,10 @@ DECOMPRESS_WINDOWS = {"sana_wm_window": (1, 32, 2640, 4, 128), "self_forcing_his
 # at 64 and 128 clusters
 UPDATE_SHAPES = {"sana_wm_pass": (512, 2640, 128, 64), "self_forcing_64": (12, 37440, 128, 64),
                  "self_forcing_128": (12, 37440, 128, 128)}
+
+# weighted k-means++'s (rows, points, head dim, picks): k-means||'s 4 x 256 + 1 candidates of a
+# LongCat-Video span's K and V, and k-means++'s 16 x 256 subsample of a Self-Forcing history
+SEED_SHAPES = {"kmeans||_longcat_video": (64, 1025, 128, 256), "kmeans++_self_forcing": (12, 4096, 128, 256)}
 
 
 def planned(segments: list) -> list:
@@ -229,9 +237,27 @@ def update_calls(args):
         torch.cuda.empty_cache()
 
 
+def kmeanspp_grid(quick: bool) -> list[tiles.SeedTile]:
+    values, warps = (2048, 4096, 8192, 16384), (4, 8, 16)
+    if quick:
+        values, warps = (4096, 8192), (8, 16)
+    return [tiles.SeedTile(v, w) for v, w in itertools.product(values, warps)]
+
+
+def kmeanspp_calls(args):
+    """(case, call(tile)) of weighted k-means++ over SEED_SHAPES (random points, unit weights)."""
+    for name, (rows, points, d, picks) in SEED_SHAPES.items():
+        x = torch.randn(rows, points, d, device="cuda")
+        weights = torch.ones(rows, points, device="cuda")
+        draws = torch.rand(picks, device="cuda")
+        yield (name,), lambda tile: kmeanspp_triton(x, weights, draws, tile=tile)
+        del x, weights, draws
+        torch.cuda.empty_cache()
+
+
 KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid, dequantize_calls),
            "assign": (assign_grid, assign_calls), "update": (update_grid, update_calls),
-           "decompress": (decompress_grid, decompress_calls)}
+           "decompress": (decompress_grid, decompress_calls), "kmeanspp": (kmeanspp_grid, kmeanspp_calls)}
 
 
 def measure(args) -> tuple[list, dict[tuple, list[float]], dict]:

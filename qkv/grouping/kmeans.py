@@ -2,10 +2,11 @@
 
 - Init: k-means++ (D^2 sampling, seeded; drawn from a random subsample of ``INIT_SAMPLE`` tokens
   per cluster on long spans, since its C sequential passes dominate otherwise), k-means|| (the
-  same subsample; a few rounds that each draw C candidates at once by D^2, then a weighted
-  k-means++ over the candidates in growing batches: 5 passes over the subsample and 21 over the
-  candidates for C = 256, each batched over rows; no host sync) or uniform random tokens (the reference QVG's choice). The Lloyd iterations always
-  use every token.
+  same subsample; a few rounds that each draw C candidates at once by D^2, then weighted
+  k-means++ over the 4 C + 1 candidates: 5 passes over the subsample, each batched over rows, and
+  C over the candidates), or uniform random tokens (the reference QVG's choice). Both D^2
+  seedings make their C sequential picks in one kernel on a GPU (:func:`qkv.kernels.kmeanspp`);
+  no host sync. The Lloyd iterations always use every token.
 - Warm start from given centroids (e.g. the previous chunk's).
 - Deterministic for a given seed: sums are fixed-order matmuls, sampling uses a seeded generator
   whose every draw is shared by all rows, so a row's result depends only on its own tokens and the
@@ -47,7 +48,6 @@ FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x cluste
 INIT_SAMPLE = 16  # k-means++ and k-means|| seed from at most this many tokens per cluster (a random subsample)
 PARALLEL_ROUNDS = 4  # k-means|| sampling rounds (one assignment pass of the subsample each)
 PARALLEL_OVERSAMPLE = 1  # k-means|| candidates per round, in clusters
-REDUCE_GROWTH = 4  # the reduction's rounds add a quarter as many centroids as they have (at least one)
 INITS = ("kmeans++", "kmeans||", "random")
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
@@ -82,32 +82,9 @@ def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Te
 
 def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
                    factor: torch.Tensor | None = None) -> torch.Tensor:
-    """k-means++ on a subsample of each row times ``factor``."""
+    """k-means++ on a subsample of each row times ``factor`` (every token weighs 1)."""
     x = scaled_rows(_subsample(x, clusters, gen), factor)
-    n, s, d = x.shape
-    rows = torch.arange(n, device=x.device)
-    first = torch.randint(s, (1,), generator=gen, device=x.device).expand(n)
-    centroids = torch.empty(n, clusters, d, device=x.device, dtype=x.dtype)
-    centroids[:, 0] = x[rows, first]
-    nearest = (x - centroids[:, :1]).square().sum(-1)  # [N, S]
-    for j in range(1, clusters):
-        total = nearest.sum(-1, keepdim=True)
-        weights = torch.where(total > 0, nearest, torch.ones_like(nearest))
-        pick = _inverse_draw(weights, gen)
-        centroids[:, j] = x[rows, pick]
-        nearest = torch.minimum(nearest, (x - centroids[:, j : j + 1]).square().sum(-1))
-    return centroids
-
-
-def _inverse_draw(weights: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """[N] indices into ``weights`` [N, M] (>= 0, a positive sum per row), each drawn with
-    probability proportional to its weight by inverting the row's cumulative sum at one uniform
-    number shared by every row (so a row's draw does not depend on the other rows)."""
-    cdf = weights.double().cumsum(-1)
-    at = torch.rand(1, 1, generator=gen, device=weights.device, dtype=torch.float64) * cdf[:, -1:]
-    # the first index whose cumulative weight exceeds the point (never a weight of 0); the product
-    # of a uniform below 1 and the sum may round up to the sum itself: the last index then
-    return torch.searchsorted(cdf, at, right=True).squeeze(-1).clamp_max_(weights.shape[-1] - 1)
+    return _reduce(x, torch.ones(x.shape[:2], device=x.device), clusters, gen, backend)
 
 
 def _weighted_draw(weights: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -161,30 +138,11 @@ def _reduce(
     pool: torch.Tensor, weights: torch.Tensor, clusters: int, gen: torch.Generator, backend: str
 ) -> torch.Tensor:
     """``clusters`` centroids [N, C, D] drawn from the weighted points ``pool`` [N, K, D]
-    (K >= C), ``weights`` [N, K] (> 0 for every point that a token is nearest to).
-
-    Weighted k-means++ in growing batches: one point drawn by weight, then rounds that each draw
-    ``1 + have // REDUCE_GROWTH`` new distinct points at once (``have``: centroids so far) with
-    probability proportional to weight x squared distance to the nearest centroid: 20 rounds
-    for C = 256 instead of C steps, each one assignment pass of the K points against the new ones.
-    (Batches that double lose to k-means++ on clustered data: one batch puts several centroids
-    into a cluster that needed one; weighted Lloyd steps on the pool, tried too, only lock in such
-    a partition before the Lloyd iterations on every token can undo it.)
-    """
-    n, k, _ = pool.shape
-    first = _weighted_draw(weights, 1, gen)
-    chosen = [_gather_rows(pool, first)]
-    _, nearest = kernels.kmeans_assign(pool, chosen[0], backend=backend)
-    taken = torch.zeros(n, k, dtype=torch.bool, device=pool.device).scatter_(1, first, True)
-    have = 1
-    while have < clusters:  # a loop over rounds whose sizes depend on C alone
-        batch = min(1 + have // REDUCE_GROWTH, clusters - have)
-        pick = _weighted_draw((weights * nearest).masked_fill(taken, -1.0), batch, gen)
-        taken.scatter_(1, pick, True)
-        chosen.append(_gather_rows(pool, pick))
-        nearest = torch.minimum(nearest, kernels.kmeans_assign(pool, chosen[-1], backend=backend)[1])
-        have += pick.shape[1]
-    return torch.cat(chosen, 1)
+    (K >= C), ``weights`` [N, K] (> 0 for every point that a token is nearest to): weighted
+    k-means++ (:func:`qkv.kernels.kmeanspp`: C picks in order, each a pass of the K points against
+    the new centroid; one kernel on a GPU), with one uniform draw per pick shared by every row."""
+    draws = torch.rand(clusters, generator=gen, device=pool.device)
+    return _gather_rows(pool, kernels.kmeanspp(pool, weights, draws, backend=backend))
 
 
 SEEDINGS = {"kmeans++": _init_kmeanspp, "kmeans||": _init_parallel, "random": _init_random}
@@ -274,7 +232,8 @@ class KMeansGrouper(ClusteringGrouper):
     spec such as ``kmeans(clusters=128),centroid,int2`` costs what a preset costs. k-means++ seeding
     (``init=kmeans++``) and more iterations lower the error by a few percent at several times the
     time (rows ``qvg+kmeans++`` and ``qvg-ref`` of ``qkv eval``, docs/eval.md); ``init=kmeans||``
-    seeds about as well as k-means++ in ~26 batched passes instead of C sequential ones.
+    seeds as well as k-means++ with its C sequential picks over 4 C + 1 candidates instead of the
+    16 C tokens of k-means++'s subsample (docs/policies.md).
     ``warm_iters``: the Lloyd iterations of a warm-started grouping (a streaming cache seeds each
     span with the previous span's centroids; default ``iters``): warm centroids need fewer
     iterations for the same error (``benchmarks/warm_start_kmeans.py``, docs/policies.md).

@@ -33,7 +33,7 @@ from qkv.kernels.attention import (
     merge_torch,
 )
 from qkv.kernels.hadamard import hadamard_torch
-from qkv.kernels.kmeans import assign_torch, update_torch
+from qkv.kernels.kmeans import assign_torch, kmeanspp_torch, update_torch
 from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch, rows_dim
 
 
@@ -56,7 +56,7 @@ class Method(str, enum.Enum):
 # for all of them (memory-bound); more share a key tile the way the prefill paths do
 DECODE_MAX_QUERIES = 64
 
-OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "hadamard", "attention",
+OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "kmeanspp", "hadamard", "attention",
        "attention_decode", "merge", "decompress_spans")
 
 _TORCH: dict[str, Callable] = {
@@ -64,6 +64,7 @@ _TORCH: dict[str, Callable] = {
     "dequantize": dequantize_torch,
     "kmeans_assign": assign_torch,
     "kmeans_update": update_torch,
+    "kmeanspp": kmeanspp_torch,
     "hadamard": hadamard_torch,
     "attention": attention_torch,
     "attention_decode": attention_decode_torch,
@@ -217,6 +218,14 @@ def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, backend
     return resolve("kmeans_update", backend, x.device, *args)(*args)
 
 
+def kmeanspp(points, weights, draws, *, backend="auto"):
+    """Weighted k-means++ over ``points`` [N, K, D] fp32 with ``weights`` [N, K], one uniform of
+    ``draws`` [C] (C <= K) per pick: [N, C] distinct point indices (see
+    :func:`qkv.kernels.kmeans.kmeanspp_torch`)."""
+    args = (points, weights, draws)
+    return resolve("kmeanspp", backend, points.device, *args)(*args)
+
+
 def hadamard(x, *, backend="auto"):
     """Normalized Walsh-Hadamard transform along the last dim (self-inverse)."""
     return resolve("hadamard", backend, x.device, x)(x)
@@ -292,6 +301,7 @@ __all__ = [
     "hadamard",
     "kmeans_assign",
     "kmeans_update",
+    "kmeanspp",
     "merge_partials",
     "quantize_pack",
     "resolve",

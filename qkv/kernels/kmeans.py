@@ -1,6 +1,7 @@
-"""Plain-PyTorch reference of the k-means hot paths: nearest-centroid assignment and a
-deterministic centroid update (no floating-point atomics: sums are fixed-order matmuls), and the
-gather of each token's centroid that smoothing, quantization and decoding share."""
+"""Plain-PyTorch reference of the k-means hot paths: nearest-centroid assignment, a
+deterministic centroid update (no floating-point atomics: sums are fixed-order matmuls), weighted
+k-means++ seeding, and the gather of each token's centroid that smoothing, quantization and
+decoding share."""
 
 from __future__ import annotations
 
@@ -67,6 +68,38 @@ def update_torch(
         fallback = scaled_rows(torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)), scale)
     means = sums / counts.clamp_min(1).unsqueeze(-1)
     return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts
+
+
+def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Weighted k-means++ (D^2 sampling) over the points of each row: ``points`` [N, K, D] fp32,
+    ``weights`` [N, K] fp32 (>= 0), ``draws`` [C] fp32 uniforms in [0, 1), C <= K, one per pick
+    and shared by every row (so a row's picks depend only on its own points). Returns [N, C]
+    int64: distinct point indices, in the order picked.
+
+    Pick j takes the first point whose running sum of scores exceeds ``draws[j]`` times their
+    total (the last point with a positive score if rounding carries the product to the total),
+    where a point's score is its weight, times its squared distance to the nearest point picked
+    so far from pick 1 on, and 0 once picked; when every score is 0 (all points left coincide
+    with picked ones or weigh nothing), the first point not yet picked. Distances are
+    ``sum((p - c)^2)`` in fp32, so a picked point (and a copy of it) is at distance 0 exactly."""
+    n, k, _ = points.shape
+    rows = torch.arange(n, device=points.device)
+    index = torch.arange(k, device=points.device)
+    taken = torch.zeros(n, k, dtype=torch.bool, device=points.device)
+    nearest = torch.ones(n, k, device=points.device)  # pick 0 draws by weight alone
+    picks = torch.empty(n, draws.shape[0], dtype=torch.int64, device=points.device)
+    for j in range(draws.shape[0]):
+        score = torch.where(taken, 0.0, weights * nearest)
+        cdf = score.cumsum(-1)
+        total = cdf[:, -1]
+        pick = (cdf <= draws[j] * total[:, None]).sum(-1)
+        pick = torch.minimum(pick, torch.where(score > 0, index, -1).amax(-1))
+        pick = torch.where(total > 0, pick, (~taken).int().argmax(-1))
+        picks[:, j] = pick
+        taken[rows, pick] = True
+        dist = (points - points[rows, pick].unsqueeze(1)).square().sum(-1)
+        nearest = dist if j == 0 else torch.minimum(nearest, dist)
+    return picks
 
 
 def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,21 @@ def token_index(x, centroids):
     return torch.where(same.any(-1), same.int().argmax(-1), -1)
 
 
+def test_kmeanspp_draws_by_weight_then_by_weighted_squared_distance():
+    """The reference's picks, worked by hand: pick 0 inverts the running sum of the weights at the
+    draw, later picks that of weight x squared distance to the nearest pick (a picked point and
+    its copies score 0), and once every score is 0 the first point not yet picked."""
+    from qkv.kernels.kmeans import kmeanspp_torch
+
+    points = torch.tensor([[[0.0], [1.0], [3.0], [3.0], [7.0]]])
+    weights = torch.tensor([[0.0, 1.0, 2.0, 1.0, 1.0]])
+    # pick 0: running sums 0 1 3 4 5, 0.5 x 5 = 2.5 -> point 2 (3.0)
+    # pick 1: scores 0 4 0 0 16 (point 3 copies point 2), sums 0 4 4 4 20, 0.1 x 20 = 2 -> point 1
+    # pick 2: scores 0 0 0 0 16 -> point 4; pick 3: all 0 -> point 0, then point 3
+    picks = kmeanspp_torch(points, weights, torch.tensor([0.5, 0.1, 0.99, 0.3, 0.7]))
+    assert picks.tolist() == [[2, 1, 4, 0, 3]]
+
+
 def test_deterministic_for_a_seed():
     x = tokens()
     assert torch.equal(seed(x, 16, 3), seed(x, 16, 3))

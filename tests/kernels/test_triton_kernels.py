@@ -270,6 +270,43 @@ def test_kmeans_parallel_seeding_on_the_assign_kernel(s):
     assert cost["triton"] <= 1.1 * cost["torch"]
 
 
+KMEANSPP_SHAPES = [(2, 37, 8, 5), (3, 100, 16, 20), (1, 9, 4, 9)] + (
+    [(64, 1025, 128, 256), (12, 4096, 128, 256)] if DEVICE == "cuda" else [(2, 300, 32, 48)])
+
+
+@pytest.mark.parametrize("n, k, d, c", KMEANSPP_SHAPES)
+@pytest.mark.parametrize("spread", [4, 0])  # distinct points / a few values repeated: scores run out
+def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread):
+    """Weighted k-means++ on integer-valued points and weights (every fp32 sum exact in any
+    order): the kernel's picks are the reference's, also once every score is 0 (points that
+    coincide with picked ones, zero weights) and the first point not yet picked is taken."""
+    g = gen(k + spread)
+    points = torch.randint(-spread, spread + 1, (n, k, d), generator=g, device=DEVICE).float()
+    weights = torch.randint(0, 4, (n, k), generator=g, device=DEVICE).float()
+    weights[0, : k // 2] = 0
+    draws = torch.rand(c, generator=g, device=DEVICE)
+    ref = kernels.kmeanspp(points, weights, draws, backend="torch")
+    out = kernels.kmeanspp(points, weights, draws, backend="triton")
+    assert torch.equal(out, ref)
+    assert all(len(set(row.tolist())) == c for row in ref.cpu())
+
+
+def test_kmeanspp_on_float_points_picks_as_well_as_the_reference():
+    """On float points the fp32 sums may round differently: the picks stay distinct and seed as
+    well as the reference's (squared distance of every point to its nearest pick)."""
+    g = gen(7)
+    points = torch.randn(3, 200, 32, generator=g, device=DEVICE)
+    weights = torch.ones(3, 200, device=DEVICE)
+    draws = torch.rand(24, generator=g, device=DEVICE)
+    cost = {}
+    for backend in ("torch", "triton"):
+        picks = kernels.kmeanspp(points, weights, draws, backend=backend)
+        assert all(len(set(row.tolist())) == 24 for row in picks.cpu())
+        centres = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, 32))
+        cost[backend] = torch.cdist(points, centres).square().min(-1).values.sum()
+    assert cost["triton"] <= 1.05 * cost["torch"], cost
+
+
 @pytest.mark.parametrize("d, c", [(16, 4), (64, 40), (128, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kmeans_update_matches_reference(d, c, dtype):

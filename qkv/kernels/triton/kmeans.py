@@ -18,6 +18,12 @@
   Empty clusters are re-seeded by the kernel that adds the parts. Results differ from the
   reference only by fp32 summation order, and are bit-identical from run to run.
   benchmarks/results/bench_kmeans_update_h200.json has both at the shapes qkv's clients compress.
+- weighted k-means++: one program per row makes all C picks in order, the row's weights, nearest
+  distances and picked flags in registers; each pick is a scan of the scores and one pass over the
+  row's points (read transposed, [D, K], so that a chunk of dims is one coalesced load along the
+  points). The picks are the reference's wherever the fp32 sums come out the same (exact for
+  integer-valued points); otherwise a pick may differ where a draw falls within rounding of a
+  boundary.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import triton.language as tl
 
 from qkv.dtypes import compact_index_dtype
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
-from qkv.kernels.triton.tiles import AssignTile, UpdateTile, multiprocessors, tile_for
+from qkv.kernels.triton.tiles import AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
 # A cluster's sorted tokens are summed in up to UPDATE_PIECES equal parts at once (whole steps of
 # UPDATE_TOKENS tokens), then the parts in order (both fixed: the summation order depends on them).
@@ -422,3 +428,60 @@ def update_onehot(
         HAS_SCALE=scale is not None, BLOCK_D=block_d, BLOCK_C=triton.next_power_of_2(c), num_warps=4,
     )
     return new, counts
+
+
+@triton.jit
+def _kmeanspp_kernel(pt_ptr, p_ptr, w_ptr, u_ptr, out_ptr, K, C, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The C picks of row n (see kmeanspp_torch): points pt [N, D, K] (transposed) and p [N, K, D]
+    (a picked point's row), weights [N, K], draws [C], picks out [N, C]."""
+    n = tl.program_id(0).to(tl.int64)
+    k = tl.arange(0, BLOCK_K)
+    k_ok = k < K
+    w = tl.load(w_ptr + n * K + k, mask=k_ok, other=0.0)
+    nearest = tl.full((BLOCK_K,), 1.0, tl.float32)  # pick 0 draws by weight alone
+    taken = k >= K  # the padding is never picked
+    for j in range(C):
+        score = tl.where(taken, 0.0, w * nearest)
+        cdf = tl.cumsum(score, 0)
+        total = tl.max(cdf, 0)  # the last running sum: scores are >= 0
+        pick = tl.sum((cdf <= tl.load(u_ptr + j) * total).to(tl.int32), 0)
+        pick = tl.minimum(pick, tl.max(tl.where(score > 0.0, k, -1), 0))
+        pick = tl.where(total > 0.0, pick, tl.min(tl.where(taken, BLOCK_K, k), 0))
+        tl.store(out_ptr + n * C + j, pick.to(tl.int64))
+        taken = taken | (k == pick)
+        dist = tl.zeros((BLOCK_K,), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            dd = d0 + tl.arange(0, BLOCK_D)
+            d_ok = dd < D
+            c = tl.load(p_ptr + (n * K + pick) * D + dd, mask=d_ok, other=0.0)
+            pts = tl.load(pt_ptr + n * D * K + dd[:, None] * K + k[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
+            diff = pts - c[:, None]
+            dist += tl.sum(diff * diff, 0)
+        if j == 0:
+            nearest = dist
+        else:
+            nearest = tl.minimum(nearest, dist)
+
+
+def kmeanspp_supports(points, weights, draws) -> str | None:
+    if points.shape[1] > 16384:
+        return f"{points.shape[1]} points a row is more than the kernel holds in registers (16384)"
+    return None
+
+
+def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor, *,
+                    tile: SeedTile | None = None) -> torch.Tensor:
+    """Triton twin of :func:`qkv.kernels.kmeans.kmeanspp_torch` (see the module docstring).
+    ``tile``: the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
+    points = points.float().contiguous()
+    n, k, d = points.shape
+    c = draws.shape[0]
+    tile = tile or tile_for("kmeanspp", points.device, 0)
+    block_k = triton.next_power_of_2(k)
+    block_d = max(1, min(triton.next_power_of_2(d), tile.values // block_k))
+    out = torch.empty(n, c, dtype=torch.int64, device=points.device)
+    _kmeanspp_kernel[(n,)](
+        points.transpose(1, 2).contiguous(), points, weights.float().contiguous(), draws.float().contiguous(), out,
+        k, c, d, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=min(16, max(tile.warps, block_k // 256)),
+    )
+    return out

@@ -103,10 +103,21 @@ class UpdateTile:
     waves: int = 4
 
 
+@dataclasses.dataclass(frozen=True)
+class SeedTile:
+    """The weighted k-means++ kernel's launch: each pick's distance pass over a row's points in
+    chunks of at most ``values`` (dims x points), ``warps`` per program (one program a row; more
+    for rows of over 256 points a warp, up to 16, so that the row's state stays in registers)."""
+
+    values: int = 8192
+    warps: int = 8
+
+
 DEFAULTS = {
     "decode": DecodeTile(),
     "assign": AssignTile(),
     "update": UpdateTile(),
+    "kmeanspp": SeedTile(),
     # 128-key work items of 32 x 128 tiles, as the dequantize kernel's: a long span still spreads
     # over many programs (a 37,440-token span of 12 heads: 3,516)
     "decompress": DecompressTile(),
@@ -121,6 +132,7 @@ INTERPRETER = {
     "decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4),
     "assign": AssignTile(),
     "update": UpdateTile(),
+    "kmeanspp": SeedTile(),
     "decompress": DecompressTile(),
     "dequantize": DequantizeTile(),
     "attention": PrefillTiles(((16, 16, 4, 1, 1),)),
