@@ -23,8 +23,9 @@ a 32k-token prompt and 256 greedy new tokens: tokens/s of the new tokens (prompt
 time of generating 1 token is subtracted; the median of ``ROUNDS`` runs, the caches taking
 turns), peak GPU memory and the K/V bytes, with
 ``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``),
-qvg again with ``validate=False`` (no value check, and no read-back to the host, per appended
-token) and transformers' ``DynamicCache``; each timed after a full warm-up run (cuDNN makes a plan
+kivi again with ``encode_graphs=True`` (each group's encode replayed from a CUDA graph), qvg again
+with ``validate=False`` (no value check, and no read-back to the host, per appended token) and
+transformers' ``DynamicCache``; each timed after a full warm-up run (cuDNN makes a plan
 per key length once). The host's pace drifts between runs, so the same caches are also timed
 step by step, taking turns at every step (:func:`step_rows`: one-token forwards after the prompt,
 the median time of a step), with qvg also checking its values at every step.
@@ -174,6 +175,8 @@ def generate_rows(layers: int, runs: bool = True) -> tuple[list[dict], list[dict
     caches = {
         "dynamic": ("sdpa", lambda: DynamicCache()),
         "kivi": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True)),
+        # the same with each group's encode (every 32 tokens) replayed from a CUDA graph
+        "kivi_graphs": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True, encode_graphs=True)),
         "qvg": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN, direct=True)),
         # the same without the value check of the appended tokens (queued every CHECK_BATCH tokens)
         "qvg_unchecked": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,

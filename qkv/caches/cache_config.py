@@ -36,9 +36,9 @@ class CacheConfig:
     chunks or the first ``sink_tokens`` tokens (a chunk that crosses it is cut there: a sink of
     frames with chunks of several frames); not both. ``attention``: how :meth:`KVCache.attend`
     reads the history, one of :data:`ATTENTION` (see docs/attention.md). ``encode_graphs``:
-    replay warm-started span encodes from CUDA graphs (:mod:`qkv.caches.encode_graphs`: fewer
-    host launches; k-means then runs all its iterations, and each span shape keeps its encode's
-    working memory)."""
+    replay span encodes that draw nothing (warm-started, or without k-means) from CUDA graphs
+    (:mod:`qkv.caches.encode_graphs`: fewer host launches; k-means then runs all its iterations,
+    and each span shape keeps its encode's working memory)."""
 
     policy: Policy
     span_chunks: int | None = None

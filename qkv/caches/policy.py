@@ -321,7 +321,7 @@ class Policy:
         ``validate``: check that the values are finite and in range (one read-back for both; on a
         GPU read once the encode is queued, so the host does not wait before launching it); False
         for data already checked (:class:`~qkv.KVCache` checks each chunk as it comes).
-        ``graphs``: replay the warm-started encodes from CUDA graphs (:mod:`qkv.caches.encode_graphs`).
+        ``graphs``: replay the encodes that draw nothing from CUDA graphs (:mod:`qkv.caches.encode_graphs`).
 
         When keys and values share one tensor policy (and dtype), they are compressed in one pass,
         stacked along the batch: every (batch, head) row is clustered and quantized on its own, so
@@ -386,7 +386,7 @@ class Policy:
         """Compress ``ks`` and ``vs`` (one [H, S, D] and dtype each) stacked along the batch, in one
         pass when K and V share a policy and dtype: (k, v) compressed per input. ``peaks``: the
         value check's row peaks, ([B, H] of each of ``ks``, of each of ``vs``), or None;
-        ``graphs``: where warm-started encodes replay (see :meth:`compress`)."""
+        ``graphs``: where the encodes that draw nothing replay (see :meth:`compress`)."""
 
         one_pass = self.k == self.v and ks[0].dtype == vs[0].dtype
         split = one_pass or len(ks) > 1  # batch_rows copies the parts

@@ -37,6 +37,9 @@ class Grouper(Component):
     # whether :meth:`group` takes ``peaks=`` ([N] fp32 max |x| of each row, when the caller has
     # read them already: a checked compression's value check), so that it need not read x for them
     takes_peaks: ClassVar[bool] = False
+    # whether :meth:`group` draws random numbers when it is not warm-started (a seeded start: a
+    # CUDA graph could not replay it, see qkv.caches.encode_graphs)
+    draws_cold: ClassVar[bool] = False
 
     @property
     def grid(self) -> BlockGrid | None:
@@ -59,6 +62,7 @@ class Grouper(Component):
 class ClusteringGrouper(Grouper):
     """Base of the groupers that cluster into at most ``clusters`` groups (k-means, FAISS)."""
 
+    draws_cold: ClassVar[bool] = True
     clusters: int = 256
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
-"""KVCache(encode_graphs=True): warm-started span encodes captured once per shape and replayed
-(qkv.caches.encode_graphs). On the CPU the graph is emulated (a replay runs the captured encode
+"""KVCache(encode_graphs=True): span encodes that draw nothing (warm-started, or without k-means)
+captured once per shape and replayed (qkv.caches.encode_graphs). On the CPU the graph is emulated (a replay runs the captured encode
 again into the captured output's tensors, as a CUDA graph's replay writes its own memory), which
 checks the plumbing: inputs and warm starts copied in, outputs copied out, one capture per shape.
 On a GPU the encode is captured in a real CUDA graph."""
@@ -75,6 +75,28 @@ def test_graphed_spans_equal_eager_spans_and_outlive_the_next_replay(policy):
         assert_same(a, b)
 
 
+def token_by_token(cache, steps, gen, device="cpu"):
+    for _ in range(steps):
+        k, v = (torch.randn(1, H, 1, D, generator=gen, device=device) for _ in range(2))
+        cache.append(0, k, v)
+
+
+@pytest.mark.parametrize("policy, graphs_made", [("rtn", 1), ("quarot", 1), ("kivi", 2)])
+def test_policies_without_kmeans_replay_from_their_first_encode(policy, graphs_made):
+    """A policy whose compression draws nothing (no k-means seeding) is captured at its first
+    encode, cold: token-by-token decoding's groups (KIVI: K and V under different policies, two
+    shapes) all replay, and every span equals the eager cache's bit for bit."""
+    options = {} if policy == "kivi" else {"span_tokens": SPAN}
+    eager = qkv.KVCache(policy, num_layers=1, **options)
+    graphed = qkv.KVCache(policy, num_layers=1, encode_graphs=True, **options)
+    graphs = graphed.config.__dict__["graphs"] = EncodeGraphs(emulated_capture, devices=("cpu",))
+    token_by_token(eager, 200, torch.Generator().manual_seed(5))
+    token_by_token(graphed, 200, torch.Generator().manual_seed(5))
+    assert len(spans(graphed)) >= 2 and len(graphs) == graphs_made
+    for a, b in zip(spans(eager), spans(graphed), strict=True):
+        assert_same(a, b)
+
+
 def test_compress_many_replays_one_graph_per_stacked_shape():
     """The one-pass compression of several layers' chunks (KVCache.compress_ahead) goes through
     the graphs too: warm-started, the same results as without them."""
@@ -139,3 +161,19 @@ def test_a_warm_started_encode_is_captured_in_a_cuda_graph():
         for x, ea, gr in zip((k, v), policy.decompress(a), policy.decompress(b)):
             err_e, err_g = ((y.float() - x.float()).norm() / x.float().norm() for y in (ea, gr))
             assert err_g <= err_e * 1.02 + 1e-4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_kivi_groups_are_captured_in_cuda_graphs():
+    """On a GPU: KIVI's groups, compressed every 32 tokens of token-by-token decoding, replay
+    one captured graph each for K and V from the first group on, bit for bit the eager cache's."""
+    eager = qkv.KVCache("kivi", num_layers=1)
+    graphed = qkv.KVCache("kivi", num_layers=1, encode_graphs=True)
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    for _ in range(300):
+        k, v = (torch.randn(1, 4, 1, 128, generator=gen, device="cuda").bfloat16() for _ in range(2))
+        eager.append(0, k, v)
+        graphed.append(0, k, v)
+    assert len(spans(graphed)) >= 2 and len(graphed.config.graphs) == 2
+    for a, b in zip(spans(eager), spans(graphed), strict=True):
+        assert_same(a, b)
