@@ -272,15 +272,16 @@ def attention(q, segments, *, scale=None, backend="auto", method: Method | str =
     return resolve("attention", backend, q.device, *args)(*args)
 
 
-def merge_partials(state, part, *, backend="auto"):
-    """Merge a partial attention ``part`` (out [B, H, Sq, D], lse [B, H, Sq]: the log-sum-exp of
-    its scaled scores) into the running ``state`` over disjoint keys: softmax over the union. A
-    loop over segments starts from None (the first part is copied to fp32) and owns its state:
-    ``state``'s tensors are updated in place and returned; ``part``'s are never written."""
-    out, lse = part
-    if state is None:
-        return out.to(torch.float32, memory_format=torch.contiguous_format, copy=True), lse.to(torch.float32, copy=True)
-    return resolve("merge", backend, out.device, state, part)(state, part)
+def merge_partials(state, *parts, backend="auto"):
+    """Merge partial attentions ``parts`` (each (out [B, H, Sq, D], lse [B, H, Sq]): the
+    log-sum-exp of its scaled scores) into the running ``state`` over disjoint keys: softmax over
+    the union. A loop over segments starts from None (a new fp32 state) and owns its state:
+    ``state``'s tensors are updated in place and returned; ``parts``' are never written. Several
+    parts at once cost one pass over the state instead of one each."""
+    if not parts:
+        raise ShapeError("merge_partials: no part to merge")
+    args = (state, *parts)
+    return resolve("merge", backend, parts[0][0].device, *args)(*args)
 
 
 __all__ = [

@@ -63,6 +63,10 @@ class CompressedSpan:
 # The most keys per head that the staged path decompresses at once (a longer span alone): groups
 # of short spans (a chunk per span) then cost as few attention calls and merges as long ones
 STAGE_TOKENS = 32768
+# Partial results held before they are folded into the running state in one pass (the state is
+# read and written once per fold, not once per part; the parts held take at most twice the fp32
+# state's bytes when they are bf16)
+MERGE_PARTS = 4
 
 
 def span_groups(spans: Sequence[CompressedSpan], limit: int, previous: SpanPlan | None = None) -> list[SpanPlan]:
@@ -266,16 +270,18 @@ def partial_attention(
 
 
 def merge_torch(
-    state: tuple[torch.Tensor, torch.Tensor], part: tuple[torch.Tensor, torch.Tensor]
+    state: tuple[torch.Tensor, torch.Tensor] | None, *parts: tuple[torch.Tensor, torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge a partial attention ``part`` (out [B, H, Sq, D], lse [B, H, Sq]) into the running
+    """Fold partial attentions ``parts`` (out [B, H, Sq, D], lse [B, H, Sq]) into the running
     ``state`` (out fp32, lse fp32) over disjoint keys: ``state``'s tensors are updated in place and
-    returned (``part``'s never are). See :func:`qkv.kernels.merge_partials`."""
-    out_b, lse_b = part
-    out, lse_a = state
-    lse = torch.logaddexp(lse_a, lse_b)
-    out.mul_(torch.exp(lse_a - lse).unsqueeze(-1)).addcmul_(out_b, torch.exp(lse_b - lse).unsqueeze(-1))
-    return out, lse_a.copy_(lse)
+    returned (``parts``' never are); None starts a new state. See :func:`qkv.kernels.merge_partials`."""
+    lses = ([] if state is None else [state[1]]) + [lse.float() for _, lse in parts]
+    lse = torch.stack(lses).logsumexp(0)
+    merged = sum(out.float() * torch.exp(part_lse - lse).unsqueeze(-1)
+                 for out, part_lse in zip(([] if state is None else [state[0]]) + [o for o, _ in parts], lses))
+    if state is None:
+        return merged.contiguous(), lse
+    return state[0].copy_(merged), state[1].copy_(lse)
 
 
 def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None) -> torch.Tensor:
@@ -312,13 +318,15 @@ def attention_decode_torch(q: torch.Tensor, segments: Sequence[Segment], scale: 
 def _merged(q, scale, segments, attend, backend) -> tuple[torch.Tensor, torch.Tensor]:
     """``attend(q, k, v, scale)`` -> the partial results (out, lse) of each segment, decompressed on
     ``backend`` only when its turn comes, merged by log-sum-exp: (out, lse), both fp32."""
-    state = None
+    state, pending = None, []
     for seg in segments:
         k, v = seg.materialize(backend=backend)
-        parts = attend(q, k, v, scale)
+        pending += attend(q, k, v, scale)
         del k, v  # before the next segment is decompressed
-        for part in parts:
-            state = kernels.merge_partials(state, part, backend=backend)
+        if len(pending) >= MERGE_PARTS:  # folded in at once: the state is read and written once
+            state, pending = kernels.merge_partials(state, *pending, backend=backend), []
+    if pending:
+        state = kernels.merge_partials(state, *pending, backend=backend)
     if state is None:
         raise ShapeError("attention over no keys: the segments hold no token")
     return state

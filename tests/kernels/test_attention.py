@@ -247,6 +247,33 @@ def test_merge_kernel_is_the_torch_merge(part_dtype):
     assert torch.equal(got[0][1, 2, :5], out[1, 2, :5])
 
 
+@pytest.mark.parametrize("with_state", [False, True])
+def test_merging_many_parts_at_once_is_the_torch_merge(with_state):
+    """Six parts at once (more than one launch folds in; the outputs in two memory layouts and
+    dtypes, so the kernel folds them in runs), into a new state or a running one: the Triton and
+    torch merges agree to fp32 rounding, and both equal the attention over every key."""
+    q = randn(64, 1, 2, 9, 48, dtype=torch.float32)
+    k, v = randn(65, 1, 2, 90, 48, dtype=torch.float32), randn(66, 1, 2, 90, 48, dtype=torch.float32)
+    cuts = [0, 7, 20, 21, 44, 60, 75, 90]
+    parts = [partial_attention(q, k[:, :, a:b], v[:, :, a:b], 0.3) for a, b in zip(cuts, cuts[1:])]
+    parts[2] = (parts[2][0].transpose(1, 2).contiguous().transpose(1, 2), parts[2][1])  # [B, Sq, H, D] memory
+    parts[4] = (parts[4][0].bfloat16().float(), parts[4][1])
+    whole = partial_attention(q, k, v, 0.3)
+    start = parts.pop(0) if with_state else None
+    merged = {}
+    for backend in ("torch", "triton"):
+        state = None if start is None else (start[0].clone(), start[1].clone())
+        merged[backend] = kernels.merge_partials(state, *parts, backend=backend)
+        if state is not None:
+            assert merged[backend][0].data_ptr() == state[0].data_ptr()
+    torch.testing.assert_close(merged["triton"][0], merged["torch"][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(merged["triton"][1], merged["torch"][1], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(merged["torch"][1], whole[1], rtol=1e-6, atol=1e-5)
+    assert (merged["torch"][0] - whole[0]).abs().max() <= 2**-7 * whole[0].abs().max()  # a bf16-rounded part
+    with pytest.raises(ShapeError, match="no part"):
+        kernels.merge_partials(None)
+
+
 def test_merged_partials_are_the_attention_over_all_keys():
     """Merging attention over two disjoint key sets (first state copied, never aliased) gives the
     attention over their union, on both backends."""
@@ -478,10 +505,13 @@ def test_staged_over_many_short_spans_groups_them(monkeypatch):
                             3 if s == 2 else 0) for s in range(6)]
     segments = [DenseKV(randn(70, 1, 2, 16, 64), randn(71, 1, 2, 16, 64)), *spans]
     q = randn(72, 1, 2, 20, 64)
-    calls = []
-    original = attention_module.sdpa_split
+    calls, merged = [], []
+    original, merge = attention_module.sdpa_split, kernels.merge_partials
     monkeypatch.setattr(attention_module, "STAGE_TOKENS", 50)
     monkeypatch.setattr(attention_module, "sdpa_split", lambda q, k, v, s: calls.append(k.shape[2]) or original(q, k, v, s))
+    monkeypatch.setattr(kernels, "merge_partials", lambda state, *parts, **kw: merged.append(len(parts)) or merge(state, *parts, **kw))
     out = kernels.attention_staged(q, segments)
     assert calls == [16, 48, 45, 48]  # the dense keys, then groups of at most 50 keys
+    # 7 partial results (the dense keys, 45 keys in one piece), folded in MERGE_PARTS at a time
+    assert merged == [attention_module.MERGE_PARTS, 7 - attention_module.MERGE_PARTS]
     assert_within_twice_the_torch_error(out, q, segments, True)

@@ -1,10 +1,12 @@
-"""Triton log-sum-exp merge of two partial attention results, twin of
+"""Triton log-sum-exp merge of partial attention results into a running state, twin of
 :func:`qkv.kernels.attention.merge_torch`.
 
-One pass per query row: the running fp32 output and log-sum-exp are read, rescaled and updated in
-place with the part's output (any float dtype, any strides along batch, heads and queries) and
-log-sum-exp. The reference takes six elementwise launches and writes its intermediates; this
-reads each input once.
+One pass per query row: up to ``MERGE_PARTS`` parts (outputs in any float dtype, any strides
+along batch, heads and queries shared by the parts of a launch; log-sum-exps likewise) are folded
+into the running fp32 output and log-sum-exp, which are read (unless the state starts with this
+launch) and written once, in place. Pairwise merges of n parts read and write the state n times;
+this reads each input once per launch. The reference takes six elementwise launches a part and
+writes its intermediates.
 """
 
 from __future__ import annotations
@@ -13,11 +15,27 @@ import torch
 import triton
 import triton.language as tl
 
+from qkv.kernels.attention import MERGE_PARTS  # parts folded in by one launch: the kernel's pointer pairs
+
 
 @triton.jit
-def _merge_kernel(out_ptr, lse_ptr, part_ptr, part_lse_ptr, H, S, D,
+def _nth(i: tl.constexpr, a0, a1, a2, a3):
+    """The ``i``-th of four arguments (``i`` known when compiling)."""
+    if i == 0:
+        r = a0
+    elif i == 1:
+        r = a1
+    elif i == 2:
+        r = a2
+    else:
+        r = a3
+    return r
+
+
+@triton.jit
+def _merge_kernel(out_ptr, lse_ptr, o0, o1, o2, o3, l0, l1, l2, l3, H, S, D,
                   o_b, o_h, o_s, l_b, l_h, l_s, p_b, p_h, p_s, pl_b, pl_h, pl_s,
-                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+                  N: tl.constexpr, HAS_STATE: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -26,43 +44,79 @@ def _merge_kernel(out_ptr, lse_ptr, part_ptr, part_lse_ptr, H, S, D,
     s_ok = s < S
     mask = s_ok[:, None] & (d < D)[None, :]
     lse_at = lse_ptr + b.to(tl.int64) * l_b + h * l_h + s * l_s
-    lse_a = tl.load(lse_at, mask=s_ok, other=0.0)
-    lse_b = tl.load(part_lse_ptr + b.to(tl.int64) * pl_b + h * pl_h + s * pl_s, mask=s_ok, other=0.0).to(tl.float32)
-    peak = tl.maximum(lse_a, lse_b)
-    w_a = tl.exp(lse_a - peak)
-    w_b = tl.exp(lse_b - peak)
-    total = w_a + w_b
     out_at = out_ptr + b.to(tl.int64) * o_b + h * o_h + s[:, None].to(tl.int64) * o_s + d[None, :]
-    out = tl.load(out_at, mask=mask, other=0.0)
-    part_at = part_ptr + b.to(tl.int64) * p_b + h * p_h + s[:, None].to(tl.int64) * p_s + d[None, :]
-    part = tl.load(part_at, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_at, (out * (w_a / total)[:, None] + part * (w_b / total)[:, None]), mask=mask)
+    part_lse = b.to(tl.int64) * pl_b + h * pl_h + s * pl_s
+    part_out = b.to(tl.int64) * p_b + h * p_h + s[:, None].to(tl.int64) * p_s + d[None, :]
+    peak = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+    if HAS_STATE:
+        lse_a = tl.load(lse_at, mask=s_ok, other=0.0)
+        peak = lse_a
+    for i in tl.static_range(N):
+        peak = tl.maximum(peak, tl.load(_nth(i, l0, l1, l2, l3) + part_lse, mask=s_ok, other=0.0).to(tl.float32))
+    total = tl.zeros((BLOCK_S,), tl.float32)
+    acc = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
+    if HAS_STATE:
+        total = tl.exp(lse_a - peak)
+        acc = tl.load(out_at, mask=mask, other=0.0) * total[:, None]
+    for i in tl.static_range(N):
+        w = tl.exp(tl.load(_nth(i, l0, l1, l2, l3) + part_lse, mask=s_ok, other=0.0).to(tl.float32) - peak)
+        part = tl.load(_nth(i, o0, o1, o2, o3) + part_out, mask=mask, other=0.0).to(tl.float32)
+        acc += part * w[:, None]
+        total += w
+    tl.store(out_at, acc / total[:, None], mask=mask)
     tl.store(lse_at, peak + tl.log(total), mask=s_ok)
 
 
-def merge_supports(state, part) -> str | None:
-    """Why the kernel cannot merge these (None if it can): it needs the running output in fp32 and
+def merge_supports(state, *parts) -> str | None:
+    """Why the kernel cannot merge these (None if it can): it needs a running output in fp32 and
     unit strides along D."""
-    out, lse = state
-    part_out, part_lse = part
-    if out.dtype != torch.float32 or lse.dtype != torch.float32:
-        return f"the running state is {out.dtype} / {lse.dtype}, not fp32"
-    if out.stride(-1) != 1 or part_out.stride(-1) != 1:
+    if state is not None:
+        out, lse = state
+        if out.dtype != torch.float32 or lse.dtype != torch.float32:
+            return f"the running state is {out.dtype} / {lse.dtype}, not fp32"
+        if out.stride(-1) != 1:
+            return "the outputs are not contiguous along D"
+    if any(part_out.stride(-1) != 1 for part_out, _ in parts):
         return "the outputs are not contiguous along D"
     return None
 
 
-def merge_triton(state, part):
-    """Triton twin of :func:`qkv.kernels.attention.merge_torch`: ``state`` (out [B, H, Sq, D] fp32,
-    lse [B, H, Sq] fp32) is updated in place with ``part`` and returned."""
+def _launches(parts) -> list[list]:
+    """``parts`` in order, cut into runs that one launch folds in: at most MERGE_PARTS, of one
+    output dtype and one set of strides."""
+    runs: list[list] = []
+    for part in parts:
+        out, lse = part
+        like = (out.dtype, out.stride(), lse.dtype, lse.stride())
+        if runs and len(runs[-1][1]) < MERGE_PARTS and runs[-1][0] == like:
+            runs[-1][1].append(part)
+        else:
+            runs.append((like, [part]))
+    return [run for _, run in runs]
+
+
+def merge_triton(state, *parts):
+    """Triton twin of :func:`qkv.kernels.attention.merge_torch`: ``parts`` folded into ``state``
+    (out [B, H, Sq, D] fp32, lse [B, H, Sq] fp32; updated in place and returned), or into a new
+    state when it is None."""
+    first_out, first_lse = parts[0]
+    b, h, s, d = first_out.shape
+    if state is None:
+        state = (torch.empty(b, h, s, d, dtype=torch.float32, device=first_out.device),
+                 torch.empty(b, h, s, dtype=torch.float32, device=first_out.device))
+        fresh = True
+    else:
+        fresh = False
     out, lse = state
-    part_out, part_lse = part
-    b, h, s, d = out.shape
     block_d = triton.next_power_of_2(d)
-    block_s = max(1, min(64, 4096 // block_d))
-    _merge_kernel[(triton.cdiv(s, block_s), b * h)](
-        out, lse, part_out, part_lse, h, s, d,
-        *out.stride()[:3], *lse.stride(), *part_out.stride()[:3], *part_lse.stride(),
-        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
-    )
+    block_s = max(1, min(64, 1024 // block_d))  # 8 rows of 128: no spills with four parts (sm_90)
+    for run in _launches(parts):
+        outs = [p[0] for p in run] + [run[0][0]] * (MERGE_PARTS - len(run))
+        lses = [p[1] for p in run] + [run[0][1]] * (MERGE_PARTS - len(run))
+        _merge_kernel[(triton.cdiv(s, block_s), b * h)](
+            out, lse, *outs, *lses, h, s, d,
+            *out.stride()[:3], *lse.stride(), *run[0][0].stride()[:3], *run[0][1].stride(),
+            N=len(run), HAS_STATE=not fresh, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
+        )
+        fresh = False
     return out, lse
