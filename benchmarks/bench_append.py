@@ -4,8 +4,8 @@ Each generated token appends a one-token chunk to every layer and attends to the
 the cache's Python work for it (checks, the tail buffer, finding the span or residual group to
 compress, gathering the attention segments and sizing the decode launch) is paid per layer and
 token, on the host, whatever the GPU does: ``generate`` is host-bound (docs/attention.md). For each
-policy, after a 4,096-token prompt (8 KV heads x 128, bf16, Llama-3-8B's layer), the mean time per
-step over ``--appends`` steps, the median of ``--repeats`` such means, with the compressions those
+policy, after a ``--prompt``-token prompt (4,096 by default; 8 KV heads x 128, bf16, Llama-3-8B's
+layer), the mean time per step over ``--appends`` steps, the median of ``--repeats`` such means, with the compressions those
 steps trigger included:
 
 - ``us_per_append``: :meth:`LayerCache.append` of the token;
@@ -17,6 +17,7 @@ steps trigger included:
   step calls (on a GPU each op is a launch or a view).
 
     PYTHONPATH=. python3 benchmarks/bench_append.py --out benchmarks/results/bench_append_cpu.json
+    PYTHONPATH=. python3 benchmarks/bench_append.py --prompt 10 --out benchmarks/results/bench_append_short_prompt_cpu.json
 
 On a GPU (``--device cuda``) every step is followed by a synchronize, so the time includes what the
 GPU runs for it. On the CPU, where Triton has no driver, the step's two kernel launches are
@@ -43,7 +44,7 @@ from qkv import kernels
 from qkv import validation
 from qkv.kernels.triton import decode
 
-PROMPT, KV_HEADS, HEADS, HEAD_DIM = 4096, 8, 32, 128
+KV_HEADS, HEADS, HEAD_DIM = 8, 32, 128
 # policy -> KVCache options: KIVI's residual window (a group compressed every 32 tokens), RTN and
 # bf16 spans of 256 tokens (every 256 appends one span)
 CASES = {"kivi": {}, "rtn": {"span_tokens": 256}, "bf16": {"span_tokens": 256}}
@@ -74,7 +75,7 @@ class CountOps(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def measure(policy: str, options: dict, device: str, appends: int, late: int) -> dict:
+def measure(policy: str, options: dict, device: str, appends: int, late: int, prompt_tokens: int) -> dict:
     """Mean seconds per one-token append, and per append and attend, on a prompted layer (also
     once ``late`` tokens were generated); the torch ops of one step and the number of steps that
     attended."""
@@ -86,7 +87,7 @@ def measure(policy: str, options: dict, device: str, appends: int, late: int) ->
     out = {}
     # the decode path as LayerCache.attend takes it on a GPU; on the CPU its twin would run instead
     backend = "auto" if device == "cuda" else "triton"
-    prompt = [torch.randn(1, KV_HEADS, PROMPT, HEAD_DIM, generator=gen, device=device).bfloat16() for _ in range(2)]
+    prompt = [torch.randn(1, KV_HEADS, prompt_tokens, HEAD_DIM, generator=gen, device=device).bfloat16() for _ in range(2)]
 
     attended = 0
 
@@ -132,6 +133,7 @@ def main() -> None:
     parser.add_argument("--appends", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--late", type=int, default=8192, help="generated tokens before the late steps are timed")
+    parser.add_argument("--prompt", type=int, default=4096, help="tokens of the prompt (one chunk) before the steps")
     args = parser.parse_args()
     launches = collections.Counter()
     rows = []
@@ -139,7 +141,7 @@ def main() -> None:
             if args.device != "cuda" else contextlib.nullcontext(), \
             mock.patch.object(validation, "deferred", lambda t: True):
         for policy, options in CASES.items():
-            runs = [measure(policy, options, args.device, args.appends, args.late) for _ in range(args.repeats)]
+            runs = [measure(policy, options, args.device, args.appends, args.late, args.prompt) for _ in range(args.repeats)]
             steps = sum(r["attended"] for r in runs)
             rows.append({
                 "policy": policy, "options": options,
@@ -158,7 +160,7 @@ def main() -> None:
                   f"us per step ({rows[-1]['us_per_step_late']:.1f} after {args.late} tokens), "
                   f"{rows[-1]['torch_ops_per_step']} torch ops", flush=True)
     write_json(args.out, {"environment": {**environment(), "device": args.device,
-                                          "threads": torch.get_num_threads()}, "rows": rows})
+                                          "threads": torch.get_num_threads()}, "prompt": args.prompt, "rows": rows})
 
 
 if __name__ == "__main__":

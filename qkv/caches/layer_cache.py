@@ -86,16 +86,19 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def _take(chunks: list[Chunk], n: int) -> tuple[list[Chunk], list[Chunk]]:
-    """Split ``chunks`` after ``n`` tokens (cutting at most one chunk in two): (front, rest)."""
+def _take(chunks: list[Chunk], n: int, held=lambda t: False) -> tuple[list[Chunk], list[Chunk]]:
+    """Split ``chunks`` after ``n`` tokens (cutting at most one chunk in two): (front, rest). A cut
+    chunk's two parts are views where ``held(its keys)`` (the tail buffer holds it: its room is
+    reused by the next placement), copies otherwise (a view would keep the chunk's storage)."""
     front, rest, need = [], [], n
     for c in chunks:
         if need >= c.tokens:
             front.append(c)
             need -= c.tokens
         elif need > 0:
-            front.append(Chunk(c.k[:, :, :need].clone(), c.v[:, :, :need].clone(), c.start))
-            rest.append(Chunk(c.k[:, :, need:].clone(), c.v[:, :, need:].clone(), c.start + need))
+            cut = (lambda t: t) if held(c.k) else torch.clone
+            front.append(Chunk(cut(c.k[:, :, :need]), cut(c.v[:, :, :need]), c.start))
+            rest.append(Chunk(cut(c.k[:, :, need:]), cut(c.v[:, :, need:]), c.start + need))
             need = 0
         else:
             rest.append(c)
@@ -399,11 +402,14 @@ class LayerCache(LayerState):
         """Tail buffer capacity for chunks of ``tokens``: a span, the tokens kept in full precision
         after it, and one chunk more (the next append, or the current chunk :meth:`attend` stages).
         With a residual window every whole group that left the window goes at each append, so the
-        tail holds less than the window and a group before the next chunk."""
+        tail holds less than the window and a group before the next chunk; chunks shorter than
+        that (token-by-token decoding) get room for as many tokens again, so that the tail, a
+        chunk per token, moves to the buffer's front once per window and group, not once per
+        group (a move walks and re-views every chunk of the tail)."""
         cfg = self.config
         keep = max(cfg.recent_chunks * tokens, cfg.fp_window)
         if cfg.residual_group is not None:
-            return keep + cfg.residual_group + tokens
+            return keep + cfg.residual_group + max(tokens, keep + cfg.residual_group)
         span = cfg.span_chunks * tokens if cfg.span_chunks is not None else cfg.span_tokens
         return span + keep + tokens
 
@@ -435,7 +441,7 @@ class LayerCache(LayerState):
             if n > extent(tail) - self.checks.unchecked:  # the span takes tokens still to be checked
                 self.checks.flush(tail, self.buffer)
             view = self.buffer.prefix(tail, n)  # the tail as laid out by the append: no walk
-            head, rest = _take(tail, n)
+            head, rest = _take(tail, n, self.buffer.holds)
             k, v = view if view is not None else _cat(head)
             self.buffer.follow(tail, rest)
             tail = rest

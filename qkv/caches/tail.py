@@ -148,9 +148,15 @@ class TailBuffer:
 
     def follow(self, tail: list[Chunk], rest: list[Chunk]) -> None:
         """Keep the run known when ``rest`` is what is left of the run ``tail`` after its first
-        chunks were taken whole (a cut chunk is a copy: then the next append finds the end anew)."""
-        if self.is_run(tail) and rest and rest[-1] is tail[-1] and rest[0] is tail[len(tail) - len(rest)]:
-            self._run = (len(rest), rest[0], rest[-1], self._run[3])
+        tokens were taken: whole chunks, or the last of them cut, its rest a view of this buffer
+        that ends where the cut chunk did (a copy is no part of the run: then the next append
+        finds the end anew)."""
+        if not (self.is_run(tail) and rest and rest[-1] is tail[-1]):
+            return
+        first, cut = rest[0], tail[len(tail) - len(rest)]
+        if first is cut or (first.start + first.tokens == cut.start + cut.tokens and self.holds(first.k)
+                            and self.holds(first.v)):
+            self._run = (len(rest), first, rest[-1], self._run[3])
 
     def _end(self, tail: list[Chunk]) -> int | None:
         """Offset right after ``tail`` when the whole tail is one run of views of this buffer (0

@@ -262,6 +262,40 @@ def test_a_residual_window_compresses_its_groups_without_walking_the_tail(monkey
     assert torch.equal(layer.read()[0], whole.read()[0]) and torch.equal(layer.read()[1], whole.read()[1])
 
 
+@pytest.mark.parametrize("prompt", [10, 300])
+def test_decoding_after_a_prompt_keeps_the_residual_window_in_place(monkeypatch, prompt):
+    """Token-by-token decoding after a prompt (KIVI, its checks batched as on a GPU): groups cut
+    from the prompt's chunk leave its rest as a view of the buffer, still the buffer's known run
+    (a copy was not, and every such group made the next append walk the tail and move it), and
+    the buffer leaves room for a window and a group of one-token chunks (it was planned for one:
+    the tail moved to the front every few tokens). Over 600 tokens no append walks the tail and
+    the tail moves at most once per 160 tokens; the values read back are those of the same stream
+    appended in chunks of 100."""
+    import qkv.caches.tail as tail_module
+    from qkv import validation
+
+    monkeypatch.setattr(validation, "deferred", lambda t: True)
+    gen = torch.Generator().manual_seed(11)
+    first = chunk(gen, prompt, dtype=torch.bfloat16)
+    stream = [chunk(gen, 1, dtype=torch.bfloat16) for _ in range(600)]
+    layer = qkv.KVCache("kivi", num_layers=1).layer(0)
+    layer.append(*first)
+    layer.append(*stream[0])
+    walks, moves = [], []
+    monkeypatch.setattr(tail_module, "adjacent", lambda a, b: walks.append(1) or adjacent(a, b))
+    place = TailBuffer._place
+    monkeypatch.setattr(TailBuffer, "_place", lambda self, *a, **kw: moves.append(1) or place(self, *a, **kw))
+    for c in stream[1:]:
+        layer.append(*c)
+    monkeypatch.undo()
+    assert not walks and len(moves) <= 600 // 160 and len(layer.spans) > 10
+    whole = qkv.KVCache("kivi", num_layers=1).layer(0)
+    whole.append(*first)
+    for i in range(0, 600, 100):
+        whole.append(*(torch.cat([c[j] for c in stream[i : i + 100]], 2) for j in (0, 1)))
+    assert torch.equal(layer.read()[0], whole.read()[0]) and torch.equal(layer.read()[1], whole.read()[1])
+
+
 def test_a_bounded_layer_gives_back_the_room_of_a_long_chunk():
     """``LayerCache.bound_to``: a chunk longer than the window (a prompt) takes the room it needs;
     the eviction that cuts it to the window moves the tail into a buffer of at most 1.5 windows,
