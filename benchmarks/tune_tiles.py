@@ -45,7 +45,7 @@ program on the per-token fast path and on the others, warps) over the keys of ``
 centroids per tile, warps) over ``ASSIGN_SHAPES`` and writes one tile for any call.
 
 ``--kernel decompress`` sweeps :class:`qkv.kernels.triton.tiles.DecompressTile` (keys per work
-item and per tile, warps) of the span decompression the staged attention runs (every span of a
+item and per tile, warps, K and V by one program or two) of the span decompression the staged attention runs (every span of a
 plan in one launch) over ``DECOMPRESS_WINDOWS`` (qvg with 64 clusters, bf16) and writes one tile.
 
 ``--kernel update`` sweeps :class:`qkv.kernels.triton.tiles.UpdateTile` (tokens per step,
@@ -201,10 +201,10 @@ def assign_calls(args):
 
 
 def decompress_grid(quick: bool) -> list[tiles.DecompressTile]:
-    pieces, blocks, warps = (64, 128, 256, 512), (16, 32, 64), (2, 4, 8)
+    pieces, blocks, warps, split = (64, 128, 256, 512), (16, 32, 64), (2, 4, 8), (False, True)
     if quick:
-        pieces, blocks, warps = (128, 256), (32,), (4,)
-    return [tiles.DecompressTile(p, n, w) for p, n, w in itertools.product(pieces, blocks, warps) if n <= p]
+        pieces, blocks, warps = (64, 128, 256), (16, 32), (4,)
+    return [tiles.DecompressTile(p, n, w, s) for p, n, w, s in itertools.product(pieces, blocks, warps, split) if n <= p]
 
 
 def decompress_calls(args):

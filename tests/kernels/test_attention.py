@@ -448,13 +448,15 @@ def test_decompress_spans_kernel_is_bit_exact(dtype):
     tables = dict(plan._tables)
     kernels.decompress_spans(plan, k, v, backend="triton")
     assert plan._tables == tables
-    # another launch (work items of 48 keys, tiles of 16: items that start inside a tile)
+    # other launches (work items of 48 keys, tiles of 16: items that start inside a tile; K and V
+    # by programs of their own)
     from qkv.kernels.triton.decompress import decompress_spans_triton
     from qkv.kernels.triton.tiles import DecompressTile
 
-    k, v = torch.full_like(ref[0], float("nan")), torch.full_like(ref[1], float("nan"))
-    decompress_spans_triton(plan, k, v, tile=DecompressTile(piece=48, block_n=16, warps=2))
-    assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
+    for split in (False, True):
+        k, v = torch.full_like(ref[0], float("nan")), torch.full_like(ref[1], float("nan"))
+        decompress_spans_triton(plan, k, v, tile=DecompressTile(piece=48, block_n=16, warps=2, split=split))
+        assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
 
 
 def test_decompress_spans_checks_and_falls_back():

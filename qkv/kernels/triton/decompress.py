@@ -7,7 +7,9 @@ every forward: with a span per generated chunk, thousands per chunk. Here the sp
 span table of records.py, built once per set of spans and kept in its :class:`SpanPlan`) are read by
 one launch for K and V together: each program decodes one work item (a piece of one span) with
 ``tile.decode_tile`` in the reference's arithmetic ("exact"), saturates and rounds it to the
-spans' dtype once, and writes it at the item's place among the spans' live keys.
+spans' dtype once, and writes it at the item's place among the spans' live keys; its K and V tile
+by tile, or (``DecompressTile.split``) K and V by programs of their own, twice the programs with
+half the chain of dependent loads each.
 """
 
 from __future__ import annotations
@@ -37,12 +39,25 @@ def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr,
 
 
 @triton.jit
+def _decode_rows(src, out_ptr, out_ss, lo, hi, at, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+                 LIMIT: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """Keys lo .. hi of one tensor of a span (``src``: its record source, layout ``L``) decoded and
+    written from row ``at`` of ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``)."""
+    d = tl.arange(0, D)
+    for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+        tok = t0 + tl.arange(0, BLOCK_N)
+        x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact")
+        _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), d, LIMIT, OUT_BF16, EMULATE)
+
+
+@triton.jit
 def decompress_kernel(
     span_ptr, item_ptr, k_out, v_out, HKV, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr,
-    EMULATE: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    EMULATE: tl.constexpr, SPLIT: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
 ):
-    """Work item ``program_id(0)`` of (batch, KV head) row ``program_id(1)``: its keys' K and V."""
+    """Work item ``program_id(0)`` of (batch, KV head) row ``program_id(1)``: its keys' K and V,
+    tile by tile, or with SPLIT its K (``program_id(2)`` 0) or its V (1) alone."""
     item = item_ptr + tl.program_id(0) * I_LEN
     n = tl.program_id(1).to(tl.int64)
     b, h = n // HKV, n % HKV
@@ -51,17 +66,26 @@ def decompress_kernel(
     hi = tl.load(item + I_HI).to(tl.int32)
     at = tl.load(item + I_AT)
     S = tl.load(rec + S_TOKENS).to(tl.int32)
-    kt = record_source(rec + S_K, n, D, K, KV_T)
-    vt = record_source(rec + S_V, n, D, V, KV_T)
-    d = tl.arange(0, D)
-    for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-        tok = t0 + tl.arange(0, BLOCK_N)
-        ok = (tok >= lo) & (tok < hi)
-        row = at + (tok - lo)
-        k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, "exact")
-        _write(k_out + b * k_sb + h * k_sh, k, row * k_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
-        v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, "exact")
-        _write(v_out + b * v_sb + h * v_sh, v, row * v_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
+    k_row, v_row = k_out + b * k_sb + h * k_sh, v_out + b * v_sb + h * v_sh
+    if SPLIT:
+        if tl.program_id(2) == 0:
+            _decode_rows(record_source(rec + S_K, n, D, K, KV_T), k_row, k_ss, lo, hi, at, S, K, D, BLOCK_N, LIMIT,
+                         OUT_BF16, EMULATE)
+        else:
+            _decode_rows(record_source(rec + S_V, n, D, V, KV_T), v_row, v_ss, lo, hi, at, S, V, D, BLOCK_N, LIMIT,
+                         OUT_BF16, EMULATE)
+    else:
+        kt = record_source(rec + S_K, n, D, K, KV_T)
+        vt = record_source(rec + S_V, n, D, V, KV_T)
+        d = tl.arange(0, D)
+        for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+            tok = t0 + tl.arange(0, BLOCK_N)
+            ok = (tok >= lo) & (tok < hi)
+            row = at + (tok - lo)
+            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, "exact")
+            _write(k_row, k, row * k_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
+            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, "exact")
+            _write(v_row, v, row * v_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
 
 
 def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> str | None:
@@ -97,10 +121,10 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
         if not g.n_items:
             continue
         k_layout, v_layout = g.layouts
-        decompress_kernel[(g.n_items, b * h)](
+        decompress_kernel[(g.n_items, b * h, 2 if tile.split else 1)](
             g.table, g.items, k_out, v_out, h, *k_out.stride()[:3], *v_out.stride()[:3],
             D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
             LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), OUT_BF16=dtype == torch.bfloat16,
-            EMULATE=k_out.device.type != "cuda",
+            EMULATE=k_out.device.type != "cuda", SPLIT=tile.split,
             K=k_layout, V=v_layout, enable_fp_fusion=False, num_warps=tile.warps,
         )

@@ -84,11 +84,13 @@ class AssignTile:
 @dataclasses.dataclass(frozen=True)
 class DecompressTile:
     """The span decompression kernel's launch: ``piece`` keys per work item (a program),
-    ``block_n`` keys per decoded tile, ``warps`` per program."""
+    ``block_n`` keys per decoded tile, ``warps`` per program, and ``split``: a work item's K and
+    V decoded by two programs instead of one."""
 
     piece: int = 128
     block_n: int = 32
     warps: int = 4
+    split: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
