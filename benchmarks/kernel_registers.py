@@ -1,0 +1,98 @@
+"""Registers and spills of the span decompression, merge and weighted k-means++ kernels per launch
+variant, compiled for a GPU without one.
+
+Compiles each kernel for an sm_90 target with the installed Triton (as ``decode_sass.py`` does for
+the decode kernel) and reads its registers a thread and stack frame (where spilled registers go)
+with the ``cuobjdump`` that ships with Triton. A latency-bound kernel keeps more programs on a
+multiprocessor with fewer registers; these rows show which launch variants differ, a GPU sweep
+(``tune_tiles.py``) says which is faster.
+
+- ``decompress``: qvg (64 clusters) layouts, 16-key tiles, 4 warps; K and V by one program
+  (``split`` false) or two;
+- ``merge``: bf16 parts folded into a running fp32 state, 1 or 4 parts a launch, rows of 128 values
+  (head dim 128) at 8 and 32 rows a program;
+- ``kmeanspp``: the seedings' rows (1,025 candidates, 4,096 subsample tokens) at the tile's
+  chunk of 8,192 values and its warps.
+
+    PYTHONPATH=. python3 benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_triton39.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import re
+import subprocess
+import tempfile
+
+import torch
+import triton
+import triton.language as tl
+from decode_sass import tool
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import qkv
+from qkv.dtypes import max_finite
+from qkv.kernels.triton.decompress import decompress_kernel
+from qkv.kernels.triton.kmeans import _kmeanspp_kernel
+from qkv.kernels.triton.merge import _merge_kernel
+from qkv.kernels.triton.records import span_record
+
+
+def usage(kernel, pointers: dict, constants: dict, options: dict) -> dict:
+    """Registers and stack bytes of ``kernel`` compiled for sm_90 (``pointers``: the pointer
+    arguments' types, every other runtime argument an i32)."""
+    signature = {a: "constexpr" if a in constants else pointers.get(a, "i32") for a in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options=options)
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = pathlib.Path(tmp) / "kernel.cubin"
+        cubin.write_bytes(compiled.asm["cubin"])
+        text = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                              check=True).stdout
+    return {"registers": int(re.search(r"REG:(\d+)", text).group(1)), "stack_bytes": int(re.search(r"STACK:(\d+)", text).group(1))}
+
+
+def rows() -> list[dict]:
+    out = []
+    k = torch.randn(1, 2, 256, 128).bfloat16()
+    k_layout, v_layout = span_record(qkv.build_policy("qvg", clusters=64).compress(k, k.clone())).layouts
+    for split in (False, True):
+        constants = dict(D=128, BLOCK_N=16, KV_T=tl.bfloat16, LIMIT=max_finite(torch.bfloat16), OUT_BF16=True,
+                         EMULATE=False, SPLIT=split, K=k_layout, V=v_layout)
+        out.append({"kernel": "decompress", "split": split, "block_n": 16, "warps": 4,
+                    **usage(decompress_kernel, {"span_ptr": "*i64", "item_ptr": "*i64", "k_out": "*bf16", "v_out": "*bf16"},
+                            constants, {"num_warps": 4, "enable_fp_fusion": False})})
+    merge_pointers = {"out_ptr": "*fp32", "lse_ptr": "*fp32", **{f"o{i}": "*bf16" for i in range(4)},
+                      **{f"l{i}": "*fp32" for i in range(4)}}
+    for parts in (1, 4):
+        for block_s in (8, 32):
+            constants = dict(N=parts, HAS_STATE=True, BLOCK_S=block_s, BLOCK_D=128)
+            out.append({"kernel": "merge", "parts": parts, "block_s": block_s, "warps": 4,
+                        **usage(_merge_kernel, merge_pointers, constants, {"num_warps": 4})})
+    for points in (1025, 4096):
+        block_k = triton.next_power_of_2(points)
+        warps = min(16, max(8, block_k // 256))
+        constants = dict(BLOCK_K=block_k, BLOCK_D=max(1, min(128, 8192 // block_k)))
+        out.append({"kernel": "kmeanspp", "points": points, "block_k": block_k, "warps": warps,
+                    **usage(_kmeanspp_kernel, {"pt_ptr": "*fp32", "p_ptr": "*fp32", "w_ptr": "*fp32", "u_ptr": "*fp32",
+                                               "out_ptr": "*i64"}, constants, {"num_warps": warps})})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
+    args = parser.parse_args()
+    result = rows()
+    for row in result:
+        print(json.dumps(row), flush=True)
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": result},
+                                                     indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
