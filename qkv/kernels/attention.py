@@ -274,11 +274,15 @@ def merge_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold partial attentions ``parts`` (out [B, H, Sq, D], lse [B, H, Sq]) into the running
     ``state`` (out fp32, lse fp32) over disjoint keys: ``state``'s tensors are updated in place and
-    returned (``parts``' never are); None starts a new state. See :func:`qkv.kernels.merge_partials`."""
+    returned (``parts``' never are); None starts a new state. A row that no part has a key for
+    (log-sum-exp -inf everywhere) stays output 0, log-sum-exp -inf. See
+    :func:`qkv.kernels.merge_partials`."""
     lses = ([] if state is None else [state[1]]) + [lse.float() for _, lse in parts]
     lse = torch.stack(lses).logsumexp(0)
-    merged = sum(out.float() * torch.exp(part_lse - lse).unsqueeze(-1)
+    ref = torch.where(lse == -math.inf, 0.0, lse)  # a row over no key yet: every weight 0
+    merged = sum(out.float() * torch.exp(part_lse - ref).unsqueeze(-1)
                  for out, part_lse in zip(([] if state is None else [state[0]]) + [o for o, _ in parts], lses))
+    merged = torch.where((lse == -math.inf).unsqueeze(-1), 0.0, merged)
     if state is None:
         return merged.contiguous(), lse
     return state[0].copy_(merged), state[1].copy_(lse)

@@ -274,6 +274,24 @@ def test_merging_many_parts_at_once_is_the_torch_merge(with_state):
         kernels.merge_partials(None)
 
 
+def test_rows_over_no_key_merge_to_zero_and_wait_for_keys():
+    """A row whose parts all have log-sum-exp -inf (no key for it yet) merges to output 0 and
+    log-sum-exp -inf on both backends, into a new state or a running one, and a later part with
+    keys for it takes it over exactly."""
+    out = randn(67, 1, 2, 5, 32, dtype=torch.float32)
+    lse = randn(68, 1, 2, 5, dtype=torch.float32)
+    empty_lse = lse.clone()
+    empty_lse[0, 1, 2] = -float("inf")
+    for backend in ("torch", "triton"):
+        state = kernels.merge_partials(None, (out, empty_lse), (out * 2, empty_lse.clone()), backend=backend)
+        assert state[1][0, 1, 2] == -float("inf") and bool((state[0][0, 1, 2] == 0).all())
+        assert bool(torch.isfinite(state[0]).all())
+        state = kernels.merge_partials(state, (out, torch.where(torch.isinf(empty_lse), lse, -float("inf"))),
+                                       backend=backend)
+        torch.testing.assert_close(state[0][0, 1, 2], out[0, 1, 2])
+        torch.testing.assert_close(state[1][0, 1, 2], lse[0, 1, 2])
+
+
 def test_merged_partials_are_the_attention_over_all_keys():
     """Merging attention over two disjoint key sets (first state copied, never aliased) gives the
     attention over their union, on both backends."""

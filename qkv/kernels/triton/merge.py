@@ -53,6 +53,7 @@ def _merge_kernel(out_ptr, lse_ptr, o0, o1, o2, o3, l0, l1, l2, l3, H, S, D,
         peak = lse_a
     for i in tl.static_range(N):
         peak = tl.maximum(peak, tl.load(_nth(i, l0, l1, l2, l3) + part_lse, mask=s_ok, other=0.0).to(tl.float32))
+    peak = tl.where(peak == float("-inf"), 0.0, peak)  # a row over no key yet: every weight 0
     total = tl.zeros((BLOCK_S,), tl.float32)
     acc = tl.zeros((BLOCK_S, BLOCK_D), tl.float32)
     if HAS_STATE:
@@ -63,8 +64,10 @@ def _merge_kernel(out_ptr, lse_ptr, o0, o1, o2, o3, l0, l1, l2, l3, H, S, D,
         part = tl.load(_nth(i, o0, o1, o2, o3) + part_out, mask=mask, other=0.0).to(tl.float32)
         acc += part * w[:, None]
         total += w
-    tl.store(out_at, acc / total[:, None], mask=mask)
-    tl.store(lse_at, peak + tl.log(total), mask=s_ok)
+    some = total > 0.0  # else a row over no key: output 0, log-sum-exp -inf
+    total = tl.where(some, total, 1.0)
+    tl.store(out_at, tl.where(some[:, None], acc / total[:, None], 0.0), mask=mask)
+    tl.store(lse_at, tl.where(some, peak + tl.log(total), float("-inf")), mask=s_ok)
 
 
 def merge_supports(state, *parts) -> str | None:
