@@ -222,6 +222,11 @@ def kmeanspp(points, weights, draws, *, backend="auto"):
     """Weighted k-means++ over ``points`` [N, K, D] fp32 with ``weights`` [N, K], one uniform of
     ``draws`` [C] (C <= K) per pick: [N, C] distinct point indices (see
     :func:`qkv.kernels.kmeans.kmeanspp_torch`)."""
+    if points.dim() != 3 or weights.shape != points.shape[:2] or draws.dim() != 1:
+        raise ShapeError(f"kmeanspp: points must be [N, K, D], weights [N, K] and draws [C]; got "
+                         f"{list(points.shape)}, {list(weights.shape)} and {list(draws.shape)}")
+    if not 1 <= draws.shape[0] <= points.shape[1]:
+        raise ShapeError(f"kmeanspp: {draws.shape[0]} picks from {points.shape[1]} points (needs 1 <= C <= K)")
     args = (points, weights, draws)
     return resolve("kmeanspp", backend, points.device, *args)(*args)
 

@@ -291,6 +291,14 @@ def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread):
     assert all(len(set(row.tolist())) == c for row in ref.cpu())
 
 
+def test_kmeanspp_refuses_more_picks_than_points_and_mismatched_shapes():
+    points, weights = torch.zeros(2, 5, 4, device=DEVICE), torch.ones(2, 5, device=DEVICE)
+    with pytest.raises(ShapeError, match="6 picks from 5 points"):
+        kernels.kmeanspp(points, weights, torch.rand(6, device=DEVICE))
+    with pytest.raises(ShapeError, match="weights"):
+        kernels.kmeanspp(points, weights[:, :4], torch.rand(3, device=DEVICE))
+
+
 def test_kmeanspp_on_float_points_picks_as_well_as_the_reference():
     """On float points the fp32 sums may round differently: the picks stay distinct and seed as
     well as the reference's (squared distance of every point to its nearest pick)."""
