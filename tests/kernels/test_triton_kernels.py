@@ -275,11 +275,12 @@ KMEANSPP_SHAPES = [(2, 37, 8, 5), (3, 100, 16, 20), (1, 9, 4, 9)] + (
 
 
 @pytest.mark.parametrize("n, k, d, c", KMEANSPP_SHAPES)
-@pytest.mark.parametrize("spread", [4, 0])  # distinct points / a few values repeated: scores run out
+@pytest.mark.parametrize("spread", [2, 0])  # distinct points / a few values repeated: scores run out
 def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread):
     """Weighted k-means++ on integer-valued points and weights (every fp32 sum exact in any
-    order): the kernel's picks are the reference's, also once every score is 0 (points that
-    coincide with picked ones, zero weights) and the first point not yet picked is taken."""
+    order: the running sums stay far below 2^24 even at 4,096 points of 128 dims): the kernel's
+    picks are the reference's, also once every score is 0 (points that coincide with picked
+    ones, zero weights) and the first point not yet picked is taken."""
     g = gen(k + spread)
     points = torch.randint(-spread, spread + 1, (n, k, d), generator=g, device=DEVICE).float()
     weights = torch.randint(0, 4, (n, k), generator=g, device=DEVICE).float()
