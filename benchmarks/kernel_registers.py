@@ -11,7 +11,7 @@ multiprocessor with fewer registers; these rows show which launch variants diffe
   (``split`` false) or two;
 - ``merge``: bf16 parts folded into a running fp32 state, 1 or 4 parts a launch, rows of 128 values
   (head dim 128) at 8 and 32 rows a program;
-- ``kmeanspp``: the seedings' rows (1,025 candidates, 4,096 subsample tokens) at the tile's
+- ``kmeanspp``: the seedings' rows (1,024 candidates, 4,096 subsample tokens) at the tile's
   chunk of 8,192 values and its warps.
 
     PYTHONPATH=. python3 benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_triton39.json
@@ -72,7 +72,7 @@ def rows() -> list[dict]:
             constants = dict(N=parts, HAS_STATE=True, BLOCK_S=block_s, BLOCK_D=128)
             out.append({"kernel": "merge", "parts": parts, "block_s": block_s, "warps": 4,
                         **usage(_merge_kernel, merge_pointers, constants, {"num_warps": 4})})
-    for points in (1025, 4096):
+    for points in (1024, 4096):
         block_k = triton.next_power_of_2(points)
         warps = min(16, max(8, block_k // 256))
         constants = dict(BLOCK_K=block_k, BLOCK_D=max(1, min(128, 8192 // block_k)))

@@ -96,9 +96,9 @@ DECOMPRESS_WINDOWS = {"sana_wm_window": (1, 32, 2640, 4, 128), "self_forcing_his
 UPDATE_SHAPES = {"sana_wm_pass": (512, 2640, 128, 64), "self_forcing_64": (12, 37440, 128, 64),
                  "self_forcing_128": (12, 37440, 128, 128)}
 
-# weighted k-means++'s (rows, points, head dim, picks): k-means||'s 4 x 256 + 1 candidates of a
+# weighted k-means++'s (rows, points, head dim, picks): k-means||'s 4 x 256 candidates of a
 # LongCat-Video span's K and V, and k-means++'s 16 x 256 subsample of a Self-Forcing history
-SEED_SHAPES = {"kmeans||_longcat_video": (64, 1025, 128, 256), "kmeans++_self_forcing": (12, 4096, 128, 256)}
+SEED_SHAPES = {"kmeans||_longcat_video": (64, 1024, 128, 256), "kmeans++_self_forcing": (12, 4096, 128, 256)}
 
 
 def planned(segments: list) -> list:

@@ -3,7 +3,7 @@
 - Init: k-means++ (D^2 sampling, seeded; drawn from a random subsample of ``INIT_SAMPLE`` tokens
   per cluster on long spans, since its C sequential passes dominate otherwise), k-means|| (the
   same subsample; a few rounds that each draw C candidates at once by D^2, then weighted
-  k-means++ over the 4 C + 1 candidates: 5 passes over the subsample, each batched over rows, and
+  k-means++ over the 4 C candidates: 5 passes over the subsample, each batched over rows, and
   C over the candidates), or uniform random tokens (the reference QVG's choice). Both D^2
   seedings make their C sequential picks in one kernel on a GPU (:func:`qkv.kernels.kmeanspp`);
   no host sync. The Lloyd iterations always use every token.
@@ -107,28 +107,33 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
     (times ``factor``).
 
     One uniform token, then ``PARALLEL_ROUNDS`` rounds that each draw ``PARALLEL_OVERSAMPLE *
-    clusters`` new distinct candidates at once with probability proportional to the squared
-    distance to the nearest candidate so far (one assignment pass per round); each candidate is
-    weighted by the subsample tokens nearest to it. :func:`_reduce` then draws the ``clusters``
-    centroids from the candidates. Shapes depend only on the input's shape; no host syncs.
+    clusters`` new distinct candidates at once (the last one fewer, so that the candidates are a
+    power of two: the reduction's rows hold no padding) with probability proportional to the
+    squared distance to the nearest candidate so far (one assignment pass per round); each
+    candidate is weighted by the subsample tokens nearest to it. :func:`_reduce` then draws the
+    ``clusters`` centroids from the candidates. Shapes depend only on the input's shape; no host
+    syncs.
     """
     x = scaled_rows(_subsample(x, clusters, gen), factor)
     n, m, _ = x.shape
     per_round = PARALLEL_OVERSAMPLE * clusters
-    if m <= 1 + PARALLEL_ROUNDS * per_round:  # no more tokens than candidates: all are candidates
+    if m <= PARALLEL_ROUNDS * per_round:  # no more tokens than candidates: all are candidates
         return _reduce(x, torch.ones(n, m, device=x.device), clusters, gen, backend)
     first = torch.randint(m, (1, 1), generator=gen, device=x.device).expand(n, 1)
     candidates = [_gather_rows(x, first)]
     owner, nearest = kernels.kmeans_assign(x, candidates[0], backend=backend)
     taken = torch.zeros(n, m, dtype=torch.bool, device=x.device).scatter_(1, first, True)
     for r in range(PARALLEL_ROUNDS):
-        pick = _weighted_draw(nearest.masked_fill(taken, -1.0), per_round, gen)  # untaken first
+        count = per_round - (r == PARALLEL_ROUNDS - 1)
+        if not count:  # one cluster: the last round has no candidate to draw
+            break
+        pick = _weighted_draw(nearest.masked_fill(taken, -1.0), count, gen)  # untaken first
         taken.scatter_(1, pick, True)
         candidates.append(_gather_rows(x, pick))
         idx, dist = kernels.kmeans_assign(x, candidates[-1], backend=backend)
         owner = torch.where(dist < nearest, idx + 1 + r * per_round, owner)
         nearest = torch.minimum(nearest, dist)
-    pool = torch.cat(candidates, 1)  # [N, 1 + rounds * per_round, D]
+    pool = torch.cat(candidates, 1)  # [N, rounds * per_round, D]
     ones = torch.ones_like(nearest)  # counts below 2**24 are exact in any summation order
     weights = torch.zeros(n, pool.shape[1], device=x.device).scatter_add_(1, owner, ones)
     return _reduce(pool, weights, clusters, gen, backend)
@@ -232,7 +237,7 @@ class KMeansGrouper(ClusteringGrouper):
     spec such as ``kmeans(clusters=128),centroid,int2`` costs what a preset costs. k-means++ seeding
     (``init=kmeans++``) and more iterations lower the error by a few percent at several times the
     time (rows ``qvg+kmeans++`` and ``qvg-ref`` of ``qkv eval``, docs/eval.md); ``init=kmeans||``
-    seeds as well as k-means++ with its C sequential picks over 4 C + 1 candidates instead of the
+    seeds as well as k-means++ with its C sequential picks over 4 C candidates instead of the
     16 C tokens of k-means++'s subsample (docs/policies.md).
     ``warm_iters``: the Lloyd iterations of a warm-started grouping (a streaming cache seeds each
     span with the previous span's centroids; default ``iters``): warm centroids need fewer

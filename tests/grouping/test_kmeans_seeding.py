@@ -73,7 +73,7 @@ def test_fewer_tokens_than_clusters():
 def test_rows_do_not_depend_on_the_other_rows(s):
     """Other rows replaced by other data: row 1's seeding and clustering stay the same, on each
     path (16 clusters: every token a candidate, candidates drawn, drawn from a subsample)."""
-    candidates, sample = 1 + PARALLEL_ROUNDS * PARALLEL_OVERSAMPLE * 16, INIT_SAMPLE * 16
+    candidates, sample = PARALLEL_ROUNDS * PARALLEL_OVERSAMPLE * 16, INIT_SAMPLE * 16
     assert [s <= candidates, candidates < s <= sample, s > sample].count(True) == 1
     x = tokens(n=3, s=s)
     other = x.clone()
