@@ -25,6 +25,7 @@ from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
 from qkv.kernels.triton.bits import to_output
 from qkv.kernels.triton.decode import plan_table
 from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
+from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.records import TL_DTYPES
 from qkv.kernels.triton.tile import decode_tile, record_source
 from qkv.kernels.triton.tiles import DecompressTile, tile_for
@@ -88,6 +89,10 @@ def decompress_kernel(
             _write(v_row, v, row * v_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
 
 
+# launched per span group of every staged attention call: without Triton's per-launch binding
+launch_decompress = Launcher(decompress_kernel)
+
+
 def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> str | None:
     """Why the kernel cannot decompress ``plan`` (None if it can)."""
 
@@ -121,7 +126,7 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
         if not g.n_items:
             continue
         k_layout, v_layout = g.layouts
-        decompress_kernel[(g.n_items, b * h, 2 if tile.split else 1)](
+        launch_decompress[(g.n_items, b * h, 2 if tile.split else 1)](
             g.table, g.items, k_out, v_out, h, *k_out.stride()[:3], *v_out.stride()[:3],
             D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
             LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), OUT_BF16=dtype == torch.bfloat16,

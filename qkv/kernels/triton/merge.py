@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from qkv.kernels.attention import MERGE_PARTS  # parts folded in by one launch: the kernel's pointer pairs
+from qkv.kernels.triton.launch import Launcher
 
 
 @triton.jit
@@ -70,6 +71,10 @@ def _merge_kernel(out_ptr, lse_ptr, o0, o1, o2, o3, l0, l1, l2, l3, H, S, D,
     tl.store(lse_at, tl.where(some, peak + tl.log(total), float("-inf")), mask=s_ok)
 
 
+# launched per partial result of every staged attention call: without Triton's per-launch binding
+launch_merge = Launcher(_merge_kernel)
+
+
 def merge_supports(state, *parts) -> str | None:
     """Why the kernel cannot merge these (None if it can): it needs a running output in fp32 and
     unit strides along D."""
@@ -116,7 +121,7 @@ def merge_triton(state, *parts):
     for run in _launches(parts):
         outs = [p[0] for p in run] + [run[0][0]] * (MERGE_PARTS - len(run))
         lses = [p[1] for p in run] + [run[0][1]] * (MERGE_PARTS - len(run))
-        _merge_kernel[(triton.cdiv(s, block_s), b * h)](
+        launch_merge[(triton.cdiv(s, block_s), b * h)](
             out, lse, *outs, *lses, h, s, d,
             *out.stride()[:3], *lse.stride(), *run[0][0].stride()[:3], *run[0][1].stride(),
             N=len(run), HAS_STATE=not fresh, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4,
