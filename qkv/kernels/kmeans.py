@@ -88,6 +88,7 @@ def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Ten
     taken = torch.zeros(n, k, dtype=torch.bool, device=points.device)
     nearest = torch.ones(n, k, device=points.device)  # pick 0 draws by weight alone
     picks = torch.empty(n, draws.shape[0], dtype=torch.int64, device=points.device)
+    diff = torch.empty_like(points, dtype=torch.float32)  # one buffer for every pick's differences
     for j in range(draws.shape[0]):
         score = torch.where(taken, 0.0, weights * nearest)
         cdf = score.cumsum(-1)
@@ -97,7 +98,7 @@ def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Ten
         pick = torch.where(total > 0, pick, (~taken).int().argmax(-1))
         picks[:, j] = pick
         taken[rows, pick] = True
-        dist = (points - points[rows, pick].unsqueeze(1)).square().sum(-1)
+        dist = torch.sub(points, points[rows, pick].unsqueeze(1), out=diff).square_().sum(-1)
         nearest = dist if j == 0 else torch.minimum(nearest, dist)
     return picks
 
