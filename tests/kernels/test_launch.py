@@ -10,7 +10,9 @@ from hypothesis import strategies as st
 from triton.runtime.errors import OutOfResources
 
 from qkv.kernels.triton import decode_kernel as kernels
+from qkv.kernels.triton.decompress import decompress_kernel
 from qkv.kernels.triton.launch import Launcher
+from qkv.kernels.triton.merge import _merge_kernel as staged_merge_kernel
 
 
 def jit_of(fn):
@@ -61,13 +63,15 @@ def constexprs(jit) -> dict:
     return {p.name: 16 for p in jit.params if p.is_constexpr} | {"num_warps": 4}
 
 
-@pytest.mark.parametrize("fn", [kernels.decode_kernel, kernels.merge_kernel], ids=["decode", "merge"])
+@pytest.mark.parametrize("fn", [kernels.decode_kernel, kernels.merge_kernel, decompress_kernel, staged_merge_kernel],
+                         ids=["decode", "merge", "decompress", "staged merge"])
 @given(data=st.data())
 def test_one_key_of_the_launcher_is_one_key_of_triton(fn, data):
     """Two launches that the launcher would give one compiled kernel are one to Triton too: its
-    key is at least as fine as Triton's specialization, on the decode and merge kernels' own
-    parameters (which integers they leave unspecialized included). The second launch is the
-    first with a few arguments redrawn, so that both outcomes come up."""
+    key is at least as fine as Triton's specialization, on the parameters of every kernel it
+    launches (the decode path's two, the staged path's span decompression and merge; which
+    integers they leave unspecialized included). The second launch is the first with a few
+    arguments redrawn, so that both outcomes come up."""
     jit = jit_of(fn)
     kwargs = constexprs(jit)
     a, b = data.draw(two_launches(jit))
