@@ -11,8 +11,8 @@ multiprocessor with fewer registers; these rows show which launch variants diffe
   (``split`` false) or two;
 - ``merge``: bf16 parts folded into a running fp32 state, 1 or 4 parts a launch, rows of 128 values
   (head dim 128) at 8 and 32 rows a program;
-- ``kmeanspp``: the seedings' rows (1,024 candidates, 4,096 subsample tokens) at the tile's
-  chunk of 8,192 values and its warps.
+- ``kmeanspp``: the seedings' rows (1,024 candidates, 4,096 subsample tokens, head dim 128) as
+  the default tile launches them.
 
     PYTHONPATH=. python3 benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_triton39.json
 """
@@ -36,9 +36,10 @@ from triton.compiler import ASTSource
 import qkv
 from qkv.dtypes import max_finite
 from qkv.kernels.triton.decompress import decompress_kernel
-from qkv.kernels.triton.kmeans import _kmeanspp_kernel
+from qkv.kernels.triton.kmeans import _kmeanspp_kernel, kmeanspp_launch
 from qkv.kernels.triton.merge import _merge_kernel
 from qkv.kernels.triton.records import span_record
+from qkv.kernels.triton.tiles import DEFAULTS
 
 
 def usage(kernel, pointers: dict, constants: dict, options: dict) -> dict:
@@ -73,10 +74,9 @@ def rows() -> list[dict]:
             out.append({"kernel": "merge", "parts": parts, "block_s": block_s, "warps": 4,
                         **usage(_merge_kernel, merge_pointers, constants, {"num_warps": 4})})
     for points in (1024, 4096):
-        block_k = triton.next_power_of_2(points)
-        warps = min(16, max(8, block_k // 256))
-        constants = dict(BLOCK_K=block_k, BLOCK_D=max(1, min(128, 8192 // block_k)))
-        out.append({"kernel": "kmeanspp", "points": points, "block_k": block_k, "warps": warps,
+        constants = kmeanspp_launch(points, 128, DEFAULTS["kmeanspp"])
+        warps = constants.pop("num_warps")
+        out.append({"kernel": "kmeanspp", "points": points, "block_k": constants["BLOCK_K"], "warps": warps,
                     **usage(_kmeanspp_kernel, {"pt_ptr": "*fp32", "p_ptr": "*fp32", "w_ptr": "*fp32", "u_ptr": "*fp32",
                                                "out_ptr": "*i64"}, constants, {"num_warps": warps})})
     return out

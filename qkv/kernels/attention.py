@@ -279,10 +279,11 @@ def merge_torch(
     :func:`qkv.kernels.merge_partials`."""
     lses = ([] if state is None else [state[1]]) + [lse.float() for _, lse in parts]
     lse = torch.stack(lses).logsumexp(0)
-    ref = torch.where(lse == -math.inf, 0.0, lse)  # a row over no key yet: every weight 0
+    empty = lse == -math.inf  # a row over no key yet: every weight 0, output 0
+    ref = torch.where(empty, 0.0, lse)
     merged = sum(out.float() * torch.exp(part_lse - ref).unsqueeze(-1)
                  for out, part_lse in zip(([] if state is None else [state[0]]) + [o for o, _ in parts], lses))
-    merged = torch.where((lse == -math.inf).unsqueeze(-1), 0.0, merged)
+    merged = torch.where(empty.unsqueeze(-1), 0.0, merged)
     if state is None:
         return merged.contiguous(), lse
     return state[0].copy_(merged), state[1].copy_(lse)

@@ -40,15 +40,14 @@ def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr,
 
 
 @triton.jit
-def _decode_rows(src, out_ptr, out_ss, lo, hi, at, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                 LIMIT: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE: tl.constexpr):
-    """Keys lo .. hi of one tensor of a span (``src``: its record source, layout ``L``) decoded and
-    written from row ``at`` of ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``)."""
-    d = tl.arange(0, D)
-    for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-        tok = t0 + tl.arange(0, BLOCK_N)
-        x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact")
-        _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), d, LIMIT, OUT_BF16, EMULATE)
+def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+               LIMIT: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE: tl.constexpr):
+    """The tile of keys t0 .. t0 + BLOCK_N of one tensor of a span (``src``: its record source,
+    layout ``L``), those in lo .. hi decoded and written from row ``at`` (for key lo) of
+    ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``)."""
+    tok = t0 + tl.arange(0, BLOCK_N)
+    x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact")
+    _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, OUT_BF16, EMULATE)
 
 
 @triton.jit
@@ -68,28 +67,25 @@ def decompress_kernel(
     at = tl.load(item + I_AT)
     S = tl.load(rec + S_TOKENS).to(tl.int32)
     k_row, v_row = k_out + b * k_sb + h * k_sh, v_out + b * v_sb + h * v_sh
-    if SPLIT:
+    first = lo // BLOCK_N * BLOCK_N
+    if SPLIT:  # one tensor a program: the loop holds one tile's chain of loads, not two
         if tl.program_id(2) == 0:
-            _decode_rows(record_source(rec + S_K, n, D, K, KV_T), k_row, k_ss, lo, hi, at, S, K, D, BLOCK_N, LIMIT,
-                         OUT_BF16, EMULATE)
+            kt = record_source(rec + S_K, n, D, K, KV_T)
+            for t0 in range(first, hi, BLOCK_N):
+                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, OUT_BF16, EMULATE)
         else:
-            _decode_rows(record_source(rec + S_V, n, D, V, KV_T), v_row, v_ss, lo, hi, at, S, V, D, BLOCK_N, LIMIT,
-                         OUT_BF16, EMULATE)
+            vt = record_source(rec + S_V, n, D, V, KV_T)
+            for t0 in range(first, hi, BLOCK_N):
+                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, OUT_BF16, EMULATE)
     else:
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
-        d = tl.arange(0, D)
-        for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            tok = t0 + tl.arange(0, BLOCK_N)
-            ok = (tok >= lo) & (tok < hi)
-            row = at + (tok - lo)
-            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, "exact")
-            _write(k_row, k, row * k_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
-            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, "exact")
-            _write(v_row, v, row * v_ss, ok, d, LIMIT, OUT_BF16, EMULATE)
+        for t0 in range(first, hi, BLOCK_N):
+            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, OUT_BF16, EMULATE)
+            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, OUT_BF16, EMULATE)
 
 
-# launched per span group of every staged attention call: without Triton's per-launch binding
+# launched for every span group of a staged attention call: without Triton's per-launch binding
 launch_decompress = Launcher(decompress_kernel)
 
 

@@ -469,6 +469,13 @@ def kmeanspp_supports(points, weights, draws) -> str | None:
     return None
 
 
+def kmeanspp_launch(points: int, dims: int, tile: SeedTile) -> dict:
+    """The kernel's constexprs and warps for rows of ``points`` points of ``dims`` dims."""
+    block_k = triton.next_power_of_2(points)
+    return dict(BLOCK_K=block_k, BLOCK_D=max(1, min(triton.next_power_of_2(dims), tile.values // block_k)),
+                num_warps=min(16, max(tile.warps, block_k // 256)))
+
+
 def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor, *,
                     tile: SeedTile | None = None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.kmeans.kmeanspp_torch` (see the module docstring).
@@ -476,12 +483,9 @@ def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Te
     points = points.float().contiguous()
     n, k, d = points.shape
     c = draws.shape[0]
-    tile = tile or tile_for("kmeanspp", points.device, 0)
-    block_k = triton.next_power_of_2(k)
-    block_d = max(1, min(triton.next_power_of_2(d), tile.values // block_k))
     out = torch.empty(n, c, dtype=torch.int64, device=points.device)
     _kmeanspp_kernel[(n,)](
         points.transpose(1, 2).contiguous(), points, weights.float().contiguous(), draws.float().contiguous(), out,
-        k, c, d, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=min(16, max(tile.warps, block_k // 256)),
+        k, c, d, **kmeanspp_launch(k, d, tile or tile_for("kmeanspp", points.device, 0)),
     )
     return out

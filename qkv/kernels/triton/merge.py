@@ -11,6 +11,8 @@ writes its intermediates.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
@@ -71,20 +73,16 @@ def _merge_kernel(out_ptr, lse_ptr, o0, o1, o2, o3, l0, l1, l2, l3, H, S, D,
     tl.store(lse_at, tl.where(some, peak + tl.log(total), float("-inf")), mask=s_ok)
 
 
-# launched per partial result of every staged attention call: without Triton's per-launch binding
+# launched for every four partial results of a staged attention call: without Triton's per-launch binding
 launch_merge = Launcher(_merge_kernel)
 
 
 def merge_supports(state, *parts) -> str | None:
     """Why the kernel cannot merge these (None if it can): it needs a running output in fp32 and
     unit strides along D."""
-    if state is not None:
-        out, lse = state
-        if out.dtype != torch.float32 or lse.dtype != torch.float32:
-            return f"the running state is {out.dtype} / {lse.dtype}, not fp32"
-        if out.stride(-1) != 1:
-            return "the outputs are not contiguous along D"
-    if any(part_out.stride(-1) != 1 for part_out, _ in parts):
+    if state is not None and (state[0].dtype != torch.float32 or state[1].dtype != torch.float32):
+        return f"the running state is {state[0].dtype} / {state[1].dtype}, not fp32"
+    if any(out.stride(-1) != 1 for out, _ in ([] if state is None else [state]) + list(parts)):
         return "the outputs are not contiguous along D"
     return None
 
@@ -92,29 +90,23 @@ def merge_supports(state, *parts) -> str | None:
 def _launches(parts) -> list[list]:
     """``parts`` in order, cut into runs that one launch folds in: at most MERGE_PARTS, of one
     output dtype and one set of strides."""
-    runs: list[list] = []
-    for part in parts:
-        out, lse = part
-        like = (out.dtype, out.stride(), lse.dtype, lse.stride())
-        if runs and len(runs[-1][1]) < MERGE_PARTS and runs[-1][0] == like:
-            runs[-1][1].append(part)
-        else:
-            runs.append((like, [part]))
-    return [run for _, run in runs]
+    runs = []
+    for _, same in itertools.groupby(parts, key=lambda p: (p[0].dtype, p[0].stride(), p[1].dtype, p[1].stride())):
+        same = list(same)
+        runs += [same[i : i + MERGE_PARTS] for i in range(0, len(same), MERGE_PARTS)]
+    return runs
 
 
 def merge_triton(state, *parts):
     """Triton twin of :func:`qkv.kernels.attention.merge_torch`: ``parts`` folded into ``state``
     (out [B, H, Sq, D] fp32, lse [B, H, Sq] fp32; updated in place and returned), or into a new
     state when it is None."""
-    first_out, first_lse = parts[0]
-    b, h, s, d = first_out.shape
-    if state is None:
-        state = (torch.empty(b, h, s, d, dtype=torch.float32, device=first_out.device),
-                 torch.empty(b, h, s, dtype=torch.float32, device=first_out.device))
-        fresh = True
-    else:
-        fresh = False
+    first = parts[0][0]
+    b, h, s, d = first.shape
+    fresh = state is None
+    if fresh:
+        state = (torch.empty(b, h, s, d, dtype=torch.float32, device=first.device),
+                 torch.empty(b, h, s, dtype=torch.float32, device=first.device))
     out, lse = state
     block_d = triton.next_power_of_2(d)
     block_s = max(1, min(64, 1024 // block_d))  # 8 rows of 128: no spills with four parts (sm_90)
