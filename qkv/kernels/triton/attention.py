@@ -12,7 +12,7 @@ runtime value and one compiled kernel serves every history length.
 Layouts read directly: per-token or per-channel blocks, 1-8 bit codes in either packing, any scale
 format, up to ``LAUNCH_STAGES`` additive smoothing stages, float-cast spans, and Hadamard-rotated
 spans: H is symmetric and orthonormal, so ``q . (H r) = (H q) . r`` and
-``sum_j p_j H r_j = H sum_j p_j r_j``; the host rotates the queries once (H q in two bf16 parts)
+``sum_j p_j H r_j = H sum_j p_j r_j``; the queries are rotated once (H q in two parts of q's dtype, one launch: ``hadamard_split``)
 and the spans' output once instead of every key and value. A span of another layout is
 decompressed on its own and attended to by a launch of its own; partial results are merged by
 log-sum-exp (:func:`attention_triton`).
@@ -28,6 +28,7 @@ from qkv import kernels
 from qkv.errors import ShapeError
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, _kv_meta, check_attention, default_scale
 from qkv.kernels.triton.attention_kernel import attention_kernel
+from qkv.kernels.triton.hadamard import hadamard_split
 from qkv.kernels.triton.records import (
     DENSE_FIELDS,
     NO_SPANS,
@@ -128,15 +129,6 @@ def attention_supports(q, segments, scale=None) -> str | None:
     return None
 
 
-def rotated_query(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """H q in two parts of q's dtype, high and low (their sum is H q to ~2^-16 relative), so that
-    scores against rotated codes are as exact as q . k; the low part is H q minus the high part,
-    computed in H q's storage."""
-    rotated = kernels.hadamard(q.float())
-    high = rotated.to(q.dtype)
-    return high, rotated.sub_(high).to(q.dtype)
-
-
 def _rotated_launch(q, scale, h_kv, span_rows, layouts, tiles=None):
     """(out fp32, lse) over Hadamard-rotated spans: H is symmetric and orthonormal, so
     q . (H r) = (H q) . r and sum_j p_j H r_j = H sum_j p_j r_j. The kernel reads the stored
@@ -145,7 +137,7 @@ def _rotated_launch(q, scale, h_kv, span_rows, layouts, tiles=None):
     k_layout, v_layout = layouts
     q_lo = None
     if k_layout.ROT:
-        q, q_lo = rotated_query(q)
+        q, q_lo = hadamard_split(q)
     out, lse = _launch(q, scale, h_kv, span_rows, [], layouts, torch.float32, True, q_lo, tiles)
     return (kernels.hadamard(out) if v_layout.ROT else out), lse
 

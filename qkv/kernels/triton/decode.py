@@ -8,7 +8,7 @@ program attends to a run of pieces for all the query heads that share one KV hea
 tile is decoded once for all of them), writing a partial output and log-sum-exp; one merge
 launch combines them exactly. Every layout the prefill kernel reads is read here: per-token and
 per-channel codes, 1-8 bits, both packings, up to four additive stages, float-cast spans,
-full-precision tokens, and Hadamard-rotated spans (the queries are rotated once on the host and
+full-precision tokens, and Hadamard-rotated spans (the queries are rotated once, by one launch, and
 each program's output rotated back once). The full-precision segments (sink, tail, current chunk)
 are split into pieces the same way, by address: the per-call path copies nothing to the device.
 """
@@ -21,10 +21,11 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, default_scale
-from qkv.kernels.triton.attention import LOG2E, attention_supports, rotated_query, span_record_of
+from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_of
 from qkv.kernels.triton import decode_kernel as jit
-from qkv.kernels.triton.records import NO_SPANS, TL_DTYPES, span_table
+from qkv.kernels.triton.hadamard import hadamard_split
 from qkv.kernels.triton.launch import Launcher
+from qkv.kernels.triton.records import NO_SPANS, TL_DTYPES, span_table
 from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
 
 # launched once per layer and generated token: without Triton's per-launch binding (launch.py)
@@ -231,7 +232,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     rows_total = st.rows_total
     qh, ql = q, q
     if table is not None and table.rotated:  # H q in two parts, so that the scores are as exact as q . k
-        qh, ql = rotated_query(q)  # before the partials: its fp32 temporaries are gone when they come
+        qh, ql = hadamard_split(q)
     partials = torch.empty(n_parts * rows_total * (d + 1), dtype=torch.float32, device=q.device)  # outputs, then lse
     base = 0
     for (g, plain, with_dense), n_span in zip(st.launches, span_progs):
