@@ -1,4 +1,4 @@
-"""Registers and spills of the span decompression, merge and weighted k-means++ kernels per launch
+"""Registers and spills of the span decompression, merge and weighted D^2 sampling kernels per launch
 variant, compiled for a GPU without one.
 
 Compiles each kernel for an sm_90 target with the installed Triton (as ``decode_sass.py`` does for
@@ -11,8 +11,9 @@ multiprocessor with fewer registers; these rows show which launch variants diffe
   (``split`` false) or two;
 - ``merge``: bf16 parts folded into a running fp32 state, 1 or 4 parts a launch, rows of 128 values
   (head dim 128) at 8 and 32 rows a program;
-- ``kmeanspp``: the seedings' rows (1,024 candidates, 4,096 subsample tokens, head dim 128) as
-  the default tile launches them.
+- ``kmeanspp``: the seedings' rows as the default tile launches them: k-means||'s reduction
+  (1,024 candidates, 256 picks in 1 + ``REDUCE_ROUNDS`` rounds) and k-means++ (4,096 subsample
+  tokens, a pick a round), head dim 128.
 
     PYTHONPATH=. python3 benchmarks/kernel_registers.py --out benchmarks/results/kernel_registers_triton39.json
 """
@@ -35,6 +36,8 @@ from triton.compiler import ASTSource
 
 import qkv
 from qkv.dtypes import max_finite
+from qkv.grouping.kmeans import REDUCE_ROUNDS
+from qkv.kernels.kmeans import round_sizes
 from qkv.kernels.triton.decompress import decompress_kernel
 from qkv.kernels.triton.kmeans import _kmeanspp_kernel, kmeanspp_launch
 from qkv.kernels.triton.merge import _merge_kernel
@@ -73,11 +76,13 @@ def rows() -> list[dict]:
             constants = dict(N=parts, HAS_STATE=True, BLOCK_S=block_s, BLOCK_D=128)
             out.append({"kernel": "merge", "parts": parts, "block_s": block_s, "warps": 4,
                         **usage(_merge_kernel, merge_pointers, constants, {"num_warps": 4})})
-    for points in (1024, 4096):
-        constants = kmeanspp_launch(points, 128, DEFAULTS["kmeanspp"])
+    # kmeans||'s reduction (1,024 candidates, rounds of up to 8 picks at 256 clusters) and k-means++ (a pick a round)
+    for points, clusters, rounds in ((1024, 256, 1 + REDUCE_ROUNDS), (4096, 256, 256)):
+        constants = kmeanspp_launch(points, 128, max(round_sizes(clusters, rounds)), DEFAULTS["kmeanspp"])
         warps = constants.pop("num_warps")
-        out.append({"kernel": "kmeanspp", "points": points, "block_k": constants["BLOCK_K"], "warps": warps,
-                    **usage(_kmeanspp_kernel, {"pt_ptr": "*fp32", "p_ptr": "*fp32", "w_ptr": "*fp32", "u_ptr": "*fp32",
+        out.append({"kernel": "kmeanspp", "points": points, "rounds": rounds, "block_k": constants["BLOCK_K"],
+                    "round_p": constants["ROUND_P"], "chunk": constants["CHUNK"], "warps": warps,
+                    **usage(_kmeanspp_kernel, {"p_ptr": "*fp32", "w_ptr": "*fp32", "e_ptr": "*fp32", "s_ptr": "*fp32",
                                                "out_ptr": "*i64"}, constants, {"num_warps": warps})})
     return out
 

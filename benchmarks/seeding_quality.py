@@ -5,14 +5,20 @@ Relative MSE (sum |x - x_hat|^2 / sum |x|^2) of ``kmeans(init=..., seed=s),centr
 kmeans||), on the first 2 layers of ``qkv.realdata``'s ``wan`` (a Wan2.1-1.3B-shaped DiT with
 random weights over real video frames; the first 8,192 tokens) and ``minilm`` (all 6,144 tokens;
 D = 32, so the block becomes 32), the first 4 heads, K and V apart, averaged over seeds 0 and 1.
-Torch path on the CPU (a few minutes with the data built).
+Torch path on the CPU (a few minutes with the data built). ``--reduce-rounds R ...`` adds a
+column ``kmeans||@R`` per R: k-means|| with its candidates reduced in R rounds after the first
+pick instead of ``qkv.grouping.kmeans.REDUCE_ROUNDS`` (C - 1: one pick a round, weighted
+k-means++); ``--seeds`` the k-means seeds to average over.
 
     PYTHONPATH=. python3 benchmarks/seeding_quality.py   # writes benchmarks/results/seeding_quality.json
+    PYTHONPATH=. python3 benchmarks/seeding_quality.py --inits kmeans|| --reduce-rounds 8 32 255 \
+        --seeds 0 1 2 3 4 5 --out benchmarks/results/seeding_quality_reduce_rounds.json
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import statistics
 
 import torch
@@ -20,6 +26,8 @@ from common import write_json
 
 import qkv
 from qkv.realdata import load_dataset
+
+KMEANS = importlib.import_module("qkv.grouping.kmeans")
 
 INITS = ("random", "kmeans++", "kmeans||")
 DATA = {"wan": 8192, "minilm": 6144}  # dataset -> tokens used
@@ -35,19 +43,30 @@ def relative_mse(spec: str, x: torch.Tensor) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/seeding_quality.json")
+    parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
+    parser.add_argument("--reduce-rounds", nargs="*", type=int, default=[])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     args = parser.parse_args()
+    columns = [(init, None) for init in args.inits] + [(f"kmeans||@{r}", r) for r in args.reduce_rounds]
     rows = []
     for name, tokens in DATA.items():
         samples = load_dataset(name)[:LAYERS]
         for tensor in ("k", "v"):
             xs = [getattr(s, tensor)[:, :HEADS, :tokens].float().contiguous() for s in samples]
             row = {"data": name, "tensor": tensor, "tokens": tokens}
-            for init in INITS:
-                row[init] = statistics.mean(relative_mse(f"kmeans(init={init},seed={seed}),centroid,int2(block=64)", x)
-                                            for x in xs for seed in SEEDS)
+            for column, rounds in columns:
+                init = column if rounds is None else "kmeans||"
+                default, KMEANS.REDUCE_ROUNDS = KMEANS.REDUCE_ROUNDS, rounds or KMEANS.REDUCE_ROUNDS
+                try:
+                    row[column] = statistics.mean(
+                        relative_mse(f"kmeans(init={init},seed={seed}),centroid,int2(block=64)", x)
+                        for x in xs for seed in args.seeds)
+                finally:
+                    KMEANS.REDUCE_ROUNDS = default
             rows.append(row)
-            print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
-    write_json(args.out, {"layers": LAYERS, "heads": HEADS, "seeds": list(SEEDS), "rows": rows})
+            print(" ".join(f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
+    write_json(args.out, {"layers": LAYERS, "heads": HEADS, "seeds": args.seeds,
+                          "reduce_rounds_default": KMEANS.REDUCE_ROUNDS, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -53,8 +53,8 @@ centroids per block, warps, waves) of the one-hot k-means update over ``UPDATE_S
 shapes it is used for: at most 128 clusters; balanced random assignments) and writes one tile.
 
 ``--kernel kmeanspp`` sweeps :class:`qkv.kernels.triton.tiles.SeedTile` (values per distance
-chunk, warps) of the weighted k-means++ kernel over ``SEED_SHAPES`` (the seedings' reductions at
-256 clusters: k-means|| candidates and the k-means++ subsample) and writes one tile.
+chunk, warps) of the weighted D^2 sampling kernel over ``SEED_SHAPES`` (the seedings' draws at
+256 clusters: k-means||'s from its candidates, k-means++'s from its subsample) and writes one tile.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ from bench_decode import HEADS, HEAD_DIM, build, graph_timed, history
 from common import environment, write_json
 
 import qkv
+from qkv.grouping.kmeans import REDUCE_ROUNDS
 from qkv.kernels import CompressedSpan, SpanPlan
 from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
@@ -96,7 +97,7 @@ DECOMPRESS_WINDOWS = {"sana_wm_window": (1, 32, 2640, 4, 128), "self_forcing_his
 UPDATE_SHAPES = {"sana_wm_pass": (512, 2640, 128, 64), "self_forcing_64": (12, 37440, 128, 64),
                  "self_forcing_128": (12, 37440, 128, 128)}
 
-# weighted k-means++'s (rows, points, head dim, picks): k-means||'s 4 x 256 candidates of a
+# weighted D^2 sampling's (rows, points, head dim, picks): k-means||'s 4 x 256 candidates of a
 # LongCat-Video span's K and V, and k-means++'s 16 x 256 subsample of a Self-Forcing history
 SEED_SHAPES = {"kmeans||_longcat_video": (64, 1024, 128, 256), "kmeans++_self_forcing": (12, 4096, 128, 256)}
 
@@ -249,12 +250,15 @@ def kmeanspp_grid(quick: bool) -> list[tiles.SeedTile]:
 
 
 def kmeanspp_calls(args):
-    """(case, call(tile)) of weighted k-means++ over SEED_SHAPES (random points, unit weights)."""
+    """(case, call(tile)) of weighted D^2 sampling over SEED_SHAPES (random points, unit weights)
+    in the rounds each seeding draws in: k-means||'s reduction in 1 + REDUCE_ROUNDS, k-means++ a
+    pick a round."""
     for name, (rows, points, d, picks) in SEED_SHAPES.items():
         x = torch.randn(rows, points, d, device="cuda")
         weights = torch.ones(rows, points, device="cuda")
-        draws = torch.rand(picks, device="cuda")
-        yield (name,), lambda tile: kmeanspp_triton(x, weights, draws, tile=tile)
+        rounds = 1 + min(picks - 1, REDUCE_ROUNDS) if name.startswith("kmeans||") else picks
+        draws = torch.empty(rounds, points, device="cuda").exponential_().clamp_min_(1e-30)
+        yield (name,), lambda tile: kmeanspp_triton(x, weights, draws, picks, tile=tile)
         del x, weights, draws
         torch.cuda.empty_cache()
 

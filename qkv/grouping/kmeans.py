@@ -2,11 +2,12 @@
 
 - Init: k-means++ (D^2 sampling, seeded; drawn from a random subsample of ``INIT_SAMPLE`` tokens
   per cluster on long spans, since its C sequential passes dominate otherwise), k-means|| (the
-  same subsample; a few rounds that each draw C candidates at once by D^2, then weighted
-  k-means++ over the 4 C candidates: 5 passes over the subsample, each batched over rows, and
-  C over the candidates), or uniform random tokens (the reference QVG's choice). Both D^2
-  seedings make their C sequential picks in one kernel on a GPU (:func:`qkv.kernels.kmeanspp`);
-  no host sync. The Lloyd iterations always use every token.
+  same subsample; a few rounds that each draw C candidates at once by D^2, then weighted D^2
+  sampling of the C centroids from the 4 C candidates in ``REDUCE_ROUNDS`` rounds of ~C / 32
+  picks: 5 passes over the subsample, each batched over rows, and 32 over the candidates), or
+  uniform random tokens (the reference QVG's choice). Both D^2 seedings draw from their points
+  in one kernel on a GPU (:func:`qkv.kernels.kmeanspp`: k-means++ a pick a pass, k-means|| a
+  round a pass); no host sync. The Lloyd iterations always use every token.
 - Warm start from given centroids (e.g. the previous chunk's).
 - Deterministic for a given seed: sums are fixed-order matmuls, sampling uses a seeded generator
   whose every draw is shared by all rows, so a row's result depends only on its own tokens and the
@@ -48,6 +49,10 @@ FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x cluste
 INIT_SAMPLE = 16  # k-means++ and k-means|| seed from at most this many tokens per cluster (a random subsample)
 PARALLEL_ROUNDS = 4  # k-means|| sampling rounds (one assignment pass of the subsample each)
 PARALLEL_OVERSAMPLE = 1  # k-means|| candidates per round, in clusters
+# k-means|| draws its centroids from the weighted candidates by D^2 in this many rounds after the
+# first pick (~C / 32 picks a round, a pass over the candidates each; C rounds of one pick, plain
+# weighted k-means++, seeded no better: benchmarks/seeding_quality.py)
+REDUCE_ROUNDS = 32
 INITS = ("kmeans++", "kmeans||", "random")
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
@@ -82,9 +87,10 @@ def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Te
 
 def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
                    factor: torch.Tensor | None = None) -> torch.Tensor:
-    """k-means++ on a subsample of each row times ``factor`` (every token weighs 1)."""
+    """k-means++ on a subsample of each row times ``factor`` (every token weighs 1): :func:`_reduce`
+    a pick a round."""
     x = scaled_rows(_subsample(x, clusters, gen), factor)
-    return _reduce(x, torch.ones(x.shape[:2], device=x.device), clusters, gen, backend)
+    return _reduce(x, torch.ones(x.shape[:2], device=x.device), clusters, clusters, gen, backend)
 
 
 def _weighted_draw(weights: torch.Tensor, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -117,8 +123,9 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
     x = scaled_rows(_subsample(x, clusters, gen), factor)
     n, m, _ = x.shape
     per_round = PARALLEL_OVERSAMPLE * clusters
+    rounds = 1 + min(clusters - 1, REDUCE_ROUNDS)
     if m <= PARALLEL_ROUNDS * per_round:  # no more tokens than candidates: all are candidates
-        return _reduce(x, torch.ones(n, m, device=x.device), clusters, gen, backend)
+        return _reduce(x, torch.ones(n, m, device=x.device), clusters, rounds, gen, backend)
     first = torch.randint(m, (1, 1), generator=gen, device=x.device).expand(n, 1)
     candidates = [_gather_rows(x, first)]
     owner, nearest = kernels.kmeans_assign(x, candidates[0], backend=backend)
@@ -136,18 +143,20 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
     pool = torch.cat(candidates, 1)  # [N, rounds * per_round, D]
     ones = torch.ones_like(nearest)  # counts below 2**24 are exact in any summation order
     weights = torch.zeros(n, pool.shape[1], device=x.device).scatter_add_(1, owner, ones)
-    return _reduce(pool, weights, clusters, gen, backend)
+    return _reduce(pool, weights, clusters, rounds, gen, backend)
 
 
 def _reduce(
-    pool: torch.Tensor, weights: torch.Tensor, clusters: int, gen: torch.Generator, backend: str
+    pool: torch.Tensor, weights: torch.Tensor, clusters: int, rounds: int, gen: torch.Generator, backend: str
 ) -> torch.Tensor:
     """``clusters`` centroids [N, C, D] drawn from the weighted points ``pool`` [N, K, D]
-    (K >= C), ``weights`` [N, K] (> 0 for every point that a token is nearest to): weighted
-    k-means++ (:func:`qkv.kernels.kmeanspp`: C picks in order, each a pass of the K points against
-    the new centroid; one kernel on a GPU), with one uniform draw per pick shared by every row."""
-    draws = torch.rand(clusters, generator=gen, device=pool.device)
-    return _gather_rows(pool, kernels.kmeanspp(pool, weights, draws, backend=backend))
+    (K >= C), ``weights`` [N, K] (> 0 for every point that a token is nearest to): weighted D^2
+    sampling in ``rounds`` rounds (:func:`qkv.kernels.kmeanspp`: a pass of the K points against a
+    round's picks each; ``rounds = clusters``: k-means++; one kernel on a GPU), with one
+    exponential draw per point and round shared by every row."""
+    draws = torch.empty(rounds, pool.shape[1], device=pool.device).exponential_(generator=gen)
+    draws.clamp_min_(torch.finfo(draws.dtype).tiny)  # a key is score / draw
+    return _gather_rows(pool, kernels.kmeanspp(pool, weights, draws, clusters, backend=backend))
 
 
 SEEDINGS = {"kmeans++": _init_kmeanspp, "kmeans||": _init_parallel, "random": _init_random}
@@ -237,8 +246,8 @@ class KMeansGrouper(ClusteringGrouper):
     spec such as ``kmeans(clusters=128),centroid,int2`` costs what a preset costs. k-means++ seeding
     (``init=kmeans++``) and more iterations lower the error by a few percent at several times the
     time (rows ``qvg+kmeans++`` and ``qvg-ref`` of ``qkv eval``, docs/eval.md); ``init=kmeans||``
-    seeds as well as k-means++ with its C sequential picks over 4 C candidates instead of the
-    16 C tokens of k-means++'s subsample (docs/policies.md).
+    seeds as well as k-means++ with 32 rounds of picks over 4 C candidates instead of C sequential
+    picks over the 16 C tokens of k-means++'s subsample (docs/policies.md).
     ``warm_iters``: the Lloyd iterations of a warm-started grouping (a streaming cache seeds each
     span with the previous span's centroids; default ``iters``): warm centroids need fewer
     iterations for the same error (``benchmarks/warm_start_kmeans.py``, docs/policies.md).

@@ -218,16 +218,19 @@ def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, backend
     return resolve("kmeans_update", backend, x.device, *args)(*args)
 
 
-def kmeanspp(points, weights, draws, *, backend="auto"):
-    """Weighted k-means++ over ``points`` [N, K, D] fp32 with ``weights`` [N, K], one uniform of
-    ``draws`` [C] (C <= K) per pick: [N, C] distinct point indices (see
+def kmeanspp(points, weights, draws, clusters: int, *, backend="auto"):
+    """Weighted D^2 sampling of ``clusters`` C points over ``points`` [N, K, D] fp32 with
+    ``weights`` [N, K], in R rounds of picks, one row of exponential variates ``draws`` [R, K]
+    per round (R = C: k-means++): [N, C] distinct point indices (see
     :func:`qkv.kernels.kmeans.kmeanspp_torch`)."""
-    if points.dim() != 3 or weights.shape != points.shape[:2] or draws.dim() != 1:
-        raise ShapeError(f"kmeanspp: points must be [N, K, D], weights [N, K] and draws [C]; got "
+    if points.dim() != 3 or weights.shape != points.shape[:2] or draws.dim() != 2 or draws.shape[1] != points.shape[1]:
+        raise ShapeError(f"kmeanspp: points must be [N, K, D], weights [N, K] and draws [R, K]; got "
                          f"{list(points.shape)}, {list(weights.shape)} and {list(draws.shape)}")
-    if not 1 <= draws.shape[0] <= points.shape[1]:
-        raise ShapeError(f"kmeanspp: {draws.shape[0]} picks from {points.shape[1]} points (needs 1 <= C <= K)")
-    args = (points, weights, draws)
+    if isinstance(clusters, bool) or not isinstance(clusters, int) or not 1 <= clusters <= points.shape[1]:
+        raise ShapeError(f"kmeanspp: {clusters!r} picks from {points.shape[1]} points (needs 1 <= C <= K)")
+    if not 1 <= draws.shape[0] <= clusters or (clusters > 1) != (draws.shape[0] > 1):
+        raise ShapeError(f"kmeanspp: {draws.shape[0]} rounds for {clusters} picks (needs 2 <= R <= C, or R = C = 1)")
+    args = (points, weights, draws, clusters)
     return resolve("kmeanspp", backend, points.device, *args)(*args)
 
 

@@ -70,36 +70,55 @@ def update_torch(
     return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts
 
 
-def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
-    """Weighted k-means++ (D^2 sampling) over the points of each row: ``points`` [N, K, D] fp32,
-    ``weights`` [N, K] fp32 (>= 0), ``draws`` [C] fp32 uniforms in [0, 1), C <= K, one per pick
-    and shared by every row (so a row's picks depend only on its own points). Returns [N, C]
-    int64: distinct point indices, in the order picked.
+def round_sizes(clusters: int, rounds: int) -> list[int]:
+    """Picks per round of :func:`kmeanspp_torch`: 1, then ``clusters - 1`` split into ``rounds - 1``
+    nearly equal rounds, the smaller first (1 <= rounds <= clusters; one round for one cluster)."""
+    if rounds == 1:
+        return [1]
+    base, extra = divmod(clusters - 1, rounds - 1)
+    return [1] + [base + (r >= rounds - 1 - extra) for r in range(rounds - 1)]
 
-    Pick j takes the first point whose running sum of scores exceeds ``draws[j]`` times their
-    total (the last point with a positive score if rounding carries the product to the total),
-    where a point's score is its weight, times its squared distance to the nearest point picked
-    so far from pick 1 on, and 0 once picked; when every score is 0 (all points left coincide
-    with picked ones or weigh nothing), the first point not yet picked. Distances are
-    ``sum((p - c)^2)`` in fp32, so a picked point (and a copy of it) is at distance 0 exactly."""
+
+def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor, clusters: int) -> torch.Tensor:
+    """Weighted D^2 sampling (k-means++, a round of picks at a time) over the points of each row:
+    ``points`` [N, K, D] fp32, ``weights`` [N, K] fp32 (>= 0), ``draws`` [R, K] fp32 > 0
+    (exponential variates, a row per round, shared by every row of points, so a row's picks
+    depend only on its own points), ``clusters`` C picks (R <= C <= K). Returns [N, C] int64:
+    distinct point indices, in the order picked.
+
+    Round 0 picks one point, rounds 1 .. R-1 the rest (:func:`round_sizes`). A round ranks the
+    points by key = score / draws[r] (Efraimidis-Spirakis: the first is drawn with probability
+    proportional to its score), where a point's score is its weight, times (from round 1 on) its
+    squared distance to the nearest point picked in an earlier round, and 0 once picked; it takes
+    the points of the largest keys in turn (the lowest index among equal keys), and once no score
+    left is positive (all points left coincide with picked ones or weigh nothing) the first point
+    not yet picked. With R = C that is k-means++; fewer rounds take several points per pass over
+    the points. Distances are ``sum((p - c)^2)`` in fp32, so a picked point (and a copy of it) is
+    at distance 0 exactly."""
     n, k, _ = points.shape
     rows = torch.arange(n, device=points.device)
-    index = torch.arange(k, device=points.device)
     taken = torch.zeros(n, k, dtype=torch.bool, device=points.device)
-    nearest = torch.ones(n, k, device=points.device)  # pick 0 draws by weight alone
-    picks = torch.empty(n, draws.shape[0], dtype=torch.int64, device=points.device)
+    nearest = torch.ones(n, k, device=points.device)  # round 0 draws by weight alone
+    picks = torch.empty(n, clusters, dtype=torch.int64, device=points.device)
     diff = torch.empty_like(points, dtype=torch.float32)  # one buffer for every pick's differences
-    for j in range(draws.shape[0]):
+    at = 0
+    for r, size in enumerate(round_sizes(clusters, draws.shape[0])):
         score = torch.where(taken, 0.0, weights * nearest)
-        cdf = score.cumsum(-1)
-        total = cdf[:, -1]
-        pick = (cdf <= draws[j] * total[:, None]).sum(-1)
-        pick = torch.minimum(pick, torch.where(score > 0, index, -1).amax(-1))
-        pick = torch.where(total > 0, pick, (~taken).int().argmax(-1))
-        picks[:, j] = pick
-        taken[rows, pick] = True
-        dist = torch.sub(points, points[rows, pick].unsqueeze(1), out=diff).square_().sum(-1)
-        nearest = dist if j == 0 else torch.minimum(nearest, dist)
+        key = torch.where(score > 0, score / draws[r], -1.0)
+        new = []
+        for _ in range(size):
+            best = key.argmax(-1)
+            best = torch.where(key[rows, best] > 0, best, (~taken).int().argmax(-1))
+            picks[:, at] = best
+            at += 1
+            taken[rows, best] = True
+            key[rows, best] = -1.0
+            new.append(best)
+        if at == clusters:
+            break
+        for best in new:
+            dist = torch.sub(points, points[rows, best].unsqueeze(1), out=diff).square_().sum(-1)
+            nearest = dist if r == 0 else torch.minimum(nearest, dist)
     return picks
 
 

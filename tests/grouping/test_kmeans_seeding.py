@@ -27,19 +27,26 @@ def token_index(x, centroids):
     return torch.where(same.any(-1), same.int().argmax(-1), -1)
 
 
-def test_kmeanspp_draws_by_weight_then_by_weighted_squared_distance():
-    """The reference's picks, worked by hand: pick 0 inverts the running sum of the weights at the
-    draw, later picks that of weight x squared distance to the nearest pick (a picked point and
-    its copies score 0), and once every score is 0 the first point not yet picked."""
-    from qkv.kernels.kmeans import kmeanspp_torch
+def test_kmeanspp_draws_by_weight_then_by_weighted_squared_distance_a_round_at_a_time():
+    """The reference's picks, worked by hand: round 0 takes the largest weight / draw, later rounds
+    rank by weight x squared distance to the nearest earlier pick, over the round's draw (a
+    picked point and its copies score 0), and take their picks in that order; once every score
+    is 0, the first point not yet picked. Five picks in three rounds: 1, 2 and 2."""
+    from qkv.kernels.kmeans import kmeanspp_torch, round_sizes
 
+    assert round_sizes(5, 3) == [1, 2, 2] and round_sizes(5, 5) == [1] * 5 and round_sizes(9, 3) == [1, 4, 4]
+    assert round_sizes(8, 4) == [1, 2, 2, 3] and round_sizes(1, 1) == [1]
     points = torch.tensor([[[0.0], [1.0], [3.0], [3.0], [7.0]]])
     weights = torch.tensor([[0.0, 1.0, 2.0, 1.0, 1.0]])
-    # pick 0: running sums 0 1 3 4 5, 0.5 x 5 = 2.5 -> point 2 (3.0)
-    # pick 1: scores 0 4 0 0 16 (point 3 copies point 2), sums 0 4 4 4 20, 0.1 x 20 = 2 -> point 1
-    # pick 2: scores 0 0 0 0 16 -> point 4; pick 3: all 0 -> point 0, then point 3
-    picks = kmeanspp_torch(points, weights, torch.tensor([0.5, 0.1, 0.99, 0.3, 0.7]))
-    assert picks.tolist() == [[2, 1, 4, 0, 3]]
+    # round 0: keys -, 1, 4, 0.25, 0.5 -> point 2 (3.0); distances to it 9 4 0 0 16
+    # round 1: scores 0 4 - 0 16 -> keys over the draws 1 1 1 1 8: -, 4, -, -, 2 -> points 1, then 4
+    # round 2: the scores left (points 0 and 3) are 0 -> point 0, then point 3
+    first = torch.tensor([[1.0, 1.0, 0.5, 4.0, 2.0], [1.0, 1.0, 1.0, 1.0, 8.0], [1.0] * 5])
+    assert kmeanspp_torch(points, weights, first, 5).tolist() == [[2, 1, 4, 0, 3]]
+    # the same round 1 over other draws: keys -, 1, -, -, 16 -> point 4 first
+    second = first.clone()
+    second[1] = torch.tensor([1.0, 4.0, 1.0, 1.0, 1.0])
+    assert kmeanspp_torch(points, weights, second, 5).tolist() == [[2, 4, 1, 0, 3]]
 
 
 def test_deterministic_for_a_seed():

@@ -274,30 +274,44 @@ KMEANSPP_SHAPES = [(2, 37, 8, 5), (3, 100, 16, 20), (1, 9, 4, 9)] + (
     [(64, 1024, 128, 256), (12, 4096, 128, 256)] if DEVICE == "cuda" else [(2, 300, 32, 48)])
 
 
+def exponential(rounds, k, g):
+    return torch.empty(rounds, k, device=DEVICE).exponential_(generator=g).clamp_min_(1e-30)
+
+
 @pytest.mark.parametrize("n, k, d, c", KMEANSPP_SHAPES)
 @pytest.mark.parametrize("spread", [2, 0])  # distinct points / a few values repeated: scores run out
-def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread):
-    """Weighted k-means++ on integer-valued points and weights (every fp32 sum exact in any
+@pytest.mark.parametrize("rounds", ["one pick each", "several picks each"])
+def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread, rounds):
+    """Weighted D^2 sampling on integer-valued points and weights (every fp32 sum exact in any
     order: the running sums stay far below 2^24 even at 4,096 points of 128 dims): the kernel's
-    picks are the reference's, also once every score is 0 (points that coincide with picked
-    ones, zero weights) and the first point not yet picked is taken."""
+    picks are the reference's, a pick a round (k-means++) or several (the last rounds' sizes
+    differ), also once every score is 0 (points that coincide with picked ones, zero weights)
+    and the first point not yet picked is taken."""
     g = gen(k + spread)
     points = torch.randint(-spread, spread + 1, (n, k, d), generator=g, device=DEVICE).float()
     weights = torch.randint(0, 4, (n, k), generator=g, device=DEVICE).float()
     weights[0, : k // 2] = 0
-    draws = torch.rand(c, generator=g, device=DEVICE)
-    ref = kernels.kmeanspp(points, weights, draws, backend="torch")
-    out = kernels.kmeanspp(points, weights, draws, backend="triton")
+    r = c if rounds == "one pick each" else 1 + min(c - 1, 3)
+    draws = exponential(r, k, g)
+    ref = kernels.kmeanspp(points, weights, draws, c, backend="torch")
+    out = kernels.kmeanspp(points, weights, draws, c, backend="triton")
     assert torch.equal(out, ref)
     assert all(len(set(row.tolist())) == c for row in ref.cpu())
 
 
 def test_kmeanspp_refuses_more_picks_than_points_and_mismatched_shapes():
     points, weights = torch.zeros(2, 5, 4, device=DEVICE), torch.ones(2, 5, device=DEVICE)
+    draws = torch.ones(3, 5, device=DEVICE)
     with pytest.raises(ShapeError, match="6 picks from 5 points"):
-        kernels.kmeanspp(points, weights, torch.rand(6, device=DEVICE))
+        kernels.kmeanspp(points, weights, draws, 6)
     with pytest.raises(ShapeError, match="weights"):
-        kernels.kmeanspp(points, weights[:, :4], torch.rand(3, device=DEVICE))
+        kernels.kmeanspp(points, weights[:, :4], draws, 3)
+    with pytest.raises(ShapeError, match=r"draws \[R, K\]"):
+        kernels.kmeanspp(points, weights, draws[:, :4], 3)
+    with pytest.raises(ShapeError, match="3 rounds for 2 picks"):
+        kernels.kmeanspp(points, weights, draws, 2)
+    with pytest.raises(ShapeError, match="1 rounds for 3 picks"):
+        kernels.kmeanspp(points, weights, draws[:1], 3)
 
 
 def test_kmeanspp_on_float_points_picks_as_well_as_the_reference():
@@ -306,10 +320,10 @@ def test_kmeanspp_on_float_points_picks_as_well_as_the_reference():
     g = gen(7)
     points = torch.randn(3, 200, 32, generator=g, device=DEVICE)
     weights = torch.ones(3, 200, device=DEVICE)
-    draws = torch.rand(24, generator=g, device=DEVICE)
+    draws = exponential(9, 200, g)
     cost = {}
     for backend in ("torch", "triton"):
-        picks = kernels.kmeanspp(points, weights, draws, backend=backend)
+        picks = kernels.kmeanspp(points, weights, draws, 24, backend=backend)
         assert all(len(set(row.tolist())) == 24 for row in picks.cpu())
         centres = torch.gather(points, 1, picks.unsqueeze(-1).expand(-1, -1, 32))
         cost[backend] = torch.cdist(points, centres).square().min(-1).values.sum()

@@ -18,12 +18,14 @@
   Empty clusters are re-seeded by the kernel that adds the parts. Results differ from the
   reference only by fp32 summation order, and are bit-identical from run to run.
   benchmarks/results/bench_kmeans_update_h200.json has both at the shapes qkv's clients compress.
-- weighted k-means++: one program per row makes all C picks in order, the row's weights, nearest
-  distances and picked flags in registers; each pick is a scan of the scores and one pass over the
-  row's points (read transposed, [D, K], so that a chunk of dims is one coalesced load along the
-  points). The picks are the reference's wherever the fp32 sums come out the same (exact for
-  integer-valued points); otherwise a pick may differ where a draw falls within rounding of a
-  boundary.
+- weighted D^2 sampling in rounds (k-means++: a pick a round; k-means||'s reduction: a few
+  picks a round): one program per row makes all C picks, the row's weights, nearest distances
+  and picked flags in registers; a round ranks the scores over its draws and takes its picks in
+  turn (a max reduction each), then makes one pass over the row's points, CHUNK whole points a
+  load, for their distance to the nearest of the round's picks (through a scratch row: the
+  chunks are not the layout of the row's state). The picks are the reference's wherever the
+  fp32 sums come out the same (exact for integer-valued points); otherwise a pick may differ
+  where two keys are within rounding.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import triton
 import triton.language as tl
 
 from qkv.dtypes import compact_index_dtype
+from qkv.kernels.kmeans import round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 from qkv.kernels.triton.tiles import AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
@@ -431,61 +434,90 @@ def update_onehot(
 
 
 @triton.jit
-def _kmeanspp_kernel(pt_ptr, p_ptr, w_ptr, u_ptr, out_ptr, K, C, D, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The C picks of row n (see kmeanspp_torch): points pt [N, D, K] (transposed) and p [N, K, D]
-    (a picked point's row), weights [N, K], draws [C], picks out [N, C]."""
+def _kmeanspp_kernel(p_ptr, w_ptr, e_ptr, s_ptr, out_ptr, K, C, R, D, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+                     BLOCK_D: tl.constexpr, ROUND_P: tl.constexpr):
+    """The C picks of row n in R rounds (see kmeanspp_torch): points p [N, K, D], weights [N, K],
+    draws e [R, K], picks out [N, C], scratch s [N, BLOCK_K]. A round ranks the row's points by
+    its keys and takes its picks in turn (the row's weights, nearest distances and picked flags
+    stay in registers), then makes one pass over the points, CHUNK whole points (every dim) a
+    load, for each point's distance to the nearest of the round's picks (at most ROUND_P), which
+    goes through the scratch row into the nearest distances."""
     n = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
+    i = tl.arange(0, ROUND_P)
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < D
     w = tl.load(w_ptr + n * K + k, mask=k_ok, other=0.0)
-    nearest = tl.full((BLOCK_K,), 1.0, tl.float32)  # pick 0 draws by weight alone
+    nearest = tl.full((BLOCK_K,), 1.0, tl.float32)  # round 0 draws by weight alone
     taken = k >= K  # the padding is never picked
-    for j in range(C):
+    rest = tl.maximum(R - 1, 1)
+    base = (C - 1) // rest
+    extra = (C - 1) % rest
+    at = 0
+    for r in range(R):
+        size = tl.where(r == 0, 1, base + (r - 1 >= rest - extra).to(tl.int32))
         score = tl.where(taken, 0.0, w * nearest)
-        cdf = tl.cumsum(score, 0)
-        total = tl.max(cdf, 0)  # the last running sum: scores are >= 0
-        pick = tl.sum((cdf <= tl.load(u_ptr + j) * total).to(tl.int32), 0)
-        pick = tl.minimum(pick, tl.max(tl.where(score > 0.0, k, -1), 0))
-        pick = tl.where(total > 0.0, pick, tl.min(tl.where(taken, BLOCK_K, k), 0))
-        tl.store(out_ptr + n * C + j, pick.to(tl.int64))
-        taken = taken | (k == pick)
-        dist = tl.zeros((BLOCK_K,), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            dd = d0 + tl.arange(0, BLOCK_D)
-            d_ok = dd < D
-            c = tl.load(p_ptr + (n * K + pick) * D + dd, mask=d_ok, other=0.0)
-            pts = tl.load(pt_ptr + n * D * K + dd[:, None] * K + k[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0)
-            diff = pts - c[:, None]
-            dist += tl.sum(diff * diff, 0)
-        if j == 0:
-            nearest = dist
-        else:
-            nearest = tl.minimum(nearest, dist)
+        e = tl.load(e_ptr + r * K + k, mask=k_ok, other=1.0)
+        key = tl.where(score > 0.0, tl.math.div_rn(score, e), -1.0)
+        new = tl.zeros((ROUND_P,), tl.int32)
+        for j in range(size):
+            best = tl.argmax(key, 0)
+            first = tl.min(tl.where(taken, BLOCK_K, k), 0)  # once no score is positive
+            best = tl.where(tl.max(key, 0) > 0.0, best, first)
+            tl.store(out_ptr + n * C + at + j, best.to(tl.int64))
+            taken = taken | (k == best)
+            key = tl.where(k == best, -1.0, key)
+            new = tl.where(i == j, best, new)
+        at += size
+        if at < C:  # distances to the round's picks, for the rounds after it
+            c = tl.load(p_ptr + (n * K + new[:, None]) * D + dd[None, :], mask=(i < size)[:, None] & d_ok[None, :],
+                        other=0.0)
+            for k0 in range(0, K, CHUNK):
+                kk = k0 + tl.arange(0, CHUNK)
+                kk_ok = kk < K
+                pts = tl.load(p_ptr + (n * K + kk[:, None]) * D + dd[None, :], mask=kk_ok[:, None] & d_ok[None, :],
+                              other=0.0)
+                closest = tl.full((CHUNK,), float("inf"), tl.float32)
+                for t in tl.static_range(ROUND_P):
+                    ct = tl.sum(tl.where(i[:, None] == t, c, 0.0), 0)  # pick t's point, exactly
+                    diff = pts - ct[None, :]
+                    closest = tl.where(t < size, tl.minimum(closest, tl.sum(diff * diff, 1)), closest)
+                tl.store(s_ptr + n * BLOCK_K + kk, closest, mask=kk_ok)
+            tl.debug_barrier()  # the scratch row written by every thread before it is read
+            closest = tl.load(s_ptr + n * BLOCK_K + k, mask=k_ok, other=0.0)  # the padding: never picked
+            nearest = tl.where(r == 0, closest, tl.minimum(nearest, closest))
+            tl.debug_barrier()  # read by every thread before the next round writes it
 
 
-def kmeanspp_supports(points, weights, draws) -> str | None:
+def kmeanspp_supports(points, weights, draws, clusters) -> str | None:
     if points.shape[1] > 16384:
         return f"{points.shape[1]} points a row is more than the kernel holds in registers (16384)"
     return None
 
 
-def kmeanspp_launch(points: int, dims: int, tile: SeedTile) -> dict:
-    """The kernel's constexprs and warps for rows of ``points`` points of ``dims`` dims."""
+def kmeanspp_launch(points: int, dims: int, per_round: int, tile: SeedTile) -> dict:
+    """The kernel's constexprs and warps for rows of ``points`` points of ``dims`` dims, rounds of
+    at most ``per_round`` picks: distance passes over chunks of at most ``tile.values`` values
+    (whole points)."""
     block_k = triton.next_power_of_2(points)
-    return dict(BLOCK_K=block_k, BLOCK_D=max(1, min(triton.next_power_of_2(dims), tile.values // block_k)),
-                num_warps=min(16, max(tile.warps, block_k // 256)))
+    block_d = triton.next_power_of_2(dims)
+    return dict(BLOCK_K=block_k, BLOCK_D=block_d, ROUND_P=triton.next_power_of_2(per_round),
+                CHUNK=max(1, min(block_k, tile.values // block_d)), num_warps=min(16, max(tile.warps, block_k // 256)))
 
 
-def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor, *,
+def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor, clusters: int, *,
                     tile: SeedTile | None = None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.kmeans.kmeanspp_torch` (see the module docstring).
     ``tile``: the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     points = points.float().contiguous()
     n, k, d = points.shape
-    c = draws.shape[0]
-    out = torch.empty(n, c, dtype=torch.int64, device=points.device)
+    rounds = draws.shape[0]
+    launch = kmeanspp_launch(k, d, max(round_sizes(clusters, rounds)), tile or tile_for("kmeanspp", points.device, 0))
+    out = torch.empty(n, clusters, dtype=torch.int64, device=points.device)
+    scratch = torch.empty(n, launch["BLOCK_K"], dtype=torch.float32, device=points.device)
     _kmeanspp_kernel[(n,)](
-        points.transpose(1, 2).contiguous(), points, weights.float().contiguous(), draws.float().contiguous(), out,
-        k, c, d, **kmeanspp_launch(k, d, tile or tile_for("kmeanspp", points.device, 0)),
+        points, weights.float().contiguous(), draws.float().contiguous(), scratch, out, k, clusters, rounds, d,
+        **launch,
     )
     return out
