@@ -253,8 +253,8 @@ def test_llama_shapes_on_the_gpu(name, sq):
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name", ["qvg", "quarot"])
 def test_attend_is_captured_in_a_cuda_graph(name):
-    """Fixed shapes: KVCache.attend (decode path) replayed from a CUDA graph gives the eager result;
-    nothing on its path copies to the device or waits for it."""
+    """Fixed shapes: KVCache.attend (decode path) replayed from a CUDA graph gives the eager result,
+    and so do eager calls between replays; nothing on its path copies to the device or waits for it."""
     cache = qkv.KVCache(name, span_tokens=1024)
     for i in range(5):
         cache.append(0, randn(60 + i, 1, 8, 512, 128), randn(70 + i, 1, 8, 512, 128))
@@ -271,3 +271,5 @@ def test_attend_is_captured_in_a_cuda_graph(name):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+    graph.replay()  # one query: the partials merged in the launch, its counts back at zero after each replay
+    assert torch.equal(cache.attend(0, q), eager)

@@ -5,8 +5,9 @@ Token-by-token decoding reads the whole history for one query per head: the work
 the cache, so the compressed spans should be read once, by many programs at a time. The keys are
 cut into pieces (work items of the span table, built once per set of spans: records.py) and every
 program attends to a run of pieces for all the query heads that share one KV head (GQA: a key
-tile is decoded once for all of them), writing a partial output and log-sum-exp; one merge
-launch combines them exactly. Every layout the prefill kernel reads is read here: per-token and
+tile is decoded once for all of them), writing a partial output and log-sum-exp; the last
+program of each (batch, KV head) to finish combines them exactly for a call of few rows (one
+launch a token), a merge launch for more. Every layout the prefill kernel reads is read here: per-token and
 per-channel codes, 1-8 bits, both packings, up to four additive stages, float-cast spans,
 full-precision tokens, and Hadamard-rotated spans (the queries are rotated once, by one launch, and
 each program's output rotated back once). The full-precision segments (sink, tail, current chunk)
@@ -214,10 +215,22 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
             span_bytes=table.nbytes if table is not None else 0, token_bytes=2 * b * h_kv * d * q.itemsize,
             partial_bytes=rows_total * (d + 1) * 4, launches=tuple(launches),
             merge=dict(D=d, EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4),
-            done=torch.zeros(b * h_kv * row_blocks, dtype=torch.int32, device=device) if merge_in else None,
+            done=_counts(b * h_kv * row_blocks, device, plan is not None) if merge_in else None,
         )
 
     return plan.table(key, build) if plan is not None else build()
+
+
+def _counts(size: int, device: torch.device, kept: bool) -> torch.Tensor:
+    """``size`` int32 zeros on ``device``: the counts of finished pieces of a call that merges in
+    its launch. Kept by a plan for every later call (``kept``), they are copied from the host, a
+    copy that refuses to be captured in a CUDA graph, as the plan's span table does: zeros made by
+    a captured launch would be zero only in the graph's replays, and an eager call would read
+    them unset (make a plan's first call at a shape before capturing it). A call's own counts
+    may be captured: every replay zeroes them first."""
+    if kept:
+        return torch.zeros(size, dtype=torch.int32).to(device)
+    return torch.zeros(size, dtype=torch.int32, device=device)
 
 
 def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile: DecodeTile | None = None) -> torch.Tensor:
