@@ -26,11 +26,10 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import qkv
-from qkv.kernels.triton import decode
 from qkv.kernels.triton.decode_kernel import decode_kernel
 from qkv.kernels.triton.records import span_record
 
-POINTERS = {"q_ptr": "*bf16", "qh_ptr": "*bf16", "ql_ptr": "*bf16", "po_ptr": "*fp32", "done_ptr": "*i32", "out_ptr": "*bf16",
+POINTERS = {"q_ptr": "*bf16", "qh_ptr": "*bf16", "ql_ptr": "*bf16", "po_ptr": "*fp32",
             "span_ptr": "*i64", "item_ptr": "*i64", "dk0": "*bf16", "dv0": "*bf16", "dk1": "*bf16", "dv1": "*bf16"}
 LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")
 
@@ -39,15 +38,11 @@ def tool(name: str) -> str:
     return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_layouts(name: str, block_n: int, warps: int, maxnreg: int | None, merge_in: bool = False) -> bytes:
-    """The decode kernel for ``name``'s layouts at one query of Llama-3-8B's GQA (4 rows a KV head);
-    ``merge_in``: with the partials merged by the last program (as decode.py launches it then)."""
+def compile_layouts(name: str, block_n: int, warps: int, maxnreg: int | None) -> bytes:
     k = torch.randn(1, 2, 256, 128).bfloat16()
     k_layout, v_layout = span_record(qkv.build_policy(name).compress(k, k.clone())).layouts
     const = dict(D=128, BLOCK_M=16, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
-                 HAS_DENSE=False, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout,
-                 MERGE_IN=merge_in, MERGE_ROWS=4,
-                 LOAD_PARTS=min(64, decode.MERGE_IN_VALUES * 32 * warps // (4 * 128)))
+                 HAS_DENSE=False, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout)
     signature = {a: "constexpr" if a in const else POINTERS.get(a, "fp32" if a == "qk_scale" else "i32")
                  for a in decode_kernel.arg_names}
     compiled = triton.compile(ASTSource(decode_kernel, signature, const), target=GPUTarget("cuda", 90, 32),
@@ -55,14 +50,8 @@ def compile_layouts(name: str, block_n: int, warps: int, maxnreg: int | None, me
     return compiled.asm["cubin"]
 
 
-def resources(usage: str) -> tuple[int, int]:
-    """Registers a thread and stack bytes (where spilled registers live) of ``cuobjdump -res-usage``."""
-    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
-
-
 def inner_loop(sass: str) -> collections.Counter:
-    """Opcodes of the shortest backward branch's body that holds a tensor-core product (the
-    innermost loop over key tiles, not the merge's loop over partials)."""
+    """Opcodes of the shortest backward branch's body (the innermost loop)."""
     labels, code = {}, []
     pending = []
     for line in sass.splitlines():
@@ -82,7 +71,6 @@ def inner_loop(sass: str) -> collections.Counter:
         target = re.search(r"(\.L_x_\d+)", rest)
         if op.startswith("BRA") and target and labels.get(target.group(1), addr + 1) < addr:
             loops.append((labels[target.group(1)], addr))
-    loops = [(a, b) for a, b in loops if any(a <= addr < b and op.startswith("HMMA") for addr, op, _ in code)]
     start, end = min(loops, key=lambda span: span[1] - span[0])
     return collections.Counter(op for addr, op, _ in code if start <= addr < end)
 
@@ -93,8 +81,6 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, default=64)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--maxnreg", type=int, default=None)
-    parser.add_argument("--merge-in", action="store_true",
-                        help="compile with the partials merged in the launch (as decode.py launches one query)")
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
     rows = []
@@ -102,15 +88,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets:
             cubin = pathlib.Path(tmp) / f"{name}.cubin"
-            cubin.write_bytes(compile_layouts(name, args.block_n, args.warps, args.maxnreg, args.merge_in))
+            cubin.write_bytes(compile_layouts(name, args.block_n, args.warps, args.maxnreg))
             sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
             usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                    check=True).stdout
-            regs, stack = resources(usage)
+            regs = int(re.search(r"REG:(\d+)", usage).group(1))
+            stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # spilled registers live here
             ops = inner_loop(sass)
             total = sum(ops.values())
             rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "block_n": args.block_n,
-                         "warps": args.warps, "maxnreg": args.maxnreg, "merge_in": args.merge_in, "registers": regs,
+                         "warps": args.warps, "maxnreg": args.maxnreg, "registers": regs,
                          "stack_bytes": stack, "loop_instructions": total,
                          "loop_spill_loads": sum(n for op, n in ops.items() if op.startswith("LDL")),
                          "loop_spill_stores": sum(n for op, n in ops.items() if op.startswith("STL")),

@@ -18,11 +18,11 @@ Also the torch operators of one more step, counted with a dispatch mode, beyond 
   tokens), value checks batched as on a GPU.
 
 Taken out, so that what is left is host work: the attention itself (torch's SDPA returns zeros
-for ``dynamic``; the decode and merge kernels' launches are recorded, not run, and the output
-is zeroed: Triton has no CPU driver), on both sides alike. Not taken out: everything
+for ``dynamic``; the decode and merge kernels' launches are recorded, not run, and the merge's
+output is zeroed: Triton has no CPU driver), on both sides alike. Not taken out: everything
 else, the caches' Python, their torch ops (on a GPU each a launch), KIVI's group compression
 (on the CPU the torch twin's work). A launch through Triton costs more than a recorded call
-(``launch_cost.py``: ~35 us on an H200's host; for one token one a layer, the partials merged in the decode launch), which this does not show.
+(``launch_cost.py``: ~35 us on an H200's host, two a layer), which this does not show.
 
     PYTHONPATH=. python3 benchmarks/host_step.py --out benchmarks/results/host_step_cpu.json
 """
@@ -43,25 +43,17 @@ from common import environment, write_json
 import qkv
 from qkv import validation
 from qkv.kernels.triton import decode
-from qkv.kernels.triton import decode_kernel as jit
 
 SPAN = 4096
 
 
-class Zeroed(Recorded):
-    """A kernel that writes the attention's output, recorded, the output (argument ``out_ptr``)
-    zeroed: the next layer then reads finite values. The decode kernel writes it only where it
-    merges the partials itself (``MERGE_IN``)."""
-
-    def __init__(self, name, counts, kernel, when: str | None = None) -> None:
-        super().__init__(name, counts)
-        self.out, self.when = kernel.arg_names.index("out_ptr"), when
+class ZeroedMerge(Recorded):
+    """The merge kernel, recorded, its output zeroed (the next layer then reads finite values)."""
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
             self.counts[self.name] += 1
-            if self.when is None or kwargs[self.when]:
-                args[self.out].zero_()
+            args[1].zero_()
 
         return launch
 
@@ -134,8 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     launches = collections.Counter()
     warnings.filterwarnings("ignore", message=".*past_key_values.*")
-    with mock.patch.multiple(decode, decode_kernel=Zeroed("decode", launches, jit.decode_kernel, when="MERGE_IN"),
-                             merge_kernel=Zeroed("merge", launches, jit.merge_kernel)), \
+    with mock.patch.multiple(decode, decode_kernel=Recorded("decode", launches), merge_kernel=ZeroedMerge("merge", launches)), \
             mock.patch.object(validation, "deferred", lambda t: True), \
             mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, **kw: torch.zeros_like(q)), \
             mock.patch.object(qkv.kernels, "attention", attention_on_triton):

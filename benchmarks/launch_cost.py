@@ -75,7 +75,7 @@ def main() -> None:
         bound = list(args) + [kwargs[p.name] for p in real.params[len(args):]]
         stream = torch.cuda.current_stream().cuda_stream
         rows = {
-            "decode_triton (its launches + host)": per_call(lambda: decode.decode_triton(q, segments)),
+            "decode_triton (both launches + host)": per_call(lambda: decode.decode_triton(q, segments)),
             "kernels.attention(decode)": per_call(lambda: kernels.attention(q, segments, method="decode")),
             "decode_kernel[grid](...) jit run": per_call(lambda: real[grid](*args, **kwargs)),
             "Launcher[grid](...) (qkv's: the compiled kernel, keyed)": per_call(lambda: launcher[grid](*args, **kwargs)),

@@ -21,7 +21,7 @@ sixteen):
 
 ``--grid FIELD=V1,V2 ...`` replaces the decode sweep's choices of those fields (the others keep
 theirs; the default tile is always timed too), for a narrower or a different grid, e.g.
-``--grid warps=1,2 stages=1 maxnreg=none,128 merge_in=0,1``. ``--centroids yes|no`` writes the winner for one
+``--grid warps=1,2 stages=1 maxnreg=none,128``. ``--centroids yes|no`` writes the winner for one
 class of keys (those that add centroids back, or not); ``--rescore JSON`` picks a winner from an
 earlier sweep's timings of ``--policies`` without a GPU. The H200's one-query rows came so:
 
@@ -111,20 +111,16 @@ def planned(segments: list) -> list:
 
 # the decode sweep's choices per DecodeTile field (--quick narrows them, --grid replaces any)
 DECODE_CHOICES = {"block_n": (32, 64, 128), "warps": (4, 8), "stages": ((1,), (2, 1)), "piece": (256, 512),
-                  "waves": (2, 4, 8), "maxnreg": (None,), "merge_in": (True,)}
+                  "waves": (2, 4, 8), "maxnreg": (None,)}
 DECODE_QUICK = {"block_n": (64, 128), "stages": ((2, 1),), "piece": (256,), "waves": (4, 8)}
 
 
 def grid_choices(items: list[str]) -> dict[str, tuple]:
     """``--grid FIELD=V1,V2`` items as DecodeTile choices: integers, pipelining depths written
-    ``2:1``, ``none`` for a register cap left to the compiler, and 0 or 1 for ``merge_in``."""
+    ``2:1``, and ``none`` for a register cap left to the compiler."""
     def value(field: str, text: str):
         if field == "maxnreg" and text == "none":
             return None
-        if field == "merge_in":
-            if text not in ("0", "1"):
-                raise SystemExit(f"--grid merge_in takes 0 or 1, not {text!r}")
-            return text == "1"
         try:
             return tuple(int(x) for x in text.split(":")) if field == "stages" else int(text)
         except ValueError:

@@ -29,14 +29,7 @@ def test_a_register_cap_is_a_grid_field():
     assert {t.maxnreg for t in grid} == {None, 128} and len(grid) == 2 * 72 // 3
 
 
-def test_merging_in_the_launch_is_a_grid_field():
-    grid = tune_tiles.decode_grid(True, tune_tiles.grid_choices(["merge_in=0,1"]))
-    assert {t.merge_in for t in grid} == {False, True}
-    assert len(grid) == 2 * len(tune_tiles.decode_grid(True))
-    assert all(t.merge_in for t in tune_tiles.decode_grid(False))  # by default the tiles merge in the launch
-
-
-@pytest.mark.parametrize("item", ["heads=2", "warps=", "waves=many", "stages=2:x", "maxnreg=all", "merge_in=2"])
+@pytest.mark.parametrize("item", ["heads=2", "warps=", "waves=many", "stages=2:x", "maxnreg=all"])
 def test_a_bad_grid_item_stops_with_a_message(item):
     with pytest.raises(SystemExit, match="--grid"):
         tune_tiles.grid_choices([item])
@@ -63,9 +56,8 @@ def test_rescore_picks_a_winner_for_a_class_of_keys_without_a_gpu(monkeypatch, t
         tune_tiles.main()
         assert json.loads(out.read_text())["environment"]["gpu"] == "Some GPU"
     rows = json.loads(table.read_text())["Some GPU"]["decode"]
-    # a sweep from before a field existed: its winner written with the field's default
-    assert rows == [{"up_to": 16, "centroids": True, **fast_smoothed, "merge_in": True},
-                    {"up_to": 16, "centroids": False, **fast_plain, "merge_in": True}, many]
+    assert rows == [{"up_to": 16, "centroids": True, **fast_smoothed}, {"up_to": 16, "centroids": False, **fast_plain},
+                    many]
     monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--policies", "kivi", "--out", str(out)])
     with pytest.raises(SystemExit, match="no case"):
         tune_tiles.main()

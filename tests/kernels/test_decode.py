@@ -73,49 +73,6 @@ def test_many_pieces_several_spans_and_dense_segments_fp16():
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
 
 
-def test_the_partials_merged_in_the_launch_equal_the_merge_kernels(monkeypatch):
-    """With at most MERGE_IN_ROWS rows per KV head the last program of each (batch, KV head) to
-    finish merges the partials in the decode launch (its count of finished pieces back at zero
-    after every call, over two launches into one set of partials); the merge kernel's output
-    within a unit of fp16 rounding. A launch that fails after another ran leaves no count behind."""
-    import dataclasses
-
-    from qkv.kernels.triton import decode as host
-    from qkv.kernels.triton.tiles import tile_for
-
-    pols = [policy("qvg", 64), policy("rtn", 64)]
-    spans = [CompressedSpan(pol.compress(randn(130 + i, 2, 2, 100, 64, dtype=torch.float16, scale=2.0),
-                                         randn(135 + i, 2, 2, 100, 64, dtype=torch.float16)), 3 * i)
-             for i, pol in enumerate(pols)]
-    segments = [SpanPlan(spans), DenseKV(randn(140, 2, 2, 30, 64, dtype=torch.float16),
-                                         randn(141, 2, 2, 30, 64, dtype=torch.float16))]
-    q = randn(142, 2, 4, 3, 64, dtype=torch.float16)  # 6 rows per KV head
-    tile = tile_for("decode", q.device, 6)
-    separate = host.decode_triton(q, segments, tile=dataclasses.replace(tile, merge_in=False))
-    st = host._static(segments[0], q, 2, tile)
-    assert st.done is not None and host.MERGE_IN_ROWS >= 6 and len(st.launches) == 2
-    for _ in range(2):
-        merged = host.decode_triton(q, segments, tile=tile)
-        assert not st.done.any()
-        torch.testing.assert_close(merged, separate, rtol=2**-10, atol=1e-5)
-    assert_within_twice_the_torch_error(merged, q, [*spans, segments[1]])
-
-    launch, calls = host._launch_decode, []
-
-    def fails_second(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("launch failed")
-        launch(*args, **kwargs)
-
-    monkeypatch.setattr(host, "_launch_decode", fails_second)
-    with pytest.raises(RuntimeError, match="launch failed"):
-        host.decode_triton(q, segments, tile=tile)
-    monkeypatch.setattr(host, "_launch_decode", launch)
-    assert len(calls) == 2 and not st.done.any()
-    torch.testing.assert_close(host.decode_triton(q, segments, tile=tile), merged, rtol=0, atol=0)
-
-
 def test_the_torch_twin_is_the_fp32_attention():
     segments = history("qvg", seed=5, span=600, skip=30)  # several pieces of DECODE_PIECE keys
     q = randn(14, 1, 4, 3, 64)
@@ -146,8 +103,7 @@ def test_a_plan_builds_its_records_and_tables_once():
 def test_a_decoding_loop_needs_one_compiled_variant_of_the_decode_kernels(name, options, monkeypatch):
     """Triton compiles a kernel again for every new class of an integer argument it specializes
     (equal to 1, a multiple of 16, other). The decode and merge kernels' counts (tail length, work
-    items, partials) change at every step of a decoding loop (one query and five: with and
-    without the merge in the decode launch), so each argument must keep one
+    items, partials) change at every step of a decoding loop, so each argument must keep one
     specialization through it: a new one stalled a generation for seconds every few hundred steps
     on a GPU (benchmarks/cold_start.py). The launches are recorded here, not run."""
     libtriton = pytest.importorskip("triton._C.libtriton")
@@ -179,14 +135,12 @@ def test_a_decoding_loop_needs_one_compiled_variant_of_the_decode_kernels(name, 
     gen = torch.Generator().manual_seed(7)
     layer = qkv.KVCache(name, num_layers=1, **options).layer(0)
     layer.append(*(torch.randn(1, 2, 256, 64, generator=gen).bfloat16() for _ in range(2)))
-    # one query: the partials merged in the decode launch; five (10 rows a KV head): by the merge kernel
-    queries = [torch.randn(1, 4, sq, 64, generator=gen).bfloat16() for sq in (1, 5)]
+    q = torch.randn(1, 4, 1, 64, generator=gen).bfloat16()
     for _ in range(70):  # KIVI: a span every 32 steps; rtn: every 16, the tail 1 to 16 tokens
         token = torch.randn(1, 2, 1, 64, generator=gen).bfloat16()
         layer.append(token, token)
-        for q in queries:
-            host.decode_triton(q, layer.attention_segments())
-    assert len(keys["decode"]) == 2 and len(keys["merge"]) == 1
+        host.decode_triton(q, layer.attention_segments())
+    assert len(keys["decode"]) == 1 and len(keys["merge"]) == 1
 
 
 def test_a_plan_that_adds_spans_extends_the_earlier_tables_to_those_built_anew():
@@ -253,8 +207,8 @@ def test_llama_shapes_on_the_gpu(name, sq):
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("name", ["qvg", "quarot"])
 def test_attend_is_captured_in_a_cuda_graph(name):
-    """Fixed shapes: KVCache.attend (decode path) replayed from a CUDA graph gives the eager result,
-    and so do eager calls between replays; nothing on its path copies to the device or waits for it."""
+    """Fixed shapes: KVCache.attend (decode path) replayed from a CUDA graph gives the eager result;
+    nothing on its path copies to the device or waits for it."""
     cache = qkv.KVCache(name, span_tokens=1024)
     for i in range(5):
         cache.append(0, randn(60 + i, 1, 8, 512, 128), randn(70 + i, 1, 8, 512, 128))
@@ -271,5 +225,3 @@ def test_attend_is_captured_in_a_cuda_graph(name):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
-    graph.replay()  # one query: the partials merged in the launch, its counts back at zero after each replay
-    assert torch.equal(cache.attend(0, q), eager)

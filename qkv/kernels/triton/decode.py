@@ -5,9 +5,8 @@ Token-by-token decoding reads the whole history for one query per head: the work
 the cache, so the compressed spans should be read once, by many programs at a time. The keys are
 cut into pieces (work items of the span table, built once per set of spans: records.py) and every
 program attends to a run of pieces for all the query heads that share one KV head (GQA: a key
-tile is decoded once for all of them), writing a partial output and log-sum-exp; the last
-program of each (batch, KV head) to finish combines them exactly for a call of few rows (one
-launch a token), a merge launch for more. Every layout the prefill kernel reads is read here: per-token and
+tile is decoded once for all of them), writing a partial output and log-sum-exp; one merge
+launch combines them exactly. Every layout the prefill kernel reads is read here: per-token and
 per-channel codes, 1-8 bits, both packings, up to four additive stages, float-cast spans,
 full-precision tokens, and Hadamard-rotated spans (the queries are rotated once, by one launch, and
 each program's output rotated back once). The full-precision segments (sink, tail, current chunk)
@@ -40,15 +39,6 @@ PARTIAL_SHARE = 0.05
 # partials per load of the merge: 16, or 64 beyond 16 partials (two compiled variants, not one per
 # power of two the partial count passes as the history grows)
 MERGE_PARTS = (16, 64)
-# Calls of at most this many query rows per KV head (query heads of a group x queries: one query of
-# GQA up to 8) are merged in the decode launch (DecodeTile.merge_in): a launch less a call, on the
-# host ~30 us of an H200's (benchmarks/launch_cost.py), for the price of the merge's loads being
-# issued by one program per (batch, KV head) after the last piece; with more rows the merge kernel,
-# a program per row, spreads them.
-MERGE_IN_ROWS = 8
-# values a thread of the merging program holds per load: [partials, rows, D] tiles of
-# MERGE_IN_VALUES x warps x 32 fp32 values at most (a value a register: 64 spilled under a cap of 128)
-MERGE_IN_VALUES = 32
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -179,7 +169,6 @@ class _Static:
     partial_bytes: int  # of one program's partials over every row
     launches: tuple  # per span group (or one without spans): (group, constexprs, constexprs with dense keys)
     merge: dict
-    done: torch.Tensor | None  # merged in the launch: the finished pieces of each program triple (zero between calls)
 
 
 def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile | None) -> _Static:
@@ -196,11 +185,8 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         table = plan_table(plan, device, chosen.piece) if plan is not None else None
         block_m = min(max(16, _pow2(rows)), chosen.max_rows)
         row_blocks = _cdiv(rows, block_m)
-        merge_in = chosen.merge_in and rows <= MERGE_IN_ROWS
-        load_parts = max(1, MERGE_IN_VALUES * 32 * chosen.warps // (_pow2(rows) * d))
         common = dict(D=d, BLOCK_M=block_m, BLOCK_N=chosen.block_n, KV_T=TL_DTYPES[q.dtype],
                       DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, H_NORM=d**-0.5,
-                      MERGE_IN=merge_in, MERGE_ROWS=_pow2(rows), LOAD_PARTS=min(load_parts, 64),
                       num_warps=chosen.warps, maxnreg=chosen.maxnreg)
         launches = []
         for g in (table.groups if table is not None else ()) or (None,):
@@ -215,22 +201,9 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
             span_bytes=table.nbytes if table is not None else 0, token_bytes=2 * b * h_kv * d * q.itemsize,
             partial_bytes=rows_total * (d + 1) * 4, launches=tuple(launches),
             merge=dict(D=d, EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4),
-            done=_counts(b * h_kv * row_blocks, device, plan is not None) if merge_in else None,
         )
 
     return plan.table(key, build) if plan is not None else build()
-
-
-def _counts(size: int, device: torch.device, kept: bool) -> torch.Tensor:
-    """``size`` int32 zeros on ``device``: the counts of finished pieces of a call that merges in
-    its launch. Kept by a plan for every later call (``kept``), they are copied from the host, a
-    copy that refuses to be captured in a CUDA graph, as the plan's span table does: zeros made by
-    a captured launch would be zero only in the graph's replays, and an eager call would read
-    them unset (make a plan's first call at a shape before capturing it). A call's own counts
-    may be captured: every replay zeroes them first."""
-    if kept:
-        return torch.zeros(size, dtype=torch.int32).to(device)
-    return torch.zeros(size, dtype=torch.int32, device=device)
 
 
 def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile: DecodeTile | None = None) -> torch.Tensor:
@@ -261,31 +234,23 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     if table is not None and table.rotated:  # H q in two parts, so that the scores are as exact as q . k
         qh, ql = hadamard_split(q)
     partials = torch.empty(n_parts * rows_total * (d + 1), dtype=torch.float32, device=q.device)  # outputs, then lse
-    out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
-    done = st.done if st.done is not None else partials
     base = 0
-    try:
-        for (g, plain, with_dense), n_span in zip(st.launches, span_progs):
-            n_dense = dense_progs if base == 0 else 0
-            if n_span + n_dense == 0:
-                continue
-            _launch_decode(
-                (n_span + n_dense, b * h_kv, st.row_blocks), st.tile.stages,
-                q, qh if plain["SPLIT_Q"] else q, ql, partials, n_parts,
-                g.table if g is not None else partials, g.items if g is not None else partials,
-                done, out, *out.stride()[:3],
-                g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
-                *dense_args, h, h_kv, sq, rows_total, *q.stride()[:3], scale * LOG2E,
-                **(with_dense if n_dense else plain),
-            )
-            base += n_span + n_dense
-    except BaseException:
-        if st.done is not None:  # a launch that ran before the failing one counted its pieces
-            st.done.zero_()
-        raise
-    if st.done is None:
-        merge_kernel[(rows_total,)](
-            partials, out, n_parts, rows_total, h, sq, *out.stride()[:3],
-            BLOCK_P=MERGE_PARTS[n_parts > MERGE_PARTS[0]], **st.merge,
+    for (g, plain, with_dense), n_span in zip(st.launches, span_progs):
+        n_dense = dense_progs if base == 0 else 0
+        if n_span + n_dense == 0:
+            continue
+        _launch_decode(
+            (n_span + n_dense, b * h_kv, st.row_blocks), st.tile.stages,
+            q, qh if plain["SPLIT_Q"] else q, ql, partials, n_parts,
+            g.table if g is not None else partials, g.items if g is not None else partials,
+            g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
+            *dense_args, h, h_kv, sq, rows_total, *q.stride()[:3], scale * LOG2E,
+            **(with_dense if n_dense else plain),
         )
+        base += n_span + n_dense
+    out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
+    merge_kernel[(rows_total,)](
+        partials, out, n_parts, rows_total, h, sq, *out.stride()[:3],
+        BLOCK_P=MERGE_PARTS[n_parts > MERGE_PARTS[0]], **st.merge,
+    )
     return out

@@ -3,14 +3,13 @@
 Flash-decoding: the keys are cut into pieces and each program attends to one run of pieces for
 every query of every query head that shares one KV head (rows = query heads x queries), so each
 key and value tile is decoded once per KV head; the program writes its normalized partial output
-and log-sum-exp, and the partials of every row are combined exactly (log-sum-exp weights): by
-the last program of the row block to finish (``MERGE_IN``, for row blocks of a few rows:
-token-by-token decoding takes one launch a call), or by ``merge_kernel``, a program per row. The
-partials are one fp32 buffer: the outputs [n_parts, rows, D], then the log-sum-exps [n_parts,
-rows] (one allocation a call). Programs ``0 .. n_span_progs`` read span pieces (work items of the
-span table, see records.py), the rest read the full-precision keys (up to two segments, by
-address). Tiles are decoded by ``tile.decode_tile``, as in the prefill kernel; the key and value
-layouts are the constexprs ``K`` and ``V`` (records.TensorLayout).
+and log-sum-exp, and ``merge_kernel`` combines the partials of every row exactly (log-sum-exp
+weights). The partials are one fp32 buffer: the outputs [n_parts, rows, D], then the
+log-sum-exps [n_parts, rows] (one allocation a call). Programs ``0 .. n_span_progs`` read span
+pieces (work items of the span table, see records.py), the rest read the full-precision keys (up
+to two segments, by address). Tiles are
+decoded by ``tile.decode_tile``, as in the prefill kernel; the key and value layouts are the
+constexprs ``K`` and ``V`` (records.TensorLayout).
 """
 
 import triton
@@ -120,45 +119,6 @@ def _span_pieces(
     return m_i, l_i, acc
 
 
-@triton.jit
-def _merge_last(po_ptr, pl_ptr, out_ptr, n_parts, ROWS_TOTAL, b, hkv, group, SQ, H, o_sb, o_sh, o_ss,
-                D: tl.constexpr, MERGE_ROWS: tl.constexpr, LOAD_PARTS: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """The merge of every partial of one row block's rows (at most MERGE_ROWS: query heads of the
-    group x queries) into out, by the program that finished the block's last piece: LOAD_PARTS
-    partials of all the rows per load (a [parts, rows, D] tile), an online log-sum-exp over the
-    loads. The partials of other programs are read past the L1 cache (.cg: this multiprocessor
-    may hold stale lines of the buffer)."""
-    j = tl.arange(0, MERGE_ROWS)
-    j_ok = j < group * SQ
-    head = hkv * group + j // SQ
-    s_row = j % SQ
-    row = (b * H + head).to(tl.int64) * SQ + s_row
-    p = tl.arange(0, LOAD_PARTS)
-    d = tl.arange(0, D)
-    m = tl.full((MERGE_ROWS,), float("-inf"), tl.float32)
-    total = tl.zeros((MERGE_ROWS,), tl.float32)
-    acc = tl.zeros((MERGE_ROWS, D), tl.float32)
-    for p0 in range(0, n_parts, LOAD_PARTS):
-        at = (p0 + p).to(tl.int64)
-        slot = at[:, None] * ROWS_TOTAL + row[None, :]  # [parts, rows]
-        lse = tl.load(pl_ptr + slot, mask=(at < n_parts)[:, None] & j_ok[None, :], other=float("-inf"),
-                      cache_modifier=".cg")
-        m_new = tl.maximum(m, tl.max(lse, 0))
-        top = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: every weight 0, no NaN
-        alpha = tl.math.exp2(m - top)
-        w = tl.math.exp2(lse - top[None, :])
-        part = tl.load(po_ptr + slot[:, :, None] * D + d[None, None, :], mask=(w > 0.0)[:, :, None], other=0.0,
-                       cache_modifier=".cg")
-        acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * part, 0)
-        total = total * alpha + tl.sum(w, 0)
-        m = m_new
-    out = acc / tl.where(total == 0.0, 1.0, total)[:, None]  # rows past the group's: 0, not stored
-    if EMULATE_BF16:
-        out = round_to_bf16(out)
-    o = out_ptr + b.to(tl.int64) * o_sb + head[:, None] * o_sh + s_row[:, None] * o_ss + d[None, :]
-    tl.store(o, out.to(out_ptr.dtype.element_ty), mask=j_ok[:, None])
-
-
 # Token counts and work sizes change from call to call (the tail grows by a token a step): Triton
 # would compile a variant for each of their classes (equal to 1, a multiple of 16, other), every
 # few hundred steps a new one, seconds each, in the middle of a generation. They only bound loops
@@ -166,7 +126,7 @@ def _merge_last(po_ptr, pl_ptr, out_ptr, n_parts, ROWS_TOTAL, b, hkv, group, SQ,
 @triton.jit(do_not_specialize=["n_parts", "n_items", "per_prog", "n_span_progs", "prog_base", "dense_piece", "dn0",
                                "dn1"])
 def decode_kernel(
-    q_ptr, qh_ptr, ql_ptr, po_ptr, n_parts, span_ptr, item_ptr, done_ptr, out_ptr, o_sb, o_sh, o_ss,
+    q_ptr, qh_ptr, ql_ptr, po_ptr, n_parts, span_ptr, item_ptr,
     n_items, per_prog, n_span_progs, prog_base, dense_piece,
     dk0, dv0, dn0, dk0_sb, dk0_sh, dk0_ss, dv0_sb, dv0_sh, dv0_ss,
     dk1, dv1, dn1, dk1_sb, dk1_sh, dk1_ss, dv1_sb, dv1_sh, dv1_ss,
@@ -174,13 +134,8 @@ def decode_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
     HAS_DENSE: tl.constexpr, SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, MERGE_IN: tl.constexpr, MERGE_ROWS: tl.constexpr, LOAD_PARTS: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr,
 ):
-    """One piece of the keys for one (batch, KV head, row block): its partial output and
-    log-sum-exp into po_ptr. MERGE_IN: done_ptr counts the finished pieces of each (batch, KV
-    head, row block) over every launch of the call (int32, zero before it); the program that
-    finishes the last writes the merged rows into out_ptr (strides o_*) and sets the count back
-    to zero."""
     pid = tl.program_id(0)
     n = tl.program_id(1)  # b * HKV + kv head
     b = n // HKV
@@ -225,13 +180,6 @@ def decode_kernel(
     tl.store(po_ptr + (slot + row)[:, None] * D + d[None, :], out, mask=r_ok[:, None])
     pl_ptr = po_ptr + n_parts.to(tl.int64) * ROWS_TOTAL * D  # the log-sum-exps after the outputs
     tl.store(pl_ptr + slot + row, lse, mask=r_ok)
-    if MERGE_IN:
-        tl.debug_barrier()  # every thread's stores issued before the count is raised (release: visible to the GPU)
-        done = done_ptr + n * tl.num_programs(2) + tl.program_id(2)
-        if tl.atomic_add(done, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
-            _merge_last(po_ptr, pl_ptr, out_ptr, n_parts, ROWS_TOTAL, b, hkv, group, SQ, H, o_sb, o_sh, o_ss,
-                        D, MERGE_ROWS, LOAD_PARTS, EMULATE and DOT_BF16)
-            tl.atomic_xchg(done, 0)
 
 
 @triton.jit(do_not_specialize=["n_parts"])

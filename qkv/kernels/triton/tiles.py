@@ -33,11 +33,8 @@ class DecodeTile:
     ``max_rows`` query rows per program, ``warps`` per program, the software-pipelining depths to
     try in order (a layout whose shared memory does not fit takes the next), ``waves``:
     programs per multiprocessor to aim for (the keys are split until the GPU holds that many),
-    ``maxnreg``: the most registers a thread may take (None: the compiler's choice; fewer let
-    more programs share a multiprocessor, at the price of spills), and ``merge_in``: calls of at
-    most ``decode.MERGE_IN_ROWS`` query rows per KV head have the partials merged by the last
-    program of each (batch, KV head) to finish, in the same launch (False: by a launch of the
-    merge kernel after it)."""
+    and ``maxnreg``: the most registers a thread may take (None: the compiler's choice; fewer let
+    more programs share a multiprocessor, at the price of spills)."""
 
     block_n: int = 64
     piece: int = 256
@@ -46,7 +43,6 @@ class DecodeTile:
     stages: tuple[int, ...] = (2, 1)
     waves: int = 4
     maxnreg: int | None = None
-    merge_in: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
