@@ -97,6 +97,8 @@ def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Ten
     at distance 0 exactly."""
     n, k, _ = points.shape
     rows = torch.arange(n, device=points.device)
+    # the points left once no score is positive rank by index: keys -1 - k / 2^m in (-2, -1], exact
+    index = torch.arange(k, device=points.device, dtype=torch.float32) / (1 << (k - 1).bit_length())
     taken = torch.zeros(n, k, dtype=torch.bool, device=points.device)
     nearest = torch.ones(n, k, device=points.device)  # round 0 draws by weight alone
     picks = torch.empty(n, clusters, dtype=torch.int64, device=points.device)
@@ -104,15 +106,15 @@ def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Ten
     at = 0
     for r, size in enumerate(round_sizes(clusters, draws.shape[0])):
         score = torch.where(taken, 0.0, weights * nearest)
-        key = torch.where(score > 0, score / draws[r], -1.0)
+        # positive scores by score / draw, then the points left by index, never a picked one
+        key = torch.where(score > 0, score / draws[r], torch.where(taken, -3.0, -1.0 - index))
         new = []
         for _ in range(size):
             best = key.argmax(-1)
-            best = torch.where(key[rows, best] > 0, best, (~taken).int().argmax(-1))
             picks[:, at] = best
             at += 1
             taken[rows, best] = True
-            key[rows, best] = -1.0
+            key[rows, best] = -3.0
             new.append(best)
         if at == clusters:
             break

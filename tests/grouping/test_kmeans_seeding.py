@@ -49,6 +49,18 @@ def test_kmeanspp_draws_by_weight_then_by_weighted_squared_distance_a_round_at_a
     assert kmeanspp_torch(points, weights, second, 5).tolist() == [[2, 4, 1, 0, 3]]
 
 
+def test_kmeanspp_takes_the_points_left_in_order_once_no_score_is_positive_at_any_count():
+    """Points that weigh nothing are taken by index, on rows longer than the kernel's (the torch
+    twin ranks them by keys exact at any length) and after a positive pick."""
+    from qkv.kernels.kmeans import kmeanspp_torch
+
+    for k in (1, 5, 40000):
+        weights = torch.zeros(1, k)
+        weights[0, -1] = 1.0  # the last point is the only one with a positive score
+        picks = kmeanspp_torch(torch.zeros(1, k, 1), weights, torch.ones(min(k, 4), k), min(k, 4))
+        assert picks.tolist() == [[k - 1, *range(min(k, 4) - 1)]]
+
+
 def test_deterministic_for_a_seed():
     x = tokens()
     assert torch.equal(seed(x, 16, 3), seed(x, 16, 3))

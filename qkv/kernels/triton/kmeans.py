@@ -459,15 +459,16 @@ def _kmeanspp_kernel(p_ptr, w_ptr, e_ptr, s_ptr, out_ptr, K, C, R, D, BLOCK_K: t
         size = tl.where(r == 0, 1, base + (r - 1 >= rest - extra).to(tl.int32))
         score = tl.where(taken, 0.0, w * nearest)
         e = tl.load(e_ptr + r * K + k, mask=k_ok, other=1.0)
-        key = tl.where(score > 0.0, tl.math.div_rn(score, e), -1.0)
+        # one reduction a pick: positive scores by score / draw, then the points left by index (keys
+        # -1 - k / BLOCK_K in (-2, -1], exact), never a picked one (-3)
+        key = tl.where(score > 0.0, tl.math.div_rn(score, e),
+                       tl.where(taken, -3.0, -1.0 - k.to(tl.float32) * (1.0 / BLOCK_K)))
         new = tl.zeros((ROUND_P,), tl.int32)
         for j in range(size):
             best = tl.argmax(key, 0)
-            first = tl.min(tl.where(taken, BLOCK_K, k), 0)  # once no score is positive
-            best = tl.where(tl.max(key, 0) > 0.0, best, first)
             tl.store(out_ptr + n * C + at + j, best.to(tl.int64))
             taken = taken | (k == best)
-            key = tl.where(k == best, -1.0, key)
+            key = tl.where(k == best, -3.0, key)
             new = tl.where(i == j, best, new)
         at += size
         if at < C:  # distances to the round's picks, for the rounds after it
