@@ -1,6 +1,6 @@
 """Plain-PyTorch reference of the k-means hot paths: nearest-centroid assignment, a
 deterministic centroid update (no floating-point atomics: sums are fixed-order matmuls), weighted
-k-means++ seeding, and the gather of each token's centroid that smoothing, quantization and
+D^2 sampling in rounds (k-means++ and k-means|| seeding), and the gather of each token's centroid that smoothing, quantization and
 decoding share."""
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ runtime value and one compiled kernel serves every history length.
 Layouts read directly: per-token or per-channel blocks, 1-8 bit codes in either packing, any scale
 format, up to ``LAUNCH_STAGES`` additive smoothing stages, float-cast spans, and Hadamard-rotated
 spans: H is symmetric and orthonormal, so ``q . (H r) = (H q) . r`` and
-``sum_j p_j H r_j = H sum_j p_j r_j``; the queries are rotated once (H q in two parts of q's dtype, one launch: ``hadamard_split``)
-and the spans' output once instead of every key and value. A span of another layout is
+``sum_j p_j H r_j = H sum_j p_j r_j``; the queries are rotated once (H q in two parts of q's
+dtype, one launch: ``hadamard_split``) and the spans' output once instead of every key and value. A span of another layout is
 decompressed on its own and attended to by a launch of its own; partial results are merged by
 log-sum-exp (:func:`attention_triton`).
 """
