@@ -192,6 +192,32 @@ def test_the_transformer_stores_each_chunk_at_its_last_write(transformer, no_his
         generate(transformer, 3, lambda cache, c: held(cache, c, False))
 
 
+def test_final_chunks_are_compressed_blocks_per_pass_at_a_time(transformer, monkeypatch):
+    """The blocks' chunks at their last write go through one compression pass per
+    ``blocks_per_pass`` blocks (one a chunk for both blocks here), and the spans and outputs are
+    those of one pass a block, bit for bit."""
+    passes = []
+    real = qkv.Policy.compress_many
+
+    def counted(self, pairs, **kwargs):
+        passes.append(len(pairs))
+        return real(self, pairs, **kwargs)
+
+    monkeypatch.setattr(qkv.Policy, "compress_many", counted)
+    policy = qkv.build_policy("qvg", clusters=4, block=16)
+    runs = {}
+    for per_pass in (1, 2):
+        passes.clear()
+        with adapter.install(transformer, policy, blocks_per_pass=per_pass):
+            outs = generate(transformer, 3)
+        runs[per_pass] = outs, list(passes)
+    assert runs[1][1] == [1] * 6 and runs[2][1] == [2] * 3  # 3 chunks x 2 blocks
+    for a, b in zip(runs[1][0], runs[2][0], strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ConfigError, match="blocks_per_pass"):
+        adapter.install(transformer, policy, blocks_per_pass=0)
+
+
 def test_a_chunk_stored_at_its_last_write_is_not_written_again(transformer):
     with adapter.install(transformer, "fp32"):
         with pytest.raises(CacheError, match="stored at its last write"):

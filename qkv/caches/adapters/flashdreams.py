@@ -39,6 +39,7 @@ change shape as it grows; a transformer built with ``use_cuda_graph=True`` is re
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import types
 import weakref
@@ -49,9 +50,10 @@ from qkv.caches.adapters.context_parallel import ContextParallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
+from qkv.component import check_int
 from qkv.errors import CacheError, ConfigError
 
-__all__ = ["FlashDreamsHandle", "QKVBlockCache", "install"]
+__all__ = ["FinalPass", "FlashDreamsHandle", "QKVBlockCache", "install"]
 
 
 def parallel_of(attn) -> ContextParallel | None:
@@ -66,17 +68,47 @@ def parallel_of(attn) -> ContextParallel | None:
     return ContextParallel(group, world, rank, None, 1, 0)
 
 
+@dataclasses.dataclass(eq=False)
+class FinalPass:
+    """The blocks of one :class:`KVCache` whose chunk had its last write (``finalize_kv_cache``)
+    and ended its update (``after_update``, which flashdreams' ``cache.finalize`` calls block by
+    block once the forward is done): ``blocks_per_pass`` of them compressed in one pass
+    (:meth:`KVCache.compress_ahead`), the last block's with those still waiting. One encode for
+    several layers instead of one a layer: there the GPU has nothing else to run, so each
+    encode's host time (~60 launches) would be its time. A block still waiting when its next
+    chunk starts is stored alone then."""
+
+    cache: KVCache
+    blocks_per_pass: int
+    waiting: list = dataclasses.field(default_factory=list)
+
+    def add(self, block: "QKVBlockCache") -> None:
+        self.waiting.append(block)
+        if len(self.waiting) >= self.blocks_per_pass or block.layer.index == len(self.cache.layers) - 1:
+            self.flush()
+
+    def flush(self) -> None:
+        """Store every waiting block's chunk, compressed in one pass."""
+        waiting, self.waiting = [b for b in self.waiting if b.chunk is not None], []
+        if waiting:
+            self.cache.compress_ahead({b.layer.index: b.chunk for b in waiting})
+            for b in waiting:
+                b._store()
+
+
 class QKVBlockCache:
     """``BlockKVCache``'s protocol over layer ``index`` of ``owner``; K/V arrive as [B, S, H, D]
-    (this rank's tokens under context parallelism: sizes are per rank, as upstream's)."""
+    (this rank's tokens under context parallelism: sizes are per rank, as upstream's). ``final``:
+    where a chunk at its last write waits to be stored with other blocks' (None: stored alone)."""
 
     def __init__(self, owner: KVCache, index: int, *, chunk_size: int, window_size: int, sink_size: int,
-                 parallel: ContextParallel | None = None, mesh=None) -> None:
+                 parallel: ContextParallel | None = None, mesh=None, final: FinalPass | None = None) -> None:
         if sink_size % chunk_size or (sink_size + window_size) % chunk_size:
             raise ConfigError(f"flashdreams: sink_size ({sink_size}) and sink_size + window_size "
                               f"({sink_size + window_size}) must be whole chunks of {chunk_size} tokens")
         self.owner, self.layer, self.parallel = owner, owner.layer(index), parallel
         self.mesh = mesh  # the block's context-parallel mesh when the cache was made (``parallel``'s)
+        self.final = final
         # under Ulysses the layer holds every rank's tokens of this rank's heads
         u = parallel.ulysses_world if parallel is not None else 1
         self.chunk_size, self.window_size, self.sink_size = chunk_size * u, window_size * u, sink_size * u
@@ -129,14 +161,18 @@ class QKVBlockCache:
 
     def after_update(self, chunk_idx: int) -> None:
         """The chunk's update is done; during its last write (:attr:`finishing`) it is stored now,
-        so no chunk waits in bf16 between model calls."""
+        or with other blocks' (:attr:`final`) before the pass ends, so no chunk waits in bf16
+        between model calls."""
         if chunk_idx != self._curr_chunk_idx:
             raise CacheError(f"flashdreams: after_update({chunk_idx}) for chunk {self._curr_chunk_idx}")
         if self.finishing:
             self.finishing = False
             if self.chunk is not None:
-                self._store()
                 self.stored = True
+                if self.final is None:
+                    self._store()
+                else:
+                    self.final.add(self)
         self._prev_chunk_idx, self._curr_chunk_idx = chunk_idx, None
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
@@ -187,11 +223,13 @@ class FlashDreamsHandle(AdapterHandle):
     ``span_chunks`` or ``span_tokens`` says otherwise: each chunk is compressed at its last write
     (or when the next one starts) and no chunk waits in bf16 for a span to fill (the Self-Forcing
     model of streamdiffusionv2, at the same sizes: 4.61x less KV than upstream with one-chunk
-    spans, 2.80x with 8-chunk ones; docs/adapters/streamdiffusionv2.md)."""
+    spans, 2.80x with 8-chunk ones; docs/adapters/streamdiffusionv2.md). Chunks stored at their
+    last write are compressed ``blocks_per_pass`` blocks at a time (:class:`FinalPass`)."""
 
-    def __init__(self, network, policy: Policy | str, cache_options: dict) -> None:
+    def __init__(self, network, policy: Policy | str, cache_options: dict, blocks_per_pass: int = 8) -> None:
         super().__init__("flashdreams", policy, cache_options, fixed=("num_layers", "max_spans", "sink_chunks"))
-        self.network = network
+        check_int("flashdreams", "blocks_per_pass", blocks_per_pass, 1)
+        self.network, self.blocks_per_pass = network, blocks_per_pass
         self._live: weakref.WeakSet[QKVBlockCache] = weakref.WeakSet()
 
     def caches(self) -> list[KVCache]:
@@ -211,9 +249,10 @@ class FlashDreamsHandle(AdapterHandle):
             spans = {} if {"span_chunks", "span_tokens"} & set(self.cache_options) else {"span_chunks": 1}
             self.cache = KVCache(self.policy, num_layers=len(self.network.blocks), sink_chunks=sink_size // chunk_size,
                                  **spans, **self.cache_options)
+            self.final = FinalPass(self.cache, self.blocks_per_pass)
         attn = self.network.blocks[index].self_attn
         block = QKVBlockCache(self.cache, index, chunk_size=chunk_size, window_size=window_size, sink_size=sink_size,
-                              parallel=parallel_of(attn), mesh=attn.attn_op.device_mesh)
+                              parallel=parallel_of(attn), mesh=attn.attn_op.device_mesh, final=self.final)
         self._live.add(block)
         return block
 
@@ -241,11 +280,12 @@ def _apply_kv(attn):
     return types.MethodType(apply_kv, attn)
 
 
-def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDreamsHandle:
+def install(target, policy: Policy | str = "qvg", *, blocks_per_pass: int = 8, **cache_options) -> FlashDreamsHandle:
     """Run ``target`` (a flashdreams ``WanDiTNetwork``, or an object with ``.network``) on a
     compressed cache. Given the transformer (``Wan21Transformer``: ``.network`` and
     ``finalize_kv_cache``), each chunk is stored at its last write, the pass ``finalize_kv_cache``
-    runs after its denoising; given the network alone, when the next chunk starts. ``policy``: a
+    runs after its denoising, ``blocks_per_pass`` blocks' chunks compressed together; given the
+    network alone, when the next chunk starts. ``policy``: a
     :class:`Policy` or preset/spec; ``cache_options``: the :class:`~qkv.KVCache` options except
     ``sink_chunks`` (from ``sink_size``), ``max_spans`` (the window) and ``num_layers`` (spans are
     one chunk unless ``span_chunks`` or ``span_tokens`` is given). Returns the handle
@@ -257,7 +297,7 @@ def install(target, policy: Policy | str = "qvg", **cache_options) -> FlashDream
         raise ConfigError("flashdreams: the transformer replays its network from a CUDA graph once the window is "
                           "full (use_cuda_graph=True), which would freeze the cache's work into the graph; build it "
                           "with use_cuda_graph=False")
-    handle = FlashDreamsHandle(network, policy, cache_options)
+    handle = FlashDreamsHandle(network, policy, cache_options, blocks_per_pass)
     for index, block in enumerate(network.blocks):
         attn = block.self_attn
         if not attn.apply_rope_before_kvcache:
