@@ -28,7 +28,6 @@ import statistics
 import time
 
 import torch
-import triton
 from common import clustered, copy_bandwidth, gpu_ms, ms, write_json
 from safetensors.torch import load_file
 
@@ -129,7 +128,6 @@ def run(args) -> dict:
     results["equal_error"] = equal_error(rows)
     x = real_tiled(SHAPES["longcat"], args.real) if args.real else clustered(SHAPES["longcat"])
     results["encode_breakdown"] = encode_breakdown(x)
-    results["assign_sweep"] = assign_sweep(x)
     results["seeding"] = seeding({k: SHAPES[k] for k in ("longcat", "self-forcing")}, "cuda")
     results["kmeans_alone"] = kmeans_alone(x)
     results["warm_encode"] = warm_encode(WARM_SHAPES, args.real)
@@ -197,35 +195,6 @@ def equal_error(rows) -> list[dict]:
         print(f"equal error: {ref['shape']} {ref['data']} {ref['impl']} {ref['encode_ms']:.2f} ms "
               f"-> {out[-1]['qkv']} {out[-1]['qkv_encode_ms']}")
     return out
-
-
-def assign_sweep(x) -> list[dict]:
-    """Time the assignment kernel alone at a few tile shapes (LongCat span, 256 centroids)."""
-    from qkv.kernels.triton.kmeans import _assign_kernel
-
-    n, s, d = x.shape[0] * x.shape[1], x.shape[2], x.shape[3]
-    flat = x.reshape(n, s, d)
-    rounded = flat[:, :256].to(torch.bfloat16)
-    neg2 = (rounded * -2).contiguous()
-    c_sq = rounded.float().square().sum(-1).contiguous()
-    idx = torch.empty(n, s, dtype=torch.int64, device="cuda")
-    dist = torch.empty(n, s, device="cuda")
-    rows = []
-    for bs, bc, warps, stages in [(256, 64, 8, 2), (256, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (256, 128, 8, 2)]:
-        def launch():
-            _assign_kernel[(n, triton.cdiv(s, bs))](
-                flat, flat, neg2, c_sq, idx, dist, s, 256, d, X_EXACT=True, HAS_SCALE=False, EMULATE=False,
-                BLOCK_S=bs, BLOCK_C=bc, BLOCK_D=d, num_warps=warps, num_stages=stages,
-            )
-        try:
-            t = ms(launch)
-        except Exception as exc:  # a tile too large for shared memory
-            print(f"  assign BLOCK_S={bs} BLOCK_C={bc} warps={warps} stages={stages}: {type(exc).__name__}")
-            continue
-        flops = 2 * n * s * 256 * d  # one bf16 product (bf16 tokens)
-        rows.append({"block_s": bs, "block_c": bc, "warps": warps, "stages": stages, "ms": t, "TFLOPs": flops / t / 1e9})
-        print(f"  assign BLOCK_S={bs} BLOCK_C={bc} warps={warps} stages={stages}: {t:.3f} ms ({rows[-1]['TFLOPs']:.0f} TFLOP/s)")
-    return rows
 
 
 def encode_breakdown(x) -> list[dict]:

@@ -88,9 +88,9 @@ class DecompressTile:
     V decoded by two programs instead of one."""
 
     piece: int = 128
-    block_n: int = 32
+    block_n: int = 16
     warps: int = 4
-    split: bool = False
+    split: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
