@@ -114,6 +114,44 @@ def test_qvg_stays_close_and_stores_less(network, bounded_spans):
     assert spans and 0 < mem.compressed * 6 < fp32  # measured 3.8 bits per value (4 clusters on 64-token spans)
 
 
+def test_the_network_alone_stores_every_blocks_chunk_in_passes(network, monkeypatch):
+    """Driven without the transformer, a chunk is stored when the next one starts: the first
+    block to start it stores every block's, ``blocks_per_pass`` per compression pass, with the
+    spans and outputs of one pass a block, a sink and a rolling window included; a block whose
+    chunk was stored so may not rewrite it."""
+    passes = []
+    real = qkv.Policy.compress_many
+
+    def counted(self, pairs, **kwargs):
+        passes.append(len(pairs))
+        return real(self, pairs, **kwargs)
+
+    monkeypatch.setattr(qkv.Policy, "compress_many", counted)
+    policy = qkv.build_policy("qvg", clusters=4, block=16)
+    runs = {}
+    for per_pass in (1, 2):
+        passes.clear()
+        with adapter.install(network, policy, blocks_per_pass=per_pass):
+            outs, _ = rollout(network, 5, 3 * N, N)
+        runs[per_pass] = outs, list(passes)
+    # 5 chunks: the first 4 are stored as the next starts (the first into the sink, uncompressed)
+    assert runs[1][1] == [1] * 6 and runs[2][1] == [2] * 3
+    for a, b in zip(runs[1][0], runs[2][0], strict=True):
+        assert torch.equal(a, b)
+    with adapter.install(network, "fp32"):
+        cache = network.initialize_cache(chunk_size=N, window_size=4 * N, sink_size=0,
+                                         text_embeddings=torch.zeros(1, 8, 32))
+        first, second = cache[0].self_attn, cache[1].self_attn
+        for block in (first, second):
+            block.before_update(0)
+            block.update(torch.randn(1, N, 2, 32), torch.randn(1, N, 2, 32))
+            block.after_update(0)
+        first.before_update(1)  # stores both blocks' chunk 0
+        assert second.chunk is None and second.layer.tokens == N
+        with pytest.raises(CacheError, match="cannot be written again"):
+            second.before_update(0)
+
+
 def test_unsupported_settings_raise(network):
     with adapter.install(network, "fp32"):
         with pytest.raises(ConfigError, match="whole chunks"):

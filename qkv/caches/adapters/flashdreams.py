@@ -70,22 +70,39 @@ def parallel_of(attn) -> ContextParallel | None:
 
 @dataclasses.dataclass(eq=False)
 class FinalPass:
-    """The blocks of one :class:`KVCache` whose chunk had its last write (``finalize_kv_cache``)
-    and ended its update (``after_update``, which flashdreams' ``cache.finalize`` calls block by
-    block once the forward is done): ``blocks_per_pass`` of them compressed in one pass
-    (:meth:`KVCache.compress_ahead`), the last block's with those still waiting. One encode for
-    several layers instead of one a layer: there the GPU has nothing else to run, so each
-    encode's host time (~60 launches) would be its time. A block still waiting when its next
-    chunk starts is stored alone then."""
+    """Stores the finished chunks of one :class:`KVCache`'s blocks ``blocks_per_pass`` at a time,
+    each pass one :meth:`KVCache.compress_ahead` (one encode for several layers instead of one a
+    layer). flashdreams ends or starts every block's chunk in a loop with nothing else queued on
+    the GPU (``NetworkCache.after_update`` once the forward is done, ``before_update`` before the
+    next), so a per-block encode's host time (~60 launches) would be its time. Two ways in:
+
+    - :meth:`add`: a block whose chunk had its last write (``finalize_kv_cache``) ended its
+      update; stored once ``blocks_per_pass`` wait, or with the last block's;
+    - :meth:`store_finished`: a block starts the next chunk (the network driven alone), so every
+      block of the cache holding the chunk before it is stored now (upstream moves all blocks on
+      together); a block stored so that is then refused a rewrite of that chunk.
+
+    ``blocks``: the cache's blocks (weakly: a cache flashdreams dropped is not kept alive)."""
 
     cache: KVCache
     blocks_per_pass: int
     waiting: list = dataclasses.field(default_factory=list)
+    blocks: weakref.WeakSet = dataclasses.field(default_factory=weakref.WeakSet)
 
     def add(self, block: "QKVBlockCache") -> None:
         self.waiting.append(block)
         if len(self.waiting) >= self.blocks_per_pass or block.layer.index == len(self.cache.layers) - 1:
             self.flush()
+
+    def store_finished(self, chunk_idx: int) -> None:
+        """Store the held chunk ``chunk_idx - 1`` of every block between updates, in passes."""
+        held = sorted((b for b in self.blocks if b.chunk is not None and b._curr_chunk_idx is None
+                       and b._prev_chunk_idx == chunk_idx - 1), key=lambda b: b.layer.index)
+        for i in range(0, len(held), self.blocks_per_pass):
+            self.waiting = held[i : i + self.blocks_per_pass]
+            self.flush()
+        for b in held:
+            b.stored = True
 
     def flush(self) -> None:
         """Store every waiting block's chunk, compressed in one pass."""
@@ -129,10 +146,14 @@ class QKVBlockCache:
                              f"(expected {self._prev_chunk_idx} or {self._prev_chunk_idx + 1})")
         if chunk_idx == self._prev_chunk_idx and self.stored:
             raise CacheError(f"flashdreams: chunk {chunk_idx} was stored at its last write (the transformer's "
-                             "finalize_kv_cache); it cannot be written again")
+                             "finalize_kv_cache, or another block starting the next chunk); it cannot be "
+                             "written again")
         if chunk_idx == self._prev_chunk_idx + 1:
             if self.chunk is not None:
-                self._store()
+                if self.final is None:
+                    self._store()
+                else:
+                    self.final.store_finished(chunk_idx)
             self.stored = False
             over = self.layer.tokens + self.chunk_size - (self.sink_size + self.window_size)
             if over > 0:
@@ -223,8 +244,8 @@ class FlashDreamsHandle(AdapterHandle):
     ``span_chunks`` or ``span_tokens`` says otherwise: each chunk is compressed at its last write
     (or when the next one starts) and no chunk waits in bf16 for a span to fill (the Self-Forcing
     model of streamdiffusionv2, at the same sizes: 4.61x less KV than upstream with one-chunk
-    spans, 2.80x with 8-chunk ones; docs/adapters/streamdiffusionv2.md). Chunks stored at their
-    last write are compressed ``blocks_per_pass`` blocks at a time (:class:`FinalPass`)."""
+    spans, 2.80x with 8-chunk ones; docs/adapters/streamdiffusionv2.md). Finished chunks are
+    compressed ``blocks_per_pass`` blocks at a time (:class:`FinalPass`)."""
 
     def __init__(self, network, policy: Policy | str, cache_options: dict, blocks_per_pass: int = 8) -> None:
         super().__init__("flashdreams", policy, cache_options, fixed=("num_layers", "max_spans", "sink_chunks"))
@@ -254,6 +275,7 @@ class FlashDreamsHandle(AdapterHandle):
         block = QKVBlockCache(self.cache, index, chunk_size=chunk_size, window_size=window_size, sink_size=sink_size,
                               parallel=parallel_of(attn), mesh=attn.attn_op.device_mesh, final=self.final)
         self._live.add(block)
+        self.final.blocks.add(block)
         return block
 
 
@@ -284,8 +306,8 @@ def install(target, policy: Policy | str = "qvg", *, blocks_per_pass: int = 8, *
     """Run ``target`` (a flashdreams ``WanDiTNetwork``, or an object with ``.network``) on a
     compressed cache. Given the transformer (``Wan21Transformer``: ``.network`` and
     ``finalize_kv_cache``), each chunk is stored at its last write, the pass ``finalize_kv_cache``
-    runs after its denoising, ``blocks_per_pass`` blocks' chunks compressed together; given the
-    network alone, when the next chunk starts. ``policy``: a
+    runs after its denoising; given the network alone, when the next chunk starts; either way
+    ``blocks_per_pass`` blocks' chunks compressed together. ``policy``: a
     :class:`Policy` or preset/spec; ``cache_options``: the :class:`~qkv.KVCache` options except
     ``sink_chunks`` (from ``sink_size``), ``max_spans`` (the window) and ``num_layers`` (spans are
     one chunk unless ``span_chunks`` or ``span_tokens`` is given). Returns the handle
