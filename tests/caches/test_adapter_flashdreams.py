@@ -114,11 +114,10 @@ def test_qvg_stays_close_and_stores_less(network, bounded_spans):
     assert spans and 0 < mem.compressed * 6 < fp32  # measured 3.8 bits per value (4 clusters on 64-token spans)
 
 
-def test_the_network_alone_stores_every_blocks_chunk_in_passes(network, monkeypatch):
-    """Driven without the transformer, a chunk is stored when the next one starts: the first
-    block to start it stores every block's, ``blocks_per_pass`` per compression pass, with the
-    spans and outputs of one pass a block, a sink and a rolling window included; a block whose
-    chunk was stored so may not rewrite it."""
+def by_passes(monkeypatch, target, run) -> dict:
+    """``run()``'s outputs under ``install(target, qvg, blocks_per_pass=1 and 2)``, each with the
+    pairs per compression pass (``Policy.compress_many`` call); the two runs' outputs are
+    checked equal, bit for bit."""
     passes = []
     real = qkv.Policy.compress_many
 
@@ -131,13 +130,21 @@ def test_the_network_alone_stores_every_blocks_chunk_in_passes(network, monkeypa
     runs = {}
     for per_pass in (1, 2):
         passes.clear()
-        with adapter.install(network, policy, blocks_per_pass=per_pass):
-            outs, _ = rollout(network, 5, 3 * N, N)
-        runs[per_pass] = outs, list(passes)
-    # 5 chunks: the first 4 are stored as the next starts (the first into the sink, uncompressed)
-    assert runs[1][1] == [1] * 6 and runs[2][1] == [2] * 3
+        with adapter.install(target, policy, blocks_per_pass=per_pass):
+            runs[per_pass] = run(), list(passes)
     for a, b in zip(runs[1][0], runs[2][0], strict=True):
         assert torch.equal(a, b)
+    return {per_pass: counts for per_pass, (_, counts) in runs.items()}
+
+
+def test_the_network_alone_stores_every_blocks_chunk_in_passes(network, monkeypatch):
+    """Driven without the transformer, a chunk is stored when the next one starts: the first
+    block to start it stores every block's, ``blocks_per_pass`` per compression pass, with the
+    spans and outputs of one pass a block, a sink and a rolling window included; a block whose
+    chunk was stored so may not rewrite it."""
+    passes = by_passes(monkeypatch, network, lambda: rollout(network, 5, 3 * N, N)[0])
+    # 5 chunks: the first 4 are stored as the next starts (the first into the sink, uncompressed)
+    assert passes == {1: [1] * 6, 2: [2] * 3}
     with adapter.install(network, "fp32"):
         cache = network.initialize_cache(chunk_size=N, window_size=4 * N, sink_size=0,
                                          text_embeddings=torch.zeros(1, 8, 32))
@@ -234,26 +241,10 @@ def test_final_chunks_are_compressed_blocks_per_pass_at_a_time(transformer, monk
     """The blocks' chunks at their last write go through one compression pass per
     ``blocks_per_pass`` blocks (one a chunk for both blocks here), and the spans and outputs are
     those of one pass a block, bit for bit."""
-    passes = []
-    real = qkv.Policy.compress_many
-
-    def counted(self, pairs, **kwargs):
-        passes.append(len(pairs))
-        return real(self, pairs, **kwargs)
-
-    monkeypatch.setattr(qkv.Policy, "compress_many", counted)
-    policy = qkv.build_policy("qvg", clusters=4, block=16)
-    runs = {}
-    for per_pass in (1, 2):
-        passes.clear()
-        with adapter.install(transformer, policy, blocks_per_pass=per_pass):
-            outs = generate(transformer, 3)
-        runs[per_pass] = outs, list(passes)
-    assert runs[1][1] == [1] * 6 and runs[2][1] == [2] * 3  # 3 chunks x 2 blocks
-    for a, b in zip(runs[1][0], runs[2][0], strict=True):
-        assert torch.equal(a, b)
+    passes = by_passes(monkeypatch, transformer, lambda: generate(transformer, 3))
+    assert passes == {1: [1] * 6, 2: [2] * 3}  # 3 chunks x 2 blocks
     with pytest.raises(ConfigError, match="blocks_per_pass"):
-        adapter.install(transformer, policy, blocks_per_pass=0)
+        adapter.install(transformer, "fp32", blocks_per_pass=0)
 
 
 def test_a_chunk_stored_at_its_last_write_is_not_written_again(transformer):
