@@ -80,7 +80,7 @@ class FinalPass:
       update; stored once ``blocks_per_pass`` wait, or with the last block's;
     - :meth:`store_finished`: a block starts the next chunk (the network driven alone), so every
       block of the cache holding the chunk before it is stored now (upstream moves all blocks on
-      together); a block stored so that is then refused a rewrite of that chunk.
+      together); a block stored so is then refused a rewrite of that chunk.
 
     ``blocks``: the cache's blocks (weakly: a cache flashdreams dropped is not kept alive)."""
 
@@ -116,7 +116,7 @@ class FinalPass:
 class QKVBlockCache:
     """``BlockKVCache``'s protocol over layer ``index`` of ``owner``; K/V arrive as [B, S, H, D]
     (this rank's tokens under context parallelism: sizes are per rank, as upstream's). ``final``:
-    where a chunk at its last write waits to be stored with other blocks' (None: stored alone)."""
+    the :class:`FinalPass` that stores its finished chunks with other blocks' (None: each alone)."""
 
     def __init__(self, owner: KVCache, index: int, *, chunk_size: int, window_size: int, sink_size: int,
                  parallel: ContextParallel | None = None, mesh=None, final: FinalPass | None = None) -> None:
@@ -252,6 +252,7 @@ class FlashDreamsHandle(AdapterHandle):
         check_int("flashdreams", "blocks_per_pass", blocks_per_pass, 1)
         self.network, self.blocks_per_pass = network, blocks_per_pass
         self._live: weakref.WeakSet[QKVBlockCache] = weakref.WeakSet()
+        self.final: FinalPass | None = None  # the newest cache's
 
     def caches(self) -> list[KVCache]:
         return list({id(c.owner): c.owner for c in self._live}.values())
