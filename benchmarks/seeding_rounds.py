@@ -1,0 +1,57 @@
+"""k-means|| seeding time per span against the rounds its candidates are reduced in, on the GPU.
+
+``qkv.grouping.kmeans`` draws the C centroids from k-means||'s 4 C weighted candidates in
+``1 + REDUCE_ROUNDS`` rounds of weighted D^2 sampling (one kernel); fewer rounds are fewer passes
+over the candidates. For each R of ``--rounds`` this times ``kmeans||`` on bench_kernels'
+clustered LongCat-Video span [1, 32, 29640, 128] bf16 (256 clusters, every head in one call; wall
+time of a call, median) and gives the k-means objective after 5 Lloyd iterations over sum |x|^2,
+then times the oversampling rounds alone (the reduction replaced by taking the first C
+candidates). The quality on real K/V per R: ``seeding_quality.py --reduce-rounds``.
+
+    PYTHONPATH=. python3 benchmarks/seeding_rounds.py --out benchmarks/results/seeding_reduce_rounds_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+from common import clustered, environment, ms, write_json
+
+import qkv.grouping.kmeans  # noqa: F401  (the module, not the function qkv.grouping exports)
+
+KMEANS = sys.modules["qkv.grouping.kmeans"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[32, 16, 8])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    x = clustered((1, 32, 29640, 128), device="cuda").flatten(0, 1)
+    energy = x.float().square().sum().item()
+    reduce, default_rounds = KMEANS._reduce, KMEANS.REDUCE_ROUNDS
+    rows = []
+    try:
+        for rounds in [*args.rounds, None]:
+            if rounds is None:  # the oversampling alone: the first C candidates, no reduction
+                KMEANS._reduce = lambda pool, weights, clusters, r, gen, backend: pool[:, :clusters]
+            else:
+                KMEANS.REDUCE_ROUNDS = rounds
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            t = ms(lambda: KMEANS._init_parallel(x, 256, gen, "auto"), warmup=5, rep=50)
+            row = {"shape": "longcat", "reduce_rounds": rounds if rounds is not None else "oversampling only",
+                   "seed_ms": t}
+            if rounds is not None:
+                result = KMEANS.kmeans(x, 256, 5, init="kmeans||", seed=0)
+                row["rel_objective"] = result.objective[-1].sum().item() / energy
+            rows.append(row)
+            print(row, flush=True)
+    finally:
+        KMEANS._reduce, KMEANS.REDUCE_ROUNDS = reduce, default_rounds
+    write_json(args.out, {"environment": environment(), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
