@@ -14,14 +14,12 @@ candidates). The quality on real K/V per R: ``seeding_quality.py --reduce-rounds
 from __future__ import annotations
 
 import argparse
-import sys
+import importlib
 
 import torch
-from common import clustered, environment, ms, write_json
+from common import clustered, ms, write_json
 
-import qkv.grouping.kmeans  # noqa: F401  (the module, not the function qkv.grouping exports)
-
-KMEANS = sys.modules["qkv.grouping.kmeans"]
+KMEANS = importlib.import_module("qkv.grouping.kmeans")  # the module, not the function qkv.grouping exports
 
 
 def main() -> None:
@@ -50,7 +48,7 @@ def main() -> None:
             print(row, flush=True)
     finally:
         KMEANS._reduce, KMEANS.REDUCE_ROUNDS = reduce, default_rounds
-    write_json(args.out, {"environment": environment(), "rows": rows})
+    write_json(args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -99,17 +99,21 @@ class FinalPass:
         held = sorted((b for b in self.blocks if b.chunk is not None and b._curr_chunk_idx is None
                        and b._prev_chunk_idx == chunk_idx - 1), key=lambda b: b.layer.index)
         for i in range(0, len(held), self.blocks_per_pass):
-            self.waiting = held[i : i + self.blocks_per_pass]
-            self.flush()
+            self._store(held[i : i + self.blocks_per_pass])
         for b in held:
             b.stored = True
 
     def flush(self) -> None:
         """Store every waiting block's chunk, compressed in one pass."""
-        waiting, self.waiting = [b for b in self.waiting if b.chunk is not None], []
-        if waiting:
-            self.cache.compress_ahead({b.layer.index: b.chunk for b in waiting})
-            for b in waiting:
+        waiting, self.waiting = self.waiting, []
+        self._store(waiting)
+
+    def _store(self, blocks: list) -> None:
+        """The chunks ``blocks`` still hold, compressed in one pass and appended."""
+        blocks = [b for b in blocks if b.chunk is not None]
+        if blocks:
+            self.cache.compress_ahead({b.layer.index: b.chunk for b in blocks})
+            for b in blocks:
                 b._store()
 
 
