@@ -66,6 +66,25 @@ def test_quantize_pack_matches_reference_exactly(bits, mode, scale, packer, leng
     assert (out.mult is None) == (ref.mult is None) and (ref.mult is None or torch.equal(out.mult, ref.mult))
 
 
+@pytest.mark.parametrize("mode, scale", [("midrise", "fp32"), ("asym", "fp32"), ("sym", "fp8"), ("midrise", "fp16")])
+def test_quantize_pack_divides_as_the_reference_at_every_magnitude(mode, scale):
+    """The kernel takes each value's quotient by its block's scale from one division a block and
+    a correction by the exact remainder; the twin divides. Same codes for blocks of subnormal,
+    tiny, ordinary and huge values, and for values just off the code boundaries (quotients that
+    the plain product with a reciprocal rounds the other way)."""
+    q = AffineQuantizer(bits=3, block=16, mode=mode, scale=scale).code_format(PACKING.build("u8msb").format)
+    g = gen(7)
+    x = torch.randn(2, 12, 64, generator=g, device=DEVICE)
+    exps = torch.tensor([-149, -140, -127, -126, -100, -20, 0, 3, 20, 100, 118, 121], device=DEVICE)
+    x = x * torch.exp2(exps.float()).view(1, -1, 1)  # one magnitude a row
+    x[1, :, ::3] = x[1, :, ::3].sign() * x[1, :, ::3].abs().amax(-1, keepdim=True) * (
+        torch.arange(22, device=DEVICE) % 7 + 0.5) / 8 * (1 + 2.0**-23)  # near the half-steps
+    assert bool(x.isfinite().all())
+    ref = kernels.quantize_pack(x, q, backend="torch")
+    out = kernels.quantize_pack(x, q, backend="triton")
+    assert_same_rows(out, ref)
+
+
 def test_quantize_pack_short_rows_far_from_later_words():
     """16 five-bit codes in int32 words: the third word must not pick up code 0 (a shift by 64
     bits, undefined on GPUs, once leaked it into that word)."""
@@ -250,6 +269,25 @@ def test_kmeans_assign_picks_the_nearest_bf16_rounded_centroid(d, c, dtype):
     true = torch.cdist(x.double(), cents.double()).square()
     excess = torch.gather(true, 2, idx.unsqueeze(-1)).squeeze(-1) - true.min(-1).values
     assert bool((excess <= 2**-7 * c_norm * (x_norm + c_norm) + tol).all())
+
+
+@pytest.mark.parametrize("block_c", [16, 64])  # equal centroids in different tiles / in one tile
+def test_kmeans_assign_breaks_ties_toward_the_lower_index(block_c):
+    """Tokens equal to centroids that repeat (repeated frames give equal tokens, so equal seeds)
+    go to the first of the equal centroids, as the torch twin's argmin does, wherever the copies
+    sit among the kernel's centroid tiles; the distance is 0."""
+    from qkv.kernels.triton.kmeans import assign_triton
+    from qkv.kernels.triton.tiles import AssignTile
+
+    g = gen(block_c)
+    cents = torch.randn(2, 40, 32, generator=g, device=DEVICE).bfloat16().float()
+    cents[:, 37] = cents[:, 5]
+    cents[:, 20] = cents[:, 19]
+    x = cents[:, [37, 20, 19, 5, 3]].bfloat16()
+    idx, dist = assign_triton(x, cents, tile=AssignTile(16, block_c, 4))
+    ref_idx, _ = kernels.kmeans_assign(x, cents, backend="torch")
+    assert idx.tolist() == ref_idx.tolist() == [[5, 19, 19, 5, 3]] * 2
+    assert bool((dist.abs() <= 1e-5 * cents.square().sum(-1).max()).all())
 
 
 @pytest.mark.parametrize("s", [40, 300])  # every token a candidate / candidates drawn by D^2

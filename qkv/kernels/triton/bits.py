@@ -3,7 +3,7 @@ bf16 tensor-core products.
 
 Everything here mirrors a plain-torch function exactly (same results bit for bit):
 ``pack_word``/``unpack_code`` mirror :mod:`qkv.kernels.packing`, ``round_up`` /
-``round_down`` mirror :mod:`qkv.dtypes`, ``round_half_even`` mirrors ``torch.round``.
+``round_down`` mirror :mod:`qkv.dtypes`, ``nearest_int`` mirrors ``torch.round``.
 """
 
 import triton
@@ -102,13 +102,33 @@ def round_down(v, FMT: tl.constexpr):
 
 
 @triton.jit
-def round_half_even(v):
-    """Round to the nearest integer, ties to even (torch.round)."""
-    f = tl.floor(v)
-    diff = v - f
-    odd = (f - 2.0 * tl.floor(f * 0.5)) != 0.0
-    up = (diff > 0.5) | ((diff == 0.5) & odd)
-    return tl.where(up, f + 1.0, f)
+def nearest_int(v):
+    """v (|v| < 2^22) to the nearest integer, ties to even (torch.round), as int32: adding
+    1.5 * 2^23 rounds v in fp32's own round-to-nearest-even and leaves the integer in the low
+    mantissa bits of the sum (one addition and one integer subtraction)."""
+    return (v + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000
+
+
+@triton.jit
+def divisor_parts(d):
+    """What ``quotient`` needs of a divisor d (> 0, finite, subnormal included): a power of two p
+    (2^-126 .. 2^127) that brings d to a normal f = d * p (exact), and inv = 1 / f, correctly
+    rounded."""
+    e = ((d.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # -127 for a subnormal d
+    p = ((tl.minimum(tl.maximum(-e, -126), 127) + 127) << 23).to(tl.float32, bitcast=True)
+    f = d * p
+    return p, f, tl.math.div_rn(1.0, f)
+
+
+@triton.jit
+def quotient(n, p, f, inv):
+    """n / d as IEEE division rounds it (``div_rn``) from d's ``divisor_parts``, wherever
+    2^-100 < |n / d| < 2^20: the quotient of n * p by f (both scaled by p exactly) is estimated
+    by one product with inv and corrected once by its exact remainder (two fused multiply-adds:
+    Markstein's correctly rounded division), three instructions instead of a division's ten."""
+    a = n * p
+    q = a * inv
+    return tl.fma(tl.fma(-q, f, a), inv, q)
 
 
 @triton.jit

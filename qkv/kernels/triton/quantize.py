@@ -2,9 +2,10 @@
 qkv/kernels/quantize.py.
 
 Results equal the plain-torch reference bit for bit: same fp32 operation order, IEEE division
-(``div_rn``), no fused multiply-add (kernels are launched with ``enable_fp_fusion=False``), ties
-rounded to even, scales and zero points rounded up/down into their format exactly as the
-reference does.
+where the reference divides (``div_rn``; a value by its block's scale as ``bits.quotient``
+rounds it, from one division a block), no fused multiply-add but the ones that make that
+quotient exact (kernels are launched with ``enable_fp_fusion=False``), ties rounded to even,
+scales and zero points rounded up/down into their format exactly as the reference does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ import triton.language as tl
 
 from qkv.dtypes import max_finite
 from qkv.kernels.quantize import HEADROOM, QuantizedRows, check_quantize_args, rows_dim
-from qkv.kernels.triton.bits import LAUNCH_STAGES, pack_word, round_down, round_half_even, round_up, to_output
+from qkv.kernels.triton.bits import (
+    LAUNCH_STAGES, divisor_parts, nearest_int, pack_word, quotient, round_down, round_up, to_output,
+)
 from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
 from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
 from qkv.kernels.triton.tiles import DequantizeTile, tile_for
@@ -116,15 +119,17 @@ def _quantize_pack_kernel(
     tl.store(scales_ptr + sidx, (scale / m).to(scales_ptr.dtype.element_ty), mask=g_mask)
     if MODE == 2:
         tl.store(zeros_ptr + sidx, (zero / m).to(zeros_ptr.dtype.element_ty), mask=g_mask)
-    s3 = scale[:, :, None]
-    safe = tl.where(s3 > 0, s3, 1.0)
-    v = tl.math.div_rn(xb - zero[:, :, None], safe) + OFFSET
-    code = tl.minimum(tl.maximum(round_half_even(v), 0.0), LEVELS - 1.0)
-    code = tl.where(s3 > 0, code, ZERO_CODE)
-    code = tl.where(mask, tl.reshape(code, (BLOCK_R, BLOCK_L)), 0.0)
-    if WORD == 8:  # byte words: every shifted field fits 32 bits
-        code = code.to(tl.int32)
-    else:
+    live = scale > 0
+    p, f, inv = divisor_parts(tl.where(live, scale, 1.0))  # one division a block
+    # x / scale as the twin divides: a code turns on a quotient of at least 1/2, where `quotient`
+    # is exact; below 2^-100 both round to the same code. A block of scale 0 holds x == zero
+    # only, so ZERO_CODE as its offset gives it that code.
+    v = quotient(xb - zero[:, :, None], p[:, :, None], f[:, :, None], inv[:, :, None])
+    v = v + tl.where(live, OFFSET, ZERO_CODE)[:, :, None]
+    # clamped to the integers 0 .. LEVELS - 1 before rounding, as torch rounds then clamps
+    code = nearest_int(tl.minimum(tl.maximum(v, 0.0), LEVELS - 1.0))
+    code = tl.where(mask, tl.reshape(code, (BLOCK_R, BLOCK_L)), 0)
+    if WORD != 8:  # byte words: every shifted field fits 32 bits
         code = code.to(tl.int64)
     groups = tl.reshape(code, (BLOCK_R, BLOCK_L // WORD, WORD))
     w = tl.program_id(2) * (BLOCK_L // WORD) + tl.arange(0, BLOCK_L // WORD)
