@@ -9,6 +9,7 @@ warm-started K+V encode (a streaming cache's steady state) eager and replayed fr
     python benchmarks/bench_kernels.py --out benchmarks/results/bench_kernels.json [--real PATH]
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --seeding [--small] [--out PATH]
     PYTHONPATH=. python3 benchmarks/bench_kernels.py --warm-encode [--real PATH] [--out PATH]
+    PYTHONPATH=. python3 benchmarks/bench_kernels.py --breakdown [--out PATH]
 
 ``--real`` is a safetensors file with ``k``/``v`` [H, S, D] bf16 (real K/V, tiled to the shapes);
 ``--write-real PATH`` writes one from real keys (no GPU needed): layer 2 of Whisper tiny.en's
@@ -19,6 +20,8 @@ side by side as one 128-dim head, [3, 30000, 128] (the committed H200 run used i
 time per span and the error after the presets' 5 Lloyd iterations; with ``--small`` at a small
 shape, on the GPU if there is one and on the CPU otherwise (wall time, torch assignment).
 ``--warm-encode`` measures only the warm-started encodes, eager and replayed from CUDA graphs.
+``--breakdown`` measures only the GPU time per kernel of one 2-iteration encode of a clustered
+LongCat span (the profile the full run also writes), for comparing commits on one machine.
 """
 
 from __future__ import annotations
@@ -256,6 +259,7 @@ def main():
     parser.add_argument("--seeding", action="store_true", help="time only the k-means seedings")
     parser.add_argument("--small", action="store_true", help="with --seeding: a small shape, CPU if no GPU")
     parser.add_argument("--warm-encode", action="store_true", help="time only the warm-started encodes, eager and graphed")
+    parser.add_argument("--breakdown", action="store_true", help="only the GPU time per kernel of one LongCat encode")
     args = parser.parse_args()
     if args.write_real:
         write_real(args.write_real)
@@ -264,6 +268,10 @@ def main():
         device = "cuda" if torch.cuda.is_available() else "cpu"
         rows = seeding(SMALL_SHAPES if args.small else {k: SHAPES[k] for k in ("longcat", "self-forcing")}, device)
         write_json(args.out, {"seeding": rows})
+        print(f"wrote {args.out}")
+        return
+    if args.breakdown:
+        write_json(args.out, {"encode_breakdown": encode_breakdown(clustered(SHAPES["longcat"]))})
         print(f"wrote {args.out}")
         return
     if args.warm_encode:
