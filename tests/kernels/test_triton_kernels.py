@@ -66,7 +66,14 @@ def test_quantize_pack_matches_reference_exactly(bits, mode, scale, packer, leng
     assert (out.mult is None) == (ref.mult is None) and (ref.mult is None or torch.equal(out.mult, ref.mult))
 
 
-@pytest.mark.parametrize("mode, scale", [("midrise", "fp32"), ("asym", "fp32"), ("sym", "fp8"), ("midrise", "fp16")])
+# Triton's interpreter converts fp32 to bf16 / fp16 with subnormals flushed to zero (a subnormal
+# row's scales come out 0 there, not on a GPU): those formats' subnormal rows run on a GPU only
+INTERPRETER_FLUSHES = pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter flushes subnormal bf16/fp16")
+
+
+@pytest.mark.parametrize("mode, scale", [("midrise", "fp32"), ("asym", "fp32"), ("sym", "fp8"), ("midrise", "fp16"),
+                                         pytest.param("asym", "fp16", marks=INTERPRETER_FLUSHES),
+                                         pytest.param("sym", "bf16", marks=INTERPRETER_FLUSHES)])
 def test_quantize_pack_divides_as_the_reference_at_every_magnitude(mode, scale):
     """The kernel takes each value's quotient by its block's scale from one division a block and
     a correction by the exact remainder; the twin divides. Same codes for blocks of subnormal,
