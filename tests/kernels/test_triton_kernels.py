@@ -15,11 +15,15 @@ import torch
 
 pytest.importorskip("triton")
 
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
 from qkv import kernels  # noqa: E402
 from qkv.dtypes import max_finite  # noqa: E402
 from qkv.errors import BackendError, DTypeError, ShapeError  # noqa: E402
 from qkv.kernels.quantize import HEADROOM, block_peaks  # noqa: E402
 from qkv.kernels.triton import IMPLS  # noqa: E402
+from qkv.kernels.triton.bits import divisor_parts, quotient  # noqa: E402
 from qkv.quantizers import PACKING, AffineQuantizer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -64,6 +68,32 @@ def test_quantize_pack_matches_reference_exactly(bits, mode, scale, packer, leng
     if ref.zeros is not None:
         assert torch.equal(out.zeros.view(torch.uint8), ref.zeros.view(torch.uint8))
     assert (out.mult is None) == (ref.mult is None) and (ref.mult is None or torch.equal(out.mult, ref.mult))
+
+
+@triton.jit
+def _divide(n_ptr, d_ptr, out_ptr, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    p, f, inv = divisor_parts(tl.load(d_ptr + i))
+    tl.store(out_ptr + i, quotient(tl.load(n_ptr + i), p, f, inv))
+
+
+def test_quotient_is_ieee_division_over_its_range():
+    """``bits.quotient`` (one division a divisor, then a product and two fused multiply-adds a
+    value) against IEEE division, for divisors from subnormal to huge and quotients across the
+    range its docstring states (2^-80 .. 2^20)."""
+    g = gen(11)
+    size = 1 << 14
+    d = (torch.rand(size, generator=g, device=DEVICE, dtype=torch.float64) + 0.5) * torch.exp2(
+        torch.randint(-149, 126, (size,), generator=g, device=DEVICE).double())
+    d = d.float().clamp_min(2.0**-149)
+    ratio = torch.exp2(torch.rand(size, generator=g, device=DEVICE, dtype=torch.float64) * 99 - 79.5)
+    n = (ratio * d.double() * torch.where(torch.rand(size, generator=g, device=DEVICE) < 0.5, -1, 1)).float()
+    inside = (n.double() / d.double()).abs()
+    keep = (inside > 2.0**-80) & (inside < 2.0**20)
+    assert int(keep.sum()) > size * 0.8 and bool((d < 2.0**-126).any())  # subnormal divisors too
+    out = torch.empty_like(n)
+    _divide[(size // 1024,)](n, d, out, BLOCK=1024)
+    assert torch.equal(out[keep], (n / d)[keep])
 
 
 # Triton's interpreter converts fp32 to bf16 / fp16 with subnormals flushed to zero (a subnormal

@@ -123,9 +123,10 @@ def divisor_parts(d):
 @triton.jit
 def quotient(n, p, f, inv):
     """n / d as IEEE division rounds it (``div_rn``) from d's ``divisor_parts``, wherever
-    2^-100 < |n / d| < 2^20: the quotient of n * p by f (both scaled by p exactly) is estimated
-    by one product with inv and corrected once by its exact remainder (two fused multiply-adds:
-    Markstein's correctly rounded division), three instructions instead of a division's ten."""
+    2^-80 < |n / d| < 2^20: the quotient of n * p by f (both scaled by p exactly) is estimated by
+    one product with inv and corrected once by its remainder (two fused multiply-adds: Markstein's
+    correctly rounded division), three instructions instead of a division's ten. f >= 2^-22 (a
+    subnormal d's), so in that range the remainder is a normal number, hence exact."""
     a = n * p
     q = a * inv
     return tl.fma(tl.fma(-q, f, a), inv, q)

@@ -122,7 +122,7 @@ def _quantize_pack_kernel(
     live = scale > 0
     p, f, inv = divisor_parts(tl.where(live, scale, 1.0))  # one division a block
     # x / scale as the twin divides: a code turns on a quotient of at least 1/2, where `quotient`
-    # is exact; below 2^-100 both round to the same code. A block of scale 0 holds x == zero
+    # is exact; below 2^-80 both round to the same code. A block of scale 0 holds x == zero
     # only, so ZERO_CODE as its offset gives it that code.
     v = quotient(xb - zero[:, :, None], p[:, :, None], f[:, :, None], inv[:, :, None])
     v = v + tl.where(live, OFFSET, ZERO_CODE)[:, :, None]
