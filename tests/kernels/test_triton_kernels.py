@@ -435,14 +435,14 @@ def test_kmeans_update_matches_reference(d, c, dtype):
 
 @pytest.mark.parametrize("update", ["update_sorted", "update_onehot"])
 def test_kmeans_update_unbalanced_clusters(update):
-    """One cluster holds most tokens (summed in every part, the last one shorter), others hold
-    fewer tokens than there are parts, one none: same means and counts as the reference, by either
-    way of summing (the dispatcher picks by the number of clusters)."""
+    """One cluster holds most tokens (its sorted tokens span several of the sorted update's runs,
+    the last one shorter), others hold fewer tokens than a run, one none: same means and counts
+    as the reference, by either way of summing (the dispatcher picks by the number of clusters)."""
     from qkv.kernels.triton import kmeans as tk
-    from qkv.kernels.triton.kmeans import UPDATE_PIECES, UPDATE_TOKENS
+    from qkv.kernels.triton.kmeans import RUN_TOKENS
 
     g = gen(5)
-    s = UPDATE_PIECES * UPDATE_TOKENS * 3 + 17
+    s = RUN_TOKENS * 3 + 17
     x = torch.randn(2, s, 32, generator=g, device=DEVICE).bfloat16()
     assign = torch.randint(1, 6, (2, s), generator=g, device=DEVICE)
     assign[:, : s - 12] = 0
@@ -453,6 +453,37 @@ def test_kmeans_update_unbalanced_clusters(update):
     assert torch.equal(counts, ref_counts)
     assert int(counts[:, 0].min()) == s - 12 and bool((counts[:, 6] == 0).all())
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_sorted_kmeans_update_runs_of_many_clusters(dtype):
+    """The sorted update where a run of sorted tokens holds many more clusters than one one-hot
+    block (300 clusters of one or two tokens, some empty, between large ones that cross runs),
+    fp16 and fp32 tokens summed from their bf16 parts, re-seeds and row scales: the reference's
+    counts exactly and its means to fp32 summation order, the same bits on every run."""
+    from qkv.kernels.triton import kmeans as tk
+    from qkv.kernels.triton.kmeans import RUN_CLUSTERS, RUN_TOKENS
+
+    c = 300
+    g = gen(17)
+    small = torch.arange(40, 40 + 2 * RUN_CLUSTERS * 4, device=DEVICE).repeat_interleave(2)[:-3]
+    s = RUN_TOKENS * 2 + 3 * 50 + small.numel()
+    body = torch.cat([torch.full((RUN_TOKENS + 30,), 7), torch.full((RUN_TOKENS - 30,), 200)]).to(DEVICE)
+    tail = torch.randint(250, c, (s - body.numel() - small.numel(),), generator=g, device=DEVICE)
+    assign = torch.cat([body, small, tail])
+    assign = torch.stack([assign, assign.flip(0)])[:, torch.randperm(s, generator=torch.Generator().manual_seed(2))
+                                                   .to(DEVICE)]
+    x = (torch.randn(2, s, 64, generator=g, device=DEVICE) * 3).to(dtype)
+    old = torch.randn(2, c, 64, generator=g, device=DEVICE)
+    reseed = torch.randint(0, s, (2, 3), generator=g, device=DEVICE)
+    scale = torch.tensor([2.0**-30, 2.0**20], device=DEVICE)
+    for kw in ({}, {"reseed": reseed, "scale": scale}):
+        ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch", **kw)
+        out, counts = tk.update_sorted(x, assign, old, **kw)
+        assert torch.equal(counts, ref_counts)
+        assert bool((counts == 0).any()) and int(counts.max()) > RUN_TOKENS
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+        assert torch.equal(tk.update_sorted(x, assign, old, **kw)[0], out)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -13,8 +13,8 @@
   ONEHOT_MAX_CLUSTERS clusters (two passes over the tokens), ``update_onehot`` sums each
   cluster's tokens as one-hot products on the tensor cores. With more, ``update_sorted`` orders
   the tokens by cluster (a stable sort on the narrowest integer type that holds the cluster ids)
-  and sums each cluster's tokens in that fixed order in UPDATE_PIECES parts at once, then the
-  parts in order.
+  and sums runs of RUN_TOKENS sorted tokens a program, as one-hot products over the few clusters
+  a run holds; a cluster spanning several runs adds its parts in order.
   Empty clusters are re-seeded by the kernel that adds the parts. Results differ from the
   reference only by fp32 summation order, and are bit-identical from run to run.
   benchmarks/results/bench_kmeans_update_h200.json has both at the shapes qkv's clients compress.
@@ -41,13 +41,13 @@ from qkv.kernels.kmeans import round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 from qkv.kernels.triton.tiles import AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
-# A cluster's sorted tokens are summed in up to UPDATE_PIECES equal parts at once (whole steps of
-# UPDATE_TOKENS tokens), then the parts in order (both fixed: the summation order depends on them).
-# The time of an update follows its largest cluster, which a warm start can make many times the
-# average; splitting it bounds that cost (benchmarks/results/bench_kernels_h100.json has the
-# update's share of an encode on balanced clusters).
-UPDATE_TOKENS = 32
-UPDATE_PIECES = 8
+# The sorted update sums RUN_TOKENS sorted tokens a program (RUN_STEP a product, RUN_CLUSTERS
+# cluster ids a one-hot block): every program has the same work, whatever the cluster sizes
+# (a warm start can make one cluster many times the average), and reads whole runs of tokens. The
+# summation order depends on these (fixed) sizes.
+RUN_TOKENS = 256
+RUN_STEP = 64
+RUN_CLUSTERS = 16
 # The most clusters the one-hot update is used for: it reads the tokens once per block of
 # clusters (UpdateTile.clusters, 64 by default); beyond two reads the sorted update is faster
 ONEHOT_MAX_CLUSTERS = 128
@@ -134,41 +134,71 @@ def _bounds_kernel(key_ptr, bound_ptr, S, C, STEPS, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
-def _part_size(count, PIECES: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Tokens per part of a cluster of ``count`` tokens: whole steps of BLOCK_T tokens."""
-    return tl.cdiv(tl.cdiv(count, PIECES), BLOCK_T) * BLOCK_T
+def _onehot_sum(hot, x, acc, PARTS: tl.constexpr, EMULATE: tl.constexpr):
+    """acc + hot @ x on the tensor cores (hot: 0/1 [M, T] fp32, x: [T, D] fp32) with every product
+    exact: x goes in as PARTS bf16 parts that add up to it (1 for bf16 tokens, 2 for fp16, 3 for
+    fp32), so only the fp32 sums round, in an order fixed by the tiles."""
+    if EMULATE:  # the interpreter has no bf16 dot: the same exact products in fp32
+        acc += tl.dot(hot, x, input_precision="ieee")
+    else:
+        hot = hot.to(tl.bfloat16)
+        if PARTS == 1:
+            acc = tl.dot(hot, x.to(tl.bfloat16), acc)
+        else:
+            high = round_to_bf16(x)
+            acc = tl.dot(hot, high.to(tl.bfloat16), acc)
+            rest = x - high
+            if PARTS == 2:
+                acc = tl.dot(hot, rest.to(tl.bfloat16), acc)
+            else:
+                mid = round_to_bf16(rest)
+                acc = tl.dot(hot, mid.to(tl.bfloat16), acc)
+                acc = tl.dot(hot, (rest - mid).to(tl.bfloat16), acc)
+    return acc
 
 
 @triton.jit
-def _partial_sum_kernel(
-    x_ptr, f_ptr, order_ptr, bound_ptr, part_ptr, S, C, D, XN, XS,
-    HAS_SCALE: tl.constexpr, PIECES: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+def _run_sum_kernel(
+    x_ptr, f_ptr, key_ptr, order_ptr, bound_ptr, sum_ptr, edge_ptr, S, C, D, XN, XS, RUNS,
+    PARTS: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, RUN: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """One part of one cluster's sorted tokens (see _part_size; the last part shorter, parts past
-    the cluster's end write nothing): their fp32 sum (each token times the row's factor:
-    HAS_SCALE), in sorted order, into part[n, c, piece]."""
+    """Run r of row n's sorted tokens (positions r * RUN ..): each of its clusters' sum of the
+    run's tokens (times the row's factor: HAS_SCALE), as one-hot products of BLOCK_J consecutive
+    cluster ids at a time (see _onehot_sum). Only the run's first and last cluster can have tokens
+    outside it: a cluster whole in the run goes to sums[n, c], the part of one that began before
+    the run to edge[n, r, 0], of one that begins in it and goes on to edge[n, r, 1]."""
     n = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1)
-    p = tl.program_id(2)
+    r = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    start = tl.load(bound_ptr + n * (C + 1) + c)
-    count = tl.load(bound_ptr + n * (C + 1) + c + 1) - start
-    size = _part_size(count, PIECES, BLOCK_T)
-    lo = p * size
-    hi = tl.minimum(lo + size, count)
-    acc = tl.zeros((BLOCK_T, BLOCK_D), tl.float32)
-    for t0 in range(lo, hi, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < hi
-        tok = tl.load(order_ptr + n * S + start + t, mask=t_ok, other=0)
-        xs = tl.load(x_ptr + n * XN + tok[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                     other=0.0)
-        xs = xs.to(tl.float32)
-        if HAS_SCALE:
-            xs = xs * tl.load(f_ptr + n)
-        acc += xs
-    tl.store(part_ptr + ((n * C + c) * PIECES + p) * D + d, tl.sum(acc, axis=0), mask=d_ok & (d * 0 + lo < count))
+    lo = r * RUN
+    hi = tl.minimum(lo + RUN, S)
+    first = tl.load(key_ptr + n * S + lo).to(tl.int32)
+    last = tl.load(key_ptr + n * S + hi - 1).to(tl.int32)
+    f = 1.0
+    if HAS_SCALE:
+        f = tl.load(f_ptr + n)
+    for j0 in range(first, last + 1, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        acc = tl.zeros((BLOCK_J, BLOCK_D), tl.float32)
+        for t0 in range(lo, hi, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            t_ok = t < hi
+            key = tl.where(t_ok, tl.load(key_ptr + n * S + t, mask=t_ok, other=0).to(tl.int32), -1)
+            tok = tl.load(order_ptr + n * S + t, mask=t_ok, other=0)
+            x = tl.load(x_ptr + n * XN + tok[:, None].to(tl.int64) * XS + d[None, :],
+                        mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+            acc = _onehot_sum((key[None, :] == j[:, None]).to(tl.float32), x * f, acc, PARTS, EMULATE)
+        j_ok = j <= last
+        start = tl.load(bound_ptr + n * (C + 1) + j, mask=j_ok, other=0)
+        end = tl.load(bound_ptr + n * (C + 1) + j + 1, mask=j_ok, other=0)
+        whole = j_ok & (end > start) & (start >= lo) & (end <= hi)
+        tl.store(sum_ptr + (n * C + j)[:, None] * D + d[None, :], acc, mask=whole[:, None] & d_ok[None, :])
+        before = (j == first) & (start < lo)
+        after = (j == last) & (start >= lo) & (end > hi)
+        edge = (n * RUNS + r) * 2 + after.to(tl.int64)
+        tl.store(edge_ptr + edge[:, None] * D + d[None, :], acc, mask=(before | after)[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -184,27 +214,32 @@ def _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, XN, XS, C, K, d, d_ok, HA
 
 
 @triton.jit
-def _update_kernel(
-    x_ptr, f_ptr, part_ptr, bound_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, XN, XS, C, D, K,
-    HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr, PIECES: tl.constexpr, BLOCK_T: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
+def _run_means_kernel(
+    x_ptr, f_ptr, sum_ptr, edge_ptr, bound_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, XN, XS, C, D, K, RUNS,
+    HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_C: tl.constexpr,
 ):
-    """One cluster: the sum of its parts (in order) over its size, or - empty - the re-seed token
-    (the j-th empty cluster of the row takes reseed[n, min(j, K - 1)]) or the old centroid."""
+    """One cluster: its sum (whole in one run, or its parts in the runs it spans, in order) over
+    its size, or - empty - the re-seed token (the j-th empty cluster of the row takes
+    reseed[n, min(j, K - 1)]) or the old centroid."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     row = bound_ptr + n * (C + 1)
-    count = tl.load(row + c + 1) - tl.load(row + c)
-    piece = tl.arange(0, PIECES)
-    used = piece * _part_size(count, PIECES, BLOCK_T) < count
-    parts = tl.load(
-        part_ptr + ((n * C + c) * PIECES + piece[:, None]) * D + d[None, :], mask=used[:, None] & d_ok[None, :], other=0.0
-    )
-    mean = tl.math.div_rn(tl.sum(parts, axis=0), tl.maximum(count, 1).to(tl.float32))
+    start = tl.load(row + c)
+    end = tl.load(row + c + 1)
+    count = end - start
     if count > 0:
-        out = mean
+        first = start // RUN
+        last = (end - 1) // RUN
+        if first == last:
+            total = tl.load(sum_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
+        else:
+            total = tl.load(edge_ptr + ((n * RUNS + first) * 2 + 1) * D + d, mask=d_ok, other=0.0)
+            for r in range(first + 1, last + 1):
+                total += tl.load(edge_ptr + (n * RUNS + r) * 2 * D + d, mask=d_ok, other=0.0)
+        out = tl.math.div_rn(total, count.to(tl.float32))
     elif HAS_RESEED:
         j = tl.arange(0, BLOCK_C)
         size = tl.load(row + j + 1, mask=j < C, other=1) - tl.load(row + j, mask=j < C, other=0)
@@ -278,8 +313,10 @@ def update_sorted(
     reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The update with each cluster's tokens gathered by a stable sort and summed in that order
-    (its cost follows the largest cluster, bounded by summing it in UPDATE_PIECES parts)."""
+    """The update with the tokens ordered by cluster (a stable sort) and summed in runs of
+    RUN_TOKENS sorted tokens, a program each (the same work whatever the cluster sizes): one-hot
+    products over the few clusters a run holds, then one program per cluster adds its runs' parts
+    in order."""
     x = unit_d(x)
     f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
@@ -290,20 +327,23 @@ def update_sorted(
     bounds = torch.empty(n, c + 1, dtype=torch.int32, device=x.device)
     block_c = triton.next_power_of_2(c + 1)
     _bounds_kernel[(n,)](keys, bounds, s, c, s.bit_length(), BLOCK_C=block_c, num_warps=4)
-    block_d = triton.next_power_of_2(d)
-    # parts per cluster: about as many parts in all as the row has steps (a short row: one)
-    pieces = min(UPDATE_PIECES, triton.next_power_of_2(triton.cdiv(s, c * UPDATE_TOKENS)))
-    parts = torch.empty(n, c, pieces, d, dtype=torch.float32, device=x.device)
-    sizes = dict(PIECES=pieces, BLOCK_T=UPDATE_TOKENS, BLOCK_D=block_d)
-    _partial_sum_kernel[(n, c, pieces)](x, f, order, bounds, parts, s, c, d, x.stride(0), x.stride(1),
-                                        HAS_SCALE=scale is not None, **sizes, num_warps=4)
+    block_d = max(16, triton.next_power_of_2(d))
+    runs = triton.cdiv(s, RUN_TOKENS)
+    sums = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
+    edges = torch.empty(n, runs, 2, d, dtype=torch.float32, device=x.device)
+    _run_sum_kernel[(n, runs)](
+        x, f, keys, order, bounds, sums, edges, s, c, d, x.stride(0), x.stride(1), runs,
+        PARTS={torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3), HAS_SCALE=scale is not None,
+        EMULATE=not x.is_cuda, RUN=RUN_TOKENS, BLOCK_T=RUN_STEP, BLOCK_J=RUN_CLUSTERS, BLOCK_D=block_d, num_warps=4,
+    )
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
     old = centroids.float().contiguous()
-    _update_kernel[(n, c)](
-        x, f, parts, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
-        x.stride(0), x.stride(1), c, d, 1 if reseed is None else reseed.shape[1], HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None,
-        **sizes, BLOCK_C=block_c, num_warps=4,
+    _run_means_kernel[(n, c)](
+        x, f, sums, edges, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
+        x.stride(0), x.stride(1), c, d, 1 if reseed is None else reseed.shape[1], runs,
+        HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None, RUN=RUN_TOKENS, BLOCK_D=block_d,
+        BLOCK_C=block_c, num_warps=4,
     )
     return new, counts
 
@@ -316,9 +356,7 @@ def _cluster_sum_kernel(
 ):
     """Tokens p * per_split .. of row n, clusters of block cb: each cluster's sum of its tokens
     (times the row's factor: HAS_SCALE) and their count, into sums[n, p, c] and counts[n, p, c],
-    as one-hot products on the tensor cores. The tokens go in as PARTS bf16 parts that add up to
-    them exactly (1 for bf16, 2 for fp16, 3 for fp32 tokens), so every product is exact and only
-    the fp32 sums round, in an order fixed by the tiles."""
+    as one-hot products on the tensor cores (see _onehot_sum)."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(2)
@@ -339,23 +377,7 @@ def _cluster_sum_kernel(
         cnt += tl.sum(hot, axis=1)
         x = tl.load(x_ptr + n * XN + t[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
                     other=0.0)
-        x = x.to(tl.float32) * f
-        if EMULATE:  # the interpreter has no bf16 dot: the same exact products in fp32
-            acc += tl.dot(hot, x, input_precision="ieee")
-        else:
-            hot = hot.to(tl.bfloat16)
-            if PARTS == 1:
-                acc = tl.dot(hot, x.to(tl.bfloat16), acc)
-            else:
-                high = round_to_bf16(x)
-                acc = tl.dot(hot, high.to(tl.bfloat16), acc)
-                rest = x - high
-                if PARTS == 2:
-                    acc = tl.dot(hot, rest.to(tl.bfloat16), acc)
-                else:
-                    mid = round_to_bf16(rest)
-                    acc = tl.dot(hot, mid.to(tl.bfloat16), acc)
-                    acc = tl.dot(hot, (rest - mid).to(tl.bfloat16), acc)
+        acc = _onehot_sum(hot, x.to(tl.float32) * f, acc, PARTS, EMULATE)
     row = (n * tl.num_programs(2) + p) * C + c
     c_ok = c < C
     tl.store(sum_ptr + row[:, None] * D + d[None, :], acc, mask=c_ok[:, None] & d_ok[None, :])
