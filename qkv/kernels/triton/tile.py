@@ -321,15 +321,26 @@ def _add_bf16(a, b):
 
 
 @triton.jit
-def _stage_sum(stages, tok, tok_ok, ch, mask, D):
+def _stage_sum(stages, tok, tok_ok, ch, ch_ok, D):
     """The sum of every stage's centroid value under the elements of a [tokens, channels] tile:
-    the first stage's in its own dtype, more summed in fp32."""
-    c, a, a_s = stages[0]
-    row = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32) * D  # int32: C * D < 2**31
-    total = tl.load(c + row[:, None] + ch[None, :], mask=mask, other=0.0)
-    if len(stages) > 1:
-        total = add_stages(total.to(tl.float32), stages[1:], tok, tok_ok, ch, mask, D, True, False)
+    the first stage's in its own dtype, more summed in fp32. A token past ``tok_ok`` takes
+    centroid 0's values (its assignment is not read; every stage has a centroid 0), so the
+    gathers are masked by channel only (``ch_ok``; None: every channel)."""
+    total = _centroids_under(stages[0], tok, tok_ok, ch, ch_ok, D)
+    for i in tl.static_range(1, len(stages)):
+        total = total.to(tl.float32) + _centroids_under(stages[i], tok, tok_ok, ch, ch_ok, D).to(tl.float32)
     return total
+
+
+@triton.jit
+def _centroids_under(stage, tok, tok_ok, ch, ch_ok, D):
+    c, a, a_s = stage
+    row = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32) * D  # int32: C * D < 2**31
+    if ch_ok is None:
+        out = tl.load(c + row[:, None] + ch[None, :])
+    else:
+        out = tl.load(c + row[:, None] + ch[None, :], mask=ch_ok, other=0.0)
+    return out
 
 
 @triton.jit
@@ -389,7 +400,10 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
     if BF16:
         x = x.to(tl.bfloat16)  # the packed path's values already are
         if len(src.stages) > 0:
-            x = _add_bf16(x, _stage_sum(src.stages, tok, q_ok, d, ok, D).to(tl.bfloat16))
+            ch_ok = None
+            if BLOCK_D > D:
+                ch_ok = (d < D)[None, :]
+            x = _add_bf16(x, _stage_sum(src.stages, tok, q_ok, d, ch_ok, D).to(tl.bfloat16))
     else:
         x = add_stages(x, src.stages, tok, q_ok, d, ok, D, True, False)
     if HAS_FP:
