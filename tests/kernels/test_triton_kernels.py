@@ -23,7 +23,7 @@ from qkv.dtypes import max_finite  # noqa: E402
 from qkv.errors import BackendError, DTypeError, ShapeError  # noqa: E402
 from qkv.kernels.quantize import HEADROOM, block_peaks  # noqa: E402
 from qkv.kernels.triton import IMPLS  # noqa: E402
-from qkv.kernels.triton.bits import divisor_parts, quotient  # noqa: E402
+from qkv.kernels.triton.bits import EXACT_LAUNCH, divisor_parts, quotient  # noqa: E402
 from qkv.quantizers import PACKING, AffineQuantizer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,7 +92,7 @@ def test_quotient_is_ieee_division_over_its_range():
     keep = (inside > 2.0**-80) & (inside < 2.0**20)
     assert int(keep.sum()) > size * 0.8 and bool((d < 2.0**-126).any())  # subnormal divisors too
     out = torch.empty_like(n)
-    _divide[(size // 1024,)](n, d, out, BLOCK=1024)
+    _divide[(size // 1024,)](n, d, out, BLOCK=1024, **EXACT_LAUNCH)  # as the quantize kernel is compiled
     assert torch.equal(out[keep], (n / d)[keep])
 
 
@@ -431,6 +431,29 @@ def test_kmeans_update_matches_reference(d, c, dtype):
     rows = torch.arange(3, device=DEVICE)
     assert torch.equal(out[:, 1], x[rows, reseed[:, 0]].float())  # the first empty cluster
     assert torch.equal(out[:, -1], x[rows, reseed[:, 1]].float())  # later ones share the last token
+
+
+@pytest.mark.parametrize("s, c, segment", [(1000, 7, None), (2300, 300, None), (3000, 40, (256, 4))])
+def test_order_by_cluster_is_the_stable_sort(s, c, segment):
+    """The counting sort gives torch's stable sort of every row (ids and token indices) and each
+    cluster's first position, with empty clusters, a cluster holding most tokens, rows not a
+    whole number of steps or segments, strided assignments, and (a small SEGMENT and
+    MAX_SEGMENTS) rows long enough to take longer segments."""
+    from qkv.kernels.triton import cluster_order
+
+    g = gen(s + c)
+    assign = torch.randint(0, c, (3, 2 * s), generator=g, device=DEVICE)[:, ::2]  # stride 2 along the tokens
+    assign[0, : s // 2] = c - 1  # most tokens in one cluster
+    assign[1][assign[1] == 1] = 0  # cluster 1 empty
+    segment, most = segment or (cluster_order.SEGMENT, cluster_order.MAX_SEGMENTS)
+    with mock.patch.multiple(cluster_order, SEGMENT=segment, MAX_SEGMENTS=most):
+        keys, order, bounds = cluster_order.order_by_cluster(assign, c, torch.int16)
+    want_keys, want_order = torch.sort(assign, dim=1, stable=True)
+    assert keys.dtype == torch.int16 and torch.equal(keys.long(), want_keys)
+    assert torch.equal(order.long(), want_order)
+    sizes = torch.stack([torch.bincount(row, minlength=c) for row in assign])
+    want_bounds = torch.cat([torch.zeros(3, 1, dtype=torch.long, device=DEVICE), sizes.cumsum(1)], 1)
+    assert torch.equal(bounds.long(), want_bounds)
 
 
 @pytest.mark.parametrize("update", ["update_sorted", "update_onehot"])

@@ -22,7 +22,7 @@ from qkv.dtypes import max_finite
 from qkv.kernels.attention import SpanPlan
 from qkv.kernels.triton.attention import span_record_of
 from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
-from qkv.kernels.triton.bits import to_output
+from qkv.kernels.triton.bits import EXACT_LAUNCH, to_output
 from qkv.kernels.triton.decode import plan_table
 from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
 from qkv.kernels.triton.launch import Launcher
@@ -127,5 +127,5 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
             D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
             LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), OUT_BF16=dtype == torch.bfloat16,
             EMULATE=k_out.device.type != "cuda", SPLIT=tile.split,
-            K=k_layout, V=v_layout, enable_fp_fusion=False, num_warps=tile.warps,
+            K=k_layout, V=v_layout, num_warps=tile.warps, **EXACT_LAUNCH,
         )

@@ -4,7 +4,8 @@ qkv/kernels/quantize.py.
 Results equal the plain-torch reference bit for bit: same fp32 operation order, IEEE division
 where the reference divides (``div_rn``; a value by its block's scale as ``bits.quotient``
 rounds it, from one division a block), no fused multiply-add but the ones that make that
-quotient exact (kernels are launched with ``enable_fp_fusion=False``), ties rounded to even,
+quotient exact, and libdevice without flush-to-zero (kernels are launched with
+``bits.EXACT_LAUNCH``), ties rounded to even,
 scales and zero points rounded up/down into their format exactly as the reference does.
 """
 
@@ -19,7 +20,7 @@ import triton.language as tl
 from qkv.dtypes import max_finite
 from qkv.kernels.quantize import HEADROOM, QuantizedRows, check_quantize_args, rows_dim
 from qkv.kernels.triton.bits import (
-    LAUNCH_STAGES, divisor_parts, nearest_int, pack_word, quotient, round_down, round_up, to_output,
+    EXACT_LAUNCH, LAUNCH_STAGES, divisor_parts, nearest_int, pack_word, quotient, round_down, round_up, to_output,
 )
 from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
 from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
@@ -198,7 +199,7 @@ def quantize_pack_triton(
         x = x.contiguous()
     d = length if q.axis == "token" else r
     stages = _stage_args(centroids, assignments)
-    common = dict(TOKEN_AXIS=q.axis == "token", enable_fp_fusion=False)
+    common = dict(TOKEN_AXIS=q.axis == "token", **EXACT_LAUNCH)
     block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
     mult = part = None
     if q.scale != "fp32":
@@ -259,6 +260,6 @@ def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.f
         tokens, tokens if q.axis == "token" else d, rows.codes.shape[-1], rows.scales.shape[-1], out.stride(0),
         LAYOUT=layout, D=d, OUT_BF16=out_dtype == torch.bfloat16, EMULATE=out.device.type != "cuda",
         LIMIT=0.0 if out_dtype == torch.float32 else max_finite(out_dtype),
-        BLOCK_S=block_s, BLOCK_D=block_d, enable_fp_fusion=False, num_warps=tile.warps,
+        BLOCK_S=block_s, BLOCK_D=block_d, num_warps=tile.warps, **EXACT_LAUNCH,
     )
     return out
