@@ -2,7 +2,7 @@
 128-512 sorted tokens, 32-128 tokens a product, 4 or 8 warps, with and without software
 pipelining, on the assignments of 2 Lloyd iterations (256 clusters) of a LongCat-Video span
 [1, 32, 29640, 128] and a Self-Forcing span [1, 12, 37440, 128], clustered and (``--real``)
-real keys tiled to the shape; the whole ``update_sorted``, its counting sort and torch's stable sort for scale. Reads the
+real keys tiled to the shape; the whole ``update_sorted`` and its sort for scale. Reads the
 tokens once: the bytes over the time are its rate.
 
     PYTHONPATH=benchmarks:. python3 benchmarks/sweep_run_sum.py --out benchmarks/results/sweep_run_sum_h100.json \
@@ -22,7 +22,6 @@ from common import clustered, gpu_ms, write_json
 from qkv.dtypes import compact_index_dtype
 from qkv.grouping.kmeans import kmeans
 from qkv.kernels.triton import kmeans as tk
-from qkv.kernels.triton.cluster_order import order_by_cluster
 
 SHAPES = {"longcat_video": (1, 32, 29640, 128), "self_forcing": (1, 12, 37440, 128)}
 CLUSTERS = 256
@@ -33,12 +32,14 @@ def sweep(x: torch.Tensor) -> tuple[dict, list[dict]]:
     """(sizes and whole-update times, one row per launch) for tokens x [N, S, D]."""
     fit = kmeans(x, CLUSTERS, 2, init="random")
     n, s, d = x.shape
-    keys, order, bounds = order_by_cluster(fit.assignments, CLUSTERS, compact_index_dtype(CLUSTERS))
+    keys, order = torch.sort(fit.assignments.to(compact_index_dtype(CLUSTERS)), dim=1, stable=True)
+    bounds = torch.empty(n, CLUSTERS + 1, dtype=torch.int32, device=x.device)
+    tk._bounds_kernel[(n,)](keys, bounds, s, CLUSTERS, s.bit_length(), BLOCK_C=triton.next_power_of_2(CLUSTERS + 1),
+                            num_warps=4)
     sizes = (bounds[:, 1:] - bounds[:, :-1]).float()
     info = {"tokens_bytes": x.numel() * x.element_size(), "cluster_mean": sizes.mean().item(),
             "cluster_max": sizes.max().item(), "cluster_p99": sizes.quantile(0.99).item(),
-            "torch_sort_ms": gpu_ms(lambda: torch.sort(fit.assignments.to(compact_index_dtype(CLUSTERS)), dim=1, stable=True)),
-            "order_by_cluster_ms": gpu_ms(lambda: order_by_cluster(fit.assignments, CLUSTERS, compact_index_dtype(CLUSTERS))),
+            "sort_ms": gpu_ms(lambda: torch.sort(fit.assignments.to(compact_index_dtype(CLUSTERS)), dim=1, stable=True)),
             "update_sorted_ms": gpu_ms(lambda: tk.update_sorted(x, fit.assignments, fit.centroids))}
     rows = []
     for run, step, warps, stages in itertools.product(*CHOICES.values()):

@@ -102,7 +102,7 @@ def round_down(v, FMT: tl.constexpr):
         q = _quantum(a, FMT)
         down = tl.math.floor(tl.math.div_rn(a, q)) * q
         up = tl.math.ceil(tl.math.div_rn(a, q)) * q
-        out = tl.where(v >= 0, down, -up)
+        out = tl.where(v == 0, v, tl.where(v >= 0, down, -up))  # a zero keeps its sign, as in torch
     return out
 
 

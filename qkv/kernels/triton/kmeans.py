@@ -12,7 +12,8 @@
 - update: deterministic, no floating-point atomics, two ways to the same sums. Up to
   ONEHOT_MAX_CLUSTERS clusters (two passes over the tokens), ``update_onehot`` sums each
   cluster's tokens as one-hot products on the tensor cores. With more, ``update_sorted`` orders
-  the tokens by cluster (a stable counting sort, cluster_order.py) and sums runs of RUN_TOKENS sorted tokens a program, as one-hot products over the few clusters
+  the tokens by cluster (a stable sort on the narrowest integer type that holds the cluster ids)
+  and sums runs of RUN_TOKENS sorted tokens a program, as one-hot products over the few clusters
   a run holds; a cluster spanning several runs adds its parts in order.
   Empty clusters are re-seeded by the kernel that adds the parts. Results differ from the
   reference only by fp32 summation order, and are bit-identical from run to run.
@@ -38,7 +39,6 @@ import triton.language as tl
 from qkv.dtypes import compact_index_dtype
 from qkv.kernels.kmeans import round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
-from qkv.kernels.triton.cluster_order import order_by_cluster
 from qkv.kernels.triton.tiles import AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
 # The sorted update sums RUN_TOKENS sorted tokens a program (RUN_STEP a product, RUN_CLUSTERS
@@ -106,6 +106,31 @@ def _assign_kernel(
         best_i = tl.where(better, tile_i + c0, best_i)
     tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
     tl.store(dist_ptr + n * S + s, tl.maximum(best + x_sq, 0.0), mask=s_ok)
+
+
+@triton.jit
+def first_at_least(keys, S, value, STEPS):
+    """First position p in the sorted keys[0:S] with keys[p] >= value (S if none), for a scalar or
+    a vector of values: a binary search of STEPS >= bit_length(S) halvings."""
+    lo = value * 0
+    hi = lo + S
+    for _ in range(STEPS):
+        go = lo < hi
+        mid = (lo + hi) // 2
+        k = tl.load(keys + mid, mask=go, other=0).to(tl.int32)
+        right = go & (k < value)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(go & ~right, mid, hi)
+    return lo
+
+
+@triton.jit
+def _bounds_kernel(key_ptr, bound_ptr, S, C, STEPS, BLOCK_C: tl.constexpr):
+    """One row: where each cluster's run starts in the sorted keys, bound[n, j] for j = 0..C
+    (bound[n, C] = S), by vectorized binary search."""
+    n = tl.program_id(0).to(tl.int64)
+    j = tl.arange(0, BLOCK_C)
+    tl.store(bound_ptr + n * (C + 1) + j, first_at_least(key_ptr + n * S, S, j, STEPS), mask=j <= C)
 
 
 @triton.jit
@@ -288,7 +313,7 @@ def update_sorted(
     reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The update with the tokens ordered by cluster (a stable counting sort) and summed in runs of
+    """The update with the tokens ordered by cluster (a stable sort) and summed in runs of
     RUN_TOKENS sorted tokens, a program each (the same work whatever the cluster sizes): one-hot
     products over the few clusters a run holds, then one program per cluster adds its runs' parts
     in order."""
@@ -296,7 +321,12 @@ def update_sorted(
     f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
-    keys, order, bounds = order_by_cluster(assignments, c, compact_index_dtype(c))
+    # a stable sort on the narrowest integer type that holds the cluster ids (fewer radix passes);
+    # each cluster's run in the sorted order is found by binary search
+    keys, order = torch.sort(assignments.to(compact_index_dtype(c)), dim=1, stable=True)
+    bounds = torch.empty(n, c + 1, dtype=torch.int32, device=x.device)
+    block_c = triton.next_power_of_2(c + 1)
+    _bounds_kernel[(n,)](keys, bounds, s, c, s.bit_length(), BLOCK_C=block_c, num_warps=4)
     block_d = max(16, triton.next_power_of_2(d))
     runs = triton.cdiv(s, RUN_TOKENS)
     sums = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
@@ -305,7 +335,7 @@ def update_sorted(
         x, f, keys, order, bounds, sums, edges, s, c, d, x.stride(0), x.stride(1), runs,
         PARTS={torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3), HAS_SCALE=scale is not None,
         EMULATE=not x.is_cuda, RUN=RUN_TOKENS, BLOCK_T=RUN_STEP, BLOCK_J=RUN_CLUSTERS, BLOCK_D=block_d, num_warps=4,
-        num_stages=1,  # no software pipelining: 1.0-1.5x faster at every step size on an H100
+        num_stages=1,  # pipelined: 0.99-1.75x the time at every launch (results/sweep_run_sum_h100.json)
     )
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
@@ -314,7 +344,7 @@ def update_sorted(
         x, f, sums, edges, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
         x.stride(0), x.stride(1), c, d, 1 if reseed is None else reseed.shape[1], runs,
         HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None, RUN=RUN_TOKENS, BLOCK_D=block_d,
-        BLOCK_C=triton.next_power_of_2(c), num_warps=4,
+        BLOCK_C=block_c, num_warps=4,
     )
     return new, counts
 
