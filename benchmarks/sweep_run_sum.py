@@ -32,10 +32,7 @@ def sweep(x: torch.Tensor) -> tuple[dict, list[dict]]:
     """(sizes and whole-update times, one row per launch) for tokens x [N, S, D]."""
     fit = kmeans(x, CLUSTERS, 2, init="random")
     n, s, d = x.shape
-    keys, order = torch.sort(fit.assignments.to(compact_index_dtype(CLUSTERS)), dim=1, stable=True)
-    bounds = torch.empty(n, CLUSTERS + 1, dtype=torch.int32, device=x.device)
-    tk._bounds_kernel[(n,)](keys, bounds, s, CLUSTERS, s.bit_length(), BLOCK_C=triton.next_power_of_2(CLUSTERS + 1),
-                            num_warps=4)
+    keys, order, bounds = tk.order_by_cluster(fit.assignments, CLUSTERS)
     sizes = (bounds[:, 1:] - bounds[:, :-1]).float()
     info = {"tokens_bytes": x.numel() * x.element_size(), "cluster_mean": sizes.mean().item(),
             "cluster_max": sizes.max().item(), "cluster_p99": sizes.quantile(0.99).item(),

@@ -15,9 +15,10 @@ LAUNCH_STAGES = 4
 
 # Launch options of the kernels that reproduce the torch reference bit for bit: no fused
 # multiply-adds but the ones written out, and libdevice (div_rn, floor, ceil) without
-# flush-to-zero; Triton's default flushes their subnormal inputs and results, torch's kernels keep
-# them (a row of values below 2^-126 would get scale or zero point 0).
+# flush-to-zero: Triton's default links libdevice's flushing variants, which read a subnormal
+# input or result as zero where torch's kernels keep it.
 EXACT_LAUNCH = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
+
 
 @triton.jit
 def pack_word(codes, K: tl.constexpr, BITS: tl.constexpr, WORD: tl.constexpr, MSB: tl.constexpr):

@@ -306,6 +306,18 @@ def update_triton(
     return update(x, assignments, centroids, reseed, scale)
 
 
+def order_by_cluster(assignments: torch.Tensor, clusters: int):
+    """Each row's cluster ids [N, S] ascending (a stable sort on the narrowest integer type that
+    holds them: fewer radix passes), the token indices in that order, and each cluster's first
+    position [N, C + 1] int32 (the last column S; found by binary search)."""
+    n, s = assignments.shape
+    keys, order = torch.sort(assignments.to(compact_index_dtype(clusters)), dim=1, stable=True)
+    bounds = torch.empty(n, clusters + 1, dtype=torch.int32, device=assignments.device)
+    _bounds_kernel[(n,)](keys, bounds, s, clusters, s.bit_length(), BLOCK_C=triton.next_power_of_2(clusters + 1),
+                         num_warps=4)
+    return keys, order, bounds
+
+
 def update_sorted(
     x: torch.Tensor,
     assignments: torch.Tensor,
@@ -321,12 +333,7 @@ def update_sorted(
     f = x if scale is None else scale.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
-    # a stable sort on the narrowest integer type that holds the cluster ids (fewer radix passes);
-    # each cluster's run in the sorted order is found by binary search
-    keys, order = torch.sort(assignments.to(compact_index_dtype(c)), dim=1, stable=True)
-    bounds = torch.empty(n, c + 1, dtype=torch.int32, device=x.device)
-    block_c = triton.next_power_of_2(c + 1)
-    _bounds_kernel[(n,)](keys, bounds, s, c, s.bit_length(), BLOCK_C=block_c, num_warps=4)
+    keys, order, bounds = order_by_cluster(assignments, c)
     block_d = max(16, triton.next_power_of_2(d))
     runs = triton.cdiv(s, RUN_TOKENS)
     sums = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
@@ -344,7 +351,7 @@ def update_sorted(
         x, f, sums, edges, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
         x.stride(0), x.stride(1), c, d, 1 if reseed is None else reseed.shape[1], runs,
         HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None, RUN=RUN_TOKENS, BLOCK_D=block_d,
-        BLOCK_C=block_c, num_warps=4,
+        BLOCK_C=triton.next_power_of_2(c), num_warps=4,
     )
     return new, counts
 

@@ -334,6 +334,7 @@ def _stage_sum(stages, tok, tok_ok, ch, ch_ok, D):
 
 @triton.jit
 def _centroids_under(stage, tok, tok_ok, ch, ch_ok, D):
+    """One stage's centroid values under a [tokens, channels] tile (see :func:`_stage_sum`)."""
     c, a, a_s = stage
     row = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32) * D  # int32: C * D < 2**31
     if ch_ok is None:
