@@ -96,7 +96,7 @@ def _span_pieces(
     if EMULATE:
         q = q.to(tl.float32)
         q_lo = q_lo.to(tl.float32)
-    ARITH: tl.constexpr = arith(DOT_BF16, EMULATE, q.shape[0])
+    ARITH: tl.constexpr = arith(DOT_BF16, EMULATE)
     for it in range(first, last):
         item = item_ptr + it * I_LEN
         span = tl.load(item + I_SPAN).to(tl.int32)

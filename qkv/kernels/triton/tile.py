@@ -195,12 +195,10 @@ def _affine(raw, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.constexpr_function
-def arith(dot_bf16: bool, emulate: bool, block_m: int) -> str:
+def arith(dot_bf16: bool, emulate: bool) -> str:
     """The decode kernel's ``ARITH`` for :func:`decode_tile`: "bf16x2" where the products take bf16
-    operands on the GPU in tiles of at most 16 query rows, else "fma" (the interpreter runs no
-    PTX; at 64 rows and more the products go to Hopper's warpgroup MMA, whose operand layout pass
-    fails to compile the bf16x2 tile in Triton 3.6 for some layouts)."""
-    return "bf16x2" if dot_bf16 and not emulate and block_m <= 16 else "fma"
+    operands on the GPU, else "fma" (the interpreter runs no PTX)."""
+    return "bf16x2" if dot_bf16 and not emulate else "fma"
 
 
 @triton.constexpr_function
@@ -296,7 +294,7 @@ def _unpack_bf16(word, scale, L: tl.constexpr):
     for k in tl.static_range(PER // 2):
         vals = vals + ((pairs[k] & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True),
                        (pairs[k] >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True))
-    return _spread(vals, PER)
+    return _opaque_bf16(_spread(vals, PER))
 
 
 @triton.jit
@@ -318,6 +316,15 @@ def _add_bf16(a, b):
     return tl.inline_asm_elementwise(
         "{\n.reg .b32 one;\nmov.b32 one, 0x3F803F80;\nfma.rn.bf16x2 $0, $1, one, $2;\n}", "=r,r,r", [a, b],
         dtype=tl.bfloat16, is_pure=True, pack=2)
+
+
+@triton.jit
+def _opaque_bf16(x):
+    """x itself, through a move that Triton cannot see into and ptxas drops: a decoded tile that
+    reaches Hopper's warpgroup MMA (64 query rows and more) straight from :func:`_spread`'s
+    reshapes fails to compile in Triton 3.6 (its operand pass folds the reshapes into the shared
+    layout: "Illegal shared layout")."""
+    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
 @triton.jit
