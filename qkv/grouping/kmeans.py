@@ -213,14 +213,15 @@ def kmeans(
     all_done = None  # the last "all rows done" on its way to the host
     history = []
     for it in range(iters):
-        assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
+        # the clusters' sums from the same pass where the kernel gathers them (few clusters)
+        assign, dist, sums = kernels.kmeans_assign(x, centroids, scale=factor, sums=True, backend=backend)
         objective = dist.sum(-1)
         if history:  # improved by less than tol (relative) since the last step: done
             done |= history[-1] <= objective * (1 + tol)
         history.append(objective)
         # empty clusters move onto far tokens (no host sync)
         far = _far_tokens(dist, min(centroids.shape[1], s))
-        means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, backend=backend)
+        means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, sums=sums, backend=backend)
         centroids = torch.where(done.view(-1, 1, 1), centroids, means)
         # worth asking only while an answer can skip CHECK_EVERY iterations; one question at a time;
         # none while a CUDA graph is captured (a replay would act on the capture's answer)

@@ -203,18 +203,22 @@ def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *
     resolve("decompress_spans", backend, device, *args)(*args)
 
 
-def kmeans_assign(x, centroids, *, scale=None, backend="auto"):
+def kmeans_assign(x, centroids, *, scale=None, sums=False, backend="auto"):
     """Nearest centroid of each token of ``x`` [N, S, D] times ``scale`` [N] (a power of two per
-    row, applied as it is read: no scaled copy): ([N, S] int64, squared distances [N, S])."""
-    args = (x, centroids, scale)
+    row, applied as it is read: no scaled copy): ([N, S] int64, squared distances [N, S]). With
+    ``sums``, a third element: the :class:`~qkv.kernels.kmeans.ClusterSums` of the assignments,
+    summed in the same pass over the tokens, for :func:`kmeans_update`; or None where the kernel
+    leaves the sums to the update (the Triton kernel beyond ``FUSED_MAX_CLUSTERS`` clusters)."""
+    args = (x, centroids, scale, sums)
     return resolve("kmeans_assign", backend, x.device, *args)(*args)
 
 
-def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, backend="auto"):
+def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, sums=None, backend="auto"):
     """Deterministic cluster means of ``x`` times ``scale`` (as in :func:`kmeans_assign`); empty
     clusters move onto the ``reseed`` tokens [N, K] in order, or keep ``centroids`` when it is
-    None: ([N, C, D], counts)."""
-    args = (x, assignments, centroids, reseed, scale)
+    None: ([N, C, D], counts). ``sums``: the assignment pass's sums of ``assignments`` (or None:
+    summed here)."""
+    args = (x, assignments, centroids, reseed, scale, sums)
     return resolve("kmeans_update", backend, x.device, *args)(*args)
 
 

@@ -5,6 +5,8 @@ decoding share."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -12,25 +14,50 @@ import torch.nn.functional as F
 CHUNK = 4096
 
 
+class ClusterSums(NamedTuple):
+    """What the update adds, gathered by the assignment pass that read the tokens (``sums=True``):
+    each cluster's sum of its tokens (times the row's scale) [N, P, C, D] fp32 and their count
+    [N, P, C] fp32, in P parts of the tokens, added in part order."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+
+
 def assign_torch(
-    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, sums: bool = False
+) -> tuple:
     """Nearest centroid of every token.
 
     x: [N, S, D] (any float dtype, computed in fp32), times ``scale`` [N] (a power of two per row)
     when given; centroids: [N, C, D] fp32.
-    Returns (assignments [N, S] int64, squared distance to the chosen centroid [N, S] fp32).
+    Returns (assignments [N, S] int64, squared distance to the chosen centroid [N, S] fp32), and
+    with ``sums`` the :class:`ClusterSums` of those assignments (one part) for
+    :func:`update_torch`, from the same read of the tokens.
     Ties go to the lowest centroid index.
     """
+    n, c, d = centroids.shape
     c_sq = centroids.square().sum(-1).unsqueeze(1)  # [N, 1, C]
     idx, dist = [], []
+    total = torch.zeros(n, c, d, device=x.device, dtype=torch.float32) if sums else None
+    counts = torch.zeros(n, c, device=x.device, dtype=torch.float32) if sums else None
     for start in range(0, x.shape[1], CHUNK):
         xs = scaled_rows(x[:, start : start + CHUNK], scale)
-        d = c_sq - 2 * torch.bmm(xs, centroids.transpose(1, 2))  # [N, s, C], minus |x|^2
-        best, arg = d.min(-1)
+        dd = c_sq - 2 * torch.bmm(xs, centroids.transpose(1, 2))  # [N, s, C], minus |x|^2
+        best, arg = dd.min(-1)
         idx.append(arg)
         dist.append((best + xs.square().sum(-1)).clamp_min(0))
+        if sums:
+            _add_onehot(total, counts, arg, xs)
+    if sums:
+        return torch.cat(idx, 1), torch.cat(dist, 1), ClusterSums(total.unsqueeze(1), counts.unsqueeze(1))
     return torch.cat(idx, 1), torch.cat(dist, 1)
+
+
+def _add_onehot(total: torch.Tensor, counts: torch.Tensor, assignments: torch.Tensor, xs: torch.Tensor) -> None:
+    """Add the tokens ``xs`` [N, s, D] fp32 to their clusters' sums ``total`` [N, C, D] and counts."""
+    onehot = F.one_hot(assignments.long(), total.shape[1]).float()  # [N, s, C]
+    total += torch.bmm(onehot.transpose(1, 2), xs)
+    counts += onehot.sum(1)
 
 
 def scaled_rows(x: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
@@ -44,29 +71,32 @@ def update_torch(
     centroids: torch.Tensor,
     reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    sums: ClusterSums | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean of each cluster; empty clusters take a re-seed token or keep their centroid.
 
     x: [N, S, D] (any float dtype, summed in fp32), times ``scale`` [N] when given; assignments: [N, S] int; centroids: [N, C, D]
     fp32 (previous); reseed: [N, K] token indices (K >= 1) or None: the j-th empty cluster of a
     row (in cluster order) moves onto token ``reseed[n, min(j, K - 1)]``; without it, empty
-    clusters keep their previous centroid.
+    clusters keep their previous centroid. ``sums``: the :class:`ClusterSums` of ``assignments``
+    from the assignment pass (then the tokens are read only for re-seeds).
     Returns (new centroids [N, C, D] fp32, counts [N, C] fp32).
     """
     n, c, d = centroids.shape
-    sums = torch.zeros(n, c, d, device=x.device, dtype=torch.float32)
-    counts = torch.zeros(n, c, device=x.device, dtype=torch.float32)
-    for start in range(0, x.shape[1], CHUNK):
-        onehot = F.one_hot(assignments[:, start : start + CHUNK].long(), c).float()  # [N, s, C]
-        sums += torch.bmm(onehot.transpose(1, 2), scaled_rows(x[:, start : start + CHUNK], scale))
-        counts += onehot.sum(1)
+    if sums is None:
+        total = torch.zeros(n, c, d, device=x.device, dtype=torch.float32)
+        counts = torch.zeros(n, c, device=x.device, dtype=torch.float32)
+        for start in range(0, x.shape[1], CHUNK):
+            _add_onehot(total, counts, assignments[:, start : start + CHUNK], scaled_rows(x[:, start : start + CHUNK], scale))
+    else:
+        total, counts = sums.sums.sum(1), sums.counts.sum(1)
     fallback = centroids.float()
     if reseed is not None:
         empty = counts == 0
         rank = (empty.long().cumsum(-1) - 1).clamp(0, reseed.shape[1] - 1)  # j-th empty -> j-th token
         tokens = torch.gather(reseed.long(), 1, rank)
         fallback = scaled_rows(torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)), scale)
-    means = sums / counts.clamp_min(1).unsqueeze(-1)
+    means = total / counts.clamp_min(1).unsqueeze(-1)
     return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts
 
 

@@ -656,3 +656,47 @@ def test_policies_give_the_same_result_on_both_backends(preset):
         # part at the first near-tie; at 8 clusters, 2 iterations and 4 stages the errors then
         # differ by up to 2.1% (measured)
         assert abs(err_a - err_b) <= 0.03 * err_a
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, s, d, c, fused_max", [(3, 300, 16, 4, None), (2, 520, 64, 16, None),
+                                                   (2, 200, 64, 17, None), (2, 520, 64, 40, 64),
+                                                   (1, 700, 128, 64, 64), (2, 200, 64, 65, 64)])
+def test_assignment_gathers_the_update_sums_in_its_pass(dtype, n, s, d, c, fused_max, monkeypatch):
+    """``sums=True``: up to FUSED_MAX_CLUSTERS clusters (``fused_max``: raised to the 64 the kernel
+    holds) the assignment kernel also sums each cluster's tokens (several parts of a row,
+    re-seeds, row scales, most tokens in one cluster): the same assignments and distances as
+    without, the one-hot update's means bit for bit, the reference's counts and its means to fp32
+    summation order. Beyond, it leaves the sums to the update (None)."""
+    from qkv.kernels.triton import kmeans as tk
+    from qkv.kernels.triton.kmeans import update_onehot
+
+    if fused_max is not None:
+        monkeypatch.setattr(tk, "FUSED_MAX_CLUSTERS", fused_max)
+    FUSED_MAX_CLUSTERS = tk.FUSED_MAX_CLUSTERS
+    g = gen(n + s + c)
+    x = torch.randn(n, s, d, generator=g, device=DEVICE).to(dtype)
+    x[:, : s // 2] = x[:, :1]  # most tokens nearest one centroid
+    scale = torch.tensor([2.0**-40, 1.0, 2.0**30][:n], device=DEVICE)
+    cent = torch.randn(n, c, d, generator=g, device=DEVICE) * scale.view(-1, 1, 1)  # where the scaled tokens are
+    cent[:, -1] = 1e3 * scale.view(-1, 1)  # an empty cluster
+    reseed = torch.randint(0, s, (n, 2), generator=g, device=DEVICE)
+    idx, dist, sums = kernels.kmeans_assign(x, cent, scale=scale, sums=True, backend="triton")
+    plain = kernels.kmeans_assign(x, cent, scale=scale, backend="triton")
+    assert torch.equal(idx, plain[0]) and torch.equal(dist, plain[1])
+    if c > FUSED_MAX_CLUSTERS:
+        assert sums is None
+        return
+    assert sums.sums.shape[:3] == sums.counts.shape == (n, sums.sums.shape[1], c)
+    out, counts = kernels.kmeans_update(x, idx, cent, reseed, scale=scale, sums=sums, backend="triton")
+    ref, ref_counts = kernels.kmeans_update(x, idx, cent, reseed, scale=scale, backend="torch")
+    assert torch.equal(counts, ref_counts) and bool((counts[:, -1] == 0).all())
+    assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    assert torch.equal(out, update_onehot(x, idx, cent, reseed, scale)[0])
+    # the torch twin's sums, and either backend's update of the other's sums
+    t_idx, _, t_sums = kernels.kmeans_assign(x, cent, scale=scale, sums=True, backend="torch")
+    assert t_sums.sums.shape[1] == 1
+    t_out, t_counts = kernels.kmeans_update(x, t_idx, cent, reseed, scale=scale, sums=t_sums, backend="torch")
+    assert torch.equal(t_out, kernels.kmeans_update(x, t_idx, cent, reseed, scale=scale, backend="torch")[0])
+    mixed, _ = kernels.kmeans_update(x, idx, cent, reseed, scale=scale, sums=sums, backend="torch")
+    assert torch.allclose(mixed, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))

@@ -6,6 +6,8 @@
   tokens (fp16/fp32 tokens are split into a high and a low bf16 part: two products, ~16
   significant bits of x). The rounded centroids, pre-scaled by -2, and their squared norms are
   prepared once per call, not per tile. Tokens are read in their own dtype.
+  With ``sums=True``, up to FUSED_MAX_CLUSTERS clusters, the same pass sums each cluster's tokens
+  as the one-hot update does (``_assign_sum_kernel``): one read of the tokens per iteration.
   Agreement with the fp32 reference: the kernel returns the nearest of the rounded centroids (up
   to fp32 summation order); its true distance exceeds the minimum by at most the rounding's
   effect, ``2^-7 * |c|max * (|x| + |c|max)`` (see docs/kernels.md).
@@ -37,7 +39,7 @@ import triton
 import triton.language as tl
 
 from qkv.dtypes import compact_index_dtype
-from qkv.kernels.kmeans import round_sizes
+from qkv.kernels.kmeans import ClusterSums, round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 from qkv.kernels.triton.tiles import AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
@@ -51,6 +53,11 @@ RUN_CLUSTERS = 16
 # The most clusters the one-hot update is used for: it reads the tokens once per block of
 # clusters (UpdateTile.clusters, 64 by default); beyond two reads the sorted update is faster
 ONEHOT_MAX_CLUSTERS = 128
+# The most clusters whose sums the assignment gathers in the same pass (sums=True; the kernel
+# holds up to 64, their [clusters, head dim] fp32 sums in a program's registers): at 16 one pass
+# took 0.78-0.86x the two passes' GPU time at a SANA-WM pass and a LongCat span on an H100, at
+# 64 1.04-1.05x (benchmarks/results/bench_lloyd_step_h100.json)
+FUSED_MAX_CLUSTERS = 16
 
 
 @triton.jit
@@ -69,27 +76,16 @@ def _prepare_kernel(c_ptr, neg2_ptr, csq_ptr, M, D, EMULATE: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _assign_kernel(
-    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, C, D, XN, XS,
-    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    n = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < S
-    d_ok = d < D
-    x = tl.load(x_ptr + n * XN + s[:, None].to(tl.int64) * XS + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
-    x = x.to(tl.float32)
+def _nearest(x, f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT: tl.constexpr, EMULATE: tl.constexpr,
+             BLOCK_C: tl.constexpr):
+    """Each token of the tile x [BLOCK_S, BLOCK_D] fp32 (as loaded; times the row's factor f):
+    its nearest of row n's prepared centroids, (index int32, squared distance)."""
     # the row's factor (a power of two) scales the products after the tensor cores, so the tokens
     # reach them as loaded: f (x . c) is (f x) . c exactly, barring overflow and underflow
-    f = 1.0
-    if HAS_SCALE:
-        f = tl.load(f_ptr + n)
     x_sq = tl.sum((x * f) * (x * f), axis=1)
     xh, xl = split_bf16(x, X_EXACT)
-    best = tl.full((BLOCK_S,), float("inf"), tl.float32)
-    best_i = tl.zeros((BLOCK_S,), tl.int32)
+    best = tl.full((x.shape[0],), float("inf"), tl.float32)
+    best_i = tl.zeros((x.shape[0],), tl.int32)
     for c0 in range(0, C, BLOCK_C):
         c = c0 + tl.arange(0, BLOCK_C)
         c_ok = c < C
@@ -104,8 +100,65 @@ def _assign_kernel(
         better = tile_best < best  # ties keep the earlier (lower-index) centroid
         best = tl.where(better, tile_best, best)
         best_i = tl.where(better, tile_i + c0, best_i)
+    return best_i, tl.maximum(best + x_sq, 0.0)
+
+
+@triton.jit
+def _assign_kernel(
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, C, D, XN, XS,
+    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < S
+    d_ok = d < D
+    x = tl.load(x_ptr + n * XN + s[:, None].to(tl.int64) * XS + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
+    f = 1.0
+    if HAS_SCALE:
+        f = tl.load(f_ptr + n)
+    best_i, best = _nearest(x.to(tl.float32), f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT, EMULATE, BLOCK_C)
     tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
-    tl.store(dist_ptr + n * S + s, tl.maximum(best + x_sq, 0.0), mask=s_ok)
+    tl.store(dist_ptr + n * S + s, best, mask=s_ok)
+
+
+@triton.jit
+def _assign_sum_kernel(
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, sum_ptr, cnt_ptr, S, C, D, XN, XS, per_split,
+    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, PARTS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The assignment of tokens p * per_split .. of row n (every centroid in one tile) and, from
+    the same tiles, each cluster's sum of its tokens (times the row's factor) and their count, into
+    sums[n, p] and counts[n, p], as _cluster_sum_kernel sums them."""
+    n = tl.program_id(0).to(tl.int64)
+    p = tl.program_id(1)
+    d = tl.arange(0, BLOCK_D)
+    d_ok = d < D
+    c = tl.arange(0, BLOCK_C)
+    f = 1.0
+    if HAS_SCALE:
+        f = tl.load(f_ptr + n)
+    acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
+    cnt = tl.zeros((BLOCK_C,), tl.float32)
+    lo = p * per_split
+    hi = tl.minimum(lo + per_split, S)
+    for t0 in range(lo, hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < hi
+        x = tl.load(x_ptr + n * XN + t[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        best_i, best = _nearest(x, f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT, EMULATE, BLOCK_C)
+        tl.store(idx_ptr + n * S + t, best_i.to(tl.int64), mask=t_ok)
+        tl.store(dist_ptr + n * S + t, best, mask=t_ok)
+        hot = ((best_i[None, :] == c[:, None]) & t_ok[None, :]).to(tl.float32)  # [BLOCK_C, BLOCK_T]
+        cnt += tl.sum(hot, axis=1)
+        acc = _onehot_sum(hot, x * f, acc, PARTS, EMULATE)
+    row = (n * tl.num_programs(1) + p) * C + c
+    c_ok = c < C
+    tl.store(sum_ptr + row[:, None] * D + d[None, :], acc, mask=c_ok[:, None] & d_ok[None, :])
+    tl.store(cnt_ptr + row, cnt, mask=c_ok)
 
 
 @triton.jit
@@ -257,18 +310,22 @@ def unit_d(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(2) == 1 else x.contiguous()
 
 
-def assign_supports(x, centroids, scale=None) -> str | None:
+def assign_supports(x, centroids, scale=None, sums=False) -> str | None:
     if x.shape[-1] > 256:
         return f"D={x.shape[-1]} is larger than 256"
     return None
 
 
 def assign_triton(
-    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, *, tile: AssignTile | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
+    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, sums: bool = False, *,
+    tile: AssignTile | None = None, sum_tile: UpdateTile | None = None,
+) -> tuple:
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
-    to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. ``tile``:
-    the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
+    to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. With
+    ``sums``, up to FUSED_MAX_CLUSTERS clusters of at most 128 dims, the clusters' sums come from
+    the same pass (``_assign_sum_kernel``, launched as the one-hot update's ``sum_tile``); beyond,
+    the third element is None. ``tile``: the launch of the plain assignment (default: the
+    device's, see :mod:`qkv.kernels.triton.tiles`)."""
     x, centroids = unit_d(x), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
@@ -280,15 +337,27 @@ def assign_triton(
     )
     idx = torch.empty(n, s, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, s, dtype=torch.float32, device=x.device)
+    f = x if scale is None else scale.float().contiguous()
+    common = dict(X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda")
+    if sums and c <= FUSED_MAX_CLUSTERS and block_d <= 128:
+        sum_tile = sum_tile or tile_for("update", x.device, 0)
+        splits, per_split = _splits(x, n, s, sum_tile)
+        part = ClusterSums(torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device),
+                           torch.empty(n, splits, c, dtype=torch.float32, device=x.device))
+        _assign_sum_kernel[(n, splits)](
+            x, f, neg2, c_sq, idx, dist, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
+            PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_D=block_d,
+            num_warps=sum_tile.warps, **common,
+        )
+        return idx, dist, part
     tile = tile or tile_for("assign", x.device, 0)
     block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
     block_s = tile.tokens if block_d <= 128 else tile.tokens // 2
     _assign_kernel[(n, triton.cdiv(s, block_s))](
-        x, x if scale is None else scale.float().contiguous(), neg2, c_sq, idx, dist, s, c, d, x.stride(0), x.stride(1),
-        X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda",
-        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
+        x, f, neg2, c_sq, idx, dist, s, c, d, x.stride(0), x.stride(1),
+        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, **common,
     )
-    return idx, dist
+    return (idx, dist, None) if sums else (idx, dist)
 
 
 def update_triton(
@@ -297,11 +366,15 @@ def update_triton(
     centroids: torch.Tensor,
     reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
+    sums: ClusterSums | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`qkv.kernels.kmeans.update_torch` (deterministic): the one-hot sums up
-    to ONEHOT_MAX_CLUSTERS clusters, the sorted sums beyond (on an H200, 1.9x faster at 64
+    """Triton twin of :func:`qkv.kernels.kmeans.update_torch` (deterministic): the means of the
+    assignment pass's ``sums`` where it gathered them; otherwise the one-hot sums up to
+    ONEHOT_MAX_CLUSTERS clusters, the sorted sums beyond (on an H200, 1.9x faster at 64
     clusters, 1.07x at 128, 1.2-1.8x slower at 256 with balanced clusters:
     bench_kmeans_update_h200.json)."""
+    if sums is not None:
+        return _means(x, sums, centroids, reseed, scale)
     update = update_onehot if centroids.shape[1] <= ONEHOT_MAX_CLUSTERS else update_sorted
     return update(x, assignments, centroids, reseed, scale)
 
@@ -420,6 +493,40 @@ def _means_kernel(
     tl.store(count_ptr + n * C + c, count)
 
 
+def _parts(x: torch.Tensor) -> int:
+    """The bf16 parts a token of ``x``'s dtype is summed in (see _onehot_sum)."""
+    return {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
+
+
+def _splits(x: torch.Tensor, unsplit: int, s: int, tile: UpdateTile) -> tuple[int, int]:
+    """Parts of a row's ``s`` tokens for the one-hot sums of a launch of ``unsplit`` programs
+    without parts (the tokens are cut in two until the GPU holds ``tile.waves`` programs per
+    multiprocessor, or a part would hold fewer than two steps), and the tokens of a part (whole
+    steps)."""
+    programs = tile.waves * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
+    splits = 1
+    while unsplit * splits < programs and s > 2 * splits * tile.tokens:
+        splits *= 2
+    return splits, triton.cdiv(triton.cdiv(s, splits), tile.tokens) * tile.tokens
+
+
+def _means(x, sums: ClusterSums, centroids, reseed, scale) -> tuple[torch.Tensor, torch.Tensor]:
+    """The means of ``sums`` (parts added in order), re-seeds for the empty clusters."""
+    x = unit_d(x)
+    n, splits, c, d = sums.sums.shape
+    f = x if scale is None else scale.float().contiguous()
+    new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
+    counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
+    old = centroids.float().contiguous()
+    _means_kernel[(n, c)](
+        x, f, sums.sums, sums.counts, old if reseed is None else reseed.contiguous(), old, new, counts, x.stride(0),
+        x.stride(1), c, d, 1 if reseed is None else reseed.shape[1], SPLITS=splits, HAS_RESEED=reseed is not None,
+        HAS_SCALE=scale is not None, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_C=triton.next_power_of_2(c),
+        num_warps=4,
+    )
+    return new, counts
+
+
 def update_onehot(
     x: torch.Tensor,
     assignments: torch.Tensor,
@@ -442,27 +549,15 @@ def update_onehot(
     block_d = max(16, triton.next_power_of_2(d))
     block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
     c_blocks = triton.cdiv(c, block_c)
-    programs = tile.waves * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
-    splits = 1
-    while n * c_blocks * splits < programs and s > 2 * splits * tile.tokens:
-        splits *= 2
-    per_split = triton.cdiv(triton.cdiv(s, splits), tile.tokens) * tile.tokens
-    sums = torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device)
-    cnts = torch.empty(n, splits, c, dtype=torch.float32, device=x.device)
-    parts = {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
+    splits, per_split = _splits(x, n * c_blocks, s, tile)
+    part = ClusterSums(torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device),
+                       torch.empty(n, splits, c, dtype=torch.float32, device=x.device))
     _cluster_sum_kernel[(n, c_blocks, splits)](
-        x, f, assignments, sums, cnts, s, c, d, x.stride(0), x.stride(1), per_split, PARTS=parts, HAS_SCALE=scale is not None,
-        EMULATE=not x.is_cuda, BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
+        x, f, assignments, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split, PARTS=_parts(x),
+        HAS_SCALE=scale is not None, EMULATE=not x.is_cuda, BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d,
+        num_warps=tile.warps,
     )
-    new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
-    counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
-    old = centroids.float().contiguous()
-    _means_kernel[(n, c)](
-        x, f, sums, cnts, old if reseed is None else reseed.contiguous(), old, new, counts, x.stride(0), x.stride(1),
-        c, d, 1 if reseed is None else reseed.shape[1], SPLITS=splits, HAS_RESEED=reseed is not None,
-        HAS_SCALE=scale is not None, BLOCK_D=block_d, BLOCK_C=triton.next_power_of_2(c), num_warps=4,
-    )
-    return new, counts
+    return _means(x, part, centroids, reseed, scale)
 
 
 @triton.jit
