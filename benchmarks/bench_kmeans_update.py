@@ -13,11 +13,9 @@ the torch reference (max error), counts, and run-to-run equality.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
-from common import write_json
+from common import gpu_main_args, write_json
 
 from qkv import kernels
 from qkv.kernels.triton import kmeans as tk
@@ -41,12 +39,7 @@ def timed(fn, reps: int = 20) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_kmeans_update times kernels on a GPU: no CUDA device here")
-    torch.manual_seed(0)
+    args = gpu_main_args(__doc__, "bench_kmeans_update")
     rows = []
     for name, (n, s, d, c) in SHAPES.items():
         x = torch.randn(n, s, d, device="cuda", dtype=torch.bfloat16)

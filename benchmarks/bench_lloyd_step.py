@@ -14,12 +14,10 @@ holds up to 64).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 
 from bench_kmeans_update import timed
-from common import write_json
+from common import gpu_main_args, write_json
 
 from qkv import kernels
 from qkv.grouping.kmeans import kmeans
@@ -40,12 +38,7 @@ def step(x, cent, fused: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_lloyd_step times kernels on a GPU: no CUDA device here")
-    torch.manual_seed(0)
+    args = gpu_main_args(__doc__, "bench_lloyd_step")
     rows = []
     fused_max = tk.FUSED_MAX_CLUSTERS
     for name, (n, s, d) in SHAPES.items():

@@ -8,6 +8,7 @@ then on ``sys.path``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import platform
@@ -84,6 +85,18 @@ def clustered(
     x = torch.gather(centres, 1, labels.unsqueeze(-1).expand(-1, -1, d))
     x = x + 0.5 * torch.randn(b * h, s, d, generator=g, device=device)
     return (x * scale).view(shape).bfloat16()
+
+
+def gpu_main_args(doc: str, name: str) -> argparse.Namespace:
+    """The ``--out`` argument of a GPU-only benchmark (``doc``: its module docstring), after checking
+    that a GPU is here; seeds torch's generator."""
+    parser = argparse.ArgumentParser(description=doc.split("\n")[0])
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit(f"{name} times kernels on a GPU: no CUDA device here")
+    torch.manual_seed(0)
+    return args
 
 
 def write_json(path: str | pathlib.Path, results: dict) -> None:

@@ -7,7 +7,7 @@
   significant bits of x). The rounded centroids, pre-scaled by -2, and their squared norms are
   prepared once per call, not per tile. Tokens are read in their own dtype.
   With ``sums=True``, up to FUSED_MAX_CLUSTERS clusters, the same pass sums each cluster's tokens
-  as the one-hot update does (``_assign_sum_kernel``): one read of the tokens per iteration.
+  as the one-hot update does (``_cluster_sum_kernel`` with ASSIGN): one read of the tokens per iteration.
   Agreement with the fp32 reference: the kernel returns the nearest of the rounded centroids (up
   to fp32 summation order); its true distance exceeds the minimum by at most the rounding's
   effect, ``2^-7 * |c|max * (|x| + |c|max)`` (see docs/kernels.md).
@@ -121,44 +121,6 @@ def _assign_kernel(
     best_i, best = _nearest(x.to(tl.float32), f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT, EMULATE, BLOCK_C)
     tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
     tl.store(dist_ptr + n * S + s, best, mask=s_ok)
-
-
-@triton.jit
-def _assign_sum_kernel(
-    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, sum_ptr, cnt_ptr, S, C, D, XN, XS, per_split,
-    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, PARTS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """The assignment of tokens p * per_split .. of row n (every centroid in one tile) and, from
-    the same tiles, each cluster's sum of its tokens (times the row's factor) and their count, into
-    sums[n, p] and counts[n, p], as _cluster_sum_kernel sums them."""
-    n = tl.program_id(0).to(tl.int64)
-    p = tl.program_id(1)
-    d = tl.arange(0, BLOCK_D)
-    d_ok = d < D
-    c = tl.arange(0, BLOCK_C)
-    f = 1.0
-    if HAS_SCALE:
-        f = tl.load(f_ptr + n)
-    acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
-    cnt = tl.zeros((BLOCK_C,), tl.float32)
-    lo = p * per_split
-    hi = tl.minimum(lo + per_split, S)
-    for t0 in range(lo, hi, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
-        t_ok = t < hi
-        x = tl.load(x_ptr + n * XN + t[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
-        best_i, best = _nearest(x, f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT, EMULATE, BLOCK_C)
-        tl.store(idx_ptr + n * S + t, best_i.to(tl.int64), mask=t_ok)
-        tl.store(dist_ptr + n * S + t, best, mask=t_ok)
-        hot = ((best_i[None, :] == c[:, None]) & t_ok[None, :]).to(tl.float32)  # [BLOCK_C, BLOCK_T]
-        cnt += tl.sum(hot, axis=1)
-        acc = _onehot_sum(hot, x * f, acc, PARTS, EMULATE)
-    row = (n * tl.num_programs(1) + p) * C + c
-    c_ok = c < C
-    tl.store(sum_ptr + row[:, None] * D + d[None, :], acc, mask=c_ok[:, None] & d_ok[None, :])
-    tl.store(cnt_ptr + row, cnt, mask=c_ok)
 
 
 @triton.jit
@@ -323,7 +285,7 @@ def assign_triton(
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
     to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. With
     ``sums``, up to FUSED_MAX_CLUSTERS clusters of at most 128 dims, the clusters' sums come from
-    the same pass (``_assign_sum_kernel``, launched as the one-hot update's ``sum_tile``); beyond,
+    the same pass (``_cluster_sum_kernel`` with ASSIGN, launched as the one-hot update's ``sum_tile``); beyond,
     the third element is None. ``tile``: the launch of the plain assignment (default: the
     device's, see :mod:`qkv.kernels.triton.tiles`)."""
     x, centroids = unit_d(x), centroids.float().contiguous()
@@ -344,10 +306,10 @@ def assign_triton(
         splits, per_split = _splits(x, n, s, sum_tile)
         part = ClusterSums(torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device),
                            torch.empty(n, splits, c, dtype=torch.float32, device=x.device))
-        _assign_sum_kernel[(n, splits)](
-            x, f, neg2, c_sq, idx, dist, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
-            PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=max(16, triton.next_power_of_2(c)), BLOCK_D=block_d,
-            num_warps=sum_tile.warps, **common,
+        _cluster_sum_kernel[(n, 1, splits)](
+            x, f, idx, neg2, c_sq, dist, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
+            ASSIGN=True, PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=max(16, triton.next_power_of_2(c)),
+            BLOCK_D=block_d, num_warps=sum_tile.warps, **common,
         )
         return idx, dist, part
     tile = tile or tile_for("assign", x.device, 0)
@@ -431,13 +393,15 @@ def update_sorted(
 
 @triton.jit
 def _cluster_sum_kernel(
-    x_ptr, f_ptr, a_ptr, sum_ptr, cnt_ptr, S, C, D, XN, XS, per_split,
-    PARTS: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, f_ptr, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, S, C, D, XN, XS, per_split,
+    ASSIGN: tl.constexpr, X_EXACT: tl.constexpr, PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    EMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Tokens p * per_split .. of row n, clusters of block cb: each cluster's sum of its tokens
     (times the row's factor: HAS_SCALE) and their count, into sums[n, p, c] and counts[n, p, c],
-    as one-hot products on the tensor cores (see _onehot_sum)."""
+    as one-hot products on the tensor cores (see _onehot_sum). The tokens' clusters are read from
+    a [N, S], or with ASSIGN (one block of every cluster) worked out from the prepared centroids
+    c and their norms csq (see _nearest) and written to a (int64), their distances to dist."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(2)
@@ -453,12 +417,18 @@ def _cluster_sum_kernel(
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < hi
-        a = tl.load(a_ptr + n * S + t, mask=t_ok, other=-1)
+        x = tl.load(x_ptr + n * XN + t[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
+                    other=0.0).to(tl.float32)
+        if ASSIGN:
+            a, best = _nearest(x, f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT, EMULATE, BLOCK_C)
+            tl.store(a_ptr + n * S + t, a.to(tl.int64), mask=t_ok)
+            tl.store(dist_ptr + n * S + t, best, mask=t_ok)
+            a = tl.where(t_ok, a, -1)
+        else:
+            a = tl.load(a_ptr + n * S + t, mask=t_ok, other=-1)
         hot = (a[None, :] == c[:, None]).to(tl.float32)  # [BLOCK_C, BLOCK_T]
         cnt += tl.sum(hot, axis=1)
-        x = tl.load(x_ptr + n * XN + t[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        acc = _onehot_sum(hot, x.to(tl.float32) * f, acc, PARTS, EMULATE)
+        acc = _onehot_sum(hot, x * f, acc, PARTS, EMULATE)
     row = (n * tl.num_programs(2) + p) * C + c
     c_ok = c < C
     tl.store(sum_ptr + row[:, None] * D + d[None, :], acc, mask=c_ok[:, None] & d_ok[None, :])
@@ -553,9 +523,9 @@ def update_onehot(
     part = ClusterSums(torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device),
                        torch.empty(n, splits, c, dtype=torch.float32, device=x.device))
     _cluster_sum_kernel[(n, c_blocks, splits)](
-        x, f, assignments, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split, PARTS=_parts(x),
-        HAS_SCALE=scale is not None, EMULATE=not x.is_cuda, BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d,
-        num_warps=tile.warps,
+        x, f, assignments, x, x, x, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
+        ASSIGN=False, X_EXACT=False, PARTS=_parts(x), HAS_SCALE=scale is not None, EMULATE=not x.is_cuda,
+        BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
     )
     return _means(x, part, centroids, reseed, scale)
 
