@@ -659,8 +659,8 @@ def test_policies_give_the_same_result_on_both_backends(preset):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n, s, d, c, fused_max", [(3, 300, 16, 4, None), (2, 520, 64, 16, None),
-                                                   (2, 200, 64, 17, None), (2, 520, 64, 40, 64),
+@pytest.mark.parametrize("n, s, d, c, fused_max", [(3, 300, 16, 4, None), (2, 520, 64, 32, None),
+                                                   (2, 200, 64, 33, None), (2, 520, 64, 40, 64),
                                                    (1, 700, 128, 64, 64), (2, 200, 64, 65, 64)])
 def test_assignment_gathers_the_update_sums_in_its_pass(dtype, n, s, d, c, fused_max, monkeypatch):
     """``sums=True``: up to FUSED_MAX_CLUSTERS clusters (``fused_max``: raised to the 64 the kernel

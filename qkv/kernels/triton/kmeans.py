@@ -54,10 +54,10 @@ RUN_CLUSTERS = 16
 # clusters (UpdateTile.clusters, 64 by default); beyond two reads the sorted update is faster
 ONEHOT_MAX_CLUSTERS = 128
 # The most clusters whose sums the assignment gathers in the same pass (sums=True; the kernel
-# holds up to 64, their [clusters, head dim] fp32 sums in a program's registers): at 16 one pass
-# took 0.78-0.86x the two passes' GPU time at a SANA-WM pass and a LongCat span on an H100, at
-# 64 1.04-1.05x (benchmarks/results/bench_lloyd_step_h100.json)
-FUSED_MAX_CLUSTERS = 16
+# holds up to 64, their [clusters, head dim] fp32 sums in a program's registers): at 16 and 32
+# one pass took 0.67-0.86x the two passes' time on an H100, at 64 1.03-1.13x at a SANA-WM pass
+# and a LongCat span (benchmarks/results/bench_lloyd_step_h100.json, ..._c32_h100.json)
+FUSED_MAX_CLUSTERS = 32
 
 
 @triton.jit
