@@ -208,7 +208,8 @@ def kmeans_assign(x, centroids, *, scale=None, sums=False, backend="auto"):
     row, applied as it is read: no scaled copy): ([N, S] int64, squared distances [N, S]). With
     ``sums``, a third element: the :class:`~qkv.kernels.kmeans.ClusterSums` of the assignments,
     summed in the same pass over the tokens, for :func:`kmeans_update`; or None where the kernel
-    leaves the sums to the update (the Triton kernel beyond ``FUSED_MAX_CLUSTERS`` clusters)."""
+    leaves the sums to the update (the Triton kernel beyond ``FUSED_MAX_CLUSTERS`` clusters or 128
+    dims)."""
     args = (x, centroids, scale, sums)
     return resolve("kmeans_assign", backend, x.device, *args)(*args)
 
