@@ -51,6 +51,8 @@ plan in one launch) over ``DECOMPRESS_WINDOWS`` (qvg with 64 clusters, bf16) and
 ``--kernel update`` sweeps :class:`qkv.kernels.triton.tiles.UpdateTile` (tokens per step,
 centroids per block, warps, waves) of the one-hot k-means update over ``UPDATE_SHAPES`` (the
 shapes it is used for: at most 128 clusters; balanced random assignments) and writes one tile.
+The assignment pass that also sums (at most 32 clusters) launches with the same tile; the sweep
+times the update alone.
 
 ``--kernel kmeanspp`` sweeps :class:`qkv.kernels.triton.tiles.SeedTile` (values per distance
 chunk, warps) of the weighted D^2 sampling kernel over ``SEED_SHAPES`` (the seedings' draws at

@@ -97,7 +97,9 @@ class DecompressTile:
 class UpdateTile:
     """The one-hot k-means update's launch: ``tokens`` per step of a program, centroid blocks of
     up to ``clusters``, ``warps`` per program, and ``waves``: programs per multiprocessor to aim
-    for (a row's tokens are split until the GPU holds that many)."""
+    for (a row's tokens are split until the GPU holds that many). The assignment that gathers the
+    sums in its own pass (``sums=True``, few clusters) launches the same way (every centroid in
+    one block)."""
 
     tokens: int = 64
     clusters: int = 64
