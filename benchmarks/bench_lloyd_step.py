@@ -51,14 +51,16 @@ def main() -> None:
             row = {"shape": name, "rows": n, "tokens": s, "head_dim": d, "clusters": c,
                    "step_two_passes_ms": timed(lambda: step(x, cent, False)),
                    "step_one_pass_ms": timed(lambda: step(x, cent, True)),
-                   "same_means": bool(torch.equal(fused, split)), "same_counts": bool(torch.equal(counts, split_counts))}
+                   "same_means": bool(torch.equal(fused, split)),
+                   "same_counts": bool(torch.equal(counts, split_counts))}
             results = {}
             for label, limit in (("two_passes", 0), ("one_pass", 64)):
                 tk.FUSED_MAX_CLUSTERS = limit
                 results[label] = kmeans(x, c, 5, init="random")
                 row[f"kmeans_5_iters_{label}_ms"] = timed(lambda: kmeans(x, c, 5, init="random"), reps=10)
             tk.FUSED_MAX_CLUSTERS = fused_max
-            row["kmeans_same_result"] = bool(torch.equal(results["one_pass"].centroids, results["two_passes"].centroids))
+            row["kmeans_same_result"] = bool(torch.equal(results["one_pass"].centroids,
+                                                         results["two_passes"].centroids))
             print(row, flush=True)
             rows.append(row)
     write_json(args.out, {"rows": rows})

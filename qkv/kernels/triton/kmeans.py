@@ -7,7 +7,8 @@
   significant bits of x). The rounded centroids, pre-scaled by -2, and their squared norms are
   prepared once per call, not per tile. Tokens are read in their own dtype.
   With ``sums=True``, up to FUSED_MAX_CLUSTERS clusters, the same pass sums each cluster's tokens
-  as the one-hot update does (``_cluster_sum_kernel`` with ASSIGN): one read of the tokens per iteration.
+  as the one-hot update does (``_cluster_sum_kernel`` with ASSIGN): one read of the tokens per
+  Lloyd iteration.
   Agreement with the fp32 reference: the kernel returns the nearest of the rounded centroids (up
   to fp32 summation order); its true distance exceeds the minimum by at most the rounding's
   effect, ``2^-7 * |c|max * (|x| + |c|max)`` (see docs/kernels.md).
@@ -285,9 +286,9 @@ def assign_triton(
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
     to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. With
     ``sums``, up to FUSED_MAX_CLUSTERS clusters of at most 128 dims, the clusters' sums come from
-    the same pass (``_cluster_sum_kernel`` with ASSIGN, launched as the one-hot update's ``sum_tile``); beyond,
-    the third element is None. ``tile``: the launch of the plain assignment (default: the
-    device's, see :mod:`qkv.kernels.triton.tiles`)."""
+    the same pass (``_cluster_sum_kernel`` with ASSIGN, launched as the one-hot update's
+    ``sum_tile``); beyond, the third element is None. ``tile``: the launch of the plain assignment
+    (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     x, centroids = unit_d(x), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
