@@ -81,9 +81,9 @@ def rows() -> list[dict]:
         constants = kmeanspp_launch(points, 128, max(round_sizes(clusters, rounds)), DEFAULTS["kmeanspp"])
         warps = constants.pop("num_warps")
         out.append({"kernel": "kmeanspp", "points": points, "rounds": rounds, "block_k": constants["BLOCK_K"],
-                    "round_p": constants["ROUND_P"], "chunk": constants["CHUNK"], "warps": warps,
+                    "round_p": constants["ROUND_P"], "dims": constants["DIMS"], "warps": warps,
                     **usage(_kmeanspp_kernel, {"p_ptr": "*fp32", "pt_ptr": "*fp32", "w_ptr": "*fp32", "e_ptr": "*fp32",
-                                               "s_ptr": "*fp32", "out_ptr": "*i64"}, constants, {"num_warps": warps})})
+                                               "out_ptr": "*i64"}, constants, {"num_warps": warps})})
     return out
 
 

@@ -363,7 +363,7 @@ def test_kmeans_parallel_seeding_on_the_assign_kernel(s):
 
 
 KMEANSPP_SHAPES = [(2, 37, 8, 5), (3, 100, 16, 20), (1, 9, 4, 9)] + (
-    [(64, 1024, 128, 256), (12, 4096, 128, 256)] if DEVICE == "cuda" else [(2, 300, 32, 48)])
+    [(64, 1024, 128, 256), (12, 4096, 128, 256)] if DEVICE == "cuda" else [(2, 300, 32, 48), (2, 300, 20, 48)])
 
 
 def exponential(rounds, k, g):

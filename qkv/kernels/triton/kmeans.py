@@ -24,11 +24,10 @@
 - weighted D^2 sampling in rounds (k-means++: a pick a round; k-means||'s reduction: a few
   picks a round): one program per row makes all C picks, the row's weights, nearest distances
   and picked flags in registers; a round ranks the scores over its draws and takes its picks in
-  turn (a max reduction each), then makes one pass over the row's points, CHUNK whole points a
-  load, for their distance to the nearest of the round's picks (through a scratch row: the
-  chunks are not the layout of the row's state); with one pick a round (k-means++) the pass
-  reads the points transposed, [D, K], a few dims of every point a load, straight into the
-  row's state. The picks are the reference's wherever the
+  turn (a max reduction each), then makes one pass over the row's points transposed, [D, K], a
+  few dims of every point a load, each pick's squared differences summed in a running sum of
+  its own in the layout of the row's state (no reduction across threads, no barrier), for each
+  point's distance to the nearest of the round's picks. The picks are the reference's wherever the
   fp32 sums come out the same (exact for integer-valued points); otherwise a pick may differ
   where two keys are within rounding.
 """
@@ -532,41 +531,44 @@ def update_onehot(
 
 
 @triton.jit
-def _round_distances(p_ptr, s_ptr, n, K, D, k, k_ok, new, size, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_D: tl.constexpr, ROUND_P: tl.constexpr):
-    """Each of row n's points' distance to the nearest of a round's ``size`` picks ``new``: CHUNK
-    whole points a load, through the scratch row s (the chunks are not the layout of the row's
-    state), [BLOCK_K]."""
+def _round_distances(p_ptr, pt_ptr, n, K, D, k, k_ok, new, size, BLOCK_K: tl.constexpr, ROUND_P: tl.constexpr,
+                     DIMS: tl.constexpr):
+    """Each of row n's points' squared distance to the nearest of a round's ``size`` picks ``new``
+    (at most ROUND_P), [BLOCK_K] in the layout of the row's state: the points transposed pt
+    [N, D, K], DIMS dims of every point a load, each pick's sum of squared differences over the
+    dims kept on its own (so a picked point is at 0 from itself, exactly)."""
     i = tl.arange(0, ROUND_P)
-    dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < D
-    c = tl.load(p_ptr + (n * K + new[:, None]) * D + dd[None, :], mask=(i < size)[:, None] & d_ok[None, :], other=0.0)
-    for k0 in range(0, K, CHUNK):
-        kk = k0 + tl.arange(0, CHUNK)
-        kk_ok = kk < K
-        pts = tl.load(p_ptr + (n * K + kk[:, None]) * D + dd[None, :], mask=kk_ok[:, None] & d_ok[None, :], other=0.0)
-        closest = tl.full((CHUNK,), float("inf"), tl.float32)
+    picks = ()
+    sums = ()
+    for t in tl.static_range(ROUND_P):
+        picks = picks + (tl.sum(tl.where(i == t, new, 0), axis=0),)
+        sums = sums + (tl.zeros((BLOCK_K,), tl.float32),)
+    for d0 in range(0, D, DIMS):
+        dims = d0 + tl.arange(0, DIMS)
+        dims_ok = dims < D
+        pts = tl.load(pt_ptr + n * D * K + dims[:, None] * K + k[None, :], mask=dims_ok[:, None] & k_ok[None, :],
+                      other=0.0)
+        more = ()
         for t in tl.static_range(ROUND_P):
-            ct = tl.sum(tl.where(i[:, None] == t, c, 0.0), 0)  # pick t's point, exactly
-            diff = pts - ct[None, :]
-            closest = tl.where(t < size, tl.minimum(closest, tl.sum(diff * diff, 1)), closest)
-        tl.store(s_ptr + n * BLOCK_K + kk, closest, mask=kk_ok)
-    tl.debug_barrier()  # the scratch row written by every thread before it is read
-    closest = tl.load(s_ptr + n * BLOCK_K + k, mask=k_ok, other=0.0)  # the padding: never picked
-    tl.debug_barrier()  # read by every thread before the next round writes it
+            c = tl.load(p_ptr + (n * K + picks[t]) * D + dims, mask=dims_ok, other=0.0)  # t >= size: point 0
+            diff = pts - c[:, None]
+            more = more + (sums[t] + tl.sum(diff * diff, 0),)
+        sums = more
+    closest = sums[0]
+    for t in tl.static_range(1, ROUND_P):
+        closest = tl.where(t < size, tl.minimum(closest, sums[t]), closest)
     return closest
 
 
 @triton.jit
-def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, s_ptr, out_ptr, K, C, R, D, BLOCK_K: tl.constexpr,
-                     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, ROUND_P: tl.constexpr, DIMS: tl.constexpr):
-    """The C picks of row n in R rounds (see kmeanspp_torch): points p [N, K, D], weights [N, K],
-    draws e [R, K], picks out [N, C], scratch s [N, BLOCK_K]. A round ranks the row's points by
-    its keys and takes its picks in turn (the row's weights, nearest distances and picked flags
-    stay in registers), then makes one pass over the points for each point's distance to the
-    nearest of the round's picks (at most ROUND_P): CHUNK whole points (every dim) a load, through
-    the scratch row into the nearest distances; with one pick a round, the points transposed pt
-    [N, D, K], DIMS dims of every point a load, straight into them."""
+def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, K, C, R, D, BLOCK_K: tl.constexpr,
+                     ROUND_P: tl.constexpr, DIMS: tl.constexpr):
+    """The C picks of row n in R rounds (see kmeanspp_torch): points p [N, K, D] and transposed
+    pt [N, D, K], weights [N, K], draws e [R, K], picks out [N, C]. A round ranks the row's points
+    by its keys and takes its picks in turn (the row's weights, nearest distances and picked flags
+    stay in registers), then makes one pass over the points, DIMS dims of every point a load, for
+    each point's distance to the nearest of the round's picks (at most ROUND_P), straight into
+    the row's nearest distances."""
     n = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
@@ -595,21 +597,8 @@ def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, s_ptr, out_ptr, K, C, R, D, BL
             new = tl.where(i == j, best, new)
         at += size
         if at < C:  # distances to the round's picks, for the rounds after it
-            if ROUND_P == 1:
-                pick = tl.sum(new, 0)
-                closest = tl.zeros((BLOCK_K,), tl.float32)
-                for d0 in range(0, D, DIMS):
-                    dims = d0 + tl.arange(0, DIMS)
-                    dims_ok = dims < D
-                    c1 = tl.load(p_ptr + (n * K + pick) * D + dims, mask=dims_ok, other=0.0)
-                    pts = tl.load(pt_ptr + n * D * K + dims[:, None] * K + k[None, :],
-                                  mask=dims_ok[:, None] & k_ok[None, :], other=0.0)
-                    diff = pts - c1[:, None]
-                    closest += tl.sum(diff * diff, 0)
-            else:
-                closest = _round_distances(p_ptr, s_ptr, n, K, D, k, k_ok, new, size, CHUNK, BLOCK_K, BLOCK_D, ROUND_P)
+            closest = _round_distances(p_ptr, pt_ptr, n, K, D, k, k_ok, new, size, BLOCK_K, ROUND_P, DIMS)
             nearest = tl.where(r == 0, closest, tl.minimum(nearest, closest))
-
 
 
 def kmeanspp_supports(points, weights, draws, clusters) -> str | None:
@@ -620,12 +609,11 @@ def kmeanspp_supports(points, weights, draws, clusters) -> str | None:
 
 def kmeanspp_launch(points: int, dims: int, per_round: int, tile: SeedTile) -> dict:
     """The kernel's constexprs and warps for rows of ``points`` points of ``dims`` dims, rounds of
-    at most ``per_round`` picks: distance passes over at most ``tile.values`` values a load (whole
-    points; with one pick a round, a few dims of every point)."""
+    at most ``per_round`` picks: distance passes over at most ``tile.values`` values a load (a few
+    dims of every point)."""
     block_k = triton.next_power_of_2(points)
-    block_d = triton.next_power_of_2(dims)
-    return dict(BLOCK_K=block_k, BLOCK_D=block_d, ROUND_P=triton.next_power_of_2(per_round),
-                CHUNK=max(1, min(block_k, tile.values // block_d)), DIMS=max(1, min(block_d, tile.values // block_k)),
+    return dict(BLOCK_K=block_k, ROUND_P=triton.next_power_of_2(per_round),
+                DIMS=max(1, min(triton.next_power_of_2(dims), tile.values // block_k)),
                 num_warps=min(16, max(tile.warps, block_k // 256)))
 
 
@@ -638,11 +626,8 @@ def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Te
     rounds = draws.shape[0]
     launch = kmeanspp_launch(k, d, max(round_sizes(clusters, rounds)), tile or tile_for("kmeanspp", points.device, 0))
     out = torch.empty(n, clusters, dtype=torch.int64, device=points.device)
-    scratch = torch.empty(n, launch["BLOCK_K"], dtype=torch.float32, device=points.device)
-    # one pick a round reads the points transposed (a few dims of every point a load)
-    transposed = points.transpose(1, 2).contiguous() if launch["ROUND_P"] == 1 else points
     _kmeanspp_kernel[(n,)](
-        points, transposed, weights.float().contiguous(), draws.float().contiguous(), scratch, out, k, clusters,
-        rounds, d, **launch,
+        points, points.transpose(1, 2).contiguous(), weights.float().contiguous(), draws.float().contiguous(), out, k,
+        clusters, rounds, d, **launch,
     )
     return out

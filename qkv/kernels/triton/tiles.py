@@ -110,9 +110,9 @@ class UpdateTile:
 @dataclasses.dataclass(frozen=True)
 class SeedTile:
     """The weighted D^2 sampling kernel's launch (k-means++ and k-means|| seeding): each round's
-    distance pass over a row's points in chunks of at most ``values`` (dims x points: whole points,
-    or with one pick a round a few dims of every point), ``warps`` per program (one program a row; more for rows of over 256 points a warp,
-    up to 16, so that the row's state stays in registers)."""
+    distance pass over a row's points in loads of at most ``values`` (a few dims of every point),
+    ``warps`` per program (one program a row; more for rows of over 256 points a warp, up to 16,
+    so that the row's state stays in registers)."""
 
     values: int = 8192
     warps: int = 8
