@@ -50,8 +50,8 @@ def compile_layouts(name: str, block_n: int, warps: int, maxnreg: int | None) ->
     return compiled.asm["cubin"]
 
 
-def inner_loop(sass: str) -> collections.Counter:
-    """Opcodes of the shortest backward branch's body (the innermost loop)."""
+def loop_bodies(sass: str) -> list[list[str]]:
+    """The opcodes of every loop's body (the instructions a backward branch jumps over)."""
     labels, code = {}, []
     pending = []
     for line in sass.splitlines():
@@ -66,13 +66,17 @@ def inner_loop(sass: str) -> collections.Counter:
                 labels[name] = addr
             pending = []
             code.append((addr, m.group(2), m.group(3)))
-    loops = []
+    bodies = []
     for addr, op, rest in code:
         target = re.search(r"(\.L_x_\d+)", rest)
         if op.startswith("BRA") and target and labels.get(target.group(1), addr + 1) < addr:
-            loops.append((labels[target.group(1)], addr))
-    start, end = min(loops, key=lambda span: span[1] - span[0])
-    return collections.Counter(op for addr, op, _ in code if start <= addr < end)
+            bodies.append([o for a, o, _ in code if labels[target.group(1)] <= a < addr])
+    return bodies
+
+
+def inner_loop(sass: str) -> collections.Counter:
+    """Opcodes of the shortest backward branch's body (the innermost loop)."""
+    return collections.Counter(min(loop_bodies(sass), key=len))
 
 
 def main() -> None:

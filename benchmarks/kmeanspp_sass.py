@@ -22,7 +22,7 @@ import subprocess
 import tempfile
 
 import triton
-from decode_sass import LINE, tool
+from decode_sass import loop_bodies, tool
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -51,26 +51,9 @@ def compiled(constants: dict, warps: int) -> tuple[str, str]:
 
 def loops(sass: str) -> list[dict]:
     """Every loop (a backward branch's body), largest first: instructions, barriers, shuffles."""
-    labels, code, pending = {}, [], []
-    for line in sass.splitlines():
-        label = re.match(r"\s*(\.L_x_\d+):", line)
-        if label:
-            pending.append(label.group(1))
-            continue
-        m = LINE.match(line)
-        if m:
-            addr = int(m.group(1), 16)
-            labels.update((name, addr) for name in pending)
-            pending = []
-            code.append((addr, m.group(2), m.group(3)))
-    out = []
-    for addr, op, rest in code:
-        target = re.search(r"(\.L_x_\d+)", rest)
-        if op.startswith("BRA") and target and labels.get(target.group(1), addr + 1) < addr:
-            body = [o for a, o, _ in code if labels[target.group(1)] <= a < addr]
-            out.append({"instructions": len(body), "barriers": sum(o.startswith("BAR") for o in body),
-                        "shuffles": sum(o.startswith("SHFL") for o in body)})
-    return sorted(out, key=lambda row: -row["instructions"])
+    return sorted(({"instructions": len(body), "barriers": sum(o.startswith("BAR") for o in body),
+                    "shuffles": sum(o.startswith("SHFL") for o in body)} for body in loop_bodies(sass)),
+                  key=lambda row: -row["instructions"])
 
 
 def main() -> None:
