@@ -6,8 +6,8 @@ then to the kernel's 64, whatever the dispatch's limit).
 
 Shapes (rows, tokens, head dim): a SANA-WM compression pass (8 blocks x 2 x 32 heads of 2,640
 tokens), a Self-Forcing chunk (2 x 12 heads x 4,680 tokens), an AnyFlow-FAR coarse chunk (2 x 12
-heads x 1,170 tokens), LongCat-Video's condition span (32 heads x 29,640); at 16, 32 and 64 clusters (the kernel
-holds up to 64).
+heads x 1,170 tokens), LongCat-Video's condition span (32 heads x 29,640); at 16, 32 and 64
+clusters (the kernel holds up to 64).
 
     PYTHONPATH=. python3 benchmarks/bench_lloyd_step.py --out benchmarks/results/bench_lloyd_step_h200.json
 """

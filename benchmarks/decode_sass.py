@@ -1,12 +1,15 @@
 """What the decode kernel's main loop costs per decoded value, compiled for a GPU without one.
 
 Compiles ``decode_kernel`` (kernels/triton/decode_kernel.py) for an sm_90 target with the installed
-Triton, for each preset's layouts (head dim 128, 16 query rows, ``--block-n`` keys a tile,
-``--warps`` warps, no pipelining, ``--maxnreg`` registers at most), disassembles it with the ``nvdisasm`` that ships with Triton, and reports the
-registers a thread, its stack frame (where spilled registers go), the instructions of the innermost loop (one key
-and value tile) by opcode and per decoded value (2 x block_n x 128 values over the threads).
+Triton, for each preset's layouts (head dim 128, ``--rows`` query rows a tile: 16 for one query
+of four query heads, 64 for sixteen; ``--block-n`` keys a tile, ``--warps`` warps, no pipelining,
+``--maxnreg`` registers at most), disassembles it with the ``nvdisasm`` that ships with Triton,
+and reports the registers a thread, its stack frame (where spilled registers go), the
+instructions of the innermost loop (one key and value tile) by opcode and per decoded value
+(2 x block_n x 128 values over the threads).
 
     PYTHONPATH=. python3 benchmarks/decode_sass.py --out benchmarks/results/decode_sass_triton36.json
+    PYTHONPATH=. python3 benchmarks/decode_sass.py --rows 64 --out benchmarks/results/decode_sass_64_rows_triton36.json
 """
 
 from __future__ import annotations
@@ -38,10 +41,10 @@ def tool(name: str) -> str:
     return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_layouts(name: str, block_n: int, warps: int, maxnreg: int | None) -> bytes:
+def compile_layouts(name: str, rows: int, block_n: int, warps: int, maxnreg: int | None) -> bytes:
     k = torch.randn(1, 2, 256, 128).bfloat16()
     k_layout, v_layout = span_record(qkv.build_policy(name).compress(k, k.clone())).layouts
-    const = dict(D=128, BLOCK_M=16, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
+    const = dict(D=128, BLOCK_M=rows, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
                  HAS_DENSE=False, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout)
     signature = {a: "constexpr" if a in const else POINTERS.get(a, "fp32" if a == "qk_scale" else "i32")
                  for a in decode_kernel.arg_names}
@@ -82,6 +85,7 @@ def inner_loop(sass: str) -> collections.Counter:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("presets", nargs="*", default=["qvg", "kivi", "rtn", "quarot", "bf16"])
+    parser.add_argument("--rows", type=int, default=16, help="query rows a tile (BLOCK_M)")
     parser.add_argument("--block-n", type=int, default=64)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--maxnreg", type=int, default=None)
@@ -92,7 +96,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets:
             cubin = pathlib.Path(tmp) / f"{name}.cubin"
-            cubin.write_bytes(compile_layouts(name, args.block_n, args.warps, args.maxnreg))
+            cubin.write_bytes(compile_layouts(name, args.rows, args.block_n, args.warps, args.maxnreg))
             sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
             usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                    check=True).stdout
@@ -100,8 +104,8 @@ def main() -> None:
             stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # spilled registers live here
             ops = inner_loop(sass)
             total = sum(ops.values())
-            rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "block_n": args.block_n,
-                         "warps": args.warps, "maxnreg": args.maxnreg, "registers": regs,
+            rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "rows": args.rows,
+                         "block_n": args.block_n, "warps": args.warps, "maxnreg": args.maxnreg, "registers": regs,
                          "stack_bytes": stack, "loop_instructions": total,
                          "loop_spill_loads": sum(n for op, n in ops.items() if op.startswith("LDL")),
                          "loop_spill_stores": sum(n for op, n in ops.items() if op.startswith("STL")),

@@ -696,7 +696,7 @@ def test_assignment_gathers_the_update_sums_in_its_pass(dtype, n, s, d, c, fused
     # the torch twin's sums, and either backend's update of the other's sums
     t_idx, _, t_sums = kernels.kmeans_assign(x, cent, scale=scale, sums=True, backend="torch")
     assert t_sums.sums.shape[1] == 1
-    t_out, t_counts = kernels.kmeans_update(x, t_idx, cent, reseed, scale=scale, sums=t_sums, backend="torch")
+    t_out, _ = kernels.kmeans_update(x, t_idx, cent, reseed, scale=scale, sums=t_sums, backend="torch")
     assert torch.equal(t_out, kernels.kmeans_update(x, t_idx, cent, reseed, scale=scale, backend="torch")[0])
     mixed, _ = kernels.kmeans_update(x, idx, cent, reseed, scale=scale, sums=sums, backend="torch")
     assert torch.allclose(mixed, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))

@@ -280,14 +280,14 @@ def assign_supports(x, centroids, scale=None, sums=False) -> str | None:
 
 def assign_triton(
     x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, sums: bool = False, *,
-    tile: AssignTile | None = None, sum_tile: UpdateTile | None = None,
+    tile: AssignTile | None = None,
 ) -> tuple:
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
     to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. With
     ``sums``, up to FUSED_MAX_CLUSTERS clusters of at most 128 dims, the clusters' sums come from
-    the same pass (``_cluster_sum_kernel`` with ASSIGN, launched as the one-hot update's
-    ``sum_tile``); beyond, the third element is None. ``tile``: the launch of the plain assignment
-    (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
+    the same pass (``_cluster_sum_kernel`` with ASSIGN, launched with the one-hot update's tile);
+    beyond, the third element is None. ``tile``: the launch of the plain assignment (default: the
+    device's, see :mod:`qkv.kernels.triton.tiles`)."""
     x, centroids = unit_d(x), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
@@ -302,10 +302,9 @@ def assign_triton(
     f = x if scale is None else scale.float().contiguous()
     common = dict(X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda")
     if sums and c <= FUSED_MAX_CLUSTERS and block_d <= 128:
-        sum_tile = sum_tile or tile_for("update", x.device, 0)
+        sum_tile = tile_for("update", x.device, 0)
         splits, per_split = _splits(x, n, s, sum_tile)
-        part = ClusterSums(torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device),
-                           torch.empty(n, splits, c, dtype=torch.float32, device=x.device))
+        part = _empty_sums(x, splits, c)
         _cluster_sum_kernel[(n, 1, splits)](
             x, f, idx, neg2, c_sq, dist, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
             ASSIGN=True, PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=max(16, triton.next_power_of_2(c)),
@@ -375,7 +374,7 @@ def update_sorted(
     edges = torch.empty(n, runs, 2, d, dtype=torch.float32, device=x.device)
     _run_sum_kernel[(n, runs)](
         x, f, keys, order, bounds, sums, edges, s, c, d, x.stride(0), x.stride(1), runs,
-        PARTS={torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3), HAS_SCALE=scale is not None,
+        PARTS=_parts(x), HAS_SCALE=scale is not None,
         EMULATE=not x.is_cuda, RUN=RUN_TOKENS, BLOCK_T=RUN_STEP, BLOCK_J=RUN_CLUSTERS, BLOCK_D=block_d, num_warps=4,
         num_stages=1,  # pipelined: 0.99-1.75x the time at every launch (results/sweep_run_sum_h100.json)
     )
@@ -397,7 +396,7 @@ def _cluster_sum_kernel(
     ASSIGN: tl.constexpr, X_EXACT: tl.constexpr, PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
     EMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """Tokens p * per_split .. of row n, clusters of block cb: each cluster's sum of its tokens
+    """Tokens p * per_split .. of row n, the clusters of block program_id(1): each cluster's sum of its tokens
     (times the row's factor: HAS_SCALE) and their count, into sums[n, p, c] and counts[n, p, c],
     as one-hot products on the tensor cores (see _onehot_sum). The tokens' clusters are read from
     a [N, S], or with ASSIGN (one block of every cluster) worked out from the prepared centroids
@@ -468,6 +467,13 @@ def _parts(x: torch.Tensor) -> int:
     return {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
 
 
+def _empty_sums(x: torch.Tensor, splits: int, clusters: int) -> ClusterSums:
+    """Uninitialized :class:`ClusterSums` of ``splits`` parts for the rows of ``x`` [N, S, D]."""
+    n, _, d = x.shape
+    return ClusterSums(torch.empty(n, splits, clusters, d, dtype=torch.float32, device=x.device),
+                       torch.empty(n, splits, clusters, dtype=torch.float32, device=x.device))
+
+
 def _splits(x: torch.Tensor, unsplit: int, s: int, tile: UpdateTile) -> tuple[int, int]:
     """Parts of a row's ``s`` tokens for the one-hot sums of a launch of ``unsplit`` programs
     without parts (the tokens are cut in two until the GPU holds ``tile.waves`` programs per
@@ -520,8 +526,7 @@ def update_onehot(
     block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
     c_blocks = triton.cdiv(c, block_c)
     splits, per_split = _splits(x, n * c_blocks, s, tile)
-    part = ClusterSums(torch.empty(n, splits, c, d, dtype=torch.float32, device=x.device),
-                       torch.empty(n, splits, c, dtype=torch.float32, device=x.device))
+    part = _empty_sums(x, splits, c)
     _cluster_sum_kernel[(n, c_blocks, splits)](
         x, f, assignments, x, x, x, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
         ASSIGN=False, X_EXACT=False, PARTS=_parts(x), HAS_SCALE=scale is not None, EMULATE=not x.is_cuda,
