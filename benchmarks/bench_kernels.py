@@ -17,8 +17,8 @@ encoder over 30,000 tokens of speech (``qkv.realdata``'s ``whisper-encoder``), t
 side by side as one 128-dim head, [3, 30000, 128] (the committed H200 run used it). k-means alone
 (random init, 256 clusters) is also timed against flash-kmeans 0.3.1, the reference's k-means.
 ``--seeding`` measures only the k-means seedings (random / kmeans++ / kmeans||, 256 clusters):
-time per span and the error after the presets' 5 Lloyd iterations; with ``--small`` at a small
-shape, on the GPU if there is one and on the CPU otherwise (wall time, torch assignment).
+time per span, its GPU time per kernel (the profiler's, on a GPU) and the error after the presets'
+5 Lloyd iterations; with ``--small`` at a small shape, on the GPU if there is one and on the CPU otherwise (wall time, torch assignment).
 ``--warm-encode`` measures only the warm-started encodes, eager and replayed from CUDA graphs.
 ``--breakdown`` measures only the GPU time per kernel of one 2-iteration encode of a clustered
 LongCat span (the profile the full run also writes), for comparing commits on one machine.
@@ -202,13 +202,18 @@ def equal_error(rows) -> list[dict]:
 
 def encode_breakdown(x) -> list[dict]:
     """GPU time per kernel of one qvg (2 iterations) encode, from the profiler."""
+    tp = qkv.build_policy("qvg", iters=2).k
+    return gpu_breakdown(lambda: tp.compress(x), "encode")
+
+
+def gpu_breakdown(fn, what: str) -> list[dict]:
+    """GPU time per kernel of one call of ``fn`` (after one warm-up call), from the profiler."""
     from torch.profiler import ProfilerActivity, profile
 
-    tp = qkv.build_policy("qvg", iters=2).k
-    tp.compress(x)
+    fn()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        tp.compress(x)
+        fn()
         torch.cuda.synchronize()
     rows = [
         {"kernel": e.key[:70], "calls": e.count, "cuda_ms": e.device_time_total / 1000}
@@ -216,7 +221,7 @@ def encode_breakdown(x) -> list[dict]:
         if e.device_time_total > 0
     ]
     rows.sort(key=lambda r: -r["cuda_ms"])
-    print(f"  GPU time of one encode: {sum(r['cuda_ms'] for r in rows):.3f} ms")
+    print(f"  GPU time of one {what}: {sum(r['cuda_ms'] for r in rows):.3f} ms in {sum(r['calls'] for r in rows)} kernels")
     for r in rows[:12]:
         print(f"  {r['cuda_ms']:8.3f} ms  x{r['calls']:<3d} {r['kernel']}")
     return rows
@@ -235,8 +240,10 @@ def seeding(shapes: dict, device: str) -> list[dict]:
         for init, fn in SEEDINGS.items():
             gen = torch.Generator(device=device).manual_seed(0)
             seed_once = lambda: fn(x, 256, gen, "auto")  # noqa: E731
+            breakdown = None
             if device == "cuda":
                 t, graph = ms(seed_once, warmup=5, rep=50), gpu_ms(seed_once, rep=20)
+                breakdown = gpu_breakdown(seed_once, f"{init} seeding")
             else:
                 times = []
                 for _ in range(3):
@@ -245,7 +252,9 @@ def seeding(shapes: dict, device: str) -> list[dict]:
                     times.append(1e3 * (time.perf_counter() - start))
                 t, graph = statistics.median(times), None
             rel = kmeans(x, 256, 5, init=init, seed=0).objective[-1].sum().item() / energy
-            rows.append({"shape": shape_name, "init": init, "seed_ms": t, "seed_graph_ms": graph, "rel_objective": rel})
+            rows.append({"shape": shape_name, "init": init, "seed_ms": t, "seed_graph_ms": graph, "rel_objective": rel,
+                         "gpu_ms": None if breakdown is None else sum(r["cuda_ms"] for r in breakdown),
+                         "gpu_breakdown": breakdown})
             print(f"{shape_name:12s} seeding {init:9s} {t:9.3f} ms per span (CUDA graph: {graph} ms)  "
                   f"objective after 5 iterations / |x|^2 {rel:.5f}", flush=True)
     return rows
