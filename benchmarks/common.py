@@ -9,6 +9,7 @@ then on ``sys.path``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import platform
@@ -104,3 +105,27 @@ def write_json(path: str | pathlib.Path, results: dict) -> None:
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"environment": environment(), **results}, indent=1))
+
+
+def oversampling(text: str) -> tuple[int, int]:
+    """An ``RxL`` argument (k-means|| oversampling: R rounds of L x C candidates) as (R, L)."""
+    try:
+        rounds, per_round = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected ROUNDSxCLUSTERS such as 2x2, got {text!r}") from None
+    if rounds < 1 or per_round < 1:
+        raise argparse.ArgumentTypeError(f"rounds and candidates per round must be >= 1, got {text!r}")
+    return rounds, per_round
+
+
+@contextlib.contextmanager
+def overridden(module, values: dict):
+    """Module constants set to ``values`` for the block, restored after it."""
+    before = {name: getattr(module, name) for name in values}
+    for name, value in values.items():
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            setattr(module, name, value)

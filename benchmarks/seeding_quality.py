@@ -8,11 +8,15 @@ D = 32, so the block becomes 32), the first 4 heads, K and V apart, averaged ove
 Torch path on the CPU (a few minutes with the data built). ``--reduce-rounds R ...`` adds a
 column ``kmeans||@R`` per R: k-means|| with its candidates reduced in R rounds after the first
 pick instead of ``qkv.grouping.kmeans.REDUCE_ROUNDS`` (C - 1: one pick a round, weighted
-k-means++); ``--seeds`` the k-means seeds to average over.
+k-means++); ``--oversample RxL ...`` a column ``kmeans||@RxL`` per shape of the oversampling: R
+rounds of L x C candidates each instead of ``PARALLEL_ROUNDS`` x ``PARALLEL_OVERSAMPLE``;
+``--seeds`` the k-means seeds to average over.
 
     PYTHONPATH=. python3 benchmarks/seeding_quality.py   # writes benchmarks/results/seeding_quality.json
     PYTHONPATH=. python3 benchmarks/seeding_quality.py --inits kmeans|| --reduce-rounds 8 32 255 \
         --seeds 0 1 2 3 4 5 --out benchmarks/results/seeding_quality_reduce_rounds.json
+    PYTHONPATH=. python3 benchmarks/seeding_quality.py --inits kmeans|| --oversample 4x1 --seeds 0 1 2 3 4 5 \
+        --out benchmarks/results/seeding_quality_oversample.json
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import importlib
 import statistics
 
 import torch
-from common import write_json
+from common import oversampling, overridden, write_json
 
 import qkv
 from qkv.realdata import load_dataset
@@ -45,28 +49,29 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/seeding_quality.json")
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     parser.add_argument("--reduce-rounds", nargs="*", type=int, default=[])
+    parser.add_argument("--oversample", nargs="*", type=oversampling, default=[], metavar="RxL")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     args = parser.parse_args()
-    columns = [(init, None) for init in args.inits] + [(f"kmeans||@{r}", r) for r in args.reduce_rounds]
+    columns = ([(init, init, {}) for init in args.inits]
+               + [(f"kmeans||@{r}", "kmeans||", {"REDUCE_ROUNDS": r}) for r in args.reduce_rounds]
+               + [(f"kmeans||@{r}x{m}", "kmeans||", {"PARALLEL_ROUNDS": r, "PARALLEL_OVERSAMPLE": m})
+                  for r, m in args.oversample])
     rows = []
     for name, tokens in DATA.items():
         samples = load_dataset(name)[:LAYERS]
         for tensor in ("k", "v"):
             xs = [getattr(s, tensor)[:, :HEADS, :tokens].float().contiguous() for s in samples]
             row = {"data": name, "tensor": tensor, "tokens": tokens}
-            for column, rounds in columns:
-                init = column if rounds is None else "kmeans||"
-                default, KMEANS.REDUCE_ROUNDS = KMEANS.REDUCE_ROUNDS, rounds or KMEANS.REDUCE_ROUNDS
-                try:
+            for column, init, overrides in columns:
+                with overridden(KMEANS, overrides):
                     row[column] = statistics.mean(
                         relative_mse(f"kmeans(init={init},seed={seed}),centroid,int2(block=64)", x)
                         for x in xs for seed in args.seeds)
-                finally:
-                    KMEANS.REDUCE_ROUNDS = default
             rows.append(row)
             print(" ".join(f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
     write_json(args.out, {"layers": LAYERS, "heads": HEADS, "seeds": args.seeds,
-                          "reduce_rounds_default": KMEANS.REDUCE_ROUNDS, "rows": rows})
+                          "reduce_rounds_default": KMEANS.REDUCE_ROUNDS,
+                          "oversample_default": f"{KMEANS.PARALLEL_ROUNDS}x{KMEANS.PARALLEL_OVERSAMPLE}", "rows": rows})
 
 
 if __name__ == "__main__":

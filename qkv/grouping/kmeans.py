@@ -2,9 +2,9 @@
 
 - Init: k-means++ (D^2 sampling, seeded; drawn from a random subsample of ``INIT_SAMPLE`` tokens
   per cluster on long spans, since its C sequential passes dominate otherwise), k-means|| (the
-  same subsample; a few rounds that each draw C candidates at once by D^2, then weighted D^2
+  same subsample; two rounds that each draw 2 C candidates at once by D^2, then weighted D^2
   sampling of the C centroids from the 4 C candidates in ``REDUCE_ROUNDS`` rounds of ~C / 32
-  picks: 5 passes over the subsample, each batched over rows, and 32 over the candidates), or
+  picks: 3 passes over the subsample, each batched over rows, and 32 over the candidates), or
   uniform random tokens (the reference QVG's choice). Both D^2 seedings draw from their points
   in one kernel on a GPU (:func:`qkv.kernels.kmeanspp`: k-means++ a pick a pass, k-means|| a
   round a pass); no host sync. The Lloyd iterations always use every token.
@@ -47,8 +47,11 @@ from qkv.readback import Arriving
 CHECK_EVERY = 4
 FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x clusters span segments
 INIT_SAMPLE = 16  # k-means++ and k-means|| seed from at most this many tokens per cluster (a random subsample)
-PARALLEL_ROUNDS = 4  # k-means|| sampling rounds (one assignment pass of the subsample each)
-PARALLEL_OVERSAMPLE = 1  # k-means|| candidates per round, in clusters
+# k-means|| sampling rounds (one assignment pass of the subsample each) and candidates per round, in
+# clusters: 2 rounds of 2 C seeded as well as 4 of C on real K/V, in fewer passes
+# (benchmarks/seeding_quality.py --oversample, docs/policies.md)
+PARALLEL_ROUNDS = 2
+PARALLEL_OVERSAMPLE = 2
 # k-means|| draws its centroids from the weighted candidates by D^2 in this many rounds after the
 # first pick (~C / 32 picks a round, a pass over the candidates each; C rounds of one pick, plain
 # weighted k-means++, seeded no better: benchmarks/seeding_quality.py)

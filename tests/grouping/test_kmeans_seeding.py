@@ -103,14 +103,14 @@ def test_rows_do_not_depend_on_the_other_rows(s):
 
 
 def test_error_as_low_as_kmeanspp_and_below_random():
-    """Mean relative MSE of kmeans(init=...),centroid,int2 over eight seeded clustered inputs, each
+    """Mean relative MSE of kmeans(init=...),centroid,int2 over 24 seeded clustered inputs, each
     clustered with its own k-means seed (a seed's draws are shared by every row of a call):
-    k-means|| is at most random seeding's and within 3% of k-means++'s (measured: random 0.043,
-    k-means++ 0.0252, k-means|| 0.0255 at [1, 4, 2048, 64], 64 clusters)."""
+    k-means|| is at most random seeding's and within 3% of k-means++'s (measured: random 0.0386,
+    k-means++ 0.0235, k-means|| 0.0213; the mean over 8 inputs moved by 7% with the inputs drawn)."""
     errors = {}
     for init in ("random", "kmeans++", "kmeans||"):
         runs = []
-        for data_seed in range(8):
+        for data_seed in range(24):
             policy = qkv.build_policy(f"kmeans(clusters=32,init={init},seed={data_seed}),centroid,int2(block=32)").k
             x = clustered_tokens((1, 2, 1024, 32), clusters=32, seed=data_seed)
             runs.append(relative_mse(x, policy.decompress(policy.compress(x, backend="torch"))))
