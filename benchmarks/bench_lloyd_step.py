@@ -51,7 +51,8 @@ def main() -> None:
             row = {"shape": name, "rows": n, "tokens": s, "head_dim": d, "clusters": c,
                    "step_two_passes_ms": timed(lambda: step(x, cent, False)),
                    "step_one_pass_ms": timed(lambda: step(x, cent, True)),
-                   "same_means": bool(torch.equal(fused, split)),
+                   # each pass with the device's tile of its kernel: the sums' fp32 order may differ
+                   "means_max_rel_diff": float((fused - split).abs().max() / split.abs().max()),
                    "same_counts": bool(torch.equal(counts, split_counts))}
             results = {}
             for label, limit in (("two_passes", 0), ("one_pass", 64)):
@@ -59,8 +60,8 @@ def main() -> None:
                 results[label] = kmeans(x, c, 5, init="random")
                 row[f"kmeans_5_iters_{label}_ms"] = timed(lambda: kmeans(x, c, 5, init="random"), reps=10)
             tk.FUSED_MAX_CLUSTERS = fused_max
-            row["kmeans_same_result"] = bool(torch.equal(results["one_pass"].centroids,
-                                                         results["two_passes"].centroids))
+            one, two = results["one_pass"].centroids, results["two_passes"].centroids
+            row["kmeans_centroids_max_rel_diff"] = float((one - two).abs().max() / two.abs().max())
             print(row, flush=True)
             rows.append(row)
     write_json(args.out, {"rows": rows})

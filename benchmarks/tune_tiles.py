@@ -51,8 +51,9 @@ plan in one launch) over ``DECOMPRESS_WINDOWS`` (qvg with 64 clusters, bf16) and
 ``--kernel update`` sweeps :class:`qkv.kernels.triton.tiles.UpdateTile` (tokens per step,
 centroids per block, warps, waves) of the one-hot k-means update over ``UPDATE_SHAPES`` (the
 shapes it is used for: at most 128 clusters; balanced random assignments) and writes one tile.
-The assignment pass that also sums (at most 32 clusters) launches with the same tile; the sweep
-times the update alone.
+``--kernel assign_sums`` sweeps :class:`qkv.kernels.triton.tiles.AssignSumsTile` (tokens per
+step, warps, waves) of the assignment pass that also sums (at most 32 clusters) over
+``ASSIGN_SUMS_SHAPES`` and writes one tile.
 
 ``--kernel kmeanspp`` sweeps :class:`qkv.kernels.triton.tiles.SeedTile` (values per distance
 chunk, warps) of the weighted D^2 sampling kernel over ``SEED_SHAPES`` (the seedings' draws at
@@ -98,6 +99,10 @@ DECOMPRESS_WINDOWS = {"sana_wm_window": (1, 32, 2640, 4, 128), "self_forcing_his
 # at 64 and 128 clusters
 UPDATE_SHAPES = {"sana_wm_pass": (512, 2640, 128, 64), "self_forcing_64": (12, 37440, 128, 64),
                  "self_forcing_128": (12, 37440, 128, 128)}
+# the assignment that also sums (at most FUSED_MAX_CLUSTERS clusters): (rows, tokens, head dim,
+# clusters) of a SANA-WM pass at 16 and 32 clusters, a Self-Forcing chunk's K and V and a LongCat-Video span
+ASSIGN_SUMS_SHAPES = {"sana_wm_pass_16": (512, 2640, 128, 16), "sana_wm_pass_32": (512, 2640, 128, 32),
+                      "self_forcing_chunk_16": (24, 4680, 128, 16), "longcat_video_16": (32, 29640, 128, 16)}
 
 # weighted D^2 sampling's (rows, points, head dim, picks): k-means||'s 4 x 256 candidates of a
 # LongCat-Video span's K and V, and k-means++'s 16 x 256 subsample of a Self-Forcing history
@@ -232,6 +237,26 @@ def update_grid(quick: bool) -> list[tiles.UpdateTile]:
     return [tiles.UpdateTile(t, c, w, v) for t, c, w, v in itertools.product(tokens, clusters, warps, waves)]
 
 
+def assign_sums_grid(quick: bool) -> list[tiles.AssignSumsTile]:
+    tokens, warps, waves = (32, 64, 128), (4, 8), (2, 4, 8)
+    if quick:
+        tokens, warps, waves = (32, 64), (4,), (2, 4)
+    return [tiles.AssignSumsTile(t, w, v) for t, w, v in itertools.product(tokens, warps, waves)]
+
+
+def assign_sums_calls(args):
+    """(case, call(tile)) of the assignment that also sums, over ASSIGN_SUMS_SHAPES as k-means calls
+    it (bf16 tokens gathered around the centroids, a row factor)."""
+    for name, (rows, tokens, d, clusters) in ASSIGN_SUMS_SHAPES.items():
+        cents = torch.randn(rows, clusters, d, device="cuda")
+        near = torch.randint(0, clusters, (tokens,), device="cuda")
+        x = (cents[:, near] + 0.3 * torch.randn(rows, tokens, d, device="cuda")).bfloat16()
+        factor = torch.full((rows,), 0.5, device="cuda")
+        yield (name,), lambda tile: assign_triton(x, cents, factor, sums=True, sum_tile=tile)
+        del x, cents, near
+        torch.cuda.empty_cache()
+
+
 def update_calls(args):
     """(case, call(tile)) of the one-hot k-means update over UPDATE_SHAPES (bf16 tokens)."""
     for name, (rows, tokens, d, clusters) in UPDATE_SHAPES.items():
@@ -266,6 +291,7 @@ def kmeanspp_calls(args):
 
 KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid, dequantize_calls),
            "assign": (assign_grid, assign_calls), "update": (update_grid, update_calls),
+           "assign_sums": (assign_sums_grid, assign_sums_calls),
            "decompress": (decompress_grid, decompress_calls), "kmeanspp": (kmeanspp_grid, kmeanspp_calls)}
 
 
@@ -294,7 +320,8 @@ def measure(args) -> tuple[list, dict[tuple, list[float]], dict]:
 
 def rescore(args) -> tuple[list, dict[tuple, list[float]], dict]:
     """An earlier sweep's (``--rescore``) candidates, times of the cases of ``--policies`` (a
-    case's last field) and environment: a winner for a subset of its cases without a GPU."""
+    case's last field) and ``--shapes`` (its first) and environment: a winner for a subset of its
+    cases without a GPU."""
     earlier = json.loads(pathlib.Path(args.rescore).read_text())
     if earlier["kernel"] != args.kernel:
         raise SystemExit(f"--rescore {args.rescore} is a {earlier['kernel']} sweep, not {args.kernel}")
@@ -304,9 +331,10 @@ def rescore(args) -> tuple[list, dict[tuple, list[float]], dict]:
     kept = [i for i, t in enumerate(earlier["tiles"]) if not any(v for k, v in t.items() if k not in fields)]
     candidates = [kind(**{k: v for k, v in earlier["tiles"][i].items() if k in fields}) for i in kept]
     times = {tuple(c["case"]): [c["ms"][i] for i in kept] for c in earlier["cases"]
-             if args.policies is None or c["case"][-1] in args.policies}
+             if (args.policies is None or c["case"][-1] in args.policies)
+             and (args.shapes is None or c["case"][0] in args.shapes)}
     if not times:
-        raise SystemExit(f"--rescore {args.rescore} has no case of the policies {args.policies}")
+        raise SystemExit(f"--rescore {args.rescore} has no case of the policies {args.policies} and shapes {args.shapes}")
     return candidates, times, earlier["environment"]
 
 
@@ -317,13 +345,15 @@ def main() -> None:
     parser.add_argument("--write", nargs="?", const=str(tiles.TABLE), default=None, metavar="TABLE",
                         help="store the winner in this table (default qkv/kernels/triton/tiles.json)")
     parser.add_argument("--up-to", type=int, default=None,
-                        help="write the winner for calls of at most this many query rows per KV head (decode)")
+                        help="write the winner for calls of at most this many query rows per KV head (decode) "
+                             "or clusters (assign_sums)")
     parser.add_argument("--centroids", choices=("yes", "no"), default=None,
                         help="decode: write the winner for keys that add centroids back (yes) or that do not (no); "
                              "omitted: for both")
     parser.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (decode; default all)")
     parser.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
     parser.add_argument("--policies", nargs="+", default=None)
+    parser.add_argument("--shapes", nargs="+", default=None, help="with --rescore: only these cases (by first field)")
     parser.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
                         help="decode: replace the choices of DecodeTile fields (stages as 2:1), e.g. warps=1,2")
     parser.add_argument("--rescore", metavar="JSON",

@@ -16,7 +16,7 @@ from test_attention import assert_within_twice_the_torch_error, history, randn  
 
 
 def test_interpreter_tile_off_the_gpu():
-    for kernel in ("decode", "attention", "dequantize", "assign"):
+    for kernel in ("decode", "attention", "dequantize", "assign", "assign_sums"):
         assert tiles.tile_for(kernel, torch.device("cpu"), 4) == tiles.INTERPRETER[kernel]
 
 
@@ -118,3 +118,18 @@ def test_explicit_assign_tile_finds_the_same_centroids(tile):
     ref_idx, ref_dist = assign_triton(x, cents)
     assert torch.equal(idx, ref_idx) and torch.allclose(dist, ref_dist, rtol=1e-6, atol=0)
 
+
+
+@pytest.mark.parametrize("tile", [tiles.AssignSumsTile(32, 4, 8), tiles.AssignSumsTile(128, 8, 2)])
+def test_explicit_assign_sums_tile_sums_the_same_clusters(tile):
+    """Any tile of the assignment that sums finds the same nearest centroids and counts as the
+    device's, at the same distances and with the same sums up to their fp32 order (the tile sets
+    the products' shape, the parts and the steps)."""
+    from qkv.kernels.triton.kmeans import assign_triton
+
+    x, cents = randn(11, 3, 300, 64).bfloat16(), randn(12, 3, 20, 64)
+    idx, dist, sums = assign_triton(x, cents, sums=True, sum_tile=tile)
+    ref_idx, ref_dist, ref_sums = assign_triton(x, cents, sums=True)
+    assert torch.equal(idx, ref_idx) and torch.allclose(dist, ref_dist, rtol=1e-6, atol=0)
+    assert torch.equal(sums.counts.sum(1), ref_sums.counts.sum(1))
+    assert torch.allclose(sums.sums.sum(1), ref_sums.sums.sum(1), rtol=1e-5, atol=1e-4)

@@ -666,10 +666,12 @@ def test_assignment_gathers_the_update_sums_in_its_pass(dtype, n, s, d, c, fused
     """``sums=True``: up to FUSED_MAX_CLUSTERS clusters (``fused_max``: raised to the 64 the kernel
     holds) the assignment kernel also sums each cluster's tokens (several parts of a row,
     re-seeds, row scales, most tokens in one cluster): the same assignments and distances as
-    without, the one-hot update's means bit for bit, the reference's counts and its means to fp32
-    summation order. Beyond, it leaves the sums to the update (None)."""
+    without, the one-hot update's means bit for bit when launched alike (tokens per step, warps,
+    waves: the device's tiles of the two kernels may differ), the reference's counts and its means
+    to fp32 summation order. Beyond, it leaves the sums to the update (None)."""
     from qkv.kernels.triton import kmeans as tk
     from qkv.kernels.triton.kmeans import update_onehot
+    from qkv.kernels.triton.tiles import UpdateTile, tile_for
 
     if fused_max is not None:
         monkeypatch.setattr(tk, "FUSED_MAX_CLUSTERS", fused_max)
@@ -692,7 +694,9 @@ def test_assignment_gathers_the_update_sums_in_its_pass(dtype, n, s, d, c, fused
     ref, ref_counts = kernels.kmeans_update(x, idx, cent, reseed, scale=scale, backend="torch")
     assert torch.equal(counts, ref_counts) and bool((counts[:, -1] == 0).all())
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
-    assert torch.equal(out, update_onehot(x, idx, cent, reseed, scale)[0])
+    launch = tile_for("assign_sums", x.device, c)
+    alike = UpdateTile(tokens=launch.tokens, clusters=64, warps=launch.warps, waves=launch.waves)
+    assert torch.equal(out, update_onehot(x, idx, cent, reseed, scale, tile=alike)[0])
     # the torch twin's sums, and either backend's update of the other's sums
     t_idx, _, t_sums = kernels.kmeans_assign(x, cent, scale=scale, sums=True, backend="torch")
     assert t_sums.sums.shape[1] == 1

@@ -41,7 +41,7 @@ import triton.language as tl
 from qkv.dtypes import compact_index_dtype
 from qkv.kernels.kmeans import ClusterSums, round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
-from qkv.kernels.triton.tiles import AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
+from qkv.kernels.triton.tiles import AssignSumsTile, AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
 # The sorted update sums RUN_TOKENS sorted tokens a program (RUN_STEP a product, RUN_CLUSTERS
 # cluster ids a one-hot block): every program has the same work, whatever the cluster sizes
@@ -280,13 +280,13 @@ def assign_supports(x, centroids, scale=None, sums=False) -> str | None:
 
 def assign_triton(
     x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, sums: bool = False, *,
-    tile: AssignTile | None = None,
+    tile: AssignTile | None = None, sum_tile: AssignSumsTile | None = None,
 ) -> tuple:
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
     to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. With
     ``sums``, up to FUSED_MAX_CLUSTERS clusters of at most 128 dims, the clusters' sums come from
-    the same pass (``_cluster_sum_kernel`` with ASSIGN, launched with the one-hot update's tile);
-    beyond, the third element is None. ``tile``: the launch of the plain assignment (default: the
+    the same pass (``_cluster_sum_kernel`` with ASSIGN); beyond, the third element is None.
+    ``tile``: the launch of the plain assignment, ``sum_tile`` of the one that sums (default: the
     device's, see :mod:`qkv.kernels.triton.tiles`)."""
     x, centroids = unit_d(x), centroids.float().contiguous()
     n, s, d = x.shape
@@ -302,7 +302,7 @@ def assign_triton(
     f = x if scale is None else scale.float().contiguous()
     common = dict(X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda")
     if sums and c <= FUSED_MAX_CLUSTERS and block_d <= 128:
-        sum_tile = tile_for("update", x.device, 0)
+        sum_tile = sum_tile or tile_for("assign_sums", x.device, c)
         splits, per_split = _splits(x, n, s, sum_tile)
         part = _empty_sums(x, splits, c)
         _cluster_sum_kernel[(n, 1, splits)](
@@ -474,7 +474,7 @@ def _empty_sums(x: torch.Tensor, splits: int, clusters: int) -> ClusterSums:
                        torch.empty(n, splits, clusters, dtype=torch.float32, device=x.device))
 
 
-def _splits(x: torch.Tensor, unsplit: int, s: int, tile: UpdateTile) -> tuple[int, int]:
+def _splits(x: torch.Tensor, unsplit: int, s: int, tile: UpdateTile | AssignSumsTile) -> tuple[int, int]:
     """Parts of a row's ``s`` tokens for the one-hot sums of a launch of ``unsplit`` programs
     without parts (the tokens are cut in two until the GPU holds ``tile.waves`` programs per
     multiprocessor, or a part would hold fewer than two steps), and the tokens of a part (whole

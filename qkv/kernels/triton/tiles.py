@@ -97,12 +97,23 @@ class DecompressTile:
 class UpdateTile:
     """The one-hot k-means update's launch: ``tokens`` per step of a program, centroid blocks of
     up to ``clusters``, ``warps`` per program, and ``waves``: programs per multiprocessor to aim
-    for (a row's tokens are split until the GPU holds that many). The assignment that gathers the
-    sums in its own pass (``sums=True``, few clusters) launches the same way (every centroid in
-    one block)."""
+    for (a row's tokens are split until the GPU holds that many)."""
 
     tokens: int = 64
     clusters: int = 64
+    warps: int = 4
+    waves: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class AssignSumsTile:
+    """The launch of the assignment that also gathers the clusters' sums in its own pass
+    (``sums=True``, few clusters, every centroid in one block): ``tokens`` per step of a program,
+    ``warps`` per program, ``waves`` as :class:`UpdateTile`'s; a table row's ``up_to`` counts
+    clusters. Its own rows, not the update's: the update's best tile made this kernel up to 1.4x
+    slower on an H100 (``benchmarks/results/bench_lloyd_step_swept_update_tile_h100.json``)."""
+
+    tokens: int = 64
     warps: int = 4
     waves: int = 4
 
@@ -122,6 +133,7 @@ DEFAULTS = {
     "decode": DecodeTile(),
     "assign": AssignTile(),
     "update": UpdateTile(),
+    "assign_sums": AssignSumsTile(),
     "kmeanspp": SeedTile(),
     # 128-key work items of 32 x 128 tiles, as the dequantize kernel's: a long span still spreads
     # over many programs (a 37,440-token span of 12 heads: 3,516)
@@ -137,6 +149,7 @@ INTERPRETER = {
     "decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4),
     "assign": AssignTile(),
     "update": UpdateTile(),
+    "assign_sums": AssignSumsTile(),
     "kmeanspp": SeedTile(),
     "decompress": DecompressTile(),
     "dequantize": DequantizeTile(),
