@@ -229,7 +229,9 @@ def gpu_breakdown(fn, what: str) -> list[dict]:
 
 def seeding(shapes: dict, device: str) -> list[dict]:
     """Per shape and seeding: the seeding's time per span (256 clusters, all heads in one call),
-    whether it can be captured in a CUDA graph, and the k-means objective after the presets' 5
+    its time replayed from a CUDA graph (None where the capture fails: each seeding draws from a
+    seeded ``torch.Generator`` of its own, which a graph captured this way does not register, so
+    far always None), its GPU time per kernel, and the k-means objective after the presets' 5
     Lloyd iterations relative to sum |x|^2 (the same data and seed for every seeding)."""
     from qkv.grouping.kmeans import SEEDINGS, kmeans
 

@@ -65,7 +65,9 @@ def format_markdown(results: list[Result], labels: dict[str, str]) -> str:
         lines.append("|" + "---|" * len(COLUMNS))
         for r in results:
             if r.dataset == dataset:
-                lines.append("| " + " | ".join(_cell(r, fmt, key, None) for _, _, fmt, key in COLUMNS) + " |")
+                # a name such as qvg+kmeans|| keeps its pipes inside the cell
+                lines.append("| " + " | ".join(_cell(r, fmt, key, None).replace("|", "\\|")
+                                               for _, _, fmt, key in COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 

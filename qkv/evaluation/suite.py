@@ -46,15 +46,17 @@ def fit_clusters(preset: str, shapes, dtype, budget: float, group: str = "matche
 
 
 # From the reference's choices (qvg-ref) to qvg, one change at a time; the last step (2 -> 5
-# k-means iterations) is qvg itself. k-means++ seeding is measured as a variant of qvg.
+# k-means iterations) is qvg itself. The D^2 seedings (k-means++, k-means||) are measured as
+# variants of qvg.
 ABLATION = (
     ("qvg-ref+midrise", "kmeans(iters=2),centroid,int2(block=64)"),
     ("qvg+kmeans++", "kmeans(init=kmeans++),centroid,int2(block=64)"),
+    ("qvg+kmeans||", "kmeans(init=kmeans||),centroid,int2(block=64)"),
 )
 
 
 def ablation_steps() -> list[Entry]:
-    """qvg-ref -> qvg one step at a time, and qvg with k-means++ seeding."""
+    """qvg-ref -> qvg one step at a time, and qvg with each D^2 seeding."""
     return [Entry(name, "qvg-ref", "ablation", build_policy(spec)) for name, spec in ABLATION]
 
 

@@ -109,3 +109,15 @@ def test_every_dataset_is_loaded_before_any_policy_runs(config, monkeypatch, fak
     monkeypatch.setattr(run_module, "evaluate", evaluate_nothing)
     with pytest.raises(OSError, match="espeak-ng"):
         run_eval(config, log=lambda line: None)
+
+
+def test_markdown_rows_keep_pipes_in_a_policy_name():
+    """A policy named with pipes (the ablation's qvg+kmeans||) stays one cell of its Markdown row."""
+    from qkv.evaluation.report import COLUMNS, format_markdown
+    from qkv.evaluation.runner import Result
+
+    row = Result("wan", "qvg+kmeans||", "qvg", "kmeans(init=kmeans||),centroid,int2", "ablation", 2.3, 2.3, 2.3, 6.9,
+                 0.03, 0.02, 15.0, 16.0, 12.0, 3.0, "cpu", 100)
+    line = next(s for s in format_markdown([row], {"wan": "Wan"}).splitlines() if "kmeans" in s)
+    assert line.startswith("| qvg+kmeans\\|\\| | ablation |")
+    assert line.replace("\\|", "").count("|") == len(COLUMNS) + 1
