@@ -249,9 +249,9 @@ class KMeansGrouper(ClusteringGrouper):
     The defaults are the qvg presets' (256 clusters, 5 Lloyd iterations from random tokens), so a
     spec such as ``kmeans(clusters=128),centroid,int2`` costs what a preset costs. k-means++ seeding
     (``init=kmeans++``) and more iterations lower the error by a few percent at several times the
-    time (rows ``qvg+kmeans++`` and ``qvg-ref`` of ``qkv eval``, docs/eval.md); ``init=kmeans||``
-    seeds as well as k-means++ with 32 rounds of picks over 4 C candidates instead of C sequential
-    picks over the 16 C tokens of k-means++'s subsample (docs/policies.md).
+    time (rows ``qvg+kmeans++``, ``qvg+kmeans||`` and ``qvg-ref`` of ``qkv eval``, docs/eval.md);
+    ``init=kmeans||`` seeds as well as k-means++ with 32 rounds of picks over 4 C candidates instead
+    of C sequential picks over the 16 C tokens of k-means++'s subsample (docs/policies.md).
     ``warm_iters``: the Lloyd iterations of a warm-started grouping (a streaming cache seeds each
     span with the previous span's centroids; default ``iters``): warm centroids need fewer
     iterations for the same error (``benchmarks/warm_start_kmeans.py``, docs/policies.md).
