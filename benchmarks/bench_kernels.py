@@ -221,7 +221,8 @@ def gpu_breakdown(fn, what: str) -> list[dict]:
         if e.device_time_total > 0
     ]
     rows.sort(key=lambda r: -r["cuda_ms"])
-    print(f"  GPU time of one {what}: {sum(r['cuda_ms'] for r in rows):.3f} ms in {sum(r['calls'] for r in rows)} kernels")
+    total, calls = sum(r["cuda_ms"] for r in rows), sum(r["calls"] for r in rows)
+    print(f"  GPU time of one {what}: {total:.3f} ms in {calls} kernels")
     for r in rows[:12]:
         print(f"  {r['cuda_ms']:8.3f} ms  x{r['calls']:<3d} {r['kernel']}")
     return rows

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from bench_kmeans_update import timed
-from common import gpu_main_args, write_json
+from common import gpu_main_args, overridden, write_json
 
 from qkv import kernels
 from qkv.grouping.kmeans import kmeans
@@ -40,26 +40,24 @@ def step(x, cent, fused: bool):
 def main() -> None:
     args = gpu_main_args(__doc__, "bench_lloyd_step")
     rows = []
-    fused_max = tk.FUSED_MAX_CLUSTERS
     for name, (n, s, d) in SHAPES.items():
         x = torch.randn(n, s, d, device="cuda", dtype=torch.bfloat16)
         for c in CLUSTERS:
             cent = x[:, torch.randperm(s, device="cuda")[:c]].float()
-            tk.FUSED_MAX_CLUSTERS = 64  # the kernel's most, whatever the dispatch's limit
-            fused, counts = step(x, cent, True)
-            split, split_counts = step(x, cent, False)
-            row = {"shape": name, "rows": n, "tokens": s, "head_dim": d, "clusters": c,
-                   "step_two_passes_ms": timed(lambda: step(x, cent, False)),
-                   "step_one_pass_ms": timed(lambda: step(x, cent, True)),
-                   # each pass with the device's tile of its kernel: the sums' fp32 order may differ
-                   "means_max_rel_diff": float((fused - split).abs().max() / split.abs().max()),
-                   "same_counts": bool(torch.equal(counts, split_counts))}
+            with overridden(tk, {"FUSED_MAX_CLUSTERS": 64}):  # the kernel's most, whatever the dispatch's limit
+                fused, counts = step(x, cent, True)
+                split, split_counts = step(x, cent, False)
+                row = {"shape": name, "rows": n, "tokens": s, "head_dim": d, "clusters": c,
+                       "step_two_passes_ms": timed(lambda: step(x, cent, False)),
+                       "step_one_pass_ms": timed(lambda: step(x, cent, True)),
+                       # each pass with the device's tile of its kernel: the sums' fp32 order may differ
+                       "means_max_rel_diff": float((fused - split).abs().max() / split.abs().max()),
+                       "same_counts": bool(torch.equal(counts, split_counts))}
             results = {}
             for label, limit in (("two_passes", 0), ("one_pass", 64)):
-                tk.FUSED_MAX_CLUSTERS = limit
-                results[label] = kmeans(x, c, 5, init="random")
-                row[f"kmeans_5_iters_{label}_ms"] = timed(lambda: kmeans(x, c, 5, init="random"), reps=10)
-            tk.FUSED_MAX_CLUSTERS = fused_max
+                with overridden(tk, {"FUSED_MAX_CLUSTERS": limit}):
+                    results[label] = kmeans(x, c, 5, init="random")
+                    row[f"kmeans_5_iters_{label}_ms"] = timed(lambda: kmeans(x, c, 5, init="random"), reps=10)
             one, two = results["one_pass"].centroids, results["two_passes"].centroids
             row["kmeans_centroids_max_rel_diff"] = float((one - two).abs().max() / two.abs().max())
             print(row, flush=True)

@@ -334,7 +334,8 @@ def rescore(args) -> tuple[list, dict[tuple, list[float]], dict]:
              if (args.policies is None or c["case"][-1] in args.policies)
              and (args.shapes is None or c["case"][0] in args.shapes)}
     if not times:
-        raise SystemExit(f"--rescore {args.rescore} has no case of the policies {args.policies} and shapes {args.shapes}")
+        raise SystemExit(f"--rescore {args.rescore} has no case of the policies {args.policies} "
+                         f"and shapes {args.shapes}")
     return candidates, times, earlier["environment"]
 
 

@@ -61,3 +61,24 @@ def test_rescore_picks_a_winner_for_a_class_of_keys_without_a_gpu(monkeypatch, t
     monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--policies", "kivi", "--out", str(out)])
     with pytest.raises(SystemExit, match="no case"):
         tune_tiles.main()
+
+
+def test_rescore_picks_a_row_by_clusters_from_the_cases_of_some_shapes(monkeypatch, tmp_path):
+    """``--shapes`` keeps the cases whose first field it names: a summing-assignment sweep gives a
+    row for at most 16 clusters from its 16-cluster shapes and a row for more from the rest."""
+    small, large = {"tokens": 128, "warps": 4, "waves": 8}, {"tokens": 64, "warps": 4, "waves": 4}
+    earlier = {"environment": {"gpu": "Some GPU"}, "kernel": "assign_sums", "tiles": [small, large],
+               "cases": [{"case": ["pass_16"], "ms": [0.2, 0.3]}, {"case": ["chunk_16"], "ms": [0.02, 0.03]},
+                         {"case": ["pass_32"], "ms": [0.4, 0.3]}]}
+    sweep, table, out = tmp_path / "sweep.json", tmp_path / "tiles.json", tmp_path / "out.json"
+    sweep.write_text(json.dumps(earlier))
+    for shapes, up_to in ((["pass_16", "chunk_16"], ["--up-to", "16"]), (["pass_32"], [])):
+        monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--kernel", "assign_sums", "--rescore", str(sweep),
+                                          "--shapes", *shapes, *up_to, "--write", str(table), "--out", str(out)])
+        tune_tiles.main()
+    assert json.loads(table.read_text())["Some GPU"]["assign_sums"] == [{"up_to": 16, **small},
+                                                                          {"up_to": None, **large}]
+    monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--kernel", "assign_sums", "--rescore", str(sweep),
+                                      "--shapes", "pass_64", "--out", str(out)])
+    with pytest.raises(SystemExit, match="no case"):
+        tune_tiles.main()

@@ -87,7 +87,8 @@ def update_torch(
         total = torch.zeros(n, c, d, device=x.device, dtype=torch.float32)
         counts = torch.zeros(n, c, device=x.device, dtype=torch.float32)
         for start in range(0, x.shape[1], CHUNK):
-            _add_onehot(total, counts, assignments[:, start : start + CHUNK], scaled_rows(x[:, start : start + CHUNK], scale))
+            chunk = slice(start, start + CHUNK)
+            _add_onehot(total, counts, assignments[:, chunk], scaled_rows(x[:, chunk], scale))
     else:
         total, counts = sums.sums.sum(1), sums.counts.sum(1)
     fallback = centroids.float()

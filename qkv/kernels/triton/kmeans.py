@@ -56,7 +56,10 @@ ONEHOT_MAX_CLUSTERS = 128
 # The most clusters whose sums the assignment gathers in the same pass (sums=True; the kernel
 # holds up to 64, their [clusters, head dim] fp32 sums in a program's registers): at 16 and 32
 # one pass took 0.67-0.86x the two passes' time on an H100, at 64 1.03-1.13x at a SANA-WM pass
-# and a LongCat span (benchmarks/results/bench_lloyd_step_h100.json, ..._c32_h100.json)
+# and a LongCat span (benchmarks/results/bench_lloyd_step_h100.json, ..._c32_h100.json). With
+# the H100's own update and summing-assignment tiles (bench_lloyd_step_rows_h100.json) one pass
+# still wins at 16 clusters on every shape and at 32 on a Self-Forcing or AnyFlow-FAR chunk, but
+# takes 1.09-1.12x the two passes at 32 on a SANA-WM pass and a LongCat span
 FUSED_MAX_CLUSTERS = 32
 
 
