@@ -19,7 +19,9 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
   partition 1 + 3 x (chunks - 1) latent frames at 480 x 832, 4 read steps per chunk and the
   cache-prefill after it (``AnyFlowFARPipeline.__call__``'s loop); flex attention compiled, as
   diffusers expects. Upstream: the cache tensors ``__call__`` allocates; qkv:
-  ``qkv.adapters.anyflow_far.install``.
+  ``qkv.adapters.anyflow_far.install``, which also builds the prefill's mask blockwise; so a third
+  rollout, ``upstream_blockwise_mask``, runs upstream's cache with that mask
+  (``qkv.adapters.anyflow_far.cache_block_mask``): what the cache alone changes.
 - ``sana_wm``: diffusers' ``SanaWMLTX2Refiner.__call__`` itself (prompt encoding replaced by
   random embeddings, no VAE) on a ``SanaWMLTX2RefinerTransformer3DModel`` with the class defaults
   (LTX-2's sizes: 48 blocks, 32 x 128), 720 x 1280 video (22 x 40 latent tokens per frame),
@@ -437,7 +439,7 @@ def anyflow_far(args, device, dtype) -> dict:
                     "compressed_cache": torch.zeros(2, 1, heads, (len(part) - limit + 1) * max(part) * coarse, head_dim,
                                                     dtype=dtype, device=device)} for i in range(blocks)}
 
-    def rollout(kv_cache) -> Run:
+    def rollout(kv_cache, block_mask=None) -> Run:
         gen = torch.Generator(device).manual_seed(0)
         prompt = torch.randn(1, *text, generator=gen, device=device, dtype=dtype)
         run = Run(device)  # before the cache is allocated: the rollout's peak includes it
@@ -461,8 +463,11 @@ def anyflow_far(args, device, dtype) -> dict:
                 if c < len(part) - 1:  # encode_kv_cache: re-encode the clean context
                     flag["is_cache_step"] = True
                     zero = torch.zeros(1, f1, dtype=torch.long, device=device)
-                    mask = model.build_attention_mask(chunk_partition=list(part[: c + 1]), height=lat_h, width=lat_w,
-                                                      device=device, mode="cache")
+                    if block_mask is None:
+                        mask = model.build_attention_mask(chunk_partition=list(part[: c + 1]), height=lat_h,
+                                                          width=lat_w, device=device, mode="cache")
+                    else:
+                        mask = block_mask(model, list(part[: c + 1]), lat_h, lat_w, device)
                     with run.forward(), profiled(c == args.profile_chunk):
                         model(hidden_states=output[:, :f1], chunk_partition=list(part[: c + 1]), timestep=zero,
                               r_timestep=zero, encoder_hidden_states=prompt, attention_mask=mask, return_dict=False,
@@ -473,6 +478,7 @@ def anyflow_far(args, device, dtype) -> dict:
         return run
 
     up_run = twice(lambda: rollout(upstream_cache))
+    blockwise_run = twice(lambda: rollout(upstream_cache, qkv.adapters.anyflow_far.cache_block_mask))
     # what the last chunk's read steps attend to besides the chunk: the coarse context and the
     # limit - 1 full-resolution chunks before it
     coarse_tokens, full_tokens = sum(part[: len(part) - limit]) * coarse, sum(part[len(part) - limit : -1]) * full
@@ -489,6 +495,13 @@ def anyflow_far(args, device, dtype) -> dict:
     result = compare({"kv_bytes": up_bytes, "allocated_bytes": allocated},
                      {"kv_bytes": mem.total, "memory": memory_dict(mem)}, up_run, our_run)
     result["span_chunks"] = span
+    # the same comparison against upstream's cache with the adapter's mask: what the cache alone changes
+    alone = compare({"kv_bytes": up_bytes}, {"kv_bytes": mem.total}, blockwise_run, our_run)
+    same = compare({"kv_bytes": up_bytes}, {"kv_bytes": up_bytes}, up_run, blockwise_run)
+    result["upstream_blockwise_mask"] = {
+        "chunk_s": blockwise_run.times, "forward_s": blockwise_run.forwards[:-1], "peak_bytes": blockwise_run.peak_bytes,
+        "drift_vs_upstream": same["drift"],  # the same mask: 0 up to the compiled kernels' run-to-run rounding
+        **{f"qkv_{k}": alone[k] for k in ("peak_ratio", "latency_overhead", "latency_overhead_last_8", "drift")}}
     coarse_chunk, full_region = 3 * coarse * per_token, (limit - 1) * 3 * full * per_token
     result["capacity"] = {
         "upstream_chunks": capacity(full_region, coarse_chunk, limit - 1),
@@ -806,6 +819,11 @@ def main() -> None:
         print(f"{name}: KV {r['kv_ratio']:.2f}x smaller, peak {r['peak_ratio'] or float('nan'):.2f}x, "
               f"latency {100 * r['latency_overhead']:+.1f}% (last 8 chunks {100 * r['latency_overhead_last_8']:+.1f}%), "
               f"drift max {max(r['drift']):.2e}, capacity {r.get('capacity')}", flush=True)
+        if "upstream_blockwise_mask" in r:
+            b = r["upstream_blockwise_mask"]
+            print(f"  against upstream with the blockwise mask: peak {b['qkv_peak_ratio'] or float('nan'):.2f}x, "
+                  f"latency {100 * b['qkv_latency_overhead']:+.1f}%; that mask's drift from upstream's "
+                  f"{max(b['drift_vs_upstream']):.2e}", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results.pop("environment", None)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 import qkv
@@ -216,3 +218,83 @@ def test_context_parallelism_is_refused(model, monkeypatch):
             rollout(model, handle.kv_cache())
         with pytest.raises(ConfigError, match="no context-parallel plan"):
             adapter.install(model, "fp32")
+
+
+def _reference_mask(chunk_tokens):
+    """``create_block_mask`` of the chunk-causal mask, evaluated on every (query, key) pair."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    real = sum(chunk_tokens)
+    padded = -(-real // 128) * 128
+    chunk = torch.zeros(padded, dtype=torch.long)
+    chunk[:real] = torch.repeat_interleave(torch.arange(len(chunk_tokens)), torch.tensor(chunk_tokens))
+
+    def mask_mod(b, h, q, kv):
+        return (chunk[q] >= chunk[kv]) & (q < real) & (kv < real)
+
+    return create_block_mask(mask_mod, None, None, padded, padded, device="cpu")
+
+
+BLOCK_FIELDS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                "full_q_num_blocks", "full_q_indices")
+
+
+def assert_same_block_mask(ours, ref):
+    """Same blocks in the same order, same sizes, the same mask on every (query, key) pair."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    assert ours.seq_lengths == ref.seq_lengths and ours.BLOCK_SIZE == ref.BLOCK_SIZE
+    for name in BLOCK_FIELDS:
+        a, b = getattr(ours, name), getattr(ref, name)
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+    n = ref.seq_lengths[0]
+    assert torch.equal(create_mask(ours.mask_mod, 1, 1, n, n, "cpu"), create_mask(ref.mask_mod, 1, 1, n, n, "cpu"))
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(1, 300), min_size=1, max_size=6))
+def test_the_chunk_causal_mask_is_create_block_masks(chunk_tokens):
+    """Built from each block's first and last chunk, the mask equals the one evaluated on every pair:
+    chunks that straddle blocks, blocks of one chunk, sequences that end on a block's edge or not."""
+    assert_same_block_mask(adapter.chunk_causal_block_mask(chunk_tokens, "cpu"), _reference_mask(chunk_tokens))
+
+
+@pytest.mark.parametrize("chunk_tokens", [[128], [64, 64, 128], [1]])
+def test_the_chunk_causal_mask_on_block_edges(chunk_tokens):
+    assert_same_block_mask(adapter.chunk_causal_block_mask(chunk_tokens, "cpu"), _reference_mask(chunk_tokens))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.integers(1, 3), min_size=1, max_size=6), st.integers(1, 6), st.integers(1, 6), st.integers(2, 4))
+def test_the_cache_mask_is_upstreams(part, h, w, limit):
+    """:func:`cache_block_mask` is upstream's ``build_attention_mask(mode="cache")``: coarse chunks,
+    then the newest ``limit - 1`` at full resolution, several blocks of 128 tokens."""
+    from types import SimpleNamespace
+
+    fake = SimpleNamespace(config=SimpleNamespace(patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4),
+                                                  full_chunk_limit=limit))
+    height, width = 8 * h, 8 * w
+    ref = far.AnyFlowFARTransformer3DModel.build_attention_mask(fake, chunk_partition=part, height=height, width=width,
+                                                                device="cpu", mode="cache")
+    assert_same_block_mask(adapter.cache_block_mask(fake, part, height, width, "cpu"), ref)
+
+
+def test_install_builds_the_prefill_mask_blockwise(model):
+    """Installed, the model's cache-mode mask is built blockwise (the same mask); other modes are
+    upstream's own; ``remove()`` restores the method."""
+    upstream = model.build_attention_mask
+    kw = dict(chunk_partition=[1, 2, 2, 2], height=24, width=40, device="cpu")
+    with adapter.install(model, "fp32"):
+        assert "build_attention_mask" in vars(model)
+        assert_same_block_mask(model.build_attention_mask(**kw, mode="cache"), upstream(**kw, mode="cache"))
+        train = model.build_attention_mask(**kw, mode="train")
+        assert torch.equal(train.kv_indices, upstream(**kw, mode="train").kv_indices)
+        with pytest.raises(ValueError, match="Unknown mode"):
+            model.build_attention_mask(**kw, mode="bogus")
+    assert "build_attention_mask" not in vars(model)
+
+
+@pytest.mark.parametrize("bad", [[], [3, 0], [2, -1]])
+def test_a_chunk_causal_mask_needs_positive_chunks(bad):
+    with pytest.raises(CacheError, match="positive token counts"):
+        adapter.chunk_causal_block_mask(bad)

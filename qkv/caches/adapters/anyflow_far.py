@@ -33,6 +33,13 @@ context, full context, chunk], roped together.
 ``pipeline_anyflow_far.py`` still allocates its zero-filled cache tensors in ``__call__`` (they
 are never written or read once installed); running the transformer directly, pass
 ``handle.kv_cache()`` (per-block placeholders, no tensors) as ``kv_cache``.
+
+The prefill's mask: upstream's ``build_attention_mask(mode="cache")`` evaluates its mask function
+on every (query, key) pair of the context at once (``create_block_mask`` without compilation:
+boolean and float tensors of context^2 elements, 6.6 GB at 16 chunks of Wan2.1-1.3B sizes), which
+set the rollout's peak, cache or not. :func:`install` replaces the model's ``build_attention_mask``
+for that mode with :func:`cache_block_mask`, the same ``BlockMask`` (same blocks, same order, same
+mask on every pair) built from each 128-token block's first and last chunk.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch.nn.attention.flex_attention import BlockMask
 
 from qkv.caches.adapters.context_parallel import refuse_context_parallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
@@ -48,7 +56,7 @@ from qkv.caches.policy import Policy
 from qkv.component import check_int
 from qkv.errors import CacheError
 
-__all__ = ["FARCacheProcessor", "FARHandle", "install"]
+__all__ = ["FARCacheProcessor", "FARHandle", "cache_block_mask", "chunk_causal_block_mask", "install"]
 
 
 def _upstream():
@@ -60,6 +68,71 @@ def _upstream():
 # why diffusers' context parallelism cannot run here (docs/adapters/anyflow_far.md, "Several GPUs")
 NO_CONTEXT_PARALLEL = ("diffusers has no context-parallel plan for AnyFlowFARTransformer3DModel, and its prefill's "
                        "flex-attention backend has no context-parallel path")
+
+
+# flex attention's block: upstream pads the prefill's sequence to a multiple of it
+MASK_BLOCK = 128
+
+
+def chunk_causal_block_mask(chunk_tokens: list[int], device: torch.device | str | None = None) -> BlockMask:
+    """The ``BlockMask`` of a sequence of chunks of ``chunk_tokens`` tokens each, padded to a
+    multiple of 128: a token attends to every token of its own chunk and of the chunks before it,
+    padding to nothing (as upstream's cache-mode ``mask_mod``). Built from each 128-token block's
+    first and last chunk (chunk indices never decrease along the sequence), without evaluating the
+    mask on every (query, key) pair: a block of queries and one of keys are fully visible when both
+    hold no padding and the queries' first chunk is at or after the keys' last, partly visible when
+    both hold tokens and the queries' last chunk is at or after the keys' first. The blocks come in
+    the order ``create_block_mask`` gives them (ascending, stable)."""
+    if not chunk_tokens or any(not isinstance(n, int) or n < 1 for n in chunk_tokens):
+        raise CacheError(f"anyflow_far: a chunk-causal mask needs positive token counts per chunk, got {chunk_tokens!r}")
+    real = sum(chunk_tokens)
+    padded = math.ceil(real / MASK_BLOCK) * MASK_BLOCK
+    counts = torch.tensor(chunk_tokens, device=device)
+    chunk = torch.zeros(padded, dtype=torch.int32, device=device)  # padding: chunk 0, as upstream
+    chunk[:real] = torch.repeat_interleave(torch.arange(len(chunk_tokens), dtype=torch.int32, device=device), counts)
+    start = torch.arange(0, padded, MASK_BLOCK, device=device)
+    held = (real - start).clamp(0, MASK_BLOCK)  # real tokens per block
+    first = chunk[start.clamp(max=real - 1)]
+    last = chunk[(start + held - 1).clamp(0, real - 1)]
+    whole = held == MASK_BLOCK
+    full = whole[:, None] & whole[None, :] & (first[:, None] >= last[None, :])
+    some = (held > 0)[:, None] & (held > 0)[None, :] & (last[:, None] >= first[None, :])
+
+    def ordered(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dense = blocks.to(torch.int32)[None, None]
+        return dense.sum(-1, dtype=torch.int32), torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (chunk[q_idx] >= chunk[kv_idx]) & (q_idx < real) & (kv_idx < real)
+
+    return BlockMask.from_kv_blocks(*ordered(some & ~full), *ordered(full), BLOCK_SIZE=MASK_BLOCK, mask_mod=mask_mod,
+                                    seq_lengths=(padded, padded))
+
+
+def cache_block_mask(model, chunk_partition: list[int], height: int, width: int,
+                     device: torch.device | str | None = None) -> BlockMask:
+    """``model.build_attention_mask(chunk_partition=..., height=..., width=..., device=...,
+    mode="cache")`` of an ``AnyFlowFARTransformer3DModel``, built by :func:`chunk_causal_block_mask`:
+    the oldest chunks at the coarse patch size, the newest ``full_chunk_limit - 1`` at full
+    resolution (all of them while there are no more)."""
+    cfg = model.config
+    full = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
+    coarse = (height // cfg.compressed_patch_size[1]) * (width // cfg.compressed_patch_size[2])
+    n_coarse = max(0, len(chunk_partition) - (cfg.full_chunk_limit - 1))
+    tokens = [f * (coarse if i < n_coarse else full) for i, f in enumerate(chunk_partition)]
+    return chunk_causal_block_mask(tokens, device)
+
+
+def _mask_builder(model, upstream):
+    """``model.build_attention_mask`` with the cache mode (no clean context) built blockwise."""
+
+    def build_attention_mask(*, chunk_partition, height, width, has_clean_context=False, device=None, mode="train"):
+        if mode == "cache" and not has_clean_context:
+            return cache_block_mask(model, list(chunk_partition), height, width, device)
+        return upstream(chunk_partition=chunk_partition, height=height, width=width,
+                        has_clean_context=has_clean_context, device=device, mode=mode)
+
+    return build_attention_mask
 
 
 class _Capture(dict):
@@ -216,11 +289,13 @@ def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool
     coarse context cache's :class:`~qkv.KVCache` options (``span_chunks``: FAR chunks per span,
     ...; not ``num_layers`` nor ``max_spans``); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
     compressing it at each prefill; ``blocks_per_pass``: the blocks whose prefill K/V are compressed
-    together, in one pass (more: fewer launches, more K/V held in bf16 meanwhile). Returns the
-    handle (``memory()``, ``remove()``)."""
+    together, in one pass (more: fewer launches, more K/V held in bf16 meanwhile). The model's
+    ``build_attention_mask`` builds the prefill's mask blockwise (:func:`cache_block_mask`) until
+    ``remove()``. Returns the handle (``memory()``, ``remove()``)."""
     model = diffusers_transformer(target, "AnyFlowFARTransformer3DModel", "anyflow_far")
     refuse_context_parallel(model, "anyflow_far", NO_CONTEXT_PARALLEL)
     handle = FARHandle(model, policy, cache_options, recent_full_precision, blocks_per_pass)
+    handle.patches.set(model, "build_attention_mask", _mask_builder(model, model.build_attention_mask))
     for index, block in enumerate(model.blocks):
         handle.patches.set(block.attn1, "processor", FARCacheProcessor(handle, index, block.attn1.processor))
     return handle
