@@ -75,16 +75,17 @@ MASK_BLOCK = 128
 
 
 def chunk_causal_block_mask(chunk_tokens: list[int], device: torch.device | str | None = None) -> BlockMask:
-    """The ``BlockMask`` of a sequence of chunks of ``chunk_tokens`` tokens each, padded to a
-    multiple of 128: a token attends to every token of its own chunk and of the chunks before it,
+    """The ``BlockMask`` of a sequence of chunks of ``chunk_tokens`` tokens each (a chunk may
+    have none: a frame smaller than a coarse patch), padded to a multiple of 128: a token attends to every token of its own chunk and of the chunks before it,
     padding to nothing (as upstream's cache-mode ``mask_mod``). Built from each 128-token block's
     first and last chunk (chunk indices never decrease along the sequence), without evaluating the
     mask on every (query, key) pair: a block of queries and one of keys are fully visible when both
     hold no padding and the queries' first chunk is at or after the keys' last, partly visible when
     both hold tokens and the queries' last chunk is at or after the keys' first. The blocks come in
     the order ``create_block_mask`` gives them (ascending, stable)."""
-    if not chunk_tokens or any(not isinstance(n, int) or n < 1 for n in chunk_tokens):
-        raise CacheError(f"anyflow_far: a chunk-causal mask needs positive token counts per chunk, got {chunk_tokens!r}")
+    if any(not isinstance(n, int) or n < 0 for n in chunk_tokens) or sum(chunk_tokens) < 1:
+        raise CacheError("anyflow_far: a chunk-causal mask needs token counts per chunk that are >= 0 and not all 0, "
+                         f"got {chunk_tokens!r}")
     real = sum(chunk_tokens)
     padded = math.ceil(real / MASK_BLOCK) * MASK_BLOCK
     counts = torch.tensor(chunk_tokens, device=device)
