@@ -36,8 +36,8 @@ are never written or read once installed); running the transformer directly, pas
 
 The prefill's mask: upstream's ``build_attention_mask(mode="cache")`` evaluates its mask function
 on every (query, key) pair of the context at once (``create_block_mask`` without compilation:
-boolean and float tensors of context^2 elements, 6.6 GB at 16 chunks of Wan2.1-1.3B sizes), which
-set the rollout's peak, cache or not. :func:`install` replaces the model's ``build_attention_mask``
+tensors of context^2 elements; 3.8 GB on the CPU at 16 chunks of Wan2.1-1.3B sizes,
+``benchmarks/anyflow_mask_memory.py``), a peak of the rollout's own, cache or not. :func:`install` replaces the model's ``build_attention_mask``
 for that mode with :func:`cache_block_mask`, the same ``BlockMask`` (same blocks, same order, same
 mask on every pair) built from each 128-token block's first and last chunk.
 """
@@ -76,8 +76,9 @@ MASK_BLOCK = 128
 
 def chunk_causal_block_mask(chunk_tokens: list[int], device: torch.device | str | None = None) -> BlockMask:
     """The ``BlockMask`` of a sequence of chunks of ``chunk_tokens`` tokens each (a chunk may
-    have none: a frame smaller than a coarse patch), padded to a multiple of 128: a token attends to every token of its own chunk and of the chunks before it,
-    padding to nothing (as upstream's cache-mode ``mask_mod``). Built from each 128-token block's
+    have none: a frame smaller than a coarse patch), padded to a multiple of 128: a token attends
+    to every token of its own chunk and of the chunks before it, padding to nothing (as upstream's
+    cache-mode ``mask_mod``). Built from each 128-token block's
     first and last chunk (chunk indices never decrease along the sequence), without evaluating the
     mask on every (query, key) pair: a block of queries and one of keys are fully visible when both
     hold no padding and the queries' first chunk is at or after the keys' last, partly visible when
