@@ -114,10 +114,11 @@ def test_the_coarse_context_only_grows(reference):
     assert compared == 2
 
 
-@pytest.mark.parametrize("recent_full_precision", [True, False])
-def test_lossless_rollout_matches_the_upstream_cache(model, reference, no_history_read, recent_full_precision):
+@pytest.mark.parametrize("recent_full_precision,prefill", [(True, "full"), (False, "full"), (False, "incremental")])
+def test_lossless_rollout_matches_the_upstream_cache(model, reference, no_history_read, recent_full_precision, prefill):
     ref, _ = reference
-    with adapter.install(model, "fp32", span_chunks=2, recent_full_precision=recent_full_precision) as handle:
+    with adapter.install(model, "fp32", span_chunks=2, recent_full_precision=recent_full_precision,
+                         prefill=prefill) as handle:
         rollout(model, handle.kv_cache())
         ours = rollout(model, handle.kv_cache())  # a second video on the same handle starts afresh
         context, recent = handle.cache.layer(0), handle.recent.layer(0)
@@ -128,6 +129,68 @@ def test_lossless_rollout_matches_the_upstream_cache(model, reference, no_histor
         assert (a - b).abs().max() <= 1e-5 * a.abs().max()
     assert not any("processor" in vars(b.attn1) and isinstance(b.attn1.processor, adapter.FARCacheProcessor)
                    for b in model.blocks)
+    assert "_forward_cache" not in vars(model)
+
+
+def test_an_incremental_prefill_runs_only_what_the_caches_lack(model):
+    """Per prefill, block 0 sees the coarse chunks the cache lacks (the one just demoted from full
+    resolution) and the full-resolution chunks; a second video starts from its first chunk."""
+    seen = []
+
+    def record(module, args):
+        seen.append(args[0].shape[1])
+
+    hook = model.blocks[0].register_forward_pre_hook(record)
+    try:
+        with adapter.install(model, "fp32", span_chunks=2, prefill="incremental") as handle:
+            for _ in range(2):
+                seen.clear()
+                rollout(model, handle.kv_cache())
+                prefills = seen[len(STEPS)::len(STEPS) + 1]  # each chunk: its read steps, then the prefill
+                expected = []
+                for c in range(len(PART) - 1):
+                    coarse = max(0, c + 1 - (LIMIT - 1))  # coarse chunks of the context after chunk c
+                    cached = max(0, coarse - 1)  # all but the newest were cached by the last prefill
+                    expected.append(sum(PART[cached:coarse]) * COARSE + sum(PART[coarse : c + 1]) * FULL)
+                assert prefills == expected and max(expected) < sum(PART[:-1]) * FULL
+    finally:
+        hook.remove()
+
+
+def test_an_incremental_prefill_starts_afresh_when_the_cache_holds_no_whole_chunks(model):
+    """A cache whose coarse context is not a run of this context's chunks (blocks holding different
+    counts, or a count between chunk edges) is emptied, and every chunk goes through the blocks."""
+    with adapter.install(model, "fp32", prefill="incremental") as handle:
+        k = torch.randn(B, HEADS, 3, HEAD_DIM)
+        handle.cache.layer(0).append(k, k)
+        tokens = [4, 8, 8, 32, 32]
+        assert handle.plan_prefill(tokens, 3, first_video_prefill=False) == 0  # 3 tokens vs 0 in block 1
+        assert handle.plan.new and handle.cache.layer(0).tokens == 0 and handle.plan.chunk_tokens == tokens
+        for i in range(len(model.blocks)):
+            handle.cache.layer(i).append(torch.randn(B, HEADS, 12, HEAD_DIM), torch.randn(B, HEADS, 12, HEAD_DIM))
+        assert handle.plan_prefill(tokens, 3, first_video_prefill=False) == 2  # chunks 0 and 1 held
+        assert not handle.plan.new and handle.plan.chunk_tokens == [8, 32, 32] and handle.plan.coarse_tokens == 8
+        assert handle.plan_prefill(tokens, 3, first_video_prefill=True) == 0 and handle.cache.layer(1).tokens == 0
+        handle.plan = None
+        for i in range(len(model.blocks)):
+            handle.cache.layer(i).append(torch.randn(B, HEADS, 6, HEAD_DIM), torch.randn(B, HEADS, 6, HEAD_DIM))
+        assert handle.plan_prefill(tokens, 3, first_video_prefill=False) == 0 and handle.plan.new  # 6: mid-chunk
+        handle.plan = None
+
+
+def test_an_incremental_prefill_with_clean_frames_is_upstreams(model):
+    """Training's prefill (clean frames given) goes to upstream's ``_forward_cache`` unchanged."""
+    calls = []
+    with adapter.install(model, "fp32", prefill="incremental") as handle:
+        forward = adapter._incremental_forward_cache(model, handle, lambda **kw: calls.append(kw) or "upstream")
+        assert forward(hidden_states=1, chunk_partition=[1], timestep=2, r_timestep=3, encoder_hidden_states=4,
+                       clean_hidden_states=5, clean_timestep=6, kv_cache=7, kv_cache_flag=8) == "upstream"
+    assert calls[0]["clean_hidden_states"] == 5 and calls[0]["kv_cache_flag"] == 8
+
+
+def test_install_refuses_an_unknown_prefill(model):
+    with pytest.raises(ConfigError, match="prefill"):
+        adapter.install(model, "fp32", prefill="partial")
 
 
 def test_the_guard_catches_a_path_that_reads_the_history(model, no_history_read):
@@ -136,15 +199,17 @@ def test_the_guard_catches_a_path_that_reads_the_history(model, no_history_read)
             rollout(model, handle.kv_cache())
 
 
-def test_qvg_stays_close_and_stores_less(model, reference, bounded_spans):
+@pytest.mark.parametrize("prefill", ["full", "incremental"])
+def test_qvg_stays_close_and_stores_less(model, reference, bounded_spans, prefill):
     ref, _ = reference
-    with adapter.install(model, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2) as handle:
+    with adapter.install(model, qkv.build_policy("qvg", clusters=4, block=16), span_chunks=2,
+                         prefill=prefill) as handle:
         ours = rollout(model, handle.kv_cache())
         mem = handle.memory()
     assert bounded_spans  # every compressed span within its guaranteed error bound
     drift = [float((b - a).norm() / a.norm()) for a, b in zip(ref, ours)]
     assert max(drift[:3]) <= 1e-5  # chunk 0 attends to nothing cached
-    assert 0 < max(drift) < 0.02  # measured 4.5e-3 (4 clusters, blocks of 16)
+    assert 0 < max(drift) < 0.02  # measured 4.5e-3 (4 clusters, blocks of 16), both prefills
     assert mem.bits_per_element < 8  # of 32 (an fp32 model); the newest coarse chunk waits in fp32 for its span
 
 

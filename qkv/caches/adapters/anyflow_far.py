@@ -44,6 +44,7 @@ mask on every pair) built from each 128-token block's first and last chunk.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -53,7 +54,7 @@ from qkv.caches.adapters.context_parallel import refuse_context_parallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
 from qkv.caches.kvcache import KVCache
 from qkv.caches.policy import Policy
-from qkv.component import check_int
+from qkv.component import check_choice, check_int
 from qkv.errors import CacheError
 
 __all__ = ["FARCacheProcessor", "FARHandle", "cache_block_mask", "chunk_causal_block_mask", "install"]
@@ -69,6 +70,9 @@ def _upstream():
 NO_CONTEXT_PARALLEL = ("diffusers has no context-parallel plan for AnyFlowFARTransformer3DModel, and its prefill's "
                        "flex-attention backend has no context-parallel path")
 
+
+# what install's prefill may be: upstream's re-encoding of the whole context, or only what the caches lack
+PREFILLS = ("full", "incremental")
 
 # flex attention's block: upstream pads the prefill's sequence to a multiple of it
 MASK_BLOCK = 128
@@ -158,6 +162,16 @@ class _Capture(dict):
         return self._Slot(self.written, name)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """An incremental prefill: the tokens of each chunk that goes through the blocks, how many of
+    them are coarse (the first ones), and whether the video is new (nothing cached carries over)."""
+
+    chunk_tokens: list[int]
+    coarse_tokens: int
+    new: bool
+
+
 class FARHandle(AdapterHandle):
     """:class:`AdapterHandle` of an ``AnyFlowFARTransformer3DModel``: ``context`` (the coarse
     context, grows) and ``recent`` (the full-resolution context, replaced at every prefill)."""
@@ -178,6 +192,7 @@ class FARHandle(AdapterHandle):
         # per block, what its prefill wrote and the caches have not stored yet: (a new video,
         # the new coarse context k, v or None, the full-resolution context k, v)
         self.waiting: dict[int, tuple[bool, tuple | None, tuple]] = {}
+        self.plan: _Plan | None = None  # the incremental prefill under way
 
     def caches(self) -> list[KVCache]:
         return [] if self.removed else [self.cache, self.recent]
@@ -187,7 +202,7 @@ class FARHandle(AdapterHandle):
 
     def reset(self) -> None:
         super().reset()
-        self.waiting = {}
+        self.waiting, self.plan = {}, None
 
     def check_installed(self) -> None:
         super().check_installed()
@@ -198,11 +213,8 @@ class FARHandle(AdapterHandle):
         return [{} for _ in self.model.blocks]
 
     def prefill(self, index: int, written: dict, rope_key: torch.Tensor, flag: dict) -> None:
-        """Take the K/V a prefill wrote for block ``index`` (keys roped with ``rope_key``); they are
-        stored with those of the blocks before it, ``blocks_per_pass`` blocks in one compression
-        pass (:meth:`store`), at the last block, or at the next read, whichever comes first."""
-        if index in self.waiting:  # a second prefill before the last one was stored
-            self.store()
+        """Take the K/V upstream's prefill wrote for block ``index`` (keys roped with ``rope_key``):
+        the coarse chunks the cache lacks and the full-resolution context (:meth:`hold`)."""
         nc = flag["num_compressed_tokens"]
         (kc, vc), (kf, vf) = written["compressed_cache"], written["full_cache"]
         keys = _upstream().apply_rotary_emb(torch.cat([kc, kf], 2), rope_key)
@@ -210,10 +222,55 @@ class FARHandle(AdapterHandle):
         context = self.cache.layer(index)
         new = flag["num_cached_chunks"] == 0 or nc < context.tokens  # a new video: nothing carries over
         have = 0 if new else context.tokens
-        coarse = (kc[:, :, have:].contiguous(), vc[:, :, have:].contiguous()) if nc > have else None
-        self.waiting[index] = (new, coarse, (kf.contiguous(), vf.contiguous()))
+        self.hold(index, new, (kc[:, :, have:], vc[:, :, have:]), (kf, vf))
+
+    def hold(self, index: int, new: bool, coarse: tuple, full: tuple) -> None:
+        """Hold a prefill's K/V of block ``index`` (``coarse``: the coarse context the cache lacks,
+        ``full``: the full-resolution context; keys roped); they are stored with those of the blocks
+        before it, ``blocks_per_pass`` blocks in one compression pass (:meth:`store`), at the last
+        block, or at the next read, whichever comes first. ``new``: a new video."""
+        if index in self.waiting:  # a second prefill before the last one was stored
+            self.store()
+        kept = (coarse[0].contiguous(), coarse[1].contiguous()) if coarse[0].shape[2] else None
+        self.waiting[index] = (new, kept, (full[0].contiguous(), full[1].contiguous()))
         if len(self.waiting) >= self.blocks_per_pass or index == len(self.model.blocks) - 1:
             self.store()
+
+    def plan_prefill(self, chunk_tokens: list[int], coarse_chunks: int, first_video_prefill: bool) -> int:
+        """Plan an incremental prefill of a context of chunks of ``chunk_tokens`` tokens, the first
+        ``coarse_chunks`` of them coarse: the coarse chunks the cache holds are skipped, the rest
+        (the coarse chunks it lacks, then the full-resolution ones) go through the blocks. Returns
+        the number of chunks skipped. The caches are emptied first when nothing carries over (a new
+        video, or a cache that holds no whole chunks of this context)."""
+        if self.waiting:
+            self.store()
+        blocks = range(len(self.model.blocks))
+        held = {self.cache.layer(i).tokens if self.cache.layer(i).layout else 0 for i in blocks}
+        tokens = held.pop() if len(held) == 1 else None
+        ends = [sum(chunk_tokens[:n]) for n in range(coarse_chunks + 1)]
+        new = first_video_prefill or tokens not in ends
+        if new:
+            for i in blocks:
+                self.cache.layer(i).reset()
+                self.recent.layer(i).reset()
+        skip = 0 if new else ends.index(tokens)
+        self.plan = _Plan(chunk_tokens[skip:], ends[coarse_chunks] - ends[skip], new)
+        return skip
+
+    def prefill_attend(self, index: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The incremental prefill's attention, chunk-causal: the queries of each planned chunk to
+        the cached coarse context and the planned tokens up to the chunk's end; the K/V are held
+        for the caches (:meth:`hold`). q, k, v [B, H, S, D], keys roped."""
+        plan, context = self.plan, self.cache.layer(index)
+        out, start = [], 0
+        for n in plan.chunk_tokens:
+            if n:
+                end = start + n
+                out.append(attend_parts(self.cache.config, q[:, :, start:end], [context, (k[:, :, :end], v[:, :, :end])]))
+                start = end
+        c = plan.coarse_tokens
+        self.hold(index, plan.new, (k[:, :, :c], v[:, :, :c]), (k[:, :, c:], v[:, :, c:]))
+        return torch.cat(out, 2)
 
     def store(self) -> None:
         """Store what the prefills of the waiting blocks wrote: the new coarse context appended,
@@ -248,8 +305,21 @@ class FARHandle(AdapterHandle):
         return attend_parts(self.cache.config, q, [context, recent, (k, v)])
 
 
+def _project(attn, hidden_states: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v [B, H, S, D] of ``hidden_states`` as upstream's processor computes them, q and k
+    roped with ``freqs`` (the tokens' own positions)."""
+    target = hidden_states.dtype
+    query = attn.norm_q(attn.to_q(hidden_states)).to(target)
+    key = attn.norm_k(attn.to_k(hidden_states)).to(target)
+    value = attn.to_v(hidden_states)
+    query, key, value = (x.unflatten(2, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value))
+    apply = _upstream().apply_rotary_emb
+    return apply(query, freqs), apply(key, freqs), value
+
+
 class FARCacheProcessor:
-    """``attn1`` processor: prefill through the upstream processor, reads from the qkv caches."""
+    """``attn1`` processor: the prefill through the upstream processor (or, in an incremental
+    prefill, the planned chunks to the caches), reads from the qkv caches."""
 
     def __init__(self, handle: FARHandle, index: int, upstream) -> None:
         self.handle, self.index, self.upstream = handle, index, upstream
@@ -259,45 +329,104 @@ class FARCacheProcessor:
         if kv_cache is None:  # the training rollout: upstream's own
             return self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
         self.handle.check_installed()
-        if kv_cache_flag["is_cache_step"]:
+        if kv_cache_flag["is_cache_step"] and self.handle.plan is None:
             capture = _Capture()
             out = self.upstream(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb,
                                 kv_cache=capture, kv_cache_flag=kv_cache_flag)
             self.handle.prefill(self.index, capture.written, rotary_emb["key"], kv_cache_flag)
             return out
-        # the upstream processor's read step, with the history from the qkv caches
-        target = hidden_states.dtype
-        query = attn.norm_q(attn.to_q(hidden_states)).to(target)
-        key = attn.norm_k(attn.to_k(hidden_states)).to(target)
-        value = attn.to_v(hidden_states)
-        query, key, value = (x.unflatten(2, (attn.heads, -1)).transpose(1, 2) for x in (query, key, value))
-        apply = _upstream().apply_rotary_emb
-        seq = query.shape[2]
-        query = apply(query, rotary_emb["query"])
-        key = apply(key, rotary_emb["key"][:, :, -key.shape[2] :])
-        pad = math.ceil(seq / 128) * 128 - seq  # upstream's zero padding, attended to at this step
-        if pad:
-            zeros = key.new_zeros(*key.shape[:2], pad, key.shape[3])
-            key, value = torch.cat([key, zeros], 2), torch.cat([value, zeros.to(value.dtype)], 2)
-        out = self.handle.attend(self.index, query, key, value, kv_cache_flag)
+        seq = hidden_states.shape[1]
+        query, key, value = _project(attn, hidden_states, rotary_emb["key"][:, :, -seq:])
+        if kv_cache_flag["is_cache_step"]:  # an incremental prefill
+            out = self.handle.prefill_attend(self.index, query, key, value)
+        else:  # the upstream processor's read step, with the history from the qkv caches
+            pad = math.ceil(seq / 128) * 128 - seq  # upstream's zero padding, attended to at this step
+            if pad:
+                zeros = key.new_zeros(*key.shape[:2], pad, key.shape[3])
+                key, value = torch.cat([key, zeros], 2), torch.cat([value, zeros.to(value.dtype)], 2)
+            out = self.handle.attend(self.index, query, key, value, kv_cache_flag)
         out = out.transpose(1, 2).flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
 
+def _incremental_forward_cache(model, handle: FARHandle, upstream):
+    """``model._forward_cache`` (the cache-prefill step) that runs only the chunks the caches lack
+    through the blocks: the coarse chunks not yet cached, then the full-resolution chunks, sliced
+    by frame from upstream's patch embedding, timestep embedding and RoPE (each per frame). A
+    prefill with clean frames (training) goes to upstream's."""
+
+    def _forward_cache(hidden_states, chunk_partition, timestep, r_timestep, encoder_hidden_states,
+                       encoder_hidden_states_image=None, attention_mask=None, return_dict=True,
+                       clean_hidden_states=None, clean_timestep=None, kv_cache=None, kv_cache_flag=None):
+        if clean_hidden_states is not None:
+            return upstream(hidden_states=hidden_states, chunk_partition=chunk_partition, timestep=timestep,
+                            r_timestep=r_timestep, encoder_hidden_states=encoder_hidden_states,
+                            encoder_hidden_states_image=encoder_hidden_states_image, attention_mask=attention_mask,
+                            return_dict=return_dict, clean_hidden_states=clean_hidden_states,
+                            clean_timestep=clean_timestep, kv_cache=kv_cache, kv_cache_flag=kv_cache_flag)
+        cfg, part = model.config, list(chunk_partition)
+        height, width = hidden_states.shape[-2:]
+        full = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
+        coarse = (height // cfg.compressed_patch_size[1]) * (width // cfg.compressed_patch_size[2])
+        n_coarse = max(0, len(part) - (cfg.full_chunk_limit - 1))
+        far_cfg = {
+            "total_frames": sum(part), "num_full_frames": sum(part[n_coarse:]),
+            "num_compressed_frames": sum(part[:n_coarse]),
+            "full_frame_shape": (height // cfg.patch_size[1], width // cfg.patch_size[2]),
+            "compressed_frame_shape": (height // cfg.compressed_patch_size[1], width // cfg.compressed_patch_size[2]),
+            "full_token_per_frame": full, "compressed_token_per_frame": coarse,
+        }
+        kv_cache_flag["num_full_tokens"] = far_cfg["num_full_frames"] * full
+        kv_cache_flag["num_compressed_tokens"] = far_cfg["num_compressed_frames"] * coarse
+        tokens = [f * (coarse if i < n_coarse else full) for i, f in enumerate(part)]
+        skip = handle.plan_prefill(tokens, n_coarse, kv_cache_flag["num_cached_chunks"] == 0)
+        try:
+            f0 = sum(part[:skip])  # the first frame that goes through the blocks
+            kept = {**far_cfg, "num_compressed_frames": far_cfg["num_compressed_frames"] - f0}
+            freqs = model.rope(far_cfg=far_cfg, device=hidden_states.device)["key"][:, :, sum(tokens[:skip]) :]
+            x = model._forward_far_patchify(hidden_states.permute(0, 2, 1, 3, 4)[:, :, f0:], far_cfg=kept)
+            _, timestep_proj, text, image = model.condition_embedder(
+                timestep[:, f0:], r_timestep[:, f0:], encoder_hidden_states, encoder_hidden_states_image, far_cfg=kept)
+            timestep_proj = timestep_proj.unflatten(2, (6, -1))
+            if image is not None:
+                text = torch.concat([image, text], dim=1)
+            rotary_emb = {"query": freqs, "key": freqs}
+            for index, block in enumerate(model.blocks):
+                args = (x, text, timestep_proj, rotary_emb, None, kv_cache[index], kv_cache_flag)
+                if torch.is_grad_enabled() and model.gradient_checkpointing:
+                    x = model._gradient_checkpointing_func(block, *args)
+                else:
+                    x = block(*args)
+        finally:
+            handle.plan = None
+        if not return_dict:
+            return None, kv_cache
+        return _upstream().AnyFlowFARTransformerOutput(sample=None, kv_cache=kv_cache)
+
+    return _forward_cache
+
+
 def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool = False, blocks_per_pass: int = 8,
-            **cache_options) -> FARHandle:
+            prefill: str = "full", **cache_options) -> FARHandle:
     """Run ``target`` (an ``AnyFlowFARTransformer3DModel`` or a pipeline with ``.transformer``)
     on compressed caches. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
     coarse context cache's :class:`~qkv.KVCache` options (``span_chunks``: FAR chunks per span,
     ...; not ``num_layers`` nor ``max_spans``); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
     compressing it at each prefill; ``blocks_per_pass``: the blocks whose prefill K/V are compressed
-    together, in one pass (more: fewer launches, more K/V held in bf16 meanwhile). The model's
+    together, in one pass (more: fewer launches, more K/V held in bf16 meanwhile); ``prefill``:
+    ``"full"`` re-encodes the whole clean context at every cache-prefill step, as upstream does,
+    ``"incremental"`` only the chunks the caches lack, attending to the cached coarse context
+    (:func:`_incremental_forward_cache`; the same result up to rounding with a lossless policy, the
+    compressed history with a lossy one). The model's
     ``build_attention_mask`` builds the prefill's mask blockwise (:func:`cache_block_mask`) until
     ``remove()``. Returns the handle (``memory()``, ``remove()``)."""
     model = diffusers_transformer(target, "AnyFlowFARTransformer3DModel", "anyflow_far")
     refuse_context_parallel(model, "anyflow_far", NO_CONTEXT_PARALLEL)
+    check_choice("anyflow_far", "prefill", prefill, PREFILLS)
     handle = FARHandle(model, policy, cache_options, recent_full_precision, blocks_per_pass)
     handle.patches.set(model, "build_attention_mask", _mask_builder(model, model.build_attention_mask))
+    if prefill == "incremental":
+        handle.patches.set(model, "_forward_cache", _incremental_forward_cache(model, handle, model._forward_cache))
     for index, block in enumerate(model.blocks):
         handle.patches.set(block.attn1, "processor", FARCacheProcessor(handle, index, block.attn1.processor))
     return handle
