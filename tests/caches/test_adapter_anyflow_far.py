@@ -193,6 +193,43 @@ def test_install_refuses_an_unknown_prefill(model):
         adapter.install(model, "fp32", prefill="partial")
 
 
+def test_the_pipeline_runs_unchanged_without_its_cache_tensors(model, no_history_read):
+    """``AnyFlowFARPipeline.__call__`` itself (prompt embeddings given, latents out): installed on
+    the pipeline, the same latents as its own cache within fp32 rounding, while the per-block
+    cache tensors it allocates are views of a single zero (nothing of the bf16 cache's size is
+    allocated); ``remove()`` gives the pipeline back its class, and a call that fails leaves no
+    interception behind."""
+    from diffusers import AnyFlowFARPipeline
+    from diffusers.schedulers import FlowMapEulerDiscreteScheduler
+
+    pipe = AnyFlowFARPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None,
+                              scheduler=FlowMapEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    text = torch.randn(B, 8, 32, generator=torch.Generator().manual_seed(2))
+
+    def generate(**kw):
+        return pipe(prompt_embeds=text, height=8 * H, width=8 * W, num_frames=4 * (sum(PART) - 1) + 1,
+                    num_inference_steps=3, guidance_scale=1.0, output_type="latent",
+                    generator=torch.Generator().manual_seed(0), **kw).frames
+
+    ref = generate()
+    caches = []
+    hook = model.register_forward_pre_hook(lambda m, a, kw: caches.append(kw["kv_cache"]), with_kwargs=True)
+    try:
+        with adapter.install(pipe, "fp32", span_chunks=2):
+            assert type(pipe).__name__ == "AnyFlowFARPipeline" and type(pipe) is not AnyFlowFARPipeline
+            ours = generate()
+            with pytest.raises(ValueError, match="chunk_partition"):
+                generate(chunk_partition=[1, 2])
+    finally:
+        hook.remove()
+    assert type(pipe) is AnyFlowFARPipeline
+    assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+    views = [t for block in caches[-1].values() for t in block.values()]
+    assert len(views) == 2 * len(model.blocks) and all(t.untyped_storage().nbytes() == t.element_size() for t in views)
+    assert torch.zeros(2, 1, HEADS, 5, HEAD_DIM).stride()[0] > 0  # nothing intercepts torch.zeros any more
+
+
 def test_the_guard_catches_a_path_that_reads_the_history(model, no_history_read):
     with adapter.install(model, "fp32", span_chunks=2, attention="read") as handle:
         with pytest.raises(AssertionError, match="decompressed the whole history"):

@@ -30,9 +30,10 @@ context, full context, chunk], roped together.
     video = pipe(prompt, ...)                                # unchanged
     handle.memory(); handle.remove()
 
-``pipeline_anyflow_far.py`` still allocates its zero-filled cache tensors in ``__call__`` (they
-are never written or read once installed); running the transformer directly, pass
-``handle.kv_cache()`` (per-block placeholders, no tensors) as ``kv_cache``.
+``AnyFlowFARPipeline.__call__`` allocates zero-filled cache tensors of the whole video's bf16
+cache; installed on the pipeline, those come out as zero-stride views of one zero
+(:class:`_CacheTensorsAsViews`). Running the transformer directly, pass ``handle.kv_cache()``
+(per-block placeholders, no tensors) as ``kv_cache``.
 
 The prefill's mask: upstream's ``build_attention_mask(mode="cache")`` evaluates its mask function
 on every (query, key) pair of the context at once (``create_block_mask`` without compilation:
@@ -49,6 +50,7 @@ import math
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
+from torch.overrides import TorchFunctionMode
 
 from qkv.caches.adapters.context_parallel import refuse_context_parallel
 from qkv.caches.adapters.handle import AdapterHandle, attend_parts, diffusers_transformer
@@ -406,6 +408,53 @@ def _incremental_forward_cache(model, handle: FARHandle, upstream):
     return _forward_cache
 
 
+class _CacheTensorsAsViews(TorchFunctionMode):
+    """Active from the start of ``AnyFlowFARPipeline.__call__`` to the transformer's first forward
+    (:meth:`close`): the per-block cache tensors ``__call__`` allocates (``torch.zeros`` of
+    [2, batch, heads, tokens, head_dim]) come out as zero-stride views of a single zero. Once
+    installed, nothing reads or writes them; a write would raise (every element is one address)."""
+
+    def __init__(self, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.open = heads, head_dim, False
+
+    def __enter__(self):
+        self.open = True
+        return super().__enter__()
+
+    def close(self, *_) -> None:
+        """Leave the mode (a forward pre-hook of the transformer: it is then on top of the stack)."""
+        if self.open:
+            self.open = False
+            super().__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.zeros:
+            size = tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else args
+            if len(size) == 5 and size[0] == 2 and size[2] == self.heads and size[4] == self.head_dim:
+                return torch.zeros((), dtype=kwargs.get("dtype"), device=kwargs.get("device")).expand(size)
+        return func(*args, **kwargs)
+
+
+def _without_cache_tensors(base: type, model) -> type:
+    """A subclass of the pipeline class ``base`` (same name) whose ``__call__`` is ``base``'s with
+    the per-block cache tensors allocated as views (:class:`_CacheTensorsAsViews`)."""
+
+    def __call__(self, *args, **kwargs):
+        mode = _CacheTensorsAsViews(model.config.num_attention_heads, model.config.attention_head_dim)
+        hook = model.register_forward_pre_hook(mode.close)
+        mode.__enter__()
+        try:
+            return base.__call__(self, *args, **kwargs)
+        finally:
+            mode.close()
+            hook.remove()
+
+    return type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                          "__qualname__": base.__qualname__, "__doc__": base.__doc__})
+
+
 def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool = False, blocks_per_pass: int = 8,
             prefill: str = "full", **cache_options) -> FARHandle:
     """Run ``target`` (an ``AnyFlowFARTransformer3DModel`` or a pipeline with ``.transformer``)
@@ -427,6 +476,8 @@ def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool
     handle.patches.set(model, "build_attention_mask", _mask_builder(model, model.build_attention_mask))
     if prefill == "incremental":
         handle.patches.set(model, "_forward_cache", _incremental_forward_cache(model, handle, model._forward_cache))
+    if target is not model:  # the pipeline: its __call__ allocates no cache tensors
+        handle.patches.set(target, "__class__", _without_cache_tensors(type(target), model))
     for index, block in enumerate(model.blocks):
         handle.patches.set(block.attn1, "processor", FARCacheProcessor(handle, index, block.attn1.processor))
     return handle

@@ -49,8 +49,9 @@ class Patches:
         self._undo: list[tuple[object, str, object]] = []
 
     def set(self, obj: object, name: str, value: object) -> None:
-        """``obj.name = value`` (on the instance), remembering the old instance attribute."""
-        self._undo.append((obj, name, vars(obj).get(name, _ABSENT)))
+        """``obj.name = value`` (on the instance; ``__class__`` swaps the instance's class),
+        remembering the old instance attribute (or class)."""
+        self._undo.append((obj, name, type(obj) if name == "__class__" else vars(obj).get(name, _ABSENT)))
         setattr(obj, name, value)
 
     def undo(self) -> None:
