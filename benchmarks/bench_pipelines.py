@@ -14,12 +14,14 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
   ``CausalInferencePipeline``) at the same sizes; its buffer holds 21 frames (7 chunks with global
   attention, its rolling window of 21 frames beyond). Upstream: the pipeline's own dicts; qkv:
   ``qkv.adapters.self_forcing.install(pipeline, policy)``.
-- ``anyflow_far``: diffusers' ``AnyFlowFARTransformer3DModel`` as
+- ``anyflow_far``: ``AnyFlowFARPipeline.__call__`` itself (prompt embeddings given, no VAE,
+  latents out) on a diffusers ``AnyFlowFARTransformer3DModel`` as
   ``nvidia/AnyFlow-FAR-Wan2.1-1.3B-Diffusers`` (Wan2.1-1.3B sizes, full_chunk_limit 3), chunk
-  partition 1 + 3 x (chunks - 1) latent frames at 480 x 832, 4 read steps per chunk and the
-  cache-prefill after it (``AnyFlowFARPipeline.__call__``'s loop); flex attention compiled, as
-  diffusers expects. Upstream: the cache tensors ``__call__`` allocates; qkv:
-  ``qkv.adapters.anyflow_far.install``, which also builds the prefill's mask blockwise; so a third
+  partition 1 + 3 x (chunks - 1) latent frames at 480 x 832, 4 steps of its flow-map scheduler
+  per chunk (the read steps) and the cache-prefill after it, no guidance (the pipeline's
+  default); flex attention compiled, as diffusers expects. Upstream: the cache tensors
+  ``__call__`` allocates; qkv: ``qkv.adapters.anyflow_far.install(pipe)`` (those tensors then
+  views of one zero), which also builds the prefill's mask blockwise; so a third
   rollout, ``upstream_blockwise_mask``, runs upstream's cache with that mask
   (``qkv.adapters.anyflow_far.cache_block_mask``): what the cache alone changes; and unless
   ``--option prefill=...`` picks one, qkv runs with both prefills (``incremental_prefill`` in the
@@ -418,7 +420,8 @@ def memory_dict(mem) -> dict:
 
 # -- AnyFlow-FAR (diffusers) ---------------------------------------------------------------------------
 def anyflow_far(args, device, dtype) -> dict:
-    from diffusers import AnyFlowFARTransformer3DModel
+    from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel
+    from diffusers.schedulers import FlowMapEulerDiscreteScheduler
 
     if args.tiny:
         cfg = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32)
@@ -433,65 +436,77 @@ def anyflow_far(args, device, dtype) -> dict:
                    freq_dim=256)
         lat_h, lat_w, text = 60, 104, (512, 4096)
     part = (1,) + (3,) * (args.chunks - 1)
-    limit, steps = 3, (1000, 750, 500, 250)
+    limit = 3
     with torch.device(device):
         model = AnyFlowFARTransformer3DModel(in_channels=16, out_channels=16, full_chunk_limit=limit,
                                              chunk_partition=part, **cfg).to(dtype).eval()
     heads, head_dim, blocks = cfg["num_attention_heads"], cfg["attention_head_dim"], cfg["num_layers"]
     full, coarse = (lat_h // 2) * (lat_w // 2), (lat_h // 4) * (lat_w // 4)
 
-    def upstream_cache() -> dict:  # as AnyFlowFARPipeline.__call__ allocates it
-        return {i: {"full_cache": torch.zeros(2, 1, heads, limit * max(part) * full, head_dim, dtype=dtype, device=device),
-                    "compressed_cache": torch.zeros(2, 1, heads, (len(part) - limit + 1) * max(part) * coarse, head_dim,
-                                                    dtype=dtype, device=device)} for i in range(blocks)}
+    pipe = AnyFlowFARPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None,
+                              scheduler=FlowMapEulerDiscreteScheduler())
+    pipe.set_progress_bar_config(disable=True)
 
-    def rollout(kv_cache, block_mask=None) -> Run:
+    def rollout() -> Run:
+        """``AnyFlowFARPipeline.__call__`` itself (its cache allocation included); hooks on the
+        transformer time each forward and end a chunk at its prefill (the last: at its last step)."""
         gen = torch.Generator(device).manual_seed(0)
         prompt = torch.randn(1, *text, generator=gen, device=device, dtype=dtype)
-        run = Run(device)  # before the cache is allocated: the rollout's peak includes it
-        kv = kv_cache()
-        output = torch.zeros(1, sum(part), 16, lat_h, lat_w, device=device, dtype=dtype)
-        flag = {"num_cached_chunks": 0, "is_cache_step": False}
-        with torch.no_grad():
-            for c, frames in enumerate(part):
-                f0, f1 = sum(part[:c]), sum(part[: c + 1])
-                x = torch.randn(1, frames, 16, lat_h, lat_w, generator=gen, device=device, dtype=dtype)
-                for i, t in enumerate(steps):
-                    r = steps[i + 1] if i + 1 < len(steps) else 0
-                    with run.forward(), profiled(c == args.profile_chunk and i == 0):
-                        pred, _ = model(hidden_states=x, timestep=torch.full((1, frames), t, device=device),
-                                        r_timestep=torch.full((1, frames), r, device=device),
-                                        encoder_hidden_states=prompt, return_dict=False,
-                                        chunk_partition=list(part[: c + 1]), kv_cache=kv,
-                                        kv_cache_flag=copy.deepcopy(flag))
-                    x = (x - (t - r) / 1000 * pred).to(dtype)
-                output[:, f0:f1] = x
-                if c < len(part) - 1:  # encode_kv_cache: re-encode the clean context
-                    flag["is_cache_step"] = True
-                    zero = torch.zeros(1, f1, dtype=torch.long, device=device)
-                    if block_mask is None:
-                        mask = model.build_attention_mask(chunk_partition=list(part[: c + 1]), height=lat_h,
-                                                          width=lat_w, device=device, mode="cache")
-                    else:
-                        mask = block_mask(model, list(part[: c + 1]), lat_h, lat_w, device)
-                    with run.forward(), profiled(c == args.profile_chunk):
-                        model(hidden_states=output[:, :f1], chunk_partition=list(part[: c + 1]), timestep=zero,
-                              r_timestep=zero, encoder_hidden_states=prompt, attention_mask=mask, return_dict=False,
-                              kv_cache=kv, kv_cache_flag=copy.deepcopy(flag))
-                    flag["num_cached_chunks"] += 1
-                    flag["is_cache_step"] = False
-                run.chunk_done(pred)
+        latents = torch.randn(1, 16, sum(part), lat_h, lat_w, generator=gen, device=device)
+        run, profiling, last = Run(device), contextlib.ExitStack(), {}
+
+        def pre_hook(module, inputs, kwargs):
+            if len(run.times) == args.profile_chunk and not run.forwards[-1]:  # the chunk's forwards together
+                profiling.enter_context(profiled(True))
+            sync(device)
+            last["start"] = time.perf_counter()
+
+        def hook(module, inputs, kwargs, output):
+            sync(device)
+            run.forwards[-1].append(time.perf_counter() - last["start"])
+            if kwargs["kv_cache_flag"]["is_cache_step"]:
+                profiling.close()
+                run.chunk_done(last["pred"])
+            else:
+                last["pred"] = output[0]
+
+        hooks = [model.register_forward_pre_hook(pre_hook, with_kwargs=True),
+                 model.register_forward_hook(hook, with_kwargs=True)]
+        try:
+            pipe(prompt_embeds=prompt, latents=latents, height=8 * lat_h, width=8 * lat_w,
+                 num_frames=4 * (sum(part) - 1) + 1, num_inference_steps=4, chunk_partition=list(part),
+                 output_type="latent")
+        finally:
+            profiling.close()
+            for h in hooks:
+                h.remove()
+        run.chunk_done(last["pred"])  # the last chunk: no prefill after it
         return run
 
-    up_run = twice(lambda: rollout(upstream_cache))
-    blockwise_run = twice(lambda: rollout(upstream_cache, qkv.adapters.anyflow_far.cache_block_mask))
+    def blockwise_mask() -> Run:
+        """Upstream's own cache, its prefill mask built by ``cache_block_mask``."""
+        upstream = model.build_attention_mask
+
+        def build(*, chunk_partition, height, width, device=None, mode="train", **kw):
+            if mode == "cache" and not kw.get("has_clean_context"):
+                return qkv.adapters.anyflow_far.cache_block_mask(model, list(chunk_partition), height, width, device)
+            return upstream(chunk_partition=chunk_partition, height=height, width=width, device=device, mode=mode, **kw)
+
+        model.build_attention_mask = build
+        try:
+            return rollout()
+        finally:
+            del model.build_attention_mask
+
+    up_run = twice(rollout)
+    blockwise_run = twice(blockwise_mask)
     # what the last chunk's read steps attend to besides the chunk: the coarse context and the
     # limit - 1 full-resolution chunks before it
     coarse_tokens, full_tokens = sum(part[: len(part) - limit]) * coarse, sum(part[len(part) - limit : -1]) * full
     per_token = 2 * blocks * heads * head_dim * torch.finfo(dtype).bits // 8  # K and V, all blocks
     up_bytes = (coarse_tokens + full_tokens) * per_token  # what the upstream holds at the last chunk
-    with qkv.adapters.anyflow_far.install(model, args.policy, **install_options(args)) as handle:
-        our_run = twice(lambda: rollout(handle.kv_cache), handle.reset)
+    with qkv.adapters.anyflow_far.install(pipe, args.policy, **install_options(args)) as handle:
+        our_run = twice(rollout, handle.reset)
         mem = handle.memory()
         context = handle.cache.layer(0)
         span = span_chunks(handle.cache, 3 * coarse)
@@ -510,8 +525,8 @@ def anyflow_far(args, device, dtype) -> dict:
         **{f"qkv_{k}": alone[k] for k in ("peak_ratio", "latency_overhead", "latency_overhead_last_8", "drift")}}
     options = install_options(args)
     if "prefill" not in options:  # the other prefill too: only the chunks the caches lack re-encoded
-        with qkv.adapters.anyflow_far.install(model, args.policy, **options, prefill="incremental") as handle:
-            inc_run = twice(lambda: rollout(handle.kv_cache), handle.reset)
+        with qkv.adapters.anyflow_far.install(pipe, args.policy, **options, prefill="incremental") as handle:
+            inc_run = twice(rollout, handle.reset)
             inc_kv = handle.memory().total
         inc = compare({"kv_bytes": up_bytes}, {"kv_bytes": inc_kv}, up_run, inc_run)
         result["incremental_prefill"] = {
