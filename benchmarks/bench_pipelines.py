@@ -24,8 +24,8 @@ Random weights (no registry carries the real ones), bf16, batch 1, every rollout
   views of one zero), which also builds the prefill's mask blockwise; so a third
   rollout, ``upstream_blockwise_mask``, runs upstream's cache with that mask
   (``qkv.adapters.anyflow_far.cache_block_mask``): what the cache alone changes; and unless
-  ``--option prefill=...`` picks one, qkv runs with both prefills (``incremental_prefill`` in the
-  JSON: only the chunks the caches lack re-encoded).
+  ``--option prefill=...`` picks one, qkv runs with both prefills: the default (only the chunks
+  the caches lack re-encoded) and ``full_prefill`` in the JSON (the whole context, as upstream).
 - ``sana_wm``: diffusers' ``SanaWMLTX2Refiner.__call__`` itself (prompt encoding replaced by
   random embeddings, no VAE) on a ``SanaWMLTX2RefinerTransformer3DModel`` with the class defaults
   (LTX-2's sizes: 48 blocks, 32 x 128), 720 x 1280 video (22 x 40 latent tokens per frame),
@@ -524,16 +524,16 @@ def anyflow_far(args, device, dtype) -> dict:
         "drift_vs_upstream": drift(up_run, blockwise_run),
         **{f"qkv_{k}": alone[k] for k in ("peak_ratio", "latency_overhead", "latency_overhead_last_8", "drift")}}
     options = install_options(args)
-    if "prefill" not in options:  # the other prefill too: only the chunks the caches lack re-encoded
-        with qkv.adapters.anyflow_far.install(pipe, args.policy, **options, prefill="incremental") as handle:
-            inc_run = twice(rollout, handle.reset)
-            inc_kv = handle.memory().total
-        inc = compare({"kv_bytes": up_bytes}, {"kv_bytes": inc_kv}, up_run, inc_run)
-        result["incremental_prefill"] = {
-            **inc["qkv"], **{k: inc[k] for k in ("kv_ratio", "peak_ratio", "latency_overhead",
-                                                 "latency_overhead_last_8", "drift")},
-            "peak_ratio_vs_blockwise_mask": blockwise_run.peak_bytes / inc_run.peak_bytes if inc_run.peak_bytes else None,
-            "drift_vs_full_prefill": drift(our_run, inc_run)}
+    if "prefill" not in options:  # also the other prefill: upstream's re-encoding of the whole context
+        with qkv.adapters.anyflow_far.install(pipe, args.policy, **options, prefill="full") as handle:
+            full_run = twice(rollout, handle.reset)
+            full_kv = handle.memory().total
+        other = compare({"kv_bytes": up_bytes}, {"kv_bytes": full_kv}, up_run, full_run)
+        result["full_prefill"] = {
+            **other["qkv"], **{k: other[k] for k in ("kv_ratio", "peak_ratio", "latency_overhead",
+                                                     "latency_overhead_last_8", "drift")},
+            "peak_ratio_vs_blockwise_mask": blockwise_run.peak_bytes / full_run.peak_bytes if full_run.peak_bytes else None,
+            "drift_vs_incremental_prefill": drift(our_run, full_run)}
     coarse_chunk, full_region = 3 * coarse * per_token, (limit - 1) * 3 * full * per_token
     result["capacity"] = {
         "upstream_chunks": capacity(full_region, coarse_chunk, limit - 1),
@@ -856,12 +856,12 @@ def main() -> None:
             print(f"  against upstream with the blockwise mask: peak {b['qkv_peak_ratio'] or float('nan'):.2f}x, "
                   f"latency {100 * b['qkv_latency_overhead']:+.1f}%; that mask's drift from upstream's "
                   f"{max(b['drift_vs_upstream']):.2e}", flush=True)
-        if "incremental_prefill" in r:
-            i = r["incremental_prefill"]
-            print(f"  with prefill=\"incremental\": KV {i['kv_ratio']:.2f}x smaller, peak {i['peak_ratio'] or float('nan'):.2f}x, "
+        if "full_prefill" in r:
+            i = r["full_prefill"]
+            print(f"  with prefill=\"full\": KV {i['kv_ratio']:.2f}x smaller, peak {i['peak_ratio'] or float('nan'):.2f}x, "
                   f"latency {100 * i['latency_overhead']:+.1f}% (last 8 chunks {100 * i['latency_overhead_last_8']:+.1f}%), "
-                  f"drift max {max(i['drift']):.2e} ({max(i['drift_vs_full_prefill']):.2e} from the full prefill's)",
-                  flush=True)
+                  f"drift max {max(i['drift']):.2e} ({max(i['drift_vs_incremental_prefill']):.2e} from the incremental "
+                  "prefill's)", flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     results.pop("environment", None)

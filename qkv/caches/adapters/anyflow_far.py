@@ -9,18 +9,23 @@ newest ``full_chunk_limit - 1`` chunks at full resolution) and writes its K/V th
 denoising step of the next chunk (the cache-read step) attends its queries to [compressed
 context, full context, chunk], roped together.
 
-:func:`install` sets each ``attn1``'s processor to :class:`FARCacheProcessor`:
+:func:`install` sets each ``attn1``'s processor to :class:`FARCacheProcessor` and, by default
+(``prefill="incremental"``), the model's ``_forward_cache`` to :func:`_incremental_forward_cache`:
 
-- a cache-prefill step runs the upstream processor itself (its output is the prefill's
-  attention, unchanged) on a stand-in cache that hands over the K/V it writes; the keys are roped
-  at their positions (the positions the read step gives the same tokens), then the coarse context
-  goes to one :class:`~qkv.KVCache` and the full-resolution context to another. The coarse
-  context only grows (under the chunk-causal mask a coarse chunk sees only older coarse chunks, so
-  its K/V do not change when the context is re-encoded): only its new chunks are appended, and
-  spans are compressed once. The full-resolution context is re-encoded by every prefill and
-  replaces the previous one (the ``recent`` cache: compressed at once, or kept exact with
-  ``recent_full_precision=True``); its k-means starts from the centroids of the context it
-  replaces (the two overlap in all but one chunk).
+- a cache-prefill step runs only the chunks the caches lack through the blocks (the chunk just
+  demoted to the coarse patch size and the full-resolution chunks, ~1/4 of the context's tokens
+  at 32 chunks); each of them attends to the cached coarse context and to their tokens up to its
+  own end (chunk-causal, as upstream's mask). That is all the context a re-encoding changes: under
+  the chunk-causal mask a coarse chunk sees only older coarse chunks, so the coarse context only
+  grows and its K/V come out the same at every prefill. With ``prefill="full"`` the step runs
+  the upstream processor itself over the whole context (its output is the prefill's attention,
+  unchanged) on a stand-in cache that hands over the K/V it writes, and only the coarse chunks
+  the cache lacks are kept. Either way the keys are roped at their positions (the positions the
+  read step gives the same tokens), the new coarse chunks are appended to one
+  :class:`~qkv.KVCache` and compressed once, and the full-resolution context replaces the previous
+  one in another (the ``recent`` cache: compressed at once, or kept exact with
+  ``recent_full_precision=True``; its k-means starts from the centroids of the context it
+  replaces, the two overlapping in all but one chunk).
 - a cache-read step computes q/k/v as the upstream processor does, ropes the queries and the
   chunk's keys, and attends with ``qkv.kernels.attention`` over the compressed spans of both
   caches plus the chunk (and the zero keys the upstream adds: it pads q, k and v to a multiple
@@ -40,7 +45,8 @@ on every (query, key) pair of the context at once (``create_block_mask`` without
 tensors of context^2 elements; 3.8 GB on the CPU at 16 chunks of Wan2.1-1.3B sizes,
 ``benchmarks/anyflow_mask_memory.py``), a peak of the rollout's own, cache or not. :func:`install` replaces the model's ``build_attention_mask``
 for that mode with :func:`cache_block_mask`, the same ``BlockMask`` (same blocks, same order, same
-mask on every pair) built from each 128-token block's first and last chunk.
+mask on every pair) built from each 128-token block's first and last chunk (the pipeline builds
+it before every prefill; the incremental prefill does not use it).
 """
 
 from __future__ import annotations
@@ -456,17 +462,17 @@ def _without_cache_tensors(base: type, model) -> type:
 
 
 def install(target, policy: Policy | str = "qvg", *, recent_full_precision: bool = False, blocks_per_pass: int = 8,
-            prefill: str = "full", **cache_options) -> FARHandle:
+            prefill: str = "incremental", **cache_options) -> FARHandle:
     """Run ``target`` (an ``AnyFlowFARTransformer3DModel`` or a pipeline with ``.transformer``)
     on compressed caches. ``policy``: a :class:`Policy` or preset/spec; ``cache_options``: the
     coarse context cache's :class:`~qkv.KVCache` options (``span_chunks``: FAR chunks per span,
     ...; not ``num_layers`` nor ``max_spans``); ``recent_full_precision``: keep the full-resolution context in bf16 instead of
     compressing it at each prefill; ``blocks_per_pass``: the blocks whose prefill K/V are compressed
     together, in one pass (more: fewer launches, more K/V held in bf16 meanwhile); ``prefill``:
-    ``"full"`` re-encodes the whole clean context at every cache-prefill step, as upstream does,
-    ``"incremental"`` only the chunks the caches lack, attending to the cached coarse context
-    (:func:`_incremental_forward_cache`; the same result up to rounding with a lossless policy, the
-    compressed history with a lossy one). The model's
+    ``"incremental"`` (the default) re-encodes only the chunks the caches lack at a cache-prefill
+    step, attending to the cached coarse context (:func:`_incremental_forward_cache`; the same
+    result up to rounding with a lossless policy, the compressed history with a lossy one),
+    ``"full"`` the whole clean context through upstream's processor, as upstream does. The model's
     ``build_attention_mask`` builds the prefill's mask blockwise (:func:`cache_block_mask`) until
     ``remove()``. Returns the handle (``memory()``, ``remove()``)."""
     model = diffusers_transformer(target, "AnyFlowFARTransformer3DModel", "anyflow_far")
