@@ -114,7 +114,8 @@ def test_the_coarse_context_only_grows(reference):
     assert compared == 2
 
 
-@pytest.mark.parametrize("recent_full_precision,prefill", [(True, "full"), (False, "full"), (False, "incremental")])
+@pytest.mark.parametrize("recent_full_precision,prefill",
+                         [(True, "full"), (False, "full"), (True, "incremental"), (False, "incremental")])
 def test_lossless_rollout_matches_the_upstream_cache(model, reference, no_history_read, recent_full_precision, prefill):
     ref, _ = reference
     with adapter.install(model, "fp32", span_chunks=2, recent_full_precision=recent_full_precision,

@@ -399,12 +399,8 @@ def _incremental_forward_cache(model, handle: FARHandle, upstream):
             if image is not None:
                 text = torch.concat([image, text], dim=1)
             rotary_emb = {"query": freqs, "key": freqs}
-            for index, block in enumerate(model.blocks):
-                args = (x, text, timestep_proj, rotary_emb, None, kv_cache[index], kv_cache_flag)
-                if torch.is_grad_enabled() and model.gradient_checkpointing:
-                    x = model._gradient_checkpointing_func(block, *args)
-                else:
-                    x = block(*args)
+            for index, block in enumerate(model.blocks):  # (no checkpointing: the caches store no gradients)
+                x = block(x, text, timestep_proj, rotary_emb, None, kv_cache[index], kv_cache_flag)
         finally:
             handle.plan = None
         if not return_dict:
