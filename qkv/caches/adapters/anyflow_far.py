@@ -31,7 +31,7 @@ context, full context, chunk], roped together.
   caches plus the chunk (and the zero keys the upstream adds: it pads q, k and v to a multiple
   of 128 tokens and, with no mask at that step, its queries attend to the padding too).
 
-    handle = qkv.adapters.anyflow_far.install(pipe, "qvg")    # pipe.transformer, or the model
+    handle = qkv.adapters.anyflow_far.install(pipe, "qvg")    # the pipeline (or the transformer alone)
     video = pipe(prompt, ...)                                # unchanged
     handle.memory(); handle.remove()
 
