@@ -194,7 +194,8 @@ def test_install_refuses_an_unknown_prefill(model):
         adapter.install(model, "fp32", prefill="partial")
 
 
-def test_the_pipeline_runs_unchanged_without_its_cache_tensors(model, no_history_read):
+@pytest.mark.parametrize("guidance", [1.0, 3.0])  # 3.0: classifier-free guidance, a batch of 2 in the caches
+def test_the_pipeline_runs_unchanged_without_its_cache_tensors(model, no_history_read, guidance):
     """``AnyFlowFARPipeline.__call__`` itself (prompt embeddings given, latents out): installed on
     the pipeline, the same latents as its own cache within fp32 rounding, while the per-block
     cache tensors it allocates are views of a single zero (nothing of the bf16 cache's size is
@@ -206,12 +207,14 @@ def test_the_pipeline_runs_unchanged_without_its_cache_tensors(model, no_history
     pipe = AnyFlowFARPipeline(tokenizer=None, text_encoder=None, transformer=model, vae=None,
                               scheduler=FlowMapEulerDiscreteScheduler())
     pipe.set_progress_bar_config(disable=True)
-    text = torch.randn(B, 8, 32, generator=torch.Generator().manual_seed(2))
+    text, negative = torch.randn(2, B, 8, 32, generator=torch.Generator().manual_seed(2))
 
     def generate(**kw):
-        return pipe(prompt_embeds=text, height=8 * H, width=8 * W, num_frames=4 * (sum(PART) - 1) + 1,
-                    num_inference_steps=3, guidance_scale=1.0, output_type="latent",
-                    generator=torch.Generator().manual_seed(0), **kw).frames
+        # (upstream's __call__ takes negative embeddings without guidance into a batch of 2 text rows)
+        return pipe(prompt_embeds=text, negative_prompt_embeds=negative if guidance > 1 else None,
+                    height=8 * H, width=8 * W, num_frames=4 * (sum(PART) - 1) + 1, num_inference_steps=3,
+                    guidance_scale=guidance, output_type="latent", generator=torch.Generator().manual_seed(0),
+                    **kw).frames
 
     ref = generate()
     caches = []
@@ -228,6 +231,7 @@ def test_the_pipeline_runs_unchanged_without_its_cache_tensors(model, no_history
     assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
     views = [t for block in caches[-1].values() for t in block.values()]
     assert len(views) == 2 * len(model.blocks) and all(t.untyped_storage().nbytes() == t.element_size() for t in views)
+    assert {t.shape[1] for t in views} == {2 if guidance > 1 else 1}
     assert torch.zeros(2, 1, HEADS, 5, HEAD_DIM).stride()[0] > 0  # nothing intercepts torch.zeros any more
 
 

@@ -274,7 +274,8 @@ class FARHandle(AdapterHandle):
         for n in plan.chunk_tokens:
             if n:
                 end = start + n
-                out.append(attend_parts(self.cache.config, q[:, :, start:end], [context, (k[:, :, :end], v[:, :, :end])]))
+                parts = [context, (k[:, :, :end], v[:, :, :end])]
+                out.append(attend_parts(self.cache.config, q[:, :, start:end], parts))
                 start = end
         c = plan.coarse_tokens
         self.hold(index, plan.new, (k[:, :, :c], v[:, :, :c]), (k[:, :, c:], v[:, :, c:]))
