@@ -235,6 +235,26 @@ def test_the_pipeline_runs_unchanged_without_its_cache_tensors(model, no_history
     assert torch.zeros(2, 1, HEADS, 5, HEAD_DIM).stride()[0] > 0  # nothing intercepts torch.zeros any more
 
 
+def test_only_the_cache_allocation_becomes_a_view():
+    """While the pipeline allocates, ``torch.zeros`` of [2, batch, heads, tokens, head_dim] in the
+    transformer's dtype is a view of one zero that upstream's writes fail on; other shapes and dtypes are
+    allocated as always, and nothing is intercepted once the mode is closed."""
+    mode = adapter._CacheTensorsAsViews(HEADS, HEAD_DIM, torch.float32)
+    mode.__enter__()
+    try:
+        cache = torch.zeros((2, 3, HEADS, 7, HEAD_DIM), dtype=torch.float32)
+        others = [torch.zeros((2, 3, HEADS, 7, HEAD_DIM), dtype=torch.float64),
+                  torch.zeros((2, 3, HEADS + 1, 7, HEAD_DIM), dtype=torch.float32),
+                  torch.zeros(3, 3, HEADS, 7, HEAD_DIM, dtype=torch.float32)]
+    finally:
+        mode.close()
+    assert cache.shape == (2, 3, HEADS, 7, HEAD_DIM) and cache.stride() == (0,) * 5 and not cache.any()
+    with pytest.raises(RuntimeError, match="single memory location"):  # as upstream's prefill would write it
+        cache[0, :, :, :2, :] = torch.ones(3, HEADS, 2, HEAD_DIM)
+    assert all(t.stride()[-1] == 1 and t.stride()[0] > 0 for t in others)
+    assert torch.zeros((2, 3, HEADS, 7, HEAD_DIM), dtype=torch.float32).stride()[0] > 0
+
+
 def test_the_guard_catches_a_path_that_reads_the_history(model, no_history_read):
     with adapter.install(model, "fp32", span_chunks=2, attention="read") as handle:
         with pytest.raises(AssertionError, match="decompressed the whole history"):

@@ -414,12 +414,14 @@ def _incremental_forward_cache(model, handle: FARHandle, upstream):
 class _CacheTensorsAsViews(TorchFunctionMode):
     """Active from the start of ``AnyFlowFARPipeline.__call__`` to the transformer's first forward
     (:meth:`close`): the per-block cache tensors ``__call__`` allocates (``torch.zeros`` of
-    [2, batch, heads, tokens, head_dim]) come out as zero-stride views of a single zero. Once
-    installed, nothing reads or writes them; a write would raise (every element is one address)."""
+    [2, batch, heads, tokens, head_dim] in the transformer's dtype) come out as zero-stride views
+    of a single zero. Once installed, nothing reads or writes them; a write of several elements
+    (as upstream's prefill writes them) raises, since they share one address, so a tensor taken
+    for one by mistake could not be filled silently."""
 
-    def __init__(self, heads: int, head_dim: int) -> None:
+    def __init__(self, heads: int, head_dim: int, dtype: torch.dtype) -> None:
         super().__init__()
-        self.heads, self.head_dim, self.open = heads, head_dim, False
+        self.heads, self.head_dim, self.dtype, self.open = heads, head_dim, dtype, False
 
     def __enter__(self):
         self.open = True
@@ -435,7 +437,8 @@ class _CacheTensorsAsViews(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.zeros:
             size = tuple(args[0]) if len(args) == 1 and not isinstance(args[0], int) else args
-            if len(size) == 5 and size[0] == 2 and size[2] == self.heads and size[4] == self.head_dim:
+            if (len(size) == 5 and size[0] == 2 and size[2] == self.heads and size[4] == self.head_dim
+                    and kwargs.get("dtype") == self.dtype):
                 return torch.zeros((), dtype=kwargs.get("dtype"), device=kwargs.get("device")).expand(size)
         return func(*args, **kwargs)
 
@@ -445,7 +448,7 @@ def _without_cache_tensors(base: type, model) -> type:
     the per-block cache tensors allocated as views (:class:`_CacheTensorsAsViews`)."""
 
     def __call__(self, *args, **kwargs):
-        mode = _CacheTensorsAsViews(model.config.num_attention_heads, model.config.attention_head_dim)
+        mode = _CacheTensorsAsViews(model.config.num_attention_heads, model.config.attention_head_dim, model.dtype)
         hook = model.register_forward_pre_hook(mode.close)
         mode.__enter__()
         try:
