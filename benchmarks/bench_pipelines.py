@@ -422,6 +422,8 @@ def anyflow_far(args, device, dtype) -> dict:
     from diffusers import AnyFlowFARPipeline, AnyFlowFARTransformer3DModel
     from diffusers.schedulers import FlowMapEulerDiscreteScheduler
 
+    from qkv.caches.adapters.anyflow_far import _mask_builder  # the adapter's own mask patch, on upstream's cache
+
     if args.tiny:
         cfg = dict(num_attention_heads=2, attention_head_dim=32, ffn_dim=128, num_layers=2, text_dim=32, freq_dim=32)
         lat_h, lat_w, text = 8, 8, (8, 32)
@@ -483,15 +485,8 @@ def anyflow_far(args, device, dtype) -> dict:
         return run
 
     def blockwise_mask() -> Run:
-        """Upstream's own cache, its prefill mask built by ``cache_block_mask``."""
-        upstream = model.build_attention_mask
-
-        def build(*, chunk_partition, height, width, device=None, mode="train", **kw):
-            if mode == "cache" and not kw.get("has_clean_context"):
-                return qkv.adapters.anyflow_far.cache_block_mask(model, list(chunk_partition), height, width, device)
-            return upstream(chunk_partition=chunk_partition, height=height, width=width, device=device, mode=mode, **kw)
-
-        model.build_attention_mask = build
+        """Upstream's own cache, its prefill mask built by ``cache_block_mask`` (as the adapter does)."""
+        model.build_attention_mask = _mask_builder(model, model.build_attention_mask)
         try:
             return rollout()
         finally:

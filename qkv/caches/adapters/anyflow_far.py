@@ -83,18 +83,28 @@ NO_CONTEXT_PARALLEL = ("diffusers has no context-parallel plan for AnyFlowFARTra
 # what install's prefill may be: upstream's re-encoding of the whole context, or only what the caches lack
 PREFILLS = ("full", "incremental")
 
+
+def _frame_tokens(cfg, height: int, width: int) -> tuple[int, int]:
+    """Tokens of a latent frame of ``height`` x ``width`` at the full and at the coarse patch size."""
+    return ((height // cfg.patch_size[1]) * (width // cfg.patch_size[2]),
+            (height // cfg.compressed_patch_size[1]) * (width // cfg.compressed_patch_size[2]))
+
+
+def context_tokens(model, chunk_partition: list[int], height: int, width: int) -> tuple[list[int], int]:
+    """Tokens per chunk of a cache-prefill's context (frames ``chunk_partition``, latents ``height``
+    x ``width``) and how many of the chunks are coarse: the oldest at the coarse patch size, the
+    newest ``full_chunk_limit - 1`` at full resolution (all of them while there are no more)."""
+    full, coarse = _frame_tokens(model.config, height, width)
+    n_coarse = max(0, len(chunk_partition) - (model.config.full_chunk_limit - 1))
+    return [f * (coarse if i < n_coarse else full) for i, f in enumerate(chunk_partition)], n_coarse
+
+
 def cache_block_mask(model, chunk_partition: list[int], height: int, width: int,
                      device: torch.device | str | None = None) -> BlockMask:
     """``model.build_attention_mask(chunk_partition=..., height=..., width=..., device=...,
-    mode="cache")`` of an ``AnyFlowFARTransformer3DModel``, built by :func:`chunk_causal_block_mask`:
-    the oldest chunks at the coarse patch size, the newest ``full_chunk_limit - 1`` at full
-    resolution (all of them while there are no more)."""
-    cfg = model.config
-    full = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
-    coarse = (height // cfg.compressed_patch_size[1]) * (width // cfg.compressed_patch_size[2])
-    n_coarse = max(0, len(chunk_partition) - (cfg.full_chunk_limit - 1))
-    tokens = [f * (coarse if i < n_coarse else full) for i, f in enumerate(chunk_partition)]
-    return chunk_causal_block_mask(tokens, device)
+    mode="cache")`` of an ``AnyFlowFARTransformer3DModel``, built by :func:`chunk_causal_block_mask`
+    over the context's chunks (:func:`context_tokens`)."""
+    return chunk_causal_block_mask(context_tokens(model, chunk_partition, height, width)[0], device)
 
 
 def _mask_builder(model, upstream):
@@ -335,9 +345,8 @@ def _incremental_forward_cache(model, handle: FARHandle, upstream):
                             clean_timestep=clean_timestep, kv_cache=kv_cache, kv_cache_flag=kv_cache_flag)
         cfg, part = model.config, list(chunk_partition)
         height, width = hidden_states.shape[-2:]
-        full = (height // cfg.patch_size[1]) * (width // cfg.patch_size[2])
-        coarse = (height // cfg.compressed_patch_size[1]) * (width // cfg.compressed_patch_size[2])
-        n_coarse = max(0, len(part) - (cfg.full_chunk_limit - 1))
+        tokens, n_coarse = context_tokens(model, part, height, width)
+        full, coarse = _frame_tokens(cfg, height, width)
         far_cfg = {
             "total_frames": sum(part), "num_full_frames": sum(part[n_coarse:]),
             "num_compressed_frames": sum(part[:n_coarse]),
@@ -347,7 +356,6 @@ def _incremental_forward_cache(model, handle: FARHandle, upstream):
         }
         kv_cache_flag["num_full_tokens"] = far_cfg["num_full_frames"] * full
         kv_cache_flag["num_compressed_tokens"] = far_cfg["num_compressed_frames"] * coarse
-        tokens = [f * (coarse if i < n_coarse else full) for i, f in enumerate(part)]
         skip = handle.plan_prefill(tokens, n_coarse, kv_cache_flag["num_cached_chunks"] == 0)
         try:
             f0 = sum(part[:skip])  # the first frame that goes through the blocks
