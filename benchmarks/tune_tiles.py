@@ -21,17 +21,18 @@ sixteen):
 
 ``--grid FIELD=V1,V2 ...`` replaces the decode sweep's choices of those fields (the others keep
 theirs; the default tile is always timed too), for a narrower or a different grid, e.g.
-``--grid warps=1,2 stages=1 maxnreg=none,128``. ``--centroids yes|no`` writes the winner for one
-class of keys (those that add centroids back, or not); ``--rescore JSON`` picks a winner from an
+``--grid warps=1,2 stages=1 maxnreg=none,128``. ``--keys centroids|codes|cast`` writes the winner for one
+class of keys (``qkv.kernels.attention.key_class``: those that add centroids back, other codes,
+spans stored as floats); ``--rescore JSON`` picks a winner from an
 earlier sweep's timings of ``--policies`` without a GPU. The H200's one-query rows came so:
 
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --cases 0 2 3 --policies qvg rtn kivi --grid warps=2,4 \
         block_n=64,128 waves=8,16 piece=512 stages=1 maxnreg=none,128,168 \
         --out benchmarks/results/tune_tiles_maxnreg_h200.json
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --rescore benchmarks/results/tune_tiles_maxnreg_h200.json \
-        --policies qvg --up-to 16 --centroids yes --write --out benchmarks/results/tune_tiles_maxnreg_centroids_h200.json
+        --policies qvg --up-to 16 --keys centroids --write --out benchmarks/results/tune_tiles_maxnreg_centroids_h200.json
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --rescore benchmarks/results/tune_tiles_maxnreg_h200.json \
-        --policies rtn kivi --up-to 16 --centroids no --write --out benchmarks/results/tune_tiles_maxnreg_plain_h200.json
+        --policies rtn kivi --up-to 16 --keys codes --write --out benchmarks/results/tune_tiles_maxnreg_plain_h200.json
 
 ``--kernel dequantize`` sweeps :class:`qkv.kernels.triton.tiles.DequantizeTile` (values per
 program on the per-token fast path and on the others, warps) over the keys of ``SPANS``
@@ -76,6 +77,7 @@ from common import environment, write_json
 import qkv
 from qkv.grouping.kmeans import REDUCE_ROUNDS
 from qkv.kernels import CompressedSpan, SpanPlan
+from qkv.kernels.attention import KEY_CLASSES
 from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
@@ -348,9 +350,9 @@ def main() -> None:
     parser.add_argument("--up-to", type=int, default=None,
                         help="write the winner for calls of at most this many query rows per KV head (decode) "
                              "or clusters (assign_sums)")
-    parser.add_argument("--centroids", choices=("yes", "no"), default=None,
-                        help="decode: write the winner for keys that add centroids back (yes) or that do not (no); "
-                             "omitted: for both")
+    parser.add_argument("--keys", choices=KEY_CLASSES, default=None,
+                        help="decode: write the winner for this class of keys (qkv.kernels.attention.key_class); "
+                             "omitted: for every class")
     parser.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (decode; default all)")
     parser.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
     parser.add_argument("--policies", nargs="+", default=None)
@@ -363,8 +365,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.grid and args.kernel != "decode":
         raise SystemExit("--grid is for the decode sweep")
-    if args.centroids and args.kernel != "decode":
-        raise SystemExit("--centroids is for the decode table")
+    if args.keys and args.kernel != "decode":
+        raise SystemExit("--keys is for the decode table")
     candidates, times, env = rescore(args) if args.rescore else measure(args)
     default = tiles.DEFAULTS[args.kernel]
     at_default = candidates.index(default) if default in candidates else None
@@ -389,12 +391,12 @@ def main() -> None:
         path = pathlib.Path(args.write)
         table = json.loads(path.read_text()) if path.exists() else {}
         gpu = table.setdefault(env["gpu"], {})
-        keys = {"up_to": args.up_to, **({"centroids": args.centroids == "yes"} if args.centroids else {})}
+        keys = {"up_to": args.up_to, **({"keys": args.keys} if args.keys else {})}
         entries = [e for e in gpu.get(args.kernel, [])
-                   if (e["up_to"], e.get("centroids")) != (keys["up_to"], keys.get("centroids"))]
+                   if (e["up_to"], e.get("keys")) != (keys["up_to"], keys.get("keys"))]
         entries.append({**keys, **result["winner"]})
         gpu[args.kernel] = sorted(entries, key=lambda e: (math.inf if e["up_to"] is None else e["up_to"],
-                                                          e.get("centroids") is None))
+                                                          e.get("keys") is None))
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
 
 if __name__ == "__main__":

@@ -69,6 +69,22 @@ STAGE_TOKENS = 32768
 MERGE_PARTS = 4
 
 
+KEY_CLASSES = ("centroids", "codes", "cast")
+
+
+def key_class(classes: Sequence[str], spans: Sequence[CompressedSpan]) -> str:
+    """The class of keys of ``spans`` together with spans of ``classes``: "centroids" where any
+    span's keys add centroids back (qvg and the other smoothed presets), "cast" where every span's
+    keys and values are stored as floats (bf16 spans), "codes" otherwise."""
+    classes = [*classes, *(
+        "centroids" if any(st.centroids is not None for st in sp.ckv.k.stages)
+        else "cast" if sp.ckv.k.format.codes is None and sp.ckv.v.format.codes is None else "codes"
+        for sp in spans)]
+    if "centroids" in classes:
+        return "centroids"
+    return "cast" if classes and set(classes) == {"cast"} else "codes"
+
+
 def span_groups(spans: Sequence[CompressedSpan], limit: int, previous: SpanPlan | None = None) -> list[SpanPlan]:
     """``spans`` in order, cut into consecutive groups of at most ``limit`` tokens each (a span
     longer than that is a group of its own), each a :class:`SpanPlan`: the staged path decompresses
@@ -134,9 +150,8 @@ class SpanPlan:
             if dtype != metas[0][1] or device != metas[0][2]:
                 raise DTypeError(f"attention: span {i} is {dtype} on {device}, span 0 {metas[0][1]} on {metas[0][2]}")
         self.tokens = (previous.tokens if base else 0) + sum(sp.tokens for sp in added)
-        # whether any span's keys add centroids back (the decode kernel's tiles differ: tiles.py)
-        self.centroids = (base and previous.centroids) or any(
-            st.centroids is not None for sp in added for st in sp.ckv.k.stages)
+        # the class of the spans' keys, which the decode kernel's tiles are chosen by (tiles.py)
+        self.keys = key_class([previous.keys] if base else [], added)
         self.meta = None
         if metas:
             b, h, _, d = metas[0][0]

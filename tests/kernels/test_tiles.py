@@ -9,6 +9,9 @@ import torch
 
 pytest.importorskip("triton")
 
+import qkv  # noqa: E402
+from qkv.kernels import CompressedSpan, SpanPlan  # noqa: E402
+from qkv.kernels.attention import KEY_CLASSES  # noqa: E402
 from qkv.kernels.triton import tiles  # noqa: E402
 from qkv.kernels.triton.decode import decode_triton  # noqa: E402
 
@@ -52,28 +55,53 @@ def test_the_shipped_table_names_known_fields():
             assert entries[-1]["up_to"] is None, gpu  # a tile for any call
             for entry in entries:
                 assert type(tiles.DEFAULTS[kernel])(**{k: v for k, v in entry.items()
-                                                       if k not in ("up_to", "centroids")}), gpu
-                assert entry.get("centroids") in (None, True, False) and (kernel == "decode" or "centroids" not in entry)
+                                                       if k not in ("up_to", "keys")}), gpu
+                assert entry.get("keys") in (None, *KEY_CLASSES) and (kernel == "decode" or "keys" not in entry)
 
 
 def test_decode_tiles_per_class_of_keys(monkeypatch, tmp_path):
-    """A decode tile that names ``centroids`` is for that class of keys only; one that does not is
-    for both."""
+    """A decode tile that names a class of ``keys`` is for that class only; one that does not is
+    for every class; spans stored as floats take the tiles of codes where no tile names them."""
     table = tmp_path / "tiles.json"
-    smoothed = {"up_to": 16, "centroids": True, "block_n": 128, "piece": 512, "max_rows": 64, "warps": 2,
+    smoothed = {"up_to": 16, "keys": "centroids", "block_n": 128, "piece": 512, "max_rows": 64, "warps": 2,
                 "stages": [1], "waves": 16}
-    plain = {**smoothed, "centroids": False, "warps": 4, "maxnreg": 128}
+    plain = {**smoothed, "keys": "codes", "warps": 4, "maxnreg": 128}
+    cast = {**smoothed, "keys": "cast", "warps": 8, "piece": 1024, "stages": [2, 1]}
     many = {"up_to": None, "block_n": 64, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 8}
-    table.write_text(json.dumps({"Some GPU": {"decode": [smoothed, plain, many]}}))
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
     monkeypatch.setattr(tiles, "_gpu_tile", tiles._gpu_tile.__wrapped__)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
     cuda = torch.device("cuda", 0)
-    assert tiles.tile_for("decode", cuda, 4, True) == tiles.DecodeTile(128, 512, 64, 2, (1,), 16)
-    assert tiles.tile_for("decode", cuda, 4, False) == tiles.DecodeTile(128, 512, 64, 4, (1,), 16, maxnreg=128)
-    for centroids in (True, False):
-        assert tiles.tile_for("decode", cuda, 64, centroids) == tiles.DecodeTile(64, 256, 64, 4, (1,), 8)
+    table.write_text(json.dumps({"Some GPU": {"decode": [smoothed, plain, many]}}))
+    assert tiles.tile_for("decode", cuda, 4, "centroids") == tiles.DecodeTile(128, 512, 64, 2, (1,), 16)
+    assert tiles.tile_for("decode", cuda, 4, "codes") == tiles.DecodeTile(128, 512, 64, 4, (1,), 16, maxnreg=128)
+    assert tiles.tile_for("decode", cuda, 4, "cast") == tiles.tile_for("decode", cuda, 4, "codes")
+    for keys in KEY_CLASSES:
+        assert tiles.tile_for("decode", cuda, 64, keys) == tiles.DecodeTile(64, 256, 64, 4, (1,), 8)
+    table.write_text(json.dumps({"Some GPU": {"decode": [smoothed, plain, cast, many]}}))
+    assert tiles.tile_for("decode", cuda, 4, "cast") == tiles.DecodeTile(128, 1024, 64, 8, (2, 1), 16)
+    assert tiles.tile_for("decode", cuda, 4, "codes") == tiles.DecodeTile(128, 512, 64, 4, (1,), 16, maxnreg=128)
+    with pytest.raises(ValueError, match="keys must be one of"):
+        tiles.tile_for("decode", cuda, 4, "plain")
+
+
+@pytest.mark.parametrize("names, expected", [
+    (["qvg"], "centroids"), (["rtn"], "codes"), (["kivi"], "codes"), (["quarot"], "codes"), (["bf16"], "cast"),
+    (["bf16", "rtn"], "codes"), (["bf16", "qvg"], "centroids"), (["rtn", "qvg", "bf16"], "centroids"),
+])
+def test_a_plan_knows_the_class_of_its_keys(names, expected):
+    """The class the decode kernel's tile is chosen by, of a plan made at once and of one extended
+    span by span (the class of the spans already planned carried over)."""
+    spans = []
+    for i, name in enumerate(names):
+        pol = qkv.build_policy(name, clusters=4) if name == "qvg" else qkv.build_policy(name)
+        spans.append(CompressedSpan(pol.compress(randn(90 + i, 1, 2, 40, 64), randn(95 + i, 1, 2, 40, 64)), 0))
+    assert SpanPlan(spans).keys == expected
+    plan = None
+    for i in range(len(spans)):
+        plan = SpanPlan(spans[: i + 1], plan)
+    assert plan.keys == expected
 
 
 @pytest.mark.parametrize("tile", [

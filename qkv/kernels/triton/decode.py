@@ -181,7 +181,7 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         device = q.device
         emulate = device.type != "cuda"
         rows = h // h_kv * sq  # query rows per KV head
-        chosen = tile or tile_for("decode", device, rows, plan is not None and plan.centroids)
+        chosen = tile or tile_for("decode", device, rows, plan.keys if plan is not None else "codes")
         table = plan_table(plan, device, chosen.piece) if plan is not None else None
         block_m = min(max(16, _pow2(rows)), chosen.max_rows)
         row_blocks = _cdiv(rows, block_m)

@@ -9,10 +9,14 @@ An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for 
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
 kernel: queries per head; the dequantize, decompression and k-means kernels have one tile for
 any call), the last for any; the best tile for one query per head is not the best for sixteen.
-A decode tile may also name the keys it is for: ``"centroids": true`` for spans whose keys add
-centroids back (qvg and the other smoothed presets), ``false`` for those that do not (rtn, kivi,
-quarot, bf16 spans); a tile without it is for both. At one query on an H200 the two classes want
-different launches (a register cap that speeds up plain codes makes the centroid gathers spill).
+A decode tile may also name the class of keys it is for (``"keys"``, see
+:func:`qkv.kernels.attention.key_class`): ``"centroids"`` for spans whose keys add centroids back
+(qvg and the other smoothed presets), ``"codes"`` for other codes (rtn, kivi, quarot), ``"cast"``
+for spans stored as floats (bf16 spans), which take the ``"codes"`` tiles where the GPU's entry
+names no ``"cast"`` tile; a tile without it is for every class. At one query the classes want
+different launches: on an H200 a register cap that speeds up plain codes makes the centroid
+gathers spill, and on an H100 spans without decoding gain from deeper pipelining
+(``benchmarks/results/tune_tiles_one_query_cast_quarot_h100.json``).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import json
 import pathlib
 
 import torch
+
+from qkv.kernels.attention import KEY_CLASSES
 
 TABLE = pathlib.Path(__file__).with_name("tiles.json")
 
@@ -173,22 +179,28 @@ def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def tile_for(kernel: str, device: torch.device, rows: int, centroids: bool | None = None):
+def tile_for(kernel: str, device: torch.device, rows: int, keys: str | None = None):
     """The tile of ``kernel`` (a key of :data:`DEFAULTS`) on ``device`` for ``rows`` work rows
-    (and, for the decode kernel, keys that add centroids back or not): the first tile of the
-    table's entry for the GPU's name whose ``up_to`` holds them, among the tiles for that class of
-    keys (the last such tile otherwise), else the default; the interpreter's tile off a GPU."""
+    (and, for the decode kernel, the class of keys, one of :data:`KEY_CLASSES`): the first tile of
+    the table's entry for the GPU's name whose ``up_to`` holds them, among the tiles for that
+    class of keys (the last such tile otherwise), else the default; the interpreter's tile off a
+    GPU."""
+    if keys is not None and keys not in KEY_CLASSES:
+        raise ValueError(f"tile_for: keys must be one of {', '.join(KEY_CLASSES)}, got {keys!r}")
     if device.type != "cuda":
         return INTERPRETER[kernel]
-    return _gpu_tile(kernel, _device_name(device.index or 0), rows, centroids)
+    return _gpu_tile(kernel, _device_name(device.index or 0), rows, keys)
 
 
 @functools.cache
-def _gpu_tile(kernel: str, gpu: str, rows: int, centroids: bool | None):
+def _gpu_tile(kernel: str, gpu: str, rows: int, keys: str | None):
     """:func:`tile_for` on the GPU named ``gpu`` (worked out once per call shape, not per call)."""
     default = DEFAULTS[kernel]
-    entry = [e for e in _table().get(gpu, {}).get(kernel, []) if e.get("centroids") in (None, centroids)]
+    entries = _table().get(gpu, {}).get(kernel, [])
+    if keys == "cast" and not any(e.get("keys") == "cast" for e in entries):
+        keys = "codes"
+    entry = [e for e in entries if e.get("keys") in (None, keys)]
     if not entry:
         return default
     chosen = next((e for e in entry if e.get("up_to") is not None and rows <= e["up_to"]), entry[-1])
-    return type(default)(**{k: v for k, v in chosen.items() if k not in ("up_to", "centroids")})
+    return type(default)(**{k: v for k, v in chosen.items() if k not in ("up_to", "keys")})
