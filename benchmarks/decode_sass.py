@@ -32,7 +32,7 @@ import qkv
 from qkv.kernels.triton.decode_kernel import decode_kernel
 from qkv.kernels.triton.records import span_record
 
-POINTERS = {"q_ptr": "*bf16", "qh_ptr": "*bf16", "ql_ptr": "*bf16", "po_ptr": "*fp32",
+POINTERS = {"q_ptr": "*bf16", "qs_ptr": "*bf16", "po_ptr": "*fp32",
             "span_ptr": "*i64", "item_ptr": "*i64", "dk0": "*bf16", "dv0": "*bf16", "dk1": "*bf16", "dv1": "*bf16"}
 LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")
 
@@ -45,7 +45,7 @@ def compile_layouts(name: str, rows: int, block_n: int, warps: int, maxnreg: int
     k = torch.randn(1, 2, 256, 128).bfloat16()
     k_layout, v_layout = span_record(qkv.build_policy(name).compress(k, k.clone())).layouts
     const = dict(D=128, BLOCK_M=rows, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
-                 HAS_DENSE=False, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout)
+                 HAS_DENSE=False, V_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout)
     signature = {a: "constexpr" if a in const else POINTERS.get(a, "fp32" if a == "qk_scale" else "i32")
                  for a in decode_kernel.arg_names}
     compiled = triton.compile(ASTSource(decode_kernel, signature, const), target=GPUTarget("cuda", 90, 32),

@@ -26,12 +26,3 @@ def hadamard_torch(x: torch.Tensor) -> torch.Tensor:
         out = rearrange(torch.stack((lo + hi, lo - hi), dim=2), "r a two h -> r (a two h)")
         h *= 2
     return (out / math.sqrt(d)).reshape(x.shape)
-
-
-def hadamard_split_torch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`hadamard_torch` of fp16/bf16 rows ``x`` in fp32, in two parts of x's dtype: the
-    transform rounded to x's dtype, and the rest rounded likewise (their sum is the fp32 transform
-    to ~2^-16 relative: queries against rotated keys, whose scores must be as exact as q . k)."""
-    rotated = hadamard_torch(x.float())
-    high = rotated.to(x.dtype)
-    return high, rotated.sub_(high).to(x.dtype)

@@ -225,3 +225,14 @@ def test_attend_is_captured_in_a_cuda_graph(name):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("name", ["quarot", "qvg"])
+def test_queries_laid_out_by_token_and_rotated_keys(name):
+    """Queries as transformers hands them over ([B, S, H, D] transposed: a head's queries are not
+    contiguous), several per head: the rotated queries a launch computes for rotated keys are read
+    with the same strides as the queries themselves."""
+    segments = history(name, seed=31)
+    q = randn(32, 1, 3, 4, 64).transpose(1, 2)  # [B, H=4, Sq=3, D] with token-major strides
+    assert not q.is_contiguous()
+    assert_within_twice_the_torch_error(decode(q, segments), q, segments)

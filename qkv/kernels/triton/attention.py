@@ -12,8 +12,8 @@ runtime value and one compiled kernel serves every history length.
 Layouts read directly: per-token or per-channel blocks, 1-8 bit codes in either packing, any scale
 format, up to ``LAUNCH_STAGES`` additive smoothing stages, float-cast spans, and Hadamard-rotated
 spans: H is symmetric and orthonormal, so ``q . (H r) = (H q) . r`` and
-``sum_j p_j H r_j = H sum_j p_j r_j``; the queries are rotated once (H q in two parts of q's
-dtype, one launch: ``hadamard_split``) and the spans' output once instead of every key and value. A span of another layout is
+``sum_j p_j H r_j = H sum_j p_j r_j``; the queries are rotated once (H q rounded to q's dtype,
+one launch: ``hadamard_triton``) and the spans' output once instead of every key and value. A span of another layout is
 decompressed on its own and attended to by a launch of its own; partial results are merged by
 log-sum-exp (:func:`attention_triton`).
 """
@@ -25,10 +25,9 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from qkv import kernels
-from qkv.errors import ShapeError
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, _kv_meta, check_attention, default_scale
 from qkv.kernels.triton.attention_kernel import attention_kernel
-from qkv.kernels.triton.hadamard import hadamard_split
+from qkv.kernels.triton.hadamard import hadamard_triton
 from qkv.kernels.triton.records import (
     DENSE_FIELDS,
     NO_SPANS,
@@ -76,18 +75,16 @@ def _dense_record(seg: DenseKV, keep: list) -> list[int]:
     return [k.data_ptr(), v.data_ptr(), k.shape[2], *k.stride()[:3], *v.stride()[:3]]
 
 
-def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse, q_lo=None, tiles=None):
+def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse, tiles=None):
     """One kernel launch over the spans of ``span_rows`` (all of ``layouts``) and the full-precision
     segments of ``dense_rows``: (out [B, H, Sq, D] in ``out_dtype``, lse [B, H, Sq] or None).
-    ``q_lo``: the low part of the queries (q + q_lo, same strides as q). ``tiles``: the tile
+    ``tiles``: the tile
     configurations to try in order (default: the device's, :mod:`qkv.kernels.triton.tiles`)."""
     b, h, sq, d = q.shape
     device = q.device
     span_table = device_rows(span_rows or [[0] * len(SPAN_FIELDS)], device)
     dense_table = device_rows(dense_rows or [[0] * len(DENSE_FIELDS)], device)
     q = q if q.stride(-1) == 1 else q.contiguous()
-    if q_lo is not None and q_lo.stride() != q.stride():
-        raise ShapeError(f"q_lo has strides {q_lo.stride()}, q has {q.stride()}")
     out = torch.empty(b, sq, h, d, dtype=out_dtype, device=device).transpose(1, 2)  # [B, H, Sq, D] view
     lse = torch.empty(b, h, sq, dtype=torch.float32, device=device) if want_lse else out
     emulate = device.type != "cuda"
@@ -97,11 +94,11 @@ def _launch(q, scale, h_kv, span_rows, dense_rows, layouts, out_dtype, want_lse,
     for i, (block_m, block_n, warps, span_stages, dense_stages) in enumerate(tiles):
         try:
             attention_kernel[(triton.cdiv(sq, block_m), b * h)](
-                q, q if q_lo is None else q_lo, out, lse, dense_table, span_table,
+                q, out, lse, dense_table, span_table,
                 len(dense_rows), len(span_rows), h, h_kv, sq,
                 *q.stride()[:3], *out.stride()[:3], scale * LOG2E,
                 D=d, BLOCK_M=block_m, BLOCK_N=block_n, SPAN_STAGES=span_stages, DENSE_STAGES=dense_stages,
-                SPLIT_Q=q_lo is not None, KV_T=TL_DTYPES[q.dtype],
+                KV_T=TL_DTYPES[q.dtype],
                 DENSE_MULT=16 // q.itemsize,
                 DOT_BF16=q.dtype == torch.bfloat16, OUT_BF16=out_dtype == torch.bfloat16,
                 EMULATE=emulate, HAS_SPANS=bool(span_rows), WRITE_LSE=want_lse,
@@ -132,13 +129,13 @@ def attention_supports(q, segments, scale=None) -> str | None:
 def _rotated_launch(q, scale, h_kv, span_rows, layouts, tiles=None):
     """(out fp32, lse) over Hadamard-rotated spans: H is symmetric and orthonormal, so
     q . (H r) = (H q) . r and sum_j p_j H r_j = H sum_j p_j r_j. The kernel reads the stored
-    (rotated) codes with the rotated queries H q, passed in two parts so that the scores are as
-    exact as q . k, and the output is rotated back once."""
+    (rotated) codes with the rotated queries H q, rounded to q's dtype as the keys' values are
+    (its error is within that of decompress + SDPA: tests/kernels/test_attention.py), and the
+    output is rotated back once."""
     k_layout, v_layout = layouts
-    q_lo = None
     if k_layout.ROT:
-        q, q_lo = hadamard_split(q)
-    out, lse = _launch(q, scale, h_kv, span_rows, [], layouts, torch.float32, True, q_lo, tiles)
+        q = hadamard_triton(q)
+    out, lse = _launch(q, scale, h_kv, span_rows, [], layouts, torch.float32, True, tiles)
     return (kernels.hadamard(out) if v_layout.ROT else out), lse
 
 

@@ -73,16 +73,6 @@ def _mma(a, b, acc, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _scores(q, q_lo, k, SPLIT: tl.constexpr, EMULATE: tl.constexpr):
-    """q @ k^T [BLOCK_M, BLOCK_N] fp32 for a key tile k [BLOCK_N, D]; SPLIT: the queries are
-    q + q_lo (an fp32 query in two tensor-core operands)."""
-    s = _dot(q, tl.trans(k), EMULATE)
-    if SPLIT:
-        s = _mma(q_lo, tl.trans(k), s, EMULATE)
-    return s
-
-
-@triton.jit
 def _softmax_update(s, m_i, l_i, t_ok, partial, qk_scale):
     """Online-softmax update (log2 domain) for scores s: (p fp32, alpha, new max, new sum); the
     caller adds p @ v to acc * alpha. ``partial``: the tile holds keys outside the segment (masked
@@ -96,8 +86,8 @@ def _softmax_update(s, m_i, l_i, t_ok, partial, qk_scale):
 
 
 @triton.jit
-def _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl.constexpr, V: tl.constexpr,
-                D: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr, SPLIT_Q: tl.constexpr,
+def _span_tiles(q, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl.constexpr, V: tl.constexpr,
+                D: tl.constexpr, BLOCK_N: tl.constexpr, PIPE: tl.constexpr,
                 DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, TAIL: tl.constexpr):
     """The online softmax over the key tiles lo .. hi (multiples of BLOCK_N) of one span whose keys
     and values are ``kt`` and ``vt`` (tile.Source): (m_i, l_i, acc). PIPE: the software-pipelining
@@ -107,7 +97,7 @@ def _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl
         tok = t0 + tl.arange(0, BLOCK_N)
         t_ok = (tok >= skip) & (tok < S)
         # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
-        s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
+        s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
         v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, TAIL and V.HAS_FP, "fma")
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
         acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
@@ -116,11 +106,11 @@ def _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl
 
 @triton.jit(do_not_specialize=["n_dense", "n_spans"])  # counts that change per call (see decode_kernel)
 def attention_kernel(
-    q_ptr, ql_ptr, out_ptr, lse_ptr, dense_ptr, span_ptr,
+    q_ptr, out_ptr, lse_ptr, dense_ptr, span_ptr,
     n_dense, n_spans, H, HKV, SQ,
     q_sb, q_sh, q_ss, o_sb, o_sh, o_ss, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SPAN_STAGES: tl.constexpr, DENSE_STAGES: tl.constexpr, SPLIT_Q: tl.constexpr,
+    SPAN_STAGES: tl.constexpr, DENSE_STAGES: tl.constexpr,
     KV_T: tl.constexpr, DENSE_MULT: tl.constexpr, DOT_BF16: tl.constexpr, OUT_BF16: tl.constexpr,
     EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr, WRITE_LSE: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
 ):
@@ -135,12 +125,8 @@ def attention_kernel(
     r_ok = rows < SQ
     q_off = b.to(tl.int64) * q_sb + h * q_sh + rows[:, None] * q_ss + d[None, :]
     q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)
-    q_lo = q
-    if SPLIT_Q:  # the queries are q + ql (an fp32 query in two tensor-core operands)
-        q_lo = tl.load(ql_ptr + q_off, mask=r_ok[:, None], other=0.0)
     if EMULATE:
         q = q.to(tl.float32)
-        q_lo = q_lo.to(tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
@@ -157,11 +143,11 @@ def attention_kernel(
             hi = S
             if K.HAS_FP or V.HAS_FP:
                 hi = tl.maximum(tl.minimum(kt.quantized, vt.quantized) // BLOCK_N * BLOCK_N, lo)
-            m_i, l_i, acc = _span_tiles(q, q_lo, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K, V,
-                                        D, BLOCK_N, SPAN_STAGES, SPLIT_Q, DOT_BF16, EMULATE, False)
+            m_i, l_i, acc = _span_tiles(q, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K, V,
+                                        D, BLOCK_N, SPAN_STAGES, DOT_BF16, EMULATE, False)
             if K.HAS_FP or V.HAS_FP:
-                m_i, l_i, acc = _span_tiles(q, q_lo, m_i, l_i, acc, hi, S, skip, S, qk_scale, kt, vt, K, V,
-                                            D, BLOCK_N, 1, SPLIT_Q, DOT_BF16, EMULATE, True)
+                m_i, l_i, acc = _span_tiles(q, m_i, l_i, acc, hi, S, skip, S, qk_scale, kt, vt, K, V,
+                                            D, BLOCK_N, 1, DOT_BF16, EMULATE, True)
     for i in range(n_dense):
         rec = dense_ptr + i * DN_LEN
         S = tl.load(rec + DN_TOKENS).to(tl.int32)

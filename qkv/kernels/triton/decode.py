@@ -8,8 +8,9 @@ program attends to a run of pieces for all the query heads that share one KV hea
 tile is decoded once for all of them), writing a partial output and log-sum-exp; one merge
 launch combines them exactly. Every layout the prefill kernel reads is read here: per-token and
 per-channel codes, 1-8 bits, both packings, up to four additive stages, float-cast spans,
-full-precision tokens, and Hadamard-rotated spans (the queries are rotated once, by one launch, and
-each program's output rotated back once). The full-precision segments (sink, tail, current chunk)
+full-precision tokens, and Hadamard-rotated spans (the queries are rotated once, by one launch,
+rounded to their dtype as the keys' decoded values are, and each program's output rotated back
+once). The full-precision segments (sink, tail, current chunk)
 are split into pieces the same way, by address: the per-call path copies nothing to the device.
 """
 
@@ -23,7 +24,7 @@ from triton.runtime.errors import OutOfResources
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, default_scale
 from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_of
 from qkv.kernels.triton import decode_kernel as jit
-from qkv.kernels.triton.hadamard import hadamard_split
+from qkv.kernels.triton.hadamard import hadamard_triton
 from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.records import NO_SPANS, TL_DTYPES, span_table
 from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
@@ -191,7 +192,7 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         launches = []
         for g in (table.groups if table is not None else ()) or (None,):
             k_layout, v_layout = g.layouts if g is not None else NO_SPANS
-            kw = dict(common, HAS_SPANS=g is not None, SPLIT_Q=k_layout.ROT, V_ROT=v_layout.ROT, K=k_layout, V=v_layout)
+            kw = dict(common, HAS_SPANS=g is not None, V_ROT=v_layout.ROT, K=k_layout, V=v_layout)
             launches.append((g, dict(kw, HAS_DENSE=False), dict(kw, HAS_DENSE=True)))
         rows_total = b * h * sq
         return _Static(
@@ -230,9 +231,10 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     span_progs = [_cdiv(g.n_items, per_prog) if g is not None else 0 for g, _, _ in st.launches]
     n_parts = sum(span_progs) + dense_progs
     rows_total = st.rows_total
-    qh, ql = q, q
-    if table is not None and table.rotated:  # H q in two parts, so that the scores are as exact as q . k
-        qh, ql = hadamard_split(q)
+    q_rot = q
+    if table is not None and table.rotated:  # H q . H k = q . k; one set of strides for q and H q
+        q = q.contiguous()
+        q_rot = hadamard_triton(q)
     partials = torch.empty(n_parts * rows_total * (d + 1), dtype=torch.float32, device=q.device)  # outputs, then lse
     base = 0
     for (g, plain, with_dense), n_span in zip(st.launches, span_progs):
@@ -241,7 +243,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
             continue
         _launch_decode(
             (n_span + n_dense, b * h_kv, st.row_blocks), st.tile.stages,
-            q, qh if plain["SPLIT_Q"] else q, ql, partials, n_parts,
+            q, q_rot if g is not None and g.layouts[0].ROT else q, partials, n_parts,
             g.table if g is not None else partials, g.items if g is not None else partials,
             g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
             *dense_args, h, h_kv, sq, rows_total, *q.stride()[:3], scale * LOG2E,

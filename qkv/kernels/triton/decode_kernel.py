@@ -23,7 +23,6 @@ from qkv.kernels.triton.attention_kernel import (
     _as_dot,
     _dot,
     _mma,
-    _scores,
     _softmax_update,
 )
 from qkv.kernels.triton.bits import round_to_bf16, split_bf16
@@ -80,22 +79,17 @@ def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constex
 
 @triton.jit
 def _span_pieces(
-    qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
+    qs_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
-    SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    V_ROT: tl.constexpr, H_NORM: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """The online softmax over the span work items first .. last: (m_i, l_i, acc). The queries
-    are qh (+ ql: SPLIT_Q, an fp32 query in two tensor-core operands, for rotated keys); with
-    V_ROT the values are read in the rotated basis and acc is rotated back once:
-    H (sum p v') = sum p v."""
-    q = tl.load(qh_ptr + q_off, mask=r_ok[:, None], other=0.0)
-    q_lo = q
-    if SPLIT_Q:
-        q_lo = tl.load(ql_ptr + q_off, mask=r_ok[:, None], other=0.0)
+    are read at qs_ptr (H q for rotated keys, see decode.py); with V_ROT the values are read in
+    the rotated basis and acc is rotated back once: H (sum p v') = sum p v."""
+    q = tl.load(qs_ptr + q_off, mask=r_ok[:, None], other=0.0)
     if EMULATE:
         q = q.to(tl.float32)
-        q_lo = q_lo.to(tl.float32)
     ARITH: tl.constexpr = arith(DOT_BF16, EMULATE)
     for it in range(first, last):
         item = item_ptr + it * I_LEN
@@ -110,7 +104,7 @@ def _span_pieces(
             k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = (tok >= lo) & (tok < hi)
-            s = _scores(q, q_lo, _as_dot(k, DOT_BF16, EMULATE), SPLIT_Q, EMULATE)
+            s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
             v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
@@ -126,14 +120,14 @@ def _span_pieces(
 @triton.jit(do_not_specialize=["n_parts", "n_items", "per_prog", "n_span_progs", "prog_base", "dense_piece", "dn0",
                                "dn1"])
 def decode_kernel(
-    q_ptr, qh_ptr, ql_ptr, po_ptr, n_parts, span_ptr, item_ptr,
+    q_ptr, qs_ptr, po_ptr, n_parts, span_ptr, item_ptr,
     n_items, per_prog, n_span_progs, prog_base, dense_piece,
     dk0, dv0, dn0, dk0_sb, dk0_sh, dk0_ss, dv0_sb, dv0_sh, dv0_ss,
     dk1, dv1, dn1, dk1_sb, dk1_sh, dk1_ss, dv1_sb, dv1_sh, dv1_ss,
     H, HKV, SQ, ROWS_TOTAL, q_sb, q_sh, q_ss, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
-    HAS_DENSE: tl.constexpr, SPLIT_Q: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
+    HAS_DENSE: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -153,9 +147,9 @@ def decode_kernel(
     if pid < n_span_progs:
         if HAS_SPANS:
             m_i, l_i, acc = _span_pieces(
-                qh_ptr, ql_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
+                qs_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
                 tl.minimum(pid * per_prog + per_prog, n_items), n.to(tl.int64), qk_scale,
-                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, SPLIT_Q, V_ROT, H_NORM, K, V, BLOCK_M)
+                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, V_ROT, H_NORM, K, V, BLOCK_M)
     else:
         if HAS_DENSE:
             q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)
