@@ -37,7 +37,7 @@ def test_a_bad_grid_item_stops_with_a_message(item):
 
 def test_rescore_picks_a_winner_for_a_class_of_keys_without_a_gpu(monkeypatch, tmp_path):
     """``--rescore`` re-picks the winner of an earlier sweep over the cases of ``--policies`` and
-    ``--centroids`` keys the table row it writes; other rows stay."""
+    ``--keys`` names the class of keys of the table row it writes; other rows stay."""
     fast_plain = {"block_n": 128, "piece": 512, "max_rows": 64, "warps": 4, "stages": [1], "waves": 16,
                   "maxnreg": 128}
     fast_smoothed = {**fast_plain, "warps": 2, "maxnreg": None}
@@ -50,13 +50,13 @@ def test_rescore_picks_a_winner_for_a_class_of_keys_without_a_gpu(monkeypatch, t
     sweep.write_text(json.dumps(earlier))
     many = {"up_to": None, "block_n": 64, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 8}
     table.write_text(json.dumps({"Some GPU": {"decode": [many]}}))
-    for policy, centroids in (("qvg", "yes"), ("rtn", "no")):
+    for policy, keys in (("qvg", "centroids"), ("rtn", "codes")):
         monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--policies", policy, "--up-to",
-                                          "16", "--centroids", centroids, "--write", str(table), "--out", str(out)])
+                                          "16", "--keys", keys, "--write", str(table), "--out", str(out)])
         tune_tiles.main()
         assert json.loads(out.read_text())["environment"]["gpu"] == "Some GPU"
     rows = json.loads(table.read_text())["Some GPU"]["decode"]
-    assert rows == [{"up_to": 16, "centroids": True, **fast_smoothed}, {"up_to": 16, "centroids": False, **fast_plain},
+    assert rows == [{"up_to": 16, "keys": "centroids", **fast_smoothed}, {"up_to": 16, "keys": "codes", **fast_plain},
                     many]
     monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--policies", "kivi", "--out", str(out)])
     with pytest.raises(SystemExit, match="no case"):
