@@ -76,10 +76,12 @@ def key_class(classes: Sequence[str], spans: Sequence[CompressedSpan]) -> str:
     """The class of keys of ``spans`` together with spans of ``classes``: "centroids" where any
     span's keys add centroids back (qvg and the other smoothed presets), "cast" where every span's
     keys and values are stored as floats (bf16 spans), "codes" otherwise."""
-    classes = [*classes, *(
-        "centroids" if any(st.centroids is not None for st in sp.ckv.k.stages)
-        else "cast" if sp.ckv.k.format.codes is None and sp.ckv.v.format.codes is None else "codes"
-        for sp in spans)]
+    def own(sp: CompressedSpan) -> str:
+        if any(st.centroids is not None for st in sp.ckv.k.stages):
+            return "centroids"
+        return "cast" if sp.ckv.k.format.codes is None and sp.ckv.v.format.codes is None else "codes"
+
+    classes = [*classes, *map(own, spans)]
     if "centroids" in classes:
         return "centroids"
     return "cast" if classes and set(classes) == {"cast"} else "codes"

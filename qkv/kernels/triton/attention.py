@@ -130,8 +130,8 @@ def _rotated_launch(q, scale, h_kv, span_rows, layouts, tiles=None):
     """(out fp32, lse) over Hadamard-rotated spans: H is symmetric and orthonormal, so
     q . (H r) = (H q) . r and sum_j p_j H r_j = H sum_j p_j r_j. The kernel reads the stored
     (rotated) codes with the rotated queries H q, rounded to q's dtype as the keys' values are
-    (its error is within that of decompress + SDPA: tests/kernels/test_attention.py), and the
-    output is rotated back once."""
+    (the error this adds: benchmarks/rotated_query_rounding.py), and the output is rotated back
+    once."""
     k_layout, v_layout = layouts
     if k_layout.ROT:
         q = hadamard_triton(q)
