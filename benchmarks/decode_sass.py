@@ -43,7 +43,8 @@ def tool(name: str) -> str:
 
 def compile_layouts(name: str, rows: int, block_n: int, warps: int, maxnreg: int | None) -> bytes:
     k = torch.randn(1, 2, 256, 128).bfloat16()
-    k_layout, v_layout = span_record(qkv.build_policy(name).compress(k, k.clone())).layouts
+    # as a cache stores its spans: its newest tokens stay in its own full-precision tail, not in a span
+    k_layout, v_layout = span_record(qkv.build_policy(name, window=0).compress(k, k.clone())).layouts
     const = dict(D=128, BLOCK_M=rows, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
                  HAS_DENSE=False, V_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout)
     signature = {a: "constexpr" if a in const else POINTERS.get(a, "fp32" if a == "qk_scale" else "i32")

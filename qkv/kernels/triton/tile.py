@@ -21,7 +21,6 @@ and on the GPU with bf16 operands decode straight to bf16, two values an instruc
 :func:`arith`): the per-element work is what bounds them at few queries.
 """
 
-import struct
 from typing import NamedTuple
 
 import triton
@@ -202,13 +201,6 @@ def arith(dot_bf16: bool, emulate: bool) -> str:
     return "bf16x2" if dot_bf16 and not emulate else "fma"
 
 
-def _bf16_bits(x: float) -> int:
-    """The bf16 bits of x, a number bf16 holds exactly."""
-    bits = struct.unpack("<I", struct.pack("<f", x))[0]
-    assert bits & 0xFFFF == 0, x
-    return bits >> 16
-
-
 @triton.constexpr_function
 def _code_pairs(word_bits: int, bits: int, msb: bool, offset: float) -> list | None:
     """Per pair k of neighbouring codes 2k, 2k + 1 of a word (see :func:`bf16x2_unpack_asm`): the
@@ -229,9 +221,10 @@ def _code_pairs(word_bits: int, bits: int, msb: bool, offset: float) -> list | N
         lo_off, hi_off = offset * 2**lo_at, offset * 2**hi_at  # -(128 + these) is bf16 0xC300 | these
         if not all(x == int(x) and 0 <= x < 128 for x in (lo_off, hi_off)):
             return None
+        # -(128 + x) * 2**-a for a whole x below 128: sign, exponent 7 - a, mantissa x
         pairs.append((lo // 8, shift, code << lo_at | code << hi_at << 16,
                       (127 - hi_at) << 23 | (127 - lo_at) << 7, (0xC300 | int(hi_off)) << 16 | 0xC300 | int(lo_off),
-                      _bf16_bits(-(128 + hi_off) / 2**hi_at) << 16 | _bf16_bits(-(128 + lo_off) / 2**lo_at)))
+                      (0x8000 | (134 - hi_at) << 7 | int(hi_off)) << 16 | 0x8000 | (134 - lo_at) << 7 | int(lo_off)))
     return pairs
 
 
