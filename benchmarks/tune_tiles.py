@@ -21,9 +21,9 @@ sixteen):
 
 ``--grid FIELD=V1,V2 ...`` replaces the decode sweep's choices of those fields (the others keep
 theirs; the default tile is always timed too), for a narrower or a different grid, e.g.
-``--grid warps=1,2 stages=1 maxnreg=none,128``. ``--keys centroids|codes|channels|cast`` writes the winner
-for one class of keys (``qkv.kernels.attention.key_class``: those that add centroids back, other
-codes, per-channel codes, spans stored as floats); ``--rescore JSON`` picks a winner from an
+``--grid warps=1,2 stages=1 maxnreg=none,128``. ``--keys centroids|codes|cast`` writes the winner for one
+class of keys (``qkv.kernels.attention.key_class``: those that add centroids back, other codes,
+spans stored as floats); ``--rescore JSON`` picks a winner from an
 earlier sweep's timings of ``--policies`` without a GPU. The H200's one-query rows came so:
 
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --cases 0 2 3 --policies qvg rtn kivi --grid warps=2,4 \

@@ -69,26 +69,22 @@ STAGE_TOKENS = 32768
 MERGE_PARTS = 4
 
 
-KEY_CLASSES = ("centroids", "codes", "channels", "cast")
+KEY_CLASSES = ("centroids", "codes", "cast")
 
 
 def key_class(classes: Sequence[str], spans: Sequence[CompressedSpan]) -> str:
     """The class of keys of ``spans`` together with spans of ``classes``: "centroids" where any
-    span's keys add centroids back (qvg and the other smoothed presets); where none does,
-    "cast" where every span's keys and values are stored as floats (bf16 spans), "channels"
-    where every span's keys are codes in per-channel blocks (kivi), "codes" otherwise."""
+    span's keys add centroids back (qvg and the other smoothed presets), "cast" where every span's
+    keys and values are stored as floats (bf16 spans), "codes" otherwise."""
     def own(sp: CompressedSpan) -> str:
         if any(st.centroids is not None for st in sp.ckv.k.stages):
             return "centroids"
-        codes = sp.ckv.k.format.codes
-        if codes is None:
-            return "cast" if sp.ckv.v.format.codes is None else "codes"
-        return "channels" if codes.axis == "channel" else "codes"
+        return "cast" if sp.ckv.k.format.codes is None and sp.ckv.v.format.codes is None else "codes"
 
-    classes = {*classes, *map(own, spans)}
+    classes = [*classes, *map(own, spans)]
     if "centroids" in classes:
         return "centroids"
-    return classes.pop() if len(classes) == 1 else "codes"
+    return "cast" if classes and set(classes) == {"cast"} else "codes"
 
 
 def span_groups(spans: Sequence[CompressedSpan], limit: int, previous: SpanPlan | None = None) -> list[SpanPlan]:

@@ -117,29 +117,6 @@ def test_every_value_is_the_reference_rounded_once(bits, mode, word_bits, msb):
             assert got == [bf16_round((c - offset) * scales[e]) for c in codes], (words[e], codes)
 
 
-@pytest.mark.parametrize("bits, mode, word_bits, msb", [
-    (2, "asym", 32, False), (2, "midrise", 8, True), (2, "sym", 32, True), (1, "midrise", 32, False),
-])
-def test_unscaled_codes_are_exact(bits, mode, word_bits, msb):
-    """Without scales (per-channel keys scored from their codes): ``code - offset`` exactly."""
-    fmt = AffineFormat(bits, 32, mode, "channel", "fp16", PackFormat(word_bits, msb))
-    asm = bf16x2_unpack_asm(word_bits, bits, msb, fmt.offset, False)
-    n_out = bf16x2_constraints(word_bits, bits, False).split(",").count("=r")
-    assert bf16x2_constraints(word_bits, bits, False).count(",") == n_out  # the words alone follow
-    pack = 4 if word_bits == 8 else 1
-    per = word_bits // bits
-    rng = np.random.default_rng(bits * 10 + word_bits)
-    for _ in range(20):
-        words = [int(w) for w in rng.integers(0, 2**word_bits, pack)]
-        regs = run(asm, {n_out: int.from_bytes(bytes(words), "little") if word_bits == 8 else words[0]})
-        for e in range(pack):
-            codes = [(words[e] >> ((per - 1 - j) * bits if msb else j * bits)) & ((1 << bits) - 1) for j in range(per)]
-            got = []
-            for k in range(per // 2):
-                got.extend(halves(regs[f"${k * pack + e}"]))
-            assert got == [c - fmt.offset for c in codes], (words[e], codes)
-
-
 def test_codes_that_do_not_fit_fall_back():
     assert not bf16x2_fits(8, 4, True, 7.5)  # 4-bit codes: 128 + code * 2**a leaves the mantissa
     assert not bf16x2_fits(8, 2, True, 0.25)  # an offset that is not a multiple of 1/2

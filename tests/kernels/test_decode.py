@@ -58,30 +58,6 @@ def test_per_channel_and_unaligned_layouts(spec):
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
 
 
-@pytest.mark.parametrize("block_n, factored", [(16, True), (32, True), (64, False)])
-def test_per_channel_keys_scored_from_their_codes(block_n, factored):
-    """kivi's keys (per-channel blocks of 32 tokens, zero points) in tiles inside one block are
-    scored as (q * scale) . codes + q . zero (``tile.factored_keys``), in larger tiles decoded
-    first; a span keeps its last tokens in full precision (kivi's window, and those that do not
-    fill a block), which the same tiles score from their keys."""
-    from qkv.kernels.triton.attention import span_record_of
-    from qkv.kernels.triton.decode import decode_triton
-    from qkv.kernels.triton.tile import factored_keys
-    from qkv.kernels.triton.tiles import DecodeTile
-
-    pol = qkv.build_policy("kivi")
-    segments = [CompressedSpan(pol.compress(randn(65 + i, 1, 2, n, 64, scale=3.0), randn(67 + i, 1, 2, n, 64)), skip)
-                for i, (n, skip) in enumerate([(300, 9), (192, 0)])]
-    k_layout = span_record_of(segments[0]).layouts[0]
-    assert [sp.ckv.k.quantized_tokens for sp in segments] == [160, 64]  # kivi keeps its 128-token window
-    assert k_layout.HAS_FP and factored_keys(k_layout, block_n) == factored
-    segments.append(DenseKV(randn(69, 1, 2, 20, 64), randn(70, 1, 2, 20, 64)))
-    tile = DecodeTile(block_n=block_n, piece=2 * block_n, max_rows=16, warps=4, stages=(1,), waves=4)
-    for sq in (1, 3):
-        q = randn(71 + sq, 1, 4, sq, 64, scale=2.0)
-        assert_within_twice_the_torch_error(decode_triton(q, segments, tile=tile), q, segments)
-
-
 def test_many_pieces_several_spans_and_dense_segments_fp16():
     """Three spans of two layouts (two launches into one set of partials), three full-precision
     segments (two joined), a batch of 2, fp16."""
@@ -226,23 +202,6 @@ def test_llama_shapes_on_the_gpu(name, sq):
     segments.append(DenseKV(randn(50, 1, 8, 300, 128), randn(51, 1, 8, 300, 128)))
     q = randn(52, 1, 32, sq, 128)
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="full shapes need a GPU")
-@pytest.mark.parametrize("sq", [1, 16])
-def test_llama_shapes_with_per_channel_keys_scored_from_their_codes_on_the_gpu(sq):
-    """kivi at Llama-3-8B attention shapes in 32-key tiles (one block: ``tile.factored_keys``),
-    spans with and without full-precision tokens."""
-    from qkv.kernels.triton.decode import decode_triton
-    from qkv.kernels.triton.tiles import DecodeTile
-
-    pol = qkv.build_policy("kivi")
-    segments = [CompressedSpan(pol.compress(randn(30 + i, 1, 8, n, 128, scale=2.0), randn(40 + i, 1, 8, n, 128)),
-                               17 * i) for i, n in enumerate([4096, 4096 + 128 + 70])]
-    segments.append(DenseKV(randn(50, 1, 8, 300, 128), randn(51, 1, 8, 300, 128)))
-    q = randn(52, 1, 32, sq, 128)
-    tile = DecodeTile(block_n=32, piece=512, max_rows=64, warps=4, stages=(1,), waves=16)
-    assert_within_twice_the_torch_error(decode_triton(q, segments, tile=tile), q, segments)
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")

@@ -61,14 +61,12 @@ def test_the_shipped_table_names_known_fields():
 
 def test_decode_tiles_per_class_of_keys(monkeypatch, tmp_path):
     """A decode tile that names a class of ``keys`` is for that class only; one that does not is
-    for every class; spans stored as floats and per-channel codes take the tiles of codes where
-    no tile names their class."""
+    for every class; spans stored as floats take the tiles of codes where no tile names them."""
     table = tmp_path / "tiles.json"
     smoothed = {"up_to": 16, "keys": "centroids", "block_n": 128, "piece": 512, "max_rows": 64, "warps": 2,
                 "stages": [1], "waves": 16}
     plain = {**smoothed, "keys": "codes", "warps": 4, "maxnreg": 128}
     cast = {**smoothed, "keys": "cast", "warps": 8, "piece": 1024, "stages": [2, 1]}
-    channels = {**plain, "keys": "channels", "block_n": 32}
     many = {"up_to": None, "block_n": 64, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 8}
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
@@ -79,21 +77,18 @@ def test_decode_tiles_per_class_of_keys(monkeypatch, tmp_path):
     assert tiles.tile_for("decode", cuda, 4, "centroids") == tiles.DecodeTile(128, 512, 64, 2, (1,), 16)
     assert tiles.tile_for("decode", cuda, 4, "codes") == tiles.DecodeTile(128, 512, 64, 4, (1,), 16, maxnreg=128)
     assert tiles.tile_for("decode", cuda, 4, "cast") == tiles.tile_for("decode", cuda, 4, "codes")
-    assert tiles.tile_for("decode", cuda, 4, "channels") == tiles.tile_for("decode", cuda, 4, "codes")
     for keys in KEY_CLASSES:
         assert tiles.tile_for("decode", cuda, 64, keys) == tiles.DecodeTile(64, 256, 64, 4, (1,), 8)
-    table.write_text(json.dumps({"Some GPU": {"decode": [smoothed, plain, cast, channels, many]}}))
+    table.write_text(json.dumps({"Some GPU": {"decode": [smoothed, plain, cast, many]}}))
     assert tiles.tile_for("decode", cuda, 4, "cast") == tiles.DecodeTile(128, 1024, 64, 8, (2, 1), 16)
-    assert tiles.tile_for("decode", cuda, 4, "channels") == tiles.DecodeTile(32, 512, 64, 4, (1,), 16, maxnreg=128)
     assert tiles.tile_for("decode", cuda, 4, "codes") == tiles.DecodeTile(128, 512, 64, 4, (1,), 16, maxnreg=128)
     with pytest.raises(ValueError, match="keys must be one of"):
         tiles.tile_for("decode", cuda, 4, "plain")
 
 
 @pytest.mark.parametrize("names, expected", [
-    (["qvg"], "centroids"), (["rtn"], "codes"), (["kivi"], "channels"), (["quarot"], "codes"), (["bf16"], "cast"),
+    (["qvg"], "centroids"), (["rtn"], "codes"), (["kivi"], "codes"), (["quarot"], "codes"), (["bf16"], "cast"),
     (["bf16", "rtn"], "codes"), (["bf16", "qvg"], "centroids"), (["rtn", "qvg", "bf16"], "centroids"),
-    (["kivi", "kivi"], "channels"), (["kivi", "rtn"], "codes"), (["kivi", "bf16"], "codes"), (["kivi", "qvg"], "centroids"),
 ])
 def test_a_plan_knows_the_class_of_its_keys(names, expected):
     """The class the decode kernel's tile is chosen by, of a plan made at once and of one extended

@@ -27,7 +27,7 @@ from qkv.kernels.triton.attention_kernel import (
 )
 from qkv.kernels.triton.bits import round_to_bf16, split_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
-from qkv.kernels.triton.tile import arith, channel_codes, decode_tile, factored_keys, record_source
+from qkv.kernels.triton.tile import arith, decode_tile, record_source
 
 _I = offsets(ITEM_FIELDS)
 I_LEN = tl.constexpr(len(ITEM_FIELDS))
@@ -78,37 +78,6 @@ def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constex
 
 
 @triton.jit
-def _channel_scores(q, src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ARITH: tl.constexpr,
-                    EMULATE: tl.constexpr):
-    """q . k for a tile of per-channel keys inside one block (:func:`tile.factored_keys`) and bf16
-    products: ``(q * scale) . (code - OFFSET) + q . zero``. The codes decode to exact small
-    numbers, the block's scales go into the queries (one [rows, D] product, split into high and
-    low bf16 parts: two products of the codes, ~2^-16 relative, where a decoded key would be
-    rounded to bf16) and its zero points into one fp32 dot per row, so a key costs no multiply-add
-    of its own; tokens past the quantized ones (L.HAS_FP) take q . k of their
-    full-precision keys."""
-    codes, scale, zero = channel_codes(src, t0, L, D, BLOCK_N, ARITH)
-    qf = q.to(tl.float32)
-    hi, lo = split_bf16(qf * scale[None, :], False)
-    if EMULATE:
-        s = tl.dot(hi, codes, input_precision="ieee") + tl.dot(lo, codes, input_precision="ieee")
-    else:
-        codes = codes.to(tl.bfloat16)
-        s = tl.dot(hi.to(tl.bfloat16), codes) + tl.dot(lo.to(tl.bfloat16), codes)
-    if L.HAS_ZERO:
-        s = s + tl.sum(qf * zero[None, :], axis=1)[:, None]
-    if L.HAS_FP:
-        tok = t0 + tl.arange(0, BLOCK_N)
-        f_ok = (tok >= src.quantized) & (tok < S)
-        d = tl.arange(0, D)
-        kf = tl.load(src.fp + (tok - src.quantized)[:, None] * D + d[None, :], mask=f_ok[:, None], other=0.0)
-        if EMULATE:
-            kf = kf.to(tl.float32)
-        s = tl.where(f_ok[None, :], _dot(q, tl.trans(kf), EMULATE), s)
-    return s
-
-
-@triton.jit
 def _span_pieces(
     qs_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
@@ -122,8 +91,6 @@ def _span_pieces(
     if EMULATE:
         q = q.to(tl.float32)
     ARITH: tl.constexpr = arith(DOT_BF16, EMULATE)
-    # bf16 products only: a query times a scale may leave fp16's range where q . k does not
-    FACTORED: tl.constexpr = DOT_BF16 and factored_keys(K, BLOCK_N)
     for it in range(first, last):
         item = item_ptr + it * I_LEN
         span = tl.load(item + I_SPAN).to(tl.int32)
@@ -134,13 +101,10 @@ def _span_pieces(
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
         for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            if FACTORED:
-                s = _channel_scores(q, kt, t0, S, K, D, BLOCK_N, ARITH, EMULATE)
-            else:
-                k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
-                s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
+            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = (tok >= lo) & (tok < hi)
+            s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
             v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)

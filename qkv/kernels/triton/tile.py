@@ -206,9 +206,8 @@ def _code_pairs(word_bits: int, bits: int, msb: bool, offset: float) -> list | N
     """Per pair k of neighbouring codes 2k, 2k + 1 of a word (see :func:`bf16x2_unpack_asm`): the
     byte holding both, the right shift (negative: left) that puts the lower of the two at bit 1,
     the low and high masks, the bf16 pair 2**-a : 2**-b (a, b: the codes' bits after the shift),
-    the pair -(128 + offset * 2**a) : -(128 + offset * 2**b), and that pair times 2**-a : 2**-b.
-    None where the codes do not fit the mantissa (more than 3 bits) or an offset times 2**a is not
-    a whole number below 128."""
+    and the pair -(128 + offset * 2**a) : -(128 + offset * 2**b). None where the codes do not fit
+    the mantissa (more than 3 bits) or an offset times 2**a is not a whole number below 128."""
     per = word_bits // bits
     if bits > 3:
         return None
@@ -221,10 +220,8 @@ def _code_pairs(word_bits: int, bits: int, msb: bool, offset: float) -> list | N
         lo_off, hi_off = offset * 2**lo_at, offset * 2**hi_at  # -(128 + these) is bf16 0xC300 | these
         if not all(x == int(x) and 0 <= x < 128 for x in (lo_off, hi_off)):
             return None
-        # -(128 + x) * 2**-a for a whole x below 128: sign, exponent 7 - a, mantissa x
         pairs.append((lo // 8, shift, code << lo_at | code << hi_at << 16,
-                      (127 - hi_at) << 23 | (127 - lo_at) << 7, (0xC300 | int(hi_off)) << 16 | 0xC300 | int(lo_off),
-                      (0x8000 | (134 - hi_at) << 7 | int(hi_off)) << 16 | 0x8000 | (134 - lo_at) << 7 | int(lo_off)))
+                      (127 - hi_at) << 23 | (127 - lo_at) << 7, (0xC300 | int(hi_off)) << 16 | 0xC300 | int(lo_off)))
     return pairs
 
 
@@ -235,26 +232,24 @@ def bf16x2_fits(word_bits: int, bits: int, msb: bool, offset: float) -> bool:
 
 
 @triton.constexpr_function
-def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float, scaled: bool = True) -> str:
-    """PTX that turns packed words into bf16 values ``(code - offset) * scale`` (``scaled``) or
-    ``code - offset`` (exact), two neighbouring codes a 32-bit result. Operands (see
-    :func:`_unpack_bf16`): one output per pair of codes of a word, then the words and, if scaled,
-    the scale pairs (int32 holding a bf16 twice). A uint8 word tile is packed 4 words to a register
-    (``pack=4``), an int32 one a word (``pack=1``). The byte holding codes 2k and 2k + 1 is copied
-    to bits 0 and 16 (PRMT) and shifted so that both codes fall in the mantissa of bf16 128.0, at
-    bits a and b (a or b is 1), then masked into it (LOP3: 128 + code * 2**a, exact); taking
-    128 + offset * 2**a off is exact ((code - offset) * 2**a: offsets are multiples of 1/2), and
-    one bf16x2 fused multiply-add with the scale times 2**-a, 2**-b (exact) gives both values,
-    rounded once. Unscaled, one fused multiply-add by 2**-a, 2**-b takes the offset off and scales
-    at once, every step exact."""
+def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float) -> str:
+    """PTX that turns packed words into bf16 values ``(code - offset) * scale``, two neighbouring
+    codes a 32-bit result. Operands (see :func:`_unpack_bf16`): one output per pair of codes of a
+    word, then the words and the scale pairs (int32 holding a bf16 twice). A uint8 word tile is
+    packed 4 words to a register (``pack=4``), an int32 one a word (``pack=1``). The byte holding
+    codes 2k and 2k + 1 is copied to bits 0 and 16 (PRMT) and shifted so that both codes fall in
+    the mantissa of bf16 128.0, at bits a and b (a or b is 1),
+    then masked into it (LOP3: 128 + code * 2**a, exact); taking 128 + offset * 2**a off is exact
+    ((code - offset) * 2**a: offsets are multiples of 1/2), and one bf16x2 fused multiply-add with
+    the scale times 2**-a, 2**-b (exact) gives both values, rounded once."""
     pack = 4 if word_bits == 8 else 1
     pairs = _code_pairs(word_bits, bits, msb, offset)
     w = len(pairs) * pack  # the word operand; then the scales
     lines = ["{", ".reg .b32 t, u, s, one, nz, f, base;", "mov.b32 one, 0x3F803F80;", "mov.b32 nz, 0x80008000;"]
     for k in range(len(pairs)):
-        byte, shift, mask, factor, base, scaled_base = pairs[k]
+        byte, shift, mask, factor, base = pairs[k]
         lines.append(f"mov.b32 f, {factor:#x};")
-        lines.append(f"mov.b32 base, {base if scaled else scaled_base:#x};")
+        lines.append(f"mov.b32 base, {base:#x};")
         for e in range(pack):
             src = byte if word_bits != 8 else e
             lines.append(f"prmt.b32 t, ${w}, 0, {src | 4 << 4 | src << 8 | 4 << 12};")
@@ -263,21 +258,18 @@ def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float, scale
             elif shift < 0:
                 lines.append(f"shl.b32 t, t, {-shift};")
             lines.append(f"lop3.b32 u, t, {mask:#x}, 0x43004300, 0xEA;")  # (t & mask) | 128.0
-            if scaled:
-                lines.append("fma.rn.bf16x2 u, u, one, base;")
-                lines.append(f"fma.rn.bf16x2 s, ${w + 1 + e}, f, nz;")
-                lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, s, nz;")
-            else:
-                lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, f, base;")
+            lines.append("fma.rn.bf16x2 u, u, one, base;")
+            lines.append(f"fma.rn.bf16x2 s, ${w + 1 + e}, f, nz;")
+            lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, s, nz;")
     lines.append("}")
     return "\n".join(lines)
 
 
 @triton.constexpr_function
-def bf16x2_constraints(word_bits: int, bits: int, scaled: bool = True) -> str:
+def bf16x2_constraints(word_bits: int, bits: int) -> str:
     """The operand constraints of :func:`bf16x2_unpack_asm`."""
     pack = 4 if word_bits == 8 else 1
-    return ",".join(["=r"] * (word_bits // bits // 2 * pack) + ["r"] * (1 + pack * scaled))
+    return ",".join(["=r"] * (word_bits // bits // 2 * pack) + ["r"] * (1 + pack))
 
 
 @triton.jit
@@ -290,19 +282,14 @@ def _bf16_twice(x):
 @triton.jit
 def _unpack_bf16(word, scale, L: tl.constexpr):
     """bf16 values [R, G * W * PER] of packed words ``word`` [R, G, W] (uint8 or int32) with their
-    blocks' ``scale`` [R, G, 1] (fp32): ``(code - OFFSET) * scale`` with a bf16 scale, or with
-    ``scale`` None ``code - OFFSET`` (exact), two neighbouring codes an instruction
-    (:func:`bf16x2_unpack_asm`), spread as in :func:`_unpack`: each pair stays one register. GPU
-    only (PTX)."""
+    blocks' ``scale`` [R, G, 1] (fp32): ``(code - OFFSET) * scale`` with a bf16 scale, two
+    neighbouring codes an instruction (:func:`bf16x2_unpack_asm`), spread as in :func:`_unpack`:
+    each pair stays one register. GPU only (PTX)."""
     PER: tl.constexpr = L.WORD // L.BITS
-    SCALED: tl.constexpr = scale is not None
-    if SCALED:
-        args = [word, tl.broadcast_to(_bf16_twice(scale), word.shape)]
-    else:
-        args = [word]
     pairs = tl.inline_asm_elementwise(
-        bf16x2_unpack_asm(L.WORD, L.BITS, L.MSB, L.OFFSET, SCALED), bf16x2_constraints(L.WORD, L.BITS, SCALED),
-        args, dtype=(tl.int32,) * (PER // 2), is_pure=True, pack=4 if L.WORD == 8 else 1)
+        bf16x2_unpack_asm(L.WORD, L.BITS, L.MSB, L.OFFSET), bf16x2_constraints(L.WORD, L.BITS),
+        [word, tl.broadcast_to(_bf16_twice(scale), word.shape)], dtype=(tl.int32,) * (PER // 2), is_pure=True,
+        pack=4 if L.WORD == 8 else 1)
     vals = ()
     for k in tl.static_range(PER // 2):
         vals = vals + ((pairs[k] & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True),
@@ -321,37 +308,6 @@ def _unpack_as(word, scale, zero, L: tl.constexpr, ARITH: tl.constexpr):
     else:
         x = _unpack(word, scale, zero, L, ARITH == "exact")
     return x
-
-
-@triton.constexpr_function
-def factored_keys(L, block_n: int) -> bool:
-    """Whether a tile of ``block_n`` keys of layout ``L`` is read by :func:`channel_codes` (the
-    decode kernel then scores it as ``(q * scale) . (code - OFFSET) + q . zero``): per-channel
-    blocks read a word at a time (``L.FAST``), no stages, whole words in a tile and the tile
-    inside one block, so one scale and zero point per channel hold for all its keys."""
-    return (not L.CAST and L.FAST and not L.TOKEN_AXIS and not L.A_T and L.QBLOCK % block_n == 0
-            and block_n % (L.WORD // L.BITS) == 0)
-
-
-@triton.jit
-def channel_codes(src, t0, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, ARITH: tl.constexpr):
-    """Tokens t0 .. t0 + BLOCK_N of per-channel codes (see :func:`factored_keys`): ``code -
-    OFFSET`` [D, BLOCK_N], exact (bf16 for ARITH "bf16x2", two codes an instruction, else fp32),
-    0 past the quantized tokens, and the tile's block's fp32 scales and zero points [D] (its
-    scales again where there are none)."""
-    PER: tl.constexpr = L.WORD // L.BITS
-    W: tl.constexpr = BLOCK_N // PER
-    d = tl.arange(0, D)
-    w = t0 // PER + tl.arange(0, W)
-    word = tl.load(src.codes + d[:, None, None] * src.words + w[None, None, :],
-                   mask=(w * PER < src.quantized)[None, None, :], other=0)
-    scale, zero = _block_params(src, d * src.groups + t0 // L.QBLOCK, t0 + 0 * d < src.quantized, L.HAS_ZERO)
-    if ARITH == "bf16x2" and bf16x2_fits(L.WORD, L.BITS, L.MSB, L.OFFSET):
-        codes = _unpack_bf16(word, None, L)
-    else:
-        one = tl.full((D, 1, 1), 1.0, tl.float32)
-        codes = _unpack(word, one, one * 0.0, L, True)
-    return codes, scale, zero
 
 
 @triton.jit

@@ -11,11 +11,9 @@ kernel: queries per head; the dequantize, decompression and k-means kernels have
 any call), the last for any; the best tile for one query per head is not the best for sixteen.
 A decode tile may also name the class of keys it is for (``"keys"``, see
 :func:`qkv.kernels.attention.key_class`): ``"centroids"`` for spans whose keys add centroids back
-(qvg and the other smoothed presets), ``"codes"`` for other codes (rtn, quarot), ``"channels"`` for
-codes in per-channel blocks (kivi's keys, scored without decoding them to values where a tile
-lies inside one block: ``tile.factored_keys``), ``"cast"`` for spans stored as floats (bf16 spans);
-the last two take the ``"codes"`` tiles where the GPU's entry names none of their own. A tile
-without ``"keys"`` is for every class. At one query the classes want
+(qvg and the other smoothed presets), ``"codes"`` for other codes (rtn, kivi, quarot), ``"cast"``
+for spans stored as floats (bf16 spans), which take the ``"codes"`` tiles where the GPU's entry
+names no ``"cast"`` tile; a tile without it is for every class. At one query the classes want
 different launches: on an H200 a register cap that speeds up plain codes makes the centroid
 gathers spill, and on an H100 spans without decoding gain from deeper pipelining
 (``benchmarks/results/tune_tiles_one_query_cast_quarot_h100.json``).
@@ -199,7 +197,7 @@ def _gpu_tile(kernel: str, gpu: str, rows: int, keys: str | None):
     """:func:`tile_for` on the GPU named ``gpu`` (worked out once per call shape, not per call)."""
     default = DEFAULTS[kernel]
     entries = _table().get(gpu, {}).get(kernel, [])
-    if keys in ("cast", "channels") and not any(e.get("keys") == keys for e in entries):
+    if keys == "cast" and not any(e.get("keys") == "cast" for e in entries):
         keys = "codes"
     entry = [e for e in entries if e.get("keys") in (None, keys)]
     if not entry:
