@@ -175,6 +175,26 @@ def split_bf16(x, EXACT: tl.constexpr):
 
 
 @triton.jit
+def hadamard_signs(D: tl.constexpr, EMULATE: tl.constexpr):
+    """The +-1 Sylvester matrix [D, D], H[i, j] = (-1)^popcount(i & j): bf16 built from one
+    ``popc`` an element on the GPU, fp32 holding +-1 under EMULATE (the interpreter runs no PTX;
+    the parity folded by shifts)."""
+    i = tl.arange(0, D)
+    bits = i[:, None] & i[None, :]
+    if EMULATE:
+        parity = bits ^ (bits >> 16)
+        parity ^= parity >> 8
+        parity ^= parity >> 4
+        parity ^= parity >> 2
+        parity ^= parity >> 1
+        out = tl.where((parity & 1) == 1, -1.0, 1.0)
+    else:
+        ones = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [bits], dtype=tl.int32, is_pure=True, pack=1)
+        out = ((ones & 1) << 15 | 0x3F80).to(tl.int16).to(tl.bfloat16, bitcast=True)  # the sign bit on bf16 1.0
+    return out
+
+
+@triton.jit
 def bf16_dot(a, b, EMULATE: tl.constexpr):
     """a @ b for bf16-valued fp32 tiles: a bf16 tensor-core product with fp32 accumulation, or
     (EMULATE: Triton's interpreter has no bf16 dot) the same exact products as an IEEE fp32 dot."""

@@ -25,7 +25,7 @@ from qkv.kernels.triton.attention_kernel import (
     _mma,
     _softmax_update,
 )
-from qkv.kernels.triton.bits import round_to_bf16, split_bf16
+from qkv.kernels.triton.bits import bf16_dot, hadamard_signs, round_to_bf16, split_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
 from qkv.kernels.triton.tile import arith, decode_tile, record_source
 
@@ -62,19 +62,9 @@ def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constex
     """x [M, D] fp32 times the normalized Hadamard matrix (x H = H x per row: H is symmetric),
     as two bf16 products with the +-1 matrix (x split into high and low parts: ~2^-16 relative),
     times H_NORM = 1 / sqrt(D)."""
-    i = tl.arange(0, D)
-    bits = i[:, None] & i[None, :]
-    parity = bits ^ (bits >> 4)
-    parity = parity ^ (parity >> 2)
-    parity = (parity ^ (parity >> 1)) & 1
-    sign = tl.where(parity == 0, 1.0, -1.0)
+    sign = hadamard_signs(D, EMULATE)
     hi, lo = split_bf16(x, False)
-    if EMULATE:
-        out = tl.dot(hi, sign, input_precision="ieee") + tl.dot(lo, sign, input_precision="ieee")
-    else:
-        sign = sign.to(tl.bfloat16)
-        out = tl.dot(hi.to(tl.bfloat16), sign) + tl.dot(lo.to(tl.bfloat16), sign)
-    return out * H_NORM
+    return (bf16_dot(hi, sign, EMULATE) + bf16_dot(lo, sign, EMULATE)) * H_NORM
 
 
 @triton.jit

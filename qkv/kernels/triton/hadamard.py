@@ -1,7 +1,7 @@
 """Triton normalized Walsh-Hadamard transform, twin of qkv/kernels/hadamard.py.
 
 A tile of rows is multiplied by the +-1 Sylvester matrix, generated in registers
-(H[i, j] = (-1)^popcount(i & j)), on bf16 tensor cores with the rows split into high and low
+(H[i, j] = (-1)^popcount(i & j), ``bits.hadamard_signs``), on bf16 tensor cores with the rows split into high and low
 bf16 parts (H is exact in bf16), then divided by sqrt(D) and rounded to nearest in the rows'
 dtype. Differs from the butterfly reference by the split's ~2^-16 relative rounding and the
 summation order. The attention kernels rotate fp16/bf16 queries against rotated keys with it, in
@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
+from qkv.kernels.triton.bits import bf16_dot, hadamard_signs, round_to_bf16, split_bf16
 
 
 @triton.jit
@@ -38,13 +38,7 @@ def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
     d = tl.arange(0, D)
     m_ok = (m < M)[:, None]
     x = tl.load(x_ptr + m[:, None].to(tl.int64) * D + d[None, :], mask=m_ok, other=0.0).to(tl.float32)
-    parity = d[:, None] & d[None, :]
-    parity ^= parity >> 16
-    parity ^= parity >> 8
-    parity ^= parity >> 4
-    parity ^= parity >> 2
-    parity ^= parity >> 1
-    h = tl.where((parity & 1) == 1, -1.0, 1.0)
+    h = hadamard_signs(D, EMULATE)
     xh, xl = split_bf16(x, False)
     y = tl.math.div_rn(bf16_dot(xh, h, EMULATE) + bf16_dot(xl, h, EMULATE), SQRT_D)
     at = m[:, None].to(tl.int64) * D + d[None, :]
@@ -65,7 +59,8 @@ def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     flat = x.reshape(-1, d).contiguous()
     out = torch.empty_like(flat)
-    block_m = 64 if d <= 128 else 32
+    # few rows (a decoding step's queries): programs of 16, so that more than one shares the work
+    block_m = 16 if flat.shape[0] <= 1024 else 64 if d <= 128 else 32
     _hadamard_kernel[(triton.cdiv(flat.shape[0], block_m),)](
         flat, out, flat.shape[0], SQRT_D=math.sqrt(d), D=d, EMULATE=x.device.type != "cuda", BLOCK_M=block_m,
     )
