@@ -175,23 +175,19 @@ def split_bf16(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def hadamard_signs(D: tl.constexpr, EMULATE: tl.constexpr):
-    """The +-1 Sylvester matrix [D, D], H[i, j] = (-1)^popcount(i & j): bf16 built from one
-    ``popc`` an element on the GPU, fp32 holding +-1 under EMULATE (the interpreter runs no PTX;
-    the parity folded by shifts)."""
+def hadamard_signs(D: tl.constexpr):
+    """The +-1 Sylvester matrix [D, D] in fp32, H[i, j] = (-1)^popcount(i & j): the parity of
+    i & j folded by shifts, as many as D's bits need."""
     i = tl.arange(0, D)
-    bits = i[:, None] & i[None, :]
-    if EMULATE:
-        parity = bits ^ (bits >> 16)
+    parity = i[:, None] & i[None, :]
+    if D > 65536:
+        parity ^= parity >> 16
+    if D > 256:
         parity ^= parity >> 8
-        parity ^= parity >> 4
-        parity ^= parity >> 2
-        parity ^= parity >> 1
-        out = tl.where((parity & 1) == 1, -1.0, 1.0)
-    else:
-        ones = tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [bits], dtype=tl.int32, is_pure=True, pack=1)
-        out = ((ones & 1) << 15 | 0x3F80).to(tl.int16).to(tl.bfloat16, bitcast=True)  # the sign bit on bf16 1.0
-    return out
+    parity ^= parity >> 4
+    parity ^= parity >> 2
+    parity ^= parity >> 1
+    return tl.where((parity & 1) == 1, -1.0, 1.0)
 
 
 @triton.jit

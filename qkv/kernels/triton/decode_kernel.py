@@ -62,7 +62,7 @@ def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constex
     """x [M, D] fp32 times the normalized Hadamard matrix (x H = H x per row: H is symmetric),
     as two bf16 products with the +-1 matrix (x split into high and low parts: ~2^-16 relative),
     times H_NORM = 1 / sqrt(D)."""
-    sign = hadamard_signs(D, EMULATE)
+    sign = hadamard_signs(D)
     hi, lo = split_bf16(x, False)
     return (bf16_dot(hi, sign, EMULATE) + bf16_dot(lo, sign, EMULATE)) * H_NORM
 

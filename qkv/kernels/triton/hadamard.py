@@ -1,9 +1,10 @@
 """Triton normalized Walsh-Hadamard transform, twin of qkv/kernels/hadamard.py.
 
 A tile of rows is multiplied by the +-1 Sylvester matrix, generated in registers
-(H[i, j] = (-1)^popcount(i & j), ``bits.hadamard_signs``), on bf16 tensor cores with the rows split into high and low
-bf16 parts (H is exact in bf16), then divided by sqrt(D) and rounded to nearest in the rows'
-dtype. Differs from the butterfly reference by the split's ~2^-16 relative rounding and the
+(H[i, j] = (-1)^popcount(i & j), ``bits.hadamard_signs``), on bf16 tensor cores with the rows
+split into high and low bf16 parts (H is exact in bf16), then divided by sqrt(D) and rounded to
+nearest in the rows' dtype. A decoding step's few rows go to programs of 16 rows, so that the
+matrix is built by several programs at once instead of one. Differs from the butterfly reference by the split's ~2^-16 relative rounding and the
 summation order. The attention kernels rotate fp16/bf16 queries against rotated keys with it, in
 one launch and without an fp32 copy of the rows or of the result.
 """
@@ -38,7 +39,7 @@ def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
     d = tl.arange(0, D)
     m_ok = (m < M)[:, None]
     x = tl.load(x_ptr + m[:, None].to(tl.int64) * D + d[None, :], mask=m_ok, other=0.0).to(tl.float32)
-    h = hadamard_signs(D, EMULATE)
+    h = hadamard_signs(D)
     xh, xl = split_bf16(x, False)
     y = tl.math.div_rn(bf16_dot(xh, h, EMULATE) + bf16_dot(xl, h, EMULATE), SQRT_D)
     at = m[:, None].to(tl.int64) * D + d[None, :]
