@@ -11,6 +11,7 @@ from triton.runtime.errors import OutOfResources
 
 from qkv.kernels.triton import decode_kernel as kernels
 from qkv.kernels.triton.decompress import decompress_kernel
+from qkv.kernels.triton.hadamard import _hadamard_kernel
 from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.merge import _merge_kernel as staged_merge_kernel
 
@@ -63,8 +64,8 @@ def constexprs(jit) -> dict:
     return {p.name: 16 for p in jit.params if p.is_constexpr} | {"num_warps": 4}
 
 
-@pytest.mark.parametrize("fn", [kernels.decode_kernel, kernels.merge_kernel, decompress_kernel, staged_merge_kernel],
-                         ids=["decode", "merge", "decompress", "staged merge"])
+@pytest.mark.parametrize("fn", [kernels.decode_kernel, kernels.merge_kernel, decompress_kernel, staged_merge_kernel,
+                                _hadamard_kernel], ids=["decode", "merge", "decompress", "staged merge", "hadamard"])
 @given(data=st.data())
 def test_one_key_of_the_launcher_is_one_key_of_triton(fn, data):
     """Two launches that the launcher would give one compiled kernel are one to Triton too: its

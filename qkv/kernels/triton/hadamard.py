@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from qkv.kernels.triton.bits import bf16_dot, hadamard_signs, round_to_bf16, split_bf16
+from qkv.kernels.triton.launch import Launcher
 
 
 @triton.jit
@@ -47,6 +48,10 @@ def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
     tl.store(out_ptr + at, _rounded(y, out_t == tl.bfloat16, EMULATE, out_t).to(out_t), mask=m_ok)
 
 
+# the decode path rotates a step's queries with it, once per layer and generated token
+launch_hadamard = Launcher(_hadamard_kernel)
+
+
 def hadamard_supports(x) -> str | None:
     d = x.shape[-1]
     if d < 16 or d > 512 or d & (d - 1):
@@ -62,7 +67,7 @@ def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
     out = torch.empty_like(flat)
     # few rows (a decoding step's queries): programs of 16, so that more than one shares the work
     block_m = 16 if flat.shape[0] <= 1024 else 64 if d <= 128 else 32
-    _hadamard_kernel[(triton.cdiv(flat.shape[0], block_m),)](
+    launch_hadamard[(-(-flat.shape[0] // block_m),)](
         flat, out, flat.shape[0], SQRT_D=math.sqrt(d), D=d, EMULATE=x.device.type != "cuda", BLOCK_M=block_m,
     )
     return out.reshape(x.shape)
