@@ -177,11 +177,9 @@ def split_bf16(x, EXACT: tl.constexpr):
 @triton.jit
 def hadamard_signs(D: tl.constexpr):
     """The +-1 Sylvester matrix [D, D] in fp32, H[i, j] = (-1)^popcount(i & j): the parity of
-    i & j folded by shifts, as many as D's bits need."""
+    i & j folded by shifts, as many as D's bits need (up to 16: a Triton tile is far smaller)."""
     i = tl.arange(0, D)
     parity = i[:, None] & i[None, :]
-    if D > 65536:
-        parity ^= parity >> 16
     if D > 256:
         parity ^= parity >> 8
     parity ^= parity >> 4

@@ -4,8 +4,8 @@ A tile of rows is multiplied by the +-1 Sylvester matrix, generated in registers
 (H[i, j] = (-1)^popcount(i & j), ``bits.hadamard_signs``), on bf16 tensor cores with the rows
 split into high and low bf16 parts (H is exact in bf16), then divided by sqrt(D) and rounded to
 nearest in the rows' dtype. A decoding step's few rows go to programs of 16 rows, so that the
-matrix is built by several programs at once instead of one. Differs from the butterfly reference by the split's ~2^-16 relative rounding and the
-summation order. The attention kernels rotate fp16/bf16 queries against rotated keys with it, in
+matrix is built by several programs at once instead of one. Differs from the butterfly reference
+by the split's ~2^-16 relative rounding and the summation order. The attention kernels rotate fp16/bf16 queries against rotated keys with it, in
 one launch and without an fp32 copy of the rows or of the result.
 """
 
