@@ -6,10 +6,15 @@ of four query heads, 64 for sixteen; ``--block-n`` keys a tile, ``--warps`` warp
 ``--maxnreg`` registers at most), disassembles it with the ``nvdisasm`` that ships with Triton,
 and reports the registers a thread, its stack frame (where spilled registers go), the
 instructions of the innermost loop (one key and value tile) by opcode and per decoded value
-(2 x block_n x 128 values over the threads).
+(2 x block_n x 128 values over the threads), and the instructions after the last loop (the
+epilogue: where a program's partial was rotated back before the merge did it once a row).
+``--rotations`` instead counts the instructions of the step's other rotation work: the merge
+kernel with and without rotating its row back, and the Hadamard kernel of the queries at 1 and
+16 rows a program (4 warps).
 
     PYTHONPATH=. python3 benchmarks/decode_sass.py --out benchmarks/results/decode_sass_triton36.json
     PYTHONPATH=. python3 benchmarks/decode_sass.py --rows 64 --out benchmarks/results/decode_sass_64_rows_triton36.json
+    PYTHONPATH=. python3 benchmarks/decode_sass.py --rotations --out benchmarks/results/rotation_sass_triton36.json
 """
 
 from __future__ import annotations
@@ -29,7 +34,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import qkv
-from qkv.kernels.triton.decode_kernel import decode_kernel
+from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
+from qkv.kernels.triton.hadamard import _hadamard_kernel
 from qkv.kernels.triton.records import span_record
 
 POINTERS = {"q_ptr": "*bf16", "qs_ptr": "*bf16", "po_ptr": "*fp32",
@@ -41,21 +47,52 @@ def tool(name: str) -> str:
     return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def compile_layouts(name: str, rows: int, block_n: int, warps: int, maxnreg: int | None) -> bytes:
+def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | None, tmp: str) -> str:
+    """SASS of the decode kernel over spans of preset ``name`` (its cubin: tmp/decode_kernel.cubin)."""
     k = torch.randn(1, 2, 256, 128).bfloat16()
     # as a cache stores its spans: its newest tokens stay in its own full-precision tail, not in a span
     k_layout, v_layout = span_record(qkv.build_policy(name, window=0).compress(k, k.clone())).layouts
     const = dict(D=128, BLOCK_M=rows, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
-                 HAS_DENSE=False, V_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout)
-    signature = {a: "constexpr" if a in const else POINTERS.get(a, "fp32" if a == "qk_scale" else "i32")
-                 for a in decode_kernel.arg_names}
-    compiled = triton.compile(ASTSource(decode_kernel, signature, const), target=GPUTarget("cuda", 90, 32),
+                 HAS_DENSE=False, OUT_ROT=v_layout.ROT, H_NORM=128**-0.5, K=k_layout, V=v_layout)
+    return disassemble(decode_kernel, const, POINTERS, warps, maxnreg, tmp)
+
+
+def disassemble(kernel, const: dict, pointers: dict, warps: int, maxnreg: int | None, tmp: str) -> str:
+    """SASS of ``kernel`` compiled for sm_90 with these constexprs (other arguments: ``pointers``
+    or int32, fp32 for qk_scale); the cubin is left in ``tmp`` under the kernel's name."""
+    signature = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "qk_scale" else "i32")
+                 for a in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, const), target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
-    return compiled.asm["cubin"]
+    cubin = pathlib.Path(tmp) / f"{kernel.__name__}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    return subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
 
 
-def loop_bodies(sass: str) -> list[list[str]]:
-    """The opcodes of every loop's body (the instructions a backward branch jumps over)."""
+def rotations(tmp: str) -> list[dict]:
+    """Instructions of the merge kernel (D = 128, bf16 out) without and with its row's rotation,
+    and of the Hadamard kernel (bf16 rows of 128) at 1 and 16 rows a program."""
+    def count(sass):
+        return sum(1 for line in sass.splitlines() if LINE.match(line))
+
+    rows = []
+    for rot in (False, True):
+        const = dict(D=128, BLOCK_P=16, EMULATE_BF16=False, ROT=rot, H_NORM=128**-0.5)
+        sass = disassemble(merge_kernel, const, {"po_ptr": "*fp32", "out_ptr": "*bf16"}, 4, None, tmp)
+        rows.append({"kernel": "merge", "rotates": rot, "instructions": count(sass)})
+    for block_m in (1, 16):
+        const = dict(SQRT_D=128**0.5, D=128, EMULATE=False, BLOCK_M=block_m)
+        sass = disassemble(_hadamard_kernel, const, {"x_ptr": "*bf16", "out_ptr": "*bf16"}, 4, None, tmp)
+        rows.append({"kernel": "hadamard", "rows": block_m, "instructions": count(sass)})
+    for row in rows:
+        row.update(triton=triton.__version__, target="sm_90", warps=4)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def loop_bodies(sass: str) -> tuple[list[list[str]], int]:
+    """The opcodes of every loop's body (the instructions a backward branch jumps over), and the
+    number of instructions after the last loop (the epilogue: partials written, rotations)."""
     labels, code = {}, []
     pending = []
     for line in sass.splitlines():
@@ -70,17 +107,13 @@ def loop_bodies(sass: str) -> list[list[str]]:
                 labels[name] = addr
             pending = []
             code.append((addr, m.group(2), m.group(3)))
-    bodies = []
+    bodies, last = [], 0
     for addr, op, rest in code:
         target = re.search(r"(\.L_x_\d+)", rest)
         if op.startswith("BRA") and target and labels.get(target.group(1), addr + 1) < addr:
             bodies.append([o for a, o, _ in code if labels[target.group(1)] <= a < addr])
-    return bodies
-
-
-def inner_loop(sass: str) -> collections.Counter:
-    """Opcodes of the shortest backward branch's body (the innermost loop)."""
-    return collections.Counter(min(loop_bodies(sass), key=len))
+            last = addr
+    return bodies, sum(1 for a, o, _ in code if a > last and o not in ("NOP", "BRA", "EXIT"))
 
 
 def main() -> None:
@@ -90,27 +123,35 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, default=64)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--maxnreg", type=int, default=None)
+    parser.add_argument("--rotations", action="store_true", help="only the merge and Hadamard kernels (see above)")
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
+    if args.rotations:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = rotations(tmp)
+        if args.out:
+            pathlib.Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+        return
     rows = []
     values = 2 * args.block_n * 128 / (32 * args.warps)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets:
-            cubin = pathlib.Path(tmp) / f"{name}.cubin"
-            cubin.write_bytes(compile_layouts(name, args.rows, args.block_n, args.warps, args.maxnreg))
-            sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+            sass = decode_sass(name, args.rows, args.block_n, args.warps, args.maxnreg, tmp)
+            cubin = pathlib.Path(tmp) / "decode_kernel.cubin"
             usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                    check=True).stdout
             regs = int(re.search(r"REG:(\d+)", usage).group(1))
             stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # spilled registers live here
-            ops = inner_loop(sass)
+            bodies, epilogue = loop_bodies(sass)
+            ops = collections.Counter(min(bodies, key=len))  # the innermost loop
             total = sum(ops.values())
             rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "rows": args.rows,
                          "block_n": args.block_n, "warps": args.warps, "maxnreg": args.maxnreg, "registers": regs,
                          "stack_bytes": stack, "loop_instructions": total,
                          "loop_spill_loads": sum(n for op, n in ops.items() if op.startswith("LDL")),
                          "loop_spill_stores": sum(n for op, n in ops.items() if op.startswith("STL")),
-                         "per_value": round(total / values, 2), "opcodes": dict(ops.most_common())})
+                         "per_value": round(total / values, 2), "epilogue_instructions": epilogue,
+                         "opcodes": dict(ops.most_common())})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "opcodes"}), flush=True)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")

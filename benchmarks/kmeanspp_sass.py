@@ -52,7 +52,7 @@ def compiled(constants: dict, warps: int) -> tuple[str, str]:
 def loops(sass: str) -> list[dict]:
     """Every loop (a backward branch's body), largest first: instructions, barriers, shuffles."""
     return sorted(({"instructions": len(body), "barriers": sum(o.startswith("BAR") for o in body),
-                    "shuffles": sum(o.startswith("SHFL") for o in body)} for body in loop_bodies(sass)),
+                    "shuffles": sum(o.startswith("SHFL") for o in body)} for body in loop_bodies(sass)[0]),
                   key=lambda row: -row["instructions"])
 
 

@@ -58,10 +58,12 @@ def test_per_channel_and_unaligned_layouts(spec):
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
 
 
-def test_many_pieces_several_spans_and_dense_segments_fp16():
+@pytest.mark.parametrize("names", [("qvg", "rtn"), ("quarot", "rtn")])
+def test_many_pieces_several_spans_and_dense_segments_fp16(names):
     """Three spans of two layouts (two launches into one set of partials), three full-precision
-    segments (two joined), a batch of 2, fp16."""
-    pols = [policy("qvg", 64), policy("rtn", 64), policy("qvg", 64)]
+    segments (two joined), a batch of 2, fp16. With quarot's spans the partials are in the
+    rotated basis: the rtn spans' and the full-precision ones' are rotated into it."""
+    pols = [policy(names[0], 64), policy(names[1], 64), policy(names[0], 64)]
     segments = []
     for i, pol in enumerate(pols):
         k = randn(90 + i, 2, 2, 100, 64, dtype=torch.float16, scale=2.0)

@@ -588,8 +588,9 @@ def test_kmeans_kernels_read_strided_rows_in_place(dtype):
 
 
 @pytest.mark.parametrize("d", [16, 64, 128])
-def test_hadamard_matches_reference(d):
-    x = torch.randn(3, 37, d, generator=gen(d), device=DEVICE)
+@pytest.mark.parametrize("rows", [111, 700, 1100])  # a program a row, tiles of 16 rows, of 64 (32)
+def test_hadamard_matches_reference(d, rows):
+    x = torch.randn(rows, d, generator=gen(d), device=DEVICE)
     ref = kernels.hadamard(x, backend="torch")
     out = kernels.hadamard(x, backend="triton")
     # split bf16 products (~2^-16 relative) and another summation order, relative to the row norm

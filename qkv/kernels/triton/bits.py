@@ -175,17 +175,39 @@ def split_bf16(x, EXACT: tl.constexpr):
 
 
 @triton.jit
-def hadamard_signs(D: tl.constexpr):
-    """The +-1 Sylvester matrix [D, D] in fp32, H[i, j] = (-1)^popcount(i & j): the parity of
-    i & j folded by shifts, as many as D's bits need (up to 16: a Triton tile is far smaller)."""
-    i = tl.arange(0, D)
-    parity = i[:, None] & i[None, :]
+def hadamard_signs(i, D: tl.constexpr):
+    """Rows ``i`` (indices below D) of the +-1 Sylvester matrix of size D, [len(i), D] in fp32,
+    H[i, j] = (-1)^popcount(i & j): the parity of i & j folded by shifts, as many as D's bits
+    need (up to 16: a Triton tile is far smaller)."""
+    parity = i[:, None] & tl.arange(0, D)[None, :]
     if D > 256:
         parity ^= parity >> 8
     parity ^= parity >> 4
     parity ^= parity >> 2
     parity ^= parity >> 1
     return tl.where((parity & 1) == 1, -1.0, 1.0)
+
+
+@triton.constexpr_function
+def kron_sides(d: int) -> tuple[int, int]:
+    """(A, B) with A * B = d, both powers of two and A >= B, as near as can be to sqrt(d)."""
+    b = 1 << (d.bit_length() - 1) // 2
+    return d // b, b
+
+
+@triton.jit
+def hadamard_rows(x, D: tl.constexpr):
+    """x H for rows x [M, D] fp32 (H the +-1 Sylvester matrix, symmetric; D a power of two) as
+    fp32 sums of +-x, through H_D = H_A (x) H_B (i & j splits into high and low index bits): each
+    row as an [A, B] matrix X, H_A X H_B: A * B * (A + B) products a row (3,072 for D = 128)
+    instead of D^2."""
+    A: tl.constexpr = kron_sides(D)[0]
+    B: tl.constexpr = kron_sides(D)[1]
+    M: tl.constexpr = x.shape[0]
+    x = tl.reshape(x, (M, A, B))
+    y = tl.sum(x[:, :, None, :] * hadamard_signs(tl.arange(0, B), B)[None, None, :, :], 3)  # X H_B
+    z = tl.sum(hadamard_signs(tl.arange(0, A), A)[None, :, :, None] * y[:, None, :, :], 2)  # H_A X H_B
+    return tl.reshape(z, (M, D))
 
 
 @triton.jit

@@ -9,9 +9,10 @@ tile is decoded once for all of them), writing a partial output and log-sum-exp;
 launch combines them exactly. Every layout the prefill kernel reads is read here: per-token and
 per-channel codes, 1-8 bits, both packings, up to four additive stages, float-cast spans,
 full-precision tokens, and Hadamard-rotated spans (the queries are rotated once, by one launch,
-rounded to their dtype as the keys' decoded values are, and each program's output rotated back
-once). The full-precision segments (sink, tail, current chunk)
-are split into pieces the same way, by address: the per-call path copies nothing to the device.
+rounded to their dtype as the keys' decoded values are; the partials stay in the rotated basis,
+full-precision ones rotated into it, and the merge rotates each output row back once). The
+full-precision segments (sink, tail, current chunk) are split into pieces the same way, by
+address: the per-call path copies nothing to the device.
 """
 
 from __future__ import annotations
@@ -189,10 +190,13 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         common = dict(D=d, BLOCK_M=block_m, BLOCK_N=chosen.block_n, KV_T=TL_DTYPES[q.dtype],
                       DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, H_NORM=d**-0.5,
                       num_warps=chosen.warps, maxnreg=chosen.maxnreg)
+        # partials in the rotated basis where some values are stored rotated: the merge rotates
+        # each row back once, instead of every program its partial
+        out_rot = table is not None and any(g.layouts[1].ROT for g in table.groups)
         launches = []
         for g in (table.groups if table is not None else ()) or (None,):
             k_layout, v_layout = g.layouts if g is not None else NO_SPANS
-            kw = dict(common, HAS_SPANS=g is not None, V_ROT=v_layout.ROT, K=k_layout, V=v_layout)
+            kw = dict(common, HAS_SPANS=g is not None, OUT_ROT=out_rot, K=k_layout, V=v_layout)
             launches.append((g, dict(kw, HAS_DENSE=False), dict(kw, HAS_DENSE=True)))
         rows_total = b * h * sq
         return _Static(
@@ -201,7 +205,8 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
             wave=chosen.waves * (4 if emulate else multiprocessors(device.index or 0)),
             span_bytes=table.nbytes if table is not None else 0, token_bytes=2 * b * h_kv * d * q.itemsize,
             partial_bytes=rows_total * (d + 1) * 4, launches=tuple(launches),
-            merge=dict(D=d, EMULATE_BF16=emulate and q.dtype == torch.bfloat16, num_warps=4),
+            merge=dict(D=d, EMULATE_BF16=emulate and q.dtype == torch.bfloat16, ROT=out_rot, H_NORM=d**-0.5,
+                       num_warps=4),
         )
 
     return plan.table(key, build) if plan is not None else build()

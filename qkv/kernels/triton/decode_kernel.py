@@ -25,7 +25,7 @@ from qkv.kernels.triton.attention_kernel import (
     _mma,
     _softmax_update,
 )
-from qkv.kernels.triton.bits import bf16_dot, hadamard_signs, round_to_bf16, split_bf16
+from qkv.kernels.triton.bits import bf16_dot, hadamard_signs, hadamard_rows, round_to_bf16, split_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
 from qkv.kernels.triton.tile import arith, decode_tile, record_source
 
@@ -62,7 +62,7 @@ def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constex
     """x [M, D] fp32 times the normalized Hadamard matrix (x H = H x per row: H is symmetric),
     as two bf16 products with the +-1 matrix (x split into high and low parts: ~2^-16 relative),
     times H_NORM = 1 / sqrt(D)."""
-    sign = hadamard_signs(D)
+    sign = hadamard_signs(tl.arange(0, D), D)
     hi, lo = split_bf16(x, False)
     return (bf16_dot(hi, sign, EMULATE) + bf16_dot(lo, sign, EMULATE)) * H_NORM
 
@@ -71,12 +71,13 @@ def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constex
 def _span_pieces(
     qs_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
-    V_ROT: tl.constexpr, H_NORM: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    OUT_ROT: tl.constexpr, H_NORM: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """The online softmax over the span work items first .. last: (m_i, l_i, acc). The queries
-    are read at qs_ptr (H q for rotated keys, see decode.py); with V_ROT the values are read in
-    the rotated basis and acc is rotated back once: H (sum p v') = sum p v."""
+    are read at qs_ptr (H q for rotated keys, see decode.py). acc is left in the values' basis
+    where that is the partials' (OUT_ROT: the rotated one, which the merge rotates back once);
+    values stored unrotated are rotated into it (H is symmetric and orthonormal)."""
     q = tl.load(qs_ptr + q_off, mask=r_ok[:, None], other=0.0)
     if EMULATE:
         q = q.to(tl.float32)
@@ -98,7 +99,7 @@ def _span_pieces(
             v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
-    if V_ROT:
+    if OUT_ROT and not V.ROT:
         acc = _hadamard_rows(acc, D, H_NORM, EMULATE)
     return m_i, l_i, acc
 
@@ -117,7 +118,7 @@ def decode_kernel(
     H, HKV, SQ, ROWS_TOTAL, q_sb, q_sh, q_ss, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
-    HAS_DENSE: tl.constexpr, V_ROT: tl.constexpr, H_NORM: tl.constexpr,
+    HAS_DENSE: tl.constexpr, OUT_ROT: tl.constexpr, H_NORM: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -139,7 +140,7 @@ def decode_kernel(
             m_i, l_i, acc = _span_pieces(
                 qs_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
                 tl.minimum(pid * per_prog + per_prog, n_items), n.to(tl.int64), qk_scale,
-                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, V_ROT, H_NORM, K, V, BLOCK_M)
+                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, OUT_ROT, H_NORM, K, V, BLOCK_M)
     else:
         if HAS_DENSE:
             q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)
@@ -156,6 +157,8 @@ def decode_kernel(
             m_i, l_i, acc = _dense_piece(q, m_i, l_i, acc, k1, v1, dk1_ss, dv1_ss, tl.maximum(lo - dn0, 0),
                                          tl.minimum(tl.maximum(hi - dn0, 0), dn1), qk_scale, D, BLOCK_N,
                                          DOT_BF16, EMULATE)
+            if OUT_ROT:  # into the rotated basis of the span partials
+                acc = _hadamard_rows(acc, D, H_NORM, EMULATE)
     empty = l_i == 0.0  # no key of this piece for the row: weight 0 in the merge
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 domain
@@ -168,10 +171,12 @@ def decode_kernel(
 
 @triton.jit(do_not_specialize=["n_parts"])
 def merge_kernel(po_ptr, out_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
-                 D: tl.constexpr, BLOCK_P: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                 D: tl.constexpr, BLOCK_P: tl.constexpr, EMULATE_BF16: tl.constexpr,
+                 ROT: tl.constexpr, H_NORM: tl.constexpr):
     """Combine the partials [n_parts, ROWS_TOTAL, D] (log2-domain lse) of one row of [B, H, SQ]
     (a program per row, BLOCK_P partials per load, so every part of a row is in flight at once)
-    into out (q's dtype, strides o_*). EMULATE_BF16:
+    into out (q's dtype, strides o_*); ROT: the partials are in the Hadamard-rotated basis, and
+    the row is rotated back once here (see decode.py). EMULATE_BF16:
     round to bf16 by the bits (the interpreter's own conversion truncates)."""
     r = tl.program_id(0).to(tl.int64)
     pl_ptr = po_ptr + n_parts.to(tl.int64) * ROWS_TOTAL * D  # the log-sum-exps after the outputs
@@ -193,8 +198,10 @@ def merge_kernel(po_ptr, out_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
         total += w
     whole = tl.sum(total, 0)
     out = tl.sum(acc, 0) / whole
-    if EMULATE_BF16:
-        out = round_to_bf16(out)
     bh = r // SQ
     o = out_ptr + (bh // H) * o_sb + (bh % H) * o_sh + (r % SQ) * o_ss
+    if ROT:
+        out = tl.reshape(hadamard_rows(tl.reshape(out, (1, D)), D), (D,)) * H_NORM
+    if EMULATE_BF16:
+        out = round_to_bf16(out)
     tl.store(o + d, out.to(out_ptr.dtype.element_ty))

@@ -1,12 +1,14 @@
 """Triton normalized Walsh-Hadamard transform, twin of qkv/kernels/hadamard.py.
 
-A tile of rows is multiplied by the +-1 Sylvester matrix, generated in registers
+Tiles of many rows are multiplied by the +-1 Sylvester matrix, generated in registers
 (H[i, j] = (-1)^popcount(i & j), ``bits.hadamard_signs``), on bf16 tensor cores with the rows
-split into high and low bf16 parts (H is exact in bf16), then divided by sqrt(D) and rounded to
-nearest in the rows' dtype. A decoding step's few rows go to programs of 16 rows, so that the
-matrix is built by several programs at once instead of one. Differs from the butterfly reference
-by the split's ~2^-16 relative rounding and the summation order. The attention kernels rotate fp16/bf16 queries against rotated keys with it, in
-one launch and without an fp32 copy of the rows or of the result.
+split into high and low bf16 parts (H is exact in bf16; ~2^-16 relative rounding). A decoding
+step's few rows get a program each, which sums +-x in fp32 through the Kronecker factors of H
+(``bits.hadamard_rows``: D (A + B) products a row instead of D^2), so that every row's short
+program runs at once. Either way the result is divided by sqrt(D) and rounded to nearest in the
+rows' dtype; it differs from the butterfly reference by the summation order (and the split). The
+attention kernels rotate fp16/bf16 queries against rotated keys with it, in one launch and
+without an fp32 copy of the rows or of the result.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.bits import bf16_dot, hadamard_signs, round_to_bf16, split_bf16
+from qkv.kernels.triton.bits import bf16_dot, hadamard_rows, hadamard_signs, round_to_bf16, split_bf16
 from qkv.kernels.triton.launch import Launcher
+
+ROW_PROGRAMS = 512  # up to this many rows, a program a row
 
 
 @triton.jit
@@ -40,9 +44,12 @@ def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
     d = tl.arange(0, D)
     m_ok = (m < M)[:, None]
     x = tl.load(x_ptr + m[:, None].to(tl.int64) * D + d[None, :], mask=m_ok, other=0.0).to(tl.float32)
-    h = hadamard_signs(D)
-    xh, xl = split_bf16(x, False)
-    y = tl.math.div_rn(bf16_dot(xh, h, EMULATE) + bf16_dot(xl, h, EMULATE), SQRT_D)
+    if BLOCK_M < 16:  # below a tensor-core tile: fp32 sums through the Kronecker factors
+        y = tl.math.div_rn(hadamard_rows(x, D), SQRT_D)
+    else:
+        h = hadamard_signs(tl.arange(0, D), D)
+        xh, xl = split_bf16(x, False)
+        y = tl.math.div_rn(bf16_dot(xh, h, EMULATE) + bf16_dot(xl, h, EMULATE), SQRT_D)
     at = m[:, None].to(tl.int64) * D + d[None, :]
     out_t = out_ptr.dtype.element_ty
     tl.store(out_ptr + at, _rounded(y, out_t == tl.bfloat16, EMULATE, out_t).to(out_t), mask=m_ok)
@@ -65,8 +72,10 @@ def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     flat = x.reshape(-1, d).contiguous()
     out = torch.empty_like(flat)
-    # few rows (a decoding step's queries): programs of 16, so that more than one shares the work
-    block_m = 16 if flat.shape[0] <= 1024 else 64 if d <= 128 else 32
+    # a decoding step's queries: a program a row (its D^2 sums cut to D (A + B) by hadamard_rows),
+    # so that every row's short program runs at once; more rows: tensor-core tiles
+    rows = flat.shape[0]
+    block_m = 1 if rows <= ROW_PROGRAMS else 16 if rows <= 1024 else 64 if d <= 128 else 32
     launch_hadamard[(-(-flat.shape[0] // block_m),)](
         flat, out, flat.shape[0], SQRT_D=math.sqrt(d), D=d, EMULATE=x.device.type != "cuda", BLOCK_M=block_m,
     )
