@@ -58,11 +58,13 @@ def test_per_channel_and_unaligned_layouts(spec):
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
 
 
-@pytest.mark.parametrize("names", [("qvg", "rtn"), ("quarot", "rtn")])
-def test_many_pieces_several_spans_and_dense_segments_fp16(names):
+@pytest.mark.parametrize("names, sq", [(("qvg", "rtn"), 3), (("quarot", "rtn"), 3), (("quarot", "rtn"), 9)])
+def test_many_pieces_several_spans_and_dense_segments_fp16(names, sq):
     """Three spans of two layouts (two launches into one set of partials), three full-precision
-    segments (two joined), a batch of 2, fp16. With quarot's spans the partials are in the
-    rotated basis: the rtn spans' and the full-precision ones' are rotated into it."""
+    segments (two joined), a batch of 2, fp16. With quarot's spans and few query rows a KV head
+    (3 queries x 2 heads) the partials are in the rotated basis: the rtn spans' and the
+    full-precision ones' are rotated into it, and the merge rotates back; with more (9 x 2) the
+    quarot programs rotate their own partials back."""
     pols = [policy(names[0], 64), policy(names[1], 64), policy(names[0], 64)]
     segments = []
     for i, pol in enumerate(pols):
@@ -71,7 +73,7 @@ def test_many_pieces_several_spans_and_dense_segments_fp16(names):
     for i in range(3):
         segments.append(DenseKV(randn(100 + i, 2, 2, 30, 64, dtype=torch.float16),
                                 randn(110 + i, 2, 2, 30, 64, dtype=torch.float16)))
-    q = randn(120, 2, 4, 3, 64, dtype=torch.float16)
+    q = randn(120, 2, 4, sq, 64, dtype=torch.float16)
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
 
 

@@ -587,8 +587,8 @@ def test_kmeans_kernels_read_strided_rows_in_place(dtype):
         assert all(torch.equal(s, t) for s, t in zip(a, b))
 
 
-@pytest.mark.parametrize("d", [16, 32, 64, 128, 512])  # square and oblong Kronecker factors
-@pytest.mark.parametrize("rows", [111, 700, 1100])  # a program a row, tiles of 16 rows, of 64 (32)
+@pytest.mark.parametrize("d", [16, 32, 64, 128, 256, 512])  # square and oblong Kronecker factors
+@pytest.mark.parametrize("rows", [111, 700, 1100])  # a program a row, tiles of 16 rows, of 64 (D <= 128)
 def test_hadamard_matches_reference(d, rows):
     x = torch.randn(rows, d, generator=gen(d), device=DEVICE)
     ref = kernels.hadamard(x, backend="torch")

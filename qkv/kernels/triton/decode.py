@@ -9,8 +9,9 @@ tile is decoded once for all of them), writing a partial output and log-sum-exp;
 launch combines them exactly. Every layout the prefill kernel reads is read here: per-token and
 per-channel codes, 1-8 bits, both packings, up to four additive stages, float-cast spans,
 full-precision tokens, and Hadamard-rotated spans (the queries are rotated once, by one launch,
-rounded to their dtype as the keys' decoded values are; the partials stay in the rotated basis,
-full-precision ones rotated into it, and the merge rotates each output row back once). The
+rounded to their dtype as the keys' decoded values are; at one query or few the partials stay in
+the rotated basis, full-precision ones rotated into it, and the merge rotates each output row
+back once; with more queries each program rotates its partial back). The
 full-precision segments (sink, tail, current chunk) are split into pieces the same way, by
 address: the per-call path copies nothing to the device.
 """
@@ -38,6 +39,10 @@ merge_kernel = Launcher(jit.merge_kernel)
 # compressed spans and the full-precision keys), so decoding needs almost no memory beyond the
 # cache; within that, enough programs for the tile's waves on the GPU.
 PARTIAL_SHARE = 0.05
+# Rotated values of at most this many query rows a KV head are rotated back by the merge, a row
+# once, rather than by every program (docs/attention.md: one query of Llama-3-8B heads, 4 rows,
+# gained; sixteen, 64 rows, lost)
+MERGE_ROTATION_ROWS = 16
 # partials per load of the merge: 16, or 64 beyond 16 partials (two compiled variants, not one per
 # power of two the partial count passes as the history grows)
 MERGE_PARTS = (16, 64)
@@ -190,9 +195,11 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         common = dict(D=d, BLOCK_M=block_m, BLOCK_N=chosen.block_n, KV_T=TL_DTYPES[q.dtype],
                       DOT_BF16=q.dtype == torch.bfloat16, EMULATE=emulate, H_NORM=d**-0.5,
                       num_warps=chosen.warps, maxnreg=chosen.maxnreg)
-        # partials in the rotated basis where some values are stored rotated: the merge rotates
-        # each row back once, instead of every program its partial
-        out_rot = table is not None and any(g.layouts[1].ROT for g in table.groups)
+        # few rows a KV head (one query): many programs a row, so partials stay in the rotated basis
+        # where some values are stored rotated and the merge rotates each row back once; more rows:
+        # few programs a row, each rotating its partial back on tensor cores (cheaper there)
+        out_rot = (table is not None and any(g.layouts[1].ROT for g in table.groups)
+                   and rows <= MERGE_ROTATION_ROWS)
         launches = []
         for g in (table.groups if table is not None else ()) or (None,):
             k_layout, v_layout = g.layouts if g is not None else NO_SPANS

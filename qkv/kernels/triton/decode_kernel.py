@@ -76,8 +76,9 @@ def _span_pieces(
 ):
     """The online softmax over the span work items first .. last: (m_i, l_i, acc). The queries
     are read at qs_ptr (H q for rotated keys, see decode.py). acc is left in the values' basis
-    where that is the partials' (OUT_ROT: the rotated one, which the merge rotates back once);
-    values stored unrotated are rotated into it (H is symmetric and orthonormal)."""
+    where that is the partials' (OUT_ROT: the rotated one, which the merge rotates back once;
+    else the original one) and rotated into the partials' basis otherwise (H is symmetric and
+    orthonormal: the same product either way)."""
     q = tl.load(qs_ptr + q_off, mask=r_ok[:, None], other=0.0)
     if EMULATE:
         q = q.to(tl.float32)
@@ -99,7 +100,7 @@ def _span_pieces(
             v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
-    if OUT_ROT and not V.ROT:
+    if OUT_ROT != V.ROT:
         acc = _hadamard_rows(acc, D, H_NORM, EMULATE)
     return m_i, l_i, acc
 

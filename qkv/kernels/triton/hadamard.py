@@ -22,7 +22,8 @@ import triton.language as tl
 from qkv.kernels.triton.bits import bf16_dot, hadamard_rows, hadamard_signs, round_to_bf16, split_bf16
 from qkv.kernels.triton.launch import Launcher
 
-ROW_PROGRAMS = 512  # up to this many rows, a program a row
+ROW_PROGRAMS = 256  # up to this many rows (one query, batch 8, 32 heads), a program a row
+TILE_MAX_D = 128  # tensor-core tiles up to this D; a program a row beyond
 
 
 @triton.jit
@@ -73,9 +74,10 @@ def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
     flat = x.reshape(-1, d).contiguous()
     out = torch.empty_like(flat)
     # a decoding step's queries: a program a row (its D^2 sums cut to D (A + B) by hadamard_rows),
-    # so that every row's short program runs at once; more rows: tensor-core tiles
+    # so that every row's short program runs at once; more rows: tensor-core tiles, whose D x D
+    # sign matrix fits a program up to D = 128 (at 512 its operand alone is 512 KB of shared memory)
     rows = flat.shape[0]
-    block_m = 1 if rows <= ROW_PROGRAMS else 16 if rows <= 1024 else 64 if d <= 128 else 32
+    block_m = 1 if rows <= ROW_PROGRAMS or d > TILE_MAX_D else 16 if rows <= 1024 else 64
     launch_hadamard[(-(-flat.shape[0] // block_m),)](
         flat, out, flat.shape[0], SQRT_D=math.sqrt(d), D=d, EMULATE=x.device.type != "cuda", BLOCK_M=block_m,
     )
