@@ -7,7 +7,7 @@ of four query heads, 64 for sixteen; ``--block-n`` keys a tile, ``--warps`` warp
 and reports the registers a thread, its stack frame (where spilled registers go), the
 instructions of the innermost loop (one key and value tile) by opcode and per decoded value
 (2 x block_n x 128 values over the threads), and the instructions after the last loop (the
-epilogue: where a program's partial was rotated back before the merge did it once a row).
+epilogue: the partial's store, and its rotation where the program rotates it).
 ``--rotations`` instead counts the instructions of the step's other rotation work: the merge
 kernel with and without rotating its row back, and the Hadamard kernel of the queries at 1 and
 16 rows a program (4 warps).
@@ -34,7 +34,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import qkv
-from qkv.kernels.triton.decode import MERGE_ROTATION_ROWS
+from qkv.kernels.triton.decode import merge_rotates
 from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
 from qkv.kernels.triton.hadamard import _hadamard_kernel
 from qkv.kernels.triton.records import span_record
@@ -54,7 +54,7 @@ def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | N
     # as a cache stores its spans: its newest tokens stay in its own full-precision tail, not in a span
     k_layout, v_layout = span_record(qkv.build_policy(name, window=0).compress(k, k.clone())).layouts
     const = dict(D=128, BLOCK_M=rows, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
-                 HAS_DENSE=False, OUT_ROT=v_layout.ROT and rows <= MERGE_ROTATION_ROWS, H_NORM=128**-0.5, K=k_layout, V=v_layout)
+                 HAS_DENSE=False, OUT_ROT=merge_rotates(v_layout.ROT, rows), H_NORM=128**-0.5, K=k_layout, V=v_layout)
     return disassemble(decode_kernel, const, POINTERS, warps, maxnreg, tmp)
 
 

@@ -196,7 +196,7 @@ def kron_sides(d: int) -> tuple[int, int]:
 
 
 @triton.jit
-def hadamard_rows(x, D: tl.constexpr):
+def hadamard_sums(x, D: tl.constexpr):
     """x H for rows x [M, D] fp32 (H the +-1 Sylvester matrix, symmetric; D a power of two) as
     fp32 sums of +-x, through H_D = H_A (x) H_B (i & j splits into high and low index bits): each
     row as an [A, B] matrix X, H_A X H_B: A * B * (A + B) products a row (3,072 for D = 128)
@@ -208,6 +208,15 @@ def hadamard_rows(x, D: tl.constexpr):
     y = tl.sum(x[:, :, None, :] * hadamard_signs(tl.arange(0, B), B)[None, None, :, :], 3)  # X H_B
     z = tl.sum(hadamard_signs(tl.arange(0, A), A)[None, :, :, None] * y[:, None, :, :], 2)  # H_A X H_B
     return tl.reshape(z, (M, D))
+
+
+@triton.jit
+def hadamard_dot(x, D: tl.constexpr, EMULATE: tl.constexpr):
+    """x H for a tile of rows x [M, D] fp32 (M >= 16) on bf16 tensor cores: the +-1 matrix built in
+    registers, x split into high and low bf16 parts (H is exact in bf16; ~2^-16 relative)."""
+    h = hadamard_signs(tl.arange(0, D), D)
+    hi, lo = split_bf16(x, False)
+    return bf16_dot(hi, h, EMULATE) + bf16_dot(lo, h, EMULATE)
 
 
 @triton.jit

@@ -48,6 +48,12 @@ MERGE_ROTATION_ROWS = 16
 MERGE_PARTS = (16, 64)
 
 
+def merge_rotates(values_rotated: bool, rows: int) -> bool:
+    """Whether the merge rotates the output rows back (the partials in the rotated basis): some
+    values are stored rotated and there are at most MERGE_ROTATION_ROWS query rows a KV head."""
+    return values_rotated and rows <= MERGE_ROTATION_ROWS
+
+
 def _cdiv(a: int, b: int) -> int:
     """``triton.cdiv`` of host integers without its constexpr wrapper: the launch is sized on every
     call, per layer and generated token, and the wrapper's argument unwrapping costs far more than
@@ -198,8 +204,7 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         # few rows a KV head (one query): many programs a row, so partials stay in the rotated basis
         # where some values are stored rotated and the merge rotates each row back once; more rows:
         # few programs a row, each rotating its partial back on tensor cores (cheaper there)
-        out_rot = (table is not None and any(g.layouts[1].ROT for g in table.groups)
-                   and rows <= MERGE_ROTATION_ROWS)
+        out_rot = table is not None and merge_rotates(any(g.layouts[1].ROT for g in table.groups), rows)
         launches = []
         for g in (table.groups if table is not None else ()) or (None,):
             k_layout, v_layout = g.layouts if g is not None else NO_SPANS

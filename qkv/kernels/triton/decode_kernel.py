@@ -25,7 +25,7 @@ from qkv.kernels.triton.attention_kernel import (
     _mma,
     _softmax_update,
 )
-from qkv.kernels.triton.bits import bf16_dot, hadamard_signs, hadamard_rows, round_to_bf16, split_bf16
+from qkv.kernels.triton.bits import hadamard_dot, hadamard_sums, round_to_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
 from qkv.kernels.triton.tile import arith, decode_tile, record_source
 
@@ -55,16 +55,6 @@ def _dense_piece(q, m_i, l_i, acc, k_ptr, v_ptr, k_ss, v_ss, lo, hi, qk_scale,
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
         acc = _mma(_as_dot(p, DOT_BF16, EMULATE), v, acc * alpha[:, None], EMULATE)
     return m_i, l_i, acc
-
-
-@triton.jit
-def _hadamard_rows(x, D: tl.constexpr, H_NORM: tl.constexpr, EMULATE: tl.constexpr):
-    """x [M, D] fp32 times the normalized Hadamard matrix (x H = H x per row: H is symmetric),
-    as two bf16 products with the +-1 matrix (x split into high and low parts: ~2^-16 relative),
-    times H_NORM = 1 / sqrt(D)."""
-    sign = hadamard_signs(tl.arange(0, D), D)
-    hi, lo = split_bf16(x, False)
-    return (bf16_dot(hi, sign, EMULATE) + bf16_dot(lo, sign, EMULATE)) * H_NORM
 
 
 @triton.jit
@@ -101,7 +91,7 @@ def _span_pieces(
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if OUT_ROT != V.ROT:
-        acc = _hadamard_rows(acc, D, H_NORM, EMULATE)
+        acc = hadamard_dot(acc, D, EMULATE) * H_NORM  # H_NORM = 1 / sqrt(D)
     return m_i, l_i, acc
 
 
@@ -159,7 +149,7 @@ def decode_kernel(
                                          tl.minimum(tl.maximum(hi - dn0, 0), dn1), qk_scale, D, BLOCK_N,
                                          DOT_BF16, EMULATE)
             if OUT_ROT:  # into the rotated basis of the span partials
-                acc = _hadamard_rows(acc, D, H_NORM, EMULATE)
+                acc = hadamard_dot(acc, D, EMULATE) * H_NORM
     empty = l_i == 0.0  # no key of this piece for the row: weight 0 in the merge
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))  # log2 domain
@@ -202,7 +192,7 @@ def merge_kernel(po_ptr, out_ptr, n_parts, ROWS_TOTAL, H, SQ, o_sb, o_sh, o_ss,
     bh = r // SQ
     o = out_ptr + (bh // H) * o_sb + (bh % H) * o_sh + (r % SQ) * o_ss
     if ROT:
-        out = tl.reshape(hadamard_rows(tl.reshape(out, (1, D)), D), (D,)) * H_NORM
+        out = tl.reshape(hadamard_sums(tl.reshape(out, (1, D)), D), (D,)) * H_NORM
     if EMULATE_BF16:
         out = round_to_bf16(out)
     tl.store(o + d, out.to(out_ptr.dtype.element_ty))

@@ -1,10 +1,10 @@
 """Triton normalized Walsh-Hadamard transform, twin of qkv/kernels/hadamard.py.
 
 Tiles of many rows are multiplied by the +-1 Sylvester matrix, generated in registers
-(H[i, j] = (-1)^popcount(i & j), ``bits.hadamard_signs``), on bf16 tensor cores with the rows
+(H[i, j] = (-1)^popcount(i & j)), on bf16 tensor cores (``bits.hadamard_dot``) with the rows
 split into high and low bf16 parts (H is exact in bf16; ~2^-16 relative rounding). A decoding
 step's few rows get a program each, which sums +-x in fp32 through the Kronecker factors of H
-(``bits.hadamard_rows``: D (A + B) products a row instead of D^2), so that every row's short
+(``bits.hadamard_sums``: D (A + B) products a row instead of D^2), so that every row's short
 program runs at once. Either way the result is divided by sqrt(D) and rounded to nearest in the
 rows' dtype; it differs from the butterfly reference by the summation order (and the split). The
 attention kernels rotate fp16/bf16 queries against rotated keys with it, in one launch and
@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.bits import bf16_dot, hadamard_rows, hadamard_signs, round_to_bf16, split_bf16
+from qkv.kernels.triton.bits import hadamard_dot, hadamard_sums, round_to_bf16
 from qkv.kernels.triton.launch import Launcher
 
 ROW_PROGRAMS = 256  # up to this many rows (one query, batch 8, 32 heads), a program a row
@@ -46,11 +46,9 @@ def _hadamard_kernel(x_ptr, out_ptr, M, SQRT_D: tl.constexpr, D: tl.constexpr,
     m_ok = (m < M)[:, None]
     x = tl.load(x_ptr + m[:, None].to(tl.int64) * D + d[None, :], mask=m_ok, other=0.0).to(tl.float32)
     if BLOCK_M < 16:  # below a tensor-core tile: fp32 sums through the Kronecker factors
-        y = tl.math.div_rn(hadamard_rows(x, D), SQRT_D)
+        y = tl.math.div_rn(hadamard_sums(x, D), SQRT_D)
     else:
-        h = hadamard_signs(tl.arange(0, D), D)
-        xh, xl = split_bf16(x, False)
-        y = tl.math.div_rn(bf16_dot(xh, h, EMULATE) + bf16_dot(xl, h, EMULATE), SQRT_D)
+        y = tl.math.div_rn(hadamard_dot(x, D, EMULATE), SQRT_D)
     at = m[:, None].to(tl.int64) * D + d[None, :]
     out_t = out_ptr.dtype.element_ty
     tl.store(out_ptr + at, _rounded(y, out_t == tl.bfloat16, EMULATE, out_t).to(out_t), mask=m_ok)
@@ -73,12 +71,12 @@ def hadamard_triton(x: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     flat = x.reshape(-1, d).contiguous()
     out = torch.empty_like(flat)
-    # a decoding step's queries: a program a row (its D^2 sums cut to D (A + B) by hadamard_rows),
-    # so that every row's short program runs at once; more rows: tensor-core tiles, whose D x D
-    # sign matrix fits a program up to D = 128 (at 512 its operand alone is 512 KB of shared memory)
+    # a decoding step's queries: a program a row (its D^2 sums cut to D (A + B) by hadamard_sums),
+    # so that every row's short program runs at once; more rows: tensor-core tiles, which hold the
+    # D x D sign matrix and failed on an H100 at D = 512 (tested there up to 128)
     rows = flat.shape[0]
     block_m = 1 if rows <= ROW_PROGRAMS or d > TILE_MAX_D else 16 if rows <= 1024 else 64
-    launch_hadamard[(-(-flat.shape[0] // block_m),)](
-        flat, out, flat.shape[0], SQRT_D=math.sqrt(d), D=d, EMULATE=x.device.type != "cuda", BLOCK_M=block_m,
+    launch_hadamard[(-(-rows // block_m),)](
+        flat, out, rows, SQRT_D=math.sqrt(d), D=d, EMULATE=x.device.type != "cuda", BLOCK_M=block_m,
     )
     return out.reshape(x.shape)
