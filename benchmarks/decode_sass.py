@@ -39,7 +39,7 @@ from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
 from qkv.kernels.triton.hadamard import _hadamard_kernel
 from qkv.kernels.triton.records import span_record
 
-POINTERS = {"q_ptr": "*bf16", "qs_ptr": "*bf16", "po_ptr": "*fp32",
+POINTERS = {"q_ptr": "*bf16", "qs_ptr": "*bf16", "po_ptr": "*fp32", "cs_ptr": "*fp32",
             "span_ptr": "*i64", "item_ptr": "*i64", "dk0": "*bf16", "dv0": "*bf16", "dk1": "*bf16", "dv1": "*bf16"}
 LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")
 
@@ -48,13 +48,16 @@ def tool(name: str) -> str:
     return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
-def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | None, tmp: str) -> str:
-    """SASS of the decode kernel over spans of preset ``name`` (its cubin: tmp/decode_kernel.cubin)."""
+def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | None, key_scores: bool,
+                tmp: str) -> str:
+    """SASS of the decode kernel over spans of preset ``name`` (its cubin: tmp/decode_kernel.cubin);
+    ``key_scores``: keys with centroids scored through the call's q . c table (``KEY_SCORES``)."""
     k = torch.randn(1, 2, 256, 128).bfloat16()
     # as a cache stores its spans: its newest tokens stay in its own full-precision tail, not in a span
     k_layout, v_layout = span_record(qkv.build_policy(name, window=0).compress(k, k.clone())).layouts
     const = dict(D=128, BLOCK_M=rows, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
-                 HAS_DENSE=False, OUT_ROT=merge_rotates(v_layout.ROT, rows), H_NORM=128**-0.5, K=k_layout, V=v_layout)
+                 HAS_DENSE=False, OUT_ROT=merge_rotates(v_layout.ROT, rows), H_NORM=128**-0.5, K=k_layout, V=v_layout,
+                 KEY_SCORES=key_scores and k_layout.STAGES > 0)
     return disassemble(decode_kernel, const, POINTERS, warps, maxnreg, tmp)
 
 
@@ -124,6 +127,8 @@ def main() -> None:
     parser.add_argument("--block-n", type=int, default=64)
     parser.add_argument("--warps", type=int, default=4)
     parser.add_argument("--maxnreg", type=int, default=None)
+    parser.add_argument("--key-scores", action="store_true",
+                        help="keys with centroids scored through a q . c table (DecodeTile.key_scores)")
     parser.add_argument("--rotations", action="store_true", help="only the merge and Hadamard kernels (see above)")
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
@@ -137,7 +142,7 @@ def main() -> None:
     values = 2 * args.block_n * 128 / (32 * args.warps)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets:
-            sass = decode_sass(name, args.rows, args.block_n, args.warps, args.maxnreg, tmp)
+            sass = decode_sass(name, args.rows, args.block_n, args.warps, args.maxnreg, args.key_scores, tmp)
             cubin = pathlib.Path(tmp) / "decode_kernel.cubin"
             usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
                                    check=True).stdout

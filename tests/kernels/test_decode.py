@@ -8,6 +8,8 @@ GPU Llama-3-8B attention shapes and a CUDA graph of ``KVCache.attend``.
 """
 
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -240,3 +242,40 @@ def test_queries_laid_out_by_token_and_rotated_keys(name):
     q = randn(32, 1, 3, 4, 64).transpose(1, 2)  # [B, H=4, Sq=3, D] with token-major strides
     assert not q.is_contiguous()
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
+
+
+@pytest.mark.parametrize("name, window", [("qvg", 0), ("qvg", 16), ("qvg-pro", 0)])
+def test_keys_scored_through_their_centroids(name, window, monkeypatch):
+    """``DecodeTile.key_scores``: the keys' centroids scored once per call (q . c, a launch per
+    span group) and gathered per key, over two spans (one with evicted tokens; with ``window``,
+    full-precision tokens after the quantized ones) and a full-precision segment, 4 query heads on
+    2 KV heads, 1 and 3 queries. A table read at the wrong stage, span or row fails the bound."""
+    from qkv.kernels.triton import decode as dec
+    from qkv.kernels.triton.tiles import INTERPRETER
+
+    launches = []
+    scores_kernel = dec.centroid_scores_kernel
+    monkeypatch.setattr(dec, "centroid_scores_kernel", _Counted(scores_kernel, launches))
+    pol = qkv.build_policy(name, clusters=8, block=64 if name == "qvg" else 16, window=window)
+    segments = []
+    for i in range(2):
+        k, v = randn(130 + i, 1, 2, 90 + 40 * i, 64, scale=2.0), randn(135 + i, 1, 2, 90 + 40 * i, 64)
+        segments.append(CompressedSpan(pol.compress(k, v), 11 * i))
+    segments.append(DenseKV(randn(140, 1, 2, 20, 64), randn(141, 1, 2, 20, 64)))
+    tile = dataclasses.replace(INTERPRETER["decode"], key_scores=True)
+    for sq in (1, 3):
+        q = randn(142 + sq, 1, 4, sq, 64)
+        out = dec.decode_triton(q, [SpanPlan(segments[:2]), segments[2]], tile=tile)
+        assert_within_twice_the_torch_error(out, q, segments)
+    assert len(launches) == 2
+
+
+class _Counted:
+    """A kernel launcher that records its launches."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        self.launches.append(grid)
+        return self.kernel[grid]

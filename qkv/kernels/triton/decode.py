@@ -28,12 +28,13 @@ from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_
 from qkv.kernels.triton import decode_kernel as jit
 from qkv.kernels.triton.hadamard import hadamard_triton
 from qkv.kernels.triton.launch import Launcher
-from qkv.kernels.triton.records import NO_SPANS, TL_DTYPES, span_table
+from qkv.kernels.triton.records import NO_SPANS, TENSOR_FIELDS, TL_DTYPES, offsets, span_table
 from qkv.kernels.triton.tiles import DecodeTile, multiprocessors, tile_for
 
 # launched once per layer and generated token: without Triton's per-launch binding (launch.py)
 decode_kernel = Launcher(jit.decode_kernel)
 merge_kernel = Launcher(jit.merge_kernel)
+centroid_scores_kernel = Launcher(jit.centroid_scores_kernel)
 
 # The partial outputs of all programs take at most this share of the bytes they read (the
 # compressed spans and the full-precision keys), so decoding needs almost no memory beyond the
@@ -52,6 +53,18 @@ def merge_rotates(values_rotated: bool, rows: int) -> bool:
     """Whether the merge rotates the output rows back (the partials in the rotated basis): some
     values are stored rotated and there are at most MERGE_ROTATION_ROWS query rows a KV head."""
     return values_rotated and rows <= MERGE_ROTATION_ROWS
+
+
+_C_STRIDE = offsets(TENSOR_FIELDS)["c_stride0"]  # a key record's stage strides (clusters x D) start here
+
+
+def key_scores(tile: DecodeTile, layout, q_dtype: torch.dtype, rows: int) -> bool:
+    """Whether keys of ``layout`` are scored through their centroids' table (``KEY_SCORES``: q . c
+    once per centroid and call, gathered per key, instead of a centroid row added to every decoded
+    key): where the tile asks for it, the keys add bf16 centroids back, the queries are bf16 and
+    one program holds every query row of a KV head."""
+    return (tile.key_scores and layout.STAGES > 0 and not layout.ROT and layout.CENT_T == TL_DTYPES[torch.bfloat16]
+            and q_dtype == torch.bfloat16 and rows <= tile.max_rows)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -180,8 +193,12 @@ class _Static:
     span_bytes: int
     token_bytes: int  # of a full-precision key and value over every (batch, KV head)
     partial_bytes: int  # of one program's partials over every row
-    launches: tuple  # per span group (or one without spans): (group, constexprs, constexprs with dense keys)
+    # per span group (or one without spans): (group, constexprs, constexprs with dense keys, where
+    # its centroid scores start in the call's table and the scores kernel's constexprs, or None)
+    launches: tuple
     merge: dict
+    c_max: int  # clusters of the largest key stage (the scores table's last axis)
+    score_values: int  # of the call's centroid scores table
 
 
 def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile | None) -> _Static:
@@ -205,11 +222,19 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         # where some values are stored rotated and the merge rotates each row back once; more rows:
         # few programs a row, each rotating its partial back on tensor cores (cheaper there)
         out_rot = table is not None and merge_rotates(any(g.layouts[1].ROT for g in table.groups), rows)
-        launches = []
+        c_max = max((rec.fields[_C_STRIDE + i] // d for rec in table.records for i in range(rec.layouts[0].STAGES)),
+                    default=0) if table is not None else 0
+        launches, score_values = [], 0
         for g in (table.groups if table is not None else ()) or (None,):
             k_layout, v_layout = g.layouts if g is not None else NO_SPANS
-            kw = dict(common, HAS_SPANS=g is not None, OUT_ROT=out_rot, K=k_layout, V=v_layout)
-            launches.append((g, dict(kw, HAS_DENSE=False), dict(kw, HAS_DENSE=True)))
+            scored = g is not None and key_scores(chosen, k_layout, q.dtype, rows)
+            kw = dict(common, HAS_SPANS=g is not None, OUT_ROT=out_rot, K=k_layout, V=v_layout, KEY_SCORES=scored)
+            scores = None
+            if scored:
+                scores = (score_values, dict(D=d, BLOCK_M=block_m, BLOCK_C=64, STAGES=k_layout.STAGES,
+                                             CENT_T=k_layout.CENT_T, EMULATE=emulate, num_warps=4))
+                score_values += g.table.shape[0] * k_layout.STAGES * b * h_kv * rows * c_max
+            launches.append((g, dict(kw, HAS_DENSE=False), dict(kw, HAS_DENSE=True), scores))
         rows_total = b * h * sq
         return _Static(
             tile=chosen, table=table, block_m=block_m, row_blocks=row_blocks, rows_total=rows_total,
@@ -219,6 +244,7 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
             partial_bytes=rows_total * (d + 1) * 4, launches=tuple(launches),
             merge=dict(D=d, EMULATE_BF16=emulate and q.dtype == torch.bfloat16, ROT=out_rot, H_NORM=d**-0.5,
                        num_warps=4),
+            c_max=c_max, score_values=score_values,
         )
 
     return plan.table(key, build) if plan is not None else build()
@@ -245,7 +271,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     per_prog = max(1, _cdiv(_cdiv(span_tokens + dense_tokens, parts), piece))
     dense_piece = per_prog * piece
     dense_progs = _cdiv(dense_tokens, dense_piece)
-    span_progs = [_cdiv(g.n_items, per_prog) if g is not None else 0 for g, _, _ in st.launches]
+    span_progs = [_cdiv(g.n_items, per_prog) if g is not None else 0 for g, *_ in st.launches]
     n_parts = sum(span_progs) + dense_progs
     rows_total = st.rows_total
     q_rot = q
@@ -253,15 +279,21 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
         q = q.contiguous()
         q_rot = hadamard_triton(q)
     partials = torch.empty(n_parts * rows_total * (d + 1), dtype=torch.float32, device=q.device)  # outputs, then lse
+    scores = torch.empty(st.score_values, dtype=torch.float32, device=q.device) if st.score_values else partials
     base = 0
-    for (g, plain, with_dense), n_span in zip(st.launches, span_progs):
+    for (g, plain, with_dense, sc), n_span in zip(st.launches, span_progs):
         n_dense = dense_progs if base == 0 else 0
         if n_span + n_dense == 0:
             continue
+        cs = partials
+        if sc is not None and n_span:
+            cs = scores[sc[0]:]
+            centroid_scores_kernel[(g.table.shape[0], b * h_kv)](q, cs, g.table, h, h_kv, sq, st.c_max,
+                                                                  *q.stride()[:3], **sc[1])
         _launch_decode(
             (n_span + n_dense, b * h_kv, st.row_blocks), st.tile.stages,
             q, q_rot if g is not None and g.layouts[0].ROT else q, partials, n_parts,
-            g.table if g is not None else partials, g.items if g is not None else partials,
+            g.table if g is not None else partials, g.items if g is not None else partials, cs, st.c_max,
             g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
             *dense_args, h, h_kv, sq, rows_total, *q.stride()[:3], scale * LOG2E,
             **(with_dense if n_dense else plain),

@@ -27,7 +27,7 @@ from qkv.kernels.triton.attention_kernel import (
 )
 from qkv.kernels.triton.bits import hadamard_dot, hadamard_sums, round_to_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
-from qkv.kernels.triton.tile import arith, decode_tile, record_source
+from qkv.kernels.triton.tile import F_C, F_C_STRIDE, Source, arith, decode_tile, record_source
 
 _I = offsets(ITEM_FIELDS)
 I_LEN = tl.constexpr(len(ITEM_FIELDS))
@@ -58,17 +58,71 @@ def _dense_piece(q, m_i, l_i, acc, k_ptr, v_ptr, k_ss, v_ss, lo, hi, qk_scale,
 
 
 @triton.jit
+def centroid_scores_kernel(q_ptr, cs_ptr, span_ptr, H, HKV, SQ, c_max, q_sb, q_sh, q_ss,
+                           D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
+                           CENT_T: tl.constexpr, EMULATE: tl.constexpr):
+    """q . c for every centroid c of every key stage of span ``program_id(0)`` of a span table,
+    for the query rows of (batch, KV head) ``program_id(1)`` (rows as in ``decode_kernel``, at
+    most BLOCK_M): cs [spans, STAGES, B * HKV, rows, c_max] fp32, each centroid's products read
+    from bf16 operands once per call instead of once per key (``KEY_SCORES``)."""
+    span = tl.program_id(0)
+    n = tl.program_id(1)
+    nb = tl.num_programs(1)
+    b = n // HKV
+    group = H // HKV
+    rows = group * SQ
+    r = tl.arange(0, BLOCK_M)
+    r_ok = r < rows
+    head = n % HKV * group + r // SQ
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + head[:, None] * q_sh + (r % SQ)[:, None] * q_ss + d[None, :],
+                mask=r_ok[:, None], other=0.0)
+    if EMULATE:
+        q = q.to(tl.float32)
+    rec = span_ptr + span * S_LEN + S_K
+    for i in tl.static_range(STAGES):
+        c_stride = tl.load(rec + F_C_STRIDE + i)  # clusters x D
+        cent = tl.load(rec + F_C + i).to(tl.pointer_type(CENT_T)) + n * c_stride
+        clusters = (c_stride // D).to(tl.int32)
+        out = cs_ptr + ((span * STAGES + i) * nb + n).to(tl.int64) * rows * c_max
+        for c0 in range(0, clusters, BLOCK_C):
+            cc = c0 + tl.arange(0, BLOCK_C)
+            c_ok = cc < clusters
+            c = tl.load(cent + cc[:, None] * D + d[None, :], mask=c_ok[:, None], other=0.0)
+            if EMULATE:
+                c = c.to(tl.float32)
+            tl.store(out + r[:, None] * c_max + cc[None, :], _dot(q, tl.trans(c), EMULATE),
+                     mask=r_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _add_centroid_scores(s, src, cs, tok, r, r_ok, rows, c_max, stage_stride):
+    """Scores s [rows, keys ``tok``] of a key tile decoded without its stages plus q . c of each
+    stage's centroid under every quantized key, gathered from the span's table ``cs`` (see
+    ``centroid_scores_kernel``; ``stage_stride``: from one stage's table to the next)."""
+    q_ok = tok < src.quantized
+    for i in tl.static_range(len(src.stages)):
+        _, a, a_s = src.stages[i]
+        idx = tl.load(a + tok * a_s, mask=q_ok, other=0).to(tl.int32)
+        s += tl.load(cs + i * stage_stride + r[:, None] * c_max + idx[None, :], mask=r_ok[:, None] & q_ok[None, :],
+                     other=0.0)
+    return s
+
+
+@triton.jit
 def _span_pieces(
-    qs_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, qk_scale,
+    qs_ptr, q_off, r, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, nb, rows, cs_ptr, c_max, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
-    OUT_ROT: tl.constexpr, H_NORM: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    OUT_ROT: tl.constexpr, H_NORM: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KEY_SCORES: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """The online softmax over the span work items first .. last: (m_i, l_i, acc). The queries
     are read at qs_ptr (H q for rotated keys, see decode.py). acc is left in the values' basis
     where that is the partials' (OUT_ROT: the rotated one, which the merge rotates back once;
     else the original one) and rotated into the partials' basis otherwise (H is symmetric and
-    orthonormal: the same product either way)."""
+    orthonormal: the same product either way). KEY_SCORES: the keys' centroids are not added to
+    the decoded tiles; their scores q . c are gathered from the call's table at ``cs_ptr``
+    (``centroid_scores_kernel``)."""
     q = tl.load(qs_ptr + q_off, mask=r_ok[:, None], other=0.0)
     if EMULATE:
         q = q.to(tl.float32)
@@ -82,11 +136,17 @@ def _span_pieces(
         S = tl.load(rec + S_TOKENS).to(tl.int32)
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
+        kr = kt
+        if KEY_SCORES:  # the residual alone
+            kr = Source(kt.codes, kt.scales, kt.zeros, kt.m, kt.fp, kt.quantized, kt.words, kt.groups, ())
+        cs = cs_ptr + (span * K.STAGES * nb + n) * rows * c_max
         for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
+            k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = (tok >= lo) & (tok < hi)
             s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
+            if KEY_SCORES:
+                s = _add_centroid_scores(s, kt, cs, tok, r, r_ok, rows, c_max, nb * rows * c_max)
             v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
@@ -102,7 +162,7 @@ def _span_pieces(
 @triton.jit(do_not_specialize=["n_parts", "n_items", "per_prog", "n_span_progs", "prog_base", "dense_piece", "dn0",
                                "dn1"])
 def decode_kernel(
-    q_ptr, qs_ptr, po_ptr, n_parts, span_ptr, item_ptr,
+    q_ptr, qs_ptr, po_ptr, n_parts, span_ptr, item_ptr, cs_ptr, c_max,
     n_items, per_prog, n_span_progs, prog_base, dense_piece,
     dk0, dv0, dn0, dk0_sb, dk0_sh, dk0_ss, dv0_sb, dv0_sh, dv0_ss,
     dk1, dv1, dn1, dk1_sb, dk1_sh, dk1_ss, dv1_sb, dv1_sh, dv1_ss,
@@ -110,7 +170,7 @@ def decode_kernel(
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
     HAS_DENSE: tl.constexpr, OUT_ROT: tl.constexpr, H_NORM: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, KEY_SCORES: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n = tl.program_id(1)  # b * HKV + kv head
@@ -129,9 +189,10 @@ def decode_kernel(
     if pid < n_span_progs:
         if HAS_SPANS:
             m_i, l_i, acc = _span_pieces(
-                qs_ptr, q_off, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
-                tl.minimum(pid * per_prog + per_prog, n_items), n.to(tl.int64), qk_scale,
-                D, BLOCK_N, KV_T, DOT_BF16, EMULATE, OUT_ROT, H_NORM, K, V, BLOCK_M)
+                qs_ptr, q_off, r, r_ok, m_i, l_i, acc, span_ptr, item_ptr, pid * per_prog,
+                tl.minimum(pid * per_prog + per_prog, n_items), n.to(tl.int64), tl.num_programs(1), group * SQ,
+                cs_ptr, c_max, qk_scale, D, BLOCK_N, KV_T, DOT_BF16, EMULATE, OUT_ROT, H_NORM, K, V, KEY_SCORES,
+                BLOCK_M)
     else:
         if HAS_DENSE:
             q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)
