@@ -253,7 +253,7 @@ def test_keys_scored_through_their_centroids(name, window, monkeypatch):
     from qkv.kernels.triton import decode as dec
     from qkv.kernels.triton.tiles import INTERPRETER
 
-    launches = []
+    launches: list = []
     scores_kernel = dec.centroid_scores_kernel
     monkeypatch.setattr(dec, "centroid_scores_kernel", _Counted(scores_kernel, launches))
     pol = qkv.build_policy(name, clusters=8, block=64 if name == "qvg" else 16, window=window)
@@ -262,7 +262,7 @@ def test_keys_scored_through_their_centroids(name, window, monkeypatch):
         k, v = randn(130 + i, 1, 2, 90 + 40 * i, 64, scale=2.0), randn(135 + i, 1, 2, 90 + 40 * i, 64)
         segments.append(CompressedSpan(pol.compress(k, v), 11 * i))
     segments.append(DenseKV(randn(140, 1, 2, 20, 64), randn(141, 1, 2, 20, 64)))
-    tile = dataclasses.replace(INTERPRETER["decode"], key_scores=True)
+    tile = dataclasses.replace(INTERPRETER["decode"], block_n=32, piece=64, key_scores=True)  # GPU: >= 32 keys
     for sq in (1, 3):
         q = randn(142 + sq, 1, 4, sq, 64)
         out = dec.decode_triton(q, [SpanPlan(segments[:2]), segments[2]], tile=tile)
@@ -279,3 +279,14 @@ class _Counted:
     def __getitem__(self, grid):
         self.launches.append(grid)
         return self.kernel[grid]
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="the limit is a GPU's")
+def test_a_gpu_refuses_key_tiles_below_32_keys():
+    from qkv.errors import ConfigError
+    from qkv.kernels.triton.decode import decode_triton
+    from qkv.kernels.triton.tiles import INTERPRETER
+
+    segments = history("rtn", seed=3)
+    with pytest.raises(ConfigError, match="block_n=16"):
+        decode_triton(randn(4, 1, 4, 1, 64), segments, tile=INTERPRETER["decode"])

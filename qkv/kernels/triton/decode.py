@@ -23,6 +23,7 @@ import dataclasses
 import torch
 from triton.runtime.errors import OutOfResources
 
+from qkv.errors import ConfigError
 from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, default_scale
 from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_of
 from qkv.kernels.triton import decode_kernel as jit
@@ -44,6 +45,10 @@ PARTIAL_SHARE = 0.05
 # once, rather than by every program (docs/attention.md: one query of Llama-3-8B heads, 4 rows,
 # gained; sixteen, 64 rows, lost)
 MERGE_ROTATION_ROWS = 16
+# the smallest key tile the decode kernel takes on a GPU: on an H100, 16-key tiles gave wrong outputs
+# for every layout of per-token codes (qvg, rtn, quarot, int4; 1, 2 and 4 warps; errors 1.4-3.2
+# where 32-key tiles are within 0.011), kivi's and float-cast spans' were right; cause not found
+GPU_MIN_BLOCK_N = 32
 # partials per load of the merge: 16, or 64 beyond 16 partials (two compiled variants, not one per
 # power of two the partial count passes as the history grows)
 MERGE_PARTS = (16, 64)
@@ -212,6 +217,9 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         emulate = device.type != "cuda"
         rows = h // h_kv * sq  # query rows per KV head
         chosen = tile or tile_for("decode", device, rows, plan.keys if plan is not None else "codes")
+        if not emulate and chosen.block_n < GPU_MIN_BLOCK_N:
+            raise ConfigError(f"decode tile: block_n={chosen.block_n} on a GPU, at least {GPU_MIN_BLOCK_N} "
+                              f"(smaller key tiles decode wrong values there)")
         table = plan_table(plan, device, chosen.piece) if plan is not None else None
         block_m = min(max(16, _pow2(rows)), chosen.max_rows)
         row_blocks = _cdiv(rows, block_m)
