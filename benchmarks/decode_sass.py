@@ -152,7 +152,8 @@ def main() -> None:
             ops = collections.Counter(min(bodies, key=len))  # the innermost loop
             total = sum(ops.values())
             rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "rows": args.rows,
-                         "block_n": args.block_n, "warps": args.warps, "maxnreg": args.maxnreg, "registers": regs,
+                         "block_n": args.block_n, "warps": args.warps, "maxnreg": args.maxnreg, "key_scores": args.key_scores,
+                         "registers": regs,
                          "stack_bytes": stack, "loop_instructions": total,
                          "loop_spill_loads": sum(n for op, n in ops.items() if op.startswith("LDL")),
                          "loop_spill_stores": sum(n for op, n in ops.items() if op.startswith("STL")),
