@@ -120,24 +120,20 @@ def planned(segments: list) -> list:
 
 # the decode sweep's choices per DecodeTile field (--quick narrows them, --grid replaces any)
 DECODE_CHOICES = {"block_n": (32, 64, 128), "warps": (4, 8), "stages": ((1,), (2, 1)), "piece": (256, 512),
-                  "waves": (2, 4, 8), "maxnreg": (None,), "key_scores": (False,)}
+                  "waves": (2, 4, 8), "maxnreg": (None,), "key_scores": (None,)}
 DECODE_QUICK = {"block_n": (64, 128), "stages": ((2, 1),), "piece": (256,), "waves": (4, 8)}
 
 
 def grid_choices(items: list[str]) -> dict[str, tuple]:
     """``--grid FIELD=V1,V2`` items as DecodeTile choices: integers, pipelining depths written
-    ``2:1``, ``none`` for a register cap left to the compiler, and 0 or 1 for ``key_scores``."""
+    ``2:1``, and ``none`` for a register cap left to the compiler or no key scores."""
     def value(field: str, text: str):
-        if field == "maxnreg" and text == "none":
+        if field in ("maxnreg", "key_scores") and text == "none":
             return None
-        if field == "key_scores":
-            if text not in ("0", "1"):
-                raise SystemExit(f"--grid key_scores takes 0 or 1, not {text!r}")
-            return text == "1"
         try:
             return tuple(int(x) for x in text.split(":")) if field == "stages" else int(text)
         except ValueError:
-            raise SystemExit(f"--grid {field} takes whole numbers{' (or none)' * (field == 'maxnreg')}, "
+            raise SystemExit(f"--grid {field} takes whole numbers{' (or none)' * (field in ('maxnreg', 'key_scores'))}, "
                              f"not {text!r}") from None
 
     out = {}

@@ -29,7 +29,7 @@ def test_a_register_cap_is_a_grid_field():
     assert {t.maxnreg for t in grid} == {None, 128} and len(grid) == 2 * 72 // 3
 
 
-@pytest.mark.parametrize("item", ["heads=2", "warps=", "waves=many", "stages=2:x", "maxnreg=all", "key_scores=yes"])
+@pytest.mark.parametrize("item", ["heads=2", "warps=", "waves=many", "stages=2:x", "maxnreg=all", "key_scores=yes", "key_scores=true"])
 def test_a_bad_grid_item_stops_with_a_message(item):
     with pytest.raises(SystemExit, match="--grid"):
         tune_tiles.grid_choices([item])
@@ -57,8 +57,8 @@ def test_rescore_picks_a_winner_for_a_class_of_keys_without_a_gpu(monkeypatch, t
         assert json.loads(out.read_text())["environment"]["gpu"] == "Some GPU"
     rows = json.loads(table.read_text())["Some GPU"]["decode"]
     # a sweep from before an option existed: its tiles had the option's default
-    assert rows == [{"up_to": 16, "keys": "centroids", **fast_smoothed, "key_scores": False},
-                    {"up_to": 16, "keys": "codes", **fast_plain, "key_scores": False}, many]
+    assert rows == [{"up_to": 16, "keys": "centroids", **fast_smoothed, "key_scores": None},
+                    {"up_to": 16, "keys": "codes", **fast_plain, "key_scores": None}, many]
     monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--policies", "kivi", "--out", str(out)])
     with pytest.raises(SystemExit, match="no case"):
         tune_tiles.main()

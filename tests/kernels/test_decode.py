@@ -262,12 +262,16 @@ def test_keys_scored_through_their_centroids(name, window, monkeypatch):
         k, v = randn(130 + i, 1, 2, 90 + 40 * i, 64, scale=2.0), randn(135 + i, 1, 2, 90 + 40 * i, 64)
         segments.append(CompressedSpan(pol.compress(k, v), 11 * i))
     segments.append(DenseKV(randn(140, 1, 2, 20, 64), randn(141, 1, 2, 20, 64)))
-    tile = dataclasses.replace(INTERPRETER["decode"], block_n=32, piece=64, key_scores=True)  # GPU: >= 32 keys
+    tile = dataclasses.replace(INTERPRETER["decode"], block_n=32, piece=64, key_scores=0)  # GPU: >= 32 keys
     for sq in (1, 3):
         q = randn(142 + sq, 1, 4, sq, 64)
         out = dec.decode_triton(q, [SpanPlan(segments[:2]), segments[2]], tile=tile)
         assert_within_twice_the_torch_error(out, q, segments)
     assert len(launches) == 2
+    # from more keys than the call reads (2 spans, 11 evicted: 209 live keys): no table
+    for least, made in ((209, 3), (210, 3)):
+        dec.decode_triton(q, [SpanPlan(segments[:2]), segments[2]], tile=dataclasses.replace(tile, key_scores=least))
+        assert len(launches) == made
 
 
 class _Counted:

@@ -63,13 +63,14 @@ def merge_rotates(values_rotated: bool, rows: int) -> bool:
 _C_STRIDE = offsets(TENSOR_FIELDS)["c_stride0"]  # a key record's stage strides (clusters x D) start here
 
 
-def key_scores(tile: DecodeTile, layout, q_dtype: torch.dtype, rows: int) -> bool:
+def key_scores(tile: DecodeTile, layout, q_dtype: torch.dtype, rows: int, keys: int) -> bool:
     """Whether keys of ``layout`` are scored through their centroids' table (``KEY_SCORES``: q . c
     once per centroid and call, gathered per key, instead of a centroid row added to every decoded
-    key): where the tile asks for it, the keys add bf16 centroids back, the queries are bf16 and
-    one program holds every query row of a KV head."""
-    return (tile.key_scores and layout.STAGES > 0 and not layout.ROT and layout.CENT_T == TL_DTYPES[torch.bfloat16]
-            and q_dtype == torch.bfloat16 and rows <= tile.max_rows)
+    key): the keys add bf16 centroids back, the queries are bf16, one program holds every query
+    row of a KV head, and the call reads at least the tile's ``key_scores`` keys (the spans' live
+    keys times the batch: the table's launch is a fixed cost)."""
+    return (tile.key_scores is not None and keys >= tile.key_scores and layout.STAGES > 0 and not layout.ROT
+            and layout.CENT_T == TL_DTYPES[torch.bfloat16] and q_dtype == torch.bfloat16 and rows <= tile.max_rows)
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -235,7 +236,7 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         launches, score_values = [], 0
         for g in (table.groups if table is not None else ()) or (None,):
             k_layout, v_layout = g.layouts if g is not None else NO_SPANS
-            scored = g is not None and key_scores(chosen, k_layout, q.dtype, rows)
+            scored = g is not None and key_scores(chosen, k_layout, q.dtype, rows, b * table.keys)
             kw = dict(common, HAS_SPANS=g is not None, OUT_ROT=out_rot, K=k_layout, V=v_layout, KEY_SCORES=scored)
             scores = None
             if scored:

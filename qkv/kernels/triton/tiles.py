@@ -40,9 +40,10 @@ class DecodeTile:
     try in order (a layout whose shared memory does not fit takes the next), ``waves``:
     programs per multiprocessor to aim for (the keys are split until the GPU holds that many),
     and ``maxnreg``: the most registers a thread may take (None: the compiler's choice; fewer let
-    more programs share a multiprocessor, at the price of spills); ``key_scores``: keys that add
-    centroids back are scored as q . r + q . c[pi], the table of q . c made once per call by a
-    launch of its own, instead of adding a centroid row to every decoded key (see
+    more programs share a multiprocessor, at the price of spills); ``key_scores``: from this many
+    keys read (the spans' live keys times the batch; None: never), keys that add centroids back
+    are scored as q . r + q . c[pi], the table of q . c made once per call by a launch of its own,
+    instead of adding a centroid row to every decoded key (see
     :func:`qkv.kernels.triton.decode.key_scores`)."""
 
     block_n: int = 64
@@ -52,7 +53,7 @@ class DecodeTile:
     stages: tuple[int, ...] = (2, 1)
     waves: int = 4
     maxnreg: int | None = None
-    key_scores: bool = False
+    key_scores: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stages", tuple(self.stages))
