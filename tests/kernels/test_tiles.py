@@ -105,7 +105,7 @@ def test_a_plan_knows_the_class_of_its_keys(names, expected):
 
 
 @pytest.mark.parametrize("tile", [
-    tiles.DecodeTile(block_n=16, piece=16, max_rows=16, warps=2, stages=(1,), waves=1),
+    tiles.DecodeTile(block_n=32, piece=32, max_rows=16, warps=2, stages=(1,), waves=1),  # a GPU's smallest keys
     tiles.DecodeTile(block_n=32, piece=64, max_rows=16, warps=4, stages=(1,), waves=8),
 ])
 def test_explicit_tile_is_run(tile):
