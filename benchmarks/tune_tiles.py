@@ -341,6 +341,15 @@ def rescore(args) -> tuple[list, dict[tuple, list[float]], dict]:
     return candidates, times, earlier["environment"]
 
 
+def reads_in(case: tuple, up_to: int | None, above: int | None) -> bool:
+    """Whether a decode case ([batch, history, queries, policy]) reads at most ``up_to`` and more
+    than ``above`` span keys over its batch (None: no bound); other kernels' cases always."""
+    if up_to is None and above is None:
+        return True
+    reads = case[0] * case[1]
+    return (up_to is None or reads <= up_to) and (above is None or reads > above)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kernel", choices=tuple(KERNELS), default="decode")
@@ -353,6 +362,11 @@ def main() -> None:
     parser.add_argument("--keys", choices=KEY_CLASSES, default=None,
                         help="decode: write the winner for this class of keys (qkv.kernels.attention.key_class); "
                              "omitted: for every class")
+    parser.add_argument("--reads-up-to", type=int, default=None,
+                        help="decode: pick over the cases that read at most this many span keys (batch x history) "
+                             "and write the winner for such calls")
+    parser.add_argument("--reads-above", type=int, default=None,
+                        help="decode: pick over the cases that read more than this many span keys")
     parser.add_argument("--cases", type=int, nargs="+", default=None, help="indices into CASES (decode; default all)")
     parser.add_argument("--quick", action="store_true", help="a small grid (a smoke run)")
     parser.add_argument("--policies", nargs="+", default=None)
@@ -367,7 +381,12 @@ def main() -> None:
         raise SystemExit("--grid is for the decode sweep")
     if args.keys and args.kernel != "decode":
         raise SystemExit("--keys is for the decode table")
+    if (args.reads_up_to is not None or args.reads_above is not None) and args.kernel != "decode":
+        raise SystemExit("--reads-up-to and --reads-above are for the decode table")
     candidates, times, env = rescore(args) if args.rescore else measure(args)
+    times = {case: t for case, t in times.items() if reads_in(case, args.reads_up_to, args.reads_above)}
+    if not times:
+        raise SystemExit(f"no case reads at most {args.reads_up_to} and more than {args.reads_above} span keys")
     default = tiles.DEFAULTS[args.kernel]
     at_default = candidates.index(default) if default in candidates else None
     ratios = [sum(t[i] / min(t) for t in times.values()) / len(times) for i in range(len(candidates))]
@@ -391,13 +410,16 @@ def main() -> None:
         path = pathlib.Path(args.write)
         table = json.loads(path.read_text()) if path.exists() else {}
         gpu = table.setdefault(env["gpu"], {})
-        keys = {"up_to": args.up_to, **({"keys": args.keys} if args.keys else {})}
-        entries = [e for e in gpu.get(args.kernel, [])
-                   if (e["up_to"], e.get("keys")) != (keys["up_to"], keys.get("keys"))]
-        entries.append({**keys, **result["winner"]})
+        bounds = {"up_to": args.up_to, **({"keys": args.keys} if args.keys else {}),
+                  **({"reads_up_to": args.reads_up_to} if args.reads_up_to is not None else {})}
+        entries = [e for e in gpu.get(args.kernel, []) if [e.get(f) for f in tiles.TABLE_BOUNDS]
+                   != [bounds.get(f) for f in tiles.TABLE_BOUNDS]]
+        entries.append({**bounds, **result["winner"]})
         gpu[args.kernel] = sorted(entries, key=lambda e: (math.inf if e["up_to"] is None else e["up_to"],
-                                                          e.get("keys") is None))
+                                                          e.get("keys") is None,
+                                                          math.inf if e.get("reads_up_to") is None else e["reads_up_to"]))
         path.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
+
 
 if __name__ == "__main__":
     main()

@@ -83,3 +83,28 @@ def test_rescore_picks_a_row_by_clusters_from_the_cases_of_some_shapes(monkeypat
                                       "--shapes", "pass_64", "--out", str(out)])
     with pytest.raises(SystemExit, match="no case"):
         tune_tiles.main()
+
+
+def test_rescore_picks_rows_by_the_keys_a_call_reads(monkeypatch, tmp_path):
+    """``--reads-up-to N`` picks over the cases that read at most N span keys (batch x history)
+    and bounds the row it writes by N; ``--reads-above N`` picks over the others for the row
+    without that bound; a bound no case meets stops with a message."""
+    small = {"block_n": 64, "piece": 512, "max_rows": 64, "warps": 2, "stages": [1], "waves": 16, "maxnreg": None,
+             "key_scores": None}
+    large = {**small, "block_n": 128, "warps": 4, "maxnreg": 128, "key_scores": 0}
+    earlier = {"environment": {"gpu": "Some GPU"}, "kernel": "decode", "tiles": [small, large],
+               "cases": [{"case": [1, 32768, 1, "qvg"], "ms": [0.05, 0.06]},
+                         {"case": [1, 131072, 1, "qvg"], "ms": [0.21, 0.19]},
+                         {"case": [8, 32768, 1, "qvg"], "ms": [0.40, 0.35]}]}
+    sweep, table, out = tmp_path / "sweep.json", tmp_path / "tiles.json", tmp_path / "out.json"
+    sweep.write_text(json.dumps(earlier))
+    for reads in (["--reads-up-to", "65536"], ["--reads-above", "65536"]):
+        monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--up-to", "16", "--keys",
+                                          "centroids", *reads, "--write", str(table), "--out", str(out)])
+        tune_tiles.main()
+    assert json.loads(table.read_text())["Some GPU"]["decode"] == [
+        {"up_to": 16, "keys": "centroids", "reads_up_to": 65536, **small}, {"up_to": 16, "keys": "centroids", **large}]
+    monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--rescore", str(sweep), "--reads-up-to", "1000",
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit, match="no case reads"):
+        tune_tiles.main()

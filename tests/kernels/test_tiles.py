@@ -34,7 +34,7 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
                                               "assign": [assign]}}))
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
-    monkeypatch.setattr(tiles, "_gpu_tile", tiles._gpu_tile.__wrapped__)
+    monkeypatch.setattr(tiles, "_gpu_tiles", tiles._gpu_tiles.__wrapped__)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
     cuda = torch.device("cuda", 0)
     assert tiles.tile_for("decode", cuda, 4) == tiles.DecodeTile(128, 512, 64, 8, (3, 2, 1), 8)
@@ -55,7 +55,7 @@ def test_the_shipped_table_names_known_fields():
             assert entries[-1]["up_to"] is None, gpu  # a tile for any call
             for entry in entries:
                 assert type(tiles.DEFAULTS[kernel])(**{k: v for k, v in entry.items()
-                                                       if k not in ("up_to", "keys")}), gpu
+                                                       if k not in tiles.TABLE_BOUNDS}), gpu
                 assert entry.get("keys") in (None, *KEY_CLASSES) and (kernel == "decode" or "keys" not in entry)
 
 
@@ -70,7 +70,7 @@ def test_decode_tiles_per_class_of_keys(monkeypatch, tmp_path):
     many = {"up_to": None, "block_n": 64, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 8}
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
-    monkeypatch.setattr(tiles, "_gpu_tile", tiles._gpu_tile.__wrapped__)
+    monkeypatch.setattr(tiles, "_gpu_tiles", tiles._gpu_tiles.__wrapped__)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
     cuda = torch.device("cuda", 0)
     table.write_text(json.dumps({"Some GPU": {"decode": [smoothed, plain, many]}}))
@@ -161,3 +161,28 @@ def test_explicit_assign_sums_tile_sums_the_same_clusters(tile):
     assert torch.equal(idx, ref_idx) and torch.allclose(dist, ref_dist, rtol=1e-6, atol=0)
     assert torch.equal(sums.counts.sum(1), ref_sums.counts.sum(1))
     assert torch.allclose(sums.sums.sum(1), ref_sums.sums.sum(1), rtol=1e-5, atol=1e-4)
+
+
+def test_decode_tiles_by_the_keys_a_call_reads(monkeypatch, tmp_path):
+    """A decode tile with ``reads_up_to`` is for calls that read at most that many span keys over
+    their batch; more take the next tile that holds the rows (bounded by reads or not)."""
+    table = tmp_path / "tiles.json"
+    short = {"up_to": 16, "keys": "centroids", "reads_up_to": 65536, "block_n": 64, "piece": 512, "max_rows": 64,
+             "warps": 2, "stages": [1], "waves": 16}
+    longer = {**short, "reads_up_to": None, "block_n": 128, "warps": 4, "maxnreg": 128, "key_scores": 0}
+    many = {"up_to": None, "block_n": 64, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 8}
+    table.write_text(json.dumps({"Some GPU": {"decode": [short, {k: v for k, v in longer.items() if v is not None},
+                                                         many]}}))
+    monkeypatch.setattr(tiles, "TABLE", table)
+    monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
+    monkeypatch.setattr(tiles, "_gpu_tiles", tiles._gpu_tiles.__wrapped__)
+    monkeypatch.setattr(tiles, "_device_name", lambda index: "Some GPU")
+    cuda = torch.device("cuda", 0)
+    assert tiles.tile_for("decode", cuda, 4, "centroids", 32768) == tiles.DecodeTile(64, 512, 64, 2, (1,), 16)
+    assert tiles.tile_for("decode", cuda, 4, "centroids", 65536) == tiles.DecodeTile(64, 512, 64, 2, (1,), 16)
+    assert tiles.tile_for("decode", cuda, 4, "centroids", 65537) == tiles.DecodeTile(
+        128, 512, 64, 4, (1,), 16, maxnreg=128, key_scores=0)
+    assert tiles.tile_for("decode", cuda, 4, "codes", 32768) == tiles.DecodeTile(64, 256, 64, 4, (1,), 8)
+    assert tiles.tile_for("decode", cuda, 64, "centroids", 32768) == tiles.DecodeTile(64, 256, 64, 4, (1,), 8)
+    table.write_text(json.dumps({"Some GPU": {"decode": [short, many]}}))  # no tile for more reads at 4 rows
+    assert tiles.tile_for("decode", cuda, 4, "centroids", 10**6) == tiles.DecodeTile(64, 256, 64, 4, (1,), 8)

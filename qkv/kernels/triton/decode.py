@@ -217,7 +217,8 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         device = q.device
         emulate = device.type != "cuda"
         rows = h // h_kv * sq  # query rows per KV head
-        chosen = tile or tile_for("decode", device, rows, plan.keys if plan is not None else "codes")
+        chosen = tile or (tile_for("decode", device, rows, plan.keys, b * plan.tokens) if plan is not None
+                          else tile_for("decode", device, rows, "codes"))
         if not emulate and chosen.block_n < GPU_MIN_BLOCK_N:
             raise ConfigError(f"decode tile: block_n={chosen.block_n} on a GPU, at least {GPU_MIN_BLOCK_N} "
                               f"(smaller key tiles decode wrong values there)")

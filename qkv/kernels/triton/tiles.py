@@ -9,6 +9,9 @@ An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for 
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
 kernel: queries per head; the dequantize, decompression and k-means kernels have one tile for
 any call), the last for any; the best tile for one query per head is not the best for sixteen.
+A decode tile may also hold only for calls that read at most ``reads_up_to`` span keys (the
+spans' live keys times the batch): on an H100 one query over 33k keys at batch 1 wanted other
+tiles than 132k keys or a batch of 8 (``benchmarks/results/tune_tiles_key_scores_block_n_h100.json``).
 A decode tile may also name the class of keys it is for (``"keys"``, see
 :func:`qkv.kernels.attention.key_class`): ``"centroids"`` for spans whose keys add centroids back
 (qvg and the other smoothed presets), ``"codes"`` for other codes (rtn, kivi, quarot), ``"cast"``
@@ -31,6 +34,8 @@ import torch
 from qkv.kernels.attention import KEY_CLASSES
 
 TABLE = pathlib.Path(__file__).with_name("tiles.json")
+# the fields of a table row that say which calls it is for (the rest is the tile)
+TABLE_BOUNDS = ("up_to", "keys", "reads_up_to")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,28 +189,36 @@ def multiprocessors(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def tile_for(kernel: str, device: torch.device, rows: int, keys: str | None = None):
+def tile_for(kernel: str, device: torch.device, rows: int, keys: str | None = None, reads: int = 0):
     """The tile of ``kernel`` (a key of :data:`DEFAULTS`) on ``device`` for ``rows`` work rows
-    (and, for the decode kernel, the class of keys, one of :data:`KEY_CLASSES`): the first tile of
-    the table's entry for the GPU's name whose ``up_to`` holds them, among the tiles for that
-    class of keys (the last such tile otherwise), else the default; the interpreter's tile off a
+    (and, for the decode kernel, the class of keys, one of :data:`KEY_CLASSES`, and the span keys
+    the call reads over its batch, ``reads``): among the tiles of the table's entry for the GPU's
+    name for that class of keys, those whose ``up_to`` holds the rows, then those for any row
+    count (the last tile if none), the first whose ``reads_up_to`` holds the reads (the last of
+    them if none does); the default where the table names no tile; the interpreter's tile off a
     GPU."""
     if keys is not None and keys not in KEY_CLASSES:
         raise ValueError(f"tile_for: keys must be one of {', '.join(KEY_CLASSES)}, got {keys!r}")
     if device.type != "cuda":
         return INTERPRETER[kernel]
-    return _gpu_tile(kernel, _device_name(device.index or 0), rows, keys)
+    candidates = _gpu_tiles(kernel, _device_name(device.index or 0), rows, keys)
+    return next((t for bound, t in candidates if bound is None or reads <= bound), candidates[-1][1])
 
 
 @functools.cache
-def _gpu_tile(kernel: str, gpu: str, rows: int, keys: str | None):
-    """:func:`tile_for` on the GPU named ``gpu`` (worked out once per call shape, not per call)."""
+def _gpu_tiles(kernel: str, gpu: str, rows: int, keys: str | None) -> tuple[tuple[int | None, object], ...]:
+    """The tiles :func:`tile_for` chooses from on the GPU named ``gpu`` for ``rows`` work rows of
+    keys of class ``keys``, each with its ``reads_up_to``, in order (worked out once per call
+    shape, not per call)."""
     default = DEFAULTS[kernel]
     entries = _table().get(gpu, {}).get(kernel, [])
     if keys == "cast" and not any(e.get("keys") == "cast" for e in entries):
         keys = "codes"
     entry = [e for e in entries if e.get("keys") in (None, keys)]
     if not entry:
-        return default
-    chosen = next((e for e in entry if e.get("up_to") is not None and rows <= e["up_to"]), entry[-1])
-    return type(default)(**{k: v for k, v in chosen.items() if k not in ("up_to", "keys")})
+        return ((None, default),)
+    chosen = ([e for e in entry if e.get("up_to") is not None and rows <= e["up_to"]]
+              + [e for e in entry if e.get("up_to") is None]) or entry[-1:]
+    return tuple((e.get("reads_up_to"), type(default)(**{k: v for k, v in e.items() if k not in TABLE_BOUNDS}))
+                 for e in chosen)
+
