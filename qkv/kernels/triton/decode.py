@@ -217,8 +217,8 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         device = q.device
         emulate = device.type != "cuda"
         rows = h // h_kv * sq  # query rows per KV head
-        chosen = tile or (tile_for("decode", device, rows, plan.keys, b * plan.tokens) if plan is not None
-                          else tile_for("decode", device, rows, "codes"))
+        reads = b * plan.tokens if plan is not None else 0  # span keys over the batch
+        chosen = tile or tile_for("decode", device, rows, plan.keys if plan is not None else "codes", reads)
         if not emulate and chosen.block_n < GPU_MIN_BLOCK_N:
             raise ConfigError(f"decode tile: block_n={chosen.block_n} on a GPU, at least {GPU_MIN_BLOCK_N} "
                               f"(smaller key tiles decode wrong values there)")
@@ -237,7 +237,7 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
         launches, score_values = [], 0
         for g in (table.groups if table is not None else ()) or (None,):
             k_layout, v_layout = g.layouts if g is not None else NO_SPANS
-            scored = g is not None and key_scores(chosen, k_layout, q.dtype, rows, b * table.keys)
+            scored = g is not None and key_scores(chosen, k_layout, q.dtype, rows, reads)
             kw = dict(common, HAS_SPANS=g is not None, OUT_ROT=out_rot, K=k_layout, V=v_layout, KEY_SCORES=scored)
             scores = None
             if scored:
