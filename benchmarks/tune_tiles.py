@@ -34,6 +34,20 @@ earlier sweep's timings of ``--policies`` without a GPU. The H200's one-query ro
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --rescore benchmarks/results/tune_tiles_maxnreg_h200.json \
         --policies rtn kivi --up-to 16 --keys codes --write --out benchmarks/results/tune_tiles_maxnreg_plain_h200.json
 
+A row may also be for calls that read at most N span keys over their batch (``--reads-up-to N``,
+the winner picked over such cases; ``--reads-above N`` picks the row for the others). The H100's
+one-query qvg rows came so:
+
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --cases 0 2 3 --policies qvg --grid warps=2,4 block_n=64,128 \
+        waves=16 piece=512 stages=1 maxnreg=none,128 key_scores=none,0 \
+        --out benchmarks/results/tune_tiles_key_scores_block_n_h100.json
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --rescore benchmarks/results/tune_tiles_key_scores_block_n_h100.json \
+        --policies qvg --up-to 16 --keys centroids --reads-up-to 65536 --write \
+        --out benchmarks/results/tune_tiles_key_scores_centroids_short_h100.json
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --rescore benchmarks/results/tune_tiles_key_scores_block_n_h100.json \
+        --policies qvg --up-to 16 --keys centroids --reads-above 65536 --write \
+        --out benchmarks/results/tune_tiles_key_scores_centroids_long_h100.json
+
 ``--kernel dequantize`` sweeps :class:`qkv.kernels.triton.tiles.DequantizeTile` (values per
 program on the per-token fast path and on the others, warps) over the keys of ``SPANS``
 (LongCat-Video's condition span, a Self-Forcing history; bf16) compressed by qvg, qvg-pro and rtn
