@@ -244,12 +244,13 @@ def test_queries_laid_out_by_token_and_rotated_keys(name):
     assert_within_twice_the_torch_error(decode(q, segments), q, segments)
 
 
-@pytest.mark.parametrize("name, window", [("qvg", 0), ("qvg", 16), ("qvg-pro", 0)])
-def test_keys_scored_through_their_centroids(name, window, monkeypatch):
+@pytest.mark.parametrize("name, window, b", [("qvg", 0, 1), ("qvg", 16, 1), ("qvg-pro", 0, 1), ("qvg", 0, 2)])
+def test_keys_scored_through_their_centroids(name, window, b, monkeypatch):
     """``DecodeTile.key_scores``: the keys' centroids scored once per call (q . c, a launch per
     span group) and gathered per key, over two spans (one with evicted tokens; with ``window``,
     full-precision tokens after the quantized ones) and a full-precision segment, 4 query heads on
-    2 KV heads, 1 and 3 queries. A table read at the wrong stage, span or row fails the bound."""
+    2 KV heads, a batch of ``b``, 1 and 3 queries. A table read at the wrong stage, span, row or
+    (batch, KV head) fails the bound."""
     from qkv.kernels.triton import decode as dec
     from qkv.kernels.triton.tiles import INTERPRETER
 
@@ -259,17 +260,17 @@ def test_keys_scored_through_their_centroids(name, window, monkeypatch):
     pol = qkv.build_policy(name, clusters=8, block=64 if name == "qvg" else 16, window=window)
     segments = []
     for i in range(2):
-        k, v = randn(130 + i, 1, 2, 90 + 40 * i, 64, scale=2.0), randn(135 + i, 1, 2, 90 + 40 * i, 64)
+        k, v = randn(130 + i, b, 2, 90 + 40 * i, 64, scale=2.0), randn(135 + i, b, 2, 90 + 40 * i, 64)
         segments.append(CompressedSpan(pol.compress(k, v), 11 * i))
-    segments.append(DenseKV(randn(140, 1, 2, 20, 64), randn(141, 1, 2, 20, 64)))
+    segments.append(DenseKV(randn(140, b, 2, 20, 64), randn(141, b, 2, 20, 64)))
     tile = dataclasses.replace(INTERPRETER["decode"], block_n=32, piece=64, key_scores=0)  # GPU: >= 32 keys
     for sq in (1, 3):
-        q = randn(142 + sq, 1, 4, sq, 64)
+        q = randn(142 + sq, b, 4, sq, 64)
         out = dec.decode_triton(q, [SpanPlan(segments[:2]), segments[2]], tile=tile)
         assert_within_twice_the_torch_error(out, q, segments)
     assert len(launches) == 2
-    # from more keys than the call reads (2 spans, 11 evicted: 209 live keys): no table
-    for least, made in ((209, 3), (210, 3)):
+    # from more keys than the call reads (2 spans, 11 evicted: 209 live keys a batch row): no table
+    for least, made in ((209 * b, 3), (209 * b + 1, 3)):
         dec.decode_triton(q, [SpanPlan(segments[:2]), segments[2]], tile=dataclasses.replace(tile, key_scores=least))
         assert len(launches) == made
 
