@@ -138,16 +138,20 @@ DECODE_CHOICES = {"block_n": (32, 64, 128), "warps": (4, 8), "stages": ((1,), (2
 DECODE_QUICK = {"block_n": (64, 128), "stages": ((2, 1),), "piece": (256,), "waves": (4, 8)}
 
 
+# DecodeTile fields that take None (written ``none``): no register cap, no key scores
+NONE_FIELDS = ("maxnreg", "key_scores")
+
+
 def grid_choices(items: list[str]) -> dict[str, tuple]:
     """``--grid FIELD=V1,V2`` items as DecodeTile choices: integers, pipelining depths written
-    ``2:1``, and ``none`` for a register cap left to the compiler or no key scores."""
+    ``2:1``, and ``none`` for a NONE_FIELDS field."""
     def value(field: str, text: str):
-        if field in ("maxnreg", "key_scores") and text == "none":
+        if field in NONE_FIELDS and text == "none":
             return None
         try:
             return tuple(int(x) for x in text.split(":")) if field == "stages" else int(text)
         except ValueError:
-            raise SystemExit(f"--grid {field} takes whole numbers{' (or none)' * (field in ('maxnreg', 'key_scores'))}, "
+            raise SystemExit(f"--grid {field} takes whole numbers{' (or none)' * (field in NONE_FIELDS)}, "
                              f"not {text!r}") from None
 
     out = {}

@@ -58,6 +58,17 @@ def _dense_piece(q, m_i, l_i, acc, k_ptr, v_ptr, k_ss, v_ss, lo, hi, qk_scale,
 
 
 @triton.jit
+def _query_rows(n, r, H, HKV, SQ, q_sb, q_sh, q_ss, D: tl.constexpr):
+    """(query head, query, offset in q [B, H, SQ, D] with strides q_s*) of the rows ``r`` of
+    (batch, KV head) ``n``: a row is (query head in the KV head's group, query)."""
+    group = H // HKV
+    head = n % HKV * group + r // SQ
+    s_row = r % SQ
+    q_off = (n // HKV).to(tl.int64) * q_sb + head[:, None] * q_sh + s_row[:, None] * q_ss + tl.arange(0, D)[None, :]
+    return head, s_row, q_off
+
+
+@triton.jit
 def centroid_scores_kernel(q_ptr, cs_ptr, span_ptr, H, HKV, SQ, c_max, q_sb, q_sh, q_ss,
                            D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, STAGES: tl.constexpr,
                            CENT_T: tl.constexpr, EMULATE: tl.constexpr):
@@ -68,15 +79,12 @@ def centroid_scores_kernel(q_ptr, cs_ptr, span_ptr, H, HKV, SQ, c_max, q_sb, q_s
     span = tl.program_id(0)
     n = tl.program_id(1)
     nb = tl.num_programs(1)
-    b = n // HKV
-    group = H // HKV
-    rows = group * SQ
+    rows = H // HKV * SQ
     r = tl.arange(0, BLOCK_M)
     r_ok = r < rows
-    head = n % HKV * group + r // SQ
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + b.to(tl.int64) * q_sb + head[:, None] * q_sh + (r % SQ)[:, None] * q_ss + d[None, :],
-                mask=r_ok[:, None], other=0.0)
+    _, _, q_off = _query_rows(n, r, H, HKV, SQ, q_sb, q_sh, q_ss, D)
+    q = tl.load(q_ptr + q_off, mask=r_ok[:, None], other=0.0)
     if EMULATE:
         q = q.to(tl.float32)
     rec = span_ptr + span * S_LEN + S_K
@@ -179,10 +187,8 @@ def decode_kernel(
     group = H // HKV
     r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)  # rows: (query head in the group, query)
     r_ok = r < group * SQ
-    head = hkv * group + r // SQ
-    s_row = r % SQ
+    head, s_row, q_off = _query_rows(n, r, H, HKV, SQ, q_sb, q_sh, q_ss, D)
     d = tl.arange(0, D)
-    q_off = b.to(tl.int64) * q_sb + head[:, None] * q_sh + s_row[:, None] * q_ss + d[None, :]
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, D), tl.float32)
