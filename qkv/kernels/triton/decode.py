@@ -48,6 +48,7 @@ MERGE_ROTATION_ROWS = 16
 # the smallest key tile the decode kernel takes on a GPU: on an H100, 16-key tiles gave wrong outputs
 # for every layout of per-token codes (qvg, rtn, quarot, int4; 1, 2 and 4 warps; errors 1.4-3.2
 # where 32-key tiles are within 0.011), kivi's and float-cast spans' were right; cause not found
+# (benchmarks/decode_small_tiles.py lifts the limit to check again)
 GPU_MIN_BLOCK_N = 32
 # partials per load of the merge: 16, or 64 beyond 16 partials (two compiled variants, not one per
 # power of two the partial count passes as the history grows)
