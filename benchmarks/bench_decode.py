@@ -23,8 +23,9 @@ a 32k-token prompt and 256 greedy new tokens: tokens/s of the new tokens (prompt
 time of generating 1 token is subtracted; the median of ``ROUNDS`` runs, the caches taking
 turns), peak GPU memory and the K/V bytes, with
 ``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``),
-kivi again with ``encode_graphs=True`` (each group's encode replayed from a CUDA graph), qvg again
-with ``validate=False`` (no value check, and no read-back to the host, per appended token) and
+kivi again with ``encode_graphs=True`` (each group's encode replayed from a CUDA graph), kivi and
+qvg again with ``attend_graphs=True`` (each layer's one-token attention replayed from a CUDA graph
+while only its tail grows; ``--caches`` picks rows), qvg again with ``validate=False`` (no value check, and no read-back to the host, per appended token) and
 transformers' ``DynamicCache``; each timed after a full warm-up run (cuDNN makes a plan
 per key length once). The host's pace drifts between runs, so the same caches are also timed
 step by step, taking turns at every step (:func:`step_rows`: one-token forwards after the prompt,
@@ -164,8 +165,9 @@ def llama(layers: int):
         return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
 
 
-def generate_rows(layers: int, runs: bool = True) -> tuple[list[dict], list[dict]]:
-    """The ``generate`` rows (none unless ``runs``) and :func:`step_rows` of a model of ``layers``."""
+def generate_rows(layers: int, runs: bool = True, only: list[str] | None = None) -> tuple[list[dict], list[dict]]:
+    """The ``generate`` rows (none unless ``runs``) and :func:`step_rows` of a model of ``layers``,
+    for the caches named in ``only`` (default: all)."""
     from transformers import DynamicCache
 
     from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
@@ -181,7 +183,13 @@ def generate_rows(layers: int, runs: bool = True) -> tuple[list[dict], list[dict
         # the same without the value check of the appended tokens (queued every CHECK_BATCH tokens)
         "qvg_unchecked": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
                                                       direct=True, validate=False)),
+        # each layer's one-token attention replayed from a CUDA graph while only its tail grows
+        "kivi_attend_graphs": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True, attend_graphs=True)),
+        "qvg_attend_graphs": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
+                                                          direct=True, attend_graphs=True)),
     }
+    if only:
+        caches = {name: caches[name] for name in only}
 
     def run(name, new):
         """Wall time of ``generate`` (ms) for ``new`` tokens with a fresh cache ``name``, and the cache."""
@@ -233,7 +241,7 @@ def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> 
     from qkv.caches import checks
     from qkv.caches.adapters.transformers_cache import ATTENTION
 
-    variants = {**caches, "qvg_check_every_step": caches["qvg"]}
+    variants = {**caches, **({"qvg_check_every_step": caches["qvg"]} if "qvg" in caches else {})}
     batch = {name: 1 if name == "qvg_check_every_step" else checks.CHECK_BATCH for name in variants}
     made, times = {}, {name: [] for name in variants}
     positions = torch.arange(prompt.shape[1], prompt.shape[1] + steps, device=DEVICE)[None]
@@ -253,7 +261,7 @@ def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> 
                 model(prompt[:, -1:], past_key_values=made[name], use_cache=True, position_ids=positions[:, i : i + 1])
                 torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    checks.CHECK_BATCH = batch["qvg"]
+    checks.CHECK_BATCH = batch[next(iter(caches))]
     rows = []
     for name, ms in times.items():
         q = statistics.quantiles(ms, n=10)
@@ -270,6 +278,7 @@ def main() -> None:
     parser.add_argument("--skip-generate", action="store_true")
     parser.add_argument("--skip-decode", action="store_true", help="only the generate rows")
     parser.add_argument("--steps-only", action="store_true", help="of the generate rows, only the interleaved steps")
+    parser.add_argument("--caches", nargs="+", help="the generate rows' caches (default: all)")
     args = parser.parse_args()
     torch.manual_seed(0)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -283,7 +292,7 @@ def main() -> None:
         result["decode"] = rows(bandwidth, rate)
         write(args.out, result)  # kept if the generate rows fail
     if not args.skip_generate:
-        runs, steps = generate_rows(args.generate_layers, not args.steps_only)
+        runs, steps = generate_rows(args.generate_layers, not args.steps_only, args.caches)
         result["generate"] = {"layers": args.generate_layers, "rows": runs, "steps": steps}
     write(args.out, result)
 

@@ -38,7 +38,10 @@ class CacheConfig:
     reads the history, one of :data:`ATTENTION` (see docs/attention.md). ``encode_graphs``:
     replay span encodes that draw nothing (warm-started, or without k-means) from CUDA graphs
     (:mod:`qkv.caches.encode_graphs`: fewer host launches; k-means then runs all its iterations,
-    and each span shape keeps its encode's working memory)."""
+    and each span shape keeps its encode's working memory). ``attend_graphs``: replay a layer's
+    few-query :meth:`KVCache.attend` from a CUDA graph while only its tail grows
+    (:mod:`qkv.caches.attend_graphs`: token-by-token decoding without the decode path's host
+    work; each layer keeps its graph's partials and output)."""
 
     policy: Policy
     span_chunks: int | None = None
@@ -52,6 +55,7 @@ class CacheConfig:
     backend: str = "auto"
     attention: str = "auto"
     encode_graphs: bool = False
+    attend_graphs: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, Policy):
@@ -71,7 +75,7 @@ class CacheConfig:
         check_int("cache", "recent_chunks", self.recent_chunks, 0)
         if self.max_spans is not None:
             check_int("cache", "max_spans", self.max_spans, 1)
-        for key in ("warm_start", "validate", "encode_graphs"):
+        for key in ("warm_start", "validate", "encode_graphs", "attend_graphs"):
             if not isinstance(getattr(self, key), bool):
                 raise ConfigError(f"cache: {key} must be True or False, got {getattr(self, key)!r}")
         check_choice("cache", "backend", self.backend, tuple(b.value for b in Backend))

@@ -53,6 +53,7 @@ import torch
 import torch.nn.functional as F
 
 from qkv import kernels
+from qkv.caches.attend_graphs import AttendGraph
 from qkv.caches.cache_config import CacheConfig, CacheMemory
 from qkv.caches.checks import Pending, ValueChecks
 from qkv.caches.heads import index_batch
@@ -186,6 +187,7 @@ class LayerCache(LayerState):
         # chunk's tensors' indices in it)
         self._ahead: tuple[tuple, CompressedKV | None, CompressedKV, tuple | None] | None = None
         self.checks = ValueChecks(f"layer {self.index}")  # the appended chunks' (qkv.caches.checks)
+        self.attend_graph = AttendGraph() if self.config.attend_graphs else None
 
     def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace everything the layer holds by the chunk ``k``, ``v`` (:meth:`reset`, then
@@ -640,8 +642,15 @@ class LayerCache(LayerState):
         """
         self._check_attend(q, extra, scale)
         if self.config.attention != "read":
-            segments = self.attention_segments(extra)
-            return kernels.attention(q, segments, scale=scale, backend=self.config.backend, method=self.config.attention)
+            def eager() -> torch.Tensor:
+                segments = self.attention_segments(extra)
+                return kernels.attention(q, segments, scale=scale, backend=self.config.backend,
+                                         method=self.config.attention)
+
+            if extra is None and self.attend_graph is not None and self.layout is not None:
+                self.settle(wait=False)
+                return self.attend_graph.attend(self, q, scale, eager)
+            return eager()
         if self.layout is None:
             k, v = extra
         else:

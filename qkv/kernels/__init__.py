@@ -18,7 +18,7 @@ import torch
 
 from qkv.compressed import CompressedTensor
 from qkv.dtypes import saturate
-from qkv.errors import BackendError, DeviceError, DTypeError, ShapeError
+from qkv.errors import BackendError, ConfigError, DeviceError, DTypeError, ShapeError
 from qkv.format import AffineFormat, Undo
 from qkv.kernels.attention import (
     CompressedSpan,
@@ -264,25 +264,46 @@ def choose_method(q, method: Method | str = "auto") -> Method:
     return Method.STAGED if q.device.type == "cuda" else Method.FUSED
 
 
-def attention(q, segments, *, scale=None, backend="auto", method: Method | str = "auto"):
+def attention(q, segments, *, scale=None, backend="auto", method: Method | str = "auto", live=None):
     """softmax(q k^T * scale) v of q [B, H, Sq, D] over every key of ``segments`` (DenseKV,
     CompressedSpan and SpanPlan, [B, H_kv, S, D] each; not causal): [B, H, Sq, D] in q's dtype.
     ``method`` (:func:`choose_method`): ``"decode"`` (flash-decoding over the compressed spans,
     kernels.triton.decode), ``"fused"`` (the prefill kernel decodes tiles in registers,
-    kernels.triton.attention), ``"staged"`` (:func:`attention_staged`) or ``"auto"``."""
+    kernels.triton.attention), ``"staged"`` (:func:`attention_staged`) or ``"auto"``.
+
+    ``live``: an int32 tensor of one element on q's device: of the last segment (a DenseKV) only
+    the first ``live`` keys count, the rest is room; the decode kernel reads the count from the
+    device when it runs, so a call replayed from a CUDA graph attends to a tail that grew since
+    the capture (the caller updates ``live``, at most the segment's length; its twin reads it back).
+    Decode path only."""
     check_attention(q, segments)
     chosen = choose_method(q, method)
+    args = (q, segments, scale)
+    if live is not None:
+        _check_live(q, segments, live, chosen)
+        args = (*args, live)
     if chosen is Method.STAGED:
         return attention_staged(q, segments, scale=scale, backend=backend)
-    args = (q, segments, scale)
     if chosen is Method.DECODE:
         try:
             return resolve("attention_decode", backend, q.device, *args)(*args)
         except BackendError:
-            if Method(method) is not Method.AUTO:
+            if Method(method) is not Method.AUTO or live is not None:
                 raise
             # a span the decode kernel cannot read: the fused op decompresses it on its own
     return resolve("attention", backend, q.device, *args)(*args)
+
+
+def _check_live(q, segments, live, chosen: Method) -> None:
+    """Typed errors for a ``live`` count :func:`attention` cannot take."""
+    if chosen is not Method.DECODE:
+        raise ConfigError(f"attention: live counts are read by the decode path only, not {chosen.value!r} "
+                          f"({q.shape[2]} queries a head)")
+    if not isinstance(segments[-1], DenseKV):
+        raise ShapeError(f"attention: with live, the last segment must be a DenseKV, got {type(segments[-1]).__name__}")
+    if not torch.is_tensor(live) or live.dtype != torch.int32 or live.numel() != 1 or live.device != q.device:
+        got = f"{live.dtype} {list(live.shape)} on {live.device}" if torch.is_tensor(live) else type(live).__name__
+        raise ShapeError(f"attention: live must be an int32 tensor of one element on {q.device}, got {got}")
 
 
 def merge_partials(state, *parts, backend="auto"):

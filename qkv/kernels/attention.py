@@ -322,12 +322,19 @@ def attention_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float |
 DECODE_PIECE = 256
 
 
-def attention_decode_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None) -> torch.Tensor:
+def attention_decode_torch(q: torch.Tensor, segments: Sequence[Segment], scale: float | None = None,
+                           live: torch.Tensor | None = None) -> torch.Tensor:
     """Flash-decoding, the plain-torch twin of the decode kernel: every segment's keys cut into
     pieces of :data:`DECODE_PIECE`, each piece attended to in fp32 (all query heads of a KV head
-    at once) and the partial results merged by log-sum-exp. [B, H, Sq, D] in q's dtype."""
+    at once) and the partial results merged by log-sum-exp. [B, H, Sq, D] in q's dtype. ``live``:
+    see :func:`qkv.kernels.attention` (read back here)."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
+    if live is not None:
+        last, n = segments[-1], int(live)
+        if not 0 <= n <= last.tokens:
+            raise ShapeError(f"attention: live={n} keys of a last segment of {last.tokens}")
+        segments = [*segments[:-1], DenseKV(last.k[:, :, :n], last.v[:, :, :n])]
     segments = [seg for seg in expand(segments) if seg.tokens]
 
     def pieces(q, k, v, scale):

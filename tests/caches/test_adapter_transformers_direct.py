@@ -82,3 +82,23 @@ def test_direct_needs_the_qkv_attention(llama):
     model, _, prompt = llama
     with pytest.raises(CacheError, match="set_attn_implementation"):
         generate(model, prompt, "sdpa", QKVCache("fp32", span_tokens=16, direct=True))
+
+
+@pytest.mark.parametrize("name", ["rtn", "kivi"])
+def test_replayed_attention_generates_what_the_eager_path_does(llama, name):
+    """``attend_graphs=True``: each layer's one-token attention replayed from its graph (emulated
+    off a GPU: see tests/caches/test_attend_graphs.py) while only the tail grows; the greedy
+    output equals the eager direct path's, with graphs captured and replayed."""
+    from qkv.caches.attend_graphs import AttendGraph
+    from test_attend_graphs import emulated_capture
+
+    model, _, prompt = llama
+    options = {"rtn": {"bits": 4}, "kivi": {"bits": 4, "block": 16, "window": 4}}[name]
+    policy = qkv.build_policy(name, **options)
+    graphed = QKVCache(policy, span_tokens=16, direct=True, attend_graphs=True, num_layers=2)
+    graphs = [AttendGraph(emulated_capture, devices=("cpu",)) for _ in graphed.kv.layers]
+    for layer, graph in zip(graphed.kv.layers, graphs):
+        layer.attend_graph = graph
+    out = generate(model, prompt, ATTENTION, graphed)
+    assert torch.equal(out, generate(model, prompt, ATTENTION, QKVCache(policy, span_tokens=16, direct=True)))
+    assert all(g.captures and g._live is not None for g in graphs)

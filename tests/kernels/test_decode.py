@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 
 import qkv  # noqa: E402
 from qkv import kernels  # noqa: E402
-from qkv.errors import BackendError  # noqa: E402
+from qkv.errors import BackendError, ConfigError, ShapeError  # noqa: E402
 from qkv.kernels import CompressedSpan, DenseKV, SpanPlan  # noqa: E402
 from qkv.kernels.attention import attention_decode_torch  # noqa: E402
 
@@ -295,3 +295,45 @@ def test_a_gpu_refuses_key_tiles_below_32_keys():
     segments = history("rtn", seed=3)
     with pytest.raises(ConfigError, match="block_n=16"):
         decode_triton(randn(4, 1, 4, 1, 64), segments, tile=INTERPRETER["decode"])
+
+
+@pytest.mark.parametrize("name, sink", [("qvg", True), ("kivi", False)])
+def test_a_tail_whose_live_keys_the_device_counts(name, sink):
+    """``live``: the last segment is a tail buffer's room, of which the device holds the count of
+    keys (a call replayed from a CUDA graph while the tail grows). At every count the output is
+    the call's over those keys alone (the torch twin's to the bit; the kernel's splits the room
+    into other pieces), the newest live key weighs most (a count off by one is far off) and the
+    room after it is NaN (never read); with and without a sink segment before the tail."""
+    segments = history(name, seed=130)
+    if not sink:
+        segments = segments[1:]
+    tail = segments[-1]
+    nan = torch.full((1, 2, 30, 64), float("nan"), dtype=tail.k.dtype)
+    q = randn(131, 1, 4, 1, 64)
+    newest = 8 * q[:, :, 0].unflatten(1, (2, 2)).mean(2)  # [1, 2, 64]: scored far above the rest
+    for n in (1, 17, 40, 41):
+        k_room, v_room = torch.cat([tail.k, nan], 2), torch.cat([tail.v, nan], 2)
+        k_room[:, :, n - 1], v_room[:, :, n - 1] = newest, randn(132 + n, 1, 2, 64)
+        live = torch.tensor([n], dtype=torch.int32, device=q.device)
+        alone = [*segments[:-1], DenseKV(k_room[:, :, :n], v_room[:, :, :n])]
+        counted = [*segments[:-1], DenseKV(k_room, v_room)]
+        want = kernels.attention(q, alone, backend="torch", method="decode")
+        assert torch.equal(kernels.attention(q, counted, backend="torch", method="decode", live=live), want)
+        got = kernels.attention(q, counted, backend="triton", method="decode", live=live)
+        torch.testing.assert_close(got, kernels.attention(q, alone, backend="triton", method="decode"),
+                                   atol=1e-2, rtol=0)
+        assert (got.float() - v_room[:, :, n - 1].float().repeat_interleave(2, 1)[:, :, None]).abs().max() < 0.1
+
+
+def test_live_counts_are_refused_where_they_cannot_be_read():
+    segments = history("rtn", seed=140)
+    q = randn(141, 1, 4, 1, 64)
+    live = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(ConfigError, match="decode path only"):
+        kernels.attention(q, segments, method="staged", live=live)
+    with pytest.raises(ShapeError, match="last segment must be a DenseKV"):
+        kernels.attention(q, segments[:2], method="decode", live=live)
+    with pytest.raises(ShapeError, match="int32 tensor of one element"):
+        kernels.attention(q, segments, method="decode", live=live.long())
+    with pytest.raises(ShapeError, match="live=41 keys of a last segment of 40"):
+        kernels.attention(q, segments, backend="torch", method="decode", live=torch.tensor([41], dtype=torch.int32))

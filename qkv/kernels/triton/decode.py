@@ -140,7 +140,7 @@ def _split(segments) -> tuple[list[SpanPlan], list[DenseKV]]:
     return plans, dense
 
 
-def decode_supports(q, segments, scale=None) -> str | None:
+def decode_supports(q, segments, scale=None, live=None) -> str | None:
     """Why the decode kernel cannot run this call (None if it can)."""
     reason = attention_supports(q, [s for s in segments if isinstance(s, DenseKV)])
     if reason is not None:
@@ -151,13 +151,16 @@ def decode_supports(q, segments, scale=None) -> str | None:
     return plan_support(plans[0], q) if plans else None
 
 
-def _dense_args(dense: list[DenseKV], q: torch.Tensor) -> tuple[list, int]:
+def _dense_args(dense: list[DenseKV], q: torch.Tensor, live: torch.Tensor | None) -> tuple[list, int]:
     """Kernel arguments of two full-precision segments (more are joined into two; an absent one
-    is ``q`` with no tokens), and their tokens."""
+    is ``q`` with no tokens; with ``live``, the last one is the second, its room counted as its
+    tokens), then ``live`` (or ``q``), and their tokens."""
     if len(dense) > 2:
         first = DenseKV(torch.cat([s.k for s in dense[:-1]], 2), torch.cat([s.v for s in dense[:-1]], 2))
         dense = [first, dense[-1]]
     args, tokens = [], 0
+    if live is not None and len(dense) == 1:
+        args += _no_dense(q)
     for seg in dense:
         k, v = seg.k, seg.v
         k = k if k.stride(3) == 1 else k.contiguous()
@@ -166,10 +169,15 @@ def _dense_args(dense: list[DenseKV], q: torch.Tensor) -> tuple[list, int]:
         n = k.shape[2]
         args += (k, v, n, ks[0], ks[1], ks[2], vs[0], vs[1], vs[2])
         tokens += n
-    for _ in range(2 - len(dense)):
-        qs = q.stride()
-        args += (q, q, 0, qs[0], qs[1], qs[2], qs[0], qs[1], qs[2])
-    return args, tokens
+    for _ in range(2 - len(args) // 9):
+        args += _no_dense(q)
+    return [*args, q if live is None else live], tokens
+
+
+def _no_dense(q: torch.Tensor) -> tuple:
+    """The kernel arguments of an absent full-precision segment."""
+    qs = q.stride()
+    return q, q, 0, qs[0], qs[1], qs[2], qs[0], qs[1], qs[2]
 
 
 def _launch_decode(grid, pipelines, *args, **kwargs) -> None:
@@ -200,8 +208,9 @@ class _Static:
     span_bytes: int
     token_bytes: int  # of a full-precision key and value over every (batch, KV head)
     partial_bytes: int  # of one program's partials over every row
-    # per span group (or one without spans): (group, constexprs, constexprs with dense keys, where
-    # its centroid scores start in the call's table and the scores kernel's constexprs, or None)
+    # per span group (or one without spans): (group, constexprs, constexprs with dense keys, with
+    # dense keys of which the device holds the last segment's count, where its centroid scores
+    # start in the call's table and the scores kernel's constexprs, or None)
     launches: tuple
     merge: dict
     c_max: int  # clusters of the largest key stage (the scores table's last axis)
@@ -245,7 +254,8 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
                 scores = (score_values, dict(D=d, BLOCK_M=block_m, BLOCK_C=64, STAGES=k_layout.STAGES,
                                              CENT_T=k_layout.CENT_T, EMULATE=emulate, num_warps=4))
                 score_values += g.table.shape[0] * k_layout.STAGES * b * h_kv * rows * c_max
-            launches.append((g, dict(kw, HAS_DENSE=False), dict(kw, HAS_DENSE=True), scores))
+            launches.append((g, dict(kw, HAS_DENSE=False, LIVE=False), dict(kw, HAS_DENSE=True, LIVE=False),
+                             dict(kw, HAS_DENSE=True, LIVE=True), scores))
         rows_total = b * h * sq
         return _Static(
             tile=chosen, table=table, block_m=block_m, row_blocks=row_blocks, rows_total=rows_total,
@@ -261,12 +271,15 @@ def _static(plan: SpanPlan | None, q: torch.Tensor, h_kv: int, tile: DecodeTile 
     return plan.table(key, build) if plan is not None else build()
 
 
-def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile: DecodeTile | None = None) -> torch.Tensor:
+def decode_triton(q: torch.Tensor, segments, scale: float | None = None, live: torch.Tensor | None = None, *,
+                  tile: DecodeTile | None = None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.attention.attention_decode_torch`: [B, H, Sq, D] in q's
     dtype. ``segments``: DenseKV, CompressedSpan and at most one SpanPlan (whose span table and
     launch constants are worked out once and reused by every call), as
-    :func:`qkv.kernels.attention` checks them. ``tile``: the launch (default: the device's, see
-    :mod:`qkv.kernels.triton.tiles`)."""
+    :func:`qkv.kernels.attention` checks them. ``live``: the last segment's keys are its first
+    ``live`` (read by the kernel from the device, at most its length: the rest is room a replayed
+    call's tail grows into); the launch is sized for the whole segment. ``tile``: the launch
+    (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     scale = default_scale(q, scale)
     plans, dense = _split(segments)
     b, h, sq, d = q.shape
@@ -274,7 +287,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     st = _static(plans[0] if plans else None, q, h_kv, tile)
     piece, table = st.tile.piece, st.table
     q = q if q.stride(-1) == 1 else q.contiguous()
-    dense_args, dense_tokens = _dense_args(dense, q)
+    dense_args, dense_tokens = _dense_args(dense, q, live)
     span_tokens = table.n_items * piece if table is not None else 0
     # programs per (batch, KV head, row block): a few waves, partials within their byte budget
     budget = max(1, int(PARTIAL_SHARE * (st.span_bytes + dense_tokens * st.token_bytes)) // st.partial_bytes)
@@ -292,7 +305,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
     partials = torch.empty(n_parts * rows_total * (d + 1), dtype=torch.float32, device=q.device)  # outputs, then lse
     scores = torch.empty(st.score_values, dtype=torch.float32, device=q.device) if st.score_values else partials
     base = 0
-    for (g, plain, with_dense, sc), n_span in zip(st.launches, span_progs):
+    for (g, plain, with_dense, with_live, sc), n_span in zip(st.launches, span_progs):
         n_dense = dense_progs if base == 0 else 0
         if n_span + n_dense == 0:
             continue
@@ -307,7 +320,7 @@ def decode_triton(q: torch.Tensor, segments, scale: float | None = None, *, tile
             g.table if g is not None else partials, g.items if g is not None else partials, cs, st.c_max,
             g.n_items if g is not None else 0, per_prog, n_span, base, dense_piece,
             *dense_args, h, h_kv, sq, rows_total, *q.stride()[:3], scale * LOG2E,
-            **(with_dense if n_dense else plain),
+            **((with_live if live is not None else with_dense) if n_dense else plain),
         )
         base += n_span + n_dense
     out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)

@@ -173,13 +173,16 @@ def decode_kernel(
     q_ptr, qs_ptr, po_ptr, n_parts, span_ptr, item_ptr, cs_ptr, c_max,
     n_items, per_prog, n_span_progs, prog_base, dense_piece,
     dk0, dv0, dn0, dk0_sb, dk0_sh, dk0_ss, dv0_sb, dv0_sh, dv0_ss,
-    dk1, dv1, dn1, dk1_sb, dk1_sh, dk1_ss, dv1_sb, dv1_sh, dv1_ss,
+    dk1, dv1, dn1, dk1_sb, dk1_sh, dk1_ss, dv1_sb, dv1_sh, dv1_ss, live_ptr,
     H, HKV, SQ, ROWS_TOTAL, q_sb, q_sh, q_ss, qk_scale,
     D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, HAS_SPANS: tl.constexpr,
     HAS_DENSE: tl.constexpr, OUT_ROT: tl.constexpr, H_NORM: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, KEY_SCORES: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, KEY_SCORES: tl.constexpr, LIVE: tl.constexpr,
 ):
+    """LIVE: the second full-precision segment's first ``*live_ptr`` keys are its keys (an int32
+    the device holds, at most its ``dn1`` keys of room): a call replayed from a CUDA graph while the
+    tail grows (see decode.py)."""
     pid = tl.program_id(0)
     n = tl.program_id(1)  # b * HKV + kv head
     b = n // HKV
@@ -210,6 +213,8 @@ def decode_kernel(
             v0 = dv0 + b.to(tl.int64) * dv0_sb + hkv * dv0_sh
             m_i, l_i, acc = _dense_piece(q, m_i, l_i, acc, k0, v0, dk0_ss, dv0_ss, tl.minimum(lo, dn0),
                                          tl.minimum(hi, dn0), qk_scale, D, BLOCK_N, DOT_BF16, EMULATE)
+            if LIVE:
+                dn1 = tl.minimum(tl.load(live_ptr), dn1)
             k1 = dk1 + b.to(tl.int64) * dk1_sb + hkv * dk1_sh
             v1 = dv1 + b.to(tl.int64) * dv1_sb + hkv * dv1_sh
             m_i, l_i, acc = _dense_piece(q, m_i, l_i, acc, k1, v1, dk1_ss, dv1_ss, tl.maximum(lo - dn0, 0),

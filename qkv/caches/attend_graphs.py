@@ -1,0 +1,111 @@
+"""Few-query attention replayed from a CUDA graph: ``KVCache(..., attend_graphs=True)``.
+
+Token-by-token decoding appends a token to every layer and attends to the layer's history with
+one query a head, hundreds of times over the same spans: between two span compressions only the
+tail grows. The decode path's host work (the segments, the launch constants, three launches)
+then costs more than the GPU's time at batch 1 (docs/attention.md, ``generate``). So a layer's
+:class:`AttendGraph` captures that call once the same history has been attended to twice in a
+row: the sink, the span plan, and the tail as its buffer's room from the tail's first token on,
+of which the device holds the count of live keys (``live``, see :func:`qkv.kernels.attention`; the
+room up to twice the tail's tokens at the capture, and at least :data:`ROOM` more).
+Each replay adds one to that count first (a decoding step appends one token between two calls),
+so a call costs the host a copy of the query and a replay; where the host's count says the device's
+is off (another number of tokens appended, a ``crop``), it writes the count before the replay.
+
+A new span, a tail moved within or out of its buffer or grown past the room read, another query
+shape or scale: the history
+is no longer the captured one, the graph goes, the call runs eagerly, and the next such call
+captures again. Calls that would not run the decode kernel (more queries, a backend or layout it
+cannot take: the capture fails) run eagerly. Each graph keeps its call's partials (at most
+``PARTIAL_SHARE`` of the bytes it reads) and output: the output is the graph's own, which the
+layer's next replay overwrites.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from qkv import kernels
+from qkv.caches.encode_graphs import cuda_capture
+from qkv.kernels.attention import attention_decode_torch
+
+# A graph reads the tail's room up to twice the tail's tokens when it is captured, and at least this
+# many more (its launch is sized for them: a room far larger than the tail would split the spans'
+# work among fewer programs); a tail that outgrows it is captured again
+ROOM = 64
+
+
+class AttendGraph:
+    """The captured attend of one layer (see the module docstring). ``capture``: how a graph is
+    made (:func:`~qkv.caches.encode_graphs.cuda_capture`); ``devices``: the device types whose
+    calls are captured."""
+
+    def __init__(self, capture=cuda_capture, devices: tuple[str, ...] = ("cuda",)) -> None:
+        self.capture, self.devices = capture, devices
+        self.captures = 0  # graphs made so far
+        self.refused: str | None = None  # why the last capture failed (the call then ran eagerly)
+        self._drop()
+
+    def _drop(self) -> None:
+        self._key: tuple | None = None
+        self._room = 0  # the tail tokens the graph reads at most
+        self._held: tuple = ()  # what the key names by id, kept alive so that no id is reused
+        self._graph: tuple | None = None  # (replay, static q, live, out), or () where capture failed
+        self._live: int | None = None  # the device's live count as the host knows it (None: unknown)
+
+    def attend(self, layer, q: torch.Tensor, scale: float | None, eager: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``layer``'s attention of ``q`` to its history, replayed where it can be, else ``eager()``."""
+        cfg = layer.config
+        room = layer.buffer.room(layer.tail) if q.device.type in self.devices else None
+        if room is None or kernels.choose_method(q, cfg.attention) is not kernels.Method.DECODE:
+            self._drop()
+            return eager()
+        k_room, v_room, start, tokens = room
+        plan = layer.span_plan()
+        sink = tuple(layer.sink)
+        key = (id(plan), id(layer.buffer.k), start, tuple(map(id, sink)), q.shape, q.stride(), q.dtype, q.device,
+               scale)
+        if key != self._key or tokens > self._room:  # another history: eager, captured if it comes again
+            self._drop()
+            self._key, self._held = key, (plan, layer.buffer.k, sink)
+            self._room = min(k_room.shape[2], max(2 * tokens, tokens + ROOM))
+            return eager()
+        if self._graph is None:
+            self._graph = self._make(layer, plan, sink, k_room, v_room, q, scale, tokens)
+        if not self._graph:
+            return eager()
+        replay, static_q, live, out = self._graph
+        static_q.copy_(q)
+        if self._live != tokens - 1:
+            live.fill_(tokens - 1)
+        replay()  # adds the step's token to the count, then attends
+        self._live = tokens
+        return out
+
+    def _make(self, layer, plan, sink, k_room, v_room, q, scale, tokens) -> tuple:
+        """Capture the call (an empty tuple, with :attr:`refused` set, where it cannot be)."""
+        cfg = layer.config
+        room = kernels.DenseKV(k_room[:, :, : self._room], v_room[:, :, : self._room])
+        segments = [kernels.DenseKV(c.k, c.v) for c in sink] + [plan, room]
+        static_q = q.clone()
+        live = torch.full((1,), tokens - 1, dtype=torch.int32, device=q.device)
+
+        def call() -> torch.Tensor:
+            live.add_(1)
+            return kernels.attention(static_q, segments, scale=scale, backend=cfg.backend, method=cfg.attention,
+                                     live=live)
+
+        if q.device.type == "cuda" and kernels.resolve("attention_decode", cfg.backend, q.device, static_q, segments,
+                                                        scale, live) is attention_decode_torch:
+            self.refused = "the decode kernel cannot read this history (its twin reads the count back)"
+            return ()
+        try:
+            replay, out = self.capture(call)
+        except RuntimeError as e:
+            self.refused = f"{type(e).__name__}: {e}"
+            return ()
+        self.captures += 1
+        self._live = None  # the capture's warm-up call counted too
+        return replay, static_q, live, out

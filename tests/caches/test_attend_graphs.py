@@ -1,0 +1,151 @@
+"""KVCache(attend_graphs=True): a layer's few-query attend captured once its history repeats and
+replayed while only the tail grows (qkv.caches.attend_graphs). On the CPU the graph is emulated (a
+replay runs the captured call again into the captured output, as a CUDA graph's replay writes its
+own memory; the decode path's twin reads the live count back), which checks the plumbing: the
+query copied in, the count of live tail keys kept on the device, one capture per history. On a GPU
+the call is captured in a real CUDA graph and runs the decode kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qkv
+from qkv.caches.attend_graphs import AttendGraph
+
+H, D = 2, 32
+
+
+REPLAYS = [0]  # replays of emulated graphs so far
+
+
+def emulated_capture(call):
+    """As cuda_capture: a warm-up call, then the captured output, which every replay rewrites."""
+    call()
+    out = call()
+
+    def replay():
+        REPLAYS[0] += 1
+        out.copy_(call())
+
+    return replay, out
+
+
+def caches(policy, device="cpu", **options):
+    """The same cache with graphs (emulated off a GPU) and without."""
+    graphed = qkv.KVCache(policy, num_layers=1, attend_graphs=True, **options)
+    if device == "cpu":
+        graphed.layer(0).attend_graph = AttendGraph(emulated_capture, devices=("cpu",))
+    return graphed, qkv.KVCache(policy, num_layers=1, **options)
+
+
+def tokens(gen, n, device="cpu", dtype=torch.float32):
+    return [torch.randn(1, H, n, D, generator=gen, device=device).to(dtype) for _ in range(2)]
+
+
+@pytest.mark.parametrize("policy, options", [
+    ("qvg", dict(span_tokens=48, sink_tokens=5)),  # a sink before the spans
+    ("kivi", dict(span_tokens=64)),  # a residual window: a span every 32 tokens
+    ("rtn", dict(span_tokens=40)),
+])
+def test_replayed_steps_equal_eager_steps(policy, options):
+    """A prompt, then 100 one-token steps (append, attend 4 query heads): every step's output
+    equals the cache without graphs bit for bit; a graph is captured on the second call over a
+    history and replayed until a span is compressed or the tail outgrows the room it reads, and a
+    step that appends two tokens or drops one (crop) before attending has the count written anew."""
+    gen = torch.Generator().manual_seed(0)
+    graphed, eager = caches(policy, **options)
+    prompt = tokens(gen, 70)
+    for cache in (graphed, eager):
+        cache.append(0, *prompt)
+    graph = graphed.layer(0).attend_graph
+    replays = REPLAYS[0]
+    for step in range(100):
+        new = tokens(gen, 2 if step == 30 else 1)
+        for cache in (graphed, eager):
+            cache.append(0, *new)
+            if step == 60:
+                cache.layer(0).drop_newest(1)
+        q = torch.randn(1, 2 * H, 1, D, generator=gen)
+        got, want = graphed.attend(0, q), eager.attend(0, q)
+        assert torch.equal(got, want), step
+    # an eager call or two per history (a span compressed, the tail past the room read), the rest replayed
+    assert 1 <= graph.captures <= 10 and REPLAYS[0] - replays >= 100 - 2 * graph.captures - 2
+
+
+def test_a_replayed_output_is_the_graphs_own_and_the_next_replay_overwrites_it():
+    gen = torch.Generator().manual_seed(1)
+    graphed, _ = caches("rtn", span_tokens=4096)
+    graphed.append(0, *tokens(gen, 50))
+    outs, values = [], []
+    for _ in range(4):
+        graphed.append(0, *tokens(gen, 1))
+        outs.append(graphed.attend(0, torch.randn(1, 2 * H, 1, D, generator=gen)))
+        values.append(outs[-1].clone())
+    assert graphed.layer(0).attend_graph.captures == 1
+    assert outs[0] is not outs[1] and outs[1] is outs[2] is outs[3]  # eager, then captured and replayed
+    assert torch.equal(outs[1], values[3]) and not torch.equal(values[1], values[3])
+
+
+def test_calls_the_graph_does_not_take_run_eagerly():
+    """Many queries (the staged or fused path), a chunk attended with ``extra``, a first call: no
+    capture; and the cache without the option has no graph."""
+    gen = torch.Generator().manual_seed(2)
+    graphed, eager = caches("qvg", span_tokens=48)
+    prompt = tokens(gen, 60)
+    for cache in (graphed, eager):
+        cache.append(0, *prompt)
+    graph = graphed.layer(0).attend_graph
+    many = torch.randn(1, 2 * H, 80, D, generator=gen)
+    extra = tuple(tokens(gen, 3))
+    for _ in range(3):
+        assert torch.equal(graphed.attend(0, many), eager.attend(0, many))
+        one = torch.randn(1, 2 * H, 1, D, generator=gen)
+        assert torch.equal(graphed.attend(0, one, extra=extra), eager.attend(0, one, extra=extra))
+    assert graph.captures == 0
+    assert eager.layer(0).attend_graph is None
+
+
+def test_a_capture_that_fails_runs_the_call_eagerly_and_says_why():
+    def failing(call):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    gen = torch.Generator().manual_seed(3)
+    graphed, eager = caches("rtn", span_tokens=4096)
+    graphed.layer(0).attend_graph = AttendGraph(failing, devices=("cpu",))
+    prompt = tokens(gen, 30)
+    for cache in (graphed, eager):
+        cache.append(0, *prompt)
+    for _ in range(3):
+        new, q = tokens(gen, 1), torch.randn(1, 2 * H, 1, D, generator=gen)
+        for cache in (graphed, eager):
+            cache.append(0, *new)
+        assert torch.equal(graphed.attend(0, q), eager.attend(0, q))
+    assert "not permitted" in graphed.layer(0).attend_graph.refused
+
+
+def test_the_option_is_a_bool():
+    with pytest.raises(qkv.errors.ConfigError, match="attend_graphs must be True or False"):
+        qkv.KVCache("rtn", attend_graphs=1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("policy", ["qvg", "kivi"])
+def test_cuda_graphs_replay_the_decode_kernel(policy):
+    """On a GPU: bf16, GQA 32 / 8 heads of 128, 300 steps over a 3,000-token prompt; every step
+    equal to the eager decode path within the kernel's own run-to-run splitting (the graph's
+    launch is sized for the tail's room, not its tokens)."""
+    gen = torch.Generator(device="cuda").manual_seed(4)
+    graphed = qkv.KVCache(policy, num_layers=1, attend_graphs=True, span_tokens=1024)
+    eager = qkv.KVCache(policy, num_layers=1, span_tokens=1024)
+    prompt = [torch.randn(1, 8, 3000, 128, generator=gen, device="cuda").bfloat16() for _ in range(2)]
+    for cache in (graphed, eager):
+        cache.append(0, *prompt)
+    for step in range(300):
+        new = [torch.randn(1, 8, 1, 128, generator=gen, device="cuda").bfloat16() for _ in range(2)]
+        for cache in (graphed, eager):
+            cache.append(0, *new)
+        q = torch.randn(1, 32, 1, 128, generator=gen, device="cuda").bfloat16()
+        torch.testing.assert_close(graphed.attend(0, q), eager.attend(0, q), atol=1e-2, rtol=0)
+    assert graphed.layer(0).attend_graph.captures >= 1
+    assert graphed.layer(0).attend_graph.refused is None
