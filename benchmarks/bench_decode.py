@@ -24,8 +24,9 @@ time of generating 1 token is subtracted; the median of ``ROUNDS`` runs, the cac
 turns), peak GPU memory and the K/V bytes, with
 ``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``),
 kivi again with ``encode_graphs=True`` (each group's encode replayed from a CUDA graph), kivi and
-qvg again with ``attend_graphs=True`` (each layer's one-token attention replayed from a CUDA graph
-while only its tail grows; ``--caches`` picks rows), qvg again with ``validate=False`` (no value check, and no read-back to the host, per appended token) and
+qvg again with ``attend_graphs=False`` (each layer's one-token attention run eagerly, not replayed
+from a CUDA graph as ``direct=True`` does by default; ``--caches`` picks rows), qvg again with
+``validate=False`` (no value check, and no read-back to the host, per appended token) and
 transformers' ``DynamicCache``; each timed after a full warm-up run (cuDNN makes a plan
 per key length once). The host's pace drifts between runs, so the same caches are also timed
 step by step, taking turns at every step (:func:`step_rows`: one-token forwards after the prompt,
@@ -183,10 +184,10 @@ def generate_rows(layers: int, runs: bool = True, only: list[str] | None = None)
         # the same without the value check of the appended tokens (queued every CHECK_BATCH tokens)
         "qvg_unchecked": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
                                                       direct=True, validate=False)),
-        # each layer's one-token attention replayed from a CUDA graph while only its tail grows
-        "kivi_attend_graphs": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True, attend_graphs=True)),
-        "qvg_attend_graphs": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
-                                                          direct=True, attend_graphs=True)),
+        # each layer's one-token attention not replayed from a CUDA graph (QKVCache(direct=True) replays it)
+        "kivi_attend_eager": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True, attend_graphs=False)),
+        "qvg_attend_eager": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
+                                                         direct=True, attend_graphs=False)),
     }
     if only:
         caches = {name: caches[name] for name in only}
@@ -200,7 +201,7 @@ def generate_rows(layers: int, runs: bool = True, only: list[str] | None = None)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, cache=cache)
+            model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False, past_key_values=cache)
         end.record()
         torch.cuda.synchronize()
         return start.elapsed_time(end), cache

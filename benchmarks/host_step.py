@@ -15,7 +15,10 @@ Also the torch operators of one more step, counted with a dispatch mode, beyond 
 - ``dynamic``: transformers' ``DynamicCache`` and SDPA;
 - ``kivi``, ``qvg``, ``rtn``: ``QKVCache(policy, direct=True)`` with ``attn_implementation="qkv"``
   (qvg and rtn with 4,096-token spans, as ``bench_decode.py``; KIVI compresses a group every 32
-  tokens), value checks batched as on a GPU.
+  tokens), value checks batched as on a GPU;
+- ``kivi_graphs``, ``qvg_graphs``: the same with ``attend_graphs=True``, each layer's graph
+  "replayed" by a call that does nothing (what is left is the host's side of a replayed step: the
+  append, the query copy and the checks that the history is the captured one).
 
 Taken out, so that what is left is host work: the attention itself (torch's SDPA returns zeros
 for ``dynamic``; the decode and merge kernels' launches are recorded, not run, and the merge's
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import statistics
 import time
 import warnings
@@ -42,9 +46,16 @@ from common import environment, write_json
 
 import qkv
 from qkv import validation
+from qkv.caches import layer_cache
+from qkv.caches.attend_graphs import AttendGraph
 from qkv.kernels.triton import decode
 
 SPAN = 4096
+
+
+def idle_capture(call):
+    """A capture whose replay does nothing (a CUDA graph's replay is one call for the host)."""
+    return (lambda: None), call()
 
 
 class ZeroedMerge(Recorded):
@@ -67,9 +78,10 @@ def model(layers: int):
     return LlamaForCausalLM(config).to(torch.bfloat16).eval()
 
 
-def attention_on_triton(q, segments, *, scale=None, backend="auto", method="auto", _attention=qkv.kernels.attention):
+def attention_on_triton(q, segments, *, scale=None, backend="auto", method="auto", live=None,
+                        _attention=qkv.kernels.attention):
     """:func:`qkv.kernels.attention` on the Triton path a GPU takes (its kernels recorded)."""
-    return _attention(q, segments, scale=scale, backend="triton", method=method)
+    return _attention(q, segments, scale=scale, backend="triton", method=method, live=live)
 
 
 def steps(layers: int, prompt_tokens: int, n: int) -> tuple[list[dict], dict]:
@@ -83,6 +95,9 @@ def steps(layers: int, prompt_tokens: int, n: int) -> tuple[list[dict], dict]:
         "kivi": lambda: QKVCache("kivi", direct=True),
         "qvg": lambda: QKVCache(qkv.build_policy("qvg", clusters=16), span_tokens=SPAN, direct=True),
         "rtn": lambda: QKVCache("rtn", span_tokens=SPAN, direct=True),
+        "kivi_graphs": lambda: QKVCache("kivi", direct=True, attend_graphs=True),
+        "qvg_graphs": lambda: QKVCache(qkv.build_policy("qvg", clusters=16), span_tokens=SPAN, direct=True,
+                                       attend_graphs=True),
     }
     prompt = torch.randint(0, 256, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(prompt_tokens, prompt_tokens + n)[None]
@@ -129,7 +144,8 @@ def main() -> None:
     with mock.patch.multiple(decode, decode_kernel=Recorded("decode", launches), merge_kernel=ZeroedMerge("merge", launches)), \
             mock.patch.object(validation, "deferred", lambda t: True), \
             mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, **kw: torch.zeros_like(q)), \
-            mock.patch.object(qkv.kernels, "attention", attention_on_triton):
+            mock.patch.object(qkv.kernels, "attention", attention_on_triton), \
+            mock.patch.object(layer_cache, "AttendGraph", functools.partial(AttendGraph, idle_capture, ("cpu",))):
         rows = steps(args.layers, args.prompt, args.steps)
     write_json(args.out, {"environment": {**environment(), "device": "cpu", "threads": torch.get_num_threads()},
                           "layers": args.layers, "prompt": args.prompt, "steps": args.steps, "rows": rows})

@@ -36,16 +36,21 @@ from qkv.errors import BackendError
 
 def cuda_capture(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
     """Run ``fn`` once on a side stream (compiles its kernels, settles the allocator), then
-    capture it in a CUDA graph: (the graph's replay, the captured call's output, whose memory
-    each replay writes)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
+    capture it in a CUDA graph on that stream: (the graph's replay, the captured call's output,
+    whose memory each replay writes). Unlike ``torch.cuda.graph``, it neither waits for the
+    device nor empties the allocator's cache (a decoding step that captures would then allocate
+    every later activation from the driver again)."""
+    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
+    side.wait_stream(main)
+    graph = torch.cuda.CUDAGraph()
     with torch.cuda.stream(side):
         fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+        graph.capture_begin()
+        try:
+            out = fn()
+        finally:
+            graph.capture_end()
+    main.wait_stream(side)
     return graph.replay, out
 
 

@@ -308,7 +308,7 @@ def test_a_tail_whose_live_keys_the_device_counts(name, sink):
     if not sink:
         segments = segments[1:]
     tail = segments[-1]
-    nan = torch.full((1, 2, 30, 64), float("nan"), dtype=tail.k.dtype)
+    nan = torch.full((1, 2, 30, 64), float("nan"), dtype=tail.k.dtype, device=tail.k.device)
     q = randn(131, 1, 4, 1, 64)
     newest = 8 * q[:, :, 0].unflatten(1, (2, 2)).mean(2)  # [1, 2, 64]: scored far above the rest
     for n in (1, 17, 40, 41):
@@ -328,7 +328,7 @@ def test_a_tail_whose_live_keys_the_device_counts(name, sink):
 def test_live_counts_are_refused_where_they_cannot_be_read():
     segments = history("rtn", seed=140)
     q = randn(141, 1, 4, 1, 64)
-    live = torch.tensor([3], dtype=torch.int32)
+    live = torch.tensor([3], dtype=torch.int32, device=q.device)
     with pytest.raises(ConfigError, match="decode path only"):
         kernels.attention(q, segments, method="staged", live=live)
     with pytest.raises(ShapeError, match="last segment must be a DenseKV"):
@@ -336,4 +336,4 @@ def test_live_counts_are_refused_where_they_cannot_be_read():
     with pytest.raises(ShapeError, match="int32 tensor of one element"):
         kernels.attention(q, segments, method="decode", live=live.long())
     with pytest.raises(ShapeError, match="live=41 keys of a last segment of 40"):
-        kernels.attention(q, segments, backend="torch", method="decode", live=torch.tensor([41], dtype=torch.int32))
+        kernels.attention(q, segments, backend="torch", method="decode", live=torch.tensor([41], dtype=torch.int32, device=q.device))

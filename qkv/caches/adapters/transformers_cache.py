@@ -242,7 +242,12 @@ class QKVCache(Cache):
     outputs are the same, and the memory is not bounded). Other layer types (linear attention,
     shared K/V, ...) raise :class:`CacheError`, as does ``sink_chunks`` with sliding layers (a
     window drops the first tokens too). Without ``config`` layers are created as the model first
-    uses them."""
+    uses them.
+
+    ``direct=True`` also makes the cache with ``attend_graphs=True`` unless ``options`` say
+    otherwise: on a GPU each layer's one-token attention is replayed from a CUDA graph while only
+    its tail grows (:mod:`qkv.caches.attend_graphs`), which the model can take because it reads each
+    step's output before the layer attends again."""
 
     def __init__(
         self, policy: Policy | str | KVCache, *, config: PreTrainedConfig | None = None, direct: bool = False, **options
@@ -252,6 +257,8 @@ class QKVCache(Cache):
                 raise CacheError("options apply to a new KVCache, not to an existing one")
             self.kv = policy
         else:
+            if direct:  # the model consumes each step's attention output before that layer's next step
+                options.setdefault("attend_graphs", True)
             self.kv = KVCache(policy, **options)
         self.direct = direct
         if config is None:
