@@ -13,10 +13,10 @@ Also the torch operators of one more step, counted with a dispatch mode, beyond 
 (on a GPU each is a launch or a view). Caches:
 
 - ``dynamic``: transformers' ``DynamicCache`` and SDPA;
-- ``kivi``, ``qvg``, ``rtn``: ``QKVCache(policy, direct=True)`` with ``attn_implementation="qkv"``
+- ``kivi``, ``qvg``, ``rtn``: ``QKVCache(policy, direct=True, attend_graphs=False)`` with ``attn_implementation="qkv"``
   (qvg and rtn with 4,096-token spans, as ``bench_decode.py``; KIVI compresses a group every 32
   tokens), value checks batched as on a GPU;
-- ``kivi_graphs``, ``qvg_graphs``: the same with ``attend_graphs=True``, each layer's graph
+- ``kivi_graphs``, ``qvg_graphs``: the same with ``attend_graphs=True`` (``direct=True``'s default), each layer's graph
   "replayed" by a call that does nothing (what is left is the host's side of a replayed step: the
   append, the query copy and the checks that the history is the captured one).
 
@@ -92,12 +92,11 @@ def steps(layers: int, prompt_tokens: int, n: int) -> tuple[list[dict], dict]:
     llama = model(layers)
     makers = {
         "dynamic": DynamicCache,
-        "kivi": lambda: QKVCache("kivi", direct=True),
-        "qvg": lambda: QKVCache(qkv.build_policy("qvg", clusters=16), span_tokens=SPAN, direct=True),
-        "rtn": lambda: QKVCache("rtn", span_tokens=SPAN, direct=True),
-        "kivi_graphs": lambda: QKVCache("kivi", direct=True, attend_graphs=True),
-        "qvg_graphs": lambda: QKVCache(qkv.build_policy("qvg", clusters=16), span_tokens=SPAN, direct=True,
-                                       attend_graphs=True),
+        "kivi": lambda: QKVCache("kivi", direct=True, attend_graphs=False),
+        "qvg": lambda: QKVCache(qkv.build_policy("qvg", clusters=16), span_tokens=SPAN, direct=True, attend_graphs=False),
+        "rtn": lambda: QKVCache("rtn", span_tokens=SPAN, direct=True, attend_graphs=False),
+        "kivi_graphs": lambda: QKVCache("kivi", direct=True),
+        "qvg_graphs": lambda: QKVCache(qkv.build_policy("qvg", clusters=16), span_tokens=SPAN, direct=True),
     }
     prompt = torch.randint(0, 256, (1, prompt_tokens), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(prompt_tokens, prompt_tokens + n)[None]
