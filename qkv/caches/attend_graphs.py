@@ -57,23 +57,21 @@ class AttendGraph:
 
     def attend(self, layer, q: torch.Tensor, scale: float | None, eager: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``layer``'s attention of ``q`` to its history, replayed where it can be, else ``eager()``."""
-        cfg = layer.config
-        room = layer.buffer.room(layer.tail) if q.device.type in self.devices else None
-        if room is None or kernels.choose_method(q, cfg.attention) is not kernels.Method.DECODE:
+        buf = layer.buffer
+        run = buf.run(layer.tail) if q.device.type in self.devices else None
+        if run is None or kernels.choose_method(q, layer.config.attention) is not kernels.Method.DECODE:
             self._drop()
             return eager()
-        k_room, v_room, start, tokens = room
+        start, tokens = run
         plan = layer.span_plan()
-        sink = tuple(layer.sink)
-        key = (id(plan), id(layer.buffer.k), start, tuple(map(id, sink)), q.shape, q.stride(), q.dtype, q.device,
-               scale)
+        key = (id(plan), id(buf.k), start, *map(id, layer.sink), q.shape, q.stride(), q.dtype, q.device, scale)
         if key != self._key or tokens > self._room:  # another history: eager, captured if it comes again
             self._drop()
-            self._key, self._held = key, (plan, layer.buffer.k, sink)
-            self._room = min(k_room.shape[2], max(2 * tokens, tokens + ROOM))
+            self._key, self._held = key, (plan, buf.k, tuple(layer.sink))
+            self._room = min(buf.capacity - start, max(2 * tokens, tokens + ROOM))
             return eager()
         if self._graph is None:
-            self._graph = self._make(layer, plan, sink, k_room, v_room, q, scale, tokens)
+            self._graph = self._make(layer, start, q, scale, tokens)
         if not self._graph:
             return eager()
         replay, static_q, live, out = self._graph
@@ -84,10 +82,11 @@ class AttendGraph:
         self._live = tokens
         return out
 
-    def _make(self, layer, plan, sink, k_room, v_room, q, scale, tokens) -> tuple:
+    def _make(self, layer, start: int, q, scale, tokens) -> tuple:
         """Capture the call (an empty tuple, with :attr:`refused` set, where it cannot be)."""
-        cfg = layer.config
-        room = kernels.DenseKV(k_room[:, :, : self._room], v_room[:, :, : self._room])
+        cfg, (plan, buf_k, sink) = layer.config, self._held
+        end = start + self._room
+        room = kernels.DenseKV(buf_k[:, :, start:end], layer.buffer.v[:, :, start:end])
         segments = [kernels.DenseKV(c.k, c.v) for c in sink] + [plan, room]
         static_q = q.clone()
         live = torch.full((1,), tokens - 1, dtype=torch.int32, device=q.device)

@@ -146,15 +146,13 @@ class TailBuffer:
         start = self._run[3] - extent(tail)
         return self.k[:, :, start : start + n], self.v[:, :, start : start + n]
 
-    def room(self, tail: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor, int, int] | None:
-        """(keys, values) from the first token of ``tail`` to the end of the buffer, as views, with
-        the tail's offset in the buffer and its tokens, when ``tail`` is this buffer's run (found
-        without walking it); else None. The room after the tail is where the next appends go."""
+    def run(self, tail: list[Chunk]) -> tuple[int, int] | None:
+        """(offset in the buffer, tokens) of ``tail`` when it is this buffer's run (found without
+        walking it: the room after it is where the next appends go), else None."""
         if not self.is_run(tail):
             return None
         n = extent(tail)
-        start = self._run[3] - n
-        return self.k[:, :, start:], self.v[:, :, start:], start, n
+        return self._run[3] - n, n
 
     def follow(self, tail: list[Chunk], rest: list[Chunk]) -> None:
         """Keep the run known when ``rest`` is what is left of the run ``tail`` after its first
