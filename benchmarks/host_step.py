@@ -53,9 +53,18 @@ from qkv.kernels.triton import decode
 SPAN = 4096
 
 
-def idle_capture(call):
-    """A capture whose replay does nothing (a CUDA graph's replay is one call for the host)."""
-    return (lambda: None), call()
+class IdleGraph:
+    """A graph whose replay does nothing (a CUDA graph's replay is one call for the host)."""
+
+    def replay(self) -> None:
+        pass
+
+    def pool(self) -> None:
+        return None
+
+
+def idle_capture(call, pool):
+    return IdleGraph(), call()
 
 
 class ZeroedMerge(Recorded):

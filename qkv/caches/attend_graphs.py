@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from qkv import kernels
-from qkv.caches.encode_graphs import cuda_capture
+from qkv.caches.encode_graphs import cuda_graph
 from qkv.kernels.attention import attention_decode_torch
 
 # A graph reads the tail's room up to twice the tail's tokens when it is captured, and at least this
@@ -38,21 +38,25 @@ ROOM = 64
 
 
 class AttendGraph:
-    """The captured attend of one layer (see the module docstring). ``capture``: how a graph is
-    made (:func:`~qkv.caches.encode_graphs.cuda_capture`); ``devices``: the device types whose
-    calls are captured."""
+    """The captured attend of one layer (see the module docstring). ``capture(call, pool)``: how a
+    graph is made (:func:`~qkv.caches.encode_graphs.cuda_graph`: a graph with ``replay()`` and
+    ``pool()``, and the call's output); ``devices``: the device types whose calls are captured.
+    Each capture takes its memory from the pool of the graph it replaces, which is still alive
+    then: a layer that captures again at every new span holds one graph's memory, not one pool
+    per capture waiting to be freed."""
 
-    def __init__(self, capture=cuda_capture, devices: tuple[str, ...] = ("cuda",)) -> None:
+    def __init__(self, capture=cuda_graph, devices: tuple[str, ...] = ("cuda",)) -> None:
         self.capture, self.devices = capture, devices
         self.captures = 0  # graphs made so far
         self.refused: str | None = None  # why the last capture failed (the call then ran eagerly)
+        self._last = None  # the last graph made: its pool serves the next capture
         self._drop()
 
     def _drop(self) -> None:
         self._key: tuple | None = None
         self._room = 0  # the tail tokens the graph reads at most
         self._held: tuple = ()  # what the key names by id, kept alive so that no id is reused
-        self._graph: tuple | None = None  # (replay, static q, live, out), or () where capture failed
+        self._graph: tuple | None = None  # (graph, static q, live, out), or () where capture failed
         self._live: int | None = None  # the device's live count as the host knows it (None: unknown)
 
     def attend(self, layer, q: torch.Tensor, scale: float | None, eager: Callable[[], torch.Tensor]) -> torch.Tensor:
@@ -74,11 +78,11 @@ class AttendGraph:
             self._graph = self._make(layer, start, q, scale, tokens)
         if not self._graph:
             return eager()
-        replay, static_q, live, out = self._graph
+        graph, static_q, live, out = self._graph
         static_q.copy_(q)
         if self._live != tokens - 1:
             live.fill_(tokens - 1)
-        replay()  # adds the step's token to the count, then attends
+        graph.replay()  # adds the step's token to the count, then attends
         self._live = tokens
         return out
 
@@ -101,10 +105,11 @@ class AttendGraph:
             self.refused = "the decode kernel cannot read this history (its twin reads the count back)"
             return ()
         try:
-            replay, out = self.capture(call)
+            graph, out = self.capture(call, None if self._last is None else self._last.pool())
         except RuntimeError as e:
             self.refused = f"{type(e).__name__}: {e}"
             return ()
         self.captures += 1
+        self._last = graph
         self._live = None  # the capture's warm-up call counted too
-        return replay, static_q, live, out
+        return graph, static_q, live, out

@@ -19,16 +19,26 @@ H, D = 2, 32
 REPLAYS = [0]  # replays of emulated graphs so far
 
 
-def emulated_capture(call):
-    """As cuda_capture: a warm-up call, then the captured output, which every replay rewrites."""
+class Emulated:
+    """A graph whose replay runs the captured call again into the captured output."""
+
+    def __init__(self, call, out, pool):
+        self.call, self.out, self._pool = call, out, pool
+
+    def replay(self):
+        REPLAYS[0] += 1
+        self.out.copy_(self.call())
+
+    def pool(self):
+        return self._pool
+
+
+def emulated_capture(call, pool):
+    """As cuda_graph: a warm-up call, then the graph and the captured output, which every replay
+    rewrites; a graph made from another's pool has that pool (else a new one)."""
     call()
     out = call()
-
-    def replay():
-        REPLAYS[0] += 1
-        out.copy_(call())
-
-    return replay, out
+    return Emulated(call, out, object() if pool is None else pool), out
 
 
 def caches(policy, device="cpu", **options):
@@ -69,8 +79,11 @@ def test_replayed_steps_equal_eager_steps(policy, options):
         q = torch.randn(1, 2 * H, 1, D, generator=gen)
         got, want = graphed.attend(0, q), eager.attend(0, q)
         assert torch.equal(got, want), step
+        if graph.captures == 1 and step < 99:
+            first_pool = graph._last.pool()
     # an eager call or two per history (a span compressed, the tail past the room read), the rest replayed
     assert 1 <= graph.captures <= 10 and REPLAYS[0] - replays >= 100 - 2 * graph.captures - 2
+    assert graph.captures < 2 or graph._last.pool() is first_pool  # every capture from the first's pool
 
 
 def test_a_replayed_output_is_the_graphs_own_and_the_next_replay_overwrites_it():
@@ -107,7 +120,7 @@ def test_calls_the_graph_does_not_take_run_eagerly():
 
 
 def test_a_capture_that_fails_runs_the_call_eagerly_and_says_why():
-    def failing(call):
+    def failing(call, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     gen = torch.Generator().manual_seed(3)
