@@ -13,10 +13,10 @@ so a call costs the host a copy of the query and a replay; where the host's coun
 is off (another number of tokens appended, a ``crop``), it writes the count before the replay.
 
 A new span, a tail moved within or out of its buffer or grown past the room read, another query
-shape or scale: the history
-is no longer the captured one, the graph goes, the call runs eagerly, and the next such call
-captures again. Calls that would not run the decode kernel (more queries, a backend or layout it
-cannot take: the capture fails) run eagerly. Each graph keeps its call's partials (at most
+shape or scale: the history is no longer the captured one, the graph goes, the call runs eagerly,
+and the next such call captures again. Calls that would not run the decode kernel (more queries,
+``extra`` keys, a backend or layout it cannot take) run eagerly, and a capture that fails leaves
+its reason in :attr:`AttendGraph.refused`. Each graph keeps its call's partials (at most
 ``PARTIAL_SHARE`` of the bytes it reads) and output: the output is the graph's own, which the
 layer's next replay overwrites.
 """
