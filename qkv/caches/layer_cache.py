@@ -638,7 +638,9 @@ class LayerCache(LayerState):
         ``scale`` defaults to 1 / sqrt(D). ``config.attention`` picks how (``qkv.caches.ATTENTION``):
         ``"auto"``, ``"decode"``, ``"fused"`` and ``"staged"`` are :func:`qkv.kernels.attention`'s
         methods; ``"read"`` decompresses the whole history (:meth:`read`) for
-        ``scaled_dot_product_attention``.
+        ``scaled_dot_product_attention``. With ``attend_graphs`` a few-query call without ``extra``
+        may be replayed from a CUDA graph (:mod:`qkv.caches.attend_graphs`): its output is then the
+        graph's own, which the layer's next replay overwrites (clone it to keep it).
         """
         self._check_attend(q, extra, scale)
         if self.config.attention != "read":
