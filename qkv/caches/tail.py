@@ -131,7 +131,7 @@ class TailBuffer:
         room for it; the run then ends with the chunk (once the caller appends it to ``run``,
         which this leaves alone)."""
         end, n = self._run[3] if end is None else end, k.shape[2]
-        chunk = Chunk(self.k[:, :, end : end + n], self.v[:, :, end : end + n], start)
+        chunk = Chunk(self.k.narrow(2, end, n), self.v.narrow(2, end, n), start)
         chunk.k.copy_(k)
         chunk.v.copy_(v)
         self.last_chunk = n

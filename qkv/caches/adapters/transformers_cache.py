@@ -106,7 +106,8 @@ class QKVLayer(CacheLayerMixin):
         new = key_states.shape[2]
         visible = self.visible(new)
         if self.direct and new == 1 and (visible is None or self.layer.tokens <= visible):
-            key_states, value_states = key_states.detach(), value_states.detach()
+            if key_states.requires_grad or value_states.requires_grad:  # not the model's autograd graph
+                key_states, value_states = key_states.detach(), value_states.detach()
             key_states.qkv_layer = self
             self.pending = True
             return key_states, value_states
