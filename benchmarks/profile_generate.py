@@ -51,11 +51,11 @@ def main() -> None:
               position_ids=torch.tensor([[PROMPT + i]], device="cuda"))
 
     with torch.no_grad():
-        model.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, cache=make())
+        model.generate(prompt, max_new_tokens=40, min_new_tokens=40, do_sample=False, past_key_values=make())
         for n in (1, 33):
             torch.cuda.synchronize()
             start = time.time()
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, cache=make())
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, past_key_values=make())
             torch.cuda.synchronize()
             print(n, "tokens", time.time() - start, flush=True)
         cache = make()
