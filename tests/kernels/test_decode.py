@@ -335,5 +335,8 @@ def test_live_counts_are_refused_where_they_cannot_be_read():
         kernels.attention(q, segments[:2], method="decode", live=live)
     with pytest.raises(ShapeError, match="int32 tensor of one element"):
         kernels.attention(q, segments, method="decode", live=live.long())
+    empty = DenseKV(segments[2].k[:, :, :0], segments[2].v[:, :, :0])
+    with pytest.raises(BackendError, match="has no room"):
+        kernels.attention(q, [*segments, empty], backend="triton", method="decode", live=live * 0)
     with pytest.raises(ShapeError, match="live=41 keys of a last segment of 40"):
         kernels.attention(q, segments, backend="torch", method="decode", live=torch.tensor([41], dtype=torch.int32, device=q.device))

@@ -142,6 +142,8 @@ def _split(segments) -> tuple[list[SpanPlan], list[DenseKV]]:
 
 def decode_supports(q, segments, scale=None, live=None) -> str | None:
     """Why the decode kernel cannot run this call (None if it can)."""
+    if live is not None and not segments[-1].tokens:
+        return "the segment whose live keys the device counts has no room"
     reason = attention_supports(q, [s for s in segments if isinstance(s, DenseKV)])
     if reason is not None:
         return reason
