@@ -40,7 +40,8 @@ from qkv.kernels.triton.hadamard import _hadamard_kernel
 from qkv.kernels.triton.records import span_record
 
 POINTERS = {"q_ptr": "*bf16", "qs_ptr": "*bf16", "po_ptr": "*fp32", "cs_ptr": "*fp32",
-            "span_ptr": "*i64", "item_ptr": "*i64", "dk0": "*bf16", "dv0": "*bf16", "dk1": "*bf16", "dv1": "*bf16"}
+            "span_ptr": "*i64", "item_ptr": "*i64", "dk0": "*bf16", "dv0": "*bf16", "dk1": "*bf16", "dv1": "*bf16",
+            "live_ptr": "*i32"}
 LINE = re.compile(r"\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_.]+)(.*)")
 
 
@@ -57,7 +58,7 @@ def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | N
     k_layout, v_layout = span_record(qkv.build_policy(name, window=0).compress(k, k.clone())).layouts
     const = dict(D=128, BLOCK_M=rows, BLOCK_N=block_n, KV_T=tl.bfloat16, DOT_BF16=True, EMULATE=False, HAS_SPANS=True,
                  HAS_DENSE=False, OUT_ROT=merge_rotates(v_layout.ROT, rows), H_NORM=128**-0.5, K=k_layout, V=v_layout,
-                 KEY_SCORES=key_scores and k_layout.STAGES > 0)
+                 KEY_SCORES=key_scores and k_layout.STAGES > 0, LIVE=False)
     return disassemble(decode_kernel, const, POINTERS, warps, maxnreg, tmp)
 
 
