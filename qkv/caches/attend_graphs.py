@@ -61,6 +61,8 @@ class AttendGraph:
 
     def attend(self, layer, q: torch.Tensor, scale: float | None, eager: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``layer``'s attention of ``q`` to its history, replayed where it can be, else ``eager()``."""
+        if q.is_cuda and torch.cuda.is_current_stream_capturing():  # the caller's own graph records the call
+            return eager()
         buf = layer.buffer
         run = buf.run(layer.tail) if q.device.type in self.devices else None
         if run is None or kernels.choose_method(q, layer.config.attention) is not kernels.Method.DECODE:
