@@ -28,7 +28,7 @@ from collections.abc import Callable
 import torch
 
 from qkv import kernels
-from qkv.caches.encode_graphs import cuda_graph
+from qkv.caches.cuda_graph import cuda_graph
 from qkv.kernels.attention import attention_decode_torch
 
 # A graph reads the tail's room up to twice the tail's tokens when it is captured, and at least this
@@ -39,7 +39,7 @@ ROOM = 64
 
 class AttendGraph:
     """The captured attend of one layer (see the module docstring). ``capture(call, pool)``: how a
-    graph is made (:func:`~qkv.caches.encode_graphs.cuda_graph`: a graph with ``replay()`` and
+    graph is made (:func:`~qkv.caches.cuda_graph.cuda_graph`: a graph with ``replay()`` and
     ``pool()``, and the call's output); ``devices``: the device types whose calls are captured.
     Each capture takes its memory from the pool of the graph it replaces, which is still alive
     then: a layer that captures again at every new span holds one graph's memory, not one pool

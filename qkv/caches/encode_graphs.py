@@ -26,49 +26,21 @@ CUDA device are encoded eagerly. Every other encode makes no host sync and draws
 
 from __future__ import annotations
 
-from collections.abc import Callable
 
 import torch
 
+from qkv.caches.cuda_graph import cuda_graph
 from qkv.compressed import CompressedTensor
 from qkv.errors import BackendError
 
 
-def cuda_graph(fn: Callable[[], object], pool=None) -> tuple[torch.cuda.CUDAGraph, object]:
-    """Run ``fn`` once on a side stream (compiles its kernels, settles the allocator), then
-    capture it in a CUDA graph on that stream, its memory from ``pool`` (a graph's ``pool()``
-    that is still alive; None: a pool of its own): (the graph, the captured call's output, whose
-    memory each replay writes). Unlike ``torch.cuda.graph``, it neither waits for the device nor
-    empties the allocator's cache (a decoding step that captures would then allocate every later
-    activation from the driver again)."""
-    main, side = torch.cuda.current_stream(), torch.cuda.Stream()
-    side.wait_stream(main)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(side):
-        fn()
-        if pool is None:
-            graph.capture_begin()
-        else:
-            graph.capture_begin(pool=pool)
-        try:
-            out = fn()
-        finally:
-            graph.capture_end()
-    main.wait_stream(side)
-    return graph, out
-
-
-def cuda_capture(fn: Callable[[], object]) -> tuple[Callable[[], None], object]:
-    """:func:`cuda_graph` of ``fn`` in a pool of its own: (the graph's replay, the output)."""
-    graph, out = cuda_graph(fn)
-    return graph.replay, out
-
-
 class EncodeGraphs:
-    """The captured encodes of one cache, by shape. ``capture``: how a graph is made
-    (:func:`cuda_capture`); ``devices``: the device types whose encodes are captured."""
+    """The captured encodes of one cache, by shape. ``capture(call, pool)``: how a graph is made
+    (:func:`~qkv.caches.cuda_graph.cuda_graph`: a graph with ``replay()``, and the call's output;
+    each shape's graph in a pool of its own); ``devices``: the device types whose encodes are
+    captured."""
 
-    def __init__(self, capture=cuda_capture, devices: tuple[str, ...] = ("cuda",)) -> None:
+    def __init__(self, capture=cuda_graph, devices: tuple[str, ...] = ("cuda",)) -> None:
         self.capture, self.devices = capture, devices
         self._graphs: dict[tuple, tuple] = {}
 
@@ -94,7 +66,8 @@ class EncodeGraphs:
             static_x, static_warm = static[0], None if warm is None else static[1 : 1 + len(warm)]
             static_peaks = None if peaks is None else static[-1]
             try:
-                replay, out = self.capture(lambda: policy._compress(static_x, static_warm, backend, static_peaks))
+                graph, out = self.capture(lambda: policy._compress(static_x, static_warm, backend, static_peaks), None)
+                replay = graph.replay
             except RuntimeError as e:
                 raise BackendError(
                     f"encode_graphs: the encode of {list(x.shape)} {x.dtype} could not be captured in a "

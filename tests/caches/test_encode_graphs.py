@@ -16,16 +16,22 @@ from qkv.errors import BackendError, ConfigError
 H, D, SPAN = 2, 32, 64
 
 
-def emulated_capture(encode):
-    """A capture whose replay recomputes into the captured output's own tensors."""
-    out = encode()
+class Emulated:
+    """A graph whose replay recomputes into the captured output's own tensors."""
 
-    def replay():
-        fresh = encode().tensors()
-        for name, t in out.tensors().items():
+    def __init__(self, encode, out):
+        self.encode, self.out = encode, out
+
+    def replay(self):
+        fresh = self.encode().tensors()
+        for name, t in self.out.tensors().items():
             t.copy_(fresh[name])
 
-    return replay, out
+
+def emulated_capture(encode, pool):
+    """As cuda_graph: the graph and the captured output, which every replay rewrites."""
+    out = encode()
+    return Emulated(encode, out), out
 
 
 def stream(cache, chunks, gen, device="cpu"):
@@ -116,7 +122,7 @@ def test_compress_many_replays_one_graph_per_stacked_shape():
 
 
 def test_an_encode_that_cannot_be_captured_raises():
-    def failing(encode):
+    def failing(encode, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
     policy = qkv.build_policy("qvg", clusters=8)
