@@ -26,7 +26,6 @@ CUDA device are encoded eagerly. Every other encode makes no host sync and draws
 
 from __future__ import annotations
 
-
 import torch
 
 from qkv.caches.cuda_graph import cuda_graph
