@@ -51,7 +51,7 @@ import triton
 from common import copy_bandwidth, matmul_rate, peak_extra
 
 import qkv
-from qkv.caches.encode_graphs import cuda_capture
+from qkv.caches.cuda_graph import cuda_graph
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SPAN = 4096
@@ -82,8 +82,8 @@ def timed(fn, reps: int = 50, rounds: int = 5) -> float:
 
 def graph_timed(fn) -> float:
     """``timed`` of ``fn`` replayed from a CUDA graph (captured after a warm-up on a side stream)."""
-    replay, _ = cuda_capture(fn)
-    return timed(replay)
+    graph, _ = cuda_graph(fn)
+    return timed(graph.replay)
 
 
 def history(batch: int, tokens: int, seed: int = 0):
