@@ -162,7 +162,13 @@ class LayerCache(LayerState):
         if window is not None:
             check_int("bound_to", "window", window, 1)
         self.window = window
+        self.attend_graph = self._attend_graph()
         self._shrink_buffer()
+
+    def _attend_graph(self) -> AttendGraph | None:
+        """The layer's replayed attend (``attend_graphs``), except under a window bound: a layer
+        that evicts at every step (a sliding window) never attends to the same history twice."""
+        return AttendGraph() if self.config.attend_graphs and self.window is None else None
 
     def _room(self, tokens: int) -> int | None:
         """The most tail-buffer room an append of ``tokens`` may plan (None: no bound)."""
@@ -187,7 +193,7 @@ class LayerCache(LayerState):
         # chunk's tensors' indices in it)
         self._ahead: tuple[tuple, CompressedKV | None, CompressedKV, tuple | None] | None = None
         self.checks = ValueChecks(f"layer {self.index}")  # the appended chunks' (qkv.caches.checks)
-        self.attend_graph = AttendGraph() if self.config.attend_graphs else None
+        self.attend_graph = self._attend_graph()
 
     def replace(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Replace everything the layer holds by the chunk ``k``, ``v`` (:meth:`reset`, then

@@ -185,3 +185,15 @@ def test_a_call_inside_the_callers_own_capture_runs_as_it_would_eagerly():
     torch.cuda.synchronize()
     torch.testing.assert_close(out, eager, atol=1e-2, rtol=0)
     assert cache.layer(0).attend_graph.refused is None
+
+
+def test_a_layer_under_a_window_bound_has_no_graph():
+    """A sliding window evicts at every step: its layer never attends to one history twice, so it
+    gets no graph (nor its per-call checks); lifting the bound gives it one again."""
+    layer = qkv.KVCache("rtn", num_layers=1, attend_graphs=True).layer(0)
+    assert layer.attend_graph is not None
+    layer.bound_to(64)
+    layer.reset()
+    assert layer.attend_graph is None
+    layer.bound_to(None)
+    assert layer.attend_graph is not None
