@@ -164,29 +164,6 @@ def test_cuda_graphs_replay_the_decode_kernel(policy):
     assert graphed.layer(0).attend_graph.refused is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_a_call_inside_the_callers_own_capture_runs_as_it_would_eagerly():
-    """A caller that captures ``attend`` in a CUDA graph of its own: the layer's graph stays out
-    of it (a capture inside a capture would fail), and the caller's replay gives the eager result."""
-    gen = torch.Generator(device="cuda").manual_seed(5)
-    cache = qkv.KVCache("rtn", num_layers=1, attend_graphs=True, span_tokens=1024)
-    cache.append(0, *[torch.randn(1, 8, 1500, 128, generator=gen, device="cuda").bfloat16() for _ in range(2)])
-    q = torch.randn(1, 32, 1, 128, generator=gen, device="cuda").bfloat16()
-    eager = cache.attend(0, q).clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        cache.attend(0, q)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = cache.attend(0, q)
-    graph.replay()
-    torch.cuda.synchronize()
-    torch.testing.assert_close(out, eager, atol=1e-2, rtol=0)
-    assert cache.layer(0).attend_graph.refused is None
-
-
 def test_a_layer_under_a_window_bound_has_no_graph():
     """A sliding window evicts at every step: its layer never attends to one history twice, so it
     gets no graph (nor its per-call checks); lifting the bound gives it one again."""

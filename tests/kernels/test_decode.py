@@ -211,11 +211,13 @@ def test_llama_shapes_on_the_gpu(name, sq):
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("name", ["qvg", "quarot"])
-def test_attend_is_captured_in_a_cuda_graph(name):
+@pytest.mark.parametrize("name, attend_graphs", [("qvg", False), ("quarot", False), ("rtn", True)])
+def test_attend_is_captured_in_a_cuda_graph(name, attend_graphs):
     """Fixed shapes: KVCache.attend (decode path) replayed from a CUDA graph gives the eager result;
-    nothing on its path copies to the device or waits for it."""
-    cache = qkv.KVCache(name, span_tokens=1024)
+    nothing on its path copies to the device or waits for it. With ``attend_graphs`` the layer's
+    own graph stays out of the caller's capture (a capture inside a capture would fail): the
+    call inside it runs as it would eagerly."""
+    cache = qkv.KVCache(name, span_tokens=1024, attend_graphs=attend_graphs)
     for i in range(5):
         cache.append(0, randn(60 + i, 1, 8, 512, 128), randn(70 + i, 1, 8, 512, 128))
     q = randn(80, 1, 32, 1, 128)
@@ -231,6 +233,7 @@ def test_attend_is_captured_in_a_cuda_graph(name):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, eager)
+    assert not attend_graphs or cache.layer(0).attend_graph.refused is None
 
 
 @pytest.mark.parametrize("name", ["quarot", "qvg"])
