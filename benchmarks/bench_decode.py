@@ -243,7 +243,8 @@ def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> 
     from qkv.caches.adapters.transformers_cache import ATTENTION
 
     variants = {**caches, **({"qvg_check_every_step": caches["qvg"]} if "qvg" in caches else {})}
-    batch = {name: 1 if name == "qvg_check_every_step" else checks.CHECK_BATCH for name in variants}
+    default = checks.CHECK_BATCH
+    batch = {name: 1 if name == "qvg_check_every_step" else default for name in variants}
     made, times = {}, {name: [] for name in variants}
     positions = torch.arange(prompt.shape[1], prompt.shape[1] + steps, device=DEVICE)[None]
     # qkv's attention for every cache: it hands a DynamicCache's steps to transformers' SDPA as
@@ -262,7 +263,7 @@ def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> 
                 model(prompt[:, -1:], past_key_values=made[name], use_cache=True, position_ids=positions[:, i : i + 1])
                 torch.cuda.synchronize()
                 times[name].append((time.perf_counter() - start) * 1e3)
-    checks.CHECK_BATCH = batch[next(iter(caches))]
+    checks.CHECK_BATCH = default
     rows = []
     for name, ms in times.items():
         q = statistics.quantiles(ms, n=10)

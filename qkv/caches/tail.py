@@ -141,9 +141,10 @@ class TailBuffer:
     def prefix(self, tail: list[Chunk], n: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The first ``n`` tokens of ``tail`` as one view each of keys and values when ``tail`` is
         this buffer's run (found without walking its chunks), else None."""
-        if not self.is_run(tail):
+        run = self.run(tail)
+        if run is None:
             return None
-        start = self._run[3] - extent(tail)
+        start = run[0]
         return self.k[:, :, start : start + n], self.v[:, :, start : start + n]
 
     def run(self, tail: list[Chunk]) -> tuple[int, int] | None:
