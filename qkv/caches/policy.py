@@ -341,16 +341,20 @@ class Policy:
         backend: str = "auto",
         validate: bool = True,
         graphs: EncodeGraphs | None = None,
+        names: Sequence[str] | None = None,
     ) -> list[CompressedKV]:
         """:meth:`compress` of every (k, v) of ``pairs`` (``warm_starts[i]`` for pair i), in as few
         passes as the inputs allow: pairs of one [H, S, D], dtype and device, all with a warm start
         or all without, are stacked along the batch and compressed in one pass, then split. Each
         (batch, head) row is compressed on its own (k-means's random draws are shared by all rows),
         so every result equals what :meth:`compress` gives for its pair, bit for bit; the spans of
-        all the layers of a model (one chunk each) then cost one pass instead of one per layer."""
+        all the layers of a model (one chunk each) then cost one pass instead of one per layer.
+        ``names[i]``: what a value error calls pair i (default ``pairs[i]``)."""
         warm_starts = [None] * len(pairs) if warm_starts is None else list(warm_starts)
         if len(warm_starts) != len(pairs):
             raise ConfigError(f"compress_many: {len(warm_starts)} warm starts for {len(pairs)} pairs")
+        if names is not None and len(names) != len(pairs):
+            raise ConfigError(f"compress_many: {len(names)} names for {len(pairs)} pairs")
         passes: dict[tuple, list[int]] = {}
         named = []  # the values to check: every pair's, in one read-back
         for i, ((k, v), warm) in enumerate(zip(pairs, warm_starts)):
@@ -359,7 +363,7 @@ class Policy:
             self.k.check_shape("k", tuple(k.shape))
             self.v.check_shape("v", tuple(v.shape))
             passes.setdefault((tuple(k.shape[1:]), k.dtype, v.dtype, k.device, warm is None), []).append(i)
-            where = "" if len(pairs) == 1 else f"pairs[{i}]: "
+            where = f"{names[i]}: " if names is not None else "" if len(pairs) == 1 else f"pairs[{i}]: "
             named += [(f"{where}k", k), (f"{where}v", v)] if validate else []
         out: list[CompressedKV | None] = [None] * len(pairs)
         with values_checked(named) as peaks:  # [B, H] per tensor, k and v of each pair in turn

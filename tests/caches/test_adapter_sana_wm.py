@@ -10,7 +10,7 @@ import torch
 
 import qkv
 from qkv.caches.layer_cache import LayerCache
-from qkv.errors import CacheError, ConfigError
+from qkv.errors import CacheError, ConfigError, NonFiniteError
 
 refiner = pytest.importorskip("diffusers.pipelines.sana_wm.refiner", reason="needs diffusers >= 0.42 (SANA-WM)")
 from diffusers import FlowMatchEulerDiscreteScheduler  # noqa: E402
@@ -95,9 +95,9 @@ def test_qvg_stays_close_and_stores_less(pipe, reference, bounded_spans):
 
 
 def test_captured_blocks_are_compressed_in_passes(pipe, compress_passes):
-    """A refined block's K/V wait until ``blocks_per_pass`` blocks (or the last block) captured
-    theirs, then are compressed in one pass; the refinement equals block-by-block passes bit for
-    bit."""
+    """A refined block's K/V, and a captured sink, wait until ``blocks_per_pass`` blocks (or the
+    last block) captured theirs, then are compressed in one pass; the refinement equals
+    block-by-block passes bit for bit."""
     policy = qkv.build_policy("qvg", clusters=4, block=16)
     passes = compress_passes
     runs = {}
@@ -106,11 +106,23 @@ def test_captured_blocks_are_compressed_in_passes(pipe, compress_passes):
         with adapter.install(pipe, policy, blocks_per_pass=per_pass) as handle:
             runs[per_pass] = refine(pipe), list(passes), handle.memory()
     blocks = -(-(FRAMES - 1) // 3)  # refined blocks of 3 frames (the last one shorter)
-    assert runs[2][1] == [1, 1] + [2] * blocks  # each layer's sink, then both layers' block in one pass
+    assert runs[2][1] == [2] + [2] * blocks  # both layers' sinks in one pass, then both layers' block
     assert runs[1][1] == [1, 1] + [1, 1] * blocks
     assert torch.equal(runs[1][0], runs[2][0]) and runs[1][2] == runs[2][2]
     with pytest.raises(ConfigError, match="blocks_per_pass"):
         adapter.install(pipe, policy, blocks_per_pass=0)
+
+
+def test_a_bad_sink_value_names_its_block(pipe, monkeypatch):
+    set_sink = adapter.SanaWMHandle.set_sink
+
+    def poisoned(self, index, k, v):
+        set_sink(self, index, k.clone().index_fill_(2, torch.tensor([1]), float("nan")) if index == 1 else k, v)
+
+    monkeypatch.setattr(adapter.SanaWMHandle, "set_sink", poisoned)
+    with adapter.install(pipe, qkv.build_policy("qvg", clusters=4, block=16)):
+        with pytest.raises(NonFiniteError, match="sana_wm block 1: sink: k"):
+            refine(pipe)
 
 
 def test_a_history_the_cache_does_not_hold_raises(pipe):

@@ -80,11 +80,13 @@ class SanaWMHandle(AdapterHandle):
         self.sinks: list[CompressedKV | tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(model.transformer_blocks)
         self.blocks_per_pass = blocks_per_pass
         self.waiting: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # per block, a captured block not stored yet
+        self.raw_sinks: set[int] = set()  # blocks whose captured sink waits for its compression pass
 
     def reset(self) -> None:
         super().reset()
         self.sinks = [None] * len(self.sinks)
         self.waiting = {}
+        self.raw_sinks = set()
 
     def pending(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [s for s in self.sinks if isinstance(s, tuple)] + list(self.waiting.values())
@@ -119,17 +121,31 @@ class SanaWMHandle(AdapterHandle):
         return mem
 
     def set_sink(self, index: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Block ``index``'s sink (pre-RoPE [B, H, S, D]); its history starts over."""
-        cfg = self.cache.config
-        if self.sink_full_precision:
-            self.sinks[index] = (k.contiguous(), v.contiguous())
-        else:
-            self.sinks[index] = cfg.span_policy.compress(k.contiguous(), v.contiguous(), backend=cfg.backend,
-                                                         validate=cfg.validate)
+        """Block ``index``'s sink (pre-RoPE [B, H, S, D]); its history starts over. A sink to
+        compress waits, as a captured block does (:meth:`hold`), for ``blocks_per_pass`` blocks' sinks
+        or the last block's, or for its first read, then they are compressed in one pass
+        (:meth:`compress_sinks`)."""
+        self.sinks[index] = (k.contiguous(), v.contiguous())
         self.cache.layer(index).reset()
+        if not self.sink_full_precision:
+            self.raw_sinks.add(index)
+            if len(self.raw_sinks) >= self.blocks_per_pass or index == len(self.sinks) - 1:
+                self.compress_sinks()
+
+    def compress_sinks(self) -> None:
+        """Compress every waiting sink in one pass (:meth:`Policy.compress_many`, one value check
+        for all of them: the same sinks, bit for bit, as one by one)."""
+        indices, self.raw_sinks = sorted(self.raw_sinks), set()
+        cfg = self.cache.config
+        done = cfg.span_policy.compress_many([self.sinks[i] for i in indices], backend=cfg.backend,
+                                             validate=cfg.validate, names=[f"sana_wm block {i}: sink" for i in indices])
+        for i, ckv in zip(indices, done):
+            self.sinks[i] = ckv
 
     def sink(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Block ``index``'s sink K/V, pre-RoPE [B, H, S, D] (the sink alone is decompressed)."""
+        if index in self.raw_sinks:
+            self.compress_sinks()
         s = self.sinks[index]
         if s is None:
             raise CacheError(f"sana_wm block {index}: no sink captured (run capture_pre_rope first)")
