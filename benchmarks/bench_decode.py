@@ -19,7 +19,8 @@ qvg at batch 1, 32k is also timed with ``attention="fused"`` and ``"staged"`` (t
 before the decode kernel).
 
 ``generate``: a Llama-3-8B-shaped model (random bf16 weights, ``--generate-layers`` of its 32 layers),
-a 32k-token prompt and 256 greedy new tokens: tokens/s of the new tokens (prompt excluded: the
+a 32k-token prompt and 256 greedy new tokens, the compressed caches in spans of ``--generate-span``
+tokens (8,192: qvg's 256 centroids a KV head cost 0.5 bit an element there, 1 bit at 4,096): tokens/s of the new tokens (prompt excluded: the
 time of generating 1 token is subtracted; the median of ``ROUNDS`` runs, the caches taking
 turns), peak GPU memory and the K/V bytes, with
 ``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``),
@@ -55,6 +56,9 @@ from qkv.caches.cuda_graph import cuda_graph
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 SPAN = 4096
+# The generate rows' spans: each span carries its centroids (qvg's 256 of D bf16 values a KV head),
+# 1 bit an element at 4,096 tokens, 0.5 at 8,192 (``--generate-span``)
+GENERATE_SPAN = 8192
 TAIL = 1000
 CASES = ((1, 32 * 1024), (1, 128 * 1024), (8, 32 * 1024))
 QUERIES = (1, 16)
@@ -166,8 +170,10 @@ def llama(layers: int):
         return LlamaForCausalLM._from_config(config, dtype=torch.bfloat16).eval()
 
 
-def generate_rows(layers: int, runs: bool = True, only: list[str] | None = None) -> tuple[list[dict], list[dict]]:
-    """The ``generate`` rows (none unless ``runs``) and :func:`step_rows` of a model of ``layers``,
+def generate_rows(layers: int, span: int, runs: bool = True, only: list[str] | None = None,
+                  ) -> tuple[list[dict], list[dict]]:
+    """The ``generate`` rows (none unless ``runs``) and :func:`step_rows` of a model of ``layers``, spans of
+    ``span`` tokens,
     for the caches named in ``only`` (default: all)."""
     from transformers import DynamicCache
 
@@ -177,16 +183,16 @@ def generate_rows(layers: int, runs: bool = True, only: list[str] | None = None)
     prompt = torch.randint(0, model.config.vocab_size, (1, 32 * 1024), device=DEVICE)
     caches = {
         "dynamic": ("sdpa", lambda: DynamicCache()),
-        "kivi": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True)),
+        "kivi": (ATTENTION, lambda: QKVCache("kivi", span_tokens=span, direct=True)),
         # the same with each group's encode (every 32 tokens) replayed from a CUDA graph
-        "kivi_graphs": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True, encode_graphs=True)),
-        "qvg": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN, direct=True)),
+        "kivi_graphs": (ATTENTION, lambda: QKVCache("kivi", span_tokens=span, direct=True, encode_graphs=True)),
+        "qvg": (ATTENTION, lambda: QKVCache("qvg", span_tokens=span, direct=True)),
         # the same without the value check of the appended tokens (queued every CHECK_BATCH tokens)
-        "qvg_unchecked": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
+        "qvg_unchecked": (ATTENTION, lambda: QKVCache("qvg", span_tokens=span,
                                                       direct=True, validate=False)),
         # each layer's one-token attention not replayed from a CUDA graph (QKVCache(direct=True) replays it)
-        "kivi_attend_eager": (ATTENTION, lambda: QKVCache("kivi", span_tokens=SPAN, direct=True, attend_graphs=False)),
-        "qvg_attend_eager": (ATTENTION, lambda: QKVCache(qkv.build_policy("qvg", clusters=256), span_tokens=SPAN,
+        "kivi_attend_eager": (ATTENTION, lambda: QKVCache("kivi", span_tokens=span, direct=True, attend_graphs=False)),
+        "qvg_attend_eager": (ATTENTION, lambda: QKVCache("qvg", span_tokens=span,
                                                          direct=True, attend_graphs=False)),
     }
     if only:
@@ -281,6 +287,7 @@ def main() -> None:
     parser.add_argument("--skip-decode", action="store_true", help="only the generate rows")
     parser.add_argument("--steps-only", action="store_true", help="of the generate rows, only the interleaved steps")
     parser.add_argument("--caches", nargs="+", help="the generate rows' caches (default: all)")
+    parser.add_argument("--generate-span", type=int, default=GENERATE_SPAN, help="the generate rows' span tokens")
     args = parser.parse_args()
     torch.manual_seed(0)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
@@ -294,8 +301,8 @@ def main() -> None:
         result["decode"] = rows(bandwidth, rate)
         write(args.out, result)  # kept if the generate rows fail
     if not args.skip_generate:
-        runs, steps = generate_rows(args.generate_layers, not args.steps_only, args.caches)
-        result["generate"] = {"layers": args.generate_layers, "rows": runs, "steps": steps}
+        runs, steps = generate_rows(args.generate_layers, args.generate_span, not args.steps_only, args.caches)
+        result["generate"] = {"layers": args.generate_layers, "span": args.generate_span, "rows": runs, "steps": steps}
     write(args.out, result)
 
 
