@@ -23,9 +23,8 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
-from bench_decode import SPAN, llama
+from bench_decode import GENERATE_SPAN, llama
 
-import qkv
 from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
 
 PROMPT = 32 * 1024
@@ -33,18 +32,17 @@ PROMPT = 32 * 1024
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("policy", help="a preset (qvg gets 256 clusters, as bench_decode), or 'dynamic' for "
+    parser.add_argument("policy", help="a preset (in spans of bench_decode's generate rows), or 'dynamic' for "
                         "transformers' DynamicCache with its default attention (the baseline)")
     args = parser.parse_args()
     model = llama(8)
     model.set_attn_implementation("sdpa" if args.policy == "dynamic" else ATTENTION)
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda")
-    policy = qkv.build_policy(args.policy, clusters=256) if args.policy == "qvg" else args.policy
 
     def make():
         if args.policy == "dynamic":
             return DynamicCache()
-        return QKVCache(policy, span_tokens=SPAN, direct=True)
+        return QKVCache(args.policy, span_tokens=GENERATE_SPAN, direct=True)
 
     def step(cache, i):
         model(prompt[:, -1:], past_key_values=cache, use_cache=True,
