@@ -20,9 +20,9 @@ before the decode kernel).
 
 ``generate``: a Llama-3-8B-shaped model (random bf16 weights, ``--generate-layers`` of its 32 layers),
 a 32k-token prompt and 256 greedy new tokens, the compressed caches in spans of ``--generate-span``
-tokens (8,192: qvg's 256 centroids a KV head cost 0.5 bit an element there, 1 bit at 4,096): tokens/s of the new tokens (prompt excluded: the
-time of generating 1 token is subtracted; the median of ``ROUNDS`` runs, the caches taking
-turns), peak GPU memory and the K/V bytes, with
+tokens (8,192: qvg's 256 centroids a KV head cost 0.5 bit an element there, 1 bit at 4,096):
+tokens/s of the new tokens (prompt excluded: the time of generating 1 token is subtracted; the
+median of ``ROUNDS`` runs, the caches taking turns), peak GPU memory and the K/V bytes, with
 ``QKVCache("kivi")`` and ``QKVCache("qvg")`` attending directly (``attn_implementation="qkv"``),
 kivi again with ``encode_graphs=True`` (each group's encode replayed from a CUDA graph), kivi and
 qvg again with ``attend_graphs=False`` (each layer's one-token attention run eagerly, not replayed
@@ -172,9 +172,8 @@ def llama(layers: int):
 
 def generate_rows(layers: int, span: int, runs: bool = True, only: list[str] | None = None,
                   ) -> tuple[list[dict], list[dict]]:
-    """The ``generate`` rows (none unless ``runs``) and :func:`step_rows` of a model of ``layers``, spans of
-    ``span`` tokens,
-    for the caches named in ``only`` (default: all)."""
+    """The ``generate`` rows (none unless ``runs``) and :func:`step_rows` of a model of ``layers``,
+    for the caches named in ``only`` (default: all), in spans of ``span`` tokens."""
     from transformers import DynamicCache
 
     from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
@@ -188,12 +187,10 @@ def generate_rows(layers: int, span: int, runs: bool = True, only: list[str] | N
         "kivi_graphs": (ATTENTION, lambda: QKVCache("kivi", span_tokens=span, direct=True, encode_graphs=True)),
         "qvg": (ATTENTION, lambda: QKVCache("qvg", span_tokens=span, direct=True)),
         # the same without the value check of the appended tokens (queued every CHECK_BATCH tokens)
-        "qvg_unchecked": (ATTENTION, lambda: QKVCache("qvg", span_tokens=span,
-                                                      direct=True, validate=False)),
+        "qvg_unchecked": (ATTENTION, lambda: QKVCache("qvg", span_tokens=span, direct=True, validate=False)),
         # each layer's one-token attention not replayed from a CUDA graph (QKVCache(direct=True) replays it)
         "kivi_attend_eager": (ATTENTION, lambda: QKVCache("kivi", span_tokens=span, direct=True, attend_graphs=False)),
-        "qvg_attend_eager": (ATTENTION, lambda: QKVCache("qvg", span_tokens=span,
-                                                         direct=True, attend_graphs=False)),
+        "qvg_attend_eager": (ATTENTION, lambda: QKVCache("qvg", span_tokens=span, direct=True, attend_graphs=False)),
     }
     if only:
         caches = {name: caches[name] for name in only}

@@ -247,8 +247,8 @@ def install(target, policy: Policy | str = "qvg", *, sink_full_precision: bool =
     ``cache_options``: the history's :class:`~qkv.KVCache` options (``span_chunks`` defaults to 1
     here: a span per refined block; not ``num_layers``, ``max_spans`` nor ``sink_chunks``: the
     pipeline's window decides); ``sink_full_precision``: keep the sink exact instead of
-    compressed; ``blocks_per_pass``: the blocks whose captured K/V are compressed together, in one
-    pass (more: fewer launches, more K/V held in bf16 meanwhile). Returns the handle
+    compressed; ``blocks_per_pass``: the blocks whose captured K/V (and sinks) are compressed
+    together, in one pass (more: fewer launches, more K/V held in bf16 meanwhile). Returns the handle
     (``memory()``, ``remove()``)."""
     model = diffusers_transformer(target, "SanaWMLTX2RefinerTransformer3DModel", "sana_wm")
     refuse_context_parallel(model, "sana_wm", NO_CONTEXT_PARALLEL)
