@@ -5,7 +5,9 @@
 cProfile over 16 more (cumulative, top 40), the operations that make the host wait for the GPU
 in 8 more (``torch.cuda.set_sync_debug_mode``, counted by the line that called them), and
 torch.profiler tables over 8 more (by GPU time and by host time). ``generate`` itself is timed for
-1 and 33 new tokens after a 40-token warm-up.
+1 and 33 new tokens after a 40-token warm-up. Last, :func:`host_split` over 64 more: the host's
+microseconds a layer in the cache's ``update`` and in the attention function, timed around each
+call without a profiler (the two places where the caches' steps differ).
 
     PYTHONPATH=. python3 benchmarks/profile_generate.py qvg > benchmarks/results/profile_generate_qvg_h200.txt
 """
@@ -23,6 +25,7 @@ from collections import Counter
 import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from bench_decode import GENERATE_SPAN, llama
 
 from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
@@ -91,6 +94,41 @@ def main() -> None:
             torch.cuda.synchronize()
     print(tprof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
     print(tprof.key_averages().table(sort_by="cpu_time_total", row_limit=30))
+    with torch.no_grad():
+        split = host_split(model, cache, lambda: [step(cache, i) for i in range(56, 120)])
+    print("host us a layer, mean of 64 steps:", ", ".join(f"{name} {us:.1f}" for name, us in split.items()))
+
+
+def host_split(model, cache, run) -> dict[str, float]:
+    """The host's mean microseconds per call of ``cache.update`` and of the model's attention
+    function (one each per layer and step) while ``run()`` runs, each timed by ``perf_counter``
+    around the call (no profiler, no device sync), and of the steps' remaining host work per layer."""
+    spent, calls = Counter(), Counter()
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent[name] += time.perf_counter() - start
+            calls[name] += 1
+            return out
+        return call
+
+    impl = model.config._attn_implementation
+    ALL_ATTENTION_FUNCTIONS[impl] = timed("attention", ALL_ATTENTION_FUNCTIONS[impl])
+    cache.update = timed("update", cache.update)
+    try:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        run()
+        torch.cuda.synchronize()
+        total = time.perf_counter() - start
+    finally:
+        del ALL_ATTENTION_FUNCTIONS[impl], cache.update
+    layers = calls["update"]
+    split = {name: 1e6 * spent[name] / calls[name] for name in ("update", "attention")}
+    split["rest of the step"] = 1e6 * (total - spent["update"] - spent["attention"]) / layers
+    return split
 
 
 if __name__ == "__main__":
