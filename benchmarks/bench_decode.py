@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from common import copy_bandwidth, matmul_rate, peak_extra
+from common import copy_bandwidth, matmul_rate, paired_ratio, peak_extra
 
 import qkv
 from qkv.caches.cuda_graph import cuda_graph
@@ -241,7 +241,9 @@ def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> 
     host that speeds up or slows down during the run weighs on all of them alike): after one
     forward of ``prompt`` into each cache, ``steps`` steps each, every step timed on its own
     (synchronized before and after); ``qvg_check_every_step`` is qvg with its value check queued
-    at every step instead of every ``CHECK_BATCH`` tokens (``CHECK_BATCH = 1``)."""
+    at every step instead of every ``CHECK_BATCH`` tokens (``CHECK_BATCH = 1``). Each row keeps
+    its steps' times, and the median ratio of each step to ``DynamicCache``'s step of the same
+    turn with its 95% bootstrap interval (:func:`common.paired_ratio`)."""
     from qkv.caches import checks
     from qkv.caches.adapters.transformers_cache import ATTENTION
 
@@ -271,8 +273,10 @@ def step_rows(model, prompt: torch.Tensor, caches: dict, steps: int = STEPS) -> 
     for name, ms in times.items():
         q = statistics.quantiles(ms, n=10)
         rows.append({"cache": name, "step_ms_median": statistics.median(ms), "step_ms_p10": q[0], "step_ms_p90": q[-1],
-                     "tokens_per_s": 1e3 / statistics.median(ms), "steps": steps})
-        print(json.dumps(rows[-1]), flush=True)
+                     "tokens_per_s": 1e3 / statistics.median(ms), "steps": steps, "step_ms": ms})
+        if "dynamic" in times and name != "dynamic":  # step i of each cache ran next to DynamicCache's
+            rows[-1]["step_ratio_to_dynamic"] = paired_ratio(ms, times["dynamic"])
+        print(json.dumps({k: v for k, v in rows[-1].items() if k != "step_ms"}), flush=True)
     return rows
 
 

@@ -13,6 +13,8 @@ import contextlib
 import json
 import pathlib
 import platform
+import random
+import statistics
 
 import torch
 
@@ -129,3 +131,15 @@ def overridden(module, values: dict):
     finally:
         for name, value in before.items():
             setattr(module, name, value)
+
+
+def paired_ratio(times: list[float], base: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """The median of ``times[i] / base[i]`` (pairs timed side by side, e.g. two caches' steps taking
+    turns) and its 95% bootstrap interval (``resamples`` draws of the pairs with replacement)."""
+    if len(times) != len(base) or not times:
+        raise ValueError(f"paired_ratio: {len(times)} times against {len(base)} base times")
+    ratios = [t / b for t, b in zip(times, base)]
+    rng = random.Random(seed)
+    medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
+    return {"median": statistics.median(ratios), "low": medians[int(0.025 * resamples)],
+            "high": medians[int(0.975 * resamples) - 1]}
