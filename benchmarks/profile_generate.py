@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import json
 import os
 import pstats
 import time
@@ -27,6 +28,7 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import DynamicCache
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from bench_decode import GENERATE_SPAN, llama
+from common import environment
 
 from qkv.caches.adapters.transformers_cache import ATTENTION, QKVCache
 
@@ -38,6 +40,7 @@ def main() -> None:
     parser.add_argument("policy", help="a preset (in spans of bench_decode's generate rows), or 'dynamic' for "
                         "transformers' DynamicCache with its default attention (the baseline)")
     args = parser.parse_args()
+    print(json.dumps(environment()), flush=True)
     model = llama(8)
     model.set_attn_implementation("sdpa" if args.policy == "dynamic" else ATTENTION)
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), device="cuda")
@@ -102,7 +105,7 @@ def main() -> None:
 def host_split(model, cache, run) -> dict[str, float]:
     """The host's mean microseconds per call of ``cache.update`` and of the model's attention
     function (one each per layer and step) while ``run()`` runs, each timed by ``perf_counter``
-    around the call (no profiler, no device sync), and of the steps' remaining host work per layer."""
+    around the call (no profiler, no device sync), and the rest of the steps' wall time per layer."""
     spent, calls = Counter(), Counter()
 
     def timed(name, fn):
