@@ -7,7 +7,8 @@ in 8 more (``torch.cuda.set_sync_debug_mode``, counted by the line that called t
 torch.profiler tables over 8 more (by GPU time and by host time). ``generate`` itself is timed for
 1 and 33 new tokens after a 40-token warm-up. Last, :func:`host_split` over 64 more: the host's
 microseconds a layer in the cache's ``update`` and in the attention function, timed around each
-call without a profiler (the two places where the caches' steps differ).
+call without a profiler (the two places where the caches' steps differ), and for qkv where its
+attend graphs read the query (in place or copied).
 
     PYTHONPATH=. python3 benchmarks/profile_generate.py qvg > benchmarks/results/profile_generate_qvg_h200.txt
 """
@@ -100,6 +101,10 @@ def main() -> None:
     with torch.no_grad():
         split = host_split(model, cache, lambda: [step(cache, i) for i in range(56, 120)])
     print("host us a layer, mean of 64 steps:", ", ".join(f"{name} {us:.1f}" for name, us in split.items()))
+    if args.policy != "dynamic":  # where the attend graphs read the query (qkv.caches.attend_graphs)
+        graphs = [layer.layer.attend_graph for layer in cache.layers]
+        print("attend graphs:", sum(g.captures for g in graphs), "captures, replays",
+              {kind: sum(g.replays[kind] for g in graphs) for kind in graphs[0].replays})
 
 
 def host_split(model, cache, run) -> dict[str, float]:

@@ -8,9 +8,15 @@ then costs more than the GPU's time at batch 1 (docs/attention.md, ``generate``)
 row: the sink, the span plan, and the tail as its buffer's room from the tail's first token on,
 of which the device holds the count of live keys (``live``, see :func:`qkv.kernels.attention`; the
 room up to twice the tail's tokens at the capture, and at least :data:`ROOM` more).
-Each replay adds one to that count first (a decoding step appends one token between two calls),
-so a call costs the host a copy of the query and a replay; where the host's count says the device's
-is off (another number of tokens appended, a ``crop``), it writes the count before the replay.
+Each replay adds one to that count first (a decoding step appends one token between two calls);
+where the host's count says the device's is off (another number of tokens appended, a ``crop``),
+it writes the count before the replay. The query is read where it lies when it lies where the last
+call's did (a model's allocations repeat from step to step, so each layer's query lands at one
+address): a second call at the same address captures a graph that reads the query in place, and
+every call at that address replays it, so a call costs the host one replay. Before that graph, a
+query that moved runs eagerly once and is copied from the second move in a row; after it, a query
+elsewhere is copied: into a second graph's own query (a copy a call: ~13 us of the host's time on an H100, a tenth of a layer's decoding step,
+``benchmarks/results/profile_generate_qvg_host_split_h100.txt``).
 
 A new span, a tail moved within or out of its buffer or grown past the room read, another query
 shape or scale: the history is no longer the captured one, the graph goes, the call runs eagerly,
@@ -18,7 +24,8 @@ and the next such call captures again. Calls that would not run the decode kerne
 ``extra`` keys, a backend or layout it cannot take) run eagerly, and a capture that fails leaves
 its reason in :attr:`AttendGraph.refused`. Each graph keeps its call's partials (at most
 ``PARTIAL_SHARE`` of the bytes it reads) and output: the output is the graph's own, which the
-layer's next replay overwrites.
+layer's next replay overwrites. A history has at most two graphs (in place, copied), from one pool
+(never replayed at once: one stream, one call at a time) and one count of live keys.
 """
 
 from __future__ import annotations
@@ -49,15 +56,22 @@ class AttendGraph:
         self.capture, self.devices = capture, devices
         self.captures = 0  # graphs made so far
         self.refused: str | None = None  # why the last capture failed (the call then ran eagerly)
+        self.replays = {"in place": 0, "copied": 0}  # replays so far, by where the query was read
         self._last = None  # the last graph made: its pool serves the next capture
         self._drop()
 
     def _drop(self) -> None:
         self._key: tuple | None = None
-        self._room = 0  # the tail tokens the graph reads at most
+        self._room = 0  # the tail tokens the graphs read at most
         self._held: tuple = ()  # what the key names by id, kept alive so that no id is reused
-        self._graph: tuple | None = None  # (graph, static q, live, out), or () where capture failed
+        # (graph, its own query, out): the query copied in; (graph, the query's address, out): read
+        # in place; () where capture failed
+        self._copied: tuple | None = None
+        self._in_place: tuple | None = None
+        self._count: torch.Tensor | None = None  # the device's live count, which both graphs read
         self._live: int | None = None  # the device's live count as the host knows it (None: unknown)
+        self._address: int | None = None  # where the last call's query lay
+        self._moved = 0  # calls in a row whose query lay elsewhere than the last one's (no in-place graph yet)
 
     def attend(self, layer, q: torch.Tensor, scale: float | None, eager: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``layer``'s attention of ``q`` to its history, replayed where it can be, else ``eager()``."""
@@ -71,38 +85,56 @@ class AttendGraph:
         start, tokens = run
         plan = layer.span_plan()
         key = (id(plan), id(buf.k), start, *map(id, layer.sink), q.shape, q.stride(), q.dtype, q.device, scale)
+        address, last = q.data_ptr(), self._address
         if key != self._key or tokens > self._room:  # another history: eager, captured if it comes again
             self._drop()
             self._key, self._held = key, (plan, buf.k, tuple(layer.sink))
             self._room = min(buf.capacity - start, max(2 * tokens, tokens + ROOM))
+            self._address = address
             return eager()
-        if self._graph is None:
-            self._graph = self._make(layer, start, q, scale, tokens)
-        if not self._graph:
-            return eager()
-        graph, static_q, live, out = self._graph
-        static_q.copy_(q)
+        self._address = address
+        if self._in_place is None:
+            self._moved = 0 if address == last else self._moved + 1
+            if not self._moved:  # the query lies where the last one did
+                self._in_place = self._make(layer, start, q, scale, tokens, in_place=True)
+        if self._in_place and self._in_place[1] == address:
+            graph, _, out = self._in_place
+            self.replays["in place"] += 1
+        else:
+            # before a graph reads it in place, a query that moved once runs eagerly (a history's
+            # first calls move it: their outputs come from the model's memory, a graph's from its
+            # own); moved twice in a row, or away from the in-place graph's address, it is copied
+            if self._copied is None and (self._in_place is not None or self._moved >= 2):
+                self._copied = self._make(layer, start, q, scale, tokens, in_place=False)
+            if not self._copied:
+                return eager()
+            graph, static_q, out = self._copied
+            static_q.copy_(q)
+            self.replays["copied"] += 1
         if self._live != tokens - 1:
-            live.fill_(tokens - 1)
+            self._count.fill_(tokens - 1)
         graph.replay()  # adds the step's token to the count, then attends
         self._live = tokens
         return out
 
-    def _make(self, layer, start: int, q, scale, tokens) -> tuple:
-        """Capture the call (an empty tuple, with :attr:`refused` set, where it cannot be)."""
+    def _make(self, layer, start: int, q, scale, tokens, in_place: bool) -> tuple:
+        """Capture the call, reading ``q`` where it lies (``in_place``) or a copy of it (an empty
+        tuple, with :attr:`refused` set, where it cannot be)."""
         cfg, (plan, buf_k, sink) = layer.config, self._held
         end = start + self._room
         room = kernels.DenseKV(buf_k[:, :, start:end], layer.buffer.v[:, :, start:end])
         segments = [kernels.DenseKV(c.k, c.v) for c in sink] + [plan, room]
-        static_q = q.clone()
-        live = torch.full((1,), tokens - 1, dtype=torch.int32, device=q.device)
+        query = q if in_place else q.clone()
+        if self._count is None:
+            self._count = torch.full((1,), tokens - 1, dtype=torch.int32, device=q.device)
+        live = self._count
 
         def call() -> torch.Tensor:
             live.add_(1)
-            return kernels.attention(static_q, segments, scale=scale, backend=cfg.backend, method=cfg.attention,
+            return kernels.attention(query, segments, scale=scale, backend=cfg.backend, method=cfg.attention,
                                      live=live)
 
-        if q.device.type == "cuda" and kernels.resolve("attention_decode", cfg.backend, q.device, static_q, segments,
+        if q.device.type == "cuda" and kernels.resolve("attention_decode", cfg.backend, q.device, query, segments,
                                                         scale, live) is attention_decode_torch:
             self.refused = "the decode kernel cannot read this history (its twin reads the count back)"
             return ()
@@ -114,4 +146,6 @@ class AttendGraph:
         self.captures += 1
         self._last = graph
         self._live = None  # the capture's warm-up call counted too
-        return graph, static_q, live, out
+        # an in-place graph keeps the query's address, not the query: held, its memory could not
+        # take the next step's query
+        return graph, q.data_ptr() if in_place else query, out

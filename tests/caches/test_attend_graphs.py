@@ -81,8 +81,9 @@ def test_replayed_steps_equal_eager_steps(policy, options):
         assert torch.equal(got, want), step
         if graph.captures == 1 and step < 99:
             first_pool = graph._last.pool()
-    # an eager call or two per history (a span compressed, the tail past the room read), the rest replayed
-    assert 1 <= graph.captures <= 10 and REPLAYS[0] - replays >= 100 - 2 * graph.captures - 2
+    # a few eager calls per history (a span compressed, the tail past the room read; queries that
+    # lie elsewhere at every step are copied from the third call on), the rest replayed
+    assert 1 <= graph.captures <= 10 and REPLAYS[0] - replays >= 100 - 3 * graph.captures - 2
     assert graph.captures < 2 or graph._last.pool() is first_pool  # every capture from the first's pool
 
 
@@ -90,14 +91,50 @@ def test_a_replayed_output_is_the_graphs_own_and_the_next_replay_overwrites_it()
     gen = torch.Generator().manual_seed(1)
     graphed, _ = caches("rtn", span_tokens=4096)
     graphed.append(0, *tokens(gen, 50))
+    where = torch.empty(1, 2 * H, 1, D)  # every query at one address: one graph
     outs, values = [], []
     for _ in range(4):
         graphed.append(0, *tokens(gen, 1))
-        outs.append(graphed.attend(0, torch.randn(1, 2 * H, 1, D, generator=gen)))
+        outs.append(graphed.attend(0, where.copy_(torch.randn(1, 2 * H, 1, D, generator=gen))))
         values.append(outs[-1].clone())
     assert graphed.layer(0).attend_graph.captures == 1
     assert outs[0] is not outs[1] and outs[1] is outs[2] is outs[3]  # eager, then captured and replayed
     assert torch.equal(outs[1], values[3]) and not torch.equal(values[1], values[3])
+
+
+def test_a_query_where_the_last_one_lay_is_read_in_place():
+    """A model's query lands at one address step after step: the second call there captures a
+    graph that reads it where it lies (nothing copied), which every call at that address replays.
+    Before that graph, a query that moved once runs eagerly; after it, a query elsewhere is copied
+    into a second graph's own query, captured from the same pool. Every output equals the cache's
+    without graphs."""
+    gen = torch.Generator().manual_seed(5)
+    graphed, eager = caches("rtn", span_tokens=4096)
+    prompt = tokens(gen, 50)
+    for cache in (graphed, eager):
+        cache.append(0, *prompt)
+    graph = graphed.layer(0).attend_graph
+    where = torch.empty(1, 2 * H, 1, D)
+    elsewhere = [torch.empty(1, 2 * H, 1, D) for _ in range(3)]  # alive: three more addresses
+    at = {0: 0, 6: 1, 7: 2}  # the steps whose query lies elsewhere
+    outs = []
+    for step in range(10):
+        new = tokens(gen, 1)
+        for cache in (graphed, eager):
+            cache.append(0, *new)
+        q = torch.randn(1, 2 * H, 1, D, generator=gen)
+        got = graphed.attend(0, (elsewhere[at[step]] if step in at else where).copy_(q))
+        assert torch.equal(got, eager.attend(0, q)), step
+        outs.append(got)
+        if step == 2:
+            pool = graph._last.pool()
+    # a new history: eager; moved, before any graph: eager; at the same address again: captured in
+    # place, and replayed at that address from then on
+    assert outs[0] is not outs[1] and outs[1] is not outs[2] and graph.replays["in place"] == 6
+    assert all(out is outs[2] for out in outs[3:6] + outs[8:])
+    # away from it: copied, into a graph of its own from the same pool
+    assert outs[6] is outs[7] is not outs[2] and graph.replays["copied"] == 2 and graph.captures == 2
+    assert graph._last.pool() is pool
 
 
 def test_calls_the_graph_does_not_take_run_eagerly():
@@ -144,24 +181,30 @@ def test_the_option_is_a_bool():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("policy", ["qvg", "kivi"])
-def test_cuda_graphs_replay_the_decode_kernel(policy):
+@pytest.mark.parametrize("in_place", [False, True])
+def test_cuda_graphs_replay_the_decode_kernel(policy, in_place):
     """On a GPU: bf16, GQA 32 / 8 heads of 128, 300 steps over a 3,000-token prompt; every step
     equal to the eager decode path within the kernel's own run-to-run splitting (the graph's
-    launch is sized for the tail's room, not its tokens)."""
+    launch is sized for the tail's room, not its tokens); queries at one address (read in place)
+    or wherever the allocator puts them."""
     gen = torch.Generator(device="cuda").manual_seed(4)
     graphed = qkv.KVCache(policy, num_layers=1, attend_graphs=True, span_tokens=1024)
     eager = qkv.KVCache(policy, num_layers=1, span_tokens=1024)
     prompt = [torch.randn(1, 8, 3000, 128, generator=gen, device="cuda").bfloat16() for _ in range(2)]
     for cache in (graphed, eager):
         cache.append(0, *prompt)
+    where = torch.empty(1, 32, 1, 128, device="cuda", dtype=torch.bfloat16)
     for step in range(300):
         new = [torch.randn(1, 8, 1, 128, generator=gen, device="cuda").bfloat16() for _ in range(2)]
         for cache in (graphed, eager):
             cache.append(0, *new)
         q = torch.randn(1, 32, 1, 128, generator=gen, device="cuda").bfloat16()
-        torch.testing.assert_close(graphed.attend(0, q), eager.attend(0, q), atol=1e-2, rtol=0)
-    assert graphed.layer(0).attend_graph.captures >= 1
-    assert graphed.layer(0).attend_graph.refused is None
+        got = graphed.attend(0, where.copy_(q) if in_place else q)
+        torch.testing.assert_close(got, eager.attend(0, q), atol=1e-2, rtol=0)
+    graph = graphed.layer(0).attend_graph
+    assert graph.captures >= 1 and graph.refused is None
+    if in_place:
+        assert graph.replays["copied"] == 0 and graph.replays["in place"] >= 250
 
 
 def test_a_layer_under_a_window_bound_has_no_graph():
