@@ -10,22 +10,23 @@ of which the device holds the count of live keys (``live``, see :func:`qkv.kerne
 room up to twice the tail's tokens at the capture, and at least :data:`ROOM` more).
 Each replay adds one to that count first (a decoding step appends one token between two calls);
 where the host's count says the device's is off (another number of tokens appended, a ``crop``),
-it writes the count before the replay. The query is read where it lies when it lies where the last
-call's did (a model's allocations repeat from step to step, so each layer's query lands at one
-address): a second call at the same address captures a graph that reads the query in place, and
-every call at that address replays it, so a call costs the host one replay. Before that graph, a
-query that moved runs eagerly once and is copied from the second move in a row; after it, a query
-elsewhere is copied: into a second graph's own query (a copy a call: ~13 us of the host's time on an H100, a tenth of a layer's decoding step,
-``benchmarks/results/profile_generate_qvg_host_split_h100.txt``).
+it writes the count before the replay. The query is read where it lies where a query of the last
+two calls lay (a model's allocations repeat from step to step, or cycle over two steps, so each
+layer's query takes one address or two): the call there captures a graph that reads it in place
+(at most :data:`IN_PLACE` a history), which every call at that address replays, so a call costs
+the host one replay. A query elsewhere is copied into another graph's own query first (a copy a
+call: ~13 us of the host's time on an H100, a tenth of a layer's decoding step,
+``benchmarks/results/profile_generate_qvg_host_split_h100.txt``); before any graph reads it in
+place, only from the second such call in a row (the first runs eagerly).
 
 A new span, a tail moved within or out of its buffer or grown past the room read, another query
 shape or scale: the history is no longer the captured one, the graph goes, the call runs eagerly,
 and the next such call captures again. Calls that would not run the decode kernel (more queries,
 ``extra`` keys, a backend or layout it cannot take) run eagerly, and a capture that fails leaves
 its reason in :attr:`AttendGraph.refused`. Each graph keeps its call's partials (at most
-``PARTIAL_SHARE`` of the bytes it reads) and output: the output is the graph's own, which the
-layer's next replay overwrites. A history has at most two graphs (in place, copied), from one pool
-(never replayed at once: one stream, one call at a time) and one count of live keys.
+``PARTIAL_SHARE`` of the bytes it reads) and output: the output is the graph's own, which its
+next replay overwrites. A history's graphs (in place, copied) come from one pool (never
+replayed at once: one stream, one call at a time) and read one count of live keys.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ from qkv.kernels.attention import attention_decode_torch
 # many more (its launch is sized for them: a room far larger than the tail would split the spans'
 # work among fewer programs); a tail that outgrows it is captured again
 ROOM = 64
+# A history's graphs that read the query in place, at most: one for each address the query takes
+# (a model's allocations repeat from step to step, or cycle over two)
+IN_PLACE = 2
 
 
 class AttendGraph:
@@ -64,14 +68,12 @@ class AttendGraph:
         self._key: tuple | None = None
         self._room = 0  # the tail tokens the graphs read at most
         self._held: tuple = ()  # what the key names by id, kept alive so that no id is reused
-        # (graph, its own query, out): the query copied in; (graph, the query's address, out): read
-        # in place; () where capture failed
-        self._copied: tuple | None = None
-        self._in_place: tuple | None = None
-        self._count: torch.Tensor | None = None  # the device's live count, which both graphs read
+        self._in_place: dict[int, tuple] = {}  # query address -> (graph, out), () where capture failed
+        self._copied: tuple | None = None  # (graph, its own query, out), () where capture failed
+        self._count: torch.Tensor | None = None  # the device's live count, which every graph reads
         self._live: int | None = None  # the device's live count as the host knows it (None: unknown)
-        self._address: int | None = None  # where the last call's query lay
-        self._moved = 0  # calls in a row whose query lay elsewhere than the last one's (no in-place graph yet)
+        self._recent: tuple[int, ...] = ()  # where the last two calls' queries lay, the last first
+        self._misses = 0  # calls in a row not replayed in place
 
     def attend(self, layer, q: torch.Tensor, scale: float | None, eager: Callable[[], torch.Tensor]) -> torch.Tensor:
         """``layer``'s attention of ``q`` to its history, replayed where it can be, else ``eager()``."""
@@ -85,26 +87,27 @@ class AttendGraph:
         start, tokens = run
         plan = layer.span_plan()
         key = (id(plan), id(buf.k), start, *map(id, layer.sink), q.shape, q.stride(), q.dtype, q.device, scale)
-        address, last = q.data_ptr(), self._address
         if key != self._key or tokens > self._room:  # another history: eager, captured if it comes again
             self._drop()
             self._key, self._held = key, (plan, buf.k, tuple(layer.sink))
             self._room = min(buf.capacity - start, max(2 * tokens, tokens + ROOM))
-            self._address = address
+            self._recent = (q.data_ptr(),)
             return eager()
-        self._address = address
-        if self._in_place is None:
-            self._moved = 0 if address == last else self._moved + 1
-            if not self._moved:  # the query lies where the last one did
-                self._in_place = self._make(layer, start, q, scale, tokens, in_place=True)
-        if self._in_place and self._in_place[1] == address:
-            graph, _, out = self._in_place
+        address, recent = q.data_ptr(), self._recent
+        self._recent = (address, *recent[:1])
+        graphs = self._in_place
+        if address not in graphs and address in recent and len(graphs) < IN_PLACE:  # a query where one lay
+            graphs[address] = self._make(layer, start, q, scale, tokens, in_place=True)
+        if graphs.get(address):
+            graph, out = graphs[address]
+            self._misses = 0
             self.replays["in place"] += 1
         else:
-            # before a graph reads it in place, a query that moved once runs eagerly (a history's
+            # before a graph reads it in place, a query elsewhere runs eagerly once (a history's
             # first calls move it: their outputs come from the model's memory, a graph's from its
-            # own); moved twice in a row, or away from the in-place graph's address, it is copied
-            if self._copied is None and (self._in_place is not None or self._moved >= 2):
+            # own), then is copied into a graph's own query; once a graph reads it in place, at once
+            self._misses += 1
+            if self._copied is None and (graphs or self._misses >= 2):
                 self._copied = self._make(layer, start, q, scale, tokens, in_place=False)
             if not self._copied:
                 return eager()
@@ -127,6 +130,8 @@ class AttendGraph:
         query = q if in_place else q.clone()
         if self._count is None:
             self._count = torch.full((1,), tokens - 1, dtype=torch.int32, device=q.device)
+        else:  # another graph's count: the capture's warm-up call adds this step's token to it
+            self._count.fill_(tokens - 1)
         live = self._count
 
         def call() -> torch.Tensor:
@@ -146,6 +151,6 @@ class AttendGraph:
         self.captures += 1
         self._last = graph
         self._live = None  # the capture's warm-up call counted too
-        # an in-place graph keeps the query's address, not the query: held, its memory could not
-        # take the next step's query
-        return graph, q.data_ptr() if in_place else query, out
+        # an in-place graph keeps the query's address (its key), not the query: held, its memory
+        # could not take the next step's query
+        return (graph, out) if in_place else (graph, query, out)
