@@ -102,57 +102,51 @@ def test_a_replayed_output_is_the_graphs_own_and_the_next_replay_overwrites_it()
     assert torch.equal(outs[1], values[3]) and not torch.equal(values[1], values[3])
 
 
+def steps_at(policy: str, seed: int, places: list[torch.Tensor]):
+    """A 50-token prompt, then a one-token step per buffer of ``places``: the step's query written
+    into it (where a model would have left it) and attended to with graphs and without, the outputs
+    equal; the graphed layer's AttendGraph and its outputs."""
+    gen = torch.Generator().manual_seed(seed)
+    graphed, eager = caches(policy, span_tokens=4096)
+    prompt = tokens(gen, 50)
+    for cache in (graphed, eager):
+        cache.append(0, *prompt)
+    outs = []
+    for step, place in enumerate(places):
+        new = tokens(gen, 1)
+        for cache in (graphed, eager):
+            cache.append(0, *new)
+        q = torch.randn(1, 2 * H, 1, D, generator=gen)
+        outs.append(graphed.attend(0, place.copy_(q)))
+        assert torch.equal(outs[-1], eager.attend(0, q)), step
+    return graphed.layer(0).attend_graph, outs
+
+
 def test_a_query_where_the_last_one_lay_is_read_in_place():
     """A model's query lands at one address step after step: the second call there captures a
     graph that reads it where it lies (nothing copied), which every call at that address replays.
     Before that graph, a query that moved once runs eagerly; after it, a query elsewhere is copied
     into a second graph's own query, captured from the same pool. Every output equals the cache's
     without graphs."""
-    gen = torch.Generator().manual_seed(5)
-    graphed, eager = caches("rtn", span_tokens=4096)
-    prompt = tokens(gen, 50)
-    for cache in (graphed, eager):
-        cache.append(0, *prompt)
-    graph = graphed.layer(0).attend_graph
     where = torch.empty(1, 2 * H, 1, D)
     elsewhere = [torch.empty(1, 2 * H, 1, D) for _ in range(3)]  # alive: three more addresses
-    at = {0: 0, 6: 1, 7: 2}  # the steps whose query lies elsewhere
-    outs = []
-    for step in range(10):
-        new = tokens(gen, 1)
-        for cache in (graphed, eager):
-            cache.append(0, *new)
-        q = torch.randn(1, 2 * H, 1, D, generator=gen)
-        got = graphed.attend(0, (elsewhere[at[step]] if step in at else where).copy_(q))
-        assert torch.equal(got, eager.attend(0, q)), step
-        outs.append(got)
-        if step == 2:
-            pool = graph._last.pool()
+    places = [elsewhere[0]] + [where] * 5 + elsewhere[1:] + [where] * 2
+    graph, outs = steps_at("rtn", 5, places)
     # a new history: eager; moved, before any graph: eager; at the same address again: captured in
     # place, and replayed at that address from then on
     assert outs[0] is not outs[1] and outs[1] is not outs[2] and graph.replays["in place"] == 6
     assert all(out is outs[2] for out in outs[3:6] + outs[8:])
     # away from it: copied, into a graph of its own from the same pool
     assert outs[6] is outs[7] is not outs[2] and graph.replays["copied"] == 2 and graph.captures == 2
-    assert graph._last.pool() is pool
+    (in_place, _), = graph._in_place.values()
+    assert graph._last.pool() is in_place.pool()
 
 
 def test_a_query_that_takes_two_addresses_in_turn_is_read_in_place_at_both():
     """A model's allocations may cycle over two steps: a query at one address, then another, in
     turn. A graph for each reads it in place; nothing is copied."""
-    gen = torch.Generator().manual_seed(6)
-    graphed, eager = caches("kivi", span_tokens=4096)
-    prompt = tokens(gen, 40)
-    for cache in (graphed, eager):
-        cache.append(0, *prompt)
-    graph = graphed.layer(0).attend_graph
     where = [torch.empty(1, 2 * H, 1, D) for _ in range(2)]
-    for step in range(12):
-        new = tokens(gen, 1)
-        for cache in (graphed, eager):
-            cache.append(0, *new)
-        q = torch.randn(1, 2 * H, 1, D, generator=gen)
-        assert torch.equal(graphed.attend(0, where[step % 2].copy_(q)), eager.attend(0, q)), step
+    graph, _ = steps_at("kivi", 6, where * 6)
     # a new history and a query elsewhere: eager; then one capture at each address
     assert graph.captures == 2 and graph.replays == {"in place": 10, "copied": 0}
 
