@@ -201,32 +201,6 @@ class SpanPlan:
         kernels.decompress_spans(self, k, v, backend=backend)
         return k, v
 
-    def materialize_ahead(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]:
-        """:meth:`materialize` on a GPU without holding up the caller's stream: the buffers are
-        allocated on it (its later work and frees order their reuse), the decompression runs on a
-        side stream once the caller's stream has done what it queued so far (what wrote the spans,
-        and whatever read memory the buffers reuse), and the returned event marks its end: the
-        caller's stream waits for it before reading them."""
-        (b, h, tokens, d), dtype, device = self.meta
-        k, v = (torch.empty(b, h, tokens, d, dtype=dtype, device=device) for _ in range(2))
-        side = _side_stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            kernels.decompress_spans(self, k, v, backend=backend)
-            done = torch.cuda.Event()
-            done.record(side)
-        return k, v, done
-
-
-_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    """The stream :meth:`SpanPlan.materialize_ahead` decompresses on, one per GPU."""
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
 
 def decompress_spans_torch(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
     """The live keys and values of every span of ``plan``, in order, written into ``k_out`` /
@@ -372,23 +346,12 @@ def attention_decode_torch(q: torch.Tensor, segments: Sequence[Segment], scale: 
 
 def _merged(q, scale, segments, attend, backend) -> tuple[torch.Tensor, torch.Tensor]:
     """``attend(q, k, v, scale)`` -> the partial results (out, lse) of each segment, decompressed on
-    ``backend`` only when its turn comes, merged by log-sum-exp: (out, lse), both fp32. On a GPU
-    (outside a CUDA graph's capture) a group of spans is decompressed on a side stream while the
-    segment before it is attended to (:meth:`SpanPlan.materialize_ahead`: the decompression is
-    memory-bound, the attention compute-bound), so two segments' keys and values are held at a
-    time instead of one."""
-    ahead = q.is_cuda and not torch.cuda.is_current_stream_capturing()
-    state, pending, following = None, [], None
-    for i, seg in enumerate(segments):
-        if following is None:
-            k, v = seg.materialize(backend=backend)
-        else:  # decompressed ahead
-            k, v, done = following
-            torch.cuda.current_stream(q.device).wait_event(done)
-        after = segments[i + 1] if i + 1 < len(segments) else None
-        following = after.materialize_ahead(backend=backend) if ahead and isinstance(after, SpanPlan) else None
+    ``backend`` only when its turn comes, merged by log-sum-exp: (out, lse), both fp32."""
+    state, pending = None, []
+    for seg in segments:
+        k, v = seg.materialize(backend=backend)
         pending += attend(q, k, v, scale)
-        del k, v  # before the one after the next is decompressed
+        del k, v  # before the next segment is decompressed
         if len(pending) >= MERGE_PARTS:  # folded in at once: the state is read and written once
             state, pending = kernels.merge_partials(state, *pending, backend=backend), []
     if pending:
@@ -473,10 +436,8 @@ def attention_staged(
     up to :data:`STAGE_TOKENS` keys (:func:`span_groups`), and each group is attended to by
     :func:`sdpa_split`; the full-precision segments are concatenated and attended to in one call;
     the partial results are merged by log-sum-exp. At most one decompressed group (or the
-    concatenated full-precision keys) exists at a time off a GPU; on one, two: each group is
-    decompressed on a side stream while the segment before it is attended to. The full-precision
-    keys come first: the GPU starts on them while the first group is decompressed. [B, H, Sq, D]
-    in q's dtype."""
+    concatenated full-precision keys) exists at a time. The full-precision keys come first: the
+    GPU starts on them while the host prepares the first group. [B, H, Sq, D] in q's dtype."""
     check_attention(q, segments)
     scale = default_scale(q, scale)
     live = [seg for seg in segments if seg.tokens]

@@ -24,7 +24,6 @@ from qkv.kernels import CompressedSpan, DenseKV, SpanPlan  # noqa: E402
 from qkv.kernels.attention import (  # noqa: E402
     _LSE_OPS,
     KEY_SPLIT,
-    STAGE_TOKENS,
     attention_torch,
     lse_op,
     partial_attention,
@@ -375,24 +374,6 @@ def test_full_wan_shapes_on_the_gpu(name):
     assert_within_twice_the_torch_error(kernels.attention(q, segments, backend="triton", method="fused"), q, segments)
     if name == "qvg":
         assert_within_twice_the_torch_error(kernels.attention_staged(q, segments), q, segments, True)
-
-
-@pytest.mark.skipif(DEVICE != "cuda", reason="the side stream is a GPU's")
-def test_staged_groups_are_decompressed_ahead_on_a_side_stream(monkeypatch):
-    """On a GPU each group of spans is decompressed on a side stream while the segment before it is
-    attended to: full-precision keys, then three one-span groups, as close to fp32 attention as
-    decompress-then-SDPA is, every group decompressed ahead."""
-    pol = qkv.build_policy("qvg")
-    spans = [CompressedSpan(pol.compress(randn(30 + i, 1, 4, 20000, 128, scale=2.0), randn(40 + i, 1, 4, 20000, 128)),
-                            50 * i) for i in range(3)]
-    segments = [DenseKV(randn(50, 1, 4, 3000, 128), randn(51, 1, 4, 3000, 128)), SpanPlan(spans)]
-    q = randn(52, 1, 4, 2000, 128)
-    ahead = []
-    real = SpanPlan.materialize_ahead
-    monkeypatch.setattr(SpanPlan, "materialize_ahead", lambda self, **kw: ahead.append(self) or real(self, **kw))
-    assert len(segments[1].staged(STAGE_TOKENS)) == 3
-    assert_within_twice_the_torch_error(kernels.attention_staged(q, segments), q, segments, True)
-    assert len(ahead) == 3  # the first group ahead of the full-precision keys' attention, each next one too
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="shared-memory limits are a GPU's")
