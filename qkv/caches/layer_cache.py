@@ -646,7 +646,7 @@ class LayerCache(LayerState):
         methods; ``"read"`` decompresses the whole history (:meth:`read`) for
         ``scaled_dot_product_attention``. With ``attend_graphs`` a few-query call without ``extra``
         may be replayed from a CUDA graph (:mod:`qkv.caches.attend_graphs`): its output is then the
-        graph's own, which the layer's next replay overwrites (clone it to keep it).
+        graph's own, which a later replay overwrites (clone it to keep it).
         """
         self._check_attend(q, extra, scale)
         if self.config.attention != "read":
