@@ -6,7 +6,7 @@ would make the host wait for the device, so a check is queued (:class:`PendingCh
 verdict looked at later (:meth:`ValueChecks.settle`): a bad chunk is stored, the first call after
 its verdict arrives raises, and the layer refuses every call until it is reset. Chunks the tail
 takes whole are checked together, :data:`CHECK_BATCH` tokens at a time (token-by-token decoding:
-one check every 32 steps instead of every step); the layer flushes the tokens still waiting
+one check every 256 steps instead of every step); the layer flushes the tokens still waiting
 (:meth:`ValueChecks.flush`) before any of them is compressed, evicted, dropped, reordered or leaves
 it, and :meth:`ValueChecks.settle` flushes them before it waits.
 """
@@ -22,8 +22,11 @@ from qkv.validation import PendingCheck, check_kv_values_later
 
 __all__ = ["CHECK_BATCH", "Pending", "ValueChecks"]
 
-# tail tokens whose check waits for more, at most (on a GPU)
-CHECK_BATCH = 32
+# tail tokens whose check waits for more, at most (on a GPU): a check costs a decoding step's host
+# a few launches, a pinned buffer and an event per layer; every 32 tokens that was 1.6% of a
+# Llama-3-8B-shaped step on an H100 (qvg 1.018x DynamicCache's step, without checks 1.001x:
+# benchmarks/results/bench_decode_unchecked_h100.json)
+CHECK_BATCH = 256
 # a check on its way: the check, the indices of the chunk's tensors in it, the chunk's tokens
 Pending = tuple[PendingCheck, tuple[int, ...], str]
 
