@@ -1,0 +1,56 @@
+"""Host time of the pieces of a value check on a GPU (``qkv.validation.PendingCheck``): a tiny
+launch for scale, the two max-|x| reductions and their stack, a pinned buffer, the copy behind an
+event (``qkv.readback.Arriving``), a whole queued check, and one whose verdict is read after a
+sync. A decoding step's tail check covers one layer's newest tokens: [1, 8, 32, 128] bf16 K and V.
+
+    PYTHONPATH=. python3 benchmarks/check_cost.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from qkv.readback import Arriving
+from qkv.validation import PendingCheck
+
+
+def per_call_us(name: str, fn, n: int = 2000) -> None:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(n):
+        fn()
+    torch.cuda.synchronize()
+    print(f"{name}: {1e6 * (time.perf_counter() - start) / n:.1f} us", flush=True)
+
+
+def main() -> None:
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    k = torch.randn(1, 8, 32, 128, device="cuda").bfloat16()
+    v = torch.randn_like(k)
+    peaks = torch.zeros(2, device="cuda")
+    per_call_us("tiny launch", lambda: k.add_(0))
+    per_call_us("two max-|x| reductions + stack", lambda: torch.stack(
+        [torch.linalg.vector_norm(t, ord=float("inf"), dtype=torch.float32) for t in (k, v)]))
+    per_call_us("pinned buffer", lambda: torch.empty((2,), pin_memory=True))
+    per_call_us("Arriving (pinned buffer, copy, event)", lambda: Arriving(peaks))
+    per_call_us("event + record", lambda: torch.cuda.Event().record())
+
+    def queued():
+        check = PendingCheck([("k", k), ("v", v)])
+        check.ready()
+
+    def read():
+        check = PendingCheck([("k", k), ("v", v)])
+        torch.cuda.synchronize()
+        check.error((0, 1))
+
+    per_call_us("PendingCheck queued + ready()", queued)
+    per_call_us("PendingCheck + its verdict after a sync", read, 500)
+
+
+if __name__ == "__main__":
+    main()
