@@ -3,28 +3,23 @@ launch for scale, the two max-|x| reductions and their stack, a pinned buffer, t
 event (``qkv.readback.Arriving``), a whole queued check, and one whose verdict is read after a
 sync. A decoding step's tail check covers one layer's newest tokens: [1, 8, 32, 128] bf16 K and V.
 
-    PYTHONPATH=. python3 benchmarks/check_cost.py
+Each row is the host's time per call (``launch_cost.per_call``: the mean of 2,000, 500 for the
+read verdict, after 50 warm-up calls).
+
+    PYTHONPATH=.:benchmarks python3 benchmarks/check_cost.py
 """
 
 from __future__ import annotations
 
-import time
-
 import torch
+from launch_cost import per_call
 
 from qkv.readback import Arriving
 from qkv.validation import PendingCheck
 
 
 def per_call_us(name: str, fn, n: int = 2000) -> None:
-    for _ in range(50):
-        fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(n):
-        fn()
-    torch.cuda.synchronize()
-    print(f"{name}: {1e6 * (time.perf_counter() - start) / n:.1f} us", flush=True)
+    print(f"{name}: {per_call(fn, n):.1f} us", flush=True)
 
 
 def main() -> None:
