@@ -144,11 +144,12 @@ def test_a_query_where_the_last_one_lay_is_read_in_place():
 
 def test_a_query_that_takes_two_addresses_in_turn_is_read_in_place_at_both():
     """A model's allocations may cycle over two steps: a query at one address, then another, in
-    turn. A graph for each reads it in place; nothing is copied."""
-    where = [torch.empty(1, 2 * H, 1, D) for _ in range(2)]
-    graph, _ = steps_at("kivi", 6, where * 6)
-    # a new history and a query elsewhere: eager; then one capture at each address
-    assert graph.captures == 2 and graph.replays == {"in place": 10, "copied": 0}
+    turn. A graph for each reads it in place; nothing is copied. A third address, even twice in a
+    row, gets no third such graph (IN_PLACE): it is copied."""
+    where = [torch.empty(1, 2 * H, 1, D) for _ in range(3)]
+    graph, _ = steps_at("kivi", 6, where[:2] * 6 + where[2:] * 2)
+    # a new history and a query elsewhere: eager; then one capture at each address, one to copy
+    assert graph.captures == 3 and graph.replays == {"in place": 10, "copied": 2}
 
 
 def test_calls_the_graph_does_not_take_run_eagerly():
