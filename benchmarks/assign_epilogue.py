@@ -13,18 +13,22 @@ Each at several tiles (tokens, clusters, warps), LongCat-Video's span and a Self
 GPU time from a CUDA graph of 50 calls (best of 5), with the share of tokens whose centroid
 agrees with the kernel's and the largest relative difference of the distances.
 
-    PYTHONPATH=.:benchmarks python3 benchmarks/assign_epilogue.py benchmarks/results/assign_epilogue_h100.json
+    PYTHONPATH=.:benchmarks python3 benchmarks/assign_epilogue.py --out benchmarks/results/assign_epilogue_h100.json
 """
-import json
-import sys
+
+from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from common import environment
+from common import gpu_main_args, write_json
 
-from qkv.kernels.triton.kmeans import assign_triton, _prepare_kernel
+from qkv.kernels.triton.kmeans import _prepare_kernel, assign_triton
 from qkv.kernels.triton.tiles import AssignTile
+
+SHAPES = {"longcat_video": (32, 29640, 128, 256), "self_forcing": (12, 37440, 128, 256)}
+TILES = [AssignTile(128, 32, 4), AssignTile(128, 64, 4), AssignTile(128, 64, 8), AssignTile(256, 64, 8),
+         AssignTile(64, 32, 4), AssignTile(128, 128, 8), AssignTile(256, 128, 8)]
 
 
 @triton.jit
@@ -73,6 +77,7 @@ def _variant_kernel(x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, C, D, XN
 
 
 def variant_assign(x, cents, factor, tile, direct, packed):
+    """``assign_triton`` with ``_variant_kernel`` in place of its assignment kernel."""
     n, s, d = x.shape
     c = cents.shape[1]
     neg2 = torch.empty(n, c, d, dtype=torch.bfloat16, device=x.device)
@@ -86,7 +91,9 @@ def variant_assign(x, cents, factor, tile, direct, packed):
     return idx, dist
 
 
-def gpu_ms(fn, reps=50):
+def graph_ms(fn, reps: int = 50) -> float:
+    """GPU milliseconds a call of ``fn``: ``reps`` calls captured in one CUDA graph, the best of 5
+    replays."""
     for _ in range(5):
         fn()
     g = torch.cuda.CUDAGraph()
@@ -97,41 +104,47 @@ def gpu_ms(fn, reps=50):
     best = float("inf")
     for _ in range(5):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(); g.replay(); end.record(); torch.cuda.synchronize()
+        start.record()
+        g.replay()
+        end.record()
+        torch.cuda.synchronize()
         best = min(best, start.elapsed_time(end) / reps)
     return best
 
 
-SHAPES = {"longcat_video": (32, 29640, 128, 256), "self_forcing": (12, 37440, 128, 256)}
-TILES = [AssignTile(128, 32, 4), AssignTile(128, 64, 4), AssignTile(128, 64, 8), AssignTile(256, 64, 8),
-         AssignTile(64, 32, 4), AssignTile(128, 128, 8), AssignTile(256, 128, 8)]
-rows = []
-print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, flush=True)
-for name, (r, s, d, c) in SHAPES.items():
-    torch.manual_seed(0)
-    cents = torch.randn(r, c, d, device="cuda")
-    near = torch.randint(0, c, (s,), device="cuda")
-    x = (cents[:, near] + 0.3 * torch.randn(r, s, d, device="cuda")).bfloat16()
-    factor = torch.full((r,), 0.5, device="cuda")
-    ref_idx, ref_dist = assign_triton(x, cents, factor)
-    flops = 2 * r * s * c * d
-    base = gpu_ms(lambda: assign_triton(x, cents, factor))
-    print(f"{name}: repo default tile {base:.4f} ms ({flops / base / 1e9:.0f} TFLOP/s)", flush=True)
-    rows.append({"shape": name, "variant": "repo", "tile": None, "ms": base})
-    for tile in TILES:
-        for direct in (False, True):
-            for packed in (0, 1, 2):
-                try:
-                    idx, dist = variant_assign(x, cents, factor, tile, direct, packed)
-                    agree = (idx == ref_idx).float().mean().item()
-                    derr = ((dist - ref_dist).abs() / ref_dist.abs().clamp_min(1e-3)).max().item()
-                    ms = gpu_ms(lambda: variant_assign(x, cents, factor, tile, direct, packed))
-                except Exception as e:
-                    print(name, tile, direct, packed, "failed", type(e).__name__, str(e)[:200], flush=True)
-                    continue
-                rows.append({"shape": name, "tile": [tile.tokens, tile.clusters, tile.warps], "direct": direct,
-                             "packed": packed, "ms": ms, "agree": agree, "max_rel_dist_err": derr})
-                print(f"  {tile.tokens:3d} {tile.clusters:3d} {tile.warps} direct={int(direct)} packed={packed}: "
-                      f"{ms:.4f} ms ({flops / ms / 1e9:.0f} TFLOP/s) agree {agree:.5f} dist err {derr:.2e}", flush=True)
-    del x, cents
-json.dump({"environment": environment(), "rows": rows}, open(sys.argv[1], "w"), indent=1)
+def main() -> None:
+    args = gpu_main_args(__doc__, "assign_epilogue.py")
+    rows = []
+    for name, (r, s, d, c) in SHAPES.items():
+        torch.manual_seed(0)
+        cents = torch.randn(r, c, d, device="cuda")
+        near = torch.randint(0, c, (s,), device="cuda")
+        x = (cents[:, near] + 0.3 * torch.randn(r, s, d, device="cuda")).bfloat16()
+        factor = torch.full((r,), 0.5, device="cuda")
+        ref_idx, ref_dist = assign_triton(x, cents, factor)
+        flops = 2 * r * s * c * d
+        base = graph_ms(lambda: assign_triton(x, cents, factor))
+        print(f"{name}: repo default tile {base:.4f} ms ({flops / base / 1e9:.0f} TFLOP/s)", flush=True)
+        rows.append({"shape": name, "variant": "repo", "tile": None, "ms": base})
+        for tile in TILES:
+            for direct in (False, True):
+                for packed in (0, 1, 2):
+                    try:
+                        idx, dist = variant_assign(x, cents, factor, tile, direct, packed)
+                        agree = (idx == ref_idx).float().mean().item()
+                        derr = ((dist - ref_dist).abs() / ref_dist.abs().clamp_min(1e-3)).max().item()
+                        ms = graph_ms(lambda: variant_assign(x, cents, factor, tile, direct, packed))
+                    except Exception as e:  # noqa: BLE001 - a launch the GPU refuses is reported, the sweep goes on
+                        print(name, tile, direct, packed, "failed", type(e).__name__, str(e)[:200], flush=True)
+                        continue
+                    rows.append({"shape": name, "tile": [tile.tokens, tile.clusters, tile.warps], "direct": direct,
+                                 "packed": packed, "ms": ms, "agree": agree, "max_rel_dist_err": derr})
+                    print(f"  {tile.tokens:3d} {tile.clusters:3d} {tile.warps} direct={int(direct)} packed={packed}: "
+                          f"{ms:.4f} ms ({flops / ms / 1e9:.0f} TFLOP/s) agree {agree:.5f} dist err {derr:.2e}",
+                          flush=True)
+        del x, cents
+    write_json(args.out, {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()

@@ -133,9 +133,8 @@ def host_split(model, cache, run) -> dict[str, float]:
         total = time.perf_counter() - start
     finally:
         del ALL_ATTENTION_FUNCTIONS[impl], cache.update
-    layers = calls["update"]
     split = {name: 1e6 * spent[name] / calls[name] for name in ("update", "attention")}
-    split["rest of the step"] = 1e6 * (total - spent["update"] - spent["attention"]) / layers
+    split["rest of the step"] = 1e6 * (total - spent["update"] - spent["attention"]) / calls["update"]
     return split
 
 
