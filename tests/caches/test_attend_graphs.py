@@ -35,9 +35,10 @@ class Emulated:
 
 def emulated_capture(call, pool):
     """As cuda_graph: a warm-up call, then the graph and the captured output, which every replay
-    rewrites; a graph made from another's pool has that pool (else a new one)."""
-    call()
-    out = call()
+    rewrites; a graph made from another's pool has that pool (else a new one). As in a CUDA
+    graph's capture, the captured call does not run (its side effects, such as adding to the
+    count of live keys, come with each replay): the output is memory that only replays write."""
+    out = torch.empty_like(call())
     return Emulated(call, out, object() if pool is None else pool), out
 
 
@@ -232,3 +233,27 @@ def test_a_layer_under_a_window_bound_has_no_graph():
     assert layer.attend_graph is None
     layer.bound_to(None)
     assert layer.attend_graph is not None
+
+
+def test_a_graph_captured_when_the_tail_fills_its_buffer_reads_it_to_the_end():
+    """kivi's residual window on one-token steps: a group leaves it every 16 tokens, a new history
+    whose graphs read the tail's room to the buffer's end. The query moves at every step but two,
+    the second of which is where the tail first fills its buffer: the graph that reads the query
+    in place is captured then (its warm-up call attends to the whole room; the captured call, not
+    run, does not count the step's token again), and every output equals the eager cache's."""
+    gen = torch.Generator().manual_seed(7)
+    graphed, eager = caches(qkv.build_policy("kivi", bits=4, block=16, window=4), span_tokens=16)
+    for cache, prompt in zip((graphed, eager), [tokens(gen, 16)] * 2):
+        cache.append(0, *prompt)
+    layer, where, moved, full = graphed.layer(0), torch.empty(1, 2 * H, 1, D), [], []
+    for step in range(30):
+        new = tokens(gen, 1)
+        for cache in (graphed, eager):
+            cache.append(0, *new)
+        if layer.buffer.run(layer.tail) is not None and layer.buffer.end == layer.buffer.capacity:
+            full.append(step)
+        q = torch.randn(1, 2 * H, 1, D, generator=gen)
+        place = where if step in (22, 23) else moved.append(torch.empty_like(q)) or moved[-1]
+        assert torch.equal(graphed.attend(0, place.copy_(q)), eager.attend(0, q)), step
+        assert layer.attend_graph.replays["in place"] == (step >= 23), step
+    assert full == [23]
