@@ -17,8 +17,9 @@ How values are computed is ``ARITH``: "exact" is the reference's arithmetic
 ``+ zero``, then each stage's centroid added in stage order, so a kernel compiled without FMA
 contraction (dequantize) reproduces it bit for bit. The attention kernels, whose results are
 compared within rounding anyway, take one fused multiply-add per packed code instead ("fma", fp32),
-and on the GPU with bf16 operands decode straight to bf16, two values an instruction ("bf16x2",
-:func:`arith`): the per-element work is what bounds them at few queries.
+and on the GPU with bf16 operands decode packed codes straight to bf16 by inline PTX, two values
+an instruction chain ("bf16x2", :func:`arith`; :mod:`qkv.kernels.triton.ptx_codes`): the
+per-element work is what bounds them at few queries.
 """
 
 from typing import NamedTuple
@@ -27,6 +28,7 @@ import triton
 import triton.language as tl
 
 from qkv.kernels.triton.bits import unpack_code
+from qkv.kernels.triton.ptx_codes import add_bf16, bf16x2_fits, opaque_bf16, table_fits, unpack_bf16x2, unpack_table
 from qkv.kernels.triton.records import TENSOR_FIELDS, offsets
 
 _T = offsets(TENSOR_FIELDS)
@@ -170,9 +172,14 @@ def _unpack(word, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
     vals = ()
     for j in tl.static_range(PER):
         code = (w32 >> ((PER - 1 - j) * L.BITS if L.MSB else j * L.BITS)) & ((1 << L.BITS) - 1)
-        raw = ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
-        vals = vals + (_affine(raw, scale, zero, L, EXACT),)
+        vals = vals + (_affine(_raw(code, L), scale, zero, L, EXACT),)
     return _spread(vals, PER)
+
+
+@triton.jit
+def _raw(code, L: tl.constexpr):
+    """int32 codes as the top mantissa bits of 2.0: ``2 + code * 2**(1 - BITS)`` (fp32)."""
+    return ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -201,130 +208,25 @@ def arith(dot_bf16: bool, emulate: bool) -> str:
     return "bf16x2" if dot_bf16 and not emulate else "fma"
 
 
-@triton.constexpr_function
-def _code_pairs(word_bits: int, bits: int, msb: bool, offset: float) -> list | None:
-    """Per pair k of neighbouring codes 2k, 2k + 1 of a word (see :func:`bf16x2_unpack_asm`): the
-    byte holding both, the right shift (negative: left) that puts the lower of the two at bit 1,
-    the low and high masks, the bf16 pair 2**-a : 2**-b (a, b: the codes' bits after the shift),
-    and the pair -(128 + offset * 2**a) : -(128 + offset * 2**b). None where the codes do not fit
-    the mantissa (more than 3 bits) or an offset times 2**a is not a whole number below 128."""
-    per = word_bits // bits
-    if bits > 3:
-        return None
-    pairs = []
-    for k in range(per // 2):
-        lo, hi = ((per - 1 - j) * bits if msb else j * bits for j in (2 * k, 2 * k + 1))  # bit offsets
-        shift = min(lo, hi) % 8 - 1
-        lo_at, hi_at = lo % 8 - shift, hi % 8 - shift
-        code = (1 << bits) - 1
-        lo_off, hi_off = offset * 2**lo_at, offset * 2**hi_at  # -(128 + these) is bf16 0xC300 | these
-        if not all(x == int(x) and 0 <= x < 128 for x in (lo_off, hi_off)):
-            return None
-        pairs.append((lo // 8, shift, code << lo_at | code << hi_at << 16,
-                      (127 - hi_at) << 23 | (127 - lo_at) << 7, (0xC300 | int(hi_off)) << 16 | 0xC300 | int(lo_off)))
-    return pairs
-
-
-@triton.constexpr_function
-def bf16x2_fits(word_bits: int, bits: int, msb: bool, offset: float) -> bool:
-    """Whether :func:`bf16x2_unpack_asm` decodes this packing (codes of at most 3 bits)."""
-    return _code_pairs(word_bits, bits, msb, offset) is not None
-
-
-@triton.constexpr_function
-def bf16x2_unpack_asm(word_bits: int, bits: int, msb: bool, offset: float) -> str:
-    """PTX that turns packed words into bf16 values ``(code - offset) * scale``, two neighbouring
-    codes a 32-bit result. Operands (see :func:`_unpack_bf16`): one output per pair of codes of a
-    word, then the words and the scale pairs (int32 holding a bf16 twice). A uint8 word tile is
-    packed 4 words to a register (``pack=4``), an int32 one a word (``pack=1``). The byte holding
-    codes 2k and 2k + 1 is copied to bits 0 and 16 (PRMT) and shifted so that both codes fall in
-    the mantissa of bf16 128.0, at bits a and b (a or b is 1),
-    then masked into it (LOP3: 128 + code * 2**a, exact); taking 128 + offset * 2**a off is exact
-    ((code - offset) * 2**a: offsets are multiples of 1/2), and one bf16x2 fused multiply-add with
-    the scale times 2**-a, 2**-b (exact) gives both values, rounded once."""
-    pack = 4 if word_bits == 8 else 1
-    pairs = _code_pairs(word_bits, bits, msb, offset)
-    w = len(pairs) * pack  # the word operand; then the scales
-    lines = ["{", ".reg .b32 t, u, s, one, nz, f, base;", "mov.b32 one, 0x3F803F80;", "mov.b32 nz, 0x80008000;"]
-    for k in range(len(pairs)):
-        byte, shift, mask, factor, base = pairs[k]
-        lines.append(f"mov.b32 f, {factor:#x};")
-        lines.append(f"mov.b32 base, {base:#x};")
-        for e in range(pack):
-            src = byte if word_bits != 8 else e
-            lines.append(f"prmt.b32 t, ${w}, 0, {src | 4 << 4 | src << 8 | 4 << 12};")
-            if shift > 0:
-                lines.append(f"shr.b32 t, t, {shift};")
-            elif shift < 0:
-                lines.append(f"shl.b32 t, t, {-shift};")
-            lines.append(f"lop3.b32 u, t, {mask:#x}, 0x43004300, 0xEA;")  # (t & mask) | 128.0
-            lines.append("fma.rn.bf16x2 u, u, one, base;")
-            lines.append(f"fma.rn.bf16x2 s, ${w + 1 + e}, f, nz;")
-            lines.append(f"fma.rn.bf16x2 ${k * pack + e}, u, s, nz;")
-    lines.append("}")
-    return "\n".join(lines)
-
-
-@triton.constexpr_function
-def bf16x2_constraints(word_bits: int, bits: int) -> str:
-    """The operand constraints of :func:`bf16x2_unpack_asm`."""
-    pack = 4 if word_bits == 8 else 1
-    return ",".join(["=r"] * (word_bits // bits // 2 * pack) + ["r"] * (1 + pack))
-
-
-@triton.jit
-def _bf16_twice(x):
-    """int32 holding bf16(x) in both halves."""
-    h = x.to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return h | (h << 16)
-
-
-@triton.jit
-def _unpack_bf16(word, scale, L: tl.constexpr):
-    """bf16 values [R, G * W * PER] of packed words ``word`` [R, G, W] (uint8 or int32) with their
-    blocks' ``scale`` [R, G, 1] (fp32): ``(code - OFFSET) * scale`` with a bf16 scale, two
-    neighbouring codes an instruction (:func:`bf16x2_unpack_asm`), spread as in :func:`_unpack`:
-    each pair stays one register. GPU only (PTX)."""
-    PER: tl.constexpr = L.WORD // L.BITS
-    pairs = tl.inline_asm_elementwise(
-        bf16x2_unpack_asm(L.WORD, L.BITS, L.MSB, L.OFFSET), bf16x2_constraints(L.WORD, L.BITS),
-        [word, tl.broadcast_to(_bf16_twice(scale), word.shape)], dtype=(tl.int32,) * (PER // 2), is_pure=True,
-        pack=4 if L.WORD == 8 else 1)
-    vals = ()
-    for k in tl.static_range(PER // 2):
-        vals = vals + ((pairs[k] & 0xFFFF).to(tl.int16).to(tl.bfloat16, bitcast=True),
-                       (pairs[k] >> 16).to(tl.int16).to(tl.bfloat16, bitcast=True))
-    return _opaque_bf16(_spread(vals, PER))
-
-
 @triton.jit
 def _unpack_as(word, scale, zero, L: tl.constexpr, ARITH: tl.constexpr):
-    """:func:`_unpack` (fp32) or, for ARITH "bf16x2", codes without zero points (with one, a bf16
-    zero point and scale shift a value's rounding: its two roundings differed from the
-    reference's by an ulp often enough to double the attention's error) where
-    :func:`bf16x2_fits`, :func:`_unpack_bf16` (bf16)."""
+    """:func:`_unpack` (fp32) or, for ARITH "bf16x2", bf16 values decoded by inline PTX
+    (:mod:`qkv.kernels.triton.ptx_codes`): codes without zero points where
+    :func:`~qkv.kernels.triton.ptx_codes.bf16x2_fits` (a bf16 scale, each value rounded once
+    from it), else codes of at most 2 bits in 32-bit words where
+    :func:`~qkv.kernels.triton.ptx_codes.table_fits` (each value the fp32 decode's, rounded once),
+    spread as in :func:`_unpack` and kept opaque (:func:`~qkv.kernels.triton.ptx_codes.opaque_bf16`)."""
+    PER: tl.constexpr = L.WORD // L.BITS
     if ARITH == "bf16x2" and not L.HAS_ZERO and bf16x2_fits(L.WORD, L.BITS, L.MSB, L.OFFSET):
-        x = _unpack_bf16(word, scale, L)
+        x = opaque_bf16(_spread(unpack_bf16x2(word, scale, L), PER))
+    elif ARITH == "bf16x2" and table_fits(L.WORD, L.BITS):
+        table = ()
+        for c in tl.static_range(4):  # each block's values of codes 0 to 3, as _unpack computes them
+            table = table + (_affine(_raw(tl.full(scale.shape, c, tl.int32), L), scale, zero, L, False),)
+        x = opaque_bf16(_spread(unpack_table(word, table, L), PER))
     else:
         x = _unpack(word, scale, zero, L, ARITH == "exact")
     return x
-
-
-@triton.jit
-def _add_bf16(a, b):
-    """a + b for bf16 tensors of one shape, two values an instruction (GPU only: inline PTX)."""
-    return tl.inline_asm_elementwise(
-        "{\n.reg .b32 one;\nmov.b32 one, 0x3F803F80;\nfma.rn.bf16x2 $0, $1, one, $2;\n}", "=r,r,r", [a, b],
-        dtype=tl.bfloat16, is_pure=True, pack=2)
-
-
-@triton.jit
-def _opaque_bf16(x):
-    """x itself, through a move that Triton cannot see into and ptxas drops: a decoded tile that
-    reaches Hopper's warpgroup MMA (64 query rows and more) straight from :func:`_spread`'s
-    reshapes fails to compile in Triton 3.6 (its operand pass folds the reshapes into the shared
-    layout: "Illegal shared layout")."""
-    return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=tl.bfloat16, is_pure=True, pack=2)
 
 
 @triton.jit
@@ -362,9 +264,9 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
     ptxas 13.4 serialize the tensor-core products of the whole kernel). ARITH: "exact", the
     reference's arithmetic order in fp32 (dequantize); "fma", fp32 with a fused multiply-add per
     value for packed codes (see :func:`_affine`); "bf16x2" (attention with bf16 operands on the
-    GPU), bf16 values: packed codes of at most 4 bits decoded two an instruction
-    (:func:`_unpack_bf16`), the stages' centroids (summed in fp32 if more than one) added in
-    bf16, so each value is rounded to bf16 twice where the reference rounds it once."""
+    GPU), bf16 values: packed codes decoded by inline PTX where :func:`_unpack_as` can, the
+    stages' centroids (summed in fp32 if more than one) added in bf16, so each value is rounded to
+    bf16 twice where the reference rounds it once."""
     BF16: tl.constexpr = ARITH == "bf16x2"
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -411,7 +313,7 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
             ch_ok = None
             if BLOCK_D > D:
                 ch_ok = (d < D)[None, :]
-            x = _add_bf16(x, _stage_sum(src.stages, tok, q_ok, d, ch_ok, D).to(tl.bfloat16))
+            x = add_bf16(x, _stage_sum(src.stages, tok, q_ok, d, ch_ok, D).to(tl.bfloat16))
     else:
         x = add_stages(x, src.stages, tok, q_ok, d, ok, D, True, False)
     if HAS_FP:

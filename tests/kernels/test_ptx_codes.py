@@ -1,0 +1,192 @@
+"""The PTX of the decode kernel's code decoders (``qkv.kernels.triton.ptx_codes``), run by a small
+emulator of the instructions they use on fresh random words, scales and values. The bf16x2
+decoder: every value it produces is the reference dequantization ``(code - offset) * scale`` of a
+bf16 scale rounded once to bf16, in the codes' order. The table decoder: every value is its code's
+entry of the block's four fp32 values rounded once to bf16. The GPU tests (test_decode.py,
+test_attention.py) run the same texts on the device; this one checks their bit manipulation
+everywhere, and that the decode kernel with each decoder compiles for sm_90 (ptxas reads the PTX)."""
+
+import math
+
+import numpy as np
+import pytest
+
+pytest.importorskip("triton")
+
+from qkv.format import AffineFormat, PackFormat  # noqa: E402
+from qkv.kernels.triton.ptx_codes import (  # noqa: E402
+    bf16x2_constraints, bf16x2_fits, bf16x2_unpack_asm, table_asm, table_constraints, table_fits, table_slot,
+    table_unpack_asm)
+
+
+def bf16_round(x: float) -> float:
+    """x rounded to bf16, to nearest even (normal numbers)."""
+    if x == 0.0:
+        return 0.0
+    m, e = math.frexp(x)
+    scaled = m * 256.0
+    r = round(scaled)  # Python rounds halves to even
+    return math.ldexp(r, e - 8)
+
+
+def bf16_value(h: int) -> float:
+    return float(np.array([h << 16], dtype=np.uint32).view(np.float32)[0])
+
+
+def f32_value(r: int) -> float:
+    return float(np.array([r], dtype=np.uint32).view(np.float32)[0])
+
+
+def f32_bits(x: float) -> int:
+    return int(np.array([x], dtype=np.float32).view(np.uint32)[0])
+
+
+def bf16_bits(x: float) -> int:
+    return int(np.array([x], dtype=np.float32).view(np.uint32)[0]) >> 16
+
+
+def halves(r: int) -> tuple[float, float]:
+    return bf16_value(r & 0xFFFF), bf16_value(r >> 16)
+
+
+def fma_bf16x2(a: int, b: int, c: int) -> int:
+    out = 0
+    for i, (x, y, z) in enumerate(zip(halves(a), halves(b), halves(c))):
+        out |= bf16_bits(bf16_round(x * y + z)) << (16 * i)
+    return out
+
+
+def prmt(a: int, b: int, sel: int) -> int:
+    """PTX's generic byte permute: selector nibble i (of the low 16 bits) picks byte i of d from
+    the 8 bytes of {b, a}; a nibble's msb replicates the picked byte's sign bit instead."""
+    data = (b << 32 | a).to_bytes(8, "little")
+    out = []
+    for i in range(4):
+        nibble = sel >> (4 * i) & 15
+        byte = data[nibble & 7]
+        out.append((0xFF if byte & 0x80 else 0) if nibble & 8 else byte)
+    return int.from_bytes(bytes(out), "little")
+
+
+def lop3(a: int, b: int, c: int, lut: int) -> int:
+    out = 0
+    for bit in range(32):
+        idx = (a >> bit & 1) << 2 | (b >> bit & 1) << 1 | (c >> bit & 1)
+        out |= (lut >> idx & 1) << bit
+    return out
+
+
+def run(asm: str, operands: dict[int, int]) -> dict[int, int]:
+    """Execute the PTX text on 32-bit registers: ``$i`` operands in, ``$i`` outputs out."""
+    regs = {f"${i}": v for i, v in operands.items()}
+
+    def val(tok: str) -> int:
+        tok = tok.strip()
+        return regs[tok] if tok in regs else int(tok, 0) & 0xFFFFFFFF
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if line in ("{", "}") or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        d, *src = [a.strip() for a in args.split(",")]
+        x = [val(s) for s in src]
+        if op == "mov.b32":
+            regs[d] = x[0]
+        elif op == "prmt.b32":
+            regs[d] = prmt(*x)
+        elif op == "shr.b32":
+            regs[d] = x[0] >> x[1]
+        elif op == "shl.b32":
+            regs[d] = x[0] << x[1] & 0xFFFFFFFF
+        elif op == "lop3.b32":
+            regs[d] = lop3(*x)
+        elif op == "fma.rn.bf16x2":
+            regs[d] = fma_bf16x2(*x)
+        elif op == "and.b32":
+            regs[d] = x[0] & x[1]
+        elif op == "mad.lo.u32":
+            regs[d] = (x[0] * x[1] + x[2]) & 0xFFFFFFFF
+        elif op == "cvt.rn.bf16x2.f32":  # a to the high half, b to the low
+            regs[d] = bf16_bits(bf16_round(f32_value(x[0]))) << 16 | bf16_bits(bf16_round(f32_value(x[1])))
+        else:
+            raise AssertionError(f"the emulator does not know {op}")
+    return regs
+
+
+@pytest.mark.parametrize("bits, mode, word_bits, msb", [
+    (2, "midrise", 8, True), (2, "sym", 8, True), (2, "midrise", 32, False), (2, "sym", 32, True),
+    (1, "midrise", 8, True), (1, "midrise", 32, False), (1, "midrise", 8, False),
+])
+def test_every_value_is_the_reference_rounded_once(bits, mode, word_bits, msb):
+    fmt = AffineFormat(bits, 32, mode, "token", "fp32", PackFormat(word_bits, msb))
+    offset = fmt.offset
+    assert bf16x2_fits(word_bits, bits, msb, offset)
+    asm = bf16x2_unpack_asm(word_bits, bits, msb, offset)
+    n_out = bf16x2_constraints(word_bits, bits).split(",").count("=r")
+    pack = 4 if word_bits == 8 else 1
+    per = word_bits // bits
+    rng = np.random.default_rng(bits * 100 + word_bits + msb)
+    for _ in range(20):
+        words = [int(w) for w in rng.integers(0, 2**word_bits, pack)]
+        scales = [bf16_round(float(rng.uniform(0.01, 3.0))) for _ in range(pack)]
+        ops = {n_out: int.from_bytes(bytes(words), "little") if word_bits == 8 else words[0]}  # outputs come first
+        for e in range(pack):
+            ops[n_out + 1 + e] = bf16_bits(scales[e]) * 0x10001
+        regs = run(asm, ops)
+        for e in range(pack):
+            codes = [(words[e] >> ((per - 1 - j) * bits if msb else j * bits)) & ((1 << bits) - 1) for j in range(per)]
+            got = []
+            for k in range(per // 2):
+                got.extend(halves(regs[f"${k * pack + e}"]))
+            assert got == [bf16_round((c - offset) * scales[e]) for c in codes], (words[e], codes)
+
+
+def test_codes_that_do_not_fit_fall_back():
+    assert not bf16x2_fits(8, 4, True, 7.5)  # 4-bit codes: 128 + code * 2**a leaves the mantissa
+    assert not bf16x2_fits(8, 2, True, 0.25)  # an offset that is not a multiple of 1/2
+
+
+@pytest.mark.parametrize("bits, msb", [(2, False), (2, True), (1, False), (1, True)])
+def test_every_value_is_its_codes_table_entry_rounded_once(bits, msb):
+    """A block's four fp32 values (of either sign, of magnitudes apart by powers of two) become the
+    table's two registers; every code of a random 32-bit word is looked up as its entry rounded
+    once to bf16, at the output and half that ``table_slot`` names."""
+    assert table_fits(32, bits) and not table_fits(8, bits) and not table_fits(32, 3)
+    per, n_out = 32 // bits, table_constraints(bits).split(",").count("=r")
+    assert n_out == per // 2
+    rng = np.random.default_rng(bits * 10 + msb)
+    for _ in range(50):
+        values = [float(np.float32(v)) for v in rng.standard_normal(4) * 2.0 ** rng.integers(-20, 20, 4)]
+        table = run(table_asm(), {2 + c: f32_bits(v) for c, v in enumerate(values)})
+        word = int(rng.integers(0, 2**32))
+        regs = run(table_unpack_asm(bits, msb), {n_out: word, n_out + 1: table["$0"], n_out + 2: table["$1"]})
+        for i in range(per):
+            code = (word >> ((per - 1 - i) * bits if msb else i * bits)) & ((1 << bits) - 1)
+            where = table_slot(bits, msb, i)
+            got = halves(regs[f"${where // 2}"])[where % 2]
+            assert got == bf16_round(values[code]), (hex(word), i, code)
+
+
+def test_the_decode_kernel_with_each_decoder_compiles_for_sm90(tmp_path):
+    """kivi's codes (zero points) take the table decoder, rtn's the bf16x2 one: ptxas assembles
+    either decode kernel for sm_90 (benchmarks/decode_sass.py, run without the interpreter that
+    the other tests use; no GPU needed), each tile with its products and its PRMT decoding."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).parents[2]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    out = tmp_path / "sass.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "decode_sass.py"), "kivi", "rtn", "--block-n", "128",
+                    "--warps", "4", "--maxnreg", "128", "--out", str(out)], check=True, env=env, cwd=tmp_path,
+                   capture_output=True, timeout=600)
+    kivi, rtn = (row["opcodes"] for row in json.loads(out.read_text()))
+    assert kivi["HMMA.16816.F32.BF16"] == rtn["HMMA.16816.F32.BF16"] == 64  # a 128-key tile's products
+    # 256 values a thread: kivi's looked up, a PRMT a pair (no fp32 multiply-add a value any more),
+    # rtn's scaled two a bf16x2 multiply
+    assert kivi["PRMT"] >= 128 and kivi.get("FFMA", 0) < 128 and rtn["HMUL2.BF16_V2"] >= 128
