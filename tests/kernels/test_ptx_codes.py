@@ -2,21 +2,32 @@
 emulator of the instructions they use on fresh random words, scales and values. The bf16x2
 decoder: every value it produces is the reference dequantization ``(code - offset) * scale`` of a
 bf16 scale rounded once to bf16, in the codes' order. The table decoder: every value is its code's
-entry of the block's four fp32 values rounded once to bf16. The GPU tests (test_decode.py,
-test_attention.py) run the same texts on the device; this one checks their bit manipulation
-everywhere, and that the decode kernel with each decoder compiles for sm_90 (ptxas reads the PTX)."""
+entry of the block's four fp32 values rounded once to bf16. This checks their bit manipulation
+everywhere, and that the decode kernel with each decoder compiles for sm_90 (ptxas reads the PTX);
+on a GPU, a span's tiles decoded to bf16 by either decoder equal the fp32 path's rounded once (the
+attention tests in test_decode.py and test_attention.py run the same texts there too)."""
 
 import math
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("triton")
+
+import qkv  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+from qkv import kernels  # noqa: E402
+from qkv.kernels import CompressedSpan, SpanPlan  # noqa: E402
+from qkv.kernels.triton import decode  # noqa: E402
+from qkv.kernels.triton.attention_kernel import S_K, S_TOKENS, S_V  # noqa: E402
 
 from qkv.format import AffineFormat, PackFormat  # noqa: E402
 from qkv.kernels.triton.ptx_codes import (  # noqa: E402
     bf16x2_constraints, bf16x2_fits, bf16x2_unpack_asm, table_asm, table_constraints, table_fits, table_slot,
     table_unpack_asm)
+from qkv.kernels.triton.tile import decode_tile, record_source  # noqa: E402
 
 
 def bf16_round(x: float) -> float:
@@ -190,3 +201,57 @@ def test_the_decode_kernel_with_each_decoder_compiles_for_sm90(tmp_path):
     # 256 values a thread: kivi's looked up, a PRMT a pair (no fp32 multiply-add a value any more),
     # rtn's scaled two a bf16x2 multiply
     assert kivi["PRMT"] >= 128 and kivi.get("FFMA", 0) < 128 and rtn["HMUL2.BF16_V2"] >= 128
+
+
+@triton.jit
+def _tiles(span_ptr, out_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+           ARITH: tl.constexpr):
+    """The key and value tiles of (batch, head) ``program_id(1)`` of span 0 of a span table, decoded
+    with ``ARITH`` and rounded to bf16: out [2, B * H, S, D] (keys, then values)."""
+    t0 = tl.program_id(0) * BLOCK_N
+    n = tl.program_id(1).to(tl.int64)
+    S = tl.load(span_ptr + S_TOKENS).to(tl.int32)
+    tok = t0 + tl.arange(0, BLOCK_N)
+    d = tl.arange(0, D)
+    at = out_ptr + (n * S + tok[:, None]) * D + d[None, :]
+    k = decode_tile(record_source(span_ptr + S_K, n, D, K, tl.bfloat16), t0, S, K, D, BLOCK_N, D, False, ARITH)
+    v = decode_tile(record_source(span_ptr + S_V, n, D, V, tl.bfloat16), t0, S, V, D, BLOCK_N, D, False, ARITH)
+    tl.store(at, k.to(tl.bfloat16), mask=(tok < S)[:, None])
+    tl.store(at + tl.num_programs(1) * S * D, v.to(tl.bfloat16), mask=(tok < S)[:, None])
+
+
+def decoded_tiles(name: str, device: str, ariths: tuple[str, ...]) -> dict:
+    """A span of preset ``name`` ([2, 4, 512, 128] bf16 K and V, no window) decoded tile by tile
+    with each arithmetic: {arith: [2, 8, 512, 128] bf16}, and under "decompressed" the span's
+    K and V as ``kernels.decompress`` gives them, in the same layout."""
+    gen = torch.Generator().manual_seed(3)
+    k, v = (torch.randn(2, 4, 512, 128, generator=gen).mul(3).bfloat16().to(device) for _ in range(2))
+    span = CompressedSpan(qkv.build_policy(name, window=0).compress(k, v), 0)
+    group = decode.plan_table(SpanPlan([span]), k.device, 64).groups[0]
+    outs = {"decompressed": torch.stack([kernels.decompress(t).flatten(0, 1) for t in (span.ckv.k, span.ckv.v)])}
+    for arith in ariths:
+        out = torch.zeros(2, 8, 512, 128, dtype=torch.bfloat16, device=device)
+        _tiles[(512 // 64, 8)](group.table, out, D=128, BLOCK_N=64, K=group.layouts[0], V=group.layouts[1],
+                               ARITH=arith, num_warps=4)
+        outs[arith] = out
+    return outs
+
+
+@pytest.mark.parametrize("name", ["kivi", "rtn"])
+def test_the_tile_kernel_of_the_next_test_decodes_the_span(name):
+    """The kernel the GPU test below runs, in the fp32 arithmetic (the interpreter's): its tiles
+    are the span's decompressed values (bf16, rounded once from the reference's fp32) up to the
+    fused multiply-add's rounding, at most one bf16 step."""
+    outs = decoded_tiles(name, "cuda" if torch.cuda.is_available() else "cpu", ("fma",))
+    got, want = outs["fma"].float(), outs["decompressed"].float()
+    assert want.abs().max() > 0 and torch.allclose(got, want, rtol=2**-7, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the interpreter runs no PTX")
+@pytest.mark.parametrize("name", ["kivi", "rtn"])
+def test_a_gpu_decodes_tiles_to_the_fp32_paths_values_rounded_once(name):
+    """On a GPU, the decode kernel's tile decoder straight to bf16 (kivi's keys per channel and
+    values per token: the table; rtn's: bf16x2 with a bf16-exact fp8 scale) gives every value of a
+    span's key and value tiles exactly as the fp32 path's, rounded once to bf16."""
+    outs = decoded_tiles(name, "cuda", ("fma", "bf16x2"))
+    assert torch.equal(outs["bf16x2"], outs["fma"])
