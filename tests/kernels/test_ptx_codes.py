@@ -7,7 +7,12 @@ everywhere, and that the decode kernel with each decoder compiles for sm_90 (ptx
 on a GPU, a span's tiles decoded to bf16 by either decoder equal the fp32 path's rounded once (the
 attention tests in test_decode.py and test_attention.py run the same texts there too)."""
 
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -183,12 +188,6 @@ def test_the_decode_kernel_with_each_decoder_compiles_for_sm90(tmp_path):
     """kivi's codes (zero points) take the table decoder, rtn's the bf16x2 one: ptxas assembles
     either decode kernel for sm_90 (benchmarks/decode_sass.py, run without the interpreter that
     the other tests use; no GPU needed), each tile with its products and its PRMT decoding."""
-    import json
-    import os
-    import pathlib
-    import subprocess
-    import sys
-
     root = pathlib.Path(__file__).parents[2]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
@@ -238,8 +237,8 @@ def decoded_tiles(name: str, device: str, ariths: tuple[str, ...]) -> dict:
 
 
 @pytest.mark.parametrize("name", ["kivi", "rtn"])
-def test_the_tile_kernel_of_the_next_test_decodes_the_span(name):
-    """The kernel the GPU test below runs, in the fp32 arithmetic (the interpreter's): its tiles
+def test_the_tile_kernel_decodes_the_span_in_fp32(name):
+    """The tile kernel of the GPU test below, in the fp32 arithmetic (the interpreter's): its tiles
     are the span's decompressed values (bf16, rounded once from the reference's fp32) up to the
     fused multiply-add's rounding, at most one bf16 step."""
     outs = decoded_tiles(name, "cuda" if torch.cuda.is_available() else "cpu", ("fma",))
