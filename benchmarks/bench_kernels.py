@@ -108,6 +108,8 @@ def run(args) -> dict:
                 ("qkv qvg-ref, 5 it", *ours(x, qkv.build_policy("qvg-ref", iters=5).spec)),
                 ("qkv qvg-ref, 20 it", *ours(x, "kmeans(iters=20,init=random,tol=0),centroid,int2(mode=sym)")),
                 ("qkv qvg, 2 it", *ours(x, qkv.build_policy("qvg", iters=2).spec)),
+                ("qkv qvg, 2 it, finish=update", *ours(x, qkv.build_policy("qvg", iters=2, finish="update").spec)),
+                ("qkv qvg-ref, finish=update (2 it)", *ours(x, qkv.build_policy("qvg-ref", finish="update").spec)),
                 ("qkv qvg, 20 it", *ours(x, "kmeans(iters=20,init=random,tol=0),centroid,int2")),
                 ("qkv qvg preset (5 it)", *ours(x, qkv.build_policy("qvg").spec)),
             ]
@@ -165,7 +167,9 @@ def warm_encode(shapes: dict, real: str | None) -> list[dict]:
 def kmeans_alone(x) -> list[dict]:
     """k-means alone (random init, 256 clusters, no tolerance) at 2 and 5 Lloyd iterations, qkv vs
     flash-kmeans 0.3.1 (``batch_kmeans_Euclid``, the reference's k-means library) on the same
-    tokens: time per call, and per further iteration (the 5- minus the 2-iteration time, over 3)."""
+    tokens: time per call, and per further iteration (the 5- minus the 2-iteration time, over 3).
+    qkv both ways it can end: with a last assignment pass (its default) and without, as
+    flash-kmeans (``finish="update"``: the same passes as flash-kmeans)."""
     from flash_kmeans import batch_kmeans_Euclid
 
     from qkv.grouping.kmeans import kmeans
@@ -173,6 +177,7 @@ def kmeans_alone(x) -> list[dict]:
     flat = x.flatten(0, 1).contiguous()  # [B*H, S, D]: one row per head
     impls = {
         "qkv": lambda it: kmeans(flat, 256, it, tol=0.0, init="random"),
+        "qkv finish=update": lambda it: kmeans(flat, 256, it, tol=0.0, init="random", finish="update"),
         "flash-kmeans": lambda it: batch_kmeans_Euclid(flat, 256, max_iters=it, tol=0.0),
     }
     rows = []

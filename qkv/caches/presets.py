@@ -58,6 +58,7 @@ OVERRIDES = {
     "iters": "k-means iterations (kmeans, faiss)",
     "warm_iters": "k-means iterations of a span warm-started from the previous one's centroids (kmeans)",
     "seed": "clustering seed (kmeans, faiss)",
+    "finish": "how k-means ends: assign (a last assignment pass) or update (the last means, the reference's) (kmeans)",
     "stages": "number of grouping + smoothing stages (1 = single)",
     "window": "newest tokens kept in full precision",
 }
@@ -74,7 +75,7 @@ def _override_tensor(policy: TensorPolicy, key: str, value: object) -> TensorPol
         if not policy.quantizer.has_param(key):
             return None
         return dataclasses.replace(policy, quantizer=policy.quantizer.replace(**{key: value}))
-    if key in ("clusters", "iters", "warm_iters", "seed"):
+    if key in ("clusters", "iters", "warm_iters", "seed", "finish"):
         if not policy.grouping.has_param(key):
             return None
         return dataclasses.replace(policy, grouping=policy.grouping.replace(**{key: value}))

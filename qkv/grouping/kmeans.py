@@ -8,6 +8,11 @@
   uniform random tokens (the reference QVG's choice). Both D^2 seedings draw from their points
   in one kernel on a GPU (:func:`qkv.kernels.kmeanspp`: k-means++ a pick a pass, k-means|| a
   round a pass); no host sync. The Lloyd iterations always use every token.
+- Finish (``finish``): ``"assign"`` (default) ends with one more assignment pass, so every token
+  is assigned to its nearest final centroid; ``"update"`` ends with the last iteration's update,
+  as the reference QVG and flash-kmeans do: the last pass's assignments with their clusters'
+  means as centroids (each the best centroid for its tokens, a token not always at its nearest),
+  one assignment pass fewer a call (``benchmarks/kmeans_finish.py``, docs/policies.md).
 - Warm start from given centroids (e.g. the previous chunk's).
 - Deterministic for a given seed: sums are fixed-order matmuls, sampling uses a seeded generator
   whose every draw is shared by all rows, so a row's result depends only on its own tokens and the
@@ -25,8 +30,8 @@
 - Works on each row times a power of two (:func:`qkv.grouping.base.row_factor`: 1 for rows in
   the safe range), applied as the k-means ops read the tokens (no scaled copy, no host read-back),
   so distances never overflow.
-The objective never increases, and every token ends assigned to its nearest centroid (with the
-Triton assignment: its nearest centroid rounded to bf16, see docs/kernels.md).
+The objective never increases, and with ``finish="assign"`` every token ends assigned to its nearest
+centroid (with the Triton assignment: its nearest centroid rounded to bf16, see docs/kernels.md).
 """
 
 from __future__ import annotations
@@ -57,13 +62,16 @@ PARALLEL_OVERSAMPLE = 2
 # weighted k-means++, seeded no better: benchmarks/seeding_quality.py)
 REDUCE_ROUNDS = 32
 INITS = ("kmeans++", "kmeans||", "random")
+FINISHES = ("assign", "update")
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 @dataclasses.dataclass(frozen=True)
 class KMeansResult:
-    """centroids [N, C, D] fp32, assignments [N, S] int64 (nearest centroid), objective
-    [iterations + 1, N] fp64: sum of squared distances after each assignment step (last = final)."""
+    """centroids [N, C, D] fp32, assignments [N, S] int64, objective [passes, N] fp64: the sum of
+    squared distances after each assignment pass (``finish="assign"``: iterations + 1 passes, the
+    last one's the result's; ``"update"``: one a Lloyd iteration, the last one's only lowered by
+    the final means)."""
 
     centroids: torch.Tensor
     assignments: torch.Tensor
@@ -190,15 +198,19 @@ def kmeans(
     init_centroids: torch.Tensor | None = None,
     backend: str = "auto",
     peaks: torch.Tensor | None = None,
+    finish: str = "assign",
 ) -> KMeansResult:
     """Batched k-means of ``x`` [N, S, D] (any float dtype; computed in fp32, read in place)
     into ``min(clusters, S)`` clusters per row.
 
     ``iters`` Lloyd iterations at most (0: only the initial assignment); ``init_centroids``
     [N, C, D] replaces the seeded init (warm start); ``peaks``: each row's max |x| ([N] fp32), if
-    known (see :func:`row_factor`).
+    known (see :func:`row_factor`); ``finish``: ``"assign"`` ends with an assignment pass to the
+    final centroids, ``"update"`` with the last iteration's means of its assignments (the
+    reference's; with ``iters=0`` both are the initial assignment).
     """
     check_choice("kmeans", "init", init, INITS)
+    check_choice("kmeans", "finish", finish, FINISHES)
     n, s, d = x.shape
     factor = row_factor(x, peaks)  # [N]; the k-means ops multiply each token by it as they read it
     if init_centroids is not None:
@@ -215,6 +227,7 @@ def kmeans(
     done = torch.zeros(n, dtype=torch.bool, device=x.device)
     all_done = None  # the last "all rows done" on its way to the host
     history = []
+    assign = None  # the last pass's assignments
     for it in range(iters):
         # the clusters' sums from the same pass where the kernel gathers them (few clusters)
         assign, dist, sums = kernels.kmeans_assign(x, centroids, scale=factor, sums=True, backend=backend)
@@ -235,8 +248,9 @@ def kmeans(
             all_done = Arriving(done.all())
             if all_done.ready() and all_done.values():  # off a GPU the answer is at hand
                 break
-    assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
-    history.append(dist.sum(-1))
+    if finish == "assign" or assign is None:
+        assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
+        history.append(dist.sum(-1))
     objective = torch.stack(history).double() / factor.view(1, -1).double().square()  # fp64: huge inputs
     return KMeansResult(centroids / factor.view(-1, 1, 1), assign, objective)
 
@@ -255,6 +269,9 @@ class KMeansGrouper(ClusteringGrouper):
     ``warm_iters``: the Lloyd iterations of a warm-started grouping (a streaming cache seeds each
     span with the previous span's centroids; default ``iters``): warm centroids need fewer
     iterations for the same error (``benchmarks/warm_start_kmeans.py``, docs/policies.md).
+    ``finish=update`` skips the final assignment pass (the reference's Lloyd iteration; see the
+    module docstring): at equal iterations a little more error for one pass fewer, at equal passes
+    less error (one update more).
     """
 
     name: ClassVar[str] = "kmeans"
@@ -264,6 +281,7 @@ class KMeansGrouper(ClusteringGrouper):
     init: str = "random"
     seed: int = 0
     warm_iters: int | None = None
+    finish: str = "assign"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -272,6 +290,7 @@ class KMeansGrouper(ClusteringGrouper):
             check_int("kmeans", "warm_iters", self.warm_iters, 0)
         check_int("kmeans", "seed", self.seed, 0, SEED_MAX)
         check_choice("kmeans", "init", self.init, INITS)
+        check_choice("kmeans", "finish", self.finish, FINISHES)
         if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not 0 <= self.tol < math.inf:
             raise ConfigError(f"kmeans: tol must be a finite number >= 0, got {shown(self.tol)}")
 
@@ -286,5 +305,6 @@ class KMeansGrouper(ClusteringGrouper):
             init_centroids=init,
             backend=backend,
             peaks=peaks,
+            finish=self.finish,
         )
         return Groups(result.centroids, result.assignments)

@@ -148,6 +148,54 @@ def test_warm_iters_apply_to_warm_started_groupings_only(monkeypatch):
         KMeansGrouper(warm_iters=-1)
 
 
+@given(s=st.integers(1, 200), c=st.integers(1, 40), iters=st.integers(1, 6), seed=st.integers(0, 1000),
+       warm=st.booleans())
+def test_finish_update_is_the_last_iteration_without_the_final_pass(s, c, iters, seed, warm):
+    """finish="update" returns the centroids finish="assign" returns (the last update's), with the
+    assignments of the last Lloyd pass, which a run of one iteration fewer ends with; each
+    non-empty cluster's centroid is the mean of its tokens; one assignment pass fewer."""
+    x = clustered(s=s, seed=seed)
+    init = kmeans(x, c, 1, seed=seed).centroids if warm else None
+    args = dict(tol=0.0, init="random", seed=seed, init_centroids=init)
+    update = kmeans(x, c, iters, finish="update", **args)
+    assign = kmeans(x, c, iters, **args)
+    one_fewer = kmeans(x, c, iters - 1, **args)
+    assert torch.equal(update.centroids, assign.centroids)
+    assert torch.equal(update.assignments, one_fewer.assignments)
+    assert torch.equal(update.objective, assign.objective[:-1]) and len(update.objective) == iters
+    onehot = torch.nn.functional.one_hot(update.assignments, update.centroids.shape[1]).double()  # [N, S, C]
+    counts = onehot.sum(1)
+    means = torch.einsum("nsc,nsd->ncd", onehot, x.double()) / counts.clamp(min=1).unsqueeze(-1)
+    filled = counts > 0
+    assert torch.allclose(update.centroids.double()[filled], means[filled], rtol=1e-5, atol=1e-5)
+    # the final means only lower the last pass's objective (which the pass sums as |x|^2 - 2 x.c + |c|^2
+    # in fp32: to within its rounding)
+    final = x - torch.gather(update.centroids, 1, update.assignments.unsqueeze(-1).expand(-1, -1, x.shape[2]))
+    slack = 1e-5 * x.double().square().sum((1, 2))
+    assert bool((final.double().square().sum((1, 2)) <= update.objective[-1] + slack).all())
+
+
+def test_finish_update_with_no_iteration_is_the_initial_assignment():
+    x = clustered(s=80)
+    a, b = kmeans(x, 6, 0, seed=1), kmeans(x, 6, 0, seed=1, finish="update")
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.assignments, b.assignments)
+    assert torch.equal(a.objective, b.objective) and len(b.objective) == 1
+
+
+def test_finish_spec_override_and_errors():
+    g = GROUPING.build("kmeans(clusters=8,finish=update)")
+    assert g == KMeansGrouper(clusters=8, finish="update") and g.token == "kmeans(clusters=8,finish=update)"
+    assert KMeansGrouper().token == "kmeans" and KMeansGrouper().finish == "assign"
+    policy = qkv.build_policy("qvg", finish="update")
+    assert policy.k.grouping.finish == policy.v.grouping.finish == "update"
+    with pytest.raises(ConfigError, match="finish='last' is not supported; valid values: assign, update"):
+        KMeansGrouper(finish="last")
+    with pytest.raises(ConfigError, match="finish"):
+        kmeans(clustered(), 4, 2, finish="Update")
+    with pytest.raises(ConfigError, match="finish"):
+        qkv.build_policy("rtn", finish="update")
+
+
 def test_empty_clusters_and_degenerate_input():
     zeros = torch.zeros(1, 50, 4)
     res = kmeans(zeros, 8, 5)
