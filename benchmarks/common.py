@@ -143,3 +143,13 @@ def paired_ratio(times: list[float], base: list[float], resamples: int = 2000, s
     medians = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(resamples))
     return {"median": statistics.median(ratios), "low": medians[int(0.025 * resamples)],
             "high": medians[int(0.975 * resamples) - 1]}
+
+
+def spec_relative_mse(spec: str, x: torch.Tensor) -> float:
+    """Relative MSE (sum |x - x_hat|^2 / sum |x|^2) of compressing ``x`` as keys and values with
+    the policy ``spec`` and decompressing the keys, on the torch path."""
+    import qkv
+
+    policy = qkv.build_policy(spec)
+    x_hat, _ = policy.decompress(policy.compress(x, x), backend="torch")
+    return float((x_hat.float() - x).pow(2).sum() / x.pow(2).sum())

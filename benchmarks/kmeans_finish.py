@@ -17,21 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 
-import torch
-from common import write_json
+from common import spec_relative_mse, write_json
 
-import qkv
 from qkv.realdata import load_dataset
 
 DATA = {"wan": 8192, "minilm": 6144, "whisper-encoder": 1500}  # dataset -> tokens used
 LAYERS, HEADS = 2, 4
 FINISHES = ("assign", "update")
-
-
-def relative_mse(spec: str, x: torch.Tensor) -> float:
-    policy = qkv.build_policy(spec)
-    x_hat, _ = policy.decompress(policy.compress(x, x), backend="torch")
-    return float((x_hat.float() - x).pow(2).sum() / x.pow(2).sum())
 
 
 def main() -> None:
@@ -50,7 +42,7 @@ def main() -> None:
                     spec = f"kmeans(iters={iters},finish={finish}),centroid,int2(block={block})"
                     rows.append({"data": name, "tensor": tensor, "tokens": tokens, "iters": iters, "finish": finish,
                                  "assignment_passes": iters + (finish == "assign"),
-                                 "rel_mse": statistics.mean(relative_mse(spec, x) for x in xs)})
+                                 "rel_mse": statistics.mean(spec_relative_mse(spec, x) for x in xs)})
                     print(rows[-1], flush=True)
     write_json(args.out, {"layers": LAYERS, "heads": HEADS, "clusters": 256, "init": "random", "seed": 0,
                           "rows": rows})

@@ -25,10 +25,8 @@ import argparse
 import importlib
 import statistics
 
-import torch
-from common import oversampling, overridden, write_json
+from common import oversampling, overridden, spec_relative_mse, write_json
 
-import qkv
 from qkv.realdata import load_dataset
 
 KMEANS = importlib.import_module("qkv.grouping.kmeans")
@@ -36,12 +34,6 @@ KMEANS = importlib.import_module("qkv.grouping.kmeans")
 INITS = ("random", "kmeans++", "kmeans||")
 DATA = {"wan": 8192, "minilm": 6144}  # dataset -> tokens used
 LAYERS, HEADS, SEEDS = 2, 4, (0, 1)
-
-
-def relative_mse(spec: str, x: torch.Tensor) -> float:
-    policy = qkv.build_policy(spec)
-    k_hat, _ = policy.decompress(policy.compress(x, x), backend="torch")
-    return float((k_hat.float() - x).pow(2).sum() / x.pow(2).sum())
 
 
 def main() -> None:
@@ -65,7 +57,7 @@ def main() -> None:
             for column, init, overrides in columns:
                 with overridden(KMEANS, overrides):
                     row[column] = statistics.mean(
-                        relative_mse(f"kmeans(init={init},seed={seed}),centroid,int2(block=64)", x)
+                        spec_relative_mse(f"kmeans(init={init},seed={seed}),centroid,int2(block=64)", x)
                         for x in xs for seed in args.seeds)
             rows.append(row)
             print(" ".join(f"{k}={v:.5f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()), flush=True)
