@@ -101,7 +101,7 @@ def write_floor_ms(x: torch.Tensor, fills: int = 20, reps: int = 10) -> float:
     launch; the median of ``reps``): a decode that writes that output cannot take less (it also
     reads the codes). Not replayed from a CUDA graph (``gpu_ms``): so timed, with the filled
     tensor freed right after, the LongCat rows' tensors of a ``--decode`` run came out altered
-    (their rel. MSE 20-98% below every other run's) in two runs of two on an H100; never with
+    (their rel. MSE 19-98% below every other run's) in two runs of two on an H100; never with
     events. Not explained."""
     out = torch.empty_like(x)
     out.fill_(1.0)  # warm-up
