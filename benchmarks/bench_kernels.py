@@ -160,7 +160,8 @@ def run(args, decode_only: bool = False) -> dict:
                 g = r["decode_gpu_ms"]
                 r["decode_gpu_frac_of_copy"] = None if g is None else (stored + out_bytes) / (g * 1e-3) / bw
                 r["decode_gpu_over_write_floor"] = None if g is None else g / write_floor
-                print(f"{shape_name:12s} {data:9s} {name:26s} enc {t_enc} ms  dec {t_dec:7.3f} ms "
+                enc_text = "-" if t_enc is None else f"{t_enc:8.3f}"
+                print(f"{shape_name:12s} {data:9s} {name:26s} enc {enc_text} ms  dec {t_dec:7.3f} ms "
                       f"({r['decode_TBps']:.2f} TB/s, {100 * r['decode_frac_of_copy']:.0f}% of copy; GPU alone {g} ms, "
                       f"the output's fill {write_floor} ms)  relMSE {err:.5f}", flush=True)
             del x
