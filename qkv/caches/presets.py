@@ -58,7 +58,7 @@ OVERRIDES = {
     "iters": "k-means iterations (kmeans, faiss)",
     "warm_iters": "k-means iterations of a span warm-started from the previous one's centroids (kmeans)",
     "seed": "clustering seed (kmeans, faiss)",
-    "finish": "how k-means ends: assign (a last assignment pass) or update (the last means, the reference's) (kmeans)",
+    "finish": "how k-means ends: assign (one more assignment pass) or update (the last means, as the reference) (kmeans)",
     "stages": "number of grouping + smoothing stages (1 = single)",
     "window": "newest tokens kept in full precision",
 }
