@@ -82,7 +82,7 @@ def variant_assign(x, cents, factor, tile, direct, packed):
     c = cents.shape[1]
     neg2 = torch.empty(n, c, d, dtype=torch.bfloat16, device=x.device)
     c_sq = torch.empty(n, c, dtype=torch.float32, device=x.device)
-    _prepare_kernel[(triton.cdiv(n * c, 32),)](cents, neg2, c_sq, n * c, d, EMULATE=False, BLOCK_M=32, BLOCK_D=d)
+    _prepare_kernel[(triton.cdiv(n * c, 32),)](cents, neg2, c_sq, n * c, c, c, d, EMULATE=False, BLOCK_M=32, BLOCK_D=d)
     idx = torch.empty(n, s, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, s, dtype=torch.float32, device=x.device)
     _variant_kernel[(n, triton.cdiv(s, tile.tokens))](x, factor, neg2, c_sq, idx, dist, s, c, d, x.stride(0), x.stride(1),

@@ -64,51 +64,73 @@ FUSED_MAX_CLUSTERS = 32
 
 
 @triton.jit
-def _prepare_kernel(c_ptr, neg2_ptr, csq_ptr, M, D, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Centroid rows -> -2 * (rounded to bf16) and the rounded rows' squared norms (fp32)."""
+def _prepare_kernel(c_ptr, neg2_ptr, csq_ptr, M, C, CP, D, EMULATE: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """Centroid rows [N, C, D] -> -2 * (rounded to bf16) and the rounded rows' squared norms (fp32),
+    each row of centroids padded to CP with zeros of norm +inf, which are never nearest."""
     m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, BLOCK_D)
-    mask = (m < M)[:, None] & (d < D)[None, :]
-    c = tl.load(c_ptr + m[:, None].to(tl.int64) * D + d[None, :], mask=mask, other=0.0).to(tl.float32)
+    k = m % CP
+    real = (m < M) & (k < C)
+    mask = real[:, None] & (d < D)[None, :]
+    c = tl.load(c_ptr + ((m // CP) * C + k)[:, None].to(tl.int64) * D + d[None, :], mask=mask, other=0.0)
+    c = c.to(tl.float32)
     if EMULATE:
         c = round_to_bf16(c)  # the interpreter's conversion truncates
     else:
         c = c.to(tl.bfloat16).to(tl.float32)
-    tl.store(neg2_ptr + m[:, None].to(tl.int64) * D + d[None, :], (c * -2.0).to(tl.bfloat16), mask=mask)
-    tl.store(csq_ptr + m, tl.sum(c * c, axis=1), mask=m < M)
+    out = (m < M)[:, None] & (d < D)[None, :]
+    tl.store(neg2_ptr + m[:, None].to(tl.int64) * D + d[None, :], (c * -2.0).to(tl.bfloat16), mask=out)
+    tl.store(csq_ptr + m, tl.where(real, tl.sum(c * c, axis=1), float("inf")), mask=m < M)
 
 
 @triton.jit
-def _nearest(x, f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT: tl.constexpr, EMULATE: tl.constexpr,
+def _nearest(x, f, c_ptr, csq_ptr, n, CP, D: tl.constexpr, d, X_EXACT: tl.constexpr, EMULATE: tl.constexpr,
              BLOCK_C: tl.constexpr):
     """Each token of the tile x [BLOCK_S, BLOCK_D] fp32 (as loaded; times the row's factor f):
-    its nearest of row n's prepared centroids, (index int32, squared distance)."""
+    its nearest of row n's CP prepared centroids (a multiple of BLOCK_C, padded by _prepare_kernel
+    to CP + BLOCK_C a row), (index int32, squared distance)."""
     # the row's factor (a power of two) scales the products after the tensor cores, so the tokens
     # reach them as loaded: f (x . c) is (f x) . c exactly, barring overflow and underflow
     x_sq = tl.sum((x * f) * (x * f), axis=1)
     xh, xl = split_bf16(x, X_EXACT)
-    best = tl.full((x.shape[0],), float("inf"), tl.float32)
-    best_i = tl.zeros((x.shape[0],), tl.int32)
-    for c0 in range(0, C, BLOCK_C):
-        c = c0 + tl.arange(0, BLOCK_C)
-        c_ok = c < C
-        # -2 * centroid, bf16, loaded transposed: [BLOCK_D, BLOCK_C]
-        cent = tl.load(c_ptr + (n * C + c[None, :]) * D + d[:, None], mask=c_ok[None, :] & d_ok[:, None], other=0.0)
+    # the running minimum is kept per (token, column of the centroid tile), with the tile it came
+    # from, and reduced across columns once after the loop: no cross-thread reduction per tile
+    j = tl.arange(0, BLOCK_C)
+    run = tl.full((x.shape[0], BLOCK_C), float("inf"), tl.float32)
+    run_c0 = tl.zeros((x.shape[0], BLOCK_C), tl.int32)
+    # -2 * centroid, bf16, loaded transposed: [BLOCK_D, BLOCK_C]; padded rows need no mask
+    cents = c_ptr + n * (CP + BLOCK_C) * D + j[None, :] * D + d[:, None]
+    norms = csq_ptr + n * (CP + BLOCK_C) + j
+    norm = tl.load(norms)
+    for c0 in range(0, CP, BLOCK_C):
+        # the next tile's norms are loaded a tile ahead (the row's padding has one tile more)
+        norms += BLOCK_C
+        norm_next = tl.load(norms)
+        if D == d.shape[0]:
+            cent = tl.load(cents)
+        else:
+            cent = tl.load(cents, mask=(d < D)[:, None], other=0.0)
         cent = cent.to(tl.float32)
         dist = bf16_dot(xh, cent, EMULATE)
         if not X_EXACT:
             dist += bf16_dot(xl, cent, EMULATE)
-        dist = dist * f + tl.load(csq_ptr + n * C + c, mask=c_ok, other=float("inf"))[None, :]
-        tile_best, tile_i = tl.min(dist, axis=1, return_indices=True)
-        better = tile_best < best  # ties keep the earlier (lower-index) centroid
-        best = tl.where(better, tile_best, best)
-        best_i = tl.where(better, tile_i + c0, best_i)
+        dist = dist * f + norm[None, :]
+        norm = norm_next
+        cents += BLOCK_C * D
+        # ties keep the earlier (lower-index) centroid; the comparison is used once (a predicate a
+        # value, not one kept for two selects: ptxas packs those into registers when they run out)
+        run_c0 = tl.where(dist < run, c0, run_c0)
+        run = tl.minimum(run, dist)
+    best = tl.min(run, axis=1)
+    # of the columns at the minimum, the lowest centroid index (each column holds its first)
+    best_i = tl.min(tl.where(run == best[:, None], run_c0 + j[None, :], CP), axis=1)
     return best_i, tl.maximum(best + x_sq, 0.0)
 
 
 @triton.jit
 def _assign_kernel(
-    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, C, D, XN, XS,
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, CP, D: tl.constexpr, XN, XS,
     X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -121,7 +143,7 @@ def _assign_kernel(
     f = 1.0
     if HAS_SCALE:
         f = tl.load(f_ptr + n)
-    best_i, best = _nearest(x.to(tl.float32), f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT, EMULATE, BLOCK_C)
+    best_i, best = _nearest(x.to(tl.float32), f, c_ptr, csq_ptr, n, CP, D, d, X_EXACT, EMULATE, BLOCK_C)
     tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
     tl.store(dist_ptr + n * S + s, best, mask=s_ok)
 
@@ -295,30 +317,36 @@ def assign_triton(
     n, s, d = x.shape
     c = centroids.shape[1]
     block_d = max(16, triton.next_power_of_2(d))
-    neg2 = torch.empty(n, c, d, dtype=torch.bfloat16, device=x.device)  # -2 * rounded: exact
-    c_sq = torch.empty(n, c, dtype=torch.float32, device=x.device)
-    _prepare_kernel[(triton.cdiv(n * c, 32),)](
-        centroids, neg2, c_sq, n * c, d, EMULATE=x.device.type != "cuda", BLOCK_M=32, BLOCK_D=block_d,
+    fused = sums and c <= FUSED_MAX_CLUSTERS and block_d <= 128
+    if fused:
+        sum_tile = sum_tile or tile_for("assign_sums", x.device, c)
+        block_c = max(16, triton.next_power_of_2(c))
+    else:
+        tile = tile or tile_for("assign", x.device, 0)
+        block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
+    cp = triton.cdiv(c, block_c) * block_c  # whole centroid tiles
+    rows = cp + block_c  # and one more, the kernel's norms being loaded a tile ahead
+    neg2 = torch.empty(n, rows, d, dtype=torch.bfloat16, device=x.device)  # -2 * rounded: exact
+    c_sq = torch.empty(n, rows, dtype=torch.float32, device=x.device)
+    _prepare_kernel[(triton.cdiv(n * rows, 32),)](
+        centroids, neg2, c_sq, n * rows, c, rows, d, EMULATE=x.device.type != "cuda", BLOCK_M=32, BLOCK_D=block_d,
     )
     idx = torch.empty(n, s, dtype=torch.int64, device=x.device)
     dist = torch.empty(n, s, dtype=torch.float32, device=x.device)
     f = x if scale is None else scale.float().contiguous()
     common = dict(X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda")
-    if sums and c <= FUSED_MAX_CLUSTERS and block_d <= 128:
-        sum_tile = sum_tile or tile_for("assign_sums", x.device, c)
+    if fused:
         splits, per_split = _splits(x, n, s, sum_tile)
         part = _empty_sums(x, splits, c)
         _cluster_sum_kernel[(n, 1, splits)](
             x, f, idx, neg2, c_sq, dist, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
-            ASSIGN=True, PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=max(16, triton.next_power_of_2(c)),
-            BLOCK_D=block_d, num_warps=sum_tile.warps, **common,
+            ASSIGN=True, PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d,
+            num_warps=sum_tile.warps, **common,
         )
         return idx, dist, part
-    tile = tile or tile_for("assign", x.device, 0)
-    block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
     block_s = tile.tokens if block_d <= 128 else tile.tokens // 2
     _assign_kernel[(n, triton.cdiv(s, block_s))](
-        x, f, neg2, c_sq, idx, dist, s, c, d, x.stride(0), x.stride(1),
+        x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1),
         BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, **common,
     )
     return (idx, dist, None) if sums else (idx, dist)
@@ -395,7 +423,7 @@ def update_sorted(
 
 @triton.jit
 def _cluster_sum_kernel(
-    x_ptr, f_ptr, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, S, C, D, XN, XS, per_split,
+    x_ptr, f_ptr, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, S, C, D: tl.constexpr, XN, XS, per_split,
     ASSIGN: tl.constexpr, X_EXACT: tl.constexpr, PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
     EMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -403,7 +431,8 @@ def _cluster_sum_kernel(
     (times the row's factor: HAS_SCALE) and their count, into sums[n, p, c] and counts[n, p, c],
     as one-hot products on the tensor cores (see _onehot_sum). The tokens' clusters are read from
     a [N, S], or with ASSIGN (one block of every cluster) worked out from the prepared centroids
-    c and their norms csq (see _nearest) and written to a (int64), their distances to dist."""
+    c and their norms csq, BLOCK_C a row (see _nearest), and written to a (int64), their distances
+    to dist."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(2)
@@ -422,7 +451,7 @@ def _cluster_sum_kernel(
         x = tl.load(x_ptr + n * XN + t[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
                     other=0.0).to(tl.float32)
         if ASSIGN:
-            a, best = _nearest(x, f, c_ptr, csq_ptr, n, C, D, d, d_ok, X_EXACT, EMULATE, BLOCK_C)
+            a, best = _nearest(x, f, c_ptr, csq_ptr, n, BLOCK_C, D, d, X_EXACT, EMULATE, BLOCK_C)
             tl.store(a_ptr + n * S + t, a.to(tl.int64), mask=t_ok)
             tl.store(dist_ptr + n * S + t, best, mask=t_ok)
             a = tl.where(t_ok, a, -1)
