@@ -79,10 +79,12 @@ def _row_multiplier(part_ptr, tiles, LIMIT: tl.constexpr):
     """``row_multiplier`` of the row whose ``tiles`` block-peak maxima start at ``part_ptr``: the
     least 2**e >= peak / LIMIT, e in [-126, 127] (from the quotient's exponent bits, as frexp),
     1 for a zero row."""
-    peak = tl.full((), 0.0, tl.float32)
-    for t0 in range(0, tiles, 64):
-        t = t0 + tl.arange(0, 64)
-        peak = tl.maximum(peak, tl.max(tl.load(part_ptr + t, mask=t < tiles, other=0.0), axis=0))
+    # one wide load covers most rows (a LongCat-Video span has 464 tiles): a program does not
+    # wait on a chain of loads before its first division
+    t = tl.arange(0, 1024)
+    peak = tl.max(tl.load(part_ptr + t, mask=t < tiles, other=0.0), axis=0)
+    for t0 in range(1024, tiles, 1024):
+        peak = tl.maximum(peak, tl.max(tl.load(part_ptr + t0 + t, mask=t0 + t < tiles, other=0.0), axis=0))
     bits = tl.math.div_rn(peak, LIMIT).to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 126 - ((bits & 0x7FFFFF) == 0).to(tl.int32)  # frexp's exponent, less one at 2**k
     e = tl.where(peak > 0, tl.minimum(tl.maximum(e, -126), 127), 0)
