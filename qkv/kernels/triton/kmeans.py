@@ -54,13 +54,13 @@ RUN_CLUSTERS = 16
 # clusters (UpdateTile.clusters, 64 by default); beyond two reads the sorted update is faster
 ONEHOT_MAX_CLUSTERS = 128
 # The most clusters whose sums the assignment gathers in the same pass (sums=True; the kernel
-# holds up to 64, their [clusters, head dim] fp32 sums in a program's registers): at 16 and 32
-# one pass took 0.67-0.86x the two passes' time on an H100, at 64 1.03-1.13x at a SANA-WM pass
-# and a LongCat span (benchmarks/results/bench_lloyd_step_h100.json, ..._c32_h100.json). With
-# the H100's own update and summing-assignment tiles (bench_lloyd_step_rows_h100.json) one pass
-# still wins at 16 clusters on every shape and at 32 on a Self-Forcing or AnyFlow-FAR chunk, but
-# takes 1.09-1.12x the two passes at 32 on a SANA-WM pass and a LongCat span
-FUSED_MAX_CLUSTERS = 32
+# holds up to 64, their [clusters, head dim] fp32 sums in a program's registers). Since the
+# assignment keeps its minima per tile column (bench_lloyd_step_column_minima_h100.json, H100)
+# one pass takes 0.64-0.72x the two passes' time at 16 and 32 clusters on a SANA-WM pass and a
+# LongCat span and 0.90-0.93x at 64, and 0.76-0.77x on the small Self-Forcing and AnyFlow-FAR
+# chunks at every count; before, one pass lost at 32 and 64 on the two large shapes
+# (bench_lloyd_step_before_column_minima_h100.json)
+FUSED_MAX_CLUSTERS = 64
 
 
 @triton.jit
