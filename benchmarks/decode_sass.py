@@ -62,13 +62,17 @@ def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | N
     return disassemble(decode_kernel, const, POINTERS, warps, maxnreg, tmp)
 
 
-def disassemble(kernel, const: dict, pointers: dict, warps: int, maxnreg: int | None, tmp: str) -> str:
+def disassemble(kernel, const: dict, pointers: dict, warps: int, maxnreg: int | None, tmp: str, stages: int = 1,
+                divisible: tuple = ()) -> str:
     """SASS of ``kernel`` compiled for sm_90 with these constexprs (other arguments: ``pointers``
-    or int32, fp32 for qk_scale); the cubin is left in ``tmp`` under the kernel's name."""
+    or int32, fp32 for qk_scale), ``stages`` deep pipelining, the arguments named in ``divisible``
+    specialized as multiples of 16 (as the JIT specializes them at launch); the cubin is left in
+    ``tmp`` under the kernel's name."""
     signature = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "qk_scale" else "i32")
                  for a in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, const), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": 1, "maxnreg": maxnreg})
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in divisible}
+    compiled = triton.compile(ASTSource(kernel, signature, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
     cubin = pathlib.Path(tmp) / f"{kernel.__name__}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     return subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
