@@ -135,7 +135,6 @@ def _span_pieces(
     if EMULATE:
         q = q.to(tl.float32)
     ARITH: tl.constexpr = arith(DOT_BF16, EMULATE)
-    acc_t = tl.trans(acc)
     for it in range(first, last):
         item = item_ptr + it * I_LEN
         span = tl.load(item + I_SPAN).to(tl.int32)
@@ -158,9 +157,7 @@ def _span_pieces(
                 s = _add_centroid_scores(s, kt, cs, tok, r, r_ok, rows, c_max, nb * rows * c_max)
             v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
-            acc_t = _mma(tl.trans(_as_dot(v, DOT_BF16, EMULATE)), tl.trans(_as_dot(p, DOT_BF16, EMULATE)),
-                         acc_t * alpha[None, :], EMULATE)
-    acc = tl.trans(acc_t)
+            acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if OUT_ROT != V.ROT:
         acc = hadamard_dot(acc, D, EMULATE) * H_NORM  # H_NORM = 1 / sqrt(D)
     return m_i, l_i, acc
