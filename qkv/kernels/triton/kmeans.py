@@ -5,7 +5,9 @@
   (the precision QVG stores them in), so one bf16 tensor-core product per tile is exact for bf16
   tokens (fp16/fp32 tokens are split into a high and a low bf16 part: two products, ~16
   significant bits of x). The rounded centroids, pre-scaled by -2, and their squared norms are
-  prepared once per call, not per tile. Tokens are read in their own dtype.
+  prepared once per call, not per tile, padded to whole tiles. The running minimum is kept per
+  (token, tile column) and reduced across columns once per program. Tokens are read in their
+  own dtype.
   With ``sums=True``, up to FUSED_MAX_CLUSTERS clusters, the same pass sums each cluster's tokens
   as the one-hot update does (``_cluster_sum_kernel`` with ASSIGN): one read of the tokens per
   Lloyd iteration.
