@@ -17,12 +17,10 @@ import argparse
 import collections
 import json
 import pathlib
-import re
-import subprocess
 import tempfile
 
 import triton
-from decode_sass import disassemble, loop_bodies, tool
+from decode_sass import disassemble, loop_bodies, resources
 
 from qkv.kernels.triton.kmeans import _assign_kernel
 
@@ -46,14 +44,10 @@ def main() -> None:
                 const["D"] = 128
             divisible = (*POINTERS, "C", "CP", "D", "XN", "XS")
             sass = disassemble(_assign_kernel, const, POINTERS, warps, None, tmp, stages=3, divisible=divisible)
-            cubin = pathlib.Path(tmp) / "_assign_kernel.cubin"
-            usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                                   check=True).stdout
             bodies, _ = loop_bodies(sass)
             ops = collections.Counter(max(bodies, key=len))  # the loop over centroid tiles
             rows.append({"tile": spec, "triton": triton.__version__, "target": "sm_90",
-                         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-                         "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)),
+                         **resources(pathlib.Path(tmp) / "_assign_kernel.cubin"),
                          "loop_instructions": sum(ops.values()), "opcodes": dict(ops.most_common())})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "opcodes"}), flush=True)
     if args.out:

@@ -49,6 +49,15 @@ def tool(name: str) -> str:
     return str(pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
 
 
+def resources(cubin: pathlib.Path) -> dict:
+    """Registers a thread and stack frame bytes (where spilled registers go) of a compiled kernel,
+    from the ``cuobjdump`` that ships with Triton."""
+    text = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
+                          check=True).stdout
+    return {"registers": int(re.search(r"REG:(\d+)", text).group(1)),
+            "stack_bytes": int(re.search(r"STACK:(\d+)", text).group(1))}
+
+
 def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | None, key_scores: bool,
                 tmp: str) -> str:
     """SASS of the decode kernel over spans of preset ``name`` (its cubin: tmp/decode_kernel.cubin);
@@ -148,18 +157,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets:
             sass = decode_sass(name, args.rows, args.block_n, args.warps, args.maxnreg, args.key_scores, tmp)
-            cubin = pathlib.Path(tmp) / "decode_kernel.cubin"
-            usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                                   check=True).stdout
-            regs = int(re.search(r"REG:(\d+)", usage).group(1))
-            stack = int(re.search(r"STACK:(\d+)", usage).group(1))  # spilled registers live here
+            usage = resources(pathlib.Path(tmp) / "decode_kernel.cubin")
             bodies, epilogue = loop_bodies(sass)
             ops = collections.Counter(min(bodies, key=len))  # the innermost loop
             total = sum(ops.values())
             rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "rows": args.rows,
                          "block_n": args.block_n, "warps": args.warps, "maxnreg": args.maxnreg, "key_scores": args.key_scores,
-                         "registers": regs,
-                         "stack_bytes": stack, "loop_instructions": total,
+                         **usage, "loop_instructions": total,
                          "loop_spill_loads": sum(n for op, n in ops.items() if op.startswith("LDL")),
                          "loop_spill_stores": sum(n for op, n in ops.items() if op.startswith("STL")),
                          "per_value": round(total / values, 2), "epilogue_instructions": epilogue,

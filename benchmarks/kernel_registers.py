@@ -23,14 +23,12 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
-import subprocess
 import tempfile
 
 import torch
 import triton
 import triton.language as tl
-from decode_sass import tool
+from decode_sass import resources
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -54,9 +52,7 @@ def usage(kernel, pointers: dict, constants: dict, options: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = pathlib.Path(tmp) / "kernel.cubin"
         cubin.write_bytes(compiled.asm["cubin"])
-        text = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                              check=True).stdout
-    return {"registers": int(re.search(r"REG:(\d+)", text).group(1)), "stack_bytes": int(re.search(r"STACK:(\d+)", text).group(1))}
+        return resources(cubin)
 
 
 def rows() -> list[dict]:

@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import re
 import subprocess
 import tempfile
 
 import triton
-from decode_sass import loop_bodies, tool
+from decode_sass import loop_bodies, resources, tool
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -35,7 +34,7 @@ SHAPES = {"kmeans||": (1024, 256, 1 + REDUCE_ROUNDS), "kmeans++": (4096, 256, 25
 
 
 def compiled(constants: dict, warps: int) -> tuple[str, str]:
-    """(SASS, cuobjdump's resource usage) of the kernel for sm_90."""
+    """(SASS, registers and stack bytes) of the kernel for sm_90."""
     signature = {a: "constexpr" if a in constants else "*i64" if a == "out_ptr" else "*fp32" if a.endswith("_ptr")
                  else "i32" for a in _kmeanspp_kernel.arg_names}
     kernel = triton.compile(ASTSource(_kmeanspp_kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
@@ -43,8 +42,7 @@ def compiled(constants: dict, warps: int) -> tuple[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         cubin = pathlib.Path(tmp) / "kernel.cubin"
         cubin.write_bytes(kernel.asm["cubin"])
-        usage = subprocess.run([tool("cuobjdump"), "-res-usage", str(cubin)], capture_output=True, text=True,
-                               check=True).stdout
+        usage = resources(cubin)
         sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
     return sass, usage
 
@@ -69,8 +67,7 @@ def main() -> None:
             warps = constants.pop("num_warps")
             sass, usage = compiled(constants, warps)
             rows.append({"seeding": name, "values": values, "warps": warps, **constants,
-                         "registers": int(re.search(r"REG:(\d+)", usage).group(1)),
-                         "stack_bytes": int(re.search(r"STACK:(\d+)", usage).group(1)), "loops": loops(sass)})
+                         **usage, "loops": loops(sass)})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps({"triton": triton.__version__, "target": "sm_90", "rows": rows},
