@@ -289,7 +289,7 @@ def update_calls(args):
 
 
 def kmeanspp_grid(quick: bool) -> list[tiles.SeedTile]:
-    values, warps = (2048, 4096, 8192, 16384), (4, 8, 16)
+    values, warps = (4096, 8192, 16384, 32768), (4, 8, 16)
     if quick:
         values, warps = (4096, 8192), (8, 16)
     return [tiles.SeedTile(v, w) for v, w in itertools.product(values, warps)]

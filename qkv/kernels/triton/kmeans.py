@@ -26,12 +26,15 @@
 - weighted D^2 sampling in rounds (k-means++: a pick a round; k-means||'s reduction: a few
   picks a round): one program per row makes all C picks, the row's weights, nearest distances
   and picked flags in registers; a round ranks the scores over its draws and takes its picks in
-  turn (a max reduction each), then makes one pass over the row's points transposed, [D, K], a
-  few dims of every point a load, each pick's squared differences summed in a running sum of
-  its own in the layout of the row's state (no reduction across threads, no barrier), for each
-  point's distance to the nearest of the round's picks. The picks are the reference's wherever the
-  fp32 sums come out the same (exact for integer-valued points); otherwise a pick may differ
-  where two keys are within rounding.
+  turn (a max reduction each), then makes one pass over the row's points for each point's
+  distance to the nearest of the round's picks. Rounds of several picks take it as
+  ``|p|^2 + |c|^2 - 2 p.c``, the products of a few dims of every point with the round's picks a
+  step on the tensor cores (tf32 inputs, exact for bf16-valued points, fp32 sums; |p|^2 once per
+  row); a round of one pick reads the points transposed, [D, K], a few dims of every point a
+  load, and sums the squared differences in the layout of the row's state (no reduction across
+  threads, no barrier; a picked point is at 0 from itself exactly). The picks are the
+  reference's wherever the fp32 sums come out the same (exact for integer-valued points);
+  otherwise a pick may differ where two keys are within rounding.
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ ONEHOT_MAX_CLUSTERS = 128
 # chunks at every count; before, one pass lost at 32 and 64 on the two large shapes
 # (bench_lloyd_step_before_column_minima_h100.json)
 FUSED_MAX_CLUSTERS = 64
+# The most products of a round's picks with every point ([picks, points] fp32, in registers) that
+# the weighted D^2 sampling takes on the tensor cores: k-means||'s reduction up to 512 clusters
+# (2,048 candidates, rounds of 16 picks)
+PRODUCTS_MAX_VALUES = 32768
 
 
 @triton.jit
@@ -600,14 +607,49 @@ def _round_distances(p_ptr, pt_ptr, n, K, D, k, k_ok, new, size, BLOCK_K: tl.con
 
 
 @triton.jit
-def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, K, C, R, D, BLOCK_K: tl.constexpr,
-                     ROUND_P: tl.constexpr, DIMS: tl.constexpr):
+def _squared_norms(p_ptr, n, K, D, k, k_ok, BLOCK_K: tl.constexpr, DIMS: tl.constexpr):
+    """|p|^2 of each of row n's points p [N, K, D], [BLOCK_K]."""
+    norms = tl.zeros((BLOCK_K,), tl.float32)
+    row = p_ptr + n * K * D
+    for d0 in range(0, D, DIMS):
+        dims = d0 + tl.arange(0, DIMS)
+        pts = tl.load(row + k[:, None] * D + dims[None, :], mask=k_ok[:, None] & (dims < D)[None, :], other=0.0)
+        norms += tl.sum(pts * pts, 1)
+    return norms
+
+
+@triton.jit
+def _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K: tl.constexpr, ROUND_P: tl.constexpr,
+                    DIMS: tl.constexpr):
+    """As :func:`_round_distances`, as ``|p|^2 + |c|^2 - 2 p.c`` (at least 0): the products of
+    DIMS dims of every point [BLOCK_K, DIMS] with the round's picks [DIMS, ROUND_P] a step on
+    the tensor cores (tf32 inputs: exact for bf16-valued points), ``norms`` the points' |p|^2."""
+    i = tl.arange(0, ROUND_P)
+    products = tl.zeros((BLOCK_K, ROUND_P), tl.float32)
+    picked_norms = tl.zeros((ROUND_P,), tl.float32)
+    row = p_ptr + n * K * D
+    for d0 in range(0, D, DIMS):
+        dims = d0 + tl.arange(0, DIMS)
+        dims_ok = dims < D
+        pts = tl.load(row + k[:, None] * D + dims[None, :], mask=k_ok[:, None] & dims_ok[None, :], other=0.0)
+        c = tl.load(row + new[None, :] * D + dims[:, None], mask=dims_ok[:, None], other=0.0)
+        products = tl.dot(pts, c, products, input_precision="tf32")
+        picked_norms += tl.sum(c * c, 0)
+    part = tl.where((i < size)[None, :], picked_norms[None, :] - 2.0 * products, float("inf"))
+    return tl.maximum(norms + tl.min(part, 1), 0.0)
+
+
+@triton.jit
+def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, near_ptr, K, C, R, D, BLOCK_K: tl.constexpr,
+                     ROUND_P: tl.constexpr, DIMS: tl.constexpr, PRODUCTS: tl.constexpr):
     """The C picks of row n in R rounds (see kmeanspp_torch): points p [N, K, D] and transposed
     pt [N, D, K], weights [N, K], draws e [R, K], picks out [N, C]. A round ranks the row's points
     by its keys and takes its picks in turn (the row's weights, nearest distances and picked flags
     stay in registers), then makes one pass over the points, DIMS dims of every point a load, for
     each point's distance to the nearest of the round's picks (at most ROUND_P), straight into
-    the row's nearest distances."""
+    the row's nearest distances: as products on the tensor cores (PRODUCTS; the distances pass
+    through near [N, BLOCK_K] on their way to the layout of the row's state, which would otherwise
+    take the products' layout, four threads a point) or as sums of squared differences."""
     n = tl.program_id(0).to(tl.int64)
     k = tl.arange(0, BLOCK_K)
     k_ok = k < K
@@ -615,6 +657,8 @@ def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, K, C, R, D, BLOCK_K: 
     w = tl.load(w_ptr + n * K + k, mask=k_ok, other=0.0)
     nearest = tl.full((BLOCK_K,), 1.0, tl.float32)  # round 0 draws by weight alone
     taken = k >= K  # the padding is never picked
+    if PRODUCTS:
+        norms = _squared_norms(p_ptr, n, K, D, k, k_ok, BLOCK_K, DIMS)
     rest = tl.maximum(R - 1, 1)
     base = (C - 1) // rest
     extra = (C - 1) % rest
@@ -636,7 +680,14 @@ def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, K, C, R, D, BLOCK_K: 
             new = tl.where(i == j, best, new)
         at += size
         if at < C:  # distances to the round's picks, for the rounds after it
-            closest = _round_distances(p_ptr, pt_ptr, n, K, D, k, k_ok, new, size, BLOCK_K, ROUND_P, DIMS)
+            if PRODUCTS:
+                closest = _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K, ROUND_P, DIMS)
+                tl.store(near_ptr + n * BLOCK_K + k, closest)
+                tl.debug_barrier()  # every thread's distances stored before any is read back
+                closest = tl.load(near_ptr + n * BLOCK_K + k)
+                tl.debug_barrier()  # and read before the next round stores its own
+            else:
+                closest = _round_distances(p_ptr, pt_ptr, n, K, D, k, k_ok, new, size, BLOCK_K, ROUND_P, DIMS)
             nearest = tl.where(r == 0, closest, tl.minimum(nearest, closest))
 
 
@@ -649,10 +700,14 @@ def kmeanspp_supports(points, weights, draws, clusters) -> str | None:
 def kmeanspp_launch(points: int, dims: int, per_round: int, tile: SeedTile) -> dict:
     """The kernel's constexprs and warps for rows of ``points`` points of ``dims`` dims, rounds of
     at most ``per_round`` picks: distance passes over at most ``tile.values`` values a load (a few
-    dims of every point)."""
+    dims of every point), as products on the tensor cores for rounds of several picks whose
+    products with every point fit PRODUCTS_MAX_VALUES (16 dims a step at least: the product's
+    smallest depth), as sums of squared differences otherwise."""
     block_k = triton.next_power_of_2(points)
-    return dict(BLOCK_K=block_k, ROUND_P=triton.next_power_of_2(per_round),
-                DIMS=max(1, min(triton.next_power_of_2(dims), tile.values // block_k)),
+    round_p = triton.next_power_of_2(per_round)
+    products = per_round > 1 and round_p * block_k <= PRODUCTS_MAX_VALUES
+    return dict(BLOCK_K=block_k, ROUND_P=round_p, PRODUCTS=products,
+                DIMS=max(16 if products else 1, min(triton.next_power_of_2(dims), tile.values // block_k)),
                 num_warps=min(16, max(tile.warps, block_k // 256)))
 
 
@@ -665,8 +720,12 @@ def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Te
     rounds = draws.shape[0]
     launch = kmeanspp_launch(k, d, max(round_sizes(clusters, rounds)), tile or tile_for("kmeanspp", points.device, 0))
     out = torch.empty(n, clusters, dtype=torch.int64, device=points.device)
+    if launch["PRODUCTS"]:  # the products read the points as they are; the distances pass through near
+        transposed, near = points, torch.empty(n, launch["BLOCK_K"], device=points.device)
+    else:
+        transposed, near = points.transpose(1, 2).contiguous(), points
     _kmeanspp_kernel[(n,)](
-        points, points.transpose(1, 2).contiguous(), weights.float().contiguous(), draws.float().contiguous(), out, k,
-        clusters, rounds, d, **launch,
+        points, transposed, weights.float().contiguous(), draws.float().contiguous(), out, near, k, clusters, rounds, d,
+        **launch,
     )
     return out
