@@ -3,7 +3,7 @@
 Compiles ``_kmeanspp_kernel`` (kernels/triton/kmeans.py) for an sm_90 target with the installed
 Triton at the seedings' shapes (k-means||'s reduction: 1,024 candidates, rounds of 8 picks, its
 distances as products on the tensor cores; k-means++: 4,096 subsample tokens, a pick a round;
-head dim 128) under each ``--values`` (the :class:`~qkv.kernels.triton.tiles.SeedTile` values a
+head dim 128; ``--points`` in bf16 or fp32) under each ``--values`` (the :class:`~qkv.kernels.triton.tiles.SeedTile` values a
 load) and ``--warps``, disassembles it with the ``nvdisasm`` that ships with Triton, and reports
 the registers a thread, its stack frame and, per loop (largest first), its instructions, barriers
 and warp shuffles: a round's distance pass is the loop that runs most often.
@@ -30,10 +30,12 @@ from qkv.kernels.triton.tiles import SeedTile
 SHAPES = {"kmeans||": (1024, 256, 1 + REDUCE_ROUNDS), "kmeans++": (4096, 256, 256)}  # points, picks, rounds
 
 
-def compiled(constants: dict, warps: int) -> tuple[str, dict]:
-    """(SASS, registers and stack bytes) of the kernel for sm_90, its pointers, K and D specialized
+def compiled(constants: dict, warps: int, points: str) -> tuple[str, dict]:
+    """(SASS, registers and stack bytes) of the kernel for sm_90 on ``points`` ("*bf16", "*fp32"),
+    its pointers, K and D specialized
     as multiples of 16 (as the JIT does at the seedings' shapes), pipelined as launched (3 stages)."""
-    pointers = {a: "*i64" if a == "out_ptr" else "*fp32" for a in _kmeanspp_kernel.arg_names if a.endswith("_ptr")}
+    pointers = {a: "*i64" if a == "out_ptr" else points if a in ("p_ptr", "pt_ptr") else "*fp32"
+                for a in _kmeanspp_kernel.arg_names if a.endswith("_ptr")}
     with tempfile.TemporaryDirectory() as tmp:
         sass = disassemble(_kmeanspp_kernel, constants, pointers, warps, None, tmp, stages=3,
                            divisible=(*pointers, "K", "D"))
@@ -52,6 +54,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--values", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
     parser.add_argument("--warps", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--points", choices=["bf16", "fp32"], default="bf16",
+                        help="the points' dtype (the seedings pass a span's own: bf16 for bf16 tokens)")
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
     rows = []
@@ -59,8 +63,8 @@ def main() -> None:
         for name, (points, picks, rounds) in SHAPES.items():
             constants = kmeanspp_launch(points, 128, max(round_sizes(picks, rounds)), SeedTile(values, tile_warps))
             warps = constants.pop("num_warps")
-            sass, usage = compiled(constants, warps)
-            rows.append({"seeding": name, "values": values, "warps": warps, **constants,
+            sass, usage = compiled({**constants, "EMULATE": False}, warps, f"*{args.points}")
+            rows.append({"seeding": name, "points": args.points, "values": values, "warps": warps, **constants,
                          **usage, "loops": loops(sass)})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:

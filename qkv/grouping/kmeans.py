@@ -86,21 +86,24 @@ def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: 
     return scaled_rows(torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1])), factor)
 
 
-def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator) -> torch.Tensor:
+def _subsample(x: torch.Tensor, clusters: int, gen: torch.Generator, factor: torch.Tensor | None) -> torch.Tensor:
     """At most ``INIT_SAMPLE * clusters`` distinct tokens of each row of ``x`` [N, S, D], drawn at
-    random (``x`` itself when the span has no more): seeding reads these, Lloyd every token."""
+    random (every token when the span has no more), times the rows' ``factor`` in ``x``'s own
+    dtype: a power of two, so the product is exact wherever the fp32 one is (bf16 shares fp32's
+    range; an fp16 row's factor only scales a row of tiny values up). Seeding reads these (16-bit
+    tokens at half the bytes of fp32, their products exact on the tensor cores), Lloyd every token."""
     n, s, d = x.shape
-    if s <= INIT_SAMPLE * clusters:
-        return x
-    keep = torch.rand(1, s, generator=gen, device=x.device).argsort(-1)[:, : INIT_SAMPLE * clusters].expand(n, -1)
-    return torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, d))
+    if s > INIT_SAMPLE * clusters:
+        keep = torch.rand(1, s, generator=gen, device=x.device).argsort(-1)[:, : INIT_SAMPLE * clusters].expand(n, -1)
+        x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, d))
+    return x if factor is None else x * factor.view(-1, 1, 1).to(x.dtype)
 
 
 def _init_kmeanspp(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
                    factor: torch.Tensor | None = None) -> torch.Tensor:
     """k-means++ on a subsample of each row times ``factor`` (every token weighs 1): :func:`_reduce`
     a pick a round."""
-    x = scaled_rows(_subsample(x, clusters, gen), factor)
+    x = _subsample(x, clusters, gen, factor)
     return _reduce(x, torch.ones(x.shape[:2], device=x.device), clusters, clusters, gen, backend)
 
 
@@ -131,7 +134,7 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
     ``clusters`` centroids from the candidates. Shapes depend only on the input's shape; no host
     syncs.
     """
-    x = scaled_rows(_subsample(x, clusters, gen), factor)
+    x = _subsample(x, clusters, gen, factor)
     n, m, _ = x.shape
     per_round = PARALLEL_OVERSAMPLE * clusters
     rounds = 1 + min(clusters - 1, REDUCE_ROUNDS)
@@ -139,7 +142,7 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
         return _reduce(x, torch.ones(n, m, device=x.device), clusters, rounds, gen, backend)
     first = torch.randint(m, (1, 1), generator=gen, device=x.device).expand(n, 1)
     candidates = [_gather_rows(x, first)]
-    owner, nearest = kernels.kmeans_assign(x, candidates[0], backend=backend)
+    owner, nearest = kernels.kmeans_assign(x, candidates[0].float(), backend=backend)
     taken = torch.zeros(n, m, dtype=torch.bool, device=x.device).scatter_(1, first, True)
     for r in range(PARALLEL_ROUNDS):
         count = per_round - (r == PARALLEL_ROUNDS - 1)
@@ -148,7 +151,7 @@ def _init_parallel(x: torch.Tensor, clusters: int, gen: torch.Generator, backend
         pick = _weighted_draw(nearest.masked_fill(taken, -1.0), count, gen)  # untaken first
         taken.scatter_(1, pick, True)
         candidates.append(_gather_rows(x, pick))
-        idx, dist = kernels.kmeans_assign(x, candidates[-1], backend=backend)
+        idx, dist = kernels.kmeans_assign(x, candidates[-1].float(), backend=backend)
         owner = torch.where(dist < nearest, idx + 1 + r * per_round, owner)
         nearest = torch.minimum(nearest, dist)
     pool = torch.cat(candidates, 1)  # [N, rounds * per_round, D]
@@ -167,7 +170,7 @@ def _reduce(
     exponential draw per point and round shared by every row."""
     draws = torch.empty(rounds, pool.shape[1], device=pool.device).exponential_(generator=gen)
     draws.clamp_min_(torch.finfo(draws.dtype).tiny)  # a key is score / draw
-    return _gather_rows(pool, kernels.kmeanspp(pool, weights, draws, clusters, backend=backend))
+    return _gather_rows(pool, kernels.kmeanspp(pool, weights, draws, clusters, backend=backend)).float()
 
 
 SEEDINGS = {"kmeans++": _init_kmeanspp, "kmeans||": _init_parallel, "random": _init_random}

@@ -112,9 +112,9 @@ def round_sizes(clusters: int, rounds: int) -> list[int]:
 
 def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor, clusters: int) -> torch.Tensor:
     """Weighted D^2 sampling (k-means++, a round of picks at a time) over the points of each row:
-    ``points`` [N, K, D] fp32, ``weights`` [N, K] fp32 (>= 0), ``draws`` [R, K] fp32 > 0
-    (exponential variates, a row per round, shared by every row of points, so a row's picks
-    depend only on its own points), ``clusters`` C picks (R <= C <= K). Returns [N, C] int64:
+    ``points`` [N, K, D] (any float dtype, computed in fp32), ``weights`` [N, K] fp32 (>= 0),
+    ``draws`` [R, K] fp32 > 0 (exponential variates, a row per round, shared by every row of
+    points, so a row's picks depend only on its own points), ``clusters`` C picks (R <= C <= K). Returns [N, C] int64:
     distinct point indices, in the order picked.
 
     Round 0 picks one point, rounds 1 .. R-1 the rest (:func:`round_sizes`). A round ranks the
@@ -126,6 +126,7 @@ def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Ten
     not yet picked. With R = C that is k-means++; fewer rounds take several points per pass over
     the points. Distances are ``sum((p - c)^2)`` in fp32, so a picked point (and a copy of it) is
     at distance 0 exactly."""
+    points = points.float()
     n, k, _ = points.shape
     rows = torch.arange(n, device=points.device)
     # the points left once no score is positive rank by index: keys -1 - k / 2^m in (-2, -1], exact

@@ -593,10 +593,10 @@ def _round_distances(p_ptr, pt_ptr, n, K, D, k, k_ok, new, size, BLOCK_K: tl.con
         dims = d0 + tl.arange(0, DIMS)
         dims_ok = dims < D
         pts = tl.load(pt_ptr + n * D * K + dims[:, None] * K + k[None, :], mask=dims_ok[:, None] & k_ok[None, :],
-                      other=0.0)
+                      other=0.0).to(tl.float32)
         more = ()
         for t in tl.static_range(ROUND_P):
-            c = tl.load(p_ptr + (n * K + picks[t]) * D + dims, mask=dims_ok, other=0.0)  # t >= size: point 0
+            c = tl.load(p_ptr + (n * K + picks[t]) * D + dims, mask=dims_ok, other=0.0).to(tl.float32)  # t >= size: 0
             diff = pts - c[:, None]
             more = more + (sums[t] + tl.sum(diff * diff, 0),)
         sums = more
@@ -614,16 +614,19 @@ def _squared_norms(p_ptr, n, K, D, k, k_ok, BLOCK_K: tl.constexpr, DIMS: tl.cons
     for d0 in range(0, D, DIMS):
         dims = d0 + tl.arange(0, DIMS)
         pts = tl.load(row + k[:, None] * D + dims[None, :], mask=k_ok[:, None] & (dims < D)[None, :], other=0.0)
+        pts = pts.to(tl.float32)
         norms += tl.sum(pts * pts, 1)
     return norms
 
 
 @triton.jit
 def _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K: tl.constexpr, ROUND_P: tl.constexpr,
-                    DIMS: tl.constexpr):
+                    DIMS: tl.constexpr, EMULATE: tl.constexpr):
     """As :func:`_round_distances`, as ``|p|^2 + |c|^2 - 2 p.c`` (at least 0): the products of
     DIMS dims of every point [BLOCK_K, DIMS] with the round's picks [DIMS, ROUND_P] a step on
-    the tensor cores (tf32 inputs: exact for bf16-valued points), ``norms`` the points' |p|^2."""
+    the tensor cores (16-bit points in their own dtype, exact; fp32 points as tf32, exact for
+    bf16-valued ones; fp32 sums), ``norms`` the points' |p|^2. EMULATE: Triton's interpreter,
+    which has no 16-bit product, takes the same exact products in fp32."""
     i = tl.arange(0, ROUND_P)
     products = tl.zeros((BLOCK_K, ROUND_P), tl.float32)
     picked_norms = tl.zeros((ROUND_P,), tl.float32)
@@ -633,7 +636,13 @@ def _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K: tl.const
         dims_ok = dims < D
         pts = tl.load(row + k[:, None] * D + dims[None, :], mask=k_ok[:, None] & dims_ok[None, :], other=0.0)
         c = tl.load(row + new[None, :] * D + dims[:, None], mask=dims_ok[:, None], other=0.0)
-        products = tl.dot(pts, c, products, input_precision="tf32")
+        if pts.dtype == tl.float32:
+            products = tl.dot(pts, c, products, input_precision="tf32")
+        elif EMULATE:
+            products = tl.dot(pts.to(tl.float32), c.to(tl.float32), products, input_precision="ieee")
+        else:
+            products = tl.dot(pts, c, products)
+        c = c.to(tl.float32)
         picked_norms += tl.sum(c * c, 0)
     part = tl.where((i < size)[None, :], picked_norms[None, :] - 2.0 * products, float("inf"))
     return tl.maximum(norms + tl.min(part, 1), 0.0)
@@ -641,9 +650,9 @@ def _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K: tl.const
 
 @triton.jit
 def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, near_ptr, K, C, R, D, BLOCK_K: tl.constexpr,
-                     ROUND_P: tl.constexpr, DIMS: tl.constexpr, PRODUCTS: tl.constexpr):
-    """The C picks of row n in R rounds (see kmeanspp_torch): points p [N, K, D] and transposed
-    pt [N, D, K], weights [N, K], draws e [R, K], picks out [N, C]. A round ranks the row's points
+                     ROUND_P: tl.constexpr, DIMS: tl.constexpr, PRODUCTS: tl.constexpr, EMULATE: tl.constexpr):
+    """The C picks of row n in R rounds (see kmeanspp_torch): points p [N, K, D] (fp32 or 16-bit)
+    and transposed pt [N, D, K], weights [N, K], draws e [R, K], picks out [N, C]. A round ranks the row's points
     by its keys and takes its picks in turn (the row's weights, nearest distances and picked flags
     stay in registers), then makes one pass over the points, DIMS dims of every point a load, for
     each point's distance to the nearest of the round's picks (at most ROUND_P), straight into
@@ -681,7 +690,7 @@ def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, near_ptr, K, C, R, D,
         at += size
         if at < C:  # distances to the round's picks, for the rounds after it
             if PRODUCTS:
-                closest = _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K, ROUND_P, DIMS)
+                closest = _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K, ROUND_P, DIMS, EMULATE)
                 tl.store(near_ptr + n * BLOCK_K + k, closest)
                 tl.debug_barrier()  # every thread's distances stored before any is read back
                 closest = tl.load(near_ptr + n * BLOCK_K + k)
@@ -715,7 +724,7 @@ def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Te
                     tile: SeedTile | None = None) -> torch.Tensor:
     """Triton twin of :func:`qkv.kernels.kmeans.kmeanspp_torch` (see the module docstring).
     ``tile``: the launch (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
-    points = points.float().contiguous()
+    points = (points if points.dtype in (torch.float16, torch.bfloat16) else points.float()).contiguous()
     n, k, d = points.shape
     rounds = draws.shape[0]
     launch = kmeanspp_launch(k, d, max(round_sizes(clusters, rounds)), tile or tile_for("kmeanspp", points.device, 0))
@@ -726,6 +735,6 @@ def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Te
         transposed, near = points.transpose(1, 2).contiguous(), points
     _kmeanspp_kernel[(n,)](
         points, transposed, weights.float().contiguous(), draws.float().contiguous(), out, near, k, clusters, rounds, d,
-        **launch,
+        EMULATE=not points.is_cuda, **launch,
     )
     return out
