@@ -296,11 +296,11 @@ def kmeanspp_grid(quick: bool) -> list[tiles.SeedTile]:
 
 
 def kmeanspp_calls(args):
-    """(case, call(tile)) of weighted D^2 sampling over SEED_SHAPES (random points, unit weights)
-    in the rounds each seeding draws in: k-means||'s reduction in 1 + REDUCE_ROUNDS, k-means++ a
-    pick a round."""
+    """(case, call(tile)) of weighted D^2 sampling over SEED_SHAPES (random bf16 points, as the
+    seedings pass bf16 tokens; unit weights) in the rounds each seeding draws in: k-means||'s
+    reduction in 1 + REDUCE_ROUNDS, k-means++ a pick a round."""
     for name, (rows, points, d, picks) in SEED_SHAPES.items():
-        x = torch.randn(rows, points, d, device="cuda")
+        x = torch.randn(rows, points, d, device="cuda").bfloat16()
         weights = torch.ones(rows, points, device="cuda")
         rounds = 1 + min(picks - 1, REDUCE_ROUNDS) if name.startswith("kmeans||") else picks
         draws = torch.empty(rounds, points, device="cuda").exponential_().clamp_min_(1e-30)
