@@ -102,6 +102,18 @@ def test_rows_do_not_depend_on_the_other_rows(s):
     assert torch.equal(a.centroids[1], b.centroids[1]) and torch.equal(a.assignments[1], b.assignments[1])
 
 
+@pytest.mark.parametrize("init", ["kmeans++", "kmeans||"])
+@pytest.mark.parametrize("scale", [1.0, 2.0**100, 2.0**-130])
+def test_seeding_16_bit_tokens_in_their_own_dtype_is_exact(init, scale):
+    """The D^2 seedings read a span's subsample in its own dtype, times the rows' power-of-two
+    factor: bf16 tokens seed exactly as the same values in fp32 do, also for rows that need a
+    factor (huge, or tiny: bf16 subnormals scaled up)."""
+    x = (tokens(s=3000) * scale).bfloat16()
+    a = kmeans(x, 16, 0, init=init, seed=3, backend="torch")
+    b = kmeans(x.float(), 16, 0, init=init, seed=3, backend="torch")
+    assert torch.equal(a.centroids, b.centroids) and torch.equal(a.assignments, b.assignments)
+
+
 def test_error_as_low_as_kmeanspp_and_below_random():
     """Mean relative MSE of kmeans(init=...),centroid,int2 over 24 seeded clustered inputs, each
     clustered with its own k-means seed (a seed's draws are shared by every row of a call):
