@@ -8,7 +8,10 @@ load) and ``--warps``, disassembles it with the ``nvdisasm`` that ships with Tri
 the registers a thread, its stack frame and, per loop (largest first), its instructions, barriers
 and warp shuffles: a round's distance pass is the loop that runs most often.
 
-    PYTHONPATH=. python3 benchmarks/kmeanspp_sass.py --out benchmarks/results/kmeanspp_sass_triton36.json
+    PYTHONPATH=.:benchmarks python3 benchmarks/kmeanspp_sass.py --out benchmarks/results/kmeanspp_sass_products_triton36.json
+
+Run against an older tree (its qkv first on PYTHONPATH) it compiles that tree's kernel the same way:
+``kmeanspp_sass_before_products_triton36.json`` is 057a8bb's, ``--points fp32`` (what its seedings passed).
 """
 
 from __future__ import annotations
@@ -63,7 +66,9 @@ def main() -> None:
         for name, (points, picks, rounds) in SHAPES.items():
             constants = kmeanspp_launch(points, 128, max(round_sizes(picks, rounds)), SeedTile(values, tile_warps))
             warps = constants.pop("num_warps")
-            sass, usage = compiled({**constants, "EMULATE": False}, warps, f"*{args.points}")
+            if "EMULATE" in _kmeanspp_kernel.arg_names:  # (a kernel before it had none: compare with one)
+                constants["EMULATE"] = False
+            sass, usage = compiled(constants, warps, f"*{args.points}")
             rows.append({"seeding": name, "points": args.points, "values": values, "warps": warps, **constants,
                          **usage, "loops": loops(sass)})
             print(json.dumps(rows[-1]), flush=True)
