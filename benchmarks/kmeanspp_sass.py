@@ -3,15 +3,17 @@
 Compiles ``_kmeanspp_kernel`` (kernels/triton/kmeans.py) for an sm_90 target with the installed
 Triton at the seedings' shapes (k-means||'s reduction: 1,024 candidates, rounds of 8 picks, its
 distances as products on the tensor cores; k-means++: 4,096 subsample tokens, a pick a round;
-head dim 128; ``--points`` in bf16 or fp32) under each ``--values`` (the :class:`~qkv.kernels.triton.tiles.SeedTile` values a
-load) and ``--warps``, disassembles it with the ``nvdisasm`` that ships with Triton, and reports
-the registers a thread, its stack frame and, per loop (largest first), its instructions, barriers
-and warp shuffles: a round's distance pass is the loop that runs most often.
+head dim 128; ``--points`` in bf16 or fp32) under each ``--values`` (the
+:class:`~qkv.kernels.triton.tiles.SeedTile` values a load) and ``--warps``, disassembles it with
+the ``nvdisasm`` that ships with Triton, and reports the registers a thread, its stack frame and,
+per loop (largest first), its instructions, barriers and warp shuffles: a round's distance pass
+is the loop that runs most often.
 
     PYTHONPATH=.:benchmarks python3 benchmarks/kmeanspp_sass.py --out benchmarks/results/kmeanspp_sass_products_triton36.json
 
-Run against an older tree (its qkv first on PYTHONPATH) it compiles that tree's kernel the same way:
-``kmeanspp_sass_before_products_triton36.json`` is 057a8bb's, ``--points fp32`` (what its seedings passed).
+Run against an older tree (its qkv first on PYTHONPATH) it compiles that tree's kernel the same
+way: ``kmeanspp_sass_before_products_triton36.json`` is 057a8bb's, ``--points fp32`` (what its
+seedings passed).
 """
 
 from __future__ import annotations
