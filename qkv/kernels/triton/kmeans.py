@@ -66,10 +66,13 @@ ONEHOT_MAX_CLUSTERS = 128
 # chunks at every count; before, one pass lost at 32 and 64 on the two large shapes
 # (bench_lloyd_step_before_column_minima_h100.json)
 FUSED_MAX_CLUSTERS = 64
-# The most products of a round's picks with every point ([picks, points] fp32, in registers) that
-# the weighted D^2 sampling takes on the tensor cores: k-means||'s reduction up to 512 clusters
-# (2,048 candidates, rounds of 16 picks)
+# The weighted D^2 sampling takes a round's distances as products on the tensor cores for rows of
+# up to PRODUCTS_MAX_POINTS points (k-means||'s reduction up to 256 clusters): a step's operand
+# tile, [points, dims] in shared memory, up to 16,384 values (64 KB in fp32) in each of 2 stages,
+# and the products [points, picks] in registers, up to 32,768 values
+PRODUCTS_MAX_POINTS = 1024
 PRODUCTS_MAX_VALUES = 32768
+PRODUCTS_TILE = 16384
 
 
 @triton.jit
@@ -707,17 +710,18 @@ def kmeanspp_supports(points, weights, draws, clusters) -> str | None:
 
 
 def kmeanspp_launch(points: int, dims: int, per_round: int, tile: SeedTile) -> dict:
-    """The kernel's constexprs and warps for rows of ``points`` points of ``dims`` dims, rounds of
-    at most ``per_round`` picks: distance passes over at most ``tile.values`` values a load (a few
-    dims of every point), as products on the tensor cores for rounds of several picks whose
-    products with every point fit PRODUCTS_MAX_VALUES (16 dims a step at least: the product's
-    smallest depth), as sums of squared differences otherwise."""
+    """The kernel's constexprs, warps and stages for rows of ``points`` points of ``dims`` dims,
+    rounds of at most ``per_round`` picks: distance passes over at most ``tile.values`` values a
+    load (a few dims of every point), as products on the tensor cores for rounds of several picks
+    on rows that fit (see PRODUCTS_MAX_POINTS; 16 dims a step at least, the product's smallest
+    depth), as sums of squared differences otherwise."""
     block_k = triton.next_power_of_2(points)
     round_p = triton.next_power_of_2(per_round)
-    products = per_round > 1 and round_p * block_k <= PRODUCTS_MAX_VALUES
+    products = per_round > 1 and block_k <= PRODUCTS_MAX_POINTS and round_p * block_k <= PRODUCTS_MAX_VALUES
+    values = min(tile.values, PRODUCTS_TILE) if products else tile.values
     return dict(BLOCK_K=block_k, ROUND_P=round_p, PRODUCTS=products,
-                DIMS=max(16 if products else 1, min(triton.next_power_of_2(dims), tile.values // block_k)),
-                num_warps=min(16, max(tile.warps, block_k // 256)))
+                DIMS=max(16 if products else 1, min(triton.next_power_of_2(dims), values // block_k)),
+                num_warps=min(16, max(tile.warps, block_k // 256)), num_stages=2)
 
 
 def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor, clusters: int, *,
