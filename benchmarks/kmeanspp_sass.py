@@ -35,14 +35,14 @@ from qkv.kernels.triton.tiles import SeedTile
 SHAPES = {"kmeans||": (1024, 256, 1 + REDUCE_ROUNDS), "kmeans++": (4096, 256, 256)}  # points, picks, rounds
 
 
-def compiled(constants: dict, warps: int, points: str) -> tuple[str, dict]:
+def compiled(constants: dict, warps: int, stages: int, points: str) -> tuple[str, dict]:
     """(SASS, registers and stack bytes) of the kernel for sm_90 on ``points`` ("*bf16", "*fp32"),
-    its pointers, K and D specialized
-    as multiples of 16 (as the JIT does at the seedings' shapes), pipelined as launched (3 stages)."""
+    its pointers, K and D specialized as multiples of 16 (as the JIT does at the seedings' shapes),
+    pipelined in ``stages`` as launched."""
     pointers = {a: "*i64" if a == "out_ptr" else points if a in ("p_ptr", "pt_ptr") else "*fp32"
                 for a in _kmeanspp_kernel.arg_names if a.endswith("_ptr")}
     with tempfile.TemporaryDirectory() as tmp:
-        sass = disassemble(_kmeanspp_kernel, constants, pointers, warps, None, tmp, stages=3,
+        sass = disassemble(_kmeanspp_kernel, constants, pointers, warps, None, tmp, stages=stages,
                            divisible=(*pointers, "K", "D"))
         usage = resources(pathlib.Path(tmp) / f"{_kmeanspp_kernel.__name__}.cubin")
     return sass, usage
@@ -67,11 +67,12 @@ def main() -> None:
     for values, tile_warps in itertools.product(args.values, args.warps):
         for name, (points, picks, rounds) in SHAPES.items():
             constants = kmeanspp_launch(points, 128, max(round_sizes(picks, rounds)), SeedTile(values, tile_warps))
-            warps = constants.pop("num_warps")
+            warps, stages = constants.pop("num_warps"), constants.pop("num_stages", 3)
             if "EMULATE" in _kmeanspp_kernel.arg_names:  # (a kernel before it had none: compare with one)
                 constants["EMULATE"] = False
-            sass, usage = compiled(constants, warps, f"*{args.points}")
-            rows.append({"seeding": name, "points": args.points, "values": values, "warps": warps, **constants,
+            sass, usage = compiled(constants, warps, stages, f"*{args.points}")
+            rows.append({"seeding": name, "points": args.points, "values": values, "warps": warps, "stages": stages,
+                         **constants,
                          **usage, "loops": loops(sass)})
             print(json.dumps(rows[-1]), flush=True)
     if args.out:
