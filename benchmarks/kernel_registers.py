@@ -74,12 +74,14 @@ def rows() -> list[dict]:
                         **usage(_merge_kernel, merge_pointers, constants, {"num_warps": 4})})
     # kmeans||'s reduction (1,024 candidates, rounds of up to 8 picks at 256 clusters) and k-means++ (a pick a round)
     for points, clusters, rounds in ((1024, 256, 1 + REDUCE_ROUNDS), (4096, 256, 256)):
-        constants = kmeanspp_launch(points, 128, max(round_sizes(clusters, rounds)), DEFAULTS["kmeanspp"])
-        warps = constants.pop("num_warps")
+        # bf16 points, as the seedings pass bf16 tokens
+        constants = kmeanspp_launch(points, 128, max(round_sizes(clusters, rounds)), DEFAULTS["kmeanspp"], 2)
+        warps, stages = constants.pop("num_warps"), constants.pop("num_stages")
         out.append({"kernel": "kmeanspp", "points": points, "rounds": rounds, "block_k": constants["BLOCK_K"],
                     "round_p": constants["ROUND_P"], "dims": constants["DIMS"], "warps": warps,
-                    **usage(_kmeanspp_kernel, {"p_ptr": "*fp32", "pt_ptr": "*fp32", "w_ptr": "*fp32", "e_ptr": "*fp32",
-                                               "out_ptr": "*i64"}, constants, {"num_warps": warps})})
+                    **usage(_kmeanspp_kernel, {"p_ptr": "*bf16", "pt_ptr": "*bf16", "w_ptr": "*fp32", "e_ptr": "*fp32",
+                                               "out_ptr": "*i64", "near_ptr": "*fp32"}, {**constants, "EMULATE": False},
+                            {"num_warps": warps, "num_stages": stages})})
     return out
 
 

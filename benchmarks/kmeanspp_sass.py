@@ -66,7 +66,8 @@ def main() -> None:
     rows = []
     for values, tile_warps in itertools.product(args.values, args.warps):
         for name, (points, picks, rounds) in SHAPES.items():
-            constants = kmeanspp_launch(points, 128, max(round_sizes(picks, rounds)), SeedTile(values, tile_warps))
+            constants = kmeanspp_launch(points, 128, max(round_sizes(picks, rounds)), SeedTile(values, tile_warps),
+                                        2 if args.points == "bf16" else 4)
             warps, stages = constants.pop("num_warps"), constants.pop("num_stages", 3)
             if "EMULATE" in _kmeanspp_kernel.arg_names:  # (a kernel before it had none: compare with one)
                 constants["EMULATE"] = False

@@ -68,11 +68,15 @@ ONEHOT_MAX_CLUSTERS = 128
 FUSED_MAX_CLUSTERS = 64
 # The weighted D^2 sampling takes a round's distances as products on the tensor cores for rows of
 # up to PRODUCTS_MAX_POINTS points (k-means||'s reduction up to 256 clusters): a step's operand
-# tile, [points, dims] in shared memory, up to 16,384 values (64 KB in fp32) in each of 2 stages,
-# and the products [points, picks] in registers, up to 32,768 values
+# tile, [points, dims] in shared memory, up to 16,384 values, pipelined in 3 stages where they
+# take at most PRODUCTS_STAGED_BYTES (16-bit points: k-means||'s reduction took 0.436 ms at
+# LongCat with 3, 0.494 with 2 on another H100: bench_kernels_seeding_products{_b2a28b3,}_h100.json),
+# else 2 (fp32: 3 would not fit an A100's shared memory); the products [points, picks] in
+# registers, up to 32,768 values
 PRODUCTS_MAX_POINTS = 1024
 PRODUCTS_MAX_VALUES = 32768
 PRODUCTS_TILE = 16384
+PRODUCTS_STAGED_BYTES = 98304
 
 
 @triton.jit
@@ -709,19 +713,20 @@ def kmeanspp_supports(points, weights, draws, clusters) -> str | None:
     return None
 
 
-def kmeanspp_launch(points: int, dims: int, per_round: int, tile: SeedTile) -> dict:
-    """The kernel's constexprs, warps and stages for rows of ``points`` points of ``dims`` dims,
-    rounds of at most ``per_round`` picks: distance passes over at most ``tile.values`` values a
-    load (a few dims of every point), as products on the tensor cores for rounds of several picks
-    on rows that fit (see PRODUCTS_MAX_POINTS; 16 dims a step at least, the product's smallest
-    depth), as sums of squared differences otherwise."""
+def kmeanspp_launch(points: int, dims: int, per_round: int, tile: SeedTile, itemsize: int) -> dict:
+    """The kernel's constexprs, warps and stages for rows of ``points`` points of ``dims`` dims
+    (``itemsize`` bytes each), rounds of at most ``per_round`` picks: distance passes over at most
+    ``tile.values`` values a load (a few dims of every point), as products on the tensor cores for
+    rounds of several picks on rows that fit (see PRODUCTS_MAX_POINTS; 16 dims a step at least,
+    the product's smallest depth), as sums of squared differences otherwise."""
     block_k = triton.next_power_of_2(points)
     round_p = triton.next_power_of_2(per_round)
     products = per_round > 1 and block_k <= PRODUCTS_MAX_POINTS and round_p * block_k <= PRODUCTS_MAX_VALUES
     values = min(tile.values, PRODUCTS_TILE) if products else tile.values
-    return dict(BLOCK_K=block_k, ROUND_P=round_p, PRODUCTS=products,
-                DIMS=max(16 if products else 1, min(triton.next_power_of_2(dims), values // block_k)),
-                num_warps=min(16, max(tile.warps, block_k // 256)), num_stages=2)
+    step = max(16 if products else 1, min(triton.next_power_of_2(dims), values // block_k))
+    stages = 3 if products and 3 * block_k * step * itemsize <= PRODUCTS_STAGED_BYTES else 2
+    return dict(BLOCK_K=block_k, ROUND_P=round_p, PRODUCTS=products, DIMS=step,
+                num_warps=min(16, max(tile.warps, block_k // 256)), num_stages=stages)
 
 
 def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Tensor, clusters: int, *,
@@ -731,7 +736,8 @@ def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Te
     points = (points if points.dtype in (torch.float16, torch.bfloat16) else points.float()).contiguous()
     n, k, d = points.shape
     rounds = draws.shape[0]
-    launch = kmeanspp_launch(k, d, max(round_sizes(clusters, rounds)), tile or tile_for("kmeanspp", points.device, 0))
+    launch = kmeanspp_launch(k, d, max(round_sizes(clusters, rounds)), tile or tile_for("kmeanspp", points.device, 0),
+                             points.element_size())
     out = torch.empty(n, clusters, dtype=torch.int64, device=points.device)
     if launch["PRODUCTS"]:  # the products read the points as they are; the distances pass through near
         transposed, near = points, torch.empty(n, launch["BLOCK_K"], device=points.device)
