@@ -225,9 +225,8 @@ def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, sums=No
 
 def kmeanspp(points, weights, draws, clusters: int, *, backend="auto"):
     """Weighted D^2 sampling of ``clusters`` C points over ``points`` [N, K, D] (any float dtype,
-    computed in fp32) with
-    ``weights`` [N, K], in R rounds of picks, one row of exponential variates ``draws`` [R, K]
-    per round (R = C: k-means++): [N, C] distinct point indices (see
+    computed in fp32) with ``weights`` [N, K], in R rounds of picks, one row of exponential
+    variates ``draws`` [R, K] per round (R = C: k-means++): [N, C] distinct point indices (see
     :func:`qkv.kernels.kmeans.kmeanspp_torch`)."""
     if points.dim() != 3 or weights.shape != points.shape[:2] or draws.dim() != 2 or draws.shape[1] != points.shape[1]:
         raise ShapeError(f"kmeanspp: points must be [N, K, D], weights [N, K] and draws [R, K]; got "

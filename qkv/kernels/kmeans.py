@@ -114,8 +114,8 @@ def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Ten
     """Weighted D^2 sampling (k-means++, a round of picks at a time) over the points of each row:
     ``points`` [N, K, D] (any float dtype, computed in fp32), ``weights`` [N, K] fp32 (>= 0),
     ``draws`` [R, K] fp32 > 0 (exponential variates, a row per round, shared by every row of
-    points, so a row's picks depend only on its own points), ``clusters`` C picks (R <= C <= K). Returns [N, C] int64:
-    distinct point indices, in the order picked.
+    points, so a row's picks depend only on its own points), ``clusters`` C picks (R <= C <= K).
+    Returns [N, C] int64: distinct point indices, in the order picked.
 
     Round 0 picks one point, rounds 1 .. R-1 the rest (:func:`round_sizes`). A round ranks the
     points by key = score / draws[r] (Efraimidis-Spirakis: the first is drawn with probability

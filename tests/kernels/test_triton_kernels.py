@@ -388,10 +388,10 @@ def exponential(rounds, k, g):
 def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread, rounds, dtype):
     """Weighted D^2 sampling on integer-valued points (fp32 or bf16) and weights (every fp32 sum
     exact in any order: the running sums stay far below 2^24 even at 4,096 points of 128 dims;
-    products exact in tf32 and bf16 too): the kernel's picks are the reference's, a pick a round (k-means++) or several (its
-    products on the tensor cores where they fit; the last rounds' sizes differ), also once every
-    score is 0 (points that coincide with picked ones, zero weights) and the first point not yet
-    picked is taken."""
+    products exact in tf32 and bf16 too): the kernel's picks are the reference's, a pick a round
+    (k-means++) or several (its products on the tensor cores where they fit; the last rounds'
+    sizes differ), also once every score is 0 (points that coincide with picked ones, zero
+    weights) and the first point not yet picked is taken."""
     g = gen(k + spread)
     points = torch.randint(-spread, spread + 1, (n, k, d), generator=g, device=DEVICE).to(dtype)
     weights = torch.randint(0, 4, (n, k), generator=g, device=DEVICE).float()

@@ -29,10 +29,11 @@
   turn (a max reduction each), then makes one pass over the row's points for each point's
   distance to the nearest of the round's picks. Rounds of several picks take it as
   ``|p|^2 + |c|^2 - 2 p.c``, the products of a few dims of every point with the round's picks a
-  step on the tensor cores (tf32 inputs, exact for bf16-valued points, fp32 sums; |p|^2 once per
-  row); a round of one pick reads the points transposed, [D, K], a few dims of every point a
-  load, and sums the squared differences in the layout of the row's state (no reduction across
-  threads, no barrier; a picked point is at 0 from itself exactly). The picks are the
+  step on the tensor cores (16-bit points in their own dtype, exact; fp32 points as tf32, exact
+  for bf16-valued ones; fp32 sums; |p|^2 once per row); a round of one pick reads the points
+  transposed, [D, K], a few dims of every point a load, and sums the squared differences in the
+  layout of the row's state (no reduction across threads, no barrier; a picked point is at 0
+  from itself exactly). The picks are the
   reference's wherever the fp32 sums come out the same (exact for integer-valued points);
   otherwise a pick may differ where two keys are within rounding.
 """
@@ -659,9 +660,9 @@ def _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K: tl.const
 def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, near_ptr, K, C, R, D, BLOCK_K: tl.constexpr,
                      ROUND_P: tl.constexpr, DIMS: tl.constexpr, PRODUCTS: tl.constexpr, EMULATE: tl.constexpr):
     """The C picks of row n in R rounds (see kmeanspp_torch): points p [N, K, D] (fp32 or 16-bit)
-    and transposed pt [N, D, K], weights [N, K], draws e [R, K], picks out [N, C]. A round ranks the row's points
-    by its keys and takes its picks in turn (the row's weights, nearest distances and picked flags
-    stay in registers), then makes one pass over the points, DIMS dims of every point a load, for
+    and transposed pt [N, D, K], weights [N, K], draws e [R, K], picks out [N, C]. A round ranks
+    the row's points by its keys and takes its picks in turn (the row's weights, nearest distances
+    and picked flags stay in registers), then makes one pass over the points, DIMS dims of every point a load, for
     each point's distance to the nearest of the round's picks (at most ROUND_P), straight into
     the row's nearest distances: as products on the tensor cores (PRODUCTS; the distances pass
     through near [N, BLOCK_K] on their way to the layout of the row's state, which would otherwise
