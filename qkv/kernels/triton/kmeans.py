@@ -33,9 +33,9 @@
   for bf16-valued ones; fp32 sums; |p|^2 once per row); a round of one pick reads the points
   transposed, [D, K], a few dims of every point a load, and sums the squared differences in the
   layout of the row's state (no reduction across threads, no barrier; a picked point is at 0
-  from itself exactly). The picks are the
-  reference's wherever the fp32 sums come out the same (exact for integer-valued points);
-  otherwise a pick may differ where two keys are within rounding.
+  from itself exactly). The picks are the reference's wherever the fp32 sums come out the same
+  (exact for integer-valued points); otherwise a pick may differ where two keys are within
+  rounding.
 """
 
 from __future__ import annotations
