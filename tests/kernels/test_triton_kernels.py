@@ -383,21 +383,24 @@ def exponential(rounds, k, g):
 
 @pytest.mark.parametrize("n, k, d, c", KMEANSPP_SHAPES)
 @pytest.mark.parametrize("spread", [2, 0])  # distinct points / a few values repeated: scores run out
-@pytest.mark.parametrize("rounds", ["one pick each", "several picks each"])
+@pytest.mark.parametrize("rounds", ["one pick each", "~8 picks each", "~32 picks each"])
+@pytest.mark.parametrize("draws", ["exponential", "equal"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread, rounds, dtype):
+def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread, rounds, draws, dtype):
     """Weighted D^2 sampling on integer-valued points (fp32 or bf16) and weights (every fp32 sum
     exact in any order: the running sums stay far below 2^24 even at 4,096 points of 128 dims;
     products exact in tf32 and bf16 too): the kernel's picks are the reference's, a pick a round
-    (k-means++) or several (its products on the tensor cores where they fit; the last rounds'
-    sizes differ), also once every score is 0 (points that coincide with picked ones, zero
-    weights) and the first point not yet picked is taken."""
+    (k-means++) or several (its products on the tensor cores where they fit, its picks selected
+    by their keys' bytes; the last rounds' sizes differ), also once every score is 0 (points that
+    coincide with picked ones, zero weights) and the first point not yet picked is taken, and
+    with every draw 1 (keys are the integer scores: many equal keys, the lowest index first)."""
     g = gen(k + spread)
     points = torch.randint(-spread, spread + 1, (n, k, d), generator=g, device=DEVICE).to(dtype)
     weights = torch.randint(0, 4, (n, k), generator=g, device=DEVICE).float()
     weights[0, : k // 2] = 0
-    r = c if rounds == "one pick each" else 1 + min(c - 1, max(3, c // 8))  # ~8 picks a round, as k-means||'s
-    draws = exponential(r, k, g)
+    per_round = {"one pick each": 1, "~8 picks each": 8, "~32 picks each": 32}[rounds]
+    r = c if per_round == 1 else 1 + min(c - 1, max(1, c // per_round))
+    draws = exponential(r, k, g) if draws == "exponential" else torch.ones(r, k, device=DEVICE)
     ref = kernels.kmeanspp(points, weights, draws, c, backend="torch")
     out = kernels.kmeanspp(points, weights, draws, c, backend="triton")
     assert torch.equal(out, ref)
