@@ -39,7 +39,7 @@ def compiled(constants: dict, warps: int, stages: int, points: str) -> tuple[str
     """(SASS, registers and stack bytes) of the kernel for sm_90 on ``points`` ("*bf16", "*fp32"),
     its pointers, K and D specialized as multiples of 16 (as the JIT does at the seedings' shapes),
     pipelined in ``stages`` as launched."""
-    pointers = {a: "*i64" if a == "out_ptr" else "*i32" if a == "scratch_ptr" else points if a in ("p_ptr", "pt_ptr") else "*fp32"
+    pointers = {a: "*i64" if a == "out_ptr" else points if a in ("p_ptr", "pt_ptr") else "*fp32"
                 for a in _kmeanspp_kernel.arg_names if a.endswith("_ptr")}
     with tempfile.TemporaryDirectory() as tmp:
         sass = disassemble(_kmeanspp_kernel, constants, pointers, warps, None, tmp, stages=stages,

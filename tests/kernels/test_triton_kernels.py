@@ -390,8 +390,8 @@ def test_kmeanspp_matches_reference_exactly(n, k, d, c, spread, rounds, draws, d
     """Weighted D^2 sampling on integer-valued points (fp32 or bf16) and weights (every fp32 sum
     exact in any order: the running sums stay far below 2^24 even at 4,096 points of 128 dims;
     products exact in tf32 and bf16 too): the kernel's picks are the reference's, a pick a round
-    (k-means++) or several (its products on the tensor cores where they fit, its picks selected
-    by their keys' bytes; the last rounds' sizes differ), also once every score is 0 (points that
+    (k-means++) or several (its products on the tensor cores where they fit; the last rounds'
+    sizes differ), also once every score is 0 (points that
     coincide with picked ones, zero weights) and the first point not yet picked is taken, and
     with every draw 1 (keys are the integer scores: many equal keys, the lowest index first)."""
     g = gen(k + spread)

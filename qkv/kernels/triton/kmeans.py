@@ -657,56 +657,7 @@ def _round_products(p_ptr, n, K, D, k, k_ok, new, size, norms, BLOCK_K: tl.const
 
 
 @triton.jit
-def _largest_keys(key, k, size, out_ptr, scratch_ptr, ROUND_P: tl.constexpr):
-    """The ``size`` (at most ROUND_P) largest keys of a row's [BLOCK_K] (the lowest index among
-    equal keys), as k-means++'s picks in turn would take them, without a reduction a pick: the
-    keys ordered as int32 are radix-selected a byte at a time (a histogram of the next byte of the
-    keys still level with the selection, 4 in all), the selected compacted into ``scratch_ptr``
-    (indices, then ordered keys, ROUND_P each) and ranked there, largest first, into
-    ``out_ptr[0: size]``. Returns the picks [ROUND_P] (0 past ``size``) and whether each key is one
-    [BLOCK_K]."""
-    bits = key.to(tl.int32, bitcast=True)
-    ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # ordered as the keys, as int32
-    bins = tl.arange(0, 256)
-    level = k >= 0  # keys whose bytes so far equal the selection's
-    above = k < 0  # keys already known to be among the largest
-    need = size
-    for p in tl.static_range(4):
-        digit = (ordered >> (24 - 8 * p)) & 0xFF
-        if p == 0:
-            digit = digit ^ 0x80  # unsigned order of the top byte
-        counts = tl.histogram(digit, 256, mask=level)
-        at_least = tl.cumsum(counts, 0, reverse=True)  # keys level so far with this byte >= bin
-        # the largest byte with at least `need` keys at or above it, and the keys above it (one sum)
-        packed = tl.sum((at_least >= need).to(tl.int32) + (tl.where(at_least < need, counts, 0) << 10), 0)
-        byte = (packed & 1023) - 1
-        need -= packed >> 10
-        above = above | (level & (digit > byte))
-        level = level & (digit == byte)
-    # the selection by index: all keys above, and the first `need` of the keys equal to the last
-    counts = tl.cumsum(above.to(tl.int32) + (level.to(tl.int32) << 16), 0)
-    ties = counts >> 16
-    picked = above | (level & (ties <= need))
-    at = (counts & 0xFFFF) + tl.minimum(ties, need) - 1
-    tl.store(scratch_ptr + at, k, mask=picked)
-    tl.store(scratch_ptr + ROUND_P + at, ordered, mask=picked)
-    tl.debug_barrier()  # every pick stored before any is read back
-    i = tl.arange(0, ROUND_P)
-    j = i[:, None]
-    mine = tl.load(scratch_ptr + i, mask=i < size, other=0)
-    rows = tl.load(scratch_ptr + j, mask=j < size, other=0)
-    rows_key = tl.load(scratch_ptr + ROUND_P + j, mask=j < size, other=0)
-    cols = tl.load(scratch_ptr + i[None, :], mask=(i < size)[None, :], other=0)
-    cols_key = tl.load(scratch_ptr + ROUND_P + i[None, :], mask=(i < size)[None, :], other=0)
-    ahead = (i < size)[None, :] & ((cols_key > rows_key) | ((cols_key == rows_key) & (cols < rows)))
-    rank = tl.sum(ahead.to(tl.int32), 1)
-    tl.store(out_ptr + rank[:, None], rows.to(tl.int64), mask=j < size)
-    tl.debug_barrier()  # and read before the next round stores its own
-    return mine, picked
-
-
-@triton.jit
-def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, near_ptr, scratch_ptr, K, C, R, D, BLOCK_K: tl.constexpr,
+def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, near_ptr, K, C, R, D, BLOCK_K: tl.constexpr,
                      ROUND_P: tl.constexpr, DIMS: tl.constexpr, PRODUCTS: tl.constexpr, EMULATE: tl.constexpr):
     """The C picks of row n in R rounds (see kmeanspp_torch): points p [N, K, D] (fp32 or 16-bit)
     and transposed pt [N, D, K], weights [N, K], draws e [R, K], picks out [N, C]. A round ranks
@@ -733,18 +684,17 @@ def _kmeanspp_kernel(p_ptr, pt_ptr, w_ptr, e_ptr, out_ptr, near_ptr, scratch_ptr
         size = tl.where(r == 0, 1, base + (r - 1 >= rest - extra).to(tl.int32))
         score = tl.where(taken, 0.0, w * nearest)
         e = tl.load(e_ptr + r * K + k, mask=k_ok, other=1.0)
-        # positive scores by score / draw, then the points left by index (keys -1 - k / BLOCK_K in
-        # (-2, -1], exact), never a picked one (-3)
+        # one reduction a pick: positive scores by score / draw, then the points left by index (keys
+        # -1 - k / BLOCK_K in (-2, -1], exact), never a picked one (-3)
         key = tl.where(score > 0.0, tl.math.div_rn(score, e),
                        tl.where(taken, -3.0, -1.0 - k.to(tl.float32) * (1.0 / BLOCK_K)))
-        if ROUND_P == 1:  # one pick: one reduction
+        new = tl.zeros((ROUND_P,), tl.int32)
+        for j in range(size):
             best = tl.argmax(key, 0)
-            tl.store(out_ptr + n * C + at, best.to(tl.int64))
-            new = tl.zeros((ROUND_P,), tl.int32) + best
-            picked = k == best
-        else:
-            new, picked = _largest_keys(key, k, size, out_ptr + n * C + at, scratch_ptr + n * 2 * ROUND_P, ROUND_P)
-        taken = taken | picked
+            tl.store(out_ptr + n * C + at + j, best.to(tl.int64))
+            taken = taken | (k == best)
+            key = tl.where(k == best, -3.0, key)
+            new = tl.where(i == j, best, new)
         at += size
         if at < C:  # distances to the round's picks, for the rounds after it
             if PRODUCTS:
@@ -794,10 +744,8 @@ def kmeanspp_triton(points: torch.Tensor, weights: torch.Tensor, draws: torch.Te
         transposed, near = points, torch.empty(n, launch["BLOCK_K"], device=points.device)
     else:
         transposed, near = points.transpose(1, 2).contiguous(), points
-    scratch = torch.empty(n, 2 * launch["ROUND_P"], dtype=torch.int32, device=points.device)  # a round's picks
     _kmeanspp_kernel[(n,)](
-        points, transposed, weights.float().contiguous(), draws.float().contiguous(), out, near, scratch, k, clusters,
-        rounds, d,
+        points, transposed, weights.float().contiguous(), draws.float().contiguous(), out, near, k, clusters, rounds, d,
         EMULATE=not points.is_cuda, **launch,
     )
     return out
