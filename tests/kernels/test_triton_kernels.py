@@ -438,6 +438,29 @@ def test_kmeanspp_on_float_points_picks_as_well_as_the_reference():
     assert cost["triton"] <= 1.05 * cost["torch"], cost
 
 
+@pytest.mark.parametrize("n, s, c", [(3, 300, 5), (2, 128, 256), (1, 1000, 300), (2, 77, 1), (1, 4000, 1024)])
+@pytest.mark.parametrize("sort", ["counting", "radix"])
+def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c, sort, monkeypatch):
+    """The sorted update's order: each row's cluster ids ascending in the narrowest integer type,
+    the token indices as a stable sort orders them, and each cluster's first position (int32, the
+    last S), whether by the counting sort (blocks not filled, empty clusters, one cluster holding
+    a third of a row) or, past COUNT_MAX_CLUSTERS, a radix sort."""
+    from qkv.dtypes import compact_index_dtype
+    from qkv.kernels.triton import kmeans as triton_kmeans
+
+    if sort == "radix":
+        monkeypatch.setattr(triton_kmeans, "COUNT_MAX_CLUSTERS", 0)
+    a = torch.randint(0, c, (n, s), generator=gen(s + c), device=DEVICE)
+    a[0, : s // 3] = c - 1
+    a[-1, s // 2 :: 7] = 0
+    keys, order, bounds = triton_kmeans.order_by_cluster(a, c)
+    want_keys, want_order = torch.sort(a, dim=1, stable=True)
+    assert keys.dtype == compact_index_dtype(c) and bounds.dtype == torch.int32
+    assert torch.equal(keys.long(), want_keys) and torch.equal(order, want_order)
+    starts = torch.arange(c + 1, device=DEVICE).expand(n, -1).contiguous()
+    assert torch.equal(bounds.long(), torch.searchsorted(want_keys, starts))
+
+
 @pytest.mark.parametrize("d, c", [(16, 4), (64, 40), (128, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kmeans_update_matches_reference(d, c, dtype):
