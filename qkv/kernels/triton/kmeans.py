@@ -182,20 +182,29 @@ def _block_counts_kernel(a_ptr, count_ptr, S, C, BLOCK_S: tl.constexpr, BLOCK_C:
 
 
 @triton.jit
-def _cluster_order_kernel(a_ptr, ahead_ptr, bound_ptr, count_ptr, key_ptr, order_ptr, S, C, BLOCK_S: tl.constexpr):
-    """Token s of block b (BLOCK_S tokens of row n), of cluster c, goes to position bound[n, c] +
-    ahead[n, b, c] - counts[n, b, c] (the tokens of c in the row's earlier blocks; ahead: counts
-    summed over blocks 0..b) + the tokens of c before it in its block: its cluster id to keys, its
-    index to order."""
+def _cluster_order_kernel(a_ptr, ahead_ptr, count_ptr, key_ptr, order_ptr, bound_ptr, S, C, BLOCK_S: tl.constexpr,
+                          BLOCK_C: tl.constexpr):
+    """Token s of block b (BLOCK_S tokens of row n), of cluster c, goes to position bound[n, c]
+    (the row's tokens of clusters below c, from the row's totals: ahead[n, -1]) + ahead[n, b, c] -
+    counts[n, b, c] (the tokens of c in the row's earlier blocks; ahead: counts summed over blocks
+    0..b) + the tokens of c before it in its block: its cluster id to keys, its index to order.
+    Block 0 also writes the row's bounds [C + 1] (the last S)."""
     n = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    c = tl.arange(0, BLOCK_C)
+    totals = tl.load(ahead_ptr + (n * blocks + blocks - 1) * C + c, mask=c < C, other=0)
+    starts = tl.cumsum(totals, 0) - totals
+    if b == 0:
+        tl.store(bound_ptr + n * (C + 1) + c, starts, mask=c < C)
+        tl.store(bound_ptr + n * (C + 1) + C, S)
     t = tl.arange(0, BLOCK_S)
     s = b * BLOCK_S + t
     ok = s < S
     a = tl.load(a_ptr + n * S + s, mask=ok, other=-1).to(tl.int32)
     before = tl.sum(((a[None, :] == a[:, None]) & (t[None, :] < t[:, None])).to(tl.int32), 1)
-    at = (n * tl.num_programs(1) + b) * C + a
-    pos = (tl.load(bound_ptr + n * (C + 1) + a, mask=ok, other=0) + tl.load(ahead_ptr + at, mask=ok, other=0)
+    at = (n * blocks + b) * C + a
+    pos = (tl.gather(starts, tl.where(ok, a, 0), 0) + tl.load(ahead_ptr + at, mask=ok, other=0)
            - tl.load(count_ptr + at, mask=ok, other=0) + before)
     tl.store(key_ptr + n * S + pos, a.to(key_ptr.dtype.element_ty), mask=ok)
     tl.store(order_ptr + n * S + pos, s.to(tl.int64), mask=ok)
@@ -418,11 +427,11 @@ def order_by_cluster(assignments: torch.Tensor, clusters: int):
     _block_counts_kernel[(n, blocks)](a, counts, s, clusters, BLOCK_S=COUNT_TOKENS,
                                       BLOCK_C=triton.next_power_of_2(clusters), num_warps=4)
     ahead = counts.cumsum(1, dtype=torch.int32)
-    bounds = torch.nn.functional.pad(ahead[:, -1].cumsum(1, dtype=torch.int32), (1, 0))
     keys = torch.empty(n, s, dtype=dtype, device=a.device)
     order = torch.empty(n, s, dtype=torch.int64, device=a.device)
-    _cluster_order_kernel[(n, blocks)](a, ahead, bounds, counts, keys, order, s, clusters, BLOCK_S=COUNT_TOKENS,
-                                       num_warps=4)
+    bounds = torch.empty(n, clusters + 1, dtype=torch.int32, device=a.device)
+    _cluster_order_kernel[(n, blocks)](a, ahead, counts, keys, order, bounds, s, clusters, BLOCK_S=COUNT_TOKENS,
+                                       BLOCK_C=triton.next_power_of_2(clusters), num_warps=4)
     return keys, order, bounds
 
 
