@@ -10,23 +10,32 @@ column ``kmeans||@R`` per R: k-means|| with its candidates reduced in R rounds a
 pick instead of ``qkv.grouping.kmeans.REDUCE_ROUNDS`` (C - 1: one pick a round, weighted
 k-means++); ``--oversample RxL ...`` a column ``kmeans||@RxL`` per shape of the oversampling: R
 rounds of L x C candidates each instead of ``PARALLEL_ROUNDS`` x ``PARALLEL_OVERSAMPLE``;
-``--seeds`` the k-means seeds to average over.
+``--reduce-lloyd I ...`` a column ``kmeans||@lloydI`` per I: the candidates reduced instead by a
+weighted draw of C of them (by weight) and I weighted Lloyd iterations over the candidates (what
+a reduction without D^2 sampling's sequential rounds would give); ``--seeds`` the k-means seeds to
+average over.
 
     PYTHONPATH=. python3 benchmarks/seeding_quality.py   # writes benchmarks/results/seeding_quality.json
     PYTHONPATH=. python3 benchmarks/seeding_quality.py --inits kmeans|| --reduce-rounds 8 32 255 \
         --seeds 0 1 2 3 4 5 --out benchmarks/results/seeding_quality_reduce_rounds.json
     PYTHONPATH=. python3 benchmarks/seeding_quality.py --inits kmeans|| --oversample 4x1 --seeds 0 1 2 3 4 5 \
         --out benchmarks/results/seeding_quality_oversample.json
+    PYTHONPATH=. python3 benchmarks/seeding_quality.py --inits random kmeans|| --reduce-lloyd 0 2 4 --seeds 0 1 2 \
+        --out benchmarks/results/seeding_quality_reduce_lloyd.json
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import statistics
 
+import torch
+
 from common import oversampling, overridden, spec_relative_mse, write_json
 
+from qkv import kernels
 from qkv.realdata import load_dataset
 
 KMEANS = importlib.import_module("qkv.grouping.kmeans")
@@ -36,18 +45,36 @@ DATA = {"wan": 8192, "minilm": 6144}  # dataset -> tokens used
 LAYERS, HEADS, SEEDS = 2, 4, (0, 1)
 
 
+def lloyd_reduce(pool, weights, clusters, rounds, gen, backend, iters):
+    """k-means||'s reduction replaced: C candidates drawn by weight, then ``iters`` Lloyd
+    iterations over the weighted candidates (a cluster left empty keeps its centroid)."""
+    n, _, d = pool.shape
+    points = pool.float()
+    centroids = KMEANS._gather_rows(points, KMEANS._weighted_draw(weights, clusters, gen))
+    for _ in range(iters):
+        nearest, _ = kernels.kmeans_assign(points, centroids, backend=backend)
+        sums = torch.zeros(n, clusters, d, device=pool.device)
+        sums.scatter_add_(1, nearest[..., None].expand(-1, -1, d), points * weights[..., None])
+        mass = torch.zeros(n, clusters, device=pool.device).scatter_add_(1, nearest, weights)[..., None]
+        centroids = torch.where(mass > 0, sums / mass.clamp_min(torch.finfo(torch.float32).tiny), centroids)
+    return centroids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="benchmarks/results/seeding_quality.json")
     parser.add_argument("--inits", nargs="+", default=list(INITS), choices=INITS)
     parser.add_argument("--reduce-rounds", nargs="*", type=int, default=[])
     parser.add_argument("--oversample", nargs="*", type=oversampling, default=[], metavar="RxL")
+    parser.add_argument("--reduce-lloyd", nargs="*", type=int, default=[], metavar="I")
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     args = parser.parse_args()
     columns = ([(init, init, {}) for init in args.inits]
                + [(f"kmeans||@{r}", "kmeans||", {"REDUCE_ROUNDS": r}) for r in args.reduce_rounds]
                + [(f"kmeans||@{r}x{m}", "kmeans||", {"PARALLEL_ROUNDS": r, "PARALLEL_OVERSAMPLE": m})
-                  for r, m in args.oversample])
+                  for r, m in args.oversample]
+               + [(f"kmeans||@lloyd{i}", "kmeans||", {"_reduce": functools.partial(lloyd_reduce, iters=i)})
+                  for i in args.reduce_lloyd])
     rows = []
     for name, tokens in DATA.items():
         samples = load_dataset(name)[:LAYERS]
