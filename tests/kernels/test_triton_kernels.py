@@ -439,21 +439,17 @@ def test_kmeanspp_on_float_points_picks_as_well_as_the_reference():
 
 
 @pytest.mark.parametrize("n, s, c", [(3, 300, 5), (2, 128, 256), (1, 1000, 300), (2, 77, 1), (1, 4000, 1024)])
-@pytest.mark.parametrize("sort", ["counting", "radix"])
-def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c, sort, monkeypatch):
+def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c):
     """The sorted update's order: each row's cluster ids ascending in the narrowest integer type,
     the token indices as a stable sort orders them, and each cluster's first position (int32, the
-    last S), whether by the counting sort (blocks not filled, empty clusters, one cluster holding
-    a third of a row) or, past COUNT_MAX_CLUSTERS, a radix sort."""
+    last S), with empty clusters and one cluster holding a third of a row."""
     from qkv.dtypes import compact_index_dtype
-    from qkv.kernels.triton import kmeans as triton_kmeans
+    from qkv.kernels.triton.kmeans import order_by_cluster
 
-    if sort == "radix":
-        monkeypatch.setattr(triton_kmeans, "COUNT_MAX_CLUSTERS", 0)
     a = torch.randint(0, c, (n, s), generator=gen(s + c), device=DEVICE)
     a[0, : s // 3] = c - 1
     a[-1, s // 2 :: 7] = 0
-    keys, order, bounds = triton_kmeans.order_by_cluster(a, c)
+    keys, order, bounds = order_by_cluster(a, c)
     want_keys, want_order = torch.sort(a, dim=1, stable=True)
     assert keys.dtype == compact_index_dtype(c) and bounds.dtype == torch.int32
     assert torch.equal(keys.long(), want_keys) and torch.equal(order, want_order)

@@ -49,11 +49,6 @@ from qkv.kernels.kmeans import ClusterSums, round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 from qkv.kernels.triton.tiles import AssignSumsTile, AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
-# The sorted update orders the tokens by a counting sort of COUNT_TOKENS tokens a block (their
-# places among themselves by pairwise comparison) up to COUNT_MAX_CLUSTERS clusters (its counts,
-# [rows, blocks, clusters] int32, are then at most 32 bytes a token), by a radix sort beyond
-COUNT_TOKENS = 128
-COUNT_MAX_CLUSTERS = 1024
 # The sorted update sums RUN_TOKENS sorted tokens a program (RUN_STEP a product, RUN_CLUSTERS
 # cluster ids a one-hot block): every program has the same work, whatever the cluster sizes
 # (a warm start can make one cluster many times the average), and reads whole runs of tokens. The
@@ -171,43 +166,28 @@ def _assign_kernel(
 
 
 @triton.jit
-def _block_counts_kernel(a_ptr, count_ptr, S, C, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """counts[n, b, c]: the tokens of block b (BLOCK_S tokens of row n) in cluster c."""
-    n = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1)
-    s = b * BLOCK_S + tl.arange(0, BLOCK_S)
-    a = tl.load(a_ptr + n * S + s, mask=s < S, other=0).to(tl.int32)
-    c = tl.arange(0, BLOCK_C)
-    tl.store(count_ptr + (n * tl.num_programs(1) + b) * C + c, tl.histogram(a, BLOCK_C, mask=s < S), mask=c < C)
+def first_at_least(keys, S, value, STEPS):
+    """First position p in the sorted keys[0:S] with keys[p] >= value (S if none), for a scalar or
+    a vector of values: a binary search of STEPS >= bit_length(S) halvings."""
+    lo = value * 0
+    hi = lo + S
+    for _ in range(STEPS):
+        go = lo < hi
+        mid = (lo + hi) // 2
+        k = tl.load(keys + mid, mask=go, other=0).to(tl.int32)
+        right = go & (k < value)
+        lo = tl.where(right, mid + 1, lo)
+        hi = tl.where(go & ~right, mid, hi)
+    return lo
 
 
 @triton.jit
-def _cluster_order_kernel(a_ptr, ahead_ptr, count_ptr, key_ptr, order_ptr, bound_ptr, S, C, BLOCK_S: tl.constexpr,
-                          BLOCK_C: tl.constexpr):
-    """Token s of block b (BLOCK_S tokens of row n), of cluster c, goes to position bound[n, c]
-    (the row's tokens of clusters below c, from the row's totals: ahead[n, -1]) + ahead[n, b, c] -
-    counts[n, b, c] (the tokens of c in the row's earlier blocks; ahead: counts summed over blocks
-    0..b) + the tokens of c before it in its block: its cluster id to keys, its index to order.
-    Block 0 also writes the row's bounds [C + 1] (the last S)."""
+def _bounds_kernel(key_ptr, bound_ptr, S, C, STEPS, BLOCK_C: tl.constexpr):
+    """One row: where each cluster's run starts in the sorted keys, bound[n, j] for j = 0..C
+    (bound[n, C] = S), by vectorized binary search."""
     n = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1)
-    blocks = tl.num_programs(1)
-    c = tl.arange(0, BLOCK_C)
-    totals = tl.load(ahead_ptr + (n * blocks + blocks - 1) * C + c, mask=c < C, other=0)
-    starts = tl.cumsum(totals, 0) - totals
-    if b == 0:
-        tl.store(bound_ptr + n * (C + 1) + c, starts, mask=c < C)
-        tl.store(bound_ptr + n * (C + 1) + C, S)
-    t = tl.arange(0, BLOCK_S)
-    s = b * BLOCK_S + t
-    ok = s < S
-    a = tl.load(a_ptr + n * S + s, mask=ok, other=-1).to(tl.int32)
-    before = tl.sum(((a[None, :] == a[:, None]) & (t[None, :] < t[:, None])).to(tl.int32), 1)
-    at = (n * blocks + b) * C + a
-    pos = (tl.gather(starts, tl.where(ok, a, 0), 0) + tl.load(ahead_ptr + at, mask=ok, other=0)
-           - tl.load(count_ptr + at, mask=ok, other=0) + before)
-    tl.store(key_ptr + n * S + pos, a.to(key_ptr.dtype.element_ty), mask=ok)
-    tl.store(order_ptr + n * S + pos, s.to(tl.int64), mask=ok)
+    j = tl.arange(0, BLOCK_C)
+    tl.store(bound_ptr + n * (C + 1) + j, first_at_least(key_ptr + n * S, S, j, STEPS), mask=j <= C)
 
 
 @triton.jit
@@ -409,29 +389,14 @@ def update_triton(
 
 
 def order_by_cluster(assignments: torch.Tensor, clusters: int):
-    """Each row's cluster ids [N, S] ascending (in the narrowest integer type that holds them),
-    the token indices in that order (stably), and each cluster's first position [N, C + 1] int32
-    (the last column S). Up to COUNT_MAX_CLUSTERS clusters a counting sort: each block of
-    COUNT_TOKENS tokens counts its clusters, the counts summed over blocks and clusters place
-    every block's tokens of a cluster, and a token's place among them is the tokens of its cluster
-    before it in the block; beyond, a stable radix sort and a binary search."""
+    """Each row's cluster ids [N, S] ascending (a stable sort on the narrowest integer type that
+    holds them: fewer radix passes), the token indices in that order, and each cluster's first
+    position [N, C + 1] int32 (the last column S; found by binary search)."""
     n, s = assignments.shape
-    dtype = compact_index_dtype(clusters)
-    if clusters > COUNT_MAX_CLUSTERS:
-        keys, order = torch.sort(assignments.to(dtype), dim=1, stable=True)
-        starts = torch.arange(clusters + 1, dtype=torch.int32, device=keys.device).expand(n, -1).contiguous()
-        return keys, order, torch.searchsorted(keys.to(torch.int32), starts, out_int32=True)
-    a = assignments.contiguous()
-    blocks = triton.cdiv(s, COUNT_TOKENS)
-    counts = torch.empty(n, blocks, clusters, dtype=torch.int32, device=a.device)
-    _block_counts_kernel[(n, blocks)](a, counts, s, clusters, BLOCK_S=COUNT_TOKENS,
-                                      BLOCK_C=triton.next_power_of_2(clusters), num_warps=4)
-    ahead = counts.cumsum(1, dtype=torch.int32)
-    keys = torch.empty(n, s, dtype=dtype, device=a.device)
-    order = torch.empty(n, s, dtype=torch.int64, device=a.device)
-    bounds = torch.empty(n, clusters + 1, dtype=torch.int32, device=a.device)
-    _cluster_order_kernel[(n, blocks)](a, ahead, counts, keys, order, bounds, s, clusters, BLOCK_S=COUNT_TOKENS,
-                                       BLOCK_C=triton.next_power_of_2(clusters), num_warps=4)
+    keys, order = torch.sort(assignments.to(compact_index_dtype(clusters)), dim=1, stable=True)
+    bounds = torch.empty(n, clusters + 1, dtype=torch.int32, device=assignments.device)
+    _bounds_kernel[(n,)](keys, bounds, s, clusters, s.bit_length(), BLOCK_C=triton.next_power_of_2(clusters + 1),
+                         num_warps=4)
     return keys, order, bounds
 
 
