@@ -11,6 +11,10 @@ and a binary search), with 082de69's counting sort in ``../counting``:
 
     PYTHONPATH=.:benchmarks python3 benchmarks/order_by_cluster_cost.py --other ../counting \\
         --other-name counting_sort --out benchmarks/results/order_by_cluster_counting_082de69_h100.json
+
+(The committed file came from the same comparison run the other way round, 082de69's tree
+loading the earlier module, before this script took its final form: the same rows, its
+environment only the GPU and torch.)
 """
 
 from __future__ import annotations
