@@ -457,6 +457,40 @@ def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c):
     assert torch.equal(bounds.long(), torch.searchsorted(want_keys, starts))
 
 
+@pytest.mark.parametrize("n, s, k", [(3, 300, 5), (2, 7, 4), (2, 1000, 256), (1, 4000, 1024), (1, 2047, 1024),
+                                     (2, 5000, 8)])
+@pytest.mark.parametrize("values", ["spread", "ties"])
+def test_far_tokens_match_reference_exactly(n, s, k, values):
+    """Far tokens (segment maxima, ranked) equal the reference's, ties included: equal distances
+    within and across segments, zeros of both signs, +inf; totals to fp32 summation order."""
+    if values == "spread":
+        dist = torch.rand(n, s, generator=gen(s + k), device=DEVICE) * 100
+    else:  # few distinct values: the first of equal ones must win, as torch's max and stable sort pick
+        dist = torch.randint(0, 4, (n, s), generator=gen(s + k), device=DEVICE).float()
+        dist[0, 1::5] = -0.0
+        dist[-1, s // 3] = float("inf")
+    far, total = kernels.kmeans_far(dist, k, backend="triton")
+    want_far, want_total = kernels.kmeans_far(dist, k, backend="torch")
+    assert far.dtype == torch.int64 and torch.equal(far, want_far)
+    torch.testing.assert_close(total, want_total, rtol=1e-5, atol=0, equal_nan=True)
+
+
+def test_far_tokens_refuse_bad_arguments_and_leave_what_the_kernel_cannot_take_to_the_reference():
+    dist = torch.rand(2, 50, device=DEVICE)
+    for k in (0, 51, 2.0, True):
+        with pytest.raises(ShapeError, match="far tokens"):
+            kernels.kmeans_far(dist, k)
+    with pytest.raises(ShapeError, match=r"\[N, S\]"):
+        kernels.kmeans_far(dist[0], 3)
+    with pytest.raises(BackendError, match="dtype"):
+        kernels.kmeans_far(dist.half(), 3, backend="triton")
+    from qkv.kernels.triton.kmeans import FAR_MAX_SEGMENTS
+
+    many = torch.rand(1, 2 * FAR_MAX_SEGMENTS + 2, device=DEVICE)  # FAR_MAX_SEGMENTS + 1 segments of 2
+    with pytest.raises(BackendError, match="segments"):
+        kernels.kmeans_far(many, FAR_MAX_SEGMENTS + 1, backend="triton")
+
+
 @pytest.mark.parametrize("d, c", [(16, 4), (64, 40), (128, 300)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kmeans_update_matches_reference(d, c, dtype):
