@@ -24,9 +24,8 @@
   never waits for the answer (:class:`~qkv.readback.Arriving`: on a GPU it stops at a later check
   after the answer arrived; off one, at once): stopping early only saves time, the result is the
   same, and an encode makes no host sync.
-- Empty clusters are re-seeded with far tokens: the farthest token of each of C equal span
-  segments (distinct tokens, the span's farthest first; :func:`qkv.kernels.kmeans_far`, which
-  also totals the objective in the same read of the distances; no host sync).
+- Empty clusters are re-seeded with far tokens: the farthest token of each of the farthest span
+  segments (distinct tokens, the span's farthest first; no host sync).
 - Fewer tokens than clusters: every token gets its own cluster (C = S, exact).
 - Works on each row times a power of two (:func:`qkv.grouping.base.row_factor`: 1 for rows in
   the safe range), applied as the k-means ops read the tokens (no scaled copy, no host read-back),
@@ -51,6 +50,7 @@ from qkv.grouping.base import GROUPING, ClusteringGrouper, Groups, row_factor
 from qkv.readback import Arriving
 
 CHECK_EVERY = 4
+FAR_SEGMENTS = 4  # empty clusters are re-seeded from the farthest of 4 x clusters span segments
 INIT_SAMPLE = 16  # k-means++ and k-means|| seed from at most this many tokens per cluster (a random subsample)
 # k-means|| sampling rounds (one assignment pass of the subsample each) and candidates per round, in
 # clusters: 2 rounds of 2 C seeded as well as 4 of C on real K/V, in fewer passes
@@ -176,6 +176,20 @@ def _reduce(
 SEEDINGS = {"kmeans++": _init_kmeanspp, "kmeans||": _init_parallel, "random": _init_random}
 
 
+def _far_tokens(dist: torch.Tensor, k: int) -> torch.Tensor:
+    """[N, k] distinct token indices, farthest first: the farthest token of each of the k
+    farthest of ``FAR_SEGMENTS * k`` equal segments of the span (exactly the k farthest tokens
+    when the span has no more tokens than segments; a few tail tokens beyond the last whole
+    segment are not considered). One pass over ``dist`` instead of a top-k over every token."""
+    n, s = dist.shape
+    size = s // (FAR_SEGMENTS * k)
+    if size <= 1:
+        return dist.topk(k, dim=-1).indices
+    heads, where = dist[:, : s - s % size].view(n, -1, size).max(-1)  # [N, segments]
+    top = heads.topk(k, dim=-1).indices
+    return torch.gather(where, 1, top).add_(top, alpha=size)
+
+
 def kmeans(
     x: torch.Tensor,
     clusters: int,
@@ -220,11 +234,12 @@ def kmeans(
     for it in range(iters):
         # the clusters' sums from the same pass where the kernel gathers them (few clusters)
         assign, dist, sums = kernels.kmeans_assign(x, centroids, scale=factor, sums=True, backend=backend)
-        # empty clusters move onto far tokens (no host sync)
-        far, objective = kernels.kmeans_far(dist, min(centroids.shape[1], s), backend=backend)
+        objective = dist.sum(-1)
         if history:  # improved by less than tol (relative) since the last step: done
             done |= history[-1] <= objective * (1 + tol)
         history.append(objective)
+        # empty clusters move onto far tokens (no host sync)
+        far = _far_tokens(dist, min(centroids.shape[1], s))
         means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, sums=sums, backend=backend)
         centroids = torch.where(done.view(-1, 1, 1), centroids, means)
         # worth asking only while an answer can skip CHECK_EVERY iterations; one question at a time;

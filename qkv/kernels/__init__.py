@@ -33,7 +33,7 @@ from qkv.kernels.attention import (
     merge_torch,
 )
 from qkv.kernels.hadamard import hadamard_torch
-from qkv.kernels.kmeans import assign_torch, far_torch, kmeanspp_torch, update_torch
+from qkv.kernels.kmeans import assign_torch, kmeanspp_torch, update_torch
 from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch, rows_dim
 
 
@@ -56,15 +56,14 @@ class Method(str, enum.Enum):
 # for all of them (memory-bound); more share a key tile the way the prefill paths do
 DECODE_MAX_QUERIES = 64
 
-OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "kmeans_far", "kmeanspp", "hadamard",
-       "attention", "attention_decode", "merge", "decompress_spans")
+OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "kmeanspp", "hadamard", "attention",
+       "attention_decode", "merge", "decompress_spans")
 
 _TORCH: dict[str, Callable] = {
     "quantize_pack": quantize_pack_torch,
     "dequantize": dequantize_torch,
     "kmeans_assign": assign_torch,
     "kmeans_update": update_torch,
-    "kmeans_far": far_torch,
     "kmeanspp": kmeanspp_torch,
     "hadamard": hadamard_torch,
     "attention": attention_torch,
@@ -224,19 +223,6 @@ def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, sums=No
     return resolve("kmeans_update", backend, x.device, *args)(*args)
 
 
-def kmeans_far(dist, k: int, *, backend="auto"):
-    """Far tokens and the total of each row of ``dist`` [N, S] fp32 (an assignment's squared
-    distances), from one read: ([N, k] int64 distinct tokens, farthest first; [N] fp32). See
-    :func:`qkv.kernels.kmeans.far_torch`."""
-    if not torch.is_tensor(dist) or dist.dim() != 2:
-        raise ShapeError(f"kmeans_far: dist must be a [N, S] tensor, got "
-                         f"{list(dist.shape) if torch.is_tensor(dist) else type(dist).__name__}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dist.shape[1]:
-        raise ShapeError(f"kmeans_far: {k!r} far tokens of {dist.shape[1]} (needs 1 <= k <= S)")
-    args = (dist, k)
-    return resolve("kmeans_far", backend, dist.device, *args)(*args)
-
-
 def kmeanspp(points, weights, draws, clusters: int, *, backend="auto"):
     """Weighted D^2 sampling of ``clusters`` C points over ``points`` [N, K, D] (any float dtype,
     computed in fp32) with ``weights`` [N, K], in R rounds of picks, one row of exponential
@@ -349,7 +335,6 @@ __all__ = [
     "dequantize",
     "hadamard",
     "kmeans_assign",
-    "kmeans_far",
     "kmeans_update",
     "kmeanspp",
     "merge_partials",

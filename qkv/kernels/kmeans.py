@@ -101,28 +101,6 @@ def update_torch(
     return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts
 
 
-def far_segments(tokens: int, k: int) -> tuple[int, int]:
-    """(segments, tokens a segment) that :func:`far_torch` searches in a row of ``tokens``: ``k``
-    equal segments, or every token a segment of its own where segments would hold fewer than 2."""
-    size = tokens // k
-    return (tokens, 1) if size <= 1 else (k, size)
-
-
-def far_torch(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Far tokens and the total of each row of ``dist`` [N, S] fp32 (each token's squared distance
-    to its centroid), from one read: (far [N, k] int64, total [N] fp32), 1 <= k <= S.
-
-    far: distinct tokens, the farthest of each of the :func:`far_segments` (the first among equal
-    distances; a tail of fewer than k tokens past the last whole segment is not searched), farthest
-    first (the earlier segment first among equals), the first k of them. A k-means step re-seeds
-    its empty clusters with the first ones, in order."""
-    n, s = dist.shape
-    m, size = far_segments(s, k)
-    heads, where = dist[:, : m * size].view(n, m, size).max(-1)
-    order = torch.sort(heads, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.gather(where, 1, order).add_(order, alpha=size), dist.sum(-1)
-
-
 def round_sizes(clusters: int, rounds: int) -> list[int]:
     """Picks per round of :func:`kmeanspp_torch`: 1, then ``clusters - 1`` split into ``rounds - 1``
     nearly equal rounds, the smaller first (1 <= rounds <= clusters; one round for one cluster)."""

@@ -172,16 +172,14 @@ def test_row_multiplier_is_the_least_power_of_two_above_the_peak_in_both_twins(m
     assert torch.equal(mult, wanted), (mult, wanted)
 
 
-def test_row_multiplier_takes_the_peak_of_every_tile():
-    """Each row's multiplier comes from the peak of every one of its block-peak tiles (1,025 a row
-    here), folded in whatever order they finish: the peaks sit in the last tile of row 0 and the
-    first of row 1."""
+def test_row_multiplier_over_more_block_peak_tiles_than_one_load():
+    """A row whose block-peak pass leaves more than 1,024 tiles (the quantize programs' first load
+    of them) still takes its multiplier from every tile: the peak sits in the last one."""
     q = AffineQuantizer(bits=2, block=8, scale="fp16").code_format(PACKING.build("u8msb").format)
-    x = torch.randn(2, 1025 * 128, 8, generator=gen(7), device=DEVICE) * 1e-3
+    x = torch.randn(1, 1025 * 128, 8, generator=gen(7), device=DEVICE) * 1e-3
     x[0, -1, 3] = 1e6  # fp16 scales: a peak past HEADROOM x 65504 x steps needs a multiplier
-    x[1, 0, 5] = -3e7
     ref = kernels.quantize_pack(x, q, backend="torch")
-    assert ref.mult is not None and bool((ref.mult > 1).all()) and ref.mult[0] != ref.mult[1]
+    assert ref.mult is not None and ref.mult.item() > 1
     assert_same_rows(kernels.quantize_pack(x, q, backend="triton"), ref)
 
 
@@ -457,40 +455,6 @@ def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c):
     assert torch.equal(keys.long(), want_keys) and torch.equal(order, want_order)
     starts = torch.arange(c + 1, device=DEVICE).expand(n, -1).contiguous()
     assert torch.equal(bounds.long(), torch.searchsorted(want_keys, starts))
-
-
-@pytest.mark.parametrize("n, s, k", [(3, 300, 5), (2, 7, 4), (2, 1000, 256), (1, 4000, 1024), (1, 2047, 1024),
-                                     (2, 5000, 8)])
-@pytest.mark.parametrize("values", ["spread", "ties"])
-def test_far_tokens_match_reference_exactly(n, s, k, values):
-    """Far tokens (segment maxima, ranked) equal the reference's, ties included: equal distances
-    within and across segments, zeros of both signs, +inf; totals to fp32 summation order."""
-    if values == "spread":
-        dist = torch.rand(n, s, generator=gen(s + k), device=DEVICE) * 100
-    else:  # few distinct values: the first of equal ones must win, as torch's max and stable sort pick
-        dist = torch.randint(0, 4, (n, s), generator=gen(s + k), device=DEVICE).float()
-        dist[0, 1::5] = -0.0
-        dist[-1, s // 3] = float("inf")
-    far, total = kernels.kmeans_far(dist, k, backend="triton")
-    want_far, want_total = kernels.kmeans_far(dist, k, backend="torch")
-    assert far.dtype == torch.int64 and torch.equal(far, want_far)
-    torch.testing.assert_close(total, want_total, rtol=1e-5, atol=0, equal_nan=True)
-
-
-def test_far_tokens_refuse_bad_arguments_and_leave_what_the_kernel_cannot_take_to_the_reference():
-    dist = torch.rand(2, 50, device=DEVICE)
-    for k in (0, 51, 2.0, True):
-        with pytest.raises(ShapeError, match="far tokens"):
-            kernels.kmeans_far(dist, k)
-    with pytest.raises(ShapeError, match=r"\[N, S\]"):
-        kernels.kmeans_far(dist[0], 3)
-    with pytest.raises(BackendError, match="dtype"):
-        kernels.kmeans_far(dist.half(), 3, backend="triton")
-    from qkv.kernels.triton.kmeans import FAR_MAX_SEGMENTS
-
-    many = torch.rand(1, 2 * FAR_MAX_SEGMENTS + 2, device=DEVICE)  # FAR_MAX_SEGMENTS + 1 segments of 2
-    with pytest.raises(BackendError, match="segments"):
-        kernels.kmeans_far(many, FAR_MAX_SEGMENTS + 1, backend="triton")
 
 
 @pytest.mark.parametrize("d, c", [(16, 4), (64, 40), (128, 300)])

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from qkv.dtypes import compact_index_dtype
-from qkv.kernels.kmeans import ClusterSums, far_segments, round_sizes
+from qkv.kernels.kmeans import ClusterSums, round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 from qkv.kernels.triton.tiles import AssignSumsTile, AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
@@ -188,45 +188,6 @@ def _bounds_kernel(key_ptr, bound_ptr, S, C, STEPS, BLOCK_C: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_C)
     tl.store(bound_ptr + n * (C + 1) + j, first_at_least(key_ptr + n * S, S, j, STEPS), mask=j <= C)
-
-
-@triton.jit
-def _far_kernel(dist_ptr, far_ptr, total_ptr, S, SIZE, M, K,
-                BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Row n of dist [N, S]: the farthest token of each of M segments of SIZE tokens (the first of
-    equal ones), ranked farthest first (the earlier segment of equal ones) by one sort of keys
-    that hold the distance's order bits above the token, the first K written to far; and the
-    row's total. Distances compare as integers: a float's bits, the negative ones' flipped, order
-    as the floats do (-0 taken as +0; NaN above +inf, as torch sorts it)."""
-    n = tl.program_id(0).to(tl.int64)
-    row = dist_ptr + n * S
-    seg = tl.arange(0, BLOCK_M)
-    seg_ok = seg < M
-    best = tl.full((BLOCK_M,), -2147483648, tl.int32)  # below every distance's key
-    where = tl.zeros((BLOCK_M,), tl.int32)
-    part = tl.zeros((BLOCK_M,), tl.float32)
-    for c0 in range(0, SIZE, BLOCK_W):
-        col = c0 + tl.arange(0, BLOCK_W)
-        ok = seg_ok[:, None] & (col < SIZE)[None, :]
-        v = tl.load(row + seg[:, None] * SIZE + col[None, :], mask=ok, other=0.0)
-        part += tl.sum(v, 1)
-        bits = tl.where(v == 0.0, 0.0, v).to(tl.int32, bitcast=True)
-        key = tl.where(ok, bits ^ ((bits >> 31) & 0x7FFFFFFF), -2147483648)
-        top = tl.max(key, 1)
-        at = tl.min(tl.where(key == top[:, None], col[None, :], 2147483647), 1)
-        better = top > best
-        best = tl.where(better, top, best)
-        where = tl.where(better, at, where)
-    total = tl.sum(part, 0)
-    for t0 in range(M * SIZE, S, BLOCK_T):  # the tail no segment holds
-        t = t0 + tl.arange(0, BLOCK_T)
-        total += tl.sum(tl.load(row + t, mask=t < S, other=0.0), 0)
-    tl.store(total_ptr + n, total)
-    # padding segments: token 2^31 - 1, so their keys are the least int64
-    token = tl.where(seg_ok, seg * SIZE + where, 2147483647)
-    ranked = tl.sort((best.to(tl.int64) << 32) | (2147483647 - token).to(tl.int64), descending=True)
-    far = 2147483647 - (ranked & 0xFFFFFFFF)
-    tl.store(far_ptr + n * K + seg, far, mask=seg < K)
 
 
 @triton.jit
@@ -425,34 +386,6 @@ def update_triton(
         return _means(x, sums, centroids, reseed, scale)
     update = update_onehot if centroids.shape[1] <= ONEHOT_MAX_CLUSTERS else update_sorted
     return update(x, assignments, centroids, reseed, scale)
-
-
-# The most segments the far-token kernel ranks in one program (a sort of that many keys)
-FAR_MAX_SEGMENTS = 2048
-
-
-def far_supports(dist: torch.Tensor, k: int) -> str | None:
-    if dist.dtype != torch.float32:
-        return f"distances of dtype {dist.dtype} (the kernel reads fp32)"
-    m, _ = far_segments(dist.shape[1], k)
-    if m > FAR_MAX_SEGMENTS:
-        return f"{m} segments (at most {FAR_MAX_SEGMENTS})"
-    return None
-
-
-def far_triton(dist: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton twin of :func:`qkv.kernels.kmeans.far_torch`: a program per row reads its distances
-    once (segment maxima and the total) and ranks the segments by one sort."""
-    dist = dist.contiguous()
-    n, s = dist.shape
-    m, size = far_segments(s, k)
-    far = torch.empty(n, k, dtype=torch.int64, device=dist.device)
-    total = torch.empty(n, dtype=torch.float32, device=dist.device)
-    block_m = triton.next_power_of_2(m)
-    # tiles of 4,096 distances over 8 warps: compiled for sm_90, none spills at 128-2,048 segments
-    _far_kernel[(n,)](dist, far, total, s, size, m, k, BLOCK_M=block_m,
-                      BLOCK_W=max(1, min(triton.next_power_of_2(size), 4096 // block_m)), BLOCK_T=1024, num_warps=8)
-    return far, total
 
 
 def order_by_cluster(assignments: torch.Tensor, clusters: int):

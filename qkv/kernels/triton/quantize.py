@@ -55,14 +55,12 @@ def _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS: tl.constexpr,
 
 @triton.jit
 def _block_peak_kernel(
-    x_ptr, peak_ptr, stages, x_sn, x_sr, R, L, D,
+    x_ptr, part_ptr, stages, x_sn, x_sr, R, L, D,
     QBLOCK: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr,
     TOKEN_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Largest block peak (scale, or |zero point| for asym; see ``block_peaks``) of one tile of
-    the residual, folded into its row's peak ``peak[n]`` (int32, starting at 0) by an atomic
-    integer max of its bits: peaks are >= 0, whose bits order as the floats do, so the row's peak
-    is exact and the same whatever order the tiles come in."""
+    the residual, written to ``part[n, tile]``; the row's peak is the max over its tiles."""
     pid_n, _, _, _, x = _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS, BLOCK_R, BLOCK_L)
     # masked elements are 0 and whole blocks (the block divides L), so their peaks are 0
     xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
@@ -71,15 +69,22 @@ def _block_peak_kernel(
         peak = tl.maximum(tl.math.div_rn(tl.max(xb, axis=2) - low, STEPS), tl.abs(low))
     else:
         peak = tl.math.div_rn(tl.max(tl.abs(xb), axis=2), STEPS)
-    tl.atomic_max(peak_ptr + pid_n, tl.max(tl.max(peak, axis=1), axis=0).to(tl.int32, bitcast=True), sem="relaxed")
+    tiles = tl.num_programs(0) * tl.num_programs(2)
+    tile = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(part_ptr + pid_n * tiles + tile, tl.max(tl.max(peak, axis=1), axis=0))
 
 
 @triton.jit
-def _row_multiplier(peak_ptr, LIMIT: tl.constexpr):
-    """``row_multiplier`` of the row whose peak's bits the block-peak pass left at ``peak_ptr``:
-    the least 2**e >= peak / LIMIT, e in [-126, 127] (from the quotient's exponent bits, as
-    frexp), 1 for a zero row."""
-    peak = tl.load(peak_ptr).to(tl.float32, bitcast=True)
+def _row_multiplier(part_ptr, tiles, LIMIT: tl.constexpr):
+    """``row_multiplier`` of the row whose ``tiles`` block-peak maxima start at ``part_ptr``: the
+    least 2**e >= peak / LIMIT, e in [-126, 127] (from the quotient's exponent bits, as frexp),
+    1 for a zero row."""
+    # one wide load covers most rows (a LongCat-Video span has 464 tiles): a program does not
+    # wait on a chain of loads before its first division
+    t = tl.arange(0, 1024)
+    peak = tl.max(tl.load(part_ptr + t, mask=t < tiles, other=0.0), axis=0)
+    for t0 in range(1024, tiles, 1024):
+        peak = tl.maximum(peak, tl.max(tl.load(part_ptr + t0 + t, mask=t0 + t < tiles, other=0.0), axis=0))
     bits = tl.math.div_rn(peak, LIMIT).to(tl.int32, bitcast=True)
     e = ((bits >> 23) & 0xFF) - 126 - ((bits & 0x7FFFFF) == 0).to(tl.int32)  # frexp's exponent, less one at 2**k
     e = tl.where(peak > 0, tl.minimum(tl.maximum(e, -126), 127), 0)
@@ -88,7 +93,7 @@ def _row_multiplier(peak_ptr, LIMIT: tl.constexpr):
 
 @triton.jit
 def _quantize_pack_kernel(
-    x_ptr, codes_ptr, scales_ptr, zeros_ptr, peak_ptr, mult_ptr, stages, x_sn, x_sr, R, L, P, G, D,
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, part_ptr, mult_ptr, tiles, stages, x_sn, x_sr, R, L, P, G, D,
     BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
     STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, HAS_MULT: tl.constexpr,
     LIMIT: tl.constexpr, TOKEN_AXIS: tl.constexpr,
@@ -99,7 +104,7 @@ def _quantize_pack_kernel(
     xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
     m = 1.0
     if HAS_MULT:  # every program of the row works it out from the block-peak pass; one stores it
-        m = _row_multiplier(peak_ptr + pid_n, LIMIT)
+        m = _row_multiplier(part_ptr + pid_n * tiles, tiles, LIMIT)
         tl.store(mult_ptr + pid_n, m, mask=(tl.program_id(0) == 0) & (tl.program_id(2) == 0))
     if MODE == 2:
         low = tl.min(xb, axis=2)
@@ -187,10 +192,9 @@ def quantize_pack_triton(
 ) -> QuantizedRows:
     """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`: x (any float dtype, rows
     with unit stride) is read as it is and the stages' centroids are gathered and subtracted in
-    registers; only codes, scales and zeros are written. For scale formats with a row multiplier,
-    the block-peak pass first folds every tile's peak into its row's (zeroed first: one fill),
-    and each quantize+pack program works its row's multiplier out from that one value; otherwise
-    quantize+pack alone."""
+    registers; only codes, scales and zeros are written. Two launches: the block-peak pass (only
+    for scale formats with a row multiplier), then quantize+pack, whose programs work out their
+    row's multiplier from the block peaks (no torch ops between the two)."""
     check_quantize_args(x, q, centroids, assignments)
     n, r, length = x.shape
     if x.stride(2) != 1:
@@ -199,13 +203,13 @@ def quantize_pack_triton(
     stages = _stage_args(centroids, assignments)
     common = dict(TOKEN_AXIS=q.axis == "token", **EXACT_LAUNCH)
     block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
-    mult = peak = None
+    mult = part = None
     if q.scale != "fp32":
         peak_r = max(1, min(128, 8192 // block_l))
         grid = (triton.cdiv(r, peak_r), n, triton.cdiv(length, block_l))
-        peak = torch.zeros(n, dtype=torch.int32, device=x.device)
+        part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
         _block_peak_kernel[grid](
-            x, peak, stages, x.stride(0), x.stride(1), r, length, d,
+            x, part, stages, x.stride(0), x.stride(1), r, length, d,
             QBLOCK=q.block, MODE=MODE_CODE[q.mode], STEPS=q.steps, BLOCK_R=peak_r, BLOCK_L=block_l, **common,
         )
         mult = torch.empty(n, dtype=torch.float32, device=x.device)  # written by the quantize pass
@@ -217,8 +221,8 @@ def quantize_pack_triton(
     block_r = max(1, min(64, 4096 // block_l))
     grid = (triton.cdiv(r, block_r), n, triton.cdiv(length, block_l))
     _quantize_pack_kernel[grid](
-        x, codes, scales, scales if zeros is None else zeros, x if peak is None else peak, x if mult is None else mult,
-        stages, x.stride(0), x.stride(1), r, length, p, groups, d,
+        x, codes, scales, scales if zeros is None else zeros, x if part is None else part, x if mult is None else mult,
+        0 if part is None else part.shape[1], stages, x.stride(0), x.stride(1), r, length, p, groups, d,
         BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
         LEVELS=q.levels, ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], HAS_MULT=mult is not None,
         LIMIT=0.0 if mult is None else max_finite(q.scale_dtype) * HEADROOM,
