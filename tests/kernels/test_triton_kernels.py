@@ -438,12 +438,13 @@ def test_kmeanspp_on_float_points_picks_as_well_as_the_reference():
     assert cost["triton"] <= 1.05 * cost["torch"], cost
 
 
-@pytest.mark.parametrize("n, s, c", [(3, 300, 5), (2, 128, 256), (1, 1000, 300), (2, 77, 1), (1, 4000, 1024)])
+@pytest.mark.parametrize("n, s, c", [(3, 300, 5), (2, 128, 256), (1, 1000, 300), (2, 77, 1), (1, 4000, 1024),
+                                     (32, 64, 1024), (33, 50, 1024)])
 def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c):
-    """The sorted update's order: each row's cluster ids ascending in the narrowest integer type,
-    the token indices as a stable sort orders them, and each cluster's first position (int32, the
-    last S), with empty clusters and one cluster holding a third of a row."""
-    from qkv.dtypes import compact_index_dtype
+    """The sorted update's order: each row's cluster ids ascending plus n * C (int16 while N * C
+    fits it: one flat sort; int32 beyond), the tokens as a stable sort of each row orders them, as
+    positions in the flattened rows, and each cluster's first position (int32, the last S), with
+    empty clusters and one cluster holding a third of a row."""
     from qkv.kernels.triton.kmeans import order_by_cluster
 
     a = torch.randint(0, c, (n, s), generator=gen(s + c), device=DEVICE)
@@ -451,8 +452,9 @@ def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c):
     a[-1, s // 2 :: 7] = 0
     keys, order, bounds = order_by_cluster(a, c)
     want_keys, want_order = torch.sort(a, dim=1, stable=True)
-    assert keys.dtype == compact_index_dtype(c) and bounds.dtype == torch.int32
-    assert torch.equal(keys.long(), want_keys) and torch.equal(order, want_order)
+    rows = torch.arange(n, device=DEVICE).view(-1, 1)
+    assert keys.dtype == (torch.int16 if n * c <= 1 << 15 else torch.int32) and bounds.dtype == torch.int32
+    assert torch.equal(keys.long(), want_keys + rows * c) and torch.equal(order, want_order + rows * s)
     starts = torch.arange(c + 1, device=DEVICE).expand(n, -1).contiguous()
     assert torch.equal(bounds.long(), torch.searchsorted(want_keys, starts))
 

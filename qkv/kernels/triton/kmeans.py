@@ -17,7 +17,7 @@
 - update: deterministic, no floating-point atomics, two ways to the same sums. Up to
   ONEHOT_MAX_CLUSTERS clusters (two passes over the tokens), ``update_onehot`` sums each
   cluster's tokens as one-hot products on the tensor cores. With more, ``update_sorted`` orders
-  the tokens by cluster (a stable sort on the narrowest integer type that holds the cluster ids)
+  the tokens by cluster (a stable sort of every row at once where row and cluster fit int16)
   and sums runs of RUN_TOKENS sorted tokens a program, as one-hot products over the few clusters
   a run holds; a cluster spanning several runs adds its parts in order.
   Empty clusters are re-seeded by the kernel that adds the parts. Results differ from the
@@ -44,7 +44,6 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.dtypes import compact_index_dtype
 from qkv.kernels.kmeans import ClusterSums, round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 from qkv.kernels.triton.tiles import AssignSumsTile, AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
@@ -183,11 +182,12 @@ def first_at_least(keys, S, value, STEPS):
 
 @triton.jit
 def _bounds_kernel(key_ptr, bound_ptr, S, C, STEPS, BLOCK_C: tl.constexpr):
-    """One row: where each cluster's run starts in the sorted keys, bound[n, j] for j = 0..C
-    (bound[n, C] = S), by vectorized binary search."""
+    """One row: where each cluster's run starts in the sorted keys (cluster ids plus n * C, see
+    order_by_cluster), bound[n, j] for j = 0..C (bound[n, C] = S), by vectorized binary search."""
     n = tl.program_id(0).to(tl.int64)
     j = tl.arange(0, BLOCK_C)
-    tl.store(bound_ptr + n * (C + 1) + j, first_at_least(key_ptr + n * S, S, j, STEPS), mask=j <= C)
+    at = first_at_least(key_ptr + n * S, S, j + (n * C).to(tl.int32), STEPS)
+    tl.store(bound_ptr + n * (C + 1) + j, at, mask=j <= C)
 
 
 @triton.jit
@@ -224,15 +224,17 @@ def _run_sum_kernel(
     run's tokens (times the row's factor: HAS_SCALE), as one-hot products of BLOCK_J consecutive
     cluster ids at a time (see _onehot_sum). Only the run's first and last cluster can have tokens
     outside it: a cluster whole in the run goes to sums[n, c], the part of one that began before
-    the run to edge[n, r, 0], of one that begins in it and goes on to edge[n, r, 1]."""
+    the run to edge[n, r, 0], of one that begins in it and goes on to edge[n, r, 1]. Keys and
+    order as order_by_cluster makes them (ids plus n * C; positions in the flattened rows)."""
     n = tl.program_id(0).to(tl.int64)
     r = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
     lo = r * RUN
     hi = tl.minimum(lo + RUN, S)
-    first = tl.load(key_ptr + n * S + lo).to(tl.int32)
-    last = tl.load(key_ptr + n * S + hi - 1).to(tl.int32)
+    base = (n * C).to(tl.int32)
+    first = tl.load(key_ptr + n * S + lo).to(tl.int32) - base
+    last = tl.load(key_ptr + n * S + hi - 1).to(tl.int32) - base
     f = 1.0
     if HAS_SCALE:
         f = tl.load(f_ptr + n)
@@ -242,8 +244,8 @@ def _run_sum_kernel(
         for t0 in range(lo, hi, BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             t_ok = t < hi
-            key = tl.where(t_ok, tl.load(key_ptr + n * S + t, mask=t_ok, other=0).to(tl.int32), -1)
-            tok = tl.load(order_ptr + n * S + t, mask=t_ok, other=0)
+            key = tl.where(t_ok, tl.load(key_ptr + n * S + t, mask=t_ok, other=0).to(tl.int32) - base, -1)
+            tok = tl.load(order_ptr + n * S + t, mask=t_ok, other=0) - n * S
             x = tl.load(x_ptr + n * XN + tok[:, None].to(tl.int64) * XS + d[None, :],
                         mask=t_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
             acc = _onehot_sum((key[None, :] == j[:, None]).to(tl.float32), x * f, acc, PARTS, EMULATE)
@@ -389,11 +391,24 @@ def update_triton(
 
 
 def order_by_cluster(assignments: torch.Tensor, clusters: int):
-    """Each row's cluster ids [N, S] ascending (a stable sort on the narrowest integer type that
-    holds them: fewer radix passes), the token indices in that order, and each cluster's first
-    position [N, C + 1] int32 (the last column S; found by binary search)."""
+    """Each row's tokens ordered by cluster (a stable sort): keys [N, S], row n's cluster ids
+    ascending, each plus n * C; order [N, S] int64, the tokens in that order as positions in the
+    flattened rows (n * S + token); and each cluster's first position in its row [N, C + 1] int32
+    (the last column S; found by binary search). Where N * C fits int16 the keys are int16 and
+    every row is sorted at once as one flat array (2 radix passes; torch's sort of rows takes
+    them by segments, 1.3x the time at LongCat's and Self-Forcing's spans on an H200:
+    benchmarks/results/sort_variants_h200.json); otherwise int32 keys, sorted a row at a time."""
     n, s = assignments.shape
-    keys, order = torch.sort(assignments.to(compact_index_dtype(clusters)), dim=1, stable=True)
+    flat = n * clusters <= 1 << 15
+    kind = torch.int16 if flat else torch.int32
+    keys = assignments.to(kind)
+    keys += (torch.arange(n, dtype=kind, device=keys.device) * clusters).view(-1, 1)
+    if flat:
+        keys, order = torch.sort(keys.flatten(), stable=True)
+        keys, order = keys.view(n, s), order.view(n, s)
+    else:
+        keys, order = torch.sort(keys, dim=1, stable=True)
+        order += torch.arange(0, n * s, s, device=order.device).view(-1, 1)
     bounds = torch.empty(n, clusters + 1, dtype=torch.int32, device=assignments.device)
     _bounds_kernel[(n,)](keys, bounds, s, clusters, s.bit_length(), BLOCK_C=triton.next_power_of_2(clusters + 1),
                          num_warps=4)
