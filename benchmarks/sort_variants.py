@@ -3,8 +3,10 @@
 On random assignments [N, S] of C = 256 clusters at LongCat's and Self-Forcing's spans: torch's
 sort of each row (``dim=1``) on uint8 ids, as the update sorted before; one flat sort of every row
 at once on int16 (and int32) keys that add n * C to row n's ids (``flat_*``), and the int16 flat
-sort with those keys built in the timed call (``flat_i16_build``, as ``order_by_cluster`` builds
-them). ``same``: the flat int16 sort orders every row's tokens as the row sort does.
+sort with those keys built in the timed call: by an int64 add and a conversion
+(``flat_i16_build``) or, as ``order_by_cluster`` builds them, by a conversion and an int16 add
+(``flat_i16_build_int16``). ``same``: the flat int16 sort orders every row's tokens as the row
+sort does.
 
     PYTHONPATH=. python3 benchmarks/sort_variants.py --out benchmarks/results/sort_variants.json
 """
@@ -36,13 +38,17 @@ def main() -> None:
             keys += (torch.arange(n, dtype=torch.int16, device="cuda") * c).view(-1, 1)
             return torch.sort(keys.flatten(), stable=True)
 
+        def build64():
+            return torch.sort((a + offsets).to(torch.int16).flatten(), stable=True)  # noqa: B023 - timed at once
+
         _, order_rows = torch.sort(by_rows, dim=1, stable=True)
         _, order_flat = build16()
         row = {"span": name, "n": n, "s": s, "c": c,
                "rows_u8": gpu_ms(lambda: torch.sort(by_rows, dim=1, stable=True)),  # noqa: B023 - timed at once
                "flat_i16": gpu_ms(lambda: torch.sort(flat16, stable=True)),  # noqa: B023
                "flat_i32": gpu_ms(lambda: torch.sort(flat32, stable=True)),  # noqa: B023
-               "flat_i16_build": gpu_ms(build16),
+               "flat_i16_build": gpu_ms(build64),
+               "flat_i16_build_int16": gpu_ms(build16),
                "same": bool(torch.equal(order_flat.view(n, s) - torch.arange(n, device="cuda").view(-1, 1) * s, order_rows))}
         rows.append(row)
         print(row, flush=True)

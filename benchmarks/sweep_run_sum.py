@@ -2,7 +2,7 @@
 128-512 sorted tokens, 32-128 tokens a product, 4 or 8 warps, with and without software
 pipelining, on the assignments of 2 Lloyd iterations (256 clusters) of a LongCat-Video span
 [1, 32, 29640, 128] and a Self-Forcing span [1, 12, 37440, 128], clustered and (``--real``)
-real keys tiled to the shape; the whole ``update_sorted`` and its sort for scale. Reads the
+real keys tiled to the shape; the whole ``update_sorted`` and its ordering (``order_by_cluster``) for scale. Reads the
 tokens once: the bytes over the time are its rate.
 
     PYTHONPATH=benchmarks:. python3 benchmarks/sweep_run_sum.py --out benchmarks/results/sweep_run_sum_h100.json \
@@ -19,7 +19,6 @@ import triton
 from bench_kernels import real_tiled
 from common import clustered, gpu_ms, write_json
 
-from qkv.dtypes import compact_index_dtype
 from qkv.grouping.kmeans import kmeans
 from qkv.kernels.triton import kmeans as tk
 
@@ -36,7 +35,7 @@ def sweep(x: torch.Tensor) -> tuple[dict, list[dict]]:
     sizes = (bounds[:, 1:] - bounds[:, :-1]).float()
     info = {"tokens_bytes": x.numel() * x.element_size(), "cluster_mean": sizes.mean().item(),
             "cluster_max": sizes.max().item(), "cluster_p99": sizes.quantile(0.99).item(),
-            "sort_ms": gpu_ms(lambda: torch.sort(fit.assignments.to(compact_index_dtype(CLUSTERS)), dim=1, stable=True)),
+            "order_ms": gpu_ms(lambda: tk.order_by_cluster(fit.assignments, CLUSTERS)),
             "update_sorted_ms": gpu_ms(lambda: tk.update_sorted(x, fit.assignments, fit.centroids))}
     rows = []
     for run, step, warps, stages in itertools.product(*CHOICES.values()):

@@ -395,11 +395,9 @@ def order_by_cluster(assignments: torch.Tensor, clusters: int):
     ascending, each plus n * C; order [N, S] int64, the tokens in that order as positions in the
     flattened rows (n * S + token); and each cluster's first position in its row [N, C + 1] int32
     (the last column S; found by binary search). Where N * C fits int16 the keys are int16 and
-    every row is sorted at once as one flat array (2 radix passes; torch's sort of rows takes
-    them by segments: on an H200 the flat sort took 0.054 / 0.040 ms at LongCat's / Self-Forcing's
-    spans against 0.069 / 0.051, 0.064 / 0.046 with its keys built by an int64 add and a
-    conversion, benchmarks/results/sort_variants_h200.json); otherwise int32 keys, sorted a row at
-    a time."""
+    every row is sorted at once as one flat array: two radix passes, where torch's sort of rows
+    adds a pass pairing each element with its row and one unpacking them
+    (benchmarks/sort_variants.py); otherwise int32 keys, sorted a row at a time."""
     n, s = assignments.shape
     flat = n * clusters <= 1 << 15
     kind = torch.int16 if flat else torch.int32
