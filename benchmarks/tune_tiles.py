@@ -57,7 +57,7 @@ program on the per-token fast path and on the others, warps) over the keys of ``
         --out benchmarks/results/tune_tiles_dequantize_h200.json --write
 
 ``--kernel assign`` sweeps :class:`qkv.kernels.triton.tiles.AssignTile` (tokens per program,
-centroids per tile, warps) over ``ASSIGN_SHAPES`` and writes one tile for any call.
+centroids per tile, warps, pipelining depth) over ``ASSIGN_SHAPES`` and writes one tile for any call.
 
 ``--kernel decompress`` sweeps :class:`qkv.kernels.triton.tiles.DecompressTile` (keys per work
 item and per tile, warps, K and V by one program or two) of the span decompression the staged attention runs (every span of a
@@ -212,10 +212,12 @@ def dequantize_calls(args):
 
 
 def assign_grid(quick: bool) -> list[tiles.AssignTile]:
-    tokens, clusters, warps = (64, 128, 256), (32, 64, 128), (4, 8)
+    tokens, clusters, warps, stages = (64, 128, 256), (32, 64, 128, 256), (4, 8), (2, 3)
     if quick:
-        tokens, clusters, warps = (128, 256), (64,), (8,)
-    return [tiles.AssignTile(t, c, w) for t, c, w in itertools.product(tokens, clusters, warps)]
+        tokens, clusters, warps, stages = (128, 256), (64,), (8,), (3,)
+    # a program's products, [tokens, clusters] fp32, beyond 16,384 values would spill
+    return [tiles.AssignTile(t, c, w, n) for t, c, w, n in itertools.product(tokens, clusters, warps, stages)
+            if t * c <= 16384]
 
 
 def assign_calls(args):

@@ -366,7 +366,8 @@ def assign_triton(
     block_s = tile.tokens if block_d <= 128 else tile.tokens // 2
     _assign_kernel[(n, triton.cdiv(s, block_s))](
         x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1),
-        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, **common,
+        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, num_stages=tile.stages,
+        **common,
     )
     return (idx, dist, None) if sums else (idx, dist)
 

@@ -90,11 +90,14 @@ class DequantizeTile:
 @dataclasses.dataclass(frozen=True)
 class AssignTile:
     """The k-means assignment kernel's launch: ``tokens`` tokens per program (half as many for
-    head dims above 128), centroid tiles of up to ``clusters``, ``warps`` per program."""
+    head dims above 128), centroid tiles of up to ``clusters``, ``warps`` per program, and
+    ``stages``: the software-pipelining depth of the loop over centroid tiles (3: Triton's
+    default)."""
 
     tokens: int = 256
     clusters: int = 64
     warps: int = 8
+    stages: int = 3
 
 
 @dataclasses.dataclass(frozen=True)
