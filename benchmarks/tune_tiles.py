@@ -57,7 +57,8 @@ program on the per-token fast path and on the others, warps) over the keys of ``
         --out benchmarks/results/tune_tiles_dequantize_h200.json --write
 
 ``--kernel assign`` sweeps :class:`qkv.kernels.triton.tiles.AssignTile` (tokens per program,
-centroids per tile, warps, pipelining depth) over ``ASSIGN_SHAPES`` and writes one tile for any call.
+centroids per tile, warps, pipelining depth; and tiles that keep a row's centroids on chip, with
+programs per multiprocessor) over ``ASSIGN_SHAPES`` and writes one tile for any call.
 
 ``--kernel decompress`` sweeps :class:`qkv.kernels.triton.tiles.DecompressTile` (keys per work
 item and per tile, warps, K and V by one program or two) of the span decompression the staged attention runs (every span of a
@@ -213,11 +214,14 @@ def dequantize_calls(args):
 
 def assign_grid(quick: bool) -> list[tiles.AssignTile]:
     tokens, clusters, warps, stages = (64, 128, 256), (32, 64, 128, 256), (4, 8), (2, 3)
+    resident, waves = (32, 64, 128), (1, 2)
     if quick:
-        tokens, clusters, warps, stages = (128, 256), (64,), (8,), (3,)
+        tokens, clusters, warps, stages, resident, waves = (128, 256), (64,), (8,), (3,), (64,), (2,)
     # a program's products, [tokens, clusters] fp32, beyond 16,384 values would spill
-    return [tiles.AssignTile(t, c, w, n) for t, c, w, n in itertools.product(tokens, clusters, warps, stages)
-            if t * c <= 16384]
+    tiled = [tiles.AssignTile(t, c, w, n) for t, c, w, n in itertools.product(tokens, clusters, warps, stages)
+             if t * c <= 16384]
+    # every centroid (up to 256) kept on chip, a program walking token tiles
+    return tiled + [tiles.AssignTile(t, 256, w, n, v) for t, w, n, v in itertools.product(resident, warps, stages, waves)]
 
 
 def assign_calls(args):

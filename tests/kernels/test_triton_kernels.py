@@ -24,6 +24,7 @@ from qkv.errors import BackendError, DTypeError, ShapeError  # noqa: E402
 from qkv.kernels.quantize import HEADROOM, block_peaks  # noqa: E402
 from qkv.kernels.triton import IMPLS  # noqa: E402
 from qkv.kernels.triton.bits import EXACT_LAUNCH, divisor_parts, quotient  # noqa: E402
+from qkv.kernels.triton.tiles import AssignTile  # noqa: E402
 from qkv.quantizers import PACKING, AffineQuantizer  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -311,13 +312,30 @@ def test_dequantize_with_implicit_assignments_view():
     assert torch.equal(kernels.dequantize(rows, q, 40, cents, [assign], backend="triton"), ref)
 
 
+def resident_only(monkeypatch, tile):
+    """With a tile that keeps every centroid on chip (``waves``), the tiled kernel must not run."""
+    from qkv.kernels.triton import kmeans as triton_kmeans
+
+    if tile is not None and tile.waves:
+        monkeypatch.setattr(triton_kmeans, "_assign_kernel", None)
+
+
+# the device's tile (a program per token tile); every centroid kept on chip, 2 programs a row
+# walking 5 token tiles (waves 3 over 2 rows)
+ASSIGN_TILES = [None, AssignTile(32, 128, 4, waves=3)]
+
+
 @pytest.mark.parametrize("d, c", [(16, 5), (64, 70), (128, 33)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kmeans_assign_picks_the_nearest_bf16_rounded_centroid(d, c, dtype):
+@pytest.mark.parametrize("tile", ASSIGN_TILES)
+def test_kmeans_assign_picks_the_nearest_bf16_rounded_centroid(d, c, dtype, tile, monkeypatch):
+    from qkv.kernels.triton.kmeans import assign_triton
+
+    resident_only(monkeypatch, tile)
     g = gen(d + c)
     x = torch.randn(2, 150, d, generator=g, device=DEVICE).to(dtype)
     cents = torch.randn(2, c, d, generator=g, device=DEVICE)
-    idx, dist = kernels.kmeans_assign(x, cents, backend="triton")  # read in its dtype
+    idx, dist = assign_triton(x, cents, tile=tile)  # read in its dtype
     rounded = cents.bfloat16().float()
     exact = torch.cdist(x.double(), rounded.double()).square()
     chosen = torch.gather(exact, 2, idx.unsqueeze(-1)).squeeze(-1)
@@ -336,20 +354,21 @@ def test_kmeans_assign_picks_the_nearest_bf16_rounded_centroid(d, c, dtype):
     assert bool((excess <= 2**-7 * c_norm * (x_norm + c_norm) + tol).all())
 
 
-@pytest.mark.parametrize("block_c", [16, 64])  # equal centroids in different tiles / in one tile
-def test_kmeans_assign_breaks_ties_toward_the_lower_index(block_c):
+# equal centroids in different tiles / in one tile / in one tile kept on chip
+@pytest.mark.parametrize("tile", [AssignTile(16, 16, 4), AssignTile(16, 64, 4), AssignTile(16, 64, 4, waves=1)])
+def test_kmeans_assign_breaks_ties_toward_the_lower_index(tile, monkeypatch):
     """Tokens equal to centroids that repeat (repeated frames give equal tokens, so equal seeds)
     go to the first of the equal centroids, as the torch twin's argmin does, wherever the copies
     sit among the kernel's centroid tiles; the distance is 0."""
     from qkv.kernels.triton.kmeans import assign_triton
-    from qkv.kernels.triton.tiles import AssignTile
 
-    g = gen(block_c)
+    resident_only(monkeypatch, tile)
+    g = gen(tile.clusters)
     cents = torch.randn(2, 40, 32, generator=g, device=DEVICE).bfloat16().float()
     cents[:, 37] = cents[:, 5]
     cents[:, 20] = cents[:, 19]
     x = cents[:, [37, 20, 19, 5, 3]].bfloat16()
-    idx, dist = assign_triton(x, cents, tile=AssignTile(16, block_c, 4))
+    idx, dist = assign_triton(x, cents, tile=tile)
     ref_idx, _ = kernels.kmeans_assign(x, cents, backend="torch")
     assert idx.tolist() == ref_idx.tolist() == [[5, 19, 19, 5, 3]] * 2
     assert bool((dist.abs() <= 1e-5 * cents.square().sum(-1).max()).all())

@@ -66,6 +66,9 @@ ONEHOT_MAX_CLUSTERS = 128
 # chunks at every count; before, one pass lost at 32 and 64 on the two large shapes
 # (bench_lloyd_step_before_column_minima_h100.json)
 FUSED_MAX_CLUSTERS = 64
+# The most centroid values (clusters x padded head dim) a program of the assignment keeps on chip
+# while it walks a row's token tiles (AssignTile.waves): 64 KB of bf16, 256 clusters of 128 dims
+RESIDENT_MAX_VALUES = 32768
 # The weighted D^2 sampling takes a round's distances as products on the tensor cores for rows of
 # up to PRODUCTS_MAX_POINTS points (k-means||'s reduction up to 256 clusters): a step's operand
 # tile, [points, dims] in shared memory, up to 16,384 values, pipelined in 3 stages where they
@@ -101,6 +104,26 @@ def _prepare_kernel(c_ptr, neg2_ptr, csq_ptr, M, C, CP, D, EMULATE: tl.constexpr
 
 
 @triton.jit
+def _centroid_tile(cents, D: tl.constexpr, d):
+    """A tile of prepared centroids (-2 x, bf16) at ``cents``, transposed [BLOCK_D, BLOCK_C], fp32."""
+    if D == d.shape[0]:
+        cent = tl.load(cents)
+    else:
+        cent = tl.load(cents, mask=(d < D)[:, None], other=0.0)
+    return cent.to(tl.float32)
+
+
+@triton.jit
+def _distances(xh, xl, f, cent, norm, X_EXACT: tl.constexpr, EMULATE: tl.constexpr):
+    """|c|^2 - 2 f (x . c) of a token tile (as bf16 parts xh + xl) and a centroid tile ``cent``
+    (-2 c, [BLOCK_D, BLOCK_C]), ``norm`` the centroids' |c|^2: [BLOCK_S, BLOCK_C]."""
+    dist = bf16_dot(xh, cent, EMULATE)
+    if not X_EXACT:
+        dist += bf16_dot(xl, cent, EMULATE)
+    return dist * f + norm[None, :]
+
+
+@triton.jit
 def _nearest(x, f, c_ptr, csq_ptr, n, CP, D: tl.constexpr, d, X_EXACT: tl.constexpr, EMULATE: tl.constexpr,
              BLOCK_C: tl.constexpr):
     """Each token of the tile x [BLOCK_S, BLOCK_D] fp32 (as loaded; times the row's factor f):
@@ -123,15 +146,7 @@ def _nearest(x, f, c_ptr, csq_ptr, n, CP, D: tl.constexpr, d, X_EXACT: tl.conste
         # the next tile's norms are loaded a tile ahead (the row's padding has one tile more)
         norms += BLOCK_C
         norm_next = tl.load(norms)
-        if D == d.shape[0]:
-            cent = tl.load(cents)
-        else:
-            cent = tl.load(cents, mask=(d < D)[:, None], other=0.0)
-        cent = cent.to(tl.float32)
-        dist = bf16_dot(xh, cent, EMULATE)
-        if not X_EXACT:
-            dist += bf16_dot(xl, cent, EMULATE)
-        dist = dist * f + norm[None, :]
+        dist = _distances(xh, xl, f, _centroid_tile(cents, D, d), norm, X_EXACT, EMULATE)
         norm = norm_next
         cents += BLOCK_C * D
         # ties keep the earlier (lower-index) centroid; the comparison is used once (a predicate a
@@ -162,6 +177,39 @@ def _assign_kernel(
     best_i, best = _nearest(x.to(tl.float32), f, c_ptr, csq_ptr, n, CP, D, d, X_EXACT, EMULATE, BLOCK_C)
     tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
     tl.store(dist_ptr + n * S + s, best, mask=s_ok)
+
+
+@triton.jit
+def _assign_resident_kernel(
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, CP, D: tl.constexpr, XN, XS, TILES,
+    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """_assign_kernel for a row whose CP prepared centroids are one tile (CP == BLOCK_C): the
+    program loads them once and walks the row's token tiles p, p + P, ... (P programs a row), so
+    the centroids are read once a program instead of once a token tile, and the token loads are
+    pipelined across tiles."""
+    n = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    j = tl.arange(0, BLOCK_C)
+    cent = _centroid_tile(c_ptr + n * (CP + BLOCK_C) * D + j[None, :] * D + d[:, None], D, d)
+    norm = tl.load(csq_ptr + n * (CP + BLOCK_C) + j)
+    f = 1.0
+    if HAS_SCALE:
+        f = tl.load(f_ptr + n)
+    for t in range(tl.program_id(1), TILES, tl.num_programs(1)):
+        s = t * BLOCK_S + tl.arange(0, BLOCK_S)
+        s_ok = s < S
+        x = tl.load(x_ptr + n * XN + s[:, None].to(tl.int64) * XS + d[None, :],
+                    mask=s_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+        x_sq = tl.sum((x * f) * (x * f), axis=1)
+        xh, xl = split_bf16(x, X_EXACT)
+        dist = _distances(xh, xl, f, cent, norm, X_EXACT, EMULATE)
+        best = tl.min(dist, axis=1)
+        # ties keep the lowest centroid index, as in _nearest
+        best_i = tl.min(tl.where(dist == best[:, None], j[None, :], CP), axis=1)
+        tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
+        tl.store(dist_ptr + n * S + s, tl.maximum(best + x_sq, 0.0), mask=s_ok)
 
 
 @triton.jit
@@ -364,11 +412,15 @@ def assign_triton(
         )
         return idx, dist, part
     block_s = tile.tokens if block_d <= 128 else tile.tokens // 2
-    _assign_kernel[(n, triton.cdiv(s, block_s))](
-        x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1),
-        BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, num_stages=tile.stages,
-        **common,
-    )
+    tiles = triton.cdiv(s, block_s)
+    launch = dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, num_stages=tile.stages,
+                  **common)
+    if tile.waves and cp == block_c and block_c * block_d <= RESIDENT_MAX_VALUES:
+        programs = tile.waves * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
+        _assign_resident_kernel[(n, min(tiles, triton.cdiv(programs, n)))](
+            x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1), tiles, **launch)
+    else:
+        _assign_kernel[(n, tiles)](x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1), **launch)
     return (idx, dist, None) if sums else (idx, dist)
 
 

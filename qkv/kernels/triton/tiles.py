@@ -89,15 +89,18 @@ class DequantizeTile:
 
 @dataclasses.dataclass(frozen=True)
 class AssignTile:
-    """The k-means assignment kernel's launch: ``tokens`` tokens per program (half as many for
-    head dims above 128), centroid tiles of up to ``clusters``, ``warps`` per program, and
-    ``stages``: the software-pipelining depth of the loop over centroid tiles (3: Triton's
-    default)."""
+    """The k-means assignment kernel's launch: ``tokens`` tokens per tile (half as many for head
+    dims above 128), centroid tiles of up to ``clusters``, ``warps`` per program, ``stages``: the
+    software-pipelining depth of the program's loop (3: Triton's default), and ``waves``: where
+    every centroid of a row fits one tile (and in 64 KB), programs per multiprocessor to aim
+    for, each keeping its row's centroids on chip and walking token tiles (0: a program per token
+    tile, looping over the centroid tiles)."""
 
     tokens: int = 256
     clusters: int = 64
     warps: int = 8
     stages: int = 3
+    waves: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
