@@ -7,7 +7,9 @@
   significant bits of x). The rounded centroids, pre-scaled by -2, and their squared norms are
   prepared once per call, not per tile, padded to whole tiles. The running minimum is kept per
   (token, tile column) and reduced across columns once per program. Tokens are read in their
-  own dtype.
+  own dtype. Where a row's centroids fit one tile of at most RESIDENT_MAX_VALUES and the tile
+  asks for it (``AssignTile.waves``), a program keeps them on chip and walks token tiles instead:
+  the centroids are read once a program, not once a token tile.
   With ``sums=True``, up to FUSED_MAX_CLUSTERS clusters, the same pass sums each cluster's tokens
   as the one-hot update does (``_cluster_sum_kernel`` with ASSIGN): one read of the tokens per
   Lloyd iteration.
