@@ -213,7 +213,7 @@ def dequantize_calls(args):
 
 
 def assign_grid(quick: bool) -> list[tiles.AssignTile]:
-    tokens, clusters, warps, stages = (64, 128, 256), (32, 64, 128, 256), (4, 8), (2, 3)
+    tokens, clusters, warps, stages = (64, 128, 256), (32, 64, 128, 256), (4, 8), (3,)
     resident, waves = (32, 64, 128), (1, 2)
     if quick:
         tokens, clusters, warps, stages, resident, waves = (128, 256), (64,), (8,), (3,), (64,), (2,)
@@ -221,7 +221,8 @@ def assign_grid(quick: bool) -> list[tiles.AssignTile]:
     tiled = [tiles.AssignTile(t, c, w, n) for t, c, w, n in itertools.product(tokens, clusters, warps, stages)
              if t * c <= 16384]
     # every centroid (up to 256) kept on chip, a program walking token tiles
-    return tiled + [tiles.AssignTile(t, 256, w, n, v) for t, w, n, v in itertools.product(resident, warps, stages, waves)]
+    return tiled + [tiles.AssignTile(t, 256, w, n, v)
+                    for t, w, n, v in itertools.product(resident, warps, (2, 3) if not quick else stages, waves)]
 
 
 def assign_calls(args):
