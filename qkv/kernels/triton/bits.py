@@ -222,9 +222,12 @@ def hadamard_dot(x, D: tl.constexpr, EMULATE: tl.constexpr):
 @triton.jit
 def bf16_dot(a, b, EMULATE: tl.constexpr):
     """a @ b for bf16-valued fp32 tiles: a bf16 tensor-core product with fp32 accumulation, or
-    (EMULATE: Triton's interpreter has no bf16 dot) the same exact products as an IEEE fp32 dot."""
+    (EMULATE: Triton's interpreter has no bf16 dot) the same exact products summed in fp64 and
+    rounded once to fp32. The interpreter's fp32 dot is the host BLAS's, whose summation order
+    can depend on the tile's shape (OpenBLAS on AMD EPYC): two tilings of the same products would
+    round differently; sums of bf16 products in fp64 are exact (or off far below fp32's rounding)."""
     if EMULATE:
-        out = tl.dot(a, b, input_precision="ieee")
+        out = tl.dot(a.to(tl.float64), b.to(tl.float64), input_precision="ieee").to(tl.float32)
     else:
         out = tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
     return out
