@@ -58,7 +58,18 @@ program on the per-token fast path and on the others, warps) over the keys of ``
 
 ``--kernel assign`` sweeps :class:`qkv.kernels.triton.tiles.AssignTile` (tokens per program,
 centroids per tile, warps, pipelining depth; and tiles that keep a row's centroids on chip, with
-programs per multiprocessor) over ``ASSIGN_SHAPES`` and writes one tile for any call.
+programs per multiprocessor) over ``ASSIGN_SHAPES`` (at most 256 clusters). Its rows are by the
+call's clusters: the winner for up to 256 (``--up-to 256``), and the best tile that loops over
+centroid tiles (``--tiled``) for any count (k-means||'s 512 candidates, more clusters). The
+H100's rows came from one sweep, rescored twice:
+
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel assign \
+        --out benchmarks/results/tune_tiles_assign_resident_h100.json
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel assign --up-to 256 \
+        --rescore benchmarks/results/tune_tiles_assign_resident_h100.json --out /tmp/assign_up_to_256.json --write
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel assign --tiled \
+        --rescore benchmarks/results/tune_tiles_assign_resident_h100.json \
+        --out benchmarks/results/tune_tiles_assign_tiled_h100.json --write
 
 ``--kernel decompress`` sweeps :class:`qkv.kernels.triton.tiles.DecompressTile` (keys per work
 item and per tile, warps, K and V by one program or two) of the span decompression the staged attention runs (every span of a
@@ -398,6 +409,9 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=None, help="with --rescore: only these cases (by first field)")
     parser.add_argument("--grid", nargs="+", default=[], metavar="FIELD=V1,V2",
                         help="decode: replace the choices of DecodeTile fields (stages as 2:1), e.g. warps=1,2")
+    parser.add_argument("--tiled", action="store_true",
+                        help="assign: pick among the tiles that loop over centroid tiles (waves 0): the row "
+                             "for calls whose clusters no tile keeps on chip")
     parser.add_argument("--rescore", metavar="JSON",
                         help="pick the winner from this earlier sweep's timings of --policies instead of timing "
                              "(no GPU needed; the table row goes under the GPU that sweep ran on)")
@@ -409,6 +423,11 @@ def main() -> None:
     if (args.reads_up_to is not None or args.reads_above is not None) and args.kernel != "decode":
         raise SystemExit("--reads-up-to and --reads-above are for the decode table")
     candidates, times, env = rescore(args) if args.rescore else measure(args)
+    if args.tiled:
+        if args.kernel != "assign":
+            raise SystemExit("--tiled is for the assignment sweep")
+        keep = [i for i, c in enumerate(candidates) if not c.waves]
+        candidates, times = [candidates[i] for i in keep], {case: [t[i] for i in keep] for case, t in times.items()}
     times = {case: t for case, t in times.items() if reads_in(case, args.reads_up_to, args.reads_above)}
     if not times:
         raise SystemExit(f"no case reads at most {args.reads_up_to} and more than {args.reads_above} span keys")

@@ -29,9 +29,10 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     many = {"up_to": None, "block_n": 32, "piece": 256, "max_rows": 64, "warps": 4, "stages": [1], "waves": 2}
     prefill = {"up_to": None, "order": [[128, 64, 8, 2, 2]]}
     dequantize = {"up_to": None, "fast_values": 8192, "values": 16384, "warps": 8}
-    assign = {"up_to": None, "tokens": 128, "clusters": 32, "warps": 4}
+    assign = [{"up_to": 128, "tokens": 32, "clusters": 128, "warps": 4, "stages": 2, "waves": 1},
+              {"up_to": None, "tokens": 64, "clusters": 64, "warps": 8}]
     table.write_text(json.dumps({"Some GPU": {"decode": [few, many], "attention": [prefill], "dequantize": [dequantize],
-                                              "assign": [assign]}}))
+                                              "assign": assign}}))
     monkeypatch.setattr(tiles, "TABLE", table)
     monkeypatch.setattr(tiles, "_table", tiles._table.__wrapped__)
     monkeypatch.setattr(tiles, "_gpu_tiles", tiles._gpu_tiles.__wrapped__)
@@ -42,9 +43,13 @@ def test_table_entry_for_the_device_name(monkeypatch, tmp_path):
     assert tiles.tile_for("decode", cuda, 17) == tiles.DecodeTile(32, 256, 64, 4, (1,), 2)
     assert tiles.tile_for("attention", cuda, 4680).order == ((128, 64, 8, 2, 2),)
     assert tiles.tile_for("dequantize", cuda, 0) == tiles.DequantizeTile(8192, 16384, 8)
-    assert tiles.tile_for("assign", cuda, 0) == tiles.AssignTile(128, 32, 4)
+    assert tiles.tile_for("assign", cuda, 128) == tiles.AssignTile(32, 128, 4, 2, 1)  # rows by the clusters
+    assert tiles.tile_for("assign", cuda, 129) == tiles.AssignTile(64, 64, 8)
     monkeypatch.setattr(tiles, "_device_name", lambda index: "Another GPU")
     assert tiles.tile_for("decode", cuda, 4) == tiles.DEFAULTS["decode"]
+    # a GPU the table does not name: the assignment's default rows, centroids on chip up to 256
+    assert tiles.tile_for("assign", cuda, 256) == tiles.AssignTile(64, 256, 4, 3, 2)
+    assert tiles.tile_for("assign", cuda, 512) == tiles.DEFAULTS["assign"] == tiles.AssignTile(128, 32, 4)
 
 
 def test_the_shipped_table_names_known_fields():

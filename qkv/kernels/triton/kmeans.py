@@ -391,7 +391,7 @@ def assign_triton(
         sum_tile = sum_tile or tile_for("assign_sums", x.device, c)
         block_c = max(16, triton.next_power_of_2(c))
     else:
-        tile = tile or tile_for("assign", x.device, 0)
+        tile = tile or tile_for("assign", x.device, c)
         block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
     cp = triton.cdiv(c, block_c) * block_c  # whole centroid tiles
     rows = cp + block_c  # and one more, the kernel's norms being loaded a tile ahead
@@ -419,7 +419,8 @@ def assign_triton(
                   **common)
     if tile.waves and cp == block_c and block_c * block_d <= RESIDENT_MAX_VALUES:
         programs = tile.waves * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
-        _assign_resident_kernel[(n, min(tiles, triton.cdiv(programs, n)))](
+        # whole rounds of programs: one more a row past the GPU's slots would run as a second round
+        _assign_resident_kernel[(n, max(1, min(tiles, programs // n)))](
             x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1), tiles, **launch)
     else:
         _assign_kernel[(n, tiles)](x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1), **launch)

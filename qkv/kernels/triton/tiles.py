@@ -7,8 +7,11 @@ its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly ins
 
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
-kernel: queries per head; the dequantize, decompression and k-means kernels have one tile for
-any call), the last for any; the best tile for one query per head is not the best for sixteen.
+kernel: queries per head; for the k-means assignment: the row's clusters; the dequantize,
+decompression and other k-means kernels have one tile for any call), the last for any; the best
+tile for one query per head is not the best for sixteen, nor one that keeps 256 centroids on chip
+for k-means||'s 512 candidates. A GPU the table does not name takes :data:`DEFAULT_ENTRIES` where
+a kernel has them, else the kernel's default.
 A decode tile may also hold only for calls that read at most ``reads_up_to`` span keys (the
 spans' live keys times the batch): on an H100 one query over 33k keys at batch 1 wanted other
 tiles than 132k keys or a batch of 8 (``benchmarks/results/tune_tiles_key_scores_block_n_h100.json``).
@@ -96,9 +99,9 @@ class AssignTile:
     for, each keeping its row's centroids on chip and walking token tiles (0: a program per token
     tile, looping over the centroid tiles)."""
 
-    tokens: int = 256
-    clusters: int = 64
-    warps: int = 8
+    tokens: int = 128
+    clusters: int = 32
+    warps: int = 4
     stages: int = 3
     waves: int = 0
 
@@ -166,6 +169,15 @@ DEFAULTS = {
     # the fastest of benchmarks/bench_attention.py's sweep on an H100 first (its "tiles" rows)
     "attention": PrefillTiles(((256, 64, 8, 3, 3), (256, 64, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 8, 2, 2))),
 }
+# a GPU the table does not name, for kernels whose best launch depends on the call on every GPU
+# swept (rows as the table's, the last for any call; the default for any call): the assignment
+# keeps a row's centroids on chip up to 256 clusters (64 tokens a tile, 4 warps, 2 programs a
+# multiprocessor) and loops over tiles of 32 beyond, the choices of the H100's sweep
+# (benchmarks/results/tune_tiles_assign_resident_h100.json)
+DEFAULT_ENTRIES = {
+    "assign": [{"up_to": 256, **dataclasses.asdict(AssignTile(tokens=64, clusters=256, waves=2))},
+               {"up_to": None, **dataclasses.asdict(DEFAULTS["assign"])}],
+}
 # small tiles, so that tests in the interpreter stay fast
 INTERPRETER = {
     "decode": DecodeTile(block_n=16, piece=32, max_rows=16, warps=4, stages=(1,), waves=4),
@@ -217,7 +229,7 @@ def _gpu_tiles(kernel: str, gpu: str, rows: int, keys: str | None) -> tuple[tupl
     keys of class ``keys``, each with its ``reads_up_to``, in order (worked out once per call
     shape, not per call)."""
     default = DEFAULTS[kernel]
-    entries = _table().get(gpu, {}).get(kernel, [])
+    entries = _table().get(gpu, {}).get(kernel) or DEFAULT_ENTRIES.get(kernel, [])
     if keys == "cast" and not any(e.get("keys") == "cast" for e in entries):
         keys = "codes"
     entry = [e for e in entries if e.get("keys") in (None, keys)]
