@@ -7,8 +7,13 @@ default pipelining of 3), for each ``--tiles`` entry (tokens x centroids x warps
 with the ``nvdisasm`` that ships with Triton and reports the registers a thread, its stack frame
 and the instructions of the loop over centroid tiles by opcode: a warp's instructions for one tile
 of tokens x centroids distances (16 x 32 products per tensor-core instruction group).
+``--resident`` compiles ``_assign_resident_kernel`` instead (all 256 centroids one tile kept on
+chip; ``--tiles`` entries tokens x warps x pipelining depth), its loop over token tiles, and the
+shared memory a program takes.
 
     PYTHONPATH=. python3 benchmarks/assign_sass.py --out benchmarks/results/assign_sass_triton36.json
+    PYTHONPATH=. python3 benchmarks/assign_sass.py --resident --tiles 64x4x3 64x4x2 64x8x3 128x8x3 \
+        --out benchmarks/results/assign_sass_resident_triton36.json
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import tempfile
 import triton
 from decode_sass import disassemble, loop_bodies, resources
 
-from qkv.kernels.triton.kmeans import _assign_kernel
+from qkv.kernels.triton.kmeans import _assign_kernel, _assign_resident_kernel
 
 POINTERS = {"x_ptr": "*bf16", "f_ptr": "*fp32", "c_ptr": "*bf16", "csq_ptr": "*fp32", "idx_ptr": "*i64",
             "dist_ptr": "*fp32"}
@@ -32,22 +37,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", nargs="+", default=["128x32x4", "64x64x4", "128x64x8"],
                         help="tokens x centroids x warps a program")
+    parser.add_argument("--resident", action="store_true",
+                        help="the kernel that keeps 256 centroids on chip (tiles: tokens x warps x stages)")
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
-    constexprs = {p.name for p in _assign_kernel.params if p.is_constexpr}
+    kernel = _assign_resident_kernel if args.resident else _assign_kernel
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.tiles:
-            tokens, clusters, warps = map(int, spec.split("x"))
-            const = dict(X_EXACT=True, HAS_SCALE=True, EMULATE=False, BLOCK_S=tokens, BLOCK_C=clusters, BLOCK_D=128)
-            if "D" in constexprs:
-                const["D"] = 128
+            if args.resident:
+                (tokens, warps, stages), clusters = map(int, spec.split("x")), 256
+            else:
+                (tokens, clusters, warps), stages = map(int, spec.split("x")), 3
+            const = dict(D=128, X_EXACT=True, HAS_SCALE=True, EMULATE=False, BLOCK_S=tokens, BLOCK_C=clusters,
+                         BLOCK_D=128)
             divisible = (*POINTERS, "C", "CP", "D", "XN", "XS")
-            sass = disassemble(_assign_kernel, const, POINTERS, warps, None, tmp, stages=3, divisible=divisible)
+            sass, shared = disassemble(kernel, const, POINTERS, warps, None, tmp, stages=stages, divisible=divisible,
+                                       shared=True)
             bodies, _ = loop_bodies(sass)
-            ops = collections.Counter(max(bodies, key=len))  # the loop over centroid tiles
-            rows.append({"tile": spec, "triton": triton.__version__, "target": "sm_90",
-                         **resources(pathlib.Path(tmp) / "_assign_kernel.cubin"),
+            ops = collections.Counter(max(bodies, key=len))  # the loop over centroid (or token) tiles
+            rows.append({"tile": spec, "kernel": kernel.__name__, "triton": triton.__version__, "target": "sm_90",
+                         **resources(pathlib.Path(tmp) / f"{kernel.__name__}.cubin"), "shared_bytes": shared,
                          "loop_instructions": sum(ops.values()), "opcodes": dict(ops.most_common())})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "opcodes"}), flush=True)
     if args.out:

@@ -72,11 +72,11 @@ def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | N
 
 
 def disassemble(kernel, const: dict, pointers: dict, warps: int, maxnreg: int | None, tmp: str, stages: int = 1,
-                divisible: tuple = ()) -> str:
+                divisible: tuple = (), shared: bool = False):
     """SASS of ``kernel`` compiled for sm_90 with these constexprs (other arguments: ``pointers``
     or int32, fp32 for qk_scale), ``stages`` deep pipelining, the arguments named in ``divisible``
     specialized as multiples of 16 (as the JIT specializes them at launch); the cubin is left in
-    ``tmp`` under the kernel's name."""
+    ``tmp`` under the kernel's name. ``shared``: (SASS, the shared memory bytes a program takes)."""
     signature = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "qk_scale" else "i32")
                  for a in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in divisible}
@@ -84,7 +84,8 @@ def disassemble(kernel, const: dict, pointers: dict, warps: int, maxnreg: int | 
                               options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
     cubin = pathlib.Path(tmp) / f"{kernel.__name__}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
-    return subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return (sass, compiled.metadata.shared) if shared else sass
 
 
 def rotations(tmp: str) -> list[dict]:
