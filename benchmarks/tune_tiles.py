@@ -420,12 +420,12 @@ def main() -> None:
         raise SystemExit("--grid is for the decode sweep")
     if args.keys and args.kernel != "decode":
         raise SystemExit("--keys is for the decode table")
+    if args.tiled and args.kernel != "assign":
+        raise SystemExit("--tiled is for the assignment sweep")
     if (args.reads_up_to is not None or args.reads_above is not None) and args.kernel != "decode":
         raise SystemExit("--reads-up-to and --reads-above are for the decode table")
     candidates, times, env = rescore(args) if args.rescore else measure(args)
     if args.tiled:
-        if args.kernel != "assign":
-            raise SystemExit("--tiled is for the assignment sweep")
         keep = [i for i, c in enumerate(candidates) if not c.waves]
         candidates, times = [candidates[i] for i in keep], {case: [t[i] for i in keep] for case, t in times.items()}
     times = {case: t for case, t in times.items() if reads_in(case, args.reads_up_to, args.reads_above)}

@@ -85,6 +85,28 @@ def test_rescore_picks_a_row_by_clusters_from_the_cases_of_some_shapes(monkeypat
         tune_tiles.main()
 
 
+def test_assignment_rows_by_clusters_on_chip_and_tiled(monkeypatch, tmp_path):
+    """An assignment sweep gives two rows: its winner for up to 256 clusters (a tile that keeps
+    the centroids on chip) and, with ``--tiled``, the best tile that loops over centroid tiles
+    for any count; ``--tiled`` is refused for another kernel."""
+    on_chip = {"tokens": 64, "clusters": 256, "warps": 4, "stages": 3, "waves": 2}
+    tiled, slow = ({"tokens": t, "clusters": 32, "warps": 4, "stages": 3, "waves": 0} for t in (128, 64))
+    earlier = {"environment": {"gpu": "Some GPU"}, "kernel": "assign", "tiles": [slow, on_chip, tiled],
+               "cases": [{"case": ["longcat_video"], "ms": [0.3, 0.16, 0.2]}, {"case": ["self_forcing"],
+                                                                                "ms": [0.12, 0.08, 0.1]}]}
+    sweep, table, out = tmp_path / "sweep.json", tmp_path / "tiles.json", tmp_path / "out.json"
+    sweep.write_text(json.dumps(earlier))
+    for flags in (["--up-to", "256"], ["--tiled"]):
+        monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--kernel", "assign", "--rescore", str(sweep), *flags,
+                                          "--write", str(table), "--out", str(out)])
+        tune_tiles.main()
+    assert json.loads(table.read_text())["Some GPU"]["assign"] == [{"up_to": 256, **on_chip}, {"up_to": None, **tiled}]
+    monkeypatch.setattr(sys, "argv", ["tune_tiles.py", "--kernel", "update", "--tiled", "--rescore", str(sweep),
+                                      "--out", str(out)])
+    with pytest.raises(SystemExit, match="--tiled is for the assignment"):
+        tune_tiles.main()
+
+
 def test_rescore_picks_rows_by_the_keys_a_call_reads(monkeypatch, tmp_path):
     """``--reads-up-to N`` picks over the cases that read at most N span keys (batch x history)
     and bounds the row it writes by N; ``--reads-above N`` picks over the others for the row
