@@ -169,10 +169,10 @@ DEFAULTS = {
     # the fastest of benchmarks/bench_attention.py's sweep on an H100 first (its "tiles" rows)
     "attention": PrefillTiles(((256, 64, 8, 3, 3), (256, 64, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 8, 2, 2))),
 }
-# a GPU the table does not name, for kernels whose best launch depends on the call on every GPU
-# swept (rows as the table's, the last for any call; the default for any call): the assignment
-# keeps a row's centroids on chip up to 256 clusters (64 tokens a tile, 4 warps, 2 programs a
-# multiprocessor) and loops over tiles of 32 beyond, the choices of the H100's sweep
+# The rows a GPU the table does not name takes for kernels whose best launch depends on the call
+# on every GPU swept, as a table entry whose last row (for any call) is the kernel's default: the
+# assignment keeps a row's centroids on chip up to 256 clusters (64 tokens a tile, 4 warps, 2
+# programs a multiprocessor) and loops over tiles of 32 beyond, the H100 sweep's choices
 # (benchmarks/results/tune_tiles_assign_resident_h100.json)
 DEFAULT_ENTRIES = {
     "assign": [{"up_to": 256, **dataclasses.asdict(AssignTile(tokens=64, clusters=256, waves=2))},
