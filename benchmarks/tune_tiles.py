@@ -66,7 +66,8 @@ H100's rows came from one sweep, rescored twice:
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel assign \
         --out benchmarks/results/tune_tiles_assign_resident_h100.json
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel assign --up-to 256 \
-        --rescore benchmarks/results/tune_tiles_assign_resident_h100.json --out /tmp/assign_up_to_256.json --write
+        --rescore benchmarks/results/tune_tiles_assign_resident_h100.json \
+        --out benchmarks/results/tune_tiles_assign_up_to_256_h100.json --write
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel assign --tiled \
         --rescore benchmarks/results/tune_tiles_assign_resident_h100.json \
         --out benchmarks/results/tune_tiles_assign_tiled_h100.json --write

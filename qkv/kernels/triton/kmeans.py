@@ -187,15 +187,15 @@ def _assign_resident_kernel(
     X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """_assign_kernel for a row whose CP prepared centroids are one tile (CP == BLOCK_C): the
-    program loads them once and walks the row's token tiles p, p + P, ... (P programs a row), so
-    the centroids are read once a program instead of once a token tile, and the token loads are
-    pipelined across tiles."""
+    """_assign_kernel for a row whose CP prepared centroids are one tile (CP == BLOCK_C, prepared
+    without the tiled kernel's extra tile): the program loads them once and walks the row's token
+    tiles p, p + P, ... (P programs a row), so the centroids are read once a program instead of
+    once a token tile, and the token loads are pipelined across tiles."""
     n = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     j = tl.arange(0, BLOCK_C)
-    cent = _centroid_tile(c_ptr + n * (CP + BLOCK_C) * D + j[None, :] * D + d[:, None], D, d)
-    norm = tl.load(csq_ptr + n * (CP + BLOCK_C) + j)
+    cent = _centroid_tile(c_ptr + n * CP * D + j[None, :] * D + d[:, None], D, d)
+    norm = tl.load(csq_ptr + n * CP + j)
     f = 1.0
     if HAS_SCALE:
         f = tl.load(f_ptr + n)
@@ -391,10 +391,12 @@ def assign_triton(
         sum_tile = sum_tile or tile_for("assign_sums", x.device, c)
         block_c = max(16, triton.next_power_of_2(c))
     else:
-        tile = tile or tile_for("assign", x.device, c)
+        # the table's rows count clusters of up to 128 dims (wider centroids take more room on chip)
+        tile = tile or tile_for("assign", x.device, c * max(1, block_d // 128))
         block_c = min(tile.clusters, max(16, triton.next_power_of_2(c)))
     cp = triton.cdiv(c, block_c) * block_c  # whole centroid tiles
-    rows = cp + block_c  # and one more, the kernel's norms being loaded a tile ahead
+    resident = not fused and tile.waves and cp == block_c and block_c * block_d <= RESIDENT_MAX_VALUES
+    rows = cp if resident else cp + block_c  # the tiled kernel loads its norms a tile ahead
     neg2 = torch.empty(n, rows, d, dtype=torch.bfloat16, device=x.device)  # -2 * rounded: exact
     c_sq = torch.empty(n, rows, dtype=torch.float32, device=x.device)
     _prepare_kernel[(triton.cdiv(n * rows, 32),)](
@@ -417,10 +419,9 @@ def assign_triton(
     tiles = triton.cdiv(s, block_s)
     launch = dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, num_stages=tile.stages,
                   **common)
-    if tile.waves and cp == block_c and block_c * block_d <= RESIDENT_MAX_VALUES:
-        programs = tile.waves * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
+    if resident:
         # whole rounds of programs: one more a row past the GPU's slots would run as a second round
-        _assign_resident_kernel[(n, max(1, min(tiles, programs // n)))](
+        _assign_resident_kernel[(n, max(1, min(tiles, _slots(x, tile.waves) // n)))](
             x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1), tiles, **launch)
     else:
         _assign_kernel[(n, tiles)](x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1), **launch)
@@ -594,12 +595,17 @@ def _empty_sums(x: torch.Tensor, splits: int, clusters: int) -> ClusterSums:
                        torch.empty(n, splits, clusters, dtype=torch.float32, device=x.device))
 
 
+def _slots(x: torch.Tensor, waves: int) -> int:
+    """Programs for ``waves`` a multiprocessor of ``x``'s GPU (``waves`` off a GPU)."""
+    return waves * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
+
+
 def _splits(x: torch.Tensor, unsplit: int, s: int, tile: UpdateTile | AssignSumsTile) -> tuple[int, int]:
     """Parts of a row's ``s`` tokens for the one-hot sums of a launch of ``unsplit`` programs
     without parts (the tokens are cut in two until the GPU holds ``tile.waves`` programs per
     multiprocessor, or a part would hold fewer than two steps), and the tokens of a part (whole
     steps)."""
-    programs = tile.waves * (multiprocessors(x.device.index or 0) if x.is_cuda else 1)
+    programs = _slots(x, tile.waves)
     splits = 1
     while unsplit * splits < programs and s > 2 * splits * tile.tokens:
         splits *= 2

@@ -7,7 +7,8 @@ its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly ins
 
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
-kernel: queries per head; for the k-means assignment: the row's clusters; the dequantize,
+kernel: queries per head; for the k-means assignment: the row's clusters, times the padded head
+dim over 128 above 128 (wider centroids take more room on chip); the dequantize,
 decompression and other k-means kernels have one tile for any call), the last for any; the best
 tile for one query per head is not the best for sixteen, nor one that keeps 256 centroids on chip
 for k-means||'s 512 candidates. A GPU the table does not name takes :data:`DEFAULT_ENTRIES` where
