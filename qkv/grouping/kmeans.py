@@ -176,20 +176,6 @@ def _reduce(
 SEEDINGS = {"kmeans++": _init_kmeanspp, "kmeans||": _init_parallel, "random": _init_random}
 
 
-def _far_tokens(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """[N, k] distinct token indices, farthest first: the farthest token of each of the k
-    farthest of ``FAR_SEGMENTS * k`` equal segments of the span (exactly the k farthest tokens
-    when the span has no more tokens than segments; a few tail tokens beyond the last whole
-    segment are not considered). One pass over ``dist`` instead of a top-k over every token."""
-    n, s = dist.shape
-    size = s // (FAR_SEGMENTS * k)
-    if size <= 1:
-        return dist.topk(k, dim=-1).indices
-    heads, where = dist[:, : s - s % size].view(n, -1, size).max(-1)  # [N, segments]
-    top = heads.topk(k, dim=-1).indices
-    return torch.gather(where, 1, top).add_(top, alpha=size)
-
-
 def kmeans(
     x: torch.Tensor,
     clusters: int,
@@ -239,7 +225,7 @@ def kmeans(
             done |= history[-1] <= objective * (1 + tol)
         history.append(objective)
         # empty clusters move onto far tokens (no host sync)
-        far = _far_tokens(dist, min(centroids.shape[1], s))
+        far = kernels.kmeans_far(dist, min(centroids.shape[1], s), FAR_SEGMENTS, backend=backend)
         means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, sums=sums, backend=backend)
         centroids = torch.where(done.view(-1, 1, 1), centroids, means)
         # worth asking only while an answer can skip CHECK_EVERY iterations; one question at a time;

@@ -33,7 +33,7 @@ from qkv.kernels.attention import (
     merge_torch,
 )
 from qkv.kernels.hadamard import hadamard_torch
-from qkv.kernels.kmeans import assign_torch, kmeanspp_torch, update_torch
+from qkv.kernels.kmeans import assign_torch, far_tokens_torch, kmeanspp_torch, update_torch
 from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch, rows_dim
 
 
@@ -56,14 +56,15 @@ class Method(str, enum.Enum):
 # for all of them (memory-bound); more share a key tile the way the prefill paths do
 DECODE_MAX_QUERIES = 64
 
-OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "kmeanspp", "hadamard", "attention",
-       "attention_decode", "merge", "decompress_spans")
+OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "kmeans_far", "kmeanspp", "hadamard",
+       "attention", "attention_decode", "merge", "decompress_spans")
 
 _TORCH: dict[str, Callable] = {
     "quantize_pack": quantize_pack_torch,
     "dequantize": dequantize_torch,
     "kmeans_assign": assign_torch,
     "kmeans_update": update_torch,
+    "kmeans_far": far_tokens_torch,
     "kmeanspp": kmeanspp_torch,
     "hadamard": hadamard_torch,
     "attention": attention_torch,
@@ -221,6 +222,21 @@ def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, sums=No
     summed here)."""
     args = (x, assignments, centroids, reseed, scale, sums)
     return resolve("kmeans_update", backend, x.device, *args)(*args)
+
+
+def kmeans_far(dist, k: int, per_pick: int, *, backend="auto"):
+    """[N, k] distinct tokens far from their centroids, farthest first, from the squared
+    distances ``dist`` [N, S] of an assignment pass: the farthest token of each of the k farthest
+    of ``per_pick * k`` equal segments of the span (see
+    :func:`qkv.kernels.kmeans.far_tokens_torch`); what :func:`kmeans_update` re-seeds empty
+    clusters with."""
+    if dist.dim() != 2 or dist.dtype != torch.float32:
+        raise ShapeError(f"kmeans_far: dist must be [N, S] float32, got {list(dist.shape)} {dist.dtype}")
+    for name, value, most in (("k", k, dist.shape[1]), ("per_pick", per_pick, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
+            raise ShapeError(f"kmeans_far: {name}={value!r} (needs an int >= 1{'' if most is None else f', at most S = {most}'})")
+    args = (dist, k, per_pick)
+    return resolve("kmeans_far", backend, dist.device, *args)(*args)
 
 
 def kmeanspp(points, weights, draws, clusters: int, *, backend="auto"):

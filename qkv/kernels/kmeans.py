@@ -1,6 +1,7 @@
 """Plain-PyTorch reference of the k-means hot paths: nearest-centroid assignment, a
 deterministic centroid update (no floating-point atomics: sums are fixed-order matmuls), weighted
-D^2 sampling in rounds (k-means++ and k-means|| seeding), and the gather of each token's centroid that smoothing, quantization and
+D^2 sampling in rounds (k-means++ and k-means|| seeding), the far tokens that re-seed empty
+clusters, and the gather of each token's centroid that smoothing, quantization and
 decoding share."""
 
 from __future__ import annotations
@@ -154,6 +155,20 @@ def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Ten
             dist = torch.sub(points, points[rows, best].unsqueeze(1), out=diff).square_().sum(-1)
             nearest = dist if r == 0 else torch.minimum(nearest, dist)
     return picks
+
+
+def far_tokens_torch(dist: torch.Tensor, k: int, per_pick: int) -> torch.Tensor:
+    """[N, k] distinct token indices of ``dist`` [N, S] (squared distances, >= 0), farthest first:
+    the farthest token of each of the k farthest of ``per_pick * k`` equal segments of the span
+    (S // (per_pick * k) tokens each; a few tail tokens beyond the last whole segment are not
+    considered), or exactly the k farthest tokens where a segment would hold one token. Equal
+    distances go to the lowest token, within a segment and among segments. One pass over
+    ``dist`` and a sort of the segments' peaks instead of a top-k over every token."""
+    n, s = dist.shape
+    size = max(1, s // (per_pick * k))
+    heads, where = dist[:, : s - s % size].view(n, -1, size).max(-1)  # the first of equal peaks
+    top = torch.sort(heads, dim=-1, descending=True, stable=True).indices[:, :k]
+    return torch.gather(where, 1, top).add_(top, alpha=size)
 
 
 def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:

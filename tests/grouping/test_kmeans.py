@@ -238,10 +238,10 @@ def test_chunked_assignment_matches_direct():
 
 @pytest.mark.parametrize("s, k", [(10, 4), (1000, 8), (1003, 5)])
 def test_far_tokens_are_distinct_and_start_with_the_farthest(s, k):
-    from qkv.grouping.kmeans import _far_tokens
+    from qkv.kernels.kmeans import far_tokens_torch
 
     dist = torch.rand(3, s, generator=torch.Generator().manual_seed(s))
-    far = _far_tokens(dist, k)
+    far = far_tokens_torch(dist, k, 4)
     assert far.shape == (3, k)
     size = s // (4 * k)
     searched = s - s % size if size > 1 else s  # a tail shorter than one segment is not searched

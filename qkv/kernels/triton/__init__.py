@@ -9,7 +9,9 @@ from qkv.kernels.triton.attention import attention_supports, attention_triton
 from qkv.kernels.triton.decode import decode_supports, decode_triton
 from qkv.kernels.triton.decompress import decompress_spans_supports, decompress_spans_triton
 from qkv.kernels.triton.hadamard import hadamard_supports, hadamard_triton
-from qkv.kernels.triton.kmeans import assign_supports, assign_triton, kmeanspp_supports, kmeanspp_triton, update_triton
+from qkv.kernels.triton.kmeans import (
+    assign_supports, assign_triton, far_tokens_supports, far_tokens_triton, kmeanspp_supports, kmeanspp_triton, update_triton,
+)
 from qkv.kernels.triton.merge import merge_supports, merge_triton
 from qkv.kernels.triton.quantize import (
     dequantize_supports,
@@ -23,6 +25,7 @@ IMPLS = {
     "dequantize": (dequantize_triton, dequantize_supports),
     "kmeans_assign": (assign_triton, assign_supports),
     "kmeans_update": (update_triton, None),
+    "kmeans_far": (far_tokens_triton, far_tokens_supports),
     "kmeanspp": (kmeanspp_triton, kmeanspp_supports),
     "hadamard": (hadamard_triton, hadamard_supports),
     "attention": (attention_triton, attention_supports),
