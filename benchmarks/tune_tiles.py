@@ -56,6 +56,13 @@ program on the per-token fast path and on the others, warps) over the keys of ``
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel dequantize \
         --out benchmarks/results/tune_tiles_dequantize_h200.json --write
 
+``--kernel quantize`` sweeps :class:`qkv.kernels.triton.tiles.QuantizeTile` (values and warps
+per program of quantize+pack and of its block-peak pass) over the keys of ``SPANS`` as qvg and rtn
+compress them (qvg's centroids subtracted on the way), and writes one tile for any call:
+
+    PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel quantize \
+        --out benchmarks/results/tune_tiles_quantize_h100.json --write
+
 ``--kernel assign`` sweeps :class:`qkv.kernels.triton.tiles.AssignTile` (tokens per program,
 centroids per tile, warps, pipelining depth; and tiles that keep a row's centroids on chip, with
 programs per multiprocessor) over ``ASSIGN_SHAPES`` (at most 256 clusters). Its rows are by the
@@ -110,13 +117,14 @@ from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
 from qkv.kernels.triton.decompress import decompress_spans_triton
 from qkv.kernels.triton.kmeans import assign_triton, kmeanspp_triton, update_onehot
-from qkv.kernels.triton.quantize import dequantize_triton
+from qkv.kernels.triton.quantize import dequantize_triton, quantize_pack_triton
 
 POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")
 CASES = ((1, 32 * 1024, 1), (1, 32 * 1024, 16), (1, 128 * 1024, 1), (8, 32 * 1024, 1), (8, 32 * 1024, 16))
 # the dequantize kernel's spans: LongCat-Video's condition span and a Self-Forcing history
 SPANS = {"longcat_video": (1, 32, 29640, 128), "self_forcing": (1, 12, 37440, 128)}
 DEQUANTIZE_POLICIES = ("qvg", "qvg-pro", "rtn")
+QUANTIZE_POLICIES = ("qvg", "rtn")
 # the assignment's (rows, tokens, head dim, clusters): LongCat-Video's span, a Self-Forcing
 # history, a SANA-WM compression pass (8 blocks x 2 x 32 heads of 2,640 tokens)
 ASSIGN_SHAPES = {"longcat_video": (32, 29640, 128, 256), "self_forcing": (12, 37440, 128, 256),
@@ -187,6 +195,32 @@ def dequantize_grid(quick: bool) -> list[tiles.DequantizeTile]:
     if quick:
         fast, other, warps = (4096, 8192), (8192,), (4, 8)
     return [tiles.DequantizeTile(f, v, w) for f, v, w in itertools.product(fast, other, warps)]
+
+
+def quantize_grid(quick: bool) -> list[tiles.QuantizeTile]:
+    values, warps, peak = (2048, 4096, 8192, 16384), (2, 4, 8), (4096, 8192, 16384)
+    if quick:
+        values, warps, peak = (4096, 8192), (4, 8), (8192,)
+    return [tiles.QuantizeTile(v, w, p, w) for v, w, p in itertools.product(values, warps, peak)]
+
+
+def quantize_calls(args):
+    """(case, call(tile)) of quantize+pack (with its block-peak pass) as a compression launches
+    it: the keys of SPANS with each policy's stage centroids subtracted on the way (qvg's), or
+    none (rtn's)."""
+    for name, shape in SPANS.items():
+        x = (torch.randn(shape, device="cuda") + torch.randn(1, shape[1], 1, shape[3], device="cuda")).bfloat16()
+        rows = x.flatten(0, 1)
+        for policy in args.policies or QUANTIZE_POLICIES:
+            ct = qkv.build_policy(policy).k.compress(x)
+            added = [i for i, st in enumerate(ct.stages) if st.centroids is not None]
+            centroids = [ct.stages[i].centroids.flatten(0, 1) for i in added]
+            assignments = [ct.stage_assignments(i) for i in added]
+            yield (name, policy), lambda tile: quantize_pack_triton(rows, ct.format.codes, centroids, assignments,
+                                                                    tile=tile)
+            del ct, centroids, assignments
+        del x, rows
+        torch.cuda.empty_cache()
 
 
 def decode_calls(args):
@@ -329,6 +363,7 @@ def kmeanspp_calls(args):
 
 
 KERNELS = {"decode": (decode_grid, decode_calls), "dequantize": (dequantize_grid, dequantize_calls),
+           "quantize": (quantize_grid, quantize_calls),
            "assign": (assign_grid, assign_calls), "update": (update_grid, update_calls),
            "assign_sums": (assign_sums_grid, assign_sums_calls),
            "decompress": (decompress_grid, decompress_calls), "kmeanspp": (kmeanspp_grid, kmeanspp_calls)}

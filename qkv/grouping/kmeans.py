@@ -71,11 +71,11 @@ class KMeansResult:
     """centroids [N, C, D] fp32, assignments [N, S] int64, objective [passes, N] fp64: the sum of
     squared distances after each assignment pass (``finish="assign"``: iterations + 1 passes, the
     last one's the result's; ``"update"``: one a Lloyd iteration, the last one's only lowered by
-    the final means)."""
+    the final means), or None where :func:`kmeans` was not asked for it."""
 
     centroids: torch.Tensor
     assignments: torch.Tensor
-    objective: torch.Tensor
+    objective: torch.Tensor | None
 
 
 def _init_random(x: torch.Tensor, clusters: int, gen: torch.Generator, backend: str,
@@ -188,6 +188,7 @@ def kmeans(
     backend: str = "auto",
     peaks: torch.Tensor | None = None,
     finish: str = "assign",
+    objective: bool = True,
 ) -> KMeansResult:
     """Batched k-means of ``x`` [N, S, D] (any float dtype; computed in fp32, read in place)
     into ``min(clusters, S)`` clusters per row.
@@ -196,7 +197,9 @@ def kmeans(
     [N, C, D] replaces the seeded init (warm start); ``peaks``: each row's max |x| ([N] fp32), if
     known (see :func:`row_factor`); ``finish``: ``"assign"`` ends with an assignment pass to the
     final centroids, ``"update"`` with the last iteration's means of its assignments (the
-    reference's; with ``iters=0`` both are the initial assignment).
+    reference's; with ``iters=0`` both are the initial assignment); ``objective=False`` leaves the
+    result's objective None (the sums after the last pass and the history's stacking are not
+    launched: a grouping, which stores only the centroids and assignments, does not ask for them).
     """
     check_choice("kmeans", "init", init, INITS)
     check_choice("kmeans", "finish", finish, FINISHES)
@@ -220,10 +223,10 @@ def kmeans(
     for it in range(iters):
         # the clusters' sums from the same pass where the kernel gathers them (few clusters)
         assign, dist, sums = kernels.kmeans_assign(x, centroids, scale=factor, sums=True, backend=backend)
-        objective = dist.sum(-1)
+        total = dist.sum(-1)
         if history:  # improved by less than tol (relative) since the last step: done
-            done |= history[-1] <= objective * (1 + tol)
-        history.append(objective)
+            done |= history[-1] <= total * (1 + tol)
+        history.append(total)
         # empty clusters move onto far tokens (no host sync)
         far = kernels.kmeans_far(dist, min(centroids.shape[1], s), FAR_SEGMENTS, backend=backend)
         means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, sums=sums, backend=backend)
@@ -239,9 +242,12 @@ def kmeans(
                 break
     if finish == "assign" or assign is None:
         assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
-        history.append(dist.sum(-1))
-    objective = torch.stack(history).double() / factor.view(1, -1).double().square()  # fp64: huge inputs
-    return KMeansResult(centroids / factor.view(-1, 1, 1), assign, objective)
+        if objective:
+            history.append(dist.sum(-1))
+    if not objective:
+        return KMeansResult(centroids / factor.view(-1, 1, 1), assign, None)
+    totals = torch.stack(history).double() / factor.view(1, -1).double().square()  # fp64: huge inputs
+    return KMeansResult(centroids / factor.view(-1, 1, 1), assign, totals)
 
 
 @GROUPING.register("kmeans")
@@ -295,5 +301,6 @@ class KMeansGrouper(ClusteringGrouper):
             backend=backend,
             peaks=peaks,
             finish=self.finish,
+            objective=False,
         )
         return Groups(result.centroids, result.assignments)

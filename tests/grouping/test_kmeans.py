@@ -251,6 +251,16 @@ def test_far_tokens_are_distinct_and_start_with_the_farthest(s, k):
     assert bool((picked[:, :-1] >= picked[:, 1:]).all())  # farthest first
 
 
+@pytest.mark.parametrize("finish", ["assign", "update"])
+def test_objective_left_out_changes_nothing_else(finish):
+    """``objective=False`` (what a grouping asks): the same centroids and assignments, no objective."""
+    x = torch.randn(3, 500, 16, generator=torch.Generator().manual_seed(5))
+    full = kmeans(x, 12, 3, finish=finish)
+    bare = kmeans(x, 12, 3, finish=finish, objective=False)
+    assert bare.objective is None and full.objective.shape == (3 + (finish == "assign"), 3)
+    assert torch.equal(bare.centroids, full.centroids) and torch.equal(bare.assignments, full.assignments)
+
+
 def test_defaults_are_the_qvg_presets():
     # a spec that names only the clusters costs what a preset costs (5 iterations, random seeding)
     preset = qkv.build_policy("qvg").k.grouping

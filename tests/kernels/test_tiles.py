@@ -1,4 +1,4 @@
-"""Per-device tiles (decode, fused attention, dequantize and k-means assignment kernels): the table's entry for a GPU's name wins
+"""Per-device tiles (decode, fused attention, quantize, dequantize and k-means assignment kernels): the table's entry for a GPU's name wins
 over the default, the interpreter gets its own tile, and a tile passed explicitly is the one the
 decode kernel runs."""
 
@@ -19,7 +19,7 @@ from test_attention import assert_within_twice_the_torch_error, history, randn  
 
 
 def test_interpreter_tile_off_the_gpu():
-    for kernel in ("decode", "attention", "dequantize", "assign", "assign_sums"):
+    for kernel in ("decode", "attention", "dequantize", "quantize", "assign", "assign_sums"):
         assert tiles.tile_for(kernel, torch.device("cpu"), 4) == tiles.INTERPRETER[kernel]
 
 
@@ -138,6 +138,29 @@ def test_explicit_dequantize_tile_decodes_the_same(tile, name):
     ours = dequantize_triton(rows, ct.format.codes, q, centroids, assignments, tile=tile)
     default = dequantize_triton(rows, ct.format.codes, q, centroids, assignments)
     assert torch.equal(ours, default)
+
+
+@pytest.mark.parametrize("tile", [tiles.QuantizeTile(256, 2, 512, 8), tiles.QuantizeTile(16384, 8, 16384, 2)])
+@pytest.mark.parametrize("name", ["qvg", "kivi"])
+def test_explicit_quantize_tile_packs_the_same(tile, name):
+    """Any quantize tile (rows per program of quantize+pack and of the block-peak pass, warps)
+    writes the same codes, scales, zero points and row multipliers as the device's."""
+    import qkv
+    from qkv.kernels.triton.quantize import quantize_pack_triton
+
+    policy = qkv.build_policy(name, clusters=8) if name == "qvg" else qkv.build_policy(name)
+    x = randn(11, 1, 2, 320, 64)
+    ct = policy.compress(x, x).k
+    fmt = ct.format.codes
+    rows = x.flatten(0, 1) if fmt.axis == "token" else x.flatten(0, 1).transpose(1, 2)
+    added = [i for i, s in enumerate(ct.stages) if s.centroids is not None]  # none for kivi
+    centroids = [ct.stages[i].centroids.flatten(0, 1) for i in added]
+    assignments = [ct.stage_assignments(i) for i in added]
+    ours = quantize_pack_triton(rows, fmt, centroids, assignments, tile=tile)
+    default = quantize_pack_triton(rows, fmt, centroids, assignments)
+    for field in ("codes", "scales", "zeros", "mult"):
+        a, b = getattr(ours, field), getattr(default, field)
+        assert (a is None and b is None) or torch.equal(a, b), field
 
 
 @pytest.mark.parametrize("tile", [tiles.AssignTile(64, 16, 4), tiles.AssignTile(128, 128, 8)])

@@ -24,7 +24,7 @@ from qkv.kernels.triton.bits import (
 )
 from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
 from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
-from qkv.kernels.triton.tiles import DequantizeTile, tile_for
+from qkv.kernels.triton.tiles import DequantizeTile, QuantizeTile, tile_for
 from qkv.format import AffineFormat
 
 FORMAT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
@@ -188,13 +188,15 @@ def _stage_args(centroids, assignments) -> tuple:
 
 
 def quantize_pack_triton(
-    x: torch.Tensor, q: AffineFormat, centroids=(), assignments=()
+    x: torch.Tensor, q: AffineFormat, centroids=(), assignments=(), *, tile: QuantizeTile | None = None
 ) -> QuantizedRows:
     """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`: x (any float dtype, rows
     with unit stride) is read as it is and the stages' centroids are gathered and subtracted in
     registers; only codes, scales and zeros are written. Two launches: the block-peak pass (only
     for scale formats with a row multiplier), then quantize+pack, whose programs work out their
-    row's multiplier from the block peaks (no torch ops between the two)."""
+    row's multiplier from the block peaks (no torch ops between the two). ``tile``: the launches
+    (default: the device's, see :mod:`qkv.kernels.triton.tiles`); any tile gives the same
+    results."""
     check_quantize_args(x, q, centroids, assignments)
     n, r, length = x.shape
     if x.stride(2) != 1:
@@ -202,15 +204,17 @@ def quantize_pack_triton(
     d = length if q.axis == "token" else r
     stages = _stage_args(centroids, assignments)
     common = dict(TOKEN_AXIS=q.axis == "token", **EXACT_LAUNCH)
+    tile = tile or tile_for("quantize", x.device, 0)
     block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
     mult = part = None
     if q.scale != "fp32":
-        peak_r = max(1, min(128, 8192 // block_l))
+        peak_r = max(1, min(128, tile.peak_values // block_l))
         grid = (triton.cdiv(r, peak_r), n, triton.cdiv(length, block_l))
         part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
         _block_peak_kernel[grid](
             x, part, stages, x.stride(0), x.stride(1), r, length, d,
-            QBLOCK=q.block, MODE=MODE_CODE[q.mode], STEPS=q.steps, BLOCK_R=peak_r, BLOCK_L=block_l, **common,
+            QBLOCK=q.block, MODE=MODE_CODE[q.mode], STEPS=q.steps, BLOCK_R=peak_r, BLOCK_L=block_l,
+            num_warps=tile.peak_warps, **common,
         )
         mult = torch.empty(n, dtype=torch.float32, device=x.device)  # written by the quantize pass
     groups = length // q.block
@@ -218,7 +222,7 @@ def quantize_pack_triton(
     codes = torch.empty(n, r, p, dtype=q.pack.container, device=x.device)
     scales = torch.empty(n, r, groups, dtype=q.scale_dtype, device=x.device)
     zeros = torch.empty_like(scales) if q.has_zero else None
-    block_r = max(1, min(64, 4096 // block_l))
+    block_r = max(1, min(64, tile.values // block_l))
     grid = (triton.cdiv(r, block_r), n, triton.cdiv(length, block_l))
     _quantize_pack_kernel[grid](
         x, codes, scales, scales if zeros is None else zeros, x if part is None else part, x if mult is None else mult,
@@ -226,7 +230,8 @@ def quantize_pack_triton(
         BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
         LEVELS=q.levels, ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], HAS_MULT=mult is not None,
         LIMIT=0.0 if mult is None else max_finite(q.scale_dtype) * HEADROOM,
-        WORD=q.pack.word_bits, MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l, **common,
+        WORD=q.pack.word_bits, MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=tile.warps,
+        **common,
     )
     return QuantizedRows(codes, scales, zeros, mult)
 

@@ -8,7 +8,7 @@ its own small tiles. A caller (a benchmark sweep) may pass a tile explicitly ins
 An entry is a list of tiles, each for calls of at most ``up_to`` work rows (for the decode
 kernel: query rows per KV head, query heads of a group x queries; for the fused attention
 kernel: queries per head; for the k-means assignment: the row's clusters, times the padded head
-dim over 128 above 128 (wider centroids take more room on chip); the dequantize,
+dim over 128 above 128 (wider centroids take more room on chip); the quantize, dequantize,
 decompression and other k-means kernels have one tile for any call), the last for any; the best
 tile for one query per head is not the best for sixteen, nor one that keeps 256 centroids on chip
 for k-means||'s 512 candidates. A GPU the table does not name takes :data:`DEFAULT_ENTRIES` where
@@ -92,6 +92,19 @@ class DequantizeTile:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizeTile:
+    """The quantize+pack kernel's launch: about ``values`` input values per program (whole rows
+    of blocks: ``values // L`` rows of L values, at most 64), ``warps`` per program; and the
+    block-peak pass's (for scale formats with a row multiplier): ``peak_values`` a program (at
+    most 128 rows), ``peak_warps``."""
+
+    values: int = 4096
+    warps: int = 4
+    peak_values: int = 8192
+    peak_warps: int = 4
+
+
+@dataclasses.dataclass(frozen=True)
 class AssignTile:
     """The k-means assignment kernel's launch: ``tokens`` tokens per tile (half as many for head
     dims above 128), centroid tiles of up to ``clusters``, ``warps`` per program, ``stages``: the
@@ -167,6 +180,7 @@ DEFAULTS = {
     # 4096-value tiles on the per-token fast path: the LongCat decode of benchmarks/bench_kernels.py
     # went from 0.139 ms (8192-value tiles) to 0.114 ms with them on an H100
     "dequantize": DequantizeTile(),
+    "quantize": QuantizeTile(),
     # the fastest of benchmarks/bench_attention.py's sweep on an H100 first (its "tiles" rows)
     "attention": PrefillTiles(((256, 64, 8, 3, 3), (256, 64, 8, 2, 2), (128, 128, 8, 3, 3), (128, 64, 8, 2, 2))),
 }
@@ -188,6 +202,7 @@ INTERPRETER = {
     "kmeanspp": SeedTile(),
     "decompress": DecompressTile(),
     "dequantize": DequantizeTile(),
+    "quantize": QuantizeTile(),
     "attention": PrefillTiles(((16, 16, 4, 1, 1),)),
 }
 
