@@ -200,7 +200,7 @@ def dequantize_grid(quick: bool) -> list[tiles.DequantizeTile]:
 def quantize_grid(quick: bool) -> list[tiles.QuantizeTile]:
     values, warps, peak = (2048, 4096, 8192, 16384), (2, 4, 8), (4096, 8192, 16384)
     if quick:
-        values, warps, peak = (4096, 8192), (4, 8), (8192,)
+        values, warps, peak = (2048, 4096, 8192), (4, 8), (8192, 16384)
     return [tiles.QuantizeTile(v, w, p, w) for v, w, p in itertools.product(values, warps, peak)]
 
 
