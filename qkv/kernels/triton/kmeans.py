@@ -71,10 +71,13 @@ FUSED_MAX_CLUSTERS = 64
 # The most centroid values (clusters x padded head dim) a program of the assignment keeps on chip
 # while it walks a row's token tiles (AssignTile.waves): 64 KB of bf16, 256 clusters of 128 dims
 RESIDENT_MAX_VALUES = 32768
-# The far tokens: the most tokens a segment (one load of a program), and the keys a program of
-# the ranking holds against as many of the row's keys a step
+# The far tokens: the most tokens a segment (one load of a program); the keys a program of the
+# ranking ranks, against FAR_RANK_STEP of the row's keys a step on FAR_RANK_WARPS warps (compiled
+# for sm_90 by Triton 3.6: 72 registers a thread, no spills; 128 keys a step spill)
 FAR_MAX_SEGMENT = 16384
 FAR_RANK_TILE = 128
+FAR_RANK_STEP = 32
+FAR_RANK_WARPS = 8
 # The weighted D^2 sampling takes a round's distances as products on the tensor cores for rows of
 # up to PRODUCTS_MAX_POINTS points (k-means||'s reduction up to 256 clusters): a step's operand
 # tile, [points, dims] in shared memory, up to 16,384 values, pipelined in 3 stages where they
@@ -852,7 +855,7 @@ def far_tokens_triton(dist: torch.Tensor, k: int, per_pick: int) -> torch.Tensor
                                                               BLOCK_T=block_t, num_warps=4)
     out = torch.empty(n, k, dtype=torch.int64, device=dist.device)
     _rank_segments_kernel[(n, triton.cdiv(segments, FAR_RANK_TILE))](keys, out, segments, k, BLOCK_R=FAR_RANK_TILE,
-                                                                    BLOCK_H=FAR_RANK_TILE, num_warps=4)
+                                                                    BLOCK_H=FAR_RANK_STEP, num_warps=FAR_RANK_WARPS)
     return out
 
 
