@@ -64,8 +64,11 @@ def _exp2_int(k):
 
 
 @triton.jit
-def _quantum(a, FMT: tl.constexpr):
-    """Spacing of format FMT (1 fp16, 2 bf16, 3 fp8 E4M3) around a >= 0."""
+def _in_quanta(a, FMT: tl.constexpr):
+    """(a over the spacing q of format FMT (1 fp16, 2 bf16, 3 fp8 E4M3) around a >= 0, q): the
+    quotient correctly rounded. q is a power of two, so for fp16 and fp8 it is a product with 1 / q
+    (2^-125 .. 2^24: a float, so the product rounds as the division does), no division; bf16's
+    spacing reaches 2^-133, whose reciprocal is not a float, so bf16 divides."""
     if FMT == 1:
         MANT: tl.constexpr = 10
         EMIN: tl.constexpr = -14
@@ -76,7 +79,13 @@ def _quantum(a, FMT: tl.constexpr):
         MANT: tl.constexpr = 3
         EMIN: tl.constexpr = -6
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    return _exp2_int(tl.maximum(e, EMIN) - MANT)
+    k = tl.maximum(e, EMIN) - MANT
+    q = _exp2_int(k)
+    if FMT == 2:
+        over = tl.math.div_rn(a, q)
+    else:
+        over = a * _exp2_int(-k)
+    return over, q
 
 
 # Directed rounding computed in fp32 arithmetic (a multiple of the format's spacing, which is
@@ -88,8 +97,8 @@ def round_up(v, FMT: tl.constexpr):
     if FMT == 0:
         out = v
     else:
-        q = _quantum(v, FMT)
-        out = tl.math.ceil(tl.math.div_rn(v, q)) * q
+        over, q = _in_quanta(v, FMT)
+        out = tl.math.ceil(over) * q
     return out
 
 
@@ -99,10 +108,9 @@ def round_down(v, FMT: tl.constexpr):
     if FMT == 0:
         out = v
     else:
-        a = tl.abs(v)
-        q = _quantum(a, FMT)
-        down = tl.math.floor(tl.math.div_rn(a, q)) * q
-        up = tl.math.ceil(tl.math.div_rn(a, q)) * q
+        over, q = _in_quanta(tl.abs(v), FMT)
+        down = tl.math.floor(over) * q
+        up = tl.math.ceil(over) * q
         out = tl.where(v == 0, v, tl.where(v >= 0, down, -up))  # a zero keeps its sign, as in torch
     return out
 

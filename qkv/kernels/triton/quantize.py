@@ -106,22 +106,25 @@ def _quantize_pack_kernel(
     if HAS_MULT:  # every program of the row works it out from the block-peak pass; one stores it
         m = _row_multiplier(part_ptr + pid_n * tiles, tiles, LIMIT)
         tl.store(mult_ptr + pid_n, m, mask=(tl.program_id(0) == 0) & (tl.program_id(2) == 0))
+    # m is a power of two (2^-126 .. 2^127), so 1 / m is a float and a value over m is its product
+    # with it, rounded as the division: one division a program, not one a block
+    inv_m = tl.math.div_rn(1.0, m)
     if MODE == 2:
         low = tl.min(xb, axis=2)
         high = tl.max(xb, axis=2)
-        zero = round_down(tl.math.div_rn(low, m), FMT) * m
-        scale = round_up(tl.math.div_rn(tl.math.div_rn(high - zero, STEPS), m), FMT) * m
+        zero_rel = round_down(low * inv_m, FMT)  # stored, relative to m
+        zero = zero_rel * m
+        scale_rel = round_up(tl.math.div_rn(high - zero, STEPS) * inv_m, FMT)
     else:
         zero = tl.zeros((BLOCK_R, BLOCK_L // QBLOCK), tl.float32)
-        peak = tl.math.div_rn(tl.max(tl.abs(xb), axis=2), STEPS)
-        scale = round_up(tl.math.div_rn(peak, m), FMT) * m
-    # stored scale / zero (relative to m; m is a power of two, so the division is exact)
+        scale_rel = round_up(tl.math.div_rn(tl.max(tl.abs(xb), axis=2), STEPS) * inv_m, FMT)
+    scale = scale_rel * m
     g = tl.program_id(2) * (BLOCK_L // QBLOCK) + tl.arange(0, BLOCK_L // QBLOCK)
     g_mask = r_ok[:, None] & (g < G)[None, :]
     sidx = row[:, None] * G + g[None, :]
-    tl.store(scales_ptr + sidx, (scale / m).to(scales_ptr.dtype.element_ty), mask=g_mask)
+    tl.store(scales_ptr + sidx, scale_rel.to(scales_ptr.dtype.element_ty), mask=g_mask)
     if MODE == 2:
-        tl.store(zeros_ptr + sidx, (zero / m).to(zeros_ptr.dtype.element_ty), mask=g_mask)
+        tl.store(zeros_ptr + sidx, zero_rel.to(zeros_ptr.dtype.element_ty), mask=g_mask)
     live = scale > 0
     p, f, inv = divisor_parts(tl.where(live, scale, 1.0))  # one division a block
     # x / scale as the twin divides: a code turns on a quotient of at least 1/2, where `quotient`
@@ -132,17 +135,31 @@ def _quantize_pack_kernel(
     # clamped to the integers 0 .. LEVELS - 1 before rounding, as torch rounds then clamps
     code = nearest_int(tl.minimum(tl.maximum(v, 0.0), LEVELS - 1.0))
     code = tl.where(mask, tl.reshape(code, (BLOCK_R, BLOCK_L)), 0)
-    if WORD != 8:  # byte words: every shifted field fits 32 bits
-        code = code.to(tl.int64)
-    groups = tl.reshape(code, (BLOCK_R, BLOCK_L // WORD, WORD))
-    w = tl.program_id(2) * (BLOCK_L // WORD) + tl.arange(0, BLOCK_L // WORD)
-    for k in tl.static_range(BITS):
-        word = pack_word(groups, k, BITS, WORD, MSB)
-        widx = w * BITS + k
-        wmask = r_ok[:, None] & (widx < P)[None, :]
-        if WORD == 32:
-            word = tl.where(word >= 2147483648, word - 4294967296, word)
-        tl.store(codes_ptr + row[:, None] * P + widx[None, :], word.to(codes_ptr.dtype.element_ty), mask=wmask)
+    if WORD % BITS == 0:  # every code in one word: a word is its PER codes shifted into place
+        PER: tl.constexpr = WORD // BITS
+        i = tl.arange(0, PER)
+        if MSB:
+            shift = WORD - (i + 1) * BITS
+        else:
+            shift = i * BITS
+        # int32 fields that do not overlap: their sum is their OR (a 32-bit word's top field wraps
+        # to the sign bit, as the int32 container holds it)
+        word = tl.sum(tl.reshape(code, (BLOCK_R, BLOCK_L // PER, PER)) << shift[None, None, :], axis=2)
+        w = tl.program_id(2) * (BLOCK_L // PER) + tl.arange(0, BLOCK_L // PER)
+        tl.store(codes_ptr + row[:, None] * P + w[None, :], word.to(codes_ptr.dtype.element_ty),
+                 mask=r_ok[:, None] & (w < P)[None, :])
+    else:
+        if WORD != 8:  # byte words: every shifted field fits 32 bits
+            code = code.to(tl.int64)
+        groups = tl.reshape(code, (BLOCK_R, BLOCK_L // WORD, WORD))
+        w = tl.program_id(2) * (BLOCK_L // WORD) + tl.arange(0, BLOCK_L // WORD)
+        for k in tl.static_range(BITS):
+            word = pack_word(groups, k, BITS, WORD, MSB)
+            widx = w * BITS + k
+            wmask = r_ok[:, None] & (widx < P)[None, :]
+            if WORD == 32:
+                word = tl.where(word >= 2147483648, word - 4294967296, word)
+            tl.store(codes_ptr + row[:, None] * P + widx[None, :], word.to(codes_ptr.dtype.element_ty), mask=wmask)
 
 
 @triton.jit

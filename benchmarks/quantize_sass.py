@@ -1,0 +1,99 @@
+"""What quantize+pack costs a value, compiled for a GPU without one.
+
+Compiles ``_quantize_pack_kernel`` (kernels/triton/quantize.py) for an sm_90 target with the
+installed Triton as a compression launches it, for the keys of three presets at head dim 128:
+qvg (one stage of bf16 centroids subtracted, INT2 mid-rise in blocks of 64, E4M3 scales, bytes
+MSB first), rtn (no stage, blocks of 16) and kivi (per channel, asymmetric, fp16 scales and zero
+points, int32 words LSB first); pointers, strides, lengths and the stage's pointers and strides
+specialized as multiples of 16, as the JIT specializes them at launch. The kernel has no loop over
+its tile: the report is the registers a thread, its stack frame and the instructions a thread
+runs at 4,096 values a program on 4 warps (the default tile), and what 32 more values a thread add
+(a program of twice the rows): the kernel's cost a value, which decides its time where it is
+bound by instructions rather than bytes.
+
+    PYTHONPATH=. python3 benchmarks/quantize_sass.py --out benchmarks/results/quantize_sass_triton36.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import subprocess
+import tempfile
+
+import triton
+from decode_sass import LINE, resources, tool
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+import qkv
+from qkv.dtypes import max_finite
+from qkv.kernels.quantize import HEADROOM
+from qkv.kernels.triton.quantize import FORMAT_CODE, MODE_CODE, _quantize_pack_kernel
+
+POINTER_TYPES = {"bfloat16": "*bf16", "uint8": "*u8", "int32": "*i32", "float8_e4m3fn": "*fp8e4nv", "float16": "*fp16"}
+DIVISIBLE = ("x_ptr", "codes_ptr", "scales_ptr", "zeros_ptr", "part_ptr", "mult_ptr", "x_sn", "x_sr", "R", "L", "P",
+             "G", "D")
+
+
+def constants(preset: str, block_r: int) -> tuple[dict, dict, bool]:
+    """The kernel's constexprs, pointer types and whether it subtracts a stage, for ``preset``'s
+    keys at head dim 128 (its format from a compression of a small span)."""
+    import torch
+
+    ct = qkv.build_policy(preset).k.compress(torch.randn(1, 1, 256, 128).bfloat16())
+    q = ct.format.codes
+    length = 128 if q.axis == "token" else 256
+    block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
+    const = dict(BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
+                 LEVELS=q.levels, ZERO_CODE=float(q.offset // 1), FMT=FORMAT_CODE[q.scale], HAS_MULT=q.scale != "fp32",
+                 LIMIT=max_finite(q.scale_dtype) * HEADROOM, TOKEN_AXIS=q.axis == "token", WORD=q.pack.word_bits,
+                 MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l)
+    pointers = {"x_ptr": "*bf16", "codes_ptr": POINTER_TYPES[str(q.pack.container).split(".")[1]],
+                "scales_ptr": POINTER_TYPES[str(q.scale_dtype).split(".")[1]], "part_ptr": "*fp32", "mult_ptr": "*fp32"}
+    pointers["zeros_ptr"] = pointers["scales_ptr"]
+    return const, pointers, bool(ct.stages and ct.stages[0].centroids is not None)
+
+
+def compile_counts(preset: str, block_r: int, warps: int, tmp: str) -> dict:
+    const, pointers, staged = constants(preset, block_r)
+    kernel = _quantize_pack_kernel
+    stage = (("*bf16", "*u8", "i32", "i32", "i32"),) if staged else ()
+    signature = {a: "constexpr" if a in const else stage if a == "stages" else pointers.get(a, "i32")
+                 for a in kernel.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in DIVISIBLE}
+    if staged:
+        at = kernel.arg_names.index("stages")
+        attrs.update({(at, 0, j): [["tt.divisibility", 16]] for j in range(4)})
+    compiled = triton.compile(ASTSource(kernel, signature, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "enable_fp_fusion": False, "enable_reflect_ftz": False})
+    cubin = pathlib.Path(tmp) / f"{kernel.__name__}.cubin"
+    cubin.write_bytes(compiled.asm["cubin"])
+    sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
+    return {**resources(cubin), "instructions": sum(1 for line in sass.splitlines() if LINE.match(line)),
+            "values_a_thread": block_r * const["BLOCK_L"] // (32 * warps)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["qvg", "rtn", "kivi"])
+    parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets:
+            block_l = constants(preset, 1)[0]["BLOCK_L"]
+            block_r = max(1, min(64, 4096 // block_l))  # the default tile: 4,096 values a program
+            tile = compile_counts(preset, block_r, 4, tmp)
+            double = compile_counts(preset, 2 * block_r, 4, tmp)
+            rows.append({"preset": preset, "triton": triton.__version__, "target": "sm_90", **tile,
+                         "instructions_a_value": (double["instructions"] - tile["instructions"])
+                         / (double["values_a_thread"] - tile["values_a_thread"])})
+            print(rows[-1])
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
