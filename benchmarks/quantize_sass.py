@@ -1,15 +1,16 @@
-"""What quantize+pack costs a value, compiled for a GPU without one.
+"""What quantize+pack and its block-peak pass cost a value, compiled for a GPU without one.
 
-Compiles ``_quantize_pack_kernel`` (kernels/triton/quantize.py) for an sm_90 target with the
-installed Triton as a compression launches it, for the keys of three presets at head dim 128:
+Compiles ``_quantize_pack_kernel`` and ``_block_peak_kernel`` (kernels/triton/quantize.py) for
+an sm_90 target with the installed Triton as a compression launches them, for the keys of three
+presets at head dim 128:
 qvg (one stage of bf16 centroids subtracted, INT2 mid-rise in blocks of 64, E4M3 scales, bytes
 MSB first), rtn (no stage, blocks of 16) and kivi (per channel, asymmetric, fp16 scales and zero
 points, int32 words LSB first); pointers, strides, lengths and the stage's pointers and strides
-specialized as multiples of 16, as the JIT specializes them at launch. The kernel has no loop over
+specialized as multiples of 16, as the JIT specializes them at launch. Neither kernel loops over
 its tile: the report is the registers a thread, its stack frame and the instructions a thread
-runs at 4,096 values a program on 4 warps (the default tile), and what 32 more values a thread add
-(a program of twice the rows): the kernel's cost a value, which decides its time where it is
-bound by instructions rather than bytes.
+runs at the default tile (4,096 values a program for quantize+pack, 8,192 for the block peaks, 4
+warps), and what twice the rows add a value: the kernel's cost a value, which decides its time
+where it is bound by instructions rather than bytes.
 
     PYTHONPATH=. python3 benchmarks/quantize_sass.py --out benchmarks/results/quantize_sass_triton36.json
 """
@@ -30,8 +31,10 @@ from triton.compiler import ASTSource
 import qkv
 from qkv.dtypes import max_finite
 from qkv.kernels.quantize import HEADROOM
-from qkv.kernels.triton.quantize import FORMAT_CODE, MODE_CODE, _quantize_pack_kernel
+from qkv.kernels.triton.quantize import FORMAT_CODE, MODE_CODE, _block_peak_kernel, _quantize_pack_kernel
 
+# kernel -> (the JIT function, values a program of its default tile)
+KERNELS = {"quantize_pack": (_quantize_pack_kernel, 4096), "block_peak": (_block_peak_kernel, 8192)}
 POINTER_TYPES = {"bfloat16": "*bf16", "uint8": "*u8", "int32": "*i32", "float8_e4m3fn": "*fp8e4nv", "float16": "*fp16"}
 DIVISIBLE = ("x_ptr", "codes_ptr", "scales_ptr", "zeros_ptr", "part_ptr", "mult_ptr", "x_sn", "x_sr", "R", "L", "P",
              "G", "D")
@@ -56,9 +59,10 @@ def constants(preset: str, block_r: int) -> tuple[dict, dict, bool]:
     return const, pointers, bool(ct.stages and ct.stages[0].centroids is not None)
 
 
-def compile_counts(preset: str, block_r: int, warps: int, tmp: str) -> dict:
+def compile_counts(name: str, preset: str, block_r: int, warps: int, tmp: str) -> dict:
+    kernel = KERNELS[name][0]
     const, pointers, staged = constants(preset, block_r)
-    kernel = _quantize_pack_kernel
+    const = {k: v for k, v in const.items() if k in kernel.arg_names}
     stage = (("*bf16", "*u8", "i32", "i32", "i32"),) if staged else ()
     signature = {a: "constexpr" if a in const else stage if a == "stages" else pointers.get(a, "i32")
                  for a in kernel.arg_names}
@@ -82,15 +86,16 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for preset in args.presets:
-            block_l = constants(preset, 1)[0]["BLOCK_L"]
-            block_r = max(1, min(64, 4096 // block_l))  # the default tile: 4,096 values a program
-            tile = compile_counts(preset, block_r, 4, tmp)
-            double = compile_counts(preset, 2 * block_r, 4, tmp)
-            rows.append({"preset": preset, "triton": triton.__version__, "target": "sm_90", **tile,
-                         "instructions_a_value": (double["instructions"] - tile["instructions"])
-                         / (double["values_a_thread"] - tile["values_a_thread"])})
-            print(rows[-1])
+        for name, (_, values) in KERNELS.items():
+            for preset in args.presets:
+                block_l = constants(preset, 1)[0]["BLOCK_L"]
+                block_r = max(1, min(64 if name == "quantize_pack" else 128, values // block_l))  # as launched
+                tile = compile_counts(name, preset, block_r, 4, tmp)
+                double = compile_counts(name, preset, 2 * block_r, 4, tmp)
+                rows.append({"kernel": name, "preset": preset, "triton": triton.__version__, "target": "sm_90",
+                             **tile, "instructions_a_value": (double["instructions"] - tile["instructions"])
+                             / (double["values_a_thread"] - tile["values_a_thread"])})
+                print(rows[-1])
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")
 

@@ -62,16 +62,19 @@ def _block_peak_kernel(
     """Largest block peak (scale, or |zero point| for asym; see ``block_peaks``) of one tile of
     the residual, written to ``part[n, tile]``; the row's peak is the max over its tiles."""
     pid_n, _, _, _, x = _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS, BLOCK_R, BLOCK_L)
-    # masked elements are 0 and whole blocks (the block divides L), so their peaks are 0
-    xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
+    # masked elements are 0 and whole blocks (the block divides L), so their peaks are 0. A
+    # correctly rounded division by STEPS > 0 keeps the order of its dividends, so the largest
+    # quotient is the quotient of the largest: one division a tile, not one a block
     if MODE == 2:
+        xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
         low = tl.min(xb, axis=2)
-        peak = tl.maximum(tl.math.div_rn(tl.max(xb, axis=2) - low, STEPS), tl.abs(low))
+        span = tl.max(tl.max(tl.max(xb, axis=2) - low, axis=1), axis=0)
+        peak = tl.maximum(tl.math.div_rn(span, STEPS), tl.max(tl.max(tl.abs(low), axis=1), axis=0))
     else:
-        peak = tl.math.div_rn(tl.max(tl.abs(xb), axis=2), STEPS)
+        peak = tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), STEPS)
     tiles = tl.num_programs(0) * tl.num_programs(2)
     tile = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
-    tl.store(part_ptr + pid_n * tiles + tile, tl.max(tl.max(peak, axis=1), axis=0))
+    tl.store(part_ptr + pid_n * tiles + tile, peak)
 
 
 @triton.jit
