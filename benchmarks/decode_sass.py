@@ -72,16 +72,20 @@ def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | N
 
 
 def disassemble(kernel, const: dict, pointers: dict, warps: int, maxnreg: int | None, tmp: str, stages: int = 1,
-                divisible: tuple = (), shared: bool = False):
-    """SASS of ``kernel`` compiled for sm_90 with these constexprs (other arguments: ``pointers``
-    or int32, fp32 for qk_scale), ``stages`` deep pipelining, the arguments named in ``divisible``
-    specialized as multiples of 16 (as the JIT specializes them at launch); the cubin is left in
-    ``tmp`` under the kernel's name. ``shared``: (SASS, the shared memory bytes a program takes)."""
+                divisible: tuple = (), shared: bool = False, divisible_paths: tuple = (), options: dict | None = None):
+    """SASS of ``kernel`` compiled for sm_90 with these constexprs (other arguments: ``pointers``,
+    which may name a tuple argument's element types as a tuple, or int32, fp32 for qk_scale),
+    ``stages`` deep pipelining, the arguments named in ``divisible`` and the tuple elements at
+    ``divisible_paths`` ((argument name, index in the tuple, ...)) specialized as multiples of 16
+    (as the JIT specializes them at launch), ``options``: more compile options; the cubin is left
+    in ``tmp`` under the kernel's name. ``shared``: (SASS, the shared memory bytes a program takes)."""
     signature = {a: "constexpr" if a in const else pointers.get(a, "fp32" if a == "qk_scale" else "i32")
                  for a in kernel.arg_names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in divisible}
+    attrs.update({(kernel.arg_names.index(name), *at): [["tt.divisibility", 16]] for name, *at in divisible_paths})
     compiled = triton.compile(ASTSource(kernel, signature, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg})
+                              options={"num_warps": warps, "num_stages": stages, "maxnreg": maxnreg,
+                                       **(options or {})})
     cubin = pathlib.Path(tmp) / f"{kernel.__name__}.cubin"
     cubin.write_bytes(compiled.asm["cubin"])
     sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout

@@ -20,17 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import subprocess
 import tempfile
 
 import triton
-from decode_sass import LINE, resources, tool
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from decode_sass import LINE, disassemble, resources
 
 import qkv
 from qkv.dtypes import max_finite
 from qkv.kernels.quantize import HEADROOM
+from qkv.kernels.triton.bits import EXACT_LAUNCH
 from qkv.kernels.triton.quantize import FORMAT_CODE, MODE_CODE, _block_peak_kernel, _quantize_pack_kernel
 
 # kernel -> (the JIT function, values a program of its default tile)
@@ -63,19 +61,12 @@ def compile_counts(name: str, preset: str, block_r: int, warps: int, tmp: str) -
     kernel = KERNELS[name][0]
     const, pointers, staged = constants(preset, block_r)
     const = {k: v for k, v in const.items() if k in kernel.arg_names}
-    stage = (("*bf16", "*u8", "i32", "i32", "i32"),) if staged else ()
-    signature = {a: "constexpr" if a in const else stage if a == "stages" else pointers.get(a, "i32")
-                 for a in kernel.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(kernel.arg_names) if a in DIVISIBLE}
-    if staged:
-        at = kernel.arg_names.index("stages")
-        attrs.update({(at, 0, j): [["tt.divisibility", 16]] for j in range(4)})
-    compiled = triton.compile(ASTSource(kernel, signature, const, attrs=attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": warps, "enable_fp_fusion": False, "enable_reflect_ftz": False})
-    cubin = pathlib.Path(tmp) / f"{kernel.__name__}.cubin"
-    cubin.write_bytes(compiled.asm["cubin"])
-    sass = subprocess.run([tool("nvdisasm"), "-c", str(cubin)], capture_output=True, text=True, check=True).stdout
-    return {**resources(cubin), "instructions": sum(1 for line in sass.splitlines() if LINE.match(line)),
+    pointers["stages"] = (("*bf16", "*u8", "i32", "i32", "i32"),) if staged else ()
+    paths = tuple(("stages", 0, j) for j in range(4)) if staged else ()
+    sass = disassemble(kernel, const, pointers, warps, None, tmp, divisible=DIVISIBLE, divisible_paths=paths,
+                       options=EXACT_LAUNCH)
+    return {**resources(pathlib.Path(tmp) / f"{kernel.__name__}.cubin"),
+            "instructions": sum(1 for line in sass.splitlines() if LINE.match(line)),
             "values_a_thread": block_r * const["BLOCK_L"] // (32 * warps)}
 
 

@@ -197,6 +197,13 @@ def dequantize_grid(quick: bool) -> list[tiles.DequantizeTile]:
     return [tiles.DequantizeTile(f, v, w) for f, v, w in itertools.product(fast, other, warps)]
 
 
+def added_stages(ct) -> tuple[list, list]:
+    """The centroids and assignments, rows flattened, of the stages of ``ct`` that add centroids
+    back (what the quantize and dequantize kernels take)."""
+    added = [i for i, st in enumerate(ct.stages) if st.centroids is not None]
+    return [ct.stages[i].centroids.flatten(0, 1) for i in added], [ct.stage_assignments(i) for i in added]
+
+
 def quantize_grid(quick: bool) -> list[tiles.QuantizeTile]:
     values, warps, peak = (2048, 4096, 8192, 16384), (2, 4, 8), (4096, 8192, 16384)
     if quick:
@@ -213,9 +220,7 @@ def quantize_calls(args):
         rows = x.flatten(0, 1)
         for policy in args.policies or QUANTIZE_POLICIES:
             ct = qkv.build_policy(policy).k.compress(x)
-            added = [i for i, st in enumerate(ct.stages) if st.centroids is not None]
-            centroids = [ct.stages[i].centroids.flatten(0, 1) for i in added]
-            assignments = [ct.stage_assignments(i) for i in added]
+            centroids, assignments = added_stages(ct)
             yield (name, policy), lambda tile: quantize_pack_triton(rows, ct.format.codes, centroids, assignments,
                                                                     tile=tile)
             del ct, centroids, assignments
@@ -246,9 +251,7 @@ def dequantize_calls(args):
             ct = qkv.build_policy(policy).k.compress(x)
             rows = QuantizedRows(*(None if t is None else t.flatten(0, 1) for t in (ct.codes, ct.scales, ct.zeros,
                                                                                     ct.scale_mult)))
-            added = [i for i, st in enumerate(ct.stages) if st.centroids is not None]
-            centroids = [ct.stages[i].centroids.flatten(0, 1) for i in added]
-            assignments = [ct.stage_assignments(i) for i in added]
+            centroids, assignments = added_stages(ct)
             out = torch.empty(rows.codes.shape[0], ct.quantized_tokens, shape[3], dtype=ct.dtype, device="cuda")
             yield (name, policy), lambda tile: dequantize_triton(
                 rows, ct.format.codes, ct.quantized_tokens, centroids, assignments, out_dtype=ct.dtype, out=out,

@@ -232,9 +232,10 @@ def kmeans_far(dist, k: int, per_pick: int, *, backend="auto"):
     clusters with."""
     if dist.dim() != 2 or dist.dtype != torch.float32:
         raise ShapeError(f"kmeans_far: dist must be [N, S] float32, got {list(dist.shape)} {dist.dtype}")
-    for name, value, most in (("k", k, dist.shape[1]), ("per_pick", per_pick, None)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or (most is not None and value > most):
-            raise ShapeError(f"kmeans_far: {name}={value!r} (needs an int >= 1{'' if most is None else f', at most S = {most}'})")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dist.shape[1]:
+        raise ShapeError(f"kmeans_far: {k!r} far tokens of {dist.shape[1]} (needs an int, 1 <= k <= S)")
+    if isinstance(per_pick, bool) or not isinstance(per_pick, int) or per_pick < 1:
+        raise ShapeError(f"kmeans_far: per_pick={per_pick!r} (needs an int >= 1)")
     args = (dist, k, per_pick)
     return resolve("kmeans_far", backend, dist.device, *args)(*args)
 

@@ -157,6 +157,12 @@ def kmeanspp_torch(points: torch.Tensor, weights: torch.Tensor, draws: torch.Ten
     return picks
 
 
+def far_segments(s: int, k: int, per_pick: int) -> tuple[int, int]:
+    """(tokens a segment, whole segments) of :func:`far_tokens_torch` for a span of ``s`` tokens."""
+    size = max(1, s // (per_pick * k))
+    return size, s // size
+
+
 def far_tokens_torch(dist: torch.Tensor, k: int, per_pick: int) -> torch.Tensor:
     """[N, k] distinct token indices of ``dist`` [N, S] (squared distances, >= 0), farthest first:
     the farthest token of each of the k farthest of ``per_pick * k`` equal segments of the span
@@ -165,8 +171,8 @@ def far_tokens_torch(dist: torch.Tensor, k: int, per_pick: int) -> torch.Tensor:
     distances go to the lowest token, within a segment and among segments. One pass over
     ``dist`` and a sort of the segments' peaks instead of a top-k over every token."""
     n, s = dist.shape
-    size = max(1, s // (per_pick * k))
-    heads, where = dist[:, : s - s % size].view(n, -1, size).max(-1)  # the first of equal peaks
+    size, segments = far_segments(s, k, per_pick)
+    heads, where = dist[:, : segments * size].view(n, segments, size).max(-1)  # the first of equal peaks
     top = torch.sort(heads, dim=-1, descending=True, stable=True).indices[:, :k]
     return torch.gather(where, 1, top).add_(top, alpha=size)
 

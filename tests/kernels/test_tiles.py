@@ -119,6 +119,12 @@ def test_explicit_tile_is_run(tile):
     assert_within_twice_the_torch_error(decode_triton(q, segments, tile=tile), q, segments)
 
 
+def added_stages(ct) -> tuple[list, list]:
+    """The centroids and assignments, rows flattened, of the stages of ``ct`` that add centroids back."""
+    added = [i for i, stage in enumerate(ct.stages) if stage.centroids is not None]
+    return [ct.stages[i].centroids.flatten(0, 1) for i in added], [ct.stage_assignments(i) for i in added]
+
+
 @pytest.mark.parametrize("tile", [tiles.DequantizeTile(1024, 2048, 2), tiles.DequantizeTile(16384, 4096, 8)])
 @pytest.mark.parametrize("name", ["qvg", "qvg-pro", "kivi"])
 def test_explicit_dequantize_tile_decodes_the_same(tile, name):
@@ -131,9 +137,7 @@ def test_explicit_dequantize_tile_decodes_the_same(tile, name):
     ct = policy.compress(randn(7, 1, 2, 320, 64), randn(8, 1, 2, 320, 64)).k  # past kivi's 128-token window
     rows = kq.QuantizedRows(*(None if t is None else t.flatten(0, 1) for t in (ct.codes, ct.scales, ct.zeros,
                                                                               ct.scale_mult)))
-    added = [i for i, s in enumerate(ct.stages) if s.centroids is not None]  # none for kivi
-    centroids = [ct.stages[i].centroids.flatten(0, 1) for i in added]
-    assignments = [ct.stage_assignments(i) for i in added]
+    centroids, assignments = added_stages(ct)  # none for kivi
     q = ct.quantized_tokens
     ours = dequantize_triton(rows, ct.format.codes, q, centroids, assignments, tile=tile)
     default = dequantize_triton(rows, ct.format.codes, q, centroids, assignments)
@@ -153,9 +157,7 @@ def test_explicit_quantize_tile_packs_the_same(tile, name):
     ct = policy.compress(x, x).k
     fmt = ct.format.codes
     rows = x.flatten(0, 1) if fmt.axis == "token" else x.flatten(0, 1).transpose(1, 2)
-    added = [i for i, s in enumerate(ct.stages) if s.centroids is not None]  # none for kivi
-    centroids = [ct.stages[i].centroids.flatten(0, 1) for i in added]
-    assignments = [ct.stage_assignments(i) for i in added]
+    centroids, assignments = added_stages(ct)  # none for kivi
     ours = quantize_pack_triton(rows, fmt, centroids, assignments, tile=tile)
     default = quantize_pack_triton(rows, fmt, centroids, assignments)
     for field in ("codes", "scales", "zeros", "mult"):

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from qkv.kernels.kmeans import ClusterSums, round_sizes
+from qkv.kernels.kmeans import ClusterSums, far_segments, round_sizes
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
 from qkv.kernels.triton.tiles import AssignSumsTile, AssignTile, SeedTile, UpdateTile, multiprocessors, tile_for
 
@@ -824,13 +824,6 @@ def _rank_segments_kernel(key_ptr, out_ptr, segments, k, BLOCK_R: tl.constexpr, 
         larger += (other[None, :] > mine[:, None]).to(tl.int32)
     rank = tl.sum(larger, axis=1)
     tl.store(out_ptr + n * k + rank, 2147483647 - (mine & 4294967295), mask=(g < segments) & (rank < k))
-
-
-def far_segments(s: int, k: int, per_pick: int) -> tuple[int, int]:
-    """(tokens a segment, segments) of :func:`qkv.kernels.kmeans.far_tokens_torch` for a span of
-    ``s`` tokens."""
-    size = max(1, s // (per_pick * k))
-    return size, s // size
 
 
 def far_tokens_supports(dist, k, per_pick) -> str | None:
