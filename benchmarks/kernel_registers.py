@@ -60,7 +60,7 @@ def rows() -> list[dict]:
     k = torch.randn(1, 2, 256, 128).bfloat16()
     k_layout, v_layout = span_record(qkv.build_policy("qvg", clusters=64).compress(k, k.clone())).layouts
     for split in (False, True):
-        constants = dict(D=128, BLOCK_N=16, KV_T=tl.bfloat16, LIMIT=max_finite(torch.bfloat16), OUT_BF16=True,
+        constants = dict(D=128, BLOCK_N=16, KV_T=tl.bfloat16, LIMIT=max_finite(torch.bfloat16), PAIRS=True,
                          EMULATE=False, SPLIT=split, K=k_layout, V=v_layout)
         out.append({"kernel": "decompress", "split": split, "block_n": 16, "warps": 4,
                     **usage(decompress_kernel, {"span_ptr": "*i64", "item_ptr": "*i64", "k_out": "*bf16", "v_out": "*bf16"},

@@ -1,16 +1,16 @@
-"""What quantize+pack and its block-peak pass cost a value, compiled for a GPU without one.
+"""What quantize+pack, its block-peak pass and dequantize cost a value, compiled for a GPU without one.
 
-Compiles ``_quantize_pack_kernel`` and ``_block_peak_kernel`` (kernels/triton/quantize.py) for
-an sm_90 target with the installed Triton as a compression launches them, for the keys of three
-presets at head dim 128:
+Compiles ``_quantize_pack_kernel``, ``_block_peak_kernel`` and ``_dequantize_kernel``
+(kernels/triton/quantize.py) for an sm_90 target with the installed Triton as a compression and
+a decompression to bf16 launch them, for the keys of three presets at head dim 128:
 qvg (one stage of bf16 centroids subtracted, INT2 mid-rise in blocks of 64, E4M3 scales, bytes
 MSB first), rtn (no stage, blocks of 16) and kivi (per channel, asymmetric, fp16 scales and zero
 points, int32 words LSB first); pointers, strides, lengths and the stage's pointers and strides
-specialized as multiples of 16, as the JIT specializes them at launch. Neither kernel loops over
+specialized as multiples of 16, as the JIT specializes them at launch. No kernel loops over
 its tile: the report is the registers a thread, its stack frame and the instructions a thread
-runs at the default tile (4,096 values a program for quantize+pack, 8,192 for the block peaks, 4
-warps), and what twice the rows add a value: the kernel's cost a value, which decides its time
-where it is bound by instructions rather than bytes.
+runs at the default tile (4,096 values a program for quantize+pack and dequantize, 8,192 for the
+block peaks, 4 warps), and what twice the rows add a value: the kernel's cost a value, which
+decides its time where it is bound by instructions rather than bytes.
 
     PYTHONPATH=. python3 benchmarks/quantize_sass.py --out benchmarks/results/quantize_sass_triton36.json
 """
@@ -29,21 +29,29 @@ import qkv
 from qkv.dtypes import max_finite
 from qkv.kernels.quantize import HEADROOM
 from qkv.kernels.triton.bits import EXACT_LAUNCH
-from qkv.kernels.triton.quantize import FORMAT_CODE, MODE_CODE, _block_peak_kernel, _quantize_pack_kernel
+from qkv.kernels.triton.quantize import (
+    FORMAT_CODE, MODE_CODE, _block_peak_kernel, _dequantize_kernel, _quantize_pack_kernel,
+)
+from qkv.kernels.triton.records import code_layout
 
 # kernel -> (the JIT function, values a program of its default tile)
-KERNELS = {"quantize_pack": (_quantize_pack_kernel, 4096), "block_peak": (_block_peak_kernel, 8192)}
+KERNELS = {"quantize_pack": (_quantize_pack_kernel, 4096), "block_peak": (_block_peak_kernel, 8192),
+           "dequantize": (_dequantize_kernel, 4096)}
 POINTER_TYPES = {"bfloat16": "*bf16", "uint8": "*u8", "int32": "*i32", "float8_e4m3fn": "*fp8e4nv", "float16": "*fp16"}
-DIVISIBLE = ("x_ptr", "codes_ptr", "scales_ptr", "zeros_ptr", "part_ptr", "mult_ptr", "x_sn", "x_sr", "R", "L", "P",
-             "G", "D")
+DIVISIBLE = ("x_ptr", "codes_ptr", "scales_ptr", "zeros_ptr", "part_ptr", "mult_ptr", "out_ptr", "x_sn", "x_sr", "R",
+             "L", "P", "G", "D", "S", "OUT_N")
+
+
+def compressed(preset: str):
+    import torch
+
+    return qkv.build_policy(preset).k.compress(torch.randn(1, 1, 256, 128).bfloat16())
 
 
 def constants(preset: str, block_r: int) -> tuple[dict, dict, bool]:
     """The kernel's constexprs, pointer types and whether it subtracts a stage, for ``preset``'s
     keys at head dim 128 (its format from a compression of a small span)."""
-    import torch
-
-    ct = qkv.build_policy(preset).k.compress(torch.randn(1, 1, 256, 128).bfloat16())
+    ct = compressed(preset)
     q = ct.format.codes
     length = 128 if q.axis == "token" else 256
     block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
@@ -57,9 +65,29 @@ def constants(preset: str, block_r: int) -> tuple[dict, dict, bool]:
     return const, pointers, bool(ct.stages and ct.stages[0].centroids is not None)
 
 
+def dequantize_constants(preset: str, block_s: int) -> tuple[dict, dict, bool]:
+    """The dequantize kernel's constexprs (``block_s`` tokens a program, a bf16 output; both names of
+    the output flag the kernel has had), pointer types and whether it adds a stage, for
+    ``preset``'s keys at head dim 128."""
+    import torch
+
+    ct = compressed(preset)
+    q = ct.format.codes
+    added = [st for st in ct.stages if st.centroids is not None]
+    layout = code_layout(q, 128, None if q.scale == "fp32" else torch.ones(1), [st.centroids for st in added],
+                         [st.assignments for st in added])
+    const = dict(LAYOUT=layout, D=128, OUT_BF16=True, PAIRS=True, EMULATE=False, LIMIT=max_finite(torch.bfloat16),
+                 BLOCK_S=block_s, BLOCK_D=128, BLOCK_L=128)
+    scales = POINTER_TYPES[str(q.scale_dtype).split(".")[1]]
+    pointers = {"codes_ptr": POINTER_TYPES[str(q.pack.container).split(".")[1]], "scales_ptr": scales,
+                "zeros_ptr": scales, "mult_ptr": "*fp32", "out_ptr": "*bf16"}
+    return const, pointers, bool(added)
+
+
 def compile_counts(name: str, preset: str, block_r: int, warps: int, tmp: str) -> dict:
     kernel = KERNELS[name][0]
-    const, pointers, staged = constants(preset, block_r)
+    const, pointers, staged = (dequantize_constants if name == "dequantize" else constants)(preset, block_r)
+    values = block_r * const["BLOCK_L"]
     const = {k: v for k, v in const.items() if k in kernel.arg_names}
     pointers["stages"] = (("*bf16", "*u8", "i32", "i32", "i32"),) if staged else ()
     paths = tuple(("stages", 0, j) for j in range(4)) if staged else ()
@@ -67,7 +95,7 @@ def compile_counts(name: str, preset: str, block_r: int, warps: int, tmp: str) -
                        options=EXACT_LAUNCH)
     return {**resources(pathlib.Path(tmp) / f"{kernel.__name__}.cubin"),
             "instructions": sum(1 for line in sass.splitlines() if LINE.match(line)),
-            "values_a_thread": block_r * const["BLOCK_L"] // (32 * warps)}
+            "values_a_thread": values // (32 * warps)}
 
 
 def main() -> None:
@@ -79,7 +107,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name, (_, values) in KERNELS.items():
             for preset in args.presets:
-                block_l = constants(preset, 1)[0]["BLOCK_L"]
+                block_l = 128 if name == "dequantize" else constants(preset, 1)[0]["BLOCK_L"]
                 block_r = max(1, min(64 if name == "quantize_pack" else 128, values // block_l))  # as launched
                 tile = compile_counts(name, preset, block_r, 4, tmp)
                 double = compile_counts(name, preset, 2 * block_r, 4, tmp)

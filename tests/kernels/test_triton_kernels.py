@@ -285,21 +285,22 @@ def test_dequantize_matches_reference_exactly(bits, mode, scale, packer, axis, s
         assert out.dtype == out_dtype and torch.equal(out, ref)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("axis", ["token", "channel"])
-def test_dequantize_saturates_a_bf16_output_as_the_reference(axis):
-    """Values past bf16's finite range (fp32 scales near its top, values around bf16's largest
-    where rounding decides) come out as the largest finite bf16 of their sign, as
-    qkv.dtypes.saturate gives them, never inf."""
+def test_dequantize_saturates_a_16_bit_output_as_the_reference(axis, dtype):
+    """Values past a bf16 or fp16 output's finite range (fp32 scales near its top, values around
+    its largest where rounding decides) come out as the largest finite value of their sign, as
+    qkv.dtypes.saturate gives them, never inf (on a GPU one saturating conversion a pair)."""
     q = AffineQuantizer(bits=2, block=16, mode="sym", scale="fp32", axis=axis).code_format(PACKING.build("u8msb").format)
     n, s, d = 2, 32, 32
     rows = kernels.quantize_pack(random_rows(5, n=n, r=s if axis == "token" else d, length=d if axis == "token" else s),
                                  q, backend="torch")
-    top = max_finite(torch.bfloat16)
+    top = max_finite(dtype)
     factors = torch.tensor([0.25, 0.4999, 0.5, 0.50001, 1.0, 1e-30], device=DEVICE) * top
     scales = factors[torch.arange(rows.scales.numel(), device=DEVICE) % len(factors)].view_as(rows.scales)
     rows = dataclasses.replace(rows, scales=scales)
-    ref = kernels.dequantize(rows, q, s, [], [], out_dtype=torch.bfloat16, backend="torch")
-    out = kernels.dequantize(rows, q, s, [], [], out_dtype=torch.bfloat16, backend="triton")
+    ref = kernels.dequantize(rows, q, s, [], [], out_dtype=dtype, backend="torch")
+    out = kernels.dequantize(rows, q, s, [], [], out_dtype=dtype, backend="triton")
     assert torch.isfinite(ref).all() and (ref.float().abs() == top).any() and torch.equal(out, ref)
 
 

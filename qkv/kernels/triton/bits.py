@@ -156,17 +156,33 @@ def round_to_bf16(v):
 
 
 @triton.jit
-def to_output(x, LIMIT: tl.constexpr, BF16: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 x for an output of finite range +-LIMIT (0: fp32, unbounded), saturated to it, ready
-    for tl.store's cast, which rounds to nearest even on the GPU (cvt.rn). Under EMULATE (Triton's
-    interpreter, whose fp32 -> bf16 conversion may not round to nearest even) a bf16 output is
-    rounded here, on the bits (:func:`round_to_bf16`): the same values, four more instructions a
-    value where the GPU spends none."""
+def to_output(x, OUT_T: tl.constexpr, LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr):
+    """fp32 x in the output's dtype OUT_T, of finite range +-LIMIT (0: fp32, unbounded): saturated
+    to that range and rounded once to nearest even, as ``qkv.dtypes.saturate``. On the GPU a bf16
+    or fp16 output whose tile holds two or more values a thread (PAIRS, see :func:`pairs_a_thread`)
+    is converted by one ``cvt.rn.satfinite`` a pair of values, which rounds and saturates at once:
+    a value that rounds past the largest finite one becomes it, so the result is the clamped
+    value's rounding, without the clamp's two instructions a value. Otherwise x is clamped in fp32
+    and converted as tl.store would (cvt.rn); under EMULATE (Triton's interpreter, whose fp32 ->
+    bf16 conversion may not round to nearest even) a bf16 output is rounded on the bits first
+    (:func:`round_to_bf16`)."""
+    if LIMIT > 0 and PAIRS and not EMULATE and OUT_T == tl.bfloat16:
+        return tl.inline_asm_elementwise("cvt.rn.satfinite.bf16x2.f32 $0, $2, $1;", "=r,f,f", [x],
+                                         dtype=tl.bfloat16, is_pure=True, pack=2)
+    if LIMIT > 0 and PAIRS and not EMULATE and OUT_T == tl.float16:
+        return tl.inline_asm_elementwise("cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,f,f", [x],
+                                         dtype=tl.float16, is_pure=True, pack=2)
     if LIMIT > 0:
         x = tl.minimum(tl.maximum(x, -LIMIT), LIMIT)
-    if BF16 and EMULATE:
+    if OUT_T == tl.bfloat16 and EMULATE:
         x = round_to_bf16(x)
-    return x
+    return x.to(OUT_T)
+
+
+def pairs_a_thread(values: int, warps: int) -> bool:
+    """Whether a tile of ``values`` (a power of two) spread over ``warps`` warps holds at least two
+    a thread, as :func:`to_output`'s conversion of pairs needs (Triton aborts on fewer)."""
+    return values >= 2 * 32 * warps
 
 
 @triton.jit

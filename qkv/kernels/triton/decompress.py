@@ -22,7 +22,7 @@ from qkv.dtypes import max_finite
 from qkv.kernels.attention import SpanPlan
 from qkv.kernels.triton.attention import span_record_of
 from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
-from qkv.kernels.triton.bits import EXACT_LAUNCH, to_output
+from qkv.kernels.triton.bits import EXACT_LAUNCH, pairs_a_thread, to_output
 from qkv.kernels.triton.decode import plan_table
 from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
 from qkv.kernels.triton.launch import Launcher
@@ -33,27 +33,27 @@ from qkv.kernels.triton.tiles import DecompressTile, tile_for
 
 
 @triton.jit
-def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE: tl.constexpr):
+def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr):
     """x [BLOCK_N, D] fp32 saturated to the output's finite range and rounded once into its rows."""
-    x = to_output(x, LIMIT, OUT_BF16, EMULATE)
-    tl.store(out_ptr + rows[:, None] + d[None, :], x.to(out_ptr.dtype.element_ty), mask=ok[:, None])
+    x = to_output(x, out_ptr.dtype.element_ty, LIMIT, EMULATE, PAIRS)
+    tl.store(out_ptr + rows[:, None] + d[None, :], x, mask=ok[:, None])
 
 
 @triton.jit
 def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-               LIMIT: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE: tl.constexpr):
+               LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr):
     """The tile of keys t0 .. t0 + BLOCK_N of one tensor of a span (``src``: its record source,
     layout ``L``), those in lo .. hi decoded and written from row ``at`` (for key lo) of
     ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``)."""
     tok = t0 + tl.arange(0, BLOCK_N)
     x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact")
-    _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, OUT_BF16, EMULATE)
+    _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, EMULATE, PAIRS)
 
 
 @triton.jit
 def decompress_kernel(
     span_ptr, item_ptr, k_out, v_out, HKV, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
-    D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, LIMIT: tl.constexpr, OUT_BF16: tl.constexpr,
+    D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, LIMIT: tl.constexpr, PAIRS: tl.constexpr,
     EMULATE: tl.constexpr, SPLIT: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
 ):
     """Work item ``program_id(0)`` of (batch, KV head) row ``program_id(1)``: its keys' K and V,
@@ -72,17 +72,17 @@ def decompress_kernel(
         if tl.program_id(2) == 0:
             kt = record_source(rec + S_K, n, D, K, KV_T)
             for t0 in range(first, hi, BLOCK_N):
-                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, OUT_BF16, EMULATE)
+                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS)
         else:
             vt = record_source(rec + S_V, n, D, V, KV_T)
             for t0 in range(first, hi, BLOCK_N):
-                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, OUT_BF16, EMULATE)
+                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS)
     else:
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
         for t0 in range(first, hi, BLOCK_N):
-            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, OUT_BF16, EMULATE)
-            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, OUT_BF16, EMULATE)
+            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS)
+            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS)
 
 
 # launched for every span group of a staged attention call: without Triton's per-launch binding
@@ -125,7 +125,7 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
         launch_decompress[(g.n_items, b * h, 2 if tile.split else 1)](
             g.table, g.items, k_out, v_out, h, *k_out.stride()[:3], *v_out.stride()[:3],
             D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
-            LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), OUT_BF16=dtype == torch.bfloat16,
+            LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), PAIRS=pairs_a_thread(tile.block_n * d, tile.warps),
             EMULATE=k_out.device.type != "cuda", SPLIT=tile.split,
             K=k_layout, V=v_layout, num_warps=tile.warps, **EXACT_LAUNCH,
         )

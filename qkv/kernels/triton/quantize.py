@@ -20,7 +20,8 @@ import triton.language as tl
 from qkv.dtypes import max_finite
 from qkv.kernels.quantize import HEADROOM, QuantizedRows, check_quantize_args, rows_dim
 from qkv.kernels.triton.bits import (
-    EXACT_LAUNCH, LAUNCH_STAGES, divisor_parts, nearest_int, pack_word, quotient, round_down, round_up, to_output,
+    EXACT_LAUNCH, LAUNCH_STAGES, divisor_parts, nearest_int, pack_word, pairs_a_thread, quotient, round_down, round_up,
+    to_output,
 )
 from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
 from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
@@ -168,7 +169,7 @@ def _quantize_pack_kernel(
 @triton.jit
 def _dequantize_kernel(
     codes_ptr, scales_ptr, zeros_ptr, mult_ptr, out_ptr, stages, S, R, P, G, OUT_N,
-    LAYOUT: tl.constexpr, D: tl.constexpr, OUT_BF16: tl.constexpr, EMULATE: tl.constexpr, LIMIT: tl.constexpr,
+    LAYOUT: tl.constexpr, D: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr, LIMIT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """Tokens of one (batch, head) row n: codes [N, R, P], scales / zeros [N, R, G] (R: tokens or
@@ -181,11 +182,11 @@ def _dequantize_kernel(
                  stage_rows(stages, n))
     s0 = tl.program_id(1) * BLOCK_S
     out = decode_tile(src, s0, S, LAYOUT, D, BLOCK_S, BLOCK_D, False, "exact")
-    out = to_output(out, LIMIT, OUT_BF16, EMULATE)  # saturated as qkv.dtypes.saturate
+    out = to_output(out, out_ptr.dtype.element_ty, LIMIT, EMULATE, PAIRS)  # saturated as qkv.dtypes.saturate
     s = s0 + tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
     mask = (s < S)[:, None] & (d < D)[None, :]
-    tl.store(out_ptr + n * OUT_N + s[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + n * OUT_N + s[:, None] * D + d[None, :], out, mask=mask)
 
 
 def quantize_pack_supports(x, q: AffineFormat, centroids=(), assignments=()) -> str | None:
@@ -285,7 +286,7 @@ def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.f
         rows.codes, rows.scales, rows.scales if rows.zeros is None else rows.zeros,
         rows.codes if rows.mult is None else rows.mult, out, _stage_args(centroids, assignments),
         tokens, tokens if q.axis == "token" else d, rows.codes.shape[-1], rows.scales.shape[-1], out.stride(0),
-        LAYOUT=layout, D=d, OUT_BF16=out_dtype == torch.bfloat16, EMULATE=out.device.type != "cuda",
+        LAYOUT=layout, D=d, EMULATE=out.device.type != "cuda", PAIRS=pairs_a_thread(block_s * block_d, tile.warps),
         LIMIT=0.0 if out_dtype == torch.float32 else max_finite(out_dtype),
         BLOCK_S=block_s, BLOCK_D=block_d, num_warps=tile.warps, **EXACT_LAUNCH,
     )
