@@ -165,39 +165,63 @@ def _unpack(word, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
     """Values [R, G * W * PER] fp32 of packed words ``word`` [R, G, W] whose codes share a block
     per (row, g): ``scale`` and ``zero`` [R, G, 1]. Each code is decoded in the words' own layout
     and the codes are spread along the row by :func:`_spread`. A code becomes a float without an
-    int -> float conversion (a quarter-rate instruction): as the top mantissa bits of 2.0 it reads
-    ``2 + code * 2**(1 - BITS)`` (``raw``), then :func:`_affine`."""
+    int -> float conversion (a quarter-rate instruction): as mantissa bits of 2.0 it reads
+    ``2 + code * 2**(AT - 22)`` (``raw``, the code at bit AT), then :func:`_affine`. EXACT leaves
+    a code where it lies in its word where :func:`_in_place` allows (a mask, no shift: all but the
+    lowest code of a byte word), the fused path puts it at the mantissa's top (AT = 23 - BITS: one
+    factor a block for every code)."""
     PER: tl.constexpr = L.WORD // L.BITS
     w32 = word.to(tl.int32)
     vals = ()
     for j in tl.static_range(PER):
-        code = (w32 >> ((PER - 1 - j) * L.BITS if L.MSB else j * L.BITS)) & ((1 << L.BITS) - 1)
-        vals = vals + (_affine(_raw(code, L), scale, zero, L, EXACT),)
+        if EXACT and _in_place(_code_bit(j, PER, L.BITS, L.MSB), L.BITS, L.OFFSET):
+            raw = _raw(w32 & (((1 << L.BITS) - 1) << _code_bit(j, PER, L.BITS, L.MSB)))
+            vals = vals + (_affine(raw, scale, zero, _code_bit(j, PER, L.BITS, L.MSB), L, True),)
+        else:
+            code = (w32 >> _code_bit(j, PER, L.BITS, L.MSB)) & ((1 << L.BITS) - 1)
+            vals = vals + (_affine(_raw(code << (23 - L.BITS)), scale, zero, 23 - L.BITS, L, EXACT),)
     return _spread(vals, PER)
 
 
-@triton.jit
-def _raw(code, L: tl.constexpr):
-    """int32 codes as the top mantissa bits of 2.0: ``2 + code * 2**(1 - BITS)`` (fp32)."""
-    return ((code << (23 - L.BITS)) | 0x40000000).to(tl.float32, bitcast=True)
+@triton.constexpr_function
+def _code_bit(j: int, per: int, bits: int, msb: bool) -> int:
+    """The lowest bit of code j of a word of ``per`` codes of ``bits`` bits (first code at the top
+    if ``msb``)."""
+    return (per - 1 - j) * bits if msb else j * bits
+
+
+@triton.constexpr_function
+def _in_place(at: int, bits: int, offset: float) -> bool:
+    """Whether a code at bit ``at`` of its word decodes there (:func:`_affine`, exact): it lies in
+    the mantissa below bit 23, and 2**(23 - at) + offset is a float (its ulp, 2**-at, divides the
+    offset: a half-integer offset needs at >= 1)."""
+    return at <= 23 - bits and (offset * 2**at) % 1 == 0
 
 
 @triton.jit
-def _affine(raw, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
-    """Values of codes given as ``raw`` (see :func:`_unpack`) with their blocks' ``scale`` and
-    ``zero`` (broadcast to raw). EXACT: the reference's order, ``(code - OFFSET) * scale + zero``
-    (raw times 2**(BITS - 1) minus (2**BITS + OFFSET) is exact, fused or not); otherwise one
-    fused multiply-add per value, raw * (scale * 2**(BITS - 1)) + (zero - scale * (2**BITS +
-    OFFSET)), with the two factors computed per block (within fp32 rounding of the reference)."""
+def _raw(bits):
+    """int32 mantissa bits (a code shifted to bit AT, nothing above bit 22) under the exponent of
+    2.0: ``2 + code * 2**(AT - 22)`` (fp32)."""
+    return (bits | 0x40000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _affine(raw, scale, zero, AT: tl.constexpr, L: tl.constexpr, EXACT: tl.constexpr):
+    """Values of codes given as ``raw`` (see :func:`_unpack`; the code at bit AT) with their blocks'
+    ``scale`` and ``zero`` (broadcast to raw). EXACT: the reference's order, ``(code - OFFSET) *
+    scale + zero`` (raw times 2**(22 - AT) minus (2**(23 - AT) + OFFSET) is exact, fused or not);
+    otherwise one fused multiply-add per value, raw * (scale * 2**(22 - AT)) + (zero - scale *
+    (2**(23 - AT) + OFFSET)), with the two factors computed per block (within fp32 rounding of the
+    reference)."""
     if EXACT:  # the first step as one fused multiply-add, exact as it stands
-        val = tl.fma(raw, float(1 << (L.BITS - 1)), -float((1 << L.BITS) + L.OFFSET)) * scale
+        val = tl.fma(raw, float(1 << (22 - AT)), -float((1 << (23 - AT)) + L.OFFSET)) * scale
         if L.HAS_ZERO:
             val = val + zero
     else:
-        bias = scale * -((1 << L.BITS) + L.OFFSET)
+        bias = scale * -((1 << (23 - AT)) + L.OFFSET)
         if L.HAS_ZERO:
             bias = bias + zero
-        val = raw * (scale * (1 << (L.BITS - 1))) + bias
+        val = raw * (scale * (1 << (22 - AT))) + bias
     return val
 
 
@@ -222,7 +246,8 @@ def _unpack_as(word, scale, zero, L: tl.constexpr, ARITH: tl.constexpr):
     elif ARITH == "bf16x2" and table_fits(L.WORD, L.BITS):
         table = ()
         for c in tl.static_range(4):  # each block's values of codes 0 to 3, as _unpack computes them
-            table = table + (_affine(_raw(tl.full(scale.shape, c, tl.int32), L), scale, zero, L, False),)
+            table = table + (_affine(_raw(tl.full(scale.shape, c << (23 - L.BITS), tl.int32)), scale, zero,
+                                     23 - L.BITS, L, False),)
         x = opaque_bf16(_spread(unpack_table(word, table, L), PER))
     else:
         x = _unpack(word, scale, zero, L, ARITH == "exact")
