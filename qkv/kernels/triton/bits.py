@@ -140,10 +140,14 @@ def quotient(n, p, f, inv):
     2^-80 < |n / d| < 2^20: the quotient of n * p by f (both scaled by p exactly) is estimated by
     one product with inv and corrected once by its remainder (two fused multiply-adds: Markstein's
     correctly rounded division), three instructions instead of a division's ten. f >= 2^-22 (a
-    subnormal d's), so in that range the remainder is a normal number, hence exact."""
+    subnormal d's), so in that range the remainder is a normal number, hence exact. The remainder
+    is taken as q * (-f) + a: Triton negates a value as 0 - x, an instruction a value that ptxas
+    cannot fold into the multiply-add (0 - x and -x differ at zero), where -f is one a divisor (the
+    same remainder: -q and q * -f differ only as +0 / -0 at q = 0, which takes a = +-0 and q of a's
+    sign, and the sum is then a's either way)."""
     a = n * p
     q = a * inv
-    return tl.fma(tl.fma(-q, f, a), inv, q)
+    return tl.fma(tl.fma(q, -f, a), inv, q)
 
 
 @triton.jit
