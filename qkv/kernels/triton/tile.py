@@ -167,15 +167,18 @@ def _unpack(word, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
     and the codes are spread along the row by :func:`_spread`. A code becomes a float without an
     int -> float conversion (a quarter-rate instruction): as mantissa bits of 2.0 it reads
     ``2 + code * 2**(AT - 22)`` (``raw``, the code at bit AT), then :func:`_affine`. EXACT leaves
-    a code where it lies in its word where :func:`_in_place` allows (a mask, no shift: all but the
-    lowest code of a byte word), the fused path puts it at the mantissa's top (AT = 23 - BITS: one
-    factor a block for every code)."""
+    a code where it lies in its word where :func:`_in_place` allows (all but the lowest code of a
+    byte word): the word is put under the exponent once, and each such code is one mask of it
+    that keeps the exponent and the code's bits, no shift; the fused path puts a code at the
+    mantissa's top (AT = 23 - BITS: one factor a block for every code)."""
     PER: tl.constexpr = L.WORD // L.BITS
     w32 = word.to(tl.int32)
+    under = w32 | 0x40000000  # a bit 30 of the word is the exponent's own
     vals = ()
     for j in tl.static_range(PER):
         if EXACT and _in_place(_code_bit(j, PER, L.BITS, L.MSB), L.BITS, L.OFFSET):
-            raw = _raw(w32 & (((1 << L.BITS) - 1) << _code_bit(j, PER, L.BITS, L.MSB)))
+            keep = 0x40000000 | (((1 << L.BITS) - 1) << _code_bit(j, PER, L.BITS, L.MSB))
+            raw = (under & keep).to(tl.float32, bitcast=True)
             vals = vals + (_affine(raw, scale, zero, _code_bit(j, PER, L.BITS, L.MSB), L, True),)
         else:
             code = (w32 >> _code_bit(j, PER, L.BITS, L.MSB)) & ((1 << L.BITS) - 1)
