@@ -176,14 +176,19 @@ def _unpack(word, scale, zero, L: tl.constexpr, EXACT: tl.constexpr):
     under = w32 | 0x40000000  # a bit 30 of the word is the exponent's own
     vals = ()
     for j in tl.static_range(PER):
-        if EXACT and _in_place(_code_bit(j, PER, L.BITS, L.MSB), L.BITS, L.OFFSET):
-            keep = 0x40000000 | (((1 << L.BITS) - 1) << _code_bit(j, PER, L.BITS, L.MSB))
-            raw = (under & keep).to(tl.float32, bitcast=True)
-            vals = vals + (_affine(raw, scale, zero, _code_bit(j, PER, L.BITS, L.MSB), L, True),)
-        else:
-            code = (w32 >> _code_bit(j, PER, L.BITS, L.MSB)) & ((1 << L.BITS) - 1)
-            vals = vals + (_affine(_raw(code << (23 - L.BITS)), scale, zero, 23 - L.BITS, L, EXACT),)
+        vals = vals + (_code_value(w32, under, scale, zero, _code_bit(j, PER, L.BITS, L.MSB), L, EXACT),)
     return _spread(vals, PER)
+
+
+@triton.jit
+def _code_value(w32, under, scale, zero, AT: tl.constexpr, L: tl.constexpr, EXACT: tl.constexpr):
+    """The values of the codes at bit AT of words ``w32`` (``under``: the words under the exponent
+    of 2.0), see :func:`_unpack`."""
+    if EXACT and _in_place(AT, L.BITS, L.OFFSET):
+        raw = (under & (0x40000000 | (((1 << L.BITS) - 1) << AT))).to(tl.float32, bitcast=True)
+        return _affine(raw, scale, zero, AT, L, True)
+    code = (w32 >> AT) & ((1 << L.BITS) - 1)
+    return _affine(_raw(code << (23 - L.BITS)), scale, zero, 23 - L.BITS, L, EXACT)
 
 
 @triton.constexpr_function
