@@ -1,5 +1,5 @@
 """Is the k-means assignment bound by its min/argmin epilogue? Two rewrites of its inner loop,
-timed against the kernel as it is (``qkv.kernels.triton.kmeans.assign_triton``) on one GPU:
+timed against the kernel as it is (``qkv.kernels.triton.kmeans.assign.assign_triton``) on one GPU:
 
 - ``direct``: the bf16 tokens and centroids go to the tensor-core product as loaded (the kernel
   widens them to fp32 first, for its shared emulation path, and narrows them again);
@@ -23,7 +23,8 @@ import triton
 import triton.language as tl
 from common import gpu_main_args, write_json
 
-from qkv.kernels.triton.kmeans import _prepare_kernel, assign_triton
+from qkv.kernels.triton.kmeans.assign import assign_triton
+from qkv.kernels.triton.kmeans.nearest import _prepare_kernel
 from qkv.kernels.triton.tiles import AssignTile
 
 SHAPES = {"longcat_video": (32, 29640, 128, 256), "self_forcing": (12, 37440, 128, 256)}

@@ -1,6 +1,6 @@
 """What the k-means assignment kernel's loop over centroid tiles costs, compiled for a GPU without one.
 
-Compiles ``_assign_kernel`` (kernels/triton/kmeans.py) for an sm_90 target with the installed
+Compiles ``_assign_kernel`` (kernels/triton/kmeans/assign.py) for an sm_90 target with the installed
 Triton as a LongCat-Video span launches it (bf16 tokens, head dim 128, a row factor, the pointers,
 the head dim, the strides and the padded cluster count specialized as multiples of 16, Triton's
 default pipelining of 3), for each ``--tiles`` entry (tokens x centroids x warps), disassembles it
@@ -27,7 +27,7 @@ import tempfile
 import triton
 from decode_sass import disassemble, loop_bodies, resources
 
-from qkv.kernels.triton.kmeans import _assign_kernel, _assign_resident_kernel
+from qkv.kernels.triton.kmeans.assign import _assign_kernel, _assign_resident_kernel
 
 POINTERS = {"x_ptr": "*bf16", "f_ptr": "*fp32", "c_ptr": "*bf16", "csq_ptr": "*fp32", "idx_ptr": "*i64",
             "dist_ptr": "*fp32"}

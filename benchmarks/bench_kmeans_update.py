@@ -18,7 +18,8 @@ import torch
 from common import gpu_main_args, write_json
 
 from qkv import kernels
-from qkv.kernels.triton import kmeans as tk
+from qkv.kernels.triton.kmeans import update as tk
+from qkv.kernels.triton.kmeans.sums import update_onehot
 
 SHAPES = {"sana_wm_pass": (512, 2640, 128, 64), "longcat_video": (32, 29640, 128, 256),
           "self_forcing": (12, 37440, 128, 256), "self_forcing_128": (12, 37440, 128, 128)}
@@ -49,11 +50,11 @@ def main() -> None:
                 assign[:, : s // 2] = 0
             old = torch.randn(n, c, d, device="cuda")
             ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch")
-            onehot, counts = tk.update_onehot(x, assign, old)
-            again, _ = tk.update_onehot(x, assign, old)
+            onehot, counts = update_onehot(x, assign, old)
+            again, _ = update_onehot(x, assign, old)
             ordered, ordered_counts = tk.update_sorted(x, assign, old)
             row = {"shape": name, "rows": n, "tokens": s, "head_dim": d, "clusters": c, "half_in_one_cluster": skew,
-                   "onehot_ms": timed(lambda: tk.update_onehot(x, assign, old)),
+                   "onehot_ms": timed(lambda: update_onehot(x, assign, old)),
                    "sorted_ms": timed(lambda: tk.update_sorted(x, assign, old)),
                    "chosen": "onehot" if c <= tk.ONEHOT_MAX_CLUSTERS else "sorted",
                    "onehot_max_err": float((onehot - ref).abs().max()),

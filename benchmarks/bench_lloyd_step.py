@@ -21,7 +21,7 @@ from common import gpu_main_args, overridden, write_json
 
 from qkv import kernels
 from qkv.grouping.kmeans import kmeans
-from qkv.kernels.triton import kmeans as tk
+from qkv.kernels.triton.kmeans import assign as tk
 
 SHAPES = {"sana_wm_pass": (512, 2640, 128), "self_forcing_chunk": (24, 4680, 128),
           "anyflow_far_coarse": (24, 1170, 128), "longcat_video": (32, 29640, 128)}

@@ -1,6 +1,6 @@
 """What the far tokens' ranking kernel costs, compiled for a GPU without one.
 
-Compiles ``_rank_segments_kernel`` (kernels/triton/kmeans.py) for an sm_90 target with the
+Compiles ``_rank_segments_kernel`` (kernels/triton/kmeans/far.py) for an sm_90 target with the
 installed Triton, 128 keys a program, for each ``--steps`` entry (the row's keys a step x warps),
 disassembles it with the ``nvdisasm`` that ships with Triton and reports the registers a thread,
 its stack frame (spills), the instructions a warp of the loop over the row's keys, and a warp's
@@ -19,7 +19,7 @@ import tempfile
 import triton
 from decode_sass import disassemble, loop_bodies, resources
 
-from qkv.kernels.triton.kmeans import FAR_RANK_TILE, _rank_segments_kernel
+from qkv.kernels.triton.kmeans.far import FAR_RANK_TILE, _rank_segments_kernel
 
 SEGMENTS = 1058  # a LongCat-Video row: 29,640 tokens in 4 x 256 segments of 28
 

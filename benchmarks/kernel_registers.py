@@ -37,7 +37,7 @@ from qkv.dtypes import max_finite
 from qkv.grouping.kmeans import REDUCE_ROUNDS
 from qkv.kernels.kmeans import round_sizes
 from qkv.kernels.triton.decompress import decompress_kernel
-from qkv.kernels.triton.kmeans import _kmeanspp_kernel, kmeanspp_launch
+from qkv.kernels.triton.kmeans.seeding import _kmeanspp_kernel, kmeanspp_launch
 from qkv.kernels.triton.merge import _merge_kernel
 from qkv.kernels.triton.records import span_record
 from qkv.kernels.triton.tiles import DEFAULTS

@@ -1,6 +1,6 @@
 """What the weighted D^2 sampling kernel's loops cost, compiled for a GPU without one.
 
-Compiles ``_kmeanspp_kernel`` (kernels/triton/kmeans.py) for an sm_90 target with the installed
+Compiles ``_kmeanspp_kernel`` (kernels/triton/kmeans/seeding.py) for an sm_90 target with the installed
 Triton at the seedings' shapes (k-means||'s reduction: 1,024 candidates, rounds of 8 picks, its
 distances as products on the tensor cores; k-means++: 4,096 subsample tokens, a pick a round;
 head dim 128; ``--points`` in bf16 or fp32) under each ``--values`` (the
@@ -29,7 +29,7 @@ from decode_sass import disassemble, loop_bodies, resources
 
 from qkv.grouping.kmeans import REDUCE_ROUNDS
 from qkv.kernels.kmeans import round_sizes
-from qkv.kernels.triton.kmeans import _kmeanspp_kernel, kmeanspp_launch
+from qkv.kernels.triton.kmeans.seeding import _kmeanspp_kernel, kmeanspp_launch
 from qkv.kernels.triton.tiles import SeedTile
 
 SHAPES = {"kmeans||": (1024, 256, 1 + REDUCE_ROUNDS), "kmeans++": (4096, 256, 256)}  # points, picks, rounds

@@ -1,10 +1,11 @@
 """GPU time of ordering a span's tokens by cluster (the sorted k-means update's first step).
 
-Times ``qkv.kernels.triton.kmeans.order_by_cluster`` on random assignments at the spans' shapes
+Times ``qkv.kernels.triton.kmeans.update.order_by_cluster`` on random assignments at the spans' shapes
 (LongCat [32, 29640], Self-Forcing [12, 37440], a Self-Forcing chunk [12, 4680]; 256 clusters,
 and 1,024 at LongCat): wall time of a call and its GPU time (replayed from a CUDA graph), as
 ``radix_sort``. With ``--other TREE`` it also loads that tree's module
-(``TREE/qkv/kernels/triton/kmeans.py``, e.g. a ``git worktree`` of another commit), checks that
+(``TREE/qkv/kernels/triton/kmeans/update.py``, or ``kmeans.py`` in a tree from before the
+k-means kernels were split into modules; e.g. a ``git worktree`` of another commit), checks that
 both give the same keys, order and bounds, and times it under ``--other-name``: two
 implementations on the same tensors in one process. From a tree of commit 99673f9 (torch's sort
 and a binary search), with 082de69's counting sort in ``../counting``:
@@ -26,7 +27,7 @@ import pathlib
 import torch
 from common import gpu_ms, ms, write_json
 
-from qkv.kernels.triton import kmeans
+from qkv.kernels.triton.kmeans import update
 
 SHAPES = [(32, 29640, 256), (12, 37440, 256), (12, 4680, 256), (32, 29640, 1024)]  # rows, tokens, clusters
 
@@ -37,9 +38,11 @@ def main() -> None:
     parser.add_argument("--other-name", default="other", help="the other tree's name in the rows")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    impls = {"radix_sort": kmeans}
+    impls = {"radix_sort": update}
     if args.other:
-        path = pathlib.Path(args.other) / "qkv" / "kernels" / "triton" / "kmeans.py"
+        path = pathlib.Path(args.other) / "qkv" / "kernels" / "triton" / "kmeans" / "update.py"
+        if not path.exists():  # a tree from before the k-means kernels were split into modules
+            path = path.parent.with_suffix(".py")
         spec = importlib.util.spec_from_file_location("other_kmeans", path)
         impls[args.other_name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(impls[args.other_name])

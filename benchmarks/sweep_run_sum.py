@@ -20,7 +20,7 @@ from bench_kernels import real_tiled
 from common import clustered, gpu_ms, write_json
 
 from qkv.grouping.kmeans import kmeans
-from qkv.kernels.triton import kmeans as tk
+from qkv.kernels.triton.kmeans import update as tk
 
 SHAPES = {"longcat_video": (1, 32, 29640, 128), "self_forcing": (1, 12, 37440, 128)}
 CLUSTERS = 256

@@ -116,7 +116,9 @@ from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
 from qkv.kernels.triton.decompress import decompress_spans_triton
-from qkv.kernels.triton.kmeans import assign_triton, kmeanspp_triton, update_onehot
+from qkv.kernels.triton.kmeans.assign import assign_triton
+from qkv.kernels.triton.kmeans.seeding import kmeanspp_triton
+from qkv.kernels.triton.kmeans.sums import update_onehot
 from qkv.kernels.triton.quantize import dequantize_triton, quantize_pack_triton
 
 POLICIES = ("qvg", "kivi", "rtn", "quarot", "bf16")

@@ -169,7 +169,7 @@ def test_explicit_quantize_tile_packs_the_same(tile, name):
 def test_explicit_assign_tile_finds_the_same_centroids(tile):
     """Any assignment tile picks the same nearest centroids (ties to the lower index) at the same
     distances as the device's."""
-    from qkv.kernels.triton.kmeans import assign_triton
+    from qkv.kernels.triton.kmeans.assign import assign_triton
 
     x, cents = randn(9, 3, 300, 64).bfloat16(), randn(10, 3, 70, 64)
     idx, dist = assign_triton(x, cents, tile=tile)
@@ -183,7 +183,7 @@ def test_explicit_assign_sums_tile_sums_the_same_clusters(tile):
     """Any tile of the assignment that sums finds the same nearest centroids and counts as the
     device's, at the same distances and with the same sums up to their fp32 order (the tile sets
     the products' shape, the parts and the steps)."""
-    from qkv.kernels.triton.kmeans import assign_triton
+    from qkv.kernels.triton.kmeans.assign import assign_triton
 
     x, cents = randn(11, 3, 300, 64).bfloat16(), randn(12, 3, 20, 64)
     idx, dist, sums = assign_triton(x, cents, sums=True, sum_tile=tile)

@@ -315,10 +315,10 @@ def test_dequantize_with_implicit_assignments_view():
 
 def resident_only(monkeypatch, tile):
     """With a tile that keeps every centroid on chip (``waves``), the tiled kernel must not run."""
-    from qkv.kernels.triton import kmeans as triton_kmeans
+    from qkv.kernels.triton.kmeans import assign
 
     if tile is not None and tile.waves:
-        monkeypatch.setattr(triton_kmeans, "_assign_kernel", None)
+        monkeypatch.setattr(assign, "_assign_kernel", None)
 
 
 # the device's tile (a program per token tile); every centroid kept on chip, 2 programs a row
@@ -330,7 +330,7 @@ ASSIGN_TILES = [None, AssignTile(32, 128, 4, waves=3)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("tile", ASSIGN_TILES)
 def test_kmeans_assign_picks_the_nearest_bf16_rounded_centroid(d, c, dtype, tile, monkeypatch):
-    from qkv.kernels.triton.kmeans import assign_triton
+    from qkv.kernels.triton.kmeans.assign import assign_triton
 
     resident_only(monkeypatch, tile)
     g = gen(d + c)
@@ -361,7 +361,7 @@ def test_kmeans_assign_breaks_ties_toward_the_lower_index(tile, monkeypatch):
     """Tokens equal to centroids that repeat (repeated frames give equal tokens, so equal seeds)
     go to the first of the equal centroids, as the torch twin's argmin does, wherever the copies
     sit among the kernel's centroid tiles; the distance is 0."""
-    from qkv.kernels.triton.kmeans import assign_triton
+    from qkv.kernels.triton.kmeans.assign import assign_triton
 
     resident_only(monkeypatch, tile)
     g = gen(tile.clusters)
@@ -495,7 +495,7 @@ def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c):
     fits it: one flat sort; int32 beyond), the tokens as a stable sort of each row orders them, as
     positions in the flattened rows, and each cluster's first position (int32, the last S), with
     empty clusters and one cluster holding a third of a row."""
-    from qkv.kernels.triton.kmeans import order_by_cluster
+    from qkv.kernels.triton.kmeans.update import order_by_cluster
 
     a = torch.randint(0, c, (n, s), generator=gen(s + c), device=DEVICE)
     a[0, : s // 3] = c - 1
@@ -542,8 +542,8 @@ def test_kmeans_update_unbalanced_clusters(update):
     """One cluster holds most tokens (its sorted tokens span several of the sorted update's runs,
     the last one shorter), others hold fewer tokens than a run, one none: same means and counts
     as the reference, by either way of summing (the dispatcher picks by the number of clusters)."""
-    from qkv.kernels.triton import kmeans as tk
-    from qkv.kernels.triton.kmeans import RUN_TOKENS
+    from qkv.kernels.triton.kmeans import update as tk
+    from qkv.kernels.triton.kmeans.update import RUN_TOKENS
 
     g = gen(5)
     s = RUN_TOKENS * 3 + 17
@@ -565,8 +565,8 @@ def test_sorted_kmeans_update_runs_of_many_clusters(dtype):
     block (300 clusters of one or two tokens, some empty, between large ones that cross runs),
     fp16 and fp32 tokens summed from their bf16 parts, re-seeds and row scales: the reference's
     counts exactly and its means to fp32 summation order, the same bits on every run."""
-    from qkv.kernels.triton import kmeans as tk
-    from qkv.kernels.triton.kmeans import RUN_CLUSTERS, RUN_TOKENS
+    from qkv.kernels.triton.kmeans import update as tk
+    from qkv.kernels.triton.kmeans.update import RUN_CLUSTERS, RUN_TOKENS
 
     c = 300
     g = gen(17)
@@ -596,7 +596,7 @@ def test_onehot_kmeans_update_matches_reference(dtype, n, s, d, c):
     """The one-hot tensor-core update: the reference's counts exactly, its means to fp32 summation
     order (the tokens' bf16 parts add up to them exactly), re-seeds and scales as the reference,
     the same bits on every run, a cluster holding most tokens included."""
-    from qkv.kernels.triton.kmeans import update_onehot
+    from qkv.kernels.triton.kmeans.sums import update_onehot
     from qkv.kernels.triton.tiles import UpdateTile
 
     g = gen(d + c)
@@ -656,7 +656,9 @@ def test_kmeans_kernels_read_strided_rows_in_place(dtype):
     """The k-means kernels read tokens [N, S, D] with any strides along N and S (a slice of a
     longer buffer, keys and values stacked as one view), nothing copied, and give bit for bit what
     they give on a contiguous copy: assignment, both updates, re-seeds and row scales included."""
-    from qkv.kernels.triton import kmeans as tk
+    from qkv.kernels.triton.kmeans.assign import assign_triton
+    from qkv.kernels.triton.kmeans.sums import update_onehot
+    from qkv.kernels.triton.kmeans.update import update_sorted
 
     g = gen(13)
     buffer = torch.randn(5, 2, 300, 32, generator=g, device=DEVICE).to(dtype)  # [2 x (b h), capacity, D]
@@ -670,13 +672,13 @@ def test_kmeans_kernels_read_strided_rows_in_place(dtype):
     real_contiguous = torch.Tensor.contiguous
     with mock.patch.object(torch.Tensor, "contiguous",
                            lambda t, *a, **k: copies.append(t.data_ptr()) or real_contiguous(t, *a, **k)):
-        got = [tk.assign_triton(x, cents, scale)]
+        got = [assign_triton(x, cents, scale)]
         assign = got[0][0].clone()
         assign[assign == 3] = 0  # an empty cluster, re-seeded
-        got += [update(x, assign, cents, reseed, scale) for update in (tk.update_sorted, tk.update_onehot)]
+        got += [update(x, assign, cents, reseed, scale) for update in (update_sorted, update_onehot)]
     assert x.data_ptr() not in copies  # the tokens were read where they are
-    want = [tk.assign_triton(dense, cents, scale)]
-    want += [update(dense, assign, cents, reseed, scale) for update in (tk.update_sorted, tk.update_onehot)]
+    want = [assign_triton(dense, cents, scale)]
+    want += [update(dense, assign, cents, reseed, scale) for update in (update_sorted, update_onehot)]
     for a, b in zip(got, want):
         assert all(torch.equal(s, t) for s, t in zip(a, b))
 
@@ -761,8 +763,8 @@ def test_assignment_gathers_the_update_sums_in_its_pass(dtype, n, s, d, c, fused
     one-hot update's means bit for bit when launched alike (tokens per step, warps, waves: the
     device's tiles of the two kernels may differ), the reference's counts and its means to fp32
     summation order. Beyond, it leaves the sums to the update (None)."""
-    from qkv.kernels.triton import kmeans as tk
-    from qkv.kernels.triton.kmeans import update_onehot
+    from qkv.kernels.triton.kmeans import assign as tk
+    from qkv.kernels.triton.kmeans.sums import update_onehot
     from qkv.kernels.triton.tiles import UpdateTile, tile_for
 
     if fused_max is not None:

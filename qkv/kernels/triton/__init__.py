@@ -9,9 +9,10 @@ from qkv.kernels.triton.attention import attention_supports, attention_triton
 from qkv.kernels.triton.decode import decode_supports, decode_triton
 from qkv.kernels.triton.decompress import decompress_spans_supports, decompress_spans_triton
 from qkv.kernels.triton.hadamard import hadamard_supports, hadamard_triton
-from qkv.kernels.triton.kmeans import (
-    assign_supports, assign_triton, far_tokens_supports, far_tokens_triton, kmeanspp_supports, kmeanspp_triton, update_triton,
-)
+from qkv.kernels.triton.kmeans.assign import assign_supports, assign_triton
+from qkv.kernels.triton.kmeans.far import far_tokens_supports, far_tokens_triton
+from qkv.kernels.triton.kmeans.seeding import kmeanspp_supports, kmeanspp_triton
+from qkv.kernels.triton.kmeans.update import update_triton
 from qkv.kernels.triton.merge import merge_supports, merge_triton
 from qkv.kernels.triton.quantize import (
     dequantize_supports,
