@@ -8,8 +8,9 @@ with the ``nvdisasm`` that ships with Triton and reports the registers a thread,
 and the instructions of the loop over centroid tiles by opcode: a warp's instructions for one tile
 of tokens x centroids distances (16 x 32 products per tensor-core instruction group).
 ``--resident`` compiles ``_assign_resident_kernel`` instead (all 256 centroids one tile kept on
-chip; ``--tiles`` entries tokens x warps x pipelining depth), its loop over token tiles, and the
-shared memory a program takes.
+chip; ``--tiles`` entries tokens x warps x pipelining depth), its loop over token tiles (the
+software-pipelined copy that rows of factor 1 take; the unpipelined copy of rows outside the safe
+range in ``other_loops_instructions``), and the shared memory a program takes.
 
     PYTHONPATH=. python3 benchmarks/assign_sass.py --out benchmarks/results/assign_sass_triton36.json
     PYTHONPATH=. python3 benchmarks/assign_sass.py --resident --tiles 64x4x3 64x4x2 64x8x3 128x8x3 \
@@ -55,10 +56,17 @@ def main() -> None:
             sass, shared = disassemble(kernel, const, POINTERS, warps, None, tmp, stages=stages, divisible=divisible,
                                        shared=True)
             bodies, _ = loop_bodies(sass)
-            ops = collections.Counter(max(bodies, key=len))  # the loop over centroid (or token) tiles
+            # the loop over centroid (or token) tiles: of the loops with tensor-core products, the
+            # software-pipelined one (the on-chip kernel's copy for rows of factor 1); the others'
+            # lengths beside it (its copy for scaled rows)
+            products = [b for b in bodies if any(op.startswith(("HGMMA", "HMMA")) for op in b)] or bodies
+            main = max(products, key=lambda b: (any(op.startswith("LDGSTS") for op in b), len(b)))
+            ops = collections.Counter(main)
             rows.append({"tile": spec, "kernel": kernel.__name__, "triton": triton.__version__, "target": "sm_90",
                          **resources(pathlib.Path(tmp) / f"{kernel.__name__}.cubin"), "shared_bytes": shared,
-                         "loop_instructions": sum(ops.values()), "opcodes": dict(ops.most_common())})
+                         "loop_instructions": sum(ops.values()),
+                         "other_loops_instructions": [len(b) for b in products if b is not main],
+                         "opcodes": dict(ops.most_common())})
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "opcodes"}), flush=True)
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")

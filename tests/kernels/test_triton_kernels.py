@@ -651,6 +651,28 @@ def test_kmeans_ops_scale_each_row_as_they_read_it(dtype):
         assert same(out, ref) and torch.equal(counts, ref_counts)
 
 
+@pytest.mark.parametrize("tile", ASSIGN_TILES)
+def test_kmeans_assign_takes_rows_of_factor_one_and_scaled_rows_in_one_call(tile, monkeypatch):
+    """Rows of factor 1 and rows outside the safe range in one call (the on-chip kernel walks them
+    in two copies of its loop): the assignments and distances of the scaled copy, bit for bit on
+    the CPU."""
+    from qkv.kernels.triton.kmeans.assign import assign_triton
+
+    resident_only(monkeypatch, tile)
+    g = gen(19)
+    base = torch.randn(4, 150, 64, generator=g, device=DEVICE)
+    x = (base * torch.tensor([2.0**70, 1.0, 1.0, 2.0**-70], device=DEVICE).view(-1, 1, 1)).bfloat16()
+    scale = torch.tensor([2.0**-70, 1.0, 1.0, 2.0**70], device=DEVICE)
+    cents = torch.randn(4, 40, 64, generator=g, device=DEVICE)
+    idx, dist = assign_triton(x, cents, scale, tile=tile)
+    ref_idx, ref_dist = assign_triton(x.float() * scale.view(-1, 1, 1), cents, tile=tile)
+    assert torch.equal(idx, ref_idx)
+    if DEVICE == "cpu":
+        assert torch.equal(dist, ref_dist)
+    else:  # bf16 tokens times a scale and fp32 scaled tokens take different products
+        assert torch.allclose(dist, ref_dist, rtol=2.0**-20, atol=2.0**-20 * float(ref_dist.abs().max()))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kmeans_kernels_read_strided_rows_in_place(dtype):
     """The k-means kernels read tokens [N, S, D] with any strides along N and S (a slice of a

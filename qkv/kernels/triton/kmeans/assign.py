@@ -74,12 +74,30 @@ def _assign_resident_kernel(
     f = 1.0
     if HAS_SCALE:
         f = tl.load(f_ptr + n)
-    for t in range(tl.program_id(1), TILES, tl.num_programs(1)):
+    # every row in the safe range has the factor 1: its loop takes the tokens' squared norms with 1
+    # for it, compiled in (no multiply a value); rows outside the range (rare) take a copy of the
+    # loop without software pipelining, whose buffers would not share the pipelined copy's shared
+    # memory (two programs a multiprocessor would no longer fit)
+    if f == 1.0:
+        _resident_tiles(x_ptr, f, 1.0, cent, norm, idx_ptr, dist_ptr, n, S, CP, D, XN, XS, TILES, d, j, X_EXACT,
+                        EMULATE, BLOCK_S, None)
+    else:
+        _resident_tiles(x_ptr, f, f, cent, norm, idx_ptr, dist_ptr, n, S, CP, D, XN, XS, TILES, d, j, X_EXACT,
+                        EMULATE, BLOCK_S, 1)
+
+
+@triton.jit
+def _resident_tiles(x_ptr, f, f_sq, cent, norm, idx_ptr, dist_ptr, n, S, CP, D: tl.constexpr, XN, XS, TILES, d, j,
+                    X_EXACT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
+    """_assign_resident_kernel's walk over row n's token tiles (STAGES: its software pipelining,
+    None for the launch's), the row's factor ``f`` (``f_sq``: the same, for the squared norms;
+    the products take the runtime value either way, so both copies round them alike)."""
+    for t in tl.range(tl.program_id(1), TILES, tl.num_programs(1), num_stages=STAGES):
         s = t * BLOCK_S + tl.arange(0, BLOCK_S)
         s_ok = s < S
         x = tl.load(x_ptr + n * XN + s[:, None].to(tl.int64) * XS + d[None, :],
                     mask=s_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
-        x_sq = tl.sum((x * f) * (x * f), axis=1)
+        x_sq = tl.sum((x * f_sq) * (x * f_sq), axis=1)
         xh, xl = split_bf16(x, X_EXACT)
         dist = _distances(xh, xl, f, cent, norm, X_EXACT, EMULATE)
         best = tl.min(dist, axis=1)
