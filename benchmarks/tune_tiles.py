@@ -22,7 +22,7 @@ sixteen):
 ``--grid FIELD=V1,V2 ...`` replaces the decode sweep's choices of those fields (the others keep
 theirs; the default tile is always timed too), for a narrower or a different grid, e.g.
 ``--grid warps=1,2 stages=1 maxnreg=none,128``. ``--keys centroids|codes|cast`` writes the winner for one
-class of keys (``qkv.kernels.attention.key_class``: those that add centroids back, other codes,
+class of keys (``qkv.kernels.segments.key_class``: those that add centroids back, other codes,
 spans stored as floats); ``--rescore JSON`` picks a winner from an
 earlier sweep's timings of ``--policies`` without a GPU. The H200's one-query rows came so:
 
@@ -111,7 +111,7 @@ from common import environment, write_json
 import qkv
 from qkv.grouping.kmeans import REDUCE_ROUNDS
 from qkv.kernels import CompressedSpan, SpanPlan
-from qkv.kernels.attention import KEY_CLASSES
+from qkv.kernels.segments import KEY_CLASSES
 from qkv.kernels.quantize import QuantizedRows
 from qkv.kernels.triton import tiles
 from qkv.kernels.triton.decode import decode_triton
@@ -437,7 +437,7 @@ def main() -> None:
                         help="write the winner for calls of at most this many query rows per KV head (decode) "
                              "or clusters (assign_sums)")
     parser.add_argument("--keys", choices=KEY_CLASSES, default=None,
-                        help="decode: write the winner for this class of keys (qkv.kernels.attention.key_class); "
+                        help="decode: write the winner for this class of keys (qkv.kernels.segments.key_class); "
                              "omitted: for every class")
     parser.add_argument("--reads-up-to", type=int, default=None,
                         help="decode: pick over the cases that read at most this many span keys (batch x history) "

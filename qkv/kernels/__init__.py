@@ -21,20 +21,17 @@ from qkv.dtypes import saturate
 from qkv.errors import BackendError, ConfigError, DeviceError, DTypeError, ShapeError
 from qkv.format import AffineFormat, Undo
 from qkv.kernels.attention import (
-    CompressedSpan,
-    DenseKV,
-    SpanPlan,
     attention_decode_torch,
     attention_partial,
     attention_staged,
     attention_torch,
     check_attention,
-    decompress_spans_torch,
     merge_torch,
 )
 from qkv.kernels.hadamard import hadamard_torch
 from qkv.kernels.kmeans import assign_torch, far_tokens_torch, kmeanspp_torch, update_torch
 from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch, rows_dim
+from qkv.kernels.segments import CompressedSpan, DenseKV, SpanPlan, decompress_spans_torch
 
 
 class Backend(str, enum.Enum):

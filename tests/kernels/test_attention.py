@@ -29,8 +29,8 @@ from qkv.kernels.attention import (  # noqa: E402
     partial_attention,
     sdpa_split,
     sdpa_with_lse,
-    span_groups,
 )
+from qkv.kernels.segments import span_groups  # noqa: E402
 attention_module = importlib.import_module("qkv.kernels.attention")  # the package's attention() shadows it
 from qkv.kernels.triton.attention import span_support  # noqa: E402
 

@@ -11,7 +11,7 @@ pytest.importorskip("triton")
 
 import qkv  # noqa: E402
 from qkv.kernels import CompressedSpan, SpanPlan  # noqa: E402
-from qkv.kernels.attention import KEY_CLASSES  # noqa: E402
+from qkv.kernels.segments import KEY_CLASSES  # noqa: E402
 from qkv.kernels.triton import tiles  # noqa: E402
 from qkv.kernels.triton.decode import decode_triton  # noqa: E402
 

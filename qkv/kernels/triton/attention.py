@@ -25,7 +25,8 @@ import triton
 from triton.runtime.errors import OutOfResources
 
 from qkv import kernels
-from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, _kv_meta, check_attention, default_scale
+from qkv.kernels.attention import check_attention, default_scale
+from qkv.kernels.segments import CompressedSpan, DenseKV, SpanPlan, kv_meta
 from qkv.kernels.triton.attention_kernel import attention_kernel
 from qkv.kernels.triton.hadamard import hadamard_triton
 from qkv.kernels.triton.records import (
@@ -152,7 +153,7 @@ def attention_triton(q: torch.Tensor, segments, scale: float | None = None, *, t
     check_attention(q, segments)
     scale = default_scale(q, scale)
     segments = [seg for seg in segments if not isinstance(seg, SpanPlan) or seg.spans]
-    h_kv = _kv_meta(segments[0])[0][1]
+    h_kv = kv_meta(segments[0])[0][1]
     keep: list = []  # every tensor whose address is in a table, alive until the launches are queued
     dense = [_dense_record(s, keep) for s in segments if isinstance(s, DenseKV) and s.tokens]
     groups: dict[tuple[TensorLayout, TensorLayout], list[list[int]]] = {}

@@ -24,7 +24,8 @@ import torch
 from triton.runtime.errors import OutOfResources
 
 from qkv.errors import ConfigError
-from qkv.kernels.attention import CompressedSpan, DenseKV, SpanPlan, default_scale
+from qkv.kernels.attention import default_scale
+from qkv.kernels.segments import CompressedSpan, DenseKV, SpanPlan
 from qkv.kernels.triton.attention import LOG2E, attention_supports, span_record_of
 from qkv.kernels.triton import decode_kernel as jit
 from qkv.kernels.triton.hadamard import hadamard_triton

@@ -1,5 +1,5 @@
 """Decompression of many stored spans in one launch, twin of
-:func:`qkv.kernels.attention.decompress_spans_torch`.
+:func:`qkv.kernels.segments.decompress_spans_torch`.
 
 The staged attention decompresses the history a group of consecutive spans at a time into one
 buffer. Span by span that is two launches and the host work of a call per span, in every layer and
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from qkv.dtypes import max_finite
-from qkv.kernels.attention import SpanPlan
+from qkv.kernels.segments import SpanPlan
 from qkv.kernels.triton.attention import span_record_of
 from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
 from qkv.kernels.triton.bits import EXACT_LAUNCH, pairs_a_thread, to_output
@@ -109,7 +109,7 @@ def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.
 
 def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *,
                             tile: DecompressTile | None = None) -> None:
-    """Triton twin of :func:`qkv.kernels.attention.decompress_spans_torch` (checked arguments):
+    """Triton twin of :func:`qkv.kernels.segments.decompress_spans_torch` (checked arguments):
     one launch per layout among the spans (usually one), K and V together. ``tile``: the launch
     (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
     if not plan.spans:

@@ -17,7 +17,7 @@ A decode tile may also hold only for calls that read at most ``reads_up_to`` spa
 spans' live keys times the batch): on an H100 one query over 33k keys at batch 1 wanted other
 tiles than 132k keys or a batch of 8 (``benchmarks/results/tune_tiles_key_scores_block_n_h100.json``).
 A decode tile may also name the class of keys it is for (``"keys"``, see
-:func:`qkv.kernels.attention.key_class`): ``"centroids"`` for spans whose keys add centroids back
+:func:`qkv.kernels.segments.key_class`): ``"centroids"`` for spans whose keys add centroids back
 (qvg and the other smoothed presets), ``"codes"`` for other codes (rtn, kivi, quarot), ``"cast"``
 for spans stored as floats (bf16 spans), which take the ``"codes"`` tiles where the GPU's entry
 names no ``"cast"`` tile; a tile without it is for every class. At one query the classes want
@@ -35,7 +35,7 @@ import pathlib
 
 import torch
 
-from qkv.kernels.attention import KEY_CLASSES
+from qkv.kernels.segments import KEY_CLASSES
 
 TABLE = pathlib.Path(__file__).with_name("tiles.json")
 # the fields of a table row that say which calls it is for (the rest is the tile)
