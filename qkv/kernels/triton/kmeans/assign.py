@@ -65,7 +65,8 @@ def _assign_resident_kernel(
     """_assign_kernel for a row whose CP prepared centroids are one tile (CP == BLOCK_C, prepared
     without the tiled kernel's extra tile): the program loads them once and walks the row's token
     tiles p, p + P, ... (P programs a row), so the centroids are read once a program instead of
-    once a token tile, and the token loads are pipelined across tiles."""
+    once a token tile, and the token loads are pipelined across tiles (for rows of factor 1: see
+    below)."""
     n = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     j = tl.arange(0, BLOCK_C)
