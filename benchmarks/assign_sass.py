@@ -10,7 +10,9 @@ of tokens x centroids distances (16 x 32 products per tensor-core instruction gr
 ``--resident`` compiles ``_assign_resident_kernel`` instead (all 256 centroids one tile kept on
 chip; ``--tiles`` entries tokens x warps x pipelining depth), its loop over token tiles (the
 software-pipelined copy that rows of factor 1 take; the unpipelined copy of rows outside the safe
-range in ``other_loops_instructions``), and the shared memory a program takes.
+range in ``other_loops_instructions``), and the shared memory a program takes. ``--peaks``: the
+pass that also measures each row's max |x|, every factor taken to be 1 (k-means's first pass when
+the peaks are not given).
 
     PYTHONPATH=. python3 benchmarks/assign_sass.py --out benchmarks/results/assign_sass_triton36.json
     PYTHONPATH=. python3 benchmarks/assign_sass.py --resident --tiles 64x4x3 64x4x2 64x8x3 128x8x3 \
@@ -31,7 +33,7 @@ from decode_sass import disassemble, loop_bodies, resources
 from qkv.kernels.triton.kmeans.assign import _assign_kernel, _assign_resident_kernel
 
 POINTERS = {"x_ptr": "*bf16", "f_ptr": "*fp32", "c_ptr": "*bf16", "csq_ptr": "*fp32", "idx_ptr": "*i64",
-            "dist_ptr": "*fp32"}
+            "dist_ptr": "*fp32", "top_ptr": "*i32"}
 
 
 def main() -> None:
@@ -40,6 +42,9 @@ def main() -> None:
                         help="tokens x centroids x warps a program")
     parser.add_argument("--resident", action="store_true",
                         help="the kernel that keeps 256 centroids on chip (tiles: tokens x warps x stages)")
+    parser.add_argument("--peaks", action="store_true",
+                        help="the pass that also measures the rows' peaks, every factor taken to be 1 (k-means's "
+                             "first pass when it does not know them)")
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
     kernel = _assign_resident_kernel if args.resident else _assign_kernel
@@ -50,8 +55,8 @@ def main() -> None:
                 (tokens, warps, stages), clusters = map(int, spec.split("x")), 256
             else:
                 (tokens, clusters, warps), stages = map(int, spec.split("x")), 3
-            const = dict(D=128, X_EXACT=True, HAS_SCALE=True, EMULATE=False, BLOCK_S=tokens, BLOCK_C=clusters,
-                         BLOCK_D=128)
+            const = dict(D=128, X_EXACT=True, HAS_SCALE=True, EMULATE=False, PEAKS=args.peaks, REDO=False,
+                         BLOCK_S=tokens, BLOCK_C=clusters, BLOCK_D=128)
             divisible = (*POINTERS, "C", "CP", "D", "XN", "XS")
             sass, shared = disassemble(kernel, const, POINTERS, warps, None, tmp, stages=stages, divisible=divisible,
                                        shared=True)

@@ -29,7 +29,12 @@
 - Fewer tokens than clusters: every token gets its own cluster (C = S, exact).
 - Works on each row times a power of two (:func:`qkv.grouping.base.row_factor`: 1 for rows in
   the safe range), applied as the k-means ops read the tokens (no scaled copy, no host read-back),
-  so distances never overflow.
+  so distances never overflow. The factor comes from the rows' max |x|: given by the caller (a
+  checked compression's value check read them), or measured by the first assignment pass, which
+  takes every factor to be 1 and is run again, in place, for the rows where that was wrong (the
+  seeded or warm-start centroids scaled then, exactly as the seeding would have scaled them), so
+  no separate pass over the tokens reads them; only k-means++ and k-means|| seedings, which need
+  the factors first, read the peaks in a reduction of their own.
 The objective never increases, and with ``finish="assign"`` every token ends assigned to its nearest
 centroid (with the Triton assignment: its nearest centroid rounded to bf16, see docs/kernels.md).
 """
@@ -195,7 +200,9 @@ def kmeans(
 
     ``iters`` Lloyd iterations at most (0: only the initial assignment); ``init_centroids``
     [N, C, D] replaces the seeded init (warm start); ``peaks``: each row's max |x| ([N] fp32), if
-    known (see :func:`row_factor`); ``finish``: ``"assign"`` ends with an assignment pass to the
+    known (see :func:`row_factor`; otherwise the first assignment pass measures them as it reads
+    the tokens, or with a k-means++ or k-means|| seeding, which needs the rows' factors first, a
+    reduction of their own reads them); ``finish``: ``"assign"`` ends with an assignment pass to the
     final centroids, ``"update"`` with the last iteration's means of its assignments (the
     reference's; with ``iters=0`` both are the initial assignment); ``objective=False`` leaves the
     result's objective None (the sums after the last pass and the history's stacking are not
@@ -204,25 +211,42 @@ def kmeans(
     check_choice("kmeans", "init", init, INITS)
     check_choice("kmeans", "finish", finish, FINISHES)
     n, s, d = x.shape
-    factor = row_factor(x, peaks)  # [N]; the k-means ops multiply each token by it as they read it
+    # [N]; the k-means ops multiply each token by it as they read it. Unless the caller knows the
+    # rows' peaks or the seeding needs the factor, the first assignment pass takes it to be 1 and
+    # measures the peaks as it reads the tokens; the rows it got wrong are assigned again (assign_pass)
+    factor = None if peaks is None and (init_centroids is not None or init == "random") else row_factor(x, peaks)
     if init_centroids is not None:
         if init_centroids.shape[0] != n or init_centroids.shape[2] != d:
             raise ConfigError(
                 f"kmeans: warm-start centroids {tuple(init_centroids.shape)} do not match "
                 f"tokens {tuple(x.shape)}"
             )
-        centroids = init_centroids.float().to(x.device) * factor.view(-1, 1, 1)
+        centroids = scaled_rows(init_centroids.to(x.device), factor)
     else:
         gen = torch.Generator(device=x.device).manual_seed(seed)
         k = min(clusters, s)
         centroids = SEEDINGS[init](x, k, gen, backend, factor)
+
+    def assign_pass(sums: bool) -> tuple:
+        """An assignment pass of the centroids (the first one settles the factor if it is unknown)."""
+        nonlocal factor, centroids
+        if factor is not None:
+            return kernels.kmeans_assign(x, centroids, scale=factor, sums=sums, backend=backend)
+        # the factor 1 passed as one (not left out), so the rows of factor 1 compute as they will
+        # in the later passes, bit for bit
+        ones = torch.ones(n, device=x.device)
+        *first, measured = kernels.kmeans_assign(x, centroids, scale=ones, sums=sums, peaks=True, backend=backend)
+        factor = row_factor(x, measured)
+        centroids = scaled_rows(centroids, factor)  # what the seeding would have given with it
+        return kernels.kmeans_assign(x, centroids, scale=factor, sums=sums, redo=tuple(first), backend=backend)
+
     done = torch.zeros(n, dtype=torch.bool, device=x.device)
     all_done = None  # the last "all rows done" on its way to the host
     history = []
     assign = None  # the last pass's assignments
     for it in range(iters):
         # the clusters' sums from the same pass where the kernel gathers them (few clusters)
-        assign, dist, sums = kernels.kmeans_assign(x, centroids, scale=factor, sums=True, backend=backend)
+        assign, dist, sums = assign_pass(sums=True)
         total = dist.sum(-1)
         if history:  # improved by less than tol (relative) since the last step: done
             done |= history[-1] <= total * (1 + tol)
@@ -241,7 +265,7 @@ def kmeans(
             if all_done.ready() and all_done.values():  # off a GPU the answer is at hand
                 break
     if finish == "assign" or assign is None:
-        assign, dist = kernels.kmeans_assign(x, centroids, scale=factor, backend=backend)
+        assign, dist = assign_pass(sums=False)
         if objective:
             history.append(dist.sum(-1))
     if not objective:

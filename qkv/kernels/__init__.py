@@ -201,14 +201,16 @@ def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *
     resolve("decompress_spans", backend, device, *args)(*args)
 
 
-def kmeans_assign(x, centroids, *, scale=None, sums=False, backend="auto"):
+def kmeans_assign(x, centroids, *, scale=None, sums=False, peaks=False, redo=None, backend="auto"):
     """Nearest centroid of each token of ``x`` [N, S, D] times ``scale`` [N] (a power of two per
     row, applied as it is read: no scaled copy): ([N, S] int64, squared distances [N, S]). With
     ``sums``, a third element: the :class:`~qkv.kernels.kmeans.ClusterSums` of the assignments,
     summed in the same pass over the tokens, for :func:`kmeans_update`; or None where the kernel
     leaves the sums to the update (the Triton kernel beyond ``FUSED_MAX_CLUSTERS`` clusters or 128
-    dims)."""
-    args = (x, centroids, scale, sums)
+    dims). ``peaks``: also each row's max |x| from the same read ([N] fp32, last); ``redo``: an
+    earlier result of this call to correct in place for the rows whose ``scale`` is not 1 (see
+    :func:`qkv.kernels.kmeans.assign_torch`)."""
+    args = (x, centroids, scale, sums, peaks, redo)
     return resolve("kmeans_assign", backend, x.device, *args)(*args)
 
 

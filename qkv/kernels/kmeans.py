@@ -25,7 +25,8 @@ class ClusterSums(NamedTuple):
 
 
 def assign_torch(
-    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, sums: bool = False
+    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, sums: bool = False,
+    peaks: bool = False, redo: tuple | None = None,
 ) -> tuple:
     """Nearest centroid of every token.
 
@@ -33,9 +34,22 @@ def assign_torch(
     when given; centroids: [N, C, D] fp32.
     Returns (assignments [N, S] int64, squared distance to the chosen centroid [N, S] fp32), and
     with ``sums`` the :class:`ClusterSums` of those assignments (one part) for
-    :func:`update_torch`, from the same read of the tokens.
+    :func:`update_torch`, from the same read of the tokens; with ``peaks``, last, each row's max
+    |x| as read (before ``scale``; [N] fp32, NaN and Inf propagating), which a caller that does
+    not know the rows' scale yet learns from the same read.
+    ``redo``: an earlier result of this call on the same ``x`` (without its peaks), updated in
+    place for the rows whose ``scale`` is not 1 and returned (the other rows' results are kept as
+    they are): a pass run with every row's scale taken to be 1 is corrected for the rows where
+    that guess was wrong, at the cost of reading those rows alone.
     Ties go to the lowest centroid index.
     """
+    if redo is not None:
+        if scale is not None:
+            again = scale != 1
+            for old, new in zip(redo, assign_torch(x[again], centroids[again], scale[again], sums)):
+                for o, w in ((old, new),) if isinstance(old, torch.Tensor) else zip(old, new):
+                    o[again] = w
+        return redo
     n, c, d = centroids.shape
     c_sq = centroids.square().sum(-1).unsqueeze(1)  # [N, 1, C]
     idx, dist = [], []
@@ -49,9 +63,12 @@ def assign_torch(
         dist.append((best + xs.square().sum(-1)).clamp_min(0))
         if sums:
             _add_onehot(total, counts, arg, xs)
+    out = (torch.cat(idx, 1), torch.cat(dist, 1))
     if sums:
-        return torch.cat(idx, 1), torch.cat(dist, 1), ClusterSums(total.unsqueeze(1), counts.unsqueeze(1))
-    return torch.cat(idx, 1), torch.cat(dist, 1)
+        out += (ClusterSums(total.unsqueeze(1), counts.unsqueeze(1)),)
+    if peaks:
+        out += (torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1, dtype=torch.float32),)
+    return out
 
 
 def _add_onehot(total: torch.Tensor, counts: torch.Tensor, assignments: torch.Tensor, xs: torch.Tensor) -> None:

@@ -213,6 +213,41 @@ def test_a_checked_compression_reads_each_input_once_for_its_peaks(name):
         assert all(torch.equal(t, b.tensors()[f]) for f, t in a.tensors().items())
 
 
+@pytest.mark.parametrize("name", ["qvg", "qvg-pro", "k:kmeans(clusters=8),centroid,int2;v:int2(block=16)"])
+def test_k_means_on_the_triton_kernels_measures_the_peaks_in_its_first_pass(name):
+    """With the Triton kernels, k-means from random tokens or a warm start takes each row's max |x|
+    (for its row scale) from its first assignment pass, which reads every token anyway: an
+    unchecked compression runs no max-|x| reduction over an input or a residual at all, a checked
+    one one per input (the value check's, whose peaks the first stage takes), and both store the
+    same, rows outside the safe range included."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reductions(TorchDispatchMode):
+        def __init__(self, numel):
+            super().__init__()
+            self.numel, self.count = numel, 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket is torch.ops.aten.linalg_vector_norm:
+                self.count += args[0].numel() >= self.numel
+            return func(*args, **(kwargs or {}))
+
+    policy = qkv.build_policy(name, **({"clusters": 8} if name.startswith("qvg") else {}))
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter off a GPU
+    k, v = (t.to(device) for t in kv(shape=(1, 3, 128, 64), dtype=torch.bfloat16))
+    k[0, 2] *= 2.0**60
+    counted = {name: Reductions(k.numel()) for name in ("unchecked", "checked", "warm")}
+    with counted["unchecked"]:
+        plain = policy.compress(k, v, validate=False, backend="triton")
+    with counted["checked"]:
+        checked = policy.compress(k, v, backend="triton")
+    with counted["warm"]:
+        policy.compress(k, v, warm_start=plain, validate=False, backend="triton")
+    assert [c.count for c in counted.values()] == [0, 2, 0]
+    for a, b in ((plain.k, checked.k), (plain.v, checked.v)):
+        assert all(torch.equal(t, b.tensors()[f]) for f, t in a.tensors().items())
+
+
 def test_work_that_fails_on_bad_values_blames_the_values(monkeypatch):
     """An encode that raises on values its deferred check refuses raises the check's error, chained
     to what the encode raised; on good values the encode's own error comes through."""

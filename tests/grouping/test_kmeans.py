@@ -213,6 +213,27 @@ def test_huge_magnitudes_do_not_overflow():
     assert bool(torch.isfinite(res.centroids).all()) and bool(torch.isfinite(res.objective).all())
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("clusters", [16, 64])  # the assignment that also sums / the on-chip one (Triton)
+@pytest.mark.parametrize("finish, iters", [("assign", 2), ("update", 1), ("assign", 0)])
+def test_peaks_measured_by_the_first_pass_give_what_given_peaks_give(backend, clusters, finish, iters):
+    """Without the rows' max |x|, k-means from random tokens or a warm start takes every row's
+    factor to be 1 in its first assignment pass, measures the peaks there and runs that pass again
+    for the rows outside the safe range: the result is the one given peaks give, bit for bit, rows
+    of huge and tiny magnitudes included (k-means|| needs the factors first and reads the peaks)."""
+    x = clustered(n=5, s=200, d=64)
+    x[1] *= 2.0**90
+    x[3] *= 2.0**-100
+    x = x.bfloat16().to("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
+    peaks = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1, dtype=torch.float32)
+    for start in ({"init": "random"}, {"init_centroids": x[:, :clusters].float()}, {"init": "kmeans||"}):
+        args = dict(iters=iters, finish=finish, backend=backend, **start)
+        measured, given = kmeans(x, clusters, **args), kmeans(x, clusters, peaks=peaks, **args)
+        assert torch.equal(measured.centroids, given.centroids) and torch.isfinite(given.centroids).all()
+        assert torch.equal(measured.assignments, given.assignments)
+        assert torch.equal(measured.objective, given.objective)
+
+
 def test_grouper_spec_and_errors():
     g = GROUPING.build("kmeans(clusters=8,iters=3,seed=2)")
     assert g == KMeansGrouper(clusters=8, iters=3, seed=2) and g.token == "kmeans(clusters=8,iters=3,seed=2)"

@@ -673,6 +673,53 @@ def test_kmeans_assign_takes_rows_of_factor_one_and_scaled_rows_in_one_call(tile
         assert torch.allclose(dist, ref_dist, rtol=2.0**-20, atol=2.0**-20 * float(ref_dist.abs().max()))
 
 
+# the device's tile, every centroid on chip, the pass that also sums (16 clusters); and the torch twin
+@pytest.mark.parametrize("backend, tile, clusters", [("triton", None, 40), ("triton", ASSIGN_TILES[1], 40),
+                                                     ("triton", "sums", 16), ("torch", None, 16)])
+def test_kmeans_assign_measures_the_rows_peaks_and_redoes_the_rows_it_got_wrong(backend, tile, clusters,
+                                                                                 monkeypatch):
+    """A pass that takes every row's factor to be 1 gives each row's max |x| from its own read of
+    the tokens (NaN and Inf propagating, as the value check's reduction does), and the pass run
+    again with the factors those peaks give rewrites exactly the rows of another factor: they end
+    as one pass with the factors gives them, bit for bit (sums included), while the rows of factor
+    1 are not written at all."""
+    from qkv.grouping.base import row_factor
+    from qkv.kernels.triton.kmeans.assign import assign_triton
+
+    sums = tile == "sums"
+    tile = None if sums else tile
+    resident_only(monkeypatch, tile)
+    g = gen(clusters)
+    x = torch.randn(7, 150, 64, generator=g, device=DEVICE)
+    x[1] *= 2.0**70
+    x[2] *= 2.0**-70
+    x[3, 7, 5] = float("nan")
+    x[4, 149, 63] = float("-inf")
+    x[5] = 0.0
+    x = x.bfloat16()
+    cents = torch.randn(7, clusters, 64, generator=g, device=DEVICE)
+
+    def run(x, cents, scale=None, **kw):
+        if backend == "torch":
+            return kernels.kmeans_assign(x, cents, scale=scale, sums=sums, backend="torch", **kw)
+        return assign_triton(x, cents, scale, sums, tile=tile, **kw)
+
+    *first, peaks = run(x, cents, peaks=True)
+    expected = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1, dtype=torch.float32)
+    torch.testing.assert_close(peaks, expected, rtol=0, atol=0, equal_nan=True)
+    factor = row_factor(x, peaks)
+    assert factor[[0, 5]].tolist() == [1.0, 1.0] and factor[1] < 1 < factor[2]
+    scaled = cents * factor.view(-1, 1, 1)
+    direct = run(x, scaled, factor)
+    first[0][factor == 1] = -7  # rows the redo must leave alone
+    redone = run(x, scaled, factor, redo=tuple(first))
+    again = factor != 1
+    assert bool((redone[0][~again] == -7).all())
+    flat = lambda out: [t for part in out for t in ((part,) if isinstance(part, torch.Tensor) else part)]  # noqa: E731
+    for got, want in zip(flat(redone), flat(direct)):
+        assert torch.equal(got[again], want[again])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kmeans_kernels_read_strided_rows_in_place(dtype):
     """The k-means kernels read tokens [N, S, D] with any strides along N and S (a slice of a

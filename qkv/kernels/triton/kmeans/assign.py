@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 from qkv.kernels.triton.bits import split_bf16
-from qkv.kernels.triton.kmeans.nearest import _centroid_tile, _distances, _nearest, _prepare_kernel, _slots, unit_d
+from qkv.kernels.triton.kmeans.nearest import (_centroid_tile, _distances, _nearest, _peak_bits, _prepare_kernel, _slots,
+                                               row_peaks, unit_d)
 from qkv.kernels.triton.kmeans.sums import _cluster_sum_kernel, _empty_sums, _parts, _splits
 from qkv.kernels.triton.tiles import AssignSumsTile, AssignTile, tile_for
 
@@ -38,19 +39,37 @@ RESIDENT_MAX_VALUES = 32768
 
 @triton.jit
 def _assign_kernel(
-    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, CP, D: tl.constexpr, XN, XS,
-    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, S, CP, D: tl.constexpr, XN, XS,
+    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, PEAKS: tl.constexpr,
+    REDO: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """The nearest of row n's centroids (CP, in tiles) for one token tile; PEAKS: the tile's max
+    |x| (as bits, see _peak_bits) into top[n, tile]; REDO: only rows whose factor is not 1."""
     n = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    d = tl.arange(0, BLOCK_D)
-    s_ok = s < S
-    d_ok = d < D
-    x = tl.load(x_ptr + n * XN + s[:, None].to(tl.int64) * XS + d[None, :], mask=s_ok[:, None] & d_ok[None, :], other=0.0)
     f = 1.0
     if HAS_SCALE:
         f = tl.load(f_ptr + n)
+    if REDO:
+        if f != 1.0:
+            _assign_tile(x_ptr, f, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, n, S, CP, D, XN, XS, X_EXACT,
+                         EMULATE, PEAKS, BLOCK_S, BLOCK_C, BLOCK_D)
+    else:
+        _assign_tile(x_ptr, f, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, n, S, CP, D, XN, XS, X_EXACT, EMULATE,
+                     PEAKS, BLOCK_S, BLOCK_C, BLOCK_D)
+
+
+@triton.jit
+def _assign_tile(x_ptr, f, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, n, S, CP, D: tl.constexpr, XN, XS,
+                 X_EXACT: tl.constexpr, EMULATE: tl.constexpr, PEAKS: tl.constexpr, BLOCK_S: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr):
+    s = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    s_ok = s < S
+    x = tl.load(x_ptr + n * XN + s[:, None].to(tl.int64) * XS + d[None, :],
+                mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+    if PEAKS:
+        tl.store(top_ptr + n * tl.num_programs(1) + tl.program_id(1),
+                 tl.max(_peak_bits(x, tl.zeros((BLOCK_S,), tl.int32)), axis=0))
     best_i, best = _nearest(x.to(tl.float32), f, c_ptr, csq_ptr, n, CP, D, d, X_EXACT, EMULATE, BLOCK_C)
     tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
     tl.store(dist_ptr + n * S + s, best, mask=s_ok)
@@ -58,20 +77,19 @@ def _assign_kernel(
 
 @triton.jit
 def _assign_resident_kernel(
-    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, S, CP, D: tl.constexpr, XN, XS, TILES,
-    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, S, CP, D: tl.constexpr, XN, XS, TILES,
+    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, PEAKS: tl.constexpr,
+    REDO: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """_assign_kernel for a row whose CP prepared centroids are one tile (CP == BLOCK_C, prepared
     without the tiled kernel's extra tile): the program loads them once and walks the row's token
     tiles p, p + P, ... (P programs a row), so the centroids are read once a program instead of
     once a token tile, and the token loads are pipelined across tiles (for rows of factor 1: see
-    below)."""
+    below). PEAKS: the max |x| of the program's tiles into top[n, p]; REDO: as _assign_kernel."""
     n = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     j = tl.arange(0, BLOCK_C)
-    cent = _centroid_tile(c_ptr + n * CP * D + j[None, :] * D + d[:, None], D, d)
-    norm = tl.load(csq_ptr + n * CP + j)
+    centroids = c_ptr + n * CP * D + j[None, :] * D + d[:, None]
     f = 1.0
     if HAS_SCALE:
         f = tl.load(f_ptr + n)
@@ -79,25 +97,37 @@ def _assign_resident_kernel(
     # for it, compiled in (no multiply a value); rows outside the range (rare) take a copy of the
     # loop without software pipelining, whose buffers would not share the pipelined copy's shared
     # memory (two programs a multiprocessor would no longer fit)
-    if f == 1.0:
-        _resident_tiles(x_ptr, f, 1.0, cent, norm, idx_ptr, dist_ptr, n, S, CP, D, XN, XS, TILES, d, j, X_EXACT,
-                        EMULATE, BLOCK_S, None)
+    if REDO:  # the rows of factor 1 load nothing
+        if f != 1.0:
+            _resident_tiles(x_ptr, f, f, _centroid_tile(centroids, D, d), tl.load(csq_ptr + n * CP + j), idx_ptr,
+                            dist_ptr, top_ptr, n, S, CP, D, XN, XS, TILES, d, j, X_EXACT, EMULATE, PEAKS, BLOCK_S, 1)
     else:
-        _resident_tiles(x_ptr, f, f, cent, norm, idx_ptr, dist_ptr, n, S, CP, D, XN, XS, TILES, d, j, X_EXACT,
-                        EMULATE, BLOCK_S, 1)
+        cent = _centroid_tile(centroids, D, d)
+        norm = tl.load(csq_ptr + n * CP + j)
+        if f == 1.0:
+            _resident_tiles(x_ptr, f, 1.0, cent, norm, idx_ptr, dist_ptr, top_ptr, n, S, CP, D, XN, XS, TILES, d,
+                            j, X_EXACT, EMULATE, PEAKS, BLOCK_S, None)
+        else:
+            _resident_tiles(x_ptr, f, f, cent, norm, idx_ptr, dist_ptr, top_ptr, n, S, CP, D, XN, XS, TILES, d, j,
+                            X_EXACT, EMULATE, PEAKS, BLOCK_S, 1)
 
 
 @triton.jit
-def _resident_tiles(x_ptr, f, f_sq, cent, norm, idx_ptr, dist_ptr, n, S, CP, D: tl.constexpr, XN, XS, TILES, d, j,
-                    X_EXACT: tl.constexpr, EMULATE: tl.constexpr, BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
+def _resident_tiles(x_ptr, f, f_sq, cent, norm, idx_ptr, dist_ptr, top_ptr, n, S, CP, D: tl.constexpr, XN, XS,
+                    TILES, d, j, X_EXACT: tl.constexpr, EMULATE: tl.constexpr, PEAKS: tl.constexpr,
+                    BLOCK_S: tl.constexpr, STAGES: tl.constexpr):
     """_assign_resident_kernel's walk over row n's token tiles (STAGES: its software pipelining,
     None for the launch's), the row's factor ``f`` (``f_sq``: the same, for the squared norms;
     the products take the runtime value either way, so both copies round them alike)."""
+    top = tl.zeros((BLOCK_S,), tl.int32)
     for t in tl.range(tl.program_id(1), TILES, tl.num_programs(1), num_stages=STAGES):
         s = t * BLOCK_S + tl.arange(0, BLOCK_S)
         s_ok = s < S
         x = tl.load(x_ptr + n * XN + s[:, None].to(tl.int64) * XS + d[None, :],
-                    mask=s_ok[:, None] & (d < D)[None, :], other=0.0).to(tl.float32)
+                    mask=s_ok[:, None] & (d < D)[None, :], other=0.0)
+        if PEAKS:
+            top = _peak_bits(x, top)
+        x = x.to(tl.float32)
         x_sq = tl.sum((x * f_sq) * (x * f_sq), axis=1)
         xh, xl = split_bf16(x, X_EXACT)
         dist = _distances(xh, xl, f, cent, norm, X_EXACT, EMULATE)
@@ -106,24 +136,29 @@ def _resident_tiles(x_ptr, f, f_sq, cent, norm, idx_ptr, dist_ptr, n, S, CP, D: 
         best_i = tl.min(tl.where(dist == best[:, None], j[None, :], CP), axis=1)
         tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
         tl.store(dist_ptr + n * S + s, tl.maximum(best + x_sq, 0.0), mask=s_ok)
+    if PEAKS:
+        tl.store(top_ptr + n * tl.num_programs(1) + tl.program_id(1), tl.max(top, axis=0))
 
 
-def assign_supports(x, centroids, scale=None, sums=False) -> str | None:
+def assign_supports(x, centroids, scale=None, sums=False, peaks=False, redo=None) -> str | None:
     if x.shape[-1] > 256:
         return f"D={x.shape[-1]} is larger than 256"
     return None
 
 
 def assign_triton(
-    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, sums: bool = False, *,
-    tile: AssignTile | None = None, sum_tile: AssignSumsTile | None = None,
+    x: torch.Tensor, centroids: torch.Tensor, scale: torch.Tensor | None = None, sums: bool = False,
+    peaks: bool = False, redo: tuple | None = None, *, tile: AssignTile | None = None,
+    sum_tile: AssignSumsTile | None = None,
 ) -> tuple:
     """Triton twin of :func:`qkv.kernels.kmeans.assign_torch`: nearest of the centroids rounded
     to bf16 (see the module docstring); ``scale`` multiplies each token as it is loaded. With
     ``sums``, up to FUSED_MAX_CLUSTERS clusters of at most 128 dims, the clusters' sums come from
     the same pass (``_cluster_sum_kernel`` with ASSIGN); beyond, the third element is None.
-    ``tile``: the launch of the plain assignment, ``sum_tile`` of the one that sums (default: the
-    device's, see :mod:`qkv.kernels.triton.tiles`)."""
+    ``peaks`` and ``redo``: as in the reference (the peaks from each program's tokens, the rows of
+    factor 1 skipped by their programs, in ``redo``'s buffers). ``tile``: the launch of the plain
+    assignment, ``sum_tile`` of the one that sums (default: the device's, see
+    :mod:`qkv.kernels.triton.tiles`)."""
     x, centroids = unit_d(x), centroids.float().contiguous()
     n, s, d = x.shape
     c = centroids.shape[1]
@@ -144,27 +179,34 @@ def assign_triton(
     _prepare_kernel[(triton.cdiv(n * rows, 32),)](
         centroids, neg2, c_sq, n * rows, c, rows, d, EMULATE=x.device.type != "cuda", BLOCK_M=32, BLOCK_D=block_d,
     )
-    idx = torch.empty(n, s, dtype=torch.int64, device=x.device)
-    dist = torch.empty(n, s, dtype=torch.float32, device=x.device)
+    if redo is None:
+        idx = torch.empty(n, s, dtype=torch.int64, device=x.device)
+        dist = torch.empty(n, s, dtype=torch.float32, device=x.device)
+    else:
+        idx, dist = redo[:2]
     f = x if scale is None else scale.float().contiguous()
-    common = dict(X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda")
+    common = dict(X_EXACT=x.dtype == torch.bfloat16, HAS_SCALE=scale is not None, EMULATE=x.device.type != "cuda",
+                  PEAKS=peaks, REDO=redo is not None)
     if fused:
         splits, per_split = _splits(x, n, s, sum_tile)
-        part = _empty_sums(x, splits, c)
+        part = _empty_sums(x, splits, c) if redo is None else redo[2]
+        top = torch.empty(n, splits, dtype=torch.int32, device=x.device) if peaks else x
         _cluster_sum_kernel[(n, 1, splits)](
-            x, f, idx, neg2, c_sq, dist, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
+            x, f, idx, neg2, c_sq, dist, part.sums, part.counts, top, s, c, d, x.stride(0), x.stride(1), per_split,
             ASSIGN=True, PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d,
             num_warps=sum_tile.warps, **common,
         )
-        return idx, dist, part
+        return (idx, dist, part) + ((row_peaks(top, x.dtype),) if peaks else ())
     block_s = tile.tokens if block_d <= 128 else tile.tokens // 2
     tiles = triton.cdiv(s, block_s)
     launch = dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, num_stages=tile.stages,
                   **common)
+    # whole rounds of programs: one more a row past the GPU's slots would run as a second round
+    programs = max(1, min(tiles, _slots(x, tile.waves) // n)) if resident else tiles
+    top = torch.empty(n, programs, dtype=torch.int32, device=x.device) if peaks else x
     if resident:
-        # whole rounds of programs: one more a row past the GPU's slots would run as a second round
-        _assign_resident_kernel[(n, max(1, min(tiles, _slots(x, tile.waves) // n)))](
-            x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1), tiles, **launch)
+        _assign_resident_kernel[(n, programs)](
+            x, f, neg2, c_sq, idx, dist, top, s, cp, d, x.stride(0), x.stride(1), tiles, **launch)
     else:
-        _assign_kernel[(n, tiles)](x, f, neg2, c_sq, idx, dist, s, cp, d, x.stride(0), x.stride(1), **launch)
-    return (idx, dist, None) if sums else (idx, dist)
+        _assign_kernel[(n, tiles)](x, f, neg2, c_sq, idx, dist, top, s, cp, d, x.stride(0), x.stride(1), **launch)
+    return (idx, dist) + ((None,) if sums else ()) + ((row_peaks(top, x.dtype),) if peaks else ())

@@ -42,6 +42,29 @@ def _prepare_kernel(c_ptr, neg2_ptr, csq_ptr, M, C, CP, D, EMULATE: tl.constexpr
 
 
 @triton.jit
+def _peak_bits(x, top):
+    """``top`` (int32 [BLOCK_S]) raised to the max |x| of each token of the tile ``x``
+    [BLOCK_S, BLOCK_D] as loaded (fp32, fp16 or bf16), as the bits of |x| in its own dtype: for
+    floats >= 0 the order of their bits as integers is theirs, with NaN above +inf, so NaN and Inf
+    propagate with no compare of their own (16-bit tokens are compared as they are loaded, before
+    any conversion)."""
+    if x.dtype == tl.float32:
+        bits = x.to(tl.int32, bitcast=True) & 0x7FFFFFFF
+    else:
+        bits = (x.to(tl.int16, bitcast=True) & 0x7FFF).to(tl.int32)
+    return tl.maximum(top, tl.max(bits, axis=1))
+
+
+def row_peaks(top: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Each row's max |x| ([N] fp32, NaN and Inf propagating) from its programs' :func:`_peak_bits`
+    [N, P] int32 of tokens of ``dtype``."""
+    bits = top.amax(-1)
+    if dtype == torch.float32:
+        return bits.view(torch.float32)
+    return bits.to(torch.int16).view(dtype).float()
+
+
+@triton.jit
 def _centroid_tile(cents, D: tl.constexpr, d):
     """A tile of prepared centroids (-2 x, bf16) at ``cents``, transposed [BLOCK_D, BLOCK_C], fp32."""
     if D == d.shape[0]:

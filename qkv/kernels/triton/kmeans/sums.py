@@ -14,7 +14,7 @@ import triton.language as tl
 
 from qkv.kernels.kmeans import ClusterSums
 from qkv.kernels.triton.bits import round_to_bf16
-from qkv.kernels.triton.kmeans.nearest import _nearest, _slots, unit_d
+from qkv.kernels.triton.kmeans.nearest import _nearest, _peak_bits, _slots, unit_d
 from qkv.kernels.triton.tiles import AssignSumsTile, UpdateTile, tile_for
 
 
@@ -56,33 +56,53 @@ def _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, XN, XS, C, K, d, d_ok, HA
 
 @triton.jit
 def _cluster_sum_kernel(
-    x_ptr, f_ptr, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, S, C, D: tl.constexpr, XN, XS, per_split,
-    ASSIGN: tl.constexpr, X_EXACT: tl.constexpr, PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
-    EMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
+    x_ptr, f_ptr, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, top_ptr, S, C, D: tl.constexpr, XN, XS,
+    per_split, ASSIGN: tl.constexpr, X_EXACT: tl.constexpr, PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    EMULATE: tl.constexpr, PEAKS: tl.constexpr, REDO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Tokens p * per_split .. of row n, the clusters of block program_id(1): each cluster's sum of its tokens
     (times the row's factor: HAS_SCALE) and their count, into sums[n, p, c] and counts[n, p, c],
     as one-hot products on the tensor cores (see _onehot_sum). The tokens' clusters are read from
     a [N, S], or with ASSIGN (one block of every cluster) worked out from the prepared centroids
     c and their norms csq, BLOCK_C a row (see _nearest), and written to a (int64), their distances
-    to dist."""
+    to dist. PEAKS: the max |x| of the part's tokens (as bits, see _peak_bits) into top[n, p];
+    REDO: only rows whose factor is not 1 (the others' outputs are left as they are)."""
     n = tl.program_id(0).to(tl.int64)
+    f = 1.0
+    if HAS_SCALE:
+        f = tl.load(f_ptr + n)
+    if REDO:
+        if f != 1.0:
+            _cluster_sums(x_ptr, f, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, top_ptr, n, S, C, D, XN, XS,
+                          per_split, ASSIGN, X_EXACT, PARTS, EMULATE, PEAKS, BLOCK_T, BLOCK_C, BLOCK_D)
+    else:
+        _cluster_sums(x_ptr, f, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, top_ptr, n, S, C, D, XN, XS,
+                      per_split, ASSIGN, X_EXACT, PARTS, EMULATE, PEAKS, BLOCK_T, BLOCK_C, BLOCK_D)
+
+
+@triton.jit
+def _cluster_sums(x_ptr, f, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, top_ptr, n, S, C, D: tl.constexpr, XN,
+                  XS, per_split, ASSIGN: tl.constexpr, X_EXACT: tl.constexpr, PARTS: tl.constexpr,
+                  EMULATE: tl.constexpr, PEAKS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     p = tl.program_id(2)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < D
-    f = 1.0
-    if HAS_SCALE:
-        f = tl.load(f_ptr + n)
     acc = tl.zeros((BLOCK_C, BLOCK_D), tl.float32)
     cnt = tl.zeros((BLOCK_C,), tl.float32)
+    top = tl.zeros((BLOCK_T,), tl.int32)
     lo = p * per_split
     hi = tl.minimum(lo + per_split, S)
     for t0 in range(lo, hi, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         t_ok = t < hi
         x = tl.load(x_ptr + n * XN + t[:, None].to(tl.int64) * XS + d[None, :], mask=t_ok[:, None] & d_ok[None, :],
-                    other=0.0).to(tl.float32)
+                    other=0.0)
+        if PEAKS:
+            top = _peak_bits(x, top)
+        x = x.to(tl.float32)
         if ASSIGN:
             a, best = _nearest(x, f, c_ptr, csq_ptr, n, BLOCK_C, D, d, X_EXACT, EMULATE, BLOCK_C)
             tl.store(a_ptr + n * S + t, a.to(tl.int64), mask=t_ok)
@@ -97,6 +117,8 @@ def _cluster_sum_kernel(
     c_ok = c < C
     tl.store(sum_ptr + row[:, None] * D + d[None, :], acc, mask=c_ok[:, None] & d_ok[None, :])
     tl.store(cnt_ptr + row, cnt, mask=c_ok)
+    if PEAKS:
+        tl.store(top_ptr + n * tl.num_programs(2) + p, tl.max(top, axis=0))
 
 
 @triton.jit
@@ -193,8 +215,9 @@ def update_onehot(
     splits, per_split = _splits(x, n * c_blocks, s, tile)
     part = _empty_sums(x, splits, c)
     _cluster_sum_kernel[(n, c_blocks, splits)](
-        x, f, assignments, x, x, x, part.sums, part.counts, s, c, d, x.stride(0), x.stride(1), per_split,
-        ASSIGN=False, X_EXACT=False, PARTS=_parts(x), HAS_SCALE=scale is not None, EMULATE=not x.is_cuda,
+        x, f, assignments, x, x, x, part.sums, part.counts, x, s, c, d, x.stride(0), x.stride(1), per_split,
+        ASSIGN=False, X_EXACT=False, PARTS=_parts(x), HAS_SCALE=scale is not None, EMULATE=not x.is_cuda, PEAKS=False,
+        REDO=False,
         BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
     )
     return _means(x, part, centroids, reseed, scale)
