@@ -134,31 +134,86 @@ def check_kv_pair(k: object, v: object) -> None:
         raise DeviceError(f"k is on {k.device} but v is on {v.device}")
 
 
+class ValueCheck:
+    """What :func:`values_checked` yields: the check of the tensors ``named`` ([B, H, S, D] each)
+    around the work that reads them. Each tensor's (batch, head) row peaks (max |x|, fp32, NaN and
+    Inf propagating) are reduced before the work (:meth:`rows`), or, for a tensor marked
+    ``measured`` (the work reads every value of it anyway: k-means's first assignment pass), taken
+    from the work (:meth:`report`); either way they are sent to the host as soon as they are
+    known (:class:`PendingCheck`), and :meth:`error` reads the verdict."""
+
+    def __init__(self, named: list[tuple[str, torch.Tensor]], measured: Sequence[bool]) -> None:
+        self.named = named
+        self._rows: list[torch.Tensor | None] = [None if m else row_peaks(t) for (_, t), m in zip(named, measured)]
+        self._sent: list[tuple[list[int], PendingCheck]] = []
+        self._send([i for i, r in enumerate(self._rows) if r is not None])
+
+    def _send(self, indices: list[int]) -> None:
+        if indices:
+            peaks = torch.stack([self._rows[i].amax() for i in indices])  # NaN propagates
+            self._sent.append((indices, PendingCheck([self.named[i] for i in indices], peaks)))
+
+    def rows(self, i: int) -> torch.Tensor | None:
+        """Tensor i's row peaks ([B, H]), or None where the work is to measure them."""
+        return self._rows[i]
+
+    def report(self, indices: Sequence[int], rows: Sequence[torch.Tensor]) -> None:
+        """The row peaks of the tensors at ``indices``, measured by the work (any shape with their
+        B x H rows)."""
+        for i, r in zip(indices, rows):
+            self._rows[i] = r
+        self._send(list(indices))
+
+    def _reduce_missing(self) -> None:
+        """The row peaks of the tensors the work did not report, reduced now."""
+        missing = [i for i, r in enumerate(self._rows) if r is None]
+        for i in missing:
+            self._rows[i] = row_peaks(self.named[i][1])
+        self._send(missing)
+
+    def peaks(self) -> torch.Tensor:
+        """Every tensor's max |x| ([len(named)] fp32)."""
+        self._reduce_missing()
+        return torch.stack([r.amax() for r in self._rows])
+
+    def error(self) -> QKVError | None:
+        """The first failure among the tensors in ``named``'s order, or None (waits for the
+        verdicts that have not arrived)."""
+        self._reduce_missing()
+        errors: list[QKVError | None] = [None] * len(self.named)
+        for indices, pending in self._sent:
+            for j, i in enumerate(indices):
+                errors[i] = pending.error([j])
+        return next((e for e in errors if e is not None), None)
+
+
 @contextlib.contextmanager
-def values_checked(named: Sequence[tuple[str, torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
+def values_checked(named: Sequence[tuple[str, torch.Tensor]],
+                   measured: Sequence[bool] | None = None) -> Iterator[ValueCheck | None]:
     """:func:`check_kv_values` of the (name, [B, H, S, D] tensor) pairs ``named`` (none: nothing is
-    checked) around the work of the ``with`` block, which reads them and is given their
-    :func:`row_peaks` (one read of each tensor serves the check and, for example, k-means's row
-    scale). Where a read-back would wait (:func:`deferred`: a GPU) the verdict is read only once
-    the work is queued too, so the host never waits in the middle of it and the GPU never idles
-    while the host launches it; the work then runs on bad values too, harmlessly, and the check's
-    error (with where the first bad value is) replaces its result. Elsewhere the values are checked
-    before the work starts."""
+    checked, and None is yielded) around the work of the ``with`` block, which reads them and is
+    given a :class:`ValueCheck` with their :func:`row_peaks` (one read of each tensor serves the
+    check and, for example, k-means's row scale). Where a read-back would wait (:func:`deferred`:
+    a GPU) the verdict is read only once the work is queued too, so the host never waits in the
+    middle of it and the GPU never idles while the host launches it; the work then runs on bad
+    values too, harmlessly, and the check's error (with where the first bad value is) replaces its
+    result; the tensors marked in ``measured`` are not reduced at all: the work reports their row
+    peaks (:meth:`ValueCheck.report`) from a pass that reads them anyway. Elsewhere the values are
+    checked before the work starts."""
     named = list(named)
     if not named:
-        yield []
+        yield None
         return
     _refuse_capture(*named[0])
-    rows = [row_peaks(t) for _, t in named]
-    peaks = torch.stack([r.amax() for r in rows])  # NaN propagates
-    pending = PendingCheck(named, peaks) if deferred(named[0][1]) else None
-    if pending is None and (error := _first_error(named, peaks)) is not None:
+    later = deferred(named[0][1])
+    check = ValueCheck(named, measured if later and measured is not None else [False] * len(named))
+    if not later and (error := _first_error(named, check.peaks())) is not None:
         raise error
     try:
-        yield rows
+        yield check
     except Exception as exc:  # work that failed on bad values: the values are to blame
-        if pending is not None and pending.error() is not None:
-            raise _first_error(named) or pending.error() from exc
+        if later and check.error() is not None:
+            raise _first_error(named) or check.error() from exc
         raise
-    if pending is not None and pending.error() is not None:
-        raise _first_error(named) or pending.error()  # details: the tensors are at hand
+    if later and check.error() is not None:
+        raise _first_error(named) or check.error()  # details: the tensors are at hand

@@ -31,12 +31,39 @@ from qkv.quantizers import BitPacker, Quantizer, Smoother, Staging
 from qkv.quantizers.packing import U8MSBPacker
 from qkv.quantizers.smoothing import NoSmoothing
 from qkv.quantizers.staging import SingleStage
-from qkv.validation import check_kv_layout, check_kv_pair, values_checked
+from qkv.validation import ValueCheck, check_kv_layout, check_kv_pair, values_checked
 
 
 def _batch(parts: list[torch.Tensor]) -> torch.Tensor:
     """``parts`` concatenated along the batch (the one part itself, uncopied, if there is one)."""
     return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Report:
+    """Hands the row peaks an encode measured of the tensors at ``indices`` of ``check``, stacked
+    along the batch (``sizes``: B x H rows each), to the check; ``a + b``: of a's tensors, then
+    b's, stacked in one encode (one read-back for all)."""
+
+    check: ValueCheck
+    indices: tuple[int, ...]
+    sizes: tuple[int, ...]
+
+    def __call__(self, measured: torch.Tensor) -> None:
+        self.check.report(self.indices, measured.split(self.sizes))
+
+    def __add__(self, other: _Report) -> _Report:
+        return _Report(self.check, self.indices + other.indices, self.sizes + other.sizes)
+
+
+def _peaks_of(check: ValueCheck, indices: list[int], xs: list[torch.Tensor]) -> tuple:
+    """The value check's row peaks of the tensors ``xs`` (at ``indices`` in ``check``) stacked
+    along the batch: (their rows [sum of B x H], None) where the check reduced them, else (None,
+    the :class:`_Report` of the rows the encode measures)."""
+    rows = [check.rows(i) for i in indices]
+    if rows[0] is not None:
+        return torch.cat([r.flatten() for r in rows]), None
+    return None, _Report(check, tuple(indices), tuple(x.shape[0] * x.shape[1] for x in xs))
 
 
 def _names(kind: type | tuple[type, ...]) -> str:
@@ -159,6 +186,15 @@ class TensorPolicy:
         return tuple(previous.shape[:2]) == tuple(shape[:2]) and all(
             s.centroids is None or s.centroids.shape[2] == want for s in previous.stages)
 
+    def measures_peaks(self, shape: tuple[int, ...], warm: bool) -> bool:
+        """Whether :meth:`_compress` of a [B, H, S, D] tensor of ``shape`` (warm-started or not),
+        given no row peaks, measures them in a pass that reads every value anyway (k-means's first
+        assignment: :meth:`~qkv.grouping.base.Grouper.measures_peaks`) and hands them to its
+        ``found``, so that a value check need not read the tensor for them."""
+        fmt = self.format(shape[3])
+        return (fmt.cast is None and fmt.quantized_length(shape[2]) == shape[2] and self.smoothing.needs_groups
+                and self.staging.takes_peaks and self.grouping.takes_peaks and self.grouping.measures_peaks(warm))
+
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
         """Raise :class:`ShapeError` if this policy cannot compress a [B, H, S, D] tensor."""
         try:
@@ -188,15 +224,21 @@ class TensorPolicy:
         check_kv_layout(name, x)
         self.check_shape(name, tuple(x.shape))
         warm = self._warm(warm_start, x.shape[0] * x.shape[1])
-        with values_checked([(name, x)] if validate else []) as peaks:
-            return self._compress(x, warm, backend, *peaks)
+        measured = [self.measures_peaks(tuple(x.shape), warm is not None)]
+        with values_checked([(name, x)] if validate else [], measured) as check:
+            if check is None:
+                return self._compress(x, warm, backend)
+            peaks = check.rows(0)
+            found = None if peaks is not None else _Report(check, (0,), (x.shape[0] * x.shape[1],))
+            return self._compress(x, warm, backend, peaks, found)
 
     @torch.no_grad()
     def _compress(self, x: torch.Tensor, warm: list[torch.Tensor] | None, backend: str,
-                  peaks: torch.Tensor | None = None) -> CompressedTensor:
+                  peaks: torch.Tensor | None = None, found=None) -> CompressedTensor:
         """:meth:`compress` of an already validated ``x``; ``warm``: :meth:`_warm`'s centroids;
         ``peaks``: the max |x| of each (batch, head) row ([B, H] fp32) if the value check read
-        them (the first grouping then need not read ``x`` for them)."""
+        them (the first grouping then need not read ``x`` for them); ``found``: called with them
+        ([B x H] fp32) where the encode measures them instead (:meth:`measures_peaks`)."""
         b, h, s, d = x.shape
         fmt = self.format(d)
         s_q = fmt.quantized_length(s)
@@ -211,7 +253,8 @@ class TensorPolicy:
             # the last stage's centroid subtraction, if any, is fused into quantize+pack: the
             # residual it leaves is never written out (for one stage the kernel reads x itself)
             pending = None
-            known = {"peaks": peaks.flatten()} if peaks is not None and self.staging.takes_peaks else {}  # rows (b h)
+            known = {"peaks": None if peaks is None else peaks.flatten(), "found": found}  # rows (b h)
+            known = {key: value for key, value in known.items() if value is not None and self.staging.takes_peaks}
             if self.staging.defers_last:
                 residual, stored, pending = self.staging.run(
                     flat, self.grouping, self.smoothing, warm, backend=backend, defer_last=True, **known
@@ -356,7 +399,7 @@ class Policy:
         if names is not None and len(names) != len(pairs):
             raise ConfigError(f"compress_many: {len(names)} names for {len(pairs)} pairs")
         passes: dict[tuple, list[int]] = {}
-        named = []  # the values to check: every pair's, in one read-back
+        named, measured = [], []  # the values to check (every pair's) and those the encode measures
         for i, ((k, v), warm) in enumerate(zip(pairs, warm_starts)):
             _check_type("compress: warm_start", warm, (CompressedKV, type(None)))
             check_kv_pair(k, v)
@@ -365,14 +408,18 @@ class Policy:
             passes.setdefault((tuple(k.shape[1:]), k.dtype, v.dtype, k.device, warm is None), []).append(i)
             where = f"{names[i]}: " if names is not None else "" if len(pairs) == 1 else f"pairs[{i}]: "
             named += [(f"{where}k", k), (f"{where}v", v)] if validate else []
+            # a graph's replay runs no Python, so it could not report what it measured
+            measured += [graphs is None and tp.measures_peaks(tuple(x.shape), warm is not None)
+                         for tp, x in ((self.k, k), (self.v, v))]
         out: list[CompressedKV | None] = [None] * len(pairs)
-        with values_checked(named) as peaks:  # [B, H] per tensor, k and v of each pair in turn
+        with values_checked(named, measured) as check:  # k and v of each pair in turn
             for members in passes.values():
                 ks, vs = [pairs[i][0] for i in members], [pairs[i][1] for i in members]
                 warms = [warm_starts[i] for i in members]
                 warm_k, warm_v = self._warm_rows(self.k, "k", ks, warms), self._warm_rows(self.v, "v", vs, warms)
-                known = None if not peaks else ([peaks[2 * i] for i in members], [peaks[2 * i + 1] for i in members])
-                stacked_pairs = self._compress_stacked(ks, vs, warm_k, warm_v, backend, known, graphs)
+                peaks = None if check is None else (_peaks_of(check, [2 * i for i in members], ks),
+                                                    _peaks_of(check, [2 * i + 1 for i in members], vs))
+                stacked_pairs = self._compress_stacked(ks, vs, warm_k, warm_v, backend, peaks, graphs)
                 for i, (ct_k, ct_v) in zip(members, stacked_pairs):
                     out[i] = CompressedKV(ct_k, ct_v, self.spec)
         return out
@@ -389,29 +436,30 @@ class Policy:
                           graphs: EncodeGraphs | None = None) -> list[tuple[CompressedTensor, CompressedTensor]]:
         """Compress ``ks`` and ``vs`` (one [H, S, D] and dtype each) stacked along the batch, in one
         pass when K and V share a policy and dtype: (k, v) compressed per input. ``peaks``: the
-        value check's row peaks, ([B, H] of each of ``ks``, of each of ``vs``), or None;
-        ``graphs``: where the encodes that draw nothing replay (see :meth:`compress`)."""
+        value check's row peaks of ``ks`` and of ``vs``, each :func:`_peaks_of`'s (rows, found), or
+        None; ``graphs``: where the encodes that draw nothing replay (see :meth:`compress`)."""
 
         one_pass = self.k == self.v and ks[0].dtype == vs[0].dtype
         split = one_pass or len(ks) > 1  # batch_rows copies the parts
 
-        def encode(tp: TensorPolicy, x, warm, tp_peaks):
+        def encode(tp: TensorPolicy, x, warm, rows, found):
             if graphs is None:
-                return tp._compress(x, warm, backend, tp_peaks)
-            return graphs.encode(tp, x, warm, backend, tp_peaks, copy=not split)
+                return tp._compress(x, warm, backend, rows, found)
+            return graphs.encode(tp, x, warm, backend, rows, copy=not split)
 
         bounds = [0]
         for k in ks:
             bounds.append(bounds[-1] + k.shape[0])
-        k_peaks, v_peaks = (None, None) if peaks is None else (_batch(peaks[0]), _batch(peaks[1]))
+        (k_rows, k_found), (v_rows, v_found) = peaks or ((None, None), (None, None))
         if one_pass:  # keys then values, one copy
             warm = None if warm_k is None else [torch.cat(pair) for pair in zip(warm_k, warm_v)]
-            both = None if peaks is None else torch.cat([k_peaks, v_peaks])
-            ct_k = ct_v = encode(self.k, stacked([*ks, *vs]), warm, both)
+            rows = None if k_rows is None else torch.cat([k_rows, v_rows])
+            found = None if k_found is None else k_found + v_found  # the keys' rows, then the values'
+            ct_k = ct_v = encode(self.k, stacked([*ks, *vs]), warm, rows, found)
             shift = bounds[-1]
         else:
-            ct_k, shift = encode(self.k, _batch(ks), warm_k, k_peaks), 0
-            ct_v = encode(self.v, _batch(vs), warm_v, v_peaks)
+            ct_k, shift = encode(self.k, _batch(ks), warm_k, k_rows, k_found), 0
+            ct_v = encode(self.v, _batch(vs), warm_v, v_rows, v_found)
             if len(ks) == 1:
                 return [(ct_k, ct_v)]
         return [(batch_rows(ct_k, a, b), batch_rows(ct_v, shift + a, shift + b)) for a, b in zip(bounds, bounds[1:])]

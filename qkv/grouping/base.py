@@ -35,7 +35,9 @@ class Grouper(Component):
     grouped: ClassVar[bool] = True
     stores_assignments: ClassVar[bool] = True
     # whether :meth:`group` takes ``peaks=`` ([N] fp32 max |x| of each row, when the caller has
-    # read them already: a checked compression's value check), so that it need not read x for them
+    # read them already: a checked compression's value check), so that it need not read x for them,
+    # and ``found=`` (a callable given those peaks where the grouping measured them: see
+    # :meth:`measures_peaks`)
     takes_peaks: ClassVar[bool] = False
     # whether :meth:`group` draws random numbers when it is not warm-started (a seeded start: a
     # CUDA graph could not replay it, see qkv.caches.encode_graphs)
@@ -45,6 +47,11 @@ class Grouper(Component):
     def grid(self) -> BlockGrid | None:
         """The grid that implies the assignments of a grouper that does not store them."""
         return None
+
+    def measures_peaks(self, warm: bool) -> bool:
+        """Whether :meth:`group` (warm-started or not), given no ``peaks``, measures each row's
+        max |x| in a pass that reads every token anyway and hands them to ``found``."""
+        return False
 
     def predicted_groups(self, tokens: int) -> int:
         """Groups a fresh (not warm-started) grouping of ``tokens`` tokens makes."""

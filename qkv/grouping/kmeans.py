@@ -192,6 +192,7 @@ def kmeans(
     init_centroids: torch.Tensor | None = None,
     backend: str = "auto",
     peaks: torch.Tensor | None = None,
+    found=None,
     finish: str = "assign",
     objective: bool = True,
 ) -> KMeansResult:
@@ -202,7 +203,8 @@ def kmeans(
     [N, C, D] replaces the seeded init (warm start); ``peaks``: each row's max |x| ([N] fp32), if
     known (see :func:`row_factor`; otherwise the first assignment pass measures them as it reads
     the tokens, or with a k-means++ or k-means|| seeding, which needs the rows' factors first, a
-    reduction of their own reads them); ``finish``: ``"assign"`` ends with an assignment pass to the
+    reduction of their own reads them); ``found``: called with the peaks ([N] fp32, NaN and Inf
+    propagating) where the first pass measured them; ``finish``: ``"assign"`` ends with an assignment pass to the
     final centroids, ``"update"`` with the last iteration's means of its assignments (the
     reference's; with ``iters=0`` both are the initial assignment); ``objective=False`` leaves the
     result's objective None (the sums after the last pass and the history's stacking are not
@@ -236,6 +238,8 @@ def kmeans(
         # in the later passes, bit for bit
         ones = torch.ones(n, device=x.device)
         *first, measured = kernels.kmeans_assign(x, centroids, scale=ones, sums=sums, peaks=True, backend=backend)
+        if found is not None:
+            found(measured)
         factor = row_factor(x, measured)
         centroids = scaled_rows(centroids, factor)  # what the seeding would have given with it
         return kernels.kmeans_assign(x, centroids, scale=factor, sums=sums, redo=tuple(first), backend=backend)
@@ -313,7 +317,10 @@ class KMeansGrouper(ClusteringGrouper):
         if not isinstance(self.tol, (int, float)) or isinstance(self.tol, bool) or not 0 <= self.tol < math.inf:
             raise ConfigError(f"kmeans: tol must be a finite number >= 0, got {shown(self.tol)}")
 
-    def group(self, x, init=None, *, backend="auto", peaks=None) -> Groups:
+    def measures_peaks(self, warm: bool) -> bool:
+        return warm or self.init == "random"
+
+    def group(self, x, init=None, *, backend="auto", peaks=None, found=None) -> Groups:
         result = kmeans(
             x,
             self.clusters,
@@ -324,6 +331,7 @@ class KMeansGrouper(ClusteringGrouper):
             init_centroids=init,
             backend=backend,
             peaks=peaks,
+            found=found,
             finish=self.finish,
             objective=False,
         )

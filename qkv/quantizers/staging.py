@@ -63,12 +63,14 @@ class Staging(Component):
         backend: str = "auto",
         defer_last: bool = False,
         peaks: torch.Tensor | None = None,
+        found=None,
     ) -> tuple[torch.Tensor, Stored] | tuple[torch.Tensor, Stored, Pending]:
         """Run every stage on ``x`` [N, S, D] (fp32/fp16/bf16; the first stage reads it as it is).
 
         ``warm``: per-stage initial centroids [N, C, D] (warm start), or None. ``peaks``: each
         row's max |x| ([N] fp32) if known, for the first stage's grouper if it takes them
-        (:attr:`~qkv.grouping.base.Grouper.takes_peaks`).
+        (:attr:`~qkv.grouping.base.Grouper.takes_peaks`); ``found``: for that grouper to call with
+        the peaks where it measures them instead (:meth:`~qkv.grouping.base.Grouper.measures_peaks`).
         Returns (final residual [N, S, D], per stage (stored centroids, assignments to store or
         None)); the residual is fp32 after any smoothing but ``none``, which passes x through.
 
@@ -86,7 +88,8 @@ class Staging(Component):
         for t in range(self.count):
             groups = None
             if smoother.needs_groups:
-                known = {"peaks": peaks} if t == 0 and peaks is not None and grouper.takes_peaks else {}
+                given = {"peaks": peaks, "found": found} if t == 0 and grouper.takes_peaks else {}
+                known = {key: value for key, value in given.items() if value is not None}
                 groups = grouper.group(residual, None if warm is None else warm[t], backend=backend, **known)
             if defer_last and t == self.count - 1:
                 pending = smoother.offsets(residual, groups, backend=backend)

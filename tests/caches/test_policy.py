@@ -1,5 +1,8 @@
+import importlib
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import qkv
 from qkv import errors
@@ -161,9 +164,15 @@ def test_a_value_check_read_after_the_encode_still_refuses_bad_values(name, back
     monkeypatch.setattr(qkv.validation.PendingCheck, "error",
                         lambda self, *a, _error=qkv.validation.PendingCheck.error: events.append("verdict") or _error(self, *a))
     monkeypatch.setattr(qkv.caches.policy.TensorPolicy, "_compress",
-                        lambda self, *a, _run=qkv.caches.policy.TensorPolicy._compress: events.append("encode") or _run(self, *a))
+                        lambda self, *a, _run=qkv.caches.policy.TensorPolicy._compress, **kw: events.append("encode")
+                        or _run(self, *a, **kw))
     policy = qkv.build_policy(name, **({"clusters": 16} if "qvg" in name else {}))
-    k, v = kv()
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter off a GPU
+
+    def kv_on(seed=0):
+        return tuple(t.to(device) for t in kv(seed=seed))
+
+    k, v = kv_on()
     v = v.clone()
     v[0, 1, 7, 3] = {"nan": float("nan"), "inf": -float("inf"), "huge": 2.0**121}[bad]
     error, match = (errors.ValueRangeError, "v has magnitude") if bad == "huge" else (errors.NonFiniteError, r"v holds 1 NaN/Inf values \(first at index \(0, 1, 7, 3\)\)")
@@ -172,13 +181,33 @@ def test_a_value_check_read_after_the_encode_still_refuses_bad_values(name, back
     assert events[0] == "encode" and "verdict" in events, events
     events.clear()
     with pytest.raises(error, match=match.replace("v ", "pairs\\[1\\]: v ", 1)):
-        policy.compress_many([kv(seed=1), (k, v)], backend=backend)
+        policy.compress_many([kv_on(seed=1), (k, v)], backend=backend)
     events.clear()
     with pytest.raises(error, match="x "):
         policy.k.compress(v, backend=backend)
     assert events[0] == "encode", events
-    ckv = policy.compress(*kv(), backend=backend)  # good values: the verdict passes, the result is returned
+    ckv = policy.compress(*kv_on(), backend=backend)  # good values: the verdict passes, the result is returned
     assert ckv.k.shape == (1, 2, 300, 64)
+
+
+class Reductions(TorchDispatchMode):
+    """Counts the max-|x| reductions (``linalg_vector_norm``; quantization's block peaks aside) over
+    at least ``numel`` values: over a whole input, or more."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __enter__(self):
+        # torch imports dynamo on the first such reduction, and that import aborts inside a
+        # dispatch mode (seen on a GPU machine): import it before counting
+        importlib.import_module("torch._dynamo")
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket is torch.ops.aten.linalg_vector_norm:
+            self.count += args[0].numel() >= self.numel
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("name", ["qvg", "qvg-pro", "kivi", "k:kmeans(clusters=8),centroid,int2;v:int2(block=16)",
@@ -188,18 +217,6 @@ def test_a_checked_compression_reads_each_input_once_for_its_peaks(name):
     k-means takes those for its row scale instead of reading the input again: one max-|x| pass per
     input tensor (and one per later stage's residual), and the same result as an unchecked
     compression, rows far outside the safe range (scaled by k-means) included."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Reductions(TorchDispatchMode):
-        def __init__(self, numel):
-            super().__init__()
-            self.numel, self.count = numel, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten.linalg_vector_norm:  # max |x| (quantization's block peaks aside)
-                self.count += args[0].numel() >= self.numel  # over a whole input (or more)
-            return func(*args, **(kwargs or {}))
-
     policy = qkv.build_policy(name, **({"clusters": 8} if name.startswith("qvg") else {}))
     k, v = kv(shape=(2, 3, 256, 64), dtype=torch.bfloat16)
     k[1, 2] *= 2.0**60  # a row the k-means scales
@@ -213,25 +230,20 @@ def test_a_checked_compression_reads_each_input_once_for_its_peaks(name):
         assert all(torch.equal(t, b.tensors()[f]) for f, t in a.tensors().items())
 
 
-@pytest.mark.parametrize("name", ["qvg", "qvg-pro", "k:kmeans(clusters=8),centroid,int2;v:int2(block=16)"])
-def test_k_means_on_the_triton_kernels_measures_the_peaks_in_its_first_pass(name):
+@pytest.mark.parametrize("name, reduced", [("qvg", 0), ("qvg-pro", 0),
+                                           ("k:kmeans(clusters=8),centroid,int2;v:int2(block=16)", 1)])
+def test_k_means_on_the_triton_kernels_measures_the_peaks_in_its_first_pass(name, reduced, monkeypatch):
     """With the Triton kernels, k-means from random tokens or a warm start takes each row's max |x|
     (for its row scale) from its first assignment pass, which reads every token anyway: an
-    unchecked compression runs no max-|x| reduction over an input or a residual at all, a checked
-    one one per input (the value check's, whose peaks the first stage takes), and both store the
+    unchecked compression runs no max-|x| reduction over an input or a residual at all; a checked
+    one where the check is read after the encode (a GPU; forced here) takes the check's peaks from
+    that pass too, and reduces only the inputs no k-means reads (here an int2 V); all store the
     same, rows outside the safe range included."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Reductions(TorchDispatchMode):
-        def __init__(self, numel):
-            super().__init__()
-            self.numel, self.count = numel, 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func.overloadpacket is torch.ops.aten.linalg_vector_norm:
-                self.count += args[0].numel() >= self.numel
-            return func(*args, **(kwargs or {}))
-
+    monkeypatch.setattr(qkv.validation, "deferred", lambda t: True)
+    read_backs = []  # the checks sent to the host: one for the measured peaks, one for the reduced
+    init = qkv.validation.PendingCheck.__init__
+    monkeypatch.setattr(qkv.validation.PendingCheck, "__init__",
+                        lambda self, named, *a: read_backs.append(len(named)) or init(self, named, *a))
     policy = qkv.build_policy(name, **({"clusters": 8} if name.startswith("qvg") else {}))
     device = "cuda" if torch.cuda.is_available() else "cpu"  # the Triton interpreter off a GPU
     k, v = (t.to(device) for t in kv(shape=(1, 3, 128, 64), dtype=torch.bfloat16))
@@ -243,7 +255,8 @@ def test_k_means_on_the_triton_kernels_measures_the_peaks_in_its_first_pass(name
         checked = policy.compress(k, v, backend="triton")
     with counted["warm"]:
         policy.compress(k, v, warm_start=plain, validate=False, backend="triton")
-    assert [c.count for c in counted.values()] == [0, 2, 0]
+    assert [c.count for c in counted.values()] == [0, reduced, 0]
+    assert read_backs == ([2] if not reduced else [1, 1])  # k and v in one read-back where one encode measured both
     for a, b in ((plain.k, checked.k), (plain.v, checked.v)):
         assert all(torch.equal(t, b.tensors()[f]) for f, t in a.tensors().items())
 

@@ -375,6 +375,31 @@ def test_kmeans_assign_breaks_ties_toward_the_lower_index(tile, monkeypatch):
     assert bool((dist.abs() <= 1e-5 * cents.square().sum(-1).max()).all())
 
 
+@pytest.mark.parametrize("tile", [*ASSIGN_TILES, "sums"])
+def test_kmeans_on_bad_values_keeps_every_index_in_range(tile, monkeypatch):
+    """NaN and Inf tokens (a value check that reads its verdict after the encode refuses them
+    then) still get centroid indices in range from every assignment kernel, and the far tokens of
+    such distances are distinct tokens of the row: nothing the encode gathers next reads out of
+    bounds."""
+    from qkv.kernels.triton.kmeans.assign import assign_triton
+    from qkv.kernels.triton.kmeans.far import far_tokens_triton
+
+    sums = tile == "sums"
+    tile = None if sums else tile
+    resident_only(monkeypatch, tile)
+    g = gen(23)
+    x = torch.randn(2, 150, 64, generator=g, device=DEVICE)
+    x[0, 3, 5] = float("nan")
+    x[0, 90:] = float("nan")
+    x[1, 7, 1] = float("inf")
+    cents = torch.randn(2, 16 if sums else 40, 64, generator=g, device=DEVICE)
+    idx, dist = assign_triton(x.bfloat16(), cents, sums=sums, tile=tile)[:2]
+    assert bool(((idx >= 0) & (idx < cents.shape[1])).all())
+    far = far_tokens_triton(dist, 8, 4)
+    assert bool(((far >= 0) & (far < x.shape[1])).all())
+    assert all(len(set(row)) == 8 for row in far.tolist())
+
+
 @pytest.mark.parametrize("s", [40, 300])  # every token a candidate / candidates drawn by D^2
 def test_kmeans_parallel_seeding_on_the_assign_kernel(s):
     """k-means|| seeding with its distances from the Triton assignment (bf16-rounded candidates):

@@ -132,8 +132,11 @@ def _resident_tiles(x_ptr, f, f_sq, cent, norm, idx_ptr, dist_ptr, top_ptr, n, S
         xh, xl = split_bf16(x, X_EXACT)
         dist = _distances(xh, xl, f, cent, norm, X_EXACT, EMULATE)
         best = tl.min(dist, axis=1)
-        # ties keep the lowest centroid index, as in _nearest
+        # ties keep the lowest centroid index, as in _nearest; a token of NaN distances (NaN in x:
+        # refused by the value check, which may read its verdict after the encode) takes 0, an
+        # index in range like everything the encode goes on to gather
         best_i = tl.min(tl.where(dist == best[:, None], j[None, :], CP), axis=1)
+        best_i = tl.where(best_i < CP, best_i, 0)
         tl.store(idx_ptr + n * S + s, best_i.to(tl.int64), mask=s_ok)
         tl.store(dist_ptr + n * S + s, tl.maximum(best + x_sq, 0.0), mask=s_ok)
     if PEAKS:
