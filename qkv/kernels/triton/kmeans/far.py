@@ -33,6 +33,9 @@ def _segment_peak_kernel(d_ptr, key_ptr, S, size, segments, BLOCK_G: tl.constexp
     t = tl.arange(0, BLOCK_T)
     ok = (g < segments)[:, None] & (t < size)[None, :]
     v = tl.load(d_ptr + n * S + g[:, None] * size + t[None, :], mask=ok, other=float("-inf"))
+    # a NaN distance (NaN in x, which the value check refuses, perhaps after the encode) counts as
+    # the farthest, so the peak's index is always a token of the segment
+    v = tl.where(v == v, v, float("inf"))
     peak, at = tl.max(v, axis=1, return_indices=True, return_indices_tie_break_left=True)
     bits = tl.where(peak == 0.0, 0, peak.to(tl.int32, bitcast=True))
     key = (bits.to(tl.int64) << 32) | (2147483647 - (g * size + at)).to(tl.int64)
