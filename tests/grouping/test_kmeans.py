@@ -221,12 +221,13 @@ def test_peaks_measured_by_the_first_pass_give_what_given_peaks_give(backend, cl
     factor to be 1 in its first assignment pass, measures the peaks there and runs that pass again
     for the rows outside the safe range: the result is the one given peaks give, bit for bit, rows
     of huge and tiny magnitudes included (k-means|| needs the factors first and reads the peaks)."""
-    x = clustered(n=5, s=200, d=64)
+    x = clustered(n=3, s=128, d=32)
     x[1] *= 2.0**90
-    x[3] *= 2.0**-100
+    x[2] *= 2.0**-100
     x = x.bfloat16().to("cuda" if backend == "triton" and torch.cuda.is_available() else "cpu")
     peaks = torch.linalg.vector_norm(x.flatten(1), ord=float("inf"), dim=-1, dtype=torch.float32)
-    for start in ({"init": "random"}, {"init_centroids": x[:, :clusters].float()}, {"init": "kmeans||"}):
+    starts = [{"init": "random"}, {"init_centroids": x[:, :clusters].float()}] + [{"init": "kmeans||"}] * (clusters < 64)
+    for start in starts:
         args = dict(iters=iters, finish=finish, backend=backend, **start)
         measured, given = kmeans(x, clusters, **args), kmeans(x, clusters, peaks=peaks, **args)
         assert torch.equal(measured.centroids, given.centroids) and torch.isfinite(given.centroids).all()
