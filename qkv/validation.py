@@ -53,10 +53,9 @@ def _verdict(label: str, peak: float, t: torch.Tensor | None) -> QKVError | None
     return None
 
 
-def _first_error(named: list[tuple[str, torch.Tensor]], peaks: torch.Tensor | None = None) -> QKVError | None:
-    """The first failure among ``named`` with where it is, or None (one read-back; ``peaks``:
-    their max |x| when already reduced)."""
-    peaks = _peaks(named) if peaks is None else peaks
+def _first_error(named: list[tuple[str, torch.Tensor]]) -> QKVError | None:
+    """The first failure among ``named`` with where it is, or None (one read-back)."""
+    peaks = _peaks(named)
     return next((e for (label, t), peak in zip(named, peaks.tolist()) if (e := _verdict(label, peak, t)) is not None),
                 None)
 
@@ -171,11 +170,6 @@ class ValueCheck:
             self._rows[i] = row_peaks(self.named[i][1])
         self._send(missing)
 
-    def peaks(self) -> torch.Tensor:
-        """Every tensor's max |x| ([len(named)] fp32)."""
-        self._reduce_missing()
-        return torch.stack([r.amax() for r in self._rows])
-
     def error(self) -> QKVError | None:
         """The first failure among the tensors in ``named``'s order, or None (waits for the
         verdicts that have not arrived)."""
@@ -207,8 +201,8 @@ def values_checked(named: Sequence[tuple[str, torch.Tensor]],
     _refuse_capture(*named[0])
     later = deferred(named[0][1])
     check = ValueCheck(named, measured if later and measured is not None else [False] * len(named))
-    if not later and (error := _first_error(named, check.peaks())) is not None:
-        raise error
+    if not later and check.error() is not None:
+        raise _first_error(named) or check.error()
     try:
         yield check
     except Exception as exc:  # work that failed on bad values: the values are to blame

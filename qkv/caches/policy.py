@@ -253,8 +253,7 @@ class TensorPolicy:
             # the last stage's centroid subtraction, if any, is fused into quantize+pack: the
             # residual it leaves is never written out (for one stage the kernel reads x itself)
             pending = None
-            known = {"peaks": None if peaks is None else peaks.flatten(), "found": found}  # rows (b h)
-            known = {key: value for key, value in known.items() if value is not None and self.staging.takes_peaks}
+            known = {"peaks": None if peaks is None else peaks.flatten(), "found": found} if self.staging.takes_peaks else {}  # rows (b h)
             if self.staging.defers_last:
                 residual, stored, pending = self.staging.run(
                     flat, self.grouping, self.smoothing, warm, backend=backend, defer_last=True, **known

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from qkv.kernels.triton.bits import split_bf16
 from qkv.kernels.triton.kmeans.nearest import (_centroid_tile, _distances, _nearest, _peak_bits, _prepare_kernel, _slots,
-                                               row_peaks, unit_d)
+                                               peaks_from_bits, unit_d)
 from qkv.kernels.triton.kmeans.sums import _cluster_sum_kernel, _empty_sums, _parts, _splits
 from qkv.kernels.triton.tiles import AssignSumsTile, AssignTile, tile_for
 
@@ -199,7 +199,7 @@ def assign_triton(
             ASSIGN=True, PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d,
             num_warps=sum_tile.warps, **common,
         )
-        return (idx, dist, part) + ((row_peaks(top, x.dtype),) if peaks else ())
+        return (idx, dist, part) + ((peaks_from_bits(top, x.dtype),) if peaks else ())
     block_s = tile.tokens if block_d <= 128 else tile.tokens // 2
     tiles = triton.cdiv(s, block_s)
     launch = dict(BLOCK_S=block_s, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps, num_stages=tile.stages,
@@ -212,4 +212,4 @@ def assign_triton(
             x, f, neg2, c_sq, idx, dist, top, s, cp, d, x.stride(0), x.stride(1), tiles, **launch)
     else:
         _assign_kernel[(n, tiles)](x, f, neg2, c_sq, idx, dist, top, s, cp, d, x.stride(0), x.stride(1), **launch)
-    return (idx, dist) + ((None,) if sums else ()) + ((row_peaks(top, x.dtype),) if peaks else ())
+    return (idx, dist) + ((None,) if sums else ()) + ((peaks_from_bits(top, x.dtype),) if peaks else ())

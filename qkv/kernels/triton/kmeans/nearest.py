@@ -55,7 +55,7 @@ def _peak_bits(x, top):
     return tl.maximum(top, tl.max(bits, axis=1))
 
 
-def row_peaks(top: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def peaks_from_bits(top: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Each row's max |x| ([N] fp32, NaN and Inf propagating) from its programs' :func:`_peak_bits`
     [N, P] int32 of tokens of ``dtype``."""
     bits = top.amax(-1)
