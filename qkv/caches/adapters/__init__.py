@@ -6,7 +6,8 @@ Each lives in its own module and imports its library only when imported itself:
 - :mod:`qkv.caches.adapters.wan`: a ``diffusers`` attention processor for ``WanTransformer3DModel``
   and a chunk-wise (Self-Forcing style) rollout;
 - :mod:`qkv.caches.adapters.self_forcing`: a drop-in for the Self-Forcing code's per-block
-  ``{"k", "v", "global_end_index", "local_end_index"}`` cache dicts (the GitHub layout);
+  ``{"k", "v", "global_end_index", "local_end_index"}`` cache dicts (the GitHub layout), whose
+  dicts themselves are :mod:`qkv.caches.adapters.self_forcing_blocks`;
 - :mod:`qkv.caches.adapters.streamdiffusionv2`: streamdiffusionv2's causal Wan (Self-Forcing /
   CausVid);
 - :mod:`qkv.caches.adapters.anyflow_far`: diffusers' AnyFlow-FAR (frame-autoregressive Wan);
