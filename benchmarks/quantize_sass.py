@@ -1,16 +1,18 @@
-"""What quantize+pack, its block-peak pass and dequantize cost a value, compiled for a GPU without one.
+"""What quantize+pack (its two passes) and dequantize cost a value, compiled for a GPU without one.
 
-Compiles ``_quantize_pack_kernel``, ``_block_peak_kernel`` and ``_dequantize_kernel``
-(kernels/triton/quantize.py) for an sm_90 target with the installed Triton as a compression and
+Compiles ``_quantize_pack_kernel`` (its speculative pass and its settling pass) and
+``_dequantize_kernel`` (kernels/triton/quantize.py) for an sm_90 target with the installed Triton as a compression and
 a decompression to bf16 launch them, for the keys of three presets at head dim 128:
 qvg (one stage of bf16 centroids subtracted, INT2 mid-rise in blocks of 64, E4M3 scales, bytes
 MSB first), rtn (no stage, blocks of 16) and kivi (per channel, asymmetric, fp16 scales and zero
 points, int32 words LSB first); pointers, strides, lengths and the stage's pointers and strides
-specialized as multiples of 16, as the JIT specializes them at launch. No kernel loops over
-its tile: the report is the registers a thread, its stack frame and the instructions a thread
-runs at the default tile (4,096 values a program for quantize+pack and dequantize, 8,192 for the
-block peaks, 4 warps), and what twice the rows add a value: the kernel's cost a value, which
-decides its time where it is bound by instructions rather than bytes.
+specialized as multiples of 16, as the JIT specializes them at launch. The speculative pass and
+dequantize do not loop over their tile: the report is the registers a thread, its stack frame and
+the instructions a thread runs at the default tile (4,096 values a program, 4 warps), and what
+twice the rows add a value: the kernel's cost a value, which decides its time where it is bound
+by instructions rather than bytes. The settling pass loops over its tiles and holds the rarely
+taken second quantization of a tile: its instructions are the code's, not what a thread runs, and
+it has no figure a value.
 
     PYTHONPATH=. python3 benchmarks/quantize_sass.py --out benchmarks/results/quantize_sass_triton36.json
 """
@@ -30,16 +32,16 @@ from qkv.dtypes import max_finite
 from qkv.kernels.quantize import HEADROOM
 from qkv.kernels.triton.bits import EXACT_LAUNCH
 from qkv.kernels.triton.quantize import (
-    FORMAT_CODE, MODE_CODE, _block_peak_kernel, _dequantize_kernel, _quantize_pack_kernel,
+    FORMAT_CODE, MODE_CODE, SETTLE, SPECULATE, _dequantize_kernel, _quantize_pack_kernel,
 )
 from qkv.kernels.triton.records import code_layout
 
-# kernel -> (the JIT function, values a program of its default tile)
-KERNELS = {"quantize_pack": (_quantize_pack_kernel, 4096), "block_peak": (_block_peak_kernel, 8192),
-           "dequantize": (_dequantize_kernel, 4096)}
+# kernel -> (the JIT function, values a program of its default tile, its pass)
+KERNELS = {"quantize_pack": (_quantize_pack_kernel, 4096, SPECULATE), "settle": (_quantize_pack_kernel, 4096, SETTLE),
+           "dequantize": (_dequantize_kernel, 4096, None)}
 POINTER_TYPES = {"bfloat16": "*bf16", "uint8": "*u8", "int32": "*i32", "float8_e4m3fn": "*fp8e4nv", "float16": "*fp16"}
-DIVISIBLE = ("x_ptr", "codes_ptr", "scales_ptr", "zeros_ptr", "part_ptr", "mult_ptr", "out_ptr", "x_sn", "x_sr", "R",
-             "L", "P", "G", "D", "S", "OUT_N")
+DIVISIBLE = ("x_ptr", "codes_ptr", "scales_ptr", "zeros_ptr", "raw_ptr", "low_ptr", "part_ptr", "mult_ptr", "out_ptr",
+             "x_sn", "x_sr", "R", "L", "P", "G", "D", "S", "OUT_N")
 
 
 def compressed(preset: str):
@@ -48,7 +50,7 @@ def compressed(preset: str):
     return qkv.build_policy(preset).k.compress(torch.randn(1, 1, 256, 128).bfloat16())
 
 
-def constants(preset: str, block_r: int) -> tuple[dict, dict, bool]:
+def constants(preset: str, block_r: int, pass_: int = SPECULATE) -> tuple[dict, dict, bool]:
     """The kernel's constexprs, pointer types and whether it subtracts a stage, for ``preset``'s
     keys at head dim 128 (its format from a compression of a small span)."""
     ct = compressed(preset)
@@ -56,11 +58,12 @@ def constants(preset: str, block_r: int) -> tuple[dict, dict, bool]:
     length = 128 if q.axis == "token" else 256
     block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
     const = dict(BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
-                 LEVELS=q.levels, ZERO_CODE=float(q.offset // 1), FMT=FORMAT_CODE[q.scale], HAS_MULT=q.scale != "fp32",
+                 LEVELS=q.levels, ZERO_CODE=float(q.offset // 1), FMT=FORMAT_CODE[q.scale], PASS=pass_,
                  LIMIT=max_finite(q.scale_dtype) * HEADROOM, TOKEN_AXIS=q.axis == "token", WORD=q.pack.word_bits,
                  MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l)
     pointers = {"x_ptr": "*bf16", "codes_ptr": POINTER_TYPES[str(q.pack.container).split(".")[1]],
-                "scales_ptr": POINTER_TYPES[str(q.scale_dtype).split(".")[1]], "part_ptr": "*fp32", "mult_ptr": "*fp32"}
+                "scales_ptr": POINTER_TYPES[str(q.scale_dtype).split(".")[1]], "raw_ptr": "*fp32", "low_ptr": "*fp32",
+                "part_ptr": "*fp32", "mult_ptr": "*fp32"}
     pointers["zeros_ptr"] = pointers["scales_ptr"]
     return const, pointers, bool(ct.stages and ct.stages[0].centroids is not None)
 
@@ -85,8 +88,11 @@ def dequantize_constants(preset: str, block_s: int) -> tuple[dict, dict, bool]:
 
 
 def compile_counts(name: str, preset: str, block_r: int, warps: int, tmp: str) -> dict:
-    kernel = KERNELS[name][0]
-    const, pointers, staged = (dequantize_constants if name == "dequantize" else constants)(preset, block_r)
+    kernel, _, pass_ = KERNELS[name]
+    if name == "dequantize":
+        const, pointers, staged = dequantize_constants(preset, block_r)
+    else:
+        const, pointers, staged = constants(preset, block_r, pass_)
     values = block_r * const["BLOCK_L"]
     const = {k: v for k, v in const.items() if k in kernel.arg_names}
     pointers["stages"] = (("*bf16", "*u8", "i32", "i32", "i32"),) if staged else ()
@@ -105,15 +111,18 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (_, values) in KERNELS.items():
+        for name, (_, values, pass_) in KERNELS.items():
             for preset in args.presets:
                 block_l = 128 if name == "dequantize" else constants(preset, 1)[0]["BLOCK_L"]
-                block_r = max(1, min(64 if name == "quantize_pack" else 128, values // block_l))  # as launched
+                block_r = max(1, min(64 if name != "dequantize" else 128, values // block_l))  # as launched
                 tile = compile_counts(name, preset, block_r, 4, tmp)
-                double = compile_counts(name, preset, 2 * block_r, 4, tmp)
+                a_value = None
+                if pass_ != SETTLE:
+                    double = compile_counts(name, preset, 2 * block_r, 4, tmp)
+                    a_value = ((double["instructions"] - tile["instructions"])
+                               / (double["values_a_thread"] - tile["values_a_thread"]))
                 rows.append({"kernel": name, "preset": preset, "triton": triton.__version__, "target": "sm_90",
-                             **tile, "instructions_a_value": (double["instructions"] - tile["instructions"])
-                             / (double["values_a_thread"] - tile["values_a_thread"])})
+                             **tile, "instructions_a_value": a_value})
                 print(rows[-1])
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(rows, indent=1) + "\n")

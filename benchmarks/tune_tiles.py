@@ -57,7 +57,7 @@ program on the per-token fast path and on the others, warps) over the keys of ``
         --out benchmarks/results/tune_tiles_dequantize_h200.json --write
 
 ``--kernel quantize`` sweeps :class:`qkv.kernels.triton.tiles.QuantizeTile` (values and warps
-per program of quantize+pack and of its block-peak pass) over the keys of ``SPANS`` as qvg and rtn
+per program of quantize+pack, tiles a program of its settling pass) over the keys of ``SPANS`` as qvg and rtn
 compress them (qvg's centroids subtracted on the way), and writes one tile for any call:
 
     PYTHONPATH=. python3 benchmarks/tune_tiles.py --kernel quantize \
@@ -207,14 +207,14 @@ def added_stages(ct) -> tuple[list, list]:
 
 
 def quantize_grid(quick: bool) -> list[tiles.QuantizeTile]:
-    values, warps, peak = (2048, 4096, 8192, 16384), (2, 4, 8), (4096, 8192, 16384)
+    values, warps, settle = (2048, 4096, 8192, 16384), (2, 4, 8), (2, 8, 32)
     if quick:
-        values, warps, peak = (2048, 4096, 8192), (4, 8), (8192, 16384)
-    return [tiles.QuantizeTile(v, w, p, w) for v, w, p in itertools.product(values, warps, peak)]
+        values, warps, settle = (4096, 8192), (4, 8), (8, 32)
+    return [tiles.QuantizeTile(v, w, t) for v, w, t in itertools.product(values, warps, settle)]
 
 
 def quantize_calls(args):
-    """(case, call(tile)) of quantize+pack (with its block-peak pass) as a compression launches
+    """(case, call(tile)) of quantize+pack (both its passes) as a compression launches
     it: the keys of SPANS with each policy's stage centroids subtracted on the way (qvg's), or
     none (rtn's)."""
     for name, shape in SPANS.items():

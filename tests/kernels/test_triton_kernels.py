@@ -174,13 +174,37 @@ def test_row_multiplier_is_the_least_power_of_two_above_the_peak_in_both_twins(m
 
 
 def test_row_multiplier_over_more_block_peak_tiles_than_one_load():
-    """A row whose block-peak pass leaves more than 1,024 tiles (the quantize programs' first load
-    of them) still takes its multiplier from every tile: the peak sits in the last one."""
+    """A row whose speculative pass leaves more than 1,024 tiles' block peaks (the settling
+    programs' first load of them) still takes its multiplier from every tile: the peak sits in
+    the last one."""
     q = AffineQuantizer(bits=2, block=8, scale="fp16").code_format(PACKING.build("u8msb").format)
     x = torch.randn(1, 1025 * 128, 8, generator=gen(7), device=DEVICE) * 1e-3
     x[0, -1, 3] = 1e6  # fp16 scales: a peak past HEADROOM x 65504 x steps needs a multiplier
     ref = kernels.quantize_pack(x, q, backend="torch")
     assert ref.mult is not None and ref.mult.item() > 1
+    assert_same_rows(kernels.quantize_pack(x, q, backend="triton"), ref)
+
+
+@pytest.mark.parametrize("mode", ["sym", "asym"])
+def test_blocks_below_the_scale_formats_normal_range_under_the_multiplier_are_quantized_again(mode):
+    """The Triton kernel quantizes every tile before it knows its row's multiplier, as the
+    multiplier leaves a block whose scale stays in the format's normal range; blocks far below
+    their row's peak (E4M3 subnormals under the multiplier) round otherwise, and their tiles are
+    quantized again: the same codes, scales and zero points as the twin."""
+    q = AffineQuantizer(bits=2, block=16, mode=mode, scale="fp8").code_format(PACKING.build("u8msb").format)
+    x = torch.rand(2, 6, 64, generator=gen(11), device=DEVICE) + 0.1
+    if mode == "asym":
+        x = x - 0.6
+    # a block a magnitude, 2^0 .. 2^-23 of the row's peak
+    x = (x.view(2, 6, 4, 16) * torch.exp2(-torch.arange(24.0, device=DEVICE)).view(1, 6, 4, 1)).view(2, 6, 64)
+    ref = kernels.quantize_pack(x, q, backend="torch")
+    scale = ref.scales.float() * ref.mult.view(-1, 1, 1)
+    raw = block_peaks(x.unflatten(-1, (-1, q.block)), q) if mode != "asym" else None
+    if raw is not None:  # what the speculative pass took: the peak rounded up to E4M3's 4 significant bits
+        mant, exp = torch.frexp(raw)
+        wide = torch.ceil(mant * 16) / 16 * torch.exp2(exp.float())
+        assert bool((wide != scale).any())  # the case this is about
+    assert bool(((ref.scales.float() > 0) & (ref.scales.float() < 2.0**-6)).any())  # E4M3 subnormals
     assert_same_rows(kernels.quantize_pack(x, q, backend="triton"), ref)
 
 

@@ -64,11 +64,13 @@ def _exp2_int(k):
 
 
 @triton.jit
-def _in_quanta(a, FMT: tl.constexpr):
+def _in_quanta(a, FMT: tl.constexpr, WIDE: tl.constexpr):
     """(a over the spacing q of format FMT (1 fp16, 2 bf16, 3 fp8 E4M3) around a >= 0, q): the
     quotient correctly rounded. q is a power of two, so for fp16 and fp8 it is a product with 1 / q
     (2^-125 .. 2^24: a float, so the product rounds as the division does), no division; bf16's
-    spacing reaches 2^-133, whose reciprocal is not a float, so bf16 divides."""
+    spacing reaches 2^-133, whose reciprocal is not a float, so bf16 divides. WIDE: the format's
+    mantissa with fp32's exponents (no subnormals above fp32's, no largest value): what the format
+    gives a value times any power of two that brings it into the format's normal range."""
     if FMT == 1:
         MANT: tl.constexpr = 10
         EMIN: tl.constexpr = -14
@@ -79,9 +81,12 @@ def _in_quanta(a, FMT: tl.constexpr):
         MANT: tl.constexpr = 3
         EMIN: tl.constexpr = -6
     e = ((a.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
-    k = tl.maximum(e, EMIN) - MANT
+    if WIDE:
+        k = tl.maximum(e, -126) - MANT
+    else:
+        k = tl.maximum(e, EMIN) - MANT
     q = _exp2_int(k)
-    if FMT == 2:
+    if FMT == 2 or WIDE:
         over = tl.math.div_rn(a, q)
     else:
         over = a * _exp2_int(-k)
@@ -92,23 +97,24 @@ def _in_quanta(a, FMT: tl.constexpr):
 # exact), so it does not depend on how a backend converts floats; storing the result in the
 # format is then exact.
 @triton.jit
-def round_up(v, FMT: tl.constexpr):
-    """Smallest value of format FMT (0 fp32, 1 fp16, 2 bf16, 3 fp8 E4M3) >= v (v >= 0), as fp32."""
+def round_up(v, FMT: tl.constexpr, WIDE: tl.constexpr):
+    """Smallest value of format FMT (0 fp32, 1 fp16, 2 bf16, 3 fp8 E4M3; WIDE: with fp32's
+    exponents, see _in_quanta) >= v (v >= 0), as fp32."""
     if FMT == 0:
         out = v
     else:
-        over, q = _in_quanta(v, FMT)
+        over, q = _in_quanta(v, FMT, WIDE)
         out = tl.math.ceil(over) * q
     return out
 
 
 @triton.jit
-def round_down(v, FMT: tl.constexpr):
-    """Largest value of format FMT <= v, as fp32."""
+def round_down(v, FMT: tl.constexpr, WIDE: tl.constexpr):
+    """Largest value of format FMT (WIDE: as in round_up) <= v, as fp32."""
     if FMT == 0:
         out = v
     else:
-        over, q = _in_quanta(tl.abs(v), FMT)
+        over, q = _in_quanta(tl.abs(v), FMT, WIDE)
         down = tl.math.floor(over) * q
         up = tl.math.ceil(over) * q
         out = tl.where(v == 0, v, tl.where(v >= 0, down, -up))  # a zero keeps its sign, as in torch

@@ -32,16 +32,19 @@ FORMAT_CODE = {"fp32": 0, "fp16": 1, "bf16": 2, "fp8": 3}
 MODE_CODE = {"sym": 0, "midrise": 1, "asym": 2}
 
 
+# The passes of _quantize_pack_kernel
+ONE_PASS, SPECULATE, SETTLE = 0, 1, 2
+
+
 @triton.jit
-def _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS: tl.constexpr, BLOCK_R: tl.constexpr,
+def _residual_tile(x_ptr, stages, n, rt, lt, x_sn, x_sr, R, L, D, TOKEN_AXIS: tl.constexpr, BLOCK_R: tl.constexpr,
                    BLOCK_L: tl.constexpr):
-    """This program's tile of rows [N, R, L] (rows: tokens if TOKEN_AXIS, else channels): (batch,
-    head) row n, its row indices r and r_ok, the tile's mask, and the fp32 residual
+    """Tile (rt, lt) of (batch, head) row n of rows [N, R, L] (rows: tokens if TOKEN_AXIS, else
+    channels): its row indices r and r_ok, the tile's mask, and the fp32 residual
     ``x - sum_t centroids[t][assignments[t]]`` there (x read in its own dtype, stages subtracted
     in order: the twin's fp32 operations; 0 where masked)."""
-    n = tl.program_id(1).to(tl.int64)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    l = lt * BLOCK_L + tl.arange(0, BLOCK_L)
     r_ok = r < R
     l_ok = l < L
     mask = r_ok[:, None] & l_ok[None, :]
@@ -51,36 +54,12 @@ def _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS: tl.constexpr,
     else:
         tok, tok_ok, ch = l, l_ok, r
     x = add_stages(x.to(tl.float32), stage_rows(stages, n), tok, tok_ok, ch, mask, D, TOKEN_AXIS, True)
-    return n, r, r_ok, mask, x
-
-
-@triton.jit
-def _block_peak_kernel(
-    x_ptr, part_ptr, stages, x_sn, x_sr, R, L, D,
-    QBLOCK: tl.constexpr, MODE: tl.constexpr, STEPS: tl.constexpr,
-    TOKEN_AXIS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
-):
-    """Largest block peak (scale, or |zero point| for asym; see ``block_peaks``) of one tile of
-    the residual, written to ``part[n, tile]``; the row's peak is the max over its tiles."""
-    pid_n, _, _, _, x = _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS, BLOCK_R, BLOCK_L)
-    # masked elements are 0 and whole blocks (the block divides L), so their peaks are 0. A
-    # correctly rounded division by STEPS > 0 keeps the order of its dividends, so the largest
-    # quotient is the quotient of the largest: one division a tile, not one a block
-    if MODE == 2:
-        xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
-        low = tl.min(xb, axis=2)
-        span = tl.max(tl.max(tl.max(xb, axis=2) - low, axis=1), axis=0)
-        peak = tl.maximum(tl.math.div_rn(span, STEPS), tl.max(tl.max(tl.abs(low), axis=1), axis=0))
-    else:
-        peak = tl.math.div_rn(tl.max(tl.max(tl.abs(x), axis=1), axis=0), STEPS)
-    tiles = tl.num_programs(0) * tl.num_programs(2)
-    tile = tl.program_id(0) * tl.num_programs(2) + tl.program_id(2)
-    tl.store(part_ptr + pid_n * tiles + tile, peak)
+    return r, r_ok, mask, x
 
 
 @triton.jit
 def _row_multiplier(part_ptr, tiles, LIMIT: tl.constexpr):
-    """``row_multiplier`` of the row whose ``tiles`` block-peak maxima start at ``part_ptr``: the
+    """``row_multiplier`` of the row whose ``tiles`` tile maxima of block peaks start at ``part_ptr``: the
     least 2**e >= peak / LIMIT, e in [-126, 127] (from the quotient's exponent bits, as frexp),
     1 for a zero row."""
     # one wide load covers most rows (a LongCat-Video span has 464 tiles): a program does not
@@ -96,39 +75,49 @@ def _row_multiplier(part_ptr, tiles, LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _quantize_pack_kernel(
-    x_ptr, codes_ptr, scales_ptr, zeros_ptr, part_ptr, mult_ptr, tiles, stages, x_sn, x_sr, R, L, P, G, D,
+def _quantize_tile(
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, stages, n, rt, lt, m, x_sn, x_sr, R, L, P, G, D,
     BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
-    STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, HAS_MULT: tl.constexpr,
-    LIMIT: tl.constexpr, TOKEN_AXIS: tl.constexpr,
-    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, WIDE: tl.constexpr,
+    TOKEN_AXIS: tl.constexpr, WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
-    pid_n, r, r_ok, mask, x = _residual_tile(x_ptr, stages, x_sn, x_sr, R, L, D, TOKEN_AXIS, BLOCK_R, BLOCK_L)
-    row = pid_n * R + r  # outputs are contiguous [N, R, ...]
+    """Quantize and pack tile (rt, lt) of row n with the row multiplier m; WIDE (the speculative
+    pass, m = 1): scales and zero points rounded to the format's mantissa with fp32's exponents
+    (bits.round_up), the blocks' raw scales (and lows, asym) stored in place of scales and zeros.
+    Returns the tile's largest block peak (as ``block_peaks``; 0 for masked blocks)."""
+    r, r_ok, mask, x = _residual_tile(x_ptr, stages, n, rt, lt, x_sn, x_sr, R, L, D, TOKEN_AXIS, BLOCK_R, BLOCK_L)
+    row = n * R + r  # outputs are contiguous [N, R, ...]
     xb = tl.reshape(x, (BLOCK_R, BLOCK_L // QBLOCK, QBLOCK))
-    m = 1.0
-    if HAS_MULT:  # every program of the row works it out from the block-peak pass; one stores it
-        m = _row_multiplier(part_ptr + pid_n * tiles, tiles, LIMIT)
-        tl.store(mult_ptr + pid_n, m, mask=(tl.program_id(0) == 0) & (tl.program_id(2) == 0))
     # m is a power of two (2^-126 .. 2^127), so 1 / m is a float and a value over m is its product
     # with it, rounded as the division: one division a program, not one a block
     inv_m = tl.math.div_rn(1.0, m)
     if MODE == 2:
         low = tl.min(xb, axis=2)
         high = tl.max(xb, axis=2)
-        zero_rel = round_down(low * inv_m, FMT)  # stored, relative to m
+        zero_rel = round_down(low * inv_m, FMT, WIDE)  # stored, relative to m
         zero = zero_rel * m
-        scale_rel = round_up(tl.math.div_rn(high - zero, STEPS) * inv_m, FMT)
+        raw = tl.math.div_rn(high - zero, STEPS)
+        # masked elements are 0 and whole blocks (the block divides L), so their peaks are 0
+        peak = tl.maximum(tl.math.div_rn(tl.max(tl.max(high - low, axis=1), axis=0), STEPS),
+                          tl.max(tl.max(tl.abs(low), axis=1), axis=0))
     else:
         zero = tl.zeros((BLOCK_R, BLOCK_L // QBLOCK), tl.float32)
-        scale_rel = round_up(tl.math.div_rn(tl.max(tl.abs(xb), axis=2), STEPS) * inv_m, FMT)
+        raw = tl.math.div_rn(tl.max(tl.abs(xb), axis=2), STEPS)
+        # a correctly rounded division by STEPS > 0 keeps the order of its dividends
+        peak = tl.max(tl.max(raw, axis=1), axis=0)
+    scale_rel = round_up(raw * inv_m, FMT, WIDE)
     scale = scale_rel * m
-    g = tl.program_id(2) * (BLOCK_L // QBLOCK) + tl.arange(0, BLOCK_L // QBLOCK)
+    g = lt * (BLOCK_L // QBLOCK) + tl.arange(0, BLOCK_L // QBLOCK)
     g_mask = r_ok[:, None] & (g < G)[None, :]
     sidx = row[:, None] * G + g[None, :]
-    tl.store(scales_ptr + sidx, scale_rel.to(scales_ptr.dtype.element_ty), mask=g_mask)
-    if MODE == 2:
-        tl.store(zeros_ptr + sidx, zero_rel.to(zeros_ptr.dtype.element_ty), mask=g_mask)
+    if WIDE:
+        tl.store(raw_ptr + sidx, raw, mask=g_mask)
+        if MODE == 2:
+            tl.store(low_ptr + sidx, low, mask=g_mask)
+    else:
+        tl.store(scales_ptr + sidx, scale_rel.to(scales_ptr.dtype.element_ty), mask=g_mask)
+        if MODE == 2:
+            tl.store(zeros_ptr + sidx, zero_rel.to(zeros_ptr.dtype.element_ty), mask=g_mask)
     live = scale > 0
     p, f, inv = divisor_parts(tl.where(live, scale, 1.0))  # one division a block
     # x / scale as the twin divides: a code turns on a quotient of at least 1/2, where `quotient`
@@ -149,14 +138,14 @@ def _quantize_pack_kernel(
         # int32 fields that do not overlap: their sum is their OR (a 32-bit word's top field wraps
         # to the sign bit, as the int32 container holds it)
         word = tl.sum(tl.reshape(code, (BLOCK_R, BLOCK_L // PER, PER)) << shift[None, None, :], axis=2)
-        w = tl.program_id(2) * (BLOCK_L // PER) + tl.arange(0, BLOCK_L // PER)
+        w = lt * (BLOCK_L // PER) + tl.arange(0, BLOCK_L // PER)
         tl.store(codes_ptr + row[:, None] * P + w[None, :], word.to(codes_ptr.dtype.element_ty),
                  mask=r_ok[:, None] & (w < P)[None, :])
     else:
         if WORD != 8:  # byte words: every shifted field fits 32 bits
             code = code.to(tl.int64)
         groups = tl.reshape(code, (BLOCK_R, BLOCK_L // WORD, WORD))
-        w = tl.program_id(2) * (BLOCK_L // WORD) + tl.arange(0, BLOCK_L // WORD)
+        w = lt * (BLOCK_L // WORD) + tl.arange(0, BLOCK_L // WORD)
         for k in tl.static_range(BITS):
             word = pack_word(groups, k, BITS, WORD, MSB)
             widx = w * BITS + k
@@ -164,6 +153,70 @@ def _quantize_pack_kernel(
             if WORD == 32:
                 word = tl.where(word >= 2147483648, word - 4294967296, word)
             tl.store(codes_ptr + row[:, None] * P + widx[None, :], word.to(codes_ptr.dtype.element_ty), mask=wmask)
+    return peak
+
+
+@triton.jit
+def _settled(raw_ptr, low_ptr, scales_ptr, zeros_ptr, n, rt, lt, m, R, G, QBLOCK: tl.constexpr, MODE: tl.constexpr,
+             STEPS: tl.constexpr, FMT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
+    """The scales (and zero points) of tile (rt, lt) of row n under the row's multiplier m, from
+    the speculative pass's raw scales (and lows), stored; whether every block's scale and zero
+    point are the values that pass quantized with (its codes then stand)."""
+    r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
+    g = lt * (BLOCK_L // QBLOCK) + tl.arange(0, BLOCK_L // QBLOCK)
+    g_mask = (r < R)[:, None] & (g < G)[None, :]
+    sidx = (n * R + r)[:, None] * G + g[None, :]
+    raw = tl.load(raw_ptr + sidx, mask=g_mask, other=0.0)
+    inv_m = tl.math.div_rn(1.0, m)
+    # the speculative pass's raw scale is this pass's where the zero points agree (asym's raw
+    # scale is over its zero point); where they do not, the tile is quantized again
+    same = (round_up(raw * inv_m, FMT, False) * m) == round_up(raw, FMT, True)
+    if MODE == 2:
+        low = tl.load(low_ptr + sidx, mask=g_mask, other=0.0)
+        zero_rel = round_down(low * inv_m, FMT, False)
+        same = same & ((zero_rel * m) == round_down(low, FMT, True))
+        tl.store(zeros_ptr + sidx, zero_rel.to(zeros_ptr.dtype.element_ty), mask=g_mask)
+    tl.store(scales_ptr + sidx, round_up(raw * inv_m, FMT, False).to(scales_ptr.dtype.element_ty), mask=g_mask)
+    return tl.min(tl.min(same.to(tl.int32), axis=1), axis=0)
+
+
+@triton.jit
+def _quantize_pack_kernel(
+    x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, part_ptr, mult_ptr, stages, x_sn, x_sr, R, L, P,
+    G, D, ROW_TILES, SETTLE_TILES,
+    BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
+    STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, PASS: tl.constexpr,
+    LIMIT: tl.constexpr, TOKEN_AXIS: tl.constexpr,
+    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    """Quantize+pack over a grid (row tiles, N, L tiles). ONE_PASS (fp32 scales, no multiplier):
+    every tile quantized. SPECULATE (scale formats with a row multiplier): every tile quantized
+    as its row's multiplier will leave it unless its scale or zero point falls below the format's
+    normal range there (what a power of two does not change), its raw scales (and lows) and its
+    largest block peak (into part[n, tile]) stored. SETTLE, over SETTLE_TILES row tiles a
+    program: the row's multiplier from the peaks (one program stores it), each tile's scales
+    (and zeros) from the raw ones, and a tile where any of them differs from what was speculated
+    (rare: a block far below its row's peak) quantized again with the multiplier."""
+    n = tl.program_id(1).to(tl.int64)
+    lt = tl.program_id(2)
+    if PASS == 2:
+        m = _row_multiplier(part_ptr + n * ROW_TILES * tl.num_programs(2), ROW_TILES * tl.num_programs(2), LIMIT)
+        tl.store(mult_ptr + n, m, mask=(tl.program_id(0) == 0) & (lt == 0))
+        first = tl.program_id(0) * SETTLE_TILES
+        for rt in range(first, tl.minimum(first + SETTLE_TILES, ROW_TILES)):
+            settled = _settled(raw_ptr, low_ptr, scales_ptr, zeros_ptr, n, rt, lt, m, R, G, QBLOCK, MODE, STEPS, FMT,
+                               BLOCK_R, BLOCK_L)
+            if settled == 0:
+                _quantize_tile(x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, stages, n, rt, lt, m, x_sn,
+                               x_sr, R, L, P, G, D, BITS, QBLOCK, MODE, OFFSET, STEPS, LEVELS, ZERO_CODE, FMT, False,
+                               TOKEN_AXIS, WORD, MSB, BLOCK_R, BLOCK_L)
+    else:
+        rt = tl.program_id(0)
+        peak = _quantize_tile(x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, stages, n, rt, lt, 1.0, x_sn,
+                              x_sr, R, L, P, G, D, BITS, QBLOCK, MODE, OFFSET, STEPS, LEVELS, ZERO_CODE, FMT,
+                              PASS == 1, TOKEN_AXIS, WORD, MSB, BLOCK_R, BLOCK_L)
+        if PASS == 1:
+            tl.store(part_ptr + n * ROW_TILES * tl.num_programs(2) + rt * tl.num_programs(2) + lt, peak)
 
 
 @triton.jit
@@ -213,31 +266,22 @@ def quantize_pack_triton(
 ) -> QuantizedRows:
     """Triton twin of :func:`qkv.kernels.quantize.quantize_pack_torch`: x (any float dtype, rows
     with unit stride) is read as it is and the stages' centroids are gathered and subtracted in
-    registers; only codes, scales and zeros are written. Two launches: the block-peak pass (only
-    for scale formats with a row multiplier), then quantize+pack, whose programs work out their
-    row's multiplier from the block peaks (no torch ops between the two). ``tile``: the launches
-    (default: the device's, see :mod:`qkv.kernels.triton.tiles`); any tile gives the same
-    results."""
+    registers; only codes, scales and zeros are written. With a row multiplier (scale formats
+    but fp32) two launches and one read of x: a speculative pass quantizes every tile as the
+    multiplier will leave it (a power of two moves a scale without rounding it differently,
+    unless it leaves the format's normal range) and notes the raw scales and the tiles' block
+    peaks; a second pass works out each row's multiplier, stores the scales relative to it, and
+    quantizes again only the tiles where a block's scale or zero point came out otherwise (no torch
+    ops between the two). ``tile``: the launches (default: the device's, see
+    :mod:`qkv.kernels.triton.tiles`); any tile gives the same results."""
     check_quantize_args(x, q, centroids, assignments)
     n, r, length = x.shape
     if x.stride(2) != 1:
         x = x.contiguous()
     d = length if q.axis == "token" else r
     stages = _stage_args(centroids, assignments)
-    common = dict(TOKEN_AXIS=q.axis == "token", **EXACT_LAUNCH)
     tile = tile or tile_for("quantize", x.device, 0)
     block_l = max(min(triton.next_power_of_2(length), 512), q.block, q.pack.word_bits)
-    mult = part = None
-    if q.scale != "fp32":
-        peak_r = max(1, min(128, tile.peak_values // block_l))
-        grid = (triton.cdiv(r, peak_r), n, triton.cdiv(length, block_l))
-        part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
-        _block_peak_kernel[grid](
-            x, part, stages, x.stride(0), x.stride(1), r, length, d,
-            QBLOCK=q.block, MODE=MODE_CODE[q.mode], STEPS=q.steps, BLOCK_R=peak_r, BLOCK_L=block_l,
-            num_warps=tile.peak_warps, **common,
-        )
-        mult = torch.empty(n, dtype=torch.float32, device=x.device)  # written by the quantize pass
     groups = length // q.block
     p = q.pack.packed_len(length, q.bits)
     codes = torch.empty(n, r, p, dtype=q.pack.container, device=x.device)
@@ -245,15 +289,25 @@ def quantize_pack_triton(
     zeros = torch.empty_like(scales) if q.has_zero else None
     block_r = max(1, min(64, tile.values // block_l))
     grid = (triton.cdiv(r, block_r), n, triton.cdiv(length, block_l))
-    _quantize_pack_kernel[grid](
-        x, codes, scales, scales if zeros is None else zeros, x if part is None else part, x if mult is None else mult,
-        0 if part is None else part.shape[1], stages, x.stride(0), x.stride(1), r, length, p, groups, d,
-        BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
-        LEVELS=q.levels, ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], HAS_MULT=mult is not None,
-        LIMIT=0.0 if mult is None else max_finite(q.scale_dtype) * HEADROOM,
-        WORD=q.pack.word_bits, MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l, num_warps=tile.warps,
-        **common,
+    launch = dict(
+        BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps, LEVELS=q.levels,
+        ZERO_CODE=float(math.floor(q.offset)), FMT=FORMAT_CODE[q.scale], TOKEN_AXIS=q.axis == "token",
+        LIMIT=max_finite(q.scale_dtype) * HEADROOM, WORD=q.pack.word_bits, MSB=q.pack.msb_first, BLOCK_R=block_r,
+        BLOCK_L=block_l, num_warps=tile.warps, **EXACT_LAUNCH,
     )
+    outputs = (x, codes, scales, scales if zeros is None else zeros)
+    shape = (stages, x.stride(0), x.stride(1), r, length, p, groups, d, grid[0])
+    if not q.has_mult:
+        _quantize_pack_kernel[grid](*outputs, x, x, x, x, *shape, 1, PASS=ONE_PASS, **launch)
+        return QuantizedRows(codes, scales, zeros, None)
+    raw = torch.empty(n, r, groups, dtype=torch.float32, device=x.device)
+    low = torch.empty_like(raw) if q.has_zero else raw
+    part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
+    mult = torch.empty(n, dtype=torch.float32, device=x.device)
+    _quantize_pack_kernel[grid](*outputs, raw, low, part, mult, *shape, 1, PASS=SPECULATE, **launch)
+    settle = min(tile.settle_tiles, grid[0])
+    _quantize_pack_kernel[(triton.cdiv(grid[0], settle), n, grid[2])](
+        *outputs, raw, low, part, mult, *shape, settle, PASS=SETTLE, **launch)
     return QuantizedRows(codes, scales, zeros, mult)
 
 

@@ -94,14 +94,13 @@ class DequantizeTile:
 @dataclasses.dataclass(frozen=True)
 class QuantizeTile:
     """The quantize+pack kernel's launch: about ``values`` input values per program (whole rows
-    of blocks: ``values // L`` rows of L values, at most 64), ``warps`` per program; and the
-    block-peak pass's (for scale formats with a row multiplier): ``peak_values`` a program (at
-    most 128 rows), ``peak_warps``."""
+    of blocks: ``values // L`` rows of L values, at most 64), ``warps`` per program; and, for
+    scale formats with a row multiplier, ``settle_tiles``: the tiles a program of the second
+    pass settles (it reads their raw scales and writes their scales)."""
 
     values: int = 4096
     warps: int = 4
-    peak_values: int = 8192
-    peak_warps: int = 4
+    settle_tiles: int = 8
 
 
 @dataclasses.dataclass(frozen=True)
