@@ -66,11 +66,13 @@ def _exp2_int(k):
 @triton.jit
 def _in_quanta(a, FMT: tl.constexpr, WIDE: tl.constexpr):
     """(a over the spacing q of format FMT (1 fp16, 2 bf16, 3 fp8 E4M3) around a >= 0, q): the
-    quotient correctly rounded. q is a power of two, so for fp16 and fp8 it is a product with 1 / q
-    (2^-125 .. 2^24: a float, so the product rounds as the division does), no division; bf16's
-    spacing reaches 2^-133, whose reciprocal is not a float, so bf16 divides. WIDE: the format's
-    mantissa with fp32's exponents (no subnormals above fp32's, no largest value): what the format
-    gives a value times any power of two that brings it into the format's normal range."""
+    quotient correctly rounded. q is a power of two, so the quotient is a product with 1 / q: for
+    fp16 and fp8 one (2^-125 .. 2^24: a float, so the product rounds as the division does); where
+    the spacing reaches 2^-133 (bf16, and WIDE), whose reciprocal is not a float, two products by
+    its halves (each at most 2^68, the first one's result a normal float: exact), no division.
+    WIDE: the format's mantissa with fp32's exponents (no subnormals above fp32's, no largest
+    value): what the format gives a value times any power of two that brings it into the format's
+    normal range."""
     if FMT == 1:
         MANT: tl.constexpr = 10
         EMIN: tl.constexpr = -14
@@ -87,7 +89,8 @@ def _in_quanta(a, FMT: tl.constexpr, WIDE: tl.constexpr):
         k = tl.maximum(e, EMIN) - MANT
     q = _exp2_int(k)
     if FMT == 2 or WIDE:
-        over = tl.math.div_rn(a, q)
+        half = (-k) >> 1
+        over = (a * _exp2_int(half)) * _exp2_int(-k - half)
     else:
         over = a * _exp2_int(-k)
     return over, q
