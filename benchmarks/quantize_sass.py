@@ -12,7 +12,7 @@ the instructions a thread runs at the default tile (4,096 values a program, 4 wa
 twice the rows add a value: the kernel's cost a value, which decides its time where it is bound
 by instructions rather than bytes. The settling pass loops over its tiles and holds the rarely
 taken second quantization of a tile: its instructions are the code's, not what a thread runs, and
-it has no figure a value.
+it has no figure a value (the default tile's 8 tiles a program).
 
     PYTHONPATH=. python3 benchmarks/quantize_sass.py --out benchmarks/results/quantize_sass_triton36.json
 """
@@ -35,6 +35,7 @@ from qkv.kernels.triton.quantize import (
     FORMAT_CODE, MODE_CODE, SETTLE, SPECULATE, _dequantize_kernel, _quantize_pack_kernel,
 )
 from qkv.kernels.triton.records import code_layout
+from qkv.kernels.triton.tiles import QuantizeTile
 
 # kernel -> (the JIT function, values a program of its default tile, its pass)
 KERNELS = {"quantize_pack": (_quantize_pack_kernel, 4096, SPECULATE), "settle": (_quantize_pack_kernel, 4096, SETTLE),
@@ -60,7 +61,8 @@ def constants(preset: str, block_r: int, pass_: int = SPECULATE) -> tuple[dict, 
     const = dict(BITS=q.bits, QBLOCK=q.block, MODE=MODE_CODE[q.mode], OFFSET=q.offset, STEPS=q.steps,
                  LEVELS=q.levels, ZERO_CODE=float(q.offset // 1), FMT=FORMAT_CODE[q.scale], PASS=pass_,
                  LIMIT=max_finite(q.scale_dtype) * HEADROOM, TOKEN_AXIS=q.axis == "token", WORD=q.pack.word_bits,
-                 MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l)
+                 MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l,
+                 SETTLE=QuantizeTile().settle_tiles if pass_ == SETTLE else 1)
     pointers = {"x_ptr": "*bf16", "codes_ptr": POINTER_TYPES[str(q.pack.container).split(".")[1]],
                 "scales_ptr": POINTER_TYPES[str(q.scale_dtype).split(".")[1]], "raw_ptr": "*fp32", "low_ptr": "*fp32",
                 "part_ptr": "*fp32", "mult_ptr": "*fp32"}

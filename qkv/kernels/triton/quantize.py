@@ -157,44 +157,41 @@ def _quantize_tile(
 
 
 @triton.jit
-def _settled(raw_ptr, low_ptr, scales_ptr, zeros_ptr, n, rt, lt, m, R, G, QBLOCK: tl.constexpr, MODE: tl.constexpr,
-             STEPS: tl.constexpr, FMT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr):
-    """The scales (and zero points) of tile (rt, lt) of row n under the row's multiplier m, from
-    the speculative pass's raw scales (and lows), stored; whether every block's scale and zero
-    point are the values that pass quantized with (its codes then stand)."""
-    r = rt * BLOCK_R + tl.arange(0, BLOCK_R)
-    g = lt * (BLOCK_L // QBLOCK) + tl.arange(0, BLOCK_L // QBLOCK)
+def _settled(raw_ptr, low_ptr, scales_ptr, zeros_ptr, n, r, g, m, R, G, MODE: tl.constexpr, FMT: tl.constexpr):
+    """The scales (and zero points) of rows r, block columns g of row n under the row's multiplier
+    m, from the speculative pass's raw scales (and lows), stored; whether each block's scale and
+    zero point are the values that pass quantized with (its codes then stand), [rows, columns]."""
     g_mask = (r < R)[:, None] & (g < G)[None, :]
     sidx = (n * R + r)[:, None] * G + g[None, :]
     raw = tl.load(raw_ptr + sidx, mask=g_mask, other=0.0)
     inv_m = tl.math.div_rn(1.0, m)
     # the speculative pass's raw scale is this pass's where the zero points agree (asym's raw
     # scale is over its zero point); where they do not, the tile is quantized again
-    same = (round_up(raw * inv_m, FMT, False) * m) == round_up(raw, FMT, True)
+    scale_rel = round_up(raw * inv_m, FMT, False)
+    same = (scale_rel * m) == round_up(raw, FMT, True)
     if MODE == 2:
         low = tl.load(low_ptr + sidx, mask=g_mask, other=0.0)
         zero_rel = round_down(low * inv_m, FMT, False)
         same = same & ((zero_rel * m) == round_down(low, FMT, True))
         tl.store(zeros_ptr + sidx, zero_rel.to(zeros_ptr.dtype.element_ty), mask=g_mask)
-    tl.store(scales_ptr + sidx, round_up(raw * inv_m, FMT, False).to(scales_ptr.dtype.element_ty), mask=g_mask)
-    return tl.min(tl.min(same.to(tl.int32), axis=1), axis=0)
+    tl.store(scales_ptr + sidx, scale_rel.to(scales_ptr.dtype.element_ty), mask=g_mask)
+    return same
 
 
 @triton.jit
 def _quantize_pack_kernel(
     x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, part_ptr, mult_ptr, stages, x_sn, x_sr, R, L, P,
-    G, D, ROW_TILES, SETTLE_TILES,
+    G, D, ROW_TILES,
     BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
     STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, PASS: tl.constexpr,
     LIMIT: tl.constexpr, TOKEN_AXIS: tl.constexpr,
-    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr,
+    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SETTLE: tl.constexpr,
 ):
     """Quantize+pack over a grid (row tiles, N, L tiles). ONE_PASS (fp32 scales, no multiplier):
     every tile quantized. SPECULATE (scale formats with a row multiplier): every tile quantized
     as its row's multiplier will leave it unless its scale or zero point falls below the format's
     normal range there (what a power of two does not change), its raw scales (and lows) and its
-    largest block peak (into part[n, tile]) stored. SETTLE, over SETTLE_TILES row tiles a
-    program: the row's multiplier from the peaks (one program stores it), each tile's scales
+    largest block peak (into part[n, tile]) stored. SETTLE, over SETTLE row tiles a program: the row's multiplier from the peaks (one program stores it), each tile's scales
     (and zeros) from the raw ones, and a tile where any of them differs from what was speculated
     (rare: a block far below its row's peak) quantized again with the multiplier."""
     n = tl.program_id(1).to(tl.int64)
@@ -202,14 +199,18 @@ def _quantize_pack_kernel(
     if PASS == 2:
         m = _row_multiplier(part_ptr + n * ROW_TILES * tl.num_programs(2), ROW_TILES * tl.num_programs(2), LIMIT)
         tl.store(mult_ptr + n, m, mask=(tl.program_id(0) == 0) & (lt == 0))
-        first = tl.program_id(0) * SETTLE_TILES
-        for rt in range(first, tl.minimum(first + SETTLE_TILES, ROW_TILES)):
-            settled = _settled(raw_ptr, low_ptr, scales_ptr, zeros_ptr, n, rt, lt, m, R, G, QBLOCK, MODE, STEPS, FMT,
-                               BLOCK_R, BLOCK_L)
-            if settled == 0:
-                _quantize_tile(x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, stages, n, rt, lt, m, x_sn,
-                               x_sr, R, L, P, G, D, BITS, QBLOCK, MODE, OFFSET, STEPS, LEVELS, ZERO_CODE, FMT, False,
-                               TOKEN_AXIS, WORD, MSB, BLOCK_R, BLOCK_L)
+        # the raw scales of SETTLE tiles in one load (many bytes in flight a program), a flag a tile
+        first = tl.program_id(0) * SETTLE
+        r = first * BLOCK_R + tl.arange(0, SETTLE * BLOCK_R)
+        g = lt * (BLOCK_L // QBLOCK) + tl.arange(0, BLOCK_L // QBLOCK)
+        same = _settled(raw_ptr, low_ptr, scales_ptr, zeros_ptr, n, r, g, m, R, G, MODE, FMT)
+        tiles_same = tl.min(tl.reshape(same.to(tl.int32), (SETTLE, BLOCK_R * (BLOCK_L // QBLOCK))), axis=1)
+        if tl.min(tiles_same, axis=0) == 0:
+            for i in range(SETTLE):
+                if tl.sum(tl.where(tl.arange(0, SETTLE) == i, tiles_same, 0), axis=0) == 0:
+                    _quantize_tile(x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, stages, n, first + i,
+                                   lt, m, x_sn, x_sr, R, L, P, G, D, BITS, QBLOCK, MODE, OFFSET, STEPS, LEVELS,
+                                   ZERO_CODE, FMT, False, TOKEN_AXIS, WORD, MSB, BLOCK_R, BLOCK_L)
     else:
         rt = tl.program_id(0)
         peak = _quantize_tile(x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, stages, n, rt, lt, 1.0, x_sn,
@@ -298,16 +299,16 @@ def quantize_pack_triton(
     outputs = (x, codes, scales, scales if zeros is None else zeros)
     shape = (stages, x.stride(0), x.stride(1), r, length, p, groups, d, grid[0])
     if not q.has_mult:
-        _quantize_pack_kernel[grid](*outputs, x, x, x, x, *shape, 1, PASS=ONE_PASS, **launch)
+        _quantize_pack_kernel[grid](*outputs, x, x, x, x, *shape, PASS=ONE_PASS, SETTLE=1, **launch)
         return QuantizedRows(codes, scales, zeros, None)
     raw = torch.empty(n, r, groups, dtype=torch.float32, device=x.device)
     low = torch.empty_like(raw) if q.has_zero else raw
     part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
     mult = torch.empty(n, dtype=torch.float32, device=x.device)
-    _quantize_pack_kernel[grid](*outputs, raw, low, part, mult, *shape, 1, PASS=SPECULATE, **launch)
-    settle = min(tile.settle_tiles, grid[0])
+    _quantize_pack_kernel[grid](*outputs, raw, low, part, mult, *shape, PASS=SPECULATE, SETTLE=1, **launch)
+    settle = min(tile.settle_tiles, triton.next_power_of_2(grid[0]))
     _quantize_pack_kernel[(triton.cdiv(grid[0], settle), n, grid[2])](
-        *outputs, raw, low, part, mult, *shape, settle, PASS=SETTLE, **launch)
+        *outputs, raw, low, part, mult, *shape, PASS=SETTLE, SETTLE=settle, **launch)
     return QuantizedRows(codes, scales, zeros, mult)
 
 

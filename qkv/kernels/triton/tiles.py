@@ -96,11 +96,16 @@ class QuantizeTile:
     """The quantize+pack kernel's launch: about ``values`` input values per program (whole rows
     of blocks: ``values // L`` rows of L values, at most 64), ``warps`` per program; and, for
     scale formats with a row multiplier, ``settle_tiles``: the tiles a program of the second
-    pass settles (it reads their raw scales and writes their scales)."""
+    pass settles (a power of two; it reads their raw scales in one load and writes their
+    scales)."""
 
     values: int = 4096
     warps: int = 4
     settle_tiles: int = 8
+
+    def __post_init__(self) -> None:
+        if self.settle_tiles < 1 or self.settle_tiles & (self.settle_tiles - 1):
+            raise ValueError(f"QuantizeTile: settle_tiles must be a power of two, got {self.settle_tiles}")
 
 
 @dataclasses.dataclass(frozen=True)
