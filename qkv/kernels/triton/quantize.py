@@ -187,13 +187,15 @@ def _quantize_pack_kernel(
     LIMIT: tl.constexpr, TOKEN_AXIS: tl.constexpr,
     WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SETTLE: tl.constexpr,
 ):
-    """Quantize+pack over a grid (row tiles, N, L tiles). ONE_PASS (fp32 scales, no multiplier):
-    every tile quantized. SPECULATE (scale formats with a row multiplier): every tile quantized
-    as its row's multiplier will leave it unless its scale or zero point falls below the format's
-    normal range there (what a power of two does not change), its raw scales (and lows) and its
-    largest block peak (into part[n, tile]) stored. SETTLE, over SETTLE row tiles a program: the row's multiplier from the peaks (one program stores it), each tile's scales
-    (and zeros) from the raw ones, and a tile where any of them differs from what was speculated
-    (rare: a block far below its row's peak) quantized again with the multiplier."""
+    """Quantize+pack over a grid (row tiles, N, L tiles). PASS 0 (ONE_PASS: fp32 scales, no
+    multiplier): every tile quantized. PASS 1 (SPECULATE: scale formats with a row multiplier):
+    every tile quantized as its row's multiplier will leave it unless its scale or zero point
+    falls below the format's normal range there (what a power of two does not change), its raw
+    scales (and lows) and its largest block peak (into part[n, tile]) stored. PASS 2 (SETTLE,
+    over SETTLE row tiles a program): the row's multiplier from the peaks (one program stores
+    it), each tile's scales (and zeros) from the raw ones, and a tile where any of them differs
+    from what was speculated (rare: a block far below its row's peak) quantized again with the
+    multiplier."""
     n = tl.program_id(1).to(tl.int64)
     lt = tl.program_id(2)
     if PASS == 2:
