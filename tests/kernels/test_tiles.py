@@ -144,6 +144,13 @@ def test_explicit_dequantize_tile_decodes_the_same(tile, name):
     assert torch.equal(ours, default)
 
 
+@pytest.mark.parametrize("settle", [0, 3, 12])
+def test_quantize_tile_settles_a_power_of_two_of_tiles(settle):
+    """The settling pass reads its tiles' raw scales in one load, so their count is a power of two."""
+    with pytest.raises(ValueError, match="settle_tiles must be a power of two"):
+        tiles.QuantizeTile(4096, 4, settle)
+
+
 @pytest.mark.parametrize("tile", [tiles.QuantizeTile(256, 2, 1), tiles.QuantizeTile(16384, 8, 64)])
 @pytest.mark.parametrize("name", ["qvg", "kivi"])
 def test_explicit_quantize_tile_packs_the_same(tile, name):
