@@ -62,7 +62,7 @@ def constants(preset: str, block_r: int, pass_: int = SPECULATE) -> tuple[dict, 
                  LEVELS=q.levels, ZERO_CODE=float(q.offset // 1), FMT=FORMAT_CODE[q.scale], PASS=pass_,
                  LIMIT=max_finite(q.scale_dtype) * HEADROOM, TOKEN_AXIS=q.axis == "token", WORD=q.pack.word_bits,
                  MSB=q.pack.msb_first, BLOCK_R=block_r, BLOCK_L=block_l,
-                 SETTLE=QuantizeTile().settle_tiles if pass_ == SETTLE else 1)
+                 SETTLE_TILES=QuantizeTile().settle_tiles if pass_ == SETTLE else 1)
     pointers = {"x_ptr": "*bf16", "codes_ptr": POINTER_TYPES[str(q.pack.container).split(".")[1]],
                 "scales_ptr": POINTER_TYPES[str(q.scale_dtype).split(".")[1]], "raw_ptr": "*fp32", "low_ptr": "*fp32",
                 "part_ptr": "*fp32", "mult_ptr": "*fp32"}

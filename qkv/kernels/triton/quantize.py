@@ -185,31 +185,31 @@ def _quantize_pack_kernel(
     BITS: tl.constexpr, QBLOCK: tl.constexpr, MODE: tl.constexpr, OFFSET: tl.constexpr,
     STEPS: tl.constexpr, LEVELS: tl.constexpr, ZERO_CODE: tl.constexpr, FMT: tl.constexpr, PASS: tl.constexpr,
     LIMIT: tl.constexpr, TOKEN_AXIS: tl.constexpr,
-    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SETTLE: tl.constexpr,
+    WORD: tl.constexpr, MSB: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_L: tl.constexpr, SETTLE_TILES: tl.constexpr,
 ):
     """Quantize+pack over a grid (row tiles, N, L tiles). PASS 0 (ONE_PASS: fp32 scales, no
     multiplier): every tile quantized. PASS 1 (SPECULATE: scale formats with a row multiplier):
     every tile quantized as its row's multiplier will leave it unless its scale or zero point
     falls below the format's normal range there (what a power of two does not change), its raw
     scales (and lows) and its largest block peak (into part[n, tile]) stored. PASS 2 (SETTLE,
-    over SETTLE row tiles a program): the row's multiplier from the peaks (one program stores
-    it), each tile's scales (and zeros) from the raw ones, and a tile where any of them differs
-    from what was speculated (rare: a block far below its row's peak) quantized again with the
-    multiplier."""
+    over SETTLE_TILES row tiles a program): the row's multiplier from the peaks (one program
+    stores it), each tile's scales (and zeros) from the raw ones, and a tile where any of them
+    differs from what was speculated (rare: a block far below its row's peak) quantized again
+    with the multiplier."""
     n = tl.program_id(1).to(tl.int64)
     lt = tl.program_id(2)
     if PASS == 2:
         m = _row_multiplier(part_ptr + n * ROW_TILES * tl.num_programs(2), ROW_TILES * tl.num_programs(2), LIMIT)
         tl.store(mult_ptr + n, m, mask=(tl.program_id(0) == 0) & (lt == 0))
-        # the raw scales of SETTLE tiles in one load (many bytes in flight a program), a flag a tile
-        first = tl.program_id(0) * SETTLE
-        r = first * BLOCK_R + tl.arange(0, SETTLE * BLOCK_R)
+        # the raw scales of the program's tiles in one load (many bytes in flight), a flag a tile
+        first = tl.program_id(0) * SETTLE_TILES
+        r = first * BLOCK_R + tl.arange(0, SETTLE_TILES * BLOCK_R)
         g = lt * (BLOCK_L // QBLOCK) + tl.arange(0, BLOCK_L // QBLOCK)
         same = _settled(raw_ptr, low_ptr, scales_ptr, zeros_ptr, n, r, g, m, R, G, MODE, FMT)
-        tiles_same = tl.min(tl.reshape(same.to(tl.int32), (SETTLE, BLOCK_R * (BLOCK_L // QBLOCK))), axis=1)
+        tiles_same = tl.min(tl.reshape(same.to(tl.int32), (SETTLE_TILES, BLOCK_R * (BLOCK_L // QBLOCK))), axis=1)
         if tl.min(tiles_same, axis=0) == 0:
-            for i in range(SETTLE):
-                if tl.sum(tl.where(tl.arange(0, SETTLE) == i, tiles_same, 0), axis=0) == 0:
+            for i in range(SETTLE_TILES):
+                if tl.sum(tl.where(tl.arange(0, SETTLE_TILES) == i, tiles_same, 0), axis=0) == 0:
                     _quantize_tile(x_ptr, codes_ptr, scales_ptr, zeros_ptr, raw_ptr, low_ptr, stages, n, first + i,
                                    lt, m, x_sn, x_sr, R, L, P, G, D, BITS, QBLOCK, MODE, OFFSET, STEPS, LEVELS,
                                    ZERO_CODE, FMT, False, TOKEN_AXIS, WORD, MSB, BLOCK_R, BLOCK_L)
@@ -301,16 +301,16 @@ def quantize_pack_triton(
     outputs = (x, codes, scales, scales if zeros is None else zeros)
     shape = (stages, x.stride(0), x.stride(1), r, length, p, groups, d, grid[0])
     if not q.has_mult:
-        _quantize_pack_kernel[grid](*outputs, x, x, x, x, *shape, PASS=ONE_PASS, SETTLE=1, **launch)
+        _quantize_pack_kernel[grid](*outputs, x, x, x, x, *shape, PASS=ONE_PASS, SETTLE_TILES=1, **launch)
         return QuantizedRows(codes, scales, zeros, None)
     raw = torch.empty(n, r, groups, dtype=torch.float32, device=x.device)
     low = torch.empty_like(raw) if q.has_zero else raw
     part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
     mult = torch.empty(n, dtype=torch.float32, device=x.device)
-    _quantize_pack_kernel[grid](*outputs, raw, low, part, mult, *shape, PASS=SPECULATE, SETTLE=1, **launch)
+    _quantize_pack_kernel[grid](*outputs, raw, low, part, mult, *shape, PASS=SPECULATE, SETTLE_TILES=1, **launch)
     settle = min(tile.settle_tiles, triton.next_power_of_2(grid[0]))
     _quantize_pack_kernel[(triton.cdiv(grid[0], settle), n, grid[2])](
-        *outputs, raw, low, part, mult, *shape, PASS=SETTLE, SETTLE=settle, **launch)
+        *outputs, raw, low, part, mult, *shape, PASS=SETTLE, SETTLE_TILES=settle, **launch)
     return QuantizedRows(codes, scales, zeros, mult)
 
 
