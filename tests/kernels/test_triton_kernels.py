@@ -556,6 +556,9 @@ def test_tokens_ordered_by_cluster_as_a_stable_sort_orders_them(n, s, c):
     assert torch.equal(keys.long(), want_keys + rows * c) and torch.equal(order, want_order + rows * s)
     starts = torch.arange(c + 1, device=DEVICE).expand(n, -1).contiguous()
     assert torch.equal(bounds.long(), torch.searchsorted(want_keys, starts))
+    # int32 assignments in rows of a wider buffer (row stride 2 S): the same order
+    strided = order_by_cluster(torch.cat([a, a], 1).int()[:, :s], c)
+    assert all(torch.equal(got, want) for got, want in zip(strided, (keys, order, bounds)))
 
 
 @pytest.mark.parametrize("d, c", [(16, 4), (64, 40), (128, 300)])

@@ -25,6 +25,8 @@ from qkv.kernels.triton.kmeans.sums import _means, _onehot_sum, _parts, _reseede
 RUN_TOKENS = 256
 RUN_STEP = 128
 RUN_CLUSTERS = 16
+# Tokens a program of the sort keys' pass converts
+SORT_KEYS_BLOCK = 2048
 # The most clusters the one-hot update is used for: it reads the tokens once per block of
 # clusters (UpdateTile.clusters, 64 by default); beyond two reads the sorted update is faster
 ONEHOT_MAX_CLUSTERS = 128
@@ -44,6 +46,16 @@ def first_at_least(keys, S, value, STEPS):
         lo = tl.where(right, mid + 1, lo)
         hi = tl.where(go & ~right, mid, hi)
     return lo
+
+
+@triton.jit
+def _sort_keys_kernel(a_ptr, key_ptr, S, A_SN, C, BLOCK: tl.constexpr):
+    """Tokens s of row program_id(0) of assignments [N, S] (any integer dtype, row stride A_SN):
+    their sort keys a + n * C in the keys' dtype (int16 or int32), one pass."""
+    n = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    a = tl.load(a_ptr + n * A_SN + s, mask=s < S, other=0)
+    tl.store(key_ptr + n * S + s, (a + n * C).to(key_ptr.dtype.element_ty), mask=s < S)
 
 
 @triton.jit
@@ -143,15 +155,18 @@ def order_by_cluster(assignments: torch.Tensor, clusters: int):
     """Each row's tokens ordered by cluster (a stable sort): keys [N, S], row n's cluster ids
     ascending, each plus n * C; order [N, S] int64, the tokens in that order as positions in the
     flattened rows (n * S + token); and each cluster's first position in its row [N, C + 1] int32
-    (the last column S; found by binary search). Where N * C fits int16 the keys are int16 and
-    every row is sorted at once as one flat array: two radix passes, where torch's sort of rows
-    adds a pass pairing each element with its row and one unpacking them
+    (the last column S; found by binary search). The keys come from one pass over the
+    assignments (their conversion and the row's offset in one launch). Where N * C fits int16
+    the keys are int16 and every row is sorted at once as one flat array: two radix passes, where
+    torch's sort of rows adds a pass pairing each element with its row and one unpacking them
     (benchmarks/sort_variants.py); otherwise int32 keys, sorted a row at a time."""
     n, s = assignments.shape
     flat = n * clusters <= 1 << 15
-    kind = torch.int16 if flat else torch.int32
-    keys = assignments.to(kind)
-    keys += (torch.arange(n, dtype=kind, device=keys.device) * clusters).view(-1, 1)
+    keys = torch.empty(n, s, dtype=torch.int16 if flat else torch.int32, device=assignments.device)
+    if assignments.stride(1) != 1:
+        assignments = assignments.contiguous()
+    _sort_keys_kernel[(n, triton.cdiv(s, SORT_KEYS_BLOCK))](assignments, keys, s, assignments.stride(0), clusters,
+                                                           BLOCK=SORT_KEYS_BLOCK, num_warps=4)
     if flat:
         keys, order = torch.sort(keys.flatten(), stable=True)
         keys, order = keys.view(n, s), order.view(n, s)
