@@ -255,9 +255,10 @@ def kmeans(
         if history:  # improved by less than tol (relative) since the last step: done
             done |= history[-1] <= total * (1 + tol)
         history.append(total)
-        # empty clusters move onto far tokens (no host sync)
-        far = kernels.kmeans_far(dist, min(centroids.shape[1], s), FAR_SEGMENTS, backend=backend)
-        means, _ = kernels.kmeans_update(x, assign, centroids, far, scale=factor, sums=sums, backend=backend)
+        means, counts = kernels.kmeans_update(x, assign, centroids, scale=factor, sums=sums, backend=backend)
+        # empty clusters move onto far tokens (no host sync; a row without one skips the search)
+        far = kernels.kmeans_far(dist, min(centroids.shape[1], s), FAR_SEGMENTS, counts=counts, backend=backend)
+        means = kernels.kmeans_reseed(means, counts, x, far, scale=factor, backend=backend)
         centroids = torch.where(done.view(-1, 1, 1), centroids, means)
         # worth asking only while an answer can skip CHECK_EVERY iterations; one question at a time;
         # none while a CUDA graph is captured (a replay would act on the capture's answer)

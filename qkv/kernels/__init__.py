@@ -29,7 +29,7 @@ from qkv.kernels.attention import (
     merge_torch,
 )
 from qkv.kernels.hadamard import hadamard_torch
-from qkv.kernels.kmeans import assign_torch, far_tokens_torch, kmeanspp_torch, update_torch
+from qkv.kernels.kmeans import assign_torch, far_tokens_torch, kmeanspp_torch, reseed_torch, update_torch
 from qkv.kernels.quantize import QuantizedRows, dequantize_torch, quantize_pack_torch, rows_dim
 from qkv.kernels.segments import CompressedSpan, DenseKV, SpanPlan, decompress_spans_torch
 
@@ -53,8 +53,8 @@ class Method(str, enum.Enum):
 # for all of them (memory-bound); more share a key tile the way the prefill paths do
 DECODE_MAX_QUERIES = 64
 
-OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "kmeans_far", "kmeanspp", "hadamard",
-       "attention", "attention_decode", "merge", "decompress_spans")
+OPS = ("quantize_pack", "dequantize", "kmeans_assign", "kmeans_update", "kmeans_far", "kmeans_reseed", "kmeanspp",
+       "hadamard", "attention", "attention_decode", "merge", "decompress_spans")
 
 _TORCH: dict[str, Callable] = {
     "quantize_pack": quantize_pack_torch,
@@ -62,6 +62,7 @@ _TORCH: dict[str, Callable] = {
     "kmeans_assign": assign_torch,
     "kmeans_update": update_torch,
     "kmeans_far": far_tokens_torch,
+    "kmeans_reseed": reseed_torch,
     "kmeanspp": kmeanspp_torch,
     "hadamard": hadamard_torch,
     "attention": attention_torch,
@@ -214,29 +215,48 @@ def kmeans_assign(x, centroids, *, scale=None, sums=False, peaks=False, redo=Non
     return resolve("kmeans_assign", backend, x.device, *args)(*args)
 
 
-def kmeans_update(x, assignments, centroids, reseed=None, *, scale=None, sums=None, backend="auto"):
+def kmeans_update(x, assignments, centroids, *, scale=None, sums=None, backend="auto"):
     """Deterministic cluster means of ``x`` times ``scale`` (as in :func:`kmeans_assign`); empty
-    clusters move onto the ``reseed`` tokens [N, K] in order, or keep ``centroids`` when it is
-    None: ([N, C, D], counts). ``sums``: the assignment pass's sums of ``assignments`` (or None:
-    summed here)."""
-    args = (x, assignments, centroids, reseed, scale, sums)
+    clusters keep ``centroids`` (:func:`kmeans_reseed` moves them): ([N, C, D], counts [N, C]).
+    ``sums``: the assignment pass's sums of ``assignments`` (or None: summed here)."""
+    args = (x, assignments, centroids, scale, sums)
     return resolve("kmeans_update", backend, x.device, *args)(*args)
 
 
-def kmeans_far(dist, k: int, per_pick: int, *, backend="auto"):
+def kmeans_far(dist, k: int, per_pick: int, *, counts=None, backend="auto"):
     """[N, k] distinct tokens far from their centroids, farthest first, from the squared
     distances ``dist`` [N, S] of an assignment pass: the farthest token of each of the k farthest
     of ``per_pick * k`` equal segments of the span (see
-    :func:`qkv.kernels.kmeans.far_tokens_torch`); what :func:`kmeans_update` re-seeds empty
-    clusters with."""
+    :func:`qkv.kernels.kmeans.far_tokens_torch`); what :func:`kmeans_reseed` moves empty clusters
+    onto. ``counts`` [N, C]: the clusters' sizes (from :func:`kmeans_update`); a row with no
+    empty cluster then gets -1s, and the Triton kernels skip its work."""
     if dist.dim() != 2 or dist.dtype != torch.float32:
         raise ShapeError(f"kmeans_far: dist must be [N, S] float32, got {list(dist.shape)} {dist.dtype}")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= dist.shape[1]:
         raise ShapeError(f"kmeans_far: {k!r} far tokens of {dist.shape[1]} (needs an int, 1 <= k <= S)")
     if isinstance(per_pick, bool) or not isinstance(per_pick, int) or per_pick < 1:
         raise ShapeError(f"kmeans_far: per_pick={per_pick!r} (needs an int >= 1)")
-    args = (dist, k, per_pick)
+    if counts is not None and (counts.dim() != 2 or counts.shape[0] != dist.shape[0]):
+        raise ShapeError(f"kmeans_far: counts must be [N, C] with N = {dist.shape[0]}, got {list(counts.shape)}")
+    args = (dist, k, per_pick, counts)
     return resolve("kmeans_far", backend, dist.device, *args)(*args)
+
+
+def kmeans_reseed(means, counts, x, far, *, scale=None, backend="auto"):
+    """The empty clusters (``counts`` [N, C] == 0) of the means [N, C, D] fp32 of
+    :func:`kmeans_update` moved onto tokens of ``x`` [N, S, D] times ``scale``: the j-th empty
+    cluster of a row (in cluster order) onto token ``far[n, min(j, K - 1)]`` of ``far`` [N, K]
+    (:func:`kmeans_far`; unread in a row without an empty cluster). In place; returns ``means``."""
+    if means.dim() != 3 or means.dtype != torch.float32:
+        raise ShapeError(f"kmeans_reseed: means must be [N, C, D] float32, got {list(means.shape)} {means.dtype}")
+    n, c, d = means.shape
+    if counts.shape != (n, c) or x.dim() != 3 or x.shape[0] != n or x.shape[2] != d:
+        raise ShapeError(f"kmeans_reseed: means {list(means.shape)}, counts {list(counts.shape)} and tokens "
+                         f"{list(x.shape)} do not match ([N, C, D], [N, C], [N, S, D])")
+    if far.dim() != 2 or far.shape[0] != n or far.shape[1] < 1:
+        raise ShapeError(f"kmeans_reseed: far tokens must be [{n}, K] with K >= 1, got {list(far.shape)}")
+    args = (means, counts, x, far, scale)
+    return resolve("kmeans_reseed", backend, means.device, *args)(*args)
 
 
 def kmeanspp(points, weights, draws, clusters: int, *, backend="auto"):
@@ -351,6 +371,8 @@ __all__ = [
     "dequantize",
     "hadamard",
     "kmeans_assign",
+    "kmeans_far",
+    "kmeans_reseed",
     "kmeans_update",
     "kmeanspp",
     "merge_partials",

@@ -87,17 +87,14 @@ def update_torch(
     x: torch.Tensor,
     assignments: torch.Tensor,
     centroids: torch.Tensor,
-    reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     sums: ClusterSums | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of each cluster; empty clusters take a re-seed token or keep their centroid.
+    """Mean of each cluster; empty clusters keep their centroid (:func:`reseed_torch` moves them).
 
-    x: [N, S, D] (any float dtype, summed in fp32), times ``scale`` [N] when given; assignments: [N, S] int; centroids: [N, C, D]
-    fp32 (previous); reseed: [N, K] token indices (K >= 1) or None: the j-th empty cluster of a
-    row (in cluster order) moves onto token ``reseed[n, min(j, K - 1)]``; without it, empty
-    clusters keep their previous centroid. ``sums``: the :class:`ClusterSums` of ``assignments``
-    from the assignment pass (then the tokens are read only for re-seeds).
+    x: [N, S, D] (any float dtype, summed in fp32), times ``scale`` [N] when given; assignments:
+    [N, S] int; centroids: [N, C, D] fp32 (previous). ``sums``: the :class:`ClusterSums` of
+    ``assignments`` from the assignment pass (then the tokens are not read).
     Returns (new centroids [N, C, D] fp32, counts [N, C] fp32).
     """
     n, c, d = centroids.shape
@@ -109,14 +106,23 @@ def update_torch(
             _add_onehot(total, counts, assignments[:, chunk], scaled_rows(x[:, chunk], scale))
     else:
         total, counts = sums.sums.sum(1), sums.counts.sum(1)
-    fallback = centroids.float()
-    if reseed is not None:
-        empty = counts == 0
-        rank = (empty.long().cumsum(-1) - 1).clamp(0, reseed.shape[1] - 1)  # j-th empty -> j-th token
-        tokens = torch.gather(reseed.long(), 1, rank)
-        fallback = scaled_rows(torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)), scale)
     means = total / counts.clamp_min(1).unsqueeze(-1)
-    return torch.where(counts.unsqueeze(-1) > 0, means, fallback), counts
+    return torch.where(counts.unsqueeze(-1) > 0, means, centroids.float()), counts
+
+
+def reseed_torch(
+    means: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, far: torch.Tensor, scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The empty clusters (``counts`` [N, C] == 0) of ``means`` [N, C, D] fp32 moved onto tokens of
+    ``x`` [N, S, D]: the j-th empty cluster of a row (in cluster order) takes token
+    ``far[n, min(j, K - 1)]`` of ``far`` [N, K] (K >= 1; a row without an empty cluster reads
+    none of its row, which may be -1), times ``scale`` [N] when given. In place; returns ``means``."""
+    d = means.shape[-1]
+    empty = counts == 0
+    rank = (empty.long().cumsum(-1) - 1).clamp(0, far.shape[1] - 1)  # j-th empty -> j-th token
+    tokens = torch.gather(far.long(), 1, rank).clamp_min(0)  # rows of no empty cluster: unread
+    fallback = scaled_rows(torch.gather(x, 1, tokens.unsqueeze(-1).expand(-1, -1, d)), scale)
+    return means.copy_(torch.where(empty.unsqueeze(-1), fallback, means))
 
 
 def round_sizes(clusters: int, rounds: int) -> list[int]:
@@ -180,18 +186,22 @@ def far_segments(s: int, k: int, per_pick: int) -> tuple[int, int]:
     return size, s // size
 
 
-def far_tokens_torch(dist: torch.Tensor, k: int, per_pick: int) -> torch.Tensor:
+def far_tokens_torch(dist: torch.Tensor, k: int, per_pick: int, counts: torch.Tensor | None = None) -> torch.Tensor:
     """[N, k] distinct token indices of ``dist`` [N, S] (squared distances, >= 0), farthest first:
     the farthest token of each of the k farthest of ``per_pick * k`` equal segments of the span
     (S // (per_pick * k) tokens each; a few tail tokens beyond the last whole segment are not
     considered), or exactly the k farthest tokens where a segment would hold one token. Equal
     distances go to the lowest token, within a segment and among segments. One pass over
-    ``dist`` and a sort of the segments' peaks instead of a top-k over every token."""
+    ``dist`` and a sort of the segments' peaks instead of a top-k over every token. ``counts``
+    [N, C]: the clusters' sizes; a row with no empty cluster needs no far token and gets -1s."""
     n, s = dist.shape
     size, segments = far_segments(s, k, per_pick)
     heads, where = dist[:, : segments * size].view(n, segments, size).max(-1)  # the first of equal peaks
     top = torch.sort(heads, dim=-1, descending=True, stable=True).indices[:, :k]
-    return torch.gather(where, 1, top).add_(top, alpha=size)
+    far = torch.gather(where, 1, top).add_(top, alpha=size)
+    if counts is None:
+        return far
+    return far.masked_fill_(~(counts == 0).any(-1, keepdim=True), -1)
 
 
 def gather_centroids(centroids: torch.Tensor, assignments: torch.Tensor) -> torch.Tensor:

@@ -521,6 +521,48 @@ def test_far_tokens_refuse_bad_arguments():
         kernels.kmeans_far(dist[0], 3, 4)
 
 
+@pytest.mark.parametrize("n, s, k", FAR_SHAPES[:3])
+def test_far_tokens_only_for_rows_with_an_empty_cluster(n, s, k):
+    """Given the clusters' sizes, a row without an empty cluster gets -1s (the kernels skip its
+    search) and a row with one the far tokens it gets without sizes, on both backends."""
+    dist = torch.rand(n, s, generator=gen(s), device=DEVICE)
+    counts = torch.ones(n, 7, device=DEVICE)
+    counts[0, 3] = 0  # row 0 has an empty cluster, the others none
+    for backend in ("torch", "triton"):
+        full = kernels.kmeans_far(dist, k, 4, backend=backend)
+        out = kernels.kmeans_far(dist, k, 4, counts=counts, backend=backend)
+        assert torch.equal(out[0], full[0]) and bool((out[1:] == -1).all())
+    with pytest.raises(ShapeError, match="counts"):
+        kernels.kmeans_far(dist, k, 4, counts=counts[:1])
+
+
+def test_reseed_moves_empty_clusters_onto_far_tokens_in_order():
+    """The j-th empty cluster of a row takes far[n, min(j, K - 1)] times the row's scale, in
+    place, bit for bit alike on both backends; a row without an empty cluster is left as it is,
+    its far tokens -1; bad shapes are refused."""
+    g = gen(29)
+    x = torch.randn(3, 50, 24, generator=g, device=DEVICE).bfloat16()
+    means = torch.randn(3, 6, 24, generator=g, device=DEVICE)
+    counts = torch.full((3, 6), 5.0, device=DEVICE)
+    counts[0, [1, 4, 5]] = 0
+    counts[2, 0] = 0
+    far = torch.randint(0, 50, (3, 2), generator=g, device=DEVICE)
+    far[1] = -1
+    scale = torch.tensor([2.0**-3, 1.0, 2.0**5], device=DEVICE)
+    want = means.clone()
+    for c, j in ((1, 0), (4, 1), (5, 1)):  # the third empty cluster takes the last token
+        want[0, c] = x[0, far[0, j]].float() * scale[0]
+    want[2, 0] = x[2, far[2, 0]].float() * scale[2]
+    for backend in ("torch", "triton"):
+        out = means.clone()
+        assert kernels.kmeans_reseed(out, counts, x, far, scale=scale, backend=backend) is out
+        assert torch.equal(out, want)
+    for args, match in (((means, counts[:, :5], x, far), "do not match"), ((means, counts, x[:, :, :8], far), "match"),
+                        ((means, counts, x, far[:, :0]), "K >= 1"), ((means.double(), counts, x, far), "float32")):
+        with pytest.raises(ShapeError, match=match):
+            kernels.kmeans_reseed(*args)
+
+
 def test_kmeanspp_on_float_points_picks_as_well_as_the_reference():
     """On float points the fp32 sums may round differently: the picks stay distinct and seed as
     well as the reference's (squared distance of every point to its nearest pick)."""
@@ -580,8 +622,10 @@ def test_kmeans_update_matches_reference(d, c, dtype):
     assign[:, 0] = 0
     assign[(assign == 1) | (assign == 2)] = 0
     reseed = torch.randint(0, 200, (3, 2), generator=g, device=DEVICE)
-    ref, ref_counts = kernels.kmeans_update(x, assign, old, reseed, backend="torch")
-    out, counts = kernels.kmeans_update(x, assign, old, reseed, backend="triton")
+    ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch")
+    out, counts = kernels.kmeans_update(x, assign, old, backend="triton")
+    ref = kernels.kmeans_reseed(ref, ref_counts, x, reseed, backend="torch")
+    out = kernels.kmeans_reseed(out, counts, x, reseed, backend="triton")
     assert torch.equal(counts, ref_counts)
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6)
     rows = torch.arange(3, device=DEVICE)
@@ -631,9 +675,8 @@ def test_sorted_kmeans_update_runs_of_many_clusters(dtype):
                                                    .to(DEVICE)]
     x = (torch.randn(2, s, 64, generator=g, device=DEVICE) * 3).to(dtype)
     old = torch.randn(2, c, 64, generator=g, device=DEVICE)
-    reseed = torch.randint(0, s, (2, 3), generator=g, device=DEVICE)
     scale = torch.tensor([2.0**-30, 2.0**20], device=DEVICE)
-    for kw in ({}, {"reseed": reseed, "scale": scale}):
+    for kw in ({}, {"scale": scale}):
         ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch", **kw)
         out, counts = tk.update_sorted(x, assign, old, **kw)
         assert torch.equal(counts, ref_counts)
@@ -657,16 +700,14 @@ def test_onehot_kmeans_update_matches_reference(dtype, n, s, d, c):
     assign[:, : s // 2] = 0  # most tokens in one cluster
     assign[(assign == 1) | (assign == 2)] = 0  # empty clusters 1 and 2 too
     old = torch.randn(n, c, d, generator=g, device=DEVICE)
-    reseed = torch.randint(0, s, (n, 2), generator=g, device=DEVICE)
     scale = torch.tensor([2.0**-40, 1.0, 2.0**30][:n], device=DEVICE)
-    for kw in ({}, {"reseed": reseed}, {"reseed": reseed, "scale": scale}):
+    for kw in ({}, {"scale": scale}):
         ref, ref_counts = kernels.kmeans_update(x, assign, old, backend="torch", **kw)
         out, counts = update_onehot(x, assign, old, **kw)
         assert torch.equal(counts, ref_counts)
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
         assert torch.equal(update_onehot(x, assign, old, **kw)[0], out)
-    rows = torch.arange(n, device=DEVICE)
-    assert torch.equal(out[:, 1], x[rows, reseed[:, 0]].float() * scale.view(-1, 1))  # the first empty cluster
+    assert torch.equal(out[:, 1], old[:, 1]) and torch.equal(out[:, -1], old[:, -1])  # empty: kept
     # another launch (blocks of 16 centroids, 32-token steps, the tokens split 8 ways): the same
     out, counts = update_onehot(x, assign, old, **kw, tile=UpdateTile(tokens=32, clusters=16, warps=4, waves=8))
     assert torch.equal(counts, ref_counts)
@@ -698,8 +739,10 @@ def test_kmeans_ops_scale_each_row_as_they_read_it(dtype):
         assert bool(dist.isfinite().all())
         assign = idx.clone()
         assign[assign == 3] = 0  # an empty cluster: re-seeded from a token, scaled too
-        out, counts = kernels.kmeans_update(x, assign, cents, reseed, scale=scale, backend=backend)
-        ref, ref_counts = kernels.kmeans_update(scaled, assign, cents, reseed, backend=backend)
+        out, counts = kernels.kmeans_update(x, assign, cents, scale=scale, backend=backend)
+        ref, ref_counts = kernels.kmeans_update(scaled, assign, cents, backend=backend)
+        out = kernels.kmeans_reseed(out, counts, x, reseed, scale=scale, backend=backend)
+        ref = kernels.kmeans_reseed(ref, ref_counts, scaled, reseed, backend=backend)
         assert same(out, ref) and torch.equal(counts, ref_counts)
 
 
@@ -796,10 +839,12 @@ def test_kmeans_kernels_read_strided_rows_in_place(dtype):
         got = [assign_triton(x, cents, scale)]
         assign = got[0][0].clone()
         assign[assign == 3] = 0  # an empty cluster, re-seeded
-        got += [update(x, assign, cents, reseed, scale) for update in (update_sorted, update_onehot)]
+        got += [update(x, assign, cents, scale) for update in (update_sorted, update_onehot)]
+        got += [(kernels.kmeans_reseed(got[1][0].clone(), got[1][1], x, reseed, scale=scale, backend="triton"),)]
     assert x.data_ptr() not in copies  # the tokens were read where they are
     want = [assign_triton(dense, cents, scale)]
-    want += [update(dense, assign, cents, reseed, scale) for update in (update_sorted, update_onehot)]
+    want += [update(dense, assign, cents, scale) for update in (update_sorted, update_onehot)]
+    want += [(kernels.kmeans_reseed(want[1][0].clone(), want[1][1], dense, reseed, scale=scale, backend="triton"),)]
     for a, b in zip(got, want):
         assert all(torch.equal(s, t) for s, t in zip(a, b))
 
@@ -897,7 +942,6 @@ def test_assignment_gathers_the_update_sums_in_its_pass(dtype, n, s, d, c, fused
     scale = torch.tensor([2.0**-40, 1.0, 2.0**30][:n], device=DEVICE)
     cent = torch.randn(n, c, d, generator=g, device=DEVICE) * scale.view(-1, 1, 1)  # where the scaled tokens are
     cent[:, -1] = 1e3 * scale.view(-1, 1)  # an empty cluster
-    reseed = torch.randint(0, s, (n, 2), generator=g, device=DEVICE)
     idx, dist, sums = kernels.kmeans_assign(x, cent, scale=scale, sums=True, backend="triton")
     plain = kernels.kmeans_assign(x, cent, scale=scale, backend="triton")
     assert torch.equal(idx, plain[0])
@@ -910,17 +954,17 @@ def test_assignment_gathers_the_update_sums_in_its_pass(dtype, n, s, d, c, fused
         assert sums is None
         return
     assert sums.sums.shape[:3] == sums.counts.shape == (n, sums.sums.shape[1], c)
-    out, counts = kernels.kmeans_update(x, idx, cent, reseed, scale=scale, sums=sums, backend="triton")
-    ref, ref_counts = kernels.kmeans_update(x, idx, cent, reseed, scale=scale, backend="torch")
+    out, counts = kernels.kmeans_update(x, idx, cent, scale=scale, sums=sums, backend="triton")
+    ref, ref_counts = kernels.kmeans_update(x, idx, cent, scale=scale, backend="torch")
     assert torch.equal(counts, ref_counts) and bool((counts[:, -1] == 0).all())
     assert torch.allclose(out, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
     launch = tile_for("assign_sums", x.device, c)
     alike = UpdateTile(tokens=launch.tokens, clusters=64, warps=launch.warps, waves=launch.waves)
-    assert torch.equal(out, update_onehot(x, idx, cent, reseed, scale, tile=alike)[0])
+    assert torch.equal(out, update_onehot(x, idx, cent, scale, tile=alike)[0])
     # the torch twin's sums, and either backend's update of the other's sums
     t_idx, _, t_sums = kernels.kmeans_assign(x, cent, scale=scale, sums=True, backend="torch")
     assert t_sums.sums.shape[1] == 1
-    t_out, _ = kernels.kmeans_update(x, t_idx, cent, reseed, scale=scale, sums=t_sums, backend="torch")
-    assert torch.equal(t_out, kernels.kmeans_update(x, t_idx, cent, reseed, scale=scale, backend="torch")[0])
-    mixed, _ = kernels.kmeans_update(x, idx, cent, reseed, scale=scale, sums=sums, backend="torch")
+    t_out, _ = kernels.kmeans_update(x, t_idx, cent, scale=scale, sums=t_sums, backend="torch")
+    assert torch.equal(t_out, kernels.kmeans_update(x, t_idx, cent, scale=scale, backend="torch")[0])
+    mixed, _ = kernels.kmeans_update(x, idx, cent, scale=scale, sums=sums, backend="torch")
     assert torch.allclose(mixed, ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))

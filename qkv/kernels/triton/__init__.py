@@ -10,7 +10,7 @@ from qkv.kernels.triton.decode import decode_supports, decode_triton
 from qkv.kernels.triton.decompress import decompress_spans_supports, decompress_spans_triton
 from qkv.kernels.triton.hadamard import hadamard_supports, hadamard_triton
 from qkv.kernels.triton.kmeans.assign import assign_supports, assign_triton
-from qkv.kernels.triton.kmeans.far import far_tokens_supports, far_tokens_triton
+from qkv.kernels.triton.kmeans.far import far_tokens_supports, far_tokens_triton, reseed_supports, reseed_triton
 from qkv.kernels.triton.kmeans.seeding import kmeanspp_supports, kmeanspp_triton
 from qkv.kernels.triton.kmeans.update import update_triton
 from qkv.kernels.triton.merge import merge_supports, merge_triton
@@ -27,6 +27,7 @@ IMPLS = {
     "kmeans_assign": (assign_triton, assign_supports),
     "kmeans_update": (update_triton, None),
     "kmeans_far": (far_tokens_triton, far_tokens_supports),
+    "kmeans_reseed": (reseed_triton, reseed_supports),
     "kmeanspp": (kmeanspp_triton, kmeanspp_supports),
     "hadamard": (hadamard_triton, hadamard_supports),
     "attention": (attention_triton, attention_supports),

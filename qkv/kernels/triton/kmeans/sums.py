@@ -2,7 +2,7 @@
 found on the way by the assignment's building blocks), and the means of those sums; the update
 up to ONEHOT_MAX_CLUSTERS clusters (:func:`update_onehot`: two passes over the tokens), and the
 means of the sums an assignment pass gathered. Deterministic: no floating-point atomics, parts
-added in order; empty clusters are re-seeded by the kernel that adds the parts. Results differ
+added in order; empty clusters keep their centroid (far.py re-seeds them). Results differ
 from the reference only by fp32 summation order, and are bit-identical from run to run.
 """
 
@@ -40,18 +40,6 @@ def _onehot_sum(hot, x, acc, PARTS: tl.constexpr, EMULATE: tl.constexpr):
                 acc = tl.dot(hot, mid.to(tl.bfloat16), acc)
                 acc = tl.dot(hot, (rest - mid).to(tl.bfloat16), acc)
     return acc
-
-
-@triton.jit
-def _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, XN, XS, C, K, d, d_ok, HAS_SCALE: tl.constexpr):
-    """Empty cluster ``c``'s new centroid: the j-th empty cluster of row n (``size``: the sizes of
-    clusters ``j``) takes the token reseed[n, min(j, K - 1)] (times the row's factor: HAS_SCALE)."""
-    rank = tl.minimum(tl.sum(((size == 0) & (j < c)).to(tl.int32), axis=0), K - 1)
-    tok = tl.load(reseed_ptr + n * K + rank)
-    out = tl.load(x_ptr + n * XN + tok.to(tl.int64) * XS + d, mask=d_ok, other=0.0).to(tl.float32)
-    if HAS_SCALE:
-        out = out * tl.load(f_ptr + n)
-    return out
 
 
 @triton.jit
@@ -122,13 +110,8 @@ def _cluster_sums(x_ptr, f, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, t
 
 
 @triton.jit
-def _means_kernel(
-    x_ptr, f_ptr, sum_ptr, cnt_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, XN, XS, C, D, K,
-    SPLITS: tl.constexpr, HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """One cluster: the sum of its splits' sums over its size, or - empty - the re-seed token
-    (the j-th empty cluster of the row takes reseed[n, min(j, K - 1)]) or the old centroid."""
+def _means_kernel(sum_ptr, cnt_ptr, old_ptr, new_ptr, count_ptr, C, D, SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One cluster: the sum of its splits' sums over its size, or - empty - the old centroid."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -139,10 +122,6 @@ def _means_kernel(
     mean = tl.math.div_rn(tl.sum(sums, axis=0), tl.maximum(count, 1.0))
     if count > 0:
         out = mean
-    elif HAS_RESEED:
-        j = tl.arange(0, BLOCK_C)
-        size = tl.sum(tl.load(cnt_ptr + split[:, None] + j[None, :], mask=(j < C)[None, :], other=1.0), axis=0)
-        out = _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, XN, XS, C, K, d, d_ok, HAS_SCALE)
     else:
         out = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
     tl.store(new_ptr + (n * C + c) * D + d, out, mask=d_ok)
@@ -173,20 +152,13 @@ def _splits(x: torch.Tensor, unsplit: int, s: int, tile: UpdateTile | AssignSums
     return splits, triton.cdiv(triton.cdiv(s, splits), tile.tokens) * tile.tokens
 
 
-def _means(x, sums: ClusterSums, centroids, reseed, scale) -> tuple[torch.Tensor, torch.Tensor]:
-    """The means of ``sums`` (parts added in order), re-seeds for the empty clusters."""
-    x = unit_d(x)
+def _means(sums: ClusterSums, centroids) -> tuple[torch.Tensor, torch.Tensor]:
+    """The means of ``sums`` (parts added in order); empty clusters keep ``centroids``."""
     n, splits, c, d = sums.sums.shape
-    f = x if scale is None else scale.float().contiguous()
-    new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
-    counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
-    old = centroids.float().contiguous()
-    _means_kernel[(n, c)](
-        x, f, sums.sums, sums.counts, old if reseed is None else reseed.contiguous(), old, new, counts, x.stride(0),
-        x.stride(1), c, d, 1 if reseed is None else reseed.shape[1], SPLITS=splits, HAS_RESEED=reseed is not None,
-        HAS_SCALE=scale is not None, BLOCK_D=max(16, triton.next_power_of_2(d)), BLOCK_C=triton.next_power_of_2(c),
-        num_warps=4,
-    )
+    new = torch.empty(n, c, d, dtype=torch.float32, device=centroids.device)
+    counts = torch.empty(n, c, dtype=torch.float32, device=centroids.device)
+    _means_kernel[(n, c)](sums.sums, sums.counts, centroids.float().contiguous(), new, counts, c, d, SPLITS=splits,
+                          BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
     return new, counts
 
 
@@ -194,7 +166,6 @@ def update_onehot(
     x: torch.Tensor,
     assignments: torch.Tensor,
     centroids: torch.Tensor,
-    reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     *,
     tile: UpdateTile | None = None,
@@ -220,4 +191,4 @@ def update_onehot(
         REDO=False,
         BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
     )
-    return _means(x, part, centroids, reseed, scale)
+    return _means(part, centroids)

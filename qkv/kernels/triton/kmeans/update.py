@@ -15,7 +15,7 @@ import triton.language as tl
 
 from qkv.kernels.kmeans import ClusterSums
 from qkv.kernels.triton.kmeans.nearest import unit_d
-from qkv.kernels.triton.kmeans.sums import _means, _onehot_sum, _parts, _reseeded, update_onehot
+from qkv.kernels.triton.kmeans.sums import _means, _onehot_sum, _parts, update_onehot
 
 
 # The sorted update sums RUN_TOKENS sorted tokens a program (RUN_STEP a product, RUN_CLUSTERS
@@ -115,14 +115,10 @@ def _run_sum_kernel(
 
 
 @triton.jit
-def _run_means_kernel(
-    x_ptr, f_ptr, sum_ptr, edge_ptr, bound_ptr, reseed_ptr, old_ptr, new_ptr, count_ptr, XN, XS, C, D, K, RUNS,
-    HAS_RESEED: tl.constexpr, HAS_SCALE: tl.constexpr, RUN: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
+def _run_means_kernel(sum_ptr, edge_ptr, bound_ptr, old_ptr, new_ptr, count_ptr, C, D, RUNS, RUN: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     """One cluster: its sum (whole in one run, or its parts in the runs it spans, in order) over
-    its size, or - empty - the re-seed token (the j-th empty cluster of the row takes
-    reseed[n, min(j, K - 1)]) or the old centroid."""
+    its size, or - empty - the old centroid."""
     n = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1)
     d = tl.arange(0, BLOCK_D)
@@ -141,10 +137,6 @@ def _run_means_kernel(
             for r in range(first + 1, last + 1):
                 total += tl.load(edge_ptr + (n * RUNS + r) * 2 * D + d, mask=d_ok, other=0.0)
         out = tl.math.div_rn(total, count.to(tl.float32))
-    elif HAS_RESEED:
-        j = tl.arange(0, BLOCK_C)
-        size = tl.load(row + j + 1, mask=j < C, other=1) - tl.load(row + j, mask=j < C, other=0)
-        out = _reseeded(x_ptr, f_ptr, reseed_ptr, n, c, size, j, XN, XS, C, K, d, d_ok, HAS_SCALE)
     else:
         out = tl.load(old_ptr + (n * C + c) * D + d, mask=d_ok, other=0.0)
     tl.store(new_ptr + (n * C + c) * D + d, out, mask=d_ok)
@@ -183,7 +175,6 @@ def update_sorted(
     x: torch.Tensor,
     assignments: torch.Tensor,
     centroids: torch.Tensor,
-    reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The update with the tokens ordered by cluster (a stable sort) and summed in runs of
@@ -207,13 +198,8 @@ def update_sorted(
     )
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
-    old = centroids.float().contiguous()
-    _run_means_kernel[(n, c)](
-        x, f, sums, edges, bounds, old if reseed is None else reseed.contiguous(), old, new, counts,
-        x.stride(0), x.stride(1), c, d, 1 if reseed is None else reseed.shape[1], runs,
-        HAS_RESEED=reseed is not None, HAS_SCALE=scale is not None, RUN=RUN_TOKENS, BLOCK_D=block_d,
-        BLOCK_C=triton.next_power_of_2(c), num_warps=4,
-    )
+    _run_means_kernel[(n, c)](sums, edges, bounds, centroids.float().contiguous(), new, counts, c, d, runs,
+                              RUN=RUN_TOKENS, BLOCK_D=block_d, num_warps=4)
     return new, counts
 
 
@@ -221,7 +207,6 @@ def update_triton(
     x: torch.Tensor,
     assignments: torch.Tensor,
     centroids: torch.Tensor,
-    reseed: torch.Tensor | None = None,
     scale: torch.Tensor | None = None,
     sums: ClusterSums | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -231,6 +216,6 @@ def update_triton(
     clusters, 1.07x at 128, 1.2-1.8x slower at 256 with balanced clusters:
     bench_kmeans_update_h200.json)."""
     if sums is not None:
-        return _means(x, sums, centroids, reseed, scale)
+        return _means(sums, centroids)
     update = update_onehot if centroids.shape[1] <= ONEHOT_MAX_CLUSTERS else update_sorted
-    return update(x, assignments, centroids, reseed, scale)
+    return update(x, assignments, centroids, scale)
