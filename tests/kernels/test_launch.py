@@ -11,9 +11,7 @@ from triton.runtime.errors import OutOfResources
 
 from qkv.kernels.triton import decode_kernel as kernels
 from qkv.kernels.triton.decompress import decompress_kernel
-from qkv.kernels.triton import quantize
 from qkv.kernels.triton.hadamard import _hadamard_kernel
-from qkv.kernels.triton.kmeans import assign, far, nearest, sums, update
 from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.merge import _merge_kernel as staged_merge_kernel
 
@@ -40,20 +38,12 @@ BASES = {dtype: torch.zeros(4096, dtype=dtype) for dtype in (torch.bfloat16, tor
 INTS = st.sampled_from([0, 1, 2, 15, 16, 17, 32, 4096, 4097, 2**31 - 16, 2**31, 2**31 + 1, 2**40, -16, -17])
 
 
-def tensor(draw):
-    dtype = draw(st.sampled_from(list(BASES)))
-    return BASES[dtype][draw(st.sampled_from([0, 1, 2, 4, 8, 16])):]  # aligned to 16 bytes or not
-
-
 def value(draw, p):
-    """A runtime argument for parameter ``p``: a tensor at a varied address and dtype, a float, an
-    integer of any class Triton tells apart, or (``stages``: the quantize kernels' centroid stages)
-    a tuple of stages, each two tensors and three integers."""
+    """A runtime argument for parameter ``p``: a tensor at a varied address and dtype, a float, or
+    an integer of any class Triton tells apart."""
     if p.name.endswith("_ptr") or p.name in ("dk0", "dv0", "dk1", "dv1"):
-        return tensor(draw)
-    if p.name == "stages":
-        return tuple((tensor(draw), tensor(draw), draw(INTS), draw(INTS), draw(INTS))
-                     for _ in range(draw(st.integers(0, 2))))
+        dtype = draw(st.sampled_from(list(BASES)))
+        return BASES[dtype][draw(st.sampled_from([0, 1, 2, 4, 8, 16])):]  # aligned to 16 bytes or not
     if p.name == "qk_scale":
         return draw(st.sampled_from([0.5, 1.0]))
     return draw(INTS)
@@ -74,26 +64,14 @@ def constexprs(jit) -> dict:
     return {p.name: 16 for p in jit.params if p.is_constexpr} | {"num_warps": 4}
 
 
-ENCODE_KERNELS = {
-    "quantize+pack": quantize._quantize_pack_kernel, "dequantize": quantize._dequantize_kernel,
-    "assign": assign._assign_kernel, "assign resident": assign._assign_resident_kernel,
-    "prepare": nearest._prepare_kernel, "cluster sums": sums._cluster_sum_kernel, "means": sums._means_kernel,
-    "sort keys": update._sort_keys_kernel, "bounds": update._bounds_kernel, "run sums": update._run_sum_kernel,
-    "run means": update._run_means_kernel, "segment peaks": far._segment_peak_kernel,
-    "rank segments": far._rank_segments_kernel, "reseed": far._reseed_kernel,
-}
-
-
 @pytest.mark.parametrize("fn", [kernels.decode_kernel, kernels.merge_kernel, decompress_kernel, staged_merge_kernel,
-                                _hadamard_kernel, *ENCODE_KERNELS.values()],
-                         ids=["decode", "merge", "decompress", "staged merge", "hadamard", *ENCODE_KERNELS])
+                                _hadamard_kernel], ids=["decode", "merge", "decompress", "staged merge", "hadamard"])
 @given(data=st.data())
 def test_one_key_of_the_launcher_is_one_key_of_triton(fn, data):
     """Two launches that the launcher would give one compiled kernel are one to Triton too: its
     key is at least as fine as Triton's specialization, on the parameters of every kernel it
-    launches (the decode path's two, the staged path's span decompression and merge, an encode's
-    and a decode's; which integers they leave unspecialized included, the tuples of centroid
-    stages the quantize kernels take). The second launch is the first with a few
+    launches (the decode path's two, the staged path's span decompression and merge; which
+    integers they leave unspecialized included). The second launch is the first with a few
     arguments redrawn, so that both outcomes come up."""
     jit = jit_of(fn)
     kwargs = constexprs(jit)
@@ -169,21 +147,6 @@ def test_a_launch_seen_before_goes_to_the_compiled_kernel(fake):
     launcher[(3,)](5, 16, 7, 0.25, BLOCK=32, num_warps=4)  # an int where a tensor was: through the JIT
     launcher[(3,)](x, 16, 7, 0.25, BLOCK=[32], num_warps=4)  # an unhashable keyword: through the JIT
     assert len(fake.jit_launches) == 12 and len(fake.direct_launches) == 1
-
-
-def test_a_tuple_argument_is_keyed_by_what_it_holds(fake):
-    """A tuple argument (the quantize kernels' centroid stages) is part of the key element by
-    element: another alignment or dtype of a tensor in it, another integer, another length is a
-    new key; the same contents at other addresses of the same alignment are not."""
-    launcher = Launcher(fake)
-    x = torch.zeros(64)
-    launcher[(1,)](x, 16, 5, ((x, x, 16, 4, 1),), BLOCK=32, num_warps=4)
-    launcher[(1,)](x, 16, 5, ((x[4:], x, 16, 4, 1),), BLOCK=32, num_warps=4)
-    assert len(fake.jit_launches) == 1 and len(fake.direct_launches) == 1
-    for stages in (((x[1:], x, 16, 4, 1),), ((x, x.double(), 16, 4, 1),), ((x, x, 17, 4, 1),), (),
-                   ((x, x, 16, 4, 1),) * 2):
-        launcher[(1,)](x, 16, 5, stages, BLOCK=32, num_warps=4)
-    assert len(fake.jit_launches) == 6 and len(fake.direct_launches) == 1
 
 
 def test_a_kernel_with_a_constexpr_among_its_runtime_arguments_is_refused():

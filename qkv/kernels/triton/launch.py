@@ -24,18 +24,6 @@ from triton.runtime.errors import OutOfResources
 I32 = (-(1 << 31), 1 << 31)
 
 
-def _other_key(arg) -> object:
-    """A launch key's part for an argument that is neither a tensor nor an int: for a tuple (Triton
-    specializes what it holds as it does top-level arguments), each element's: a tensor's dtype
-    and address modulo 16, an int's value, a nested tuple's keys; otherwise the argument's type."""
-    if isinstance(arg, tuple):
-        return tuple(
-            (a.dtype, a.data_ptr() & 15) if isinstance(a, torch.Tensor) else a if type(a) is int else _other_key(a)
-            for a in arg
-        )
-    return type(arg)
-
-
 class Launcher:
     """``Launcher(jit_fn)[grid](*args, **constexprs_and_options)`` launches like
     ``jit_fn[grid](...)`` (``grid``: a tuple of one to three sizes), with every runtime argument
@@ -80,11 +68,10 @@ class Launcher:
         keeps compiled kernels per device): each tensor's dtype and address modulo 16, the
         specialized integers' values (finer than Triton's classes: 1, multiple of 16, other, and
         their range), whether every unspecialized integer is 32-bit (Triton's only class of
-        those; a key that is not is never kept), every other argument's :func:`_other_key`, and
-        the keywords."""
+        those; a key that is not is never kept), every other argument's type, and the keywords."""
         tensors, spec, unspec, others = (pick(args) for pick in self._kinds)
         return (tuple([(t.dtype, t.data_ptr() & 15) for t in tensors]), spec,
-                not unspec or (I32[0] <= min(unspec) and max(unspec) < I32[1]), tuple(map(_other_key, others)),
+                not unspec or (I32[0] <= min(unspec) and max(unspec) < I32[1]), tuple(map(type, others)),
                 tuple(kwargs.items()))
 
     def _launch(self, grid, args: tuple, kwargs: dict) -> None:

@@ -23,7 +23,6 @@ from qkv.kernels.triton.bits import (
     EXACT_LAUNCH, LAUNCH_STAGES, divisor_parts, nearest_int, pack_word, pairs_a_thread, quotient, round_down, round_up,
     to_output,
 )
-from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
 from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
 from qkv.kernels.triton.tiles import DequantizeTile, QuantizeTile, tile_for
@@ -246,12 +245,6 @@ def _dequantize_kernel(
     tl.store(out_ptr + n * OUT_N + s[:, None] * D + d[None, :], out, mask=mask)
 
 
-# an encode launches quantize+pack once or twice, a decode dequantize once per tensor: without
-# Triton's per-launch binding
-launch_quantize_pack = Launcher(_quantize_pack_kernel)
-launch_dequantize = Launcher(_dequantize_kernel)
-
-
 def quantize_pack_supports(x, q: AffineFormat, centroids=(), assignments=()) -> str | None:
     """Why the Triton kernel cannot run this case (None if it can); raises on malformed inputs."""
     check_quantize_args(x, q, centroids, assignments)
@@ -308,15 +301,15 @@ def quantize_pack_triton(
     outputs = (x, codes, scales, scales if zeros is None else zeros)
     shape = (stages, x.stride(0), x.stride(1), r, length, p, groups, d, grid[0])
     if not q.has_mult:
-        launch_quantize_pack[grid](*outputs, x, x, x, x, *shape, PASS=ONE_PASS, SETTLE_TILES=1, **launch)
+        _quantize_pack_kernel[grid](*outputs, x, x, x, x, *shape, PASS=ONE_PASS, SETTLE_TILES=1, **launch)
         return QuantizedRows(codes, scales, zeros, None)
     raw = torch.empty(n, r, groups, dtype=torch.float32, device=x.device)
     low = torch.empty_like(raw) if q.has_zero else raw
     part = torch.empty(n, grid[0] * grid[2], dtype=torch.float32, device=x.device)
     mult = torch.empty(n, dtype=torch.float32, device=x.device)
-    launch_quantize_pack[grid](*outputs, raw, low, part, mult, *shape, PASS=SPECULATE, SETTLE_TILES=1, **launch)
+    _quantize_pack_kernel[grid](*outputs, raw, low, part, mult, *shape, PASS=SPECULATE, SETTLE_TILES=1, **launch)
     settle = min(tile.settle_tiles, triton.next_power_of_2(grid[0]))
-    launch_quantize_pack[(triton.cdiv(grid[0], settle), n, grid[2])](
+    _quantize_pack_kernel[(triton.cdiv(grid[0], settle), n, grid[2])](
         *outputs, raw, low, part, mult, *shape, PASS=SETTLE, SETTLE_TILES=settle, **launch)
     return QuantizedRows(codes, scales, zeros, mult)
 
@@ -346,7 +339,7 @@ def dequantize_triton(rows, q, tokens, centroids, assignments, out_dtype=torch.f
     block_s = max(1, min(128, (tile.fast_values if layout.FAST and layout.TOKEN_AXIS else tile.values) // block_d))
     if layout.FAST and not layout.TOKEN_AXIS:
         block_s = max(block_s, MIN_TOKEN_TILE)  # whole packed words of every channel per tile
-    launch_dequantize[(n, triton.cdiv(tokens, block_s))](
+    _dequantize_kernel[(n, triton.cdiv(tokens, block_s))](
         rows.codes, rows.scales, rows.scales if rows.zeros is None else rows.zeros,
         rows.codes if rows.mult is None else rows.mult, out, _stage_args(centroids, assignments),
         tokens, tokens if q.axis == "token" else d, rows.codes.shape[-1], rows.scales.shape[-1], out.stride(0),

@@ -18,10 +18,9 @@ import triton
 import triton.language as tl
 
 from qkv.kernels.triton.bits import split_bf16
-from qkv.kernels.triton.kmeans.nearest import (_centroid_tile, _distances, _nearest, _peak_bits, _slots, launch_prepare,
+from qkv.kernels.triton.kmeans.nearest import (_centroid_tile, _distances, _nearest, _peak_bits, _prepare_kernel, _slots,
                                                peaks_from_bits, unit_d)
-from qkv.kernels.triton.kmeans.sums import _empty_sums, _parts, _splits, launch_cluster_sum
-from qkv.kernels.triton.launch import Launcher
+from qkv.kernels.triton.kmeans.sums import _cluster_sum_kernel, _empty_sums, _parts, _splits
 from qkv.kernels.triton.tiles import AssignSumsTile, AssignTile, tile_for
 
 
@@ -40,8 +39,8 @@ RESIDENT_MAX_VALUES = 32768
 
 @triton.jit
 def _assign_kernel(
-    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, S, CP, XN, XS,
-    D: tl.constexpr, X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, PEAKS: tl.constexpr,
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, S, CP, D: tl.constexpr, XN, XS,
+    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, PEAKS: tl.constexpr,
     REDO: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The nearest of row n's centroids (CP, in tiles) for one token tile; PEAKS: the tile's max
@@ -78,8 +77,8 @@ def _assign_tile(x_ptr, f, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, n, S, CP,
 
 @triton.jit
 def _assign_resident_kernel(
-    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, S, CP, XN, XS, TILES,
-    D: tl.constexpr, X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, PEAKS: tl.constexpr,
+    x_ptr, f_ptr, c_ptr, csq_ptr, idx_ptr, dist_ptr, top_ptr, S, CP, D: tl.constexpr, XN, XS, TILES,
+    X_EXACT: tl.constexpr, HAS_SCALE: tl.constexpr, EMULATE: tl.constexpr, PEAKS: tl.constexpr,
     REDO: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """_assign_kernel for a row whose CP prepared centroids are one tile (CP == BLOCK_C, prepared
@@ -144,11 +143,6 @@ def _resident_tiles(x_ptr, f, f_sq, cent, norm, idx_ptr, dist_ptr, top_ptr, n, S
         tl.store(top_ptr + n * tl.num_programs(1) + tl.program_id(1), tl.max(top, axis=0))
 
 
-# an encode launches these a few times per Lloyd step: without Triton's per-launch binding
-launch_assign = Launcher(_assign_kernel)
-launch_assign_resident = Launcher(_assign_resident_kernel)
-
-
 def assign_supports(x, centroids, scale=None, sums=False, peaks=False, redo=None) -> str | None:
     if x.shape[-1] > 256:
         return f"D={x.shape[-1]} is larger than 256"
@@ -185,7 +179,7 @@ def assign_triton(
     rows = cp if resident else cp + block_c  # the tiled kernel loads its norms a tile ahead
     neg2 = torch.empty(n, rows, d, dtype=torch.bfloat16, device=x.device)  # -2 * rounded: exact
     c_sq = torch.empty(n, rows, dtype=torch.float32, device=x.device)
-    launch_prepare[(triton.cdiv(n * rows, 32),)](
+    _prepare_kernel[(triton.cdiv(n * rows, 32),)](
         centroids, neg2, c_sq, n * rows, c, rows, d, EMULATE=x.device.type != "cuda", BLOCK_M=32, BLOCK_D=block_d,
     )
     if redo is None:
@@ -200,9 +194,9 @@ def assign_triton(
         splits, per_split = _splits(x, n, s, sum_tile)
         part = _empty_sums(x, splits, c) if redo is None else redo[2]
         top = torch.empty(n, splits, dtype=torch.int32, device=x.device) if peaks else x
-        launch_cluster_sum[(n, 1, splits)](
-            x, f, idx, neg2, c_sq, dist, part.sums, part.counts, top, s, c, x.stride(0), x.stride(1), per_split,
-            D=d, ASSIGN=True, PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d,
+        _cluster_sum_kernel[(n, 1, splits)](
+            x, f, idx, neg2, c_sq, dist, part.sums, part.counts, top, s, c, d, x.stride(0), x.stride(1), per_split,
+            ASSIGN=True, PARTS=_parts(x), BLOCK_T=sum_tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d,
             num_warps=sum_tile.warps, **common,
         )
         return (idx, dist, part) + ((peaks_from_bits(top, x.dtype),) if peaks else ())
@@ -214,8 +208,8 @@ def assign_triton(
     programs = max(1, min(tiles, _slots(x, tile.waves) // n)) if resident else tiles
     top = torch.empty(n, programs, dtype=torch.int32, device=x.device) if peaks else x
     if resident:
-        launch_assign_resident[(n, programs)](
-            x, f, neg2, c_sq, idx, dist, top, s, cp, x.stride(0), x.stride(1), tiles, D=d, **launch)
+        _assign_resident_kernel[(n, programs)](
+            x, f, neg2, c_sq, idx, dist, top, s, cp, d, x.stride(0), x.stride(1), tiles, **launch)
     else:
-        launch_assign[(n, tiles)](x, f, neg2, c_sq, idx, dist, top, s, cp, x.stride(0), x.stride(1), D=d, **launch)
+        _assign_kernel[(n, tiles)](x, f, neg2, c_sq, idx, dist, top, s, cp, d, x.stride(0), x.stride(1), **launch)
     return (idx, dist) + ((None,) if sums else ()) + ((peaks_from_bits(top, x.dtype),) if peaks else ())

@@ -14,7 +14,6 @@ import triton.language as tl
 
 from qkv.kernels.kmeans import far_segments
 from qkv.kernels.triton.kmeans.nearest import unit_d
-from qkv.kernels.triton.launch import Launcher
 
 
 # The far tokens: the most tokens a segment (one load of a program); the keys a program of the
@@ -112,12 +111,6 @@ def _reseed_kernel(x_ptr, f_ptr, far_ptr, cnt_ptr, means_ptr, XN, XS, C, D, K, H
         tl.store(means_ptr + (n * C + c) * D + d, out, mask=d < D)
 
 
-# launched once per Lloyd step each: without Triton's per-launch binding
-launch_segment_peak = Launcher(_segment_peak_kernel)
-launch_rank_segments = Launcher(_rank_segments_kernel)
-launch_reseed = Launcher(_reseed_kernel)
-
-
 def far_tokens_supports(dist, k, per_pick, counts=None) -> str | None:
     size, _ = far_segments(dist.shape[1], k, per_pick)
     if triton.next_power_of_2(size) > FAR_MAX_SEGMENT:
@@ -140,10 +133,10 @@ def far_tokens_triton(dist: torch.Tensor, k: int, per_pick: int, counts: torch.T
     guard = dict(HAS_COUNTS=counts is not None, BLOCK_C=triton.next_power_of_2(c))
     block_t = triton.next_power_of_2(size)
     block_g = max(1, min(triton.next_power_of_2(segments), 4096 // block_t))
-    launch_segment_peak[(n, triton.cdiv(segments, block_g))](dist, keys, cnt, s, size, segments, c, **guard,
+    _segment_peak_kernel[(n, triton.cdiv(segments, block_g))](dist, keys, cnt, s, size, segments, c, **guard,
                                                               BLOCK_G=block_g, BLOCK_T=block_t, num_warps=4)
     out = torch.empty(n, k, dtype=torch.int64, device=dist.device)
-    launch_rank_segments[(n, triton.cdiv(segments, FAR_RANK_TILE))](
+    _rank_segments_kernel[(n, triton.cdiv(segments, FAR_RANK_TILE))](
         keys, out, cnt, segments, k, c, **guard, BLOCK_R=FAR_RANK_TILE, BLOCK_H=FAR_RANK_STEP, num_warps=FAR_RANK_WARPS)
     return out
 
@@ -158,7 +151,7 @@ def reseed_triton(means: torch.Tensor, counts: torch.Tensor, x: torch.Tensor, fa
     empty ones gathering their token; in place."""
     x = unit_d(x)
     n, c, d = means.shape
-    launch_reseed[(n, c)](
+    _reseed_kernel[(n, c)](
         x, x if scale is None else scale.float().contiguous(), far.contiguous(), counts.float().contiguous(), means,
         x.stride(0), x.stride(1), c, d, far.shape[1], HAS_SCALE=scale is not None,
         BLOCK_C=triton.next_power_of_2(c), BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=1,

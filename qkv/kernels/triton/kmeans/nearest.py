@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from qkv.kernels.triton.bits import bf16_dot, round_to_bf16, split_bf16
-from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.tiles import multiprocessors
 
 
@@ -54,10 +53,6 @@ def _peak_bits(x, top):
     else:
         bits = (x.to(tl.int16, bitcast=True) & 0x7FFF).to(tl.int32)
     return tl.maximum(top, tl.max(bits, axis=1))
-
-
-# launched once per assignment pass: without Triton's per-launch binding
-launch_prepare = Launcher(_prepare_kernel)
 
 
 def peaks_from_bits(top: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -15,7 +15,6 @@ import triton.language as tl
 from qkv.kernels.kmeans import ClusterSums
 from qkv.kernels.triton.bits import round_to_bf16
 from qkv.kernels.triton.kmeans.nearest import _nearest, _peak_bits, _slots, unit_d
-from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.tiles import AssignSumsTile, UpdateTile, tile_for
 
 
@@ -45,8 +44,8 @@ def _onehot_sum(hot, x, acc, PARTS: tl.constexpr, EMULATE: tl.constexpr):
 
 @triton.jit
 def _cluster_sum_kernel(
-    x_ptr, f_ptr, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, top_ptr, S, C, XN, XS, per_split,
-    D: tl.constexpr, ASSIGN: tl.constexpr, X_EXACT: tl.constexpr, PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
+    x_ptr, f_ptr, a_ptr, c_ptr, csq_ptr, dist_ptr, sum_ptr, cnt_ptr, top_ptr, S, C, D: tl.constexpr, XN, XS,
+    per_split, ASSIGN: tl.constexpr, X_EXACT: tl.constexpr, PARTS: tl.constexpr, HAS_SCALE: tl.constexpr,
     EMULATE: tl.constexpr, PEAKS: tl.constexpr, REDO: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -129,11 +128,6 @@ def _means_kernel(sum_ptr, cnt_ptr, old_ptr, new_ptr, count_ptr, C, D, SPLITS: t
     tl.store(count_ptr + n * C + c, count)
 
 
-# an encode launches these once or twice per Lloyd step: without Triton's per-launch binding
-launch_cluster_sum = Launcher(_cluster_sum_kernel)
-launch_means = Launcher(_means_kernel)
-
-
 def _parts(x: torch.Tensor) -> int:
     """The bf16 parts a token of ``x``'s dtype is summed in (see _onehot_sum)."""
     return {torch.bfloat16: 1, torch.float16: 2}.get(x.dtype, 3)
@@ -163,7 +157,7 @@ def _means(sums: ClusterSums, centroids) -> tuple[torch.Tensor, torch.Tensor]:
     n, splits, c, d = sums.sums.shape
     new = torch.empty(n, c, d, dtype=torch.float32, device=centroids.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=centroids.device)
-    launch_means[(n, c)](sums.sums, sums.counts, centroids.float().contiguous(), new, counts, c, d, SPLITS=splits,
+    _means_kernel[(n, c)](sums.sums, sums.counts, centroids.float().contiguous(), new, counts, c, d, SPLITS=splits,
                           BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
     return new, counts
 
@@ -191,9 +185,9 @@ def update_onehot(
     c_blocks = triton.cdiv(c, block_c)
     splits, per_split = _splits(x, n * c_blocks, s, tile)
     part = _empty_sums(x, splits, c)
-    launch_cluster_sum[(n, c_blocks, splits)](
-        x, f, assignments, x, x, x, part.sums, part.counts, x, s, c, x.stride(0), x.stride(1), per_split,
-        D=d, ASSIGN=False, X_EXACT=False, PARTS=_parts(x), HAS_SCALE=scale is not None, EMULATE=not x.is_cuda, PEAKS=False,
+    _cluster_sum_kernel[(n, c_blocks, splits)](
+        x, f, assignments, x, x, x, part.sums, part.counts, x, s, c, d, x.stride(0), x.stride(1), per_split,
+        ASSIGN=False, X_EXACT=False, PARTS=_parts(x), HAS_SCALE=scale is not None, EMULATE=not x.is_cuda, PEAKS=False,
         REDO=False,
         BLOCK_T=tile.tokens, BLOCK_C=block_c, BLOCK_D=block_d, num_warps=tile.warps,
     )

@@ -16,7 +16,6 @@ import triton.language as tl
 from qkv.kernels.kmeans import ClusterSums
 from qkv.kernels.triton.kmeans.nearest import unit_d
 from qkv.kernels.triton.kmeans.sums import _means, _onehot_sum, _parts, update_onehot
-from qkv.kernels.triton.launch import Launcher
 
 
 # The sorted update sums RUN_TOKENS sorted tokens a program (RUN_STEP a product, RUN_CLUSTERS
@@ -144,13 +143,6 @@ def _run_means_kernel(sum_ptr, edge_ptr, bound_ptr, old_ptr, new_ptr, count_ptr,
     tl.store(count_ptr + n * C + c, count.to(tl.float32))
 
 
-# launched once per Lloyd step each: without Triton's per-launch binding
-launch_sort_keys = Launcher(_sort_keys_kernel)
-launch_bounds = Launcher(_bounds_kernel)
-launch_run_sum = Launcher(_run_sum_kernel)
-launch_run_means = Launcher(_run_means_kernel)
-
-
 def order_by_cluster(assignments: torch.Tensor, clusters: int):
     """Each row's tokens ordered by cluster (a stable sort): keys [N, S], row n's cluster ids
     ascending, each plus n * C; order [N, S] int64, the tokens in that order as positions in the
@@ -165,7 +157,7 @@ def order_by_cluster(assignments: torch.Tensor, clusters: int):
     keys = torch.empty(n, s, dtype=torch.int16 if flat else torch.int32, device=assignments.device)
     if assignments.stride(1) != 1:
         assignments = assignments.contiguous()
-    launch_sort_keys[(n, triton.cdiv(s, SORT_KEYS_BLOCK))](assignments, keys, s, assignments.stride(0), clusters,
+    _sort_keys_kernel[(n, triton.cdiv(s, SORT_KEYS_BLOCK))](assignments, keys, s, assignments.stride(0), clusters,
                                                            BLOCK=SORT_KEYS_BLOCK, num_warps=4)
     if flat:
         keys, order = torch.sort(keys.flatten(), stable=True)
@@ -174,7 +166,7 @@ def order_by_cluster(assignments: torch.Tensor, clusters: int):
         keys, order = torch.sort(keys, dim=1, stable=True)
         order += torch.arange(0, n * s, s, device=order.device).view(-1, 1)
     bounds = torch.empty(n, clusters + 1, dtype=torch.int32, device=assignments.device)
-    launch_bounds[(n,)](keys, bounds, s, clusters, s.bit_length(), BLOCK_C=triton.next_power_of_2(clusters + 1),
+    _bounds_kernel[(n,)](keys, bounds, s, clusters, s.bit_length(), BLOCK_C=triton.next_power_of_2(clusters + 1),
                          num_warps=4)
     return keys, order, bounds
 
@@ -198,7 +190,7 @@ def update_sorted(
     runs = triton.cdiv(s, RUN_TOKENS)
     sums = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     edges = torch.empty(n, runs, 2, d, dtype=torch.float32, device=x.device)
-    launch_run_sum[(n, runs)](
+    _run_sum_kernel[(n, runs)](
         x, f, keys, order, bounds, sums, edges, s, c, d, x.stride(0), x.stride(1), runs,
         PARTS=_parts(x), HAS_SCALE=scale is not None,
         EMULATE=not x.is_cuda, RUN=RUN_TOKENS, BLOCK_T=RUN_STEP, BLOCK_J=RUN_CLUSTERS, BLOCK_D=block_d, num_warps=4,
@@ -206,7 +198,7 @@ def update_sorted(
     )
     new = torch.empty(n, c, d, dtype=torch.float32, device=x.device)
     counts = torch.empty(n, c, dtype=torch.float32, device=x.device)
-    launch_run_means[(n, c)](sums, edges, bounds, centroids.float().contiguous(), new, counts, c, d, runs,
+    _run_means_kernel[(n, c)](sums, edges, bounds, centroids.float().contiguous(), new, counts, c, d, runs,
                               RUN=RUN_TOKENS, BLOCK_D=block_d, num_warps=4)
     return new, counts
 
