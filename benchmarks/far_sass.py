@@ -22,6 +22,7 @@ from decode_sass import disassemble, loop_bodies, resources
 from qkv.kernels.triton.kmeans.far import FAR_RANK_TILE, _rank_segments_kernel
 
 SEGMENTS = 1058  # a LongCat-Video row: 29,640 tokens in 4 x 256 segments of 28
+CLUSTERS = 256  # the sizes each program reads first (a row without an empty cluster stops there)
 
 
 def main() -> None:
@@ -34,8 +35,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for spec in args.steps:
             step, warps = map(int, spec.split("x"))
-            sass = disassemble(_rank_segments_kernel, dict(BLOCK_R=FAR_RANK_TILE, BLOCK_H=step),
-                               {"key_ptr": "*i64", "out_ptr": "*i64"}, warps, None, tmp)
+            sass = disassemble(_rank_segments_kernel,
+                               dict(HAS_COUNTS=True, BLOCK_C=CLUSTERS, BLOCK_R=FAR_RANK_TILE, BLOCK_H=step),
+                               {"key_ptr": "*i64", "out_ptr": "*i64", "cnt_ptr": "*fp32"}, warps, None, tmp)
             bodies, _ = loop_bodies(sass)
             loop = len(max(bodies, key=len))
             programs = -(-SEGMENTS // FAR_RANK_TILE)
