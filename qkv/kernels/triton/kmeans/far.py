@@ -2,7 +2,8 @@
 :func:`qkv.kernels.kmeans.far_tokens_torch`: the peak of each of a row's segments of distances as
 a key, many programs a row; then each key's rank among its row's by counting the larger ones,
 the tokens ranked below C written to their places (two launches; no sort). Bit-exact. Given the
-clusters' sizes, a row without an empty cluster (most rows of most steps) skips both and gets -1s.
+clusters' sizes, a row without an empty cluster (from a Lloyd step's third on, nearly every row:
+benchmarks/empty_clusters.py) skips both and gets -1s.
 And the re-seeding, twin of :func:`qkv.kernels.kmeans.reseed_torch`: a program per empty cluster.
 """
 
