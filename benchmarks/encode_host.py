@@ -5,7 +5,8 @@ takes to run them, a call costs its host time. This times ``--calls`` eager call
 (``qvg`` at ``--iters`` k-means iterations, clustered data of LongCat-Video's span
 [1, 32, 29640, 128], no value check: as a streaming cache compresses a span) twice: the host's
 time per call until the last is queued, and the wall time per call until the GPU is done. With
-``--profile``, also the functions the host spends the most time in (cProfile, by own time).
+``--profile``, also the functions the host spends the most time in (cProfile, by own time; file
+names without their folders).
 
     python benchmarks/encode_host.py --out benchmarks/results/encode_host_h100.json
 """
@@ -61,7 +62,7 @@ def main() -> None:
         profiler.disable()
         torch.cuda.synchronize()
         text = io.StringIO()
-        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        pstats.Stats(profiler, stream=text).strip_dirs().sort_stats("tottime").print_stats(25)
         results["profile_by_own_time"] = text.getvalue()
         print(text.getvalue())
     write_json(args.out, results)
