@@ -280,9 +280,9 @@ def _centroids_under(stage, tok, tok_ok, ch, ch_ok, D):
     c, a, a_s = stage
     row = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32) * D  # int32: C * D < 2**31
     if ch_ok is None:
-        out = tl.load(c + row[:, None] + ch[None, :], eviction_policy="evict_last")
+        out = tl.load(c + row[:, None] + ch[None, :])
     else:
-        out = tl.load(c + row[:, None] + ch[None, :], mask=ch_ok, other=0.0, eviction_policy="evict_last")
+        out = tl.load(c + row[:, None] + ch[None, :], mask=ch_ok, other=0.0)
     return out
 
 
@@ -316,8 +316,7 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
             WG: tl.constexpr = L.QBLOCK // PER
             g = tl.arange(0, G)
             w = g[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
-            word = tl.load(src.codes + tok[:, None, None] * src.words + w, mask=q_ok[:, None, None], other=0,
-                           eviction_policy="evict_first")
+            word = tl.load(src.codes + tok[:, None, None] * src.words + w, mask=q_ok[:, None, None], other=0)
             scale, zero = _block_params(src, tok[:, None] * src.groups + g[None, :], ok, L.HAS_ZERO)
             x = _unpack_as(word, scale[:, :, None], zero[:, :, None], L, ARITH)
         else:  # per-channel blocks along the tokens: a packed row per channel, [channels, blocks, words]
