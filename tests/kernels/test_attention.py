@@ -447,30 +447,40 @@ def test_a_grown_plan_reuses_the_staged_groups_it_shares():
     assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
 
 
+def mixed_plan(dtype) -> SpanPlan:
+    """One plan of spans of three layouts (two launches), per-token and per-channel codes, four
+    stages, full-precision tokens (kivi's window), partly evicted spans."""
+    specs = [("qvg", 100, 0), ("qvg-pro", 70, 9), ("kivi", 170, 33), ("qvg", 30, 0), ("rtn", 64, 63)]
+    return SpanPlan([CompressedSpan(policy(name, 64).compress(randn(120 + i, 2, 2, n, 64, dtype=dtype, scale=3.0),
+                                                              randn(130 + i, 2, 2, n, 64, dtype=dtype)), skip)
+                     for i, (name, n, skip) in enumerate(specs)])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_decompress_spans_kernel_is_bit_exact(dtype):
-    """One plan of spans of three layouts (two launches), per-token and per-channel codes, four
-    stages, full-precision tokens (kivi's window), partly evicted spans: the Triton kernel writes
-    exactly the reference's values where they belong, and builds its table once."""
-    specs = [("qvg", 100, 0), ("qvg-pro", 70, 9), ("kivi", 170, 33), ("qvg", 30, 0), ("rtn", 64, 63)]
-    spans = [CompressedSpan(policy(name, 64).compress(randn(120 + i, 2, 2, n, 64, dtype=dtype, scale=3.0),
-                                                      randn(130 + i, 2, 2, n, 64, dtype=dtype)), skip)
-             for i, (name, n, skip) in enumerate(specs)]
-    plan = SpanPlan(spans)
+    """On :func:`mixed_plan`'s spans the Triton kernel writes exactly the reference's values where
+    they belong, and builds its table once."""
+    plan = mixed_plan(dtype)
     ref = plan.materialize("torch")
     assert ref[0].shape == (2, 2, plan.tokens, 64)
-    assert all(torch.equal(r, m) for r, m in zip(ref, materialized(spans)))
+    assert all(torch.equal(r, m) for r, m in zip(ref, materialized(plan.spans)))
     k, v = torch.full_like(ref[0], float("nan")), torch.full_like(ref[1], float("nan"))
     kernels.decompress_spans(plan, k, v, backend="triton")
     assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
     tables = dict(plan._tables)
     kernels.decompress_spans(plan, k, v, backend="triton")
     assert plan._tables == tables
-    # other launches (work items of 48 keys, tiles of 16: items that start inside a tile; K and V
-    # by programs of their own)
+
+
+def test_decompress_spans_kernel_is_bit_exact_at_other_launches():
+    """Work items of 48 keys in tiles of 16 (items that start inside a tile), K and V by one
+    program or by programs of their own: the same values (one dtype: where items start does not
+    depend on it)."""
     from qkv.kernels.triton.decompress import decompress_spans_triton
     from qkv.kernels.triton.tiles import DecompressTile
 
+    plan = mixed_plan(torch.bfloat16)
+    ref = plan.materialize("torch")
     for split in (False, True):
         k, v = torch.full_like(ref[0], float("nan")), torch.full_like(ref[1], float("nan"))
         decompress_spans_triton(plan, k, v, tile=DecompressTile(piece=48, block_n=16, warps=2, split=split))
