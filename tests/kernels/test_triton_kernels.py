@@ -24,6 +24,7 @@ from qkv.errors import BackendError, DTypeError, ShapeError  # noqa: E402
 from qkv.kernels.quantize import HEADROOM, block_peaks  # noqa: E402
 from qkv.kernels.triton import IMPLS  # noqa: E402
 from qkv.kernels.triton.bits import EXACT_LAUNCH, divisor_parts, quotient  # noqa: E402
+from qkv.kernels.triton.quantize import _row_multiplier  # noqa: E402
 from qkv.kernels.triton.tiles import AssignTile  # noqa: E402
 from qkv.quantizers import PACKING, AffineQuantizer  # noqa: E402
 
@@ -173,20 +174,26 @@ def test_row_multiplier_is_the_least_power_of_two_above_the_peak_in_both_twins(m
     assert torch.equal(mult, wanted), (mult, wanted)
 
 
-def test_row_multiplier_over_more_block_peak_tiles_than_one_load():
-    """A row whose speculative pass leaves more than 1,024 tiles' block peaks (the settling
-    programs' first load of them) still takes its multiplier from every tile: the peak sits in
-    the last one."""
-    from qkv.kernels.triton.quantize import quantize_pack_triton
-    from qkv.kernels.triton.tiles import QuantizeTile
+@triton.jit
+def _row_multipliers(part_ptr, out_ptr, tiles, LIMIT: tl.constexpr):
+    n = tl.program_id(0)
+    tl.store(out_ptr + n, _row_multiplier(part_ptr + n * tiles, tiles, LIMIT))
 
-    q = AffineQuantizer(bits=2, block=8, scale="fp16").code_format(PACKING.build("u8msb").format)
-    tile = QuantizeTile(values=512, warps=4)  # rows of 8 values: tiles of 64 rows
-    x = torch.randn(1, 1025 * 64, 8, generator=gen(7), device=DEVICE) * 1e-3  # 1,025 tiles
-    x[0, -1, 3] = 1e6  # fp16 scales: a peak past HEADROOM x 65504 x steps needs a multiplier
-    ref = kernels.quantize_pack(x, q, backend="torch")
-    assert ref.mult is not None and ref.mult.item() > 1
-    assert_same_rows(quantize_pack_triton(x, q, tile=tile), ref)
+
+@pytest.mark.parametrize("tiles", [1025, 2049, 3000])
+def test_row_multiplier_over_more_block_peak_tiles_than_one_load(tiles):
+    """A row whose speculative pass leaves more than 1,024 tiles' block peaks (the settling
+    programs' first load of them) still takes its multiplier from every tile: rows whose peak
+    sits in the first load, in the last tile, and in a later load's first tile."""
+    limit = 448.0
+    part = torch.rand(3, tiles, generator=gen(7), device=DEVICE)
+    part[1, -1] = 1e6
+    part[2, 1024] = 3e4
+    out = torch.empty(3, device=DEVICE)
+    _row_multipliers[(3,)](part, out, tiles, LIMIT=limit)
+    wanted = [2.0**e for e in (-8, 12, 7)]  # the least 2**e >= peak / limit: 1 / 448, 1e6 / 448, 3e4 / 448
+    assert part[0].max() / limit <= wanted[0] and part[0].max() / limit > wanted[0] / 2
+    assert out.tolist() == wanted
 
 
 @pytest.mark.parametrize("mode", ["sym", "asym"])
