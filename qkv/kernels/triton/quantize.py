@@ -243,7 +243,7 @@ def _dequantize_kernel(
     d = tl.arange(0, BLOCK_D)
     mask = (s < S)[:, None] & (d < D)[None, :]
     # a streaming store: the output (a span's values, several to hundreds of MB) is not read back
-    # by this kernel, and the hint made the span decode 1-5% faster on an H100 and an H200
+    # by this kernel, and the hint made the span decode 0.4-5% faster on an H100 and an H200
     # (benchmarks/decode_store_hints.py)
     tl.store(out_ptr + n * OUT_N + s[:, None] * D + d[None, :], out, mask=mask, cache_modifier=".cs")
 
