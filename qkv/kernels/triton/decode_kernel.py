@@ -27,7 +27,7 @@ from qkv.kernels.triton.attention_kernel import (
 )
 from qkv.kernels.triton.bits import hadamard_dot, hadamard_sums, round_to_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
-from qkv.kernels.triton.tile import F_C, F_C_STRIDE, Source, arith, assignments_at, decode_tile, record_source
+from qkv.kernels.triton.tile import F_C, F_C_STRIDE, Source, arith, decode_tile, record_source
 
 _I = offsets(ITEM_FIELDS)
 I_LEN = tl.constexpr(len(ITEM_FIELDS))
@@ -104,15 +104,16 @@ def centroid_scores_kernel(q_ptr, cs_ptr, span_ptr, H, HKV, SQ, c_max, q_sb, q_s
 
 
 @triton.jit
-def _add_centroid_scores(s, src, idx, cs, tok, r, r_ok, rows, c_max, stage_stride):
+def _add_centroid_scores(s, src, cs, tok, r, r_ok, rows, c_max, stage_stride):
     """Scores s [rows, keys ``tok``] of a key tile decoded without its stages plus q . c of each
-    stage's centroid under every quantized key (assignments ``idx``), gathered from the span's
-    table ``cs`` (see ``centroid_scores_kernel``; ``stage_stride``: from one stage's table to the
-    next)."""
+    stage's centroid under every quantized key, gathered from the span's table ``cs`` (see
+    ``centroid_scores_kernel``; ``stage_stride``: from one stage's table to the next)."""
     q_ok = tok < src.quantized
     for i in tl.static_range(len(src.stages)):
-        s += tl.load(cs + i * stage_stride + r[:, None] * c_max + idx[i][None, :],
-                     mask=r_ok[:, None] & q_ok[None, :], other=0.0)
+        _, a, a_s = src.stages[i]
+        idx = tl.load(a + tok * a_s, mask=q_ok, other=0).to(tl.int32)
+        s += tl.load(cs + i * stage_stride + r[:, None] * c_max + idx[None, :], mask=r_ok[:, None] & q_ok[None, :],
+                     other=0.0)
     return s
 
 
@@ -143,29 +144,18 @@ def _span_pieces(
         S = tl.load(rec + S_TOKENS).to(tl.int32)
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
-        kr = Source(kt.codes, kt.scales, kt.zeros, kt.m, kt.fp, kt.quantized, kt.words, kt.groups, ())  # residual
+        kr = kt
+        if KEY_SCORES:  # the residual alone
+            kr = Source(kt.codes, kt.scales, kt.zeros, kt.m, kt.fp, kt.quantized, kt.words, kt.groups, ())
         cs = cs_ptr + (span * K.STAGES * nb + n) * rows * c_max
-        # the stages' assignments are loaded a tile ahead: a tile's centroid gathers need not
-        # wait for its assignments' loads (a chain of two loads a tile otherwise)
-        t_first = lo // BLOCK_N * BLOCK_N
-        tok = t_first + tl.arange(0, BLOCK_N)
-        k_idx = assignments_at(kt.stages, tok, tok < kt.quantized)
-        v_idx = assignments_at(vt.stages, tok, tok < vt.quantized)
-        for t0 in range(t_first, hi, BLOCK_N):
+        for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
+            k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
             tok = t0 + tl.arange(0, BLOCK_N)
-            k_next = assignments_at(kt.stages, tok + BLOCK_N, tok + BLOCK_N < kt.quantized)
-            v_next = assignments_at(vt.stages, tok + BLOCK_N, tok + BLOCK_N < vt.quantized)
-            if KEY_SCORES:
-                k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
-            else:
-                k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH, k_idx)
             t_ok = (tok >= lo) & (tok < hi)
             s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
             if KEY_SCORES:
-                s = _add_centroid_scores(s, kt, k_idx, cs, tok, r, r_ok, rows, c_max, nb * rows * c_max)
-            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH, v_idx)
-            k_idx = k_next
-            v_idx = v_next
+                s = _add_centroid_scores(s, kt, cs, tok, r, r_ok, rows, c_max, nb * rows * c_max)
+            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if OUT_ROT != V.ROT:

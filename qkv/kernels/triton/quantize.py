@@ -24,7 +24,7 @@ from qkv.kernels.triton.bits import (
     to_output,
 )
 from qkv.kernels.triton.records import MIN_TOKEN_TILE, code_layout, is_pow2
-from qkv.kernels.triton.tile import Source, add_stages, assignments_at, decode_tile, stage_rows
+from qkv.kernels.triton.tile import Source, add_stages, decode_tile, stage_rows
 from qkv.kernels.triton.tiles import DequantizeTile, QuantizeTile, tile_for
 from qkv.format import AffineFormat
 
@@ -53,8 +53,7 @@ def _residual_tile(x_ptr, stages, n, rt, lt, x_sn, x_sr, R, L, D, TOKEN_AXIS: tl
         tok, tok_ok, ch = r, r_ok, l
     else:
         tok, tok_ok, ch = l, l_ok, r
-    rows = stage_rows(stages, n)
-    x = add_stages(x.to(tl.float32), rows, assignments_at(rows, tok, tok_ok), ch, mask, D, TOKEN_AXIS, True)
+    x = add_stages(x.to(tl.float32), stage_rows(stages, n), tok, tok_ok, ch, mask, D, TOKEN_AXIS, True)
     return r, r_ok, mask, x
 
 

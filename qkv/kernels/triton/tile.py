@@ -77,25 +77,13 @@ def stage_rows(stages, n):
 
 
 @triton.jit
-def assignments_at(stages, tok, tok_ok):
-    """Each stage's assignments (int32) of tokens ``tok``, 0 (centroid 0, which every stage has)
-    past ``tok_ok``: what a tile's stages are read at (:func:`decode_tile` loads them itself
-    unless given them, e.g. a tile ahead)."""
-    idx = ()
-    for i in tl.static_range(len(stages)):
-        _, a, a_s = stages[i]
-        idx = idx + (tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32),)
-    return idx
-
-
-@triton.jit
-def add_stages(x, stages, idx, ch, mask, D, TOKEN_ROWS: tl.constexpr, SUBTRACT: tl.constexpr):
+def add_stages(x, stages, tok, tok_ok, ch, mask, D, TOKEN_ROWS: tl.constexpr, SUBTRACT: tl.constexpr):
     """x plus (SUBTRACT: minus) each stage's centroid value under every element, stage by stage
-    in fp32. x's rows are the tokens of assignments ``idx`` (:func:`assignments_at`) and its
-    columns channels ``ch`` (TOKEN_ROWS), or the other way round; ``mask``: the elements."""
+    in fp32. x's rows are tokens ``tok`` and its columns channels ``ch`` (TOKEN_ROWS), or the
+    other way round; ``tok_ok``: the tokens that exist, ``mask``: the elements."""
     for i in tl.static_range(len(stages)):
-        c = stages[i][0]
-        row = idx[i] * D  # int32: C * D < 2**31
+        c, a, a_s = stages[i]
+        row = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32) * D  # int32: C * D < 2**31
         if TOKEN_ROWS:
             off = row[:, None] + ch[None, :]
         else:
@@ -275,21 +263,22 @@ def _unpack_as(word, scale, zero, L: tl.constexpr, ARITH: tl.constexpr):
 
 
 @triton.jit
-def _stage_sum(stages, idx, ch, ch_ok, D):
-    """The sum of every stage's centroid value under the elements of a [tokens, channels] tile
-    whose tokens have assignments ``idx``: the first stage's in its own dtype, more summed in fp32.
-    A token past the quantized ones takes centroid 0's values (``assignments_at``), so the gathers
-    are masked by channel only (``ch_ok``; None: every channel)."""
-    total = _centroids_under(stages[0][0], idx[0], ch, ch_ok, D)
+def _stage_sum(stages, tok, tok_ok, ch, ch_ok, D):
+    """The sum of every stage's centroid value under the elements of a [tokens, channels] tile:
+    the first stage's in its own dtype, more summed in fp32. A token past ``tok_ok`` takes
+    centroid 0's values (its assignment is not read; every stage has a centroid 0), so the
+    gathers are masked by channel only (``ch_ok``; None: every channel)."""
+    total = _centroids_under(stages[0], tok, tok_ok, ch, ch_ok, D)
     for i in tl.static_range(1, len(stages)):
-        total = total.to(tl.float32) + _centroids_under(stages[i][0], idx[i], ch, ch_ok, D).to(tl.float32)
+        total = total.to(tl.float32) + _centroids_under(stages[i], tok, tok_ok, ch, ch_ok, D).to(tl.float32)
     return total
 
 
 @triton.jit
-def _centroids_under(c, idx, ch, ch_ok, D):
-    """One stage's centroid values (rows at ``c``) under a [tokens, channels] tile (see :func:`_stage_sum`)."""
-    row = idx * D  # int32: C * D < 2**31
+def _centroids_under(stage, tok, tok_ok, ch, ch_ok, D):
+    """One stage's centroid values under a [tokens, channels] tile (see :func:`_stage_sum`)."""
+    c, a, a_s = stage
+    row = tl.load(a + tok * a_s, mask=tok_ok, other=0).to(tl.int32) * D  # int32: C * D < 2**31
     if ch_ok is None:
         out = tl.load(c + row[:, None] + ch[None, :])
     else:
@@ -299,7 +288,7 @@ def _centroids_under(c, idx, ch, ch_ok, D):
 
 @triton.jit
 def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_FP: tl.constexpr, ARITH: tl.constexpr, idx=None):
+                HAS_FP: tl.constexpr, ARITH: tl.constexpr):
     """Decoded values [BLOCK_N, BLOCK_D] of tokens t0 .. t0 + BLOCK_N (t0 a multiple of BLOCK_N) of
     the compressed tensor ``src`` (:class:`Source`) of layout ``L``: the reference's values before
     their rounding to the output dtype, 0 past D and at tokens it does not hold. HAS_FP: the tile
@@ -310,14 +299,11 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
     value for packed codes (see :func:`_affine`); "bf16x2" (attention with bf16 operands on the
     GPU), bf16 values: packed codes decoded by inline PTX where :func:`_unpack_as` can, the
     stages' centroids (summed in fp32 if more than one) added in bf16, so each value is rounded to
-    bf16 twice where the reference rounds it once. ``idx``: the tile's stage assignments
-    (:func:`assignments_at`) where the caller loaded them ahead; None: loaded here."""
+    bf16 twice where the reference rounds it once."""
     BF16: tl.constexpr = ARITH == "bf16x2"
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
     q_ok = tok < src.quantized
-    if idx is None:
-        idx = assignments_at(src.stages, tok, q_ok)
     ok = q_ok[:, None]
     if BLOCK_D > D:
         ok = ok & (d < D)[None, :]
@@ -360,9 +346,9 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
             ch_ok = None
             if BLOCK_D > D:
                 ch_ok = (d < D)[None, :]
-            x = add_bf16(x, _stage_sum(src.stages, idx, d, ch_ok, D).to(tl.bfloat16))
+            x = add_bf16(x, _stage_sum(src.stages, tok, q_ok, d, ch_ok, D).to(tl.bfloat16))
     else:
-        x = add_stages(x, src.stages, idx, d, ok, D, True, False)
+        x = add_stages(x, src.stages, tok, q_ok, d, ok, D, True, False)
     if HAS_FP:
         f_ok = (tok >= src.quantized) & (tok < S)
         xf = tl.load(src.fp + (tok - src.quantized)[:, None] * D + d[None, :], mask=f_ok[:, None], other=0.0)
