@@ -42,7 +42,8 @@ def _key_tiles(span_ptr, out_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.
     t0 = tl.program_id(0) * BLOCK_N
     n = tl.program_id(1).to(tl.int64)
     S = tl.load(span_ptr + S_TOKENS).to(tl.int32)
-    x = decode_tile(record_source(span_ptr + S_K, n, D, K, KV_T), t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
+    x = decode_tile(record_source(span_ptr + S_K, n, D, K, KV_T), t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH,
+                    not K.TOKEN_AXIS)
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     tl.store(out_ptr + (n * S + tok[:, None]) * D + d[None, :], x.to(tl.float32), mask=(tok < S)[:, None])

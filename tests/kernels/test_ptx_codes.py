@@ -204,25 +204,26 @@ def test_the_decode_kernel_with_each_decoder_compiles_for_sm90(tmp_path):
 
 @triton.jit
 def _tiles(span_ptr, out_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-           ARITH: tl.constexpr):
+           ARITH: tl.constexpr, RUNS: tl.constexpr):
     """The key and value tiles of (batch, head) ``program_id(1)`` of span 0 of a span table, decoded
-    with ``ARITH`` and rounded to bf16: out [2, B * H, S, D] (keys, then values)."""
+    with ``ARITH`` (and ``RUNS``, see ``decode_tile``) and rounded to bf16: out [2, B * H, S, D] (keys,
+    then values)."""
     t0 = tl.program_id(0) * BLOCK_N
     n = tl.program_id(1).to(tl.int64)
     S = tl.load(span_ptr + S_TOKENS).to(tl.int32)
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, D)
     at = out_ptr + (n * S + tok[:, None]) * D + d[None, :]
-    k = decode_tile(record_source(span_ptr + S_K, n, D, K, tl.bfloat16), t0, S, K, D, BLOCK_N, D, False, ARITH)
-    v = decode_tile(record_source(span_ptr + S_V, n, D, V, tl.bfloat16), t0, S, V, D, BLOCK_N, D, False, ARITH)
+    k = decode_tile(record_source(span_ptr + S_K, n, D, K, tl.bfloat16), t0, S, K, D, BLOCK_N, D, False, ARITH, RUNS)
+    v = decode_tile(record_source(span_ptr + S_V, n, D, V, tl.bfloat16), t0, S, V, D, BLOCK_N, D, False, ARITH, RUNS)
     tl.store(at, k.to(tl.bfloat16), mask=(tok < S)[:, None])
     tl.store(at + tl.num_programs(1) * S * D, v.to(tl.bfloat16), mask=(tok < S)[:, None])
 
 
-def decoded_tiles(name: str, device: str, ariths: tuple[str, ...]) -> dict:
+def decoded_tiles(name: str, device: str, ariths: tuple[str, ...], runs: bool = False) -> dict:
     """A span of preset ``name`` ([2, 4, 512, 128] bf16 K and V, no window) decoded tile by tile
-    with each arithmetic: {arith: [2, 8, 512, 128] bf16}, and under "decompressed" the span's
-    K and V as ``kernels.decompress`` gives them, in the same layout."""
+    with each arithmetic (and ``runs``): {arith: [2, 8, 512, 128] bf16}, and under "decompressed"
+    the span's K and V as ``kernels.decompress`` gives them, in the same layout."""
     gen = torch.Generator().manual_seed(3)
     k, v = (torch.randn(2, 4, 512, 128, generator=gen).mul(3).bfloat16().to(device) for _ in range(2))
     span = CompressedSpan(qkv.build_policy(name, window=0).compress(k, v), 0)
@@ -231,7 +232,7 @@ def decoded_tiles(name: str, device: str, ariths: tuple[str, ...]) -> dict:
     for arith in ariths:
         out = torch.zeros(2, 8, 512, 128, dtype=torch.bfloat16, device=device)
         _tiles[(512 // 64, 8)](group.table, out, D=128, BLOCK_N=64, K=group.layouts[0], V=group.layouts[1],
-                               ARITH=arith, num_warps=4)
+                               ARITH=arith, RUNS=runs, num_warps=4)
         outs[arith] = out
     return outs
 
@@ -254,3 +255,15 @@ def test_a_gpu_decodes_tiles_to_the_fp32_paths_values_rounded_once(name):
     span's key and value tiles exactly as the fp32 path's, rounded once to bf16."""
     outs = decoded_tiles(name, "cuda", ("fma", "bf16x2"))
     assert torch.equal(outs["bf16x2"], outs["fma"])
+
+
+@pytest.mark.parametrize("name", ["kivi", "rtn", "qvg-pro"])
+def test_tiles_loaded_as_runs_decode_to_the_same_values(name):
+    """``decode_tile``'s RUNS changes how the packed words are loaded (each row's words as one run:
+    kivi's keys per channel, values per token; rtn's and qvg-pro's per token, with four stages of
+    centroids), not a value: every arithmetic gives the same bits with and without."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ariths = ("fma", "bf16x2") if device == "cuda" else ("fma",)
+    plain, runs = (decoded_tiles(name, device, ariths, runs=r) for r in (False, True))
+    for arith in ariths:
+        assert plain[arith].abs().max() > 0 and torch.equal(runs[arith], plain[arith])

@@ -93,12 +93,12 @@ def _span_tiles(q, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl.const
     and values are ``kt`` and ``vt`` (tile.Source): (m_i, l_i, acc). PIPE: the software-pipelining
     depth of the loop. TAIL: the tiles may reach the span's full-precision tokens."""
     for t0 in tl.range(lo, hi, BLOCK_N, num_stages=PIPE):
-        k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, TAIL and K.HAS_FP, "fma")
+        k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, TAIL and K.HAS_FP, "fma", False)
         tok = t0 + tl.arange(0, BLOCK_N)
         t_ok = (tok >= skip) & (tok < S)
         # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
         s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
-        v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, TAIL and V.HAS_FP, "fma")
+        v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, TAIL and V.HAS_FP, "fma", False)
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
         acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     return m_i, l_i, acc

@@ -149,13 +149,13 @@ def _span_pieces(
             kr = Source(kt.codes, kt.scales, kt.zeros, kt.m, kt.fp, kt.quantized, kt.words, kt.groups, ())
         cs = cs_ptr + (span * K.STAGES * nb + n) * rows * c_max
         for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH)
+            k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH, not K.TOKEN_AXIS)
             tok = t0 + tl.arange(0, BLOCK_N)
             t_ok = (tok >= lo) & (tok < hi)
             s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
             if KEY_SCORES:
                 s = _add_centroid_scores(s, kt, cs, tok, r, r_ok, rows, c_max, nb * rows * c_max)
-            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH)
+            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH, True)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if OUT_ROT != V.ROT:

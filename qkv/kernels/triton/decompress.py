@@ -46,7 +46,7 @@ def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.c
     layout ``L``), those in lo .. hi decoded and written from row ``at`` (for key lo) of
     ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``)."""
     tok = t0 + tl.arange(0, BLOCK_N)
-    x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact")
+    x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact", False)
     _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, EMULATE, PAIRS)
 
 

@@ -237,7 +237,7 @@ def _dequantize_kernel(
     src = Source(codes_ptr + n * R * P, scales_ptr + n * R * G, zeros_ptr + n * R * G, m, None, S, P, G,
                  stage_rows(stages, n))
     s0 = tl.program_id(1) * BLOCK_S
-    out = decode_tile(src, s0, S, LAYOUT, D, BLOCK_S, BLOCK_D, False, "exact")
+    out = decode_tile(src, s0, S, LAYOUT, D, BLOCK_S, BLOCK_D, False, "exact", False)
     out = to_output(out, out_ptr.dtype.element_ty, LIMIT, EMULATE, PAIRS)  # saturated as qkv.dtypes.saturate
     s = s0 + tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)

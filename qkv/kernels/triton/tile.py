@@ -288,7 +288,7 @@ def _centroids_under(stage, tok, tok_ok, ch, ch_ok, D):
 
 @triton.jit
 def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-                HAS_FP: tl.constexpr, ARITH: tl.constexpr):
+                HAS_FP: tl.constexpr, ARITH: tl.constexpr, RUNS: tl.constexpr):
     """Decoded values [BLOCK_N, BLOCK_D] of tokens t0 .. t0 + BLOCK_N (t0 a multiple of BLOCK_N) of
     the compressed tensor ``src`` (:class:`Source`) of layout ``L``: the reference's values before
     their rounding to the output dtype, 0 past D and at tokens it does not hold. HAS_FP: the tile
@@ -299,7 +299,16 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
     value for packed codes (see :func:`_affine`); "bf16x2" (attention with bf16 operands on the
     GPU), bf16 values: packed codes decoded by inline PTX where :func:`_unpack_as` can, the
     stages' centroids (summed in fp32 if more than one) added in bf16, so each value is rounded to
-    bf16 twice where the reference rounds it once."""
+    bf16 twice where the reference rounds it once.
+
+    RUNS (packed codes on the fast path): the tile's part of each packed row (a token's on the
+    per-token path, a channel's on the per-channel one) is loaded as one run of words, so that a
+    thread holds runs of several rows; else as [rows, blocks, words], a row's words a thread. A
+    tile that reaches its product through shared memory (the values of P @ V, per-channel keys)
+    is then stored there as vectors: with one row a thread Triton 3.6 puts the rows fastest in
+    shared memory (``getOrderForMemory``: one element a thread along them) and stores the values
+    16 bits at a time. Per-token keys, which the product of q @ k^T reads from registers, take
+    fewer instructions without runs (``benchmarks/decode_sass.py``; docs/attention.md)."""
     BF16: tl.constexpr = ARITH == "bf16x2"
     tok = t0 + tl.arange(0, BLOCK_N)
     d = tl.arange(0, BLOCK_D)
@@ -315,16 +324,27 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
             G: tl.constexpr = D // L.QBLOCK
             WG: tl.constexpr = L.QBLOCK // PER
             g = tl.arange(0, G)
-            w = g[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
-            word = tl.load(src.codes + tok[:, None, None] * src.words + w, mask=q_ok[:, None, None], other=0)
+            if RUNS:
+                run = tl.arange(0, G * WG)
+                word = tl.load(src.codes + tok[:, None] * src.words + run[None, :], mask=q_ok[:, None], other=0)
+                word = tl.reshape(word, (BLOCK_N, G, WG))
+            else:
+                w = g[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
+                word = tl.load(src.codes + tok[:, None, None] * src.words + w, mask=q_ok[:, None, None], other=0)
             scale, zero = _block_params(src, tok[:, None] * src.groups + g[None, :], ok, L.HAS_ZERO)
             x = _unpack_as(word, scale[:, :, None], zero[:, :, None], L, ARITH)
         else:  # per-channel blocks along the tokens: a packed row per channel, [channels, blocks, words]
             GT: tl.constexpr = BLOCK_N // L.QBLOCK if BLOCK_N > L.QBLOCK else 1
             WG: tl.constexpr = BLOCK_N // PER // GT
             g = t0 // L.QBLOCK + tl.arange(0, GT)  # the tile's blocks (t0 is a multiple of PER)
-            w = t0 // PER + tl.arange(0, GT)[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
-            word = tl.load(src.codes + d[:, None, None] * src.words + w, mask=w * PER < src.quantized, other=0)
+            if RUNS:
+                run = tl.multiple_of(t0 // PER, GT * WG) + tl.arange(0, GT * WG)
+                word = tl.load(src.codes + d[:, None] * src.words + run[None, :], mask=(run * PER < src.quantized)[None, :],
+                               other=0)
+                word = tl.reshape(word, (D, GT, WG))
+            else:
+                w = t0 // PER + tl.arange(0, GT)[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
+                word = tl.load(src.codes + d[:, None, None] * src.words + w, mask=w * PER < src.quantized, other=0)
             scale, zero = _block_params(src, d[:, None] * src.groups + g[None, :],
                                         (g * L.QBLOCK < src.quantized)[None, :], L.HAS_ZERO)
             x = tl.trans(_unpack_as(word, scale[:, :, None], zero[:, :, None], L, ARITH))
