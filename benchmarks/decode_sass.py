@@ -15,6 +15,14 @@ kernel with and without rotating its row back, and the Hadamard kernel of the qu
     PYTHONPATH=. python3 benchmarks/decode_sass.py --out benchmarks/results/decode_sass_triton36.json
     PYTHONPATH=. python3 benchmarks/decode_sass.py --rows 64 --out benchmarks/results/decode_sass_64_rows_triton36.json
     PYTHONPATH=. python3 benchmarks/decode_sass.py --rotations --out benchmarks/results/rotation_sass_triton36.json
+
+``--fused`` counts the fused prefill kernel's span loop instead (``attention_kernel``, kernels/
+triton/attention_kernel.py; ``--rows`` queries a program, ``--block-n`` keys a tile, ``--warps``,
+``--stages`` deep pipelining: the first loop of its code, over a span's tiles without the
+full-precision tail, whose own loop and that of the full-precision segments follow):
+
+    PYTHONPATH=. python3 benchmarks/decode_sass.py --fused --rows 256 --block-n 64 --warps 8 --stages 3 \
+        --out benchmarks/results/fused_sass_triton36.json
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 import qkv
+from qkv.kernels.triton.attention_kernel import attention_kernel
 from qkv.kernels.triton.decode import merge_rotates
 from qkv.kernels.triton.decode_kernel import decode_kernel, merge_kernel
 from qkv.kernels.triton.hadamard import _hadamard_kernel
@@ -69,6 +78,18 @@ def decode_sass(name: str, rows: int, block_n: int, warps: int, maxnreg: int | N
                  HAS_DENSE=False, OUT_ROT=merge_rotates(v_layout.ROT, rows), H_NORM=128**-0.5, K=k_layout, V=v_layout,
                  KEY_SCORES=key_scores and k_layout.STAGES > 0, LIVE=False)
     return disassemble(decode_kernel, const, POINTERS, warps, maxnreg, tmp)
+
+
+def fused_sass(name: str, rows: int, block_n: int, warps: int, stages: int, tmp: str) -> str:
+    """SASS of the fused prefill kernel over spans of preset ``name`` (its cubin:
+    tmp/attention_kernel.cubin)."""
+    k = torch.randn(1, 2, 256, 128).bfloat16()
+    k_layout, v_layout = span_record(qkv.build_policy(name, window=0).compress(k, k.clone())).layouts
+    const = dict(D=128, BLOCK_M=rows, BLOCK_N=block_n, SPAN_STAGES=stages, DENSE_STAGES=stages, KV_T=tl.bfloat16,
+                 DENSE_MULT=8, DOT_BF16=True, OUT_BF16=True, EMULATE=False, HAS_SPANS=True, WRITE_LSE=True,
+                 K=k_layout, V=v_layout)
+    pointers = {"q_ptr": "*bf16", "out_ptr": "*bf16", "lse_ptr": "*fp32", "dense_ptr": "*i64", "span_ptr": "*i64"}
+    return disassemble(attention_kernel, const, pointers, warps, None, tmp, stages=stages)
 
 
 def disassemble(kernel, const: dict, pointers: dict, warps: int, maxnreg: int | None, tmp: str, stages: int = 1,
@@ -149,6 +170,8 @@ def main() -> None:
     parser.add_argument("--key-scores", action="store_true",
                         help="keys with centroids scored through a q . c table (DecodeTile.key_scores)")
     parser.add_argument("--rotations", action="store_true", help="only the merge and Hadamard kernels (see above)")
+    parser.add_argument("--fused", action="store_true", help="the fused prefill kernel's span loop (see above)")
+    parser.add_argument("--stages", type=int, default=1, help="pipelining depth (--fused)")
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
     if args.rotations:
@@ -161,12 +184,18 @@ def main() -> None:
     values = 2 * args.block_n * 128 / (32 * args.warps)
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets:
-            sass = decode_sass(name, args.rows, args.block_n, args.warps, args.maxnreg, args.key_scores, tmp)
-            usage = resources(pathlib.Path(tmp) / "decode_kernel.cubin")
+            if args.fused:
+                sass = fused_sass(name, args.rows, args.block_n, args.warps, args.stages, tmp)
+                usage = resources(pathlib.Path(tmp) / "attention_kernel.cubin")
+            else:
+                sass = decode_sass(name, args.rows, args.block_n, args.warps, args.maxnreg, args.key_scores, tmp)
+                usage = resources(pathlib.Path(tmp) / "decode_kernel.cubin")
             bodies, epilogue = loop_bodies(sass)
-            ops = collections.Counter(min(bodies, key=len))  # the innermost loop
+            # the decode kernel's innermost loop; the fused kernel's first (see above)
+            ops = collections.Counter(bodies[0] if args.fused else min(bodies, key=len))
             total = sum(ops.values())
-            rows.append({"preset": name, "triton": triton.__version__, "target": "sm_90", "rows": args.rows,
+            kernel = {"kernel": "fused", "stages": args.stages} if args.fused else {}
+            rows.append({"preset": name, **kernel, "triton": triton.__version__, "target": "sm_90", "rows": args.rows,
                          "block_n": args.block_n, "warps": args.warps, "maxnreg": args.maxnreg, "key_scores": args.key_scores,
                          **usage, "loop_instructions": total,
                          "loop_spill_loads": sum(n for op, n in ops.items() if op.startswith("LDL")),

@@ -91,14 +91,18 @@ def _span_tiles(q, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl.const
                 DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, TAIL: tl.constexpr):
     """The online softmax over the key tiles lo .. hi (multiples of BLOCK_N) of one span whose keys
     and values are ``kt`` and ``vt`` (tile.Source): (m_i, l_i, acc). PIPE: the software-pipelining
-    depth of the loop. TAIL: the tiles may reach the span's full-precision tokens."""
+    depth of the loop. TAIL: the tiles may reach the span's full-precision tokens. Tiles without
+    centroids load their packed rows as runs (decode_tile's RUNS): both products read their second
+    operand from shared memory, which without runs Triton fills 16 bits at a time; a tile with
+    centroids takes the layout of their gathers, stored as vectors already (the span loop's
+    instructions: benchmarks/decode_sass.py --fused)."""
     for t0 in tl.range(lo, hi, BLOCK_N, num_stages=PIPE):
-        k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, TAIL and K.HAS_FP, "fma", False)
+        k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, TAIL and K.HAS_FP, "fma", K.STAGES == 0)
         tok = t0 + tl.arange(0, BLOCK_N)
         t_ok = (tok >= skip) & (tok < S)
         # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
         s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
-        v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, TAIL and V.HAS_FP, "fma", False)
+        v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, TAIL and V.HAS_FP, "fma", V.STAGES == 0)
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
         acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     return m_i, l_i, acc
