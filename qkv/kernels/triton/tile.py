@@ -339,8 +339,8 @@ def decode_tile(src, t0, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.conste
             g = t0 // L.QBLOCK + tl.arange(0, GT)  # the tile's blocks (t0 is a multiple of PER)
             if RUNS:
                 run = tl.multiple_of(t0 // PER, GT * WG) + tl.arange(0, GT * WG)
-                word = tl.load(src.codes + d[:, None] * src.words + run[None, :], mask=(run * PER < src.quantized)[None, :],
-                               other=0)
+                word = tl.load(src.codes + d[:, None] * src.words + run[None, :],
+                               mask=(run * PER < src.quantized)[None, :], other=0)
                 word = tl.reshape(word, (D, GT, WG))
             else:
                 w = t0 // PER + tl.arange(0, GT)[None, :, None] * WG + tl.arange(0, WG)[None, None, :]
