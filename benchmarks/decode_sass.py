@@ -174,6 +174,8 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=1, help="pipelining depth (--fused)")
     parser.add_argument("--out", default=None, help="also write the rows here (JSON)")
     args = parser.parse_args()
+    if args.stages != 1 and not args.fused:
+        parser.error("--stages is the fused kernel's pipelining depth: the decode kernel's loop is counted unpipelined")
     if args.rotations:
         with tempfile.TemporaryDirectory() as tmp:
             rows = rotations(tmp)
