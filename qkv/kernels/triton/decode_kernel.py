@@ -149,11 +149,11 @@ def _span_pieces(
             kr = Source(kt.codes, kt.scales, kt.zeros, kt.m, kt.fp, kt.quantized, kt.words, kt.groups, ())
         cs = cs_ptr + (span * K.STAGES * nb + n) * rows * c_max
         # packed rows as runs (decode_tile's RUNS) where the tile goes through shared memory as
-        # 16-bit stores without them: per-channel keys, every key tile of 64 query rows and more
-        # (Hopper's warpgroup product reads its second operand from shared memory), and values
-        # without centroids (a value tile with centroids takes the layout of their gathers,
-        # stored as vectors already; runs there only added spills under 128 registers; see
-        # benchmarks/decode_sass.py)
+        # 16-bit stores without them and runs were faster: per-channel keys, every key tile of 64
+        # query rows and more (Hopper's warpgroup product reads its second operand from shared
+        # memory), and the values of such tiles if they have no centroids (a value tile with
+        # centroids takes the layout of their gathers, stored as vectors already). Values at fewer
+        # rows were slower with runs on an H100 despite fewer instructions (docs/attention.md)
         for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
             k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH, not K.TOKEN_AXIS or BLOCK_M >= 64)
             tok = t0 + tl.arange(0, BLOCK_N)
@@ -161,7 +161,7 @@ def _span_pieces(
             s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
             if KEY_SCORES:
                 s = _add_centroid_scores(s, kt, cs, tok, r, r_ok, rows, c_max, nb * rows * c_max)
-            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH, V.STAGES == 0)
+            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH, V.STAGES == 0 and BLOCK_M >= 64)
             p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
             acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     if OUT_ROT != V.ROT:
