@@ -487,11 +487,49 @@ def test_decompress_spans_kernel_is_bit_exact_at_other_launches():
         assert torch.equal(k, ref[0]) and torch.equal(v, ref[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_decompress_spans_kernel_rotates_back(dtype):
+    """Hadamard-rotated spans (quarot) among others in one plan, one partly evicted: the kernel
+    rotates each decoded tile back before its rounding. Its rotation sums in another order than
+    the reference's butterfly: every value within an output rounding of the reference's, plus the
+    tile product's ~2^-16 of the values' magnitude (bits.hadamard_dot)."""
+    specs = [("quarot", 40, 0), ("rtn", 24, 0), ("quarot", 70, 17)]
+    spans = [CompressedSpan(policy(name, 64).compress(randn(150 + i, 2, 2, n, 64, dtype=dtype, scale=3.0),
+                                                      randn(160 + i, 2, 2, n, 64, dtype=dtype)), skip)
+             for i, (name, n, skip) in enumerate(specs)]
+    plan = SpanPlan(spans)
+    ref = materialized(spans)
+    k, v = torch.full_like(ref[0], float("nan")), torch.full_like(ref[1], float("nan"))
+    kernels.decompress_spans(plan, k, v, backend="triton")
+    eps = torch.finfo(dtype).eps
+    for got, want in zip((k, v), ref):
+        torch.testing.assert_close(got, want, rtol=eps, atol=2**-14 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("method", ["auto", "fused"])
+def test_rotated_span_with_full_precision_tokens(method):
+    """A rotated span that keeps its newest tokens in full precision (quarot with a window): the
+    kernels, which meet rotated keys with rotated queries, do not read it directly (its
+    full-precision keys are stored unrotated). The decode kernel refuses it by name; "auto" then
+    takes the fused op, which decompresses it, and attends as the reference does."""
+    span = CompressedSpan(qkv.build_policy("quarot", window=24).compress(randn(170, 1, 2, 96, 64, scale=2.0),
+                                                                         randn(171, 1, 2, 96, 64)))
+    q = randn(172, 1, 4, 8, 64)
+    assert span.ckv.k.quantized_tokens == 72
+    assert "full-precision" in span_support(span, q)
+    segments = [span, DenseKV(randn(173, 1, 2, 5, 64), randn(174, 1, 2, 5, 64))]
+    with pytest.raises(BackendError, match="full-precision"):
+        kernels.attention(q, segments, method="decode", backend="triton")
+    out = kernels.attention(q, segments, method=method, backend="triton")
+    assert_within_twice_the_torch_error(out, q, segments, rounded_partials=True)
+
+
 def test_decompress_spans_checks_and_falls_back():
-    spans = [CompressedSpan(policy("quarot", 64).compress(randn(140, 1, 2, 40, 64), randn(141, 1, 2, 40, 64)))]
+    spans = [CompressedSpan(qkv.build_policy("quarot", window=8).compress(randn(140, 1, 2, 40, 64),
+                                                                          randn(141, 1, 2, 40, 64)))]
     plan = SpanPlan(spans)
     k, v = torch.empty(1, 2, 40, 64, dtype=torch.bfloat16, device=DEVICE), torch.empty(1, 2, 40, 64, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(BackendError, match="Hadamard"):  # rotations are undone by the hadamard op
+    with pytest.raises(BackendError, match="full-precision"):
         kernels.decompress_spans(plan, k, v, backend="triton")
     kernels.decompress_spans(plan, k, v)  # "auto" takes the reference
     assert all(torch.equal(a, b) for a, b in zip((k, v), materialized(spans)))

@@ -9,10 +9,15 @@ one launch for K and V together: each program decodes one work item (a piece of 
 ``tile.decode_tile`` in the reference's arithmetic ("exact"), saturates and rounds it to the
 spans' dtype once, and writes it at the item's place among the spans' live keys; its K and V tile
 by tile, or (``DecompressTile.split``) K and V by programs of their own, twice the programs with
-half the chain of dependent loads each.
+half the chain of dependent loads each. A Hadamard-rotated tensor's tile is rotated back in fp32
+before its rounding, on tensor cores as the Hadamard kernel rotates a tile of rows
+(``bits.hadamard_dot``): the values of :func:`qkv.kernels.decompress` on the Triton backend, which
+differ from the reference's butterfly by its summation order (an output rounding apart at most).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -22,9 +27,10 @@ from qkv.dtypes import max_finite
 from qkv.kernels.segments import SpanPlan
 from qkv.kernels.triton.attention import span_record_of
 from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
-from qkv.kernels.triton.bits import EXACT_LAUNCH, pairs_a_thread, to_output
+from qkv.kernels.triton.bits import EXACT_LAUNCH, hadamard_dot, pairs_a_thread, to_output
 from qkv.kernels.triton.decode import plan_table
 from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
+from qkv.kernels.triton.hadamard import TILE_MAX_D
 from qkv.kernels.triton.launch import Launcher
 from qkv.kernels.triton.records import TL_DTYPES
 from qkv.kernels.triton.tile import decode_tile, record_source
@@ -41,12 +47,16 @@ def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, EMULATE: tl.constexpr, 
 
 @triton.jit
 def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-               LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr):
+               LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr, SQRT_D: tl.constexpr):
     """The tile of keys t0 .. t0 + BLOCK_N of one tensor of a span (``src``: its record source,
     layout ``L``), those in lo .. hi decoded and written from row ``at`` (for key lo) of
-    ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``)."""
+    ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``). A rotated tensor (``L.ROT``:
+    one Hadamard stage, no full-precision tokens, see records.tensor_support) is rotated back
+    (x H / sqrt(D))."""
     tok = t0 + tl.arange(0, BLOCK_N)
     x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact", False)
+    if L.ROT:
+        x = tl.math.div_rn(hadamard_dot(x, D, EMULATE), SQRT_D)
     _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, EMULATE, PAIRS)
 
 
@@ -54,7 +64,7 @@ def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.c
 def decompress_kernel(
     span_ptr, item_ptr, k_out, v_out, HKV, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, LIMIT: tl.constexpr, PAIRS: tl.constexpr,
-    EMULATE: tl.constexpr, SPLIT: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    EMULATE: tl.constexpr, SPLIT: tl.constexpr, K: tl.constexpr, V: tl.constexpr, SQRT_D: tl.constexpr,
 ):
     """Work item ``program_id(0)`` of (batch, KV head) row ``program_id(1)``: its keys' K and V,
     tile by tile, or with SPLIT its K (``program_id(2)`` 0) or its V (1) alone."""
@@ -72,17 +82,17 @@ def decompress_kernel(
         if tl.program_id(2) == 0:
             kt = record_source(rec + S_K, n, D, K, KV_T)
             for t0 in range(first, hi, BLOCK_N):
-                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS)
+                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D)
         else:
             vt = record_source(rec + S_V, n, D, V, KV_T)
             for t0 in range(first, hi, BLOCK_N):
-                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS)
+                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D)
     else:
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
         for t0 in range(first, hi, BLOCK_N):
-            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS)
-            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS)
+            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D)
+            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D)
 
 
 # launched for every span group of a staged attention call: without Triton's per-launch binding
@@ -93,13 +103,13 @@ def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.
     """Why the kernel cannot decompress ``plan`` (None if it can)."""
 
     def check():
+        d = plan.meta[0][3] if plan.meta else 0
         for sp in plan.spans:
             rec = plan.record(sp, span_record_of)
             if rec.unsupported:
                 return rec.unsupported
-            if any(lay.ROT for lay in rec.layouts):
-                return "a span is Hadamard-rotated (undone by the hadamard op after decoding)"
-        d = plan.meta[0][3] if plan.meta else 0
+            if d > TILE_MAX_D and any(lay.ROT for lay in rec.layouts):
+                return f"a span is Hadamard-rotated at head_dim {d} (rotated back in tiles up to {TILE_MAX_D})"
         if d & (d - 1):
             return f"head_dim {d} is not a power of two"
         return None
@@ -127,5 +137,5 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
             D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
             LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), PAIRS=pairs_a_thread(tile.block_n * d, tile.warps),
             EMULATE=k_out.device.type != "cuda", SPLIT=tile.split,
-            K=k_layout, V=v_layout, num_warps=tile.warps, **EXACT_LAUNCH,
+            K=k_layout, V=v_layout, SQRT_D=math.sqrt(d), num_warps=tile.warps, **EXACT_LAUNCH,
         )
