@@ -11,7 +11,7 @@ spans of 8 chunks, histories of 8 to 64 chunks (37,440 to 299,520 tokens); the c
   the staged option's key split, ``bf16_sdpa_split``). Peak memory is
   ``max_memory_allocated`` during the call minus what was allocated before it (the cache, the
   queries and the chunk), next to the cache's own bytes.
-- ``policies``: the fused kernel's time for every preset at 16 chunks.
+- ``policies``: the time of the fused kernel and of the default (``auto``) for every preset at 16 chunks.
 - ``tiles``: the kernel's tile configurations tried at 16 chunks (the fastest is used throughout).
 - ``end_to_end``: one Wan-1.3B transformer block forward on a chunk (self-attention with the cache,
   by the fused and the staged option, cross-attention to 512 text tokens, FFN 8,960; random bf16
@@ -67,8 +67,12 @@ PARTS = ("tiles", "attention", "policies", "end_to_end", "self_forcing", "key_sp
 DEVICE = "cuda"
 
 
-def timed(fn, reps: int = 5, warmup: int = 2) -> float:
-    """Median milliseconds of ``fn`` (CUDA events)."""
+REPS = 5  # timed calls per measurement (``--reps``)
+
+
+def timed(fn, reps: int | None = None, warmup: int = 2) -> float:
+    """Median milliseconds of ``fn`` over ``reps`` calls (default :data:`REPS`; CUDA events)."""
+    reps = reps or REPS
     for _ in range(warmup):
         fn()
     times = []
@@ -228,18 +232,21 @@ def span_of(policy: qkv.Policy, seed: int) -> qkv.caches.CompressedKV:
 
 
 def policy_rows(q, chunk) -> tuple[list[dict], dict]:
-    """Fused time per preset at 16 chunks (2 spans), and each preset's span bytes."""
+    """Per preset at 16 chunks (2 spans): the time of the fused kernel and of the default
+    (``auto``, the method it picks named), and each preset's span bytes."""
     from qkv.kernels import CompressedSpan, DenseKV
 
     rows, spans = [], {}
     extra = DenseKV(*chunk(7))
+    auto = qkv.kernels.choose_method(q).value
     for name in qkv.list_policies():
         policy = qkv.build_policy(name)
         span = span_of(policy, 10)
         spans[name] = span.nbytes
         segments = [CompressedSpan(span), CompressedSpan(span_of(policy, 12)), extra]
-        ms = timed(lambda: qkv.kernels.attention(q, segments))
-        rows.append({"policy": name, "ms": ms, "tflops": flops(CHUNK, 17 * CHUNK) / (ms * 1e-3) / 1e12,
+        ms = {m: timed(lambda m=m: qkv.kernels.attention(q, segments, method=m)) for m in ("fused", "auto")}
+        rows.append({"policy": name, "fused_ms": ms["fused"], "auto_ms": ms["auto"], "auto_method": auto,
+                     "fused_tflops": flops(CHUNK, 17 * CHUNK) / (ms["fused"] * 1e-3) / 1e12,
                      "read_directly": fused_kernel.span_support(segments[0], q) is None, "span_bytes": span.nbytes})
         print(json.dumps(rows[-1]), flush=True)
     return rows, spans
@@ -439,7 +446,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--reps", type=int, default=REPS, help="timed calls per measurement (their median is kept)")
     args = parser.parse_args()
+    if args.reps < 1:
+        parser.error(f"--reps must be at least 1, got {args.reps}")
+    global REPS
+    REPS = args.reps
     parts = set(args.parts.split(","))
     torch.manual_seed(0)
     chunks = {}
@@ -461,6 +473,7 @@ def main() -> None:
     result = {"env": env, "shapes": {"heads": HEADS, "head_dim": HEAD_DIM, "chunk_tokens": CHUNK,
                                      "span_chunks": SPAN_CHUNKS, "layers": LAYERS, "budget_bytes": BUDGET}}
     result["parts"] = sorted(parts)
+    result["reps"] = REPS
     if "tiles" in parts:
         result["tiles"] = tile_rows(q, chunk)
     result["gpu_tiles"] = tile_for("attention", torch.device("cuda"), 1).order
