@@ -443,6 +443,7 @@ def roofline(rows: list[dict], bandwidth: float, rate: float) -> list[dict]:
 
 
 def main() -> None:
+    global REPS
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True)
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
@@ -450,7 +451,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.reps < 1:
         parser.error(f"--reps must be at least 1, got {args.reps}")
-    global REPS
     REPS = args.reps
     parts = set(args.parts.split(","))
     torch.manual_seed(0)
