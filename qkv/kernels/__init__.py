@@ -148,17 +148,24 @@ def _check_out(out: torch.Tensor, shape, dtype: torch.dtype, device: torch.devic
         raise ShapeError(f"out must have unit stride along its last dimension (strides {out.stride()})")
 
 
-def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend: Backend | str = "auto") -> torch.Tensor:
+def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend: Backend | str = "auto",
+               rotated: bool = False) -> torch.Tensor:
     """Reconstruct a compressed tensor [B, H, S, D] in the dtype it was compressed from, from its
     data and format alone: codes dequantized with every add-back stage fused in (or rotations
     undone after), then the full-precision tokens. With ``out`` (a [B, H, S, D] tensor of that
     dtype, unit stride along D, e.g. a slice of a longer buffer along S) the result is written
-    there: the add-back kernels write it directly, without an intermediate copy."""
+    there: the add-back kernels write it directly, without an intermediate copy. ``rotated``: a
+    Hadamard-rotated tensor is left in its stored basis (its rotations not undone), as attention
+    with rotated queries reads it; it must then hold no full-precision tokens (stored unrotated)."""
     b = ct.shape[0]
     fmt = ct.format
     if out is not None:
         _check_out(out, ct.shape, ct.dtype, ct.device)
     q = ct.quantized_tokens
+    undo = fmt.undo is Undo.ROTATE and not rotated  # rotations to undo after dequantizing
+    if rotated and fmt.undo is Undo.ROTATE and ct.fp_tokens is not None:
+        raise ShapeError(f"decompress: a rotated tensor with {ct.fp_tokens.shape[2]} full-precision tokens (stored "
+                         "unrotated) has no stored basis to leave it in")
     quantized = None  # the quantized tokens [B, H, q, D], unless the kernel wrote them into out
     if q and fmt.cast is not None:
         quantized = saturate(ct.codes, ct.dtype)
@@ -168,12 +175,12 @@ def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend
         centroids = [s.centroids.flatten(0, 1) for s in ct.stages] if add else []
         assignments = [ct.stage_assignments(i) for i in range(len(ct.stages))] if add else []
         # add-backs are undone inside the kernel, which then writes the output dtype directly
-        out_dtype = torch.float32 if fmt.undo is Undo.ROTATE else ct.dtype
+        out_dtype = torch.float32 if undo else ct.dtype
         target = None
-        if out is not None and fmt.undo is not Undo.ROTATE and out.stride(0) == out.shape[1] * out.stride(1):
+        if out is not None and not undo and out.stride(0) == out.shape[1] * out.stride(1):
             target = out[:, :, :q].flatten(0, 1)  # a view: the kernel writes into out
         rec = dequantize(rows, fmt.codes, q, centroids, assignments, out_dtype=out_dtype, out=target, backend=backend)
-        if fmt.undo is Undo.ROTATE:
+        if undo:
             for _ in ct.stages:
                 rec = hadamard(rec, backend=backend)
         if target is None:
@@ -188,17 +195,22 @@ def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend
     return out
 
 
-def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *, backend: Backend | str = "auto") -> None:
+def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *, backend: Backend | str = "auto",
+                     rotated: tuple[bool, bool] = (False, False)) -> None:
     """Write the live keys and values of every span of ``plan``, in order, into ``k_out`` and
     ``v_out`` ([B, H_kv, plan.tokens, D] in the spans' dtype, unit stride along D): the Triton
     kernel reads the plan's span table (built once, kept in the plan) in one launch for K and V,
-    where decompressing span by span costs launches and host work per span."""
+    where decompressing span by span costs launches and host work per span. ``rotated`` (for K,
+    for V): Hadamard-rotated tensors left in their stored basis (:func:`decompress`)."""
     if plan.meta is None:
         raise ShapeError("decompress_spans: the plan holds no span")
     shape, dtype, device = plan.meta
     for out in (k_out, v_out):
         _check_out(out, shape, dtype, device)
-    args = (plan, k_out, v_out)
+    rotated = tuple(rotated)
+    if len(rotated) != 2 or not all(isinstance(r, bool) for r in rotated):
+        raise ShapeError(f"decompress_spans: rotated must be two bools (K, V), got {rotated!r}")
+    args = (plan, k_out, v_out, rotated)
     resolve("decompress_spans", backend, device, *args)(*args)
 
 

@@ -136,13 +136,25 @@ def attention_decode_torch(q: torch.Tensor, segments: Sequence[Segment], scale: 
     return _merged(q, scale, segments, pieces, "torch")[0].to(q.dtype)
 
 
-def _merged(q, scale, segments, attend, backend) -> tuple[torch.Tensor, torch.Tensor]:
+def _merged(q, scale, segments, attend, backend, stored_basis=False) -> tuple[torch.Tensor, torch.Tensor]:
     """``attend(q, k, v, scale)`` -> the partial results (out, lse) of each segment, decompressed on
-    ``backend`` only when its turn comes, merged by log-sum-exp: (out, lse), both fp32."""
-    state, pending = None, []
+    ``backend`` only when its turn comes, merged by log-sum-exp: (out, lse), both fp32.
+
+    ``stored_basis``: a span group whose keys (values) are all Hadamard-rotated once
+    (:meth:`SpanPlan.rotations`) is decompressed in their stored basis, as the kernels read such
+    spans: its keys meet the rotated queries H q (rounded once to q's dtype, made once a call;
+    q . H r = H q . r), its output is rotated back in fp32 (sum p H r = H sum p r). Two
+    rotations of the queries' and the output's rows instead of one of every key and value."""
+    state, pending, rotated_q = None, [], None
     for seg in segments:
-        k, v = seg.materialize(backend=backend)
-        pending += attend(q, k, v, scale)
+        rot = seg.rotations() if stored_basis and isinstance(seg, SpanPlan) else (False, False)
+        k, v = seg.materialize(backend=backend, rotated=rot) if any(rot) else seg.materialize(backend=backend)
+        if rot[0] and rotated_q is None:
+            rotated_q = kernels.hadamard(q.float(), backend=backend).to(q.dtype)
+        parts = attend(rotated_q if rot[0] else q, k, v, scale)
+        if rot[1]:
+            parts = [(kernels.hadamard(out.float(), backend=backend), lse) for out, lse in parts]
+        pending += parts
         del k, v  # before the next segment is decompressed
         if len(pending) >= MERGE_PARTS:  # folded in at once: the state is read and written once
             state, pending = kernels.merge_partials(state, *pending, backend=backend), []
@@ -226,7 +238,8 @@ def attention_staged(
     call, as a bf16 cache is. Otherwise the compressed spans are decompressed
     (:func:`qkv.kernels.decompress_spans` on ``backend``) a group of consecutive spans at a time,
     up to :data:`STAGE_TOKENS` keys (:func:`~qkv.kernels.segments.span_groups`), and each group is attended to by
-    :func:`sdpa_split`; the full-precision segments are concatenated and attended to in one call;
+    :func:`sdpa_split` (a group of Hadamard-rotated spans in its stored basis, with rotated
+    queries; see :func:`_merged`); the full-precision segments are concatenated and attended to in one call;
     the partial results are merged by log-sum-exp. At most one decompressed group (or the
     concatenated full-precision keys) exists at a time. The full-precision keys come first: the
     GPU starts on them while the host prepares the first group. [B, H, Sq, D] in q's dtype."""
@@ -277,4 +290,4 @@ def attention_partial(
     if loose:
         plans.append(SpanPlan(loose))
     groups = [g for plan in plans for g in plan.staged(STAGE_TOKENS)]
-    return _merged(q, scale, dense + groups, sdpa_split, backend)
+    return _merged(q, scale, dense + groups, sdpa_split, backend, stored_basis=True)

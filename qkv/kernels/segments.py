@@ -18,6 +18,7 @@ import torch
 from qkv import kernels
 from qkv.compressed import CompressedKV
 from qkv.errors import DTypeError, ShapeError
+from qkv.format import Undo
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,28 +177,43 @@ class SpanPlan:
 
         return self.table(("staged", limit), build)
 
-    def materialize(self, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    def materialize(self, backend: str = "auto",
+                    rotated: tuple[bool, bool] = (False, False)) -> tuple[torch.Tensor, torch.Tensor]:
         """The live keys and values of every span, in order, in one buffer each
         ([B, H_kv, tokens, D], the spans' dtype): :func:`qkv.kernels.decompress_spans`."""
         (b, h, tokens, d), dtype, device = self.meta
         k, v = (torch.empty(b, h, tokens, d, dtype=dtype, device=device) for _ in range(2))
-        kernels.decompress_spans(self, k, v, backend=backend)
+        kernels.decompress_spans(self, k, v, backend=backend, rotated=rotated)
         return k, v
 
+    def rotations(self) -> tuple[bool, bool]:
+        """For K and for V: whether every span's tensor is Hadamard-rotated once and holds no
+        full-precision token, so that the spans can be read in their stored (rotated) basis with
+        rotated queries (``materialize(rotated=...)``); made once."""
 
-def decompress_spans_torch(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> None:
+        def build():
+            def stored(ct) -> bool:
+                return ct.format.undo is Undo.ROTATE and len(ct.stages) == 1 and ct.fp_tokens is None
+
+            return tuple(bool(self.spans) and all(stored(getattr(sp.ckv, t)) for sp in self.spans) for t in "kv")
+
+        return self.table(("rotations",), build)
+
+
+def decompress_spans_torch(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor,
+                           rotated: tuple[bool, bool] = (False, False)) -> None:
     """The live keys and values of every span of ``plan``, in order, written into ``k_out`` /
     ``v_out`` [B, H_kv, plan.tokens, D] (checked by :func:`qkv.kernels.decompress_spans`): span by
     span with :func:`qkv.kernels.decompress` (a partly evicted span decompressed whole, its live
-    tokens copied)."""
+    tokens copied); ``rotated``: its argument, for K and for V."""
     at = 0
     for sp in plan.spans:
-        if sp.skip:
-            for buf, part in zip((k_out, v_out), sp.materialize("torch")):
-                buf[:, :, at : at + sp.tokens].copy_(part)
-        else:
-            for buf, ct in ((k_out, sp.ckv.k), (v_out, sp.ckv.v)):
-                kernels.decompress(ct, out=buf[:, :, at : at + sp.tokens], backend="torch")
+        for buf, ct, rot in ((k_out, sp.ckv.k, rotated[0]), (v_out, sp.ckv.v, rotated[1])):
+            live = buf[:, :, at : at + sp.tokens]
+            if sp.skip:
+                live.copy_(kernels.decompress(ct, backend="torch", rotated=rot)[:, :, sp.skip :])
+            else:
+                kernels.decompress(ct, out=live, backend="torch", rotated=rot)
         at += sp.tokens
 
 

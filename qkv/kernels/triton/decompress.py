@@ -12,7 +12,8 @@ by tile, or (``DecompressTile.split``) K and V by programs of their own, twice t
 half the chain of dependent loads each. A Hadamard-rotated tensor's tile is rotated back in fp32
 before its rounding, on tensor cores as the Hadamard kernel rotates a tile of rows
 (``bits.hadamard_dot``): the values of :func:`qkv.kernels.decompress` on the Triton backend, which
-differ from the reference's butterfly by its summation order (an output rounding apart at most).
+differ from the reference's butterfly by its summation order (an output rounding apart at most);
+or, where the caller asks for the stored basis (``rotated``), left rotated, bit for bit.
 """
 
 from __future__ import annotations
@@ -47,15 +48,16 @@ def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, EMULATE: tl.constexpr, 
 
 @triton.jit
 def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-               LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr, SQRT_D: tl.constexpr):
+               LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr, SQRT_D: tl.constexpr,
+               ROT: tl.constexpr):
     """The tile of keys t0 .. t0 + BLOCK_N of one tensor of a span (``src``: its record source,
     layout ``L``), those in lo .. hi decoded and written from row ``at`` (for key lo) of
-    ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``). A rotated tensor (``L.ROT``:
-    one Hadamard stage, no full-precision tokens, see records.tensor_support) is rotated back
-    (x H / sqrt(D))."""
+    ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``). ROT: the tensor is rotated back
+    (x H / sqrt(D); ``L.ROT``: one Hadamard stage, no full-precision tokens, see
+    records.tensor_support)."""
     tok = t0 + tl.arange(0, BLOCK_N)
     x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact", False)
-    if L.ROT:
+    if ROT:
         x = tl.math.div_rn(hadamard_dot(x, D, EMULATE), SQRT_D)
     _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, EMULATE, PAIRS)
 
@@ -65,9 +67,11 @@ def decompress_kernel(
     span_ptr, item_ptr, k_out, v_out, HKV, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, LIMIT: tl.constexpr, PAIRS: tl.constexpr,
     EMULATE: tl.constexpr, SPLIT: tl.constexpr, K: tl.constexpr, V: tl.constexpr, SQRT_D: tl.constexpr,
+    K_ROT: tl.constexpr, V_ROT: tl.constexpr,
 ):
     """Work item ``program_id(0)`` of (batch, KV head) row ``program_id(1)``: its keys' K and V,
-    tile by tile, or with SPLIT its K (``program_id(2)`` 0) or its V (1) alone."""
+    tile by tile, or with SPLIT its K (``program_id(2)`` 0) or its V (1) alone; K_ROT / V_ROT:
+    rotated back (see :func:`_tile_rows`)."""
     item = item_ptr + tl.program_id(0) * I_LEN
     n = tl.program_id(1).to(tl.int64)
     b, h = n // HKV, n % HKV
@@ -82,24 +86,25 @@ def decompress_kernel(
         if tl.program_id(2) == 0:
             kt = record_source(rec + S_K, n, D, K, KV_T)
             for t0 in range(first, hi, BLOCK_N):
-                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D)
+                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D, K_ROT)
         else:
             vt = record_source(rec + S_V, n, D, V, KV_T)
             for t0 in range(first, hi, BLOCK_N):
-                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D)
+                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D, V_ROT)
     else:
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
         for t0 in range(first, hi, BLOCK_N):
-            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D)
-            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D)
+            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D, K_ROT)
+            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D, V_ROT)
 
 
 # launched for every span group of a staged attention call: without Triton's per-launch binding
 launch_decompress = Launcher(decompress_kernel)
 
 
-def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor) -> str | None:
+def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor,
+                              rotated: tuple[bool, bool] = (False, False)) -> str | None:
     """Why the kernel cannot decompress ``plan`` (None if it can)."""
 
     def check():
@@ -108,17 +113,17 @@ def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.
             rec = plan.record(sp, span_record_of)
             if rec.unsupported:
                 return rec.unsupported
-            if d > TILE_MAX_D and any(lay.ROT for lay in rec.layouts):
+            if d > TILE_MAX_D and any(lay.ROT and not r for lay, r in zip(rec.layouts, rotated)):
                 return f"a span is Hadamard-rotated at head_dim {d} (rotated back in tiles up to {TILE_MAX_D})"
         if d & (d - 1):
             return f"head_dim {d} is not a power of two"
         return None
 
-    return plan.table(("decompress support",), check)
+    return plan.table(("decompress support", rotated), check)
 
 
-def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *,
-                            tile: DecompressTile | None = None) -> None:
+def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor,
+                            rotated: tuple[bool, bool] = (False, False), *, tile: DecompressTile | None = None) -> None:
     """Triton twin of :func:`qkv.kernels.segments.decompress_spans_torch` (checked arguments):
     one launch per layout among the spans (usually one), K and V together. ``tile``: the launch
     (default: the device's, see :mod:`qkv.kernels.triton.tiles`)."""
@@ -137,5 +142,6 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
             D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
             LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), PAIRS=pairs_a_thread(tile.block_n * d, tile.warps),
             EMULATE=k_out.device.type != "cuda", SPLIT=tile.split,
-            K=k_layout, V=v_layout, SQRT_D=math.sqrt(d), num_warps=tile.warps, **EXACT_LAUNCH,
+            K=k_layout, V=v_layout, SQRT_D=math.sqrt(d), K_ROT=k_layout.ROT and not rotated[0],
+            V_ROT=v_layout.ROT and not rotated[1], num_warps=tile.warps, **EXACT_LAUNCH,
         )
