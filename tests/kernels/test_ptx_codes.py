@@ -220,19 +220,19 @@ def _tiles(span_ptr, out_ptr, D: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.cons
     tl.store(at + tl.num_programs(1) * S * D, v.to(tl.bfloat16), mask=(tok < S)[:, None])
 
 
-def decoded_tiles(name: str, device: str, ariths: tuple[str, ...], runs: bool = False) -> dict:
-    """A span of preset ``name`` ([2, 4, 512, 128] bf16 K and V, no window) decoded tile by tile
-    with each arithmetic (and ``runs``): {arith: [2, 8, 512, 128] bf16}, and under "decompressed"
+def decoded_tiles(name: str, device: str, ariths: tuple[str, ...], runs: bool = False, tokens: int = 512) -> dict:
+    """A span of preset ``name`` ([2, 4, tokens, 128] bf16 K and V, no window) decoded tile by tile
+    with each arithmetic (and ``runs``): {arith: [2, 8, tokens, 128] bf16}, and under "decompressed"
     the span's K and V as ``kernels.decompress`` gives them, in the same layout."""
     gen = torch.Generator().manual_seed(3)
-    k, v = (torch.randn(2, 4, 512, 128, generator=gen).mul(3).bfloat16().to(device) for _ in range(2))
+    k, v = (torch.randn(2, 4, tokens, 128, generator=gen).mul(3).bfloat16().to(device) for _ in range(2))
     span = CompressedSpan(qkv.build_policy(name, window=0).compress(k, v), 0)
     group = decode.plan_table(SpanPlan([span]), k.device, 64).groups[0]
     outs = {"decompressed": torch.stack([kernels.decompress(t).flatten(0, 1) for t in (span.ckv.k, span.ckv.v)])}
     for arith in ariths:
-        out = torch.zeros(2, 8, 512, 128, dtype=torch.bfloat16, device=device)
-        _tiles[(512 // 64, 8)](group.table, out, D=128, BLOCK_N=64, K=group.layouts[0], V=group.layouts[1],
-                               ARITH=arith, RUNS=runs, num_warps=4)
+        out = torch.zeros(2, 8, tokens, 128, dtype=torch.bfloat16, device=device)
+        _tiles[(tokens // 64, 8)](group.table, out, D=128, BLOCK_N=64, K=group.layouts[0], V=group.layouts[1],
+                                  ARITH=arith, RUNS=runs, num_warps=4)
         outs[arith] = out
     return outs
 
@@ -242,7 +242,7 @@ def test_the_tile_kernel_decodes_the_span_in_fp32(name):
     """The tile kernel of the GPU test below, in the fp32 arithmetic (the interpreter's): its tiles
     are the span's decompressed values (bf16, rounded once from the reference's fp32) up to the
     fused multiply-add's rounding, at most one bf16 step."""
-    outs = decoded_tiles(name, "cuda" if torch.cuda.is_available() else "cpu", ("fma",))
+    outs = decoded_tiles(name, "cuda" if torch.cuda.is_available() else "cpu", ("fma",), tokens=128)
     got, want = outs["fma"].float(), outs["decompressed"].float()
     assert want.abs().max() > 0 and torch.allclose(got, want, rtol=2**-7, atol=0)
 
@@ -264,6 +264,6 @@ def test_tiles_loaded_as_runs_decode_to_the_same_values(name):
     centroids), not a value: every arithmetic gives the same bits with and without."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ariths = ("fma", "bf16x2") if device == "cuda" else ("fma",)
-    plain, runs = (decoded_tiles(name, device, ariths, runs=r) for r in (False, True))
+    plain, runs = (decoded_tiles(name, device, ariths, runs=r, tokens=128) for r in (False, True))
     for arith in ariths:
         assert plain[arith].abs().max() > 0 and torch.equal(runs[arith], plain[arith])
