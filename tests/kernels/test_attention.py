@@ -31,6 +31,7 @@ from qkv.kernels.attention import (  # noqa: E402
     sdpa_with_lse,
 )
 from qkv.kernels.segments import span_groups  # noqa: E402
+from qkv.kernels.triton.bits import LAUNCH_STAGES  # noqa: E402
 attention_module = importlib.import_module("qkv.kernels.attention")  # the package's attention() shadows it
 from qkv.kernels.triton.attention import span_support  # noqa: E402
 
@@ -516,20 +517,18 @@ def test_decompress_spans_kernel_rotates_back(dtype):
         assert torch.equal(want[1], ref[1]) != rotated[1]
 
 
-@pytest.mark.parametrize("method", ["auto", "fused"])
+@pytest.mark.parametrize("method", ["decode", "fused", "staged"])
 def test_rotated_span_with_full_precision_tokens(method):
     """A rotated span that keeps its newest tokens in full precision (quarot with a window): the
-    kernels, which meet rotated keys with rotated queries, do not read it directly (its
-    full-precision keys are stored unrotated). The decode kernel refuses it by name; "auto" then
-    takes the fused op, which decompresses it, and attends as the reference does."""
+    kernels meet rotated keys with rotated queries and take those tokens, stored unrotated, into
+    the stored basis in the span's last tiles; the span decompression writes them as stored. Each
+    path is read by the kernels themselves (no span left to the reference) and attends as the
+    reference does."""
     span = CompressedSpan(qkv.build_policy("quarot", window=24).compress(randn(170, 1, 2, 96, 64, scale=2.0),
                                                                          randn(171, 1, 2, 96, 64)))
     q = randn(172, 1, 4, 8, 64)
-    assert span.ckv.k.quantized_tokens == 72
-    assert "full-precision" in span_support(span, q)
+    assert span.ckv.k.quantized_tokens == 72 and span_support(span, q) is None
     segments = [span, DenseKV(randn(173, 1, 2, 5, 64), randn(174, 1, 2, 5, 64))]
-    with pytest.raises(BackendError, match="full-precision"):
-        kernels.attention(q, segments, method="decode", backend="triton")
     out = kernels.attention(q, segments, method=method, backend="triton")
     assert_within_twice_the_torch_error(out, q, segments, rounded_partials=True)
 
@@ -539,14 +538,21 @@ def test_decompress_spans_checks_and_falls_back():
                                                                           randn(141, 1, 2, 40, 64)))]
     plan = SpanPlan(spans)
     k, v = torch.empty(1, 2, 40, 64, dtype=torch.bfloat16, device=DEVICE), torch.empty(1, 2, 40, 64, dtype=torch.bfloat16, device=DEVICE)
-    with pytest.raises(BackendError, match="full-precision"):
-        kernels.decompress_spans(plan, k, v, backend="triton")
+    ref = materialized(spans)
+    kernels.decompress_spans(plan, k, v, backend="triton")  # quantized tokens rotated back, the window as stored
+    for got, want in zip((k, v), ref):
+        assert torch.equal(got[:, :, 32:], want[:, :, 32:])
+        torch.testing.assert_close(got, want, rtol=2**-8, atol=2**-14 * want.abs().max().item())
     with pytest.raises(ShapeError, match="full-precision"):  # no stored basis: those tokens are not rotated
         kernels.decompress_spans(plan, k, v, rotated=(True, False))
     with pytest.raises(ShapeError, match="two bools"):
         kernels.decompress_spans(plan, k, v, rotated=(True,))
-    kernels.decompress_spans(plan, k, v)  # "auto" takes the reference
-    assert all(torch.equal(a, b) for a, b in zip((k, v), materialized(spans)))
+    deep = [CompressedSpan(qkv.build_policy("qvg-pro", stages=LAUNCH_STAGES + 1, clusters=4, iters=1).compress(
+        randn(142, 1, 2, 40, 64), randn(143, 1, 2, 40, 64)))]
+    with pytest.raises(BackendError, match="smoothing stages"):
+        kernels.decompress_spans(SpanPlan(deep), k, v, backend="triton")
+    kernels.decompress_spans(SpanPlan(deep), k, v)  # "auto" takes the reference
+    assert all(torch.equal(a, b) for a, b in zip((k, v), materialized(deep)))
     with pytest.raises(ShapeError, match="shape"):
         kernels.decompress_spans(plan, k[:, :, :39], v)
     with pytest.raises(DTypeError, match="dtype"):

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from qkv.kernels.triton.bits import round_to_bf16
 from qkv.kernels.triton.records import DENSE_FIELDS, SPAN_FIELDS, offsets
-from qkv.kernels.triton.tile import decode_tile, record_source
+from qkv.kernels.triton.tile import decode_tile, fp_rows_rotated, record_source
 
 _S = offsets(SPAN_FIELDS)
 _DN = offsets(DENSE_FIELDS)
@@ -91,18 +91,23 @@ def _span_tiles(q, m_i, l_i, acc, lo, hi, skip, S, qk_scale, kt, vt, K: tl.const
                 DOT_BF16: tl.constexpr, EMULATE: tl.constexpr, TAIL: tl.constexpr):
     """The online softmax over the key tiles lo .. hi (multiples of BLOCK_N) of one span whose keys
     and values are ``kt`` and ``vt`` (tile.Source): (m_i, l_i, acc). PIPE: the software-pipelining
-    depth of the loop. TAIL: the tiles may reach the span's full-precision tokens. Tiles without
+    depth of the loop. TAIL: the tiles may reach the span's full-precision tokens (a
+    Hadamard-rotated tensor's taken into its stored basis, ``tile.fp_rows_rotated``). Tiles without
     centroids load their packed rows as runs (decode_tile's RUNS): both products read their second
     operand from shared memory, which without runs Triton fills 16 bits at a time; a tile with
     centroids takes the layout of their gathers, stored as vectors already (the span loop's
     instructions: benchmarks/decode_sass.py --fused)."""
     for t0 in tl.range(lo, hi, BLOCK_N, num_stages=PIPE):
         k = decode_tile(kt, t0, S, K, D, BLOCK_N, D, TAIL and K.HAS_FP, "fma", K.STAGES == 0)
+        if TAIL and K.ROT and K.HAS_FP:
+            k = fp_rows_rotated(k, kt, t0, D, BLOCK_N, EMULATE)
         tok = t0 + tl.arange(0, BLOCK_N)
         t_ok = (tok >= skip) & (tok < S)
         # issue q @ k^T, decode the value tile while the tensor cores work, then the softmax
         s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
         v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, TAIL and V.HAS_FP, "fma", V.STAGES == 0)
+        if TAIL and V.ROT and V.HAS_FP:
+            v = fp_rows_rotated(v, vt, t0, D, BLOCK_N, EMULATE)
         p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, (t0 < skip) | (t0 + BLOCK_N > S), qk_scale)
         acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
     return m_i, l_i, acc

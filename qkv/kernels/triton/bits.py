@@ -232,6 +232,12 @@ def kron_sides(d: int) -> tuple[int, int]:
     return d // b, b
 
 
+@triton.constexpr_function
+def hadamard_norm(d: int) -> float:
+    """1 / sqrt(d): H / sqrt(d) is orthonormal."""
+    return d**-0.5
+
+
 @triton.jit
 def hadamard_sums(x, D: tl.constexpr):
     """x H for rows x [M, D] fp32 (H the +-1 Sylvester matrix, symmetric; D a power of two) as

@@ -27,7 +27,7 @@ from qkv.kernels.triton.attention_kernel import (
 )
 from qkv.kernels.triton.bits import hadamard_dot, hadamard_sums, round_to_bf16
 from qkv.kernels.triton.records import ITEM_FIELDS, offsets
-from qkv.kernels.triton.tile import F_C, F_C_STRIDE, Source, arith, decode_tile, record_source
+from qkv.kernels.triton.tile import F_C, F_C_STRIDE, Source, arith, decode_tile, fp_rows_rotated, record_source
 
 _I = offsets(ITEM_FIELDS)
 I_LEN = tl.constexpr(len(ITEM_FIELDS))
@@ -118,6 +118,40 @@ def _add_centroid_scores(s, src, cs, tok, r, r_ok, rows, c_max, stage_stride):
 
 
 @triton.jit
+def _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, t_lo, t_hi, S, cs, stage_stride, rows, c_max, qk_scale,
+                 D: tl.constexpr, BLOCK_N: tl.constexpr, ARITH: tl.constexpr, DOT_BF16: tl.constexpr,
+                 EMULATE: tl.constexpr, K: tl.constexpr, V: tl.constexpr, KEY_SCORES: tl.constexpr,
+                 BLOCK_M: tl.constexpr, TAIL: tl.constexpr):
+    """The online softmax over the keys lo .. hi of one span in its tiles t_lo .. t_hi (multiples
+    of BLOCK_N): (m_i, l_i, acc). ``kt`` / ``vt``: the span's keys and values, ``kr`` the keys as
+    decoded (their residual alone with KEY_SCORES, see _span_pieces). TAIL: the tiles may reach
+    the span's full-precision tokens, which a Hadamard-rotated tensor's tile takes into its stored
+    basis (``tile.fp_rows_rotated``): a span of such a tensor reads its other tiles in a loop
+    without that product."""
+    # packed rows as runs (decode_tile's RUNS) where the tile goes through shared memory as
+    # 16-bit stores without them and runs were faster: per-channel keys, every key tile of 64
+    # query rows and more (Hopper's warpgroup product reads its second operand from shared
+    # memory), and the values of such tiles if they have no centroids (a value tile with
+    # centroids takes the layout of their gathers, stored as vectors already). Values at fewer
+    # rows were slower with runs on an H100 despite fewer instructions (docs/attention.md)
+    for t0 in range(t_lo, t_hi, BLOCK_N):
+        k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, TAIL and K.HAS_FP, ARITH, not K.TOKEN_AXIS or BLOCK_M >= 64)
+        if TAIL and K.ROT and K.HAS_FP:
+            k = fp_rows_rotated(k, kt, t0, D, BLOCK_N, EMULATE)
+        tok = t0 + tl.arange(0, BLOCK_N)
+        t_ok = (tok >= lo) & (tok < hi)
+        s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
+        if KEY_SCORES:
+            s = _add_centroid_scores(s, kt, cs, tok, r, r_ok, rows, c_max, stage_stride)
+        v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, TAIL and V.HAS_FP, ARITH, V.STAGES == 0 and BLOCK_M >= 64)
+        if TAIL and V.ROT and V.HAS_FP:
+            v = fp_rows_rotated(v, vt, t0, D, BLOCK_N, EMULATE)
+        p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
+        acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _span_pieces(
     qs_ptr, q_off, r, r_ok, m_i, l_i, acc, span_ptr, item_ptr, first, last, n, nb, rows, cs_ptr, c_max, qk_scale,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, DOT_BF16: tl.constexpr, EMULATE: tl.constexpr,
@@ -148,22 +182,20 @@ def _span_pieces(
         if KEY_SCORES:  # the residual alone
             kr = Source(kt.codes, kt.scales, kt.zeros, kt.m, kt.fp, kt.quantized, kt.words, kt.groups, ())
         cs = cs_ptr + (span * K.STAGES * nb + n) * rows * c_max
-        # packed rows as runs (decode_tile's RUNS) where the tile goes through shared memory as
-        # 16-bit stores without them and runs were faster: per-channel keys, every key tile of 64
-        # query rows and more (Hopper's warpgroup product reads its second operand from shared
-        # memory), and the values of such tiles if they have no centroids (a value tile with
-        # centroids takes the layout of their gathers, stored as vectors already). Values at fewer
-        # rows were slower with runs on an H100 despite fewer instructions (docs/attention.md)
-        for t0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
-            k = decode_tile(kr, t0, S, K, D, BLOCK_N, D, K.HAS_FP, ARITH, not K.TOKEN_AXIS or BLOCK_M >= 64)
-            tok = t0 + tl.arange(0, BLOCK_N)
-            t_ok = (tok >= lo) & (tok < hi)
-            s = _dot(q, tl.trans(_as_dot(k, DOT_BF16, EMULATE)), EMULATE)
-            if KEY_SCORES:
-                s = _add_centroid_scores(s, kt, cs, tok, r, r_ok, rows, c_max, nb * rows * c_max)
-            v = decode_tile(vt, t0, S, V, D, BLOCK_N, D, V.HAS_FP, ARITH, V.STAGES == 0 and BLOCK_M >= 64)
-            p, alpha, m_i, l_i = _softmax_update(s, m_i, l_i, t_ok, True, qk_scale)
-            acc = _mma(_as_dot(p, DOT_BF16, EMULATE), _as_dot(v, DOT_BF16, EMULATE), acc * alpha[:, None], EMULATE)
+        if (K.ROT and K.HAS_FP) or (V.ROT and V.HAS_FP):
+            # full-precision tokens of a rotated tensor (stored unrotated) are rotated into its
+            # stored basis in the span's last tiles, in a loop of their own (see _piece_tiles)
+            tail = tl.maximum(tl.minimum(kt.quantized, vt.quantized) // BLOCK_N * BLOCK_N, lo // BLOCK_N * BLOCK_N)
+            m_i, l_i, acc = _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, lo // BLOCK_N * BLOCK_N,
+                                         tl.minimum(tail, hi), S, cs, nb * rows * c_max, rows, c_max, qk_scale,
+                                         D, BLOCK_N, ARITH, DOT_BF16, EMULATE, K, V, KEY_SCORES, BLOCK_M, False)
+            m_i, l_i, acc = _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, tail, hi, S, cs,
+                                         nb * rows * c_max, rows, c_max, qk_scale, D, BLOCK_N, ARITH, DOT_BF16,
+                                         EMULATE, K, V, KEY_SCORES, BLOCK_M, True)
+        else:
+            m_i, l_i, acc = _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, lo // BLOCK_N * BLOCK_N, hi,
+                                         S, cs, nb * rows * c_max, rows, c_max, qk_scale, D, BLOCK_N, ARITH,
+                                         DOT_BF16, EMULATE, K, V, KEY_SCORES, BLOCK_M, True)
     if OUT_ROT != V.ROT:
         acc = hadamard_dot(acc, D, EMULATE) * H_NORM  # H_NORM = 1 / sqrt(D)
     return m_i, l_i, acc

@@ -52,13 +52,16 @@ def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.c
                ROT: tl.constexpr):
     """The tile of keys t0 .. t0 + BLOCK_N of one tensor of a span (``src``: its record source,
     layout ``L``), those in lo .. hi decoded and written from row ``at`` (for key lo) of
-    ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``). ROT: the tensor is rotated back
-    (x H / sqrt(D); ``L.ROT``: one Hadamard stage, no full-precision tokens, see
-    records.tensor_support)."""
+    ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``). ROT: the tensor's quantized tokens are
+    rotated back (x H / sqrt(D); ``L.ROT``: one Hadamard stage), its full-precision tokens
+    written as stored."""
     tok = t0 + tl.arange(0, BLOCK_N)
     x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact", False)
     if ROT:
-        x = tl.math.div_rn(hadamard_dot(x, D, EMULATE), SQRT_D)
+        y = tl.math.div_rn(hadamard_dot(x, D, EMULATE), SQRT_D)
+        if L.HAS_FP:  # full-precision tokens are stored unrotated: written as they are
+            y = tl.where((tok < src.quantized)[:, None], y, x)
+        x = y
     _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, EMULATE, PAIRS)
 
 

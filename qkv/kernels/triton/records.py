@@ -140,10 +140,6 @@ def tensor_support(name: str, ct) -> str | None:
         return f"{name}: {len(fmt.stages)} smoothing stages (the kernels add at most {LAUNCH_STAGES})"
     if fmt.undo is Undo.ROTATE and len(fmt.stages) != 1:
         return f"{name}: {len(fmt.stages)} Hadamard stages (the kernels undo one)"
-    if fmt.undo is Undo.ROTATE and ct.quantized_tokens < ct.shape[2]:
-        # the attention kernels multiply a rotated span's keys by rotated queries: its
-        # full-precision tokens, stored unrotated, would take them too
-        return f"{name}: Hadamard-rotated with {ct.shape[2] - ct.quantized_tokens} full-precision tokens"
     return None
 
 
