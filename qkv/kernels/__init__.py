@@ -210,8 +210,22 @@ def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *
     rotated = tuple(rotated)
     if len(rotated) != 2 or not all(isinstance(r, bool) for r in rotated):
         raise ShapeError(f"decompress_spans: rotated must be two bools (K, V), got {rotated!r}")
+    refusal = plan.table(("stored basis", rotated), lambda: _no_stored_basis(plan, rotated))
+    if refusal:
+        raise ShapeError(refusal)
     args = (plan, k_out, v_out, rotated)
     resolve("decompress_spans", backend, device, *args)(*args)
+
+
+def _no_stored_basis(plan: SpanPlan, rotated: tuple[bool, bool]) -> str | None:
+    """Why ``plan`` cannot be left in its stored basis as ``rotated`` asks (None if it can): a
+    rotated tensor with full-precision tokens (see :func:`decompress`)."""
+    for sp in plan.spans:
+        for name, ct, keep in (("K", sp.ckv.k, rotated[0]), ("V", sp.ckv.v, rotated[1])):
+            if keep and ct.format.undo is Undo.ROTATE and ct.fp_tokens is not None:
+                return (f"decompress_spans: a rotated {name} with {ct.fp_tokens.shape[2]} full-precision tokens "
+                        "(stored unrotated) has no stored basis to leave it in")
+    return None
 
 
 def kmeans_assign(x, centroids, *, scale=None, sums=False, peaks=False, redo=None, backend="auto"):

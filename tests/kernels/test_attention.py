@@ -543,8 +543,9 @@ def test_decompress_spans_checks_and_falls_back():
     for got, want in zip((k, v), ref):
         assert torch.equal(got[:, :, 32:], want[:, :, 32:])
         torch.testing.assert_close(got, want, rtol=2**-8, atol=2**-14 * want.abs().max().item())
-    with pytest.raises(ShapeError, match="full-precision"):  # no stored basis: those tokens are not rotated
-        kernels.decompress_spans(plan, k, v, rotated=(True, False))
+    for backend in ("torch", "triton"):  # no stored basis: those tokens are not rotated
+        with pytest.raises(ShapeError, match="full-precision"):
+            kernels.decompress_spans(plan, k, v, rotated=(True, False), backend=backend)
     with pytest.raises(ShapeError, match="two bools"):
         kernels.decompress_spans(plan, k, v, rotated=(True,))
     deep = [CompressedSpan(qkv.build_policy("qvg-pro", stages=LAUNCH_STAGES + 1, clusters=4, iters=1).compress(
