@@ -280,6 +280,27 @@ def test_keys_scored_through_their_centroids(name, window, b, monkeypatch):
         assert len(launches) == made
 
 
+@pytest.mark.parametrize("window", [16, 40])
+def test_rotated_spans_with_full_precision_tokens_in_small_pieces(window):
+    """Hadamard-rotated spans (quarot) whose newest tokens are kept in full precision, cut into
+    work items of 64 keys and tiles of 32: items within the quantized tokens, items that reach the
+    first tile holding full-precision ones (read in the second loop, those tokens taken into the
+    stored basis) and items that start past it; one span partly evicted; 1 query (the merge rotates
+    the partials back) and 9 (18 rows: each program rotates its own)."""
+    from qkv.kernels.triton import decode as dec
+    from qkv.kernels.triton.tiles import INTERPRETER
+
+    pol = qkv.build_policy("quarot", window=window)
+    segments = [CompressedSpan(pol.compress(randn(150 + i, 1, 2, 90 + 40 * i, 64, scale=2.0),
+                                            randn(155 + i, 1, 2, 90 + 40 * i, 64)), 11 * i) for i in range(2)]
+    segments.append(DenseKV(randn(160, 1, 2, 20, 64), randn(161, 1, 2, 20, 64)))
+    tile = dataclasses.replace(INTERPRETER["decode"], block_n=32, piece=64)
+    for sq in (1, 9):
+        q = randn(162 + sq, 1, 4, sq, 64)
+        out = dec.decode_triton(q, [SpanPlan(segments[:2]), segments[2]], tile=tile)
+        assert_within_twice_the_torch_error(out, q, segments, rounded_partials=True)
+
+
 class _Counted:
     """A kernel launcher that records its launches."""
 
