@@ -156,16 +156,20 @@ def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend
     dtype, unit stride along D, e.g. a slice of a longer buffer along S) the result is written
     there: the add-back kernels write it directly, without an intermediate copy. ``rotated``: a
     Hadamard-rotated tensor is left in its stored basis (its rotations not undone), as attention
-    with rotated queries reads it; it must then hold no full-precision tokens (stored unrotated)."""
+    with rotated queries reads it, its full-precision tokens (stored unrotated) rotated into it."""
     b = ct.shape[0]
     fmt = ct.format
     if out is not None:
         _check_out(out, ct.shape, ct.dtype, ct.device)
     q = ct.quantized_tokens
     undo = fmt.undo is Undo.ROTATE and not rotated  # rotations to undo after dequantizing
-    if rotated and fmt.undo is Undo.ROTATE and ct.fp_tokens is not None:
-        raise ShapeError(f"decompress: a rotated tensor with {ct.fp_tokens.shape[2]} full-precision tokens (stored "
-                         "unrotated) has no stored basis to leave it in")
+    fp_tokens = ct.fp_tokens
+    if rotated and fmt.undo is Undo.ROTATE and fp_tokens is not None:
+        # stored unrotated: taken into the stored basis in fp32, rounded once
+        fp_tokens = fp_tokens.float()
+        for _ in ct.stages:
+            fp_tokens = hadamard(fp_tokens, backend=backend)
+        fp_tokens = fp_tokens.to(ct.dtype)
     quantized = None  # the quantized tokens [B, H, q, D], unless the kernel wrote them into out
     if q and fmt.cast is not None:
         quantized = saturate(ct.codes, ct.dtype)
@@ -186,12 +190,12 @@ def decompress(ct: CompressedTensor, *, out: torch.Tensor | None = None, backend
         if target is None:
             quantized = saturate(rec.unflatten(0, (b, -1)), ct.dtype)
     if out is None:
-        parts = [p for p in (quantized, ct.fp_tokens) if p is not None]
+        parts = [p for p in (quantized, fp_tokens) if p is not None]
         return torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
     if quantized is not None:
         out[:, :, :q].copy_(quantized)
-    if ct.fp_tokens is not None:
-        out[:, :, q:].copy_(ct.fp_tokens)
+    if fp_tokens is not None:
+        out[:, :, q:].copy_(fp_tokens)
     return out
 
 
@@ -210,22 +214,9 @@ def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *
     rotated = tuple(rotated)
     if len(rotated) != 2 or not all(isinstance(r, bool) for r in rotated):
         raise ShapeError(f"decompress_spans: rotated must be two bools (K, V), got {rotated!r}")
-    refusal = plan.table(("stored basis", rotated), lambda: _no_stored_basis(plan, rotated))
-    if refusal:
-        raise ShapeError(refusal)
     args = (plan, k_out, v_out, rotated)
     resolve("decompress_spans", backend, device, *args)(*args)
 
-
-def _no_stored_basis(plan: SpanPlan, rotated: tuple[bool, bool]) -> str | None:
-    """Why ``plan`` cannot be left in its stored basis as ``rotated`` asks (None if it can): a
-    rotated tensor with full-precision tokens (see :func:`decompress`)."""
-    for sp in plan.spans:
-        for name, ct, keep in (("K", sp.ckv.k, rotated[0]), ("V", sp.ckv.v, rotated[1])):
-            if keep and ct.format.undo is Undo.ROTATE and ct.fp_tokens is not None:
-                return (f"decompress_spans: a rotated {name} with {ct.fp_tokens.shape[2]} full-precision tokens "
-                        "(stored unrotated) has no stored basis to leave it in")
-    return None
 
 
 def kmeans_assign(x, centroids, *, scale=None, sums=False, peaks=False, redo=None, backend="auto"):

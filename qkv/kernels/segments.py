@@ -187,13 +187,13 @@ class SpanPlan:
         return k, v
 
     def rotations(self) -> tuple[bool, bool]:
-        """For K and for V: whether every span's tensor is Hadamard-rotated once and holds no
-        full-precision token, so that the spans can be read in their stored (rotated) basis with
-        rotated queries (``materialize(rotated=...)``); made once."""
+        """For K and for V: whether every span's tensor is Hadamard-rotated once, so that the spans
+        can be read in their stored (rotated) basis with rotated queries (``materialize(rotated=...)``);
+        made once."""
 
         def build():
             def stored(ct) -> bool:
-                return ct.format.undo is Undo.ROTATE and len(ct.stages) == 1 and ct.fp_tokens is None
+                return ct.format.undo is Undo.ROTATE and len(ct.stages) == 1
 
             return tuple(bool(self.spans) and all(stored(getattr(sp.ckv, t)) for sp in self.spans) for t in "kv")
 

@@ -543,9 +543,14 @@ def test_decompress_spans_checks_and_falls_back():
     for got, want in zip((k, v), ref):
         assert torch.equal(got[:, :, 32:], want[:, :, 32:])
         torch.testing.assert_close(got, want, rtol=2**-8, atol=2**-14 * want.abs().max().item())
-    for backend in ("torch", "triton"):  # no stored basis: those tokens are not rotated
-        with pytest.raises(ShapeError, match="full-precision"):
-            kernels.decompress_spans(plan, k, v, rotated=(True, False), backend=backend)
+    # left in the stored basis: the full-precision tokens, stored unrotated, rotated into it
+    want = plan.materialize("torch", (True, False))
+    fp = spans[0].ckv.k.fp_tokens
+    assert torch.equal(want[0][:, :, 32:], kernels.hadamard(fp.float(), backend="torch").to(fp.dtype))
+    assert torch.equal(want[1], ref[1])
+    kernels.decompress_spans(plan, k, v, rotated=(True, False), backend="triton")
+    assert torch.equal(k[:, :, :32], want[0][:, :, :32]) and torch.equal(v, want[1])
+    torch.testing.assert_close(k, want[0], rtol=torch.finfo(k.dtype).eps, atol=2**-14 * want[0].abs().max().item())
     with pytest.raises(ShapeError, match="two bools"):
         kernels.decompress_spans(plan, k, v, rotated=(True,))
     deep = [CompressedSpan(qkv.build_policy("qvg-pro", stages=LAUNCH_STAGES + 1, clusters=4, iters=1).compress(
@@ -588,14 +593,15 @@ def test_staged_over_a_short_window_is_one_fused_call(monkeypatch, backend):
     assert merges
 
 
-@pytest.mark.parametrize("spec, rotated", [("quarot", (True, True)),
-                                           ("k:hadamard,int2(block=16);v:int2(block=16)", (True, False)),
-                                           ("k:int2(block=16);v:hadamard,int2(block=16)", (False, True))])
-def test_staged_reads_rotated_groups_in_their_stored_basis(monkeypatch, spec, rotated):
+@pytest.mark.parametrize("spec, window, rotated", [("quarot", 0, (True, True)), ("quarot", 8, (True, True)),
+                                                   ("k:hadamard,int2(block=16);v:int2(block=16)", 0, (True, False)),
+                                                   ("k:int2(block=16);v:hadamard,int2(block=16)", 0, (False, True))])
+def test_staged_reads_rotated_groups_in_their_stored_basis(monkeypatch, spec, window, rotated):
     """Past STAGE_TOKENS, a group of Hadamard-rotated spans is decompressed without its rotations
-    undone, its keys attended to by the rotated queries, its output rotated back; a group that also
-    holds an unrotated span is decompressed whole. Within twice the error of decompress + SDPA."""
-    pol = qkv.build_policy(spec)
+    undone (``window``: each span's full-precision tokens rotated into that basis), its keys
+    attended to by the rotated queries, its output rotated back; a group that also holds an
+    unrotated span is decompressed whole. Within twice the error of decompress + SDPA."""
+    pol = qkv.build_policy(spec, window=window)
     spans = [CompressedSpan(pol.compress(randn(80 + s, 1, 2, 48, 64, scale=2.0), randn(90 + s, 1, 2, 48, 64)),
                             5 if s == 1 else 0) for s in range(3)]
     spans.append(CompressedSpan(policy("rtn", 64).compress(randn(99, 1, 2, 32, 64), randn(98, 1, 2, 32, 64))))

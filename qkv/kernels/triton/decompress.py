@@ -13,7 +13,9 @@ half the chain of dependent loads each. A Hadamard-rotated tensor's tile is rota
 before its rounding, on tensor cores as the Hadamard kernel rotates a tile of rows
 (``bits.hadamard_dot``): the values of :func:`qkv.kernels.decompress` on the Triton backend, which
 differ from the reference's butterfly by its summation order (an output rounding apart at most);
-or, where the caller asks for the stored basis (``rotated``), left rotated, bit for bit.
+or, where the caller asks for the stored basis (``rotated``), left rotated, bit for bit (its
+full-precision tokens, stored unrotated, rotated into it on tensor cores: within an output
+rounding of the reference's fp32 rotation).
 """
 
 from __future__ import annotations
@@ -53,14 +55,18 @@ def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.c
     """The tile of keys t0 .. t0 + BLOCK_N of one tensor of a span (``src``: its record source,
     layout ``L``), those in lo .. hi decoded and written from row ``at`` (for key lo) of
     ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``). ROT: the tensor's quantized tokens are
-    rotated back (x H / sqrt(D); ``L.ROT``: one Hadamard stage), its full-precision tokens
-    written as stored."""
+    rotated back (x H / sqrt(D); ``L.ROT``: one Hadamard stage), its full-precision tokens, stored
+    unrotated, written as they are; else a rotated tensor is left in its stored basis, those
+    tokens rotated into it."""
     tok = t0 + tl.arange(0, BLOCK_N)
     x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact", False)
-    if ROT:
+    if ROT or (L.ROT and L.HAS_FP):
         y = tl.math.div_rn(hadamard_dot(x, D, EMULATE), SQRT_D)
-        if L.HAS_FP:  # full-precision tokens are stored unrotated: written as they are
-            y = tl.where((tok < src.quantized)[:, None], y, x)
+        if L.HAS_FP:  # full-precision tokens are stored unrotated: they turn only into the stored basis
+            rows = tok >= src.quantized
+            if ROT:
+                rows = tok < src.quantized
+            y = tl.where(rows[:, None], y, x)
         x = y
     _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, EMULATE, PAIRS)
 
@@ -116,7 +122,7 @@ def decompress_spans_supports(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.
             rec = plan.record(sp, span_record_of)
             if rec.unsupported:
                 return rec.unsupported
-            if d > TILE_MAX_D and any(lay.ROT and not r for lay, r in zip(rec.layouts, rotated)):
+            if d > TILE_MAX_D and any(lay.ROT and (lay.HAS_FP or not r) for lay, r in zip(rec.layouts, rotated)):
                 return f"a span is Hadamard-rotated at head_dim {d} (rotated back in tiles up to {TILE_MAX_D})"
         if d & (d - 1):
             return f"head_dim {d} is not a power of two"
