@@ -218,7 +218,6 @@ def decompress_spans(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Tensor, *
     resolve("decompress_spans", backend, device, *args)(*args)
 
 
-
 def kmeans_assign(x, centroids, *, scale=None, sums=False, peaks=False, redo=None, backend="auto"):
     """Nearest centroid of each token of ``x`` [N, S, D] times ``scale`` [N] (a power of two per
     row, applied as it is read: no scaled copy): ([N, S] int64, squared distances [N, S]). With

@@ -6,6 +6,8 @@ Everything here mirrors a plain-torch function exactly (same results bit for bit
 ``round_down`` mirror :mod:`qkv.dtypes`, ``nearest_int`` mirrors ``torch.round``.
 """
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -233,9 +235,8 @@ def kron_sides(d: int) -> tuple[int, int]:
 
 
 @triton.constexpr_function
-def hadamard_norm(d: int) -> float:
-    """1 / sqrt(d): H / sqrt(d) is orthonormal."""
-    return d**-0.5
+def _sqrt(d: int) -> float:
+    return math.sqrt(d)
 
 
 @triton.jit
@@ -260,6 +261,19 @@ def hadamard_dot(x, D: tl.constexpr, EMULATE: tl.constexpr):
     h = hadamard_signs(tl.arange(0, D), D)
     hi, lo = split_bf16(x, False)
     return bf16_dot(hi, h, EMULATE) + bf16_dot(lo, h, EMULATE)
+
+
+@triton.jit
+def hadamard_rows(x, rows, D: tl.constexpr, EMULATE: tl.constexpr):
+    """x [M, D] (M >= 16) in fp32 with its rows ``rows`` ([M] bool; None: every row) rotated, x H /
+    sqrt(D) (:func:`hadamard_dot`, divided correctly rounded as the Hadamard kernel does). H /
+    sqrt(D) is orthonormal and symmetric: the same rotation takes a row of a Hadamard-rotated
+    tensor back out of its stored basis and a row stored unrotated into it."""
+    x = x.to(tl.float32)
+    y = tl.math.div_rn(hadamard_dot(x, D, EMULATE), _sqrt(D))
+    if rows is not None:
+        y = tl.where(rows[:, None], y, x)
+    return y
 
 
 @triton.jit

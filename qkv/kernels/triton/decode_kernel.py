@@ -182,20 +182,19 @@ def _span_pieces(
         if KEY_SCORES:  # the residual alone
             kr = Source(kt.codes, kt.scales, kt.zeros, kt.m, kt.fp, kt.quantized, kt.words, kt.groups, ())
         cs = cs_ptr + (span * K.STAGES * nb + n) * rows * c_max
+        first = lo // BLOCK_N * BLOCK_N
+        stage_stride = nb * rows * c_max
         if (K.ROT and K.HAS_FP) or (V.ROT and V.HAS_FP):
             # full-precision tokens of a rotated tensor (stored unrotated) are rotated into its
             # stored basis in the span's last tiles, in a loop of their own (see _piece_tiles)
-            tail = tl.maximum(tl.minimum(kt.quantized, vt.quantized) // BLOCK_N * BLOCK_N, lo // BLOCK_N * BLOCK_N)
-            m_i, l_i, acc = _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, lo // BLOCK_N * BLOCK_N,
-                                         tl.minimum(tail, hi), S, cs, nb * rows * c_max, rows, c_max, qk_scale,
-                                         D, BLOCK_N, ARITH, DOT_BF16, EMULATE, K, V, KEY_SCORES, BLOCK_M, False)
-            m_i, l_i, acc = _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, tail, hi, S, cs,
-                                         nb * rows * c_max, rows, c_max, qk_scale, D, BLOCK_N, ARITH, DOT_BF16,
-                                         EMULATE, K, V, KEY_SCORES, BLOCK_M, True)
-        else:
-            m_i, l_i, acc = _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, lo // BLOCK_N * BLOCK_N, hi,
-                                         S, cs, nb * rows * c_max, rows, c_max, qk_scale, D, BLOCK_N, ARITH,
-                                         DOT_BF16, EMULATE, K, V, KEY_SCORES, BLOCK_M, True)
+            tail = tl.maximum(tl.minimum(kt.quantized, vt.quantized) // BLOCK_N * BLOCK_N, first)
+            m_i, l_i, acc = _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, first, tl.minimum(tail, hi), S,
+                                         cs, stage_stride, rows, c_max, qk_scale, D, BLOCK_N, ARITH, DOT_BF16,
+                                         EMULATE, K, V, KEY_SCORES, BLOCK_M, False)
+            first = tail
+        m_i, l_i, acc = _piece_tiles(q, r, r_ok, m_i, l_i, acc, kt, kr, vt, lo, hi, first, hi, S, cs, stage_stride,
+                                     rows, c_max, qk_scale, D, BLOCK_N, ARITH, DOT_BF16, EMULATE, K, V, KEY_SCORES,
+                                     BLOCK_M, True)
     if OUT_ROT != V.ROT:
         acc = hadamard_dot(acc, D, EMULATE) * H_NORM  # H_NORM = 1 / sqrt(D)
     return m_i, l_i, acc

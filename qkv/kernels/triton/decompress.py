@@ -11,7 +11,7 @@ spans' dtype once, and writes it at the item's place among the spans' live keys;
 by tile, or (``DecompressTile.split``) K and V by programs of their own, twice the programs with
 half the chain of dependent loads each. A Hadamard-rotated tensor's tile is rotated back in fp32
 before its rounding, on tensor cores as the Hadamard kernel rotates a tile of rows
-(``bits.hadamard_dot``): the values of :func:`qkv.kernels.decompress` on the Triton backend, which
+(``bits.hadamard_rows``): the values of :func:`qkv.kernels.decompress` on the Triton backend, which
 differ from the reference's butterfly by its summation order (an output rounding apart at most);
 or, where the caller asks for the stored basis (``rotated``), left rotated, bit for bit (its
 full-precision tokens, stored unrotated, rotated into it on tensor cores: within an output
@@ -19,8 +19,6 @@ rounding of the reference's fp32 rotation).
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -30,7 +28,7 @@ from qkv.dtypes import max_finite
 from qkv.kernels.segments import SpanPlan
 from qkv.kernels.triton.attention import span_record_of
 from qkv.kernels.triton.attention_kernel import S_K, S_LEN, S_TOKENS, S_V
-from qkv.kernels.triton.bits import EXACT_LAUNCH, hadamard_dot, pairs_a_thread, to_output
+from qkv.kernels.triton.bits import EXACT_LAUNCH, hadamard_rows, pairs_a_thread, to_output
 from qkv.kernels.triton.decode import plan_table
 from qkv.kernels.triton.decode_kernel import I_AT, I_HI, I_LEN, I_LO, I_SPAN
 from qkv.kernels.triton.hadamard import TILE_MAX_D
@@ -50,8 +48,7 @@ def _write(out_ptr, x, rows, ok, d, LIMIT: tl.constexpr, EMULATE: tl.constexpr, 
 
 @triton.jit
 def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-               LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr, SQRT_D: tl.constexpr,
-               ROT: tl.constexpr):
+               LIMIT: tl.constexpr, EMULATE: tl.constexpr, PAIRS: tl.constexpr, ROT: tl.constexpr):
     """The tile of keys t0 .. t0 + BLOCK_N of one tensor of a span (``src``: its record source,
     layout ``L``), those in lo .. hi decoded and written from row ``at`` (for key lo) of
     ``out_ptr`` (its (batch, KV head) row, row stride ``out_ss``). ROT: the tensor's quantized tokens are
@@ -60,14 +57,13 @@ def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.c
     tokens rotated into it."""
     tok = t0 + tl.arange(0, BLOCK_N)
     x = decode_tile(src, t0, S, L, D, BLOCK_N, D, L.HAS_FP, "exact", False)
-    if ROT or (L.ROT and L.HAS_FP):
-        y = tl.math.div_rn(hadamard_dot(x, D, EMULATE), SQRT_D)
-        if L.HAS_FP:  # full-precision tokens are stored unrotated: they turn only into the stored basis
-            rows = tok >= src.quantized
-            if ROT:
-                rows = tok < src.quantized
-            y = tl.where(rows[:, None], y, x)
-        x = y
+    # full-precision tokens are stored unrotated: they turn only into the stored basis
+    if ROT and L.HAS_FP:
+        x = hadamard_rows(x, tok < src.quantized, D, EMULATE)
+    elif ROT:
+        x = hadamard_rows(x, None, D, EMULATE)
+    elif L.ROT and L.HAS_FP:
+        x = hadamard_rows(x, tok >= src.quantized, D, EMULATE)
     _write(out_ptr, x, (at + (tok - lo)) * out_ss, (tok >= lo) & (tok < hi), tl.arange(0, D), LIMIT, EMULATE, PAIRS)
 
 
@@ -75,7 +71,7 @@ def _tile_rows(src, out_ptr, out_ss, t0, lo, hi, at, S, L: tl.constexpr, D: tl.c
 def decompress_kernel(
     span_ptr, item_ptr, k_out, v_out, HKV, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss,
     D: tl.constexpr, BLOCK_N: tl.constexpr, KV_T: tl.constexpr, LIMIT: tl.constexpr, PAIRS: tl.constexpr,
-    EMULATE: tl.constexpr, SPLIT: tl.constexpr, K: tl.constexpr, V: tl.constexpr, SQRT_D: tl.constexpr,
+    EMULATE: tl.constexpr, SPLIT: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     K_ROT: tl.constexpr, V_ROT: tl.constexpr,
 ):
     """Work item ``program_id(0)`` of (batch, KV head) row ``program_id(1)``: its keys' K and V,
@@ -95,17 +91,17 @@ def decompress_kernel(
         if tl.program_id(2) == 0:
             kt = record_source(rec + S_K, n, D, K, KV_T)
             for t0 in range(first, hi, BLOCK_N):
-                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D, K_ROT)
+                _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, K_ROT)
         else:
             vt = record_source(rec + S_V, n, D, V, KV_T)
             for t0 in range(first, hi, BLOCK_N):
-                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D, V_ROT)
+                _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, V_ROT)
     else:
         kt = record_source(rec + S_K, n, D, K, KV_T)
         vt = record_source(rec + S_V, n, D, V, KV_T)
         for t0 in range(first, hi, BLOCK_N):
-            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D, K_ROT)
-            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, SQRT_D, V_ROT)
+            _tile_rows(kt, k_row, k_ss, t0, lo, hi, at, S, K, D, BLOCK_N, LIMIT, EMULATE, PAIRS, K_ROT)
+            _tile_rows(vt, v_row, v_ss, t0, lo, hi, at, S, V, D, BLOCK_N, LIMIT, EMULATE, PAIRS, V_ROT)
 
 
 # launched for every span group of a staged attention call: without Triton's per-launch binding
@@ -151,6 +147,6 @@ def decompress_spans_triton(plan: SpanPlan, k_out: torch.Tensor, v_out: torch.Te
             D=d, BLOCK_N=tile.block_n, KV_T=TL_DTYPES[dtype],
             LIMIT=0.0 if dtype == torch.float32 else max_finite(dtype), PAIRS=pairs_a_thread(tile.block_n * d, tile.warps),
             EMULATE=k_out.device.type != "cuda", SPLIT=tile.split,
-            K=k_layout, V=v_layout, SQRT_D=math.sqrt(d), K_ROT=k_layout.ROT and not rotated[0],
+            K=k_layout, V=v_layout, K_ROT=k_layout.ROT and not rotated[0],
             V_ROT=v_layout.ROT and not rotated[1], num_warps=tile.warps, **EXACT_LAUNCH,
         )

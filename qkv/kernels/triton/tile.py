@@ -27,7 +27,7 @@ from typing import NamedTuple
 import triton
 import triton.language as tl
 
-from qkv.kernels.triton.bits import hadamard_dot, hadamard_norm, unpack_code
+from qkv.kernels.triton.bits import hadamard_rows, unpack_code
 from qkv.kernels.triton.ptx_codes import add_bf16, bf16x2_fits, opaque_bf16, table_fits, unpack_bf16x2, unpack_table
 from qkv.kernels.triton.records import TENSOR_FIELDS, offsets
 
@@ -290,11 +290,8 @@ def _centroids_under(stage, tok, tok_ok, ch, ch_ok, D):
 def fp_rows_rotated(x, src, t0, D: tl.constexpr, BLOCK_N: tl.constexpr, EMULATE: tl.constexpr):
     """A decoded tile ``x`` [BLOCK_N, D] of tokens t0 .. t0 + BLOCK_N of a Hadamard-rotated tensor
     (``src``), fp32, with its full-precision tokens, stored unrotated, taken into the tensor's
-    stored basis (x H / sqrt(D), on tensor cores): what the attention kernels read with rotated
-    queries."""
-    x = x.to(tl.float32)
-    fp = (t0 + tl.arange(0, BLOCK_N)) >= src.quantized
-    return tl.where(fp[:, None], hadamard_dot(x, D, EMULATE) * hadamard_norm(D), x)
+    stored basis (``bits.hadamard_rows``): what the attention kernels read with rotated queries."""
+    return hadamard_rows(x, (t0 + tl.arange(0, BLOCK_N)) >= src.quantized, D, EMULATE)
 
 
 @triton.jit
