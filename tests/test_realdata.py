@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -106,6 +108,37 @@ def test_build_then_cache_in_custom_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(minilm, "CONFIG", {**minilm.CONFIG, "n_chunks": 99})
     with pytest.raises(AssertionError, match="must read the cache"):
         load_dataset("minilm", cache_dir=tmp_path, progress=False)
+
+
+def test_processes_that_need_one_build_at_once_build_it_once(tmp_path, monkeypatch):
+    """Two loads of a dataset not yet built, started together: one builds, the other waits for its
+    file and reads it (each thread opens the lock file itself, as another process would)."""
+    from qkv.realdata import minilm
+
+    builds = []
+    sample = KVSample("minilm", 0, torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4), "fake")
+
+    def slow_build(progress=True):
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other thread to reach the lock
+        return {"minilm": [sample]}, {}
+
+    monkeypatch.setattr(minilm, "build", slow_build)
+    start = threading.Barrier(2)
+    results = [None, None]
+
+    def load(i):
+        start.wait()
+        results[i] = load_dataset("minilm", cache_dir=tmp_path, progress=False)
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1
+    for got in results:
+        assert len(got) == 1 and torch.equal(got[0].k, sample.k) and torch.equal(got[0].v, sample.v)
 
 
 def _neighbour_and_random_cos(k: torch.Tensor, n_pairs: int = 20_000) -> tuple[float, float]:

@@ -63,7 +63,8 @@ def load_dataset(
 
     Read from ``<cache_dir>/<name>.safetensors``; on first use (or when the file is stale) the dataset
     is built offline and written there. ``cache_dir`` defaults to ``$QKV_CACHE_DIR`` or
-    ``~/.cache/qkv/realdata``. ``progress`` shows tqdm bars while building.
+    ``~/.cache/qkv/realdata``. ``progress`` shows tqdm bars while building. Processes that need
+    the same build at once build it once: the others wait for it and read its files.
 
     Raises:
         ValueError: ``name`` is not one of :func:`list_datasets`.
@@ -76,11 +77,15 @@ def load_dataset(
     if samples is not None:
         return samples
 
-    t0 = time.perf_counter()
-    built, info = builder.build(progress=progress)
-    info = {**info, "build_seconds": round(time.perf_counter() - t0, 1)}
-    for produced, produced_samples in built.items():
-        store.save(store.cache_path(produced, cache_dir), produced, produced_samples, builder.CONFIG, info)
+    with store.build_lock(path.parent, _BUILDERS[name]):
+        samples = store.load(path, name, builder.CONFIG)  # built by another process while we waited
+        if samples is not None:
+            return samples
+        t0 = time.perf_counter()
+        built, info = builder.build(progress=progress)
+        info = {**info, "build_seconds": round(time.perf_counter() - t0, 1)}
+        for produced, produced_samples in built.items():
+            store.save(store.cache_path(produced, cache_dir), produced, produced_samples, builder.CONFIG, info)
     samples = store.load(path, name, builder.CONFIG)
     if samples is None:  # pragma: no cover - the file was just written
         raise RuntimeError(f"could not read back {path}")

@@ -11,14 +11,18 @@ and string metadata:
 
 A file whose format version or config differs from the current code is rebuilt.
 Writes go to a temporary file first and are renamed into place, so readers never see half a file.
+A build holds a lock file beside the datasets (:func:`build_lock`): processes that need the same
+build at once (parallel test workers, two evaluations) build it once, the others then read it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +31,7 @@ from safetensors.torch import save_file
 
 from qkv.realdata.sample import KVSample
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "cache_path", "default_cache_dir", "load", "read_info", "save"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "build_lock", "cache_path", "default_cache_dir", "load", "read_info", "save"]
 
 FORMAT = "qkv.realdata"
 FORMAT_VERSION = 1
@@ -43,6 +47,19 @@ def default_cache_dir() -> Path:
 def cache_path(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     return root / f"{name}.safetensors"
+
+
+@contextlib.contextmanager
+def build_lock(root: Path, builder: str) -> Iterator[None]:
+    """Held while ``builder`` (a builder module's name) writes its datasets into folder ``root``:
+    an exclusive lock on ``root/.<builder>.lock``, which another process taking it waits for."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / f".{builder}.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _config_json(config: dict[str, Any]) -> str:
