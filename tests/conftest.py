@@ -1,8 +1,15 @@
 import os
 
-import pytest
-import torch
-from hypothesis import HealthCheck, settings
+# Parallel workers (pytest-xdist, -n) share the cores: each takes its part of them for torch's
+# threads, set before torch is imported (threads that outnumber the cores spin while they wait for
+# each other, which made the suite slower on two cores than one thread a worker).
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    os.environ.setdefault(
+        "OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 # Without a GPU, Triton kernels run in Triton's interpreter (numpy) so CI checks them too.
 if not torch.cuda.is_available():
